@@ -1,0 +1,29 @@
+# The two commands of the README: `make run` and `make test`. Both build the environment first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PROMPT ?= The built-in function
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch, before the project, so pip never pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/zeroc generate --max-tokens 48 "$(PROMPT)"
+
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/zeroc bench forward
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

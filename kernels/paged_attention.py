@@ -1,0 +1,51 @@
+"""Attention over a paged KV cache for a ragged batch (prefill, decode, or both in one step)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def paged_attention_ref(
+    q: Tensor,  # [N, heads, d] new queries of all sequences, concatenated
+    k_cache: Tensor,  # [num_blocks, block_size, kv_heads, d]
+    v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv]
+    block_tables: Tensor,  # [B, max_blocks] block ids per sequence
+    seq_lens: Tensor,  # [B] context length per sequence, new tokens included
+    query_start_loc: Tensor,  # [B + 1] offsets of each sequence's queries in N
+    scale: float,
+) -> Tensor:
+    """Causal GQA attention of each sequence's new queries over its whole cached context.
+
+    The new tokens' K/V must already be in the cache. A query at row i of sequence b sits at
+    position seq_lens[b] - q_len[b] + i and sees keys at positions <= its own. -> [N, heads, dv]
+    """
+    num_seqs = block_tables.shape[0]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
+    max_q = int(q_lens.max())
+    ctx = block_tables.shape[1] * block_size
+
+    # Pad queries to [B, max_q]: row j of sequence b is token query_start_loc[b] + j.
+    row = torch.arange(max_q, device=q.device)
+    valid_q = row[None, :] < q_lens[:, None]  # [B, max_q]
+    src = (query_start_loc[:-1, None] + row[None, :]).clamp(max=q.shape[0] - 1)  # [B, max_q]
+    q_pad = q[src]  # [B, max_q, heads, d]
+
+    k = k_cache[block_tables].reshape(num_seqs, ctx, kv_heads, -1)  # [B, ctx, kv_heads, d]
+    v = v_cache[block_tables].reshape(num_seqs, ctx, kv_heads, -1)  # [B, ctx, kv_heads, dv]
+
+    q_pos = (seq_lens - q_lens)[:, None] + row[None, :]  # [B, max_q]
+    k_pos = torch.arange(ctx, device=q.device)
+    # Slots past a sequence's length hold stale data from earlier owners; zero them so that
+    # even non-finite garbage cannot leak through masked (0-weight) positions.
+    in_ctx = (k_pos[None, :] < seq_lens[:, None])[:, :, None, None]  # [B, ctx, 1, 1]
+    k, v = torch.where(in_ctx, k, 0.0), torch.where(in_ctx, v, 0.0)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=True,
+    ).transpose(1, 2)  # [B, max_q, heads, dv]
+    return out[valid_q]

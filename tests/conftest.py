@@ -1,0 +1,66 @@
+"""Shared fixtures: the bundled model and a random-init GQA + llama3-RoPE model, loaded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zeroc.config import BUNDLED_MODEL, ModelConfig, RopeConfig
+from zeroc.loader import LoadedModel, load_model, save_model
+from zeroc.model import Transformer
+from zeroc.tokenizer import Tokenizer
+
+# Both models run the same parity and engine tests.
+MODEL_NAMES = ["bundled", "random_gqa_llama3"]
+
+
+@pytest.fixture(scope="session")
+def bundled() -> LoadedModel:
+    return load_model(BUNDLED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def random_gqa_dir(tmp_path_factory) -> str:
+    """An untied random-init model: GQA 8:2, head_dim 32, llama3 rope scaling, theta 5e5."""
+    tokenizer = Tokenizer.from_dir(BUNDLED_MODEL)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+        rope=RopeConfig(theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                        high_freq_factor=4.0, original_max_position_embeddings=256),
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+    )
+    torch.manual_seed(1234)
+    model = Transformer(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    out = tmp_path_factory.mktemp("random_gqa_llama3")
+    save_model(model, tokenizer, out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def random_gqa(random_gqa_dir) -> LoadedModel:
+    return load_model(random_gqa_dir)
+
+
+@pytest.fixture(scope="session", params=MODEL_NAMES)
+def any_model(request) -> LoadedModel:
+    return request.getfixturevalue("bundled" if request.param == "bundled" else "random_gqa")
+
+
+@pytest.fixture(scope="session")
+def hf_model_of():
+    """Load a model directory with Hugging Face transformers (fp32, eager attention) — the oracle."""
+    from transformers import LlamaForCausalLM
+
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(path) -> torch.nn.Module:
+        key = str(path)
+        if key not in cache:
+            cache[key] = LlamaForCausalLM.from_pretrained(
+                key, dtype=torch.float32, attn_implementation="eager").eval()
+        return cache[key]
+
+    return get

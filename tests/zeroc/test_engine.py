@@ -1,0 +1,127 @@
+"""Continuous batching, preemption, cancellation and stop conditions of the engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.engine import Engine, PromptTooLongError
+from zeroc.errors import ZeroCError
+from zeroc.sampling import SamplingParams
+
+PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "Exceptions are raised"]
+GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+def _alone(model, prompt, params=GREEDY):
+    return Engine(model, CacheConfig(16, 256)).generate([prompt], params)[0]
+
+
+def _drain(engine):
+    out = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.setdefault(o.request_id, []).append(o)
+    return out
+
+
+def test_requests_joining_mid_flight_match_running_alone(random_gqa):
+    engine = Engine(random_gqa, CacheConfig(16, 256))
+    first = engine.add_request(PROMPTS[0], GREEDY)
+    outs = {first: []}
+    for _ in range(3):
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    late = engine.add_request(PROMPTS[1], GREEDY)
+    for rid, steps in _drain(engine).items():
+        outs.setdefault(rid, []).extend(steps)
+    for rid, prompt in ((first, PROMPTS[0]), (late, PROMPTS[1])):
+        tokens = [t for o in outs[rid] for t in o.token_ids]
+        assert tokens == _alone(random_gqa, prompt).token_ids
+        assert outs[rid][-1].finish_reason == "length"
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_abort_frees_blocks_at_once_and_others_continue(random_gqa):
+    engine = Engine(random_gqa, CacheConfig(16, 64))
+    keep = engine.add_request(PROMPTS[0], GREEDY)
+    drop = engine.add_request(PROMPTS[2] * 20, GREEDY)
+    engine.step()
+    used = engine.cache.num_blocks - engine.cache.num_free_blocks
+    assert engine.abort(drop) and not engine.abort(drop)
+    assert engine.cache.num_blocks - engine.cache.num_free_blocks < used
+    assert engine.cache.block_table(drop) == []
+    rest = _drain(engine)
+    assert drop not in rest and rest[keep][-1].finished
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_preemption_under_a_small_cache_keeps_greedy_output(random_gqa):
+    """A cache too small for all sequences forces recompute; the output must not change."""
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    prompts = [p * 3 for p in PROMPTS]
+    expected = [_alone(random_gqa, p, params).token_ids for p in prompts]
+    engine = Engine(random_gqa, CacheConfig(block_size=16, num_blocks=9))
+    results = engine.generate(prompts, params)
+    assert [r.token_ids for r in results] == expected
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_seeded_sampling_is_independent_of_the_batch(random_gqa):
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=42, ignore_eos=True)
+    alone = _alone(random_gqa, PROMPTS[3], params).token_ids
+    batched = Engine(random_gqa, CacheConfig(16, 256)).generate(
+        PROMPTS, [GREEDY, GREEDY, GREEDY, params])[3].token_ids
+    assert alone == batched
+    other = _alone(random_gqa, PROMPTS[3], SamplingParams(**{**params.__dict__, "seed": 43})).token_ids
+    assert other != alone
+
+
+def test_stop_token_id_ends_generation_on_that_token(random_gqa):
+    free_run = _alone(random_gqa, PROMPTS[0]).token_ids
+    stop_id = free_run[4]
+    cut = free_run.index(stop_id)
+    res = _alone(random_gqa, PROMPTS[0], SamplingParams(max_new_tokens=10, stop_token_ids=(stop_id,)))
+    assert res.token_ids == free_run[: cut + 1] and res.finish_reason == "stop"
+
+
+def test_stop_string_truncates_text_and_is_never_streamed(bundled):
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    full = _alone(bundled, PROMPTS[0], params).text
+    stop = full[len(full) // 3: len(full) // 3 + 3]
+    assert stop.strip(), f"degenerate stop string from {full!r}"
+    engine = Engine(bundled, CacheConfig(16, 256))
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=24, ignore_eos=True, stop=(stop,)))
+    steps = _drain(engine)[rid]
+    streamed = "".join(o.text_delta for o in steps)
+    assert streamed == full[: full.index(stop)]
+    assert steps[-1].finish_reason == "stop"
+
+
+def test_a_sequence_that_fills_the_whole_cache_stops_with_length(random_gqa):
+    engine = Engine(random_gqa, CacheConfig(block_size=16, num_blocks=2))
+    res = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
+    assert res.finish_reason == "length"
+    # 32 slots hold 32 tokens' K/V; the token sampled last needs no slot.
+    assert len(res.prompt_token_ids) + len(res.token_ids) == 32 + 1
+    assert engine.cache.num_free_blocks == 2
+
+
+@pytest.mark.parametrize("prompt, error", [
+    ("", ZeroCError),
+    ([], ZeroCError),
+    ([10**9], ZeroCError),
+    ("word " * 3000, PromptTooLongError),
+])
+def test_bad_prompts_are_rejected_and_the_engine_keeps_serving(random_gqa, prompt, error):
+    engine = Engine(random_gqa, CacheConfig(16, 256), SchedulerConfig())
+    with pytest.raises(error):
+        engine.add_request(prompt, GREEDY)
+    assert engine.generate([PROMPTS[0]], GREEDY)[0].token_ids == _alone(random_gqa, PROMPTS[0]).token_ids
+
+
+def test_duplicate_request_ids_are_rejected(random_gqa):
+    engine = Engine(random_gqa, CacheConfig(16, 64))
+    engine.add_request(PROMPTS[0], GREEDY, request_id="x")
+    with pytest.raises(ZeroCError, match="already in use"):
+        engine.add_request(PROMPTS[1], GREEDY, request_id="x")

@@ -1,0 +1,90 @@
+"""Loading Hugging Face directories: sharded weights, dtypes, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from zeroc.errors import ConfigError
+from zeroc.loader import load_model
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_checkpoint_loads_the_same_weights(random_gqa, random_gqa_dir, tmp_path):
+    d = _copy(random_gqa_dir, tmp_path / "sharded")
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(d / shard))
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded = load_model(d)
+    tokens = torch.randint(0, loaded.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(tokens), random_gqa.model(tokens))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_loads_and_runs(random_gqa_dir, random_gqa, dtype):
+    loaded = load_model(random_gqa_dir, dtype=dtype)
+    assert next(loaded.model.parameters()).dtype == getattr(torch, dtype)
+    tokens = torch.randint(0, loaded.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        low = loaded.model(tokens).float()
+        ref = random_gqa.model(tokens)
+    assert torch.isfinite(low).all()
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_directory_and_files(tmp_path, random_gqa_dir):
+    with pytest.raises(ConfigError, match="nowhere: model directory not found"):
+        load_model(tmp_path / "nowhere")
+    d = _copy(random_gqa_dir, tmp_path / "nocfg")
+    (d / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json: file not found"):
+        load_model(d)
+    d = _copy(random_gqa_dir, tmp_path / "noweights")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
+    ({"hidden_act": "gelu"}, "'hidden_act'"),
+    ({"intermediate_size": 100}, r"mlp\..*has shape .* implies"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope type 'yarn'"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"),
+])
+def test_config_problems_name_file_and_field(tmp_path, random_gqa_dir, changes, message):
+    d = _copy(random_gqa_dir, tmp_path / "bad")
+    _edit_config(d, **changes)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_model(d)
+    assert str(d) in str(info.value)
+
+
+def test_missing_required_field(tmp_path, random_gqa_dir):
+    d = _copy(random_gqa_dir, tmp_path / "nofield")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["hidden_size"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="missing required field 'hidden_size'"):
+        load_model(d)

@@ -1,0 +1,75 @@
+"""`zeroc bench forward`: prefill and decode throughput of a model through the paged cache."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from zeroc.config import CacheConfig
+from zeroc.kv_cache import LayerShape, PagedKVCache
+from zeroc.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class ForwardBench:
+    name: str  # "prefill" | "decode"
+    tokens: int  # prompt length (prefill) or batch size (decode)
+    context: int
+    tokens_per_s: float
+    ms_per_step: float
+
+
+def _cache(loaded: LoadedModel, tokens: int, seqs: int, block_size: int = 16) -> PagedKVCache:
+    cfg = loaded.config
+    shapes = [LayerShape(cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)] * cfg.num_hidden_layers
+    blocks = seqs * -(-tokens // block_size)
+    param = next(loaded.model.parameters())
+    return PagedKVCache(shapes, CacheConfig(block_size, blocks), param.dtype, param.device)
+
+
+@torch.inference_mode()
+def bench_prefill(loaded: LoadedModel, length: int, repeats: int = 3) -> ForwardBench:
+    """Best of `repeats` single-sequence prefills of `length` tokens."""
+    tokens = torch.randint(0, loaded.config.vocab_size, (length,))
+    best = float("inf")
+    for r in range(repeats + 1):  # the first run warms up allocators and is not counted
+        cache = _cache(loaded, length, 1)
+        batch = cache.schedule([("s", length)])
+        start = time.perf_counter()
+        loaded.model.forward_paged(tokens, batch.positions, batch, cache, batch.last_token_indices)
+        if r:
+            best = min(best, time.perf_counter() - start)
+    return ForwardBench("prefill", length, length, length / best, best * 1e3)
+
+
+@torch.inference_mode()
+def bench_decode(loaded: LoadedModel, batch_size: int, context: int = 256, steps: int = 32) -> ForwardBench:
+    """Decode `steps` tokens for `batch_size` sequences that each hold `context` tokens."""
+    cache = _cache(loaded, context + steps + 1, batch_size)
+    seqs = [f"s{i}" for i in range(batch_size)]
+    prompt = torch.randint(0, loaded.config.vocab_size, (batch_size * context,))
+    batch = cache.schedule([(s, context) for s in seqs])
+    loaded.model.forward_paged(prompt, batch.positions, batch, cache, batch.last_token_indices)
+    step_tokens = torch.randint(0, loaded.config.vocab_size, (batch_size,))
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = cache.schedule([(s, 1) for s in seqs])
+        loaded.model.forward_paged(step_tokens, batch.positions, batch, cache)
+    elapsed = time.perf_counter() - start
+    return ForwardBench("decode", batch_size, context, batch_size * steps / elapsed, elapsed / steps * 1e3)
+
+
+def run_forward_bench(loaded: LoadedModel, prefill_lengths=(512, 2048), decode_batches=(1, 16)) -> dict:
+    rows = [bench_prefill(loaded, n) for n in prefill_lengths if n <= loaded.config.max_position_embeddings]
+    rows += [bench_decode(loaded, b) for b in decode_batches]
+    return {
+        "model": str(loaded.path),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip(),
+        "results": [asdict(r) for r in rows],
+    }

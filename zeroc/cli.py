@@ -1,0 +1,178 @@
+"""The `zeroc` command.
+
+User errors (a missing file, a bad config, an invalid flag value) print one line
+``zeroc: error: ...`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from zeroc.config import BUNDLED_HELDOUT, ZeroCConfig
+from zeroc.errors import ZeroCError
+
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face model directory (env ZEROC_MODEL_DIR; "
+                                                  "default: the bundled model)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (env ZEROC_DTYPE)")
+
+
+def _root_config(args: argparse.Namespace) -> ZeroCConfig:
+    return ZeroCConfig.from_env(model_dir=args.model, dtype=args.dtype,
+                                cache={"block_size": getattr(args, "block_size", None)})
+
+
+def _load(args: argparse.Namespace):
+    from zeroc.loader import load_model
+
+    cfg = _root_config(args)
+    return load_model(cfg.model_dir, cfg.dtype), cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from zeroc.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(minutes=args.minutes, max_steps=args.max_steps, seq_len=args.seq_len,
+                      batch_size=args.batch_size, hidden_size=args.hidden_size, num_layers=args.layers,
+                      num_heads=args.heads, num_kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+                      vocab_size=args.vocab_size, lr=args.lr, seed=args.seed)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    summary = train(Path(args.corpus), Path(args.out), data_dir, cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return 0
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from zeroc.evaluate import perplexity_full, perplexity_streaming, read_eval_tokens
+
+    loaded, _ = _load(args)
+    tokens = read_eval_tokens(loaded.tokenizer, args.data, args.max_tokens)
+    show = not args.json
+    if args.streaming:
+        result = perplexity_streaming(loaded.model, tokens, args.ctx, args.batch_size, progress=show)
+    else:
+        result = perplexity_full(loaded.model, tokens, args.ctx, progress=show)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"perplexity {result.perplexity:.4f} ({result.mode}, {result.tokens} tokens, "
+              f"{result.windows} windows of {result.ctx})")
+    return 0
+
+
+def cmd_bench_forward(args: argparse.Namespace) -> int:
+    from zeroc.bench import run_forward_bench
+
+    loaded, _ = _load(args)
+    report = run_forward_bench(loaded)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['model']}: {report['parameters'] / 1e6:.1f}M parameters, {report['dtype']}, "
+          f"{report['threads']} threads")
+    for r in report["results"]:
+        what = f"prefill {r['tokens']} tokens" if r["name"] == "prefill" else f"decode batch {r['tokens']}"
+        print(f"  {what:<22} {r['tokens_per_s']:>10.1f} tokens/s  {r['ms_per_step']:>9.2f} ms/step")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from zeroc.engine import Engine
+    from zeroc.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    loaded, cfg = _load(args)
+    engine = Engine(loaded, cfg.cache, cfg.scheduler)
+    request_id = engine.add_request(args.prompt, params)
+    tokens: list[int] = []
+    text, reason = "", None
+    if not args.json:
+        print(args.prompt, end="", flush=True)
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.token_ids
+            text += out.text_delta
+            reason = out.finish_reason if out.finished else reason
+            if not args.json:
+                print(out.text_delta, end="", flush=True)
+    if args.json:
+        print(json.dumps({"request_id": request_id, "text": text, "token_ids": tokens, "finish_reason": reason}))
+    else:
+        print(f"\n[finish_reason={reason}, {len(tokens)} tokens]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zeroc", description="ZeroC serving: compressed-KV LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the bundled model (tokenizer + Llama) on a text corpus")
+    p.add_argument("--corpus", default="/usr/share/doc/python3.11/html/_sources")
+    p.add_argument("--out", default="models/zeroc-tiny")
+    p.add_argument("--data-dir", default="data", help="where heldout.txt and calib.txt are written ('' to skip)")
+    p.add_argument("--minutes", type=float, default=55.0, help="wall-clock training budget")
+    p.add_argument("--max-steps", type=int, default=100_000)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=384)
+    p.add_argument("--intermediate-size", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
+    p = ev.add_parser("ppl", help="perplexity on a text file")
+    _model_arg(p)
+    p.add_argument("--data", default=str(BUNDLED_HELDOUT))
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--streaming", action="store_true", help="token by token through the paged cache")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="windows decoded together in streaming mode")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_ppl)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
+    p = bench.add_parser("forward", help="prefill and decode tokens/s")
+    _model_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_forward)
+
+    p = sub.add_parser("generate", help="complete a prompt with a local model")
+    _model_arg(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ZeroCError as exc:
+        print(f"zeroc: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid parameter values from config dataclasses
+        print(f"zeroc: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Typed configuration.
+
+`ModelConfig` mirrors the fields of a Hugging Face Llama-family ``config.json`` that the
+runtime needs. `CacheConfig`, `SchedulerConfig` and the root `ZeroCConfig` hold the
+runtime's own settings; each component receives only its own part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zeroc.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# The model and texts that ship with the repository (found relative to this source tree).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = REPO_ROOT / "models" / "zeroc-tiny"
+BUNDLED_HELDOUT = REPO_ROOT / "data" / "heldout.txt"
+BUNDLED_CALIB = REPO_ROOT / "data" / "calib.txt"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Map a dtype name ("float32", "bf16", "torch.float16", ...) to a torch dtype."""
+    key = str(name).removeprefix("torch.")
+    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(key, key)
+    if key not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """RoPE frequencies: theta plus an optional Hugging Face ``rope_scaling`` block."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope type {self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.theta <= 0 or self.factor <= 0:
+            raise ValueError("rope theta and factor must be positive")
+
+    def to_hf(self) -> dict[str, Any] | None:
+        if self.rope_type == "default":
+            return None
+        out: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            out.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a Llama-family model (names follow Hugging Face's config.json)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        parse_dtype(self.dtype)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA ratio)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Build from a parsed Hugging Face config.json; errors name `source` and the field."""
+        archs = raw.get("architectures") or []
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES and not set(archs) & set(SUPPORTED_ARCHITECTURES):
+            raise ConfigError(
+                f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: field 'hidden_act' must be 'silu', got {raw['hidden_act']!r}")
+
+        def need(name: str) -> Any:
+            if name not in raw:
+                raise ConfigError(f"{source}: missing required field {name!r}")
+            return raw[name]
+
+        heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        try:
+            return cls(
+                vocab_size=int(need("vocab_size")),
+                hidden_size=hidden,
+                intermediate_size=int(need("intermediate_size")),
+                num_hidden_layers=int(need("num_hidden_layers")),
+                num_attention_heads=heads,
+                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+                rope=_rope_from_hf(raw),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=bool(raw.get("attention_bias", False)),
+                mlp_bias=bool(raw.get("mlp_bias", False)),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_id=raw.get("eos_token_id"),
+                dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32").removeprefix("torch."),
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face config.json dict for this architecture."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": self.rope.to_hf(),
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.dtype,
+        }
+
+
+def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
+    # transformers >= 5 writes `rope_parameters`; older files write rope_theta + rope_scaling.
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = dict(raw.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    kwargs: dict[str, Any] = {"theta": theta, "rope_type": rope_type}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if merged.get(key) is not None:
+            kwargs[key] = float(merged[key])
+    if merged.get("original_max_position_embeddings") is not None:
+        kwargs["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
+    return RopeConfig(**kwargs)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size in tokens and the number of blocks per layer pool."""
+
+    block_size: int = 16
+    num_blocks: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.num_blocks <= 0:
+            raise ValueError(
+                f"block_size and num_blocks must be positive, got {self.block_size} and {self.num_blocks}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits for one engine step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ZeroCConfig:
+    """The root configuration: one typed sub-config per component.
+
+    Every field has a ``ZEROC_<SECTION>_<FIELD>`` environment equivalent (for example
+    ``ZEROC_CACHE_BLOCK_SIZE=32``), read by `from_env`.
+    """
+
+    model_dir: str = str(BUNDLED_MODEL)
+    dtype: str = "float32"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
+        """Defaults, then ZEROC_* environment variables, then explicit non-None overrides.
+
+        Sections are overridden with dicts, e.g. ``from_env(cache={"block_size": 32})``.
+        """
+        env = dict(os.environ) if env is None else env
+
+        def pick(name: str, default: Any, override: Any) -> Any:
+            if override is not None:
+                return override
+            raw = env.get(f"ZEROC_{name.upper()}")
+            if raw is None:
+                return default
+            try:
+                return type(default)(raw)
+            except ValueError:
+                raise ValueError(f"ZEROC_{name.upper()}={raw!r}: expected {type(default).__name__}") from None
+
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            given = overrides.pop(name, None) or {}
+            sections[name] = section_cls(**{
+                f.name: pick(f"{name}_{f.name}", f.default, given.get(f.name))
+                for f in dataclasses.fields(section_cls)
+            })
+        top = {f.name: pick(f.name, f.default, overrides.get(f.name))
+               for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
+        return cls(**top, **sections)
+
+
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}

@@ -1,0 +1,218 @@
+"""The generation engine: continuous batching over the paged KV cache.
+
+Each `step()` runs one forward over a ragged batch: one new token for every running
+sequence plus the whole prompt of every sequence admitted this step. Sequences join when
+their blocks fit and leave (freeing their blocks) the step they finish or are aborted.
+When the cache runs out during decode, the newest sequence is preempted: its blocks are
+freed and it is recomputed later from its prompt plus the tokens it already produced.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.errors import ZeroCError
+from zeroc.kv_cache import LayerShape, PagedKVCache
+from zeroc.loader import LoadedModel
+from zeroc.sampling import SamplingParams, make_generator, sample_token
+from zeroc.tokenizer import IncrementalDetokenizer
+
+
+class PromptTooLongError(ZeroCError):
+    """The prompt does not fit the model's context or the whole KV cache."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one request produced in one engine step."""
+
+    request_id: str
+    token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    released: int = 0  # characters of detok.text already streamed
+    in_cache: int = 0  # tokens whose K/V are in the cache
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig | None = None,
+                 scheduler: SchedulerConfig | None = None):
+        self.loaded = loaded
+        self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
+        self.sched = scheduler or SchedulerConfig()
+        cfg = self.model_config
+        shapes = [LayerShape(cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)] * cfg.num_hidden_layers
+        dtype = next(self.model.parameters()).dtype
+        device = next(self.model.parameters()).device
+        self.cache = PagedKVCache(shapes, cache or CacheConfig(), dtype, device)
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids or (isinstance(prompt, str) and not prompt):
+            raise ZeroCError("prompt is empty")
+        if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
+            raise ZeroCError(f"prompt has token ids outside [0, {self.model_config.vocab_size})")
+        limit = min(self.model_config.max_position_embeddings, self.cache.num_blocks * self.cache.block_size)
+        if len(ids) >= limit:
+            raise PromptTooLongError(f"prompt has {len(ids)} tokens; the limit is {limit - 1}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)):
+            raise ZeroCError(f"request id {request_id!r} is already in use")
+        self.waiting.append(_Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
+                                      make_generator(params)))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its blocks at once. Returns whether it was known."""
+        for queue in (self.waiting, self.running):
+            for seq in list(queue):
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.cache.free(request_id)
+                    return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- scheduling -----------------------------------------------------------------------------
+    def _reserve_decode(self) -> list[StepOutput]:
+        """Make room for one more token per running sequence, preempting the newest if needed.
+
+        A sequence that alone fills the whole cache cannot grow: it finishes with "length".
+        """
+        while self.running:
+            need = sum(self.cache.blocks_needed(s.request_id, 1) for s in self.running)
+            if need <= self.cache.num_free_blocks:
+                return []
+            victim = self.running.pop()
+            self.cache.free(victim.request_id)
+            if not self.running:
+                return [StepOutput(victim.request_id, [], victim.detok.text[victim.released:], True, "length")]
+            victim.in_cache = 0
+            self.waiting.appendleft(victim)
+        return []
+
+    def _admit(self, budget: int) -> list[_Sequence]:
+        """Admit waiting sequences FCFS while their whole context fits the cache and the budget."""
+        admitted: list[_Sequence] = []
+        free = self.cache.num_free_blocks - sum(self.cache.blocks_needed(s.request_id, 1) for s in self.running)
+        while self.waiting and len(self.running) + len(admitted) < self.sched.max_num_seqs:
+            seq = self.waiting[0]
+            n = len(seq.all_ids)
+            blocks = -(-n // self.cache.block_size)
+            if blocks > free or (admitted and n > budget):
+                break
+            self.waiting.popleft()
+            admitted.append(seq)
+            free -= blocks
+            budget -= n
+        return admitted
+
+    def step(self) -> list[StepOutput]:
+        """Run one forward for every scheduled sequence and sample one token each."""
+        cut = self._reserve_decode()
+        decoding = list(self.running)
+        admitted = self._admit(self.sched.max_num_batched_tokens - len(decoding))
+        if not decoding and not admitted:
+            return cut
+        scheduled = decoding + admitted
+        tokens: list[int] = []
+        plan: list[tuple[str, int]] = []
+        for seq in scheduled:
+            new = seq.all_ids[seq.in_cache:]
+            tokens.extend(new)
+            plan.append((seq.request_id, len(new)))
+        batch = self.cache.schedule(plan)
+        with torch.inference_mode():
+            logits = self.model.forward_paged(
+                torch.tensor(tokens, device=batch.positions.device), batch.positions, batch, self.cache,
+                logits_indices=batch.last_token_indices,
+            )  # [B, vocab]
+        self.running = list(scheduled)  # _advance removes finished ones from this copy
+        outputs = cut
+        for row, seq in enumerate(scheduled):
+            seq.in_cache = len(seq.all_ids)
+            outputs.append(self._advance(seq, sample_token(logits[row], seq.params, seq.generator)))
+        return outputs
+
+    def _advance(self, seq: _Sequence, token: int) -> StepOutput:
+        seq.output_ids.append(token)
+        p = seq.params
+        reason = None
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model_config.eos_token_ids))
+        if token in stop_ids:
+            reason = "stop"
+            seq.detok.add([])
+        else:
+            seq.detok.add([token])
+        text = seq.detok.text
+        for s in p.stop:
+            cut = text.find(s)
+            if cut != -1:
+                text, reason = text[:cut], "stop"
+        if reason is None and (len(seq.output_ids) >= p.max_new_tokens
+                               or len(seq.all_ids) >= self.model_config.max_position_embeddings):
+            reason = "length"
+        # Hold back text that might be the start of a stop string until it is decided.
+        hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
+        end = max(seq.released, len(text) - hold)
+        delta, seq.released = text[seq.released:end], end
+        if reason:
+            self.running.remove(seq)
+            self.cache.free(seq.request_id)
+        return StepOutput(seq.request_id, [token], delta, reason is not None, reason)
+
+    # -- convenience ---------------------------------------------------------------------------
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[GenerationResult]:
+        """Run prompts to completion together (continuous batching); results in prompt order."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        prompt_ids = {s.request_id: list(s.prompt_ids) for s in self.waiting}
+        collected: dict[str, list[int]] = {rid: [] for rid in ids}
+        texts: dict[str, str] = {rid: "" for rid in ids}
+        reasons: dict[str, str] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                collected[out.request_id].extend(out.token_ids)
+                texts[out.request_id] += out.text_delta
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason or "stop"
+        return [GenerationResult(rid, prompt_ids.get(rid, []), collected[rid], texts[rid], reasons[rid])
+                for rid in ids]

@@ -1,0 +1,179 @@
+"""The paged KV cache: per-layer pools of fixed-size blocks and a block table per sequence.
+
+A block id indexes the same slot range in every layer's pool, so one allocation covers the
+whole model. Pools may have different widths per layer (compressed models have per-layer
+ranks). Callers (the engine's scheduler) use `can_fit`, `schedule` and `free`; the model
+uses `layer` and `write` through the `PagedBatch` that `schedule` returns.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from zeroc.config import CacheConfig
+
+
+class CacheFullError(RuntimeError):
+    """Raised when a sequence needs more blocks than are free; the caller should wait or preempt."""
+
+
+class BlockAllocator(abc.ABC):
+    """Hands out block ids of the cache's pools. Called by `PagedKVCache` only."""
+
+    @abc.abstractmethod
+    def allocate(self, n: int) -> list[int]:
+        """Take `n` free blocks; raise CacheFullError (taking none) if fewer are free."""
+
+    @abc.abstractmethod
+    def free(self, blocks: list[int]) -> None:
+        """Return blocks taken by `allocate`."""
+
+    @property
+    @abc.abstractmethod
+    def num_free(self) -> int:
+        """Blocks available to `allocate` now."""
+
+
+class FreeListAllocator(BlockAllocator):
+    """A LIFO free list: recently freed blocks are reused first (warm in cache)."""
+
+    def __init__(self, num_blocks: int):
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._used: set[int] = set()
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise CacheFullError(f"need {n} KV blocks, {len(self._free)} free")
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise ValueError(f"block {b} freed twice or never allocated")
+            self._used.remove(b)
+            self._free.append(b)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Per-layer cache geometry: KV heads and the K and V widths stored per head."""
+
+    kv_heads: int
+    k_dim: int
+    v_dim: int
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """Where one forward step's tokens live in the cache (B sequences, N new tokens)."""
+
+    positions: Tensor  # [N] absolute position of each new token
+    slot_mapping: Tensor  # [N] flat slot (block * block_size + offset) each new token's K/V goes to
+    block_tables: Tensor  # [B, max_blocks] block ids of each sequence, padded with 0
+    seq_lens: Tensor  # [B] context length of each sequence after this step
+    query_start_loc: Tensor  # [B + 1] offsets of each sequence's new tokens in N
+    last_token_indices: Tensor  # [B] row in N of each sequence's last new token
+
+
+class PagedKVCache:
+    """Block pools for every layer plus the block table and length of every live sequence."""
+
+    def __init__(self, shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", allocator: BlockAllocator | None = None):
+        self.block_size = cfg.block_size
+        self.num_blocks = cfg.num_blocks
+        self.device = torch.device(device)
+        self.allocator = allocator or FreeListAllocator(cfg.num_blocks)
+        # k_pool: [num_blocks, block_size, kv_heads, k_dim]; v_pool likewise with v_dim
+        self.k_pools = [torch.zeros(cfg.num_blocks, cfg.block_size, s.kv_heads, s.k_dim, dtype=dtype,
+                                    device=self.device) for s in shapes]
+        self.v_pools = [torch.zeros(cfg.num_blocks, cfg.block_size, s.kv_heads, s.v_dim, dtype=dtype,
+                                    device=self.device) for s in shapes]
+        self._tables: dict[str, list[int]] = {}
+        self._lens: dict[str, int] = {}
+
+    # -- bookkeeping, for the scheduler ---------------------------------------------------
+    def blocks_needed(self, seq_id: str, num_new_tokens: int) -> int:
+        """Blocks `seq_id` would have to take to append `num_new_tokens` tokens."""
+        have = len(self._tables.get(seq_id, ()))
+        total = self._lens.get(seq_id, 0) + num_new_tokens
+        return max(0, -(-total // self.block_size) - have)
+
+    def can_fit(self, seq_id: str, num_new_tokens: int) -> bool:
+        return self.blocks_needed(seq_id, num_new_tokens) <= self.allocator.num_free
+
+    def seq_len(self, seq_id: str) -> int:
+        return self._lens.get(seq_id, 0)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        return list(self._tables.get(seq_id, ()))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._tables)
+
+    def schedule(self, steps: list[tuple[str, int]]) -> PagedBatch:
+        """Reserve slots for `(seq_id, num_new_tokens)` pairs and describe them as a PagedBatch.
+
+        All-or-nothing: if the blocks do not fit, raises CacheFullError and changes nothing.
+        """
+        need = sum(self.blocks_needed(s, n) for s, n in steps)
+        if need > self.allocator.num_free:
+            raise CacheFullError(f"step needs {need} KV blocks, {self.allocator.num_free} free")
+        positions, slots, lens, starts, tables = [], [], [], [0], []
+        for seq_id, n in steps:
+            if n <= 0:
+                raise ValueError(f"sequence {seq_id!r} scheduled with {n} tokens")
+            table = self._tables.setdefault(seq_id, [])
+            start = self._lens.get(seq_id, 0)
+            table.extend(self.allocator.allocate(self.blocks_needed(seq_id, n)))
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            self._lens[seq_id] = start + n
+            lens.append(start + n)
+            starts.append(starts[-1] + n)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        block_tables = [t + [0] * (width - len(t)) for t in tables]
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return PagedBatch(
+            positions=as_long(positions),
+            slot_mapping=as_long(slots),
+            block_tables=as_long(block_tables),
+            seq_lens=as_long(lens),
+            query_start_loc=as_long(starts),
+            last_token_indices=as_long(starts[1:]) - 1,
+        )
+
+    def free(self, seq_id: str) -> None:
+        """Release every block of `seq_id` (finished, cancelled or preempted). Idempotent."""
+        blocks = self._tables.pop(seq_id, None)
+        self._lens.pop(seq_id, None)
+        if blocks:
+            self.allocator.free(blocks)
+
+    # -- data, for the model -----------------------------------------------------------------
+    def layer(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The (k_pool, v_pool) of one layer: [num_blocks, block_size, kv_heads, dim] each."""
+        return self.k_pools[layer], self.v_pools[layer]
+
+    def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+        # slot_mapping: [N]; k: [N, kv_heads, k_dim]; v: [N, kv_heads, v_dim]
+        k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
+        k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = k.to(k_pool.dtype)
+        v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)

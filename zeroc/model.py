@@ -1,0 +1,183 @@
+"""A Llama-family transformer: RMSNorm, RoPE, GQA attention, SwiGLU.
+
+Two ways through the same weights:
+- `Transformer.forward(tokens)` attends densely with a causal mask ([B, T] in, logits out):
+  training and full-pass evaluation.
+- `Transformer.forward_paged(tokens, positions, batch, cache)` takes a flat ragged batch of
+  new tokens, writes their K/V into the paged cache and attends over each sequence's cached
+  context: prefill, decode and mixed continuous-batching steps.
+Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.paged_attention import paged_attention_ref
+from zeroc.config import ModelConfig, RopeConfig
+from zeroc.kv_cache import PagedKVCache, PagedBatch
+
+# attend(layer, q, k, v) -> out; q: [..., heads, d], k/v: [..., kv_heads, d], out: [..., heads, d]
+AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
+    """Inverse frequencies per rotary pair, with linear or llama3 scaling applied. [head_dim // 2]"""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for `positions` (any shape P), in HF's rotate_half layout. [*P, 1, head_dim]"""
+    freqs = positions.float()[..., None] * inv_freq.float()  # [*P, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # [*P, 1, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [*P, heads, d]; pairs are (i, i + d/2) as in HF's rotate_half
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and scale in the input dtype, as HF does, so half precision matches.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
+        # x: [*P, hidden]; cos/sin: [*P, 1, head_dim]
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.n_kv, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(layer, q, k, v)  # [*P, heads, head_dim]
+        return self.o_proj(out.reshape(*lead, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        bias = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
+        h = x + self.self_attn(self.index, self.input_layernorm(x), cos, sin, attend)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """LlamaForCausalLM-compatible module (state dict keys match Hugging Face's)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+
+    def _run(self, tokens: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+        # tokens, positions: [*P] -> final hidden states [*P, hidden]
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attend)
+        return self.model.norm(x)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Dense causal forward. tokens: [B, T] -> logits [B, T, vocab]."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+
+        def attend(_layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            # q: [B, T, heads, d]; k, v: [B, T, kv_heads, d]
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )
+            return out.transpose(1, 2)
+
+        return self.lm_head(self._run(tokens, positions, attend))
+
+    def forward_paged(
+        self,
+        tokens: Tensor,  # [N] new tokens of all sequences, concatenated
+        positions: Tensor,  # [N] absolute position of each token in its sequence
+        batch: PagedBatch,
+        cache: PagedKVCache,
+        logits_indices: Tensor | None = None,  # [M] rows of N to project to logits; None = all
+    ) -> Tensor:
+        """Ragged prefill/decode through the paged cache -> logits [M, vocab]."""
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            k_cache, v_cache = cache.layer(layer)
+            cache.write(layer, batch.slot_mapping, k, v)
+            return paged_attention_ref(
+                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                scale=1.0 / math.sqrt(q.shape[-1]),
+            )
+
+        hidden = self._run(tokens, positions, attend)
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]
+        return self.lm_head(hidden)

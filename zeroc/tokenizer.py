@@ -1,0 +1,83 @@
+"""Tokenizer: a thin wrapper over a Hugging Face `tokenizer.json` (the `tokenizers` library)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from zeroc.errors import ConfigError
+
+
+class Tokenizer:
+    def __init__(self, backend: HFTokenizer, bos_token: str | None = None, eos_token: str | None = None):
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = backend.token_to_id(bos_token) if bos_token else None
+        self.eos_id = backend.token_to_id(eos_token) if eos_token else None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise ConfigError(f"{path}: file not found")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise ConfigError(f"{path}: cannot parse tokenizer ({exc})") from exc
+        bos = eos = None
+        tok_cfg = Path(model_dir) / "tokenizer_config.json"
+        if tok_cfg.is_file():
+            raw = json.loads(tok_cfg.read_text())
+            bos, eos = _token_str(raw.get("bos_token")), _token_str(raw.get("eos_token"))
+        return cls(backend, bos, eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        self.backend.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "clean_up_tokenization_spaces": False,
+        }, indent=2) + "\n")
+
+
+def _token_str(value: object) -> str | None:
+    # tokenizer_config.json holds tokens either as strings or as {"content": ...} objects.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, token_ids: list[int]) -> str:
+        """Append tokens; return the new text they complete (may be empty while a char is partial)."""
+        self.ids.extend(token_ids)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        delta = full[len(self.text):] if full.startswith(self.text) else full
+        self.text = full
+        return delta

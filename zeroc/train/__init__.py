@@ -1,0 +1,1 @@
+"""Training the bundled model: corpus split, tokenizer, training loop."""
