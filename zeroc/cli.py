@@ -69,7 +69,7 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     from zeroc.bench import run_forward_bench
 
     loaded, _ = _load(args)
-    report = run_forward_bench(loaded)
+    report = run_forward_bench(loaded, tuple(args.prefill), tuple(args.decode_batch))
     if args.json:
         print(json.dumps(report))
         return 0
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     p = bench.add_parser("forward", help="prefill and decode tokens/s")
     _model_arg(p)
+    p.add_argument("--prefill", type=int, nargs="+", default=[512, 2048], help="prompt lengths to prefill")
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_forward)
 

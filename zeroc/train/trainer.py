@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def train(corpus: Path, out_dir: Path, data_dir: Path | None, cfg: TrainConfig) 
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     budget_s, start = cfg.minutes * 60, time.time()
-    total, step, loss_ema = cfg.max_steps, 0, None
+    total, step, recent, first_loss = cfg.max_steps, 0, deque(maxlen=20), None
     bar = tqdm(total=total, desc="train", unit="step")
     while step < total:
         starts = torch.randint(0, stream.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
@@ -151,18 +152,20 @@ def train(corpus: Path, out_dir: Path, data_dir: Path | None, cfg: TrainConfig) 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        recent.append(loss.item())
+        first_loss = recent[0] if first_loss is None else first_loss
         if step == 10:  # size the cosine schedule to the time budget once the step time is known
             per_step = (time.time() - start) / step
             total = max(step + 1, min(cfg.max_steps, int(budget_s / per_step)))
             bar.total = total
-        bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr_at(step, total, cfg):.2e}")
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{lr_at(step, total, cfg):.2e}")
         bar.update(1)
     bar.close()
     model.eval()
     save_model(model, tokenizer, out_dir)
     summary = {"steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
-               "train_tokens": int(stream.numel()), "final_loss_ema": loss_ema,
+               "train_tokens": int(stream.numel()), "first_loss": first_loss,
+               "final_loss": sum(recent) / len(recent),  # mean of the last 20 steps
                "seconds": round(time.time() - start, 1),
                "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(cfg)}
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,67 @@
+"""The `zeroc` command in real processes: JSON outputs, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from zeroc.config import BUNDLED_HELDOUT
+
+
+def zeroc(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zeroc.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_eval_ppl_json_both_modes_agree():
+    common = ["eval", "ppl", "--data", str(BUNDLED_HELDOUT), "--ctx", "128", "--max-tokens", "300", "--json"]
+    full = zeroc(*common)
+    stream = zeroc(*common, "--streaming")
+    assert full.returncode == 0, full.stderr
+    assert stream.returncode == 0, stream.stderr
+    a, b = json.loads(full.stdout), json.loads(stream.stdout)
+    assert a["mode"] == "full" and b["mode"] == "streaming"
+    assert a["tokens"] == b["tokens"] == 300 - 3
+    assert abs(a["perplexity"] - b["perplexity"]) / a["perplexity"] < 1e-3
+
+
+def test_generate_json_is_deterministic_when_greedy():
+    runs = [zeroc("generate", "--json", "--max-tokens", "8", "The built-in function") for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    a, b = (json.loads(r.stdout) for r in runs)
+    assert a["token_ids"] == b["token_ids"] and len(a["token_ids"]) <= 8
+    assert a["finish_reason"] in ("stop", "length")
+
+
+def test_bench_forward_reports_positive_rates():
+    r = zeroc("bench", "forward", "--json", "--prefill", "64", "--decode-batch", "2")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    names = [(row["name"], row["tokens"]) for row in report["results"]]
+    assert names == [("prefill", 64), ("decode", 2)]
+    assert all(row["tokens_per_s"] > 0 for row in report["results"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "ppl", "--model", "/nonexistent/model"], "/nonexistent/model: model directory not found"),
+    (["eval", "ppl", "--data", "/nonexistent/data.txt"], "/nonexistent/data.txt: data file not found"),
+    (["generate", "--temperature", "-1", "hi"], "temperature must be in"),
+    (["generate", ""], "prompt is empty"),
+    (["eval", "ppl", "--ctx", "1"], "ctx must be >= 2"),
+])
+def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message):
+    r = zeroc(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
+def test_unsupported_architecture_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    r = zeroc("eval", "ppl", "--model", str(tmp_path))
+    assert r.returncode == 2 and "unsupported architecture" in r.stderr and "Traceback" not in r.stderr
