@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from zeroc.config import CacheConfig
-from zeroc.kv_cache import LayerShape, PagedKVCache
+from zeroc.kv_cache import PagedKVCache, layer_shapes
 from zeroc.loader import LoadedModel
 
 
@@ -24,7 +24,7 @@ class ForwardBench:
 
 def _cache(loaded: LoadedModel, tokens: int, seqs: int, block_size: int = 16) -> PagedKVCache:
     cfg = loaded.config
-    shapes = [LayerShape(cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)] * cfg.num_hidden_layers
+    shapes = layer_shapes(cfg)
     blocks = seqs * -(-tokens // block_size)
     param = next(loaded.model.parameters())
     return PagedKVCache(shapes, CacheConfig(block_size, blocks), param.dtype, param.device)

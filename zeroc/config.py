@@ -72,6 +72,45 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class LayerCompression:
+    """One layer's compressed attention (ZeroC fold mode).
+
+    Q/K keep the RoPE frequency pairs listed per KV head (query heads use their KV head's
+    pairs); V/O are folded to `v_rank` dimensions per KV head.
+    """
+
+    qk_pairs: tuple[tuple[int, ...], ...]  # [kv_heads][qk_rank / 2] kept pair indices, ascending
+    v_rank: int
+
+    @property
+    def qk_rank(self) -> int:
+        return 2 * len(self.qk_pairs[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"qk_pairs": [list(p) for p in self.qk_pairs], "v_rank": self.v_rank}
+
+
+@dataclass(frozen=True)
+class AttentionCompression:
+    """What a calibrated checkpoint records: per-layer ranks, the budget and a fingerprint."""
+
+    layers: tuple[LayerCompression, ...]
+    fingerprint: str  # hash of the source model + compression config: KV of different ones never mixes
+    budget: float  # KV bytes as a fraction of the uncompressed cache
+    method: str = "zeroc-fold"
+
+    def to_hf(self) -> dict[str, Any]:
+        return {"method": self.method, "budget": self.budget, "fingerprint": self.fingerprint,
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> "AttentionCompression":
+        layers = tuple(LayerCompression(tuple(tuple(int(i) for i in p) for p in layer["qk_pairs"]),
+                                        int(layer["v_rank"])) for layer in raw["layers"])
+        return cls(layers, str(raw["fingerprint"]), float(raw["budget"]), str(raw.get("method", "zeroc-fold")))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture of a Llama-family model (names follow Hugging Face's config.json)."""
 
@@ -91,6 +130,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     dtype: str = "float32"
+    compression: AttentionCompression | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -105,6 +145,31 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         parse_dtype(self.dtype)
+        if self.compression is not None:
+            self._check_compression(self.compression)
+
+    def _check_compression(self, comp: AttentionCompression) -> None:
+        if len(comp.layers) != self.num_hidden_layers:
+            raise ValueError(f"compression lists {len(comp.layers)} layers, the model has {self.num_hidden_layers}")
+        for i, layer in enumerate(comp.layers):
+            if len(layer.qk_pairs) != self.num_key_value_heads:
+                raise ValueError(f"compression layer {i}: qk_pairs must list one entry per KV head")
+            if len({len(p) for p in layer.qk_pairs}) != 1 or not layer.qk_pairs[0]:
+                raise ValueError(f"compression layer {i}: every KV head must keep the same number (>0) of pairs")
+            for p in layer.qk_pairs:
+                if list(p) != sorted(set(p)) or p[0] < 0 or p[-1] >= self.head_dim // 2:
+                    raise ValueError(f"compression layer {i}: RoPE pair indices must be ascending, unique and "
+                                     f"in [0, {self.head_dim // 2})")
+            if not 0 < layer.v_rank <= self.head_dim:
+                raise ValueError(f"compression layer {i}: v_rank must be in [1, {self.head_dim}]")
+
+    def qk_dim(self, layer: int) -> int:
+        """Width of each query/key head in `layer` (head_dim unless compressed)."""
+        return self.compression.layers[layer].qk_rank if self.compression else self.head_dim
+
+    def v_dim(self, layer: int) -> int:
+        """Width of each value head in `layer` (head_dim unless compressed)."""
+        return self.compression.layers[layer].v_rank if self.compression else self.head_dim
 
     @property
     def group_size(self) -> int:
@@ -157,8 +222,10 @@ class ModelConfig:
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_id=raw.get("eos_token_id"),
                 dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32").removeprefix("torch."),
+                compression=(AttentionCompression.from_hf(raw["zeroc_compression"])
+                             if raw.get("zeroc_compression") else None),
             )
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"{source}: {exc}") from exc
 
     def to_hf(self) -> dict[str, Any]:
@@ -184,6 +251,7 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": self.dtype,
+            **({"zeroc_compression": self.compression.to_hf()} if self.compression else {}),
         }
 
 

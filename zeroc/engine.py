@@ -17,7 +17,7 @@ import torch
 
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.errors import ZeroCError
-from zeroc.kv_cache import LayerShape, PagedKVCache
+from zeroc.kv_cache import PagedKVCache, layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.sampling import SamplingParams, make_generator, sample_token
 from zeroc.tokenizer import IncrementalDetokenizer
@@ -70,7 +70,7 @@ class Engine:
         self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
         self.sched = scheduler or SchedulerConfig()
         cfg = self.model_config
-        shapes = [LayerShape(cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)] * cfg.num_hidden_layers
+        shapes = layer_shapes(cfg)
         dtype = next(self.model.parameters()).dtype
         device = next(self.model.parameters()).device
         self.cache = PagedKVCache(shapes, cache or CacheConfig(), dtype, device)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from zeroc.config import CacheConfig
 from zeroc.errors import ZeroCError
-from zeroc.kv_cache import LayerShape, PagedKVCache
+from zeroc.kv_cache import PagedKVCache, layer_shapes
 from zeroc.model import Transformer
 from zeroc.tokenizer import Tokenizer
 
@@ -91,7 +91,7 @@ def perplexity_streaming(model: Transformer, tokens: Tensor, ctx: int, batch_siz
     wins = windows_of(tokens, ctx)
     blocks_per_win = -(-ctx // block_size)
     cache_cfg = CacheConfig(block_size=block_size, num_blocks=blocks_per_win * min(batch_size, len(wins)))
-    shapes = [LayerShape(cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)] * cfg.num_hidden_layers
+    shapes = layer_shapes(cfg)
     param = next(model.parameters())
     cache = PagedKVCache(shapes, cache_cfg, param.dtype, param.device)
     nll_sum, count = 0.0, 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from zeroc.config import CacheConfig
+from zeroc.config import CacheConfig, ModelConfig
 
 
 class CacheFullError(RuntimeError):
@@ -71,6 +71,11 @@ class LayerShape:
     kv_heads: int
     k_dim: int
     v_dim: int
+
+
+def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
+    """Cache geometry of every layer of a model (compressed layers store fewer dims)."""
+    return [LayerShape(cfg.num_key_value_heads, cfg.qk_dim(i), cfg.v_dim(i)) for i in range(cfg.num_hidden_layers)]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from zeroc.config import ModelConfig, parse_dtype
 from zeroc.errors import ConfigError
-from zeroc.model import Transformer, rope_inv_freq
+from zeroc.model import Transformer
 from zeroc.tokenizer import Tokenizer
 
 SINGLE_FILE = "model.safetensors"
@@ -106,8 +106,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     model.requires_grad_(False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers are not in the checkpoint: recompute RoPE frequencies on the real device.
-    model.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+    model.init_rope()  # buffers are not in the checkpoint
     model.eval()
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, path=path)
 

@@ -22,8 +22,8 @@ from kernels.paged_attention import paged_attention_ref
 from zeroc.config import ModelConfig, RopeConfig
 from zeroc.kv_cache import PagedKVCache, PagedBatch
 
-# attend(layer, q, k, v) -> out; q: [..., heads, d], k/v: [..., kv_heads, d], out: [..., heads, d]
-AttendFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+# attend(layer, q, k, v, scale) -> out; q: [..., heads, dq], k: [..., kv_heads, dq], v: [..., kv_heads, dv]
+AttendFn = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
@@ -44,10 +44,18 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
     return inv_freq
 
 
+def layer_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
+    """Frequencies of the RoPE pairs a layer keeps: [kv_heads, qk_dim / 2], or [1, head_dim / 2] if whole."""
+    base = rope_inv_freq(cfg.rope, cfg.head_dim)
+    if cfg.compression is None:
+        return base[None]
+    return base[torch.tensor(cfg.compression.layers[layer].qk_pairs)]
+
+
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for `positions` (any shape P), in HF's rotate_half layout. [*P, 1, head_dim]"""
-    freqs = positions.float()[..., None] * inv_freq.float()  # [*P, d/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # [*P, 1, d]
+    """cos/sin for `positions` (any shape P) in HF's rotate_half layout. inv_freq: [H, r/2] -> [*P, H, r]"""
+    freqs = positions.float()[..., None, None] * inv_freq.float()  # [*P, H, r/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [*P, H, r]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -72,23 +80,33 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+    """GQA attention; a compressed layer keeps fewer Q/K dims (RoPE pairs) and V/O dims per head."""
 
-    def forward(self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
-        # x: [*P, hidden]; cos/sin: [*P, 1, head_dim]
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.qk_dim, self.v_dim = cfg.qk_dim(layer), cfg.v_dim(layer)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)  # the model was trained with this, whatever the rank
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.qk_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.qk_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.v_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=bias)
+        self.register_buffer("inv_freq", layer_inv_freq(cfg, layer), persistent=False)
+
+    def forward(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+        # x: [*P, hidden]; positions: [*P]
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.n_kv, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(layer, q, k, v)  # [*P, heads, head_dim]
+        q = self.q_proj(x).view(*lead, self.n_heads, self.qk_dim)
+        k = self.k_proj(x).view(*lead, self.n_kv, self.qk_dim)
+        v = self.v_proj(x).view(*lead, self.n_kv, self.v_dim)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [*P, kv_heads or 1, qk_dim]
+        k = apply_rope(k, cos, sin)
+        if cos.shape[-2] > 1:  # per-KV-head pairs: each query head uses its group's
+            group = self.n_heads // self.n_kv
+            cos, sin = cos.repeat_interleave(group, -2), sin.repeat_interleave(group, -2)
+        q = apply_rope(q, cos, sin)
+        out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
         return self.o_proj(out.reshape(*lead, -1))
 
 
@@ -109,12 +127,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
-        h = x + self.self_attn(self.index, self.input_layernorm(x), cos, sin, attend)
+    def forward(self, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+        h = x + self.self_attn(self.index, self.input_layernorm(x), positions, attend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -136,24 +154,29 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+
+    def init_rope(self) -> None:
+        """Recompute the RoPE buffers (not in checkpoints) on the weights' device."""
+        device = self.lm_head.weight.device
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.inv_freq = layer_inv_freq(self.config, i).to(device)
 
     def _run(self, tokens: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
         # tokens, positions: [*P] -> final hidden states [*P, hidden]
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attend)
+            x = layer(x, positions, attend)
         return self.model.norm(x)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Dense causal forward. tokens: [B, T] -> logits [B, T, vocab]."""
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
 
-        def attend(_layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            # q: [B, T, heads, d]; k, v: [B, T, kv_heads, d]
+        def attend(_layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+            # q: [B, T, heads, dq]; k: [B, T, kv_heads, dq]; v: [B, T, kv_heads, dv]
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+                enable_gqa=True,
             )
             return out.transpose(1, 2)
 
@@ -169,12 +192,11 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Ragged prefill/decode through the paged cache -> logits [M, vocab]."""
 
-        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
             k_cache, v_cache = cache.layer(layer)
             cache.write(layer, batch.slot_mapping, k, v)
             return paged_attention_ref(
-                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
-                scale=1.0 / math.sqrt(q.shape[-1]),
+                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale=scale,
             )
 
         hidden = self._run(tokens, positions, attend)

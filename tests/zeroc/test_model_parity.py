@@ -6,7 +6,7 @@ import torch
 
 from zeroc.config import BUNDLED_HELDOUT, CacheConfig
 from zeroc.engine import Engine
-from zeroc.kv_cache import LayerShape, PagedKVCache
+from zeroc.kv_cache import PagedKVCache, layer_shapes
 from zeroc.sampling import SamplingParams
 
 TOL = 1e-4
@@ -25,7 +25,7 @@ def _prompts(tokenizer, n: int) -> list[list[int]]:
 
 def _cache_for(loaded, blocks=256, block_size=16) -> PagedKVCache:
     c = loaded.config
-    shapes = [LayerShape(c.num_key_value_heads, c.head_dim, c.head_dim)] * c.num_hidden_layers
+    shapes = layer_shapes(c)
     return PagedKVCache(shapes, CacheConfig(block_size, blocks), torch.float32)
 
 
