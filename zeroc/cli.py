@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
-from zeroc.config import BUNDLED_HELDOUT, ZeroCConfig
+from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, ZeroCConfig
 from zeroc.errors import ZeroCError
 
 
@@ -44,6 +45,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else None
     summary = train(Path(args.corpus), Path(args.out), data_dir, cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from zeroc.compression.calibrate import ZeroCFold, calibrate
+    from zeroc.loader import save_model
+
+    method = ZeroCFold(budget=args.budget, rank_multiple=args.rank_multiple, calib_tokens=args.tokens,
+                       sensitivity_tokens=args.sensitivity_tokens, window=args.window)
+    loaded, _ = _load(args)
+    compressed, report = calibrate(loaded, args.calib, method, progress=not args.json)
+    out = save_model(compressed, loaded.tokenizer, args.out)
+    (out / "calibration.json").write_text(json.dumps({"method": asdict(method), **asdict(report)}, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(asdict(report)))
+    else:
+        print(f"wrote {out}: KV {report.kv_fraction:.3f} of uncompressed, ranks (qk, v) per layer {report.ranks}, "
+              f"calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}")
     return 0
 
 
@@ -129,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="compress a model's attention (ZeroC fold) and save it")
+    _model_arg(p)
+    p.add_argument("--calib", default=str(BUNDLED_CALIB), help="calibration text file")
+    p.add_argument("--budget", type=float, required=True, help="KV cache size as a fraction of uncompressed")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--mode", choices=["fold"], default="fold", help="Q/K compression mode")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens for the statistics")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for per-layer sensitivity")
+    p.add_argument("--window", type=int, default=512, help="calibration window length")
+    p.add_argument("--rank-multiple", type=int, default=16, help="ranks are multiples of this")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity on a text file")

@@ -1,0 +1,126 @@
+"""Calibration end to end: budget, allocation, fingerprint, save/load, serving a compressed model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zeroc.compression.calibrate import ZeroCFold, allocate_ranks, calibrate, fingerprint
+from zeroc.config import BUNDLED_CALIB, CacheConfig
+from zeroc.engine import Engine
+from zeroc.errors import ZeroCError
+from zeroc.evaluate import perplexity_full, perplexity_streaming
+from zeroc.loader import load_model, save_model
+from zeroc.sampling import SamplingParams
+
+SMALL = dict(rank_multiple=8, calib_tokens=2048, sensitivity_tokens=512, window=256)
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(random_gqa, tmp_path_factory):
+    method = ZeroCFold(budget=0.5, **SMALL)
+    model, report = calibrate(random_gqa, BUNDLED_CALIB, method, progress=False)
+    out = save_model(model, random_gqa.tokenizer, tmp_path_factory.mktemp("zeroc") / "m")
+    return out, report, model
+
+
+def test_ranks_respect_the_budget_and_the_rank_multiple(compressed_dir, random_gqa):
+    _, report, model = compressed_dir
+    d = random_gqa.config.head_dim
+    assert report.kv_fraction <= 0.5 + 1e-9
+    assert all(rq % 8 == 0 and rv % 8 == 0 and 8 <= rq <= d and 8 <= rv <= d for rq, rv in report.ranks)
+    layout = model.config.compression
+    assert [(layer.qk_rank, layer.v_rank) for layer in layout.layers] == [tuple(r) for r in report.ranks]
+    assert report.compressed_loss == pytest.approx(report.predicted_loss, rel=0.2)
+
+
+def test_allocation_is_the_least_loss_layout_within_budget():
+    method = ZeroCFold(budget=0.5, rank_multiple=16)
+    # 2 layers, d = 32 -> ranks {16, 32}; capacity = 0.5 * 2 * 64 / 16 = 4 units = every rank at 16.
+    deltas = {(0, "qk", 16): 1.0, (0, "v", 16): 0.1, (1, "qk", 16): 0.2, (1, "v", 16): 5.0}
+    assert allocate_ranks(deltas, 2, 32, method) == [(16, 16), (16, 16)]
+    method = ZeroCFold(budget=0.75, rank_multiple=16)  # 6 units: the two costliest cuts are undone
+    assert allocate_ranks(deltas, 2, 32, method) == [(32, 16), (16, 32)]
+    with pytest.raises(ValueError, match="below the smallest layout"):
+        allocate_ranks(deltas, 2, 32, ZeroCFold(budget=0.25, rank_multiple=16))
+
+
+def test_saved_model_round_trips_and_serves_with_a_smaller_cache(compressed_dir, random_gqa):
+    out, report, model = compressed_dir
+    loaded = load_model(out)
+    cfg = json.loads((out / "config.json").read_text())["zeroc_compression"]
+    assert cfg["fingerprint"] == report.fingerprint and cfg["budget"] == 0.5
+    tokens = torch.randint(0, loaded.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(tokens), model(tokens))
+    engine = Engine(loaded, CacheConfig(16, 64))
+    full_engine = Engine(random_gqa, CacheConfig(16, 64))
+    small = sum(k.numel() + v.numel() for k, v in zip(engine.cache.k_pools, engine.cache.v_pools))
+    big = sum(k.numel() + v.numel() for k, v in zip(full_engine.cache.k_pools, full_engine.cache.v_pools))
+    assert small / big == pytest.approx(report.kv_fraction)
+    # Greedy decoding through the compressed paged cache == argmax of the dense compressed forward.
+    res = engine.generate(["The built-in function"], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    ids = list(res.prompt_token_ids)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(loaded.model(torch.tensor([ids]))[0, -1].argmax()))
+    assert res.token_ids == ids[len(res.prompt_token_ids):]
+    stream = perplexity_streaming(loaded.model, tokens[0], ctx=32, batch_size=2, progress=False)
+    full = perplexity_full(loaded.model, tokens[0], ctx=32, progress=False)
+    assert abs(stream.perplexity - full.perplexity) / full.perplexity < 1e-3
+
+
+def test_fingerprint_changes_with_model_method_and_text(random_gqa, random_gqa_dir, tmp_path):
+    tokens = torch.arange(100)
+    base = fingerprint(random_gqa.path, ZeroCFold(**SMALL), tokens)
+    assert base == fingerprint(random_gqa.path, ZeroCFold(**SMALL), tokens)
+    assert base != fingerprint(random_gqa.path, ZeroCFold(budget=0.25, **SMALL), tokens)
+    assert base != fingerprint(random_gqa.path, ZeroCFold(**SMALL), tokens + 1)
+    other = tmp_path / "other"
+    model = random_gqa.model
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1.0
+        try:
+            save_model(model, random_gqa.tokenizer, other)
+        finally:
+            model.model.norm.weight[0] -= 1.0
+    assert base != fingerprint(other, ZeroCFold(**SMALL), tokens)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 0.0}, r"budget must be in \(0, 1\]"),
+    ({"budget": 1.5}, r"budget must be in \(0, 1\]"),
+    ({"rank_multiple": 7}, "rank_multiple"),
+])
+def test_invalid_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ZeroCFold(**kwargs)
+
+
+def test_bad_inputs_are_clear_errors(random_gqa, compressed_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ZeroCError, match="empty.txt: data file is empty"):
+        calibrate(random_gqa, empty, ZeroCFold(**SMALL), progress=False)
+    with pytest.raises(ZeroCError, match="already compressed"):
+        calibrate(load_model(compressed_dir[0]), BUNDLED_CALIB, ZeroCFold(**SMALL), progress=False)
+    with pytest.raises(ValueError, match="does not divide head_dim"):
+        calibrate(random_gqa, BUNDLED_CALIB, ZeroCFold(**{**SMALL, "rank_multiple": 12}), progress=False)
+
+
+def test_cli_calibrate_writes_a_loadable_model(tmp_path, random_gqa_dir):
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "zeroc.cli", "calibrate", "--model", random_gqa_dir, "--budget",
+                        "0.5", "--out", str(out), "--tokens", "1024", "--sensitivity-tokens", "256",
+                        "--window", "256", "--rank-multiple", "8", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kv_fraction"] <= 0.5
+    assert load_model(out).config.compression is not None
+    bad = subprocess.run([sys.executable, "-m", "zeroc.cli", "calibrate", "--model", random_gqa_dir,
+                          "--budget", "2", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "budget must be in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,70 @@
+"""Folding math: exact at full rank, RoPE-commuting pair selection, whitened PCA optimality."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zeroc.compression.calibrate import collect_statistics, compute_factors
+from zeroc.compression.fold import build_compressed, value_factors
+from zeroc.config import AttentionCompression, RopeConfig
+from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+def _full_layout(cfg, factors):
+    d = cfg.head_dim
+    return AttentionCompression(tuple(f.layer_compression(d, d) for f in factors), "full", 1.0)
+
+
+@torch.inference_mode()
+def test_full_rank_fold_reproduces_logits(any_model):
+    """Every pair kept and V/O folded at rank d: only the weights' basis changes, not the function."""
+    model = any_model.model
+    gen = torch.Generator().manual_seed(3)
+    calib = torch.randint(0, model.config.vocab_size, (4, 128), generator=gen)
+    factors = compute_factors(model, collect_statistics(model, calib, progress=False))
+    folded = build_compressed(model, factors, _full_layout(model.config, factors))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 200), generator=gen)
+    assert (folded(tokens) - model(tokens)).abs().max().item() < 1e-4
+
+
+@settings(max_examples=40, deadline=None)
+@given(d=st.sampled_from([16, 32, 64, 128]), seed=st.integers(0, 2**16),
+       position=st.integers(0, 100_000), keep_frac=st.floats(0.1, 1.0))
+def test_pair_selection_commutes_with_rope(d, seed, position, keep_frac):
+    """RoPE on the kept pairs with their own frequencies == the kept dims of full RoPE."""
+    gen = torch.Generator().manual_seed(seed)
+    half = d // 2
+    keep = torch.randperm(half, generator=gen)[: max(1, int(keep_frac * half))].sort().values
+    x = torch.randn(3, d, generator=gen, dtype=torch.float64)
+    inv = rope_inv_freq(RopeConfig(theta=10000.0), d).double()
+    pos = torch.tensor(position)
+    cos, sin = rope_cos_sin(inv[None], pos, torch.float64)  # [1, d]
+    full = apply_rope(x, cos, sin)
+    dims = torch.cat([keep, keep + half])
+    cos_k, sin_k = rope_cos_sin(inv[keep][None], pos, torch.float64)
+    torch.testing.assert_close(apply_rope(x[:, dims], cos_k, sin_k), full[:, dims], rtol=1e-9, atol=1e-9)
+
+
+def test_whitened_pca_beats_plain_pca_through_w_o():
+    """The V basis minimises the error seen through W_o; plain PCA of V is worse at every rank < d."""
+    gen = torch.Generator().manual_seed(0)
+    d, hidden, group = 16, 48, 2
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    values = torch.randn(4000, d, generator=gen, dtype=torch.float64) @ mix  # correlated values
+    scales = torch.logspace(-1, 1, d, dtype=torch.float64)
+    o_blocks = torch.randn(group, hidden, d, generator=gen, dtype=torch.float64) * scales  # anisotropic W_o
+    cov = values.T @ values / len(values)
+    down, up = value_factors(cov, o_blocks)
+
+    def err(proj):  # sum_h E||W_o,h (v - P v)||^2
+        resid = values - values @ proj.T
+        return sum(((resid @ o.T) ** 2).sum() / len(values) for o in o_blocks).item()
+
+    plain = torch.linalg.eigh(cov).eigenvectors.flip(-1)
+    for r in range(1, d):
+        ours = up[:, :r] @ down[:r]
+        pca = plain[:, :r] @ plain[:, :r].T
+        assert err(ours) < err(pca)
+    torch.testing.assert_close(up @ down, torch.eye(d, dtype=torch.float64), atol=1e-8, rtol=0)

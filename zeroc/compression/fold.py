@@ -1,0 +1,115 @@
+"""ZeroC folding: compressed Q/K/V written into the model's own weight matrices.
+
+Per layer and KV head g (head dim d, query heads h in g's group):
+- Q/K, fold mode: keep a subset of RoPE frequency pairs (i, i + d/2). Pair selection commutes
+  with RoPE, so the kept rows of W_q and W_k are the compressed projections; RoPE runs on the
+  kept pairs with their own frequencies. Pairs are ranked by their expected contribution to
+  q.k over the whole query group: sum_h sqrt(E|q_h,i|^2 * E|k_i|^2).
+- V/O: values v = W_v,g x are replaced by v' = A^T v (r dims) and each O block by W_o,h B, where
+  B A^T is the rank-r projection minimising sum_h E||W_o,h (v - B A^T v)||^2: with the output
+  metric M = sum_h W_o,h^T W_o,h and value covariance C = E[v v^T], take the top-r eigenvectors
+  U of M^1/2 C M^1/2; A^T = U^T M^1/2, B = M^-1/2 U ("whitened PCA"). At r = d, B A^T = I.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from zeroc.config import AttentionCompression, LayerCompression, ModelConfig
+from zeroc.model import Transformer
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """Calibrated, rank-ordered factors of one layer; any rank is a prefix of these orders."""
+
+    pair_order: Tensor  # [kv_heads, d/2] pair indices, most important first
+    v_down: Tensor  # [kv_heads, d, d] rows of A^T, most important first (v' = v_down[:r] @ v)
+    v_up: Tensor  # [kv_heads, d, d] columns of B, same order (o-block' = W_o,h @ v_up[:, :r])
+
+    def layer_compression(self, qk_rank: int, v_rank: int) -> LayerCompression:
+        pairs = [sorted(order[: qk_rank // 2].tolist()) for order in self.pair_order]
+        return LayerCompression(tuple(tuple(p) for p in pairs), v_rank)
+
+
+def pair_scores(q_sq: Tensor, k_sq: Tensor, group: int) -> Tensor:
+    """Expected |contribution| of each RoPE pair to q.k per KV head.
+
+    q_sq: [heads, d] mean squared q per dim; k_sq: [kv_heads, d] mean squared k -> [kv_heads, d/2]
+    """
+    half = q_sq.shape[-1] // 2
+    q_pair = q_sq[:, :half] + q_sq[:, half:]  # [heads, d/2]: E|q_pair|^2
+    k_pair = k_sq[:, :half] + k_sq[:, half:]  # [kv_heads, d/2]
+    per_head = (q_pair.view(k_sq.shape[0], group, half) * k_pair[:, None, :]).sqrt()  # [kv, group, d/2]
+    return per_head.sum(1)
+
+
+def _sym_power(m: Tensor, power: float, eps: float) -> Tensor:
+    # m: [d, d] symmetric PSD -> m^power, eigenvalues floored at eps * max for stability
+    vals, vecs = torch.linalg.eigh(m)
+    vals = vals.clamp(min=eps * vals.max().clamp(min=1e-30))
+    return (vecs * vals.pow(power)) @ vecs.T
+
+
+def value_factors(v_cov: Tensor, o_blocks: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Whitened-PCA factors for one KV head.
+
+    v_cov: [d, d] E[v v^T]; o_blocks: [group, hidden, d] W_o,h of the group's query heads
+    -> (down [d, d] rows ordered by importance, up [d, d] columns in the same order)
+    """
+    v_cov, o_blocks = v_cov.double(), o_blocks.double()
+    metric = torch.einsum("ghd,ghe->de", o_blocks, o_blocks)  # [d, d] = sum_h W_o,h^T W_o,h
+    root, inv_root = _sym_power(metric, 0.5, eps), _sym_power(metric, -0.5, eps)
+    target = root @ v_cov @ root
+    vals, vecs = torch.linalg.eigh((target + target.T) / 2)
+    u = vecs[:, torch.argsort(vals, descending=True)]  # [d, d]
+    return u.T @ root, inv_root @ u
+
+
+def fold_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
+    """Compressed weights of one attention block -> state-dict entries relative to `self_attn.`."""
+    d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
+    half, r_v = d // 2, comp.v_rank
+    dtype = attn.q_proj.weight.dtype
+    q_rows, k_rows = [], []
+    for g, pairs in enumerate(comp.qk_pairs):
+        keep = torch.tensor(pairs)
+        dims = torch.cat([keep, keep + half])  # first halves, then second halves: rotate_half layout
+        k_rows.append(g * d + dims)
+        q_rows.extend((g * group + j) * d + dims for j in range(group))
+    q_rows, k_rows = torch.cat(q_rows), torch.cat(k_rows)
+    out = {"q_proj.weight": attn.q_proj.weight[q_rows], "k_proj.weight": attn.k_proj.weight[k_rows]}
+    wv = attn.v_proj.weight.double().view(n_kv, d, -1)  # [kv, d, hidden]
+    wo = attn.o_proj.weight.double().view(-1, n_kv, group, d)  # [hidden, kv, group, d]
+    down = factors.v_down[:, :r_v].double()  # [kv, r, d]
+    up = factors.v_up[:, :, :r_v].double()  # [kv, d, r]
+    out["v_proj.weight"] = torch.einsum("grd,gdh->grh", down, wv).reshape(n_kv * r_v, -1).to(dtype)
+    out["o_proj.weight"] = torch.einsum("hgjd,gdr->hgjr", wo, up).reshape(wo.shape[0], -1).to(dtype)
+    if attn.q_proj.bias is not None:
+        out["q_proj.bias"] = attn.q_proj.bias[q_rows]
+        out["k_proj.bias"] = attn.k_proj.bias[k_rows]
+        bv = attn.v_proj.bias.double().view(n_kv, d)
+        out["v_proj.bias"] = torch.einsum("grd,gd->gr", down, bv).reshape(-1).to(dtype)
+        out["o_proj.bias"] = attn.o_proj.bias
+    return out
+
+
+def build_compressed(model: Transformer, factors: list[LayerFactors], layout: AttentionCompression) -> Transformer:
+    """A new Transformer with every layer folded as `layout` says (the source model is untouched)."""
+    cfg = ModelConfig(**{**model.config.__dict__, "compression": layout})
+    state = dict(model.state_dict())
+    for i, (layer, f, comp) in enumerate(zip(model.model.layers, factors, layout.layers)):
+        for name, tensor in fold_layer(layer.self_attn, model.config, f, comp).items():
+            state[f"model.layers.{i}.self_attn.{name}"] = tensor
+    param = next(model.parameters())
+    with torch.device("meta"):
+        out = Transformer(cfg)
+    out = out.to_empty(device=param.device)
+    out.load_state_dict({k: v.to(param.dtype) for k, v in state.items()}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        out.lm_head.weight = out.model.embed_tokens.weight
+    out.init_rope()
+    return out.eval().requires_grad_(False)
