@@ -177,15 +177,13 @@ class Engine:
         reason = None
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model_config.eos_token_ids))
         if token in stop_ids:
-            reason = "stop"
-            seq.detok.add([])
+            reason = "stop"  # the stop token itself adds no text
         else:
             seq.detok.add([token])
         text = seq.detok.text
-        for s in p.stop:
-            cut = text.find(s)
-            if cut != -1:
-                text, reason = text[:cut], "stop"
+        hits = [i for i in (text.find(s) for s in p.stop) if i != -1]
+        if hits:
+            text, reason = text[: min(hits)], "stop"
         if reason is None and (len(seq.output_ids) >= p.max_new_tokens
                                or len(seq.all_ids) >= self.model_config.max_position_embeddings):
             reason = "length"

@@ -111,12 +111,17 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, path=path)
 
 
-def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path) -> Path:
-    """Write `model` as a Hugging Face directory that transformers and `load_model` both read."""
+def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
+               storage_dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a Hugging Face directory that transformers and `load_model` both read.
+
+    `storage_dtype` (e.g. bfloat16, half the bytes) changes how weights are stored, not the
+    config's `torch_dtype`, which stays the dtype the runtime computes in by default.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(storage_dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / SINGLE_FILE), metadata={"format": "pt"})

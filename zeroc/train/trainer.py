@@ -162,7 +162,7 @@ def train(corpus: Path, out_dir: Path, data_dir: Path | None, cfg: TrainConfig) 
         bar.update(1)
     bar.close()
     model.eval()
-    save_model(model, tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir, storage_dtype=torch.bfloat16)  # 25 MB instead of 50 in the repo
     summary = {"steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
                "train_tokens": int(stream.numel()), "first_loss": first_loss,
                "final_loss": sum(recent) / len(recent),  # mean of the last 20 steps
