@@ -62,6 +62,17 @@ def bench_decode(loaded: LoadedModel, batch_size: int, context: int = 256, steps
     return ForwardBench("decode", batch_size, context, batch_size * steps / elapsed, elapsed / steps * 1e3)
 
 
+def machine_description() -> str:
+    """CPU model and thread count, e.g. 'AMD EPYC, 2 threads' (for benchmark records)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
 def run_forward_bench(loaded: LoadedModel, prefill_lengths=(512, 2048), decode_batches=(1, 16)) -> dict:
     rows = [bench_prefill(loaded, n) for n in prefill_lengths if n <= loaded.config.max_position_embeddings]
     rows += [bench_decode(loaded, b) for b in decode_batches]
@@ -70,6 +81,6 @@ def run_forward_bench(loaded: LoadedModel, prefill_lengths=(512, 2048), decode_b
         "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)".strip(),
+        "machine": machine_description(),
         "results": [asdict(r) for r in rows],
     }
