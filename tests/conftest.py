@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
+# Triton kernels run in its interpreter on the CPU; the flag must be set before kernels import triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 
 from zeroc.config import BUNDLED_MODEL, ModelConfig, RopeConfig

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.paged_attention import paged_attention_ref
+from kernels.attention import paged_attention
 from zeroc.config import ModelConfig, RopeConfig
 from zeroc.kv_cache import PagedKVCache, PagedBatch
 
@@ -195,7 +195,7 @@ class Transformer(nn.Module):
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
             k_cache, v_cache = cache.layer(layer)
             cache.write(layer, batch.slot_mapping, k, v)
-            return paged_attention_ref(
+            return paged_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale=scale,
             )
 
