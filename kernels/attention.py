@@ -16,11 +16,15 @@ def paged_attention(
     query_start_loc: Tensor,  # [B + 1]
     scale: float,
 ) -> Tensor:
-    """-> [N, heads, dv]. Decode-only batches (one query per sequence) on CUDA run the Triton
-    kernel; everything else (prefill, mixed steps, the CPU) runs the reference."""
-    if q.is_cuda and q.shape[0] == block_tables.shape[0]:
-        from kernels.paged_decode import paged_decode_attention, triton_available  # imports triton: CUDA only
+    """-> [N, heads, dv]. On CUDA: decode-only batches (one query per sequence) run the Triton
+    decode kernel, other steps the Triton ragged prefill kernel; on the CPU, the reference."""
+    if q.is_cuda:
+        # Imported here so CPU-only processes never import triton.
+        from kernels.paged_decode import paged_decode_attention, triton_available
+        from kernels.paged_prefill import paged_prefill_attention
 
         if triton_available():
-            return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+            if q.shape[0] == block_tables.shape[0]:
+                return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+            return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
