@@ -42,16 +42,19 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, scale,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale, split_len,
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
-        stride_tb, stride_ob, stride_oh,
+        stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     ):
+        # Program (seq, kv_head, split) attends over positions [split * split_len, +split_len) and
+        # writes a partial output plus its log-sum-exp; `merge_partials` combines the splits.
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
+        split = tl.program_id(2)
         g = tl.arange(0, GROUP_PAD)
         dq = tl.arange(0, DQ_PAD)
         dv = tl.arange(0, DV_PAD)
@@ -64,7 +67,8 @@ if triton is not None:
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DV_PAD], tl.float32)
-        for start in range(0, seq_len, BLOCK_SIZE):
+        first = split * split_len
+        for start in range(first, tl.minimum(seq_len, first + split_len), BLOCK_SIZE):
             block = tl.load(tables_ptr + seq * stride_tb + start // BLOCK_SIZE)
             valid = (start + tok) < seq_len
             k = tl.load(k_ptr + block * stride_kb + tok[:, None] * stride_ks + kv_head * stride_kh + dq[None, :],
@@ -79,33 +83,92 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dv[None, :],
+        empty = l_i == 0.0  # a split past the sequence's end
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + dv[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (dv[None, :] < DV))
+        tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+
+    @triton.jit
+    def _merge_kernel(
+        outs_ptr, lses_ptr, out_ptr, lse_ptr,
+        stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_fb,
+        S: tl.constexpr, S_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, S_PAD)
+        dv = tl.arange(0, DV_PAD)
+        lse = tl.load(lses_ptr + b * stride_lb + h * stride_lh + s, mask=s < S, other=float("-inf"))  # [S]
+        parts = tl.load(outs_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + dv[None, :],
+                        mask=(s[:, None] < S) & (dv[None, :] < DV), other=0.0).to(tl.float32)  # [S, DV]
+        m = tl.max(lse, axis=0)
+        w = tl.exp(lse - m)
+        total = tl.sum(w, axis=0)
+        out = tl.sum(w[:, None] * parts, axis=0) / total
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
+        tl.store(lse_ptr + b * stride_fb + h, m + tl.log(total))
+
+
+def merge_partials_ref(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attention over disjoint key sets. outs: [B, H, S, dv], lses: [B, H, S] -> ([B, H, dv], [B, H])
+
+    Used for split-K decoding and for the two-segment (full-rank tier + compressed tier) merge.
+    """
+    lse = torch.logsumexp(lses.float(), dim=-1)  # [B, H]
+    weights = torch.exp(lses.float() - lse[..., None])  # [B, H, S]
+    return (weights[..., None] * outs.float()).sum(-2).to(outs.dtype), lse
+
+
+def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton version of `merge_partials_ref` (same shapes)."""
+    b, h, s, dv = outs.shape
+    outs, lses = outs.contiguous(), lses.float().contiguous()
+    out = torch.empty(b, h, dv, dtype=outs.dtype, device=outs.device)
+    lse = torch.empty(b, h, dtype=torch.float32, device=outs.device)
+    _merge_kernel[(b, h)](
+        outs, lses, out, lse,
+        outs.stride(0), outs.stride(1), outs.stride(2), lses.stride(0), lses.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        S=s, S_PAD=max(2, triton.next_power_of_2(s)), DV=dv, DV_PAD=triton.next_power_of_2(dv),
+    )
+    return out, lse
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                           seq_lens: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+                           seq_lens: Tensor, scale: float, out: Tensor | None = None,
+                           num_splits: int = 1) -> Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and shapes).
 
-    out: optional [B, heads, dv] buffer to write into (tests poison it to catch unwritten rows).
+    out: optional [B, heads, dv] buffer (tests poison it to catch unwritten rows).
+    num_splits > 1 splits each sequence's context across programs (flash-decoding) for long
+    contexts with few sequences, then merges the partial results by log-sum-exp.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     num_seqs, heads, dq = q.shape
     _, block_size, kv_heads, dv = v_cache.shape
     group = heads // kv_heads
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
-    if out is None:
-        out = torch.empty(num_seqs, heads, dv, dtype=q.dtype, device=q.device)
-    _paged_decode_kernel[(num_seqs, kv_heads)](
-        q, k_cache, v_cache, tables, lens, out, scale,
+    blocks_per_split = -(-block_tables.shape[1] // num_splits)
+    partial = torch.empty(num_seqs, heads, num_splits, dv, dtype=torch.float32 if num_splits > 1 else q.dtype,
+                          device=q.device)
+    lses = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(num_seqs, kv_heads, num_splits)](
+        q, k_cache, v_cache, tables, lens, partial, lses, scale, blocks_per_split * block_size,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        tables.stride(0), out.stride(0), out.stride(1),
+        tables.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lses.stride(0), lses.stride(1),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_SIZE=block_size,
         DQ=dq, DQ_PAD=triton.next_power_of_2(dq), DV=dv, DV_PAD=triton.next_power_of_2(dv),
     )
+    result = partial[:, :, 0] if num_splits == 1 else merge_partials(partial, lses)[0].to(q.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
     return out

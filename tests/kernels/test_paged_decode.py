@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.attention import paged_attention
-from kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
+from kernels.paged_decode import (merge_partials, merge_partials_ref, paged_decode_attention,
+                                  paged_decode_attention_ref)
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -22,9 +23,10 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
     dims=st.sampled_from([(16, 16), (64, 64), (48, 32), (128, 128)]),
     lens=st.lists(st.integers(1, 100), min_size=1, max_size=4),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    num_splits=st.sampled_from([1, 3]),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_reference(block_size, group, kv_heads, dims, lens, dtype, seed):
+def test_kernel_matches_reference(block_size, group, kv_heads, dims, lens, dtype, num_splits, seed):
     dq, dv = dims
     gen = torch.Generator().manual_seed(seed)
     need = [-(-n // block_size) for n in lens]
@@ -40,7 +42,8 @@ def test_kernel_matches_reference(block_size, group, kv_heads, dims, lens, dtype
     scale = 1.0 / math.sqrt(64)
     ref = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), block_tables, seq_lens, scale)
     poisoned = torch.full((len(lens), kv_heads * group, dv), float("nan"), dtype=dtype)
-    out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=poisoned)
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=poisoned,
+                                 num_splits=num_splits)
     assert out.dtype == dtype and out.shape == (len(lens), kv_heads * group, dv)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
 
@@ -55,3 +58,24 @@ def test_runtime_dispatch_uses_the_reference_on_cpu_and_matches_the_kernel():
     torch.testing.assert_close(via_runtime, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.1))
     torch.testing.assert_close(via_runtime, paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_two_segment_merge_equals_attention_over_the_union():
+    """Attention over [sinks/recent tier] and [compressed tier] merged by LSE == attention over both."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 4, 16, generator=gen)  # [B, heads, d]
+    keys = torch.randn(3, 40, 4, 16, generator=gen)
+    vals = torch.randn(3, 40, 4, 8, generator=gen)
+
+    def attend(k, v):  # -> out [B, H, dv], lse [B, H]
+        s = torch.einsum("bhd,bthd->bht", q, k) * 0.25
+        return torch.einsum("bht,bthd->bhd", s.softmax(-1), v), torch.logsumexp(s, -1)
+
+    whole, whole_lse = attend(keys, vals)
+    a, la = attend(keys[:, :13], vals[:, :13])
+    b, lb = attend(keys[:, 13:], vals[:, 13:])
+    outs, lses = torch.stack([a, b], 2), torch.stack([la, lb], 2)
+    for merge in (merge_partials_ref, merge_partials):
+        out, lse = merge(outs, lses)
+        torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=1e-5)
