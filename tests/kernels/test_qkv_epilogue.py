@@ -1,0 +1,52 @@
+"""The fold-mode QKV epilogue kernel against its reference, and the reference against the model's RoPE."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref
+from zeroc.config import RopeConfig
+from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+def _case(gen, n, kv, group, r, rv, block_size, dtype):
+    q = torch.randn(n, kv * group, r, generator=gen).to(dtype)
+    k = torch.randn(n, kv, r, generator=gen).to(dtype)
+    v = torch.randn(n, kv, rv, generator=gen).to(dtype)
+    positions = torch.randint(0, 4096, (n,), generator=gen)
+    base = rope_inv_freq(RopeConfig(theta=10000.0), 128)
+    inv_freq = torch.stack([base[torch.randperm(64, generator=gen)[: r // 2].sort().values] for _ in range(kv)])
+    blocks = -(-n // block_size) + 1
+    slots = torch.randperm(blocks * block_size, generator=gen)[:n]
+    return q, k, v, positions, inv_freq, slots, blocks
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 24), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 4, 8]),
+       ranks=st.sampled_from([(16, 16), (32, 64), (64, 48), (128, 128)]), block_size=st.sampled_from([16, 32]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_kernel_matches_reference(n, kv, group, ranks, block_size, dtype, seed):
+    r, rv = ranks
+    q, k, v, pos, inv_freq, slots, blocks = _case(torch.Generator().manual_seed(seed), n, kv, group, r, rv,
+                                                  block_size, dtype)
+    pools = [(torch.full((blocks, block_size, kv, r), float("nan"), dtype=dtype),
+              torch.full((blocks, block_size, kv, rv), float("nan"), dtype=dtype)) for _ in range(2)]
+    q_ref = qkv_epilogue_ref(q, k, v, pos, inv_freq, slots, *pools[0])
+    q_tri = qkv_epilogue(q, k, v, pos, inv_freq, slots, *pools[1])
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(q_tri.float(), q_ref.float(), **tol)
+    for a, b in zip(pools[0], pools[1]):
+        torch.testing.assert_close(b.float(), a.float(), equal_nan=True, **tol)
+
+
+def test_reference_equals_the_models_rope_on_the_kept_pairs():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, pos, inv_freq, slots, blocks = _case(gen, 5, 2, 4, 32, 16, 16, torch.float32)
+    k_pool, v_pool = torch.zeros(blocks, 16, 2, 32), torch.zeros(blocks, 16, 2, 16)
+    q_rot = qkv_epilogue_ref(q, k, v, pos, inv_freq, slots, k_pool, v_pool)
+    cos, sin = rope_cos_sin(inv_freq, pos, torch.float32)  # [N, kv, r]
+    torch.testing.assert_close(k_pool.view(-1, 2, 32)[slots], apply_rope(k, cos, sin))
+    torch.testing.assert_close(q_rot, apply_rope(q, cos.repeat_interleave(4, -2), sin.repeat_interleave(4, -2)))
+    torch.testing.assert_close(v_pool.view(-1, 2, 16)[slots], v)
