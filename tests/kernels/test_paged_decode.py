@@ -26,17 +26,11 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
     num_splits=st.sampled_from([1, 3]),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_reference(block_size, group, kv_heads, dims, lens, dtype, num_splits, seed):
+def test_kernel_matches_reference(random_paged_kv, block_size, group, kv_heads, dims, lens, dtype, num_splits,
+                                  seed):
     dq, dv = dims
     gen = torch.Generator().manual_seed(seed)
-    need = [-(-n // block_size) for n in lens]
-    num_blocks = sum(need) + 2
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dq, generator=gen).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dv, generator=gen).to(dtype)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = [[perm.pop() for _ in range(n)] for n in need]
-    width = max(need)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    k_cache, v_cache, block_tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, dtype)
     seq_lens = torch.tensor(lens)
     q = torch.randn(len(lens), kv_heads * group, dq, generator=gen).to(dtype)
     scale = 1.0 / math.sqrt(64)

@@ -23,21 +23,15 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_reference(block_size, group, dims, seqs, dtype, seed):
+def test_kernel_matches_reference(random_paged_kv, block_size, group, dims, seqs, dtype, seed):
     """seqs: (new tokens, cached prefix tokens) per sequence, prefix reuse and decode rows included."""
     dq, dv = dims
     kv_heads = 2
     gen = torch.Generator().manual_seed(seed)
-    need = [-(-(q + c) // block_size) for q, c in seqs]
-    num_blocks = sum(need) + 2
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, dq, generator=gen).to(dtype)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, dv, generator=gen).to(dtype)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = [[perm.pop() for _ in range(n)] for n in need]
-    width = max(need)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    lens = [q + c for q, c in seqs]
+    k_cache, v_cache, block_tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, dtype)
     q_lens = [q for q, _ in seqs]
-    seq_lens = torch.tensor([q + c for q, c in seqs])
+    seq_lens = torch.tensor(lens)
     starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
     q = torch.randn(sum(q_lens), kv_heads * group, dq, generator=gen).to(dtype)
     scale = 1.0 / math.sqrt(64)

@@ -1,0 +1,26 @@
+"""Shared builders for the kernel tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, dtype):
+    """A random K/V cache whose sequences (of `lens` tokens) own scattered blocks.
+
+    -> k_cache [blocks, block_size, kv_heads, dq], v_cache [..., dv], block_tables [B, max_blocks]
+    """
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) + 2  # two blocks nobody owns
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dq, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dv, generator=gen).to(dtype)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [[perm.pop() for _ in range(n)] for n in need]
+    width = max(need)
+    return k_cache, v_cache, torch.tensor([t + [0] * (width - len(t)) for t in tables])
+
+
+@pytest.fixture(scope="session")
+def random_paged_kv():
+    return _random_paged_kv
