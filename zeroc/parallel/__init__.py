@@ -1,0 +1,1 @@
+"""Parallel execution: sequence-parallel prefill (Ulysses all-to-all)."""
