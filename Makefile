@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROMPT ?= The built-in function
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean protos lint-protos
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,13 @@ run: install
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# Regenerate the committed Python stubs of protos/zeroc/v1 (a test fails when they are stale).
+protos: install
+	$(PY) tools/gen_protos.py
+
+lint-protos: install
+	cd protos && ../$(VENV)/bin/buf lint
 
 bench: install
 	$(VENV)/bin/zeroc bench forward
