@@ -1,0 +1,131 @@
+"""What every ZeroC gRPC service shares: server options, health + reflection, JSON logs, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from zeroc.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra=` fields."""
+
+    _plain = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        out.update({k: v for k, v in vars(record).items() if k not in self._plain and k != "message"})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Structured logs on stderr for a service process."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def channel_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    limit = cfg.max_message_mb << 20
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+class ServiceHost:
+    """A gRPC server with health (NOT_SERVING until `set_serving`) and reflection.
+
+    Health goes SERVING only once the caller has loaded its model, so balancers and the SDK
+    never route to a process that cannot answer yet.
+    """
+
+    def __init__(self, cfg: ServerConfig, service_names: list[str]):
+        self.cfg = cfg
+        self.service_names = list(service_names)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
+                                  options=channel_options(cfg), maximum_concurrent_rpcs=cfg.workers)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        self._stop = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def _set(self, status: int) -> None:
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def set_serving(self) -> None:
+        self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+
+    def wait_and_drain(self, on_stopped: Callable[[], None]) -> None:
+        """Block until SIGTERM/SIGINT (or `request_stop`), then drain.
+
+        Health turns NOT_SERVING and new calls are refused at once; in-flight calls get
+        `grace_s` to finish, after which gRPC cancels them (their cancellation callbacks free
+        their resources). `on_stopped` then shuts the component's own workers down.
+        """
+        while not self._stop.wait(0.5):
+            pass
+        log.info("shutting down", extra={"grace_s": self.cfg.grace_s})
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(self.cfg.grace_s).wait()
+        on_stopped()
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+def wait_serving(target: str, timeout_s: float, service: str = "") -> None:
+    """Block until `target`'s health check says SERVING; raise TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not report SERVING within {timeout_s:.0f}s")
+            time.sleep(0.1)
