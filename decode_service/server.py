@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,8 @@ class _Ready:
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
-    def __init__(self, transport: KvTransport | None, transfer_timeout_s: float):
-        self.transport = transport
+    def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event):
+        self.transport, self.draining = transport, draining
         self.transfer_timeout_s = transfer_timeout_s
         self.ready: _Ready | None = None
 
@@ -91,6 +92,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def Generate(self, request, context):
         arrived = time.monotonic()
         state = self._state(context)
+        if self.draining.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down; use another replica")
         req = self._parse(request, state, context)
         try:
             ticket = state.loop.admit()
@@ -182,7 +185,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     if cfg.transfer.prefill_target:
         transport = GrpcKvTransport(cfg.transfer.prefill_target, fingerprint, cfg.transfer.chunk_bytes,
                                     cfg.server.max_message_mb << 20)
-    servicer = GenerationServicer(transport, cfg.transfer.timeout_s)
+    servicer = GenerationServicer(transport, cfg.transfer.timeout_s, host.draining)
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, host.server)
     loop = None
     try:

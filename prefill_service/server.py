@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import uuid
 
 import grpc
@@ -22,8 +23,8 @@ SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_na
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
-    def __init__(self, max_queue: int, default_chunk_bytes: int):
-        self.max_queue, self.default_chunk_bytes = max_queue, default_chunk_bytes
+    def __init__(self, max_queue: int, default_chunk_bytes: int, draining: threading.Event):
+        self.max_queue, self.default_chunk_bytes, self.draining = max_queue, default_chunk_bytes, draining
         self.worker: PrefillWorker | None = None
 
     def attach(self, loaded: LoadedModel, worker: PrefillWorker, fingerprint: str) -> None:
@@ -33,6 +34,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def _job(self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext) -> PrefillJob:
         if self.worker is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self.draining.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down")
         ids = list(request.token_ids)
         if not ids:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_ids is empty")
@@ -74,7 +77,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 def serve(cfg: ZeroCConfig, ready=print) -> None:
     """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
     host = ServiceHost(cfg.server, [SERVICE_NAME])
-    servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes)
+    servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, host.server)
     try:
         host.install_signal_handlers()

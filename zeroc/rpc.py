@@ -76,6 +76,7 @@ class ServiceHost:
         if not self.port:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self._stop = threading.Event()
+        self.draining = threading.Event()  # set on SIGTERM: servicers refuse new work from then on
 
     @property
     def address(self) -> str:
@@ -105,6 +106,7 @@ class ServiceHost:
         while not self._stop.wait(0.5):
             pass
         log.info("shutting down", extra={"grace_s": self.cfg.grace_s})
+        self.draining.set()
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(self.cfg.grace_s).wait()
         on_stopped()
