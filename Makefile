@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One prefill and one decode service on localhost; prints the address and a query to try. Ctrl-C stops it.
 run: install
-	$(VENV)/bin/zeroc generate --max-tokens 48 "$(PROMPT)"
+	$(VENV)/bin/zeroc stack up --decode 1 --prompt "$(PROMPT)"
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q

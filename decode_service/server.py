@@ -177,31 +177,51 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             token_ids=state.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
 
 
-def serve(cfg: ZeroCConfig, ready=print) -> None:
-    """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
-    host = ServiceHost(cfg.server, [SERVICE_NAME])
-    fingerprint = model_fingerprint(cfg.model_dir)
-    transport = None
-    if cfg.transfer.prefill_target:
-        transport = GrpcKvTransport(cfg.transfer.prefill_target, fingerprint, cfg.transfer.chunk_bytes,
-                                    cfg.server.max_message_mb << 20)
-    servicer = GenerationServicer(transport, cfg.transfer.timeout_s, host.draining)
-    generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, host.server)
-    loop = None
-    try:
-        host.install_signal_handlers()
-        host.start()
-        ready(f"decode service listening on {host.address}")
+class DecodeService:
+    """A decode service's parts, brought up in order: `start` (listen, NOT_SERVING), `load`, serve."""
+
+    def __init__(self, cfg: ZeroCConfig):
+        self.cfg = cfg
+        self.host = ServiceHost(cfg.server, [SERVICE_NAME])
+        self.fingerprint = model_fingerprint(cfg.model_dir)
+        self.transport = None
+        if cfg.transfer.prefill_target:
+            self.transport = GrpcKvTransport(cfg.transfer.prefill_target, self.fingerprint,
+                                             cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20)
+        self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining)
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.host.server)
+        self.loop: EngineLoop | None = None
+
+    def start(self) -> str:
+        self.host.start()
+        return self.host.address
+
+    def load(self) -> None:
+        cfg = self.cfg
         loaded = load_model(cfg.model_dir, cfg.dtype)
         engine = Engine(loaded, cfg.cache, cfg.scheduler)
-        loop = EngineLoop(engine, cfg.server.max_queue)
+        self.loop = EngineLoop(engine, cfg.server.max_queue)
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-        servicer.ready = _Ready(engine, loop, Path(cfg.model_dir).name, fingerprint, dtype)
-        host.set_serving()
-        log.info("serving", extra={"service": "decode", "address": host.address, "model": cfg.model_dir,
+        self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype)
+        self.host.set_serving()
+        log.info("serving", extra={"service": "decode", "address": self.host.address, "model": cfg.model_dir,
                                    "prefill": cfg.transfer.prefill_target or "colocated"})
-        host.wait_and_drain(loop.stop)
+
+    def close(self) -> None:
+        self.host.server.stop(0)
+        if self.loop is not None:
+            self.loop.stop()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def serve(cfg: ZeroCConfig, ready=print) -> None:
+    """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
+    svc = DecodeService(cfg)
+    try:
+        svc.host.install_signal_handlers()
+        ready(f"decode service listening on {svc.start()}")
+        svc.load()
+        svc.host.wait_and_drain(svc.loop.stop)
     finally:
-        host.server.stop(0)
-        if transport is not None:
-            transport.close()
+        svc.close()
