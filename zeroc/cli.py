@@ -81,6 +81,27 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_transfer(args: argparse.Namespace) -> int:
+    from zeroc.bench_transfer import TransferSpec, run_transfer_bench
+
+    spec = TransferSpec(tokens=args.tokens, layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                        dtype=args.kv_dtype, chunk_bytes=args.chunk_bytes)
+    if min(spec.tokens, spec.layers, spec.kv_heads, spec.head_dim, args.rounds) < 1 or spec.chunk_bytes < 1024:
+        raise ZeroCError("--tokens, --layers, --kv-heads, --head-dim and --rounds must be >= 1, "
+                         "--chunk-bytes >= 1024")
+    report = run_transfer_bench(spec, args.rounds)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    mb = 1 << 20
+    print(f"KV of {spec.tokens} tokens x {spec.layers} layers x {spec.kv_heads}x{spec.head_dim} {spec.dtype}: "
+          f"{report['payload_bytes'] / mb:.1f} MiB per prompt, {spec.bytes_per_token} bytes per prompt token")
+    print(f"  gRPC Prefill stream  {report['grpc_bytes_per_s'] / mb:>9.1f} MiB/s")
+    print(f"  raw TCP socket       {report['raw_tcp_bytes_per_s'] / mb:>9.1f} MiB/s")
+    print(f"  gRPC / raw           {report['grpc_over_raw']:>9.2f}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         return _generate_remote(args)
@@ -229,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_forward)
+    p = bench.add_parser("transfer", help="KV bytes/s: Prefill gRPC stream vs raw TCP on loopback")
+    p.add_argument("--tokens", type=int, default=512, help="prompt tokens per transfer")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--kv-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chunk-bytes", type=int, default=2 << 20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_transfer)
 
     p = sub.add_parser("generate", help="complete a prompt with a local model")
     _model_arg(p)
