@@ -103,3 +103,16 @@ def test_a_damaged_transfer_fails_cleanly_and_the_decode_service_recovers(faulty
         assert len(ok.token_ids) == 4 and ok.usage.kv_bytes_received > 0
         info = client.model_info()
         assert info.kv_blocks_free == info.kv_blocks_total
+
+
+def test_a_cancelled_prefill_stream_leaves_the_service_serving(services, bundled):
+    ids = bundled.tokenizer.encode("The built-in function len() returns the number of items. " * 8)
+    stub = prefill_stub(services.prefill)
+    call = stub.Prefill(prefill_pb2.PrefillRequest(token_ids=ids, max_chunk_bytes=1024), timeout=60)
+    assert next(call).HasField("chunk")
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    replies = list(stub.Prefill(prefill_pb2.PrefillRequest(token_ids=ids[:5]), timeout=60))
+    assert replies[-1].summary.num_tokens == 5
