@@ -65,8 +65,9 @@ def _grpc_sender(spec: TransferSpec, ports) -> None:
     limit = spec.chunk_bytes + (1 << 20)
     server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", limit)])
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(_Replay(_messages(spec)), server)
-    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    ports.put(port)  # only once the server accepts calls
     server.wait_for_termination()
 
 

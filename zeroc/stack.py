@@ -26,7 +26,7 @@ class ServiceProcess:
     """One `zeroc serve ...` child on a free loopback port; `address` once it printed it."""
 
     def __init__(self, kind: str, args: list[str], env: dict[str, str] | None = None,
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 300.0):
         self.kind = kind
         self.log_path = Path(tempfile.mkstemp(prefix=f"zeroc-{kind}-", suffix=".log")[1])
         child_env = {**os.environ, **(env or {})}
@@ -49,17 +49,19 @@ class ServiceProcess:
                     return match.group(1)
             if self.proc.poll() is not None:
                 break
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"{self.kind} service did not start (exit {self.proc.returncode}); "
-                           f"log tail:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.kind} service did not start (exit {self.proc.returncode}); log tail:\n{tail}")
 
-    def wait_serving(self, timeout_s: float = 120.0) -> None:
+    def wait_serving(self, timeout_s: float = 300.0) -> None:
         try:
             wait_serving(self.address, timeout_s)
         except TimeoutError:
             raise RuntimeError(f"{self.kind} service never served; log tail:\n{self.log_tail()}") from None
 
     def log_tail(self, chars: int = 4000) -> str:
+        if not self.log_path.exists():
+            return "(log removed)"
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self, grace_s: float = 20.0) -> int:
@@ -73,6 +75,7 @@ class ServiceProcess:
                 self.proc.wait()
         if self.proc.stdout:
             self.proc.stdout.close()
+        self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
 

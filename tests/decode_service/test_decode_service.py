@@ -29,7 +29,7 @@ def stub(target: str) -> generation_pb2_grpc.GenerationServiceStub:
     return generation_pb2_grpc.GenerationServiceStub(grpc.insecure_channel(target))
 
 
-def wait_until(predicate, timeout_s: float = 60.0) -> None:
+def wait_until(predicate, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached"
