@@ -22,7 +22,7 @@ from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
 from zeroc.kv_transfer import GrpcKvTransport, KvReceiver, KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
-from zeroc.rpc import ServiceHost
+from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.sampling import SamplingParams
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc
@@ -66,6 +66,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event):
         self.transport, self.draining = transport, draining
+        self.calls = CallCounter()
         self.transfer_timeout_s = transfer_timeout_s
         self.ready: _Ready | None = None
 
@@ -94,6 +95,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         state = self._state(context)
         if self.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down; use another replica")
+        self.calls.enter(context)
         req = self._parse(request, state, context)
         try:
             ticket = state.loop.admit()
@@ -222,6 +224,6 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         svc.host.install_signal_handlers()
         ready(f"decode service listening on {svc.start()}")
         svc.load()
-        svc.host.wait_and_drain(svc.loop.stop)
+        svc.host.wait_and_drain(svc.loop.stop, svc.servicer.calls.busy)
     finally:
         svc.close()

@@ -13,7 +13,7 @@ from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import model_fingerprint
 from zeroc.loader import LoadedModel, load_model
-from zeroc.rpc import ServiceHost
+from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def __init__(self, max_queue: int, default_chunk_bytes: int, draining: threading.Event):
         self.max_queue, self.default_chunk_bytes, self.draining = max_queue, default_chunk_bytes, draining
+        self.calls = CallCounter()
         self.worker: PrefillWorker | None = None
 
     def attach(self, loaded: LoadedModel, worker: PrefillWorker, fingerprint: str) -> None:
@@ -56,6 +57,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def Prefill(self, request, context):
         job = self._job(request, context)
+        self.calls.enter(context)
         context.add_callback(job.cancelled.set)
         self.worker.submit(job)
         while True:
@@ -88,6 +90,6 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         servicer.attach(loaded, worker, model_fingerprint(cfg.model_dir))
         host.set_serving()
         log.info("serving", extra={"service": "prefill", "address": host.address, "model": cfg.model_dir})
-        host.wait_and_drain(worker.stop)
+        host.wait_and_drain(worker.stop, servicer.calls.busy)
     finally:
         host.server.stop(0)

@@ -96,24 +96,49 @@ class ServiceHost:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
 
-    def wait_and_drain(self, on_stopped: Callable[[], None]) -> None:
+    def wait_and_drain(self, on_stopped: Callable[[], None], busy: Callable[[], bool] = lambda: False) -> None:
         """Block until SIGTERM/SIGINT (or `request_stop`), then drain.
 
-        Health turns NOT_SERVING and new calls are refused at once; in-flight calls get
-        `grace_s` to finish, after which gRPC cancels them (their cancellation callbacks free
-        their resources). `on_stopped` then shuts the component's own workers down.
+        Health turns NOT_SERVING and servicers refuse new calls with UNAVAILABLE (they check
+        `draining`) while in-flight calls (`busy()`) get up to `grace_s` to finish; then the
+        server stops, cancelling what is left (their callbacks free their resources), and
+        `on_stopped` shuts the component's own workers down.
         """
         while not self._stop.wait(0.5):
             pass
         log.info("shutting down", extra={"grace_s": self.cfg.grace_s})
         self.draining.set()
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(self.cfg.grace_s).wait()
+        deadline = time.monotonic() + self.cfg.grace_s
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         on_stopped()
         log.info("stopped")
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+class CallCounter:
+    """Calls in progress, for draining: `enter` when a call starts; it leaves when the call ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def enter(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._n += 1
+        context.add_callback(self._leave)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._n -= 1
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._n > 0
 
 
 def wait_serving(target: str, timeout_s: float, service: str = "") -> None:

@@ -62,7 +62,7 @@ def _health(target: str) -> int | None:
 def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(start):
     svc = start("--grace-s", "120")
     call = stub(svc.address).Generate(pb.GenerateRequest(
-        prompt="drain", sampling=pb.SamplingParams(max_tokens=300, ignore_eos=True)), timeout=120)
+        prompt="drain", sampling=pb.SamplingParams(max_tokens=1500, ignore_eos=True)), timeout=300)
     tokens = list(next(call).delta.token_ids)
     svc.proc.terminate()
     wait_until(lambda: _health(svc.address) != health_pb2.HealthCheckResponse.SERVING)
@@ -71,7 +71,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(start):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     rest = list(call)
     tokens += [t for m in rest if m.HasField("delta") for t in m.delta.token_ids]
-    assert rest[-1].result.finish_reason == pb.FINISH_REASON_LENGTH and len(tokens) == 300
+    assert rest[-1].result.finish_reason == pb.FINISH_REASON_LENGTH and len(tokens) == 1500
     assert svc.proc.wait(60) == 0
 
 
