@@ -9,8 +9,10 @@ bytes into a preallocated buffer, the ceiling any protocol on this host can reac
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 import struct
+import threading
 import time
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -61,7 +63,18 @@ class _Replay(prefill_pb2_grpc.PrefillServiceServicer):
         yield from self.messages
 
 
-def _grpc_sender(spec: TransferSpec, ports) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Senders outlive nothing: a killed benchmark must not leave them listening."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _grpc_sender(spec: TransferSpec, ports, parent: int) -> None:
+    _exit_with_parent(parent)
     limit = spec.chunk_bytes + (1 << 20)
     server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", limit)])
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(_Replay(_messages(spec)), server)
@@ -71,7 +84,8 @@ def _grpc_sender(spec: TransferSpec, ports) -> None:
     server.wait_for_termination()
 
 
-def _tcp_sender(spec: TransferSpec, ports) -> None:
+def _tcp_sender(spec: TransferSpec, ports, parent: int) -> None:
+    _exit_with_parent(parent)
     payload = bytes(spec.chunk_bytes)
     with socket.create_server(("127.0.0.1", 0)) as srv:
         ports.put(srv.getsockname()[1])
@@ -88,7 +102,7 @@ def _tcp_sender(spec: TransferSpec, ports) -> None:
 def _spawn(target, spec: TransferSpec):
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    proc = ctx.Process(target=target, args=(spec, ports), daemon=True)
+    proc = ctx.Process(target=target, args=(spec, ports, os.getpid()), daemon=True)
     proc.start()
     return proc, ports.get(timeout=120)
 

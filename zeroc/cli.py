@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -176,6 +177,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ZeroCError("serve decode needs --prefill HOST:PORT (or env ZEROC_TRANSFER_PREFILL_TARGET), "
                          "or --colocated")
     setup_logging()
+    if os.environ.get("ZEROC_EXIT_WITH_PARENT"):
+        from zeroc.rpc import stop_with_parent
+
+        stop_with_parent(int(os.environ["ZEROC_EXIT_WITH_PARENT"]))
     if args.what == "prefill":
         from prefill_service.server import serve
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -118,6 +119,20 @@ class ServiceHost:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """SIGTERM this process (a graceful drain) once `parent_pid` is no longer its parent.
+
+    Set up by `zeroc stack` and the tests' service fixtures (env ZEROC_EXIT_WITH_PARENT) so a
+    killed parent never leaves services running on its ports.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class CallCounter:
