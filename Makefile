@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROMPT ?= The built-in function
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean protos lint-protos
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,11 +16,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# One prefill and one decode service on localhost; prints the address and a query to try. Ctrl-C stops it.
 run: install
-	$(VENV)/bin/zeroc generate --max-tokens 48 "$(PROMPT)"
+	$(VENV)/bin/zeroc stack up --decode 1 --prompt "$(PROMPT)"
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# Regenerate the committed Python stubs of protos/zeroc/v1 (a test fails when they are stale).
+protos: install
+	$(PY) tools/gen_protos.py
+
+lint-protos: install
+	cd protos && ../$(VENV)/bin/buf lint
 
 bench: install
 	$(VENV)/bin/zeroc bench forward

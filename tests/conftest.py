@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 # Triton kernels run in its interpreter on the CPU; the flag must be set before kernels import triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -69,3 +70,32 @@ def hf_model_of():
         return cache[key]
 
     return get
+
+
+@dataclass
+class Services:
+    """Addresses of real service processes on loopback."""
+
+    prefill: str
+    decode: str  # disaggregated: gets KV from `prefill`, in 4 KiB chunks so prompts span several
+    colocated: str  # prefills locally; accepts messages of at most 1 MiB
+    processes: list
+
+
+@pytest.fixture(scope="session")
+def services():
+    """One prefill service, a decode service using it and a colocated decode service, for the session."""
+    from zeroc.stack import ServiceProcess
+
+    procs = []
+    try:
+        procs.append(ServiceProcess("prefill", []))
+        procs.append(ServiceProcess("decode", ["--prefill", procs[0].address],
+                                    env={"ZEROC_TRANSFER_CHUNK_BYTES": "4096"}))
+        procs.append(ServiceProcess("decode", ["--colocated", "--max-message-mb", "1"]))
+        for p in procs:
+            p.wait_serving()
+        yield Services(procs[0].address, procs[1].address, procs[2].address, procs)
+    finally:
+        for p in procs:
+            p.stop()

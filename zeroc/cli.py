@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -100,7 +101,30 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_transfer(args: argparse.Namespace) -> int:
+    from zeroc.bench_transfer import TransferSpec, run_transfer_bench
+
+    spec = TransferSpec(tokens=args.tokens, layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                        dtype=args.kv_dtype, chunk_bytes=args.chunk_bytes)
+    if min(spec.tokens, spec.layers, spec.kv_heads, spec.head_dim, args.rounds) < 1 or spec.chunk_bytes < 1024:
+        raise ZeroCError("--tokens, --layers, --kv-heads, --head-dim and --rounds must be >= 1, "
+                         "--chunk-bytes >= 1024")
+    report = run_transfer_bench(spec, args.rounds)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    mb = 1 << 20
+    print(f"KV of {spec.tokens} tokens x {spec.layers} layers x {spec.kv_heads}x{spec.head_dim} {spec.dtype}: "
+          f"{report['payload_bytes'] / mb:.1f} MiB per prompt, {spec.bytes_per_token} bytes per prompt token")
+    print(f"  gRPC Prefill stream  {report['grpc_bytes_per_s'] / mb:>9.1f} MiB/s")
+    print(f"  raw TCP socket       {report['raw_tcp_bytes_per_s'] / mb:>9.1f} MiB/s")
+    print(f"  gRPC / raw           {report['grpc_over_raw']:>9.2f}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.target:
+        return _generate_remote(args)
     from zeroc.engine import Engine
     from zeroc.sampling import SamplingParams
 
@@ -125,6 +149,89 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(f"\n[finish_reason={reason}, {len(tokens)} tokens]")
     return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    from zeroc.client import Chunk, Client, ClientError
+
+    out: list = []
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            if not args.json:
+                print(args.prompt, end="", flush=True)
+            for item in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ()):
+                out.append(item)
+                if isinstance(item, Chunk) and not args.json:
+                    print(item.text, end="", flush=True)
+    except ClientError as exc:
+        raise ZeroCError(f"{args.target}: {exc}") from None
+    chunks, result = [c for c in out if isinstance(c, Chunk)], out[-1]
+    tokens = [t for c in chunks for t in c.token_ids]
+    if args.json:
+        print(json.dumps({"request_id": result.request_id, "text": "".join(c.text for c in chunks),
+                          "token_ids": tokens, "finish_reason": result.finish_reason,
+                          "usage": vars(result.usage)}))
+    else:
+        print(f"\n[finish_reason={result.finish_reason}, {len(tokens)} tokens, "
+              f"ttft {result.usage.ttft_ms:.1f} ms]")
+    return 0
+
+
+def _service_config(args: argparse.Namespace) -> ZeroCConfig:
+    prefill = getattr(args, "prefill", None)
+    return ZeroCConfig.from_env(
+        model_dir=args.model, dtype=args.dtype,
+        cache={"block_size": args.block_size, "num_blocks": args.num_blocks},
+        server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
+                "max_message_mb": args.max_message_mb},
+        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from zeroc.rpc import setup_logging
+
+    cfg = _service_config(args)
+    if args.what == "decode" and not args.colocated and not cfg.transfer.prefill_target:
+        raise ZeroCError("serve decode needs --prefill HOST:PORT (or env ZEROC_TRANSFER_PREFILL_TARGET), "
+                         "or --colocated")
+    setup_logging()
+    if os.environ.get("ZEROC_EXIT_WITH_PARENT"):
+        from zeroc.rpc import stop_with_parent
+
+        stop_with_parent(int(os.environ["ZEROC_EXIT_WITH_PARENT"]))
+    if args.what == "prefill":
+        from prefill_service.server import serve
+    else:
+        from decode_service.server import serve
+    serve(cfg, ready=lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_stack_up(args: argparse.Namespace) -> int:
+    from zeroc.stack import Stack
+
+    if args.decode < 1:
+        raise ZeroCError(f"--decode must be >= 1, got {args.decode}")
+    extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype)) if v for a in (flag, v)]
+    with Stack(args.decode, extra) as stack:
+        print(f"prefill service: {stack.prefill}")
+        for addr in stack.decode:
+            print(f"decode service:  {addr}")
+        print(f"ready; try: zeroc generate --target {stack.decode[0]} \"{args.prompt}\"", flush=True)
+        stack.wait()
+    return 0
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p)
+    p.add_argument("--host", default=None, help="address to listen on (env ZEROC_SERVER_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (env ZEROC_SERVER_PORT; 0 picks a free one)")
+    p.add_argument("--max-queue", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--grace-s", type=float, default=None, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message, in MiB")
+    p.add_argument("--block-size", type=int, default=None, help="KV cache block size")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_forward)
+    p = bench.add_parser("transfer", help="KV bytes/s: Prefill gRPC stream vs raw TCP on loopback")
+    p.add_argument("--tokens", type=int, default=512, help="prompt tokens per transfer")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--kv-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chunk-bytes", type=int, default=2 << 20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_transfer)
 
     p = sub.add_parser("generate", help="complete a prompt with a local model")
     _model_arg(p)
@@ -191,8 +308,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
+    p.add_argument("--target", default=None, help="HOST:PORT of a decode service (default: run locally)")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds with --target")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="run a gRPC service").add_subparsers(dest="what", required=True)
+    p = serve.add_parser("prefill", help="the prefill service (streams prompt KV to decode services)")
+    _serve_args(p)
+    p.set_defaults(func=cmd_serve)
+    p = serve.add_parser("decode", help="the decode service (the entry point clients call)")
+    _serve_args(p)
+    p.add_argument("--prefill", default=None, help="HOST:PORT of the prefill service")
+    p.add_argument("--colocated", action="store_true", help="prefill locally; no prefill service")
+    p.set_defaults(func=cmd_serve)
+
+    stack = sub.add_parser("stack", help="a local deployment").add_subparsers(dest="what", required=True)
+    p = stack.add_parser("up", help="one prefill and N decode services on localhost, until Ctrl-C")
+    _model_arg(p)
+    p.add_argument("--decode", type=int, default=1, help="decode services to start")
+    p.add_argument("--prompt", default="The built-in function", help="prompt shown in the hint")
+    p.set_defaults(func=cmd_stack_up)
     return parser
 
 

@@ -298,6 +298,40 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """One gRPC service process (prefill or decode): where it listens and how it sheds load."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (the service prints the one it bound)
+    max_queue: int = 64  # requests accepted but not yet producing tokens; more get RESOURCE_EXHAUSTED
+    grace_s: float = 10.0  # on SIGTERM, in-flight requests get this long to finish before cancellation
+    keepalive_s: float = 30.0  # HTTP/2 keepalive ping interval
+    max_message_mb: int = 16  # largest gRPC message accepted or sent
+    workers: int = 128  # handler threads; each streaming request holds one while it runs
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queue < 0 or self.grace_s < 0 or self.keepalive_s <= 0:
+            raise ValueError("max_queue and grace_s must be >= 0 and keepalive_s > 0")
+        if self.max_message_mb <= 0 or self.workers <= 0:
+            raise ValueError("max_message_mb and workers must be positive")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How a decode service gets prompt KV: from a prefill service, or computed locally (colocated)."""
+
+    prefill_target: str = ""  # HOST:PORT of a prefill service; empty runs colocated
+    chunk_bytes: int = 1 << 20  # payload bytes per KV chunk on the wire (the design asks ~1-4 MB)
+    timeout_s: float = 120.0  # longest a prefill call may take when the client set no deadline
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1024 or self.timeout_s <= 0:
+            raise ValueError("chunk_bytes must be >= 1024 and timeout_s positive")
+
+
+@dataclass(frozen=True)
 class ZeroCConfig:
     """The root configuration: one typed sub-config per component.
 
@@ -309,6 +343,8 @@ class ZeroCConfig:
     dtype: str = "float32"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -341,4 +377,5 @@ class ZeroCConfig:
         return cls(**top, **sections)
 
 
-_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig}
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
+             "transfer": TransferConfig}

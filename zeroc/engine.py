@@ -79,9 +79,8 @@ class Engine:
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        params = params or SamplingParams()
+    def prepare_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Tokenize and check a prompt; raises ZeroCError (PromptTooLongError if it cannot fit)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids or (isinstance(prompt, str) and not prompt):
             raise ZeroCError("prompt is empty")
@@ -90,20 +89,37 @@ class Engine:
         limit = min(self.model_config.max_position_embeddings, self.cache.num_blocks * self.cache.block_size)
         if len(ids) >= limit:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the limit is {limit - 1}")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, cached_tokens: int = 0) -> str:
+        """Queue a prompt. `cached_tokens` > 0: the KV of that many leading prompt tokens is already
+        in the cache under `request_id` (slots taken with `reserve` and filled by a KV transfer)."""
+        params = params or SamplingParams()
+        ids = self.prepare_prompt(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         if any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)):
             raise ZeroCError(f"request id {request_id!r} is already in use")
+        if not 0 <= cached_tokens < len(ids) or self.cache.seq_len(request_id) != cached_tokens:
+            raise ValueError(f"{request_id!r}: {cached_tokens} cached tokens claimed, "
+                             f"{self.cache.seq_len(request_id)} reserved, prompt has {len(ids)}")
         self.waiting.append(_Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
-                                      make_generator(params)))
+                                      make_generator(params), in_cache=cached_tokens))
         return request_id
 
+    def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
+        """Take cache slots for the first `num_tokens` prompt tokens of a request not yet added, so
+        their KV can be written from elsewhere (a prefill service). Returns the slots: [num_tokens].
+        Raises CacheFullError if the blocks are not free; `abort` releases them."""
+        return self.cache.schedule([(request_id, num_tokens)]).slot_mapping
+
     def abort(self, request_id: str) -> bool:
-        """Drop a request and free its blocks at once. Returns whether it was known."""
+        """Drop a request (or a reservation) and free its blocks at once. Returns whether it was queued."""
+        self.cache.free(request_id)
         for queue in (self.waiting, self.running):
             for seq in list(queue):
                 if seq.request_id == request_id:
                     queue.remove(seq)
-                    self.cache.free(request_id)
                     return True
         return False
 
@@ -134,8 +150,8 @@ class Engine:
         free = self.cache.num_free_blocks - sum(self.cache.blocks_needed(s.request_id, 1) for s in self.running)
         while self.waiting and len(self.running) + len(admitted) < self.sched.max_num_seqs:
             seq = self.waiting[0]
-            n = len(seq.all_ids)
-            blocks = -(-n // self.cache.block_size)
+            n = len(seq.all_ids) - seq.in_cache  # tokens to compute; a received prefix is in_cache
+            blocks = self.cache.blocks_needed(seq.request_id, n)
             if blocks > free or (admitted and n > budget):
                 break
             self.waiting.popleft()

@@ -1,0 +1,229 @@
+"""The GenerationService servicer and the decode service's process entry point.
+
+The servicer is the edge: it turns protobuf requests into `GenerateInput`, maps errors to gRPC
+statuses, and streams `StepOutput`s back. Scheduling lives in `EngineLoop`; KV transfer behind
+`KvTransport` (absent in colocated mode, where the engine prefills locally).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from decode_service.loop import CancelledError, EngineLoop, QueueFullError, ShuttingDownError, Ticket
+from zeroc.config import ZeroCConfig
+from zeroc.engine import Engine, PromptTooLongError, StepOutput
+from zeroc.errors import ZeroCError
+from zeroc.kv_transfer import GrpcKvTransport, KvReceiver, KvTransferError, KvTransport, model_fingerprint
+from zeroc.loader import load_model
+from zeroc.rpc import CallCounter, ServiceHost
+from zeroc.sampling import SamplingParams
+from zeroc.v1 import generation_pb2 as pb
+from zeroc.v1 import generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    """A checked Generate request."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
+    """Proto defaults (zeros) mean the runtime defaults. Raises ValueError on invalid values."""
+    return SamplingParams(
+        max_new_tokens=s.max_tokens or SamplingParams.max_new_tokens, temperature=s.temperature,
+        top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+
+
+@dataclass
+class _Ready:
+    """What exists once the model has loaded."""
+
+    engine: Engine
+    loop: EngineLoop
+    model_name: str
+    fingerprint: str
+    dtype: str
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
+    """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
+
+    def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event):
+        self.transport, self.draining = transport, draining
+        self.calls = CallCounter()
+        self.transfer_timeout_s = transfer_timeout_s
+        self.ready: _Ready | None = None
+
+    def _state(self, context: grpc.ServicerContext) -> _Ready:
+        if self.ready is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return self.ready
+
+    def _parse(self, request: pb.GenerateRequest, state: _Ready, context: grpc.ServicerContext) -> GenerateInput:
+        if request.model and request.model != state.model_name:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; "
+                                                     f"this service serves {state.model_name!r}")
+        if request.prompt and request.prompt_token_ids:
+            context.abort(_INVALID, "set either prompt or prompt_token_ids, not both")
+        try:
+            params = sampling_from_proto(request.sampling)
+            ids = state.engine.prepare_prompt(request.prompt or list(request.prompt_token_ids))
+        except PromptTooLongError as exc:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+        except ValueError as exc:  # ZeroCError is a ValueError: empty prompt, bad ids, bad sampling
+            context.abort(_INVALID, str(exc))
+        return GenerateInput(request.request_id or f"gen-{time.time_ns():x}", ids, params)
+
+    def Generate(self, request, context):
+        arrived = time.monotonic()
+        state = self._state(context)
+        if self.draining.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down; use another replica")
+        self.calls.enter(context)
+        req = self._parse(request, state, context)
+        try:
+            ticket = state.loop.admit()
+        except QueueFullError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ShuttingDownError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        # Runs however the call ends (finished, cancelled, deadline, disconnect): blocks free at once.
+        context.add_callback(lambda: state.loop.release(ticket))
+        kv_bytes = self._start(req, ticket, state, context)
+        log.info("generate", extra={"request_id": req.request_id, "prompt_tokens": len(req.prompt_ids),
+                                    "kv_bytes": kv_bytes})
+        yield from self._stream(req, ticket, context, arrived, kv_bytes)
+
+    def _start(self, req: GenerateInput, ticket: Ticket, state: _Ready, context: grpc.ServicerContext) -> int:
+        """Get the prompt's KV (from the prefill service unless colocated) and hand it to the engine."""
+        ids, cached, kv_bytes = req.prompt_ids, 0, 0
+        try:
+            if self.transport is not None and len(ids) > 1:
+                # The prefill side sends KV for all but the last prompt token; the engine runs that one
+                # itself and samples the first token with the request's own generator.
+                slots = state.loop.reserve(ticket, len(ids) - 1, context.is_active)
+                remaining = context.time_remaining()
+                timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
+                kv_bytes = self.transport.fetch(ticket.key, ids[:-1], KvReceiver(state.engine.cache, slots),
+                                                timeout, context.is_active)
+                cached = len(ids) - 1
+            state.loop.submit(ticket, ids, req.params, cached)
+        except KvTransferError as exc:
+            state.loop.release(ticket)
+            log.warning("kv transfer failed", extra={"request_id": req.request_id, "code": exc.code.name,
+                                                     "error": str(exc)})
+            context.abort(exc.code, str(exc))
+        except CancelledError as exc:
+            state.loop.release(ticket)
+            context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        except ShuttingDownError as exc:
+            state.loop.release(ticket)
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return kv_bytes
+
+    def _stream(self, req: GenerateInput, ticket: Ticket, context: grpc.ServicerContext, arrived: float,
+                kv_bytes: int):
+        ttft_ms, produced = None, 0
+        while True:
+            try:
+                out = ticket.out.get(timeout=0.5)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if isinstance(out, Exception):
+                context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out}")
+            assert isinstance(out, StepOutput)
+            if ttft_ms is None and out.token_ids:
+                ttft_ms = (time.monotonic() - arrived) * 1000
+            produced += len(out.token_ids)
+            if out.token_ids or out.text_delta:
+                yield pb.GenerateResponse(request_id=req.request_id,
+                                          delta=pb.TokenDelta(token_ids=out.token_ids, text=out.text_delta))
+            if out.finished:
+                usage = pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=produced,
+                                 ttft_ms=ttft_ms or 0.0, kv_bytes_received=kv_bytes)
+                yield pb.GenerateResponse(request_id=req.request_id, result=pb.GenerateResult(
+                    finish_reason=FINISH.get(out.finish_reason or "stop", pb.FINISH_REASON_STOP), usage=usage))
+                return
+
+    def GetModelInfo(self, request, context):
+        state = self._state(context)
+        cfg, stats = state.engine.model_config, state.loop.stats()
+        return pb.GetModelInfoResponse(
+            model=state.model_name, fingerprint=state.fingerprint, vocab_size=cfg.vocab_size,
+            max_context=cfg.max_position_embeddings, num_layers=cfg.num_hidden_layers, dtype=state.dtype,
+            mode="colocated" if self.transport is None else "disaggregated",
+            kv_blocks_total=stats.blocks_total, kv_blocks_free=stats.blocks_free, kv_block_size=stats.block_size,
+            requests_running=stats.running, requests_queued=stats.queued)
+
+    def Tokenize(self, request, context):
+        state = self._state(context)
+        return pb.TokenizeResponse(
+            token_ids=state.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
+
+
+class DecodeService:
+    """A decode service's parts, brought up in order: `start` (listen, NOT_SERVING), `load`, serve."""
+
+    def __init__(self, cfg: ZeroCConfig):
+        self.cfg = cfg
+        self.host = ServiceHost(cfg.server, [SERVICE_NAME])
+        self.fingerprint = model_fingerprint(cfg.model_dir)
+        self.transport = None
+        if cfg.transfer.prefill_target:
+            self.transport = GrpcKvTransport(cfg.transfer.prefill_target, self.fingerprint,
+                                             cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20)
+        self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining)
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.host.server)
+        self.loop: EngineLoop | None = None
+
+    def start(self) -> str:
+        self.host.start()
+        return self.host.address
+
+    def load(self) -> None:
+        cfg = self.cfg
+        loaded = load_model(cfg.model_dir, cfg.dtype)
+        engine = Engine(loaded, cfg.cache, cfg.scheduler)
+        self.loop = EngineLoop(engine, cfg.server.max_queue)
+        dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+        self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype)
+        self.host.set_serving()
+        log.info("serving", extra={"service": "decode", "address": self.host.address, "model": cfg.model_dir,
+                                   "prefill": cfg.transfer.prefill_target or "colocated"})
+
+    def close(self) -> None:
+        self.host.server.stop(0)
+        if self.loop is not None:
+            self.loop.stop()
+        if self.transport is not None:
+            self.transport.close()
+
+
+def serve(cfg: ZeroCConfig, ready=print) -> None:
+    """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
+    svc = DecodeService(cfg)
+    try:
+        svc.host.install_signal_handlers()
+        ready(f"decode service listening on {svc.start()}")
+        svc.load()
+        svc.host.wait_and_drain(svc.loop.stop, svc.servicer.calls.busy)
+    finally:
+        svc.close()

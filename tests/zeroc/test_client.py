@@ -1,0 +1,96 @@
+"""The SDK: sync and asyncio clients against real services, typed results, errors and retries."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import grpc
+import pytest
+
+from zeroc.client import AsyncClient, Chunk, Client, ClientError, Result, RetryPolicy
+from zeroc.stack import ServiceProcess
+
+
+def test_stream_yields_chunks_then_one_result(services):
+    with Client(services.decode) as c:
+        items = list(c.stream("The built-in function", max_tokens=6, ignore_eos=True, request_id="mine"))
+        whole = c.generate("The built-in function", max_tokens=6, ignore_eos=True)
+    assert all(isinstance(i, Chunk) for i in items[:-1]) and isinstance(items[-1], Result)
+    assert items[-1].request_id == "mine" and items[-1].finish_reason == "length"
+    assert [t for i in items[:-1] for t in i.token_ids] == whole.token_ids and len(whole.token_ids) == 6
+    assert "".join(i.text for i in items[:-1]) == whole.text
+    assert whole.usage.completion_tokens == 6 and whole.usage.ttft_ms > 0
+
+
+def test_seeded_sampling_is_reproducible_across_paths(services):
+    kwargs = dict(max_tokens=12, temperature=0.9, top_k=50, seed=7, ignore_eos=True)
+    with Client(services.decode) as a, Client(services.colocated) as b:
+        assert a.generate("Once upon a time", **kwargs).token_ids == b.generate("Once upon a time", **kwargs).token_ids
+
+
+def test_async_client_matches_the_sync_client(services):
+    prompts = ["import sys", "class Point:", "for i in range(10):", "The tuple"]
+    with Client(services.decode) as c:
+        want = [c.generate(p, max_tokens=8, ignore_eos=True).token_ids for p in prompts]
+
+    async def main():
+        async with AsyncClient(services.decode) as ac:
+            results = await asyncio.gather(*(ac.generate(p, max_tokens=8, ignore_eos=True) for p in prompts))
+            info = await ac.model_info()
+        return [r.token_ids for r in results], info
+
+    got, info = asyncio.run(main())
+    assert got == want and info.mode == "disaggregated"
+
+
+def test_errors_carry_the_status_and_bad_input_is_not_retried(services):
+    with Client(services.decode) as c:
+        with pytest.raises(ClientError) as err:
+            c.generate("x", temperature=-2.0)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in err.value.details
+
+
+def test_async_errors(services):
+    async def main():
+        async with AsyncClient(services.colocated) as ac:
+            await ac.generate("", max_tokens=2)
+
+    with pytest.raises(ClientError) as err:
+        asyncio.run(main())
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unavailable_before_the_first_token_is_retried_until_the_service_is_up():
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    with Client(target, retry=RetryPolicy(attempts=1)) as c, pytest.raises(ClientError) as err:
+        c.generate("nobody listens", max_tokens=2)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+    outcome: dict = {}
+
+    def call():
+        try:
+            with Client(target, retry=RetryPolicy(attempts=200, initial_backoff_s=0.05, max_backoff_s=0.5)) as c:
+                outcome["result"] = c.generate("eventually", max_tokens=3, ignore_eos=True)
+        except Exception as exc:  # reported below
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()  # fails (nothing listens), then retries while the service starts and loads
+    svc = ServiceProcess("decode", ["--colocated", "--port", str(port)])
+    try:
+        caller.join(120)
+        assert not caller.is_alive()
+        assert "error" not in outcome, outcome.get("error")
+        assert len(outcome["result"].token_ids) == 3
+    finally:
+        svc.stop()

@@ -1,0 +1,112 @@
+"""KV transfer in-process: the chunk format, CRC checks, and prefill -> receive -> decode equals direct."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from prefill_service.worker import DONE, PrefillJob, PrefillWorker
+from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.engine import Engine
+from zeroc.kv_transfer import KvReceiver, KvTransferError, decode_chunk, encode_layer
+from zeroc.sampling import SamplingParams
+
+
+def test_chunks_round_trip_within_the_byte_bound():
+    k, v = torch.randn(37, 2, 32), torch.randn(37, 2, 16)
+    chunks = list(encode_layer(3, k, v, first_token=5, max_bytes=1024))
+    assert all(len(c.data) <= 1024 for c in chunks)
+    pieces = [decode_chunk(c) for c in chunks]
+    assert {p.layer for p in pieces} == {3}
+    keys = torch.cat([p.data for p in pieces if p.is_key])
+    values = torch.cat([p.data for p in pieces if not p.is_key])
+    assert torch.equal(keys, k) and torch.equal(values, v)
+    assert [p.first_token for p in pieces if p.is_key] == list(range(5, 5 + 37, 1024 // (2 * 32 * 4)))
+
+
+def test_bfloat16_round_trips_bit_exactly():
+    k = torch.randn(4, 1, 8).to(torch.bfloat16)
+    (ck, cv) = encode_layer(0, k, k, 0, 1 << 20)
+    assert ck.dtype == "bfloat16" and torch.equal(decode_chunk(ck).data, k)
+
+
+def test_a_flipped_byte_fails_the_crc_with_data_loss():
+    chunk = next(encode_layer(0, torch.randn(4, 1, 8), torch.randn(4, 1, 8), 0, 1 << 20))
+    data = bytearray(chunk.data)
+    data[7] ^= 0x01
+    chunk.data = bytes(data)
+    with pytest.raises(KvTransferError, match="CRC32C") as err:
+        decode_chunk(chunk)
+    assert err.value.code == grpc.StatusCode.DATA_LOSS
+
+
+def test_metadata_that_disagrees_with_the_payload_is_data_loss():
+    chunk = next(encode_layer(0, torch.randn(4, 1, 8), torch.randn(4, 1, 8), 0, 1 << 20))
+    chunk.shape[:] = [5, 1, 8]
+    with pytest.raises(KvTransferError, match="bytes but shape") as err:
+        decode_chunk(chunk)
+    assert err.value.code == grpc.StatusCode.DATA_LOSS
+
+
+def _prefill(loaded, ids: list[int], chunk_bytes: int) -> list:
+    worker = PrefillWorker(loaded, CacheConfig(block_size=16, num_blocks=64), SchedulerConfig())
+    try:
+        job = PrefillJob("p", ids, chunk_bytes)
+        worker.submit(job)
+        out = []
+        while (item := job.out.get(timeout=60)) is not DONE:
+            assert not isinstance(item, Exception), item
+            out.append(item.chunk)
+        assert worker.cache.num_free_blocks == 64  # the prefill side keeps nothing
+        return out
+    finally:
+        worker.stop()
+
+
+def test_chunks_stream_layer_by_layer(bundled):
+    ids = bundled.tokenizer.encode("def parse(text):\n    return text.split()")
+    chunks = _prefill(bundled, ids, 1024)
+    layers = [c.layer for c in chunks]
+    assert layers == sorted(layers) and set(layers) == set(range(bundled.config.num_hidden_layers))
+
+
+def test_receiving_into_a_reservation_then_decoding_equals_direct_generation(any_model):
+    prompt = "The built-in function len() returns the number of items"
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    direct = Engine(any_model, CacheConfig(block_size=8, num_blocks=64)).generate([prompt], params)[0]
+
+    engine = Engine(any_model, CacheConfig(block_size=8, num_blocks=64))
+    ids = engine.prepare_prompt(prompt)
+    receiver = KvReceiver(engine.cache, engine.reserve("r", len(ids) - 1))
+    for chunk in _prefill(any_model, ids[:-1], 2048):
+        receiver.write(decode_chunk(chunk))
+    receiver.check_complete()
+    engine.add_request(ids, params, "r", cached_tokens=len(ids) - 1)
+    out = []
+    while engine.has_unfinished():
+        out += [t for o in engine.step() for t in o.token_ids]
+    assert out == direct.token_ids
+    assert engine.cache.num_free_blocks == 64
+
+
+def test_a_missing_chunk_is_reported_and_abort_frees_the_reservation(bundled):
+    engine = Engine(bundled, CacheConfig(block_size=8, num_blocks=32))
+    ids = engine.prepare_prompt("a prompt of a few tokens")
+    receiver = KvReceiver(engine.cache, engine.reserve("r", len(ids) - 1))
+    assert engine.cache.num_free_blocks < 32
+    for chunk in _prefill(bundled, ids[:-1], 1 << 20)[1:]:
+        receiver.write(decode_chunk(chunk))
+    with pytest.raises(KvTransferError, match="incomplete") as err:
+        receiver.check_complete()
+    assert err.value.code == grpc.StatusCode.DATA_LOSS
+    engine.abort("r")
+    assert engine.cache.num_free_blocks == 32
+
+
+def test_a_chunk_past_the_prompt_is_rejected(bundled):
+    engine = Engine(bundled, CacheConfig(block_size=8, num_blocks=32))
+    receiver = KvReceiver(engine.cache, engine.reserve("r", 3))
+    chunk = next(encode_layer(0, torch.randn(4, 1, 64), torch.randn(4, 1, 64), 0, 1 << 20))
+    with pytest.raises(KvTransferError, match="covers tokens up to 4"):
+        receiver.write(decode_chunk(chunk))

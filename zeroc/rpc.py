@@ -1,0 +1,173 @@
+"""What every ZeroC gRPC service shares: server options, health + reflection, JSON logs, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from zeroc.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra=` fields."""
+
+    _plain = set(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        out.update({k: v for k, v in vars(record).items() if k not in self._plain and k != "message"})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Structured logs on stderr for a service process."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def channel_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    limit = cfg.max_message_mb << 20
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+class ServiceHost:
+    """A gRPC server with health (NOT_SERVING until `set_serving`) and reflection.
+
+    Health goes SERVING only once the caller has loaded its model, so balancers and the SDK
+    never route to a process that cannot answer yet.
+    """
+
+    def __init__(self, cfg: ServerConfig, service_names: list[str]):
+        self.cfg = cfg
+        self.service_names = list(service_names)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
+                                  options=channel_options(cfg), maximum_concurrent_rpcs=cfg.workers)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server)
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        self._stop = threading.Event()
+        self.draining = threading.Event()  # set on SIGTERM: servicers refuse new work from then on
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def _set(self, status: int) -> None:
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def set_serving(self) -> None:
+        self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+
+    def wait_and_drain(self, on_stopped: Callable[[], None], busy: Callable[[], bool] = lambda: False) -> None:
+        """Block until SIGTERM/SIGINT (or `request_stop`), then drain.
+
+        Health turns NOT_SERVING and servicers refuse new calls with UNAVAILABLE (they check
+        `draining`) while in-flight calls (`busy()`) get up to `grace_s` to finish; then the
+        server stops, cancelling what is left (their callbacks free their resources), and
+        `on_stopped` shuts the component's own workers down.
+        """
+        while not self._stop.wait(0.5):
+            pass
+        log.info("shutting down", extra={"grace_s": self.cfg.grace_s})
+        self.draining.set()
+        self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + self.cfg.grace_s
+        while busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        on_stopped()
+        log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+def stop_with_parent(parent_pid: int) -> None:
+    """SIGTERM this process (a graceful drain) once `parent_pid` is no longer its parent.
+
+    Set up by `zeroc stack` and the tests' service fixtures (env ZEROC_EXIT_WITH_PARENT) so a
+    killed parent never leaves services running on its ports.
+    """
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class CallCounter:
+    """Calls in progress, for draining: `enter` when a call starts; it leaves when the call ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def enter(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._n += 1
+        context.add_callback(self._leave)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._n -= 1
+
+    def busy(self) -> bool:
+        with self._lock:
+            return self._n > 0
+
+
+def wait_serving(target: str, timeout_s: float, service: str = "") -> None:
+    """Block until `target`'s health check says SERVING; raise TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not report SERVING within {timeout_s:.0f}s")
+            time.sleep(0.1)

@@ -1,0 +1,132 @@
+"""A local deployment in child processes: one prefill service and N decode services on loopback.
+
+Used by `zeroc stack up` and by the end-to-end tests. Every child is stopped (SIGTERM, then
+SIGKILL) when the stack exits, whether it started cleanly or not.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from zeroc.rpc import wait_serving
+
+_LISTENING = re.compile(r"listening on (\S+:\d+)")
+
+
+class ServiceProcess:
+    """One `zeroc serve ...` child on a free loopback port; `address` once it printed it."""
+
+    def __init__(self, kind: str, args: list[str], env: dict[str, str] | None = None,
+                 start_timeout_s: float = 300.0):
+        self.kind = kind
+        self.log_path = Path(tempfile.mkstemp(prefix=f"zeroc-{kind}-", suffix=".log")[1])
+        child_env = {**os.environ, **(env or {})}
+        child_env.setdefault("OMP_NUM_THREADS", "1")
+        child_env["ZEROC_EXIT_WITH_PARENT"] = str(os.getpid())  # children stop if this process dies
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "zeroc.cli", "serve", kind, "--host", "127.0.0.1", "--port", "0", *args],
+                stdout=subprocess.PIPE, stderr=log, env=child_env)
+        self.address = self._read_address(start_timeout_s)
+
+    def _read_address(self, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        line = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                match = _LISTENING.search(line.decode(errors="replace"))
+                if match:
+                    return match.group(1)
+            if self.proc.poll() is not None:
+                break
+        tail = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"{self.kind} service did not start (exit {self.proc.returncode}); log tail:\n{tail}")
+
+    def wait_serving(self, timeout_s: float = 300.0) -> None:
+        try:
+            wait_serving(self.address, timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"{self.kind} service never served; log tail:\n{self.log_tail()}") from None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        if not self.log_path.exists():
+            return "(log removed)"
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, grace_s: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL after `grace_s`; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.log_path.unlink(missing_ok=True)
+        return self.proc.returncode
+
+
+class Stack:
+    """One prefill service plus `num_decode` decode services pointed at it."""
+
+    def __init__(self, num_decode: int, extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+        self.num_decode, self.extra, self.env = num_decode, list(extra_args or []), env
+        self.services: list[ServiceProcess] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "Stack":
+        try:
+            prefill = self._start("prefill", [])
+            prefill.wait_serving()
+            decodes = [self._start("decode", ["--prefill", prefill.address]) for _ in range(self.num_decode)]
+            for d in decodes:
+                d.wait_serving()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self, kind: str, args: list[str]) -> ServiceProcess:
+        svc = ServiceProcess(kind, [*self.extra, *args], self.env)
+        self.services.append(svc)
+        return svc
+
+    @property
+    def prefill(self) -> str:
+        return self.services[0].address
+
+    @property
+    def decode(self) -> list[str]:
+        return [s.address for s in self.services[1:]]
+
+    def wait(self) -> None:
+        """Block until SIGINT/SIGTERM or until a child dies."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        while not self._stop.wait(0.5):
+            dead = [s for s in self.services if s.proc.poll() is not None]
+            if dead:
+                print(f"{dead[0].kind} service exited ({dead[0].proc.returncode}); stopping the stack",
+                      file=sys.stderr)
+                return
+
+    def close(self) -> None:
+        for svc in reversed(self.services):
+            svc.stop()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
