@@ -6,6 +6,8 @@ Two ways through the same weights:
 - `Transformer.forward_paged(tokens, positions, batch, cache)` takes a flat ragged batch of
   new tokens, writes their K/V into the paged cache and attends over each sequence's cached
   context: prefill, decode and mixed continuous-batching steps.
+- `Transformer.forward_attend(tokens, positions, attend)` lets the caller own attention and the
+  cache (the KV-cache policies of `zeroc.policies`).
 Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without renaming.
 """
 
@@ -180,6 +182,10 @@ class Transformer(nn.Module):
             )
             return out.transpose(1, 2)
 
+        return self.lm_head(self._run(tokens, positions, attend))
+
+    def forward_attend(self, tokens: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+        """Forward with a caller-supplied attention (KV-cache policies). tokens, positions: [*P] -> logits [*P, vocab]."""
         return self.lm_head(self._run(tokens, positions, attend))
 
     def forward_paged(
