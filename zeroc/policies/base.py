@@ -110,10 +110,11 @@ def attend_dense(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor,
     """
     b, heads, dq = q.shape
     kv = k.shape[1]
-    qg = q.view(b, kv, heads // kv, dq)
-    scores = torch.einsum("bkgd,bknd->bkgn", qg.float(), k.float()) * scale
+    work = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least, as the model's SDPA does
+    qg = q.view(b, kv, heads // kv, dq).to(work)
+    scores = torch.einsum("bkgd,bknd->bkgn", qg, k.to(work)) * scale
     probs = torch.softmax(scores, dim=-1)  # [B, kv, group, n]
-    out = torch.einsum("bkgn,bkne->bkge", probs, v.float())
+    out = torch.einsum("bkgn,bkne->bkge", probs, v.to(work))
     return out.reshape(b, heads, -1).to(q.dtype), probs.reshape(b, heads, -1)
 
 

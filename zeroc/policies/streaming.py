@@ -39,7 +39,7 @@ class PolicyPerplexity:
     policy: str
     budget: float
     kv_fraction_mean: float  # stored KV bits / uncompressed fp16 bits, mean over scored steps
-    kv_fraction_max: float  # the largest such fraction at positions >= SETTLED (0 if none)
+    kv_fraction_max: float | None  # the largest such fraction at positions >= SETTLED (None: no such position)
     mode: str = "streaming"
 
     def to_dict(self) -> dict:
@@ -68,7 +68,7 @@ def perplexity_with_policy(model: Transformer, tokens: Tensor, ctx: int, policy:
     device = next(model.parameters()).device
     layers = range(model.config.num_hidden_layers)
     full_per_token = sum(full_bits(layer_geometry(model, i), 1) for i in layers)
-    nll_sum, count, frac_sum, frac_max = 0.0, 0, 0.0, 0.0
+    nll_sum, count, frac_sum, frac_max = 0.0, 0, 0.0, None
     bar = tqdm(total=sum(w.numel() - 1 for w in wins), desc=f"ppl (streaming, {policy.label} @ {policy.budget})",
                unit="tok", disable=not progress)
     for group in _groups(wins, batch_size):
@@ -86,7 +86,7 @@ def perplexity_with_policy(model: Transformer, tokens: Tensor, ctx: int, policy:
             frac = sum(c.stored_bits() for c in caches) / (full_per_token * (t + 1))
             frac_sum += frac * batch.shape[0]
             if t + 1 >= SETTLED:
-                frac_max = max(frac_max, frac)
+                frac_max = frac if frac_max is None else max(frac_max, frac)
             bar.update(batch.shape[0])
     bar.close()
     mean = nll_sum / count
