@@ -9,7 +9,6 @@ plot (streaming perplexity vs budget, one line per method).
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import platform
 from dataclasses import asdict, dataclass, field

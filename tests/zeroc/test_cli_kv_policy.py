@@ -31,7 +31,8 @@ def test_policy_at_full_budget_matches_plain_streaming_and_a_smaller_budget_hold
 
 
 def test_misuse_is_a_one_line_error(capsys):
-    cases = [(["--kv-policy", "h2o"], "needs --streaming"), (["--streaming", "--kv-budget", "0.5"], "needs a --kv-policy"),
+    cases = [(["--kv-policy", "h2o"], "needs --streaming"),
+             (["--streaming", "--kv-budget", "0.5"], "needs a --kv-policy"),
              (["--streaming", "--kv-policy", "h2o", "--kv-budget", "1.5"], "budget must be in (0, 1]"),
              (["--streaming", "--kv-policy", "kivi-4", "--kv-budget", "0.25"], "0.3125")]
     for extra, message in cases:

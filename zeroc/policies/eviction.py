@@ -64,7 +64,7 @@ class EvictionPolicy(KVPolicy):
         return EvictionCache(self, layer_geometry(model, layer), batch, model.lm_head.weight.dtype)
 
 
-def _protect_recent(pos: Tensor, seen: int, recent: int) -> Tensor:
+def protect_recent(pos: Tensor, seen: int, recent: int) -> Tensor:
     # pos: [B, kv, n] -> [B, kv, n] float64: PROTECTED + position for the `recent` latest positions, else 0
     is_recent = pos >= seen - recent
     return torch.where(is_recent, PROTECTED + pos.double(), torch.zeros_like(pos, dtype=torch.float64))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from zeroc.policies.base import check_budget
-from zeroc.policies.eviction import EvictionPolicy, EvictionState, _protect_recent
+from zeroc.policies.eviction import EvictionPolicy, EvictionState, protect_recent
 
 
 @dataclass(frozen=True)
@@ -32,4 +32,4 @@ class H2O(EvictionPolicy):
 
     def priority(self, state: EvictionState, keep: int) -> Tensor:
         recent = max(1, math.ceil(self.recent_ratio * keep))
-        return _protect_recent(state.live(state.pos), state.seen, recent) + state.live(state.score)
+        return protect_recent(state.live(state.pos), state.seen, recent) + state.live(state.score)

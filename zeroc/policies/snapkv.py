@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc.policies.base import check_budget
-from zeroc.policies.eviction import EvictionPolicy, EvictionState, _protect_recent
+from zeroc.policies.eviction import EvictionPolicy, EvictionState, protect_recent
 
 
 @dataclass(frozen=True)
@@ -61,5 +61,5 @@ class SnapKV(EvictionPolicy):
         return torch.zeros_like(pooled).scatter_(2, order, pooled).double()
 
     def priority(self, state: EvictionState, keep: int) -> Tensor:
-        recent = _protect_recent(state.live(state.pos), state.seen, min(self.window, keep))
+        recent = protect_recent(state.live(state.pos), state.seen, min(self.window, keep))
         return recent + self.votes(state)
