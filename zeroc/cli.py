@@ -16,6 +16,8 @@ from pathlib import Path
 from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, ZeroCConfig
 from zeroc.errors import ZeroCError
 
+# The --kv-policy names (zeroc.policies.POLICY_NAMES), listed here so --help does not import torch.
+POLICY_CHOICES = ("kivi-4", "kivi-2", "streamingllm", "h2o", "snapkv", "palu")
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -70,9 +72,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from zeroc.evaluate import perplexity_full, perplexity_streaming, read_eval_tokens
 
+    if args.kv_policy != "none" and not args.streaming:
+        raise ZeroCError("--kv-policy needs --streaming (policies decide what a token-by-token cache keeps)")
+    if args.kv_policy == "none" and args.kv_budget != 1.0:
+        raise ZeroCError("--kv-budget needs a --kv-policy")
+    policy = None
+    if args.kv_policy != "none":
+        from zeroc.policies import make_policy
+
+        policy = make_policy(args.kv_policy, args.kv_budget)  # ValueError -> one-line error
     loaded, _ = _load(args)
     tokens = read_eval_tokens(loaded.tokenizer, args.data, args.max_tokens)
     show = not args.json
+    if policy is not None:
+        from zeroc.policies.streaming import perplexity_with_policy
+
+        res = perplexity_with_policy(loaded.model, tokens, args.ctx, policy, args.batch_size, progress=show)
+        if args.json:
+            print(json.dumps(res.to_dict()))
+        else:
+            print(f"perplexity {res.perplexity:.4f} (streaming, {res.policy} at budget {res.budget}: KV held "
+                  f"{res.kv_fraction_mean:.3f} of fp16 on average; {res.tokens} tokens, {res.windows} windows "
+                  f"of {res.ctx})")
+        return 0
     if args.streaming:
         result = perplexity_streaming(loaded.model, tokens, args.ctx, args.batch_size, progress=show)
     else:
@@ -82,6 +104,34 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     else:
         print(f"perplexity {result.perplexity:.4f} ({result.mode}, {result.tokens} tokens, "
               f"{result.windows} windows of {result.ctx})")
+    return 0
+
+
+def cmd_eval_quality(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from zeroc.compression.calibrate import ZeroCFold
+    from zeroc.quality import QualityConfig, machine_description, run_quality
+    from zeroc.quality_report import text_table, write_report
+
+    cfg = QualityConfig(ctx=args.ctx, max_tokens=args.max_tokens, budgets=tuple(args.budgets),
+                        batch_size=args.batch_size,
+                        calibration=ZeroCFold(rank_multiple=args.rank_multiple, calib_tokens=args.calib_tokens,
+                                              sensitivity_tokens=args.sensitivity_tokens, window=args.window))
+    loaded, _ = _load(args)
+    started = dt.datetime.now(dt.timezone.utc)
+    rows = run_quality(loaded, args.calib, args.data, cfg, progress=not args.json)
+    minutes = (dt.datetime.now(dt.timezone.utc) - started).total_seconds() / 60
+    meta = {"model": loaded.path.name, "data": Path(args.data).name, "calibration text": Path(args.calib).name,
+            "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_description(),
+            "command": "zeroc eval quality " + " ".join(args.argv), "windows": f"ctx {cfg.ctx}, max tokens "
+            f"{cfg.max_tokens}", "ZeroC calibration": str(cfg.calibration), "wall time": f"{minutes:.1f} min"}
+    md, png = write_report(rows, Path(args.out_dir), meta)
+    if args.json:
+        print(json.dumps({"rows": [asdict(r) for r in rows], "markdown": str(md), "plot": str(png), **meta}))
+    else:
+        print(text_table(rows))
+        print(f"wrote {md} and {png}")
     return 0
 
 
@@ -277,8 +327,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streaming", action="store_true", help="token by token through the paged cache")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="windows decoded together in streaming mode")
+    p.add_argument("--kv-policy", default="none", choices=["none", *POLICY_CHOICES],
+                   help="KV-cache baseline deciding what attention sees (needs --streaming)")
+    p.add_argument("--kv-budget", type=float, default=1.0, help="KV bytes as a fraction of the fp16 cache")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = ev.add_parser("quality", help="perplexity of ZeroC and every baseline at equal KV budgets -> docs/")
+    _model_arg(p)
+    p.add_argument("--calib", default=str(BUNDLED_CALIB), help="calibration text for ZeroC")
+    p.add_argument("--data", default=str(BUNDLED_HELDOUT), help="held-out text to score")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.375, 0.25])
+    p.add_argument("--batch-size", type=int, default=16, help="windows streamed together")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="ZeroC calibration tokens for the statistics")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048, help="ZeroC tokens for per-layer sensitivity")
+    p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
+    p.add_argument("--rank-multiple", type=int, default=16, help="ZeroC ranks are multiples of this")
+    p.add_argument("--out-dir", default="docs", help="where quality.md and quality.png go")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_quality)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     p = bench.add_parser("forward", help="prefill and decode tokens/s")
@@ -333,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv[2:] if argv[:2] == ["eval", "quality"] else argv
     try:
         return args.func(args)
     except ZeroCError as exc:
