@@ -165,8 +165,8 @@ def test_32_concurrent_streaming_clients(services, bundled):
 def test_cancelling_mid_stream_frees_the_blocks(services, mode):
     target = getattr(services, mode)
     call = stub(target).Generate(pb.GenerateRequest(
-        prompt=PROMPTS[2], sampling=pb.SamplingParams(max_tokens=2000, ignore_eos=True)), timeout=0.5)
-    first = next(call)
+        prompt=PROMPTS[2], sampling=pb.SamplingParams(max_tokens=2000, ignore_eos=True)), timeout=120)
+    first = next(call)  # a long deadline: the request must still be running when we look, however slow the host
     assert first.delta.token_ids
     with Client(target) as c:
         info = c.model_info()
