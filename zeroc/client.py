@@ -21,6 +21,14 @@ from zeroc.v1 import generation_pb2_grpc
 _REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 
 
+def _retry_delay(exc: grpc.RpcError, started: bool, delays) -> float | None:
+    """Seconds to wait before retrying, or None to give up: only UNAVAILABLE before the first token
+    is retried (after that, a retry would repeat tokens the caller already has)."""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not started:
+        return next(delays, None)
+    return None
+
+
 class ClientError(RuntimeError):
     """A failed call: `code` is the gRPC status code, the message its details."""
 
@@ -124,7 +132,7 @@ class Client:
                     yield _convert(msg)
                 return
             except grpc.RpcError as exc:
-                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE and not started else None
+                delay = _retry_delay(exc, started, delays)
                 if delay is None:
                     raise ClientError(exc.code(), exc.details()) from None
                 time.sleep(delay)
@@ -183,7 +191,7 @@ class AsyncClient:
                     yield _convert(msg)
                 return
             except grpc.RpcError as exc:
-                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE and not started else None
+                delay = _retry_delay(exc, started, delays)
                 if delay is None:
                     raise ClientError(exc.code(), exc.details()) from None
                 await asyncio.sleep(delay)
