@@ -136,17 +136,36 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
+# Split-K only pays when the grid would leave SMs idle; below this many blocks per split the
+# merge costs more than the extra parallelism buys.
+MIN_BLOCKS_PER_SPLIT = 4
+MAX_SPLITS = 16
+
+
+def choose_num_splits(num_seqs: int, kv_heads: int, max_blocks: int, num_sms: int) -> int:
+    """How many context splits fill `num_sms` streaming multiprocessors about twice over: one
+    program per (sequence, KV head, split), each split at least MIN_BLOCKS_PER_SPLIT blocks."""
+    programs = max(1, num_seqs * kv_heads)
+    wanted = -(-2 * num_sms // programs)
+    most = max(1, max_blocks // MIN_BLOCKS_PER_SPLIT)
+    return max(1, min(wanted, most, MAX_SPLITS))
+
+
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            seq_lens: Tensor, scale: float, out: Tensor | None = None,
-                           num_splits: int = 1) -> Tensor:
+                           num_splits: int | None = None) -> Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and shapes).
 
     out: optional [B, heads, dv] buffer (tests poison it to catch unwritten rows).
     num_splits > 1 splits each sequence's context across programs (flash-decoding) for long
-    contexts with few sequences, then merges the partial results by log-sum-exp.
+    contexts with few sequences, then merges the partial results by log-sum-exp; None picks it
+    with `choose_num_splits` from the device's SM count (1 off CUDA).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        num_splits = choose_num_splits(q.shape[0], v_cache.shape[2], block_tables.shape[1], sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     num_seqs, heads, dq = q.shape

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.attention import paged_attention
-from kernels.paged_decode import (merge_partials, merge_partials_ref, paged_decode_attention,
-                                  paged_decode_attention_ref)
+from kernels.paged_decode import (MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits, merge_partials,
+                                  merge_partials_ref, paged_decode_attention, paged_decode_attention_ref)
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -73,3 +73,17 @@ def test_two_segment_merge_equals_attention_over_the_union():
         out, lse = merge(outs, lses)
         torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_split_count_fills_the_gpu_without_tiny_splits():
+    # Decode batch 64 x 8 KV heads already gives 512 programs: no split on a 132-SM H100.
+    assert choose_num_splits(64, 8, 512, 132) == 1
+    # One long sequence: split until ~2x the SMs are busy, capped.
+    assert choose_num_splits(1, 8, 512, 132) == 16
+    assert choose_num_splits(2, 8, 512, 132) == 16 and choose_num_splits(4, 8, 512, 132) == 9
+    # Short contexts are never cut below MIN_BLOCKS_PER_SPLIT blocks per split.
+    assert choose_num_splits(1, 8, 8, 132) == 8 // MIN_BLOCKS_PER_SPLIT
+    assert choose_num_splits(1, 1, 3, 132) == 1
+    for seqs, heads, blocks, sms in [(1, 1, 1000, 1000), (3, 2, 40, 7), (128, 8, 1, 132)]:
+        n = choose_num_splits(seqs, heads, blocks, sms)
+        assert 1 <= n <= MAX_SPLITS and (n == 1 or blocks // n >= MIN_BLOCKS_PER_SPLIT)
