@@ -28,7 +28,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels.paged_attention import paged_attention_ref  # noqa: E402
-from kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
+from kernels.paged_decode import (paged_decode_attention, paged_decode_attention_int8_ref,  # noqa: E402
+                                  paged_decode_attention_ref)
 from kernels.paged_prefill import paged_prefill_attention  # noqa: E402
 from kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref  # noqa: E402
 
@@ -85,6 +86,11 @@ def correctness(device, dtype) -> dict:
     ref = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, lens, 0.125)
     errors = {f"decode_splits{s}": (paged_decode_attention(q, k, v, tables, lens, 0.125, num_splits=s).float()
                                     - ref).abs().max().item() for s in (1, 4)}
+    kq, vq = (torch.randint(-127, 128, k.shape, dtype=torch.int8, device=device) for _ in range(2))
+    ks, vs = (torch.rand(k.shape[:3], device=device) / 127 for _ in range(2))
+    ref = paged_decode_attention_int8_ref(q, kq, vq, ks, vs, tables, lens, 0.125)
+    errors["decode_int8"] = (paged_decode_attention(q, kq, vq, tables, lens, 0.125, k_scales=ks, v_scales=vs).float()
+                             - ref.float()).abs().max().item()
     starts = torch.tensor([0, 40, 41, 48], device=device)
     qp = torch.randn(48, 8, 64, **gen_kw)
     ref = paged_attention_ref(qp.float(), k.float(), v.float(), tables, lens, starts, 0.125)
@@ -110,6 +116,14 @@ def decode_timings(s: dict, device, dtype, repeats: int, copy_gbps: float) -> li
         kv_bytes = 2 * k.numel() * k.element_size()
         rows.append({"what": f"decode attention b{s['decode_batch']} x {s['decode_ctx']}", "method": name, "ms": ms,
                      "bandwidth_fraction": kv_bytes / ms / 1e6 / copy_gbps})
+    # The int8 compressed cache read directly by the kernel (rows + one fp32 scale per token and head).
+    kq, vq = (torch.randint(-127, 128, k.shape, dtype=torch.int8, device=device) for _ in range(2))
+    ks, vs = (torch.rand(k.shape[:3], device=device) / 127 for _ in range(2))
+    ms = timed(lambda: paged_decode_attention(q, kq, vq, tables, lens, scale, k_scales=ks, v_scales=vs),
+               device, repeats)
+    kv_bytes = 2 * (kq.numel() + 4 * ks.numel())
+    rows.append({"what": f"decode attention b{s['decode_batch']} x {s['decode_ctx']}",
+                 "method": f"zeroc rank {s['rank']} int8", "ms": ms, "bandwidth_fraction": kv_bytes / ms / 1e6 / copy_gbps})
     return rows
 
 

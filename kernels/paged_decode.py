@@ -38,17 +38,39 @@ def paged_decode_attention_ref(
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, starts, scale)
 
 
+def paged_decode_attention_int8_ref(
+    q: Tensor,  # [B, heads, dq]
+    k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq] int8
+    v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv] int8
+    k_scales: Tensor,  # [num_blocks, block_size, kv_heads] fp32
+    v_scales: Tensor,  # [num_blocks, block_size, kv_heads] fp32
+    block_tables: Tensor,  # [B, max_blocks]
+    seq_lens: Tensor,  # [B]
+    scale: float,
+) -> Tensor:
+    """-> [B, heads, dv]: dequantise the whole pools, then the plain reference."""
+    k = k_cache.float() * k_scales[..., None]
+    v = v_cache.float() * v_scales[..., None]
+    return paged_decode_attention_ref(q.float(), k, v, block_tables, seq_lens, scale).to(q.dtype)
+
+
+def _unused_pointer(q: Tensor) -> Tensor:
+    """A one-element tensor for pointer arguments a kernel's constexpr branch never reads."""
+    return torch.zeros(1, dtype=torch.float32, device=q.device)
+
+
 if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale, split_len,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale, split_len,
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
+        stride_sb, stride_ss,
         stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+        DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr,
     ):
         # Program (seq, kv_head, split) attends over positions [split * split_len, +split_len) and
         # writes a partial output plus its log-sum-exp; `merge_partials` combines the splits.
@@ -75,6 +97,10 @@ if triton is not None:
                         mask=valid[:, None] & (dq[None, :] < DQ), other=0.0).to(tl.float32)  # [T, DQ]
             v = tl.load(v_ptr + block * stride_vb + tok[:, None] * stride_vs + kv_head * stride_vh + dv[None, :],
                         mask=valid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)  # [T, DV]
+            if INT8:  # int8 rows with one fp32 scale per (token, KV head), dequantised in registers
+                rows = block * stride_sb + tok * stride_ss + kv_head
+                k = k * tl.load(ks_ptr + rows, mask=valid, other=0.0)[:, None]
+                v = v * tl.load(vs_ptr + rows, mask=valid, other=0.0)[:, None]
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, T]
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -153,10 +179,14 @@ def choose_num_splits(num_seqs: int, kv_heads: int, max_blocks: int, num_sms: in
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            seq_lens: Tensor, scale: float, out: Tensor | None = None,
-                           num_splits: int | None = None) -> Tensor:
+                           num_splits: int | None = None, k_scales: Tensor | None = None,
+                           v_scales: Tensor | None = None) -> Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and shapes).
 
     out: optional [B, heads, dv] buffer (tests poison it to catch unwritten rows).
+    k_scales, v_scales: [num_blocks, block_size, kv_heads] fp32 when the caches are int8 as written
+    by `kernels.kv_quant.quantize_into_slots`; the kernel dequantises the rows as it reads them,
+    so the int8 cache is never expanded in memory (reference: `paged_decode_attention_int8_ref`).
     num_splits > 1 splits each sequence's context across programs (flash-decoding) for long
     contexts with few sequences, then merges the partial results by log-sum-exp; None picks it
     with `choose_num_splits` from the device's SM count (1 off CUDA).
@@ -171,20 +201,26 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     num_seqs, heads, dq = q.shape
     _, block_size, kv_heads, dv = v_cache.shape
     group = heads // kv_heads
+    int8 = k_scales is not None
+    if int8 != (v_scales is not None) or int8 != (k_cache.dtype == torch.int8 == v_cache.dtype):
+        raise ValueError("int8 caches need both k_scales and v_scales, and scales need int8 caches")
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    k_scales = k_scales.contiguous() if int8 else _unused_pointer(q)
+    v_scales = v_scales.contiguous() if int8 else k_scales
     tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
     blocks_per_split = -(-block_tables.shape[1] // num_splits)
     partial = torch.empty(num_seqs, heads, num_splits, dv, dtype=torch.float32 if num_splits > 1 else q.dtype,
                           device=q.device)
     lses = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=q.device)
     _paged_decode_kernel[(num_seqs, kv_heads, num_splits)](
-        q, k_cache, v_cache, tables, lens, partial, lses, scale, blocks_per_split * block_size,
+        q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale, blocks_per_split * block_size,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_scales.stride(0) if int8 else 0, k_scales.stride(1) if int8 else 0,
         tables.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lses.stride(0), lses.stride(1),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_SIZE=block_size,
-        DQ=dq, DQ_PAD=triton.next_power_of_2(dq), DV=dv, DV_PAD=triton.next_power_of_2(dv),
+        DQ=dq, DQ_PAD=triton.next_power_of_2(dq), DV=dv, DV_PAD=triton.next_power_of_2(dv), INT8=int8,
     )
     result = partial[:, :, 0] if num_splits == 1 else merge_partials(partial, lses)[0].to(q.dtype)
     if out is None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.attention import paged_attention
 from kernels.paged_decode import (MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits, merge_partials,
-                                  merge_partials_ref, paged_decode_attention, paged_decode_attention_ref)
+                                  merge_partials_ref, paged_decode_attention, paged_decode_attention_int8_ref,
+                                  paged_decode_attention_ref)
+from kernels.kv_quant import quantize_into_slots_ref
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -87,3 +90,44 @@ def test_auto_split_count_fills_the_gpu_without_tiny_splits():
     for seqs, heads, blocks, sms in [(1, 1, 1000, 1000), (3, 2, 40, 7), (128, 8, 1, 132)]:
         n = choose_num_splits(seqs, heads, blocks, sms)
         assert 1 <= n <= MAX_SPLITS and (n == 1 or blocks // n >= MIN_BLOCKS_PER_SPLIT)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    block_size=st.sampled_from([16, 32]),
+    group=st.sampled_from([1, 4, 8]),
+    dims=st.sampled_from([(16, 16), (64, 32), (128, 128)]),
+    lens=st.lists(st.integers(1, 90), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    num_splits=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, block_size, group, dims, lens, dtype,
+                                                       num_splits, seed):
+    dq, dv = dims
+    kv_heads = 2
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, torch.float32)
+    pools = []
+    for cache in (k_cache, v_cache):  # quantise every slot with the cache-write kernel's reference
+        qpool = torch.zeros(cache.shape, dtype=torch.int8)
+        spool = torch.zeros(cache.shape[:3])
+        quantize_into_slots_ref(cache.flatten(0, 1), torch.arange(cache.shape[0] * block_size), qpool, spool)
+        pools += [qpool, spool]
+    kq, ks, vq, vs = pools
+    q = torch.randn(len(lens), kv_heads * group, dq, generator=gen).to(dtype)
+    lens_t = torch.tensor(lens)
+    ref = paged_decode_attention_int8_ref(q.float(), kq, vq, ks, vs, tables, lens_t, 0.1)
+    out = paged_decode_attention(q, kq, vq, tables, lens_t, 0.1, num_splits=num_splits, k_scales=ks, v_scales=vs,
+                                 out=torch.full((len(lens), kv_heads * group, dv), float("nan"), dtype=dtype))
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+    # int8 is an approximation of the unquantised cache, close at these magnitudes.
+    full = paged_decode_attention_ref(q.float(), k_cache, v_cache, tables, lens_t, 0.1)
+    assert (out.float() - full).abs().max() < 0.05
+
+
+def test_int8_read_needs_both_scales():
+    k = torch.zeros(2, 16, 1, 16, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8 caches need both"):
+        paged_decode_attention(torch.zeros(1, 1, 16), k, k, torch.tensor([[0]]), torch.tensor([3]), 0.1,
+                               k_scales=torch.ones(2, 16, 1))
