@@ -235,7 +235,8 @@ def _service_config(args: argparse.Namespace) -> ZeroCConfig:
         cache={"block_size": args.block_size, "num_blocks": args.num_blocks},
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
-        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill})
+        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill},
+        redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -264,7 +265,10 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     if args.decode < 1:
         raise ZeroCError(f"--decode must be >= 1, got {args.decode}")
     extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype)) if v for a in (flag, v)]
-    with Stack(args.decode, extra) as stack:
+    if args.redis_url:
+        ZeroCConfig.from_env(redis={"url": args.redis_url})  # a bad URL is a one-line error here
+    with Stack(args.decode, extra, redis_url=args.redis_url) as stack:
+        print(f"kv store index:  {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
         print(f"prefill service: {stack.prefill}")
         for addr in stack.decode:
             print(f"decode service:  {addr}")
@@ -282,6 +286,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message, in MiB")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
+    _redis_arg(p)
+    p.add_argument("--kv-store-mb", type=int, default=None,
+                   help="KV store block pool in MiB, 0 turns prefix reuse off (env ZEROC_STORE_CAPACITY_MB; default 256)")
+
+
+def _redis_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None,
+                   help="KV store index: redis://, rediss:// (TLS), unix://, redis+sentinel://HOST:PORT/MASTER, or "
+                        "'off' (env ZEROC_REDIS_URL; default: an embedded redis-server)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stack.add_parser("up", help="one prefill and N decode services on localhost, until Ctrl-C")
     _model_arg(p)
     p.add_argument("--decode", type=int, default=1, help="decode services to start")
+    _redis_arg(p)
     p.add_argument("--prompt", default="The built-in function", help="prompt shown in the hint")
     p.set_defaults(func=cmd_stack_up)
     return parser
