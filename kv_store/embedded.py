@@ -2,17 +2,17 @@
 
 It listens on a unix socket in its own temporary directory (no TCP port, nothing to collide
 with), persists nothing (the index is rebuilt by its holders after a restart) and dies with the
-process that started it (Linux parent-death signal), so a killed service leaks no server.
+process that started it: it is launched through util-linux `setpriv --pdeathsig TERM`, so a
+killed service leaks no server. (A `preexec_fn` would do the same but forces a fork of the
+service process, which aborts in a process already running gRPC threads.) The signal follows the
+*thread* that started the server: start it from the main thread.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,10 +38,12 @@ def redis_server_binary() -> str:
     return found
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. PR_SET_PDEATHSIG (1): SIGTERM when the parent exits.
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+def _with_parent_death_signal(args: list[str]) -> list[str]:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        log.warning("setpriv (util-linux) not found: the embedded redis-server may outlive a killed parent")
+        return args
+    return [setpriv, "--pdeathsig", "TERM", "--", *args]
 
 
 class EmbeddedRedis:
@@ -66,8 +68,8 @@ class EmbeddedRedis:
         args = [redis_server_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
                 "--dir", str(self.dir), "--save", "", "--appendonly", "no", "--daemonize", "no",
                 "--loglevel", "warning", "--logfile", str(self.dir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(_with_parent_death_signal(args), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + self.start_timeout_s
         client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0)
         try:

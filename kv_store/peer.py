@@ -12,7 +12,6 @@ import threading
 from typing import Callable
 
 import grpc
-from torch import Tensor
 
 from kv_store.pool import BlockPool
 from zeroc.kv_transfer import KvReceiver, KvTransferError, decode_chunk, encode_layer
@@ -127,7 +126,3 @@ class PeerFetcher:
                 channel.close()
             self._stubs.clear()
 
-
-def slots_of_blocks(slots: Tensor, first_block: int, num_blocks: int, block_size: int) -> Tensor:
-    """The cache slots of blocks [first_block, first_block + num_blocks) of a request: [num_blocks * block_size]."""
-    return slots[first_block * block_size:(first_block + num_blocks) * block_size]

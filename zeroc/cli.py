@@ -172,6 +172,27 @@ def cmd_bench_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_prefix(args: argparse.Namespace) -> int:
+    from kv_store.bench import PrefixBenchSpec, run_prefix_bench
+
+    spec = PrefixBenchSpec(tokens=args.tokens, shared=args.shared, rounds=args.rounds, index_ops=args.index_ops)
+    report = run_prefix_bench(spec, progress=not args.json)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"TTFT, {spec.tokens}-token prompts, {spec.shared:.0%} shared prefix (median of {spec.rounds}):")
+    for mode, r in report["ttft"].items():
+        print(f"  {mode:<14} cold {r['cold_ttft_ms']:>8.1f} ms   warm {r['warm_ttft_ms']:>8.1f} ms   "
+              f"warm/cold {r['warm_over_cold']:.3f}   ({r['warm_cached_tokens']} tokens reused)")
+    print("index operations (embedded Redis, unix socket, one connection):")
+    for name, r in report["index"].items():
+        if isinstance(r, dict):
+            print(f"  {name:<18} p50 {r['p50_us']:>7.0f} us   p99 {r['p99_us']:>7.0f} us   {r['ops_per_s']:>8.0f} ops/s")
+        else:
+            print(f"  {name:<40} {r:>8.0f}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         return _generate_remote(args)
@@ -379,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_transfer)
+
+    p = bench.add_parser("prefix", help="TTFT cold vs warm with a shared prompt prefix; KV-store index op costs")
+    p.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
+    p.add_argument("--shared", type=float, default=0.9, help="fraction of the prompt shared with the warm prompt")
+    p.add_argument("--rounds", type=int, default=3, help="cold/warm pairs per mode (the median is reported)")
+    p.add_argument("--index-ops", type=int, default=2000, help="operations per index measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_prefix)
 
     p = sub.add_parser("generate", help="complete a prompt with a local model")
     _model_arg(p)

@@ -170,3 +170,38 @@ def test_kill_9_of_a_holder_recomputes_and_its_entries_expire_with_the_lease(pai
         assert d1.address.encode() not in index.client.hkeys(key)
     assert index.client.sismember(f"{index.prefix}holders", d1.address) == 0
     index.close()
+
+
+def test_bad_peer_and_prefill_requests_get_clear_statuses_and_health_reports_the_store(services, bundled):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kv_store.hashing import store_seed
+    from zeroc.config import BUNDLED_MODEL
+    from zeroc.kv_transfer import model_fingerprint
+    from zeroc.v1 import kv_store_pb2 as kpb
+    from zeroc.v1 import kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+    seed = store_seed(model_fingerprint(BUNDLED_MODEL), bundled.config, "float32", 16)
+    with grpc.insecure_channel(services.prefill) as channel:
+        stub = kv_store_pb2_grpc.KvStoreServiceStub(channel)
+
+        def status(request) -> grpc.StatusCode:
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.FetchBlocks(request, timeout=30))
+            return err.value.code()
+
+        assert status(kpb.FetchBlocksRequest(block_ids=["a" * 32], seed="other")) == grpc.StatusCode.FAILED_PRECONDITION
+        assert status(kpb.FetchBlocksRequest(block_ids=["short"], seed=seed)) == grpc.StatusCode.INVALID_ARGUMENT
+        assert status(kpb.FetchBlocksRequest(seed=seed)) == grpc.StatusCode.INVALID_ARGUMENT
+        # Blocks nobody computed: a header saying zero, and no data.
+        replies = list(stub.FetchBlocks(kpb.FetchBlocksRequest(block_ids=["0" * 32], seed=seed), timeout=30))
+        assert len(replies) == 1 and replies[0].header.num_blocks == 0
+        with pytest.raises(grpc.RpcError) as err:
+            list(prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(
+                prefill_pb2.PrefillRequest(token_ids=[5, 6, 7], cached_prefix_tokens=3), timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cached_prefix_tokens" in err.value.details()
+    for target in (services.prefill, services.decode, services.colocated):
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="zeroc.v1.KvStoreService"), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
