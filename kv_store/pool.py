@@ -27,9 +27,10 @@ class BlockPool:
         self.block_size, self.capacity = block_size, capacity
         device = torch.device(device)
         self.tier = "gpu" if device.type == "cuda" else "cpu"
-        # k[layer]: [capacity, block_size, kv_heads, k_dim]; v[layer] likewise with v_dim
-        self.k = [torch.zeros(capacity, block_size, s.kv_heads, s.k_dim, dtype=dtype, device=device) for s in shapes]
-        self.v = [torch.zeros(capacity, block_size, s.kv_heads, s.v_dim, dtype=dtype, device=device) for s in shapes]
+        # k[layer]: [capacity, block_size, kv_heads, k_dim]; v[layer] likewise with v_dim. Uninitialised:
+        # a slot is only read after `insert` wrote it, and untouched pages of a big pool cost no memory.
+        self.k = [torch.empty(capacity, block_size, s.kv_heads, s.k_dim, dtype=dtype, device=device) for s in shapes]
+        self.v = [torch.empty(capacity, block_size, s.kv_heads, s.v_dim, dtype=dtype, device=device) for s in shapes]
         self.block_bytes = sum(t[0].numel() * t.element_size() for t in (*self.k, *self.v))
         self.lock = threading.RLock()
         self._slots: OrderedDict[str, int] = OrderedDict()  # visible blocks, least recently used first

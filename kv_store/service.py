@@ -58,6 +58,9 @@ def open_store(redis_cfg: RedisConfig, store_cfg: StoreConfig, loaded: LoadedMod
     capacity = BlockPool.blocks_for(shapes, block_size, param.dtype, store_cfg.capacity_mb)
     if capacity < 1:
         raise ValueError(f"store capacity_mb={store_cfg.capacity_mb} holds no block of this model; raise it")
+    if not store_cfg.advertise and holder.rsplit(":", 1)[0] in ("0.0.0.0", "[::]", "::"):
+        log.warning("listening on a wildcard address: set ZEROC_STORE_ADVERTISE=HOST:PORT so peers can fetch "
+                    "blocks from this service", extra={"listen": holder})
     embedded = None if redis_cfg.url else EmbeddedRedis().start()
     url = redis_cfg.url or embedded.url
     try:

@@ -125,8 +125,8 @@ class KvReceiver:
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV chunk for layer {piece.layer}; the model has "
                                   f"{len(self.cache.k_pools)}")
         if first < 0 or first + n > self.num_tokens:
-            raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV chunk covers tokens {piece.first_token} to "
-                                  f"{piece.first_token + n}; expected {self.start} to {self.start + self.num_tokens}")
+            raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV chunk covers tokens up to {piece.first_token + n}; "
+                                  f"the prompt sent has {self.start + self.num_tokens} (from {self.start})")
         pool = (self.cache.k_pools if piece.is_key else self.cache.v_pools)[piece.layer]
         if tuple(piece.data.shape[1:]) != tuple(pool.shape[2:]):
             raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,
