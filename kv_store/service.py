@@ -68,7 +68,8 @@ def open_store(redis_cfg: RedisConfig, store_cfg: StoreConfig, loaded: LoadedMod
         seed = store_seed(model_fingerprint, loaded.config, dtype, block_size)
         pool = BlockPool(shapes, block_size, capacity, param.dtype, param.device)
         index = RedisBlockIndex(url, store_cfg.namespace, redis_cfg.timeout_s)
-        fetcher = PeerFetcher(seed, chunk_bytes, max_message_bytes)
+        # Chunks must fit this service's own receive limit, with room for the message's metadata.
+        fetcher = PeerFetcher(seed, max(1024, min(chunk_bytes, max_message_bytes - (64 << 10))), max_message_bytes)
         store = KvStore(pool, index, store_cfg.advertise or holder, seed, store_cfg, redis_cfg.retry_s, fetcher,
                         redact(url), on_state)
     except BaseException:
