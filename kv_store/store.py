@@ -119,10 +119,11 @@ class KvStore:
         """The longest prefix of full blocks of `token_ids` held locally or by a live peer."""
         ids = self.block_ids(token_ids)
         self.counters.add(lookups=1)
-        holdings = []
-        if ids and self.state == "ok" and self.fetcher is not None and not self.pool.holds(ids[-1]):
+        local = self.pool.held_prefix(ids)
+        holdings = [[]] * local  # only blocks past the local prefix are looked up
+        if local < len(ids) and self.state == "ok" and self.fetcher is not None:
             try:
-                holdings = self.index.lookup(ids)
+                holdings += self.index.lookup(ids[local:])
             except IndexUnavailable as exc:
                 self._degrade(exc)
         sources: list[str | None] = []
