@@ -92,6 +92,10 @@ class _Counters:
 
 
 class KvStore:
+    """One holder's store. Request threads call `plan` and `load`; the engine (or prefill worker)
+    thread calls `offer`; the FetchBlocks servicer calls `served` and `pins_changed`; the service
+    calls `stats` and, at shutdown, `close`."""
+
     def __init__(self, pool: BlockPool, index: BlockIndex, holder: str, seed: str, cfg: StoreConfig,
                  retry_s: float, fetcher: PeerFetcher | None, index_name: str = "",
                  on_state: Callable[[str], None] = lambda state: None):
@@ -264,6 +268,7 @@ class KvStore:
 
     def _put(self, ids: list[str], k: list[Tensor], v: list[Tensor]) -> None:
         pool = self.pool
+        pool.touch_chain(ids)  # the chain's blocks already held must not be the victims that make room
         short = sum(not pool.holds(b) for b in ids) - pool.num_free
         if short > 0:
             victims = pool.take_victims(short)
