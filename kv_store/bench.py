@@ -156,3 +156,29 @@ def run_prefix_bench(spec: PrefixBenchSpec, progress: bool = True) -> dict:
 
     return {"spec": asdict(spec), "machine": machine_description(), "ttft": bench_ttft(spec, progress),
             "index": bench_index(spec)}
+
+
+def plot_ttft(report: dict, path: str) -> None:
+    """Cold vs warm TTFT per mode, as a bar chart PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(report["ttft"])
+    cold = [report["ttft"][m]["cold_ttft_ms"] for m in modes]
+    warm = [report["ttft"][m]["warm_ttft_ms"] for m in modes]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = range(len(modes))
+    ax.bar([i - 0.2 for i in x], cold, 0.4, label="cold")
+    ax.bar([i + 0.2 for i in x], warm, 0.4, label="warm (prefix reused)")
+    for i, m in enumerate(modes):
+        ax.text(i + 0.2, warm[i], f"{report['ttft'][m]['warm_over_cold']:.2f}x", ha="center", va="bottom")
+    spec = report["spec"]
+    ax.set_xticks(list(x), modes)
+    ax.set_ylabel("TTFT (ms, median)")
+    ax.set_title(f"{spec['tokens']}-token prompts, {spec['shared']:.0%} shared prefix")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

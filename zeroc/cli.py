@@ -177,6 +177,10 @@ def cmd_bench_prefix(args: argparse.Namespace) -> int:
 
     spec = PrefixBenchSpec(tokens=args.tokens, shared=args.shared, rounds=args.rounds, index_ops=args.index_ops)
     report = run_prefix_bench(spec, progress=not args.json)
+    if args.plot:
+        from kv_store.bench import plot_ttft
+
+        plot_ttft(report, args.plot)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -407,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared", type=float, default=0.9, help="fraction of the prompt shared with the warm prompt")
     p.add_argument("--rounds", type=int, default=3, help="cold/warm pairs per mode (the median is reported)")
     p.add_argument("--index-ops", type=int, default=2000, help="operations per index measurement")
+    p.add_argument("--plot", default=None, help="also write the TTFT bar chart to this PNG")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_prefix)
 
