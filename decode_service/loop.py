@@ -89,6 +89,12 @@ class EngineLoop:
                 self._cond.wait(0.1)
             return self.engine.reserve(ticket.key, num_tokens)
 
+    def unreserve(self, ticket: Ticket) -> None:
+        """Give back the slots `reserve` took (the request itself stays admitted)."""
+        with self._cond:
+            self.engine.abort(ticket.key)
+            self._cond.notify_all()
+
     def submit(self, ticket: Ticket, ids: list[int], params: SamplingParams, cached_tokens: int) -> None:
         with self._cond:
             if self._stopping:

@@ -17,6 +17,10 @@ from pathlib import Path
 import grpc
 
 from decode_service.loop import CancelledError, EngineLoop, QueueFullError, ShuttingDownError, Ticket
+from kv_store.peer import SERVICE_NAME as KV_SERVICE_NAME
+from kv_store.peer import KvStoreServicer
+from kv_store.service import StoreHandle, attach_store, set_store_health
+from kv_store.store import KvStore
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
@@ -25,7 +29,7 @@ from zeroc.loader import load_model
 from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.sampling import SamplingParams
 from zeroc.v1 import generation_pb2 as pb
-from zeroc.v1 import generation_pb2_grpc
+from zeroc.v1 import generation_pb2_grpc, kv_store_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -59,6 +63,7 @@ class _Ready:
     model_name: str
     fingerprint: str
     dtype: str
+    store: KvStore | None
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -105,24 +110,31 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         # Runs however the call ends (finished, cancelled, deadline, disconnect): blocks free at once.
         context.add_callback(lambda: state.loop.release(ticket))
-        kv_bytes = self._start(req, ticket, state, context)
+        kv_bytes, reused = self._start(req, ticket, state, context)
         log.info("generate", extra={"request_id": req.request_id, "prompt_tokens": len(req.prompt_ids),
-                                    "kv_bytes": kv_bytes})
-        yield from self._stream(req, ticket, context, arrived, kv_bytes)
+                                    "kv_bytes": kv_bytes, "cached_prefix_tokens": reused})
+        yield from self._stream(req, ticket, context, arrived, kv_bytes, reused)
 
-    def _start(self, req: GenerateInput, ticket: Ticket, state: _Ready, context: grpc.ServicerContext) -> int:
-        """Get the prompt's KV (from the prefill service unless colocated) and hand it to the engine."""
-        ids, cached, kv_bytes = req.prompt_ids, 0, 0
+    def _start(self, req: GenerateInput, ticket: Ticket, state: _Ready, context: grpc.ServicerContext
+               ) -> tuple[int, int]:
+        """Get the prompt's KV (the cached prefix from the KV store, the rest from the prefill service
+        unless colocated) and hand it to the engine. Returns (KV bytes from prefill, prefix tokens reused)."""
+        ids, cached, kv_bytes, reused = req.prompt_ids, 0, 0, 0
         try:
             if self.transport is not None and len(ids) > 1:
                 # The prefill side sends KV for all but the last prompt token; the engine runs that one
                 # itself and samples the first token with the request's own generator.
                 slots = state.loop.reserve(ticket, len(ids) - 1, context.is_active)
+                reused = self._load_prefix(state, ids[:-1], slots, req.request_id)
                 remaining = context.time_remaining()
                 timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
-                kv_bytes = self.transport.fetch(ticket.key, ids[:-1], KvReceiver(state.engine.cache, slots),
-                                                timeout, context.is_active)
+                if reused < len(ids) - 1:
+                    kv_bytes = self.transport.fetch(ticket.key, ids[:-1],
+                                                    KvReceiver(state.engine.cache, slots[reused:], start=reused),
+                                                    timeout, context.is_active, cached_prefix_tokens=reused)
                 cached = len(ids) - 1
+            elif state.store is not None and len(ids) > 1:
+                cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req.request_id)
             state.loop.submit(ticket, ids, req.params, cached)
         except KvTransferError as exc:
             state.loop.release(ticket)
@@ -135,10 +147,34 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except ShuttingDownError as exc:
             state.loop.release(ticket)
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return kv_bytes
+        return kv_bytes, reused
+
+    @staticmethod
+    def _load_prefix(state: _Ready, ids: list[int], slots, request_id: str) -> int:
+        """Put the longest cached prefix of `ids` into the request's slots; returns its tokens (0 on any
+        store failure: the prompt is then computed as if nothing were cached)."""
+        if state.store is None:
+            return 0
+        try:
+            return state.store.load(state.store.plan(ids), state.engine.cache, slots).tokens
+        except Exception:
+            log.exception("kv store load failed; computing the whole prompt", extra={"request_id": request_id})
+            return 0
+
+    def _colocated_prefix(self, state: _Ready, ticket: Ticket, ids: list[int], context: grpc.ServicerContext,
+                          request_id: str) -> int:
+        """Colocated: reserve and fill slots for the cached prefix of `ids`; the engine computes the rest."""
+        plan = state.store.plan(ids)
+        if not plan.tokens:
+            return 0
+        slots = state.loop.reserve(ticket, plan.tokens, context.is_active)
+        if self._load_prefix(state, ids[:plan.tokens], slots, request_id) == plan.tokens:
+            return plan.tokens
+        state.loop.unreserve(ticket)  # part of the prefix went missing meanwhile: compute it all
+        return 0
 
     def _stream(self, req: GenerateInput, ticket: Ticket, context: grpc.ServicerContext, arrived: float,
-                kv_bytes: int):
+                kv_bytes: int, reused: int):
         ttft_ms, produced = None, 0
         while True:
             try:
@@ -158,7 +194,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                           delta=pb.TokenDelta(token_ids=out.token_ids, text=out.text_delta))
             if out.finished:
                 usage = pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=produced,
-                                 ttft_ms=ttft_ms or 0.0, kv_bytes_received=kv_bytes)
+                                 ttft_ms=ttft_ms or 0.0, kv_bytes_received=kv_bytes, cached_prefix_tokens=reused)
                 yield pb.GenerateResponse(request_id=req.request_id, result=pb.GenerateResult(
                     finish_reason=FINISH.get(out.finish_reason or "stop", pb.FINISH_REASON_STOP), usage=usage))
                 return
@@ -171,7 +207,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_context=cfg.max_position_embeddings, num_layers=cfg.num_hidden_layers, dtype=state.dtype,
             mode="colocated" if self.transport is None else "disaggregated",
             kv_blocks_total=stats.blocks_total, kv_blocks_free=stats.blocks_free, kv_block_size=stats.block_size,
-            requests_running=stats.running, requests_queued=stats.queued)
+            requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.store))
 
     def Tokenize(self, request, context):
         state = self._state(context)
@@ -179,12 +215,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             token_ids=state.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
 
 
+def store_info(store: KvStore | None) -> pb.KvStoreInfo:
+    if store is None:
+        return pb.KvStoreInfo(state="off")
+    s = store.stats()
+    return pb.KvStoreInfo(state=s.state, index=s.index, holder=s.holder, blocks_held=s.blocks_held,
+                          capacity_blocks=s.capacity_blocks, lookups=s.lookups, hit_tokens=s.hit_tokens,
+                          peer_blocks=s.peer_blocks, index_errors=s.index_errors, reconnects=s.reconnects,
+                          evictions=s.evictions)
+
+
 class DecodeService:
     """A decode service's parts, brought up in order: `start` (listen, NOT_SERVING), `load`, serve."""
 
     def __init__(self, cfg: ZeroCConfig):
         self.cfg = cfg
-        self.host = ServiceHost(cfg.server, [SERVICE_NAME])
+        self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME])
         self.fingerprint = model_fingerprint(cfg.model_dir)
         self.transport = None
         if cfg.transfer.prefill_target:
@@ -192,7 +238,10 @@ class DecodeService:
                                              cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20)
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.host.server)
+        self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes)
+        kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server(self.kv_servicer, self.host.server)
         self.loop: EngineLoop | None = None
+        self.store: StoreHandle | None = None
 
     def start(self) -> str:
         self.host.start()
@@ -202,10 +251,16 @@ class DecodeService:
         cfg = self.cfg
         loaded = load_model(cfg.model_dir, cfg.dtype)
         engine = Engine(loaded, cfg.cache, cfg.scheduler)
+        self.store = attach_store(cfg, loaded, self.fingerprint, self.host, self.kv_servicer)
+        store = self.store.store if self.store else None
+        if store is not None:
+            engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table)
         self.loop = EngineLoop(engine, cfg.server.max_queue)
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-        self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype)
+        self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype, store)
         self.host.set_serving()
+        if store is not None:
+            set_store_health(self.host, store.state)
         log.info("serving", extra={"service": "decode", "address": self.host.address, "model": cfg.model_dir,
                                    "prefill": cfg.transfer.prefill_target or "colocated"})
 
@@ -213,6 +268,8 @@ class DecodeService:
         self.host.server.stop(0)
         if self.loop is not None:
             self.loop.stop()
+        if self.store is not None:
+            self.store.close()
         if self.transport is not None:
             self.transport.close()
 

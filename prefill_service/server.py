@@ -9,12 +9,15 @@ import uuid
 
 import grpc
 
+from kv_store.peer import SERVICE_NAME as KV_SERVICE_NAME
+from kv_store.peer import KvStoreServicer
+from kv_store.service import attach_store, set_store_health
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import model_fingerprint
 from zeroc.loader import LoadedModel, load_model
 from zeroc.rpc import CallCounter, ServiceHost
-from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
+from zeroc.v1 import kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
@@ -49,11 +52,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"model fingerprint {request.model_fingerprint} does not match this service's "
                           f"{self.fingerprint}")
+        if request.cached_prefix_tokens >= len(ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cached_prefix_tokens ({request.cached_prefix_tokens}) "
+                                                            f"must be less than the {len(ids)} token ids")
         if self.worker.pending() >= self.max_queue:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill queue is full ({self.max_queue})")
         chunk = request.max_chunk_bytes or self.default_chunk_bytes
         # Internal ids are unique so a caller reusing its request id cannot collide in the cache.
-        return PrefillJob(f"{request.request_id or 'prefill'}#{uuid.uuid4().hex[:8]}", ids, max(1024, chunk))
+        return PrefillJob(f"{request.request_id or 'prefill'}#{uuid.uuid4().hex[:8]}", ids, max(1024, chunk),
+                          request.cached_prefix_tokens)
 
     def Prefill(self, request, context):
         job = self._job(request, context)
@@ -78,18 +85,27 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
 def serve(cfg: ZeroCConfig, ready=print) -> None:
     """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
-    host = ServiceHost(cfg.server, [SERVICE_NAME])
+    host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME])
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, host.server)
+    kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes)
+    kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server(kv_servicer, host.server)
+    store = None
     try:
         host.install_signal_handlers()
         host.start()
         ready(f"prefill service listening on {host.address}")
         loaded = load_model(cfg.model_dir, cfg.dtype)
-        worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler)
-        servicer.attach(loaded, worker, model_fingerprint(cfg.model_dir))
+        fingerprint = model_fingerprint(cfg.model_dir)
+        store = attach_store(cfg, loaded, fingerprint, host, kv_servicer)
+        worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler, store.store if store else None)
+        servicer.attach(loaded, worker, fingerprint)
         host.set_serving()
+        if store is not None:
+            set_store_health(host, store.store.state)
         log.info("serving", extra={"service": "prefill", "address": host.address, "model": cfg.model_dir})
         host.wait_and_drain(worker.stop, servicer.calls.busy)
     finally:
         host.server.stop(0)
+        if store is not None:
+            store.close()

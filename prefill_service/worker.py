@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from kv_store.store import KvStore, PrefixPlan
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes
 from zeroc.kv_transfer import encode_layer
@@ -28,6 +29,7 @@ class PrefillJob:
     request_id: str
     token_ids: list[int]
     chunk_bytes: int
+    cached_prefix_tokens: int = 0  # the caller has these tokens' KV: stream only later ones
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     kv_bytes: int = 0
@@ -47,8 +49,10 @@ class _StreamingCache(PagedKVCache):
 class PrefillWorker:
     """Collects concurrent prompts into one ragged forward (up to the scheduler's token budget)."""
 
-    def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig):
+    def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig,
+                 store: KvStore | None = None):
         self.model, cfg = loaded.model, loaded.config
+        self.store = store  # blocks this service computed, kept for later prompts sharing a prefix
         self.sched = scheduler
         shapes = layer_shapes(cfg)
         param = next(self.model.parameters())
@@ -104,21 +108,39 @@ class PrefillWorker:
                 for job in batch:
                     self.cache.free(job.request_id)
 
+    def _load_prefix(self, job: PrefillJob) -> int:
+        """Put the KV of the job's cached prefix that this service's pool holds into its cache blocks;
+        returns the tokens loaded (the forward computes from there)."""
+        if self.store is None or job.cached_prefix_tokens < self.cache.block_size:
+            return 0
+        ids = self.store.block_ids(job.token_ids[:job.cached_prefix_tokens])
+        n = self.store.pool.held_prefix(ids)
+        if not n:
+            return 0
+        slots = self.cache.schedule([(job.request_id, n * self.cache.block_size)]).slot_mapping
+        loaded = self.store.load(PrefixPlan(ids[:n], [None] * n, [0] * n, self.cache.block_size), self.cache, slots)
+        if loaded.tokens < n * self.cache.block_size:  # evicted meanwhile: compute the whole prompt
+            self.cache.free(job.request_id)
+            return 0
+        return loaded.tokens
+
     def _forward(self, jobs: list[PrefillJob]) -> None:
-        batch: PagedBatch = self.cache.schedule([(j.request_id, len(j.token_ids)) for j in jobs])
+        first = [self._load_prefix(j) for j in jobs]  # per job: the first position computed here
+        batch: PagedBatch = self.cache.schedule([(j.request_id, len(j.token_ids) - f) for j, f in zip(jobs, first)])
         starts = batch.query_start_loc.tolist()
 
         def emit(layer: int, k: Tensor, v: Tensor) -> None:
-            # k, v: [N, kv_heads, dim] for all jobs; each job gets its own rows, chunked.
+            # k, v: [N, kv_heads, dim] for all jobs; each job gets its own rows from its cached prefix on.
             for i, job in enumerate(jobs):
                 if job.cancelled.is_set():
                     continue
-                for chunk in encode_layer(layer, k[starts[i]:starts[i + 1]], v[starts[i]:starts[i + 1]], 0,
+                lo = starts[i] + job.cached_prefix_tokens - first[i]
+                for chunk in encode_layer(layer, k[lo:starts[i + 1]], v[lo:starts[i + 1]], job.cached_prefix_tokens,
                                           job.chunk_bytes):
                     job.kv_bytes += len(chunk.data)
                     job.out.put(prefill_pb2.PrefillResponse(chunk=chunk))
 
-        tokens = torch.tensor([t for j in jobs for t in j.token_ids], device=batch.positions.device)
+        tokens = torch.tensor([t for j, f in zip(jobs, first) for t in j.token_ids[f:]], device=batch.positions.device)
         self.cache.on_write = emit
         try:
             with torch.inference_mode():
@@ -127,4 +149,8 @@ class PrefillWorker:
                                          logits_indices=torch.empty(0, dtype=torch.long, device=tokens.device))
         finally:
             self.cache.on_write = None
-        log.info("prefilled", extra={"requests": len(jobs), "tokens": int(tokens.numel())})
+        if self.store is not None:
+            for job in jobs:
+                self.store.offer(job.token_ids, self.cache, self.cache.block_table(job.request_id))
+        log.info("prefilled", extra={"requests": len(jobs), "tokens": int(tokens.numel()),
+                                     "reused_tokens": sum(first)})

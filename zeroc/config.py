@@ -332,6 +332,47 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
+class RedisConfig:
+    """Where the KV store's block index lives (env ``ZEROC_REDIS_URL``, ``ZEROC_REDIS_TIMEOUT_S``...).
+
+    `url`: empty starts an embedded redis-server private to the process (a service started alone
+    still reuses its own prefixes); ``redis://``, ``rediss://`` (TLS) or ``unix://`` points at a
+    shared server (``zeroc stack up`` starts one and passes its URL to every service);
+    ``redis+sentinel://host:port[,host:port]/master`` asks Sentinel for the master; ``off`` turns
+    prefix reuse off.
+    """
+
+    url: str = ""
+    timeout_s: float = 0.5  # socket timeout of one index call; past it the store degrades (no reuse)
+    retry_s: float = 1.0  # while degraded, how often the store pings Redis to reconnect
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.retry_s <= 0:
+            raise ValueError("redis timeout_s and retry_s must be positive")
+        if self.url not in ("", "off") and not self.url.startswith(
+                ("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ValueError(f"redis url {self.url!r} must start with redis://, rediss://, unix:// or "
+                             "redis+sentinel:// (or be empty for an embedded server, or 'off')")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The KV store of one holder (a prefill or decode service): its local block pool and lease."""
+
+    capacity_mb: int = 256  # block pool size; 0 turns prefix reuse off
+    lease_s: float = 10.0  # index entries of a holder that stops renewing vanish within this
+    advertise: str = ""  # HOST:PORT peers fetch blocks from; empty means the service's listen address
+    namespace: str = "zeroc"  # prefix of every Redis key (one namespace per deployment)
+    fetch_timeout_s: float = 10.0  # longest a peer fetch of a prompt's blocks may take
+
+    def __post_init__(self) -> None:
+        if self.capacity_mb < 0 or self.lease_s <= 0 or self.fetch_timeout_s <= 0:
+            raise ValueError("store capacity_mb must be >= 0, lease_s and fetch_timeout_s positive")
+        if not self.namespace or any(c in self.namespace for c in "{}: "):
+            raise ValueError(f"store namespace {self.namespace!r} must be non-empty without braces, colons or spaces")
+
+
+@dataclass(frozen=True)
 class ZeroCConfig:
     """The root configuration: one typed sub-config per component.
 
@@ -345,6 +386,8 @@ class ZeroCConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -378,4 +421,4 @@ class ZeroCConfig:
 
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
-             "transfer": TransferConfig}
+             "transfer": TransferConfig, "redis": RedisConfig, "store": StoreConfig}

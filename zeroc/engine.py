@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -77,6 +78,9 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._ids = itertools.count()
+        # Called once a sequence's prompt KV is in the cache, before its first token is sampled:
+        # (request_id, prompt token ids, block table). The KV store keeps the prompt's full blocks.
+        self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
 
     # -- requests ---------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -181,6 +185,9 @@ class Engine:
                 logits_indices=batch.last_token_indices,
             )  # [B, vocab]
         self.running = list(scheduled)  # _advance removes finished ones from this copy
+        if self.on_prompt_computed is not None:
+            for seq in admitted:  # before _advance, which frees the blocks of finished sequences
+                self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
         outputs = cut
         for row, seq in enumerate(scheduled):
             seq.in_cache = len(seq.all_ids)

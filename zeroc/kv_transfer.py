@@ -47,10 +47,15 @@ def model_fingerprint(model_dir: str | Path) -> str:
         if (root / name).is_file():
             h.update((root / name).read_bytes())
     for weights in sorted(root.glob("*.safetensors")):
-        # Size plus the head of each file (header and first tensors) identifies weights cheaply.
-        h.update(str(weights.stat().st_size).encode())
+        # Size, the head (header and first tensors) and 64 KiB at 32 strided offsets identify weights
+        # cheaply; the samples tell apart fine-tunes that share a header and their first tensors.
+        size = weights.stat().st_size
+        h.update(str(size).encode())
         with weights.open("rb") as f:
             h.update(f.read(1 << 20))
+            for i in range(1, 33):
+                f.seek(size * i // 33)
+                h.update(f.read(1 << 16))
     return h.hexdigest()[:16]
 
 
@@ -100,38 +105,44 @@ def decode_chunk(msg: prefill_pb2.KvChunk) -> KvPiece:
 
 
 class KvReceiver:
-    """Writes one request's incoming KV into its reserved cache slots (decode side)."""
+    """Writes one request's incoming KV into its reserved cache slots (decode side).
 
-    def __init__(self, cache: PagedKVCache, slots: Tensor):
+    `start`: the prompt position of the first expected token (the KV of earlier tokens came from
+    the KV store); chunks carry prompt positions."""
+
+    def __init__(self, cache: PagedKVCache, slots: Tensor, start: int = 0):
         self.cache = cache
         self.slots = slots  # [T] flat cache slot of each prompt token whose KV is expected
+        self.start = start
         self.num_tokens = int(slots.shape[0])
         self.bytes_received = 0
         self._filled = torch.zeros(len(cache.k_pools), 2, self.num_tokens, dtype=torch.bool)
 
     def write(self, piece: KvPiece) -> None:
         n = piece.data.shape[0]
+        first = piece.first_token - self.start
         if not 0 <= piece.layer < len(self.cache.k_pools):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV chunk for layer {piece.layer}; the model has "
                                   f"{len(self.cache.k_pools)}")
-        if piece.first_token + n > self.num_tokens:
+        if first < 0 or first + n > self.num_tokens:
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV chunk covers tokens up to {piece.first_token + n}; "
-                                  f"the prompt sent has {self.num_tokens}")
+                                  f"the prompt sent has {self.start + self.num_tokens} (from {self.start})")
         pool = (self.cache.k_pools if piece.is_key else self.cache.v_pools)[piece.layer]
         if tuple(piece.data.shape[1:]) != tuple(pool.shape[2:]):
             raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"KV chunk rows are {tuple(piece.data.shape[1:])}; this cache stores "
                                   f"{tuple(pool.shape[2:])} (a different model?)")
-        slots = self.slots[piece.first_token:piece.first_token + n]
+        slots = self.slots[first:first + n]
         pool.view(-1, *pool.shape[2:])[slots] = piece.data.to(pool.dtype)
-        self._filled[piece.layer, 0 if piece.is_key else 1, piece.first_token:piece.first_token + n] = True
+        self._filled[piece.layer, 0 if piece.is_key else 1, first:first + n] = True
         self.bytes_received += piece.data.numel() * piece.data.element_size()
 
     def check_complete(self) -> None:
         if not bool(self._filled.all()):
             missing = (~self._filled).nonzero()[0].tolist()
             raise KvTransferError(grpc.StatusCode.DATA_LOSS,
-                                  f"KV transfer ended incomplete (first gap: layer {missing[0]}, token {missing[2]})")
+                                  f"KV transfer ended incomplete (first gap: layer {missing[0]}, token "
+                                  f"{self.start + missing[2]})")
 
 
 # -- the seam ------------------------------------------------------------------------------------
@@ -145,8 +156,9 @@ class KvTransport(abc.ABC):
 
     @abc.abstractmethod
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool]) -> int:
-        """Fill `receiver` with the KV of `token_ids`; returns payload bytes received.
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
+        """Fill `receiver` with the KV of `token_ids[cached_prefix_tokens:]` (the prefix's KV is in place
+        already, from the KV store); returns payload bytes received.
 
         Raises KvTransferError; gives up early (CANCELLED) once `is_active()` turns false."""
 
@@ -167,9 +179,10 @@ class GrpcKvTransport(KvTransport):
         self._stub = prefill_pb2_grpc.PrefillServiceStub(self._channel)
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool]) -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
         request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=token_ids,
-                                             model_fingerprint=self.fingerprint, max_chunk_bytes=self.chunk_bytes)
+                                             model_fingerprint=self.fingerprint, max_chunk_bytes=self.chunk_bytes,
+                                             cached_prefix_tokens=cached_prefix_tokens)
         call = self._stub.Prefill(request, timeout=timeout_s, wait_for_ready=False)
         try:
             for msg in call:

@@ -1,7 +1,9 @@
 """A local deployment in child processes: one prefill service and N decode services on loopback.
 
-Used by `zeroc stack up` and by the end-to-end tests. Every child is stopped (SIGTERM, then
-SIGKILL) when the stack exits, whether it started cleanly or not.
+Used by `zeroc stack up` and by the end-to-end tests. The KV store's index comes first: an
+embedded redis-server (unless ZEROC_REDIS_URL or `redis_url` names one), whose URL every service
+gets, so they share one index and fetch blocks from each other. Every child is stopped (SIGTERM,
+then SIGKILL) when the stack exits, whether it started cleanly or not; the embedded Redis last.
 """
 
 from __future__ import annotations
@@ -83,13 +85,22 @@ class ServiceProcess:
 class Stack:
     """One prefill service plus `num_decode` decode services pointed at it."""
 
-    def __init__(self, num_decode: int, extra_args: list[str] | None = None, env: dict[str, str] | None = None):
-        self.num_decode, self.extra, self.env = num_decode, list(extra_args or []), env
+    def __init__(self, num_decode: int, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 redis_url: str | None = None):
+        self.num_decode, self.extra, self.env = num_decode, list(extra_args or []), dict(env or {})
+        self.redis_url = redis_url or self.env.get("ZEROC_REDIS_URL") or os.environ.get("ZEROC_REDIS_URL")
+        self.redis = None  # the embedded server, when this stack runs one
         self.services: list[ServiceProcess] = []
         self._stop = threading.Event()
 
     def __enter__(self) -> "Stack":
         try:
+            if not self.redis_url:
+                from kv_store.embedded import EmbeddedRedis
+
+                self.redis = EmbeddedRedis().start()
+                self.redis_url = self.redis.url
+            self.env["ZEROC_REDIS_URL"] = self.redis_url
             prefill = self._start("prefill", [])
             prefill.wait_serving()
             decodes = [self._start("decode", ["--prefill", prefill.address]) for _ in range(self.num_decode)]
@@ -127,6 +138,8 @@ class Stack:
     def close(self) -> None:
         for svc in reversed(self.services):
             svc.stop()
+        if self.redis is not None:
+            self.redis.close()
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -15,7 +15,7 @@ def test_generated_stubs_are_fresh(tmp_path):
     assert out.returncode == 0, out.stderr
     fresh = sorted((tmp_path / "zeroc" / "v1").iterdir())
     assert {p.name for p in fresh} >= {"generation_pb2.py", "generation_pb2_grpc.py", "prefill_pb2.py",
-                                        "prefill_pb2_grpc.py"}
+                                        "prefill_pb2_grpc.py", "kv_store_pb2.py", "kv_store_pb2_grpc.py"}
     for path in fresh:
         committed = ROOT / "zeroc" / "v1" / path.name
         assert committed.is_file(), f"{committed} is missing; run `make protos`"
@@ -29,9 +29,9 @@ def test_buf_lint_passes():
 
 
 def test_protocol_package_is_versioned():
-    from zeroc.v1 import generation_pb2, prefill_pb2
+    from zeroc.v1 import generation_pb2, kv_store_pb2, prefill_pb2
 
-    for module in (generation_pb2, prefill_pb2):
+    for module in (generation_pb2, prefill_pb2, kv_store_pb2):
         assert module.DESCRIPTOR.package == "zeroc.v1"
         for name in module.DESCRIPTOR.message_types_by_name:
             assert module.DESCRIPTOR.message_types_by_name[name].full_name.startswith("zeroc.v1.")

@@ -30,6 +30,11 @@ def test_user_errors_are_one_line_and_exit_2():
     unreachable = zeroc("generate", "--target", "127.0.0.1:1", "hello")
     assert unreachable.returncode == 2 and "UNAVAILABLE" in unreachable.stderr
     assert len(unreachable.stderr.strip().splitlines()) == 1
+    for args, words in ((("serve", "decode", "--colocated", "--redis-url", "foo://x"), "redis url"),
+                        (("stack", "up", "--redis-url", "http://x"), "redis url"),
+                        (("bench", "prefix", "--shared", "1.5"), "shared")):
+        bad = zeroc(*args)
+        assert bad.returncode == 2 and bad.stderr.startswith("zeroc: error:") and words in bad.stderr, bad.stderr
 
 
 def test_stack_up_serves_on_every_decode_address_and_stops_its_children():
@@ -44,10 +49,12 @@ def test_stack_up_serves_on_every_decode_address_and_stops_its_children():
             lines.append(line)
         decode = [m.group(1) for ln in lines if (m := re.match(r"decode service:\s+(\S+)", ln))]
         assert len(decode) == 2 and decode[0] in lines[-1]
+        index = next(m.group(1) for ln in lines if (m := re.match(r"kv store index:\s+unix://(\S+) \(embedded\)", ln)))
         outs = []
         for target in decode:
             with Client(target) as c:
                 outs.append(c.generate("The built-in function", max_tokens=5, ignore_eos=True).token_ids)
+                assert c.model_info().kv_store.index == f"unix://{index}"  # one index shared by all services
         assert outs[0] == outs[1] and len(outs[0]) == 5
     finally:
         proc.send_signal(signal.SIGINT)
@@ -57,6 +64,7 @@ def test_stack_up_serves_on_every_decode_address_and_stops_its_children():
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+    assert not os.path.exists(index)  # the embedded Redis stopped with the stack
     with Client(decode[0], timeout=5) as c:  # its children are gone
         try:
             c.model_info()

@@ -110,3 +110,19 @@ def test_a_chunk_past_the_prompt_is_rejected(bundled):
     chunk = next(encode_layer(0, torch.randn(4, 1, 64), torch.randn(4, 1, 64), 0, 1 << 20))
     with pytest.raises(KvTransferError, match="covers tokens up to 4"):
         receiver.write(decode_chunk(chunk))
+
+
+def test_a_receiver_after_a_cached_prefix_takes_prompt_positions(bundled):
+    engine = Engine(bundled, CacheConfig(block_size=8, num_blocks=32))
+    slots = engine.reserve("r", 12)
+    receiver = KvReceiver(engine.cache, slots[8:], start=8)  # tokens 0-7 came from the KV store
+    k, v = torch.randn(4, 2, 64), torch.randn(4, 2, 64)
+    for chunk in encode_layer(0, k, v, 8, 1 << 20):
+        receiver.write(decode_chunk(chunk))
+    k_pool = engine.cache.k_pools[0]
+    assert torch.equal(k_pool.view(-1, 2, 64)[slots[8:]], k)
+    early = next(encode_layer(0, k, v, 0, 1 << 20))
+    with pytest.raises(KvTransferError, match="covers tokens up to 4"):
+        receiver.write(decode_chunk(early))
+    with pytest.raises(KvTransferError, match="token 8"):
+        receiver.check_complete()  # layer 1 never arrived

@@ -97,7 +97,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "vocab_size", "max_context", "num_layers", "dtype", "mode", "kv_blocks_total", "kv_blocks_free", "kv_block_size", "requests_running", "requests_queued")
+    __slots__ = ("model", "fingerprint", "vocab_size", "max_context", "num_layers", "dtype", "mode", "kv_blocks_total", "kv_blocks_free", "kv_block_size", "requests_running", "requests_queued", "kv_store")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class GetModelInfoResponse(_message.Message):
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RUNNING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     vocab_size: int
@@ -122,7 +123,34 @@ class GetModelInfoResponse(_message.Message):
     kv_block_size: int
     requests_running: int
     requests_queued: int
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_queued: _Optional[int] = ...) -> None: ...
+    kv_store: KvStoreInfo
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_queued: _Optional[int] = ..., kv_store: _Optional[_Union[KvStoreInfo, _Mapping]] = ...) -> None: ...
+
+class KvStoreInfo(_message.Message):
+    __slots__ = ("state", "index", "holder", "blocks_held", "capacity_blocks", "lookups", "hit_tokens", "peer_blocks", "index_errors", "reconnects", "evictions")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_HELD_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PEER_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    index: str
+    holder: str
+    blocks_held: int
+    capacity_blocks: int
+    lookups: int
+    hit_tokens: int
+    peer_blocks: int
+    index_errors: int
+    reconnects: int
+    evictions: int
+    def __init__(self, state: _Optional[str] = ..., index: _Optional[str] = ..., holder: _Optional[str] = ..., blocks_held: _Optional[int] = ..., capacity_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., peer_blocks: _Optional[int] = ..., index_errors: _Optional[int] = ..., reconnects: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "add_special_tokens")

@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16zeroc/v1/prefill.proto\x12\x08zeroc.v1\"k\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"\x8d\x01\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06tensor\x18\x02 \x01(\x0e\x32\x12.zeroc.v1.KvTensor\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x07 \x01(\x07\"J\n\x0ePrefillSummary\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\"k\n\x0fPrefillResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.zeroc.v1.KvChunkH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.zeroc.v1.PrefillSummaryH\x00\x42\x07\n\x05\x65vent*M\n\x08KvTensor\x12\x19\n\x15KV_TENSOR_UNSPECIFIED\x10\x00\x12\x11\n\rKV_TENSOR_KEY\x10\x01\x12\x13\n\x0fKV_TENSOR_VALUE\x10\x02\x32R\n\x0ePrefillService\x12@\n\x07Prefill\x12\x18.zeroc.v1.PrefillRequest\x1a\x19.zeroc.v1.PrefillResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16zeroc/v1/prefill.proto\x12\x08zeroc.v1\"\x89\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x05 \x01(\r\"\x8d\x01\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06tensor\x18\x02 \x01(\x0e\x32\x12.zeroc.v1.KvTensor\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x07 \x01(\x07\"J\n\x0ePrefillSummary\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\"k\n\x0fPrefillResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.zeroc.v1.KvChunkH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.zeroc.v1.PrefillSummaryH\x00\x42\x07\n\x05\x65vent*M\n\x08KvTensor\x12\x19\n\x15KV_TENSOR_UNSPECIFIED\x10\x00\x12\x11\n\rKV_TENSOR_KEY\x10\x01\x12\x13\n\x0fKV_TENSOR_VALUE\x10\x02\x32R\n\x0ePrefillService\x12@\n\x07Prefill\x12\x18.zeroc.v1.PrefillRequest\x1a\x19.zeroc.v1.PrefillResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zeroc.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVTENSOR']._serialized_start=474
-  _globals['_KVTENSOR']._serialized_end=551
-  _globals['_PREFILLREQUEST']._serialized_start=36
-  _globals['_PREFILLREQUEST']._serialized_end=143
-  _globals['_KVCHUNK']._serialized_start=146
-  _globals['_KVCHUNK']._serialized_end=287
-  _globals['_PREFILLSUMMARY']._serialized_start=289
-  _globals['_PREFILLSUMMARY']._serialized_end=363
-  _globals['_PREFILLRESPONSE']._serialized_start=365
-  _globals['_PREFILLRESPONSE']._serialized_end=472
-  _globals['_PREFILLSERVICE']._serialized_start=553
-  _globals['_PREFILLSERVICE']._serialized_end=635
+  _globals['_KVTENSOR']._serialized_start=505
+  _globals['_KVTENSOR']._serialized_end=582
+  _globals['_PREFILLREQUEST']._serialized_start=37
+  _globals['_PREFILLREQUEST']._serialized_end=174
+  _globals['_KVCHUNK']._serialized_start=177
+  _globals['_KVCHUNK']._serialized_end=318
+  _globals['_PREFILLSUMMARY']._serialized_start=320
+  _globals['_PREFILLSUMMARY']._serialized_end=394
+  _globals['_PREFILLRESPONSE']._serialized_start=396
+  _globals['_PREFILLRESPONSE']._serialized_end=503
+  _globals['_PREFILLSERVICE']._serialized_start=584
+  _globals['_PREFILLSERVICE']._serialized_end=666
 # @@protoc_insertion_point(module_scope)

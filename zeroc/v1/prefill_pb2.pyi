@@ -17,16 +17,18 @@ KV_TENSOR_KEY: KvTensor
 KV_TENSOR_VALUE: KvTensor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "model_fingerprint", "max_chunk_bytes")
+    __slots__ = ("request_id", "token_ids", "model_fingerprint", "max_chunk_bytes", "cached_prefix_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     model_fingerprint: str
     max_chunk_bytes: int
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    cached_prefix_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., cached_prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("layer", "tensor", "first_token", "shape", "dtype", "data", "crc32c")

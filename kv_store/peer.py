@@ -1,0 +1,128 @@
+"""Peer fetch: the `zeroc.v1.KvStoreService.FetchBlocks` server (every holder) and its client.
+
+Blocks travel as the same CRC32C-checked `KvChunk`s as a prefill stream (`encode_layer` /
+`decode_chunk` / `KvReceiver` of zeroc.kv_transfer), with prompt positions, straight into the
+caller's reserved cache slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+import grpc
+
+from kv_store.pool import BlockPool
+from zeroc.kv_transfer import KvReceiver, KvTransferError, decode_chunk, encode_layer
+from zeroc.v1 import kv_store_pb2, kv_store_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = kv_store_pb2.DESCRIPTOR.services_by_name["KvStoreService"].full_name
+_BLOCK_ID_LEN = 32
+
+
+class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
+    """Serves this holder's pool; UNAVAILABLE until `attach` (the model loads after the server starts)."""
+
+    def __init__(self, default_chunk_bytes: int):
+        self.default_chunk_bytes = default_chunk_bytes
+        self.pool: BlockPool | None = None
+        self.seed = ""
+        self.on_served: Callable[[list[str]], None] = lambda ids: None  # the store marks served blocks used
+        self.on_pins: Callable[[list[str]], None] = lambda ids: None  # ... and mirrors refcounts to the index
+
+    def attach(self, pool: BlockPool, seed: str, on_served: Callable[[list[str]], None],
+               on_pins: Callable[[list[str]], None]) -> None:
+        self.seed, self.on_served, self.on_pins = seed, on_served, on_pins
+        self.pool = pool
+
+    def FetchBlocks(self, request, context):
+        pool = self.pool
+        if pool is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this service's KV store is not ready (or is off)")
+        if request.seed != self.seed:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"block seed {request.seed!r} does not match this holder's {self.seed!r} (another model?)")
+        ids = list(request.block_ids)
+        if not ids or any(len(b) != _BLOCK_ID_LEN for b in ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"block_ids must be {_BLOCK_ID_LEN}-character ids, "
+                                                            "at least one")
+        n = pool.pin(ids)
+        served = ids[:n]
+        self.on_pins(served)
+        try:
+            yield kv_store_pb2.FetchBlocksResponse(header=kv_store_pb2.FetchBlocksHeader(
+                num_blocks=n, block_crc32c=[pool.checksum(b) for b in served]))
+            chunk = max(1024, request.max_chunk_bytes or self.default_chunk_bytes)
+            for layer in range(len(pool.k) if n else 0):
+                if not context.is_active():
+                    return
+                k, v = pool.read_layer(served, layer)
+                for msg in encode_layer(layer, k, v, request.first_token, chunk):
+                    yield kv_store_pb2.FetchBlocksResponse(chunk=msg)
+        finally:
+            pool.unpin(served)
+            self.on_pins(served)
+        self.on_served(served)
+
+
+class PeerFetcher:
+    """The client side: one channel per peer, kept open."""
+
+    def __init__(self, seed: str, chunk_bytes: int, max_message_bytes: int):
+        self.seed, self.chunk_bytes, self.max_message_bytes = seed, chunk_bytes, max_message_bytes
+        self._stubs: dict[str, tuple[grpc.Channel, kv_store_pb2_grpc.KvStoreServiceStub]] = {}
+        self._lock = threading.Lock()
+
+    def _stub(self, peer: str) -> kv_store_pb2_grpc.KvStoreServiceStub:
+        with self._lock:
+            if peer not in self._stubs:
+                channel = grpc.insecure_channel(peer, options=[
+                    ("grpc.max_receive_message_length", self.max_message_bytes),
+                    ("grpc.max_send_message_length", self.max_message_bytes)])
+                self._stubs[peer] = (channel, kv_store_pb2_grpc.KvStoreServiceStub(channel))
+            return self._stubs[peer][1]
+
+    def fetch(self, peer: str, block_ids: list[str], checksums: list[int], receiver_for: Callable[[int], KvReceiver],
+              first_token: int, timeout_s: float) -> tuple[int, int]:
+        """Fetch blocks from `peer` into the receiver `receiver_for(num_blocks_served)` builds.
+
+        Returns (blocks received, payload bytes). Raises KvTransferError when the peer is gone, sends
+        bad data, or serves blocks whose checksums differ from the index's (`checksums`)."""
+        request = kv_store_pb2.FetchBlocksRequest(block_ids=block_ids, seed=self.seed, first_token=first_token,
+                                                  max_chunk_bytes=self.chunk_bytes)
+        call = self._stub(peer).FetchBlocks(request, timeout=timeout_s)
+        receiver: KvReceiver | None = None
+        n = 0
+        try:
+            for msg in call:
+                if msg.HasField("header"):
+                    n = msg.header.num_blocks
+                    if list(msg.header.block_crc32c) != checksums[:n]:
+                        raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"peer {peer} holds other data under "
+                                                                         "the same block ids")
+                    if n == 0:
+                        call.cancel()
+                        return 0, 0
+                    receiver = receiver_for(n)
+                elif receiver is None:
+                    raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"peer {peer} sent KV before its header")
+                else:
+                    receiver.write(decode_chunk(msg.chunk))
+        except grpc.RpcError as exc:
+            raise KvTransferError(exc.code(), f"peer {peer}: {exc.details()}") from None
+        except KvTransferError:
+            call.cancel()
+            raise
+        if receiver is None:
+            raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"peer {peer} ended without a header")
+        receiver.check_complete()
+        return n, receiver.bytes_received
+
+    def close(self) -> None:
+        with self._lock:
+            for channel, _ in self._stubs.values():
+                channel.close()
+            self._stubs.clear()
+
