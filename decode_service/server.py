@@ -20,10 +20,11 @@ from decode_service.loop import CancelledError, EngineLoop, QueueFullError, Shut
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
-from zeroc.kv_transfer import GrpcKvTransport, KvReceiver, KvTransferError, KvTransport, model_fingerprint
+from zeroc.kv_transfer import KvReceiver, KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.sampling import SamplingParams
+from zeroc.transport.decode_side import make_kv_transport
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc
 
@@ -188,8 +189,7 @@ class DecodeService:
         self.fingerprint = model_fingerprint(cfg.model_dir)
         self.transport = None
         if cfg.transfer.prefill_target:
-            self.transport = GrpcKvTransport(cfg.transfer.prefill_target, self.fingerprint,
-                                             cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20)
+            self.transport = make_kv_transport(cfg, self.fingerprint)
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.host.server)
         self.loop: EngineLoop | None = None
@@ -200,7 +200,7 @@ class DecodeService:
 
     def load(self) -> None:
         cfg = self.cfg
-        loaded = load_model(cfg.model_dir, cfg.dtype)
+        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device)
         engine = Engine(loaded, cfg.cache, cfg.scheduler)
         self.loop = EngineLoop(engine, cfg.server.max_queue)
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")

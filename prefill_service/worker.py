@@ -12,8 +12,9 @@ from torch import Tensor
 
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes
-from zeroc.kv_transfer import encode_layer
+from zeroc.kv_transfer import KvTransferError, encode_layer
 from zeroc.loader import LoadedModel
+from zeroc.transport.prefill_side import KvSink
 from zeroc.v1 import prefill_pb2
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,18 @@ class PrefillJob:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     kv_bytes: int = 0
+    sink: KvSink | None = None  # out-of-band transport (zeroc/transport/); None: in-band chunks
+
+
+def _ship_out_of_band(job: PrefillJob, layer: int, k: Tensor, v: Tensor) -> None:
+    """Hand a layer to the job's sink; a transport failure ends this job only, not the batch."""
+    try:
+        for msg in job.sink.layer(layer, k, v):
+            job.kv_bytes += msg.remote.nbytes
+            job.out.put(msg)
+    except KvTransferError as exc:
+        job.cancelled.set()
+        job.out.put(exc)
 
 
 class _StreamingCache(PagedKVCache):
@@ -112,6 +125,9 @@ class PrefillWorker:
             # k, v: [N, kv_heads, dim] for all jobs; each job gets its own rows, chunked.
             for i, job in enumerate(jobs):
                 if job.cancelled.is_set():
+                    continue
+                if job.sink is not None:
+                    _ship_out_of_band(job, layer, k[starts[i]:starts[i + 1]], v[starts[i]:starts[i + 1]])
                     continue
                 for chunk in encode_layer(layer, k[starts[i]:starts[i + 1]], v[starts[i]:starts[i + 1]], 0,
                                           job.chunk_bytes):

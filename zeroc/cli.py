@@ -231,11 +231,12 @@ def _generate_remote(args: argparse.Namespace) -> int:
 def _service_config(args: argparse.Namespace) -> ZeroCConfig:
     prefill = getattr(args, "prefill", None)
     return ZeroCConfig.from_env(
-        model_dir=args.model, dtype=args.dtype,
+        model_dir=args.model, dtype=args.dtype, device=args.device,
         cache={"block_size": args.block_size, "num_blocks": args.num_blocks},
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
-        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill})
+        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
+                  "kv_transport": args.kv_transport})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -245,6 +246,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.what == "decode" and not args.colocated and not cfg.transfer.prefill_target:
         raise ZeroCError("serve decode needs --prefill HOST:PORT (or env ZEROC_TRANSFER_PREFILL_TARGET), "
                          "or --colocated")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ZeroCError(f"--device {cfg.device}: torch sees no CUDA device")
     setup_logging()
     if os.environ.get("ZEROC_EXIT_WITH_PARENT"):
         from zeroc.rpc import stop_with_parent
@@ -282,6 +288,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message, in MiB")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where the model runs (env ZEROC_DEVICE)")
+    p.add_argument("--kv-transport", choices=["grpc", "nccl", "auto"], default=None,
+                   help="how prompt KV travels between prefill and decode: in-band gRPC, NCCL between GPUs "
+                        "(CUDA IPC on a shared GPU), or auto: NCCL when both peers have GPUs "
+                        "(env ZEROC_TRANSFER_KV_TRANSPORT; default auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
