@@ -10,6 +10,7 @@ import uuid
 import grpc
 import torch
 
+from prefill_service.sp_worker import SpPrefillWorker
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import KvTransferError, model_fingerprint
@@ -91,7 +92,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if job.sink is not None:
             self._finish_out_of_band(job, context)
         yield prefill_pb2.PrefillResponse(summary=prefill_pb2.PrefillSummary(
-            num_tokens=len(job.token_ids), num_layers=len(self.worker.cache.k_pools), kv_bytes=job.kv_bytes))
+            num_tokens=len(job.token_ids), num_layers=self.worker.num_layers, kv_bytes=job.kv_bytes))
 
 
     def _finish_out_of_band(self, job: PrefillJob, context: grpc.ServicerContext) -> None:
@@ -123,7 +124,10 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         host.start()
         ready(f"prefill service listening on {host.address}")
         loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device)
-        worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler)
+        if cfg.parallel.sp_ranks > 1:
+            worker = SpPrefillWorker(loaded, cfg.parallel.sp_ranks, cfg.dtype, cfg.transfer.timeout_s)
+        else:
+            worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler)
         servicer.attach(loaded, worker, model_fingerprint(cfg.model_dir))
         host.set_serving()
         log.info("serving", extra={"service": "prefill", "address": host.address, "model": cfg.model_dir,

@@ -35,8 +35,18 @@ class PrefillJob:
     sink: KvSink | None = None  # out-of-band transport (zeroc/transport/); None: in-band chunks
 
 
-def _ship_out_of_band(job: PrefillJob, layer: int, k: Tensor, v: Tensor) -> None:
-    """Hand a layer to the job's sink; a transport failure ends this job only, not the batch."""
+def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor) -> None:
+    """Send one layer of one job's KV: in-band chunks, or through the job's out-of-band sink.
+
+    k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] for the job's tokens. A transport failure
+    ends this job only, not the batch it was computed in."""
+    if job.cancelled.is_set():
+        return
+    if job.sink is None:
+        for chunk in encode_layer(layer, k, v, 0, job.chunk_bytes):
+            job.kv_bytes += len(chunk.data)
+            job.out.put(prefill_pb2.PrefillResponse(chunk=chunk))
+        return
     try:
         for msg in job.sink.layer(layer, k, v):
             job.kv_bytes += msg.remote.nbytes
@@ -70,6 +80,10 @@ class PrefillWorker:
         self._pending: queue.Queue[PrefillJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.cache.k_pools)
 
     def submit(self, job: PrefillJob) -> None:
         self._pending.put(job)
@@ -122,17 +136,9 @@ class PrefillWorker:
         starts = batch.query_start_loc.tolist()
 
         def emit(layer: int, k: Tensor, v: Tensor) -> None:
-            # k, v: [N, kv_heads, dim] for all jobs; each job gets its own rows, chunked.
+            # k, v: [N, kv_heads, dim] for all jobs; each job gets its own rows.
             for i, job in enumerate(jobs):
-                if job.cancelled.is_set():
-                    continue
-                if job.sink is not None:
-                    _ship_out_of_band(job, layer, k[starts[i]:starts[i + 1]], v[starts[i]:starts[i + 1]])
-                    continue
-                for chunk in encode_layer(layer, k[starts[i]:starts[i + 1]], v[starts[i]:starts[i + 1]], 0,
-                                          job.chunk_bytes):
-                    job.kv_bytes += len(chunk.data)
-                    job.out.put(prefill_pb2.PrefillResponse(chunk=chunk))
+                ship_layer(job, layer, k[starts[i]:starts[i + 1]], v[starts[i]:starts[i + 1]])
 
         tokens = torch.tensor([t for j in jobs for t in j.token_ids], device=batch.positions.device)
         self.cache.on_write = emit

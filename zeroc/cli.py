@@ -236,7 +236,8 @@ def _service_config(args: argparse.Namespace) -> ZeroCConfig:
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
         transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
-                  "kv_transport": args.kv_transport})
+                  "kv_transport": args.kv_transport},
+        parallel={"sp_ranks": getattr(args, "sp", None)})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -246,6 +247,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.what == "decode" and not args.colocated and not cfg.transfer.prefill_target:
         raise ZeroCError("serve decode needs --prefill HOST:PORT (or env ZEROC_TRANSFER_PREFILL_TARGET), "
                          "or --colocated")
+    if args.what == "prefill" and cfg.parallel.sp_ranks > 1 and cfg.device != "cpu":
+        raise ZeroCError("--sp runs its ranks on gloo and needs --device cpu")
     if cfg.device.startswith("cuda"):
         import torch
 
@@ -396,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a gRPC service").add_subparsers(dest="what", required=True)
     p = serve.add_parser("prefill", help="the prefill service (streams prompt KV to decode services)")
     _serve_args(p)
+    p.add_argument("--sp", type=int, default=None, help="sequence-parallel ranks: run each prompt on this many "
+                                                        "gloo processes (env ZEROC_PARALLEL_SP_RANKS; default 1)")
     p.set_defaults(func=cmd_serve)
     p = serve.add_parser("decode", help="the decode service (the entry point clients call)")
     _serve_args(p)

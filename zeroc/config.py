@@ -337,6 +337,17 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Sequence-parallel prefill: a prefill service runs each prompt on `sp_ranks` gloo processes."""
+
+    sp_ranks: int = 1  # 1: no sequence parallelism
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sp_ranks <= 64:
+            raise ValueError(f"sp_ranks must be in [1, 64], got {self.sp_ranks}")
+
+
+@dataclass(frozen=True)
 class ZeroCConfig:
     """The root configuration: one typed sub-config per component.
 
@@ -351,6 +362,7 @@ class ZeroCConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -392,4 +404,4 @@ class ZeroCConfig:
 
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
-             "transfer": TransferConfig}
+             "transfer": TransferConfig, "parallel": ParallelConfig}
