@@ -36,6 +36,11 @@ from zeroc.v1 import prefill_pb2
 log = logging.getLogger(__name__)
 
 
+# The prefill side refuses these before sending anything, so the link is still in step.
+_REFUSED_BEFORE_SENDING = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE,
+                           grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 def remote_meta(r: prefill_pb2.KvRemoteTensor) -> tuple[torch.dtype, tuple[int, ...]]:
     """Check a descriptor's metadata; inconsistent metadata is DATA_LOSS."""
     dtype, shape = DTYPES_BY_NAME.get(r.dtype), tuple(r.shape)
@@ -99,8 +104,9 @@ class NcclKvTransport(GrpcKvTransport):
                 self._link = self.open_link(deadline)
             try:
                 return super().fetch(request_id, token_ids, receiver, _remaining(deadline), is_active)
-            except KvTransferError:
-                self._drop_link()
+            except KvTransferError as exc:
+                if exc.code not in _REFUSED_BEFORE_SENDING:
+                    self._drop_link()
                 raise
         finally:
             self._busy.release()

@@ -180,8 +180,8 @@ class KvTransportService:
         if NCCL not in self.capability.transports:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"this prefill service does not offer NCCL: {self.capability.why_not or '--kv-transport grpc'}")
-        if self.fingerprint is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        if self.fingerprint is None or self.draining.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading or the service is shutting down")
         if request.model_fingerprint and request.model_fingerprint != self.fingerprint:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model fingerprint {request.model_fingerprint} "
                           f"does not match this service's {self.fingerprint}")
