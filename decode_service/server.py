@@ -24,10 +24,11 @@ from kv_store.store import KvStore
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
-from zeroc.kv_transfer import GrpcKvTransport, KvReceiver, KvTransferError, KvTransport, model_fingerprint
+from zeroc.kv_transfer import KvReceiver, KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.sampling import SamplingParams
+from zeroc.transport.decode_side import make_kv_transport
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc, kv_store_pb2_grpc
 
@@ -234,8 +235,7 @@ class DecodeService:
         self.fingerprint = model_fingerprint(cfg.model_dir)
         self.transport = None
         if cfg.transfer.prefill_target:
-            self.transport = GrpcKvTransport(cfg.transfer.prefill_target, self.fingerprint,
-                                             cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20)
+            self.transport = make_kv_transport(cfg, self.fingerprint)
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.host.server)
         self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes)
@@ -249,7 +249,7 @@ class DecodeService:
 
     def load(self) -> None:
         cfg = self.cfg
-        loaded = load_model(cfg.model_dir, cfg.dtype)
+        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device)
         engine = Engine(loaded, cfg.cache, cfg.scheduler)
         self.store = attach_store(cfg, loaded, self.fingerprint, self.host, self.kv_servicer)
         store = self.store.store if self.store else None

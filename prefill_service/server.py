@@ -8,15 +8,20 @@ import threading
 import uuid
 
 import grpc
+import torch
 
 from kv_store.peer import SERVICE_NAME as KV_SERVICE_NAME
 from kv_store.peer import KvStoreServicer
 from kv_store.service import attach_store, set_store_health
+from prefill_service.sp_worker import SpPrefillWorker
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import ZeroCConfig
-from zeroc.kv_transfer import model_fingerprint
+from zeroc.kv_transfer import KvTransferError, model_fingerprint
 from zeroc.loader import LoadedModel, load_model
 from zeroc.rpc import CallCounter, ServiceHost
+from zeroc.transport.capability import probe
+from zeroc.transport.nccl import load_nccl
+from zeroc.transport.prefill_side import KvTransportService
 from zeroc.v1 import kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -26,13 +31,16 @@ SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_na
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
-    def __init__(self, max_queue: int, default_chunk_bytes: int, draining: threading.Event):
+    def __init__(self, max_queue: int, default_chunk_bytes: int, draining: threading.Event,
+                 kv: KvTransportService, transfer_timeout_s: float):
         self.max_queue, self.default_chunk_bytes, self.draining = max_queue, default_chunk_bytes, draining
+        self.kv, self.transfer_timeout_s = kv, transfer_timeout_s
         self.calls = CallCounter()
         self.worker: PrefillWorker | None = None
 
     def attach(self, loaded: LoadedModel, worker: PrefillWorker, fingerprint: str) -> None:
         self.vocab_size, self.fingerprint = loaded.config.vocab_size, fingerprint
+        self.kv.fingerprint = fingerprint
         self.worker = worker
 
     def _job(self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext) -> PrefillJob:
@@ -58,14 +66,20 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if self.worker.pending() >= self.max_queue:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill queue is full ({self.max_queue})")
         chunk = request.max_chunk_bytes or self.default_chunk_bytes
+        try:
+            sink = self.kv.sink_for(request)
+        except KvTransferError as exc:
+            context.abort(exc.code, str(exc))
         # Internal ids are unique so a caller reusing its request id cannot collide in the cache.
         return PrefillJob(f"{request.request_id or 'prefill'}#{uuid.uuid4().hex[:8]}", ids, max(1024, chunk),
-                          request.cached_prefix_tokens)
+                          request.cached_prefix_tokens, sink=sink)
 
     def Prefill(self, request, context):
         job = self._job(request, context)
         self.calls.enter(context)
         context.add_callback(job.cancelled.set)
+        if job.sink is not None:
+            context.add_callback(job.sink.close)
         self.worker.submit(job)
         while True:
             try:
@@ -76,17 +90,40 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 continue
             if item is DONE:
                 break
+            if isinstance(item, KvTransferError):
+                context.abort(item.code, str(item))
             if isinstance(item, Exception):
                 context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {item}")
             yield item
+        if job.sink is not None:
+            self._finish_out_of_band(job, context)
         yield prefill_pb2.PrefillResponse(summary=prefill_pb2.PrefillSummary(
-            num_tokens=len(job.token_ids), num_layers=len(self.worker.cache.k_pools), kv_bytes=job.kv_bytes))
+            num_tokens=len(job.token_ids), num_layers=self.worker.num_layers, kv_bytes=job.kv_bytes))
+
+
+    def _finish_out_of_band(self, job: PrefillJob, context: grpc.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        try:
+            job.sink.finish(min(self.transfer_timeout_s, remaining) if remaining else self.transfer_timeout_s)
+        except KvTransferError as exc:
+            context.abort(exc.code, str(exc))
+
+    # -- out-of-band KV transports (zeroc/transport/prefill_side.py) --------------------------------
+    def GetKvCapability(self, request, context):
+        return self.kv.get_capability(request, context)
+
+    def OpenKvLink(self, request, context):
+        yield from self.kv.open_link(request, context, self.transfer_timeout_s)
 
 
 def serve(cfg: ZeroCConfig, ready=print) -> None:
     """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
+    capability = probe(cfg.device, cfg.transfer.kv_transport)  # ZeroCError (exit 2) if nccl is demanded and absent
     host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME])
-    servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining)
+    kv = KvTransportService(capability, torch.device(cfg.device), load_nccl() if capability.nccl_version else None,
+                            host.draining)
+    servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining, kv,
+                               cfg.transfer.timeout_s)
     prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, host.server)
     kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes)
     kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server(kv_servicer, host.server)
@@ -95,17 +132,22 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         host.install_signal_handlers()
         host.start()
         ready(f"prefill service listening on {host.address}")
-        loaded = load_model(cfg.model_dir, cfg.dtype)
+        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device)
         fingerprint = model_fingerprint(cfg.model_dir)
-        store = attach_store(cfg, loaded, fingerprint, host, kv_servicer)
-        worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler, store.store if store else None)
+        if cfg.parallel.sp_ranks > 1:  # no prefix reuse across SP ranks: the store is not attached
+            worker = SpPrefillWorker(loaded, cfg.parallel.sp_ranks, cfg.dtype, cfg.transfer.timeout_s)
+        else:
+            store = attach_store(cfg, loaded, fingerprint, host, kv_servicer)
+            worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler, store.store if store else None)
         servicer.attach(loaded, worker, fingerprint)
         host.set_serving()
         if store is not None:
             set_store_health(host, store.store.state)
-        log.info("serving", extra={"service": "prefill", "address": host.address, "model": cfg.model_dir})
+        log.info("serving", extra={"service": "prefill", "address": host.address, "model": cfg.model_dir,
+                                   "kv_transports": list(capability.transports)})
         host.wait_and_drain(worker.stop, servicer.calls.busy)
     finally:
+        kv.close()
         host.server.stop(0)
         if store is not None:
             store.close()

@@ -13,8 +13,9 @@ from torch import Tensor
 from kv_store.store import KvStore, PrefixPlan
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes
-from zeroc.kv_transfer import encode_layer
+from zeroc.kv_transfer import KvTransferError, encode_layer
 from zeroc.loader import LoadedModel
+from zeroc.transport.prefill_side import KvSink
 from zeroc.v1 import prefill_pb2
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,28 @@ class PrefillJob:
     out: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     kv_bytes: int = 0
+    sink: KvSink | None = None  # out-of-band transport (zeroc/transport/); None: in-band chunks
+
+
+def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: int) -> None:
+    """Send one layer of one job's KV: in-band chunks, or through the job's out-of-band sink.
+
+    k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] for the job's tokens from `first_token` on. A
+    transport failure ends this job only, not the batch it was computed in."""
+    if job.cancelled.is_set():
+        return
+    if job.sink is None:
+        for chunk in encode_layer(layer, k, v, first_token, job.chunk_bytes):
+            job.kv_bytes += len(chunk.data)
+            job.out.put(prefill_pb2.PrefillResponse(chunk=chunk))
+        return
+    try:
+        for msg in job.sink.layer(layer, k, v, first_token):
+            job.kv_bytes += msg.remote.nbytes
+            job.out.put(msg)
+    except KvTransferError as exc:
+        job.cancelled.set()
+        job.out.put(exc)
 
 
 class _StreamingCache(PagedKVCache):
@@ -61,6 +84,10 @@ class PrefillWorker:
         self._pending: queue.Queue[PrefillJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
         self._thread.start()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.cache.k_pools)
 
     def submit(self, job: PrefillJob) -> None:
         self._pending.put(job)
@@ -132,13 +159,8 @@ class PrefillWorker:
         def emit(layer: int, k: Tensor, v: Tensor) -> None:
             # k, v: [N, kv_heads, dim] for all jobs; each job gets its own rows from its cached prefix on.
             for i, job in enumerate(jobs):
-                if job.cancelled.is_set():
-                    continue
                 lo = starts[i] + job.cached_prefix_tokens - first[i]
-                for chunk in encode_layer(layer, k[lo:starts[i + 1]], v[lo:starts[i + 1]], job.cached_prefix_tokens,
-                                          job.chunk_bytes):
-                    job.kv_bytes += len(chunk.data)
-                    job.out.put(prefill_pb2.PrefillResponse(chunk=chunk))
+                ship_layer(job, layer, k[lo:starts[i + 1]], v[lo:starts[i + 1]], job.cached_prefix_tokens)
 
         tokens = torch.tensor([t for j, f in zip(jobs, first) for t in j.token_ids[f:]], device=batch.positions.device)
         self.cache.on_write = emit

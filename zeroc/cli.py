@@ -257,12 +257,14 @@ def _generate_remote(args: argparse.Namespace) -> int:
 def _service_config(args: argparse.Namespace) -> ZeroCConfig:
     prefill = getattr(args, "prefill", None)
     return ZeroCConfig.from_env(
-        model_dir=args.model, dtype=args.dtype,
+        model_dir=args.model, dtype=args.dtype, device=args.device,
         cache={"block_size": args.block_size, "num_blocks": args.num_blocks},
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
-        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill},
-        redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb})
+        transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
+                  "kv_transport": args.kv_transport},
+        redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
+        parallel={"sp_ranks": getattr(args, "sp", None)})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -272,6 +274,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.what == "decode" and not args.colocated and not cfg.transfer.prefill_target:
         raise ZeroCError("serve decode needs --prefill HOST:PORT (or env ZEROC_TRANSFER_PREFILL_TARGET), "
                          "or --colocated")
+    if args.what == "prefill" and cfg.parallel.sp_ranks > 1 and cfg.device != "cpu":
+        raise ZeroCError("--sp runs its ranks on gloo and needs --device cpu")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ZeroCError(f"--device {cfg.device}: torch sees no CUDA device")
     setup_logging()
     if os.environ.get("ZEROC_EXIT_WITH_PARENT"):
         from zeroc.rpc import stop_with_parent
@@ -312,6 +321,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message, in MiB")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where the model runs (env ZEROC_DEVICE)")
+    p.add_argument("--kv-transport", choices=["grpc", "nccl", "auto"], default=None,
+                   help="how prompt KV travels between prefill and decode: in-band gRPC, NCCL between GPUs "
+                        "(CUDA IPC on a shared GPU), or auto: NCCL when both peers have GPUs "
+                        "(env ZEROC_TRANSFER_KV_TRANSPORT; default auto)")
     _redis_arg(p)
     p.add_argument("--kv-store-mb", type=int, default=None,
                    help="KV store block pool in MiB, 0 turns prefix reuse off (env ZEROC_STORE_CAPACITY_MB; default 256)")
@@ -433,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a gRPC service").add_subparsers(dest="what", required=True)
     p = serve.add_parser("prefill", help="the prefill service (streams prompt KV to decode services)")
     _serve_args(p)
+    p.add_argument("--sp", type=int, default=None, help="sequence-parallel ranks: run each prompt on this many "
+                                                        "gloo processes (env ZEROC_PARALLEL_SP_RANKS; default 1)")
     p.set_defaults(func=cmd_serve)
     p = serve.add_parser("decode", help="the decode service (the entry point clients call)")
     _serve_args(p)

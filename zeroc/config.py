@@ -325,10 +325,26 @@ class TransferConfig:
     prefill_target: str = ""  # HOST:PORT of a prefill service; empty runs colocated
     chunk_bytes: int = 1 << 20  # payload bytes per KV chunk on the wire (the design asks ~1-4 MB)
     timeout_s: float = 120.0  # longest a prefill call may take when the client set no deadline
+    # grpc: in-band chunks; nccl: NCCL between GPUs (CUDA IPC on a shared GPU), required;
+    # auto: NCCL / CUDA IPC when both peers have GPUs, gRPC otherwise (zeroc/transport/capability.py)
+    kv_transport: str = "auto"
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1024 or self.timeout_s <= 0:
             raise ValueError("chunk_bytes must be >= 1024 and timeout_s positive")
+        if self.kv_transport not in ("grpc", "nccl", "auto"):
+            raise ValueError(f"kv_transport must be grpc, nccl or auto, got {self.kv_transport!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Sequence-parallel prefill: a prefill service runs each prompt on `sp_ranks` gloo processes."""
+
+    sp_ranks: int = 1  # 1: no sequence parallelism
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sp_ranks <= 64:
+            raise ValueError(f"sp_ranks must be in [1, 64], got {self.sp_ranks}")
 
 
 @dataclass(frozen=True)
@@ -382,12 +398,14 @@ class ZeroCConfig:
 
     model_dir: str = str(BUNDLED_MODEL)
     dtype: str = "float32"
+    device: str = "cpu"  # where a service runs its model: cpu, cuda or cuda:N
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -419,6 +437,15 @@ class ZeroCConfig:
                for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
         return cls(**top, **sections)
 
+    def __post_init__(self) -> None:
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
-             "transfer": TransferConfig, "redis": RedisConfig, "store": StoreConfig}
+             "transfer": TransferConfig, "redis": RedisConfig, "store": StoreConfig,
+             "parallel": ParallelConfig}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -183,14 +184,15 @@ class GrpcKvTransport(KvTransport):
         request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=token_ids,
                                              model_fingerprint=self.fingerprint, max_chunk_bytes=self.chunk_bytes,
                                              cached_prefix_tokens=cached_prefix_tokens)
-        call = self._stub.Prefill(request, timeout=timeout_s, wait_for_ready=False)
+        deadline = time.monotonic() + timeout_s
+        call = self._stub.Prefill(self._extend(request), timeout=timeout_s, wait_for_ready=False)
         try:
             for msg in call:
                 if not is_active():
                     call.cancel()
                     raise KvTransferError(grpc.StatusCode.CANCELLED, "request cancelled during KV transfer")
-                if msg.HasField("chunk"):
-                    receiver.write(decode_chunk(msg.chunk))
+                if not msg.HasField("summary"):
+                    receiver.write(self._piece(msg, deadline))
                 elif msg.summary.num_tokens != len(token_ids):
                     raise KvTransferError(grpc.StatusCode.DATA_LOSS, "prefill summary names "
                                           f"{msg.summary.num_tokens} tokens, {len(token_ids)} were sent")
@@ -205,6 +207,16 @@ class GrpcKvTransport(KvTransport):
             raise
         receiver.check_complete()
         return receiver.bytes_received
+
+    # Hooks for the out-of-band transports (zeroc/transport/), which reuse this stream for metadata.
+    def _extend(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
+        return request
+
+    def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
+        if not msg.HasField("chunk"):
+            raise KvTransferError(grpc.StatusCode.DATA_LOSS, "the prefill service sent KV out of band; "
+                                  "this transport expects in-band chunks")
+        return decode_chunk(msg.chunk)
 
     def close(self) -> None:
         self._channel.close()

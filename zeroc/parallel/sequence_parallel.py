@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -99,17 +100,27 @@ def shard_bounds(total: int, world: int) -> list[int]:
     return [len(p) for p in torch.tensor_split(torch.arange(total), world)]
 
 
+KvHook = Callable[[int, Tensor, Tensor], None]  # (layer, k [T_rank, kv_heads, dq], v [T_rank, kv_heads, dv])
+
+
 @torch.inference_mode()
 def sp_prefill(model: Transformer, tokens: Tensor, rank: int, world: int,
-               stats: CommStats | None = None) -> Tensor:
+               stats: CommStats | None = None, on_kv: KvHook | None = None) -> Tensor:
     """This rank's share of a sequence-parallel prefill of `tokens` ([T], the whole prompt).
 
-    Must be called by every rank of the default process group with the same tokens.
+    Must be called by every rank of the default process group with the same tokens. `on_kv` sees
+    each layer's keys (after RoPE) and values of this rank's tokens, as a paged cache would store them.
     -> logits of this rank's contiguous shard of tokens [T_rank, vocab]
     """
     lens = shard_bounds(tokens.numel(), world)
     start = sum(lens[:rank])
     positions = torch.arange(start, start + lens[rank])
     cfg = model.config
-    attend = UlyssesAttend(lens, cfg.num_attention_heads, cfg.num_key_value_heads, rank, world, stats)
+    ulysses = UlyssesAttend(lens, cfg.num_attention_heads, cfg.num_key_value_heads, rank, world, stats)
+
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        if on_kv is not None:
+            on_kv(layer, k, v)
+        return ulysses(layer, q, k, v, scale)
+
     return model.forward_attend(tokens[start: start + lens[rank]], positions, attend)

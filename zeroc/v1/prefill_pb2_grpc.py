@@ -40,6 +40,16 @@ class PrefillServiceStub:
                 request_serializer=zeroc_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=zeroc_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
                 _registered_method=True)
+        self.GetKvCapability = channel.unary_unary(
+                '/zeroc.v1.PrefillService/GetKvCapability',
+                request_serializer=zeroc_dot_v1_dot_prefill__pb2.GetKvCapabilityRequest.SerializeToString,
+                response_deserializer=zeroc_dot_v1_dot_prefill__pb2.GetKvCapabilityResponse.FromString,
+                _registered_method=True)
+        self.OpenKvLink = channel.unary_stream(
+                '/zeroc.v1.PrefillService/OpenKvLink',
+                request_serializer=zeroc_dot_v1_dot_prefill__pb2.OpenKvLinkRequest.SerializeToString,
+                response_deserializer=zeroc_dot_v1_dot_prefill__pb2.OpenKvLinkResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -53,6 +63,23 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKvCapability(self, request, context):
+        """Out-of-band KV transports (zeroc/transport/): says what this service can do, so that a decode
+        service can pick NCCL or CUDA IPC over in-band chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenKvLink(self, request, context):
+        """Joins a 2-rank NCCL communicator (this service is rank 1) built from the caller's unique id.
+        Answers ACCEPTED once the request is checked, READY once the communicator is up, then stays
+        open while the link lives: its end (closed, cancelled, the caller gone) tears it down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +87,16 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=zeroc_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=zeroc_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
+            ),
+            'GetKvCapability': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKvCapability,
+                    request_deserializer=zeroc_dot_v1_dot_prefill__pb2.GetKvCapabilityRequest.FromString,
+                    response_serializer=zeroc_dot_v1_dot_prefill__pb2.GetKvCapabilityResponse.SerializeToString,
+            ),
+            'OpenKvLink': grpc.unary_stream_rpc_method_handler(
+                    servicer.OpenKvLink,
+                    request_deserializer=zeroc_dot_v1_dot_prefill__pb2.OpenKvLinkRequest.FromString,
+                    response_serializer=zeroc_dot_v1_dot_prefill__pb2.OpenKvLinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +127,60 @@ class PrefillService:
             '/zeroc.v1.PrefillService/Prefill',
             zeroc_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             zeroc_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKvCapability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zeroc.v1.PrefillService/GetKvCapability',
+            zeroc_dot_v1_dot_prefill__pb2.GetKvCapabilityRequest.SerializeToString,
+            zeroc_dot_v1_dot_prefill__pb2.GetKvCapabilityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenKvLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/zeroc.v1.PrefillService/OpenKvLink',
+            zeroc_dot_v1_dot_prefill__pb2.OpenKvLinkRequest.SerializeToString,
+            zeroc_dot_v1_dot_prefill__pb2.OpenKvLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,
