@@ -11,7 +11,7 @@ import grpc
 
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import ZeroCConfig
-from zeroc.kv_transfer import model_fingerprint
+from zeroc.kv_transfer import add_prefill_service, model_fingerprint
 from zeroc.loader import LoadedModel, load_model
 from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
@@ -80,7 +80,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
     host = ServiceHost(cfg.server, [SERVICE_NAME])
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining)
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, host.server)
+    add_prefill_service(servicer, host.server)
     try:
         host.install_signal_handlers()
         host.start()

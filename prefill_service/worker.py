@@ -12,9 +12,8 @@ from torch import Tensor
 
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes
-from zeroc.kv_transfer import encode_layer
+from zeroc.kv_transfer import encode_layer_wire
 from zeroc.loader import LoadedModel
-from zeroc.v1 import prefill_pb2
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +22,8 @@ DONE = object()  # queued after a job's last chunk
 
 @dataclass
 class PrefillJob:
-    """One prompt to prefill; its chunks (then DONE, or an Exception) arrive on `out`."""
+    """One prompt to prefill; its chunks (serialized PrefillResponses, then DONE, or an Exception)
+    arrive on `out`."""
 
     request_id: str
     token_ids: list[int]
@@ -113,10 +113,10 @@ class PrefillWorker:
             for i, job in enumerate(jobs):
                 if job.cancelled.is_set():
                     continue
-                for chunk in encode_layer(layer, k[starts[i]:starts[i + 1]], v[starts[i]:starts[i + 1]], 0,
-                                          job.chunk_bytes):
-                    job.kv_bytes += len(chunk.data)
-                    job.out.put(prefill_pb2.PrefillResponse(chunk=chunk))
+                rows_k, rows_v = k[starts[i]:starts[i + 1]], v[starts[i]:starts[i + 1]]
+                job.kv_bytes += rows_k.numel() * rows_k.element_size() + rows_v.numel() * rows_v.element_size()
+                for wire in encode_layer_wire(layer, rows_k, rows_v, 0, job.chunk_bytes):
+                    job.out.put(wire)
 
         tokens = torch.tensor([t for j in jobs for t in j.token_ids], device=batch.positions.device)
         self.cache.on_write = emit
