@@ -16,7 +16,7 @@ from kv_store.service import attach_store, set_store_health
 from prefill_service.sp_worker import SpPrefillWorker
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import ZeroCConfig
-from zeroc.kv_transfer import KvTransferError, model_fingerprint
+from zeroc.kv_transfer import KvTransferError, add_prefill_service, model_fingerprint
 from zeroc.loader import LoadedModel, load_model
 from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.transport.capability import probe
@@ -124,7 +124,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
                             host.draining)
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining, kv,
                                cfg.transfer.timeout_s)
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, host.server)
+    add_prefill_service(servicer, host.server)
     kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes)
     kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server(kv_servicer, host.server)
     store = None

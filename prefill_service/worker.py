@@ -13,10 +13,9 @@ from torch import Tensor
 from kv_store.store import KvStore, PrefixPlan
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes
-from zeroc.kv_transfer import KvTransferError, encode_layer
+from zeroc.kv_transfer import KvTransferError, encode_layer_wire
 from zeroc.loader import LoadedModel
 from zeroc.transport.prefill_side import KvSink
-from zeroc.v1 import prefill_pb2
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,8 @@ DONE = object()  # queued after a job's last chunk
 
 @dataclass
 class PrefillJob:
-    """One prompt to prefill; its chunks (then DONE, or an Exception) arrive on `out`."""
+    """One prompt to prefill; its chunks (serialized PrefillResponses, then DONE, or an Exception)
+    arrive on `out`."""
 
     request_id: str
     token_ids: list[int]
@@ -44,10 +44,10 @@ def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: i
     transport failure ends this job only, not the batch it was computed in."""
     if job.cancelled.is_set():
         return
-    if job.sink is None:
-        for chunk in encode_layer(layer, k, v, first_token, job.chunk_bytes):
-            job.kv_bytes += len(chunk.data)
-            job.out.put(prefill_pb2.PrefillResponse(chunk=chunk))
+    if job.sink is None:  # chunks serialized here, once (zeroc.kv_transfer.encode_layer_wire)
+        job.kv_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+        for wire in encode_layer_wire(layer, k, v, first_token, job.chunk_bytes):
+            job.out.put(wire)
         return
     try:
         for msg in job.sink.layer(layer, k, v, first_token):

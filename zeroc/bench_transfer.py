@@ -1,9 +1,18 @@
 """`zeroc bench transfer`: KV bytes/s over the Prefill gRPC stream vs a raw TCP socket, on loopback.
 
-Both senders run in a child process and send the same payload: one prompt's KV, layer by layer,
-for the given shapes. The gRPC side uses the real wire format and receive path (`encode_layer`
-chunks, CRC32C check and tensor view in `decode_chunk`); the raw side streams the same number of
-bytes into a preallocated buffer, the ceiling any protocol on this host can reach.
+One child process serves all three senders; this process receives. Each repeat moves `rounds`
+prompts' KV (layer by layer, for the given shapes) three ways, back to back:
+
+- gRPC: the shipping path end to end — `encode_layer_wire` chunks from tensors on the sender, the
+  decode side's `GrpcKvTransport.fetch` (its channel options, CRC32C check, tensor view) writing
+  into a real paged cache through `KvReceiver`;
+- bare gRPC: the same number of bytes as opaque messages of the same size over a channel like the
+  transport's, no protobuf, no checks, no cache: the ceiling of gRPC in Python on this host;
+- raw TCP: the same bytes through a plain socket into a preallocated buffer, the host's ceiling.
+
+Ratios are taken within each repeat (the paths run seconds apart, so they see the same load) and
+their median is reported; CPU seconds per GiB (both processes) are reported too, since on a shared
+host they say more about cost than wall time does.
 """
 
 from __future__ import annotations
@@ -11,17 +20,25 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import statistics
 import struct
 import threading
 import time
 from concurrent import futures
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import grpc
 import torch
+from tqdm import tqdm
 
-from zeroc.kv_transfer import decode_chunk, encode_layer
+from zeroc.config import CacheConfig
+from zeroc.kv_cache import LayerShape, PagedKVCache
+from zeroc.kv_transfer import GrpcKvTransport, KvReceiver, add_prefill_service, encode_layer_wire
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
+
+_BARE_SERVICE, _BARE_METHOD = "zeroc.bench.v1.Bytes", "Stream"  # bench-only, not part of the API
+_GIB = float(1 << 30)
 
 
 @dataclass(frozen=True)
@@ -44,23 +61,61 @@ class TransferSpec:
     def payload_bytes(self) -> int:
         return self.tokens * self.bytes_per_token
 
+    @property
+    def wire_chunk_bytes(self) -> int:
+        """Payload of one full chunk: whole token rows, at most `chunk_bytes`, at most one layer's K."""
+        row = self.bytes_per_token // (self.layers * 2)
+        return row * min(self.tokens, max(1, self.chunk_bytes // row))
 
-def _messages(spec: TransferSpec) -> list[prefill_pb2.PrefillResponse]:
-    gen = torch.Generator().manual_seed(0)
-    dtype = getattr(torch, spec.dtype)
-    out = []
-    for layer in range(spec.layers):
-        k, v = (torch.randn(spec.tokens, spec.kv_heads, spec.head_dim, generator=gen).to(dtype) for _ in range(2))
-        out += [prefill_pb2.PrefillResponse(chunk=c) for c in encode_layer(layer, k, v, 0, spec.chunk_bytes)]
-    return out
+    @property
+    def message_limit(self) -> int:
+        return self.wire_chunk_bytes + (1 << 20)
 
 
 class _Replay(prefill_pb2_grpc.PrefillServiceServicer):
-    def __init__(self, messages):
-        self.messages = messages
+    """A prefill service whose model is fixed tensors: each call encodes and streams all layers."""
+
+    def __init__(self, spec: TransferSpec):
+        gen = torch.Generator().manual_seed(0)
+        dtype = getattr(torch, spec.dtype)
+        shape = (spec.tokens, spec.kv_heads, spec.head_dim)
+        # per layer (k, v): [tokens, kv_heads, head_dim]
+        self.layers = [tuple(torch.randn(shape, generator=gen).to(dtype) for _ in range(2)) for _ in range(spec.layers)]
+        self.spec = spec
 
     def Prefill(self, request, context):
-        yield from self.messages
+        for layer, (k, v) in enumerate(self.layers):
+            yield from encode_layer_wire(layer, k, v, 0, request.max_chunk_bytes)
+        yield prefill_pb2.PrefillResponse(summary=prefill_pb2.PrefillSummary(
+            num_tokens=self.spec.tokens, num_layers=self.spec.layers, kv_bytes=self.spec.payload_bytes))
+
+
+def _bare_handler(spec: TransferSpec) -> grpc.GenericRpcHandler:
+    payload = os.urandom(spec.wire_chunk_bytes)  # messages as large as the real path's chunks
+
+    def stream(request: bytes, context):
+        remaining = int.from_bytes(request, "little")
+        while remaining:
+            n = min(remaining, len(payload))
+            yield payload if n == len(payload) else payload[:n]
+            remaining -= n
+
+    identity = lambda b: b  # noqa: E731
+    return grpc.method_handlers_generic_handler(_BARE_SERVICE, {
+        _BARE_METHOD: grpc.unary_stream_rpc_method_handler(stream, identity, identity)})
+
+
+def _serve_tcp(srv: socket.socket, chunk_bytes: int) -> None:
+    payload = bytes(chunk_bytes)
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            while header := conn.recv(8):
+                (remaining,) = struct.unpack("!Q", header)
+                while remaining:
+                    n = min(remaining, len(payload))
+                    conn.sendall(payload[:n])
+                    remaining -= n
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -73,89 +128,121 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _grpc_sender(spec: TransferSpec, ports, parent: int) -> None:
+def _senders(spec: TransferSpec, ports, parent: int) -> None:
     _exit_with_parent(parent)
-    limit = spec.chunk_bytes + (1 << 20)
-    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.max_send_message_length", limit)])
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(_Replay(_messages(spec)), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    torch.set_num_threads(1)  # as a prefill service under `zeroc stack` (OMP_NUM_THREADS=1)
+    server = grpc.server(futures.ThreadPoolExecutor(4),
+                         options=[("grpc.max_send_message_length", spec.message_limit)])
+    add_prefill_service(_Replay(spec), server)
+    server.add_generic_rpc_handlers((_bare_handler(spec),))
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    ports.put(port)  # only once the server accepts calls
-    server.wait_for_termination()
-
-
-def _tcp_sender(spec: TransferSpec, ports, parent: int) -> None:
-    _exit_with_parent(parent)
-    payload = bytes(spec.chunk_bytes)
     with socket.create_server(("127.0.0.1", 0)) as srv:
-        ports.put(srv.getsockname()[1])
-        conn, _ = srv.accept()
-        with conn:
-            while header := conn.recv(8):
-                (remaining,) = struct.unpack("!Q", header)
-                while remaining:
-                    n = min(remaining, len(payload))
-                    conn.sendall(payload[:n])
-                    remaining -= n
+        ports.put((grpc_port, srv.getsockname()[1]))  # only once both accept connections
+        _serve_tcp(srv, spec.wire_chunk_bytes)
 
 
-def _spawn(target, spec: TransferSpec):
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Receivers:
+    """This process's side of the three paths; each returns the bytes of one prompt's KV."""
+
+    def __init__(self, spec: TransferSpec, grpc_port: int, tcp_port: int):
+        self.spec = spec
+        target = f"127.0.0.1:{grpc_port}"
+        self.transport = GrpcKvTransport(target, "", spec.chunk_bytes, spec.message_limit)
+        shape = LayerShape(spec.kv_heads, spec.head_dim, spec.head_dim)
+        self.cache = PagedKVCache([shape] * spec.layers, CacheConfig(block_size=16, num_blocks=-(-spec.tokens // 16)),
+                                  getattr(torch, spec.dtype))
+        self.slots = self.cache.schedule([("bench", spec.tokens)]).slot_mapping
+        self.bare_channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", spec.message_limit)])
+        self.bare = self.bare_channel.unary_stream(f"/{_BARE_SERVICE}/{_BARE_METHOD}")
+        self.sock = socket.create_connection(("127.0.0.1", tcp_port))
+        self.buf = memoryview(bytearray(spec.wire_chunk_bytes))
+
+    def grpc(self) -> int:
+        receiver = KvReceiver(self.cache, self.slots)
+        return self.transport.fetch("bench", [0] * self.spec.tokens, receiver, 300, lambda: True)
+
+    def bare_grpc(self) -> int:
+        return sum(len(m) for m in self.bare(self.spec.payload_bytes.to_bytes(8, "little"), timeout=300))
+
+    def raw_tcp(self) -> int:
+        self.sock.sendall(struct.pack("!Q", self.spec.payload_bytes))
+        got = 0
+        while got < self.spec.payload_bytes:
+            got += self.sock.recv_into(self.buf, min(len(self.buf), self.spec.payload_bytes - got))
+        return got
+
+    def close(self) -> None:
+        self.transport.close()
+        self.bare_channel.close()
+        self.sock.close()
+
+
+def _timed(one: Callable[[], int], rounds: int, sender_pid: int) -> dict:
+    """Rate and CPU cost (this process plus the sender) of `rounds` transfers."""
+    cpu0, sender0, start = time.process_time(), _cpu_seconds(sender_pid), time.perf_counter()
+    moved = sum(one() for _ in range(rounds))
+    seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu0 + _cpu_seconds(sender_pid) - sender0
+    return {"bytes": moved, "seconds": seconds, "bytes_per_s": moved / seconds, "cpu_s_per_gib": cpu / (moved / _GIB)}
+
+
+PATHS = ("grpc", "bare_grpc", "raw_tcp")
+
+
+def run_transfer_bench(spec: TransferSpec, rounds: int = 3, repeats: int = 5, progress: bool = True) -> dict:
+    """`repeats` x (`rounds` prompts' KV each way); rates in bytes/s, ratios to raw TCP per repeat."""
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    proc = ctx.Process(target=target, args=(spec, ports, os.getpid()), daemon=True)
-    proc.start()
-    return proc, ports.get(timeout=120)
-
-
-def _time_grpc(port: int, spec: TransferSpec, rounds: int) -> tuple[float, int]:
-    limit = spec.chunk_bytes + (1 << 20)
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", limit)]) as ch:
-        stub = prefill_pb2_grpc.PrefillServiceStub(ch)
-        received = 0
-        list(stub.Prefill(prefill_pb2.PrefillRequest(token_ids=[1]), timeout=300))  # warm-up
-        start = time.perf_counter()
-        for _ in range(rounds):
-            for msg in stub.Prefill(prefill_pb2.PrefillRequest(token_ids=[1]), timeout=300):
-                piece = decode_chunk(msg.chunk)  # CRC32C check and tensor view, as the decode side does
-                received += piece.data.numel() * piece.data.element_size()
-        return time.perf_counter() - start, received
-
-
-def _time_tcp(port: int, spec: TransferSpec, rounds: int) -> tuple[float, int]:
-    buf = bytearray(spec.chunk_bytes)
-    view = memoryview(buf)
-    received = 0
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        def one() -> int:
-            sock.sendall(struct.pack("!Q", spec.payload_bytes))
-            got = 0
-            while got < spec.payload_bytes:
-                got += sock.recv_into(view, min(len(buf), spec.payload_bytes - got))
-            return got
-
-        one()  # warm-up
-        start = time.perf_counter()
-        for _ in range(rounds):
-            received += one()
-        return time.perf_counter() - start, received
-
-
-def run_transfer_bench(spec: TransferSpec, rounds: int = 3) -> dict:
-    """Send `rounds` prompts' KV each way; returns rates in bytes/s and their ratio."""
-    procs = []
+    sender = ctx.Process(target=_senders, args=(spec, ports, os.getpid()), daemon=True)
+    sender.start()
+    samples: list[dict] = []
+    receivers = None
+    threads = torch.get_num_threads()
+    # Receive like a decode service under `zeroc stack` (OMP_NUM_THREADS=1): on a busy host, copies
+    # into the cache split over OpenMP threads wait on each other far longer than they copy.
+    torch.set_num_threads(1)
     try:
-        grpc_proc, grpc_port = _spawn(_grpc_sender, spec)
-        procs.append(grpc_proc)
-        tcp_proc, tcp_port = _spawn(_tcp_sender, spec)
-        procs.append(tcp_proc)
-        g_s, g_bytes = _time_grpc(grpc_port, spec, rounds)
-        t_s, t_bytes = _time_tcp(tcp_port, spec, rounds)
+        receivers = _Receivers(spec, *ports.get(timeout=120))
+        for name in PATHS:
+            getattr(receivers, name)()  # warm-up: connections, allocator, caches
+        load_before = os.getloadavg()[0]
+        for r in tqdm(range(repeats), desc="transfer repeats", disable=not progress):
+            order = PATHS[r % 3:] + PATHS[:r % 3]  # no path always runs first
+            samples.append({name: _timed(getattr(receivers, name), rounds, sender.pid) for name in order})
+        load_after = os.getloadavg()[0]
     finally:
-        for p in procs:
-            p.terminate()
-            p.join(10)
-    assert g_bytes == t_bytes == rounds * spec.payload_bytes, (g_bytes, t_bytes)
-    grpc_rate, tcp_rate = g_bytes / g_s, t_bytes / t_s
-    return {"spec": asdict(spec), "rounds": rounds, "payload_bytes": spec.payload_bytes,
+        torch.set_num_threads(threads)
+        if receivers is not None:
+            receivers.close()
+        sender.terminate()
+        sender.join(10)
+    for s in samples:
+        if {s[name]["bytes"] for name in PATHS} != {rounds * spec.payload_bytes}:
+            raise RuntimeError(f"a path moved the wrong number of bytes: {s}")
+    pooled = {name: sum(s[name]["bytes"] for s in samples) / sum(s[name]["seconds"] for s in samples)
+              for name in PATHS}
+    median = lambda f: statistics.median(f(s) for s in samples)  # noqa: E731
+    return {"spec": asdict(spec), "rounds": rounds, "repeats": repeats, "payload_bytes": spec.payload_bytes,
             "kv_bytes_per_prompt_token": {"uncompressed": spec.bytes_per_token},
-            "grpc_bytes_per_s": grpc_rate, "raw_tcp_bytes_per_s": tcp_rate, "grpc_over_raw": grpc_rate / tcp_rate}
+            # pooled over all repeats
+            "grpc_bytes_per_s": pooled["grpc"], "bare_grpc_bytes_per_s": pooled["bare_grpc"],
+            "raw_tcp_bytes_per_s": pooled["raw_tcp"], "grpc_over_raw": pooled["grpc"] / pooled["raw_tcp"],
+            # medians of the per-repeat wall-clock ratios
+            "median_grpc_over_raw": median(lambda s: s["grpc"]["bytes_per_s"] / s["raw_tcp"]["bytes_per_s"]),
+            "median_bare_grpc_over_raw": median(lambda s: s["bare_grpc"]["bytes_per_s"] / s["raw_tcp"]["bytes_per_s"]),
+            "median_grpc_over_bare_grpc": median(lambda s: s["grpc"]["bytes_per_s"] / s["bare_grpc"]["bytes_per_s"]),
+            "median_cpu_s_per_gib": {name: median(lambda s, n=name: s[n]["cpu_s_per_gib"]) for name in PATHS},
+            # raw TCP's CPU per byte over the path's: the throughput ratio where CPU is the limit, and
+            # the figure to quote on a shared host, where wall-clock ratios measure scheduler share
+            "median_cpu_ratio_vs_raw": {name: median(lambda s, n=name: s["raw_tcp"]["cpu_s_per_gib"] / s[n]["cpu_s_per_gib"])
+                                        for name in PATHS[:2]},
+            "load_average_1m": [load_before, load_after], "cpus": os.cpu_count(), "samples": samples}

@@ -156,19 +156,25 @@ def cmd_bench_transfer(args: argparse.Namespace) -> int:
 
     spec = TransferSpec(tokens=args.tokens, layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                         dtype=args.kv_dtype, chunk_bytes=args.chunk_bytes)
-    if min(spec.tokens, spec.layers, spec.kv_heads, spec.head_dim, args.rounds) < 1 or spec.chunk_bytes < 1024:
-        raise ZeroCError("--tokens, --layers, --kv-heads, --head-dim and --rounds must be >= 1, "
+    if min(spec.tokens, spec.layers, spec.kv_heads, spec.head_dim, args.rounds, args.repeats) < 1 \
+            or spec.chunk_bytes < 1024:
+        raise ZeroCError("--tokens, --layers, --kv-heads, --head-dim, --rounds and --repeats must be >= 1, "
                          "--chunk-bytes >= 1024")
-    report = run_transfer_bench(spec, args.rounds)
+    report = run_transfer_bench(spec, args.rounds, args.repeats, progress=not args.json)
     if args.json:
         print(json.dumps(report))
         return 0
-    mb = 1 << 20
+    mb, cpu, eff = 1 << 20, report["median_cpu_s_per_gib"], report["median_cpu_ratio_vs_raw"]
     print(f"KV of {spec.tokens} tokens x {spec.layers} layers x {spec.kv_heads}x{spec.head_dim} {spec.dtype}: "
-          f"{report['payload_bytes'] / mb:.1f} MiB per prompt, {spec.bytes_per_token} bytes per prompt token")
-    print(f"  gRPC Prefill stream  {report['grpc_bytes_per_s'] / mb:>9.1f} MiB/s")
-    print(f"  raw TCP socket       {report['raw_tcp_bytes_per_s'] / mb:>9.1f} MiB/s")
-    print(f"  gRPC / raw           {report['grpc_over_raw']:>9.2f}")
+          f"{report['payload_bytes'] / mb:.1f} MiB per prompt, {spec.bytes_per_token} bytes per prompt token; "
+          f"{args.repeats} repeats x {args.rounds} prompts per path, load average {report['load_average_1m'][0]:.1f}")
+    print(f"                       {'MiB/s':>9}  {'/ raw':>6}  {'CPU s/GiB':>9}  {'raw CPU / CPU':>13}")
+    print(f"  gRPC Prefill stream  {report['grpc_bytes_per_s'] / mb:>9.1f}  {report['median_grpc_over_raw']:>6.2f}  "
+          f"{cpu['grpc']:>9.2f}  {eff['grpc']:>13.2f}")
+    print(f"  bare gRPC bytes      {report['bare_grpc_bytes_per_s'] / mb:>9.1f}  "
+          f"{report['median_bare_grpc_over_raw']:>6.2f}  {cpu['bare_grpc']:>9.2f}  {eff['bare_grpc']:>13.2f}")
+    print(f"  raw TCP socket       {report['raw_tcp_bytes_per_s'] / mb:>9.1f}  {1:>6.2f}  {cpu['raw_tcp']:>9.2f}")
+    print("  (ratios are medians over repeats; bare gRPC is the ceiling for gRPC in Python on this host)")
     return 0
 
 
@@ -416,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--kv-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chunk-bytes", type=int, default=2 << 20)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="prompts per path per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="paths run back to back this many times; ratios are medians")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_transfer)
 

@@ -1,10 +1,11 @@
 """Moving a prompt's KV cache from a prefill service into a decode service's paged cache.
 
 On the wire a layer's keys and values travel as `zeroc.v1.KvChunk` messages: raw bytes of a
-contiguous token range with dtype, shape, layer and a CRC32C. `encode_layer` (prefill side)
-cuts a layer into chunks; `decode_chunk` (decode side) checks and parses one; `KvReceiver`
-writes parsed pieces into the cache slots reserved for the request and checks that every
-layer arrived whole. `KvTransport` is the seam between the two services.
+contiguous token range with dtype, shape, layer and a CRC32C. `encode_layer_wire` (prefill side)
+cuts a layer into serialized chunks; `parse_prefill_response` and `decode_chunk` (decode side)
+split, check and view one; `KvReceiver` writes the pieces into the cache slots reserved for the
+request and checks that every layer arrived whole. `KvTransport` is the seam between the two
+services.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import abc
 import hashlib
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 KEY, VALUE = prefill_pb2.KV_TENSOR_KEY, prefill_pb2.KV_TENSOR_VALUE
+_PREFILL = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].methods_by_name["Prefill"]
+PREFILL_METHOD = f"/{_PREFILL.containing_service.full_name}/{_PREFILL.name}"
 
 
 class KvTransferError(RuntimeError):
@@ -61,19 +65,165 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 # -- the wire format ----------------------------------------------------------------------------
-def encode_layer(layer: int, k: Tensor, v: Tensor, first_token: int, max_bytes: int
-                 ) -> Iterator[prefill_pb2.KvChunk]:
-    """Chunks of one layer's KV for a token range. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]."""
+# Chunks travel as plain `zeroc.v1.PrefillResponse{chunk: KvChunk}` protobuf messages. The hot path
+# writes and reads that encoding itself (`encode_layer_wire`, `parse_prefill_response`) so a payload
+# is copied once per side instead of through tensor -> bytes -> message -> serialized bytes and back;
+# `encode_layer` / `decode_chunk` on messages stay for tools and tests. docs/benchmarks.md, "KV
+# transfer", has the measurements.
+_CHUNK_KEY = b"\x0a"  # PrefillResponse.chunk: field 1, length-delimited
+_DATA_KEY = b"\x32"  # KvChunk.data: field 6, length-delimited
+_DATA_FIELD = 6
+
+
+def _layer_parts(k: Tensor, v: Tensor, max_bytes: int) -> Iterator[tuple[int, int, Tensor]]:
+    """(KEY or VALUE, first row, rows) slices of a layer's keys then values, each <= max_bytes (>= 1 row)."""
     for kind, t in ((KEY, k), (VALUE, v)):
         t = t.detach().contiguous().cpu()
         row_bytes = t[0].numel() * t.element_size() if len(t) else 1
         step = max(1, max_bytes // row_bytes)
         for start in range(0, t.shape[0], step):
-            part = t[start:start + step]
-            data = part.view(torch.uint8).numpy().tobytes()
-            yield prefill_pb2.KvChunk(layer=layer, tensor=kind, first_token=first_token + start,
-                                      shape=list(part.shape), dtype=DTYPE_NAMES[t.dtype], data=data,
-                                      crc32c=google_crc32c.value(data))
+            yield kind, start, t[start:start + step]
+
+
+def _header(layer: int, kind: int, first_token: int, part: Tensor, data: bytes) -> prefill_pb2.KvChunk:
+    """Every KvChunk field but `data`. part: [tokens, kv_heads, width]; data: its raw bytes."""
+    return prefill_pb2.KvChunk(layer=layer, tensor=kind, first_token=first_token, shape=list(part.shape),
+                               dtype=DTYPE_NAMES[part.dtype], crc32c=google_crc32c.value(data))
+
+
+def encode_layer(layer: int, k: Tensor, v: Tensor, first_token: int, max_bytes: int
+                 ) -> Iterator[prefill_pb2.KvChunk]:
+    """Chunks of one layer's KV for a token range. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]."""
+    for kind, start, part in _layer_parts(k, v, max_bytes):
+        data = part.view(torch.uint8).numpy().tobytes()
+        chunk = _header(layer, kind, first_token + start, part, data)
+        chunk.data = data
+        yield chunk
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_layer_wire(layer: int, k: Tensor, v: Tensor, first_token: int, max_bytes: int) -> Iterator[bytes]:
+    """The chunks of `encode_layer`, each as a serialized PrefillResponse: the payload is copied twice
+    (out of the tensor, into the message) where building protobuf messages copies it four times.
+    Parsers see standard protobuf: the header fields, then `data` last (field order is free on the
+    wire). k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]."""
+    for kind, start, part in _layer_parts(k, v, max_bytes):
+        data = part.view(torch.uint8).numpy().tobytes()
+        header = _header(layer, kind, first_token + start, part, data).SerializeToString()
+        data_len = _varint(len(data))
+        body = len(header) + len(_DATA_KEY) + len(data_len) + len(data)
+        yield b"".join((_CHUNK_KEY, _varint(body), header, _DATA_KEY, data_len, data))
+
+
+def _serialize_prefill_response(msg: prefill_pb2.PrefillResponse | bytes) -> bytes:
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def add_prefill_service(servicer: prefill_pb2_grpc.PrefillServiceServicer, server: grpc.Server) -> None:
+    """Register a PrefillService servicer as the generated helper does, except that its Prefill may
+    yield chunks already serialized by `encode_layer_wire` (prefill side, once per server)."""
+
+    class _Collect:
+        def add_generic_rpc_handlers(self, _handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, _name: str, handlers: dict) -> None:
+            self.handlers = dict(handlers)
+
+    collected = _Collect()
+    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, collected)
+    handlers = collected.handlers  # other methods keep their generated handlers
+    handlers["Prefill"] = handlers["Prefill"]._replace(response_serializer=_serialize_prefill_response)
+    name = _PREFILL.containing_service.full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+@dataclass(frozen=True)
+class WireChunk:
+    """A received chunk, not yet checked: its metadata and its payload left in the received buffer."""
+
+    header: prefill_pb2.KvChunk  # every field but `data`
+    payload: bytes
+
+
+class _Unusual(Exception):
+    """The message is not a single well-formed chunk; protobuf parses it (or rejects it) instead."""
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while shift < 64:
+        if pos >= len(buf):
+            raise _Unusual
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise _Unusual
+
+
+def _fields(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, start of field, start of value, end) of each field in buf[pos:end]."""
+    while pos < end:
+        tag, value = _read_varint(buf, pos)
+        wire_type = tag & 7
+        if wire_type == 0:
+            nxt = _read_varint(buf, value)[1]
+        elif wire_type == 2:
+            size, value = _read_varint(buf, value)
+            nxt = value + size
+        elif wire_type in (1, 5):
+            nxt = value + (8 if wire_type == 1 else 4)
+        else:
+            raise _Unusual  # groups never occur in these messages
+        if nxt > end:
+            raise _Unusual
+        yield tag >> 3, wire_type, pos, value, nxt
+        pos = nxt
+
+
+def _split_chunk(raw: bytes) -> WireChunk:
+    """Header fields (in any order) parsed by protobuf; the payload sliced out of `raw` once."""
+    outer = list(_fields(raw, 0, len(raw)))
+    if len(outer) != 1 or outer[0][:2] != (1, 2):  # exactly one `chunk`, else leave it to protobuf
+        raise _Unusual
+    header, payload = [], None
+    for number, wire_type, start, value, end in _fields(raw, outer[0][3], outer[0][4]):
+        if (number, wire_type) == (_DATA_FIELD, 2):
+            if payload is not None:
+                raise _Unusual
+            payload = raw[value:end]
+        else:
+            header.append(raw[start:end])
+    if payload is None:
+        raise _Unusual
+    return WireChunk(prefill_pb2.KvChunk.FromString(b"".join(header)), payload)
+
+
+def parse_prefill_response(raw: bytes) -> WireChunk | prefill_pb2.PrefillSummary | prefill_pb2.PrefillResponse:
+    """Response deserializer of the decode side's Prefill calls: a chunk, the summary, or (out of
+    band transports) the whole response.
+
+    Raises google.protobuf.message.DecodeError on garbage (gRPC then fails the call)."""
+    try:
+        return _split_chunk(raw)
+    except _Unusual:
+        msg = prefill_pb2.PrefillResponse.FromString(raw)
+        if msg.HasField("chunk"):
+            return WireChunk(msg.chunk, msg.chunk.data)
+        # Out-of-band descriptors (`remote`) stay messages for the transports of zeroc/transport/.
+        return msg.summary if msg.HasField("summary") else msg
 
 
 @dataclass(frozen=True)
@@ -86,23 +236,35 @@ class KvPiece:
     data: Tensor  # [tokens, kv_heads, width]
 
 
-def decode_chunk(msg: prefill_pb2.KvChunk) -> KvPiece:
-    """Parse a chunk; a CRC mismatch or inconsistent metadata raises KvTransferError(DATA_LOSS)."""
-    if google_crc32c.value(msg.data) != msg.crc32c:
+# The payload view is only ever read (copied into the cache), so torch's note about a read-only
+# buffer does not apply; the filter is limited to this module.
+warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning, __name__)
+
+
+def decode_chunk(msg: prefill_pb2.KvChunk | WireChunk) -> KvPiece:
+    """Check a chunk and view its payload as a tensor (no copy); a CRC mismatch or inconsistent
+    metadata raises KvTransferError(DATA_LOSS)."""
+    head, data = (msg.header, msg.payload) if isinstance(msg, WireChunk) else (msg, msg.data)
+    if google_crc32c.value(data) != head.crc32c:
         raise KvTransferError(grpc.StatusCode.DATA_LOSS,
-                              f"KV chunk of layer {msg.layer} at token {msg.first_token} failed its CRC32C check")
-    dtype = DTYPES_BY_NAME.get(msg.dtype)
-    shape = tuple(msg.shape)
-    if dtype is None or len(shape) != 3 or msg.tensor not in (KEY, VALUE):
+                              f"KV chunk of layer {head.layer} at token {head.first_token} failed its CRC32C check")
+    dtype = DTYPES_BY_NAME.get(head.dtype)
+    shape = tuple(head.shape)
+    if dtype is None or len(shape) != 3 or head.tensor not in (KEY, VALUE):
         raise KvTransferError(grpc.StatusCode.DATA_LOSS,
-                              f"KV chunk has bad metadata (dtype={msg.dtype!r}, shape={shape}, tensor={msg.tensor})")
+                              f"KV chunk has bad metadata (dtype={head.dtype!r}, shape={shape}, tensor={head.tensor})")
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if shape[0] * shape[1] * shape[2] * itemsize != len(msg.data):
+    if shape[0] * shape[1] * shape[2] * itemsize != len(data):
         raise KvTransferError(grpc.StatusCode.DATA_LOSS,
-                              f"KV chunk carries {len(msg.data)} bytes but shape {shape} of {msg.dtype} needs "
+                              f"KV chunk carries {len(data)} bytes but shape {shape} of {head.dtype} needs "
                               f"{shape[0] * shape[1] * shape[2] * itemsize}")
-    data = torch.frombuffer(bytearray(msg.data), dtype=dtype).view(shape)
-    return KvPiece(msg.layer, msg.tensor == KEY, msg.first_token, data)
+    view = torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
+    return KvPiece(head.layer, head.tensor == KEY, head.first_token, view)
+
+
+def _byte_rows(t: Tensor):
+    """A numpy uint8 view, one row per token, of a contiguous CPU tensor. t: [N, kv_heads, width]."""
+    return t.view(torch.uint8).reshape(t.shape[0], -1).numpy()
 
 
 class KvReceiver:
@@ -118,6 +280,8 @@ class KvReceiver:
         self.num_tokens = int(slots.shape[0])
         self.bytes_received = 0
         self._filled = torch.zeros(len(cache.k_pools), 2, self.num_tokens, dtype=torch.bool)
+        # [T] the same slots for numpy's row scatter (CPU caches only)
+        self._slots_np = slots.numpy() if cache.device.type == "cpu" else None
 
     def write(self, piece: KvPiece) -> None:
         n = piece.data.shape[0]
@@ -133,8 +297,15 @@ class KvReceiver:
             raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"KV chunk rows are {tuple(piece.data.shape[1:])}; this cache stores "
                                   f"{tuple(pool.shape[2:])} (a different model?)")
-        slots = self.slots[first:first + n]
-        pool.view(-1, *pool.shape[2:])[slots] = piece.data.to(pool.dtype)
+        if n == 0:
+            return
+        rows = pool.view(-1, *pool.shape[2:])  # [blocks * block_size, kv_heads, width]
+        if self._slots_np is not None and piece.data.dtype == pool.dtype:
+            # numpy scatters whole rows with memcpy; torch's index_put goes element by element,
+            # which made this copy cost more than the transfer itself (docs/benchmarks.md, KV transfer).
+            _byte_rows(rows)[self._slots_np[first:first + n]] = _byte_rows(piece.data)
+        else:
+            rows[self.slots[first:first + n]] = piece.data.to(pool.dtype)
         self._filled[piece.layer, 0 if piece.is_key else 1, first:first + n] = True
         self.bytes_received += piece.data.numel() * piece.data.element_size()
 
@@ -177,7 +348,10 @@ class GrpcKvTransport(KvTransport):
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ])
-        self._stub = prefill_pb2_grpc.PrefillServiceStub(self._channel)
+        # The generated stub would parse every chunk into a message (two more payload copies).
+        self._prefill = self._channel.unary_stream(
+            PREFILL_METHOD, request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
+            response_deserializer=parse_prefill_response, _registered_method=True)
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
               is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
@@ -185,17 +359,17 @@ class GrpcKvTransport(KvTransport):
                                              model_fingerprint=self.fingerprint, max_chunk_bytes=self.chunk_bytes,
                                              cached_prefix_tokens=cached_prefix_tokens)
         deadline = time.monotonic() + timeout_s
-        call = self._stub.Prefill(self._extend(request), timeout=timeout_s, wait_for_ready=False)
+        call = self._prefill(self._extend(request), timeout=timeout_s, wait_for_ready=False)
         try:
             for msg in call:
                 if not is_active():
                     call.cancel()
                     raise KvTransferError(grpc.StatusCode.CANCELLED, "request cancelled during KV transfer")
-                if not msg.HasField("summary"):
+                if not isinstance(msg, prefill_pb2.PrefillSummary):
                     receiver.write(self._piece(msg, deadline))
-                elif msg.summary.num_tokens != len(token_ids):
+                elif msg.num_tokens != len(token_ids):
                     raise KvTransferError(grpc.StatusCode.DATA_LOSS, "prefill summary names "
-                                          f"{msg.summary.num_tokens} tokens, {len(token_ids)} were sent")
+                                          f"{msg.num_tokens} tokens, {len(token_ids)} were sent")
         except grpc.RpcError as exc:
             code = exc.code()
             # The prefill service's own verdicts pass through; a dead peer reads as UNAVAILABLE.
@@ -212,11 +386,11 @@ class GrpcKvTransport(KvTransport):
     def _extend(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
         return request
 
-    def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
-        if not msg.HasField("chunk"):
+    def _piece(self, msg: WireChunk | prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
+        if not isinstance(msg, WireChunk):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, "the prefill service sent KV out of band; "
                                   "this transport expects in-band chunks")
-        return decode_chunk(msg.chunk)
+        return decode_chunk(msg)
 
     def close(self) -> None:
         self._channel.close()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from google.protobuf.message import DecodeError
 
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.engine import Engine
-from zeroc.kv_transfer import KvReceiver, KvTransferError, decode_chunk, encode_layer
+from zeroc.kv_transfer import (KvReceiver, KvTransferError, WireChunk, decode_chunk, encode_layer, encode_layer_wire,
+                               parse_prefill_response)
 from zeroc.sampling import SamplingParams
+from zeroc.v1 import prefill_pb2
 
 
 def test_chunks_round_trip_within_the_byte_bound():
@@ -49,6 +52,49 @@ def test_metadata_that_disagrees_with_the_payload_is_data_loss():
     assert err.value.code == grpc.StatusCode.DATA_LOSS
 
 
+def test_the_wire_encoding_is_standard_protobuf_and_parses_to_the_same_chunks():
+    k, v = torch.randn(37, 2, 32).to(torch.bfloat16), torch.randn(37, 2, 16).to(torch.bfloat16)
+    wires = list(encode_layer_wire(3, k, v, first_token=5, max_bytes=1024))
+    messages = list(encode_layer(3, k, v, first_token=5, max_bytes=1024))
+    assert [prefill_pb2.PrefillResponse.FromString(w).chunk for w in wires] == messages
+    parsed = [parse_prefill_response(w) for w in wires]
+    assert all(isinstance(p, WireChunk) for p in parsed)
+    assert [p.header.crc32c for p in parsed] == [m.crc32c for m in messages]
+    for got, want in zip(map(decode_chunk, parsed), map(decode_chunk, messages)):
+        assert (got.layer, got.is_key, got.first_token) == (want.layer, want.is_key, want.first_token)
+        assert torch.equal(got.data, want.data)
+
+
+def test_chunks_from_any_protobuf_encoder_parse_whatever_the_field_order():
+    chunk = next(encode_layer(1, torch.randn(2, 1, 8), torch.randn(2, 1, 8), 2, 1 << 20))
+    standard = prefill_pb2.PrefillResponse(chunk=chunk).SerializeToString()  # data before crc32c
+    # Serialized messages concatenate as a merge: the payload first, the metadata in two later runs.
+    inner = b"".join(prefill_pb2.KvChunk(**fields).SerializeToString() for fields in (
+        {"data": chunk.data}, {"crc32c": chunk.crc32c, "shape": chunk.shape, "layer": 1},
+        {"dtype": chunk.dtype, "tensor": chunk.tensor, "first_token": 2}))
+    assert len(inner) < 128  # so its length is a one-byte varint
+    for raw in (standard, bytes([0x0A, len(inner)]) + inner):
+        parsed = parse_prefill_response(raw)
+        assert isinstance(parsed, WireChunk) and parsed.header.crc32c == chunk.crc32c
+        piece = decode_chunk(parsed)
+        assert (piece.layer, piece.first_token) == (1, 2) and torch.equal(piece.data, decode_chunk(chunk).data)
+
+
+def test_a_summary_passes_through_and_garbage_is_a_decode_error():
+    summary = prefill_pb2.PrefillSummary(num_tokens=7, num_layers=2, kv_bytes=10)
+    assert parse_prefill_response(prefill_pb2.PrefillResponse(summary=summary).SerializeToString()) == summary
+    with pytest.raises(DecodeError):
+        parse_prefill_response(b"\x0a\xff\xff\xff\x0f garbage")
+
+
+def test_a_flipped_payload_byte_on_the_wire_fails_the_crc():
+    raw = bytearray(next(encode_layer_wire(0, torch.randn(4, 1, 8), torch.randn(4, 1, 8), 0, 1 << 20)))
+    raw[-3] ^= 0x10  # the payload is the end of the message
+    with pytest.raises(KvTransferError, match="CRC32C") as err:
+        decode_chunk(parse_prefill_response(bytes(raw)))
+    assert err.value.code == grpc.StatusCode.DATA_LOSS
+
+
 def _prefill(loaded, ids: list[int], chunk_bytes: int) -> list:
     worker = PrefillWorker(loaded, CacheConfig(block_size=16, num_blocks=64), SchedulerConfig())
     try:
@@ -57,7 +103,7 @@ def _prefill(loaded, ids: list[int], chunk_bytes: int) -> list:
         out = []
         while (item := job.out.get(timeout=60)) is not DONE:
             assert not isinstance(item, Exception), item
-            out.append(item.chunk)
+            out.append(prefill_pb2.PrefillResponse.FromString(item).chunk)
         assert worker.cache.num_free_blocks == 64  # the prefill side keeps nothing
         return out
     finally:

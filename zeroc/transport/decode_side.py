@@ -180,7 +180,7 @@ class NcclKvTransport(GrpcKvTransport):
         return request
 
     def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
-        if not msg.HasField("remote"):
+        if not isinstance(msg, prefill_pb2.PrefillResponse) or not msg.HasField("remote"):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, "expected NCCL KV descriptors, got an in-band chunk")
         r = msg.remote
         dtype, shape = remote_meta(r)
@@ -217,7 +217,8 @@ class CudaIpcKvTransport(GrpcKvTransport):
         return request
 
     def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
-        if not msg.HasField("remote") or not msg.remote.HasField("ipc"):
+        if not isinstance(msg, prefill_pb2.PrefillResponse) or not msg.HasField("remote") \
+                or not msg.remote.HasField("ipc"):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, "expected CUDA IPC KV descriptors")
         r = msg.remote
         dtype, shape = remote_meta(r)
