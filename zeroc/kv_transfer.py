@@ -348,7 +348,8 @@ class GrpcKvTransport(KvTransport):
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ])
-        # The generated stub would parse every chunk into a message (two more payload copies).
+        self._stub = prefill_pb2_grpc.PrefillServiceStub(self._channel)  # the other methods
+        # The generated Prefill would parse every chunk into a message (two more payload copies).
         self._prefill = self._channel.unary_stream(
             PREFILL_METHOD, request_serializer=prefill_pb2.PrefillRequest.SerializeToString,
             response_deserializer=parse_prefill_response, _registered_method=True)

@@ -20,7 +20,7 @@ from prefill_service.server import PrefillServicer
 from prefill_service.worker import PrefillWorker
 from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
 from zeroc.engine import Engine
-from zeroc.kv_transfer import KvReceiver, KvTransferError, model_fingerprint
+from zeroc.kv_transfer import KvReceiver, KvTransferError, add_prefill_service, model_fingerprint
 from zeroc.transport.capability import CUDA_IPC, GRPC, NCCL, Capability, host_id
 from zeroc.transport.decode_side import NcclKvTransport, NegotiatingKvTransport
 from zeroc.transport.nccl import NcclNotFoundError, load_nccl
@@ -105,7 +105,7 @@ class _Server:
 
     def __init__(self, servicer):
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
-        prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, self.server)
+        add_prefill_service(servicer, self.server)  # as the prefill service registers it
         self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.server.start()
 
