@@ -20,10 +20,11 @@ from decode_service.loop import CancelledError, EngineLoop, QueueFullError, Shut
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
-from zeroc.kv_transfer import GrpcKvTransport, KvReceiver, KvTransferError, KvTransport, model_fingerprint
+from zeroc.kv_transfer import GrpcKvTransport, KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.sampling import SamplingParams
+from zeroc.serving_policies.transfer import kv_fingerprint, receive_into
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc
 
@@ -120,8 +121,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 slots = state.loop.reserve(ticket, len(ids) - 1, context.is_active)
                 remaining = context.time_remaining()
                 timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
-                kv_bytes = self.transport.fetch(ticket.key, ids[:-1], KvReceiver(state.engine.cache, slots),
-                                                timeout, context.is_active)
+                receiver, land = receive_into(state.engine.cache, ticket.key, slots)
+                kv_bytes = self.transport.fetch(ticket.key, ids[:-1], receiver, timeout, context.is_active)
+                state.loop.run_locked(land)  # a KV policy encodes the full-precision KV into its own blocks
                 cached = len(ids) - 1
             state.loop.submit(ticket, ids, req.params, cached)
         except KvTransferError as exc:
@@ -185,7 +187,7 @@ class DecodeService:
     def __init__(self, cfg: ZeroCConfig):
         self.cfg = cfg
         self.host = ServiceHost(cfg.server, [SERVICE_NAME])
-        self.fingerprint = model_fingerprint(cfg.model_dir)
+        self.fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         self.transport = None
         if cfg.transfer.prefill_target:
             self.transport = GrpcKvTransport(cfg.transfer.prefill_target, self.fingerprint,

@@ -14,6 +14,7 @@ from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import model_fingerprint
 from zeroc.loader import LoadedModel, load_model
 from zeroc.rpc import CallCounter, ServiceHost
+from zeroc.serving_policies.transfer import kv_fingerprint
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {item}")
             yield item
         yield prefill_pb2.PrefillResponse(summary=prefill_pb2.PrefillSummary(
-            num_tokens=len(job.token_ids), num_layers=len(self.worker.cache.k_pools), kv_bytes=job.kv_bytes))
+            num_tokens=len(job.token_ids), num_layers=self.worker.cache.num_layers, kv_bytes=job.kv_bytes))
 
 
 def serve(cfg: ZeroCConfig, ready=print) -> None:
@@ -87,7 +88,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         ready(f"prefill service listening on {host.address}")
         loaded = load_model(cfg.model_dir, cfg.dtype)
         worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler)
-        servicer.attach(loaded, worker, model_fingerprint(cfg.model_dir))
+        servicer.attach(loaded, worker, kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache))
         host.set_serving()
         log.info("serving", extra={"service": "prefill", "address": host.address, "model": cfg.model_dir})
         host.wait_and_drain(worker.stop, servicer.calls.busy)
