@@ -79,7 +79,7 @@ class EngineLoop:
         """Wait until the cache can hold `num_tokens` prompt tokens, then take their slots: [num_tokens]."""
         cache = self.engine.cache
         # Leave a block of growth per running sequence so receiving KV does not force preemption.
-        need = -(-(num_tokens + 1) // cache.block_size)
+        need = cache.blocks_needed(ticket.key, num_tokens + 1)
         with self._cond:
             while cache.num_free_blocks - len(self.engine.running) < need:
                 if self._stopping:
@@ -94,6 +94,11 @@ class EngineLoop:
         with self._cond:
             self.engine.abort(ticket.key)
             self._cond.notify_all()
+
+    def run_locked(self, fn: Callable[[], None]) -> None:
+        """Run `fn` between engine steps and releases (e.g. encoding received KV into the cache)."""
+        with self._cond:
+            fn()
 
     def submit(self, ticket: Ticket, ids: list[int], params: SamplingParams, cached_tokens: int) -> None:
         with self._cond:

@@ -24,10 +24,11 @@ from kv_store.store import KvStore
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
-from zeroc.kv_transfer import KvReceiver, KvTransferError, KvTransport, model_fingerprint
+from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.sampling import SamplingParams
+from zeroc.serving_policies.transfer import kv_fingerprint, receive_into
 from zeroc.transport.decode_side import make_kv_transport
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc, kv_store_pb2_grpc
@@ -130,9 +131,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 remaining = context.time_remaining()
                 timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
                 if reused < len(ids) - 1:
-                    kv_bytes = self.transport.fetch(ticket.key, ids[:-1],
-                                                    KvReceiver(state.engine.cache, slots[reused:], start=reused),
-                                                    timeout, context.is_active, cached_prefix_tokens=reused)
+                    receiver, land = receive_into(state.engine.cache, ticket.key, slots[reused:], start=reused)
+                    kv_bytes = self.transport.fetch(ticket.key, ids[:-1], receiver, timeout, context.is_active,
+                                                    cached_prefix_tokens=reused)
+                    state.loop.run_locked(land)  # a KV policy encodes the full-precision KV into its own blocks
                 cached = len(ids) - 1
             elif state.store is not None and len(ids) > 1:
                 cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req.request_id)
@@ -232,7 +234,7 @@ class DecodeService:
     def __init__(self, cfg: ZeroCConfig):
         self.cfg = cfg
         self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME])
-        self.fingerprint = model_fingerprint(cfg.model_dir)
+        self.fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         self.transport = None
         if cfg.transfer.prefill_target:
             self.transport = make_kv_transport(cfg, self.fingerprint)

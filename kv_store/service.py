@@ -90,7 +90,14 @@ def set_store_health(host: ServiceHost, state: str) -> None:
 
 def attach_store(cfg: ZeroCConfig, loaded: LoadedModel, fingerprint: str, host: ServiceHost,
                  servicer: KvStoreServicer) -> StoreHandle | None:
-    """Open the service's KV store (see kv_store.service) and let the FetchBlocks servicer serve its pool."""
+    """Open the service's KV store (see kv_store.service) and let the FetchBlocks servicer serve its pool.
+
+    None with a KV policy (`--kv-policy`): the pool holds plain cache blocks, and a policy's
+    blocks (packed codes, evicted tokens) are not those, so such services do not reuse prefixes."""
+    if cfg.cache.kv_policy != "none":
+        log.info("kv store off: prefix reuse does not cover --kv-policy caches",
+                 extra={"kv_policy": cfg.cache.kv_policy})
+        return None
     handle = open_store(cfg.redis, cfg.store, loaded, fingerprint, cfg.cache.block_size, host.address,
                         cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20,
                         on_state=lambda state: set_store_health(host, state))

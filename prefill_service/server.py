@@ -19,6 +19,7 @@ from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import KvTransferError, add_prefill_service, model_fingerprint
 from zeroc.loader import LoadedModel, load_model
 from zeroc.rpc import CallCounter, ServiceHost
+from zeroc.serving_policies.transfer import kv_fingerprint
 from zeroc.transport.capability import probe
 from zeroc.transport.nccl import load_nccl
 from zeroc.transport.prefill_side import KvTransportService
@@ -133,7 +134,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         host.start()
         ready(f"prefill service listening on {host.address}")
         loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device)
-        fingerprint = model_fingerprint(cfg.model_dir)
+        fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         if cfg.parallel.sp_ranks > 1:  # no prefix reuse across SP ranks: the store is not attached
             worker = SpPrefillWorker(loaded, cfg.parallel.sp_ranks, cfg.dtype, cfg.transfer.timeout_s)
         else:

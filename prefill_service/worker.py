@@ -80,7 +80,7 @@ class PrefillWorker:
         shapes = layer_shapes(cfg)
         param = next(self.model.parameters())
         self.cache = _StreamingCache(shapes, cache, param.dtype, param.device)
-        self.max_tokens = min(cfg.max_position_embeddings, cache.num_blocks * cache.block_size) - 1
+        self.max_tokens = self.cache.token_capacity(cfg.max_position_embeddings) - 1
         self._pending: queue.Queue[PrefillJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
         self._thread.start()

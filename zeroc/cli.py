@@ -18,6 +18,10 @@ from zeroc.errors import ZeroCError
 
 # The --kv-policy names (zeroc.policies.POLICY_NAMES), listed here so --help does not import torch.
 POLICY_CHOICES = ("kivi-4", "kivi-2", "streamingllm", "h2o", "snapkv", "palu")
+# Serving's --kv-policy names (zeroc.serving_policies.SERVING_POLICY_NAMES), checked by CacheConfig.
+SERVING_POLICIES = "none | kivi-4 | kivi-2 | h2o"
+KIVI_BLOCK = 32  # KIVI quantises keys one block of its group (32 tokens) at a time
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -26,16 +30,38 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (env ZEROC_DTYPE)")
 
 
-def _root_config(args: argparse.Namespace) -> ZeroCConfig:
+def _root_config(args: argparse.Namespace, cache: dict | None = None) -> ZeroCConfig:
     return ZeroCConfig.from_env(model_dir=args.model, dtype=args.dtype,
-                                cache={"block_size": getattr(args, "block_size", None)})
+                                cache=cache or {"block_size": getattr(args, "block_size", None)})
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, cache: dict | None = None):
     from zeroc.loader import load_model
 
-    cfg = _root_config(args)
+    cfg = _root_config(args, cache)
     return load_model(cfg.model_dir, cfg.dtype), cfg
+
+
+def _byte_size(text: str) -> int:
+    """"1073741824", "512M", "1G", "1GiB" -> bytes (binary units)."""
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = _UNITS.get(raw[-1:], 1)
+    try:
+        value = float(raw[:-1] if raw[-1:] in _UNITS else raw) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 1073741824, 512M, 1G)") from None
+    return int(value)
+
+
+def _cache_settings(args: argparse.Namespace) -> dict:
+    """The cache section of the config from serving flags (None: environment or default)."""
+    policy = args.kv_policy or os.environ.get("ZEROC_CACHE_KV_POLICY", "none")
+    block = args.block_size
+    if block is None and policy.startswith("kivi") and "ZEROC_CACHE_BLOCK_SIZE" not in os.environ:
+        block = KIVI_BLOCK
+    return {"block_size": block, "num_blocks": getattr(args, "num_blocks", None), "num_bytes": args.cache_bytes,
+            "kv_policy": args.kv_policy, "kv_budget": args.kv_budget, "kv_max_tokens": args.kv_max_tokens,
+            "kv_residual": args.kv_residual}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -212,7 +238,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
-    loaded, cfg = _load(args)
+    loaded, cfg = _load(args, _cache_settings(args))
     engine = Engine(loaded, cfg.cache, cfg.scheduler)
     request_id = engine.add_request(args.prompt, params)
     tokens: list[int] = []
@@ -264,7 +290,7 @@ def _service_config(args: argparse.Namespace) -> ZeroCConfig:
     prefill = getattr(args, "prefill", None)
     return ZeroCConfig.from_env(
         model_dir=args.model, dtype=args.dtype, device=args.device,
-        cache={"block_size": args.block_size, "num_blocks": args.num_blocks},
+        cache=_cache_settings(args),
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
         transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
@@ -282,11 +308,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "or --colocated")
     if args.what == "prefill" and cfg.parallel.sp_ranks > 1 and cfg.device != "cpu":
         raise ZeroCError("--sp runs its ranks on gloo and needs --device cpu")
+    if args.what == "prefill" and cfg.parallel.sp_ranks > 1 and cfg.cache.kv_policy != "none":
+        raise ZeroCError("--sp computes plain attention; it does not run --kv-policy caches")
     if cfg.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise ZeroCError(f"--device {cfg.device}: torch sees no CUDA device")
+    if args.what == "prefill" or cfg.transfer.prefill_target:
+        from zeroc.serving_policies.transfer import check_transfer
+
+        check_transfer(cfg.cache)  # ValueError: this policy's KV cannot travel
     setup_logging()
     if os.environ.get("ZEROC_EXIT_WITH_PARENT"):
         from zeroc.rpc import stop_with_parent
@@ -332,6 +364,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="how prompt KV travels between prefill and decode: in-band gRPC, NCCL between GPUs "
                         "(CUDA IPC on a shared GPU), or auto: NCCL when both peers have GPUs "
                         "(env ZEROC_TRANSFER_KV_TRANSPORT; default auto)")
+    _kv_policy_args(p)
     _redis_arg(p)
     p.add_argument("--kv-store-mb", type=int, default=None,
                    help="KV store block pool in MiB, 0 turns prefix reuse off (env ZEROC_STORE_CAPACITY_MB; default 256)")
@@ -341,6 +374,22 @@ def _redis_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None,
                    help="KV store index: redis://, rediss:// (TLS), unix://, redis+sentinel://HOST:PORT/MASTER, or "
                         "'off' (env ZEROC_REDIS_URL; default: an embedded redis-server)")
+
+
+def _kv_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-policy", default=None, metavar="NAME",
+                   help=f"what the KV cache stores: {SERVING_POLICIES} (env ZEROC_CACHE_KV_POLICY; "
+                        "docs/policies.md, 'In serving')")
+    p.add_argument("--kv-budget", type=float, default=None,
+                   help="h2o: tokens kept as a fraction of those seen, in (0, 1] (env ZEROC_CACHE_KV_BUDGET)")
+    p.add_argument("--kv-max-tokens", type=int, default=None,
+                   help="h2o: at most this many tokens per sequence (0: no cap; env ZEROC_CACHE_KV_MAX_TOKENS)")
+    p.add_argument("--kv-residual", type=int, default=None,
+                   help="kivi: full-precision tokens kept besides the filling block, a multiple of the block "
+                        "size (default 0; env ZEROC_CACHE_KV_RESIDUAL)")
+    p.add_argument("--cache-bytes", type=_byte_size, default=None,
+                   help="KV cache capacity in bytes (e.g. 1G), instead of --num-blocks: the blocks that fit "
+                        "depend on the policy (env ZEROC_CACHE_NUM_BYTES)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
+    _kv_policy_args(p)
     p.add_argument("--target", default=None, help="HOST:PORT of a decode service (default: run locally)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds with --target")
     p.add_argument("--json", action="store_true")

@@ -273,16 +273,28 @@ def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV cache: block size in tokens and the number of blocks per layer pool."""
+    """The paged KV cache: block size in tokens and its capacity (blocks, or bytes), and the KV
+    policy that decides what a block stores (zeroc/serving_policies, docs/policies.md)."""
 
     block_size: int = 16
     num_blocks: int = 1024
+    num_bytes: int = 0  # > 0: capacity in bytes instead; the blocks that fit depend on the policy
+    kv_policy: str = "none"  # none | kivi-4 | kivi-2 | h2o
+    kv_budget: float = 1.0  # h2o: tokens kept as a fraction of the tokens seen
+    kv_max_tokens: int = 0  # h2o: at most this many tokens per sequence (0: no cap)
+    kv_residual: int = 0  # kivi: full-precision tokens kept besides the filling block (a multiple of it)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.num_blocks <= 0:
             raise ValueError(
                 f"block_size and num_blocks must be positive, got {self.block_size} and {self.num_blocks}"
             )
+        if self.num_bytes < 0:
+            raise ValueError(f"cache bytes must be >= 0 (0: use num_blocks), got {self.num_bytes}")
+        if (self.kv_policy, self.kv_budget, self.kv_max_tokens, self.kv_residual) != ("none", 1.0, 0, 0):
+            from zeroc.serving_policies import make_serving_policy  # here: it imports the model, which imports us
+
+            make_serving_policy(self)  # ValueError naming the bad setting
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class Engine:
             raise ZeroCError("prompt is empty")
         if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
             raise ZeroCError(f"prompt has token ids outside [0, {self.model_config.vocab_size})")
-        limit = min(self.model_config.max_position_embeddings, self.cache.num_blocks * self.cache.block_size)
+        limit = self.cache.token_capacity(self.model_config.max_position_embeddings)
         if len(ids) >= limit:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the limit is {limit - 1}")
         return ids

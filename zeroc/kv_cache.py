@@ -4,6 +4,10 @@ A block id indexes the same slot range in every layer's pool, so one allocation 
 whole model. Pools may have different widths per layer (compressed models have per-layer
 ranks). Callers (the engine's scheduler) use `can_fit`, `schedule` and `free`; the model
 uses `layer` and `write` through the `PagedBatch` that `schedule` returns.
+
+With a KV policy (`CacheConfig.kv_policy`, zeroc/serving_policies) the block ids, tables and
+lengths stay here, while the policy's `PolicyStore` owns the pools in its stored form: the
+model then calls `write` and `store.attend` instead of reading `layer`.
 """
 
 from __future__ import annotations
@@ -73,6 +77,12 @@ class LayerShape:
     v_dim: int
 
 
+def block_bytes(shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block of the plain cache over all layers: K and V of `block_size` tokens."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return block_size * item * sum(s.kv_heads * (s.k_dim + s.v_dim) for s in shapes)
+
+
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
     """Cache geometry of every layer of a model (compressed layers store fewer dims)."""
     return [LayerShape(cfg.num_key_value_heads, cfg.qk_dim(i), cfg.v_dim(i)) for i in range(cfg.num_hidden_layers)]
@@ -96,23 +106,58 @@ class PagedKVCache:
     def __init__(self, shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype,
                  device: torch.device | str = "cpu", allocator: BlockAllocator | None = None):
         self.block_size = cfg.block_size
-        self.num_blocks = cfg.num_blocks
         self.device = torch.device(device)
-        self.allocator = allocator or FreeListAllocator(cfg.num_blocks)
-        # k_pool: [num_blocks, block_size, kv_heads, k_dim]; v_pool likewise with v_dim
-        self.k_pools = [torch.zeros(cfg.num_blocks, cfg.block_size, s.kv_heads, s.k_dim, dtype=dtype,
-                                    device=self.device) for s in shapes]
-        self.v_pools = [torch.zeros(cfg.num_blocks, cfg.block_size, s.kv_heads, s.v_dim, dtype=dtype,
-                                    device=self.device) for s in shapes]
+        self.shapes, self.dtype, self.num_layers = shapes, dtype, len(shapes)
+        # -- KV policy (zeroc/serving_policies): None keeps the plain full-precision pools --------
+        self.policy, self.store = None, None
+        if cfg.kv_policy != "none":
+            from zeroc.serving_policies import make_serving_policy  # here: it imports the model, which imports us
+
+            self.policy = make_serving_policy(cfg)
+            self.policy.check(shapes, cfg.block_size)
+        self.num_blocks = cfg.num_blocks
+        if cfg.num_bytes:  # a byte budget: as many blocks as the policy's block size allows
+            per_block = (self.policy.block_bytes(shapes, cfg.block_size, dtype) if self.policy
+                         else block_bytes(shapes, cfg.block_size, dtype))
+            self.num_blocks = cfg.num_bytes // per_block
+            if self.num_blocks < 1:
+                raise ValueError(f"a KV cache of {cfg.num_bytes} bytes holds no block ({per_block} bytes each)")
+        self.allocator = allocator or FreeListAllocator(self.num_blocks)
+        if self.policy is not None:
+            self.store = self.policy.new_store(shapes, self.num_blocks, cfg.block_size, dtype, self.device,
+                                               self.allocator)
+        else:  # k_pool: [num_blocks, block_size, kv_heads, k_dim]; v_pool likewise with v_dim
+            self.k_pools = [torch.zeros(self.num_blocks, cfg.block_size, s.kv_heads, s.k_dim, dtype=dtype,
+                                        device=self.device) for s in shapes]
+            self.v_pools = [torch.zeros(self.num_blocks, cfg.block_size, s.kv_heads, s.v_dim, dtype=dtype,
+                                        device=self.device) for s in shapes]
         self._tables: dict[str, list[int]] = {}
         self._lens: dict[str, int] = {}
 
     # -- bookkeeping, for the scheduler ---------------------------------------------------
-    def blocks_needed(self, seq_id: str, num_new_tokens: int) -> int:
-        """Blocks `seq_id` would have to take to append `num_new_tokens` tokens."""
-        have = len(self._tables.get(seq_id, ()))
+    def _table_growth(self, seq_id: str, num_new_tokens: int) -> int:
+        """Blocks `seq_id`'s table must gain to hold its token slots after `num_new_tokens` more."""
         total = self._lens.get(seq_id, 0) + num_new_tokens
-        return max(0, -(-total // self.block_size) - have)
+        slots = total if self.policy is None else self.policy.slots_for(total)
+        return max(0, -(-slots // self.block_size) - len(self._tables.get(seq_id, ())))
+
+    def blocks_needed(self, seq_id: str, num_new_tokens: int) -> int:
+        """Blocks `seq_id` would have to take to append `num_new_tokens` tokens (with a KV policy,
+        also those its store borrows, e.g. KIVI's full-precision tail)."""
+        cur = self._lens.get(seq_id, 0)
+        borrow = 0 if self.store is None else self.store.borrow_needed(cur, cur + num_new_tokens)
+        return self._table_growth(seq_id, num_new_tokens) + borrow
+
+    def token_capacity(self, limit: int) -> int:
+        """The longest sequence (at most `limit` tokens) that the whole cache holds alone at every
+        length up to it; a longer prompt could never be admitted."""
+        if self.policy is None:
+            return min(limit, self.num_blocks * self.block_size)
+        for t in range(1, limit + 1):
+            need = -(-self.policy.slots_for(t) // self.block_size) + self.store.borrow_needed(0, t)
+            if need > self.num_blocks:
+                return t - 1
+        return limit
 
     def can_fit(self, seq_id: str, num_new_tokens: int) -> bool:
         return self.blocks_needed(seq_id, num_new_tokens) <= self.allocator.num_free
@@ -143,12 +188,18 @@ class PagedKVCache:
         for seq_id, n in steps:
             if n <= 0:
                 raise ValueError(f"sequence {seq_id!r} scheduled with {n} tokens")
-            table = self._tables.setdefault(seq_id, [])
             start = self._lens.get(seq_id, 0)
-            table.extend(self.allocator.allocate(self.blocks_needed(seq_id, n)))
+            grow = self._table_growth(seq_id, n)
+            table = self._tables.setdefault(seq_id, [])
+            table.extend(self.allocator.allocate(grow))
+            if self.store is not None:
+                self.store.reserve(table, start, start + n)
+            by_position = self.policy is None or self.policy.places_by_position
             for pos in range(start, start + n):
                 positions.append(pos)
-                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+                # -1: the policy's store places the token itself (eviction reuses slots)
+                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size
+                             if by_position else -1)
             self._lens[seq_id] = start + n
             lens.append(start + n)
             starts.append(starts[-1] + n)
@@ -170,15 +221,29 @@ class PagedKVCache:
         blocks = self._tables.pop(seq_id, None)
         self._lens.pop(seq_id, None)
         if blocks:
+            if self.store is not None:
+                self.store.release(blocks)
             self.allocator.free(blocks)
 
     # -- data, for the model -----------------------------------------------------------------
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """The (k_pool, v_pool) of one layer: [num_blocks, block_size, kv_heads, dim] each."""
+        if self.store is not None:
+            raise RuntimeError(f"this cache stores KV as {self.policy.label}; read it through its store")
         return self.k_pools[layer], self.v_pools[layer]
 
     def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
         # slot_mapping: [N]; k: [N, kv_heads, k_dim]; v: [N, kv_heads, v_dim]
+        if self.store is not None:  # the store encodes them in its attend, right after this
+            self.store.stage(layer, k, v)
+            return
         k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
         k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = k.to(k_pool.dtype)
         v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
+
+    def load(self, seq_id: str, layer: int, k: Tensor, v: Tensor) -> None:
+        """KV of the first tokens of `seq_id`, computed elsewhere (a prefill service), into a policy's
+        store; the slots must be reserved by `schedule`. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]"""
+        if self.store is None:
+            raise RuntimeError("a plain cache takes transferred KV through its slots (KvReceiver)")
+        self.store.load(layer, self._tables[seq_id], k, v)

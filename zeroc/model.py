@@ -199,6 +199,9 @@ class Transformer(nn.Module):
         """Ragged prefill/decode through the paged cache -> logits [M, vocab]."""
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+            if cache.store is not None:  # a KV policy stores and reads its own form (zeroc/serving_policies)
+                cache.write(layer, batch.slot_mapping, k, v)
+                return cache.store.attend(layer, q, batch, scale)
             k_cache, v_cache = cache.layer(layer)
             cache.write(layer, batch.slot_mapping, k, v)
             return paged_attention(

@@ -56,6 +56,12 @@ class EvictionPolicy(KVPolicy):
     def floor_tokens(self) -> int:
         """Minimum tokens kept (bounded by the tokens seen)."""
 
+    def keep(self, seen: int) -> int:
+        """Tokens a layer may hold once `seen` tokens have arrived (non-decreasing, by at most 1 a token).
+
+        Called by `EvictionCache.step` and by the serving cache (`zeroc.serving_policies.eviction`)."""
+        return eviction_keep(seen, self.budget, self.floor_tokens)
+
     @abc.abstractmethod
     def priority(self, state: EvictionState, keep: int) -> Tensor:
         """Rank the live tokens (the incoming one excluded); the lowest is evicted. -> [B, kv_heads, n] float64"""
@@ -89,7 +95,7 @@ class EvictionCache(LayerKVCache):
         if w:
             s.queries = torch.cat([s.queries, q[:, :, None]], dim=2)[:, :, -w:]
             s.query_pos = torch.cat([s.query_pos, torch.tensor([position])])[-w:]
-        keep = eviction_keep(s.seen, self.policy.budget, self.policy.floor_tokens)
+        keep = self.policy.keep(s.seen)
         if s.n + 1 <= keep:  # room: the new token takes a fresh slot
             slot = torch.full((batch, kv), s.n, dtype=torch.long)
             s.n += 1

@@ -10,6 +10,11 @@ the window (KIVI's residual), so up to group - 1 extra key tokens stay at full p
 window shrinks further until the exact bits (codes + metadata + full-precision tokens) fit
 budget * t. Only when even an empty window does not fit (the first few hundred tokens at budgets
 near q, because of that key residual) does the cache exceed the budget; the evaluator reports it.
+
+With `residual` set, the window is instead fixed, as in KIVI's paper and in the serving cache
+(`zeroc.serving_policies.kivi`): the last `residual` tokens of full groups plus the still-filling
+group stay at full precision, and keys and values are quantised a whole group at a time; the
+budget then plays no part (the bytes follow from bits, group and residual).
 """
 
 from __future__ import annotations
@@ -27,15 +32,25 @@ from zeroc.policies.base import (REFERENCE_BITS, KVPolicy, LayerGeometry, LayerK
 METADATA_BITS = 2 * 16  # fp16 scale + fp16 zero point per group
 
 
-def fake_quantize(x: Tensor, bits: int, dim: int) -> Tensor:
-    """Quantise x to 2**bits levels between its min and max along `dim`, and dequantise.
+def quantize(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes of x at 2**bits levels between its min and max along `dim` -> (codes, scale, zero point).
 
-    One (scale, zero point) per slice along `dim`; the error is at most scale / 2 per element.
+    codes has x's shape and dtype (integers 0 .. 2**bits - 1); scale and zero point (the min) keep `dim`
+    with size 1. `codes * scale + zero` is the dequantised x; the serving cache stores the three.
     """
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     levels = 2 ** bits - 1
     scale = (hi - lo) / levels
     codes = ((x - lo) / torch.where(scale > 0, scale, 1.0)).round().clamp(0, levels)
+    return codes, scale, lo
+
+
+def fake_quantize(x: Tensor, bits: int, dim: int) -> Tensor:
+    """Quantise x to 2**bits levels between its min and max along `dim`, and dequantise.
+
+    One (scale, zero point) per slice along `dim`; the error is at most scale / 2 per element.
+    """
+    codes, scale, lo = quantize(x, bits, dim)
     return codes * scale + lo
 
 
@@ -54,6 +69,7 @@ class KIVI(KVPolicy):
     budget: float = 1.0
     bits: int = 4
     group: int = 32
+    residual: int | None = None  # fixed full-precision window (a multiple of group); None: from the budget
 
     name = "kivi"
 
@@ -63,7 +79,11 @@ class KIVI(KVPolicy):
             raise ValueError(f"KIVI bits must be 2, 4 or 8, got {self.bits!r}")
         if not isinstance(self.group, int) or self.group < 1:
             raise ValueError(f"KIVI group must be a positive int, got {self.group!r}")
-        if self.budget < self.quantised_fraction - 1e-12:
+        if self.residual is not None:
+            if not isinstance(self.residual, int) or self.residual < 0 or self.residual % self.group:
+                raise ValueError(f"KIVI residual must be a non-negative multiple of the group ({self.group}), "
+                                 f"got {self.residual!r}")
+        elif self.budget < self.quantised_fraction - 1e-12:
             raise ValueError(f"KIVI {self.bits}-bit (groups of {self.group}) costs {self.quantised_fraction:.4f} of "
                              f"the fp16 cache even with no full-precision window; budget {self.budget} is below that")
 
@@ -78,6 +98,8 @@ class KIVI(KVPolicy):
 
     def window(self, tokens: int) -> int:
         """Full-precision recent tokens allowed when `tokens` have been seen."""
+        if self.residual is not None:  # whole groups only: the residual plus the still-filling group
+            return min(tokens, self.residual + tokens % self.group)
         q = self.quantised_fraction
         if self.budget >= 1.0:
             return tokens
@@ -126,6 +148,8 @@ class KIVICache(LayerKVCache):
         """How many leading tokens must be out of the full-precision window to fit the budget."""
         p, g = self.policy, self.geom
         old = tokens - p.window(tokens)
+        if p.residual is not None:
+            return old
         limit = p.budget * full_bits(g, tokens)
         while old < tokens and p.cache_bits(g, tokens, max(self.k_done, old // p.group * p.group),
                                       max(self.v_done, old)) > limit + 1e-6:

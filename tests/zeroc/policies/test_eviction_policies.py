@@ -42,6 +42,8 @@ def dense_attention(q, k, v, positions):
 def test_keep_count_is_floor_of_budget_times_tokens_with_a_floor():
     assert [eviction_keep(t, 0.5, 3) for t in (1, 2, 5, 6, 7, 8, 20, 21)] == [1, 2, 3, 3, 3, 4, 10, 10]
     assert [eviction_keep(t, 1.0, 1) for t in (1, 7, 100)] == [1, 7, 100]
+    # H2O's fixed budget caps the count: floor(0.5 t), then at most 8
+    assert [H2O(budget=0.5, max_tokens=8).keep(t) for t in (1, 10, 16, 17, 100)] == [1, 5, 8, 8, 8]
 
 
 def test_streaming_llm_keeps_sinks_and_the_latest_tokens():
@@ -138,6 +140,7 @@ def test_snapkv_pooling_spreads_a_vote_to_neighbours():
     (lambda: StreamingLLM(budget=0.0), "budget"), (lambda: StreamingLLM(budget=1.5), "budget"),
     (lambda: StreamingLLM(sinks=0), "sink"), (lambda: H2O(recent_ratio=0.0), "recent_ratio"),
     (lambda: SnapKV(window=0), "window"), (lambda: SnapKV(kernel=4), "odd"),
+    (lambda: H2O(max_tokens=0), "max_tokens"),
 ])
 def test_bad_hyperparameters_raise_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -64,6 +64,16 @@ def test_byte_count_by_hand_at_256_tokens():
     assert cache.stored_bits() <= 0.5 * full_bits(GEOM, 256)  # 262144
 
 
+def test_a_fixed_residual_quantises_whole_groups_behind_it():
+    """residual=32: the filling group and one full group stay at full precision, whatever the budget."""
+    policy = KIVI(bits=4, residual=32)
+    for steps, done in ((31, 0), (64, 32), (95, 32), (96, 64), (100, 64)):
+        cache, _ = feed(policy, steps)
+        assert (cache.k_done, cache.v_done) == (done, done)
+    with pytest.raises(ValueError, match="multiple of the group"):
+        KIVI(residual=40)
+
+
 def test_the_cache_stays_within_budget_once_a_key_group_fits():
     policy = KIVI(budget=0.5, bits=2)
     g = torch.Generator().manual_seed(3)

@@ -1,0 +1,97 @@
+"""KV policies in the serving cache: blocks per GiB, sequences per GiB, and decode step time.
+
+    python benchmarks/serving_policies.py [--context 512] [--batch 4] [--steps 8] [--json]
+
+Capacity is arithmetic on the real pool layouts (no GiB is allocated): for the bundled model at
+fp32 and bf16, the bytes one block id costs per policy, how many fit in 1 GiB, and how many
+sequences of `--context` tokens that is, each about to grow (KIVI's filling block at full
+precision; H2O at budget 0.5). Time: one engine running `--batch` sequences of `--context` prompt tokens, mean
+seconds per decode step over `--steps` steps, for every policy side by side in one run (the CPU
+reference path; the ratio to "none" is the figure to read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL, CacheConfig  # noqa: E402
+from zeroc.engine import Engine  # noqa: E402
+from zeroc.evaluate import read_eval_tokens  # noqa: E402
+from zeroc.kv_cache import PagedKVCache, block_bytes, layer_shapes  # noqa: E402
+from zeroc.loader import load_model  # noqa: E402
+from zeroc.sampling import SamplingParams  # noqa: E402
+
+GIB = 1 << 30
+POLICIES = {"none": {"block_size": 32}, "kivi-4": {"block_size": 32, "kv_policy": "kivi-4"},
+            "kivi-2": {"block_size": 32, "kv_policy": "kivi-2"},
+            "h2o@0.5": {"block_size": 32, "kv_policy": "h2o", "kv_budget": 0.5}}
+
+
+def capacity(shapes, dtype: torch.dtype, context: int) -> list[dict]:
+    rows = []
+    for name, settings in POLICIES.items():
+        probe = PagedKVCache(shapes, CacheConfig(num_blocks=1, **settings), dtype)  # one block: geometry only
+        per_block = probe.policy.block_bytes(shapes, 32, dtype) if probe.policy else block_bytes(shapes, 32, dtype)
+        blocks = GIB // per_block
+        per_seq = probe.blocks_needed("probe", context + 1)  # growing: KIVI's filling block at full precision
+        rows.append({"policy": name, "dtype": str(dtype).removeprefix("torch."), "block_bytes": per_block,
+                     "blocks_per_gib": blocks, "tokens_per_gib": blocks * 32,
+                     "blocks_per_sequence": per_seq, "sequences_per_gib": blocks // per_seq})
+    return rows
+
+
+def decode_time(loaded, context: int, batch: int, steps: int) -> list[dict]:
+    ids = read_eval_tokens(loaded.tokenizer, BUNDLED_HELDOUT, max_tokens=context + batch * 16).tolist()
+    prompts = [ids[i * 16: i * 16 + context] for i in range(batch)]
+    rows = []
+    for name, settings in tqdm(POLICIES.items(), desc="decode steps", unit="policy"):
+        engine = Engine(loaded, CacheConfig(num_blocks=batch * (context // 32 + 8), **settings))
+        for p in prompts:
+            engine.add_request(p, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+        engine.step()  # prefill
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        rows.append({"policy": name, "s_per_decode_step": (time.perf_counter() - start) / steps})
+    base = rows[0]["s_per_decode_step"]
+    for r in rows:
+        r["vs_none"] = r["s_per_decode_step"] / base
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    loaded = load_model(BUNDLED_MODEL)
+    shapes = layer_shapes(loaded.config)
+    report = {"capacity": capacity(shapes, torch.float32, args.context) + capacity(shapes, torch.bfloat16,
+                                                                                   args.context),
+              "decode": decode_time(loaded, args.context, args.batch, args.steps),
+              "threads": torch.get_num_threads(), "context": args.context, "batch": args.batch}
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"capacity (bundled model, sequences of {args.context} tokens):")
+    for r in report["capacity"]:
+        print(f"  {r['policy']:<8} {r['dtype']:<9} {r['block_bytes']:>7} B/block {r['blocks_per_gib']:>7} blocks/GiB "
+              f"{r['tokens_per_gib']:>9} tokens/GiB {r['sequences_per_gib']:>6} sequences/GiB")
+    print(f"decode step, batch {args.batch} x {args.context} tokens (CPU reference path):")
+    for r in report["decode"]:
+        print(f"  {r['policy']:<8} {r['s_per_decode_step'] * 1000:>8.1f} ms  x{r['vs_none']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""KV policies of the paged serving cache (`--kv-policy` of `zeroc serve` and `zeroc generate`).
+
+`make_serving_policy(cache_config)` builds the policy a `CacheConfig` names (None for "none",
+the plain full-precision cache). The streaming-evaluation policies are in `zeroc.policies`;
+each serving policy here reproduces one of them exactly (docs/policies.md, "In serving").
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy
+from zeroc.serving_policies.h2o import H2OServing
+from zeroc.serving_policies.kivi import KIVIServing
+
+if TYPE_CHECKING:
+    from zeroc.config import CacheConfig
+
+SERVING_POLICY_NAMES = ("none", "kivi-4", "kivi-2", "h2o")
+
+
+def make_serving_policy(cfg: CacheConfig) -> ServingKVPolicy | None:
+    """The policy `cfg.kv_policy` names with its `kv_*` settings; ValueError if unknown or misused."""
+    name = cfg.kv_policy
+    if name not in SERVING_POLICY_NAMES:
+        raise ValueError(f"unknown KV policy {name!r} for serving; choose one of {', '.join(SERVING_POLICY_NAMES)}")
+    if name == "none":
+        if (cfg.kv_budget, cfg.kv_max_tokens, cfg.kv_residual) != (1.0, 0, 0):
+            raise ValueError("--kv-budget, --kv-max-tokens and --kv-residual need a --kv-policy")
+        return None
+    if name != "h2o" and (cfg.kv_budget != 1.0 or cfg.kv_max_tokens):
+        raise ValueError(f"--kv-budget and --kv-max-tokens apply to h2o only ({name} keeps every token; its "
+                         "size follows from its bits)")
+    if name.startswith("kivi"):
+        policy: ServingKVPolicy = KIVIServing(bits=int(name[-1]), residual=cfg.kv_residual)
+    elif cfg.kv_residual:
+        raise ValueError(f"--kv-residual applies to kivi-4 and kivi-2 only, not {name}")
+    else:
+        policy = H2OServing(budget=cfg.kv_budget, max_tokens=cfg.kv_max_tokens)
+    policy.check([], cfg.block_size)  # the block size now; layer widths once the model is known
+    return policy
+
+
+__all__ = ["H2OServing", "KIVIServing", "PolicyStore", "SERVING_POLICY_NAMES", "ServingKVPolicy",
+           "make_serving_policy"]
