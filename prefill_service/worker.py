@@ -87,7 +87,7 @@ class PrefillWorker:
 
     @property
     def num_layers(self) -> int:
-        return len(self.cache.k_pools)
+        return self.cache.num_layers
 
     def submit(self, job: PrefillJob) -> None:
         self._pending.put(job)

@@ -279,16 +279,16 @@ class KvReceiver:
         self.start = start
         self.num_tokens = int(slots.shape[0])
         self.bytes_received = 0
-        self._filled = torch.zeros(len(cache.k_pools), 2, self.num_tokens, dtype=torch.bool)
+        self._filled = torch.zeros(cache.num_layers, 2, self.num_tokens, dtype=torch.bool)
         # [T] the same slots for numpy's row scatter (CPU caches only)
         self._slots_np = slots.numpy() if cache.device.type == "cpu" else None
 
     def write(self, piece: KvPiece) -> None:
         n = piece.data.shape[0]
         first = piece.first_token - self.start
-        if not 0 <= piece.layer < len(self.cache.k_pools):
+        if not 0 <= piece.layer < self.cache.num_layers:
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV chunk for layer {piece.layer}; the model has "
-                                  f"{len(self.cache.k_pools)}")
+                                  f"{self.cache.num_layers}")
         if first < 0 or first + n > self.num_tokens:
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV chunk covers tokens up to {piece.first_token + n}; "
                                   f"the prompt sent has {self.start + self.num_tokens} (from {self.start})")
