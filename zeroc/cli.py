@@ -172,6 +172,12 @@ def cmd_bench_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from zeroc.bench_serve.command import run
+
+    return run(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         return _generate_remote(args)
@@ -366,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_transfer)
+    p = bench.add_parser("serve", help="load test of the serving stack: JCT, TTFT, TPOT, goodput -> docs/benchmarks/")
+    from zeroc.bench_serve.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("generate", help="complete a prompt with a local model")
     _model_arg(p)
