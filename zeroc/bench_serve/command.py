@@ -28,10 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS],
                    help="KV methods to compare (unavailable ones are reported as not run)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="memory scenario modes")
-    p.add_argument("--rates", type=float, nargs="+", default=[0.04, 0.08, 0.16],
-                   help="request rates swept (memory scenario and --target), requests/s")
-    p.add_argument("--network-rates", type=float, nargs="+", default=[0.1], help="request rates, network scenario")
-    p.add_argument("--links-mbit", type=float, nargs="+", default=[100.0, 25.0], help="link rates, network scenario")
+    p.add_argument("--rates", type=float, nargs="+", default=None,
+                   help="request rates swept, requests/s (memory scenario and --target; default: automatic, "
+                        "--rate-multipliers / J, J the JCT of one request alone on the uncompressed stack)")
+    p.add_argument("--rate-multipliers", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                   help="automatic memory-scenario rates, in units of 1 / J")
+    p.add_argument("--network-rates", type=float, nargs="+", default=None,
+                   help="request rates, network scenario (default: automatic, 1 / J)")
+    p.add_argument("--links-mbit", type=float, nargs="+", default=[100.0, 10.0], help="link rates, network scenario")
     p.add_argument("--cache-requests", type=float, default=4.0,
                    help="memory scenario: decode KV capacity in full-context uncompressed requests")
     p.add_argument("--num-requests", type=int, default=16, help="requests per measured point")
@@ -85,17 +89,21 @@ def _zeroc_models(items: list[str]) -> dict[float, str]:
     return out
 
 
+def _opt(values: list[float] | None) -> tuple[float, ...] | None:
+    return tuple(values) if values else None
+
+
 def scenarios_from(args: argparse.Namespace) -> list:
     from zeroc.bench_serve.scenarios import Scenario
 
     out = []
     if "memory" in args.scenario:
-        out.append(Scenario("memory", args.workload, tuple(args.modes), tuple(args.rates),
-                            cache_requests=args.cache_requests))
+        out.append(Scenario("memory", args.workload, tuple(args.modes), _opt(args.rates),
+                            cache_requests=args.cache_requests, rate_multipliers=tuple(args.rate_multipliers)))
     if "network" in args.scenario:
         # A roomy cache: here only the link may be the bottleneck.
-        out.append(Scenario("network", args.workload, ("disaggregated",), tuple(args.network_rates),
-                            tuple(args.links_mbit), cache_requests=4 * args.cache_requests))
+        out.append(Scenario("network", args.workload, ("disaggregated",), _opt(args.network_rates),
+                            tuple(args.links_mbit), cache_requests=4 * args.cache_requests, rate_multipliers=(1.0,)))
     return out
 
 
@@ -119,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args)  # every check before anything starts: bad flags cost nothing
     methods = [method_by_name(n) for n in args.methods]
     scenarios = [] if args.target else scenarios_from(args)
-    if args.target and any(r <= 0 for r in args.rates):
-        raise ZeroCError(f"--rates must be > 0, got {args.rates}")
+    if args.target and (not args.rates or any(r <= 0 for r in args.rates)):
+        raise ZeroCError(f"--target needs --rates, all > 0 (got {args.rates})")
     started, t0 = dt.datetime.now(dt.timezone.utc), time.monotonic()
     bench = Bench(cfg, methods, serve_flags())
     if args.target:

@@ -147,10 +147,13 @@ def write_report(results, meta: dict, out_dir: str | Path) -> dict[str, Path]:
     for plotted in (plot_latency(rows, out), plot_throughput(analyses, out), plot_network(rows, out)):
         paths.update(plotted)
     paths["json"].write_text(json.dumps({"meta": meta, "goals": analyses, "skipped": results.skipped,
-                                         "topology": results.topology, "rows": rows}, indent=1) + "\n")
+                                         "topology": results.topology, "probes": results.probes, "rows": rows},
+                                        indent=1) + "\n")
     md = ["# Serving benchmark (`zeroc bench serve`)", ""]
     md += [f"- **{k}**: {v}" for k, v in meta.items()]
     md += [f"- **topology ({k})**: {v}" for k, v in results.topology.items()]
+    md += [f"- **automatic rates ({p['scenario']} / {p['mode']})**: one request alone on {p['method']} took "
+           f"{p['jct_s']:.1f} s -> rates {', '.join(f'{r:g}' for r in p['rates'])} req/s" for p in results.probes]
     md += ["", "Definitions: see `zeroc/bench_serve/metrics.py` and `report.py` (TTFT, TPOT, ITL and JCT as "
            "`vllm bench serve`; saturation = the lowest rate at which the uncompressed mean JCT doubles).", ""]
     if analyses:

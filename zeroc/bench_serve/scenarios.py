@@ -29,18 +29,25 @@ class Scenario:
 
     memory: the decode cache holds `cache_requests` full-context requests of the uncompressed
     model (in bytes, equal for every method); network: the prefill -> decode link is shaped to
-    each of `links_mbit` (so only disaggregated runs) with a roomy cache."""
+    each of `links_mbit` (so only disaggregated runs) with a roomy cache.
+
+    `rates` None means automatic, per mode: `rate_multipliers` x 1 / J, J the mean JCT of requests
+    sent one at a time to the uncompressed stack, so the sweep brackets saturation on whatever
+    machine runs it."""
 
     name: str
     workload: str
     modes: tuple[str, ...]
-    rates: tuple[float, ...]
+    rates: tuple[float, ...] | None
     links_mbit: tuple[float | None, ...] = (None,)
     cache_requests: float = 4.0
+    rate_multipliers: tuple[float, ...] = (1.0, 2.0, 4.0)
 
     def __post_init__(self) -> None:
-        if not self.rates or any(r <= 0 for r in self.rates):
+        if self.rates is not None and (not self.rates or any(r <= 0 for r in self.rates)):
             raise ValueError(f"scenario {self.name}: request rates must be > 0, got {self.rates}")
+        if not self.rate_multipliers or any(m <= 0 for m in self.rate_multipliers):
+            raise ValueError(f"scenario {self.name}: rate multipliers must be > 0, got {self.rate_multipliers}")
         if not set(self.modes) <= set(MODES) or not self.modes:
             raise ValueError(f"scenario {self.name}: modes must be among {MODES}, got {self.modes}")
         if any(m is not None and m <= 0 for m in self.links_mbit):
@@ -78,6 +85,7 @@ class Results:
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     topology: dict[str, str] = field(default_factory=dict)
+    probes: list[dict] = field(default_factory=list)  # how automatic rates were chosen
 
 
 def make_topology(scn: Scenario) -> Topology:
@@ -195,15 +203,32 @@ class Bench:
         finally:
             topology.close()
 
+    def _auto_rates(self, scn: Scenario, mode: str, stacks: dict[str, ServiceStack], ctx: int) -> tuple[float, ...]:
+        """`scn.rate_multipliers` / J, J the mean JCT of two requests sent one at a time (unshaped link)."""
+        name = "none" if "none" in stacks else next(iter(stacks))
+        requests = self._points(scn.workload, 1.0, ctx)[0][:2]
+        jct = [run_load(stacks[name].address, [r], [0.0], self.cfg.timeout_s)[0] for r in requests]
+        if not all(r.ok for r in jct):
+            raise ZeroCError(f"rate probe on {name} failed: {[r.error for r in jct]}")
+        j = sum(r.e2e_s for r in jct) / len(jct)
+        rates = tuple(round(m / j, 4) for m in scn.rate_multipliers)
+        self.results.probes.append({"scenario": scn.name, "mode": mode, "method": name, "jct_s": round(j, 4),
+                                    "rates": rates})
+        return rates
+
     def _run_mode(self, scn: Scenario, mode: str, topology: Topology, ctx: int) -> None:
         stacks = self._start_stacks(scn, mode, topology, ctx)
+        if not stacks:
+            return
         try:
-            first = self._points(scn.workload, scn.rates[0], ctx)[0][0]
+            first = self._points(scn.workload, 1.0, ctx)[0][0]
             for stack in stacks.values():
                 warm_up(stack.address, first)
+            topology.set_link(None)
+            rates = scn.rates or self._auto_rates(scn, mode, stacks, ctx)
             for link in scn.links_mbit:
                 topology.set_link(link)
-                for rate in scn.rates:
+                for rate in rates:
                     requests, offsets = self._points(scn.workload, rate, ctx)
                     for name, stack in stacks.items():
                         where = f" {link:g} Mbit/s" if link is not None else ""

@@ -42,12 +42,17 @@ def _check_requests(row: dict, n: int) -> None:
 
 
 def test_memory_scenario_both_modes_none_and_zeroc(tmp_path, zeroc_half_dir):
-    # 64 tokens of uncompressed KV: one 57-token request at a time (two for ZeroC 0.5); 4 arrive at once.
+    # 64 tokens of uncompressed KV: one 57-token request at a time (two for ZeroC 0.5). The automatic
+    # rate, 50 / (JCT of one request alone), sends the 4 requests much faster than they are served.
     printed, report = _bench(
         tmp_path, "--scenario", "memory", "--methods", "none", "zeroc-0.5", "--zeroc-model", f"0.5={zeroc_half_dir}",
-        "--modes", "colocated", "disaggregated", "--rates", "100", "--num-requests", "4",
+        "--modes", "colocated", "disaggregated", "--rate-multipliers", "50", "--num-requests", "4",
         "--cache-requests", str(64 / 2048), "--slo-ttft-ms", "1e9")
+    probes = {p["mode"]: p for p in report["probes"]}
+    assert set(probes) == {"colocated", "disaggregated"} and all(p["method"] == "none" for p in probes.values())
     rows = {(r["mode"], r["method"]): r for r in report["rows"]}
+    for (mode, _), row in rows.items():
+        assert row["rate"] == pytest.approx(50 / probes[mode]["jct_s"], rel=0.01)
     assert set(rows) == {(m, k) for m in ("colocated", "disaggregated") for k in ("none", "zeroc-0.5")}
     for (mode, method), row in rows.items():
         _check_requests(row, 4)
