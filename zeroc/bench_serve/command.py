@@ -31,14 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", type=float, nargs="+", default=None,
                    help="request rates swept, requests/s (memory scenario and --target; default: automatic, "
                         "--rate-multipliers / J, J the JCT of one request alone on the uncompressed stack)")
-    p.add_argument("--rate-multipliers", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+    p.add_argument("--rate-multipliers", type=float, nargs="+", default=[1.5, 3.0, 6.0],
                    help="automatic memory-scenario rates, in units of 1 / J")
     p.add_argument("--network-rates", type=float, nargs="+", default=None,
-                   help="request rates, network scenario (default: automatic, 1 / J)")
+                   help="request rates, network scenario (default: automatic, --network-rate-multiplier / J)")
+    p.add_argument("--network-rate-multiplier", type=float, default=2.0)
     p.add_argument("--links-mbit", type=float, nargs="+", default=[100.0, 10.0], help="link rates, network scenario")
     p.add_argument("--cache-requests", type=float, default=4.0,
                    help="memory scenario: decode KV capacity in full-context uncompressed requests")
-    p.add_argument("--num-requests", type=int, default=16, help="requests per measured point")
+    p.add_argument("--num-requests", type=int, default=6, help="requests per measured point")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per point (instead of a count)")
     p.add_argument("--arrival", choices=["poisson", "gamma", "trace"], default="poisson")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson, < 1 burstier")
@@ -103,7 +104,8 @@ def scenarios_from(args: argparse.Namespace) -> list:
     if "network" in args.scenario:
         # A roomy cache: here only the link may be the bottleneck.
         out.append(Scenario("network", args.workload, ("disaggregated",), _opt(args.network_rates),
-                            tuple(args.links_mbit), cache_requests=4 * args.cache_requests, rate_multipliers=(1.0,)))
+                            tuple(args.links_mbit), cache_requests=4 * args.cache_requests,
+                            rate_multipliers=(args.network_rate_multiplier,)))
     return out
 
 
