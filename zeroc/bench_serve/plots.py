@@ -19,6 +19,14 @@ def _methods(rows: list[dict]) -> list[str]:
     return seen
 
 
+def _save(fig, title: str, path: Path) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_latency(rows: list[dict], out: Path) -> dict[str, Path]:
     """Mean (solid) and p99 (dashed) JCT against the offered rate, one panel per unshaped scenario/mode."""
     panels = sorted({(r["scenario"], r["mode"]) for r in rows if r.get("link_mbit") is None})
@@ -40,12 +48,7 @@ def plot_latency(rows: list[dict], out: Path) -> dict[str, Path]:
         ax.set_ylabel("job completion time (s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.suptitle("Latency vs request rate")
-    fig.tight_layout()
-    path = out / "serve-latency.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"latency_plot": path}
+    return {"latency_plot": _save(fig, "Latency vs request rate", out / "serve-latency.png")}
 
 
 def plot_throughput(analyses: list[dict], out: Path) -> dict[str, Path]:
@@ -66,12 +69,8 @@ def plot_throughput(analyses: list[dict], out: Path) -> dict[str, Path]:
         ax.set_ylabel("request throughput (req/s)")
         ax.tick_params(axis="x", labelrotation=20)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Throughput at equal p99 latency (the uncompressed p99 at its saturation rate)")
-    fig.tight_layout()
-    path = out / "serve-throughput.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"throughput_plot": path}
+    return {"throughput_plot": _save(fig, "Throughput at equal p99 latency (the uncompressed p99 at its saturation "
+                                          "rate)", out / "serve-throughput.png")}
 
 
 def plot_network(rows: list[dict], out: Path) -> dict[str, Path]:
@@ -95,9 +94,5 @@ def plot_network(rows: list[dict], out: Path) -> dict[str, Path]:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Network-constrained: prefill -> decode link shaped with tc tbf")
-    fig.tight_layout()
-    path = out / "serve-network.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return {"network_plot": path}
+    return {"network_plot": _save(fig, "Network-constrained: prefill -> decode link shaped with tc tbf",
+                                  out / "serve-network.png")}
