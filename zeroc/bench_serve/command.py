@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", type=float, nargs="+", default=None,
                    help="request rates swept, requests/s (memory scenario and --target; default: automatic, "
                         "--rate-multipliers / J, J the JCT of one request alone on the uncompressed stack)")
-    p.add_argument("--rate-multipliers", type=float, nargs="+", default=[1.5, 3.0, 6.0],
+    p.add_argument("--rate-multipliers", type=float, nargs="+", default=[0.75, 1.5, 3.0],
                    help="automatic memory-scenario rates, in units of 1 / J")
     p.add_argument("--network-rates", type=float, nargs="+", default=None,
                    help="request rates, network scenario (default: automatic, --network-rate-multiplier / J)")
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--links-mbit", type=float, nargs="+", default=[100.0, 10.0], help="link rates, network scenario")
     p.add_argument("--cache-requests", type=float, default=4.0,
                    help="memory scenario: decode KV capacity in full-context uncompressed requests")
-    p.add_argument("--num-requests", type=int, default=6, help="requests per measured point")
+    p.add_argument("--num-requests", type=int, default=5, help="requests per measured point")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per point (instead of a count)")
     p.add_argument("--arrival", choices=["poisson", "gamma", "trace"], default="poisson")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 = Poisson, < 1 burstier")
