@@ -31,6 +31,9 @@ def test_saturation_is_where_the_uncompressed_mean_jct_doubles():
     assert saturation_rate(base) == (0.4, True)  # 4000 >= 2 * 1000; 1500 is not
     flat = [_row("none", r, 1000 + r, 2000, r) for r in (0.1, 0.2)]
     assert saturation_rate(flat) == (0.2, False)  # never doubled: the highest rate, flagged
+    # Against a lone request's JCT (the automatic-rate probe), the lowest rate may already be saturated.
+    assert saturation_rate(base, unloaded_ms=400) == (0.1, True)
+    assert saturation_rate(base, unloaded_ms=1000) == (0.4, True)
 
 
 def test_throughput_at_a_p99_bar_interpolates_between_rates():
@@ -53,6 +56,9 @@ def test_goals_of_one_mode():
     assert a["equal_bytes"] == [{"zeroc": "zeroc-0.5", "baseline": "h2o-0.5", "zeroc_jct_ms": 2000,
                                  "baseline_jct_ms": 2600}]
     assert analyse_mode(ROWS, "colocated") is None
+    early = analyse_mode(ROWS, "disaggregated", unloaded_ms=700)  # 1500 >= 2 * 700: saturated at 0.2
+    assert (early["saturation_rate"], early["p99_bar_ms"]) == (0.2, 3000)
+    assert early["jct_cut"] == pytest.approx(1 - 1000 / 1500)
 
 
 def test_report_files(tmp_path):
