@@ -42,6 +42,7 @@ class Ticket:
     key: str  # the engine's request id: unique per ticket, whatever id the client sent
     out: queue.Queue = field(default_factory=queue.Queue)
     queued: bool = True  # holds a queue place (until its first token or its end)
+    reserve_wait_s: float = 0.0  # time spent in `reserve` waiting for cache space
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class EngineLoop:
         cache = self.engine.cache
         # Leave a block of growth per running sequence so receiving KV does not force preemption.
         need = cache.blocks_needed(ticket.key, num_tokens + 1)
+        started = time.monotonic()
         with self._cond:
             while cache.num_free_blocks - len(self.engine.running) < need:
                 if self._stopping:
@@ -87,6 +89,7 @@ class EngineLoop:
                 if not is_active():
                     raise CancelledError("cancelled while waiting for KV cache space")
                 self._cond.wait(0.1)
+            ticket.reserve_wait_s = time.monotonic() - started
             return self.engine.reserve(ticket.key, num_tokens)
 
     def unreserve(self, ticket: Ticket) -> None:

@@ -197,7 +197,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                                           delta=pb.TokenDelta(token_ids=out.token_ids, text=out.text_delta))
             if out.finished:
                 usage = pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=produced,
-                                 ttft_ms=ttft_ms or 0.0, kv_bytes_received=kv_bytes, cached_prefix_tokens=reused)
+                                 ttft_ms=ttft_ms or 0.0, kv_bytes_received=kv_bytes, cached_prefix_tokens=reused,
+                                 queue_ms=(ticket.reserve_wait_s + out.queued_s) * 1000,
+                                 preemptions=out.preemptions)
                 yield pb.GenerateResponse(request_id=req.request_id, result=pb.GenerateResult(
                     finish_reason=FINISH.get(out.finish_reason or "stop", pb.FINISH_REASON_STOP), usage=usage))
                 return

@@ -44,8 +44,17 @@ def paged_attention_ref(
     k, v = torch.where(in_ctx, k, 0.0), torch.where(in_ctx, v, 0.0)
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
 
+    # SDPA's fused CPU kernel needs q/k and v of one width, else it falls back to a math path that is
+    # several times slower (ZeroC layers keep e.g. 48 q/k and 16 v dims). Zero columns change nothing:
+    # they add 0 to q.k, and padded v columns are cut off the output.
+    dq, dv = q.shape[-1], v.shape[-1]
+    width = max(dq, dv)
+    if dq < width:
+        q_pad, k = F.pad(q_pad, (0, width - dq)), F.pad(k, (0, width - dq))
+    if dv < width:
+        v = F.pad(v, (0, width - dv))
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
         attn_mask=mask[:, None], scale=scale, enable_gqa=True,
-    ).transpose(1, 2)  # [B, max_q, heads, dv]
-    return out[valid_q]
+    ).transpose(1, 2)  # [B, max_q, heads, width]
+    return out[valid_q][..., :dv]

@@ -72,6 +72,22 @@ def hf_model_of():
     return get
 
 
+@pytest.fixture(scope="session")
+def zeroc_half_dir(bundled, tmp_path_factory) -> str:
+    """The bundled model folded to rank 32 of 64 for Q/K and V in every layer: exactly half the KV bytes."""
+    from zeroc.compression.calibrate import collect_statistics, compute_factors
+    from zeroc.compression.fold import build_compressed
+    from zeroc.config import BUNDLED_CALIB, AttentionCompression
+    from zeroc.evaluate import read_eval_tokens
+
+    calib = read_eval_tokens(bundled.tokenizer, BUNDLED_CALIB, 2048)[:2048].view(4, 512)
+    factors = compute_factors(bundled.model, collect_statistics(bundled.model, calib, progress=False))
+    layout = AttentionCompression(tuple(f.layer_compression(32, 32) for f in factors), "test-uniform-32", 0.5)
+    out = save_model(build_compressed(bundled.model, factors, layout), bundled.tokenizer,
+                     tmp_path_factory.mktemp("zeroc-0.5") / "model")
+    return str(out)
+
+
 @dataclass
 class Services:
     """Addresses of real service processes on loopback."""

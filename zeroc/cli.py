@@ -230,6 +230,12 @@ def cmd_bench_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from zeroc.bench_serve.command import run
+
+    return run(args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         return _generate_remote(args)
@@ -475,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="paths run back to back this many times; ratios are medians")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_transfer)
+    p = bench.add_parser("serve", help="load test of the serving stack: JCT, TTFT, TPOT, goodput -> docs/benchmarks/")
+    from zeroc.bench_serve.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench_serve)
 
     p = bench.add_parser("prefix", help="TTFT cold vs warm with a shared prompt prefix; KV-store index op costs")
     p.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")

@@ -44,6 +44,8 @@ class Usage:
     ttft_ms: float
     cached_prefix_tokens: int
     kv_bytes_received: int
+    queue_ms: float = 0.0  # waited for KV cache space or a batch slot before first scheduled
+    preemptions: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ def _convert(msg: pb.GenerateResponse) -> Chunk | Result:
         return Chunk(list(msg.delta.token_ids), msg.delta.text)
     u = msg.result.usage
     return Result(msg.request_id, _REASONS.get(msg.result.finish_reason, "stop"),
-                  Usage(u.prompt_tokens, u.completion_tokens, u.ttft_ms, u.cached_prefix_tokens, u.kv_bytes_received))
+                  Usage(u.prompt_tokens, u.completion_tokens, u.ttft_ms, u.cached_prefix_tokens, u.kv_bytes_received,
+                        u.queue_ms, u.preemptions))
 
 
 def _collect(items: list[Chunk | Result]) -> Result:

@@ -10,6 +10,7 @@ freed and it is recomputed later from its prompt plus the tokens it already prod
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,6 +38,8 @@ class StepOutput:
     text_delta: str
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    queued_s: float = 0.0  # how long the request waited in `waiting` before it was first scheduled
+    preemptions: int = 0  # times it was preempted so far
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class _Sequence:
     output_ids: list[int] = field(default_factory=list)
     released: int = 0  # characters of detok.text already streamed
     in_cache: int = 0  # tokens whose K/V are in the cache
+    added_at: float = field(default_factory=time.monotonic)
+    queued_s: float | None = None  # set when first scheduled
+    preemptions: int = 0
 
     @property
     def all_ids(self) -> list[int]:
@@ -143,8 +149,10 @@ class Engine:
             victim = self.running.pop()
             self.cache.free(victim.request_id)
             if not self.running:
-                return [StepOutput(victim.request_id, [], victim.detok.text[victim.released:], True, "length")]
+                return [StepOutput(victim.request_id, [], victim.detok.text[victim.released:], True, "length",
+                                   victim.queued_s or 0.0, victim.preemptions)]
             victim.in_cache = 0
+            victim.preemptions += 1
             self.waiting.appendleft(victim)
         return []
 
@@ -159,6 +167,8 @@ class Engine:
             if blocks > free or (admitted and n > budget):
                 break
             self.waiting.popleft()
+            if seq.queued_s is None:
+                seq.queued_s = time.monotonic() - seq.added_at
             admitted.append(seq)
             free -= blocks
             budget -= n
@@ -217,7 +227,8 @@ class Engine:
         if reason:
             self.running.remove(seq)
             self.cache.free(seq.request_id)
-        return StepOutput(seq.request_id, [token], delta, reason is not None, reason)
+        return StepOutput(seq.request_id, [token], delta, reason is not None, reason, seq.queued_s or 0.0,
+                          seq.preemptions)
 
     # -- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,

@@ -25,10 +25,12 @@ _LISTENING = re.compile(r"listening on (\S+:\d+)")
 
 
 class ServiceProcess:
-    """One `zeroc serve ...` child on a free loopback port; `address` once it printed it."""
+    """One `zeroc serve ...` child on a free port of `host`; `address` once it printed it.
+
+    `prefix` runs it under another command, e.g. `ip netns exec NS` (which execs, keeping the pid)."""
 
     def __init__(self, kind: str, args: list[str], env: dict[str, str] | None = None,
-                 start_timeout_s: float = 300.0):
+                 start_timeout_s: float = 300.0, host: str = "127.0.0.1", prefix: list[str] | None = None):
         self.kind = kind
         self.log_path = Path(tempfile.mkstemp(prefix=f"zeroc-{kind}-", suffix=".log")[1])
         child_env = {**os.environ, **(env or {})}
@@ -36,7 +38,8 @@ class ServiceProcess:
         child_env["ZEROC_EXIT_WITH_PARENT"] = str(os.getpid())  # children stop if this process dies
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "zeroc.cli", "serve", kind, "--host", "127.0.0.1", "--port", "0", *args],
+                [*(prefix or []), sys.executable, "-m", "zeroc.cli", "serve", kind, "--host", host, "--port", "0",
+                 *args],
                 stdout=subprocess.PIPE, stderr=log, env=child_env)
         self.address = self._read_address(start_timeout_s)
 
@@ -56,9 +59,14 @@ class ServiceProcess:
         self.stop()
         raise RuntimeError(f"{self.kind} service did not start (exit {self.proc.returncode}); log tail:\n{tail}")
 
-    def wait_serving(self, timeout_s: float = 300.0) -> None:
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def wait_serving(self, timeout_s: float = 300.0, address: str | None = None) -> None:
+        """Block until health says SERVING, asked at `address` (default: the one it printed)."""
         try:
-            wait_serving(self.address, timeout_s)
+            wait_serving(address or self.address, timeout_s)
         except TimeoutError:
             raise RuntimeError(f"{self.kind} service never served; log tail:\n{self.log_tail()}") from None
 

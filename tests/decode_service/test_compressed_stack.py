@@ -6,34 +6,26 @@ from __future__ import annotations
 import pytest
 
 from zeroc.client import Client
-from zeroc.compression.calibrate import collect_statistics, compute_factors
-from zeroc.compression.fold import build_compressed
-from zeroc.config import BUNDLED_CALIB, AttentionCompression, CacheConfig
+from zeroc.config import CacheConfig
 from zeroc.engine import Engine
-from zeroc.evaluate import read_eval_tokens
-from zeroc.loader import load_model, save_model
+from zeroc.loader import load_model
 from zeroc.sampling import SamplingParams
 
 PROMPTS = ["The built-in function", "import os\nprint(os.getcwd())", "A list comprehension is"]
 
 
 @pytest.fixture(scope="module")
-def compressed_stack(bundled, tmp_path_factory):
-    """The bundled model folded to rank 32 of 64 for Q/K and V in every layer (KV budget 0.5)."""
+def compressed_stack(zeroc_half_dir):
+    """Prefill + decode services of the bundled model folded to rank 32 of 64 (KV budget 0.5)."""
     from zeroc.stack import ServiceProcess
 
-    calib = read_eval_tokens(bundled.tokenizer, BUNDLED_CALIB, 2048)[:2048].view(4, 512)
-    factors = compute_factors(bundled.model, collect_statistics(bundled.model, calib, progress=False))
-    layout = AttentionCompression(tuple(f.layer_compression(32, 32) for f in factors), "test-uniform-32", 0.5)
-    out = save_model(build_compressed(bundled.model, factors, layout), bundled.tokenizer,
-                     tmp_path_factory.mktemp("zeroc-0.5") / "model")
     procs = []
     try:
-        procs.append(ServiceProcess("prefill", ["--model", str(out)]))
-        procs.append(ServiceProcess("decode", ["--model", str(out), "--prefill", procs[0].address]))
+        procs.append(ServiceProcess("prefill", ["--model", zeroc_half_dir]))
+        procs.append(ServiceProcess("decode", ["--model", zeroc_half_dir, "--prefill", procs[0].address]))
         for p in procs:
             p.wait_serving()
-        yield out, procs[1].address
+        yield zeroc_half_dir, procs[1].address
     finally:
         for p in procs:
             p.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from zeroc.config import CacheConfig, SchedulerConfig
@@ -65,6 +67,36 @@ def test_preemption_under_a_small_cache_keeps_greedy_output(random_gqa):
     results = engine.generate(prompts, params)
     assert [r.token_ids for r in results] == expected
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_outputs_report_preemptions_and_time_queued(random_gqa):
+    """What the decode service puts in Usage (preemptions, queue_ms): sequences pushed out of a
+    too-small cache count it; one that fits only after another finished reports that wait."""
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    engine = Engine(random_gqa, CacheConfig(block_size=16, num_blocks=9))
+    for p in PROMPTS:
+        engine.add_request(p * 3, params)
+    assert sum(outs[-1].preemptions for outs in _drain(engine).values()) >= 1
+    alone = Engine(random_gqa, CacheConfig(16, 256))
+    rid = alone.add_request(PROMPTS[0], params)
+    assert _drain(alone)[rid][-1].preemptions == 0
+
+    # Room for one 40-token sequence at a time (3 of 4 blocks): the second waits for the first to finish.
+    engine = Engine(random_gqa, CacheConfig(block_size=16, num_blocks=4))
+    prompt = engine.tokenizer.encode(PROMPTS[1] * 12)[:40]
+    first = engine.add_request(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    second = engine.add_request(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    added = time.monotonic()
+    first_done = None
+    outs: dict[str, list] = {first: [], second: []}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+            if o.request_id == first and o.finished:
+                first_done = time.monotonic()
+    assert outs[first][-1].queued_s < first_done - added
+    assert outs[second][-1].queued_s >= first_done - added
+    assert all(o.preemptions == 0 for o in outs[first] + outs[second])
 
 
 def test_seeded_sampling_is_independent_of_the_batch(random_gqa):

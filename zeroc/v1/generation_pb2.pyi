@@ -61,18 +61,22 @@ class TokenDelta(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "cached_prefix_tokens", "kv_bytes_received")
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "cached_prefix_tokens", "kv_bytes_received", "queue_ms", "preemptions")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     ttft_ms: float
     cached_prefix_tokens: int
     kv_bytes_received: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., cached_prefix_tokens: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ...) -> None: ...
+    queue_ms: float
+    preemptions: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., cached_prefix_tokens: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., queue_ms: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class GenerateResult(_message.Message):
     __slots__ = ("finish_reason", "usage")
