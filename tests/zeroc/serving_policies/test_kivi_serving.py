@@ -18,6 +18,7 @@ from zeroc.policies import KIVI
 from zeroc.sampling import SamplingParams
 from zeroc.serving_policies import KIVIServing
 from zeroc.serving_policies.transfer import receive_into
+from zeroc.v1 import prefill_pb2
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
@@ -125,7 +126,7 @@ def _prefill_chunks(loaded, cache: CacheConfig, ids: list[int]) -> list:
         chunks = []
         while (item := job.out.get(timeout=120)) is not DONE:
             assert not isinstance(item, Exception), item
-            chunks.append(item.chunk)
+            chunks.append(prefill_pb2.PrefillResponse.FromString(item).chunk)  # chunks arrive serialized
         return chunks
     finally:
         worker.stop()
