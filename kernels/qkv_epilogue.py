@@ -1,9 +1,14 @@
-"""The QKV epilogue of a fold-mode (ZeroC) attention layer, in one pass over the GEMM output.
+"""The QKV epilogue of a ZeroC attention layer, in one pass over the GEMM output.
 
-After the rank-reduced QKV projection: RoPE on the kept pairs of q and k (each KV head keeps
-its own pairs, so each has its own frequencies; query heads use their group's), then K and V
-go straight into their paged cache slots. No full-width K ever exists in memory.
-Layout of a compressed head: kept first halves, then kept second halves (rotate_half pairs).
+Fold mode (`qkv_epilogue`): after the rank-reduced QKV projection, RoPE on the kept pairs of q
+and k (each KV head keeps its own pairs, so each has its own frequencies; query heads use their
+group's), then K and V go straight into their paged cache slots. No full-width K ever exists in
+memory. Layout of a compressed head: kept first halves, then kept second halves (rotate_half pairs).
+
+Rotate mode (`qkv_rotate_epilogue`): q and k come out of the GEMM at full head width; RoPE on every
+pair, then each KV head's bases map them to rank r (q' = A_g^T q for every query head of group g,
+k' = B_g^T k), and only the rank-r K (and the rank-rv V) are written to the cache. The full-width
+post-RoPE q and k live in registers only.
 """
 
 from __future__ import annotations
@@ -42,6 +47,28 @@ def qkv_epilogue_ref(
     k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = _rope_ref(k, positions, inv_freq).to(k_pool.dtype)
     v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
     return _rope_ref(q, positions, inv_freq.repeat_interleave(group, 0))
+
+
+def qkv_rotate_epilogue_ref(
+    q: Tensor,  # [N, heads, d] from the GEMM, before RoPE
+    k: Tensor,  # [N, kv_heads, d]
+    v: Tensor,  # [N, kv_heads, rv]
+    positions: Tensor,  # [N]
+    inv_freq: Tensor,  # [1, d/2] frequencies of every RoPE pair
+    q_basis: Tensor,  # [kv_heads, d, r] A_g, shared by the query heads of group g
+    k_basis: Tensor,  # [kv_heads, d, r] B_g
+    slot_mapping: Tensor,  # [N]
+    k_pool: Tensor,  # [num_blocks, block_size, kv_heads, r], written in place
+    v_pool: Tensor,  # [num_blocks, block_size, kv_heads, rv], written in place
+) -> Tensor:
+    """-> q' [N, heads, r]; k' = B^T RoPE(k) and V land in their cache slots."""
+    kv = k.shape[1]
+    q_rot = _rope_ref(q, positions, inv_freq).float().unflatten(1, (kv, -1))  # [N, kv, group, d]
+    k_rot = _rope_ref(k, positions, inv_freq).float()
+    k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = torch.einsum("ngd,gdr->ngr", k_rot,
+                                                                    k_basis.float()).to(k_pool.dtype)
+    v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
+    return torch.einsum("ngjd,gdr->ngjr", q_rot, q_basis.float()).flatten(1, 2).to(q.dtype)
 
 
 if triton is not None:
@@ -84,6 +111,43 @@ if triton is not None:
             tl.store(vpool_ptr + (slot * KV + g) * RV + j, vrow.to(vpool_ptr.dtype.element_ty), mask=j < RV)
 
 
+    @triton.jit
+    def _rope_project_row(x_ptr, freq_ptr, basis_ptr, pos, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                          R: tl.constexpr, R_PAD: tl.constexpr):
+        # RoPE on a full-width row, then row @ basis ([2 * HALF, R], row-major) -> [R_PAD] (masked past R)
+        lo, hi, i, ok = _rope_row(x_ptr, freq_ptr, pos, HALF, HALF_PAD)
+        j = tl.arange(0, R_PAD)
+        m = ok[:, None] & (j[None, :] < R)
+        top = tl.load(basis_ptr + i[:, None] * R + j[None, :], mask=m, other=0.0).to(tl.float32)
+        bottom = tl.load(basis_ptr + (HALF + i[:, None]) * R + j[None, :], mask=m, other=0.0).to(tl.float32)
+        return tl.sum(lo[:, None] * top + hi[:, None] * bottom, axis=0), j
+
+    @triton.jit
+    def _qkv_rotate_epilogue_kernel(
+        q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, qb_ptr, kb_ptr, slots_ptr, kpool_ptr, vpool_ptr, qout_ptr,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+        HEADS: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+        R: tl.constexpr, R_PAD: tl.constexpr, RV: tl.constexpr, RV_PAD: tl.constexpr,
+    ):
+        # One program per (token, query head); the first query head of each group also writes K/V.
+        n = tl.program_id(0)
+        h = tl.program_id(1)
+        g = h // (HEADS // KV)
+        pos = tl.load(pos_ptr + n).to(tl.float32)
+        basis = g * 2 * HALF * R
+        out, j = _rope_project_row(q_ptr + n * stride_qn + h * stride_qh, freq_ptr, qb_ptr + basis, pos,
+                                   HALF, HALF_PAD, R, R_PAD)
+        tl.store(qout_ptr + (n * HEADS + h) * R + j, out.to(qout_ptr.dtype.element_ty), mask=j < R)
+        if h % (HEADS // KV) == 0:
+            slot = tl.load(slots_ptr + n)
+            kout, j = _rope_project_row(k_ptr + n * stride_kn + g * stride_kh, freq_ptr, kb_ptr + basis, pos,
+                                        HALF, HALF_PAD, R, R_PAD)
+            tl.store(kpool_ptr + (slot * KV + g) * R + j, kout.to(kpool_ptr.dtype.element_ty), mask=j < R)
+            jv = tl.arange(0, RV_PAD)
+            vrow = tl.load(v_ptr + n * stride_vn + g * stride_vh + jv, mask=jv < RV, other=0.0)
+            tl.store(vpool_ptr + (slot * KV + g) * RV + jv, vrow.to(vpool_ptr.dtype.element_ty), mask=jv < RV)
+
+
 def qkv_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor, slot_mapping: Tensor,
                  k_pool: Tensor, v_pool: Tensor) -> Tensor:
     """Triton version of `qkv_epilogue_ref` (same arguments; pools must be contiguous)."""
@@ -95,5 +159,24 @@ def qkv_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: T
         out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HEADS=heads, KV=kv, HALF=r // 2, HALF_PAD=triton.next_power_of_2(r // 2), RV=rv,
         RV_PAD=triton.next_power_of_2(rv),
+    )
+    return out
+
+
+def qkv_rotate_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor, q_basis: Tensor,
+                        k_basis: Tensor, slot_mapping: Tensor, k_pool: Tensor, v_pool: Tensor) -> Tensor:
+    """Triton version of `qkv_rotate_epilogue_ref` (same arguments; pools must be contiguous).
+
+    A per-row multiply-and-reduce against the [d, r] basis: simple, and checked in the interpreter; a
+    GPU-tuned version would tile tokens and use tl.dot (not measured yet: no GPU session).
+    """
+    n, heads, d = q.shape
+    kv, rv, r = k.shape[1], v.shape[2], q_basis.shape[2]
+    out = torch.empty(n, heads, r, dtype=q.dtype, device=q.device)
+    _qkv_rotate_epilogue_kernel[(n, heads)](
+        q, k, v, positions.contiguous(), inv_freq.float().contiguous(), q_basis.contiguous(), k_basis.contiguous(),
+        slot_mapping.contiguous(), k_pool, v_pool, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), HEADS=heads, KV=kv, HALF=d // 2, HALF_PAD=triton.next_power_of_2(d // 2), R=r,
+        R_PAD=triton.next_power_of_2(r), RV=rv, RV_PAD=triton.next_power_of_2(rv),
     )
     return out

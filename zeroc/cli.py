@@ -78,11 +78,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from zeroc.compression.calibrate import ZeroCFold, calibrate
+    from zeroc.compression.calibrate import ZeroCMethod, calibrate
     from zeroc.loader import save_model
 
-    method = ZeroCFold(budget=args.budget, rank_multiple=args.rank_multiple, calib_tokens=args.tokens,
-                       sensitivity_tokens=args.sensitivity_tokens, window=args.window)
+    method = ZeroCMethod(budget=args.budget, mode=args.mode, rank_multiple=args.rank_multiple,
+                         calib_tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens, window=args.window)
     loaded, _ = _load(args)
     compressed, report = calibrate(loaded, args.calib, method, progress=not args.json)
     out = save_model(compressed, loaded.tokenizer, args.out)
@@ -91,7 +91,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(report)))
     else:
         print(f"wrote {out}: KV {report.kv_fraction:.3f} of uncompressed, ranks (qk, v) per layer {report.ranks}, "
-              f"calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}")
+              f"Q/K modes {report.modes}, calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}")
     return 0
 
 
@@ -136,14 +136,14 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
 def cmd_eval_quality(args: argparse.Namespace) -> int:
     import datetime as dt
 
-    from zeroc.compression.calibrate import ZeroCFold
+    from zeroc.compression.calibrate import ZeroCMethod
     from zeroc.quality import QualityConfig, machine_description, run_quality
     from zeroc.quality_report import text_table, write_report
 
     cfg = QualityConfig(ctx=args.ctx, max_tokens=args.max_tokens, budgets=tuple(args.budgets),
-                        batch_size=args.batch_size,
-                        calibration=ZeroCFold(rank_multiple=args.rank_multiple, calib_tokens=args.calib_tokens,
-                                              sensitivity_tokens=args.sensitivity_tokens, window=args.window))
+                        batch_size=args.batch_size, zeroc_modes=tuple(args.zeroc_modes),
+                        calibration=ZeroCMethod(rank_multiple=args.rank_multiple, calib_tokens=args.calib_tokens,
+                                                sensitivity_tokens=args.sensitivity_tokens, window=args.window))
     loaded, _ = _load(args)
     started = dt.datetime.now(dt.timezone.utc)
     rows = run_quality(loaded, args.calib, args.data, cfg, progress=not args.json)
@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=str(BUNDLED_CALIB), help="calibration text file")
     p.add_argument("--budget", type=float, required=True, help="KV cache size as a fraction of uncompressed")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--mode", choices=["fold"], default="fold", help="Q/K compression mode")
+    p.add_argument("--mode", choices=["fold", "rotate", "auto"], default="fold",
+                   help="Q/K: keep RoPE pairs (fold), post-RoPE bases (rotate), or per layer by measured loss (auto)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens for the statistics")
     p.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for per-layer sensitivity")
     p.add_argument("--window", type=int, default=512, help="calibration window length")
@@ -459,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity-tokens", type=int, default=2048, help="ZeroC tokens for per-layer sensitivity")
     p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
     p.add_argument("--rank-multiple", type=int, default=16, help="ZeroC ranks are multiples of this")
+    p.add_argument("--zeroc-modes", nargs="+", choices=["fold", "rotate", "auto"], default=["fold", "rotate", "auto"],
+                   help="ZeroC Q/K modes to tabulate (one row each)")
     p.add_argument("--out-dir", default="docs", help="where quality.md and quality.png go")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_quality)

@@ -71,23 +71,39 @@ class RopeConfig:
         return out
 
 
+QK_MODES = ("fold", "rotate")
+
+
 @dataclass(frozen=True)
 class LayerCompression:
-    """One layer's compressed attention (ZeroC fold mode).
+    """One layer's compressed attention (ZeroC).
 
-    Q/K keep the RoPE frequency pairs listed per KV head (query heads use their KV head's
-    pairs); V/O are folded to `v_rank` dimensions per KV head.
+    Q/K, `mode` "fold": keep the RoPE frequency pairs listed per KV head (query heads use their
+    KV head's pairs). `mode` "rotate": q and k keep all head_dim dims through RoPE, then each KV
+    head's calibrated bases (weights `q_basis`, `k_basis`) map them to `rotate_rank` dims.
+    V/O are folded to `v_rank` dimensions per KV head in both modes.
     """
 
-    qk_pairs: tuple[tuple[int, ...], ...]  # [kv_heads][qk_rank / 2] kept pair indices, ascending
+    qk_pairs: tuple[tuple[int, ...], ...]  # fold: [kv_heads][qk_rank / 2] kept pair indices, ascending; rotate: ()
     v_rank: int
+    mode: str = "fold"
+    rotate_rank: int = 0  # rotate: Q/K width after the bases
 
     @property
     def qk_rank(self) -> int:
-        return 2 * len(self.qk_pairs[0])
+        return self.rotate_rank if self.mode == "rotate" else 2 * len(self.qk_pairs[0])
 
     def to_dict(self) -> dict[str, Any]:
+        if self.mode == "rotate":
+            return {"mode": "rotate", "qk_rank": self.rotate_rank, "v_rank": self.v_rank}
         return {"qk_pairs": [list(p) for p in self.qk_pairs], "v_rank": self.v_rank}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "LayerCompression":
+        if raw.get("mode", "fold") == "rotate":
+            return cls((), int(raw["v_rank"]), "rotate", int(raw["qk_rank"]))
+        return cls(tuple(tuple(int(i) for i in p) for p in raw["qk_pairs"]), int(raw["v_rank"]),
+                   str(raw.get("mode", "fold")))
 
 
 @dataclass(frozen=True)
@@ -105,8 +121,7 @@ class AttentionCompression:
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> "AttentionCompression":
-        layers = tuple(LayerCompression(tuple(tuple(int(i) for i in p) for p in layer["qk_pairs"]),
-                                        int(layer["v_rank"])) for layer in raw["layers"])
+        layers = tuple(LayerCompression.from_dict(layer) for layer in raw["layers"])
         return cls(layers, str(raw["fingerprint"]), float(raw["budget"]), str(raw.get("method", "zeroc-fold")))
 
 
@@ -152,6 +167,15 @@ class ModelConfig:
         if len(comp.layers) != self.num_hidden_layers:
             raise ValueError(f"compression lists {len(comp.layers)} layers, the model has {self.num_hidden_layers}")
         for i, layer in enumerate(comp.layers):
+            if layer.mode not in QK_MODES:
+                raise ValueError(f"compression layer {i}: mode must be one of {', '.join(QK_MODES)}, got {layer.mode!r}")
+            if not 0 < layer.v_rank <= self.head_dim:
+                raise ValueError(f"compression layer {i}: v_rank must be in [1, {self.head_dim}]")
+            if layer.mode == "rotate":
+                if layer.qk_pairs or not 0 < layer.rotate_rank <= self.head_dim:
+                    raise ValueError(f"compression layer {i}: rotate mode needs qk_rank in [1, {self.head_dim}] "
+                                     "and no qk_pairs")
+                continue
             if len(layer.qk_pairs) != self.num_key_value_heads:
                 raise ValueError(f"compression layer {i}: qk_pairs must list one entry per KV head")
             if len({len(p) for p in layer.qk_pairs}) != 1 or not layer.qk_pairs[0]:
@@ -160,12 +184,14 @@ class ModelConfig:
                 if list(p) != sorted(set(p)) or p[0] < 0 or p[-1] >= self.head_dim // 2:
                     raise ValueError(f"compression layer {i}: RoPE pair indices must be ascending, unique and "
                                      f"in [0, {self.head_dim // 2})")
-            if not 0 < layer.v_rank <= self.head_dim:
-                raise ValueError(f"compression layer {i}: v_rank must be in [1, {self.head_dim}]")
 
     def qk_dim(self, layer: int) -> int:
         """Width of each query/key head in `layer` (head_dim unless compressed)."""
         return self.compression.layers[layer].qk_rank if self.compression else self.head_dim
+
+    def qk_mode(self, layer: int) -> str | None:
+        """How `layer`'s Q/K are compressed: "fold", "rotate", or None if not compressed."""
+        return self.compression.layers[layer].mode if self.compression else None
 
     def v_dim(self, layer: int) -> int:
         """Width of each value head in `layer` (head_dim unless compressed)."""

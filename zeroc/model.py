@@ -47,9 +47,9 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
 
 
 def layer_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
-    """Frequencies of the RoPE pairs a layer keeps: [kv_heads, qk_dim / 2], or [1, head_dim / 2] if whole."""
+    """Frequencies of the RoPE pairs a layer keeps: [kv_heads, qk_dim / 2] (fold), or [1, head_dim / 2] if whole."""
     base = rope_inv_freq(cfg.rope, cfg.head_dim)
-    if cfg.compression is None:
+    if cfg.qk_mode(layer) != "fold":  # uncompressed and rotate mode run RoPE on every pair
         return base[None]
     return base[torch.tensor(cfg.compression.layers[layer].qk_pairs)]
 
@@ -68,6 +68,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def causal_attend(_layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Dense causal attention over whole sequences (an AttendFn).
+
+    q: [B, T, heads, dq]; k: [B, T, kv_heads, dq]; v: [B, T, kv_heads, dv] -> [B, T, heads, dv]
+    """
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -82,25 +92,32 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA attention; a compressed layer keeps fewer Q/K dims (RoPE pairs) and V/O dims per head."""
+    """GQA attention. A compressed layer keeps fewer V/O dims per head and fewer Q/K dims: fold mode
+    keeps a subset of RoPE pairs (narrower q/k projections); rotate mode projects q and k after RoPE
+    onto each KV head's calibrated bases (`q_basis`, `k_basis`), so the cache holds rank-wide keys."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.qk_dim, self.v_dim = cfg.qk_dim(layer), cfg.v_dim(layer)
+        self.rotate = cfg.qk_mode(layer) == "rotate"
+        proj_dim = cfg.head_dim if self.rotate else self.qk_dim  # rotate: RoPE needs every pair
         self.scale = 1.0 / math.sqrt(cfg.head_dim)  # the model was trained with this, whatever the rank
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.qk_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.qk_dim, bias=bias)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * proj_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * proj_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.v_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=bias)
+        if self.rotate:  # q' = q_basis[g]^T RoPE(q) for every query head of group g; k' likewise
+            self.q_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, self.qk_dim))  # [kv, d, r]
+            self.k_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, self.qk_dim))  # [kv, d, r]
         self.register_buffer("inv_freq", layer_inv_freq(cfg, layer), persistent=False)
 
     def forward(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
         # x: [*P, hidden]; positions: [*P]
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.n_heads, self.qk_dim)
-        k = self.k_proj(x).view(*lead, self.n_kv, self.qk_dim)
+        q = self.q_proj(x).view(*lead, self.n_heads, -1)
+        k = self.k_proj(x).view(*lead, self.n_kv, -1)
         v = self.v_proj(x).view(*lead, self.n_kv, self.v_dim)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [*P, kv_heads or 1, qk_dim]
         k = apply_rope(k, cos, sin)
@@ -108,8 +125,20 @@ class Attention(nn.Module):
             group = self.n_heads // self.n_kv
             cos, sin = cos.repeat_interleave(group, -2), sin.repeat_interleave(group, -2)
         q = apply_rope(q, cos, sin)
+        if self.rotate:
+            q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
         out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
         return self.o_proj(out.reshape(*lead, -1))
+
+
+def rotate_qk(q: Tensor, k: Tensor, q_basis: Tensor, k_basis: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate mode: post-RoPE q, k onto their KV head's bases.
+
+    q: [*P, heads, d]; k: [*P, kv_heads, d]; q_basis, k_basis: [kv_heads, d, r] -> q [*P, heads, r], k [*P, kv, r]
+    """
+    kv = k_basis.shape[0]
+    q = torch.einsum("...gjd,gdr->...gjr", q.unflatten(-2, (kv, -1)), q_basis).flatten(-3, -2)
+    return q, torch.einsum("...gd,gdr->...gr", k, k_basis)
 
 
 class MLP(nn.Module):
@@ -173,16 +202,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """Dense causal forward. tokens: [B, T] -> logits [B, T, vocab]."""
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-
-        def attend(_layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-            # q: [B, T, heads, dq]; k: [B, T, kv_heads, dq]; v: [B, T, kv_heads, dv]
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
-                enable_gqa=True,
-            )
-            return out.transpose(1, 2)
-
-        return self.lm_head(self._run(tokens, positions, attend))
+        return self.lm_head(self._run(tokens, positions, causal_attend))
 
     def forward_attend(self, tokens: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
         """Forward with a caller-supplied attention (KV-cache policies). tokens, positions: [*P] -> logits [*P, vocab]."""

@@ -1,6 +1,7 @@
 """`zeroc eval quality`: perplexity of every KV-compression method at equal KV budgets.
 
-Methods: the uncompressed model, ZeroC fold mode (calibrated at each budget; budget 1.0 is the
+Methods: the uncompressed model, ZeroC in each Q/K mode of `QualityConfig.zeroc_modes` (rows
+"zeroc-fold", "zeroc-rotate", "zeroc-auto"; calibrated at each budget; budget 1.0 is the
 uncompressed model) and every baseline policy of `zeroc.policies` on the uncompressed model.
 Streaming perplexity is measured for all; full-pass only where a method has a full-pass form
 (uncompressed and ZeroC: the compression lives in the weights). Writes a markdown report and a
@@ -11,16 +12,13 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from zeroc.compression.calibrate import (ZeroCFold, allocate_ranks, collect_statistics, compute_factors,
-                                         fingerprint, measure_sensitivity, _windows)
-from zeroc.compression.fold import build_compressed
-from zeroc.config import AttentionCompression
+from zeroc.compression.calibrate import MODES, ZeroCMethod, compress, measure
 from zeroc.errors import ZeroCError
 from zeroc.evaluate import perplexity_full, perplexity_streaming, read_eval_tokens
 from zeroc.loader import LoadedModel
@@ -29,7 +27,7 @@ from zeroc.policies import POLICY_NAMES, make_policy
 from zeroc.policies.streaming import perplexity_with_policy
 
 BUDGETS = (1.0, 0.75, 0.5, 0.375, 0.25)
-UNCOMPRESSED, ZEROC = "uncompressed", "zeroc"
+UNCOMPRESSED, ZEROC = "uncompressed", "zeroc"  # ZeroC rows are named f"{ZEROC}-{mode}"
 
 
 @dataclass(frozen=True)
@@ -38,13 +36,16 @@ class QualityConfig:
     max_tokens: int | None = None
     budgets: tuple[float, ...] = BUDGETS
     batch_size: int = 16  # windows streamed together
-    calibration: ZeroCFold = field(default_factory=ZeroCFold)  # its budget is replaced per column
+    calibration: ZeroCMethod = field(default_factory=ZeroCMethod)  # its budget and mode are replaced per row
+    zeroc_modes: tuple[str, ...] = ("fold", "rotate", "auto")
 
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
             raise ValueError(f"budgets must be in (0, 1], got {list(self.budgets)}")
         if self.ctx < 2:
             raise ValueError(f"ctx must be >= 2, got {self.ctx}")
+        if not self.zeroc_modes or any(m not in MODES for m in self.zeroc_modes):
+            raise ValueError(f"zeroc_modes must be among {', '.join(MODES)}, got {list(self.zeroc_modes)}")
 
 
 @dataclass(frozen=True)
@@ -58,28 +59,21 @@ class QualityRow:
     note: str = ""
 
 
-def zeroc_models(loaded: LoadedModel, calib_file: str | Path, budgets: list[float], method: ZeroCFold,
-                 progress: bool = False) -> dict[float, tuple[Transformer, float]]:
-    """ZeroC-compressed models for several budgets -> {budget: (model, achieved KV fraction)}.
+def zeroc_models(loaded: LoadedModel, calib_file: str | Path, budgets: list[float], method: ZeroCMethod,
+                 modes: tuple[str, ...] = ("fold",), progress: bool = False
+                 ) -> dict[tuple[str, float], tuple[Transformer, float]]:
+    """ZeroC-compressed models per mode and budget -> {(mode, budget): (model, achieved KV fraction)}.
 
-    The same as `calibrate(loaded, calib_file, replace(method, budget=b))` for each b, but the
-    statistics, factors and sensitivities (which do not depend on the budget) are measured once.
+    The same as `calibrate(loaded, calib_file, replace(method, mode=m, budget=b))` for each pair, but
+    the statistics, factors and sensitivities (which do not depend on the budget) are measured once.
     """
-    cfg = loaded.config
-    method.candidate_ranks(cfg.head_dim)
-    tokens = read_eval_tokens(loaded.tokenizer, calib_file)
-    windows = _windows(tokens, method.window, method.calib_tokens)
-    factors = compute_factors(loaded.model, collect_statistics(loaded.model, windows, progress=progress))
-    _, deltas = measure_sensitivity(loaded.model, factors, _windows(tokens, method.window, method.sensitivity_tokens),
-                                    method, progress)
+    both = "auto" in modes or len(set(modes)) > 1
+    meas = measure(loaded, calib_file, replace(method, mode="auto" if both else modes[0]), progress)
     out = {}
-    for b in budgets:
-        m = ZeroCFold(**{**asdict(method), "budget": b})
-        ranks = allocate_ranks(deltas, cfg.num_hidden_layers, cfg.head_dim, m)
-        layout = AttentionCompression(tuple(f.layer_compression(rq, rv) for f, (rq, rv) in zip(factors, ranks)),
-                                      fingerprint(loaded.path, m, tokens), b)
-        fraction = sum(rq + rv for rq, rv in ranks) / (2 * cfg.head_dim * len(ranks))
-        out[b] = (build_compressed(loaded.model, factors, layout), fraction)
+    for m in modes:
+        for b in budgets:
+            model, report = compress(loaded, meas, replace(method, mode=m, budget=b))
+            out[(m, b)] = (model, report.kv_fraction)
     return out
 
 
@@ -99,10 +93,12 @@ def run_quality(loaded: LoadedModel, calib_file: str | Path, data_file: str | Pa
         raise ZeroCError(f"{loaded.path}: eval quality needs the uncompressed model (this one is compressed)")
     tokens = read_eval_tokens(loaded.tokenizer, data_file, cfg.max_tokens)
     compressed_budgets = [b for b in cfg.budgets if b < 1.0]
-    jobs = 2 + len(compressed_budgets) * (1 + len(POLICY_NAMES))
+    zeroc = [f"{ZEROC}-{m}" for m in cfg.zeroc_modes]
+    jobs = 2 + len(compressed_budgets) * (len(zeroc) + len(POLICY_NAMES))
     bar = tqdm(total=jobs, desc="eval quality", unit="run", disable=not progress)
     bar.set_postfix_str("calibrating ZeroC")
-    models = zeroc_models(loaded, calib_file, compressed_budgets, cfg.calibration) if compressed_budgets else {}
+    models = (zeroc_models(loaded, calib_file, compressed_budgets, cfg.calibration, cfg.zeroc_modes)
+              if compressed_budgets else {})
     base_stream = perplexity_streaming(loaded.model, tokens, cfg.ctx, cfg.batch_size, progress=False).perplexity
     bar.update()
     base_full = perplexity_full(loaded.model, tokens, cfg.ctx, progress=False).perplexity
@@ -111,15 +107,17 @@ def run_quality(loaded: LoadedModel, calib_file: str | Path, data_file: str | Pa
     for b in cfg.budgets:
         rows.append(QualityRow(UNCOMPRESSED, b, base_stream, base_full, 1.0, 1.0))
         if b >= 1.0:  # every method is the identity at 1.0 (tests check each policy against this)
-            rows += [QualityRow(m, b, base_stream, base_full if m == ZEROC else None, 1.0, 1.0, "identity at 1.0")
-                     for m in (ZEROC, *POLICY_NAMES)]
+            rows += [QualityRow(m, b, base_stream, base_full if m in zeroc else None, 1.0, 1.0, "identity at 1.0")
+                     for m in (*zeroc, *POLICY_NAMES)]
             continue
-        model, fraction = models[b]
-        bar.set_postfix_str(f"zeroc @ {b}")
-        rows.append(QualityRow(ZEROC, b, perplexity_streaming(model, tokens, cfg.ctx, cfg.batch_size,
-                                                              progress=False).perplexity,
-                               perplexity_full(model, tokens, cfg.ctx, progress=False).perplexity, fraction, fraction))
-        bar.update()
+        for mode, name in zip(cfg.zeroc_modes, zeroc):
+            model, fraction = models[(mode, b)]
+            bar.set_postfix_str(f"{name} @ {b}")
+            rows.append(QualityRow(name, b, perplexity_streaming(model, tokens, cfg.ctx, cfg.batch_size,
+                                                                 progress=False).perplexity,
+                                   perplexity_full(model, tokens, cfg.ctx, progress=False).perplexity, fraction,
+                                   fraction))
+            bar.update()
         for name in POLICY_NAMES:
             bar.set_postfix_str(f"{name} @ {b}")
             rows.append(_policy_row(loaded, tokens, name, b, cfg))

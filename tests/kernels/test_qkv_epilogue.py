@@ -1,4 +1,5 @@
-"""The fold-mode QKV epilogue kernel against its reference, and the reference against the model's RoPE."""
+"""The fold- and rotate-mode QKV epilogue kernels against their references, and the references against
+the model's own RoPE (and rotate-mode bases)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref
+from kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue, qkv_rotate_epilogue_ref
 from zeroc.config import RopeConfig
-from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq
+from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq, rotate_qk
 
 
 def _case(gen, n, kv, group, r, rv, block_size, dtype):
@@ -49,4 +50,48 @@ def test_reference_equals_the_models_rope_on_the_kept_pairs():
     cos, sin = rope_cos_sin(inv_freq, pos, torch.float32)  # [N, kv, r]
     torch.testing.assert_close(k_pool.view(-1, 2, 32)[slots], apply_rope(k, cos, sin))
     torch.testing.assert_close(q_rot, apply_rope(q, cos.repeat_interleave(4, -2), sin.repeat_interleave(4, -2)))
+    torch.testing.assert_close(v_pool.view(-1, 2, 16)[slots], v)
+
+
+def _rotate_case(gen, n, kv, group, d, r, rv, block_size, dtype):
+    q = torch.randn(n, kv * group, d, generator=gen).to(dtype)
+    k = torch.randn(n, kv, d, generator=gen).to(dtype)
+    v = torch.randn(n, kv, rv, generator=gen).to(dtype)
+    positions = torch.randint(0, 4096, (n,), generator=gen)
+    inv_freq = rope_inv_freq(RopeConfig(theta=10000.0), d)[None]
+    q_basis = (torch.randn(kv, d, r, generator=gen) / d ** 0.5).to(dtype)
+    k_basis = (torch.randn(kv, d, r, generator=gen) / d ** 0.5).to(dtype)
+    blocks = -(-n // block_size) + 1
+    slots = torch.randperm(blocks * block_size, generator=gen)[:n]
+    return (q, k, v, positions, inv_freq, q_basis, k_basis, slots), blocks
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 24), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 4, 8]),
+       shape=st.sampled_from([(64, 16, 16), (64, 48, 8), (128, 64, 64), (32, 24, 32)]),
+       block_size=st.sampled_from([16, 32]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_rotate_kernel_matches_reference(n, kv, group, shape, block_size, dtype, seed):
+    d, r, rv = shape
+    args, blocks = _rotate_case(torch.Generator().manual_seed(seed), n, kv, group, d, r, rv, block_size, dtype)
+    pools = [(torch.full((blocks, block_size, kv, r), float("nan"), dtype=dtype),
+              torch.full((blocks, block_size, kv, rv), float("nan"), dtype=dtype)) for _ in range(2)]
+    q_ref = qkv_rotate_epilogue_ref(*args, *pools[0])
+    q_tri = qkv_rotate_epilogue(*args, *pools[1])
+    assert q_tri.shape == (n, kv * group, r)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(q_tri.float(), q_ref.float(), **tol)
+    for a, b in zip(pools[0], pools[1]):
+        torch.testing.assert_close(b.float(), a.float(), equal_nan=True, **tol)
+
+
+def test_rotate_reference_equals_the_models_rope_then_bases():
+    args, blocks = _rotate_case(torch.Generator().manual_seed(2), 6, 2, 4, 64, 24, 16, 16, torch.float32)
+    q, k, v, pos, inv_freq, q_basis, k_basis, slots = args
+    k_pool, v_pool = torch.zeros(blocks, 16, 2, 24), torch.zeros(blocks, 16, 2, 16)
+    q_out = qkv_rotate_epilogue_ref(*args, k_pool, v_pool)
+    cos, sin = rope_cos_sin(inv_freq, pos, torch.float32)  # [N, 1, d]
+    q_model, k_model = rotate_qk(apply_rope(q, cos, sin), apply_rope(k, cos, sin), q_basis, k_basis)
+    torch.testing.assert_close(q_out, q_model)
+    torch.testing.assert_close(k_pool.view(-1, 2, 24)[slots], k_model)
     torch.testing.assert_close(v_pool.view(-1, 2, 16)[slots], v)

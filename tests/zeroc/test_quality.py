@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from zeroc.cli import main
-from zeroc.compression.calibrate import ZeroCFold, calibrate
+from zeroc.compression.calibrate import ZeroCMethod, calibrate
 from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT
 from zeroc.policies import POLICY_NAMES
 from zeroc.quality import QualityConfig, QualityRow, zeroc_models
@@ -17,14 +18,18 @@ from zeroc.quality_report import goal_checks
 SMALL = dict(rank_multiple=8, calib_tokens=512, sensitivity_tokens=256, window=128)
 
 
-def test_shared_calibration_builds_the_same_model_as_calibrate(random_gqa):
-    method = ZeroCFold(budget=0.5, **SMALL)
-    shared, fraction = zeroc_models(random_gqa, BUNDLED_CALIB, [0.5], method)[0.5]
-    direct, report = calibrate(random_gqa, BUNDLED_CALIB, method, progress=False)
-    assert fraction == pytest.approx(report.kv_fraction)
-    assert shared.config.compression.layers == direct.config.compression.layers
-    for (name, a), (_, b) in zip(shared.state_dict().items(), direct.state_dict().items()):
-        assert torch.equal(a, b), name
+def test_shared_calibration_builds_the_same_models_as_calibrate(random_gqa):
+    """One measurement of both Q/K modes serves every mode and budget exactly as `calibrate` would."""
+    method = ZeroCMethod(budget=0.5, **SMALL)
+    shared = zeroc_models(random_gqa, BUNDLED_CALIB, [0.5], method, ("fold", "rotate"))
+    for mode in ("fold", "rotate"):
+        model, fraction = shared[(mode, 0.5)]
+        direct, report = calibrate(random_gqa, BUNDLED_CALIB, replace(method, mode=mode), progress=False)
+        assert fraction == pytest.approx(report.kv_fraction)
+        assert model.config.compression == direct.config.compression
+        assert {layer.mode for layer in model.config.compression.layers} <= {mode, "fold"}
+        for (name, a), (_, b) in zip(model.state_dict().items(), direct.state_dict().items()):
+            assert torch.equal(a, b), name
 
 
 def test_whole_command_on_a_tiny_slice(random_gqa_dir, tmp_path, capsys):
@@ -40,31 +45,34 @@ def test_whole_command_on_a_tiny_slice(random_gqa_dir, tmp_path, capsys):
     assert code == 0, captured.err
     report = json.loads(captured.out)
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
-    methods = ["uncompressed", "zeroc", *POLICY_NAMES]
+    zeroc = ["zeroc-fold", "zeroc-rotate", "zeroc-auto"]
+    methods = ["uncompressed", *zeroc, *POLICY_NAMES]
     assert set(rows) == {(m, b) for m in methods for b in (1.0, 0.75, 0.5, 0.375, 0.25)}
     base = rows[("uncompressed", 1.0)]["streaming_ppl"]
     assert rows[("uncompressed", 1.0)]["full_ppl"] == pytest.approx(base, rel=1e-3)
     assert all(rows[(m, 1.0)]["streaming_ppl"] == base for m in methods)
     assert rows[("kivi-4", 0.25)]["streaming_ppl"] is None and "0.3125" in rows[("kivi-4", 0.25)]["note"]
     for b in (0.75, 0.5, 0.375, 0.25):
-        assert rows[("zeroc", b)]["kv_fraction"] <= b + 1e-9
+        assert all(rows[(z, b)]["kv_fraction"] <= b + 1e-9 and rows[(z, b)]["full_ppl"] > 1.0 for z in zeroc)
         assert rows[("palu", b)]["kv_fraction"] <= b + 1e-9
-        assert rows[("h2o", b)]["streaming_ppl"] > 1.0 and rows[("zeroc", b)]["full_ppl"] > 1.0
+        assert rows[("h2o", b)]["streaming_ppl"] > 1.0
     md = (out / "quality.md").read_text()
-    assert "| zeroc |" in md and "| snapkv |" in md and "machine:" in md and "date:" in md
+    assert "| zeroc-fold |" in md and "| zeroc-rotate |" in md and "| snapkv |" in md
+    assert "machine:" in md and "date:" in md
     assert "Hand-written analysis goes here." in md
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_goal_checks_state_wins_and_losses():
-    rows = [QualityRow("uncompressed", 0.5, 10.0), QualityRow("zeroc", 0.5, 10.05), QualityRow("h2o", 0.5, 11.0),
-            QualityRow("palu", 0.5, 10.0), QualityRow("uncompressed", 0.25, 10.0), QualityRow("zeroc", 0.25, 20.0),
-            QualityRow("h2o", 0.25, 12.0)]
+    rows = [QualityRow("uncompressed", 0.5, 10.0), QualityRow("zeroc-fold", 0.5, 10.05),
+            QualityRow("zeroc-rotate", 0.5, 10.2), QualityRow("h2o", 0.5, 11.0), QualityRow("palu", 0.5, 10.1),
+            QualityRow("uncompressed", 0.25, 10.0), QualityRow("zeroc-fold", 0.25, 20.0), QualityRow("h2o", 0.25, 12.0)]
     lines = goal_checks(rows)
-    assert lines[0].startswith("- ZeroC at budget 0.5: 10.050 vs uncompressed 10.000 (+0.50%): within")
-    assert "does NOT beat 1 baseline(s)" in lines[1] and "h2o 11.000 (-8.64%)" in lines[1]
-    assert "palu 10.000 (+0.50%)" in lines[1]
-    assert len(lines) == 2  # budget 0.25 is below the goal's 0.375
+    assert lines[0].startswith("- zeroc-fold at budget 0.5: 10.050 vs uncompressed 10.000 (+0.50%): within")
+    assert lines[1].startswith("- zeroc-rotate at budget 0.5: 10.200 vs uncompressed 10.000 (+2.00%): NOT within")
+    assert "zeroc-fold 10.050 beats every baseline" in lines[2] and "h2o 11.000 (-8.64%)" in lines[2]
+    assert "zeroc-rotate 10.200 does NOT beat 1 baseline(s)" in lines[3] and "palu 10.100 (+0.99%)" in lines[3]
+    assert len(lines) == 4  # budget 0.25 is below the goal's 0.375
 
 
 def test_bad_budgets_are_refused():

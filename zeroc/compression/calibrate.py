@@ -1,12 +1,17 @@
-"""`zeroc calibrate`: fit the ZeroC bases on calibration text, choose ranks, fold, save.
+"""`zeroc calibrate`: fit the ZeroC bases on calibration text, choose ranks and modes, fold, save.
 
-1. Statistics: one pass over the calibration windows records, per layer, E[q^2] and E[k^2] per
-   dim (for RoPE pair ranking) and E[v v^T] per KV head (for the whitened PCA of V/O).
-2. Factors: rank-ordered pairs and V/O bases per KV head (`fold.py`); any rank is a prefix.
-3. Sensitivity: the calibration loss measured with one layer's Q/K (or V) cut to each candidate
-   rank, everything else whole.
-4. Allocation: per-layer (qk_rank, v_rank) minimising the summed loss increase under the KV
+1. Statistics: one pass over the calibration windows records, per layer, post-RoPE second moments
+   of q (per head, and summed over each KV head's query group) and k, and E[v v^T] per KV head.
+2. Factors: rank-ordered RoPE pairs (fold), post-RoPE Q/K bases (rotate) and V/O bases per KV
+   head (`fold.py`); any rank is a prefix.
+3. Sensitivity: KL(source || compressed) of the next-token distributions on calibration text,
+   measured with one layer's Q/K (per mode) or V cut to each candidate rank, everything else whole.
+   (The KL, not the loss increase: the loss of a few thousand tokens moves by +-0.001 nats either
+   way from noise alone, which swamped the small cuts' real cost and misallocated ranks.)
+4. Allocation: per layer the Q/K mode with the lower measured KL at each rank (`auto`; `fold` and
+   `rotate` force one), then (qk_rank, v_rank) per layer minimising the summed KL under the KV
    budget (exact dynamic programme over layers).
+Steps 1-3 do not depend on the budget (`measure`); step 4 and the fold do (`compress`).
 """
 
 from __future__ import annotations
@@ -22,19 +27,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from zeroc.compression.fold import LayerFactors, build_compressed, pair_scores, value_factors
-from zeroc.config import AttentionCompression, LayerCompression
+from zeroc.compression.fold import LayerFactors, build_compressed, pair_scores, qk_factors, value_factors
+from zeroc.config import AttentionCompression
 from zeroc.errors import ZeroCError
 from zeroc.evaluate import read_eval_tokens
 from zeroc.loader import LoadedModel
-from zeroc.model import Transformer
+from zeroc.model import Transformer, causal_attend
+
+MODES = ("fold", "rotate", "auto")
 
 
 @dataclass(frozen=True)
-class ZeroCFold:
-    """Hyperparameters of ZeroC fold-mode compression."""
+class ZeroCMethod:
+    """Hyperparameters of ZeroC compression."""
 
     budget: float = 0.5  # KV cache bytes as a fraction of the uncompressed cache
+    mode: str = "fold"  # Q/K: "fold" (RoPE pairs), "rotate" (post-RoPE bases) or "auto" (per layer, measured)
     rank_multiple: int = 16  # ranks are multiples of this (kernel tiles)
     calib_tokens: int = 16384  # tokens for the statistics
     sensitivity_tokens: int = 2048  # tokens for the per-layer sensitivity measurements
@@ -43,10 +51,17 @@ class ZeroCFold:
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.rank_multiple <= 0 or self.rank_multiple % 2:
             raise ValueError(f"rank_multiple must be a positive even number, got {self.rank_multiple}")
         if min(self.calib_tokens, self.sensitivity_tokens, self.window) < 2:
             raise ValueError("calib_tokens, sensitivity_tokens and window must be >= 2")
+
+    @property
+    def qk_modes(self) -> tuple[str, ...]:
+        """The Q/K modes whose sensitivity is measured and allowed."""
+        return ("fold", "rotate") if self.mode == "auto" else (self.mode,)
 
     def candidate_ranks(self, head_dim: int) -> list[int]:
         if head_dim % self.rank_multiple:
@@ -55,12 +70,35 @@ class ZeroCFold:
 
 
 @dataclass(frozen=True)
+class LayerStats:
+    """Calibration moments of one layer, means over tokens (q and k after RoPE)."""
+
+    q_sq: Tensor  # [heads, d] E[q^2] per dim
+    q_cov: Tensor  # [kv_heads, d, d] sum over the KV head's query heads of E[q q^T]
+    k_cov: Tensor  # [kv_heads, d, d] E[k k^T]
+    v_cov: Tensor  # [kv_heads, d, d] E[v v^T]
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What calibration measures once, whatever the budget."""
+
+    tokens: Tensor  # [n] the calibration text
+    factors: list[LayerFactors]
+    reference: Reference  # the source model on the sensitivity windows
+    deltas: dict[tuple[int, str, int], float]  # (layer, "fold" | "rotate" | "v", rank) -> KL
+    qk_modes: tuple[str, ...]  # the Q/K modes measured
+
+
+@dataclass(frozen=True)
 class CalibrationReport:
     ranks: list[tuple[int, int]]  # (qk_rank, v_rank) per layer
+    modes: list[str]  # Q/K mode per layer: "fold" | "rotate"
     kv_fraction: float  # achieved KV bytes / uncompressed
-    base_loss: float  # calibration loss of the source model (sensitivity tokens)
-    predicted_loss: float  # base + the summed measured increases of the chosen ranks
-    compressed_loss: float  # measured loss of the compressed model on the same tokens
+    base_loss: float  # calibration loss of the source model (sensitivity tokens, nats per token)
+    compressed_loss: float  # calibration loss of the compressed model on the same tokens
+    predicted_kl: float  # the summed KLs measured for each chosen cut alone (nats per token)
+    measured_kl: float  # KL(source || compressed model) on the same tokens
     fingerprint: str
 
 
@@ -72,84 +110,123 @@ def _windows(tokens: Tensor, window: int, limit: int) -> Tensor:
 
 
 @torch.inference_mode()
-def collect_statistics(model: Transformer, windows: Tensor, batch: int = 4, progress: bool = True):
-    """Per layer: (q_sq [heads, d], k_sq [kv_heads, d], v_cov [kv_heads, d, d]) means over tokens."""
+def collect_statistics(model: Transformer, windows: Tensor, batch: int = 4, progress: bool = True) -> list[LayerStats]:
+    """Per-layer moments of q, k (after RoPE) and v over `windows` [n, T]."""
     cfg = model.config
-    d, n_kv = cfg.head_dim, cfg.num_key_value_heads
-    sums = [[torch.zeros(cfg.num_attention_heads, d, dtype=torch.float64), torch.zeros(n_kv, d, dtype=torch.float64),
-             torch.zeros(n_kv, d, d, dtype=torch.float64)] for _ in model.model.layers]
-    hooks = []
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
+    d, n_kv, heads, group = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads, cfg.group_size
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    sums = [[zeros(heads, d), zeros(n_kv, d, d), zeros(n_kv, d, d), zeros(n_kv, d, d)] for _ in model.model.layers]
 
-        def q_hook(_m, _x, out, i=i):
-            sums[i][0] += out.double().reshape(-1, cfg.num_attention_heads, d).pow(2).sum(0)
+    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        # q: [B, T, heads, d]; k, v: [B, T, kv_heads, d]
+        acc, qd = sums[layer], q.double().reshape(-1, n_kv, group, d)
+        acc[0] += qd.pow(2).sum(0).view(heads, d)
+        acc[1] += torch.einsum("tgjd,tgje->gde", qd, qd)
+        for slot, x in ((2, k), (3, v)):
+            xd = x.double().reshape(-1, n_kv, d)
+            acc[slot] += torch.einsum("tgd,tge->gde", xd, xd)
+        return causal_attend(layer, q, k, v, scale)
 
-        def k_hook(_m, _x, out, i=i):
-            sums[i][1] += out.double().reshape(-1, n_kv, d).pow(2).sum(0)
-
-        def v_hook(_m, _x, out, i=i):
-            v = out.double().reshape(-1, n_kv, d)
-            sums[i][2] += torch.einsum("tgd,tge->gde", v, v)
-
-        hooks += [attn.q_proj.register_forward_hook(q_hook), attn.k_proj.register_forward_hook(k_hook),
-                  attn.v_proj.register_forward_hook(v_hook)]
-    try:
-        for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate: statistics", disable=not progress):
-            model(windows[start: start + batch])
-    finally:
-        for h in hooks:
-            h.remove()
+    for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate: statistics", disable=not progress):
+        w = windows[start: start + batch]
+        model.forward_attend(w, torch.arange(w.shape[1]).expand_as(w), attend)
     count = windows.numel()
-    return [tuple(t / count for t in s) for s in sums]
+    return [LayerStats(*(t / count for t in s)) for s in sums]
 
 
-def compute_factors(model: Transformer, stats) -> list[LayerFactors]:
+def compute_factors(model: Transformer, stats: list[LayerStats]) -> list[LayerFactors]:
     cfg = model.config
     d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
     out = []
-    for layer, (q_sq, k_sq, v_cov) in zip(model.model.layers, stats):
-        order = torch.argsort(pair_scores(q_sq, k_sq, group), dim=-1, descending=True)
+    for layer, st in zip(model.model.layers, stats):
+        k_sq = st.k_cov.diagonal(dim1=-2, dim2=-1)  # [kv, d]
+        order = torch.argsort(pair_scores(st.q_sq, k_sq, group), dim=-1, descending=True)
         wo = layer.self_attn.o_proj.weight.detach().view(-1, n_kv, group, d).permute(1, 2, 0, 3)  # [kv, grp, hid, d]
-        pairs = [value_factors(v_cov[g], wo[g]) for g in range(n_kv)]
-        out.append(LayerFactors(order, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])))
+        v = [value_factors(st.v_cov[g], wo[g]) for g in range(n_kv)]
+        qk = [qk_factors(st.q_cov[g], st.k_cov[g]) for g in range(n_kv)]
+        stack = lambda pairs, i: torch.stack([p[i] for p in pairs])  # noqa: E731
+        out.append(LayerFactors(order, stack(v, 0), stack(v, 1), stack(qk, 0), stack(qk, 1)))
     return out
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The source model's next-token distributions on the sensitivity windows."""
+
+    windows: Tensor  # [n, T]
+    log_probs: list[Tensor]  # per batch of `batch` windows: [b, T - 1, vocab]
+    loss: float  # the source model's mean NLL per predicted token
+    batch: int
+
+
 @torch.inference_mode()
-def mean_loss(model: Transformer, windows: Tensor, batch: int = 4) -> float:
-    total = 0.0
-    for start in range(0, windows.shape[0], batch):
-        w = windows[start: start + batch]
-        logits = model(w[:, :-1])
-        total += F.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum").item()
-    return total / (windows.shape[0] * (windows.shape[1] - 1))
+def _log_probs(model: Transformer, windows: Tensor) -> Tensor:
+    # windows: [b, T] -> [b, T - 1, vocab] log-probabilities of each next token
+    return F.log_softmax(model(windows[:, :-1]).float(), dim=-1)
 
 
-def _layout(factors: list[LayerFactors], ranks: list[tuple[int, int]], budget: float, fp: str):
-    return AttentionCompression(tuple(f.layer_compression(rq, rv) for f, (rq, rv) in zip(factors, ranks)), fp, budget)
+def _nll(log_probs: Tensor, windows: Tensor) -> float:
+    return -log_probs.gather(-1, windows[:, 1:, None]).sum().item()
 
 
-def measure_sensitivity(model: Transformer, factors: list[LayerFactors], windows: Tensor, method: ZeroCFold,
-                        progress: bool = True) -> tuple[float, dict[tuple[int, str, int], float]]:
-    """Loss increase with one layer's Q/K or V cut to each candidate rank -> (base loss, increases)."""
+def reference(model: Transformer, windows: Tensor, batch: int = 4) -> Reference:
+    lps = [_log_probs(model, windows[i: i + batch]) for i in range(0, windows.shape[0], batch)]
+    nll = sum(_nll(lp, windows[i * batch: (i + 1) * batch]) for i, lp in enumerate(lps))
+    return Reference(windows, lps, nll / (windows.shape[0] * (windows.shape[1] - 1)), batch)
+
+
+def divergence(model: Transformer, ref: Reference) -> tuple[float, float]:
+    """-> (mean KL(source || model) per predicted token, mean NLL of `model`) on the reference windows."""
+    kl = nll = 0.0
+    for i, src in enumerate(ref.log_probs):
+        w = ref.windows[i * ref.batch: (i + 1) * ref.batch]
+        lp = _log_probs(model, w)
+        kl += (src.exp() * (src - lp)).sum().item()
+        nll += _nll(lp, w)
+    count = ref.windows.shape[0] * (ref.windows.shape[1] - 1)
+    return kl / count, nll / count
+
+
+def _layout(factors: list[LayerFactors], ranks: list[tuple[int, int]], modes: list[str], budget: float, fp: str,
+            name: str = "zeroc-fold") -> AttentionCompression:
+    layers = tuple(f.layer_compression(rq, rv, m) for f, (rq, rv), m in zip(factors, ranks, modes))
+    return AttentionCompression(layers, fp, budget, name)
+
+
+def measure_sensitivity(model: Transformer, factors: list[LayerFactors], ref: Reference, method: ZeroCMethod,
+                        progress: bool = True) -> dict[tuple[int, str, int], float]:
+    """KL with one layer's Q/K (in each of `method.qk_modes`) or V cut to each candidate rank.
+
+    -> {(layer, "fold" | "rotate" | "v", rank): KL(source || cut model)}
+    """
     d = model.config.head_dim
-    full = [(d, d)] * len(factors)
-    base = mean_loss(model, windows)
     cands = [r for r in method.candidate_ranks(d) if r < d]
-    jobs = [(i, kind, r) for i in range(len(factors)) for kind in ("qk", "v") for r in cands]
+    jobs = [(i, kind, r) for i in range(len(factors)) for kind in (*method.qk_modes, "v") for r in cands]
     deltas = {}
     for i, kind, r in tqdm(jobs, desc="calibrate: sensitivity", disable=not progress):
-        ranks = list(full)
-        ranks[i] = (r, d) if kind == "qk" else (d, r)
-        deltas[(i, kind, r)] = mean_loss(build_compressed(model, factors, _layout(factors, ranks, 1.0, "")),
-                                         windows) - base
-    return base, deltas
+        layers = [f.layer_compression(d, d) for f in factors]  # all pairs, V/O at rank d: the identity
+        layers[i] = factors[i].layer_compression(d, r) if kind == "v" else factors[i].layer_compression(r, d, kind)
+        layout = AttentionCompression(tuple(layers), "", 1.0)
+        deltas[(i, kind, r)] = divergence(build_compressed(model, factors, layout), ref)[0]
+    return deltas
+
+
+def choose_qk_modes(deltas: dict[tuple[int, str, int], float], method: ZeroCMethod
+                    ) -> tuple[dict[tuple[int, str, int], float], dict[tuple[int, int], str]]:
+    """Per layer and Q/K rank, the allowed mode with the least measured KL (fold on ties: it costs
+    nothing at run time) -> (KLs keyed (layer, "qk" | "v", rank), {(layer, rank): mode})."""
+    costs = {key: delta for key, delta in deltas.items() if key[1] == "v"}
+    modes: dict[tuple[int, int], str] = {}
+    for (i, kind, r), delta in sorted(deltas.items()):
+        if kind in method.qk_modes and ((i, "qk", r) not in costs or delta < costs[(i, "qk", r)]
+                                        or (delta == costs[(i, "qk", r)] and kind == "fold")):
+            costs[(i, "qk", r)], modes[(i, r)] = delta, kind
+    return costs, modes
 
 
 def allocate_ranks(deltas: dict[tuple[int, str, int], float], num_layers: int, head_dim: int,
-                   method: ZeroCFold) -> list[tuple[int, int]]:
-    """Per-layer (qk_rank, v_rank) with the least summed loss increase within the budget."""
+                   method: ZeroCMethod) -> list[tuple[int, int]]:
+    """Per-layer (qk_rank, v_rank) with the least summed KL (or loss increase) within the budget."""
     m = method.rank_multiple
     cands = method.candidate_ranks(head_dim)
     capacity = math.floor(method.budget * num_layers * 2 * head_dim / m + 1e-9)  # in units of m dims
@@ -173,7 +250,7 @@ def allocate_ranks(deltas: dict[tuple[int, str, int], float], num_layers: int, h
     return min(best.values(), key=lambda c: c[0])[1]
 
 
-def fingerprint(model_dir: Path, method: ZeroCFold, calib_tokens: Tensor) -> str:
+def fingerprint(model_dir: Path, method: ZeroCMethod, calib_tokens: Tensor) -> str:
     """Hash of the source model's files, the method's hyperparameters and the calibration tokens."""
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json", model_dir / "tokenizer.json"]:
@@ -184,26 +261,44 @@ def fingerprint(model_dir: Path, method: ZeroCFold, calib_tokens: Tensor) -> str
     return h.hexdigest()[:16]
 
 
-def calibrate(loaded: LoadedModel, calib_file: str | Path, method: ZeroCFold,
-              progress: bool = True) -> tuple[Transformer, CalibrationReport]:
-    """Compress `loaded` with `method` on the text in `calib_file`."""
+def measure(loaded: LoadedModel, calib_file: str | Path, method: ZeroCMethod, progress: bool = True) -> Measurements:
+    """Steps 1-3 (statistics, factors, sensitivity of every mode in `method.qk_modes`) on `calib_file`."""
     cfg = loaded.config
     if cfg.compression is not None:
         raise ZeroCError(f"{loaded.path}: model is already compressed (fingerprint {cfg.compression.fingerprint})")
     method.candidate_ranks(cfg.head_dim)  # validates rank_multiple against this model
     tokens = read_eval_tokens(loaded.tokenizer, calib_file)
     windows = _windows(tokens, method.window, method.calib_tokens)
-    sens_windows = _windows(tokens, method.window, method.sensitivity_tokens)
-    fp = fingerprint(loaded.path, method, tokens)
+    ref = reference(loaded.model, _windows(tokens, method.window, method.sensitivity_tokens))
     factors = compute_factors(loaded.model, collect_statistics(loaded.model, windows, progress=progress))
-    base, deltas = measure_sensitivity(loaded.model, factors, sens_windows, method, progress)
-    ranks = allocate_ranks(deltas, cfg.num_hidden_layers, cfg.head_dim, method)
-    compressed = build_compressed(loaded.model, factors, _layout(factors, ranks, method.budget, fp))
-    d = cfg.head_dim
-    predicted = base + sum(deltas.get((i, "qk", rq), 0.0) + deltas.get((i, "v", rv), 0.0)
-                           for i, (rq, rv) in enumerate(ranks))
+    deltas = measure_sensitivity(loaded.model, factors, ref, method, progress)
+    return Measurements(tokens, factors, ref, deltas, method.qk_modes)
+
+
+def compress(loaded: LoadedModel, meas: Measurements, method: ZeroCMethod) -> tuple[Transformer, CalibrationReport]:
+    """Step 4 and the fold: ranks and modes for `method.budget` from `meas` (which must have measured
+    every mode `method` allows) -> the compressed model and its report."""
+    cfg = loaded.config
+    d, layers = cfg.head_dim, cfg.num_hidden_layers
+    if not set(method.qk_modes) <= set(meas.qk_modes):
+        raise ValueError(f"mode {method.mode!r} needs measurements of {method.qk_modes}, have {meas.qk_modes}")
+    costs, mode_of = choose_qk_modes(meas.deltas, method)
+    ranks = allocate_ranks(costs, layers, d, method)
+    modes = [mode_of.get((i, rq), "fold") for i, (rq, _) in enumerate(ranks)]  # rank d: every pair, the identity
+    fp = fingerprint(loaded.path, method, meas.tokens)
+    compressed = build_compressed(loaded.model, meas.factors,
+                                  _layout(meas.factors, ranks, modes, method.budget, fp, f"zeroc-{method.mode}"))
+    kl, loss = divergence(compressed, meas.reference)
     report = CalibrationReport(
-        ranks=ranks, kv_fraction=sum(rq + rv for rq, rv in ranks) / (2 * d * len(ranks)), base_loss=base,
-        predicted_loss=predicted, compressed_loss=mean_loss(compressed, sens_windows), fingerprint=fp,
+        ranks=ranks, modes=modes, kv_fraction=sum(rq + rv for rq, rv in ranks) / (2 * d * len(ranks)),
+        base_loss=meas.reference.loss, compressed_loss=loss, measured_kl=kl, fingerprint=fp,
+        predicted_kl=sum(costs.get((i, "qk", rq), 0.0) + costs.get((i, "v", rv), 0.0)
+                         for i, (rq, rv) in enumerate(ranks)),
     )
     return compressed, report
+
+
+def calibrate(loaded: LoadedModel, calib_file: str | Path, method: ZeroCMethod,
+              progress: bool = True) -> tuple[Transformer, CalibrationReport]:
+    """Compress `loaded` with `method` on the text in `calib_file`."""
+    return compress(loaded, measure(loaded, calib_file, method, progress), method)

@@ -5,6 +5,12 @@ Per layer and KV head g (head dim d, query heads h in g's group):
   with RoPE, so the kept rows of W_q and W_k are the compressed projections; RoPE runs on the
   kept pairs with their own frequencies. Pairs are ranked by their expected contribution to
   q.k over the whole query group: sum_h sqrt(E|q_h,i|^2 * E|k_i|^2).
+- Q/K, rotate mode: after RoPE, q' = A^T q (every query head of the group) and k' = B^T k, with
+  A, B [d, r] minimising E[(q^T (I - A B^T) k)^2] summed over the group, for independent q and k
+  with post-RoPE second moments Q = sum_h E[q_h q_h^T] and K = E[k k^T]. That error is
+  ||Q^1/2 (I - A B^T) K^1/2||_F^2, so the optimum is the truncated SVD U S V^T of Q^1/2 K^1/2:
+  A = Q^-1/2 U S^1/2, B = K^-1/2 V S^1/2 (then E[q'q'^T] = E[k'k'^T] = S: balanced scales).
+  At r = d, A B^T = I.
 - V/O: values v = W_v,g x are replaced by v' = A^T v (r dims) and each O block by W_o,h B, where
   B A^T is the rank-r projection minimising sum_h E||W_o,h (v - B A^T v)||^2: with the output
   metric M = sum_h W_o,h^T W_o,h and value covariance C = E[v v^T], take the top-r eigenvectors
@@ -29,8 +35,12 @@ class LayerFactors:
     pair_order: Tensor  # [kv_heads, d/2] pair indices, most important first
     v_down: Tensor  # [kv_heads, d, d] rows of A^T, most important first (v' = v_down[:r] @ v)
     v_up: Tensor  # [kv_heads, d, d] columns of B, same order (o-block' = W_o,h @ v_up[:, :r])
+    q_basis: Tensor  # [kv_heads, d, d] rotate mode: columns of A, most important first
+    k_basis: Tensor  # [kv_heads, d, d] rotate mode: columns of B, same order
 
-    def layer_compression(self, qk_rank: int, v_rank: int) -> LayerCompression:
+    def layer_compression(self, qk_rank: int, v_rank: int, mode: str = "fold") -> LayerCompression:
+        if mode == "rotate":
+            return LayerCompression((), v_rank, "rotate", qk_rank)
         pairs = [sorted(order[: qk_rank // 2].tolist()) for order in self.pair_order]
         return LayerCompression(tuple(tuple(p) for p in pairs), v_rank)
 
@@ -47,11 +57,12 @@ def pair_scores(q_sq: Tensor, k_sq: Tensor, group: int) -> Tensor:
     return per_head.sum(1)
 
 
-def _sym_power(m: Tensor, power: float, eps: float) -> Tensor:
-    # m: [d, d] symmetric PSD -> m^power, eigenvalues floored at eps * max for stability
-    vals, vecs = torch.linalg.eigh(m)
+def _sym_roots(m: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    # m: [d, d] symmetric PSD -> (m^1/2, m^-1/2) from the same eigenvalues, floored at eps * max for
+    # stability, so that their product is exactly the identity
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
     vals = vals.clamp(min=eps * vals.max().clamp(min=1e-30))
-    return (vecs * vals.pow(power)) @ vecs.T
+    return (vecs * vals.sqrt()) @ vecs.T, (vecs * vals.rsqrt()) @ vecs.T
 
 
 def value_factors(v_cov: Tensor, o_blocks: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
@@ -62,18 +73,32 @@ def value_factors(v_cov: Tensor, o_blocks: Tensor, eps: float = 1e-8) -> tuple[T
     """
     v_cov, o_blocks = v_cov.double(), o_blocks.double()
     metric = torch.einsum("ghd,ghe->de", o_blocks, o_blocks)  # [d, d] = sum_h W_o,h^T W_o,h
-    root, inv_root = _sym_power(metric, 0.5, eps), _sym_power(metric, -0.5, eps)
+    root, inv_root = _sym_roots(metric, eps)
     target = root @ v_cov @ root
     vals, vecs = torch.linalg.eigh((target + target.T) / 2)
     u = vecs[:, torch.argsort(vals, descending=True)]  # [d, d]
     return u.T @ root, inv_root @ u
 
 
-def fold_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
-    """Compressed weights of one attention block -> state-dict entries relative to `self_attn.`."""
-    d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
-    half, r_v = d // 2, comp.v_rank
-    dtype = attn.q_proj.weight.dtype
+def qk_factors(q_cov: Tensor, k_cov: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Rotate-mode bases for one KV head.
+
+    q_cov: [d, d] sum over the group's query heads of E[q q^T] after RoPE; k_cov: [d, d] E[k k^T] after
+    RoPE -> (A [d, d], B [d, d]) columns ordered by singular value; any prefix of r columns is optimal.
+    """
+    q_root, q_inv = _sym_roots(q_cov.double(), eps)
+    k_root, k_inv = _sym_roots(k_cov.double(), eps)
+    u, s, vh = torch.linalg.svd(q_root @ k_root)
+    half = s.sqrt()
+    return q_inv @ u * half, k_inv @ vh.T * half
+
+
+def _qk_weights(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
+    """Q/K entries of one compressed layer: the kept pairs' rows (fold) or the bases (rotate)."""
+    if comp.mode == "rotate":
+        r, dtype = comp.qk_rank, attn.q_proj.weight.dtype
+        return {"q_basis": factors.q_basis[:, :, :r].to(dtype), "k_basis": factors.k_basis[:, :, :r].to(dtype)}
+    d, group, half = cfg.head_dim, cfg.group_size, cfg.head_dim // 2
     q_rows, k_rows = [], []
     for g, pairs in enumerate(comp.qk_pairs):
         keep = torch.tensor(pairs)
@@ -82,6 +107,18 @@ def fold_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompres
         q_rows.extend((g * group + j) * d + dims for j in range(group))
     q_rows, k_rows = torch.cat(q_rows), torch.cat(k_rows)
     out = {"q_proj.weight": attn.q_proj.weight[q_rows], "k_proj.weight": attn.k_proj.weight[k_rows]}
+    if attn.q_proj.bias is not None:
+        out["q_proj.bias"] = attn.q_proj.bias[q_rows]
+        out["k_proj.bias"] = attn.k_proj.bias[k_rows]
+    return out
+
+
+def fold_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
+    """Compressed weights of one attention block -> state-dict entries relative to `self_attn.`."""
+    d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
+    r_v = comp.v_rank
+    dtype = attn.q_proj.weight.dtype
+    out = _qk_weights(attn, cfg, factors, comp)
     wv = attn.v_proj.weight.double().view(n_kv, d, -1)  # [kv, d, hidden]
     wo = attn.o_proj.weight.double().view(-1, n_kv, group, d)  # [hidden, kv, group, d]
     down = factors.v_down[:, :r_v].double()  # [kv, r, d]
@@ -89,8 +126,6 @@ def fold_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompres
     out["v_proj.weight"] = torch.einsum("grd,gdh->grh", down, wv).reshape(n_kv * r_v, -1).to(dtype)
     out["o_proj.weight"] = torch.einsum("hgjd,gdr->hgjr", wo, up).reshape(wo.shape[0], -1).to(dtype)
     if attn.q_proj.bias is not None:
-        out["q_proj.bias"] = attn.q_proj.bias[q_rows]
-        out["k_proj.bias"] = attn.k_proj.bias[k_rows]
         bv = attn.v_proj.bias.double().view(n_kv, d)
         out["v_proj.bias"] = torch.einsum("grd,gd->gr", down, bv).reshape(-1).to(dtype)
         out["o_proj.bias"] = attn.o_proj.bias

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from zeroc.compression.calibrate import ZeroCFold, allocate_ranks, calibrate, fingerprint
+from zeroc.compression.calibrate import ZeroCMethod, allocate_ranks, calibrate, choose_qk_modes, fingerprint
 from zeroc.config import BUNDLED_CALIB, CacheConfig
 from zeroc.engine import Engine
 from zeroc.errors import ZeroCError
@@ -20,9 +20,9 @@ from zeroc.sampling import SamplingParams
 SMALL = dict(rank_multiple=8, calib_tokens=2048, sensitivity_tokens=512, window=256)
 
 
-@pytest.fixture(scope="module")
-def compressed_dir(random_gqa, tmp_path_factory):
-    method = ZeroCFold(budget=0.5, **SMALL)
+@pytest.fixture(scope="module", params=["fold", "rotate"])
+def compressed_dir(random_gqa, tmp_path_factory, request):
+    method = ZeroCMethod(budget=0.5, mode=request.param, **SMALL)
     model, report = calibrate(random_gqa, BUNDLED_CALIB, method, progress=False)
     out = save_model(model, random_gqa.tokenizer, tmp_path_factory.mktemp("zeroc") / "m")
     return out, report, model
@@ -35,18 +35,32 @@ def test_ranks_respect_the_budget_and_the_rank_multiple(compressed_dir, random_g
     assert all(rq % 8 == 0 and rv % 8 == 0 and 8 <= rq <= d and 8 <= rv <= d for rq, rv in report.ranks)
     layout = model.config.compression
     assert [(layer.qk_rank, layer.v_rank) for layer in layout.layers] == [tuple(r) for r in report.ranks]
-    assert report.compressed_loss == pytest.approx(report.predicted_loss, rel=0.2)
+    assert [layer.mode for layer in layout.layers] == report.modes
+    # Each layer's mode is the method's, except that a whole Q/K (rank d) is stored as every pair kept.
+    assert all(m == layout.method.removeprefix("zeroc-") or rq == d for m, (rq, _) in zip(report.modes, report.ranks))
+    assert report.measured_kl == pytest.approx(report.predicted_kl, rel=0.5)
 
 
 def test_allocation_is_the_least_loss_layout_within_budget():
-    method = ZeroCFold(budget=0.5, rank_multiple=16)
+    method = ZeroCMethod(budget=0.5, rank_multiple=16)
     # 2 layers, d = 32 -> ranks {16, 32}; capacity = 0.5 * 2 * 64 / 16 = 4 units = every rank at 16.
     deltas = {(0, "qk", 16): 1.0, (0, "v", 16): 0.1, (1, "qk", 16): 0.2, (1, "v", 16): 5.0}
     assert allocate_ranks(deltas, 2, 32, method) == [(16, 16), (16, 16)]
-    method = ZeroCFold(budget=0.75, rank_multiple=16)  # 6 units: the two costliest cuts are undone
+    method = ZeroCMethod(budget=0.75, rank_multiple=16)  # 6 units: the two costliest cuts are undone
     assert allocate_ranks(deltas, 2, 32, method) == [(32, 16), (16, 32)]
     with pytest.raises(ValueError, match="below the smallest layout"):
-        allocate_ranks(deltas, 2, 32, ZeroCFold(budget=0.25, rank_multiple=16))
+        allocate_ranks(deltas, 2, 32, ZeroCMethod(budget=0.25, rank_multiple=16))
+
+
+def test_auto_picks_the_mode_with_the_lower_measured_kl_per_layer_and_rank():
+    deltas = {(0, "fold", 16): 0.5, (0, "rotate", 16): 0.1, (0, "v", 16): 0.01,
+              (1, "fold", 16): 0.2, (1, "rotate", 16): 0.3, (1, "v", 16): 0.02,
+              (2, "fold", 16): 0.2, (2, "rotate", 16): 0.2, (2, "v", 16): 0.03}
+    costs, modes = choose_qk_modes(deltas, ZeroCMethod(mode="auto"))
+    assert modes == {(0, 16): "rotate", (1, 16): "fold", (2, 16): "fold"}  # a tie goes to fold: no run-time work
+    assert costs[(0, "qk", 16)] == 0.1 and costs[(1, "qk", 16)] == 0.2 and costs[(2, "v", 16)] == 0.03
+    costs, modes = choose_qk_modes(deltas, ZeroCMethod(mode="rotate"))
+    assert set(modes.values()) == {"rotate"} and costs[(1, "qk", 16)] == 0.3
 
 
 def test_saved_model_round_trips_and_serves_with_a_smaller_cache(compressed_dir, random_gqa):
@@ -54,6 +68,8 @@ def test_saved_model_round_trips_and_serves_with_a_smaller_cache(compressed_dir,
     loaded = load_model(out)
     cfg = json.loads((out / "config.json").read_text())["zeroc_compression"]
     assert cfg["fingerprint"] == report.fingerprint and cfg["budget"] == 0.5
+    assert [layer.get("mode", "fold") for layer in cfg["layers"]] == report.modes
+    assert loaded.config.compression == model.config.compression
     tokens = torch.randint(0, loaded.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded.model(tokens), model(tokens))
@@ -76,10 +92,10 @@ def test_saved_model_round_trips_and_serves_with_a_smaller_cache(compressed_dir,
 
 def test_fingerprint_changes_with_model_method_and_text(random_gqa, random_gqa_dir, tmp_path):
     tokens = torch.arange(100)
-    base = fingerprint(random_gqa.path, ZeroCFold(**SMALL), tokens)
-    assert base == fingerprint(random_gqa.path, ZeroCFold(**SMALL), tokens)
-    assert base != fingerprint(random_gqa.path, ZeroCFold(budget=0.25, **SMALL), tokens)
-    assert base != fingerprint(random_gqa.path, ZeroCFold(**SMALL), tokens + 1)
+    base = fingerprint(random_gqa.path, ZeroCMethod(**SMALL), tokens)
+    assert base == fingerprint(random_gqa.path, ZeroCMethod(**SMALL), tokens)
+    assert base != fingerprint(random_gqa.path, ZeroCMethod(budget=0.25, **SMALL), tokens)
+    assert base != fingerprint(random_gqa.path, ZeroCMethod(**SMALL), tokens + 1)
     other = tmp_path / "other"
     model = random_gqa.model
     with torch.no_grad():
@@ -88,39 +104,43 @@ def test_fingerprint_changes_with_model_method_and_text(random_gqa, random_gqa_d
             save_model(model, random_gqa.tokenizer, other)
         finally:
             model.model.norm.weight[0] -= 1.0
-    assert base != fingerprint(other, ZeroCFold(**SMALL), tokens)
+    assert base != fingerprint(other, ZeroCMethod(**SMALL), tokens)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"budget": 0.0}, r"budget must be in \(0, 1\]"),
     ({"budget": 1.5}, r"budget must be in \(0, 1\]"),
     ({"rank_multiple": 7}, "rank_multiple"),
+    ({"mode": "rotated"}, "mode must be one of fold, rotate, auto"),
 ])
 def test_invalid_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ZeroCFold(**kwargs)
+        ZeroCMethod(**kwargs)
 
 
 def test_bad_inputs_are_clear_errors(random_gqa, compressed_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ZeroCError, match="empty.txt: data file is empty"):
-        calibrate(random_gqa, empty, ZeroCFold(**SMALL), progress=False)
+        calibrate(random_gqa, empty, ZeroCMethod(**SMALL), progress=False)
     with pytest.raises(ZeroCError, match="already compressed"):
-        calibrate(load_model(compressed_dir[0]), BUNDLED_CALIB, ZeroCFold(**SMALL), progress=False)
+        calibrate(load_model(compressed_dir[0]), BUNDLED_CALIB, ZeroCMethod(**SMALL), progress=False)
     with pytest.raises(ValueError, match="does not divide head_dim"):
-        calibrate(random_gqa, BUNDLED_CALIB, ZeroCFold(**{**SMALL, "rank_multiple": 12}), progress=False)
+        calibrate(random_gqa, BUNDLED_CALIB, ZeroCMethod(**{**SMALL, "rank_multiple": 12}), progress=False)
 
 
 def test_cli_calibrate_writes_a_loadable_model(tmp_path, random_gqa_dir):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "zeroc.cli", "calibrate", "--model", random_gqa_dir, "--budget",
                         "0.5", "--out", str(out), "--tokens", "1024", "--sensitivity-tokens", "256",
-                        "--window", "256", "--rank-multiple", "8", "--json"],
+                        "--window", "256", "--rank-multiple", "8", "--mode", "auto", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["kv_fraction"] <= 0.5
-    assert load_model(out).config.compression is not None
+    report = json.loads(r.stdout)
+    assert report["kv_fraction"] <= 0.5
+    layout = load_model(out).config.compression
+    assert layout.method == "zeroc-auto" and [layer.mode for layer in layout.layers] == report["modes"]
+    assert json.loads((out / "calibration.json").read_text())["method"]["mode"] == "auto"
     bad = subprocess.run([sys.executable, "-m", "zeroc.cli", "calibrate", "--model", random_gqa_dir,
                           "--budget", "2", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "budget must be in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr

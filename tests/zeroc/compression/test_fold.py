@@ -1,30 +1,35 @@
-"""Folding math: exact at full rank, RoPE-commuting pair selection, whitened PCA optimality."""
+"""Folding math: exact at full rank (fold and rotate), RoPE-commuting pair selection, whitened PCA and
+rotate-basis optimality."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zeroc.compression.calibrate import collect_statistics, compute_factors
-from zeroc.compression.fold import build_compressed, value_factors
+from zeroc.compression.fold import build_compressed, qk_factors, value_factors
 from zeroc.config import AttentionCompression, RopeConfig
 from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq
 
 
-def _full_layout(cfg, factors):
+def _full_layout(cfg, factors, mode):
     d = cfg.head_dim
-    return AttentionCompression(tuple(f.layer_compression(d, d) for f in factors), "full", 1.0)
+    return AttentionCompression(tuple(f.layer_compression(d, d, mode) for f in factors), "full", 1.0)
 
 
+@pytest.mark.parametrize("mode", ["fold", "rotate"])
 @torch.inference_mode()
-def test_full_rank_fold_reproduces_logits(any_model):
-    """Every pair kept and V/O folded at rank d: only the weights' basis changes, not the function."""
+def test_full_rank_reproduces_logits(any_model, mode):
+    """Every pair kept (fold) or full-rank bases after RoPE (rotate), V/O folded at rank d: only the
+    weights' basis changes, not the function."""
     model = any_model.model
     gen = torch.Generator().manual_seed(3)
     calib = torch.randint(0, model.config.vocab_size, (4, 128), generator=gen)
     factors = compute_factors(model, collect_statistics(model, calib, progress=False))
-    folded = build_compressed(model, factors, _full_layout(model.config, factors))
+    folded = build_compressed(model, factors, _full_layout(model.config, factors, mode))
+    assert all(layer.self_attn.rotate == (mode == "rotate") for layer in folded.model.layers)
     tokens = torch.randint(0, model.config.vocab_size, (2, 200), generator=gen)
     assert (folded(tokens) - model(tokens)).abs().max().item() < 1e-4
 
@@ -68,3 +73,28 @@ def test_whitened_pca_beats_plain_pca_through_w_o():
         pca = plain[:, :r] @ plain[:, :r].T
         assert err(ours) < err(pca)
     torch.testing.assert_close(up @ down, torch.eye(d, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def test_rotate_bases_preserve_q_dot_k_better_than_a_shared_pca_basis():
+    """A, B minimise E[(q.k - (A^T q).(B^T k))^2] for independent q, k; at rank d, A B^T = I."""
+    gen = torch.Generator().manual_seed(1)
+    d, group, n = 16, 3, 6000
+    mix_q = torch.randn(d, d, generator=gen, dtype=torch.float64) * torch.logspace(-1, 0.5, d, dtype=torch.float64)
+    mix_k = torch.randn(d, d, generator=gen, dtype=torch.float64) * torch.logspace(0.5, -1, d, dtype=torch.float64)
+    q = torch.randn(group, n, d, generator=gen, dtype=torch.float64) @ mix_q  # the group's query heads
+    k = torch.randn(n, d, generator=gen, dtype=torch.float64) @ mix_k
+    q_cov = torch.einsum("hnd,hne->de", q, q) / n
+    k_cov = k.T @ k / n
+    a, b = qk_factors(q_cov, k_cov)
+
+    def err(a_r, b_r):  # sum_h E over independent pairs (q_h, k) of the score error, exactly from moments
+        m = torch.eye(d, dtype=torch.float64) - a_r @ b_r.T
+        return torch.trace(m.T @ q_cov @ m @ k_cov).item()
+
+    pca = torch.linalg.eigh(q_cov + k_cov).eigenvectors.flip(-1)  # one orthonormal basis for both
+    for r in range(1, d):
+        assert err(a[:, :r], b[:, :r]) < err(pca[:, :r], pca[:, :r])
+        assert err(a[:, :r], b[:, :r]) <= err(a[:, :r - 1], b[:, :r - 1]) + 1e-12  # any prefix is a rank
+    torch.testing.assert_close(a @ b.T, torch.eye(d, dtype=torch.float64), atol=1e-8, rtol=0)
+    # Balanced: q' and k' have the same second moment per dim (the singular values).
+    torch.testing.assert_close(torch.diagonal(a.T @ q_cov @ a), torch.diagonal(b.T @ k_cov @ b))
