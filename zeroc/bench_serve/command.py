@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zeroc-model", action="append", default=[], metavar="BUDGET=DIR",
                    help="serve this already calibrated model for ZeroC at BUDGET instead of calibrating")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="report directory (serve.md, serve.json, PNGs)")
+    p.add_argument("--from-json", default=None, metavar="SERVE_JSON",
+                   help="measure nothing: render the report again from an earlier run's serve.json")
     p.add_argument("--json", action="store_true", help="print the goals and report paths as JSON")
 
 
@@ -127,9 +129,24 @@ def _meta(args: argparse.Namespace, started: dt.datetime, wall_s: float) -> dict
             "services": "one process each, OMP_NUM_THREADS=1, fp32, block size 16"}
 
 
+def _rerender(path: str, out: str) -> dict:
+    from zeroc.bench_serve.report import write_report
+    from zeroc.bench_serve.scenarios import Results
+
+    try:
+        raw = json.loads(open(path).read())
+        results = Results(raw["rows"], raw["skipped"], raw["topology"], raw.get("probes", []))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ZeroCError(f"{path}: not a serve.json of zeroc bench serve ({exc})") from None
+    return write_report(results, raw["meta"], out)
+
+
 def run(args: argparse.Namespace) -> int:
     from zeroc.bench_serve.report import write_report
     from zeroc.bench_serve.scenarios import Bench
+
+    if args.from_json:
+        return _print(args, _rerender(args.from_json, args.out))
 
     cfg = _config(args)  # every check before anything starts: bad flags cost nothing
     methods = [method_by_name(n) for n in args.methods]
@@ -142,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
         bench.run_target(args.target, args.workload, tuple(args.rates))
     for scn in scenarios:
         bench.run_scenario(scn)
-    paths = write_report(bench.results, _meta(args, started, time.monotonic() - t0), args.out)
+    return _print(args, write_report(bench.results, _meta(args, started, time.monotonic() - t0), args.out))
+
+
+def _print(args: argparse.Namespace, paths: dict) -> int:
     report = json.loads(paths["json"].read_text())
     if args.json:
         print(json.dumps({"goals": report["goals"], "skipped": report["skipped"],

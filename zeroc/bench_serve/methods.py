@@ -57,6 +57,12 @@ METHODS: tuple[Method, ...] = (
 )
 
 
+def method_rank(name: str) -> tuple[int, str]:
+    """Sort key: METHODS order, unknown names after them."""
+    names = [m.name for m in METHODS]
+    return (names.index(name) if name in names else len(names), name)
+
+
 def method_by_name(name: str) -> Method:
     for m in METHODS:
         if m.name == name:

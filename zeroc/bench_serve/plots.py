@@ -7,16 +7,20 @@ from pathlib import Path
 
 import matplotlib
 
+from zeroc.bench_serve.methods import method_rank
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _methods(rows: list[dict]) -> list[str]:
-    seen: list[str] = []
-    for r in rows:
-        if r["method"] not in seen:
-            seen.append(r["method"])
-    return seen
+    """The methods in `rows`, in METHODS order (others after them)."""
+    return sorted({r["method"] for r in rows}, key=method_rank)
+
+
+def _color(method: str) -> str:
+    """One colour per method in every plot."""
+    return f"C{method_rank(method)[0] % 10}"
 
 
 def _save(fig, title: str, path: Path) -> Path:
@@ -35,10 +39,10 @@ def plot_latency(rows: list[dict], out: Path) -> dict[str, Path]:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (scenario, mode) in zip(axes[0], panels):
         mine = [r for r in rows if (r["scenario"], r["mode"]) == (scenario, mode) and r.get("link_mbit") is None]
-        for i, method in enumerate(_methods(mine)):
+        for method in _methods(mine):
             pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["rate"])
             rates = [r["rate"] for r in pts]
-            color = f"C{i}"
+            color = _color(method)
             ax.plot(rates, [r["summary"]["e2e"]["mean"] / 1000 for r in pts], "o-", color=color,
                     label=f"{method} mean")
             ax.plot(rates, [r["summary"]["e2e"]["p99"] / 1000 for r in pts], "s--", color=color, alpha=0.6,
@@ -57,9 +61,9 @@ def plot_throughput(analyses: list[dict], out: Path) -> dict[str, Path]:
         return {}
     fig, axes = plt.subplots(1, len(analyses), figsize=(6 * len(analyses), 4.2), squeeze=False)
     for ax, a in zip(axes[0], analyses):
-        names = list(a["throughput_at_equal_p99"])
+        names = sorted(a["throughput_at_equal_p99"], key=method_rank)
         values = [a["throughput_at_equal_p99"][n] for n in names]
-        bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(names))])
+        bars = ax.bar(names, values, color=[_color(n) for n in names])
         for bar, name in zip(bars, names):
             ratio = a["throughput_ratio"].get(name)
             if ratio is not None:
@@ -88,7 +92,7 @@ def plot_network(rows: list[dict], out: Path) -> dict[str, Path]:
             for link in links:
                 pts = [r for r in shaped if r["method"] == method and r["link_mbit"] == link]
                 vals.append(sum(p["summary"][key]["mean"] for p in pts) / len(pts) / 1000 if pts else 0.0)
-            ax.bar([j + i * width for j in range(len(links))], vals, width, label=method, color=f"C{i}")
+            ax.bar([j + i * width for j in range(len(links))], vals, width, label=method, color=_color(method))
         ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(links))])
         ax.set_xticklabels([f"{link:g} Mbit/s" for link in links])
         ax.set_ylabel(label)

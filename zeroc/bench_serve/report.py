@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zeroc.bench_serve.methods import method_rank
+
 BASE, ZEROC_MAIN = "none", "zeroc-0.5"
 JCT_CUT_GOAL, THROUGHPUT_GOAL = 0.40, 1.5
 # (ZeroC method, baseline) pairs compared at equal cache bytes, nearest nominal KV fraction.
@@ -133,7 +135,7 @@ def results_tables(rows: list[dict]) -> list[str]:
     for scenario, mode, workload in groups:
         lines += ["", f"### {scenario} / {mode} (workload: {workload})", "", *TABLE_HEAD]
         mine = [r for r in rows if (r["scenario"], r["mode"]) == (scenario, mode)]
-        mine.sort(key=lambda r: (-(r.get("link_mbit") or 1e9), r["rate"], r["method"]))
+        mine.sort(key=lambda r: (-(r.get("link_mbit") or 1e9), r["rate"], method_rank(r["method"])))
         lines += [_fmt_row(r) for r in mine]
     return lines
 
@@ -159,7 +161,9 @@ def write_report(results, meta: dict, out_dir: str | Path) -> dict[str, Path]:
     md += [f"- **automatic rates ({p['scenario']} / {p['mode']})**: one request alone on {p['method']} took "
            f"{p['jct_s']:.1f} s -> rates {', '.join(f'{r:g}' for r in p['rates'])} req/s" for p in results.probes]
     md += ["", "Definitions: see `zeroc/bench_serve/metrics.py` and `report.py` (TTFT, TPOT, ITL and JCT as "
-           "`vllm bench serve`; saturation = the lowest rate at which the uncompressed mean JCT doubles).", ""]
+           "`vllm bench serve`; saturation = the lowest swept rate at which the uncompressed mean JCT reaches twice "
+           "its unloaded JCT, that of a lone request; queue = server-reported wait for KV space or a batch slot).",
+           ""]
     if analyses:
         md += ["## Goals", "", *goals_table(analyses), ""]
     if results.skipped:

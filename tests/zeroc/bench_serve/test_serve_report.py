@@ -81,3 +81,17 @@ def _full(summary):
     return {"completed": 4, "failed": 0, "output_throughput": 1.0, "goodput": summary["request_throughput"],
             "ttft": dist, "tpot": dist, "itl": dist, "queue": dist, "kv_bytes_per_request": 0.0,
             "prefix_hit_rate": 0.0, "preemptions": 0, **summary}
+
+
+def test_report_renders_again_from_its_json(tmp_path, capsys):
+    from zeroc.cli import main
+
+    results = Results(rows=[{**r, "summary": _full(r["summary"])} for r in ROWS], topology={"memory": "loopback"})
+    first = write_report(results, {"date": "2026-11-29"}, tmp_path / "a")
+    assert main(["bench", "serve", "--from-json", str(first["json"]), "--out", str(tmp_path / "b"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["goals"][0]["saturation_rate"] == 0.4
+    assert (tmp_path / "b" / "serve.md").read_text() == first["markdown"].read_text()
+    (tmp_path / "junk.json").write_text("{}")
+    assert main(["bench", "serve", "--from-json", str(tmp_path / "junk.json")]) == 2
+    assert "not a serve.json" in capsys.readouterr().err
