@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # kv_cache imports this package lazily; only annotations need
 class PolicyStore(abc.ABC):
     """One cache's KV in a policy's stored form, indexed by the cache's block ids.
 
-    Who calls what (all on the thread that owns the cache, except `load`, see below):
+    Who calls what (never concurrently: the decode service calls `load` under its engine loop's lock):
     - `borrow_needed(cur, new)`: `PagedKVCache.blocks_needed`: blocks a sequence must borrow,
       beyond its token blocks, to grow from `cur` to `new` tokens (KIVI's full-precision tail).
     - `reserve(table, cur, new)`: `PagedKVCache.schedule`, after extending `table` to cover `new`
