@@ -160,13 +160,17 @@ class Engine:
         """Admit waiting sequences FCFS while their whole context fits the cache and the budget."""
         admitted: list[_Sequence] = []
         free = self.cache.num_free_blocks - sum(self.cache.blocks_needed(s.request_id, 1) for s in self.running)
-        while self.waiting and len(self.running) + len(admitted) < self.sched.max_num_seqs:
-            seq = self.waiting[0]
+        # Sequences that already hold blocks (a received or reused prefix) go first: one queued behind
+        # a sequence waiting for exactly those blocks would wait forever.
+        order = sorted(self.waiting, key=lambda s: s.in_cache == 0)
+        for seq in order:
+            if len(self.running) + len(admitted) >= self.sched.max_num_seqs:
+                break
             n = len(seq.all_ids) - seq.in_cache  # tokens to compute; a received prefix is in_cache
             blocks = self.cache.blocks_needed(seq.request_id, n)
             if blocks > free or (admitted and n > budget):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             if seq.queued_s is None:
                 seq.queued_s = time.monotonic() - seq.added_at
             admitted.append(seq)

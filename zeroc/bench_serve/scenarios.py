@@ -186,7 +186,8 @@ class Bench:
                 continue
             model_dir = prepare_model(method, self.cfg.model, self.cfg.calib, self.cfg.build_dir,
                                       self.cfg.zeroc_models)
-            args = capacity_args(model_dir, cache_bytes, self.cfg.block_size, self.flags)
+            # Plain and ZeroC caches are sized in blocks; only KV policies need the byte budget.
+            args = capacity_args(model_dir, cache_bytes, self.cfg.block_size, set(method.requires))
             try:
                 stacks[method.name] = ServiceStack(StackPlan(method, mode, model_dir, tuple(args)), topology).start()
             except RuntimeError as exc:
