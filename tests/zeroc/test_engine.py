@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.engine import Engine, PromptTooLongError
@@ -157,3 +158,30 @@ def test_duplicate_request_ids_are_rejected(random_gqa):
     engine.add_request(PROMPTS[0], GREEDY, request_id="x")
     with pytest.raises(ZeroCError, match="already in use"):
         engine.add_request(PROMPTS[1], GREEDY, request_id="x")
+
+
+def test_a_sequence_holding_prefix_blocks_is_admitted_before_one_waiting_for_them(random_gqa):
+    """FCFS would deadlock here: the head of the queue needs all 4 blocks, 3 of which the second
+    request holds (its prefix KV, reserved and filled before it was added)."""
+    greedy = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    ids = list(range(10, 59))  # 49 tokens: 4 blocks of 16 with the new tokens
+    want = Engine(random_gqa, CacheConfig(block_size=16, num_blocks=8)).generate([ids], greedy)[0].token_ids
+    engine = Engine(random_gqa, CacheConfig(block_size=16, num_blocks=4))
+    first = engine.add_request(list(range(100, 149)), greedy)  # queued first, holds nothing
+    slots = engine.reserve("held", 48)
+    reference = Engine(random_gqa, CacheConfig(block_size=16, num_blocks=8))
+    reference.add_request(ids, SamplingParams(max_new_tokens=2), "r")
+    reference.step()  # the prompt's KV, computed once, copied into the reserved slots
+    table = torch.tensor(reference.cache.block_table("r")[:3])
+    for layer in range(engine.cache.num_layers):
+        for got, src in zip(engine.cache.layer(layer), reference.cache.layer(layer)):
+            got.view(-1, *got.shape[2:])[slots] = src[table].reshape(48, *src.shape[2:])
+    engine.add_request(ids, greedy, "held", cached_tokens=48)
+    out: dict[str, list[int]] = {first: [], "held": []}
+    for _ in range(40):
+        if not engine.has_unfinished():
+            break
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+    assert not engine.has_unfinished() and out["held"] == want and len(out[first]) == 4
+    assert engine.cache.num_free_blocks == 4
