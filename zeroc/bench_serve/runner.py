@@ -39,7 +39,9 @@ class ServiceStack:
         from zeroc.stack import ServiceProcess
 
         plan, topo = self.plan, self.topology
-        common = ["--model", str(plan.model_dir), *plan.method.serve_args]
+        # No KV store: these stacks measure the cache and the link per method, and prompts that share
+        # blocks would turn into prefix hits (measure reuse with `--target` on a running stack).
+        common = ["--model", str(plan.model_dir), "--redis-url", "off", *plan.method.serve_args]
         try:
             if plan.mode == "disaggregated":
                 prefill = ServiceProcess("prefill", common, self.env, self.timeout, topo.bind_host("prefill"),
