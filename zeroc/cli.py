@@ -82,7 +82,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from zeroc.loader import save_model
 
     method = ZeroCMethod(budget=args.budget, mode=args.mode, rank_multiple=args.rank_multiple,
-                         calib_tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens, window=args.window)
+                         calib_tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens, window=args.window,
+                         ablation_tokens=args.ablation_tokens)
     loaded, _ = _load(args)
     compressed, report = calibrate(loaded, args.calib, method, progress=not args.json)
     out = save_model(compressed, loaded.tokenizer, args.out)
@@ -174,6 +175,18 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     for r in report["results"]:
         what = f"prefill {r['tokens']} tokens" if r["name"] == "prefill" else f"decode batch {r['tokens']}"
         print(f"  {what:<22} {r['tokens_per_s']:>10.1f} tokens/s  {r['ms_per_step']:>9.2f} ms/step")
+    return 0
+
+
+def cmd_bench_attention(args: argparse.Namespace) -> int:
+    from zeroc.bench_attention import LLAMA3_8B, AttentionBenchConfig, bundled_shape, run_attention_bench, text_report
+
+    bench = AttentionBenchConfig(prefill_tokens=args.prefill_tokens, decode_batch=args.decode_batch,
+                                 context=args.context, rank_ratio=args.rank_ratio, repeats=args.repeats,
+                                 threads=args.threads)
+    shapes = [bundled_shape() if name == "zeroc-tiny" else LLAMA3_8B for name in dict.fromkeys(args.shapes)]
+    report = run_attention_bench(bench, shapes, progress=not args.json)
+    print(json.dumps(report) if args.json else text_report(report))
     return 0
 
 
@@ -420,17 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("calibrate", help="compress a model's attention (ZeroC fold) and save it")
+    p = sub.add_parser("calibrate", help="compress a model's attention (ZeroC) and save it")
     _model_arg(p)
     p.add_argument("--calib", default=str(BUNDLED_CALIB), help="calibration text file")
     p.add_argument("--budget", type=float, required=True, help="KV cache size as a fraction of uncompressed")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--mode", choices=["fold", "rotate", "auto"], default="fold",
-                   help="Q/K: keep RoPE pairs (fold), post-RoPE bases (rotate), or per layer by measured loss (auto)")
+    p.add_argument("--mode", choices=["fold", "rotate", "auto"], default="auto",
+                   help="Q/K: keep RoPE pairs (fold), post-RoPE bases (rotate), or per layer by measured KL (auto)")
     p.add_argument("--tokens", type=int, default=16384, help="calibration tokens for the statistics")
     p.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for per-layer sensitivity")
     p.add_argument("--window", type=int, default=512, help="calibration window length")
-    p.add_argument("--rank-multiple", type=int, default=16, help="ranks are multiples of this")
+    p.add_argument("--ablation-tokens", type=int, default=1024, help="tokens whose activations rank RoPE pairs (fold)")
+    p.add_argument("--rank-multiple", type=int, default=None,
+                   help="ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
@@ -459,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-tokens", type=int, default=16384, help="ZeroC calibration tokens for the statistics")
     p.add_argument("--sensitivity-tokens", type=int, default=2048, help="ZeroC tokens for per-layer sensitivity")
     p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
-    p.add_argument("--rank-multiple", type=int, default=16, help="ZeroC ranks are multiples of this")
+    p.add_argument("--rank-multiple", type=int, default=None,
+                   help="ZeroC ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
     p.add_argument("--zeroc-modes", nargs="+", choices=["fold", "rotate", "auto"], default=["fold", "rotate", "auto"],
                    help="ZeroC Q/K modes to tabulate (one row each)")
     p.add_argument("--out-dir", default="docs", help="where quality.md and quality.png go")
@@ -473,6 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-batch", type=int, nargs="+", default=[1, 16], help="decode batch sizes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_forward)
+    p = bench.add_parser("attention", help="attention-block time: uncompressed vs ZeroC fold/rotate vs KIVI 4-bit")
+    p.add_argument("--shapes", nargs="+", choices=["zeroc-tiny", "llama3-8b"], default=["zeroc-tiny", "llama3-8b"],
+                   help="layer shapes: the bundled model's, Llama-3-8B's (random weights)")
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--decode-batch", type=int, default=16)
+    p.add_argument("--context", type=int, default=2048, help="tokens each decoding sequence holds")
+    p.add_argument("--rank-ratio", type=float, default=0.5, help="ZeroC rank as a fraction of head_dim")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per method (best is reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_attention)
     p = bench.add_parser("transfer", help="KV bytes/s: Prefill gRPC stream vs raw TCP on loopback")
     p.add_argument("--tokens", type=int, default=512, help="prompt tokens per transfer")
     p.add_argument("--layers", type=int, default=32)

@@ -15,7 +15,7 @@ from zeroc.policies import POLICY_NAMES
 from zeroc.quality import QualityConfig, QualityRow, zeroc_models
 from zeroc.quality_report import goal_checks
 
-SMALL = dict(rank_multiple=8, calib_tokens=512, sensitivity_tokens=256, window=128)
+SMALL = dict(rank_multiple=8, calib_tokens=512, sensitivity_tokens=256, window=128, ablation_tokens=128)
 
 
 def test_shared_calibration_builds_the_same_models_as_calibrate(random_gqa):

@@ -3,8 +3,9 @@
 Per layer and KV head g (head dim d, query heads h in g's group):
 - Q/K, fold mode: keep a subset of RoPE frequency pairs (i, i + d/2). Pair selection commutes
   with RoPE, so the kept rows of W_q and W_k are the compressed projections; RoPE runs on the
-  kept pairs with their own frequencies. Pairs are ranked by their expected contribution to
-  q.k over the whole query group: sum_h sqrt(E|q_h,i|^2 * E|k_i|^2).
+  kept pairs with their own frequencies. Pairs are ranked by greedy ablation on calibration
+  activations: repeatedly drop the pair whose removal adds the least attention-output error as
+  W_o sees it, sum_h E||W_o,h (o_h - o_h^full)||^2 over the KV head's query group.
 - Q/K, rotate mode: after RoPE, q' = A^T q (every query head of the group) and k' = B^T k, with
   A, B [d, r] minimising E[(q^T (I - A B^T) k)^2] summed over the group, for independent q and k
   with post-RoPE second moments Q = sum_h E[q_h q_h^T] and K = E[k k^T]. That error is
@@ -22,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc.config import AttentionCompression, LayerCompression, ModelConfig
@@ -45,16 +47,39 @@ class LayerFactors:
         return LayerCompression(tuple(tuple(p) for p in pairs), v_rank)
 
 
-def pair_scores(q_sq: Tensor, k_sq: Tensor, group: int) -> Tensor:
-    """Expected |contribution| of each RoPE pair to q.k per KV head.
+ABLATION_QUERY_STRIDE = 4  # ablation scores every 4th query position (against its whole causal context)
 
-    q_sq: [heads, d] mean squared q per dim; k_sq: [kv_heads, d] mean squared k -> [kv_heads, d/2]
+
+@torch.inference_mode()
+def ablation_pair_order(q: Tensor, k: Tensor, v: Tensor, o_metric: Tensor, scale: float) -> Tensor:
+    """Pairs of one KV head, most important first, by greedy ablation (fold mode).
+
+    q: [B, group, T, d] post-RoPE queries of the group's heads; k, v: [B, 1, T, d] post-RoPE keys and
+    values; o_metric: [group, d, d] W_o,h^T W_o,h per query head -> [d/2] pair indices. Each step
+    drops the pair whose removal (from q and k) adds the least sum_h E[e_h^T M_h e_h], e_h being the
+    change of head h's causal attention output; the pairs dropped last rank first. Every
+    ABLATION_QUERY_STRIDE-th query is scored (a quarter of the attention work of all of them).
     """
-    half = q_sq.shape[-1] // 2
-    q_pair = q_sq[:, :half] + q_sq[:, half:]  # [heads, d/2]: E|q_pair|^2
-    k_pair = k_sq[:, :half] + k_sq[:, half:]  # [kv_heads, d/2]
-    per_head = (q_pair.view(k_sq.shape[0], group, half) * k_pair[:, None, :]).sqrt()  # [kv, group, d/2]
-    return per_head.sum(1)
+    half, t = q.shape[-1] // 2, q.shape[-2]
+    rows = torch.arange(ABLATION_QUERY_STRIDE - 1, t, ABLATION_QUERY_STRIDE) if t >= ABLATION_QUERY_STRIDE \
+        else torch.arange(t)
+    q, mask = q[..., rows, :], torch.arange(t)[None, :] <= rows[:, None]  # [B, group, Tq, d], [Tq, T]
+    full = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, group, Tq, d]
+
+    def errors(keep_sets: list[list[int]]) -> Tensor:  # every candidate set in one batched attention
+        dims = torch.tensor([keep + [i + half for i in keep] for keep in keep_sets])  # [C, r]
+        qc, kc = q[..., dims].movedim(-2, 0), k[..., dims].movedim(-2, 0)  # [C, B, heads, T, r]
+        out = F.scaled_dot_product_attention(qc.flatten(0, 1), kc.flatten(0, 1), v.repeat(len(keep_sets), 1, 1, 1),
+                                             attn_mask=mask, scale=scale)
+        e = out.unflatten(0, (len(keep_sets), -1)) - full  # [C, B, group, Tq, d]
+        return torch.einsum("cbhtd,hde,cbhte->c", e, o_metric, e)
+
+    keep, dropped = list(range(half)), []
+    while len(keep) > 1:
+        cheapest = keep[int(errors([[i for i in keep if i != j] for j in keep]).argmin())]
+        keep.remove(cheapest)
+        dropped.append(cheapest)
+    return torch.tensor(keep + dropped[::-1])
 
 
 def _sym_roots(m: Tensor, eps: float) -> tuple[Tensor, Tensor]:

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from zeroc.compression.calibrate import ZeroCMethod, allocate_ranks, calibrate, choose_qk_modes, fingerprint
+from zeroc.compression.calibrate import (ZeroCMethod, allocate_ranks, calibrate, choose_qk_modes, divergence,
+                                         fingerprint, reference)
 from zeroc.config import BUNDLED_CALIB, CacheConfig
 from zeroc.engine import Engine
 from zeroc.errors import ZeroCError
@@ -17,7 +19,7 @@ from zeroc.evaluate import perplexity_full, perplexity_streaming
 from zeroc.loader import load_model, save_model
 from zeroc.sampling import SamplingParams
 
-SMALL = dict(rank_multiple=8, calib_tokens=2048, sensitivity_tokens=512, window=256)
+SMALL = dict(rank_multiple=8, calib_tokens=2048, sensitivity_tokens=512, window=256, ablation_tokens=256)
 
 
 @pytest.fixture(scope="module", params=["fold", "rotate"])
@@ -50,6 +52,19 @@ def test_allocation_is_the_least_loss_layout_within_budget():
     assert allocate_ranks(deltas, 2, 32, method) == [(32, 16), (16, 32)]
     with pytest.raises(ValueError, match="below the smallest layout"):
         allocate_ranks(deltas, 2, 32, ZeroCMethod(budget=0.25, rank_multiple=16))
+
+
+@torch.inference_mode()
+def test_position_offsets_leave_the_models_predictions_unchanged(random_gqa):
+    """Calibration runs windows at random absolute offsets; attention is relative, so nothing else moves."""
+    model = random_gqa.model
+    windows = torch.randint(0, model.config.vocab_size, (3, 64), generator=torch.Generator().manual_seed(5))
+    ref = reference(model, windows, batch=2)
+    assert ref.positions[:, 0].unique().numel() == 3 and int(ref.positions.max()) < model.config.max_position_embeddings
+    plain = torch.cat([F.log_softmax(model(windows[i: i + 2, :-1]), -1) for i in (0, 2)])
+    torch.testing.assert_close(torch.cat(ref.log_probs), plain, atol=2e-4, rtol=0)
+    kl, loss = divergence(model, ref)
+    assert abs(kl) < 1e-6 and loss == pytest.approx(ref.loss, rel=1e-6)
 
 
 def test_auto_picks_the_mode_with_the_lower_measured_kl_per_layer_and_rank():
@@ -95,6 +110,7 @@ def test_fingerprint_changes_with_model_method_and_text(random_gqa, random_gqa_d
     base = fingerprint(random_gqa.path, ZeroCMethod(**SMALL), tokens)
     assert base == fingerprint(random_gqa.path, ZeroCMethod(**SMALL), tokens)
     assert base != fingerprint(random_gqa.path, ZeroCMethod(budget=0.25, **SMALL), tokens)
+    assert base != fingerprint(random_gqa.path, ZeroCMethod(mode="rotate", **SMALL), tokens)
     assert base != fingerprint(random_gqa.path, ZeroCMethod(**SMALL), tokens + 1)
     other = tmp_path / "other"
     model = random_gqa.model
@@ -133,7 +149,7 @@ def test_cli_calibrate_writes_a_loadable_model(tmp_path, random_gqa_dir):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "zeroc.cli", "calibrate", "--model", random_gqa_dir, "--budget",
                         "0.5", "--out", str(out), "--tokens", "1024", "--sensitivity-tokens", "256",
-                        "--window", "256", "--rank-multiple", "8", "--mode", "auto", "--json"],
+                        "--window", "256", "--ablation-tokens", "256", "--mode", "auto", "--json"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
