@@ -112,7 +112,12 @@ def _stamp(base: Path, calib: Path, budget: float) -> str:
     from zeroc.kv_transfer import model_fingerprint
 
     calib_hash = hashlib.sha256(calib.read_bytes()).hexdigest()[:16]
-    return f"base={model_fingerprint(base)} calib={calib_hash} budget={budget}"
+    # The calibration code's defaults change what `zeroc calibrate` writes: a cache made by another
+    # version of it is stale.
+    code = hashlib.sha256()
+    for src in sorted((Path(__file__).resolve().parents[1] / "compression").glob("*.py")):
+        code.update(src.read_bytes())
+    return f"base={model_fingerprint(base)} calib={calib_hash} budget={budget} code={code.hexdigest()[:16]}"
 
 
 def prepare_model(method: Method, base_model: str | Path, calib: str | Path, build_dir: str | Path,
