@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 
 from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy
 from zeroc.serving_policies.h2o import H2OServing
+from zeroc.serving_policies.int8 import Int8Serving
 from zeroc.serving_policies.kivi import KIVIServing
 
 if TYPE_CHECKING:
     from zeroc.config import CacheConfig
 
-SERVING_POLICY_NAMES = ("none", "kivi-4", "kivi-2", "h2o")
+SERVING_POLICY_NAMES = ("none", "kivi-4", "kivi-2", "h2o", "int8")
 
 
 def make_serving_policy(cfg: CacheConfig) -> ServingKVPolicy | None:
@@ -35,11 +36,13 @@ def make_serving_policy(cfg: CacheConfig) -> ServingKVPolicy | None:
         policy: ServingKVPolicy = KIVIServing(bits=int(name[-1]), residual=cfg.kv_residual)
     elif cfg.kv_residual:
         raise ValueError(f"--kv-residual applies to kivi-4 and kivi-2 only, not {name}")
+    elif name == "int8":
+        policy = Int8Serving()
     else:
         policy = H2OServing(budget=cfg.kv_budget, max_tokens=cfg.kv_max_tokens)
     policy.check([], cfg.block_size)  # the block size now; layer widths once the model is known
     return policy
 
 
-__all__ = ["H2OServing", "KIVIServing", "PolicyStore", "SERVING_POLICY_NAMES", "ServingKVPolicy",
+__all__ = ["H2OServing", "Int8Serving", "KIVIServing", "PolicyStore", "SERVING_POLICY_NAMES", "ServingKVPolicy",
            "make_serving_policy"]
