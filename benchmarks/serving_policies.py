@@ -33,7 +33,8 @@ from zeroc.sampling import SamplingParams  # noqa: E402
 GIB = 1 << 30
 POLICIES = {"none": {"block_size": 32}, "kivi-4": {"block_size": 32, "kv_policy": "kivi-4"},
             "kivi-2": {"block_size": 32, "kv_policy": "kivi-2"},
-            "h2o@0.5": {"block_size": 32, "kv_policy": "h2o", "kv_budget": 0.5}}
+            "h2o@0.5": {"block_size": 32, "kv_policy": "h2o", "kv_budget": 0.5},
+            "int8": {"block_size": 32, "kv_policy": "int8"}}
 
 
 def capacity(shapes, dtype: torch.dtype, context: int) -> list[dict]:
