@@ -118,18 +118,25 @@ def plot(rows: list[QualityRow], path: Path, title: str) -> None:
     matplotlib.use("Agg")  # no display; also keeps tests headless
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in _methods(rows):
-        pts = sorted((r.budget, r.streaming_ppl) for r in rows if r.method == m and r.streaming_ppl is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linewidth=2.5 if m.startswith(ZEROC) else 1.2, linestyle="--" if m == UNCOMPRESSED else "-", label=m)
-    ax.set_xlabel("KV budget (fraction of the fp16 cache)")
-    ax.set_ylabel("streaming perplexity")
-    ax.set_title(title)
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    base = _ppl(rows, UNCOMPRESSED, max(_budgets(rows)))
+    for ax, zoom in zip(axes, (False, True)):
+        for m in _methods(rows):
+            pts = sorted((r.budget, r.streaming_ppl) for r in rows if r.method == m and r.streaming_ppl is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linewidth=2.5 if m.startswith(ZEROC) else 1.2, linestyle="--" if m == UNCOMPRESSED else "-",
+                        label=m)
+        ax.set_xlabel("KV budget (fraction of the fp16 cache)")
+        ax.set_ylabel("streaming perplexity")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        if zoom and base is not None:  # the near-lossless methods differ by tenths of a percent
+            ax.set_ylim(base * 0.997, base * 1.01)
+            ax.set_title("zoom: up to +1% of uncompressed")
+        else:
+            ax.set_title(title)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
