@@ -5,7 +5,9 @@ Two ways through the same weights:
   training and full-pass evaluation.
 - `Transformer.forward_paged(tokens, positions, batch, cache)` takes a flat ragged batch of
   new tokens, writes their K/V into the paged cache and attends over each sequence's cached
-  context: prefill, decode and mixed continuous-batching steps.
+  context: prefill, decode and mixed continuous-batching steps. On CUDA it hands q and k to
+  `FusedPagedAttend` before RoPE: one Triton epilogue applies RoPE (and rotate mode's bases) and
+  writes K/V into their cache slots (kernels/qkv_epilogue.py).
 - `Transformer.forward_attend(tokens, positions, attend)` lets the caller own attention and the
   cache (the KV-cache policies of `zeroc.policies`).
 Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without renaming.
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.attention import paged_attention
+from kernels.attention import paged_attention, use_triton
 from zeroc.config import ModelConfig, RopeConfig
 from zeroc.kv_cache import PagedKVCache, PagedBatch
 
@@ -113,13 +115,22 @@ class Attention(nn.Module):
             self.k_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, self.qk_dim))  # [kv, d, r]
         self.register_buffer("inv_freq", layer_inv_freq(cfg, layer), persistent=False)
 
-    def forward(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+    def forward(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         # x: [*P, hidden]; positions: [*P]
         lead = x.shape[:-1]
         q = self.q_proj(x).view(*lead, self.n_heads, -1)
         k = self.k_proj(x).view(*lead, self.n_kv, -1)
         v = self.v_proj(x).view(*lead, self.n_kv, self.v_dim)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [*P, kv_heads or 1, qk_dim]
+        if isinstance(attend, FusedPagedAttend):  # RoPE and the bases run inside its epilogue kernel
+            out = attend.attend_raw(layer, self, q, k, v, positions)
+        else:
+            q, k = self.rope_qk(q, k, positions)
+            out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
+        return self.o_proj(out.reshape(*lead, -1))
+
+    def rope_qk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """q: [*P, heads, w]; k: [*P, kv_heads, w] from the projections -> post-RoPE q, k at rank qk_dim."""
+        cos, sin = rope_cos_sin(self.inv_freq, positions, q.dtype)  # [*P, kv_heads or 1, qk_dim]
         k = apply_rope(k, cos, sin)
         if cos.shape[-2] > 1:  # per-KV-head pairs: each query head uses its group's
             group = self.n_heads // self.n_kv
@@ -127,8 +138,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         if self.rotate:
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
-        out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
-        return self.o_proj(out.reshape(*lead, -1))
+        return q, k
 
 
 def rotate_qk(q: Tensor, k: Tensor, q_basis: Tensor, k_basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,6 +149,32 @@ def rotate_qk(q: Tensor, k: Tensor, q_basis: Tensor, k_basis: Tensor) -> tuple[T
     kv = k_basis.shape[0]
     q = torch.einsum("...gjd,gdr->...gjr", q.unflatten(-2, (kv, -1)), q_basis).flatten(-3, -2)
     return q, torch.einsum("...gd,gdr->...gr", k, k_basis)
+
+
+class FusedPagedAttend:
+    """Attention through a plain paged cache whose QKV epilogue is one Triton kernel per layer: RoPE on
+    q and k (kept pairs in fold mode; every pair, then the KV head's bases in rotate mode), K and V
+    written straight into their cache slots, then the paged attention kernels. The CUDA path of
+    `Transformer.forward_paged`; `Attention.forward` calls `attend_raw` with q and k before RoPE."""
+
+    def __init__(self, cache: PagedKVCache, batch: PagedBatch):
+        self.cache, self.batch = cache, batch
+
+    def attend_raw(self, layer: int, attn: Attention, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        # q: [N, heads, w]; k: [N, kv_heads, w] before RoPE (w = head_dim in rotate mode, else qk_dim);
+        # v: [N, kv_heads, v_dim]; positions: [N] -> [N, heads, v_dim]
+        from kernels.qkv_epilogue import qkv_epilogue, qkv_rotate_epilogue
+
+        k_pool, v_pool = self.cache.layer(layer)
+        slots = self.batch.slot_mapping
+        if attn.rotate:
+            q = qkv_rotate_epilogue(q, k, v, positions, attn.inv_freq, attn.q_basis, attn.k_basis, slots,
+                                    k_pool, v_pool)
+        else:  # the kernel reads one frequency row per KV head; an uncompressed layer shares one row
+            inv_freq = attn.inv_freq.expand(attn.n_kv, -1)  # [kv_heads, qk_dim / 2]
+            q = qkv_epilogue(q, k, v, positions, inv_freq, slots, k_pool, v_pool)
+        return paged_attention(q, k_pool, v_pool, self.batch.block_tables, self.batch.seq_lens,
+                               self.batch.query_start_loc, scale=attn.scale)
 
 
 class MLP(nn.Module):
@@ -162,7 +198,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         h = x + self.self_attn(self.index, self.input_layernorm(x), positions, attend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -192,7 +228,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.inv_freq = layer_inv_freq(self.config, i).to(device)
 
-    def _run(self, tokens: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+    def _run(self, tokens: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         # tokens, positions: [*P] -> final hidden states [*P, hidden]
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
@@ -215,8 +251,19 @@ class Transformer(nn.Module):
         batch: PagedBatch,
         cache: PagedKVCache,
         logits_indices: Tensor | None = None,  # [M] rows of N to project to logits; None = all
+        fused: bool | None = None,
     ) -> Tensor:
-        """Ragged prefill/decode through the paged cache -> logits [M, vocab]."""
+        """Ragged prefill/decode through the paged cache -> logits [M, vocab].
+
+        fused: run the QKV epilogue kernels (`FusedPagedAttend`); None = on CUDA with triton, for plain
+        caches (a KV policy's store encodes K/V itself). Tests force it on the CPU under TRITON_INTERPRET."""
+        if fused is None:
+            fused = cache.store is None and use_triton(tokens)
+        if fused:
+            if cache.store is not None:
+                raise ValueError("the fused QKV epilogue writes plain cache slots; this cache has a KV policy")
+            hidden = self._run(tokens, positions, FusedPagedAttend(cache, batch))
+            return self.lm_head(hidden if logits_indices is None else hidden[logits_indices])
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
             if cache.store is not None:  # a KV policy stores and reads its own form (zeroc/serving_policies)
@@ -229,6 +276,4 @@ class Transformer(nn.Module):
             )
 
         hidden = self._run(tokens, positions, attend)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]
-        return self.lm_head(hidden)
+        return self.lm_head(hidden if logits_indices is None else hidden[logits_indices])
