@@ -161,8 +161,8 @@ class Attention(nn.Module):
         """Dense attention with the token tier (zeroc/tier.py). x: [B, T, hidden]; positions: [B, T];
         q: [B, T, heads, *] and k: [B, T, kv_heads, *] after RoPE; v: [B, T, kv_heads, v_dim]."""
         if attend is not causal_attend:
-            raise ValueError("a model with a full-rank token tier runs only the dense causal forward "
-                             "(Transformer.forward, or forward_attend with causal_attend)")
+            raise ValueError("this model keeps a full-rank token tier, which is evaluation-only for now: it runs "
+                             "only the dense causal forward (full-pass `zeroc eval ppl`), not KV-cache policies")
         lead = x.shape[:-1]
         if self.rotate:  # full-rank q, k: post-RoPE, before the bases
             q_full, k_full = q, k
