@@ -83,7 +83,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     method = ZeroCMethod(budget=args.budget, mode=args.mode, rank_multiple=args.rank_multiple,
                          calib_tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens, window=args.window,
-                         ablation_tokens=args.ablation_tokens)
+                         ablation_tokens=args.ablation_tokens, sinks=args.sinks, recent=args.recent)
     loaded, _ = _load(args)
     compressed, report = calibrate(loaded, args.calib, method, progress=not args.json)
     out = save_model(compressed, loaded.tokenizer, args.out)
@@ -92,7 +92,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(report)))
     else:
         print(f"wrote {out}: KV {report.kv_fraction:.3f} of uncompressed, ranks (qk, v) per layer {report.ranks}, "
-              f"Q/K modes {report.modes}, calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}")
+              f"Q/K modes {report.modes}, calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}"
+              + (f"; full-rank tier: {method.sinks} sinks + {method.recent} recent tokens (evaluation only)"
+                 if method.sinks or method.recent else ""))
     return 0
 
 
@@ -126,11 +128,14 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         result = perplexity_streaming(loaded.model, tokens, args.ctx, args.batch_size, progress=show)
     else:
         result = perplexity_full(loaded.model, tokens, args.ctx, progress=show)
+    from zeroc.tier import tier_kv_fraction
+
+    kv = tier_kv_fraction(loaded.config, args.ctx)  # a token tier's full-rank rows included
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "kv_fraction": kv}))
     else:
         print(f"perplexity {result.perplexity:.4f} ({result.mode}, {result.tokens} tokens, "
-              f"{result.windows} windows of {result.ctx})")
+              f"{result.windows} windows of {result.ctx}; KV {kv:.4f} of uncompressed at ctx {args.ctx})")
     return 0
 
 
@@ -446,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-tokens", type=int, default=1024, help="tokens whose activations rank RoPE pairs (fold)")
     p.add_argument("--rank-multiple", type=int, default=None,
                    help="ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
+    p.add_argument("--sinks", type=int, default=0,
+                   help="token tier: first tokens kept at full rank for every query (default 0 = off)")
+    p.add_argument("--recent", type=int, default=0,
+                   help="token tier: each query's last tokens kept at full rank, compressed once they age out "
+                        "(default 0 = off; a tier is evaluation-only for now)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 

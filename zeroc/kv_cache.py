@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig, ModelConfig
+from zeroc.tier import require_no_tier
 
 
 class CacheFullError(RuntimeError):
@@ -84,7 +85,9 @@ def block_bytes(shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -
 
 
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
-    """Cache geometry of every layer of a model (compressed layers store fewer dims)."""
+    """Cache geometry of every layer of a model (compressed layers store fewer dims). A model with a
+    full-rank token tier raises ValueError: the paged cache has no tier rows yet."""
+    require_no_tier(cfg)
     return [LayerShape(cfg.num_key_value_heads, cfg.qk_dim(i), cfg.v_dim(i)) for i in range(cfg.num_hidden_layers)]
 
 
