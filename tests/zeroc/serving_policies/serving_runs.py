@@ -49,4 +49,4 @@ def serve(model: Transformer, cache: PagedKVCache, ids: list[int], steps: int, c
 
 
 def policy_cache(loaded, **cfg) -> PagedKVCache:
-    return PagedKVCache(layer_shapes(loaded.config), CacheConfig(**cfg), torch.float32)
+    return PagedKVCache(layer_shapes(loaded.config), CacheConfig(**cfg), torch.float32, model=loaded.model)
