@@ -30,7 +30,7 @@ BAD = [
     (["serve", "decode", "--colocated", "--kv-policy", "palu", "--kv-budget", "0"], "budget must be in (0, 1]"),
     (["generate", "x", "--kv-policy", "palu", "--kv-residual", "32"], "kivi-4 and kivi-2 only"),
     (["serve", "prefill", "--kv-policy", "snapkv", "--kv-budget", "0.5"], "--colocated"),
-    (["serve", "decode", "--prefill", "127.0.0.1:1", "--kv-policy", "streamingllm"], "--colocated"),
+    (["serve", "decode", "--prefill", "127.0.0.1:1", "--kv-policy", "snapkv"], "--colocated"),
 ]
 
 

@@ -73,19 +73,21 @@ def prefill_chunks(loaded, cache: CacheConfig, ids: list[int]) -> list:
         worker.stop()
 
 
-def decode_after_transfer(loaded, cfg: CacheConfig, ids: list[int], params) -> tuple[list[int], Engine]:
+def land_prompt(loaded, engine: Engine, cfg: CacheConfig, ids: list[int]) -> None:
     """Disaggregated in one process: a prefill worker under `cfg`'s policy computes the KV of all but the
-    last prompt token, it lands (encoded on arrival) in an engine's cache, and the engine decodes
-    -> (generated tokens, the engine, drained)."""
-    engine = Engine(loaded, cfg)
+    last prompt token, which lands (encoded on arrival) in `engine`'s cache as request "r"."""
     slots = engine.reserve("r", len(ids) - 1)
     receiver, land = receive_into(engine.cache, "r", slots)
     for chunk in prefill_chunks(loaded, cfg, ids[:-1]):
         receiver.write(decode_chunk(chunk))
     receiver.check_complete()
     land()
+
+
+def decode_landed(engine: Engine, ids: list[int], params) -> list[int]:
+    """Generate for the prompt `land_prompt` landed -> its tokens (the engine drained)."""
     engine.add_request(ids, params, "r", cached_tokens=len(ids) - 1)
     out = []
     while engine.has_unfinished():
         out += [t for o in engine.step() for t in o.token_ids]
-    return out, engine
+    return out

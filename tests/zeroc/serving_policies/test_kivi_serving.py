@@ -8,11 +8,11 @@ import grpc
 import pytest
 import torch
 
-from serving_runs import policy_cache, prefill_chunks, serve, stream
+from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.kv_cache import LayerShape, PagedKVCache, block_bytes, layer_shapes
-from zeroc.kv_transfer import KvTransferError, decode_chunk
+from zeroc.kv_transfer import KvTransferError
 from zeroc.policies import KIVI
 from zeroc.sampling import SamplingParams
 from zeroc.serving_policies import KIVIServing
@@ -121,18 +121,10 @@ def test_kv_from_a_kivi_prefill_lands_encoded_and_decodes_like_colocated(bundled
     ids = heldout_ids[:75]
     direct = Engine(bundled, cfg).generate([ids], GREEDY)[0]
     engine = Engine(bundled, cfg)
-    slots = engine.reserve("r", len(ids) - 1)
-    receiver, land = receive_into(engine.cache, "r", slots)
-    for chunk in prefill_chunks(bundled, cfg, ids[:-1]):
-        receiver.write(decode_chunk(chunk))
-    receiver.check_complete()
-    land()
+    land_prompt(bundled, engine, cfg, ids)
     # 74 tokens: 2 packed blocks, the third fills at full precision over 6 rows.
     assert engine.cache.num_blocks - engine.cache.num_free_blocks == 2 + 6
-    engine.add_request(ids, GREEDY, "r", cached_tokens=len(ids) - 1)
-    out = []
-    while engine.has_unfinished():
-        out += [t for o in engine.step() for t in o.token_ids]
+    out = decode_landed(engine, ids, GREEDY)
     assert out == direct.token_ids
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
