@@ -96,22 +96,23 @@ def test_snapkv_borrows_a_query_ring_and_keeps_its_window(bundled, heldout_ids):
     assert cache.num_free_blocks == cache.num_blocks and not cache.store.rings
 
 
-def test_palu_at_full_rank_is_plain_attention(bundled, heldout_ids):
+def test_palu_at_full_rank_is_plain_attention(random_gqa, heldout_ids):
     ids = heldout_ids[:30]
-    plain, want = serve(bundled.model, policy_cache(bundled, block_size=16, num_blocks=8), ids, 4, [30])
-    cache = policy_cache(bundled, block_size=16, num_blocks=8, kv_policy="palu", kv_budget=1.0)
-    logits, tokens = serve(bundled.model, cache, ids, 4, [30])
+    plain, want = serve(random_gqa.model, policy_cache(random_gqa, block_size=16, num_blocks=8), ids, 4, [30])
+    cache = policy_cache(random_gqa, block_size=16, num_blocks=8, kv_policy="palu", kv_budget=1.0)
+    logits, tokens = serve(random_gqa.model, cache, ids, 4, [30])
     torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)  # rotate back, project, rebuild: exact
     assert tokens == want
 
 
-@pytest.mark.parametrize("name", ["streamingllm", "palu"])
-def test_kv_from_a_prefill_worker_lands_and_decodes_like_colocated(bundled, heldout_ids, name):
+@pytest.mark.parametrize("name,model_name", [("streamingllm", "bundled"), ("palu", "random_gqa")])
+def test_kv_from_a_prefill_worker_lands_and_decodes_like_colocated(request, heldout_ids, name, model_name):
+    loaded = request.getfixturevalue(model_name)
     cfg = CacheConfig(block_size=16, num_blocks=32, kv_policy=name, kv_budget=0.5)
     ids = heldout_ids[:36]
-    direct = Engine(bundled, cfg).generate([ids], GREEDY)[0]
-    engine = Engine(bundled, cfg)
-    land_prompt(bundled, engine, cfg, ids)
+    direct = Engine(loaded, cfg).generate([ids], GREEDY)[0]
+    engine = Engine(loaded, cfg)
+    land_prompt(loaded, engine, cfg, ids)
     assert decode_landed(engine, ids, GREEDY) == direct.token_ids
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
