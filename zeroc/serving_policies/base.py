@@ -25,8 +25,8 @@ class PolicyStore(abc.ABC):
 
     Who calls what (never concurrently: the decode service calls `load` under its engine loop's lock):
     - `prepare(model)`: `PagedKVCache.__init__` when the cache is built for a model (the engine, the
-      prefill worker): fit what the store needs from the model (Palu's bases, SnapKV's head counts); ValueError if the
-      model does not suit.
+      prefill worker): fit what the store needs from the model (Palu's bases, SnapKV's head
+      counts); ValueError if the model does not suit.
     - `borrow_needed(cur, new)`: `PagedKVCache.blocks_needed`: blocks a sequence must borrow,
       beyond its token blocks, to grow from `cur` to `new` tokens (KIVI's full-precision tail).
     - `reserve(table, cur, new)`: `PagedKVCache.schedule`, after extending `table` to cover `new`
