@@ -19,7 +19,7 @@ from zeroc.errors import ZeroCError
 # The --kv-policy names (zeroc.policies.POLICY_NAMES), listed here so --help does not import torch.
 POLICY_CHOICES = ("kivi-4", "kivi-2", "streamingllm", "h2o", "snapkv", "palu")
 # Serving's --kv-policy names (zeroc.serving_policies.SERVING_POLICY_NAMES), checked by CacheConfig.
-SERVING_POLICIES = "none | kivi-4 | kivi-2 | h2o"
+SERVING_POLICIES = "none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu"
 KIVI_BLOCK = 32  # KIVI quantises keys one block of its group (32 tokens) at a time
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -405,7 +405,8 @@ def _kv_policy_args(p: argparse.ArgumentParser) -> None:
                    help=f"what the KV cache stores: {SERVING_POLICIES} (env ZEROC_CACHE_KV_POLICY; "
                         "docs/policies.md, 'In serving')")
     p.add_argument("--kv-budget", type=float, default=None,
-                   help="h2o: tokens kept as a fraction of those seen, in (0, 1] (env ZEROC_CACHE_KV_BUDGET)")
+                   help="h2o, streamingllm, snapkv: tokens kept as a fraction of those seen; palu: latent rank as a "
+                        "fraction of the head dim; in (0, 1] (env ZEROC_CACHE_KV_BUDGET)")
     p.add_argument("--kv-max-tokens", type=int, default=None,
                    help="h2o: at most this many tokens per sequence (0: no cap; env ZEROC_CACHE_KV_MAX_TOKENS)")
     p.add_argument("--kv-residual", type=int, default=None,

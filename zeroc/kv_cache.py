@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig, ModelConfig
 from zeroc.tier import require_no_tier
+
+if TYPE_CHECKING:  # the model imports this module
+    from zeroc.model import Transformer
 
 
 class CacheFullError(RuntimeError):
@@ -107,7 +111,10 @@ class PagedKVCache:
     """Block pools for every layer plus the block table and length of every live sequence."""
 
     def __init__(self, shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", allocator: BlockAllocator | None = None):
+                 device: torch.device | str = "cpu", allocator: BlockAllocator | None = None,
+                 model: Transformer | None = None):
+        """`model`: the weights a policy's store may fit itself to (Palu's bases); give it whenever
+        the cache serves a model (the engine, the prefill worker)."""
         self.block_size = cfg.block_size
         self.device = torch.device(device)
         self.shapes, self.dtype, self.num_layers = shapes, dtype, len(shapes)
@@ -129,6 +136,8 @@ class PagedKVCache:
         if self.policy is not None:
             self.store = self.policy.new_store(shapes, self.num_blocks, cfg.block_size, dtype, self.device,
                                                self.allocator)
+            if model is not None:
+                self.store.prepare(model)
         else:  # k_pool: [num_blocks, block_size, kv_heads, k_dim]; v_pool likewise with v_dim
             self.k_pools = [torch.zeros(self.num_blocks, cfg.block_size, s.kv_heads, s.k_dim, dtype=dtype,
                                         device=self.device) for s in shapes]
