@@ -6,10 +6,10 @@
 1. Ceilings: device copy bandwidth (GB/s) and bf16 GEMM rate (TFLOP/s).
 2. Correctness: every Triton kernel against its reference on mid-size shapes (max abs error).
 3. Timings on Llama-3-8B attention shapes (hidden 4096, 32 query / 8 KV heads, head_dim 128),
-   uncompressed vs ZeroC fold at rank 64: decode attention (batch 64 x context 8192, with the
+   uncompressed vs ZeroC at rank 64: decode attention (batch 64 x context 8192, with the
    fraction of copy bandwidth achieved over the KV bytes read), prefill attention (4096 and
    16384 tokens) against torch SDPA, and the attention block (QKV GEMM, epilogue, attention,
-   O GEMM).
+   O GEMM) uncompressed vs fold vs rotate; the runtime's fused model path against its unfused one.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.paged_attention import paged_attention_ref  # noqa: E402
+from kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref  # noqa: E402
 from kernels.paged_decode import (paged_decode_attention, paged_decode_attention_int8_ref,  # noqa: E402
                                   paged_decode_attention_ref)
 from kernels.paged_prefill import paged_prefill_attention  # noqa: E402
-from kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref  # noqa: E402
+from kernels.qkv_epilogue import (qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue,  # noqa: E402
+                                  qkv_rotate_epilogue_ref)
 
 FULL = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64, decode_ctx=8192,
             prefill=(4096, 16384), block_size=16)
@@ -95,6 +96,9 @@ def correctness(device, dtype) -> dict:
     qp = torch.randn(48, 8, 64, **gen_kw)
     ref = paged_attention_ref(qp.float(), k.float(), v.float(), tables, lens, starts, 0.125)
     errors["prefill"] = (paged_prefill_attention(qp, k, v, tables, lens, starts, 0.125).float() - ref).abs().max().item()
+    ref = paged_attention_int8_ref(qp, kq, vq, ks, vs, tables, lens, starts, 0.125).float()
+    errors["prefill_int8"] = (paged_prefill_attention(qp, kq, vq, tables, lens, starts, 0.125, k_scales=ks,
+                                                      v_scales=vs).float() - ref).abs().max().item()
     n, r = 20, 32
     args = (torch.randn(n, 8, r, **gen_kw), torch.randn(n, 2, r, **gen_kw), torch.randn(n, 2, 48, **gen_kw),
             torch.randint(0, 8192, (n,), device=device), torch.rand(2, r // 2, device=device),
@@ -102,6 +106,12 @@ def correctness(device, dtype) -> dict:
     pools = [(torch.zeros(4, 16, 2, r, **gen_kw), torch.zeros(4, 16, 2, 48, **gen_kw)) for _ in range(2)]
     errors["qkv_epilogue"] = (qkv_epilogue(*args, *pools[0]).float() - qkv_epilogue_ref(*args, *pools[1]).float()
                               ).abs().max().item()
+    d = 64  # rotate mode: full-width q/k in, rank-r out through each KV head's bases
+    rot = (torch.randn(n, 8, d, **gen_kw), torch.randn(n, 2, d, **gen_kw), args[2], args[3],
+           torch.rand(1, d // 2, device=device), torch.randn(2, d, r, **gen_kw) / 8, torch.randn(2, d, r, **gen_kw) / 8,
+           args[5])
+    errors["qkv_rotate_epilogue"] = (qkv_rotate_epilogue(*rot, *pools[0]).float()
+                                     - qkv_rotate_epilogue_ref(*rot, *pools[1]).float()).abs().max().item()
     return errors
 
 
@@ -146,27 +156,36 @@ def prefill_timings(s: dict, device, dtype, repeats: int) -> list[dict]:
 
 
 def block_timings(s: dict, device, dtype, repeats: int) -> list[dict]:
-    """Attention block: QKV GEMM -> epilogue (RoPE + cache write) -> attention -> O GEMM."""
+    """Attention block: QKV GEMM -> epilogue (RoPE [+ rotate bases] + cache write) -> attention -> O GEMM."""
+    d, r = s["head_dim"], s["rank"]
+    # (name, q/k GEMM width per head, q/k rank in the cache, v rank, rotate mode)
+    methods = (("uncompressed", d, d, d, False), (f"zeroc fold rank {r}", r, r, r, False),
+               (f"zeroc rotate rank {r}", d, r, r, True))
     rows = []
     for tokens in s["prefill"]:
         base = None
-        for name, dim in (("uncompressed", s["head_dim"]), (f"zeroc fold rank {s['rank']}", s["rank"])):
+        for name, width, qk, vr, rotate in methods:
             heads, kv = s["heads"], s["kv_heads"]
             x = torch.randn(tokens, s["hidden"], dtype=dtype, device=device)
-            w_qkv = torch.randn((heads + 2 * kv) * dim, s["hidden"], dtype=dtype, device=device) * 0.02
-            w_o = torch.randn(s["hidden"], heads * dim, dtype=dtype, device=device) * 0.02
-            k_pool, v_pool, tables, lens = paged_kv(1, tokens, kv, dim, dim, s["block_size"], dtype, device)
-            inv_freq = torch.rand(kv, dim // 2, device=device)
+            w_qkv = torch.randn((heads + kv) * width + kv * vr, s["hidden"], dtype=dtype, device=device) * 0.02
+            w_o = torch.randn(s["hidden"], heads * vr, dtype=dtype, device=device) * 0.02
+            k_pool, _, tables, lens = paged_kv(1, tokens, kv, qk, vr, s["block_size"], dtype, device)
+            v_pool = torch.zeros(*k_pool.shape[:3], vr, dtype=dtype, device=device)
+            bases = [torch.randn(kv, d, qk, dtype=dtype, device=device) / math.sqrt(d) for _ in range(2)]
+            inv_freq = torch.rand(1 if rotate else kv, width // 2, device=device)
             positions = torch.arange(tokens, device=device)
             slots = torch.arange(tokens, device=device)
             starts = torch.tensor([0, tokens], device=device)
-            scale = 1 / math.sqrt(s["head_dim"])
+            scale = 1 / math.sqrt(d)
 
             def block():
-                qkv = x @ w_qkv.T  # [T, (heads + 2 kv) * dim]
-                q, k, v = qkv.split([heads * dim, kv * dim, kv * dim], dim=-1)
-                q = qkv_epilogue(q.view(tokens, heads, dim), k.view(tokens, kv, dim), v.view(tokens, kv, dim),
-                                 positions, inv_freq, slots, k_pool, v_pool)
+                qkv = x @ w_qkv.T  # [T, (heads + kv) * width + kv * vr]
+                q, k, v = qkv.split([heads * width, kv * width, kv * vr], dim=-1)
+                q, k, v = q.view(tokens, heads, width), k.view(tokens, kv, width), v.view(tokens, kv, vr)
+                if rotate:
+                    q = qkv_rotate_epilogue(q, k, v, positions, inv_freq, *bases, slots, k_pool, v_pool)
+                else:
+                    q = qkv_epilogue(q, k, v, positions, inv_freq, slots, k_pool, v_pool)
                 out = paged_prefill_attention(q, k_pool, v_pool, tables, lens, starts, scale)
                 return out.view(tokens, -1) @ w_o.T
 
@@ -174,6 +193,29 @@ def block_timings(s: dict, device, dtype, repeats: int) -> list[dict]:
             base = base or ms
             rows.append({"what": f"attention block {tokens}", "method": name, "ms": ms, "ratio": ms / base})
     return rows
+
+
+def model_path_error(device, dtype) -> float:
+    """Max abs logit difference between `Transformer.forward_paged` with the fused epilogue (the CUDA
+    path) and without it, on a small random GQA model: a prefill of two sequences."""
+    from zeroc.config import CacheConfig, ModelConfig
+    from zeroc.kv_cache import PagedKVCache, layer_shapes
+    from zeroc.model import Transformer
+
+    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device=device, dtype=dtype).eval()
+    model.init_rope()
+    tokens = torch.randint(0, cfg.vocab_size, (70,), device=device)
+    logits = []
+    for fused in (True, False):
+        cache = PagedKVCache(layer_shapes(cfg), CacheConfig(16, 16), dtype, device=device)
+        batch = cache.schedule([("a", 50), ("b", 20)])
+        with torch.inference_mode():
+            logits.append(model.forward_paged(tokens, batch.positions, batch, cache,
+                                              fused=fused).float())
+    return (logits[0] - logits[1]).abs().max().item()
 
 
 def main() -> int:
@@ -190,6 +232,7 @@ def main() -> int:
                                                             for k, v in shapes.items()}}
     report["ceilings"] = ceilings(device, dtype, args.quick, repeats)
     report["max_abs_error"] = correctness(device, dtype)
+    report["max_abs_error"]["model_fused_vs_unfused_logits"] = model_path_error(device, dtype)
     report["timings"] = decode_timings(shapes, device, dtype, repeats, report["ceilings"]["copy_GBps"])
     report["timings"] += prefill_timings(shapes, device, dtype, repeats)
     report["timings"] += block_timings(shapes, device, dtype, repeats)

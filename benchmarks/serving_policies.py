@@ -5,7 +5,8 @@
 Capacity is arithmetic on the real pool layouts (no GiB is allocated): for the bundled model at
 fp32 and bf16, the bytes one block id costs per policy, how many fit in 1 GiB, and how many
 sequences of `--context` tokens that is, each about to grow (KIVI's filling block at full
-precision; H2O at budget 0.5). Time: one engine running `--batch` sequences of `--context` prompt tokens, mean
+precision; H2O, StreamingLLM, SnapKV and Palu at budget 0.5, SnapKV's query ring included).
+Time (`--steps 0` skips it): one engine running `--batch` sequences of `--context` prompt tokens, mean
 seconds per decode step over `--steps` steps, for every policy side by side in one run (the CPU
 reference path; the ratio to "none" is the figure to read).
 """
@@ -34,13 +35,17 @@ GIB = 1 << 30
 POLICIES = {"none": {"block_size": 32}, "kivi-4": {"block_size": 32, "kv_policy": "kivi-4"},
             "kivi-2": {"block_size": 32, "kv_policy": "kivi-2"},
             "h2o@0.5": {"block_size": 32, "kv_policy": "h2o", "kv_budget": 0.5},
+            "streamingllm@0.5": {"block_size": 32, "kv_policy": "streamingllm", "kv_budget": 0.5},
+            "snapkv@0.5": {"block_size": 32, "kv_policy": "snapkv", "kv_budget": 0.5},
+            "palu@0.5": {"block_size": 32, "kv_policy": "palu", "kv_budget": 0.5},
             "int8": {"block_size": 32, "kv_policy": "int8"}}
 
 
-def capacity(shapes, dtype: torch.dtype, context: int) -> list[dict]:
-    rows = []
+def capacity(loaded, dtype: torch.dtype, context: int) -> list[dict]:
+    shapes, rows = layer_shapes(loaded.config), []
     for name, settings in POLICIES.items():
-        probe = PagedKVCache(shapes, CacheConfig(num_blocks=1, **settings), dtype)  # one block: geometry only
+        # One block: geometry only (the model: SnapKV's query ring depends on its head counts).
+        probe = PagedKVCache(shapes, CacheConfig(num_blocks=1, **settings), dtype, model=loaded.model)
         per_block = probe.policy.block_bytes(shapes, 32, dtype) if probe.policy else block_bytes(shapes, 32, dtype)
         blocks = GIB // per_block
         per_seq = probe.blocks_needed("probe", context + 1)  # growing: KIVI's filling block at full precision
@@ -73,25 +78,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="decode steps timed per policy (0: capacity only)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     loaded = load_model(BUNDLED_MODEL)
-    shapes = layer_shapes(loaded.config)
-    report = {"capacity": capacity(shapes, torch.float32, args.context) + capacity(shapes, torch.bfloat16,
+    report = {"capacity": capacity(loaded, torch.float32, args.context) + capacity(loaded, torch.bfloat16,
                                                                                    args.context),
-              "decode": decode_time(loaded, args.context, args.batch, args.steps),
+              "decode": decode_time(loaded, args.context, args.batch, args.steps) if args.steps else [],
               "threads": torch.get_num_threads(), "context": args.context, "batch": args.batch}
     if args.json:
         print(json.dumps(report))
         return
     print(f"capacity (bundled model, sequences of {args.context} tokens):")
     for r in report["capacity"]:
-        print(f"  {r['policy']:<8} {r['dtype']:<9} {r['block_bytes']:>7} B/block {r['blocks_per_gib']:>7} blocks/GiB "
+        print(f"  {r['policy']:<16} {r['dtype']:<9} {r['block_bytes']:>7} B/block {r['blocks_per_gib']:>7} blocks/GiB "
               f"{r['tokens_per_gib']:>9} tokens/GiB {r['sequences_per_gib']:>6} sequences/GiB")
     print(f"decode step, batch {args.batch} x {args.context} tokens (CPU reference path):")
     for r in report["decode"]:
-        print(f"  {r['policy']:<8} {r['s_per_decode_step'] * 1000:>8.1f} ms  x{r['vs_none']:.2f}")
+        print(f"  {r['policy']:<16} {r['s_per_decode_step'] * 1000:>8.1f} ms  x{r['vs_none']:.2f}")
 
 
 if __name__ == "__main__":

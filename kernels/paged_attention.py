@@ -58,3 +58,29 @@ def paged_attention_ref(
         attn_mask=mask[:, None], scale=scale, enable_gqa=True,
     ).transpose(1, 2)  # [B, max_q, heads, width]
     return out[valid_q][..., :dv]
+
+
+def check_int8_args(k_cache: Tensor, v_cache: Tensor, k_scales: Tensor | None, v_scales: Tensor | None) -> bool:
+    """Whether the caches are int8 with per-token scales (both or neither); ValueError if mixed."""
+    int8 = k_scales is not None
+    if int8 != (v_scales is not None) or int8 != (k_cache.dtype == torch.int8 == v_cache.dtype):
+        raise ValueError("int8 caches need both k_scales and v_scales, and scales need int8 caches")
+    return int8
+
+
+def paged_attention_int8_ref(
+    q: Tensor,  # [N, heads, dq]
+    k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq] int8
+    v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv] int8
+    k_scales: Tensor,  # [num_blocks, block_size, kv_heads] fp32, one per token and KV head
+    v_scales: Tensor,  # [num_blocks, block_size, kv_heads] fp32
+    block_tables: Tensor,  # [B, max_blocks]
+    seq_lens: Tensor,  # [B]
+    query_start_loc: Tensor,  # [B + 1]
+    scale: float,
+) -> Tensor:
+    """-> [N, heads, dv]: dequantise the whole pools (as `kernels.kv_quant` wrote them), then the plain
+    reference in fp32."""
+    k = k_cache.float() * k_scales[..., None]
+    v = v_cache.float() * v_scales[..., None]
+    return paged_attention_ref(q.float(), k, v, block_tables, seq_lens, query_start_loc, scale).to(q.dtype)

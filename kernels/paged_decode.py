@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.paged_attention import paged_attention_ref
+from kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref
 
 try:  # Triton is optional on CPU-only machines; the reference serves there.
     import triton
@@ -48,10 +48,9 @@ def paged_decode_attention_int8_ref(
     seq_lens: Tensor,  # [B]
     scale: float,
 ) -> Tensor:
-    """-> [B, heads, dv]: dequantise the whole pools, then the plain reference."""
-    k = k_cache.float() * k_scales[..., None]
-    v = v_cache.float() * v_scales[..., None]
-    return paged_decode_attention_ref(q.float(), k, v, block_tables, seq_lens, scale).to(q.dtype)
+    """-> [B, heads, dv]: one query per sequence through `paged_attention_int8_ref`."""
+    starts = torch.arange(q.shape[0] + 1, device=q.device)
+    return paged_attention_int8_ref(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, starts, scale)
 
 
 def _unused_pointer(q: Tensor) -> Tensor:
@@ -201,9 +200,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     num_seqs, heads, dq = q.shape
     _, block_size, kv_heads, dv = v_cache.shape
     group = heads // kv_heads
-    int8 = k_scales is not None
-    if int8 != (v_scales is not None) or int8 != (k_cache.dtype == torch.int8 == v_cache.dtype):
-        raise ValueError("int8 caches need both k_scales and v_scales, and scales need int8 caches")
+    int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     k_scales = k_scales.contiguous() if int8 else _unused_pointer(q)
     v_scales = v_scales.contiguous() if int8 else k_scales

@@ -15,6 +15,8 @@ import os
 import torch
 from torch import Tensor
 
+from kernels.paged_attention import check_int8_args
+
 try:  # optional on CPU-only machines
     import triton
     import triton.language as tl
@@ -26,14 +28,15 @@ if triton is not None:
 
     @triton.jit
     def _paged_prefill_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, starts_ptr, out_ptr, scale,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, starts_ptr, out_ptr, scale,
         stride_qn, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
+        stride_sb, stride_ss,
         stride_tb, stride_on, stride_oh,
         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
-        DOT_F32: tl.constexpr,
+        DOT_F32: tl.constexpr, INT8: tl.constexpr,
     ):
         seq = tl.program_id(0)
         head = tl.program_id(1)
@@ -66,6 +69,10 @@ if triton is not None:
                         + dq[None, :], mask=pos_ok[:, None] & (dq[None, :] < DQ), other=0.0)  # [N, DQ]
             v = tl.load(v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
                         + dv[None, :], mask=pos_ok[:, None] & (dv[None, :] < DV), other=0.0)  # [N, DV]
+            if INT8:  # per-token scales, one per (slot, KV head), both pools laid out alike
+                srow = block * stride_sb + slot * stride_ss + kv_head
+                k = (k.to(tl.float32) * tl.load(ks_ptr + srow, mask=pos_ok, other=0.0)[:, None]).to(q.dtype)
+                v = (v.to(tl.float32) * tl.load(vs_ptr + srow, mask=pos_ok, other=0.0)[:, None]).to(q.dtype)
             if DOT_F32:
                 k, v = k.to(tl.float32), v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * scale  # [M, N]
@@ -94,10 +101,14 @@ def paged_prefill_attention(
     out: Tensor | None = None,  # optional [N, heads, dv] buffer
     block_m: int = 16,
     block_n: int = 32,
+    k_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32 when the caches are int8
+    v_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32
 ) -> Tensor:
-    """Triton version of `paged_attention_ref` -> [N, heads, dv]."""
+    """Triton version of `paged_attention_ref` -> [N, heads, dv]; with int8 caches and their scales,
+    of `paged_attention_int8_ref` (each K/V tile is dequantised in registers, never in memory)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
+    int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
     n, heads, dq = q.shape
     _, block_size, kv_heads, dv = v_cache.shape
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
@@ -107,16 +118,19 @@ def paged_prefill_attention(
         out = torch.empty(n, heads, dv, dtype=q.dtype, device=q.device)
     max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     grid = (tables.shape[0], heads, triton.cdiv(max_q, block_m))
+    k_scales = k_scales.contiguous() if int8 else torch.zeros(1, dtype=torch.float32, device=q.device)
+    v_scales = v_scales.contiguous() if int8 else k_scales
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, tables, lens, starts, out, scale,
+        q, k_cache, v_cache, k_scales, v_scales, tables, lens, starts, out, scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_scales.stride(0) if int8 else 0, k_scales.stride(1) if int8 else 0,
         tables.stride(0), out.stride(0), out.stride(1),
         GROUP=heads // kv_heads, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         DQ=dq, DQ_PAD=max(16, triton.next_power_of_2(dq)), DV=dv, DV_PAD=max(16, triton.next_power_of_2(dv)),
         # Triton's CPU interpreter computes bf16/fp16 tl.dot wrongly (seen with triton 3.9): there,
         # upcast the operands; on a GPU half-precision dots run on the tensor cores.
-        DOT_F32=os.environ.get("TRITON_INTERPRET") == "1",
+        DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", INT8=int8,
     )
     return out

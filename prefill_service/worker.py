@@ -79,7 +79,7 @@ class PrefillWorker:
         self.sched = scheduler
         shapes = layer_shapes(cfg)
         param = next(self.model.parameters())
-        self.cache = _StreamingCache(shapes, cache, param.dtype, param.device)
+        self.cache = _StreamingCache(shapes, cache, param.dtype, param.device, model=self.model)
         self.max_tokens = self.cache.token_capacity(cfg.max_position_embeddings) - 1
         self._pending: queue.Queue[PrefillJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)

@@ -19,7 +19,7 @@ from zeroc.errors import ZeroCError
 # The --kv-policy names (zeroc.policies.POLICY_NAMES + STACKABLE_NAMES), listed here so --help does not import torch.
 POLICY_CHOICES = ("kivi-4", "kivi-2", "streamingllm", "h2o", "snapkv", "palu", "int8")
 # Serving's --kv-policy names (zeroc.serving_policies.SERVING_POLICY_NAMES), checked by CacheConfig.
-SERVING_POLICIES = "none | kivi-4 | kivi-2 | h2o | int8"
+SERVING_POLICIES = "none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu | int8"
 KIVI_BLOCK = 32  # KIVI quantises keys one block of its group (32 tokens) at a time
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -83,7 +83,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     method = ZeroCMethod(budget=args.budget, mode=args.mode, rank_multiple=args.rank_multiple,
                          calib_tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens, window=args.window,
-                         ablation_tokens=args.ablation_tokens)
+                         ablation_tokens=args.ablation_tokens, sinks=args.sinks, recent=args.recent)
     loaded, _ = _load(args)
     compressed, report = calibrate(loaded, args.calib, method, progress=not args.json)
     out = save_model(compressed, loaded.tokenizer, args.out)
@@ -92,7 +92,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(asdict(report)))
     else:
         print(f"wrote {out}: KV {report.kv_fraction:.3f} of uncompressed, ranks (qk, v) per layer {report.ranks}, "
-              f"Q/K modes {report.modes}, calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}")
+              f"Q/K modes {report.modes}, calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}"
+              + (f"; full-rank tier: {method.sinks} sinks + {method.recent} recent tokens (evaluation only)"
+                 if method.sinks or method.recent else ""))
     return 0
 
 
@@ -126,11 +128,14 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         result = perplexity_streaming(loaded.model, tokens, args.ctx, args.batch_size, progress=show)
     else:
         result = perplexity_full(loaded.model, tokens, args.ctx, progress=show)
+    from zeroc.tier import tier_kv_fraction
+
+    kv = tier_kv_fraction(loaded.config, args.ctx)  # a token tier's full-rank rows included
     if args.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "kv_fraction": kv}))
     else:
         print(f"perplexity {result.perplexity:.4f} ({result.mode}, {result.tokens} tokens, "
-              f"{result.windows} windows of {result.ctx})")
+              f"{result.windows} windows of {result.ctx}; KV {kv:.4f} of uncompressed at ctx {args.ctx})")
     return 0
 
 
@@ -400,7 +405,8 @@ def _kv_policy_args(p: argparse.ArgumentParser) -> None:
                    help=f"what the KV cache stores: {SERVING_POLICIES} (env ZEROC_CACHE_KV_POLICY; "
                         "docs/policies.md, 'In serving')")
     p.add_argument("--kv-budget", type=float, default=None,
-                   help="h2o: tokens kept as a fraction of those seen, in (0, 1] (env ZEROC_CACHE_KV_BUDGET)")
+                   help="h2o, streamingllm, snapkv: tokens kept as a fraction of those seen; palu: latent rank as a "
+                        "fraction of the head dim; in (0, 1] (env ZEROC_CACHE_KV_BUDGET)")
     p.add_argument("--kv-max-tokens", type=int, default=None,
                    help="h2o: at most this many tokens per sequence (0: no cap; env ZEROC_CACHE_KV_MAX_TOKENS)")
     p.add_argument("--kv-residual", type=int, default=None,
@@ -446,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation-tokens", type=int, default=1024, help="tokens whose activations rank RoPE pairs (fold)")
     p.add_argument("--rank-multiple", type=int, default=None,
                    help="ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
+    p.add_argument("--sinks", type=int, default=0,
+                   help="token tier: first tokens kept at full rank for every query (default 0 = off)")
+    p.add_argument("--recent", type=int, default=0,
+                   help="token tier: each query's last tokens kept at full rank, compressed once they age out "
+                        "(default 0 = off; a tier is evaluation-only for now)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 

@@ -93,6 +93,10 @@ class LayerCompression:
     def qk_rank(self) -> int:
         return self.rotate_rank if self.mode == "rotate" else 2 * len(self.qk_pairs[0])
 
+    def dropped_pairs(self, head_dim: int) -> tuple[tuple[int, ...], ...]:
+        """Fold mode: per KV head the RoPE pairs not kept, ascending (what full-rank attention adds back)."""
+        return tuple(tuple(sorted(set(range(head_dim // 2)) - set(p))) for p in self.qk_pairs)
+
     def to_dict(self) -> dict[str, Any]:
         if self.mode == "rotate":
             return {"mode": "rotate", "qk_rank": self.rotate_rank, "v_rank": self.v_rank}
@@ -106,23 +110,44 @@ class LayerCompression:
                    str(raw.get("mode", "fold")))
 
 
+def check_tier(sinks: int, recent: int) -> None:
+    """Validate a token tier's sizes (ValueError naming the bad one)."""
+    for name, value in (("sinks", sinks), ("recent", recent)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer number of tokens (0 = off), got {value!r}")
+
+
 @dataclass(frozen=True)
 class AttentionCompression:
     """What a calibrated checkpoint records: per-layer ranks, the budget and a fingerprint."""
 
     layers: tuple[LayerCompression, ...]
     fingerprint: str  # hash of the source model + compression config: KV of different ones never mixes
-    budget: float  # KV bytes as a fraction of the uncompressed cache
+    budget: float  # KV bytes as a fraction of the uncompressed cache (the tier's extra bytes not counted)
     method: str = "zeroc-fold"
+    # Token tier (zeroc/tier.py): each query sees the first `sinks` tokens and its last `recent` tokens
+    # at full rank, every other earlier token compressed. 0 and 0: no tier.
+    sinks: int = 0
+    recent: int = 0
+
+    def __post_init__(self) -> None:
+        check_tier(self.sinks, self.recent)
+
+    @property
+    def has_tier(self) -> bool:
+        return self.sinks + self.recent > 0
 
     def to_hf(self) -> dict[str, Any]:
+        tier = {"tier": {"sinks": self.sinks, "recent": self.recent}} if self.has_tier else {}
         return {"method": self.method, "budget": self.budget, "fingerprint": self.fingerprint,
-                "layers": [layer.to_dict() for layer in self.layers]}
+                "layers": [layer.to_dict() for layer in self.layers], **tier}
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> "AttentionCompression":
         layers = tuple(LayerCompression.from_dict(layer) for layer in raw["layers"])
-        return cls(layers, str(raw["fingerprint"]), float(raw["budget"]), str(raw.get("method", "zeroc-fold")))
+        tier = raw.get("tier") or {}
+        return cls(layers, str(raw["fingerprint"]), float(raw["budget"]), str(raw.get("method", "zeroc-fold")),
+                   tier.get("sinks", 0), tier.get("recent", 0))
 
 
 @dataclass(frozen=True)
@@ -196,6 +221,20 @@ class ModelConfig:
     def v_dim(self, layer: int) -> int:
         """Width of each value head in `layer` (head_dim unless compressed)."""
         return self.compression.layers[layer].v_rank if self.compression else self.head_dim
+
+    @property
+    def has_tier(self) -> bool:
+        """Whether a full-rank token tier (sinks + recent window) is kept beside the compressed cache."""
+        return self.compression is not None and self.compression.has_tier
+
+    def tier_qk_dim(self, layer: int) -> int:
+        """Q/K dims a tiered layer adds for full-rank attention: the dropped RoPE pairs (fold), or 0
+        (rotate: q and k are full width before the bases anyway)."""
+        return 0 if self.qk_mode(layer) == "rotate" else self.head_dim - self.qk_dim(layer)
+
+    def tier_v_dim(self, layer: int) -> int:
+        """V dims a tiered layer adds for full-rank attention: the complement of the V/O basis."""
+        return self.head_dim - self.v_dim(layer)
 
     @property
     def group_size(self) -> int:
@@ -305,8 +344,8 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int = 1024
     num_bytes: int = 0  # > 0: capacity in bytes instead; the blocks that fit depend on the policy
-    kv_policy: str = "none"  # none | kivi-4 | kivi-2 | h2o | int8
-    kv_budget: float = 1.0  # h2o: tokens kept as a fraction of the tokens seen
+    kv_policy: str = "none"  # none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu | int8
+    kv_budget: float = 1.0  # h2o, streamingllm, snapkv: tokens kept / tokens seen; palu: rank / head dim
     kv_max_tokens: int = 0  # h2o: at most this many tokens per sequence (0: no cap)
     kv_residual: int = 0  # kivi: full-precision tokens kept besides the filling block (a multiple of it)
 

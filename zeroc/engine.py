@@ -80,7 +80,7 @@ class Engine:
         shapes = layer_shapes(cfg)
         dtype = next(self.model.parameters()).dtype
         device = next(self.model.parameters()).device
-        self.cache = PagedKVCache(shapes, cache or CacheConfig(), dtype, device)
+        self.cache = PagedKVCache(shapes, cache or CacheConfig(), dtype, device, model=self.model)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._ids = itertools.count()

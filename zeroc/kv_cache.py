@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig, ModelConfig
+from zeroc.tier import require_no_tier
+
+if TYPE_CHECKING:  # the model imports this module
+    from zeroc.model import Transformer
 
 
 class CacheFullError(RuntimeError):
@@ -84,7 +89,9 @@ def block_bytes(shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -
 
 
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
-    """Cache geometry of every layer of a model (compressed layers store fewer dims)."""
+    """Cache geometry of every layer of a model (compressed layers store fewer dims). A model with a
+    full-rank token tier raises ValueError: the paged cache has no tier rows yet."""
+    require_no_tier(cfg)
     return [LayerShape(cfg.num_key_value_heads, cfg.qk_dim(i), cfg.v_dim(i)) for i in range(cfg.num_hidden_layers)]
 
 
@@ -104,7 +111,10 @@ class PagedKVCache:
     """Block pools for every layer plus the block table and length of every live sequence."""
 
     def __init__(self, shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", allocator: BlockAllocator | None = None):
+                 device: torch.device | str = "cpu", allocator: BlockAllocator | None = None,
+                 model: Transformer | None = None):
+        """`model`: the weights a policy's store may fit itself to (Palu's bases); give it whenever
+        the cache serves a model (the engine, the prefill worker)."""
         self.block_size = cfg.block_size
         self.device = torch.device(device)
         self.shapes, self.dtype, self.num_layers = shapes, dtype, len(shapes)
@@ -126,6 +136,8 @@ class PagedKVCache:
         if self.policy is not None:
             self.store = self.policy.new_store(shapes, self.num_blocks, cfg.block_size, dtype, self.device,
                                                self.allocator)
+            if model is not None:
+                self.store.prepare(model)
         else:  # k_pool: [num_blocks, block_size, kv_heads, k_dim]; v_pool likewise with v_dim
             self.k_pools = [torch.zeros(self.num_blocks, cfg.block_size, s.kv_heads, s.k_dim, dtype=dtype,
                                         device=self.device) for s in shapes]

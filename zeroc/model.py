@@ -5,9 +5,12 @@ Two ways through the same weights:
   training and full-pass evaluation.
 - `Transformer.forward_paged(tokens, positions, batch, cache)` takes a flat ragged batch of
   new tokens, writes their K/V into the paged cache and attends over each sequence's cached
-  context: prefill, decode and mixed continuous-batching steps.
+  context: prefill, decode and mixed continuous-batching steps. On CUDA it hands q and k to
+  `FusedPagedAttend` before RoPE: one Triton epilogue applies RoPE (and rotate mode's bases) and
+  writes K/V into their cache slots (kernels/qkv_epilogue.py).
 - `Transformer.forward_attend(tokens, positions, attend)` lets the caller own attention and the
   cache (the KV-cache policies of `zeroc.policies`).
+A compressed model with a full-rank token tier (zeroc/tier.py) runs only the dense causal forward.
 Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without renaming.
 """
 
@@ -20,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.attention import paged_attention
+from kernels.attention import paged_attention, use_triton
 from zeroc.config import ModelConfig, RopeConfig
 from zeroc.kv_cache import PagedKVCache, PagedBatch
+from zeroc.tier import require_no_tier, tiered_attention
 
 # attend(layer, q, k, v, scale) -> out; q: [..., heads, dq], k: [..., kv_heads, dq], v: [..., kv_heads, dv]
 AttendFn = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
@@ -54,6 +58,12 @@ def layer_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
     return base[torch.tensor(cfg.compression.layers[layer].qk_pairs)]
 
 
+def tier_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
+    """Frequencies of the RoPE pairs a fold layer drops (its full-rank tier adds them back): [kv_heads, (d - qk_dim) / 2]"""
+    base = rope_inv_freq(cfg.rope, cfg.head_dim)
+    return base[torch.tensor(cfg.compression.layers[layer].dropped_pairs(cfg.head_dim), dtype=torch.long)]
+
+
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin for `positions` (any shape P) in HF's rotate_half layout. inv_freq: [H, r/2] -> [*P, H, r]"""
     freqs = positions.float()[..., None, None] * inv_freq.float()  # [*P, H, r/2]
@@ -66,6 +76,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_qk(q: Tensor, k: Tensor, inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE on q [*P, heads, r] and k [*P, kv_heads, r]; inv_freq: [kv_heads or 1, r/2]; positions: [*P]."""
+    cos, sin = rope_cos_sin(inv_freq, positions, q.dtype)  # [*P, kv_heads or 1, r]
+    k = apply_rope(k, cos, sin)
+    if cos.shape[-2] > 1:  # per-KV-head pairs: each query head uses its group's
+        group = q.shape[-2] // k.shape[-2]
+        cos, sin = cos.repeat_interleave(group, -2), sin.repeat_interleave(group, -2)
+    return apply_rope(q, cos, sin), k
 
 
 def causal_attend(_layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -94,7 +114,10 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """GQA attention. A compressed layer keeps fewer V/O dims per head and fewer Q/K dims: fold mode
     keeps a subset of RoPE pairs (narrower q/k projections); rotate mode projects q and k after RoPE
-    onto each KV head's calibrated bases (`q_basis`, `k_basis`), so the cache holds rank-wide keys."""
+    onto each KV head's calibrated bases (`q_basis`, `k_basis`), so the cache holds rank-wide keys.
+    With a token tier, `tier_*` projections hold what the compression dropped: the dropped RoPE pairs'
+    rows of W_q, W_k (fold; rotate keeps full-width q, k anyway), the complement of the V basis and
+    its W_o columns, so that compressed + tier = the full-rank layer in a rotated basis."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -112,23 +135,51 @@ class Attention(nn.Module):
             self.q_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, self.qk_dim))  # [kv, d, r]
             self.k_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, self.qk_dim))  # [kv, d, r]
         self.register_buffer("inv_freq", layer_inv_freq(cfg, layer), persistent=False)
+        self.tier = (cfg.compression.sinks, cfg.compression.recent) if cfg.has_tier else None
+        if self.tier is not None:
+            tier_qk, tier_v = cfg.tier_qk_dim(layer), cfg.tier_v_dim(layer)
+            if not self.rotate:
+                self.tier_q_proj = nn.Linear(cfg.hidden_size, self.n_heads * tier_qk, bias=bias)
+                self.tier_k_proj = nn.Linear(cfg.hidden_size, self.n_kv * tier_qk, bias=bias)
+                self.register_buffer("tier_inv_freq", tier_inv_freq(cfg, layer), persistent=False)
+            self.tier_v_proj = nn.Linear(cfg.hidden_size, self.n_kv * tier_v, bias=bias)
+            self.tier_o_proj = nn.Linear(self.n_heads * tier_v, cfg.hidden_size, bias=False)  # o_proj has the bias
 
-    def forward(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+    def forward(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         # x: [*P, hidden]; positions: [*P]
         lead = x.shape[:-1]
         q = self.q_proj(x).view(*lead, self.n_heads, -1)
         k = self.k_proj(x).view(*lead, self.n_kv, -1)
         v = self.v_proj(x).view(*lead, self.n_kv, self.v_dim)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [*P, kv_heads or 1, qk_dim]
-        k = apply_rope(k, cos, sin)
-        if cos.shape[-2] > 1:  # per-KV-head pairs: each query head uses its group's
-            group = self.n_heads // self.n_kv
-            cos, sin = cos.repeat_interleave(group, -2), sin.repeat_interleave(group, -2)
-        q = apply_rope(q, cos, sin)
+        if isinstance(attend, FusedPagedAttend):  # RoPE and the bases run inside its epilogue kernel
+            return self.o_proj(attend.attend_raw(layer, self, q, k, v, positions).reshape(*lead, -1))
+        q, k = rope_qk(q, k, self.inv_freq, positions)  # [*P, heads, qk_dim or d], [*P, kv_heads, qk_dim or d]
+        if self.tier is not None:
+            return self._tiered(x, positions, q, k, v, attend)
         if self.rotate:
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
         out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
         return self.o_proj(out.reshape(*lead, -1))
+
+    def _tiered(self, x: Tensor, positions: Tensor, q: Tensor, k: Tensor, v: Tensor, attend: AttendFn) -> Tensor:
+        """Dense attention with the token tier (zeroc/tier.py). x: [B, T, hidden]; positions: [B, T];
+        q: [B, T, heads, *] and k: [B, T, kv_heads, *] after RoPE; v: [B, T, kv_heads, v_dim]."""
+        if attend is not causal_attend:
+            raise ValueError("this model keeps a full-rank token tier, which is evaluation-only for now: it runs "
+                             "only the dense causal forward (full-pass `zeroc eval ppl`), not KV-cache policies")
+        lead = x.shape[:-1]
+        if self.rotate:  # full-rank q, k: post-RoPE, before the bases
+            q_full, k_full = q, k
+            q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
+        else:  # full-rank q, k: the kept pairs, then the dropped ones (q·k sums over pairs in any order)
+            q_rest = self.tier_q_proj(x).view(*lead, self.n_heads, -1)
+            k_rest = self.tier_k_proj(x).view(*lead, self.n_kv, -1)
+            q_rest, k_rest = rope_qk(q_rest, k_rest, self.tier_inv_freq, positions)
+            q_full, k_full = torch.cat([q, q_rest], -1), torch.cat([k, k_rest], -1)  # [B, T, *, d]
+        v_full = torch.cat([v, self.tier_v_proj(x).view(*lead, self.n_kv, -1)], -1)  # [B, T, kv_heads, d]
+        out = tiered_attention(q, k, v, q_full, k_full, v_full, *self.tier, self.scale)  # [B, T, heads, d]
+        out_kept, out_rest = out.split([self.v_dim, out.shape[-1] - self.v_dim], -1)
+        return self.o_proj(out_kept.reshape(*lead, -1)) + self.tier_o_proj(out_rest.reshape(*lead, -1))
 
 
 def rotate_qk(q: Tensor, k: Tensor, q_basis: Tensor, k_basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,6 +190,32 @@ def rotate_qk(q: Tensor, k: Tensor, q_basis: Tensor, k_basis: Tensor) -> tuple[T
     kv = k_basis.shape[0]
     q = torch.einsum("...gjd,gdr->...gjr", q.unflatten(-2, (kv, -1)), q_basis).flatten(-3, -2)
     return q, torch.einsum("...gd,gdr->...gr", k, k_basis)
+
+
+class FusedPagedAttend:
+    """Attention through a plain paged cache whose QKV epilogue is one Triton kernel per layer: RoPE on
+    q and k (kept pairs in fold mode; every pair, then the KV head's bases in rotate mode), K and V
+    written straight into their cache slots, then the paged attention kernels. The CUDA path of
+    `Transformer.forward_paged`; `Attention.forward` calls `attend_raw` with q and k before RoPE."""
+
+    def __init__(self, cache: PagedKVCache, batch: PagedBatch):
+        self.cache, self.batch = cache, batch
+
+    def attend_raw(self, layer: int, attn: Attention, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        # q: [N, heads, w]; k: [N, kv_heads, w] before RoPE (w = head_dim in rotate mode, else qk_dim);
+        # v: [N, kv_heads, v_dim]; positions: [N] -> [N, heads, v_dim]
+        from kernels.qkv_epilogue import qkv_epilogue, qkv_rotate_epilogue
+
+        k_pool, v_pool = self.cache.layer(layer)
+        slots = self.batch.slot_mapping
+        if attn.rotate:
+            q = qkv_rotate_epilogue(q, k, v, positions, attn.inv_freq, attn.q_basis, attn.k_basis, slots,
+                                    k_pool, v_pool)
+        else:  # the kernel reads one frequency row per KV head; an uncompressed layer shares one row
+            inv_freq = attn.inv_freq.expand(attn.n_kv, -1)  # [kv_heads, qk_dim / 2]
+            q = qkv_epilogue(q, k, v, positions, inv_freq, slots, k_pool, v_pool)
+        return paged_attention(q, k_pool, v_pool, self.batch.block_tables, self.batch.seq_lens,
+                               self.batch.query_start_loc, scale=attn.scale)
 
 
 class MLP(nn.Module):
@@ -162,7 +239,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         h = x + self.self_attn(self.index, self.input_layernorm(x), positions, attend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -191,8 +268,10 @@ class Transformer(nn.Module):
         device = self.lm_head.weight.device
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.inv_freq = layer_inv_freq(self.config, i).to(device)
+            if hasattr(layer.self_attn, "tier_inv_freq"):
+                layer.self_attn.tier_inv_freq = tier_inv_freq(self.config, i).to(device)
 
-    def _run(self, tokens: Tensor, positions: Tensor, attend: AttendFn) -> Tensor:
+    def _run(self, tokens: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         # tokens, positions: [*P] -> final hidden states [*P, hidden]
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
@@ -215,8 +294,20 @@ class Transformer(nn.Module):
         batch: PagedBatch,
         cache: PagedKVCache,
         logits_indices: Tensor | None = None,  # [M] rows of N to project to logits; None = all
+        fused: bool | None = None,
     ) -> Tensor:
-        """Ragged prefill/decode through the paged cache -> logits [M, vocab]."""
+        """Ragged prefill/decode through the paged cache -> logits [M, vocab].
+
+        fused: run the QKV epilogue kernels (`FusedPagedAttend`); None = on CUDA with triton, for plain
+        caches (a KV policy's store encodes K/V itself). Tests force it on the CPU under TRITON_INTERPRET."""
+        require_no_tier(self.config)
+        if fused is None:
+            fused = cache.store is None and use_triton(tokens)
+        if fused:
+            if cache.store is not None:
+                raise ValueError("the fused QKV epilogue writes plain cache slots; this cache has a KV policy")
+            hidden = self._run(tokens, positions, FusedPagedAttend(cache, batch))
+            return self.lm_head(hidden if logits_indices is None else hidden[logits_indices])
 
         def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
             if cache.store is not None:  # a KV policy stores and reads its own form (zeroc/serving_policies)
@@ -229,6 +320,4 @@ class Transformer(nn.Module):
             )
 
         hidden = self._run(tokens, positions, attend)
-        if logits_indices is not None:
-            hidden = hidden[logits_indices]
-        return self.lm_head(hidden)
+        return self.lm_head(hidden if logits_indices is None else hidden[logits_indices])

@@ -18,7 +18,7 @@ def test_quick_run_reports_small_errors_and_every_timing(tmp_path):
     out = tmp_path / "report.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], capture_output=True, text=True,
-                       timeout=300, env=env)
+                       timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert all(err < 1e-4 for err in report["max_abs_error"].values()), report["max_abs_error"]

@@ -62,6 +62,23 @@ def test_kv_of_another_policy_is_refused(kivi_stack):
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_a_colocated_palu_service_equals_the_engine(bundled):
+    """`zeroc serve decode --colocated --kv-policy palu`: the bases are fitted at startup from the weights."""
+    proc = ServiceProcess("decode", ["--colocated", "--kv-policy", "palu", "--kv-budget", "0.5", "--cache-bytes", "2M"])
+    try:
+        proc.wait_serving()
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        direct = Engine(bundled, CacheConfig(kv_policy="palu", kv_budget=0.5)).generate(PROMPTS, params)
+        with Client(proc.address) as client:
+            # Rank-32 latents of K and V: 16 tokens x 6 layers x 2 heads x 64 numbers x 4 bytes a block.
+            assert client.model_info().kv_blocks_total == (2 << 20) // 49152
+            for prompt, want in zip(PROMPTS, direct):
+                assert client.generate(prompt, max_tokens=12, ignore_eos=True).token_ids == want.token_ids
+        assert_no_leak(proc.address)
+    finally:
+        proc.stop()
+
+
 def test_int8_on_a_zeroc_model_disaggregated_equals_the_colocated_engine(zeroc_half_dir):
     """`zeroc serve --model <ZeroC dir> --kv-policy int8`: the decode side encodes the prefill's KV on arrival."""
     from zeroc.loader import load_model

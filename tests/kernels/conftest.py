@@ -24,3 +24,23 @@ def _random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, dtype):
 @pytest.fixture(scope="session")
 def random_paged_kv():
     return _random_paged_kv
+
+
+def _int8_pools(k_cache, v_cache):
+    """Every slot of both caches quantised by the cache-write kernel's reference.
+
+    -> k int8 [blocks, block_size, kv_heads, dq], k scales [blocks, block_size, kv_heads], v, v scales"""
+    from kernels.kv_quant import quantize_into_slots_ref
+
+    pools = []
+    for cache in (k_cache, v_cache):
+        qpool = torch.zeros(cache.shape, dtype=torch.int8)
+        spool = torch.zeros(cache.shape[:3])
+        quantize_into_slots_ref(cache.flatten(0, 1), torch.arange(cache.shape[0] * cache.shape[1]), qpool, spool)
+        pools += [qpool, spool]
+    return tuple(pools)
+
+
+@pytest.fixture(scope="session")
+def int8_pools():
+    return _int8_pools

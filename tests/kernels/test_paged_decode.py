@@ -13,7 +13,6 @@ from kernels.attention import paged_attention
 from kernels.paged_decode import (MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits, merge_partials,
                                   merge_partials_ref, paged_decode_attention, paged_decode_attention_int8_ref,
                                   paged_decode_attention_ref)
-from kernels.kv_quant import quantize_into_slots_ref
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -102,19 +101,13 @@ def test_auto_split_count_fills_the_gpu_without_tiny_splits():
     num_splits=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
-def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, block_size, group, dims, lens, dtype,
-                                                       num_splits, seed):
+def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, block_size, group, dims, lens,
+                                                       dtype, num_splits, seed):
     dq, dv = dims
     kv_heads = 2
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, torch.float32)
-    pools = []
-    for cache in (k_cache, v_cache):  # quantise every slot with the cache-write kernel's reference
-        qpool = torch.zeros(cache.shape, dtype=torch.int8)
-        spool = torch.zeros(cache.shape[:3])
-        quantize_into_slots_ref(cache.flatten(0, 1), torch.arange(cache.shape[0] * block_size), qpool, spool)
-        pools += [qpool, spool]
-    kq, ks, vq, vs = pools
+    kq, ks, vq, vs = int8_pools(k_cache, v_cache)
     q = torch.randn(len(lens), kv_heads * group, dq, generator=gen).to(dtype)
     lens_t = torch.tensor(lens)
     ref = paged_decode_attention_int8_ref(q.float(), kq, vq, ks, vs, tables, lens_t, 0.1)

@@ -19,12 +19,18 @@ BAD = [
     (["serve", "decode", "--colocated", "--kv-policy", "h2o", "--kv-budget", "0"], "budget must be in (0, 1]"),
     (["serve", "decode", "--colocated", "--kv-policy", "h2o", "--kv-max-tokens", "-1"], "max_tokens"),
     (["serve", "decode", "--colocated", "--kv-budget", "0.5"], "need a --kv-policy"),
-    (["serve", "decode", "--colocated", "--kv-policy", "kivi-4", "--kv-budget", "0.5"], "apply to h2o only"),
+    (["serve", "decode", "--colocated", "--kv-policy", "kivi-4", "--kv-budget", "0.5"], "does not apply to kivi-4"),
     (["serve", "decode", "--colocated", "--kv-policy", "kivi-2", "--kv-residual", "40"], "multiple of the group"),
     (["serve", "decode", "--colocated", "--kv-policy", "kivi-4", "--block-size", "16"], "must equal its group"),
     (["serve", "decode", "--prefill", "127.0.0.1:1", "--kv-policy", "h2o"], "--colocated"),
     (["serve", "prefill", "--kv-policy", "h2o", "--kv-budget", "0.5"], "--colocated"),
     (["generate", "x", "--kv-policy", "h2o", "--kv-residual", "32"], "kivi-4 and kivi-2 only"),
+    (["serve", "decode", "--colocated", "--kv-policy", "streamingllm", "--kv-budget", "1.5"], "budget must be in (0, 1]"),
+    (["serve", "decode", "--colocated", "--kv-policy", "snapkv", "--kv-max-tokens", "8"], "h2o only, not snapkv"),
+    (["serve", "decode", "--colocated", "--kv-policy", "palu", "--kv-budget", "0"], "budget must be in (0, 1]"),
+    (["generate", "x", "--kv-policy", "palu", "--kv-residual", "32"], "kivi-4 and kivi-2 only"),
+    (["serve", "prefill", "--kv-policy", "snapkv", "--kv-budget", "0.5"], "--colocated"),
+    (["serve", "decode", "--prefill", "127.0.0.1:1", "--kv-policy", "snapkv"], "--colocated"),
 ]
 
 

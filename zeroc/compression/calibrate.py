@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from zeroc.compression.fold import (LayerFactors, ablation_pair_order, build_compressed, qk_factors,
                                     value_factors)
-from zeroc.config import AttentionCompression
+from zeroc.config import AttentionCompression, check_tier
 from zeroc.errors import ZeroCError
 from zeroc.evaluate import read_eval_tokens
 from zeroc.loader import LoadedModel
@@ -50,6 +50,8 @@ class ZeroCMethod:
     sensitivity_tokens: int = 2048  # tokens for the per-layer sensitivity measurements
     window: int = 512  # calibration window length
     ablation_tokens: int = 1024  # tokens whose activations rank the RoPE pairs (fold)
+    sinks: int = 0  # token tier (zeroc/tier.py): first tokens every query sees at full rank
+    recent: int = 0  # token tier: each query's last tokens (itself included) seen at full rank
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -60,6 +62,7 @@ class ZeroCMethod:
             raise ValueError(f"rank_multiple must be a positive even number, got {self.rank_multiple}")
         if min(self.calib_tokens, self.sensitivity_tokens, self.window, self.ablation_tokens) < 2:
             raise ValueError("calib_tokens, sensitivity_tokens, window and ablation_tokens must be >= 2")
+        check_tier(self.sinks, self.recent)
 
     @property
     def qk_modes(self) -> tuple[str, ...]:
@@ -232,10 +235,10 @@ def divergence(model: Transformer, ref: Reference) -> tuple[float, float]:
     return kl / count, nll / count
 
 
-def _layout(factors: list[LayerFactors], ranks: list[tuple[int, int]], modes: list[str], budget: float, fp: str,
-            name: str = "zeroc-fold") -> AttentionCompression:
+def _layout(factors: list[LayerFactors], ranks: list[tuple[int, int]], modes: list[str], method: ZeroCMethod,
+            fp: str) -> AttentionCompression:
     layers = tuple(f.layer_compression(rq, rv, m) for f, (rq, rv), m in zip(factors, ranks, modes))
-    return AttentionCompression(layers, fp, budget, name)
+    return AttentionCompression(layers, fp, method.budget, f"zeroc-{method.mode}", method.sinks, method.recent)
 
 
 def measure_sensitivity(model: Transformer, factors: list[LayerFactors], ref: Reference, method: ZeroCMethod,
@@ -301,7 +304,10 @@ def fingerprint(model_dir: Path, method: ZeroCMethod, calib_tokens: Tensor) -> s
     for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json", model_dir / "tokenizer.json"]:
         h.update(f.name.encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
-    h.update(json.dumps(asdict(method), sort_keys=True).encode())
+    params = asdict(method)
+    if not method.sinks and not method.recent:  # no tier: the same fingerprint as before the tier existed
+        del params["sinks"], params["recent"]
+    h.update(json.dumps(params, sort_keys=True).encode())
     h.update(calib_tokens.numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -333,8 +339,7 @@ def compress(loaded: LoadedModel, meas: Measurements, method: ZeroCMethod) -> tu
     ranks = allocate_ranks(costs, layers, d, method)
     modes = [mode_of.get((i, rq), "fold") for i, (rq, _) in enumerate(ranks)]  # rank d: every pair, the identity
     fp = fingerprint(loaded.path, method, meas.tokens)
-    compressed = build_compressed(loaded.model, meas.factors,
-                                  _layout(meas.factors, ranks, modes, method.budget, fp, f"zeroc-{method.mode}"))
+    compressed = build_compressed(loaded.model, meas.factors, _layout(meas.factors, ranks, modes, method, fp))
     kl, loss = divergence(compressed, meas.reference)
     report = CalibrationReport(
         ranks=ranks, modes=modes, kv_fraction=sum(rq + rv for rq, rv in ranks) / (2 * d * len(ranks)),

@@ -16,6 +16,8 @@ Per layer and KV head g (head dim d, query heads h in g's group):
   B A^T is the rank-r projection minimising sum_h E||W_o,h (v - B A^T v)||^2: with the output
   metric M = sum_h W_o,h^T W_o,h and value covariance C = E[v v^T], take the top-r eigenvectors
   U of M^1/2 C M^1/2; A^T = U^T M^1/2, B = M^-1/2 U ("whitened PCA"). At r = d, B A^T = I.
+- Token tier (zeroc/tier.py): the complement of each cut (dropped pairs' rows; V directions past
+  the rank, folded into W_v and W_o alike), so compressed + complement is the full-rank layer.
 """
 
 from __future__ import annotations
@@ -118,42 +120,58 @@ def qk_factors(q_cov: Tensor, k_cov: Tensor, eps: float = 1e-8) -> tuple[Tensor,
     return q_inv @ u * half, k_inv @ vh.T * half
 
 
-def _qk_weights(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
-    """Q/K entries of one compressed layer: the kept pairs' rows (fold) or the bases (rotate)."""
-    if comp.mode == "rotate":
-        r, dtype = comp.qk_rank, attn.q_proj.weight.dtype
-        return {"q_basis": factors.q_basis[:, :, :r].to(dtype), "k_basis": factors.k_basis[:, :, :r].to(dtype)}
+def _pair_rows(attn, cfg: ModelConfig, pairs: tuple[tuple[int, ...], ...], prefix: str) -> dict[str, Tensor]:
+    """Rows of W_q, W_k (and biases) for the RoPE pairs listed per KV head -> `{prefix}q_proj.*`, `{prefix}k_proj.*`."""
     d, group, half = cfg.head_dim, cfg.group_size, cfg.head_dim // 2
     q_rows, k_rows = [], []
-    for g, pairs in enumerate(comp.qk_pairs):
-        keep = torch.tensor(pairs)
+    for g, kept in enumerate(pairs):
+        keep = torch.tensor(kept, dtype=torch.long)
         dims = torch.cat([keep, keep + half])  # first halves, then second halves: rotate_half layout
         k_rows.append(g * d + dims)
         q_rows.extend((g * group + j) * d + dims for j in range(group))
     q_rows, k_rows = torch.cat(q_rows), torch.cat(k_rows)
-    out = {"q_proj.weight": attn.q_proj.weight[q_rows], "k_proj.weight": attn.k_proj.weight[k_rows]}
+    out = {f"{prefix}q_proj.weight": attn.q_proj.weight[q_rows], f"{prefix}k_proj.weight": attn.k_proj.weight[k_rows]}
     if attn.q_proj.bias is not None:
-        out["q_proj.bias"] = attn.q_proj.bias[q_rows]
-        out["k_proj.bias"] = attn.k_proj.bias[k_rows]
+        out[f"{prefix}q_proj.bias"] = attn.q_proj.bias[q_rows]
+        out[f"{prefix}k_proj.bias"] = attn.k_proj.bias[k_rows]
+    return out
+
+
+def _value_weights(attn, cfg: ModelConfig, factors: LayerFactors, dims: slice, prefix: str) -> dict[str, Tensor]:
+    """W_v folded onto the V basis directions `dims` (rows of A^T) and W_o onto the matching columns of B
+    -> `{prefix}v_proj.*`, `{prefix}o_proj.weight`."""
+    d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
+    dtype = attn.q_proj.weight.dtype
+    wv = attn.v_proj.weight.double().view(n_kv, d, -1)  # [kv, d, hidden]
+    wo = attn.o_proj.weight.double().view(-1, n_kv, group, d)  # [hidden, kv, group, d]
+    down = factors.v_down[:, dims].double()  # [kv, r, d]
+    up = factors.v_up[:, :, dims].double()  # [kv, d, r]
+    out = {f"{prefix}v_proj.weight": torch.einsum("grd,gdh->grh", down, wv).reshape(-1, wv.shape[-1]).to(dtype),
+           f"{prefix}o_proj.weight": torch.einsum("hgjd,gdr->hgjr", wo, up).reshape(wo.shape[0], -1).to(dtype)}
+    if attn.v_proj.bias is not None:
+        bv = attn.v_proj.bias.double().view(n_kv, d)
+        out[f"{prefix}v_proj.bias"] = torch.einsum("grd,gd->gr", down, bv).reshape(-1).to(dtype)
     return out
 
 
 def fold_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
     """Compressed weights of one attention block -> state-dict entries relative to `self_attn.`."""
-    d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
-    r_v = comp.v_rank
-    dtype = attn.q_proj.weight.dtype
-    out = _qk_weights(attn, cfg, factors, comp)
-    wv = attn.v_proj.weight.double().view(n_kv, d, -1)  # [kv, d, hidden]
-    wo = attn.o_proj.weight.double().view(-1, n_kv, group, d)  # [hidden, kv, group, d]
-    down = factors.v_down[:, :r_v].double()  # [kv, r, d]
-    up = factors.v_up[:, :, :r_v].double()  # [kv, d, r]
-    out["v_proj.weight"] = torch.einsum("grd,gdh->grh", down, wv).reshape(n_kv * r_v, -1).to(dtype)
-    out["o_proj.weight"] = torch.einsum("hgjd,gdr->hgjr", wo, up).reshape(wo.shape[0], -1).to(dtype)
-    if attn.q_proj.bias is not None:
-        bv = attn.v_proj.bias.double().view(n_kv, d)
-        out["v_proj.bias"] = torch.einsum("grd,gd->gr", down, bv).reshape(-1).to(dtype)
-        out["o_proj.bias"] = attn.o_proj.bias
+    if comp.mode == "rotate":
+        r, dtype = comp.qk_rank, attn.q_proj.weight.dtype
+        out = {"q_basis": factors.q_basis[:, :, :r].to(dtype), "k_basis": factors.k_basis[:, :, :r].to(dtype)}
+    else:
+        out = _pair_rows(attn, cfg, comp.qk_pairs, "")
+    out.update(_value_weights(attn, cfg, factors, slice(0, comp.v_rank), ""))  # o_proj.bias stays as it is
+    return out
+
+
+def tier_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
+    """What a token tier adds to one compressed block: the complement of each cut, so that the compressed
+    and `tier_*` weights together are the full-rank layer (state-dict entries relative to `self_attn.`).
+    Fold: the dropped pairs' rows of W_q, W_k; rotate: nothing (q_proj, k_proj are full width). V/O: the
+    V basis directions past v_rank, folded into W_v and W_o as the kept ones are."""
+    out = {} if comp.mode == "rotate" else _pair_rows(attn, cfg, comp.dropped_pairs(cfg.head_dim), "tier_")
+    out.update(_value_weights(attn, cfg, factors, slice(comp.v_rank, cfg.head_dim), "tier_"))
     return out
 
 
@@ -162,7 +180,10 @@ def build_compressed(model: Transformer, factors: list[LayerFactors], layout: At
     cfg = ModelConfig(**{**model.config.__dict__, "compression": layout})
     state = dict(model.state_dict())
     for i, (layer, f, comp) in enumerate(zip(model.model.layers, factors, layout.layers)):
-        for name, tensor in fold_layer(layer.self_attn, model.config, f, comp).items():
+        weights = fold_layer(layer.self_attn, model.config, f, comp)
+        if layout.has_tier:
+            weights.update(tier_layer(layer.self_attn, model.config, f, comp))
+        for name, tensor in weights.items():
             state[f"model.layers.{i}.self_attn.{name}"] = tensor
     param = next(model.parameters())
     with torch.device("meta"):

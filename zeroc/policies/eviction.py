@@ -90,11 +90,23 @@ class EvictionCache(LayerKVCache):
     def step(self, q: Tensor, k: Tensor, v: Tensor, scale: float, position: int) -> Tensor:
         # q: [B, heads, dq]; k: [B, kv, dq]; v: [B, kv, dv]
         s, batch, kv = self.state, q.shape[0], self.geom.kv_heads
-        s.seen, s.scale = position + 1, scale
+        s.scale = scale
         w = self.policy.query_window
         if w:
             s.queries = torch.cat([s.queries, q[:, :, None]], dim=2)[:, :, -w:]
             s.query_pos = torch.cat([s.query_pos, torch.tensor([position])])[-w:]
+        self.admit(k, v, position)
+        out, probs = attend_dense(q, s.live(s.k), s.live(s.v), scale)  # probs: [B, heads, n]
+        s.score[:, :, : s.n] += probs.view(batch, kv, self.geom.group, -1).sum(2).double()
+        return out
+
+    def admit(self, k: Tensor, v: Tensor, position: int) -> None:
+        """Store the new token, evicting first if the budget is full (no attention, no scores).
+
+        k: [B, kv, dq]; v: [B, kv, dv]. `step` calls it; so does the serving cache when it takes a
+        prompt's K/V from a prefill service under a rule that ranks by position only (StreamingLLM)."""
+        s, batch, kv = self.state, k.shape[0], self.geom.kv_heads
+        s.seen = position + 1
         keep = self.policy.keep(s.seen)
         if s.n + 1 <= keep:  # room: the new token takes a fresh slot
             slot = torch.full((batch, kv), s.n, dtype=torch.long)
@@ -103,9 +115,6 @@ class EvictionCache(LayerKVCache):
         else:  # full: budgets only grow by <= 1 token a step, so one victim makes room
             slot = self._victim(keep)  # [B, kv]
         self._write(slot, k, v, position)
-        out, probs = attend_dense(q, s.live(s.k), s.live(s.v), scale)  # probs: [B, heads, n]
-        s.score[:, :, : s.n] += probs.view(batch, kv, self.geom.group, -1).sum(2).double()
-        return out
 
     def _victim(self, keep: int) -> Tensor:
         """Slot of the lowest-priority live token per (sequence, KV head) -> [B, kv]."""

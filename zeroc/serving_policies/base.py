@@ -17,12 +17,16 @@ from torch import Tensor
 
 if TYPE_CHECKING:  # kv_cache imports this package lazily; only annotations need these names
     from zeroc.kv_cache import BlockAllocator, LayerShape, PagedBatch
+    from zeroc.model import Transformer
 
 
 class PolicyStore(abc.ABC):
     """One cache's KV in a policy's stored form, indexed by the cache's block ids.
 
     Who calls what (never concurrently: the decode service calls `load` under its engine loop's lock):
+    - `prepare(model)`: `PagedKVCache.__init__` when the cache is built for a model (the engine, the
+      prefill worker): fit what the store needs from the model (Palu's bases, SnapKV's head
+      counts); ValueError if the model does not suit.
     - `borrow_needed(cur, new)`: `PagedKVCache.blocks_needed`: blocks a sequence must borrow,
       beyond its token blocks, to grow from `cur` to `new` tokens (KIVI's full-precision tail).
     - `reserve(table, cur, new)`: `PagedKVCache.schedule`, after extending `table` to cover `new`
@@ -37,6 +41,9 @@ class PolicyStore(abc.ABC):
       sequence's blocks. Policies whose state cannot be rebuilt from K/V raise NotImplementedError.
     - `release(table)`: `PagedKVCache.free`, before the table's blocks return to the allocator.
     """
+
+    def prepare(self, model: Transformer) -> None:
+        """Nothing to fit by default."""
 
     def borrow_needed(self, cur: int, new: int) -> int:
         return 0

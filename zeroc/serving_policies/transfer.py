@@ -34,8 +34,8 @@ def check_transfer(cache: CacheConfig) -> None:
     """ValueError if the policy's KV cannot travel between a prefill and a decode service."""
     policy = make_serving_policy(cache)
     if policy is not None and not policy.transferable:
-        raise ValueError(f"--kv-policy {cache.kv_policy} keeps tokens chosen by attention scores, which a KV "
-                         "transfer does not carry: run it with `zeroc serve decode --colocated`")
+        raise ValueError(f"--kv-policy {cache.kv_policy} keeps tokens chosen by attention (scores, queries), "
+                         "which a KV transfer does not carry: run it with `zeroc serve decode --colocated`")
 
 
 def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0

@@ -112,6 +112,9 @@ def test_fingerprint_changes_with_model_method_and_text(random_gqa, random_gqa_d
     assert base != fingerprint(random_gqa.path, ZeroCMethod(budget=0.25, **SMALL), tokens)
     assert base != fingerprint(random_gqa.path, ZeroCMethod(mode="rotate", **SMALL), tokens)
     assert base != fingerprint(random_gqa.path, ZeroCMethod(**SMALL), tokens + 1)
+    tiers = {fingerprint(random_gqa.path, ZeroCMethod(sinks=s, recent=w, **SMALL), tokens)
+             for s, w in ((4, 0), (0, 64), (4, 64), (4, 128))}
+    assert len(tiers) == 4 and base not in tiers
     other = tmp_path / "other"
     model = random_gqa.model
     with torch.no_grad():
@@ -128,6 +131,8 @@ def test_fingerprint_changes_with_model_method_and_text(random_gqa, random_gqa_d
     ({"budget": 1.5}, r"budget must be in \(0, 1\]"),
     ({"rank_multiple": 7}, "rank_multiple"),
     ({"mode": "rotated"}, "mode must be one of fold, rotate, auto"),
+    ({"sinks": -1}, "sinks must be a non-negative integer"),
+    ({"recent": 2.5}, "recent must be a non-negative integer"),
 ])
 def test_invalid_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -160,3 +165,27 @@ def test_cli_calibrate_writes_a_loadable_model(tmp_path, random_gqa_dir):
     bad = subprocess.run([sys.executable, "-m", "zeroc.cli", "calibrate", "--model", random_gqa_dir,
                           "--budget", "2", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "budget must be in (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_calibrate_with_a_token_tier(tmp_path, random_gqa_dir):
+    out = tmp_path / "tier"
+    base = [sys.executable, "-m", "zeroc.cli", "calibrate", "--model", random_gqa_dir, "--budget", "0.375",
+            "--tokens", "512", "--sensitivity-tokens", "256", "--window", "256", "--mode", "rotate", "--json"]
+    r = subprocess.run(base + ["--out", str(out), "--sinks", "2", "--recent", "16"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    loaded = load_model(out)
+    assert (loaded.config.compression.sinks, loaded.config.compression.recent) == (2, 16)
+    assert loaded.model.model.layers[0].self_attn.tier_v_proj.weight.shape[0] == \
+        2 * (32 - loaded.config.v_dim(0))  # 2 KV heads, the V complement of head_dim 32
+    ppl = subprocess.run([sys.executable, "-m", "zeroc.cli", "eval", "ppl", "--model", str(out), "--ctx", "64",
+                          "--max-tokens", "128", "--json"], capture_output=True, text=True, timeout=300)
+    assert ppl.returncode == 0, ppl.stderr
+    # 18 of 64 tokens at full rank cost 18/64 of the bytes the compression saved
+    kv = json.loads(ppl.stdout)["kv_fraction"]
+    assert kv == pytest.approx(report["kv_fraction"] + 18 / 64 * (1 - report["kv_fraction"]))
+    bad = subprocess.run(base + ["--out", str(tmp_path / "x"), "--recent", "-3"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "recent must be a non-negative integer" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()

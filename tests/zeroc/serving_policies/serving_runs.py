@@ -1,15 +1,21 @@
 """Two ways to run one prompt under a KV policy: the streaming evaluator (the oracle) and the paged
-serving cache, each returning the logits of every position it computed and its greedy tokens."""
+serving cache, each returning the logits of every position it computed and its greedy tokens; and
+a prompt's KV from a prefill worker landed in a decode engine (disaggregated, in one process)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from zeroc.config import CacheConfig
+from prefill_service.worker import DONE, PrefillJob, PrefillWorker
+from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.engine import Engine
 from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc.kv_transfer import decode_chunk
 from zeroc.model import Transformer
 from zeroc.policies import KVPolicy
+from zeroc.serving_policies.transfer import receive_into
+from zeroc.v1 import prefill_pb2
 
 
 @torch.inference_mode()
@@ -49,4 +55,39 @@ def serve(model: Transformer, cache: PagedKVCache, ids: list[int], steps: int, c
 
 
 def policy_cache(loaded, **cfg) -> PagedKVCache:
-    return PagedKVCache(layer_shapes(loaded.config), CacheConfig(**cfg), torch.float32)
+    return PagedKVCache(layer_shapes(loaded.config), CacheConfig(**cfg), torch.float32, model=loaded.model)
+
+
+def prefill_chunks(loaded, cache: CacheConfig, ids: list[int]) -> list:
+    """The KV chunks a prefill worker running `cache`'s policy streams for `ids` (serialized and parsed back)."""
+    worker = PrefillWorker(loaded, cache, SchedulerConfig())
+    try:
+        job = PrefillJob("p", ids, 4096)
+        worker.submit(job)
+        chunks = []
+        while (item := job.out.get(timeout=120)) is not DONE:
+            assert not isinstance(item, Exception), item
+            chunks.append(prefill_pb2.PrefillResponse.FromString(item).chunk)  # chunks arrive serialized
+        return chunks
+    finally:
+        worker.stop()
+
+
+def land_prompt(loaded, engine: Engine, cfg: CacheConfig, ids: list[int]) -> None:
+    """Disaggregated in one process: a prefill worker under `cfg`'s policy computes the KV of all but the
+    last prompt token, which lands (encoded on arrival) in `engine`'s cache as request "r"."""
+    slots = engine.reserve("r", len(ids) - 1)
+    receiver, land = receive_into(engine.cache, "r", slots)
+    for chunk in prefill_chunks(loaded, cfg, ids[:-1]):
+        receiver.write(decode_chunk(chunk))
+    receiver.check_complete()
+    land()
+
+
+def decode_landed(engine: Engine, ids: list[int], params) -> list[int]:
+    """Generate for the prompt `land_prompt` landed -> its tokens (the engine drained)."""
+    engine.add_request(ids, params, "r", cached_tokens=len(ids) - 1)
+    out = []
+    while engine.has_unfinished():
+        out += [t for o in engine.step() for t in o.token_ids]
+    return out

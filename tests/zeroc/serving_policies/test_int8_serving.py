@@ -6,16 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving_runs import policy_cache, serve, stream
-from test_kivi_serving import BUNDLED, GREEDY, _prefill_chunks
+from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
+from test_kivi_serving import BUNDLED, GREEDY
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.kv_cache import LayerShape, PagedKVCache, block_bytes
-from zeroc.kv_transfer import decode_chunk
 from zeroc.loader import load_model
 from zeroc.policies import Int8
 from zeroc.serving_policies import Int8Serving
-from zeroc.serving_policies.transfer import receive_into
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +59,16 @@ def test_kv_from_an_int8_prefill_lands_encoded_and_decodes_like_colocated(zeroc_
     ids = heldout_ids[:45]
     direct = Engine(zeroc_half, cfg).generate([ids], GREEDY)[0]
     engine = Engine(zeroc_half, cfg)
-    slots = engine.reserve("r", len(ids) - 1)
-    receiver, land = receive_into(engine.cache, "r", slots)
-    for chunk in _prefill_chunks(zeroc_half, cfg, ids[:-1]):
-        receiver.write(decode_chunk(chunk))
-    receiver.check_complete()
-    land()
+    land_prompt(zeroc_half, engine, cfg, ids)
     assert engine.cache.num_blocks - engine.cache.num_free_blocks == 3  # 44 tokens, nothing borrowed
-    engine.add_request(ids, GREEDY, "r", cached_tokens=len(ids) - 1)
-    out = []
-    while engine.has_unfinished():
-        out += [t for o in engine.step() for t in o.token_ids]
-    assert out == direct.token_ids
+    assert decode_landed(engine, ids, GREEDY) == direct.token_ids
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
 def test_int8_takes_no_kivi_or_h2o_settings():
-    with pytest.raises(ValueError, match="h2o only"):
+    with pytest.raises(ValueError, match="does not apply to int8"):
         CacheConfig(kv_policy="int8", kv_budget=0.5)
+    with pytest.raises(ValueError, match="h2o only"):
+        CacheConfig(kv_policy="int8", kv_max_tokens=8)
     with pytest.raises(ValueError, match="kivi-4 and kivi-2 only"):
         CacheConfig(kv_policy="int8", kv_residual=16)

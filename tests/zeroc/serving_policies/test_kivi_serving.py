@@ -8,17 +8,15 @@ import grpc
 import pytest
 import torch
 
-from serving_runs import policy_cache, serve, stream
-from prefill_service.worker import DONE, PrefillJob, PrefillWorker
-from zeroc.config import CacheConfig, SchedulerConfig
+from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
+from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.kv_cache import LayerShape, PagedKVCache, block_bytes, layer_shapes
-from zeroc.kv_transfer import KvTransferError, decode_chunk
+from zeroc.kv_transfer import KvTransferError
 from zeroc.policies import KIVI
 from zeroc.sampling import SamplingParams
 from zeroc.serving_policies import KIVIServing
 from zeroc.serving_policies.transfer import receive_into
-from zeroc.v1 import prefill_pb2
 
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
@@ -118,37 +116,15 @@ def test_the_same_bytes_run_more_sequences_at_once_and_preemption_keeps_output(r
     assert tight.cache.num_free_blocks == tight.cache.num_blocks and not tight.cache.store.borrowed
 
 
-def _prefill_chunks(loaded, cache: CacheConfig, ids: list[int]) -> list:
-    worker = PrefillWorker(loaded, cache, SchedulerConfig())
-    try:
-        job = PrefillJob("p", ids, 4096)
-        worker.submit(job)
-        chunks = []
-        while (item := job.out.get(timeout=120)) is not DONE:
-            assert not isinstance(item, Exception), item
-            chunks.append(prefill_pb2.PrefillResponse.FromString(item).chunk)  # chunks arrive serialized
-        return chunks
-    finally:
-        worker.stop()
-
-
 def test_kv_from_a_kivi_prefill_lands_encoded_and_decodes_like_colocated(bundled, heldout_ids):
     cfg = CacheConfig(block_size=32, num_blocks=64, kv_policy="kivi-4")
     ids = heldout_ids[:75]
     direct = Engine(bundled, cfg).generate([ids], GREEDY)[0]
     engine = Engine(bundled, cfg)
-    slots = engine.reserve("r", len(ids) - 1)
-    receiver, land = receive_into(engine.cache, "r", slots)
-    for chunk in _prefill_chunks(bundled, cfg, ids[:-1]):
-        receiver.write(decode_chunk(chunk))
-    receiver.check_complete()
-    land()
+    land_prompt(bundled, engine, cfg, ids)
     # 74 tokens: 2 packed blocks, the third fills at full precision over 6 rows.
     assert engine.cache.num_blocks - engine.cache.num_free_blocks == 2 + 6
-    engine.add_request(ids, GREEDY, "r", cached_tokens=len(ids) - 1)
-    out = []
-    while engine.has_unfinished():
-        out += [t for o in engine.step() for t in o.token_ids]
+    out = decode_landed(engine, ids, GREEDY)
     assert out == direct.token_ids
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 

@@ -1,0 +1,154 @@
+"""StreamingLLM, SnapKV and Palu in the paged serving cache: each equal to its streaming evaluator,
+their blocks and bytes by hand, KV from a prefill worker where the policy allows it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
+from zeroc.config import CacheConfig
+from zeroc.engine import Engine
+from zeroc.kv_cache import LayerShape, PagedKVCache, block_bytes, layer_shapes
+from zeroc.policies import PaluLowRank, SnapKV, StreamingLLM
+from zeroc.sampling import SamplingParams
+from zeroc.serving_policies import PaluServing, SnapKVServing, StreamingLLMServing, make_serving_policy
+from zeroc.serving_policies.transfer import check_transfer
+
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+CASES = [  # (policy name, evaluator, budget, model, prompt tokens, prefill splits)
+    ("streamingllm", StreamingLLM, 0.5, "bundled", 40, [[15, 1, 24]]),
+    ("snapkv", SnapKV, 0.5, "bundled", 45, [[30, 15]]),  # the 32-query window wraps its ring
+    ("snapkv", SnapKV, 0.3, "random_gqa", 40, [[40]]),  # 4 query heads per KV head
+    ("palu", PaluLowRank, 0.5, "bundled", 40, [[40], [15, 1, 24]]),
+    ("palu", PaluLowRank, 0.25, "random_gqa", 40, [[17, 23]]),  # llama3 RoPE scaling
+]
+
+
+@pytest.mark.parametrize("name,rule,budget,model_name,prompt,chunks", CASES,
+                         ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CASES])
+def test_serving_equals_the_streaming_evaluator(request, heldout_ids, name, rule, budget, model_name, prompt,
+                                                chunks):
+    loaded = request.getfixturevalue(model_name)
+    ids, steps = heldout_ids[:prompt], 6
+    want_logits, want_tokens = stream(loaded.model, rule(budget=budget), ids, steps)
+    plain, _ = serve(loaded.model, policy_cache(loaded, block_size=16, num_blocks=16), ids, steps, [prompt])
+    gap = (want_logits - plain).abs().max()  # how far the policy moves the logits
+    cache = policy_cache(loaded, block_size=16, num_blocks=32, kv_policy=name, kv_budget=budget)
+    for split in chunks:  # one cache: a freed sequence leaves nothing behind for the next
+        logits, tokens = serve(loaded.model, cache, ids, steps, split)
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+        assert (logits - want_logits).abs().max() < gap / 100  # serving is the policy, not plain attention
+        assert tokens == want_tokens
+        cache.free("s")
+        assert cache.num_free_blocks == cache.num_blocks
+
+
+# The bundled model's cache geometry: 6 layers of 2 KV heads, K and V 64 wide (6 query heads).
+BUNDLED = [LayerShape(2, 64, 64)] * 6
+
+
+def test_block_bytes_by_hand():
+    f32 = torch.float32
+    plain = 16 * 6 * 2 * (64 + 64) * 4  # 16 tokens x layers x heads x (K + V) widths x fp32
+    assert block_bytes(BUNDLED, 16, f32) == plain
+    # Palu at 0.5: latents of rank 32 for K and for V; at 0.25: rank 16.
+    assert PaluServing(0.5).block_bytes(BUNDLED, 16, f32) == 16 * 6 * 2 * (32 + 32) * 4 == plain // 2
+    assert PaluServing(0.25).block_bytes(BUNDLED, 16, torch.bfloat16) == 16 * 6 * 2 * (16 + 16) * 2
+    # Eviction: K and V per slot plus an int32 position and a float64 score per (slot, head).
+    for policy in (StreamingLLMServing(0.5), SnapKVServing(0.5)):
+        assert policy.block_bytes(BUNDLED, 16, f32) == plain + 16 * 6 * 2 * (4 + 8)
+
+
+def kept_positions(cache, seq: str) -> list[list[int]]:
+    """[layer * kv head] -> sorted positions a sequence keeps (read from its blocks)."""
+    store, n = cache.store, cache.policy.slots_for(cache.seq_len(seq))
+    slots = store._slots(cache.block_table(seq), n)
+    return [sorted(pos.view(-1, pos.shape[-1])[slots, h].tolist()) for pos in store.pos for h in range(pos.shape[-1])]
+
+
+def test_streamingllm_keeps_sinks_and_the_latest_tokens(bundled, heldout_ids):
+    cache = policy_cache(bundled, block_size=4, num_blocks=16, kv_policy="streamingllm", kv_budget=0.5)
+    with torch.inference_mode():
+        for start, n in ((0, 15), (15, 5)):
+            batch = cache.schedule([("s", n)])
+            bundled.model.forward_paged(torch.tensor(heldout_ids[start:start + n]), batch.positions, batch, cache)
+    # t = 20 at b = 0.5: 10 tokens, the 4 sinks and the 6 latest, in ceil(10 / 4) = 3 blocks.
+    assert kept_positions(cache, "s") == [[0, 1, 2, 3, 14, 15, 16, 17, 18, 19]] * 12
+    assert cache.num_blocks - cache.num_free_blocks == 3
+
+
+def test_snapkv_borrows_a_query_ring_and_keeps_its_window(bundled, heldout_ids):
+    engine = Engine(bundled, CacheConfig(block_size=16, num_blocks=64, kv_policy="snapkv", kv_budget=0.8))
+    cache = engine.cache
+    # 60 tokens at b = 0.8: 48 kept = 3 blocks, plus the ring: 32 queries x 3 query heads per KV head
+    # = 96 rows of 16 = 6 blocks.
+    assert cache.blocks_needed("new", 60) == 3 + 6
+    engine.add_request(heldout_ids[:60], SamplingParams(max_new_tokens=3, ignore_eos=True), "r")
+    engine.step()  # prefill, and the first token
+    assert cache.num_blocks - cache.num_free_blocks == 9
+    kept = kept_positions(cache, "r")
+    for per_head in kept:
+        assert len(set(per_head)) == 48 and per_head[-32:] == list(range(28, 60))  # the window is protected
+    assert any(per_head != list(range(12, 60)) for per_head in kept)  # the other 16: votes, not recency
+    while engine.has_unfinished():
+        engine.step()
+    assert cache.num_free_blocks == cache.num_blocks and not cache.store.rings
+
+
+def test_palu_at_full_rank_is_plain_attention(random_gqa, heldout_ids):
+    ids = heldout_ids[:30]
+    plain, want = serve(random_gqa.model, policy_cache(random_gqa, block_size=16, num_blocks=8), ids, 4, [30])
+    cache = policy_cache(random_gqa, block_size=16, num_blocks=8, kv_policy="palu", kv_budget=1.0)
+    logits, tokens = serve(random_gqa.model, cache, ids, 4, [30])
+    torch.testing.assert_close(logits, plain, atol=1e-4, rtol=1e-4)  # rotate back, project, rebuild: exact
+    assert tokens == want
+
+
+@pytest.mark.parametrize("name,model_name", [("streamingllm", "bundled"), ("palu", "random_gqa")])
+def test_kv_from_a_prefill_worker_lands_and_decodes_like_colocated(request, heldout_ids, name, model_name):
+    loaded = request.getfixturevalue(model_name)
+    cfg = CacheConfig(block_size=16, num_blocks=32, kv_policy=name, kv_budget=0.5)
+    ids = heldout_ids[:36]
+    direct = Engine(loaded, cfg).generate([ids], GREEDY)[0]
+    engine = Engine(loaded, cfg)
+    land_prompt(loaded, engine, cfg, ids)
+    assert decode_landed(engine, ids, GREEDY) == direct.token_ids
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_snapkv_and_h2o_stay_colocated():
+    for name in ("snapkv", "h2o"):
+        policy = make_serving_policy(CacheConfig(kv_policy=name, kv_budget=0.5))
+        assert not policy.transferable
+        with pytest.raises(ValueError, match="--colocated"):
+            check_transfer(CacheConfig(kv_policy=name))
+        with pytest.raises(NotImplementedError):
+            policy.new_store(BUNDLED, 4, 16, torch.float32, torch.device("cpu"), None).load(
+                0, [0], torch.zeros(1, 2, 64), torch.zeros(1, 2, 64))
+    for name in ("streamingllm", "palu"):
+        check_transfer(CacheConfig(kv_policy=name))  # no error
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: StreamingLLMServing(budget=0.0), "budget must be in (0, 1]"),
+    (lambda: StreamingLLMServing(sinks=0), "at least 1 sink"),
+    (lambda: SnapKVServing(window=0), "window must be a positive int"),
+    (lambda: SnapKVServing(kernel=4), "positive odd int"),
+    (lambda: SnapKVServing(budget=1.5), "budget must be in (0, 1]"),
+    (lambda: PaluServing(budget=-0.1), "budget must be in (0, 1]"),
+    (lambda: CacheConfig(kv_policy="palu", kv_max_tokens=8), "h2o only, not palu"),
+    (lambda: CacheConfig(kv_policy="streamingllm", kv_residual=32), "kivi-4 and kivi-2 only"),
+])
+def test_bad_hyperparameters_are_value_errors(build, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        build()
+
+
+def test_palu_fits_its_bases_with_the_model_and_refuses_without(bundled):
+    cache = policy_cache(bundled, block_size=16, num_blocks=4, kv_policy="palu", kv_budget=0.5)
+    assert len(cache.store.bases) == 6 and cache.store.bases[0][0].shape == (2, 64, 32)  # [kv, dk, r]
+    unbound = PagedKVCache(layer_shapes(bundled.config), CacheConfig(block_size=16, num_blocks=4, kv_policy="palu"),
+                           torch.float32)
+    with pytest.raises(RuntimeError, match="model="):
+        serve(bundled.model, unbound, [5, 6], 1, [2])
