@@ -37,7 +37,8 @@ POLICIES = {"none": {"block_size": 32}, "kivi-4": {"block_size": 32, "kv_policy"
             "h2o@0.5": {"block_size": 32, "kv_policy": "h2o", "kv_budget": 0.5},
             "streamingllm@0.5": {"block_size": 32, "kv_policy": "streamingllm", "kv_budget": 0.5},
             "snapkv@0.5": {"block_size": 32, "kv_policy": "snapkv", "kv_budget": 0.5},
-            "palu@0.5": {"block_size": 32, "kv_policy": "palu", "kv_budget": 0.5}}
+            "palu@0.5": {"block_size": 32, "kv_policy": "palu", "kv_budget": 0.5},
+            "int8": {"block_size": 32, "kv_policy": "int8"}}
 
 
 def capacity(loaded, dtype: torch.dtype, context: int) -> list[dict]:

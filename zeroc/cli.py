@@ -16,10 +16,10 @@ from pathlib import Path
 from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, ZeroCConfig
 from zeroc.errors import ZeroCError
 
-# The --kv-policy names (zeroc.policies.POLICY_NAMES), listed here so --help does not import torch.
-POLICY_CHOICES = ("kivi-4", "kivi-2", "streamingllm", "h2o", "snapkv", "palu")
+# The --kv-policy names (zeroc.policies.POLICY_NAMES + STACKABLE_NAMES), listed here so --help does not import torch.
+POLICY_CHOICES = ("kivi-4", "kivi-2", "streamingllm", "h2o", "snapkv", "palu", "int8")
 # Serving's --kv-policy names (zeroc.serving_policies.SERVING_POLICY_NAMES), checked by CacheConfig.
-SERVING_POLICIES = "none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu"
+SERVING_POLICIES = "none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu | int8"
 KIVI_BLOCK = 32  # KIVI quantises keys one block of its group (32 tokens) at a time
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -487,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
     p.add_argument("--rank-multiple", type=int, default=None,
                    help="ZeroC ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
-    p.add_argument("--zeroc-modes", nargs="+", choices=["fold", "rotate", "auto"], default=["fold", "rotate", "auto"],
-                   help="ZeroC Q/K modes to tabulate (one row each)")
+    p.add_argument("--zeroc-modes", nargs="+", choices=["fold", "rotate", "auto"], default=["auto"],
+                   help="ZeroC Q/K modes to tabulate (rows zeroc[-MODE] and zeroc[-MODE]-int8; auto is plain zeroc)")
     p.add_argument("--out-dir", default="docs", help="where quality.md and quality.png go")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_quality)

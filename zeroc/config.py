@@ -344,7 +344,7 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int = 1024
     num_bytes: int = 0  # > 0: capacity in bytes instead; the blocks that fit depend on the policy
-    kv_policy: str = "none"  # none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu
+    kv_policy: str = "none"  # none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu | int8
     kv_budget: float = 1.0  # h2o, streamingllm, snapkv: tokens kept / tokens seen; palu: rank / head dim
     kv_max_tokens: int = 0  # h2o: at most this many tokens per sequence (0: no cap)
     kv_residual: int = 0  # kivi: full-precision tokens kept besides the filling block (a multiple of it)

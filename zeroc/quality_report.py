@@ -17,6 +17,11 @@ def _zeroc(rows: list[QualityRow]) -> list[str]:
     return [m for m in _methods(rows) if m.startswith(ZEROC)]
 
 
+def _full_pass(rows: list[QualityRow]) -> list[str]:
+    """Methods with a full-pass value at some budget (uncompressed, fp16 ZeroC)."""
+    return [m for m in _methods(rows) if any(r.full_ppl is not None for r in rows if r.method == m)]
+
+
 def _budgets(rows: list[QualityRow]) -> list[float]:
     return sorted({r.budget for r in rows}, reverse=True)
 
@@ -41,7 +46,7 @@ def _table(rows: list[QualityRow], attr: str, fmt: str, methods: list[str] | Non
 def text_table(rows: list[QualityRow]) -> str:
     return "\n".join(["streaming perplexity (full-pass in the second table):",
                       *_table(rows, "streaming_ppl", ".3f"), "", "full-pass perplexity:",
-                      *_table(rows, "full_ppl", ".3f", [UNCOMPRESSED, *_zeroc(rows)])])
+                      *_table(rows, "full_ppl", ".3f", _full_pass(rows))])
 
 
 def _ppl(rows: list[QualityRow], method: str, budget: float) -> float | None:
@@ -83,12 +88,15 @@ def markdown(rows: list[QualityRow], meta: dict[str, str], notes: str | None) ->
              f"`docs/{NOTES_FILE}`, included verbatim).", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
     lines += ["", "Budget b = KV bytes as a fraction of the uncompressed fp16 cache, at every position "
-              "(definitions in docs/policies.md). At b=1 every method is the identity (each policy is tested "
-              "to reproduce the uncompressed streaming perplexity there), so b=1 repeats the uncompressed value.",
+              "(definitions in docs/policies.md). At b=1 every method but the int8 rows is the identity (each policy "
+              "is tested to reproduce the uncompressed streaming perplexity there), so b=1 repeats the uncompressed "
+              "value. An int8 row quantises at every budget: its bytes follow from its bits (codes + one fp32 scale "
+              "per token and KV head) and ZeroC's ranks, chosen as the largest whose int8 cache fits b; the bytes "
+              "tables show what it really holds.",
               "", "## Streaming perplexity (token by token, lower is better)", "",
               *_table(rows, "streaming_ppl", ".3f"), "",
               "## Full-pass perplexity (methods with a full-pass form)", "",
-              *_table(rows, "full_ppl", ".3f", [UNCOMPRESSED, *_zeroc(rows)]), "",
+              *_table(rows, "full_ppl", ".3f", _full_pass(rows)), "",
               "## KV bytes actually held (fraction of fp16; mean over all scored positions)", "",
               *_table(rows, "kv_fraction", ".3f"), "",
               "Largest fraction at any position >= 128 (early positions are dominated by floors: sinks, "
@@ -110,18 +118,25 @@ def plot(rows: list[QualityRow], path: Path, title: str) -> None:
     matplotlib.use("Agg")  # no display; also keeps tests headless
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in _methods(rows):
-        pts = sorted((r.budget, r.streaming_ppl) for r in rows if r.method == m and r.streaming_ppl is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linewidth=2.5 if m.startswith(ZEROC) else 1.2, linestyle="--" if m == UNCOMPRESSED else "-", label=m)
-    ax.set_xlabel("KV budget (fraction of the fp16 cache)")
-    ax.set_ylabel("streaming perplexity")
-    ax.set_title(title)
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    base = _ppl(rows, UNCOMPRESSED, max(_budgets(rows)))
+    for ax, zoom in zip(axes, (False, True)):
+        for m in _methods(rows):
+            pts = sorted((r.budget, r.streaming_ppl) for r in rows if r.method == m and r.streaming_ppl is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linewidth=2.5 if m.startswith(ZEROC) else 1.2, linestyle="--" if m == UNCOMPRESSED else "-",
+                        label=m)
+        ax.set_xlabel("KV budget (fraction of the fp16 cache)")
+        ax.set_ylabel("streaming perplexity")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        if zoom and base is not None:  # the near-lossless methods differ by tenths of a percent
+            ax.set_ylim(base * 0.997, base * 1.01)
+            ax.set_title("zoom: up to +1% of uncompressed")
+        else:
+            ax.set_title(title)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

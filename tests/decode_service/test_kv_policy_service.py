@@ -77,3 +77,33 @@ def test_a_colocated_palu_service_equals_the_engine(bundled):
         assert_no_leak(proc.address)
     finally:
         proc.stop()
+
+
+def test_int8_on_a_zeroc_model_disaggregated_equals_the_colocated_engine(zeroc_half_dir):
+    """`zeroc serve --model <ZeroC dir> --kv-policy int8`: the decode side encodes the prefill's KV on arrival."""
+    from zeroc.loader import load_model
+
+    procs = []
+    try:
+        procs.append(ServiceProcess("prefill", ["--model", zeroc_half_dir, "--kv-policy", "int8"]))
+        procs.append(ServiceProcess("decode", ["--model", zeroc_half_dir, "--prefill", procs[0].address,
+                                               "--kv-policy", "int8", "--cache-bytes", "1M"],
+                                    env={"ZEROC_TRANSFER_CHUNK_BYTES": "4096"}))
+        for p in procs:
+            p.wait_serving()
+        loaded = load_model(zeroc_half_dir)
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        direct = Engine(loaded, CacheConfig(kv_policy="int8")).generate(PROMPTS, params)
+        with Client(procs[1].address) as client:
+            info = client.model_info()
+            # a block of 16 tokens: 6 layers x 16 x (2 heads x (32 + 32) int8 codes + 2 x 2 fp32 scales)
+            assert info.kv_blocks_total == (1 << 20) // (6 * 16 * 144)
+            for prompt, want in zip(PROMPTS, direct):
+                got = client.generate(prompt, max_tokens=12, ignore_eos=True)
+                assert got.token_ids == want.token_ids
+                n = len(want.prompt_token_ids)  # the wire carries the compressed rows at full precision (fp32)
+                assert got.usage.kv_bytes_received == (n - 1) * 6 * 2 * 2 * 32 * 4
+        assert_no_leak(procs[1].address)
+    finally:
+        for p in procs:
+            p.stop()

@@ -35,7 +35,8 @@ def test_misuse_is_a_one_line_error(capsys):
     cases = [(["--kv-policy", "h2o"], "needs --streaming"),
              (["--streaming", "--kv-budget", "0.5"], "needs a --kv-policy"),
              (["--streaming", "--kv-policy", "h2o", "--kv-budget", "1.5"], "budget must be in (0, 1]"),
-             (["--streaming", "--kv-policy", "kivi-4", "--kv-budget", "0.25"], "0.3125")]
+             (["--streaming", "--kv-policy", "kivi-4", "--kv-budget", "0.25"], "0.3125"),
+             (["--streaming", "--kv-policy", "int8", "--kv-budget", "0.5"], "int8 holds 0.5312")]
     for extra, message in cases:
         p = zeroc(capsys, *COMMON, *extra)
         assert p.returncode == 2 and p.stdout == ""

@@ -102,6 +102,13 @@ def full_bits(geom: LayerGeometry, tokens: int) -> float:
     return float(tokens * geom.kv_heads * (geom.k_dim + geom.v_dim) * REFERENCE_BITS)
 
 
+def reference_bits(model: Transformer, tokens: int) -> float:
+    """Bits of the uncompressed fp16 cache of every layer holding `tokens` tokens (one sequence), at the
+    source model's head_dim even when `model` is ZeroC-compressed: the denominator of every KV fraction."""
+    cfg = model.config
+    return float(tokens * cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * cfg.head_dim * REFERENCE_BITS)
+
+
 def attend_dense(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """GQA attention of one new query per sequence over its kept tokens (no mask: all are past).
 

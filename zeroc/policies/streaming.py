@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from zeroc.evaluate import PerplexityResult, windows_of
 from zeroc.model import Transformer
-from zeroc.policies.base import KVPolicy, full_bits, layer_geometry
+from zeroc.policies.base import KVPolicy, reference_bits
 
 SETTLED = 128  # kv_fraction_max ignores the first positions, where floors (sinks, 1 token) dominate
 
@@ -38,7 +38,7 @@ class PolicyPerplexity:
     ctx: int
     policy: str
     budget: float
-    kv_fraction_mean: float  # stored KV bits / uncompressed fp16 bits, mean over scored steps
+    kv_fraction_mean: float  # stored KV bits / the uncompressed model's fp16 bits, mean over scored steps
     kv_fraction_max: float | None  # the largest such fraction at positions >= SETTLED (None: no such position)
     mode: str = "streaming"
 
@@ -67,7 +67,7 @@ def perplexity_with_policy(model: Transformer, tokens: Tensor, ctx: int, policy:
     wins = windows_of(tokens, ctx)
     device = next(model.parameters()).device
     layers = range(model.config.num_hidden_layers)
-    full_per_token = sum(full_bits(layer_geometry(model, i), 1) for i in layers)
+    full_per_token = reference_bits(model, 1)  # of the source model's widths, also for a ZeroC model
     nll_sum, count, frac_sum, frac_max = 0.0, 0, 0.0, None
     bar = tqdm(total=sum(w.numel() - 1 for w in wins), desc=f"ppl (streaming, {policy.label} @ {policy.budget})",
                unit="tok", disable=not progress)

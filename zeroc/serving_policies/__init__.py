@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy
 from zeroc.serving_policies.h2o import H2OServing
+from zeroc.serving_policies.int8 import Int8Serving
 from zeroc.serving_policies.kivi import KIVIServing
 from zeroc.serving_policies.palu import PaluServing
 from zeroc.serving_policies.snapkv import SnapKVServing
@@ -19,7 +20,7 @@ from zeroc.serving_policies.streaming_llm import StreamingLLMServing
 if TYPE_CHECKING:
     from zeroc.config import CacheConfig
 
-SERVING_POLICY_NAMES = ("none", "kivi-4", "kivi-2", "h2o", "streamingllm", "snapkv", "palu")
+SERVING_POLICY_NAMES = ("none", "kivi-4", "kivi-2", "h2o", "streamingllm", "snapkv", "palu", "int8")
 BUDGETED = {"streamingllm": StreamingLLMServing, "snapkv": SnapKVServing, "palu": PaluServing}  # --kv-budget only
 
 
@@ -34,13 +35,15 @@ def make_serving_policy(cfg: CacheConfig) -> ServingKVPolicy | None:
         return None
     if name != "h2o" and cfg.kv_max_tokens:
         raise ValueError(f"--kv-max-tokens applies to h2o only, not {name}")
-    if name.startswith("kivi") and cfg.kv_budget != 1.0:
+    if (name.startswith("kivi") or name == "int8") and cfg.kv_budget != 1.0:
         raise ValueError(f"--kv-budget does not apply to {name} (it keeps every token; its size follows from "
                          "its bits)")
     if name.startswith("kivi"):
         policy: ServingKVPolicy = KIVIServing(bits=int(name[-1]), residual=cfg.kv_residual)
     elif cfg.kv_residual:
         raise ValueError(f"--kv-residual applies to kivi-4 and kivi-2 only, not {name}")
+    elif name == "int8":
+        policy = Int8Serving()
     elif name in BUDGETED:
         policy = BUDGETED[name](budget=cfg.kv_budget)
     else:
@@ -49,5 +52,5 @@ def make_serving_policy(cfg: CacheConfig) -> ServingKVPolicy | None:
     return policy
 
 
-__all__ = ["H2OServing", "KIVIServing", "PaluServing", "PolicyStore", "SERVING_POLICY_NAMES", "ServingKVPolicy",
-           "SnapKVServing", "StreamingLLMServing", "make_serving_policy"]
+__all__ = ["H2OServing", "Int8Serving", "KIVIServing", "PaluServing", "PolicyStore", "SERVING_POLICY_NAMES",
+           "ServingKVPolicy", "SnapKVServing", "StreamingLLMServing", "make_serving_policy"]
