@@ -417,10 +417,8 @@ def _kv_policy_args(p: argparse.ArgumentParser) -> None:
                         "depend on the policy (env ZEROC_CACHE_NUM_BYTES)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zeroc", description="ZeroC serving: compressed-KV LLM inference")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """Train: the bundled model from a corpus."""
     p = sub.add_parser("train", help="train the bundled model (tokenizer + Llama) on a text corpus")
     p.add_argument("--corpus", default="/usr/share/doc/python3.11/html/_sources")
     p.add_argument("--out", default="models/zeroc-tiny")
@@ -439,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
 
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    """Calibrate: ZeroC compression."""
     p = sub.add_parser("calibrate", help="compress a model's attention (ZeroC) and save it")
     _model_arg(p)
     p.add_argument("--calib", default=str(BUNDLED_CALIB), help="calibration text file")
@@ -460,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """Eval ppl | quality."""
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity on a text file")
     _model_arg(p)
@@ -493,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_quality)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """Bench forward | attention | transfer | serve | prefix."""
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="what", required=True)
     p = bench.add_parser("forward", help="prefill and decode tokens/s")
     _model_arg(p)
@@ -537,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_prefix)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    """Generate: one completion, local or remote."""
     p = sub.add_parser("generate", help="complete a prompt with a local model")
     _model_arg(p)
     p.add_argument("prompt")
@@ -553,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """Serve prefill | decode."""
     serve = sub.add_parser("serve", help="run a gRPC service").add_subparsers(dest="what", required=True)
     p = serve.add_parser("prefill", help="the prefill service (streams prompt KV to decode services)")
     _serve_args(p)
@@ -565,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colocated", action="store_true", help="prefill locally; no prefill service")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_stack(sub: argparse._SubParsersAction) -> None:
+    """Stack up: a local deployment."""
     stack = sub.add_parser("stack", help="a local deployment").add_subparsers(dest="what", required=True)
     p = stack.add_parser("up", help="one prefill and N decode services on localhost, until Ctrl-C")
     _model_arg(p)
@@ -572,6 +588,18 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_arg(p)
     p.add_argument("--prompt", default="The built-in function", help="prompt shown in the hint")
     p.set_defaults(func=cmd_stack_up)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zeroc", description="ZeroC serving: compressed-KV LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_calibrate(sub)
+    _add_eval(sub)
+    _add_bench(sub)
+    _add_generate(sub)
+    _add_serve(sub)
+    _add_stack(sub)
     return parser
 
 
