@@ -45,7 +45,7 @@ def test_capability_round_trips_through_protobuf():
         assert Capability.from_proto(cap.to_proto()) == cap
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts what the probe reports on a machine without CUDA")
 def test_probe_on_a_cpu_machine():
     auto = probe("cpu", "auto")
     assert not auto.cuda and auto.transports == (GRPC,) and "cpu" in auto.why_not

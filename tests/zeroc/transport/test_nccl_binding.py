@@ -17,14 +17,6 @@ from zeroc.transport.nccl import (ENV_LIBRARY, LIBRARY_NAME, REQUIRED_SYMBOLS, U
                                   NcclError, NcclNotFoundError, NcclVersion, library_candidates, load_nccl)
 
 
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        return load_nccl({})
-    except NcclNotFoundError as exc:
-        pytest.skip(f"libnccl is not installed here: {exc}")
-
-
 def test_version_codes_of_both_numbering_schemes():
     assert NcclVersion.from_code(23203) == NcclVersion(2, 32, 3)  # X*10000 + Y*100 + Z since 2.9
     assert NcclVersion.from_code(2708) == NcclVersion(2, 7, 8)  # X*1000 + Y*100 + Z before
