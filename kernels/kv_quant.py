@@ -18,24 +18,35 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
+def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x: [..., d] -> (codes [..., d] int8, scale [...] fp32); `dequantize_rows_ref` inverts up to scale / 2.
+    The numerics every int8 path shares: the kernels, the serving int8 store, the int8 evaluator."""
+    scale = x.float().abs().amax(-1) / 127.0
+    y = x.float() / torch.where(scale == 0, 1.0, scale)[..., None]
+    codes = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_rows_ref(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """codes: [..., d] int8; scale: [...] fp32 -> [..., d] in `dtype`."""
+    return (codes.float() * scale[..., None]).to(dtype)
+
+
 def quantize_into_slots_ref(
     x: Tensor,  # [N, kv_heads, d] new K or V rows
     slot_mapping: Tensor,  # [N] flat slot of each row
     q_pool: Tensor,  # [num_blocks, block_size, kv_heads, d] int8, written in place
     scale_pool: Tensor,  # [num_blocks, block_size, kv_heads] fp32, written in place
 ) -> None:
-    scale = x.float().abs().amax(-1) / 127.0  # [N, kv_heads]
-    y = x.float() / torch.where(scale == 0, 1.0, scale)[..., None]
-    q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-127, 127).to(torch.int8)
+    q, scale = quantize_rows_ref(x)  # [N, kv_heads, d], [N, kv_heads]
     q_pool.view(-1, *q_pool.shape[2:])[slot_mapping] = q
     scale_pool.view(-1, scale_pool.shape[-1])[slot_mapping] = scale
 
 
 def dequantize_slots_ref(q_pool: Tensor, scale_pool: Tensor, slot_mapping: Tensor, dtype: torch.dtype) -> Tensor:
     """Rows at `slot_mapping` ([N]) back to `dtype` -> [N, kv_heads, d]"""
-    q = q_pool.view(-1, *q_pool.shape[2:])[slot_mapping].float()
-    scale = scale_pool.view(-1, scale_pool.shape[-1])[slot_mapping]
-    return (q * scale[..., None]).to(dtype)
+    q = q_pool.view(-1, *q_pool.shape[2:])[slot_mapping]
+    return dequantize_rows_ref(q, scale_pool.view(-1, scale_pool.shape[-1])[slot_mapping], dtype)
 
 
 if triton is not None:

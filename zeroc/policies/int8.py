@@ -20,25 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels.kv_quant import dequantize_rows_ref as dequantize_rows
+from kernels.kv_quant import quantize_rows_ref as quantize_rows
 from zeroc.model import Transformer
 from zeroc.policies.base import (KVPolicy, LayerGeometry, LayerKVCache, attend_dense, check_budget, grow,
                                  layer_geometry, reference_bits)
 
 CODE_BITS = 8
 SCALE_BITS = 32  # one fp32 scale per (token, KV head) row, as kernels/kv_quant.py stores it
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x: [..., d] -> (codes [..., d] int8, scale [...] fp32); `dequantize_rows` inverts up to scale / 2."""
-    scale = x.float().abs().amax(-1) / 127.0
-    y = x.float() / torch.where(scale == 0, 1.0, scale)[..., None]
-    codes = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-127, 127).to(torch.int8)
-    return codes, scale
-
-
-def dequantize_rows(codes: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """codes: [..., d] int8; scale: [...] fp32 -> [..., d] in `dtype`."""
-    return (codes.float() * scale[..., None]).to(dtype)
 
 
 def fake_quantize_rows(x: Tensor) -> Tensor:
