@@ -93,10 +93,15 @@ def attach_store(cfg: ZeroCConfig, loaded: LoadedModel, fingerprint: str, host: 
     """Open the service's KV store (see kv_store.service) and let the FetchBlocks servicer serve its pool.
 
     None with a KV policy (`--kv-policy`): the pool holds plain cache blocks, and a policy's
-    blocks (packed codes, evicted tokens) are not those, so such services do not reuse prefixes."""
+    blocks (packed codes, evicted tokens) are not those, so such services do not reuse prefixes.
+    None for a model with a token tier too: a prefix's blocks lack the full-rank rows of its last
+    `recent` tokens, which the next token's attention needs (docs/compression.md, "Token tier")."""
     if cfg.cache.kv_policy != "none":
         log.info("kv store off: prefix reuse does not cover --kv-policy caches",
                  extra={"kv_policy": cfg.cache.kv_policy})
+        return None
+    if loaded.config.has_tier:
+        log.info("kv store off: prefix reuse does not cover a model's token tier")
         return None
     handle = open_store(cfg.redis, cfg.store, loaded, fingerprint, cfg.cache.block_size, host.address,
                         cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20,

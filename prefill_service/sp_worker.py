@@ -81,6 +81,9 @@ class SpPrefillWorker:
         cfg = loaded.config
         if not 2 <= world <= cfg.num_attention_heads:
             raise ValueError(f"--sp must be in [2, {cfg.num_attention_heads}] (the model's query heads), got {world}")
+        if cfg.has_tier:
+            raise ValueError("--sp splits plain causal attention over ranks; it does not run a model's token tier "
+                             "(calibrated with --sinks/--recent)")
         self.model, self.world = loaded.model, world
         self.max_tokens = cfg.max_position_embeddings - 1
         self.num_layers = cfg.num_hidden_layers

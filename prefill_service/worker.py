@@ -15,6 +15,8 @@ from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes
 from zeroc.kv_transfer import KvTransferError, encode_layer_wire
 from zeroc.loader import LoadedModel
+from zeroc.tier import tier_positions
+from zeroc.tier_store import TierServing
 from zeroc.transport.prefill_side import KvSink
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,17 @@ def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: i
         job.out.put(exc)
 
 
+def ship_tier_rows(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: int) -> None:
+    """Send a token tier's extra rows (always in band: they are the sinks and the last `recent` tokens,
+    a few rows, beside KV that may go out of band). k: [P, kv_heads, tier_k]; v: [P, kv_heads, tier_v]
+    of the contiguous tokens from `first_token` on."""
+    if job.cancelled.is_set():
+        return
+    job.kv_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+    for wire in encode_layer_wire(layer, k, v, first_token, job.chunk_bytes, tier=True):
+        job.out.put(wire)
+
+
 class _StreamingCache(PagedKVCache):
     """A paged cache that also hands every layer's freshly written K/V to `on_write`."""
 
@@ -81,6 +94,8 @@ class PrefillWorker:
         param = next(self.model.parameters())
         self.cache = _StreamingCache(shapes, cache, param.dtype, param.device, model=self.model)
         self.max_tokens = self.cache.token_capacity(cfg.max_position_embeddings) - 1
+        # A token tier (zeroc/tier_store.py): the model writes [compressed | tier] rows; both are shipped.
+        self.tier = self.cache.policy if isinstance(self.cache.policy, TierServing) else None
         self._pending: queue.Queue[PrefillJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
         self._thread.start()
@@ -151,6 +166,18 @@ class PrefillWorker:
             return 0
         return loaded.tokens
 
+    def _ship_tiered(self, job: PrefillJob, layer: int, k: Tensor, v: Tensor) -> None:
+        """A tiered model's rows of one job: the compressed part of every token, the tier part of the tokens
+        the decode side's tier keeps (the prompt's sinks and last `recent` tokens). k, v: [T, kv_heads, dim]
+        of the job's tokens from its cached prefix on."""
+        t, start = self.tier.layers[layer], job.cached_prefix_tokens
+        ship_layer(job, layer, k[:, :, : t.k_dim], v[:, :, : t.v_dim], start)
+        for r in tier_positions(self.tier.sinks, self.tier.recent, len(job.token_ids)):
+            lo = max(r.start, start)
+            if lo < r.stop:
+                rows = slice(lo - start, r.stop - start)
+                ship_tier_rows(job, layer, k[rows, :, t.k_dim:], v[rows, :, t.v_dim:], lo)
+
     def _forward(self, jobs: list[PrefillJob]) -> None:
         first = [self._load_prefix(j) for j in jobs]  # per job: the first position computed here
         batch: PagedBatch = self.cache.schedule([(j.request_id, len(j.token_ids) - f) for j, f in zip(jobs, first)])
@@ -160,7 +187,11 @@ class PrefillWorker:
             # k, v: [N, kv_heads, dim] for all jobs; each job gets its own rows from its cached prefix on.
             for i, job in enumerate(jobs):
                 lo = starts[i] + job.cached_prefix_tokens - first[i]
-                ship_layer(job, layer, k[lo:starts[i + 1]], v[lo:starts[i + 1]], job.cached_prefix_tokens)
+                k_job, v_job = k[lo:starts[i + 1]], v[lo:starts[i + 1]]
+                if self.tier is None:
+                    ship_layer(job, layer, k_job, v_job, job.cached_prefix_tokens)
+                else:
+                    self._ship_tiered(job, layer, k_job, v_job)
 
         tokens = torch.tensor([t for j, f in zip(jobs, first) for t in j.token_ids[f:]], device=batch.positions.device)
         self.cache.on_write = emit

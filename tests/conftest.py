@@ -73,18 +73,39 @@ def hf_model_of():
 
 
 @pytest.fixture(scope="session")
-def zeroc_half_dir(bundled, tmp_path_factory) -> str:
-    """The bundled model folded to rank 32 of 64 for Q/K and V in every layer: exactly half the KV bytes."""
+def bundled_factors(bundled):
+    """The bundled model's compression factors, fitted on 2048 tokens of the bundled calibration text."""
     from zeroc.compression.calibrate import collect_statistics, compute_factors
-    from zeroc.compression.fold import build_compressed
-    from zeroc.config import BUNDLED_CALIB, AttentionCompression
+    from zeroc.config import BUNDLED_CALIB
     from zeroc.evaluate import read_eval_tokens
 
     calib = read_eval_tokens(bundled.tokenizer, BUNDLED_CALIB, 2048)[:2048].view(4, 512)
-    factors = compute_factors(bundled.model, collect_statistics(bundled.model, calib, progress=False))
-    layout = AttentionCompression(tuple(f.layer_compression(32, 32) for f in factors), "test-uniform-32", 0.5)
-    out = save_model(build_compressed(bundled.model, factors, layout), bundled.tokenizer,
+    return compute_factors(bundled.model, collect_statistics(bundled.model, calib, progress=False))
+
+
+@pytest.fixture(scope="session")
+def zeroc_half_dir(bundled, bundled_factors, tmp_path_factory) -> str:
+    """The bundled model folded to rank 32 of 64 for Q/K and V in every layer: exactly half the KV bytes."""
+    from zeroc.compression.fold import build_compressed
+    from zeroc.config import AttentionCompression
+
+    layout = AttentionCompression(tuple(f.layer_compression(32, 32) for f in bundled_factors), "test-uniform-32", 0.5)
+    out = save_model(build_compressed(bundled.model, bundled_factors, layout), bundled.tokenizer,
                      tmp_path_factory.mktemp("zeroc-0.5") / "model")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def zeroc_tier_dir(bundled, bundled_factors, tmp_path_factory) -> str:
+    """The bundled model at Q/K rank 32 and V rank 16 of 64, fold and rotate layers alternating, with a token
+    tier of 2 sinks and a recent window of 8 tokens."""
+    from zeroc.compression.fold import build_compressed
+    from zeroc.config import AttentionCompression
+
+    layers = tuple(f.layer_compression(32, 16, ("fold", "rotate")[i % 2]) for i, f in enumerate(bundled_factors))
+    layout = AttentionCompression(layers, "test-tier-2-8", 0.375, "zeroc-auto", sinks=2, recent=8)
+    out = save_model(build_compressed(bundled.model, bundled_factors, layout), bundled.tokenizer,
+                     tmp_path_factory.mktemp("zeroc-tier") / "model")
     return str(out)
 
 

@@ -93,7 +93,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {out}: KV {report.kv_fraction:.3f} of uncompressed, ranks (qk, v) per layer {report.ranks}, "
               f"Q/K modes {report.modes}, calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}"
-              + (f"; full-rank tier: {method.sinks} sinks + {method.recent} recent tokens (evaluation only)"
+              + (f"; full-rank tier: {method.sinks} sinks + {method.recent} recent tokens"
                  if method.sinks or method.recent else ""))
     return 0
 
@@ -457,7 +457,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="token tier: first tokens kept at full rank for every query (default 0 = off)")
     p.add_argument("--recent", type=int, default=0,
                    help="token tier: each query's last tokens kept at full rank, compressed once they age out "
-                        "(default 0 = off; a tier is evaluation-only for now)")
+                        "(default 0 = off; served too, without prefix reuse: docs/compression.md)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 

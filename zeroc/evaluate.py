@@ -20,6 +20,7 @@ from zeroc.config import CacheConfig
 from zeroc.errors import ZeroCError
 from zeroc.kv_cache import PagedKVCache, layer_shapes
 from zeroc.model import Transformer
+from zeroc.tier_store import tier_policy
 from zeroc.tokenizer import Tokenizer
 
 
@@ -90,10 +91,12 @@ def perplexity_streaming(model: Transformer, tokens: Tensor, ctx: int, batch_siz
     cfg = model.config
     wins = windows_of(tokens, ctx)
     blocks_per_win = -(-ctx // block_size)
-    cache_cfg = CacheConfig(block_size=block_size, num_blocks=blocks_per_win * min(batch_size, len(wins)))
     shapes = layer_shapes(cfg)
+    if cfg.has_tier:  # a token tier's rows take borrowed blocks besides the window's own
+        blocks_per_win += tier_policy(cfg).tier_blocks(shapes, block_size, ctx)
+    cache_cfg = CacheConfig(block_size=block_size, num_blocks=blocks_per_win * min(batch_size, len(wins)))
     param = next(model.parameters())
-    cache = PagedKVCache(shapes, cache_cfg, param.dtype, param.device)
+    cache = PagedKVCache(shapes, cache_cfg, param.dtype, param.device, model=model)
     nll_sum, count = 0.0, 0
     bar = tqdm(total=sum(w.numel() - 1 for w in wins), desc="ppl (streaming)", unit="tok", disable=not progress)
     for first in range(0, len(wins), batch_size):

@@ -7,7 +7,8 @@ uses `layer` and `write` through the `PagedBatch` that `schedule` returns.
 
 With a KV policy (`CacheConfig.kv_policy`, zeroc/serving_policies) the block ids, tables and
 lengths stay here, while the policy's `PolicyStore` owns the pools in its stored form: the
-model then calls `write` and `store.attend` instead of reading `layer`.
+model then calls `write` and `store.attend` instead of reading `layer`. A model with a token
+tier brings its own store (zeroc/tier_store.py) the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig, ModelConfig
-from zeroc.tier import require_no_tier
 
 if TYPE_CHECKING:  # the model imports this module
     from zeroc.model import Transformer
@@ -89,9 +89,8 @@ def block_bytes(shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -
 
 
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
-    """Cache geometry of every layer of a model (compressed layers store fewer dims). A model with a
-    full-rank token tier raises ValueError: the paged cache has no tier rows yet."""
-    require_no_tier(cfg)
+    """Cache geometry of every layer of a model (compressed layers store fewer dims; a token tier's extra
+    rows are its store's, not the blocks')."""
     return [LayerShape(cfg.num_key_value_heads, cfg.qk_dim(i), cfg.v_dim(i)) for i in range(cfg.num_hidden_layers)]
 
 
@@ -113,8 +112,9 @@ class PagedKVCache:
     def __init__(self, shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype,
                  device: torch.device | str = "cpu", allocator: BlockAllocator | None = None,
                  model: Transformer | None = None):
-        """`model`: the weights a policy's store may fit itself to (Palu's bases); give it whenever
-        the cache serves a model (the engine, the prefill worker)."""
+        """`model`: the weights a policy's store may fit itself to (Palu's bases) and whose token tier,
+        if it keeps one, the cache must hold; give it whenever the cache serves a model (the engine,
+        the prefill worker)."""
         self.block_size = cfg.block_size
         self.device = torch.device(device)
         self.shapes, self.dtype, self.num_layers = shapes, dtype, len(shapes)
@@ -124,6 +124,14 @@ class PagedKVCache:
             from zeroc.serving_policies import make_serving_policy  # here: it imports the model, which imports us
 
             self.policy = make_serving_policy(cfg)
+        if model is not None and model.config.has_tier:
+            if self.policy is not None:
+                raise ValueError(f"--kv-policy {cfg.kv_policy} does not combine with a model that keeps a token "
+                                 "tier (it brings its own cache form); serve it with --kv-policy none")
+            from zeroc.tier_store import tier_policy  # here, as make_serving_policy
+
+            self.policy = tier_policy(model.config)
+        if self.policy is not None:
             self.policy.check(shapes, cfg.block_size)
         self.num_blocks = cfg.num_blocks
         if cfg.num_bytes:  # a byte budget: as many blocks as the policy's block size allows

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 KEY, VALUE = prefill_pb2.KV_TENSOR_KEY, prefill_pb2.KV_TENSOR_VALUE
+TIER_KEY, TIER_VALUE = prefill_pb2.KV_TENSOR_TIER_KEY, prefill_pb2.KV_TENSOR_TIER_VALUE
 _PREFILL = prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].methods_by_name["Prefill"]
 PREFILL_METHOD = f"/{_PREFILL.containing_service.full_name}/{_PREFILL.name}"
 
@@ -75,9 +76,10 @@ _DATA_KEY = b"\x32"  # KvChunk.data: field 6, length-delimited
 _DATA_FIELD = 6
 
 
-def _layer_parts(k: Tensor, v: Tensor, max_bytes: int) -> Iterator[tuple[int, int, Tensor]]:
-    """(KEY or VALUE, first row, rows) slices of a layer's keys then values, each <= max_bytes (>= 1 row)."""
-    for kind, t in ((KEY, k), (VALUE, v)):
+def _layer_parts(k: Tensor, v: Tensor, max_bytes: int, tier: bool = False) -> Iterator[tuple[int, int, Tensor]]:
+    """(KEY or VALUE, first row, rows) slices of a layer's keys then values, each <= max_bytes (>= 1 row);
+    TIER_KEY and TIER_VALUE for a token tier's rows."""
+    for kind, t in ((TIER_KEY, k), (TIER_VALUE, v)) if tier else ((KEY, k), (VALUE, v)):
         t = t.detach().contiguous().cpu()
         row_bytes = t[0].numel() * t.element_size() if len(t) else 1
         step = max(1, max_bytes // row_bytes)
@@ -110,12 +112,13 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def encode_layer_wire(layer: int, k: Tensor, v: Tensor, first_token: int, max_bytes: int) -> Iterator[bytes]:
+def encode_layer_wire(layer: int, k: Tensor, v: Tensor, first_token: int, max_bytes: int,
+                      tier: bool = False) -> Iterator[bytes]:
     """The chunks of `encode_layer`, each as a serialized PrefillResponse: the payload is copied twice
     (out of the tensor, into the message) where building protobuf messages copies it four times.
     Parsers see standard protobuf: the header fields, then `data` last (field order is free on the
-    wire). k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]."""
-    for kind, start, part in _layer_parts(k, v, max_bytes):
+    wire). k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] (`tier`: a token tier's extra rows)."""
+    for kind, start, part in _layer_parts(k, v, max_bytes, tier):
         data = part.view(torch.uint8).numpy().tobytes()
         header = _header(layer, kind, first_token + start, part, data).SerializeToString()
         data_len = _varint(len(data))
@@ -234,6 +237,7 @@ class KvPiece:
     is_key: bool
     first_token: int
     data: Tensor  # [tokens, kv_heads, width]
+    tier: bool = False  # a token tier's extra rows (TIER_KEY / TIER_VALUE), not the cache's
 
 
 # The payload view is only ever read (copied into the cache), so torch's note about a read-only
@@ -250,7 +254,7 @@ def decode_chunk(msg: prefill_pb2.KvChunk | WireChunk) -> KvPiece:
                               f"KV chunk of layer {head.layer} at token {head.first_token} failed its CRC32C check")
     dtype = DTYPES_BY_NAME.get(head.dtype)
     shape = tuple(head.shape)
-    if dtype is None or len(shape) != 3 or head.tensor not in (KEY, VALUE):
+    if dtype is None or len(shape) != 3 or head.tensor not in (KEY, VALUE, TIER_KEY, TIER_VALUE):
         raise KvTransferError(grpc.StatusCode.DATA_LOSS,
                               f"KV chunk has bad metadata (dtype={head.dtype!r}, shape={shape}, tensor={head.tensor})")
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -259,7 +263,16 @@ def decode_chunk(msg: prefill_pb2.KvChunk | WireChunk) -> KvPiece:
                               f"KV chunk carries {len(data)} bytes but shape {shape} of {head.dtype} needs "
                               f"{shape[0] * shape[1] * shape[2] * itemsize}")
     view = torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
-    return KvPiece(head.layer, head.tensor == KEY, head.first_token, view)
+    return KvPiece(head.layer, head.tensor in (KEY, TIER_KEY), head.first_token, view,
+                   head.tensor in (TIER_KEY, TIER_VALUE))
+
+
+def tier_chunk(msg: WireChunk) -> KvPiece:
+    """An in-band chunk on a stream whose KV goes out of band: only a token tier's rows may come so."""
+    piece = decode_chunk(msg)
+    if not piece.tier:
+        raise KvTransferError(grpc.StatusCode.DATA_LOSS, "in-band KV chunk on an out-of-band transfer")
+    return piece
 
 
 def _byte_rows(t: Tensor):
@@ -271,10 +284,11 @@ class KvReceiver:
     """Writes one request's incoming KV into its reserved cache slots (decode side).
 
     `start`: the prompt position of the first expected token (the KV of earlier tokens came from
-    the KV store); chunks carry prompt positions."""
+    the KV store); chunks carry prompt positions. `tier`: where a token tier's rows land, for a
+    model that keeps one (their chunks are refused otherwise)."""
 
-    def __init__(self, cache: PagedKVCache, slots: Tensor, start: int = 0):
-        self.cache = cache
+    def __init__(self, cache: PagedKVCache, slots: Tensor, start: int = 0, tier: TierRows | None = None):
+        self.cache, self.tier = cache, tier
         self.slots = slots  # [T] flat cache slot of each prompt token whose KV is expected
         self.start = start
         self.num_tokens = int(slots.shape[0])
@@ -284,6 +298,13 @@ class KvReceiver:
         self._slots_np = slots.numpy() if cache.device.type == "cpu" else None
 
     def write(self, piece: KvPiece) -> None:
+        if piece.tier:
+            if self.tier is None:
+                raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION, "KV chunk of a token tier; this model "
+                                      "keeps none (a different model?)")
+            self.tier.write(piece)
+            self.bytes_received += piece.data.numel() * piece.data.element_size()
+            return
         n = piece.data.shape[0]
         first = piece.first_token - self.start
         if not 0 <= piece.layer < self.cache.num_layers:
@@ -315,6 +336,46 @@ class KvReceiver:
             raise KvTransferError(grpc.StatusCode.DATA_LOSS,
                                   f"KV transfer ended incomplete (first gap: layer {missing[0]}, token "
                                   f"{self.start + missing[2]})")
+        if self.tier is not None:
+            self.tier.check_complete()
+
+
+class TierRows:
+    """A prompt's token-tier rows as they arrive (decode side; zeroc/tier_store.py): per layer the extra
+    key and value dims of the tokens at `positions`, zero elsewhere, for `TierStore.load`."""
+
+    def __init__(self, widths: list[tuple[int, int, int]], tokens: int, positions: list[range],
+                 dtype: torch.dtype):
+        # widths: per layer (kv_heads, tier_k, tier_v); k[layer]: [tokens, kv_heads, tier_k], v likewise
+        self.k = [torch.zeros(tokens, h, tk, dtype=dtype) for h, tk, _ in widths]
+        self.v = [torch.zeros(tokens, h, tv, dtype=dtype) for h, _, tv in widths]
+        self.expected = torch.zeros(tokens, dtype=torch.bool)
+        for r in positions:
+            self.expected[r.start:r.stop] = True
+        self._filled = torch.zeros(len(widths), 2, tokens, dtype=torch.bool)
+
+    def write(self, piece: KvPiece) -> None:
+        n, first = piece.data.shape[0], piece.first_token
+        if not 0 <= piece.layer < len(self.k):
+            raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"tier chunk for layer {piece.layer}; the model has "
+                                  f"{len(self.k)}")
+        if first < 0 or first + n > len(self.expected) or not bool(self.expected[first:first + n].all()):
+            raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"tier chunk covers tokens [{first}, {first + n}), "
+                                  "outside the prompt's sinks and recent window")
+        dest = (self.k if piece.is_key else self.v)[piece.layer]
+        if tuple(piece.data.shape[1:]) != tuple(dest.shape[1:]):
+            raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"tier chunk rows are {tuple(piece.data.shape[1:])}; this model's tier keeps "
+                                  f"{tuple(dest.shape[1:])} (a different model?)")
+        dest[first:first + n] = piece.data.to(dest.dtype)
+        self._filled[piece.layer, 0 if piece.is_key else 1, first:first + n] = True
+
+    def check_complete(self) -> None:
+        gaps = (~self._filled & self.expected).nonzero()
+        if len(gaps):
+            layer, _, token = gaps[0].tolist()
+            raise KvTransferError(grpc.StatusCode.DATA_LOSS,
+                                  f"KV transfer ended without the token tier's rows (first gap: layer {layer}, token {token})")
 
 
 # -- the seam ------------------------------------------------------------------------------------

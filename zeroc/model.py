@@ -10,7 +10,8 @@ Two ways through the same weights:
   writes K/V into their cache slots (kernels/qkv_epilogue.py).
 - `Transformer.forward_attend(tokens, positions, attend)` lets the caller own attention and the
   cache (the KV-cache policies of `zeroc.policies`).
-A compressed model with a full-rank token tier (zeroc/tier.py) runs only the dense causal forward.
+A compressed model with a full-rank token tier (zeroc/tier.py) runs the dense causal forward and
+the paged one (its cache holds the tier: zeroc/tier_store.py), not the KV-cache policies.
 Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without renaming.
 """
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from kernels.attention import paged_attention, use_triton
 from zeroc.config import ModelConfig, RopeConfig
 from zeroc.kv_cache import PagedKVCache, PagedBatch
-from zeroc.tier import require_no_tier, tiered_attention
+from zeroc.tier import tiered_attention
 
 # attend(layer, q, k, v, scale) -> out; q: [..., heads, dq], k: [..., kv_heads, dq], v: [..., kv_heads, dv]
 AttendFn = Callable[[int, Tensor, Tensor, Tensor, float], Tensor]
@@ -155,29 +156,34 @@ class Attention(nn.Module):
             return self.o_proj(attend.attend_raw(layer, self, q, k, v, positions).reshape(*lead, -1))
         q, k = rope_qk(q, k, self.inv_freq, positions)  # [*P, heads, qk_dim or d], [*P, kv_heads, qk_dim or d]
         if self.tier is not None:
-            return self._tiered(x, positions, q, k, v, attend)
+            return self._tiered(layer, x, positions, q, k, v, attend)
         if self.rotate:
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
         out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
         return self.o_proj(out.reshape(*lead, -1))
 
-    def _tiered(self, x: Tensor, positions: Tensor, q: Tensor, k: Tensor, v: Tensor, attend: AttendFn) -> Tensor:
-        """Dense attention with the token tier (zeroc/tier.py). x: [B, T, hidden]; positions: [B, T];
-        q: [B, T, heads, *] and k: [B, T, kv_heads, *] after RoPE; v: [B, T, kv_heads, v_dim]."""
-        if attend is not causal_attend:
-            raise ValueError("this model keeps a full-rank token tier, which is evaluation-only for now: it runs "
-                             "only the dense causal forward (full-pass `zeroc eval ppl`), not KV-cache policies")
+    def _tiered(self, layer: int, x: Tensor, positions: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                attend: AttendFn) -> Tensor:
+        """Attention with the token tier (zeroc/tier.py): dense causal, or through a tier cache's store.
+        x: [*P, hidden]; positions: [*P]; q: [*P, heads, *] and k: [*P, kv_heads, *] after RoPE;
+        v: [*P, kv_heads, v_dim]."""
+        if attend is not causal_attend and not isinstance(attend, PagedAttend):
+            raise ValueError("this model keeps a full-rank token tier: it runs the dense forward and the paged "
+                             "cache (generate, serve, streaming eval), not KV-cache policies")
         lead = x.shape[:-1]
         if self.rotate:  # full-rank q, k: post-RoPE, before the bases
-            q_full, k_full = q, k
+            q_tier, k_tier = q_full, k_full = q, k
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
         else:  # full-rank q, k: the kept pairs, then the dropped ones (q·k sums over pairs in any order)
-            q_rest = self.tier_q_proj(x).view(*lead, self.n_heads, -1)
-            k_rest = self.tier_k_proj(x).view(*lead, self.n_kv, -1)
-            q_rest, k_rest = rope_qk(q_rest, k_rest, self.tier_inv_freq, positions)
-            q_full, k_full = torch.cat([q, q_rest], -1), torch.cat([k, k_rest], -1)  # [B, T, *, d]
-        v_full = torch.cat([v, self.tier_v_proj(x).view(*lead, self.n_kv, -1)], -1)  # [B, T, kv_heads, d]
-        out = tiered_attention(q, k, v, q_full, k_full, v_full, *self.tier, self.scale)  # [B, T, heads, d]
+            q_tier = self.tier_q_proj(x).view(*lead, self.n_heads, -1)
+            k_tier = self.tier_k_proj(x).view(*lead, self.n_kv, -1)
+            q_tier, k_tier = rope_qk(q_tier, k_tier, self.tier_inv_freq, positions)
+            q_full, k_full = torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1)  # [*P, *, d]
+        v_full = torch.cat([v, self.tier_v_proj(x).view(*lead, self.n_kv, -1)], -1)  # [*P, kv_heads, d]
+        if attend is causal_attend:
+            out = tiered_attention(q, k, v, q_full, k_full, v_full, *self.tier, self.scale)  # [B, T, heads, d]
+        else:  # the tier store reads the compressed dims first, the tier's after them (TierLayer)
+            out = attend(layer, torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1), v_full, self.scale)
         out_kept, out_rest = out.split([self.v_dim, out.shape[-1] - self.v_dim], -1)
         return self.o_proj(out_kept.reshape(*lead, -1)) + self.tier_o_proj(out_rest.reshape(*lead, -1))
 
@@ -190,6 +196,24 @@ def rotate_qk(q: Tensor, k: Tensor, q_basis: Tensor, k_basis: Tensor) -> tuple[T
     kv = k_basis.shape[0]
     q = torch.einsum("...gjd,gdr->...gjr", q.unflatten(-2, (kv, -1)), q_basis).flatten(-3, -2)
     return q, torch.einsum("...gd,gdr->...gr", k, k_basis)
+
+
+class PagedAttend:
+    """Attention through a paged cache (an AttendFn): write the step's K/V into their slots, or hand them to
+    the cache's store (a KV policy's form, a token tier), then attend over each sequence's context."""
+
+    def __init__(self, cache: PagedKVCache, batch: PagedBatch):
+        self.cache, self.batch = cache, batch
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+        # q: [N, heads, dq]; k: [N, kv_heads, dq]; v: [N, kv_heads, dv] -> [N, heads, dv]
+        cache, batch = self.cache, self.batch
+        cache.write(layer, batch.slot_mapping, k, v)
+        if cache.store is not None:
+            return cache.store.attend(layer, q, batch, scale)
+        k_cache, v_cache = cache.layer(layer)
+        return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                               scale=scale)
 
 
 class FusedPagedAttend:
@@ -300,7 +324,12 @@ class Transformer(nn.Module):
 
         fused: run the QKV epilogue kernels (`FusedPagedAttend`); None = on CUDA with triton, for plain
         caches (a KV policy's store encodes K/V itself). Tests force it on the CPU under TRITON_INTERPRET."""
-        require_no_tier(self.config)
+        if self.config.has_tier:
+            from zeroc.tier_store import TierStore  # here: it imports the serving policies, which import us
+
+            if not isinstance(cache.store, TierStore):
+                raise ValueError("this model keeps a token tier, whose rows live in its cache's store: build the "
+                                 "PagedKVCache with model=")
         if fused is None:
             fused = cache.store is None and use_triton(tokens)
         if fused:
@@ -309,15 +338,5 @@ class Transformer(nn.Module):
             hidden = self._run(tokens, positions, FusedPagedAttend(cache, batch))
             return self.lm_head(hidden if logits_indices is None else hidden[logits_indices])
 
-        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-            if cache.store is not None:  # a KV policy stores and reads its own form (zeroc/serving_policies)
-                cache.write(layer, batch.slot_mapping, k, v)
-                return cache.store.attend(layer, q, batch, scale)
-            k_cache, v_cache = cache.layer(layer)
-            cache.write(layer, batch.slot_mapping, k, v)
-            return paged_attention(
-                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale=scale,
-            )
-
-        hidden = self._run(tokens, positions, attend)
+        hidden = self._run(tokens, positions, PagedAttend(cache, batch))
         return self.lm_head(hidden if logits_indices is None else hidden[logits_indices])

@@ -10,10 +10,14 @@ Each segment is a softmax on its own (an output and a log-sum-exp per query head
 Full-rank q, k, v are the compressed ones with their complement appended (`Attention` in
 zeroc/model.py builds them), so the compressed segment's outputs are the full-rank ones with
 zeros in the complement dims, and one output projection [W_o B_r | W_o B_c] serves both.
-Only the dense forward runs a tier; the paged runtime refuses it (`require_no_tier`).
+The paged runtime runs the same two segments through `zeroc.tier_store.TierStore`: the compressed
+rows of every token in the cache's blocks, the tier's extra rows of each sequence's sinks and last
+W tokens in blocks it borrows. KV-cache policies (`--kv-policy`) do not combine with a tier.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +27,40 @@ from kernels.paged_decode import merge_partials_ref
 from zeroc.config import ModelConfig
 
 
-def require_no_tier(cfg: ModelConfig) -> None:
-    """Raise ValueError if `cfg` keeps a full-rank token tier: only the dense forward runs it so far."""
-    if cfg.has_tier:
-        comp = cfg.compression
-        raise ValueError(f"this model keeps a full-rank token tier (sinks {comp.sinks}, recent {comp.recent}), which "
-                         "is evaluation-only for now: the paged cache and serving do not run it (use the full-pass "
-                         "`zeroc eval ppl`, or calibrate without --sinks/--recent to serve)")
+@dataclass(frozen=True)
+class TierLayer:
+    """What a tiered layer keeps per token and KV head besides its compressed K/V rows."""
+
+    k_dim: int  # compressed key width (in the cache's blocks)
+    v_dim: int  # compressed value width
+    tier_k: int  # extra key dims of a tier token: fold, the dropped RoPE pairs; rotate, the whole post-RoPE key
+    tier_v: int  # extra value dims: the complement of the V/O basis
+    additive: bool  # fold: full-rank q.k = compressed dims + tier dims; rotate: tier dims alone
+
+    @property
+    def tier_q(self) -> int:
+        """Extra query dims the model appends for the full-rank segment (as many as tier_k)."""
+        return self.tier_k
+
+
+def tier_layers(cfg: ModelConfig) -> list[TierLayer]:
+    """Every layer's tier widths (a model with a tier)."""
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        rotate = cfg.qk_mode(i) == "rotate"
+        out.append(TierLayer(cfg.qk_dim(i), cfg.v_dim(i), cfg.head_dim if rotate else cfg.tier_qk_dim(i),
+                             cfg.tier_v_dim(i), not rotate))
+    return out
+
+
+def tier_positions(sinks: int, recent: int, length: int) -> list[range]:
+    """Positions whose full-rank rows a sequence of `length` tokens keeps for its next query: the sinks
+    and its last `recent` tokens after them, as at most two ascending, disjoint ranges."""
+    head = range(min(sinks, length))
+    tail = range(max(sinks, length - recent) if recent else length, length)
+    if tail and head and tail.start <= head.stop:
+        return [range(0, length)]
+    return [r for r in (head, tail) if r]
 
 
 def tier_masks(length: int, sinks: int, recent: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -78,10 +109,12 @@ def tiered_attention(q: Tensor, k: Tensor, v: Tensor, q_full: Tensor, k_full: Te
 
 def tier_kv_fraction(cfg: ModelConfig, context: int) -> float:
     """KV bytes at `context` tokens as a fraction of the uncompressed cache, the tier's rows included: its
-    min(S + W, T) tokens cost the full-minus-compressed difference on top of the compressed cache."""
+    min(S + W, T) tokens cost their extra rows (`TierLayer`) on top of the compressed cache."""
     d, layers = cfg.head_dim, range(cfg.num_hidden_layers)
-    compressed = sum(cfg.qk_dim(i) + cfg.v_dim(i) for i in layers) / (2 * d * len(layers))
+    full = 2 * d * len(layers)
+    compressed = sum(cfg.qk_dim(i) + cfg.v_dim(i) for i in layers) / full
     if not cfg.has_tier:
         return compressed
     tier_tokens = min(cfg.compression.sinks + cfg.compression.recent, context)
-    return compressed + tier_tokens / context * (1.0 - compressed)
+    extra = sum(t.tier_k + t.tier_v for t in tier_layers(cfg)) / full  # fold: 1 - compressed; rotate: more
+    return compressed + tier_tokens / context * extra

@@ -44,3 +44,44 @@ def test_compressed_disaggregated_equals_direct_and_ships_half_the_bytes(compres
             assert got.token_ids == want.token_ids
             n = len(want.prompt_token_ids)
             assert got.usage.kv_bytes_received * 2 == (n - 1) * full_per_token
+
+
+@pytest.fixture(scope="module")
+def tier_stack(zeroc_tier_dir):
+    """Prefill + decode services of a compressed model that keeps a token tier (2 sinks, 8 recent)."""
+    from zeroc.stack import ServiceProcess
+
+    procs = []
+    try:
+        procs.append(ServiceProcess("prefill", ["--model", zeroc_tier_dir]))
+        procs.append(ServiceProcess("decode", ["--model", zeroc_tier_dir, "--prefill", procs[0].address],
+                                    env={"ZEROC_TRANSFER_CHUNK_BYTES": "4096"}))
+        for p in procs:
+            p.wait_serving()
+        yield zeroc_tier_dir, procs[1].address
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_a_token_tier_served_disaggregated_equals_direct_and_ships_its_tier_rows(tier_stack):
+    """The prompt's compressed rows for every token plus the tier's extra rows for its sinks and last 8
+    tokens travel; the decode service continues exactly as a local engine does."""
+    model_dir, decode = tier_stack
+    loaded = load_model(model_dir)
+    from zeroc.tier_store import tier_policy
+
+    policy, heads = tier_policy(loaded.config), loaded.config.num_key_value_heads
+    prompts = PROMPTS + ["def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints the sum of two numbers"]
+    direct = Engine(loaded, CacheConfig()).generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert max(len(r.prompt_token_ids) for r in direct) > 2 * (policy.sinks + policy.recent)  # the ring wraps
+    with Client(decode) as client:
+        for prompt, want in zip(prompts, direct):
+            got = client.generate(prompt, max_tokens=12, ignore_eos=True)
+            assert got.token_ids == want.token_ids
+            n = len(want.prompt_token_ids) - 1  # the decode service runs the last prompt token itself
+            tier_tokens = min(n, policy.sinks + policy.recent)
+            want_bytes = 4 * heads * sum(n * (t.k_dim + t.v_dim) + tier_tokens * (t.tier_k + t.tier_v)
+                                         for t in policy.layers)
+            assert got.usage.kv_bytes_received == want_bytes
+        assert client.model_info().fingerprint  # still serving

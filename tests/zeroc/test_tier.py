@@ -138,7 +138,7 @@ def test_no_tier_is_the_plain_compressed_model(bundled, factors_of):
 
 
 @torch.inference_mode()
-def test_tiered_checkpoint_round_trips_and_the_paged_runtime_refuses_it(random_gqa, factors_of, tmp_path):
+def test_tiered_checkpoint_round_trips_and_runs_only_with_its_tier(random_gqa, factors_of, tmp_path):
     model, factors = random_gqa.model, factors_of(random_gqa)
     tiered = build_compressed(model, factors, _layout(factors, model.config, "fold", sinks=2, recent=8))
     out = save_model(tiered, random_gqa.tokenizer, tmp_path / "tiered")
@@ -146,18 +146,28 @@ def test_tiered_checkpoint_round_trips_and_the_paged_runtime_refuses_it(random_g
     assert (loaded.config.compression.sinks, loaded.config.compression.recent) == (2, 8)
     tokens = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(7))
     assert torch.equal(loaded.model(tokens), tiered(tokens))
-    with pytest.raises(ValueError, match="evaluation-only"):
-        layer_shapes(loaded.config)
-    cache = PagedKVCache(layer_shapes(model.config), CacheConfig(block_size=16, num_blocks=4), torch.float32)
+    # A cache built without the model has no room for the tier's rows (zeroc/tier_store.py).
+    cache = PagedKVCache(layer_shapes(loaded.config), CacheConfig(block_size=16, num_blocks=4), torch.float32)
     batch = cache.schedule([("s", 3)])
-    with pytest.raises(ValueError, match="evaluation-only"):
+    with pytest.raises(ValueError, match="build the PagedKVCache with model="):
         loaded.model.forward_paged(tokens[0, :3], batch.positions, batch, cache)
     positions = torch.arange(40)[None]
-    with pytest.raises(ValueError, match="evaluation-only"):  # any attention but the dense causal one
+    with pytest.raises(ValueError, match="not KV-cache policies"):  # a caller's own attention cannot hold the tier
         loaded.model.forward_attend(tokens, positions, lambda *args: causal_attend(*args))
+    with pytest.raises(ValueError, match="does not combine with a model that keeps a token tier"):
+        PagedKVCache(layer_shapes(loaded.config), CacheConfig(block_size=32, num_blocks=4, kv_policy="kivi-4"),
+                     torch.float32, model=loaded.model)
     ppl = subprocess.run([sys.executable, "-m", "zeroc.cli", "eval", "ppl", "--model", str(out), "--ctx", "32",
-                          "--max-tokens", "64", "--streaming"], capture_output=True, text=True, timeout=300)
-    assert ppl.returncode == 2 and "evaluation-only" in ppl.stderr and "Traceback" not in ppl.stderr
+                          "--max-tokens", "64", "--streaming", "--kv-policy", "h2o", "--kv-budget", "0.5"],
+                         capture_output=True, text=True, timeout=300)
+    assert ppl.returncode == 2 and "token tier" in ppl.stderr and "Traceback" not in ppl.stderr
+
+
+def test_kv_fraction_counts_the_tier_rows_rotate_keys_at_full_width(random_gqa, factors_of):
+    cfg = build_compressed(random_gqa.model, factors_of(random_gqa),
+                           _layout(factors_of(random_gqa), random_gqa.config, "rotate", sinks=4, recent=60)).config
+    # Q/K at d/2 and V at d/4: 0.375 of the bytes; a rotate tier token adds its whole key (d) and 3/4 of V.
+    assert tier_kv_fraction(cfg, 1024) == pytest.approx(0.375 + 64 / 1024 * (1 + 0.75) / 2)
 
 
 def test_kv_fraction_counts_the_tier_rows(random_gqa, factors_of):

@@ -14,11 +14,12 @@ import hashlib
 from typing import Callable
 
 import grpc
+import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig
 from zeroc.kv_cache import PagedKVCache
-from zeroc.kv_transfer import KvReceiver, KvTransferError
+from zeroc.kv_transfer import KvReceiver, KvTransferError, TierRows
 from zeroc.serving_policies import make_serving_policy
 
 
@@ -43,7 +44,8 @@ def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0
     """The receiver a transport fills with the KV of `seq_id`'s reserved `slots` ([T]) from prompt
     position `start` on, and the call that finishes the job once the transfer is complete (a no-op
     for the plain cache). Call it where nothing else touches the cache (the decode service: under
-    its engine loop's lock). A policy cache takes whole prompts (start 0): it reuses no prefixes."""
+    its engine loop's lock). A policy cache takes whole prompts (start 0): it reuses no prefixes.
+    A token tier's cache (zeroc/tier_store.py) also takes the tier rows, and lands them with the rest."""
     if cache.store is None:
         return KvReceiver(cache, slots, start), lambda: None
     if start:
@@ -53,6 +55,7 @@ def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0
                                                      num_blocks=-(-n // cache.block_size)),
                            cache.dtype, cache.device)
     landing_slots = landing.schedule([(seq_id, n)]).slot_mapping
+    tier = _tier_rows(cache, n)
 
     def land() -> None:
         if cache.seq_len(seq_id) != n:  # released meanwhile (cancelled): its blocks may be someone else's
@@ -61,6 +64,20 @@ def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0
             k_pool, v_pool = landing.layer(layer)
             k = k_pool.view(-1, *k_pool.shape[2:])[landing_slots]  # [T, kv_heads, k_dim]
             v = v_pool.view(-1, *v_pool.shape[2:])[landing_slots]  # [T, kv_heads, v_dim]
+            if tier is not None:  # the tier store takes its rows appended (TierStore.load)
+                k, v = torch.cat([k, tier.k[layer].to(k)], -1), torch.cat([v, tier.v[layer].to(v)], -1)
             cache.load(seq_id, layer, k, v)
 
-    return KvReceiver(landing, landing_slots), land
+    return KvReceiver(landing, landing_slots, tier=tier), land
+
+
+def _tier_rows(cache: PagedKVCache, tokens: int) -> TierRows | None:
+    """Where a prompt's token-tier rows land, if the cache keeps a tier."""
+    from zeroc.tier import tier_positions
+    from zeroc.tier_store import TierServing
+
+    policy = cache.policy
+    if not isinstance(policy, TierServing):
+        return None
+    widths = [(s.kv_heads, t.tier_k, t.tier_v) for s, t in zip(cache.shapes, policy.layers)]
+    return TierRows(widths, tokens, tier_positions(policy.sinks, policy.recent, tokens), cache.dtype)

@@ -26,7 +26,7 @@ import torch
 
 from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import (DTYPES_BY_NAME, KEY, VALUE, GrpcKvTransport, KvPiece, KvReceiver, KvTransferError,
-                               KvTransport)
+                               KvTransport, WireChunk, tier_chunk)
 from zeroc.transport import cuda_ipc
 from zeroc.transport.capability import (CUDA_IPC, DECODE_RANK, GRPC, NCCL, PREFILL_RANK, Capability, choose,
                                         cuda_scope, kind_to_proto, probe)
@@ -180,6 +180,8 @@ class NcclKvTransport(GrpcKvTransport):
         return request
 
     def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
+        if isinstance(msg, WireChunk):  # a token tier's few rows travel in band beside the out-of-band KV
+            return tier_chunk(msg)
         if not isinstance(msg, prefill_pb2.PrefillResponse) or not msg.HasField("remote"):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, "expected NCCL KV descriptors, got an in-band chunk")
         r = msg.remote
@@ -217,6 +219,8 @@ class CudaIpcKvTransport(GrpcKvTransport):
         return request
 
     def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
+        if isinstance(msg, WireChunk):  # a token tier's rows, in band
+            return tier_chunk(msg)
         if not isinstance(msg, prefill_pb2.PrefillResponse) or not msg.HasField("remote") \
                 or not msg.remote.HasField("ipc"):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, "expected CUDA IPC KV descriptors")

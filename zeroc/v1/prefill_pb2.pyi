@@ -12,6 +12,8 @@ class KvTensor(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_TENSOR_UNSPECIFIED: _ClassVar[KvTensor]
     KV_TENSOR_KEY: _ClassVar[KvTensor]
     KV_TENSOR_VALUE: _ClassVar[KvTensor]
+    KV_TENSOR_TIER_KEY: _ClassVar[KvTensor]
+    KV_TENSOR_TIER_VALUE: _ClassVar[KvTensor]
 
 class KvTransportKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +30,8 @@ class KvLinkState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 KV_TENSOR_UNSPECIFIED: KvTensor
 KV_TENSOR_KEY: KvTensor
 KV_TENSOR_VALUE: KvTensor
+KV_TENSOR_TIER_KEY: KvTensor
+KV_TENSOR_TIER_VALUE: KvTensor
 KV_TRANSPORT_KIND_UNSPECIFIED: KvTransportKind
 KV_TRANSPORT_KIND_GRPC: KvTransportKind
 KV_TRANSPORT_KIND_NCCL: KvTransportKind

@@ -1,0 +1,165 @@
+"""The token tier in the paged cache (zeroc/tier_store.py): ragged chunked prefill and decode equal the
+dense tiered forward, the tier's rows cost blocks of the cache's budget, and they travel on the wire."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zeroc.compression.calibrate import collect_statistics, compute_factors
+from zeroc.compression.fold import build_compressed
+from zeroc.config import AttentionCompression, CacheConfig, SchedulerConfig
+from zeroc.evaluate import perplexity_full, perplexity_streaming
+from zeroc.kv_cache import CacheFullError, PagedKVCache, layer_shapes
+from zeroc.kv_transfer import (TIER_KEY, KvTransferError, decode_chunk, encode_layer, encode_layer_wire,
+                               parse_prefill_response)
+from zeroc.loader import LoadedModel
+from zeroc.serving_policies.transfer import receive_into
+from zeroc.tier_store import TierStore, tier_policy
+from prefill_service.worker import DONE, PrefillJob, PrefillWorker
+
+
+@pytest.fixture(scope="module")
+def tiered_of(bundled):
+    """build(mode, sinks, recent): the bundled model at Q/K rank d/2 and V rank d/4 with a token tier."""
+    model = bundled.model
+    calib = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(3))
+    factors = compute_factors(model, collect_statistics(model, calib, progress=False, sample_tokens=128))
+    d = model.config.head_dim
+
+    def build(mode: str, sinks: int, recent: int):
+        layers = tuple(f.layer_compression(d // 2, d // 4, mode) for f in factors)
+        return build_compressed(model, factors, AttentionCompression(layers, "tier-store-test", 0.375,
+                                                                     f"zeroc-{mode}", sinks, recent))
+
+    return build
+
+
+def _cache(model, num_blocks: int = 64, block_size: int = 16) -> PagedKVCache:
+    return PagedKVCache(layer_shapes(model.config), CacheConfig(block_size=block_size, num_blocks=num_blocks),
+                        torch.float32, model=model)
+
+
+def _run(model, cache: PagedKVCache, tokens: torch.Tensor, plan: list[list[tuple[int, int]]]) -> list[torch.Tensor]:
+    """Feed rows of `tokens` [B, T] through the paged forward in the (sequence, new tokens) steps of `plan`
+    -> each sequence's logits [tokens fed, vocab]."""
+    lens, outs = [0] * tokens.shape[0], [[] for _ in range(tokens.shape[0])]
+    for step in plan:
+        batch = cache.schedule([(f"s{b}", n) for b, n in step])
+        ids = torch.cat([tokens[b, lens[b]:lens[b] + n] for b, n in step])
+        logits = model.forward_paged(ids, batch.positions, batch, cache)
+        starts = batch.query_start_loc.tolist()
+        for i, (b, n) in enumerate(step):
+            outs[b].append(logits[starts[i]:starts[i + 1]])
+            lens[b] += n
+    return [torch.cat(o) for o in outs]
+
+
+# Chunks straddle the window and the sinks; one sequence joins late, then both decode token by token.
+PLAN = [[(0, 30), (1, 20)], [(0, 25), (1, 1)], [(1, 40)]] + [[(0, 1), (1, 1)]] * 8
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("mode, sinks, recent", [("fold", 4, 16), ("fold", 0, 8), ("fold", 3, 0),
+                                                 ("rotate", 4, 16), ("rotate", 2, 200)])
+def test_paged_chunks_and_decode_equal_the_dense_tiered_forward(tiered_of, mode, sinks, recent):
+    model = tiered_of(mode, sinks, recent)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 69), generator=torch.Generator().manual_seed(5))
+    dense = model(tokens)  # [2, 69, vocab]
+    cache = _cache(model)
+    assert isinstance(cache.store, TierStore)
+    got = _run(model, cache, tokens, PLAN)
+    for b in range(2):
+        assert (got[b] - dense[b, : got[b].shape[0]]).abs().max().item() < 1e-4
+    held = cache.num_blocks - cache.num_free_blocks
+    policy = tier_policy(model.config)
+    want = sum(-(-n // 16) + policy.tier_blocks(cache.shapes, 16, n) for n in (63, 69))
+    assert held == want  # every sequence's own blocks plus the tier's borrowed ones
+    cache.free("s0")
+    cache.free("s1")
+    assert cache.num_free_blocks == cache.num_blocks and not cache.store.borrowed  # nothing leaks
+
+
+def test_the_tier_rows_are_paid_from_the_block_budget(tiered_of):
+    model = tiered_of("fold", 4, 60)
+    policy, d = tier_policy(model.config), model.config.head_dim
+    tier = policy.tier_blocks(layer_shapes(model.config), 16, 64)
+    # fold at Q/K d/2, V d/4: a tier row adds d/2 + 3d/4 dims to a compressed row of 3d/4
+    assert tier == -(-64 * (d // 2 + 3 * d // 4) // (16 * 3 * d // 4))
+    assert policy.tier_blocks(layer_shapes(model.config), 16, 10) < tier  # short sequences borrow less
+    cache = _cache(model, num_blocks=4 + tier - 1)
+    assert cache.blocks_needed("a", 64) == 4 + tier
+    assert not cache.can_fit("a", 64)
+    with pytest.raises(CacheFullError):
+        cache.schedule([("a", 64)])
+    assert cache.num_free_blocks == cache.num_blocks  # all-or-nothing
+    assert cache.token_capacity(1000) < 64
+
+
+@torch.inference_mode()
+def test_streaming_perplexity_of_a_tiered_model_equals_its_full_pass(tiered_of):
+    model = tiered_of("rotate", 2, 12)
+    tokens = torch.randint(0, model.config.vocab_size, (200,), generator=torch.Generator().manual_seed(8))
+    full = perplexity_full(model, tokens, ctx=48, progress=False)
+    streaming = perplexity_streaming(model, tokens, ctx=48, batch_size=3, progress=False)
+    assert streaming.perplexity == pytest.approx(full.perplexity, rel=1e-5)
+
+
+@torch.inference_mode()
+def test_a_prompt_with_its_tier_rows_crosses_the_wire_and_decoding_continues_exactly(tiered_of, bundled):
+    """The prefill service's worker computes a prompt and ships its compressed rows plus its tier rows as
+    wire chunks; the decode side parses, lands and loads them, then decodes on as if it had prefilled."""
+    model = tiered_of("fold", 3, 10)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 45), generator=torch.Generator().manual_seed(9))
+    dense = model(tokens)[0]
+    prompt = 40
+    worker = PrefillWorker(LoadedModel(model, model.config, bundled.tokenizer, bundled.path), CacheConfig(),
+                           SchedulerConfig())
+    try:
+        job = PrefillJob("r", tokens[0, :prompt].tolist(), chunk_bytes=4096)
+        worker.submit(job)
+        wire = []
+        while (msg := job.out.get(timeout=120)) is not DONE:
+            assert not isinstance(msg, Exception), msg
+            wire.append(msg)
+    finally:
+        worker.stop()
+    policy = tier_policy(model.config)
+    compressed = sum(prompt * model.config.num_key_value_heads * (t.k_dim + t.v_dim) * 4 for t in policy.layers)
+    tier_rows = (policy.sinks + policy.recent) * model.config.num_key_value_heads * 4
+    assert job.kv_bytes == compressed + tier_rows * sum(t.tier_k + t.tier_v for t in policy.layers)
+    decode = _cache(model)
+    receiver, land = receive_into(decode, "s0", decode.schedule([("s0", prompt)]).slot_mapping)
+    tier_chunks = [raw for raw in wire if decode_chunk(parse_prefill_response(raw)).tier]
+    for raw in wire:
+        if raw is not tier_chunks[-1]:
+            receiver.write(decode_chunk(parse_prefill_response(raw)))
+    with pytest.raises(KvTransferError, match="without the token tier's rows"):
+        receiver.check_complete()  # the last tier chunk is still missing
+    receiver.write(decode_chunk(parse_prefill_response(tier_chunks[-1])))
+    receiver.check_complete()
+    assert receiver.bytes_received == job.kv_bytes
+    land()
+    got = _run(model, decode, tokens[:, prompt:], [[(0, 1)]] * 5)[0]  # positions 40..44 from the landed cache
+    assert (got - dense[prompt:]).abs().max().item() < 1e-4
+
+
+def test_tier_chunks_for_a_model_without_a_tier_or_outside_the_tier_are_refused(tiered_of, bundled):
+    model = tiered_of("fold", 2, 4)
+    t = tier_policy(model.config).layers[0]
+    rows = lambda n, w: torch.zeros(n, model.config.num_key_value_heads, w)  # noqa: E731
+    plain = PagedKVCache(layer_shapes(bundled.config), CacheConfig(num_blocks=4), torch.float32)
+    receiver, _ = receive_into(plain, "p", plain.schedule([("p", 20)]).slot_mapping)
+    chunk = next(encode_layer(0, rows(2, t.tier_k), rows(2, t.tier_v), 0, 1 << 20))
+    chunk.tensor = TIER_KEY
+    with pytest.raises(KvTransferError, match="keeps none") as err:
+        receiver.write(decode_chunk(chunk))
+    assert err.value.code.name == "FAILED_PRECONDITION"
+    tiered = _cache(model)
+    receiver, _ = receive_into(tiered, "s", tiered.schedule([("s", 20)]).slot_mapping)
+    inside = next(encode_layer_wire(0, rows(2, t.tier_k), rows(2, t.tier_v), 0, 1 << 20, tier=True))
+    receiver.write(decode_chunk(parse_prefill_response(inside)))  # tokens 0, 1: the sinks
+    outside = next(encode_layer_wire(0, rows(2, t.tier_k), rows(2, t.tier_v), 5, 1 << 20, tier=True))
+    with pytest.raises(KvTransferError, match="outside the prompt's sinks and recent window") as err:
+        receiver.write(decode_chunk(parse_prefill_response(outside)))
+    assert err.value.code.name == "DATA_LOSS"
