@@ -79,8 +79,12 @@ def paged_attention_int8_ref(
     query_start_loc: Tensor,  # [B + 1]
     scale: float,
 ) -> Tensor:
-    """-> [N, heads, dv]: dequantise the whole pools (as `kernels.kv_quant` wrote them), then the plain
-    reference in fp32."""
-    k = k_cache.float() * k_scales[..., None]
-    v = v_cache.float() * v_scales[..., None]
-    return paged_attention_ref(q.float(), k, v, block_tables, seq_lens, query_start_loc, scale).to(q.dtype)
+    """-> [N, heads, dv]: dequantise the batch's blocks (as `kernels.kv_quant` wrote them), then the plain
+    reference in fp32. Only the blocks the tables name: the CPU runtime serves int8 caches through this,
+    and a whole pool would cost every step its size."""
+    num_seqs, width = block_tables.shape
+    k = k_cache[block_tables].float() * k_scales[block_tables][..., None]  # [B, max_blocks, block_size, kv, dq]
+    v = v_cache[block_tables].float() * v_scales[block_tables][..., None]  # [B, max_blocks, block_size, kv, dv]
+    tables = torch.arange(num_seqs * width, device=block_tables.device).view(num_seqs, width)  # the gathered blocks
+    return paged_attention_ref(q.float(), k.flatten(0, 1), v.flatten(0, 1), tables, seq_lens, query_start_loc,
+                               scale).to(q.dtype)

@@ -1,11 +1,15 @@
 """int8 in the paged serving cache: equal to the streaming evaluator (also on a ZeroC model), bytes by
-hand, and a prompt's KV from a prefill worker encoded on arrival."""
+hand, pools in exactly the paged attention kernels' layout, and a prompt's KV from a prefill worker
+encoded on arrival."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kernels.kv_quant import quantize_rows_ref
+from kernels.paged_decode import paged_decode_attention
+from kernels.paged_prefill import paged_prefill_attention
 from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
 from test_kivi_serving import BUNDLED, GREEDY
 from zeroc.config import CacheConfig
@@ -48,7 +52,8 @@ def test_block_bytes_and_blocks_per_budget_by_hand():
     budget = 1 << 20
     cache = PagedKVCache(BUNDLED, CacheConfig(block_size=16, num_bytes=budget, kv_policy="int8"), torch.bfloat16)
     assert cache.num_blocks == budget // (6 * 16 * 272)
-    assert sum(a.numel() for a in cache.store.arenas) == cache.num_blocks * 6 * 16 * 272
+    held = sum(p.numel() * p.element_size() for layer in cache.store.pools for p in layer.values())
+    assert held == cache.num_blocks * 6 * 16 * 272  # the pools really are that size
     # bf16 plain: 16 x 6 x 2 x 128 x 2 = 49152 bytes a block, int8 26112: 1.88x the tokens per byte
     assert block_bytes(BUNDLED, 16, torch.bfloat16) / Int8Serving().block_bytes(BUNDLED, 16, torch.bfloat16) \
         == pytest.approx(49152 / 26112)
@@ -72,3 +77,54 @@ def test_int8_takes_no_kivi_or_h2o_settings():
         CacheConfig(kv_policy="int8", kv_max_tokens=8)
     with pytest.raises(ValueError, match="kivi-4 and kivi-2 only"):
         CacheConfig(kv_policy="int8", kv_residual=16)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_the_pools_are_the_kernels_layout_and_the_triton_kernels_read_them(dtype, tol):
+    """Codes and scales sit where `kv_quant`'s reference puts each token's slot in the kernels' pools, and the
+    Triton prefill and decode kernels (interpreter) given the store's pools return what `attend` returned
+    (the CPU reference), in the query dtype; KV from the wire lands the same way."""
+    shape, bs = LayerShape(kv_heads=2, k_dim=24, v_dim=16), 16  # ZeroC-like: q/k and v widths differ
+    cache = PagedKVCache([shape], CacheConfig(block_size=bs, num_blocks=8, kv_policy="int8"), dtype)
+    pools, gen = cache.store.pools[0], torch.Generator().manual_seed(0)
+    want = {"k_codes": torch.zeros(8, bs, 2, 24, dtype=torch.int8), "k_scales": torch.zeros(8, bs, 2),
+            "v_codes": torch.zeros(8, bs, 2, 16, dtype=torch.int8), "v_scales": torch.zeros(8, bs, 2)}
+
+    def place(seq: str, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantise rows of positions [first, first + n) of `seq` into `want`, by hand from its table."""
+        table = cache.block_table(seq)
+        for i, (kc, ks, vc, vs) in enumerate(zip(*quantize_rows_ref(k), *quantize_rows_ref(v))):
+            block, off = table[(first + i) // bs], (first + i) % bs
+            want["k_codes"][block, off], want["k_scales"][block, off] = kc, ks
+            want["v_codes"][block, off], want["v_scales"][block, off] = vc, vs
+
+    # ragged prefill, a decode-only step, then a step mixing a decode with a prefill chunk across a block edge
+    for steps in ([("a", 21), ("b", 5)], [("a", 1), ("b", 1)], [("a", 1), ("b", 12)]):
+        firsts = [cache.seq_len(s) for s, _ in steps]
+        batch = cache.schedule(steps)
+        n = batch.positions.shape[0]
+        q, k, v = (torch.randn(n, h, d, generator=gen).to(dtype) for h, d in ((4, 24), (2, 24), (2, 16)))
+        cache.write(0, batch.slot_mapping, k, v)
+        out = cache.store.attend(0, q, batch, 0.2)
+        assert out.dtype == dtype and out.shape == (n, 4, 16)
+        rows = batch.query_start_loc.tolist()
+        for (seq, _), first, lo, hi in zip(steps, firsts, rows, rows[1:]):
+            place(seq, first, k[lo:hi], v[lo:hi])
+        for name, pool in want.items():
+            assert torch.equal(pools[name], pool), name
+        scales = dict(k_scales=pools["k_scales"], v_scales=pools["v_scales"])
+        if n == len(steps):
+            tri = paged_decode_attention(q, pools["k_codes"], pools["v_codes"], batch.block_tables, batch.seq_lens,
+                                         0.2, **scales)
+        else:
+            tri = paged_prefill_attention(q, pools["k_codes"], pools["v_codes"], batch.block_tables, batch.seq_lens,
+                                          batch.query_start_loc, 0.2, **scales)
+        assert tri.dtype == dtype
+        torch.testing.assert_close(tri.float(), out.float(), atol=tol, rtol=tol)
+
+    cache.schedule([("c", 10)])
+    k, v = torch.randn(10, 2, 24, generator=gen), torch.randn(10, 2, 16, generator=gen)  # fp32 from the wire
+    cache.load("c", 0, k, v)
+    place("c", 0, k.to(dtype), v.to(dtype))  # rounded to the cache dtype first, as colocated rows are
+    for name, pool in want.items():
+        assert torch.equal(pools[name], pool), name
