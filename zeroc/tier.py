@@ -76,18 +76,19 @@ def tier_masks(length: int, sinks: int, recent: int, device: torch.device | None
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Softmax attention over the keys `mask` allows, with its log-sum-exp.
 
-    q: [B, T, heads, dq]; k: [B, T, kv_heads, dq]; v: [B, T, kv_heads, dv]; mask: [T, T]
-    -> (out [B, T, heads, dv], lse [B, T, heads]); a query with no allowed key gets out 0, lse -inf
+    q: [B, Tq, heads, dq]; k: [B, Tk, kv_heads, dq]; v: [B, Tk, kv_heads, dv]; mask: [Tq, Tk]
+    -> (out [B, Tq, heads, dv], lse [B, Tq, heads]); a query with no allowed key gets out 0, lse -inf
     (no weight in the merge).
     """
-    group = q.shape[-2] // k.shape[-2]
-    k, v = k.repeat_interleave(group, -2), v.repeat_interleave(group, -2)  # [B, T, heads, d]
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # [B, heads, T, T]
+    b, tq, heads, _ = q.shape
+    kv = k.shape[-2]
+    qg = q.float().view(b, tq, kv, heads // kv, -1)  # each KV head's query group, no copies of k and v
+    scores = torch.einsum("bqgjd,bkgd->bgjqk", qg, k.float()) * scale  # [B, kv, group, Tq, Tk]
     scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, heads, T]
+    lse = torch.logsumexp(scores, dim=-1)  # [B, kv, group, Tq]
     probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0)[..., None])  # empty rows: all 0
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
-    return out.to(v.dtype), lse.transpose(1, 2)
+    out = torch.einsum("bgjqk,bkgd->bqgjd", probs, v.float()).reshape(b, tq, heads, -1)
+    return out.to(v.dtype), lse.reshape(b, heads, tq).transpose(1, 2)
 
 
 def tiered_attention(q: Tensor, k: Tensor, v: Tensor, q_full: Tensor, k_full: Tensor, v_full: Tensor,

@@ -157,8 +157,7 @@ class TierStore(PolicyStore):
         t, pool = self.policy.layers[layer], self.pools[layer]
         dev = q.device
         j = torch.arange(new, device=dev)
-        blocks = torch.tensor(table[: ceil_div(new, self.bs)], dtype=torch.long, device=dev)
-        stored = pool.view(-1, *pool.shape[2:])[blocks[j // self.bs] * self.bs + j % self.bs]  # [new, kv, k + v]
+        stored = pool[table[: ceil_div(new, self.bs)]].flatten(0, 1)[:new]  # [new, kv, k_dim + v_dim]
         k_c, v_c = stored[..., : t.k_dim], stored[..., t.k_dim:]
         i = torch.arange(cur, new, device=dev)[:, None]  # [n, 1] query positions
         in_tier = lambda keys: (keys < self.sinks) | (keys > i - self.recent)  # noqa: E731 [n, keys]
