@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,11 +24,10 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL, CacheConfig  # noqa: E402
-from zeroc.engine import Engine  # noqa: E402
+from zeroc.bench import engine_decode_step_s  # noqa: E402
 from zeroc.evaluate import read_eval_tokens  # noqa: E402
 from zeroc.kv_cache import PagedKVCache, block_bytes, layer_shapes  # noqa: E402
 from zeroc.loader import load_model  # noqa: E402
-from zeroc.sampling import SamplingParams  # noqa: E402
 
 GIB = 1 << 30
 POLICIES = {"none": {"block_size": 32}, "kivi-4": {"block_size": 32, "kv_policy": "kivi-4"},
@@ -60,14 +58,8 @@ def decode_time(loaded, context: int, batch: int, steps: int) -> list[dict]:
     prompts = [ids[i * 16: i * 16 + context] for i in range(batch)]
     rows = []
     for name, settings in tqdm(POLICIES.items(), desc="decode steps", unit="policy"):
-        engine = Engine(loaded, CacheConfig(num_blocks=batch * (context // 32 + 8), **settings))
-        for p in prompts:
-            engine.add_request(p, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
-        engine.step()  # prefill
-        start = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        rows.append({"policy": name, "s_per_decode_step": (time.perf_counter() - start) / steps})
+        cache = CacheConfig(num_blocks=batch * (context // 32 + 8), **settings)
+        rows.append({"policy": name, "s_per_decode_step": engine_decode_step_s(loaded, cache, prompts, steps)})
     base = rows[0]["s_per_decode_step"]
     for r in rows:
         r["vs_none"] = r["s_per_decode_step"] / base

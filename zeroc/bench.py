@@ -62,6 +62,23 @@ def bench_decode(loaded: LoadedModel, batch_size: int, context: int = 256, steps
     return ForwardBench("decode", batch_size, context, batch_size * steps / elapsed, elapsed / steps * 1e3)
 
 
+@torch.inference_mode()
+def engine_decode_step_s(loaded: LoadedModel, cache: CacheConfig, prompts: list[list[int]], steps: int) -> float:
+    """Mean seconds per decode step of one engine (KV policy, token tier: whatever `cache` and the model
+    bring) running `prompts` after their prefill step."""
+    from zeroc.engine import Engine
+    from zeroc.sampling import SamplingParams
+
+    engine = Engine(loaded, cache)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
+    engine.step()  # prefill
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    return (time.perf_counter() - start) / steps
+
+
 def machine_description() -> str:
     """CPU model and thread count, e.g. 'AMD EPYC, 2 threads' (for benchmark records)."""
     cpu = platform.processor() or platform.machine()
