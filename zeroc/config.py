@@ -228,9 +228,9 @@ class ModelConfig:
         return self.compression is not None and self.compression.has_tier
 
     def tier_qk_dim(self, layer: int) -> int:
-        """Q/K dims a tiered layer adds for full-rank attention: the dropped RoPE pairs (fold), or 0
-        (rotate: q and k are full width before the bases anyway)."""
-        return 0 if self.qk_mode(layer) == "rotate" else self.head_dim - self.qk_dim(layer)
+        """Q/K dims a tiered layer adds for full-rank attention: the dropped RoPE pairs (fold), or the
+        bases' complement columns (rotate)."""
+        return self.head_dim - self.qk_dim(layer)
 
     def tier_v_dim(self, layer: int) -> int:
         """V dims a tiered layer adds for full-rank attention: the complement of the V/O basis."""

@@ -116,9 +116,9 @@ class Attention(nn.Module):
     """GQA attention. A compressed layer keeps fewer V/O dims per head and fewer Q/K dims: fold mode
     keeps a subset of RoPE pairs (narrower q/k projections); rotate mode projects q and k after RoPE
     onto each KV head's calibrated bases (`q_basis`, `k_basis`), so the cache holds rank-wide keys.
-    With a token tier, `tier_*` projections hold what the compression dropped: the dropped RoPE pairs'
-    rows of W_q, W_k (fold; rotate keeps full-width q, k anyway), the complement of the V basis and
-    its W_o columns, so that compressed + tier = the full-rank layer in a rotated basis."""
+    With a token tier, `tier_*` weights hold what the compression dropped: the dropped RoPE pairs' rows of
+    W_q, W_k (fold) or the bases' complement columns (rotate), the complement of the V basis and its W_o
+    columns, so that compressed + tier = the full-rank layer in a rotated basis."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -139,7 +139,10 @@ class Attention(nn.Module):
         self.tier = (cfg.compression.sinks, cfg.compression.recent) if cfg.has_tier else None
         if self.tier is not None:
             tier_qk, tier_v = cfg.tier_qk_dim(layer), cfg.tier_v_dim(layer)
-            if not self.rotate:
+            if self.rotate:  # the bases' complement columns: [kv, d, d - r] each
+                self.tier_q_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, tier_qk))
+                self.tier_k_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, tier_qk))
+            else:
                 self.tier_q_proj = nn.Linear(cfg.hidden_size, self.n_heads * tier_qk, bias=bias)
                 self.tier_k_proj = nn.Linear(cfg.hidden_size, self.n_kv * tier_qk, bias=bias)
                 self.register_buffer("tier_inv_freq", tier_inv_freq(cfg, layer), persistent=False)
@@ -171,19 +174,21 @@ class Attention(nn.Module):
             raise ValueError("this model keeps a full-rank token tier: it runs the dense forward and the paged "
                              "cache (generate, serve, streaming eval), not KV-cache policies")
         lead = x.shape[:-1]
-        if self.rotate:  # full-rank q, k: post-RoPE, before the bases
-            q_tier, k_tier = q_full, k_full = q, k
+        # Full-rank q, k: the compressed dims, then the complement (q·k sums over both): fold, the dropped
+        # RoPE pairs; rotate, the post-RoPE q, k on the bases' complement columns (A B^T = I at full rank).
+        if self.rotate:
+            q_tier, k_tier = rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis)
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
-        else:  # full-rank q, k: the kept pairs, then the dropped ones (q·k sums over pairs in any order)
+        else:
             q_tier = self.tier_q_proj(x).view(*lead, self.n_heads, -1)
             k_tier = self.tier_k_proj(x).view(*lead, self.n_kv, -1)
             q_tier, k_tier = rope_qk(q_tier, k_tier, self.tier_inv_freq, positions)
-            q_full, k_full = torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1)  # [*P, *, d]
+        q_full, k_full = torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1)  # [*P, *, d]
         v_full = torch.cat([v, self.tier_v_proj(x).view(*lead, self.n_kv, -1)], -1)  # [*P, kv_heads, d]
         if attend is causal_attend:
             out = tiered_attention(q, k, v, q_full, k_full, v_full, *self.tier, self.scale)  # [B, T, heads, d]
         else:  # the tier store reads the compressed dims first, the tier's after them (TierLayer)
-            out = attend(layer, torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1), v_full, self.scale)
+            out = attend(layer, q_full, k_full, v_full, self.scale)
         out_kept, out_rest = out.split([self.v_dim, out.shape[-1] - self.v_dim], -1)
         return self.o_proj(out_kept.reshape(*lead, -1)) + self.tier_o_proj(out_rest.reshape(*lead, -1))
 

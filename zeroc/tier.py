@@ -29,28 +29,20 @@ from zeroc.config import ModelConfig
 
 @dataclass(frozen=True)
 class TierLayer:
-    """What a tiered layer keeps per token and KV head besides its compressed K/V rows."""
+    """What a tiered layer keeps per token and KV head besides its compressed K/V rows: full-rank q.k is the
+    compressed dims' score plus the tier dims' (fold: the dropped RoPE pairs; rotate: the bases' complement
+    columns), and the full-rank value is the compressed one with the V complement appended."""
 
     k_dim: int  # compressed key width (in the cache's blocks)
     v_dim: int  # compressed value width
-    tier_k: int  # extra key dims of a tier token: fold, the dropped RoPE pairs; rotate, the whole post-RoPE key
-    tier_v: int  # extra value dims: the complement of the V/O basis
-    additive: bool  # fold: full-rank q.k = compressed dims + tier dims; rotate: tier dims alone
-
-    @property
-    def tier_q(self) -> int:
-        """Extra query dims the model appends for the full-rank segment (as many as tier_k)."""
-        return self.tier_k
+    tier_k: int  # extra key (and query) dims of a tier token: head_dim - k_dim
+    tier_v: int  # extra value dims: head_dim - v_dim
 
 
 def tier_layers(cfg: ModelConfig) -> list[TierLayer]:
     """Every layer's tier widths (a model with a tier)."""
-    out = []
-    for i in range(cfg.num_hidden_layers):
-        rotate = cfg.qk_mode(i) == "rotate"
-        out.append(TierLayer(cfg.qk_dim(i), cfg.v_dim(i), cfg.head_dim if rotate else cfg.tier_qk_dim(i),
-                             cfg.tier_v_dim(i), not rotate))
-    return out
+    return [TierLayer(cfg.qk_dim(i), cfg.v_dim(i), cfg.tier_qk_dim(i), cfg.tier_v_dim(i))
+            for i in range(cfg.num_hidden_layers)]
 
 
 def tier_positions(sinks: int, recent: int, length: int) -> list[range]:
@@ -76,7 +68,7 @@ def tier_masks(length: int, sinks: int, recent: int, device: torch.device | None
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Softmax attention over the keys `mask` allows, with its log-sum-exp.
 
-    q: [B, Tq, heads, dq]; k: [B, Tk, kv_heads, dq]; v: [B, Tk, kv_heads, dv]; mask: [Tq, Tk]
+    q: [B, Tq, heads, dq]; k: [B, Tk, kv_heads, dq]; v: [B, Tk, kv_heads, dv]; mask: [Tq, Tk] or [B, Tq, Tk]
     -> (out [B, Tq, heads, dv], lse [B, Tq, heads]); a query with no allowed key gets out 0, lse -inf
     (no weight in the merge).
     """
@@ -84,7 +76,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: floa
     kv = k.shape[-2]
     qg = q.float().view(b, tq, kv, heads // kv, -1)  # each KV head's query group, no copies of k and v
     scores = torch.einsum("bqgjd,bkgd->bgjqk", qg, k.float()) * scale  # [B, kv, group, Tq, Tk]
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, None, None]), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, kv, group, Tq]
     probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0)[..., None])  # empty rows: all 0
     out = torch.einsum("bgjqk,bkgd->bqgjd", probs, v.float()).reshape(b, tq, heads, -1)
@@ -110,12 +102,11 @@ def tiered_attention(q: Tensor, k: Tensor, v: Tensor, q_full: Tensor, k_full: Te
 
 def tier_kv_fraction(cfg: ModelConfig, context: int) -> float:
     """KV bytes at `context` tokens as a fraction of the uncompressed cache, the tier's rows included: its
-    min(S + W, T) tokens cost their extra rows (`TierLayer`) on top of the compressed cache."""
+    min(S + W, T) tokens cost the full-minus-compressed difference on top of the compressed cache."""
     d, layers = cfg.head_dim, range(cfg.num_hidden_layers)
     full = 2 * d * len(layers)
     compressed = sum(cfg.qk_dim(i) + cfg.v_dim(i) for i in layers) / full
     if not cfg.has_tier:
         return compressed
     tier_tokens = min(cfg.compression.sinks + cfg.compression.recent, context)
-    extra = sum(t.tier_k + t.tier_v for t in tier_layers(cfg)) / full  # fold: 1 - compressed; rotate: more
-    return compressed + tier_tokens / context * extra
+    return compressed + tier_tokens / context * (1.0 - compressed)  # a tier token costs a full-width row

@@ -27,10 +27,11 @@ from torch import Tensor
 from kernels.paged_decode import merge_partials_ref
 from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div
 from zeroc.config import ModelConfig
+from zeroc.kv_cache import PagedBatch
 from zeroc.tier import TierLayer, segment_attention, tier_layers, tier_positions
 
 if TYPE_CHECKING:
-    from zeroc.kv_cache import BlockAllocator, LayerShape, PagedBatch
+    from zeroc.kv_cache import BlockAllocator, LayerShape
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,44 @@ class TierServing(ServingKVPolicy):
     def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
                   device: torch.device, allocator: BlockAllocator) -> TierStore:
         return TierStore(self, shapes, num_blocks, block_size, dtype, device, allocator)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A batch's new tokens padded per sequence: row j of sequence b is token `src[b, j]` of N."""
+
+    src: Tensor  # [B, max_q] row of N (clamped: padding repeats a real row)
+    pos: Tensor  # [B, max_q] position of each padded query
+    valid: Tensor  # [B, max_q] whether it is a real token
+    cur: Tensor  # [B] tokens each sequence held before the step
+
+    @classmethod
+    def of(cls, batch: PagedBatch) -> _Rows:
+        starts = batch.query_start_loc
+        lens = starts[1:] - starts[:-1]  # [B]
+        j = torch.arange(int(lens.max()), device=starts.device)[None]  # [1, max_q]
+        cur = batch.seq_lens - lens
+        src = (starts[:-1, None] + j).clamp(max=int(starts[-1]) - 1)
+        return cls(src, cur[:, None] + j, j < lens[:, None], cur)
+
+
+def _groups(batch: PagedBatch) -> list[tuple[PagedBatch, Tensor]]:
+    """The batch as sub-batches attended at once, each with its rows of N: the single-token sequences
+    (decode) together, every longer chunk alone (padding a decode step to a prompt's length would cost
+    [B, heads, prompt, context] scores)."""
+    starts = batch.query_start_loc.tolist()
+    lens = [b - a for a, b in zip(starts, starts[1:])]
+    if max(lens) == 1 or len(lens) == 1:
+        return [(batch, torch.arange(starts[-1], device=batch.positions.device))]
+    groups = [[b for b, n in enumerate(lens) if n == 1]] + [[b] for b, n in enumerate(lens) if n > 1]
+    out = []
+    for seqs in filter(None, groups):
+        rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in seqs]).to(batch.positions.device)
+        idx = torch.tensor(seqs, device=rows.device)
+        ends = torch.tensor([0] + [lens[b] for b in seqs], device=rows.device).cumsum(0)
+        out.append((PagedBatch(batch.positions[rows], batch.slot_mapping[rows], batch.block_tables[idx],
+                               batch.seq_lens[idx], ends, ends[1:] - 1), rows))
+    return out
 
 
 def tier_policy(cfg: ModelConfig) -> TierServing:
@@ -141,45 +180,73 @@ class TierStore(PolicyStore):
         # q: [N, heads, k_dim + tier_k] -> [N, heads, v_dim + tier_v]
         k_new, v_new = self._staged.pop(layer)
         t, pool = self.policy.layers[layer], self.pools[layer]
-        rows = pool.view(-1, *pool.shape[2:])  # [slots, kv_heads, k_dim + v_dim]
-        rows[batch.slot_mapping] = torch.cat([k_new[..., : t.k_dim], v_new[..., : t.v_dim]], -1).to(pool.dtype)
+        flat = pool.view(-1, *pool.shape[2:])  # [slots, kv_heads, k_dim + v_dim]
+        flat[batch.slot_mapping] = torch.cat([k_new[..., : t.k_dim], v_new[..., : t.v_dim]], -1).to(pool.dtype)
         out = q.new_empty(q.shape[0], q.shape[1], t.v_dim + t.tier_v)
-        for cur, new, table, seq_rows in batch_sequences(batch):
-            k_tier, v_tier = k_new[seq_rows, :, t.k_dim:], v_new[seq_rows, :, t.v_dim:]
-            out[seq_rows] = self._attend_one(layer, q[seq_rows], k_tier, v_tier, table, cur, new, scale)
+        for group, rows in _groups(batch):
+            out[rows] = self._attend_group(layer, q[rows], k_new[rows], v_new[rows], group, scale)
+        for cur, new, table, rows in batch_sequences(batch):  # the tier rows this step keeps
             kept = self._kept(cur, new)
-            self._write_tier(layer, table, new, kept, torch.cat([k_tier, v_tier], -1)[kept - cur])
+            extra = torch.cat([k_new[rows, :, t.k_dim:], v_new[rows, :, t.v_dim:]], -1)
+            self._write_tier(layer, table, new, kept, extra[kept - cur])
         return out
 
-    def _attend_one(self, layer: int, q: Tensor, k_tier: Tensor, v_tier: Tensor, table: list[int], cur: int,
-                    new: int, scale: float) -> Tensor:
-        # q: [n, heads, k_dim + tier_k]; k_tier: [n, kv, tier_k]; v_tier: [n, kv, tier_v]; n = new - cur
+    def _attend_group(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
+                      scale: float) -> Tensor:
+        """Both segments for sequences attended at once, queries padded to the longest (`_Rows`), as
+        kernels/paged_attention.py's reference does. q: [n, heads, k_dim + tier_k]; k_new, v_new: [n, kv, *]"""
         t, pool = self.policy.layers[layer], self.pools[layer]
-        dev = q.device
-        j = torch.arange(new, device=dev)
-        stored = pool[table[: ceil_div(new, self.bs)]].flatten(0, 1)[:new]  # [new, kv, k_dim + v_dim]
+        r = _Rows.of(batch)
+        stored = pool[batch.block_tables].flatten(1, 2)  # [B, ctx, kv_heads, k_dim + v_dim]
         k_c, v_c = stored[..., : t.k_dim], stored[..., t.k_dim:]
-        i = torch.arange(cur, new, device=dev)[:, None]  # [n, 1] query positions
-        in_tier = lambda keys: (keys < self.sinks) | (keys > i - self.recent)  # noqa: E731 [n, keys]
-        compressed = (j <= i) & ~in_tier(j)  # [n, new]
-        out_c, lse_c = segment_attention(q[None, :, :, : t.k_dim], k_c[None], v_c[None], compressed, scale)
-        # Full-rank keys: the sinks and every key some query of the chunk sees in its window, ascending;
-        # those before the chunk come from the tier rows, the chunk's own from its staged rows.
-        first_recent = max(self.sinks, cur - self.recent + 1) if self.recent else new
-        p = torch.cat([j[: min(self.sinks, new)], j[first_recent:]])  # [P]
-        old, own = p[p < cur], p[p >= cur] - cur
-        extra = torch.cat([self._read_tier(layer, table, min(cur, self.sinks + self.recent))[self._slot(old)],
-                           torch.cat([k_tier, v_tier], -1)[own].to(pool.dtype)])  # [P, kv, tier_k + tier_v]
-        k_t, v_t = extra[..., : t.tier_k], extra[..., t.tier_k:]
-        v_full = torch.cat([v_c[p], v_t], -1)
-        if t.additive:
-            q_full, k_full = q, torch.cat([k_c[p], k_t], -1)
-        else:
-            q_full, k_full = q[..., t.k_dim:], k_t
-        full = (p[None, :] <= i) & in_tier(p[None, :])  # [n, P]
-        out_f, lse_f = segment_attention(q_full[None], k_full[None], v_full[None], full, scale)
-        outs = torch.stack([out_f[0], F.pad(out_c[0], (0, t.tier_v))], -2)  # [n, heads, 2, v_dim + tier_v]
-        return merge_partials_ref(outs, torch.stack([lse_f[0], lse_c[0]], -1))[0]
+        k_pos = torch.arange(stored.shape[1], device=q.device)[None, None]  # [1, 1, ctx]
+        q_pos = r.pos[..., None]  # [B, max_q, 1]
+        compressed = (k_pos <= q_pos) & (k_pos < batch.seq_lens[:, None, None]) & ~self._in_tier(k_pos, q_pos)
+        q_pad = q[r.src]  # [B, max_q, heads, k_dim + tier_k]
+        out_c, lse_c = segment_attention(q_pad[..., : t.k_dim], k_c, v_c, compressed, scale)
+        keys_pos, keys, values, keys_ok = self._full_keys(layer, batch, r, k_new[r.src], v_new[r.src], k_c, v_c)
+        full = keys_ok[:, None] & (keys_pos[:, None] <= q_pos) & self._in_tier(keys_pos[:, None], q_pos)
+        out_f, lse_f = segment_attention(q_pad, keys, values, full, scale)
+        outs = torch.stack([out_f, F.pad(out_c, (0, t.tier_v))], -2)  # [B, max_q, heads, 2, v_dim + tier_v]
+        return merge_partials_ref(outs, torch.stack([lse_f, lse_c], -1))[0][r.valid].to(q.dtype)
+
+    def _in_tier(self, key_pos: Tensor, query_pos: Tensor) -> Tensor:
+        """Whether a query sees a key at full rank: a sink, or one of its last `recent` tokens (broadcasts)."""
+        return (key_pos < self.sinks) | (key_pos > query_pos - self.recent)
+
+    def _full_keys(self, layer: int, batch: PagedBatch, r: _Rows, k_own: Tensor, v_own: Tensor, k_c: Tensor,
+                   v_c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Keys of the full-rank segment: each sequence's tier slots held before the step, then its own rows.
+
+        k_own: [B, max_q, kv, k_dim + tier_k]; v_own: [B, max_q, kv, v_dim + tier_v] (padded); k_c, v_c:
+        [B, ctx, kv, *] compressed rows -> positions [B, K], keys [B, K, kv, *], values [B, K, kv, v_dim + tier_v],
+        valid [B, K]"""
+        t, dtype = self.policy.layers[layer], k_c.dtype
+        held = min(int(r.cur.max()), self.sinks + self.recent)
+        tier = self._read_tiers(layer, batch, held)  # [B, held, kv, tier_k + tier_v]
+        slot = torch.arange(held, device=k_c.device)[None]  # [1, held]
+        cur = r.cur[:, None]  # [B, 1]
+        pos = slot.expand(len(r.cur), -1)  # [B, held]: a sink's slot is its position
+        if self.recent:  # a ring slot holds the latest position < cur congruent to it modulo the window
+            pos = torch.where(slot < self.sinks, pos, cur - 1 - (cur - 1 - slot).remainder(self.recent))
+        ok = (pos >= 0) & (pos < cur) & ((slot < self.sinks) | (pos >= self.sinks))
+        at = (torch.arange(len(r.cur), device=k_c.device)[:, None], pos.clamp(min=0))
+        k_tier = torch.cat([k_c[at], tier[..., : t.tier_k]], -1)  # full rank: compressed dims, then the tier's
+        v_tier = torch.cat([v_c[at], tier[..., t.tier_k:]], -1)
+        return (torch.cat([pos, r.pos], 1), torch.cat([k_tier, k_own.to(dtype)], 1),
+                torch.cat([v_tier, v_own.to(dtype)], 1), torch.cat([ok, r.valid], 1))
+
+    def _read_tiers(self, layer: int, batch: PagedBatch, held: int) -> Tensor:
+        """The first `held` tier slots of every sequence of a batch -> [B, held, kv, tier_k + tier_v]; slots a
+        sequence does not hold yet read whatever its blocks (or block 0) contain and must be masked."""
+        s, t, pool = self.shapes[layer], self.policy.layers[layer], self.pools[layer]
+        ids = [self.borrowed[first] for first in batch.block_tables[:, 0].tolist()]
+        width = max(len(i) for i in ids)
+        if not width or not held:
+            return pool.new_zeros(len(ids), held, s.kv_heads, t.tier_k + t.tier_v)
+        padded = torch.tensor([i + [i[-1] if i else 0] * (width - len(i)) for i in ids], device=pool.device)
+        flat = pool[padded].flatten(1)[:, : held * s.kv_heads * (t.tier_k + t.tier_v)]
+        return flat.view(len(ids), held, s.kv_heads, t.tier_k + t.tier_v)
 
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
         # k: [T, kv, k_dim + tier_k]; v: [T, kv, v_dim + tier_v] of tokens [0, T), the tier dims valid

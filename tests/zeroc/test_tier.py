@@ -163,17 +163,12 @@ def test_tiered_checkpoint_round_trips_and_runs_only_with_its_tier(random_gqa, f
     assert ppl.returncode == 2 and "token tier" in ppl.stderr and "Traceback" not in ppl.stderr
 
 
-def test_kv_fraction_counts_the_tier_rows_rotate_keys_at_full_width(random_gqa, factors_of):
+@pytest.mark.parametrize("mode", ["fold", "rotate"])
+def test_kv_fraction_counts_the_tier_rows(random_gqa, factors_of, mode):
     cfg = build_compressed(random_gqa.model, factors_of(random_gqa),
-                           _layout(factors_of(random_gqa), random_gqa.config, "rotate", sinks=4, recent=60)).config
-    # Q/K at d/2 and V at d/4: 0.375 of the bytes; a rotate tier token adds its whole key (d) and 3/4 of V.
-    assert tier_kv_fraction(cfg, 1024) == pytest.approx(0.375 + 64 / 1024 * (1 + 0.75) / 2)
-
-
-def test_kv_fraction_counts_the_tier_rows(random_gqa, factors_of):
-    cfg = build_compressed(random_gqa.model, factors_of(random_gqa),
-                           _layout(factors_of(random_gqa), random_gqa.config, "fold", sinks=4, recent=60)).config
-    # Q/K at d/2 and V at d/4: 0.375 of the bytes; 64 tier tokens of 1024 pay the other 0.625.
+                           _layout(factors_of(random_gqa), random_gqa.config, mode, sinks=4, recent=60)).config
+    # Q/K at d/2 and V at d/4: 0.375 of the bytes; 64 tier tokens of 1024 pay the other 0.625 (rotate too:
+    # its tier keeps the bases' complement, d/2 dims, not the whole key).
     assert tier_kv_fraction(cfg, 1024) == pytest.approx(0.375 + 64 / 1024 * 0.625)
     assert tier_kv_fraction(cfg, 32) == pytest.approx(1.0)  # the tier covers the whole context
 

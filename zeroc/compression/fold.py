@@ -168,9 +168,14 @@ def fold_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompres
 def tier_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
     """What a token tier adds to one compressed block: the complement of each cut, so that the compressed
     and `tier_*` weights together are the full-rank layer (state-dict entries relative to `self_attn.`).
-    Fold: the dropped pairs' rows of W_q, W_k; rotate: nothing (q_proj, k_proj are full width). V/O: the
-    V basis directions past v_rank, folded into W_v and W_o as the kept ones are."""
-    out = {} if comp.mode == "rotate" else _pair_rows(attn, cfg, comp.dropped_pairs(cfg.head_dim), "tier_")
+    Fold: the dropped pairs' rows of W_q, W_k; rotate: the bases' columns past qk_rank (A B^T = I at full
+    rank, `qk_factors`, so q.k = (A_r^T q).(B_r^T k) + (A_c^T q).(B_c^T k)). V/O: the V basis directions past
+    v_rank, folded into W_v and W_o as the kept ones are."""
+    if comp.mode == "rotate":
+        r, dtype = comp.qk_rank, attn.q_proj.weight.dtype
+        out = {"tier_q_basis": factors.q_basis[:, :, r:].to(dtype), "tier_k_basis": factors.k_basis[:, :, r:].to(dtype)}
+    else:
+        out = _pair_rows(attn, cfg, comp.dropped_pairs(cfg.head_dim), "tier_")
     out.update(_value_weights(attn, cfg, factors, slice(comp.v_rank, cfg.head_dim), "tier_"))
     return out
 
