@@ -9,10 +9,11 @@ block id and return when it is freed.
 
 The model hands the store each layer's q, k, v with the tier's dims appended to the compressed
 ones (`Attention._tiered`): q [N, heads, k_dim + tier_k], k [N, kv, k_dim + tier_k],
-v [N, kv, v_dim + tier_v]. Attention is `tiered_attention`'s, query by query: the full-rank
-segment over the sinks and the last W keys, the compressed segment over the rest, merged by
-log-sum-exp. Over the wire a prompt's compressed rows travel as usual and its tier rows as
-`KV_TENSOR_TIER_*` chunks (`wire_parts`); the decode side lands both and calls `load`.
+v [N, kv, v_dim + tier_v]. Attention is `tiered_attention`'s: per query the full-rank segment over
+the sinks and its last W keys, the compressed segment over the rest, merged by log-sum-exp; a
+step's decode tokens attend at once, longer chunks one by one. Over the wire a prompt's compressed
+rows travel as usual and its tier rows as `KV_TENSOR_TIER_*` chunks (prefill_service/worker.py);
+the decode side lands both (`zeroc.kv_transfer.TierRows`) and calls `load`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.paged_decode import merge_partials_ref
-from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div
 from zeroc.config import ModelConfig
 from zeroc.kv_cache import PagedBatch
+from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div
 from zeroc.tier import TierLayer, segment_attention, tier_layers, tier_positions
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ class TierStore(PolicyStore):
 
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
         # k: [T, kv, k_dim + tier_k]; v: [T, kv, v_dim + tier_v] of tokens [0, T), the tier dims valid
-        # at the tier's positions only (`TierLanding`)
+        # at the tier's positions only (`zeroc.kv_transfer.TierRows`)
         t, pool, n = self.policy.layers[layer], self.pools[layer], k.shape[0]
         j = torch.arange(n, device=pool.device)
         blocks = torch.tensor(table[: ceil_div(n, self.bs)], dtype=torch.long, device=pool.device)
