@@ -149,24 +149,17 @@ class TierStore(PolicyStore):
         ring = self.sinks + (positions - self.sinks).remainder(self.recent)
         return torch.where(positions < self.sinks, positions, ring)
 
-    def _read_tier(self, layer: int, table: list[int], held: int) -> Tensor:
-        """The first `held` tier slots of a sequence -> [held, kv_heads, tier_k + tier_v] (a copy)."""
-        s, t = self.shapes[layer], self.policy.layers[layer]
-        ids = self.borrowed[table[0]]
-        flat = self.pools[layer][ids].reshape(-1)[: held * s.kv_heads * (t.tier_k + t.tier_v)]
-        return flat.view(held, s.kv_heads, t.tier_k + t.tier_v)
-
-    def _write_tier(self, layer: int, table: list[int], length: int, positions: Tensor, rows: Tensor) -> None:
-        # positions: [P] tier positions of a sequence of `length` tokens; rows: [P, kv_heads, tier_k + tier_v]
+    def _write_tier(self, layer: int, table: list[int], positions: Tensor, rows: Tensor) -> None:
+        # positions: [P] tier positions of a sequence; rows: [P, kv_heads, tier_k + tier_v]. Slot j's row is
+        # elements [j * row, (j + 1) * row) of the sequence's borrowed blocks laid end to end.
         if not positions.numel():
             return
-        pool, ids = self.pools[layer], self.borrowed[table[0]]
-        held = min(length, self.sinks + self.recent)
-        tier = self._read_tier(layer, table, held)
-        tier[self._slot(positions)] = rows.to(pool.dtype)
-        flat = pool[ids].reshape(-1)
-        flat[: tier.numel()] = tier.reshape(-1)
-        pool[ids] = flat.view(len(ids), *pool.shape[1:])
+        pool = self.pools[layer]
+        width = rows[0].numel()
+        at = self._slot(positions)[:, None] * width + torch.arange(width, device=pool.device)  # [P, row]
+        ids = torch.tensor(self.borrowed[table[0]], device=pool.device)
+        per_block = pool[0].numel()
+        pool.view(pool.shape[0], -1)[ids[at // per_block], at % per_block] = rows.reshape(len(at), -1).to(pool.dtype)
 
     def _kept(self, cur: int, new: int) -> Tensor:
         """Positions of [cur, new) the tier keeps once the sequence has `new` tokens."""
@@ -189,7 +182,7 @@ class TierStore(PolicyStore):
         for cur, new, table, rows in batch_sequences(batch):  # the tier rows this step keeps
             kept = self._kept(cur, new)
             extra = torch.cat([k_new[rows, :, t.k_dim:], v_new[rows, :, t.v_dim:]], -1)
-            self._write_tier(layer, table, new, kept, extra[kept - cur])
+            self._write_tier(layer, table, kept, extra[kept - cur])
         return out
 
     def _attend_group(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
@@ -259,4 +252,4 @@ class TierStore(PolicyStore):
         rows[blocks[j // self.bs] * self.bs + j % self.bs] = torch.cat([k[..., : t.k_dim], v[..., : t.v_dim]],
                                                                         -1).to(pool.dtype)
         kept = self._kept(0, n)
-        self._write_tier(layer, table, n, kept, torch.cat([k[kept, :, t.k_dim:], v[kept, :, t.v_dim:]], -1))
+        self._write_tier(layer, table, kept, torch.cat([k[kept, :, t.k_dim:], v[kept, :, t.v_dim:]], -1))
