@@ -32,6 +32,7 @@ class Method:
     name: str  # the label in reports
     kv_fraction: float  # nominal KV bytes per token relative to the uncompressed cache (for reading tables)
     zeroc_budget: float | None = None  # serve the model ZeroC-calibrated at this budget
+    zeroc_tier: tuple[int, int] | None = None  # ... with a token tier of (sinks, recent) (`calibrate --sinks --recent`)
     serve_args: tuple[str, ...] = ()  # extra `zeroc serve prefill|decode` flags
     requires: tuple[str, ...] = ()  # `zeroc serve decode` flags the method needs
     modes: tuple[str, ...] = MODES  # where it can run (token eviction's KV cannot travel)
@@ -54,6 +55,15 @@ METHODS: tuple[Method, ...] = (
            requires=("--kv-policy", "--cache-bytes"), modes=("colocated",)),
     Method("h2o-0.25", 0.25, serve_args=("--kv-policy", "h2o", "--kv-budget", "0.25"),
            requires=("--kv-policy", "--cache-bytes"), modes=("colocated",)),
+    # Rows added after the recorded run (docs/benchmarks.md); nominal fractions at 1024 tokens, head_dim 64.
+    Method("zeroc-0.25-tier", 0.30, zeroc_budget=0.25, zeroc_tier=(4, 64)),  # + 68 full-rank rows per sequence
+    Method("int8", 0.53, serve_args=("--kv-policy", "int8"), requires=("--kv-policy", "--cache-bytes")),
+    Method("streamingllm-0.5", 0.5, serve_args=("--kv-policy", "streamingllm", "--kv-budget", "0.5"),
+           requires=("--kv-policy", "--cache-bytes")),
+    Method("snapkv-0.5", 0.5, serve_args=("--kv-policy", "snapkv", "--kv-budget", "0.5"),
+           requires=("--kv-policy", "--cache-bytes"), modes=("colocated",)),
+    Method("palu-0.5", 0.5, serve_args=("--kv-policy", "palu", "--kv-budget", "0.5"),
+           requires=("--kv-policy", "--cache-bytes")),
 )
 
 
@@ -108,7 +118,7 @@ def capacity_args(model_dir: str | Path, cache_bytes: int, block_size: int, flag
     return ["--num-blocks", str(blocks), "--block-size", str(block_size)]
 
 
-def _stamp(base: Path, calib: Path, budget: float) -> str:
+def _stamp(base: Path, calib: Path, budget: float, tier: tuple[int, int] | None) -> str:
     from zeroc.kv_transfer import model_fingerprint
 
     calib_hash = hashlib.sha256(calib.read_bytes()).hexdigest()[:16]
@@ -117,7 +127,8 @@ def _stamp(base: Path, calib: Path, budget: float) -> str:
     code = hashlib.sha256()
     for src in sorted((Path(__file__).resolve().parents[1] / "compression").glob("*.py")):
         code.update(src.read_bytes())
-    return f"base={model_fingerprint(base)} calib={calib_hash} budget={budget} code={code.hexdigest()[:16]}"
+    return (f"base={model_fingerprint(base)} calib={calib_hash} budget={budget} tier={tier} "
+            f"code={code.hexdigest()[:16]}")
 
 
 def prepare_model(method: Method, base_model: str | Path, calib: str | Path, build_dir: str | Path,
@@ -128,18 +139,21 @@ def prepare_model(method: Method, base_model: str | Path, calib: str | Path, bui
     base = Path(base_model)
     if method.zeroc_budget is None:
         return base
-    if given and method.zeroc_budget in given:
+    if given and method.zeroc_budget in given and method.zeroc_tier is None:
         out = Path(given[method.zeroc_budget])
         if not (out / "config.json").is_file():
             raise ZeroCError(f"{out}: no config.json (given as the ZeroC model for budget {method.zeroc_budget:g})")
         return out
-    out = Path(build_dir) / f"{base.name}-zeroc-{method.zeroc_budget:g}"
+    tier = method.zeroc_tier
+    out = Path(build_dir) / (f"{base.name}-zeroc-{method.zeroc_budget:g}" + (f"-tier{tier[0]}-{tier[1]}" if tier else ""))
     stamp_file = out / "bench-source.txt"
-    stamp = _stamp(base, Path(calib), method.zeroc_budget)
+    stamp = _stamp(base, Path(calib), method.zeroc_budget, tier)
     if (out / "config.json").is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return out
     cmd = [sys.executable, "-m", "zeroc.cli", "calibrate", "--model", str(base), "--calib", str(calib),
            "--budget", str(method.zeroc_budget), "--out", str(out), "--json"]
+    if tier:
+        cmd += ["--sinks", str(tier[0]), "--recent", str(tier[1])]
     print(f"calibrating {method.name} -> {out} (once; reused by later runs)", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
