@@ -10,8 +10,8 @@ block id and return when it is freed.
 The model hands the store each layer's q, k, v with the tier's dims appended to the compressed
 ones (`Attention._tiered`): q [N, heads, k_dim + tier_k], k [N, kv, k_dim + tier_k],
 v [N, kv, v_dim + tier_v]. Attention is `tiered_attention`'s: per query the full-rank segment over
-the sinks and its last W keys, the compressed segment over the rest, merged by log-sum-exp; a
-step's decode tokens attend at once, longer chunks one by one. Over the wire a prompt's compressed
+the sinks and its last W keys, the compressed segment over the rest, as one softmax over both
+(`_attend_group`); a step's decode tokens attend at once, longer chunks one by one. Over the wire a prompt's compressed
 rows travel as usual and its tier rows as `KV_TENSOR_TIER_*` chunks (prefill_service/worker.py);
 the decode side lands both (`zeroc.kv_transfer.TierRows`) and calls `load`.
 """
@@ -25,11 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.paged_decode import merge_partials_ref
 from zeroc.config import ModelConfig
 from zeroc.kv_cache import PagedBatch
 from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div
-from zeroc.tier import TierLayer, segment_attention, tier_layers, tier_positions
+from zeroc.tier import TierLayer, tier_layers, tier_positions
 
 if TYPE_CHECKING:
     from zeroc.kv_cache import BlockAllocator, LayerShape
@@ -187,8 +186,13 @@ class TierStore(PolicyStore):
 
     def _attend_group(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
                       scale: float) -> Tensor:
-        """Both segments for sequences attended at once, queries padded to the longest (`_Rows`), as
-        kernels/paged_attention.py's reference does. q: [n, heads, k_dim + tier_k]; k_new, v_new: [n, kv, *]"""
+        """Sequences attended at once, queries padded to the longest (`_Rows`), as kernels/paged_attention.py's
+        reference does. q: [n, heads, k_dim + tier_k]; k_new, v_new: [n, kv, *] -> [n, heads, v_dim + tier_v]
+
+        One softmax over both segments instead of two merged by log-sum-exp (equal, and one fused SDPA
+        call): full-rank q.k is the compressed dims' score plus the tier dims', so with the query
+        [q' | q_tier], a compressed key [k' | 0] scores q'.k' and a tier key [k' | k_tier] the full score;
+        each (query, position) pair is allowed in exactly one of the two key sets."""
         t, pool = self.policy.layers[layer], self.pools[layer]
         r = _Rows.of(batch)
         stored = pool[batch.block_tables].flatten(1, 2)  # [B, ctx, kv_heads, k_dim + v_dim]
@@ -196,13 +200,16 @@ class TierStore(PolicyStore):
         k_pos = torch.arange(stored.shape[1], device=q.device)[None, None]  # [1, 1, ctx]
         q_pos = r.pos[..., None]  # [B, max_q, 1]
         compressed = (k_pos <= q_pos) & (k_pos < batch.seq_lens[:, None, None]) & ~self._in_tier(k_pos, q_pos)
-        q_pad = q[r.src]  # [B, max_q, heads, k_dim + tier_k]
-        out_c, lse_c = segment_attention(q_pad[..., : t.k_dim], k_c, v_c, compressed, scale)
         keys_pos, keys, values, keys_ok = self._full_keys(layer, batch, r, k_new[r.src], v_new[r.src], k_c, v_c)
         full = keys_ok[:, None] & (keys_pos[:, None] <= q_pos) & self._in_tier(keys_pos[:, None], q_pos)
-        out_f, lse_f = segment_attention(q_pad, keys, values, full, scale)
-        outs = torch.stack([out_f, F.pad(out_c, (0, t.tier_v))], -2)  # [B, max_q, heads, 2, v_dim + tier_v]
-        return merge_partials_ref(outs, torch.stack([lse_f, lse_c], -1))[0][r.valid].to(q.dtype)
+        k = torch.cat([F.pad(k_c, (0, t.tier_k)), keys], 1)  # [B, ctx + K, kv, k_dim + tier_k]
+        v = torch.cat([F.pad(v_c, (0, t.tier_v)), values], 1)  # [B, ctx + K, kv, v_dim + tier_v]
+        mask = torch.cat([compressed, full], -1)[:, None]  # [B, 1, max_q, ctx + K]
+        work = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least, as the dense forward
+        out = F.scaled_dot_product_attention(q[r.src].transpose(1, 2).to(work), k.transpose(1, 2).to(work),
+                                             v.transpose(1, 2).to(work), attn_mask=mask, scale=scale,
+                                             enable_gqa=True)  # [B, heads, max_q, v_dim + tier_v]
+        return out.transpose(1, 2)[r.valid].to(q.dtype)
 
     def _in_tier(self, key_pos: Tensor, query_pos: Tensor) -> Tensor:
         """Whether a query sees a key at full rank: a sink, or one of its last `recent` tokens (broadcasts)."""
