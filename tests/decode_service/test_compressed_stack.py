@@ -14,21 +14,27 @@ from zeroc.sampling import SamplingParams
 PROMPTS = ["The built-in function", "import os\nprint(os.getcwd())", "A list comprehension is"]
 
 
-@pytest.fixture(scope="module")
-def compressed_stack(zeroc_half_dir):
-    """Prefill + decode services of the bundled model folded to rank 32 of 64 (KV budget 0.5)."""
+def _disaggregated(model_dir: str, decode_env: dict | None = None):
+    """A prefill service and a decode service using it, both serving `model_dir`: yields the decode address."""
     from zeroc.stack import ServiceProcess
 
     procs = []
     try:
-        procs.append(ServiceProcess("prefill", ["--model", zeroc_half_dir]))
-        procs.append(ServiceProcess("decode", ["--model", zeroc_half_dir, "--prefill", procs[0].address]))
+        procs.append(ServiceProcess("prefill", ["--model", model_dir]))
+        procs.append(ServiceProcess("decode", ["--model", model_dir, "--prefill", procs[0].address], env=decode_env))
         for p in procs:
             p.wait_serving()
-        yield zeroc_half_dir, procs[1].address
+        yield procs[1].address
     finally:
         for p in procs:
             p.stop()
+
+
+@pytest.fixture(scope="module")
+def compressed_stack(zeroc_half_dir):
+    """Prefill + decode services of the bundled model folded to rank 32 of 64 (KV budget 0.5)."""
+    for address in _disaggregated(zeroc_half_dir):
+        yield zeroc_half_dir, address
 
 
 def test_compressed_disaggregated_equals_direct_and_ships_half_the_bytes(compressed_stack, bundled):
@@ -49,19 +55,8 @@ def test_compressed_disaggregated_equals_direct_and_ships_half_the_bytes(compres
 @pytest.fixture(scope="module")
 def tier_stack(zeroc_tier_dir):
     """Prefill + decode services of a compressed model that keeps a token tier (2 sinks, 8 recent)."""
-    from zeroc.stack import ServiceProcess
-
-    procs = []
-    try:
-        procs.append(ServiceProcess("prefill", ["--model", zeroc_tier_dir]))
-        procs.append(ServiceProcess("decode", ["--model", zeroc_tier_dir, "--prefill", procs[0].address],
-                                    env={"ZEROC_TRANSFER_CHUNK_BYTES": "4096"}))
-        for p in procs:
-            p.wait_serving()
-        yield zeroc_tier_dir, procs[1].address
-    finally:
-        for p in procs:
-            p.stop()
+    for address in _disaggregated(zeroc_tier_dir, {"ZEROC_TRANSFER_CHUNK_BYTES": "4096"}):
+        yield zeroc_tier_dir, address
 
 
 def test_a_token_tier_served_disaggregated_equals_direct_and_ships_its_tier_rows(tier_stack):
