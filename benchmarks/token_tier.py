@@ -29,7 +29,7 @@ from zeroc.compression.fold import build_compressed  # noqa: E402
 from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, AttentionCompression, CacheConfig  # noqa: E402
 from zeroc.bench import engine_decode_step_s  # noqa: E402
 from zeroc.evaluate import read_eval_tokens  # noqa: E402
-from zeroc.kv_cache import PagedKVCache, block_bytes, layer_shapes  # noqa: E402
+from zeroc.kv_cache import PagedKVCache, block_bytes, layer_shapes, sequence_blocks  # noqa: E402
 from zeroc.loader import LoadedModel, load_model  # noqa: E402
 
 GIB = 1 << 30
@@ -79,7 +79,7 @@ def main() -> None:
         for name, loaded in tqdm(variants(base, args.sinks, args.recent, args.model).items(), desc="rows"):
             row = {"model": name, **capacity(loaded, args.context)}
             if args.steps:
-                blocks = args.batch * (args.context // BLOCK + 32)  # the tier's borrowed blocks fit in the margin
+                blocks = args.batch * sequence_blocks(loaded.config, BLOCK, args.context + args.steps + 2)
                 row["s_per_decode_step"] = engine_decode_step_s(loaded, CacheConfig(block_size=BLOCK, num_blocks=blocks),
                                                                  prompts, args.steps)
             rows.append(row)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.kv_quant import dequantize_rows_ref
+
 
 def paged_attention_ref(
     q: Tensor,  # [N, heads, d] new queries of all sequences, concatenated
@@ -82,9 +84,7 @@ def paged_attention_int8_ref(
     """-> [N, heads, dv]: dequantise the batch's blocks (as `kernels.kv_quant` wrote them), then the plain
     reference in fp32. Only the blocks the tables name: the CPU runtime serves int8 caches through this,
     and a whole pool would cost every step its size."""
-    num_seqs, width = block_tables.shape
-    k = k_cache[block_tables].float() * k_scales[block_tables][..., None]  # [B, max_blocks, block_size, kv, dq]
-    v = v_cache[block_tables].float() * v_scales[block_tables][..., None]  # [B, max_blocks, block_size, kv, dv]
-    tables = torch.arange(num_seqs * width, device=block_tables.device).view(num_seqs, width)  # the gathered blocks
-    return paged_attention_ref(q.float(), k.flatten(0, 1), v.flatten(0, 1), tables, seq_lens, query_start_loc,
-                               scale).to(q.dtype)
+    ids, tables = block_tables.unique(return_inverse=True)  # each named block once; tables index into ids
+    k = dequantize_rows_ref(k_cache[ids], k_scales[ids], torch.float32)  # [len(ids), block_size, kv, dq]
+    v = dequantize_rows_ref(v_cache[ids], v_scales[ids], torch.float32)
+    return paged_attention_ref(q.float(), k, v, tables, seq_lens, query_start_loc, scale).to(q.dtype)

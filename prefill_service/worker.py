@@ -39,16 +39,18 @@ class PrefillJob:
     sink: KvSink | None = None  # out-of-band transport (zeroc/transport/); None: in-band chunks
 
 
-def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: int) -> None:
+def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: int, tier: bool = False) -> None:
     """Send one layer of one job's KV: in-band chunks, or through the job's out-of-band sink.
 
     k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] for the job's tokens from `first_token` on. A
-    transport failure ends this job only, not the batch it was computed in."""
+    transport failure ends this job only, not the batch it was computed in. `tier`: a token tier's extra
+    rows (the sinks and the last `recent` tokens), always in band: a few rows beside KV that may go out
+    of band."""
     if job.cancelled.is_set():
         return
-    if job.sink is None:  # chunks serialized here, once (zeroc.kv_transfer.encode_layer_wire)
+    if job.sink is None or tier:  # chunks serialized here, once (zeroc.kv_transfer.encode_layer_wire)
         job.kv_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
-        for wire in encode_layer_wire(layer, k, v, first_token, job.chunk_bytes):
+        for wire in encode_layer_wire(layer, k, v, first_token, job.chunk_bytes, tier):
             job.out.put(wire)
         return
     try:
@@ -58,17 +60,6 @@ def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: i
     except KvTransferError as exc:
         job.cancelled.set()
         job.out.put(exc)
-
-
-def ship_tier_rows(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: int) -> None:
-    """Send a token tier's extra rows (always in band: they are the sinks and the last `recent` tokens,
-    a few rows, beside KV that may go out of band). k: [P, kv_heads, tier_k]; v: [P, kv_heads, tier_v]
-    of the contiguous tokens from `first_token` on."""
-    if job.cancelled.is_set():
-        return
-    job.kv_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
-    for wire in encode_layer_wire(layer, k, v, first_token, job.chunk_bytes, tier=True):
-        job.out.put(wire)
 
 
 class _StreamingCache(PagedKVCache):
@@ -176,7 +167,7 @@ class PrefillWorker:
             lo = max(r.start, start)
             if lo < r.stop:
                 rows = slice(lo - start, r.stop - start)
-                ship_tier_rows(job, layer, k[rows, :, t.k_dim:], v[rows, :, t.v_dim:], lo)
+                ship_layer(job, layer, k[rows, :, t.k_dim:], v[rows, :, t.v_dim:], lo, tier=True)
 
     def _forward(self, jobs: list[PrefillJob]) -> None:
         first = [self._load_prefix(j) for j in jobs]  # per job: the first position computed here

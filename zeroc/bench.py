@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from zeroc.config import CacheConfig
-from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc.kv_cache import PagedKVCache, layer_shapes, sequence_blocks
 from zeroc.loader import LoadedModel
 
 
@@ -25,9 +25,9 @@ class ForwardBench:
 def _cache(loaded: LoadedModel, tokens: int, seqs: int, block_size: int = 16) -> PagedKVCache:
     cfg = loaded.config
     shapes = layer_shapes(cfg)
-    blocks = seqs * -(-tokens // block_size)
+    blocks = seqs * sequence_blocks(cfg, block_size, tokens)
     param = next(loaded.model.parameters())
-    return PagedKVCache(shapes, CacheConfig(block_size, blocks), param.dtype, param.device)
+    return PagedKVCache(shapes, CacheConfig(block_size, blocks), param.dtype, param.device, model=loaded.model)
 
 
 @torch.inference_mode()

@@ -18,9 +18,8 @@ from tqdm import tqdm
 
 from zeroc.config import CacheConfig
 from zeroc.errors import ZeroCError
-from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc.kv_cache import PagedKVCache, layer_shapes, sequence_blocks
 from zeroc.model import Transformer
-from zeroc.tier_store import tier_policy
 from zeroc.tokenizer import Tokenizer
 
 
@@ -90,10 +89,8 @@ def perplexity_streaming(model: Transformer, tokens: Tensor, ctx: int, batch_siz
     """Feed windows token by token through the paged cache, `batch_size` windows at a time."""
     cfg = model.config
     wins = windows_of(tokens, ctx)
-    blocks_per_win = -(-ctx // block_size)
+    blocks_per_win = sequence_blocks(cfg, block_size, ctx)  # a token tier's borrowed blocks included
     shapes = layer_shapes(cfg)
-    if cfg.has_tier:  # a token tier's rows take borrowed blocks besides the window's own
-        blocks_per_win += tier_policy(cfg).tier_blocks(shapes, block_size, ctx)
     cache_cfg = CacheConfig(block_size=block_size, num_blocks=blocks_per_win * min(batch_size, len(wins)))
     param = next(model.parameters())
     cache = PagedKVCache(shapes, cache_cfg, param.dtype, param.device, model=model)

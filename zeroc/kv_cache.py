@@ -94,6 +94,17 @@ def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
     return [LayerShape(cfg.num_key_value_heads, cfg.qk_dim(i), cfg.v_dim(i)) for i in range(cfg.num_hidden_layers)]
 
 
+def sequence_blocks(cfg: ModelConfig, block_size: int, tokens: int) -> int:
+    """Blocks one sequence of `tokens` tokens holds in a model's plain cache, a token tier's borrowed ones
+    included (zeroc/tier_store.py): what sizing a cache for whole sequences needs."""
+    blocks = -(-tokens // block_size)
+    if cfg.has_tier:
+        from zeroc.tier_store import tier_policy  # here: it imports this module
+
+        blocks += tier_policy(cfg).tier_blocks(layer_shapes(cfg), block_size, tokens)
+    return blocks
+
+
 @dataclass(frozen=True)
 class PagedBatch:
     """Where one forward step's tokens live in the cache (B sequences, N new tokens)."""

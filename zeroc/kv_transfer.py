@@ -341,25 +341,30 @@ class KvReceiver:
 
 
 class TierRows:
-    """A prompt's token-tier rows as they arrive (decode side; zeroc/tier_store.py): per layer the extra
-    key and value dims of the tokens at `positions`, zero elsewhere, for `TierStore.load`."""
+    """A prompt's token-tier rows as they arrive (decode side; zeroc/tier_store.py): per layer the extra key
+    and value dims of the tokens at `positions` only (the sinks and the last `recent` tokens), for
+    `TierStore.load_tier`."""
 
     def __init__(self, widths: list[tuple[int, int, int]], tokens: int, positions: list[range],
                  dtype: torch.dtype):
-        # widths: per layer (kv_heads, tier_k, tier_v); k[layer]: [tokens, kv_heads, tier_k], v likewise
-        self.k = [torch.zeros(tokens, h, tk, dtype=dtype) for h, tk, _ in widths]
-        self.v = [torch.zeros(tokens, h, tv, dtype=dtype) for h, _, tv in widths]
-        self.expected = torch.zeros(tokens, dtype=torch.bool)
+        # widths: per layer (kv_heads, tier_k, tier_v); k[layer]: [P, kv_heads, tier_k], v likewise
+        expected = torch.zeros(tokens, dtype=torch.bool)
         for r in positions:
-            self.expected[r.start:r.stop] = True
-        self._filled = torch.zeros(len(widths), 2, tokens, dtype=torch.bool)
+            expected[r.start:r.stop] = True
+        self.positions = expected.nonzero()[:, 0]  # [P] ascending
+        self._row = expected.cumsum(0) - 1  # [tokens] row of each expected position in k and v
+        self._expected = expected
+        p = len(self.positions)
+        self.k = [torch.zeros(p, h, tk, dtype=dtype) for h, tk, _ in widths]
+        self.v = [torch.zeros(p, h, tv, dtype=dtype) for h, _, tv in widths]
+        self._filled = torch.zeros(len(widths), 2, p, dtype=torch.bool)
 
     def write(self, piece: KvPiece) -> None:
         n, first = piece.data.shape[0], piece.first_token
         if not 0 <= piece.layer < len(self.k):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"tier chunk for layer {piece.layer}; the model has "
                                   f"{len(self.k)}")
-        if first < 0 or first + n > len(self.expected) or not bool(self.expected[first:first + n].all()):
+        if first < 0 or first + n > len(self._expected) or not bool(self._expected[first:first + n].all()):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"tier chunk covers tokens [{first}, {first + n}), "
                                   "outside the prompt's sinks and recent window")
         dest = (self.k if piece.is_key else self.v)[piece.layer]
@@ -367,15 +372,16 @@ class TierRows:
             raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"tier chunk rows are {tuple(piece.data.shape[1:])}; this model's tier keeps "
                                   f"{tuple(dest.shape[1:])} (a different model?)")
-        dest[first:first + n] = piece.data.to(dest.dtype)
-        self._filled[piece.layer, 0 if piece.is_key else 1, first:first + n] = True
+        rows = self._row[first:first + n]
+        dest[rows] = piece.data.to(dest.dtype)
+        self._filled[piece.layer, 0 if piece.is_key else 1, rows] = True
 
     def check_complete(self) -> None:
-        gaps = (~self._filled & self.expected).nonzero()
+        gaps = (~self._filled).nonzero()
         if len(gaps):
-            layer, _, token = gaps[0].tolist()
-            raise KvTransferError(grpc.StatusCode.DATA_LOSS,
-                                  f"KV transfer ended without the token tier's rows (first gap: layer {layer}, token {token})")
+            layer, _, row = gaps[0].tolist()
+            raise KvTransferError(grpc.StatusCode.DATA_LOSS, "KV transfer ended without the token tier's rows "
+                                  f"(first gap: layer {layer}, token {int(self.positions[row])})")
 
 
 # -- the seam ------------------------------------------------------------------------------------

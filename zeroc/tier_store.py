@@ -27,7 +27,7 @@ from torch import Tensor
 
 from zeroc.config import ModelConfig
 from zeroc.kv_cache import PagedBatch
-from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div
+from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div, work_dtype
 from zeroc.tier import TierLayer, tier_layers, tier_positions
 
 if TYPE_CHECKING:
@@ -196,8 +196,11 @@ class TierStore(PolicyStore):
         t, pool = self.policy.layers[layer], self.pools[layer]
         r = _Rows.of(batch)
         stored = pool[batch.block_tables].flatten(1, 2)  # [B, ctx, kv_heads, k_dim + v_dim]
-        k_c, v_c = stored[..., : t.k_dim], stored[..., t.k_dim:]
         k_pos = torch.arange(stored.shape[1], device=q.device)[None, None]  # [1, 1, ctx]
+        # Slots past a sequence's length hold other sequences' old rows: zeroed, as paged_attention_ref does,
+        # so that nothing non-finite can leak through their 0 weights.
+        stored = torch.where((k_pos[0] < batch.seq_lens[:, None])[..., None, None], stored, 0.0)
+        k_c, v_c = stored[..., : t.k_dim], stored[..., t.k_dim:]
         q_pos = r.pos[..., None]  # [B, max_q, 1]
         compressed = (k_pos <= q_pos) & (k_pos < batch.seq_lens[:, None, None]) & ~self._in_tier(k_pos, q_pos)
         keys_pos, keys, values, keys_ok = self._full_keys(layer, batch, r, k_new[r.src], v_new[r.src], k_c, v_c)
@@ -205,7 +208,7 @@ class TierStore(PolicyStore):
         k = torch.cat([F.pad(k_c, (0, t.tier_k)), keys], 1)  # [B, ctx + K, kv, k_dim + tier_k]
         v = torch.cat([F.pad(v_c, (0, t.tier_v)), values], 1)  # [B, ctx + K, kv, v_dim + tier_v]
         mask = torch.cat([compressed, full], -1)[:, None]  # [B, 1, max_q, ctx + K]
-        work = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least, as the dense forward
+        work = work_dtype(q.dtype)
         out = F.scaled_dot_product_attention(q[r.src].transpose(1, 2).to(work), k.transpose(1, 2).to(work),
                                              v.transpose(1, 2).to(work), attn_mask=mask, scale=scale,
                                              enable_gqa=True)  # [B, heads, max_q, v_dim + tier_v]
@@ -250,13 +253,13 @@ class TierStore(PolicyStore):
         return flat.view(len(ids), held, s.kv_heads, t.tier_k + t.tier_v)
 
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
-        # k: [T, kv, k_dim + tier_k]; v: [T, kv, v_dim + tier_v] of tokens [0, T), the tier dims valid
-        # at the tier's positions only (`zeroc.kv_transfer.TierRows`)
+        # k: [T, kv, k_dim]; v: [T, kv, v_dim]: the compressed rows of tokens [0, T) from the wire
         t, pool, n = self.policy.layers[layer], self.pools[layer], k.shape[0]
-        j = torch.arange(n, device=pool.device)
-        blocks = torch.tensor(table[: ceil_div(n, self.bs)], dtype=torch.long, device=pool.device)
-        rows = pool.view(-1, *pool.shape[2:])
-        rows[blocks[j // self.bs] * self.bs + j % self.bs] = torch.cat([k[..., : t.k_dim], v[..., : t.v_dim]],
-                                                                        -1).to(pool.dtype)
-        kept = self._kept(0, n)
-        self._write_tier(layer, table, kept, torch.cat([k[kept, :, t.k_dim:], v[kept, :, t.v_dim:]], -1))
+        rows = pool[table[: ceil_div(n, self.bs)]].flatten(0, 1)  # [blocks * block_size, kv, k_dim + v_dim]
+        rows[:n] = torch.cat([k, v], -1).to(pool.dtype)
+        pool[table[: ceil_div(n, self.bs)]] = rows.view(-1, *pool.shape[1:])
+
+    def load_tier(self, layer: int, table: list[int], positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """The tier rows of a prompt that arrived from a prefill service (`zeroc.kv_transfer.TierRows`), after
+        `load`. positions: [P] the prompt's sinks and last `recent` positions; k: [P, kv, tier_k]; v: [P, kv, tier_v]"""
+        self._write_tier(layer, table, positions.to(self.pools[layer].device), torch.cat([k, v], -1))

@@ -163,3 +163,13 @@ def test_tier_chunks_for_a_model_without_a_tier_or_outside_the_tier_are_refused(
     with pytest.raises(KvTransferError, match="outside the prompt's sinks and recent window") as err:
         receiver.write(decode_chunk(parse_prefill_response(outside)))
     assert err.value.code.name == "DATA_LOSS"
+
+
+def test_forward_bench_sizes_a_tiered_cache_with_its_borrowed_blocks(tiered_of, bundled):
+    """`zeroc bench forward` on a tiered model: the cache holds the tier's blocks (sequence_blocks)."""
+    from zeroc.bench import bench_decode, bench_prefill
+
+    model = tiered_of("fold", 4, 16)
+    loaded = LoadedModel(model, model.config, bundled.tokenizer, bundled.path)
+    assert bench_prefill(loaded, 40, repeats=1).tokens == 40
+    assert bench_decode(loaded, batch_size=2, context=24, steps=3).tokens == 2

@@ -14,7 +14,6 @@ import hashlib
 from typing import Callable
 
 import grpc
-import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig
@@ -64,9 +63,9 @@ def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0
             k_pool, v_pool = landing.layer(layer)
             k = k_pool.view(-1, *k_pool.shape[2:])[landing_slots]  # [T, kv_heads, k_dim]
             v = v_pool.view(-1, *v_pool.shape[2:])[landing_slots]  # [T, kv_heads, v_dim]
-            if tier is not None:  # the tier store takes its rows appended (TierStore.load)
-                k, v = torch.cat([k, tier.k[layer].to(k)], -1), torch.cat([v, tier.v[layer].to(v)], -1)
             cache.load(seq_id, layer, k, v)
+            if tier is not None:  # the sinks' and the window's full-rank rows, into the tier store's ring
+                cache.store.load_tier(layer, cache.block_table(seq_id), tier.positions, tier.k[layer], tier.v[layer])
 
     return KvReceiver(landing, landing_slots, tier=tier), land
 
