@@ -62,6 +62,13 @@ def paged_attention_ref(
     return out[valid_q][..., :dv]
 
 
+def rows_contiguous(cache: Tensor) -> Tensor:
+    """A cache pool as the kernels read it: every dim through its stride but the last, which must be dense.
+    A column view of a pool (one run of a layer with per-KV-head ranks, zeroc/head_ranks.py) is read in
+    place; copying it would copy the whole pool every step."""
+    return cache if cache.stride(-1) == 1 else cache.contiguous()
+
+
 def check_int8_args(k_cache: Tensor, v_cache: Tensor, k_scales: Tensor | None, v_scales: Tensor | None) -> bool:
     """Whether the caches are int8 with per-token scales (both or neither); ValueError if mixed."""
     int8 = k_scales is not None

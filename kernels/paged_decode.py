@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref
+from kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref, rows_contiguous
 
 try:  # Triton is optional on CPU-only machines; the reference serves there.
     import triton
@@ -201,7 +201,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     _, block_size, kv_heads, dv = v_cache.shape
     group = heads // kv_heads
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
-    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    q, k_cache, v_cache = q.contiguous(), rows_contiguous(k_cache), rows_contiguous(v_cache)
     k_scales = k_scales.contiguous() if int8 else _unused_pointer(q)
     v_scales = v_scales.contiguous() if int8 else k_scales
     tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()

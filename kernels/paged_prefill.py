@@ -15,7 +15,7 @@ import os
 import torch
 from torch import Tensor
 
-from kernels.paged_attention import check_int8_args
+from kernels.paged_attention import check_int8_args, rows_contiguous
 
 try:  # optional on CPU-only machines
     import triton
@@ -111,7 +111,7 @@ def paged_prefill_attention(
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
     n, heads, dq = q.shape
     _, block_size, kv_heads, dv = v_cache.shape
-    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    q, k_cache, v_cache = q.contiguous(), rows_contiguous(k_cache), rows_contiguous(v_cache)
     tables = block_tables.to(torch.int32).contiguous()
     lens, starts = seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous()
     if out is None:

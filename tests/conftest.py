@@ -95,15 +95,37 @@ def zeroc_half_dir(bundled, bundled_factors, tmp_path_factory) -> str:
     return str(out)
 
 
+# (Q/K ranks, V ranks) per layer of the bundled model (2 KV heads), fold and rotate alternating: per-KV-head
+# ranks in fold and rotate layers, on Q/K, V or both, beside uniform layers; on average 32 and 16 of 64.
+MIXED_HEAD_RANKS = [((24, 40), (8, 24)), (32, 16), ((40, 24), 16), ((24, 40), (8, 24)), (32, 16), (32, (24, 8))]
+
+
+def mixed_heads_layers(factors):
+    return tuple(f.layer_compression(qk, v, ("fold", "rotate")[i % 2])
+                 for i, (f, (qk, v)) in enumerate(zip(factors, MIXED_HEAD_RANKS)))
+
+
 @pytest.fixture(scope="session")
-def zeroc_tier_dir(bundled, bundled_factors, tmp_path_factory) -> str:
-    """The bundled model at Q/K rank 32 and V rank 16 of 64, fold and rotate layers alternating, with a token
-    tier of 2 sinks and a recent window of 8 tokens."""
+def zeroc_heads_dir(bundled, bundled_factors, tmp_path_factory) -> str:
+    """The bundled model with per-KV-head ranks in four of its six layers (`MIXED_HEAD_RANKS`): KV budget 0.375."""
     from zeroc.compression.fold import build_compressed
     from zeroc.config import AttentionCompression
 
-    layers = tuple(f.layer_compression(32, 16, ("fold", "rotate")[i % 2]) for i, f in enumerate(bundled_factors))
-    layout = AttentionCompression(layers, "test-tier-2-8", 0.375, "zeroc-auto", sinks=2, recent=8)
+    layout = AttentionCompression(mixed_heads_layers(bundled_factors), "test-heads", 0.375, "zeroc-auto")
+    out = save_model(build_compressed(bundled.model, bundled_factors, layout), bundled.tokenizer,
+                     tmp_path_factory.mktemp("zeroc-heads") / "model")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def zeroc_tier_dir(bundled, bundled_factors, tmp_path_factory) -> str:
+    """The bundled model compressed as `zeroc_heads_dir` (per-KV-head ranks in fold and rotate layers, uniform
+    ones beside them) with a token tier of 2 sinks and a recent window of 8 tokens."""
+    from zeroc.compression.fold import build_compressed
+    from zeroc.config import AttentionCompression
+
+    layout = AttentionCompression(mixed_heads_layers(bundled_factors), "test-tier-2-8", 0.375, "zeroc-auto",
+                                  sinks=2, recent=8)
     out = save_model(build_compressed(bundled.model, bundled_factors, layout), bundled.tokenizer,
                      tmp_path_factory.mktemp("zeroc-tier") / "model")
     return str(out)

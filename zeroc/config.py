@@ -74,6 +74,18 @@ class RopeConfig:
 QK_MODES = ("fold", "rotate")
 
 
+def _per_head(ranks: int | tuple[int, ...], kv_heads: int) -> tuple[int, ...]:
+    return (ranks,) * kv_heads if isinstance(ranks, int) else tuple(ranks)
+
+
+def _canonical(ranks: Any) -> int | tuple[int, ...]:
+    """An int, or a tuple of per-KV-head ranks that differ (equal ones collapse to their int)."""
+    if isinstance(ranks, (list, tuple)):
+        ranks = tuple(int(r) for r in ranks)
+        return ranks[0] if ranks and len(set(ranks)) == 1 else ranks
+    return int(ranks)
+
+
 @dataclass(frozen=True)
 class LayerCompression:
     """One layer's compressed attention (ZeroC).
@@ -82,15 +94,41 @@ class LayerCompression:
     KV head's pairs). `mode` "rotate": q and k keep all head_dim dims through RoPE, then each KV
     head's calibrated bases (weights `q_basis`, `k_basis`) map them to `rotate_rank` dims.
     V/O are folded to `v_rank` dimensions per KV head in both modes.
+    Ranks may differ between a layer's KV heads (fold: heads keep different numbers of pairs;
+    `rotate_rank`, `v_rank`: a tuple, one per KV head); see zeroc/head_ranks.py for how such a
+    layer is cached and attended.
     """
 
     qk_pairs: tuple[tuple[int, ...], ...]  # fold: [kv_heads][qk_rank / 2] kept pair indices, ascending; rotate: ()
-    v_rank: int
+    v_rank: int | tuple[int, ...]
     mode: str = "fold"
-    rotate_rank: int = 0  # rotate: Q/K width after the bases
+    rotate_rank: int | tuple[int, ...] = 0  # rotate: Q/K width after the bases
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "v_rank", _canonical(self.v_rank))
+        object.__setattr__(self, "rotate_rank", _canonical(self.rotate_rank))
+
+    def qk_ranks(self, kv_heads: int) -> tuple[int, ...]:
+        """Q/K rank of each KV head (and of its query heads)."""
+        if self.mode == "rotate":
+            return _per_head(self.rotate_rank, kv_heads)
+        return tuple(2 * len(p) for p in self.qk_pairs)
+
+    def v_ranks(self, kv_heads: int) -> tuple[int, ...]:
+        return _per_head(self.v_rank, kv_heads)
+
+    @property
+    def per_head(self) -> bool:
+        """Whether the layer's KV heads keep different ranks."""
+        if not isinstance(self.v_rank, int) or not isinstance(self.rotate_rank, int):
+            return True
+        return self.mode == "fold" and len({len(p) for p in self.qk_pairs}) > 1
 
     @property
     def qk_rank(self) -> int:
+        """The Q/K rank of every KV head (ValueError for a layer with per-head ranks: see `qk_ranks`)."""
+        if self.per_head:
+            raise ValueError("this layer keeps per-KV-head ranks; read them with qk_ranks()/v_ranks()")
         return self.rotate_rank if self.mode == "rotate" else 2 * len(self.qk_pairs[0])
 
     def dropped_pairs(self, head_dim: int) -> tuple[tuple[int, ...], ...]:
@@ -98,15 +136,16 @@ class LayerCompression:
         return tuple(tuple(sorted(set(range(head_dim // 2)) - set(p))) for p in self.qk_pairs)
 
     def to_dict(self) -> dict[str, Any]:
+        as_json = lambda r: r if isinstance(r, int) else list(r)  # noqa: E731
         if self.mode == "rotate":
-            return {"mode": "rotate", "qk_rank": self.rotate_rank, "v_rank": self.v_rank}
-        return {"qk_pairs": [list(p) for p in self.qk_pairs], "v_rank": self.v_rank}
+            return {"mode": "rotate", "qk_rank": as_json(self.rotate_rank), "v_rank": as_json(self.v_rank)}
+        return {"qk_pairs": [list(p) for p in self.qk_pairs], "v_rank": as_json(self.v_rank)}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "LayerCompression":
         if raw.get("mode", "fold") == "rotate":
-            return cls((), int(raw["v_rank"]), "rotate", int(raw["qk_rank"]))
-        return cls(tuple(tuple(int(i) for i in p) for p in raw["qk_pairs"]), int(raw["v_rank"]),
+            return cls((), raw["v_rank"], "rotate", raw["qk_rank"])
+        return cls(tuple(tuple(int(i) for i in p) for p in raw["qk_pairs"]), raw["v_rank"],
                    str(raw.get("mode", "fold")))
 
 
@@ -194,24 +233,46 @@ class ModelConfig:
         for i, layer in enumerate(comp.layers):
             if layer.mode not in QK_MODES:
                 raise ValueError(f"compression layer {i}: mode must be one of {', '.join(QK_MODES)}, got {layer.mode!r}")
-            if not 0 < layer.v_rank <= self.head_dim:
-                raise ValueError(f"compression layer {i}: v_rank must be in [1, {self.head_dim}]")
+            kv, d = self.num_key_value_heads, self.head_dim
+            if not isinstance(layer.v_rank, int) and len(layer.v_rank) != kv:
+                raise ValueError(f"compression layer {i}: v_rank must be one rank or one per KV head ({kv})")
+            if not all(0 < r <= d for r in layer.v_ranks(kv)):
+                raise ValueError(f"compression layer {i}: v_rank must be in [1, {d}]")
             if layer.mode == "rotate":
-                if layer.qk_pairs or not 0 < layer.rotate_rank <= self.head_dim:
-                    raise ValueError(f"compression layer {i}: rotate mode needs qk_rank in [1, {self.head_dim}] "
-                                     "and no qk_pairs")
+                ranks = layer.qk_ranks(kv)
+                if layer.qk_pairs or len(ranks) != kv or not all(0 < r <= d for r in ranks):
+                    raise ValueError(f"compression layer {i}: rotate mode needs qk_rank in [1, {d}] (one, or one "
+                                     "per KV head) and no qk_pairs")
                 continue
-            if len(layer.qk_pairs) != self.num_key_value_heads:
+            if len(layer.qk_pairs) != kv:
                 raise ValueError(f"compression layer {i}: qk_pairs must list one entry per KV head")
-            if len({len(p) for p in layer.qk_pairs}) != 1 or not layer.qk_pairs[0]:
-                raise ValueError(f"compression layer {i}: every KV head must keep the same number (>0) of pairs")
             for p in layer.qk_pairs:
-                if list(p) != sorted(set(p)) or p[0] < 0 or p[-1] >= self.head_dim // 2:
-                    raise ValueError(f"compression layer {i}: RoPE pair indices must be ascending, unique and "
-                                     f"in [0, {self.head_dim // 2})")
+                if not p or list(p) != sorted(set(p)) or p[0] < 0 or p[-1] >= d // 2:
+                    raise ValueError(f"compression layer {i}: every KV head must keep at least one RoPE pair, "
+                                     f"indices ascending, unique and in [0, {d // 2})")
+
+    def head_ranks(self, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(Q/K rank, V rank) of each KV head of `layer` (head_dim each unless compressed)."""
+        kv = self.num_key_value_heads
+        if self.compression is None:
+            return (self.head_dim,) * kv, (self.head_dim,) * kv
+        comp = self.compression.layers[layer]
+        return comp.qk_ranks(kv), comp.v_ranks(kv)
+
+    def per_head_ranks(self, layer: int) -> bool:
+        """Whether `layer`'s KV heads keep different ranks (zeroc/head_ranks.py)."""
+        return self.compression is not None and self.compression.layers[layer].per_head
+
+    def kv_geometry(self, layer: int) -> tuple[int, int, int]:
+        """What the cache stores of one token in `layer`: (heads, key width, value width) per head. A layer
+        with per-KV-head ranks stores one row of every head's dims side by side (zeroc/head_ranks.py)."""
+        if self.per_head_ranks(layer):
+            qk, v = self.head_ranks(layer)
+            return 1, sum(qk), sum(v)
+        return self.num_key_value_heads, self.qk_dim(layer), self.v_dim(layer)
 
     def qk_dim(self, layer: int) -> int:
-        """Width of each query/key head in `layer` (head_dim unless compressed)."""
+        """Width of each query/key head in `layer` (head_dim unless compressed; ValueError if its heads differ)."""
         return self.compression.layers[layer].qk_rank if self.compression else self.head_dim
 
     def qk_mode(self, layer: int) -> str | None:
@@ -219,22 +280,25 @@ class ModelConfig:
         return self.compression.layers[layer].mode if self.compression else None
 
     def v_dim(self, layer: int) -> int:
-        """Width of each value head in `layer` (head_dim unless compressed)."""
-        return self.compression.layers[layer].v_rank if self.compression else self.head_dim
+        """Width of each value head in `layer` (head_dim unless compressed; ValueError if its heads differ)."""
+        if self.compression is None:
+            return self.head_dim
+        comp = self.compression.layers[layer]
+        if comp.per_head:
+            raise ValueError(f"layer {layer} keeps per-KV-head ranks; read them with head_ranks()")
+        return comp.v_rank
 
     @property
     def has_tier(self) -> bool:
         """Whether a full-rank token tier (sinks + recent window) is kept beside the compressed cache."""
         return self.compression is not None and self.compression.has_tier
 
-    def tier_qk_dim(self, layer: int) -> int:
-        """Q/K dims a tiered layer adds for full-rank attention: the dropped RoPE pairs (fold), or the
-        bases' complement columns (rotate)."""
-        return self.head_dim - self.qk_dim(layer)
-
-    def tier_v_dim(self, layer: int) -> int:
-        """V dims a tiered layer adds for full-rank attention: the complement of the V/O basis."""
-        return self.head_dim - self.v_dim(layer)
+    def tier_geometry(self, layer: int) -> tuple[int, int]:
+        """(key, value) dims per cached head that a tiered layer adds for full-rank attention: the dropped
+        RoPE pairs (fold) or the bases' complement columns (rotate), and the complement of the V/O basis."""
+        heads, k, v = self.kv_geometry(layer)
+        full = self.num_key_value_heads * self.head_dim // heads
+        return full - k, full - v
 
     @property
     def group_size(self) -> int:

@@ -89,9 +89,9 @@ def block_bytes(shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -
 
 
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
-    """Cache geometry of every layer of a model (compressed layers store fewer dims; a token tier's extra
-    rows are its store's, not the blocks')."""
-    return [LayerShape(cfg.num_key_value_heads, cfg.qk_dim(i), cfg.v_dim(i)) for i in range(cfg.num_hidden_layers)]
+    """Cache geometry of every layer of a model (compressed layers store fewer dims, a layer with per-KV-head
+    ranks one row of all its heads' dims; a token tier's extra rows are its store's, not the blocks')."""
+    return [LayerShape(*cfg.kv_geometry(i)) for i in range(cfg.num_hidden_layers)]
 
 
 def sequence_blocks(cfg: ModelConfig, block_size: int, tokens: int) -> int:

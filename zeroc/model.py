@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kernels.attention import paged_attention, use_triton
 from zeroc.config import ModelConfig, RopeConfig
+from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedKVCache, PagedBatch
 from zeroc.tier import tiered_attention
 
@@ -51,18 +52,26 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
     return inv_freq
 
 
+def _pair_freqs(base: Tensor, pairs: tuple[tuple[int, ...], ...]) -> Tensor:
+    # base: [d/2] -> [kv_heads, most pairs] frequencies of each KV head's pairs, zero past a head's own
+    out = base.new_zeros(len(pairs), max(len(p) for p in pairs))
+    for g, p in enumerate(pairs):
+        out[g, : len(p)] = base[torch.tensor(p, dtype=torch.long)]
+    return out
+
+
 def layer_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
     """Frequencies of the RoPE pairs a layer keeps: [kv_heads, qk_dim / 2] (fold), or [1, head_dim / 2] if whole."""
     base = rope_inv_freq(cfg.rope, cfg.head_dim)
     if cfg.qk_mode(layer) != "fold":  # uncompressed and rotate mode run RoPE on every pair
         return base[None]
-    return base[torch.tensor(cfg.compression.layers[layer].qk_pairs)]
+    return _pair_freqs(base, cfg.compression.layers[layer].qk_pairs)
 
 
 def tier_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
     """Frequencies of the RoPE pairs a fold layer drops (its full-rank tier adds them back): [kv_heads, (d - qk_dim) / 2]"""
     base = rope_inv_freq(cfg.rope, cfg.head_dim)
-    return base[torch.tensor(cfg.compression.layers[layer].dropped_pairs(cfg.head_dim), dtype=torch.long)]
+    return _pair_freqs(base, cfg.compression.layers[layer].dropped_pairs(cfg.head_dim))
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -123,34 +132,41 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.qk_dim, self.v_dim = cfg.qk_dim(layer), cfg.v_dim(layer)
+        group, d, bias = cfg.group_size, cfg.head_dim, cfg.attention_bias
+        self.head_dim = d
+        qk, vr = cfg.head_ranks(layer)  # per KV head
+        # per-KV-head ranks: runs of heads with equal ranks (zeroc/head_ranks.py); None: one width for all
+        self.heads = HeadLayout.of(qk, vr, group) if cfg.per_head_ranks(layer) else None
+        self.qk_dim, self.v_dim = (None, None) if self.heads else (qk[0], vr[0])
         self.rotate = cfg.qk_mode(layer) == "rotate"
-        proj_dim = cfg.head_dim if self.rotate else self.qk_dim  # rotate: RoPE needs every pair
-        self.scale = 1.0 / math.sqrt(cfg.head_dim)  # the model was trained with this, whatever the rank
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * proj_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * proj_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.v_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=bias)
+        proj = (d,) * self.n_kv if self.rotate else qk  # rotate: RoPE needs every pair
+        self.scale = 1.0 / math.sqrt(d)  # the model was trained with this, whatever the rank
+        self.q_proj = nn.Linear(cfg.hidden_size, group * sum(proj), bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, sum(proj), bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, sum(vr), bias=bias)
+        self.o_proj = nn.Linear(group * sum(vr), cfg.hidden_size, bias=bias)
         if self.rotate:  # q' = q_basis[g]^T RoPE(q) for every query head of group g; k' likewise
-            self.q_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, self.qk_dim))  # [kv, d, r]
-            self.k_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, self.qk_dim))  # [kv, d, r]
+            # [kv, d, r]; with per-head ranks r = the widest, and head g's columns past its rank are zero
+            self.q_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))
+            self.k_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))
         self.register_buffer("inv_freq", layer_inv_freq(cfg, layer), persistent=False)
         self.tier = (cfg.compression.sinks, cfg.compression.recent) if cfg.has_tier else None
         if self.tier is not None:
-            tier_qk, tier_v = cfg.tier_qk_dim(layer), cfg.tier_v_dim(layer)
-            if self.rotate:  # the bases' complement columns: [kv, d, d - r] each
-                self.tier_q_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, tier_qk))
-                self.tier_k_basis = nn.Parameter(torch.empty(self.n_kv, cfg.head_dim, tier_qk))
+            tier_qk, tier_v = [d - r for r in qk], [d - r for r in vr]  # per KV head
+            if self.rotate:  # the bases' complement columns: [kv, d, d - r] each (zero-padded past a head's)
+                self.tier_q_basis = nn.Parameter(torch.empty(self.n_kv, d, max(tier_qk)))
+                self.tier_k_basis = nn.Parameter(torch.empty(self.n_kv, d, max(tier_qk)))
             else:
-                self.tier_q_proj = nn.Linear(cfg.hidden_size, self.n_heads * tier_qk, bias=bias)
-                self.tier_k_proj = nn.Linear(cfg.hidden_size, self.n_kv * tier_qk, bias=bias)
+                self.tier_q_proj = nn.Linear(cfg.hidden_size, group * sum(tier_qk), bias=bias)
+                self.tier_k_proj = nn.Linear(cfg.hidden_size, sum(tier_qk), bias=bias)
                 self.register_buffer("tier_inv_freq", tier_inv_freq(cfg, layer), persistent=False)
-            self.tier_v_proj = nn.Linear(cfg.hidden_size, self.n_kv * tier_v, bias=bias)
-            self.tier_o_proj = nn.Linear(self.n_heads * tier_v, cfg.hidden_size, bias=False)  # o_proj has the bias
+            self.tier_v_proj = nn.Linear(cfg.hidden_size, sum(tier_v), bias=bias)
+            self.tier_o_proj = nn.Linear(group * sum(tier_v), cfg.hidden_size, bias=False)  # o_proj has the bias
 
     def forward(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         # x: [*P, hidden]; positions: [*P]
+        if self.heads is not None:
+            return self._per_head(layer, x, positions, attend)
         lead = x.shape[:-1]
         q = self.q_proj(x).view(*lead, self.n_heads, -1)
         k = self.k_proj(x).view(*lead, self.n_kv, -1)
@@ -170,9 +186,7 @@ class Attention(nn.Module):
         """Attention with the token tier (zeroc/tier.py): dense causal, or through a tier cache's store.
         x: [*P, hidden]; positions: [*P]; q: [*P, heads, *] and k: [*P, kv_heads, *] after RoPE;
         v: [*P, kv_heads, v_dim]."""
-        if attend is not causal_attend and not isinstance(attend, PagedAttend):
-            raise ValueError("this model keeps a full-rank token tier: it runs the dense forward and the paged "
-                             "cache (generate, serve, streaming eval), not KV-cache policies")
+        _check_tier_attend(attend)
         lead = x.shape[:-1]
         # Full-rank q, k: the compressed dims, then the complement (q·k sums over both): fold, the dropped
         # RoPE pairs; rotate, the post-RoPE q, k on the bases' complement columns (A B^T = I at full rank).
@@ -191,6 +205,77 @@ class Attention(nn.Module):
             out = attend(layer, q_full, k_full, v_full, self.scale)
         out_kept, out_rest = out.split([self.v_dim, out.shape[-1] - self.v_dim], -1)
         return self.o_proj(out_kept.reshape(*lead, -1)) + self.tier_o_proj(out_rest.reshape(*lead, -1))
+
+    def _per_head(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
+        """A layer whose KV heads keep different ranks: every run of equal-rank heads is a GQA block of its own
+        widths (zeroc/head_ranks.py). x: [*P, hidden]; positions: [*P]"""
+        runs, lead = self.heads.runs, x.shape[:-1]
+        vs = self.heads.split(self.v_proj(x), [r.v for r in runs])  # per run [*P, n, v]
+        tiers = None  # per run the tier's q, k dims: fold, the dropped pairs; rotate, the complement columns
+        if self.rotate:  # every head is d wide through RoPE: project and rotate once, at the widest rank
+            q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
+            k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
+            q, k = rope_qk(q, k, self.inv_freq, positions)
+            qs, ks = self.heads.narrow(*rotate_qk(q, k, self.q_basis, self.k_basis), [r.qk for r in runs])
+            if self.tier is not None:
+                tiers = self.heads.narrow(*rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis),
+                                          [self.head_dim - r.qk for r in runs])
+        else:  # fold: each head's own kept pairs, RoPE at their own frequencies
+            qs, ks = self._fold_runs(x, positions, self.q_proj, self.k_proj, self.inv_freq, [r.qk for r in runs])
+            if self.tier is not None:
+                tiers = self._fold_runs(x, positions, self.tier_q_proj, self.tier_k_proj, self.tier_inv_freq,
+                                        [self.head_dim - r.qk for r in runs])
+        if isinstance(attend, FusedPagedAttend):  # its epilogue writes whole heads; each run reads a pool view
+            attend = PagedAttend(attend.cache, attend.batch)
+        if tiers is not None:
+            return self._per_head_tiered(layer, x, qs, ks, vs, *tiers, attend)
+        if attend is causal_attend:  # each run at its own widths: exact FLOPs
+            outs = [causal_attend(layer, q, k, v, self.scale) for q, k, v in zip(qs, ks, vs)]
+        elif isinstance(attend, PagedAttend):
+            outs = attend.attend_heads(layer, self.heads, qs, ks, vs, self.scale)
+        else:  # a caller's attention (KV policies, calibration) sees one KV head of the cache row's width
+            out = attend(layer, self.heads.queries(qs), self.heads.rows(ks), self.heads.rows(vs), self.scale)
+            outs = self.heads.outputs(out, [r.v for r in runs])
+        return self.o_proj(torch.cat([o.flatten(-2) for o in outs], -1))
+
+    def _fold_runs(self, x: Tensor, positions: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, inv_freq: Tensor,
+                   widths: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Fold mode's per-run q [*P, n * group, w] and k [*P, n, w] after RoPE; inv_freq: [kv, widest / 2]."""
+        qs = self.heads.split(q_proj(x), widths, queries=True)
+        ks = self.heads.split(k_proj(x), widths)
+        for i, (r, w) in enumerate(zip(self.heads.runs, widths)):
+            qs[i], ks[i] = rope_qk(qs[i], ks[i], inv_freq[r.start: r.stop, : w // 2], positions)
+        return qs, ks
+
+    def _per_head_tiered(self, layer: int, x: Tensor, q_comp: list[Tensor], k_comp: list[Tensor], vs: list[Tensor],
+                         q_tier: list[Tensor], k_tier: list[Tensor], attend: AttendFn) -> Tensor:
+        """`_tiered` for a layer with per-KV-head ranks, per run: q [*P, n * group, r] and k [*P, n, r] compressed
+        after RoPE (and the bases), v [*P, n, v], and the tier's dims of q and k."""
+        _check_tier_attend(attend)
+        runs, d = self.heads.runs, self.head_dim
+        v_tiers = self.heads.split(self.tier_v_proj(x), [d - r.v for r in runs])
+        if attend is causal_attend:
+            outs = [tiered_attention(qc, kc, v, torch.cat([qc, qt], -1), torch.cat([kc, kt], -1),
+                                     torch.cat([v, vt], -1), *self.tier, self.scale)  # [B, T, n * group, d]
+                    for qc, kc, v, qt, kt, vt in zip(q_comp, k_comp, vs, q_tier, k_tier, v_tiers)]
+            kept = [o[..., : r.v] for o, r in zip(outs, runs)]
+            rest = [o[..., r.v:] for o, r in zip(outs, runs)]
+        else:  # the tier store: one row of every head's compressed dims, then one of their tier dims
+            lay = self.heads
+            q_row = torch.cat([lay.queries(q_comp), lay.queries(q_tier)], -1)  # [N, heads, W_k + W_tier_k]
+            k_row = torch.cat([lay.rows(k_comp), lay.rows(k_tier)], -1)  # [N, 1, W_k + W_tier_k]
+            out = attend(layer, q_row, k_row, torch.cat([lay.rows(vs), lay.rows(v_tiers)], -1), self.scale)
+            v_width = sum(r.heads * r.v for r in runs)
+            kept = lay.outputs(out[..., :v_width], [r.v for r in runs])
+            rest = lay.outputs(out[..., v_width:], [d - r.v for r in runs])
+        flat = lambda parts: torch.cat([p.flatten(-2) for p in parts], -1)  # noqa: E731
+        return self.o_proj(flat(kept)) + self.tier_o_proj(flat(rest))
+
+
+def _check_tier_attend(attend: AttendFn) -> None:
+    if attend is not causal_attend and not isinstance(attend, PagedAttend):
+        raise ValueError("this model keeps a full-rank token tier: it runs the dense forward and the paged "
+                         "cache (generate, serve, streaming eval), not KV-cache policies")
 
 
 def rotate_qk(q: Tensor, k: Tensor, q_basis: Tensor, k_basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,6 +304,21 @@ class PagedAttend:
         k_cache, v_cache = cache.layer(layer)
         return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                scale=scale)
+
+
+    def attend_heads(self, layer: int, heads: HeadLayout, qs: list[Tensor], ks: list[Tensor], vs: list[Tensor],
+                     scale: float) -> list[Tensor]:
+        """A layer with per-KV-head ranks (zeroc/head_ranks.py): per run q [N, n * group, w], k [N, n, w],
+        v [N, n, v] -> per run [N, n * group, v]. The cache row holds every head's dims side by side."""
+        cache, batch = self.cache, self.batch
+        cache.write(layer, batch.slot_mapping, heads.rows(ks), heads.rows(vs))
+        if cache.store is not None:
+            return heads.outputs(cache.store.attend(layer, heads.queries(qs), batch, scale), [v.shape[-1] for v in vs])
+        k_pool, v_pool = cache.layer(layer)
+        k_views = heads.pool_views(k_pool, [k.shape[-1] for k in ks])
+        v_views = heads.pool_views(v_pool, [v.shape[-1] for v in vs])
+        return [paged_attention(q, kc, vc, batch.block_tables, batch.seq_lens, batch.query_start_loc, scale=scale)
+                for q, kc, vc in zip(qs, k_views, v_views)]
 
 
 class FusedPagedAttend:

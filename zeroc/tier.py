@@ -29,20 +29,20 @@ from zeroc.config import ModelConfig
 
 @dataclass(frozen=True)
 class TierLayer:
-    """What a tiered layer keeps per token and KV head besides its compressed K/V rows: full-rank q.k is the
+    """What a tiered layer keeps per token and cached head besides its compressed K/V rows: full-rank q.k is the
     compressed dims' score plus the tier dims' (fold: the dropped RoPE pairs; rotate: the bases' complement
-    columns), and the full-rank value is the compressed one with the V complement appended."""
+    columns), and the full-rank value is the compressed one with the V complement appended. (A layer with
+    per-KV-head ranks caches one head of all its KV heads' dims: `ModelConfig.kv_geometry`.)"""
 
     k_dim: int  # compressed key width (in the cache's blocks)
     v_dim: int  # compressed value width
-    tier_k: int  # extra key (and query) dims of a tier token: head_dim - k_dim
-    tier_v: int  # extra value dims: head_dim - v_dim
+    tier_k: int  # extra key (and query) dims of a tier token: head_dim - k_dim per KV head
+    tier_v: int  # extra value dims: head_dim - v_dim per KV head
 
 
 def tier_layers(cfg: ModelConfig) -> list[TierLayer]:
     """Every layer's tier widths (a model with a tier)."""
-    return [TierLayer(cfg.qk_dim(i), cfg.v_dim(i), cfg.tier_qk_dim(i), cfg.tier_v_dim(i))
-            for i in range(cfg.num_hidden_layers)]
+    return [TierLayer(*cfg.kv_geometry(i)[1:], *cfg.tier_geometry(i)) for i in range(cfg.num_hidden_layers)]
 
 
 def tier_positions(sinks: int, recent: int, length: int) -> list[range]:
@@ -103,9 +103,9 @@ def tiered_attention(q: Tensor, k: Tensor, v: Tensor, q_full: Tensor, k_full: Te
 def tier_kv_fraction(cfg: ModelConfig, context: int) -> float:
     """KV bytes at `context` tokens as a fraction of the uncompressed cache, the tier's rows included: its
     min(S + W, T) tokens cost the full-minus-compressed difference on top of the compressed cache."""
-    d, layers = cfg.head_dim, range(cfg.num_hidden_layers)
-    full = 2 * d * len(layers)
-    compressed = sum(cfg.qk_dim(i) + cfg.v_dim(i) for i in layers) / full
+    layers = range(cfg.num_hidden_layers)
+    full = 2 * cfg.head_dim * cfg.num_key_value_heads * len(layers)
+    compressed = sum(h * (k + v) for h, k, v in map(cfg.kv_geometry, layers)) / full
     if not cfg.has_tier:
         return compressed
     tier_tokens = min(cfg.compression.sinks + cfg.compression.recent, context)

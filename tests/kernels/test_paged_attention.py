@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.paged_attention import paged_attention_ref
+from kernels.paged_attention import paged_attention_ref, rows_contiguous
 
 
 def naive_attention(q, k, v, ctx_start):
@@ -65,3 +66,28 @@ def test_matches_naive_attention_on_ragged_batches(block_size, group, kv_heads, 
     )
     assert out.shape == (starts[-1], heads, dv)
     torch.testing.assert_close(out, torch.cat(refs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_kernels_read_one_runs_columns_of_a_per_head_row_in_place(random_paged_kv, decode):
+    """A layer with per-KV-head ranks caches one row of all its heads' dims; each run of equal-rank heads
+    is attended through a column view of the pool (zeroc/head_ranks.py). Both Triton kernels read the view
+    where it lies, and match the reference on a contiguous copy."""
+    from kernels.paged_decode import paged_decode_attention
+    from kernels.paged_prefill import paged_prefill_attention
+    from zeroc.head_ranks import HeadLayout
+
+    gen = torch.Generator().manual_seed(7)
+    layout = HeadLayout.of((16, 16, 40), (8, 8, 24), group=2)  # runs: 2 heads at (16, 8), 1 at (40, 24)
+    lens = [37, 5, 20]
+    k_row, v_row, tables = random_paged_kv(gen, lens, 16, 1, 2 * 16 + 40, 2 * 8 + 24, torch.float32)
+    q_lens = [1] * 3 if decode else [9, 5, 1]
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
+    for run, kv, vv in zip(layout.runs, layout.pool_views(k_row, [16, 40]), layout.pool_views(v_row, [8, 24])):
+        assert kv.shape == (k_row.shape[0], 16, run.heads, run.qk) and not kv.is_contiguous()
+        assert rows_contiguous(kv).data_ptr() == kv.data_ptr()  # no copy of the pool
+        q = torch.randn(sum(q_lens), run.heads * 2, run.qk, generator=gen)
+        want = paged_attention_ref(q, kv.contiguous(), vv.contiguous(), tables, torch.tensor(lens), starts, 0.125)
+        got = (paged_decode_attention(q, kv, vv, tables, torch.tensor(lens), 0.125) if decode else
+               paged_prefill_attention(q, kv, vv, tables, torch.tensor(lens), starts, 0.125))
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -103,8 +103,7 @@ def kv_bytes_per_token(model_dir: str | Path, dtype: str = "float32") -> int:
     path = Path(model_dir) / "config.json"
     cfg = ModelConfig.from_hf(json.loads(path.read_text()), str(path))
     itemsize = parse_dtype(dtype).itemsize
-    return sum(cfg.num_key_value_heads * (cfg.qk_dim(i) + cfg.v_dim(i)) * itemsize
-               for i in range(cfg.num_hidden_layers))
+    return sum(h * (k + v) * itemsize for h, k, v in map(cfg.kv_geometry, range(cfg.num_hidden_layers)))
 
 
 def capacity_args(model_dir: str | Path, cache_bytes: int, block_size: int, flags: set[str],

@@ -42,10 +42,14 @@ class LayerFactors:
     q_basis: Tensor  # [kv_heads, d, d] rotate mode: columns of A, most important first
     k_basis: Tensor  # [kv_heads, d, d] rotate mode: columns of B, same order
 
-    def layer_compression(self, qk_rank: int, v_rank: int, mode: str = "fold") -> LayerCompression:
+    def layer_compression(self, qk_rank: int | tuple[int, ...], v_rank: int | tuple[int, ...],
+                          mode: str = "fold") -> LayerCompression:
+        """The layer at these ranks: one for every KV head, or one per KV head."""
         if mode == "rotate":
             return LayerCompression((), v_rank, "rotate", qk_rank)
-        pairs = [sorted(order[: qk_rank // 2].tolist()) for order in self.pair_order]
+        kv = self.pair_order.shape[0]
+        ranks = (qk_rank,) * kv if isinstance(qk_rank, int) else qk_rank
+        pairs = [sorted(order[: r // 2].tolist()) for order, r in zip(self.pair_order, ranks)]
         return LayerCompression(tuple(tuple(p) for p in pairs), v_rank)
 
 
@@ -137,31 +141,48 @@ def _pair_rows(attn, cfg: ModelConfig, pairs: tuple[tuple[int, ...], ...], prefi
     return out
 
 
-def _value_weights(attn, cfg: ModelConfig, factors: LayerFactors, dims: slice, prefix: str) -> dict[str, Tensor]:
-    """W_v folded onto the V basis directions `dims` (rows of A^T) and W_o onto the matching columns of B
-    -> `{prefix}v_proj.*`, `{prefix}o_proj.weight`."""
+def _value_weights(attn, cfg: ModelConfig, factors: LayerFactors, dims: list[slice],
+                   prefix: str) -> dict[str, Tensor]:
+    """W_v folded onto the V basis directions `dims[g]` of each KV head g (rows of A^T) and W_o onto the
+    matching columns of B -> `{prefix}v_proj.*`, `{prefix}o_proj.weight` (heads in order, each its own width)."""
     d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
     dtype = attn.q_proj.weight.dtype
     wv = attn.v_proj.weight.double().view(n_kv, d, -1)  # [kv, d, hidden]
     wo = attn.o_proj.weight.double().view(-1, n_kv, group, d)  # [hidden, kv, group, d]
-    down = factors.v_down[:, dims].double()  # [kv, r, d]
-    up = factors.v_up[:, :, dims].double()  # [kv, d, r]
-    out = {f"{prefix}v_proj.weight": torch.einsum("grd,gdh->grh", down, wv).reshape(-1, wv.shape[-1]).to(dtype),
-           f"{prefix}o_proj.weight": torch.einsum("hgjd,gdr->hgjr", wo, up).reshape(wo.shape[0], -1).to(dtype)}
-    if attn.v_proj.bias is not None:
-        bv = attn.v_proj.bias.double().view(n_kv, d)
-        out[f"{prefix}v_proj.bias"] = torch.einsum("grd,gd->gr", down, bv).reshape(-1).to(dtype)
+    bv = None if attn.v_proj.bias is None else attn.v_proj.bias.double().view(n_kv, d)
+    v_rows, o_cols, v_bias = [], [], []
+    for g, cut in enumerate(dims):
+        down = factors.v_down[g, cut].double()  # [r, d]
+        v_rows.append(down @ wv[g])  # [r, hidden]
+        o_cols.append(torch.einsum("hjd,dr->hjr", wo[:, g], factors.v_up[g, :, cut].double()).flatten(1))
+        if bv is not None:
+            v_bias.append(down @ bv[g])
+    out = {f"{prefix}v_proj.weight": torch.cat(v_rows).to(dtype),
+           f"{prefix}o_proj.weight": torch.cat(o_cols, 1).to(dtype)}
+    if bv is not None:
+        out[f"{prefix}v_proj.bias"] = torch.cat(v_bias).to(dtype)
     return out
+
+
+def _basis_columns(basis: Tensor, cuts: list[slice], dtype: torch.dtype) -> Tensor:
+    """Columns `cuts[g]` of each KV head's basis [kv, d, d] -> [kv, d, widest cut], zero past a head's own."""
+    widths = [len(range(*cut.indices(basis.shape[-1]))) for cut in cuts]
+    out = basis.new_zeros(basis.shape[0], basis.shape[1], max(widths))
+    for g, (cut, w) in enumerate(zip(cuts, widths)):
+        out[g, :, :w] = basis[g, :, cut]
+    return out.to(dtype)
 
 
 def fold_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompression) -> dict[str, Tensor]:
     """Compressed weights of one attention block -> state-dict entries relative to `self_attn.`."""
+    kv, dtype = cfg.num_key_value_heads, attn.q_proj.weight.dtype
     if comp.mode == "rotate":
-        r, dtype = comp.qk_rank, attn.q_proj.weight.dtype
-        out = {"q_basis": factors.q_basis[:, :, :r].to(dtype), "k_basis": factors.k_basis[:, :, :r].to(dtype)}
+        cuts = [slice(0, r) for r in comp.qk_ranks(kv)]
+        out = {"q_basis": _basis_columns(factors.q_basis, cuts, dtype),
+               "k_basis": _basis_columns(factors.k_basis, cuts, dtype)}
     else:
         out = _pair_rows(attn, cfg, comp.qk_pairs, "")
-    out.update(_value_weights(attn, cfg, factors, slice(0, comp.v_rank), ""))  # o_proj.bias stays as it is
+    out.update(_value_weights(attn, cfg, factors, [slice(0, r) for r in comp.v_ranks(kv)], ""))  # o_proj.bias stays
     return out
 
 
@@ -171,12 +192,14 @@ def tier_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompres
     Fold: the dropped pairs' rows of W_q, W_k; rotate: the bases' columns past qk_rank (A B^T = I at full
     rank, `qk_factors`, so q.k = (A_r^T q).(B_r^T k) + (A_c^T q).(B_c^T k)). V/O: the V basis directions past
     v_rank, folded into W_v and W_o as the kept ones are."""
+    kv, d, dtype = cfg.num_key_value_heads, cfg.head_dim, attn.q_proj.weight.dtype
     if comp.mode == "rotate":
-        r, dtype = comp.qk_rank, attn.q_proj.weight.dtype
-        out = {"tier_q_basis": factors.q_basis[:, :, r:].to(dtype), "tier_k_basis": factors.k_basis[:, :, r:].to(dtype)}
+        cuts = [slice(r, d) for r in comp.qk_ranks(kv)]
+        out = {"tier_q_basis": _basis_columns(factors.q_basis, cuts, dtype),
+               "tier_k_basis": _basis_columns(factors.k_basis, cuts, dtype)}
     else:
-        out = _pair_rows(attn, cfg, comp.dropped_pairs(cfg.head_dim), "tier_")
-    out.update(_value_weights(attn, cfg, factors, slice(comp.v_rank, cfg.head_dim), "tier_"))
+        out = _pair_rows(attn, cfg, comp.dropped_pairs(d), "tier_")
+    out.update(_value_weights(attn, cfg, factors, [slice(r, d) for r in comp.v_ranks(kv)], "tier_"))
     return out
 
 

@@ -51,11 +51,9 @@ class CommStats:
 class UlyssesAttend:
     """An `attend` closure for `Transformer.forward_attend` on one rank of a process group."""
 
-    def __init__(self, shard_lens: list[int], n_heads: int, n_kv: int, rank: int, world: int,
-                 stats: CommStats | None = None):
-        self.shard_lens, self.rank, self.world = shard_lens, rank, world
-        self.splits = split_heads(n_heads, n_kv, world)
-        self.group = n_heads // n_kv
+    def __init__(self, shard_lens: list[int], n_heads: int, rank: int, world: int, stats: CommStats | None = None):
+        self.shard_lens, self.rank, self.world, self.n_heads = shard_lens, rank, world, n_heads
+        split_heads(n_heads, 1, world)  # ValueError if the query heads do not go round
         self.stats = stats or CommStats()
 
     def _all_to_all(self, send: list[Tensor], recv_numels: list[int], dtype: torch.dtype) -> list[Tensor]:
@@ -71,11 +69,13 @@ class UlyssesAttend:
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # q: [T_local, heads, dq]; k: [T_local, kv_heads, dq]; v: [T_local, kv_heads, dv]
-        dq, dv = q.shape[-1], v.shape[-1]
-        mine = self.splits[self.rank]
+        # kv_heads is per layer: a layer with per-KV-head ranks hands over one row of all its heads' dims
+        dq, dv, n_kv = q.shape[-1], v.shape[-1], k.shape[-2]
+        splits, group = split_heads(self.n_heads, n_kv, self.world), self.n_heads // n_kv
+        mine = splits[self.rank]
         # Sequence-split -> head-split: one packed row per token for each destination rank.
         send = [torch.cat([q[:, s.q_heads].flatten(1), k[:, s.kv_heads].flatten(1), v[:, s.kv_heads].flatten(1)], 1)
-                for s in self.splits]
+                for s in splits]
         width = len(mine.q_heads) * dq + len(mine.kv_heads) * (dq + dv)
         parts = self._all_to_all(send, [n * width for n in self.shard_lens], q.dtype)
         rows = torch.cat([p.view(n, width) for p, n in zip(parts, self.shard_lens)])  # [T, width]
@@ -83,7 +83,7 @@ class UlyssesAttend:
         qh = rows[:, : nq * dq].view(-1, nq, dq)
         kh = rows[:, nq * dq: (nq + nkv) * dq].view(-1, nkv, dq)
         vh = rows[:, (nq + nkv) * dq:].view(-1, nkv, dv)
-        kv_index = torch.tensor([mine.kv_heads.index(h // self.group) for h in mine.q_heads])
+        kv_index = torch.tensor([mine.kv_heads.index(h // group) for h in mine.q_heads])
         out = F.scaled_dot_product_attention(  # [nq, T, dv]
             qh.transpose(0, 1), kh[:, kv_index].transpose(0, 1), vh[:, kv_index].transpose(0, 1),
             is_causal=True, scale=scale,
@@ -91,8 +91,8 @@ class UlyssesAttend:
         # Head-split -> sequence-split: each shard's rows go back to the rank that owns them.
         back = list(torch.split(out, self.shard_lens))
         t_local = self.shard_lens[self.rank]
-        recv = self._all_to_all(back, [t_local * len(s.q_heads) * dv for s in self.splits], q.dtype)
-        return torch.cat([r.view(t_local, len(s.q_heads), dv) for r, s in zip(recv, self.splits)], 1)
+        recv = self._all_to_all(back, [t_local * len(s.q_heads) * dv for s in splits], q.dtype)
+        return torch.cat([r.view(t_local, len(s.q_heads), dv) for r, s in zip(recv, splits)], 1)
 
 
 def shard_bounds(total: int, world: int) -> list[int]:
@@ -116,7 +116,7 @@ def sp_prefill(model: Transformer, tokens: Tensor, rank: int, world: int,
     start = sum(lens[:rank])
     positions = torch.arange(start, start + lens[rank])
     cfg = model.config
-    ulysses = UlyssesAttend(lens, cfg.num_attention_heads, cfg.num_key_value_heads, rank, world, stats)
+    ulysses = UlyssesAttend(lens, cfg.num_attention_heads, rank, world, stats)
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         if on_kv is not None:

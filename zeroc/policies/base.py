@@ -46,7 +46,7 @@ class LayerGeometry:
 
 def layer_geometry(model: Transformer, layer: int) -> LayerGeometry:
     cfg = model.config
-    return LayerGeometry(layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.qk_dim(layer), cfg.v_dim(layer))
+    return LayerGeometry(layer, cfg.num_attention_heads, *cfg.kv_geometry(layer))
 
 
 class LayerKVCache(abc.ABC):

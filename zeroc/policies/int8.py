@@ -66,7 +66,7 @@ class Int8(KVPolicy):
         held = self.fraction(model)
         if held > self.budget + 1e-9:
             raise ValueError(f"int8 holds {held:.4f} of the fp16 cache on this model (K/V widths "
-                             f"{model.config.qk_dim(0)}/{model.config.v_dim(0)} in layer 0); budget {self.budget} "
+                             f"{'/'.join(map(str, model.config.kv_geometry(0)[1:]))} in layer 0); budget {self.budget} "
                              "is below that")
 
     def new_cache(self, model: Transformer, layer: int, batch: int) -> LayerKVCache:

@@ -72,7 +72,11 @@ class SnapKVStore(EvictionStore):
         self.rings: dict[int, list[int]] = {}  # a sequence's first block -> its query ring's blocks
 
     def prepare(self, model: Transformer) -> None:
-        self.group = model.config.num_attention_heads // model.config.num_key_value_heads
+        cfg = model.config
+        if any(cfg.per_head_ranks(i) for i in range(cfg.num_hidden_layers)):  # its ring is laid out per KV head
+            raise ValueError("--kv-policy snapkv keeps its query window in the K pool by KV head, and this model's "
+                             "layers cache one row of every head's dims (per-KV-head ranks); serve it without snapkv")
+        self.group = cfg.num_attention_heads // cfg.num_key_value_heads
 
     @property
     def ring_blocks(self) -> int:

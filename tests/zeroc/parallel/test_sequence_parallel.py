@@ -83,3 +83,14 @@ def test_compressed_qkv_ship_fewer_bytes_in_proportion_to_the_rank(random_gqa_di
     with torch.no_grad():
         ref = _uniform_compressed(load_model(random_gqa_dir).model, 16)(tokens[None])[0]
     assert (torch.cat([logits for logits, _ in half]) - ref).abs().max().item() < 1e-4
+
+
+def test_sp_prefill_of_a_model_with_per_head_ranks_equals_single_rank(zeroc_heads_dir):
+    """Layers with per-KV-head ranks hand the all-to-all one KV row of every head's dims (each rank gets it
+    whole); the others split KV heads as usual."""
+    loaded = load_model(zeroc_heads_dir)
+    tokens = torch.randint(0, loaded.config.vocab_size, (90,), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = loaded.model(tokens[None])[0]
+    got = torch.cat([logits for logits, _ in _run(2, zeroc_heads_dir, tokens)])
+    assert (got - ref).abs().max().item() < 1e-4

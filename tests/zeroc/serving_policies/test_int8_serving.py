@@ -25,9 +25,15 @@ def zeroc_half(zeroc_half_dir):
     return load_model(zeroc_half_dir)
 
 
+@pytest.fixture(scope="module")
+def zeroc_heads(zeroc_heads_dir):
+    return load_model(zeroc_heads_dir)
+
+
 @pytest.mark.parametrize("model_name,prompt,chunks", [
     ("bundled", 40, [[40], [13, 1, 26]]),  # prompt chunks that start and end inside blocks
     ("zeroc_half", 37, [[37], [16, 21]]),  # stacked on ZeroC: the rows are the compressed widths (32)
+    ("zeroc_heads", 33, [[33], [5, 28]]),  # per-KV-head ranks: one row of every head's dims, one scale
 ])
 def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name, prompt, chunks):
     loaded = request.getfixturevalue(model_name)
