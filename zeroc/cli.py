@@ -83,7 +83,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     method = ZeroCMethod(budget=args.budget, mode=args.mode, rank_multiple=args.rank_multiple,
                          calib_tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens, window=args.window,
-                         ablation_tokens=args.ablation_tokens, sinks=args.sinks, recent=args.recent)
+                         ablation_tokens=args.ablation_tokens, sinks=args.sinks, recent=args.recent,
+                         granularity=args.rank_granularity)
     loaded, _ = _load(args)
     compressed, report = calibrate(loaded, args.calib, method, progress=not args.json)
     out = save_model(compressed, loaded.tokenizer, args.out)
@@ -149,7 +150,8 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
     cfg = QualityConfig(ctx=args.ctx, max_tokens=args.max_tokens, budgets=tuple(args.budgets),
                         batch_size=args.batch_size, zeroc_modes=tuple(args.zeroc_modes),
                         calibration=ZeroCMethod(rank_multiple=args.rank_multiple, calib_tokens=args.calib_tokens,
-                                                sensitivity_tokens=args.sensitivity_tokens, window=args.window))
+                                                sensitivity_tokens=args.sensitivity_tokens, window=args.window,
+                                                granularity=args.rank_granularity))
     loaded, _ = _load(args)
     started = dt.datetime.now(dt.timezone.utc)
     rows = run_quality(loaded, args.calib, args.data, cfg, progress=not args.json)
@@ -438,6 +440,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _granularity_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank-granularity", choices=["head", "layer"], default="head",
+                   help="ZeroC ranks per KV head (default; measures each head's sensitivity: kv_heads times the "
+                        "passes) or one per layer for all its heads")
+
+
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     """Calibrate: ZeroC compression."""
     p = sub.add_parser("calibrate", help="compress a model's attention (ZeroC) and save it")
@@ -453,6 +461,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ablation-tokens", type=int, default=1024, help="tokens whose activations rank RoPE pairs (fold)")
     p.add_argument("--rank-multiple", type=int, default=None,
                    help="ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
+    _granularity_arg(p)
     p.add_argument("--sinks", type=int, default=0,
                    help="token tier: first tokens kept at full rank for every query (default 0 = off)")
     p.add_argument("--recent", type=int, default=0,
@@ -491,6 +500,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
     p.add_argument("--rank-multiple", type=int, default=None,
                    help="ZeroC ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
+    _granularity_arg(p)
     p.add_argument("--zeroc-modes", nargs="+", choices=["fold", "rotate", "auto"], default=["auto"],
                    help="ZeroC Q/K modes to tabulate (rows zeroc[-MODE] and zeroc[-MODE]-int8; auto is plain zeroc)")
     p.add_argument("--out-dir", default="docs", help="where quality.md and quality.png go")

@@ -6,12 +6,14 @@
 2. Factors: RoPE pairs ranked by greedy ablation on those activations (fold), post-RoPE Q/K bases
    (rotate) and V/O bases per KV head (`fold.py`); any rank is a prefix.
 3. Sensitivity: KL(source || compressed) of the next-token distributions on calibration text,
-   measured with one layer's Q/K (per mode) or V cut to each candidate rank, everything else whole.
+   measured with one KV head's Q/K (per mode) or V cut to each candidate rank, everything else whole
+   (`granularity` "layer": all of one layer's heads cut together).
    (The KL, not the loss increase: the loss of a few thousand tokens moves by +-0.001 nats either
    way from noise alone, which swamped the small cuts' real cost and misallocated ranks.)
-4. Allocation: per layer the Q/K mode with the lower measured KL at each rank (`auto`; `fold` and
-   `rotate` force one), then (qk_rank, v_rank) per layer minimising the summed KL under the KV
-   budget (exact dynamic programme over layers).
+4. Allocation: Q/K and V ranks per KV head and the Q/K mode per layer (`auto`; `fold` and `rotate`
+   force one) minimising the summed KL under the KV budget: an exact knapsack over each layer's
+   heads per mode, then over layers (`allocate_head_ranks`; "layer": one (qk, v) per layer,
+   `allocate_ranks`).
 Steps 1-3 do not depend on the budget (`measure`); step 4 and the fold do (`compress`).
 """
 
@@ -37,6 +39,7 @@ from zeroc.loader import LoadedModel
 from zeroc.model import Transformer, causal_attend
 
 MODES = ("fold", "rotate", "auto")
+GRANULARITIES = ("head", "layer")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class ZeroCMethod:
     ablation_tokens: int = 1024  # tokens whose activations rank the RoPE pairs (fold)
     sinks: int = 0  # token tier (zeroc/tier.py): first tokens every query sees at full rank
     recent: int = 0  # token tier: each query's last tokens (itself included) seen at full rank
+    granularity: str = "head"  # ranks per KV head ("head") or one per layer for all its heads ("layer")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -63,6 +67,8 @@ class ZeroCMethod:
         if min(self.calib_tokens, self.sensitivity_tokens, self.window, self.ablation_tokens) < 2:
             raise ValueError("calib_tokens, sensitivity_tokens, window and ablation_tokens must be >= 2")
         check_tier(self.sinks, self.recent)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
 
     @property
     def qk_modes(self) -> tuple[str, ...]:
@@ -101,13 +107,15 @@ class Measurements:
     tokens: Tensor  # [n] the calibration text
     factors: list[LayerFactors]
     reference: Reference  # the source model on the sensitivity windows
-    deltas: dict[tuple[int, str, int], float]  # (layer, "fold" | "rotate" | "v", rank) -> KL
+    # (layer, "fold" | "rotate" | "v", rank) -> KL; per KV head: (layer, kind, rank, head) -> KL
+    deltas: dict[tuple, float]
     qk_modes: tuple[str, ...]  # the Q/K modes measured
+    granularity: str = "layer"  # "head": one KV head cut at a time
 
 
 @dataclass(frozen=True)
 class CalibrationReport:
-    ranks: list[tuple[int, int]]  # (qk_rank, v_rank) per layer
+    ranks: list[tuple]  # (qk_rank, v_rank) per layer; each a list of one per KV head where the heads differ
     modes: list[str]  # Q/K mode per layer: "fold" | "rotate"
     kv_fraction: float  # achieved KV bytes / uncompressed
     base_loss: float  # calibration loss of the source model (sensitivity tokens, nats per token)
@@ -235,27 +243,32 @@ def divergence(model: Transformer, ref: Reference) -> tuple[float, float]:
     return kl / count, nll / count
 
 
-def _layout(factors: list[LayerFactors], ranks: list[tuple[int, int]], modes: list[str], method: ZeroCMethod,
+def _layout(factors: list[LayerFactors], ranks: list[tuple], modes: list[str], method: ZeroCMethod,
             fp: str) -> AttentionCompression:
     layers = tuple(f.layer_compression(rq, rv, m) for f, (rq, rv), m in zip(factors, ranks, modes))
     return AttentionCompression(layers, fp, method.budget, f"zeroc-{method.mode}", method.sinks, method.recent)
 
 
 def measure_sensitivity(model: Transformer, factors: list[LayerFactors], ref: Reference, method: ZeroCMethod,
-                        progress: bool = True) -> dict[tuple[int, str, int], float]:
-    """KL with one layer's Q/K (in each of `method.qk_modes`) or V cut to each candidate rank.
+                        progress: bool = True) -> dict[tuple, float]:
+    """KL with one KV head's (granularity "layer": one layer's) Q/K, in each of `method.qk_modes`, or V cut
+    to each candidate rank.
 
-    -> {(layer, "fold" | "rotate" | "v", rank): KL(source || cut model)}
+    -> {(layer, "fold" | "rotate" | "v", rank, head): KL(source || cut model)}; "layer": keys without the head
     """
-    d = model.config.head_dim
+    d, kv = model.config.head_dim, model.config.num_key_value_heads
     cands = [r for r in method.candidate_ranks(d) if r < d]
-    jobs = [(i, kind, r) for i in range(len(factors)) for kind in (*method.qk_modes, "v") for r in cands]
+    heads = [(g,) for g in range(kv)] if method.granularity == "head" else [()]
+    jobs = [(i, kind, r, *h) for i in range(len(factors)) for h in heads for kind in (*method.qk_modes, "v")
+            for r in cands]
     deltas = {}
-    for i, kind, r in tqdm(jobs, desc="calibrate: sensitivity", disable=not progress):
+    for job in tqdm(jobs, desc="calibrate: sensitivity", disable=not progress):
+        i, kind, r = job[:3]
+        cut = r if len(job) == 3 else tuple(r if g == job[3] else d for g in range(kv))  # one head or all
         layers = [f.layer_compression(d, d) for f in factors]  # all pairs, V/O at rank d: the identity
-        layers[i] = factors[i].layer_compression(d, r) if kind == "v" else factors[i].layer_compression(r, d, kind)
+        layers[i] = factors[i].layer_compression(d, cut) if kind == "v" else factors[i].layer_compression(cut, d, kind)
         layout = AttentionCompression(tuple(layers), "", 1.0)
-        deltas[(i, kind, r)] = divergence(build_compressed(model, factors, layout), ref)[0]
+        deltas[job] = divergence(build_compressed(model, factors, layout), ref)[0]
     return deltas
 
 
@@ -272,30 +285,83 @@ def choose_qk_modes(deltas: dict[tuple[int, str, int], float], method: ZeroCMeth
     return costs, modes
 
 
-def allocate_ranks(deltas: dict[tuple[int, str, int], float], num_layers: int, head_dim: int,
-                   method: ZeroCMethod) -> list[tuple[int, int]]:
-    """Per-layer (qk_rank, v_rank) with the least summed KL (or loss increase) within the budget."""
-    m = method.multiple(head_dim)
-    cands = method.candidate_ranks(head_dim)
-    capacity = math.floor(method.budget * num_layers * 2 * head_dim / m + 1e-9)  # in units of m dims
-    if capacity < 2 * num_layers:
+Options = dict[int, tuple[float, object]]  # units used -> (least cost, the choice that costs it)
+
+
+def _knapsack(items: list[Options], capacity: int) -> dict[int, tuple[float, list]]:
+    """Exact min-cost choice of one option per item within `capacity` units -> {units used: (cost, choices)}."""
+    best: dict[int, tuple[float, list]] = {0: (0.0, [])}
+    for options in items:
+        nxt: dict[int, tuple[float, list]] = {}
+        for used, (cost, picks) in best.items():
+            for units, (c, pick) in options.items():
+                u = used + units
+                if u <= capacity and (u not in nxt or cost + c < nxt[u][0]):
+                    nxt[u] = (cost + c, picks + [pick])
+        best = nxt
+    return best
+
+
+def _check_capacity(method: ZeroCMethod, capacity: int, minimum: int, head_dim: int) -> None:
+    if capacity < minimum:
+        m = method.multiple(head_dim)
         raise ValueError(f"budget {method.budget} is below the smallest layout (rank {m} for Q/K and V in "
                          f"every layer = {m / head_dim:.3f})")
+
+
+def allocate_ranks(deltas: dict[tuple, float], num_layers: int, head_dim: int,
+                   method: ZeroCMethod) -> list[tuple[int, int]]:
+    """Per-layer (qk_rank, v_rank), one for all the layer's heads, with the least summed KL within the budget.
+    deltas: {(layer, "qk" | "v", rank): KL} (`choose_qk_modes`)."""
+    m, cands = method.multiple(head_dim), method.candidate_ranks(head_dim)
+    capacity = math.floor(method.budget * num_layers * 2 * head_dim / m + 1e-9)  # in units of m dims
+    _check_capacity(method, capacity, 2 * num_layers, head_dim)
     cost = lambda i, kind, r: 0.0 if r == head_dim else deltas[(i, kind, r)]  # noqa: E731
-    best: dict[int, tuple[float, list[tuple[int, int]]]] = {0: (0.0, [])}
+    layers = []
     for i in range(num_layers):
-        nxt: dict[int, tuple[float, list[tuple[int, int]]]] = {}
-        for used, (loss, ranks) in best.items():
-            for rq in cands:
-                for rv in cands:
-                    u = used + (rq + rv) // m
-                    if u > capacity:
-                        continue
-                    cand = (loss + cost(i, "qk", rq) + cost(i, "v", rv), ranks + [(rq, rv)])
-                    if u not in nxt or cand[0] < nxt[u][0]:
-                        nxt[u] = cand
-        best = nxt
-    return min(best.values(), key=lambda c: c[0])[1]
+        options: Options = {}
+        for rq in cands:
+            for rv in cands:
+                c, u = cost(i, "qk", rq) + cost(i, "v", rv), (rq + rv) // m
+                if u not in options or c < options[u][0]:
+                    options[u] = (c, (rq, rv))
+        layers.append(options)
+    return min(_knapsack(layers, capacity).values(), key=lambda c: c[0])[1]
+
+
+def _rank_options(cost, m: int, cands: list[int]) -> Options:
+    # one KV head's Q/K or V: the cost of each candidate rank, in units of m dims
+    return {r // m: (cost(r), r) for r in cands}
+
+
+def allocate_head_ranks(deltas: dict[tuple, float], num_layers: int, kv_heads: int, head_dim: int,
+                        method: ZeroCMethod) -> tuple[list[tuple[tuple[int, ...], tuple[int, ...]]], list[str]]:
+    """Q/K and V ranks per KV head and the Q/K mode per layer (one of `method.qk_modes`, fold on ties and
+    wherever Q/K stays whole) with the least summed KL within the budget: per layer and mode an exact knapsack
+    over its heads' cuts, then one over layers. deltas: {(layer, kind, rank, head): KL} (`measure_sensitivity`).
+    -> ([(qk ranks, v ranks) per KV head] per layer, [mode] per layer)"""
+    m, cands, d = method.multiple(head_dim), method.candidate_ranks(head_dim), head_dim
+    capacity = math.floor(method.budget * num_layers * kv_heads * 2 * d / m + 1e-9)  # in units of m dims
+    _check_capacity(method, capacity, 2 * num_layers * kv_heads, d)
+    cost = lambda i, kind, g: lambda r: 0.0 if r == d else deltas[(i, kind, r, g)]  # noqa: E731
+    layers: list[Options] = []
+    for i in range(num_layers):
+        values = [_rank_options(cost(i, "v", g), m, cands) for g in range(kv_heads)]
+        options: Options = {}
+        for mode in method.qk_modes:  # "fold" first: a tie keeps it (no run-time work)
+            keys = [_rank_options(cost(i, mode, g), m, cands) for g in range(kv_heads)]
+            for u, (c, picks) in _knapsack(keys + values, 2 * kv_heads * d // m).items():
+                qk, v = tuple(picks[:kv_heads]), tuple(picks[kv_heads:])
+                if u not in options or c < options[u][0]:
+                    options[u] = (c, (qk, v, mode if min(qk) < d else "fold"))  # whole Q/K: every pair kept
+        layers.append(options)
+    picks = min(_knapsack(layers, capacity).values(), key=lambda c: c[0])[1]
+    return [(qk, v) for qk, v, _ in picks], [mode for _, _, mode in picks]
+
+
+def _one_or_all(ranks: tuple[int, ...]) -> int | list[int]:
+    """A layer's ranks as the report prints them: one if its KV heads agree, else one per head."""
+    return ranks[0] if len(set(ranks)) == 1 else list(ranks)
 
 
 def fingerprint(model_dir: Path, method: ZeroCMethod, calib_tokens: Tensor) -> str:
@@ -307,6 +373,8 @@ def fingerprint(model_dir: Path, method: ZeroCMethod, calib_tokens: Tensor) -> s
     params = asdict(method)
     if not method.sinks and not method.recent:  # no tier: the same fingerprint as before the tier existed
         del params["sinks"], params["recent"]
+    if method.granularity == "layer":  # per-layer ranks, as before per-head ranks existed: the same fingerprint
+        del params["granularity"]
     h.update(json.dumps(params, sort_keys=True).encode())
     h.update(calib_tokens.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -325,7 +393,7 @@ def measure(loaded: LoadedModel, calib_file: str | Path, method: ZeroCMethod, pr
                                sample_tokens=method.ablation_tokens if "fold" in method.qk_modes else 0)
     factors = compute_factors(loaded.model, stats, progress)
     deltas = measure_sensitivity(loaded.model, factors, ref, method, progress)
-    return Measurements(tokens, factors, ref, deltas, method.qk_modes)
+    return Measurements(tokens, factors, ref, deltas, method.qk_modes, method.granularity)
 
 
 def compress(loaded: LoadedModel, meas: Measurements, method: ZeroCMethod) -> tuple[Transformer, CalibrationReport]:
@@ -335,17 +403,28 @@ def compress(loaded: LoadedModel, meas: Measurements, method: ZeroCMethod) -> tu
     d, layers = cfg.head_dim, cfg.num_hidden_layers
     if not set(method.qk_modes) <= set(meas.qk_modes):
         raise ValueError(f"mode {method.mode!r} needs measurements of {method.qk_modes}, have {meas.qk_modes}")
-    costs, mode_of = choose_qk_modes(meas.deltas, method)
-    ranks = allocate_ranks(costs, layers, d, method)
-    modes = [mode_of.get((i, rq), "fold") for i, (rq, _) in enumerate(ranks)]  # rank d: every pair, the identity
+    if method.granularity != meas.granularity:
+        raise ValueError(f"granularity {method.granularity!r} needs measurements at that granularity, have "
+                         f"{meas.granularity!r}")
+    if method.granularity == "head":
+        ranks, modes = allocate_head_ranks(meas.deltas, layers, cfg.num_key_value_heads, d, method)
+        predicted = sum(meas.deltas.get((i, kind, r, g), 0.0) for i, ((qk, v), mode) in enumerate(zip(ranks, modes))
+                        for kind, heads in ((mode, qk), ("v", v)) for g, r in enumerate(heads))
+    else:
+        costs, mode_of = choose_qk_modes(meas.deltas, method)
+        ranks = allocate_ranks(costs, layers, d, method)
+        modes = [mode_of.get((i, rq), "fold") for i, (rq, _) in enumerate(ranks)]  # rank d: every pair, the identity
+        predicted = sum(costs.get((i, "qk", rq), 0.0) + costs.get((i, "v", rv), 0.0)
+                        for i, (rq, rv) in enumerate(ranks))
     fp = fingerprint(loaded.path, method, meas.tokens)
-    compressed = build_compressed(loaded.model, meas.factors, _layout(meas.factors, ranks, modes, method, fp))
+    layout = _layout(meas.factors, ranks, modes, method, fp)
+    compressed = build_compressed(loaded.model, meas.factors, layout)
     kl, loss = divergence(compressed, meas.reference)
+    geometry = [compressed.config.kv_geometry(i) for i in range(layers)]
     report = CalibrationReport(
-        ranks=ranks, modes=modes, kv_fraction=sum(rq + rv for rq, rv in ranks) / (2 * d * len(ranks)),
-        base_loss=meas.reference.loss, compressed_loss=loss, measured_kl=kl, fingerprint=fp,
-        predicted_kl=sum(costs.get((i, "qk", rq), 0.0) + costs.get((i, "v", rv), 0.0)
-                         for i, (rq, rv) in enumerate(ranks)),
+        ranks=[tuple(_one_or_all(r) for r in compressed.config.head_ranks(i)) for i in range(layers)],
+        modes=modes, kv_fraction=sum(h * (k + v) for h, k, v in geometry) / (2 * d * cfg.num_key_value_heads * layers),
+        base_loss=meas.reference.loss, compressed_loss=loss, measured_kl=kl, fingerprint=fp, predicted_kl=predicted,
     )
     return compressed, report
 
