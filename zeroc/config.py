@@ -74,7 +74,8 @@ class RopeConfig:
 QK_MODES = ("fold", "rotate")
 
 
-def _per_head(ranks: int | tuple[int, ...], kv_heads: int) -> tuple[int, ...]:
+def ranks_per_head(ranks: int | tuple[int, ...], kv_heads: int) -> tuple[int, ...]:
+    """One rank for every KV head, or one per KV head -> one per KV head."""
     return (ranks,) * kv_heads if isinstance(ranks, int) else tuple(ranks)
 
 
@@ -111,11 +112,11 @@ class LayerCompression:
     def qk_ranks(self, kv_heads: int) -> tuple[int, ...]:
         """Q/K rank of each KV head (and of its query heads)."""
         if self.mode == "rotate":
-            return _per_head(self.rotate_rank, kv_heads)
+            return ranks_per_head(self.rotate_rank, kv_heads)
         return tuple(2 * len(p) for p in self.qk_pairs)
 
     def v_ranks(self, kv_heads: int) -> tuple[int, ...]:
-        return _per_head(self.v_rank, kv_heads)
+        return ranks_per_head(self.v_rank, kv_heads)
 
     @property
     def per_head(self) -> bool:

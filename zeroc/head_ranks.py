@@ -102,6 +102,9 @@ class HeadLayout:
     def pool_views(self, pool: Tensor, widths: list[int]) -> list[Tensor]:
         """A layer's pool [blocks, block_size, 1, Σ n * w] -> per run a view [blocks, block_size, n, w] of its
         columns (no copy: the paged kernels read rows through strides)."""
+        if pool.shape[2] != 1:
+            raise ValueError(f"a layer with per-KV-head ranks caches one row per token, got a pool of shape "
+                             f"{tuple(pool.shape)}")
         views, col = [], 0
         for r, w in zip(self.runs, widths):
             views.append(pool[:, :, 0, col: col + r.heads * w].unflatten(-1, (r.heads, w)))

@@ -61,7 +61,8 @@ def _pair_freqs(base: Tensor, pairs: tuple[tuple[int, ...], ...]) -> Tensor:
 
 
 def layer_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
-    """Frequencies of the RoPE pairs a layer keeps: [kv_heads, qk_dim / 2] (fold), or [1, head_dim / 2] if whole."""
+    """Frequencies of the RoPE pairs a layer keeps: [kv_heads, most pairs kept] (fold; zero past a KV head's
+    own when its heads keep different numbers), or [1, head_dim / 2] if whole."""
     base = rope_inv_freq(cfg.rope, cfg.head_dim)
     if cfg.qk_mode(layer) != "fold":  # uncompressed and rotate mode run RoPE on every pair
         return base[None]
@@ -69,7 +70,8 @@ def layer_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
 
 
 def tier_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
-    """Frequencies of the RoPE pairs a fold layer drops (its full-rank tier adds them back): [kv_heads, (d - qk_dim) / 2]"""
+    """Frequencies of the RoPE pairs a fold layer drops (its full-rank tier adds them back): [kv_heads, most
+    pairs dropped], zero past a KV head's own."""
     base = rope_inv_freq(cfg.rope, cfg.head_dim)
     return _pair_freqs(base, cfg.compression.layers[layer].dropped_pairs(cfg.head_dim))
 
@@ -136,8 +138,8 @@ class Attention(nn.Module):
         self.head_dim = d
         qk, vr = cfg.head_ranks(layer)  # per KV head
         # per-KV-head ranks: runs of heads with equal ranks (zeroc/head_ranks.py); None: one width for all
-        self.heads = HeadLayout.of(qk, vr, group) if cfg.per_head_ranks(layer) else None
-        self.qk_dim, self.v_dim = (None, None) if self.heads else (qk[0], vr[0])
+        self.head_layout = HeadLayout.of(qk, vr, group) if cfg.per_head_ranks(layer) else None
+        self.qk_dim, self.v_dim = (None, None) if self.head_layout else (qk[0], vr[0])
         self.rotate = cfg.qk_mode(layer) == "rotate"
         proj = (d,) * self.n_kv if self.rotate else qk  # rotate: RoPE needs every pair
         self.scale = 1.0 / math.sqrt(d)  # the model was trained with this, whatever the rank
@@ -165,7 +167,7 @@ class Attention(nn.Module):
 
     def forward(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         # x: [*P, hidden]; positions: [*P]
-        if self.heads is not None:
+        if self.head_layout is not None:
             return self._per_head(layer, x, positions, attend)
         lead = x.shape[:-1]
         q = self.q_proj(x).view(*lead, self.n_heads, -1)
@@ -209,16 +211,16 @@ class Attention(nn.Module):
     def _per_head(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         """A layer whose KV heads keep different ranks: every run of equal-rank heads is a GQA block of its own
         widths (zeroc/head_ranks.py). x: [*P, hidden]; positions: [*P]"""
-        runs, lead = self.heads.runs, x.shape[:-1]
-        vs = self.heads.split(self.v_proj(x), [r.v for r in runs])  # per run [*P, n, v]
+        runs, lead = self.head_layout.runs, x.shape[:-1]
+        vs = self.head_layout.split(self.v_proj(x), [r.v for r in runs])  # per run [*P, n, v]
         tiers = None  # per run the tier's q, k dims: fold, the dropped pairs; rotate, the complement columns
         if self.rotate:  # every head is d wide through RoPE: project and rotate once, at the widest rank
             q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
             k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
             q, k = rope_qk(q, k, self.inv_freq, positions)
-            qs, ks = self.heads.narrow(*rotate_qk(q, k, self.q_basis, self.k_basis), [r.qk for r in runs])
+            qs, ks = self.head_layout.narrow(*rotate_qk(q, k, self.q_basis, self.k_basis), [r.qk for r in runs])
             if self.tier is not None:
-                tiers = self.heads.narrow(*rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis),
+                tiers = self.head_layout.narrow(*rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis),
                                           [self.head_dim - r.qk for r in runs])
         else:  # fold: each head's own kept pairs, RoPE at their own frequencies
             qs, ks = self._fold_runs(x, positions, self.q_proj, self.k_proj, self.inv_freq, [r.qk for r in runs])
@@ -232,18 +234,18 @@ class Attention(nn.Module):
         if attend is causal_attend:  # each run at its own widths: exact FLOPs
             outs = [causal_attend(layer, q, k, v, self.scale) for q, k, v in zip(qs, ks, vs)]
         elif isinstance(attend, PagedAttend):
-            outs = attend.attend_heads(layer, self.heads, qs, ks, vs, self.scale)
+            outs = attend.attend_heads(layer, self.head_layout, qs, ks, vs, self.scale)
         else:  # a caller's attention (KV policies, calibration) sees one KV head of the cache row's width
-            out = attend(layer, self.heads.queries(qs), self.heads.rows(ks), self.heads.rows(vs), self.scale)
-            outs = self.heads.outputs(out, [r.v for r in runs])
+            out = attend(layer, self.head_layout.queries(qs), self.head_layout.rows(ks), self.head_layout.rows(vs), self.scale)
+            outs = self.head_layout.outputs(out, [r.v for r in runs])
         return self.o_proj(torch.cat([o.flatten(-2) for o in outs], -1))
 
     def _fold_runs(self, x: Tensor, positions: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, inv_freq: Tensor,
                    widths: list[int]) -> tuple[list[Tensor], list[Tensor]]:
         """Fold mode's per-run q [*P, n * group, w] and k [*P, n, w] after RoPE; inv_freq: [kv, widest / 2]."""
-        qs = self.heads.split(q_proj(x), widths, queries=True)
-        ks = self.heads.split(k_proj(x), widths)
-        for i, (r, w) in enumerate(zip(self.heads.runs, widths)):
+        qs = self.head_layout.split(q_proj(x), widths, queries=True)
+        ks = self.head_layout.split(k_proj(x), widths)
+        for i, (r, w) in enumerate(zip(self.head_layout.runs, widths)):
             qs[i], ks[i] = rope_qk(qs[i], ks[i], inv_freq[r.start: r.stop, : w // 2], positions)
         return qs, ks
 
@@ -252,8 +254,8 @@ class Attention(nn.Module):
         """`_tiered` for a layer with per-KV-head ranks, per run: q [*P, n * group, r] and k [*P, n, r] compressed
         after RoPE (and the bases), v [*P, n, v], and the tier's dims of q and k."""
         _check_tier_attend(attend)
-        runs, d = self.heads.runs, self.head_dim
-        v_tiers = self.heads.split(self.tier_v_proj(x), [d - r.v for r in runs])
+        runs, d = self.head_layout.runs, self.head_dim
+        v_tiers = self.head_layout.split(self.tier_v_proj(x), [d - r.v for r in runs])
         if attend is causal_attend:
             outs = [tiered_attention(qc, kc, v, torch.cat([qc, qt], -1), torch.cat([kc, kt], -1),
                                      torch.cat([v, vt], -1), *self.tier, self.scale)  # [B, T, n * group, d]
@@ -261,7 +263,7 @@ class Attention(nn.Module):
             kept = [o[..., : r.v] for o, r in zip(outs, runs)]
             rest = [o[..., r.v:] for o, r in zip(outs, runs)]
         else:  # the tier store: one row of every head's compressed dims, then one of their tier dims
-            lay = self.heads
+            lay = self.head_layout
             q_row = torch.cat([lay.queries(q_comp), lay.queries(q_tier)], -1)  # [N, heads, W_k + W_tier_k]
             k_row = torch.cat([lay.rows(k_comp), lay.rows(k_tier)], -1)  # [N, 1, W_k + W_tier_k]
             out = attend(layer, q_row, k_row, torch.cat([lay.rows(vs), lay.rows(v_tiers)], -1), self.scale)
@@ -304,7 +306,6 @@ class PagedAttend:
         k_cache, v_cache = cache.layer(layer)
         return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                scale=scale)
-
 
     def attend_heads(self, layer: int, heads: HeadLayout, qs: list[Tensor], ks: list[Tensor], vs: list[Tensor],
                      scale: float) -> list[Tensor]:

@@ -32,12 +32,12 @@ class TierLayer:
     """What a tiered layer keeps per token and cached head besides its compressed K/V rows: full-rank q.k is the
     compressed dims' score plus the tier dims' (fold: the dropped RoPE pairs; rotate: the bases' complement
     columns), and the full-rank value is the compressed one with the V complement appended. (A layer with
-    per-KV-head ranks caches one head of all its KV heads' dims: `ModelConfig.kv_geometry`.)"""
+    per-KV-head ranks caches one row of all its KV heads' dims: `ModelConfig.kv_geometry`.)"""
 
     k_dim: int  # compressed key width (in the cache's blocks)
     v_dim: int  # compressed value width
-    tier_k: int  # extra key (and query) dims of a tier token: head_dim - k_dim per KV head
-    tier_v: int  # extra value dims: head_dim - v_dim per KV head
+    tier_k: int  # extra key (and query) dims of a tier token: head_dim - k_dim (per-head row: kv * d - k_dim)
+    tier_v: int  # extra value dims: head_dim - v_dim (per-head row: kv * d - v_dim)
 
 
 def tier_layers(cfg: ModelConfig) -> list[TierLayer]:

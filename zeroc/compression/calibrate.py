@@ -290,16 +290,26 @@ Options = dict[int, tuple[float, object]]  # units used -> (least cost, the choi
 
 def _knapsack(items: list[Options], capacity: int) -> dict[int, tuple[float, list]]:
     """Exact min-cost choice of one option per item within `capacity` units -> {units used: (cost, choices)}."""
-    best: dict[int, tuple[float, list]] = {0: (0.0, [])}
+    costs: dict[int, float] = {0: 0.0}
+    back: list[dict[int, tuple[int, object]]] = []  # per item: units used after it -> (units before, pick)
     for options in items:
-        nxt: dict[int, tuple[float, list]] = {}
-        for used, (cost, picks) in best.items():
+        nxt: dict[int, float] = {}
+        step: dict[int, tuple[int, object]] = {}
+        for used, cost in costs.items():
             for units, (c, pick) in options.items():
                 u = used + units
-                if u <= capacity and (u not in nxt or cost + c < nxt[u][0]):
-                    nxt[u] = (cost + c, picks + [pick])
-        best = nxt
-    return best
+                if u <= capacity and (u not in nxt or cost + c < nxt[u]):
+                    nxt[u], step[u] = cost + c, (used, pick)
+        costs = nxt
+        back.append(step)
+    out = {}
+    for u, cost in costs.items():
+        picks, at = [], u
+        for step in reversed(back):
+            at, pick = step[at]
+            picks.append(pick)
+        out[u] = (cost, picks[::-1])
+    return out
 
 
 def _check_capacity(method: ZeroCMethod, capacity: int, minimum: int, head_dim: int) -> None:
@@ -352,11 +362,17 @@ def allocate_head_ranks(deltas: dict[tuple, float], num_layers: int, kv_heads: i
             keys = [_rank_options(cost(i, mode, g), m, cands) for g in range(kv_heads)]
             for u, (c, picks) in _knapsack(keys + values, 2 * kv_heads * d // m).items():
                 qk, v = tuple(picks[:kv_heads]), tuple(picks[kv_heads:])
-                if u not in options or c < options[u][0]:
+                # on a tie the layout with fewer runs of equal-rank heads: fewer attention calls per layer
+                if u not in options or (c, _runs(qk, v)) < (options[u][0], _runs(*options[u][1][:2])):
                     options[u] = (c, (qk, v, mode if min(qk) < d else "fold"))  # whole Q/K: every pair kept
         layers.append(options)
     picks = min(_knapsack(layers, capacity).values(), key=lambda c: c[0])[1]
     return [(qk, v) for qk, v, _ in picks], [mode for _, _, mode in picks]
+
+
+def _runs(qk: tuple[int, ...], v: tuple[int, ...]) -> int:
+    # runs of consecutive KV heads with equal (qk, v) ranks (zeroc/head_ranks.py)
+    return 1 + sum(a != b for a, b in zip(zip(qk, v), list(zip(qk, v))[1:]))
 
 
 def _one_or_all(ranks: tuple[int, ...]) -> int | list[int]:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zeroc.config import AttentionCompression, LayerCompression, ModelConfig
+from zeroc.config import AttentionCompression, LayerCompression, ModelConfig, ranks_per_head
 from zeroc.model import Transformer
 
 
@@ -47,8 +47,7 @@ class LayerFactors:
         """The layer at these ranks: one for every KV head, or one per KV head."""
         if mode == "rotate":
             return LayerCompression((), v_rank, "rotate", qk_rank)
-        kv = self.pair_order.shape[0]
-        ranks = (qk_rank,) * kv if isinstance(qk_rank, int) else qk_rank
+        ranks = ranks_per_head(qk_rank, self.pair_order.shape[0])
         pairs = [sorted(order[: r // 2].tolist()) for order, r in zip(self.pair_order, ranks)]
         return LayerCompression(tuple(tuple(p) for p in pairs), v_rank)
 
