@@ -9,7 +9,9 @@
    uncompressed vs ZeroC at rank 64: decode attention (batch 64 x context 8192, with the
    fraction of copy bandwidth achieved over the KV bytes read), prefill attention (4096 and
    16384 tokens) against torch SDPA, and the attention block (QKV GEMM, epilogue, attention,
-   O GEMM) uncompressed vs fold vs rotate; the runtime's fused model path against its unfused one.
+   O GEMM) uncompressed vs fold vs rotate; the runtime's fused model path against its unfused one;
+   decode attention with per-KV-head ranks (half the KV heads at 48, half at 80: the same
+   bytes as rank), one kernel call per run over column views of one row (zeroc/head_ranks.py).
 """
 
 from __future__ import annotations
@@ -112,6 +114,21 @@ def correctness(device, dtype) -> dict:
            args[5])
     errors["qkv_rotate_epilogue"] = (qkv_rotate_epilogue(*rot, *pools[0]).float()
                                      - qkv_rotate_epilogue_ref(*rot, *pools[1]).float()).abs().max().item()
+    # per-KV-head ranks: each run of equal-rank heads read in place through a column view of the row pool
+    from zeroc.head_ranks import HeadLayout
+
+    layout = HeadLayout.of((16, 16, 48), (8, 8, 32), group=4)  # runs: 2 heads at (16, 8), 1 at (48, 32)
+    k_row, v_row, tables, _ = paged_kv(3, 96, 1, 2 * 16 + 48, 2 * 8 + 32, 16, dtype, device)
+    views = zip(layout.pool_views(k_row, [16, 48]), layout.pool_views(v_row, [8, 32]))
+    for i, (run, (kc, vc)) in enumerate(zip(layout.runs, views)):
+        name, heads = f"run{i}", run.heads
+        qd, qp = torch.randn(3, 4 * heads, kc.shape[-1], **gen_kw), torch.randn(48, 4 * heads, kc.shape[-1], **gen_kw)
+        ref = paged_decode_attention_ref(qd.float(), kc.float(), vc.float(), tables, lens, 0.125)
+        errors[f"decode_per_head_{name}"] = (paged_decode_attention(qd, kc, vc, tables, lens, 0.125).float()
+                                             - ref).abs().max().item()
+        ref = paged_attention_ref(qp.float(), kc.float(), vc.float(), tables, lens, starts, 0.125)
+        errors[f"prefill_per_head_{name}"] = (paged_prefill_attention(qp, kc, vc, tables, lens, starts, 0.125).float()
+                                              - ref).abs().max().item()
     return errors
 
 
@@ -134,7 +151,29 @@ def decode_timings(s: dict, device, dtype, repeats: int, copy_gbps: float) -> li
     kv_bytes = 2 * (kq.numel() + 4 * ks.numel())
     rows.append({"what": f"decode attention b{s['decode_batch']} x {s['decode_ctx']}",
                  "method": f"zeroc rank {s['rank']} int8", "ms": ms, "bandwidth_fraction": kv_bytes / ms / 1e6 / copy_gbps})
+    rows.append(per_head_decode(s, device, dtype, repeats, copy_gbps))
     return rows
+
+
+def per_head_decode(s: dict, device, dtype, repeats: int, copy_gbps: float) -> dict:
+    """Decode attention at per-KV-head ranks: half the KV heads at rank - rank/4, half at rank + rank/4 (the
+    bytes of rank), cached as one row per token and attended as two runs through column views of its pools."""
+    from zeroc.head_ranks import HeadLayout
+
+    half, r, group = s["kv_heads"] // 2, s["rank"], s["heads"] // s["kv_heads"]
+    widths = [r - r // 4, r + r // 4]
+    layout = HeadLayout.of((widths[0],) * half + (widths[1],) * half, (widths[0],) * half + (widths[1],) * half, group)
+    k, v, tables, lens = paged_kv(s["decode_batch"], s["decode_ctx"], 1, 2 * half * r, 2 * half * r,
+                                  s["block_size"], dtype, device)
+    views = list(zip(layout.pool_views(k, widths), layout.pool_views(v, widths)))
+    qs = [torch.randn(s["decode_batch"], half * group, w, dtype=dtype, device=device) for w in widths]
+    scale = 1 / math.sqrt(s["head_dim"])
+    ms = timed(lambda: [paged_decode_attention(q, kc, vc, tables, lens, scale) for q, (kc, vc) in zip(qs, views)],
+               device, repeats)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    return {"what": f"decode attention b{s['decode_batch']} x {s['decode_ctx']}",
+            "method": f"zeroc per-head ranks {widths[0]}/{widths[1]} (2 runs)", "ms": ms,
+            "bandwidth_fraction": kv_bytes / ms / 1e6 / copy_gbps}
 
 
 def prefill_timings(s: dict, device, dtype, repeats: int) -> list[dict]:
