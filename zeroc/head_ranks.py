@@ -2,8 +2,10 @@
 
 Calibration may give each KV head of a layer its own Q/K and V ranks (docs/compression.md). Such a
 layer is a sequence of *runs*: maximal spans of consecutive KV heads that share (qk, v) ranks. Each
-run is an ordinary GQA block at its own widths, so the model computes projections, RoPE and the
-rotate bases per run with the uniform code, and dense attention runs per run at exact FLOPs.
+run is an ordinary GQA block at its own widths: the model splits its compact projections per run (fold
+layers run RoPE per run on each head's kept pairs; rotate layers, d wide per head anyway, run RoPE and
+their zero-padded bases once and `narrow` each run's columns), and dense attention runs per run at exact
+FLOPs.
 
 The cache keeps one row per token holding every head's dims side by side (`ModelConfig.kv_geometry`:
 1 head of width Σ_g r_g), so bytes are exact and every pool, store, transfer and KV-store path that

@@ -211,17 +211,18 @@ class Attention(nn.Module):
     def _per_head(self, layer: int, x: Tensor, positions: Tensor, attend: AttendFn | FusedPagedAttend) -> Tensor:
         """A layer whose KV heads keep different ranks: every run of equal-rank heads is a GQA block of its own
         widths (zeroc/head_ranks.py). x: [*P, hidden]; positions: [*P]"""
-        runs, lead = self.head_layout.runs, x.shape[:-1]
-        vs = self.head_layout.split(self.v_proj(x), [r.v for r in runs])  # per run [*P, n, v]
+        lay, lead = self.head_layout, x.shape[:-1]
+        runs = lay.runs
+        vs = lay.split(self.v_proj(x), [r.v for r in runs])  # per run [*P, n, v]
         tiers = None  # per run the tier's q, k dims: fold, the dropped pairs; rotate, the complement columns
         if self.rotate:  # every head is d wide through RoPE: project and rotate once, at the widest rank
             q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
             k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
             q, k = rope_qk(q, k, self.inv_freq, positions)
-            qs, ks = self.head_layout.narrow(*rotate_qk(q, k, self.q_basis, self.k_basis), [r.qk for r in runs])
+            qs, ks = lay.narrow(*rotate_qk(q, k, self.q_basis, self.k_basis), [r.qk for r in runs])
             if self.tier is not None:
-                tiers = self.head_layout.narrow(*rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis),
-                                          [self.head_dim - r.qk for r in runs])
+                tiers = lay.narrow(*rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis),
+                                   [self.head_dim - r.qk for r in runs])
         else:  # fold: each head's own kept pairs, RoPE at their own frequencies
             qs, ks = self._fold_runs(x, positions, self.q_proj, self.k_proj, self.inv_freq, [r.qk for r in runs])
             if self.tier is not None:
@@ -234,10 +235,10 @@ class Attention(nn.Module):
         if attend is causal_attend:  # each run at its own widths: exact FLOPs
             outs = [causal_attend(layer, q, k, v, self.scale) for q, k, v in zip(qs, ks, vs)]
         elif isinstance(attend, PagedAttend):
-            outs = attend.attend_heads(layer, self.head_layout, qs, ks, vs, self.scale)
+            outs = attend.attend_heads(layer, lay, qs, ks, vs, self.scale)
         else:  # a caller's attention (KV policies, calibration) sees one KV head of the cache row's width
-            out = attend(layer, self.head_layout.queries(qs), self.head_layout.rows(ks), self.head_layout.rows(vs), self.scale)
-            outs = self.head_layout.outputs(out, [r.v for r in runs])
+            out = attend(layer, lay.queries(qs), lay.rows(ks), lay.rows(vs), self.scale)
+            outs = lay.outputs(out, [r.v for r in runs])
         return self.o_proj(torch.cat([o.flatten(-2) for o in outs], -1))
 
     def _fold_runs(self, x: Tensor, positions: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, inv_freq: Tensor,

@@ -111,6 +111,19 @@ def test_paged_serving_equals_the_dense_forward(heads):
 
 
 @torch.inference_mode()
+def test_the_fused_epilogue_path_takes_per_head_layers_unfused(heads):
+    """On CUDA the model hands uniform layers to the fused QKV epilogue; layers with per-KV-head ranks fall
+    back to the unfused path layer by layer. Forced here on the CPU (Triton interpreter), both agree."""
+    tokens = torch.randint(0, heads.config.vocab_size, (57,), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for fused in (True, False):
+        cache = PagedKVCache(layer_shapes(heads.config), CacheConfig(16, 16), torch.float32)
+        batch = cache.schedule([("a", 40), ("b", 17)])
+        logits.append(heads.model.forward_paged(tokens, batch.positions, batch, cache, fused=fused))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
+
+
+@torch.inference_mode()
 def test_a_tier_covering_the_context_with_per_head_ranks_is_the_uncompressed_model(bundled, bundled_factors):
     """Compressed + complement is the full-rank layer per head too: with the recent window over the whole
     context, the dense forward and the paged one (the tier store) equal the source model."""
