@@ -21,7 +21,7 @@ run: install
 	$(VENV)/bin/zeroc stack up --decode 1 --prompt "$(PROMPT)"
 
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
 
 # Regenerate the committed Python stubs of protos/zeroc/v1 (a test fails when they are stale).
 protos: install

@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref  # noqa: E402
-from kernels.paged_decode import (paged_decode_attention, paged_decode_attention_int8_ref,  # noqa: E402
+from zeroc_kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref  # noqa: E402
+from zeroc_kernels.paged_decode import (paged_decode_attention, paged_decode_attention_int8_ref,  # noqa: E402
                                   paged_decode_attention_ref)
-from kernels.paged_prefill import paged_prefill_attention  # noqa: E402
-from kernels.qkv_epilogue import (qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue,  # noqa: E402
+from zeroc_kernels.paged_prefill import paged_prefill_attention  # noqa: E402
+from zeroc_kernels.qkv_epilogue import (qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue,  # noqa: E402
                                   qkv_rotate_epilogue_ref)
 
 FULL = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64, decode_ctx=8192,

@@ -27,7 +27,6 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 PARTS = ("selfsend", "timeout", "serve")
 PROMPTS = ["The built-in function", "import os\nprint(os.getcwd())", "A list comprehension is a concise way to "

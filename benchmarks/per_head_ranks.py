@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zeroc.bench import bench_prefill, engine_decode_step_s  # noqa: E402
 from zeroc.compression.calibrate import ZeroCMethod, compress, measure  # noqa: E402

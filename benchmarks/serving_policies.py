@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL, CacheConfig  # noqa: E402
 from zeroc.bench import engine_decode_step_s  # noqa: E402

@@ -14,13 +14,11 @@ import json
 import os
 import socket
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zeroc.compression.calibrate import collect_statistics, compute_factors  # noqa: E402
 from zeroc.compression.fold import build_compressed  # noqa: E402

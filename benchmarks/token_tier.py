@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from zeroc.compression.calibrate import collect_statistics, compute_factors  # noqa: E402
 from zeroc.compression.fold import build_compressed  # noqa: E402

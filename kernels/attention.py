@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref
+from zeroc_kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref
 
 
 def use_triton(x: Tensor) -> bool:
@@ -12,7 +12,7 @@ def use_triton(x: Tensor) -> bool:
     if not x.is_cuda:
         return False
     # Imported here so CPU-only processes never import triton.
-    from kernels.paged_decode import triton_available
+    from zeroc_kernels.paged_decode import triton_available
 
     return triton_available()
 
@@ -33,8 +33,8 @@ def paged_attention(
     kernels read int8 caches (kernels/kv_quant.py) in place, dequantising in registers."""
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
     if use_triton(q):
-        from kernels.paged_decode import paged_decode_attention
-        from kernels.paged_prefill import paged_prefill_attention
+        from zeroc_kernels.paged_decode import paged_decode_attention
+        from zeroc_kernels.paged_prefill import paged_prefill_attention
 
         if q.shape[0] == block_tables.shape[0]:
             return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,

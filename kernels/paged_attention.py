@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.kv_quant import dequantize_rows_ref
+from zeroc_kernels.kv_quant import dequantize_rows_ref
 
 
 def paged_attention_ref(

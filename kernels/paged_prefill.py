@@ -15,7 +15,7 @@ import os
 import torch
 from torch import Tensor
 
-from kernels.paged_attention import check_int8_args, rows_contiguous
+from zeroc_kernels.paged_attention import check_int8_args, rows_contiguous
 
 try:  # optional on CPU-only machines
     import triton

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from kernels.attention import paged_attention
+from zeroc_kernels.attention import paged_attention
 from zeroc.bench import machine_description
 from zeroc.config import AttentionCompression, CacheConfig, LayerCompression, ModelConfig
 from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.attention import paged_attention, use_triton
+from zeroc_kernels.attention import paged_attention, use_triton
 from zeroc.config import ModelConfig, RopeConfig
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedKVCache, PagedBatch
@@ -335,7 +335,7 @@ class FusedPagedAttend:
     def attend_raw(self, layer: int, attn: Attention, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         # q: [N, heads, w]; k: [N, kv_heads, w] before RoPE (w = head_dim in rotate mode, else qk_dim);
         # v: [N, kv_heads, v_dim]; positions: [N] -> [N, heads, v_dim]
-        from kernels.qkv_epilogue import qkv_epilogue, qkv_rotate_epilogue
+        from zeroc_kernels.qkv_epilogue import qkv_epilogue, qkv_rotate_epilogue
 
         k_pool, v_pool = self.cache.layer(layer)
         slots = self.batch.slot_mapping

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.paged_decode import merge_partials_ref
+from zeroc_kernels.paged_decode import merge_partials_ref
 from zeroc.config import ModelConfig
 
 

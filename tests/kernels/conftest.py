@@ -30,7 +30,7 @@ def _int8_pools(k_cache, v_cache):
     """Every slot of both caches quantised by the cache-write kernel's reference.
 
     -> k int8 [blocks, block_size, kv_heads, dq], k scales [blocks, block_size, kv_heads], v, v scales"""
-    from kernels.kv_quant import quantize_into_slots_ref
+    from zeroc_kernels.kv_quant import quantize_into_slots_ref
 
     pools = []
     for cache in (k_cache, v_cache):

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.kv_quant import dequantize_slots, dequantize_slots_ref, quantize_into_slots, quantize_into_slots_ref
+from zeroc_kernels.kv_quant import dequantize_slots, dequantize_slots_ref, quantize_into_slots, quantize_into_slots_ref
 
 
 def _pools(blocks, block_size, heads, d):

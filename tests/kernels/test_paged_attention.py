@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.paged_attention import paged_attention_ref, rows_contiguous
+from zeroc_kernels.paged_attention import paged_attention_ref, rows_contiguous
 
 
 def naive_attention(q, k, v, ctx_start):
@@ -73,8 +73,8 @@ def test_kernels_read_one_runs_columns_of_a_per_head_row_in_place(random_paged_k
     """A layer with per-KV-head ranks caches one row of all its heads' dims; each run of equal-rank heads
     is attended through a column view of the pool (zeroc/head_ranks.py). Both Triton kernels read the view
     where it lies, and match the reference on a contiguous copy."""
-    from kernels.paged_decode import paged_decode_attention
-    from kernels.paged_prefill import paged_prefill_attention
+    from zeroc_kernels.paged_decode import paged_decode_attention
+    from zeroc_kernels.paged_prefill import paged_prefill_attention
     from zeroc.head_ranks import HeadLayout
 
     gen = torch.Generator().manual_seed(7)

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.attention import paged_attention
-from kernels.paged_decode import (MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits, merge_partials,
+from zeroc_kernels.attention import paged_attention
+from zeroc_kernels.paged_decode import (MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits, merge_partials,
                                   merge_partials_ref, paged_decode_attention, paged_decode_attention_int8_ref,
                                   paged_decode_attention_ref)
 

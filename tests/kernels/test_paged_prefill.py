@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import pytest
 
-from kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref
-from kernels.paged_prefill import paged_prefill_attention
+from zeroc_kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref
+from zeroc_kernels.paged_prefill import paged_prefill_attention
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 

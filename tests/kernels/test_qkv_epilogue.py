@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue, qkv_rotate_epilogue_ref
+from zeroc_kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue, qkv_rotate_epilogue_ref
 from zeroc.config import RopeConfig
 from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq, rotate_qk
 

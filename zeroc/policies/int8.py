@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.kv_quant import dequantize_rows_ref as dequantize_rows
-from kernels.kv_quant import quantize_rows_ref as quantize_rows
+from zeroc_kernels.kv_quant import dequantize_rows_ref as dequantize_rows
+from zeroc_kernels.kv_quant import quantize_rows_ref as quantize_rows
 from zeroc.model import Transformer
 from zeroc.policies.base import (KVPolicy, LayerGeometry, LayerKVCache, attend_dense, check_budget, grow,
                                  layer_geometry, reference_bits)

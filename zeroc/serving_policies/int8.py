@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from kernels.attention import paged_attention, use_triton
-from kernels.kv_quant import quantize_into_slots, quantize_into_slots_ref
+from zeroc_kernels.attention import paged_attention, use_triton
+from zeroc_kernels.kv_quant import quantize_into_slots, quantize_into_slots_ref
 from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy
 
 if TYPE_CHECKING:

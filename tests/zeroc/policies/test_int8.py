@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_quant import dequantize_slots_ref, quantize_into_slots_ref
+from zeroc_kernels.kv_quant import dequantize_slots_ref, quantize_into_slots_ref
 from zeroc.config import BUNDLED_HELDOUT
 from zeroc.evaluate import read_eval_tokens
 from zeroc.loader import load_model

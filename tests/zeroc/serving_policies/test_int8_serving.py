@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_quant import quantize_rows_ref
-from kernels.paged_decode import paged_decode_attention
-from kernels.paged_prefill import paged_prefill_attention
+from zeroc_kernels.kv_quant import quantize_rows_ref
+from zeroc_kernels.paged_decode import paged_decode_attention
+from zeroc_kernels.paged_prefill import paged_prefill_attention
 from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
 from test_kivi_serving import BUNDLED, GREEDY
 from zeroc.config import CacheConfig
