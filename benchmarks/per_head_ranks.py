@@ -23,12 +23,13 @@ import torch
 from tqdm import tqdm
 
 
-from zeroc.bench import bench_prefill, engine_decode_step_s  # noqa: E402
-from zeroc.compression.calibrate import ZeroCMethod, compress, measure  # noqa: E402
-from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, CacheConfig  # noqa: E402
-from zeroc.evaluate import perplexity_full, read_eval_tokens  # noqa: E402
-from zeroc.kv_cache import sequence_blocks  # noqa: E402
-from zeroc.loader import LoadedModel, load_model  # noqa: E402
+from zeroc.bench.forward import bench_prefill, engine_decode_step_s
+from zeroc.compression.calibrate import ZeroCMethod, compress, measure
+from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, CacheConfig
+from zeroc.eval.perplexity import perplexity_full
+from zeroc.data import read_eval_tokens
+from zeroc.caches import sequence_blocks
+from zeroc.loader import LoadedModel, load_model
 
 BLOCK = 16
 

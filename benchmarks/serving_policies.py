@@ -20,11 +20,12 @@ import torch
 from tqdm import tqdm
 
 
-from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL, CacheConfig  # noqa: E402
-from zeroc.bench import engine_decode_step_s  # noqa: E402
-from zeroc.evaluate import read_eval_tokens  # noqa: E402
-from zeroc.kv_cache import PagedKVCache, block_bytes, layer_shapes  # noqa: E402
-from zeroc.loader import load_model  # noqa: E402
+from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL, CacheConfig
+from zeroc.bench.forward import engine_decode_step_s
+from zeroc.data import read_eval_tokens
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import block_bytes, layer_shapes
+from zeroc.loader import load_model
 
 GIB = 1 << 30
 POLICIES = {"none": {"block_size": 32}, "kivi-4": {"block_size": 32, "kv_policy": "kivi-4"},
@@ -40,7 +41,7 @@ def capacity(loaded, dtype: torch.dtype, context: int) -> list[dict]:
     shapes, rows = layer_shapes(loaded.config), []
     for name, settings in POLICIES.items():
         # One block: geometry only (the model: SnapKV's query ring depends on its head counts).
-        probe = PagedKVCache(shapes, CacheConfig(num_blocks=1, **settings), dtype, model=loaded.model)
+        probe = paged_cache(shapes, CacheConfig(num_blocks=1, **settings), dtype, model=loaded.model)
         per_block = probe.policy.block_bytes(shapes, 32, dtype) if probe.policy else block_bytes(shapes, 32, dtype)
         blocks = GIB // per_block
         per_seq = probe.blocks_needed("probe", context + 1)  # growing: KIVI's filling block at full precision

@@ -20,12 +20,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-from zeroc.compression.calibrate import collect_statistics, compute_factors  # noqa: E402
-from zeroc.compression.fold import build_compressed  # noqa: E402
-from zeroc.config import BUNDLED_CALIB, BUNDLED_MODEL, AttentionCompression  # noqa: E402
-from zeroc.evaluate import read_eval_tokens  # noqa: E402
-from zeroc.loader import load_model  # noqa: E402
-from zeroc.parallel.sequence_parallel import CommStats, sp_prefill  # noqa: E402
+from zeroc.compression.calibrate import collect_statistics, compute_factors
+from zeroc.compression.fold import build_compressed
+from zeroc.config import BUNDLED_CALIB, BUNDLED_MODEL, AttentionCompression
+from zeroc.data import read_eval_tokens
+from zeroc.loader import load_model
+from zeroc.parallel.sequence_parallel import CommStats, sp_prefill
 
 
 def _model(rank_dims: int):

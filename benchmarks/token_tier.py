@@ -22,13 +22,14 @@ import torch
 from tqdm import tqdm
 
 
-from zeroc.compression.calibrate import collect_statistics, compute_factors  # noqa: E402
-from zeroc.compression.fold import build_compressed  # noqa: E402
-from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, AttentionCompression, CacheConfig  # noqa: E402
-from zeroc.bench import engine_decode_step_s  # noqa: E402
-from zeroc.evaluate import read_eval_tokens  # noqa: E402
-from zeroc.kv_cache import PagedKVCache, block_bytes, layer_shapes, sequence_blocks  # noqa: E402
-from zeroc.loader import LoadedModel, load_model  # noqa: E402
+from zeroc.compression.calibrate import collect_statistics, compute_factors
+from zeroc.compression.fold import build_compressed
+from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, AttentionCompression, CacheConfig
+from zeroc.bench.forward import engine_decode_step_s
+from zeroc.data import read_eval_tokens
+from zeroc.caches import paged_cache, sequence_blocks
+from zeroc.kv_cache import block_bytes, layer_shapes
+from zeroc.loader import LoadedModel, load_model
 
 GIB = 1 << 30
 BLOCK = 16
@@ -53,7 +54,7 @@ def variants(base: LoadedModel, sinks: int, recent: int, dirs: list[str]) -> dic
 def capacity(loaded: LoadedModel, context: int) -> dict:
     shapes = layer_shapes(loaded.config)
     per_block = block_bytes(shapes, BLOCK, torch.float32)  # the tier's rows come out of the same blocks
-    probe = PagedKVCache(shapes, CacheConfig(block_size=BLOCK, num_blocks=1), torch.float32, model=loaded.model)
+    probe = paged_cache(shapes, CacheConfig(block_size=BLOCK, num_blocks=1), torch.float32, model=loaded.model)
     per_seq = probe.blocks_needed("probe", context + 1)
     return {"block_bytes": per_block, "blocks_per_sequence": per_seq, "bytes_per_sequence": per_seq * per_block,
             "sequences_per_gib": GIB // per_block // per_seq}

@@ -28,7 +28,7 @@ from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.rpc import CallCounter, ServiceHost
 from zeroc.sampling import SamplingParams
-from zeroc.serving_policies.transfer import kv_fingerprint, receive_into
+from zeroc.transport.landing import kv_fingerprint, receive_into
 from zeroc.transport.decode_side import make_kv_transport
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc, kv_store_pb2_grpc
@@ -212,7 +212,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_context=cfg.max_position_embeddings, num_layers=cfg.num_hidden_layers, dtype=state.dtype,
             mode="colocated" if self.transport is None else "disaggregated",
             kv_blocks_total=stats.blocks_total, kv_blocks_free=stats.blocks_free, kv_block_size=stats.block_size,
-            requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.store))
+            requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.store),
+            attention_backend=state.engine.model.backend.name)
 
     def Tokenize(self, request, context):
         state = self._state(context)
@@ -253,7 +254,7 @@ class DecodeService:
 
     def load(self) -> None:
         cfg = self.cfg
-        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device)
+        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend)
         engine = Engine(loaded, cfg.cache, cfg.scheduler)
         self.store = attach_store(cfg, loaded, self.fingerprint, self.host, self.kv_servicer)
         store = self.store.store if self.store else None
@@ -266,7 +267,8 @@ class DecodeService:
         if store is not None:
             set_store_health(self.host, store.state)
         log.info("serving", extra={"service": "decode", "address": self.host.address, "model": cfg.model_dir,
-                                   "prefill": cfg.transfer.prefill_target or "colocated"})
+                                   "prefill": cfg.transfer.prefill_target or "colocated",
+                                   "attention_backend": cfg.attention_backend})
 
     def close(self) -> None:
         self.host.server.stop(0)

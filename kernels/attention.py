@@ -1,47 +1,166 @@
-"""The runtime's entry points: pick the Triton kernel on CUDA, the PyTorch reference elsewhere."""
+"""Attention backends: the one object through which the runtime runs its attention kernels.
+
+A backend is chosen once, when a model is loaded (`select_backend`, the `--attention-backend` setting),
+never by looking at a tensor's device or an argument's type on the hot path. Callers:
+- `zeroc.model` (the paged forward): `paged_attention` over plain pools, and, where `fused_epilogue`
+  holds, the QKV epilogue that applies RoPE (and rotate mode's bases) and writes K/V into their slots;
+- KV-policy stores (the int8 store): `paged_attention` with scales, `quantize_into_slots`.
+
+Backends:
+- `TorchBackend` ("torch"): the PyTorch references, on any device. Writes happen in PyTorch before
+  attention; no fused epilogue.
+- `TritonBackend` ("triton"): the Triton kernels: the decode kernel for decode-only steps, the ragged
+  prefill kernel otherwise, and the fused QKV epilogue. On CUDA it compiles; on the CPU it runs only in
+  Triton's interpreter (TRITON_INTERPRET=1), which is how CI drives the GPU path.
+
+To add a backend (a maintained library, say), subclass `AttentionBackend`, implement its methods with
+the same shapes and numerics as the references, register it in `BACKENDS`, and run
+tests/kernels/test_backends.py over it.
+"""
 
 from __future__ import annotations
 
+import abc
+import importlib.util
+import os
+
+import torch
 from torch import Tensor
 
+from zeroc_kernels.kv_quant import quantize_into_slots_ref
 from zeroc_kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref
+from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref
+
+BACKEND_NAMES = ("auto", "torch", "triton")
 
 
-def use_triton(x: Tensor) -> bool:
-    """Whether the runtime runs Triton kernels on `x`'s device: CUDA with triton installed."""
-    if not x.is_cuda:
-        return False
-    # Imported here so CPU-only processes never import triton.
-    from zeroc_kernels.paged_decode import triton_available
+class AttentionBackend(abc.ABC):
+    """How attention and cache writes run. Shapes as in `paged_attention_ref` and `qkv_epilogue_ref`."""
 
-    return triton_available()
+    name: str
+    fused_epilogue: bool = False  # whether the model hands q/k/v to `qkv_epilogue` before RoPE
+
+    @abc.abstractmethod
+    def paged_attention(
+        self,
+        q: Tensor,  # [N, heads, dq] new queries, concatenated over sequences
+        k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq], int8 with k_scales
+        v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv], int8 with v_scales
+        block_tables: Tensor,  # [B, max_blocks]
+        seq_lens: Tensor,  # [B]
+        query_start_loc: Tensor,  # [B + 1]
+        scale: float,
+        k_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32 per-token scales of int8 caches
+        v_scales: Tensor | None = None,
+    ) -> Tensor:
+        """-> [N, heads, dv]: each new query over its sequence's cached context, causally."""
+
+    @abc.abstractmethod
+    def quantize_into_slots(self, x: Tensor, slot_mapping: Tensor, q_pool: Tensor, scale_pool: Tensor) -> None:
+        """x: [N, kv_heads, d] rows quantised to int8 into their slots of q_pool / scale_pool, in place."""
+
+    def qkv_epilogue(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor,
+                     slot_mapping: Tensor, k_pool: Tensor, v_pool: Tensor) -> Tensor:
+        """Fold / uncompressed epilogue (kernels/qkv_epilogue.py): -> q after RoPE; K/V written to slots."""
+        raise NotImplementedError(f"the {self.name} backend has no fused epilogue")
+
+    def qkv_rotate_epilogue(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor,
+                            q_basis: Tensor, k_basis: Tensor, slot_mapping: Tensor, k_pool: Tensor,
+                            v_pool: Tensor) -> Tensor:
+        """Rotate epilogue: -> q' = A^T RoPE(q); k' = B^T RoPE(k) and v written to slots."""
+        raise NotImplementedError(f"the {self.name} backend has no fused epilogue")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
-def paged_attention(
-    q: Tensor,  # [N, heads, dq] new queries, concatenated over sequences
-    k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq], int8 with k_scales
-    v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv], int8 with v_scales
-    block_tables: Tensor,  # [B, max_blocks]
-    seq_lens: Tensor,  # [B]
-    query_start_loc: Tensor,  # [B + 1]
-    scale: float,
-    k_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32 per-token scales of int8 caches
-    v_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32
-) -> Tensor:
-    """-> [N, heads, dv]. On CUDA: decode-only batches (one query per sequence) run the Triton
-    decode kernel, other steps the Triton ragged prefill kernel; on the CPU, the reference. Both
-    kernels read int8 caches (kernels/kv_quant.py) in place, dequantising in registers."""
-    int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
-    if use_triton(q):
+class TorchBackend(AttentionBackend):
+    """The PyTorch references: the CPU path, and the oracle every other backend is tested against."""
+
+    name = "torch"
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                        k_scales=None, v_scales=None):
+        if check_int8_args(k_cache, v_cache, k_scales, v_scales):
+            return paged_attention_int8_ref(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens,
+                                            query_start_loc, scale)
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+
+    def quantize_into_slots(self, x, slot_mapping, q_pool, scale_pool):
+        quantize_into_slots_ref(x, slot_mapping, q_pool, scale_pool)
+
+
+class ReferenceEpilogueBackend(TorchBackend):
+    """The references with the fused path's structure: K/V written by the epilogue reference, then the
+    reference attention. Tests use it to check the fused path's plumbing (what listeners see, which slots
+    are written) apart from the kernels' numerics."""
+
+    name = "torch-epilogue"
+    fused_epilogue = True
+
+    def qkv_epilogue(self, q, k, v, positions, inv_freq, slot_mapping, k_pool, v_pool):
+        return qkv_epilogue_ref(q, k, v, positions, inv_freq, slot_mapping, k_pool, v_pool)
+
+    def qkv_rotate_epilogue(self, q, k, v, positions, inv_freq, q_basis, k_basis, slot_mapping, k_pool, v_pool):
+        return qkv_rotate_epilogue_ref(q, k, v, positions, inv_freq, q_basis, k_basis, slot_mapping, k_pool, v_pool)
+
+
+class TritonBackend(AttentionBackend):
+    """The Triton kernels (kernels/paged_decode.py, paged_prefill.py, qkv_epilogue.py, kv_quant.py).
+    Imported on first use so that processes on the torch backend never import triton."""
+
+    name = "triton"
+    fused_epilogue = True
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                        k_scales=None, v_scales=None):
         from zeroc_kernels.paged_decode import paged_decode_attention
         from zeroc_kernels.paged_prefill import paged_prefill_attention
 
-        if q.shape[0] == block_tables.shape[0]:
+        check_int8_args(k_cache, v_cache, k_scales, v_scales)
+        if q.shape[0] == block_tables.shape[0]:  # one query per sequence: a decode-only step
             return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                           k_scales=k_scales, v_scales=v_scales)
         return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                        k_scales=k_scales, v_scales=v_scales)
-    if int8:
-        return paged_attention_int8_ref(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens,
-                                        query_start_loc, scale)
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+
+    def quantize_into_slots(self, x, slot_mapping, q_pool, scale_pool):
+        from zeroc_kernels.kv_quant import quantize_into_slots
+
+        quantize_into_slots(x, slot_mapping, q_pool, scale_pool)
+
+    def qkv_epilogue(self, q, k, v, positions, inv_freq, slot_mapping, k_pool, v_pool):
+        from zeroc_kernels.qkv_epilogue import qkv_epilogue
+
+        return qkv_epilogue(q, k, v, positions, inv_freq, slot_mapping, k_pool, v_pool)
+
+    def qkv_rotate_epilogue(self, q, k, v, positions, inv_freq, q_basis, k_basis, slot_mapping, k_pool, v_pool):
+        from zeroc_kernels.qkv_epilogue import qkv_rotate_epilogue
+
+        return qkv_rotate_epilogue(q, k, v, positions, inv_freq, q_basis, k_basis, slot_mapping, k_pool, v_pool)
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "triton": TritonBackend,
+                                                "torch-epilogue": ReferenceEpilogueBackend}
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on `device`: compiled on CUDA, interpreted on the CPU."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """The backend `name` names for a model on `device`. "auto": Triton on CUDA when triton is installed,
+    else the PyTorch references. ValueError for an unknown name or a backend that cannot run there."""
+    device = torch.device(device)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if name == "triton" and not triton_runs_on(device):
+        raise ValueError(f"the triton attention backend cannot run on {device.type}: it needs CUDA, or "
+                         "TRITON_INTERPRET=1 on the CPU (Triton's interpreter, slow: for tests), and triton "
+                         "installed")
+    return BACKENDS[name]()

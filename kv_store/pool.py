@@ -16,7 +16,7 @@ import google_crc32c
 import torch
 from torch import Tensor
 
-from zeroc.kv_cache import LayerShape
+from zeroc.kv_cache import LayerShape, PagedKVCache
 
 
 class BlockPool:
@@ -108,19 +108,14 @@ class BlockPool:
             k, v = self.k[layer][idx], self.v[layer][idx]
         return k.flatten(0, 1), v.flatten(0, 1)
 
-    def copy_into(self, block_ids: list[str], k_pools: list[Tensor], v_pools: list[Tensor],
-                  dest_blocks: list[int]) -> int:
-        """Copy the longest held prefix of `block_ids` into paged-cache blocks `dest_blocks`; returns how many.
-
-        k_pools[layer]: [num_blocks, block_size, kv_heads, k_dim] (the cache's pools); v_pools likewise."""
+    def copy_into(self, block_ids: list[str], cache: PagedKVCache, dest_blocks: list[int]) -> int:
+        """Copy the longest held prefix of `block_ids` into the paged cache's blocks `dest_blocks` (through
+        its KV-write seam); returns how many."""
         with self.lock:
             n = self.held_prefix(block_ids)
             if n:
                 src = torch.tensor([self._slots[b] for b in block_ids[:n]], dtype=torch.long, device=self.k[0].device)
-                dst = torch.tensor(dest_blocks[:n], dtype=torch.long, device=k_pools[0].device)
-                for layer in range(len(self.k)):
-                    k_pools[layer][dst] = self.k[layer][src].to(k_pools[layer].device)
-                    v_pools[layer][dst] = self.v[layer][src].to(v_pools[layer].device)
+                cache.write_blocks(dest_blocks[:n], [k[src] for k in self.k], [v[src] for v in self.v])
                 self.touch_chain(block_ids[:n])
             return n
 

@@ -21,7 +21,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import Tensor
 
 from kv_store.hashing import block_ids
@@ -166,7 +165,7 @@ class KvStore:
             ids = plan.block_ids[done:end]
             if src is None:
                 dest = [int(slots[b * bs]) // bs for b in range(done, end)]
-                got = self.pool.copy_into(ids, cache.k_pools, cache.v_pools, dest)
+                got = self.pool.copy_into(ids, cache, dest)
                 local += got
             else:
                 got, nbytes = self._fetch(src, ids, plan.checksums[done:end], cache, slots, done)
@@ -204,9 +203,7 @@ class KvStore:
             if ids:
                 self._queue(("touch", ids))
             return
-        src = torch.tensor([block_table[i] for i in new], dtype=torch.long, device=cache.k_pools[0].device)
-        k = [pool[src] for pool in cache.k_pools]  # per layer: [len(new), block_size, kv_heads, k_dim]
-        v = [pool[src] for pool in cache.v_pools]
+        k, v = cache.read_blocks([block_table[i] for i in new])  # per layer: [len(new), block_size, kv_heads, dim]
         self._queue(("put", [ids[i] for i in new], k, v))
 
     # -- peers ---------------------------------------------------------------------------------------

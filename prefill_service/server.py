@@ -19,7 +19,7 @@ from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import KvTransferError, add_prefill_service, model_fingerprint
 from zeroc.loader import LoadedModel, load_model
 from zeroc.rpc import CallCounter, ServiceHost
-from zeroc.serving_policies.transfer import kv_fingerprint
+from zeroc.transport.landing import kv_fingerprint
 from zeroc.transport.capability import probe
 from zeroc.transport.nccl import load_nccl
 from zeroc.transport.prefill_side import KvTransportService
@@ -133,7 +133,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         host.install_signal_handlers()
         host.start()
         ready(f"prefill service listening on {host.address}")
-        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device)
+        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend)
         fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         if cfg.parallel.sp_ranks > 1:  # no prefix reuse across SP ranks: the store is not attached
             worker = SpPrefillWorker(loaded, cfg.parallel.sp_ranks, cfg.dtype, cfg.transfer.timeout_s)
@@ -145,7 +145,8 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         if store is not None:
             set_store_health(host, store.store.state)
         log.info("serving", extra={"service": "prefill", "address": host.address, "model": cfg.model_dir,
-                                   "kv_transports": list(capability.transports)})
+                                   "kv_transports": list(capability.transports),
+                                   "attention_backend": loaded.model.backend.name})
         host.wait_and_drain(worker.stop, servicer.calls.busy)
     finally:
         kv.close()

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from kv_store.store import KvStore, PrefixPlan
 from zeroc.config import CacheConfig, SchedulerConfig
-from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import PagedBatch, layer_shapes
 from zeroc.kv_transfer import KvTransferError, encode_layer_wire
 from zeroc.loader import LoadedModel
 from zeroc.tier import tier_positions
@@ -62,17 +63,6 @@ def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: i
         job.out.put(exc)
 
 
-class _StreamingCache(PagedKVCache):
-    """A paged cache that also hands every layer's freshly written K/V to `on_write`."""
-
-    on_write = None  # set per forward: (layer, k [N, kv_heads, k_dim], v [N, kv_heads, v_dim]) -> None
-
-    def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
-        super().write(layer, slot_mapping, k, v)
-        if self.on_write is not None:
-            self.on_write(layer, k, v)
-
-
 class PrefillWorker:
     """Collects concurrent prompts into one ragged forward (up to the scheduler's token budget)."""
 
@@ -83,7 +73,7 @@ class PrefillWorker:
         self.sched = scheduler
         shapes = layer_shapes(cfg)
         param = next(self.model.parameters())
-        self.cache = _StreamingCache(shapes, cache, param.dtype, param.device, model=self.model)
+        self.cache = paged_cache(shapes, cache, param.dtype, param.device, model=self.model)
         self.max_tokens = self.cache.token_capacity(cfg.max_position_embeddings) - 1
         # A token tier (zeroc/tier_store.py): the model writes [compressed | tier] rows; both are shipped.
         self.tier = self.cache.policy if isinstance(self.cache.policy, TierServing) else None
@@ -174,8 +164,9 @@ class PrefillWorker:
         batch: PagedBatch = self.cache.schedule([(j.request_id, len(j.token_ids) - f) for j, f in zip(jobs, first)])
         starts = batch.query_start_loc.tolist()
 
-        def emit(layer: int, k: Tensor, v: Tensor) -> None:
-            # k, v: [N, kv_heads, dim] for all jobs; each job gets its own rows from its cached prefix on.
+        def emit(layer: int, _slots: Tensor, k: Tensor, v: Tensor) -> None:
+            # A KV-write listener (zeroc/kv_cache.py), called once per layer on every backend: k, v: [N, kv_heads,
+            # dim] for all jobs; each job gets its own rows from its cached prefix on.
             for i, job in enumerate(jobs):
                 lo = starts[i] + job.cached_prefix_tokens - first[i]
                 k_job, v_job = k[lo:starts[i + 1]], v[lo:starts[i + 1]]
@@ -185,14 +176,10 @@ class PrefillWorker:
                     self._ship_tiered(job, layer, k_job, v_job)
 
         tokens = torch.tensor([t for j, f in zip(jobs, first) for t in j.token_ids[f:]], device=batch.positions.device)
-        self.cache.on_write = emit
-        try:
-            with torch.inference_mode():
-                # No logits are needed: the decode side computes the last prompt token itself.
-                self.model.forward_paged(tokens, batch.positions, batch, self.cache,
-                                         logits_indices=torch.empty(0, dtype=torch.long, device=tokens.device))
-        finally:
-            self.cache.on_write = None
+        with torch.inference_mode(), self.cache.listening(emit):
+            # No logits are needed: the decode side computes the last prompt token itself.
+            self.model.forward_paged(tokens, batch.positions, batch, self.cache,
+                                     logits_indices=torch.empty(0, dtype=torch.long, device=tokens.device))
         if self.store is not None:
             for job in jobs:
                 self.store.offer(job.token_ids, self.cache, self.cache.block_table(job.request_id))

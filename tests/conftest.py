@@ -77,7 +77,7 @@ def bundled_factors(bundled):
     """The bundled model's compression factors, fitted on 2048 tokens of the bundled calibration text."""
     from zeroc.compression.calibrate import collect_statistics, compute_factors
     from zeroc.config import BUNDLED_CALIB
-    from zeroc.evaluate import read_eval_tokens
+    from zeroc.data import read_eval_tokens
 
     calib = read_eval_tokens(bundled.tokenizer, BUNDLED_CALIB, 2048)[:2048].view(4, 512)
     return compute_factors(bundled.model, collect_statistics(bundled.model, calib, progress=False))
@@ -92,6 +92,20 @@ def zeroc_half_dir(bundled, bundled_factors, tmp_path_factory) -> str:
     layout = AttentionCompression(tuple(f.layer_compression(32, 32) for f in bundled_factors), "test-uniform-32", 0.5)
     out = save_model(build_compressed(bundled.model, bundled_factors, layout), bundled.tokenizer,
                      tmp_path_factory.mktemp("zeroc-0.5") / "model")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def zeroc_modes_dir(bundled, bundled_factors, tmp_path_factory) -> str:
+    """The bundled model at Q/K rank 32 and V rank 16 in every layer, rotate and fold alternating: uniform
+    layers of both modes, which the fused QKV epilogue takes (KV budget 0.375)."""
+    from zeroc.compression.fold import build_compressed
+    from zeroc.config import AttentionCompression
+
+    layers = tuple(f.layer_compression(32, 16, ("rotate", "fold")[i % 2]) for i, f in enumerate(bundled_factors))
+    out = save_model(build_compressed(bundled.model, bundled_factors, AttentionCompression(layers, "test-modes",
+                                                                                           0.375, "zeroc-auto")),
+                     bundled.tokenizer, tmp_path_factory.mktemp("zeroc-modes") / "model")
     return str(out)
 
 

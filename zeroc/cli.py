@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, ZeroCConfig
+from zeroc.config import ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDOUT, ZeroCConfig
 from zeroc.errors import ZeroCError
 
 # The --kv-policy names (zeroc.policies.POLICY_NAMES + STACKABLE_NAMES), listed here so --help does not import torch.
@@ -28,18 +28,31 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face model directory (env ZEROC_MODEL_DIR; "
                                                   "default: the bundled model)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (env ZEROC_DTYPE)")
+    p.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS,
+                   help="how the paged forward attends: auto (Triton on CUDA, else torch), torch (the PyTorch "
+                        "references) or triton (on the CPU only under TRITON_INTERPRET=1) "
+                        "(env ZEROC_ATTENTION_BACKEND)")
+
+
+def _checked(cfg: ZeroCConfig) -> ZeroCConfig:
+    """The settings that only the layers above the config can check (the KV policy's): ValueError."""
+    from zeroc.serving_policies import make_serving_policy
+
+    make_serving_policy(cfg.cache)
+    return cfg
 
 
 def _root_config(args: argparse.Namespace, cache: dict | None = None) -> ZeroCConfig:
-    return ZeroCConfig.from_env(model_dir=args.model, dtype=args.dtype,
-                                cache=cache or {"block_size": getattr(args, "block_size", None)})
+    return _checked(ZeroCConfig.from_env(model_dir=args.model, dtype=args.dtype,
+                                         attention_backend=getattr(args, "attention_backend", None),
+                                         cache=cache or {"block_size": getattr(args, "block_size", None)}))
 
 
 def _load(args: argparse.Namespace, cache: dict | None = None):
     from zeroc.loader import load_model
 
     cfg = _root_config(args, cache)
-    return load_model(cfg.model_dir, cfg.dtype), cfg
+    return load_model(cfg.model_dir, cfg.dtype, attention_backend=cfg.attention_backend), cfg
 
 
 def _byte_size(text: str) -> int:
@@ -100,7 +113,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
-    from zeroc.evaluate import perplexity_full, perplexity_streaming, read_eval_tokens
+    from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
+    from zeroc.data import read_eval_tokens
 
     if args.kv_policy != "none" and not args.streaming:
         raise ZeroCError("--kv-policy needs --streaming (policies decide what a token-by-token cache keeps)")
@@ -115,7 +129,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     tokens = read_eval_tokens(loaded.tokenizer, args.data, args.max_tokens)
     show = not args.json
     if policy is not None:
-        from zeroc.policies.streaming import perplexity_with_policy
+        from zeroc.eval.policy_streaming import perplexity_with_policy
 
         res = perplexity_with_policy(loaded.model, tokens, args.ctx, policy, args.batch_size, progress=show)
         if args.json:
@@ -144,8 +158,8 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
     import datetime as dt
 
     from zeroc.compression.calibrate import ZeroCMethod
-    from zeroc.quality import QualityConfig, machine_description, run_quality
-    from zeroc.quality_report import text_table, write_report
+    from zeroc.eval.quality import QualityConfig, machine_description, run_quality
+    from zeroc.eval.quality_report import text_table, write_report
 
     cfg = QualityConfig(ctx=args.ctx, max_tokens=args.max_tokens, budgets=tuple(args.budgets),
                         batch_size=args.batch_size, zeroc_modes=tuple(args.zeroc_modes),
@@ -170,7 +184,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_forward(args: argparse.Namespace) -> int:
-    from zeroc.bench import run_forward_bench
+    from zeroc.bench.forward import run_forward_bench
 
     loaded, _ = _load(args)
     report = run_forward_bench(loaded, tuple(args.prefill), tuple(args.decode_batch))
@@ -186,7 +200,7 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_attention(args: argparse.Namespace) -> int:
-    from zeroc.bench_attention import LLAMA3_8B, AttentionBenchConfig, bundled_shape, run_attention_bench, text_report
+    from zeroc.bench.attention import LLAMA3_8B, AttentionBenchConfig, bundled_shape, run_attention_bench, text_report
 
     bench = AttentionBenchConfig(prefill_tokens=args.prefill_tokens, decode_batch=args.decode_batch,
                                  context=args.context, rank_ratio=args.rank_ratio, repeats=args.repeats,
@@ -198,7 +212,7 @@ def cmd_bench_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_transfer(args: argparse.Namespace) -> int:
-    from zeroc.bench_transfer import TransferSpec, run_transfer_bench
+    from zeroc.bench.transfer import TransferSpec, run_transfer_bench
 
     spec = TransferSpec(tokens=args.tokens, layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim,
                         dtype=args.kv_dtype, chunk_bytes=args.chunk_bytes)
@@ -225,12 +239,12 @@ def cmd_bench_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_prefix(args: argparse.Namespace) -> int:
-    from kv_store.bench import PrefixBenchSpec, run_prefix_bench
+    from zeroc.bench.prefix import PrefixBenchSpec, run_prefix_bench
 
     spec = PrefixBenchSpec(tokens=args.tokens, shared=args.shared, rounds=args.rounds, index_ops=args.index_ops)
     report = run_prefix_bench(spec, progress=not args.json)
     if args.plot:
-        from kv_store.bench import plot_ttft
+        from zeroc.bench.prefix import plot_ttft
 
         plot_ttft(report, args.plot)
     if args.json:
@@ -251,7 +265,7 @@ def cmd_bench_prefix(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from zeroc.bench_serve.command import run
+    from zeroc.bench.serve.command import run
 
     return run(args)
 
@@ -314,15 +328,15 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
 def _service_config(args: argparse.Namespace) -> ZeroCConfig:
     prefill = getattr(args, "prefill", None)
-    return ZeroCConfig.from_env(
-        model_dir=args.model, dtype=args.dtype, device=args.device,
+    return _checked(ZeroCConfig.from_env(
+        model_dir=args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
         cache=_cache_settings(args),
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
         transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
                   "kv_transport": args.kv_transport},
         redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
-        parallel={"sp_ranks": getattr(args, "sp", None)})
+        parallel={"sp_ranks": getattr(args, "sp", None)}))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -342,7 +356,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ZeroCError(f"--device {cfg.device}: torch sees no CUDA device")
     if args.what == "prefill" or cfg.transfer.prefill_target:
-        from zeroc.serving_policies.transfer import check_transfer
+        from zeroc.transport.landing import check_transfer
 
         check_transfer(cfg.cache)  # ValueError: this policy's KV cannot travel
     setup_logging()
@@ -540,7 +554,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_transfer)
     p = bench.add_parser("serve", help="load test of the serving stack: JCT, TTFT, TPOT, goodput -> docs/benchmarks/")
-    from zeroc.bench_serve.command import add_arguments
+    from zeroc.bench.serve.command import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench_serve)

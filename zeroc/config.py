@@ -28,6 +28,8 @@ BUNDLED_HELDOUT = REPO_ROOT / "data" / "heldout.txt"
 BUNDLED_CALIB = REPO_ROOT / "data" / "calib.txt"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How the paged forward runs attention (zeroc_kernels.attention.select_backend): auto = Triton on CUDA, else torch.
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -404,7 +406,9 @@ def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: block size in tokens and its capacity (blocks, or bytes), and the KV
-    policy that decides what a block stores (zeroc/serving_policies, docs/policies.md)."""
+    policy that decides what a block stores (zeroc/serving_policies, docs/policies.md). The policy
+    settings are checked where the policy is built (`zeroc.serving_policies.make_serving_policy`: the CLI
+    at start-up, and every cache)."""
 
     block_size: int = 16
     num_blocks: int = 1024
@@ -421,10 +425,6 @@ class CacheConfig:
             )
         if self.num_bytes < 0:
             raise ValueError(f"cache bytes must be >= 0 (0: use num_blocks), got {self.num_bytes}")
-        if (self.kv_policy, self.kv_budget, self.kv_max_tokens, self.kv_residual) != ("none", 1.0, 0, 0):
-            from zeroc.serving_policies import make_serving_policy  # here: it imports the model, which imports us
-
-            make_serving_policy(self)  # ValueError naming the bad setting
 
 
 @dataclass(frozen=True)
@@ -541,6 +541,7 @@ class ZeroCConfig:
     model_dir: str = str(BUNDLED_MODEL)
     dtype: str = "float32"
     device: str = "cpu"  # where a service runs its model: cpu, cuda or cuda:N
+    attention_backend: str = "auto"  # auto | torch | triton (triton on the CPU needs TRITON_INTERPRET=1)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -586,6 +587,9 @@ class ZeroCConfig:
             kind = None
         if kind not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
 
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,

@@ -19,7 +19,8 @@ import torch
 
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.errors import ZeroCError
-from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.sampling import SamplingParams, make_generator, sample_token
 from zeroc.tokenizer import IncrementalDetokenizer
@@ -80,7 +81,7 @@ class Engine:
         shapes = layer_shapes(cfg)
         dtype = next(self.model.parameters()).dtype
         device = next(self.model.parameters()).device
-        self.cache = PagedKVCache(shapes, cache or CacheConfig(), dtype, device, model=self.model)
+        self.cache = paged_cache(shapes, cache or CacheConfig(), dtype, device, model=self.model)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._ids = itertools.count()

@@ -3,7 +3,16 @@
 A block id indexes the same slot range in every layer's pool, so one allocation covers the
 whole model. Pools may have different widths per layer (compressed models have per-layer
 ranks). Callers (the engine's scheduler) use `can_fit`, `schedule` and `free`; the model
-uses `layer` and `write` through the `PagedBatch` that `schedule` returns.
+uses `layer` and the KV-write seam through the `PagedBatch` that `schedule` returns.
+
+The KV-write seam: every way K/V enter the cache goes through one of its methods, and each tells the
+cache's listeners (`listening`) which rows landed where:
+- `write(layer, slots, k, v)`: rows computed by the model in PyTorch (or staged for a policy's store);
+- `wrote(layer, slots)`: rows a kernel already wrote into the pools (the Triton QKV epilogue);
+- `write_rows(layer, is_key, slots, rows)`: one half of the rows, from a prefill service's transfer;
+- `write_blocks(blocks, k, v)`: whole blocks from the prefix store's pool;
+- `load(...)` / `load_tier(...)`: a prompt's KV computed elsewhere, into a policy's or a tier's store.
+Listeners are how a prefill service ships each layer as it is computed, on every backend and device.
 
 With a KV policy (`CacheConfig.kv_policy`, zeroc/serving_policies) the block ids, tables and
 lengths stay here, while the policy's `PolicyStore` owns the pools in its stored form: the
@@ -14,16 +23,23 @@ tier brings its own store (zeroc/tier_store.py) the same way.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig, ModelConfig
 
-if TYPE_CHECKING:  # the model imports this module
+if TYPE_CHECKING:  # annotations only: the model and the policies sit above this layer
     from zeroc.model import Transformer
+    from zeroc.serving_policies.base import ServingKVPolicy
+
+
+# A KV-write listener: (layer, slots [N], k [N, kv_heads, k_dim] or None, v [N, kv_heads, v_dim] or None), called
+# after the rows landed; one of k, v is None when only that half arrived (a transfer's chunk).
+KVListener = Callable[[int, Tensor, "Tensor | None", "Tensor | None"], None]
 
 
 class CacheFullError(RuntimeError):
@@ -94,17 +110,6 @@ def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
     return [LayerShape(*cfg.kv_geometry(i)) for i in range(cfg.num_hidden_layers)]
 
 
-def sequence_blocks(cfg: ModelConfig, block_size: int, tokens: int) -> int:
-    """Blocks one sequence of `tokens` tokens holds in a model's plain cache, a token tier's borrowed ones
-    included (zeroc/tier_store.py): what sizing a cache for whole sequences needs."""
-    blocks = -(-tokens // block_size)
-    if cfg.has_tier:
-        from zeroc.tier_store import tier_policy  # here: it imports this module
-
-        blocks += tier_policy(cfg).tier_blocks(layer_shapes(cfg), block_size, tokens)
-    return blocks
-
-
 @dataclass(frozen=True)
 class PagedBatch:
     """Where one forward step's tokens live in the cache (B sequences, N new tokens)."""
@@ -122,26 +127,18 @@ class PagedKVCache:
 
     def __init__(self, shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype,
                  device: torch.device | str = "cpu", allocator: BlockAllocator | None = None,
-                 model: Transformer | None = None):
-        """`model`: the weights a policy's store may fit itself to (Palu's bases) and whose token tier,
-        if it keeps one, the cache must hold; give it whenever the cache serves a model (the engine,
-        the prefill worker)."""
+                 model: Transformer | None = None, policy: ServingKVPolicy | None = None):
+        """`policy`: how blocks store KV (zeroc/serving_policies, a token tier's store); None keeps the plain
+        full-precision pools. `zeroc.caches.paged_cache` picks it from the settings and the model.
+        `model`: the weights a policy's store may fit itself to (Palu's bases); give it whenever the cache
+        serves a model (the engine, the prefill worker)."""
         self.block_size = cfg.block_size
         self.device = torch.device(device)
         self.shapes, self.dtype, self.num_layers = shapes, dtype, len(shapes)
-        # -- KV policy (zeroc/serving_policies): None keeps the plain full-precision pools --------
-        self.policy, self.store = None, None
-        if cfg.kv_policy != "none":
-            from zeroc.serving_policies import make_serving_policy  # here: it imports the model, which imports us
-
-            self.policy = make_serving_policy(cfg)
-        if model is not None and model.config.has_tier:
-            if self.policy is not None:
-                raise ValueError(f"--kv-policy {cfg.kv_policy} does not combine with a model that keeps a token "
-                                 "tier (it brings its own cache form); serve it with --kv-policy none")
-            from zeroc.tier_store import tier_policy  # here, as make_serving_policy
-
-            self.policy = tier_policy(model.config)
+        if policy is None and cfg.kv_policy != "none":
+            raise ValueError(f"a cache with --kv-policy {cfg.kv_policy} needs its policy object: build it with "
+                             "zeroc.caches.paged_cache")
+        self.policy, self.store = policy, None
         if self.policy is not None:
             self.policy.check(shapes, cfg.block_size)
         self.num_blocks = cfg.num_blocks
@@ -164,6 +161,7 @@ class PagedKVCache:
                                         device=self.device) for s in shapes]
         self._tables: dict[str, list[int]] = {}
         self._lens: dict[str, int] = {}
+        self._listeners: list[KVListener] = []
 
     # -- bookkeeping, for the scheduler ---------------------------------------------------
     def _table_growth(self, seq_id: str, num_new_tokens: int) -> int:
@@ -198,6 +196,11 @@ class PagedKVCache:
 
     def block_table(self, seq_id: str) -> list[int]:
         return list(self._tables.get(seq_id, ()))
+
+    @property
+    def keeps_tier(self) -> bool:
+        """Whether this cache holds a token tier's rows (built with a tiered model=)."""
+        return getattr(self.policy, "keeps_tier", False)
 
     @property
     def num_free_blocks(self) -> int:
@@ -263,18 +266,87 @@ class PagedKVCache:
             raise RuntimeError(f"this cache stores KV as {self.policy.label}; read it through its store")
         return self.k_pools[layer], self.v_pools[layer]
 
+    # -- the KV-write seam ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def listening(self, listener: KVListener) -> Iterator[None]:
+        """Call `listener` for every row written while the block runs (the prefill service's shipping)."""
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
+
+    def _notify(self, layer: int, slots: Tensor, k: Tensor | None, v: Tensor | None) -> None:
+        for listener in self._listeners:
+            listener(layer, slots, k, v)
+
     def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
-        # slot_mapping: [N]; k: [N, kv_heads, k_dim]; v: [N, kv_heads, v_dim]
+        """The model's new rows. slot_mapping: [N]; k: [N, kv_heads, k_dim]; v: [N, kv_heads, v_dim]"""
         if self.store is not None:  # the store encodes them in its attend, right after this
             self.store.stage(layer, k, v)
-            return
-        k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
-        k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = k.to(k_pool.dtype)
-        v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
+        else:
+            k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
+            k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = k.to(k_pool.dtype)
+            v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
+        self._notify(layer, slot_mapping, k, v)
+
+    def wrote(self, layer: int, slot_mapping: Tensor) -> None:
+        """A kernel wrote rows into `slot_mapping` [N] of a plain cache itself: tell the listeners, who get
+        the rows read back from the pools (only when someone listens)."""
+        if self._listeners:
+            k_pool, v_pool = self.layer(layer)
+            self._notify(layer, slot_mapping, k_pool.view(-1, *k_pool.shape[2:])[slot_mapping],
+                         v_pool.view(-1, *v_pool.shape[2:])[slot_mapping])
+
+    def write_rows(self, layer: int, is_key: bool, slots: Tensor, rows: Tensor) -> None:
+        """One half of a prompt's rows computed elsewhere (a transfer chunk), into a plain cache's slots.
+        slots: [n]; rows: [n, kv_heads, dim]. ValueError if the rows do not fit the pool."""
+        pool = self.layer(layer)[0 if is_key else 1]
+        if tuple(rows.shape[1:]) != tuple(pool.shape[2:]):
+            raise ValueError(f"rows are {tuple(rows.shape[1:])}; this cache stores {tuple(pool.shape[2:])}")
+        flat = pool.view(-1, *pool.shape[2:])  # [blocks * block_size, kv_heads, width]
+        if pool.device.type == "cpu" and rows.dtype == pool.dtype and rows.device.type == "cpu":
+            # numpy scatters whole rows with memcpy; torch's index_put goes element by element, which made
+            # this copy cost more than the transfer itself (docs/benchmarks.md, KV transfer).
+            _byte_rows(flat)[slots.numpy()] = _byte_rows(rows)
+        else:
+            flat[slots] = rows.to(pool.device, pool.dtype)
+        self._notify(layer, slots, rows if is_key else None, None if is_key else rows)
+
+    def write_blocks(self, blocks: list[int], k: list[Tensor], v: list[Tensor]) -> None:
+        """Whole blocks (the prefix store's): per layer k[layer]: [len(blocks), block_size, kv_heads, k_dim],
+        v likewise, into the cache's `blocks`."""
+        dst = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        slots = (dst[:, None] * self.block_size + torch.arange(self.block_size, device=self.device)).flatten()
+        for layer in range(self.num_layers):
+            k_pool, v_pool = self.layer(layer)
+            k_pool[dst] = k[layer].to(self.device, k_pool.dtype)
+            v_pool[dst] = v[layer].to(self.device, v_pool.dtype)
+            if self._listeners:
+                self._notify(layer, slots, k_pool[dst].flatten(0, 1), v_pool[dst].flatten(0, 1))
+
+    def read_blocks(self, blocks: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Copies of whole blocks: per layer [len(blocks), block_size, kv_heads, dim] (for the prefix store)."""
+        src = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        pools = [self.layer(i) for i in range(self.num_layers)]
+        return [k[src] for k, _ in pools], [v[src] for _, v in pools]
 
     def load(self, seq_id: str, layer: int, k: Tensor, v: Tensor) -> None:
         """KV of the first tokens of `seq_id`, computed elsewhere (a prefill service), into a policy's
         store; the slots must be reserved by `schedule`. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]"""
         if self.store is None:
-            raise RuntimeError("a plain cache takes transferred KV through its slots (KvReceiver)")
+            raise RuntimeError("a plain cache takes transferred KV through its slots (write_rows)")
         self.store.load(layer, self._tables[seq_id], k, v)
+        if self._listeners:
+            self._notify(layer, torch.arange(k.shape[0], device=self.device), k, v)
+
+    def load_tier(self, seq_id: str, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """A token tier's rows of `seq_id` (positions: [P]; k: [P, kv_heads, tier_k]; v likewise) into its
+        tier store."""
+        self.store.load_tier(layer, self._tables[seq_id], positions, k, v)
+        self._notify(layer, positions, k, v)
+
+
+def _byte_rows(t: Tensor):
+    # t: [n, ...] contiguous -> numpy uint8 [n, bytes per row] over the same memory
+    return t.view(torch.uint8).reshape(t.shape[0], -1).numpy()

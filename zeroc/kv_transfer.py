@@ -275,11 +275,6 @@ def tier_chunk(msg: WireChunk) -> KvPiece:
     return piece
 
 
-def _byte_rows(t: Tensor):
-    """A numpy uint8 view, one row per token, of a contiguous CPU tensor. t: [N, kv_heads, width]."""
-    return t.view(torch.uint8).reshape(t.shape[0], -1).numpy()
-
-
 class KvReceiver:
     """Writes one request's incoming KV into its reserved cache slots (decode side).
 
@@ -294,8 +289,6 @@ class KvReceiver:
         self.num_tokens = int(slots.shape[0])
         self.bytes_received = 0
         self._filled = torch.zeros(cache.num_layers, 2, self.num_tokens, dtype=torch.bool)
-        # [T] the same slots for numpy's row scatter (CPU caches only)
-        self._slots_np = slots.numpy() if cache.device.type == "cpu" else None
 
     def write(self, piece: KvPiece) -> None:
         if piece.tier:
@@ -313,20 +306,15 @@ class KvReceiver:
         if first < 0 or first + n > self.num_tokens:
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV chunk covers tokens up to {piece.first_token + n}; "
                                   f"the prompt sent has {self.start + self.num_tokens} (from {self.start})")
-        pool = (self.cache.k_pools if piece.is_key else self.cache.v_pools)[piece.layer]
-        if tuple(piece.data.shape[1:]) != tuple(pool.shape[2:]):
+        shape = self.cache.shapes[piece.layer]
+        width = shape.k_dim if piece.is_key else shape.v_dim
+        if tuple(piece.data.shape[1:]) != (shape.kv_heads, width):
             raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"KV chunk rows are {tuple(piece.data.shape[1:])}; this cache stores "
-                                  f"{tuple(pool.shape[2:])} (a different model?)")
+                                  f"{(shape.kv_heads, width)} (a different model?)")
         if n == 0:
             return
-        rows = pool.view(-1, *pool.shape[2:])  # [blocks * block_size, kv_heads, width]
-        if self._slots_np is not None and piece.data.dtype == pool.dtype:
-            # numpy scatters whole rows with memcpy; torch's index_put goes element by element,
-            # which made this copy cost more than the transfer itself (docs/benchmarks.md, KV transfer).
-            _byte_rows(rows)[self._slots_np[first:first + n]] = _byte_rows(piece.data)
-        else:
-            rows[self.slots[first:first + n]] = piece.data.to(pool.dtype)
+        self.cache.write_rows(piece.layer, piece.is_key, self.slots[first:first + n], piece.data)
         self._filled[piece.layer, 0 if piece.is_key else 1, first:first + n] = True
         self.bytes_received += piece.data.numel() * piece.data.element_size()
 

@@ -14,6 +14,7 @@ from zeroc.config import ModelConfig, parse_dtype
 from zeroc.errors import ConfigError
 from zeroc.model import Transformer
 from zeroc.tokenizer import Tokenizer
+from zeroc_kernels.attention import select_backend
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,8 +76,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a Llama-family HF directory. Shape or name mismatches raise ConfigError naming both."""
+               device: str | torch.device = "cpu", attention_backend: str = "auto") -> LoadedModel:
+    """Load a Llama-family HF directory. Shape or name mismatches raise ConfigError naming both.
+    `attention_backend` (zeroc_kernels.attention): how its paged forward attends on `device`."""
     path = Path(model_dir)
     cfg = read_config(path)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype or cfg.dtype)
@@ -107,6 +109,10 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope()  # buffers are not in the checkpoint
+    try:
+        model.backend = select_backend(attention_backend, device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     model.eval()
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, path=path)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc.config import ModelConfig
-from zeroc.kv_cache import PagedBatch
+from zeroc.kv_cache import PagedBatch, block_bytes
 from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div, work_dtype
 from zeroc.tier import TierLayer, tier_layers, tier_positions
 
@@ -41,6 +41,7 @@ class TierServing(ServingKVPolicy):
     sinks: int
     recent: int
     layers: tuple[TierLayer, ...]
+    keeps_tier = True  # PagedKVCache.keeps_tier: the model's tier rows have a home
 
     @property
     def label(self) -> str:
@@ -52,8 +53,6 @@ class TierServing(ServingKVPolicy):
             raise ValueError(f"tier cache: layer widths {widths} are not the model's compressed ones")
 
     def block_bytes(self, shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -> int:
-        from zeroc.kv_cache import block_bytes
-
         return block_bytes(shapes, block_size, dtype)
 
     def tier_blocks(self, shapes: list[LayerShape], block_size: int, tokens: int) -> int:

@@ -11,7 +11,7 @@ from zeroc.stack import ServiceProcess
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc
 
-from test_decode_service import assert_no_leak, wait_until
+from service_checks import assert_no_leak, wait_until
 
 LONG = pb.SamplingParams(max_tokens=2000, ignore_eos=True)
 

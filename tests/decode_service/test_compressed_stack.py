@@ -11,24 +11,9 @@ from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.loader import load_model
 from zeroc.sampling import SamplingParams
+from stacks import disaggregated, kv_dims
 
 PROMPTS = ["The built-in function", "import os\nprint(os.getcwd())", "A list comprehension is"]
-
-
-def _disaggregated(model_dir: str, decode_env: dict | None = None):
-    """A prefill service and a decode service using it, both serving `model_dir`: yields the decode address."""
-    from zeroc.stack import ServiceProcess
-
-    procs = []
-    try:
-        procs.append(ServiceProcess("prefill", ["--model", model_dir]))
-        procs.append(ServiceProcess("decode", ["--model", model_dir, "--prefill", procs[0].address], env=decode_env))
-        for p in procs:
-            p.wait_serving()
-        yield procs[1].address
-    finally:
-        for p in procs:
-            p.stop()
 
 
 @pytest.fixture(scope="module", params=["uniform", "per-head"])
@@ -36,7 +21,7 @@ def compressed_stack(request):
     """Prefill + decode services of the bundled model folded to rank 32 of 64 (KV budget 0.5), or with
     per-KV-head ranks in four layers (`zeroc_heads_dir`, KV budget 0.375)."""
     model_dir = request.getfixturevalue("zeroc_half_dir" if request.param == "uniform" else "zeroc_heads_dir")
-    for address in _disaggregated(model_dir):
+    for address in disaggregated(model_dir):
         yield model_dir, address
 
 
@@ -47,7 +32,7 @@ def test_compressed_disaggregated_equals_direct_and_ships_its_budget_of_bytes(co
     cfg = bundled.config
     full_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # fp32 K and V
     # the ranks summed over every layer and KV head, independently of the cache's geometry
-    dims = sum(sum(qk) + sum(v) for qk, v in map(loaded.config.head_ranks, range(cfg.num_hidden_layers)))
+    dims = kv_dims(loaded.config)
     assert dims * 4 / full_per_token == loaded.config.compression.budget
     with Client(decode) as client:
         assert client.model_info().fingerprint
@@ -61,7 +46,7 @@ def test_compressed_disaggregated_equals_direct_and_ships_its_budget_of_bytes(co
 @pytest.fixture(scope="module")
 def tier_stack(zeroc_tier_dir):
     """Prefill + decode services of a compressed model that keeps a token tier (2 sinks, 8 recent)."""
-    for address in _disaggregated(zeroc_tier_dir, {"ZEROC_TRANSFER_CHUNK_BYTES": "4096"}):
+    for address in disaggregated(zeroc_tier_dir, {"ZEROC_TRANSFER_CHUNK_BYTES": "4096"}):
         yield zeroc_tier_dir, address
 
 
@@ -73,7 +58,7 @@ def test_a_token_tier_served_disaggregated_equals_direct_and_ships_its_tier_rows
     from zeroc.tier_store import tier_policy
 
     cfg, policy = loaded.config, tier_policy(loaded.config)
-    dims = sum(sum(qk) + sum(v) for qk, v in map(cfg.head_ranks, range(cfg.num_hidden_layers)))
+    dims = kv_dims(cfg)
     full_dims = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
     prompts = PROMPTS + ["def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints the sum of two numbers"]
     direct = Engine(loaded, CacheConfig()).generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -11,7 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from zeroc.client import Client, ClientError
+from service_checks import assert_no_leak
+from zeroc.client import Client
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.sampling import SamplingParams
@@ -27,23 +26,6 @@ PROMPTS = [
 
 def stub(target: str) -> generation_pb2_grpc.GenerationServiceStub:
     return generation_pb2_grpc.GenerationServiceStub(grpc.insecure_channel(target))
-
-
-def wait_until(predicate, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
-def assert_no_leak(target: str) -> None:
-    """Every KV block is free again and nothing is running or queued."""
-    with Client(target) as c:
-        def idle():
-            info = c.model_info()
-            return (info.kv_blocks_free == info.kv_blocks_total and info.requests_running == 0
-                    and info.requests_queued == 0)
-        wait_until(idle)
 
 
 @pytest.mark.parametrize("max_tokens", [24])

@@ -13,7 +13,7 @@ from zeroc.sampling import SamplingParams
 from zeroc.stack import ServiceProcess
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
 
-from test_decode_service import assert_no_leak
+from service_checks import assert_no_leak
 
 PROMPTS = ["Lists are mutable sequences, typically used to store collections of homogeneous items. " * 3,
            "The built-in function"]

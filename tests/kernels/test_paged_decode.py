@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zeroc_kernels.attention import paged_attention
+from zeroc_kernels.attention import TorchBackend, TritonBackend
 from zeroc_kernels.paged_decode import (MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits, merge_partials,
                                   merge_partials_ref, paged_decode_attention, paged_decode_attention_int8_ref,
                                   paged_decode_attention_ref)
@@ -44,16 +44,18 @@ def test_kernel_matches_reference(random_paged_kv, block_size, group, kv_heads, 
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
 
 
-def test_runtime_dispatch_uses_the_reference_on_cpu_and_matches_the_kernel():
+def test_both_backends_run_decode_steps_alike():
     gen = torch.Generator().manual_seed(0)
     k_cache, v_cache = torch.randn(4, 16, 2, 32, generator=gen), torch.randn(4, 16, 2, 16, generator=gen)
     q = torch.randn(2, 8, 32, generator=gen)
     tables, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([20, 32])
     starts = torch.tensor([0, 1, 2])
-    via_runtime = paged_attention(q, k_cache, v_cache, tables, lens, starts, scale=0.1)
-    torch.testing.assert_close(via_runtime, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.1))
-    torch.testing.assert_close(via_runtime, paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1),
+    via_torch = TorchBackend().paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.1)
+    via_triton = TritonBackend().paged_attention(q, k_cache, v_cache, tables, lens, starts, 0.1)
+    torch.testing.assert_close(via_torch, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.1))
+    torch.testing.assert_close(via_triton, paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.1),
                                atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(via_triton, via_torch, atol=1e-5, rtol=1e-5)
 
 
 def test_two_segment_merge_equals_attention_over_the_union():

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from zeroc_kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue, qkv_rotate_epilogue_ref
 from zeroc.config import RopeConfig
-from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq, rotate_qk
+from zeroc.model import rotate_qk
+from zeroc.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
 def _case(gen, n, kv, group, r, rv, block_size, dtype):

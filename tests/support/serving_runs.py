@@ -10,11 +10,13 @@ from torch import Tensor
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.engine import Engine
-from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import LayerShape, PagedKVCache, layer_shapes
 from zeroc.kv_transfer import decode_chunk
 from zeroc.model import Transformer
 from zeroc.policies import KVPolicy
-from zeroc.serving_policies.transfer import receive_into
+from zeroc.sampling import SamplingParams
+from zeroc.transport.landing import receive_into
 from zeroc.v1 import prefill_pb2
 
 
@@ -55,7 +57,7 @@ def serve(model: Transformer, cache: PagedKVCache, ids: list[int], steps: int, c
 
 
 def policy_cache(loaded, **cfg) -> PagedKVCache:
-    return PagedKVCache(layer_shapes(loaded.config), CacheConfig(**cfg), torch.float32, model=loaded.model)
+    return paged_cache(layer_shapes(loaded.config), CacheConfig(**cfg), torch.float32, model=loaded.model)
 
 
 def prefill_chunks(loaded, cache: CacheConfig, ids: list[int]) -> list:
@@ -91,3 +93,8 @@ def decode_landed(engine: Engine, ids: list[int], params) -> list[int]:
     while engine.has_unfinished():
         out += [t for o in engine.step() for t in o.token_ids]
     return out
+
+
+# The bundled model's cache geometry, and greedy sampling of a dozen tokens, for the serving-policy tests.
+BUNDLED = [LayerShape(2, 64, 64)] * 6
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from cli_runs import zeroc
 from zeroc.config import BUNDLED_HELDOUT
-
-
-def zeroc(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zeroc.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env)
 
 
 def test_eval_ppl_json_both_modes_agree():

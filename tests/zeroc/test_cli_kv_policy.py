@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
-from zeroc.cli import main
+from cli_runs import zeroc_here as zeroc
 from zeroc.config import BUNDLED_HELDOUT
 
 COMMON = ["eval", "ppl", "--data", str(BUNDLED_HELDOUT), "--ctx", "64", "--max-tokens", "130", "--json"]
-
-
-def zeroc(capsys, *args: str) -> SimpleNamespace:
-    """Run the command in this process (no torch start-up per call) -> returncode, stdout, stderr."""
-    code = main(list(args))
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 def test_policy_at_full_budget_matches_plain_streaming_and_a_smaller_budget_holds_less(capsys, random_gqa_dir):

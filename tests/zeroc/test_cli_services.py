@@ -11,7 +11,7 @@ import sys
 
 from zeroc.client import Client
 
-from test_cli import zeroc
+from cli_runs import zeroc
 
 
 def test_generate_against_a_target_matches_local_generation(services):

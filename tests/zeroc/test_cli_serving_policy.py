@@ -6,12 +6,11 @@ import json
 
 import pytest
 
+from cli_runs import zeroc_here as zeroc
 from zeroc.cli import main
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.sampling import SamplingParams
-
-from test_cli_kv_policy import zeroc
 
 BAD = [
     (["serve", "decode", "--colocated", "--kv-policy", "kivi4"], "unknown KV policy 'kivi4'"),

@@ -1,5 +1,6 @@
-"""The CUDA path of `Transformer.forward_paged` (the fused QKV epilogue kernels, then paged attention)
-against the PyTorch path, run on the CPU under TRITON_INTERPRET: uncompressed, fold and rotate layers."""
+"""The Triton backend of `Transformer.forward_paged` (the fused QKV epilogue kernels, then paged attention)
+against the torch backend, run on the CPU under TRITON_INTERPRET: uncompressed, fold and rotate layers; and
+the KV-write seam: whatever writes the rows, the cache's listeners see the same ones."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from zeroc.config import AttentionCompression, CacheConfig
 from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc_kernels.attention import BACKENDS, select_backend
 
 
 @pytest.fixture(scope="module")
@@ -30,34 +32,61 @@ def mixed_mode_model(bundled):
     return build_compressed(bundled.model, factors, AttentionCompression(layers, "test-mixed", 0.4))
 
 
-def _run(model, fused: bool) -> tuple[list[torch.Tensor], PagedKVCache]:
-    """Two sequences: a ragged prefill (19 and 6 tokens), then a decode step. -> logits per step, cache"""
-    cache = PagedKVCache(layer_shapes(model.config), CacheConfig(16, 16), torch.float32)
+def _run(model, backend: str, cache_cfg: CacheConfig | None = None):
+    """Two sequences: a ragged prefill (19 and 6 tokens), then a decode step, on `backend`.
+    -> logits per step, cache, what a KV-write listener saw per layer (slots, k, v)"""
+    cache = PagedKVCache(layer_shapes(model.config), cache_cfg or CacheConfig(16, 16), torch.float32, model=model)
     gen = torch.Generator().manual_seed(3)
-    out = []
-    for lens in ([19, 6], [1, 1]):
-        batch = cache.schedule([(f"s{i}", n) for i, n in enumerate(lens)])
-        tokens = torch.randint(0, model.config.vocab_size, (sum(lens),), generator=gen)
-        out.append(model.forward_paged(tokens, batch.positions, batch, cache, fused=fused))
-    return out, cache
+    out, seen = [], {}
+    saved, model.backend = model.backend, BACKENDS[backend]()
+    try:
+        with cache.listening(lambda layer, slots, k, v: seen.setdefault(layer, []).append((slots, k, v))):
+            for lens in ([19, 6], [1, 1]):
+                batch = cache.schedule([(f"s{i}", n) for i, n in enumerate(lens)])
+                tokens = torch.randint(0, model.config.vocab_size, (sum(lens),), generator=gen)
+                out.append(model.forward_paged(tokens, batch.positions, batch, cache))
+    finally:
+        model.backend = saved
+    return out, cache, seen
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("backend", ["triton", "torch-epilogue"])  # the kernels; the references in their places
 @pytest.mark.parametrize("which", ["random_gqa", "fold+rotate"])  # uncompressed (GQA, llama3 RoPE); both modes
-def test_fused_epilogue_path_equals_the_reference_path(which, random_gqa, mixed_mode_model):
+def test_fused_epilogue_path_equals_the_reference_path(which, backend, random_gqa, mixed_mode_model):
     model = {"random_gqa": random_gqa.model, "fold+rotate": mixed_mode_model}[which]
-    ref, ref_cache = _run(model, fused=False)
-    got, got_cache = _run(model, fused=True)
+    ref, ref_cache, ref_seen = _run(model, "torch")
+    got, got_cache, got_seen = _run(model, backend)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
     for layer in range(model.config.num_hidden_layers):  # the epilogue wrote the same K/V slots
         for a, b in zip(got_cache.layer(layer), ref_cache.layer(layer)):
             used = slice(0, 4)  # 2 sequences x <= 2 blocks; the rest was never written by either path
             torch.testing.assert_close(a[used], b[used], atol=1e-4, rtol=1e-4)
+    # The KV-write seam: the kernel wrote the rows itself, and the listeners saw exactly those, per layer and step.
+    assert sorted(got_seen) == sorted(ref_seen) == list(range(model.config.num_hidden_layers))
+    for layer in ref_seen:
+        assert len(got_seen[layer]) == len(ref_seen[layer]) == 2
+        for (s1, k1, v1), (s2, k2, v2) in zip(got_seen[layer], ref_seen[layer]):
+            assert torch.equal(s1, s2)
+            torch.testing.assert_close(k1, k2, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(v1, v2, atol=1e-4, rtol=1e-4)
 
 
-def test_fused_path_refuses_a_policy_cache(bundled):
-    cache = PagedKVCache(layer_shapes(bundled.config), CacheConfig(32, 8, kv_policy="kivi-4"), torch.float32)
-    batch = cache.schedule([("s", 4)])
-    with pytest.raises(ValueError, match="KV policy"):
-        bundled.model.forward_paged(torch.arange(4), batch.positions, batch, cache, fused=True)
+@torch.inference_mode()
+def test_a_policy_cache_takes_the_store_path_on_every_backend(bundled):
+    """A KV policy's store encodes K/V itself: the fused epilogue is not taken, and the result is the torch
+    backend's."""
+    cfg = CacheConfig(32, 32, kv_policy="kivi-4")
+    ref, _, ref_seen = _run(bundled.model, "torch", cfg)
+    got, _, got_seen = _run(bundled.model, "triton", cfg)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert [len(got_seen[i]) for i in got_seen] == [len(ref_seen[i]) for i in ref_seen] == [2] * len(ref_seen)
+
+
+def test_backend_selection():
+    assert select_backend("auto", "cpu").name == "torch"
+    assert select_backend("triton", "cpu").name == "triton"  # TRITON_INTERPRET=1 in the test suite
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda-magic'"):
+        select_backend("cuda-magic", "cpu")

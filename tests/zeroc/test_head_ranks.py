@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from zeroc.compression.fold import build_compressed
 from zeroc.config import AttentionCompression, CacheConfig
 from zeroc.engine import Engine
-from zeroc.evaluate import perplexity_full, perplexity_streaming
+from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
 from zeroc.head_ranks import HeadLayout, HeadRun
-from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import layer_shapes
 from zeroc.loader import load_model
-from zeroc.model import causal_attend
+from zeroc.attend import causal_attend
+from zeroc_kernels.attention import TorchBackend, TritonBackend
 from zeroc.sampling import SamplingParams
 
 
@@ -116,10 +118,15 @@ def test_the_fused_epilogue_path_takes_per_head_layers_unfused(heads):
     back to the unfused path layer by layer. Forced here on the CPU (Triton interpreter), both agree."""
     tokens = torch.randint(0, heads.config.vocab_size, (57,), generator=torch.Generator().manual_seed(5))
     logits = []
-    for fused in (True, False):
-        cache = PagedKVCache(layer_shapes(heads.config), CacheConfig(16, 16), torch.float32)
+    saved = heads.model.backend
+    for backend in (TritonBackend(), TorchBackend()):
+        cache = paged_cache(layer_shapes(heads.config), CacheConfig(16, 16), torch.float32)
         batch = cache.schedule([("a", 40), ("b", 17)])
-        logits.append(heads.model.forward_paged(tokens, batch.positions, batch, cache, fused=fused))
+        heads.model.backend = backend
+        try:
+            logits.append(heads.model.forward_paged(tokens, batch.positions, batch, cache))
+        finally:
+            heads.model.backend = saved
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=0)
 
 
@@ -134,7 +141,7 @@ def test_a_tier_covering_the_context_with_per_head_ranks_is_the_uncompressed_mod
     tokens = torch.randint(0, bundled.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(3))
     want = bundled.model(tokens)
     torch.testing.assert_close(model(tokens), want, atol=1e-4, rtol=0)
-    cache = PagedKVCache(layer_shapes(model.config), CacheConfig(16, 32), torch.float32, model=model)
+    cache = paged_cache(layer_shapes(model.config), CacheConfig(16, 32), torch.float32, model=model)
     batch = cache.schedule([("s", 60)])  # a prefill chunk, then token by token
     rows = [model.forward_paged(tokens[0, :60], batch.positions, batch, cache)]
     for t in range(60, 100):
@@ -158,7 +165,7 @@ def test_a_tiered_model_with_per_head_ranks_serves_as_its_dense_forward(zeroc_ti
 
 def test_snapkv_serving_refuses_a_model_with_per_head_ranks(heads):
     with pytest.raises(ValueError, match="per-KV-head ranks"):
-        PagedKVCache(layer_shapes(heads.config), CacheConfig(16, 32, kv_policy="snapkv", kv_budget=0.5),
+        paged_cache(layer_shapes(heads.config), CacheConfig(16, 32, kv_policy="snapkv", kv_budget=0.5),
                      torch.float32, model=heads.model)
 
 

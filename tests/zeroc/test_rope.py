@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zeroc.config import ModelConfig, RopeConfig
-from zeroc.model import rope_inv_freq
+from zeroc.rope import rope_inv_freq
 
 
 @pytest.mark.parametrize("rope", [

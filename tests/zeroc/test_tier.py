@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from zeroc.compression.calibrate import collect_statistics, compute_factors
 from zeroc.compression.fold import build_compressed
 from zeroc.config import AttentionCompression, CacheConfig
-from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import layer_shapes
 from zeroc.loader import load_model, save_model
-from zeroc.model import causal_attend
+from zeroc.attend import causal_attend
 from zeroc.tier import segment_attention, tier_kv_fraction, tier_masks, tiered_attention
 
 
@@ -147,15 +148,15 @@ def test_tiered_checkpoint_round_trips_and_runs_only_with_its_tier(random_gqa, f
     tokens = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(7))
     assert torch.equal(loaded.model(tokens), tiered(tokens))
     # A cache built without the model has no room for the tier's rows (zeroc/tier_store.py).
-    cache = PagedKVCache(layer_shapes(loaded.config), CacheConfig(block_size=16, num_blocks=4), torch.float32)
+    cache = paged_cache(layer_shapes(loaded.config), CacheConfig(block_size=16, num_blocks=4), torch.float32)
     batch = cache.schedule([("s", 3)])
-    with pytest.raises(ValueError, match="build the PagedKVCache with model="):
+    with pytest.raises(ValueError, match="paged_cache"):
         loaded.model.forward_paged(tokens[0, :3], batch.positions, batch, cache)
     positions = torch.arange(40)[None]
     with pytest.raises(ValueError, match="not KV-cache policies"):  # a caller's own attention cannot hold the tier
         loaded.model.forward_attend(tokens, positions, lambda *args: causal_attend(*args))
     with pytest.raises(ValueError, match="does not combine with a model that keeps a token tier"):
-        PagedKVCache(layer_shapes(loaded.config), CacheConfig(block_size=32, num_blocks=4, kv_policy="kivi-4"),
+        paged_cache(layer_shapes(loaded.config), CacheConfig(block_size=32, num_blocks=4, kv_policy="kivi-4"),
                      torch.float32, model=loaded.model)
     ppl = subprocess.run([sys.executable, "-m", "zeroc.cli", "eval", "ppl", "--model", str(out), "--ctx", "32",
                           "--max-tokens", "64", "--streaming", "--kv-policy", "h2o", "--kv-budget", "0.5"],

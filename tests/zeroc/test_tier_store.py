@@ -9,12 +9,13 @@ import torch
 from zeroc.compression.calibrate import collect_statistics, compute_factors
 from zeroc.compression.fold import build_compressed
 from zeroc.config import AttentionCompression, CacheConfig, SchedulerConfig
-from zeroc.evaluate import perplexity_full, perplexity_streaming
+from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
+from zeroc.caches import paged_cache
 from zeroc.kv_cache import CacheFullError, PagedKVCache, layer_shapes
 from zeroc.kv_transfer import (TIER_KEY, KvTransferError, decode_chunk, encode_layer, encode_layer_wire,
                                parse_prefill_response)
 from zeroc.loader import LoadedModel
-from zeroc.serving_policies.transfer import receive_into
+from zeroc.transport.landing import receive_into
 from zeroc.tier_store import TierStore, tier_policy
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 
@@ -36,7 +37,7 @@ def tiered_of(bundled):
 
 
 def _cache(model, num_blocks: int = 64, block_size: int = 16) -> PagedKVCache:
-    return PagedKVCache(layer_shapes(model.config), CacheConfig(block_size=block_size, num_blocks=num_blocks),
+    return paged_cache(layer_shapes(model.config), CacheConfig(block_size=block_size, num_blocks=num_blocks),
                         torch.float32, model=model)
 
 
@@ -148,7 +149,7 @@ def test_tier_chunks_for_a_model_without_a_tier_or_outside_the_tier_are_refused(
     model = tiered_of("fold", 2, 4)
     t = tier_policy(model.config).layers[0]
     rows = lambda n, w: torch.zeros(n, model.config.num_key_value_heads, w)  # noqa: E731
-    plain = PagedKVCache(layer_shapes(bundled.config), CacheConfig(num_blocks=4), torch.float32)
+    plain = paged_cache(layer_shapes(bundled.config), CacheConfig(num_blocks=4), torch.float32)
     receiver, _ = receive_into(plain, "p", plain.schedule([("p", 20)]).slot_mapping)
     chunk = next(encode_layer(0, rows(2, t.tier_k), rows(2, t.tier_v), 0, 1 << 20))
     chunk.tensor = TIER_KEY
@@ -167,7 +168,7 @@ def test_tier_chunks_for_a_model_without_a_tier_or_outside_the_tier_are_refused(
 
 def test_forward_bench_sizes_a_tiered_cache_with_its_borrowed_blocks(tiered_of, bundled):
     """`zeroc bench forward` on a tiered model: the cache holds the tier's blocks (sequence_blocks)."""
-    from zeroc.bench import bench_decode, bench_prefill
+    from zeroc.bench.forward import bench_decode, bench_prefill
 
     model = tiered_of("fold", 4, 16)
     loaded = LoadedModel(model, model.config, bundled.tokenizer, bundled.path)

@@ -34,9 +34,10 @@ from zeroc.compression.fold import (LayerFactors, ablation_pair_order, build_com
                                     value_factors)
 from zeroc.config import AttentionCompression, check_tier
 from zeroc.errors import ZeroCError
-from zeroc.evaluate import read_eval_tokens
+from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
-from zeroc.model import Transformer, causal_attend
+from zeroc.attend import DenseCausal, causal_attend
+from zeroc.model import Transformer
 
 MODES = ("fold", "rotate", "auto")
 GRANULARITIES = ("head", "layer")
@@ -217,7 +218,7 @@ def offset_positions(windows: Tensor, max_positions: int, seed: int) -> Tensor:
 @torch.inference_mode()
 def _log_probs(model: Transformer, windows: Tensor, positions: Tensor) -> Tensor:
     # windows, positions: [b, T] -> [b, T - 1, vocab] log-probabilities of each next token
-    logits = model.forward_attend(windows[:, :-1], positions[:, :-1], causal_attend)
+    logits = model.forward_attend(windows[:, :-1], positions[:, :-1], DenseCausal())
     return F.log_softmax(logits.float(), dim=-1)
 
 

@@ -16,10 +16,14 @@ import abc
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from zeroc.model import Transformer
+if TYPE_CHECKING:  # annotations only: the model sits above the policies
+    from zeroc.model import Transformer
+
 
 REFERENCE_BITS = 16  # bits per element of the uncompressed cache the budget is a fraction of
 
@@ -52,7 +56,7 @@ def layer_geometry(model: Transformer, layer: int) -> LayerGeometry:
 class LayerKVCache(abc.ABC):
     """One layer's cache for a batch of B sequences that advance in lockstep (one token a step).
 
-    Called by the streaming evaluator's attend closure (`zeroc.policies.streaming`), once per
+    Called by the streaming evaluator's attend closure (`zeroc.eval.policy_streaming`), once per
     layer per token, after the model has computed the new token's q, k, v (RoPE applied).
     """
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from zeroc.model import Transformer
 from zeroc.policies.base import (REFERENCE_BITS, KVPolicy, LayerGeometry, LayerKVCache, attend_dense,
                                  eviction_keep, layer_geometry, grow)
+
+if TYPE_CHECKING:  # annotations only: the model sits above the policies
+    from zeroc.model import Transformer
 
 PROTECTED = 1e12  # priority offset of tokens a policy must keep (sinks, recent window)
 

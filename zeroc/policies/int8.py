@@ -16,15 +16,18 @@ fraction r the cache holds about r / 2 + 64 / (32 * head_dim) of the uncompresse
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from zeroc_kernels.kv_quant import dequantize_rows_ref as dequantize_rows
 from zeroc_kernels.kv_quant import quantize_rows_ref as quantize_rows
-from zeroc.model import Transformer
 from zeroc.policies.base import (KVPolicy, LayerGeometry, LayerKVCache, attend_dense, check_budget, grow,
                                  layer_geometry, reference_bits)
+
+if TYPE_CHECKING:  # annotations only: the model sits above the policies
+    from zeroc.model import Transformer
 
 CODE_BITS = 8
 SCALE_BITS = 32  # one fp32 scale per (token, KV head) row, as kernels/kv_quant.py stores it

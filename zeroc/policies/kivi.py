@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from zeroc.model import Transformer
 from zeroc.policies.base import (REFERENCE_BITS, KVPolicy, LayerGeometry, LayerKVCache, attend_dense,
                                  check_budget, full_bits, grow, layer_geometry)
+
+if TYPE_CHECKING:  # annotations only: the model sits above the policies
+    from zeroc.model import Transformer
 
 METADATA_BITS = 2 * 16  # fp16 scale + fp16 zero point per group
 

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from zeroc.model import Transformer, apply_rope, rope_cos_sin
+from zeroc.rope import apply_rope, rope_cos_sin
 from zeroc.policies.base import (REFERENCE_BITS, KVPolicy, LayerGeometry, LayerKVCache, attend_dense,
                                  check_budget, grow, layer_geometry)
+
+if TYPE_CHECKING:  # annotations only: the model sits above the policies
+    from zeroc.model import Transformer
 
 
 def weight_basis(weight: Tensor, heads: int, rank: int) -> Tensor:

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from zeroc_kernels.attention import paged_attention, use_triton
-from zeroc_kernels.kv_quant import quantize_into_slots, quantize_into_slots_ref
+from zeroc_kernels.attention import TorchBackend
 from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy
 
 if TYPE_CHECKING:
     from zeroc.kv_cache import BlockAllocator, LayerShape, PagedBatch
+    from zeroc.model import Transformer
 
 
 def pool_shapes(shape: LayerShape, block_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -64,13 +64,16 @@ class Int8Store(PolicyStore):
         self.pools = [{name: torch.zeros(num_blocks, *dims, dtype=kind, device=device)
                        for name, (dims, kind) in pool_shapes(s, block_size).items()} for s in shapes]
         self._staged: dict[int, tuple[Tensor, Tensor]] = {}
+        self.backend = TorchBackend()  # the model's, once `prepare` sees it
+
+    def prepare(self, model: Transformer) -> None:
+        self.backend = model.backend
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         # slots: [n] flat slot of each row; k: [n, H, k_dim]; v: [n, H, v_dim]
-        quantise = quantize_into_slots if use_triton(k) else quantize_into_slots_ref
         p = self.pools[layer]
-        quantise(k, slots, p["k_codes"], p["k_scales"])
-        quantise(v, slots, p["v_codes"], p["v_scales"])
+        self.backend.quantize_into_slots(k, slots, p["k_codes"], p["k_scales"])
+        self.backend.quantize_into_slots(v, slots, p["v_codes"], p["v_scales"])
 
     def stage(self, layer: int, k: Tensor, v: Tensor) -> None:
         self._staged[layer] = (k, v)
@@ -79,8 +82,9 @@ class Int8Store(PolicyStore):
         # Write first, then read: the step's own rows are attended dequantised, as the evaluator does.
         self._write(layer, batch.slot_mapping, *self._staged.pop(layer))
         p = self.pools[layer]
-        return paged_attention(q, p["k_codes"], p["v_codes"], batch.block_tables, batch.seq_lens,
-                               batch.query_start_loc, scale=scale, k_scales=p["k_scales"], v_scales=p["v_scales"])
+        return self.backend.paged_attention(q, p["k_codes"], p["v_codes"], batch.block_tables, batch.seq_lens,
+                                            batch.query_start_loc, scale, k_scales=p["k_scales"],
+                                            v_scales=p["v_scales"])
 
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
         # k: [T, H, k_dim]; v: [T, H, v_dim] of tokens [0, T), at full precision from the wire. Rounded to

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from zeroc.model import apply_rope, rope_cos_sin
+from zeroc.rope import apply_rope, rope_cos_sin
 from zeroc.policies.palu import PaluLowRank
 from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div
 from zeroc.serving_policies.kivi import mixed_attention

@@ -15,7 +15,7 @@ from zeroc.compression.calibrate import (ZeroCMethod, allocate_head_ranks, alloc
 from zeroc.config import BUNDLED_CALIB, CacheConfig
 from zeroc.engine import Engine
 from zeroc.errors import ZeroCError
-from zeroc.evaluate import perplexity_full, perplexity_streaming
+from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
 from zeroc.loader import load_model, save_model
 from zeroc.sampling import SamplingParams
 

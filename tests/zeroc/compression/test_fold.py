@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from zeroc.compression.calibrate import collect_statistics, compute_factors
 from zeroc.compression.fold import ablation_pair_order, build_compressed, qk_factors, value_factors
 from zeroc.config import AttentionCompression, RopeConfig
-from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq
+from zeroc.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
 def _full_layout(cfg, factors, mode):

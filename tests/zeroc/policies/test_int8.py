@@ -8,12 +8,12 @@ import torch
 
 from zeroc_kernels.kv_quant import dequantize_slots_ref, quantize_into_slots_ref
 from zeroc.config import BUNDLED_HELDOUT
-from zeroc.evaluate import read_eval_tokens
+from zeroc.data import read_eval_tokens
 from zeroc.loader import load_model
 from zeroc.policies import Int8, make_policy
 from zeroc.policies.base import LayerGeometry, attend_dense
 from zeroc.policies.int8 import Int8Cache, quantize_rows
-from zeroc.policies.streaming import perplexity_with_policy
+from zeroc.eval.policy_streaming import perplexity_with_policy
 
 
 def test_a_row_by_hand():

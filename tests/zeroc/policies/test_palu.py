@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zeroc.config import RopeConfig
-from zeroc.model import apply_rope, rope_cos_sin, rope_inv_freq
+from zeroc.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from zeroc.policies import PaluLowRank
 from zeroc.policies.base import LayerGeometry, attend_dense, full_bits
 from zeroc.policies.palu import PaluCache, weight_basis

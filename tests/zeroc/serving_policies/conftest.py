@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zeroc.config import BUNDLED_HELDOUT
-from zeroc.evaluate import read_eval_tokens
+from zeroc.data import read_eval_tokens
 
 
 @pytest.fixture(scope="session")

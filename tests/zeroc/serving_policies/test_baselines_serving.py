@@ -9,11 +9,12 @@ import torch
 from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
-from zeroc.kv_cache import LayerShape, PagedKVCache, block_bytes, layer_shapes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import LayerShape, block_bytes, layer_shapes
 from zeroc.policies import PaluLowRank, SnapKV, StreamingLLM
 from zeroc.sampling import SamplingParams
 from zeroc.serving_policies import PaluServing, SnapKVServing, StreamingLLMServing, make_serving_policy
-from zeroc.serving_policies.transfer import check_transfer
+from zeroc.transport.landing import check_transfer
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 CASES = [  # (policy name, evaluator, budget, model, prompt tokens, prefill splits)
@@ -148,7 +149,7 @@ def test_bad_hyperparameters_are_value_errors(build, message):
 def test_palu_fits_its_bases_with_the_model_and_refuses_without(bundled):
     cache = policy_cache(bundled, block_size=16, num_blocks=4, kv_policy="palu", kv_budget=0.5)
     assert len(cache.store.bases) == 6 and cache.store.bases[0][0].shape == (2, 64, 32)  # [kv, dk, r]
-    unbound = PagedKVCache(layer_shapes(bundled.config), CacheConfig(block_size=16, num_blocks=4, kv_policy="palu"),
+    unbound = paged_cache(layer_shapes(bundled.config), CacheConfig(block_size=16, num_blocks=4, kv_policy="palu"),
                            torch.float32)
     with pytest.raises(RuntimeError, match="model="):
         serve(bundled.model, unbound, [5, 6], 1, [2])

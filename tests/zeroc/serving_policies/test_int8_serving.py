@@ -10,11 +10,11 @@ import torch
 from zeroc_kernels.kv_quant import quantize_rows_ref
 from zeroc_kernels.paged_decode import paged_decode_attention
 from zeroc_kernels.paged_prefill import paged_prefill_attention
-from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
-from test_kivi_serving import BUNDLED, GREEDY
+from serving_runs import BUNDLED, GREEDY, decode_landed, land_prompt, policy_cache, serve, stream
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
-from zeroc.kv_cache import LayerShape, PagedKVCache, block_bytes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import LayerShape, block_bytes
 from zeroc.loader import load_model
 from zeroc.policies import Int8
 from zeroc.serving_policies import Int8Serving
@@ -56,7 +56,7 @@ def test_block_bytes_and_blocks_per_budget_by_hand():
     half = [LayerShape(2, 32, 32)] * 6  # ZeroC at rank 32: 2 x 64 + 2 x 2 x 4 = 144 bytes
     assert Int8Serving().block_bytes(half, 16, torch.float32) == 6 * 16 * 144
     budget = 1 << 20
-    cache = PagedKVCache(BUNDLED, CacheConfig(block_size=16, num_bytes=budget, kv_policy="int8"), torch.bfloat16)
+    cache = paged_cache(BUNDLED, CacheConfig(block_size=16, num_bytes=budget, kv_policy="int8"), torch.bfloat16)
     assert cache.num_blocks == budget // (6 * 16 * 272)
     held = sum(p.numel() * p.element_size() for layer in cache.store.pools for p in layer.values())
     assert held == cache.num_blocks * 6 * 16 * 272  # the pools really are that size
@@ -91,7 +91,7 @@ def test_the_pools_are_the_kernels_layout_and_the_triton_kernels_read_them(dtype
     Triton prefill and decode kernels (interpreter) given the store's pools return what `attend` returned
     (the CPU reference), in the query dtype; KV from the wire lands the same way."""
     shape, bs = LayerShape(kv_heads=2, k_dim=24, v_dim=16), 16  # ZeroC-like: q/k and v widths differ
-    cache = PagedKVCache([shape], CacheConfig(block_size=bs, num_blocks=8, kv_policy="int8"), dtype)
+    cache = paged_cache([shape], CacheConfig(block_size=bs, num_blocks=8, kv_policy="int8"), dtype)
     pools, gen = cache.store.pools[0], torch.Generator().manual_seed(0)
     want = {"k_codes": torch.zeros(8, bs, 2, 24, dtype=torch.int8), "k_scales": torch.zeros(8, bs, 2),
             "v_codes": torch.zeros(8, bs, 2, 16, dtype=torch.int8), "v_scales": torch.zeros(8, bs, 2)}

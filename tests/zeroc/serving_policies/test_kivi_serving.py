@@ -8,17 +8,16 @@ import grpc
 import pytest
 import torch
 
-from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
+from serving_runs import BUNDLED, GREEDY, decode_landed, land_prompt, policy_cache, serve, stream
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
-from zeroc.kv_cache import LayerShape, PagedKVCache, block_bytes, layer_shapes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import block_bytes, layer_shapes
 from zeroc.kv_transfer import KvTransferError
 from zeroc.policies import KIVI
-from zeroc.sampling import SamplingParams
 from zeroc.serving_policies import KIVIServing
-from zeroc.serving_policies.transfer import receive_into
+from zeroc.transport.landing import receive_into
 
-GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
 @pytest.mark.parametrize("model_name,bits,residual,prompt,chunks", [
@@ -40,7 +39,6 @@ def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name
 
 
 # The bundled model's cache geometry: 6 layers of 2 KV heads, K and V 64 wide.
-BUNDLED = [LayerShape(2, 64, 64)] * 6
 
 
 @pytest.mark.parametrize("dtype,item", [(torch.float32, 4), (torch.bfloat16, 2)])
@@ -55,7 +53,7 @@ def test_block_bytes_and_blocks_per_budget_by_hand(dtype, item):
         assert KIVIServing(bits=bits).block_bytes(BUNDLED, 32, dtype) == 6 * (codes + meta)
     budget = 3 << 20
     for name, per_block in (("none", plain), ("kivi-4", KIVIServing(4).block_bytes(BUNDLED, 32, dtype))):
-        cache = PagedKVCache(BUNDLED, CacheConfig(block_size=32, num_bytes=budget, kv_policy=name), dtype)
+        cache = paged_cache(BUNDLED, CacheConfig(block_size=32, num_bytes=budget, kv_policy=name), dtype)
         assert cache.num_blocks == budget // per_block
         held = (sum(a.numel() for a in cache.store.arenas) if cache.store
                 else sum(p.numel() * p.element_size() for p in cache.k_pools + cache.v_pools))

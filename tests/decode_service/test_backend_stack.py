@@ -1,0 +1,52 @@
+"""The Triton attention backend through real prefill and decode service processes (the GPU path, run on the
+CPU in Triton's interpreter): every layer's K/V enters the cache through the KV-write seam, whether the fused
+epilogue kernel or PyTorch wrote it, so the prefill service ships all of it. Disaggregated serving gives the
+colocated service's greedy tokens and ships exactly the expected KV bytes: uncompressed, ZeroC fold + rotate
+(uniform layers: the fused epilogue), per-KV-head ranks, and a token tier."""
+
+from __future__ import annotations
+
+import pytest
+
+from stacks import colocated, disaggregated, kv_dims
+from zeroc.client import Client
+from zeroc.loader import load_model
+
+TRITON = {"ZEROC_ATTENTION_BACKEND": "triton", "TRITON_INTERPRET": "1"}
+PROMPTS = ["The built-in function", "import os\nprint(os.getcwd())  # the current directory, then a list"]
+NEW = 4
+MODELS = ["uncompressed", "fold+rotate", "per-head", "tier"]
+
+
+def _model_dir(request, name: str) -> str:
+    fixture = {"uncompressed": None, "fold+rotate": "zeroc_modes_dir", "per-head": "zeroc_heads_dir",
+               "tier": "zeroc_tier_dir"}[name]
+    return str(request.getfixturevalue("bundled").path) if fixture is None else request.getfixturevalue(fixture)
+
+
+def _expected_bytes(cfg, prompt_tokens: int) -> int:
+    """KV bytes a prompt ships (fp32): every token's compressed rows but the last (the decode service runs it),
+    plus a token tier's full-width rows of its sinks and recent window."""
+    n, dims = prompt_tokens - 1, kv_dims(cfg)
+    if not cfg.has_tier:
+        return 4 * n * dims
+    full = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim
+    return 4 * (n * dims + min(n, cfg.compression.sinks + cfg.compression.recent) * (full - dims))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_triton_backend_disaggregated_equals_colocated_and_ships_every_layer(request, name):
+    model_dir = _model_dir(request, name)
+    cfg = load_model(model_dir).config
+    want = {}
+    for address in colocated(model_dir, env=TRITON):
+        with Client(address) as client:
+            assert client.model_info().attention_backend == "triton"
+            want = {p: client.generate(p, max_tokens=NEW, ignore_eos=True) for p in PROMPTS}
+    for address in disaggregated(model_dir, env=TRITON):
+        with Client(address) as client:
+            assert client.model_info().attention_backend == "triton"
+            for prompt in PROMPTS:
+                got = client.generate(prompt, max_tokens=NEW, ignore_eos=True)
+                assert got.token_ids == want[prompt].token_ids
+                assert got.usage.kv_bytes_received == _expected_bytes(cfg, got.usage.prompt_tokens)

@@ -1,0 +1,27 @@
+"""The package layers import downward only (the contract in pyproject.toml), and Hugging Face's `kernels`
+distribution is not shadowed by this project's kernels/ folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_lint_imports_keeps_the_layers_contract():
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert exe, "import-linter is a dev dependency"
+    done = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "0 broken" in done.stdout
+
+
+def test_the_kernels_folder_is_not_the_top_level_kernels_module():
+    spec = importlib.util.find_spec("zeroc_kernels")
+    assert spec is not None and Path(spec.origin).parent == ROOT / "kernels"
+    other = importlib.util.find_spec("kernels")
+    assert other is None or Path(other.origin).parent != ROOT / "kernels"

@@ -1,0 +1,48 @@
+"""Building a model's paged KV cache with the policy its settings and its weights call for.
+
+`PagedKVCache` (the cache layer) takes its policy as an object; this module, a layer above it, picks that
+policy: a token tier's store for a model that keeps one (never a flag), else the `--kv-policy` the cache
+settings name (zeroc.serving_policies), else none (the plain full-precision pools). Callers that build a
+cache to serve a model (the engine, the prefill worker, evaluation, benchmarks) go through `paged_cache`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from zeroc.config import CacheConfig, ModelConfig
+from zeroc.kv_cache import BlockAllocator, LayerShape, PagedKVCache, layer_shapes
+from zeroc.serving_policies import ServingKVPolicy, make_serving_policy
+from zeroc.tier_store import tier_policy
+
+if TYPE_CHECKING:  # annotations only: the model sits above this layer
+    from zeroc.model import Transformer
+
+
+def cache_policy(cache: CacheConfig, model: ModelConfig | None) -> ServingKVPolicy | None:
+    """The policy of a cache for `model` with settings `cache`; ValueError for combinations that cannot run."""
+    policy = make_serving_policy(cache)
+    if model is not None and model.has_tier:
+        if policy is not None:
+            raise ValueError(f"--kv-policy {cache.kv_policy} does not combine with a model that keeps a token "
+                             "tier (it brings its own cache form); serve it with --kv-policy none")
+        return tier_policy(model)
+    return policy
+
+
+def paged_cache(shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype, device: torch.device | str = "cpu",
+                model: Transformer | None = None, allocator: BlockAllocator | None = None) -> PagedKVCache:
+    """A paged cache for `model` (its store fits itself to the weights: Palu's bases, the tier's widths)."""
+    policy = cache_policy(cfg, None if model is None else model.config)
+    return PagedKVCache(shapes, cfg, dtype, device, allocator=allocator, model=model, policy=policy)
+
+
+def sequence_blocks(cfg: ModelConfig, block_size: int, tokens: int) -> int:
+    """Blocks one sequence of `tokens` tokens holds in a model's plain cache, a token tier's borrowed ones
+    included (zeroc/tier_store.py): what sizing a cache for whole sequences needs."""
+    blocks = -(-tokens // block_size)
+    if cfg.has_tier:
+        blocks += tier_policy(cfg).tier_blocks(layer_shapes(cfg), block_size, tokens)
+    return blocks

@@ -1,0 +1,2 @@
+"""Evaluation: perplexity (full pass and streamed through the paged cache), KV policies in evaluation, and
+the quality table."""

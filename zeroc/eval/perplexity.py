@@ -1,0 +1,90 @@
+"""Perplexity on a text file, full-pass or streamed token by token through the paged cache.
+
+Both modes score the same tokens: the text is tokenized once (with <s> at the start) and
+cut into non-overlapping windows of `ctx` tokens; inside each window every token after the
+first is predicted from the tokens before it in that window. perplexity = exp(mean NLL).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from zeroc.config import CacheConfig
+from zeroc.data import windows_of
+from zeroc.caches import paged_cache, sequence_blocks
+from zeroc.model import Transformer
+from zeroc.kv_cache import layer_shapes
+
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    tokens: int  # tokens scored
+    windows: int
+    ctx: int
+    mode: str  # "full" | "streaming"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _result(nll_sum: float, count: int, windows: int, ctx: int, mode: str) -> PerplexityResult:
+    mean = nll_sum / count
+    return PerplexityResult(math.exp(mean), mean, count, windows, ctx, mode)
+
+
+@torch.inference_mode()
+def perplexity_full(model: Transformer, tokens: Tensor, ctx: int, batch_size: int = 4,
+                    progress: bool = True) -> PerplexityResult:
+    """One dense causal forward per window."""
+    wins = windows_of(tokens, ctx)
+    device = next(model.parameters()).device
+    # Windows of equal length share a forward; only the last window can be shorter.
+    groups = [wins[i: i + batch_size] for i in range(0, len(wins), batch_size)]
+    groups = [g for group in groups for g in ([group] if len({w.numel() for w in group}) == 1
+                                               else [group[:-1], group[-1:]])]
+    nll_sum, count = 0.0, 0
+    for group in tqdm(groups, desc="ppl (full)", unit="batch", disable=not progress):
+        batch = torch.stack(group).to(device)  # [b, len]
+        logits = model(batch[:, :-1]).float()  # [b, len-1, vocab]
+        nll_sum += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return _result(nll_sum, count, len(wins), ctx, "full")
+
+
+@torch.inference_mode()
+def perplexity_streaming(model: Transformer, tokens: Tensor, ctx: int, batch_size: int = 16,
+                         block_size: int = 16, progress: bool = True) -> PerplexityResult:
+    """Feed windows token by token through the paged cache, `batch_size` windows at a time."""
+    cfg = model.config
+    wins = windows_of(tokens, ctx)
+    blocks_per_win = sequence_blocks(cfg, block_size, ctx)  # a token tier's borrowed blocks included
+    shapes = layer_shapes(cfg)
+    cache_cfg = CacheConfig(block_size=block_size, num_blocks=blocks_per_win * min(batch_size, len(wins)))
+    param = next(model.parameters())
+    cache = paged_cache(shapes, cache_cfg, param.dtype, param.device, model=model)
+    nll_sum, count = 0.0, 0
+    bar = tqdm(total=sum(w.numel() - 1 for w in wins), desc="ppl (streaming)", unit="tok", disable=not progress)
+    for first in range(0, len(wins), batch_size):
+        group = wins[first: first + batch_size]
+        for t in range(max(w.numel() for w in group) - 1):
+            live = [(i, w) for i, w in enumerate(group) if w.numel() - 1 > t]
+            batch = cache.schedule([(f"w{first + i}", 1) for i, _ in live])
+            new = torch.stack([w[t] for _, w in live]).to(param.device)
+            logits = model.forward_paged(new, batch.positions, batch, cache).float()  # [live, vocab]
+            target = torch.stack([w[t + 1] for _, w in live]).to(param.device)
+            nll_sum += F.cross_entropy(logits, target, reduction="sum").item()
+            count += len(live)
+            bar.update(len(live))
+        for i in range(len(group)):
+            cache.free(f"w{first + i}")
+    bar.close()
+    return _result(nll_sum, count, len(wins), ctx, "streaming")

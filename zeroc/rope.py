@@ -1,0 +1,77 @@
+"""Rotary position embeddings as Hugging Face's Llama applies them (rotate_half pairs), with linear and llama3
+frequency scaling, and the per-KV-head pair subsets ZeroC's fold mode keeps or drops."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from zeroc.config import ModelConfig, RopeConfig
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
+    """Inverse frequencies per rotary pair, with linear or llama3 scaling applied. [head_dim // 2]"""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def _pair_freqs(base: Tensor, pairs: tuple[tuple[int, ...], ...]) -> Tensor:
+    # base: [d/2] -> [kv_heads, most pairs] frequencies of each KV head's pairs, zero past a head's own
+    out = base.new_zeros(len(pairs), max(len(p) for p in pairs))
+    for g, p in enumerate(pairs):
+        out[g, : len(p)] = base[torch.tensor(p, dtype=torch.long)]
+    return out
+
+
+def layer_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
+    """Frequencies of the RoPE pairs a layer keeps: [kv_heads, most pairs kept] (fold; zero past a KV head's
+    own when its heads keep different numbers), or [1, head_dim / 2] if whole."""
+    base = rope_inv_freq(cfg.rope, cfg.head_dim)
+    if cfg.qk_mode(layer) != "fold":  # uncompressed and rotate mode run RoPE on every pair
+        return base[None]
+    return _pair_freqs(base, cfg.compression.layers[layer].qk_pairs)
+
+
+def tier_inv_freq(cfg: ModelConfig, layer: int) -> Tensor:
+    """Frequencies of the RoPE pairs a fold layer drops (its full-rank tier adds them back): [kv_heads, most
+    pairs dropped], zero past a KV head's own."""
+    base = rope_inv_freq(cfg.rope, cfg.head_dim)
+    return _pair_freqs(base, cfg.compression.layers[layer].dropped_pairs(cfg.head_dim))
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin for `positions` (any shape P) in HF's rotate_half layout. inv_freq: [H, r/2] -> [*P, H, r]"""
+    freqs = positions.float()[..., None, None] * inv_freq.float()  # [*P, H, r/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [*P, H, r]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [*P, heads, d]; pairs are (i, i + d/2) as in HF's rotate_half
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_qk(q: Tensor, k: Tensor, inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE on q [*P, heads, r] and k [*P, kv_heads, r]; inv_freq: [kv_heads or 1, r/2]; positions: [*P]."""
+    cos, sin = rope_cos_sin(inv_freq, positions, q.dtype)  # [*P, kv_heads or 1, r]
+    k = apply_rope(k, cos, sin)
+    if cos.shape[-2] > 1:  # per-KV-head pairs: each query head uses its group's
+        group = q.shape[-2] // k.shape[-2]
+        cos, sin = cos.repeat_interleave(group, -2), sin.repeat_interleave(group, -2)
+    return apply_rope(q, cos, sin), k
