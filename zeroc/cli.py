@@ -587,6 +587,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill", default=None, help="HOST:PORT of the prefill service")
     p.add_argument("--colocated", action="store_true", help="prefill locally; no prefill service")
     p.set_defaults(func=cmd_serve)
+    from zeroc.gateway import command as gateway
+
+    p = serve.add_parser("gateway", help="the OpenAI-compatible HTTP API in front of decode services")
+    gateway.add_arguments(p)
+    p.set_defaults(func=gateway.run)
 
 
 def _add_stack(sub: argparse._SubParsersAction) -> None:
