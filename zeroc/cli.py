@@ -366,11 +366,16 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype)) if v for a in (flag, v)]
     if args.redis_url:
         ZeroCConfig.from_env(redis={"url": args.redis_url})  # a bad URL is a one-line error here
-    with Stack(args.decode, extra, redis_url=args.redis_url) as stack:
+    gateway = (["--model", args.model] if args.model else []) if args.gateway else None
+    with Stack(args.decode, extra, redis_url=args.redis_url, gateway_args=gateway) as stack:
         print(f"kv store index:  {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
         print(f"prefill service: {stack.prefill}")
         for addr in stack.decode:
             print(f"decode service:  {addr}")
+        if stack.gateway:
+            from zeroc.gateway.command import curl_line
+
+            print(f"gateway:         {stack.gateway} (OpenAI API)\ntry: {curl_line(stack.gateway, args.prompt, args.model)}")
         print(f"ready; try: zeroc generate --target {stack.decode[0]} \"{args.prompt}\"", flush=True)
         stack.wait()
     return 0
@@ -602,6 +607,7 @@ def _add_stack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode services to start")
     _redis_arg(p)
     p.add_argument("--prompt", default="The built-in function", help="prompt shown in the hint")
+    p.add_argument("--gateway", action="store_true", help="also run the OpenAI-compatible HTTP gateway")
     p.set_defaults(func=cmd_stack_up)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,13 @@ def model_card(model_dir: str | Path):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{cfg_path}: cannot read max_position_embeddings ({exc})") from None
     return ModelCard(path.resolve().name, ctx, Tokenizer.from_dir(path), load_chat_template(path))
+
+
+def curl_line(base_url: str, prompt: str, model_dir: str | None = None) -> str:
+    """A streaming completion request to try, as a shell command."""
+    model = Path(model_dir or BUNDLED_MODEL).resolve().name
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 32, "stream": True})
+    return (f"curl -N {base_url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")
 
 
 def run(args: argparse.Namespace) -> int:
