@@ -109,6 +109,27 @@ async def _closed_loop(backend: str, target: str, gateway: str, model: str, requ
     return records
 
 
+async def _pairs(target: str, gateway: str, model: str, requests: list[BenchRequest]) -> list[dict]:
+    """One request at a time, gRPC and gateway in turn (alternating which goes first): each pair's TTFTs."""
+    out = []
+    async with AsyncClient(target, timeout=600) as client:
+        for i in range(0, len(requests) - 1, 2):
+            recs = {}
+            for j, backend in enumerate(BACKENDS if i % 4 == 0 else BACKENDS[::-1]):
+                req = requests[i + j]
+                rec = RequestRecord(i + j, len(req.prompt_ids), req.max_tokens, 0.0)
+                t0 = time.perf_counter()
+                if backend == "grpc":
+                    await _grpc_send(client, req, rec, t0)
+                else:
+                    await _openai_send(gateway, req, rec, t0, model)
+                if not rec.ok:
+                    raise ZeroCError(f"{backend}: a request failed: {rec.error}")
+                recs[backend] = rec.ttft_s * 1000
+            out.append(recs)
+    return out
+
+
 def _requests(args: argparse.Namespace, tokens, bos: int | None, seed: int) -> list[BenchRequest]:
     spec = WorkloadSpec("chat", LengthDist(args.prompt_tokens, 0.0, args.prompt_tokens, args.prompt_tokens),
                         LengthDist(args.output_tokens, 0.0, args.output_tokens, args.output_tokens))
@@ -124,6 +145,12 @@ def measure(args: argparse.Namespace, target: str, gateway: str, model: str) -> 
     warm = _requests(args, tokens, tokenizer.bos_id, 10_000)[:2]
     for backend in BACKENDS:
         asyncio.run(_closed_loop(backend, target, gateway, model, warm, 2))
+    pairs = []
+    if args.pairs:
+        single = argparse.Namespace(**{**vars(args), "requests": 2 * args.pairs, "output_tokens": 2})
+        pairs = asyncio.run(_pairs(target, gateway, model, _requests(single, tokens, tokenizer.bos_id, 20_000)))
+        delta = statistics.median(p["openai"] - p["grpc"] for p in pairs)
+        print(f"{len(pairs)} single requests each way: gateway - gRPC TTFT median {delta:+.2f} ms", file=sys.stderr)
     rounds = []
     for r in range(args.rounds):
         order = BACKENDS if r % 2 == 0 else BACKENDS[::-1]  # neither side always runs first
@@ -138,7 +165,14 @@ def measure(args: argparse.Namespace, target: str, gateway: str, model: str) -> 
             if s["failed"]:
                 raise ZeroCError(f"{backend}: {s['failed']} requests failed: {s['errors'][:3]}")
         rounds.append(row)
-    return _compare(rounds)
+    return {**_compare(rounds), **_compare_pairs(pairs)}
+
+
+def _compare_pairs(pairs: list[dict]) -> dict:
+    if not pairs:
+        return {}
+    return {"pairs": pairs, "unloaded_ttft_ms": {b: statistics.median(p[b] for p in pairs) for b in BACKENDS},
+            "unloaded_ttft_delta_ms": statistics.median(p["openai"] - p["grpc"] for p in pairs)}
 
 
 def _compare(rounds: list[dict]) -> dict:
@@ -175,6 +209,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="rounds of both backends, alternating which goes first")
+    p.add_argument("--pairs", type=int, default=30, help="also: single requests (2 output tokens) through each "
+                                                        "backend in turn, unloaded, for the gateway's own latency")
     p.add_argument("--json", action="store_true")
 
 
@@ -183,8 +219,9 @@ def run(args: argparse.Namespace) -> int:
 
     from zeroc.stack import ServiceProcess, wait_http
 
-    if min(args.concurrency, args.requests, args.prompt_tokens, args.output_tokens, args.rounds) < 1:
-        raise ZeroCError("--concurrency, --requests, --prompt-tokens, --output-tokens and --rounds must be >= 1")
+    if min(args.concurrency, args.requests, args.prompt_tokens, args.output_tokens, args.rounds) < 1 or args.pairs < 0:
+        raise ZeroCError("--concurrency, --requests, --prompt-tokens, --output-tokens and --rounds must be >= 1, "
+                         "--pairs >= 0")
     if args.gateway and not args.target:
         raise ZeroCError("--gateway needs the --target it forwards to")
     started: list[ServiceProcess] = []
@@ -203,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         for svc in reversed(started):
             svc.stop()
     report["settings"] = {k: v for k, v in vars(args).items() if k in (
-        "concurrency", "requests", "prompt_tokens", "output_tokens", "rounds")}
+        "concurrency", "requests", "prompt_tokens", "output_tokens", "rounds", "pairs")}
     if args.json:
         print(json.dumps(report))
         return 0
@@ -215,5 +252,9 @@ def run(args: argparse.Namespace) -> int:
               f"{b['itl_p50_ms']:>9.1f}{b['output_tokens_per_s']:>8.1f}")
     print(f"gateway - gRPC p50 TTFT: {report['ttft_p50_delta_ms']:+.2f} ms; gateway / gRPC throughput: "
           f"{report['throughput_ratio']:.3f}")
+    if "unloaded_ttft_delta_ms" in report:
+        t = report["unloaded_ttft_ms"]
+        print(f"unloaded, one request at a time ({len(report['pairs'])} pairs): TTFT gRPC {t['grpc']:.1f} ms, "
+              f"gateway {t['openai']:.1f} ms, paired median difference {report['unloaded_ttft_delta_ms']:+.2f} ms")
     return 0
 
