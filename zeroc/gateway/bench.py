@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -136,8 +137,17 @@ def _requests(args: argparse.Namespace, tokens, bos: int | None, seed: int) -> l
     return build_requests(spec, tokens, args.requests, 1 << 30, bos, seed)
 
 
-def measure(args: argparse.Namespace, target: str, gateway: str, model: str) -> dict:
-    """Rounds of both backends, interleaved; per-round summaries and the pooled comparison."""
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(args: argparse.Namespace, target: str, gateway: str, model: str, pids: dict[str, int] | None = None
+            ) -> dict:
+    """Rounds of both backends, interleaved; per-round summaries and the pooled comparison. `pids` (name ->
+    process id of a service this run started) adds each one's CPU time per output token to every round."""
+    pids = pids or {}
     from zeroc.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(args.model)
@@ -157,9 +167,11 @@ def measure(args: argparse.Namespace, target: str, gateway: str, model: str) -> 
         row = {}
         for backend in order:
             reqs = _requests(args, tokens, tokenizer.bos_id, 2 * r + BACKENDS.index(backend))
+            cpu0 = {name: _cpu_s(pid) for name, pid in pids.items()}
             records = asyncio.run(_closed_loop(backend, target, gateway, model, reqs, args.concurrency))
-            row[backend] = summarize(records).to_dict()
-            s = row[backend]
+            row[backend] = s = summarize(records).to_dict()
+            s["cpu_us_per_token"] = {name: (_cpu_s(pid) - cpu0[name]) / max(1, s["output_tokens"]) * 1e6
+                                     for name, pid in pids.items()}
             print(f"round {r + 1} {backend:>6}: {s['completed']}/{len(records)} ok, TTFT p50 {s['ttft']['median']:.1f} "
                   f"ms, TPOT mean {s['tpot']['mean']:.1f} ms, {s['output_throughput']:.1f} tok/s", file=sys.stderr)
             if s["failed"]:
@@ -189,7 +201,9 @@ def _compare(rounds: list[dict]) -> dict:
     for b in BACKENDS:
         out["backends"][b] = {"ttft_p50_ms": med(b, "ttft", "median"), "ttft_p99_ms": med(b, "ttft", "p99"),
                               "tpot_mean_ms": med(b, "tpot", "mean"), "itl_p50_ms": med(b, "itl", "median"),
-                              "output_tokens_per_s": med(b, "output_throughput")}
+                              "output_tokens_per_s": med(b, "output_throughput"),
+                              "cpu_us_per_token": {name: med(b, "cpu_us_per_token", name)
+                                                   for name in rounds[0][b]["cpu_us_per_token"]}}
     out["ttft_p50_delta_ms"] = statistics.median(
         r["openai"]["ttft"]["median"] - r["grpc"]["ttft"]["median"] for r in rounds)
     out["throughput_ratio"] = statistics.median(
@@ -235,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
             started.append(ServiceProcess("gateway", ["--target", target, "--model", args.model]))
             wait_http(started[-1].address, 60)
             gateway = started[-1].address
-        report = measure(args, target, gateway, Path(args.model).resolve().name)
+        report = measure(args, target, gateway, Path(args.model).resolve().name,
+                         {svc.kind: svc.proc.pid for svc in started})
     finally:
         for svc in reversed(started):
             svc.stop()
@@ -246,10 +261,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.concurrency} concurrent streams, {args.requests} requests of {args.prompt_tokens} + "
           f"{args.output_tokens} tokens per backend and round, medians of {args.rounds} rounds:")
-    print(f"  {'':8}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT':>8}{'ITL p50':>9}{'tok/s':>8}")
+    cpus = list(report["backends"]["grpc"]["cpu_us_per_token"])
+    print(f"  {'':8}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT':>8}{'ITL p50':>9}{'tok/s':>8}"
+          + "".join(f"{name + ' CPU us/tok':>20}" for name in cpus))
     for name, b in report["backends"].items():
         print(f"  {name:8}{b['ttft_p50_ms']:>10.1f}{b['ttft_p99_ms']:>10.1f}{b['tpot_mean_ms']:>8.1f}"
-              f"{b['itl_p50_ms']:>9.1f}{b['output_tokens_per_s']:>8.1f}")
+              f"{b['itl_p50_ms']:>9.1f}{b['output_tokens_per_s']:>8.1f}"
+              + "".join(f"{b['cpu_us_per_token'][c]:>20.0f}" for c in cpus))
     print(f"gateway - gRPC p50 TTFT: {report['ttft_p50_delta_ms']:+.2f} ms; gateway / gRPC throughput: "
           f"{report['throughput_ratio']:.3f}")
     if "unloaded_ttft_delta_ms" in report:
