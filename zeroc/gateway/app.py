@@ -179,7 +179,7 @@ class Gateway:
     def _sampling(self, req, default_max: int) -> dict:
         if req.user:
             # The SDK carries no per-call metadata yet, so the tenant only reaches the log.
-            log.info("request user", extra={"user": req.user[:64]})
+            log.debug("request user", extra={"user": req.user[:64]})
         return {"max_tokens": req.max_completion_tokens or req.max_tokens or default_max,
                 "temperature": req.temperature if req.temperature is not None else 1.0,
                 "top_p": req.top_p if req.top_p is not None else 1.0,
