@@ -1,5 +1,6 @@
 """`zeroc bench gateway` against the session's real decode service and gateway: both backends produce the
-same token counts (prompts are BOS + 16 text tokens) and sane timings (no speed is asserted: that is what the benchmark reports)."""
+same token counts (prompts are BOS + 16 text tokens) and sane timings (no speed is asserted: that is what
+the benchmark reports)."""
 
 from __future__ import annotations
 

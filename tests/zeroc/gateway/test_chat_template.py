@@ -24,7 +24,8 @@ CHATS = [
 # A template in the style of real chat models: loop controls, raise_exception, tojson, named templates.
 STRICT = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
           "{{ raise_exception('system only first') }}{% endif %}<|{{ m['role'] }}|>{{ m['content'] | tojson }}"
-          "{% if loop.index > 8 %}{% break %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+          "{% if loop.index > 8 %}{% break %}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.mark.parametrize("messages", CHATS)
