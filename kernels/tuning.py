@@ -47,3 +47,9 @@ def launch(kernel, tuned, grid, args: tuple, kwargs: dict, configs: list, config
 def describe(config) -> dict:
     """A config as plain data (benchmark reports)."""
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def config_id(config) -> str:
+    """A short name for a config, e.g. "BLOCK_N128-w4-s3" (test ids, benchmark rows)."""
+    tiles = "-".join(f"{k}{v}" for k, v in config.kwargs.items())
+    return f"{tiles}-w{config.num_warps}-s{config.num_stages}"
