@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from zeroc_kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref, rows_contiguous
-from zeroc_kernels.tuning import autotuned, interpreting, launch
+from zeroc_kernels.tiles import load_rows
+from zeroc_kernels.tuning import autotuned, chosen, interpreting, launch
 
 try:  # Triton is optional on CPU-only machines; the reference serves there.
     import triton
@@ -74,15 +75,16 @@ LOG2E = 1.4426950408889634
 
 # (BLOCK_N tokens per iteration, warps, pipeline stages). Shared memory per stage is
 # BLOCK_N x (dq + dv) x 2 bytes in bf16 (64 KB at 128 tokens x 128 + 128): the 256-token tile
-# gets 2 stages, smaller tiles deeper pipelines. The autotuner drops configs that do not fit.
+# gets at most 2 stages, smaller tiles deeper pipelines. The autotuner drops configs that do not fit.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 256}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=1),
 ] if triton is not None else []
 
 
@@ -129,10 +131,8 @@ if triton is not None:
             # BLOCK_N tokens over several pages: their pages' ids, then each token's row.
             page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             slot = pos % BLOCK_SIZE
-            k = tl.load(k_base + (page * stride_kb + slot * stride_ks)[:, None] + dq[None, :],
-                        mask=valid[:, None] & (dq[None, :] < DQ), other=0.0)  # [N, DQ]
-            v = tl.load(v_base + (page * stride_vb + slot * stride_vs)[:, None] + dv[None, :],
-                        mask=valid[:, None] & (dv[None, :] < DV), other=0.0)  # [N, DV]
+            k = load_rows(k_base, page * stride_kb + slot * stride_ks, dq, DQ, DQ_PAD, valid, True)  # [N, DQ]
+            v = load_rows(v_base, page * stride_vb + slot * stride_vs, dv, DV, DV_PAD, valid, True)  # [N, DV]
             s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32, input_precision=PRECISION)  # [G, N]
             if INT8:  # int8 codes through the dot; each token's fp32 scale on its score column
                 srow = page * stride_sb + slot * stride_ss + kv_head
@@ -229,6 +229,11 @@ def choose_num_splits(num_seqs: int, kv_heads: int, max_blocks: int, num_sms: in
         if cost < best_cost:
             best, best_cost = splits, cost
     return best
+
+
+def autotuned_config() -> dict | None:
+    """The tile config of the last autotuned launch (benchmark reports)."""
+    return chosen(_paged_decode_tuned, DECODE_CONFIGS) if triton is not None else None
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from zeroc_kernels.paged_attention import check_int8_args, rows_contiguous
-from zeroc_kernels.tuning import autotuned, interpreting, launch
+from zeroc_kernels.tiles import load_rows
+from zeroc_kernels.tuning import autotuned, chosen, interpreting, launch
 
 try:  # optional on CPU-only machines
     import triton
@@ -44,17 +45,6 @@ PREFILL_CONFIGS = [
 if triton is not None:
 
     @triton.jit
-    def _load_rows(base, rows, d, D: tl.constexpr, D_PAD: tl.constexpr, valid, MASKED: tl.constexpr):
-        # rows: [N] element offsets of each token's row; -> [N, D_PAD], zero past D (and on invalid rows)
-        ptrs = base + rows[:, None] + d[None, :]
-        if MASKED:
-            return tl.load(ptrs, mask=valid[:, None] & (d[None, :] < D), other=0.0)
-        elif D == D_PAD:
-            return tl.load(ptrs)
-        else:
-            return tl.load(ptrs, mask=d[None, :] < D, other=0.0)
-
-    @triton.jit
     def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, table, k_base, v_base, ks_ptr, vs_ptr, kv_head,
                      qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr, DQ_PAD: tl.constexpr,
@@ -68,8 +58,8 @@ if triton is not None:
         else:
             page = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
         slot = pos % BLOCK_SIZE
-        k = _load_rows(k_base, page * stride_kb + slot * stride_ks, tl.arange(0, DQ_PAD), DQ, DQ_PAD, valid, MASKED)
-        v = _load_rows(v_base, page * stride_vb + slot * stride_vs, tl.arange(0, DV_PAD), DV, DV_PAD, valid, MASKED)
+        k = load_rows(k_base, page * stride_kb + slot * stride_ks, tl.arange(0, DQ_PAD), DQ, DQ_PAD, valid, MASKED)
+        v = load_rows(v_base, page * stride_vb + slot * stride_vs, tl.arange(0, DV_PAD), DV, DV_PAD, valid, MASKED)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32, input_precision=PRECISION)  # [M, N]
         if INT8:  # codes through the dot, each token's scale on its score column
             srow = page * stride_sb + slot * stride_ss + kv_head
@@ -100,7 +90,7 @@ if triton is not None:
         DOT_F32: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        TOK: tl.constexpr = BLOCK_M // GH  # query tokens per tile
+        TOK = BLOCK_M // GH  # query tokens per tile (a constexpr)
         kv_head = tl.program_id(0) // CHUNKS
         chunk = tl.program_id(0) % CHUNKS
         tile = tl.num_programs(1) - 1 - tl.program_id(1)  # late (heavy) tiles first
@@ -147,6 +137,11 @@ if triton is not None:
 
     _paged_prefill_tuned = autotuned(_paged_prefill_kernel, PREFILL_CONFIGS,
                                      key=["GH", "BLOCK_SIZE", "DQ", "DV", "INT8", "q_bucket"])
+
+
+def autotuned_config() -> dict | None:
+    """The tile config of the last autotuned launch (benchmark reports)."""
+    return chosen(_paged_prefill_tuned, PREFILL_CONFIGS) if triton is not None else None
 
 
 def paged_prefill_attention(

@@ -53,3 +53,11 @@ def config_id(config) -> str:
     """A short name for a config, e.g. "BLOCK_N128-w4-s3" (test ids, benchmark rows)."""
     tiles = "-".join(f"{k}{v}" for k, v in config.kwargs.items())
     return f"{tiles}-w{config.num_warps}-s{config.num_stages}"
+
+
+def chosen(tuned, configs: list) -> dict | None:
+    """The config the autotuned wrapper `tuned` ran last (the first of `configs` in the interpreter)."""
+    if interpreting():
+        return describe(configs[0])
+    best = getattr(tuned, "best_config", None)
+    return describe(best) if best is not None else None
