@@ -41,9 +41,11 @@ from zeroc_kernels.paged_prefill import PREFILL_CONFIGS, paged_prefill_attention
 from zeroc_kernels.tuning import config_id  # noqa: E402
 
 FULL = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64, decode_ctx=8192,
-            prefill=(4096, 16384), prefix=(4096, 12288), block_size=16, budget_s=170.0)
+            prefill=(4096, 16384), prefix=(4096, 12288), block_size=16, budget_s=170.0, check=(128, 300),
+            splits=(1, 2, 3, 4, 8, 16), few_seqs=(1, 8), few_splits=(1, 4, 8, 16, 32))
 QUICK = dict(hidden=64, heads=4, kv_heads=2, head_dim=32, rank=16, decode_batch=2, decode_ctx=64,
-             prefill=(32,), prefix=(16, 48), block_size=16, budget_s=600.0)
+             prefill=(32,), prefix=(16, 48), block_size=16, budget_s=600.0, check=(32, 100),
+             splits=(1, 2), few_seqs=(1,), few_splits=(1, 2))
 
 
 def say(*args) -> None:
@@ -133,7 +135,7 @@ def ceilings(run: Run) -> None:
 
 
 def check(run: Run) -> None:
-    run.report["max_abs_error"] = correctness(run.device, run.dtype)
+    run.report["max_abs_error"] = correctness(run.device, run.dtype, *run.s["check"])
     run.report["max_abs_error"]["model_fused_vs_unfused_logits"] = model_path_error(run.device, run.dtype)
     say("max abs error vs reference:", json.dumps(run.report["max_abs_error"]))
 
@@ -202,13 +204,13 @@ def decode_sweeps(run: Run) -> None:
     k, v, tables, lens = paged_kv(b, ctx, kv, s["head_dim"], s["head_dim"], s["block_size"], run.dtype, run.device)
     q = torch.randn(b, s["heads"], s["head_dim"], dtype=run.dtype, device=run.device)
     nbytes, copy = 2 * k.numel() * k.element_size(), run.report["ceilings"]["copy_GBps"]
-    for splits in (1, 2, 3, 4, 8, 16):
+    for splits in s["splits"]:
         ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, lens, 0.1, num_splits=splits))
         run.row(section="decode splits", what=f"decode b{b} x {ctx}", method=f"splits {splits}", ms=ms,
                 of_copy=nbytes / ms / 1e6 / copy)
-    for b2 in (1, 8):  # few sequences: where split-K matters
+    for b2 in s["few_seqs"]:  # few sequences: where split-K matters
         ms_by = {}
-        for splits in (1, 4, 8, 16, 32):
+        for splits in s["few_splits"]:
             ms_by[splits] = run.timed(lambda: paged_decode_attention(q[:b2], k, v, tables[:b2], lens[:b2], 0.1,
                                                                      num_splits=splits))
             run.row(section="decode splits", what=f"decode b{b2} x {ctx}", method=f"splits {splits}",

@@ -28,10 +28,10 @@ def _err(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def _decode_errors(device, dtype) -> dict:
-    k, v, tables, lens = paged_kv(3, 300, 2, 128, 128, 16, dtype, device)
-    lens = torch.tensor([300, 129, 1], device=device)
-    q = torch.randn(3, 8, 128, dtype=dtype, device=device)
+def _decode_errors(device, dtype, dim: int, ctx: int) -> dict:
+    k, v, tables, lens = paged_kv(3, ctx, 2, dim, dim, 16, dtype, device)
+    lens = torch.tensor([ctx, ctx // 2 + 1, 1], device=device)
+    q = torch.randn(3, 8, dim, dtype=dtype, device=device)
     ref = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, lens, 0.125)
     errors = {f"decode_splits{s}": _err(paged_decode_attention(q, k, v, tables, lens, 0.125, num_splits=s), ref)
               for s in (1, 4)}
@@ -46,11 +46,14 @@ def _decode_errors(device, dtype) -> dict:
     return errors
 
 
-def _prefill_errors(device, dtype) -> dict:
-    k, v, tables, lens = paged_kv(3, 300, 2, 128, 128, 16, dtype, device)
-    lens = torch.tensor([300, 129, 40], device=device)
-    starts = torch.tensor([0, 200, 329, 330], device=device)  # 200 new after 100 cached, 129 fresh, 1 decode row
-    q = torch.randn(330, 8, 128, dtype=dtype, device=device)
+def _prefill_errors(device, dtype, dim: int, ctx: int) -> dict:
+    k, v, tables, lens = paged_kv(3, ctx, 2, dim, dim, 16, dtype, device)
+    fresh = ctx // 2 + 1
+    lens = torch.tensor([ctx, fresh, 40], device=device)
+    # 2/3 of the context new after a cached third, a fresh prompt, one decode row
+    new = 2 * ctx // 3
+    starts = torch.tensor([0, new, new + fresh, new + fresh + 1], device=device)
+    q = torch.randn(new + fresh + 1, 8, dim, dtype=dtype, device=device)
     ref = paged_attention_ref(q.float(), k.float(), v.float(), tables, lens, starts, 0.125)
     errors = {"prefill": _err(paged_prefill_attention(q, k, v, tables, lens, starts, 0.125), ref)}
     for config in PREFILL_CONFIGS:
@@ -64,15 +67,15 @@ def _prefill_errors(device, dtype) -> dict:
     return errors
 
 
-def _epilogue_errors(device, dtype) -> dict:
+def _epilogue_errors(device, dtype, dim: int) -> dict:
     gen_kw = dict(dtype=dtype, device=device)
-    n, r = 90, 32
+    n, r = (90, 32) if dim >= 128 else (20, 16)
     args = (torch.randn(n, 8, r, **gen_kw), torch.randn(n, 2, r, **gen_kw), torch.randn(n, 2, 48, **gen_kw),
             torch.randint(0, 8192, (n,), device=device), torch.rand(2, r // 2, device=device),
             torch.randperm(128, device=device)[:n])
     pools = [(torch.zeros(8, 16, 2, r, **gen_kw), torch.zeros(8, 16, 2, 48, **gen_kw)) for _ in range(2)]
     errors = {"qkv_epilogue": _err(qkv_epilogue(*args, *pools[0]), qkv_epilogue_ref(*args, *pools[1]))}
-    d = 128  # rotate mode: full-width q/k in, rank-r out through each KV head's bases
+    d = dim  # rotate mode: full-width q/k in, rank-r out through each KV head's bases
     rot = (torch.randn(n, 8, d, **gen_kw), torch.randn(n, 2, d, **gen_kw), args[2], args[3],
            torch.rand(1, d // 2, device=device), torch.randn(2, d, r, **gen_kw) / 8, torch.randn(2, d, r, **gen_kw) / 8,
            args[5])
@@ -101,9 +104,11 @@ def _per_head_errors(device, dtype) -> dict:
     return errors
 
 
-def correctness(device, dtype) -> dict:
-    """Max abs error of each kernel (every autotune config) against its reference on mid-size ragged cases."""
-    return {**_decode_errors(device, dtype), **_prefill_errors(device, dtype), **_epilogue_errors(device, dtype),
+def correctness(device, dtype, dim: int = 128, ctx: int = 300) -> dict:
+    """Max abs error of each kernel (every autotune config) against its reference on ragged cases of
+    head width `dim` and contexts up to `ctx`."""
+    return {**_decode_errors(device, dtype, dim, ctx), **_prefill_errors(device, dtype, dim, ctx),
+            **_epilogue_errors(device, dtype, dim),
             **_per_head_errors(device, dtype)}
 
 
