@@ -25,7 +25,7 @@ from torch import Tensor
 
 from zeroc_kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref, rows_contiguous
 from zeroc_kernels.tiles import load_rows
-from zeroc_kernels.tuning import autotuned, chosen, interpreting, launch
+from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
 
 try:  # Triton is optional on CPU-only machines; the reference serves there.
     import triton
@@ -93,6 +93,7 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale, split_len,
+        len_bucket, grid_bucket,  # size classes for the autotuning key only
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
@@ -155,7 +156,7 @@ if triton is not None:
         tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
     _paged_decode_tuned = autotuned(_paged_decode_kernel, DECODE_CONFIGS,
-                                    key=["GROUP_PAD", "BLOCK_SIZE", "DQ", "DV", "INT8"])
+                                    key=["GROUP_PAD", "BLOCK_SIZE", "DQ", "DV", "INT8", "len_bucket", "grid_bucket"])
 
     @triton.jit
     def _merge_kernel(
@@ -273,8 +274,9 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         partial = torch.empty(num_seqs, heads, num_splits, dv,
                               dtype=torch.float32 if num_splits > 1 else q.dtype, device=q.device)
     lses = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=q.device)
-    args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale * LOG2E,
-            blocks_per_split * block_size,
+    split_len = blocks_per_split * block_size
+    args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale * LOG2E, split_len,
+            bucket(split_len, 256, 16384), bucket(num_seqs * kv_heads * num_splits, 128, 8192),
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from zeroc_kernels.paged_attention import check_int8_args, rows_contiguous
 from zeroc_kernels.tiles import load_rows
-from zeroc_kernels.tuning import autotuned, chosen, interpreting, launch
+from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
 
 try:  # optional on CPU-only machines
     import triton
@@ -189,7 +189,7 @@ def paged_prefill_attention(
     k_scales = k_scales.contiguous() if int8 else torch.zeros(1, dtype=torch.float32, device=q.device)
     v_scales = v_scales.contiguous() if int8 else k_scales
     args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, starts, out, scale * LOG2E,
-            min(triton.next_power_of_2(max_q), 1 << 16),
+            bucket(max_q, 16, 16384),
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

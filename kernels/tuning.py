@@ -44,6 +44,15 @@ def launch(kernel, tuned, grid, args: tuple, kwargs: dict, configs: list, config
     kernel[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def bucket(x: int, lo: int, hi: int, step: int = 4) -> int:
+    """The smallest lo * step**k >= x, clamped to [lo, hi]: a coarse size class for an autotuning key, so a
+    tiny first call does not choose the tiles for large ones, and a service re-tunes only a few times."""
+    b = lo
+    while b < min(x, hi):
+        b *= step
+    return min(b, hi)
+
+
 def describe(config) -> dict:
     """A config as plain data (benchmark reports)."""
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}

@@ -165,3 +165,10 @@ def test_query_heads_must_cover_the_kv_heads():
     k = torch.zeros(2, 16, 2, 16)
     with pytest.raises(ValueError, match="multiple of the cache's KV heads"):
         paged_decode_attention(torch.zeros(1, 3, 16), k, k, torch.tensor([[0]]), torch.tensor([3]), 0.1)
+
+
+def test_autotuning_size_classes_are_coarse_and_clamped():
+    from zeroc_kernels.tuning import bucket
+
+    assert [bucket(x, 256, 16384) for x in (1, 256, 257, 1024, 5000, 10**6)] == [256, 256, 1024, 1024, 16384, 16384]
+    assert bucket(64 * 8, 128, 8192) == 512 and bucket(8, 128, 8192) == 128
