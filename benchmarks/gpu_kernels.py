@@ -181,11 +181,11 @@ def _decode_case(run: Run, name: str, dim_k: int, dim_v: int, int8: bool = False
 
 
 def decode(run: Run) -> None:
-    r = run.s["rank"]
-    _decode_case(run, "uncompressed", run.s["head_dim"], run.s["head_dim"])
-    _decode_case(run, f"zeroc rank {r}", r, r)
-    _decode_case(run, f"zeroc rank {r} int8", r, r, int8=True)
-    _decode_case(run, "uncompressed int8", run.s["head_dim"], run.s["head_dim"], int8=True)
+    r, d = run.s["rank"], run.s["head_dim"]
+    for name, dim, int8 in (("uncompressed", d, False), (f"zeroc rank {r}", r, False),
+                            (f"zeroc rank {r} int8", r, True), ("uncompressed int8", d, True)):
+        if run.left() > 0:
+            _decode_case(run, name, dim, dim, int8)
 
 
 def decode_per_head(run: Run) -> None:
@@ -240,10 +240,7 @@ def _prefill_case(run: Run, new: int, prefix: int, dim: int, name: str) -> float
     kc, vc = _contiguous(k, tables, 1, total), _contiguous(v, tables, 1, total)
     q4 = q.transpose(0, 1)[None].contiguous()
     if prefix:
-        from torch.nn.attention.bias import causal_lower_right
-
-        mask = causal_lower_right(new, total)
-        sdpa = lambda: F.scaled_dot_product_attention(q4, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)  # noqa
+        sdpa = _sdpa_lower_right(q4, kc, vc, scale, heads // kv)
     else:
         sdpa = lambda: F.scaled_dot_product_attention(q4, kc, vc, is_causal=True, scale=scale, enable_gqa=True)  # noqa
     sdpa_ms = run.timed(sdpa)
@@ -254,6 +251,20 @@ def _prefill_case(run: Run, new: int, prefix: int, dim: int, name: str) -> float
     say(f"  {r['what']} {name}: {ms:.3f} ms {r['TFLOPs']:.0f} TFLOP/s, SDPA {sdpa_ms:.3f} ms, x{r['vs_sdpa']:.2f}, "
         f"config {r['config']}")
     return ms
+
+
+def _sdpa_lower_right(q4, kc, vc, scale: float, group: int):
+    """SDPA for new queries at the end of a longer context (causal mask aligned bottom-right); K/V repeated
+    to every query head where this torch's CausalBias path does not take enable_gqa."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(q4.shape[2], kc.shape[2])
+    try:
+        F.scaled_dot_product_attention(q4, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+        return lambda: F.scaled_dot_product_attention(q4, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+    except Exception:  # noqa: BLE001 - older torch: no GQA through CausalBias
+        kr, vr = kc.repeat_interleave(group, 1), vc.repeat_interleave(group, 1)
+        return lambda: F.scaled_dot_product_attention(q4, kr, vr, attn_mask=mask, scale=scale)
 
 
 def prefill(run: Run) -> None:
