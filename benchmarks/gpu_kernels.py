@@ -31,7 +31,29 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _importable_without_install() -> None:
+    """Where the project is not pip-installed (a bare device machine), import kernels/ as zeroc_kernels
+    and zeroc from the checkout, so the one prepared call still runs."""
+    import importlib.util
+
+    try:
+        import zeroc_kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("zeroc_kernels", ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zeroc_kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_importable_without_install()
 
 from gpu_kernels_cases import (block_timings, correctness, model_path_error, paged_kv,  # noqa: E402
                                per_head_pools)
