@@ -333,6 +333,27 @@ def blocks(run: Run) -> None:
         run.row(section="attention block", **row)
 
 
+def goals(report: dict) -> list[dict]:
+    """The speed goals of the kernels' design, each with the measured figure (None where not measured)."""
+    out = []
+    for method, least in (("uncompressed", 0.85), ("zeroc rank", 0.85), ("int8", 0.75), ("per-head", 0.75)):
+        rows = [r for r in report["timings"] if r["section"] == "decode" and method in r["method"]
+                and (method == "int8" or "int8" not in r["method"])]
+        for r in rows:
+            out.append({"goal": f"decode {r['method']}: of copy bandwidth >= {least}", "value": r.get("of_copy"),
+                        "met": r.get("of_copy", 0) >= least})
+    for r in (r for r in report["timings"] if r["section"] == "prefill" and r["method"] == "uncompressed"):
+        least = 0.8 if "after" in r["what"] else 0.9
+        out.append({"goal": f"{r['what']}: x SDPA >= {least}", "value": r["vs_sdpa"], "met": r["vs_sdpa"] >= least})
+    for method, most in (("fold", 0.55), ("rotate", 0.65)):
+        blocks = [r for r in report["timings"] if r["section"] == "attention block" and method in r["method"]]
+        if blocks:
+            r = blocks[-1]  # the longest prompt
+            out.append({"goal": f"{r['what']} {method}: / uncompressed <= {most}", "value": r["ratio"],
+                        "met": r["ratio"] <= most})
+    return out
+
+
 def table(report: dict) -> str:
     lines = [f"{report['device']} {report['dtype']} (triton {report['triton']}, torch {report['torch']})"]
     c = report.get("ceilings", {})
@@ -373,7 +394,13 @@ def main() -> int:
         if name == "ceilings" and "ceilings" not in run.report:
             run.report["ceilings"] = {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}
     run.report["wall_s"] = time.monotonic() - run.t0
+    run.report["goals"] = goals(run.report)
     say(table(run.report))
+    say("\ngoals:")
+    for g in run.report["goals"]:
+        say(f"  {'MET ' if g['met'] else 'MISS'} {g['goal']}: {g['value']:.3f}")
+    say(f"wall {run.report['wall_s']:.0f}s; section errors: {run.report['errors'] or 'none'}; "
+        f"skipped: {run.report['skipped'] or 'none'}")
     path = args.json or (None if args.quick or device.type != "cuda" else "docs/benchmarks/gpu_kernels.json")
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
