@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from zeroc.config import AttentionCompression, CacheConfig
-from zeroc.kv_cache import PagedKVCache, layer_shapes
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import layer_shapes
 from zeroc_kernels.attention import BACKENDS, select_backend
 
 
@@ -35,7 +36,7 @@ def mixed_mode_model(bundled):
 def _run(model, backend: str, cache_cfg: CacheConfig | None = None):
     """Two sequences: a ragged prefill (19 and 6 tokens), then a decode step, on `backend`.
     -> logits per step, cache, what a KV-write listener saw per layer (slots, k, v)"""
-    cache = PagedKVCache(layer_shapes(model.config), cache_cfg or CacheConfig(16, 16), torch.float32, model=model)
+    cache = paged_cache(layer_shapes(model.config), cache_cfg or CacheConfig(16, 16), torch.float32, model=model)
     gen = torch.Generator().manual_seed(3)
     out, seen = [], {}
     saved, model.backend = model.backend, BACKENDS[backend]()
