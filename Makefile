@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# One prefill and one decode service on localhost; prints the address and a query to try. Ctrl-C stops it.
+# One prefill and one decode service and the OpenAI-compatible gateway on localhost; prints the addresses and
+# the zeroc and curl queries to try. Ctrl-C stops it.
 run: install
-	$(VENV)/bin/zeroc stack up --decode 1 --prompt "$(PROMPT)"
+	$(VENV)/bin/zeroc stack up --decode 1 --gateway --prompt "$(PROMPT)"
 
 test: install
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q

@@ -1,17 +1,20 @@
-"""One prepared GPU run for the kernels issue: ceilings, correctness, then timings.
+"""One prepared GPU run for the attention kernels: ceilings, correctness, then timings beside SDPA.
 
-    python benchmarks/gpu_kernels.py --json $OUT/gpu_kernels.json     # on an H100/H200, ~3 min
-    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --quick        # CPU smoke run (tiny shapes)
+    pip install --no-deps -e . && python benchmarks/gpu_kernels.py     # on an H100/H200, < 3 min
+    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --quick --json /tmp/r.json   # CPU smoke run
 
-1. Ceilings: device copy bandwidth (GB/s) and bf16 GEMM rate (TFLOP/s).
-2. Correctness: every Triton kernel against its reference on mid-size shapes (max abs error).
-3. Timings on Llama-3-8B attention shapes (hidden 4096, 32 query / 8 KV heads, head_dim 128),
-   uncompressed vs ZeroC at rank 64: decode attention (batch 64 x context 8192, with the
-   fraction of copy bandwidth achieved over the KV bytes read), prefill attention (4096 and
-   16384 tokens) against torch SDPA, and the attention block (QKV GEMM, epilogue, attention,
-   O GEMM) uncompressed vs fold vs rotate; the runtime's fused model path against its unfused one;
-   decode attention with per-KV-head ranks (half the KV heads at 48, half at 80: the same
-   bytes as rank), one kernel call per run over column views of one row (zeroc/head_ranks.py).
+Sections (each guarded: one failing still reports the rest; a global time guard skips what is left):
+1. ceilings: device copy rate (bytes read + written) and bf16 GEMM rate, measured in this run;
+2. correctness: every kernel against its reference (max abs error), every autotune config included;
+3. decode, Llama-3-8B attention (32 q / 8 KV heads x 128, batch 64 x context 8192, random block
+   tables): uncompressed, rank 64, int8, per-head ranks 48/80; each beside
+   F.scaled_dot_product_attention(enable_gqa=True) on the same bytes laid out contiguously, as a
+   fraction of copy bandwidth and as speed relative to SDPA; every split count and every config;
+4. prefill, causal, 4096 and 16384 tokens, and 4096 new tokens after a 12288-token cached prefix,
+   in TFLOP/s beside SDPA (and SDPA's backends); every config at 4096;
+5. attention block (QKV GEMM, epilogue, attention, O GEMM): fold and rotate at rank 64 against
+   uncompressed; the model's fused path against its unfused one.
+Writes JSON (--json; default docs/benchmarks/gpu_kernels.json on a GPU) and a markdown table.
 """
 
 from __future__ import annotations
@@ -22,269 +25,388 @@ import math
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zeroc_kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref  # noqa: E402
-from zeroc_kernels.paged_decode import (paged_decode_attention, paged_decode_attention_int8_ref,  # noqa: E402
-                                  paged_decode_attention_ref)
-from zeroc_kernels.paged_prefill import paged_prefill_attention  # noqa: E402
-from zeroc_kernels.qkv_epilogue import (qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue,  # noqa: E402
-                                  qkv_rotate_epilogue_ref)
+
+def _importable_without_install() -> None:
+    """Where the project is not pip-installed (a bare device machine), import kernels/ as zeroc_kernels
+    and zeroc from the checkout, so the one prepared call still runs."""
+    import importlib.util
+
+    try:
+        import zeroc_kernels  # noqa: F401
+        return
+    except ImportError:
+        pass
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location("zeroc_kernels", ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zeroc_kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_importable_without_install()
+
+from gpu_kernels_cases import (block_timings, correctness, model_path_error, paged_kv,  # noqa: E402
+                               per_head_pools)
+from zeroc_kernels import paged_decode, paged_prefill  # noqa: E402
+from zeroc_kernels.paged_decode import DECODE_CONFIGS, choose_num_splits, paged_decode_attention  # noqa: E402
+from zeroc_kernels.paged_prefill import PREFILL_CONFIGS, paged_prefill_attention  # noqa: E402
+from zeroc_kernels.tuning import config_id  # noqa: E402
 
 FULL = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64, decode_ctx=8192,
-            prefill=(4096, 16384), block_size=16)
+            prefill=(4096, 16384), prefix=(4096, 12288), block_size=16, budget_s=170.0, check=(128, 300),
+            splits=(1, 2, 3, 4, 8, 16), few_seqs=(1, 8), few_splits=(1, 4, 8, 16, 32))
 QUICK = dict(hidden=64, heads=4, kv_heads=2, head_dim=32, rank=16, decode_batch=2, decode_ctx=64,
-             prefill=(32,), block_size=16)
+             prefill=(32,), prefix=(16, 48), block_size=16, budget_s=600.0, check=(32, 100),
+             splits=(1, 2), few_seqs=(1,), few_splits=(1, 2))
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of `fn()` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+def say(*args) -> None:
+    print(*args, flush=True)
+
+
+class Run:
+    """The report being built, the device, and the time guard."""
+
+    def __init__(self, shapes: dict, device: torch.device, dtype: torch.dtype, repeats: int):
+        self.s, self.device, self.dtype, self.repeats = shapes, device, dtype, repeats
+        self.t0 = time.monotonic()
+        self.report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                             "dtype": str(dtype), "date": time.strftime("%Y-%m-%d %H:%M"), "triton": _triton_version(),
+                             "torch": torch.__version__, "shapes": {k: list(v) if isinstance(v, tuple) else v
+                                                                   for k, v in shapes.items()},
+                             "timings": [], "errors": {}, "skipped": []}
+
+    def left(self) -> float:
+        return self.s["budget_s"] - (time.monotonic() - self.t0)
+
+    def section(self, name: str, fn, *args) -> None:
+        if self.left() <= 0:
+            self.report["skipped"].append(name)
+            say(f"[{name}] skipped: time guard")
+            return
+        start = time.monotonic()
+        try:
+            fn(self, *args)
+            say(f"[{name}] done in {time.monotonic() - start:.1f}s")
+        except Exception as e:  # one section failing must not lose the others' figures
+            self.report["errors"][name] = f"{type(e).__name__}: {e}"
+            say(f"[{name}] FAILED: {type(e).__name__}: {e}")
+            traceback.print_exc()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def timed(self, fn) -> float:
+        """Median milliseconds per call of `fn()`: calls queued back to back between two events, so host
+        overhead hides behind the GPU; the first calls (autotuning, compiling) are not timed."""
+        fn()
+        fn()
+        if self.device.type != "cuda":
             t = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+            return (time.perf_counter() - t) * 1e3
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        inner = max(1, min(50, int(5e-3 / max(time.perf_counter() - t, 1e-6))))
+        times = []
+        for _ in range(self.repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / inner)
+        return statistics.median(times)
+
+    def row(self, **fields) -> dict:
+        self.report["timings"].append(fields)
+        return fields
 
 
-def paged_kv(batch: int, ctx: int, kv_heads: int, dq: int, dv: int, block_size: int, dtype, device):
-    """Contiguous-per-sequence block tables over one pool -> k_cache, v_cache, tables, lens."""
-    blocks = ctx // block_size
-    k = torch.randn(batch * blocks, block_size, kv_heads, dq, dtype=dtype, device=device)
-    v = torch.randn(batch * blocks, block_size, kv_heads, dv, dtype=dtype, device=device)
-    tables = torch.arange(batch * blocks, device=device).view(batch, blocks)
-    return k, v, tables, torch.full((batch,), ctx, device=device)
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:  # pragma: no cover
+        return "absent"
 
 
-def ceilings(device, dtype, quick: bool, repeats: int) -> dict:
+def ceilings(run: Run) -> None:
+    quick = run.device.type != "cuda"
     n = (1 << 20) if quick else (1 << 29)  # 1 GiB of bf16 on a GPU
-    src, dst = torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device)
-    copy_ms = timed(lambda: dst.copy_(src), device, repeats)
+    src, dst = torch.empty(n, dtype=run.dtype, device=run.device), torch.empty(n, dtype=run.dtype, device=run.device)
+    copy_ms = run.timed(lambda: dst.copy_(src))
     m = 256 if quick else 8192
-    a, b = torch.randn(m, m, dtype=dtype, device=device), torch.randn(m, m, dtype=dtype, device=device)
-    gemm_ms = timed(lambda: a @ b, device, repeats)
-    return {"copy_GBps": 2 * n * src.element_size() / copy_ms / 1e6, "gemm_TFLOPs": 2 * m**3 / gemm_ms / 1e9}
+    a, b = (torch.randn(m, m, dtype=run.dtype, device=run.device) for _ in range(2))
+    gemm_ms = run.timed(lambda: a @ b)
+    run.report["ceilings"] = {"copy_GBps": 2 * n * src.element_size() / copy_ms / 1e6,
+                              "gemm_TFLOPs": 2 * m**3 / gemm_ms / 1e9}
 
 
-def correctness(device, dtype) -> dict:
-    """Max abs error of each kernel against its reference on a mid-size ragged case."""
-    gen_kw = dict(dtype=dtype, device=device)
-    k, v, tables, lens = paged_kv(3, 96, 2, 64, 48, 16, dtype, device)
-    lens = torch.tensor([96, 50, 7], device=device)
-    q = torch.randn(3, 8, 64, **gen_kw)
-    ref = paged_decode_attention_ref(q.float(), k.float(), v.float(), tables, lens, 0.125)
-    errors = {f"decode_splits{s}": (paged_decode_attention(q, k, v, tables, lens, 0.125, num_splits=s).float()
-                                    - ref).abs().max().item() for s in (1, 4)}
-    kq, vq = (torch.randint(-127, 128, k.shape, dtype=torch.int8, device=device) for _ in range(2))
-    ks, vs = (torch.rand(k.shape[:3], device=device) / 127 for _ in range(2))
-    ref = paged_decode_attention_int8_ref(q, kq, vq, ks, vs, tables, lens, 0.125)
-    errors["decode_int8"] = (paged_decode_attention(q, kq, vq, tables, lens, 0.125, k_scales=ks, v_scales=vs).float()
-                             - ref.float()).abs().max().item()
-    starts = torch.tensor([0, 40, 41, 48], device=device)
-    qp = torch.randn(48, 8, 64, **gen_kw)
-    ref = paged_attention_ref(qp.float(), k.float(), v.float(), tables, lens, starts, 0.125)
-    errors["prefill"] = (paged_prefill_attention(qp, k, v, tables, lens, starts, 0.125).float() - ref).abs().max().item()
-    ref = paged_attention_int8_ref(qp, kq, vq, ks, vs, tables, lens, starts, 0.125).float()
-    errors["prefill_int8"] = (paged_prefill_attention(qp, kq, vq, tables, lens, starts, 0.125, k_scales=ks,
-                                                      v_scales=vs).float() - ref).abs().max().item()
-    n, r = 20, 32
-    args = (torch.randn(n, 8, r, **gen_kw), torch.randn(n, 2, r, **gen_kw), torch.randn(n, 2, 48, **gen_kw),
-            torch.randint(0, 8192, (n,), device=device), torch.rand(2, r // 2, device=device),
-            torch.randperm(64, device=device)[:n])
-    pools = [(torch.zeros(4, 16, 2, r, **gen_kw), torch.zeros(4, 16, 2, 48, **gen_kw)) for _ in range(2)]
-    errors["qkv_epilogue"] = (qkv_epilogue(*args, *pools[0]).float() - qkv_epilogue_ref(*args, *pools[1]).float()
-                              ).abs().max().item()
-    d = 64  # rotate mode: full-width q/k in, rank-r out through each KV head's bases
-    rot = (torch.randn(n, 8, d, **gen_kw), torch.randn(n, 2, d, **gen_kw), args[2], args[3],
-           torch.rand(1, d // 2, device=device), torch.randn(2, d, r, **gen_kw) / 8, torch.randn(2, d, r, **gen_kw) / 8,
-           args[5])
-    errors["qkv_rotate_epilogue"] = (qkv_rotate_epilogue(*rot, *pools[0]).float()
-                                     - qkv_rotate_epilogue_ref(*rot, *pools[1]).float()).abs().max().item()
-    # per-KV-head ranks: each run of equal-rank heads read in place through a column view of the row pool
-    from zeroc.head_ranks import HeadLayout
-
-    layout = HeadLayout.of((16, 16, 48), (8, 8, 32), group=4)  # runs: 2 heads at (16, 8), 1 at (48, 32)
-    k_row, v_row, tables, _ = paged_kv(3, 96, 1, 2 * 16 + 48, 2 * 8 + 32, 16, dtype, device)
-    views = zip(layout.pool_views(k_row, [16, 48]), layout.pool_views(v_row, [8, 32]))
-    for i, (run, (kc, vc)) in enumerate(zip(layout.runs, views)):
-        name, heads = f"run{i}", run.heads
-        qd, qp = torch.randn(3, 4 * heads, kc.shape[-1], **gen_kw), torch.randn(48, 4 * heads, kc.shape[-1], **gen_kw)
-        ref = paged_decode_attention_ref(qd.float(), kc.float(), vc.float(), tables, lens, 0.125)
-        errors[f"decode_per_head_{name}"] = (paged_decode_attention(qd, kc, vc, tables, lens, 0.125).float()
-                                             - ref).abs().max().item()
-        ref = paged_attention_ref(qp.float(), kc.float(), vc.float(), tables, lens, starts, 0.125)
-        errors[f"prefill_per_head_{name}"] = (paged_prefill_attention(qp, kc, vc, tables, lens, starts, 0.125).float()
-                                              - ref).abs().max().item()
-    return errors
+def check(run: Run) -> None:
+    run.report["max_abs_error"] = correctness(run.device, run.dtype, *run.s["check"])
+    worst = max(run.report["max_abs_error"].items(), key=lambda kv: kv[1])
+    say(f"max abs error vs reference (worst {worst[0]} {worst[1]:.4g}):", json.dumps(run.report["max_abs_error"]))
 
 
-def decode_timings(s: dict, device, dtype, repeats: int, copy_gbps: float) -> list[dict]:
-    rows = []
-    for name, dim in (("uncompressed", s["head_dim"]), (f"zeroc rank {s['rank']}", s["rank"])):
-        k, v, tables, lens = paged_kv(s["decode_batch"], s["decode_ctx"], s["kv_heads"], dim, dim, s["block_size"],
-                                      dtype, device)
-        q = torch.randn(s["decode_batch"], s["heads"], dim, dtype=dtype, device=device)
-        scale = 1 / math.sqrt(s["head_dim"])
-        ms = timed(lambda: paged_decode_attention(q, k, v, tables, lens, scale), device, repeats)
-        kv_bytes = 2 * k.numel() * k.element_size()
-        rows.append({"what": f"decode attention b{s['decode_batch']} x {s['decode_ctx']}", "method": name, "ms": ms,
-                     "bandwidth_fraction": kv_bytes / ms / 1e6 / copy_gbps})
-    # The int8 compressed cache read directly by the kernel (rows + one fp32 scale per token and head).
-    kq, vq = (torch.randint(-127, 128, k.shape, dtype=torch.int8, device=device) for _ in range(2))
-    ks, vs = (torch.rand(k.shape[:3], device=device) / 127 for _ in range(2))
-    ms = timed(lambda: paged_decode_attention(q, kq, vq, tables, lens, scale, k_scales=ks, v_scales=vs),
-               device, repeats)
-    kv_bytes = 2 * (kq.numel() + 4 * ks.numel())
-    rows.append({"what": f"decode attention b{s['decode_batch']} x {s['decode_ctx']}",
-                 "method": f"zeroc rank {s['rank']} int8", "ms": ms, "bandwidth_fraction": kv_bytes / ms / 1e6 / copy_gbps})
-    rows.append(per_head_decode(s, device, dtype, repeats, copy_gbps))
-    return rows
+def model_path(run: Run) -> None:
+    run.report.setdefault("max_abs_error", {})["model_fused_vs_unfused_logits"] = model_path_error(run.device,
+                                                                                                   run.dtype)
+    say(f"  model fused vs unfused logits: {run.report['max_abs_error']['model_fused_vs_unfused_logits']:.4g}")
 
 
-def per_head_decode(s: dict, device, dtype, repeats: int, copy_gbps: float) -> dict:
-    """Decode attention at per-KV-head ranks: half the KV heads at rank - rank/4, half at rank + rank/4 (the
-    bytes of rank), cached as one row per token and attended as two runs through column views of its pools."""
-    from zeroc.head_ranks import HeadLayout
+def _contiguous(k_cache, tables, batch: int, ctx: int):
+    """The same K bytes as [B, kv_heads, ctx, d], contiguous (the SDPA anchor's layout)."""
+    return k_cache[tables].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
 
-    half, r, group = s["kv_heads"] // 2, s["rank"], s["heads"] // s["kv_heads"]
-    widths = [r - r // 4, r + r // 4]
-    layout = HeadLayout.of((widths[0],) * half + (widths[1],) * half, (widths[0],) * half + (widths[1],) * half, group)
-    k, v, tables, lens = paged_kv(s["decode_batch"], s["decode_ctx"], 1, 2 * half * r, 2 * half * r,
-                                  s["block_size"], dtype, device)
-    views = list(zip(layout.pool_views(k, widths), layout.pool_views(v, widths)))
-    qs = [torch.randn(s["decode_batch"], half * group, w, dtype=dtype, device=device) for w in widths]
+
+def _decode_case(run: Run, name: str, dim_k: int, dim_v: int, int8: bool = False) -> None:
+    s = run.s
+    b, ctx, kv, heads = s["decode_batch"], s["decode_ctx"], s["kv_heads"], s["heads"]
+    k, v, tables, lens = paged_kv(b, ctx, kv, dim_k, dim_v, s["block_size"], run.dtype, run.device)
+    q = torch.randn(b, heads, dim_k, dtype=run.dtype, device=run.device)
     scale = 1 / math.sqrt(s["head_dim"])
-    ms = timed(lambda: [paged_decode_attention(q, kc, vc, tables, lens, scale) for q, (kc, vc) in zip(qs, views)],
-               device, repeats)
-    kv_bytes = 2 * k.numel() * k.element_size()
-    return {"what": f"decode attention b{s['decode_batch']} x {s['decode_ctx']}",
-            "method": f"zeroc per-head ranks {widths[0]}/{widths[1]} (2 runs)", "ms": ms,
-            "bandwidth_fraction": kv_bytes / ms / 1e6 / copy_gbps}
+    kc, vc = _contiguous(k, tables, b, ctx), _contiguous(v, tables, b, ctx)
+    q4 = q[:, :, None]
+    sdpa_ms = run.timed(lambda: F.scaled_dot_product_attention(q4, kc, vc, scale=scale, enable_gqa=True))
+    sdpa_bytes = 2 * kc.numel() * kc.element_size() if dim_k == dim_v else (kc.numel() + vc.numel()) * 2
+    del kc, vc
+    kw, nbytes = {}, (k.numel() + v.numel()) * k.element_size()
+    if int8:
+        k = torch.randint(-127, 128, k.shape, dtype=torch.int8, device=run.device)
+        v = torch.randint(-127, 128, v.shape, dtype=torch.int8, device=run.device)
+        kw = dict(k_scales=torch.rand(k.shape[:3], device=run.device) / 127,
+                  v_scales=torch.rand(k.shape[:3], device=run.device) / 127)
+        nbytes = k.numel() + v.numel() + 8 * k.shape[0] * k.shape[1] * k.shape[2]
+    ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, lens, scale, **kw))
+    copy = run.report["ceilings"]["copy_GBps"]
+    sms = torch.cuda.get_device_properties(run.device).multi_processor_count if run.device.type == "cuda" else 0
+    r = run.row(section="decode", what=f"decode b{b} x {ctx}", method=name, ms=ms, sdpa_ms=sdpa_ms,
+                of_copy=nbytes / ms / 1e6 / copy, sdpa_of_copy=sdpa_bytes / sdpa_ms / 1e6 / copy, vs_sdpa=sdpa_ms / ms,
+                splits=choose_num_splits(b, kv, tables.shape[1], sms, s["block_size"]),
+                config=paged_decode.autotuned_config())
+    say(f"  {name}: {ms:.3f} ms ({r['of_copy']:.0%} of copy), SDPA {sdpa_ms:.3f} ms, x{r['vs_sdpa']:.2f} of SDPA, "
+        f"config {r['config']}, splits {r['splits']}")
 
 
-def prefill_timings(s: dict, device, dtype, repeats: int) -> list[dict]:
-    rows = []
+def decode(run: Run) -> None:
+    r, d = run.s["rank"], run.s["head_dim"]
+    for name, dim, int8 in (("uncompressed", d, False), (f"zeroc rank {r}", r, False),
+                            (f"zeroc rank {r} int8", r, True), ("uncompressed int8", d, True)):
+        if run.left() > 0:
+            _decode_case(run, name, dim, dim, int8)
+
+
+def decode_per_head(run: Run) -> None:
+    """Half the KV heads at rank - rank/4, half at rank + rank/4 (the bytes of rank), one row per token,
+    two kernel calls over column views of the pools (zeroc/head_ranks.py)."""
+    s = run.s
+    qs, views, tables, lens, nbytes, widths = per_head_pools(s, run.dtype, run.device)
+    scale = 1 / math.sqrt(s["head_dim"])
+    ms = run.timed(lambda: [paged_decode_attention(q, kc, vc, tables, lens, scale) for q, (kc, vc) in zip(qs, views)])
+    anchor = [row for row in run.report["timings"] if row.get("method") == f"zeroc rank {s['rank']}"]
+    sdpa_ms = anchor[0]["sdpa_ms"] if anchor else float("nan")
+    r = run.row(section="decode", what=f"decode b{s['decode_batch']} x {s['decode_ctx']}",
+                method=f"zeroc per-head ranks {widths[0]}/{widths[1]} (2 runs)", ms=ms, sdpa_ms=sdpa_ms,
+                of_copy=nbytes / ms / 1e6 / run.report["ceilings"]["copy_GBps"], vs_sdpa=sdpa_ms / ms)
+    say(f"  per-head: {ms:.3f} ms ({r['of_copy']:.0%} of copy), x{r['vs_sdpa']:.2f} of SDPA at rank {s['rank']}")
+
+
+def decode_sweeps(run: Run) -> None:
+    """Every split count (to check the heuristic) and every config, uncompressed."""
+    s = run.s
+    b, ctx, kv = s["decode_batch"], s["decode_ctx"], s["kv_heads"]
+    k, v, tables, lens = paged_kv(b, ctx, kv, s["head_dim"], s["head_dim"], s["block_size"], run.dtype, run.device)
+    q = torch.randn(b, s["heads"], s["head_dim"], dtype=run.dtype, device=run.device)
+    nbytes, copy = 2 * k.numel() * k.element_size(), run.report["ceilings"]["copy_GBps"]
+    for splits in s["splits"]:
+        ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, lens, 0.1, num_splits=splits))
+        run.row(section="decode splits", what=f"decode b{b} x {ctx}", method=f"splits {splits}", ms=ms,
+                of_copy=nbytes / ms / 1e6 / copy)
+    for b2 in s["few_seqs"]:  # few sequences: where split-K matters
+        ms_by = {}
+        for splits in s["few_splits"]:
+            ms_by[splits] = run.timed(lambda: paged_decode_attention(q[:b2], k, v, tables[:b2], lens[:b2], 0.1,
+                                                                     num_splits=splits))
+            run.row(section="decode splits", what=f"decode b{b2} x {ctx}", method=f"splits {splits}",
+                    ms=ms_by[splits], of_copy=nbytes * b2 / b / ms_by[splits] / 1e6 / copy)
+    for config in DECODE_CONFIGS:
+        if run.left() <= 0:
+            break
+        ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, lens, 0.1, config=config))
+        run.row(section="decode configs", what=f"decode b{b} x {ctx}", method=config_id(config), ms=ms,
+                of_copy=nbytes / ms / 1e6 / copy)
+
+
+def _prefill_case(run: Run, new: int, prefix: int, dim: int, name: str) -> float:
+    s = run.s
+    kv, heads, total = s["kv_heads"], s["heads"], new + prefix
+    k, v, tables, lens = paged_kv(1, total, kv, dim, dim, s["block_size"], run.dtype, run.device)
+    q = torch.randn(new, heads, dim, dtype=run.dtype, device=run.device)
+    starts = torch.tensor([0, new], device=run.device)
+    scale = 1 / math.sqrt(s["head_dim"])
+    ms = run.timed(lambda: paged_prefill_attention(q, k, v, tables, lens, starts, scale))
+    kc, vc = _contiguous(k, tables, 1, total), _contiguous(v, tables, 1, total)
+    q4 = q.transpose(0, 1)[None].contiguous()
+    if prefix:
+        sdpa = _sdpa_lower_right(q4, kc, vc, scale, heads // kv)
+    else:
+        sdpa = lambda: F.scaled_dot_product_attention(q4, kc, vc, is_causal=True, scale=scale, enable_gqa=True)  # noqa
+    sdpa_ms = run.timed(sdpa)
+    flops = 2 * heads * 2 * dim * (new * prefix + new * (new + 1) / 2)
+    r = run.row(section="prefill", what=f"prefill {new}" + (f" after {prefix} cached" if prefix else ""), method=name,
+                ms=ms, sdpa_ms=sdpa_ms, TFLOPs=flops / ms / 1e9, sdpa_TFLOPs=flops / sdpa_ms / 1e9,
+                vs_sdpa=sdpa_ms / ms, config=paged_prefill.autotuned_config())
+    say(f"  {r['what']} {name}: {ms:.3f} ms {r['TFLOPs']:.0f} TFLOP/s, SDPA {sdpa_ms:.3f} ms, x{r['vs_sdpa']:.2f}, "
+        f"config {r['config']}")
+    return ms
+
+
+def _sdpa_lower_right(q4, kc, vc, scale: float, group: int):
+    """SDPA for new queries at the end of a longer context (causal mask aligned bottom-right); K/V repeated
+    to every query head where this torch's CausalBias path does not take enable_gqa."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(q4.shape[2], kc.shape[2])
+    try:
+        F.scaled_dot_product_attention(q4, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+        return lambda: F.scaled_dot_product_attention(q4, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
+    except Exception:  # noqa: BLE001 - older torch: no GQA through CausalBias
+        kr, vr = kc.repeat_interleave(group, 1), vc.repeat_interleave(group, 1)
+        return lambda: F.scaled_dot_product_attention(q4, kr, vr, attn_mask=mask, scale=scale)
+
+
+def prefill(run: Run) -> None:
+    s = run.s
     for tokens in s["prefill"]:
         for name, dim in (("uncompressed", s["head_dim"]), (f"zeroc rank {s['rank']}", s["rank"])):
-            k, v, tables, lens = paged_kv(1, tokens, s["kv_heads"], dim, dim, s["block_size"], dtype, device)
-            q = torch.randn(tokens, s["heads"], dim, dtype=dtype, device=device)
-            starts = torch.tensor([0, tokens], device=device)
-            scale = 1 / math.sqrt(s["head_dim"])
-            ms = timed(lambda: paged_prefill_attention(q, k, v, tables, lens, starts, scale), device, repeats)
-            rows.append({"what": f"prefill attention {tokens}", "method": f"{name} (triton, paged)", "ms": ms})
-            qs = q.transpose(0, 1)[None]  # [1, heads, T, d]
-            ks = k.view(tokens, s["kv_heads"], dim).transpose(0, 1)[None]
-            sdpa = lambda: F.scaled_dot_product_attention(qs, ks, ks, is_causal=True, enable_gqa=True)  # noqa: E731
-            rows.append({"what": f"prefill attention {tokens}", "method": f"{name} (torch sdpa)",
-                         "ms": timed(sdpa, device, repeats)})
-    return rows
+            if run.left() > 0:
+                _prefill_case(run, tokens, 0, dim, name)
+    new, prefix = s["prefix"]
+    _prefill_case(run, new, prefix, s["head_dim"], "uncompressed")
 
 
-def block_timings(s: dict, device, dtype, repeats: int) -> list[dict]:
-    """Attention block: QKV GEMM -> epilogue (RoPE [+ rotate bases] + cache write) -> attention -> O GEMM."""
-    d, r = s["head_dim"], s["rank"]
-    # (name, q/k GEMM width per head, q/k rank in the cache, v rank, rotate mode)
-    methods = (("uncompressed", d, d, d, False), (f"zeroc fold rank {r}", r, r, r, False),
-               (f"zeroc rotate rank {r}", d, r, r, True))
-    rows = []
-    for tokens in s["prefill"]:
-        base = None
-        for name, width, qk, vr, rotate in methods:
-            heads, kv = s["heads"], s["kv_heads"]
-            x = torch.randn(tokens, s["hidden"], dtype=dtype, device=device)
-            w_qkv = torch.randn((heads + kv) * width + kv * vr, s["hidden"], dtype=dtype, device=device) * 0.02
-            w_o = torch.randn(s["hidden"], heads * vr, dtype=dtype, device=device) * 0.02
-            k_pool, _, tables, lens = paged_kv(1, tokens, kv, qk, vr, s["block_size"], dtype, device)
-            v_pool = torch.zeros(*k_pool.shape[:3], vr, dtype=dtype, device=device)
-            bases = [torch.randn(kv, d, qk, dtype=dtype, device=device) / math.sqrt(d) for _ in range(2)]
-            inv_freq = torch.rand(1 if rotate else kv, width // 2, device=device)
-            positions = torch.arange(tokens, device=device)
-            slots = torch.arange(tokens, device=device)
-            starts = torch.tensor([0, tokens], device=device)
-            scale = 1 / math.sqrt(d)
+def prefill_sweeps(run: Run) -> None:
+    """Every config at the first prefill length, and SDPA's backends on the same shape."""
+    s = run.s
+    tokens, dim = s["prefill"][0], s["head_dim"]
+    k, v, tables, lens = paged_kv(1, tokens, s["kv_heads"], dim, dim, s["block_size"], run.dtype, run.device)
+    q = torch.randn(tokens, s["heads"], dim, dtype=run.dtype, device=run.device)
+    starts = torch.tensor([0, tokens], device=run.device)
+    flops = 2 * s["heads"] * 2 * dim * tokens * (tokens + 1) / 2
+    for config in PREFILL_CONFIGS:
+        if run.left() <= 0:
+            break
+        ms = run.timed(lambda: paged_prefill_attention(q, k, v, tables, lens, starts, 0.1, config=config))
+        run.row(section="prefill configs", what=f"prefill {tokens}", method=config_id(config), ms=ms,
+                TFLOPs=flops / ms / 1e9)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            def block():
-                qkv = x @ w_qkv.T  # [T, (heads + kv) * width + kv * vr]
-                q, k, v = qkv.split([heads * width, kv * width, kv * vr], dim=-1)
-                q, k, v = q.view(tokens, heads, width), k.view(tokens, kv, width), v.view(tokens, kv, vr)
-                if rotate:
-                    q = qkv_rotate_epilogue(q, k, v, positions, inv_freq, *bases, slots, k_pool, v_pool)
-                else:
-                    q = qkv_epilogue(q, k, v, positions, inv_freq, slots, k_pool, v_pool)
-                out = paged_prefill_attention(q, k_pool, v_pool, tables, lens, starts, scale)
-                return out.view(tokens, -1) @ w_o.T
-
-            ms = timed(block, device, repeats)
-            base = base or ms
-            rows.append({"what": f"attention block {tokens}", "method": name, "ms": ms, "ratio": ms / base})
-    return rows
+    q4 = q.transpose(0, 1)[None].contiguous()
+    kc, vc = _contiguous(k, tables, 1, tokens), _contiguous(v, tables, 1, tokens)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                ms = run.timed(lambda: F.scaled_dot_product_attention(q4, kc, vc, is_causal=True, enable_gqa=True))
+            run.row(section="prefill configs", what=f"prefill {tokens}", method=f"sdpa {backend.name}", ms=ms,
+                    TFLOPs=flops / ms / 1e9)
+        except Exception as e:  # a backend may not support the shape or GQA
+            run.row(section="prefill configs", what=f"prefill {tokens}", method=f"sdpa {backend.name}",
+                    ms=float("nan"), note=f"{type(e).__name__}: {str(e)[:120]}")
 
 
-def model_path_error(device, dtype) -> float:
-    """Max abs logit difference between `Transformer.forward_paged` with the fused epilogue (the CUDA
-    path) and without it, on a small random GQA model: a prefill of two sequences."""
-    from zeroc.config import CacheConfig, ModelConfig
-    from zeroc.kv_cache import PagedKVCache, layer_shapes
-    from zeroc.model import Transformer
+def blocks(run: Run) -> None:
+    for row in block_timings(run.s, run.device, run.dtype, run.timed):
+        run.row(section="attention block", **row)
 
-    cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32)
-    torch.manual_seed(0)
-    model = Transformer(cfg).to(device=device, dtype=dtype).eval()
-    model.init_rope()
-    tokens = torch.randint(0, cfg.vocab_size, (70,), device=device)
-    logits = []
-    for fused in (True, False):
-        cache = PagedKVCache(layer_shapes(cfg), CacheConfig(16, 16), dtype, device=device)
-        batch = cache.schedule([("a", 50), ("b", 20)])
-        with torch.inference_mode():
-            logits.append(model.forward_paged(tokens, batch.positions, batch, cache,
-                                              fused=fused).float())
-    return (logits[0] - logits[1]).abs().max().item()
+
+def goals(report: dict) -> list[dict]:
+    """The speed goals of the kernels' design, each with the measured figure (None where not measured)."""
+    out = []
+    for method, least in (("uncompressed", 0.85), ("zeroc rank", 0.85), ("int8", 0.75), ("per-head", 0.75)):
+        rows = [r for r in report["timings"] if r["section"] == "decode" and method in r["method"]
+                and (method == "int8" or "int8" not in r["method"])]
+        for r in rows:
+            out.append({"goal": f"decode {r['method']}: of copy bandwidth >= {least}", "value": r.get("of_copy"),
+                        "met": r.get("of_copy", 0) >= least})
+    for r in (r for r in report["timings"] if r["section"] == "prefill" and r["method"] == "uncompressed"):
+        least = 0.8 if "after" in r["what"] else 0.9
+        out.append({"goal": f"{r['what']}: x SDPA >= {least}", "value": r["vs_sdpa"], "met": r["vs_sdpa"] >= least})
+    for method, most in (("fold", 0.55), ("rotate", 0.65)):
+        blocks = [r for r in report["timings"] if r["section"] == "attention block" and method in r["method"]]
+        if blocks:
+            r = blocks[-1]  # the longest prompt
+            out.append({"goal": f"{r['what']} {method}: / uncompressed <= {most}", "value": r["ratio"],
+                        "met": r["ratio"] <= most})
+    return out
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['device']} {report['dtype']} (triton {report['triton']}, torch {report['torch']})"]
+    c = report.get("ceilings", {})
+    if c:
+        lines.append(f"copy {c['copy_GBps']:.0f} GB/s, GEMM {c['gemm_TFLOPs']:.1f} TFLOP/s")
+    lines += ["", "| section | what | method | ms | of copy | TFLOP/s | SDPA ms | x SDPA | / uncompressed | config |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report["timings"]:
+        def f(key, fmt):
+            return format(r[key], fmt) if isinstance(r.get(key), (int, float)) and r[key] == r[key] else ""
+        cfg = json.dumps(r["config"]) if r.get("config") else ""
+        lines.append(f"| {r['section']} | {r['what']} | {r['method']} | {f('ms', '.3f')} | {f('of_copy', '.0%')} | "
+                     f"{f('TFLOPs', '.0f')} | {f('sdpa_ms', '.3f')} | {f('vs_sdpa', '.2f')} | {f('ratio', '.2f')} | "
+                     f"{cfg} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run under TRITON_INTERPRET=1)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds before the remaining sections are skipped (default 170 on a GPU)")
+    parser.add_argument("--json", default=None, help="report path (default on a GPU: docs/benchmarks/gpu_kernels.json)")
     args = parser.parse_args()
+    torch.set_num_threads(1) if args.quick else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes, repeats = (QUICK, 1) if args.quick else (FULL, args.repeats)
-    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
-              "date": time.strftime("%Y-%m-%d"), "shapes": {k: list(v) if isinstance(v, tuple) else v
-                                                            for k, v in shapes.items()}}
-    report["ceilings"] = ceilings(device, dtype, args.quick, repeats)
-    report["max_abs_error"] = correctness(device, dtype)
-    report["max_abs_error"]["model_fused_vs_unfused_logits"] = model_path_error(device, dtype)
-    report["timings"] = decode_timings(shapes, device, dtype, repeats, report["ceilings"]["copy_GBps"])
-    report["timings"] += prefill_timings(shapes, device, dtype, repeats)
-    report["timings"] += block_timings(shapes, device, dtype, repeats)
-    print(f"{report['device']} {report['dtype']}: copy {report['ceilings']['copy_GBps']:.0f} GB/s, "
-          f"GEMM {report['ceilings']['gemm_TFLOPs']:.1f} TFLOP/s")
-    print("max abs error vs reference:", json.dumps(report["max_abs_error"]))
-    print("| what | method | ms | of copy bandwidth | / uncompressed |\n|---|---|---:|---:|---:|")
-    for row in report["timings"]:
-        frac = f"{row['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in row else ""
-        ratio = f"{row['ratio']:.2f}" if "ratio" in row else ""
-        print(f"| {row['what']} | {row['method']} | {row['ms']:.3f} | {frac} | {ratio} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    shapes = dict(QUICK if args.quick else FULL)
+    if args.budget is not None:
+        shapes["budget_s"] = args.budget
+    run = Run(shapes, device, dtype, 1 if args.quick else args.repeats)
+    say(f"{run.report['device']} {dtype}: triton {run.report['triton']}, torch {torch.__version__}")
+    for name, fn in (("ceilings", ceilings), ("correctness", check), ("decode", decode),
+                     ("decode per-head", decode_per_head), ("prefill", prefill), ("decode sweeps", decode_sweeps),
+                     ("prefill sweeps", prefill_sweeps), ("attention block", blocks), ("model path", model_path)):
+        run.section(name, fn)
+        if name == "ceilings" and "ceilings" not in run.report:
+            run.report["ceilings"] = {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}
+    run.report["wall_s"] = time.monotonic() - run.t0
+    run.report["goals"] = goals(run.report)
+    say(table(run.report))
+    say("\ngoals:")
+    for g in run.report["goals"]:
+        say(f"  {'MET ' if g['met'] else 'MISS'} {g['goal']}: {g['value']:.3f}")
+    say(f"wall {run.report['wall_s']:.0f}s; section errors: {run.report['errors'] or 'none'}; "
+        f"skipped: {run.report['skipped'] or 'none'}")
+    path = args.json or (None if args.quick or device.type != "cuda" else "docs/benchmarks/gpu_kernels.json")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(run.report, indent=2) + "\n")
+        say(f"wrote {path}")
+    return 1 if run.report["errors"] else 0
 
 
 if __name__ == "__main__":

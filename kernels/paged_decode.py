@@ -2,27 +2,36 @@
 
 `paged_decode_attention` is the Triton kernel (GPU; runs on the CPU under TRITON_INTERPRET=1
 for tests), `paged_decode_attention_ref` its PyTorch reference. K and V may have different
-widths (ZeroC keeps fewer Q/K and V dims per layer). One program handles one (sequence,
-KV head) pair and all the query heads of that KV head's group, so each K/V block is read once
-per group (GQA), with an online softmax over the sequence's blocks.
+widths (ZeroC keeps fewer Q/K and V dims per layer).
+
+Decode is bound by reading the KV cache once, so the kernel is built for bandwidth:
+- one program per (sequence, KV head, split) serves every query head of that KV head's group
+  (GQA), so each K/V byte is read once; the group is padded to 16 rows, the `tl.dot` minimum;
+- each loop iteration gathers BLOCK_N tokens (64-256) spanning several pages: a vector of
+  block-table entries, then per-token row addresses, so the loads are wide and many are in
+  flight, and `num_stages` software-pipelines the next tiles' loads under this tile's math;
+- scores and P @ V on the tensor cores (`tl.dot`, fp32 accumulate), online softmax in base 2;
+- int8 caches: codes go through the dot, the per-token scales multiply the scores (K) and the
+  probabilities (V), so nothing is dequantised in memory;
+- split-K (flash-decoding) when (sequences x KV heads) would leave SMs idle, merged by LSE.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from zeroc_kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref, rows_contiguous
+from zeroc_kernels.tiles import load_rows
+from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
 
 try:  # Triton is optional on CPU-only machines; the reference serves there.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
-
-
-def triton_available() -> bool:
-    return triton is not None
 
 
 def paged_decode_attention_ref(
@@ -58,11 +67,29 @@ def _unused_pointer(q: Tensor) -> Tensor:
     return torch.zeros(1, dtype=torch.float32, device=q.device)
 
 
+LOG2E = 1.4426950408889634
+
+# (BLOCK_N tokens per iteration, warps, pipeline stages). Shared memory per stage is
+# BLOCK_N x (dq + dv) x 2 bytes in bf16 (64 KB at 128 tokens x 128 + 128): the 256-token tile
+# gets at most 2 stages, smaller tiles deeper pipelines. The autotuner drops configs that do not fit.
+DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=1),
+] if triton is not None else []
+
+
 if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale, split_len,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale, split_len,
+        len_bucket, grid_bucket,  # size classes for the autotuning key only
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
@@ -70,50 +97,62 @@ if triton is not None:
         stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Program (seq, kv_head, split) attends over positions [split * split_len, +split_len) and
-        # writes a partial output plus its log-sum-exp; `merge_partials` combines the splits.
+        # writes a partial output plus its natural-log LSE; `merge_partials` combines the splits.
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         g = tl.arange(0, GROUP_PAD)
         dq = tl.arange(0, DQ_PAD)
         dv = tl.arange(0, DV_PAD)
-        tok = tl.arange(0, BLOCK_SIZE)
         heads = kv_head * GROUP + g
         g_ok = g < GROUP
         q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dq[None, :],
-                    mask=g_ok[:, None] & (dq[None, :] < DQ), other=0.0).to(tl.float32)  # [G, DQ]
+                    mask=g_ok[:, None] & (dq[None, :] < DQ), other=0.0)  # [G, DQ]
+        if DOT_F32:
+            q = q.to(tl.float32)
         seq_len = tl.load(lens_ptr + seq)
+        first = split * split_len
+        end = tl.minimum(seq_len, first + split_len)
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, DV_PAD], tl.float32)
-        first = split * split_len
-        for start in range(first, tl.minimum(seq_len, first + split_len), BLOCK_SIZE):
-            block = tl.load(tables_ptr + seq * stride_tb + start // BLOCK_SIZE)
-            valid = (start + tok) < seq_len
-            k = tl.load(k_ptr + block * stride_kb + tok[:, None] * stride_ks + kv_head * stride_kh + dq[None, :],
-                        mask=valid[:, None] & (dq[None, :] < DQ), other=0.0).to(tl.float32)  # [T, DQ]
-            v = tl.load(v_ptr + block * stride_vb + tok[:, None] * stride_vs + kv_head * stride_vh + dv[None, :],
-                        mask=valid[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)  # [T, DV]
-            if INT8:  # int8 rows with one fp32 scale per (token, KV head), dequantised in registers
-                rows = block * stride_sb + tok * stride_ss + kv_head
-                k = k * tl.load(ks_ptr + rows, mask=valid, other=0.0)[:, None]
-                v = v * tl.load(vs_ptr + rows, mask=valid, other=0.0)[:, None]
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, T]
-            s = tl.where(valid[None, :], s, float("-inf"))
+        table = tables_ptr + seq.to(tl.int64) * stride_tb
+        k_base = k_ptr + kv_head * stride_kh
+        v_base = v_ptr + kv_head * stride_vh
+        for start in range(first, end, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            valid = pos < end
+            # BLOCK_N tokens over several pages: their pages' ids, then each token's row.
+            page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            slot = pos % BLOCK_SIZE
+            k = load_rows(k_base, page * stride_kb + slot * stride_ks, dq, DQ, DQ_PAD, valid, True)  # [N, DQ]
+            v = load_rows(v_base, page * stride_vb + slot * stride_vs, dv, DV, DV_PAD, valid, True)  # [N, DV]
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32, input_precision=PRECISION)  # [G, N]
+            if INT8:  # int8 codes through the dot; each token's fp32 scale on its score column
+                srow = page * stride_sb + slot * stride_ss + kv_head
+                s = s * tl.load(ks_ptr + srow, mask=valid, other=0.0)[None, :]
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # log2 units
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            if INT8:  # V's scale moves onto the probabilities: P diag(s_v) V_codes
+                p = p * tl.load(vs_ptr + srow, mask=valid, other=0.0)[None, :]
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32,
+                                                input_precision=PRECISION)
             m_i = m_new
         empty = l_i == 0.0  # a split past the sequence's end
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + dv[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (dv[None, :] < DV))
         tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+
+    _paged_decode_tuned = autotuned(_paged_decode_kernel, DECODE_CONFIGS,
+                                    key=["GROUP_PAD", "BLOCK_SIZE", "DQ", "DV", "INT8", "len_bucket", "grid_bucket"])
 
     @triton.jit
     def _merge_kernel(
@@ -146,11 +185,13 @@ def merge_partials_ref(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     return (weights[..., None] * outs.float()).sum(-2).to(outs.dtype), lse
 
 
-def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
-    """Triton version of `merge_partials_ref` (same shapes)."""
+def merge_partials(outs: Tensor, lses: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Triton version of `merge_partials_ref` (same shapes); `out`: optional [B, H, dv] destination
+    (last dim dense), written in its own dtype."""
     b, h, s, dv = outs.shape
     outs, lses = outs.contiguous(), lses.float().contiguous()
-    out = torch.empty(b, h, dv, dtype=outs.dtype, device=outs.device)
+    if out is None:
+        out = torch.empty(b, h, dv, dtype=outs.dtype, device=outs.device)
     lse = torch.empty(b, h, dtype=torch.float32, device=outs.device)
     _merge_kernel[(b, h)](
         outs, lses, out, lse,
@@ -161,65 +202,100 @@ def merge_partials(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
-# Split-K only pays when the grid would leave SMs idle; below this many blocks per split the
-# merge costs more than the extra parallelism buys.
-MIN_BLOCKS_PER_SPLIT = 4
-MAX_SPLITS = 16
+# Split-K heuristic. A program's cost is its tokens plus a fixed part (loading q, writing a
+# partial, its share of the merge), counted in tokens; programs run in waves of
+# PROGRAMS_PER_SM x SMs. The split count minimising waves x per-program cost wins, smallest on a
+# tie, never cutting a split below MIN_SPLIT_TOKENS. Constants to be fitted to GPU timings.
+MIN_SPLIT_TOKENS = 256
+SPLIT_OVERHEAD_TOKENS = 128
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 32
 
 
-def choose_num_splits(num_seqs: int, kv_heads: int, max_blocks: int, num_sms: int) -> int:
-    """How many context splits fill `num_sms` streaming multiprocessors about twice over: one
-    program per (sequence, KV head, split), each split at least MIN_BLOCKS_PER_SPLIT blocks."""
+def choose_num_splits(num_seqs: int, kv_heads: int, max_blocks: int, num_sms: int, block_size: int = 16) -> int:
+    """How many context splits per (sequence, KV head) for a decode step whose longest table
+    holds `max_blocks` pages of `block_size` tokens, on `num_sms` SMs (0: no GPU, 1 split)."""
+    context = max_blocks * block_size
     programs = max(1, num_seqs * kv_heads)
-    wanted = -(-2 * num_sms // programs)
-    most = max(1, max_blocks // MIN_BLOCKS_PER_SPLIT)
-    return max(1, min(wanted, most, MAX_SPLITS))
+    slots = max(1, num_sms * PROGRAMS_PER_SM)
+    most = max(1, min(MAX_SPLITS, context // MIN_SPLIT_TOKENS))
+    best, best_cost = 1, math.inf
+    for splits in range(1, most + 1):
+        waves = -(-programs * splits // slots)
+        cost = waves * (-(-context // splits) + SPLIT_OVERHEAD_TOKENS)
+        if cost < best_cost:
+            best, best_cost = splits, cost
+    return best
+
+
+def autotuned_config() -> dict | None:
+    """The tile config of the last autotuned launch (benchmark reports)."""
+    return chosen(_paged_decode_tuned, DECODE_CONFIGS) if triton is not None else None
 
 
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            seq_lens: Tensor, scale: float, out: Tensor | None = None,
                            num_splits: int | None = None, k_scales: Tensor | None = None,
-                           v_scales: Tensor | None = None) -> Tensor:
+                           v_scales: Tensor | None = None, config=None) -> Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and shapes).
 
     out: optional [B, heads, dv] buffer (tests poison it to catch unwritten rows).
     k_scales, v_scales: [num_blocks, block_size, kv_heads] fp32 when the caches are int8 as written
-    by `kernels.kv_quant.quantize_into_slots`; the kernel dequantises the rows as it reads them,
-    so the int8 cache is never expanded in memory (reference: `paged_decode_attention_int8_ref`).
-    num_splits > 1 splits each sequence's context across programs (flash-decoding) for long
-    contexts with few sequences, then merges the partial results by log-sum-exp; None picks it
-    with `choose_num_splits` from the device's SM count (1 off CUDA).
+    by `kernels.kv_quant.quantize_into_slots` (reference: `paged_decode_attention_int8_ref`).
+    num_splits > 1 splits each sequence's context across programs (flash-decoding), merged by
+    log-sum-exp; None picks it with `choose_num_splits` from the device's SM count (1 off CUDA).
+    config: one of DECODE_CONFIGS to run instead of the autotuned choice.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
-    if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
-        num_splits = choose_num_splits(q.shape[0], v_cache.shape[2], block_tables.shape[1], sms)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     num_seqs, heads, dq = q.shape
     _, block_size, kv_heads, dv = v_cache.shape
-    group = heads // kv_heads
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        num_splits = choose_num_splits(num_seqs, kv_heads, block_tables.shape[1], sms, block_size)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if heads % kv_heads:
+        raise ValueError(f"q heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
     q, k_cache, v_cache = q.contiguous(), rows_contiguous(k_cache), rows_contiguous(v_cache)
     k_scales = k_scales.contiguous() if int8 else _unused_pointer(q)
     v_scales = v_scales.contiguous() if int8 else k_scales
     tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
     blocks_per_split = -(-block_tables.shape[1] // num_splits)
-    partial = torch.empty(num_seqs, heads, num_splits, dv, dtype=torch.float32 if num_splits > 1 else q.dtype,
-                          device=q.device)
+    direct = num_splits == 1 and out is not None and out.stride(-1) == 1
+    if direct:  # one split writes its result straight into the caller's buffer
+        partial = out.unsqueeze(2)
+    else:
+        partial = torch.empty(num_seqs, heads, num_splits, dv,
+                              dtype=torch.float32 if num_splits > 1 else q.dtype, device=q.device)
     lses = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=q.device)
-    _paged_decode_kernel[(num_seqs, kv_heads, num_splits)](
-        q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale, blocks_per_split * block_size,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_scales.stride(0) if int8 else 0, k_scales.stride(1) if int8 else 0,
-        tables.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lses.stride(0), lses.stride(1),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_SIZE=block_size,
-        DQ=dq, DQ_PAD=triton.next_power_of_2(dq), DV=dv, DV_PAD=triton.next_power_of_2(dv), INT8=int8,
-    )
-    result = partial[:, :, 0] if num_splits == 1 else merge_partials(partial, lses)[0].to(q.dtype)
+    split_len = blocks_per_split * block_size
+    args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale * LOG2E, split_len,
+            bucket(split_len, 256, 16384), bucket(num_seqs * kv_heads * num_splits, 128, 8192),
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            k_scales.stride(0) if int8 else 0, k_scales.stride(1) if int8 else 0,
+            tables.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lses.stride(0), lses.stride(1))
+    group = heads // kv_heads
+    meta = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
+                DQ=dq, DQ_PAD=max(16, triton.next_power_of_2(dq)), DV=dv, DV_PAD=max(16, triton.next_power_of_2(dv)),
+                INT8=int8,
+                # Triton's CPU interpreter computes bf16/fp16 tl.dot wrongly (seen with triton 3.9): there,
+                # upcast the operands; on a GPU half-precision dots run on the tensor cores.
+                DOT_F32=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    launch(_paged_decode_kernel, _paged_decode_tuned, (num_seqs, kv_heads, num_splits), args, meta,
+           DECODE_CONFIGS, config)
+    if direct:
+        return out
+    if num_splits == 1:
+        result = partial[:, :, 0]
+    else:
+        result = merge_partials(partial, lses, out if out is not None and out.stride(-1) == 1 else None)[0]
+        if result is out:
+            return out
+        result = result.to(q.dtype)
     if out is None:
         return result
     out.copy_(result)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from zeroc_kernels.tuning import interpreting
+
 try:  # optional on CPU-only machines
     import triton
     import triton.language as tl
@@ -112,40 +114,60 @@ if triton is not None:
 
 
     @triton.jit
-    def _rope_project_row(x_ptr, freq_ptr, basis_ptr, pos, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                          R: tl.constexpr, R_PAD: tl.constexpr):
-        # RoPE on a full-width row, then row @ basis ([2 * HALF, R], row-major) -> [R_PAD] (masked past R)
-        lo, hi, i, ok = _rope_row(x_ptr, freq_ptr, pos, HALF, HALF_PAD)
+    def _rope_project_tile(x_ptr, rows, ok, pos, freq_ptr, basis_ptr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                           R: tl.constexpr, R_PAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+        # x rows [T, 2 * HALF] at element offsets `rows`: RoPE on every pair, rounded to x's dtype (as the
+        # reference's RoPE output is), then @ basis ([2 * HALF, R], row-major) on the tensor cores -> [T, R_PAD]
+        i = tl.arange(0, HALF_PAD)
         j = tl.arange(0, R_PAD)
-        m = ok[:, None] & (j[None, :] < R)
-        top = tl.load(basis_ptr + i[:, None] * R + j[None, :], mask=m, other=0.0).to(tl.float32)
-        bottom = tl.load(basis_ptr + (HALF + i[:, None]) * R + j[None, :], mask=m, other=0.0).to(tl.float32)
-        return tl.sum(lo[:, None] * top + hi[:, None] * bottom, axis=0), j
+        m = ok[:, None] & (i[None, :] < HALF)
+        lo = tl.load(x_ptr + rows[:, None] + i[None, :], mask=m, other=0.0)
+        hi = tl.load(x_ptr + rows[:, None] + HALF + i[None, :], mask=m, other=0.0)
+        angle = pos[:, None] * tl.load(freq_ptr + i, mask=i < HALF, other=0.0)[None, :]
+        c, s = tl.cos(angle), tl.sin(angle)
+        lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
+        rot_lo = (lo_f * c - hi_f * s).to(lo.dtype)
+        rot_hi = (hi_f * c + lo_f * s).to(lo.dtype)
+        bm = (i[:, None] < HALF) & (j[None, :] < R)
+        top = tl.load(basis_ptr + i[:, None] * R + j[None, :], mask=bm, other=0.0)  # [HALF, R]
+        bottom = tl.load(basis_ptr + (HALF + i[:, None]) * R + j[None, :], mask=bm, other=0.0)
+        if DOT_F32:
+            top, bottom = top.to(tl.float32), bottom.to(tl.float32)
+        out = tl.dot(rot_lo.to(top.dtype), top, out_dtype=tl.float32, input_precision=PRECISION)
+        return tl.dot(rot_hi.to(top.dtype), bottom, acc=out, out_dtype=tl.float32, input_precision=PRECISION)
 
     @triton.jit
     def _qkv_rotate_epilogue_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, qb_ptr, kb_ptr, slots_ptr, kpool_ptr, vpool_ptr, qout_ptr,
+        q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, qb_ptr, kb_ptr, slots_ptr, kpool_ptr, vpool_ptr, qout_ptr, n,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         HEADS: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-        R: tl.constexpr, R_PAD: tl.constexpr, RV: tl.constexpr, RV_PAD: tl.constexpr,
+        R: tl.constexpr, R_PAD: tl.constexpr, RV: tl.constexpr, RV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One program per (token, query head); the first query head of each group also writes K/V.
-        n = tl.program_id(0)
-        h = tl.program_id(1)
-        g = h // (HEADS // KV)
-        pos = tl.load(pos_ptr + n).to(tl.float32)
+        # One program per (tile of BLOCK_T tokens, KV head g): each basis is loaded once per tile and
+        # every query head of the group goes through it as a [BLOCK_T, d] x [d, r] dot; then K and V.
+        g = tl.program_id(1)
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = t < n
+        t64 = t.to(tl.int64)
+        pos = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.float32)
+        j = tl.arange(0, R_PAD)
         basis = g * 2 * HALF * R
-        out, j = _rope_project_row(q_ptr + n * stride_qn + h * stride_qh, freq_ptr, qb_ptr + basis, pos,
-                                   HALF, HALF_PAD, R, R_PAD)
-        tl.store(qout_ptr + (n * HEADS + h) * R + j, out.to(qout_ptr.dtype.element_ty), mask=j < R)
-        if h % (HEADS // KV) == 0:
-            slot = tl.load(slots_ptr + n)
-            kout, j = _rope_project_row(k_ptr + n * stride_kn + g * stride_kh, freq_ptr, kb_ptr + basis, pos,
-                                        HALF, HALF_PAD, R, R_PAD)
-            tl.store(kpool_ptr + (slot * KV + g) * R + j, kout.to(kpool_ptr.dtype.element_ty), mask=j < R)
-            jv = tl.arange(0, RV_PAD)
-            vrow = tl.load(v_ptr + n * stride_vn + g * stride_vh + jv, mask=jv < RV, other=0.0)
-            tl.store(vpool_ptr + (slot * KV + g) * RV + jv, vrow.to(vpool_ptr.dtype.element_ty), mask=jv < RV)
+        for h in range(g * (HEADS // KV), (g + 1) * (HEADS // KV)):
+            out = _rope_project_tile(q_ptr, t64 * stride_qn + h * stride_qh, ok, pos, freq_ptr, qb_ptr + basis,
+                                     HALF, HALF_PAD, R, R_PAD, DOT_F32, PRECISION)
+            tl.store(qout_ptr + (t64 * HEADS + h)[:, None] * R + j[None, :], out.to(qout_ptr.dtype.element_ty),
+                     mask=ok[:, None] & (j[None, :] < R))
+        slot = tl.load(slots_ptr + t, mask=ok, other=0).to(tl.int64)
+        kout = _rope_project_tile(k_ptr, t64 * stride_kn + g * stride_kh, ok, pos, freq_ptr, kb_ptr + basis,
+                                  HALF, HALF_PAD, R, R_PAD, DOT_F32, PRECISION)
+        tl.store(kpool_ptr + (slot * KV + g)[:, None] * R + j[None, :], kout.to(kpool_ptr.dtype.element_ty),
+                 mask=ok[:, None] & (j[None, :] < R))
+        jv = tl.arange(0, RV_PAD)
+        vm = ok[:, None] & (jv[None, :] < RV)
+        vrow = tl.load(v_ptr + (t64 * stride_vn + g * stride_vh)[:, None] + jv[None, :], mask=vm, other=0.0)
+        tl.store(vpool_ptr + (slot * KV + g)[:, None] * RV + jv[None, :], vrow.to(vpool_ptr.dtype.element_ty),
+                 mask=vm)
 
 
 def qkv_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor, slot_mapping: Tensor,
@@ -163,20 +185,29 @@ def qkv_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: T
     return out
 
 
+ROTATE_BLOCK_T = 64  # tokens per program of the rotate epilogue (the M of its dots)
+
+
 def qkv_rotate_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor, q_basis: Tensor,
                         k_basis: Tensor, slot_mapping: Tensor, k_pool: Tensor, v_pool: Tensor) -> Tensor:
     """Triton version of `qkv_rotate_epilogue_ref` (same arguments; pools must be contiguous).
 
-    A per-row multiply-and-reduce against the [d, r] basis: simple, and checked in the interpreter; a
-    GPU-tuned version would tile tokens and use tl.dot (not measured yet: no GPU session).
+    Tiles of ROTATE_BLOCK_T tokens per KV head: RoPE in registers, then the [d, r] bases as tensor-core
+    dots (fp32 accumulate), so each basis is read once per tile instead of once per row.
     """
     n, heads, d = q.shape
     kv, rv, r = k.shape[1], v.shape[2], q_basis.shape[2]
     out = torch.empty(n, heads, r, dtype=q.dtype, device=q.device)
-    _qkv_rotate_epilogue_kernel[(n, heads)](
-        q, k, v, positions.contiguous(), inv_freq.float().contiguous(), q_basis.contiguous(), k_basis.contiguous(),
-        slot_mapping.contiguous(), k_pool, v_pool, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), HEADS=heads, KV=kv, HALF=d // 2, HALF_PAD=triton.next_power_of_2(d // 2), R=r,
-        R_PAD=triton.next_power_of_2(r), RV=rv, RV_PAD=triton.next_power_of_2(rv),
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q_basis, k_basis = q_basis.contiguous(), k_basis.to(q_basis.dtype).contiguous()
+    _qkv_rotate_epilogue_kernel[(triton.cdiv(n, ROTATE_BLOCK_T), kv)](
+        q, k, v, positions.contiguous(), inv_freq.float().contiguous(), q_basis, k_basis,
+        slot_mapping.contiguous(), k_pool, v_pool, out, n, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), HEADS=heads, KV=kv, HALF=d // 2, HALF_PAD=max(16, triton.next_power_of_2(d // 2)),
+        R=r, R_PAD=max(16, triton.next_power_of_2(r)), RV=rv, RV_PAD=triton.next_power_of_2(rv),
+        BLOCK_T=ROTATE_BLOCK_T,
+        # The CPU interpreter's half-precision tl.dot is wrong (see kernels/README.md): fp32 operands there.
+        DOT_F32=interpreting(), PRECISION="ieee" if q_basis.dtype == torch.float32 else "tf32",
     )
     return out

@@ -380,11 +380,16 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype)) if v for a in (flag, v)]
     if args.redis_url:
         ZeroCConfig.from_env(redis={"url": args.redis_url})  # a bad URL is a one-line error here
-    with Stack(args.decode, extra, redis_url=args.redis_url) as stack:
+    gateway = (["--model", args.model] if args.model else []) if args.gateway else None
+    with Stack(args.decode, extra, redis_url=args.redis_url, gateway_args=gateway) as stack:
         print(f"kv store index:  {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
         print(f"prefill service: {stack.prefill}")
         for addr in stack.decode:
             print(f"decode service:  {addr}")
+        if stack.gateway:
+            from zeroc.gateway.command import curl_line
+
+            print(f"gateway:         {stack.gateway} (OpenAI API)\ntry: {curl_line(stack.gateway, args.prompt, args.model)}")
         print(f"ready; try: zeroc generate --target {stack.decode[0]} \"{args.prompt}\"", flush=True)
         stack.wait()
     return 0
@@ -559,6 +564,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
     p.set_defaults(func=cmd_bench_serve)
 
+    from zeroc.gateway import bench as gateway_bench
+
+    p = bench.add_parser("gateway", help="TTFT, TPOT, throughput through the HTTP gateway vs straight gRPC")
+    gateway_bench.add_arguments(p)
+    p.set_defaults(func=gateway_bench.run)
     p = bench.add_parser("prefix", help="TTFT cold vs warm with a shared prompt prefix; KV-store index op costs")
     p.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
     p.add_argument("--shared", type=float, default=0.9, help="fraction of the prompt shared with the warm prompt")
@@ -601,6 +611,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill", default=None, help="HOST:PORT of the prefill service")
     p.add_argument("--colocated", action="store_true", help="prefill locally; no prefill service")
     p.set_defaults(func=cmd_serve)
+    from zeroc.gateway import command as gateway
+
+    p = serve.add_parser("gateway", help="the OpenAI-compatible HTTP API in front of decode services")
+    gateway.add_arguments(p)
+    p.set_defaults(func=gateway.run)
 
 
 def _add_stack(sub: argparse._SubParsersAction) -> None:
@@ -611,6 +626,7 @@ def _add_stack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode services to start")
     _redis_arg(p)
     p.add_argument("--prompt", default="The built-in function", help="prompt shown in the hint")
+    p.add_argument("--gateway", action="store_true", help="also run the OpenAI-compatible HTTP gateway")
     p.set_defaults(func=cmd_stack_up)
 
 

@@ -1,6 +1,7 @@
 """A local deployment in child processes: one prefill service and N decode services on loopback.
 
-Used by `zeroc stack up` and by the end-to-end tests. The KV store's index comes first: an
+Used by `zeroc stack up` and by the end-to-end tests; with `gateway_args` the OpenAI-compatible
+HTTP gateway runs in front of the decode services too. The KV store's index comes first: an
 embedded redis-server (unless ZEROC_REDIS_URL or `redis_url` names one), whose URL every service
 gets, so they share one index and fetch blocks from each other. Every child is stopped (SIGTERM,
 then SIGKILL) when the stack exits, whether it started cleanly or not; the embedded Redis last.
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from zeroc.rpc import wait_serving
@@ -90,12 +92,28 @@ class ServiceProcess:
         return self.proc.returncode
 
 
+def wait_http(address: str, timeout_s: float) -> None:
+    """Block until an HTTP server at `address` answers GET /v1/models with 200; TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{address}/v1/models", timeout=2.0) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass  # not listening yet (URLError is an OSError)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"http://{address} did not answer within {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
 class Stack:
     """One prefill service plus `num_decode` decode services pointed at it."""
 
     def __init__(self, num_decode: int, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 redis_url: str | None = None):
+                 redis_url: str | None = None, gateway_args: list[str] | None = None):
         self.num_decode, self.extra, self.env = num_decode, list(extra_args or []), dict(env or {})
+        self.gateway_args = gateway_args  # None: no gateway
         self.redis_url = redis_url or self.env.get("ZEROC_REDIS_URL") or os.environ.get("ZEROC_REDIS_URL")
         self.redis = None  # the embedded server, when this stack runs one
         self.services: list[ServiceProcess] = []
@@ -114,6 +132,11 @@ class Stack:
             decodes = [self._start("decode", ["--prefill", prefill.address]) for _ in range(self.num_decode)]
             for d in decodes:
                 d.wait_serving()
+            if self.gateway_args is not None:
+                targets = [a for d in decodes for a in ("--target", d.address)]
+                gateway = ServiceProcess("gateway", [*self.gateway_args, *targets], self.env)
+                self.services.append(gateway)
+                wait_http(gateway.address, 60.0)
         except BaseException:
             self.close()
             raise
@@ -130,7 +153,12 @@ class Stack:
 
     @property
     def decode(self) -> list[str]:
-        return [s.address for s in self.services[1:]]
+        return [s.address for s in self.services if s.kind == "decode"]
+
+    @property
+    def gateway(self) -> str | None:
+        """The gateway's base URL, e.g. http://127.0.0.1:8000 (None without one)."""
+        return next((f"http://{s.address}" for s in self.services if s.kind == "gateway"), None)
 
     def wait(self) -> None:
         """Block until SIGINT/SIGTERM or until a child dies."""

@@ -11,8 +11,10 @@ from zeroc.errors import ConfigError
 
 
 class Tokenizer:
-    def __init__(self, backend: HFTokenizer, bos_token: str | None = None, eos_token: str | None = None):
+    def __init__(self, backend: HFTokenizer, bos_token: str | None = None, eos_token: str | None = None,
+                 chat_template: str | list | None = None):
         self.backend = backend
+        self.chat_template = chat_template  # kept as tokenizer_config.json has it, so `save` writes it back
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_id = backend.token_to_id(bos_token) if bos_token else None
         self.eos_id = backend.token_to_id(eos_token) if eos_token else None
@@ -26,12 +28,13 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
             raise ConfigError(f"{path}: cannot parse tokenizer ({exc})") from exc
-        bos = eos = None
+        bos = eos = template = None
         tok_cfg = Path(model_dir) / "tokenizer_config.json"
         if tok_cfg.is_file():
             raw = json.loads(tok_cfg.read_text())
             bos, eos = _token_str(raw.get("bos_token")), _token_str(raw.get("eos_token"))
-        return cls(backend, bos, eos)
+            template = raw.get("chat_template")
+        return cls(backend, bos, eos, template)
 
     @property
     def vocab_size(self) -> int:
@@ -49,12 +52,11 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         self.backend.save(str(out / "tokenizer.json"))
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.bos_token,
-            "eos_token": self.eos_token,
-            "clean_up_tokenization_spaces": False,
-        }, indent=2) + "\n")
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+               "eos_token": self.eos_token, "clean_up_tokenization_spaces": False}
+        if self.chat_template is not None:
+            cfg["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _token_str(value: object) -> str | None:

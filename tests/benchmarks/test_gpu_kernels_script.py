@@ -6,6 +6,7 @@ This keeps the script from rotting between GPU sessions; its timings on the CPU 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,12 +17,25 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_kernels.py"
 
 def test_quick_run_reports_small_errors_and_every_timing(tmp_path):
     out = tmp_path / "report.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], capture_output=True, text=True,
                        timeout=600, env=env)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert all(err < 1e-4 for err in report["max_abs_error"].values()), report["max_abs_error"]
-    whats = {row["what"].split(" ")[0] + " " + row["what"].split(" ")[1] for row in report["timings"]}
-    assert whats == {"decode attention", "prefill attention", "attention block"}
-    assert all(row["ms"] > 0 for row in report["timings"])
+    assert report["errors"] == {} and report["skipped"] == []
+    errors = report["max_abs_error"]
+    assert all(err < 1e-4 for err in errors.values()), errors
+    from zeroc_kernels.paged_decode import DECODE_CONFIGS
+    from zeroc_kernels.paged_prefill import PREFILL_CONFIGS
+
+    assert sum(name.startswith("decode_BLOCK_N") for name in errors) == len(DECODE_CONFIGS)
+    assert sum(name.startswith("prefill_BLOCK_M") for name in errors) == len(PREFILL_CONFIGS)
+    rows = report["timings"]
+    assert {row["section"] for row in rows} == {"decode", "decode splits", "decode configs", "prefill",
+                                                "prefill configs", "attention block"}
+    kernels = [row for row in rows if not row["method"].startswith("sdpa ")]
+    assert all(row["ms"] > 0 for row in kernels)
+    anchored = [row for row in rows if row["section"] in ("decode", "prefill")]
+    assert all(row["sdpa_ms"] > 0 and math.isfinite(row["vs_sdpa"]) for row in anchored)
+    assert any("after" in row["what"] for row in anchored)  # the cached-prefix case
+    assert "| decode |" in r.stdout and "copy " in r.stdout

@@ -44,3 +44,20 @@ def _int8_pools(k_cache, v_cache):
 @pytest.fixture(scope="session")
 def int8_pools():
     return _int8_pools
+
+
+def _poison_unused_slots(pool, block_tables, seq_lens):
+    """`pool` ([blocks, block_size, ...], float) with NaN in every slot outside the sequences' contexts:
+    unowned blocks and the tail of each last block. A kernel that reads past a context shows it."""
+    block_size = pool.shape[1]
+    used = torch.zeros(pool.shape[:2], dtype=torch.bool)
+    for table, n in zip(block_tables.tolist(), seq_lens.tolist()):
+        for i in range(n):
+            used[table[i // block_size], i % block_size] = True
+    shape = used.shape + (1,) * (pool.dim() - 2)
+    return torch.where(used.view(shape), pool, torch.full_like(pool, float("nan")))
+
+
+@pytest.fixture(scope="session")
+def poison_unused_slots():
+    return _poison_unused_slots

@@ -10,38 +10,68 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zeroc_kernels.attention import TorchBackend, TritonBackend
-from zeroc_kernels.paged_decode import (MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits, merge_partials,
-                                  merge_partials_ref, paged_decode_attention, paged_decode_attention_int8_ref,
-                                  paged_decode_attention_ref)
+from zeroc_kernels.paged_decode import (DECODE_CONFIGS, MAX_SPLITS, MIN_SPLIT_TOKENS, choose_num_splits,
+                                        merge_partials, merge_partials_ref, paged_decode_attention,
+                                        paged_decode_attention_int8_ref, paged_decode_attention_ref)
+from zeroc_kernels.tuning import config_id
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-@settings(max_examples=12, deadline=None)
+def _case(random_paged_kv, poison_unused_slots, gen, lens, block_size, kv_heads, group, dq, dv, dtype):
+    """q [B, kv_heads * group, dq] and a cache whose slots outside the contexts hold NaN."""
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, dtype)
+    seq_lens = torch.tensor(lens)
+    k_cache, v_cache = (poison_unused_slots(c, tables, seq_lens) for c in (k_cache, v_cache))
+    q = torch.randn(len(lens), kv_heads * group, dq, generator=gen).to(dtype)
+    return q, k_cache, v_cache, tables, seq_lens
+
+
+@settings(max_examples=14, deadline=None)
 @given(
-    block_size=st.sampled_from([16, 32]),
-    group=st.sampled_from([1, 4, 8]),
+    block_size=st.sampled_from([8, 16, 32]),
+    group=st.sampled_from([1, 3, 4, 8]),
     kv_heads=st.sampled_from([1, 2]),
-    dims=st.sampled_from([(16, 16), (64, 64), (48, 32), (128, 128)]),
-    lens=st.lists(st.integers(1, 100), min_size=1, max_size=4),
+    dims=st.sampled_from([(32, 32), (64, 64), (48, 32), (40, 48), (128, 128)]),
+    lens=st.lists(st.sampled_from([1, 2, 15, 63, 64, 65, 100, 130, 300]), min_size=1, max_size=3),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    num_splits=st.sampled_from([1, 3]),
+    num_splits=st.sampled_from([1, 2, 3]),
+    config=st.sampled_from(DECODE_CONFIGS),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_matches_reference(random_paged_kv, block_size, group, kv_heads, dims, lens, dtype, num_splits,
-                                  seed):
+def test_kernel_matches_reference(random_paged_kv, poison_unused_slots, block_size, group, kv_heads, dims, lens,
+                                  dtype, num_splits, config, seed):
     dq, dv = dims
     gen = torch.Generator().manual_seed(seed)
-    k_cache, v_cache, block_tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, dtype)
-    seq_lens = torch.tensor(lens)
-    q = torch.randn(len(lens), kv_heads * group, dq, generator=gen).to(dtype)
-    scale = 1.0 / math.sqrt(64)
-    ref = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), block_tables, seq_lens, scale)
+    q, k_cache, v_cache, tables, seq_lens = _case(random_paged_kv, poison_unused_slots, gen, lens, block_size,
+                                                  kv_heads, group, dq, dv, dtype)
+    ref = paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, 0.125)
     poisoned = torch.full((len(lens), kv_heads * group, dv), float("nan"), dtype=dtype)
-    out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out=poisoned,
-                                 num_splits=num_splits)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.125, out=poisoned, num_splits=num_splits,
+                                 config=config)
     assert out.dtype == dtype and out.shape == (len(lens), kv_heads * group, dv)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=config_id)
+def test_every_autotune_config_is_exact_in_fp32_int8_and_split(random_paged_kv, poison_unused_slots, int8_pools,
+                                                               config):
+    """Each config the autotuner may pick, on contexts of 1, a tile's multiple and not, split or not."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [1, 64, 257]
+    q, k_cache, v_cache, tables, seq_lens = _case(random_paged_kv, poison_unused_slots, gen, lens, 16, 2, 4, 48, 32,
+                                                  torch.float32)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.1)
+    for splits in (1, 3):
+        out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_splits=splits, config=config,
+                                     out=torch.full((3, 8, 32), float("nan")))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    kq, ks, vq, vs = int8_pools(k_cache.nan_to_num(), v_cache.nan_to_num())
+    ks, vs = (poison_unused_slots(s, tables, seq_lens) for s in (ks, vs))
+    ref = paged_decode_attention_int8_ref(q, kq, vq, ks, vs, tables, seq_lens, 0.1)
+    out = paged_decode_attention(q, kq, vq, tables, seq_lens, 0.1, num_splits=2, k_scales=ks, v_scales=vs,
+                                 config=config)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_both_backends_run_decode_steps_alike():
@@ -80,41 +110,46 @@ def test_two_segment_merge_equals_attention_over_the_union():
 
 
 def test_auto_split_count_fills_the_gpu_without_tiny_splits():
-    # Decode batch 64 x 8 KV heads already gives 512 programs: no split on a 132-SM H100.
+    # Decode batch 64 x 8 KV heads at 8192 tokens: 512 programs already fill a 132-SM H100 in whole waves.
     assert choose_num_splits(64, 8, 512, 132) == 1
-    # One long sequence: split until ~2x the SMs are busy, capped.
-    assert choose_num_splits(1, 8, 512, 132) == 16
-    assert choose_num_splits(2, 8, 512, 132) == 16 and choose_num_splits(4, 8, 512, 132) == 9
-    # Short contexts are never cut below MIN_BLOCKS_PER_SPLIT blocks per split.
-    assert choose_num_splits(1, 8, 8, 132) == 8 // MIN_BLOCKS_PER_SPLIT
+    # One long sequence: split until the 8 KV heads cover the SMs, capped.
+    assert choose_num_splits(1, 8, 512, 132) == MAX_SPLITS
+    # 8 sequences x 8 heads = 64 programs: 4 splits make one full wave of 256 of 264 slots.
+    assert choose_num_splits(8, 8, 512, 132) == 4
+    # Short contexts are never cut below MIN_SPLIT_TOKENS tokens per split.
+    assert choose_num_splits(1, 8, 32, 132) == 32 * 16 // MIN_SPLIT_TOKENS
     assert choose_num_splits(1, 1, 3, 132) == 1
-    for seqs, heads, blocks, sms in [(1, 1, 1000, 1000), (3, 2, 40, 7), (128, 8, 1, 132)]:
+    assert choose_num_splits(4, 8, 512, 0) == 1  # no GPU: no split
+    for seqs, heads, blocks, sms in [(1, 1, 1000, 1000), (3, 2, 40, 7), (128, 8, 1, 132), (2, 8, 4096, 132)]:
         n = choose_num_splits(seqs, heads, blocks, sms)
-        assert 1 <= n <= MAX_SPLITS and (n == 1 or blocks // n >= MIN_BLOCKS_PER_SPLIT)
+        assert 1 <= n <= MAX_SPLITS and (n == 1 or blocks * 16 // n >= MIN_SPLIT_TOKENS)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     block_size=st.sampled_from([16, 32]),
     group=st.sampled_from([1, 4, 8]),
-    dims=st.sampled_from([(16, 16), (64, 32), (128, 128)]),
-    lens=st.lists(st.integers(1, 90), min_size=1, max_size=3),
+    dims=st.sampled_from([(32, 32), (64, 32), (128, 128)]),
+    lens=st.lists(st.integers(1, 200), min_size=1, max_size=3),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     num_splits=st.sampled_from([1, 2]),
+    config=st.sampled_from(DECODE_CONFIGS),
     seed=st.integers(0, 2**16),
 )
-def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, block_size, group, dims, lens,
-                                                       dtype, num_splits, seed):
+def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, poison_unused_slots, block_size,
+                                                       group, dims, lens, dtype, num_splits, config, seed):
     dq, dv = dims
     kv_heads = 2
     gen = torch.Generator().manual_seed(seed)
     k_cache, v_cache, tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, torch.float32)
     kq, ks, vq, vs = int8_pools(k_cache, v_cache)
-    q = torch.randn(len(lens), kv_heads * group, dq, generator=gen).to(dtype)
     lens_t = torch.tensor(lens)
+    ks, vs = (poison_unused_slots(s, tables, lens_t) for s in (ks, vs))  # NaN scales where nothing is cached
+    q = torch.randn(len(lens), kv_heads * group, dq, generator=gen).to(dtype)
     ref = paged_decode_attention_int8_ref(q.float(), kq, vq, ks, vs, tables, lens_t, 0.1)
     out = paged_decode_attention(q, kq, vq, tables, lens_t, 0.1, num_splits=num_splits, k_scales=ks, v_scales=vs,
-                                 out=torch.full((len(lens), kv_heads * group, dv), float("nan"), dtype=dtype))
+                                 out=torch.full((len(lens), kv_heads * group, dv), float("nan"), dtype=dtype),
+                                 config=config)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
     # int8 is an approximation of the unquantised cache, close at these magnitudes.
     full = paged_decode_attention_ref(q.float(), k_cache, v_cache, tables, lens_t, 0.1)
@@ -126,3 +161,16 @@ def test_int8_read_needs_both_scales():
     with pytest.raises(ValueError, match="int8 caches need both"):
         paged_decode_attention(torch.zeros(1, 1, 16), k, k, torch.tensor([[0]]), torch.tensor([3]), 0.1,
                                k_scales=torch.ones(2, 16, 1))
+
+
+def test_query_heads_must_cover_the_kv_heads():
+    k = torch.zeros(2, 16, 2, 16)
+    with pytest.raises(ValueError, match="multiple of the cache's KV heads"):
+        paged_decode_attention(torch.zeros(1, 3, 16), k, k, torch.tensor([[0]]), torch.tensor([3]), 0.1)
+
+
+def test_autotuning_size_classes_are_coarse_and_clamped():
+    from zeroc_kernels.tuning import bucket
+
+    assert [bucket(x, 256, 16384) for x in (1, 256, 257, 1024, 5000, 10**6)] == [256, 256, 1024, 1024, 16384, 16384]
+    assert bucket(64 * 8, 128, 8192) == 512 and bucket(8, 128, 8192) == 128

@@ -9,52 +9,90 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pytest
-
 from zeroc_kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref
-from zeroc_kernels.paged_prefill import paged_prefill_attention
+from zeroc_kernels.paged_prefill import PREFILL_CONFIGS, paged_prefill_attention
+from zeroc_kernels.tuning import config_id
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 
-@settings(max_examples=10, deadline=None)
-@given(
-    block_size=st.sampled_from([16, 32]),
-    group=st.sampled_from([1, 4, 8]),
-    dims=st.sampled_from([(16, 16), (64, 64), (48, 32), (128, 128)]),
-    seqs=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40)), min_size=1, max_size=3),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-    seed=st.integers(0, 2**16),
-)
-def test_kernel_matches_reference(random_paged_kv, block_size, group, dims, seqs, dtype, seed):
-    """seqs: (new tokens, cached prefix tokens) per sequence, prefix reuse and decode rows included."""
-    dq, dv = dims
-    kv_heads = 2
-    gen = torch.Generator().manual_seed(seed)
-    lens = [q + c for q, c in seqs]
-    k_cache, v_cache, block_tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, dtype)
-    q_lens = [q for q, _ in seqs]
+def _case(random_paged_kv, poison_unused_slots, gen, seqs, block_size, kv_heads, group, dq, dv, dtype):
+    """seqs: (new tokens, cached prefix tokens) per sequence -> q, k, v (NaN outside the contexts), tables,
+    seq_lens, query_start_loc"""
+    lens = [n + c for n, c in seqs]
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, dtype)
     seq_lens = torch.tensor(lens)
+    k_cache, v_cache = (poison_unused_slots(c, tables, seq_lens) for c in (k_cache, v_cache))
+    q_lens = [n for n, _ in seqs]
     starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
     q = torch.randn(sum(q_lens), kv_heads * group, dq, generator=gen).to(dtype)
+    return q, k_cache, v_cache, tables, seq_lens, starts
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    block_size=st.sampled_from([8, 16, 32]),
+    group=st.sampled_from([1, 3, 4, 8]),
+    dims=st.sampled_from([(32, 32), (64, 64), (48, 32), (40, 48), (128, 128)]),
+    seqs=st.lists(st.tuples(st.sampled_from([1, 2, 17, 40, 70]), st.sampled_from([0, 0, 5, 64, 100])),
+                  min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    config=st.sampled_from(PREFILL_CONFIGS),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_reference(random_paged_kv, poison_unused_slots, block_size, group, dims, seqs, dtype, config,
+                                  seed):
+    """Prefill from scratch, prefill after a cached prefix, decode rows, in one ragged batch."""
+    dq, dv = dims
+    gen = torch.Generator().manual_seed(seed)
+    q, k_cache, v_cache, tables, seq_lens, starts = _case(random_paged_kv, poison_unused_slots, gen, seqs,
+                                                          block_size, 2, group, dq, dv, dtype)
     scale = 1.0 / math.sqrt(64)
-    ref = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), block_tables, seq_lens, starts, scale)
-    poisoned = torch.full((sum(q_lens), kv_heads * group, dv), float("nan"), dtype=dtype)
-    out = paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, starts, scale, out=poisoned)
+    ref = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, starts, scale)
+    poisoned = torch.full((q.shape[0], q.shape[1], dv), float("nan"), dtype=dtype)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, seq_lens, starts, scale, out=poisoned, config=config)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
 
 
-@settings(max_examples=6, deadline=None)
+@pytest.mark.parametrize("config", PREFILL_CONFIGS, ids=config_id)
+def test_every_autotune_config_is_exact(random_paged_kv, poison_unused_slots, int8_pools, config):
+    """Each config the autotuner may pick: a long prompt crossing several diagonal tiles, a prompt after a
+    cached prefix that is not a tile multiple, a decode row; group 3 (rows not a power of two), int8 too."""
+    gen = torch.Generator().manual_seed(3)
+    seqs = [(90, 0), (33, 77), (1, 40)]
+    q, k_cache, v_cache, tables, seq_lens, starts = _case(random_paged_kv, poison_unused_slots, gen, seqs, 16, 2, 3,
+                                                          48, 32, torch.float32)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, seq_lens, starts, 0.1)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, seq_lens, starts, 0.1, config=config,
+                                  out=torch.full((q.shape[0], 6, 32), float("nan")))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    kq, ks, vq, vs = int8_pools(k_cache.nan_to_num(), v_cache.nan_to_num())
+    ks, vs = (poison_unused_slots(s, tables, seq_lens) for s in (ks, vs))
+    ref = paged_attention_int8_ref(q, kq, vq, ks, vs, tables, seq_lens, starts, 0.1)
+    out = paged_prefill_attention(q, kq, vq, tables, seq_lens, starts, 0.1, k_scales=ks, v_scales=vs, config=config)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_groups_wider_than_one_program_are_split_into_head_chunks(random_paged_kv, poison_unused_slots):
+    gen = torch.Generator().manual_seed(4)
+    q, k_cache, v_cache, tables, seq_lens, starts = _case(random_paged_kv, poison_unused_slots, gen, [(20, 9)], 16, 1,
+                                                          20, 32, 32, torch.float32)
+    ref = paged_attention_ref(q, k_cache, v_cache, tables, seq_lens, starts, 0.1)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, seq_lens, starts, 0.1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=5, deadline=None)
 @given(
     block_size=st.sampled_from([16, 32]),
     group=st.sampled_from([1, 4, 8]),
-    dims=st.sampled_from([(16, 16), (64, 32), (128, 128)]),
+    dims=st.sampled_from([(32, 32), (64, 32), (128, 128)]),
     seqs=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40)), min_size=1, max_size=3),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
-def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, block_size, group, dims, seqs,
-                                                       dtype, seed):
+def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, poison_unused_slots, block_size,
+                                                       group, dims, seqs, dtype, seed):
     """Prefill over an int8 cache (a cached prefix written by `kv_quant`, plus the new tokens)."""
     dq, dv = dims
     kv_heads = 2
@@ -62,8 +100,9 @@ def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_poo
     lens = [q + c for q, c in seqs]
     k_cache, v_cache, tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, torch.float32)
     kq, ks, vq, vs = int8_pools(k_cache, v_cache)
-    q_lens = [q for q, _ in seqs]
     seq_lens = torch.tensor(lens)
+    ks, vs = (poison_unused_slots(s, tables, seq_lens) for s in (ks, vs))
+    q_lens = [q for q, _ in seqs]
     starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
     q = torch.randn(sum(q_lens), kv_heads * group, dq, generator=gen).to(dtype)
     ref = paged_attention_int8_ref(q.float(), kq, vq, ks, vs, tables, seq_lens, starts, 0.1)

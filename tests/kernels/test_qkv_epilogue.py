@@ -68,8 +68,8 @@ def _rotate_case(gen, n, kv, group, d, r, rv, block_size, dtype):
 
 
 @settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 24), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 4, 8]),
-       shape=st.sampled_from([(64, 16, 16), (64, 48, 8), (128, 64, 64), (32, 24, 32)]),
+@given(n=st.sampled_from([1, 5, 24, 64, 90]), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4, 8]),
+       shape=st.sampled_from([(64, 16, 16), (64, 48, 8), (64, 40, 24), (128, 64, 64), (32, 24, 32)]),
        block_size=st.sampled_from([16, 32]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 2**16))
 def test_rotate_kernel_matches_reference(n, kv, group, shape, block_size, dtype, seed):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import urllib.request
 
 from zeroc.client import Client
 
@@ -38,7 +40,7 @@ def test_user_errors_are_one_line_and_exit_2():
 
 
 def test_stack_up_serves_on_every_decode_address_and_stops_its_children():
-    proc = subprocess.Popen([sys.executable, "-m", "zeroc.cli", "stack", "up", "--decode", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "zeroc.cli", "stack", "up", "--decode", "2", "--gateway"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -56,6 +58,15 @@ def test_stack_up_serves_on_every_decode_address_and_stops_its_children():
                 outs.append(c.generate("The built-in function", max_tokens=5, ignore_eos=True).token_ids)
                 assert c.model_info().kv_store.index == f"unix://{index}"  # one index shared by all services
         assert outs[0] == outs[1] and len(outs[0]) == 5
+        # The gateway's curl line works as printed (non-streamed here) and answers with the same tokens.
+        curl = next(ln.removeprefix("try: ") for ln in lines if ln.startswith("try: curl -N http://"))
+        body = json.loads(shlex.split(curl)[-1])
+        url = re.search(r"(http://\S+/v1/completions)", curl).group(1)
+        request = urllib.request.Request(url, json.dumps({**body, "stream": False, "max_tokens": 5, "temperature": 0,
+                                                          "ignore_eos": True, "return_token_ids": True}).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            assert json.loads(reply.read())["choices"][0]["token_ids"] == outs[0]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -72,3 +83,9 @@ def test_stack_up_serves_on_every_decode_address_and_stops_its_children():
         except Exception:
             alive = False
     assert not alive
+    try:
+        urllib.request.urlopen(url.replace("/v1/completions", "/health"), timeout=5)
+        gateway_alive = True
+    except OSError:
+        gateway_alive = False
+    assert not gateway_alive

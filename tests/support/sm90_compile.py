@@ -1,0 +1,58 @@
+"""Compile the attention kernels for Hopper (sm_90) on a machine without a GPU; print one JSON line per
+config: shared memory, and what the PTX does with K/V (16-byte loads, asynchronous copies, tensor-core ops).
+
+Run without TRITON_INTERPRET (the interpreter replaces the compiler). Triton marks integer arguments
+divisible by 16 at launch; the realistic shapes here (strides of [blocks, 16, 8, 128] pools) are, so
+every pointer and stride is compiled with that hint, as a real launch would be.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from zeroc_kernels import paged_decode, paged_prefill
+from zeroc_kernels.tuning import config_id
+
+TARGET = GPUTarget("cuda", 90, 32)
+FLOATS = ("qk_scale", "scale")
+NOT_ALIGNED = FLOATS + ("split_len", "q_bucket", "len_bucket", "grid_bucket")
+
+
+def compile_config(fn, pointers: dict, constants: dict, config) -> dict:
+    consts = {**constants, **config.kwargs}
+    sig = {name: "constexpr" if name in consts else pointers.get(name, "fp32" if name in FLOATS else "i32")
+           for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name] != "constexpr" and name not in NOT_ALIGNED}
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
+                            options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    ptx = kernel.asm["ptx"]
+    return {"config": config_id(config), "shared": kernel.metadata.shared, "cp_async": ptx.count("cp.async.cg"),
+            "v4_loads": ptx.count("ld.global.v4"), "b16_loads": ptx.count("ld.global.b16"),
+            "tensor_core": ptx.count("mma")}
+
+
+def main(kinds: list[str]) -> None:
+    pools = {"k_ptr": "*bf16", "v_ptr": "*bf16", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "tables_ptr": "*i32",
+             "lens_ptr": "*i32", "q_ptr": "*bf16", "out_ptr": "*bf16"}
+    llama = dict(GROUP=4, BLOCK_SIZE=16, DQ=128, DQ_PAD=128, DV=128, DV_PAD=128, INT8=False, DOT_F32=False,
+                 PRECISION="tf32")
+    if "decode" in kinds:
+        for config in paged_decode.DECODE_CONFIGS:
+            row = compile_config(paged_decode._paged_decode_kernel, {**pools, "lse_ptr": "*fp32"},
+                                 {**llama, "GROUP_PAD": 16}, config)
+            print(json.dumps({"kernel": "decode", **row}), flush=True)
+    if "prefill" in kinds:
+        for config in paged_prefill.PREFILL_CONFIGS:
+            row = compile_config(paged_prefill._paged_prefill_kernel, {**pools, "starts_ptr": "*i32"},
+                                 {**llama, "GH": 4, "CHUNKS": 1}, config)
+            print(json.dumps({"kernel": "prefill", **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["decode", "prefill"])

@@ -1,0 +1,15 @@
+"""The gateway as a real uvicorn process in front of the session's real decode services."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway_support import start_gateway
+
+
+@pytest.fixture(scope="session")
+def gateway(services):
+    """The gateway balancing over the disaggregated and the colocated decode service (same greedy output)."""
+    gw = start_gateway(services.decode, services.colocated)
+    yield gw
+    gw.process.stop()

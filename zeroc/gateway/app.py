@@ -1,0 +1,308 @@
+"""The FastAPI application: OpenAI's completions, chat completions, models and a health check.
+
+Every error leaves as OpenAI's {"error": {message, type, param, code}} with a matching status (the
+gRPC map is in errors.py); anything unexpected is a JSON 500 whose details go to the log only. A
+stream only starts (status 200) once its first item came back, so a refusal before any token
+(unknown model, prompt too long, overload, no replica) keeps its own status; errors after that are
+sent as an `error` event before `data: [DONE]`. A client that goes away cancels its gRPC call, so
+the decode service frees the request's KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from zeroc.client import Chunk, ClientError, Result, Usage
+from zeroc.gateway.chat import ChatTemplate
+from zeroc.gateway.errors import APIError, from_grpc
+from zeroc.gateway.replicas import Replicas
+from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
+from zeroc.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context limit
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    max_context: int
+    tokenizer: Tokenizer
+    template: ChatTemplate | None
+
+
+def _sse(obj: dict | str) -> bytes:
+    return b"data: " + (obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))).encode() + b"\n\n"
+
+
+def usage_dict(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_prefix_tokens}}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Shapes one request's answer: `chat` picks chat.completion over text_completion objects."""
+
+    id: str
+    model: str
+    chat: bool
+    token_ids: bool  # the return_token_ids extension
+    created: int
+
+    def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool) -> dict:
+        if not self.chat:
+            body = {"text": text}
+        elif stream:
+            body = {"delta": {"content": text} if text or finish is None else {}}
+        else:
+            body = {"message": {"role": "assistant", "content": text}}
+        out = {"index": 0, **body, "logprobs": None, "finish_reason": finish}
+        if self.token_ids:
+            out["token_ids"] = ids
+        return out
+
+    def _object(self, stream: bool) -> str:
+        return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+
+    def chunk(self, text: str, ids: list[int], finish: str | None = None) -> dict:
+        return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
+                "choices": [self._choice(text, ids, finish, True)]}
+
+    def role_chunk(self) -> dict:
+        body = self.chunk("", [])
+        body["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        return body
+
+    def usage_chunk(self, usage: Usage) -> dict:
+        return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
+                "choices": [], "usage": usage_dict(usage)}
+
+    def whole(self, result: Result) -> dict:
+        return {"id": self.id, "object": self._object(False), "created": self.created, "model": self.model,
+                "choices": [self._choice(result.text, result.token_ids, result.finish_reason, False)],
+                "usage": usage_dict(result.usage)}
+
+
+class SSEResponse(StreamingResponse):
+    """Server-sent events that stop, and close their source (cancelling the gRPC call), as soon as
+    the client disconnects, even while no token is being sent (Starlette only notices at a send)."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away mid-send
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(request: Request, awaitable):
+    """Await `awaitable`, cancelling it (and raising ClientGone) if the client disconnects first."""
+    task = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone()
+    return task.result()
+
+
+class Gateway:
+    def __init__(self, card: ModelCard, replicas_factory, max_body_bytes: int):
+        self.card, self.max_body = card, max_body_bytes
+        self._factory = replicas_factory  # builds the Replicas inside the server's event loop
+        self.replicas: Replicas | None = None
+        self.started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        self.replicas = self._factory()
+        try:
+            yield
+        finally:
+            await self.replicas.close()
+
+    async def _body(self, request: Request, model):
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            raise APIError(413, f"the body has {declared} bytes; the limit is {self.max_body}",
+                           code="request_too_large")
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > self.max_body:
+                raise APIError(413, f"the body is over the limit of {self.max_body} bytes", code="request_too_large")
+        req = parse_body(bytes(raw), model)
+        if req.model and req.model != self.card.name:
+            raise APIError(404, f"the model {req.model[:64]!r} does not exist; this server serves "
+                                f"{self.card.name!r}", "not_found_error", "model", "model_not_found")
+        return req
+
+    def _sampling(self, req, default_max: int) -> dict:
+        if req.user:
+            # The SDK carries no per-call metadata yet, so the tenant only reaches the log.
+            log.debug("request user", extra={"user": req.user[:64]})
+        return {"max_tokens": req.max_completion_tokens or req.max_tokens or default_max,
+                "temperature": req.temperature if req.temperature is not None else 1.0,
+                "top_p": req.top_p if req.top_p is not None else 1.0,
+                "top_k": max(0, req.top_k or 0),
+                "seed": None if req.seed is None else req.seed % 2**64,
+                "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "model": self.card.name}
+
+    async def completions(self, request: Request) -> Response:
+        req = await self._body(request, CompletionRequest)
+        prompt = req.single_prompt()
+        if isinstance(prompt, list) and len(prompt) >= self.card.max_context:
+            raise APIError(400, f"prompt: {len(prompt)} tokens; the model's context is {self.card.max_context}",
+                           param="prompt", code="context_length_exceeded")
+        reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.card.name, False, req.return_token_ids, int(time.time()))
+        return await self._answer(request, req, reply, prompt, self._sampling(req, COMPLETION_DEFAULT_MAX_TOKENS))
+
+    async def chat(self, request: Request) -> Response:
+        req = await self._body(request, ChatRequest)
+        if self.card.template is None:
+            raise APIError(400, f"the model {self.card.name!r} has no chat template; use /v1/completions",
+                           param="messages")
+        messages = [m.as_template_input(i) for i, m in enumerate(req.messages)]
+        text = self.card.template.render(messages, req.add_generation_prompt)
+        ids = self.card.tokenizer.encode(text, add_special_tokens=False)
+        room = self.card.max_context - len(ids)
+        if room < 1 or not ids:
+            raise APIError(400, f"messages: {len(ids)} prompt tokens; the model's context is "
+                                f"{self.card.max_context}", param="messages", code="context_length_exceeded")
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", self.card.name, True, req.return_token_ids, int(time.time()))
+        return await self._answer(request, req, reply, ids, self._sampling(req, room))
+
+    async def _answer(self, request: Request, req, reply: Reply, prompt, sampling: dict) -> Response:
+        try:
+            if not req.stream:
+                result = await until_disconnected(
+                    request, self.replicas.generate(prompt, request_id=reply.id, **sampling))
+                _check_finish(result.finish_reason)
+                return JSONResponse(reply.whole(result))
+            first, stream = await until_disconnected(
+                request, self.replicas.open(prompt, request_id=reply.id, **sampling))
+        except ClientError as exc:
+            raise from_grpc(exc.code, exc.details) from None
+        except ClientGone:
+            return Response(status_code=499)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(_events(reply, first, stream, include_usage),
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.card.name, "object": "model", "created": self.started,
+                                            "owned_by": "zeroc", "max_model_len": self.card.max_context}]}
+
+    async def health(self) -> Response:
+        states = await self.replicas.health()
+        ok = any(states.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "model": self.card.name,
+                             "replicas": states}, status_code=200 if ok else 503)
+
+
+def _check_finish(reason: str) -> None:
+    if reason == "abort":
+        raise APIError(503, "the decode service aborted the request (shutting down); retry",
+                       "service_unavailable", code="aborted")
+
+
+async def _events(reply: Reply, first: Chunk | Result, stream: AsyncIterator[Chunk | Result],
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    try:
+        if reply.chat:
+            yield _sse(reply.role_chunk())
+        item = first
+        while isinstance(item, Chunk):
+            yield _sse(reply.chunk(item.text, item.token_ids))
+            item = await stream.__anext__()
+        _check_finish(item.finish_reason)
+        yield _sse(reply.chunk("", [], item.finish_reason))
+        if include_usage:
+            yield _sse(reply.usage_chunk(item.usage))
+    except ClientError as exc:
+        yield _sse(from_grpc(exc.code, exc.details).body())
+    except APIError as exc:
+        yield _sse(exc.body())
+    except Exception:  # the status line is gone: the error goes in the stream, the traceback to the log
+        log.exception("stream failed", extra={"request_id": reply.id})
+        yield _sse(APIError(500, "internal error", "internal_error").body())
+    finally:
+        await stream.aclose()
+    yield _sse("[DONE]")
+
+
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(APIError(400, f"invalid request: {str(exc.errors()[:1])[:200]}"))
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(APIError(exc.status_code, str(exc.detail), kind))
+
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        return _error_response(APIError(500, "internal error; the gateway's log has the details", "internal_error"))
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal)
+
+
+def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max_body_bytes: int) -> FastAPI:
+    gw = Gateway(card, lambda: Replicas(targets, timeout_s), max_body_bytes)
+    app = FastAPI(title="ZeroC gateway", description="OpenAI-compatible API over the ZeroC decode services",
+                  lifespan=gw.lifespan)
+    install_error_handlers(app)
+    app.add_api_route("/v1/completions", gw.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", gw.chat, methods=["POST"])
+    app.add_api_route("/v1/models", gw.models, methods=["GET"])
+    app.add_api_route("/health", gw.health, methods=["GET"])
+    app.state.gateway = gw
+    return app

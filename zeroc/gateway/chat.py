@@ -1,0 +1,82 @@
+"""A model directory's chat template, rendered as Hugging Face's `apply_chat_template` renders it.
+
+The template is tokenizer_config.json's `chat_template` (a string, or a list of named templates of
+which "default" is used) or a chat_template.jinja file beside it. It runs in jinja2's immutable
+sandbox with HF's settings (trim_blocks, lstrip_blocks, loop controls, `tojson`,
+`raise_exception`, `strftime_now`) and the tokenizer's special tokens as variables; the rendered
+text already holds the special tokens it wants, so it is tokenized without adding any (as HF does).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from zeroc.errors import ConfigError
+from zeroc.gateway.errors import APIError
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _token(value: object) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", ...} objects, as transformers writes them
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class ChatTemplate:
+    def __init__(self, source: str, special_tokens: dict[str, str]):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: dt.datetime.now().strftime(fmt)
+        self.template = env.from_string(source)
+        self.special_tokens = special_tokens
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages`. A template that fails on them is the request's fault: a 400."""
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        tools=None, documents=None, **self.special_tokens)
+        except Exception as exc:  # raise_exception, sandbox SecurityError, type errors on odd content
+            raise APIError(400, f"messages: the chat template cannot render them ({str(exc)[:120]})",
+                           param="messages") from None
+
+
+def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
+    """The directory's chat template, or None if it has none. Raises ConfigError on a broken one."""
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "tokenizer_config.json"
+    try:
+        raw = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    except ValueError as exc:
+        raise ConfigError(f"{cfg_path}: not valid JSON ({exc})") from None
+    source = raw.get("chat_template")
+    if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default")
+    jinja_file = model_dir / "chat_template.jinja"
+    if source is None and jinja_file.is_file():
+        source = jinja_file.read_text()
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise ConfigError(f"{cfg_path}: chat_template must be a string or a list of named templates")
+    special = {name: tok for name in _SPECIAL if (tok := _token(raw.get(name))) is not None}
+    try:
+        return ChatTemplate(source, special)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"{cfg_path}: chat_template line {exc.lineno}: {exc.message}") from None

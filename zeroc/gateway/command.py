@@ -1,0 +1,139 @@
+"""`zeroc serve gateway`: its settings (flags or `ZEROC_GATEWAY_*` variables) and the uvicorn process.
+
+The gateway needs the model directory only for its tokenizer, chat template and context length;
+the decode services hold the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from zeroc.config import BUNDLED_MODEL
+from zeroc.errors import ConfigError, ZeroCError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Every field has a ``ZEROC_GATEWAY_<FIELD>`` environment equivalent (targets comma-separated);
+    the model directory is ``ZEROC_MODEL_DIR``, as for the services."""
+
+    targets: tuple[str, ...] = ("127.0.0.1:50051",)  # decode services, taken round-robin
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 picks a free port (printed)
+    model_dir: str = str(BUNDLED_MODEL)
+    timeout_s: float = 600.0  # deadline of each decode call
+    max_body_mb: float = 8.0  # larger request bodies get 413
+    grace_s: float = 10.0  # on SIGTERM, open requests get this long to finish
+
+    def __post_init__(self) -> None:
+        if not self.targets or any(":" not in t for t in self.targets):
+            raise ValueError(f"targets must be HOST:PORT addresses, got {list(self.targets)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.timeout_s > 0 or not self.max_body_mb > 0 or self.grace_s < 0:
+            raise ValueError("timeout_s and max_body_mb must be > 0 and grace_s >= 0")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "GatewaySettings":
+        """Defaults, then environment variables, then explicit non-None overrides."""
+        env = dict(os.environ) if env is None else env
+        values = {}
+        for f in dataclasses.fields(cls):
+            var = "ZEROC_MODEL_DIR" if f.name == "model_dir" else f"ZEROC_GATEWAY_{f.name.upper()}"
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+            elif env.get(var):
+                raw = env[var]
+                try:
+                    values[f.name] = tuple(t.strip() for t in raw.split(",") if t.strip()) \
+                        if f.name == "targets" else type(f.default)(raw)
+                except ValueError:
+                    raise ValueError(f"{var}={raw!r}: expected {type(f.default).__name__}") from None
+        return cls(**values)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", action="append", default=None, metavar="HOST:PORT",
+                   help="a decode service (repeat for several, balanced round-robin; env ZEROC_GATEWAY_TARGETS, "
+                        "comma-separated; default 127.0.0.1:50051)")
+    p.add_argument("--host", default=None, help="address to listen on (env ZEROC_GATEWAY_HOST; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (env ZEROC_GATEWAY_PORT; default 8000, "
+                                                          "0 picks a free one)")
+    p.add_argument("--model", default=None, help="the served model's directory, for its tokenizer and chat "
+                                                 "template (env ZEROC_MODEL_DIR; default: the bundled model)")
+    p.add_argument("--timeout-s", type=float, default=None, help="deadline of each decode call "
+                                                                "(env ZEROC_GATEWAY_TIMEOUT_S; default 600)")
+    p.add_argument("--max-body-mb", type=float, default=None, help="largest request body "
+                                                                  "(env ZEROC_GATEWAY_MAX_BODY_MB; default 8)")
+    p.add_argument("--grace-s", type=float, default=None, help="seconds open requests get on SIGTERM "
+                                                              "(env ZEROC_GATEWAY_GRACE_S; default 10)")
+
+
+def settings_from(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings.from_env(targets=tuple(args.target) if args.target else None, host=args.host,
+                                    port=args.port, model_dir=args.model, timeout_s=args.timeout_s,
+                                    max_body_mb=args.max_body_mb, grace_s=args.grace_s)
+
+
+def model_card(model_dir: str | Path):
+    """What the gateway knows of the model: its name (the directory's, as the decode services name
+    it), context length, tokenizer and chat template. Raises ConfigError."""
+    from zeroc.gateway.app import ModelCard
+    from zeroc.gateway.chat import load_chat_template
+    from zeroc.tokenizer import Tokenizer
+
+    path = Path(model_dir)
+    cfg_path = path / "config.json"
+    try:
+        ctx = int(json.loads(cfg_path.read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{cfg_path}: cannot read max_position_embeddings ({exc})") from None
+    return ModelCard(path.resolve().name, ctx, Tokenizer.from_dir(path), load_chat_template(path))
+
+
+def curl_line(base_url: str, prompt: str, model_dir: str | None = None) -> str:
+    """A streaming completion request to try, as a shell command."""
+    model = Path(model_dir or BUNDLED_MODEL).resolve().name
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 32, "stream": True})
+    return (f"curl -N {base_url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        raise ZeroCError(str(exc)) from None
+    card = model_card(settings.model_dir)
+    import uvicorn
+
+    from zeroc.gateway.app import create_app
+    from zeroc.rpc import setup_logging, stop_with_parent
+
+    setup_logging()
+    if os.environ.get("ZEROC_EXIT_WITH_PARENT"):
+        stop_with_parent(int(os.environ["ZEROC_EXIT_WITH_PARENT"]))
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        raise ZeroCError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+    host, port = sock.getsockname()[:2]
+    app = create_app(card, list(settings.targets), settings.timeout_s, int(settings.max_body_mb * (1 << 20)))
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=int(settings.grace_s), timeout_keep_alive=30)
+    print(f"gateway listening on {host}:{port}", flush=True)
+    log.info("serving", extra={"service": "gateway", "address": f"{host}:{port}", "model": card.name,
+                               "targets": list(settings.targets), "chat_template": card.template is not None})
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,78 @@
+"""The decode services behind the gateway: one SDK client each, taken round-robin.
+
+A replica that answers UNAVAILABLE before its first token (down, loading, draining) is skipped for
+the next one; once every replica has refused, the gateway backs off (the SDK's `RetryPolicy`) and
+goes round again. Tokens are never retried once they flowed: the caller already has them. This is
+the seam where a balancer that knows replica load (or gRPC's own round_robin policy over one
+resolved name) can replace the plain rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import AsyncIterator
+
+import grpc
+
+from zeroc.client import AsyncClient, Chunk, ClientError, Result, RetryPolicy
+
+
+class Replicas:
+    def __init__(self, targets: list[str], timeout_s: float | None, retry: RetryPolicy = RetryPolicy()):
+        if not targets:
+            raise ValueError("targets: at least one decode service address is needed")
+        # Each client tries once: failing over to another replica beats retrying the one that refused.
+        self.clients = [AsyncClient(t, timeout=timeout_s, retry=RetryPolicy(attempts=1)) for t in targets]
+        self.retry = retry
+        self._turn = itertools.cycle(range(len(self.clients)))
+
+    async def open(self, prompt: str | list[int], **kwargs) -> tuple[Chunk | Result, AsyncIterator[Chunk | Result]]:
+        """Start a stream on the next replica that takes it: (its first item, the rest of the stream).
+
+        Raises ClientError: the first non-UNAVAILABLE error, or UNAVAILABLE once retries ran out."""
+        delays = self.retry.delays()
+        refused = 0
+        while True:
+            stream = self.clients[next(self._turn)].stream(prompt, **kwargs)
+            try:
+                return await stream.__anext__(), stream
+            except ClientError as exc:
+                await stream.aclose()
+                if exc.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                refused += 1
+                if refused % len(self.clients) == 0:
+                    delay = next(delays, None)
+                    if delay is None:
+                        raise
+                    await asyncio.sleep(delay)
+
+    async def generate(self, prompt: str | list[int], **kwargs) -> Result:
+        """The whole completion from one replica."""
+        first, stream = await self.open(prompt, **kwargs)
+        items = [first]
+        try:
+            async for item in stream:
+                items.append(item)
+        finally:
+            await stream.aclose()
+        end = items[-1]
+        chunks = [c for c in items if isinstance(c, Chunk)]
+        return Result(end.request_id, end.finish_reason, end.usage, [t for c in chunks for t in c.token_ids],
+                      "".join(c.text for c in chunks))
+
+    async def health(self, timeout_s: float = 2.0) -> dict[str, bool]:
+        """target -> whether it answers GetModelInfo now."""
+        async def one(client: AsyncClient) -> bool:
+            try:
+                await asyncio.wait_for(client.model_info(), timeout_s)
+                return True
+            except (ClientError, asyncio.TimeoutError):
+                return False
+
+        states = await asyncio.gather(*(one(c) for c in self.clients))
+        return {c.target: ok for c, ok in zip(self.clients, states)}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients))

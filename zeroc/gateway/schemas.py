@@ -1,0 +1,167 @@
+"""Request bodies of the OpenAI API as the gateway accepts them, checked before anything is sent on.
+
+Unknown fields are ignored (as OpenAI's own SDKs add new ones over time); known fields the decode
+services cannot honour are accepted only at their neutral values, anything else is a 400 naming
+the field. `top_k`, `ignore_eos` and `return_token_ids` are extensions, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zeroc.gateway.errors import APIError, quote
+
+_U32 = 2**32 - 1
+
+
+class _Body(BaseModel):
+    # NaN / Infinity are valid Python JSON but no valid sampling parameter.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    """The fields both endpoints share."""
+
+    model: str | None = Field(None, max_length=512)
+    max_tokens: int | None = Field(None, ge=1, le=_U32)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)  # OpenAI documents [0, 2]; the service takes 100
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=_U32)  # -1 (vLLM's spelling) or 0: no cut
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: str | list[str] | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=512)
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+    # Known fields the services cannot honour: only their neutral values pass (see `unsupported`).
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 16:
+            raise APIError(400, f"stop: at most 16 stop strings, got {len(stops)}", param="stop")
+        if any(not s for s in stops):
+            raise APIError(400, "stop: stop strings must not be empty", param="stop")
+        return stops
+
+    def unsupported(self) -> list[tuple[str, object]]:
+        """(field, value) of every set field the services cannot honour."""
+        bad = [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        out = [(k, v) for k, v in bad if v not in (None, 0, 0.0)]
+        out += [(k, v) for k, v in (("logit_bias", self.logit_bias), ("tools", self.tools)) if v]
+        if self.best_of not in (None, 1):
+            out.append(("best_of", self.best_of))
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            out.append(("response_format", self.response_format.get("type")))
+        return out
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_completion_tokens: int | None = Field(None, ge=1, le=_U32)
+    echo: bool | None = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt (text or token ids); a batch of more than one is refused."""
+        p = self.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise APIError(400, f"prompt: batches of {len(p)} prompts are not supported; send one per request",
+                               param="prompt")
+            p = p[0]
+        if isinstance(p, list) and (not p or any(not 0 <= t <= _U32 for t in p)):
+            raise APIError(400, "prompt: token ids must be a non-empty list of integers >= 0", param="prompt")
+        if isinstance(p, str) and not p:
+            raise APIError(400, "prompt: the prompt is empty", param="prompt")
+        return p
+
+    def unsupported(self) -> list[tuple[str, object]]:
+        out = super().unsupported()
+        out += [(k, v) for k, v in (("echo", self.echo), ("logprobs", self.logprobs), ("suffix", self.suffix)) if v]
+        return out
+
+
+class ContentPart(_Body):
+    type: str = Field(..., max_length=64)
+    text: str | None = None
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, max_length=256)
+
+    def as_template_input(self, index: int) -> dict[str, str]:
+        """{"role", "content"[, "name"]} with text parts joined, as templates for text models expect."""
+        content = self.content
+        if isinstance(content, list):
+            kinds = {p.type for p in content} - {"text"}
+            if kinds:
+                raise APIError(400, f"messages[{index}].content: only text parts are supported, got "
+                                    f"{quote(sorted(kinds))}", param=f"messages.{index}.content")
+            content = "\n".join(p.text or "" for p in content)
+        out = {"role": self.role, "content": content or ""}
+        if self.name:
+            out["name"] = self.name
+        return out
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(..., min_length=1, max_length=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=_U32)
+    add_generation_prompt: bool = True  # vLLM's extension: False continues the last message instead
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+    def unsupported(self) -> list[tuple[str, object]]:
+        out = super().unsupported()
+        return out + [(k, v) for k, v in (("logprobs", self.logprobs), ("top_logprobs", self.top_logprobs)) if v]
+
+
+def parse_body(raw: bytes, model: type[_Sampling]) -> _Sampling:
+    """Parse and check a request body. Raises APIError (400) naming the field at fault."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise APIError(400, f"the body is not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        # JSON escapes can spell lone surrogates, which no protobuf string (UTF-8) can carry.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        raise APIError(400, "the body's strings must be valid Unicode (no lone surrogates)") from None
+    try:
+        req = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if req.n not in (None, 1):
+        raise APIError(400, f"n: only n=1 is supported, got {quote(req.n)}", param="n")
+    for name, value in req.unsupported():
+        raise APIError(400, f"{name}: not supported by this server (got {quote(value)})", param=name)
+    return req
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """The first pydantic error as a 400: the field path and what is wrong, never the whole input."""
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"]) or None
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return APIError(400, f"{param or 'body'}: {first['msg'][:200]}{more}", param=param)
