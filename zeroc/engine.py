@@ -21,7 +21,7 @@ from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.errors import ZeroCError
 from zeroc.kv_cache import PagedKVCache, layer_shapes
 from zeroc.loader import LoadedModel
-from zeroc.sampling import SamplingParams, make_generator, sample_token
+from zeroc.sampling import FAILED, SamplingBatch, SamplingParams, make_generator, sample_batch
 from zeroc.tokenizer import IncrementalDetokenizer
 
 
@@ -37,9 +37,10 @@ class StepOutput:
     token_ids: list[int]
     text_delta: str
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
     queued_s: float = 0.0  # how long the request waited in `waiting` before it was first scheduled
     preemptions: int = 0  # times it was preempted so far
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -84,6 +86,10 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._ids = itertools.count()
+        self.device = device
+        # Unseeded random requests draw their noise from this one generator, in one draw per step.
+        self._shared_gen = torch.Generator(device=device)
+        self._shared_gen.seed()
         # Called once a sequence's prompt KV is in the cache, before its first token is sampled:
         # (request_id, prompt token ids, block table). The KV store keeps the prompt's full blocks.
         self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
@@ -114,7 +120,7 @@ class Engine:
             raise ValueError(f"{request_id!r}: {cached_tokens} cached tokens claimed, "
                              f"{self.cache.seq_len(request_id)} reserved, prompt has {len(ids)}")
         self.waiting.append(_Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
-                                      make_generator(params), in_cache=cached_tokens))
+                                      make_generator(params, self.device), in_cache=cached_tokens))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -202,11 +208,21 @@ class Engine:
         if self.on_prompt_computed is not None:
             for seq in admitted:  # before _advance, which frees the blocks of finished sequences
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
+        sampling = SamplingBatch.build([s.params for s in scheduled], [s.generator for s in scheduled],
+                                       self.model_config.vocab_size, logits.device)
+        ids = sample_batch(logits, sampling, self._shared_gen).tolist()  # the step's one device->host copy
         outputs = cut
-        for row, seq in enumerate(scheduled):
+        for seq, token in zip(scheduled, ids):
             seq.in_cache = len(seq.all_ids)
-            outputs.append(self._advance(seq, sample_token(logits[row], seq.params, seq.generator)))
+            outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
         return outputs
+
+    def _fail(self, seq: _Sequence) -> StepOutput:
+        """Finish one sequence whose logits were not finite; the rest of its batch carries on."""
+        self.running.remove(seq)
+        self.cache.free(seq.request_id)
+        return StepOutput(seq.request_id, [], seq.detok.text[seq.released:], True, "error", seq.queued_s or 0.0,
+                          seq.preemptions, error="the model's logits for this sequence are not finite (NaN or inf)")
 
     def _advance(self, seq: _Sequence, token: int) -> StepOutput:
         seq.output_ids.append(token)
@@ -244,11 +260,13 @@ class Engine:
         collected: dict[str, list[int]] = {rid: [] for rid in ids}
         texts: dict[str, str] = {rid: "" for rid in ids}
         reasons: dict[str, str] = {}
+        errors: dict[str, str | None] = {}
         while self.has_unfinished():
             for out in self.step():
                 collected[out.request_id].extend(out.token_ids)
                 texts[out.request_id] += out.text_delta
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason or "stop"
-        return [GenerationResult(rid, prompt_ids.get(rid, []), collected[rid], texts[rid], reasons[rid])
-                for rid in ids]
+                    errors[out.request_id] = out.error
+        return [GenerationResult(rid, prompt_ids.get(rid, []), collected[rid], texts[rid], reasons[rid],
+                                 errors.get(rid)) for rid in ids]
