@@ -9,6 +9,7 @@ freed and it is recomputed later from its prompt plus the tokens it already prod
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 
 from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.device import host_to_device
 from zeroc.errors import ZeroCError
 from zeroc.kv_cache import PagedKVCache, layer_shapes
 from zeroc.loader import LoadedModel
@@ -93,6 +95,8 @@ class Engine:
         # Called once a sequence's prompt KV is in the cache, before its first token is sampled:
         # (request_id, prompt token ids, block table). The KV store keeps the prompt's full blocks.
         self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
+        # Benchmarks time the device work of a step (forward and sampling) inside this context.
+        self.device_timer: Callable[[], contextlib.AbstractContextManager] | None = None
 
     # -- requests ---------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -199,18 +203,19 @@ class Engine:
             tokens.extend(new)
             plan.append((seq.request_id, len(new)))
         batch = self.cache.schedule(plan)
-        with torch.inference_mode():
+        sampling = SamplingBatch.build([s.params for s in scheduled], [s.generator for s in scheduled],
+                                       self.model_config.vocab_size, self.device)
+        with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
             logits = self.model.forward_paged(
-                torch.tensor(tokens, device=batch.positions.device), batch.positions, batch, self.cache,
+                host_to_device(tokens, torch.long, self.device), batch.positions, batch, self.cache,
                 logits_indices=batch.last_token_indices,
             )  # [B, vocab]
+            sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
         self.running = list(scheduled)  # _advance removes finished ones from this copy
         if self.on_prompt_computed is not None:
             for seq in admitted:  # before _advance, which frees the blocks of finished sequences
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
-        sampling = SamplingBatch.build([s.params for s in scheduled], [s.generator for s in scheduled],
-                                       self.model_config.vocab_size, logits.device)
-        ids = sample_batch(logits, sampling, self._shared_gen).tolist()  # the step's one device->host copy
+        ids = sampled.tolist()  # the step's one device->host copy
         outputs = cut
         for seq, token in zip(scheduled, ids):
             seq.in_cache = len(seq.all_ids)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig, ModelConfig
+from zeroc.device import host_to_device
 
 if TYPE_CHECKING:  # the model imports this module
     from zeroc.model import Transformer
@@ -237,14 +238,14 @@ class PagedKVCache:
             tables.append(table)
         width = max(len(t) for t in tables)
         block_tables = [t + [0] * (width - len(t)) for t in tables]
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        as_long = lambda xs: host_to_device(xs, torch.long, self.device)  # noqa: E731 (no device sync)
         return PagedBatch(
             positions=as_long(positions),
             slot_mapping=as_long(slots),
             block_tables=as_long(block_tables),
             seq_lens=as_long(lens),
             query_start_loc=as_long(starts),
-            last_token_indices=as_long(starts[1:]) - 1,
+            last_token_indices=as_long([s - 1 for s in starts[1:]]),
         )
 
     def free(self, seq_id: str) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from zeroc.device import host_to_device
+
 FAILED = -1  # the id `sample_batch` gives a row whose logits or probabilities are not finite
 
 
@@ -58,14 +60,6 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
     gen = torch.Generator(device=device)
     gen.manual_seed(params.seed)
     return gen
-
-
-def host_to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small host list as a device tensor without a device sync: on CUDA through pinned memory and
-    an asynchronous copy (a pageable copy waits for the stream); on the CPU a plain tensor."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
