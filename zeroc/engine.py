@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from zeroc.config import CacheConfig, SchedulerConfig
-from zeroc.device import host_to_device
+from zeroc.decode_runner import DecodeRunner, graphs_supported
 from zeroc.errors import ZeroCError
+from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import PagedKVCache, layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.sampling import FAILED, SamplingBatch, SamplingParams, make_generator, sample_batch
@@ -97,6 +99,12 @@ class Engine:
         self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
         # Benchmarks time the device work of a step (forward and sampling) inside this context.
         self.device_timer: Callable[[], contextlib.AbstractContextManager] | None = None
+        # The running sequences' block tables, lengths and next tokens, kept on the device across steps.
+        max_blocks = -(-self.cache.token_capacity(cfg.max_position_embeddings) // self.cache.block_size) + 1
+        self.state = InputBatch(self.sched.max_num_seqs, min(self.cache.num_blocks, max_blocks),
+                                self.cache.block_size, device)
+        graphs = not self.sched.enforce_eager and graphs_supported(self.model, self.cache)
+        self.decode_runner = DecodeRunner(self.model, self.cache, self.state, use_graphs=graphs)
 
     # -- requests ---------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -193,24 +201,17 @@ class Engine:
         cut = self._reserve_decode()
         decoding = list(self.running)
         admitted = self._admit(self.sched.max_num_batched_tokens - len(decoding))
+        self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
         if not decoding and not admitted:
             return cut
         scheduled = decoding + admitted
-        tokens: list[int] = []
-        plan: list[tuple[str, int]] = []
-        for seq in scheduled:
-            new = seq.all_ids[seq.in_cache:]
-            tokens.extend(new)
-            plan.append((seq.request_id, len(new)))
-        batch = self.cache.schedule(plan)
         sampling = SamplingBatch.build([s.params for s in scheduled], [s.generator for s in scheduled],
                                        self.model_config.vocab_size, self.device)
         with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
-            logits = self.model.forward_paged(
-                host_to_device(tokens, torch.long, self.device), batch.positions, batch, self.cache,
-                logits_indices=batch.last_token_indices,
-            )  # [B, vocab]
+            logits = self._forward(decoding, admitted)  # [B, vocab]; launched, the device runs on
             sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
+            self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
+        # While the device works: host bookkeeping that needs no sampled id.
         self.running = list(scheduled)  # _advance removes finished ones from this copy
         if self.on_prompt_computed is not None:
             for seq in admitted:  # before _advance, which frees the blocks of finished sequences
@@ -221,6 +222,25 @@ class Engine:
             seq.in_cache = len(seq.all_ids)
             outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
         return outputs
+
+    def _forward(self, decoding: list[_Sequence], admitted: list[_Sequence]) -> Tensor:
+        """Reserve the step's slots, update the persistent batch and launch the forward -> logits [B, vocab].
+        Decode rows take one token each (their last sampled id, already on the device); admitted ones their
+        uncached tokens from the host."""
+        plan = [(s.request_id, 1) for s in decoding] + [(s.request_id, len(s.all_ids) - s.in_cache) for s in admitted]
+        reserved = self.cache.append_slots(plan)
+        self.state.decode([grown for _, grown in reserved[: len(decoding)]])
+        if not admitted:
+            return self.decode_runner.run(len(decoding))
+        prefill, rows = [], []
+        for seq, (start, _) in zip(admitted, reserved[len(decoding):]):
+            rid, end = seq.request_id, len(seq.all_ids)
+            prefill.append((seq.all_ids[start:], list(range(start, end)), self.cache.slots(rid, start, end)))
+            rows.append((rid, self.cache.block_table(rid), end))
+        self.state.add(rows)
+        tokens, batch = self.state.paged_batch(len(decoding), prefill, self.cache.places_by_position)
+        return self.model.forward_paged(tokens, batch.positions, batch, self.cache,
+                                        logits_indices=batch.last_token_indices)
 
     def _fail(self, seq: _Sequence) -> StepOutput:
         """Finish one sequence whose logits were not finite; the rest of its batch carries on."""
