@@ -230,7 +230,7 @@ class Engine:
         plan = [(s.request_id, 1) for s in decoding] + [(s.request_id, len(s.all_ids) - s.in_cache) for s in admitted]
         reserved = self.cache.append_slots(plan)
         self.state.decode([grown for _, grown in reserved[: len(decoding)]])
-        if not admitted:
+        if not admitted and self.cache.places_by_position:
             return self.decode_runner.run(len(decoding))
         prefill, rows = [], []
         for seq, (start, _) in zip(admitted, reserved[len(decoding):]):

@@ -82,11 +82,15 @@ class InputBatch:
     def width(self) -> int:
         return max(self.num_blocks, default=1)
 
-    def decode_slots(self, n: int, width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def decode_slots(self, n: int, width: int | None = None, by_position: bool = True
+                     ) -> tuple[Tensor, Tensor, Tensor]:
         """(positions, slot mapping, block tables) of one new token for each of the first n rows, from the
-        device state alone: positions [n], slots [n], tables [n, width]."""
+        device state alone: positions [n], slots [n] (-1 unless `by_position`: the policy's store places
+        tokens, and positions may run past the table), tables [n, width]."""
         tables = self.block_tables[:n, : width or self.block_tables.shape[1]]
         pos = self.seq_lens[:n] - 1
+        if not by_position:
+            return pos, torch.full_like(pos, -1), tables
         slots = tables.gather(1, (pos // self.block_size).unsqueeze(1)).squeeze(1) * self.block_size \
             + pos % self.block_size
         return pos, slots, tables
@@ -97,10 +101,8 @@ class InputBatch:
         last sampled ids, on the device); then each prefill row (rows after them) its (tokens, positions,
         slots) from the host."""
         n_rows = decode_rows + len(prefill)
-        pos, slots, tables = self.decode_slots(decode_rows, self.width())
+        pos, slots, _ = self.decode_slots(decode_rows, self.width(), by_position)
         tables = self.block_tables[:n_rows, : self.width()]
-        if not by_position:  # the policy's store places tokens itself
-            slots = torch.full_like(slots, -1)
         tokens = self.token_ids[:decode_rows]
         if prefill:
             host = host_to_device([x for p in prefill for part in p for x in part], torch.long, self.device)
