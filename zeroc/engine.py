@@ -205,10 +205,11 @@ class Engine:
         if not decoding and not admitted:
             return cut
         scheduled = decoding + admitted
-        sampling = SamplingBatch.build([s.params for s in scheduled], [s.generator for s in scheduled],
-                                       self.model_config.vocab_size, self.device)
         with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
             logits = self._forward(decoding, admitted)  # [B, vocab]; launched, the device runs on
+            # built while the forward runs (its copies queue behind it)
+            sampling = SamplingBatch.build([s.params for s in scheduled], [s.generator for s in scheduled],
+                                           self.model_config.vocab_size, self.device)
             sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
         # While the device works: host bookkeeping that needs no sampled id.

@@ -67,10 +67,11 @@ class SamplingBatch:
     """Per-row sampling parameters of one step, as device tensors (B rows), plus host-side flags that
     let the sampler skip the sort when no row cuts its support."""
 
-    temperature: Tensor  # [B] float32; 1.0 on greedy rows (unused there)
-    top_k: Tensor  # [B] int64 in [1, vocab]; vocab means no cut
-    top_p: Tensor  # [B] float32 in (0, 1]
-    greedy: Tensor  # [B] bool
+    # None when every row is greedy: an all-greedy step copies nothing to the device.
+    temperature: Tensor | None  # [B] float32; 1.0 on greedy rows (unused there)
+    top_k: Tensor | None  # [B] int64 in [1, vocab]; vocab means no cut
+    top_p: Tensor | None  # [B] float32 in (0, 1]
+    greedy: Tensor | None  # [B] bool
     generators: tuple[torch.Generator | None, ...]  # per row; None: the shared generator (or greedy)
     random_rows: tuple[int, ...]  # rows that sample
     cuts: bool  # any random row with top-k or top-p
@@ -79,6 +80,8 @@ class SamplingBatch:
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None], vocab: int,
               device: torch.device) -> "SamplingBatch":
         random_rows = tuple(i for i, p in enumerate(params) if not p.greedy)
+        if not random_rows:
+            return cls(None, None, None, None, tuple(generators), (), False)
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         cuts = any(top_k[i] < vocab or params[i].top_p < 1.0 for i in random_rows)
         return cls(
