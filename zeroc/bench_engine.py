@@ -48,7 +48,7 @@ from zeroc.tokenizer import Tokenizer
 
 SHAPES = ("bundled", "llama3-8b")
 LLAMA3_8B = ModelConfig(vocab_size=8192, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
                         rope=RopeConfig(theta=500000.0), bos_token_id=0, eos_token_id=1, dtype="bfloat16")
 
 
