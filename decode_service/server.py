@@ -195,6 +195,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             if out.token_ids or out.text_delta:
                 yield pb.GenerateResponse(request_id=req.request_id,
                                           delta=pb.TokenDelta(token_ids=out.token_ids, text=out.text_delta))
+            if out.finished and out.finish_reason == "error":  # this request alone failed (non-finite logits)
+                context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
             if out.finished:
                 usage = pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=produced,
                                  ttft_ms=ttft_ms or 0.0, kv_bytes_received=kv_bytes, cached_prefix_tokens=reused,

@@ -564,11 +564,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
     p.set_defaults(func=cmd_bench_serve)
 
-    from zeroc.gateway import bench as gateway_bench
+    from zeroc.bench import gateway as gateway_bench
 
     p = bench.add_parser("gateway", help="TTFT, TPOT, throughput through the HTTP gateway vs straight gRPC")
     gateway_bench.add_arguments(p)
     p.set_defaults(func=gateway_bench.run)
+
+    from zeroc.bench import engine as bench_engine
+
+    p = bench.add_parser("engine", help="the Engine end to end on random weights: step vs floor, host ms, syncs")
+    bench_engine.add_arguments(p)
+    p.set_defaults(func=bench_engine.run)
+
     p = bench.add_parser("prefix", help="TTFT cold vs warm with a shared prompt prefix; KV-store index op costs")
     p.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
     p.add_argument("--shared", type=float, default=0.9, help="fraction of the prompt shared with the warm prompt")

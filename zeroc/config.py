@@ -433,6 +433,9 @@ class SchedulerConfig:
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
+    # Decode steps run eagerly instead of replaying CUDA graphs captured per batch-size bucket
+    # (zeroc/decode_runner.py); graphs exist on CUDA only.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -564,6 +567,10 @@ class ZeroCConfig:
             raw = env.get(f"ZEROC_{name.upper()}")
             if raw is None:
                 return default
+            if isinstance(default, bool):  # bool("0") is True: read the usual spellings instead
+                if raw.strip().lower() not in _BOOLS:
+                    raise ValueError(f"ZEROC_{name.upper()}={raw!r}: expected one of {', '.join(sorted(_BOOLS))}")
+                return _BOOLS[raw.strip().lower()]
             try:
                 return type(default)(raw)
             except ValueError:
@@ -591,6 +598,8 @@ class ZeroCConfig:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")
 
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
              "transfer": TransferConfig, "redis": RedisConfig, "store": StoreConfig,

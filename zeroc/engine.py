@@ -9,6 +9,7 @@ freed and it is recomputed later from its prompt plus the tokens it already prod
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -16,13 +17,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.decode_runner import DecodeRunner, graphs_supported
 from zeroc.errors import ZeroCError
 from zeroc.caches import paged_cache
+from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
-from zeroc.sampling import SamplingParams, make_generator, sample_token
+from zeroc.sampling import FAILED, SamplingBatch, SamplingParams, make_generator, sample_batch
 from zeroc.tokenizer import IncrementalDetokenizer
 
 
@@ -38,9 +42,10 @@ class StepOutput:
     token_ids: list[int]
     text_delta: str
     finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
     queued_s: float = 0.0  # how long the request waited in `waiting` before it was first scheduled
     preemptions: int = 0  # times it was preempted so far
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -85,9 +91,21 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._ids = itertools.count()
+        self.device = device
+        # Unseeded random requests draw their noise from this one generator, in one draw per step.
+        self._shared_gen = torch.Generator(device=device)
+        self._shared_gen.seed()
         # Called once a sequence's prompt KV is in the cache, before its first token is sampled:
         # (request_id, prompt token ids, block table). The KV store keeps the prompt's full blocks.
         self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
+        # Benchmarks time the device work of a step (forward and sampling) inside this context.
+        self.device_timer: Callable[[], contextlib.AbstractContextManager] | None = None
+        # The running sequences' block tables, lengths and next tokens, kept on the device across steps.
+        max_blocks = -(-self.cache.token_capacity(cfg.max_position_embeddings) // self.cache.block_size) + 1
+        self.state = InputBatch(self.sched.max_num_seqs, min(self.cache.num_blocks, max_blocks),
+                                self.cache.block_size, device)
+        graphs = not self.sched.enforce_eager and graphs_supported(self.model, self.cache)
+        self.decode_runner = DecodeRunner(self.model, self.cache, self.state, use_graphs=graphs)
 
     # -- requests ---------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -115,7 +133,7 @@ class Engine:
             raise ValueError(f"{request_id!r}: {cached_tokens} cached tokens claimed, "
                              f"{self.cache.seq_len(request_id)} reserved, prompt has {len(ids)}")
         self.waiting.append(_Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
-                                      make_generator(params), in_cache=cached_tokens))
+                                      make_generator(params, self.device), in_cache=cached_tokens))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -184,30 +202,54 @@ class Engine:
         cut = self._reserve_decode()
         decoding = list(self.running)
         admitted = self._admit(self.sched.max_num_batched_tokens - len(decoding))
+        self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
         if not decoding and not admitted:
             return cut
         scheduled = decoding + admitted
-        tokens: list[int] = []
-        plan: list[tuple[str, int]] = []
-        for seq in scheduled:
-            new = seq.all_ids[seq.in_cache:]
-            tokens.extend(new)
-            plan.append((seq.request_id, len(new)))
-        batch = self.cache.schedule(plan)
-        with torch.inference_mode():
-            logits = self.model.forward_paged(
-                torch.tensor(tokens, device=batch.positions.device), batch.positions, batch, self.cache,
-                logits_indices=batch.last_token_indices,
-            )  # [B, vocab]
+        with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
+            logits = self._forward(decoding, admitted)  # [B, vocab]; launched, the device runs on
+            # built while the forward runs (its copies queue behind it)
+            sampling = SamplingBatch.build([s.params for s in scheduled], [s.generator for s in scheduled],
+                                           self.model_config.vocab_size, self.device)
+            sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
+            self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
+        # While the device works: host bookkeeping that needs no sampled id.
         self.running = list(scheduled)  # _advance removes finished ones from this copy
         if self.on_prompt_computed is not None:
             for seq in admitted:  # before _advance, which frees the blocks of finished sequences
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
+        ids = sampled.tolist()  # the step's one device->host copy
         outputs = cut
-        for row, seq in enumerate(scheduled):
+        for seq, token in zip(scheduled, ids):
             seq.in_cache = len(seq.all_ids)
-            outputs.append(self._advance(seq, sample_token(logits[row], seq.params, seq.generator)))
+            outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
         return outputs
+
+    def _forward(self, decoding: list[_Sequence], admitted: list[_Sequence]) -> Tensor:
+        """Reserve the step's slots, update the persistent batch and launch the forward -> logits [B, vocab].
+        Decode rows take one token each (their last sampled id, already on the device); admitted ones their
+        uncached tokens from the host."""
+        plan = [(s.request_id, 1) for s in decoding] + [(s.request_id, len(s.all_ids) - s.in_cache) for s in admitted]
+        reserved = self.cache.append_slots(plan)
+        self.state.decode([grown for _, grown in reserved[: len(decoding)]])
+        if not admitted and self.cache.places_by_position:
+            return self.decode_runner.run(len(decoding))
+        prefill, rows = [], []
+        for seq, (start, _) in zip(admitted, reserved[len(decoding):]):
+            rid, end = seq.request_id, len(seq.all_ids)
+            prefill.append((seq.all_ids[start:], list(range(start, end)), self.cache.slots(rid, start, end)))
+            rows.append((rid, self.cache.block_table(rid), end))
+        self.state.add(rows)
+        tokens, batch = self.state.paged_batch(len(decoding), prefill, self.cache.places_by_position)
+        return self.model.forward_paged(tokens, batch.positions, batch, self.cache,
+                                        logits_indices=batch.last_token_indices)
+
+    def _fail(self, seq: _Sequence) -> StepOutput:
+        """Finish one sequence whose logits were not finite; the rest of its batch carries on."""
+        self.running.remove(seq)
+        self.cache.free(seq.request_id)
+        return StepOutput(seq.request_id, [], seq.detok.text[seq.released:], True, "error", seq.queued_s or 0.0,
+                          seq.preemptions, error="the model's logits for this sequence are not finite (NaN or inf)")
 
     def _advance(self, seq: _Sequence, token: int) -> StepOutput:
         seq.output_ids.append(token)
@@ -245,11 +287,13 @@ class Engine:
         collected: dict[str, list[int]] = {rid: [] for rid in ids}
         texts: dict[str, str] = {rid: "" for rid in ids}
         reasons: dict[str, str] = {}
+        errors: dict[str, str | None] = {}
         while self.has_unfinished():
             for out in self.step():
                 collected[out.request_id].extend(out.token_ids)
                 texts[out.request_id] += out.text_delta
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason or "stop"
-        return [GenerationResult(rid, prompt_ids.get(rid, []), collected[rid], texts[rid], reasons[rid])
-                for rid in ids]
+                    errors[out.request_id] = out.error
+        return [GenerationResult(rid, prompt_ids.get(rid, []), collected[rid], texts[rid], reasons[rid],
+                                 errors.get(rid)) for rid in ids]

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig, ModelConfig
+from zeroc.device import host_to_device
 
 if TYPE_CHECKING:  # annotations only: the model and the policies sit above this layer
     from zeroc.model import Transformer
@@ -210,44 +211,64 @@ class PagedKVCache:
     def live_sequences(self) -> int:
         return len(self._tables)
 
-    def schedule(self, steps: list[tuple[str, int]]) -> PagedBatch:
-        """Reserve slots for `(seq_id, num_new_tokens)` pairs and describe them as a PagedBatch.
+    def append_slots(self, steps: list[tuple[str, int]]) -> list[tuple[int, list[int]]]:
+        """Reserve slots for `(seq_id, num_new_tokens)` pairs without describing them as tensors: per pair,
+        (its length before, the block ids its table gained). The engine's persistent batch applies these
+        to its device copy of the tables; `schedule` describes them from scratch.
 
         All-or-nothing: if the blocks do not fit, raises CacheFullError and changes nothing.
         """
         need = sum(self.blocks_needed(s, n) for s, n in steps)
         if need > self.allocator.num_free:
             raise CacheFullError(f"step needs {need} KV blocks, {self.allocator.num_free} free")
-        positions, slots, lens, starts, tables = [], [], [], [0], []
+        out = []
         for seq_id, n in steps:
             if n <= 0:
                 raise ValueError(f"sequence {seq_id!r} scheduled with {n} tokens")
             start = self._lens.get(seq_id, 0)
-            grow = self._table_growth(seq_id, n)
+            grown = self.allocator.allocate(self._table_growth(seq_id, n))
             table = self._tables.setdefault(seq_id, [])
-            table.extend(self.allocator.allocate(grow))
+            table.extend(grown)
             if self.store is not None:
                 self.store.reserve(table, start, start + n)
-            by_position = self.policy is None or self.policy.places_by_position
-            for pos in range(start, start + n):
-                positions.append(pos)
-                # -1: the policy's store places the token itself (eviction reuses slots)
-                slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size
-                             if by_position else -1)
             self._lens[seq_id] = start + n
+            out.append((start, grown))
+        return out
+
+    @property
+    def places_by_position(self) -> bool:
+        """Whether a token's slot follows from its position (else the policy's store places it: slot -1)."""
+        return self.policy is None or self.policy.places_by_position
+
+    def slots(self, seq_id: str, start: int, end: int) -> list[int]:
+        """Flat slots of positions [start, end) of `seq_id` (-1 each where the store places tokens)."""
+        if not self.places_by_position:
+            return [-1] * (end - start)
+        table, bs = self._tables[seq_id], self.block_size
+        return [table[pos // bs] * bs + pos % bs for pos in range(start, end)]
+
+    def schedule(self, steps: list[tuple[str, int]]) -> PagedBatch:
+        """Reserve slots for `(seq_id, num_new_tokens)` pairs and describe them as a PagedBatch.
+
+        All-or-nothing: if the blocks do not fit, raises CacheFullError and changes nothing.
+        """
+        positions, slots, lens, starts, tables = [], [], [], [0], []
+        for (seq_id, n), (start, _) in zip(steps, self.append_slots(steps)):
+            positions.extend(range(start, start + n))
+            slots.extend(self.slots(seq_id, start, start + n))
             lens.append(start + n)
             starts.append(starts[-1] + n)
-            tables.append(table)
+            tables.append(self._tables[seq_id])
         width = max(len(t) for t in tables)
         block_tables = [t + [0] * (width - len(t)) for t in tables]
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        as_long = lambda xs: host_to_device(xs, torch.long, self.device)  # noqa: E731 (no device sync)
         return PagedBatch(
             positions=as_long(positions),
             slot_mapping=as_long(slots),
             block_tables=as_long(block_tables),
             seq_lens=as_long(lens),
             query_start_loc=as_long(starts),
-            last_token_indices=as_long(starts[1:]) - 1,
+            last_token_indices=as_long([s - 1 for s in starts[1:]]),
         )
 
     def free(self, seq_id: str) -> None:

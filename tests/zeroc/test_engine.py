@@ -185,3 +185,34 @@ def test_a_sequence_holding_prefix_blocks_is_admitted_before_one_waiting_for_the
             out[o.request_id] += o.token_ids
     assert not engine.has_unfinished() and out["held"] == want and len(out[first]) == 4
     assert engine.cache.num_free_blocks == 4
+
+
+def test_a_seeded_request_samples_the_same_alone_and_among_mixed_parameters(bundled):
+    seeded = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=40, seed=5, ignore_eos=True)
+    alone = _alone(bundled, PROMPTS[1], seeded).token_ids
+    others = [SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.8, ignore_eos=True), GREEDY,
+              SamplingParams(max_new_tokens=12, temperature=1.2, seed=9, ignore_eos=True)]
+    mixed = Engine(bundled, CacheConfig(16, 256)).generate([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
+                                                           [others[0], seeded, others[1], others[2]])
+    assert mixed[1].token_ids == alone
+
+
+def test_a_sequence_with_non_finite_logits_fails_alone(random_gqa):
+    """Poisoned KV (NaN in one sequence's blocks) makes that sequence's logits NaN: it finishes with
+    "error" and a message, its blocks are freed, and the others produce their tokens as if alone."""
+    engine = Engine(random_gqa, CacheConfig(16, 256))
+    ok = [engine.add_request(PROMPTS[i], GREEDY) for i in (0, 2)]
+    bad = engine.add_request(PROMPTS[1], GREEDY)
+    outs = {rid: [] for rid in ok + [bad]}
+    for o in engine.step():
+        outs[o.request_id].append(o)
+    for layer in range(engine.cache.num_layers):
+        engine.cache.layer(layer)[0][engine.cache.block_table(bad)] = float("nan")
+    for rid, steps in _drain(engine).items():
+        outs[rid].extend(steps)
+    assert outs[bad][-1].finish_reason == "error" and "not finite" in outs[bad][-1].error
+    assert len(outs[bad]) == 2 and engine.cache.block_table(bad) == []
+    for rid, i in zip(ok, (0, 2)):
+        assert [t for o in outs[rid] for t in o.token_ids] == _alone(random_gqa, PROMPTS[i]).token_ids
+        assert outs[rid][-1].finish_reason == "length" and outs[rid][-1].error is None
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks

@@ -1,9 +1,13 @@
+"""The batched sampler against a per-row reference (multinomial over the cut distribution)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from zeroc.sampling import SamplingParams, make_generator, sample_token
+from zeroc.sampling import FAILED, SamplingBatch, SamplingParams, make_generator, sample_batch
+
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -19,31 +23,89 @@ def test_invalid_parameters_raise_value_error(kwargs, message):
         SamplingParams(**kwargs)
 
 
-def _draws(logits, params, n=2000):
-    gen = make_generator(params)
-    return torch.tensor([sample_token(logits, params, gen) for _ in range(n)])
+def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution one row samples from, computed on its own: logits [V] -> probs [V]."""
+    scores = logits.double() / p.temperature
+    if p.top_k and p.top_k < scores.numel():
+        kth = torch.topk(scores, p.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.softmax(scores, dim=-1)
 
 
-def test_greedy_takes_argmax():
-    logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
-    assert sample_token(logits, SamplingParams(), None) == 1
+def _batch(params, gens=None, vocab=8):
+    gens = gens if gens is not None else [make_generator(p) for p in params]
+    return SamplingBatch.build(params, gens, vocab, CPU)
 
 
-def test_top_k_and_top_p_restrict_the_support():
-    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
-    k2 = _draws(logits, SamplingParams(temperature=1.0, top_k=2, seed=0))
-    assert set(k2.tolist()) == {0, 1}
-    p = _draws(logits, SamplingParams(temperature=1.0, top_p=0.65, seed=0))  # 0.4 + 0.3 reaches it
-    assert set(p.tolist()) == {0, 1}
-    full = _draws(logits, SamplingParams(temperature=1.0, seed=0))
-    freq = torch.bincount(full, minlength=4).float() / len(full)
-    assert torch.allclose(freq, torch.tensor([0.4, 0.3, 0.2, 0.1]), atol=0.04)
+def test_greedy_takes_the_argmax_of_every_row():
+    logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
+    ids = sample_batch(logits, _batch([SamplingParams()] * 5, vocab=11))
+    assert torch.equal(ids, logits.argmax(-1))
+
+
+# Mixed rows in one batch: plain temperature, top-k, top-p, both, and a greedy row.
+MIXED = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
+         SamplingParams(temperature=1.3, top_p=0.6), SamplingParams(temperature=1.0, top_k=5, top_p=0.8),
+         SamplingParams()]
+
+
+def test_the_batched_distribution_equals_the_reference_per_row():
+    torch.manual_seed(0)
+    logits = torch.randn(len(MIXED), 8) * 1.5
+    shared = torch.Generator().manual_seed(1)
+    batch = _batch(MIXED)
+    n = 6000
+    draws = torch.stack([sample_batch(logits, batch, shared) for _ in range(n)])  # [n, B]
+    for row, p in enumerate(MIXED):
+        freq = torch.bincount(draws[:, row], minlength=8).double() / n
+        want = torch.nn.functional.one_hot(logits[row].argmax(), 8).double() if p.greedy \
+            else reference_probs(logits[row], p)
+        assert freq[want == 0].sum() == 0, f"row {row} sampled outside its support"
+        # 4.5 standard errors of a binomial frequency per token
+        tol = 4.5 * torch.sqrt(want * (1 - want) / n) + 1e-9
+        assert ((freq - want).abs() <= tol).all(), (row, freq, want)
+
+
+def test_a_seeded_row_samples_the_same_alone_and_in_any_batch():
+    torch.manual_seed(3)
+    steps = [torch.randn(4, 50) for _ in range(20)]
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=42)
+
+    def run(rows: list[int]) -> list[int]:
+        # each run builds its own generators, as a fresh request would
+        params = [seeded if r == 0 else MIXED[r] for r in rows]
+        batch = _batch(params, vocab=50)
+        shared = torch.Generator().manual_seed(len(rows))  # other rows' draws differ between runs
+        col = rows.index(0)
+        return [int(sample_batch(s[rows], batch, shared)[col]) for s in steps]
+
+    alone = run([0])
+    assert run([1, 0, 2, 3]) == alone
+    assert run([3, 2, 0]) == alone
+    assert len(set(alone)) > 1  # it really samples
+
+
+def test_a_row_with_nan_logits_fails_alone():
+    logits = torch.randn(3, 8)
+    logits[1, 4] = float("nan")
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, top_k=2)]
+    ids = sample_batch(logits, _batch(params))
+    assert ids[1] == FAILED and ids[0] == logits[0].argmax() and 0 <= ids[2] < 8
+    logits[1] = float("inf")
+    assert sample_batch(logits, _batch([SamplingParams()] * 3))[1] == FAILED
 
 
 def test_low_temperature_concentrates_and_seed_repeats():
-    logits = torch.tensor([1.0, 0.5, 0.0])
-    cold = _draws(logits, SamplingParams(temperature=0.05, seed=1), n=200)
-    assert (cold == 0).all()
-    a = _draws(logits, SamplingParams(temperature=1.0, seed=7), n=50)
-    b = _draws(logits, SamplingParams(temperature=1.0, seed=7), n=50)
-    assert torch.equal(a, b)
+    logits = torch.tensor([[1.0, 0.5, 0.0]])
+    cold = _batch([SamplingParams(temperature=0.05, seed=1)], vocab=3)
+    assert all(int(sample_batch(logits, cold)) == 0 for _ in range(200))
+    draws = []
+    for _ in range(2):
+        batch = _batch([SamplingParams(temperature=1.0, seed=7)], vocab=3)
+        draws.append([int(sample_batch(logits, batch)) for _ in range(50)])
+    assert draws[0] == draws[1] and len(set(draws[0])) > 1

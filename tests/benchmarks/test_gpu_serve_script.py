@@ -1,0 +1,32 @@
+"""The prepared whole-stack script runs end to end on the CPU (real service processes, quick mode).
+
+This keeps it from rotting between GPU sessions: every mode passes (same greedy tokens as a direct
+engine, the KV bytes its ranks predict) and the output says what one GPU cannot show.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_serve.py"
+
+
+def test_quick_cpu_run_passes_every_mode_for_both_models():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--json"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert "two GPUs" in report["nccl"] and "two GPUs" in r.stderr
+    assert {(row["model"], row["mode"]) for row in report["rows"]} == {
+        (m, mode) for m in ("bundled", "zeroc-heads-tier") for mode in ("grpc", "auto", "colocated")}
+    for row in report["rows"]:
+        assert row["ok"] and row["tokens_equal_direct"] and row["kv_bytes_ok"], row
+        assert row["ttft_ms"] > 0 and row["tpot_ms"] > 0
+        shipped = sum(row["kv_bytes"])
+        assert (shipped == 0) == (row["mode"] == "colocated")
+    # the compressed model ships fewer bytes for the same prompts
+    by = {(row["model"], row["mode"]): sum(row["kv_bytes"]) for row in report["rows"]}
+    assert 0 < by[("zeroc-heads-tier", "grpc")] < by[("bundled", "grpc")]

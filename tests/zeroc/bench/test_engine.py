@@ -1,0 +1,52 @@
+"""`zeroc bench engine` at a tiny shape on the CPU: it runs end to end and its figures are consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zeroc import cli
+from zeroc.bench.engine import EngineBenchSpec, base_config, method_config, parse_method
+
+
+def test_the_engine_bench_runs_every_method_interleaved_and_reports_against_its_floor(capsys):
+    torch.set_num_threads(1)
+    rc = cli.main(["bench", "engine", "--layers", "2", "--batch", "3", "--prompt", "20", "--new", "5",
+                   "--rounds", "2", "--methods", "none", "zeroc-fold-32", "zeroc-rotate-16", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["round"], r["method"]) for r in report["rows"]] == [
+        (r, m) for r in range(2) for m in ("none", "zeroc-fold-32", "zeroc-rotate-16")]
+    s = report["summary"]
+    for m, row in s.items():
+        assert row["prefill_tokens_s"] > 0 and 0 < row["prefill_mfu"]
+        assert row["step_ms"] >= row["device_ms"] > 0 and row["step_p90_ms"] >= row["step_ms"]
+        assert row["floor_ms"] > 0 and row["step_over_floor"] > 0
+        # the sampled ids come to the host once; the CPU reference attention reads one length per layer
+        assert 1 <= row["syncs_per_step"] <= 1 + 2
+        assert len(row["step_over_none"]) == 2
+    assert s["none"]["step_over_none"] == [1.0, 1.0]
+    rows = {r["method"]: r for r in report["rows"] if r["round"] == 0}
+    # fewer KV dims per token: fold 32 of 64 halves Q/K and V, rotate 16 keeps a quarter
+    full = rows["none"]["kv_bytes_per_token"]
+    assert rows["zeroc-fold-32"]["kv_bytes_per_token"] * 2 == full
+    assert rows["zeroc-rotate-16"]["kv_bytes_per_token"] * 4 == full
+    assert rows["zeroc-fold-32"]["weight_bytes"] < rows["none"]["weight_bytes"]
+
+
+def test_compressed_configs_keep_the_rank_in_every_layer():
+    base = base_config(EngineBenchSpec(layers=3))
+    fold = method_config(base, "zeroc-fold-24")
+    assert fold.num_hidden_layers == 3 and all(fold.kv_geometry(i)[1:] == (24, 24) for i in range(3))
+    rotate = method_config(base, "zeroc-rotate-32")
+    assert rotate.qk_mode(0) == "rotate" and rotate.kv_geometry(2)[1:] == (32, 32)
+
+
+@pytest.mark.parametrize("name", ["fold-32", "zeroc-fold", "zeroc-fold-x", "zeroc-fold-33", "zeroc-spin-32"])
+def test_bad_method_names_raise_value_error(name):
+    with pytest.raises(ValueError, match="methods"):
+        parse_method(name, 64)
+    with pytest.raises(ValueError, match="methods"):
+        EngineBenchSpec(methods=("none", name))

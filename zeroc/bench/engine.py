@@ -1,0 +1,396 @@
+"""`zeroc bench engine`: the Engine end to end on random weights, against ceilings measured in the same run.
+
+Each method (`none`, `zeroc-fold-R`, `zeroc-rotate-R`) is a random-init model of one shape (the
+bundled model's or Llama-3-8B's, `--layers` of them): ZeroC methods keep R Q/K dims (fold: the first
+R/2 RoPE pairs of every KV head; rotate: random bases to R dims) and R V dims in every layer. Rounds
+interleave the methods, so drift in the machine's speed hits all of them alike. Every round runs
+`batch` requests of `prompt` random tokens for `new` greedy tokens through a fresh Engine and reports:
+
+- prefill tokens/s, from the first step until every request has its first token, and its MFU: model
+  FLOPs (2 x matmul weights per token plus causal attention) over the GEMM rate measured here;
+- decode step ms (median, p90) over the steps after that;
+- the decode floor: the bytes a step must read once (every weight but the embedding table, plus the
+  KV of every running sequence at that step's context) over the copy rate measured here; step/floor;
+- host ms per step: step wall time minus device time. Device time is the span of the step's device
+  work (forward and sampling): CUDA events around it on CUDA (which counts device idle gaps inside
+  the forward as device time), the wall time of that code on the CPU (which runs synchronously);
+- device syncs per step, counted on one extra decode step that is not timed: on CUDA every operation
+  `torch.cuda.set_sync_debug_mode("warn")` warns about (item, tolist, pageable copies, synchronize);
+  on the CPU, where nothing syncs, every call that reads tensor values to the host (item, tolist,
+  bool/int/float of a tensor, numpy), the points that would sync on a device;
+- each method's decode step over the uncompressed one (`none`), round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+from tqdm import tqdm
+
+from zeroc.bench.forward import machine_description
+from zeroc.config import (BUNDLED_MODEL, AttentionCompression, CacheConfig, LayerCompression, ModelConfig,
+                          RopeConfig, SchedulerConfig)
+from zeroc.engine import Engine
+from zeroc.kv_cache import layer_shapes
+from zeroc.loader import LoadedModel, read_config
+from zeroc.model import Transformer
+from zeroc.sampling import SamplingParams
+from zeroc.tokenizer import Tokenizer
+
+SHAPES = ("bundled", "llama3-8b")
+LLAMA3_8B = ModelConfig(vocab_size=8192, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                        rope=RopeConfig(theta=500000.0), bos_token_id=0, eos_token_id=1, dtype="bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineBenchSpec:
+    device: str = "cpu"
+    shape: str = "bundled"
+    layers: int | None = None  # None: the shape's own
+    batch: int = 4
+    prompt: int = 64
+    new: int = 16
+    methods: tuple[str, ...] = ("none", "zeroc-fold-32", "zeroc-rotate-32")
+    rounds: int = 2
+    max_batched_tokens: int = 8192
+    enforce_eager: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {self.shape!r}")
+        for name in ("batch", "prompt", "new", "rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.new < 2:
+            raise ValueError("new must be >= 2 (the first token comes from prefill; decode steps follow)")
+        for m in self.methods:
+            parse_method(m, None)
+
+
+def parse_method(name: str, head_dim: int | None) -> tuple[str | None, int]:
+    """'none' -> (None, head_dim); 'zeroc-fold-R' / 'zeroc-rotate-R' -> (mode, R). ValueError otherwise."""
+    if name == "none":
+        return None, head_dim or 0
+    parts = name.split("-")
+    if len(parts) != 3 or parts[0] != "zeroc" or parts[1] not in ("fold", "rotate") or not parts[2].isdigit():
+        raise ValueError(f"methods: expected none, zeroc-fold-R or zeroc-rotate-R, got {name!r}")
+    rank = int(parts[2])
+    if rank < 2 or rank % 2 or (head_dim is not None and rank > head_dim):
+        raise ValueError(f"methods: {name!r} needs an even rank in [2, head_dim]")
+    return parts[1], rank
+
+
+def base_config(spec: EngineBenchSpec) -> ModelConfig:
+    cfg = read_config(BUNDLED_MODEL) if spec.shape == "bundled" else LLAMA3_8B
+    need = spec.prompt + spec.new + 1
+    return ModelConfig(**{**cfg.__dict__, "num_hidden_layers": spec.layers or cfg.num_hidden_layers,
+                          "max_position_embeddings": max(cfg.max_position_embeddings, need)})
+
+
+def method_config(base: ModelConfig, method: str) -> ModelConfig:
+    mode, rank = parse_method(method, base.head_dim)
+    if mode is None:
+        return base
+    kv = base.num_key_value_heads
+    layer = (LayerCompression(tuple(tuple(range(rank // 2)) for _ in range(kv)), rank) if mode == "fold"
+             else LayerCompression((), rank, "rotate", rank))
+    comp = AttentionCompression((layer,) * base.num_hidden_layers, f"bench-{method}", rank / base.head_dim,
+                                f"zeroc-{mode}")
+    return ModelConfig(**{**base.__dict__, "compression": comp})
+
+
+def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
+    """Random weights (normal, std 0.02; norms 1) of `cfg`, made on the device."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope()
+    return model.eval().requires_grad_(False)
+
+
+# -- ceilings measured in the same run ---------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_s(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul in the model's dtype."""
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / _best_s(lambda: a @ b, device)
+
+
+def copy_rate(device: torch.device) -> float:
+    """Bytes/s read plus written by a device copy."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    return 2 * n / _best_s(lambda: dst.copy_(src), device)
+
+
+# -- what a run costs in FLOPs and bytes -----------------------------------------------------------------
+
+def matmul_weight_bytes(model: Transformer) -> tuple[int, int]:
+    """(elements, bytes) of every weight a decode step reads in full: all but the embedding table, of
+    which a step reads a row per token (a tied lm_head is read in full, so then it counts)."""
+    embed = model.model.embed_tokens.weight
+    skip = set() if model.lm_head.weight is embed else {id(embed)}
+    params = [p for p in model.parameters() if id(p) not in skip]  # parameters() yields a tied one once
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    item = torch.empty((), dtype=dtype).element_size()
+    return item * sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layer_shapes(cfg))
+
+
+def prefill_flops(cfg: ModelConfig, weight_elems: int, batch: int, prompt: int) -> float:
+    """2 x weights per token, plus causal QK^T and PV (half of the full square) per layer."""
+    attn = 0
+    for layer in range(cfg.num_hidden_layers):
+        kv, qk_dim, v_dim = cfg.kv_geometry(layer)
+        attn += 2 * cfg.num_attention_heads * (qk_dim + v_dim) * prompt * prompt / 2
+    return batch * (2 * weight_elems * prompt + attn)
+
+
+# -- counting device syncs ------------------------------------------------------------------------------
+
+class _HostReads(TorchFunctionMode):
+    """Counts calls that read tensor values to the host (the CPU's stand-in for device syncs)."""
+
+    NAMES = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_syncs(device: torch.device):
+    """Yields a one-item list that holds the count once the block has run."""
+    out = [0]
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield out
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        out[0] = sum("synchroniz" in str(w.message) for w in caught)
+    else:
+        with _HostReads() as mode:
+            yield out
+        out[0] = mode.count
+
+
+class DeviceTimer:
+    """The Engine's device_timer: the span of each step's device work, in seconds, on `times`."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self._pending = device, [], []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.times.append(time.perf_counter() - t0)
+
+    def collect(self) -> list[float]:
+        """Every step's device seconds so far (waits for the events, after the timed steps)."""
+        for start, end in self._pending:
+            end.synchronize()
+            self.times.append(start.elapsed_time(end) / 1e3)
+        self._pending.clear()
+        return self.times
+
+
+# -- one run of one method ---------------------------------------------------------------------------------
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]], rates: dict) -> dict:
+    """One fresh Engine through `prompts`: prefill, timed decode steps, one counted step, the rest."""
+    device = torch.device(spec.device)
+    cfg = loaded.config
+    blocks = spec.batch * -(-(spec.prompt + spec.new + 1) // 16) + 1
+    engine = Engine(loaded, CacheConfig(16, blocks),
+                    SchedulerConfig(max_num_seqs=spec.batch, max_num_batched_tokens=spec.max_batched_tokens,
+                                    enforce_eager=spec.enforce_eager))
+    timer = DeviceTimer(device)
+    engine.device_timer = timer
+    params = SamplingParams(max_new_tokens=spec.new, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    started: set[str] = set()
+    _sync(device)
+    t0 = time.perf_counter()
+    while len(started) < len(prompts):
+        started.update(o.request_id for o in engine.step() if o.token_ids)
+    prefill_s = time.perf_counter() - t0
+    walls: list[float] = []
+    first_decode = len(timer._pending) + len(timer.times)
+    for _ in range(spec.new - 2):  # the last step is counted, not timed
+        t = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - t)
+    device_s = timer.collect()[first_decode:first_decode + len(walls)]
+    engine.device_timer = None
+    with count_syncs(device) as syncs:
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    elems, weight_bytes = matmul_weight_bytes(loaded.model)
+    kv_token = kv_bytes_per_token(cfg, next(loaded.model.parameters()).dtype)
+    # decode step j reads the KV of prompt + j + 1 tokens per sequence (its new token included)
+    floors = [(weight_bytes + spec.batch * (spec.prompt + j + 1) * kv_token) / rates["copy_bytes_s"]
+              for j in range(1, len(walls) + 1)]
+    step_ms = statistics.median(walls) * 1e3
+    return {
+        "prefill_tokens_s": spec.batch * spec.prompt / prefill_s,
+        "prefill_mfu": prefill_flops(cfg, elems, spec.batch, spec.prompt) / prefill_s / rates["gemm_flop_s"],
+        "step_ms": step_ms,
+        "step_p90_ms": _pct(walls, 0.9) * 1e3,
+        "device_ms": statistics.median(device_s) * 1e3,
+        "host_ms": statistics.median(w - d for w, d in zip(walls, device_s)) * 1e3,
+        "floor_ms": statistics.median(floors) * 1e3,
+        "step_over_floor": step_ms / (statistics.median(floors) * 1e3),
+        "syncs_per_step": syncs[0],
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": kv_token,
+    }
+
+
+def run_engine_bench(spec: EngineBenchSpec, progress: bool = True) -> dict:
+    device = torch.device(spec.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = base_config(spec)
+    tokenizer = Tokenizer.from_dir(BUNDLED_MODEL)
+    models = {m: LoadedModel(random_model(method_config(base, m), device, dtype, spec.seed), method_config(base, m),
+                             tokenizer, BUNDLED_MODEL) for m in spec.methods}
+    gen = torch.Generator().manual_seed(spec.seed)
+    # token ids 2.. (0 and 1 are the bundled tokenizer's bos and eos)
+    prompts = [torch.randint(2, base.vocab_size, (spec.prompt,), generator=gen).tolist() for _ in range(spec.batch)]
+    rates = {"gemm_flop_s": gemm_rate(device, dtype), "copy_bytes_s": copy_rate(device)}
+    warm = EngineBenchSpec(**{**spec.__dict__, "batch": min(2, spec.batch), "new": 3})
+    for m in spec.methods:  # compiles kernels (and captures graphs) before anything is timed
+        run_once(models[m], warm, prompts[: warm.batch], rates)
+    rows = []
+    todo = [(r, m) for r in range(spec.rounds) for m in spec.methods]
+    for r, m in tqdm(todo, desc="engine bench", disable=not progress):
+        rows.append({"round": r, "method": m, **run_once(models[m], spec, prompts, rates)})
+    return {"spec": spec.__dict__, "dtype": str(dtype).removeprefix("torch."), "machine": _machine(device),
+            "rates": rates, "rows": rows, "summary": summarize(rows, spec.methods)}
+
+
+def _machine(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else machine_description()
+
+
+def summarize(rows: list[dict], methods: tuple[str, ...]) -> dict:
+    """Per method: medians over rounds, and its step over the uncompressed step of the same round."""
+    out = {}
+    base = {r["round"]: r["step_ms"] for r in rows if r["method"] == "none"}
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        keys = ("prefill_tokens_s", "prefill_mfu", "step_ms", "step_p90_ms", "device_ms", "host_ms", "floor_ms",
+                "step_over_floor", "syncs_per_step")
+        out[m] = {k: statistics.median(r[k] for r in mine) for k in keys}
+        if base:
+            out[m]["step_over_none"] = [r["step_ms"] / base[r["round"]] for r in mine if r["round"] in base]
+    return out
+
+
+def text_report(report: dict) -> str:
+    s, rates = report["spec"], report["rates"]
+    lines = [f"engine bench: {s['shape']} x {s['layers'] or 'all'} layers, batch {s['batch']}, prompt {s['prompt']}, "
+             f"{s['new']} new, {report['dtype']}, {s['rounds']} rounds, {report['machine']}"
+             f"{', eager' if s['enforce_eager'] else ''}",
+             f"measured here: GEMM {rates['gemm_flop_s'] / 1e12:.2f} TFLOP/s, copy {rates['copy_bytes_s'] / 1e9:.1f} GB/s"
+             " (read + written)",
+             f"{'method':<18}{'prefill tok/s':>14}{'MFU':>7}{'step ms':>9}{'p90':>8}{'device':>8}{'host':>8}"
+             f"{'floor':>8}{'step/floor':>11}{'syncs':>7}  step/none per round"]
+    for m, r in report["summary"].items():
+        ratios = " ".join(f"{x:.2f}" for x in r.get("step_over_none", []))
+        lines.append(f"{m:<18}{r['prefill_tokens_s']:>14,.0f}{r['prefill_mfu']:>7.1%}{r['step_ms']:>9.2f}"
+                     f"{r['step_p90_ms']:>8.2f}{r['device_ms']:>8.2f}{r['host_ms']:>8.2f}{r['floor_ms']:>8.3f}"
+                     f"{r['step_over_floor']:>11.1f}{r['syncs_per_step']:>7.0f}  {ratios}")
+    return "\n".join(lines)
+
+
+# -- the command -------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = EngineBenchSpec()
+    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
+    p.add_argument("--shape", choices=SHAPES, default=d.shape, help="model shape (random weights)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
+    p.add_argument("--batch", type=int, default=d.batch, help="requests, all running together")
+    p.add_argument("--prompt", type=int, default=d.prompt, help="prompt tokens per request")
+    p.add_argument("--new", type=int, default=d.new, help="greedy tokens per request")
+    p.add_argument("--methods", nargs="+", default=list(d.methods), help="none, zeroc-fold-R, zeroc-rotate-R")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds of every method")
+    p.add_argument("--max-batched-tokens", type=int, default=d.max_batched_tokens)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    spec = EngineBenchSpec(device=args.device, shape=args.shape, layers=args.layers, batch=args.batch,
+                           prompt=args.prompt, new=args.new, methods=tuple(args.methods), rounds=args.rounds,
+                           max_batched_tokens=args.max_batched_tokens, enforce_eager=args.enforce_eager)
+    report = run_engine_bench(spec, progress=not args.json)
+    print(json.dumps(report, indent=2) if args.json else text_report(report))
+    return 0
