@@ -58,7 +58,7 @@ def build_compressed(out: Path, calib_tokens: int) -> Path:
     2 sinks and 8 recent tokens, from statistics of `calib_tokens` tokens of the bundled calibration text."""
     from zeroc.compression.calibrate import collect_statistics, compute_factors
     from zeroc.compression.fold import build_compressed as fold
-    from zeroc.evaluate import read_eval_tokens
+    from zeroc.data import read_eval_tokens
 
     base = load_model(BUNDLED_MODEL)
     calib = read_eval_tokens(base.tokenizer, BUNDLED_CALIB, calib_tokens)[:calib_tokens].view(-1, 256)

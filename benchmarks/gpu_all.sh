@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The prepared GPU run (one lent H100/H200): the attention kernels against SDPA and the copy rate, the Engine
+# against its bandwidth floor, and the whole service stack on CUDA. Each part is time-boxed; results go to $OUT.
+#   bash benchmarks/gpu_all.sh [kernels] [engine] [serve]      (default: all three, in that order)
+# Wheels the device image lacks travel in .whl/ (see docs/benchmarks.md, "GPU runs").
+set -u
+OUT=${OUT:-/tmp/zeroc-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+parts=${*:-kernels engine serve}
+for part in $parts; do
+    start=$(date +%s)
+    case $part in
+        kernels) timeout 260 python3 benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json" > "$OUT/gpu_kernels.txt" 2>&1
+                 echo "== kernels rc=$? $(( $(date +%s) - start )) s"; tail -70 "$OUT/gpu_kernels.txt" ;;
+        engine)  timeout 200 python3 -m zeroc.cli bench engine --device cuda --shape llama3-8b --layers 16 --batch 64 \
+                     --prompt 2048 --new 64 --methods none zeroc-fold-64 zeroc-rotate-64 --rounds 2 \
+                     > "$OUT/engine.txt" 2>&1
+                 echo "== engine rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/engine.txt" ;;
+        serve)   timeout 200 python3 benchmarks/gpu_serve.py --dtype bfloat16 > "$OUT/gpu_serve.txt" 2>&1
+                 echo "== serve rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/gpu_serve.txt" ;;
+    esac
+done
