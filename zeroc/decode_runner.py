@@ -38,13 +38,12 @@ def buckets(max_seqs: int) -> list[int]:
 
 
 def graphs_supported(model, cache: PagedKVCache) -> bool:
-    """CUDA, a plain cache (a KV policy's store or a token tier places tokens on the host) and Triton."""
+    """CUDA, a plain cache (a KV policy's store or a token tier places tokens on the host) and the Triton
+    backend (its kernels take device-resident lengths; the references do host work)."""
     param = next(model.parameters())
     if not param.is_cuda or cache.store is not None or model.config.has_tier:
         return False
-    from zeroc_kernels.attention import use_triton
-
-    return use_triton(param)
+    return model.backend.name == "triton"
 
 
 class DecodeRunner:
