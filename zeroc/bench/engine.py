@@ -45,6 +45,7 @@ from zeroc.loader import LoadedModel, read_config
 from zeroc.model import Transformer
 from zeroc.sampling import SamplingParams
 from zeroc.tokenizer import Tokenizer
+from zeroc_kernels.attention import select_backend
 
 SHAPES = ("bundled", "llama3-8b")
 LLAMA3_8B = ModelConfig(vocab_size=8192, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -125,6 +126,7 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rope()
+    model.backend = select_backend("auto", device)  # as the loader does: Triton on CUDA
     return model.eval().requires_grad_(False)
 
 
