@@ -157,8 +157,8 @@ class TierStore(PolicyStore):
         at = self._slot(positions)[:, None] * width + torch.arange(width, device=pool.device)  # [P, row]
         ids = torch.tensor(self.borrowed[table[0]], device=pool.device)
         per_block = pool[0].numel()
-        pool.view(pool.shape[0], -1)[ids[at // per_block], at % per_block] = rows.reshape(len(at), -1).to(pool.device,
-                                                                                                        pool.dtype)
+        values = rows.reshape(len(at), -1).to(pool.device, pool.dtype)  # [P, row]; rows from the wire are on the host
+        pool.view(pool.shape[0], -1)[ids[at // per_block], at % per_block] = values
 
     def _kept(self, cur: int, new: int) -> Tensor:
         """Positions of [cur, new) the tier keeps once the sequence has `new` tokens."""
