@@ -77,6 +77,9 @@ class _Sequence:
         return self.prompt_ids + self.output_ids
 
 
+_CHUNK = SamplingParams()  # what a chunk-of-a-prompt row "samples" with: greedy, no generator; discarded
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, cache: CacheConfig | None = None,
                  scheduler: SchedulerConfig | None = None):
@@ -175,69 +178,82 @@ class Engine:
             self.waiting.appendleft(victim)
         return []
 
-    def _admit(self, budget: int) -> list[_Sequence]:
-        """Admit waiting sequences FCFS while their whole context fits the cache and the budget."""
-        admitted: list[_Sequence] = []
+    def _admit(self, budget: int) -> list[tuple[_Sequence, int]]:
+        """Admit waiting sequences FCFS while their whole context fits the cache, each with the tokens it
+        computes this step. A prompt longer than what is left of the token budget computes a chunk of it
+        (chunked prefill) and stays first in line, holding its blocks, until its last chunk; only then does
+        it sample and run. With no budget left at all, the first sequence still computes its whole rest."""
+        admitted: list[tuple[_Sequence, int]] = []
         free = self.cache.num_free_blocks - sum(self.cache.blocks_needed(s.request_id, 1) for s in self.running)
-        # Sequences that already hold blocks (a received or reused prefix) go first: one queued behind
-        # a sequence waiting for exactly those blocks would wait forever.
+        # Sequences that already hold blocks (a received or reused prefix, an unfinished chunked prompt) go
+        # first: one queued behind a sequence waiting for exactly those blocks would wait forever.
         order = sorted(self.waiting, key=lambda s: s.in_cache == 0)
         for seq in order:
             if len(self.running) + len(admitted) >= self.sched.max_num_seqs:
                 break
             n = len(seq.all_ids) - seq.in_cache  # tokens to compute; a received prefix is in_cache
             blocks = self.cache.blocks_needed(seq.request_id, n)
-            if blocks > free or (admitted and n > budget):
+            take = n if budget <= 0 and not admitted else min(n, budget)
+            if blocks > free or take <= 0:
                 break
-            self.waiting.remove(seq)
             if seq.queued_s is None:
                 seq.queued_s = time.monotonic() - seq.added_at
-            admitted.append(seq)
+            admitted.append((seq, take))
+            if take < n:  # a chunk: it keeps its place in line
+                break
+            self.waiting.remove(seq)
             free -= blocks
             budget -= n
         return admitted
 
     def step(self) -> list[StepOutput]:
-        """Run one forward for every scheduled sequence and sample one token each."""
+        """Run one forward for every scheduled sequence and sample one token for each that has computed its
+        whole context (a chunk of a prompt samples nothing)."""
         cut = self._reserve_decode()
         decoding = list(self.running)
         admitted = self._admit(self.sched.max_num_batched_tokens - len(decoding))
         self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
         if not decoding and not admitted:
             return cut
-        scheduled = decoding + admitted
+        done = [seq for seq, n in admitted if seq.in_cache + n == len(seq.all_ids)]  # prompts computed in full
+        rows = decoding + [seq for seq, _ in admitted]
+        samples = {id(s) for s in decoding + done}  # rows whose token counts
         with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
             logits = self._forward(decoding, admitted)  # [B, vocab]; launched, the device runs on
-            # built while the forward runs (its copies queue behind it)
-            sampling = SamplingBatch.build([s.params for s in scheduled], [s.generator for s in scheduled],
-                                           self.model_config.vocab_size, self.device)
+            # built while the forward runs (its copies queue behind it); a chunk's row draws nothing
+            params = [s.params if id(s) in samples else _CHUNK for s in rows]
+            gens = [s.generator if p is not _CHUNK else None for s, p in zip(rows, params)]
+            sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device)
             sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
         # While the device works: host bookkeeping that needs no sampled id.
-        self.running = list(scheduled)  # _advance removes finished ones from this copy
+        for seq, n in admitted:
+            seq.in_cache += n
+        self.running = decoding + done  # _advance removes finished ones from this copy
         if self.on_prompt_computed is not None:
-            for seq in admitted:  # before _advance, which frees the blocks of finished sequences
+            for seq in done:  # before _advance, which frees the blocks of finished sequences
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
         ids = sampled.tolist()  # the step's one device->host copy
         outputs = cut
-        for seq, token in zip(scheduled, ids):
-            seq.in_cache = len(seq.all_ids)
-            outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
+        for seq, token in zip(rows, ids):
+            if id(seq) in samples:
+                seq.in_cache = len(seq.all_ids)
+                outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
         return outputs
 
-    def _forward(self, decoding: list[_Sequence], admitted: list[_Sequence]) -> Tensor:
+    def _forward(self, decoding: list[_Sequence], admitted: list[tuple[_Sequence, int]]) -> Tensor:
         """Reserve the step's slots, update the persistent batch and launch the forward -> logits [B, vocab].
         Decode rows take one token each (their last sampled id, already on the device); admitted ones their
-        uncached tokens from the host."""
-        plan = [(s.request_id, 1) for s in decoding] + [(s.request_id, len(s.all_ids) - s.in_cache) for s in admitted]
+        next uncached tokens (all, or a chunk) from the host. A chunk's row leaves the batch next step."""
+        plan = [(s.request_id, 1) for s in decoding] + [(s.request_id, n) for s, n in admitted]
         reserved = self.cache.append_slots(plan)
         self.state.decode([grown for _, grown in reserved[: len(decoding)]])
         if not admitted and self.cache.places_by_position:
             return self.decode_runner.run(len(decoding))
         prefill, rows = [], []
-        for seq, (start, _) in zip(admitted, reserved[len(decoding):]):
-            rid, end = seq.request_id, len(seq.all_ids)
-            prefill.append((seq.all_ids[start:], list(range(start, end)), self.cache.slots(rid, start, end)))
+        for (seq, n), (start, _) in zip(admitted, reserved[len(decoding):]):
+            rid, end = seq.request_id, start + n
+            prefill.append((seq.all_ids[start:end], list(range(start, end)), self.cache.slots(rid, start, end)))
             rows.append((rid, self.cache.block_table(rid), end))
         self.state.add(rows)
         tokens, batch = self.state.paged_batch(len(decoding), prefill, self.cache.places_by_position)

@@ -216,3 +216,22 @@ def test_a_sequence_with_non_finite_logits_fails_alone(random_gqa):
         assert [t for o in outs[rid] for t in o.token_ids] == _alone(random_gqa, PROMPTS[i]).token_ids
         assert outs[rid][-1].finish_reason == "length" and outs[rid][-1].error is None
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_chunked_prefill_keeps_the_tokens_and_the_step_budget(random_gqa):
+    """A budget of 24 tokens per step: long prompts are computed in chunks beside the running decodes, no
+    step computes more than the budget, and every sequence's tokens are those it gets alone."""
+    prompts = [PROMPTS[0], PROMPTS[1] * 20, PROMPTS[2] * 12, PROMPTS[3]]
+    engine = Engine(random_gqa, CacheConfig(16, 256), SchedulerConfig(max_num_batched_tokens=24))
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    assert max(len(s.prompt_ids) for s in engine.waiting) > 2 * 24
+    got = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        before = engine.cache.seq_len  # tokens computed this step = growth of every sequence's length
+        lens = {rid: before(rid) for rid in ids}
+        for o in engine.step():
+            got[o.request_id] += o.token_ids
+        assert sum(engine.cache.seq_len(rid) - lens[rid] for rid in ids if engine.cache.seq_len(rid)) <= 24
+    for rid, p in zip(ids, prompts):
+        assert got[rid] == _alone(random_gqa, p).token_ids
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks

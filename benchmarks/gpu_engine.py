@@ -1,0 +1,113 @@
+"""The engine's device-side runtime checked on a device, in one call (about a minute on one H200).
+
+On the bundled model (float32) it checks, and prints pass/fail for each:
+- graphs: greedy tokens with CUDA graphs for decode steps equal those with enforce_eager (ragged prompts and
+  lengths, so the decode batch shrinks through buckets), and graphs were really captured;
+- syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them);
+- seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
+- isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
+  those they get alone.
+On the CPU graphs cannot be captured: the graphs check then compares the padded static-buffer path (run
+eagerly) with the unpadded one, and syncs counts host reads of tensor values instead.
+
+    python benchmarks/gpu_engine.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from zeroc.bench_engine import count_syncs
+from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
+from zeroc.decode_runner import DecodeRunner
+from zeroc.engine import Engine
+from zeroc.loader import load_model
+from zeroc.sampling import SamplingParams
+
+PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "Exceptions are raised",
+           "def f(x):\n    return x", "print(", "class A:", "for i in range(10):"]
+
+
+def _engine(loaded, eager: bool, pad_on_cpu: bool = False) -> Engine:
+    engine = Engine(loaded, CacheConfig(16, 256), SchedulerConfig(max_num_seqs=8, enforce_eager=eager))
+    if pad_on_cpu and not engine.decode_runner.use_graphs:
+        engine.decode_runner = DecodeRunner(engine.model, engine.cache, engine.state, use_graphs=False, pad=True)
+    return engine
+
+
+def check_graphs(loaded) -> tuple[bool, str]:
+    params = [SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True) for i in range(len(PROMPTS))]
+    eager = [r.token_ids for r in _engine(loaded, True).generate(PROMPTS, params)]
+    graphed_engine = _engine(loaded, False, pad_on_cpu=True)
+    graphed = [r.token_ids for r in graphed_engine.generate(PROMPTS, params)]
+    runner = graphed_engine.decode_runner
+    what = f"captured buckets {sorted(runner.graphs)}" if runner.use_graphs else "padded eager path (no graphs here)"
+    return graphed == eager, f"{what}; tokens {'equal' if graphed == eager else 'DIFFER'} to eager"
+
+
+def check_syncs(loaded) -> tuple[bool, str]:
+    engine = _engine(loaded, False)
+    for p in PROMPTS:
+        engine.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    for _ in range(3):  # prefill, then decode steps (the first captures the graph)
+        engine.step()
+    with count_syncs(engine.device) as n:
+        engine.step()
+    # on the CPU the reference attention also reads each layer's longest query to the host
+    want = 1 if engine.device.type == "cuda" else 1 + engine.cache.num_layers
+    return n[0] == want, f"{n[0]} per decode step (want {want})"
+
+
+def check_seeded(loaded) -> tuple[bool, str]:
+    seeded = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=40, top_p=0.9, seed=5, ignore_eos=True)
+    alone = _engine(loaded, False).generate([PROMPTS[1]], seeded)[0].token_ids
+    others = [SamplingParams(max_new_tokens=6, temperature=0.7, top_p=0.8, ignore_eos=True), seeded,
+              SamplingParams(max_new_tokens=12, ignore_eos=True),
+              SamplingParams(max_new_tokens=9, temperature=1.2, seed=9, ignore_eos=True)]
+    mixed = _engine(loaded, False).generate(PROMPTS[:4], others)[1].token_ids
+    return mixed == alone, f"alone {alone[:6]}... {'==' if mixed == alone else '!='} in a batch"
+
+
+def check_isolation(loaded) -> tuple[bool, str]:
+    greedy = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    engine = _engine(loaded, False)
+    ok_ids = [engine.add_request(PROMPTS[i], greedy) for i in (0, 2)]
+    bad = engine.add_request(PROMPTS[1], greedy)
+    outs = {rid: [] for rid in ok_ids + [bad]}
+    for o in engine.step():
+        outs[o.request_id].append(o)
+    for layer in range(engine.cache.num_layers):
+        engine.cache.layer(layer)[0][engine.cache.block_table(bad)] = float("nan")
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    alone = [_engine(loaded, False).generate([PROMPTS[i]], greedy)[0].token_ids for i in (0, 2)]
+    got = [[t for o in outs[rid] for t in o.token_ids] for rid in ok_ids]
+    failed = outs[bad][-1].finish_reason == "error"
+    return failed and got == alone, f"poisoned: {outs[bad][-1].finish_reason}; others equal alone: {got == alone}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    loaded = load_model(BUNDLED_MODEL, device=args.device)
+    results = []
+    for name, check in (("graphs", check_graphs), ("syncs", check_syncs), ("seeded", check_seeded),
+                        ("isolation", check_isolation)):
+        try:
+            ok, detail = check(loaded)
+        except Exception as exc:  # report, run the rest
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        results.append(ok)
+        print(f"{name:<10} {'pass' if ok else 'FAIL'}  {detail}", flush=True)
+    print(f"all pass: {all(results)}")
+    return 0 if all(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

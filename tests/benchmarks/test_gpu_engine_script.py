@@ -1,0 +1,17 @@
+"""The prepared engine-runtime check runs on the CPU and passes (graphs there: the padded eager path)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_engine.py"
+
+
+def test_cpu_run_passes_every_check():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:4]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
+                                                         ["isolation", "pass"]]
