@@ -26,7 +26,7 @@ from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
 from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
-from zeroc.rpc import CallCounter, ServiceHost
+from zeroc.rpc import MAX_MODEL_CHARS, CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.sampling import SamplingParams
 from zeroc.serving_policies.transfer import kv_fingerprint, receive_into
 from zeroc.transport.decode_side import make_kv_transport
@@ -36,6 +36,8 @@ from zeroc.v1 import generation_pb2_grpc, kv_store_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+# A sequence the engine ended on its own account (non-finite logits, ...): that request alone fails.
+ERROR_FINISH = "error"
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -83,8 +85,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return self.ready
 
     def _parse(self, request: pb.GenerateRequest, state: _Ready, context: grpc.ServicerContext) -> GenerateInput:
+        check_id("request_id", request.request_id, context)
+        check_id("model", request.model, context, MAX_MODEL_CHARS)
         if request.model and request.model != state.model_name:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; "
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {quote(request.model)}; "
                                                      f"this service serves {state.model_name!r}")
         if request.prompt and request.prompt_token_ids:
             context.abort(_INVALID, "set either prompt or prompt_token_ids, not both")
@@ -187,8 +191,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     return
                 continue
             if isinstance(out, Exception):
-                context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out}")
+                context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {quote(out, 200)}")
             assert isinstance(out, StepOutput)
+            if out.finish_reason == ERROR_FINISH:
+                why = getattr(out, "error", None) or "the sequence's computation failed"
+                context.abort(grpc.StatusCode.INTERNAL, f"generation failed for this request: {quote(why, 200)}")
             if ttft_ms is None and out.token_ids:
                 ttft_ms = (time.monotonic() - arrived) * 1000
             produced += len(out.token_ids)
@@ -241,9 +248,9 @@ class DecodeService:
         if cfg.transfer.prefill_target:
             self.transport = make_kv_transport(cfg, self.fingerprint)
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining)
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.host.server)
-        self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes)
-        kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server(self.kv_servicer, self.host.server)
+        add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
+        self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store)
+        add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, self.kv_servicer, self.host.server)
         self.loop: EngineLoop | None = None
         self.store: StoreHandle | None = None
 

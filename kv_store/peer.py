@@ -14,6 +14,7 @@ from typing import Callable
 import grpc
 
 from kv_store.pool import BlockPool
+from zeroc.config import StoreConfig
 from zeroc.kv_transfer import KvReceiver, KvTransferError, decode_chunk, encode_layer
 from zeroc.v1 import kv_store_pb2, kv_store_pb2_grpc
 
@@ -22,11 +23,19 @@ SERVICE_NAME = kv_store_pb2.DESCRIPTOR.services_by_name["KvStoreService"].full_n
 _BLOCK_ID_LEN = 32
 
 
+_HEX = frozenset("0123456789abcdef")
+_MAX_TOKEN = 2 ** 32 - 1  # chunk positions are uint32
+
+
 class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
     """Serves this holder's pool; UNAVAILABLE until `attach` (the model loads after the server starts)."""
 
-    def __init__(self, default_chunk_bytes: int):
+    def __init__(self, default_chunk_bytes: int, max_message_bytes: int = 16 << 20,
+                 cfg: StoreConfig | None = None):
+        cfg = cfg or StoreConfig()
         self.default_chunk_bytes = default_chunk_bytes
+        self.max_chunk_bytes = max(1024, max_message_bytes - (64 << 10))  # a chunk and its metadata fit a message
+        self.max_blocks, self.max_bytes = cfg.max_fetch_blocks, cfg.max_fetch_mb << 20
         self.pool: BlockPool | None = None
         self.seed = ""
         self.on_served: Callable[[list[str]], None] = lambda ids: None  # the store marks served blocks used
@@ -37,24 +46,42 @@ class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
         self.seed, self.on_served, self.on_pins = seed, on_served, on_pins
         self.pool = pool
 
+    def _check(self, request: kv_store_pb2.FetchBlocksRequest, pool: BlockPool, context: grpc.ServicerContext
+               ) -> list[str]:
+        """The request's block ids, or an abort: every number and length bounded before any work."""
+        if request.seed != self.seed:  # the holder's seed is never quoted back
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the block seed does not match this holder's "
+                                                               "(another model, dtype or block size?)")
+        ids = list(request.block_ids)
+        if not ids or len(ids) > self.max_blocks:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"block_ids has {len(ids)} ids; between 1 and "
+                                                            f"{self.max_blocks} are allowed")
+        if any(len(b) != _BLOCK_ID_LEN or not _HEX.issuperset(b) for b in ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"block_ids must be {_BLOCK_ID_LEN} lowercase hex "
+                                                            "characters each")
+        if len(set(ids)) != len(ids):  # a chain never repeats an id: repeats only multiply the reply
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_ids repeats an id; a block chain never does")
+        if request.first_token + len(ids) * pool.block_size > _MAX_TOKEN:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"first_token {request.first_token} plus "
+                                                            f"{len(ids)} blocks passes the largest token position")
+        if len(ids) * pool.block_bytes > self.max_bytes:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{len(ids)} blocks are {len(ids) * pool.block_bytes} bytes; one call serves at most "
+                          f"{self.max_bytes}")
+        return ids
+
     def FetchBlocks(self, request, context):
         pool = self.pool
         if pool is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "this service's KV store is not ready (or is off)")
-        if request.seed != self.seed:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"block seed {request.seed!r} does not match this holder's {self.seed!r} (another model?)")
-        ids = list(request.block_ids)
-        if not ids or any(len(b) != _BLOCK_ID_LEN for b in ids):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"block_ids must be {_BLOCK_ID_LEN}-character ids, "
-                                                            "at least one")
+        ids = self._check(request, pool, context)
         n = pool.pin(ids)
         served = ids[:n]
         self.on_pins(served)
         try:
             yield kv_store_pb2.FetchBlocksResponse(header=kv_store_pb2.FetchBlocksHeader(
                 num_blocks=n, block_crc32c=[pool.checksum(b) for b in served]))
-            chunk = max(1024, request.max_chunk_bytes or self.default_chunk_bytes)
+            chunk = max(1024, min(request.max_chunk_bytes or self.default_chunk_bytes, self.max_chunk_bytes))
             for layer in range(len(pool.k) if n else 0):
                 if not context.is_active():
                     return

@@ -522,10 +522,16 @@ class StoreConfig:
     advertise: str = ""  # HOST:PORT peers fetch blocks from; empty means the service's listen address
     namespace: str = "zeroc"  # prefix of every Redis key (one namespace per deployment)
     fetch_timeout_s: float = 10.0  # longest a peer fetch of a prompt's blocks may take
+    # Bounded work per FetchBlocks call a holder serves: more ids is INVALID_ARGUMENT, more payload
+    # (blocks x block bytes) RESOURCE_EXHAUSTED.
+    max_fetch_blocks: int = 4096
+    max_fetch_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.capacity_mb < 0 or self.lease_s <= 0 or self.fetch_timeout_s <= 0:
             raise ValueError("store capacity_mb must be >= 0, lease_s and fetch_timeout_s positive")
+        if self.max_fetch_blocks < 1 or self.max_fetch_mb < 1:
+            raise ValueError("store max_fetch_blocks and max_fetch_mb must be positive")
         if not self.namespace or any(c in self.namespace for c in "{}: "):
             raise ValueError(f"store namespace {self.namespace!r} must be non-empty without braces, colons or spaces")
 

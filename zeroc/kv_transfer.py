@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from zeroc.kv_cache import PagedKVCache
+from zeroc.rpc import add_servicer
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -131,23 +132,14 @@ def _serialize_prefill_response(msg: prefill_pb2.PrefillResponse | bytes) -> byt
 
 
 def add_prefill_service(servicer: prefill_pb2_grpc.PrefillServiceServicer, server: grpc.Server) -> None:
-    """Register a PrefillService servicer as the generated helper does, except that its Prefill may
-    yield chunks already serialized by `encode_layer_wire` (prefill side, once per server)."""
+    """Register a PrefillService servicer (`add_servicer`: undecodable requests are INVALID_ARGUMENT),
+    except that its Prefill may yield chunks already serialized by `encode_layer_wire`."""
+    def replace(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method == "Prefill":
+            return handler._replace(response_serializer=_serialize_prefill_response)
+        return handler
 
-    class _Collect:
-        def add_generic_rpc_handlers(self, _handlers) -> None:
-            pass
-
-        def add_registered_method_handlers(self, _name: str, handlers: dict) -> None:
-            self.handlers = dict(handlers)
-
-    collected = _Collect()
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, collected)
-    handlers = collected.handlers  # other methods keep their generated handlers
-    handlers["Prefill"] = handlers["Prefill"]._replace(response_serializer=_serialize_prefill_response)
-    name = _PREFILL.containing_service.full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    add_servicer(prefill_pb2_grpc.add_PrefillServiceServicer_to_server, servicer, server, replace)
 
 
 @dataclass(frozen=True)

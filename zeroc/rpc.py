@@ -19,6 +19,91 @@ from zeroc.config import ServerConfig
 
 log = logging.getLogger(__name__)
 
+# Protocol limits on caller-chosen strings (they are echoed in responses and logs).
+MAX_REQUEST_ID_CHARS = 256
+MAX_MODEL_CHARS = 256
+QUOTE_CHARS = 64  # error messages quote at most this much of any input
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """`repr` of `value` cut to its first `limit` characters: error messages never echo unbounded input."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def check_id(name: str, value: str, context: grpc.ServicerContext, limit: int = MAX_REQUEST_ID_CHARS) -> None:
+    """INVALID_ARGUMENT unless the caller-chosen string `value` (field `name`) is at most `limit` characters."""
+    if len(value) > limit:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} has {len(value)} characters; at most {limit} "
+                                                        "are allowed")
+
+
+class _Undecodable:
+    """What a request that protobuf could not parse (bad wire bytes, invalid UTF-8) turns into."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(raw: bytes) -> object:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError and friends: the caller's bytes, not a server fault
+            return _Undecodable(exc)
+    return parse
+
+
+def _guarded(behavior: Callable, streaming: bool) -> Callable:
+    """The behavior, answering INVALID_ARGUMENT to an undecodable request (gRPC itself would say INTERNAL)."""
+    def reject(request: _Undecodable, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request could not be parsed: {quote(request.error, 200)}")
+
+    if streaming:
+        def run_stream(request, context):
+            if isinstance(request, _Undecodable):
+                reject(request, context)
+            yield from behavior(request, context)
+        return run_stream
+
+    def run(request, context):
+        if isinstance(request, _Undecodable):
+            reject(request, context)
+        return behavior(request, context)
+    return run
+
+
+def add_servicer(add_to_server: Callable, servicer: object, server: grpc.Server,
+                 replace: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] | None = None) -> None:
+    """Register `servicer` as the generated `add_..._to_server` does, except that a request protobuf cannot
+    parse gets INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing request!".
+    `replace(method, handler)` may swap parts of a handler (e.g. a response serializer)."""
+
+    class _Collect:
+        def add_generic_rpc_handlers(self, generic) -> None:
+            self.generic = generic
+
+        def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+            self.name, self.handlers = name, dict(handlers)
+
+    collected = _Collect()
+    add_to_server(servicer, collected)
+    if not hasattr(collected, "handlers"):  # an older generated helper: no per-method registration
+        raise RuntimeError("the generated gRPC code is too old for add_servicer; regenerate the stubs")
+    handlers = {}
+    for method, h in collected.handlers.items():
+        if h.request_deserializer is not None and not h.request_streaming:
+            behavior = h.unary_stream if h.response_streaming else h.unary_unary
+            guarded = _guarded(behavior, h.response_streaming)
+            h = h._replace(request_deserializer=_lenient(h.request_deserializer),
+                           **{"unary_stream" if h.response_streaming else "unary_unary": guarded})
+        handlers[method] = replace(method, h) if replace else h
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.name, handlers),))
+    server.add_registered_method_handlers(collected.name, handlers)
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and any `extra=` fields."""

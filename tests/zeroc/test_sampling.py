@@ -13,10 +13,25 @@ from zeroc.sampling import SamplingParams, make_generator, sample_token
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"stop": ("",)}, "stop"),
+    ({"temperature": 1e-45}, "temperature"),  # subnormal: logits / t overflow to inf
+    ({"temperature": 9e-4}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 100.5}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"seed": 2 ** 64}, "seed"),
+    ({"stop": ("a",) * 17}, "stop"),
+    ({"stop": ("a" * 257,)}, "stop"),
+    ({"stop_token_ids": tuple(range(257))}, "stop_token_ids"),
 ])
 def test_invalid_parameters_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_the_smallest_allowed_temperature_samples_finite_probabilities():
+    logits = torch.tensor([80.0, -80.0, 79.0, 0.0])
+    params = SamplingParams(temperature=1e-3, seed=3)
+    assert {sample_token(logits, params, make_generator(params)) for _ in range(20)} == {0}
 
 
 def _draws(logits, params, n=2000):
