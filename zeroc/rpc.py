@@ -153,7 +153,7 @@ class ServiceHost:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                                   options=channel_options(cfg), maximum_concurrent_rpcs=cfg.workers)
         self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
