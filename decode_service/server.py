@@ -21,6 +21,7 @@ from kv_store.peer import SERVICE_NAME as KV_SERVICE_NAME
 from kv_store.peer import KvStoreServicer
 from kv_store.service import StoreHandle, attach_store, set_store_health
 from kv_store.store import KvStore
+from zeroc.auth import TokenAuth
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
@@ -48,6 +49,7 @@ class GenerateInput:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    tenant: str = ""  # whose prefix cache the request reads and fills
 
 
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
@@ -73,8 +75,11 @@ class _Ready:
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
-    def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event):
+    def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event,
+                 auth: TokenAuth | None = None):
         self.transport, self.draining = transport, draining
+        self.auth = auth or TokenAuth(None, "")
+        self.tenants: dict[str, str] = {}  # engine request id -> tenant, while the request runs
         self.calls = CallCounter()
         self.transfer_timeout_s = transfer_timeout_s
         self.ready: _Ready | None = None
@@ -99,10 +104,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except ValueError as exc:  # ZeroCError is a ValueError: empty prompt, bad ids, bad sampling
             context.abort(_INVALID, str(exc))
-        return GenerateInput(request.request_id or f"gen-{time.time_ns():x}", ids, params)
+        return GenerateInput(request.request_id or f"gen-{time.time_ns():x}", ids, params, self.auth.tenant(context))
 
     def Generate(self, request, context):
         arrived = time.monotonic()
+        self.auth.tenant(context)  # UNAUTHENTICATED before any other answer
         state = self._state(context)
         if self.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down; use another replica")
@@ -114,8 +120,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ShuttingDownError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.tenants[ticket.key] = req.tenant
         # Runs however the call ends (finished, cancelled, deadline, disconnect): blocks free at once.
-        context.add_callback(lambda: state.loop.release(ticket))
+        context.add_callback(lambda: (state.loop.release(ticket), self.tenants.pop(ticket.key, None)))
         kv_bytes, reused = self._start(req, ticket, state, context)
         log.info("generate", extra={"request_id": req.request_id, "prompt_tokens": len(req.prompt_ids),
                                     "kv_bytes": kv_bytes, "cached_prefix_tokens": reused})
@@ -131,17 +138,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 # The prefill side sends KV for all but the last prompt token; the engine runs that one
                 # itself and samples the first token with the request's own generator.
                 slots = state.loop.reserve(ticket, len(ids) - 1, context.is_active)
-                reused = self._load_prefix(state, ids[:-1], slots, req.request_id)
+                reused = self._load_prefix(state, ids[:-1], slots, req)
                 remaining = context.time_remaining()
                 timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
                 if reused < len(ids) - 1:
                     receiver, land = receive_into(state.engine.cache, ticket.key, slots[reused:], start=reused)
                     kv_bytes = self.transport.fetch(ticket.key, ids[:-1], receiver, timeout, context.is_active,
-                                                    cached_prefix_tokens=reused)
+                                                    cached_prefix_tokens=reused, tenant=req.tenant)
                     state.loop.run_locked(land)  # a KV policy encodes the full-precision KV into its own blocks
                 cached = len(ids) - 1
             elif state.store is not None and len(ids) > 1:
-                cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req.request_id)
+                cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req)
             state.loop.submit(ticket, ids, req.params, cached)
         except KvTransferError as exc:
             state.loop.release(ticket)
@@ -157,25 +164,25 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return kv_bytes, reused
 
     @staticmethod
-    def _load_prefix(state: _Ready, ids: list[int], slots, request_id: str) -> int:
-        """Put the longest cached prefix of `ids` into the request's slots; returns its tokens (0 on any
-        store failure: the prompt is then computed as if nothing were cached)."""
+    def _load_prefix(state: _Ready, ids: list[int], slots, req: GenerateInput) -> int:
+        """Put the longest prefix of `ids` in the tenant's cache into the request's slots; returns its tokens
+        (0 on any store failure: the prompt is then computed as if nothing were cached)."""
         if state.store is None:
             return 0
         try:
-            return state.store.load(state.store.plan(ids), state.engine.cache, slots).tokens
+            return state.store.load(state.store.plan(ids, req.tenant), state.engine.cache, slots).tokens
         except Exception:
-            log.exception("kv store load failed; computing the whole prompt", extra={"request_id": request_id})
+            log.exception("kv store load failed; computing the whole prompt", extra={"request_id": req.request_id})
             return 0
 
     def _colocated_prefix(self, state: _Ready, ticket: Ticket, ids: list[int], context: grpc.ServicerContext,
-                          request_id: str) -> int:
+                          req: GenerateInput) -> int:
         """Colocated: reserve and fill slots for the cached prefix of `ids`; the engine computes the rest."""
-        plan = state.store.plan(ids)
+        plan = state.store.plan(ids, req.tenant)
         if not plan.tokens:
             return 0
         slots = state.loop.reserve(ticket, plan.tokens, context.is_active)
-        if self._load_prefix(state, ids[:plan.tokens], slots, request_id) == plan.tokens:
+        if self._load_prefix(state, ids[:plan.tokens], slots, req) == plan.tokens:
             return plan.tokens
         state.loop.unreserve(ticket)  # part of the prefix went missing meanwhile: compute it all
         return 0
@@ -212,6 +219,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 return
 
     def GetModelInfo(self, request, context):
+        self.auth.tenant(context)
         state = self._state(context)
         cfg, stats = state.engine.model_config, state.loop.stats()
         return pb.GetModelInfoResponse(
@@ -222,6 +230,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.store))
 
     def Tokenize(self, request, context):
+        self.auth.tenant(context)
         state = self._state(context)
         return pb.TokenizeResponse(
             token_ids=state.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
@@ -247,7 +256,8 @@ class DecodeService:
         self.transport = None
         if cfg.transfer.prefill_target:
             self.transport = make_kv_transport(cfg, self.fingerprint)
-        self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining)
+        auth = TokenAuth.from_file(cfg.security.tokens_file, cfg.security.default_tenant)
+        self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth)
         add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
         self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store)
         add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, self.kv_servicer, self.host.server)
@@ -265,7 +275,9 @@ class DecodeService:
         self.store = attach_store(cfg, loaded, self.fingerprint, self.host, self.kv_servicer)
         store = self.store.store if self.store else None
         if store is not None:
-            engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table)
+            tenants = self.servicer.tenants
+            engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table,
+                                                                            tenants.get(rid, ""))
         self.loop = EngineLoop(engine, cfg.server.max_queue)
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype, store)

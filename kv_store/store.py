@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +32,7 @@ from kv_store.pool import BlockPool
 from zeroc.config import StoreConfig
 from zeroc.kv_cache import PagedKVCache
 from zeroc.kv_transfer import KvReceiver, KvTransferError
+from zeroc.security import TenantKeys
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -98,8 +100,10 @@ class KvStore:
 
     def __init__(self, pool: BlockPool, index: BlockIndex, holder: str, seed: str, cfg: StoreConfig,
                  retry_s: float, fetcher: PeerFetcher | None, index_name: str = "",
-                 on_state: Callable[[str], None] = lambda state: None):
+                 on_state: Callable[[str], None] = lambda state: None, keys: TenantKeys | None = None):
         self.pool, self.index, self.holder, self.seed, self.cfg = pool, index, holder, seed, cfg
+        # Block ids are keyed per tenant: without keys of its own the store shares ids with nobody.
+        self.keys = keys or TenantKeys(secrets.token_bytes(32))
         self.fetcher, self.index_name, self.on_state = fetcher, index_name, on_state
         self.retry_s = retry_s
         self.counters = _Counters()
@@ -116,12 +120,13 @@ class KvStore:
         self._lease.start()
 
     # -- request threads ------------------------------------------------------------------------
-    def block_ids(self, token_ids: list[int]) -> list[str]:
-        return block_ids(token_ids, self.pool.block_size, self.seed)
+    def block_ids(self, token_ids: list[int], tenant: str = "") -> list[str]:
+        """The ids of `token_ids`' full blocks in `tenant`'s cache (empty: the default tenant)."""
+        return block_ids(token_ids, self.pool.block_size, self.seed, self.keys.key(tenant))
 
-    def plan(self, token_ids: list[int]) -> PrefixPlan:
-        """The longest prefix of full blocks of `token_ids` held locally or by a live peer."""
-        ids = self.block_ids(token_ids)
+    def plan(self, token_ids: list[int], tenant: str = "") -> PrefixPlan:
+        """The longest prefix of full blocks of `token_ids` in `tenant`'s cache held locally or by a live peer."""
+        ids = self.block_ids(token_ids, tenant)
         self.counters.add(lookups=1)
         local = self.pool.held_prefix(ids)
         holdings = [[]] * local  # only blocks past the local prefix are looked up
@@ -194,11 +199,11 @@ class KvStore:
             return 0, 0
 
     # -- the engine thread ----------------------------------------------------------------------
-    def offer(self, token_ids: list[int], cache: PagedKVCache, block_table: list[int]) -> None:
-        """A sequence's KV for `token_ids` is in `cache` at `block_table`: keep its full blocks.
+    def offer(self, token_ids: list[int], cache: PagedKVCache, block_table: list[int], tenant: str = "") -> None:
+        """A sequence's KV for `token_ids` is in `cache` at `block_table`: keep its full blocks (in `tenant`'s cache).
 
         Copies the blocks the pool lacks and returns; the writer thread stores and publishes them."""
-        ids = self.block_ids(token_ids)
+        ids = self.block_ids(token_ids, tenant)
         new = [i for i, b in enumerate(ids) if not self.pool.holds(b)]
         if not new:
             if ids:

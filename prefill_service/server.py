@@ -54,6 +54,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         check_id("request_id", request.request_id, context)
         check_id("model_fingerprint", request.model_fingerprint, context)
         check_id("link_id", request.link_id, context)
+        check_id("tenant", request.tenant, context)
         ids = list(request.token_ids)
         if not ids:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_ids is empty")
@@ -78,7 +79,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(exc.code, str(exc))
         # Internal ids are unique so a caller reusing its request id cannot collide in the cache.
         return PrefillJob(f"{request.request_id or 'prefill'}#{uuid.uuid4().hex[:8]}", ids, max(1024, chunk),
-                          request.cached_prefix_tokens, sink=sink)
+                          request.cached_prefix_tokens, sink=sink, tenant=request.tenant)
 
     def Prefill(self, request, context):
         job = self._job(request, context)

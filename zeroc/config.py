@@ -537,6 +537,29 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Secrets and isolation of one deployment (docs/security.md).
+
+    `cluster_key` (or the file `cluster_key_file`) is the secret every service of a deployment shares:
+    per-tenant block-id keys and the MACs on KV blocks derive from it. Empty: a random key private to
+    the process (its prefix cache is shared with no other service). `share_prefixes = "on"` lets
+    tenants share prefix blocks (an operator's opt-in: a tenant can then learn which prefixes others sent).
+    """
+
+    cluster_key: str = ""
+    cluster_key_file: str = ""
+    share_prefixes: str = "off"  # "on" | "off"
+    default_tenant: str = "default"  # the tenant of requests that authenticate as nobody in particular
+    tokens_file: str = ""  # bearer tokens of the public API ("TOKEN TENANT" lines); empty: no authentication
+
+    def __post_init__(self) -> None:
+        if self.share_prefixes not in ("on", "off"):
+            raise ValueError(f"security share_prefixes must be on or off, got {self.share_prefixes!r}")
+        if not self.default_tenant:
+            raise ValueError("security default_tenant must be non-empty")
+
+
+@dataclass(frozen=True)
 class ZeroCConfig:
     """The root configuration: one typed sub-config per component.
 
@@ -554,6 +577,7 @@ class ZeroCConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -596,4 +620,4 @@ class ZeroCConfig:
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
              "transfer": TransferConfig, "redis": RedisConfig, "store": StoreConfig,
-             "parallel": ParallelConfig}
+             "parallel": ParallelConfig, "security": SecurityConfig}

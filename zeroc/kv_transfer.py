@@ -387,7 +387,7 @@ class KvTransport(abc.ABC):
 
     @abc.abstractmethod
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
         """Fill `receiver` with the KV of `token_ids[cached_prefix_tokens:]` (the prefix's KV is in place
         already, from the KV store); returns payload bytes received.
 
@@ -414,10 +414,10 @@ class GrpcKvTransport(KvTransport):
             response_deserializer=parse_prefill_response, _registered_method=True)
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
         request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=token_ids,
                                              model_fingerprint=self.fingerprint, max_chunk_bytes=self.chunk_bytes,
-                                             cached_prefix_tokens=cached_prefix_tokens)
+                                             cached_prefix_tokens=cached_prefix_tokens, tenant=tenant)
         deadline = time.monotonic() + timeout_s
         call = self._prefill(self._extend(request), timeout=timeout_s, wait_for_ready=False)
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import select
 import signal
 import subprocess
@@ -22,6 +23,10 @@ from pathlib import Path
 from zeroc.rpc import wait_serving
 
 _LISTENING = re.compile(r"listening on (\S+:\d+)")
+# The children of one process form one deployment: unless the caller names a cluster key, they share
+# this throwaway one (drawn once per parent process, never written anywhere), so they reuse each
+# other's prefix blocks while no outside process can compute a block id or forge a block's MAC.
+_THROWAWAY_CLUSTER_KEY = secrets.token_hex(32)
 
 
 class ServiceProcess:
@@ -35,6 +40,8 @@ class ServiceProcess:
         self.log_path = Path(tempfile.mkstemp(prefix=f"zeroc-{kind}-", suffix=".log")[1])
         child_env = {**os.environ, **(env or {})}
         child_env.setdefault("OMP_NUM_THREADS", "1")
+        if not child_env.get("ZEROC_SECURITY_CLUSTER_KEY") and not child_env.get("ZEROC_SECURITY_CLUSTER_KEY_FILE"):
+            child_env["ZEROC_SECURITY_CLUSTER_KEY"] = _THROWAWAY_CLUSTER_KEY
         child_env["ZEROC_EXIT_WITH_PARENT"] = str(os.getpid())  # children stop if this process dies
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
