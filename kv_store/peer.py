@@ -80,7 +80,7 @@ class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
         self.on_pins(served)
         try:
             yield kv_store_pb2.FetchBlocksResponse(header=kv_store_pb2.FetchBlocksHeader(
-                num_blocks=n, block_crc32c=[pool.checksum(b) for b in served]))
+                num_blocks=n, block_crc32c=[pool.checksum(b) for b in served], block_mac=[pool.mac(b) for b in served]))
             chunk = max(1024, min(request.max_chunk_bytes or self.default_chunk_bytes, self.max_chunk_bytes))
             for layer in range(len(pool.k) if n else 0):
                 if not context.is_active():
@@ -112,26 +112,29 @@ class PeerFetcher:
             return self._stubs[peer][1]
 
     def fetch(self, peer: str, block_ids: list[str], checksums: list[int], receiver_for: Callable[[int], KvReceiver],
-              first_token: int, timeout_s: float) -> tuple[int, int]:
+              first_token: int, timeout_s: float) -> tuple[int, int, list[bytes]]:
         """Fetch blocks from `peer` into the receiver `receiver_for(num_blocks_served)` builds.
 
-        Returns (blocks received, payload bytes). Raises KvTransferError when the peer is gone, sends
-        bad data, or serves blocks whose checksums differ from the index's (`checksums`)."""
+        Returns (blocks received, payload bytes, the MACs the peer claims for them: the caller checks
+        them over the landed bytes). Raises KvTransferError when the peer is gone, sends bad data, or
+        serves blocks whose checksums differ from the index's (`checksums`)."""
         request = kv_store_pb2.FetchBlocksRequest(block_ids=block_ids, seed=self.seed, first_token=first_token,
                                                   max_chunk_bytes=self.chunk_bytes)
         call = self._stub(peer).FetchBlocks(request, timeout=timeout_s)
         receiver: KvReceiver | None = None
-        n = 0
+        n, macs = 0, []
         try:
             for msg in call:
                 if msg.HasField("header"):
-                    n = msg.header.num_blocks
+                    n, macs = msg.header.num_blocks, list(msg.header.block_mac)
+                    if n > len(block_ids) or len(macs) != n:
+                        raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"peer {peer} sent a malformed header")
                     if list(msg.header.block_crc32c) != checksums[:n]:
                         raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"peer {peer} holds other data under "
                                                                          "the same block ids")
                     if n == 0:
                         call.cancel()
-                        return 0, 0
+                        return 0, 0, []
                     receiver = receiver_for(n)
                 elif receiver is None:
                     raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"peer {peer} sent KV before its header")
@@ -145,7 +148,7 @@ class PeerFetcher:
         if receiver is None:
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"peer {peer} ended without a header")
         receiver.check_complete()
-        return n, receiver.bytes_received
+        return n, receiver.bytes_received, macs
 
     def close(self) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from kv_store.hashing import block_ids
 from kv_store.index import BlockEntry, BlockIndex, IndexUnavailable
+from kv_store.integrity import block_mac, verified_prefix
 from kv_store.peer import PeerFetcher
 from kv_store.pool import BlockPool
 from zeroc.config import StoreConfig
@@ -85,6 +86,7 @@ class _Counters:
     index_errors: int = 0
     reconnects: int = 0
     evictions: int = 0
+    rejected_blocks: int = 0  # blocks from peers whose MAC did not check out
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, **deltas: int) -> None:
@@ -100,10 +102,13 @@ class KvStore:
 
     def __init__(self, pool: BlockPool, index: BlockIndex, holder: str, seed: str, cfg: StoreConfig,
                  retry_s: float, fetcher: PeerFetcher | None, index_name: str = "",
-                 on_state: Callable[[str], None] = lambda state: None, keys: TenantKeys | None = None):
+                 on_state: Callable[[str], None] = lambda state: None, keys: TenantKeys | None = None,
+                 mac_key: bytes | None = None):
         self.pool, self.index, self.holder, self.seed, self.cfg = pool, index, holder, seed, cfg
         # Block ids are keyed per tenant: without keys of its own the store shares ids with nobody.
         self.keys = keys or TenantKeys(secrets.token_bytes(32))
+        # Blocks from peers are used only if their MAC under this key checks out (kv_store.integrity).
+        self.mac_key = mac_key or secrets.token_bytes(32)
         self.fetcher, self.index_name, self.on_state = fetcher, index_name, on_state
         self.retry_s = retry_s
         self.counters = _Counters()
@@ -186,17 +191,27 @@ class KvStore:
 
     def _fetch(self, peer: str, ids: list[str], checksums: list[int], cache: PagedKVCache, slots: Tensor,
                first_block: int) -> tuple[int, int]:
+        """Fetch blocks from `peer` into the request's slots; returns (blocks landed and verified, bytes)."""
         bs = self.pool.block_size
         first = first_block * bs
         try:
-            return self.fetcher.fetch(peer, ids, checksums,
-                                      lambda m: KvReceiver(cache, slots[first:first + m * bs], start=first),
-                                      first, self.cfg.fetch_timeout_s)
+            got, nbytes, macs = self.fetcher.fetch(
+                peer, ids, checksums, lambda m: KvReceiver(cache, slots[first:first + m * bs], start=first),
+                first, self.cfg.fetch_timeout_s)
         except KvTransferError as exc:
             # A dead or lagging peer costs only the reuse: the caller recomputes these blocks.
             log.warning("peer fetch failed; recomputing", extra={"peer": peer, "code": exc.code.name,
                                                                   "error": str(exc)})
             return 0, 0
+        dest = [int(slots[first + i * bs]) // bs for i in range(got)]
+        ok = verified_prefix(self.mac_key, ids[:got], macs, cache.k_pools, cache.v_pools, dest)
+        if ok < got:
+            # Not made by a service of this deployment (a forged index entry, a rogue holder): the
+            # caller recomputes from here, overwriting what landed, and nothing of it is kept.
+            self.counters.add(rejected_blocks=got - ok)
+            log.warning("peer served blocks failing their MAC; recomputing them",
+                        extra={"peer": peer, "rejected": got - ok})
+        return ok, nbytes if ok == got else nbytes * ok // max(got, 1)
 
     # -- the engine thread ----------------------------------------------------------------------
     def offer(self, token_ids: list[int], cache: PagedKVCache, block_table: list[int], tenant: str = "") -> None:
@@ -287,7 +302,8 @@ class KvStore:
         for i, b in enumerate(ids):
             if pool.holds(b) or pool.num_free == 0:  # no room left: every other block is pinned
                 continue
-            crc = pool.insert(b, [t[i] for t in k], [t[i] for t in v])
+            kb, vb = [t[i] for t in k], [t[i] for t in v]
+            crc = pool.insert(b, kb, vb, block_mac(self.mac_key, b, kb, vb))
             entries.append(BlockEntry(b, pool.tier, pool.block_bytes, crc))
         pool.touch_chain(ids)
         if self.state == "ok":
