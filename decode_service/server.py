@@ -251,12 +251,12 @@ class DecodeService:
 
     def __init__(self, cfg: ZeroCConfig):
         self.cfg = cfg
-        self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME])
         self.fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         self.transport = None
-        if cfg.transfer.prefill_target:
+        if cfg.transfer.prefill_target:  # first: an impossible transport setting is a one-line error
             self.transport = make_kv_transport(cfg, self.fingerprint)
         auth = TokenAuth.from_file(cfg.security.tokens_file, cfg.security.default_tenant)
+        self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME], cfg.security)
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth)
         add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
         self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store)
@@ -266,7 +266,7 @@ class DecodeService:
 
     def start(self) -> str:
         self.host.start()
-        return self.host.address
+        return self.host.listening
 
     def load(self) -> None:
         cfg = self.cfg
@@ -302,7 +302,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     svc = DecodeService(cfg)
     try:
         svc.host.install_signal_handlers()
-        ready(f"decode service listening on {svc.start()}")
+        ready(f"decode service {svc.start()}")
         svc.load()
         svc.host.wait_and_drain(svc.loop.stop, svc.servicer.calls.busy)
     finally:

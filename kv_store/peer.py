@@ -15,6 +15,7 @@ import grpc
 
 from kv_store.pool import BlockPool
 from zeroc.config import StoreConfig
+from zeroc.tls import Tls, open_channel, require_service
 from zeroc.kv_transfer import KvReceiver, KvTransferError, decode_chunk, encode_layer
 from zeroc.v1 import kv_store_pb2, kv_store_pb2_grpc
 
@@ -71,6 +72,7 @@ class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
         return ids
 
     def FetchBlocks(self, request, context):
+        require_service(context)
         pool = self.pool
         if pool is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "this service's KV store is not ready (or is off)")
@@ -97,15 +99,16 @@ class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
 class PeerFetcher:
     """The client side: one channel per peer, kept open."""
 
-    def __init__(self, seed: str, chunk_bytes: int, max_message_bytes: int):
+    def __init__(self, seed: str, chunk_bytes: int, max_message_bytes: int, tls: Tls | None = None):
         self.seed, self.chunk_bytes, self.max_message_bytes = seed, chunk_bytes, max_message_bytes
+        self.tls = tls
         self._stubs: dict[str, tuple[grpc.Channel, kv_store_pb2_grpc.KvStoreServiceStub]] = {}
         self._lock = threading.Lock()
 
     def _stub(self, peer: str) -> kv_store_pb2_grpc.KvStoreServiceStub:
         with self._lock:
             if peer not in self._stubs:
-                channel = grpc.insecure_channel(peer, options=[
+                channel = open_channel(peer, self.tls, options=[
                     ("grpc.max_receive_message_length", self.max_message_bytes),
                     ("grpc.max_send_message_length", self.max_message_bytes)])
                 self._stubs[peer] = (channel, kv_store_pb2_grpc.KvStoreServiceStub(channel))

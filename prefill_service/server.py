@@ -20,6 +20,7 @@ from zeroc.kv_transfer import KvTransferError, add_prefill_service, model_finger
 from zeroc.loader import LoadedModel, load_model
 from zeroc.rpc import CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.serving_policies.transfer import kv_fingerprint
+from zeroc.tls import require_service
 from zeroc.transport.capability import probe
 from zeroc.transport.nccl import load_nccl
 from zeroc.transport.prefill_side import KvTransportService
@@ -47,6 +48,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.worker = worker
 
     def _job(self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext) -> PrefillJob:
+        require_service(context)
         if self.worker is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         if self.draining.is_set():
@@ -117,16 +119,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     # -- out-of-band KV transports (zeroc/transport/prefill_side.py) --------------------------------
     def GetKvCapability(self, request, context):
+        require_service(context)
         return self.kv.get_capability(request, context)
 
     def OpenKvLink(self, request, context):
+        require_service(context)
         yield from self.kv.open_link(request, context, self.transfer_timeout_s)
 
 
 def serve(cfg: ZeroCConfig, ready=print) -> None:
     """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
     capability = probe(cfg.device, cfg.transfer.kv_transport)  # ZeroCError (exit 2) if nccl is demanded and absent
-    host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME])
+    host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME], cfg.security)
     kv = KvTransportService(capability, torch.device(cfg.device), load_nccl() if capability.nccl_version else None,
                             host.draining)
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining, kv,
@@ -138,7 +142,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     try:
         host.install_signal_handlers()
         host.start()
-        ready(f"prefill service listening on {host.address}")
+        ready(f"prefill service {host.listening}")
         loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device)
         fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         if cfg.parallel.sp_ranks > 1:  # no prefix reuse across SP ranks: the store is not attached

@@ -366,8 +366,10 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype)) if v for a in (flag, v)]
     if args.redis_url:
         ZeroCConfig.from_env(redis={"url": args.redis_url})  # a bad URL is a one-line error here
-    with Stack(args.decode, extra, redis_url=args.redis_url) as stack:
+    with Stack(args.decode, extra, redis_url=args.redis_url, tls=args.tls) as stack:
         print(f"kv store index:  {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
+        if stack.pki is not None:
+            print(f"tls ca:          {stack.pki.ca} (throwaway; clients pass it to verify the services)")
         print(f"prefill service: {stack.prefill}")
         for addr in stack.decode:
             print(f"decode service:  {addr}")
@@ -597,6 +599,8 @@ def _add_stack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode", type=int, default=1, help="decode services to start")
     _redis_arg(p)
     p.add_argument("--prompt", default="The built-in function", help="prompt shown in the hint")
+    p.add_argument("--tls", action="store_true", help="TLS on every port and mTLS between the services, with a "
+                   "throwaway CA and certificate made for this run (docs/security.md)")
     p.set_defaults(func=cmd_stack_up)
 
 

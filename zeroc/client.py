@@ -15,6 +15,7 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
+from zeroc.tls import RECONNECT_OPTIONS, open_channel
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc
 
@@ -120,13 +121,14 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 class Client:
     """Blocking client. `timeout` (seconds) is each call's deadline; None waits indefinitely. `token`: a
-    bearer token, sent with every call, for services that require one."""
+    bearer token, sent with every call, for services that require one. `ca`: PEM of the CA that signed
+    the service's certificate (TLS); None talks plaintext (loopback)."""
 
     def __init__(self, target: str, timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 token: str | None = None):
+                 token: str | None = None, ca: bytes | None = None):
         self.target, self.timeout, self.retry = target, timeout, retry
         self._metadata = _metadata(token)
-        self._channel = grpc.insecure_channel(target)
+        self._channel = open_channel(target, ca=ca)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
     def stream(self, prompt: str | list[int], **kwargs) -> Iterator[Chunk | Result]:
@@ -185,10 +187,11 @@ class AsyncClient:
     """asyncio client with the same methods as `Client` (stream is an async iterator)."""
 
     def __init__(self, target: str, timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 token: str | None = None):
+                 token: str | None = None, ca: bytes | None = None):
         self.target, self.timeout, self.retry = target, timeout, retry
         self._metadata = _metadata(token)
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca), options=RECONNECT_OPTIONS)
+                         if ca else grpc.aio.insecure_channel(target, options=RECONNECT_OPTIONS))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
     async def stream(self, prompt: str | list[int], **kwargs) -> AsyncIterator[Chunk | Result]:

@@ -551,12 +551,23 @@ class SecurityConfig:
     share_prefixes: str = "off"  # "on" | "off"
     default_tenant: str = "default"  # the tenant of requests that authenticate as nobody in particular
     tokens_file: str = ""  # bearer tokens of the public API ("TOKEN TENANT" lines); empty: no authentication
+    # TLS (zeroc/tls.py): PEM files of the deployment's CA and this service's certificate and key. All
+    # empty: plaintext, allowed on loopback only.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    internal_port: int = 0  # with TLS, the mTLS port for internal RPCs (0 picks a free one)
+    allow_plaintext: str = "loopback"  # "any": plaintext off loopback too (private networks, e.g. benchmarks)
 
     def __post_init__(self) -> None:
         if self.share_prefixes not in ("on", "off"):
             raise ValueError(f"security share_prefixes must be on or off, got {self.share_prefixes!r}")
         if not self.default_tenant:
             raise ValueError("security default_tenant must be non-empty")
+        if self.allow_plaintext not in ("loopback", "any"):
+            raise ValueError(f"security allow_plaintext must be loopback or any, got {self.allow_plaintext!r}")
+        if not 0 <= self.internal_port <= 65535:
+            raise ValueError(f"security internal_port must be in [0, 65535], got {self.internal_port}")
 
 
 @dataclass(frozen=True)

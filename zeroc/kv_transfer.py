@@ -26,6 +26,7 @@ from torch import Tensor
 
 from zeroc.kv_cache import PagedKVCache
 from zeroc.rpc import add_servicer
+from zeroc.tls import Tls, open_channel
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -401,9 +402,10 @@ class KvTransport(abc.ABC):
 class GrpcKvTransport(KvTransport):
     """KV over the `zeroc.v1.PrefillService.Prefill` server stream."""
 
-    def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int):
+    def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
+                 tls: Tls | None = None):
         self.target, self.fingerprint, self.chunk_bytes = target, fingerprint, chunk_bytes
-        self._channel = grpc.insecure_channel(target, options=[
+        self._channel = open_channel(target, tls, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ])

@@ -15,7 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from zeroc.config import ServerConfig
+from zeroc.config import SecurityConfig, ServerConfig
+from zeroc.tls import Tls, add_port, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,10 @@ class ServiceHost:
     never route to a process that cannot answer yet.
     """
 
-    def __init__(self, cfg: ServerConfig, service_names: list[str]):
+    def __init__(self, cfg: ServerConfig, service_names: list[str], security: SecurityConfig | None = None):
         self.cfg = cfg
+        security = security or SecurityConfig()
+        self.tls = Tls.from_config(security)
         self.service_names = list(service_names)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                                   options=channel_options(cfg), maximum_concurrent_rpcs=cfg.workers)
@@ -158,15 +161,32 @@ class ServiceHost:
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self.port = add_port(self.server, f"{cfg.host}:{cfg.port}", self.tls, False, security.allow_plaintext)
         if not self.port:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        # With TLS, internal RPCs come in on a second, mTLS port (zeroc/tls.py); without, on the one port.
+        self.internal_port = self.port
+        if self.tls is not None:
+            self.internal_port = add_port(self.server, f"{cfg.host}:{security.internal_port}", self.tls, True)
+            if not self.internal_port:
+                raise OSError(f"cannot listen on {cfg.host}:{security.internal_port}")
         self._stop = threading.Event()
         self.draining = threading.Event()  # set on SIGTERM: servicers refuse new work from then on
 
     @property
     def address(self) -> str:
         return f"{self.cfg.host}:{self.port}"
+
+    @property
+    def internal_address(self) -> str:
+        """Where other services call this one's internal RPCs (peer fetch, Prefill)."""
+        return f"{self.cfg.host}:{self.internal_port}"
+
+    @property
+    def listening(self) -> str:
+        """The line a service prints once it listens (zeroc.stack reads the addresses from it)."""
+        extra = f" internal {self.internal_address}" if self.internal_port != self.port else ""
+        return f"listening on {self.address}{extra}"
 
     def _set(self, status: int) -> None:
         for name in ("", *self.service_names):
@@ -241,10 +261,11 @@ class CallCounter:
             return self._n > 0
 
 
-def wait_serving(target: str, timeout_s: float, service: str = "") -> None:
-    """Block until `target`'s health check says SERVING; raise TimeoutError after `timeout_s`."""
+def wait_serving(target: str, timeout_s: float, service: str = "", ca: bytes | None = None) -> None:
+    """Block until `target`'s health check says SERVING (over TLS when `ca` is given); raise TimeoutError
+    after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, ca=ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from zeroc.rpc import wait_serving
 
-_LISTENING = re.compile(r"listening on (\S+:\d+)")
+_LISTENING = re.compile(r"listening on (\S+:\d+)(?: internal (\S+:\d+))?")
 # The children of one process form one deployment: unless the caller names a cluster key, they share
 # this throwaway one (drawn once per parent process, never written anywhere), so they reuse each
 # other's prefix blocks while no outside process can compute a block id or forge a block's MAC.
@@ -48,6 +48,9 @@ class ServiceProcess:
                 [*(prefix or []), sys.executable, "-m", "zeroc.cli", "serve", kind, "--host", host, "--port", "0",
                  *args],
                 stdout=subprocess.PIPE, stderr=log, env=child_env)
+        ca = child_env.get("ZEROC_SECURITY_TLS_CA")
+        self.ca = Path(ca).read_bytes() if ca else None  # health checks over TLS when services use it
+        self.internal_address = ""
         self.address = self._read_address(start_timeout_s)
 
     def _read_address(self, timeout_s: float) -> str:
@@ -59,6 +62,7 @@ class ServiceProcess:
                 line = self.proc.stdout.readline()
                 match = _LISTENING.search(line.decode(errors="replace"))
                 if match:
+                    self.internal_address = match.group(2) or match.group(1)
                     return match.group(1)
             if self.proc.poll() is not None:
                 break
@@ -73,7 +77,7 @@ class ServiceProcess:
     def wait_serving(self, timeout_s: float = 300.0, address: str | None = None) -> None:
         """Block until health says SERVING, asked at `address` (default: the one it printed)."""
         try:
-            wait_serving(address or self.address, timeout_s)
+            wait_serving(address or self.address, timeout_s, ca=self.ca)
         except TimeoutError:
             raise RuntimeError(f"{self.kind} service never served; log tail:\n{self.log_tail()}") from None
 
@@ -101,8 +105,11 @@ class Stack:
     """One prefill service plus `num_decode` decode services pointed at it."""
 
     def __init__(self, num_decode: int, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 redis_url: str | None = None):
+                 redis_url: str | None = None, tls: bool = False):
         self.num_decode, self.extra, self.env = num_decode, list(extra_args or []), dict(env or {})
+        self.tls = tls
+        self.pki = None  # with `tls`: the throwaway CA and certificate (zeroc.pki), removed at close
+        self._pki_dir: tempfile.TemporaryDirectory | None = None
         self.redis_url = redis_url or self.env.get("ZEROC_REDIS_URL") or os.environ.get("ZEROC_REDIS_URL")
         self.redis = None  # the embedded server, when this stack runs one
         self.services: list[ServiceProcess] = []
@@ -110,6 +117,12 @@ class Stack:
 
     def __enter__(self) -> "Stack":
         try:
+            if self.tls:
+                from zeroc.pki import make_pki
+
+                self._pki_dir = tempfile.TemporaryDirectory(prefix="zeroc-pki-")
+                self.pki = make_pki(Path(self._pki_dir.name))
+                self.env.update(self.pki.env())
             if not self.redis_url:
                 from kv_store.embedded import EmbeddedRedis
 
@@ -118,7 +131,7 @@ class Stack:
             self.env["ZEROC_REDIS_URL"] = self.redis_url
             prefill = self._start("prefill", [])
             prefill.wait_serving()
-            decodes = [self._start("decode", ["--prefill", prefill.address]) for _ in range(self.num_decode)]
+            decodes = [self._start("decode", ["--prefill", prefill.internal_address]) for _ in range(self.num_decode)]
             for d in decodes:
                 d.wait_serving()
         except BaseException:
@@ -155,6 +168,8 @@ class Stack:
             svc.stop()
         if self.redis is not None:
             self.redis.close()
+        if self._pki_dir is not None:
+            self._pki_dir.cleanup()
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -27,6 +27,7 @@ import torch
 from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import (DTYPES_BY_NAME, KEY, VALUE, GrpcKvTransport, KvPiece, KvReceiver, KvTransferError,
                                KvTransport, WireChunk, tier_chunk)
+from zeroc.tls import Tls
 from zeroc.transport import cuda_ipc
 from zeroc.transport.capability import (CUDA_IPC, DECODE_RANK, GRPC, NCCL, PREFILL_RANK, Capability, choose,
                                         cuda_scope, kind_to_proto, probe)
@@ -86,8 +87,8 @@ class NcclKvTransport(GrpcKvTransport):
     out of step, so it is torn down and the next request opens a new one."""
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
-                 device: torch.device, lib: NcclLibrary):
-        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes)
+                 device: torch.device, lib: NcclLibrary, tls: Tls | None = None):
+        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls)
         self.device, self.lib = device, lib
         self._link: _Link | None = None
         self._busy = threading.Lock()
@@ -210,8 +211,8 @@ class CudaIpcKvTransport(GrpcKvTransport):
     """KV by CUDA IPC handles from a prefill service on the same GPU."""
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
-                 device: torch.device):
-        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes)
+                 device: torch.device, tls: Tls | None = None):
+        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls)
         self.device = device
 
     def _extend(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
@@ -241,10 +242,11 @@ class NegotiatingKvTransport(KvTransport):
     """Picks grpc, NCCL or CUDA IPC with the prefill service on first use (``--kv-transport auto|nccl``)."""
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int, setting: str,
-                 local: Capability, device: torch.device, lib: NcclLibrary | None):
+                 local: Capability, device: torch.device, lib: NcclLibrary | None, tls: Tls | None = None):
         self.target, self.setting, self.local, self.device, self.lib = target, setting, local, device, lib
         self._args = (target, fingerprint, chunk_bytes, max_message_bytes)
-        self._grpc = GrpcKvTransport(*self._args)
+        self._tls = tls
+        self._grpc = GrpcKvTransport(*self._args, tls)
         self._chosen: tuple[str, KvTransport] | None = None
         self._lock = threading.Lock()
 
@@ -277,9 +279,9 @@ class NegotiatingKvTransport(KvTransport):
 
     def _make(self, kind: str) -> KvTransport:
         if kind == NCCL:
-            return NcclKvTransport(*self._args, self.device, self.lib)
+            return NcclKvTransport(*self._args, self.device, self.lib, self._tls)
         if kind == CUDA_IPC:
-            return CudaIpcKvTransport(*self._args, self.device)
+            return CudaIpcKvTransport(*self._args, self.device, self._tls)
         return self._grpc
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
@@ -317,8 +319,9 @@ def make_kv_transport(cfg: ZeroCConfig, fingerprint: str) -> KvTransport:
     Raises ZeroCError (the CLI exits 2) when nccl is demanded and this side cannot do it."""
     t = cfg.transfer
     args = (t.prefill_target, fingerprint, t.chunk_bytes, cfg.server.max_message_mb << 20)
+    tls = Tls.from_config(cfg.security)
     if t.kv_transport == "grpc":
-        return GrpcKvTransport(*args)
+        return GrpcKvTransport(*args, tls)
     local = probe(cfg.device, t.kv_transport)
     lib = load_nccl() if local.nccl_version else None
-    return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib)
+    return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib, tls)
