@@ -39,6 +39,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 # A sequence the engine ended on its own account (non-finite logits, ...): that request alone fails.
 ERROR_FINISH = "error"
+# Prefill failures a decode service answers by prefilling locally (with --prefill-fallback local).
+_FALL_BACK = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -76,8 +78,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
     def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event,
-                 auth: TokenAuth | None = None):
-        self.transport, self.draining = transport, draining
+                 auth: TokenAuth | None = None, fallback: str = "local"):
+        self.transport, self.draining, self.fallback = transport, draining, fallback
         self.auth = auth or TokenAuth(None, "")
         self.tenants: dict[str, str] = {}  # engine request id -> tenant, while the request runs
         self.calls = CallCounter()
@@ -135,18 +137,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         ids, cached, kv_bytes, reused = req.prompt_ids, 0, 0, 0
         try:
             if self.transport is not None and len(ids) > 1:
-                # The prefill side sends KV for all but the last prompt token; the engine runs that one
-                # itself and samples the first token with the request's own generator.
-                slots = state.loop.reserve(ticket, len(ids) - 1, context.is_active)
-                reused = self._load_prefix(state, ids[:-1], slots, req)
-                remaining = context.time_remaining()
-                timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
-                if reused < len(ids) - 1:
-                    receiver, land = receive_into(state.engine.cache, ticket.key, slots[reused:], start=reused)
-                    kv_bytes = self.transport.fetch(ticket.key, ids[:-1], receiver, timeout, context.is_active,
-                                                    cached_prefix_tokens=reused, tenant=req.tenant)
-                    state.loop.run_locked(land)  # a KV policy encodes the full-precision KV into its own blocks
-                cached = len(ids) - 1
+                try:
+                    kv_bytes, reused = self._remote_prefill(req, ticket, state, context)
+                    cached = len(ids) - 1
+                except KvTransferError as exc:
+                    if exc.code not in _FALL_BACK or self.fallback != "local" or not context.is_active():
+                        raise
+                    # The prefill service is away: this service holds the model, so it computes the prompt.
+                    log.warning("prefill unavailable; prefilling locally", extra={
+                        "request_id": req.request_id, "code": exc.code.name, "error": str(exc)})
+                    state.loop.unreserve(ticket)
+                    kv_bytes = 0
+                    cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req) \
+                        if state.store is not None else 0
             elif state.store is not None and len(ids) > 1:
                 cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req)
             state.loop.submit(ticket, ids, req.params, cached)
@@ -161,6 +164,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except ShuttingDownError as exc:
             state.loop.release(ticket)
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return kv_bytes, reused
+
+    def _remote_prefill(self, req: GenerateInput, ticket: Ticket, state: _Ready, context: grpc.ServicerContext
+                        ) -> tuple[int, int]:
+        """The prompt's KV but its last token: the cached prefix from the store, the rest from the prefill
+        service (the engine runs the last token itself and samples the first token with the request's own
+        generator). Returns (KV bytes received, prefix tokens reused)."""
+        ids = req.prompt_ids
+        slots = state.loop.reserve(ticket, len(ids) - 1, context.is_active)
+        reused = self._load_prefix(state, ids[:-1], slots, req)
+        if reused == len(ids) - 1:
+            return 0, reused
+        remaining = context.time_remaining()
+        timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
+        receiver, land = receive_into(state.engine.cache, ticket.key, slots[reused:], start=reused)
+        kv_bytes = self.transport.fetch(ticket.key, ids[:-1], receiver, timeout, context.is_active,
+                                        cached_prefix_tokens=reused, tenant=req.tenant)
+        state.loop.run_locked(land)  # a KV policy encodes the full-precision KV into its own blocks
         return kv_bytes, reused
 
     @staticmethod
@@ -257,7 +278,8 @@ class DecodeService:
             self.transport = make_kv_transport(cfg, self.fingerprint)
         auth = TokenAuth.from_file(cfg.security.tokens_file, cfg.security.default_tenant)
         self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME], cfg.security)
-        self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth)
+        self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth,
+                                           cfg.transfer.prefill_fallback)
         add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
         self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store)
         add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, self.kv_servicer, self.host.server)

@@ -332,7 +332,9 @@ class KvStore:
         while not self._stop.wait(renew_s if self.state == "ok" else self.retry_s):
             try:
                 if self.state == "ok":
-                    self.index.register(self.holder, self.cfg.lease_s)
+                    if not self.index.renew(self.holder, self.cfg.lease_s):
+                        self._lease_lost()
+                        continue
                     self.index.reap()
                 else:
                     self.index.ping()
@@ -340,6 +342,14 @@ class KvStore:
             except IndexUnavailable as exc:
                 if self.state == "ok":
                     self._degrade(exc)
+
+    def _lease_lost(self) -> None:
+        """The lease ran out (this process stalled past it, or Redis lost it): the index may list none of
+        our blocks. Degraded until the writer has registered and republished them (`_reconcile`)."""
+        self.counters.add(index_errors=1)
+        if self._set_state("degraded"):
+            log.warning("kv store lease lost; re-registering and republishing", extra={"holder": self.holder})
+        self._queue_reconcile()
 
     def close(self, withdraw: bool = True) -> None:
         """Stop the threads; `withdraw` removes this holder's entries and lease (a graceful exit)."""

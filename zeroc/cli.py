@@ -320,7 +320,7 @@ def _service_config(args: argparse.Namespace) -> ZeroCConfig:
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
         transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
-                  "kv_transport": args.kv_transport},
+                  "kv_transport": args.kv_transport, "prefill_fallback": getattr(args, "prefill_fallback", None)},
         redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
         parallel={"sp_ranks": getattr(args, "sp", None)})
 
@@ -359,13 +359,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_stack_up(args: argparse.Namespace) -> int:
-    from zeroc.stack import Stack
+    from zeroc.stack import Stack, die_with_parent
 
     if args.decode < 1:
         raise ZeroCError(f"--decode must be >= 1, got {args.decode}")
     extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype)) if v for a in (flag, v)]
     if args.redis_url:
         ZeroCConfig.from_env(redis={"url": args.redis_url})  # a bad URL is a one-line error here
+    die_with_parent()  # `make run` signalled: SIGTERM here too, so the services and Redis stop with it
     with Stack(args.decode, extra, redis_url=args.redis_url, tls=args.tls) as stack:
         print(f"kv store index:  {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
         if stack.pki is not None:
@@ -374,8 +375,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
         for addr in stack.decode:
             print(f"decode service:  {addr}")
         print(f"ready; try: zeroc generate --target {stack.decode[0]} \"{args.prompt}\"", flush=True)
-        stack.wait()
-    return 0
+        return stack.wait()
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -588,6 +588,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _serve_args(p)
     p.add_argument("--prefill", default=None, help="HOST:PORT of the prefill service")
     p.add_argument("--colocated", action="store_true", help="prefill locally; no prefill service")
+    p.add_argument("--prefill-fallback", choices=["local", "fail"], default=None,
+                   help="while the prefill service is unavailable: prefill locally (default) or fail the request "
+                        "(env ZEROC_TRANSFER_PREFILL_FALLBACK)")
     p.set_defaults(func=cmd_serve)
 
 

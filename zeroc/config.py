@@ -470,10 +470,15 @@ class TransferConfig:
     # grpc: in-band chunks; nccl: NCCL between GPUs (CUDA IPC on a shared GPU), required;
     # auto: NCCL / CUDA IPC when both peers have GPUs, gRPC otherwise (zeroc/transport/capability.py)
     kv_transport: str = "auto"
+    # While the prefill service is unavailable (down, restarting, queue full): "local" computes the
+    # prompt on the decode service (it holds the model too); "fail" answers the prefill's status.
+    prefill_fallback: str = "local"
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1024 or self.timeout_s <= 0:
             raise ValueError("chunk_bytes must be >= 1024 and timeout_s positive")
+        if self.prefill_fallback not in ("local", "fail"):
+            raise ValueError(f"prefill_fallback must be local or fail, got {self.prefill_fallback!r}")
         if self.kv_transport not in ("grpc", "nccl", "auto"):
             raise ValueError(f"kv_transport must be grpc, nccl or auto, got {self.kv_transport!r}")
 

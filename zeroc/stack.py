@@ -29,6 +29,18 @@ _LISTENING = re.compile(r"listening on (\S+:\d+)(?: internal (\S+:\d+))?")
 _THROWAWAY_CLUSTER_KEY = secrets.token_hex(32)
 
 
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent exits (prctl PR_SET_PDEATHSIG); a no-op
+    elsewhere. With the services' own parent watch (ZEROC_EXIT_WITH_PARENT) nothing is left orphaned."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+
+
 class ServiceProcess:
     """One `zeroc serve ...` child on a free port of `host`; `address` once it printed it.
 
@@ -36,7 +48,7 @@ class ServiceProcess:
 
     def __init__(self, kind: str, args: list[str], env: dict[str, str] | None = None,
                  start_timeout_s: float = 300.0, host: str = "127.0.0.1", prefix: list[str] | None = None):
-        self.kind = kind
+        self.kind, self.args, self.env, self.host, self.prefix = kind, list(args), dict(env or {}), host, prefix
         self.log_path = Path(tempfile.mkstemp(prefix=f"zeroc-{kind}-", suffix=".log")[1])
         child_env = {**os.environ, **(env or {})}
         child_env.setdefault("OMP_NUM_THREADS", "1")
@@ -152,16 +164,47 @@ class Stack:
     def decode(self) -> list[str]:
         return [s.address for s in self.services[1:]]
 
-    def wait(self) -> None:
-        """Block until SIGINT/SIGTERM or until a child dies."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+    def wait(self, max_restarts: int = 5) -> int:
+        """Supervise the services until SIGINT/SIGTERM (then 0): a child that dies is restarted on its
+        ports after a backoff (0.5 s doubling to 8 s); after `max_restarts` restarts of one service in
+        a row (it never stayed up a minute) the stack gives up and returns 1."""
+        if threading.current_thread() is threading.main_thread():  # else the caller stops it: `stop()`
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        restarts = [0] * len(self.services)
+        started = [time.monotonic()] * len(self.services)
         while not self._stop.wait(0.5):
-            dead = [s for s in self.services if s.proc.poll() is not None]
-            if dead:
-                print(f"{dead[0].kind} service exited ({dead[0].proc.returncode}); stopping the stack",
-                      file=sys.stderr)
-                return
+            for i, svc in enumerate(self.services):
+                if svc.proc.poll() is None:
+                    if time.monotonic() - started[i] > 60:
+                        restarts[i] = 0
+                    continue
+                if restarts[i] >= max_restarts:
+                    print(f"{svc.kind} service keeps exiting ({svc.proc.returncode}); giving up", file=sys.stderr)
+                    return 1
+                print(f"{svc.kind} service exited ({svc.proc.returncode}); restarting on {svc.address}",
+                      file=sys.stderr, flush=True)
+                if self._stop.wait(min(0.5 * 2 ** restarts[i], 8.0)):
+                    return 0
+                restarts[i] += 1
+                started[i] = time.monotonic()
+                try:
+                    self.services[i] = self._restart(svc)
+                except RuntimeError as exc:  # it did not come up: counted, tried again next round
+                    print(f"{svc.kind} service restart failed: {str(exc)[:200]}", file=sys.stderr)
+        return 0
+
+    def stop(self) -> None:
+        """Make `wait` return (as SIGTERM does)."""
+        self._stop.set()
+
+    def _restart(self, svc: ServiceProcess) -> ServiceProcess:
+        """A new process like `svc`, on its public (and internal) port, so peers and clients find it again."""
+        env = dict(svc.env)
+        if svc.internal_address and svc.internal_address != svc.address:
+            env["ZEROC_SECURITY_INTERNAL_PORT"] = svc.internal_address.rsplit(":", 1)[1]
+        svc.stop()
+        return ServiceProcess(svc.kind, [*svc.args, "--port", str(svc.port)], env, host=svc.host, prefix=svc.prefix)
 
     def close(self) -> None:
         for svc in reversed(self.services):
