@@ -39,8 +39,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 # A sequence the engine ended on its own account (non-finite logits, ...): that request alone fails.
 ERROR_FINISH = "error"
-# Prefill failures a decode service answers by prefilling locally (with --prefill-fallback local).
-_FALL_BACK = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Prefill failures a decode service answers by prefilling locally (with --prefill-fallback local):
+# gone, full, or stalled past the transfer timeout (while the caller's own deadline still allows it).
+_FALL_BACK = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -141,7 +142,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     kv_bytes, reused = self._remote_prefill(req, ticket, state, context)
                     cached = len(ids) - 1
                 except KvTransferError as exc:
-                    if exc.code not in _FALL_BACK or self.fallback != "local" or not context.is_active():
+                    left = context.time_remaining()
+                    if (exc.code not in _FALL_BACK or self.fallback != "local" or not context.is_active()
+                            or (left is not None and left <= 0)):
                         raise
                     # The prefill service is away: this service holds the model, so it computes the prompt.
                     log.warning("prefill unavailable; prefilling locally", extra={

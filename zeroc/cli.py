@@ -547,6 +547,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
     p.set_defaults(func=cmd_bench_serve)
 
+    from zeroc import bench_chaos
+
+    p = bench.add_parser("chaos", help="bounded load while services are killed, stopped and cut off -> docs/benchmarks.md")
+    bench_chaos.add_arguments(p)
+    p.set_defaults(func=bench_chaos.run)
+
     p = bench.add_parser("prefix", help="TTFT cold vs warm with a shared prompt prefix; KV-store index op costs")
     p.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
     p.add_argument("--shared", type=float, default=0.9, help="fraction of the prompt shared with the warm prompt")
