@@ -290,7 +290,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     out: list = []
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        ca = Path(args.ca).read_bytes() if args.ca else None
+        token = args.token or os.environ.get("ZEROC_TOKEN") or None
+        with Client(args.target, timeout=args.timeout, token=token, ca=ca) as client:
             if not args.json:
                 print(args.prompt, end="", flush=True)
             for item in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -322,7 +324,9 @@ def _service_config(args: argparse.Namespace) -> ZeroCConfig:
         transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
                   "kv_transport": args.kv_transport, "prefill_fallback": getattr(args, "prefill_fallback", None)},
         redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
-        parallel={"sp_ranks": getattr(args, "sp", None)})
+        parallel={"sp_ranks": getattr(args, "sp", None)},
+        security={"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                  "tokens_file": args.tokens_file})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -396,6 +400,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _redis_arg(p)
     p.add_argument("--kv-store-mb", type=int, default=None,
                    help="KV store block pool in MiB, 0 turns prefix reuse off (env ZEROC_STORE_CAPACITY_MB; default 256)")
+    for name in ("ca", "cert", "key"):  # docs/security.md
+        p.add_argument(f"--tls-{name}", default=None, help=f"PEM file: TLS {name} (env ZEROC_SECURITY_TLS_{name.upper()})")
+    p.add_argument("--tokens-file", default=None,
+                   help="bearer tokens of the public API, 'TOKEN TENANT' lines (env ZEROC_SECURITY_TOKENS_FILE)")
 
 
 def _redis_arg(p: argparse.ArgumentParser) -> None:
@@ -577,6 +585,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
     _kv_policy_args(p)
     p.add_argument("--target", default=None, help="HOST:PORT of a decode service (default: run locally)")
+    p.add_argument("--ca", default=None, help="with --target: PEM of the CA that signed the service (TLS)")
+    p.add_argument("--token", default=None, help="with --target: bearer token (env ZEROC_TOKEN)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds with --target")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)

@@ -82,3 +82,16 @@ def test_internal_rpcs_need_a_certificate_of_the_deployment(stack):
 def test_plaintext_is_refused_off_loopback():
     with pytest.raises(RuntimeError, match="plaintext gRPC is only allowed on loopback"):
         ServiceProcess("decode", ["--colocated"], host="0.0.0.0", start_timeout_s=120)
+
+
+def test_the_cli_client_speaks_tls_with_a_token(stack):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "zeroc.cli", "generate", "--target", stack.decode[0], "--ca",
+                          str(stack.pki.ca), "--token", "t0ken", "--max-tokens", "2", "--json", "The built-in"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    assert json.loads(run.stdout.strip().splitlines()[-1])["usage"]["completion_tokens"] == 2
