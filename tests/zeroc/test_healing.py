@@ -7,8 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -61,29 +64,62 @@ def wait_for(predicate, timeout_s: float) -> float:
     return time.monotonic() - start
 
 
-def test_the_stack_restarts_killed_services_on_their_ports_and_traffic_resumes(want):
+def test_the_stack_restarts_a_killed_prefill_service_and_the_decode_channel_reconnects(want):
+    """(kill -9 of the decode service under the same supervision: tests/zeroc/test_bench_chaos.py.)"""
     with Stack(1, env={"ZEROC_REDIS_URL": "off"}) as stack:
         supervisor = threading.Thread(target=lambda: setattr(stack, "exit_code", stack.wait()), daemon=True)
         supervisor.start()
         prefill, decode = stack.services
-        address = decode.address
-        os.kill(decode.proc.pid, signal.SIGKILL)
-        wait_for(lambda: stack.services[1] is not decode and stack.services[1].proc.poll() is None, 30)
-        assert stack.services[1].address == address
-        stack.services[1].wait_serving(120)
-        with Client(address) as c:
-            assert c.generate(PROMPT, max_tokens=4, ignore_eos=True).token_ids == want
         # The prefill service killed: the decode service prefills locally meanwhile, and uses the
-        # restarted prefill service again once it serves.
+        # restarted prefill service (same ports) again once it serves.
         os.kill(prefill.proc.pid, signal.SIGKILL)
-        with Client(address) as c:
+        with Client(decode.address) as c:
             assert c.generate(PROMPT, max_tokens=4, ignore_eos=True).token_ids == want
         wait_for(lambda: stack.services[0] is not prefill and stack.services[0].proc.poll() is None, 30)
+        assert stack.services[0].internal_address == prefill.internal_address
         stack.services[0].wait_serving(120)
-        with Client(address) as c:
+        with Client(decode.address) as c:
             def remote() -> bool:
-                return c.generate(PROMPT, max_tokens=4, ignore_eos=True).usage.kv_bytes_received > 0
+                got = c.generate(PROMPT, max_tokens=4, ignore_eos=True)
+                return got.token_ids == want and got.usage.kv_bytes_received > 0
             assert wait_for(remote, 10) < 5  # the channel reconnected (max backoff 1 s)
         stack.stop()
         supervisor.join(10)
         assert stack.exit_code == 0
+
+
+def _marked_pids(mark: str, redis_dir: str = "\x00none") -> list[int]:
+    """Processes whose environment carries `mark`, or whose command line names `redis_dir`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as env, open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                    if mark.encode() in env.read() or redis_dir.encode() in cmd.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
+def test_zeroc_stack_up_and_everything_it_started_die_with_its_parent():
+    mark = f"ZEROC_TEST_MARK={uuid.uuid4().hex}"
+    env = {**os.environ, mark.split("=")[0]: mark.split("=")[1], "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen(["bash", "-c", f"{sys.executable} -m zeroc.cli stack up --decode 1 & wait"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    redis_dir = "\x00none"
+    try:
+        for line in parent.stdout:  # the stack prints "ready; ..." once every service serves
+            if line.startswith("kv store index:"):
+                redis_dir = line.split("unix://")[1].rsplit("/", 1)[0]
+            if line.startswith("ready"):
+                break
+        assert len(_marked_pids(mark, redis_dir)) >= 5  # bash, the stack, prefill, decode, redis-server
+        parent.send_signal(signal.SIGTERM)  # as when `make run` is signalled
+        parent.wait(10)
+        wait_for(lambda: not _marked_pids(mark, redis_dir), 60)
+    finally:
+        for pid in _marked_pids(mark, redis_dir):
+            os.kill(pid, signal.SIGKILL)
+        parent.stdout.close()
