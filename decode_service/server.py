@@ -290,8 +290,9 @@ class DecodeService:
         self.store: StoreHandle | None = None
 
     def start(self) -> str:
+        """Listen; returns the public address."""
         self.host.start()
-        return self.host.listening
+        return self.host.address
 
     def load(self) -> None:
         cfg = self.cfg
@@ -327,7 +328,8 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     svc = DecodeService(cfg)
     try:
         svc.host.install_signal_handlers()
-        ready(f"decode service {svc.start()}")
+        svc.start()
+        ready(f"decode service {svc.host.listening}")
         svc.load()
         svc.host.wait_and_drain(svc.loop.stop, svc.servicer.calls.busy)
     finally:

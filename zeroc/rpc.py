@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from zeroc.config import SecurityConfig, ServerConfig
-from zeroc.tls import Tls, add_port, open_channel
+from zeroc.tls import Tls, add_port, is_loopback, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,9 @@ class ServiceHost:
 
     def set_serving(self) -> None:
         self._set(health_pb2.HealthCheckResponse.SERVING)
+        if self.tls is None:
+            where = "on loopback" if is_loopback(self.cfg.host) else "OFF LOOPBACK (allow_plaintext=any)"
+            log.warning(f"plaintext gRPC (no TLS) {where}", extra={"address": self.address})
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

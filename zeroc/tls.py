@@ -67,9 +67,7 @@ def add_port(server: grpc.Server, address: str, tls: Tls | None, require_client_
     if not is_loopback(host) and allow_plaintext != "any":
         raise ValueError(f"plaintext gRPC is only allowed on loopback, not {host}: set ZEROC_SECURITY_TLS_CA, "
                          "_CERT and _KEY (zeroc stack up --tls makes a throwaway set)")
-    log.warning("plaintext gRPC (no TLS)" + (" on loopback" if is_loopback(host) else " OFF LOOPBACK"),
-                extra={"address": address})
-    return server.add_insecure_port(address)
+    return server.add_insecure_port(address)  # ServiceHost logs it once serving
 
 
 def open_channel(target: str, tls: Tls | None = None, options: list | None = None, ca: bytes | None = None
