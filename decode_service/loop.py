@@ -151,9 +151,9 @@ class EngineLoop:
                     return
                 try:
                     outs = self.engine.step()
-                except Exception as exc:  # keep serving: fail this step's requests, free their blocks
+                except Exception as exc:  # keep serving: fail the requests this step concerned, free their blocks
                     log.exception("engine step failed")
-                    self._fail_all(exc)
+                    self._fail_step(exc)
                     continue
                 for out in outs:
                     ticket = self._tickets.get(out.request_id)
@@ -167,9 +167,27 @@ class EngineLoop:
             if not outs:
                 time.sleep(0.005)  # waiting requests do not fit yet; let blocks free up
 
-    def _fail_all(self, exc: Exception) -> None:
-        for ticket in list(self._tickets.values()):
-            self.engine.abort(ticket.key)
+    def _waiting_keys(self) -> set[str]:
+        return {s.request_id for s in self.engine.waiting}
+
+    def _fail_step(self, exc: Exception) -> None:
+        """Fail the requests a failed step concerned; every other request keeps going.
+
+        An exception naming its sequences (a `request_ids` attribute) fails those alone. Otherwise the
+        sequences the step took into its batch fail: those that were running, and those it admitted
+        from the queue (no longer waiting). Requests waiting now hold no half-written state (never
+        scheduled, or preempted and reset before the failure): they stay."""
+        named = getattr(exc, "request_ids", None)
+        if named is not None:
+            concerned = set(named)
+        else:
+            still_waiting = self._waiting_keys()
+            concerned = {k for k in self._tickets if k not in still_waiting}
+        for key in concerned:
+            ticket = self._tickets.pop(key, None)
+            if ticket is None:
+                continue
+            self.engine.abort(key)
             self._unqueue(ticket)
             ticket.out.put(exc)
-        self._tickets.clear()
+        self._cond.notify_all()

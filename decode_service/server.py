@@ -21,12 +21,13 @@ from kv_store.peer import SERVICE_NAME as KV_SERVICE_NAME
 from kv_store.peer import KvStoreServicer
 from kv_store.service import StoreHandle, attach_store, set_store_health
 from kv_store.store import KvStore
+from zeroc.auth import TokenAuth
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.errors import ZeroCError
 from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
-from zeroc.rpc import CallCounter, ServiceHost
+from zeroc.rpc import MAX_MODEL_CHARS, CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.sampling import SamplingParams
 from zeroc.transport.landing import kv_fingerprint, receive_into
 from zeroc.transport.decode_side import make_kv_transport
@@ -36,6 +37,11 @@ from zeroc.v1 import generation_pb2_grpc, kv_store_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+# A sequence the engine ended on its own account (non-finite logits, ...): that request alone fails.
+ERROR_FINISH = "error"
+# Prefill failures a decode service answers by prefilling locally (with --prefill-fallback local):
+# gone, full, or stalled past the transfer timeout (while the caller's own deadline still allows it).
+_FALL_BACK = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -46,6 +52,7 @@ class GenerateInput:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    tenant: str = ""  # whose prefix cache the request reads and fills
 
 
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
@@ -71,8 +78,11 @@ class _Ready:
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
-    def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event):
-        self.transport, self.draining = transport, draining
+    def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event,
+                 auth: TokenAuth | None = None, fallback: str = "local"):
+        self.transport, self.draining, self.fallback = transport, draining, fallback
+        self.auth = auth or TokenAuth(None, "")
+        self.tenants: dict[str, str] = {}  # engine request id -> tenant, while the request runs
         self.calls = CallCounter()
         self.transfer_timeout_s = transfer_timeout_s
         self.ready: _Ready | None = None
@@ -83,8 +93,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return self.ready
 
     def _parse(self, request: pb.GenerateRequest, state: _Ready, context: grpc.ServicerContext) -> GenerateInput:
+        check_id("request_id", request.request_id, context)
+        check_id("model", request.model, context, MAX_MODEL_CHARS)
         if request.model and request.model != state.model_name:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; "
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {quote(request.model)}; "
                                                      f"this service serves {state.model_name!r}")
         if request.prompt and request.prompt_token_ids:
             context.abort(_INVALID, "set either prompt or prompt_token_ids, not both")
@@ -95,10 +107,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except ValueError as exc:  # ZeroCError is a ValueError: empty prompt, bad ids, bad sampling
             context.abort(_INVALID, str(exc))
-        return GenerateInput(request.request_id or f"gen-{time.time_ns():x}", ids, params)
+        return GenerateInput(request.request_id or f"gen-{time.time_ns():x}", ids, params, self.auth.tenant(context))
 
     def Generate(self, request, context):
         arrived = time.monotonic()
+        self.auth.tenant(context)  # UNAUTHENTICATED before any other answer
         state = self._state(context)
         if self.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down; use another replica")
@@ -110,8 +123,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ShuttingDownError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.tenants[ticket.key] = req.tenant
         # Runs however the call ends (finished, cancelled, deadline, disconnect): blocks free at once.
-        context.add_callback(lambda: state.loop.release(ticket))
+        context.add_callback(lambda: (state.loop.release(ticket), self.tenants.pop(ticket.key, None)))
         kv_bytes, reused = self._start(req, ticket, state, context)
         log.info("generate", extra={"request_id": req.request_id, "prompt_tokens": len(req.prompt_ids),
                                     "kv_bytes": kv_bytes, "cached_prefix_tokens": reused})
@@ -124,20 +138,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         ids, cached, kv_bytes, reused = req.prompt_ids, 0, 0, 0
         try:
             if self.transport is not None and len(ids) > 1:
-                # The prefill side sends KV for all but the last prompt token; the engine runs that one
-                # itself and samples the first token with the request's own generator.
-                slots = state.loop.reserve(ticket, len(ids) - 1, context.is_active)
-                reused = self._load_prefix(state, ids[:-1], slots, req.request_id)
-                remaining = context.time_remaining()
-                timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
-                if reused < len(ids) - 1:
-                    receiver, land = receive_into(state.engine.cache, ticket.key, slots[reused:], start=reused)
-                    kv_bytes = self.transport.fetch(ticket.key, ids[:-1], receiver, timeout, context.is_active,
-                                                    cached_prefix_tokens=reused)
-                    state.loop.run_locked(land)  # a KV policy encodes the full-precision KV into its own blocks
-                cached = len(ids) - 1
+                try:
+                    kv_bytes, reused = self._remote_prefill(req, ticket, state, context)
+                    cached = len(ids) - 1
+                except KvTransferError as exc:
+                    left = context.time_remaining()
+                    if (exc.code not in _FALL_BACK or self.fallback != "local" or not context.is_active()
+                            or (left is not None and left <= 0)):
+                        raise
+                    # The prefill service is away: this service holds the model, so it computes the prompt.
+                    log.warning("prefill unavailable; prefilling locally", extra={
+                        "request_id": req.request_id, "code": exc.code.name, "error": str(exc)})
+                    state.loop.unreserve(ticket)
+                    kv_bytes = 0
+                    cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req) \
+                        if state.store is not None else 0
             elif state.store is not None and len(ids) > 1:
-                cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req.request_id)
+                cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req)
             state.loop.submit(ticket, ids, req.params, cached)
         except KvTransferError as exc:
             state.loop.release(ticket)
@@ -152,26 +169,44 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return kv_bytes, reused
 
+    def _remote_prefill(self, req: GenerateInput, ticket: Ticket, state: _Ready, context: grpc.ServicerContext
+                        ) -> tuple[int, int]:
+        """The prompt's KV but its last token: the cached prefix from the store, the rest from the prefill
+        service (the engine runs the last token itself and samples the first token with the request's own
+        generator). Returns (KV bytes received, prefix tokens reused)."""
+        ids = req.prompt_ids
+        slots = state.loop.reserve(ticket, len(ids) - 1, context.is_active)
+        reused = self._load_prefix(state, ids[:-1], slots, req)
+        if reused == len(ids) - 1:
+            return 0, reused
+        remaining = context.time_remaining()
+        timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
+        receiver, land = receive_into(state.engine.cache, ticket.key, slots[reused:], start=reused)
+        kv_bytes = self.transport.fetch(ticket.key, ids[:-1], receiver, timeout, context.is_active,
+                                        cached_prefix_tokens=reused, tenant=req.tenant)
+        state.loop.run_locked(land)  # a KV policy encodes the full-precision KV into its own blocks
+        return kv_bytes, reused
+
     @staticmethod
-    def _load_prefix(state: _Ready, ids: list[int], slots, request_id: str) -> int:
-        """Put the longest cached prefix of `ids` into the request's slots; returns its tokens (0 on any
-        store failure: the prompt is then computed as if nothing were cached)."""
+    def _load_prefix(state: _Ready, ids: list[int], slots, req: GenerateInput) -> int:
+        """Put the longest prefix of `ids` in the tenant's cache into the request's slots; returns its tokens
+        (0 on any store failure: the prompt is then computed as if nothing were cached)."""
         if state.store is None:
             return 0
         try:
-            return state.store.load(state.store.plan(ids), state.engine.cache, slots).tokens
+            return state.store.load(state.store.plan(ids, req.tenant), state.engine.cache, slots).tokens
         except Exception:
-            log.exception("kv store load failed; computing the whole prompt", extra={"request_id": request_id})
+            log.exception("kv store load failed; computing the whole prompt", extra={"request_id": req.request_id})
             return 0
 
     def _colocated_prefix(self, state: _Ready, ticket: Ticket, ids: list[int], context: grpc.ServicerContext,
-                          request_id: str) -> int:
+                          req: GenerateInput) -> int:
         """Colocated: reserve and fill slots for the cached prefix of `ids`; the engine computes the rest."""
-        plan = state.store.plan(ids)
+        plan = state.store.plan(ids, req.tenant)
         if not plan.tokens:
             return 0
         slots = state.loop.reserve(ticket, plan.tokens, context.is_active)
-        if self._load_prefix(state, ids[:plan.tokens], slots, request_id) == plan.tokens:
+        if self._load_prefix(state, ids[:plan.tokens], slots, req) == plan.tokens:
             return plan.tokens
         state.loop.unreserve(ticket)  # part of the prefix went missing meanwhile: compute it all
         return 0
@@ -187,8 +222,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     return
                 continue
             if isinstance(out, Exception):
-                context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out}")
+                context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {quote(out, 200)}")
             assert isinstance(out, StepOutput)
+            if out.finish_reason == ERROR_FINISH:
+                why = getattr(out, "error", None) or "the sequence's computation failed"
+                context.abort(grpc.StatusCode.INTERNAL, f"generation failed for this request: {quote(why, 200)}")
             if ttft_ms is None and out.token_ids:
                 ttft_ms = (time.monotonic() - arrived) * 1000
             produced += len(out.token_ids)
@@ -207,6 +245,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 return
 
     def GetModelInfo(self, request, context):
+        self.auth.tenant(context)
         state = self._state(context)
         cfg, stats = state.engine.model_config, state.loop.stats()
         return pb.GetModelInfoResponse(
@@ -218,6 +257,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             attention_backend=state.engine.model.backend.name)
 
     def Tokenize(self, request, context):
+        self.auth.tenant(context)
         state = self._state(context)
         return pb.TokenizeResponse(
             token_ids=state.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
@@ -238,19 +278,22 @@ class DecodeService:
 
     def __init__(self, cfg: ZeroCConfig):
         self.cfg = cfg
-        self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME])
         self.fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         self.transport = None
-        if cfg.transfer.prefill_target:
+        if cfg.transfer.prefill_target:  # first: an impossible transport setting is a one-line error
             self.transport = make_kv_transport(cfg, self.fingerprint)
-        self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining)
-        generation_pb2_grpc.add_GenerationServiceServicer_to_server(self.servicer, self.host.server)
-        self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes)
-        kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server(self.kv_servicer, self.host.server)
+        auth = TokenAuth.from_file(cfg.security.tokens_file, cfg.security.default_tenant)
+        self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME], cfg.security)
+        self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth,
+                                           cfg.transfer.prefill_fallback)
+        add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
+        self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store)
+        add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, self.kv_servicer, self.host.server)
         self.loop: EngineLoop | None = None
         self.store: StoreHandle | None = None
 
     def start(self) -> str:
+        """Listen; returns the public address."""
         self.host.start()
         return self.host.address
 
@@ -261,7 +304,9 @@ class DecodeService:
         self.store = attach_store(cfg, loaded, self.fingerprint, self.host, self.kv_servicer)
         store = self.store.store if self.store else None
         if store is not None:
-            engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table)
+            tenants = self.servicer.tenants
+            engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table,
+                                                                            tenants.get(rid, ""))
         self.loop = EngineLoop(engine, cfg.server.max_queue)
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype, store)
@@ -287,7 +332,8 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     svc = DecodeService(cfg)
     try:
         svc.host.install_signal_handlers()
-        ready(f"decode service listening on {svc.start()}")
+        svc.start()
+        ready(f"decode service {svc.host.listening}")
         svc.load()
         svc.host.wait_and_drain(svc.loop.stop, svc.servicer.calls.busy)
     finally:

@@ -66,6 +66,11 @@ class BlockIndex(abc.ABC):
         """Start or renew `holder`'s lease."""
 
     @abc.abstractmethod
+    def renew(self, holder: str, lease_s: float) -> bool:
+        """Extend `holder`'s lease; False (changing nothing) if it is gone: expired, so its entries may
+        have been reaped, or Redis restarted empty. The holder must then register and republish."""
+
+    @abc.abstractmethod
     def put(self, holder: str, entries: list[BlockEntry]) -> None:
         """Publish blocks whose data the holder already stores (phase two of a put). Raises
         LeaseLostError, writing nothing, if the holder's lease is gone."""
@@ -224,6 +229,12 @@ class RedisBlockIndex(BlockIndex):
                 pipe.set(f"{self.prefix}lease:{holder}", "1", px=max(1, int(lease_s * 1000)))
                 pipe.sadd(f"{self.prefix}holders", holder)
                 pipe.execute()
+        except _REDIS_DOWN as exc:
+            raise IndexUnavailable(f"redis: {exc}") from None
+
+    def renew(self, holder: str, lease_s: float) -> bool:
+        try:
+            return bool(self.client.pexpire(f"{self.prefix}lease:{holder}", max(1, int(lease_s * 1000))))
         except _REDIS_DOWN as exc:
             raise IndexUnavailable(f"redis: {exc}") from None
 

@@ -36,6 +36,7 @@ class BlockPool:
         self._slots: OrderedDict[str, int] = OrderedDict()  # visible blocks, least recently used first
         self._evicting: dict[str, int] = {}  # taken by take_victims: hidden, data kept until release
         self._pins: dict[str, int] = {}
+        self._macs: dict[str, bytes] = {}  # per stored block: its MAC (kv_store.integrity)
         self._free = list(range(capacity - 1, -1, -1))
 
     @staticmethod
@@ -141,9 +142,10 @@ class BlockPool:
         with self.lock:
             for b in block_ids:
                 self._free.append(self._evicting.pop(b))
+                self._macs.pop(b, None)
 
-    def insert(self, block_id: str, k: list[Tensor], v: list[Tensor]) -> int:
-        """Store one block (k[layer]: [block_size, kv_heads, k_dim]; v likewise); returns its CRC32C.
+    def insert(self, block_id: str, k: list[Tensor], v: list[Tensor], mac: bytes = b"") -> int:
+        """Store one block (k[layer]: [block_size, kv_heads, k_dim]; v likewise) and its MAC; returns its CRC32C.
 
         Needs a free slot (`num_free` > 0); a block already held is only marked used."""
         with self.lock:
@@ -157,7 +159,12 @@ class BlockPool:
                 self.k[layer][slot] = k[layer]
                 self.v[layer][slot] = v[layer]
             self._slots[block_id] = slot
+            self._macs[block_id] = mac
             return self.checksum(block_id)
+
+    def mac(self, block_id: str) -> bytes:
+        with self.lock:
+            return self._macs.get(block_id, b"")
 
     def checksum(self, block_id: str) -> int:
         """CRC32C over the block's bytes, layer by layer, K then V."""

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 from kv_store.embedded import EmbeddedRedis
 from kv_store.hashing import store_seed
 from kv_store.index import RedisBlockIndex
+from kv_store.integrity import mac_key
 from kv_store.peer import SERVICE_NAME, KvStoreServicer, PeerFetcher
 from kv_store.pool import BlockPool
 from kv_store.store import KvStore
@@ -24,6 +25,8 @@ from zeroc.config import RedisConfig, StoreConfig, ZeroCConfig
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.rpc import ServiceHost
+from zeroc.security import TenantKeys, cluster_key
+from zeroc.tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class StoreHandle:
 
 def open_store(redis_cfg: RedisConfig, store_cfg: StoreConfig, loaded: LoadedModel, model_fingerprint: str,
                block_size: int, holder: str, chunk_bytes: int, max_message_bytes: int,
-               on_state: Callable[[str], None] = lambda state: None) -> StoreHandle | None:
+               on_state: Callable[[str], None] = lambda state: None, keys: TenantKeys | None = None,
+               block_mac_key: bytes | None = None, tls: Tls | None = None) -> StoreHandle | None:
     """The store of a service holding blocks of `loaded`'s KV, or None when reuse is off."""
     if redis_cfg.url == "off" or store_cfg.capacity_mb == 0:
         log.info("kv store off")
@@ -69,9 +73,10 @@ def open_store(redis_cfg: RedisConfig, store_cfg: StoreConfig, loaded: LoadedMod
         pool = BlockPool(shapes, block_size, capacity, param.dtype, param.device)
         index = RedisBlockIndex(url, store_cfg.namespace, redis_cfg.timeout_s)
         # Chunks must fit this service's own receive limit, with room for the message's metadata.
-        fetcher = PeerFetcher(seed, max(1024, min(chunk_bytes, max_message_bytes - (64 << 10))), max_message_bytes)
+        fetcher = PeerFetcher(seed, max(1024, min(chunk_bytes, max_message_bytes - (64 << 10))), max_message_bytes,
+                              tls)
         store = KvStore(pool, index, store_cfg.advertise or holder, seed, store_cfg, redis_cfg.retry_s, fetcher,
-                        redact(url), on_state)
+                        redact(url), on_state, keys, block_mac_key)
     except BaseException:
         if embedded is not None:
             embedded.close()
@@ -103,9 +108,12 @@ def attach_store(cfg: ZeroCConfig, loaded: LoadedModel, fingerprint: str, host: 
     if loaded.config.has_tier:
         log.info("kv store off: prefix reuse does not cover a model's token tier")
         return None
-    handle = open_store(cfg.redis, cfg.store, loaded, fingerprint, cfg.cache.block_size, host.address,
+    secret = cluster_key(cfg.security)
+    handle = open_store(cfg.redis, cfg.store, loaded, fingerprint, cfg.cache.block_size, host.internal_address,
                         cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20,
-                        on_state=lambda state: set_store_health(host, state))
+                        on_state=lambda state: set_store_health(host, state),
+                        keys=TenantKeys.from_config(cfg.security, secret), block_mac_key=mac_key(secret),
+                        tls=host.tls)
     if handle is not None:
         store = handle.store
         servicer.attach(store.pool, store.seed, store.served, store.pins_changed)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,11 +26,13 @@ from torch import Tensor
 
 from kv_store.hashing import block_ids
 from kv_store.index import BlockEntry, BlockIndex, IndexUnavailable
+from kv_store.integrity import block_mac, verified_prefix
 from kv_store.peer import PeerFetcher
 from kv_store.pool import BlockPool
 from zeroc.config import StoreConfig
 from zeroc.kv_cache import PagedKVCache
 from zeroc.kv_transfer import KvReceiver, KvTransferError
+from zeroc.security import TenantKeys
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -82,6 +85,7 @@ class _Counters:
     index_errors: int = 0
     reconnects: int = 0
     evictions: int = 0
+    rejected_blocks: int = 0  # blocks from peers whose MAC did not check out
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, **deltas: int) -> None:
@@ -97,8 +101,13 @@ class KvStore:
 
     def __init__(self, pool: BlockPool, index: BlockIndex, holder: str, seed: str, cfg: StoreConfig,
                  retry_s: float, fetcher: PeerFetcher | None, index_name: str = "",
-                 on_state: Callable[[str], None] = lambda state: None):
+                 on_state: Callable[[str], None] = lambda state: None, keys: TenantKeys | None = None,
+                 mac_key: bytes | None = None):
         self.pool, self.index, self.holder, self.seed, self.cfg = pool, index, holder, seed, cfg
+        # Block ids are keyed per tenant: without keys of its own the store shares ids with nobody.
+        self.keys = keys or TenantKeys(secrets.token_bytes(32))
+        # Blocks from peers are used only if their MAC under this key checks out (kv_store.integrity).
+        self.mac_key = mac_key or secrets.token_bytes(32)
         self.fetcher, self.index_name, self.on_state = fetcher, index_name, on_state
         self.retry_s = retry_s
         self.counters = _Counters()
@@ -115,12 +124,13 @@ class KvStore:
         self._lease.start()
 
     # -- request threads ------------------------------------------------------------------------
-    def block_ids(self, token_ids: list[int]) -> list[str]:
-        return block_ids(token_ids, self.pool.block_size, self.seed)
+    def block_ids(self, token_ids: list[int], tenant: str = "") -> list[str]:
+        """The ids of `token_ids`' full blocks in `tenant`'s cache (empty: the default tenant)."""
+        return block_ids(token_ids, self.pool.block_size, self.seed, self.keys.key(tenant))
 
-    def plan(self, token_ids: list[int]) -> PrefixPlan:
-        """The longest prefix of full blocks of `token_ids` held locally or by a live peer."""
-        ids = self.block_ids(token_ids)
+    def plan(self, token_ids: list[int], tenant: str = "") -> PrefixPlan:
+        """The longest prefix of full blocks of `token_ids` in `tenant`'s cache held locally or by a live peer."""
+        ids = self.block_ids(token_ids, tenant)
         self.counters.add(lookups=1)
         local = self.pool.held_prefix(ids)
         holdings = [[]] * local  # only blocks past the local prefix are looked up
@@ -180,24 +190,34 @@ class KvStore:
 
     def _fetch(self, peer: str, ids: list[str], checksums: list[int], cache: PagedKVCache, slots: Tensor,
                first_block: int) -> tuple[int, int]:
+        """Fetch blocks from `peer` into the request's slots; returns (blocks landed and verified, bytes)."""
         bs = self.pool.block_size
         first = first_block * bs
         try:
-            return self.fetcher.fetch(peer, ids, checksums,
-                                      lambda m: KvReceiver(cache, slots[first:first + m * bs], start=first),
-                                      first, self.cfg.fetch_timeout_s)
+            got, nbytes, macs = self.fetcher.fetch(
+                peer, ids, checksums, lambda m: KvReceiver(cache, slots[first:first + m * bs], start=first),
+                first, self.cfg.fetch_timeout_s)
         except KvTransferError as exc:
             # A dead or lagging peer costs only the reuse: the caller recomputes these blocks.
             log.warning("peer fetch failed; recomputing", extra={"peer": peer, "code": exc.code.name,
                                                                   "error": str(exc)})
             return 0, 0
+        dest = [int(slots[first + i * bs]) // bs for i in range(got)]
+        ok = verified_prefix(self.mac_key, ids[:got], macs, cache.k_pools, cache.v_pools, dest)
+        if ok < got:
+            # Not made by a service of this deployment (a forged index entry, a rogue holder): the
+            # caller recomputes from here, overwriting what landed, and nothing of it is kept.
+            self.counters.add(rejected_blocks=got - ok)
+            log.warning("peer served blocks failing their MAC; recomputing them",
+                        extra={"peer": peer, "rejected": got - ok})
+        return ok, nbytes if ok == got else nbytes * ok // max(got, 1)
 
     # -- the engine thread ----------------------------------------------------------------------
-    def offer(self, token_ids: list[int], cache: PagedKVCache, block_table: list[int]) -> None:
-        """A sequence's KV for `token_ids` is in `cache` at `block_table`: keep its full blocks.
+    def offer(self, token_ids: list[int], cache: PagedKVCache, block_table: list[int], tenant: str = "") -> None:
+        """A sequence's KV for `token_ids` is in `cache` at `block_table`: keep its full blocks (in `tenant`'s cache).
 
         Copies the blocks the pool lacks and returns; the writer thread stores and publishes them."""
-        ids = self.block_ids(token_ids)
+        ids = self.block_ids(token_ids, tenant)
         new = [i for i, b in enumerate(ids) if not self.pool.holds(b)]
         if not new:
             if ids:
@@ -279,7 +299,8 @@ class KvStore:
         for i, b in enumerate(ids):
             if pool.holds(b) or pool.num_free == 0:  # no room left: every other block is pinned
                 continue
-            crc = pool.insert(b, [t[i] for t in k], [t[i] for t in v])
+            kb, vb = [t[i] for t in k], [t[i] for t in v]
+            crc = pool.insert(b, kb, vb, block_mac(self.mac_key, b, kb, vb))
             entries.append(BlockEntry(b, pool.tier, pool.block_bytes, crc))
         pool.touch_chain(ids)
         if self.state == "ok":
@@ -308,7 +329,9 @@ class KvStore:
         while not self._stop.wait(renew_s if self.state == "ok" else self.retry_s):
             try:
                 if self.state == "ok":
-                    self.index.register(self.holder, self.cfg.lease_s)
+                    if not self.index.renew(self.holder, self.cfg.lease_s):
+                        self._lease_lost()
+                        continue
                     self.index.reap()
                 else:
                     self.index.ping()
@@ -316,6 +339,14 @@ class KvStore:
             except IndexUnavailable as exc:
                 if self.state == "ok":
                     self._degrade(exc)
+
+    def _lease_lost(self) -> None:
+        """The lease ran out (this process stalled past it, or Redis lost it): the index may list none of
+        our blocks. Degraded until the writer has registered and republished them (`_reconcile`)."""
+        self.counters.add(index_errors=1)
+        if self._set_state("degraded"):
+            log.warning("kv store lease lost; re-registering and republishing", extra={"holder": self.holder})
+        self._queue_reconcile()
 
     def close(self, withdraw: bool = True) -> None:
         """Stop the threads; `withdraw` removes this holder's entries and lease (a graceful exit)."""

@@ -18,7 +18,8 @@ from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import KvTransferError, add_prefill_service, model_fingerprint
 from zeroc.loader import LoadedModel, load_model
-from zeroc.rpc import CallCounter, ServiceHost
+from zeroc.rpc import CallCounter, ServiceHost, add_servicer, check_id, quote
+from zeroc.tls import require_service
 from zeroc.transport.landing import kv_fingerprint
 from zeroc.transport.capability import probe
 from zeroc.transport.nccl import load_nccl
@@ -33,8 +34,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
     def __init__(self, max_queue: int, default_chunk_bytes: int, draining: threading.Event,
-                 kv: KvTransportService, transfer_timeout_s: float):
+                 kv: KvTransportService, transfer_timeout_s: float, max_message_bytes: int = 16 << 20):
         self.max_queue, self.default_chunk_bytes, self.draining = max_queue, default_chunk_bytes, draining
+        # A chunk plus its metadata must fit one message, whatever chunk size the caller asks for.
+        self.max_chunk_bytes = max(1024, max_message_bytes - (64 << 10))
         self.kv, self.transfer_timeout_s = kv, transfer_timeout_s
         self.calls = CallCounter()
         self.worker: PrefillWorker | None = None
@@ -45,10 +48,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.worker = worker
 
     def _job(self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext) -> PrefillJob:
+        require_service(context)
         if self.worker is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         if self.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down")
+        check_id("request_id", request.request_id, context)
+        check_id("model_fingerprint", request.model_fingerprint, context)
+        check_id("link_id", request.link_id, context)
+        check_id("tenant", request.tenant, context)
         ids = list(request.token_ids)
         if not ids:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_ids is empty")
@@ -59,21 +67,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                           f"{len(ids)} tokens; this prefill service takes at most {self.worker.max_tokens}")
         if request.model_fingerprint and request.model_fingerprint != self.fingerprint:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"model fingerprint {request.model_fingerprint} does not match this service's "
+                          f"model fingerprint {quote(request.model_fingerprint)} does not match this service's "
                           f"{self.fingerprint}")
         if request.cached_prefix_tokens >= len(ids):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cached_prefix_tokens ({request.cached_prefix_tokens}) "
                                                             f"must be less than the {len(ids)} token ids")
         if self.worker.pending() >= self.max_queue:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill queue is full ({self.max_queue})")
-        chunk = request.max_chunk_bytes or self.default_chunk_bytes
+        chunk = min(request.max_chunk_bytes or self.default_chunk_bytes, self.max_chunk_bytes)
         try:
             sink = self.kv.sink_for(request)
         except KvTransferError as exc:
             context.abort(exc.code, str(exc))
         # Internal ids are unique so a caller reusing its request id cannot collide in the cache.
         return PrefillJob(f"{request.request_id or 'prefill'}#{uuid.uuid4().hex[:8]}", ids, max(1024, chunk),
-                          request.cached_prefix_tokens, sink=sink)
+                          request.cached_prefix_tokens, sink=sink, tenant=request.tenant)
 
     def Prefill(self, request, context):
         job = self._job(request, context)
@@ -94,7 +102,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if isinstance(item, KvTransferError):
                 context.abort(item.code, str(item))
             if isinstance(item, Exception):
-                context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {item}")
+                context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {quote(item, 200)}")
             yield item
         if job.sink is not None:
             self._finish_out_of_band(job, context)
@@ -111,28 +119,30 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     # -- out-of-band KV transports (zeroc/transport/prefill_side.py) --------------------------------
     def GetKvCapability(self, request, context):
+        require_service(context)
         return self.kv.get_capability(request, context)
 
     def OpenKvLink(self, request, context):
+        require_service(context)
         yield from self.kv.open_link(request, context, self.transfer_timeout_s)
 
 
 def serve(cfg: ZeroCConfig, ready=print) -> None:
     """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
     capability = probe(cfg.device, cfg.transfer.kv_transport)  # ZeroCError (exit 2) if nccl is demanded and absent
-    host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME])
+    host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME], cfg.security)
     kv = KvTransportService(capability, torch.device(cfg.device), load_nccl() if capability.nccl_version else None,
                             host.draining)
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining, kv,
-                               cfg.transfer.timeout_s)
+                               cfg.transfer.timeout_s, cfg.server.max_message_mb << 20)
     add_prefill_service(servicer, host.server)
-    kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes)
-    kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server(kv_servicer, host.server)
+    kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store)
+    add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, kv_servicer, host.server)
     store = None
     try:
         host.install_signal_handlers()
         host.start()
-        ready(f"prefill service listening on {host.address}")
+        ready(f"prefill service {host.listening}")
         loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend)
         fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         if cfg.parallel.sp_ranks > 1:  # no prefix reuse across SP ranks: the store is not attached

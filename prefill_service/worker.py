@@ -38,6 +38,7 @@ class PrefillJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     kv_bytes: int = 0
     sink: KvSink | None = None  # out-of-band transport (zeroc/transport/); None: in-band chunks
+    tenant: str = ""  # whose prefix cache the prompt's blocks belong to ("": the default tenant)
 
 
 def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: int, tier: bool = False) -> None:
@@ -136,7 +137,7 @@ class PrefillWorker:
         returns the tokens loaded (the forward computes from there)."""
         if self.store is None or job.cached_prefix_tokens < self.cache.block_size:
             return 0
-        ids = self.store.block_ids(job.token_ids[:job.cached_prefix_tokens])
+        ids = self.store.block_ids(job.token_ids[:job.cached_prefix_tokens], job.tenant)
         n = self.store.pool.held_prefix(ids)
         if not n:
             return 0
@@ -182,6 +183,6 @@ class PrefillWorker:
                                      logits_indices=torch.empty(0, dtype=torch.long, device=tokens.device))
         if self.store is not None:
             for job in jobs:
-                self.store.offer(job.token_ids, self.cache, self.cache.block_table(job.request_id))
+                self.store.offer(job.token_ids, self.cache, self.cache.block_table(job.request_id), job.tenant)
         log.info("prefilled", extra={"requests": len(jobs), "tokens": int(tokens.numel()),
                                      "reused_tokens": sum(first)})

@@ -304,7 +304,9 @@ def _generate_remote(args: argparse.Namespace) -> int:
 
     out: list = []
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        ca = Path(args.ca).read_bytes() if args.ca else None
+        token = args.token or os.environ.get("ZEROC_TOKEN") or None
+        with Client(args.target, timeout=args.timeout, token=token, ca=ca) as client:
             if not args.json:
                 print(args.prompt, end="", flush=True)
             for item in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -334,9 +336,11 @@ def _service_config(args: argparse.Namespace) -> ZeroCConfig:
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
         transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
-                  "kv_transport": args.kv_transport},
+                  "kv_transport": args.kv_transport, "prefill_fallback": getattr(args, "prefill_fallback", None)},
         redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
-        parallel={"sp_ranks": getattr(args, "sp", None)}))
+        parallel={"sp_ranks": getattr(args, "sp", None)},
+        security={"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+                  "tokens_file": args.tokens_file}))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -373,7 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_stack_up(args: argparse.Namespace) -> int:
-    from zeroc.stack import Stack
+    from zeroc.stack import Stack, die_with_parent
 
     if args.decode < 1:
         raise ZeroCError(f"--decode must be >= 1, got {args.decode}")
@@ -381,8 +385,11 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
     if args.redis_url:
         ZeroCConfig.from_env(redis={"url": args.redis_url})  # a bad URL is a one-line error here
     gateway = (["--model", args.model] if args.model else []) if args.gateway else None
-    with Stack(args.decode, extra, redis_url=args.redis_url, gateway_args=gateway) as stack:
+    die_with_parent()  # `make run` signalled: SIGTERM here too, so the services and Redis stop with it
+    with Stack(args.decode, extra, redis_url=args.redis_url, gateway_args=gateway, tls=args.tls) as stack:
         print(f"kv store index:  {stack.redis_url}" + (" (embedded)" if stack.redis else ""))
+        if stack.pki is not None:
+            print(f"tls ca:          {stack.pki.ca} (throwaway; clients pass it to verify the services)")
         print(f"prefill service: {stack.prefill}")
         for addr in stack.decode:
             print(f"decode service:  {addr}")
@@ -391,8 +398,7 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
 
             print(f"gateway:         {stack.gateway} (OpenAI API)\ntry: {curl_line(stack.gateway, args.prompt, args.model)}")
         print(f"ready; try: zeroc generate --target {stack.decode[0]} \"{args.prompt}\"", flush=True)
-        stack.wait()
-    return 0
+        return stack.wait()
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -413,6 +419,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _redis_arg(p)
     p.add_argument("--kv-store-mb", type=int, default=None,
                    help="KV store block pool in MiB, 0 turns prefix reuse off (env ZEROC_STORE_CAPACITY_MB; default 256)")
+    for name in ("ca", "cert", "key"):  # docs/security.md
+        p.add_argument(f"--tls-{name}", default=None, help=f"PEM file: TLS {name} (env ZEROC_SECURITY_TLS_{name.upper()})")
+    p.add_argument("--tokens-file", default=None,
+                   help="bearer tokens of the public API, 'TOKEN TENANT' lines (env ZEROC_SECURITY_TOKENS_FILE)")
 
 
 def _redis_arg(p: argparse.ArgumentParser) -> None:
@@ -576,6 +586,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench_engine.add_arguments(p)
     p.set_defaults(func=bench_engine.run)
 
+    from zeroc.bench import chaos as bench_chaos
+
+    p = bench.add_parser("chaos", help="bounded load while services are killed, stopped and cut off -> docs/benchmarks.md")
+    bench_chaos.add_arguments(p)
+    p.set_defaults(func=bench_chaos.run)
+
     p = bench.add_parser("prefix", help="TTFT cold vs warm with a shared prompt prefix; KV-store index op costs")
     p.add_argument("--tokens", type=int, default=1024, help="prompt length in tokens")
     p.add_argument("--shared", type=float, default=0.9, help="fraction of the prompt shared with the warm prompt")
@@ -600,6 +616,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
     _kv_policy_args(p)
     p.add_argument("--target", default=None, help="HOST:PORT of a decode service (default: run locally)")
+    p.add_argument("--ca", default=None, help="with --target: PEM of the CA that signed the service (TLS)")
+    p.add_argument("--token", default=None, help="with --target: bearer token (env ZEROC_TOKEN)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds with --target")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -617,6 +635,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     _serve_args(p)
     p.add_argument("--prefill", default=None, help="HOST:PORT of the prefill service")
     p.add_argument("--colocated", action="store_true", help="prefill locally; no prefill service")
+    p.add_argument("--prefill-fallback", choices=["local", "fail"], default=None,
+                   help="while the prefill service is unavailable: prefill locally (default) or fail the request "
+                        "(env ZEROC_TRANSFER_PREFILL_FALLBACK)")
     p.set_defaults(func=cmd_serve)
     from zeroc.gateway import command as gateway
 
@@ -634,6 +655,8 @@ def _add_stack(sub: argparse._SubParsersAction) -> None:
     _redis_arg(p)
     p.add_argument("--prompt", default="The built-in function", help="prompt shown in the hint")
     p.add_argument("--gateway", action="store_true", help="also run the OpenAI-compatible HTTP gateway")
+    p.add_argument("--tls", action="store_true", help="TLS on every port and mTLS between the services, with a "
+                   "throwaway CA and certificate made for this run (docs/security.md)")
     p.set_defaults(func=cmd_stack_up)
 
 

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
+from zeroc.tls import RECONNECT_OPTIONS, open_channel
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc
 
@@ -114,12 +115,20 @@ def _collect(items: list[Chunk | Result]) -> Result:
                   "".join(c.text for c in chunks))
 
 
-class Client:
-    """Blocking client. `timeout` (seconds) is each call's deadline; None waits indefinitely."""
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
 
-    def __init__(self, target: str, timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy()):
+
+class Client:
+    """Blocking client. `timeout` (seconds) is each call's deadline; None waits indefinitely. `token`: a
+    bearer token, sent with every call, for services that require one. `ca`: PEM of the CA that signed
+    the service's certificate (TLS); None talks plaintext (loopback)."""
+
+    def __init__(self, target: str, timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
+                 token: str | None = None, ca: bytes | None = None):
         self.target, self.timeout, self.retry = target, timeout, retry
-        self._channel = grpc.insecure_channel(target)
+        self._metadata = _metadata(token)
+        self._channel = open_channel(target, ca=ca)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
     def stream(self, prompt: str | list[int], **kwargs) -> Iterator[Chunk | Result]:
@@ -128,7 +137,7 @@ class Client:
         delays = self.retry.delays()
         while True:
             started = False
-            call = self._stub.Generate(request, timeout=self.timeout)
+            call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
             try:
                 for msg in call:
                     started = True
@@ -157,7 +166,7 @@ class Client:
         delays = self.retry.delays()
         while True:
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
                 if delay is None:
@@ -177,9 +186,12 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as `Client` (stream is an async iterator)."""
 
-    def __init__(self, target: str, timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy()):
+    def __init__(self, target: str, timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
+                 token: str | None = None, ca: bytes | None = None):
         self.target, self.timeout, self.retry = target, timeout, retry
-        self._channel = grpc.aio.insecure_channel(target)
+        self._metadata = _metadata(token)
+        self._channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca), options=RECONNECT_OPTIONS)
+                         if ca else grpc.aio.insecure_channel(target, options=RECONNECT_OPTIONS))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
     async def stream(self, prompt: str | list[int], **kwargs) -> AsyncIterator[Chunk | Result]:
@@ -187,7 +199,7 @@ class AsyncClient:
         delays = self.retry.delays()
         while True:
             started = False
-            call = self._stub.Generate(request, timeout=self.timeout)
+            call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
             try:
                 async for msg in call:
                     started = True
@@ -206,7 +218,8 @@ class AsyncClient:
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         try:
-            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout,
+                                                 metadata=self._metadata)
         except grpc.RpcError as exc:
             raise ClientError(exc.code(), exc.details()) from None
 

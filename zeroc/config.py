@@ -473,10 +473,15 @@ class TransferConfig:
     # grpc: in-band chunks; nccl: NCCL between GPUs (CUDA IPC on a shared GPU), required;
     # auto: NCCL / CUDA IPC when both peers have GPUs, gRPC otherwise (zeroc/transport/capability.py)
     kv_transport: str = "auto"
+    # While the prefill service is unavailable (down, restarting, queue full): "local" computes the
+    # prompt on the decode service (it holds the model too); "fail" answers the prefill's status.
+    prefill_fallback: str = "local"
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1024 or self.timeout_s <= 0:
             raise ValueError("chunk_bytes must be >= 1024 and timeout_s positive")
+        if self.prefill_fallback not in ("local", "fail"):
+            raise ValueError(f"prefill_fallback must be local or fail, got {self.prefill_fallback!r}")
         if self.kv_transport not in ("grpc", "nccl", "auto"):
             raise ValueError(f"kv_transport must be grpc, nccl or auto, got {self.kv_transport!r}")
 
@@ -525,12 +530,52 @@ class StoreConfig:
     advertise: str = ""  # HOST:PORT peers fetch blocks from; empty means the service's listen address
     namespace: str = "zeroc"  # prefix of every Redis key (one namespace per deployment)
     fetch_timeout_s: float = 10.0  # longest a peer fetch of a prompt's blocks may take
+    # Bounded work per FetchBlocks call a holder serves: more ids is INVALID_ARGUMENT, more payload
+    # (blocks x block bytes) RESOURCE_EXHAUSTED.
+    max_fetch_blocks: int = 4096
+    max_fetch_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.capacity_mb < 0 or self.lease_s <= 0 or self.fetch_timeout_s <= 0:
             raise ValueError("store capacity_mb must be >= 0, lease_s and fetch_timeout_s positive")
+        if self.max_fetch_blocks < 1 or self.max_fetch_mb < 1:
+            raise ValueError("store max_fetch_blocks and max_fetch_mb must be positive")
         if not self.namespace or any(c in self.namespace for c in "{}: "):
             raise ValueError(f"store namespace {self.namespace!r} must be non-empty without braces, colons or spaces")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Secrets and isolation of one deployment (docs/security.md).
+
+    `cluster_key` (or the file `cluster_key_file`) is the secret every service of a deployment shares:
+    per-tenant block-id keys and the MACs on KV blocks derive from it. Empty: a random key private to
+    the process (its prefix cache is shared with no other service). `share_prefixes = "on"` lets
+    tenants share prefix blocks (an operator's opt-in: a tenant can then learn which prefixes others sent).
+    """
+
+    cluster_key: str = ""
+    cluster_key_file: str = ""
+    share_prefixes: str = "off"  # "on" | "off"
+    default_tenant: str = "default"  # the tenant of requests that authenticate as nobody in particular
+    tokens_file: str = ""  # bearer tokens of the public API ("TOKEN TENANT" lines); empty: no authentication
+    # TLS (zeroc/tls.py): PEM files of the deployment's CA and this service's certificate and key. All
+    # empty: plaintext, allowed on loopback only.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    internal_port: int = 0  # with TLS, the mTLS port for internal RPCs (0 picks a free one)
+    allow_plaintext: str = "loopback"  # "any": plaintext off loopback too (private networks, e.g. benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.share_prefixes not in ("on", "off"):
+            raise ValueError(f"security share_prefixes must be on or off, got {self.share_prefixes!r}")
+        if not self.default_tenant:
+            raise ValueError("security default_tenant must be non-empty")
+        if self.allow_plaintext not in ("loopback", "any"):
+            raise ValueError(f"security allow_plaintext must be loopback or any, got {self.allow_plaintext!r}")
+        if not 0 <= self.internal_port <= 65535:
+            raise ValueError(f"security internal_port must be in [0, 65535], got {self.internal_port}")
 
 
 @dataclass(frozen=True)
@@ -552,6 +597,7 @@ class ZeroCConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -603,4 +649,4 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false":
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
              "transfer": TransferConfig, "redis": RedisConfig, "store": StoreConfig,
-             "parallel": ParallelConfig}
+             "parallel": ParallelConfig, "security": SecurityConfig}

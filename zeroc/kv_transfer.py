@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 from zeroc.kv_cache import PagedKVCache
+from zeroc.rpc import add_servicer
+from zeroc.tls import Tls, open_channel
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -131,23 +133,14 @@ def _serialize_prefill_response(msg: prefill_pb2.PrefillResponse | bytes) -> byt
 
 
 def add_prefill_service(servicer: prefill_pb2_grpc.PrefillServiceServicer, server: grpc.Server) -> None:
-    """Register a PrefillService servicer as the generated helper does, except that its Prefill may
-    yield chunks already serialized by `encode_layer_wire` (prefill side, once per server)."""
+    """Register a PrefillService servicer (`add_servicer`: undecodable requests are INVALID_ARGUMENT),
+    except that its Prefill may yield chunks already serialized by `encode_layer_wire`."""
+    def replace(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method == "Prefill":
+            return handler._replace(response_serializer=_serialize_prefill_response)
+        return handler
 
-    class _Collect:
-        def add_generic_rpc_handlers(self, _handlers) -> None:
-            pass
-
-        def add_registered_method_handlers(self, _name: str, handlers: dict) -> None:
-            self.handlers = dict(handlers)
-
-    collected = _Collect()
-    prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, collected)
-    handlers = collected.handlers  # other methods keep their generated handlers
-    handlers["Prefill"] = handlers["Prefill"]._replace(response_serializer=_serialize_prefill_response)
-    name = _PREFILL.containing_service.full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    add_servicer(prefill_pb2_grpc.add_PrefillServiceServicer_to_server, servicer, server, replace)
 
 
 @dataclass(frozen=True)
@@ -383,7 +376,7 @@ class KvTransport(abc.ABC):
 
     @abc.abstractmethod
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
         """Fill `receiver` with the KV of `token_ids[cached_prefix_tokens:]` (the prefix's KV is in place
         already, from the KV store); returns payload bytes received.
 
@@ -397,9 +390,10 @@ class KvTransport(abc.ABC):
 class GrpcKvTransport(KvTransport):
     """KV over the `zeroc.v1.PrefillService.Prefill` server stream."""
 
-    def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int):
+    def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
+                 tls: Tls | None = None):
         self.target, self.fingerprint, self.chunk_bytes = target, fingerprint, chunk_bytes
-        self._channel = grpc.insecure_channel(target, options=[
+        self._channel = open_channel(target, tls, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ])
@@ -410,10 +404,10 @@ class GrpcKvTransport(KvTransport):
             response_deserializer=parse_prefill_response, _registered_method=True)
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
         request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=token_ids,
                                              model_fingerprint=self.fingerprint, max_chunk_bytes=self.chunk_bytes,
-                                             cached_prefix_tokens=cached_prefix_tokens)
+                                             cached_prefix_tokens=cached_prefix_tokens, tenant=tenant)
         deadline = time.monotonic() + timeout_s
         call = self._prefill(self._extend(request), timeout=timeout_s, wait_for_ready=False)
         try:

@@ -15,9 +15,95 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from zeroc.config import ServerConfig
+from zeroc.config import SecurityConfig, ServerConfig
+from zeroc.tls import Tls, add_port, is_loopback, open_channel
 
 log = logging.getLogger(__name__)
+
+# Protocol limits on caller-chosen strings (they are echoed in responses and logs).
+MAX_REQUEST_ID_CHARS = 256
+MAX_MODEL_CHARS = 256
+QUOTE_CHARS = 64  # error messages quote at most this much of any input
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """`repr` of `value` cut to its first `limit` characters: error messages never echo unbounded input."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def check_id(name: str, value: str, context: grpc.ServicerContext, limit: int = MAX_REQUEST_ID_CHARS) -> None:
+    """INVALID_ARGUMENT unless the caller-chosen string `value` (field `name`) is at most `limit` characters."""
+    if len(value) > limit:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} has {len(value)} characters; at most {limit} "
+                                                        "are allowed")
+
+
+class _Undecodable:
+    """What a request that protobuf could not parse (bad wire bytes, invalid UTF-8) turns into."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(raw: bytes) -> object:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError and friends: the caller's bytes, not a server fault
+            return _Undecodable(exc)
+    return parse
+
+
+def _guarded(behavior: Callable, streaming: bool) -> Callable:
+    """The behavior, answering INVALID_ARGUMENT to an undecodable request (gRPC itself would say INTERNAL)."""
+    def reject(request: _Undecodable, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"the request could not be parsed: {quote(request.error, 200)}")
+
+    if streaming:
+        def run_stream(request, context):
+            if isinstance(request, _Undecodable):
+                reject(request, context)
+            yield from behavior(request, context)
+        return run_stream
+
+    def run(request, context):
+        if isinstance(request, _Undecodable):
+            reject(request, context)
+        return behavior(request, context)
+    return run
+
+
+def add_servicer(add_to_server: Callable, servicer: object, server: grpc.Server,
+                 replace: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] | None = None) -> None:
+    """Register `servicer` as the generated `add_..._to_server` does, except that a request protobuf cannot
+    parse gets INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing request!".
+    `replace(method, handler)` may swap parts of a handler (e.g. a response serializer)."""
+
+    class _Collect:
+        def add_generic_rpc_handlers(self, generic) -> None:
+            self.generic = generic
+
+        def add_registered_method_handlers(self, name: str, handlers: dict) -> None:
+            self.name, self.handlers = name, dict(handlers)
+
+    collected = _Collect()
+    add_to_server(servicer, collected)
+    if not hasattr(collected, "handlers"):  # an older generated helper: no per-method registration
+        raise RuntimeError("the generated gRPC code is too old for add_servicer; regenerate the stubs")
+    handlers = {}
+    for method, h in collected.handlers.items():
+        if h.request_deserializer is not None and not h.request_streaming:
+            behavior = h.unary_stream if h.response_streaming else h.unary_unary
+            guarded = _guarded(behavior, h.response_streaming)
+            h = h._replace(request_deserializer=_lenient(h.request_deserializer),
+                           **{"unary_stream" if h.response_streaming else "unary_unary": guarded})
+        handlers[method] = replace(method, h) if replace else h
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(collected.name, handlers),))
+    server.add_registered_method_handlers(collected.name, handlers)
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,26 +148,45 @@ class ServiceHost:
     never route to a process that cannot answer yet.
     """
 
-    def __init__(self, cfg: ServerConfig, service_names: list[str]):
+    def __init__(self, cfg: ServerConfig, service_names: list[str], security: SecurityConfig | None = None):
         self.cfg = cfg
+        security = security or SecurityConfig()
+        self.tls = Tls.from_config(security)
         self.service_names = list(service_names)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers),
                                   options=channel_options(cfg), maximum_concurrent_rpcs=cfg.workers)
         self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], self.server)
         self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self.port = add_port(self.server, f"{cfg.host}:{cfg.port}", self.tls, False, security.allow_plaintext)
         if not self.port:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+        # With TLS, internal RPCs come in on a second, mTLS port (zeroc/tls.py); without, on the one port.
+        self.internal_port = self.port
+        if self.tls is not None:
+            self.internal_port = add_port(self.server, f"{cfg.host}:{security.internal_port}", self.tls, True)
+            if not self.internal_port:
+                raise OSError(f"cannot listen on {cfg.host}:{security.internal_port}")
         self._stop = threading.Event()
         self.draining = threading.Event()  # set on SIGTERM: servicers refuse new work from then on
 
     @property
     def address(self) -> str:
         return f"{self.cfg.host}:{self.port}"
+
+    @property
+    def internal_address(self) -> str:
+        """Where other services call this one's internal RPCs (peer fetch, Prefill)."""
+        return f"{self.cfg.host}:{self.internal_port}"
+
+    @property
+    def listening(self) -> str:
+        """The line a service prints once it listens (zeroc.stack reads the addresses from it)."""
+        extra = f" internal {self.internal_address}" if self.internal_port != self.port else ""
+        return f"listening on {self.address}{extra}"
 
     def _set(self, status: int) -> None:
         for name in ("", *self.service_names):
@@ -92,6 +197,9 @@ class ServiceHost:
 
     def set_serving(self) -> None:
         self._set(health_pb2.HealthCheckResponse.SERVING)
+        if self.tls is None:
+            where = "on loopback" if is_loopback(self.cfg.host) else "OFF LOOPBACK (allow_plaintext=any)"
+            log.warning(f"plaintext gRPC (no TLS) {where}", extra={"address": self.address})
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -156,10 +264,11 @@ class CallCounter:
             return self._n > 0
 
 
-def wait_serving(target: str, timeout_s: float, service: str = "") -> None:
-    """Block until `target`'s health check says SERVING; raise TimeoutError after `timeout_s`."""
+def wait_serving(target: str, timeout_s: float, service: str = "", ca: bytes | None = None) -> None:
+    """Block until `target`'s health check says SERVING (over TLS when `ca` is given); raise TimeoutError
+    after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, ca=ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

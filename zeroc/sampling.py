@@ -10,6 +10,7 @@ caller finishes that request alone; the ids come to the host in one copy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,9 +21,20 @@ from zeroc.device import host_to_device
 FAILED = -1  # the id `sample_batch` gives a row whose logits or probabilities are not finite
 
 
+# Below this a temperature is refused rather than clamped: dividing logits by a subnormal
+# temperature overflows to inf and the softmax to NaN. 0 (greedy) is the way to ask for argmax.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+# Bounded work per request: each stop string is searched in the text after every token.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token and when to stop. temperature 0 means greedy."""
+    """How to pick each next token and when to stop. temperature 0 means greedy; otherwise it must
+    lie in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -36,14 +48,23 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        t = self.temperature
+        if not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):  # NaN fails both
+            raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                             f"got {t!r}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
+            raise ValueError(f"seed must be in [0, 2^64), got {self.seed!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty and at most {MAX_STOP_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} "
+                             "are allowed")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
 

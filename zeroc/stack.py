@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import select
 import signal
 import subprocess
@@ -23,7 +24,23 @@ from pathlib import Path
 
 from zeroc.rpc import wait_serving
 
-_LISTENING = re.compile(r"listening on (\S+:\d+)")
+_LISTENING = re.compile(r"listening on (\S+:\d+)(?: internal (\S+:\d+))?")
+# The children of one process form one deployment: unless the caller names a cluster key, they share
+# this throwaway one (drawn once per parent process, never written anywhere), so they reuse each
+# other's prefix blocks while no outside process can compute a block id or forge a block's MAC.
+_THROWAWAY_CLUSTER_KEY = secrets.token_hex(32)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent exits (prctl PR_SET_PDEATHSIG); a no-op
+    elsewhere. With the services' own parent watch (ZEROC_EXIT_WITH_PARENT) nothing is left orphaned."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
 
 
 class ServiceProcess:
@@ -33,16 +50,21 @@ class ServiceProcess:
 
     def __init__(self, kind: str, args: list[str], env: dict[str, str] | None = None,
                  start_timeout_s: float = 300.0, host: str = "127.0.0.1", prefix: list[str] | None = None):
-        self.kind = kind
+        self.kind, self.args, self.env, self.host, self.prefix = kind, list(args), dict(env or {}), host, prefix
         self.log_path = Path(tempfile.mkstemp(prefix=f"zeroc-{kind}-", suffix=".log")[1])
         child_env = {**os.environ, **(env or {})}
         child_env.setdefault("OMP_NUM_THREADS", "1")
+        if not child_env.get("ZEROC_SECURITY_CLUSTER_KEY") and not child_env.get("ZEROC_SECURITY_CLUSTER_KEY_FILE"):
+            child_env["ZEROC_SECURITY_CLUSTER_KEY"] = _THROWAWAY_CLUSTER_KEY
         child_env["ZEROC_EXIT_WITH_PARENT"] = str(os.getpid())  # children stop if this process dies
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [*(prefix or []), sys.executable, "-m", "zeroc.cli", "serve", kind, "--host", host, "--port", "0",
                  *args],
                 stdout=subprocess.PIPE, stderr=log, env=child_env)
+        ca = child_env.get("ZEROC_SECURITY_TLS_CA")
+        self.ca = Path(ca).read_bytes() if ca else None  # health checks over TLS when services use it
+        self.internal_address = ""
         self.address = self._read_address(start_timeout_s)
 
     def _read_address(self, timeout_s: float) -> str:
@@ -54,6 +76,7 @@ class ServiceProcess:
                 line = self.proc.stdout.readline()
                 match = _LISTENING.search(line.decode(errors="replace"))
                 if match:
+                    self.internal_address = match.group(2) or match.group(1)
                     return match.group(1)
             if self.proc.poll() is not None:
                 break
@@ -68,7 +91,7 @@ class ServiceProcess:
     def wait_serving(self, timeout_s: float = 300.0, address: str | None = None) -> None:
         """Block until health says SERVING, asked at `address` (default: the one it printed)."""
         try:
-            wait_serving(address or self.address, timeout_s)
+            wait_serving(address or self.address, timeout_s, ca=self.ca)
         except TimeoutError:
             raise RuntimeError(f"{self.kind} service never served; log tail:\n{self.log_tail()}") from None
 
@@ -111,9 +134,12 @@ class Stack:
     """One prefill service plus `num_decode` decode services pointed at it."""
 
     def __init__(self, num_decode: int, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 redis_url: str | None = None, gateway_args: list[str] | None = None):
+                 redis_url: str | None = None, gateway_args: list[str] | None = None, tls: bool = False):
         self.num_decode, self.extra, self.env = num_decode, list(extra_args or []), dict(env or {})
         self.gateway_args = gateway_args  # None: no gateway
+        self.tls = tls
+        self.pki = None  # with `tls`: the throwaway CA and certificate (zeroc.pki), removed at close
+        self._pki_dir: tempfile.TemporaryDirectory | None = None
         self.redis_url = redis_url or self.env.get("ZEROC_REDIS_URL") or os.environ.get("ZEROC_REDIS_URL")
         self.redis = None  # the embedded server, when this stack runs one
         self.services: list[ServiceProcess] = []
@@ -121,6 +147,12 @@ class Stack:
 
     def __enter__(self) -> "Stack":
         try:
+            if self.tls:
+                from zeroc.pki import make_pki
+
+                self._pki_dir = tempfile.TemporaryDirectory(prefix="zeroc-pki-")
+                self.pki = make_pki(Path(self._pki_dir.name))
+                self.env.update(self.pki.env())
             if not self.redis_url:
                 from kv_store.embedded import EmbeddedRedis
 
@@ -129,7 +161,7 @@ class Stack:
             self.env["ZEROC_REDIS_URL"] = self.redis_url
             prefill = self._start("prefill", [])
             prefill.wait_serving()
-            decodes = [self._start("decode", ["--prefill", prefill.address]) for _ in range(self.num_decode)]
+            decodes = [self._start("decode", ["--prefill", prefill.internal_address]) for _ in range(self.num_decode)]
             for d in decodes:
                 d.wait_serving()
             if self.gateway_args is not None:
@@ -160,22 +192,55 @@ class Stack:
         """The gateway's base URL, e.g. http://127.0.0.1:8000 (None without one)."""
         return next((f"http://{s.address}" for s in self.services if s.kind == "gateway"), None)
 
-    def wait(self) -> None:
-        """Block until SIGINT/SIGTERM or until a child dies."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+    def wait(self, max_restarts: int = 5) -> int:
+        """Supervise the services until SIGINT/SIGTERM (then 0): a child that dies is restarted on its
+        ports after a backoff (0.5 s doubling to 8 s); after `max_restarts` restarts of one service in
+        a row (it never stayed up a minute) the stack gives up and returns 1."""
+        if threading.current_thread() is threading.main_thread():  # else the caller stops it: `stop()`
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        restarts = [0] * len(self.services)
+        started = [time.monotonic()] * len(self.services)
         while not self._stop.wait(0.5):
-            dead = [s for s in self.services if s.proc.poll() is not None]
-            if dead:
-                print(f"{dead[0].kind} service exited ({dead[0].proc.returncode}); stopping the stack",
-                      file=sys.stderr)
-                return
+            for i, svc in enumerate(self.services):
+                if svc.proc.poll() is None:
+                    if time.monotonic() - started[i] > 60:
+                        restarts[i] = 0
+                    continue
+                if restarts[i] >= max_restarts:
+                    print(f"{svc.kind} service keeps exiting ({svc.proc.returncode}); giving up", file=sys.stderr)
+                    return 1
+                print(f"{svc.kind} service exited ({svc.proc.returncode}); restarting on {svc.address}",
+                      file=sys.stderr, flush=True)
+                if self._stop.wait(min(0.5 * 2 ** restarts[i], 8.0)):
+                    return 0
+                restarts[i] += 1
+                started[i] = time.monotonic()
+                try:
+                    self.services[i] = self._restart(svc)
+                except RuntimeError as exc:  # it did not come up: counted, tried again next round
+                    print(f"{svc.kind} service restart failed: {str(exc)[:200]}", file=sys.stderr)
+        return 0
+
+    def stop(self) -> None:
+        """Make `wait` return (as SIGTERM does)."""
+        self._stop.set()
+
+    def _restart(self, svc: ServiceProcess) -> ServiceProcess:
+        """A new process like `svc`, on its public (and internal) port, so peers and clients find it again."""
+        env = dict(svc.env)
+        if svc.internal_address and svc.internal_address != svc.address:
+            env["ZEROC_SECURITY_INTERNAL_PORT"] = svc.internal_address.rsplit(":", 1)[1]
+        svc.stop()
+        return ServiceProcess(svc.kind, [*svc.args, "--port", str(svc.port)], env, host=svc.host, prefix=svc.prefix)
 
     def close(self) -> None:
         for svc in reversed(self.services):
             svc.stop()
         if self.redis is not None:
             self.redis.close()
+        if self._pki_dir is not None:
+            self._pki_dir.cleanup()
 
     def __exit__(self, *exc) -> None:
         self.close()

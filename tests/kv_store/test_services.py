@@ -136,10 +136,12 @@ def test_redis_stopped_and_restarted_mid_traffic_fails_no_request(pair):
         assert info.reconnects >= 1 and info.index_errors >= 1
     # The restarted index was refilled by the holders: a prompt warmed on d1 is fetched by d2 again.
     prompt = shared_prefix_prompts(45_000, 900)[0]
-    with Client(d1.address) as c1, Client(d2.address) as c2:
-        c1.generate(prompt, max_tokens=2, ignore_eos=True)
-        assert c2.generate(prompt, max_tokens=2, ignore_eos=True).usage.cached_prefix_tokens > 0
     index = RedisBlockIndex(server.url)
+    with Client(d1.address) as c1, Client(d2.address) as c2:
+        listed = len(index.held_by(d1.address))
+        c1.generate(prompt, max_tokens=2, ignore_eos=True)
+        wait_until(lambda: len(index.held_by(d1.address)) > listed)  # d1's writer publishes asynchronously
+        assert c2.generate(prompt, max_tokens=2, ignore_eos=True).usage.cached_prefix_tokens > 0
     assert index.held_by(d1.address) and index.held_by(d2.address)
     index.close()
 

@@ -150,3 +150,22 @@ def test_a_full_pool_of_pinned_blocks_stores_nothing_more(embedded_redis):
     with pytest.raises(ValueError):
         store.pool.unpin(ids + ids)
     store.close()
+
+
+def test_a_holder_that_lost_its_lease_reregisters_and_republishes(embedded_redis):
+    """A stall past the lease (as SIGSTOP does): the entries are reaped meanwhile. The store notices
+    at its next renewal, reports "degraded", and is "ok" again only with every block listed again."""
+    store = make_store(embedded_redis.url, 16, lease_s=0.6)
+    states: list[str] = []
+    store.on_state = states.append
+    try:
+        prompt = list(range(2000, 2012))
+        store.offer(prompt, *filled_cache(12))
+        wait_until(lambda: len(store.index.held_by(store.holder)) == 3)
+        store.index.client.delete(f"{store.index.prefix}lease:{store.holder}")  # the lease ran out ...
+        assert store.index.reap() == 1 and store.index.held_by(store.holder) == []  # ... and was reaped
+        wait_until(lambda: "degraded" in states and store.state == "ok")
+        assert sorted(store.index.held_by(store.holder)) == sorted(store.block_ids(prompt))
+        assert [h[0].holder for h in store.index.lookup(store.block_ids(prompt))] == [store.holder] * 3
+    finally:
+        store.close()

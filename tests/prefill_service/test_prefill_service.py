@@ -74,7 +74,9 @@ def faulty(services):
     server.start()
     decode = None
     try:
-        decode = ServiceProcess("decode", ["--prefill", f"127.0.0.1:{port}"],
+        # Transfer errors reach the client as they are (by default a decode service would prefill
+        # locally on UNAVAILABLE: tests/zeroc/test_healing.py).
+        decode = ServiceProcess("decode", ["--prefill", f"127.0.0.1:{port}", "--prefill-fallback", "fail"],
                                 env={"ZEROC_TRANSFER_CHUNK_BYTES": "1024"})
         decode.wait_serving()
         yield link, decode.address

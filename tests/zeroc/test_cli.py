@@ -43,7 +43,7 @@ def test_bench_forward_reports_positive_rates():
 @pytest.mark.parametrize("args, message", [
     (["eval", "ppl", "--model", "/nonexistent/model"], "/nonexistent/model: model directory not found"),
     (["eval", "ppl", "--data", "/nonexistent/data.txt"], "/nonexistent/data.txt: data file not found"),
-    (["generate", "--temperature", "-1", "hi"], "temperature must be in"),
+    (["generate", "--temperature", "-1", "hi"], "temperature must be 0 (greedy) or in"),
     (["generate", ""], "prompt is empty"),
     (["eval", "ppl", "--ctx", "1"], "ctx must be >= 2"),
 ])

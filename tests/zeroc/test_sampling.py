@@ -17,6 +17,15 @@ CPU = torch.device("cpu")
     ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"stop": ("",)}, "stop"),
+    ({"temperature": 1e-45}, "temperature"),  # subnormal: logits / t overflow to inf
+    ({"temperature": 9e-4}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 100.5}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"seed": 2 ** 64}, "seed"),
+    ({"stop": ("a",) * 17}, "stop"),
+    ({"stop": ("a" * 257,)}, "stop"),
+    ({"stop_token_ids": tuple(range(257))}, "stop_token_ids"),
 ])
 def test_invalid_parameters_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -35,6 +44,15 @@ def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         drop = (probs.cumsum(-1) - probs) >= p.top_p
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     return torch.softmax(scores, dim=-1)
+
+
+def test_the_smallest_allowed_temperature_samples_finite_probabilities():
+    logits = torch.tensor([[80.0, -80.0, 79.0, 0.0]])
+    params = SamplingParams(temperature=1e-3, seed=3)
+    gen = make_generator(params)
+    ids = [sample_batch(logits, SamplingBatch.build([params], [gen], 4, logits.device), None).tolist()
+           for _ in range(20)]
+    assert ids == [[0]] * 20  # finite, never FAILED, and the top logit at this temperature
 
 
 def _batch(params, gens=None, vocab=8):

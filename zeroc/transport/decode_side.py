@@ -27,6 +27,7 @@ import torch
 from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import (DTYPES_BY_NAME, KEY, VALUE, GrpcKvTransport, KvPiece, KvReceiver, KvTransferError,
                                KvTransport, WireChunk, tier_chunk)
+from zeroc.tls import Tls
 from zeroc.transport import cuda_ipc
 from zeroc.transport.capability import (CUDA_IPC, DECODE_RANK, GRPC, NCCL, PREFILL_RANK, Capability, choose,
                                         cuda_scope, kind_to_proto, probe)
@@ -86,14 +87,14 @@ class NcclKvTransport(GrpcKvTransport):
     out of step, so it is torn down and the next request opens a new one."""
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
-                 device: torch.device, lib: NcclLibrary):
-        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes)
+                 device: torch.device, lib: NcclLibrary, tls: Tls | None = None):
+        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls)
         self.device, self.lib = device, lib
         self._link: _Link | None = None
         self._busy = threading.Lock()
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
         deadline = time.monotonic() + timeout_s
         if not self._busy.acquire(timeout=timeout_s):
             raise KvTransferError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -104,7 +105,7 @@ class NcclKvTransport(GrpcKvTransport):
                 self._link = self.open_link(deadline)
             try:
                 return super().fetch(request_id, token_ids, receiver, _remaining(deadline), is_active,
-                                     cached_prefix_tokens)
+                                     cached_prefix_tokens, tenant)
             except KvTransferError as exc:
                 if exc.code not in _REFUSED_BEFORE_SENDING:
                     self._drop_link()
@@ -210,8 +211,8 @@ class CudaIpcKvTransport(GrpcKvTransport):
     """KV by CUDA IPC handles from a prefill service on the same GPU."""
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
-                 device: torch.device):
-        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes)
+                 device: torch.device, tls: Tls | None = None):
+        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls)
         self.device = device
 
     def _extend(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
@@ -241,10 +242,11 @@ class NegotiatingKvTransport(KvTransport):
     """Picks grpc, NCCL or CUDA IPC with the prefill service on first use (``--kv-transport auto|nccl``)."""
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int, setting: str,
-                 local: Capability, device: torch.device, lib: NcclLibrary | None):
+                 local: Capability, device: torch.device, lib: NcclLibrary | None, tls: Tls | None = None):
         self.target, self.setting, self.local, self.device, self.lib = target, setting, local, device, lib
         self._args = (target, fingerprint, chunk_bytes, max_message_bytes)
-        self._grpc = GrpcKvTransport(*self._args)
+        self._tls = tls
+        self._grpc = GrpcKvTransport(*self._args, tls)
         self._chosen: tuple[str, KvTransport] | None = None
         self._lock = threading.Lock()
 
@@ -277,18 +279,18 @@ class NegotiatingKvTransport(KvTransport):
 
     def _make(self, kind: str) -> KvTransport:
         if kind == NCCL:
-            return NcclKvTransport(*self._args, self.device, self.lib)
+            return NcclKvTransport(*self._args, self.device, self.lib, self._tls)
         if kind == CUDA_IPC:
-            return CudaIpcKvTransport(*self._args, self.device)
+            return CudaIpcKvTransport(*self._args, self.device, self._tls)
         return self._grpc
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0) -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
         deadline = time.monotonic() + timeout_s
         kind, transport = self.negotiate(timeout_s)
         try:
             return transport.fetch(request_id, token_ids, receiver, _remaining(deadline), is_active,
-                                   cached_prefix_tokens)
+                                   cached_prefix_tokens, tenant)
         except KvTransferError as exc:
             if exc.code == grpc.StatusCode.UNAVAILABLE:  # the peer may be back elsewhere: negotiate again
                 self._forget()
@@ -298,7 +300,7 @@ class NegotiatingKvTransport(KvTransport):
             log.warning("kv transport falls back to grpc", extra={"peer": self.target, "error": str(exc)})
             self._forget(fallback=True)
         return self._grpc.fetch(request_id, token_ids, receiver, _remaining(deadline), is_active,
-                                cached_prefix_tokens)
+                                cached_prefix_tokens, tenant)
 
     def _forget(self, fallback: bool = False) -> None:
         with self._lock:
@@ -317,8 +319,9 @@ def make_kv_transport(cfg: ZeroCConfig, fingerprint: str) -> KvTransport:
     Raises ZeroCError (the CLI exits 2) when nccl is demanded and this side cannot do it."""
     t = cfg.transfer
     args = (t.prefill_target, fingerprint, t.chunk_bytes, cfg.server.max_message_mb << 20)
+    tls = Tls.from_config(cfg.security)
     if t.kv_transport == "grpc":
-        return GrpcKvTransport(*args)
+        return GrpcKvTransport(*args, tls)
     local = probe(cfg.device, t.kv_transport)
     lib = load_nccl() if local.nccl_version else None
-    return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib)
+    return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib, tls)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from zeroc.kv_transfer import DTYPE_NAMES, KEY, VALUE, KvTransferError
+from zeroc.rpc import quote
 from zeroc.transport import cuda_ipc
 from zeroc.transport.capability import (CUDA_IPC, DECODE_RANK, NCCL, PREFILL_RANK, Capability, cuda_scope,
                                         kind_to_proto)
@@ -184,14 +185,14 @@ class KvTransportService:
         if self.fingerprint is None or self.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading or the service is shutting down")
         if request.model_fingerprint and request.model_fingerprint != self.fingerprint:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model fingerprint {request.model_fingerprint} "
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"model fingerprint {quote(request.model_fingerprint)} "
                           f"does not match this service's {self.fingerprint}")
         if len(request.nccl_unique_id) != UNIQUE_ID_BYTES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"nccl_unique_id has {len(request.nccl_unique_id)} "
                           f"bytes; NCCL unique ids have {UNIQUE_ID_BYTES}")
         with self._lock:
             if not request.link_id or request.link_id in self._links:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"link_id {request.link_id!r} is empty or in use")
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"link_id {quote(request.link_id)} is empty or in use")
             if len(self._links) >= self.max_links:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(self._links)} NCCL links are open "
                               f"(limit {self.max_links})")
@@ -207,6 +208,9 @@ class KvTransportService:
     def sink_for(self, request: prefill_pb2.PrefillRequest) -> KvSink | None:
         """The sink a Prefill request asked for (None: in-band chunks); KvTransferError if it cannot have it."""
         kind = request.transport
+        if kind not in prefill_pb2.KvTransportKind.values():  # proto3 enums are open: any int arrives
+            raise KvTransferError(grpc.StatusCode.INVALID_ARGUMENT, f"transport {kind} is not a KvTransportKind "
+                                  "this service knows")
         if kind in (prefill_pb2.KV_TRANSPORT_KIND_UNSPECIFIED, prefill_pb2.KV_TRANSPORT_KIND_GRPC):
             return None
         if kind == kind_to_proto(CUDA_IPC) and CUDA_IPC in self.capability.transports:
@@ -216,9 +220,9 @@ class KvTransportService:
                 link = self._links.get(request.link_id)
             if link is None or not link.comm.alive:
                 raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,
-                                      f"no NCCL link {request.link_id!r}; open one with OpenKvLink")
+                                      f"no NCCL link {quote(request.link_id)}; open one with OpenKvLink")
             if not link.busy.acquire(blocking=False):
-                raise KvTransferError(grpc.StatusCode.ABORTED, f"NCCL link {request.link_id!r} is already "
+                raise KvTransferError(grpc.StatusCode.ABORTED, f"NCCL link {quote(request.link_id)} is already "
                                       "carrying a transfer")
             return NcclSink(link, self.device)
         raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from zeroc.v1 import prefill_pb2 as zeroc_dot_v1_dot_prefill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17zeroc/v1/kv_store.proto\x12\x08zeroc.v1\x1a\x16zeroc/v1/prefill.proto\"c\n\x12\x46\x65tchBlocksRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\t\x12\x0c\n\x04seed\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"=\n\x11\x46\x65tchBlocksHeader\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x14\n\x0c\x62lock_crc32c\x18\x02 \x03(\x07\"q\n\x13\x46\x65tchBlocksResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.zeroc.v1.FetchBlocksHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.zeroc.v1.KvChunkH\x00\x42\x07\n\x05\x65vent2^\n\x0eKvStoreService\x12L\n\x0b\x46\x65tchBlocks\x12\x1c.zeroc.v1.FetchBlocksRequest\x1a\x1d.zeroc.v1.FetchBlocksResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17zeroc/v1/kv_store.proto\x12\x08zeroc.v1\x1a\x16zeroc/v1/prefill.proto\"c\n\x12\x46\x65tchBlocksRequest\x12\x11\n\tblock_ids\x18\x01 \x03(\t\x12\x0c\n\x04seed\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\"P\n\x11\x46\x65tchBlocksHeader\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x14\n\x0c\x62lock_crc32c\x18\x02 \x03(\x07\x12\x11\n\tblock_mac\x18\x03 \x03(\x0c\"q\n\x13\x46\x65tchBlocksResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.zeroc.v1.FetchBlocksHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.zeroc.v1.KvChunkH\x00\x42\x07\n\x05\x65vent2^\n\x0eKvStoreService\x12L\n\x0b\x46\x65tchBlocks\x12\x1c.zeroc.v1.FetchBlocksRequest\x1a\x1d.zeroc.v1.FetchBlocksResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FETCHBLOCKSREQUEST']._serialized_start=61
   _globals['_FETCHBLOCKSREQUEST']._serialized_end=160
   _globals['_FETCHBLOCKSHEADER']._serialized_start=162
-  _globals['_FETCHBLOCKSHEADER']._serialized_end=223
-  _globals['_FETCHBLOCKSRESPONSE']._serialized_start=225
-  _globals['_FETCHBLOCKSRESPONSE']._serialized_end=338
-  _globals['_KVSTORESERVICE']._serialized_start=340
-  _globals['_KVSTORESERVICE']._serialized_end=434
+  _globals['_FETCHBLOCKSHEADER']._serialized_end=242
+  _globals['_FETCHBLOCKSRESPONSE']._serialized_start=244
+  _globals['_FETCHBLOCKSRESPONSE']._serialized_end=357
+  _globals['_KVSTORESERVICE']._serialized_start=359
+  _globals['_KVSTORESERVICE']._serialized_end=453
 # @@protoc_insertion_point(module_scope)

@@ -20,12 +20,14 @@ class FetchBlocksRequest(_message.Message):
     def __init__(self, block_ids: _Optional[_Iterable[str]] = ..., seed: _Optional[str] = ..., first_token: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchBlocksHeader(_message.Message):
-    __slots__ = ("num_blocks", "block_crc32c")
+    __slots__ = ("num_blocks", "block_crc32c", "block_mac")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_CRC32C_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_MAC_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_crc32c: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, num_blocks: _Optional[int] = ..., block_crc32c: _Optional[_Iterable[int]] = ...) -> None: ...
+    block_mac: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, num_blocks: _Optional[int] = ..., block_crc32c: _Optional[_Iterable[int]] = ..., block_mac: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class FetchBlocksResponse(_message.Message):
     __slots__ = ("header", "chunk")

@@ -42,16 +42,18 @@ class ServiceStack:
         # No KV store: these stacks measure the cache and the link per method, and prompts that share
         # blocks would turn into prefix hits (measure reuse with `--target` on a running stack).
         common = ["--model", str(plan.model_dir), "--redis-url", "off", *plan.method.serve_args]
+        # The benchmark's network namespaces are private to this machine: plaintext off loopback is fine there.
+        env = {**(self.env or {}), "ZEROC_SECURITY_ALLOW_PLAINTEXT": "any"}
         try:
             if plan.mode == "disaggregated":
-                prefill = ServiceProcess("prefill", common, self.env, self.timeout, topo.bind_host("prefill"),
+                prefill = ServiceProcess("prefill", common, env, self.timeout, topo.bind_host("prefill"),
                                          topo.prefix("prefill"))
                 self.services.append(prefill)
                 prefill.wait_serving(self.timeout, topo.admin_address("prefill", prefill.port))
                 where = ["--prefill", topo.prefill_for_decode(prefill.port)]
             else:
                 where = ["--colocated"]
-            decode = ServiceProcess("decode", [*common, *plan.decode_args, *where], self.env, self.timeout,
+            decode = ServiceProcess("decode", [*common, *plan.decode_args, *where], env, self.timeout,
                                     topo.bind_host("decode"), topo.prefix("decode"))
             self.services.append(decode)
             decode.wait_serving(self.timeout, topo.admin_address("decode", decode.port))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from zeroc import bench_chaos
+from zeroc.bench import chaos as bench_chaos
 
 
 def test_kill_9_of_the_decode_service_and_a_prefill_outage_leave_nothing_hung_or_leaked(capsys):
