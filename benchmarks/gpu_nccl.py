@@ -1,4 +1,4 @@
-"""The prepared GPU check of the NCCL KV transport (issue 8): one call, < 2 min on one H100/H200.
+"""The prepared GPU check of the NCCL KV transport: one call, < 2 min on one H100/H200.
 
     python benchmarks/gpu_nccl.py --json $OUT/gpu_nccl.json     # needs a CUDA GPU and libnccl
 
