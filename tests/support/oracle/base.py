@@ -57,7 +57,7 @@ def layer_geometry(model: Transformer, layer: int) -> LayerGeometry:
 class LayerKVCache(abc.ABC):
     """One layer's cache for a batch of B sequences that advance in lockstep (one token a step).
 
-    Called by the streaming evaluator's attend closure (`zeroc.eval.policy_streaming`), once per
+    Called by the streaming evaluator's attend closure (`oracle.streaming`), once per
     layer per token, after the model has computed the new token's q, k, v (RoPE applied).
     """
 

@@ -12,7 +12,7 @@ budget * t. Only when even an empty window does not fit (the first few hundred t
 near q, because of that key residual) does the cache exceed the budget; the evaluator reports it.
 
 With `residual` set, the window is instead fixed, as in KIVI's paper and in the serving cache
-(`zeroc.serving_policies.kivi`): the last `residual` tokens of full groups plus the still-filling
+(`zeroc.policies.kivi`): the last `residual` tokens of full groups plus the still-filling
 group stay at full precision, and keys and values are quantised a whole group at a time; the
 budget then plays no part (the bytes follow from bits, group and residual).
 """

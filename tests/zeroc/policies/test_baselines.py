@@ -141,8 +141,8 @@ def test_snapkv_and_h2o_stay_colocated():
     (lambda: SnapKV(kernel=4), "positive odd int"),
     (lambda: SnapKV(budget=1.5), "budget must be in (0, 1]"),
     (lambda: Palu(budget=-0.1), "budget must be in (0, 1]"),
-    (lambda: CacheConfig(kv_policy="palu", kv_max_tokens=8), "h2o only, not palu"),
-    (lambda: CacheConfig(kv_policy="streamingllm", kv_residual=32), "kivi-4 and kivi-2 only"),
+    (lambda: make_policy(CacheConfig(kv_policy="palu", kv_max_tokens=8)), "h2o only, not palu"),
+    (lambda: make_policy(CacheConfig(kv_policy="streamingllm", kv_residual=32)), "kivi-4 and kivi-2 only"),
 ])
 def test_bad_hyperparameters_are_value_errors(build, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):

@@ -17,6 +17,7 @@ from zeroc.caches import paged_cache
 from zeroc.kv_cache import LayerShape, block_bytes
 from zeroc.loader import load_model
 from oracle import oracle_of
+from zeroc.policies import make_policy
 from zeroc.policies.int8 import Int8
 
 
@@ -78,11 +79,11 @@ def test_kv_from_an_int8_prefill_lands_encoded_and_decodes_like_colocated(zeroc_
 
 def test_int8_takes_no_kivi_or_h2o_settings():
     with pytest.raises(ValueError, match="does not apply to int8"):
-        CacheConfig(kv_policy="int8", kv_budget=0.5)
+        make_policy(CacheConfig(kv_policy="int8", kv_budget=0.5))
     with pytest.raises(ValueError, match="h2o only"):
-        CacheConfig(kv_policy="int8", kv_max_tokens=8)
+        make_policy(CacheConfig(kv_policy="int8", kv_max_tokens=8))
     with pytest.raises(ValueError, match="kivi-4 and kivi-2 only"):
-        CacheConfig(kv_policy="int8", kv_residual=16)
+        make_policy(CacheConfig(kv_policy="int8", kv_residual=16))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
