@@ -555,7 +555,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_arguments(p)
     p.set_defaults(func=cmd_bench_serve)
 
-    from zeroc.gateway import bench as gateway_bench
+    from zeroc.bench import gateway as gateway_bench
 
     p = bench.add_parser("gateway", help="TTFT, TPOT, throughput through the HTTP gateway vs straight gRPC")
     gateway_bench.add_arguments(p)

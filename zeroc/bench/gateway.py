@@ -21,8 +21,8 @@ import statistics
 import sys
 import time
 
-from zeroc.bench_serve.metrics import RequestRecord, summarize
-from zeroc.bench_serve.workloads import BenchRequest, LengthDist, WorkloadSpec, build_requests, text_tokens
+from zeroc.bench.serve.metrics import RequestRecord, summarize
+from zeroc.bench.serve.workloads import BenchRequest, LengthDist, WorkloadSpec, build_requests, text_tokens
 from zeroc.client import AsyncClient, Chunk, ClientError, Result
 from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL
 from zeroc.errors import ZeroCError
