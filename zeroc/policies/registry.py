@@ -94,9 +94,14 @@ def method_at_budget(name: str, budget: float, cfg: ModelConfig, tokens: int) ->
 
 
 def cache_config(method: KVMethod, **cache) -> CacheConfig:
-    """The `CacheConfig` naming `method` (so that `make_policy` rebuilds it), with the other `cache` fields."""
+    """The `CacheConfig` naming `method` (so that `make_policy` rebuilds it), with the other `cache` fields;
+    ValueError for a method the settings cannot name."""
     name = next((n for n, e in REGISTRY.items() if e.method_class() is type(method)
                  and all(getattr(method, k) == v for k, v in e.fixed.items())), None)
     if name is None:
         raise ValueError(f"{method.label} is not a --kv-policy method")
-    return CacheConfig(kv_policy=name, **{**cache, **method.settings()})
+    cfg = CacheConfig(kv_policy=name, **{**cache, **method.settings()})
+    if make_policy(cfg) != method:  # a hyperparameter the cache settings cannot name (e.g. StreamingLLM's sinks)
+        raise ValueError(f"{method} differs from what the cache settings can name ({make_policy(cfg)}); "
+                         "serve it with its defaults for the other hyperparameters")
+    return cfg

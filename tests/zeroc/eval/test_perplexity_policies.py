@@ -60,10 +60,10 @@ def streaming_llm_oracle(model, window: torch.Tensor, budget: float, sinks: int)
 
 def test_streaming_llm_equals_a_masked_dense_pass(random_gqa):
     tokens = read_eval_tokens(random_gqa.tokenizer, BUNDLED_HELDOUT, max_tokens=160)
-    res = with_method(random_gqa, tokens, 80, StreamingLLM(budget=0.375, sinks=3))
+    res = with_method(random_gqa, tokens, 80, StreamingLLM(budget=0.375))
     nll, count = 0.0, 0
     for w in windows_of(tokens, 80):
-        a, b = streaming_llm_oracle(random_gqa.model, w, 0.375, 3)
+        a, b = streaming_llm_oracle(random_gqa.model, w, 0.375, 4)
         nll, count = nll + a, count + b
     assert res.tokens == count
     assert res.perplexity == pytest.approx(math.exp(nll / count), rel=1e-5)
@@ -84,6 +84,11 @@ def test_policies_hold_no_more_than_the_budget(random_gqa, long_window, name):
     assert res.kv_fraction_max is not None and res.kv_fraction_max <= 0.5 + 1e-9  # positions 128..199
     assert res.kv_fraction_mean <= 0.55  # early positions may exceed (floors), on average barely
     assert res.perplexity != pytest.approx(full, rel=1e-6)  # the policy did change attention
+
+
+def test_hyperparameters_the_cache_settings_cannot_name_are_refused():
+    with pytest.raises(ValueError, match="the cache settings can name"):
+        cache_config(StreamingLLM(budget=0.5, sinks=3))
 
 
 def test_unknown_policy_names_are_refused():
