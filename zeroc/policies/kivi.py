@@ -93,19 +93,24 @@ class KIVI(KVMethod):
         return float((tokens - done) * token_bits(shapes) + done * token_bits(shapes, self.bits) + k_meta
                      + done * v_groups * METADATA_BITS)
 
+    def mean_fraction(self, cfg: ModelConfig, tokens: int) -> float:
+        """The fraction of the fp16 cache held, averaged over a sequence's steps up to `tokens` tokens."""
+        shapes, steps = layer_shapes(cfg), range(1, tokens) if tokens > 1 else [tokens]
+        return sum(self.held_bits(shapes, t) / reference_bits(cfg, t) for t in steps) / len(steps)
+
     @classmethod
     def at_budget(cls, budget: float, cfg: ModelConfig, tokens: int, **fixed) -> KIVI:
-        """The largest `residual` whose cache of `tokens` tokens holds at most `budget` of the fp16 cache."""
-        base = cls(**fixed)
-        shapes, limit = layer_shapes(cfg), budget * reference_bits(cfg, tokens) + 1e-6
-        if base.held_bits(shapes, tokens) > limit:
+        """The largest `residual` whose cache holds at most `budget` of the fp16 cache on average over a
+        sequence's steps up to `tokens` tokens (the KV fraction evaluation reports)."""
+        base, limit = cls(**fixed), budget + 1e-9
+        if base.mean_fraction(cfg, tokens) > limit:
             raise ValueError(f"KIVI {base.bits}-bit (groups of {base.group}) costs {base.quantised_fraction:.4f} of "
-                             f"the fp16 cache and more with its filling block; budget {budget} is below that "
-                             f"at {tokens} tokens")
+                             f"the fp16 cache, more with its full-precision filling block: on average over "
+                             f"{tokens} tokens, budget {budget} is below that")
         best = base
         for r in range(base.group, tokens + 1, base.group):
             wider = cls(**fixed, residual=r)
-            if wider.held_bits(shapes, tokens) > limit:
+            if wider.mean_fraction(cfg, tokens) > limit:
                 break
             best = wider
         return best

@@ -101,7 +101,8 @@ def cache_config(method: KVMethod, **cache) -> CacheConfig:
     if name is None:
         raise ValueError(f"{method.label} is not a --kv-policy method")
     cfg = CacheConfig(kv_policy=name, **{**cache, **method.settings()})
-    if make_policy(cfg) != method:  # a hyperparameter the cache settings cannot name (e.g. StreamingLLM's sinks)
-        raise ValueError(f"{method} differs from what the cache settings can name ({make_policy(cfg)}); "
-                         "serve it with its defaults for the other hyperparameters")
+    named = make_policy(cfg)
+    if named.label != method.label:  # a hyperparameter the settings cannot name (e.g. StreamingLLM's sinks)
+        raise ValueError(f"{method} stores KV as {method.label}, and what the cache settings can name stores it "
+                         f"as {named.label}; serve it with its defaults for the other hyperparameters")
     return cfg

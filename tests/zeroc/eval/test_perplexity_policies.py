@@ -87,7 +87,7 @@ def test_policies_hold_no_more_than_the_budget(random_gqa, long_window, name):
 
 
 def test_hyperparameters_the_cache_settings_cannot_name_are_refused():
-    with pytest.raises(ValueError, match="the cache settings can name"):
+    with pytest.raises(ValueError, match="what the cache settings can name"):
         cache_config(StreamingLLM(budget=0.5, sinks=3))
 
 

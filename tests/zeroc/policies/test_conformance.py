@@ -22,7 +22,9 @@ from zeroc.sampling import SamplingParams
 from zeroc.transport.landing import check_transfer
 
 PROMPT, STEPS, CHUNKS = 40, 4, [17, 1, 22]  # the prompt prefilled in uneven chunks, then greedy decode steps
-BUDGET = {"int8": 0.6}  # the budget each method is checked at (int8's bytes follow from its bits: 0.5625 here)
+# The budget each method is checked at (default 0.5): int8's bytes follow from its bits (0.5625 here); KIVI's
+# average over 44 tokens is mostly its full-precision filling block.
+BUDGET = {"int8": 0.6, "kivi-4": 0.9, "kivi-2": 0.9}
 GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
 
 
