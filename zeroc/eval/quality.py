@@ -6,7 +6,8 @@ budget (budget 1.0 is the uncompressed model), and ZeroC with int8 stacked on it
 cache ("zeroc-int8", `ZeroCVariant`); every baseline of `zeroc.policies.registry` on the
 uncompressed model, through the paged cache and store `zeroc serve` runs (`perplexity_streaming`
 with a `CacheConfig` naming it), each at the hyperparameters that hold the row's budget
-(`KVMethod.at_budget`; KIVI: the widest full-precision residual that fits at `ctx` tokens). Streaming perplexity is measured for all; full-pass only where a method has
+(`KVMethod.at_budget`; KIVI: the widest full-precision residual whose average held fraction over a
+window of `ctx` tokens fits). Streaming perplexity is measured for all; full-pass only where a method has
 a full-pass form (uncompressed and fp16 ZeroC: the compression lives in the weights). Writes a markdown report and a
 plot (streaming perplexity vs budget, one line per method).
 """
