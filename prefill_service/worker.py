@@ -17,7 +17,7 @@ from zeroc.kv_cache import PagedBatch, layer_shapes
 from zeroc.kv_transfer import KvTransferError, encode_layer_wire
 from zeroc.loader import LoadedModel
 from zeroc.tier import tier_positions
-from zeroc.tier_store import TierServing
+from zeroc.policies.tier import TokenTier
 from zeroc.transport.prefill_side import KvSink
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ class PrefillWorker:
         param = next(self.model.parameters())
         self.cache = paged_cache(shapes, cache, param.dtype, param.device, model=self.model)
         self.max_tokens = self.cache.token_capacity(cfg.max_position_embeddings) - 1
-        # A token tier (zeroc/tier_store.py): the model writes [compressed | tier] rows; both are shipped.
-        self.tier = self.cache.policy if isinstance(self.cache.policy, TierServing) else None
+        # A token tier (zeroc/policies/tier.py): the model writes [compressed | tier] rows; both are shipped.
+        self.tier = self.cache.policy if isinstance(self.cache.policy, TokenTier) else None
         self._pending: queue.Queue[PrefillJob | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
         self._thread.start()

@@ -143,7 +143,7 @@ class PagedAttend(Attend):
         return [self._attend_pools(layer, q, kc, vc, scale) for q, kc, vc in zip(qs, k_views, v_views)]
 
     def tiered(self, layer, comp, full, tier, scale):
-        # the tier store reads the compressed dims first, the tier's after them (zeroc/tier_store.py)
+        # the tier store reads the compressed dims first, the tier's after them (zeroc/policies/tier.py)
         return self(layer, *full, scale)
 
     def tiered_runs(self, layer, layout, comp, tier_dims, tier, scale):

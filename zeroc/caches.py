@@ -2,7 +2,7 @@
 
 `PagedKVCache` (the cache layer) takes its policy as an object; this module, a layer above it, picks that
 policy: a token tier's store for a model that keeps one (never a flag), else the `--kv-policy` the cache
-settings name (zeroc.serving_policies), else none (the plain full-precision pools). Callers that build a
+settings name (`zeroc.policies.make_policy`), else none (the plain full-precision pools). Callers that build a
 cache to serve a model (the engine, the prefill worker, evaluation, benchmarks) go through `paged_cache`.
 """
 
@@ -14,16 +14,17 @@ import torch
 
 from zeroc.config import CacheConfig, ModelConfig
 from zeroc.kv_cache import BlockAllocator, LayerShape, PagedKVCache, layer_shapes
-from zeroc.serving_policies import ServingKVPolicy, make_serving_policy
-from zeroc.tier_store import tier_policy
+from zeroc.policies import make_policy
+from zeroc.policies.base import KVMethod
+from zeroc.policies.tier import tier_policy
 
 if TYPE_CHECKING:  # annotations only: the model sits above this layer
     from zeroc.model import Transformer
 
 
-def cache_policy(cache: CacheConfig, model: ModelConfig | None) -> ServingKVPolicy | None:
+def cache_policy(cache: CacheConfig, model: ModelConfig | None) -> KVMethod | None:
     """The policy of a cache for `model` with settings `cache`; ValueError for combinations that cannot run."""
-    policy = make_serving_policy(cache)
+    policy = make_policy(cache)
     if model is not None and model.has_tier:
         if policy is not None:
             raise ValueError(f"--kv-policy {cache.kv_policy} does not combine with a model that keeps a token "
@@ -39,10 +40,12 @@ def paged_cache(shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype, 
     return PagedKVCache(shapes, cfg, dtype, device, allocator=allocator, model=model, policy=policy)
 
 
-def sequence_blocks(cfg: ModelConfig, block_size: int, tokens: int) -> int:
-    """Blocks one sequence of `tokens` tokens holds in a model's plain cache, a token tier's borrowed ones
-    included (zeroc/tier_store.py): what sizing a cache for whole sequences needs."""
-    blocks = -(-tokens // block_size)
-    if cfg.has_tier:
-        blocks += tier_policy(cfg).tier_blocks(layer_shapes(cfg), block_size, tokens)
-    return blocks
+def sequence_blocks(cfg: ModelConfig, block_size: int, tokens: int, cache: CacheConfig | None = None,
+                    dtype: torch.dtype = torch.float32) -> int:
+    """Blocks one sequence of up to `tokens` tokens holds in the cache `cache` names for the model `cfg`
+    (default: its plain cache), the blocks its policy borrows included (a token tier's rows, KIVI's tail,
+    SnapKV's queries): what sizing a cache for whole sequences needs."""
+    policy = cache_policy(cache or CacheConfig(block_size=block_size), cfg)
+    if policy is None:
+        return -(-tokens // block_size)
+    return policy.sequence_blocks(cfg, layer_shapes(cfg), block_size, tokens, dtype)

@@ -15,12 +15,9 @@ from pathlib import Path
 
 from zeroc.config import ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDOUT, ZeroCConfig
 from zeroc.errors import ZeroCError
+from zeroc.policies import NONE, POLICY_NAMES, REGISTRY, make_policy  # the registry does not import torch
 
-# The --kv-policy names (zeroc.policies.POLICY_NAMES + STACKABLE_NAMES), listed here so --help does not import torch.
-POLICY_CHOICES = ("kivi-4", "kivi-2", "streamingllm", "h2o", "snapkv", "palu", "int8")
-# Serving's --kv-policy names (zeroc.serving_policies.SERVING_POLICY_NAMES), checked by CacheConfig.
-SERVING_POLICIES = "none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu | int8"
-KIVI_BLOCK = 32  # KIVI quantises keys one block of its group (32 tokens) at a time
+SERVING_POLICIES = " | ".join((NONE, *POLICY_NAMES))  # --help of the serving commands; make_policy checks them
 _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -36,9 +33,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 def _checked(cfg: ZeroCConfig) -> ZeroCConfig:
     """The settings that only the layers above the config can check (the KV policy's): ValueError."""
-    from zeroc.serving_policies import make_serving_policy
-
-    make_serving_policy(cfg.cache)
+    make_policy(cfg.cache)
     return cfg
 
 
@@ -68,10 +63,10 @@ def _byte_size(text: str) -> int:
 
 def _cache_settings(args: argparse.Namespace) -> dict:
     """The cache section of the config from serving flags (None: environment or default)."""
-    policy = args.kv_policy or os.environ.get("ZEROC_CACHE_KV_POLICY", "none")
+    policy = args.kv_policy or os.environ.get("ZEROC_CACHE_KV_POLICY", NONE)
     block = args.block_size
-    if block is None and policy.startswith("kivi") and "ZEROC_CACHE_BLOCK_SIZE" not in os.environ:
-        block = KIVI_BLOCK
+    if block is None and policy in REGISTRY and "ZEROC_CACHE_BLOCK_SIZE" not in os.environ:
+        block = REGISTRY[policy].block_size  # the block size the method needs (KIVI: its group), else the default
     return {"block_size": block, "num_blocks": getattr(args, "num_blocks", None), "num_bytes": args.cache_bytes,
             "kv_policy": args.kv_policy, "kv_budget": args.kv_budget, "kv_max_tokens": args.kv_max_tokens,
             "kv_residual": args.kv_residual}
@@ -115,27 +110,23 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
     from zeroc.data import read_eval_tokens
+    from zeroc.policies import cache_config, method_at_budget
 
-    if args.kv_policy != "none" and not args.streaming:
+    if args.kv_policy != NONE and not args.streaming:
         raise ZeroCError("--kv-policy needs --streaming (policies decide what a token-by-token cache keeps)")
-    if args.kv_policy == "none" and args.kv_budget != 1.0:
+    if args.kv_policy == NONE and args.kv_budget != 1.0:
         raise ZeroCError("--kv-budget needs a --kv-policy")
-    policy = None
-    if args.kv_policy != "none":
-        from zeroc.policies import make_policy
-
-        policy = make_policy(args.kv_policy, args.kv_budget)  # ValueError -> one-line error
     loaded, _ = _load(args)
     tokens = read_eval_tokens(loaded.tokenizer, args.data, args.max_tokens)
     show = not args.json
-    if policy is not None:
-        from zeroc.eval.policy_streaming import perplexity_with_policy
-
-        res = perplexity_with_policy(loaded.model, tokens, args.ctx, policy, args.batch_size, progress=show)
+    if args.kv_policy != NONE:  # the serving cache and store, at the hyperparameters that hold the budget
+        method = method_at_budget(args.kv_policy, args.kv_budget, loaded.config, args.ctx)  # ValueError: one line
+        res = perplexity_streaming(loaded.model, tokens, args.ctx, args.batch_size, progress=show,
+                                   cache=cache_config(method))
         if args.json:
-            print(json.dumps(res.to_dict()))
+            print(json.dumps({**res.to_dict(), "budget": args.kv_budget, "label": method.label}))
         else:
-            print(f"perplexity {res.perplexity:.4f} (streaming, {res.policy} at budget {res.budget}: KV held "
+            print(f"perplexity {res.perplexity:.4f} (streaming, {method.label} at budget {args.kv_budget}: KV held "
                   f"{res.kv_fraction_mean:.3f} of fp16 on average; {res.tokens} tokens, {res.windows} windows "
                   f"of {res.ctx})")
         return 0
@@ -510,7 +501,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--streaming", action="store_true", help="token by token through the paged cache")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="windows decoded together in streaming mode")
-    p.add_argument("--kv-policy", default="none", choices=["none", *POLICY_CHOICES],
+    p.add_argument("--kv-policy", default="none", choices=[NONE, *POLICY_NAMES],
                    help="KV-cache baseline deciding what attention sees (needs --streaming)")
     p.add_argument("--kv-budget", type=float, default=1.0, help="KV bytes as a fraction of the fp16 cache")
     p.add_argument("--json", action="store_true")

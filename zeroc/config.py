@@ -406,8 +406,8 @@ def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: block size in tokens and its capacity (blocks, or bytes), and the KV
-    policy that decides what a block stores (zeroc/serving_policies, docs/policies.md). The policy
-    settings are checked where the policy is built (`zeroc.serving_policies.make_serving_policy`: the CLI
+    policy that decides what a block stores (zeroc/policies, docs/policies.md). The policy
+    settings are checked where the policy is built (`zeroc.policies.make_policy`: the CLI
     at start-up, and every cache)."""
 
     block_size: int = 16

@@ -14,10 +14,10 @@ cache's listeners (`listening`) which rows landed where:
 - `load(...)` / `load_tier(...)`: a prompt's KV computed elsewhere, into a policy's or a tier's store.
 Listeners are how a prefill service ships each layer as it is computed, on every backend and device.
 
-With a KV policy (`CacheConfig.kv_policy`, zeroc/serving_policies) the block ids, tables and
+With a KV policy (`CacheConfig.kv_policy`, zeroc/policies) the block ids, tables and
 lengths stay here, while the policy's `PolicyStore` owns the pools in its stored form: the
 model then calls `write` and `store.attend` instead of reading `layer`. A model with a token
-tier brings its own store (zeroc/tier_store.py) the same way.
+tier brings its own store (zeroc/policies/tier.py) the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from zeroc.device import host_to_device
 
 if TYPE_CHECKING:  # annotations only: the model and the policies sit above this layer
     from zeroc.model import Transformer
-    from zeroc.serving_policies.base import ServingKVPolicy
+    from zeroc.policies.base import KVMethod
 
 
 # A KV-write listener: (layer, slots [N], k [N, kv_heads, k_dim] or None, v [N, kv_heads, v_dim] or None), called
@@ -128,8 +128,8 @@ class PagedKVCache:
 
     def __init__(self, shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype,
                  device: torch.device | str = "cpu", allocator: BlockAllocator | None = None,
-                 model: Transformer | None = None, policy: ServingKVPolicy | None = None):
-        """`policy`: how blocks store KV (zeroc/serving_policies, a token tier's store); None keeps the plain
+                 model: Transformer | None = None, policy: KVMethod | None = None):
+        """`policy`: how blocks store KV (zeroc/policies, a token tier's store); None keeps the plain
         full-precision pools. `zeroc.caches.paged_cache` picks it from the settings and the model.
         `model`: the weights a policy's store may fit itself to (Palu's bases); give it whenever the cache
         serves a model (the engine, the prefill worker)."""

@@ -322,7 +322,7 @@ class KvReceiver:
 
 
 class TierRows:
-    """A prompt's token-tier rows as they arrive (decode side; zeroc/tier_store.py): per layer the extra key
+    """A prompt's token-tier rows as they arrive (decode side; zeroc/policies/tier.py): per layer the extra key
     and value dims of the tokens at `positions` only (the sinks and the last `recent` tokens), for
     `TierStore.load_tier`."""
 

@@ -14,7 +14,7 @@ Two ways through the same weights:
   cache (the KV-cache policies of `zeroc.policies`).
 How each forward attends is one object (zeroc/attend.py), not a dispatch in the layers.
 A compressed model with a full-rank token tier (zeroc/tier.py) runs the dense causal forward and
-the paged one (its cache holds the tier: zeroc/tier_store.py), not the KV-cache policies.
+the paged one (its cache holds the tier: zeroc/policies/tier.py), not the KV-cache policies.
 Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without renaming.
 """
 

@@ -55,7 +55,7 @@ def test_a_token_tier_served_disaggregated_equals_direct_and_ships_its_tier_rows
     tokens travel; the decode service continues exactly as a local engine does."""
     model_dir, decode = tier_stack
     loaded = load_model(model_dir)
-    from zeroc.tier_store import tier_policy
+    from zeroc.policies.tier import tier_policy
 
     cfg, policy = loaded.config, tier_policy(loaded.config)
     dims = kv_dims(cfg)

@@ -14,7 +14,7 @@ from zeroc.caches import paged_cache
 from zeroc.kv_cache import LayerShape, PagedKVCache, layer_shapes
 from zeroc.kv_transfer import decode_chunk
 from zeroc.model import Transformer
-from zeroc.policies import KVPolicy
+from oracle.base import KVPolicy
 from zeroc.sampling import SamplingParams
 from zeroc.transport.landing import receive_into
 from zeroc.v1 import prefill_pb2

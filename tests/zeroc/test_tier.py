@@ -147,7 +147,7 @@ def test_tiered_checkpoint_round_trips_and_runs_only_with_its_tier(random_gqa, f
     assert (loaded.config.compression.sinks, loaded.config.compression.recent) == (2, 8)
     tokens = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(7))
     assert torch.equal(loaded.model(tokens), tiered(tokens))
-    # A cache built without the model has no room for the tier's rows (zeroc/tier_store.py).
+    # A cache built without the model has no room for the tier's rows (zeroc/policies/tier.py).
     cache = paged_cache(layer_shapes(loaded.config), CacheConfig(block_size=16, num_blocks=4), torch.float32)
     batch = cache.schedule([("s", 3)])
     with pytest.raises(ValueError, match="paged_cache"):

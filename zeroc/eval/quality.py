@@ -3,8 +3,11 @@
 Methods (data, not code paths): the uncompressed model; per Q/K mode of `QualityConfig.zeroc_modes`
 (default "auto", the default pipeline, row "zeroc") ZeroC on the fp16 cache, calibrated at each
 budget (budget 1.0 is the uncompressed model), and ZeroC with int8 stacked on its compressed
-cache ("zeroc-int8", `ZeroCVariant`); every baseline policy of `zeroc.policies` on the
-uncompressed model. Streaming perplexity is measured for all; full-pass only where a method has
+cache ("zeroc-int8", `ZeroCVariant`); every baseline of `zeroc.policies.registry` on the
+uncompressed model, through the paged cache and store `zeroc serve` runs (`perplexity_streaming`
+with a `CacheConfig` naming it), each at the hyperparameters that hold the row's budget
+(`KVMethod.at_budget`; KIVI: the widest full-precision residual whose average held fraction over a
+window of `ctx` tokens fits). Streaming perplexity is measured for all; full-pass only where a method has
 a full-pass form (uncompressed and fp16 ZeroC: the compression lives in the weights). Writes a markdown report and a
 plot (streaming perplexity vs budget, one line per method).
 """
@@ -25,8 +28,7 @@ from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
 from zeroc.model import Transformer
-from zeroc.policies import POLICY_NAMES, STACKABLE_NAMES, make_policy
-from zeroc.eval.policy_streaming import perplexity_with_policy
+from zeroc.policies import BASELINES, REGISTRY, STACKABLE, cache_config, method_at_budget
 
 
 BUDGETS = (1.0, 0.75, 0.5, 0.375, 0.25)
@@ -38,7 +40,7 @@ class ZeroCVariant:
     """One ZeroC row: calibrated in Q/K `mode`, its compressed cache held as `stack` says.
 
     stack None: the fp16 cache, ZeroC calibrated at the row's budget. stack a name of
-    `zeroc.policies.STACKABLE_NAMES` (e.g. "int8"): that policy on ZeroC's compressed K/V, ZeroC
+    `zeroc.policies.STACKABLE` (e.g. "int8"): that policy on ZeroC's compressed K/V, ZeroC
     calibrated at the largest rank budget whose stacked bytes fit the row's budget (the policy's
     `max_width_fraction`; the uncompressed model itself when the full widths fit)."""
 
@@ -52,7 +54,7 @@ def zeroc_variants(modes: tuple[str, ...]) -> tuple[ZeroCVariant, ...]:
     out = []
     for m in modes:
         name = ZEROC if m == "auto" else f"{ZEROC}-{m}"
-        out += [ZeroCVariant(name, m), *(ZeroCVariant(f"{name}-{s}", m, s) for s in STACKABLE_NAMES)]
+        out += [ZeroCVariant(name, m), *(ZeroCVariant(f"{name}-{s}", m, s) for s in STACKABLE)]
     return tuple(out)
 
 
@@ -117,16 +119,19 @@ def rank_budget(loaded: LoadedModel, variant: ZeroCVariant, budget: float) -> fl
     """The budget ZeroC is calibrated at for `variant`'s row at KV budget `budget` (1.0: uncompressed)."""
     if variant.stack is None:
         return budget
-    return min(1.0, make_policy(variant.stack, budget).max_width_fraction(loaded.model))
+    entry = REGISTRY[variant.stack]
+    return min(1.0, entry.method_class()(budget=budget, **entry.fixed).max_width_fraction(loaded.config))
 
 
-def _policy_row(loaded: LoadedModel, tokens: torch.Tensor, name: str, budget: float, cfg: QualityConfig) -> QualityRow:
+def _method_row(model: Transformer, tokens: torch.Tensor, name: str, budget: float, cfg: QualityConfig,
+                method: str | None = None) -> QualityRow:
+    """Method `name` at `budget` on `model` through the paged cache, reported as row `method` (default: name)."""
     try:
-        policy = make_policy(name, budget)
+        policy = method_at_budget(name, budget, model.config, cfg.ctx)
     except ValueError as exc:  # e.g. KIVI 4-bit cannot go below 0.3125
-        return QualityRow(name, budget, None, note=str(exc))
-    r = perplexity_with_policy(loaded.model, tokens, cfg.ctx, policy, cfg.batch_size, progress=False)
-    return QualityRow(name, budget, r.perplexity, None, r.kv_fraction_mean, r.kv_fraction_max)
+        return QualityRow(method or name, budget, None, note=str(exc))
+    r = perplexity_streaming(model, tokens, cfg.ctx, cfg.batch_size, progress=False, cache=cache_config(policy))
+    return QualityRow(method or name, budget, r.perplexity, None, r.kv_fraction_mean, r.kv_fraction_max)
 
 
 class _ZeroCRuns:
@@ -160,9 +165,7 @@ class _ZeroCRuns:
         except ValueError as exc:  # rank budget below the smallest layout
             return QualityRow(v.name, budget, None, note=f"{v.name} at {budget:g}: {exc}")
         if v.stack is not None:
-            res = perplexity_with_policy(model, self.tokens, cfg.ctx, make_policy(v.stack, budget), cfg.batch_size,
-                                         progress=False)
-            return QualityRow(v.name, budget, res.perplexity, None, res.kv_fraction_mean, res.kv_fraction_max)
+            return _method_row(model, self.tokens, v.stack, budget, cfg, v.name)
         stream = perplexity_streaming(model, self.tokens, cfg.ctx, cfg.batch_size, progress=False).perplexity
         full = perplexity_full(model, self.tokens, cfg.ctx, progress=False).perplexity
         return QualityRow(v.name, budget, stream, full, fraction, fraction)
@@ -175,7 +178,7 @@ def run_quality(loaded: LoadedModel, calib_file: str | Path, data_file: str | Pa
         raise ZeroCError(f"{loaded.path}: eval quality needs the uncompressed model (this one is compressed)")
     tokens = read_eval_tokens(loaded.tokenizer, data_file, cfg.max_tokens)
     variants = cfg.variants
-    bar = tqdm(total=2 + len(cfg.budgets) * (len(variants) + len(POLICY_NAMES)), desc="eval quality", unit="run",
+    bar = tqdm(total=2 + len(cfg.budgets) * (len(variants) + len(BASELINES)), desc="eval quality", unit="run",
                disable=not progress)
     base_stream = perplexity_streaming(loaded.model, tokens, cfg.ctx, cfg.batch_size, progress=False).perplexity
     bar.update()
@@ -193,11 +196,11 @@ def run_quality(loaded: LoadedModel, calib_file: str | Path, data_file: str | Pa
             else:
                 rows.append(zeroc.row(v, b))
             bar.update()
-        for name in POLICY_NAMES:
+        for name in BASELINES:
             bar.set_postfix_str(f"{name} @ {b}")
             # every baseline is the identity at 1.0 (tests check each policy against this)
             rows.append(replace(identity, method=name, full_ppl=None) if b >= 1.0
-                        else _policy_row(loaded, tokens, name, b, cfg))
+                        else _method_row(loaded.model, tokens, name, b, cfg))
             bar.update()
     bar.close()
     return rows

@@ -1,12 +1,15 @@
-"""The KV-cache policy interface and the helpers every policy shares.
+"""The KV-method seam: one class per method, used alike by serving and by evaluation.
 
-A policy decides, token by token, what each layer keeps of the past and therefore what
-attention sees. Each policy is a frozen dataclass of its hyperparameters (one per file in
-this package) whose `budget` is the KV bytes it may hold as a fraction of the uncompressed
-cache; see docs/policies.md for the exact definition of "equal bytes".
+`PagedKVCache` (zeroc/kv_cache.py) keeps block ids, block tables and lengths for every method;
+a `KVMethod` (a frozen dataclass of the method's hyperparameters) says how many token slots a
+sequence holds, how many bytes a block costs and how many bits a sequence holds (its byte
+maths), and builds the `PolicyStore` that owns the pools in the method's stored form (packed KIVI
+codes, H2O's kept tokens). `zeroc serve` and `zeroc eval ppl --streaming` run the same store.
+Without a method the cache keeps its plain full-precision pools and this module is not involved.
+docs/policies.md describes each method's block.
 
 Byte accounting: the uncompressed reference stores every K/V element in 16 bits (the fp16
-serving cache), whatever dtype the evaluation computes in, so quantisation is not flattered by
+serving cache), whatever dtype the model computes in, so quantisation is not flattered by
 comparing against fp32.
 """
 
@@ -14,18 +17,17 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: the model sits above the policies
+if TYPE_CHECKING:  # annotations only: the cache sits below, the config's model schema beside, the model above
+    from zeroc.config import ModelConfig
+    from zeroc.kv_cache import BlockAllocator, LayerShape, PagedBatch
     from zeroc.model import Transformer
 
-
-REFERENCE_BITS = 16  # bits per element of the uncompressed cache the budget is a fraction of
+REFERENCE_BITS = 16  # bits per element of the uncompressed cache a budget is a fraction of
 
 
 def check_budget(budget: float) -> None:
@@ -33,118 +35,168 @@ def check_budget(budget: float) -> None:
         raise ValueError(f"KV budget must be in (0, 1], got {budget!r}")
 
 
-@dataclass(frozen=True)
-class LayerGeometry:
-    """What a layer cache needs to know about its layer."""
-
-    layer: int
-    heads: int  # query heads
-    kv_heads: int
-    k_dim: int
-    v_dim: int
-
-    @property
-    def group(self) -> int:
-        return self.heads // self.kv_heads
-
-
-def layer_geometry(model: Transformer, layer: int) -> LayerGeometry:
-    cfg = model.config
-    return LayerGeometry(layer, cfg.num_attention_heads, *cfg.kv_geometry(layer))
-
-
-class LayerKVCache(abc.ABC):
-    """One layer's cache for a batch of B sequences that advance in lockstep (one token a step).
-
-    Called by the streaming evaluator's attend closure (`zeroc.eval.policy_streaming`), once per
-    layer per token, after the model has computed the new token's q, k, v (RoPE applied).
-    """
-
-    @abc.abstractmethod
-    def step(self, q: Tensor, k: Tensor, v: Tensor, scale: float, position: int) -> Tensor:
-        """Store the new token's k/v as the policy says and attend over what is kept.
-
-        q: [B, heads, k_dim]; k: [B, kv_heads, k_dim]; v: [B, kv_heads, v_dim];
-        position: index of the new token in the sequence (same for the whole batch)
-        -> attention output [B, heads, v_dim]
-        """
-
-    @abc.abstractmethod
-    def stored_bits(self) -> float:
-        """Bits this cache holds now (per sequence, summed over KV heads), metadata included."""
-
-
-class KVPolicy(abc.ABC):
-    """A KV-cache policy. Subclasses are frozen dataclasses whose fields are hyperparameters.
-
-    Who calls what:
-    - `__post_init__` (dataclass construction): validates the hyperparameters, ValueError if bad.
-    - `prepare(model)`: the streaming evaluator, once per model before any sequence; checks the
-      model suits the policy and fits what the policy needs from the weights (e.g. bases).
-    - `new_cache(model, layer, batch)`: the streaming evaluator, once per layer for each group
-      of sequences; the returned `LayerKVCache` then receives every token of that group.
-    - `label`: reports and tables.
-    """
-
-    name: str = "policy"
-    budget: float
-
-    def prepare(self, model: Transformer) -> None:
-        """Fit whatever the policy needs from `model` (default: nothing)."""
-
-    @abc.abstractmethod
-    def new_cache(self, model: Transformer, layer: int, batch: int) -> LayerKVCache:
-        """An empty cache for `layer` and `batch` sequences."""
-
-    @property
-    def label(self) -> str:
-        return self.name
-
-
-def full_bits(geom: LayerGeometry, tokens: int) -> float:
-    """Bits of the uncompressed cache of one layer holding `tokens` tokens (one sequence)."""
-    return float(tokens * geom.kv_heads * (geom.k_dim + geom.v_dim) * REFERENCE_BITS)
-
-
-def reference_bits(model: Transformer, tokens: int) -> float:
+def reference_bits(cfg: ModelConfig, tokens: int) -> float:
     """Bits of the uncompressed fp16 cache of every layer holding `tokens` tokens (one sequence), at the
-    source model's head_dim even when `model` is ZeroC-compressed: the denominator of every KV fraction."""
-    cfg = model.config
+    source model's head_dim even for a ZeroC-compressed model: the denominator of every KV fraction."""
     return float(tokens * cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * cfg.head_dim * REFERENCE_BITS)
 
 
-def attend_dense(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """GQA attention of one new query per sequence over its kept tokens (no mask: all are past).
-
-    q: [B, heads, dq]; k: [B, kv_heads, n, dq]; v: [B, kv_heads, n, dv]
-    -> (out [B, heads, dv], probs [B, heads, n]); heads of a KV head's group are adjacent.
-    """
-    b, heads, dq = q.shape
-    kv = k.shape[1]
-    work = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least, as the model's SDPA does
-    qg = q.view(b, kv, heads // kv, dq).to(work)
-    scores = torch.einsum("bkgd,bknd->bkgn", qg, k.to(work)) * scale
-    probs = torch.softmax(scores, dim=-1)  # [B, kv, group, n]
-    out = torch.einsum("bkgn,bkne->bkge", probs, v.to(work))
-    return out.reshape(b, heads, -1).to(q.dtype), probs.reshape(b, heads, -1)
+def token_bits(shapes: list[LayerShape], bits: int = REFERENCE_BITS) -> int:
+    """Bits one token's K and V rows cost over all layers at `bits` per element."""
+    return sum(s.kv_heads * (s.k_dim + s.v_dim) for s in shapes) * bits
 
 
 def eviction_keep(tokens: int, budget: float, floor_tokens: int) -> int:
-    """Tokens a token-eviction policy may keep when `tokens` have been seen.
+    """Tokens a token-eviction method may keep when `tokens` have been seen.
 
-    floor(budget * tokens) so its bytes never exceed ZeroC's budget * tokens, but never fewer
-    than `floor_tokens` (the sinks / at least the current token) and never more than seen.
+    floor(budget * tokens) so its bytes never exceed budget * tokens, but never fewer than
+    `floor_tokens` (the sinks / at least the current token) and never more than seen.
     """
     return min(tokens, max(math.floor(budget * tokens + 1e-9), floor_tokens))
 
 
-def grow(buf: Tensor, size: int) -> Tensor:
-    """buf with room for at least `size` slots along dim 2 (capacity doubles, new slots are zero).
+class PolicyStore(abc.ABC):
+    """One cache's KV in a policy's stored form, indexed by the cache's block ids.
 
-    buf: [B, kv_heads, capacity, *rest]. Geometric growth keeps a T-token stream at O(T) copies.
+    Who calls what (never concurrently: the decode service calls `load` under its engine loop's lock):
+    - `prepare(model)`: `PagedKVCache.__init__` when the cache is built for a model (the engine, the
+      prefill worker): fit what the store needs from the model (Palu's bases, SnapKV's head
+      counts); ValueError if the model does not suit.
+    - `borrow_needed(cur, new)`: `PagedKVCache.blocks_needed`: blocks a sequence must borrow,
+      beyond its token blocks, to grow from `cur` to `new` tokens (KIVI's full-precision tail).
+    - `reserve(table, cur, new)`: `PagedKVCache.schedule`, after extending `table` to cover `new`
+      tokens: take the borrowed blocks counted by `borrow_needed` (never more).
+    - `stage(layer, k, v)`: `PagedKVCache.write`, i.e. the model's forward once per layer and step,
+      right before `attend`: the step's new rows at full precision (encoding happens in `attend`).
+    - `attend(layer, q, batch, scale)`: `Transformer.forward_paged`, once per layer and step: attend
+      each new query over what is stored (decoded on read) plus the staged rows, then store the
+      staged rows in the policy's form (encode on write).
+    - `load(layer, table, k, v)`: `PagedKVCache.load`, when a prompt's KV computed elsewhere (a
+      prefill service) arrives for a sequence reserved by `schedule`; touches only that
+      sequence's blocks. Policies whose state cannot be rebuilt from K/V raise NotImplementedError.
+    - `release(table)`: `PagedKVCache.free`, before the table's blocks return to the allocator.
     """
-    cap = buf.shape[2]
-    if size <= cap:
-        return buf
-    extra = max(cap, 16, size - cap)
-    return torch.cat([buf, buf.new_zeros(buf.shape[0], buf.shape[1], extra, *buf.shape[3:])], dim=2)
+
+    def prepare(self, model: Transformer) -> None:
+        """Nothing to fit by default."""
+
+    def borrow_needed(self, cur: int, new: int) -> int:
+        return 0
+
+    def reserve(self, table: list[int], cur: int, new: int) -> None:
+        """Nothing to borrow by default."""
+
+    @abc.abstractmethod
+    def stage(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """k: [N, kv_heads, k_dim]; v: [N, kv_heads, v_dim], the rows of the batch's new tokens."""
+
+    @abc.abstractmethod
+    def attend(self, layer: int, q: Tensor, batch: PagedBatch, scale: float) -> Tensor:
+        """q: [N, heads, k_dim] -> [N, heads, v_dim]."""
+
+    def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
+        # k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] of tokens [0, T)
+        raise NotImplementedError(f"{type(self).__name__} cannot take KV computed elsewhere")
+
+    def release(self, table: list[int]) -> None:
+        """Nothing borrowed by default."""
+
+
+class KVMethod(abc.ABC):
+    """A KV-cache method. Subclasses are frozen dataclasses of hyperparameters whose `__post_init__`
+    raises ValueError naming the bad field; `zeroc.policies.registry` names the selectable ones.
+
+    Who calls what:
+    - `check(shapes, block_size)`: `make_policy` (block size only, no shapes yet) and
+      `PagedKVCache.__init__` (the model's layers): ValueError if the geometry does not suit.
+    - `block_bytes(shapes, block_size, dtype)`: `PagedKVCache.__init__`, to turn a cache byte budget
+      into a number of blocks (`CacheConfig.num_bytes`), and capacity reports.
+    - `slots_for(tokens)`: `PagedKVCache` (blocks a sequence needs; `token_capacity`): token slots a
+      sequence that has seen `tokens` tokens occupies.
+    - `places_by_position`: `PagedKVCache.schedule`: whether token p lives in slot p of its table
+      (else the store places tokens itself and `PagedBatch.slot_mapping` holds -1).
+    - `transferable`: `zeroc serve`: whether a prompt's KV may come from a prefill service
+      (the store's `load` encodes full-precision K/V on arrival).
+    - `new_store(...)`: `PagedKVCache.__init__`, once.
+    - `label`: fingerprints (KV of different policies never mixes), logs, reports.
+    - `held_bits(shapes, tokens)`: evaluation's KV fraction and the conformance tests: bits of K/V one
+      sequence holds after `tokens` tokens (the budget's definition: 16-bit reference, no bookkeeping).
+    - `nominal_fraction(head_dim)`: the benchmark's method table: the fraction of the fp16 cache it
+      aims at (its budget, or what its bits cost).
+    - `settings()`: the `CacheConfig` fields that name this method (`zeroc.policies.registry.cache_config`).
+    - `at_budget(budget, cfg, tokens)`: evaluation at a KV budget (`zeroc eval quality`, `eval ppl`).
+    """
+
+    name: ClassVar[str] = "policy"  # the registry's name (`--kv-policy`)
+    places_by_position: ClassVar[bool] = True
+    transferable: ClassVar[bool] = True
+    fixed_block_size: ClassVar[int | None] = None  # a block size the method requires (KIVI's group)
+
+    def check(self, shapes: list[LayerShape], block_size: int) -> None:
+        """Any geometry suits by default."""
+
+    @abc.abstractmethod
+    def block_bytes(self, shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block id costs over all layers, metadata included."""
+
+    def slots_for(self, tokens: int) -> int:
+        return tokens
+
+    @abc.abstractmethod
+    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> PolicyStore:
+        """Pools for `num_blocks` blocks; `allocator` is the cache's (for borrowed blocks)."""
+
+    @property
+    @abc.abstractmethod
+    def label(self) -> str:
+        """Short name with the hyperparameters that change the stored KV, e.g. "kivi-4-r0"."""
+
+    @abc.abstractmethod
+    def held_bits(self, shapes: list[LayerShape], tokens: int) -> float:
+        """Bits of K/V one sequence holds after `tokens` tokens, over all layers, metadata included."""
+
+    def nominal_fraction(self, head_dim: int = 64) -> float:
+        """The fraction of the fp16 cache this method aims at (its budget by default)."""
+        return float(getattr(self, "budget", 1.0))
+
+    def settings(self) -> dict:
+        """The `CacheConfig` fields (besides `kv_policy`) that select this method's hyperparameters."""
+        return {"kv_budget": self.budget} if hasattr(self, "budget") else {}
+
+    @classmethod
+    def at_budget(cls, budget: float, cfg: ModelConfig, tokens: int, **fixed) -> KVMethod:
+        """The method holding at most `budget` of the fp16 cache of `cfg` after `tokens` tokens (ValueError
+        if it cannot). Methods whose budget is a hyperparameter take it as is."""
+        return cls(budget=budget, **fixed)
+
+    def borrowed_blocks(self, cfg: ModelConfig, shapes: list[LayerShape], block_size: int, tokens: int,
+                        dtype: torch.dtype) -> int:
+        """The most blocks one sequence of up to `tokens` tokens borrows besides its token blocks."""
+        return 0
+
+    def sequence_blocks(self, cfg: ModelConfig, shapes: list[LayerShape], block_size: int, tokens: int,
+                        dtype: torch.dtype) -> int:
+        """Blocks to reserve for one sequence of up to `tokens` tokens (sizing a cache for whole sequences)."""
+        return ceil_div(self.slots_for(tokens), block_size) + self.borrowed_blocks(cfg, shapes, block_size, tokens,
+                                                                                  dtype)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def batch_sequences(batch: PagedBatch) -> list[tuple[int, int, list[int], slice]]:
+    """Per sequence of a batch: (tokens before the step, after it, block table, its rows of N).
+
+    Tables are padded with 0 to the batch's widest; callers cut them to the blocks they use."""
+    lens = batch.seq_lens.tolist()
+    starts = batch.query_start_loc.tolist()
+    tables = batch.block_tables.tolist()
+    return [(new - (starts[b + 1] - starts[b]), new, tables[b], slice(starts[b], starts[b + 1]))
+            for b, new in enumerate(lens)]
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and sums in fp32 at least, as the model's SDPA and the streaming evaluator do."""
+    return torch.promote_types(dtype, torch.float32)

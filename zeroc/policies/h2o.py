@@ -8,31 +8,39 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from zeroc.policies.base import check_budget
-from zeroc.policies.eviction import EvictionPolicy, EvictionState, protect_recent
+from zeroc.policies.eviction import EvictionMethod
+from zeroc.policies.eviction_rule import EvictionState, protect_recent
 
 
 @dataclass(frozen=True)
-class H2O(EvictionPolicy):
-    """Of the `keep` tokens, ceil(recent_ratio * keep) are the latest; the rest are the tokens
-    that have received the most attention so far (summed over queries and the KV head's group).
-    `max_tokens` caps `keep` at a fixed number of tokens per sequence (H2O's fixed cache budget)."""
+class H2O(EvictionMethod):
+    """After t tokens a sequence keeps min(floor(budget * t), max_tokens) tokens (at least 1) per layer
+    and KV head: the latest ceil(recent_ratio * kept) and those that have received the most attention
+    so far (summed over queries and the KV head's group)."""
 
-    budget: float = 1.0
+    budget: float = 1.0  # fraction of the tokens seen (`--kv-budget`)
     recent_ratio: float = 0.5
-    max_tokens: int | None = None
+    max_tokens: int = 0  # a fixed per-sequence token budget on top (H2O's fixed cache budget); 0: none
 
     name = "h2o"
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
-        if not 0.0 < self.recent_ratio <= 1.0:
+        if not isinstance(self.recent_ratio, (int, float)) or not 0.0 < self.recent_ratio <= 1.0:
             raise ValueError(f"H2O recent_ratio must be in (0, 1], got {self.recent_ratio!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"H2O max_tokens must be a positive int, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"H2O max_tokens must be a non-negative int (0: no cap), got {self.max_tokens!r}")
+
+    @property
+    def label(self) -> str:
+        return f"h2o-b{self.budget:g}-r{self.recent_ratio:g}-m{self.max_tokens}"
+
+    def settings(self) -> dict:
+        return {"kv_budget": self.budget, "kv_max_tokens": self.max_tokens}
 
     def keep(self, seen: int) -> int:
         kept = super().keep(seen)
-        return kept if self.max_tokens is None else min(kept, self.max_tokens)
+        return min(kept, self.max_tokens) if self.max_tokens else kept
 
     @property
     def floor_tokens(self) -> int:

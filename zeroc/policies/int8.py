@@ -1,95 +1,138 @@
-"""int8 per-token quantisation of the KV cache, stackable on any model (ZeroC-compressed included).
+"""int8 in the paged cache: every token's K/V rows as int8 codes with one fp32 scale each.
 
-Each (token, KV head) row of K and of V is stored as int8 codes with one fp32 scale
-max|x| / 127, rounded half away from zero: the numerics of `kernels/kv_quant.py`, which the
-serving kernels use, so a row costs width * 8 + 32 bits. Every token is quantised as it is
-stored (there is no full-precision window) and attention reads every token dequantised,
-the new one included, as the int8 paged cache does (write, then read).
+Each (token, KV head) row of K and V is quantised as it is written (max|x| / 127, rounded half away
+from zero: `kernels/kv_quant.py`'s numerics) and attention reads every row dequantised, the step's
+own included (there is no full-precision window). It is stackable on any model: on a
+ZeroC-compressed one it quantises the compressed rows (the pools hold the model's actual K/V
+widths), so a row costs width * 8 + 32 bits and a ZeroC model of rank fraction r holds about
+r / 2 + 64 / (32 * head_dim) of the uncompressed fp16 cache.
 
-Bytes follow from the bits and the model's actual K/V widths: on a ZeroC model of rank
-fraction r the cache holds about r / 2 + 64 / (32 * head_dim) of the uncompressed fp16 cache.
-`budget` is a ceiling: `prepare` refuses a model whose int8 cache would exceed it, and
-`max_width_fraction` says which ZeroC rank fraction fits a budget (the quality harness's
-`zeroc-int8` rows).
+The pools are exactly what the paged attention kernels read (`kernels.attention.paged_attention`
+with `k_scales` / `v_scales`): per layer, codes [num_blocks, block_size, kv_heads, width] int8 for
+K and for V, and scales [num_blocks, block_size, kv_heads] fp32 for each. A step writes its new
+rows into their slots (`batch.slot_mapping`) through `kernels.kv_quant`'s quantiser, then attends
+once for the whole batch; on CUDA both are Triton kernels, on the CPU their references. Whole
+prompts travel at full precision from a prefill service and are quantised on arrival (`load`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from zeroc_kernels.kv_quant import dequantize_rows_ref as dequantize_rows
-from zeroc_kernels.kv_quant import quantize_rows_ref as quantize_rows
-from zeroc.policies.base import (KVPolicy, LayerGeometry, LayerKVCache, attend_dense, check_budget, grow,
-                                 layer_geometry, reference_bits)
+from zeroc_kernels.attention import TorchBackend
+from zeroc.kv_cache import layer_shapes
+from zeroc.policies.base import KVMethod, PolicyStore, check_budget, reference_bits
 
-if TYPE_CHECKING:  # annotations only: the model sits above the policies
+if TYPE_CHECKING:
+    from zeroc.config import ModelConfig
+    from zeroc.kv_cache import BlockAllocator, LayerShape, PagedBatch
     from zeroc.model import Transformer
 
 CODE_BITS = 8
 SCALE_BITS = 32  # one fp32 scale per (token, KV head) row, as kernels/kv_quant.py stores it
 
 
-def fake_quantize_rows(x: Tensor) -> Tensor:
-    """x quantised per row and dequantised back to its dtype. x: [..., d]"""
-    return dequantize_rows(*quantize_rows(x), x.dtype)
-
-
-def row_bits(geom: LayerGeometry) -> int:
-    """Bits one token costs in one layer: K and V rows of every KV head, codes and scales."""
-    return geom.kv_heads * ((geom.k_dim + geom.v_dim) * CODE_BITS + 2 * SCALE_BITS)
+def pool_shapes(shape: LayerShape, block_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """One layer's pools per block id (name -> (shape after num_blocks, dtype)), the kernels' layout."""
+    t, h = block_size, shape.kv_heads
+    return {"k_codes": ((t, h, shape.k_dim), torch.int8), "v_codes": ((t, h, shape.v_dim), torch.int8),
+            "k_scales": ((t, h), torch.float32), "v_scales": ((t, h), torch.float32)}
 
 
 @dataclass(frozen=True)
-class Int8(KVPolicy):
-    budget: float = 1.0  # ceiling on the held fraction of the uncompressed fp16 cache (checked by `prepare`)
+class Int8(KVMethod):
+    """int8 per (token, KV head) row. Its bytes follow from the model's widths; `budget` is only a ceiling
+    (`at_budget`), not a setting of the cache."""
+
+    budget: float = 1.0  # ceiling on the held fraction of the uncompressed fp16 cache
 
     name = "int8"
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
 
-    def fraction(self, model: Transformer) -> float:
-        """Bits this cache holds per token / the uncompressed fp16 cache's (of the model's source widths)."""
-        layers = range(model.config.num_hidden_layers)
-        return sum(row_bits(layer_geometry(model, i)) for i in layers) / reference_bits(model, 1)
+    @property
+    def label(self) -> str:
+        return "int8"
 
-    def max_width_fraction(self, model: Transformer) -> float:
+    def settings(self) -> dict:
+        return {}
+
+    def held_bits(self, shapes: list[LayerShape], tokens: int) -> float:
+        return float(tokens * sum(s.kv_heads * ((s.k_dim + s.v_dim) * CODE_BITS + 2 * SCALE_BITS) for s in shapes))
+
+    def fraction(self, cfg: ModelConfig) -> float:
+        """Bits held per token / the uncompressed fp16 cache's (of the model's source widths)."""
+        return self.held_bits(layer_shapes(cfg), 1) / reference_bits(cfg, 1)
+
+    def nominal_fraction(self, head_dim: int = 64) -> float:
+        return (2 * head_dim * CODE_BITS + 2 * SCALE_BITS) / (2 * head_dim * 16)
+
+    def max_width_fraction(self, cfg: ModelConfig) -> float:
         """The largest fraction of the source K/V widths (ZeroC's rank budget) whose int8 cache, scales
         included, fits `budget`; above 1.0 the full widths fit. Only layer count, KV heads and head_dim
-        of `model` matter, so the uncompressed model answers for its compressed versions."""
-        cfg = model.config
+        matter, so the uncompressed model answers for its compressed versions."""
         rows = cfg.num_hidden_layers * cfg.num_key_value_heads
-        return (self.budget * reference_bits(model, 1) - rows * 2 * SCALE_BITS) / (rows * 2 * cfg.head_dim * CODE_BITS)
+        return (self.budget * reference_bits(cfg, 1) - rows * 2 * SCALE_BITS) / (rows * 2 * cfg.head_dim * CODE_BITS)
+
+    @classmethod
+    def at_budget(cls, budget: float, cfg: ModelConfig, tokens: int, **fixed) -> Int8:
+        method = cls(budget=budget, **fixed)
+        held = method.fraction(cfg)
+        if held > budget + 1e-9:
+            raise ValueError(f"int8 holds {held:.4f} of the fp16 cache on this model (K/V widths "
+                             f"{'/'.join(map(str, cfg.kv_geometry(0)[1:]))} in layer 0); budget {budget} is below that")
+        return method
+
+    def block_bytes(self, shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -> int:
+        return sum(math.prod(dims) * kind.itemsize
+                   for s in shapes for dims, kind in pool_shapes(s, block_size).values())
+
+    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> Int8Store:
+        return Int8Store(shapes, num_blocks, block_size, dtype, device)
+
+
+class Int8Store(PolicyStore):
+    def __init__(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.bs, self.dtype, self.device = block_size, dtype, device
+        # per layer: k_codes [num_blocks, block_size, kv_heads, k_dim] int8, v_codes likewise with v_dim,
+        # k_scales / v_scales [num_blocks, block_size, kv_heads] fp32
+        self.pools = [{name: torch.zeros(num_blocks, *dims, dtype=kind, device=device)
+                       for name, (dims, kind) in pool_shapes(s, block_size).items()} for s in shapes]
+        self._staged: dict[int, tuple[Tensor, Tensor]] = {}
+        self.backend = TorchBackend()  # the model's, once `prepare` sees it
 
     def prepare(self, model: Transformer) -> None:
-        held = self.fraction(model)
-        if held > self.budget + 1e-9:
-            raise ValueError(f"int8 holds {held:.4f} of the fp16 cache on this model (K/V widths "
-                             f"{'/'.join(map(str, model.config.kv_geometry(0)[1:]))} in layer 0); budget {self.budget} "
-                             "is below that")
+        self.backend = model.backend
 
-    def new_cache(self, model: Transformer, layer: int, batch: int) -> LayerKVCache:
-        return Int8Cache(layer_geometry(model, layer), batch, model.lm_head.weight.dtype)
+    def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        # slots: [n] flat slot of each row; k: [n, H, k_dim]; v: [n, H, v_dim]
+        p = self.pools[layer]
+        self.backend.quantize_into_slots(k, slots, p["k_codes"], p["k_scales"])
+        self.backend.quantize_into_slots(v, slots, p["v_codes"], p["v_scales"])
 
+    def stage(self, layer: int, k: Tensor, v: Tensor) -> None:
+        self._staged[layer] = (k, v)
 
-class Int8Cache(LayerKVCache):
-    def __init__(self, geom: LayerGeometry, batch: int, dtype: torch.dtype):
-        self.geom = geom
-        # Dequantised rows, what attention sees: [B, kv, capacity, dk] / [.., dv]; `tokens` slots live
-        self.k = torch.zeros(batch, geom.kv_heads, 0, geom.k_dim, dtype=dtype)
-        self.v = torch.zeros(batch, geom.kv_heads, 0, geom.v_dim, dtype=dtype)
-        self.tokens = 0
+    def attend(self, layer: int, q: Tensor, batch: PagedBatch, scale: float) -> Tensor:
+        # Write first, then read: the step's own rows are attended dequantised, as the evaluator does.
+        self._write(layer, batch.slot_mapping, *self._staged.pop(layer))
+        p = self.pools[layer]
+        return self.backend.paged_attention(q, p["k_codes"], p["v_codes"], batch.block_tables, batch.seq_lens,
+                                            batch.query_start_loc, scale, k_scales=p["k_scales"],
+                                            v_scales=p["v_scales"])
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, scale: float, position: int) -> Tensor:
-        # q: [B, heads, dq]; k: [B, kv, dq]; v: [B, kv, dv]
-        self.tokens = t = self.tokens + 1
-        self.k, self.v = grow(self.k, t), grow(self.v, t)
-        self.k[:, :, t - 1], self.v[:, :, t - 1] = fake_quantize_rows(k), fake_quantize_rows(v)
-        return attend_dense(q, self.k[:, :, :t], self.v[:, :, :t], scale)[0]
-
-    def stored_bits(self) -> float:
-        return float(self.tokens * row_bits(self.geom))
+    def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
+        # k: [T, H, k_dim]; v: [T, H, v_dim] of tokens [0, T), at full precision from the wire. Rounded to
+        # the cache dtype first, as the colocated model's own rows are.
+        pos = torch.arange(k.shape[0], device=self.device)
+        blocks = torch.tensor(table, dtype=torch.long, device=self.device)
+        slots = blocks[pos // self.bs] * self.bs + pos % self.bs  # [T]
+        self._write(layer, slots, k.to(self.device, self.dtype), v.to(self.device, self.dtype))

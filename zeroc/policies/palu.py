@@ -1,14 +1,16 @@
-"""Palu-style low-rank KV (Chang et al., 2024): cache a pre-RoPE latent, rebuild K at attention time.
+"""Palu-style low-rank KV (Chang et al., 2024) in the paged cache: a latent of pre-RoPE K and of V.
 
-Per KV head g, W_k,g (head_dim x hidden) = U S V^T; the cache stores the latent U_r^T k_pre
-(r = floor(budget * head_dim) numbers per token instead of head_dim), and attention rebuilds
-k_pre ~ U_r U_r^T k_pre and applies RoPE at the token's position — the per-token, per-step work
-ZeroC's fold mode avoids. Values likewise with W_v,g's basis (Palu folds U_r into W_o; the
-numbers are the same). The bases come from the weights alone (plain SVD, no whitening), so no
-calibration text is needed.
+A block stores, per layer, token and KV head, the latents U_k^T k_pre (rank r_k) and U_v^T v
+(rank r_v), with r = floor(budget * head_dim): bases fitted from the weights alone (an SVD of each
+head's W_k / W_v, no whitening, no calibration text; Palu folds U_r into W_o, the numbers are the
+same), once, when the cache is built for its model (`PolicyStore.prepare`). Attention rebuilds
+every stored key from its latent and applies RoPE at the token's position, every step (the
+per-token work ZeroC's fold mode avoids), then attends causally in fp32.
 
-The model hands the cache post-RoPE keys; RoPE is a rotation, so the pre-RoPE key is recovered
-exactly by rotating back by the token's angle.
+Why the store inverse-rotates the staged keys instead of taking pre-RoPE ones: the model hands
+every cache post-RoPE keys through one seam (`PagedKVCache.write`), and RoPE is a rotation, so
+rotating back by the token's position recovers k_pre exactly (up to rounding) without a second
+path through the model; the dense oracle (tests/support/oracle) does the same. A token's position is its slot (tokens are placed by position), so nothing else is stored.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 from torch import Tensor
 
 from zeroc.rope import apply_rope, rope_cos_sin
-from zeroc.policies.base import (REFERENCE_BITS, KVPolicy, LayerGeometry, LayerKVCache, attend_dense,
-                                 check_budget, grow, layer_geometry)
+from zeroc.policies.base import REFERENCE_BITS, KVMethod, PolicyStore, batch_sequences, ceil_div, check_budget
+from zeroc.policies.kivi import mixed_attention
 
-if TYPE_CHECKING:  # annotations only: the model sits above the policies
+if TYPE_CHECKING:
+    from zeroc.kv_cache import BlockAllocator, LayerShape, PagedBatch
     from zeroc.model import Transformer
 
 
@@ -39,7 +42,9 @@ def weight_basis(weight: Tensor, heads: int, rank: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class PaluLowRank(KVPolicy):
+class Palu(KVMethod):
+    """Low-rank K (pre-RoPE) and V latents at rank floor(budget * head_dim) (`--kv-budget`)."""
+
     budget: float = 1.0
 
     name = "palu"
@@ -50,46 +55,94 @@ class PaluLowRank(KVPolicy):
     def rank(self, head_dim: int) -> int:
         return max(1, math.floor(self.budget * head_dim + 1e-9))
 
-    def prepare(self, model: Transformer) -> None:
+    @property
+    def label(self) -> str:
+        return f"palu-b{self.budget:g}"
+
+    def block_bytes(self, shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -> int:
+        item = torch.empty((), dtype=dtype).element_size()
+        return block_size * item * sum(s.kv_heads * (self.rank(s.k_dim) + self.rank(s.v_dim)) for s in shapes)
+
+    def held_bits(self, shapes: list[LayerShape], tokens: int) -> float:
+        return float(tokens * REFERENCE_BITS * sum(s.kv_heads * (self.rank(s.k_dim) + self.rank(s.v_dim))
+                                                   for s in shapes))
+
+    def bases(self, model: Transformer, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One layer's (k_basis [kv, dk, r_k], v_basis [kv, dv, r_v], inv_freq [1, dk / 2]) from its weights;
+        ValueError for a compressed model (the baseline applies to the uncompressed one)."""
         if model.config.compression is not None:
             raise ValueError("the Palu baseline applies to an uncompressed model; this one is already compressed")
-
-    def new_cache(self, model: Transformer, layer: int, batch: int) -> LayerKVCache:
-        self.prepare(model)
         attn = model.model.layers[layer].self_attn
-        geom = layer_geometry(model, layer)
-        k_basis = weight_basis(attn.k_proj.weight, geom.kv_heads, self.rank(geom.k_dim))
-        v_basis = weight_basis(attn.v_proj.weight, geom.kv_heads, self.rank(geom.v_dim))
-        return PaluCache(geom, batch, k_basis, v_basis, attn.inv_freq)
+        kv, k_dim, v_dim = model.config.kv_geometry(layer)
+        return (weight_basis(attn.k_proj.weight, kv, self.rank(k_dim)),
+                weight_basis(attn.v_proj.weight, kv, self.rank(v_dim)), attn.inv_freq)
+
+    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> PaluStore:
+        return PaluStore(self, shapes, num_blocks, block_size, dtype, device)
 
 
-class PaluCache(LayerKVCache):
-    def __init__(self, geom: LayerGeometry, batch: int, k_basis: Tensor, v_basis: Tensor, inv_freq: Tensor):
-        # k_basis: [kv, dk, rk]; v_basis: [kv, dv, rv]; inv_freq: [1, dk / 2]
-        self.geom, self.k_basis, self.v_basis, self.inv_freq = geom, k_basis, v_basis, inv_freq
-        dtype = k_basis.dtype
-        self.k_latent = torch.zeros(batch, geom.kv_heads, 0, k_basis.shape[-1], dtype=dtype)  # [B, kv, t, rk]
-        self.v_latent = torch.zeros(batch, geom.kv_heads, 0, v_basis.shape[-1], dtype=dtype)  # [B, kv, t, rv]
-        # Rebuilt (K: and RoPE'd) tokens: each depends only on its own latent and position, so
-        # rebuilding a token once when it arrives gives exactly what rebuilding every step would.
-        self.k_rebuilt = torch.zeros(batch, geom.kv_heads, 0, geom.k_dim, dtype=dtype)  # [B, kv, t, dk]
-        self.v_rebuilt = torch.zeros(batch, geom.kv_heads, 0, geom.v_dim, dtype=dtype)  # [B, kv, t, dv]
-        self.tokens = 0  # live slots of every buffer (capacity grows geometrically)
+class PaluStore(PolicyStore):
+    def __init__(self, policy: Palu, shapes: list[LayerShape], num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.policy, self.shapes, self.bs, self.dtype = policy, shapes, block_size, dtype
+        rank = policy.rank
+        # Per layer: k_lat [num_blocks, block_size, kv_heads, r_k], v_lat [.., r_v]
+        self.k_lat = [torch.zeros(num_blocks, block_size, s.kv_heads, rank(s.k_dim), dtype=dtype, device=device)
+                      for s in shapes]
+        self.v_lat = [torch.zeros(num_blocks, block_size, s.kv_heads, rank(s.v_dim), dtype=dtype, device=device)
+                      for s in shapes]
+        self.bases: list[tuple[Tensor, Tensor, Tensor]] = []  # per layer: k_basis, v_basis, inv_freq
+        self._staged: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, scale: float, position: int) -> Tensor:
-        # q: [B, heads, dq]; k: [B, kv, dq] post-RoPE; v: [B, kv, dv]
-        cos, sin = rope_cos_sin(self.inv_freq, torch.tensor(position), k.dtype)  # [1, dk]
-        k_pre = apply_rope(k, cos, -sin)  # rotate back: RoPE is orthogonal
-        k_lat = torch.einsum("bkd,kdr->bkr", k_pre, self.k_basis)
-        v_lat = torch.einsum("bkd,kdr->bkr", v, self.v_basis)
-        self.tokens = t = self.tokens + 1
-        self.k_latent, self.v_latent, self.k_rebuilt, self.v_rebuilt = (
-            grow(buf, t) for buf in (self.k_latent, self.v_latent, self.k_rebuilt, self.v_rebuilt))
-        self.k_latent[:, :, t - 1], self.v_latent[:, :, t - 1] = k_lat, v_lat
-        self.k_rebuilt[:, :, t - 1] = apply_rope(torch.einsum("bkr,kdr->bkd", k_lat, self.k_basis), cos, sin)
-        self.v_rebuilt[:, :, t - 1] = torch.einsum("bkr,kdr->bkd", v_lat, self.v_basis)
-        return attend_dense(q, self.k_rebuilt[:, :, :t], self.v_rebuilt[:, :, :t], scale)[0]
+    def prepare(self, model: Transformer) -> None:
+        device = self.k_lat[0].device
+        self.bases = []
+        for layer in range(len(self.shapes)):
+            k_basis, v_basis, inv_freq = self.policy.bases(model, layer)  # ValueError if compressed
+            self.bases.append((k_basis.to(device, self.dtype), v_basis.to(device, self.dtype), inv_freq.to(device)))
 
-    def stored_bits(self) -> float:
-        tokens, kv = self.tokens, self.geom.kv_heads
-        return float(tokens * kv * (self.k_latent.shape[-1] + self.v_latent.shape[-1]) * REFERENCE_BITS)
+    def _encode(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # positions: [N]; k: [N, kv, dk] post-RoPE; v: [N, kv, dv] -> latents [N, kv, r_k], [N, kv, r_v]
+        if not self.bases:
+            raise RuntimeError("a palu cache needs its model's bases: build PagedKVCache(..., model=...)")
+        k_basis, v_basis, inv_freq = self.bases[layer]
+        cos, sin = rope_cos_sin(inv_freq, positions, self.dtype)  # [N, 1, dk]
+        k_pre = apply_rope(k.to(self.dtype), cos, -sin)  # rotate back: RoPE is orthogonal
+        return (torch.einsum("nkd,kdr->nkr", k_pre, k_basis),
+                torch.einsum("nkd,kdr->nkr", v.to(self.dtype), v_basis))
+
+    def _slots(self, table: list[int], n: int) -> Tensor:
+        j = torch.arange(n, device=self.k_lat[0].device)
+        blocks = torch.tensor(table[: ceil_div(n, self.bs)], dtype=torch.long, device=j.device)
+        return blocks[j // self.bs] * self.bs + j % self.bs
+
+    def _write(self, layer: int, slots: Tensor, k_lat: Tensor, v_lat: Tensor) -> None:
+        for pool, lat in ((self.k_lat[layer], k_lat), (self.v_lat[layer], v_lat)):
+            pool.view(-1, *pool.shape[2:])[slots] = lat
+
+    def stage(self, layer: int, k: Tensor, v: Tensor) -> None:
+        self._staged[layer] = (k, v)
+
+    def attend(self, layer: int, q: Tensor, batch: PagedBatch, scale: float) -> Tensor:
+        k_new, v_new = self._staged.pop(layer)
+        self._write(layer, batch.slot_mapping, *self._encode(layer, batch.positions, k_new, v_new))
+        k_basis, v_basis, inv_freq = self.bases[layer]
+        out = q.new_empty(q.shape[0], q.shape[1], v_new.shape[-1])
+        for cur, new, table, rows in batch_sequences(batch):
+            slots = self._slots(table, new)
+            k_lat = self.k_lat[layer].view(-1, *self.k_lat[layer].shape[2:])[slots]  # [new, kv, r_k]
+            v_lat = self.v_lat[layer].view(-1, *self.v_lat[layer].shape[2:])[slots]  # [new, kv, r_v]
+            keys = torch.arange(new, device=q.device)
+            cos, sin = rope_cos_sin(inv_freq, keys, self.dtype)
+            k = apply_rope(torch.einsum("nkr,kdr->nkd", k_lat, k_basis), cos, sin)  # rebuilt every step
+            v = torch.einsum("nkr,kdr->nkd", v_lat, v_basis)
+            causal = keys[None, :] <= torch.arange(cur, new, device=q.device)[:, None]  # [n, new]
+            # One form only: every pair reads the rebuilt K/V (KIVI's helper with nothing dequantised).
+            out[rows] = mixed_attention(q[rows], (k, v), (k, v), torch.zeros_like(causal), causal, scale)
+        return out
+
+    def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
+        # k: [T, kv, dk] post-RoPE keys of tokens [0, T); v: [T, kv, dv]
+        positions = torch.arange(k.shape[0], device=k.device)
+        self._write(layer, self._slots(table, k.shape[0]), *self._encode(layer, positions, k, v))

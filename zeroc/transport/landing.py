@@ -19,14 +19,14 @@ from torch import Tensor
 from zeroc.config import CacheConfig
 from zeroc.kv_cache import PagedKVCache
 from zeroc.kv_transfer import KvReceiver, KvTransferError, TierRows
-from zeroc.serving_policies import make_serving_policy
+from zeroc.policies import make_policy
 from zeroc.tier import tier_positions
-from zeroc.tier_store import TierServing
+from zeroc.policies.tier import TokenTier
 
 
 def kv_fingerprint(model_fingerprint: str, cache: CacheConfig) -> str:
     """The model's fingerprint, extended by the KV policy's label when there is one."""
-    policy = make_serving_policy(cache)
+    policy = make_policy(cache)
     if policy is None:
         return model_fingerprint
     return hashlib.sha256(f"{model_fingerprint}/{policy.label}".encode()).hexdigest()[:16]
@@ -34,7 +34,7 @@ def kv_fingerprint(model_fingerprint: str, cache: CacheConfig) -> str:
 
 def check_transfer(cache: CacheConfig) -> None:
     """ValueError if the policy's KV cannot travel between a prefill and a decode service."""
-    policy = make_serving_policy(cache)
+    policy = make_policy(cache)
     if policy is not None and not policy.transferable:
         raise ValueError(f"--kv-policy {cache.kv_policy} keeps tokens chosen by attention (scores, queries), "
                          "which a KV transfer does not carry: run it with `zeroc serve decode --colocated`")
@@ -46,7 +46,7 @@ def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0
     position `start` on, and the call that finishes the job once the transfer is complete (a no-op
     for the plain cache). Call it where nothing else touches the cache (the decode service: under
     its engine loop's lock). A policy cache takes whole prompts (start 0): it reuses no prefixes.
-    A token tier's cache (zeroc/tier_store.py) also takes the tier rows, and lands them with the rest."""
+    A token tier's cache (zeroc/policies/tier.py) also takes the tier rows, and lands them with the rest."""
     if cache.store is None:
         return KvReceiver(cache, slots, start), lambda: None
     if start:
@@ -75,7 +75,7 @@ def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0
 def _tier_rows(cache: PagedKVCache, tokens: int) -> TierRows | None:
     """Where a prompt's token-tier rows land, if the cache keeps a tier."""
     policy = cache.policy
-    if not isinstance(policy, TierServing):
+    if not isinstance(policy, TokenTier):
         return None
     widths = [(s.kv_heads, t.tier_k, t.tier_v) for s, t in zip(cache.shapes, policy.layers)]
     return TierRows(widths, tokens, tier_positions(policy.sinks, policy.recent, tokens), cache.dtype)

@@ -11,7 +11,7 @@ import torch
 from zeroc.cli import main
 from zeroc.compression.calibrate import ZeroCMethod, calibrate
 from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT
-from zeroc.policies import POLICY_NAMES
+from zeroc.policies import BASELINES
 from zeroc.eval.quality import QualityConfig, QualityRow, zeroc_models
 from zeroc.eval.quality_report import goal_checks
 
@@ -45,7 +45,7 @@ def test_whole_command_on_a_tiny_slice(random_gqa_dir, tmp_path, capsys):
     assert code == 0, captured.err
     report = json.loads(captured.out)
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
-    methods = ["uncompressed", "zeroc", "zeroc-int8", *POLICY_NAMES]
+    methods = ["uncompressed", "zeroc", "zeroc-int8", *BASELINES]
     assert set(rows) == {(m, b) for m in methods for b in (1.0, 0.75, 0.5, 0.375, 0.25)}
     base = rows[("uncompressed", 1.0)]["streaming_ppl"]
     assert rows[("uncompressed", 1.0)]["full_ppl"] == pytest.approx(base, rel=1e-3)

@@ -1,82 +1,137 @@
-"""int8 per-token quantisation: a hand-checked row, the kernels' numerics, the byte count on plain and
-ZeroC-compressed models, and the budget it can reach."""
+"""int8 in the paged serving cache: equal to the streaming evaluator (also on a ZeroC model), bytes by
+hand, pools in exactly the paged attention kernels' layout, and a prompt's KV from a prefill worker
+encoded on arrival."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from zeroc_kernels.kv_quant import dequantize_slots_ref, quantize_into_slots_ref
-from zeroc.config import BUNDLED_HELDOUT
-from zeroc.data import read_eval_tokens
+from zeroc_kernels.kv_quant import quantize_rows_ref
+from zeroc_kernels.paged_decode import paged_decode_attention
+from zeroc_kernels.paged_prefill import paged_prefill_attention
+from serving_runs import BUNDLED, GREEDY, decode_landed, land_prompt, policy_cache, serve, stream
+from zeroc.config import CacheConfig
+from zeroc.engine import Engine
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import LayerShape, block_bytes
 from zeroc.loader import load_model
-from zeroc.policies import Int8, make_policy
-from zeroc.policies.base import LayerGeometry, attend_dense
-from zeroc.policies.int8 import Int8Cache, quantize_rows
-from zeroc.eval.policy_streaming import perplexity_with_policy
+from oracle import oracle_of
+from zeroc.policies import make_policy
+from zeroc.policies.int8 import Int8
 
 
-def test_a_row_by_hand():
-    # max|x| = 63.5 -> scale 0.5; 25.25 / 0.5 = 50.5 rounds away from zero to 51, -0.75 / 0.5 = -1.5 to -2
-    x = torch.tensor([[63.5, 25.25, -0.75, 0.0]], dtype=torch.float64)
-    codes, scale = quantize_rows(x)
-    assert codes.dtype == torch.int8 and scale.dtype == torch.float32
-    assert codes.tolist() == [[127, 51, -2, 0]]
-    assert scale.item() == 0.5
-    zeros, zscale = quantize_rows(torch.zeros(1, 4))
-    assert zeros.tolist() == [[0, 0, 0, 0]] and zscale.item() == 0.0
+@pytest.fixture(scope="module")
+def zeroc_half(zeroc_half_dir):
+    return load_model(zeroc_half_dir)
 
 
-def test_same_numerics_as_the_serving_kernels_reference():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(10, 2, 24, generator=g) * torch.linspace(0.1, 5, 10)[:, None, None]  # [N, kv_heads, d]
-    q_pool = torch.zeros(4, 4, 2, 24, dtype=torch.int8)
-    s_pool = torch.zeros(4, 4, 2)
-    slots = torch.arange(10)
-    quantize_into_slots_ref(x, slots, q_pool, s_pool)
-    codes, scale = quantize_rows(x)
-    assert torch.equal(codes, q_pool.view(-1, 2, 24)[:10])
-    assert torch.equal(scale, s_pool.view(-1, 2)[:10])
-    cache = Int8Cache(LayerGeometry(0, 2, 2, 24, 24), batch=1, dtype=torch.float32)
-    q = torch.randn(1, 2, 24, generator=g)
-    for t in range(10):
-        out = cache.step(q, x[t][None], x[t][None], 0.2, t)
-    deq = dequantize_slots_ref(q_pool, s_pool, slots, torch.float32)  # [10, kv, d]
-    want = attend_dense(q, deq.permute(1, 0, 2)[None], deq.permute(1, 0, 2)[None], 0.2)[0]
-    assert torch.equal(out, want)
-    assert (cache.k[0, :, :10].permute(1, 0, 2) - x).abs().max() <= scale.max() / 2 + 1e-6
+@pytest.fixture(scope="module")
+def zeroc_heads(zeroc_heads_dir):
+    return load_model(zeroc_heads_dir)
 
 
-def test_bytes_by_hand():
-    geom = LayerGeometry(layer=0, heads=4, kv_heads=2, k_dim=64, v_dim=32)
-    cache = Int8Cache(geom, batch=1, dtype=torch.float32)
-    for t in range(5):
-        cache.step(torch.randn(1, 4, 64), torch.randn(1, 2, 64), torch.randn(1, 2, 32), 0.125, t)
-    # 5 tokens x 2 KV heads x ((64 + 32) codes x 8 bits + 2 fp32 scales)
-    assert cache.stored_bits() == 5 * 2 * (96 * 8 + 64)
+@pytest.mark.parametrize("model_name,prompt,chunks", [
+    ("bundled", 40, [[40], [13, 1, 26]]),  # prompt chunks that start and end inside blocks
+    ("zeroc_half", 37, [[37], [16, 21]]),  # stacked on ZeroC: the rows are the compressed widths (32)
+    ("zeroc_heads", 33, [[33], [5, 28]]),  # per-KV-head ranks: one row of every head's dims, one scale
+])
+def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name, prompt, chunks):
+    loaded = request.getfixturevalue(model_name)
+    ids, steps = heldout_ids[:prompt], 8
+    want_logits, want_tokens = stream(loaded.model, oracle_of(Int8()), ids, steps)
+    plain, _ = serve(loaded.model, policy_cache(loaded, block_size=16, num_blocks=16), ids, steps, [prompt])
+    gap = (want_logits - plain).abs().max()  # how far int8 moves the logits
+    assert gap > 1e-4
+    for split in chunks:
+        cache = policy_cache(loaded, block_size=16, num_blocks=16, kv_policy="int8")
+        logits, tokens = serve(loaded.model, cache, ids, steps, split)
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+        assert (logits - want_logits).abs().max() < gap / 100  # serving is int8, not plain attention
+        assert tokens == want_tokens
 
 
-def test_fraction_on_the_plain_and_on_a_compressed_model(bundled, zeroc_half_dir):
-    # head_dim 64: (2 x 64 x 8 + 2 x 32) / (2 x 64 x 16) = 1088 / 2048
-    assert Int8().fraction(bundled.model) == pytest.approx(1088 / 2048)
-    half = load_model(zeroc_half_dir).model  # every layer at rank 32 of 64 for Q/K and V
-    assert Int8().fraction(half) == pytest.approx((2 * 32 * 8 + 64) / 2048)
-    assert Int8(budget=0.5).max_width_fraction(bundled.model) == pytest.approx((1024 - 64) / 1024)
-    assert Int8(budget=0.75).max_width_fraction(bundled.model) > 1.0
-    with pytest.raises(ValueError, match="0.5312"):
-        Int8(budget=0.5).prepare(bundled.model)
-    Int8(budget=0.3125).prepare(half)  # exactly (512 + 64) / 2048 = 0.28125 <= 0.3125
-    with pytest.raises(ValueError, match="budget"):
-        Int8(budget=0.0)
+def test_block_bytes_and_blocks_per_budget_by_hand():
+    # Per layer and token: 2 heads x (64 + 64) int8 codes + 2 heads x 2 fp32 scales = 272 bytes.
+    assert Int8().block_bytes(BUNDLED, 16, torch.float32) == 6 * 16 * 272
+    half = [LayerShape(2, 32, 32)] * 6  # ZeroC at rank 32: 2 x 64 + 2 x 2 x 4 = 144 bytes
+    assert Int8().block_bytes(half, 16, torch.float32) == 6 * 16 * 144
+    budget = 1 << 20
+    cache = paged_cache(BUNDLED, CacheConfig(block_size=16, num_bytes=budget, kv_policy="int8"), torch.bfloat16)
+    assert cache.num_blocks == budget // (6 * 16 * 272)
+    held = sum(p.numel() * p.element_size() for layer in cache.store.pools for p in layer.values())
+    assert held == cache.num_blocks * 6 * 16 * 272  # the pools really are that size
+    # bf16 plain: 16 x 6 x 2 x 128 x 2 = 49152 bytes a block, int8 26112: 1.88x the tokens per byte
+    assert block_bytes(BUNDLED, 16, torch.bfloat16) / Int8().block_bytes(BUNDLED, 16, torch.bfloat16) \
+        == pytest.approx(49152 / 26112)
 
 
-def test_streaming_on_a_compressed_model_counts_true_bytes_and_loses_little(zeroc_half_dir):
-    loaded = load_model(zeroc_half_dir)
-    tokens = read_eval_tokens(loaded.tokenizer, BUNDLED_HELDOUT, max_tokens=130)
-    plain = perplexity_with_policy(loaded.model, tokens, 64, make_policy("kivi-4", 1.0), 4, progress=False)
-    res = perplexity_with_policy(loaded.model, tokens, 64, make_policy("int8", 0.3), 4, progress=False)
-    # fractions are of the source model's fp16 cache: the fp16 compressed cache holds 0.5, int8 0.28125
-    assert plain.kv_fraction_mean == pytest.approx(0.5)
-    assert res.kv_fraction_mean == pytest.approx(576 / 2048)
-    assert res.perplexity != plain.perplexity
-    assert abs(res.perplexity / plain.perplexity - 1) < 0.01
+def test_kv_from_an_int8_prefill_lands_encoded_and_decodes_like_colocated(zeroc_half, heldout_ids):
+    cfg = CacheConfig(block_size=16, num_blocks=32, kv_policy="int8")
+    ids = heldout_ids[:45]
+    direct = Engine(zeroc_half, cfg).generate([ids], GREEDY)[0]
+    engine = Engine(zeroc_half, cfg)
+    land_prompt(zeroc_half, engine, cfg, ids)
+    assert engine.cache.num_blocks - engine.cache.num_free_blocks == 3  # 44 tokens, nothing borrowed
+    assert decode_landed(engine, ids, GREEDY) == direct.token_ids
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_int8_takes_no_kivi_or_h2o_settings():
+    with pytest.raises(ValueError, match="does not apply to int8"):
+        make_policy(CacheConfig(kv_policy="int8", kv_budget=0.5))
+    with pytest.raises(ValueError, match="h2o only"):
+        make_policy(CacheConfig(kv_policy="int8", kv_max_tokens=8))
+    with pytest.raises(ValueError, match="kivi-4 and kivi-2 only"):
+        make_policy(CacheConfig(kv_policy="int8", kv_residual=16))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_the_pools_are_the_kernels_layout_and_the_triton_kernels_read_them(dtype, tol):
+    """Codes and scales sit where `kv_quant`'s reference puts each token's slot in the kernels' pools, and the
+    Triton prefill and decode kernels (interpreter) given the store's pools return what `attend` returned
+    (the CPU reference), in the query dtype; KV from the wire lands the same way."""
+    shape, bs = LayerShape(kv_heads=2, k_dim=24, v_dim=16), 16  # ZeroC-like: q/k and v widths differ
+    cache = paged_cache([shape], CacheConfig(block_size=bs, num_blocks=8, kv_policy="int8"), dtype)
+    pools, gen = cache.store.pools[0], torch.Generator().manual_seed(0)
+    want = {"k_codes": torch.zeros(8, bs, 2, 24, dtype=torch.int8), "k_scales": torch.zeros(8, bs, 2),
+            "v_codes": torch.zeros(8, bs, 2, 16, dtype=torch.int8), "v_scales": torch.zeros(8, bs, 2)}
+
+    def place(seq: str, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantise rows of positions [first, first + n) of `seq` into `want`, by hand from its table."""
+        table = cache.block_table(seq)
+        for i, (kc, ks, vc, vs) in enumerate(zip(*quantize_rows_ref(k), *quantize_rows_ref(v))):
+            block, off = table[(first + i) // bs], (first + i) % bs
+            want["k_codes"][block, off], want["k_scales"][block, off] = kc, ks
+            want["v_codes"][block, off], want["v_scales"][block, off] = vc, vs
+
+    # ragged prefill, a decode-only step, then a step mixing a decode with a prefill chunk across a block edge
+    for steps in ([("a", 21), ("b", 5)], [("a", 1), ("b", 1)], [("a", 1), ("b", 12)]):
+        firsts = [cache.seq_len(s) for s, _ in steps]
+        batch = cache.schedule(steps)
+        n = batch.positions.shape[0]
+        q, k, v = (torch.randn(n, h, d, generator=gen).to(dtype) for h, d in ((4, 24), (2, 24), (2, 16)))
+        cache.write(0, batch.slot_mapping, k, v)
+        out = cache.store.attend(0, q, batch, 0.2)
+        assert out.dtype == dtype and out.shape == (n, 4, 16)
+        rows = batch.query_start_loc.tolist()
+        for (seq, _), first, lo, hi in zip(steps, firsts, rows, rows[1:]):
+            place(seq, first, k[lo:hi], v[lo:hi])
+        for name, pool in want.items():
+            assert torch.equal(pools[name], pool), name
+        scales = dict(k_scales=pools["k_scales"], v_scales=pools["v_scales"])
+        if n == len(steps):
+            tri = paged_decode_attention(q, pools["k_codes"], pools["v_codes"], batch.block_tables, batch.seq_lens,
+                                         0.2, **scales)
+        else:
+            tri = paged_prefill_attention(q, pools["k_codes"], pools["v_codes"], batch.block_tables, batch.seq_lens,
+                                          batch.query_start_loc, 0.2, **scales)
+        assert tri.dtype == dtype
+        torch.testing.assert_close(tri.float(), out.float(), atol=tol, rtol=tol)
+
+    cache.schedule([("c", 10)])
+    k, v = torch.randn(10, 2, 24, generator=gen), torch.randn(10, 2, 16, generator=gen)  # fp32 from the wire
+    cache.load("c", 0, k, v)
+    place("c", 0, k.to(dtype), v.to(dtype))  # rounded to the cache dtype first, as colocated rows are
+    for name, pool in want.items():
+        assert torch.equal(pools[name], pool), name

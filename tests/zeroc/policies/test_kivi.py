@@ -1,98 +1,137 @@
-"""KIVI: quantisation error bounds, group layout, the byte count and the budget it can reach."""
+"""KIVI in the paged serving cache: equal to the streaming evaluator, packed bytes, borrowed tail blocks."""
 
 from __future__ import annotations
 
+import math
+
+import grpc
 import pytest
 import torch
 
-from zeroc.policies import KIVI
-from zeroc.policies.base import LayerGeometry, attend_dense, full_bits
-from zeroc.policies.kivi import KIVICache, fake_quantize, quantize_keys, quantize_values
-
-GEOM = LayerGeometry(layer=0, heads=2, kv_heads=1, k_dim=64, v_dim=64)
-
-
-def test_levels_are_exact_and_the_error_is_at_most_half_a_step():
-    x = torch.arange(16.0).view(1, 16) * 0.5 - 3.0  # 16 evenly spaced values: exactly the 4-bit levels
-    assert torch.equal(fake_quantize(x, 4, -1), x)
-    g = torch.Generator().manual_seed(0)
-    y = torch.randn(50, 32, generator=g, dtype=torch.float64)
-    for bits in (2, 4):
-        step = (y.amax(-1, keepdim=True) - y.amin(-1, keepdim=True)) / (2 ** bits - 1)
-        assert ((fake_quantize(y, bits, -1) - y).abs() <= step / 2 + 1e-12).all()
+from serving_runs import BUNDLED, GREEDY, decode_landed, land_prompt, policy_cache, serve, stream
+from zeroc.config import CacheConfig
+from zeroc.engine import Engine
+from zeroc.caches import paged_cache
+from zeroc.kv_cache import block_bytes, layer_shapes
+from zeroc.kv_transfer import KvTransferError
+from oracle import oracle_of
+from zeroc.policies.kivi import KIVI
+from zeroc.transport.landing import receive_into
 
 
-def test_keys_share_a_scale_per_channel_and_values_per_token_group():
-    g = torch.Generator().manual_seed(1)
-    k = torch.randn(1, 1, 32, 64, generator=g)  # one group of 32 tokens
-    kq = quantize_keys(k, 2)
-    assert all(kq[0, 0, :, c].unique().numel() <= 4 for c in range(64))  # per channel: <= 2**2 levels
-    assert any(kq[0, 0, t, :].unique().numel() > 4 for t in range(32))  # not per token
-    v = torch.randn(1, 1, 5, 64, generator=g)
-    vq = quantize_values(v, 2, 32)
-    for t in range(5):
-        for lo in (0, 32):
-            assert vq[0, 0, t, lo: lo + 32].unique().numel() <= 4  # per token, per group of 32 channels
+
+@pytest.mark.parametrize("model_name,bits,residual,prompt,chunks", [
+    ("bundled", 4, 0, 70, [[70], [33, 1, 36]]),  # blocks quantised inside the prompt and while decoding
+    ("random_gqa", 2, 32, 100, [[100], [64, 36]]),  # a full-precision residual block besides the filling one
+])
+def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name, bits, residual, prompt, chunks):
+    loaded = request.getfixturevalue(model_name)
+    ids, steps = heldout_ids[:prompt], 10
+    want_logits, want_tokens = stream(loaded.model, oracle_of(KIVI(bits=bits, residual=residual)), ids, steps)
+    plain, _ = serve(loaded.model, policy_cache(loaded, block_size=32, num_blocks=16), ids, steps, [prompt])
+    gap = (want_logits - plain).abs().max()  # how far the policy moves the logits
+    for split in chunks:
+        cache = policy_cache(loaded, block_size=32, num_blocks=64, kv_policy=f"kivi-{bits}", kv_residual=residual)
+        logits, tokens = serve(loaded.model, cache, ids, steps, split)
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+        assert (logits - want_logits).abs().max() < gap / 100  # serving is the policy, not plain attention
+        assert tokens == want_tokens
 
 
-def test_budget_reached_by_each_bit_width():
-    assert KIVI(budget=1.0, bits=4).quantised_fraction == pytest.approx((4 + 1) / 16)  # 4 bits + 32 bits / 32
-    assert KIVI(budget=1.0, bits=2).quantised_fraction == pytest.approx((2 + 1) / 16)
-    with pytest.raises(ValueError, match="0.3125"):
-        KIVI(budget=0.25, bits=4)
-    with pytest.raises(ValueError, match="bits"):
-        KIVI(bits=3)
+# The bundled model's cache geometry: 6 layers of 2 KV heads, K and V 64 wide.
 
 
-def feed(policy: KIVI, steps: int, seed: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    cache = KIVICache(policy, GEOM, batch=1, dtype=torch.float32)
-    outs = []
-    for t in range(steps):
-        q = torch.randn(1, 2, 64, generator=g)
-        k, v = torch.randn(1, 1, 64, generator=g), torch.randn(1, 1, 64, generator=g)
-        outs.append((q, k, v, cache.step(q, k, v, 0.125, t)))
-    return cache, outs
+@pytest.mark.parametrize("dtype,item", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_block_bytes_and_blocks_per_budget_by_hand(dtype, item):
+    plain = 32 * 6 * 2 * (64 + 64) * item  # 32 tokens x layers x heads x (K + V) widths
+    assert block_bytes(BUNDLED, 32, dtype) == plain
+    # Per layer: codes of 32 tokens x 2 heads x 64 channels for K and V at `bits` bits; keys: a scale and a
+    # zero per (head, channel); values: a scale and a zero per (token, head, group of 32 channels).
+    for bits in (4, 2):
+        codes = 2 * 32 * 2 * 64 * bits // 8
+        meta = 2 * (2 * 64) * item + 2 * (32 * 2 * 2) * item
+        assert KIVI(bits=bits).block_bytes(BUNDLED, 32, dtype) == 6 * (codes + meta)
+    budget = 3 << 20
+    for name, per_block in (("none", plain), ("kivi-4", KIVI(4).block_bytes(BUNDLED, 32, dtype))):
+        cache = paged_cache(BUNDLED, CacheConfig(block_size=32, num_bytes=budget, kv_policy=name), dtype)
+        assert cache.num_blocks == budget // per_block
+        held = (sum(a.numel() for a in cache.store.arenas) if cache.store
+                else sum(p.numel() * p.element_size() for p in cache.k_pools + cache.v_pools))
+        assert held == cache.num_blocks * per_block <= budget  # the pools really are that size
+    # fp32: 196608 / 36864 = 5.33x the blocks for 4-bit; bf16: 98304 / 30720 = 3.2x.
+    assert KIVI(4).block_bytes(BUNDLED, 32, dtype) == {4: 36864, 2: 30720}[item]
 
 
-def test_byte_count_by_hand_at_256_tokens():
-    cache, _ = feed(KIVI(budget=0.5, bits=4), 256)
-    # Hand count: 192 tokens quantised (6 key groups of 32), 64 at full precision, per 64 dims:
-    # keys 64*64*16 + 192*64*4 + 6*64*32 = 126976 bits; values 64*64*16 + 192*(64*4 + 2*32) = 126976.
-    assert (cache.k_done, cache.v_done) == (192, 192)
-    assert cache.stored_bits() == 126976 + 126976
-    assert cache.stored_bits() <= 0.5 * full_bits(GEOM, 256)  # 262144
+def test_the_filling_block_borrows_rows_and_returns_them(random_gqa, heldout_ids):
+    """A full-precision block spans `units` ids; the engine's arithmetic (blocks_needed) is exact."""
+    cache = policy_cache(random_gqa, block_size=32, num_blocks=40, kv_policy="kivi-4")
+    store = cache.store
+    # 32 tokens x 2 heads x (32 + 32) fp32 = 16384 bytes at full precision; 3072 packed -> 6 rows.
+    assert store.units == math.ceil(16384 / 3072) == 6
+
+    def held(t: int) -> int:
+        return math.ceil(t / 32) + (store.units - 1) * (1 if t % 32 else 0)  # residual 0: the filling block
+
+    t, ids = 0, heldout_ids
+    with torch.inference_mode():
+        for n in (40, 1, 1, 22, 1, 30, 1, 2):  # crosses block boundaries in prefill and decode steps
+            need = cache.blocks_needed("s", n)
+            before = cache.num_free_blocks
+            batch = cache.schedule([("s", n)])
+            assert before - cache.num_free_blocks == need
+            random_gqa.model.forward_paged(torch.tensor(ids[t:t + n]), batch.positions, batch, cache)
+            t += n
+            assert cache.num_blocks - cache.num_free_blocks == held(t)
+    cache.free("s")
+    assert cache.num_free_blocks == cache.num_blocks and not store.borrowed
 
 
-def test_a_fixed_residual_quantises_whole_groups_behind_it():
-    """residual=32: the filling group and one full group stay at full precision, whatever the budget."""
-    policy = KIVI(bits=4, residual=32)
-    for steps, done in ((31, 0), (64, 32), (95, 32), (96, 64), (100, 64)):
-        cache, _ = feed(policy, steps)
-        assert (cache.k_done, cache.v_done) == (done, done)
-    with pytest.raises(ValueError, match="multiple of the group"):
-        KIVI(residual=40)
+def test_the_same_bytes_run_more_sequences_at_once_and_preemption_keeps_output(random_gqa, heldout_ids):
+    prompts = [heldout_ids[i * 2: i * 2 + 150] for i in range(6)]
+    plain_block = block_bytes(layer_shapes(random_gqa.config), 32, torch.float32)  # 49152 bytes
+    running = {}
+    for name in ("none", "kivi-4"):
+        engine = Engine(random_gqa, CacheConfig(block_size=32, num_bytes=10 * plain_block, kv_policy=name))
+        for p in prompts:
+            engine.add_request(p, GREEDY)
+        engine.step()
+        running[name] = len(engine.running)
+    # 150 tokens: 5 plain blocks, so 2 prompts fit; packed, 4 blocks + a filling one spanning 6 rows of
+    # 9216 bytes = 10 ids, and 491520 // 9216 = 53 ids hold 5 prompts.
+    assert running == {"none": 2, "kivi-4": 5}
+    prompts = [heldout_ids[i * 7: i * 7 + n] for i, n in enumerate((60, 50, 40, 30))]
+    want = Engine(random_gqa, CacheConfig(block_size=32, num_blocks=256, kv_policy="kivi-4")).generate(prompts, GREEDY)
+    tight = Engine(random_gqa, CacheConfig(block_size=32, num_blocks=14, kv_policy="kivi-4"))
+    rids = [tight.add_request(p, GREEDY) for p in prompts]
+    got, ran, preempted = {r: [] for r in rids}, set(), False
+    while tight.has_unfinished():
+        for o in tight.step():
+            got[o.request_id] += o.token_ids
+        preempted |= any(s.request_id in ran for s in tight.waiting)
+        ran |= {s.request_id for s in tight.running}
+    assert preempted  # growing tails outran the cache: the newest sequence was recomputed
+    assert [got[r] for r in rids] == [r.token_ids for r in want]
+    assert tight.cache.num_free_blocks == tight.cache.num_blocks and not tight.cache.store.borrowed
 
 
-def test_the_cache_stays_within_budget_once_a_key_group_fits():
-    policy = KIVI(budget=0.5, bits=2)
-    g = torch.Generator().manual_seed(3)
-    cache = KIVICache(policy, GEOM, batch=1, dtype=torch.float32)
-    for t in range(300):
-        cache.step(torch.randn(1, 2, 64, generator=g), torch.randn(1, 1, 64, generator=g),
-                   torch.randn(1, 1, 64, generator=g), 0.125, t)
-        if t + 1 >= 64:
-            assert cache.stored_bits() <= 0.5 * full_bits(GEOM, t + 1) + 1e-6
+def test_kv_from_a_kivi_prefill_lands_encoded_and_decodes_like_colocated(bundled, heldout_ids):
+    cfg = CacheConfig(block_size=32, num_blocks=64, kv_policy="kivi-4")
+    ids = heldout_ids[:75]
+    direct = Engine(bundled, cfg).generate([ids], GREEDY)[0]
+    engine = Engine(bundled, cfg)
+    land_prompt(bundled, engine, cfg, ids)
+    # 74 tokens: 2 packed blocks, the third fills at full precision over 6 rows.
+    assert engine.cache.num_blocks - engine.cache.num_free_blocks == 2 + 6
+    out = decode_landed(engine, ids, GREEDY)
+    assert out == direct.token_ids
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
-def test_budget_one_is_exact_and_quantised_attention_is_close():
-    cache, outs = feed(KIVI(budget=1.0, bits=2), 40)
-    ks = torch.stack([k for _, k, _, _ in outs], dim=2)  # [1, 1, 40, 64]
-    vs = torch.stack([v for _, _, v, _ in outs], dim=2)
-    q, _, _, out = outs[-1]
-    assert torch.allclose(out, attend_dense(q, ks, vs, 0.125)[0], atol=1e-6)
-    assert cache.k_done == cache.v_done == 0
-    cache4, outs4 = feed(KIVI(budget=0.3125, bits=4), 40)
-    assert cache4.k_done == 32 and cache4.v_done == 40  # no window left: everything that can be is quantised
-    err = (outs4[-1][3] - out).abs().max()
-    assert 0 < err < 0.2  # quantised, so not exact, but close
+def test_kv_landing_after_the_request_was_released_is_cancelled(random_gqa):
+    engine = Engine(random_gqa, CacheConfig(block_size=32, num_blocks=32, kv_policy="kivi-4"))
+    _, land = receive_into(engine.cache, "r", engine.reserve("r", 40))
+    engine.abort("r")  # the client went away mid-transfer
+    with pytest.raises(KvTransferError) as err:
+        land()
+    assert err.value.code == grpc.StatusCode.CANCELLED
+    assert engine.cache.num_free_blocks == 32 and not engine.cache.store.borrowed

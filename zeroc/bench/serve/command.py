@@ -10,7 +10,8 @@ import sys
 import time
 
 from zeroc.bench.serve.load import LoadSpec
-from zeroc.bench.serve.methods import MODES, METHODS, method_by_name
+from zeroc.bench.serve.methods import MODES, ZEROC_METHODS, all_methods, method_by_name
+from zeroc.policies import POLICY_NAMES
 from zeroc.bench.serve.metrics import SLO
 from zeroc.bench.serve.workloads import WORKLOADS
 from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT
@@ -25,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory: decode cache fixed in bytes; network: prefill -> decode link shaped")
     p.add_argument("--target", default=None, help="HOST:PORT of a running decode service (no stack is started)")
     p.add_argument("--workload", choices=WORKLOADS, default="long", help="request shapes (default: long)")
-    p.add_argument("--methods", nargs="+", default=[m.name for m in METHODS],
-                   help="KV methods to compare (unavailable ones are reported as not run)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="KV methods to compare (default: all: "
+                        f"{', '.join(m.name for m in ZEROC_METHODS)} and the KV policies {', '.join(POLICY_NAMES)} "
+                        "at their benchmark budgets; unavailable ones are reported as not run)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="memory scenario modes")
     p.add_argument("--rates", type=float, nargs="+", default=None,
                    help="request rates swept, requests/s (memory scenario and --target; default: automatic, "
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         return _print(args, _rerender(args.from_json, args.out))
 
     cfg = _config(args)  # every check before anything starts: bad flags cost nothing
-    methods = [method_by_name(n) for n in args.methods]
+    methods = [method_by_name(n) for n in args.methods] if args.methods else list(all_methods())
     scenarios = [] if args.target else scenarios_from(args)
     if args.target and (not args.rates or any(r <= 0 for r in args.rates)):
         raise ZeroCError(f"--target needs --rates, all > 0 (got {args.rates})")

@@ -1,8 +1,11 @@
 """What a serving benchmark compares: KV-cache methods as data (a model directory plus serve flags).
 
 A ZeroC method serves a calibrated copy of the model (`zeroc calibrate`, cached under the build
-directory); a KV-policy baseline serves the base model with `--kv-policy ...`. New baselines plug
-in by adding a row to METHODS.
+directory); a KV-policy baseline serves the base model with `--kv-policy ...`. The KV-policy rows
+come from the method registry (`zeroc.policies.registry`): every method there is benchmarked, at
+the budgets `POLICY_BUDGETS` names for it when it takes `--kv-budget`, colocated only when its KV
+cannot travel, with its nominal KV fraction from its own byte maths. `all_methods()` builds them
+when a benchmark runs (the method classes import torch; the CLI's parser must not).
 
 Equal bytes: every method's decode cache gets the same capacity in bytes. A KV policy's service
 converts `--cache-bytes` to blocks for its own layout; plain and ZeroC caches get `--num-blocks`
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from zeroc.config import ModelConfig, parse_dtype
 from zeroc.errors import ZeroCError
+from zeroc.policies import REGISTRY
 
 MODES = ("colocated", "disaggregated")
 
@@ -42,35 +46,52 @@ class Method:
             raise ValueError(f"{self.name}: modes must be among {MODES}, got {self.modes}")
 
 
-METHODS: tuple[Method, ...] = (
+ZEROC_METHODS: tuple[Method, ...] = (
     Method("none", 1.0),
     Method("zeroc-0.5", 0.5, zeroc_budget=0.5),
     Method("zeroc-0.25", 0.25, zeroc_budget=0.25),
-    # Quantisation: 4-bit codes plus a 16-bit scale and zero point per group of 32, a fraction of the
-    # fp16 cache (docs/policies.md); the runtime's cache dtype sets the real bytes, as --cache-bytes counts them.
-    Method("kivi-4", 0.3125, serve_args=("--kv-policy", "kivi-4")),
-    Method("h2o-0.5", 0.5, serve_args=("--kv-policy", "h2o", "--kv-budget", "0.5"), modes=("colocated",)),
-    Method("h2o-0.25", 0.25, serve_args=("--kv-policy", "h2o", "--kv-budget", "0.25"), modes=("colocated",)),
-    # Rows added after the recorded run (docs/benchmarks.md); nominal fractions at 1024 tokens, head_dim 64.
-    Method("zeroc-0.25-tier", 0.30, zeroc_budget=0.25, zeroc_tier=(4, 64)),  # + 68 full-rank rows per sequence
-    Method("int8", 0.53, serve_args=("--kv-policy", "int8")),
-    Method("streamingllm-0.5", 0.5, serve_args=("--kv-policy", "streamingllm", "--kv-budget", "0.5")),
-    Method("snapkv-0.5", 0.5, serve_args=("--kv-policy", "snapkv", "--kv-budget", "0.5"), modes=("colocated",)),
-    Method("palu-0.5", 0.5, serve_args=("--kv-policy", "palu", "--kv-budget", "0.5")),
+    # nominal fraction at 1024 tokens, head_dim 64: + 68 full-rank rows per sequence
+    Method("zeroc-0.25-tier", 0.30, zeroc_budget=0.25, zeroc_tier=(4, 64)),
 )
+DEFAULT_POLICY_BUDGETS = (0.5,)
+POLICY_BUDGETS = {"h2o": (0.5, 0.25)}  # budgets of a registry method that takes --kv-budget, if not the default
+
+
+def policy_methods(head_dim: int = 64) -> tuple[Method, ...]:
+    """A row per registry method (and budget): nominal fractions at `head_dim` (KIVI: 4-bit codes plus a 16-bit
+    scale and zero point per group of 32; the runtime's cache dtype sets the real bytes, as --cache-bytes
+    counts them)."""
+    rows = []
+    for name, entry in REGISTRY.items():
+        cls = entry.method_class()
+        modes = MODES if cls.transferable else ("colocated",)
+        if "kv_budget" not in entry.takes:
+            method = cls(**entry.fixed)
+            rows.append(Method(name, method.nominal_fraction(head_dim), serve_args=("--kv-policy", name), modes=modes))
+            continue
+        for b in POLICY_BUDGETS.get(name, DEFAULT_POLICY_BUDGETS):
+            rows.append(Method(f"{name}-{b:g}", cls(budget=b, **entry.fixed).nominal_fraction(head_dim),
+                               serve_args=("--kv-policy", name, "--kv-budget", f"{b:g}"), modes=modes))
+    return tuple(rows)
+
+
+def all_methods() -> tuple[Method, ...]:
+    """Every method a serving benchmark compares: the ZeroC rows, then the registry's KV methods."""
+    return ZEROC_METHODS + policy_methods()
 
 
 def method_rank(name: str) -> tuple[int, str]:
-    """Sort key: METHODS order, unknown names after them."""
-    names = [m.name for m in METHODS]
+    """Sort key: `all_methods()` order, unknown names after them."""
+    names = [m.name for m in all_methods()]
     return (names.index(name) if name in names else len(names), name)
 
 
 def method_by_name(name: str) -> Method:
-    for m in METHODS:
+    methods = all_methods()
+    for m in methods:
         if m.name == name:
             return m
-    raise ZeroCError(f"unknown method {name!r}; choose among {', '.join(m.name for m in METHODS)}")
+    raise ZeroCError(f"unknown method {name!r}; choose among {', '.join(m.name for m in methods)}")
 
 
 def uses_kv_policy(method: Method) -> bool:

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def _methods(rows: list[dict]) -> list[str]:
-    """The methods in `rows`, in METHODS order (others after them)."""
+    """The methods in `rows`, in `all_methods()` order (others after them)."""
     return sorted({r["method"] for r in rows}, key=method_rank)
 
 

@@ -11,9 +11,12 @@ from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.caches import paged_cache
 from zeroc.kv_cache import LayerShape, block_bytes, layer_shapes
-from zeroc.policies import PaluLowRank, SnapKV, StreamingLLM
+from oracle import oracle_of
+from zeroc.policies import make_policy
+from zeroc.policies.palu import Palu
+from zeroc.policies.snapkv import SnapKV
+from zeroc.policies.streaming_llm import StreamingLLM
 from zeroc.sampling import SamplingParams
-from zeroc.serving_policies import PaluServing, SnapKVServing, StreamingLLMServing, make_serving_policy
 from zeroc.transport.landing import check_transfer
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -21,8 +24,8 @@ CASES = [  # (policy name, evaluator, budget, model, prompt tokens, prefill spli
     ("streamingllm", StreamingLLM, 0.5, "bundled", 40, [[15, 1, 24]]),
     ("snapkv", SnapKV, 0.5, "bundled", 45, [[30, 15]]),  # the 32-query window wraps its ring
     ("snapkv", SnapKV, 0.3, "random_gqa", 40, [[40]]),  # 4 query heads per KV head
-    ("palu", PaluLowRank, 0.5, "bundled", 40, [[40], [15, 1, 24]]),
-    ("palu", PaluLowRank, 0.25, "random_gqa", 40, [[17, 23]]),  # llama3 RoPE scaling
+    ("palu", Palu, 0.5, "bundled", 40, [[40], [15, 1, 24]]),
+    ("palu", Palu, 0.25, "random_gqa", 40, [[17, 23]]),  # llama3 RoPE scaling
 ]
 
 
@@ -32,7 +35,7 @@ def test_serving_equals_the_streaming_evaluator(request, heldout_ids, name, rule
                                                 chunks):
     loaded = request.getfixturevalue(model_name)
     ids, steps = heldout_ids[:prompt], 6
-    want_logits, want_tokens = stream(loaded.model, rule(budget=budget), ids, steps)
+    want_logits, want_tokens = stream(loaded.model, oracle_of(rule(budget=budget)), ids, steps)
     plain, _ = serve(loaded.model, policy_cache(loaded, block_size=16, num_blocks=16), ids, steps, [prompt])
     gap = (want_logits - plain).abs().max()  # how far the policy moves the logits
     cache = policy_cache(loaded, block_size=16, num_blocks=32, kv_policy=name, kv_budget=budget)
@@ -54,10 +57,10 @@ def test_block_bytes_by_hand():
     plain = 16 * 6 * 2 * (64 + 64) * 4  # 16 tokens x layers x heads x (K + V) widths x fp32
     assert block_bytes(BUNDLED, 16, f32) == plain
     # Palu at 0.5: latents of rank 32 for K and for V; at 0.25: rank 16.
-    assert PaluServing(0.5).block_bytes(BUNDLED, 16, f32) == 16 * 6 * 2 * (32 + 32) * 4 == plain // 2
-    assert PaluServing(0.25).block_bytes(BUNDLED, 16, torch.bfloat16) == 16 * 6 * 2 * (16 + 16) * 2
+    assert Palu(0.5).block_bytes(BUNDLED, 16, f32) == 16 * 6 * 2 * (32 + 32) * 4 == plain // 2
+    assert Palu(0.25).block_bytes(BUNDLED, 16, torch.bfloat16) == 16 * 6 * 2 * (16 + 16) * 2
     # Eviction: K and V per slot plus an int32 position and a float64 score per (slot, head).
-    for policy in (StreamingLLMServing(0.5), SnapKVServing(0.5)):
+    for policy in (StreamingLLM(0.5), SnapKV(0.5)):
         assert policy.block_bytes(BUNDLED, 16, f32) == plain + 16 * 6 * 2 * (4 + 8)
 
 
@@ -120,7 +123,7 @@ def test_kv_from_a_prefill_worker_lands_and_decodes_like_colocated(request, held
 
 def test_snapkv_and_h2o_stay_colocated():
     for name in ("snapkv", "h2o"):
-        policy = make_serving_policy(CacheConfig(kv_policy=name, kv_budget=0.5))
+        policy = make_policy(CacheConfig(kv_policy=name, kv_budget=0.5))
         assert not policy.transferable
         with pytest.raises(ValueError, match="--colocated"):
             check_transfer(CacheConfig(kv_policy=name))
@@ -132,14 +135,14 @@ def test_snapkv_and_h2o_stay_colocated():
 
 
 @pytest.mark.parametrize("build,message", [
-    (lambda: StreamingLLMServing(budget=0.0), "budget must be in (0, 1]"),
-    (lambda: StreamingLLMServing(sinks=0), "at least 1 sink"),
-    (lambda: SnapKVServing(window=0), "window must be a positive int"),
-    (lambda: SnapKVServing(kernel=4), "positive odd int"),
-    (lambda: SnapKVServing(budget=1.5), "budget must be in (0, 1]"),
-    (lambda: PaluServing(budget=-0.1), "budget must be in (0, 1]"),
-    (lambda: CacheConfig(kv_policy="palu", kv_max_tokens=8), "h2o only, not palu"),
-    (lambda: CacheConfig(kv_policy="streamingllm", kv_residual=32), "kivi-4 and kivi-2 only"),
+    (lambda: StreamingLLM(budget=0.0), "budget must be in (0, 1]"),
+    (lambda: StreamingLLM(sinks=0), "at least 1 sink"),
+    (lambda: SnapKV(window=0), "window must be a positive int"),
+    (lambda: SnapKV(kernel=4), "positive odd int"),
+    (lambda: SnapKV(budget=1.5), "budget must be in (0, 1]"),
+    (lambda: Palu(budget=-0.1), "budget must be in (0, 1]"),
+    (lambda: make_policy(CacheConfig(kv_policy="palu", kv_max_tokens=8)), "h2o only, not palu"),
+    (lambda: make_policy(CacheConfig(kv_policy="streamingllm", kv_residual=32)), "kivi-4 and kivi-2 only"),
 ])
 def test_bad_hyperparameters_are_value_errors(build, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from zeroc.serving_policies.layout import RowLayout, pack_codes, unpack_codes
+from zeroc.policies.layout import RowLayout, pack_codes, unpack_codes
 
 
 def test_codes_pack_low_bits_first():

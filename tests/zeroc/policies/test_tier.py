@@ -1,4 +1,4 @@
-"""The token tier in the paged cache (zeroc/tier_store.py): ragged chunked prefill and decode equal the
+"""The token tier in the paged cache (zeroc/policies/tier.py): ragged chunked prefill and decode equal the
 dense tiered forward, the tier's rows cost blocks of the cache's budget, and they travel on the wire."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from zeroc.kv_transfer import (TIER_KEY, KvTransferError, decode_chunk, encode_l
                                parse_prefill_response)
 from zeroc.loader import LoadedModel
 from zeroc.transport.landing import receive_into
-from zeroc.tier_store import TierStore, tier_policy
+from zeroc.policies.tier import TierStore, tier_policy
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 
 

@@ -10,7 +10,8 @@ import torch
 from serving_runs import policy_cache, serve, stream
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
-from zeroc.policies import H2O
+from oracle import oracle_of
+from zeroc.policies.h2o import H2O
 from zeroc.sampling import SamplingParams
 
 
@@ -22,7 +23,7 @@ def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name
                                                 chunks):
     loaded = request.getfixturevalue(model_name)
     ids, steps = heldout_ids[:prompt], 8
-    want_logits, want_tokens = stream(loaded.model, H2O(budget=budget, max_tokens=max_tokens or None), ids, steps)
+    want_logits, want_tokens = stream(loaded.model, oracle_of(H2O(budget=budget, max_tokens=max_tokens)), ids, steps)
     plain, _ = serve(loaded.model, policy_cache(loaded, block_size=16, num_blocks=16), ids, steps, [prompt])
     gap = (want_logits - plain).abs().max()  # how far the policy moves the logits
     for split in chunks:
@@ -46,7 +47,7 @@ def kept_positions(cache, seq: str) -> list[list[list[int]]]:
 def test_keeps_exactly_its_budget_in_blocks(random_gqa, heldout_ids, budget, max_tokens):
     cache = policy_cache(random_gqa, block_size=8, num_blocks=64, kv_policy="h2o", kv_budget=budget,
                          kv_max_tokens=max_tokens)
-    rule = H2O(budget=budget, max_tokens=max_tokens or None)
+    rule = H2O(budget=budget, max_tokens=max_tokens)
     t = 0
     with torch.inference_mode():
         for n in (30, 1, 1, 5, 1, 1, 40, 1):

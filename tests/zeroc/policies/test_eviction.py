@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from zeroc.policies import H2O, SnapKV, StreamingLLM
-from zeroc.policies.base import LayerGeometry, eviction_keep
-from zeroc.policies.eviction import EvictionCache, EvictionState
+from zeroc.policies.h2o import H2O
+from zeroc.policies.snapkv import SnapKV
+from zeroc.policies.streaming_llm import StreamingLLM
+from zeroc.policies.base import eviction_keep
+from zeroc.policies.eviction_rule import EvictionCache, EvictionState, LayerGeometry
 
 GEOM = LayerGeometry(layer=0, heads=2, kv_heads=1, k_dim=4, v_dim=3)  # a GQA group of 2 query heads
 SCALE = 0.5
@@ -140,7 +142,7 @@ def test_snapkv_pooling_spreads_a_vote_to_neighbours():
     (lambda: StreamingLLM(budget=0.0), "budget"), (lambda: StreamingLLM(budget=1.5), "budget"),
     (lambda: StreamingLLM(sinks=0), "sink"), (lambda: H2O(recent_ratio=0.0), "recent_ratio"),
     (lambda: SnapKV(window=0), "window"), (lambda: SnapKV(kernel=4), "odd"),
-    (lambda: H2O(max_tokens=0), "max_tokens"),
+    (lambda: H2O(max_tokens=-1), "max_tokens"),  # 0: no cap
 ])
 def test_bad_hyperparameters_raise_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):

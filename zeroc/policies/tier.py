@@ -27,7 +27,7 @@ from torch import Tensor
 
 from zeroc.config import ModelConfig
 from zeroc.kv_cache import PagedBatch, block_bytes
-from zeroc.serving_policies.base import PolicyStore, ServingKVPolicy, batch_sequences, ceil_div, work_dtype
+from zeroc.policies.base import KVMethod, PolicyStore, batch_sequences, ceil_div, token_bits, work_dtype
 from zeroc.tier import TierLayer, tier_layers, tier_positions
 
 if TYPE_CHECKING:
@@ -35,13 +35,14 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class TierServing(ServingKVPolicy):
+class TokenTier(KVMethod):
     """The cache policy of a model with a token tier; `PagedKVCache` picks it from the model, never a flag."""
 
     sinks: int
     recent: int
     layers: tuple[TierLayer, ...]
     keeps_tier = True  # PagedKVCache.keeps_tier: the model's tier rows have a home
+    name = "tier"  # picked from the model's weights (`tier_policy`), never by `--kv-policy`
 
     @property
     def label(self) -> str:
@@ -54,6 +55,16 @@ class TierServing(ServingKVPolicy):
 
     def block_bytes(self, shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -> int:
         return block_bytes(shapes, block_size, dtype)
+
+    def held_bits(self, shapes: list[LayerShape], tokens: int) -> float:
+        """Every token's compressed rows plus the full-rank tier rows of the sinks and the recent window."""
+        held = min(tokens, self.sinks + self.recent)
+        tier = sum(s.kv_heads * (t.tier_k + t.tier_v) for s, t in zip(shapes, self.layers))
+        return float(tokens * token_bits(shapes) + held * tier * 16)
+
+    def borrowed_blocks(self, cfg: ModelConfig, shapes: list[LayerShape], block_size: int, tokens: int,
+                        dtype: torch.dtype) -> int:
+        return self.tier_blocks(shapes, block_size, tokens)
 
     def tier_blocks(self, shapes: list[LayerShape], block_size: int, tokens: int) -> int:
         """Blocks a sequence of `tokens` tokens borrows for its tier rows: in every layer they fill the
@@ -105,15 +116,15 @@ def _groups(batch: PagedBatch) -> list[tuple[PagedBatch, Tensor]]:
     return out
 
 
-def tier_policy(cfg: ModelConfig) -> TierServing:
+def tier_policy(cfg: ModelConfig) -> TokenTier:
     """The cache policy a model with a token tier needs (ValueError without one)."""
     if not cfg.has_tier:
         raise ValueError("this model keeps no token tier")
-    return TierServing(cfg.compression.sinks, cfg.compression.recent, tuple(tier_layers(cfg)))
+    return TokenTier(cfg.compression.sinks, cfg.compression.recent, tuple(tier_layers(cfg)))
 
 
 class TierStore(PolicyStore):
-    def __init__(self, policy: TierServing, shapes: list[LayerShape], num_blocks: int, block_size: int,
+    def __init__(self, policy: TokenTier, shapes: list[LayerShape], num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, allocator: BlockAllocator):
         self.policy, self.shapes, self.bs, self.allocator = policy, shapes, block_size, allocator
         self.sinks, self.recent = policy.sinks, policy.recent

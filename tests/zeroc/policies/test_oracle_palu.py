@@ -8,9 +8,8 @@ import torch
 
 from zeroc.config import RopeConfig
 from zeroc.rope import apply_rope, rope_cos_sin, rope_inv_freq
-from zeroc.policies import PaluLowRank
-from zeroc.policies.base import LayerGeometry, attend_dense, full_bits
-from zeroc.policies.palu import PaluCache, weight_basis
+from oracle.base import LayerGeometry, attend_dense, full_bits
+from oracle.palu import PaluCache, PaluLowRank, weight_basis
 
 D, HIDDEN, KV = 16, 24, 2
 GEOM = LayerGeometry(layer=0, heads=4, kv_heads=KV, k_dim=D, v_dim=D)

@@ -1,15 +1,9 @@
-"""Streaming perplexity with a KV-cache policy deciding what attention sees.
+"""Streaming perplexity through a dense oracle policy (the test oracle of `zeroc eval ppl --streaming`).
 
-Why a separate path from `evaluate.perplexity_streaming` (which runs the paged cache): the paged
-pools hold an append-only, full-precision, position-ordered layout shared by all KV heads, while
-the policies keep per-head subsets (H2O, SnapKV), dequantised groups (KIVI) or latents (Palu).
-Rather than bend the serving cache and kernel around every baseline, each policy keeps dense
-per-layer tensors and the model runs through `Transformer.forward_attend` — the same layers,
-RoPE and projections as the paged path, only attention is the policy's. At budget 1.0 every
-policy reproduces the paged path's perplexity (tests/zeroc/policies/test_streaming_policy.py).
-
-Scoring is identical to `evaluate`: windows of `ctx` tokens, every token after the first of a
-window predicted from the ones before it in that window.
+Each oracle policy keeps dense per-layer tensors and the model runs through
+`Transformer.forward_attend`, the same layers, RoPE and projections as the paged path, only attention
+is the policy's. Scoring is `zeroc.eval.perplexity`'s: windows of `ctx` tokens, every token after
+the first of a window predicted from the ones before it in that window.
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ from zeroc.eval.perplexity import PerplexityResult
 
 from zeroc.data import windows_of
 from zeroc.model import Transformer
-from zeroc.policies.base import KVPolicy, reference_bits
+from oracle.base import KVPolicy, reference_bits
 
 
 SETTLED = 128  # kv_fraction_max ignores the first positions, where floors (sinks, 1 token) dominate
