@@ -24,7 +24,6 @@ from kv_store.store import KvStore
 from zeroc.auth import TokenAuth
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
-from zeroc.errors import ZeroCError
 from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.rpc import MAX_MODEL_CHARS, CallCounter, ServiceHost, add_servicer, check_id, quote
@@ -287,7 +286,8 @@ class DecodeService:
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth,
                                            cfg.transfer.prefill_fallback)
         add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
-        self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store)
+        self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store,
+                                           cfg.security.allow_plaintext)
         add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, self.kv_servicer, self.host.server)
         self.loop: EngineLoop | None = None
         self.store: StoreHandle | None = None

@@ -32,8 +32,10 @@ class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
     """Serves this holder's pool; UNAVAILABLE until `attach` (the model loads after the server starts)."""
 
     def __init__(self, default_chunk_bytes: int, max_message_bytes: int = 16 << 20,
-                 cfg: StoreConfig | None = None):
+                 cfg: StoreConfig | None = None, allow_plaintext: str = "loopback"):
+        """allow_plaintext: the service's `SecurityConfig.allow_plaintext` (who may call without mTLS)."""
         cfg = cfg or StoreConfig()
+        self.allow_plaintext = allow_plaintext
         self.default_chunk_bytes = default_chunk_bytes
         self.max_chunk_bytes = max(1024, max_message_bytes - (64 << 10))  # a chunk and its metadata fit a message
         self.max_blocks, self.max_bytes = cfg.max_fetch_blocks, cfg.max_fetch_mb << 20
@@ -72,7 +74,7 @@ class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
         return ids
 
     def FetchBlocks(self, request, context):
-        require_service(context)
+        require_service(context, self.allow_plaintext)
         pool = self.pool
         if pool is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "this service's KV store is not ready (or is off)")

@@ -34,12 +34,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
     def __init__(self, max_queue: int, default_chunk_bytes: int, draining: threading.Event,
-                 kv: KvTransportService, transfer_timeout_s: float, max_message_bytes: int = 16 << 20):
+                 kv: KvTransportService, transfer_timeout_s: float, max_message_bytes: int = 16 << 20,
+                 allow_plaintext: str = "loopback"):
         self.max_queue, self.default_chunk_bytes, self.draining = max_queue, default_chunk_bytes, draining
         # A chunk plus its metadata must fit one message, whatever chunk size the caller asks for.
         self.max_chunk_bytes = max(1024, max_message_bytes - (64 << 10))
         self.kv, self.transfer_timeout_s = kv, transfer_timeout_s
         self.calls = CallCounter()
+        self.allow_plaintext = allow_plaintext  # who may call without mTLS (SecurityConfig)
         self.worker: PrefillWorker | None = None
 
     def attach(self, loaded: LoadedModel, worker: PrefillWorker, fingerprint: str) -> None:
@@ -48,7 +50,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.worker = worker
 
     def _job(self, request: prefill_pb2.PrefillRequest, context: grpc.ServicerContext) -> PrefillJob:
-        require_service(context)
+        require_service(context, self.allow_plaintext)
         if self.worker is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         if self.draining.is_set():
@@ -119,11 +121,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     # -- out-of-band KV transports (zeroc/transport/prefill_side.py) --------------------------------
     def GetKvCapability(self, request, context):
-        require_service(context)
+        require_service(context, self.allow_plaintext)
         return self.kv.get_capability(request, context)
 
     def OpenKvLink(self, request, context):
-        require_service(context)
+        require_service(context, self.allow_plaintext)
         yield from self.kv.open_link(request, context, self.transfer_timeout_s)
 
 
@@ -134,9 +136,10 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     kv = KvTransportService(capability, torch.device(cfg.device), load_nccl() if capability.nccl_version else None,
                             host.draining)
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining, kv,
-                               cfg.transfer.timeout_s, cfg.server.max_message_mb << 20)
+                               cfg.transfer.timeout_s, cfg.server.max_message_mb << 20, cfg.security.allow_plaintext)
     add_prefill_service(servicer, host.server)
-    kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store)
+    kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store,
+                                  cfg.security.allow_plaintext)
     add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, kv_servicer, host.server)
     store = None
     try:

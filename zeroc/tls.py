@@ -84,16 +84,17 @@ def open_channel(target: str, tls: Tls | None = None, options: list | None = Non
     return grpc.insecure_channel(target, options=opts)
 
 
-def is_service_call(context: grpc.ServicerContext) -> bool:
-    """Whether the caller is a service of this deployment: a certificate our CA verified (mTLS), or,
-    on a plaintext server (loopback only), a loopback peer."""
+def is_service_call(context: grpc.ServicerContext, allow_plaintext: str = "loopback") -> bool:
+    """Whether the caller is a service of this deployment: a certificate our CA verified (mTLS), or, on a
+    plaintext server, a loopback peer (any peer where the operator allowed plaintext off loopback: then the
+    network is the boundary, as in the network-namespace benchmarks)."""
     security = context.auth_context().get("transport_security_type", [b""])[0]
     if security == b"ssl":
         return bool(context.peer_identities())
-    return context.peer().startswith(("ipv4:127.", "ipv6:[::1]", "unix:"))
+    return allow_plaintext == "any" or context.peer().startswith(("ipv4:127.", "ipv6:[::1]", "unix:"))
 
 
-def require_service(context: grpc.ServicerContext) -> None:
-    if not is_service_call(context):
+def require_service(context: grpc.ServicerContext, allow_plaintext: str = "loopback") -> None:
+    if not is_service_call(context, allow_plaintext):
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "an internal RPC: only services of this deployment "
                       "(a client certificate of its CA, on the internal port) may call it")

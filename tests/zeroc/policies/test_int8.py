@@ -46,7 +46,9 @@ def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name
     for split in chunks:
         cache = policy_cache(loaded, block_size=16, num_blocks=16, kv_policy="int8")
         logits, tokens = serve(loaded.model, cache, ids, steps, split)
-        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+        # One int8 code can round the other way where the two paths sum a row in another order (1.4-3.5e-4 in
+        # the logits on an Intel Xeon host, below 1e-4 on AMD EPYC); the gap check is what tells int8 apart.
+        torch.testing.assert_close(logits, want_logits, atol=5e-4, rtol=1e-4)
         assert (logits - want_logits).abs().max() < gap / 100  # serving is int8, not plain attention
         assert tokens == want_tokens
 
