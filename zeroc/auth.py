@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from zeroc.errors import ConfigError
+from zeroc.config import ConfigError
 
 MAX_TOKEN_CHARS = 4096
 

@@ -13,8 +13,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from zeroc.config import ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDOUT, ZeroCConfig
-from zeroc.errors import ZeroCError
+from zeroc.config import ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDOUT, ZeroCConfig, ZeroCError
 from zeroc.policies import NONE, POLICY_NAMES, REGISTRY, make_policy  # the registry does not import torch
 
 SERVING_POLICIES = " | ".join((NONE, *POLICY_NAMES))  # --help of the serving commands; make_policy checks them

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zeroc.errors import ZeroCError
+from zeroc.config import ZeroCError
 from zeroc.tokenizer import Tokenizer
 
 

@@ -19,9 +19,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.config import CacheConfig, SchedulerConfig, ZeroCError
 from zeroc.decode_runner import DecodeRunner, graphs_supported
-from zeroc.errors import ZeroCError
 from zeroc.caches import paged_cache
 from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import layer_shapes

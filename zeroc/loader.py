@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zeroc.config import ModelConfig, parse_dtype
-from zeroc.errors import ConfigError
+from zeroc.config import ConfigError, ModelConfig
+from zeroc.dtypes import parse_dtype
 from zeroc.model import Transformer
 from zeroc.tokenizer import Tokenizer
 from zeroc_kernels.attention import select_backend

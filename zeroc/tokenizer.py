@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from zeroc.errors import ConfigError
+from zeroc.config import ConfigError
 
 
 class Tokenizer:

@@ -7,9 +7,8 @@ import time
 import pytest
 import torch
 
-from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.config import CacheConfig, SchedulerConfig, ZeroCError
 from zeroc.engine import Engine, PromptTooLongError
-from zeroc.errors import ZeroCError
 from zeroc.sampling import SamplingParams
 
 PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "Exceptions are raised"]

@@ -178,7 +178,7 @@ def test_snapkv_serving_refuses_a_model_with_per_head_ranks(heads):
 ])
 def test_bad_per_head_ranks_in_a_config_name_the_layer(bundled, layer, message):
     from zeroc.config import ModelConfig
-    from zeroc.errors import ConfigError
+    from zeroc.config import ConfigError
 
     raw = bundled.config.to_hf()
     raw["zeroc_compression"] = {"method": "zeroc-auto", "budget": 0.5, "fingerprint": "x",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from zeroc.errors import ConfigError
+from zeroc.config import ConfigError
 from zeroc.loader import load_model
 
 

@@ -24,8 +24,7 @@ import time
 from zeroc.bench.serve.metrics import RequestRecord, summarize
 from zeroc.bench.serve.workloads import BenchRequest, LengthDist, WorkloadSpec, build_requests, text_tokens
 from zeroc.client import AsyncClient, Chunk, ClientError, Result
-from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL
-from zeroc.errors import ZeroCError
+from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL, ZeroCError
 
 BACKENDS = ("grpc", "openai")
 

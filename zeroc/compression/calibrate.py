@@ -32,8 +32,7 @@ from tqdm import tqdm
 
 from zeroc.compression.fold import (LayerFactors, ablation_pair_order, build_compressed, qk_factors,
                                     value_factors)
-from zeroc.config import AttentionCompression, check_tier
-from zeroc.errors import ZeroCError
+from zeroc.config import AttentionCompression, ZeroCError, check_tier
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
 from zeroc.attend import DenseCausal, causal_attend

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from zeroc.compression.calibrate import MODES, Measurements, ZeroCMethod, compress, measure
-from zeroc.errors import ZeroCError
+from zeroc.config import ZeroCError
 from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel

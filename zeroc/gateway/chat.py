@@ -17,7 +17,7 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from zeroc.errors import ConfigError
+from zeroc.config import ConfigError
 from zeroc.gateway.errors import APIError
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -16,8 +16,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from zeroc.config import BUNDLED_MODEL
-from zeroc.errors import ConfigError, ZeroCError
+from zeroc.config import BUNDLED_MODEL, ConfigError, ZeroCError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from zeroc.errors import ZeroCError
+from zeroc.config import ZeroCError
 
 DEFAULT_CORPUS = Path("/usr/share/doc/python3.11/html/_sources")
 DOC_SEPARATOR = "\n\n"

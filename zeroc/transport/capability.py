@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from zeroc.errors import ZeroCError
+from zeroc.config import ZeroCError
 from zeroc.kv_transfer import KvTransferError
 from zeroc.transport.nccl import NcclNotFoundError, load_nccl
 from zeroc.v1 import prefill_pb2

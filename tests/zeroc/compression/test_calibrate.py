@@ -12,9 +12,8 @@ import torch.nn.functional as F
 
 from zeroc.compression.calibrate import (ZeroCMethod, allocate_head_ranks, allocate_ranks, calibrate,
                                          choose_qk_modes, divergence, fingerprint, reference)
-from zeroc.config import BUNDLED_CALIB, CacheConfig
+from zeroc.config import BUNDLED_CALIB, CacheConfig, ZeroCError
 from zeroc.engine import Engine
-from zeroc.errors import ZeroCError
 from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
 from zeroc.loader import load_model, save_model
 from zeroc.sampling import SamplingParams

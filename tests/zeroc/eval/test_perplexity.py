@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zeroc.config import BUNDLED_HELDOUT
-from zeroc.errors import ZeroCError
+from zeroc.config import BUNDLED_HELDOUT, ZeroCError
 from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
 from zeroc.data import read_eval_tokens, windows_of
 

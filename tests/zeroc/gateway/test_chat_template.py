@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from zeroc.config import BUNDLED_MODEL
-from zeroc.errors import ConfigError
+from zeroc.config import BUNDLED_MODEL, ConfigError
 from zeroc.gateway.chat import load_chat_template
 from zeroc.gateway.errors import APIError
 from zeroc.tokenizer import Tokenizer

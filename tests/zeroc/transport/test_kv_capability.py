@@ -6,7 +6,7 @@ import grpc
 import pytest
 import torch
 
-from zeroc.errors import ZeroCError
+from zeroc.config import ZeroCError
 from zeroc.kv_transfer import KvTransferError
 from zeroc.transport.capability import CUDA_IPC, GRPC, NCCL, Capability, choose, host_id, probe
 

@@ -14,8 +14,7 @@ from zeroc.bench.serve.methods import MODES, ZEROC_METHODS, all_methods, method_
 from zeroc.policies import POLICY_NAMES
 from zeroc.bench.serve.metrics import SLO
 from zeroc.bench.serve.workloads import WORKLOADS
-from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT
-from zeroc.errors import ZeroCError
+from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT, ZeroCError
 
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks"
 SCENARIOS = ("memory", "network")

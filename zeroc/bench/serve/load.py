@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zeroc.errors import ZeroCError
+from zeroc.config import ZeroCError
 
 
 @dataclass(frozen=True)

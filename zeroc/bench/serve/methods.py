@@ -21,8 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from zeroc.config import ModelConfig, parse_dtype
-from zeroc.errors import ZeroCError
+from zeroc.config import ModelConfig, ZeroCError
+from zeroc.dtypes import parse_dtype
 from zeroc.policies import REGISTRY
 
 MODES = ("colocated", "disaggregated")

@@ -19,8 +19,7 @@ from zeroc.bench.serve.metrics import SLO, RequestRecord, summarize
 from zeroc.bench.serve.runner import ServiceStack, StackPlan, run_load, warm_up
 from zeroc.bench.serve.topology import Loopback, ShapedProxy, Topology
 from zeroc.bench.serve.workloads import build_requests, preset, text_tokens
-from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT, ModelConfig
-from zeroc.errors import ZeroCError
+from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT, ModelConfig, ZeroCError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from zeroc.bench.serve.load import TraceEntry
-from zeroc.errors import ZeroCError
+from zeroc.config import ZeroCError
 
 WORKLOADS = ("chat", "long", "prefix")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from zeroc.bench.serve.load import LoadSpec, arrivals, gamma_arrivals, poisson_arrivals, read_trace
-from zeroc.errors import ZeroCError
+from zeroc.config import ZeroCError
 
 N = 40_000
 

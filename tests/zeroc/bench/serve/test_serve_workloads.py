@@ -7,8 +7,7 @@ import pytest
 
 from zeroc.bench.serve.load import TraceEntry
 from zeroc.bench.serve.workloads import LengthDist, build_requests, preset, text_tokens
-from zeroc.config import BUNDLED_HELDOUT
-from zeroc.errors import ZeroCError
+from zeroc.config import BUNDLED_HELDOUT, ZeroCError
 
 CTX = 2048
 

@@ -1,0 +1,20 @@
+"""Typed configuration, the lowest layer: plain data that imports nothing else from the project and no torch.
+
+- `zeroc.config.model`: the model schema, what a Hugging Face ``config.json`` says (`ModelConfig`) plus
+  ZeroC's compression layout;
+- `zeroc.config.settings`: the runtime settings, one section per component under the root `ZeroCConfig`
+  (each field has a ``ZEROC_*`` environment equivalent); each component receives only its own section;
+- `zeroc.config.errors`: the errors a user can cause and fix (the CLI prints them as one line).
+"""
+
+from zeroc.config.errors import ConfigError, ZeroCError
+from zeroc.config.model import (ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT,
+                                AttentionCompression, LayerCompression, ModelConfig, RopeConfig, check_tier,
+                                dtype_name, ranks_per_head)
+from zeroc.config.settings import (CacheConfig, ParallelConfig, RedisConfig, SchedulerConfig, SecurityConfig,
+                                   ServerConfig, StoreConfig, TransferConfig, ZeroCConfig)
+
+__all__ = ["ATTENTION_BACKENDS", "BUNDLED_CALIB", "BUNDLED_HELDOUT", "BUNDLED_MODEL", "REPO_ROOT",
+           "AttentionCompression", "CacheConfig", "ConfigError", "LayerCompression", "ModelConfig", "ParallelConfig",
+           "RedisConfig", "RopeConfig", "SchedulerConfig", "SecurityConfig", "ServerConfig", "StoreConfig",
+           "TransferConfig", "ZeroCConfig", "ZeroCError", "check_tier", "dtype_name", "ranks_per_head"]

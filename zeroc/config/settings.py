@@ -1,0 +1,256 @@
+"""The runtime settings: one typed section per component under the root `ZeroCConfig`, each with a
+``ZEROC_<SECTION>_<FIELD>`` environment equivalent. Plain data: no torch, nothing else from the project."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroc.config.model import ATTENTION_BACKENDS, BUNDLED_MODEL
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size in tokens and its capacity (blocks, or bytes), and the KV
+    policy that decides what a block stores (zeroc/policies, docs/policies.md). The policy
+    settings are checked where the policy is built (`zeroc.policies.make_policy`: the CLI
+    at start-up, and every cache)."""
+
+    block_size: int = 16
+    num_blocks: int = 1024
+    num_bytes: int = 0  # > 0: capacity in bytes instead; the blocks that fit depend on the policy
+    kv_policy: str = "none"  # none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu | int8
+    kv_budget: float = 1.0  # h2o, streamingllm, snapkv: tokens kept / tokens seen; palu: rank / head dim
+    kv_max_tokens: int = 0  # h2o: at most this many tokens per sequence (0: no cap)
+    kv_residual: int = 0  # kivi: full-precision tokens kept besides the filling block (a multiple of it)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.num_blocks <= 0:
+            raise ValueError(
+                f"block_size and num_blocks must be positive, got {self.block_size} and {self.num_blocks}"
+            )
+        if self.num_bytes < 0:
+            raise ValueError(f"cache bytes must be >= 0 (0: use num_blocks), got {self.num_bytes}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits for one engine step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    # Decode steps run eagerly instead of replaying CUDA graphs captured per batch-size bucket
+    # (zeroc/decode_runner.py); graphs exist on CUDA only.
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One gRPC service process (prefill or decode): where it listens and how it sheds load."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (the service prints the one it bound)
+    max_queue: int = 64  # requests accepted but not yet producing tokens; more get RESOURCE_EXHAUSTED
+    grace_s: float = 10.0  # on SIGTERM, in-flight requests get this long to finish before cancellation
+    keepalive_s: float = 30.0  # HTTP/2 keepalive ping interval
+    max_message_mb: int = 16  # largest gRPC message accepted or sent
+    workers: int = 128  # handler threads; each streaming request holds one while it runs
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queue < 0 or self.grace_s < 0 or self.keepalive_s <= 0:
+            raise ValueError("max_queue and grace_s must be >= 0 and keepalive_s > 0")
+        if self.max_message_mb <= 0 or self.workers <= 0:
+            raise ValueError("max_message_mb and workers must be positive")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How a decode service gets prompt KV: from a prefill service, or computed locally (colocated)."""
+
+    prefill_target: str = ""  # HOST:PORT of a prefill service; empty runs colocated
+    chunk_bytes: int = 1 << 20  # payload bytes per KV chunk on the wire (the design asks ~1-4 MB)
+    timeout_s: float = 120.0  # longest a prefill call may take when the client set no deadline
+    # grpc: in-band chunks; nccl: NCCL between GPUs (CUDA IPC on a shared GPU), required;
+    # auto: NCCL / CUDA IPC when both peers have GPUs, gRPC otherwise (zeroc/transport/capability.py)
+    kv_transport: str = "auto"
+    # While the prefill service is unavailable (down, restarting, queue full): "local" computes the
+    # prompt on the decode service (it holds the model too); "fail" answers the prefill's status.
+    prefill_fallback: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1024 or self.timeout_s <= 0:
+            raise ValueError("chunk_bytes must be >= 1024 and timeout_s positive")
+        if self.prefill_fallback not in ("local", "fail"):
+            raise ValueError(f"prefill_fallback must be local or fail, got {self.prefill_fallback!r}")
+        if self.kv_transport not in ("grpc", "nccl", "auto"):
+            raise ValueError(f"kv_transport must be grpc, nccl or auto, got {self.kv_transport!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Sequence-parallel prefill: a prefill service runs each prompt on `sp_ranks` gloo processes."""
+
+    sp_ranks: int = 1  # 1: no sequence parallelism
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.sp_ranks <= 64:
+            raise ValueError(f"sp_ranks must be in [1, 64], got {self.sp_ranks}")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Where the KV store's block index lives (env ``ZEROC_REDIS_URL``, ``ZEROC_REDIS_TIMEOUT_S``...).
+
+    `url`: empty starts an embedded redis-server private to the process (a service started alone
+    still reuses its own prefixes); ``redis://``, ``rediss://`` (TLS) or ``unix://`` points at a
+    shared server (``zeroc stack up`` starts one and passes its URL to every service);
+    ``redis+sentinel://host:port[,host:port]/master`` asks Sentinel for the master; ``off`` turns
+    prefix reuse off.
+    """
+
+    url: str = ""
+    timeout_s: float = 0.5  # socket timeout of one index call; past it the store degrades (no reuse)
+    retry_s: float = 1.0  # while degraded, how often the store pings Redis to reconnect
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.retry_s <= 0:
+            raise ValueError("redis timeout_s and retry_s must be positive")
+        if self.url not in ("", "off") and not self.url.startswith(
+                ("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ValueError(f"redis url {self.url!r} must start with redis://, rediss://, unix:// or "
+                             "redis+sentinel:// (or be empty for an embedded server, or 'off')")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The KV store of one holder (a prefill or decode service): its local block pool and lease."""
+
+    capacity_mb: int = 256  # block pool size; 0 turns prefix reuse off
+    lease_s: float = 10.0  # index entries of a holder that stops renewing vanish within this
+    advertise: str = ""  # HOST:PORT peers fetch blocks from; empty means the service's listen address
+    namespace: str = "zeroc"  # prefix of every Redis key (one namespace per deployment)
+    fetch_timeout_s: float = 10.0  # longest a peer fetch of a prompt's blocks may take
+    # Bounded work per FetchBlocks call a holder serves: more ids is INVALID_ARGUMENT, more payload
+    # (blocks x block bytes) RESOURCE_EXHAUSTED.
+    max_fetch_blocks: int = 4096
+    max_fetch_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.capacity_mb < 0 or self.lease_s <= 0 or self.fetch_timeout_s <= 0:
+            raise ValueError("store capacity_mb must be >= 0, lease_s and fetch_timeout_s positive")
+        if self.max_fetch_blocks < 1 or self.max_fetch_mb < 1:
+            raise ValueError("store max_fetch_blocks and max_fetch_mb must be positive")
+        if not self.namespace or any(c in self.namespace for c in "{}: "):
+            raise ValueError(f"store namespace {self.namespace!r} must be non-empty without braces, colons or spaces")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Secrets and isolation of one deployment (docs/security.md).
+
+    `cluster_key` (or the file `cluster_key_file`) is the secret every service of a deployment shares:
+    per-tenant block-id keys and the MACs on KV blocks derive from it. Empty: a random key private to
+    the process (its prefix cache is shared with no other service). `share_prefixes = "on"` lets
+    tenants share prefix blocks (an operator's opt-in: a tenant can then learn which prefixes others sent).
+    """
+
+    cluster_key: str = ""
+    cluster_key_file: str = ""
+    share_prefixes: str = "off"  # "on" | "off"
+    default_tenant: str = "default"  # the tenant of requests that authenticate as nobody in particular
+    tokens_file: str = ""  # bearer tokens of the public API ("TOKEN TENANT" lines); empty: no authentication
+    # TLS (zeroc/tls.py): PEM files of the deployment's CA and this service's certificate and key. All
+    # empty: plaintext, allowed on loopback only.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    internal_port: int = 0  # with TLS, the mTLS port for internal RPCs (0 picks a free one)
+    allow_plaintext: str = "loopback"  # "any": plaintext off loopback too (private networks, e.g. benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.share_prefixes not in ("on", "off"):
+            raise ValueError(f"security share_prefixes must be on or off, got {self.share_prefixes!r}")
+        if not self.default_tenant:
+            raise ValueError("security default_tenant must be non-empty")
+        if self.allow_plaintext not in ("loopback", "any"):
+            raise ValueError(f"security allow_plaintext must be loopback or any, got {self.allow_plaintext!r}")
+        if not 0 <= self.internal_port <= 65535:
+            raise ValueError(f"security internal_port must be in [0, 65535], got {self.internal_port}")
+
+
+@dataclass(frozen=True)
+class ZeroCConfig:
+    """The root configuration: one typed sub-config per component.
+
+    Every field has a ``ZEROC_<SECTION>_<FIELD>`` environment equivalent (for example
+    ``ZEROC_CACHE_BLOCK_SIZE=32``), read by `from_env`.
+    """
+
+    model_dir: str = str(BUNDLED_MODEL)
+    dtype: str = "float32"
+    device: str = "cpu"  # where a service runs its model: cpu, cuda or cuda:N
+    attention_backend: str = "auto"  # auto | torch | triton (triton on the CPU needs TRITON_INTERPRET=1)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
+        """Defaults, then ZEROC_* environment variables, then explicit non-None overrides.
+
+        Sections are overridden with dicts, e.g. ``from_env(cache={"block_size": 32})``.
+        """
+        env = dict(os.environ) if env is None else env
+
+        def pick(name: str, default: Any, override: Any) -> Any:
+            if override is not None:
+                return override
+            raw = env.get(f"ZEROC_{name.upper()}")
+            if raw is None:
+                return default
+            if isinstance(default, bool):  # bool("0") is True: read the usual spellings instead
+                if raw.strip().lower() not in _BOOLS:
+                    raise ValueError(f"ZEROC_{name.upper()}={raw!r}: expected one of {', '.join(sorted(_BOOLS))}")
+                return _BOOLS[raw.strip().lower()]
+            try:
+                return type(default)(raw)
+            except ValueError:
+                raise ValueError(f"ZEROC_{name.upper()}={raw!r}: expected {type(default).__name__}") from None
+
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            given = overrides.pop(name, None) or {}
+            sections[name] = section_cls(**{
+                f.name: pick(f"{name}_{f.name}", f.default, given.get(f.name))
+                for f in dataclasses.fields(section_cls)
+            })
+        top = {f.name: pick(f.name, f.default, overrides.get(f.name))
+               for f in dataclasses.fields(cls) if f.name not in _SECTIONS}
+        return cls(**top, **sections)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+_SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
+             "transfer": TransferConfig, "redis": RedisConfig, "store": StoreConfig,
+             "parallel": ParallelConfig, "security": SecurityConfig}
