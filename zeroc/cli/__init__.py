@@ -1,0 +1,39 @@
+"""The `zeroc` command: one module per command group, each with `add_arguments(subparsers)` registering its
+commands (each command's `run` is its parser's `func`).
+
+User errors (a missing file, a bad config, an invalid flag value) print one line
+``zeroc: error: ...`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zeroc.cli import bench, calibrate, eval, generate, serve, stack, train
+from zeroc.config import ZeroCError
+
+
+GROUPS = (train, calibrate, eval, bench, generate, serve, stack)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zeroc", description="ZeroC serving: compressed-KV LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv[2:] if argv[:2] == ["eval", "quality"] else argv
+    try:
+        return args.func(args)
+    except ZeroCError as exc:
+        print(f"zeroc: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid parameter values from config dataclasses
+        print(f"zeroc: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,57 @@
+"""`zeroc calibrate`: ZeroC-compress a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+
+from zeroc.cli import common
+from zeroc.config import BUNDLED_CALIB
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from zeroc.compression.calibrate import ZeroCMethod, calibrate
+    from zeroc.loader import save_model
+
+    method = ZeroCMethod(budget=args.budget, mode=args.mode, rank_multiple=args.rank_multiple,
+                         calib_tokens=args.tokens, sensitivity_tokens=args.sensitivity_tokens, window=args.window,
+                         ablation_tokens=args.ablation_tokens, sinks=args.sinks, recent=args.recent,
+                         granularity=args.rank_granularity)
+    loaded, _ = common.load(args)
+    compressed, report = calibrate(loaded, args.calib, method, progress=not args.json)
+    out = save_model(compressed, loaded.tokenizer, args.out)
+    (out / "calibration.json").write_text(json.dumps({"method": asdict(method), **asdict(report)}, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(asdict(report)))
+    else:
+        print(f"wrote {out}: KV {report.kv_fraction:.3f} of uncompressed, ranks (qk, v) per layer {report.ranks}, "
+              f"Q/K modes {report.modes}, calibration loss {report.base_loss:.4f} -> {report.compressed_loss:.4f}"
+              + (f"; full-rank tier: {method.sinks} sinks + {method.recent} recent tokens"
+                 if method.sinks or method.recent else ""))
+    return 0
+
+
+def add_arguments(sub: argparse._SubParsersAction) -> None:
+    """Calibrate: ZeroC compression."""
+    p = sub.add_parser("calibrate", help="compress a model's attention (ZeroC) and save it")
+    common.model_args(p)
+    p.add_argument("--calib", default=str(BUNDLED_CALIB), help="calibration text file")
+    p.add_argument("--budget", type=float, required=True, help="KV cache size as a fraction of uncompressed")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--mode", choices=["fold", "rotate", "auto"], default="auto",
+                   help="Q/K: keep RoPE pairs (fold), post-RoPE bases (rotate), or per layer by measured KL (auto)")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens for the statistics")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for per-layer sensitivity")
+    p.add_argument("--window", type=int, default=512, help="calibration window length")
+    p.add_argument("--ablation-tokens", type=int, default=1024, help="tokens whose activations rank RoPE pairs (fold)")
+    p.add_argument("--rank-multiple", type=int, default=None,
+                   help="ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
+    common.granularity_arg(p)
+    p.add_argument("--sinks", type=int, default=0,
+                   help="token tier: first tokens kept at full rank for every query (default 0 = off)")
+    p.add_argument("--recent", type=int, default=0,
+                   help="token tier: each query's last tokens kept at full rank, compressed once they age out "
+                        "(default 0 = off; served too, without prefix reuse: docs/compression.md)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)

@@ -1,0 +1,90 @@
+"""`zeroc generate`: local generation, or a request to a decode service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from zeroc.cli import common
+from zeroc.config import ZeroCError
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.target:
+        return _generate_remote(args)
+    from zeroc.engine import Engine
+    from zeroc.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    loaded, cfg = common.load(args, common.cache_settings(args))
+    engine = Engine(loaded, cfg.cache, cfg.scheduler)
+    request_id = engine.add_request(args.prompt, params)
+    tokens: list[int] = []
+    text, reason = "", None
+    if not args.json:
+        print(args.prompt, end="", flush=True)
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.token_ids
+            text += out.text_delta
+            reason = out.finish_reason if out.finished else reason
+            if not args.json:
+                print(out.text_delta, end="", flush=True)
+    if args.json:
+        print(json.dumps({"request_id": request_id, "text": text, "token_ids": tokens, "finish_reason": reason}))
+    else:
+        print(f"\n[finish_reason={reason}, {len(tokens)} tokens]")
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace) -> int:
+    from zeroc.client import Chunk, Client, ClientError
+
+    out: list = []
+    try:
+        ca = Path(args.ca).read_bytes() if args.ca else None
+        token = args.token or os.environ.get("ZEROC_TOKEN") or None
+        with Client(args.target, timeout=args.timeout, token=token, ca=ca) as client:
+            if not args.json:
+                print(args.prompt, end="", flush=True)
+            for item in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ()):
+                out.append(item)
+                if isinstance(item, Chunk) and not args.json:
+                    print(item.text, end="", flush=True)
+    except ClientError as exc:
+        raise ZeroCError(f"{args.target}: {exc}") from None
+    chunks, result = [c for c in out if isinstance(c, Chunk)], out[-1]
+    tokens = [t for c in chunks for t in c.token_ids]
+    if args.json:
+        print(json.dumps({"request_id": result.request_id, "text": "".join(c.text for c in chunks),
+                          "token_ids": tokens, "finish_reason": result.finish_reason,
+                          "usage": vars(result.usage)}))
+    else:
+        print(f"\n[finish_reason={result.finish_reason}, {len(tokens)} tokens, "
+              f"ttft {result.usage.ttft_ms:.1f} ms]")
+    return 0
+
+
+def add_arguments(sub: argparse._SubParsersAction) -> None:
+    """Generate: one completion, local or remote."""
+    p = sub.add_parser("generate", help="complete a prompt with a local model")
+    common.model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
+    common.kv_policy_args(p)
+    p.add_argument("--target", default=None, help="HOST:PORT of a decode service (default: run locally)")
+    p.add_argument("--ca", default=None, help="with --target: PEM of the CA that signed the service (TLS)")
+    p.add_argument("--token", default=None, help="with --target: bearer token (env ZEROC_TOKEN)")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds with --target")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
