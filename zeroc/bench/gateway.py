@@ -22,8 +22,9 @@ import sys
 import time
 
 from zeroc.bench.serve.metrics import RequestRecord, summarize
+from zeroc.bench.serve.runner import send_request
 from zeroc.bench.serve.workloads import BenchRequest, LengthDist, WorkloadSpec, build_requests, text_tokens
-from zeroc.client import AsyncClient, Chunk, ClientError, Result
+from zeroc.client import AsyncClient
 from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL, ZeroCError
 
 BACKENDS = ("grpc", "openai")
@@ -76,21 +77,6 @@ async def _openai_send(address: str, req: BenchRequest, rec: RequestRecord, t0: 
         writer.close()
 
 
-async def _grpc_send(client: AsyncClient, req: BenchRequest, rec: RequestRecord, t0: float) -> None:
-    rec.sent_s = time.perf_counter() - t0
-    try:
-        async for item in client.stream(req.prompt_ids, max_tokens=req.max_tokens, ignore_eos=True):
-            now = time.perf_counter() - t0
-            if isinstance(item, Chunk) and item.token_ids:
-                rec.chunk_s.append(now)
-                rec.chunk_tokens.append(len(item.token_ids))
-            elif isinstance(item, Result):
-                rec.done_s = now
-                rec.cached_prefix_tokens = item.usage.cached_prefix_tokens
-    except ClientError as exc:
-        rec.error = f"{exc.code.name}: {exc.details}"[:200]
-
-
 async def _closed_loop(backend: str, target: str, gateway: str, model: str, requests: list[BenchRequest],
                        concurrency: int) -> list[RequestRecord]:
     records = [RequestRecord(i, len(r.prompt_ids), r.max_tokens, 0.0) for i, r in enumerate(requests)]
@@ -101,7 +87,7 @@ async def _closed_loop(backend: str, target: str, gateway: str, model: str, requ
         async def one(req: BenchRequest, rec: RequestRecord) -> None:
             async with slots:
                 if backend == "grpc":
-                    await _grpc_send(client, req, rec, t0)
+                    await send_request(client, req, rec, t0)
                 else:
                     await _openai_send(gateway, req, rec, t0, model)
 
@@ -120,7 +106,7 @@ async def _pairs(target: str, gateway: str, model: str, requests: list[BenchRequ
                 rec = RequestRecord(i + j, len(req.prompt_ids), req.max_tokens, 0.0)
                 t0 = time.perf_counter()
                 if backend == "grpc":
-                    await _grpc_send(client, req, rec, t0)
+                    await send_request(client, req, rec, t0)
                 else:
                     await _openai_send(gateway, req, rec, t0, model)
                 if not rec.ok:

@@ -20,22 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from zeroc.policies.palu import weight_basis
 from zeroc.rope import apply_rope, rope_cos_sin
 from oracle.base import (REFERENCE_BITS, KVPolicy, LayerGeometry, LayerKVCache, attend_dense,
                                  check_budget, grow, layer_geometry)
 
 if TYPE_CHECKING:  # annotations only: the model sits above the policies
     from zeroc.model import Transformer
-
-
-def weight_basis(weight: Tensor, heads: int, rank: int) -> Tensor:
-    """Top-`rank` left singular vectors of each head's block of a projection.
-
-    weight: [heads * d, hidden] -> [heads, d, rank] orthonormal columns
-    """
-    blocks = weight.detach().double().view(heads, -1, weight.shape[-1])  # [heads, d, hidden]
-    u, _, _ = torch.linalg.svd(blocks, full_matrices=False)  # u: [heads, d, d]
-    return u[:, :, :rank].to(weight.dtype)
 
 
 @dataclass(frozen=True)

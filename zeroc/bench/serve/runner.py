@@ -75,7 +75,8 @@ class ServiceStack:
         self.close()
 
 
-async def _send(client: AsyncClient, req: BenchRequest, rec: RequestRecord, t0: float) -> RequestRecord:
+async def send_request(client: AsyncClient, req: BenchRequest, rec: RequestRecord, t0: float) -> RequestRecord:
+    """Send `req` over gRPC at its scheduled offset from t0 and record its timings and usage in `rec`."""
     await asyncio.sleep(max(0.0, t0 + rec.scheduled_s - time.perf_counter()))
     rec.sent_s = time.perf_counter() - t0
     try:
@@ -100,7 +101,7 @@ async def _drive(address: str, requests: list[BenchRequest], offsets: list[float
                for i, (r, t) in enumerate(zip(requests, offsets))]
     async with AsyncClient(address, timeout=timeout_s) as client:
         t0 = time.perf_counter()
-        tasks = [asyncio.ensure_future(_send(client, r, rec, t0)) for r, rec in zip(requests, records)]
+        tasks = [asyncio.ensure_future(send_request(client, r, rec, t0)) for r, rec in zip(requests, records)]
         for fut in asyncio.as_completed(tasks):
             await fut
             if progress is not None:
