@@ -1,4 +1,5 @@
-"""The quality table as text, markdown and a plot, plus the checks of its two quality goals (within +1% of uncompressed at budget 0.5; ahead of every baseline at equal bytes)."""
+"""The quality table as text, markdown and a plot, plus the checks of its two quality goals: within +1% of
+uncompressed at budget 0.5, and ahead of every baseline at equal bytes."""
 
 from __future__ import annotations
 
