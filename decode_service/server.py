@@ -19,7 +19,7 @@ import grpc
 from decode_service.loop import CancelledError, EngineLoop, QueueFullError, ShuttingDownError, Ticket
 from kv_store.peer import SERVICE_NAME as KV_SERVICE_NAME
 from kv_store.peer import KvStoreServicer
-from kv_store.service import StoreHandle, attach_store, set_store_health
+from kv_store.service import KvStoreHandle, attach_store, set_store_health
 from kv_store.store import KvStore
 from zeroc.auth import TokenAuth
 from zeroc.config import ZeroCConfig
@@ -71,7 +71,7 @@ class _Ready:
     model_name: str
     fingerprint: str
     dtype: str
-    store: KvStore | None
+    kv_store: KvStore | None
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -151,8 +151,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     state.loop.unreserve(ticket)
                     kv_bytes = 0
                     cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req) \
-                        if state.store is not None else 0
-            elif state.store is not None and len(ids) > 1:
+                        if state.kv_store is not None else 0
+            elif state.kv_store is not None and len(ids) > 1:
                 cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req)
             state.loop.submit(ticket, ids, req.params, cached)
         except KvTransferError as exc:
@@ -190,10 +190,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _load_prefix(state: _Ready, ids: list[int], slots, req: GenerateInput) -> int:
         """Put the longest prefix of `ids` in the tenant's cache into the request's slots; returns its tokens
         (0 on any store failure: the prompt is then computed as if nothing were cached)."""
-        if state.store is None:
+        if state.kv_store is None:
             return 0
         try:
-            return state.store.load(state.store.plan(ids, req.tenant), state.engine.cache, slots).tokens
+            return state.kv_store.load(state.kv_store.plan(ids, req.tenant), state.engine.cache, slots).tokens
         except Exception:
             log.exception("kv store load failed; computing the whole prompt", extra={"request_id": req.request_id})
             return 0
@@ -201,7 +201,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _colocated_prefix(self, state: _Ready, ticket: Ticket, ids: list[int], context: grpc.ServicerContext,
                           req: GenerateInput) -> int:
         """Colocated: reserve and fill slots for the cached prefix of `ids`; the engine computes the rest."""
-        plan = state.store.plan(ids, req.tenant)
+        plan = state.kv_store.plan(ids, req.tenant)
         if not plan.tokens:
             return 0
         slots = state.loop.reserve(ticket, plan.tokens, context.is_active)
@@ -252,7 +252,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_context=cfg.max_position_embeddings, num_layers=cfg.num_hidden_layers, dtype=state.dtype,
             mode="colocated" if self.transport is None else "disaggregated",
             kv_blocks_total=stats.blocks_total, kv_blocks_free=stats.blocks_free, kv_block_size=stats.block_size,
-            requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.store),
+            requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.kv_store),
             attention_backend=state.engine.model.backend.name)
 
     def Tokenize(self, request, context):
@@ -290,7 +290,7 @@ class DecodeService:
                                            cfg.security.allow_plaintext)
         add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, self.kv_servicer, self.host.server)
         self.loop: EngineLoop | None = None
-        self.store: StoreHandle | None = None
+        self.store_handle: KvStoreHandle | None = None
 
     def start(self) -> str:
         """Listen; returns the public address."""
@@ -301,8 +301,8 @@ class DecodeService:
         cfg = self.cfg
         loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend)
         engine = Engine(loaded, cfg.cache, cfg.scheduler)
-        self.store = attach_store(cfg, loaded, self.fingerprint, self.host, self.kv_servicer)
-        store = self.store.store if self.store else None
+        self.store_handle = attach_store(cfg, loaded, self.fingerprint, self.host, self.kv_servicer)
+        store = self.store_handle.store if self.store_handle else None
         if store is not None:
             tenants = self.servicer.tenants
             engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table,
@@ -321,8 +321,8 @@ class DecodeService:
         self.host.server.stop(0)
         if self.loop is not None:
             self.loop.stop()
-        if self.store is not None:
-            self.store.close()
+        if self.store_handle is not None:
+            self.store_handle.close()
         if self.transport is not None:
             self.transport.close()
 

@@ -4,7 +4,7 @@ A backend is chosen once, when a model is loaded (`select_backend`, the `--atten
 never by looking at a tensor's device or an argument's type on the hot path. Callers:
 - `zeroc.model` (the paged forward): `paged_attention` over plain pools, and, where `fused_epilogue`
   holds, the QKV epilogue that applies RoPE (and rotate mode's bases) and writes K/V into their slots;
-- KV-policy stores (the int8 store): `paged_attention` with scales, `quantize_into_slots`.
+- KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`.
 
 Backends:
 - `TorchBackend` ("torch"): the PyTorch references, on any device. Writes happen in PyTorch before

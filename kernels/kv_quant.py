@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover
 
 def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
     """x: [..., d] -> (codes [..., d] int8, scale [...] fp32); `dequantize_rows_ref` inverts up to scale / 2.
-    The numerics every int8 path shares: the kernels, the serving int8 store, the int8 evaluator."""
+    The numerics every int8 path shares: the kernels, the serving int8 pools, the int8 evaluator."""
     scale = x.float().abs().amax(-1) / 127.0
     y = x.float() / torch.where(scale == 0, 1.0, scale)[..., None]
     codes = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-127, 127).to(torch.int8)

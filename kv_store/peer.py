@@ -14,7 +14,7 @@ from typing import Callable
 import grpc
 
 from kv_store.pool import BlockPool
-from zeroc.config import StoreConfig
+from zeroc.config import KvStoreConfig
 from zeroc.tls import Tls, open_channel, require_service
 from zeroc.kv_transfer import KvReceiver, KvTransferError, decode_chunk, encode_layer
 from zeroc.v1 import kv_store_pb2, kv_store_pb2_grpc
@@ -32,9 +32,9 @@ class KvStoreServicer(kv_store_pb2_grpc.KvStoreServiceServicer):
     """Serves this holder's pool; UNAVAILABLE until `attach` (the model loads after the server starts)."""
 
     def __init__(self, default_chunk_bytes: int, max_message_bytes: int = 16 << 20,
-                 cfg: StoreConfig | None = None, allow_plaintext: str = "loopback"):
+                 cfg: KvStoreConfig | None = None, allow_plaintext: str = "loopback"):
         """allow_plaintext: the service's `SecurityConfig.allow_plaintext` (who may call without mTLS)."""
-        cfg = cfg or StoreConfig()
+        cfg = cfg or KvStoreConfig()
         self.allow_plaintext = allow_plaintext
         self.default_chunk_bytes = default_chunk_bytes
         self.max_chunk_bytes = max(1024, max_message_bytes - (64 << 10))  # a chunk and its metadata fit a message

@@ -21,7 +21,7 @@ from kv_store.integrity import mac_key
 from kv_store.peer import SERVICE_NAME, KvStoreServicer, PeerFetcher
 from kv_store.pool import BlockPool
 from kv_store.store import KvStore
-from zeroc.config import RedisConfig, StoreConfig, ZeroCConfig
+from zeroc.config import RedisConfig, KvStoreConfig, ZeroCConfig
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.rpc import ServiceHost
@@ -37,7 +37,7 @@ def redact(url: str) -> str:
 
 
 @dataclass
-class StoreHandle:
+class KvStoreHandle:
     """A running store and the embedded Redis it owns (if any); `close` stops both."""
 
     store: KvStore
@@ -49,10 +49,10 @@ class StoreHandle:
             self.embedded.close()
 
 
-def open_store(redis_cfg: RedisConfig, store_cfg: StoreConfig, loaded: LoadedModel, model_fingerprint: str,
+def open_store(redis_cfg: RedisConfig, store_cfg: KvStoreConfig, loaded: LoadedModel, model_fingerprint: str,
                block_size: int, holder: str, chunk_bytes: int, max_message_bytes: int,
                on_state: Callable[[str], None] = lambda state: None, keys: TenantKeys | None = None,
-               block_mac_key: bytes | None = None, tls: Tls | None = None) -> StoreHandle | None:
+               block_mac_key: bytes | None = None, tls: Tls | None = None) -> KvStoreHandle | None:
     """The store of a service holding blocks of `loaded`'s KV, or None when reuse is off."""
     if redis_cfg.url == "off" or store_cfg.capacity_mb == 0:
         log.info("kv store off")
@@ -83,7 +83,7 @@ def open_store(redis_cfg: RedisConfig, store_cfg: StoreConfig, loaded: LoadedMod
         raise
     log.info("kv store on", extra={"index": redact(url), "embedded": embedded is not None,
                                    "capacity_blocks": capacity, "holder": store.holder})
-    return StoreHandle(store, embedded)
+    return KvStoreHandle(store, embedded)
 
 
 def set_store_health(host: ServiceHost, state: str) -> None:
@@ -94,7 +94,7 @@ def set_store_health(host: ServiceHost, state: str) -> None:
 
 
 def attach_store(cfg: ZeroCConfig, loaded: LoadedModel, fingerprint: str, host: ServiceHost,
-                 servicer: KvStoreServicer) -> StoreHandle | None:
+                 servicer: KvStoreServicer) -> KvStoreHandle | None:
     """Open the service's KV store (see kv_store.service) and let the FetchBlocks servicer serve its pool.
 
     None with a KV policy (`--kv-policy`): the pool holds plain cache blocks, and a policy's

@@ -29,7 +29,7 @@ from kv_store.index import BlockEntry, BlockIndex, IndexUnavailable
 from kv_store.integrity import block_mac, verified_prefix
 from kv_store.peer import PeerFetcher
 from kv_store.pool import BlockPool
-from zeroc.config import StoreConfig
+from zeroc.config import KvStoreConfig
 from zeroc.kv_cache import PagedKVCache
 from zeroc.kv_transfer import KvReceiver, KvTransferError
 from zeroc.security import TenantKeys
@@ -99,7 +99,7 @@ class KvStore:
     thread calls `offer`; the FetchBlocks servicer calls `served` and `pins_changed`; the service
     calls `stats` and, at shutdown, `close`."""
 
-    def __init__(self, pool: BlockPool, index: BlockIndex, holder: str, seed: str, cfg: StoreConfig,
+    def __init__(self, pool: BlockPool, index: BlockIndex, holder: str, seed: str, cfg: KvStoreConfig,
                  retry_s: float, fetcher: PeerFetcher | None, index_name: str = "",
                  on_state: Callable[[str], None] = lambda state: None, keys: TenantKeys | None = None,
                  mac_key: bytes | None = None):

@@ -70,7 +70,7 @@ class PrefillWorker:
     def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig,
                  store: KvStore | None = None):
         self.model, cfg = loaded.model, loaded.config
-        self.store = store  # blocks this service computed, kept for later prompts sharing a prefix
+        self.kv_store = store  # blocks this service computed, kept for later prompts sharing a prefix
         self.sched = scheduler
         shapes = layer_shapes(cfg)
         param = next(self.model.parameters())
@@ -135,14 +135,14 @@ class PrefillWorker:
     def _load_prefix(self, job: PrefillJob) -> int:
         """Put the KV of the job's cached prefix that this service's pool holds into its cache blocks;
         returns the tokens loaded (the forward computes from there)."""
-        if self.store is None or job.cached_prefix_tokens < self.cache.block_size:
+        if self.kv_store is None or job.cached_prefix_tokens < self.cache.block_size:
             return 0
-        ids = self.store.block_ids(job.token_ids[:job.cached_prefix_tokens], job.tenant)
-        n = self.store.pool.held_prefix(ids)
+        ids = self.kv_store.block_ids(job.token_ids[:job.cached_prefix_tokens], job.tenant)
+        n = self.kv_store.pool.held_prefix(ids)
         if not n:
             return 0
         slots = self.cache.schedule([(job.request_id, n * self.cache.block_size)]).slot_mapping
-        loaded = self.store.load(PrefixPlan(ids[:n], [None] * n, [0] * n, self.cache.block_size), self.cache, slots)
+        loaded = self.kv_store.load(PrefixPlan(ids[:n], [None] * n, [0] * n, self.cache.block_size), self.cache, slots)
         if loaded.tokens < n * self.cache.block_size:  # evicted meanwhile: compute the whole prompt
             self.cache.free(job.request_id)
             return 0
@@ -181,8 +181,8 @@ class PrefillWorker:
             # No logits are needed: the decode side computes the last prompt token itself.
             self.model.forward_paged(tokens, batch.positions, batch, self.cache,
                                      logits_indices=torch.empty(0, dtype=torch.long, device=tokens.device))
-        if self.store is not None:
+        if self.kv_store is not None:
             for job in jobs:
-                self.store.offer(job.token_ids, self.cache, self.cache.block_table(job.request_id), job.tenant)
+                self.kv_store.offer(job.token_ids, self.cache, self.cache.block_table(job.request_id), job.tenant)
         log.info("prefilled", extra={"requests": len(jobs), "tokens": int(tokens.numel()),
                                      "reused_tokens": sum(first)})

@@ -116,7 +116,7 @@ class CallerAttend(Attend):
 
 class PagedAttend(Attend):
     """Through a paged cache: the step's K/V enter through the cache's KV-write seam (`write`, or a policy's
-    store stages them), then the backend attends each sequence's cached context. [N, ...] tensors."""
+    pools stage them), then the backend attends each sequence's cached context. [N, ...] tensors."""
 
     def __init__(self, cache: PagedKVCache, batch: PagedBatch, backend: AttentionBackend):
         self.cache, self.batch, self.backend = cache, batch, backend
@@ -128,13 +128,13 @@ class PagedAttend(Attend):
     def __call__(self, layer, q, k, v, scale):
         # q: [N, heads, dq]; k: [N, kv_heads, dq]; v: [N, kv_heads, dv] -> [N, heads, dv]
         self.cache.write(layer, self.batch.slot_mapping, k, v)
-        if self.cache.store is not None:
-            return self.cache.store.attend(layer, q, self.batch, scale)
+        if self.cache.pools is not None:
+            return self.cache.pools.attend(layer, q, self.batch, scale)
         return self._attend_pools(layer, q, *self.cache.layer(layer), scale)
 
     def runs(self, layer, layout, qs, ks, vs, scale):
         # The cache row holds every head's dims side by side; plain pools are read per run through strided views.
-        if self.cache.store is not None:
+        if self.cache.pools is not None:
             return super().runs(layer, layout, qs, ks, vs, scale)
         self.cache.write(layer, self.batch.slot_mapping, layout.rows(ks), layout.rows(vs))
         k_pool, v_pool = self.cache.layer(layer)
@@ -143,7 +143,7 @@ class PagedAttend(Attend):
         return [self._attend_pools(layer, q, kc, vc, scale) for q, kc, vc in zip(qs, k_views, v_views)]
 
     def tiered(self, layer, comp, full, tier, scale):
-        # the tier store reads the compressed dims first, the tier's after them (zeroc/policies/tier.py)
+        # the tier pools reads the compressed dims first, the tier's after them (zeroc/policies/tier.py)
         return self(layer, *full, scale)
 
     def tiered_runs(self, layer, layout, comp, tier_dims, tier, scale):

@@ -38,10 +38,10 @@ def buckets(max_seqs: int) -> list[int]:
 
 
 def graphs_supported(model, cache: PagedKVCache) -> bool:
-    """CUDA, a plain cache (a KV policy's store or a token tier places tokens on the host) and the Triton
+    """CUDA, a plain cache (a KV policy's pools or a token tier places tokens on the host) and the Triton
     backend (its kernels take device-resident lengths; the references do host work)."""
     param = next(model.parameters())
-    if not param.is_cuda or cache.store is not None or model.config.has_tier:
+    if not param.is_cuda or cache.pools is not None or model.config.has_tier:
         return False
     return model.backend.name == "triton"
 

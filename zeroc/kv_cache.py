@@ -7,17 +7,17 @@ uses `layer` and the KV-write seam through the `PagedBatch` that `schedule` retu
 
 The KV-write seam: every way K/V enter the cache goes through one of its methods, and each tells the
 cache's listeners (`listening`) which rows landed where:
-- `write(layer, slots, k, v)`: rows computed by the model in PyTorch (or staged for a policy's store);
+- `write(layer, slots, k, v)`: rows computed by the model in PyTorch (or staged for a policy's pools);
 - `wrote(layer, slots)`: rows a kernel already wrote into the pools (the Triton QKV epilogue);
 - `write_rows(layer, is_key, slots, rows)`: one half of the rows, from a prefill service's transfer;
 - `write_blocks(blocks, k, v)`: whole blocks from the prefix store's pool;
-- `load(...)` / `load_tier(...)`: a prompt's KV computed elsewhere, into a policy's or a tier's store.
+- `load(...)` / `load_tier(...)`: a prompt's KV computed elsewhere, into a policy's or a tier's pools.
 Listeners are how a prefill service ships each layer as it is computed, on every backend and device.
 
 With a KV policy (`CacheConfig.kv_policy`, zeroc/policies) the block ids, tables and
-lengths stay here, while the policy's `PolicyStore` owns the pools in its stored form: the
-model then calls `write` and `store.attend` instead of reading `layer`. A model with a token
-tier brings its own store (zeroc/policies/tier.py) the same way.
+lengths stay here, while the policy's `PolicyPools` owns the pools in its stored form: the
+model then calls `write` and `pools.attend` instead of reading `layer`. A model with a token
+tier brings its own pools (zeroc/policies/tier.py) the same way.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def block_bytes(shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -
 
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
     """Cache geometry of every layer of a model (compressed layers store fewer dims, a layer with per-KV-head
-    ranks one row of all its heads' dims; a token tier's extra rows are its store's, not the blocks')."""
+    ranks one row of all its heads' dims; a token tier's extra rows are its pools', not the blocks')."""
     return [LayerShape(*cfg.kv_geometry(i)) for i in range(cfg.num_hidden_layers)]
 
 
@@ -129,9 +129,9 @@ class PagedKVCache:
     def __init__(self, shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype,
                  device: torch.device | str = "cpu", allocator: BlockAllocator | None = None,
                  model: Transformer | None = None, policy: KVMethod | None = None):
-        """`policy`: how blocks store KV (zeroc/policies, a token tier's store); None keeps the plain
+        """`policy`: how blocks store KV (zeroc/policies, a token tier's pools); None keeps the plain
         full-precision pools. `zeroc.caches.paged_cache` picks it from the settings and the model.
-        `model`: the weights a policy's store may fit itself to (Palu's bases); give it whenever the cache
+        `model`: the weights a policy's pools may fit itself to (Palu's bases); give it whenever the cache
         serves a model (the engine, the prefill worker)."""
         self.block_size = cfg.block_size
         self.device = torch.device(device)
@@ -139,7 +139,7 @@ class PagedKVCache:
         if policy is None and cfg.kv_policy != "none":
             raise ValueError(f"a cache with --kv-policy {cfg.kv_policy} needs its policy object: build it with "
                              "zeroc.caches.paged_cache")
-        self.policy, self.store = policy, None
+        self.policy, self.pools = policy, None
         if self.policy is not None:
             self.policy.check(shapes, cfg.block_size)
         self.num_blocks = cfg.num_blocks
@@ -151,10 +151,10 @@ class PagedKVCache:
                 raise ValueError(f"a KV cache of {cfg.num_bytes} bytes holds no block ({per_block} bytes each)")
         self.allocator = allocator or FreeListAllocator(self.num_blocks)
         if self.policy is not None:
-            self.store = self.policy.new_store(shapes, self.num_blocks, cfg.block_size, dtype, self.device,
+            self.pools = self.policy.new_pools(shapes, self.num_blocks, cfg.block_size, dtype, self.device,
                                                self.allocator)
             if model is not None:
-                self.store.prepare(model)
+                self.pools.prepare(model)
         else:  # k_pool: [num_blocks, block_size, kv_heads, k_dim]; v_pool likewise with v_dim
             self.k_pools = [torch.zeros(self.num_blocks, cfg.block_size, s.kv_heads, s.k_dim, dtype=dtype,
                                         device=self.device) for s in shapes]
@@ -173,9 +173,9 @@ class PagedKVCache:
 
     def blocks_needed(self, seq_id: str, num_new_tokens: int) -> int:
         """Blocks `seq_id` would have to take to append `num_new_tokens` tokens (with a KV policy,
-        also those its store borrows, e.g. KIVI's full-precision tail)."""
+        also those its pools borrow, e.g. KIVI's full-precision tail)."""
         cur = self._lens.get(seq_id, 0)
-        borrow = 0 if self.store is None else self.store.borrow_needed(cur, cur + num_new_tokens)
+        borrow = 0 if self.pools is None else self.pools.borrow_needed(cur, cur + num_new_tokens)
         return self._table_growth(seq_id, num_new_tokens) + borrow
 
     def token_capacity(self, limit: int) -> int:
@@ -184,7 +184,7 @@ class PagedKVCache:
         if self.policy is None:
             return min(limit, self.num_blocks * self.block_size)
         for t in range(1, limit + 1):
-            need = -(-self.policy.slots_for(t) // self.block_size) + self.store.borrow_needed(0, t)
+            need = -(-self.policy.slots_for(t) // self.block_size) + self.pools.borrow_needed(0, t)
             if need > self.num_blocks:
                 return t - 1
         return limit
@@ -229,19 +229,19 @@ class PagedKVCache:
             grown = self.allocator.allocate(self._table_growth(seq_id, n))
             table = self._tables.setdefault(seq_id, [])
             table.extend(grown)
-            if self.store is not None:
-                self.store.reserve(table, start, start + n)
+            if self.pools is not None:
+                self.pools.reserve(table, start, start + n)
             self._lens[seq_id] = start + n
             out.append((start, grown))
         return out
 
     @property
     def places_by_position(self) -> bool:
-        """Whether a token's slot follows from its position (else the policy's store places it: slot -1)."""
+        """Whether a token's slot follows from its position (else the policy's pools places it: slot -1)."""
         return self.policy is None or self.policy.places_by_position
 
     def slots(self, seq_id: str, start: int, end: int) -> list[int]:
-        """Flat slots of positions [start, end) of `seq_id` (-1 each where the store places tokens)."""
+        """Flat slots of positions [start, end) of `seq_id` (-1 each where the policy's pools place tokens)."""
         if not self.places_by_position:
             return [-1] * (end - start)
         table, bs = self._tables[seq_id], self.block_size
@@ -276,14 +276,14 @@ class PagedKVCache:
         blocks = self._tables.pop(seq_id, None)
         self._lens.pop(seq_id, None)
         if blocks:
-            if self.store is not None:
-                self.store.release(blocks)
+            if self.pools is not None:
+                self.pools.release(blocks)
             self.allocator.free(blocks)
 
     # -- data, for the model -----------------------------------------------------------------
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """The (k_pool, v_pool) of one layer: [num_blocks, block_size, kv_heads, dim] each."""
-        if self.store is not None:
+        if self.pools is not None:
             raise RuntimeError(f"this cache stores KV as {self.policy.label}; read it through its store")
         return self.k_pools[layer], self.v_pools[layer]
 
@@ -303,8 +303,8 @@ class PagedKVCache:
 
     def write(self, layer: int, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
         """The model's new rows. slot_mapping: [N]; k: [N, kv_heads, k_dim]; v: [N, kv_heads, v_dim]"""
-        if self.store is not None:  # the store encodes them in its attend, right after this
-            self.store.stage(layer, k, v)
+        if self.pools is not None:  # the pools encode them in its attend, right after this
+            self.pools.stage(layer, k, v)
         else:
             k_pool, v_pool = self.k_pools[layer], self.v_pools[layer]
             k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = k.to(k_pool.dtype)
@@ -354,17 +354,17 @@ class PagedKVCache:
 
     def load(self, seq_id: str, layer: int, k: Tensor, v: Tensor) -> None:
         """KV of the first tokens of `seq_id`, computed elsewhere (a prefill service), into a policy's
-        store; the slots must be reserved by `schedule`. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]"""
-        if self.store is None:
+        pools; the slots must be reserved by `schedule`. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]"""
+        if self.pools is None:
             raise RuntimeError("a plain cache takes transferred KV through its slots (write_rows)")
-        self.store.load(layer, self._tables[seq_id], k, v)
+        self.pools.load(layer, self._tables[seq_id], k, v)
         if self._listeners:
             self._notify(layer, torch.arange(k.shape[0], device=self.device), k, v)
 
     def load_tier(self, seq_id: str, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> None:
         """A token tier's rows of `seq_id` (positions: [P]; k: [P, kv_heads, tier_k]; v likewise) into its
-        tier store."""
-        self.store.load_tier(layer, self._tables[seq_id], positions, k, v)
+        tier pools."""
+        self.pools.load_tier(layer, self._tables[seq_id], positions, k, v)
         self._notify(layer, positions, k, v)
 
 

@@ -324,7 +324,7 @@ class KvReceiver:
 class TierRows:
     """A prompt's token-tier rows as they arrive (decode side; zeroc/policies/tier.py): per layer the extra key
     and value dims of the tokens at `positions` only (the sinks and the last `recent` tokens), for
-    `TierStore.load_tier`."""
+    `TierPools.load_tier`."""
 
     def __init__(self, widths: list[tuple[int, int, int]], tokens: int, positions: list[range],
                  dtype: torch.dtype):

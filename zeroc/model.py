@@ -109,7 +109,7 @@ class Attention(nn.Module):
 
     def _tiered(self, layer: int, x: Tensor, positions: Tensor, q: Tensor, k: Tensor, v: Tensor,
                 attend: Attend) -> Tensor:
-        """Attention with the token tier (zeroc/tier.py): dense causal, or through a tier cache's store.
+        """Attention with the token tier (zeroc/tier.py): dense causal, or through a tier cache's pools.
         x: [*P, hidden]; positions: [*P]; q: [*P, heads, *] and k: [*P, kv_heads, *] after RoPE;
         v: [*P, kv_heads, v_dim]."""
         lead = x.shape[:-1]
@@ -269,12 +269,12 @@ class Transformer(nn.Module):
         """Ragged prefill/decode through the paged cache -> logits [M, vocab].
 
         K/V enter the cache through its KV-write seam on every backend: written in PyTorch, or by the
-        backend's fused QKV epilogue (`FusedPagedAttend`, plain caches only: a KV policy's store encodes
+        backend's fused QKV epilogue (`FusedPagedAttend`, plain caches only: a KV policy's pools encodes
         K/V itself), which then tells the cache's listeners."""
         if self.config.has_tier and not cache.keeps_tier:
-            raise ValueError("this model keeps a token tier, whose rows live in its cache's store: build the "
+            raise ValueError("this model keeps a token tier, whose rows live in its cache's pools: build the "
                              "cache with zeroc.caches.paged_cache(..., model=)")
-        fused = self.backend.fused_epilogue and cache.store is None
+        fused = self.backend.fused_epilogue and cache.pools is None
         attend = (FusedPagedAttend if fused else PagedAttend)(cache, batch, self.backend)
         hidden = self._run(tokens, positions, attend)
         return self.lm_head(hidden if logits_indices is None else hidden[logits_indices])

@@ -10,7 +10,7 @@ Each segment is a softmax on its own (an output and a log-sum-exp per query head
 Full-rank q, k, v are the compressed ones with their complement appended (`Attention` in
 zeroc/model.py builds them), so the compressed segment's outputs are the full-rank ones with
 zeros in the complement dims, and one output projection [W_o B_r | W_o B_c] serves both.
-The paged runtime runs the same two segments through `zeroc.policies.tier.TierStore`: the compressed
+The paged runtime runs the same two segments through `zeroc.policies.tier.TierPools`: the compressed
 rows of every token in the cache's blocks, the tier's extra rows of each sequence's sinks and last
 W tokens in blocks it borrows. KV-cache policies (`--kv-policy`) do not combine with a tier.
 """

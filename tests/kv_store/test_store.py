@@ -14,7 +14,7 @@ from kv_store.embedded import EmbeddedRedis
 from kv_store.index import RedisBlockIndex
 from kv_store.pool import BlockPool
 from kv_store.store import KvStore
-from zeroc.config import CacheConfig, StoreConfig
+from zeroc.config import CacheConfig, KvStoreConfig
 from zeroc.kv_cache import LayerShape, PagedKVCache
 
 SHAPES = [LayerShape(2, 8, 4), LayerShape(2, 4, 8)]
@@ -31,7 +31,7 @@ def wait_until(predicate, timeout_s: float = 20.0) -> None:
 def make_store(url: str, capacity: int, holder: str = "h:1", lease_s: float = 30.0, ns: str | None = None) -> KvStore:
     pool = BlockPool(SHAPES, BS, capacity, torch.float32)
     index = RedisBlockIndex(url, namespace=ns or f"s{uuid.uuid4().hex[:8]}", timeout_s=0.5)
-    store = KvStore(pool, index, holder, "seed", StoreConfig(lease_s=lease_s), retry_s=0.1, fetcher=None,
+    store = KvStore(pool, index, holder, "seed", KvStoreConfig(lease_s=lease_s), retry_s=0.1, fetcher=None,
                     index_name=url)
     wait_until(lambda: store.state == "ok")
     return store

@@ -12,9 +12,9 @@ from zeroc.config.model import (ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDO
                                 AttentionCompression, LayerCompression, ModelConfig, RopeConfig, check_tier,
                                 dtype_name, ranks_per_head)
 from zeroc.config.settings import (CacheConfig, ParallelConfig, RedisConfig, SchedulerConfig, SecurityConfig,
-                                   ServerConfig, StoreConfig, TransferConfig, ZeroCConfig)
+                                   ServerConfig, KvStoreConfig, TransferConfig, ZeroCConfig)
 
 __all__ = ["ATTENTION_BACKENDS", "BUNDLED_CALIB", "BUNDLED_HELDOUT", "BUNDLED_MODEL", "REPO_ROOT",
            "AttentionCompression", "CacheConfig", "ConfigError", "LayerCompression", "ModelConfig", "ParallelConfig",
-           "RedisConfig", "RopeConfig", "SchedulerConfig", "SecurityConfig", "ServerConfig", "StoreConfig",
+           "RedisConfig", "RopeConfig", "SchedulerConfig", "SecurityConfig", "ServerConfig", "KvStoreConfig",
            "TransferConfig", "ZeroCConfig", "ZeroCError", "check_tier", "dtype_name", "ranks_per_head"]

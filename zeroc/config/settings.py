@@ -130,7 +130,7 @@ class RedisConfig:
 
 
 @dataclass(frozen=True)
-class StoreConfig:
+class KvStoreConfig:
     """The KV store of one holder (a prefill or decode service): its local block pool and lease."""
 
     capacity_mb: int = 256  # block pool size; 0 turns prefix reuse off
@@ -203,7 +203,7 @@ class ZeroCConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
+    store: KvStoreConfig = field(default_factory=KvStoreConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
@@ -252,5 +252,5 @@ class ZeroCConfig:
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
-             "transfer": TransferConfig, "redis": RedisConfig, "store": StoreConfig,
+             "transfer": TransferConfig, "redis": RedisConfig, "store": KvStoreConfig,
              "parallel": ParallelConfig, "security": SecurityConfig}

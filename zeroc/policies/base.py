@@ -3,8 +3,8 @@
 `PagedKVCache` (zeroc/kv_cache.py) keeps block ids, block tables and lengths for every method;
 a `KVMethod` (a frozen dataclass of the method's hyperparameters) says how many token slots a
 sequence holds, how many bytes a block costs and how many bits a sequence holds (its byte
-maths), and builds the `PolicyStore` that owns the pools in the method's stored form (packed KIVI
-codes, H2O's kept tokens). `zeroc serve` and `zeroc eval ppl --streaming` run the same store.
+maths), and builds the `PolicyPools` that owns the pools in the method's stored form (packed KIVI
+codes, H2O's kept tokens). `zeroc serve` and `zeroc eval ppl --streaming` run the same pools.
 Without a method the cache keeps its plain full-precision pools and this module is not involved.
 docs/policies.md describes each method's block.
 
@@ -55,12 +55,12 @@ def eviction_keep(tokens: int, budget: float, floor_tokens: int) -> int:
     return min(tokens, max(math.floor(budget * tokens + 1e-9), floor_tokens))
 
 
-class PolicyStore(abc.ABC):
-    """One cache's KV in a policy's stored form, indexed by the cache's block ids.
+class PolicyPools(abc.ABC):
+    """One cache's KV in a policy's poolsd form, indexed by the cache's block ids.
 
     Who calls what (never concurrently: the decode service calls `load` under its engine loop's lock):
     - `prepare(model)`: `PagedKVCache.__init__` when the cache is built for a model (the engine, the
-      prefill worker): fit what the store needs from the model (Palu's bases, SnapKV's head
+      prefill worker): fit what the pools need from the model (Palu's bases, SnapKV's head
       counts); ValueError if the model does not suit.
     - `borrow_needed(cur, new)`: `PagedKVCache.blocks_needed`: blocks a sequence must borrow,
       beyond its token blocks, to grow from `cur` to `new` tokens (KIVI's full-precision tail).
@@ -114,10 +114,10 @@ class KVMethod(abc.ABC):
     - `slots_for(tokens)`: `PagedKVCache` (blocks a sequence needs; `token_capacity`): token slots a
       sequence that has seen `tokens` tokens occupies.
     - `places_by_position`: `PagedKVCache.schedule`: whether token p lives in slot p of its table
-      (else the store places tokens itself and `PagedBatch.slot_mapping` holds -1).
+      (else the policy's pools place tokens itself and `PagedBatch.slot_mapping` holds -1).
     - `transferable`: `zeroc serve`: whether a prompt's KV may come from a prefill service
-      (the store's `load` encodes full-precision K/V on arrival).
-    - `new_store(...)`: `PagedKVCache.__init__`, once.
+      (the pools' `load` encodes full-precision K/V on arrival).
+    - `new_pools(...)`: `PagedKVCache.__init__`, once.
     - `label`: fingerprints (KV of different policies never mixes), logs, reports.
     - `held_bits(shapes, tokens)`: evaluation's KV fraction and the conformance tests: bits of K/V one
       sequence holds after `tokens` tokens (the budget's definition: 16-bit reference, no bookkeeping).
@@ -143,8 +143,8 @@ class KVMethod(abc.ABC):
         return tokens
 
     @abc.abstractmethod
-    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, allocator: BlockAllocator) -> PolicyStore:
+    def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> PolicyPools:
         """Pools for `num_blocks` blocks; `allocator` is the cache's (for borrowed blocks)."""
 
     @property

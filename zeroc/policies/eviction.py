@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from zeroc.policies.base import KVMethod, PolicyStore, batch_sequences, ceil_div, eviction_keep, token_bits
+from zeroc.policies.base import KVMethod, PolicyPools, batch_sequences, ceil_div, eviction_keep, token_bits
 from zeroc.policies.eviction_rule import EvictionCache, EvictionState, LayerGeometry
 
 if TYPE_CHECKING:
@@ -59,12 +59,12 @@ class EvictionMethod(KVMethod):
         meta = torch.empty((), dtype=POS_DTYPE).element_size() + torch.empty((), dtype=SCORE_DTYPE).element_size()
         return block_size * sum(s.kv_heads * ((s.k_dim + s.v_dim) * item + meta) for s in shapes)
 
-    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, allocator: BlockAllocator) -> EvictionStore:
-        return EvictionStore(self, shapes, num_blocks, block_size, dtype, device)
+    def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> EvictionPools:
+        return EvictionPools(self, shapes, num_blocks, block_size, dtype, device)
 
 
-class EvictionStore(PolicyStore):
+class EvictionPools(PolicyPools):
     def __init__(self, policy: EvictionMethod, shapes: list[LayerShape], num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device):
         self.policy, self.rule, self.shapes, self.bs, self.dtype = policy, policy, shapes, block_size, dtype

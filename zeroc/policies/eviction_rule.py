@@ -6,7 +6,7 @@ dropped *before* attending (the budget grows by at most one token a step, so one
 makes room, and the new token is always kept), so attention at step t never sees more than the
 budget allows. Kept sets are per sequence and per KV head (H2O and SnapKV rank per head); every
 (sequence, head) keeps the same count, so the state stays rectangular; the new token reuses the
-victim's slot. The paged store (`zeroc.policies.eviction`) gathers a sequence's slots into an
+victim's slot. The paged pools (`zeroc.policies.eviction`) gathers a sequence's slots into an
 `EvictionCache`, steps it token by token and scatters it back.
 """
 
@@ -105,7 +105,7 @@ def protect_recent(pos: Tensor, seen: int, recent: int) -> Tensor:
 
 class EvictionCache:
     """One layer's kept tokens for B sequences that advance in lockstep, under `policy`'s rule (an
-    `EvictionMethod`: `keep`, `priority`, `query_window`). The paged store runs it per sequence on the
+    `EvictionMethod`: `keep`, `priority`, `query_window`). The paged pools runs it per sequence on the
     slots it gathers; the dense test oracle runs it batched."""
 
     def __init__(self, policy: EvictionRule, geom: LayerGeometry, batch: int, dtype: torch.dtype):

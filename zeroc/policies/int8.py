@@ -26,7 +26,7 @@ from torch import Tensor
 
 from zeroc_kernels.attention import TorchBackend
 from zeroc.kv_cache import layer_shapes
-from zeroc.policies.base import KVMethod, PolicyStore, check_budget, reference_bits
+from zeroc.policies.base import KVMethod, PolicyPools, check_budget, reference_bits
 
 if TYPE_CHECKING:
     from zeroc.config import ModelConfig
@@ -93,18 +93,18 @@ class Int8(KVMethod):
         return sum(math.prod(dims) * kind.itemsize
                    for s in shapes for dims, kind in pool_shapes(s, block_size).values())
 
-    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, allocator: BlockAllocator) -> Int8Store:
-        return Int8Store(shapes, num_blocks, block_size, dtype, device)
+    def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> Int8Pools:
+        return Int8Pools(shapes, num_blocks, block_size, dtype, device)
 
 
-class Int8Store(PolicyStore):
+class Int8Pools(PolicyPools):
     def __init__(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
         self.bs, self.dtype, self.device = block_size, dtype, device
         # per layer: k_codes [num_blocks, block_size, kv_heads, k_dim] int8, v_codes likewise with v_dim,
         # k_scales / v_scales [num_blocks, block_size, kv_heads] fp32
-        self.pools = [{name: torch.zeros(num_blocks, *dims, dtype=kind, device=device)
+        self.layers = [{name: torch.zeros(num_blocks, *dims, dtype=kind, device=device)
                        for name, (dims, kind) in pool_shapes(s, block_size).items()} for s in shapes]
         self._staged: dict[int, tuple[Tensor, Tensor]] = {}
         self.backend = TorchBackend()  # the model's, once `prepare` sees it
@@ -114,7 +114,7 @@ class Int8Store(PolicyStore):
 
     def _write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
         # slots: [n] flat slot of each row; k: [n, H, k_dim]; v: [n, H, v_dim]
-        p = self.pools[layer]
+        p = self.layers[layer]
         self.backend.quantize_into_slots(k, slots, p["k_codes"], p["k_scales"])
         self.backend.quantize_into_slots(v, slots, p["v_codes"], p["v_scales"])
 
@@ -124,7 +124,7 @@ class Int8Store(PolicyStore):
     def attend(self, layer: int, q: Tensor, batch: PagedBatch, scale: float) -> Tensor:
         # Write first, then read: the step's own rows are attended dequantised, as the evaluator does.
         self._write(layer, batch.slot_mapping, *self._staged.pop(layer))
-        p = self.pools[layer]
+        p = self.layers[layer]
         return self.backend.paged_attention(q, p["k_codes"], p["v_codes"], batch.block_tables, batch.seq_lens,
                                             batch.query_start_loc, scale, k_scales=p["k_scales"],
                                             v_scales=p["v_scales"])

@@ -11,7 +11,7 @@ arithmetic counts the tail's real bytes), returned once it is quantised.
 Attention is token by token's: each query sees a block quantised exactly when a token-by-token
 cache would have at its position, even inside a prompt prefilled in one step, so a prompt's logits
 do not depend on how it was chunked (the dense oracle in tests/support/oracle checks it).
-`zeroc eval ppl --streaming` runs this store.
+`zeroc eval ppl --streaming` runs these pools.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from zeroc.policies.base import (REFERENCE_BITS, KVMethod, PolicyStore, batch_sequences, ceil_div,
+from zeroc.policies.base import (REFERENCE_BITS, KVMethod, PolicyPools, batch_sequences, ceil_div,
                                  reference_bits, token_bits, work_dtype)
 from zeroc.kv_cache import layer_shapes
 from zeroc.policies.layout import RowLayout, pack_codes, unpack_codes
@@ -38,7 +38,7 @@ def quantize(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """Codes of x at 2**bits levels between its min and max along `dim` -> (codes, scale, zero point).
 
     codes has x's shape and dtype (integers 0 .. 2**bits - 1); scale and zero point (the min) keep `dim`
-    with size 1. `codes * scale + zero` is the dequantised x; the store packs the three.
+    with size 1. `codes * scale + zero` is the dequantised x; the pools pack the three.
     """
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     levels = 2 ** bits - 1
@@ -146,9 +146,9 @@ class KIVI(KVMethod):
     def block_bytes(self, shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -> int:
         return sum(self.layout(s, dtype).row_bytes for s in shapes)
 
-    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, allocator: BlockAllocator) -> KIVIStore:
-        return KIVIStore(self, shapes, num_blocks, dtype, device, allocator)
+    def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> KIVIPools:
+        return KIVIPools(self, shapes, num_blocks, dtype, device, allocator)
 
 
 @dataclass
@@ -160,7 +160,7 @@ class _Encoded:
     fields: dict[str, Tensor]  # RowLayout fields, [nb, ...] each
 
 
-class KIVIStore(PolicyStore):
+class KIVIPools(PolicyPools):
     def __init__(self, policy: KIVI, shapes: list[LayerShape], num_blocks: int, dtype: torch.dtype,
                  device: torch.device, allocator: BlockAllocator):
         self.policy, self.shapes, self.dtype, self.allocator = policy, shapes, dtype, allocator

@@ -3,11 +3,11 @@
 A block stores, per layer, token and KV head, the latents U_k^T k_pre (rank r_k) and U_v^T v
 (rank r_v), with r = floor(budget * head_dim): bases fitted from the weights alone (an SVD of each
 head's W_k / W_v, no whitening, no calibration text; Palu folds U_r into W_o, the numbers are the
-same), once, when the cache is built for its model (`PolicyStore.prepare`). Attention rebuilds
+same), once, when the cache is built for its model (`PolicyPools.prepare`). Attention rebuilds
 every stored key from its latent and applies RoPE at the token's position, every step (the
 per-token work ZeroC's fold mode avoids), then attends causally in fp32.
 
-Why the store inverse-rotates the staged keys instead of taking pre-RoPE ones: the model hands
+Why the pools inverse-rotate the staged keys instead of taking pre-RoPE ones: the model hands
 every cache post-RoPE keys through one seam (`PagedKVCache.write`), and RoPE is a rotation, so
 rotating back by the token's position recovers k_pre exactly (up to rounding) without a second
 path through the model; the dense oracle (tests/support/oracle) does the same. A token's position is its slot (tokens are placed by position), so nothing else is stored.
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from zeroc.rope import apply_rope, rope_cos_sin
-from zeroc.policies.base import REFERENCE_BITS, KVMethod, PolicyStore, batch_sequences, ceil_div, check_budget
+from zeroc.policies.base import REFERENCE_BITS, KVMethod, PolicyPools, batch_sequences, ceil_div, check_budget
 from zeroc.policies.kivi import mixed_attention
 
 if TYPE_CHECKING:
@@ -77,12 +77,12 @@ class Palu(KVMethod):
         return (weight_basis(attn.k_proj.weight, kv, self.rank(k_dim)),
                 weight_basis(attn.v_proj.weight, kv, self.rank(v_dim)), attn.inv_freq)
 
-    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, allocator: BlockAllocator) -> PaluStore:
-        return PaluStore(self, shapes, num_blocks, block_size, dtype, device)
+    def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> PaluPools:
+        return PaluPools(self, shapes, num_blocks, block_size, dtype, device)
 
 
-class PaluStore(PolicyStore):
+class PaluPools(PolicyPools):
     def __init__(self, policy: Palu, shapes: list[LayerShape], num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device):
         self.policy, self.shapes, self.bs, self.dtype = policy, shapes, block_size, dtype

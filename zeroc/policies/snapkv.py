@@ -5,7 +5,7 @@ so each time the budget forces an eviction, the observation window (the last `wi
 the sequence, the new one included) attends over the kept keys (causally), their attention is
 summed over the window and the KV head's query group, max-pooled along the sequence (neighbours
 of a strong token survive with it, as in the paper's clustering), and the least-voted token
-outside the window goes. The generic eviction store (`eviction.py`) runs it: a prompt is taken token by token,
+outside the window goes. The generic eviction pools (`eviction.py`) runs it: a prompt is taken token by token,
 so a prompt's kept tokens are chosen by the pooled attention of its own last observation window
 at every step, and generated tokens are handled the same way.
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc.policies.base import ceil_div, check_budget
-from zeroc.policies.eviction import EvictionMethod, EvictionStore
+from zeroc.policies.eviction import EvictionMethod, EvictionPools
 from zeroc.policies.eviction_rule import EvictionCache, EvictionState, LayerGeometry, protect_recent
 
 if TYPE_CHECKING:
@@ -95,12 +95,12 @@ class SnapKV(EvictionMethod):
     def label(self) -> str:
         return f"snapkv-b{self.budget:g}-w{self.window}-k{self.kernel}"
 
-    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, allocator: BlockAllocator) -> SnapKVStore:
-        return SnapKVStore(self, shapes, num_blocks, block_size, dtype, device, allocator)
+    def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> SnapKVPools:
+        return SnapKVPools(self, shapes, num_blocks, block_size, dtype, device, allocator)
 
 
-class SnapKVStore(EvictionStore):
+class SnapKVPools(EvictionPools):
     def __init__(self, policy: SnapKV, shapes: list[LayerShape], num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, allocator: BlockAllocator):
         super().__init__(policy, shapes, num_blocks, block_size, dtype, device)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from zeroc.policies.base import check_budget
-from zeroc.policies.eviction import EvictionMethod, EvictionStore
+from zeroc.policies.eviction import EvictionMethod, EvictionPools
 from zeroc.policies.eviction_rule import PROTECTED, EvictionCache, EvictionState, LayerGeometry
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class StreamingLLM(EvictionMethod):
     sinks: int = 4
 
     name = "streamingllm"
-    transferable = True  # the kept set follows from positions alone (`StreamingLLMStore.load`)
+    transferable = True  # the kept set follows from positions alone (`StreamingLLMPools.load`)
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
@@ -52,12 +52,12 @@ class StreamingLLM(EvictionMethod):
     def label(self) -> str:
         return f"streamingllm-b{self.budget:g}-s{self.sinks}"
 
-    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, allocator: BlockAllocator) -> StreamingLLMStore:
-        return StreamingLLMStore(self, shapes, num_blocks, block_size, dtype, device)
+    def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> StreamingLLMPools:
+        return StreamingLLMPools(self, shapes, num_blocks, block_size, dtype, device)
 
 
-class StreamingLLMStore(EvictionStore):
+class StreamingLLMPools(EvictionPools):
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
         # k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] of tokens [0, T)
         s = self.shapes[layer]

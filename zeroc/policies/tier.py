@@ -7,7 +7,7 @@ counts its real bytes: position p < S in tier slot p, a later one in slot S + (p
 overwritten as tokens age out of the window). Borrowed blocks are keyed by the sequence's first
 block id and return when it is freed.
 
-The model hands the store each layer's q, k, v with the tier's dims appended to the compressed
+The model hands the pools each layer's q, k, v with the tier's dims appended to the compressed
 ones (`Attention._tiered`): q [N, heads, k_dim + tier_k], k [N, kv, k_dim + tier_k],
 v [N, kv, v_dim + tier_v]. Attention is `tiered_attention`'s: per query the full-rank segment over
 the sinks and its last W keys, the compressed segment over the rest, as one softmax over both
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from zeroc.config import ModelConfig
 from zeroc.kv_cache import PagedBatch, block_bytes
-from zeroc.policies.base import KVMethod, PolicyStore, batch_sequences, ceil_div, token_bits, work_dtype
+from zeroc.policies.base import KVMethod, PolicyPools, batch_sequences, ceil_div, token_bits, work_dtype
 from zeroc.tier import TierLayer, tier_layers, tier_positions
 
 if TYPE_CHECKING:
@@ -73,9 +73,9 @@ class TokenTier(KVMethod):
         return max(ceil_div(held * (t.tier_k + t.tier_v), block_size * (s.k_dim + s.v_dim))
                    for s, t in zip(shapes, self.layers))
 
-    def new_store(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
-                  device: torch.device, allocator: BlockAllocator) -> TierStore:
-        return TierStore(self, shapes, num_blocks, block_size, dtype, device, allocator)
+    def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
+                  device: torch.device, allocator: BlockAllocator) -> TierPools:
+        return TierPools(self, shapes, num_blocks, block_size, dtype, device, allocator)
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def tier_policy(cfg: ModelConfig) -> TokenTier:
     return TokenTier(cfg.compression.sinks, cfg.compression.recent, tuple(tier_layers(cfg)))
 
 
-class TierStore(PolicyStore):
+class TierPools(PolicyPools):
     def __init__(self, policy: TokenTier, shapes: list[LayerShape], num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, allocator: BlockAllocator):
         self.policy, self.shapes, self.bs, self.allocator = policy, shapes, block_size, allocator

@@ -47,10 +47,10 @@ def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0
     for the plain cache). Call it where nothing else touches the cache (the decode service: under
     its engine loop's lock). A policy cache takes whole prompts (start 0): it reuses no prefixes.
     A token tier's cache (zeroc/policies/tier.py) also takes the tier rows, and lands them with the rest."""
-    if cache.store is None:
+    if cache.pools is None:
         return KvReceiver(cache, slots, start), lambda: None
     if start:
-        raise ValueError(f"a {type(cache.store).__name__} cache receives whole prompts, not from token {start}")
+        raise ValueError(f"a {type(cache.pools).__name__} cache receives whole prompts, not from token {start}")
     n = int(slots.shape[0])
     landing = PagedKVCache(cache.shapes, CacheConfig(block_size=cache.block_size,
                                                      num_blocks=-(-n // cache.block_size)),
@@ -66,7 +66,7 @@ def receive_into(cache: PagedKVCache, seq_id: str, slots: Tensor, start: int = 0
             k = k_pool.view(-1, *k_pool.shape[2:])[landing_slots]  # [T, kv_heads, k_dim]
             v = v_pool.view(-1, *v_pool.shape[2:])[landing_slots]  # [T, kv_heads, v_dim]
             cache.load(seq_id, layer, k, v)
-            if tier is not None:  # the sinks' and the window's full-rank rows, into the tier store's ring
+            if tier is not None:  # the sinks' and the window's full-rank rows, into the tier pools's ring
                 cache.load_tier(seq_id, layer, tier.positions, tier.k[layer], tier.v[layer])
 
     return KvReceiver(landing, landing_slots, tier=tier), land

@@ -66,7 +66,7 @@ def test_block_bytes_by_hand():
 
 def kept_positions(cache, seq: str) -> list[list[int]]:
     """[layer * kv head] -> sorted positions a sequence keeps (read from its blocks)."""
-    store, n = cache.store, cache.policy.slots_for(cache.seq_len(seq))
+    store, n = cache.pools, cache.policy.slots_for(cache.seq_len(seq))
     slots = store._slots(cache.block_table(seq), n)
     return [sorted(pos.view(-1, pos.shape[-1])[slots, h].tolist()) for pos in store.pos for h in range(pos.shape[-1])]
 
@@ -97,7 +97,7 @@ def test_snapkv_borrows_a_query_ring_and_keeps_its_window(bundled, heldout_ids):
     assert any(per_head != list(range(12, 60)) for per_head in kept)  # the other 16: votes, not recency
     while engine.has_unfinished():
         engine.step()
-    assert cache.num_free_blocks == cache.num_blocks and not cache.store.rings
+    assert cache.num_free_blocks == cache.num_blocks and not cache.pools.rings
 
 
 def test_palu_at_full_rank_is_plain_attention(random_gqa, heldout_ids):
@@ -128,7 +128,7 @@ def test_snapkv_and_h2o_stay_colocated():
         with pytest.raises(ValueError, match="--colocated"):
             check_transfer(CacheConfig(kv_policy=name))
         with pytest.raises(NotImplementedError):
-            policy.new_store(BUNDLED, 4, 16, torch.float32, torch.device("cpu"), None).load(
+            policy.new_pools(BUNDLED, 4, 16, torch.float32, torch.device("cpu"), None).load(
                 0, [0], torch.zeros(1, 2, 64), torch.zeros(1, 2, 64))
     for name in ("streamingllm", "palu"):
         check_transfer(CacheConfig(kv_policy=name))  # no error
@@ -151,7 +151,7 @@ def test_bad_hyperparameters_are_value_errors(build, message):
 
 def test_palu_fits_its_bases_with_the_model_and_refuses_without(bundled):
     cache = policy_cache(bundled, block_size=16, num_blocks=4, kv_policy="palu", kv_budget=0.5)
-    assert len(cache.store.bases) == 6 and cache.store.bases[0][0].shape == (2, 64, 32)  # [kv, dk, r]
+    assert len(cache.pools.bases) == 6 and cache.pools.bases[0][0].shape == (2, 64, 32)  # [kv, dk, r]
     unbound = paged_cache(layer_shapes(bundled.config), CacheConfig(block_size=16, num_blocks=4, kv_policy="palu"),
                            torch.float32)
     with pytest.raises(RuntimeError, match="model="):

@@ -37,7 +37,7 @@ def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name
 
 def kept_positions(cache, seq: str) -> list[list[list[int]]]:
     """[layer][kv head] -> sorted positions a sequence keeps (read from its blocks)."""
-    store, n = cache.store, cache.policy.slots_for(cache.seq_len(seq))
+    store, n = cache.pools, cache.policy.slots_for(cache.seq_len(seq))
     slots = store._slots(cache.block_table(seq), n)
     return [[sorted(pos.view(-1, pos.shape[-1])[slots, h].tolist()) for h in range(pos.shape[-1])]
             for pos in store.pos]

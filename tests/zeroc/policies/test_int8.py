@@ -61,7 +61,7 @@ def test_block_bytes_and_blocks_per_budget_by_hand():
     budget = 1 << 20
     cache = paged_cache(BUNDLED, CacheConfig(block_size=16, num_bytes=budget, kv_policy="int8"), torch.bfloat16)
     assert cache.num_blocks == budget // (6 * 16 * 272)
-    held = sum(p.numel() * p.element_size() for layer in cache.store.pools for p in layer.values())
+    held = sum(p.numel() * p.element_size() for layer in cache.pools.layers for p in layer.values())
     assert held == cache.num_blocks * 6 * 16 * 272  # the pools really are that size
     # bf16 plain: 16 x 6 x 2 x 128 x 2 = 49152 bytes a block, int8 26112: 1.88x the tokens per byte
     assert block_bytes(BUNDLED, 16, torch.bfloat16) / Int8().block_bytes(BUNDLED, 16, torch.bfloat16) \
@@ -95,7 +95,7 @@ def test_the_pools_are_the_kernels_layout_and_the_triton_kernels_read_them(dtype
     (the CPU reference), in the query dtype; KV from the wire lands the same way."""
     shape, bs = LayerShape(kv_heads=2, k_dim=24, v_dim=16), 16  # ZeroC-like: q/k and v widths differ
     cache = paged_cache([shape], CacheConfig(block_size=bs, num_blocks=8, kv_policy="int8"), dtype)
-    pools, gen = cache.store.pools[0], torch.Generator().manual_seed(0)
+    pools, gen = cache.pools.layers[0], torch.Generator().manual_seed(0)
     want = {"k_codes": torch.zeros(8, bs, 2, 24, dtype=torch.int8), "k_scales": torch.zeros(8, bs, 2),
             "v_codes": torch.zeros(8, bs, 2, 16, dtype=torch.int8), "v_scales": torch.zeros(8, bs, 2)}
 
@@ -114,7 +114,7 @@ def test_the_pools_are_the_kernels_layout_and_the_triton_kernels_read_them(dtype
         n = batch.positions.shape[0]
         q, k, v = (torch.randn(n, h, d, generator=gen).to(dtype) for h, d in ((4, 24), (2, 24), (2, 16)))
         cache.write(0, batch.slot_mapping, k, v)
-        out = cache.store.attend(0, q, batch, 0.2)
+        out = cache.pools.attend(0, q, batch, 0.2)
         assert out.dtype == dtype and out.shape == (n, 4, 16)
         rows = batch.query_start_loc.tolist()
         for (seq, _), first, lo, hi in zip(steps, firsts, rows, rows[1:]):

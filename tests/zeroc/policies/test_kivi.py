@@ -55,7 +55,7 @@ def test_block_bytes_and_blocks_per_budget_by_hand(dtype, item):
     for name, per_block in (("none", plain), ("kivi-4", KIVI(4).block_bytes(BUNDLED, 32, dtype))):
         cache = paged_cache(BUNDLED, CacheConfig(block_size=32, num_bytes=budget, kv_policy=name), dtype)
         assert cache.num_blocks == budget // per_block
-        held = (sum(a.numel() for a in cache.store.arenas) if cache.store
+        held = (sum(a.numel() for a in cache.pools.arenas) if cache.pools
                 else sum(p.numel() * p.element_size() for p in cache.k_pools + cache.v_pools))
         assert held == cache.num_blocks * per_block <= budget  # the pools really are that size
     # fp32: 196608 / 36864 = 5.33x the blocks for 4-bit; bf16: 98304 / 30720 = 3.2x.
@@ -65,7 +65,7 @@ def test_block_bytes_and_blocks_per_budget_by_hand(dtype, item):
 def test_the_filling_block_borrows_rows_and_returns_them(random_gqa, heldout_ids):
     """A full-precision block spans `units` ids; the engine's arithmetic (blocks_needed) is exact."""
     cache = policy_cache(random_gqa, block_size=32, num_blocks=40, kv_policy="kivi-4")
-    store = cache.store
+    store = cache.pools
     # 32 tokens x 2 heads x (32 + 32) fp32 = 16384 bytes at full precision; 3072 packed -> 6 rows.
     assert store.units == math.ceil(16384 / 3072) == 6
 
@@ -111,7 +111,7 @@ def test_the_same_bytes_run_more_sequences_at_once_and_preemption_keeps_output(r
         ran |= {s.request_id for s in tight.running}
     assert preempted  # growing tails outran the cache: the newest sequence was recomputed
     assert [got[r] for r in rids] == [r.token_ids for r in want]
-    assert tight.cache.num_free_blocks == tight.cache.num_blocks and not tight.cache.store.borrowed
+    assert tight.cache.num_free_blocks == tight.cache.num_blocks and not tight.cache.pools.borrowed
 
 
 def test_kv_from_a_kivi_prefill_lands_encoded_and_decodes_like_colocated(bundled, heldout_ids):
@@ -134,4 +134,4 @@ def test_kv_landing_after_the_request_was_released_is_cancelled(random_gqa):
     with pytest.raises(KvTransferError) as err:
         land()
     assert err.value.code == grpc.StatusCode.CANCELLED
-    assert engine.cache.num_free_blocks == 32 and not engine.cache.store.borrowed
+    assert engine.cache.num_free_blocks == 32 and not engine.cache.pools.borrowed

@@ -16,7 +16,7 @@ from zeroc.kv_transfer import (TIER_KEY, KvTransferError, decode_chunk, encode_l
                                parse_prefill_response)
 from zeroc.loader import LoadedModel
 from zeroc.transport.landing import receive_into
-from zeroc.policies.tier import TierStore, tier_policy
+from zeroc.policies.tier import TierPools, tier_policy
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
 
 
@@ -68,7 +68,7 @@ def test_paged_chunks_and_decode_equal_the_dense_tiered_forward(tiered_of, mode,
     tokens = torch.randint(0, model.config.vocab_size, (2, 69), generator=torch.Generator().manual_seed(5))
     dense = model(tokens)  # [2, 69, vocab]
     cache = _cache(model)
-    assert isinstance(cache.store, TierStore)
+    assert isinstance(cache.pools, TierPools)
     got = _run(model, cache, tokens, PLAN)
     for b in range(2):
         assert (got[b] - dense[b, : got[b].shape[0]]).abs().max().item() < 1e-4
@@ -78,7 +78,7 @@ def test_paged_chunks_and_decode_equal_the_dense_tiered_forward(tiered_of, mode,
     assert held == want  # every sequence's own blocks plus the tier's borrowed ones
     cache.free("s0")
     cache.free("s1")
-    assert cache.num_free_blocks == cache.num_blocks and not cache.store.borrowed  # nothing leaks
+    assert cache.num_free_blocks == cache.num_blocks and not cache.pools.borrowed  # nothing leaks
 
 
 def test_the_tier_rows_are_paid_from_the_block_budget(tiered_of):
