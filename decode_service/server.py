@@ -19,13 +19,16 @@ import grpc
 from decode_service.loop import CancelledError, EngineLoop, QueueFullError, ShuttingDownError, Ticket
 from kv_store.peer import SERVICE_NAME as KV_SERVICE_NAME
 from kv_store.peer import KvStoreServicer
-from kv_store.service import KvStoreHandle, attach_store, set_store_health
+from kv_store.service import KvStoreHandle, attach_store, set_store_health, store_snapshot
 from kv_store.store import KvStore
 from zeroc.auth import TokenAuth
+from zeroc.caches import kv_footprint
 from zeroc.config import ZeroCConfig
 from zeroc.engine import Engine, PromptTooLongError, StepOutput
 from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
+from zeroc.metrics import (MetricsServer, ServiceMetrics, TokenClock, cache_source, counter, load_families,
+                           serve_metrics, store_families)
 from zeroc.rpc import MAX_MODEL_CHARS, CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.sampling import SamplingParams
 from zeroc.transport.landing import kv_fingerprint, receive_into
@@ -78,8 +81,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
     def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event,
-                 auth: TokenAuth | None = None, fallback: str = "local"):
+                 auth: TokenAuth | None = None, fallback: str = "local", metrics: ServiceMetrics | None = None):
         self.transport, self.draining, self.fallback = transport, draining, fallback
+        self.metrics = metrics or ServiceMetrics()
         self.auth = auth or TokenAuth(None, "")
         self.tenants: dict[str, str] = {}  # engine request id -> tenant, while the request runs
         self.calls = CallCounter()
@@ -126,6 +130,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         # Runs however the call ends (finished, cancelled, deadline, disconnect): blocks free at once.
         context.add_callback(lambda: (state.loop.release(ticket), self.tenants.pop(ticket.key, None)))
         kv_bytes, reused = self._start(req, ticket, state, context)
+        self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+        if kv_bytes:
+            self.metrics.kv_bytes(self.transport.kind or "grpc", "received", kv_bytes)
         log.info("generate", extra={"request_id": req.request_id, "prompt_tokens": len(req.prompt_ids),
                                     "kv_bytes": kv_bytes, "cached_prefix_tokens": reused})
         yield from self._stream(req, ticket, context, arrived, kv_bytes, reused)
@@ -213,6 +220,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     def _stream(self, req: GenerateInput, ticket: Ticket, context: grpc.ServicerContext, arrived: float,
                 kv_bytes: int, reused: int):
         ttft_ms, produced = None, 0
+        clock = TokenClock(self.metrics, arrived)
         while True:
             try:
                 out = ticket.out.get(timeout=0.5)
@@ -226,8 +234,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             if out.finish_reason == ERROR_FINISH:
                 why = getattr(out, "error", None) or "the sequence's computation failed"
                 context.abort(grpc.StatusCode.INTERNAL, f"generation failed for this request: {quote(why, 200)}")
+            now = time.monotonic()
             if ttft_ms is None and out.token_ids:
-                ttft_ms = (time.monotonic() - arrived) * 1000
+                ttft_ms = (now - arrived) * 1000
+            clock.tokens(len(out.token_ids), now)
             produced += len(out.token_ids)
             if out.token_ids or out.text_delta:
                 yield pb.GenerateResponse(request_id=req.request_id,
@@ -235,6 +245,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             if out.finished and out.finish_reason == "error":  # this request alone failed (non-finite logits)
                 context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
             if out.finished:
+                self.metrics.finished(out.finish_reason or "stop", now - arrived)
+                self.metrics.queue_time.observe(ticket.reserve_wait_s + out.queued_s)
                 usage = pb.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=produced,
                                  ttft_ms=ttft_ms or 0.0, kv_bytes_received=kv_bytes, cached_prefix_tokens=reused,
                                  queue_ms=(ticket.reserve_wait_s + out.queued_s) * 1000,
@@ -272,6 +284,22 @@ def store_info(store: KvStore | None) -> pb.KvStoreInfo:
                           evictions=s.evictions)
 
 
+def watch_decode(metrics: ServiceMetrics, engine: Engine, loop: EngineLoop, store: KvStore | None,
+                 cfg: ZeroCConfig) -> None:
+    """The series a decode service reads at scrape time: load, cache, preemptions, KV store."""
+    def load():
+        stats = loop.stats()
+        return load_families(stats.running, stats.queued)
+
+    limit = engine.model_config.max_position_embeddings
+    metrics.watch(load)
+    metrics.watch(cache_source(engine.cache, engine.cache.token_capacity(limit),
+                               kv_footprint(engine.cache, engine.model_config, cfg.cache)))
+    metrics.watch(lambda: [counter("zeroc:num_preemptions", "Sequences preempted (their blocks freed, recomputed "
+                                   "later) for cache space.", engine.num_preemptions)])
+    metrics.watch(lambda: store_families(store_snapshot(store)))
+
+
 class DecodeService:
     """A decode service's parts, brought up in order: `start` (listen, NOT_SERVING), `load`, serve."""
 
@@ -283,8 +311,10 @@ class DecodeService:
             self.transport = make_kv_transport(cfg, self.fingerprint)
         auth = TokenAuth.from_file(cfg.security.tokens_file, cfg.security.default_tenant)
         self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME], cfg.security)
+        self.metrics = ServiceMetrics()
+        self.metrics_server: MetricsServer | None = None
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth,
-                                           cfg.transfer.prefill_fallback)
+                                           cfg.transfer.prefill_fallback, self.metrics)
         add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
         self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store,
                                            cfg.security.allow_plaintext)
@@ -293,8 +323,9 @@ class DecodeService:
         self.store_handle: KvStoreHandle | None = None
 
     def start(self) -> str:
-        """Listen; returns the public address."""
+        """Listen (gRPC, and metrics when a port is set); returns the public address."""
         self.host.start()
+        self.metrics_server = serve_metrics(self.metrics, self.cfg.server.host, self.cfg.metrics.port)
         return self.host.address
 
     def load(self) -> None:
@@ -308,6 +339,7 @@ class DecodeService:
             engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table,
                                                                             tenants.get(rid, ""))
         self.loop = EngineLoop(engine, cfg.server.max_queue)
+        watch_decode(self.metrics, engine, self.loop, store, cfg)
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype, store)
         self.host.set_serving()
@@ -318,6 +350,8 @@ class DecodeService:
                                    "attention_backend": cfg.attention_backend})
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.host.server.stop(0)
         if self.loop is not None:
             self.loop.stop()

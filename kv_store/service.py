@@ -24,6 +24,7 @@ from kv_store.store import KvStore
 from zeroc.config import RedisConfig, KvStoreConfig, ZeroCConfig
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
+from zeroc.metrics import StoreSnapshot
 from zeroc.rpc import ServiceHost
 from zeroc.security import TenantKeys, cluster_key
 from zeroc.tls import Tls
@@ -118,3 +119,12 @@ def attach_store(cfg: ZeroCConfig, loaded: LoadedModel, fingerprint: str, host: 
         store = handle.store
         servicer.attach(store.pool, store.seed, store.served, store.pins_changed)
     return handle
+
+
+def store_snapshot(store: KvStore | None) -> StoreSnapshot:
+    """The store's counters for the service's metrics ("off" without a store)."""
+    if store is None:
+        return StoreSnapshot("off")
+    s = store.stats()
+    return StoreSnapshot(s.state, s.hit_tokens, s.lookups, s.peer_blocks, s.peer_bytes, s.blocks_held,
+                         s.capacity_blocks, s.index_errors, s.evictions)

@@ -75,6 +75,7 @@ class StoreStats:
     index_errors: int
     reconnects: int
     evictions: int
+    peer_bytes: int = 0  # KV payload bytes fetched from peers
 
 
 @dataclass
@@ -86,6 +87,7 @@ class _Counters:
     reconnects: int = 0
     evictions: int = 0
     rejected_blocks: int = 0  # blocks from peers whose MAC did not check out
+    peer_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, **deltas: int) -> None:
@@ -185,7 +187,7 @@ class KvStore:
             done += got
             if got < len(ids):
                 break
-        self.counters.add(hit_tokens=done * bs, peer_blocks=peer)
+        self.counters.add(hit_tokens=done * bs, peer_blocks=peer, peer_bytes=peer_bytes)
         return LoadResult(done * bs, local, peer, peer_bytes)
 
     def _fetch(self, peer: str, ids: list[str], checksums: list[int], cache: PagedKVCache, slots: Tensor,
@@ -240,7 +242,8 @@ class KvStore:
         c = self.counters
         with c.lock:
             return StoreStats(self.state, self.index_name, self.holder, len(self.pool), self.pool.capacity,
-                              c.lookups, c.hit_tokens, c.peer_blocks, c.index_errors, c.reconnects, c.evictions)
+                              c.lookups, c.hit_tokens, c.peer_blocks, c.index_errors, c.reconnects, c.evictions,
+                              c.peer_bytes)
 
     def _set_state(self, state: str) -> bool:
         with self._state_lock:

@@ -5,23 +5,27 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 
 import grpc
 import torch
+from prometheus_client import Histogram
 
 from kv_store.peer import SERVICE_NAME as KV_SERVICE_NAME
 from kv_store.peer import KvStoreServicer
-from kv_store.service import attach_store, set_store_health
+from kv_store.service import attach_store, set_store_health, store_snapshot
 from prefill_service.sp_worker import SpPrefillWorker
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
+from zeroc.caches import kv_footprint
 from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import KvTransferError, add_prefill_service, model_fingerprint
 from zeroc.loader import LoadedModel, load_model
+from zeroc.metrics import REQUEST_BUCKETS, ServiceMetrics, cache_source, load_families, serve_metrics, store_families
 from zeroc.rpc import CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.tls import require_service
 from zeroc.transport.landing import kv_fingerprint
-from zeroc.transport.capability import probe
+from zeroc.transport.capability import GRPC, probe
 from zeroc.transport.nccl import load_nccl
 from zeroc.transport.prefill_side import KvTransportService
 from zeroc.v1 import kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -35,7 +39,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def __init__(self, max_queue: int, default_chunk_bytes: int, draining: threading.Event,
                  kv: KvTransportService, transfer_timeout_s: float, max_message_bytes: int = 16 << 20,
-                 allow_plaintext: str = "loopback"):
+                 allow_plaintext: str = "loopback", metrics: ServiceMetrics | None = None):
         self.max_queue, self.default_chunk_bytes, self.draining = max_queue, default_chunk_bytes, draining
         # A chunk plus its metadata must fit one message, whatever chunk size the caller asks for.
         self.max_chunk_bytes = max(1024, max_message_bytes - (64 << 10))
@@ -43,6 +47,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         self.calls = CallCounter()
         self.allow_plaintext = allow_plaintext  # who may call without mTLS (SecurityConfig)
         self.worker: PrefillWorker | None = None
+        self.metrics = metrics or ServiceMetrics()
+        self.prefill_time = Histogram("zeroc:request_prefill_time_seconds", "Time from a Prefill call's arrival to "
+                                      "its last KV sent.", buckets=REQUEST_BUCKETS, registry=self.metrics.registry)
 
     def attach(self, loaded: LoadedModel, worker: PrefillWorker, fingerprint: str) -> None:
         self.vocab_size, self.fingerprint = loaded.config.vocab_size, fingerprint
@@ -86,6 +93,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                           request.cached_prefix_tokens, sink=sink, tenant=request.tenant)
 
     def Prefill(self, request, context):
+        arrived = time.monotonic()
         job = self._job(request, context)
         self.calls.enter(context)
         context.add_callback(job.cancelled.set)
@@ -108,6 +116,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             yield item
         if job.sink is not None:
             self._finish_out_of_band(job, context)
+        self.metrics.prompt_tokens.inc(len(job.token_ids))
+        self.metrics.kv_bytes(job.sink.kind if job.sink is not None else GRPC, "sent", job.kv_bytes)
+        self.prefill_time.observe(time.monotonic() - arrived)
         yield prefill_pb2.PrefillResponse(summary=prefill_pb2.PrefillSummary(
             num_tokens=len(job.token_ids), num_layers=self.worker.num_layers, kv_bytes=job.kv_bytes))
 
@@ -129,6 +140,20 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         yield from self.kv.open_link(request, context, self.transfer_timeout_s)
 
 
+def watch_prefill(servicer: PrefillServicer, worker, store, loaded: LoadedModel, cfg: ZeroCConfig) -> None:
+    """The series a prefill service reads at scrape time: its queue, its cache (one worker), its KV store."""
+    def load():
+        waiting = worker.pending()
+        return load_families(max(0, servicer.calls.count() - waiting), waiting)
+
+    servicer.metrics.watch(load)
+    if isinstance(worker, PrefillWorker):  # sequence-parallel ranks hold their caches in other processes
+        limit = loaded.config.max_position_embeddings
+        servicer.metrics.watch(cache_source(worker.cache, worker.cache.token_capacity(limit),
+                                            kv_footprint(worker.cache, loaded.config, cfg.cache)))
+    servicer.metrics.watch(lambda: store_families(store_snapshot(store)))
+
+
 def serve(cfg: ZeroCConfig, ready=print) -> None:
     """Listen first (health NOT_SERVING), load the model, then serve until SIGTERM."""
     capability = probe(cfg.device, cfg.transfer.kv_transport)  # ZeroCError (exit 2) if nccl is demanded and absent
@@ -136,15 +161,17 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     kv = KvTransportService(capability, torch.device(cfg.device), load_nccl() if capability.nccl_version else None,
                             host.draining)
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining, kv,
-                               cfg.transfer.timeout_s, cfg.server.max_message_mb << 20, cfg.security.allow_plaintext)
+                               cfg.transfer.timeout_s, cfg.server.max_message_mb << 20, cfg.security.allow_plaintext,
+                               ServiceMetrics())
     add_prefill_service(servicer, host.server)
     kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store,
                                   cfg.security.allow_plaintext)
     add_servicer(kv_store_pb2_grpc.add_KvStoreServiceServicer_to_server, kv_servicer, host.server)
-    store = None
+    store = metrics_server = None
     try:
         host.install_signal_handlers()
         host.start()
+        metrics_server = serve_metrics(servicer.metrics, cfg.server.host, cfg.metrics.port)
         ready(f"prefill service {host.listening}")
         loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend)
         fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
@@ -154,6 +181,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
             store = attach_store(cfg, loaded, fingerprint, host, kv_servicer)
             worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler, store.store if store else None)
         servicer.attach(loaded, worker, fingerprint)
+        watch_prefill(servicer, worker, store.store if store else None, loaded, cfg)
         host.set_serving()
         if store is not None:
             set_store_health(host, store.store.state)
@@ -162,6 +190,8 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
                                    "attention_backend": loaded.model.backend.name})
         host.wait_and_drain(worker.stop, servicer.calls.busy)
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         kv.close()
         host.server.stop(0)
         if store is not None:

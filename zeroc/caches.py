@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from zeroc.config import CacheConfig, ModelConfig
-from zeroc.kv_cache import BlockAllocator, LayerShape, PagedKVCache, layer_shapes
+from zeroc.kv_cache import BlockAllocator, LayerShape, PagedKVCache, block_bytes, layer_shapes
 from zeroc.policies import make_policy
 from zeroc.policies.base import KVMethod
 from zeroc.policies.tier import tier_policy
@@ -49,3 +49,15 @@ def sequence_blocks(cfg: ModelConfig, block_size: int, tokens: int, cache: Cache
     if policy is None:
         return -(-tokens // block_size)
     return policy.sequence_blocks(cfg, layer_shapes(cfg), block_size, tokens, dtype)
+
+
+def kv_footprint(cache: PagedKVCache, model: ModelConfig, cfg: CacheConfig) -> tuple[float, float]:
+    """(bytes `cache` stores per token of a sequence as long as the model's context, the full-precision bytes
+    per token of the uncompressed model): their ratio is what the ranks and the KV policy save."""
+    tokens = model.max_position_embeddings
+    per_block = (cache.policy.block_bytes(cache.shapes, cache.block_size, cache.dtype) if cache.policy is not None
+                 else block_bytes(cache.shapes, cache.block_size, cache.dtype))
+    stored = sequence_blocks(model, cache.block_size, tokens, cfg, cache.dtype) * per_block / tokens
+    item = torch.empty((), dtype=cache.dtype).element_size()
+    dense = 2 * item * model.num_hidden_layers * model.num_key_value_heads * model.head_dim
+    return stored, float(dense)

@@ -93,6 +93,7 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._ids = itertools.count()
+        self.num_preemptions = 0  # since start, for the service's metrics (a counter only this thread writes)
         self.device = device
         # Unseeded random requests draw their noise from this one generator, in one draw per step.
         self._shared_gen = torch.Generator(device=device)
@@ -174,6 +175,7 @@ class Engine:
                                    victim.queued_s or 0.0, victim.preemptions)]
             victim.in_cache = 0
             victim.preemptions += 1
+            self.num_preemptions += 1
             self.waiting.appendleft(victim)
         return []
 

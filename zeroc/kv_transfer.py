@@ -374,6 +374,8 @@ class KvTransport(abc.ABC):
     stream; an NCCL transport would exchange ids over that RPC and move the tensors out of band).
     """
 
+    kind: str | None = "grpc"  # how KV travels (zeroc.transport.capability's names); None: not chosen yet
+
     @abc.abstractmethod
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
               is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:

@@ -260,8 +260,11 @@ class CallCounter:
             self._n -= 1
 
     def busy(self) -> bool:
+        return self.count() > 0
+
+    def count(self) -> int:
         with self._lock:
-            return self._n > 0
+            return self._n
 
 
 def wait_serving(target: str, timeout_s: float, service: str = "", ca: bytes | None = None) -> None:

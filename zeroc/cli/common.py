@@ -76,7 +76,8 @@ def service_config(args: argparse.Namespace) -> ZeroCConfig:
         redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
         parallel={"sp_ranks": getattr(args, "sp", None)},
         security={"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                  "tokens_file": args.tokens_file}))
+                  "tokens_file": args.tokens_file},
+        metrics={"port": args.metrics_port}))
 
 
 def serve_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +102,13 @@ def serve_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--tls-{name}", default=None, help=f"PEM file: TLS {name} (env ZEROC_SECURITY_TLS_{name.upper()})")
     p.add_argument("--tokens-file", default=None,
                    help="bearer tokens of the public API, 'TOKEN TENANT' lines (env ZEROC_SECURITY_TOKENS_FILE)")
+    metrics_arg(p)
+
+
+def metrics_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics, HOST being the service's listen "
+                        "address (env ZEROC_METRICS_PORT; default 0: off; docs/metrics.md)")
 
 
 def redis_arg(p: argparse.ArgumentParser) -> None:

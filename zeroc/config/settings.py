@@ -187,6 +187,17 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint of a service (docs/metrics.md): plain HTTP on its own port, beside gRPC."""
+
+    port: int = 0  # GET http://HOST:PORT/metrics; 0 turns the endpoint off
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"metrics port must be in [0, 65535] (0: off), got {self.port}")
+
+
+@dataclass(frozen=True)
 class ZeroCConfig:
     """The root configuration: one typed sub-config per component.
 
@@ -206,6 +217,7 @@ class ZeroCConfig:
     store: KvStoreConfig = field(default_factory=KvStoreConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -253,4 +265,4 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false":
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
              "transfer": TransferConfig, "redis": RedisConfig, "store": KvStoreConfig,
-             "parallel": ParallelConfig, "security": SecurityConfig}
+             "parallel": ParallelConfig, "security": SecurityConfig, "metrics": MetricsConfig}

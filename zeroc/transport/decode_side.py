@@ -86,6 +86,8 @@ class NcclKvTransport(GrpcKvTransport):
     (the prefill side refuses a second one on a busy link); a failed transfer leaves the link
     out of step, so it is torn down and the next request opens a new one."""
 
+    kind = NCCL
+
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
                  device: torch.device, lib: NcclLibrary, tls: Tls | None = None):
         super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls)
@@ -209,6 +211,8 @@ class NcclKvTransport(GrpcKvTransport):
 
 class CudaIpcKvTransport(GrpcKvTransport):
     """KV by CUDA IPC handles from a prefill service on the same GPU."""
+
+    kind = CUDA_IPC
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
                  device: torch.device, tls: Tls | None = None):

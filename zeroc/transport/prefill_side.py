@@ -41,6 +41,8 @@ class KvSink(abc.ABC):
     returns on the Prefill stream; the servicer thread calls `finish` before the summary (it
     raises KvTransferError if the KV did not get out) and `close` however the job ended."""
 
+    kind = ""  # the transport's name (zeroc.transport.capability), for the metrics' transport label
+
     @abc.abstractmethod
     def layer(self, layer: int, k: Tensor, v: Tensor, first_token: int) -> list[prefill_pb2.PrefillResponse]:
         """Ship one layer. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]: the job's own rows from
@@ -55,6 +57,8 @@ class KvSink(abc.ABC):
 
 class CudaIpcSink(KvSink):
     """KV as CUDA IPC handles; the decode service on the same GPU copies it out itself."""
+
+    kind = CUDA_IPC
 
     def __init__(self) -> None:
         self._held: list[Tensor] = []
@@ -90,6 +94,8 @@ class PrefillLink:
 
 class NcclSink(KvSink):
     """KV by ncclSend on a link held for the whole job (NCCL pairs sends and receives in order)."""
+
+    kind = NCCL
 
     def __init__(self, link: PrefillLink, device: torch.device):
         self.link, self.device = link, device
