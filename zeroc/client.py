@@ -1,17 +1,23 @@
-"""The Python SDK: `Client` (blocking) and `AsyncClient` (asyncio) for a decode service.
+"""The Python SDK: `Client` (blocking) and `AsyncClient` (asyncio) for decode services.
 
 Both stream typed `Chunk`s and end with a `Result`; `generate` collects a whole completion.
-A call that fails with UNAVAILABLE before its first token (a replica starting, restarting or
-draining) is retried with exponential backoff; once tokens have flowed, errors surface as-is
-so no output is ever duplicated. Errors are raised as `ClientError` carrying the gRPC code.
+A client talks to one replica or several: a list of addresses, or one gRPC target naming many
+(``dns:///decode.svc:50051``, ``ipv4:10.0.0.1:50051,10.0.0.2:50051``). Calls are spread over the
+replicas by gRPC's own ``round_robin`` policy, which also skips replicas whose health check does not
+say SERVING (loading, draining). A call that fails with UNAVAILABLE before its first token (a replica
+starting, restarting, draining or gone) is retried, landing on the next replica, with exponential
+backoff; once tokens have flowed, errors surface as-is so no output is ever duplicated. `timeout`
+bounds a call with all its retries. Errors are raised as `ClientError` carrying the gRPC code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
@@ -22,12 +28,63 @@ from zeroc.v1 import generation_pb2_grpc
 _REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 
 
-def _retry_delay(exc: grpc.RpcError, started: bool, delays) -> float | None:
+# Round-robin over every address the target resolves to, each health-checked (grpc.health.v1, the
+# server's overall status): a replica reporting NOT_SERVING (loading, draining) takes no new calls.
+SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}})
+BALANCING_OPTIONS = [("grpc.service_config", SERVICE_CONFIG)]
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """One gRPC target for one address, a target gRPC resolves itself (``dns:///``, ``ipv4:``...), or a list of
+    IP addresses (``ipv4:``/``ipv6:`` target lists; names need a ``dns:///`` target). Raises ValueError."""
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets or any(not t for t in targets):
+        raise ValueError(f"target: at least one non-empty address is needed, got {targets!r}")
+    if len(targets) == 1:
+        return targets[0]
+    hosts = []
+    for t in targets:
+        host, _, port = t.rpartition(":")
+        try:
+            hosts.append(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            raise ValueError(f"target: several addresses must be IP:PORT ({t!r} is not); name a set of replicas "
+                             "with one dns:///NAME:PORT target") from None
+        if not port.isdigit():
+            raise ValueError(f"target: {t!r} has no port")
+    if len({h.version for h in hosts}) > 1:
+        raise ValueError("target: mix of IPv4 and IPv6 addresses; give one family")
+    return f"ipv{hosts[0].version}:" + ",".join(targets)
+
+
+class _Deadline:
+    """A call's deadline over all its attempts (None: none)."""
+
+    def __init__(self, timeout: float | None):
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def left(self) -> float | None:
+        return None if self.end is None else self.end - time.monotonic()
+
+    def check(self) -> float | None:
+        """The time left for the next attempt; ClientError DEADLINE_EXCEEDED once none is."""
+        left = self.left()
+        if left is not None and left <= 0:
+            raise ClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed while retrying")
+        return left
+
+
+def _retry_delay(exc: grpc.RpcError, started: bool, delays, deadline: _Deadline) -> float | None:
     """Seconds to wait before retrying, or None to give up: only UNAVAILABLE before the first token
-    is retried (after that, a retry would repeat tokens the caller already has)."""
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and not started:
-        return next(delays, None)
-    return None
+    is retried (after that, a retry would repeat tokens the caller already has), and only while the
+    deadline leaves room for the wait."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or started:
+        return None
+    delay = next(delays, None)
+    left = deadline.left()
+    if delay is None or (left is not None and left <= delay):
+        return None
+    return delay
 
 
 class ClientError(RuntimeError):
@@ -120,31 +177,33 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 class Client:
-    """Blocking client. `timeout` (seconds) is each call's deadline; None waits indefinitely. `token`: a
-    bearer token, sent with every call, for services that require one. `ca`: PEM of the CA that signed
-    the service's certificate (TLS); None talks plaintext (loopback)."""
+    """Blocking client. `target`: a decode service's HOST:PORT, a list of them, or a gRPC target naming
+    several (module docstring). `timeout` (seconds) is each call's deadline, retries included; None waits
+    indefinitely. `token`: a bearer token, sent with every call, for services that require one. `ca`: PEM
+    of the CA that signed the service's certificate (TLS); None talks plaintext (loopback). A stream the
+    caller closes early (or a `generate` whose thread is interrupted) cancels its call."""
 
-    def __init__(self, target: str, timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
+    def __init__(self, target: str | Sequence[str], timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
                  token: str | None = None, ca: bytes | None = None):
-        self.target, self.timeout, self.retry = target, timeout, retry
+        self.target, self.timeout, self.retry = channel_target(target), timeout, retry
         self._metadata = _metadata(token)
-        self._channel = open_channel(target, ca=ca)
+        self._channel = open_channel(self.target, ca=ca, options=BALANCING_OPTIONS)
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
     def stream(self, prompt: str | list[int], **kwargs) -> Iterator[Chunk | Result]:
         """Yield `Chunk`s as tokens arrive, then one `Result`. kwargs: see `build_request`."""
         request = build_request(prompt, **kwargs)
-        delays = self.retry.delays()
+        delays, deadline = self.retry.delays(), _Deadline(self.timeout)
         while True:
             started = False
-            call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
+            call = self._stub.Generate(request, timeout=deadline.check(), metadata=self._metadata)
             try:
                 for msg in call:
                     started = True
                     yield _convert(msg)
                 return
             except grpc.RpcError as exc:
-                delay = _retry_delay(exc, started, delays)
+                delay = _retry_delay(exc, started, delays, deadline)
                 if delay is None:
                     raise ClientError(exc.code(), exc.details()) from None
                 time.sleep(delay)
@@ -163,12 +222,12 @@ class Client:
             text=text, add_special_tokens=add_special_tokens)).token_ids)
 
     def _unary(self, method, request):
-        delays = self.retry.delays()
+        delays, deadline = self.retry.delays(), _Deadline(self.timeout)
         while True:
             try:
-                return method(request, timeout=self.timeout, metadata=self._metadata)
+                return method(request, timeout=deadline.check(), metadata=self._metadata)
             except grpc.RpcError as exc:
-                delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                delay = _retry_delay(exc, False, delays, deadline)
                 if delay is None:
                     raise ClientError(exc.code(), exc.details()) from None
                 time.sleep(delay)
@@ -186,27 +245,29 @@ class Client:
 class AsyncClient:
     """asyncio client with the same methods as `Client` (stream is an async iterator)."""
 
-    def __init__(self, target: str, timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
+    def __init__(self, target: str | Sequence[str], timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
                  token: str | None = None, ca: bytes | None = None):
-        self.target, self.timeout, self.retry = target, timeout, retry
+        self.target, self.timeout, self.retry = channel_target(target), timeout, retry
         self._metadata = _metadata(token)
-        self._channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca), options=RECONNECT_OPTIONS)
-                         if ca else grpc.aio.insecure_channel(target, options=RECONNECT_OPTIONS))
+        options = [*RECONNECT_OPTIONS, *BALANCING_OPTIONS]
+        self._channel = (grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(ca), options=options)
+                         if ca else grpc.aio.insecure_channel(self.target, options=options))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
     async def stream(self, prompt: str | list[int], **kwargs) -> AsyncIterator[Chunk | Result]:
+        """As `Client.stream`; cancelling the task that iterates cancels the call."""
         request = build_request(prompt, **kwargs)
-        delays = self.retry.delays()
+        delays, deadline = self.retry.delays(), _Deadline(self.timeout)
         while True:
             started = False
-            call = self._stub.Generate(request, timeout=self.timeout, metadata=self._metadata)
+            call = self._stub.Generate(request, timeout=deadline.check(), metadata=self._metadata)
             try:
                 async for msg in call:
                     started = True
                     yield _convert(msg)
                 return
             except grpc.RpcError as exc:
-                delay = _retry_delay(exc, started, delays)
+                delay = _retry_delay(exc, started, delays, deadline)
                 if delay is None:
                     raise ClientError(exc.code(), exc.details()) from None
                 await asyncio.sleep(delay)
@@ -217,11 +278,16 @@ class AsyncClient:
         return _collect([item async for item in self.stream(prompt, **kwargs)])
 
     async def model_info(self) -> pb.GetModelInfoResponse:
-        try:
-            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout,
-                                                 metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise ClientError(exc.code(), exc.details()) from None
+        delays, deadline = self.retry.delays(), _Deadline(self.timeout)
+        while True:
+            try:
+                return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=deadline.check(),
+                                                     metadata=self._metadata)
+            except grpc.RpcError as exc:
+                delay = _retry_delay(exc, False, delays, deadline)
+                if delay is None:
+                    raise ClientError(exc.code(), exc.details()) from None
+                await asyncio.sleep(delay)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -62,4 +62,5 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
 
     p = serve.add_parser("gateway", help="the OpenAI-compatible HTTP API in front of decode services")
     gateway.add_arguments(p)
+    common.metrics_arg(p)
     p.set_defaults(func=gateway.run)

@@ -30,6 +30,7 @@ from zeroc.gateway.chat import ChatTemplate
 from zeroc.gateway.errors import APIError, from_grpc
 from zeroc.gateway.replicas import Replicas
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
+from zeroc.metrics import ServiceMetrics
 from zeroc.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -295,8 +296,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal)
 
 
-def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max_body_bytes: int) -> FastAPI:
-    gw = Gateway(card, lambda: Replicas(targets, timeout_s), max_body_bytes)
+def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max_body_bytes: int,
+               metrics: ServiceMetrics | None = None) -> FastAPI:
+    """The app; `metrics`: where its series go (the caller serves them, see zeroc.metrics)."""
+    metrics = metrics or ServiceMetrics()
+    gw = Gateway(card, lambda: Replicas(targets, timeout_s, metrics=metrics), max_body_bytes)
     app = FastAPI(title="ZeroC gateway", description="OpenAI-compatible API over the ZeroC decode services",
                   lifespan=gw.lifespan)
     install_error_handlers(app)

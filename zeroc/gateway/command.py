@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from zeroc.config import BUNDLED_MODEL, ConfigError, ZeroCError
+from zeroc.config import BUNDLED_MODEL, ConfigError, ZeroCConfig, ZeroCError
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,14 @@ def curl_line(base_url: str, prompt: str, model_dir: str | None = None) -> str:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
+        metrics_port = ZeroCConfig.from_env(metrics={"port": getattr(args, "metrics_port", None)}).metrics.port
     except ValueError as exc:
         raise ZeroCError(str(exc)) from None
     card = model_card(settings.model_dir)
     import uvicorn
 
     from zeroc.gateway.app import create_app
+    from zeroc.metrics import ServiceMetrics, serve_metrics
     from zeroc.rpc import setup_logging, stop_with_parent
 
     setup_logging()
@@ -128,11 +130,21 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ZeroCError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     host, port = sock.getsockname()[:2]
-    app = create_app(card, list(settings.targets), settings.timeout_s, int(settings.max_body_mb * (1 << 20)))
+    metrics = ServiceMetrics()
+    try:
+        metrics_server = serve_metrics(metrics, settings.host, metrics_port)
+    except OSError as exc:
+        raise ZeroCError(f"cannot serve metrics on {settings.host}:{metrics_port}: {exc.strerror}") from None
+    app = create_app(card, list(settings.targets), settings.timeout_s, int(settings.max_body_mb * (1 << 20)),
+                     metrics)
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.grace_s), timeout_keep_alive=30)
     print(f"gateway listening on {host}:{port}", flush=True)
     log.info("serving", extra={"service": "gateway", "address": f"{host}:{port}", "model": card.name,
                                "targets": list(settings.targets), "chat_template": card.template is not None})
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
     return 0

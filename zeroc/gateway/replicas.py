@@ -11,26 +11,63 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import AsyncIterator
 
 import grpc
 
 from zeroc.client import AsyncClient, Chunk, ClientError, Result, RetryPolicy
+from zeroc.metrics import ServiceMetrics, TokenClock, gauge
 
 
 class Replicas:
-    def __init__(self, targets: list[str], timeout_s: float | None, retry: RetryPolicy = RetryPolicy()):
+    def __init__(self, targets: list[str], timeout_s: float | None, retry: RetryPolicy = RetryPolicy(),
+                 metrics: ServiceMetrics | None = None):
         if not targets:
             raise ValueError("targets: at least one decode service address is needed")
         # Each client tries once: failing over to another replica beats retrying the one that refused.
         self.clients = [AsyncClient(t, timeout=timeout_s, retry=RetryPolicy(attempts=1)) for t in targets]
         self.retry = retry
         self._turn = itertools.cycle(range(len(self.clients)))
+        self.metrics = metrics or ServiceMetrics()
+        self.open_calls = 0  # streams opened and not yet closed (one event loop: no lock)
+        self.metrics.watch(lambda: [gauge("zeroc:num_requests_running", "Decode calls in progress.",
+                                          self.open_calls)])
 
     async def open(self, prompt: str | list[int], **kwargs) -> tuple[Chunk | Result, AsyncIterator[Chunk | Result]]:
-        """Start a stream on the next replica that takes it: (its first item, the rest of the stream).
+        """Start a stream on the next replica that takes it: (its first item, the rest of the stream), its
+        tokens and end recorded in the metrics as they pass.
 
         Raises ClientError: the first non-UNAVAILABLE error, or UNAVAILABLE once retries ran out."""
+        arrived = time.monotonic()
+        self.open_calls += 1
+        try:
+            first, rest = await self._open(prompt, **kwargs)
+        except BaseException:
+            self.open_calls -= 1
+            raise
+        clock = TokenClock(self.metrics, arrived)
+        self._record(first, clock, arrived)
+        return first, self._observe(rest, clock, arrived)
+
+    def _record(self, item: Chunk | Result, clock: TokenClock, arrived: float) -> Chunk | Result:
+        if isinstance(item, Chunk):
+            clock.tokens(len(item.token_ids), time.monotonic())
+        else:
+            self.metrics.prompt_tokens.inc(item.usage.prompt_tokens)
+            self.metrics.finished(item.finish_reason, time.monotonic() - arrived)
+        return item
+
+    async def _observe(self, rest: AsyncIterator[Chunk | Result], clock: TokenClock, arrived: float
+                       ) -> AsyncIterator[Chunk | Result]:
+        try:
+            async for item in rest:
+                yield self._record(item, clock, arrived)
+        finally:
+            self.open_calls -= 1
+            await rest.aclose()
+
+    async def _open(self, prompt: str | list[int], **kwargs) -> tuple[Chunk | Result, AsyncIterator[Chunk | Result]]:
         delays = self.retry.delays()
         refused = 0
         while True:
