@@ -124,6 +124,11 @@ class EngineLoop:
             c = self.engine.cache
             return LoopStats(c.num_blocks, c.num_free_blocks, c.block_size, len(self.engine.running), self._queued)
 
+    def load(self) -> tuple[int, int]:
+        """(running, queued) read without the lock, for metrics: the loop thread re-takes the lock right after
+        each step, so a reader that waits for it may wait until the load is gone."""
+        return len(self.engine.running), self._queued
+
     def stop(self) -> None:
         """Stop stepping; requests still in flight end with finish reason "abort"."""
         with self._cond:
