@@ -16,6 +16,8 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from zeroc.config import ZeroCError
+
 # vLLM's buckets, so dashboards built for it read these series alike.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -188,5 +190,10 @@ class MetricsServer:
 
 
 def serve_metrics(metrics: ServiceMetrics, host: str, port: int) -> MetricsServer | None:
-    """The metrics endpoint on `port` (None when 0: off). OSError if the port is taken."""
-    return MetricsServer(metrics.registry, host, port) if port else None
+    """The metrics endpoint on `port` (None when 0: off). ZeroCError (a one-line CLI error) if it cannot listen."""
+    if not port:
+        return None
+    try:
+        return MetricsServer(metrics.registry, host, port)
+    except OSError as exc:
+        raise ZeroCError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None

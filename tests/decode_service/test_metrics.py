@@ -3,12 +3,14 @@ named series exist and move consistently with what the clients received."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 
+from cli_runs import zeroc
 from gateway_support import start_gateway
 from service_checks import Scrape, assert_no_leak, free_port, wait_until
 from zeroc.client import Client
@@ -141,3 +143,13 @@ def test_registries_are_per_service_and_the_port_setting_is_checked():
     assert ZeroCConfig.from_env({}).metrics.port == 0  # off unless asked for
     with pytest.raises(ValueError, match="metrics port"):
         ZeroCConfig.from_env({"ZEROC_METRICS_PORT": "70000"})
+
+
+def test_a_taken_metrics_port_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        done = zeroc("serve", "decode", "--colocated", "--port", "0", "--redis-url", "off",
+                     "--metrics-port", str(taken.getsockname()[1]))
+    assert done.returncode == 2 and "cannot serve metrics on 127.0.0.1:" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -131,10 +131,7 @@ def run(args: argparse.Namespace) -> int:
         raise ZeroCError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
     host, port = sock.getsockname()[:2]
     metrics = ServiceMetrics()
-    try:
-        metrics_server = serve_metrics(metrics, settings.host, metrics_port)
-    except OSError as exc:
-        raise ZeroCError(f"cannot serve metrics on {settings.host}:{metrics_port}: {exc.strerror}") from None
+    metrics_server = serve_metrics(metrics, settings.host, metrics_port)
     app = create_app(card, list(settings.targets), settings.timeout_s, int(settings.max_body_mb * (1 << 20)),
                      metrics)
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
