@@ -3,6 +3,7 @@ replica killed mid-run fails only the streams it had started, and no call outliv
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import grpc
 import pytest
 
 from service_checks import Scrape, assert_no_leak, free_port, wait_until
-from zeroc.client import Chunk, Client, ClientError, RetryPolicy, channel_target
+from zeroc.client import AsyncClient, Chunk, Client, ClientError, RetryPolicy, channel_target
 from zeroc.stack import ServiceProcess
 
 TIMEOUT_S = 30.0
@@ -63,6 +64,14 @@ def test_round_robin_spreads_calls_and_deadlines_and_cancellation_hold(replicas)
         stream.close()  # cancels the call: whichever replica ran it frees its blocks
     for address in replicas.addresses:
         assert_no_leak(address)
+
+    async def concurrently() -> list:
+        async with AsyncClient(replicas.addresses, timeout=TIMEOUT_S) as ac:
+            return await asyncio.gather(*(ac.generate(f"Async {i}", max_tokens=2, ignore_eos=True) for i in range(6)))
+
+    before = served(replicas.ports)
+    assert [len(r.token_ids) for r in asyncio.run(concurrently())] == [2] * 6
+    assert sum(a - b for a, b in zip(served(replicas.ports), before)) == 6
 
     with Client(replicas.addresses, timeout=0.5) as short:
         started = time.monotonic()
