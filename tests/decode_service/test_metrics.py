@@ -3,9 +3,12 @@ named series exist and move consistently with what the clients received."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -31,6 +34,7 @@ DECODE_SERIES = {
 PREFILL_SERIES = {"zeroc:num_requests_running", "zeroc:num_requests_waiting", "zeroc:kv_cache_usage_perc",
                   "zeroc:prompt_tokens_total", "zeroc:request_prefill_time_seconds_count",
                   "zeroc:kv_transfer_bytes_total", "zeroc:prefix_cache_hits_total", "zeroc:kv_store_index_state"}
+ROOT = Path(__file__).resolve().parents[2]
 LONG_PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n" * 2
 
 
@@ -103,6 +107,19 @@ def test_decode_series_under_load_move_with_what_clients_received(stack):
     assert after("zeroc:kv_cache_token_capacity") == min(info.max_context, info.kv_blocks_total * info.kv_block_size)
     assert after("zeroc:kv_cache_compression_ratio") == 1.0  # the bundled model, full-precision cache
     assert after("zeroc:num_requests_running") == after("zeroc:num_requests_waiting") == 0
+    _check_docs_and_dashboard(after.names())
+
+
+def _check_docs_and_dashboard(exposed: set[str]) -> None:
+    """docs/metrics.md documents every series the service exposes; the Grafana dashboard queries only those."""
+    documented = set(re.findall(r"zeroc:[a-z0-9_]+", (ROOT / "docs/metrics.md").read_text()))
+    for name in exposed:
+        base = re.sub(r"_(bucket|count|sum|created)$", "", name)
+        assert name.endswith("_created") or {name, base} & documented, f"{name} is not in docs/metrics.md"
+    dashboard = json.loads((ROOT / "deploy/grafana/zeroc-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queried = {n for e in exprs for n in re.findall(r"zeroc:[a-z0-9_]+", e)}
+    assert queried and queried <= exposed, queried - exposed
 
 
 def test_prefill_series_and_the_bytes_both_sides_count(stack):
