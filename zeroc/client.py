@@ -3,8 +3,8 @@
 Both stream typed `Chunk`s and end with a `Result`; `generate` collects a whole completion.
 A client talks to one replica or several: a list of addresses, or one gRPC target naming many
 (``dns:///decode.svc:50051``, ``ipv4:10.0.0.1:50051,10.0.0.2:50051``). Calls are spread over the
-replicas by gRPC's own ``round_robin`` policy, which also skips replicas whose health check does not
-say SERVING (loading, draining). A call that fails with UNAVAILABLE before its first token (a replica
+replicas by gRPC's own ``round_robin`` policy, which also skips replicas of such a set whose health
+check does not say SERVING (loading, draining). A call that fails with UNAVAILABLE before its first token (a replica
 starting, restarting, draining or gone) is retried, landing on the next replica, with exponential
 backoff; once tokens have flowed, errors surface as-is so no output is ever duplicated. `timeout`
 bounds a call with all its retries. Errors are raised as `ClientError` carrying the gRPC code.
@@ -28,10 +28,18 @@ from zeroc.v1 import generation_pb2_grpc
 _REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 
 
-# Round-robin over every address the target resolves to, each health-checked (grpc.health.v1, the
-# server's overall status): a replica reporting NOT_SERVING (loading, draining) takes no new calls.
-SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}})
-BALANCING_OPTIONS = [("grpc.service_config", SERVICE_CONFIG)]
+# Round-robin over every address the target resolves to. For a target naming a set of replicas each is
+# health-checked too (grpc.health.v1, the server's overall status): one reporting NOT_SERVING (loading,
+# draining) takes no new calls. A plain HOST:PORT is not health-checked, so its caller sees the service's
+# own answers (UNAVAILABLE "the model is still loading", ...).
+ROUND_ROBIN = {"loadBalancingConfig": [{"round_robin": {}}]}
+HEALTH_CHECKED = {**ROUND_ROBIN, "healthCheckConfig": {"serviceName": ""}}
+
+
+def balancing_options(target: str | Sequence[str]) -> list[tuple[str, str]]:
+    """Channel options for `target` as given to a client: round_robin, health-checked for a set of replicas."""
+    several = not isinstance(target, str) or target.startswith(("ipv4:", "ipv6:")) or ":///" in target
+    return [("grpc.service_config", json.dumps(HEALTH_CHECKED if several else ROUND_ROBIN))]
 
 
 def channel_target(target: str | Sequence[str]) -> str:
@@ -187,7 +195,7 @@ class Client:
                  token: str | None = None, ca: bytes | None = None):
         self.target, self.timeout, self.retry = channel_target(target), timeout, retry
         self._metadata = _metadata(token)
-        self._channel = open_channel(self.target, ca=ca, options=BALANCING_OPTIONS)
+        self._channel = open_channel(self.target, ca=ca, options=balancing_options(target))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
     def stream(self, prompt: str | list[int], **kwargs) -> Iterator[Chunk | Result]:
@@ -249,7 +257,7 @@ class AsyncClient:
                  token: str | None = None, ca: bytes | None = None):
         self.target, self.timeout, self.retry = channel_target(target), timeout, retry
         self._metadata = _metadata(token)
-        options = [*RECONNECT_OPTIONS, *BALANCING_OPTIONS]
+        options = [*RECONNECT_OPTIONS, *balancing_options(target)]
         self._channel = (grpc.aio.secure_channel(self.target, grpc.ssl_channel_credentials(ca), options=options)
                          if ca else grpc.aio.insecure_channel(self.target, options=options))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
