@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from service_checks import Scrape, assert_no_leak, free_port, wait_until
-from zeroc.client import AsyncClient, Chunk, Client, ClientError, RetryPolicy, channel_target
+from zeroc.client import AsyncClient, Chunk, Client, ClientError, RetryPolicy, balancing_options, channel_target
 from zeroc.stack import ServiceProcess
 
 TIMEOUT_S = 30.0
@@ -45,6 +45,11 @@ def test_targets_name_several_replicas():
     assert channel_target("dns:///decode.zeroc.svc:50051") == "dns:///decode.zeroc.svc:50051"
     assert channel_target(["127.0.0.1:5", "127.0.0.2:6"]) == "ipv4:127.0.0.1:5,127.0.0.2:6"
     assert channel_target(["[::1]:5", "[::1]:6"]) == "ipv6:[::1]:5,[::1]:6"
+    # A set of replicas is health-checked (NOT_SERVING ones take no calls); one address answers for itself.
+    for target, checked in (("127.0.0.1:5", False), (["127.0.0.1:5", "127.0.0.2:6"], True),
+                            ("dns:///decode:5", True), ("ipv4:127.0.0.1:5,127.0.0.2:6", True)):
+        (name, config), = balancing_options(target)
+        assert name == "grpc.service_config" and "round_robin" in config and ("healthCheckConfig" in config) == checked
     for bad in (["decode-0:5", "decode-1:5"], ["127.0.0.1:5", "[::1]:5"], [], ["127.0.0.1:x", "127.0.0.1:5"]):
         with pytest.raises(ValueError, match="target"):
             channel_target(bad)
