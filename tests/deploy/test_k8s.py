@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 import k8s_manifests as km
-from zeroc.config import REPO_ROOT
+from zeroc.config import REPO_ROOT, ServerConfig
 
 # Oldest and newest Kubernetes the manifests are checked against (grpc probes are GA since 1.27).
 K8S_VERSIONS = ("1.30.0", "1.37.0")
@@ -129,6 +129,7 @@ def test_service_pods_agree_with_the_cli(renders, monkeypatch, variant, kind):
     assert c["args"] == ["serve", kind]
     ports = km.ports(c)
     assert cfg.server.host == "0.0.0.0" and cfg.server.port == ports["grpc"]
+    assert cfg.server.port == ServerConfig().port, "the pods listen where `zeroc serve` does by default"
     module = prefill_service.server if kind == "prefill" else decode_service.server
     _check_probes(c, cfg.server.port, module.SERVICE_NAME, tls)
     internal = ports["grpc-internal"] if tls else ports["grpc"]
@@ -204,7 +205,7 @@ def test_gateway_agrees_with_its_settings(renders):
     assert c["command"] == ["zeroc"] and c["args"] == ["serve", "gateway"]
     build_parser().parse_args(c["args"])
     settings = GatewaySettings.from_env(km.pod_env(docs, c))
-    assert settings.host == "0.0.0.0" and settings.port == km.ports(c)["http"]
+    assert settings.host == "0.0.0.0" and settings.port == km.ports(c)["http"] == GatewaySettings().port
     for target in settings.targets:  # dns:///NAME:PORT or NAME:PORT, a decode Service
         host, port = target.removeprefix("dns:///").rsplit(":", 1)
         svc, svc_port = km.service_port(docs, host, int(port))
@@ -300,7 +301,7 @@ def test_tls_probe_asks_a_real_tls_service(renders, tmp_path, kind):
     it fails while the service is NOT_SERVING (loading) and passes once it serves."""
     import decode_service.server
     import prefill_service.server
-    from zeroc.config import SecurityConfig, ServerConfig
+    from zeroc.config import SecurityConfig
     from zeroc.pki import make_pki
     from zeroc.rpc import ServiceHost
 
