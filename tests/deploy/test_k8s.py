@@ -241,6 +241,43 @@ def test_disruption_budgets_cover_every_deployment(renders, variant):
             deployment["metadata"]["name"]
 
 
+@pytest.mark.parametrize("variant", list(km.VARIANTS))
+def test_network_policies_let_the_deployment_through_and_no_one_else(renders, monkeypatch, variant):
+    """Only prefill and decode pods reach the prefill service (where it takes internal RPCs) and Redis;
+    the decode API and every metrics port stay open."""
+    docs = renders[variant]
+    labels = {name: km.find(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+              for name in (PREFILL, DECODE)}
+    decode, prefill = km.container(docs, DECODE), km.container(docs, PREFILL)
+    host, port = _service_config(monkeypatch, decode, km.pod_env(docs, decode)).transfer.prefill_target.rsplit(":", 1)
+    prefill_port = km.ports(prefill)[km.service_port(docs, host, int(port))[1]["targetPort"]]
+    advertised = _service_config(monkeypatch, prefill, km.pod_env(docs, prefill)).store.advertise
+    fetch_port = int(advertised.rsplit(":", 1)[1])  # peers fetch the prefill service's blocks there
+    stranger = {"app.kubernetes.io/name": "someone-else"}
+    gateway = {"app.kubernetes.io/name": "zeroc-gateway"}
+    for port in (prefill_port, fetch_port):
+        assert km.ingress_allowed(docs, labels[DECODE], PREFILL, port)
+        assert km.ingress_allowed(docs, labels[PREFILL], PREFILL, port)
+        assert not km.ingress_allowed(docs, stranger, PREFILL, port)
+        assert not km.ingress_allowed(docs, gateway, PREFILL, port)
+    assert km.ingress_allowed(docs, stranger, PREFILL, km.ports(prefill)["metrics"])
+    assert km.ingress_allowed(docs, stranger, DECODE, km.ports(decode)["grpc"])
+    if km.find(docs, "StatefulSet", "zeroc-redis"):
+        for src in (DECODE, PREFILL):
+            assert km.ingress_allowed(docs, labels[src], "zeroc-redis", 6379)
+        assert not km.ingress_allowed(docs, gateway, "zeroc-redis", 6379)
+
+
+def test_services_and_gateway_have_their_own_identities(renders):
+    """A mesh policy tells the services (internal RPCs allowed) from the gateway by service account."""
+    docs = renders["cpu"]
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    used = {name: km.find(docs, "Deployment", name)["spec"]["template"]["spec"]["serviceAccountName"]
+            for name in (PREFILL, DECODE, GATEWAY)}
+    assert set(used.values()) <= accounts
+    assert used[PREFILL] == used[DECODE] != used[GATEWAY]
+
+
 def test_gpu_overlay_asks_for_gpus(renders):
     for name in (PREFILL, DECODE):
         gpu, cpu = km.container(renders["gpu"], name), km.container(renders["cpu"], name)

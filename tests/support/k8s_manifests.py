@@ -129,3 +129,37 @@ def selected(docs: list[dict], svc: dict) -> list[dict]:
     sel = svc["spec"]["selector"].items()
     return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
             and sel <= d["spec"]["template"]["metadata"]["labels"].items()]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels, and matchExpressions with In / NotIn / Exists) against pod labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def ingress_allowed(docs: list[dict], src_labels: dict, dst: str, port: int) -> bool:
+    """Whether NetworkPolicies let a pod labelled `src_labels` (same namespace) reach TCP `port` of the
+    pods of workload `dst`: allowed with no policy selecting them, else if some ingress rule matches."""
+    workload = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == dst)
+    template = workload["spec"]["template"]
+    labels = template["metadata"]["labels"]
+    named = ports(template["spec"]["containers"][0])
+    policies = [p for p in docs if p["kind"] == "NetworkPolicy" and _selects(p["spec"]["podSelector"], labels)]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            sources = rule.get("from")
+            if sources and not any("podSelector" in s and _selects(s["podSelector"], src_labels) for s in sources):
+                continue
+            allowed = rule.get("ports")
+            if not allowed or any(named.get(p["port"], p["port"]) == port for p in allowed):
+                return True
+    return False
