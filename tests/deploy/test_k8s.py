@@ -136,8 +136,8 @@ def test_service_pods_agree_with_the_cli(renders, monkeypatch, variant, kind):
     if tls:
         assert cfg.security.internal_port == internal and cfg.security.allow_plaintext == "loopback"
         mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls")
-        assert {cfg.security.tls_ca, cfg.security.tls_cert, cfg.security.tls_key} == {
-            f"{mount}/ca.crt", f"{mount}/tls.crt", f"{mount}/tls.key"}
+        assert (cfg.security.tls_ca, cfg.security.tls_cert, cfg.security.tls_key) == (
+            f"{mount}/ca.crt", f"{mount}/tls.crt", f"{mount}/tls.key")  # the kubernetes.io/tls layout
     else:
         assert cfg.security.allow_plaintext == "any" and not cfg.security.tls_cert
         assert "grpc-internal" not in ports
@@ -204,8 +204,11 @@ def test_gateway_agrees_with_its_settings(renders):
     c = km.container(docs, GATEWAY)
     assert c["command"] == ["zeroc"] and c["args"] == ["serve", "gateway"]
     build_parser().parse_args(c["args"])
-    settings = GatewaySettings.from_env(km.pod_env(docs, c))
+    env = km.pod_env(docs, c)
+    settings = GatewaySettings.from_env(env)
     assert settings.host == "0.0.0.0" and settings.port == km.ports(c)["http"] == GatewaySettings().port
+    annotations = km.find(docs, "Deployment", GATEWAY)["spec"]["template"]["metadata"]["annotations"]
+    assert int(env["ZEROC_METRICS_PORT"]) == km.ports(c)["metrics"] == int(annotations["prometheus.io/port"])
     for target in settings.targets:  # dns:///NAME:PORT or NAME:PORT, a decode Service
         host, port = target.removeprefix("dns:///").rsplit(":", 1)
         svc, svc_port = km.service_port(docs, host, int(port))
