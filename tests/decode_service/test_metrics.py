@@ -116,7 +116,7 @@ def _check_docs_and_dashboard(exposed: set[str]) -> None:
     for name in exposed:
         base = re.sub(r"_(bucket|count|sum|created)$", "", name)
         assert name.endswith("_created") or {name, base} & documented, f"{name} is not in docs/metrics.md"
-    dashboard = json.loads((ROOT / "deploy/grafana/zeroc-dashboard.json").read_text())
+    dashboard = json.loads((ROOT / "deploy/grafana/zeroc.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     queried = {n for e in exprs for n in re.findall(r"zeroc:[a-z0-9_]+", e)}
     assert queried and queried <= exposed, queried - exposed

@@ -14,6 +14,7 @@ from zeroc.caches import paged_cache
 from zeroc.kv_cache import LayerShape, PagedKVCache, layer_shapes
 from zeroc.kv_transfer import decode_chunk
 from zeroc.model import Transformer
+from oracle import oracle_of
 from oracle.base import KVPolicy
 from zeroc.sampling import SamplingParams
 from zeroc.transport.landing import receive_into
@@ -58,6 +59,26 @@ def serve(model: Transformer, cache: PagedKVCache, ids: list[int], steps: int, c
 
 def policy_cache(loaded, **cfg) -> PagedKVCache:
     return paged_cache(layer_shapes(loaded.config), CacheConfig(**cfg), torch.float32, model=loaded.model)
+
+
+def check_serving_is_the_policy(loaded, method, ids: list[int], steps: int, chunks: list[list[int]],
+                                atol: float = 1e-4, **cache_cfg) -> None:
+    """Serving `method` through one paged cache (`cache_cfg`: CacheConfig fields) gives the dense oracle's logits
+    and greedy tokens for every prompt chunking in `chunks`, far closer to them than plain attention is, and each
+    freed sequence leaves every block behind."""
+    want_logits, want_tokens = stream(loaded.model, oracle_of(method), ids, steps)
+    plain, _ = serve(loaded.model, policy_cache(loaded, block_size=cache_cfg["block_size"], num_blocks=16), ids,
+                     steps, [len(ids)])
+    gap = (want_logits - plain).abs().max()  # how far the policy moves the logits
+    assert gap > 1e-4
+    cache = policy_cache(loaded, **cache_cfg)
+    for split in chunks:
+        logits, tokens = serve(loaded.model, cache, ids, steps, split)
+        torch.testing.assert_close(logits, want_logits, atol=atol, rtol=1e-4)
+        assert (logits - want_logits).abs().max() < gap / 100  # serving is the policy, not plain attention
+        assert tokens == want_tokens
+        cache.free("s")
+        assert cache.num_free_blocks == cache.num_blocks
 
 
 def prefill_chunks(loaded, cache: CacheConfig, ids: list[int]) -> list:

@@ -14,13 +14,14 @@ comparing against fp32.
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
+
+from zeroc.policies.eviction_rule import attend_dense  # noqa: F401  (the oracles' dense attention: the same
+# arithmetic as the product's, so quantised methods round their codes identically on both sides)
 
 if TYPE_CHECKING:  # annotations only: the model sits above the policies
     from zeroc.model import Transformer
@@ -112,40 +113,3 @@ def reference_bits(model: Transformer, tokens: int) -> float:
     source model's head_dim even when `model` is ZeroC-compressed: the denominator of every KV fraction."""
     cfg = model.config
     return float(tokens * cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * cfg.head_dim * REFERENCE_BITS)
-
-
-def attend_dense(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """GQA attention of one new query per sequence over its kept tokens (no mask: all are past).
-
-    q: [B, heads, dq]; k: [B, kv_heads, n, dq]; v: [B, kv_heads, n, dv]
-    -> (out [B, heads, dv], probs [B, heads, n]); heads of a KV head's group are adjacent.
-    """
-    b, heads, dq = q.shape
-    kv = k.shape[1]
-    work = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 at least, as the model's SDPA does
-    qg = q.view(b, kv, heads // kv, dq).to(work)
-    scores = torch.einsum("bkgd,bknd->bkgn", qg, k.to(work)) * scale
-    probs = torch.softmax(scores, dim=-1)  # [B, kv, group, n]
-    out = torch.einsum("bkgn,bkne->bkge", probs, v.to(work))
-    return out.reshape(b, heads, -1).to(q.dtype), probs.reshape(b, heads, -1)
-
-
-def eviction_keep(tokens: int, budget: float, floor_tokens: int) -> int:
-    """Tokens a token-eviction policy may keep when `tokens` have been seen.
-
-    floor(budget * tokens) so its bytes never exceed ZeroC's budget * tokens, but never fewer
-    than `floor_tokens` (the sinks / at least the current token) and never more than seen.
-    """
-    return min(tokens, max(math.floor(budget * tokens + 1e-9), floor_tokens))
-
-
-def grow(buf: Tensor, size: int) -> Tensor:
-    """buf with room for at least `size` slots along dim 2 (capacity doubles, new slots are zero).
-
-    buf: [B, kv_heads, capacity, *rest]. Geometric growth keeps a T-token stream at O(T) copies.
-    """
-    cap = buf.shape[2]
-    if size <= cap:
-        return buf
-    extra = max(cap, 16, size - cap)
-    return torch.cat([buf, buf.new_zeros(buf.shape[0], buf.shape[1], extra, *buf.shape[3:])], dim=2)

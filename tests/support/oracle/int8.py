@@ -23,8 +23,9 @@ from torch import Tensor
 
 from zeroc_kernels.kv_quant import dequantize_rows_ref as dequantize_rows
 from zeroc_kernels.kv_quant import quantize_rows_ref as quantize_rows
-from oracle.base import (KVPolicy, LayerGeometry, LayerKVCache, attend_dense, check_budget, grow,
-                                 layer_geometry, reference_bits)
+from oracle.base import (KVPolicy, LayerGeometry, LayerKVCache, attend_dense, check_budget, layer_geometry,
+                         reference_bits)
+from zeroc.policies.eviction_rule import grow
 
 if TYPE_CHECKING:  # annotations only: the model sits above the policies
     from zeroc.model import Transformer

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from oracle.base import (REFERENCE_BITS, KVPolicy, LayerGeometry, LayerKVCache, attend_dense,
-                                 check_budget, full_bits, grow, layer_geometry)
+                                 check_budget, full_bits, layer_geometry)
+from zeroc.policies.eviction_rule import grow
 
 if TYPE_CHECKING:  # annotations only: the model sits above the policies
     from zeroc.model import Transformer

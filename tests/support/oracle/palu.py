@@ -13,17 +13,17 @@ exactly by rotating back by the token's angle.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from zeroc.policies.palu import weight_basis
+from zeroc.policies.palu import Palu, weight_basis
 from zeroc.rope import apply_rope, rope_cos_sin
 from oracle.base import (REFERENCE_BITS, KVPolicy, LayerGeometry, LayerKVCache, attend_dense,
-                                 check_budget, grow, layer_geometry)
+                                 layer_geometry)
+from zeroc.policies.eviction_rule import grow
 
 if TYPE_CHECKING:  # annotations only: the model sits above the policies
     from zeroc.model import Transformer
@@ -36,10 +36,11 @@ class PaluLowRank(KVPolicy):
     name = "palu"
 
     def __post_init__(self) -> None:
-        check_budget(self.budget)
+        Palu(self.budget)  # the product's budget validation
 
     def rank(self, head_dim: int) -> int:
-        return max(1, math.floor(self.budget * head_dim + 1e-9))
+        """The product method's rank rule: the oracle checks the rest."""
+        return Palu(self.budget).rank(head_dim)
 
     def prepare(self, model: Transformer) -> None:
         if model.config.compression is not None:

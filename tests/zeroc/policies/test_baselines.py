@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving_runs import decode_landed, land_prompt, policy_cache, serve, stream
+from serving_runs import check_serving_is_the_policy, decode_landed, land_prompt, policy_cache, serve
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.caches import paged_cache
 from zeroc.kv_cache import LayerShape, block_bytes, layer_shapes
-from oracle import oracle_of
 from zeroc.policies import make_policy
 from zeroc.policies.palu import Palu
 from zeroc.policies.snapkv import SnapKV
@@ -33,19 +32,8 @@ CASES = [  # (policy name, evaluator, budget, model, prompt tokens, prefill spli
                          ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CASES])
 def test_serving_equals_the_streaming_evaluator(request, heldout_ids, name, rule, budget, model_name, prompt,
                                                 chunks):
-    loaded = request.getfixturevalue(model_name)
-    ids, steps = heldout_ids[:prompt], 6
-    want_logits, want_tokens = stream(loaded.model, oracle_of(rule(budget=budget)), ids, steps)
-    plain, _ = serve(loaded.model, policy_cache(loaded, block_size=16, num_blocks=16), ids, steps, [prompt])
-    gap = (want_logits - plain).abs().max()  # how far the policy moves the logits
-    cache = policy_cache(loaded, block_size=16, num_blocks=32, kv_policy=name, kv_budget=budget)
-    for split in chunks:  # one cache: a freed sequence leaves nothing behind for the next
-        logits, tokens = serve(loaded.model, cache, ids, steps, split)
-        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
-        assert (logits - want_logits).abs().max() < gap / 100  # serving is the policy, not plain attention
-        assert tokens == want_tokens
-        cache.free("s")
-        assert cache.num_free_blocks == cache.num_blocks
+    check_serving_is_the_policy(request.getfixturevalue(model_name), rule(budget=budget), heldout_ids[:prompt], 6,
+                                chunks, block_size=16, num_blocks=32, kv_policy=name, kv_budget=budget)
 
 
 # The bundled model's cache geometry: 6 layers of 2 KV heads, K and V 64 wide (6 query heads).

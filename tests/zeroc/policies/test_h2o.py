@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from serving_runs import policy_cache, serve, stream
+from serving_runs import check_serving_is_the_policy, policy_cache
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
-from oracle import oracle_of
 from zeroc.policies.h2o import H2O
 from zeroc.sampling import SamplingParams
 
@@ -21,18 +20,9 @@ from zeroc.sampling import SamplingParams
 ])
 def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name, budget, max_tokens, prompt,
                                                 chunks):
-    loaded = request.getfixturevalue(model_name)
-    ids, steps = heldout_ids[:prompt], 8
-    want_logits, want_tokens = stream(loaded.model, oracle_of(H2O(budget=budget, max_tokens=max_tokens)), ids, steps)
-    plain, _ = serve(loaded.model, policy_cache(loaded, block_size=16, num_blocks=16), ids, steps, [prompt])
-    gap = (want_logits - plain).abs().max()  # how far the policy moves the logits
-    for split in chunks:
-        cache = policy_cache(loaded, block_size=16, num_blocks=32, kv_policy="h2o", kv_budget=budget,
-                             kv_max_tokens=max_tokens)
-        logits, tokens = serve(loaded.model, cache, ids, steps, split)
-        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
-        assert (logits - want_logits).abs().max() < gap / 100  # serving is the policy, not plain attention
-        assert tokens == want_tokens
+    check_serving_is_the_policy(request.getfixturevalue(model_name), H2O(budget=budget, max_tokens=max_tokens),
+                                heldout_ids[:prompt], 8, chunks, block_size=16, num_blocks=32, kv_policy="h2o",
+                                kv_budget=budget, kv_max_tokens=max_tokens)
 
 
 def kept_positions(cache, seq: str) -> list[list[list[int]]]:

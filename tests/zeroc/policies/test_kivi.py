@@ -8,13 +8,12 @@ import grpc
 import pytest
 import torch
 
-from serving_runs import BUNDLED, GREEDY, decode_landed, land_prompt, policy_cache, serve, stream
+from serving_runs import check_serving_is_the_policy, BUNDLED, GREEDY, decode_landed, land_prompt, policy_cache
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.caches import paged_cache
 from zeroc.kv_cache import block_bytes, layer_shapes
 from zeroc.kv_transfer import KvTransferError
-from oracle import oracle_of
 from zeroc.policies.kivi import KIVI
 from zeroc.transport.landing import receive_into
 
@@ -25,17 +24,9 @@ from zeroc.transport.landing import receive_into
     ("random_gqa", 2, 32, 100, [[100], [64, 36]]),  # a full-precision residual block besides the filling one
 ])
 def test_serving_equals_the_streaming_evaluator(request, heldout_ids, model_name, bits, residual, prompt, chunks):
-    loaded = request.getfixturevalue(model_name)
-    ids, steps = heldout_ids[:prompt], 10
-    want_logits, want_tokens = stream(loaded.model, oracle_of(KIVI(bits=bits, residual=residual)), ids, steps)
-    plain, _ = serve(loaded.model, policy_cache(loaded, block_size=32, num_blocks=16), ids, steps, [prompt])
-    gap = (want_logits - plain).abs().max()  # how far the policy moves the logits
-    for split in chunks:
-        cache = policy_cache(loaded, block_size=32, num_blocks=64, kv_policy=f"kivi-{bits}", kv_residual=residual)
-        logits, tokens = serve(loaded.model, cache, ids, steps, split)
-        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
-        assert (logits - want_logits).abs().max() < gap / 100  # serving is the policy, not plain attention
-        assert tokens == want_tokens
+    check_serving_is_the_policy(request.getfixturevalue(model_name), KIVI(bits=bits, residual=residual),
+                                heldout_ids[:prompt], 10, chunks, block_size=32, num_blocks=64,
+                                kv_policy=f"kivi-{bits}", kv_residual=residual)
 
 
 # The bundled model's cache geometry: 6 layers of 2 KV heads, K and V 64 wide.
