@@ -9,6 +9,7 @@ service. Names follow vLLM's where they mean the same, with the ``zeroc:`` prefi
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -17,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from zeroc.config import ZeroCError
+
+log = logging.getLogger(__name__)
 
 # vLLM's buckets, so dashboards built for it read these series alike.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -117,7 +120,7 @@ class _Sources:
             try:
                 yield from source()
             except Exception:  # e.g. a store closing during shutdown: the scrape still answers
-                continue
+                log.debug("a metrics source failed", exc_info=True)
 
 
 class ServiceMetrics:
