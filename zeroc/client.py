@@ -82,16 +82,14 @@ class _Deadline:
         return left
 
 
-def _retry_delay(exc: grpc.RpcError, started: bool, delays, deadline: _Deadline) -> float | None:
-    """Seconds to wait before retrying, or None to give up: only UNAVAILABLE before the first token
-    is retried (after that, a retry would repeat tokens the caller already has), and only while the
-    deadline leaves room for the wait."""
-    if exc.code() != grpc.StatusCode.UNAVAILABLE or started:
-        return None
-    delay = next(delays, None)
+def _retry_delay(exc: grpc.RpcError, started: bool, delays, deadline: _Deadline) -> float:
+    """Seconds to wait before retrying; raises the call's `ClientError` to give up. Only UNAVAILABLE before
+    the first token is retried (after that, a retry would repeat tokens the caller already has), and only
+    while the deadline leaves room for the wait."""
+    delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE and not started else None
     left = deadline.left()
     if delay is None or (left is not None and left <= delay):
-        return None
+        raise ClientError(exc.code(), exc.details()) from None
     return delay
 
 
@@ -211,10 +209,7 @@ class Client:
                     yield _convert(msg)
                 return
             except grpc.RpcError as exc:
-                delay = _retry_delay(exc, started, delays, deadline)
-                if delay is None:
-                    raise ClientError(exc.code(), exc.details()) from None
-                time.sleep(delay)
+                time.sleep(_retry_delay(exc, started, delays, deadline))
             finally:
                 call.cancel()  # no-op once finished; frees the server's blocks if the caller stops early
 
@@ -235,10 +230,7 @@ class Client:
             try:
                 return method(request, timeout=deadline.check(), metadata=self._metadata)
             except grpc.RpcError as exc:
-                delay = _retry_delay(exc, False, delays, deadline)
-                if delay is None:
-                    raise ClientError(exc.code(), exc.details()) from None
-                time.sleep(delay)
+                time.sleep(_retry_delay(exc, False, delays, deadline))
 
     def close(self) -> None:
         self._channel.close()
@@ -275,10 +267,7 @@ class AsyncClient:
                     yield _convert(msg)
                 return
             except grpc.RpcError as exc:
-                delay = _retry_delay(exc, started, delays, deadline)
-                if delay is None:
-                    raise ClientError(exc.code(), exc.details()) from None
-                await asyncio.sleep(delay)
+                await asyncio.sleep(_retry_delay(exc, started, delays, deadline))
             finally:
                 call.cancel()
 
@@ -292,10 +281,7 @@ class AsyncClient:
                 return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=deadline.check(),
                                                      metadata=self._metadata)
             except grpc.RpcError as exc:
-                delay = _retry_delay(exc, False, delays, deadline)
-                if delay is None:
-                    raise ClientError(exc.code(), exc.details()) from None
-                await asyncio.sleep(delay)
+                await asyncio.sleep(_retry_delay(exc, False, delays, deadline))
 
     async def close(self) -> None:
         await self._channel.close()

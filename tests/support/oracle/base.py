@@ -14,14 +14,14 @@ comparing against fp32.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from zeroc.policies.eviction_rule import attend_dense  # noqa: F401  (the oracles' dense attention: the same
-# arithmetic as the product's, so quantised methods round their codes identically on both sides)
+# The oracles' dense attention is the product's arithmetic, so quantised methods round their codes identically on
+# both sides; the geometry type is shared too.
+from zeroc.policies.eviction_rule import LayerGeometry, attend_dense  # noqa: F401
 
 if TYPE_CHECKING:  # annotations only: the model sits above the policies
     from zeroc.model import Transformer
@@ -33,21 +33,6 @@ REFERENCE_BITS = 16  # bits per element of the uncompressed cache the budget is 
 def check_budget(budget: float) -> None:
     if not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
         raise ValueError(f"KV budget must be in (0, 1], got {budget!r}")
-
-
-@dataclass(frozen=True)
-class LayerGeometry:
-    """What a layer cache needs to know about its layer."""
-
-    layer: int
-    heads: int  # query heads
-    kv_heads: int
-    k_dim: int
-    v_dim: int
-
-    @property
-    def group(self) -> int:
-        return self.heads // self.kv_heads
 
 
 def layer_geometry(model: Transformer, layer: int) -> LayerGeometry:
