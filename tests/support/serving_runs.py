@@ -116,6 +116,19 @@ def decode_landed(engine: Engine, ids: list[int], params) -> list[int]:
     return out
 
 
+def check_landed_is_colocated(loaded, cfg: CacheConfig, ids: list[int], held_blocks: int | None = None) -> None:
+    """Disaggregated equals colocated: a prompt whose KV a prefill worker computed under `cfg`'s policy lands in a
+    decode engine (holding `held_blocks` blocks, when given) and decodes the greedy tokens the engine gets by
+    itself, then frees every block."""
+    direct = Engine(loaded, cfg).generate([ids], GREEDY)[0]
+    engine = Engine(loaded, cfg)
+    land_prompt(loaded, engine, cfg, ids)
+    if held_blocks is not None:
+        assert engine.cache.num_blocks - engine.cache.num_free_blocks == held_blocks
+    assert decode_landed(engine, ids, GREEDY) == direct.token_ids
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
 # The bundled model's cache geometry, and greedy sampling of a dozen tokens, for the serving-policy tests.
 BUNDLED = [LayerShape(2, 64, 64)] * 6
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)

@@ -19,6 +19,11 @@ from zeroc.attend import causal_attend
 from zeroc.tier import segment_attention, tier_kv_fraction, tier_masks, tiered_attention
 
 
+def random_tokens(model, batch: int, length: int, seed: int) -> torch.Tensor:
+    """[batch, length] token ids drawn uniformly from the model's vocabulary, reproducibly."""
+    return torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
 def test_segments_split_a_small_case_as_worked_by_hand():
     """6 tokens, 1 sink, recent window 2: query i sees key 0, keys i-1 and i at full rank, the rest compressed."""
     full, compressed = tier_masks(6, sinks=1, recent=2)
@@ -90,7 +95,7 @@ def factors_of():
     def get(loaded):
         if id(loaded) not in cache:
             model = loaded.model
-            calib = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(3))
+            calib = random_tokens(model, 2, 128, seed=3)
             cache[id(loaded)] = compute_factors(model, collect_statistics(model, calib, progress=False,
                                                                           sample_tokens=128))
         return cache[id(loaded)]
@@ -103,7 +108,7 @@ def factors_of():
 def test_a_tier_covering_the_context_is_the_uncompressed_model(any_model, factors_of, mode):
     """Q/K at half rank and V at a quarter, but every token inside the recent window: full rank throughout."""
     model, factors = any_model.model, factors_of(any_model)
-    tokens = torch.randint(0, model.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(4))
+    tokens = random_tokens(model, 2, 96, seed=4)
     tiered = build_compressed(model, factors, _layout(factors, model.config, mode, sinks=0, recent=96))
     assert (tiered(tokens) - model(tokens)).abs().max().item() < 1e-4
 
@@ -111,7 +116,7 @@ def test_a_tier_covering_the_context_is_the_uncompressed_model(any_model, factor
 @torch.inference_mode()
 def test_a_partial_tier_matches_the_full_model_inside_the_window_and_is_compressed_beyond(bundled, factors_of):
     model, factors = bundled.model, factors_of(bundled)
-    tokens = torch.randint(0, model.config.vocab_size, (1, 96), generator=torch.Generator().manual_seed(5))
+    tokens = random_tokens(model, 1, 96, seed=5)
     plain = build_compressed(model, factors, _layout(factors, model.config, "fold"))
     tiered = build_compressed(model, factors, _layout(factors, model.config, "fold", sinks=4, recent=16))
     full, compressed, mixed = model(tokens), plain(tokens), tiered(tokens)
@@ -124,7 +129,7 @@ def test_a_partial_tier_matches_the_full_model_inside_the_window_and_is_compress
 @torch.inference_mode()
 def test_no_tier_is_the_plain_compressed_model(bundled, factors_of):
     model, factors = bundled.model, factors_of(bundled)
-    tokens = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(6))
+    tokens = random_tokens(model, 1, 64, seed=6)
     plain = build_compressed(model, factors, _layout(factors, model.config, "rotate"))
     zero = build_compressed(model, factors, _layout(factors, model.config, "rotate", sinks=0, recent=0))
     assert not any(name.startswith("tier_") for name, _ in zero.model.layers[0].self_attn.named_children())
@@ -138,7 +143,7 @@ def test_tiered_checkpoint_round_trips_and_runs_only_with_its_tier(random_gqa, f
     out = save_model(tiered, random_gqa.tokenizer, tmp_path / "tiered")
     loaded = load_model(out)
     assert (loaded.config.compression.sinks, loaded.config.compression.recent) == (2, 8)
-    tokens = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(7))
+    tokens = random_tokens(model, 1, 40, seed=7)
     assert torch.equal(loaded.model(tokens), tiered(tokens))
     # A cache built without the model has no room for the tier's rows (zeroc/policies/tier.py).
     cache = paged_cache(layer_shapes(loaded.config), CacheConfig(block_size=16, num_blocks=4), torch.float32)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving_runs import check_serving_is_the_policy, decode_landed, land_prompt, policy_cache, serve
+from serving_runs import check_landed_is_colocated, check_serving_is_the_policy, policy_cache, serve
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.caches import paged_cache
@@ -102,11 +102,7 @@ def test_kv_from_a_prefill_worker_lands_and_decodes_like_colocated(request, held
     loaded = request.getfixturevalue(model_name)
     cfg = CacheConfig(block_size=16, num_blocks=32, kv_policy=name, kv_budget=0.5)
     ids = heldout_ids[:36]
-    direct = Engine(loaded, cfg).generate([ids], GREEDY)[0]
-    engine = Engine(loaded, cfg)
-    land_prompt(loaded, engine, cfg, ids)
-    assert decode_landed(engine, ids, GREEDY) == direct.token_ids
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    check_landed_is_colocated(loaded, cfg, ids)
 
 
 def test_snapkv_and_h2o_stay_colocated():

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from oracle import oracle_of
-from serving_runs import decode_landed, land_prompt, serve, stream
+from serving_runs import check_landed_is_colocated, serve, stream
 from zeroc.caches import paged_cache, sequence_blocks
 from zeroc.config import CacheConfig
-from zeroc.engine import Engine
 from zeroc.kv_cache import layer_shapes
 from zeroc.policies import POLICY_NAMES, REGISTRY, cache_config, make_policy, method_at_budget
 from zeroc.policies.base import reference_bits
@@ -99,8 +98,4 @@ def test_disaggregated_equals_colocated(random_gqa, ids, name):
         with pytest.raises(ValueError, match="--colocated"):
             check_transfer(cfg)
         return
-    direct = Engine(random_gqa, cfg).generate([ids], GREEDY)[0]
-    engine = Engine(random_gqa, cfg)
-    land_prompt(random_gqa, engine, cfg, ids)
-    assert decode_landed(engine, ids, GREEDY) == direct.token_ids
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    check_landed_is_colocated(random_gqa, cfg, ids)

@@ -10,9 +10,8 @@ import torch
 from zeroc_kernels.kv_quant import quantize_rows_ref
 from zeroc_kernels.paged_decode import paged_decode_attention
 from zeroc_kernels.paged_prefill import paged_prefill_attention
-from serving_runs import check_serving_is_the_policy, BUNDLED, GREEDY, decode_landed, land_prompt
+from serving_runs import BUNDLED, check_landed_is_colocated, check_serving_is_the_policy
 from zeroc.config import CacheConfig
-from zeroc.engine import Engine
 from zeroc.caches import paged_cache
 from zeroc.kv_cache import LayerShape, block_bytes
 from zeroc.loader import load_model
@@ -60,12 +59,7 @@ def test_block_bytes_and_blocks_per_budget_by_hand():
 def test_kv_from_an_int8_prefill_lands_encoded_and_decodes_like_colocated(zeroc_half, heldout_ids):
     cfg = CacheConfig(block_size=16, num_blocks=32, kv_policy="int8")
     ids = heldout_ids[:45]
-    direct = Engine(zeroc_half, cfg).generate([ids], GREEDY)[0]
-    engine = Engine(zeroc_half, cfg)
-    land_prompt(zeroc_half, engine, cfg, ids)
-    assert engine.cache.num_blocks - engine.cache.num_free_blocks == 3  # 44 tokens, nothing borrowed
-    assert decode_landed(engine, ids, GREEDY) == direct.token_ids
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    check_landed_is_colocated(zeroc_half, cfg, ids, held_blocks=3)  # 44 tokens, nothing borrowed
 
 
 def test_int8_takes_no_kivi_or_h2o_settings():

@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 
-from serving_runs import check_serving_is_the_policy, BUNDLED, GREEDY, decode_landed, land_prompt, policy_cache
+from serving_runs import BUNDLED, GREEDY, check_landed_is_colocated, check_serving_is_the_policy, policy_cache
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
 from zeroc.caches import paged_cache
@@ -108,14 +108,8 @@ def test_the_same_bytes_run_more_sequences_at_once_and_preemption_keeps_output(r
 def test_kv_from_a_kivi_prefill_lands_encoded_and_decodes_like_colocated(bundled, heldout_ids):
     cfg = CacheConfig(block_size=32, num_blocks=64, kv_policy="kivi-4")
     ids = heldout_ids[:75]
-    direct = Engine(bundled, cfg).generate([ids], GREEDY)[0]
-    engine = Engine(bundled, cfg)
-    land_prompt(bundled, engine, cfg, ids)
     # 74 tokens: 2 packed blocks, the third fills at full precision over 6 rows.
-    assert engine.cache.num_blocks - engine.cache.num_free_blocks == 2 + 6
-    out = decode_landed(engine, ids, GREEDY)
-    assert out == direct.token_ids
-    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    check_landed_is_colocated(bundled, cfg, ids, held_blocks=2 + 6)
 
 
 def test_kv_landing_after_the_request_was_released_is_cancelled(random_gqa):
