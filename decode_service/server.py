@@ -28,6 +28,7 @@ from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.rpc import MAX_MODEL_CHARS, CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.sampling import SamplingParams
+from zeroc.tls import is_service_call
 from zeroc.transport.landing import kv_fingerprint, receive_into
 from zeroc.transport.decode_side import make_kv_transport
 from zeroc.v1 import generation_pb2 as pb
@@ -78,8 +79,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
     def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event,
-                 auth: TokenAuth | None = None, fallback: str = "local"):
+                 auth: TokenAuth | None = None, fallback: str = "local", allow_plaintext: str = "loopback"):
         self.transport, self.draining, self.fallback = transport, draining, fallback
+        self.allow_plaintext = allow_plaintext  # who counts as a service without mTLS (SecurityConfig)
         self.auth = auth or TokenAuth(None, "")
         self.tenants: dict[str, str] = {}  # engine request id -> tenant, while the request runs
         self.calls = CallCounter()
@@ -252,7 +254,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_context=cfg.max_position_embeddings, num_layers=cfg.num_hidden_layers, dtype=state.dtype,
             mode="colocated" if self.transport is None else "disaggregated",
             kv_blocks_total=stats.blocks_total, kv_blocks_free=stats.blocks_free, kv_block_size=stats.block_size,
-            requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.kv_store),
+            requests_running=stats.running, requests_queued=stats.queued,
+            kv_store=store_info(state.kv_store, internal=is_service_call(context, self.allow_plaintext)),
             attention_backend=state.engine.model.backend.name)
 
     def Tokenize(self, request, context):
@@ -262,11 +265,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             token_ids=state.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
 
 
-def store_info(store: KvStore | None) -> pb.KvStoreInfo:
+def store_info(store: KvStore | None, internal: bool) -> pb.KvStoreInfo:
+    """The store's state and counters; its index (Redis) and holder addresses only for `internal` callers
+    (services of the deployment): to a public client they are a map of where to attack next."""
     if store is None:
         return pb.KvStoreInfo(state="off")
     s = store.stats()
-    return pb.KvStoreInfo(state=s.state, index=s.index, holder=s.holder, blocks_held=s.blocks_held,
+    return pb.KvStoreInfo(state=s.state, index=s.index if internal else "", holder=s.holder if internal else "", blocks_held=s.blocks_held,
                           capacity_blocks=s.capacity_blocks, lookups=s.lookups, hit_tokens=s.hit_tokens,
                           peer_blocks=s.peer_blocks, index_errors=s.index_errors, reconnects=s.reconnects,
                           evictions=s.evictions)
@@ -284,7 +289,7 @@ class DecodeService:
         auth = TokenAuth.from_file(cfg.security.tokens_file, cfg.security.default_tenant)
         self.host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME], cfg.security)
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth,
-                                           cfg.transfer.prefill_fallback)
+                                           cfg.transfer.prefill_fallback, cfg.security.allow_plaintext)
         add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
         self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store,
                                            cfg.security.allow_plaintext)
