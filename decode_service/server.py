@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ ERROR_FINISH = "error"
 # gone, full, or stalled past the transfer timeout (while the caller's own deadline still allows it).
 _FALL_BACK = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# Addresses in a transfer error (the prefill service's, as the transport and gRPC's own details name it) are
+# for the log: clients of the public API are not told where the internal services listen.
+_ADDRESS = re.compile(r"unix:[^\s,;]+|(?:ipv4:|ipv6:|dns:)?(?:\[[0-9a-fA-F:.]+\]|[\w.-]+):\d+")
+
+
+def without_addresses(text: str) -> str:
+    return _ADDRESS.sub("<internal address>", text)
 
 
 @dataclass(frozen=True)
@@ -161,7 +169,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             state.loop.release(ticket)
             log.warning("kv transfer failed", extra={"request_id": req.request_id, "code": exc.code.name,
                                                      "error": str(exc)})
-            context.abort(exc.code, str(exc))
+            context.abort(exc.code, without_addresses(str(exc)))
         except CancelledError as exc:
             state.loop.release(ticket)
             context.abort(grpc.StatusCode.CANCELLED, str(exc))
