@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from zeroc.metrics import (MetricsServer, ServiceMetrics, TokenClock, cache_sour
                            serve_metrics, store_families)
 from zeroc.rpc import MAX_MODEL_CHARS, CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.sampling import SamplingParams
+from zeroc.tls import is_service_call
 from zeroc.transport.landing import kv_fingerprint, receive_into
 from zeroc.transport.decode_side import make_kv_transport
 from zeroc.v1 import generation_pb2 as pb
@@ -45,6 +47,13 @@ ERROR_FINISH = "error"
 # gone, full, or stalled past the transfer timeout (while the caller's own deadline still allows it).
 _FALL_BACK = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# Addresses in a transfer error (the prefill service's, as the transport and gRPC's own details name it) are
+# for the log: clients of the public API are not told where the internal services listen.
+_ADDRESS = re.compile(r"unix:[^\s,;]+|(?:ipv4:|ipv6:|dns:)?(?:\[[0-9a-fA-F:.]+\]|[\w.-]+):\d+")
+
+
+def without_addresses(text: str) -> str:
+    return _ADDRESS.sub("<internal address>", text)
 
 
 @dataclass(frozen=True)
@@ -81,8 +90,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Registered before the model loads (answering UNAVAILABLE) so health is reachable meanwhile."""
 
     def __init__(self, transport: KvTransport | None, transfer_timeout_s: float, draining: threading.Event,
-                 auth: TokenAuth | None = None, fallback: str = "local", metrics: ServiceMetrics | None = None):
+                 auth: TokenAuth | None = None, fallback: str = "local", allow_plaintext: str = "loopback",
+                 metrics: ServiceMetrics | None = None):
         self.transport, self.draining, self.fallback = transport, draining, fallback
+        self.allow_plaintext = allow_plaintext  # who counts as a service without mTLS (SecurityConfig)
         self.metrics = metrics or ServiceMetrics()
         self.auth = auth or TokenAuth(None, "")
         self.tenants: dict[str, str] = {}  # engine request id -> tenant, while the request runs
@@ -166,7 +177,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             state.loop.release(ticket)
             log.warning("kv transfer failed", extra={"request_id": req.request_id, "code": exc.code.name,
                                                      "error": str(exc)})
-            context.abort(exc.code, str(exc))
+            context.abort(exc.code, without_addresses(str(exc)))
         except CancelledError as exc:
             state.loop.release(ticket)
             context.abort(grpc.StatusCode.CANCELLED, str(exc))
@@ -264,7 +275,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_context=cfg.max_position_embeddings, num_layers=cfg.num_hidden_layers, dtype=state.dtype,
             mode="colocated" if self.transport is None else "disaggregated",
             kv_blocks_total=stats.blocks_total, kv_blocks_free=stats.blocks_free, kv_block_size=stats.block_size,
-            requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.kv_store),
+            requests_running=stats.running, requests_queued=stats.queued,
+            kv_store=store_info(state.kv_store, internal=is_service_call(context, self.allow_plaintext)),
             attention_backend=state.engine.model.backend.name)
 
     def Tokenize(self, request, context):
@@ -274,11 +286,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             token_ids=state.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens))
 
 
-def store_info(store: KvStore | None) -> pb.KvStoreInfo:
+def store_info(store: KvStore | None, internal: bool) -> pb.KvStoreInfo:
+    """The store's state and counters; its index (Redis) and holder addresses only for `internal` callers
+    (services of the deployment): to a public client they are a map of where to attack next."""
     if store is None:
         return pb.KvStoreInfo(state="off")
     s = store.stats()
-    return pb.KvStoreInfo(state=s.state, index=s.index, holder=s.holder, blocks_held=s.blocks_held,
+    return pb.KvStoreInfo(state=s.state, index=s.index if internal else "", holder=s.holder if internal else "", blocks_held=s.blocks_held,
                           capacity_blocks=s.capacity_blocks, lookups=s.lookups, hit_tokens=s.hit_tokens,
                           peer_blocks=s.peer_blocks, index_errors=s.index_errors, reconnects=s.reconnects,
                           evictions=s.evictions)
@@ -310,7 +324,7 @@ class DecodeService:
         self.metrics = ServiceMetrics()
         self.metrics_server: MetricsServer | None = None
         self.servicer = GenerationServicer(self.transport, cfg.transfer.timeout_s, self.host.draining, auth,
-                                           cfg.transfer.prefill_fallback, self.metrics)
+                                           cfg.transfer.prefill_fallback, cfg.security.allow_plaintext, self.metrics)
         add_servicer(generation_pb2_grpc.add_GenerationServiceServicer_to_server, self.servicer, self.host.server)
         self.kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store,
                                            cfg.security.allow_plaintext)

@@ -23,6 +23,7 @@ from zeroc.kv_transfer import KvTransferError, add_prefill_service, model_finger
 from zeroc.loader import LoadedModel, load_model
 from zeroc.metrics import REQUEST_BUCKETS, ServiceMetrics, cache_source, load_families, serve_metrics, store_families
 from zeroc.rpc import CallCounter, ServiceHost, add_servicer, check_id, quote
+from zeroc.stream_mac import request_key, stream_key
 from zeroc.tls import require_service
 from zeroc.transport.landing import kv_fingerprint
 from zeroc.transport.capability import GRPC, probe
@@ -39,13 +40,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
     def __init__(self, max_queue: int, default_chunk_bytes: int, draining: threading.Event,
                  kv: KvTransportService, transfer_timeout_s: float, max_message_bytes: int = 16 << 20,
-                 allow_plaintext: str = "loopback", metrics: ServiceMetrics | None = None):
+                 allow_plaintext: str = "loopback", mac_key: bytes | None = None,
+                 metrics: ServiceMetrics | None = None):
         self.max_queue, self.default_chunk_bytes, self.draining = max_queue, default_chunk_bytes, draining
         # A chunk plus its metadata must fit one message, whatever chunk size the caller asks for.
         self.max_chunk_bytes = max(1024, max_message_bytes - (64 << 10))
         self.kv, self.transfer_timeout_s = kv, transfer_timeout_s
         self.calls = CallCounter()
         self.allow_plaintext = allow_plaintext  # who may call without mTLS (SecurityConfig)
+        self.mac_key = mac_key  # MACs the chunks it sends (zeroc.stream_mac); None without a cluster key
         self.worker: PrefillWorker | None = None
         self.metrics = metrics or ServiceMetrics()
         self.prefill_time = Histogram("zeroc:request_prefill_time_seconds", "Time from a Prefill call's arrival to "
@@ -88,9 +91,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             sink = self.kv.sink_for(request)
         except KvTransferError as exc:
             context.abort(exc.code, str(exc))
+        key = request_key(self.mac_key, request.request_id, ids, request.cached_prefix_tokens) \
+            if self.mac_key else None
         # Internal ids are unique so a caller reusing its request id cannot collide in the cache.
         return PrefillJob(f"{request.request_id or 'prefill'}#{uuid.uuid4().hex[:8]}", ids, max(1024, chunk),
-                          request.cached_prefix_tokens, sink=sink, tenant=request.tenant)
+                          request.cached_prefix_tokens, sink=sink, tenant=request.tenant, mac_key=key)
 
     def Prefill(self, request, context):
         arrived = time.monotonic()
@@ -162,7 +167,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
                             host.draining)
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining, kv,
                                cfg.transfer.timeout_s, cfg.server.max_message_mb << 20, cfg.security.allow_plaintext,
-                               ServiceMetrics())
+                               stream_key(cfg.security), ServiceMetrics())
     add_prefill_service(servicer, host.server)
     kv_servicer = KvStoreServicer(cfg.transfer.chunk_bytes, cfg.server.max_message_mb << 20, cfg.store,
                                   cfg.security.allow_plaintext)

@@ -39,6 +39,7 @@ class PrefillJob:
     kv_bytes: int = 0
     sink: KvSink | None = None  # out-of-band transport (zeroc/transport/); None: in-band chunks
     tenant: str = ""  # whose prefix cache the prompt's blocks belong to ("": the default tenant)
+    mac_key: bytes | None = None  # the request's key for in-band chunk MACs (zeroc.stream_mac); None: no MACs
 
 
 def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: int, tier: bool = False) -> None:
@@ -52,7 +53,7 @@ def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: i
         return
     if job.sink is None or tier:  # chunks serialized here, once (zeroc.kv_transfer.encode_layer_wire)
         job.kv_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
-        for wire in encode_layer_wire(layer, k, v, first_token, job.chunk_bytes, tier):
+        for wire in encode_layer_wire(layer, k, v, first_token, job.chunk_bytes, tier, job.mac_key):
             job.out.put(wire)
         return
     try:

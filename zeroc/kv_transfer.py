@@ -1,7 +1,8 @@
 """Moving a prompt's KV cache from a prefill service into a decode service's paged cache.
 
 On the wire a layer's keys and values travel as `zeroc.v1.KvChunk` messages: raw bytes of a
-contiguous token range with dtype, shape, layer and a CRC32C. `encode_layer_wire` (prefill side)
+contiguous token range with dtype, shape, layer, a CRC32C and, in a deployment with a cluster key,
+a MAC made by the prefill service (`zeroc.stream_mac`). `encode_layer_wire` (prefill side)
 cuts a layer into serialized chunks; `parse_prefill_response` and `decode_chunk` (decode side)
 split, check and view one; `KvReceiver` writes the pieces into the cache slots reserved for the
 request and checks that every layer arrived whole. `KvTransport` is the seam between the two
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from zeroc.kv_cache import PagedKVCache
 from zeroc.rpc import add_servicer
+from zeroc.stream_mac import check_chunk, chunk_mac, request_key
 from zeroc.tls import Tls, open_channel
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
 
@@ -89,18 +91,24 @@ def _layer_parts(k: Tensor, v: Tensor, max_bytes: int, tier: bool = False) -> It
             yield kind, start, t[start:start + step]
 
 
-def _header(layer: int, kind: int, first_token: int, part: Tensor, data: bytes) -> prefill_pb2.KvChunk:
-    """Every KvChunk field but `data`. part: [tokens, kv_heads, width]; data: its raw bytes."""
-    return prefill_pb2.KvChunk(layer=layer, tensor=kind, first_token=first_token, shape=list(part.shape),
-                               dtype=DTYPE_NAMES[part.dtype], crc32c=google_crc32c.value(data))
+def _header(layer: int, kind: int, first_token: int, part: Tensor, data: bytes, mac_key: bytes | None
+            ) -> prefill_pb2.KvChunk:
+    """Every KvChunk field but `data` (`mac` with a request's `mac_key`). part: [tokens, kv_heads, width]; data:
+    its raw bytes."""
+    chunk = prefill_pb2.KvChunk(layer=layer, tensor=kind, first_token=first_token, shape=list(part.shape),
+                                dtype=DTYPE_NAMES[part.dtype], crc32c=google_crc32c.value(data))
+    if mac_key is not None:
+        chunk.mac = chunk_mac(mac_key, layer, kind, first_token, chunk.shape, chunk.dtype, data)
+    return chunk
 
 
-def encode_layer(layer: int, k: Tensor, v: Tensor, first_token: int, max_bytes: int
+def encode_layer(layer: int, k: Tensor, v: Tensor, first_token: int, max_bytes: int, mac_key: bytes | None = None
                  ) -> Iterator[prefill_pb2.KvChunk]:
-    """Chunks of one layer's KV for a token range. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]."""
+    """Chunks of one layer's KV for a token range. k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim]. `mac_key`:
+    the request's key (`zeroc.stream_mac.request_key`); None sends no MAC."""
     for kind, start, part in _layer_parts(k, v, max_bytes):
         data = part.view(torch.uint8).numpy().tobytes()
-        chunk = _header(layer, kind, first_token + start, part, data)
+        chunk = _header(layer, kind, first_token + start, part, data, mac_key)
         chunk.data = data
         yield chunk
 
@@ -115,14 +123,15 @@ def _varint(n: int) -> bytes:
 
 
 def encode_layer_wire(layer: int, k: Tensor, v: Tensor, first_token: int, max_bytes: int,
-                      tier: bool = False) -> Iterator[bytes]:
+                      tier: bool = False, mac_key: bytes | None = None) -> Iterator[bytes]:
     """The chunks of `encode_layer`, each as a serialized PrefillResponse: the payload is copied twice
     (out of the tensor, into the message) where building protobuf messages copies it four times.
     Parsers see standard protobuf: the header fields, then `data` last (field order is free on the
-    wire). k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] (`tier`: a token tier's extra rows)."""
+    wire). k: [T, kv_heads, k_dim]; v: [T, kv_heads, v_dim] (`tier`: a token tier's extra rows); `mac_key` as in
+    `encode_layer`."""
     for kind, start, part in _layer_parts(k, v, max_bytes, tier):
         data = part.view(torch.uint8).numpy().tobytes()
-        header = _header(layer, kind, first_token + start, part, data).SerializeToString()
+        header = _header(layer, kind, first_token + start, part, data, mac_key).SerializeToString()
         data_len = _varint(len(data))
         body = len(header) + len(_DATA_KEY) + len(data_len) + len(data)
         yield b"".join((_CHUNK_KEY, _varint(body), header, _DATA_KEY, data_len, data))
@@ -238,9 +247,9 @@ class KvPiece:
 warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning, __name__)
 
 
-def decode_chunk(msg: prefill_pb2.KvChunk | WireChunk) -> KvPiece:
-    """Check a chunk and view its payload as a tensor (no copy); a CRC mismatch or inconsistent
-    metadata raises KvTransferError(DATA_LOSS)."""
+def decode_chunk(msg: prefill_pb2.KvChunk | WireChunk, mac_key: bytes | None = None) -> KvPiece:
+    """Check a chunk and view its payload as a tensor (no copy); a CRC mismatch, inconsistent metadata or,
+    with the request's `mac_key`, a missing or wrong MAC raises KvTransferError(DATA_LOSS)."""
     head, data = (msg.header, msg.payload) if isinstance(msg, WireChunk) else (msg, msg.data)
     if google_crc32c.value(data) != head.crc32c:
         raise KvTransferError(grpc.StatusCode.DATA_LOSS,
@@ -255,14 +264,26 @@ def decode_chunk(msg: prefill_pb2.KvChunk | WireChunk) -> KvPiece:
         raise KvTransferError(grpc.StatusCode.DATA_LOSS,
                               f"KV chunk carries {len(data)} bytes but shape {shape} of {head.dtype} needs "
                               f"{shape[0] * shape[1] * shape[2] * itemsize}")
+    if mac_key is not None:
+        _check_mac(mac_key, head, data)
     view = torch.frombuffer(data, dtype=dtype).view(shape) if data else torch.empty(shape, dtype=dtype)
     return KvPiece(head.layer, head.tensor in (KEY, TIER_KEY), head.first_token, view,
                    head.tensor in (TIER_KEY, TIER_VALUE))
 
 
-def tier_chunk(msg: WireChunk) -> KvPiece:
+def _check_mac(mac_key: bytes, head: prefill_pb2.KvChunk, data: bytes) -> None:
+    where = f"KV chunk of layer {head.layer} at token {head.first_token}"
+    if not head.mac:
+        raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"{where} carries no MAC: the prefill service has no "
+                              "cluster key (ZEROC_SECURITY_CLUSTER_KEY, the same on every service) or predates MACs")
+    if not check_chunk(mac_key, head.layer, head.tensor, head.first_token, head.shape, head.dtype, data, head.mac):
+        raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"{where} failed its MAC check: not computed by a service "
+                              "of this deployment (or the services' cluster keys differ); its KV is not used")
+
+
+def tier_chunk(msg: WireChunk, mac_key: bytes | None = None) -> KvPiece:
     """An in-band chunk on a stream whose KV goes out of band: only a token tier's rows may come so."""
-    piece = decode_chunk(msg)
+    piece = decode_chunk(msg, mac_key)
     if not piece.tier:
         raise KvTransferError(grpc.StatusCode.DATA_LOSS, "in-band KV chunk on an out-of-band transfer")
     return piece
@@ -390,11 +411,13 @@ class KvTransport(abc.ABC):
 
 
 class GrpcKvTransport(KvTransport):
-    """KV over the `zeroc.v1.PrefillService.Prefill` server stream."""
+    """KV over the `zeroc.v1.PrefillService.Prefill` server stream. With a `mac_key` (`zeroc.stream_mac.stream_key`)
+    every chunk must carry the MAC its prefill service made under the deployment's key."""
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
-                 tls: Tls | None = None):
+                 tls: Tls | None = None, mac_key: bytes | None = None):
         self.target, self.fingerprint, self.chunk_bytes = target, fingerprint, chunk_bytes
+        self.mac_key = mac_key
         self._channel = open_channel(target, tls, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -411,6 +434,7 @@ class GrpcKvTransport(KvTransport):
                                              model_fingerprint=self.fingerprint, max_chunk_bytes=self.chunk_bytes,
                                              cached_prefix_tokens=cached_prefix_tokens, tenant=tenant)
         deadline = time.monotonic() + timeout_s
+        key = request_key(self.mac_key, request_id, token_ids, cached_prefix_tokens) if self.mac_key else None
         call = self._prefill(self._extend(request), timeout=timeout_s, wait_for_ready=False)
         try:
             for msg in call:
@@ -418,7 +442,7 @@ class GrpcKvTransport(KvTransport):
                     call.cancel()
                     raise KvTransferError(grpc.StatusCode.CANCELLED, "request cancelled during KV transfer")
                 if not isinstance(msg, prefill_pb2.PrefillSummary):
-                    receiver.write(self._piece(msg, deadline))
+                    receiver.write(self._piece(msg, deadline, key))
                 elif msg.num_tokens != len(token_ids):
                     raise KvTransferError(grpc.StatusCode.DATA_LOSS, "prefill summary names "
                                           f"{msg.num_tokens} tokens, {len(token_ids)} were sent")
@@ -438,11 +462,12 @@ class GrpcKvTransport(KvTransport):
     def _extend(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
         return request
 
-    def _piece(self, msg: WireChunk | prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
+    def _piece(self, msg: WireChunk | prefill_pb2.PrefillResponse, deadline: float, key: bytes | None) -> KvPiece:
+        """The checked piece a message carries; `key`: the request's MAC key (None: no MACs checked)."""
         if not isinstance(msg, WireChunk):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, "the prefill service sent KV out of band; "
                                   "this transport expects in-band chunks")
-        return decode_chunk(msg)
+        return decode_chunk(msg, key)
 
     def close(self) -> None:
         self._channel.close()

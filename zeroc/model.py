@@ -75,7 +75,7 @@ class Attention(nn.Module):
             # [kv, d, r]; with per-head ranks r = the widest, and head g's columns past its rank are zero
             self.q_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))
             self.k_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))
-        self.register_buffer("inv_freq", layer_inv_freq(cfg, layer), persistent=False)
+        self.register_buffer("inv_freq", layer_inv_freq(cfg, layer).to(torch.get_default_device()), persistent=False)
         self.tier = (cfg.compression.sinks, cfg.compression.recent) if cfg.has_tier else None
         if self.tier is not None:
             tier_qk, tier_v = [d - r for r in qk], [d - r for r in vr]  # per KV head
@@ -85,7 +85,8 @@ class Attention(nn.Module):
             else:
                 self.tier_q_proj = nn.Linear(cfg.hidden_size, group * sum(tier_qk), bias=bias)
                 self.tier_k_proj = nn.Linear(cfg.hidden_size, sum(tier_qk), bias=bias)
-                self.register_buffer("tier_inv_freq", tier_inv_freq(cfg, layer), persistent=False)
+                self.register_buffer("tier_inv_freq", tier_inv_freq(cfg, layer).to(torch.get_default_device()),
+                                     persistent=False)
             self.tier_v_proj = nn.Linear(cfg.hidden_size, sum(tier_v), bias=bias)
             self.tier_o_proj = nn.Linear(group * sum(tier_v), cfg.hidden_size, bias=False)  # o_proj has the bias
 
@@ -210,10 +211,18 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class _Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        # A meta skeleton (the loader's) has nothing to initialise, and normal_ on meta goes through PyTorch's
+        # Python references, whose first use imports torch._dynamo: seconds of every service's start.
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -12,8 +12,11 @@ from zeroc.config import ModelConfig, RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
-    """Inverse frequencies per rotary pair, with linear or llama3 scaling applied. [head_dim // 2]"""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies per rotary pair, with linear or llama3 scaling applied, on the CPU. [head_dim // 2]"""
+    # On the CPU whatever the default device: a model skeleton built under torch.device("meta") would run
+    # this arithmetic through PyTorch's Python references, whose first use imports torch._dynamo (seconds).
+    pairs = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (rope.theta ** (pairs.float() / head_dim))
     if rope.rope_type == "linear":
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
@@ -33,7 +36,7 @@ def _pair_freqs(base: Tensor, pairs: tuple[tuple[int, ...], ...]) -> Tensor:
     # base: [d/2] -> [kv_heads, most pairs] frequencies of each KV head's pairs, zero past a head's own
     out = base.new_zeros(len(pairs), max(len(p) for p in pairs))
     for g, p in enumerate(pairs):
-        out[g, : len(p)] = base[torch.tensor(p, dtype=torch.long)]
+        out[g, : len(p)] = base[torch.tensor(p, dtype=torch.long, device=base.device)]
     return out
 
 

@@ -51,6 +51,7 @@ def test_without_its_prefill_service_a_decode_service_prefills_locally_or_fails_
                 pytest.raises(ClientError) as err:
             c.generate(PROMPT, max_tokens=4, ignore_eos=True)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert target not in err.value.details and target.split(":")[1] not in err.value.details  # internal
     finally:
         for p in procs:
             p.stop()

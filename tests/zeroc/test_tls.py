@@ -15,7 +15,7 @@ from zeroc.sampling import SamplingParams
 from zeroc.stack import ServiceProcess, Stack
 from zeroc.tls import Tls, open_channel
 from zeroc.v1 import kv_store_pb2 as kpb
-from zeroc.v1 import kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from zeroc.v1 import generation_pb2, generation_pb2_grpc, kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]
 
@@ -77,6 +77,22 @@ def test_internal_rpcs_need_a_certificate_of_the_deployment(stack):
     with open_channel(decode.internal_address, service) as ch:
         code = code_of(lambda: list(kv_store_pb2_grpc.KvStoreServiceStub(ch).FetchBlocks(fetch, timeout=10)))
         assert code == grpc.StatusCode.FAILED_PRECONDITION  # past the identity check: the seed is wrong
+
+
+def test_model_info_names_the_index_and_holder_only_to_services(stack):
+    ca = stack.pki.ca.read_bytes()
+    decode = stack.services[1]
+    with Client(decode.address, ca=ca, token="t0ken") as c:  # a tenant on the public port
+        public = c.model_info().kv_store
+    assert public.state == "ok" and public.capacity_blocks > 0  # state and counters stay
+    assert public.index == "" and public.holder == ""
+    service = Tls(ca, stack.pki.cert.read_bytes(), stack.pki.key.read_bytes())
+    with open_channel(decode.internal_address, service) as ch:
+        stub = generation_pb2_grpc.GenerationServiceStub(ch)
+        internal = stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=10,
+                                     metadata=(("authorization", "Bearer t0ken"),)).kv_store
+    assert internal.holder == decode.internal_address
+    assert internal.index == stack.redis_url  # the embedded Redis: no password to redact
 
 
 def test_plaintext_is_refused_off_loopback():

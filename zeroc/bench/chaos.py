@@ -4,7 +4,10 @@ Each scenario runs `--clients` client threads sending short greedy requests (`--
 for `--duration` seconds; the fault comes a fifth of the way in. Reported per scenario: requests OK,
 failed by status, hung (past their deadline), seconds from the fault to the last failure, and what
 leaked once the load stopped: KV cache blocks still taken on the decode service, and index entries
-that name no block a live holder has. A last row fuzzes the public API with mutated requests. The
+that name no block a live holder has. Recovery is split in two: from the fault until the faulted
+service reports SERVING again (exit, supervisor backoff, process start, model load), and from then
+until traffic flows through it again (the first request it served: for the prefill service, the first
+whose KV came from it rather than from local prefill) — reconnect backoff, retries. A last row fuzzes the public API with mutated requests. The
 stack supervises its services (`Stack.wait`), so killed ones come back on their ports.
 """
 
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tqdm import tqdm
 
 from zeroc.client import Client, ClientError
@@ -46,6 +50,8 @@ class Outcome:
     failed: Counter = field(default_factory=Counter)
     hung: int = 0
     recover_s: float = 0.0
+    serving_s: float | None = None  # fault -> the faulted service SERVING again (None: it never went down)
+    traffic_s: float | None = None  # SERVING again -> the first request it served (None: none did)
     leaked_blocks: int = 0
     leaked_entries: int = 0
 
@@ -55,7 +61,8 @@ class Load:
 
     def __init__(self, target: str, clients: int, timeout_s: float):
         self.target, self.timeout_s = target, timeout_s
-        self.records: list[tuple[float, float, str]] = []
+        # (start, end, status, whether the prefill service computed the KV: kv_bytes_received > 0)
+        self.records: list[tuple[float, float, str, bool]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
@@ -63,15 +70,15 @@ class Load:
     def _client(self, i: int) -> None:
         with Client(self.target, timeout=self.timeout_s) as c:
             while not self._stop.is_set():
-                start = time.monotonic()
+                start, remote = time.monotonic(), False
                 try:
-                    c.generate(PROMPTS[i % len(PROMPTS)], max_tokens=4, ignore_eos=True)
-                    status = "OK"
+                    result = c.generate(PROMPTS[i % len(PROMPTS)], max_tokens=4, ignore_eos=True)
+                    status, remote = "OK", result.usage.kv_bytes_received > 0
                 except ClientError as exc:
                     status = exc.code.name
                     time.sleep(0.05)
                 with self._lock:
-                    self.records.append((start, time.monotonic(), status))
+                    self.records.append((start, time.monotonic(), status, remote))
 
     def __enter__(self) -> "Load":
         for t in self._threads:
@@ -82,6 +89,43 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(self.timeout_s + 5)
+
+
+class ServingWatch:
+    """Asks a service's health every 50 ms, each time on a fresh channel (so no reconnect backoff delays
+    what it sees): when it was first seen not serving, and when it served again after that."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self.down_at: float | None = None
+        self.serving_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _serving(self) -> bool:
+        try:
+            with grpc.insecure_channel(self.target) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            serving = self._serving()
+            if not serving and self.down_at is None:
+                self.down_at = time.monotonic()
+            elif serving and self.down_at is not None:
+                self.serving_at = time.monotonic()
+                return
+
+    def __enter__(self) -> "ServingWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(2)
 
 
 def _signal(sig: int, index: int, pause_s: float = 0.0) -> Callable[[Stack], None]:
@@ -150,16 +194,32 @@ def leaked_entries(stack: Stack) -> int:
         index.close()
 
 
+def _recovery(out: Outcome, records: list[tuple[float, float, str, bool]], t0: float, watch: ServingWatch,
+              prefill: bool) -> None:
+    """Fill `serving_s` and `traffic_s` (see the module docstring)."""
+    if watch.serving_at is None:
+        return
+    out.serving_s = watch.serving_at - t0
+    # A request served by the restarted service ended after it served; the earliest such end.
+    served = [end for start, end, status, remote in records
+              if status == "OK" and end > watch.serving_at and (remote or not prefill)]
+    if served:
+        out.traffic_s = max(0.0, min(served) - watch.serving_at)
+
+
 def run_scenario(stack: Stack, name: str, fault: Callable[[Stack], None], duration_s: float, clients: int,
                  timeout_s: float) -> Outcome:
     target = stack.decode[0]
+    prefill = "prefill" in name
     with Load(target, clients, timeout_s) as load:
         time.sleep(duration_s / 5)
-        t0 = time.monotonic()
-        fault(stack)
-        time.sleep(max(0.0, duration_s - (time.monotonic() - t0) - duration_s / 5))
+        with ServingWatch(stack.prefill if prefill else target) as watch:
+            t0 = time.monotonic()
+            fault(stack)
+            time.sleep(max(0.0, duration_s - (time.monotonic() - t0) - duration_s / 5))
     out = Outcome(name)
-    for start, end, status in load.records:
+    _recovery(out, load.records, t0, watch, prefill)
+    for start, end, status, _ in load.records:
         if status == "OK":
             out.ok += 1
         elif status == "DEADLINE_EXCEEDED":
@@ -210,12 +270,17 @@ def fuzz(target: str, n: int, seed: int = 0) -> Counter:
 
 
 def table(outcomes: list[Outcome], fuzz_counts: Counter | None) -> str:
-    lines = ["| scenario | OK | failed (by status) | hung | failures end after fault (s) | leaked blocks | "
-             "leaked index entries |", "|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | OK | failed (by status) | hung | failures end after fault (s) | serving again after "
+             "fault (s) | traffic after serving (s) | leaked blocks | leaked index entries |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def secs(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     for o in outcomes:
         failed = ", ".join(f"{k} {v}" for k, v in sorted(o.failed.items())) or "0"
-        lines.append(f"| {o.name} | {o.ok} | {failed} | {o.hung} | {o.recover_s:.1f} | {o.leaked_blocks} | "
-                     f"{o.leaked_entries} |")
+        lines.append(f"| {o.name} | {o.ok} | {failed} | {o.hung} | {o.recover_s:.1f} | {secs(o.serving_s)} | "
+                     f"{secs(o.traffic_s)} | {o.leaked_blocks} | {o.leaked_entries} |")
     if fuzz_counts is not None:
         lines.append("")
         lines.append("Fuzz (mutated public requests): " + ", ".join(f"{k} {v}" for k, v in sorted(fuzz_counts.items())))

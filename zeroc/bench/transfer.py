@@ -1,11 +1,13 @@
 """`zeroc bench transfer`: KV bytes/s over the Prefill gRPC stream vs a raw TCP socket, on loopback.
 
-One child process serves all three senders; this process receives. Each repeat moves `rounds`
-prompts' KV (layer by layer, for the given shapes) three ways, back to back:
+One child process serves all the senders; this process receives. Each repeat moves `rounds`
+prompts' KV (layer by layer, for the given shapes) four ways, back to back:
 
 - gRPC: the shipping path end to end — `encode_layer_wire` chunks from tensors on the sender, the
   decode side's `GrpcKvTransport.fetch` (its channel options, CRC32C check, tensor view) writing
   into a real paged cache through `KvReceiver`;
+- gRPC + MAC: the same, with the chunk MACs of a deployment with a cluster key (zeroc.stream_mac: made
+  by the sender, checked by the receiver);
 - bare gRPC: the same number of bytes as opaque messages of the same size over a channel like the
   transport's, no protobuf, no checks, no cache: the ceiling of gRPC in Python on this host;
 - raw TCP: the same bytes through a plain socket into a preallocated buffer, the host's ceiling.
@@ -35,10 +37,12 @@ from tqdm import tqdm
 from zeroc.config import CacheConfig
 from zeroc.kv_cache import LayerShape, PagedKVCache
 from zeroc.kv_transfer import GrpcKvTransport, KvReceiver, add_prefill_service, encode_layer_wire
+from zeroc.stream_mac import request_key
 from zeroc.v1 import prefill_pb2, prefill_pb2_grpc
 
 _BARE_SERVICE, _BARE_METHOD = "zeroc.bench.v1.Bytes", "Stream"  # bench-only, not part of the API
 _GIB = float(1 << 30)
+_MAC_REQUEST = "bench-mac"  # the request id that asks the sender for MACed chunks
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ class TransferSpec:
 class _Replay(prefill_pb2_grpc.PrefillServiceServicer):
     """A prefill service whose model is fixed tensors: each call encodes and streams all layers."""
 
-    def __init__(self, spec: TransferSpec):
+    def __init__(self, spec: TransferSpec, mac_key: bytes):
+        self.mac_key = mac_key
         gen = torch.Generator().manual_seed(0)
         dtype = getattr(torch, spec.dtype)
         shape = (spec.tokens, spec.kv_heads, spec.head_dim)
@@ -84,8 +89,11 @@ class _Replay(prefill_pb2_grpc.PrefillServiceServicer):
         self.spec = spec
 
     def Prefill(self, request, context):
+        key = None  # as a prefill service keys each request (prefill_service/server.py)
+        if request.request_id == _MAC_REQUEST:
+            key = request_key(self.mac_key, request.request_id, request.token_ids, request.cached_prefix_tokens)
         for layer, (k, v) in enumerate(self.layers):
-            yield from encode_layer_wire(layer, k, v, 0, request.max_chunk_bytes)
+            yield from encode_layer_wire(layer, k, v, 0, request.max_chunk_bytes, mac_key=key)
         yield prefill_pb2.PrefillResponse(summary=prefill_pb2.PrefillSummary(
             num_tokens=self.spec.tokens, num_layers=self.spec.layers, kv_bytes=self.spec.payload_bytes))
 
@@ -128,12 +136,12 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _senders(spec: TransferSpec, ports, parent: int) -> None:
+def _senders(spec: TransferSpec, ports, parent: int, mac_key: bytes) -> None:
     _exit_with_parent(parent)
     torch.set_num_threads(1)  # as a prefill service under `zeroc stack` (OMP_NUM_THREADS=1)
     server = grpc.server(futures.ThreadPoolExecutor(4),
                          options=[("grpc.max_send_message_length", spec.message_limit)])
-    add_prefill_service(_Replay(spec), server)
+    add_prefill_service(_Replay(spec, mac_key), server)
     server.add_generic_rpc_handlers((_bare_handler(spec),))
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -152,10 +160,11 @@ def _cpu_seconds(pid: int) -> float:
 class _Receivers:
     """This process's side of the three paths; each returns the bytes of one prompt's KV."""
 
-    def __init__(self, spec: TransferSpec, grpc_port: int, tcp_port: int):
+    def __init__(self, spec: TransferSpec, mac_key: bytes, grpc_port: int, tcp_port: int):
         self.spec = spec
         target = f"127.0.0.1:{grpc_port}"
         self.transport = GrpcKvTransport(target, "", spec.chunk_bytes, spec.message_limit)
+        self.mac_transport = GrpcKvTransport(target, "", spec.chunk_bytes, spec.message_limit, mac_key=mac_key)
         shape = LayerShape(spec.kv_heads, spec.head_dim, spec.head_dim)
         self.cache = PagedKVCache([shape] * spec.layers, CacheConfig(block_size=16, num_blocks=-(-spec.tokens // 16)),
                                   getattr(torch, spec.dtype))
@@ -170,6 +179,10 @@ class _Receivers:
         receiver = KvReceiver(self.cache, self.slots)
         return self.transport.fetch("bench", [0] * self.spec.tokens, receiver, 300, lambda: True)
 
+    def grpc_mac(self) -> int:
+        receiver = KvReceiver(self.cache, self.slots)
+        return self.mac_transport.fetch(_MAC_REQUEST, [0] * self.spec.tokens, receiver, 300, lambda: True)
+
     def bare_grpc(self) -> int:
         return sum(len(m) for m in self.bare(self.spec.payload_bytes.to_bytes(8, "little"), timeout=300))
 
@@ -182,6 +195,7 @@ class _Receivers:
 
     def close(self) -> None:
         self.transport.close()
+        self.mac_transport.close()
         self.bare_channel.close()
         self.sock.close()
 
@@ -195,14 +209,15 @@ def _timed(one: Callable[[], int], rounds: int, sender_pid: int) -> dict:
     return {"bytes": moved, "seconds": seconds, "bytes_per_s": moved / seconds, "cpu_s_per_gib": cpu / (moved / _GIB)}
 
 
-PATHS = ("grpc", "bare_grpc", "raw_tcp")
+PATHS = ("grpc", "grpc_mac", "bare_grpc", "raw_tcp")
 
 
 def run_transfer_bench(spec: TransferSpec, rounds: int = 3, repeats: int = 5, progress: bool = True) -> dict:
     """`repeats` x (`rounds` prompts' KV each way); rates in bytes/s, ratios to raw TCP per repeat."""
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    sender = ctx.Process(target=_senders, args=(spec, ports, os.getpid()), daemon=True)
+    mac_key = os.urandom(32)  # a stream key, as zeroc.stream_mac derives one from the cluster key
+    sender = ctx.Process(target=_senders, args=(spec, ports, os.getpid(), mac_key), daemon=True)
     sender.start()
     samples: list[dict] = []
     receivers = None
@@ -211,12 +226,12 @@ def run_transfer_bench(spec: TransferSpec, rounds: int = 3, repeats: int = 5, pr
     # into the cache split over OpenMP threads wait on each other far longer than they copy.
     torch.set_num_threads(1)
     try:
-        receivers = _Receivers(spec, *ports.get(timeout=120))
+        receivers = _Receivers(spec, mac_key, *ports.get(timeout=120))
         for name in PATHS:
             getattr(receivers, name)()  # warm-up: connections, allocator, caches
         load_before = os.getloadavg()[0]
         for r in tqdm(range(repeats), desc="transfer repeats", disable=not progress):
-            order = PATHS[r % 3:] + PATHS[:r % 3]  # no path always runs first
+            order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]  # no path always runs first
             samples.append({name: _timed(getattr(receivers, name), rounds, sender.pid) for name in order})
         load_after = os.getloadavg()[0]
     finally:
@@ -236,6 +251,11 @@ def run_transfer_bench(spec: TransferSpec, rounds: int = 3, repeats: int = 5, pr
             # pooled over all repeats
             "grpc_bytes_per_s": pooled["grpc"], "bare_grpc_bytes_per_s": pooled["bare_grpc"],
             "raw_tcp_bytes_per_s": pooled["raw_tcp"], "grpc_over_raw": pooled["grpc"] / pooled["raw_tcp"],
+            "grpc_mac_bytes_per_s": pooled["grpc_mac"],
+            # what the chunk MACs cost: the MACed path's rate over the plain one's, per repeat (wall), and the
+            # plain path's CPU per byte over the MACed one's (the rate ratio where CPU is the limit)
+            "median_grpc_mac_over_grpc": median(lambda s: s["grpc_mac"]["bytes_per_s"] / s["grpc"]["bytes_per_s"]),
+            "median_cpu_ratio_mac": median(lambda s: s["grpc"]["cpu_s_per_gib"] / s["grpc_mac"]["cpu_s_per_gib"]),
             # medians of the per-repeat wall-clock ratios
             "median_grpc_over_raw": median(lambda s: s["grpc"]["bytes_per_s"] / s["raw_tcp"]["bytes_per_s"]),
             "median_bare_grpc_over_raw": median(lambda s: s["bare_grpc"]["bytes_per_s"] / s["raw_tcp"]["bytes_per_s"]),
@@ -244,5 +264,5 @@ def run_transfer_bench(spec: TransferSpec, rounds: int = 3, repeats: int = 5, pr
             # raw TCP's CPU per byte over the path's: the throughput ratio where CPU is the limit, and
             # the figure to quote on a shared host, where wall-clock ratios measure scheduler share
             "median_cpu_ratio_vs_raw": {name: median(lambda s, n=name: s["raw_tcp"]["cpu_s_per_gib"] / s[n]["cpu_s_per_gib"])
-                                        for name in PATHS[:2]},
+                                        for name in PATHS[:3]},
             "load_average_1m": [load_before, load_after], "cpus": os.cpu_count(), "samples": samples}

@@ -57,9 +57,13 @@ def cmd_bench_transfer(args: argparse.Namespace) -> int:
     print(f"                       {'MiB/s':>9}  {'/ raw':>6}  {'CPU s/GiB':>9}  {'raw CPU / CPU':>13}")
     print(f"  gRPC Prefill stream  {report['grpc_bytes_per_s'] / mb:>9.1f}  {report['median_grpc_over_raw']:>6.2f}  "
           f"{cpu['grpc']:>9.2f}  {eff['grpc']:>13.2f}")
+    print(f"  gRPC + chunk MACs    {report['grpc_mac_bytes_per_s'] / mb:>9.1f}  {'':>6}  "
+          f"{cpu['grpc_mac']:>9.2f}  {eff['grpc_mac']:>13.2f}")
     print(f"  bare gRPC bytes      {report['bare_grpc_bytes_per_s'] / mb:>9.1f}  "
           f"{report['median_bare_grpc_over_raw']:>6.2f}  {cpu['bare_grpc']:>9.2f}  {eff['bare_grpc']:>13.2f}")
     print(f"  raw TCP socket       {report['raw_tcp_bytes_per_s'] / mb:>9.1f}  {1:>6.2f}  {cpu['raw_tcp']:>9.2f}")
+    print(f"  MACs: gRPC + MACs / gRPC {report['median_grpc_mac_over_grpc']:.2f} (wall), "
+          f"{report['median_cpu_ratio_mac']:.2f} (CPU)")
     print("  (ratios are medians over repeats; bare gRPC is the ceiling for gRPC in Python on this host)")
     return 0
 

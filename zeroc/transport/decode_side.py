@@ -24,10 +24,11 @@ from typing import Callable
 import grpc
 import torch
 
-from zeroc.config import ZeroCConfig
+from zeroc.config import ZeroCConfig, ZeroCError
 from zeroc.kv_transfer import (DTYPES_BY_NAME, KEY, VALUE, GrpcKvTransport, KvPiece, KvReceiver, KvTransferError,
                                KvTransport, WireChunk, tier_chunk)
-from zeroc.tls import Tls
+from zeroc.stream_mac import stream_key
+from zeroc.tls import Tls, is_loopback
 from zeroc.transport import cuda_ipc
 from zeroc.transport.capability import (CUDA_IPC, DECODE_RANK, GRPC, NCCL, PREFILL_RANK, Capability, choose,
                                         cuda_scope, kind_to_proto, probe)
@@ -89,8 +90,8 @@ class NcclKvTransport(GrpcKvTransport):
     kind = NCCL
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
-                 device: torch.device, lib: NcclLibrary, tls: Tls | None = None):
-        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls)
+                 device: torch.device, lib: NcclLibrary, tls: Tls | None = None, mac_key: bytes | None = None):
+        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls, mac_key)
         self.device, self.lib = device, lib
         self._link: _Link | None = None
         self._busy = threading.Lock()
@@ -182,9 +183,9 @@ class NcclKvTransport(GrpcKvTransport):
         request.link_id = self._link.id
         return request
 
-    def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
+    def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float, key: bytes | None) -> KvPiece:
         if isinstance(msg, WireChunk):  # a token tier's few rows travel in band beside the out-of-band KV
-            return tier_chunk(msg)
+            return tier_chunk(msg, key)
         if not isinstance(msg, prefill_pb2.PrefillResponse) or not msg.HasField("remote"):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, "expected NCCL KV descriptors, got an in-band chunk")
         r = msg.remote
@@ -215,17 +216,17 @@ class CudaIpcKvTransport(GrpcKvTransport):
     kind = CUDA_IPC
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int,
-                 device: torch.device, tls: Tls | None = None):
-        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls)
+                 device: torch.device, tls: Tls | None = None, mac_key: bytes | None = None):
+        super().__init__(target, fingerprint, chunk_bytes, max_message_bytes, tls, mac_key)
         self.device = device
 
     def _extend(self, request: prefill_pb2.PrefillRequest) -> prefill_pb2.PrefillRequest:
         request.transport = kind_to_proto(CUDA_IPC)
         return request
 
-    def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float) -> KvPiece:
+    def _piece(self, msg: prefill_pb2.PrefillResponse, deadline: float, key: bytes | None) -> KvPiece:
         if isinstance(msg, WireChunk):  # a token tier's rows, in band
-            return tier_chunk(msg)
+            return tier_chunk(msg, key)
         if not isinstance(msg, prefill_pb2.PrefillResponse) or not msg.HasField("remote") \
                 or not msg.remote.HasField("ipc"):
             raise KvTransferError(grpc.StatusCode.DATA_LOSS, "expected CUDA IPC KV descriptors")
@@ -246,11 +247,12 @@ class NegotiatingKvTransport(KvTransport):
     """Picks grpc, NCCL or CUDA IPC with the prefill service on first use (``--kv-transport auto|nccl``)."""
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int, setting: str,
-                 local: Capability, device: torch.device, lib: NcclLibrary | None, tls: Tls | None = None):
+                 local: Capability, device: torch.device, lib: NcclLibrary | None, tls: Tls | None = None,
+                 mac_key: bytes | None = None):
         self.target, self.setting, self.local, self.device, self.lib = target, setting, local, device, lib
         self._args = (target, fingerprint, chunk_bytes, max_message_bytes)
-        self._tls = tls
-        self._grpc = GrpcKvTransport(*self._args, tls)
+        self._tls, self._mac_key = tls, mac_key
+        self._grpc = GrpcKvTransport(*self._args, tls, mac_key)
         self._chosen: tuple[str, KvTransport] | None = None
         self._lock = threading.Lock()
 
@@ -283,9 +285,9 @@ class NegotiatingKvTransport(KvTransport):
 
     def _make(self, kind: str) -> KvTransport:
         if kind == NCCL:
-            return NcclKvTransport(*self._args, self.device, self.lib, self._tls)
+            return NcclKvTransport(*self._args, self.device, self.lib, self._tls, self._mac_key)
         if kind == CUDA_IPC:
-            return CudaIpcKvTransport(*self._args, self.device, self._tls)
+            return CudaIpcKvTransport(*self._args, self.device, self._tls, self._mac_key)
         return self._grpc
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
@@ -324,8 +326,24 @@ def make_kv_transport(cfg: ZeroCConfig, fingerprint: str) -> KvTransport:
     t = cfg.transfer
     args = (t.prefill_target, fingerprint, t.chunk_bytes, cfg.server.max_message_mb << 20)
     tls = Tls.from_config(cfg.security)
+    mac_key = _stream_mac_key(cfg)
     if t.kv_transport == "grpc":
-        return GrpcKvTransport(*args, tls)
+        return GrpcKvTransport(*args, tls, mac_key)
     local = probe(cfg.device, t.kv_transport)
     lib = load_nccl() if local.nccl_version else None
-    return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib, tls)
+    return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib, tls, mac_key)
+
+
+def _stream_mac_key(cfg: ZeroCConfig) -> bytes | None:
+    """The key that checks the MACs of the prefill stream's chunks (zeroc.stream_mac). Without a cluster key
+    none is checked: allowed only for a prefill service on loopback (or where plaintext is allowed anywhere),
+    as plaintext gRPC is, and logged."""
+    key = stream_key(cfg.security)
+    if key is None:
+        target = cfg.transfer.prefill_target
+        if not is_loopback(target.rsplit(":", 1)[0]) and cfg.security.allow_plaintext != "any":
+            raise ZeroCError(f"--prefill {target} is not on loopback: set ZEROC_SECURITY_CLUSTER_KEY (the same on "
+                             "every service) so this decode service can check the KV its prefill service sends")
+        log.warning("no cluster key: KV from the prefill service is not authenticated (only its CRC is checked)",
+                    extra={"peer": target})
+    return key

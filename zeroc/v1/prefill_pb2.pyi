@@ -61,7 +61,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., cached_prefix_tokens: _Optional[int] = ..., transport: _Optional[_Union[KvTransportKind, str]] = ..., link_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class KvChunk(_message.Message):
-    __slots__ = ("layer", "tensor", "first_token", "shape", "dtype", "data", "crc32c")
+    __slots__ = ("layer", "tensor", "first_token", "shape", "dtype", "data", "crc32c", "mac")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class KvChunk(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     layer: int
     tensor: KvTensor
     first_token: int
@@ -76,7 +77,8 @@ class KvChunk(_message.Message):
     dtype: str
     data: bytes
     crc32c: int
-    def __init__(self, layer: _Optional[int] = ..., tensor: _Optional[_Union[KvTensor, str]] = ..., first_token: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, layer: _Optional[int] = ..., tensor: _Optional[_Union[KvTensor, str]] = ..., first_token: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class PrefillSummary(_message.Message):
     __slots__ = ("num_tokens", "num_layers", "kv_bytes")
