@@ -76,14 +76,15 @@ def check_isolation(loaded) -> tuple[bool, str]:
     engine = _engine(loaded, False)
     ok_ids = [engine.add_request(PROMPTS[i], greedy) for i in (0, 2)]
     bad = engine.add_request(PROMPTS[1], greedy)
-    outs = {rid: [] for rid in ok_ids + [bad]}
-    for o in engine.step():
-        outs[o.request_id].append(o)
-    for layer in range(engine.cache.num_layers):
-        engine.cache.layer(layer)[0][engine.cache.block_table(bad)] = float("nan")
+    outs: dict[str, list] = {rid: [] for rid in ok_ids + [bad]}
+    steps = 0
     while engine.has_unfinished():
         for o in engine.step():
             outs[o.request_id].append(o)
+        steps += 1
+        if steps == 1:  # the prompts are in: NaN into one sequence's blocks of every layer
+            for layer in range(engine.cache.num_layers):
+                engine.cache.layer(layer)[0][engine.cache.block_table(bad)] = float("nan")
     alone = [_engine(loaded, False).generate([PROMPTS[i]], greedy)[0].token_ids for i in (0, 2)]
     got = [[t for o in outs[rid] for t in o.token_ids] for rid in ok_ids]
     failed = outs[bad][-1].finish_reason == "error"

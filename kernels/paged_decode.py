@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from zeroc_kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref, rows_contiguous
-from zeroc_kernels.tiles import load_rows
+from zeroc_kernels.tiles import load_rows, paged_walk_start
 from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
 
 try:  # Triton is optional on CPU-only machines; the reference serves there.
@@ -116,12 +116,8 @@ if triton is not None:
         seq_len = tl.load(lens_ptr + seq)
         first = split * split_len
         end = tl.minimum(seq_len, first + split_len)
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, DV_PAD], tl.float32)
-        table = tables_ptr + seq.to(tl.int64) * stride_tb
-        k_base = k_ptr + kv_head * stride_kh
-        v_base = v_ptr + kv_head * stride_vh
+        m_i, l_i, acc, table, k_base, v_base = paged_walk_start(tables_ptr, seq, stride_tb, k_ptr, v_ptr, kv_head,
+                                                                stride_kh, stride_vh, GROUP_PAD, DV_PAD)
         for start in range(first, end, BLOCK_N):
             pos = start + tl.arange(0, BLOCK_N)
             valid = pos < end

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from zeroc_kernels.paged_attention import check_int8_args, rows_contiguous
-from zeroc_kernels.tiles import load_rows
+from zeroc_kernels.tiles import load_rows, paged_walk_start
 from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
 
 try:  # optional on CPU-only machines
@@ -112,12 +112,8 @@ if triton is not None:
         q = tl.load(q_ptr + q_rows[:, None] + dq[None, :], mask=row_ok[:, None] & (dq[None, :] < DQ), other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-        table = tables_ptr + seq.to(tl.int64) * stride_tb
-        k_base = k_ptr + kv_head * stride_kh
-        v_base = v_ptr + kv_head * stride_vh
+        m_i, l_i, acc, table, k_base, v_base = paged_walk_start(tables_ptr, seq, stride_tb, k_ptr, v_ptr, kv_head,
+                                                                stride_kh, stride_vh, BLOCK_M, DV_PAD)
         kv_end = tl.minimum(seq_len, prefix + (tile + 1) * TOK)  # causal frontier of the tile's last query
         full_end = ((prefix + tile * TOK) // BLOCK_N) * BLOCK_N  # keys every row of the tile sees
         for start in range(0, full_end, BLOCK_N):

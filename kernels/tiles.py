@@ -27,3 +27,15 @@ if triton is not None:
                 return tl.load(ptrs)
             else:
                 return tl.load(ptrs, mask=d[None, :] < D, other=0.0)
+
+    @triton.jit
+    def paged_walk_start(tables_ptr, seq, stride_tb, k_ptr, v_ptr, kv_head, stride_kh, stride_vh,
+                         ROWS: tl.constexpr, DV_PAD: tl.constexpr):
+        # The state a walk over one sequence's pages starts from, for ROWS query rows of one KV head: the
+        # online softmax's running max m and sum l, the output accumulator [ROWS, DV_PAD], the sequence's
+        # block-table row, and the head's K and V bases.
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DV_PAD], tl.float32)
+        table = tables_ptr + seq.to(tl.int64) * stride_tb
+        return m_i, l_i, acc, table, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh

@@ -262,7 +262,7 @@ class AsyncClient:
             started = False
             call = self._stub.Generate(request, timeout=deadline.check(), metadata=self._metadata)
             try:
-                async for msg in call:
+                while (msg := await call.read()) is not grpc.aio.EOF:
                     started = True
                     yield _convert(msg)
                 return
