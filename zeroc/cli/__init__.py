@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zeroc.cli import bench, calibrate, eval, generate, serve, stack, train
+from zeroc.cli import bench, calibrate, eval, generate, health, serve, stack, train
 from zeroc.config import ZeroCError
 
 
-GROUPS = (train, calibrate, eval, bench, generate, serve, stack)
+GROUPS = (train, calibrate, eval, bench, generate, serve, stack, health)
 
 
 def build_parser() -> argparse.ArgumentParser:
