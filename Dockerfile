@@ -21,13 +21,14 @@ ARG TORCH_VERSION
 COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup
 RUN zeroc-setup os build
 COPY deploy/docker/local /local
+RUN TORCH_VERSION=${TORCH_VERSION} zeroc-setup torch cuda
 COPY pyproject.toml setup.py README.md /src/
 COPY zeroc /src/zeroc
 COPY kernels /src/kernels
 COPY prefill_service /src/prefill_service
 COPY decode_service /src/decode_service
 COPY kv_store /src/kv_store
-RUN TORCH_VERSION=${TORCH_VERSION} zeroc-setup venv cuda
+RUN zeroc-setup project cuda
 
 FROM ${CUDA_BASE_IMAGE} AS cuda
 COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup
@@ -50,13 +51,14 @@ ARG TORCH_INDEX_URL
 COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup
 RUN zeroc-setup os build
 COPY deploy/docker/local /local
+RUN TORCH_VERSION=${TORCH_VERSION} TORCH_INDEX_URL=${TORCH_INDEX_URL} zeroc-setup torch cpu
 COPY pyproject.toml setup.py README.md /src/
 COPY zeroc /src/zeroc
 COPY kernels /src/kernels
 COPY prefill_service /src/prefill_service
 COPY decode_service /src/decode_service
 COPY kv_store /src/kv_store
-RUN TORCH_VERSION=${TORCH_VERSION} TORCH_INDEX_URL=${TORCH_INDEX_URL} zeroc-setup venv cpu
+RUN zeroc-setup project cpu
 
 FROM ${BASE_IMAGE} AS cpu
 COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup

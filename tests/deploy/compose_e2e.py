@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from docker_engine import BASE_IMAGE, REPO, DockerEngine
 
 from zeroc.client import Client, ClientError, RetryPolicy
@@ -81,14 +82,22 @@ class Deployment:
             self.engine.close()
 
 
-def compose_command(engine: DockerEngine, env_file: Path) -> list[str]:
-    """Compose v2 (the docker CLI plugin) where the CLI has it, else Debian's docker-compose (v1)."""
+def compose_command(engine: DockerEngine, env_file: Path, workdir: Path) -> list[str]:
+    """Compose v2 (the docker CLI plugin) where the CLI has it, else Debian's docker-compose (v1), on the stack
+    of compose.yaml with compose.test.yaml over it, as `config` renders the two. Published ports mean nothing on
+    the host's network (and Compose v1 refuses them there), so they are dropped from the rendered file."""
     if engine.run(["compose", "version"], check=False, quiet=True).returncode == 0:
         base = [engine.docker, "compose"]
     else:
         base = [shutil.which("docker-compose") or "docker-compose"]
-    return [*base, "--project-name", PROJECT, "--env-file", str(env_file),
-            "-f", str(REPO / "compose.yaml"), "-f", str(REPO / "compose.test.yaml")]
+    base += ["--project-name", PROJECT]
+    files = ["--env-file", str(env_file), "-f", str(REPO / "compose.yaml"), "-f", str(REPO / "compose.test.yaml")]
+    rendered = yaml.safe_load(engine.run([*base[1:], *files, "config"], program=base[0], cwd=REPO).stdout)
+    for spec in rendered["services"].values():
+        spec.pop("ports", None)
+    path = workdir / "compose.rendered.yaml"
+    path.write_text(yaml.safe_dump(rendered, sort_keys=False))
+    return [*base, "-f", str(path)]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +114,7 @@ def deployment(tmp_path_factory) -> Deployment:
             "ZEROC_E2E_REDIS_PORT": ports["redis"], "ZEROC_E2E_PREFILL_PORT": ports["prefill"],
             "ZEROC_E2E_DECODE1_PORT": ports["decode-1"], "ZEROC_E2E_DECODE2_PORT": ports["decode-2"],
             "ZEROC_E2E_GATEWAY_PORT": ports["gateway"]}.items()))
-        dep = Deployment(engine, compose_command(engine, env_file), ports)
+        dep = Deployment(engine, compose_command(engine, env_file, env_file.parent), ports)
         dep.compose_run("up", "--detach")  # depends_on: each service starts once those it needs are healthy
         dep.wait_healthy(SERVICES)
         yield dep

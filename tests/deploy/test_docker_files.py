@@ -78,10 +78,14 @@ def test_runtime_stage_runs_zeroc_unprivileged_with_the_bundled_model(target):
 
 
 def test_build_stages_install_what_their_target_needs():
+    for name in ("cpu-build", "cuda-build"):  # one torch and one project install, each for its own target
+        runs = [r for r in instruction(stages()[name], "RUN") if "zeroc-setup torch" in r or "zeroc-setup project" in r]
+        assert [r.split()[-2:] for r in runs] == [["torch", name[:-6]], ["project", name[:-6]]]
     cpu = " ".join(stages()["cpu-build"]["lines"])
     cuda = " ".join(stages()["cuda-build"]["lines"])
-    assert "zeroc-setup venv cpu" in cpu and "TORCH_INDEX_URL=${TORCH_INDEX_URL}" in cpu
-    assert "zeroc-setup venv cuda" in cuda and "TORCH_INDEX_URL" not in cuda
+    assert "zeroc-setup torch cpu" in cpu and "TORCH_INDEX_URL=${TORCH_INDEX_URL}" in cpu
+    assert "zeroc-setup torch cuda" in cuda and "TORCH_INDEX_URL" not in cuda
+    assert "zeroc-setup project cpu" in cpu and "zeroc-setup project cuda" in cuda
     setup = (REPO / "deploy" / "docker" / "setup.sh").read_text()
     assert '"/src$extras"' in setup and 'extras="[gpu]"' in setup  # the cuda image gets the gpu extra
     # Every package the project installs from is copied into both build stages.

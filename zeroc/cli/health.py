@@ -20,8 +20,8 @@ def probe_grpc(target: str, timeout_s: float, service: str, ca_path: str) -> str
 
     try:
         wait_serving(target, timeout_s, service=service, ca=Path(ca_path).read_bytes() if ca_path else None)
-    except TimeoutError as exc:
-        return str(exc)
+    except TimeoutError:
+        return f"{target} did not report SERVING within {timeout_s:g}s"
     return None
 
 
@@ -48,6 +48,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("healthy")
     return 0
+
+
+def standalone_parser() -> argparse.ArgumentParser:
+    """`zeroc health ...` parsed without the other command groups (and the torch they import)."""
+    parser = argparse.ArgumentParser(prog="zeroc")
+    add_arguments(parser.add_subparsers(dest="command", required=True))
+    return parser
 
 
 def add_arguments(sub: argparse._SubParsersAction) -> None:
