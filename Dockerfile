@@ -15,6 +15,15 @@ ARG TORCH_VERSION=2.13.0
 # builds (PyPI's Linux torch is the multi-GB CUDA build).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
+# The project's sources, which both build stages install.
+FROM scratch AS src
+COPY pyproject.toml setup.py README.md /src/
+COPY zeroc /src/zeroc
+COPY kernels /src/kernels
+COPY prefill_service /src/prefill_service
+COPY decode_service /src/decode_service
+COPY kv_store /src/kv_store
+
 # ---- CUDA: PyPI's torch (CUDA, NCCL) and the project's gpu extra (Triton, NCCL) ----
 FROM ${CUDA_BASE_IMAGE} AS cuda-build
 ARG TORCH_VERSION
@@ -22,23 +31,16 @@ COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup
 RUN zeroc-setup os build
 COPY deploy/docker/local /local
 RUN TORCH_VERSION=${TORCH_VERSION} zeroc-setup torch cuda
-COPY pyproject.toml setup.py README.md /src/
-COPY zeroc /src/zeroc
-COPY kernels /src/kernels
-COPY prefill_service /src/prefill_service
-COPY decode_service /src/decode_service
-COPY kv_store /src/kv_store
+COPY --from=src /src /src
 RUN zeroc-setup project cuda
 
 FROM ${CUDA_BASE_IMAGE} AS cuda
 COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup
 RUN zeroc-setup os runtime && zeroc-setup user
+ENV ZEROC_DEVICE=cuda
 COPY --from=cuda-build /opt/zeroc /opt/zeroc
 COPY --chown=zeroc:zeroc models /models
-ENV PATH=/opt/zeroc/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    ZEROC_MODEL_DIR=/models/zeroc-tiny \
-    ZEROC_DEVICE=cuda
+ENV PATH=/opt/zeroc/bin:$PATH PYTHONUNBUFFERED=1 ZEROC_MODEL_DIR=/models/zeroc-tiny
 USER zeroc
 WORKDIR /home/zeroc
 ENTRYPOINT ["zeroc"]
@@ -52,23 +54,16 @@ COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup
 RUN zeroc-setup os build
 COPY deploy/docker/local /local
 RUN TORCH_VERSION=${TORCH_VERSION} TORCH_INDEX_URL=${TORCH_INDEX_URL} zeroc-setup torch cpu
-COPY pyproject.toml setup.py README.md /src/
-COPY zeroc /src/zeroc
-COPY kernels /src/kernels
-COPY prefill_service /src/prefill_service
-COPY decode_service /src/decode_service
-COPY kv_store /src/kv_store
+COPY --from=src /src /src
 RUN zeroc-setup project cpu
 
 FROM ${BASE_IMAGE} AS cpu
 COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup
 RUN zeroc-setup os runtime && zeroc-setup user
+ENV ZEROC_DEVICE=cpu
 COPY --from=cpu-build /opt/zeroc /opt/zeroc
 COPY --chown=zeroc:zeroc models /models
-ENV PATH=/opt/zeroc/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    ZEROC_MODEL_DIR=/models/zeroc-tiny \
-    ZEROC_DEVICE=cpu
+ENV PATH=/opt/zeroc/bin:$PATH PYTHONUNBUFFERED=1 ZEROC_MODEL_DIR=/models/zeroc-tiny
 USER zeroc
 WORKDIR /home/zeroc
 ENTRYPOINT ["zeroc"]

@@ -51,7 +51,7 @@ def global_args() -> dict[str, str]:
 
 def test_dockerfile_has_a_cpu_and_a_cuda_target_on_base_images_named_by_build_args():
     all_stages = stages()
-    assert list(all_stages)[1:] == ["cuda-build", "cuda", "cpu-build", "cpu"]  # cpu last: the default target
+    assert list(all_stages)[1:] == ["src", "cuda-build", "cuda", "cpu-build", "cpu"]  # cpu last: the default target
     args = global_args()
     assert args["BASE_IMAGE"] == "python:3.11-slim"
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", args["CUDA_BASE_IMAGE"])
@@ -90,9 +90,10 @@ def test_build_stages_install_what_their_target_needs():
     assert '"/src$extras"' in setup and 'extras="[gpu]"' in setup  # the cuda image gets the gpu extra
     # Every package the project installs from is copied into both build stages.
     packages = {"zeroc", "kernels", "prefill_service", "decode_service", "kv_store"}
+    copied = {c.split()[0] for c in instruction(stages()["src"], "COPY")}
+    assert packages <= copied
     for name in ("cpu-build", "cuda-build"):
-        copied = {c.split()[0] for c in instruction(stages()[name], "COPY")}
-        assert packages <= copied
+        assert "--from=src /src /src" in instruction(stages()[name], "COPY")
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {f"!{p}" for p in packages | {"models", "deploy/docker"}} <= set(ignored)
 
