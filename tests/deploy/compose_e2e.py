@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from docker_engine import BASE_IMAGE, REPO, DockerEngine
+from docker_engine import BASE_IMAGE, REPO, DockerEngine, mounts_under
 
 from zeroc.client import Client, ClientError, RetryPolicy
 from zeroc.config import BUNDLED_MODEL
@@ -214,7 +214,7 @@ def test_teardown_leaves_nothing(deployment):
     assert set(engine.run(["network", "ls", "--format", "{{.Name}}"]).stdout.split()) <= {"host", "none"}
     deployment.teardown()
     assert engine.proc.poll() is not None  # the dockerd this test started has exited
-    assert not engine.root.exists()
+    assert not engine.root.exists() and mounts_under(engine.root) == []
     assert processes_mentioning(str(engine.root)) == []  # no containerd, shim or container process is left
 
 

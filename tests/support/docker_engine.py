@@ -44,6 +44,12 @@ def debian_mirror() -> str:
     return DEBIAN_MIRROR
 
 
+def mounts_under(root: Path) -> list[str]:
+    """Mount points below `root`, deepest first."""
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return sorted((p for p in points if p.startswith(f"{root}/")), key=len, reverse=True)
+
+
 class DockerEngine:
     """dockerd started by this process; `run` talks to it, `close` stops it and removes its data."""
 
@@ -116,5 +122,6 @@ class DockerEngine:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        subprocess.run(["umount", "-R", str(self.root)], capture_output=True)  # what a killed daemon left mounted
+        for mount in mounts_under(self.root):  # dockerd leaves exec/netns/default mounted, a killed one more
+            subprocess.run(["umount", "--lazy", mount], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
