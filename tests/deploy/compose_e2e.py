@@ -144,7 +144,8 @@ def hf_greedy(ids: list[int], steps: int) -> list[int]:
 
 def curl_completion(dep: Deployment, prompt: str) -> str:
     """A streamed completion through the gateway's OpenAI API, by curl: the text of its SSE events."""
-    body = json.dumps({"model": BUNDLED_MODEL.name, "prompt": prompt, "max_tokens": NEW_TOKENS, "stream": True})
+    body = json.dumps({"model": BUNDLED_MODEL.name, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0,
+                       "stream": True})
     out = subprocess.run(["curl", "-sS", "-N", "--fail-with-body", "--max-time", "120",
                           f"http://{addr(dep, 'gateway')}/v1/completions", "-H", "Content-Type: application/json",
                           "-d", body], capture_output=True, text=True, timeout=150)
