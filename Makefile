@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PROMPT ?= The built-in function
 
-.PHONY: install run test bench clean protos lint-protos
+.PHONY: install run test test-compose bench clean protos lint-protos
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +23,18 @@ run: install
 
 test: install
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+
+# compose.yaml built and run for real (tests/deploy/compose_e2e.py, which `make test` does not collect): a
+# dockerd of its own builds the image and runs the stack on loopback, then everything is torn down, the daemon
+# too. As root it installs what it runs from Debian's packages when they are missing.
+COMPOSE_TOOLS := dockerd docker-compose debootstrap curl
+test-compose: install
+	@for tool in $(COMPOSE_TOOLS); do command -v $$tool > /dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        docker.io docker-compose debootstrap curl > /dev/null; \
+	fi
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/deploy/compose_e2e.py
 
 # Regenerate the committed Python stubs of protos/zeroc/v1 (a test fails when they are stale).
 protos: install

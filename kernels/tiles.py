@@ -39,3 +39,5 @@ if triton is not None:
         acc = tl.zeros([ROWS, DV_PAD], tl.float32)
         table = tables_ptr + seq.to(tl.int64) * stride_tb
         return m_i, l_i, acc, table, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh
+else:
+    load_rows = paged_walk_start = None  # the kernels that call them are defined only where triton imports

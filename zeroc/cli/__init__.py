@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zeroc.cli import bench, calibrate, eval, generate, serve, stack, train
+from zeroc.cli import bench, calibrate, eval, generate, health, serve, stack, train
 from zeroc.config import ZeroCError
 
 
-GROUPS = (train, calibrate, eval, bench, generate, serve, stack)
+GROUPS = (train, calibrate, eval, bench, generate, serve, stack, health)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    # Container health checks run `zeroc health` every few seconds: it parses alone, since the full parser
+    # imports torch (the bench group) and a probe must cost well under a second.
+    parser = health.standalone_parser() if argv[:1] == ["health"] else build_parser()
+    args = parser.parse_args(argv)
     args.argv = argv[2:] if argv[:2] == ["eval", "quality"] else argv
     try:
         return args.func(args)
