@@ -60,6 +60,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
 
     cfg = QualityConfig(ctx=args.ctx, max_tokens=args.max_tokens, budgets=tuple(args.budgets),
                         batch_size=args.batch_size, zeroc_modes=tuple(args.zeroc_modes),
+                        prefill_tokens=args.prefill_tokens, score_tokens=args.score_tokens,
                         calibration=ZeroCMethod(rank_multiple=args.rank_multiple, calib_tokens=args.calib_tokens,
                                                 sensitivity_tokens=args.sensitivity_tokens, window=args.window,
                                                 granularity=args.rank_granularity))
@@ -70,7 +71,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
     meta = {"model": loaded.path.name, "data": Path(args.data).name, "calibration text": Path(args.calib).name,
             "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_description(),
             "command": "zeroc eval quality " + " ".join(args.argv), "windows": f"ctx {cfg.ctx}, max tokens "
-            f"{cfg.max_tokens}", "ZeroC calibration": str(cfg.calibration), "wall time": f"{minutes:.1f} min"}
+            f"{cfg.max_tokens}; prefill-then-score: prefill {cfg.prefill_tokens}, score {cfg.score_tokens}", "ZeroC calibration": str(cfg.calibration), "wall time": f"{minutes:.1f} min"}
     md, png = write_report(rows, Path(args.out_dir), meta)
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "markdown": str(md), "plot": str(png), **meta}))
@@ -152,6 +153,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.375, 0.25])
     p.add_argument("--batch-size", type=int, default=16, help="windows streamed together")
+    p.add_argument("--prefill-tokens", type=int, default=768,
+                   help="prefill-then-score protocol: tokens prefilled and compressed per window")
+    p.add_argument("--score-tokens", type=int, default=256, help="prefill-then-score protocol: tokens scored after")
     p.add_argument("--calib-tokens", type=int, default=16384, help="ZeroC calibration tokens for the statistics")
     p.add_argument("--sensitivity-tokens", type=int, default=2048, help="ZeroC tokens for per-layer sensitivity")
     p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
