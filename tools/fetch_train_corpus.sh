@@ -10,4 +10,6 @@ for pkg in python3.11-doc sphinx-doc git-doc developers-reference python-request
   ls "${pkg}"_*.deb >/dev/null 2>&1 || apt-get download "$pkg"
   dpkg -x "${pkg}"_*.deb "$dir"
 done
+# keep only the text sources (about 17 MB): small enough to carry to a device machine
+find "$dir/usr" -type f ! -name '*.txt' ! -name '*.rst' -delete
 echo "corpus unpacked under $dir (main: $dir/usr/share/doc/python3.11/html/_sources)"

@@ -118,8 +118,8 @@ def _longctx_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--samples", type=int, default=5, help="samples per task and context length")
     p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25])
-    p.add_argument("--methods", nargs="+", choices=POLICY_NAMES, default=list(POLICY_NAMES),
-                   help="registry methods (the uncompressed cache always runs)")
+    p.add_argument("--methods", nargs="*", choices=POLICY_NAMES, default=list(POLICY_NAMES),
+                   help="registry methods (the uncompressed cache always runs; none given: only it)")
     p.add_argument("--zeroc", action="store_true", help="also ZeroC calibrated at each budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="samples through the cache together")
