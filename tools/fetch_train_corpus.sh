@@ -3,7 +3,7 @@
 # docs/data.md) into one directory, without installing them: apt-get download + dpkg -x.
 # Usage: tools/fetch_train_corpus.sh [DIR]   (default /tmp/zeroc-corpus)
 set -euo pipefail
-dir=${1:-/tmp/zeroc-corpus}
+dir=$(realpath -m "${1:-/tmp/zeroc-corpus}")
 mkdir -p "$dir/debs"
 cd "$dir/debs"
 for pkg in python3.11-doc sphinx-doc git-doc developers-reference python-requests-doc; do

@@ -40,6 +40,7 @@ def test_a_difference_inside_two_standard_errors_is_a_tie():
     clear = paired_difference([1.1, 1.2, 1.15, 1.1], [1.0, 1.1, 1.05, 1.0], [10] * 4)
     assert not clear.tie and clear.describe().startswith("+")
     assert paired_difference([1.0], [1.0], [5]).tie and paired_difference([1.0], [1.0], [5]).se is None
+    assert not paired_difference([1.5], [1.0], [5]).tie  # one window: no standard error, a real difference
     with pytest.raises(ValueError, match="equally long"):
         paired_difference([1.0], [1.0, 2.0], [1])
 
