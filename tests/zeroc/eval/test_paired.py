@@ -46,8 +46,8 @@ def test_a_difference_inside_two_standard_errors_is_a_tie():
 
 
 def test_budget_one_costs_nothing_under_both_protocols(bundled):
-    cfg = QualityConfig(ctx=48, batch_size=3, prefill_tokens=32, score_tokens=16)
-    tokens = read_eval_tokens(bundled.tokenizer, BUNDLED_HELDOUT, 48 * 3)
+    cfg = QualityConfig(ctx=32, batch_size=3, prefill_tokens=24, score_tokens=8)
+    tokens = read_eval_tokens(bundled.tokenizer, BUNDLED_HELDOUT, 32 * 3)
     rows = [_row("uncompressed", 1.0, *_protocols(bundled.model, tokens, cfg))]
     rows += [_method_row(bundled.model, tokens, name, 1.0, cfg) for name in BASELINES]
     for name in BASELINES:
