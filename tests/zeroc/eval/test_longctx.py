@@ -56,16 +56,16 @@ def test_uncompressed_cache_matches_the_no_cache_reference(bundled):
 
 
 def test_eviction_at_budget_one_is_the_uncompressed_run(bundled):
-    cfg = LongCtxConfig(contexts=(160,), tasks=("passkey",), per_cell=2, chunk=48)
+    cfg = LongCtxConfig(contexts=(96,), tasks=("passkey",), per_cell=2, chunk=40)
     samples = build_samples(bundled, BUNDLED_HELDOUT, cfg)
     base = generate_paged(bundled.model, samples, None, cfg.batch_size, cfg.chunk)
     for name in ("streamingllm", "h2o", "snapkv"):
-        cache = cache_config(method_at_budget(name, 1.0, bundled.config, 200))
+        cache = cache_config(method_at_budget(name, 1.0, bundled.config, 120))
         assert generate_paged(bundled.model, samples, cache, cfg.batch_size, cfg.chunk) == base, name
 
 
 def test_every_registry_method_runs_through_the_command(bundled, tmp_path, capsys):
-    code = main(["eval", "longctx", "--contexts", "128", "--tasks", "passkey", "multikey", "--samples", "1",
+    code = main(["eval", "longctx", "--contexts", "96", "--tasks", "passkey", "fact", "--samples", "1",
                  "--budgets", "1.0", "0.5", "--out-dir", str(tmp_path), "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
