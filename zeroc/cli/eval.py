@@ -1,4 +1,5 @@
-"""`zeroc eval ppl|quality`: perplexity, and the quality table of ZeroC against the KV-policy baselines."""
+"""`zeroc eval ppl|quality|longctx`: perplexity, the quality table of ZeroC against the KV-policy baselines, and
+long-context retrieval accuracy per KV method and budget."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
 
     cfg = QualityConfig(ctx=args.ctx, max_tokens=args.max_tokens, budgets=tuple(args.budgets),
                         batch_size=args.batch_size, zeroc_modes=tuple(args.zeroc_modes),
+                        prefill_tokens=args.prefill_tokens, score_tokens=args.score_tokens,
                         calibration=ZeroCMethod(rank_multiple=args.rank_multiple, calib_tokens=args.calib_tokens,
                                                 sensitivity_tokens=args.sensitivity_tokens, window=args.window,
                                                 granularity=args.rank_granularity))
@@ -69,7 +71,7 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
     meta = {"model": loaded.path.name, "data": Path(args.data).name, "calibration text": Path(args.calib).name,
             "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_description(),
             "command": "zeroc eval quality " + " ".join(args.argv), "windows": f"ctx {cfg.ctx}, max tokens "
-            f"{cfg.max_tokens}", "ZeroC calibration": str(cfg.calibration), "wall time": f"{minutes:.1f} min"}
+            f"{cfg.max_tokens}; prefill-then-score: prefill {cfg.prefill_tokens}, score {cfg.score_tokens}", "ZeroC calibration": str(cfg.calibration), "wall time": f"{minutes:.1f} min"}
     md, png = write_report(rows, Path(args.out_dir), meta)
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "markdown": str(md), "plot": str(png), **meta}))
@@ -79,8 +81,56 @@ def cmd_eval_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_longctx(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from zeroc.eval.longctx import LongCtxConfig, run_longctx
+    from zeroc.eval.longctx_report import table, write_report
+    from zeroc.eval.quality import machine_description
+
+    cfg = LongCtxConfig(contexts=tuple(args.contexts), tasks=tuple(args.tasks), per_cell=args.samples,
+                        budgets=tuple(args.budgets), methods=tuple(args.methods), zeroc=args.zeroc, seed=args.seed,
+                        batch_size=args.batch_size, chunk=args.chunk)
+    loaded, _ = common.load(args)
+    started = dt.datetime.now(dt.timezone.utc)
+    rows = run_longctx(loaded, args.data, cfg, args.calib, progress=not args.json)
+    minutes = (dt.datetime.now(dt.timezone.utc) - started).total_seconds() / 60
+    meta = {"model": loaded.path.name, "data": Path(args.data).name, "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_description(), "command": "zeroc " + " ".join(args.argv),
+            "seed": str(cfg.seed), "wall time": f"{minutes:.1f} min"}
+    md, png = write_report(rows, Path(args.out_dir), meta)
+    if args.json:
+        print(json.dumps({"rows": [asdict(r) for r in rows], "markdown": str(md), "plot": str(png), **meta}))
+    else:
+        print("\n".join(table(rows)))
+        print(f"wrote {md} and {png}")
+    return 0
+
+
+def _longctx_arguments(p: argparse.ArgumentParser) -> None:
+    from zeroc.eval.longctx_tasks import TASKS
+
+    common.model_args(p)
+    p.add_argument("--data", default=str(BUNDLED_HELDOUT), help="held-out text the haystacks come from")
+    p.add_argument("--calib", default=str(BUNDLED_CALIB), help="calibration text for ZeroC (with --zeroc)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096],
+                   help="prompt lengths in tokens (clipped to the model's positions)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--samples", type=int, default=5, help="samples per task and context length")
+    p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    p.add_argument("--methods", nargs="*", choices=POLICY_NAMES, default=list(POLICY_NAMES),
+                   help="registry methods (the uncompressed cache always runs; none given: only it)")
+    p.add_argument("--zeroc", action="store_true", help="also ZeroC calibrated at each budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="samples through the cache together")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk in tokens")
+    p.add_argument("--out-dir", default="docs", help="where longctx.md and longctx.png go")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_longctx)
+
+
 def add_arguments(sub: argparse._SubParsersAction) -> None:
-    """Eval ppl | quality."""
+    """Eval ppl | quality | longctx."""
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="what", required=True)
     p = ev.add_parser("ppl", help="perplexity on a text file")
     common.model_args(p)
@@ -103,6 +153,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.375, 0.25])
     p.add_argument("--batch-size", type=int, default=16, help="windows streamed together")
+    p.add_argument("--prefill-tokens", type=int, default=768,
+                   help="prefill-then-score protocol: tokens prefilled and compressed per window")
+    p.add_argument("--score-tokens", type=int, default=256, help="prefill-then-score protocol: tokens scored after")
     p.add_argument("--calib-tokens", type=int, default=16384, help="ZeroC calibration tokens for the statistics")
     p.add_argument("--sensitivity-tokens", type=int, default=2048, help="ZeroC tokens for per-layer sensitivity")
     p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
@@ -114,3 +167,5 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="docs", help="where quality.md and quality.png go")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_quality)
+
+    _longctx_arguments(ev.add_parser("longctx", help="retrieval accuracy per KV method and budget -> docs/"))

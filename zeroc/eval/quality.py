@@ -7,9 +7,13 @@ cache ("zeroc-int8", `ZeroCVariant`); every baseline of `zeroc.policies.registry
 uncompressed model, through the paged cache and store `zeroc serve` runs (`perplexity_streaming`
 with a `CacheConfig` naming it), each at the hyperparameters that hold the row's budget
 (`KVMethod.at_budget`; KIVI: the widest full-precision residual whose average held fraction over a
-window of `ctx` tokens fits). Streaming perplexity is measured for all; full-pass only where a method has
-a full-pass form (uncompressed and fp16 ZeroC: the compression lives in the weights). Writes a markdown report and a
-plot (streaming perplexity vs budget, one line per method).
+window of `ctx` tokens fits). Two perplexity protocols are measured for all: streaming (every token of
+windows of `ctx`, token by token through the cache) and prefill-then-score (`QualityConfig.prefill_tokens`
+prefilled and compressed by the method, the next `score_tokens` scored teacher-forced: kvpress's
+protocol); full-pass only where a method has a full-pass form (uncompressed and fp16 ZeroC: the
+compression lives in the weights). Rows keep their per-window NLLs, so the report states every
+comparison as a paired difference with its standard error (`zeroc.eval.paired`). Writes a markdown
+report and a plot (streaming perplexity vs budget, one line per method).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from zeroc.compression.calibrate import MODES, Measurements, ZeroCMethod, compress, measure
-from zeroc.config import ZeroCError
-from zeroc.eval.perplexity import perplexity_full, perplexity_streaming
+from zeroc.config import CacheConfig, ZeroCError
+from zeroc.eval.perplexity import PerplexityResult, perplexity_full, perplexity_prefill, perplexity_streaming
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
 from zeroc.model import Transformer
@@ -66,8 +70,13 @@ class QualityConfig:
     batch_size: int = 16  # windows streamed together
     calibration: ZeroCMethod = field(default_factory=ZeroCMethod)  # its budget and mode are replaced per row
     zeroc_modes: tuple[str, ...] = ("auto",)
+    prefill_tokens: int = 768  # prefill-then-score protocol: tokens prefilled (and compressed) per window
+    score_tokens: int = 256  # ... and tokens scored after them
 
     def __post_init__(self) -> None:
+        if self.prefill_tokens < 1 or self.score_tokens < 1:
+            raise ValueError(f"prefill_tokens and score_tokens must be >= 1, got {self.prefill_tokens} and "
+                             f"{self.score_tokens}")
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
             raise ValueError(f"budgets must be in (0, 1], got {list(self.budgets)}")
         if self.ctx < 2:
@@ -89,6 +98,32 @@ class QualityRow:
     kv_fraction: float | None = None  # KV bits held / uncompressed fp16 bits (mean over steps for policies)
     kv_fraction_max: float | None = None  # largest fraction at positions >= 128 (policies)
     note: str = ""
+    prefill_ppl: float | None = None  # prefill-then-score perplexity (None: not reachable, or no full window)
+    stream_nll: tuple[float, ...] = ()  # mean NLL per streaming window (paired comparisons)
+    stream_tokens: tuple[int, ...] = ()
+    prefill_nll: tuple[float, ...] = ()  # mean NLL per prefill-then-score window
+    prefill_tokens: tuple[int, ...] = ()
+
+
+def _protocols(model: Transformer, tokens: torch.Tensor, cfg: QualityConfig, cache: CacheConfig | None = None
+               ) -> tuple[PerplexityResult, PerplexityResult | None]:
+    """Streaming and prefill-then-score results of `model` through the cache `cache` names (None: the
+    plain one); the second is None when the text holds no full prefill + score window."""
+    stream = perplexity_streaming(model, tokens, cfg.ctx, cfg.batch_size, progress=False, cache=cache)
+    try:
+        pre = perplexity_prefill(model, tokens, cfg.prefill_tokens, cfg.score_tokens, cfg.batch_size, cache,
+                                 progress=False)
+    except ValueError:
+        pre = None
+    return stream, pre
+
+
+def _row(method: str, budget: float, stream: PerplexityResult, pre: PerplexityResult | None,
+         **fields) -> QualityRow:
+    return QualityRow(method, budget, stream.perplexity, prefill_ppl=None if pre is None else pre.perplexity,
+                      stream_nll=stream.window_nll, stream_tokens=stream.window_tokens,
+                      prefill_nll=() if pre is None else pre.window_nll,
+                      prefill_tokens=() if pre is None else pre.window_tokens, **fields)
 
 
 def _measure(loaded: LoadedModel, calib_file: str | Path, method: ZeroCMethod, modes: tuple[str, ...],
@@ -130,8 +165,9 @@ def _method_row(model: Transformer, tokens: torch.Tensor, name: str, budget: flo
         policy = method_at_budget(name, budget, model.config, cfg.ctx)
     except ValueError as exc:  # e.g. KIVI 4-bit cannot go below 0.3125
         return QualityRow(method or name, budget, None, note=str(exc))
-    r = perplexity_streaming(model, tokens, cfg.ctx, cfg.batch_size, progress=False, cache=cache_config(policy))
-    return QualityRow(method or name, budget, r.perplexity, None, r.kv_fraction_mean, r.kv_fraction_max)
+    stream, pre = _protocols(model, tokens, cfg, cache_config(policy))
+    return _row(method or name, budget, stream, pre, kv_fraction=stream.kv_fraction_mean,
+                kv_fraction_max=stream.kv_fraction_max)
 
 
 class _ZeroCRuns:
@@ -166,9 +202,9 @@ class _ZeroCRuns:
             return QualityRow(v.name, budget, None, note=f"{v.name} at {budget:g}: {exc}")
         if v.stack is not None:
             return _method_row(model, self.tokens, v.stack, budget, cfg, v.name)
-        stream = perplexity_streaming(model, self.tokens, cfg.ctx, cfg.batch_size, progress=False).perplexity
+        stream, pre = _protocols(model, self.tokens, cfg)
         full = perplexity_full(model, self.tokens, cfg.ctx, progress=False).perplexity
-        return QualityRow(v.name, budget, stream, full, fraction, fraction)
+        return _row(v.name, budget, stream, pre, full_ppl=full, kv_fraction=fraction, kv_fraction_max=fraction)
 
 
 def run_quality(loaded: LoadedModel, calib_file: str | Path, data_file: str | Path, cfg: QualityConfig,
@@ -180,15 +216,16 @@ def run_quality(loaded: LoadedModel, calib_file: str | Path, data_file: str | Pa
     variants = cfg.variants
     bar = tqdm(total=2 + len(cfg.budgets) * (len(variants) + len(BASELINES)), desc="eval quality", unit="run",
                disable=not progress)
-    base_stream = perplexity_streaming(loaded.model, tokens, cfg.ctx, cfg.batch_size, progress=False).perplexity
+    base_stream, base_pre = _protocols(loaded.model, tokens, cfg)
     bar.update()
     base_full = perplexity_full(loaded.model, tokens, cfg.ctx, progress=False).perplexity
     bar.update()
-    identity = QualityRow(UNCOMPRESSED, 1.0, base_stream, base_full, 1.0, 1.0, "identity at 1.0")
+    identity = _row(UNCOMPRESSED, 1.0, base_stream, base_pre, full_ppl=base_full, kv_fraction=1.0,
+                    kv_fraction_max=1.0, note="identity at 1.0")
     zeroc = _ZeroCRuns(loaded, calib_file, tokens, cfg)
     rows = []
     for b in cfg.budgets:
-        rows.append(QualityRow(UNCOMPRESSED, b, base_stream, base_full, 1.0, 1.0))
+        rows.append(replace(identity, budget=b, note=""))
         for v in variants:
             bar.set_postfix_str(f"{v.name} @ {b}")
             if v.stack is None and b >= 1.0:  # ZeroC at full rank is the uncompressed model

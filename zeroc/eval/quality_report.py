@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from zeroc.eval.paired import TIE_SE, PairedDiff, paired_difference
 from zeroc.eval.quality import UNCOMPRESSED, ZEROC, QualityRow
+
+PROTOCOLS = {"streaming": ("stream_nll", "stream_tokens"), "prefill": ("prefill_nll", "prefill_tokens")}
 
 NOTES_FILE = "quality-notes.md"  # hand-written analysis next to the report, included verbatim
 
@@ -42,6 +45,52 @@ def _table(rows: list[QualityRow], attr: str, fmt: str, methods: list[str] | Non
     for m in methods or _methods(rows):
         lines.append(f"| {m} | " + " | ".join(_cell(rows, m, b, attr, fmt) for b in budgets) + " |")
     return lines
+
+
+def _row_at(rows: list[QualityRow], method: str, budget: float) -> QualityRow | None:
+    return next((r for r in rows if r.method == method and r.budget == budget), None)
+
+
+def paired(rows: list[QualityRow], method: str, other: str, budget: float, protocol: str) -> PairedDiff | None:
+    """`method` against `other` at `budget` under `protocol`, window by window (None: either did not run)."""
+    nll, tokens = PROTOCOLS[protocol]
+    a, b = _row_at(rows, method, budget), _row_at(rows, other, budget)
+    if a is None or b is None or not getattr(a, nll) or len(getattr(a, nll)) != len(getattr(b, nll)):
+        return None
+    return paired_difference(getattr(a, nll), getattr(b, nll), getattr(a, tokens))
+
+
+def diff_table(rows: list[QualityRow], protocol: str) -> list[str]:
+    """Paired perplexity change vs uncompressed ± its standard error, per method and budget."""
+    budgets = _budgets(rows)
+    lines = ["| method | " + " | ".join(f"b={b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for m in _methods(rows):
+        if m == UNCOMPRESSED:
+            continue
+        cells = [paired(rows, m, UNCOMPRESSED, b, protocol) for b in budgets]
+        lines.append(f"| {m} | " + " | ".join("n/a" if d is None else d.describe() for d in cells) + " |")
+    return lines
+
+
+def paired_checks(rows: list[QualityRow]) -> list[str]:
+    """Per protocol and budget < 1: each ZeroC row against every baseline, as statistical statements."""
+    out = []
+    for protocol in PROTOCOLS:
+        for b in [b for b in _budgets(rows) if b < 1.0]:
+            for name in _zeroc(rows):
+                ahead, level, behind = [], [], []
+                for m in _methods(rows):
+                    if m in (*_zeroc(rows), UNCOMPRESSED):
+                        continue
+                    d = paired(rows, name, m, b, protocol)
+                    if d is not None:
+                        (level if d.tie else ahead if d.mean < 0 else behind).append(f"{m} {d.describe()}")
+                if ahead or level or behind:
+                    out.append(f"- {protocol}, b={b:g}: {name} is ahead of {len(ahead)}, level with {len(level)}, "
+                               f"behind {len(behind)} baseline(s)."
+                               + "".join(f" {k}: {', '.join(v)}." for k, v in
+                                         (("Ahead of", ahead), ("Level with", level), ("Behind", behind)) if v))
+    return out
 
 
 def text_table(rows: list[QualityRow]) -> str:
@@ -96,6 +145,11 @@ def markdown(rows: list[QualityRow], meta: dict[str, str], notes: str | None) ->
               "tables show what it really holds.",
               "", "## Streaming perplexity (token by token, lower is better)", "",
               *_table(rows, "streaming_ppl", ".3f"), "",
+              "## Prefill-then-score perplexity (prefill, compress, score the continuation teacher-forced)", "",
+              *_table(rows, "prefill_ppl", ".3f"), "",
+              "## Paired differences vs uncompressed (perplexity change ± standard error over windows)", "",
+              f"A difference within {TIE_SE:g} standard errors of zero is reported as a tie. Streaming:", "",
+              *diff_table(rows, "streaming"), "", "Prefill-then-score:", "", *diff_table(rows, "prefill"), "",
               "## Full-pass perplexity (methods with a full-pass form)", "",
               *_table(rows, "full_ppl", ".3f", _full_pass(rows)), "",
               "## KV bytes actually held (fraction of fp16; mean over all scored positions)", "",
@@ -104,6 +158,8 @@ def markdown(rows: list[QualityRow], meta: dict[str, str], notes: str | None) ->
               "at least one token, KIVI's key residual):", "",
               *_table(rows, "kv_fraction_max", ".3f"), "",
               "## Quality goals", "", *goal_checks(rows), "",
+              "ZeroC against each baseline, window by window (differences are ZeroC's perplexity change ± "
+              "standard error):", "", *paired_checks(rows), "",
               "![streaming perplexity vs KV budget](quality.png)", ""]
     notes_lines = [n for n in (r.note for r in rows if r.note and r.note != "identity at 1.0")]
     if notes_lines:

@@ -3,12 +3,19 @@
 `zeroc train` runs `train()`: split the corpus, train the tokenizer, tokenize, run AdamW with
 warmup + cosine decay sized to the time budget, and save a Hugging Face model directory
 together with the held-out and calibration texts.
+
+The long-context recipe (docs/data.md) adds, to the training split only, more documentation text
+(`TrainConfig.extra_corpora`, e.g. Debian documentation packages unpacked by
+tools/fetch_train_corpus.sh) and a fraction of synthetic long-range sequences
+(`TrainConfig.synthetic_fraction`, `zeroc.train.synthetic`); the held-out and calibration texts still
+come from the main corpus alone.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -20,11 +27,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from zeroc.config import ModelConfig
+from zeroc.config import ModelConfig, RopeConfig
 from zeroc.loader import save_model
 from zeroc.model import Transformer
 from zeroc.tokenizer import Tokenizer
 from zeroc.train.corpus import DOC_SEPARATOR, read_documents, split_corpus
+from zeroc.train.synthetic import sample_batch
 
 BOS, EOS = "<s>", "</s>"
 
@@ -52,10 +60,19 @@ class TrainConfig:
     calib_bytes: int = 250_000
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    synthetic_fraction: float = 0.0  # share of training sequences that are synthetic long-range tasks
+    extra_corpora: tuple[str, ...] = ()  # more text for the training split only (directories or files)
+    device: str = "cpu"  # "cuda": bf16 autocast, fp32 master weights
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError("hidden_size must be divisible by num_heads")
+        if not self.head_dim and self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads (or set head_dim)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be divisible by num_kv_heads")
+        if not 0.0 <= self.synthetic_fraction <= 1.0:
+            raise ValueError(f"synthetic_fraction must be in [0, 1], got {self.synthetic_fraction}")
         if self.seq_len > self.max_position_embeddings:
             raise ValueError("seq_len must not exceed max_position_embeddings")
         if self.minutes <= 0 or self.max_steps <= 0:
@@ -69,8 +86,9 @@ class TrainConfig:
             num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
-            head_dim=self.hidden_size // self.num_heads,
+            head_dim=self.head_dim or self.hidden_size // self.num_heads,
             max_position_embeddings=self.max_position_embeddings,
+            rope=RopeConfig(theta=self.rope_theta),
             tie_word_embeddings=True,
             bos_token_id=tokenizer.bos_id,
             eos_token_id=tokenizer.eos_id,
@@ -126,27 +144,31 @@ def train(corpus: Path, out_dir: Path, data_dir: Path | None, cfg: TrainConfig) 
     split = split_corpus(read_documents(corpus), cfg.heldout_bytes, cfg.calib_bytes)
     if data_dir is not None:
         write_texts(split, data_dir)
-    tokenizer = train_tokenizer(split.train, cfg.vocab_size)
-    stream = token_stream(tokenizer, split.train)
+    texts = split.train + [text for root in cfg.extra_corpora for _, text in read_documents(Path(root))]
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    stream = token_stream(tokenizer, texts)
     if stream.numel() <= cfg.seq_len + 1:
         raise ValueError(f"training text has {stream.numel()} tokens, fewer than seq_len + 1")
     model = Transformer(cfg.model_config(tokenizer))
     model.apply(_init_weights)
+    model.to(cfg.device).init_rope()  # RoPE tables are plain attributes: recomputed on the device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.device.startswith("cuda"))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
     budget_s, start = cfg.minutes * 60, time.time()
     total, step, recent, first_loss = cfg.max_steps, 0, deque(maxlen=20), None
     bar = tqdm(total=total, desc="train", unit="step")
     while step < total:
-        starts = torch.randint(0, stream.numel() - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
-        batch = torch.stack([stream[s: s + cfg.seq_len + 1] for s in starts.tolist()])  # [B, T+1]
+        batch = sample_batch(tokenizer, stream, cfg.batch_size, cfg.seq_len + 1, cfg.synthetic_fraction,
+                             rng).to(cfg.device)  # [B, T+1]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, cfg)
-        logits = model(batch[:, :-1])  # [B, T, vocab]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        with autocast:
+            logits = model(batch[:, :-1])  # [B, T, vocab]
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,7 +183,7 @@ def train(corpus: Path, out_dir: Path, data_dir: Path | None, cfg: TrainConfig) 
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", lr=f"{lr_at(step, total, cfg):.2e}")
         bar.update(1)
     bar.close()
-    model.eval()
+    model.eval().cpu().init_rope()
     save_model(model, tokenizer, out_dir, storage_dtype=torch.bfloat16)  # 25 MB instead of 50 in the repo
     summary = {"steps": step, "tokens_seen": step * cfg.batch_size * cfg.seq_len,
                "train_tokens": int(stream.numel()), "first_loss": first_loss,

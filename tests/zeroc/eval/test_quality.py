@@ -40,7 +40,7 @@ def test_whole_command_on_a_tiny_slice(random_gqa_dir, tmp_path, capsys):
     code = main(["eval", "quality", "--model", random_gqa_dir, "--calib", str(BUNDLED_CALIB), "--data",
                  str(BUNDLED_HELDOUT), "--ctx", "48", "--max-tokens", "100", "--calib-tokens", "512",
                  "--sensitivity-tokens", "256", "--window", "128", "--rank-multiple", "8", "--out-dir", str(out),
-                 "--json"])
+                 "--prefill-tokens", "32", "--score-tokens", "16", "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads(captured.out)
@@ -66,7 +66,11 @@ def test_whole_command_on_a_tiny_slice(random_gqa_dir, tmp_path, capsys):
     # KL, which on a random model is not monotone in the rank, so it may stop a step or two short of b
     step = 8 / 32 / 2 * 8 / 16  # one layer's Q/K or V rank -8 of 32, at int8, as a fraction of the layer
     assert all(rows[("zeroc-int8", b)]["kv_fraction"] > b - 2 * step for b in (0.5, 0.375, 0.25))
+    # the prefill-then-score protocol ran on 100 // 48 = 2 windows, paired with the uncompressed rows
+    assert rows[("uncompressed", 1.0)]["prefill_ppl"] > 1.0 and len(rows[("h2o", 0.5)]["prefill_nll"]) == 2
+    assert rows[("h2o", 0.25)]["prefill_ppl"] != rows[("uncompressed", 0.25)]["prefill_ppl"]
     md = (out / "quality.md").read_text()
+    assert "## Prefill-then-score perplexity" in md and "## Paired differences vs uncompressed" in md
     assert "| zeroc |" in md and "| zeroc-int8 |" in md and "| snapkv |" in md
     assert "machine:" in md and "date:" in md
     assert "Hand-written analysis goes here." in md

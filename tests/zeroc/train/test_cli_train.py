@@ -1,0 +1,26 @@
+"""`zeroc train --recipe`: the preset's fields, flags over them, and the recipe's training-only corpora."""
+
+from __future__ import annotations
+
+from zeroc.cli import build_parser
+from zeroc.cli.train import train_config
+from zeroc.train.recipe import PACKAGES, PRESETS
+
+
+def test_recipe_flags_override_the_preset_and_add_the_extra_corpora():
+    args = build_parser().parse_args(["train", "--recipe", "longctx", "--corpus-root", "/c", "--seq-len", "1024",
+                                      "--device", "cuda"])
+    cfg = train_config(args)
+    assert cfg.seq_len == 1024 and cfg.device == "cuda"  # flags win
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.max_position_embeddings) == (4, 64, 4096)  # the preset's
+    assert cfg.synthetic_fraction == PRESETS["longctx"]["synthetic_fraction"] > 0
+    extras = [p for p in PACKAGES if p.role == "extra"]
+    assert cfg.extra_corpora == tuple(f"/c/{p.path}" for p in extras)
+    assert all(p.license for p in PACKAGES)
+
+
+def test_without_a_recipe_the_bundled_models_settings_hold():
+    cfg = train_config(build_parser().parse_args(["train"]))
+    assert (cfg.seq_len, cfg.batch_size, cfg.minutes, cfg.synthetic_fraction, cfg.extra_corpora) == (1024, 4, 55.0,
+                                                                                                      0.0, ())
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads) == (384, 6, 2)
