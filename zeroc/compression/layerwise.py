@@ -47,6 +47,7 @@ from zeroc.rope import layer_inv_freq
 
 AUTO_KL_PASSES = 512  # "auto" measures full KL per cut up to this many passes
 BATCH = 4  # windows through a layer at once
+KL_FLOOR = 1e-9  # nats per token: below the float noise of a KL summed over a vocabulary
 
 
 def full_kl_passes(cfg: ModelConfig, method: ZeroCMethod) -> int:
@@ -232,7 +233,9 @@ def scales(state: dict, num_layers: int) -> dict[tuple[int, str], float]:
     (lower on ties), else 1."""
     out = {}
     for kind in ("qk", "v"):
-        measured = {i: kl / max(state["ref_local"][(i, kind)], 1e-30)
+        # a reference cut's KL below KL_FLOOR is float noise (it can even come out negative): floored, the layer's
+        # cuts stay cheap but keep the order of their local errors
+        measured = {i: max(kl, KL_FLOOR) / max(state["ref_local"][(i, kind)], 1e-30)
                     for (i, k), kl in state["kl"].items() if k == kind}
         for i in range(num_layers):
             near = min(measured, key=lambda j: (abs(j - i), j)) if measured else None
@@ -271,8 +274,10 @@ def measure_local(loaded: LoadedModel, calib_file: str | Path, method: ZeroCMeth
         state["local"].update({(i, *job): e for job, e in local.items()})
         state["ref_local"].update({(i, kind): e for kind, e in refs.items()})
         xs = _advance(layers[i], xs, ref.positions)
-        state.update(done=i + 1, factors=[_to(f, "cpu") for f in factors], x=x.cpu(), xs=xs.cpu())
-        ckpt.save(state)
+        state["done"] = i + 1
+        if ckpt.path is not None:  # host copies only where they are saved
+            state.update(factors=[_to(f, "cpu") for f in factors], x=x.cpu(), xs=xs.cpu())
+            ckpt.save(state)
         if on_layer is not None:
             on_layer(i)
     _kl_passes(model, method, factors, ref, state, ckpt, started, progress)
