@@ -3,6 +3,7 @@ full KL, bounded KL passes, and a checkpoint an interrupted calibration resumes 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -102,3 +103,17 @@ def test_auto_sensitivity_switches_on_the_pass_count(random_gqa):
     assert resolve_sensitivity(cfg, replace(method, max_passes=need - 1)) == "local"
     with pytest.raises(ValueError, match="max_passes"):
         measure_any(random_gqa, BUNDLED_CALIB, replace(method, sensitivity="kl", max_passes=10), progress=False)
+
+
+def test_calibrate_command_runs_local_with_a_checkpoint(random_gqa_dir, tmp_path, capsys):
+    from cli_runs import zeroc_here
+    from zeroc.loader import load_model
+
+    ckpt, out = tmp_path / "c.ckpt", tmp_path / "out"
+    r = zeroc_here(capsys, "calibrate", "--model", str(random_gqa_dir), "--budget", "0.5", "--out", str(out),
+                   "--sensitivity", "local", "--max-passes", "2", "--checkpoint", str(ckpt), "--tokens", "512",
+                   "--sensitivity-tokens", "256", "--window", "128", "--ablation-tokens", "128", "--rank-multiple",
+                   "8", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    assert ckpt.is_file() and json.loads(r.stdout)["kv_fraction"] <= 0.5
+    assert load_model(out).config.compression.budget == 0.5
