@@ -10,6 +10,8 @@
    (`granularity` "layer": all of one layer's heads cut together).
    (The KL, not the loss increase: the loss of a few thousand tokens moves by +-0.001 nats either
    way from noise alone, which swamped the small cuts' real cost and misallocated ranks.)
+   That is one full-model pass per cut; for models where that is too many (`sensitivity` "local", or
+   "auto" past `max_passes`), layerwise.py runs steps 1-3 layer by layer with a layer-local cost.
 4. Allocation: Q/K and V ranks per KV head and the Q/K mode per layer (`auto`; `fold` and `rotate`
    force one) minimising the summed KL under the KV budget: an exact knapsack over each layer's
    heads per mode, then over layers (`allocate_head_ranks`; "layer": one (qk, v) per layer,
