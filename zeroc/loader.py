@@ -63,51 +63,83 @@ def _weight_files(path: Path) -> list[Path]:
     raise ConfigError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
+def _stream(path: Path, convert):
+    """(name, convert(name, tensor)) for every tensor, shard by shard, one tensor read at a time: safe_open maps
+    the shard lazily, so host memory holds at most that shard's mapped pages and the tensor being converted."""
+    for f in _weight_files(path):
+        try:
+            handle = safe_open(str(f), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ConfigError(f"{f}: cannot read safetensors ({exc})") from exc
+        with handle:
+            for key in handle.keys():
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as exc:
+                    raise ConfigError(f"{f}: cannot read tensor {key!r} ({exc})") from exc
+                yield key, convert(key, tensor)
+                del tensor
+
+
+def _checkpoint_names(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor, from the shards' headers only (no data read)."""
+    shapes = {}
     for f in _weight_files(path):
         try:
             with safe_open(str(f), framework="pt") as handle:
                 for key in handle.keys():
-                    state[key] = handle.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except Exception as exc:
             raise ConfigError(f"{f}: cannot read safetensors ({exc})") from exc
-    return state
+    return shapes
 
 
-def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", attention_backend: str = "auto") -> LoadedModel:
-    """Load a Llama-family HF directory. Shape or name mismatches raise ConfigError naming both.
-    `attention_backend` (zeroc_kernels.attention): how its paged forward attends on `device`."""
-    path = Path(model_dir)
-    cfg = read_config(path)
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype or cfg.dtype)
-    tokenizer = Tokenizer.from_dir(path)
-    state = load_state_dict(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = model.state_dict()
+def _check_names(path: Path, cfg: ModelConfig, found: dict[str, tuple[int, ...]],
+                 expected: dict[str, tuple[int, ...]]) -> set[str]:
+    """The checkpoint's names that the model takes; ConfigError naming what is missing, unexpected or misshapen."""
+    skip = {k for k in found if k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    missing = sorted(set(expected) - set(state) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
-    unexpected = sorted(set(state) - set(expected))
+        skip.add("lm_head.weight")
+    names = set(found) - skip
+    missing = sorted(set(expected) - names - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    unexpected = sorted(names - set(expected))
     if missing or unexpected:
         raise ConfigError(
             f"{path}: weights do not match config.json (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ConfigError(
-                f"{path}: weight {name!r} has shape {tuple(tensor.shape)} but config.json implies "
-                f"{tuple(expected[name].shape)}"
-            )
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v.to(device=device, dtype=torch_dtype) for k, v in state.items()},
-                          strict=False, assign=True)
-    model.requires_grad_(False)
+    for name in sorted(names):
+        if found[name] != expected[name]:
+            raise ConfigError(f"{path}: weight {name!r} has shape {found[name]} but config.json implies "
+                              f"{expected[name]}")
+    return names
+
+
+def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", attention_backend: str = "auto") -> LoadedModel:
+    """Load a Llama, Mistral or Qwen2 HF directory, streaming: the model is built on the meta device and each
+    checkpoint tensor goes straight to `device` and `dtype` as it is read, so peak host memory is about one
+    shard, not the model (plus the model itself when `device` is the CPU). Shape or name mismatches raise
+    ConfigError naming both. `attention_backend` (zeroc_kernels.attention): how its paged forward attends."""
+    path = Path(model_dir)
+    cfg = read_config(path)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype or cfg.dtype)
+    tokenizer = Tokenizer.from_dir(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wanted = _check_names(path, cfg, _checkpoint_names(path), expected)
+    to_device = lambda name, t: t.to(device=device, dtype=torch_dtype) if name in wanted else None  # noqa: E731
+    for name, tensor in _stream(path, to_device):
+        if tensor is not None:
+            _assign(model, name, tensor)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)
     model.init_rope()  # buffers are not in the checkpoint
     try:
         model.backend = select_backend(attention_backend, device)

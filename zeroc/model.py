@@ -30,7 +30,7 @@ from zeroc.attend import Attend, AttendFn, CallerAttend, DenseCausal, FusedPaged
 from zeroc.config import ModelConfig
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
-from zeroc.rope import layer_inv_freq, rope_qk, tier_inv_freq
+from zeroc.rope import layer_inv_freq, rope_attention_factor, rope_qk, tier_inv_freq
 from zeroc_kernels.attention import AttentionBackend, TorchBackend
 
 
@@ -58,7 +58,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        group, d, bias = cfg.group_size, cfg.head_dim, cfg.attention_bias
+        group, d, bias = cfg.group_size, cfg.head_dim, cfg.attention_bias or cfg.qkv_bias
         self.head_dim = d
         qk, vr = cfg.head_ranks(layer)  # per KV head
         # per-KV-head ranks: runs of heads with equal ranks (zeroc/head_ranks.py); None: one width for all
@@ -66,11 +66,12 @@ class Attention(nn.Module):
         self.qk_dim, self.v_dim = (None, None) if self.head_layout else (qk[0], vr[0])
         self.rotate = cfg.qk_mode(layer) == "rotate"
         proj = (d,) * self.n_kv if self.rotate else qk  # rotate: RoPE needs every pair
-        self.scale = 1.0 / math.sqrt(d)  # the model was trained with this, whatever the rank
+        # the model was trained with this, whatever the rank; yarn's factor scales cos and sin, so q.k by its square
+        self.scale = rope_attention_factor(cfg.rope) ** 2 / math.sqrt(d)
         self.q_proj = nn.Linear(cfg.hidden_size, group * sum(proj), bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, sum(proj), bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, sum(vr), bias=bias)
-        self.o_proj = nn.Linear(group * sum(vr), cfg.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(group * sum(vr), cfg.hidden_size, bias=cfg.attention_bias)
         if self.rotate:  # q' = q_basis[g]^T RoPE(q) for every query head of group g; k' likewise
             # [kv, d, r]; with per-head ranks r = the widest, and head g's columns past its rank are zero
             self.q_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))

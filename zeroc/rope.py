@@ -1,5 +1,5 @@
-"""Rotary position embeddings as Hugging Face's Llama applies them (rotate_half pairs), with linear and llama3
-frequency scaling, and the per-KV-head pair subsets ZeroC's fold mode keeps or drops."""
+"""Rotary position embeddings as Hugging Face's Llama applies them (rotate_half pairs), with linear, llama3,
+dynamic (NTK) and yarn frequency scaling as transformers' modeling_rope_utils defines them, and the per-KV-head pair subsets ZeroC's fold mode keeps or drops."""
 
 from __future__ import annotations
 
@@ -29,7 +29,45 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         return torch.where(medium, smoothed, scaled)
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(rope, inv_freq, head_dim)
+    # "dynamic" (NTK): transformers stretches theta only once a batch runs past max_position_embeddings; we serve
+    # no longer sequences, and a paged cache cannot re-rotate its keys when the frequencies change.
     return inv_freq
+
+
+def _yarn_inv_freq(rope: RopeConfig, inv_freq: Tensor, head_dim: int) -> Tensor:
+    # inv_freq: [d/2] unscaled. Pairs that turn fewer than beta_slow times over the original context are
+    # interpolated (/ factor), those turning more than beta_fast times kept, a linear ramp between.
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+            2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate
+    return inv_freq / rope.factor * (1 - keep) + inv_freq * keep
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_attention_factor(rope: RopeConfig) -> float:
+    """What transformers multiplies cos and sin by (yarn: its attention factor; else 1). Scaling q and k each by
+    it scales the logits by its square, which the model folds into the softmax scale."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return rope.attention_factor
+    if rope.mscale and rope.mscale_all_dim:
+        return _yarn_mscale(rope.factor, rope.mscale) / _yarn_mscale(rope.factor, rope.mscale_all_dim)
+    return _yarn_mscale(rope.factor)
 
 
 def _pair_freqs(base: Tensor, pairs: tuple[tuple[int, ...], ...]) -> Tensor:

@@ -70,7 +70,8 @@ def test_missing_directory_and_files(tmp_path, random_gqa_dir):
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
     ({"hidden_act": "gelu"}, "'hidden_act'"),
     ({"intermediate_size": 100}, r"mlp\..*has shape .* implies"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}}, "rope type 'longrope'"),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True}, "'use_sliding_window'"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
 ])
 def test_config_problems_name_file_and_field(tmp_path, random_gqa_dir, changes, message):

@@ -16,7 +16,9 @@ _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face model directory (env ZEROC_MODEL_DIR; "
                                                   "default: the bundled model)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (env ZEROC_DTYPE)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16: what the weights compute in "
+                                                  "(env ZEROC_DTYPE; default float32)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where the model runs (env ZEROC_DEVICE)")
     p.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS,
                    help="how the paged forward attends: auto (Triton on CUDA, else torch), torch (the PyTorch "
                         "references) or triton (on the CPU only under TRITON_INTERPRET=1) "
@@ -30,7 +32,7 @@ def checked(cfg: ZeroCConfig) -> ZeroCConfig:
 
 
 def root_config(args: argparse.Namespace, cache: dict | None = None) -> ZeroCConfig:
-    return checked(ZeroCConfig.from_env(model_dir=args.model, dtype=args.dtype,
+    return checked(ZeroCConfig.from_env(model_dir=args.model, dtype=args.dtype, device=getattr(args, "device", None),
                                          attention_backend=getattr(args, "attention_backend", None),
                                          cache=cache or {"block_size": getattr(args, "block_size", None)}))
 
@@ -39,7 +41,7 @@ def load(args: argparse.Namespace, cache: dict | None = None):
     from zeroc.loader import load_model
 
     cfg = root_config(args, cache)
-    return load_model(cfg.model_dir, cfg.dtype, attention_backend=cfg.attention_backend), cfg
+    return load_model(cfg.model_dir, cfg.dtype, device=cfg.device, attention_backend=cfg.attention_backend), cfg
 
 
 def byte_size(text: str) -> int:
@@ -89,7 +91,6 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message, in MiB")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where the model runs (env ZEROC_DEVICE)")
     p.add_argument("--kv-transport", choices=["grpc", "nccl", "auto"], default=None,
                    help="how prompt KV travels between prefill and decode: in-band gRPC, NCCL between GPUs "
                         "(CUDA IPC on a shared GPU), or auto: NCCL when both peers have GPUs "

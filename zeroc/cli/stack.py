@@ -13,7 +13,8 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
 
     if args.decode < 1:
         raise ZeroCError(f"--decode must be >= 1, got {args.decode}")
-    extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype)) if v for a in (flag, v)]
+    extra = [a for flag, v in (("--model", args.model), ("--dtype", args.dtype),
+                                            ("--device", args.device)) if v for a in (flag, v)]
     if args.redis_url:
         ZeroCConfig.from_env(redis={"url": args.redis_url})  # a bad URL is a one-line error here
     gateway = (["--model", args.model] if args.model else []) if args.gateway else None

@@ -10,6 +10,8 @@
    (`granularity` "layer": all of one layer's heads cut together).
    (The KL, not the loss increase: the loss of a few thousand tokens moves by +-0.001 nats either
    way from noise alone, which swamped the small cuts' real cost and misallocated ranks.)
+   That is one full-model pass per cut; for models where that is too many (`sensitivity` "local", or
+   "auto" past `max_passes`), layerwise.py runs steps 1-3 layer by layer with a layer-local cost.
 4. Allocation: Q/K and V ranks per KV head and the Q/K mode per layer (`auto`; `fold` and `rotate`
    force one) minimising the summed KL under the KV budget: an exact knapsack over each layer's
    heads per mode, then over layers (`allocate_head_ranks`; "layer": one (qk, v) per layer,
@@ -22,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +42,10 @@ from zeroc.model import Transformer
 
 MODES = ("fold", "rotate", "auto")
 GRANULARITIES = ("head", "layer")
+# How sensitivity is measured: "kl", a full-model KL pass per cut; "local", layer by layer (layerwise.py): each
+# cut's attention-output error, scaled to KL by a few full passes; "auto": "kl" while it needs at most
+# `max_passes` (default 512) passes, else "local".
+SENSITIVITIES = ("kl", "local", "auto")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class ZeroCMethod:
     sinks: int = 0  # token tier (zeroc/tier.py): first tokens every query sees at full rank
     recent: int = 0  # token tier: each query's last tokens (itself included) seen at full rank
     granularity: str = "head"  # ranks per KV head ("head") or one per layer for all its heads ("layer")
+    sensitivity: str = "auto"  # one of SENSITIVITIES
+    max_passes: int | None = None  # full-model KL passes the sensitivity may run (None: kl all, local 2 per layer)
+    time_budget: float | None = None  # local: seconds after which no further KL passes start (None: no limit)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -69,6 +78,12 @@ class ZeroCMethod:
         check_tier(self.sinks, self.recent)
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise ValueError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, got {self.sensitivity!r}")
+        if self.max_passes is not None and self.max_passes < 0:
+            raise ValueError(f"max_passes must be >= 0, got {self.max_passes}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be positive seconds, got {self.time_budget}")
 
     @property
     def qk_modes(self) -> tuple[str, ...]:
@@ -111,6 +126,7 @@ class Measurements:
     deltas: dict[tuple, float]
     qk_modes: tuple[str, ...]  # the Q/K modes measured
     granularity: str = "layer"  # "head": one KV head cut at a time
+    sensitivity: str = "kl"  # how the deltas were measured: "kl" or "local" (layerwise.py)
 
 
 @dataclass(frozen=True)
@@ -132,6 +148,34 @@ def _windows(tokens: Tensor, window: int, limit: int) -> Tensor:
     return tokens[: n * window].view(n, window)  # [n, window]
 
 
+class Moments:
+    """Running sums of one layer's post-RoPE q, k and v second moments (float64 whatever the model's dtype, on
+    its device) and the activations of its first `sample_windows` windows."""
+
+    def __init__(self, n_kv: int, group: int, d: int, sample_windows: int):
+        self.n_kv, self.group, self.d, self.sample_windows = n_kv, group, d, sample_windows
+        self.sums: list[Tensor] | None = None
+        self.samples: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def add(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        # q: [b, T, heads, d]; k, v: [b, T, kv_heads, d]
+        n_kv, d = self.n_kv, self.d
+        if self.sums is None:
+            self.sums = [torch.zeros(n_kv, d, d, dtype=torch.float64, device=q.device) for _ in range(3)]
+        qd = q.double().reshape(-1, n_kv, self.group, d)
+        self.sums[0] += torch.einsum("tgjd,tgje->gde", qd, qd)
+        for slot, x in ((1, k), (2, v)):
+            xd = x.double().reshape(-1, n_kv, d)
+            self.sums[slot] += torch.einsum("tgd,tge->gde", xd, xd)
+        if sum(x[0].shape[0] for x in self.samples) < self.sample_windows:
+            self.samples.append((q.clone(), k.clone(), v.clone()))
+
+    def stats(self, count: int) -> LayerStats:
+        """The means over `count` tokens."""
+        sample = tuple(torch.cat(x)[: self.sample_windows] for x in zip(*self.samples)) or None
+        return LayerStats(*(t / count for t in self.sums), sample)
+
+
 @torch.inference_mode()
 def collect_statistics(model: Transformer, windows: Tensor, batch: int = 4, progress: bool = True,
                        sample_tokens: int = 1024, seed: int = 0) -> list[LayerStats]:
@@ -139,50 +183,41 @@ def collect_statistics(model: Transformer, windows: Tensor, batch: int = 4, prog
     offset (`offset_positions`), and the activations of the first windows (at least `sample_tokens`
     tokens, at most all)."""
     cfg = model.config
-    d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
-    zeros = lambda: torch.zeros(n_kv, d, d, dtype=torch.float64)  # noqa: E731
-    sums = [[zeros(), zeros(), zeros()] for _ in model.model.layers]
-    samples: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in model.model.layers]
     sample_windows = -(-sample_tokens // windows.shape[1])
+    moments = [Moments(cfg.num_key_value_heads, cfg.group_size, cfg.head_dim, sample_windows)
+               for _ in model.model.layers]
 
     def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-        # q: [b, T, heads, d]; k, v: [b, T, kv_heads, d]
-        acc, qd = sums[layer], q.double().reshape(-1, n_kv, group, d)
-        acc[0] += torch.einsum("tgjd,tgje->gde", qd, qd)
-        for slot, x in ((1, k), (2, v)):
-            xd = x.double().reshape(-1, n_kv, d)
-            acc[slot] += torch.einsum("tgd,tge->gde", xd, xd)
-        if sum(x[0].shape[0] for x in samples[layer]) < sample_windows:
-            samples[layer].append((q.clone(), k.clone(), v.clone()))
+        moments[layer].add(q, k, v)
         return causal_attend(layer, q, k, v, scale)
 
-    positions = offset_positions(windows, cfg.max_position_embeddings, seed)  # [n, T]
+    positions = offset_positions(windows, cfg.max_position_embeddings, seed).to(windows.device)  # [n, T]
     for start in tqdm(range(0, windows.shape[0], batch), desc="calibrate: statistics", disable=not progress):
         model.forward_attend(windows[start: start + batch], positions[start: start + batch], attend)
-    count = windows.numel()
-    return [LayerStats(*(t / count for t in s), tuple(torch.cat(x)[:sample_windows] for x in zip(*smp)) or None)
-            for s, smp in zip(sums, samples)]
+    return [m.stats(windows.numel()) for m in moments]
+
+
+def layer_factors(attn, cfg, st: LayerStats) -> LayerFactors:
+    """One layer's rank-ordered factors from its statistics (`fold.py`)."""
+    d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
+    wo = attn.o_proj.weight.detach().double().view(-1, n_kv, group, d).permute(1, 2, 0, 3)  # [kv, grp, hid, d]
+    metric = torch.einsum("gjhd,gjhe->gjde", wo, wo).float()  # [kv, grp, d, d]: W_o,h^T W_o,h
+    if st.sample is None:  # no activations: pairs stay in index order (only whole Q/K may be folded)
+        order = torch.arange(d // 2, device=wo.device).expand(n_kv, -1)
+    else:
+        q, k, v = (x.transpose(1, 2).float() for x in st.sample)  # [n, heads | kv, T, d]
+        order = torch.stack([ablation_pair_order(q[:, g * group:(g + 1) * group], k[:, g:g + 1],
+                                                 v[:, g:g + 1], metric[g], attn.scale) for g in range(n_kv)])
+    vf = [value_factors(st.v_cov[g], wo[g]) for g in range(n_kv)]
+    qk = [qk_factors(st.q_cov[g], st.k_cov[g]) for g in range(n_kv)]
+    stack = lambda pairs, i: torch.stack([p[i] for p in pairs])  # noqa: E731
+    return LayerFactors(order, stack(vf, 0), stack(vf, 1), stack(qk, 0), stack(qk, 1))
 
 
 def compute_factors(model: Transformer, stats: list[LayerStats], progress: bool = False) -> list[LayerFactors]:
-    cfg = model.config
-    d, n_kv, group = cfg.head_dim, cfg.num_key_value_heads, cfg.group_size
-    out = []
-    for layer, st in tqdm(list(zip(model.model.layers, stats)), desc="calibrate: factors", disable=not progress):
-        attn = layer.self_attn
-        wo = attn.o_proj.weight.detach().double().view(-1, n_kv, group, d).permute(1, 2, 0, 3)  # [kv, grp, hid, d]
-        metric = torch.einsum("gjhd,gjhe->gjde", wo, wo).float()  # [kv, grp, d, d]: W_o,h^T W_o,h
-        if st.sample is None:  # no activations: pairs stay in index order (only whole Q/K may be folded)
-            order = torch.arange(d // 2).expand(n_kv, -1)
-        else:
-            q, k, v = (x.transpose(1, 2) for x in st.sample)  # [n, heads | kv, T, d]
-            order = torch.stack([ablation_pair_order(q[:, g * group:(g + 1) * group], k[:, g:g + 1],
-                                                     v[:, g:g + 1], metric[g], attn.scale) for g in range(n_kv)])
-        vf = [value_factors(st.v_cov[g], wo[g]) for g in range(n_kv)]
-        qk = [qk_factors(st.q_cov[g], st.k_cov[g]) for g in range(n_kv)]
-        stack = lambda pairs, i: torch.stack([p[i] for p in pairs])  # noqa: E731
-        out.append(LayerFactors(order, stack(vf, 0), stack(vf, 1), stack(qk, 0), stack(qk, 1)))
-    return out
+    layers = list(zip(model.model.layers, stats))
+    return [layer_factors(layer.self_attn, model.config, st)
+            for layer, st in tqdm(layers, desc="calibrate: factors", disable=not progress)]
 
 
 @dataclass(frozen=True)
@@ -226,7 +261,7 @@ def _nll(log_probs: Tensor, windows: Tensor) -> float:
 
 
 def reference(model: Transformer, windows: Tensor, batch: int = 4, seed: int = 1) -> Reference:
-    positions = offset_positions(windows, model.config.max_position_embeddings, seed)
+    positions = offset_positions(windows, model.config.max_position_embeddings, seed).to(windows.device)
     lps = [_log_probs(model, windows[i: i + batch], positions[i: i + batch]) for i in range(0, windows.shape[0], batch)]
     nll = sum(_nll(lp, windows[i * batch: (i + 1) * batch]) for i, lp in enumerate(lps))
     return Reference(windows, positions, lps, nll / (windows.shape[0] * (windows.shape[1] - 1)), batch)
@@ -391,6 +426,9 @@ def fingerprint(model_dir: Path, method: ZeroCMethod, calib_tokens: Tensor) -> s
         del params["sinks"], params["recent"]
     if method.granularity == "layer":  # per-layer ranks, as before per-head ranks existed: the same fingerprint
         del params["granularity"]
+    for name, default in (("sensitivity", "kl"), ("max_passes", None), ("time_budget", None)):
+        if params[name] == default:  # full KL, unbounded: the same fingerprint as before these existed
+            del params[name]
     h.update(json.dumps(params, sort_keys=True).encode())
     h.update(calib_tokens.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -403,8 +441,9 @@ def measure(loaded: LoadedModel, calib_file: str | Path, method: ZeroCMethod, pr
         raise ZeroCError(f"{loaded.path}: model is already compressed (fingerprint {cfg.compression.fingerprint})")
     method.candidate_ranks(cfg.head_dim)  # validates rank_multiple against this model
     tokens = read_eval_tokens(loaded.tokenizer, calib_file)
-    windows = _windows(tokens, method.window, method.calib_tokens)
-    ref = reference(loaded.model, _windows(tokens, method.window, method.sensitivity_tokens))
+    device = next(loaded.model.parameters()).device
+    windows = _windows(tokens, method.window, method.calib_tokens).to(device)
+    ref = reference(loaded.model, _windows(tokens, method.window, method.sensitivity_tokens).to(device))
     stats = collect_statistics(loaded.model, windows, progress=progress,
                                sample_tokens=method.ablation_tokens if "fold" in method.qk_modes else 0)
     factors = compute_factors(loaded.model, stats, progress)
@@ -432,7 +471,7 @@ def compress(loaded: LoadedModel, meas: Measurements, method: ZeroCMethod) -> tu
         modes = [mode_of.get((i, rq), "fold") for i, (rq, _) in enumerate(ranks)]  # rank d: every pair, the identity
         predicted = sum(costs.get((i, "qk", rq), 0.0) + costs.get((i, "v", rv), 0.0)
                         for i, (rq, rv) in enumerate(ranks))
-    fp = fingerprint(loaded.path, method, meas.tokens)
+    fp = fingerprint(loaded.path, replace(method, sensitivity=meas.sensitivity), meas.tokens)
     layout = _layout(meas.factors, ranks, modes, method, fp)
     compressed = build_compressed(loaded.model, meas.factors, layout)
     kl, loss = divergence(compressed, meas.reference)

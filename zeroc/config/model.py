@@ -9,9 +9,11 @@ from typing import Any
 
 from zeroc.config.errors import ConfigError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# "dynamic" (NTK) equals "default" up to max_position_embeddings, the longest sequence served; "yarn" also scales
+# attention logits (its attention factor, folded into the softmax scale).
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 
 # The model and texts that ship with the repository (found relative to this source tree).
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -44,6 +46,13 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn (as transformers computes it): None -> derived from factor (and mscale, mscale_all_dim)
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
     def __post_init__(self) -> None:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -63,6 +72,11 @@ class RopeConfig:
                 high_freq_factor=self.high_freq_factor,
                 original_max_position_embeddings=self.original_max_position_embeddings,
             )
+        if self.rope_type == "yarn":
+            out.update(original_max_position_embeddings=self.original_max_position_embeddings,
+                       beta_fast=self.beta_fast, beta_slow=self.beta_slow, truncate=self.truncate,
+                       **{k: getattr(self, k) for k in ("attention_factor", "mscale", "mscale_all_dim")
+                          if getattr(self, k) is not None})
         return out
 
 
@@ -200,7 +214,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope: RopeConfig = field(default_factory=RopeConfig)
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k, v and o projections (Llama's attention_bias)
+    qkv_bias: bool = False  # q, k, v projections only (Qwen2)
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -319,6 +334,9 @@ class ModelConfig:
                 f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if raw.get("use_sliding_window"):
+            raise ConfigError(f"{source}: field 'use_sliding_window' must be false (sliding-window attention is not "
+                              "supported)")
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{source}: field 'hidden_act' must be 'silu', got {raw['hidden_act']!r}")
 
@@ -343,6 +361,7 @@ class ModelConfig:
                 rope=_rope_from_hf(raw),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 attention_bias=bool(raw.get("attention_bias", False)),
+                qkv_bias=model_type == "qwen2" or "Qwen2ForCausalLM" in archs,
                 mlp_bias=bool(raw.get("mlp_bias", False)),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_id=raw.get("eos_token_id"),
@@ -355,9 +374,10 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face config.json dict for this architecture."""
+        qwen2 = self.qkv_bias and not self.attention_bias  # Qwen2's q/k/v bias has no Llama spelling
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+            "model_type": "qwen2" if qwen2 else "llama",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -388,9 +408,15 @@ def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     kwargs: dict[str, Any] = {"theta": theta, "rope_type": rope_type}
-    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "beta_fast", "beta_slow",
+                "mscale", "mscale_all_dim"):
         if merged.get(key) is not None:
             kwargs[key] = float(merged[key])
-    if merged.get("original_max_position_embeddings") is not None:
-        kwargs["original_max_position_embeddings"] = int(merged["original_max_position_embeddings"])
+    if merged.get("truncate") is not None:
+        kwargs["truncate"] = bool(merged["truncate"])
+    original = merged.get("original_max_position_embeddings")
+    if original is None and rope_type == "yarn":  # transformers' default: the model's own context
+        original = raw.get("max_position_embeddings", 2048)
+    if original is not None:
+        kwargs["original_max_position_embeddings"] = int(original)
     return RopeConfig(**kwargs)

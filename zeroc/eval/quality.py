@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from zeroc.compression.calibrate import MODES, Measurements, ZeroCMethod, compress, measure
+from zeroc.compression.calibrate import MODES, Measurements, ZeroCMethod, compress
+from zeroc.compression.layerwise import measure_any
 from zeroc.config import CacheConfig, ZeroCError
 from zeroc.eval.perplexity import PerplexityResult, perplexity_full, perplexity_prefill, perplexity_streaming
 from zeroc.data import read_eval_tokens
@@ -130,7 +131,7 @@ def _measure(loaded: LoadedModel, calib_file: str | Path, method: ZeroCMethod, m
              progress: bool = False) -> Measurements:
     """One measurement that serves every mode of `modes` (both Q/K modes unless only one is asked)."""
     both = "auto" in modes or len(set(modes)) > 1
-    return measure(loaded, calib_file, replace(method, mode="auto" if both else modes[0]), progress)
+    return measure_any(loaded, calib_file, replace(method, mode="auto" if both else modes[0]), progress)
 
 
 def zeroc_models(loaded: LoadedModel, calib_file: str | Path, budgets: list[float], method: ZeroCMethod,

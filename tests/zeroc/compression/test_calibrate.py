@@ -159,6 +159,8 @@ def test_fingerprint_changes_with_model_method_and_text(random_gqa, random_gqa_d
              for s, w in ((4, 0), (0, 64), (4, 64), (4, 128))}
     assert len(tiers) == 4 and base not in tiers
     assert base != fingerprint(random_gqa.path, ZeroCMethod(granularity="layer", **SMALL), tokens)
+    assert (fingerprint(random_gqa.path, ZeroCMethod(sensitivity="kl", **SMALL), tokens)
+            != fingerprint(random_gqa.path, ZeroCMethod(sensitivity="local", **SMALL), tokens))
     other = tmp_path / "other"
     model = random_gqa.model
     with torch.no_grad():
