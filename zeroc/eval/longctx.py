@@ -20,9 +20,11 @@ import torch
 from tqdm import tqdm
 
 from zeroc.caches import paged_cache, sequence_blocks
+from zeroc.compression.calibrate import ZeroCMethod
 from zeroc.config import CacheConfig, ZeroCError
 from zeroc.data import read_eval_tokens
 from zeroc.eval.longctx_tasks import TASKS, Sample, clip_contexts, is_correct, make_samples
+from zeroc.eval.quality import zeroc_models
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.model import Transformer
@@ -163,9 +165,6 @@ def _registry_rows(loaded: LoadedModel, samples: list[Sample], name: str, budget
 
 def _zeroc_rows(loaded: LoadedModel, samples: list[Sample], calib_file: str | Path, cfg: LongCtxConfig,
                 uncompressed: list[LongCtxRow]) -> list[LongCtxRow]:
-    from zeroc.compression.calibrate import ZeroCMethod
-    from zeroc.eval.quality import zeroc_models
-
     rows = [replace(r, method=ZEROC) for r in uncompressed if r.budget >= 1.0]
     lower = [b for b in cfg.budgets if b < 1.0]
     if not lower:
