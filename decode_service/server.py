@@ -253,7 +253,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             mode="colocated" if self.transport is None else "disaggregated",
             kv_blocks_total=stats.blocks_total, kv_blocks_free=stats.blocks_free, kv_block_size=stats.block_size,
             requests_running=stats.running, requests_queued=stats.queued, kv_store=store_info(state.kv_store),
-            attention_backend=state.engine.model.backend.name)
+            attention_backend=state.engine.model.backend.name, kv_token_capacity=stats.token_capacity,
+            kv_cache_bytes=stats.blocks_total * state.engine.cache.bytes_per_block)
 
     def Tokenize(self, request, context):
         self.auth.tenant(context)
