@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from zeroc.config import ThreadsConfig
+from zeroc.cpu_threads import enter_engine_thread
 from zeroc.engine import Engine, StepOutput
 from zeroc.sampling import SamplingParams
 
@@ -77,8 +79,10 @@ class _Reservation:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int):
+    def __init__(self, engine: Engine, max_queue: int, threads: ThreadsConfig | None = None):
+        """`threads`: the engine thread's intra-op threads and cores (None: leave PyTorch's as they are)."""
         self.engine = engine
+        self.threads = threads
         self.max_queue = max_queue
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._count_lock = threading.Lock()  # guards `_queued` and tickets' `queued` flags; never held long
@@ -238,6 +242,8 @@ class EngineLoop:
                 self._drain()
 
     def _run(self) -> None:
+        if self.threads is not None:
+            enter_engine_thread(self.threads)
         while True:
             self._wait_for_work()
             if self._stopping:

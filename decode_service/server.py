@@ -308,7 +308,7 @@ class DecodeService:
             tenants = self.servicer.tenants
             engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table,
                                                                             tenants.get(rid, ""))
-        self.loop = EngineLoop(engine, cfg.server.max_queue)
+        self.loop = EngineLoop(engine, cfg.server.max_queue, cfg.threads)
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype, store)
         self.host.set_serving()

@@ -77,7 +77,8 @@ def service_config(args: argparse.Namespace) -> ZeroCConfig:
         redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
         parallel={"sp_ranks": getattr(args, "sp", None)},
         security={"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
-                  "tokens_file": args.tokens_file}))
+                  "tokens_file": args.tokens_file},
+        threads={"engine": getattr(args, "engine_threads", None)}))
 
 
 def serve_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +91,10 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size")
     p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks, instead of a byte budget (tests; env ZEROC_CACHE_NUM_BLOCKS)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where the model runs (env ZEROC_DEVICE)")
+    p.add_argument("--engine-threads", type=int, default=None,
+                   help="intra-op CPU threads of the engine thread (env ZEROC_THREADS_ENGINE; default: "
+                        "OMP_NUM_THREADS if set, else its cores; on more than two cores it keeps off the first, "
+                        "ZEROC_THREADS_PIN=0 turns that off; docs/engine_threads.md)")
     p.add_argument("--kv-transport", choices=["grpc", "nccl", "auto"], default=None,
                    help="how prompt KV travels between prefill and decode: in-band gRPC, NCCL between GPUs "
                         "(CUDA IPC on a shared GPU), or auto: NCCL when both peers have GPUs "

@@ -12,9 +12,10 @@ from zeroc.config.model import (ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDO
                                 AttentionCompression, LayerCompression, ModelConfig, RopeConfig, check_tier,
                                 dtype_name, ranks_per_head)
 from zeroc.config.settings import (CacheConfig, ParallelConfig, RedisConfig, SchedulerConfig, SecurityConfig,
-                                   ServerConfig, KvStoreConfig, TransferConfig, ZeroCConfig)
+                                   ServerConfig, KvStoreConfig, ThreadsConfig, TransferConfig,
+                                   ZeroCConfig)
 
 __all__ = ["ATTENTION_BACKENDS", "BUNDLED_CALIB", "BUNDLED_HELDOUT", "BUNDLED_MODEL", "REPO_ROOT",
            "AttentionCompression", "CacheConfig", "ConfigError", "LayerCompression", "ModelConfig", "ParallelConfig",
            "RedisConfig", "RopeConfig", "SchedulerConfig", "SecurityConfig", "ServerConfig", "KvStoreConfig",
-           "TransferConfig", "ZeroCConfig", "ZeroCError", "check_tier", "dtype_name", "ranks_per_head"]
+           "ThreadsConfig", "TransferConfig", "ZeroCConfig", "ZeroCError", "check_tier", "dtype_name", "ranks_per_head"]

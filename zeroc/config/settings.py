@@ -68,6 +68,19 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ThreadsConfig:
+    """The engine thread's CPU threads (its PyTorch intra-op pool). On more than two cores the engine keeps
+    off the first one, which the gRPC handler and scheduling threads then have to themselves."""
+
+    engine: int = 0  # intra-op threads of the engine; 0: OMP_NUM_THREADS if set, else the engine's cores
+    pin: bool = True  # on more than two cores, pin the engine thread (and its pool) to all cores but the first
+
+    def __post_init__(self) -> None:
+        if self.engine < 0:
+            raise ValueError(f"threads.engine must be >= 0 (0: automatic), got {self.engine}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """One gRPC service process (prefill or decode): where it listens and how it sheds load."""
 
@@ -223,6 +236,7 @@ class ZeroCConfig:
     store: KvStoreConfig = field(default_factory=KvStoreConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -270,4 +284,4 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false":
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
              "transfer": TransferConfig, "redis": RedisConfig, "store": KvStoreConfig,
-             "parallel": ParallelConfig, "security": SecurityConfig}
+             "parallel": ParallelConfig, "security": SecurityConfig, "threads": ThreadsConfig}
