@@ -4,7 +4,7 @@ PyTorch's default takes every core for each op, while the gRPC handler threads (
 tokenizer and scheduler work) need the same cores between steps: on a loaded machine both then stall
 each other. On more than two cores the engine keeps off the first core (its OpenMP workers, created by
 the engine thread, inherit its affinity), which the service's other threads keep to themselves. On two
-cores or fewer nothing is kept back: one core alone halves the engine's speed (docs/engine_threads.md).
+cores or fewer nothing is kept back: one core alone halves the engine's speed (docs/engine.md).
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-threads", type=int, default=None,
                    help="intra-op CPU threads of the engine thread (env ZEROC_THREADS_ENGINE; default: "
                         "OMP_NUM_THREADS if set, else its cores; on more than two cores it keeps off the first, "
-                        "ZEROC_THREADS_PIN=0 turns that off; docs/engine_threads.md)")
+                        "ZEROC_THREADS_PIN=0 turns that off; docs/engine.md)")
     p.add_argument("--kv-transport", choices=["grpc", "nccl", "auto"], default=None,
                    help="how prompt KV travels between prefill and decode: in-band gRPC, NCCL between GPUs "
                         "(CUDA IPC on a shared GPU), or auto: NCCL when both peers have GPUs "
