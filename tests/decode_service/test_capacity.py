@@ -56,8 +56,9 @@ def test_a_memory_fraction_sizes_the_cache_from_available_memory(bundled):
     assert abs(cache.num_blocks - want) <= 0.25 * want  # available memory moves while other processes run
 
 
-@pytest.mark.parametrize("settings", [dict(num_blocks=8, num_bytes=1 << 20), dict(num_bytes=1, memory_fraction=0.1),
-                                      dict(memory_fraction=1.5), dict(num_blocks=-1)])
+@pytest.mark.parametrize("settings", [
+    dict(num_blocks=8, num_bytes=1 << 20), dict(num_bytes=1, memory_fraction=0.1), dict(memory_fraction=1.5),
+    dict(num_blocks=-1)])
 def test_conflicting_or_impossible_capacities_are_refused(settings):
     with pytest.raises(ValueError, match="num_blocks|num_bytes|memory_fraction"):
         CacheConfig(**settings)
