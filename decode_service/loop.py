@@ -1,4 +1,9 @@
-"""The engine loop: one thread owns the Engine; request handler threads talk to it through tickets.
+"""The engine loop: one thread owns the Engine; request handler threads talk to it through an inbox.
+
+Handlers never wait behind an engine step: `admit`, `submit` and `release` only touch a small counter
+lock and put a command in the inbox, which the loop thread drains between steps (FIFO, so a handler's
+commands run in the order it sent them). Calls that need the cache's answer (`reserve`, `run_locked`)
+wait for their command to run between two steps, never for a lock the step holds.
 
 Admission: a request holds a queue place from acceptance until its first token (or its end);
 past `max_queue` places new requests are refused. Disaggregated requests also reserve cache
@@ -7,20 +12,26 @@ slots for their prompt before fetching its KV; they wait here while the cache is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from zeroc.config import ThreadsConfig
+from zeroc.cpu_threads import enter_engine_thread
 from zeroc.engine import Engine, StepOutput
 from zeroc.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+_IDLE_POLL_S = 0.1  # how often a loop with reservations waiting for space rechecks their callers
+_NO_FIT_WAIT_S = 0.005  # waiting requests do not fit yet: wait this long (or for a command) for blocks
 
 
 class QueueFullError(RuntimeError):
@@ -43,6 +54,7 @@ class Ticket:
     out: queue.Queue = field(default_factory=queue.Queue)
     queued: bool = True  # holds a queue place (until its first token or its end)
     reserve_wait_s: float = 0.0  # time spent in `reserve` waiting for cache space
+    released: bool = False  # `release` was called: a submit still in the inbox adds nothing
 
 
 @dataclass(frozen=True)
@@ -52,22 +64,40 @@ class LoopStats:
     block_size: int
     running: int
     queued: int
+    token_capacity: int = 0  # tokens the whole cache holds (its blocks times their tokens)
+
+
+@dataclass
+class _Reservation:
+    """A `reserve` call waiting, in the loop thread, for the cache to have room."""
+
+    ticket: Ticket
+    num_tokens: int
+    is_active: Callable[[], bool]
+    started: float
+    done: Future
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int):
+    def __init__(self, engine: Engine, max_queue: int, threads: ThreadsConfig | None = None):
+        """`threads`: the engine thread's intra-op threads and cores (None: leave PyTorch's as they are)."""
         self.engine = engine
+        self.threads = threads
         self.max_queue = max_queue
-        self._cond = threading.Condition()
-        self._tickets: dict[str, Ticket] = {}
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._count_lock = threading.Lock()  # guards `_queued` and tickets' `queued` flags; never held long
+        self._step_lock = threading.Lock()  # held by the loop thread while it drains and steps; see `paused`
+        self._tickets: dict[str, Ticket] = {}  # loop thread only
+        self._reservations: list[_Reservation] = []  # loop thread only, FIFO
         self._queued = 0
         self._stopping = False
+        self._cache_stats = (engine.cache.num_blocks, engine.cache.num_free_blocks, 0)  # published by the loop
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     # -- called by request handler threads -----------------------------------------------------
     def admit(self) -> Ticket:
-        with self._cond:
+        with self._count_lock:
             if self._stopping:
                 raise ShuttingDownError("the service is shutting down")
             if self._queued >= self.max_queue:
@@ -78,51 +108,54 @@ class EngineLoop:
 
     def reserve(self, ticket: Ticket, num_tokens: int, is_active: Callable[[], bool]) -> torch.Tensor:
         """Wait until the cache can hold `num_tokens` prompt tokens, then take their slots: [num_tokens]."""
-        cache = self.engine.cache
-        # Leave a block of growth per running sequence so receiving KV does not force preemption.
-        need = cache.blocks_needed(ticket.key, num_tokens + 1)
-        started = time.monotonic()
-        with self._cond:
-            while cache.num_free_blocks - len(self.engine.running) < need:
-                if self._stopping:
-                    raise ShuttingDownError("the service is shutting down")
-                if not is_active():
-                    raise CancelledError("cancelled while waiting for KV cache space")
-                self._cond.wait(0.1)
-            ticket.reserve_wait_s = time.monotonic() - started
-            return self.engine.reserve(ticket.key, num_tokens)
+        self._check_open()
+        done: Future = Future()
+        self._inbox.put(lambda: self._reservations.append(
+            _Reservation(ticket, num_tokens, is_active, time.monotonic(), done)))
+        return done.result()
 
     def unreserve(self, ticket: Ticket) -> None:
         """Give back the slots `reserve` took (the request itself stays admitted)."""
-        with self._cond:
-            self.engine.abort(ticket.key)
-            self._cond.notify_all()
+        self._inbox.put(lambda: self.engine.abort(ticket.key))
 
     def run_locked(self, fn: Callable[[], None]) -> None:
-        """Run `fn` between engine steps and releases (e.g. encoding received KV into the cache)."""
-        with self._cond:
-            fn()
+        """Run `fn` in the loop thread between engine steps (e.g. encoding received KV into the cache);
+        returns once it ran, raising what it raised."""
+        self._check_open()
+        done: Future = Future()
+
+        def command() -> None:
+            try:
+                done.set_result(fn())
+            except Exception as exc:  # handed to the caller, whose request it concerns
+                done.set_exception(exc)
+        self._inbox.put(command)
+        done.result()
 
     def submit(self, ticket: Ticket, ids: list[int], params: SamplingParams, cached_tokens: int) -> None:
-        with self._cond:
-            if self._stopping:
-                raise ShuttingDownError("the service is shutting down")
-            self.engine.add_request(ids, params, ticket.key, cached_tokens=cached_tokens)
-            self._tickets[ticket.key] = ticket
-            self._cond.notify_all()
+        """Hand a request to the engine; returns at once (the loop adds it before its next step)."""
+        self._check_open()
+        self._inbox.put(lambda: self._add(ticket, ids, params, cached_tokens))
 
     def release(self, ticket: Ticket) -> None:
-        """Forget a request in any state and free its blocks now. Idempotent."""
-        with self._cond:
-            self.engine.abort(ticket.key)
-            self._tickets.pop(ticket.key, None)
-            self._unqueue(ticket)
-            self._cond.notify_all()
+        """Forget a request in any state; its blocks are freed before the next step. Idempotent."""
+        ticket.released = True
+        self._unqueue(ticket)
+        self._inbox.put(lambda: self._forget(ticket))
 
     def stats(self) -> LoopStats:
-        with self._cond:
-            c = self.engine.cache
-            return LoopStats(c.num_blocks, c.num_free_blocks, c.block_size, len(self.engine.running), self._queued)
+        total, free, running = self._cache_stats
+        with self._count_lock:
+            queued = self._queued
+        size = self.engine.cache.block_size
+        return LoopStats(total, free, size, running, queued, total * size)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No command runs and no step starts while this is held: commands sent meanwhile all run together
+        before the next step (tests use it to put several requests in one batch)."""
+        with self._step_lock:
+            yield
 
     def load(self) -> tuple[int, int]:
         """(running, queued) read without the lock, for metrics: the loop thread re-takes the lock right after
@@ -131,46 +164,122 @@ class EngineLoop:
 
     def stop(self) -> None:
         """Stop stepping; requests still in flight end with finish reason "abort"."""
-        with self._cond:
+        with self._count_lock:
             self._stopping = True
-            self._cond.notify_all()
+        self._inbox.put(lambda: None)  # wake the loop
         self._thread.join(timeout=30)
-        with self._cond:
-            for ticket in list(self._tickets.values()):
-                self.engine.abort(ticket.key)
-                ticket.out.put(StepOutput(ticket.key, [], "", True, "abort"))
-            self._tickets.clear()
+        self._drain()  # commands sent before the flag was seen: their tickets end below
+        for r in self._reservations:
+            r.done.set_exception(ShuttingDownError("the service is shutting down"))
+        self._reservations.clear()
+        for ticket in list(self._tickets.values()):
+            self.engine.abort(ticket.key)
+            ticket.out.put(StepOutput(ticket.key, [], "", True, "abort"))
+        self._tickets.clear()
+
+    def _check_open(self) -> None:
+        if self._stopping:
+            raise ShuttingDownError("the service is shutting down")
+
+    def _unqueue(self, ticket: Ticket) -> None:
+        with self._count_lock:
+            if ticket.queued:
+                ticket.queued = False
+                self._queued -= 1
 
     # -- the loop thread -------------------------------------------------------------------------
-    def _unqueue(self, ticket: Ticket) -> None:
-        if ticket.queued:
-            ticket.queued = False
-            self._queued -= 1
+    def _add(self, ticket: Ticket, ids: list[int], params: SamplingParams, cached_tokens: int) -> None:
+        if ticket.released:  # the caller went away before its request reached the engine
+            self.engine.abort(ticket.key)
+            return
+        try:
+            self.engine.add_request(ids, params, ticket.key, cached_tokens=cached_tokens)
+        except Exception as exc:  # a request the engine refuses fails alone
+            self.engine.abort(ticket.key)
+            self._unqueue(ticket)
+            ticket.out.put(exc)
+            return
+        self._tickets[ticket.key] = ticket
+
+    def _forget(self, ticket: Ticket) -> None:
+        self.engine.abort(ticket.key)
+        self._tickets.pop(ticket.key, None)
+
+    def _drain(self) -> None:
+        """Run every command sent so far, then grant the reservations that fit now (in arrival order)."""
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            command()
+        self._grant_reservations()
+
+    def _grant_reservations(self) -> None:
+        cache = self.engine.cache
+        while self._reservations:
+            r = self._reservations[0]
+            if not r.is_active():
+                self._reservations.pop(0)
+                r.done.set_exception(CancelledError("cancelled while waiting for KV cache space"))
+                continue
+            # Leave a block of growth per running sequence so receiving KV does not force preemption.
+            need = cache.blocks_needed(r.ticket.key, r.num_tokens + 1)
+            if cache.num_free_blocks - len(self.engine.running) < need:
+                return  # FIFO: later reservations wait behind this one
+            self._reservations.pop(0)
+            r.ticket.reserve_wait_s = time.monotonic() - r.started
+            try:
+                r.done.set_result(self.engine.reserve(r.ticket.key, r.num_tokens))
+            except Exception as exc:
+                r.done.set_exception(exc)
+
+    def _wait_for_work(self) -> None:
+        """Block until a command arrives while there is nothing to step."""
+        while not self._stopping and not self.engine.has_unfinished():
+            try:
+                command = self._inbox.get(timeout=_IDLE_POLL_S if self._reservations else None)
+            except queue.Empty:
+                command = None
+            with self._step_lock:
+                if command is not None:
+                    command()
+                self._drain()
 
     def _run(self) -> None:
+        if self.threads is not None:
+            enter_engine_thread(self.threads)
         while True:
-            with self._cond:
-                while not self._stopping and not self.engine.has_unfinished():
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                try:
-                    outs = self.engine.step()
-                except Exception as exc:  # keep serving: fail the requests this step concerned, free their blocks
-                    log.exception("engine step failed")
-                    self._fail_step(exc)
-                    continue
-                for out in outs:
-                    ticket = self._tickets.get(out.request_id)
-                    if ticket is None:
-                        continue
-                    self._unqueue(ticket)
-                    ticket.out.put(out)
-                    if out.finished:
-                        del self._tickets[out.request_id]
-                self._cond.notify_all()
-            if not outs:
-                time.sleep(0.005)  # waiting requests do not fit yet; let blocks free up
+            self._wait_for_work()
+            if self._stopping:
+                return
+            with self._step_lock:
+                self._drain()
+                outs = self._step()
+                c = self.engine.cache
+                self._cache_stats = (c.num_blocks, c.num_free_blocks, len(self.engine.running))
+            if not outs and self.engine.has_unfinished():
+                with contextlib.suppress(queue.Empty):  # nothing fit: wait for blocks, or a command
+                    command = self._inbox.get(timeout=_NO_FIT_WAIT_S)
+                    with self._step_lock:
+                        command()
+
+    def _step(self) -> list[StepOutput]:
+        try:
+            outs = self.engine.step()
+        except Exception as exc:  # keep serving: fail the requests this step concerned, free their blocks
+            log.exception("engine step failed")
+            self._fail_step(exc)
+            return []
+        for out in outs:
+            ticket = self._tickets.get(out.request_id)
+            if ticket is None:
+                continue
+            self._unqueue(ticket)
+            ticket.out.put(out)
+            if out.finished:
+                del self._tickets[out.request_id]
+        return outs
 
     def _waiting_keys(self) -> set[str]:
         return {s.request_id for s in self.engine.waiting}
@@ -195,4 +304,3 @@ class EngineLoop:
             self.engine.abort(key)
             self._unqueue(ticket)
             ticket.out.put(exc)
-        self._cond.notify_all()

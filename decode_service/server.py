@@ -277,7 +277,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             kv_blocks_total=stats.blocks_total, kv_blocks_free=stats.blocks_free, kv_block_size=stats.block_size,
             requests_running=stats.running, requests_queued=stats.queued,
             kv_store=store_info(state.kv_store, internal=is_service_call(context, self.allow_plaintext)),
-            attention_backend=state.engine.model.backend.name)
+            attention_backend=state.engine.model.backend.name, kv_token_capacity=stats.token_capacity,
+            kv_cache_bytes=stats.blocks_total * state.engine.cache.bytes_per_block)
 
     def Tokenize(self, request, context):
         self.auth.tenant(context)
@@ -348,7 +349,7 @@ class DecodeService:
             tenants = self.servicer.tenants
             engine.on_prompt_computed = lambda rid, ids, table: store.offer(ids, engine.cache, table,
                                                                             tenants.get(rid, ""))
-        self.loop = EngineLoop(engine, cfg.server.max_queue)
+        self.loop = EngineLoop(engine, cfg.server.max_queue, cfg.threads)
         watch_decode(self.metrics, engine, self.loop, store, cfg)
         dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
         self.servicer.ready = _Ready(engine, self.loop, Path(cfg.model_dir).name, self.fingerprint, dtype, store)

@@ -183,7 +183,9 @@ class Engine:
         """Admit waiting sequences FCFS while their whole context fits the cache, each with the tokens it
         computes this step. A prompt longer than what is left of the token budget computes a chunk of it
         (chunked prefill) and stays first in line, holding its blocks, until its last chunk; only then does
-        it sample and run. With no budget left at all, the first sequence still computes its whole rest."""
+        it sample and run. With no budget left at all (the running decodes take it all), the first sequence
+        still computes a block's worth of tokens: prompts make progress while a step's cost, and so the
+        running sequences' time per output token, stays bounded by the budget plus one block."""
         admitted: list[tuple[_Sequence, int]] = []
         free = self.cache.num_free_blocks - sum(self.cache.blocks_needed(s.request_id, 1) for s in self.running)
         # Sequences that already hold blocks (a received or reused prefix, an unfinished chunked prompt) go
@@ -194,7 +196,7 @@ class Engine:
                 break
             n = len(seq.all_ids) - seq.in_cache  # tokens to compute; a received prefix is in_cache
             blocks = self.cache.blocks_needed(seq.request_id, n)
-            take = n if budget <= 0 and not admitted else min(n, budget)
+            take = min(n, self.cache.block_size) if budget <= 0 and not admitted else min(n, budget)
             if blocks > free or take <= 0:
                 break
             if seq.queued_s is None:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from zeroc.config import CacheConfig, ModelConfig
+from zeroc.config.settings import DEFAULT_CACHE_BYTES
 from zeroc.device import host_to_device
 
 if TYPE_CHECKING:  # annotations only: the model and the policies sit above this layer
@@ -105,6 +106,27 @@ def block_bytes(shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -
     return block_size * item * sum(s.kv_heads * (s.k_dim + s.v_dim) for s in shapes)
 
 
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory free for a new cache on `device`: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line; give the cache a byte budget (num_bytes)")
+
+
+def cache_budget_bytes(cfg: CacheConfig, device: torch.device) -> int:
+    """The byte budget a cache with settings `cfg` fills: `num_bytes`, else `memory_fraction` of the
+    memory available now, else DEFAULT_CACHE_BYTES."""
+    if cfg.num_bytes:
+        return cfg.num_bytes
+    if cfg.memory_fraction:
+        return int(cfg.memory_fraction * available_memory_bytes(device))
+    return DEFAULT_CACHE_BYTES
+
+
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
     """Cache geometry of every layer of a model (compressed layers store fewer dims, a layer with per-KV-head
     ranks one row of all its heads' dims; a token tier's extra rows are its pools', not the blocks')."""
@@ -142,13 +164,15 @@ class PagedKVCache:
         self.policy, self.pools = policy, None
         if self.policy is not None:
             self.policy.check(shapes, cfg.block_size)
+        # Bytes one block takes in this model's geometry and the policy's stored form.
+        self.bytes_per_block = (self.policy.block_bytes(shapes, cfg.block_size, dtype) if self.policy
+                                else block_bytes(shapes, cfg.block_size, dtype))
         self.num_blocks = cfg.num_blocks
-        if cfg.num_bytes:  # a byte budget: as many blocks as the policy's block size allows
-            per_block = (self.policy.block_bytes(shapes, cfg.block_size, dtype) if self.policy
-                         else block_bytes(shapes, cfg.block_size, dtype))
-            self.num_blocks = cfg.num_bytes // per_block
+        if not self.num_blocks:  # a byte budget: as many blocks as fit it
+            budget = cache_budget_bytes(cfg, self.device)
+            self.num_blocks = budget // self.bytes_per_block
             if self.num_blocks < 1:
-                raise ValueError(f"a KV cache of {cfg.num_bytes} bytes holds no block ({per_block} bytes each)")
+                raise ValueError(f"a KV cache of {budget} bytes holds no block ({self.bytes_per_block} bytes each)")
         self.allocator = allocator or FreeListAllocator(self.num_blocks)
         if self.policy is not None:
             self.pools = self.policy.new_pools(shapes, self.num_blocks, cfg.block_size, dtype, self.device,

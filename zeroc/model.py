@@ -30,7 +30,7 @@ from zeroc.attend import Attend, AttendFn, CallerAttend, DenseCausal, FusedPaged
 from zeroc.config import ModelConfig
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
-from zeroc.rope import layer_inv_freq, rope_attention_factor, rope_qk, tier_inv_freq
+from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
 from zeroc_kernels.attention import AttentionBackend, TorchBackend
 
 
@@ -77,6 +77,9 @@ class Attention(nn.Module):
             self.q_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))
             self.k_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))
         self.register_buffer("inv_freq", layer_inv_freq(cfg, layer).to(torch.get_default_device()), persistent=False)
+        # What names this layer's RoPE frequencies in a forward's shared `RopeTables`: every pair, or the
+        # pairs fold mode keeps per KV head (equal across layers that keep the same ones).
+        self.rope_key = ("fold", cfg.compression.layers[layer].qk_pairs) if cfg.qk_mode(layer) == "fold" else ("all",)
         self.tier = (cfg.compression.sinks, cfg.compression.recent) if cfg.has_tier else None
         if self.tier is not None:
             tier_qk, tier_v = [d - r for r in qk], [d - r for r in vr]  # per KV head
@@ -91,28 +94,29 @@ class Attention(nn.Module):
             self.tier_v_proj = nn.Linear(cfg.hidden_size, sum(tier_v), bias=bias)
             self.tier_o_proj = nn.Linear(group * sum(tier_v), cfg.hidden_size, bias=False)  # o_proj has the bias
 
-    def forward(self, layer: int, x: Tensor, positions: Tensor, attend: Attend) -> Tensor:
-        # x: [*P, hidden]; positions: [*P]
+    def forward(self, layer: int, x: Tensor, rope: RopeTables, attend: Attend) -> Tensor:
+        # x: [*P, hidden]; rope: the forward's positions [*P] and their cos/sin tables
         if self.head_layout is not None:
-            return self._per_head(layer, x, positions, attend)
+            return self._per_head(layer, x, rope, attend)
         lead = x.shape[:-1]
         q = self.q_proj(x).view(*lead, self.n_heads, -1)
         k = self.k_proj(x).view(*lead, self.n_kv, -1)
         v = self.v_proj(x).view(*lead, self.n_kv, self.v_dim)
         if attend.fuses_rope and self.tier is None:  # RoPE and the bases run inside its epilogue kernel
-            return self.o_proj(attend.raw(layer, self, q, k, v, positions).reshape(*lead, -1))
-        q, k = rope_qk(q, k, self.inv_freq, positions)  # [*P, heads, qk_dim or d], [*P, kv_heads, qk_dim or d]
+            return self.o_proj(attend.raw(layer, self, q, k, v, rope.positions).reshape(*lead, -1))
+        q, k = rope.qk(self.rope_key, q, k, self.inv_freq)  # [*P, heads, qk_dim or d], [*P, kv_heads, qk_dim or d]
         if self.tier is not None:
-            return self._tiered(layer, x, positions, q, k, v, attend)
+            return self._tiered(layer, x, rope, q, k, v, attend)
         if self.rotate:
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
         out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
         return self.o_proj(out.reshape(*lead, -1))
 
-    def _tiered(self, layer: int, x: Tensor, positions: Tensor, q: Tensor, k: Tensor, v: Tensor,
+    def _tiered(self, layer: int, x: Tensor, rope: RopeTables, q: Tensor, k: Tensor, v: Tensor,
                 attend: Attend) -> Tensor:
         """Attention with the token tier (zeroc/tier.py): dense causal, or through a tier cache's pools.
-        x: [*P, hidden]; positions: [*P]; q: [*P, heads, *] and k: [*P, kv_heads, *] after RoPE;
+        x: [*P, hidden]; rope: the forward's positions [*P] and cos/sin; q: [*P, heads, *] and
+        k: [*P, kv_heads, *] after RoPE;
         v: [*P, kv_heads, v_dim]."""
         lead = x.shape[:-1]
         # Full-rank q, k: the compressed dims, then the complement (q·k sums over both): fold, the dropped
@@ -123,16 +127,16 @@ class Attention(nn.Module):
         else:
             q_tier = self.tier_q_proj(x).view(*lead, self.n_heads, -1)
             k_tier = self.tier_k_proj(x).view(*lead, self.n_kv, -1)
-            q_tier, k_tier = rope_qk(q_tier, k_tier, self.tier_inv_freq, positions)
+            q_tier, k_tier = rope.qk(("tier", *self.rope_key), q_tier, k_tier, self.tier_inv_freq)
         q_full, k_full = torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1)  # [*P, *, d]
         v_full = torch.cat([v, self.tier_v_proj(x).view(*lead, self.n_kv, -1)], -1)  # [*P, kv_heads, d]
         out = attend.tiered(layer, (q, k, v), (q_full, k_full, v_full), self.tier, self.scale)  # [*P, heads, d]
         out_kept, out_rest = out.split([self.v_dim, out.shape[-1] - self.v_dim], -1)
         return self.o_proj(out_kept.reshape(*lead, -1)) + self.tier_o_proj(out_rest.reshape(*lead, -1))
 
-    def _per_head(self, layer: int, x: Tensor, positions: Tensor, attend: Attend) -> Tensor:
+    def _per_head(self, layer: int, x: Tensor, rope: RopeTables, attend: Attend) -> Tensor:
         """A layer whose KV heads keep different ranks: every run of equal-rank heads is a GQA block of its own
-        widths (zeroc/head_ranks.py). x: [*P, hidden]; positions: [*P]"""
+        widths (zeroc/head_ranks.py). x: [*P, hidden]; rope: the forward's positions [*P] and cos/sin"""
         lay, lead = self.head_layout, x.shape[:-1]
         runs = lay.runs
         vs = lay.split(self.v_proj(x), [r.v for r in runs])  # per run [*P, n, v]
@@ -140,28 +144,29 @@ class Attention(nn.Module):
         if self.rotate:  # every head is d wide through RoPE: project and rotate once, at the widest rank
             q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
             k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
-            q, k = rope_qk(q, k, self.inv_freq, positions)
+            q, k = rope.qk(self.rope_key, q, k, self.inv_freq)
             qs, ks = lay.narrow(*rotate_qk(q, k, self.q_basis, self.k_basis), [r.qk for r in runs])
             if self.tier is not None:
                 tiers = lay.narrow(*rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis),
                                    [self.head_dim - r.qk for r in runs])
         else:  # fold: each head's own kept pairs, RoPE at their own frequencies
-            qs, ks = self._fold_runs(x, positions, self.q_proj, self.k_proj, self.inv_freq, [r.qk for r in runs])
+            qs, ks = self._fold_runs(x, rope, self.rope_key, self.q_proj, self.k_proj, self.inv_freq,
+                                     [r.qk for r in runs])
             if self.tier is not None:
-                tiers = self._fold_runs(x, positions, self.tier_q_proj, self.tier_k_proj, self.tier_inv_freq,
-                                        [self.head_dim - r.qk for r in runs])
+                tiers = self._fold_runs(x, rope, ("tier", *self.rope_key), self.tier_q_proj, self.tier_k_proj,
+                                        self.tier_inv_freq, [self.head_dim - r.qk for r in runs])
         if tiers is not None:
             return self._per_head_tiered(layer, x, qs, ks, vs, *tiers, attend)
         outs = attend.runs(layer, lay, qs, ks, vs, self.scale)  # per run [*P, n * group, v]
         return self.o_proj(torch.cat([o.flatten(-2) for o in outs], -1))
 
-    def _fold_runs(self, x: Tensor, positions: Tensor, q_proj: nn.Linear, k_proj: nn.Linear, inv_freq: Tensor,
-                   widths: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+    def _fold_runs(self, x: Tensor, rope: RopeTables, key: tuple, q_proj: nn.Linear, k_proj: nn.Linear,
+                   inv_freq: Tensor, widths: list[int]) -> tuple[list[Tensor], list[Tensor]]:
         """Fold mode's per-run q [*P, n * group, w] and k [*P, n, w] after RoPE; inv_freq: [kv, widest / 2]."""
         qs = self.head_layout.split(q_proj(x), widths, queries=True)
         ks = self.head_layout.split(k_proj(x), widths)
         for i, (r, w) in enumerate(zip(self.head_layout.runs, widths)):
-            qs[i], ks[i] = rope_qk(qs[i], ks[i], inv_freq[r.start: r.stop, : w // 2], positions)
+            qs[i], ks[i] = rope.qk((*key, r.start, r.stop, w), qs[i], ks[i], inv_freq[r.start: r.stop, : w // 2])
         return qs, ks
 
     def _per_head_tiered(self, layer: int, x: Tensor, q_comp: list[Tensor], k_comp: list[Tensor], vs: list[Tensor],
@@ -207,8 +212,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, positions: Tensor, attend: Attend) -> Tensor:
-        h = x + self.self_attn(self.index, self.input_layernorm(x), positions, attend)
+    def forward(self, x: Tensor, rope: RopeTables, attend: Attend) -> Tensor:
+        h = x + self.self_attn(self.index, self.input_layernorm(x), rope, attend)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -254,8 +259,9 @@ class Transformer(nn.Module):
     def _run(self, tokens: Tensor, positions: Tensor, attend: Attend) -> Tensor:
         # tokens, positions: [*P] -> final hidden states [*P, hidden]
         x = self.model.embed_tokens(tokens)
+        rope = RopeTables(positions)  # cos/sin once per forward, shared by the layers
         for layer in self.model.layers:
-            x = layer(x, positions, attend)
+            x = layer(x, rope, attend)
         return self.model.norm(x)
 
     def forward(self, tokens: Tensor) -> Tensor:

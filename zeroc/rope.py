@@ -108,11 +108,34 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+class RopeTables:
+    """One forward's RoPE cos/sin, computed once per distinct frequency table and shared by every layer that
+    uses it: the layers of an uncompressed model (and a compressed one's layers that keep the same pairs) all
+    read one table, instead of each recomputing cos/sin of every position.
+
+    `key` names a frequency table independently of the tensor holding it (each layer keeps its own buffer of
+    equal values): layers whose tables are equal pass equal keys. `computed` counts the tables built."""
+
+    def __init__(self, positions: Tensor):
+        self.positions = positions  # [*P]
+        self._memo: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self.computed = 0
+
+    def qk(self, key: tuple, q: Tensor, k: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE on q [*P, heads, r] and k [*P, kv_heads, r]; inv_freq: [kv_heads or 1, r/2], named by `key`."""
+        group = q.shape[-2] // k.shape[-2]
+        memo_key = (key, q.dtype, group)
+        if memo_key not in self._memo:
+            cos, sin = rope_cos_sin(inv_freq, self.positions, q.dtype)  # [*P, kv_heads or 1, r]
+            cos_q, sin_q = cos, sin
+            if cos.shape[-2] > 1:  # per-KV-head pairs: each query head uses its group's
+                cos_q, sin_q = cos.repeat_interleave(group, -2), sin.repeat_interleave(group, -2)
+            self._memo[memo_key] = (cos, sin, cos_q, sin_q)
+            self.computed += 1
+        cos, sin, cos_q, sin_q = self._memo[memo_key]
+        return apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
+
+
 def rope_qk(q: Tensor, k: Tensor, inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     """RoPE on q [*P, heads, r] and k [*P, kv_heads, r]; inv_freq: [kv_heads or 1, r/2]; positions: [*P]."""
-    cos, sin = rope_cos_sin(inv_freq, positions, q.dtype)  # [*P, kv_heads or 1, r]
-    k = apply_rope(k, cos, sin)
-    if cos.shape[-2] > 1:  # per-KV-head pairs: each query head uses its group's
-        group = q.shape[-2] // k.shape[-2]
-        cos, sin = cos.repeat_interleave(group, -2), sin.repeat_interleave(group, -2)
-    return apply_rope(q, cos, sin), k
+    return RopeTables(positions).qk((), q, k, inv_freq)

@@ -61,7 +61,7 @@ def test_a_fault_naming_its_sequence_fails_that_request_alone(bundled, reference
     engine = FaultyEngine(bundled, CacheConfig())
     loop = EngineLoop(engine, max_queue=8)
     try:
-        with loop._cond:  # both queued before the loop steps, so they share every batch
+        with loop.paused():  # both queued before the loop steps, so they share every batch
             a, b = start(loop, [5, 6, 7, 8]), start(loop, [9, 10, 11])
             engine.trigger = lambda e: len(e.running) == 2 and all(len(s.output_ids) >= 2 for s in e.running)
             engine.fault = SequenceFault([b.key])
@@ -78,7 +78,7 @@ def test_an_anonymous_fault_fails_the_batch_but_not_the_requests_still_waiting(b
     engine = FaultyEngine(bundled, CacheConfig(), SchedulerConfig(max_num_seqs=1))
     loop = EngineLoop(engine, max_queue=8)
     try:
-        with loop._cond:  # one sequence per batch: the second waits while the first runs
+        with loop.paused():  # one sequence per batch: the second waits while the first runs
             a, b = start(loop, [5, 6, 7, 8]), start(loop, [9, 10, 11])
             engine.trigger = lambda e: bool(e.running) and len(e.running[0].output_ids) >= 3
             engine.fault = RuntimeError("the step failed")

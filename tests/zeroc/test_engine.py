@@ -234,3 +234,37 @@ def test_chunked_prefill_keeps_the_tokens_and_the_step_budget(random_gqa):
     for rid, p in zip(ids, prompts):
         assert got[rid] == _alone(random_gqa, p).token_ids
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_running_decodes_get_a_token_every_step_while_a_long_prompt_is_chunked_in(random_gqa):
+    """Step composition under a budget the running decodes already fill: each step still gives every running
+    sequence its token, a long prompt arriving meanwhile enters a block at a time (no step computes more than
+    the budget plus one block, so time per output token stays bounded), and all tokens are those alone."""
+    budget, block = 4, 16
+    short = [PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[1]]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    engine = Engine(random_gqa, CacheConfig(block, 256), SchedulerConfig(max_num_batched_tokens=budget))
+    ids = [engine.add_request(p, params) for p in short]
+    got = {rid: [] for rid in ids}
+    while len(engine.running) < len(short):
+        for o in engine.step():
+            got[o.request_id] += o.token_ids
+    long_prompt = PROMPTS[1] * 20
+    late = engine.add_request(long_prompt, GREEDY)
+    got[late] = []
+    chunked_steps = 0
+    while engine.has_unfinished():
+        decoding = {s.request_id for s in engine.running}
+        lens = {rid: engine.cache.seq_len(rid) for rid in got}
+        outs = engine.step()
+        for o in outs:
+            got[o.request_id] += o.token_ids
+        assert decoding <= {o.request_id for o in outs if o.token_ids}  # no running sequence skipped a step
+        computed = sum(engine.cache.seq_len(rid) - lens[rid] for rid in got if engine.cache.seq_len(rid))
+        assert computed <= max(budget, len(decoding)) + block
+        chunked_steps += late not in decoding and engine.cache.seq_len(late) > 0
+    assert chunked_steps >= len(random_gqa.tokenizer.encode(long_prompt)) // block - 1  # it came in by blocks
+    for rid, p in zip(ids, short):
+        assert got[rid] == _alone(random_gqa, p, params).token_ids
+    assert got[late] == _alone(random_gqa, long_prompt).token_ids
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zeroc.attend import DenseCausal
 from zeroc.config import ModelConfig, RopeConfig
-from zeroc.rope import rope_inv_freq
+from zeroc.loader import load_model
+from zeroc.rope import RopeTables, rope_inv_freq, rope_qk
 
 
 @pytest.mark.parametrize("rope", [
@@ -37,3 +39,41 @@ def test_hf_config_round_trip_keeps_rope_scaling():
     modern = {k: v for k, v in cfg.to_hf().items() if k not in ("rope_theta", "rope_scaling")}
     modern["rope_parameters"] = {"rope_theta": 5e5, **rope.to_hf()}
     assert ModelConfig.from_hf(modern) == cfg
+
+
+class PerLayerRope(RopeTables):
+    """The oracle: every layer computes its own cos/sin from its own frequencies (no sharing)."""
+
+    def qk(self, key, q, k, inv_freq):
+        self.computed += 1
+        return rope_qk(q, k, inv_freq, self.positions)
+
+
+def _logits(model, tokens, rope_cls):
+    # tokens: [1, T] -> logits [1, T, vocab] of a dense causal forward with the given RoPE tables
+    rope = rope_cls(torch.arange(tokens.shape[1]).expand_as(tokens))
+    x = model.model.embed_tokens(tokens)
+    for layer in model.model.layers:
+        x = layer(x, rope, DenseCausal())
+    return model.lm_head(model.model.norm(x)), rope.computed
+
+
+@pytest.mark.parametrize("name", ["bundled", "zeroc_heads_dir", "zeroc_tier_dir", "zeroc_modes_dir"])
+def test_rope_tables_are_computed_once_per_forward_and_change_nothing(name, request):
+    """An uncompressed model's six layers share one cos/sin table; compressed layers that keep other RoPE
+    pairs get their own. The logits equal, bit for bit, those of every layer computing its own, and the
+    forward the model runs is this one."""
+    loaded = request.getfixturevalue(name)
+    model = loaded.model if name == "bundled" else load_model(loaded).model
+    tokens = torch.randint(4, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        shared, tables = _logits(model, tokens, RopeTables)
+        oracle, per_layer = _logits(model, tokens, PerLayerRope)
+        assert torch.equal(shared, oracle)
+        assert torch.equal(model(tokens), shared)
+    if name == "bundled":
+        assert tables == 1 and per_layer == model.config.num_hidden_layers
+    elif name == "zeroc_modes_dir":  # its rotate layers run RoPE on every pair: one table for all three
+        assert tables < per_layer
+    else:
+        assert 1 <= tables <= per_layer

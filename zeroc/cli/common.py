@@ -62,6 +62,7 @@ def cache_settings(args: argparse.Namespace) -> dict:
     if block is None and policy in REGISTRY and "ZEROC_CACHE_BLOCK_SIZE" not in os.environ:
         block = REGISTRY[policy].block_size  # the block size the method needs (KIVI: its group), else the default
     return {"block_size": block, "num_blocks": getattr(args, "num_blocks", None), "num_bytes": args.cache_bytes,
+            "memory_fraction": getattr(args, "cache_memory_fraction", None),
             "kv_policy": args.kv_policy, "kv_budget": args.kv_budget, "kv_max_tokens": args.kv_max_tokens,
             "kv_residual": args.kv_residual}
 
@@ -79,7 +80,7 @@ def service_config(args: argparse.Namespace) -> ZeroCConfig:
         parallel={"sp_ranks": getattr(args, "sp", None)},
         security={"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
                   "tokens_file": args.tokens_file},
-        metrics={"port": args.metrics_port}))
+        metrics={"port": args.metrics_port}, threads={"engine": getattr(args, "engine_threads", None)}))
 
 
 def serve_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +91,11 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace-s", type=float, default=None, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message, in MiB")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks, instead of a byte budget (tests; env ZEROC_CACHE_NUM_BLOCKS)")
+    p.add_argument("--engine-threads", type=int, default=None,
+                   help="intra-op CPU threads of the engine thread (env ZEROC_THREADS_ENGINE; default: "
+                        "OMP_NUM_THREADS if set, else its cores; on more than two cores it keeps off the first, "
+                        "ZEROC_THREADS_PIN=0 turns that off; docs/engine.md)")
     p.add_argument("--kv-transport", choices=["grpc", "nccl", "auto"], default=None,
                    help="how prompt KV travels between prefill and decode: in-band gRPC, NCCL between GPUs "
                         "(CUDA IPC on a shared GPU), or auto: NCCL when both peers have GPUs "
@@ -131,8 +136,12 @@ def kv_policy_args(p: argparse.ArgumentParser) -> None:
                    help="kivi: full-precision tokens kept besides the filling block, a multiple of the block "
                         "size (default 0; env ZEROC_CACHE_KV_RESIDUAL)")
     p.add_argument("--cache-bytes", type=byte_size, default=None,
-                   help="KV cache capacity in bytes (e.g. 1G), instead of --num-blocks: the blocks that fit "
-                        "depend on the policy (env ZEROC_CACHE_NUM_BYTES)")
+                   help="KV cache capacity in bytes (e.g. 1G): the blocks that fit depend on the model's KV "
+                        "geometry and the policy (env ZEROC_CACHE_NUM_BYTES; default 96M, or "
+                        "--cache-memory-fraction)")
+    p.add_argument("--cache-memory-fraction", type=float, default=None,
+                   help="KV cache capacity as this fraction of the memory available at start-up, in (0, 1) "
+                        "(env ZEROC_CACHE_MEMORY_FRACTION)")
 
 
 def granularity_arg(p: argparse.ArgumentParser) -> None:

@@ -11,10 +11,12 @@ from zeroc.config.errors import ConfigError, ZeroCError
 from zeroc.config.model import (ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT,
                                 AttentionCompression, LayerCompression, ModelConfig, RopeConfig, check_tier,
                                 dtype_name, ranks_per_head)
-from zeroc.config.settings import (CacheConfig, MetricsConfig, ParallelConfig, RedisConfig, SchedulerConfig,
-                                   SecurityConfig, ServerConfig, KvStoreConfig, TransferConfig, ZeroCConfig)
+from zeroc.config.settings import (CacheConfig, KvStoreConfig, MetricsConfig, ParallelConfig, RedisConfig,
+                                   SchedulerConfig, SecurityConfig, ServerConfig, ThreadsConfig, TransferConfig,
+                                   ZeroCConfig)
 
 __all__ = ["ATTENTION_BACKENDS", "BUNDLED_CALIB", "BUNDLED_HELDOUT", "BUNDLED_MODEL", "REPO_ROOT",
-           "AttentionCompression", "CacheConfig", "ConfigError", "LayerCompression", "MetricsConfig", "ModelConfig",
-           "ParallelConfig", "RedisConfig", "RopeConfig", "SchedulerConfig", "SecurityConfig", "ServerConfig", "KvStoreConfig",
-           "TransferConfig", "ZeroCConfig", "ZeroCError", "check_tier", "dtype_name", "ranks_per_head"]
+           "AttentionCompression", "CacheConfig", "ConfigError", "KvStoreConfig", "LayerCompression", "MetricsConfig",
+           "ModelConfig", "ParallelConfig", "RedisConfig", "RopeConfig", "SchedulerConfig", "SecurityConfig",
+           "ServerConfig", "ThreadsConfig", "TransferConfig", "ZeroCConfig", "ZeroCError", "check_tier", "dtype_name",
+           "ranks_per_head"]

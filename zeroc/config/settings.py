@@ -11,28 +11,45 @@ from typing import Any
 
 from zeroc.config.model import ATTENTION_BACKENDS, BUNDLED_MODEL
 
+# The byte budget of a KV cache given none: 1024 blocks of 16 tokens of the bundled model's full-precision KV
+# (96 KiB a block). A model whose blocks take fewer bytes (a ZeroC model's low-rank K/V, a KV policy's stored
+# form) gets more blocks, and so more tokens, from the same budget.
+DEFAULT_CACHE_BYTES = 96 << 20
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV cache: block size in tokens and its capacity (blocks, or bytes), and the KV
-    policy that decides what a block stores (zeroc/policies, docs/policies.md). The policy
-    settings are checked where the policy is built (`zeroc.policies.make_policy`: the CLI
-    at start-up, and every cache)."""
+    """The paged KV cache: block size in tokens and its capacity, and the KV policy that decides what a
+    block stores (zeroc/policies, docs/policies.md). Capacity is a memory budget (like vLLM's KV cache
+    space): `num_bytes`, else `memory_fraction` of the memory available at start-up, else
+    DEFAULT_CACHE_BYTES; the blocks that fit depend on the model's KV geometry and the policy. `num_blocks`
+    fixes the block count instead (tests, benchmarks that need an exact count); at most one of the three
+    may be set. The policy settings are checked where the policy is built (`zeroc.policies.make_policy`:
+    the CLI at start-up, and every cache)."""
 
     block_size: int = 16
-    num_blocks: int = 1024
-    num_bytes: int = 0  # > 0: capacity in bytes instead; the blocks that fit depend on the policy
+    num_blocks: int = 0  # > 0: exactly this many blocks; 0: as many as the byte budget holds
+    num_bytes: int = 0  # > 0: the cache's byte budget
+    memory_fraction: float = 0.0  # in (0, 1): this fraction of the available memory is the byte budget
     kv_policy: str = "none"  # none | kivi-4 | kivi-2 | h2o | streamingllm | snapkv | palu | int8
     kv_budget: float = 1.0  # h2o, streamingllm, snapkv: tokens kept / tokens seen; palu: rank / head dim
     kv_max_tokens: int = 0  # h2o: at most this many tokens per sequence (0: no cap)
     kv_residual: int = 0  # kivi: full-precision tokens kept besides the filling block (a multiple of it)
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.num_blocks <= 0:
-            raise ValueError(
-                f"block_size and num_blocks must be positive, got {self.block_size} and {self.num_blocks}"
-            )
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0 (0: size the cache in bytes), got {self.num_blocks}")
         if self.num_bytes < 0:
-            raise ValueError(f"cache bytes must be >= 0 (0: use num_blocks), got {self.num_bytes}")
+            raise ValueError(f"cache bytes (num_bytes) must be >= 0 (0: the default budget), got {self.num_bytes}")
+        if not 0.0 <= self.memory_fraction < 1.0:
+            raise ValueError(f"memory_fraction must be in [0, 1) (0: off), got {self.memory_fraction}")
+        chosen = [name for name, v in (("num_blocks", self.num_blocks), ("num_bytes", self.num_bytes),
+                                       ("memory_fraction", self.memory_fraction)) if v]
+        if len(chosen) > 1:
+            raise ValueError(f"set one cache capacity, not {' and '.join(chosen)}: num_blocks (a block count), "
+                             "num_bytes (a byte budget) or memory_fraction (of the available memory)")
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,19 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ThreadsConfig:
+    """The engine thread's CPU threads (its PyTorch intra-op pool). On more than two cores the engine keeps
+    off the first one, which the gRPC handler and scheduling threads then have to themselves."""
+
+    engine: int = 0  # intra-op threads of the engine; 0: OMP_NUM_THREADS if set, else the engine's cores
+    pin: bool = True  # on more than two cores, pin the engine thread (and its pool) to all cores but the first
+
+    def __post_init__(self) -> None:
+        if self.engine < 0:
+            raise ValueError(f"threads.engine must be >= 0 (0: automatic), got {self.engine}")
 
 
 @dataclass(frozen=True)
@@ -218,6 +248,7 @@ class ZeroCConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ZeroCConfig":
@@ -265,4 +296,5 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false":
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
              "transfer": TransferConfig, "redis": RedisConfig, "store": KvStoreConfig,
-             "parallel": ParallelConfig, "security": SecurityConfig, "metrics": MetricsConfig}
+             "parallel": ParallelConfig, "security": SecurityConfig, "metrics": MetricsConfig,
+             "threads": ThreadsConfig}

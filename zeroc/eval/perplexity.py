@@ -113,7 +113,8 @@ def perplexity_streaming(model: Transformer, tokens: Tensor, ctx: int, batch_siz
     param = next(model.parameters())
     cache = cache or CacheConfig(block_size=block_size)
     blocks_per_win = sequence_blocks(cfg, cache.block_size, ctx, cache, param.dtype)  # borrowed blocks included
-    cache_cfg = replace(cache, num_blocks=blocks_per_win * min(batch_size, len(wins)), num_bytes=0)
+    cache_cfg = replace(cache, num_blocks=blocks_per_win * min(batch_size, len(wins)), num_bytes=0,
+                        memory_fraction=0.0)  # an exact count: the other capacities off
     kv = paged_cache(layer_shapes(cfg), cache_cfg, param.dtype, param.device, model=model)
     nll_sum, count = 0.0, 0
     per_window = torch.zeros(len(wins), dtype=torch.float64)

@@ -101,7 +101,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model", "fingerprint", "vocab_size", "max_context", "num_layers", "dtype", "mode", "kv_blocks_total", "kv_blocks_free", "kv_block_size", "requests_running", "requests_queued", "kv_store", "attention_backend")
+    __slots__ = ("model", "fingerprint", "vocab_size", "max_context", "num_layers", "dtype", "mode", "kv_blocks_total", "kv_blocks_free", "kv_block_size", "requests_running", "requests_queued", "kv_store", "attention_backend", "kv_token_capacity", "kv_cache_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,8 @@ class GetModelInfoResponse(_message.Message):
     REQUESTS_QUEUED_FIELD_NUMBER: _ClassVar[int]
     KV_STORE_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKEN_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     vocab_size: int
@@ -130,7 +132,9 @@ class GetModelInfoResponse(_message.Message):
     requests_queued: int
     kv_store: KvStoreInfo
     attention_backend: str
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_queued: _Optional[int] = ..., kv_store: _Optional[_Union[KvStoreInfo, _Mapping]] = ..., attention_backend: _Optional[str] = ...) -> None: ...
+    kv_token_capacity: int
+    kv_cache_bytes: int
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., num_layers: _Optional[int] = ..., dtype: _Optional[str] = ..., mode: _Optional[str] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., requests_running: _Optional[int] = ..., requests_queued: _Optional[int] = ..., kv_store: _Optional[_Union[KvStoreInfo, _Mapping]] = ..., attention_backend: _Optional[str] = ..., kv_token_capacity: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class KvStoreInfo(_message.Message):
     __slots__ = ("state", "index", "holder", "blocks_held", "capacity_blocks", "lookups", "hit_tokens", "peer_blocks", "index_errors", "reconnects", "evictions")

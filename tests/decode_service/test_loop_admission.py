@@ -1,0 +1,110 @@
+"""Handlers never wait behind an engine step: the engine loop, in process, over a real engine whose step is
+held open (it waits on an event before stepping) while handler calls come in."""
+
+from __future__ import annotations
+
+import threading
+
+from decode_service.loop import EngineLoop
+from zeroc.config import CacheConfig
+from zeroc.engine import Engine, StepOutput
+from zeroc.sampling import SamplingParams
+
+PARAMS = SamplingParams(max_new_tokens=5, ignore_eos=True)
+HANDLER_WAIT_S = 10.0  # far longer than a queue put; a handler that waits for the step never returns in it
+
+
+class GatedEngine(Engine):
+    """An engine whose steps, once `hold` is set, wait for `gate` before stepping."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold = threading.Event()
+        self.in_step = threading.Event()
+        self.gate = threading.Event()
+
+    def step(self) -> list[StepOutput]:
+        if self.hold.is_set():
+            self.in_step.set()
+            self.gate.wait()
+        return super().step()
+
+
+def drain(ticket, timeout: float = 120.0) -> list[int]:
+    tokens: list[int] = []
+    while True:
+        out = ticket.out.get(timeout=timeout)
+        assert not isinstance(out, Exception), out
+        tokens += out.token_ids
+        if out.finished:
+            return tokens
+
+
+def in_thread(fn) -> tuple[threading.Thread, list]:
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(fn()), daemon=True)
+    t.start()
+    return t, got
+
+
+def test_admit_submit_release_and_stats_return_while_a_step_runs(bundled):
+    want = [r.token_ids for r in Engine(bundled, CacheConfig()).generate([[5, 6, 7, 8], [9, 10, 11]], PARAMS)]
+    engine = GatedEngine(bundled, CacheConfig())
+    loop = EngineLoop(engine, max_queue=8)
+    try:
+        first = loop.admit()
+        engine.hold.set()
+        loop.submit(first, [5, 6, 7, 8], PARAMS, 0)
+        assert engine.in_step.wait(60), "the loop never stepped the first request"
+
+        def handler():  # what a Generate handler does before streaming, plus a cancelled request
+            ticket = loop.admit()
+            loop.submit(ticket, [9, 10, 11], PARAMS, 0)
+            gone = loop.admit()
+            loop.release(gone)
+            return ticket, loop.stats()
+
+        t, got = in_thread(handler)
+        t.join(HANDLER_WAIT_S)
+        assert not t.is_alive(), "a handler waited for the engine step to end"
+        assert not engine.gate.is_set()  # the step was still in progress all along
+        second, stats = got[0]
+        assert stats.queued == 2  # both unserved requests hold a queue place; the released one does not
+        engine.hold.clear()
+        engine.gate.set()
+        assert drain(first) == want[0]
+        assert drain(second) == want[1]
+        assert loop.stats().queued == 0
+        assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    finally:
+        engine.gate.set()
+        loop.stop()
+
+
+def test_requests_sent_during_a_step_join_the_next_one(bundled):
+    engine = GatedEngine(bundled, CacheConfig())
+    loop = EngineLoop(engine, max_queue=8)
+    try:
+        first = loop.admit()
+        engine.hold.set()
+        loop.submit(first, [5, 6, 7, 8], SamplingParams(max_new_tokens=20, ignore_eos=True), 0)
+        assert engine.in_step.wait(60)
+        others = [loop.admit() for _ in range(3)]
+        for i, ticket in enumerate(others):
+            loop.submit(ticket, [9 + i, 10, 11], PARAMS, 0)
+        seen: list[int] = []
+        original = engine._admit
+
+        def record(budget):  # what the next step takes from the queue
+            admitted = original(budget)
+            seen.append(len(admitted))
+            return admitted
+        engine._admit = record
+        engine.hold.clear()
+        engine.gate.set()
+        for ticket in [first, *others]:
+            drain(ticket)
+        assert seen[1] == 3  # step 0 took the first request; the next one took all three at once
+    finally:
+        engine.gate.set()
+        loop.stop()

@@ -1,0 +1,44 @@
+"""The engine thread's CPU threads: how many, and which cores it keeps to."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from zeroc.config import ThreadsConfig, ZeroCConfig
+from zeroc.cpu_threads import engine_cores, engine_thread_count, enter_engine_thread
+
+
+@pytest.mark.parametrize("cores, pin, kept", [([0, 1], True, [0, 1]), ([0], True, [0]),
+                                              ([0, 1, 2, 3], True, [1, 2, 3]), ([0, 1, 2, 3], False, [0, 1, 2, 3])])
+def test_a_core_is_kept_for_the_service_threads_only_past_two(cores, pin, kept):
+    assert engine_cores(ThreadsConfig(pin=pin), cores) == kept
+
+
+def test_thread_count_setting_then_omp_then_cores():
+    cores = list(range(8))
+    assert engine_thread_count(ThreadsConfig(engine=3), cores, {"OMP_NUM_THREADS": "1"}) == 3
+    assert engine_thread_count(ThreadsConfig(), cores, {"OMP_NUM_THREADS": "2"}) == 2
+    assert engine_thread_count(ThreadsConfig(), cores, {}) == 7
+    assert engine_thread_count(ThreadsConfig(), [0, 1], {}) == 2
+
+
+def test_the_setting_has_an_environment_equivalent_and_is_checked():
+    cfg = ZeroCConfig.from_env(env={"ZEROC_THREADS_ENGINE": "1", "ZEROC_THREADS_PIN": "0"})
+    assert cfg.threads == ThreadsConfig(engine=1, pin=False)
+    with pytest.raises(ValueError, match="threads.engine"):
+        ThreadsConfig(engine=-1)
+
+
+def test_entering_sets_the_calling_threads_pool():
+    seen = []
+
+    def engine_thread():
+        enter_engine_thread(ThreadsConfig(engine=1))
+        seen.append(torch.get_num_threads())
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen == [1]
