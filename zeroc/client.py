@@ -259,8 +259,8 @@ class AsyncClient:
         request = build_request(prompt, **kwargs)
         delays, deadline = self.retry.delays(), _Deadline(self.timeout)
         while True:
-            started = False
             call = self._stub.Generate(request, timeout=deadline.check(), metadata=self._metadata)
+            started = False
             try:
                 while (msg := await call.read()) is not grpc.aio.EOF:
                     started = True

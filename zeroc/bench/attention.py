@@ -42,6 +42,7 @@ from zeroc.config import AttentionCompression, CacheConfig, LayerCompression, Mo
 from zeroc.kv_cache import PagedBatch, PagedKVCache, layer_shapes
 from zeroc.attend import CallerAttend, PagedAttend
 from zeroc.model import Attention
+from zeroc.rope import RopeTables
 
 METHODS = ("uncompressed", "zeroc-fold", "zeroc-rotate", "kivi-4")
 KIVI_BITS, KIVI_GROUP = 4, 32
@@ -219,7 +220,7 @@ def _block(cfg: ModelConfig, shape: BlockShape, method: str, bench: AttentionBen
 
     @torch.inference_mode()
     def run() -> Tensor:
-        return attn(0, x, batch.positions, attend)
+        return attn(0, x, RopeTables(batch.positions), attend)
 
     return _Setup(run, every_32)
 

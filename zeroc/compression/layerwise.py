@@ -43,7 +43,7 @@ from zeroc.config import AttentionCompression, LayerCompression, ModelConfig, Ze
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
 from zeroc.model import Attention, Transformer
-from zeroc.rope import layer_inv_freq
+from zeroc.rope import RopeTables, layer_inv_freq
 
 AUTO_KL_PASSES = 512  # "auto" measures full KL per cut up to this many passes
 BATCH = 4  # windows through a layer at once
@@ -85,7 +85,7 @@ def cut_attention(attn: Attention, cfg: ModelConfig, index: int, factors: LayerF
 
 def _attend_out(attn: Attention, index: int, normed: Tensor, positions: Tensor) -> Tensor:
     # normed: [n, T, hidden] the layer's normalised inputs -> attention outputs after W_o [n, T, hidden]
-    return torch.cat([attn(index, normed[i: i + BATCH], positions[i: i + BATCH], DenseCausal())
+    return torch.cat([attn(index, normed[i: i + BATCH], RopeTables(positions[i: i + BATCH]), DenseCausal())
                       for i in range(0, normed.shape[0], BATCH)])
 
 
@@ -183,7 +183,7 @@ def _layer_statistics(layer, cfg: ModelConfig, x: Tensor, positions: Tensor, sam
         return causal_attend(index, q, k, v, scale)
 
     for i in range(0, x.shape[0], BATCH):
-        x[i: i + BATCH] = layer(x[i: i + BATCH], positions[i: i + BATCH], CallerAttend(attend))
+        x[i: i + BATCH] = layer(x[i: i + BATCH], RopeTables(positions[i: i + BATCH]), CallerAttend(attend))
     return layer_factors(layer.self_attn, cfg, moments.stats(x.shape[0] * x.shape[1]))
 
 
@@ -205,7 +205,7 @@ def _local_costs(layer, cfg: ModelConfig, method: ZeroCMethod, factors: LayerFac
 
 def _advance(layer, xs: Tensor, positions: Tensor) -> Tensor:
     for i in range(0, xs.shape[0], BATCH):
-        xs[i: i + BATCH] = layer(xs[i: i + BATCH], positions[i: i + BATCH], DenseCausal())
+        xs[i: i + BATCH] = layer(xs[i: i + BATCH], RopeTables(positions[i: i + BATCH]), DenseCausal())
     return xs
 
 

@@ -326,12 +326,12 @@ def make_kv_transport(cfg: ZeroCConfig, fingerprint: str) -> KvTransport:
     t = cfg.transfer
     args = (t.prefill_target, fingerprint, t.chunk_bytes, cfg.server.max_message_mb << 20)
     tls = Tls.from_config(cfg.security)
-    mac_key = _stream_mac_key(cfg)
     if t.kv_transport == "grpc":
-        return GrpcKvTransport(*args, tls, mac_key)
-    local = probe(cfg.device, t.kv_transport)
+        return GrpcKvTransport(*args, tls, _stream_mac_key(cfg))
+    local = probe(cfg.device, t.kv_transport)  # impossible settings fail here, before any warning is logged
     lib = load_nccl() if local.nccl_version else None
-    return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib, tls, mac_key)
+    return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib, tls,
+                                  _stream_mac_key(cfg))
 
 
 def _stream_mac_key(cfg: ZeroCConfig) -> bytes | None:
