@@ -20,7 +20,7 @@ CFG = ModelConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num
 SLACK = 32 << 20  # allocator and interpreter noise, independent of the model's size
 
 PROBE = """
-import json, resource, sys, torch
+import json, sys, torch
 torch.set_num_threads(1)
 from zeroc.loader import load_model, read_config
 from zeroc.model import Transformer
@@ -35,7 +35,9 @@ with torch.device("meta"):
 before = rss()
 loaded = load_model(sys.argv[1], dtype="float32")
 after = rss()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as f:  # VmHWM: this process's peak RSS since its exec. (ru_maxrss would not do:
+    # Linux keeps it across exec, so a child forked from a large pytest process inherits the parent's peak.)
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 size = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
 print(json.dumps({"before": before, "after": after, "peak": peak, "model": size}))
 """
