@@ -147,8 +147,8 @@ class EngineLoop:
         total, free, running = self._cache_stats
         with self._count_lock:
             queued = self._queued
-        size = self.engine.cache.block_size
-        return LoopStats(total, free, size, running, queued, total * size)
+        cache = self.engine.cache
+        return LoopStats(total, free, cache.block_size, running, queued, cache.total_tokens)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

@@ -302,10 +302,8 @@ def store_info(store: KvStore | None, internal: bool) -> pb.KvStoreInfo:
 def watch_decode(metrics: ServiceMetrics, engine: Engine, loop: EngineLoop, store: KvStore | None,
                  cfg: ZeroCConfig) -> None:
     """The series a decode service reads at scrape time: load, cache, preemptions, KV store."""
-    limit = engine.model_config.max_position_embeddings
     metrics.watch(lambda: load_families(*loop.load()))
-    metrics.watch(cache_source(engine.cache, engine.cache.token_capacity(limit),
-                               kv_footprint(engine.cache, engine.model_config, cfg.cache)))
+    metrics.watch(cache_source(engine.cache, kv_footprint(engine.cache, engine.model_config, cfg.cache)))
     metrics.watch(lambda: [counter("zeroc:num_preemptions", "Sequences preempted (their blocks freed, recomputed "
                                    "later) for cache space.", engine.num_preemptions)])
     metrics.watch(lambda: store_families(store_snapshot(store)))

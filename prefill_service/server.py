@@ -153,9 +153,7 @@ def watch_prefill(servicer: PrefillServicer, worker, store, loaded: LoadedModel,
 
     servicer.metrics.watch(load)
     if isinstance(worker, PrefillWorker):  # sequence-parallel ranks hold their caches in other processes
-        limit = loaded.config.max_position_embeddings
-        servicer.metrics.watch(cache_source(worker.cache, worker.cache.token_capacity(limit),
-                                            kv_footprint(worker.cache, loaded.config, cfg.cache)))
+        servicer.metrics.watch(cache_source(worker.cache, kv_footprint(worker.cache, loaded.config, cfg.cache)))
     servicer.metrics.watch(lambda: store_families(store_snapshot(store)))
 
 

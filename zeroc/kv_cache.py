@@ -232,6 +232,11 @@ class PagedKVCache:
         return self.allocator.num_free
 
     @property
+    def total_tokens(self) -> int:
+        """Token slots of the whole cache (its blocks times their size): what a byte budget bought."""
+        return self.num_blocks * self.block_size
+
+    @property
     def live_sequences(self) -> int:
         return len(self._tables)
 

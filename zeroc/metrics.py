@@ -37,7 +37,7 @@ class CacheSnapshot:
 
     blocks_total: int
     blocks_free: int
-    token_capacity: int  # the longest sequence the whole cache holds alone
+    token_capacity: int  # token slots of the whole cache (GetModelInfo's kv_token_capacity)
     bytes_per_token: float  # what the cache stores per token of context (its KV policy, ranks and dtype)
     dense_bytes_per_token: float  # the same for the uncompressed model's full-precision KV
 
@@ -75,7 +75,7 @@ def cache_families(c: CacheSnapshot) -> list[Metric]:
     return [
         gauge("zeroc:kv_cache_usage_perc", "Fraction of the paged KV cache's blocks in use (1 = full).", used),
         gauge("zeroc:kv_cache_blocks_total", "Blocks of the paged KV cache.", c.blocks_total),
-        gauge("zeroc:kv_cache_token_capacity", "Tokens of the longest sequence the whole KV cache holds.",
+        gauge("zeroc:kv_cache_token_capacity", "Token slots of the whole KV cache (its blocks times their size).",
                c.token_capacity),
         gauge("zeroc:kv_cache_bytes_per_token", "Bytes the KV cache stores per token of context.", c.bytes_per_token),
         gauge("zeroc:kv_cache_compression_ratio", "Full-precision KV bytes per token of the uncompressed model "
@@ -103,10 +103,11 @@ def store_families(s: StoreSnapshot) -> list[Metric]:
     ]
 
 
-def cache_source(cache, token_capacity: int, footprint: tuple[float, float]) -> Callable[[], list[Metric]]:
-    """Scrape-time series of a paged KV cache (anything with `num_blocks` and `num_free_blocks`);
+def cache_source(cache, footprint: tuple[float, float]) -> Callable[[], list[Metric]]:
+    """Scrape-time series of a paged KV cache (anything with `num_blocks`, `num_free_blocks` and `total_tokens`);
     `footprint`: (bytes per token stored, uncompressed bytes per token), see zeroc.caches.kv_footprint."""
-    return lambda: cache_families(CacheSnapshot(cache.num_blocks, cache.num_free_blocks, token_capacity, *footprint))
+    return lambda: cache_families(CacheSnapshot(cache.num_blocks, cache.num_free_blocks, cache.total_tokens,
+                                                *footprint))
 
 
 class _Sources:

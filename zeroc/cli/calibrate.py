@@ -44,13 +44,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--mode", choices=["fold", "rotate", "auto"], default="auto",
                    help="Q/K: keep RoPE pairs (fold), post-RoPE bases (rotate), or per layer by measured KL (auto)")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens for the statistics")
-    p.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for per-layer sensitivity")
-    p.add_argument("--window", type=int, default=512, help="calibration window length")
+    common.calibration_args(p, "--tokens")
     p.add_argument("--ablation-tokens", type=int, default=1024, help="tokens whose activations rank RoPE pairs (fold)")
-    p.add_argument("--rank-multiple", type=int, default=None,
-                   help="ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
-    common.granularity_arg(p)
     p.add_argument("--sinks", type=int, default=0,
                    help="token tier: first tokens kept at full rank for every query (default 0 = off)")
     p.add_argument("--recent", type=int, default=0,

@@ -144,6 +144,17 @@ def kv_policy_args(p: argparse.ArgumentParser) -> None:
                         "(env ZEROC_CACHE_MEMORY_FRACTION)")
 
 
+def calibration_args(p: argparse.ArgumentParser, tokens_flag: str) -> None:
+    """How ZeroC calibration measures a model (`zeroc calibrate`, `zeroc eval quality`); `tokens_flag` names
+    the statistics' token count."""
+    p.add_argument(tokens_flag, type=int, default=16384, help="ZeroC calibration tokens for the statistics")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048, help="ZeroC tokens for per-layer sensitivity")
+    p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
+    p.add_argument("--rank-multiple", type=int, default=None,
+                   help="ZeroC ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
+    granularity_arg(p)
+
+
 def granularity_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-granularity", choices=["head", "layer"], default="head",
                    help="ZeroC ranks per KV head (default; measures each head's sensitivity: kv_heads times the "

@@ -156,12 +156,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-tokens", type=int, default=768,
                    help="prefill-then-score protocol: tokens prefilled and compressed per window")
     p.add_argument("--score-tokens", type=int, default=256, help="prefill-then-score protocol: tokens scored after")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="ZeroC calibration tokens for the statistics")
-    p.add_argument("--sensitivity-tokens", type=int, default=2048, help="ZeroC tokens for per-layer sensitivity")
-    p.add_argument("--window", type=int, default=512, help="ZeroC calibration window length")
-    p.add_argument("--rank-multiple", type=int, default=None,
-                   help="ZeroC ranks are multiples of this (default: 8 up to head_dim 64, else 16)")
-    common.granularity_arg(p)
+    common.calibration_args(p, "--calib-tokens")
     p.add_argument("--zeroc-modes", nargs="+", choices=["fold", "rotate", "auto"], default=["auto"],
                    help="ZeroC Q/K modes to tabulate (rows zeroc[-MODE] and zeroc[-MODE]-int8; auto is plain zeroc)")
     p.add_argument("--out-dir", default="docs", help="where quality.md and quality.png go")
