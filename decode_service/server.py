@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.metrics import (MetricsServer, ServiceMetrics, TokenClock, cache_source, counter, load_families,
                            serve_metrics, store_families)
-from zeroc.rpc import MAX_MODEL_CHARS, CallCounter, ServiceHost, add_servicer, check_id, quote
+from zeroc.rpc import MAX_MODEL_CHARS, REPLICA_HEADER, CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.sampling import SamplingParams
 from zeroc.tls import is_service_call
 from zeroc.transport.landing import kv_fingerprint, receive_into
@@ -100,6 +101,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.calls = CallCounter()
         self.transfer_timeout_s = transfer_timeout_s
         self.ready: _Ready | None = None
+        # Sent to clients with every accepted call: which replica process ran it (zeroc.rpc.REPLICA_HEADER).
+        self.replica_id = secrets.token_hex(4)
 
     def _state(self, context: grpc.ServicerContext) -> _Ready:
         if self.ready is None:
@@ -127,9 +130,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         arrived = time.monotonic()
         self.auth.tenant(context)  # UNAUTHENTICATED before any other answer
         state = self._state(context)
+        # Counted before the draining check: a call that passes it is one the drain waits for.
+        self.calls.enter(context)
         if self.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down; use another replica")
-        self.calls.enter(context)
+        context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))  # accepted: this replica runs it
         req = self._parse(request, state, context)
         try:
             ticket = state.loop.admit()
