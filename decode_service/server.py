@@ -293,12 +293,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 def store_info(store: KvStore | None, internal: bool) -> pb.KvStoreInfo:
-    """The store's state and counters; its index (Redis) and holder addresses only for `internal` callers
-    (services of the deployment): to a public client they are a map of where to attack next."""
+    """The store's state and capacity to anyone; its index (Redis), holder address and activity counters
+    (blocks held, lookups, hits, peer fetches, errors, evictions) only to `internal` callers (services of
+    the deployment). To a public client the addresses are a map of where to attack next, and the counters,
+    summed over every tenant, tell one tenant when and how much the others' prompts hit the cache."""
     if store is None:
         return pb.KvStoreInfo(state="off")
     s = store.stats()
-    return pb.KvStoreInfo(state=s.state, index=s.index if internal else "", holder=s.holder if internal else "", blocks_held=s.blocks_held,
+    if not internal:
+        return pb.KvStoreInfo(state=s.state, capacity_blocks=s.capacity_blocks)
+    return pb.KvStoreInfo(state=s.state, index=s.index, holder=s.holder, blocks_held=s.blocks_held,
                           capacity_blocks=s.capacity_blocks, lookups=s.lookups, hit_tokens=s.hit_tokens,
                           peer_blocks=s.peer_blocks, index_errors=s.index_errors, reconnects=s.reconnects,
                           evictions=s.evictions)
