@@ -8,8 +8,10 @@ fault comes a fifth of the way in.
 
 Reported per scenario: requests OK; failed, by status; of those, how many were in flight on the faulted
 service; how many were not (the goal is 0); hung (past their deadline, or still running when the load
-stopped); seconds from the fault to the last failure; and what leaked once the load stopped: KV cache
-blocks still taken on a decode replica, and index entries that name no block a live holder has.
+stopped); how many calls the faulted decode replica was running when the fault came and finished or
+failed on it (after SIGTERM, they should all finish: the drain); seconds from the fault to the last
+failure; and what leaked once the load stopped: KV cache blocks still taken on a decode replica, and
+index entries that name no block a live holder has.
 
 "In flight on the faulted service": the call had been accepted by the faulted decode replica's process
 (the SDK's `ClientError.replica`, the id the replica sends once it accepts a call, drawn per process, so
@@ -74,7 +76,8 @@ class Outcome:
     name: str
     ok: int = 0
     failed: Counter = field(default_factory=Counter)
-    in_flight: int | None = None  # failures of calls running on the faulted replica (None: not a decode fault)
+    running: int | None = None  # calls the faulted replica was running at the fault (None: not a decode fault)
+    in_flight: int | None = None  # of all failures, those of calls running on the faulted replica
     not_in_flight: int = 0  # every other failure: the goal is 0
     hung: int = 0
     recover_s: float = 0.0
@@ -263,6 +266,7 @@ def _count(out: Outcome, records: list[Record], t0: float, faulted: str | None) 
     """OK / failed / hung, and which failures were in flight on the faulted replica (id `faulted`)."""
     if faulted is not None:
         out.in_flight = 0
+        out.running = sum(r.replica == faulted and r.start < t0 < r.end for r in records)
     for r in records:
         if r.status == "OK":
             out.ok += 1
@@ -349,10 +353,10 @@ def fuzz(target: str, n: int, seed: int = 0) -> Counter:
 
 
 def table(outcomes: list[Outcome], fuzz_counts: Counter | None) -> str:
-    lines = ["| scenario | OK | failed (by status) | in flight on the faulted service | failed, not in flight | "
-             "hung | failures end after fault (s) | serving again after fault (s) | traffic after serving (s) | "
-             "leaked blocks | leaked index entries |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | OK | failed (by status) | failed, in flight on the faulted service | failed, not in flight | "
+             "hung | calls it was running at the fault | failures end after fault (s) | serving again after fault (s) "
+             "| traffic after serving (s) | leaked blocks | leaked index entries |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def secs(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
@@ -360,7 +364,8 @@ def table(outcomes: list[Outcome], fuzz_counts: Counter | None) -> str:
     for o in outcomes:
         failed = ", ".join(f"{k} {v}" for k, v in sorted(o.failed.items())) or "0"
         lines.append(f"| {o.name} | {o.ok} | {failed} | {'-' if o.in_flight is None else o.in_flight} | "
-                     f"{o.not_in_flight} | {o.hung} | {o.recover_s:.1f} | {secs(o.serving_s)} | "
+                     f"{o.not_in_flight} | {o.hung} | {'-' if o.running is None else o.running} | "
+                     f"{o.recover_s:.1f} | {secs(o.serving_s)} | "
                      f"{secs(o.traffic_s)} | {o.leaked_blocks} | {o.leaked_entries} |")
     if fuzz_counts is not None:
         lines.append("")
