@@ -112,9 +112,11 @@ class NcclSink(KvSink):
     def layer(self, layer: int, k: Tensor, v: Tensor, first_token: int) -> list[prefill_pb2.PrefillResponse]:
         out = []
         with torch.cuda.device(self.device):
-            self.link.stream.wait_stream(torch.cuda.current_stream(self.device))  # k, v are computed there
-            for kind, t in ((KEY, k), (VALUE, v)):
-                t = t.contiguous()
+            parts = [(KEY, k.contiguous()), (VALUE, v.contiguous())]
+            # k, v, and contiguous()'s copies when it makes one, come from the compute stream: the sends wait
+            # for it (waiting before those copies were queued would let a send read a copy not yet made).
+            self.link.stream.wait_stream(torch.cuda.current_stream(self.device))
+            for kind, t in parts:
                 self._pending.append(t)  # kept alive until `finish` has seen the send complete
                 msg = seal(self.mac_key, describe(layer, kind, t, first_token), t)
                 try:
