@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from zeroc.kv_transfer import KvTransferError, KvTransport, model_fingerprint
 from zeroc.loader import load_model
 from zeroc.metrics import (MetricsServer, ServiceMetrics, TokenClock, cache_source, counter, load_families,
                            serve_metrics, store_families)
-from zeroc.rpc import MAX_MODEL_CHARS, CallCounter, ServiceHost, add_servicer, check_id, quote
+from zeroc.rpc import MAX_MODEL_CHARS, REPLICA_HEADER, CallCounter, ServiceHost, add_servicer, check_id, quote
 from zeroc.sampling import SamplingParams
 from zeroc.tls import is_service_call
 from zeroc.transport.landing import kv_fingerprint, receive_into
@@ -100,6 +101,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.calls = CallCounter()
         self.transfer_timeout_s = transfer_timeout_s
         self.ready: _Ready | None = None
+        # Sent to clients with every accepted call: which replica process ran it (zeroc.rpc.REPLICA_HEADER).
+        self.replica_id = secrets.token_hex(4)
 
     def _state(self, context: grpc.ServicerContext) -> _Ready:
         if self.ready is None:
@@ -127,9 +130,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         arrived = time.monotonic()
         self.auth.tenant(context)  # UNAUTHENTICATED before any other answer
         state = self._state(context)
+        # Counted before the draining check: a call that passes it is one the drain waits for.
+        self.calls.enter(context)
         if self.draining.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the service is shutting down; use another replica")
-        self.calls.enter(context)
+        context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))  # accepted: this replica runs it
         req = self._parse(request, state, context)
         try:
             ticket = state.loop.admit()
@@ -288,12 +293,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 
 def store_info(store: KvStore | None, internal: bool) -> pb.KvStoreInfo:
-    """The store's state and counters; its index (Redis) and holder addresses only for `internal` callers
-    (services of the deployment): to a public client they are a map of where to attack next."""
+    """The store's state and capacity to anyone; its index (Redis), holder address and activity counters
+    (blocks held, lookups, hits, peer fetches, errors, evictions) only to `internal` callers (services of
+    the deployment). To a public client the addresses are a map of where to attack next, and the counters,
+    summed over every tenant, tell one tenant when and how much the others' prompts hit the cache."""
     if store is None:
         return pb.KvStoreInfo(state="off")
     s = store.stats()
-    return pb.KvStoreInfo(state=s.state, index=s.index if internal else "", holder=s.holder if internal else "", blocks_held=s.blocks_held,
+    if not internal:
+        return pb.KvStoreInfo(state=s.state, capacity_blocks=s.capacity_blocks)
+    return pb.KvStoreInfo(state=s.state, index=s.index, holder=s.holder, blocks_held=s.blocks_held,
                           capacity_blocks=s.capacity_blocks, lookups=s.lookups, hit_tokens=s.hit_tokens,
                           peer_blocks=s.peer_blocks, index_errors=s.index_errors, reconnects=s.reconnects,
                           evictions=s.evictions)

@@ -87,12 +87,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if self.worker.pending() >= self.max_queue:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill queue is full ({self.max_queue})")
         chunk = min(request.max_chunk_bytes or self.default_chunk_bytes, self.max_chunk_bytes)
-        try:
-            sink = self.kv.sink_for(request)
-        except KvTransferError as exc:
-            context.abort(exc.code, str(exc))
         key = request_key(self.mac_key, request.request_id, ids, request.cached_prefix_tokens) \
             if self.mac_key else None
+        try:
+            sink = self.kv.sink_for(request, key)
+        except KvTransferError as exc:
+            context.abort(exc.code, str(exc))
         # Internal ids are unique so a caller reusing its request id cannot collide in the cache.
         return PrefillJob(f"{request.request_id or 'prefill'}#{uuid.uuid4().hex[:8]}", ids, max(1024, chunk),
                           request.cached_prefix_tokens, sink=sink, tenant=request.tenant, mac_key=key)

@@ -8,6 +8,12 @@ check does not say SERVING (loading, draining). A call that fails with UNAVAILAB
 starting, restarting, draining or gone) is retried, landing on the next replica, with exponential
 backoff; once tokens have flowed, errors surface as-is so no output is ever duplicated. `timeout`
 bounds a call with all its retries. Errors are raised as `ClientError` carrying the gRPC code.
+
+Which replica served a call: `Result.replica` and `ClientError.replica` carry the opaque id the decode
+service sends in the ``zeroc-replica`` initial-metadata header once it has accepted a call (the last
+attempt's, when there were retries; "" when no replica accepted it, e.g. it was refused while draining
+or unreachable). The id is drawn once per service process, so two replicas, and one replica before and
+after a restart, differ: enough to tell where a failed call was running (`zeroc bench chaos` does).
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import asyncio
 import ipaddress
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
 
+from zeroc.rpc import REPLICA_HEADER
 from zeroc.tls import RECONNECT_OPTIONS, open_channel
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc
@@ -82,23 +89,29 @@ class _Deadline:
         return left
 
 
-def _retry_delay(exc: grpc.RpcError, started: bool, delays, deadline: _Deadline) -> float:
+def _retry_delay(exc: grpc.RpcError, started: bool, delays, deadline: _Deadline, replica: str = "") -> float:
     """Seconds to wait before retrying; raises the call's `ClientError` to give up. Only UNAVAILABLE before
     the first token is retried (after that, a retry would repeat tokens the caller already has), and only
     while the deadline leaves room for the wait."""
     delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE and not started else None
     left = deadline.left()
     if delay is None or (left is not None and left <= delay):
-        raise ClientError(exc.code(), exc.details()) from None
+        raise ClientError(exc.code(), exc.details(), replica) from None
     return delay
 
 
-class ClientError(RuntimeError):
-    """A failed call: `code` is the gRPC status code, the message its details."""
+def _replica(metadata) -> str:
+    """The replica id in a call's initial metadata ("" when it sent none)."""
+    return next((v for k, v in metadata or () if k == REPLICA_HEADER), "")
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+
+class ClientError(RuntimeError):
+    """A failed call: `code` is the gRPC status code, the message its details; `replica` the id of the
+    replica that had accepted the call's last attempt ("" if none had; see the module docstring)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, replica: str = ""):
         super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
+        self.code, self.details, self.replica = code, details, replica
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,7 @@ class Result:
     usage: Usage
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    replica: str = ""  # the id of the replica that served the call (module docstring)
 
 
 @dataclass(frozen=True)
@@ -175,7 +189,7 @@ def _collect(items: list[Chunk | Result]) -> Result:
     assert isinstance(end, Result), "stream ended without a result"
     chunks = [c for c in items if isinstance(c, Chunk)]
     return Result(end.request_id, end.finish_reason, end.usage, [t for c in chunks for t in c.token_ids],
-                  "".join(c.text for c in chunks))
+                  "".join(c.text for c in chunks), end.replica)
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -206,10 +220,12 @@ class Client:
             try:
                 for msg in call:
                     started = True
-                    yield _convert(msg)
+                    item = _convert(msg)
+                    yield replace(item, replica=_replica(call.initial_metadata())) if isinstance(item, Result) \
+                        else item
                 return
             except grpc.RpcError as exc:
-                time.sleep(_retry_delay(exc, started, delays, deadline))
+                time.sleep(_retry_delay(exc, started, delays, deadline, _replica(call.initial_metadata())))
             finally:
                 call.cancel()  # no-op once finished; frees the server's blocks if the caller stops early
 
@@ -264,10 +280,13 @@ class AsyncClient:
             try:
                 while (msg := await call.read()) is not grpc.aio.EOF:
                     started = True
-                    yield _convert(msg)
+                    item = _convert(msg)
+                    yield replace(item, replica=_replica(await call.initial_metadata())) \
+                        if isinstance(item, Result) else item
                 return
             except grpc.RpcError as exc:
-                await asyncio.sleep(_retry_delay(exc, started, delays, deadline))
+                await asyncio.sleep(_retry_delay(exc, started, delays, deadline,
+                                                 _replica(await call.initial_metadata())))
             finally:
                 call.cancel()
 

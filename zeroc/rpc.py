@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # Protocol limits on caller-chosen strings (they are echoed in responses and logs).
 MAX_REQUEST_ID_CHARS = 256
 MAX_MODEL_CHARS = 256
+# Initial-metadata header naming the replica process that accepted a Generate call (an opaque id drawn per
+# process): clients can tell which replica ran a call, and a restarted replica from its former self.
+REPLICA_HEADER = "zeroc-replica"
 QUOTE_CHARS = 64  # error messages quote at most this much of any input
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from types import SimpleNamespace
 
 import grpc
@@ -59,10 +60,14 @@ def test_round_robin_spreads_calls_and_deadlines_and_cancellation_hold(replicas)
     with Client(replicas.addresses, timeout=TIMEOUT_S) as c:
         _warm(c, replicas.ports)
         before = served(replicas.ports)
-        for i in range(12):
-            assert len(c.generate(f"Call {i}", max_tokens=3, ignore_eos=True).token_ids) == 3
+        results = [c.generate(f"Call {i}", max_tokens=3, ignore_eos=True) for i in range(12)]
+        assert all(len(r.token_ids) == 3 for r in results)
         spread = [a - b for a, b in zip(served(replicas.ports), before)]
         assert spread == [4, 4, 4], spread  # every replica took its share
+    # Each result names the replica process that served it: the three ids are those each replica gives alone.
+    ids = [_replica_id(a) for a in replicas.addresses]
+    assert len(set(ids)) == 3 and all(ids) and Counter(r.replica for r in results) == {i: 4 for i in ids}
+    with Client(replicas.addresses, timeout=TIMEOUT_S) as c:
 
         stream = c.stream("A long answer", max_tokens=1500, ignore_eos=True)
         assert isinstance(next(stream), Chunk)
@@ -85,15 +90,21 @@ def test_round_robin_spreads_calls_and_deadlines_and_cancellation_hold(replicas)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 5
 
 
+def _replica_id(address: str) -> str:
+    with Client(address, timeout=TIMEOUT_S) as c:
+        return c.generate("Which replica?", max_tokens=1).replica
+
+
 def _call(c: Client, i: int, outcomes: list) -> None:
-    """One streamed call: appends (i, whether a token arrived, the error code or None, seconds taken)."""
+    """One streamed call: appends (i, whether a token arrived, the error code or None, seconds taken, the
+    replica that had accepted it)."""
     started, t0 = False, time.monotonic()
     try:
         for item in c.stream(f"Story number {i}:", max_tokens=150, ignore_eos=True):
             started = started or isinstance(item, Chunk)
-        outcomes.append((i, started, None, time.monotonic() - t0))
+        outcomes.append((i, started, None, time.monotonic() - t0, item.replica))
     except ClientError as exc:
-        outcomes.append((i, started, exc.code, time.monotonic() - t0))
+        outcomes.append((i, started, exc.code, time.monotonic() - t0, exc.replica))
 
 
 def _warm(c: Client, ports: list[int]) -> None:
@@ -113,6 +124,7 @@ def _holding(m: Scrape) -> bool:
 
 def test_a_replica_killed_mid_run_fails_only_streams_it_had_started(replicas):
     killed, port0 = replicas.procs[0], replicas.ports[0]
+    killed_id = _replica_id(replicas.addresses[0])
     outcomes: list = []
     with Client(replicas.addresses, timeout=TIMEOUT_S, retry=RetryPolicy(attempts=6, initial_backoff_s=0.05)) as c:
         _warm(c, replicas.ports)
@@ -133,8 +145,8 @@ def test_a_replica_killed_mid_run_fails_only_streams_it_had_started(replicas):
     assert len(outcomes) == 15
     # Only the one stream replica 0 was running may fail (its tokens cannot be replayed); every call still
     # waiting there for its first token, and every later call, succeeded on the other replicas.
-    assert len(failed) == 1 and all(started and code == grpc.StatusCode.UNAVAILABLE
-                                    for _, started, code, _ in failed), failed
+    assert len(failed) == 1 and all(started and code == grpc.StatusCode.UNAVAILABLE and replica == killed_id
+                                    for _, started, code, _, replica in failed), failed
     assert all(o[2] is None for o in outcomes if o[0] >= 100)
     assert max(o[3] for o in outcomes) < TIMEOUT_S + 5
     for address in replicas.addresses[1:]:

@@ -66,7 +66,7 @@ def wait_for(predicate, timeout_s: float) -> float:
 
 
 def test_the_stack_restarts_a_killed_prefill_service_and_the_decode_channel_reconnects(want):
-    """(kill -9 of the decode service under the same supervision: tests/zeroc/test_bench_chaos.py.)"""
+    """(kill -9 of the decode service under the same supervision: tests/zeroc/bench/test_chaos.py.)"""
     with Stack(1, env={"ZEROC_REDIS_URL": "off"}) as stack:
         supervisor = threading.Thread(target=lambda: setattr(stack, "exit_code", stack.wait()), daemon=True)
         supervisor.start()

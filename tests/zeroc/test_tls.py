@@ -79,19 +79,23 @@ def test_internal_rpcs_need_a_certificate_of_the_deployment(stack):
         assert code == grpc.StatusCode.FAILED_PRECONDITION  # past the identity check: the seed is wrong
 
 
-def test_model_info_names_the_index_and_holder_only_to_services(stack):
+def test_model_info_names_the_index_and_holder_and_counts_activity_only_to_services(stack):
     ca = stack.pki.ca.read_bytes()
     decode = stack.services[1]
     with Client(decode.address, ca=ca, token="t0ken") as c:  # a tenant on the public port
+        c.generate(PROMPT, max_tokens=1)  # some store activity: a lookup, a block offered
         public = c.model_info().kv_store
-    assert public.state == "ok" and public.capacity_blocks > 0  # state and counters stay
+    assert public.state == "ok" and public.capacity_blocks > 0  # state and capacity stay
     assert public.index == "" and public.holder == ""
+    # Counters summed over every tenant would show one tenant the others' cache traffic: none are given.
+    counters = ("blocks_held", "lookups", "hit_tokens", "peer_blocks", "index_errors", "reconnects", "evictions")
+    assert all(getattr(public, f) == 0 for f in counters)
     service = Tls(ca, stack.pki.cert.read_bytes(), stack.pki.key.read_bytes())
     with open_channel(decode.internal_address, service) as ch:
         stub = generation_pb2_grpc.GenerationServiceStub(ch)
         internal = stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=10,
                                      metadata=(("authorization", "Bearer t0ken"),)).kv_store
-    assert internal.holder == decode.internal_address
+    assert internal.holder == decode.internal_address and internal.lookups > 0 and internal.blocks_held > 0
     assert internal.index == stack.redis_url  # the embedded Redis: no password to redact
 
 

@@ -97,7 +97,7 @@ class Replicas:
         end = items[-1]
         chunks = [c for c in items if isinstance(c, Chunk)]
         return Result(end.request_id, end.finish_reason, end.usage, [t for c in chunks for t in c.token_ids],
-                      "".join(c.text for c in chunks))
+                      "".join(c.text for c in chunks), end.replica)
 
     async def health(self, timeout_s: float = 2.0) -> dict[str, bool]:
         """target -> whether it answers GetModelInfo now."""

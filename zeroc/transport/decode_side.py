@@ -9,6 +9,9 @@ first request it swaps capabilities with the prefill service and then delegates 
   tensor arrives by ncclRecv on a dedicated CUDA stream, in the order the prefill side sent them;
 - `CudaIpcKvTransport`: the descriptors carry CUDA IPC handles into the prefill service's memory.
 
+With a cluster key every descriptor carries the MAC of its tensor's bytes (zeroc/transport/integrity.py),
+checked once the bytes are in a buffer of this service's own and before they go on to its cache.
+
 Every wait is bounded by the request's transfer timeout; a timeout or a broken link aborts the
 communicator (ncclCommAbort) and surfaces as a `KvTransferError` with a gRPC status.
 """
@@ -30,6 +33,7 @@ from zeroc.kv_transfer import (DTYPES_BY_NAME, KEY, VALUE, GrpcKvTransport, KvPi
 from zeroc.stream_mac import stream_key
 from zeroc.tls import Tls, is_loopback
 from zeroc.transport import cuda_ipc
+from zeroc.transport.integrity import verify
 from zeroc.transport.capability import (CUDA_IPC, DECODE_RANK, GRPC, NCCL, PREFILL_RANK, Capability, choose,
                                         cuda_scope, kind_to_proto, probe)
 from zeroc.transport.nccl import Communicator, NcclError, NcclLibrary, NcclTimeoutError, load_nccl
@@ -54,6 +58,13 @@ def remote_meta(r: prefill_pb2.KvRemoteTensor) -> tuple[torch.dtype, tuple[int, 
         raise KvTransferError(grpc.StatusCode.DATA_LOSS, f"KV descriptor announces {r.nbytes} bytes but shape "
                               f"{shape} of {r.dtype} needs {need}")
     return dtype, shape
+
+
+def checked_piece(r: prefill_pb2.KvRemoteTensor, data: torch.Tensor, key: bytes | None) -> KvPiece:
+    """The piece an out-of-band tensor makes once received into `data` ([tokens, kv_heads, width], this
+    service's own buffer), its MAC checked under the request's `key` (None: not checked); DATA_LOSS if it fails."""
+    verify(key, r, data)
+    return KvPiece(r.layer, r.tensor == KEY, r.first_token, data)
 
 
 def _remaining(deadline: float) -> float:
@@ -203,7 +214,7 @@ class NcclKvTransport(GrpcKvTransport):
             raise KvTransferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"NCCL link to {self.target}: {exc}") from None
         except NcclError as exc:
             raise KvTransferError(grpc.StatusCode.UNAVAILABLE, f"NCCL link to {self.target}: {exc}") from None
-        return KvPiece(r.layer, r.tensor == KEY, r.first_token, buf.view(dtype).view(shape))
+        return checked_piece(r, buf.view(dtype).view(shape), key)
 
     def close(self) -> None:
         self._drop_link()
@@ -240,7 +251,7 @@ class CudaIpcKvTransport(GrpcKvTransport):
         except RuntimeError as exc:  # cudaIpcOpenMemHandle failures and the like
             raise KvTransferError(grpc.StatusCode.UNAVAILABLE, f"CUDA IPC from {self.target}: {exc}") from None
         del shared
-        return KvPiece(r.layer, r.tensor == KEY, r.first_token, data)
+        return checked_piece(r, data, key)
 
 
 class NegotiatingKvTransport(KvTransport):

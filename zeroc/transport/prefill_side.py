@@ -20,6 +20,7 @@ from torch import Tensor
 from zeroc.kv_transfer import DTYPE_NAMES, KEY, VALUE, KvTransferError
 from zeroc.rpc import quote
 from zeroc.transport import cuda_ipc
+from zeroc.transport.integrity import seal
 from zeroc.transport.capability import (CUDA_IPC, DECODE_RANK, NCCL, PREFILL_RANK, Capability, cuda_scope,
                                         kind_to_proto)
 from zeroc.transport.nccl import UNIQUE_ID_BYTES, Communicator, NcclError, NcclLibrary, NcclTimeoutError
@@ -39,9 +40,13 @@ class KvSink(abc.ABC):
 
     The prefill worker thread calls `layer` as each layer is computed and puts the messages it
     returns on the Prefill stream; the servicer thread calls `finish` before the summary (it
-    raises KvTransferError if the KV did not get out) and `close` however the job ended."""
+    raises KvTransferError if the KV did not get out) and `close` however the job ended. Every
+    descriptor carries the MAC of its tensor under the request's `mac_key` (None: no cluster key)."""
 
     kind = ""  # the transport's name (zeroc.transport.capability), for the metrics' transport label
+
+    def __init__(self, mac_key: bytes | None = None):
+        self.mac_key = mac_key
 
     @abc.abstractmethod
     def layer(self, layer: int, k: Tensor, v: Tensor, first_token: int) -> list[prefill_pb2.PrefillResponse]:
@@ -60,7 +65,8 @@ class CudaIpcSink(KvSink):
 
     kind = CUDA_IPC
 
-    def __init__(self) -> None:
+    def __init__(self, mac_key: bytes | None = None) -> None:
+        super().__init__(mac_key)
         self._held: list[Tensor] = []
 
     def layer(self, layer: int, k: Tensor, v: Tensor, first_token: int) -> list[prefill_pb2.PrefillResponse]:
@@ -68,7 +74,7 @@ class CudaIpcSink(KvSink):
         for kind, t in ((KEY, k), (VALUE, v)):
             t = t.clone()  # a block of its own, not a view into the batch's activations
             self._held.append(t)
-            msg = describe(layer, kind, t, first_token)
+            msg = seal(self.mac_key, describe(layer, kind, t, first_token), t)
             msg.ipc.CopyFrom(cuda_ipc.share(t))
             out.append(prefill_pb2.PrefillResponse(remote=msg))
         return out
@@ -97,7 +103,8 @@ class NcclSink(KvSink):
 
     kind = NCCL
 
-    def __init__(self, link: PrefillLink, device: torch.device):
+    def __init__(self, link: PrefillLink, device: torch.device, mac_key: bytes | None = None):
+        super().__init__(mac_key)
         self.link, self.device = link, device
         self._pending: list[Tensor] = []
         self._delivered = False
@@ -105,11 +112,13 @@ class NcclSink(KvSink):
     def layer(self, layer: int, k: Tensor, v: Tensor, first_token: int) -> list[prefill_pb2.PrefillResponse]:
         out = []
         with torch.cuda.device(self.device):
-            self.link.stream.wait_stream(torch.cuda.current_stream(self.device))  # k, v are computed there
-            for kind, t in ((KEY, k), (VALUE, v)):
-                t = t.contiguous()
+            parts = [(KEY, k.contiguous()), (VALUE, v.contiguous())]
+            # k, v, and contiguous()'s copies when it makes one, come from the compute stream: the sends wait
+            # for it (waiting before those copies were queued would let a send read a copy not yet made).
+            self.link.stream.wait_stream(torch.cuda.current_stream(self.device))
+            for kind, t in parts:
                 self._pending.append(t)  # kept alive until `finish` has seen the send complete
-                msg = describe(layer, kind, t, first_token)
+                msg = seal(self.mac_key, describe(layer, kind, t, first_token), t)
                 try:
                     self.link.comm.send(t.data_ptr(), msg.nbytes, DECODE_RANK, self.link.stream.cuda_stream)
                 except NcclError as exc:
@@ -211,8 +220,9 @@ class KvTransportService:
         link.end()
 
     # -- Prefill requests ----------------------------------------------------------------------------
-    def sink_for(self, request: prefill_pb2.PrefillRequest) -> KvSink | None:
-        """The sink a Prefill request asked for (None: in-band chunks); KvTransferError if it cannot have it."""
+    def sink_for(self, request: prefill_pb2.PrefillRequest, mac_key: bytes | None = None) -> KvSink | None:
+        """The sink a Prefill request asked for (None: in-band chunks), MACing under the request's `mac_key`;
+        KvTransferError if it cannot have it."""
         kind = request.transport
         if kind not in prefill_pb2.KvTransportKind.values():  # proto3 enums are open: any int arrives
             raise KvTransferError(grpc.StatusCode.INVALID_ARGUMENT, f"transport {kind} is not a KvTransportKind "
@@ -220,7 +230,7 @@ class KvTransportService:
         if kind in (prefill_pb2.KV_TRANSPORT_KIND_UNSPECIFIED, prefill_pb2.KV_TRANSPORT_KIND_GRPC):
             return None
         if kind == kind_to_proto(CUDA_IPC) and CUDA_IPC in self.capability.transports:
-            return CudaIpcSink()
+            return CudaIpcSink(mac_key)
         if kind == kind_to_proto(NCCL) and NCCL in self.capability.transports:
             with self._lock:
                 link = self._links.get(request.link_id)
@@ -230,7 +240,7 @@ class KvTransportService:
             if not link.busy.acquire(blocking=False):
                 raise KvTransferError(grpc.StatusCode.ABORTED, f"NCCL link {quote(request.link_id)} is already "
                                       "carrying a transfer")
-            return NcclSink(link, self.device)
+            return NcclSink(link, self.device, mac_key)
         raise KvTransferError(grpc.StatusCode.FAILED_PRECONDITION,
                               f"this prefill service does not offer {prefill_pb2.KvTransportKind.Name(kind)}: "
                               f"{self.capability.why_not or '--kv-transport grpc'}")

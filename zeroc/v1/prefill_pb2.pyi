@@ -171,7 +171,7 @@ class CudaIpcHandle(_message.Message):
     def __init__(self, storage_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., tensor_offset: _Optional[int] = ..., stride: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KvRemoteTensor(_message.Message):
-    __slots__ = ("layer", "tensor", "first_token", "shape", "dtype", "nbytes", "ipc")
+    __slots__ = ("layer", "tensor", "first_token", "shape", "dtype", "nbytes", "ipc", "mac")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class KvRemoteTensor(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     IPC_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     layer: int
     tensor: KvTensor
     first_token: int
@@ -186,4 +187,5 @@ class KvRemoteTensor(_message.Message):
     dtype: str
     nbytes: int
     ipc: CudaIpcHandle
-    def __init__(self, layer: _Optional[int] = ..., tensor: _Optional[_Union[KvTensor, str]] = ..., first_token: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., nbytes: _Optional[int] = ..., ipc: _Optional[_Union[CudaIpcHandle, _Mapping]] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, layer: _Optional[int] = ..., tensor: _Optional[_Union[KvTensor, str]] = ..., first_token: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., nbytes: _Optional[int] = ..., ipc: _Optional[_Union[CudaIpcHandle, _Mapping]] = ..., mac: _Optional[bytes] = ...) -> None: ...

@@ -1,4 +1,5 @@
-"""The small version of `zeroc bench chaos`: real processes, two faults, a short fuzz."""
+"""The small version of `zeroc bench chaos`: real processes (a prefill service, two decode replicas, Redis),
+kill -9 of one decode replica and SIGTERM of the other under load, a short fuzz."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ import argparse
 from zeroc.bench import chaos as bench_chaos
 
 
-def test_kill_9_of_the_decode_service_and_a_prefill_outage_leave_nothing_hung_or_leaked(capsys):
-    args = argparse.Namespace(scenarios=["kill-decode", "prefill-outage"], duration=8.0, clients=2, timeout=20.0,
+def test_killing_or_terminating_a_decode_replica_fails_only_calls_in_flight_on_it(capsys):
+    args = argparse.Namespace(scenarios=["kill-decode-0", "term-decode-1"], duration=8.0, clients=3, timeout=20.0,
                               fuzz=150)
-    assert bench_chaos.run(args) == 0  # non-zero on a hung request, a leak, or UNKNOWN/INTERNAL from fuzzing
+    # Non-zero on a failure not in flight on the faulted replica, a hung request, a leak, or UNKNOWN/INTERNAL
+    # from fuzzing.
+    assert bench_chaos.run(args) == 0
     out = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| scenario")}
-    assert set(rows) == {"kill-decode", "prefill-outage"}
-    assert int(rows["prefill-outage"][0]) > 0 and rows["prefill-outage"][1].strip() == "0"  # all OK: local prefill
-    assert int(rows["kill-decode"][0]) > 0  # traffic resumed after the restart
+    assert set(rows) == {"kill-decode-0", "term-decode-1"}
+    for name, (ok, failed, in_flight, not_in_flight, hung, *_rest) in rows.items():
+        assert int(ok) > 0, name
+        assert not_in_flight == "0" and hung == "0", (name, rows[name])
+        total = sum(int(part.rsplit(" ", 1)[1]) for part in failed.split(", ")) if failed != "0" else 0
+        assert total == int(in_flight), (name, rows[name])  # every failure was in flight on the faulted replica
+    # SIGTERM drains: the calls running on the terminated replica finish, and new calls go to the other.
+    assert rows["term-decode-1"][1] == "0", rows["term-decode-1"]
     assert "INTERNAL" not in out and "UNKNOWN" not in out
