@@ -162,7 +162,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
     capability = probe(cfg.device, cfg.transfer.kv_transport)  # ZeroCError (exit 2) if nccl is demanded and absent
     host = ServiceHost(cfg.server, [SERVICE_NAME, KV_SERVICE_NAME], cfg.security)
     kv = KvTransportService(capability, torch.device(cfg.device), load_nccl() if capability.nccl_version else None,
-                            host.draining)
+                            host.draining, out_of_band_mac=cfg.security.out_of_band_mac == "on")
     servicer = PrefillServicer(cfg.server.max_queue, cfg.transfer.chunk_bytes, host.draining, kv,
                                cfg.transfer.timeout_s, cfg.server.max_message_mb << 20, cfg.security.allow_plaintext,
                                stream_key(cfg.security), ServiceMetrics())

@@ -204,12 +204,17 @@ class SecurityConfig:
     tls_key: str = ""
     internal_port: int = 0  # with TLS, the mTLS port for internal RPCs (0 picks a free one)
     allow_plaintext: str = "loopback"  # "any": plaintext off loopback too (private networks, e.g. benchmarks)
+    # MACs on KV sent out of band (NCCL, CUDA IPC) cost a device-to-host copy and a CPU hash of every byte on
+    # both sides (docs/security.md, "KV sent out of band"); "off" trusts the GPU fabric, the stream stays MACed.
+    out_of_band_mac: str = "on"  # "on" | "off"; only with a cluster key
 
     def __post_init__(self) -> None:
         if self.share_prefixes not in ("on", "off"):
             raise ValueError(f"security share_prefixes must be on or off, got {self.share_prefixes!r}")
         if not self.default_tenant:
             raise ValueError("security default_tenant must be non-empty")
+        if self.out_of_band_mac not in ("on", "off"):
+            raise ValueError(f"security out_of_band_mac must be on or off, got {self.out_of_band_mac!r}")
         if self.allow_plaintext not in ("loopback", "any"):
             raise ValueError(f"security allow_plaintext must be loopback or any, got {self.allow_plaintext!r}")
         if not 0 <= self.internal_port <= 65535:

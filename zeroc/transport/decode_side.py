@@ -259,10 +259,11 @@ class NegotiatingKvTransport(KvTransport):
 
     def __init__(self, target: str, fingerprint: str, chunk_bytes: int, max_message_bytes: int, setting: str,
                  local: Capability, device: torch.device, lib: NcclLibrary | None, tls: Tls | None = None,
-                 mac_key: bytes | None = None):
+                 mac_key: bytes | None = None, out_of_band_mac: bool = True):
         self.target, self.setting, self.local, self.device, self.lib = target, setting, local, device, lib
         self._args = (target, fingerprint, chunk_bytes, max_message_bytes)
         self._tls, self._mac_key = tls, mac_key
+        self._oob_key = mac_key if out_of_band_mac else None  # checks out-of-band KV; None: trusts the fabric
         self._grpc = GrpcKvTransport(*self._args, tls, mac_key)
         self._chosen: tuple[str, KvTransport] | None = None
         self._lock = threading.Lock()
@@ -296,9 +297,9 @@ class NegotiatingKvTransport(KvTransport):
 
     def _make(self, kind: str) -> KvTransport:
         if kind == NCCL:
-            return NcclKvTransport(*self._args, self.device, self.lib, self._tls, self._mac_key)
+            return NcclKvTransport(*self._args, self.device, self.lib, self._tls, self._oob_key)
         if kind == CUDA_IPC:
-            return CudaIpcKvTransport(*self._args, self.device, self._tls, self._mac_key)
+            return CudaIpcKvTransport(*self._args, self.device, self._tls, self._oob_key)
         return self._grpc
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
@@ -342,7 +343,7 @@ def make_kv_transport(cfg: ZeroCConfig, fingerprint: str) -> KvTransport:
     local = probe(cfg.device, t.kv_transport)  # impossible settings fail here, before any warning is logged
     lib = load_nccl() if local.nccl_version else None
     return NegotiatingKvTransport(*args, t.kv_transport, local, torch.device(cfg.device), lib, tls,
-                                  _stream_mac_key(cfg))
+                                  _stream_mac_key(cfg), cfg.security.out_of_band_mac == "on")
 
 
 def _stream_mac_key(cfg: ZeroCConfig) -> bytes | None:

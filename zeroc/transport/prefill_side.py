@@ -152,8 +152,9 @@ class KvTransportService:
     """GetKvCapability, OpenKvLink and the per-request sinks of a prefill service."""
 
     def __init__(self, capability: Capability, device: torch.device, lib: NcclLibrary | None,
-                 draining: threading.Event, max_links: int = 64):
+                 draining: threading.Event, max_links: int = 64, out_of_band_mac: bool = True):
         self.capability, self.device, self.lib, self.draining = capability, device, lib, draining
+        self.out_of_band_mac = out_of_band_mac  # False: out-of-band KV goes unMACed (the fabric is trusted)
         self.max_links = max_links
         self.fingerprint: str | None = None  # set once the model has loaded
         self._links: dict[str, PrefillLink] = {}
@@ -223,6 +224,7 @@ class KvTransportService:
     def sink_for(self, request: prefill_pb2.PrefillRequest, mac_key: bytes | None = None) -> KvSink | None:
         """The sink a Prefill request asked for (None: in-band chunks), MACing under the request's `mac_key`;
         KvTransferError if it cannot have it."""
+        mac_key = mac_key if self.out_of_band_mac else None
         kind = request.transport
         if kind not in prefill_pb2.KvTransportKind.values():  # proto3 enums are open: any int arrives
             raise KvTransferError(grpc.StatusCode.INVALID_ARGUMENT, f"transport {kind} is not a KvTransportKind "

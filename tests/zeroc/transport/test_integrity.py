@@ -6,15 +6,20 @@ share a cluster key, so MACs are made and checked there); the MAC path is the sa
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 import torch
 
+from zeroc.config import ZeroCConfig
 from zeroc.kv_transfer import KEY, VALUE, KvTransferError, encode_layer
 from zeroc.stream_mac import request_key
-from zeroc.transport.decode_side import checked_piece
+from zeroc.transport.capability import CUDA_IPC, GRPC, Capability, kind_to_proto
+from zeroc.transport.decode_side import NegotiatingKvTransport, checked_piece
 from zeroc.transport.integrity import seal
-from zeroc.transport.prefill_side import describe
+from zeroc.transport.prefill_side import KvTransportService, describe
+from zeroc.v1 import prefill_pb2
 
 KEY_A = request_key(b"a" * 32, "req-1", [5, 6, 7, 8], 0)
 
@@ -66,3 +71,20 @@ def test_without_a_cluster_key_nothing_is_maced_or_checked(sent):
     _, t = sent
     desc = seal(None, describe(3, VALUE, t, 16), t)
     assert desc.mac == b"" and torch.equal(checked_piece(desc, t, None).data, t)
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_the_out_of_band_mac_setting_reaches_both_sides(setting):
+    """`security.out_of_band_mac` (ZEROC_SECURITY_OUT_OF_BAND_MAC): "off" makes the prefill side's sinks send no
+    MAC and the decode side's out-of-band transports check none, while the in-band stream keeps its key."""
+    on = ZeroCConfig.from_env({"ZEROC_SECURITY_OUT_OF_BAND_MAC": setting}).security.out_of_band_mac == "on"
+    service = KvTransportService(Capability(cuda=True, transports=(GRPC, CUDA_IPC)), torch.device("cpu"), None,
+                                 threading.Event(), out_of_band_mac=on)
+    sink = service.sink_for(prefill_pb2.PrefillRequest(transport=kind_to_proto(CUDA_IPC)), KEY_A)
+    assert sink.mac_key == (KEY_A if on else None)
+    decode = NegotiatingKvTransport("127.0.0.1:1", "fp", 1 << 20, 1 << 22, "auto", Capability(cuda=False),
+                                    torch.device("cpu"), None, mac_key=KEY_A, out_of_band_mac=on)
+    assert decode._oob_key == (KEY_A if on else None) and decode._mac_key == KEY_A
+    decode.close()
+    with pytest.raises(ValueError, match="out_of_band_mac"):
+        ZeroCConfig.from_env({"ZEROC_SECURITY_OUT_OF_BAND_MAC": "maybe"})
