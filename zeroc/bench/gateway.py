@@ -170,8 +170,9 @@ def _cpu_s(pid: int) -> float:
 def measure(args: argparse.Namespace, target: str, gateway: str, model: str, pids: dict[str, int] | None = None
             ) -> dict:
     """Rounds of both backends, interleaved; per-round summaries and the pooled comparison. `pids` (name ->
-    process id of a service this run started) adds each one's CPU time per output token to every round."""
-    pids = pids or {}
+    process id of a service this run started) adds each one's CPU time per output token to every round, as
+    does this process ("client": the load generator, which shares the machine with the services)."""
+    pids = {**(pids or {}), "client": os.getpid()}
     from zeroc.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(args.model)
