@@ -229,10 +229,11 @@ def _compare(rounds: list[dict]) -> dict:
                               "output_tokens_per_s": med(b, "output_throughput"),
                               "cpu_us_per_token": {name: med(b, "cpu_us_per_token", name)
                                                    for name in rounds[0][b]["cpu_us_per_token"]}}
-    out["ttft_p50_delta_ms"] = statistics.median(
-        r["openai"]["ttft"]["median"] - r["grpc"]["ttft"]["median"] for r in rounds)
-    out["throughput_ratio"] = statistics.median(
-        r["openai"]["output_throughput"] / r["grpc"]["output_throughput"] for r in rounds)
+    # Per round, then their medians: the spread shows how much of a difference is the machine's noise.
+    out["ttft_p50_deltas_ms"] = [r["openai"]["ttft"]["median"] - r["grpc"]["ttft"]["median"] for r in rounds]
+    out["throughput_ratios"] = [r["openai"]["output_throughput"] / r["grpc"]["output_throughput"] for r in rounds]
+    out["ttft_p50_delta_ms"] = statistics.median(out["ttft_p50_deltas_ms"])
+    out["throughput_ratio"] = statistics.median(out["throughput_ratios"])
     return out
 
 
@@ -295,6 +296,8 @@ def run(args: argparse.Namespace) -> int:
               + "".join(f"{b['cpu_us_per_token'][c]:>20.0f}" for c in cpus))
     print(f"gateway - gRPC p50 TTFT: {report['ttft_p50_delta_ms']:+.2f} ms; gateway / gRPC throughput: "
           f"{report['throughput_ratio']:.3f}")
+    print("  per round: TTFT " + ", ".join(f"{d:+.0f}" for d in report["ttft_p50_deltas_ms"]) + " ms; throughput "
+          + ", ".join(f"{r:.2f}" for r in report["throughput_ratios"]))
     if "unloaded_ttft_delta_ms" in report:
         t = report["unloaded_ttft_ms"]
         print(f"unloaded, one request at a time ({len(report['pairs'])} pairs): TTFT gRPC {t['grpc']:.1f} ms, "

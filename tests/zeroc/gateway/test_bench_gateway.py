@@ -26,6 +26,8 @@ def test_bench_gateway_measures_both_backends_side_by_side(gateway, capsys):
             assert s["completed"] == 4 and s["failed"] == 0 and s["output_tokens"] == 20
             assert s["input_tokens"] == 4 * (1 + 16) and 0 < s["ttft"]["median"] < s["e2e"]["median"]
     assert report["throughput_ratio"] > 0 and set(report["unloaded_ttft_ms"]) == {"grpc", "openai"}
+    assert len(report["throughput_ratios"]) == len(report["ttft_p50_deltas_ms"]) == 2
+    assert set(report["backends"]["openai"]["cpu_us_per_token"]) == {"client"}  # services given by address
 
 
 def test_bench_http_client_keeps_its_connection_alive(gateway):
