@@ -144,7 +144,7 @@ class Gateway:
             return Response(status_code=499)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return EventStream(_events(reply, first, stream, include_usage),
-                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, close=stream.aclose)
 
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.card.name, "object": "model", "created": self.started,

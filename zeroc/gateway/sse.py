@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
 
@@ -107,27 +107,33 @@ def _cut(data: bytes, mark: bytes) -> tuple[bytes, bytes]:
 
 
 class EventStream(Response):
-    """A 200 text/event-stream of `events` (bytes, each one or more whole events), one ASGI send each."""
+    """A 200 text/event-stream of `events` (bytes, each one or more whole events), one ASGI send each.
+    `close` (optional) runs however the response ends, even if `events` never started: it releases
+    what `events` would have released (the gRPC call)."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str] | None = None):
-        self.events = events
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str] | None = None,
+                 close: Callable[[], Awaitable[None]] | None = None):
+        self.events, self.close = events, close
         self.status_code = 200
         self.background = None
         self.init_headers(headers)
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        relay = asyncio.ensure_future(self._relay(send))
-        gone = asyncio.ensure_future(wait_disconnect(receive))
+        tasks: list[asyncio.Future] = []
         try:
-            await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            tasks = [asyncio.ensure_future(self._relay(send)), asyncio.ensure_future(wait_disconnect(receive))]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (relay, gone):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(relay, gone, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.events.aclose()  # also when cancelled mid-token: the gRPC call ends here
+            if self.close is not None:
+                await self.close()
+        relay = tasks[0]
         if not relay.cancelled() and isinstance(relay.exception(), OSError):
             log.debug("client went away mid-send")
         elif not relay.cancelled() and relay.exception() is not None:
