@@ -13,7 +13,7 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -235,15 +235,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def _stream(self, req: GenerateInput, ticket: Ticket, context: grpc.ServicerContext, arrived: float,
                 kv_bytes: int, reused: int):
-        ttft_ms, produced = None, 0
+        ttft_ms, produced, pending = None, 0, None
         clock = TokenClock(self.metrics, arrived)
         while True:
             try:
-                out = ticket.out.get(timeout=0.5)
+                out, pending = (pending, None) if pending is not None else (ticket.out.get(timeout=0.5), None)
             except queue.Empty:
                 if not context.is_active():
                     return
                 continue
+            if isinstance(out, StepOutput) and out.finish_reason != ERROR_FINISH:
+                out, pending = _coalesce(ticket.out, out)
             if isinstance(out, Exception):
                 context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {quote(out, 200)}")
             assert isinstance(out, StepOutput)
@@ -390,3 +392,24 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         svc.host.wait_and_drain(svc.loop.stop, svc.servicer.calls.busy)
     finally:
         svc.close()
+
+
+def _coalesce(outputs: queue.Queue, out: StepOutput) -> tuple[StepOutput, object | None]:
+    """`out` with the steps already queued behind it (tokens a stream that fell behind owes its client)
+    joined into one message, and what must not join it (an error; None if nothing)."""
+    tokens, texts, last = list(out.token_ids), [out.text_delta], out
+    while not last.finished:
+        try:
+            nxt = outputs.get_nowait()
+        except queue.Empty:
+            break
+        if not isinstance(nxt, StepOutput) or nxt.finish_reason == ERROR_FINISH:
+            return _joined(out, last, tokens, texts), nxt
+        tokens += nxt.token_ids
+        texts.append(nxt.text_delta)
+        last = nxt
+    return _joined(out, last, tokens, texts), None
+
+
+def _joined(first: StepOutput, last: StepOutput, tokens: list[int], texts: list[str]) -> StepOutput:
+    return first if last is first else replace(last, token_ids=tokens, text_delta="".join(texts))

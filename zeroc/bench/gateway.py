@@ -6,9 +6,10 @@ alternating order; the metrics are `zeroc bench serve`'s (TTFT, TPOT, ITL, throu
 are fixed-length slices of held-out text, with fresh prompts for every backend and round so no
 prefix cache favours either; outputs have exactly `--output-tokens` tokens (ignore_eos).
 
-The HTTP side is a minimal asyncio HTTP/1.1 client (one connection per request, chunked SSE
-parsed by hand) so the client's own cost stays comparable to the gRPC SDK's; it asks for
-`return_token_ids` to count tokens per event exactly as the gRPC side does.
+The HTTP side is a minimal asyncio HTTP/1.1 client (chunked SSE parsed by hand, each event's JSON
+decoded) so the client's own cost stays comparable to the gRPC SDK's; it keeps its connections
+alive between requests, as the `openai` SDK (httpx) does and as the gRPC side keeps its channel.
+It asks for `return_token_ids` to count tokens per event exactly as the gRPC side does.
 """
 
 from __future__ import annotations
@@ -35,22 +36,47 @@ async def _read_chunked(reader: asyncio.StreamReader):
     while True:
         size = int((await reader.readline()).split(b";")[0], 16)
         if size == 0:
+            await reader.readline()  # the empty trailer: the connection is ready for the next request
             return
         data = await reader.readexactly(size)
         await reader.readexactly(2)
         yield data
 
 
-async def _openai_send(address: str, req: BenchRequest, rec: RequestRecord, t0: float, model: str) -> None:
-    host, port = address.rsplit(":", 1)
+class HttpConnections:
+    """Idle keep-alive HTTP/1.1 connections to one server, reused by the next request."""
+
+    def __init__(self, address: str):
+        self.host, port = address.rsplit(":", 1)
+        self.port = int(port)
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+
+    async def take(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._idle:
+            return self._idle.pop()
+        self.opened += 1
+        return await asyncio.open_connection(self.host, self.port)
+
+    def give_back(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        self._idle.append(conn)
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
+async def _openai_send(pool: HttpConnections, req: BenchRequest, rec: RequestRecord, t0: float, model: str) -> None:
     body = json.dumps({"model": model, "prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": 0,
                        "ignore_eos": True, "stream": True, "return_token_ids": True,
                        "stream_options": {"include_usage": True}}).encode()
     rec.sent_s = time.perf_counter() - t0
-    reader, writer = await asyncio.open_connection(host, int(port))
+    reader, writer = conn = await pool.take()
+    reusable = False
     try:
         writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % (host.encode(), len(body)) + body)
+                     b"Content-Length: %d\r\n\r\n" % (pool.host.encode(), len(body)) + body)
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
         if not head.startswith("HTTP/1.1 200"):
             rec.error = head.split("\r\n", 1)[0][:200]
@@ -61,26 +87,34 @@ async def _openai_send(address: str, req: BenchRequest, rec: RequestRecord, t0: 
             *events, buf = buf.split(b"\n\n")
             now = time.perf_counter() - t0
             for event in events:
-                payload = event.removeprefix(b"data: ")
-                if payload == b"[DONE]":
-                    rec.done_s = now
-                    continue
-                msg = json.loads(payload)
-                if "error" in msg:
-                    rec.error = msg["error"]["message"][:200]
-                elif msg["choices"] and msg["choices"][0].get("token_ids"):
-                    rec.chunk_s.append(now)
-                    rec.chunk_tokens.append(len(msg["choices"][0]["token_ids"]))
-                elif msg.get("usage"):
-                    rec.cached_prefix_tokens = msg["usage"]["prompt_tokens_details"]["cached_tokens"]
+                _record_event(rec, event.removeprefix(b"data: "), now)
+        reusable = True
     finally:
-        writer.close()
+        if reusable:
+            pool.give_back(conn)
+        else:
+            writer.close()
+
+
+def _record_event(rec: RequestRecord, payload: bytes, now: float) -> None:
+    if payload == b"[DONE]":
+        rec.done_s = now
+        return
+    msg = json.loads(payload)
+    if "error" in msg:
+        rec.error = msg["error"]["message"][:200]
+    elif msg["choices"] and msg["choices"][0].get("token_ids"):
+        rec.chunk_s.append(now)
+        rec.chunk_tokens.append(len(msg["choices"][0]["token_ids"]))
+    elif msg.get("usage"):
+        rec.cached_prefix_tokens = msg["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
 async def _closed_loop(backend: str, target: str, gateway: str, model: str, requests: list[BenchRequest],
                        concurrency: int) -> list[RequestRecord]:
     records = [RequestRecord(i, len(r.prompt_ids), r.max_tokens, 0.0) for i, r in enumerate(requests)]
     slots = asyncio.Semaphore(concurrency)
+    pool = HttpConnections(gateway)
     async with AsyncClient(target, timeout=600) as client:
         t0 = time.perf_counter()
 
@@ -89,15 +123,19 @@ async def _closed_loop(backend: str, target: str, gateway: str, model: str, requ
                 if backend == "grpc":
                     await send_request(client, req, rec, t0)
                 else:
-                    await _openai_send(gateway, req, rec, t0, model)
+                    await _openai_send(pool, req, rec, t0, model)
 
-        await asyncio.gather(*(one(r, rec) for r, rec in zip(requests, records)))
+        try:
+            await asyncio.gather(*(one(r, rec) for r, rec in zip(requests, records)))
+        finally:
+            pool.close()
     return records
 
 
 async def _pairs(target: str, gateway: str, model: str, requests: list[BenchRequest]) -> list[dict]:
     """One request at a time, gRPC and gateway in turn (alternating which goes first): each pair's TTFTs."""
     out = []
+    pool = HttpConnections(gateway)
     async with AsyncClient(target, timeout=600) as client:
         for i in range(0, len(requests) - 1, 2):
             recs = {}
@@ -108,11 +146,12 @@ async def _pairs(target: str, gateway: str, model: str, requests: list[BenchRequ
                 if backend == "grpc":
                     await send_request(client, req, rec, t0)
                 else:
-                    await _openai_send(gateway, req, rec, t0, model)
+                    await _openai_send(pool, req, rec, t0, model)
                 if not rec.ok:
                     raise ZeroCError(f"{backend}: a request failed: {rec.error}")
                 recs[backend] = rec.ttft_s * 1000
             out.append(recs)
+    pool.close()
     return out
 
 
@@ -131,8 +170,9 @@ def _cpu_s(pid: int) -> float:
 def measure(args: argparse.Namespace, target: str, gateway: str, model: str, pids: dict[str, int] | None = None
             ) -> dict:
     """Rounds of both backends, interleaved; per-round summaries and the pooled comparison. `pids` (name ->
-    process id of a service this run started) adds each one's CPU time per output token to every round."""
-    pids = pids or {}
+    process id of a service this run started) adds each one's CPU time per output token to every round, as
+    does this process ("client": the load generator, which shares the machine with the services)."""
+    pids = {**(pids or {}), "client": os.getpid()}
     from zeroc.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(args.model)
@@ -189,10 +229,11 @@ def _compare(rounds: list[dict]) -> dict:
                               "output_tokens_per_s": med(b, "output_throughput"),
                               "cpu_us_per_token": {name: med(b, "cpu_us_per_token", name)
                                                    for name in rounds[0][b]["cpu_us_per_token"]}}
-    out["ttft_p50_delta_ms"] = statistics.median(
-        r["openai"]["ttft"]["median"] - r["grpc"]["ttft"]["median"] for r in rounds)
-    out["throughput_ratio"] = statistics.median(
-        r["openai"]["output_throughput"] / r["grpc"]["output_throughput"] for r in rounds)
+    # Per round, then their medians: the spread shows how much of a difference is the machine's noise.
+    out["ttft_p50_deltas_ms"] = [r["openai"]["ttft"]["median"] - r["grpc"]["ttft"]["median"] for r in rounds]
+    out["throughput_ratios"] = [r["openai"]["output_throughput"] / r["grpc"]["output_throughput"] for r in rounds]
+    out["ttft_p50_delta_ms"] = statistics.median(out["ttft_p50_deltas_ms"])
+    out["throughput_ratio"] = statistics.median(out["throughput_ratios"])
     return out
 
 
@@ -255,6 +296,8 @@ def run(args: argparse.Namespace) -> int:
               + "".join(f"{b['cpu_us_per_token'][c]:>20.0f}" for c in cpus))
     print(f"gateway - gRPC p50 TTFT: {report['ttft_p50_delta_ms']:+.2f} ms; gateway / gRPC throughput: "
           f"{report['throughput_ratio']:.3f}")
+    print("  per round: TTFT " + ", ".join(f"{d:+.0f}" for d in report["ttft_p50_deltas_ms"]) + " ms; throughput "
+          + ", ".join(f"{r:.2f}" for r in report["throughput_ratios"]))
     if "unloaded_ttft_delta_ms" in report:
         t = report["unloaded_ttft_ms"]
         print(f"unloaded, one request at a time ({len(report['pairs'])} pairs): TTFT gRPC {t['grpc']:.1f} ms, "

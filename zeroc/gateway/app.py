@@ -11,7 +11,6 @@ the decode service frees the request's KV blocks at once.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -19,17 +18,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from zeroc.client import Chunk, ClientError, Result, Usage
+from zeroc.client import Chunk, ClientError, Result
 from zeroc.gateway.chat import ChatTemplate
 from zeroc.gateway.errors import APIError, from_grpc
 from zeroc.gateway.replicas import Replicas
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
+from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
 from zeroc.metrics import ServiceMetrics
 from zeroc.tokenizer import Tokenizer
 
@@ -49,92 +48,10 @@ class ModelCard:
     template: ChatTemplate | None
 
 
-def _sse(obj: dict | str) -> bytes:
-    return b"data: " + (obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))).encode() + b"\n\n"
-
-
-def usage_dict(u: Usage) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_prefix_tokens}}
-
-
-@dataclass(frozen=True)
-class Reply:
-    """Shapes one request's answer: `chat` picks chat.completion over text_completion objects."""
-
-    id: str
-    model: str
-    chat: bool
-    token_ids: bool  # the return_token_ids extension
-    created: int
-
-    def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool) -> dict:
-        if not self.chat:
-            body = {"text": text}
-        elif stream:
-            body = {"delta": {"content": text} if text or finish is None else {}}
-        else:
-            body = {"message": {"role": "assistant", "content": text}}
-        out = {"index": 0, **body, "logprobs": None, "finish_reason": finish}
-        if self.token_ids:
-            out["token_ids"] = ids
-        return out
-
-    def _object(self, stream: bool) -> str:
-        return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
-
-    def chunk(self, text: str, ids: list[int], finish: str | None = None) -> dict:
-        return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
-                "choices": [self._choice(text, ids, finish, True)]}
-
-    def role_chunk(self) -> dict:
-        body = self.chunk("", [])
-        body["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return body
-
-    def usage_chunk(self, usage: Usage) -> dict:
-        return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
-                "choices": [], "usage": usage_dict(usage)}
-
-    def whole(self, result: Result) -> dict:
-        return {"id": self.id, "object": self._object(False), "created": self.created, "model": self.model,
-                "choices": [self._choice(result.text, result.token_ids, result.finish_reason, False)],
-                "usage": usage_dict(result.usage)}
-
-
-class SSEResponse(StreamingResponse):
-    """Server-sent events that stop, and close their source (cancelling the gRPC call), as soon as
-    the client disconnects, even while no token is being sent (Starlette only notices at a send)."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                async def stream() -> None:
-                    try:
-                        await self.stream_response(send)
-                    except OSError:  # the client went away mid-send
-                        pass
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                tg.cancel_scope.cancel()
-        finally:
-            await self.body_iterator.aclose()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def until_disconnected(request: Request, awaitable):
     """Await `awaitable`, cancelling it (and raising ClientGone) if the client disconnects first."""
     task = asyncio.ensure_future(awaitable)
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(wait_disconnect(request.receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -226,8 +143,8 @@ class Gateway:
         except ClientGone:
             return Response(status_code=499)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return SSEResponse(_events(reply, first, stream, include_usage),
-                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return EventStream(_events(reply, first, stream, include_usage),
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, close=stream.aclose)
 
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.card.name, "object": "model", "created": self.started,
@@ -248,27 +165,30 @@ def _check_finish(reason: str) -> None:
 
 async def _events(reply: Reply, first: Chunk | Result, stream: AsyncIterator[Chunk | Result],
                   include_usage: bool) -> AsyncIterator[bytes]:
+    """The stream's events, each token's its own `data:` event; events that are ready together (the
+    chat role and the first token; the finish, usage and [DONE]) leave in one write."""
+    tokens = TokenEvents(reply)
+    head = sse(reply.role_chunk()) if reply.chat else b""
     try:
-        if reply.chat:
-            yield _sse(reply.role_chunk())
         item = first
         while isinstance(item, Chunk):
-            yield _sse(reply.chunk(item.text, item.token_ids))
+            yield head + tokens.token(item.text, item.token_ids)
+            head = b""
             item = await stream.__anext__()
         _check_finish(item.finish_reason)
-        yield _sse(reply.chunk("", [], item.finish_reason))
+        tail = head + sse(reply.chunk("", [], item.finish_reason))
         if include_usage:
-            yield _sse(reply.usage_chunk(item.usage))
+            tail += sse(reply.usage_chunk(item.usage))
     except ClientError as exc:
-        yield _sse(from_grpc(exc.code, exc.details).body())
+        tail = head + sse(from_grpc(exc.code, exc.details).body())
     except APIError as exc:
-        yield _sse(exc.body())
+        tail = head + sse(exc.body())
     except Exception:  # the status line is gone: the error goes in the stream, the traceback to the log
         log.exception("stream failed", extra={"request_id": reply.id})
-        yield _sse(APIError(500, "internal error", "internal_error").body())
+        tail = head + sse(APIError(500, "internal error", "internal_error").body())
     finally:
         await stream.aclose()
-    yield _sse("[DONE]")
+    yield tail + DONE
 
 
 def _error_response(exc: APIError) -> JSONResponse:

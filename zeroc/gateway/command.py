@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 from zeroc.config import BUNDLED_MODEL, ConfigError, ZeroCConfig, ZeroCError
 
 log = logging.getLogger(__name__)
+LOOPS = ("auto", "asyncio", "uvloop")
+HTTP_IMPLEMENTATIONS = ("auto", "h11", "httptools")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,10 @@ class GatewaySettings:
     timeout_s: float = 600.0  # deadline of each decode call
     max_body_mb: float = 8.0  # larger request bodies get 413
     grace_s: float = 10.0  # on SIGTERM, open requests get this long to finish
+    # uvicorn's event loop and HTTP parser; "auto" takes uvloop and httptools when installed (they cut the
+    # gateway's CPU per streamed token, see docs/benchmarks.md), else asyncio and h11.
+    loop: str = "auto"
+    http: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.targets or any(":" not in t for t in self.targets):
@@ -41,6 +48,10 @@ class GatewaySettings:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.timeout_s > 0 or not self.max_body_mb > 0 or self.grace_s < 0:
             raise ValueError("timeout_s and max_body_mb must be > 0 and grace_s >= 0")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
+        if self.http not in HTTP_IMPLEMENTATIONS:
+            raise ValueError(f"http must be one of {', '.join(HTTP_IMPLEMENTATIONS)}, got {self.http!r}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "GatewaySettings":
@@ -76,12 +87,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                                   "(env ZEROC_GATEWAY_MAX_BODY_MB; default 8)")
     p.add_argument("--grace-s", type=float, default=None, help="seconds open requests get on SIGTERM "
                                                               "(env ZEROC_GATEWAY_GRACE_S; default 10)")
+    p.add_argument("--loop", choices=LOOPS, default=None, help="event loop (env ZEROC_GATEWAY_LOOP; default auto: "
+                                                             "uvloop when installed)")
+    p.add_argument("--http", choices=HTTP_IMPLEMENTATIONS, default=None,
+                   help="HTTP/1.1 implementation (env ZEROC_GATEWAY_HTTP; default auto: httptools when installed)")
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings.from_env(targets=tuple(args.target) if args.target else None, host=args.host,
                                     port=args.port, model_dir=args.model, timeout_s=args.timeout_s,
-                                    max_body_mb=args.max_body_mb, grace_s=args.grace_s)
+                                    max_body_mb=args.max_body_mb, grace_s=args.grace_s, loop=args.loop,
+                                    http=args.http)
 
 
 def model_card(model_dir: str | Path):
@@ -100,6 +116,19 @@ def model_card(model_dir: str | Path):
     return ModelCard(path.resolve().name, ctx, Tokenizer.from_dir(path), load_chat_template(path))
 
 
+def server_stack(settings: GatewaySettings) -> tuple[str, str]:
+    """The event loop and HTTP implementation to run: "auto" resolved to what is installed. ZeroCError if
+    one asked for by name is not installed."""
+    chosen = []
+    for field, value, fast, plain in (("loop", settings.loop, "uvloop", "asyncio"),
+                                      ("http", settings.http, "httptools", "h11")):
+        installed = importlib.util.find_spec(fast) is not None
+        if value == fast and not installed:
+            raise ZeroCError(f"{field}={fast}: the {fast} package is not installed (pip install {fast})")
+        chosen.append(value if value != "auto" else fast if installed else plain)
+    return chosen[0], chosen[1]
+
+
 def curl_line(base_url: str, prompt: str, model_dir: str | None = None) -> str:
     """A streaming completion request to try, as a shell command."""
     model = Path(model_dir or BUNDLED_MODEL).resolve().name
@@ -114,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ZeroCError(str(exc)) from None
     card = model_card(settings.model_dir)
+    loop, http = server_stack(settings)
     import uvicorn
 
     from zeroc.gateway.app import create_app
@@ -134,11 +164,12 @@ def run(args: argparse.Namespace) -> int:
     metrics_server = serve_metrics(metrics, settings.host, metrics_port)
     app = create_app(card, list(settings.targets), settings.timeout_s, int(settings.max_body_mb * (1 << 20)),
                      metrics)
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+    config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.grace_s), timeout_keep_alive=30)
     print(f"gateway listening on {host}:{port}", flush=True)
     log.info("serving", extra={"service": "gateway", "address": f"{host}:{port}", "model": card.name,
-                               "targets": list(settings.targets), "chat_template": card.template is not None})
+                               "targets": list(settings.targets), "chat_template": card.template is not None,
+                               "loop": loop, "http": http})
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
