@@ -392,12 +392,19 @@ def run(args: argparse.Namespace) -> int:
         chosen = faults(args.duration)
         for name in tqdm(args.scenarios, desc="chaos", file=sys.stderr):
             outcomes.append(run_scenario(stack, name, chosen[name], args.duration, args.clients, args.timeout))
-        counts = fuzz(stack.decode[0], args.fuzz) if args.fuzz else None
+        counts, after = None, ""
+        if args.fuzz:
+            before = replica_id(stack.decode[0], args.timeout)
+            counts = fuzz(stack.decode[0], args.fuzz)
+            # the same process must still answer a normal request: a crash and restart would change its id
+            after = "yes" if before and replica_id(stack.decode[0], args.timeout) == before else "NO"
         stack.stop()
         supervisor.join(10)
     print(f"zeroc bench chaos ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{dt.date.today()}): {REPLICAS} decode replicas, {args.duration:g} s per scenario, {args.clients} clients")
     print(table(outcomes, counts))
-    bad = sum(o.not_in_flight + o.hung + abs(o.leaked_blocks) + o.leaked_entries for o in outcomes)
+    if args.fuzz:
+        print(f"The fuzzed replica answered a normal request afterwards, in the same process: {after}")
+    bad = (after == "NO") + sum(o.not_in_flight + o.hung + abs(o.leaked_blocks) + o.leaked_entries for o in outcomes)
     bad += sum(v for k, v in (counts or {}).items() if k in ("UNKNOWN", "INTERNAL"))
     return 1 if bad else 0
