@@ -1,0 +1,202 @@
+// Ragged causal GQA attention over a paged KV cache on the CPU, reading the cache where it lies.
+//
+// Same contract as zeroc_kernels.paged_attention.paged_attention_ref: the step's new queries of every
+// sequence, concatenated ([N, heads, dq]), attend their sequence's cached context through its block
+// table; query row i of sequence b sits at position seq_len - q_len + i and sees keys at positions <= it.
+// Decode rows (one query) and prefill / chunk rows (many) take the same path in one call.
+//
+// Work item = (sequence, KV head, tile of query rows). The item keeps the tile's query vectors (every
+// query head of the KV head's group: K/V bytes are read once per tile, not once per query head) and
+// walks the sequence's blocks in table order with an online softmax, so no context is gathered, no
+// mask is built and no row is padded; slots past a query's position are never read (they may hold
+// another sequence's stale rows, even NaN). Items are handed out longest-first from an atomic counter
+// inside torch's own thread pool, so torch.set_num_threads governs this kernel like any other op.
+// build flags: kernels/ragged_cpu.py (-fopenmp -O3 and the CPU's vector ISA)
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Query vectors (rows x group heads) per work item: enough to reuse each K/V block from L1 many times
+// in prefill, few enough that a prompt splits into many items for the threads.
+constexpr int64_t kTileVectors = 48;
+
+struct Args {
+  const float* q;  // [N, heads, dq], dense
+  const float* k;  // [blocks, block_size, kv_heads, dq], strides ks*, last dim dense
+  const float* v;  // [blocks, block_size, kv_heads, dv], strides vs*
+  float* out;      // [N, heads, dv], dense
+  const int64_t* tables;  // [B, table_width]
+  const int64_t* seq_lens;  // [B]
+  const int64_t* starts;    // [B + 1]
+  int64_t heads, kv_heads, group, dq, dv, block_size, table_width;
+  int64_t ks0, ks1, ks2, vs0, vs1, vs2;
+  float scale;
+};
+
+struct Item {
+  int64_t seq, kv_head, row0, rows, cost;
+};
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+inline void scal(float* __restrict y, float a, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+// One item: its query vectors over the sequence's blocks, online softmax, result into `out`.
+void attend_item(const Args& a, const Item& it, std::vector<float>& buf) {
+  const int64_t m_count = it.rows * a.group;
+  buf.assign(m_count * (a.dq + a.dv + 2) + a.block_size, 0.f);
+  float* qs = buf.data();                  // [m, dq], pre-scaled
+  float* acc = qs + m_count * a.dq;        // [m, dv]
+  float* mx = acc + m_count * a.dv;        // [m] running max
+  float* den = mx + m_count;               // [m] running sum of exp
+  float* s = den + m_count;                // [block_size] one block's scores
+  const int64_t q_len = a.starts[it.seq + 1] - a.starts[it.seq];
+  const int64_t first_pos = a.seq_lens[it.seq] - q_len;  // position of the sequence's first new query
+  for (int64_t i = 0; i < it.rows; ++i) {
+    const float* src = a.q + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group) * a.dq;
+    for (int64_t j = 0; j < a.group * a.dq; ++j) qs[i * a.group * a.dq + j] = src[j] * a.scale;
+  }
+  std::fill(mx, mx + m_count, -std::numeric_limits<float>::infinity());
+  const int64_t last_pos = first_pos + it.row0 + it.rows - 1;
+  const int64_t* table = a.tables + it.seq * a.table_width;
+  for (int64_t blk = 0; blk * a.block_size <= last_pos; ++blk) {
+    const int64_t base = blk * a.block_size;
+    const float* kb = a.k + table[blk] * a.ks0 + it.kv_head * a.ks2;
+    const float* vb = a.v + table[blk] * a.vs0 + it.kv_head * a.vs2;
+    for (int64_t i = 0; i < it.rows; ++i) {
+      // keys this row sees in the block: positions base .. min(its own, block end)
+      const int64_t n = std::min(a.block_size, first_pos + it.row0 + i - base + 1);
+      if (n <= 0) continue;
+      for (int64_t g = 0; g < a.group; ++g) {
+        const int64_t m = i * a.group + g;
+        const float* qm = qs + m * a.dq;
+        float block_max = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < n; ++t) {
+          s[t] = dot(qm, kb + t * a.ks1, a.dq);
+          block_max = std::max(block_max, s[t]);
+        }
+        float* am = acc + m * a.dv;
+        if (block_max > mx[m]) {  // rescale what was summed under the old max (exp(-inf) = 0 at first)
+          const float corr = std::exp(mx[m] - block_max);
+          den[m] *= corr;
+          scal(am, corr, a.dv);
+          mx[m] = block_max;
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          const float p = std::exp(s[t] - mx[m]);
+          den[m] += p;
+          axpy(am, p, vb + t * a.vs1, a.dv);
+        }
+      }
+    }
+  }
+  for (int64_t m = 0; m < m_count; ++m) {
+    const int64_t i = m / a.group, g = m % a.group;
+    float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + g) * a.dv;
+    const float inv = 1.f / den[m];
+    for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[m * a.dv + j] * inv;
+  }
+}
+
+std::vector<Item> plan_items(const Args& a, int64_t num_seqs) {
+  const int64_t rows_per_item = std::max<int64_t>(1, kTileVectors / a.group);
+  std::vector<Item> items;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t q_len = a.starts[b + 1] - a.starts[b];
+    const int64_t first_pos = a.seq_lens[b] - q_len;
+    for (int64_t r = 0; r < q_len; r += rows_per_item) {
+      const int64_t rows = std::min(rows_per_item, q_len - r);
+      for (int64_t h = 0; h < a.kv_heads; ++h) items.push_back({b, h, r, rows, rows * (first_pos + r + rows)});
+    }
+  }
+  // longest first: the threads finish together instead of one waiting on a long prompt tile at the end
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  return items;
+}
+
+void check_tables(const Args& a, int64_t num_seqs, int64_t num_blocks, int64_t num_rows) {
+  TORCH_CHECK_VALUE(a.starts[0] == 0 && a.starts[num_seqs] == num_rows, "query_start_loc must run from 0 to N");
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t q_len = a.starts[b + 1] - a.starts[b];
+    TORCH_CHECK_VALUE(q_len >= 0 && q_len <= a.seq_lens[b], "query_start_loc gives sequence ", b, " ", q_len,
+                      " queries but seq_lens only ",
+                a.seq_lens[b]);
+    const int64_t need = (a.seq_lens[b] + a.block_size - 1) / a.block_size;
+    TORCH_CHECK_VALUE(need <= a.table_width, "block_tables: sequence ", b, " needs ", need, " blocks, its row holds ",
+                      a.table_width);
+    for (int64_t j = 0; j < need; ++j) {
+      const int64_t id = a.tables[b * a.table_width + j];
+      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_tables: sequence ", b, " names block ", id, " of ",
+                        num_blocks);
+    }
+  }
+}
+
+}  // namespace
+
+// q: [N, heads, dq] fp32; k_cache: [blocks, block_size, kv_heads, dq]; v_cache: [..., dv] (last dims dense);
+// block_tables: [B, W] int64; seq_lens: [B] int64; query_start_loc: [B + 1] int64 -> [N, heads, dv]
+torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens,
+                                     torch::Tensor query_start_loc, double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && block_tables.dim() == 2,
+                    "q must be [N, heads, dq], k_cache / v_cache [blocks, block_size, kv_heads, d], block_tables 2-D");
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+                        v_cache.scalar_type() == at::kFloat, "q, k_cache and v_cache must be fp32");
+  TORCH_CHECK_VALUE(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+                    "k_cache / v_cache rows must be dense in their last dim");
+  TORCH_CHECK_VALUE(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) &&
+                        k_cache.size(2) == v_cache.size(2), "k_cache and v_cache must have one block geometry");
+  TORCH_CHECK_VALUE(seq_lens.numel() == block_tables.size(0) && query_start_loc.numel() == block_tables.size(0) + 1,
+                    "seq_lens must hold B entries and query_start_loc B + 1, B = block_tables rows");
+  q = q.contiguous();
+  block_tables = block_tables.to(at::kLong).contiguous();
+  seq_lens = seq_lens.to(at::kLong).contiguous();
+  query_start_loc = query_start_loc.to(at::kLong).contiguous();
+  const int64_t heads = q.size(1), kv_heads = k_cache.size(2);
+  TORCH_CHECK_VALUE(heads % kv_heads == 0, "q heads ", heads, " are not a multiple of k_cache's KV heads ", kv_heads);
+  TORCH_CHECK_VALUE(q.size(2) == k_cache.size(3), "q width ", q.size(2), " differs from k_cache's ", k_cache.size(3));
+  auto out = torch::empty({q.size(0), heads, v_cache.size(3)}, q.options());
+  Args a{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(),
+         block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
+         heads, kv_heads, heads / kv_heads, q.size(2), v_cache.size(3), k_cache.size(1), block_tables.size(1),
+         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+         v_cache.stride(2), static_cast<float>(scale)};
+  const int64_t num_seqs = block_tables.size(0);
+  check_tables(a, num_seqs, k_cache.size(0), q.size(0));
+  const std::vector<Item> items = plan_items(a, num_seqs);
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) attend_item(a, items[i], buf);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ragged_paged_attention", &ragged_paged_attention, "ragged causal GQA attention over a paged KV cache");
+}
