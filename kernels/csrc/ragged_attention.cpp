@@ -8,9 +8,12 @@
 // Work item = (sequence, KV head, tile of query rows). The item keeps the tile's query vectors (every
 // query head of the KV head's group: K/V bytes are read once per tile, not once per query head) and
 // walks the sequence's blocks in table order with an online softmax, so no context is gathered, no
-// mask is built and no row is padded; slots past a query's position are never read (they may hold
-// another sequence's stale rows, even NaN). Items are handed out longest-first from an atomic counter
-// inside torch's own thread pool, so torch.set_num_threads governs this kernel like any other op.
+// mask is built and no sequence's queries are padded to another's length. Nothing past the tile's last
+// position is read (those slots may hold another sequence's stale rows, even NaN); keys between a row's
+// own position and the tile's last get probability 0. Decode items (one row) take dots straight from the
+// cache rows; prefill tiles stage each block once and run register-blocked score and P @ V loops.
+// Items are handed out longest-first from an atomic counter inside torch's own thread pool, so
+// torch.set_num_threads governs this kernel like any other op.
 // build flags: kernels/ragged_cpu.py (-fopenmp -O3 and the CPU's vector ISA)
 #include <torch/extension.h>
 
@@ -19,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -52,25 +56,62 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return s;
 }
 
+// exp(x) for x <= 0 (scores minus their running max), Cephes' expf: 2^n * poly(r), x = n ln2 + r. Plain
+// arithmetic, so `omp simd` loops over it vectorise (std::exp does not without -ffast-math); within 2 ulp.
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: the smallest normal float's neighbourhood, weight ~0
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-inline void scal(float* __restrict y, float a, int64_t n) {
+// One query vector's online-softmax update with its scores `s` over n keys of a block (values at vb).
+inline void block_update(const Args& a, float* __restrict s, int64_t n, const float* __restrict vb, float& mx,
+                         float& den, float* __restrict acc) {
+  float block_max = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
+  const float new_max = std::max(mx, block_max);
+  const float corr = std::exp(mx - new_max);  // 0 on the first block (mx = -inf)
+  mx = new_max;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = exp_nonpositive(s[t] - new_max);
+    sum += s[t];
+  }
+  den = den * corr + sum;
+  if (corr != 1.f) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] *= a;
+    for (int64_t j = 0; j < a.dv; ++j) acc[j] *= corr;
+  }
+  for (int64_t t = 0; t < n; ++t) axpy(acc, s[t], vb + t * a.vs1, a.dv);  // acc += p @ V
 }
 
-// One item: its query vectors over the sequence's blocks, online softmax, result into `out`.
-void attend_item(const Args& a, const Item& it, std::vector<float>& buf) {
+// A decode item (one row: the group's query vectors): one dot per key, one axpy per value, read in place.
+void attend_vectors(const Args& a, const Item& it, std::vector<float>& buf) {
   const int64_t m_count = it.rows * a.group;
   buf.assign(m_count * (a.dq + a.dv + 2) + a.block_size, 0.f);
   float* qs = buf.data();                  // [m, dq], pre-scaled
   float* acc = qs + m_count * a.dq;        // [m, dv]
   float* mx = acc + m_count * a.dv;        // [m] running max
   float* den = mx + m_count;               // [m] running sum of exp
-  float* s = den + m_count;                // [block_size] one block's scores
+  float* s = den + m_count;                // [block_size] one block's scores, then probabilities
   const int64_t q_len = a.starts[it.seq + 1] - a.starts[it.seq];
   const int64_t first_pos = a.seq_lens[it.seq] - q_len;  // position of the sequence's first new query
   for (int64_t i = 0; i < it.rows; ++i) {
@@ -84,30 +125,15 @@ void attend_item(const Args& a, const Item& it, std::vector<float>& buf) {
     const int64_t base = blk * a.block_size;
     const float* kb = a.k + table[blk] * a.ks0 + it.kv_head * a.ks2;
     const float* vb = a.v + table[blk] * a.vs0 + it.kv_head * a.vs2;
+    const int64_t n_block = std::min(a.block_size, last_pos - base + 1);
     for (int64_t i = 0; i < it.rows; ++i) {
       // keys this row sees in the block: positions base .. min(its own, block end)
-      const int64_t n = std::min(a.block_size, first_pos + it.row0 + i - base + 1);
+      const int64_t n = std::min(n_block, first_pos + it.row0 + i - base + 1);
       if (n <= 0) continue;
       for (int64_t g = 0; g < a.group; ++g) {
         const int64_t m = i * a.group + g;
-        const float* qm = qs + m * a.dq;
-        float block_max = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < n; ++t) {
-          s[t] = dot(qm, kb + t * a.ks1, a.dq);
-          block_max = std::max(block_max, s[t]);
-        }
-        float* am = acc + m * a.dv;
-        if (block_max > mx[m]) {  // rescale what was summed under the old max (exp(-inf) = 0 at first)
-          const float corr = std::exp(mx[m] - block_max);
-          den[m] *= corr;
-          scal(am, corr, a.dv);
-          mx[m] = block_max;
-        }
-        for (int64_t t = 0; t < n; ++t) {
-          const float p = std::exp(s[t] - mx[m]);
-          den[m] += p;
-          axpy(am, p, vb + t * a.vs1, a.dv);
-        }
+        for (int64_t t = 0; t < n; ++t) s[t] = dot(qs + m * a.dq, kb + t * a.ks1, a.dq);
+        block_update(a, s, n, vb, mx[m], den[m], acc + m * a.dv);
       }
     }
   }
@@ -116,6 +142,136 @@ void attend_item(const Args& a, const Item& it, std::vector<float>& buf) {
     float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + g) * a.dv;
     const float inv = 1.f / den[m];
     for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[m * a.dv + j] * inv;
+  }
+}
+
+// ---- Tile path: items of several query rows (prefill, chunks). Each block is staged once per item (keys
+// transposed, values padded to whole registers) and reused by every query vector of the tile, in register
+// blocks of kRowBlock vectors x kLanes floats, so each loaded key/value row feeds kRowBlock FMAs.
+constexpr int64_t kLanes = 16;    // floats per AVX-512 register
+constexpr int64_t kRowBlock = 4;  // query vectors per register block
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct TileBuffers {
+  int64_t mp, bsp, dvp;  // vectors padded to kRowBlock; block and value widths padded to kLanes
+  float *qs, *acc, *mx, *den, *s, *kt, *vp;  // [mp,dq] [mp,dvp] [mp] [mp] [kRowBlock,bsp] [dq,bsp] [bsp,dvp]
+};
+
+TileBuffers tile_buffers(const Args& a, int64_t m_count, std::vector<float>& buf) {
+  TileBuffers b{round_up(m_count, kRowBlock), round_up(a.block_size, kLanes), round_up(a.dv, kLanes)};
+  buf.assign(b.mp * (a.dq + b.dvp + 2) + kRowBlock * b.bsp + a.dq * b.bsp + b.bsp * b.dvp, 0.f);
+  b.qs = buf.data();
+  b.acc = b.qs + b.mp * a.dq;
+  b.mx = b.acc + b.mp * b.dvp;
+  b.den = b.mx + b.mp;
+  b.s = b.den + b.mp;
+  b.kt = b.s + kRowBlock * b.bsp;
+  b.vp = b.kt + a.dq * b.bsp;
+  std::fill(b.mx, b.mx + b.mp, -std::numeric_limits<float>::infinity());
+  return b;
+}
+
+// GCC vector extension: one register of kLanes floats (split into narrower ops where the ISA lacks AVX-512).
+// The compiler's own vectoriser picks the wrong loop in these register blocks, so they are written with it.
+using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// s[r, :] = qs[r] . kt for kRowBlock query vectors (qs: [kRowBlock, dq], kt: [dq, bsp])
+inline void tile_scores(const float* __restrict qs, int64_t dq, const float* __restrict kt, int64_t bsp,
+                        float* __restrict s) {
+  for (int64_t c = 0; c < bsp; c += kLanes) {
+    Vec x[kRowBlock] = {};
+    for (int64_t d = 0; d < dq; ++d) {
+      const Vec k = load_vec(kt + d * bsp + c);
+      for (int64_t r = 0; r < kRowBlock; ++r) x[r] += qs[r * dq + d] * k;
+    }
+    for (int64_t r = 0; r < kRowBlock; ++r) store_vec(s + r * bsp + c, x[r]);
+  }
+}
+
+// acc[r] += p[r, :n] @ vp for kRowBlock query vectors (p: [kRowBlock, bsp], vp: [bsp, dvp], acc: [., dvp])
+inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const float* __restrict vp, int64_t dvp,
+                    float* __restrict acc) {
+  for (int64_t c = 0; c < dvp; c += kLanes) {
+    Vec x[kRowBlock];
+    for (int64_t r = 0; r < kRowBlock; ++r) x[r] = load_vec(acc + r * dvp + c);
+    for (int64_t t = 0; t < n; ++t) {
+      const Vec v = load_vec(vp + t * dvp + c);
+      for (int64_t r = 0; r < kRowBlock; ++r) x[r] += p[r * bsp + t] * v;
+    }
+    for (int64_t r = 0; r < kRowBlock; ++r) store_vec(acc + r * dvp + c, x[r]);
+  }
+}
+
+// One vector's scores of a block -> probabilities: the first n keys are its own (causal), the rest get 0.
+inline void row_softmax(float* __restrict s, int64_t n, int64_t width, float& mx, float& den,
+                        float* __restrict acc, int64_t dvp) {
+  if (n <= 0) {  // a padding vector, or a row whose position lies before this block
+    std::fill(s, s + width, 0.f);
+    return;
+  }
+  float block_max = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
+  const float new_max = std::max(mx, block_max);
+  const float corr = std::exp(mx - new_max);  // 0 on the first block (mx = -inf)
+  mx = new_max;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = exp_nonpositive(s[t] - new_max);
+    sum += s[t];
+  }
+  std::fill(s + n, s + width, 0.f);
+  den = den * corr + sum;
+  if (corr != 1.f) {
+#pragma omp simd
+    for (int64_t j = 0; j < dvp; ++j) acc[j] *= corr;
+  }
+}
+
+void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
+  const int64_t m_count = it.rows * a.group;
+  TileBuffers b = tile_buffers(a, m_count, buf);
+  const int64_t q_len = a.starts[it.seq + 1] - a.starts[it.seq];
+  const int64_t first_pos = a.seq_lens[it.seq] - q_len + it.row0;  // position of the tile's first row
+  for (int64_t i = 0; i < it.rows; ++i) {
+    const float* src = a.q + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group) * a.dq;
+    for (int64_t j = 0; j < a.group * a.dq; ++j) b.qs[i * a.group * a.dq + j] = src[j] * a.scale;
+  }
+  const int64_t last_pos = first_pos + it.rows - 1;
+  const int64_t* table = a.tables + it.seq * a.table_width;
+  for (int64_t blk = 0; blk * a.block_size <= last_pos; ++blk) {
+    const int64_t base = blk * a.block_size;
+    const float* kb = a.k + table[blk] * a.ks0 + it.kv_head * a.ks2;
+    const float* vb = a.v + table[blk] * a.vs0 + it.kv_head * a.vs2;
+    const int64_t n_block = std::min(a.block_size, last_pos - base + 1);
+    for (int64_t t = 0; t < n_block; ++t) {  // slots past n_block keep finite values and get weight 0
+      for (int64_t d = 0; d < a.dq; ++d) b.kt[d * b.bsp + t] = kb[t * a.ks1 + d];
+      std::copy(vb + t * a.vs1, vb + t * a.vs1 + a.dv, b.vp + t * b.dvp);
+    }
+    for (int64_t m0 = 0; m0 < b.mp; m0 += kRowBlock) {
+      tile_scores(b.qs + m0 * a.dq, a.dq, b.kt, b.bsp, b.s);
+      for (int64_t r = 0; r < kRowBlock; ++r) {
+        const int64_t m = m0 + r;
+        const int64_t n = m < m_count ? std::min(n_block, first_pos + m / a.group - base + 1) : 0;
+        row_softmax(b.s + r * b.bsp, n, b.bsp, b.mx[m], b.den[m], b.acc + m * b.dvp, b.dvp);
+      }
+      tile_pv(b.s, b.bsp, n_block, b.vp, b.dvp, b.acc + m0 * b.dvp);
+    }
+  }
+  for (int64_t m = 0; m < m_count; ++m) {
+    const int64_t i = m / a.group, g = m % a.group;
+    float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + g) * a.dv;
+    const float inv = 1.f / b.den[m];
+    for (int64_t j = 0; j < a.dv; ++j) dst[j] = b.acc[m * b.dvp + j] * inv;
   }
 }
 
@@ -191,7 +347,13 @@ torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, tor
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t w = begin; w < end; ++w) {
-      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) attend_item(a, items[i], buf);
+      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
+        if (items[i].rows > 1) {
+          attend_tile(a, items[i], buf);
+        } else {
+          attend_vectors(a, items[i], buf);
+        }
+      }
     }
   });
   return out;
