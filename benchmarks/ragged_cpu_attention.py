@@ -9,7 +9,7 @@ Candidates, each against the same step (one layer's attention call):
   decode rows and whole prompts, a small offset mask only for chunks after a cached prefix;
 - ragged-cpp: the C++ kernel (kernels/ragged_cpu.py), reading the cache in place.
 Cases: decode at batch 1/4/16 with contexts 256 and 2048, and a mixed step (one 256-token prompt plus 15
-decodes at 1024). Times are the median of `--repeats` calls after warm-up, candidates interleaved.
+decodes at 1024). Candidates are timed round-robin; the best and the median of `--repeats` calls.
 """
 
 from __future__ import annotations
@@ -68,14 +68,18 @@ def cases():
     yield "mixed 256-prompt + 15 decodes ctx=1024", [256] + [1] * 15, [256] + [1024] * 15
 
 
-def median_ms(fn, repeats):
-    fn()
-    times = []
+def best_ms(cands, step, scale, repeats):
+    """Candidates timed round-robin, `repeats` calls each after a warm-up; the best call of each (the least
+    disturbed by other processes on a shared machine) and the median beside it."""
+    times = {c: [] for c in cands}
+    for fn in cands.values():
+        fn(*step, scale)
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        for c, fn in cands.items():
+            t = time.perf_counter()
+            fn(*step, scale)
+            times[c].append(time.perf_counter() - t)
+    return {c: (1e3 * min(ts), 1e3 * statistics.median(ts)) for c, ts in times.items()}
 
 
 def main() -> None:
@@ -87,22 +91,23 @@ def main() -> None:
     cands = {"ref": paged_attention_ref, "sdpa-per-seq": sdpa_per_seq}
     if kernel is not None:
         cands["ragged-cpp"] = lambda *a: ragged_paged_attention(kernel, *a)
-    print(f"# {os.uname().nodename} load avg {os.getloadavg()[0]:.2f}; ms per call (median of {args.repeats})")
-    print("| case | threads | " + " | ".join(cands) + " | ref / best |")
+    print(f"# load avg {os.getloadavg()[0]:.2f}; ms per call, best (median) of {args.repeats}, round-robin")
+    print("| case | threads | " + " | ".join(cands) + " | ref / ragged-cpp |")
     print("|---|---|" + "---|" * (len(cands) + 1))
     gen = torch.Generator().manual_seed(0)
+    scale = 1 / math.sqrt(DIM)
     for name, q_lens, ctx_lens in cases():
         step = make_step(q_lens, ctx_lens, gen)
-        want = paged_attention_ref(*step, 1 / math.sqrt(DIM))
+        want = paged_attention_ref(*step, scale)
         for fn in cands.values():  # every candidate agrees before it is timed
-            torch.testing.assert_close(fn(*step, 1 / math.sqrt(DIM)), want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(fn(*step, scale), want, atol=1e-4, rtol=1e-4)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            ms = {c: median_ms(lambda: fn(*step, 1 / math.sqrt(DIM)), args.repeats) for c, fn in cands.items()}
-            best = min(v for c, v in ms.items() if c != "ref")
-            print(f"| {name} | {threads} | " + " | ".join(f"{v:.3f}" for v in ms.values())
-                  + f" | {ms['ref'] / best:.1f}x |")
-
+            ms = best_ms(cands, step, scale, args.repeats)
+            ratio = ms["ref"][0] / ms["ragged-cpp"][0] if "ragged-cpp" in ms else float("nan")
+            print(f"| {name} | {threads} | " + " | ".join(f"{b:.3f} ({m:.3f})" for b, m in ms.values())
+                  + f" | {ratio:.1f}x |", flush=True)
+    print(f"# load avg {os.getloadavg()[0]:.2f} at the end")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@
 // cache rows; prefill tiles stage each block once and run register-blocked score and P @ V loops.
 // Items are handed out longest-first from an atomic counter inside torch's own thread pool, so
 // torch.set_num_threads governs this kernel like any other op.
-// build flags: kernels/ragged_cpu.py (-fopenmp -O3 and the CPU's vector ISA)
+// Built by kernels/ragged_cpu.py (-O3 -fopenmp and the vector ISA torch detected on the CPU).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

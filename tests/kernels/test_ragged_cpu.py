@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from zeroc_kernels.attention import CpuBackend, select_backend
 from zeroc_kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref
-from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_paged_attention
+from zeroc_kernels.ragged_cpu import build_ragged_kernel, cpu_isa, kernel_dir, load_ragged_kernel, ragged_paged_attention
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,14 @@ def test_cpu_backend_serves_int8_and_bf16_as_the_references(kernel, random_paged
     got = backend.paged_attention(qb, kb, vb, tables, lens, starts, 0.1)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_built_kernel_is_imported_not_rebuilt(kernel):
+    """Later loads (other processes, the image's runtime stage) import the build; no compiler runs."""
+    path = build_ragged_kernel(cpu_isa())
+    assert path.exists() and path.parent == kernel_dir()
+    assert load_ragged_kernel() is kernel
+    assert Path(kernel.__file__) == path
 
 
 def test_bad_batches_are_value_errors_naming_the_field(kernel):
