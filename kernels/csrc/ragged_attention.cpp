@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -81,9 +82,14 @@ inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// One query vector's online-softmax update with its scores `s` over n keys of a block (values at vb).
-inline void block_update(const Args& a, float* __restrict s, int64_t n, const float* __restrict vb, float& mx,
-                         float& den, float* __restrict acc) {
+// One vector's scores of a block -> probabilities, in place, and its running max, sum and accumulator
+// rescaled: the first n keys are its own (causal), the rest of `width` get 0.
+inline void row_softmax(float* __restrict s, int64_t n, int64_t width, float& mx, float& den,
+                        float* __restrict acc, int64_t acc_width) {
+  if (n <= 0) {  // a padding vector, or a row whose position lies before this block
+    std::fill(s, s + width, 0.f);
+    return;
+  }
   float block_max = -std::numeric_limits<float>::infinity();
   for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
   const float new_max = std::max(mx, block_max);
@@ -95,12 +101,50 @@ inline void block_update(const Args& a, float* __restrict s, int64_t n, const fl
     s[t] = exp_nonpositive(s[t] - new_max);
     sum += s[t];
   }
+  std::fill(s + n, s + width, 0.f);
   den = den * corr + sum;
   if (corr != 1.f) {
 #pragma omp simd
-    for (int64_t j = 0; j < a.dv; ++j) acc[j] *= corr;
+    for (int64_t j = 0; j < acc_width; ++j) acc[j] *= corr;
   }
+}
+
+// One query vector's online-softmax update with its scores `s` over n keys of a block (values at vb).
+inline void block_update(const Args& a, float* __restrict s, int64_t n, const float* __restrict vb, float& mx,
+                         float& den, float* __restrict acc) {
+  row_softmax(s, n, n, mx, den, acc, a.dv);
   for (int64_t t = 0; t < n; ++t) axpy(acc, s[t], vb + t * a.vs1, a.dv);  // acc += p @ V
+}
+
+// Positions of the item's first and last query rows; each row sees the keys up to its own position.
+inline std::pair<int64_t, int64_t> row_positions(const Args& a, const Item& it) {
+  const int64_t q_len = a.starts[it.seq + 1] - a.starts[it.seq];
+  const int64_t first = a.seq_lens[it.seq] - q_len + it.row0;
+  return {first, first + it.rows - 1};
+}
+
+// Block `blk` of the item's sequence, where it lies in the pools: its K rows and V rows for the item's KV head.
+inline std::pair<const float*, const float*> block_kv(const Args& a, const Item& it, int64_t blk) {
+  const int64_t id = a.tables[it.seq * a.table_width + blk];
+  return {a.k + id * a.ks0 + it.kv_head * a.ks2, a.v + id * a.vs0 + it.kv_head * a.vs2};
+}
+
+// The item's query vectors, scaled: qs[i * group + g] = scale * q[row0 + i, kv_head * group + g] ([m, dq]).
+inline void load_queries(const Args& a, const Item& it, float* __restrict qs) {
+  for (int64_t i = 0; i < it.rows; ++i) {
+    const float* src = a.q + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group) * a.dq;
+    for (int64_t j = 0; j < a.group * a.dq; ++j) qs[i * a.group * a.dq + j] = src[j] * a.scale;
+  }
+}
+
+// out rows of the item's vectors: acc [m, acc_stride] / den [m]
+inline void store_outputs(const Args& a, const Item& it, const float* acc, int64_t acc_stride, const float* den) {
+  for (int64_t m = 0; m < it.rows * a.group; ++m) {
+    const int64_t i = m / a.group, g = m % a.group;
+    float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + g) * a.dv;
+    const float inv = 1.f / den[m];
+    for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[m * acc_stride + j] * inv;
+  }
 }
 
 // A decode item (one row: the group's query vectors): one dot per key, one axpy per value, read in place.
@@ -112,23 +156,16 @@ void attend_vectors(const Args& a, const Item& it, std::vector<float>& buf) {
   float* mx = acc + m_count * a.dv;        // [m] running max
   float* den = mx + m_count;               // [m] running sum of exp
   float* s = den + m_count;                // [block_size] one block's scores, then probabilities
-  const int64_t q_len = a.starts[it.seq + 1] - a.starts[it.seq];
-  const int64_t first_pos = a.seq_lens[it.seq] - q_len;  // position of the sequence's first new query
-  for (int64_t i = 0; i < it.rows; ++i) {
-    const float* src = a.q + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group) * a.dq;
-    for (int64_t j = 0; j < a.group * a.dq; ++j) qs[i * a.group * a.dq + j] = src[j] * a.scale;
-  }
+  load_queries(a, it, qs);
   std::fill(mx, mx + m_count, -std::numeric_limits<float>::infinity());
-  const int64_t last_pos = first_pos + it.row0 + it.rows - 1;
-  const int64_t* table = a.tables + it.seq * a.table_width;
+  const auto [first_pos, last_pos] = row_positions(a, it);
   for (int64_t blk = 0; blk * a.block_size <= last_pos; ++blk) {
     const int64_t base = blk * a.block_size;
-    const float* kb = a.k + table[blk] * a.ks0 + it.kv_head * a.ks2;
-    const float* vb = a.v + table[blk] * a.vs0 + it.kv_head * a.vs2;
+    const auto [kb, vb] = block_kv(a, it, blk);
     const int64_t n_block = std::min(a.block_size, last_pos - base + 1);
     for (int64_t i = 0; i < it.rows; ++i) {
       // keys this row sees in the block: positions base .. min(its own, block end)
-      const int64_t n = std::min(n_block, first_pos + it.row0 + i - base + 1);
+      const int64_t n = std::min(n_block, first_pos + i - base + 1);
       if (n <= 0) continue;
       for (int64_t g = 0; g < a.group; ++g) {
         const int64_t m = i * a.group + g;
@@ -137,12 +174,7 @@ void attend_vectors(const Args& a, const Item& it, std::vector<float>& buf) {
       }
     }
   }
-  for (int64_t m = 0; m < m_count; ++m) {
-    const int64_t i = m / a.group, g = m % a.group;
-    float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + g) * a.dv;
-    const float inv = 1.f / den[m];
-    for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[m * a.dv + j] * inv;
-  }
+  store_outputs(a, it, acc, a.dv, den);
 }
 
 // ---- Tile path: items of several query rows (prefill, chunks). Each block is staged once per item (keys
@@ -211,47 +243,14 @@ inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const flo
   }
 }
 
-// One vector's scores of a block -> probabilities: the first n keys are its own (causal), the rest get 0.
-inline void row_softmax(float* __restrict s, int64_t n, int64_t width, float& mx, float& den,
-                        float* __restrict acc, int64_t dvp) {
-  if (n <= 0) {  // a padding vector, or a row whose position lies before this block
-    std::fill(s, s + width, 0.f);
-    return;
-  }
-  float block_max = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < n; ++t) block_max = std::max(block_max, s[t]);
-  const float new_max = std::max(mx, block_max);
-  const float corr = std::exp(mx - new_max);  // 0 on the first block (mx = -inf)
-  mx = new_max;
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = exp_nonpositive(s[t] - new_max);
-    sum += s[t];
-  }
-  std::fill(s + n, s + width, 0.f);
-  den = den * corr + sum;
-  if (corr != 1.f) {
-#pragma omp simd
-    for (int64_t j = 0; j < dvp; ++j) acc[j] *= corr;
-  }
-}
-
 void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
   const int64_t m_count = it.rows * a.group;
   TileBuffers b = tile_buffers(a, m_count, buf);
-  const int64_t q_len = a.starts[it.seq + 1] - a.starts[it.seq];
-  const int64_t first_pos = a.seq_lens[it.seq] - q_len + it.row0;  // position of the tile's first row
-  for (int64_t i = 0; i < it.rows; ++i) {
-    const float* src = a.q + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group) * a.dq;
-    for (int64_t j = 0; j < a.group * a.dq; ++j) b.qs[i * a.group * a.dq + j] = src[j] * a.scale;
-  }
-  const int64_t last_pos = first_pos + it.rows - 1;
-  const int64_t* table = a.tables + it.seq * a.table_width;
+  load_queries(a, it, b.qs);
+  const auto [first_pos, last_pos] = row_positions(a, it);
   for (int64_t blk = 0; blk * a.block_size <= last_pos; ++blk) {
     const int64_t base = blk * a.block_size;
-    const float* kb = a.k + table[blk] * a.ks0 + it.kv_head * a.ks2;
-    const float* vb = a.v + table[blk] * a.vs0 + it.kv_head * a.vs2;
+    const auto [kb, vb] = block_kv(a, it, blk);
     const int64_t n_block = std::min(a.block_size, last_pos - base + 1);
     for (int64_t t = 0; t < n_block; ++t) {  // slots past n_block keep finite values and get weight 0
       for (int64_t d = 0; d < a.dq; ++d) b.kt[d * b.bsp + t] = kb[t * a.ks1 + d];
@@ -267,12 +266,7 @@ void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
       tile_pv(b.s, b.bsp, n_block, b.vp, b.dvp, b.acc + m0 * b.dvp);
     }
   }
-  for (int64_t m = 0; m < m_count; ++m) {
-    const int64_t i = m / a.group, g = m % a.group;
-    float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + g) * a.dv;
-    const float inv = 1.f / b.den[m];
-    for (int64_t j = 0; j < a.dv; ++j) dst[j] = b.acc[m * b.dvp + j] * inv;
-  }
+  store_outputs(a, it, b.acc, b.dvp, b.den);
 }
 
 std::vector<Item> plan_items(const Args& a, int64_t num_seqs) {
