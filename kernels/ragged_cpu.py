@@ -130,11 +130,13 @@ def ragged_paged_attention(
     scale: float,
 ) -> Tensor:
     """-> [N, heads, dv], as `paged_attention_ref`. Other dtypes go through fp32 (the accumulation the
-    reference's SDPA uses on the CPU) and come back in q's dtype."""
+    reference's SDPA uses on the CPU) and come back in q's dtype: only the blocks the tables name are
+    converted, as the int8 path dequantises them; a whole pool would cost every call its size."""
     dtype = q.dtype
-    if dtype != torch.float32 or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-        q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
-    out = kernel.ragged_paged_attention(q, rows_contiguous(k_cache), rows_contiguous(v_cache), block_tables,
+    if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+        ids, block_tables = block_tables.unique(return_inverse=True)  # tables renumbered into the copies
+        k_cache, v_cache = k_cache[ids].float(), v_cache[ids].float()
+    out = kernel.ragged_paged_attention(q.float(), rows_contiguous(k_cache), rows_contiguous(v_cache), block_tables,
                                         seq_lens, query_start_loc, float(scale))
     return out.to(dtype)
 

@@ -31,7 +31,7 @@ namespace {
 
 // Query vectors (rows x group heads) per work item: enough to reuse each K/V block from L1 many times
 // in prefill, few enough that a prompt splits into many items for the threads.
-constexpr int64_t kTileVectors = 48;
+constexpr int64_t kTileVectors = 96;
 
 struct Args {
   const float* q;  // [N, heads, dq], dense
