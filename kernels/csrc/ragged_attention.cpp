@@ -47,7 +47,7 @@ struct Args {
 };
 
 struct Item {
-  int64_t seq, kv_head, row0, rows, cost;
+  int64_t seq, kv_head, heads, row0, rows, cost;  // KV heads [kv_head, kv_head + heads), query rows [row0, +rows)
 };
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -129,27 +129,32 @@ inline std::pair<const float*, const float*> block_kv(const Args& a, const Item&
   return {a.k + id * a.ks0 + it.kv_head * a.ks2, a.v + id * a.vs0 + it.kv_head * a.vs2};
 }
 
-// The item's query vectors, scaled: qs[i * group + g] = scale * q[row0 + i, kv_head * group + g] ([m, dq]).
+// The item's query vectors, scaled ([m, dq]): vector (i * heads + h) * group + g is query head
+// (kv_head + h) * group + g of row row0 + i.
 inline void load_queries(const Args& a, const Item& it, float* __restrict qs) {
   for (int64_t i = 0; i < it.rows; ++i) {
+    const int64_t width = it.heads * a.group * a.dq;  // the item's query heads of a row lie side by side
     const float* src = a.q + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group) * a.dq;
-    for (int64_t j = 0; j < a.group * a.dq; ++j) qs[i * a.group * a.dq + j] = src[j] * a.scale;
+    for (int64_t j = 0; j < width; ++j) qs[i * width + j] = src[j] * a.scale;
   }
 }
 
 // out rows of the item's vectors: acc [m, acc_stride] / den [m]
 inline void store_outputs(const Args& a, const Item& it, const float* acc, int64_t acc_stride, const float* den) {
-  for (int64_t m = 0; m < it.rows * a.group; ++m) {
-    const int64_t i = m / a.group, g = m % a.group;
-    float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + g) * a.dv;
+  const int64_t per_row = it.heads * a.group;
+  for (int64_t m = 0; m < it.rows * per_row; ++m) {
+    const int64_t i = m / per_row, hg = m % per_row;
+    float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + hg) * a.dv;
     const float inv = 1.f / den[m];
     for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[m * acc_stride + j] * inv;
   }
 }
 
-// A decode item (one row: the group's query vectors): one dot per key, one axpy per value, read in place.
+// A decode item (one row; the query vectors of its KV heads' groups): one dot per key, one axpy per value,
+// read in place. A decode item may span all KV heads, so each block's rows are read once, end to end.
 void attend_vectors(const Args& a, const Item& it, std::vector<float>& buf) {
-  const int64_t m_count = it.rows * a.group;
+  const int64_t per_row = it.heads * a.group;
+  const int64_t m_count = it.rows * per_row;
   buf.assign(m_count * (a.dq + a.dv + 2) + a.block_size, 0.f);
   float* qs = buf.data();                  // [m, dq], pre-scaled
   float* acc = qs + m_count * a.dq;        // [m, dv]
@@ -167,10 +172,11 @@ void attend_vectors(const Args& a, const Item& it, std::vector<float>& buf) {
       // keys this row sees in the block: positions base .. min(its own, block end)
       const int64_t n = std::min(n_block, first_pos + i - base + 1);
       if (n <= 0) continue;
-      for (int64_t g = 0; g < a.group; ++g) {
-        const int64_t m = i * a.group + g;
-        for (int64_t t = 0; t < n; ++t) s[t] = dot(qs + m * a.dq, kb + t * a.ks1, a.dq);
-        block_update(a, s, n, vb, mx[m], den[m], acc + m * a.dv);
+      for (int64_t hg = 0; hg < per_row; ++hg) {
+        const int64_t m = i * per_row + hg, h = hg / a.group;
+        const float* kh = kb + h * a.ks2;
+        for (int64_t t = 0; t < n; ++t) s[t] = dot(qs + m * a.dq, kh + t * a.ks1, a.dq);
+        block_update(a, s, n, vb + h * a.vs2, mx[m], den[m], acc + m * a.dv);
       }
     }
   }
@@ -269,15 +275,22 @@ void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
   store_outputs(a, it, b.acc, b.dvp, b.den);
 }
 
-std::vector<Item> plan_items(const Args& a, int64_t num_seqs) {
+std::vector<Item> plan_items(const Args& a, int64_t num_seqs, int64_t threads) {
   const int64_t rows_per_item = std::max<int64_t>(1, kTileVectors / a.group);
+  // Decode rows take all KV heads in one item (each block read once, contiguously) when there are enough
+  // sequences to keep the threads busy; otherwise one item per KV head.
+  const bool whole_rows = num_seqs >= threads;
   std::vector<Item> items;
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int64_t q_len = a.starts[b + 1] - a.starts[b];
     const int64_t first_pos = a.seq_lens[b] - q_len;
+    if (q_len == 1 && whole_rows) {
+      items.push_back({b, 0, a.kv_heads, 0, 1, a.kv_heads * a.seq_lens[b]});
+      continue;
+    }
     for (int64_t r = 0; r < q_len; r += rows_per_item) {
       const int64_t rows = std::min(rows_per_item, q_len - r);
-      for (int64_t h = 0; h < a.kv_heads; ++h) items.push_back({b, h, r, rows, rows * (first_pos + r + rows)});
+      for (int64_t h = 0; h < a.kv_heads; ++h) items.push_back({b, h, 1, r, rows, rows * (first_pos + r + rows)});
     }
   }
   // longest first: the threads finish together instead of one waiting on a long prompt tile at the end
@@ -335,7 +348,7 @@ torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, tor
          v_cache.stride(2), static_cast<float>(scale)};
   const int64_t num_seqs = block_tables.size(0);
   check_tables(a, num_seqs, k_cache.size(0), q.size(0));
-  const std::vector<Item> items = plan_items(a, num_seqs);
+  const std::vector<Item> items = plan_items(a, num_seqs, at::get_num_threads());
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
   at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t begin, int64_t end) {
