@@ -235,17 +235,18 @@ inline void tile_scores(const float* __restrict qs, int64_t dq, const float* __r
   }
 }
 
-// acc[r] += p[r, :n] @ vp for kRowBlock query vectors (p: [kRowBlock, bsp], vp: [bsp, dvp], acc: [., dvp])
-inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const float* __restrict vp, int64_t dvp,
-                    float* __restrict acc) {
-  for (int64_t c = 0; c < dvp; c += kLanes) {
+// acc[r] += p[r, :n] @ vp for kRowBlock query vectors (p: [kRowBlock, bsp], vp: [n, width], acc: [., width])
+// (V rows `v_stride` apart, `width` a multiple of kLanes: the staged copy, or cache rows of such a width)
+inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const float* __restrict vp, int64_t v_stride,
+                    int64_t width, float* __restrict acc) {
+  for (int64_t c = 0; c < width; c += kLanes) {
     Vec x[kRowBlock];
-    for (int64_t r = 0; r < kRowBlock; ++r) x[r] = load_vec(acc + r * dvp + c);
+    for (int64_t r = 0; r < kRowBlock; ++r) x[r] = load_vec(acc + r * width + c);
     for (int64_t t = 0; t < n; ++t) {
-      const Vec v = load_vec(vp + t * dvp + c);
+      const Vec v = load_vec(vp + t * v_stride + c);
       for (int64_t r = 0; r < kRowBlock; ++r) x[r] += p[r * bsp + t] * v;
     }
-    for (int64_t r = 0; r < kRowBlock; ++r) store_vec(acc + r * dvp + c, x[r]);
+    for (int64_t r = 0; r < kRowBlock; ++r) store_vec(acc + r * width + c, x[r]);
   }
 }
 
@@ -269,10 +270,54 @@ void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
         const int64_t n = m < m_count ? std::min(n_block, first_pos + m / a.group - base + 1) : 0;
         row_softmax(b.s + r * b.bsp, n, b.bsp, b.mx[m], b.den[m], b.acc + m * b.dvp, b.dvp);
       }
-      tile_pv(b.s, b.bsp, n_block, b.vp, b.dvp, b.acc + m0 * b.dvp);
+      tile_pv(b.s, b.bsp, n_block, b.vp, b.dvp, b.dvp, b.acc + m0 * b.dvp);
     }
   }
   store_outputs(a, it, b.acc, b.dvp, b.den);
+}
+
+// A decode item whose value width fills whole registers: scores as dots from the cache rows, then P @ V
+// register-blocked straight from the cache rows (a decode row uses each block once: nothing to stage).
+// Each KV head's group is padded to whole register blocks: vector h * gp + g, g < group.
+void attend_decode(const Args& a, const Item& it, std::vector<float>& buf) {
+  const int64_t gp = round_up(a.group, kRowBlock), bsp = round_up(a.block_size, kLanes);
+  const int64_t mp = it.heads * gp;
+  buf.assign(mp * (a.dq + a.dv + 2) + kRowBlock * bsp, 0.f);
+  float* qs = buf.data();            // [mp, dq], pre-scaled; padding vectors stay 0
+  float* acc = qs + mp * a.dq;       // [mp, dv]
+  float* mx = acc + mp * a.dv;       // [mp]
+  float* den = mx + mp;              // [mp]
+  float* s = den + mp;               // [kRowBlock, bsp]
+  std::fill(mx, mx + mp, -std::numeric_limits<float>::infinity());
+  const int64_t row = a.starts[it.seq] + it.row0;
+  for (int64_t h = 0; h < it.heads; ++h) {
+    for (int64_t g = 0; g < a.group; ++g) {
+      const float* src = a.q + (row * a.heads + (it.kv_head + h) * a.group + g) * a.dq;
+      for (int64_t d = 0; d < a.dq; ++d) qs[(h * gp + g) * a.dq + d] = src[d] * a.scale;
+    }
+  }
+  const int64_t pos = row_positions(a, it).second;
+  for (int64_t blk = 0; blk * a.block_size <= pos; ++blk) {
+    const auto [kb, vb] = block_kv(a, it, blk);
+    const int64_t n = std::min(a.block_size, pos - blk * a.block_size + 1);
+    for (int64_t h = 0; h < it.heads; ++h) {
+      for (int64_t g0 = 0; g0 < gp; g0 += kRowBlock) {
+        for (int64_t r = 0; r < kRowBlock; ++r) {
+          const int64_t m = h * gp + g0 + r, valid = g0 + r < a.group ? n : 0;
+          for (int64_t t = 0; t < valid; ++t) s[r * bsp + t] = dot(qs + m * a.dq, kb + h * a.ks2 + t * a.ks1, a.dq);
+          row_softmax(s + r * bsp, valid, bsp, mx[m], den[m], acc + m * a.dv, a.dv);
+        }
+        tile_pv(s, bsp, n, vb + h * a.vs2, a.vs1, a.dv, acc + (h * gp + g0) * a.dv);
+      }
+    }
+  }
+  for (int64_t h = 0; h < it.heads; ++h) {
+    for (int64_t g = 0; g < a.group; ++g) {
+      float* dst = a.out + (row * a.heads + (it.kv_head + h) * a.group + g) * a.dv;
+      const int64_t m = h * gp + g;
+      for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[m * a.dv + j] / den[m];
+    }
+  }
 }
 
 std::vector<Item> plan_items(const Args& a, int64_t num_seqs, int64_t threads) {
@@ -357,6 +402,8 @@ torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, tor
       for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
         if (items[i].rows > 1) {
           attend_tile(a, items[i], buf);
+        } else if (a.dv % kLanes == 0) {
+          attend_decode(a, items[i], buf);
         } else {
           attend_vectors(a, items[i], buf);
         }

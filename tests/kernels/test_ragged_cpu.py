@@ -90,9 +90,10 @@ def test_reads_one_runs_columns_of_a_per_head_row_in_place(kernel, random_paged_
 
 
 def test_a_long_prompt_beside_decodes_in_many_tiles(kernel, random_paged_kv, poison_unused_slots):
-    """A prompt longer than many query tiles, one after a cached prefix, with decode rows; int32 tables."""
+    """A prompt longer than many query tiles, one after a cached prefix whose last tile is a single row (65 =
+    2 tiles of 32 rows at group 3, plus 1), with decode rows; int32 tables."""
     gen = torch.Generator().manual_seed(11)
-    q, k, v, tables, lens, starts = _case(random_paged_kv, poison_unused_slots, gen, [(300, 0), (77, 45), (1, 600)],
+    q, k, v, tables, lens, starts = _case(random_paged_kv, poison_unused_slots, gen, [(300, 0), (65, 45), (1, 600)],
                                           16, 2, 3, 64, 64)
     ref = paged_attention_ref(q, k, v, tables, lens, starts, 0.125)
     out = ragged_paged_attention(kernel, q, k, v, tables.int(), lens.int(), starts.int(), 0.125)
