@@ -60,7 +60,7 @@ RUN zeroc-setup project cpu
 FROM ${BASE_IMAGE} AS cpu
 COPY deploy/docker/setup.sh /usr/local/bin/zeroc-setup
 RUN zeroc-setup os runtime && zeroc-setup user
-ENV ZEROC_DEVICE=cpu
+ENV ZEROC_DEVICE=cpu ZEROC_KERNEL_DIR=/opt/zeroc/kernels
 COPY --from=cpu-build /opt/zeroc /opt/zeroc
 COPY --chown=zeroc:zeroc models /models
 ENV PATH=/opt/zeroc/bin:$PATH PYTHONUNBUFFERED=1 ZEROC_MODEL_DIR=/models/zeroc-tiny

@@ -9,6 +9,9 @@ never by looking at a tensor's device or an argument's type on the hot path. Cal
 Backends:
 - `TorchBackend` ("torch"): the PyTorch references, on any device. Writes happen in PyTorch before
   attention; no fused epilogue.
+- `CpuBackend` ("cpu"): the torch backend with the ragged C++ kernel (kernels/ragged_cpu.py) for attention,
+  which reads the paged cache in place. CPU only; built with g++ on first use. "auto" picks it on the CPU
+  where it builds, else "torch".
 - `TritonBackend` ("triton"): the Triton kernels: the decode kernel for decode-only steps, the ragged
   prefill kernel otherwise, and the fused QKV epilogue. On CUDA it compiles; on the CPU it runs only in
   Triton's interpreter (TRITON_INTERPRET=1), which is how CI drives the GPU path.
@@ -28,10 +31,12 @@ import torch
 from torch import Tensor
 
 from zeroc_kernels.kv_quant import quantize_into_slots_ref
-from zeroc_kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref
+from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, paged_attention_int8_ref,
+                                           paged_attention_ref)
+from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_paged_attention
 from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref
 
-BACKEND_NAMES = ("auto", "torch", "triton")
+BACKEND_NAMES = ("auto", "torch", "cpu", "triton")
 
 
 class AttentionBackend(abc.ABC):
@@ -90,6 +95,28 @@ class TorchBackend(AttentionBackend):
         quantize_into_slots_ref(x, slot_mapping, q_pool, scale_pool)
 
 
+class CpuBackend(TorchBackend):
+    """Attention by the ragged CPU kernel, over plain and int8 pools (the int8 blocks a step names are
+    dequantised first, as the reference does); cache writes as the torch backend. ValueError where the
+    kernel cannot be built (no compiler)."""
+
+    name = "cpu"
+
+    def __init__(self):
+        self.kernel = load_ragged_kernel()
+        if self.kernel is None:
+            raise ValueError("the cpu attention backend needs its C++ kernel, which could not be built here "
+                             "(g++ and torch's headers are needed); use the torch backend")
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                        k_scales=None, v_scales=None):
+        if check_int8_args(k_cache, v_cache, k_scales, v_scales):
+            k, v, tables = dequantize_named_blocks(k_cache, v_cache, k_scales, v_scales, block_tables)
+            return ragged_paged_attention(self.kernel, q, k, v, tables, seq_lens, query_start_loc, scale)
+        return ragged_paged_attention(self.kernel, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                      scale)
+
+
 class ReferenceEpilogueBackend(TorchBackend):
     """The references with the fused path's structure: K/V written by the epilogue reference, then the
     reference attention. Tests use it to check the fused path's plumbing (what listeners see, which slots
@@ -140,7 +167,7 @@ class TritonBackend(AttentionBackend):
         return qkv_rotate_epilogue(q, k, v, positions, inv_freq, q_basis, k_basis, slot_mapping, k_pool, v_pool)
 
 
-BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "triton": TritonBackend,
+BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "cpu": CpuBackend, "triton": TritonBackend,
                                                 "torch-epilogue": ReferenceEpilogueBackend}
 
 
@@ -153,10 +180,18 @@ def triton_runs_on(device: torch.device) -> bool:
 
 def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
     """The backend `name` names for a model on `device`. "auto": Triton on CUDA when triton is installed,
-    else the PyTorch references. ValueError for an unknown name or a backend that cannot run there."""
+    the ragged CPU kernel on the CPU where it builds, else the PyTorch references. ValueError for an unknown
+    name or a backend that cannot run there."""
     device = torch.device(device)
     if name == "auto":
+        if device.type == "cpu":
+            try:
+                return CpuBackend()
+            except ValueError:  # no compiler here (logged): the references serve
+                return TorchBackend()
         name = "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"the cpu attention backend runs on the CPU, not {device.type}")
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "triton" and not triton_runs_on(device):

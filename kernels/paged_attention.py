@@ -91,7 +91,20 @@ def paged_attention_int8_ref(
     """-> [N, heads, dv]: dequantise the batch's blocks (as `kernels.kv_quant` wrote them), then the plain
     reference in fp32. Only the blocks the tables name: the CPU runtime serves int8 caches through this,
     and a whole pool would cost every step its size."""
-    ids, tables = block_tables.unique(return_inverse=True)  # each named block once; tables index into ids
-    k = dequantize_rows_ref(k_cache[ids], k_scales[ids], torch.float32)  # [len(ids), block_size, kv, dq]
-    v = dequantize_rows_ref(v_cache[ids], v_scales[ids], torch.float32)
+    k, v, tables = dequantize_named_blocks(k_cache, v_cache, k_scales, v_scales, block_tables)
     return paged_attention_ref(q.float(), k, v, tables, seq_lens, query_start_loc, scale).to(q.dtype)
+
+
+def dequantize_named_blocks(
+    k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq] int8
+    v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv] int8
+    k_scales: Tensor,  # [num_blocks, block_size, kv_heads] fp32
+    v_scales: Tensor,  # [num_blocks, block_size, kv_heads] fp32
+    block_tables: Tensor,  # [B, max_blocks]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> fp32 k [U, block_size, kv_heads, dq], v [U, ..., dv] of the U distinct blocks the tables name, and
+    the tables renumbered into them ([B, max_blocks])."""
+    ids, tables = block_tables.unique(return_inverse=True)  # each named block once; tables index into ids
+    k = dequantize_rows_ref(k_cache[ids], k_scales[ids], torch.float32)
+    v = dequantize_rows_ref(v_cache[ids], v_scales[ids], torch.float32)
+    return k, v, tables

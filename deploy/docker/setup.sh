@@ -20,6 +20,8 @@ os_packages() {
         pkgs="python3"
         [ "$1" = build ] && pkgs="$pkgs python3-venv"
     fi
+    # the cpu image compiles its ragged CPU attention kernel at build time (zeroc_kernels/ragged_cpu.py)
+    [ "$1" = build ] && ! command -v g++ > /dev/null && pkgs="$pkgs g++"
     if [ -n "$pkgs" ]; then apt_install $pkgs; fi
 }
 
@@ -40,6 +42,8 @@ project() {
     if [ "$1" = cuda ]; then extras="[gpu]"; else extras=""; fi
     pip_install "/src$extras"
     /opt/zeroc/bin/python -c "import torch, zeroc.cli; print('torch', torch.__version__)"
+    # The ragged CPU attention kernel for every vector ISA, so the runtime stage (no compiler) imports it.
+    if [ "$1" = cpu ]; then ZEROC_KERNEL_DIR=/opt/zeroc/kernels /opt/zeroc/bin/python -m zeroc_kernels.ragged_cpu --all-isas; fi
 }
 
 pip_install() {

@@ -4,6 +4,8 @@ the KV-write seam: whatever writes the rows, the cache's listeners see the same 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -87,7 +89,9 @@ def test_a_policy_cache_takes_the_store_path_on_every_backend(bundled):
 
 
 def test_backend_selection():
-    assert select_backend("auto", "cpu").name == "torch"
+    # the ragged C++ kernel where a compiler can build it, else the references
+    assert select_backend("auto", "cpu").name == ("cpu" if shutil.which("c++") else "torch")
+    assert select_backend("torch", "cpu").name == "torch"
     assert select_backend("triton", "cpu").name == "triton"  # TRITON_INTERPRET=1 in the test suite
     with pytest.raises(ValueError, match="unknown attention backend 'cuda-magic'"):
         select_backend("cuda-magic", "cpu")

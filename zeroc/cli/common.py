@@ -20,8 +20,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
                                                   "(env ZEROC_DTYPE; default float32)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where the model runs (env ZEROC_DEVICE)")
     p.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS,
-                   help="how the paged forward attends: auto (Triton on CUDA, else torch), torch (the PyTorch "
-                        "references) or triton (on the CPU only under TRITON_INTERPRET=1) "
+                   help="how the paged forward attends: auto (Triton on CUDA, cpu on the CPU where it builds, else "
+                        "torch), torch (the PyTorch references), cpu (the ragged C++ kernel, built with g++ on "
+                        "first use) or triton (on the CPU only under TRITON_INTERPRET=1) "
                         "(env ZEROC_ATTENTION_BACKEND)")
 
 

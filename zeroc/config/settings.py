@@ -243,7 +243,7 @@ class ZeroCConfig:
     model_dir: str = str(BUNDLED_MODEL)
     dtype: str = "float32"
     device: str = "cpu"  # where a service runs its model: cpu, cuda or cuda:N
-    attention_backend: str = "auto"  # auto | torch | triton (triton on the CPU needs TRITON_INTERPRET=1)
+    attention_backend: str = "auto"  # auto | torch | cpu | triton (triton on the CPU needs TRITON_INTERPRET=1)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

@@ -1,0 +1,140 @@
+"""The ragged CPU attention kernel (kernels/ragged_cpu.py) against paged_attention_ref, on the same matrix as
+the Triton kernels: block sizes 8/16/32, GQA 1/3/4/8, ZeroC widths (q/k != v), prefill from scratch, after a
+cached prefix and decode rows in one batch, every slot outside the contexts NaN, strided per-head views, int8
+pools and bf16 through the `cpu` backend."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zeroc_kernels.attention import CpuBackend, select_backend
+from zeroc_kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref
+from zeroc_kernels.ragged_cpu import build_ragged_kernel, cpu_isa, kernel_dir, load_ragged_kernel, ragged_paged_attention
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if shutil.which("c++") is None:  # only a machine without a compiler may lack the kernel
+        pytest.skip("no C++ compiler: the cpu backend falls back to the references")
+    kernel = load_ragged_kernel()
+    assert kernel is not None, "g++ is here, so the kernel must build"
+    return kernel
+
+
+def _case(random_paged_kv, poison_unused_slots, gen, seqs, block_size, kv_heads, group, dq, dv):
+    """seqs: (new tokens, cached prefix tokens) per sequence -> q, k, v (NaN outside the contexts), tables,
+    seq_lens, query_start_loc"""
+    lens = [n + c for n, c in seqs]
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, block_size, kv_heads, dq, dv, torch.float32)
+    seq_lens = torch.tensor(lens)
+    k_cache, v_cache = (poison_unused_slots(c, tables, seq_lens) for c in (k_cache, v_cache))
+    q_lens = [n for n, _ in seqs]
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
+    q = torch.randn(sum(q_lens), kv_heads * group, dq, generator=gen)
+    return q, k_cache, v_cache, tables, seq_lens, starts
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    block_size=st.sampled_from([8, 16, 32]),
+    group=st.sampled_from([1, 3, 4, 8]),
+    kv_heads=st.sampled_from([1, 2]),
+    dims=st.sampled_from([(32, 32), (64, 64), (48, 32), (40, 48), (48, 16), (128, 128)]),
+    seqs=st.lists(st.tuples(st.sampled_from([1, 1, 2, 17, 40, 70]), st.sampled_from([0, 0, 5, 64, 100, 300])),
+                  min_size=1, max_size=4),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_matches_reference(kernel, random_paged_kv, poison_unused_slots, block_size, group, kv_heads, dims,
+                                  seqs, threads, seed):
+    """Prefill from scratch, prefill after a cached prefix, decode rows, in one ragged batch."""
+    dq, dv = dims
+    gen = torch.Generator().manual_seed(seed)
+    case = _case(random_paged_kv, poison_unused_slots, gen, seqs, block_size, kv_heads, group, dq, dv)
+    scale = 1.0 / math.sqrt(dq)
+    ref = paged_attention_ref(*case, scale)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ragged_paged_attention(kernel, *case, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_reads_one_runs_columns_of_a_per_head_row_in_place(kernel, random_paged_kv, decode):
+    """Per-KV-head ranks: each run of equal-rank heads is a column view of one wider pool row."""
+    from zeroc.head_ranks import HeadLayout
+
+    gen = torch.Generator().manual_seed(7)
+    layout = HeadLayout.of((16, 16, 40), (8, 8, 24), group=2)
+    lens = [37, 5, 20]
+    k_row, v_row, tables = random_paged_kv(gen, lens, 16, 1, 2 * 16 + 40, 2 * 8 + 24, torch.float32)
+    q_lens = [1] * 3 if decode else [9, 5, 1]
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
+    for run, kv, vv in zip(layout.runs, layout.pool_views(k_row, [16, 40]), layout.pool_views(v_row, [8, 24])):
+        assert not kv.is_contiguous()
+        q = torch.randn(sum(q_lens), run.heads * 2, run.qk, generator=gen)
+        want = paged_attention_ref(q, kv.contiguous(), vv.contiguous(), tables, torch.tensor(lens), starts, 0.125)
+        got = ragged_paged_attention(kernel, q, kv, vv, tables, torch.tensor(lens), starts, 0.125)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_long_prompt_beside_decodes_in_many_tiles(kernel, random_paged_kv, poison_unused_slots):
+    """A prompt longer than many query tiles, one after a cached prefix whose last tile is a single row (65 =
+    2 tiles of 32 rows at group 3, plus 1), with decode rows; int32 tables."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, tables, lens, starts = _case(random_paged_kv, poison_unused_slots, gen, [(300, 0), (65, 45), (1, 600)],
+                                          16, 2, 3, 64, 64)
+    ref = paged_attention_ref(q, k, v, tables, lens, starts, 0.125)
+    out = ragged_paged_attention(kernel, q, k, v, tables.int(), lens.int(), starts.int(), 0.125)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_backend_serves_int8_and_bf16_as_the_references(kernel, random_paged_kv, poison_unused_slots,
+                                                            int8_pools):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, tables, lens, starts = _case(random_paged_kv, poison_unused_slots, gen, [(33, 77), (1, 40), (20, 0)],
+                                          16, 2, 3, 48, 32)
+    backend = select_backend("cpu", "cpu")
+    assert isinstance(backend, CpuBackend) and backend.kernel is not None
+    kq, ks, vq, vs = int8_pools(k.nan_to_num(), v.nan_to_num())
+    ks, vs = (poison_unused_slots(s, tables, lens) for s in (ks, vs))
+    want = paged_attention_int8_ref(q, kq, vq, ks, vs, tables, lens, starts, 0.1)
+    got = backend.paged_attention(q, kq, vq, tables, lens, starts, 0.1, k_scales=ks, v_scales=vs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    want = paged_attention_ref(qb, kb, vb, tables, lens, starts, 0.1)
+    got = backend.paged_attention(qb, kb, vb, tables, lens, starts, 0.1)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_built_kernel_is_imported_not_rebuilt(kernel):
+    """Later loads (other processes, the image's runtime stage) import the build; no compiler runs."""
+    path = build_ragged_kernel(cpu_isa())
+    assert path.exists() and path.parent == kernel_dir()
+    assert load_ragged_kernel() is kernel
+    assert Path(kernel.__file__) == path
+
+
+def test_bad_batches_are_value_errors_naming_the_field(kernel):
+    k = torch.zeros(2, 16, 1, 16)
+    q = torch.zeros(1, 1, 16)
+    with pytest.raises(ValueError, match="block_tables"):  # a block id past the pool: never read out of bounds
+        ragged_paged_attention(kernel, q, k, k, torch.tensor([[5]]), torch.tensor([3]), torch.tensor([0, 1]), 0.1)
+    with pytest.raises(ValueError, match="block_tables"):  # a context longer than the table
+        ragged_paged_attention(kernel, q, k, k, torch.tensor([[0]]), torch.tensor([17]), torch.tensor([0, 1]), 0.1)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        ragged_paged_attention(kernel, q, k, k, torch.tensor([[0]]), torch.tensor([3]), torch.tensor([0, 2]), 0.1)
+    with pytest.raises(ValueError, match="cpu"):
+        select_backend("cpu", "cuda")
