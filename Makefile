@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch, before the project, so pip never pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# The CPU attention kernel (kernels/ragged_cpu.py), compiled once here rather than by the first services the
+	# tests start; without a compiler it only warns, and the services use the PyTorch reference.
+	$(PY) -m zeroc_kernels.ragged_cpu || echo "the ragged CPU kernel was not built: the torch backend will be used"
 	touch $(STAMP)
 
 install: $(STAMP)
