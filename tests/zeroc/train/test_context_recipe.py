@@ -34,8 +34,11 @@ def test_answer_mask_covers_exactly_the_answer_tokens(tok_stream, kind):
         assert int(idx[-1]) >= 400 - 3  # at the end: only the closing "." or newline may follow
         before = tok.decode(seq[: int(idx[0])].tolist())
         assert answer.strip() in before  # planted earlier: retrieval, not guessing
-        if kind != "copy":  # the answer tokens are those the eval's prompt (cue, no answer) is followed by
-            assert seq[mask].tolist() == tok.encode(" " + answer, add_special_tokens=False)
+        span, start = seq[mask].tolist(), int(idx[0])
+        if kind in ("copy", "repeat"):  # the same token ids were planted earlier
+            assert any(seq[i: i + len(span)].tolist() == span for i in range(start - len(span)))
+        else:  # the tokens the eval's prompt (which ends at the cue) is followed by
+            assert span == tok.encode(" " + answer, add_special_tokens=False)
 
 
 def test_curriculum_trains_short_first_at_constant_tokens_per_step():
