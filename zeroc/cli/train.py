@@ -12,7 +12,8 @@ _FIELDS = {"minutes": "minutes", "max_steps": "max_steps", "seq_len": "seq_len",
            "head_dim": "head_dim", "intermediate_size": "intermediate_size", "vocab_size": "vocab_size", "lr": "lr",
            "seed": "seed", "max_positions": "max_position_embeddings", "rope_theta": "rope_theta",
            "synthetic_fraction": "synthetic_fraction", "threads": "threads", "device": "device",
-           "warmup_steps": "warmup_steps"}
+           "warmup_steps": "warmup_steps", "init_from": "init_from", "answer_weight": "answer_weight",
+           "log_every": "log_every", "checkpoint_minutes": "checkpoint_minutes"}
 _DEFAULTS = dict(minutes=55.0, seq_len=1024, batch_size=4, lr=1.5e-3)  # the bundled model's run
 
 
@@ -22,10 +23,20 @@ def train_config(args: argparse.Namespace):
 
     fields = dict(_DEFAULTS) if args.recipe is None else dict(PRESETS[args.recipe])
     fields.update({f: getattr(args, flag) for flag, f in _FIELDS.items() if getattr(args, flag) is not None})
+    if args.curriculum is not None:
+        fields["curriculum"] = parse_curriculum(args.curriculum)
     extra = list(args.extra_corpus)
     if args.recipe is not None and args.corpus_root:
         extra += extra_corpora(args.corpus_root)
     return TrainConfig(**fields, extra_corpora=tuple(extra))
+
+
+def parse_curriculum(text: str) -> tuple[tuple[float, int], ...]:
+    """"0:256,0.3:512,0.6:2048" -> ((0.0, 256), (0.3, 512), (0.6, 2048)); "" -> no curriculum."""
+    try:
+        return tuple((float(a), int(b)) for a, b in (item.split(":") for item in text.split(",") if item))
+    except ValueError:
+        raise ValueError(f"curriculum must look like 0:256,0.3:512,0.6:2048, got {text!r}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -74,4 +85,13 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--init-from", default=None,
+                   help="continue training this model directory (keeps its tokenizer and architecture)")
+    p.add_argument("--answer-weight", type=float, default=None,
+                   help="extra loss weight on the synthetic tasks' answer tokens (0: plain next-token loss)")
+    p.add_argument("--curriculum", default=None,
+                   help="length curriculum, progress:seq_len stages, e.g. 0:256,0.3:512,0.6:2048 ('' for none)")
+    p.add_argument("--log-every", type=int, default=None, help="steps between log lines")
+    p.add_argument("--checkpoint-minutes", type=float, default=None,
+                   help="save the model every so many minutes while training")
     p.set_defaults(func=cmd_train)

@@ -40,6 +40,14 @@ PRESETS: dict[str, dict] = {
                         batch_size=2, lr=1.5e-3, warmup_steps=30),
     "longctx": dict(_COMMON, hidden_size=768, intermediate_size=1536, num_layers=8, num_heads=12, seq_len=4096,
                     batch_size=16, lr=1e-3, warmup_steps=200),
+    # The shared 2-vCPU session's run (docs/data.md, "Warm start on the CPU"): continue the bundled 12.6M model
+    # (its tokenizer, 1,024-token training) on the recipe's text with mostly synthetic sequences, short ones
+    # first, the answers' tokens weighted 5x; a 2,048-token step of 1 row, shorter stages fill it with more rows.
+    # 34 minutes (410 steps) did not reach retrieval: a starting point for a longer run, not a finished recipe.
+    "longctx-warm": dict(init_from="models/zeroc-tiny", seq_len=2048, batch_size=1, synthetic_fraction=0.9,
+                         curriculum=((0.0, 128), (0.35, 256), (0.55, 512), (0.7, 1024), (0.85, 2048)),
+                         answer_weight=5.0, lr=1.5e-3, warmup_steps=10, minutes=34.0, weight_decay=0.1,
+                         checkpoint_minutes=8.0),
 }
 
 

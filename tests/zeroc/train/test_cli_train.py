@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from zeroc.cli import build_parser
 from zeroc.cli.train import train_config
 from zeroc.train.recipe import PACKAGES, PRESETS
@@ -24,3 +26,14 @@ def test_without_a_recipe_the_bundled_models_settings_hold():
     assert (cfg.seq_len, cfg.batch_size, cfg.minutes, cfg.synthetic_fraction, cfg.extra_corpora) == (1024, 4, 55.0,
                                                                                                       0.0, ())
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_kv_heads) == (384, 6, 2)
+
+
+def test_warm_start_recipe_and_curriculum_flags():
+    cfg = train_config(build_parser().parse_args(["train", "--recipe", "longctx-warm", "--init-from", "/m",
+                                                  "--answer-weight", "2", "--curriculum", "0:128,0.5:1024"]))
+    assert (cfg.init_from, cfg.answer_weight, cfg.curriculum) == ("/m", 2.0, ((0.0, 128), (0.5, 1024)))
+    assert train_config(build_parser().parse_args(["train", "--recipe", "longctx-warm"])).curriculum[-1] == (0.85, 2048)
+    assert train_config(build_parser().parse_args(["train", "--recipe", "longctx-warm", "--curriculum", ""])
+                        ).curriculum == ()
+    with pytest.raises(ValueError, match="curriculum"):
+        train_config(build_parser().parse_args(["train", "--curriculum", "0-128"]))

@@ -82,12 +82,14 @@ def test_synthetic_sequences_end_with_an_answer_planted_far_back(tmp_path):
     stream = torch.tensor(tok.encode(BUNDLED_CALIB.read_text()[:60_000]))
     rng = random.Random(0)
     for _ in range(16):
-        seq, answer = synthetic_sequence(tok, stream, 1024, rng)
-        assert seq.shape == (1024,)
+        seq, answer, mask = synthetic_sequence(tok, stream, 1024, rng)
+        assert seq.shape == mask.shape == (1024,)
         text = tok.decode(seq.tolist())
         tail = text[-len(answer) - 40:]
         assert answer.strip() in tail  # the sequence ends with the answer...
         assert answer.strip() in text[: text.rindex(answer.strip())]  # ...which was planted before
     batch = sample_batch(tok, stream, 8, 512, 0.5, random.Random(1))
-    assert batch.shape == (8, 512)
-    assert torch.equal(batch, sample_batch(tok, stream, 8, 512, 0.5, random.Random(1)))
+    assert batch.ids.shape == batch.answer_mask.shape == (8, 512)
+    again = sample_batch(tok, stream, 8, 512, 0.5, random.Random(1))
+    assert torch.equal(batch.ids, again.ids) and torch.equal(batch.answer_mask, again.answer_mask)
+    assert all(bool(m.any()) == bool(k) for m, k in zip(batch.answer_mask, batch.kinds))  # plain rows: no answer
