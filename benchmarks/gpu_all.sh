@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU run (one lent H100/H200): the attention kernels against SDPA and the copy rate, the Engine
 # against its bandwidth floor, and the whole service stack on CUDA. Each part is time-boxed; results go to $OUT.
-#   bash benchmarks/gpu_all.sh [kernels] [engine] [serve]      (default: all three, in that order)
+#   bash benchmarks/gpu_all.sh [kernels] [engine] [serve] [gateway]   (default: the first three, in that order)
+# `gateway` runs the OpenAI gateway against gRPC on the device machine's 16 CPU cores (the model on the CPU),
+# where the gateway has cores of its own: what the 2-vCPU development VM cannot resolve.
 # Wheels the device image lacks travel in .whl/ (see docs/benchmarks.md, "GPU runs").
 set -u
 OUT=${OUT:-/tmp/zeroc-gpu}
@@ -26,5 +28,9 @@ for part in $parts; do
                  echo "== engine rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/engine.txt" ;;
         serve)   timeout 200 python3 benchmarks/gpu_serve.py --dtype bfloat16 > "$OUT/gpu_serve.txt" 2>&1
                  echo "== serve rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/gpu_serve.txt" ;;
+        gateway) timeout 240 python3 -m zeroc.cli bench gateway --requests 64 --rounds 8 --pairs 40 --json \
+                     > "$OUT/gateway.json" 2> "$OUT/gateway.txt"
+                 echo "== gateway rc=$? $(( $(date +%s) - start )) s"; tail -12 "$OUT/gateway.txt"
+                 python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d[k] for k in ('throughput_ratio', 'ttft_p50_delta_ms', 'unloaded_ttft_delta_ms')}, d['backends'])" "$OUT/gateway.json" ;;
     esac
 done
