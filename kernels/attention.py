@@ -78,6 +78,11 @@ class AttentionBackend(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
+    def __deepcopy__(self, memo: dict) -> "AttentionBackend":
+        # A backend keeps no per-model state, at most a loaded kernel module (which cannot be copied): a deep
+        # copy of a model (a checkpoint taken while it trains, say) shares its backend.
+        return self
+
 
 class TorchBackend(AttentionBackend):
     """The PyTorch references: the CPU path, and the oracle every other backend is tested against."""

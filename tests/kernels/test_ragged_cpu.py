@@ -5,6 +5,7 @@ pools and bf16 through the `cpu` backend."""
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 from pathlib import Path
@@ -138,3 +139,12 @@ def test_bad_batches_are_value_errors_naming_the_field(kernel):
         ragged_paged_attention(kernel, q, k, k, torch.tensor([[0]]), torch.tensor([3]), torch.tensor([0, 2]), 0.1)
     with pytest.raises(ValueError, match="cpu"):
         select_backend("cpu", "cuda")
+
+
+def test_a_model_on_the_cpu_backend_deep_copies_and_shares_it():
+    """Training checkpoints deep-copy the model; the backend holds the kernel's module, which cannot be copied."""
+    backend = CpuBackend()
+    model = torch.nn.Linear(2, 2)
+    model.backend = backend
+    clone = copy.deepcopy(model)
+    assert clone.backend is backend and clone.weight is not model.weight
