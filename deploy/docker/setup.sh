@@ -20,8 +20,13 @@ os_packages() {
         pkgs="python3"
         [ "$1" = build ] && pkgs="$pkgs python3-venv"
     fi
-    # the cpu image compiles its ragged CPU attention kernel at build time (zeroc_kernels/ragged_cpu.py)
-    [ "$1" = build ] && ! command -v g++ > /dev/null && pkgs="$pkgs g++"
+    # the cpu image compiles its ragged CPU attention kernel at build time (zeroc_kernels/ragged_cpu.py): g++, and
+    # Python.h (torch's extension headers include it), which the distribution's python3 ships in python3-dev
+    if [ "$1" = build ]; then
+        command -v g++ > /dev/null || pkgs="$pkgs g++"
+        inc=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2> /dev/null || echo /nonexistent)
+        [ -f "$inc/Python.h" ] || pkgs="$pkgs python3-dev"
+    fi
     if [ -n "$pkgs" ]; then apt_install $pkgs; fi
 }
 
