@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -22,10 +23,12 @@ from zeroc_kernels.ragged_cpu import build_ragged_kernel, cpu_isa, kernel_dir, l
 
 @pytest.fixture(scope="module")
 def kernel():
-    if shutil.which("c++") is None:  # only a machine without a compiler may lack the kernel
+    # the compilers build_ragged_kernel looks for; only a machine with none of them may lack the kernel (the
+    # fallback it then takes is tested below, with a compiler that does not exist)
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no C++ compiler: the cpu backend falls back to the references")
     kernel = load_ragged_kernel()
-    assert kernel is not None, "g++ is here, so the kernel must build"
+    assert kernel is not None, "a compiler is here, so the kernel must build"
     return kernel
 
 
@@ -148,3 +151,14 @@ def test_a_model_on_the_cpu_backend_deep_copies_and_shares_it():
     model.backend = backend
     clone = copy.deepcopy(model)
     assert clone.backend is backend and clone.weight is not model.weight
+
+
+def test_without_a_compiler_auto_falls_back_to_the_references(tmp_path, monkeypatch):
+    """No build in ZEROC_KERNEL_DIR and no compiler: `auto` serves with the PyTorch references, `cpu` is a clear
+    ValueError."""
+    monkeypatch.setenv("ZEROC_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    assert load_ragged_kernel() is None
+    assert select_backend("auto", "cpu").name == "torch"
+    with pytest.raises(ValueError, match="could not be built"):
+        select_backend("cpu", "cpu")
