@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from kv_store.store import KvStore, PrefixPlan
-from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.config import CacheConfig, SchedulerConfig, ThreadsConfig
+from zeroc.cpu_threads import enter_engine_thread
 from zeroc.caches import paged_cache
 from zeroc.kv_cache import PagedBatch, layer_shapes
 from zeroc.kv_transfer import KvTransferError, encode_layer_wire
@@ -69,8 +70,10 @@ class PrefillWorker:
     """Collects concurrent prompts into one ragged forward (up to the scheduler's token budget)."""
 
     def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig,
-                 store: KvStore | None = None):
+                 store: KvStore | None = None, threads: ThreadsConfig | None = None):
+        """`threads`: the worker thread's intra-op threads and cores (None: leave PyTorch's as they are)."""
         self.model, cfg = loaded.model, loaded.config
+        self.threads = threads
         self.kv_store = store  # blocks this service computed, kept for later prompts sharing a prefix
         self.sched = scheduler
         shapes = layer_shapes(cfg)
@@ -118,6 +121,8 @@ class PrefillWorker:
         return [j for j in batch if not j.cancelled.is_set()]
 
     def _run(self) -> None:
+        if self.threads is not None:
+            enter_engine_thread(self.threads)
         while (batch := self._take_batch()) is not None:
             if not batch:
                 continue

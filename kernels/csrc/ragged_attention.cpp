@@ -395,21 +395,24 @@ torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, tor
   check_tables(a, num_seqs, k_cache.size(0), q.size(0));
   const std::vector<Item> items = plan_items(a, num_seqs, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
-  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t begin, int64_t end) {
+  const int workers = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()))));
+  // A plain OpenMP region, not at::parallel_for: that one is inline code, so this library would carry its own
+  // copy of torch's per-thread "pool initialised" flag, and its first call on a thread would reset the
+  // thread's pool to torch's process default (one thread in a service; zeroc/cpu_threads.py).
+#pragma omp parallel num_threads(workers)
+  {
     std::vector<float> buf;
-    for (int64_t w = begin; w < end; ++w) {
-      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
-        if (items[i].rows > 1) {
-          attend_tile(a, items[i], buf);
-        } else if (a.dv % kLanes == 0) {
-          attend_decode(a, items[i], buf);
-        } else {
-          attend_vectors(a, items[i], buf);
-        }
+    for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
+      if (items[i].rows > 1) {
+        attend_tile(a, items[i], buf);
+      } else if (a.dv % kLanes == 0) {
+        attend_decode(a, items[i], buf);
+      } else {
+        attend_vectors(a, items[i], buf);
       }
     }
-  });
+  }
   return out;
 }
 

@@ -42,3 +42,47 @@ def test_entering_sets_the_calling_threads_pool():
     t.start()
     t.join()
     assert seen == [1]
+
+
+_ONLY_THE_ENGINE_RUNS_PARALLEL = """
+import threading, torch
+from zeroc.config import BUNDLED_MODEL, ThreadsConfig
+from zeroc.cpu_threads import enter_engine_thread, serial_by_default
+from zeroc.engine import Engine, SamplingParams
+from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.loader import load_model
+
+serial_by_default()
+loaded = load_model(BUNDLED_MODEL, attention_backend="{backend}")
+seen = {{}}
+
+def engine_thread():
+    enter_engine_thread(ThreadsConfig(engine=2))
+    engine = Engine(loaded, CacheConfig(16, num_blocks=64), SchedulerConfig(enforce_eager=True))
+    engine.generate([list(range(4, 60))], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    seen["engine"] = torch.get_num_threads()
+
+def other_thread():
+    torch.ones(1 << 20).sum()  # its first parallel op sets up its pool from the default
+    seen["other"] = torch.get_num_threads()
+
+for target in (engine_thread, other_thread):
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+seen["main"] = torch.get_num_threads()
+print(seen)
+"""
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_only_the_engine_thread_runs_parallel_work(backend):
+    # In a child: the setting is process-wide. "auto" runs the ragged C++ kernel where it builds, whose first
+    # parallel call on a thread used to reset that thread's pool to the process default (one).
+    import subprocess
+    import sys
+
+    code = _ONLY_THE_ENGINE_RUNS_PARALLEL.format(backend=backend)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "{'engine': 2, 'other': 1, 'main': 1}"
