@@ -18,6 +18,7 @@ server's RSS (all its processes) and its token capacity.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -107,13 +108,34 @@ def openai_streamer(base: str, model: str):
     return stream
 
 
-def online(stream, args) -> list[dict]:
+@contextlib.contextmanager
+def competing_load(procs: int) -> Iterator[None]:
+    """`procs` processes that each keep one core busy (a pure-Python spin, like a build or test job beside the
+    server), running while the block runs."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(procs)]
+    try:
+        time.sleep(0.5)  # let them get going
+        yield
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+def online(stream, args, loaded: bool = False) -> list[dict]:
+    """Closed-loop rows at each concurrency; with `loaded` (and --competing-load N), each concurrency runs a
+    second time beside N busy processes, as a row with "competing_load": N."""
     list(stream(prompts(1, args.prompt_tokens, args.vocab, seed=99)[0], 4))  # warm-up
     rows = []
     for c in args.concurrency:
         reqs = prompts(c * args.requests_per_client, args.prompt_tokens, args.vocab, seed=c)
         rows.append(asdict(run_closed_loop(stream, c, reqs, args.new_tokens)))
         print(json.dumps(rows[-1]), flush=True)
+        if loaded and args.competing_load:
+            with competing_load(args.competing_load):
+                rows.append({**asdict(run_closed_loop(stream, c, reqs, args.new_tokens)),
+                             "competing_load": args.competing_load})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -134,7 +156,7 @@ def vllm_online(py: Path, args) -> dict:
                 if proc.poll() is not None:
                     raise SystemExit(f"vllm serve exited; log {log}")
                 time.sleep(2)
-        rows = online(openai_streamer(base, str(BUNDLED_MODEL)), args)
+        rows = online(openai_streamer(base, str(BUNDLED_MODEL)), args, loaded=True)
         cap = re.search(r"KV cache size: ([\d,]+) tokens", log.read_text(errors="replace"))
         return {"rows": rows, "rss_bytes": rss_bytes(proc.pid),
                 "token_capacity": int(cap.group(1).replace(",", "")) if cap else None}
@@ -143,8 +165,8 @@ def vllm_online(py: Path, args) -> dict:
         proc.wait(60)
 
 
-def zeroc_online(target: str, pids: list[int], args) -> dict:
-    rows = online(zeroc_streamer(target), args)
+def zeroc_online(target: str, pids: list[int], args, loaded: bool = False) -> dict:
+    rows = online(zeroc_streamer(target), args, loaded)
     with Client(target) as c:
         capacity = c.model_info().kv_token_capacity
     return {"rows": rows, "rss_bytes": sum(rss_bytes(p) for p in pids), "token_capacity": capacity}
@@ -173,13 +195,7 @@ def zeroc_model_05(build_dir: str) -> str:
     return str(prepare_model(method_by_name("zeroc-0.5"), BUNDLED_MODEL, BUNDLED_CALIB, build_dir))
 
 
-def run(args) -> dict:
-    py = ensure_vllm(Path(args.vllm_venv), args.torch_wheel)
-    half = zeroc_model_05(args.build_dir)
-    reqs = prompts(args.prompts, args.prompt_tokens, args.vocab, seed=0)
-    env = {"OMP_NUM_THREADS": str(args.threads)}
-    cache = ["--cache-bytes", f"{args.kv_gib}G"]
-    out: dict = {"settings": vars(args), "offline": {}, "online": {}}
+def offline(py: Path, half: str, reqs: list[list[int]], args, out: dict) -> None:
     done = subprocess.run([str(py), "-c", VLLM_OFFLINE, str(BUNDLED_MODEL), json.dumps(reqs), str(args.new_tokens)],
                           capture_output=True, text=True, env=vllm_env(args.kv_gib, args.threads))
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -187,14 +203,27 @@ def run(args) -> dict:
     out["offline"]["zeroc"] = zeroc_offline(str(BUNDLED_MODEL), args, reqs)
     out["offline"]["zeroc-0.5"] = zeroc_offline(half, args, reqs)
     print(json.dumps(out["offline"]), flush=True)
+
+
+def run(args) -> dict:
+    py = ensure_vllm(Path(args.vllm_venv), args.torch_wheel)
+    half = zeroc_model_05(args.build_dir)
+    reqs = prompts(args.prompts, args.prompt_tokens, args.vocab, seed=0)
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    cache = ["--cache-bytes", f"{args.kv_gib}G"]
+    out: dict = {"settings": vars(args), "offline": {}, "online": {}}
+    if "offline" not in args.skip:
+        offline(py, half, reqs, args, out)
     out["online"]["vllm"] = vllm_online(py, args)
     svc = ServiceProcess("decode", ["--colocated", "--redis-url", "off", *cache], env=env)
     try:
         svc.wait_serving()
-        out["online"]["zeroc colocated"] = zeroc_online(svc.address, [svc.proc.pid], args)
+        out["online"]["zeroc colocated"] = zeroc_online(svc.address, [svc.proc.pid], args, loaded=True)
     finally:
         svc.stop()
     for name, model in (("zeroc stack", str(BUNDLED_MODEL)), ("zeroc stack, ZeroC-0.5", half)):
+        if "stack" in args.skip:
+            break
         with Stack(1, ["--model", model, *cache], env=env) as stack:
             pids = [s.proc.pid for s in stack.services]  # the embedded Redis index is left out
             out["online"][name] = zeroc_online(stack.decode[0], pids, args)
@@ -206,7 +235,8 @@ def table(out: dict) -> str:
              "token capacity |", "|---|---|---|---|---|---|---|"]
     for name, res in out["online"].items():
         for r in res["rows"]:
-            lines.append(f"| {name} | {r['concurrency']} | {r['output_tok_s']:.0f} | {r['ttft_ms_mean']:.0f} / "
+            load = f" + {r['competing_load']} busy" if r.get("competing_load") else ""
+            lines.append(f"| {name}{load} | {r['concurrency']} | {r['output_tok_s']:.0f} | {r['ttft_ms_mean']:.0f} / "
                          f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['tpot_ms_mean']:.1f} / "
                          f"{r['tpot_ms_p50']:.1f} / {r['tpot_ms_p99']:.1f} | {res['rss_bytes'] / 2**30:.2f} | "
                          f"{res['token_capacity']} |")
@@ -228,6 +258,9 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--kv-gib", type=int, default=1, help="KV cache bytes of every server, GiB")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
+    ap.add_argument("--competing-load", type=int, default=0, metavar="N",
+                    help="also run vLLM and the colocated service beside N busy processes (one core each)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["offline", "stack"], help="parts not to run")
     ap.add_argument("--quick", action="store_true", help="2 requests per client, 16 offline prompts")
     ap.add_argument("--out", default="", help="write the results here as JSON")
     args = ap.parse_args()

@@ -26,10 +26,27 @@ def test_thread_count_setting_then_omp_then_cores():
 
 
 def test_the_setting_has_an_environment_equivalent_and_is_checked():
-    cfg = ZeroCConfig.from_env(env={"ZEROC_THREADS_ENGINE": "1", "ZEROC_THREADS_PIN": "0"})
-    assert cfg.threads == ThreadsConfig(engine=1, pin=False)
+    cfg = ZeroCConfig.from_env(env={"ZEROC_THREADS_ENGINE": "1", "ZEROC_THREADS_PIN": "0",
+                                    "ZEROC_THREADS_SPIN_COUNT": "500"})
+    assert cfg.threads == ThreadsConfig(engine=1, pin=False, spin_count=500)
     with pytest.raises(ValueError, match="threads.engine"):
         ThreadsConfig(engine=-1)
+    with pytest.raises(ValueError, match="threads.spin_count"):
+        ThreadsConfig(spin_count=-1)
+
+
+def test_a_service_sets_the_spin_count_before_torch_loads_libgomp():
+    # libgomp reads GOMP_SPINCOUNT once, when torch loads it: `zeroc serve` sets it after reading its config,
+    # which must not have imported torch by then.
+    import subprocess
+    import sys
+
+    code = ("import sys; from zeroc import cli; from zeroc.cli import common, serve; "
+            "serve.cmd_serve = lambda args: print('torch' in sys.modules, common.service_config(args).threads); "
+            "cli.main(['serve', 'decode', '--colocated'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"False {ThreadsConfig()}"
 
 
 def test_entering_sets_the_calling_threads_pool():

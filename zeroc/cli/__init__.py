@@ -17,10 +17,10 @@ from zeroc.config import ZeroCError
 GROUPS = (train, calibrate, eval, bench, generate, serve, stack, health)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(groups: tuple = GROUPS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zeroc", description="ZeroC serving: compressed-KV LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in GROUPS:
+    for group in groups:
         group.add_arguments(sub)
     return parser
 
@@ -28,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Container health checks run `zeroc health` every few seconds: it parses alone, since the full parser
-    # imports torch (the bench group) and a probe must cost well under a second.
-    parser = health.standalone_parser() if argv[:1] == ["health"] else build_parser()
+    # imports torch (the bench group) and a probe must cost well under a second. `zeroc serve` parses alone
+    # too: it sets libgomp's settings before torch loads (zeroc/cli/serve.py).
+    if argv[:1] == ["health"]:
+        parser = health.standalone_parser()
+    else:
+        parser = build_parser((serve,) if argv[:1] == ["serve"] else GROUPS)
     args = parser.parse_args(argv)
     args.argv = argv[2:] if argv[:2] == ["eval", "quality"] else argv
     try:

@@ -14,10 +14,12 @@ from zeroc.config import ZeroCError
 def cmd_serve(args: argparse.Namespace) -> int:
     from zeroc.rpc import setup_logging
 
+    cfg = common.service_config(args)
+    # Read by libgomp when torch loads it, which has not happened yet in this process (zeroc.cli imports no torch).
+    os.environ.setdefault("GOMP_SPINCOUNT", str(cfg.threads.spin_count))
     from zeroc.cpu_threads import serial_by_default
 
     serial_by_default()  # before loading anything: only the engine thread runs parallel work
-    cfg = common.service_config(args)
     if args.what == "decode" and not args.colocated and not cfg.transfer.prefill_target:
         raise ZeroCError("serve decode needs --prefill HOST:PORT (or env ZEROC_TRANSFER_PREFILL_TARGET), "
                          "or --colocated")

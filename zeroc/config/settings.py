@@ -74,10 +74,16 @@ class ThreadsConfig:
 
     engine: int = 0  # intra-op threads of the engine; 0: OMP_NUM_THREADS if set, else the engine's cores
     pin: bool = True  # on more than two cores, pin the engine thread (and its pool) to all cores but the first
+    # How long an idle OpenMP worker spins before it sleeps (libgomp's GOMP_SPINCOUNT, which wins when set).
+    # libgomp's own default spins for milliseconds after every op, taking the cores from the other process of a
+    # stack (prefill and decode on the same cores); ops within a step follow each other within microseconds.
+    spin_count: int = 10_000
 
     def __post_init__(self) -> None:
         if self.engine < 0:
             raise ValueError(f"threads.engine must be >= 0 (0: automatic), got {self.engine}")
+        if self.spin_count < 0:
+            raise ValueError(f"threads.spin_count must be >= 0, got {self.spin_count}")
 
 
 @dataclass(frozen=True)
