@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 
 from zeroc.config import ThreadsConfig
-from zeroc.cpu_threads import enter_engine_thread
+from zeroc.cpu_threads import ThreadGovernor, enter_engine_thread
 from zeroc.engine import Engine, StepOutput
 from zeroc.sampling import SamplingParams
 
@@ -247,15 +247,17 @@ class EngineLoop:
                 self._drain()
 
     def _run(self) -> None:
+        governor = None
         if self.threads is not None:
-            enter_engine_thread(self.threads)
+            threads, _ = enter_engine_thread(self.threads)
+            governor = ThreadGovernor(threads) if self.threads.adaptive else None
         while True:
             self._wait_for_work()
             if self._stopping:
                 return
             with self._step_lock:
                 self._drain()
-                outs = self._step()
+                outs = self._governed_step(governor) if governor else self._step()
                 c = self.engine.cache
                 self._cache_stats = (c.num_blocks, c.num_free_blocks, len(self.engine.running))
             if not outs and self.engine.has_unfinished():
@@ -263,6 +265,15 @@ class EngineLoop:
                     command = self._inbox.get(timeout=_NO_FIT_WAIT_S)
                     with self._step_lock:
                         command()
+
+    def _governed_step(self, governor: ThreadGovernor) -> list[StepOutput]:
+        """A step on the thread count the governor picks."""
+        governor.choose()
+        started = time.perf_counter()
+        outs = self._step()
+        if self.engine.last_step_tokens:
+            governor.record(self.engine.last_step_tokens, time.perf_counter() - started)
+        return outs
 
     def _step(self) -> list[StepOutput]:
         try:

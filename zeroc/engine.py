@@ -92,6 +92,7 @@ class Engine:
         self.cache = paged_cache(shapes, cache or CacheConfig(), dtype, device, model=self.model)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
+        self.last_step_tokens = 0  # tokens the last step computed (decode rows plus prompt tokens)
         self._ids = itertools.count()
         self.num_preemptions = 0  # since start, for the service's metrics (a counter only this thread writes)
         self.device = device
@@ -216,6 +217,7 @@ class Engine:
         decoding = list(self.running)
         admitted = self._admit(self.sched.max_num_batched_tokens - len(decoding))
         self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
+        self.last_step_tokens = len(decoding) + sum(n for _, n in admitted)
         if not decoding and not admitted:
             return cut
         done = [seq for seq, n in admitted if seq.in_cache + n == len(seq.all_ids)]  # prompts computed in full

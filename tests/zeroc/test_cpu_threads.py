@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zeroc.config import ThreadsConfig, ZeroCConfig
-from zeroc.cpu_threads import engine_cores, engine_thread_count, enter_engine_thread
+from zeroc.cpu_threads import ThreadGovernor, engine_cores, engine_thread_count, enter_engine_thread
 
 
 @pytest.mark.parametrize("cores, pin, kept", [([0, 1], True, [0, 1]), ([0], True, [0]),
@@ -103,3 +103,60 @@ def test_only_the_engine_thread_runs_parallel_work(backend):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "{'engine': 2, 'other': 1, 'main': 1}"
+
+
+class _Machine:
+    """A clock and step times per thread count: what the governor sees of a machine."""
+
+    def __init__(self, step_s: dict[int, float]):
+        self.now, self.step_s, self.switches = 0.0, step_s, []
+
+    def run(self, governor: ThreadGovernor, steps: int, tokens: int = 1) -> list[int]:
+        used = []
+        for _ in range(steps):
+            n = governor.choose()
+            self.now += self.step_s[n]
+            governor.record(tokens, self.step_s[n])
+            used.append(n)
+        return used
+
+
+def _governor(machine: _Machine) -> ThreadGovernor:
+    return ThreadGovernor(2, probe_s=1.0, clock=lambda: machine.now, set_threads=machine.switches.append)
+
+
+def test_governor_keeps_the_whole_pool_on_a_quiet_machine():
+    m = _Machine({2: 0.0026, 1: 0.0038})
+    used = m.run(_governor(m), 2000)  # about 5 s
+    assert used[:100] == [2] * 100  # nothing to re-check in the first second
+    assert 0 < used.count(1) <= 5 * 4  # each second, a probe of one thread (plus its uncounted first step)
+    assert used[-50:] == [2] * 50
+
+
+def test_governor_drops_to_one_thread_under_a_competing_load_and_comes_back():
+    m = _Machine({2: 0.015, 1: 0.0036})  # beside a busy process, two threads wait for a preempted worker
+    g = _governor(m)
+    used = m.run(g, 1000)
+    assert used[-500:].count(1) > 480 and g.mode == 1
+    m.step_s = {2: 0.0026, 1: 0.0038}  # the load went away
+    used = m.run(g, 1000)
+    assert used[-500:].count(2) > 480 and g.mode == 2
+    assert m.switches[0] == 1 and set(m.switches) == {1, 2}
+
+
+def test_governor_compares_steps_of_the_same_size_only():
+    # Probes on one thread that happen to be small steps must not beat large steps on two.
+    m = _Machine({2: 0.010, 1: 0.004})
+    g = _governor(m)
+    for _ in range(400):
+        n = g.choose()
+        tokens = 1 if n == 1 else 256  # one thread only ever sees tiny steps
+        m.now += 0.01
+        g.record(tokens, 0.004 if n == 1 else 0.010)
+    assert g.mode == 2
+
+
+def test_governor_does_nothing_with_one_thread():
+    m = _Machine({1: 0.004})
+    assert set(m.run(ThreadGovernor(1, clock=lambda: m.now, set_threads=m.switches.append), 1000)) == {1}
+    assert m.switches == []

@@ -78,6 +78,9 @@ class ThreadsConfig:
     # libgomp's own default spins for milliseconds after every op, taking the cores from the other process of a
     # stack (prefill and decode on the same cores); ops within a step follow each other within microseconds.
     spin_count: int = 10_000
+    # Step by step, run the engine on its whole pool or on one thread, whichever the recent steps of that size
+    # measured faster: one thread wins while other processes hold the cores (zeroc/cpu_threads.py).
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.engine < 0:
