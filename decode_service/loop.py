@@ -250,7 +250,8 @@ class EngineLoop:
         governor = None
         if self.threads is not None:
             threads, _ = enter_engine_thread(self.threads)
-            governor = ThreadGovernor(threads) if self.threads.adaptive else None
+            on_cpu = torch.device(self.engine.device).type == "cpu"  # on a GPU the host threads barely matter
+            governor = ThreadGovernor(threads) if self.threads.adaptive and on_cpu else None
         while True:
             self._wait_for_work()
             if self._stopping:
