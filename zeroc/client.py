@@ -5,7 +5,8 @@ A client talks to one replica or several: a list of addresses, or one gRPC targe
 (``dns:///decode.svc:50051``, ``ipv4:10.0.0.1:50051,10.0.0.2:50051``). Calls are spread over the
 replicas by gRPC's own ``round_robin`` policy, which also skips replicas of such a set whose health
 check does not say SERVING (loading, draining). A call that fails with UNAVAILABLE before its first token (a replica
-starting, restarting, draining or gone) is retried, landing on the next replica, with exponential
+starting, restarting, draining or gone), or with CANCELLED before any replica accepted it (a server shutting
+down), is retried, landing on the next replica, with exponential
 backoff; once tokens have flowed, errors surface as-is so no output is ever duplicated. `timeout`
 bounds a call with all its retries. Errors are raised as `ClientError` carrying the gRPC code.
 
@@ -90,10 +91,13 @@ class _Deadline:
 
 
 def _retry_delay(exc: grpc.RpcError, started: bool, delays, deadline: _Deadline, replica: str = "") -> float:
-    """Seconds to wait before retrying; raises the call's `ClientError` to give up. Only UNAVAILABLE before
-    the first token is retried (after that, a retry would repeat tokens the caller already has), and only
-    while the deadline leaves room for the wait."""
-    delay = next(delays, None) if exc.code() == grpc.StatusCode.UNAVAILABLE and not started else None
+    """Seconds to wait before retrying; raises the call's `ClientError` to give up. Only a call no replica ran
+    is retried: UNAVAILABLE before the first token (after that, a retry would repeat tokens the caller already
+    has), or CANCELLED before any replica accepted it. A server that shuts down cancels the calls it had
+    received but not yet handed to a handler, with CANCELLED rather than UNAVAILABLE (grpc/grpc#41785); this
+    client cancels its own calls only after it stopped reading. Only while the deadline leaves room."""
+    unrun = exc.code() == grpc.StatusCode.UNAVAILABLE or (exc.code() == grpc.StatusCode.CANCELLED and not replica)
+    delay = next(delays, None) if unrun and not started else None
     left = deadline.left()
     if delay is None or (left is not None and left <= delay):
         raise ClientError(exc.code(), exc.details(), replica) from None

@@ -25,6 +25,7 @@ from zeroc.caches import paged_cache
 from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
+from zeroc.model import compile_feed_forward
 from zeroc.sampling import FAILED, SamplingBatch, SamplingParams, make_generator, sample_batch
 from zeroc.tokenizer import IncrementalDetokenizer
 
@@ -85,6 +86,8 @@ class Engine:
         self.loaded = loaded
         self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
         self.sched = scheduler or SchedulerConfig()
+        if self.sched.compile_layers:
+            compile_feed_forward(self.model)
         cfg = self.model_config
         shapes = layer_shapes(cfg)
         dtype = next(self.model.parameters()).dtype

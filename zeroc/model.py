@@ -214,7 +214,19 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, rope: RopeTables, attend: Attend) -> Tensor:
         h = x + self.self_attn(self.index, self.input_layernorm(x), rope, attend)
+        return self.feed_forward(h)
+
+    def feed_forward(self, h: Tensor) -> Tensor:
+        """h + MLP(norm(h)). h: [*, hidden] -> [*, hidden]. What `compile_feed_forward` hands to torch.compile."""
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def compile_feed_forward(model: nn.Module) -> None:
+    """torch.compile each layer's norm + MLP, with dynamic shapes so one graph serves every token count.
+    Attention stays eager: it calls the backend's paged kernels, which dynamo cannot trace. Idempotent."""
+    for layer in model.model.layers:
+        if "feed_forward" not in vars(layer):  # the instance attribute shadows the method once compiled
+            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True)
 
 
 class _Embedding(nn.Embedding):

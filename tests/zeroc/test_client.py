@@ -94,3 +94,38 @@ def test_unavailable_before_the_first_token_is_retried_until_the_service_is_up()
         assert len(outcome["result"].token_ids) == 3
     finally:
         svc.stop()
+
+
+class _Failed(grpc.RpcError):
+    """A call's error as the retry policy reads it: its code."""
+
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return f"{self._code.name} from the server"
+
+
+@pytest.mark.parametrize("code, started, replica, retried", [
+    (grpc.StatusCode.UNAVAILABLE, False, "", True),
+    (grpc.StatusCode.UNAVAILABLE, True, "r1", False),  # tokens flowed: a retry would repeat them
+    # A server shutting down cancels calls it received but never handed to a handler (grpc/grpc#41785): no
+    # replica accepted them, so they are retried; a call a replica had accepted is not.
+    (grpc.StatusCode.CANCELLED, False, "", True),
+    (grpc.StatusCode.CANCELLED, False, "r1", False),
+    (grpc.StatusCode.CANCELLED, True, "", False),
+    (grpc.StatusCode.INVALID_ARGUMENT, False, "", False),
+])
+def test_only_calls_no_replica_ran_are_retried(code, started, replica, retried):
+    from zeroc.client import _Deadline, _retry_delay
+
+    delays = RetryPolicy(attempts=3).delays()
+    if retried:
+        assert _retry_delay(_Failed(code), started, delays, _Deadline(10.0), replica) >= 0
+    else:
+        with pytest.raises(ClientError) as err:
+            _retry_delay(_Failed(code), started, delays, _Deadline(10.0), replica)
+        assert err.value.code == code and err.value.replica == replica

@@ -268,3 +268,17 @@ def test_running_decodes_get_a_token_every_step_while_a_long_prompt_is_chunked_i
         assert got[rid] == _alone(random_gqa, p, params).token_ids
     assert got[late] == _alone(random_gqa, long_prompt).token_ids
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_compiled_layers_generate_what_eager_layers_do():
+    # A model of its own: compiling replaces its layers' feed-forward in place, and the shared fixtures stay eager.
+    from zeroc.config import BUNDLED_MODEL
+    from zeroc.loader import load_model
+
+    loaded = load_model(BUNDLED_MODEL)
+    eager = Engine(loaded, CacheConfig(16, 256)).generate(PROMPTS, GREEDY)
+    engine = Engine(loaded, CacheConfig(16, 256), SchedulerConfig(compile_layers=True))
+    assert all("feed_forward" in vars(layer) for layer in loaded.model.model.layers)
+    compiled = engine.generate(PROMPTS, GREEDY)  # prompts of several lengths, then decode steps of 4..1 rows
+    assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
+    assert all(len(o.token_ids) == GREEDY.max_new_tokens for o in compiled)

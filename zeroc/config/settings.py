@@ -61,6 +61,9 @@ class SchedulerConfig:
     # Decode steps run eagerly instead of replaying CUDA graphs captured per batch-size bucket
     # (zeroc/decode_runner.py); graphs exist on CUDA only.
     enforce_eager: bool = False
+    # Each layer's norm + MLP through torch.compile (zeroc.model.compile_feed_forward). Off by default: on this
+    # project's 2-core CPU it made decode steps slower and only 256-token prompts faster (docs/engine.md).
+    compile_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
