@@ -52,8 +52,20 @@ VLLM_OFFLINE = textwrap.dedent("""
     t = time.perf_counter()
     outs = llm.generate(batch, sp, use_tqdm=False)
     wall = time.perf_counter() - t
-    print("RESULT " + json.dumps({"output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall}))
+    checks = [TokensPrompt(prompt_token_ids=p) for p in json.loads(sys.argv[4])]
+    greedy = llm.generate(checks, SamplingParams(max_tokens=32, ignore_eos=True, temperature=0.0), use_tqdm=False)
+    print("RESULT " + json.dumps({"output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
+                                  "greedy": [list(o.outputs[0].token_ids) for o in greedy]}))
 """)
+
+
+def greedy_prompts(n: int = 20, words: int = 48) -> list[list[int]]:
+    """`n` prompts of held-out text (token ids of the bundled tokenizer), for the greedy comparison."""
+    from zeroc.tokenizer import Tokenizer
+
+    text = (Path(BUNDLED_CALIB).parent / "heldout.txt").read_text().split()
+    tok = Tokenizer.from_dir(BUNDLED_MODEL)
+    return [tok.encode(" ".join(text[i * words:(i + 1) * words])) for i in range(n)]
 
 
 def ensure_vllm(venv: Path, torch_wheel: str) -> Path:
@@ -196,13 +208,15 @@ def zeroc_model_05(build_dir: str) -> str:
 
 
 def offline(py: Path, half: str, reqs: list[list[int]], args, out: dict) -> None:
-    done = subprocess.run([str(py), "-c", VLLM_OFFLINE, str(BUNDLED_MODEL), json.dumps(reqs), str(args.new_tokens)],
+    done = subprocess.run([str(py), "-c", VLLM_OFFLINE, str(BUNDLED_MODEL), json.dumps(reqs), str(args.new_tokens),
+                           json.dumps(greedy_prompts())],
                           capture_output=True, text=True, env=vllm_env(args.kv_gib, args.threads))
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     out["offline"]["vllm"] = json.loads(line[-1][7:]) if line else {"error": done.stderr[-2000:]}
     out["offline"]["zeroc"] = zeroc_offline(str(BUNDLED_MODEL), args, reqs)
     out["offline"]["zeroc-0.5"] = zeroc_offline(half, args, reqs)
-    print(json.dumps(out["offline"]), flush=True)
+    print(json.dumps({k: {f: x for f, x in v.items() if f != "greedy"} for k, v in out["offline"].items()}),
+          flush=True)
 
 
 def run(args) -> dict:
@@ -219,6 +233,12 @@ def run(args) -> dict:
     try:
         svc.wait_serving()
         out["online"]["zeroc colocated"] = zeroc_online(svc.address, [svc.proc.pid], args, loaded=True)
+        if out["offline"].get("vllm", {}).get("greedy"):  # the served tokens, greedy, against vLLM's
+            with Client(svc.address) as c:
+                ours = [c.generate(p, max_tokens=32, ignore_eos=True).token_ids for p in greedy_prompts()]
+            same = sum(a == b for a, b in zip(ours, out["offline"]["vllm"]["greedy"]))
+            out["greedy_identical"] = f"{same} of {len(ours)} prompts x 32 tokens"
+            print(f"greedy, served against vLLM: {out['greedy_identical']} identical", flush=True)
     finally:
         svc.stop()
     for name, model in (("zeroc stack", str(BUNDLED_MODEL)), ("zeroc stack, ZeroC-0.5", half)):
@@ -270,6 +290,8 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     print(table(out))
+    if "greedy_identical" in out:
+        print(f"\nGreedy output of the colocated service against vLLM's: {out['greedy_identical']} identical")
     return 0
 
 
