@@ -179,7 +179,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend)
         fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         if cfg.parallel.sp_ranks > 1:  # no prefix reuse across SP ranks: the store is not attached
-            worker = SpPrefillWorker(loaded, cfg.parallel.sp_ranks, cfg.dtype, cfg.transfer.timeout_s)
+            worker = SpPrefillWorker(loaded, cfg.parallel.sp_ranks, cfg.dtype, cfg.transfer.timeout_s, cfg.threads)
         else:
             store = attach_store(cfg, loaded, fingerprint, host, kv_servicer)
             worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler, store.store if store else None, cfg.threads)

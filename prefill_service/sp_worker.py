@@ -29,6 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from prefill_service.worker import DONE, PrefillJob, ship_layer
+from zeroc.config import ThreadsConfig
+from zeroc.cpu_threads import enter_engine_thread
 from zeroc.kv_transfer import KvTransferError
 from zeroc.loader import LoadedModel, load_model
 from zeroc.parallel.sequence_parallel import shard_bounds, sp_prefill
@@ -77,7 +79,10 @@ def _free_port() -> int:
 class SpPrefillWorker:
     """The PrefillWorker interface (submit, pending, stop, max_tokens, num_layers) over P ranks."""
 
-    def __init__(self, loaded: LoadedModel, world: int, dtype: str, timeout_s: float):
+    def __init__(self, loaded: LoadedModel, world: int, dtype: str, timeout_s: float,
+                 threads: ThreadsConfig | None = None):
+        """`threads`: rank 0's thread's intra-op threads (None: leave PyTorch's as they are)."""
+        self.threads = threads
         cfg = loaded.config
         if not 2 <= world <= cfg.num_attention_heads:
             raise ValueError(f"--sp must be in [2, {cfg.num_attention_heads}] (the model's query heads), got {world}")
@@ -108,6 +113,8 @@ class SpPrefillWorker:
         return self._pending.qsize()
 
     def _run(self) -> None:
+        if self.threads is not None:  # `zeroc serve` left every other thread single-threaded
+            enter_engine_thread(self.threads)
         while (job := self._pending.get()) is not None:
             if self.broken:
                 job.out.put(KvTransferError(grpc.StatusCode.UNAVAILABLE, self.broken))

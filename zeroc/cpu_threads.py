@@ -137,13 +137,11 @@ class ThreadGovernor:
         """After a probe: the count to keep, judged on the step size both counts ran most in the last while."""
         other = self.current
         since = self._last_probe - 2 * self.probe_s  # figures older than this say nothing about the load now
-
-        def recent(size: int, threads: int) -> list[float]:
-            return [t for at, t in self._times.get((size, threads), ()) if at >= since]
-        sizes = {size for size, threads in self._times if threads == other}
-        both = [(min(len(recent(z, other)), len(recent(z, self.mode))), z) for z in sizes]
-        count, size = max(both, default=(0, 0))
+        recent = {key: [t for at, t in times if at >= since] for key, times in self._times.items()}
+        # the size both counts ran most often lately; none: nothing to compare, keep the mode
+        count, size = max(((min(len(recent[z, other]), len(recent.get((z, self.mode), []))), z)
+                           for z, n in recent if n == other), default=(0, 0))
         if not count:
             return self.mode
-        faster = statistics.median(recent(size, other)) < _SWITCH_GAIN * statistics.median(recent(size, self.mode))
+        faster = statistics.median(recent[size, other]) < _SWITCH_GAIN * statistics.median(recent[size, self.mode])
         return other if faster else self.mode
