@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU training run (one lent H100/H200, one call, under 10 minutes): the long-context model of
 # docs/data.md (`zeroc train --recipe longctx`: ~47M parameters, GQA 12:4, head_dim 64, 4,096 positions, a
-# quarter synthetic long-range sequences, answer tokens weighted 5x, lengths 512 -> 1,024 -> 4,096), then its
+# quarter synthetic long-range sequences, the repeat kind drawn twice as often as each other kind (its spans of
+# uniform random tokens are the densest induction signal), answer tokens weighted 5x, lengths 512 -> 1,024 ->
+# 4,096), then its
 # passkey accuracy with `zeroc eval longctx`.
 #   Prepare here (apt works here, not there):  tools/fetch_train_corpus.sh .corpus
 #   Run there:  run(command="bash benchmarks/gpu_train_longctx.sh", carry=[".corpus"], timeout_s=600)
@@ -18,7 +20,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.lo
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 start=$(date +%s)
 timeout $(( ${MINUTES%.*} * 60 + 120 )) python3 -m zeroc.cli train --recipe longctx --corpus-root .corpus \
-    --answer-weight 5 --curriculum 0:512,0.3:1024,0.6:4096 \
+    --answer-weight 5 --kind-weights repeat=2 --curriculum 0:512,0.3:1024,0.6:4096 \
     --device cuda --minutes "$MINUTES" --out "$OUT/zeroc-longctx" --data-dir "$OUT/data" > "$OUT/train.txt" 2>&1
 echo "== train rc=$? $(( $(date +%s) - start )) s"; tail -c 600 "$OUT/train.txt"; echo
 start=$(date +%s)

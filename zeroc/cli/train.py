@@ -25,6 +25,8 @@ def train_config(args: argparse.Namespace):
     fields.update({f: getattr(args, flag) for flag, f in _FIELDS.items() if getattr(args, flag) is not None})
     if args.curriculum is not None:
         fields["curriculum"] = parse_curriculum(args.curriculum)
+    if args.kind_weights is not None:
+        fields["kind_weights"] = parse_kind_weights(args.kind_weights)
     extra = list(args.extra_corpus)
     if args.recipe is not None and args.corpus_root:
         extra += extra_corpora(args.corpus_root)
@@ -37,6 +39,21 @@ def parse_curriculum(text: str) -> tuple[tuple[float, int], ...]:
         return tuple((float(a), int(b)) for a, b in (item.split(":") for item in text.split(",") if item))
     except ValueError:
         raise ValueError(f"curriculum must look like 0:256,0.3:512,0.6:2048, got {text!r}") from None
+
+
+def parse_kind_weights(text: str) -> tuple[float, ...]:
+    """"repeat=3,kv=2" -> a weight per synthetic kind in KINDS order, 1 where unnamed; "" -> alike."""
+    from zeroc.train.synthetic import KINDS
+
+    if not text:
+        return ()
+    try:
+        named = {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+    except ValueError:
+        raise ValueError(f"kind weights must look like repeat=3,kv=2, got {text!r}") from None
+    if set(named) - set(KINDS):
+        raise ValueError(f"unknown synthetic kinds {sorted(set(named) - set(KINDS))}; known: {', '.join(KINDS)}")
+    return tuple(named.get(k, 1.0) for k in KINDS)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -89,6 +106,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
                    help="continue training this model directory (keeps its tokenizer and architecture)")
     p.add_argument("--answer-weight", type=float, default=None,
                    help="extra loss weight on the synthetic tasks' answer tokens (0: plain next-token loss)")
+    p.add_argument("--kind-weights", default=None,
+                   help="how often each synthetic kind is drawn, e.g. repeat=3,kv=2 (unnamed kinds 1)")
     p.add_argument("--curriculum", default=None,
                    help="length curriculum, progress:seq_len stages, e.g. 0:256,0.3:512,0.6:2048 ('' for none)")
     p.add_argument("--log-every", type=int, default=None, help="steps between log lines")

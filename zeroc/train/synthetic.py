@@ -6,9 +6,9 @@ Mixing a fraction of sequences whose last tokens can only be predicted from far 
 retrieval: the haystack is a random stretch of the training stream, the planted lines sit at random
 depths, and the sequence ends with a cue followed by the answer (plain next-token loss trains it).
 
-Kinds (`KINDS`): copy (a random span of the haystack is marked and repeated), repeat (the same with the
-span's tokens drawn at random from the stream: only copying predicts them, which is what forms induction
-heads fastest; the bundled 12.6M model has none), kv (several keys with
+Kinds (`KINDS`): copy (a random span of the haystack is marked and repeated), repeat (the same with up to
+half the row of tokens drawn uniformly from the vocabulary: only copying predicts them, which is what forms
+induction heads fastest; the bundled 12.6M model has none), kv (several keys with
 numbers, one asked), passkey (one number, asked), hop (a value passed along a chain of boxes, the
 last one asked: multi-hop). Held-out evaluation (`zeroc eval longctx`) builds its haystacks from the
 held-out text, which training never reads.
@@ -80,9 +80,11 @@ def synthetic_sequence(tok: Tokenizer, stream: torch.Tensor, length: int, rng: r
     -> ([length] ids, the answer's text, [length] bool: True on the answer's tokens)"""
     kind = kind or rng.choice(KINDS)
     at = rng.randrange(0, stream.numel() - length)
-    span = stream[at + length // 2: at + length // 2 + rng.randint(8, max(8, min(64, length // 3)))].tolist()
-    if kind == "repeat":
-        span = [int(stream[rng.randrange(stream.numel())]) for _ in span]
+    if kind == "repeat":  # a quarter to half the row, tokens uniform over the vocabulary (<s>, </s> excluded)
+        longest = max(8, length // 2 - 24)
+        span = [rng.randrange(2, tok.vocab_size) for _ in range(rng.randint(min(length // 4, longest), longest))]
+    else:
+        span = stream[at + length // 2: at + length // 2 + rng.randint(8, max(8, min(64, length // 3)))].tolist()
     pieces, cue, answer, after = _plan(kind, rng, span, tok, length)
     ids = [p if isinstance(p, list) else tok.encode(f"\n{p}\n", add_special_tokens=False) for p in pieces]
     tail_ids, (a0, a1) = _tail(tok, cue, answer, after)
@@ -108,13 +110,22 @@ class Batch:
     kinds: tuple[str, ...]  # per row: a synthetic kind, or "" for plain text
 
 
+def check_kind_weights(weights: tuple[float, ...]) -> None:
+    """Weights of `KINDS`, in that order; () draws every kind alike."""
+    if weights and (len(weights) != len(KINDS) or min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(f"kind weights must be {len(KINDS)} non-negative numbers ({', '.join(KINDS)}) "
+                         f"with a positive sum, got {weights}")
+
+
 def sample_batch(tok: Tokenizer, stream: torch.Tensor, batch: int, length: int, synthetic: float,
-                 rng: random.Random) -> Batch:
-    """`batch` rows of `length` tokens: each a synthetic sequence with probability `synthetic`, else a
-    random slice of `stream`."""
+                 rng: random.Random, kind_weights: tuple[float, ...] = ()) -> Batch:
+    """`batch` rows of `length` tokens: each a synthetic sequence with probability `synthetic` (its kind
+    drawn by `kind_weights`, see `check_kind_weights`), else a random slice of `stream`."""
+    check_kind_weights(kind_weights)
     rows, masks, kinds = [], [], []
     for _ in range(batch):
-        kind = rng.choice(KINDS) if rng.random() < synthetic else ""
+        synthetic_row = rng.random() < synthetic
+        kind = (rng.choices(KINDS, kind_weights)[0] if kind_weights else rng.choice(KINDS)) if synthetic_row else ""
         if kind:
             row, _, mask = synthetic_sequence(tok, stream, length, rng, kind)
         else:

@@ -33,7 +33,7 @@ from zeroc.model import Transformer
 from zeroc.tokenizer import Tokenizer
 from zeroc.train.corpus import DOC_SEPARATOR, read_documents, split_corpus
 from zeroc.train.schedule import check_curriculum, lr_at, progress, stage_at
-from zeroc.train.synthetic import KINDS, Batch, sample_batch
+from zeroc.train.synthetic import KINDS, Batch, check_kind_weights, sample_batch
 
 BOS, EOS = "<s>", "</s>"
 
@@ -67,6 +67,7 @@ class TrainConfig:
     extra_corpora: tuple[str, ...] = ()  # more text for the training split only (directories or files)
     device: str = "cpu"  # "cuda": bf16 autocast, fp32 master weights
     init_from: str = ""  # a model directory to continue from (its tokenizer and architecture; fields above unused)
+    kind_weights: tuple[float, ...] = ()  # per synthetic kind (synthetic.KINDS order); () draws them alike
     answer_weight: float = 0.0  # loss = next-token loss + answer_weight * mean loss on the synthetic answers' tokens
     curriculum: tuple[tuple[float, int], ...] = ()  # (progress at which a stage starts, seq_len); see schedule.py
     log_every: int = 10  # steps between log lines (and entries of training.json's "log")
@@ -86,6 +87,7 @@ class TrainConfig:
         if self.answer_weight < 0:
             raise ValueError(f"answer_weight must be >= 0, got {self.answer_weight}")
         check_curriculum(self.curriculum, self.seq_len)
+        check_kind_weights(self.kind_weights)
 
     def model_config(self, tokenizer: Tokenizer) -> ModelConfig:
         return ModelConfig(
@@ -228,7 +230,8 @@ def train(corpus: Path, out_dir: Path, data_dir: Path | None, cfg: TrainConfig) 
     bar = tqdm(total=100, desc="train", unit="%")
     while frac < 1.0:
         seq_len, batch_size = stage_at(frac, cfg.curriculum, cfg.seq_len, cfg.batch_size)
-        batch = sample_batch(tokenizer, stream, batch_size, seq_len + 1, cfg.synthetic_fraction, rng)
+        batch = sample_batch(tokenizer, stream, batch_size, seq_len + 1, cfg.synthetic_fraction, rng,
+                             cfg.kind_weights)
         batch = Batch(batch.ids.to(cfg.device), batch.answer_mask.to(cfg.device), batch.kinds)
         lr = lr_at(frac, step, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in opt.param_groups:

@@ -37,3 +37,15 @@ def test_warm_start_recipe_and_curriculum_flags():
                         ).curriculum == ()
     with pytest.raises(ValueError, match="curriculum"):
         train_config(build_parser().parse_args(["train", "--curriculum", "0-128"]))
+
+
+def test_kind_weights_flag_names_kinds_and_rejects_unknown_ones():
+    from zeroc.train.synthetic import KINDS
+
+    cfg = train_config(build_parser().parse_args(["train", "--kind-weights", "repeat=3,kv=0.5"]))
+    assert cfg.kind_weights == tuple({"repeat": 3.0, "kv": 0.5}.get(k, 1.0) for k in KINDS)
+    assert train_config(build_parser().parse_args(["train", "--kind-weights", ""])).kind_weights == ()
+    for bad, match in (("needle=2", "unknown synthetic kinds"), ("repeat:3", "kind weights"),
+                       ("repeat=-1", "kind weights")):
+        with pytest.raises(ValueError, match=match):
+            train_config(build_parser().parse_args(["train", "--kind-weights", bad]))

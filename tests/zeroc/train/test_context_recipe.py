@@ -12,7 +12,7 @@ from zeroc.config import BUNDLED_CALIB, BUNDLED_MODEL
 from zeroc.loader import load_model
 from zeroc.tokenizer import Tokenizer
 from zeroc.train.schedule import check_curriculum, lr_at, progress, stage_at
-from zeroc.train.synthetic import KINDS, synthetic_sequence
+from zeroc.train.synthetic import KINDS, sample_batch, synthetic_sequence
 from zeroc.train.trainer import TrainConfig, train
 
 
@@ -39,6 +39,22 @@ def test_answer_mask_covers_exactly_the_answer_tokens(tok_stream, kind):
             assert any(seq[i: i + len(span)].tolist() == span for i in range(start - len(span)))
         else:  # the tokens the eval's prompt (which ends at the cue) is followed by
             assert span == tok.encode(" " + answer, add_special_tokens=False)
+
+
+def test_kind_weights_choose_the_synthetic_kinds_and_repeat_spans_are_long(tok_stream):
+    tok, stream = tok_stream
+    only_repeat = tuple(float(k == "repeat") for k in KINDS)
+    batch = sample_batch(tok, stream, 12, 256, 1.0, random.Random(0), only_repeat)
+    assert batch.kinds == ("repeat",) * 12
+    # the second copy is the answer: spans reach half the row, so most repeat rows train induction densely
+    assert all(256 // 4 <= int(m.sum()) <= 256 // 2 - 24 for m in batch.answer_mask)
+    vocab = torch.cat([row[m] for row, m in zip(batch.ids, batch.answer_mask)])
+    assert vocab.min() >= 2 and vocab.unique().numel() > 0.9 * vocab.numel()  # uniform: few repeats, no <s> / </s>
+    for length in (48, 64, 100):  # the shortest rows still fit a repeat sequence
+        assert sample_batch(tok, stream, 4, length, 1.0, random.Random(length), only_repeat).ids.shape == (4, length)
+    assert set(sample_batch(tok, stream, 40, 256, 1.0, random.Random(1)).kinds) == set(KINDS)  # () draws all
+    with pytest.raises(ValueError, match="kind weights"):
+        sample_batch(tok, stream, 1, 256, 1.0, random.Random(0), (1.0, 2.0))
 
 
 def test_curriculum_trains_short_first_at_constant_tokens_per_step():
