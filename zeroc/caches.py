@@ -41,14 +41,15 @@ def paged_cache(shapes: list[LayerShape], cfg: CacheConfig, dtype: torch.dtype, 
 
 
 def sequence_blocks(cfg: ModelConfig, block_size: int, tokens: int, cache: CacheConfig | None = None,
-                    dtype: torch.dtype = torch.float32) -> int:
+                    dtype: torch.dtype = torch.float32, step: int = 1) -> int:
     """Blocks one sequence of up to `tokens` tokens holds in the cache `cache` names for the model `cfg`
     (default: its plain cache), the blocks its policy borrows included (a token tier's rows, KIVI's tail,
-    SnapKV's queries): what sizing a cache for whole sequences needs."""
+    SnapKV's queries) at any moment of a step of up to `step` tokens: what sizing a cache for whole
+    sequences needs (a chunked prefill passes its chunk)."""
     policy = cache_policy(cache or CacheConfig(block_size=block_size), cfg)
     if policy is None:
         return -(-tokens // block_size)
-    return policy.sequence_blocks(cfg, layer_shapes(cfg), block_size, tokens, dtype)
+    return policy.sequence_blocks(cfg, layer_shapes(cfg), block_size, tokens, dtype, step)
 
 
 def kv_footprint(cache: PagedKVCache, model: ModelConfig, cfg: CacheConfig) -> tuple[float, float]:

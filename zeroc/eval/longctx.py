@@ -100,7 +100,7 @@ def generate_paged(model: Transformer, samples: list[Sample], cache: CacheConfig
     for first in range(0, len(samples), batch_size):
         group = samples[first: first + batch_size]
         longest = max(len(s.prompt) + s.max_new for s in group)
-        blocks = sequence_blocks(cfg, cache.block_size, longest, cache, param.dtype) * len(group)
+        blocks = sequence_blocks(cfg, cache.block_size, longest, cache, param.dtype, step=chunk) * len(group)
         kv = paged_cache(layer_shapes(cfg), replace(cache, num_blocks=blocks, num_bytes=0), param.dtype,
                          param.device, model=model)
         out += _generate_group(model, kv, group, chunk)

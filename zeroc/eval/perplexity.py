@@ -155,7 +155,7 @@ def perplexity_prefill(model: Transformer, tokens: Tensor, prefill: int, score: 
         raise ValueError(f"the text holds no full window of prefill + score = {span} tokens")
     cfg, param = model.config, next(model.parameters())
     cache = cache or CacheConfig()
-    blocks = sequence_blocks(cfg, cache.block_size, span, cache, param.dtype)
+    blocks = sequence_blocks(cfg, cache.block_size, span, cache, param.dtype, step=max(chunk, score - 1))
     per_window = []
     for first in tqdm(range(0, len(wins), batch_size), desc="ppl (prefill)", unit="batch", disable=not progress):
         group = wins[first: first + batch_size]

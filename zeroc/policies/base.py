@@ -171,15 +171,17 @@ class KVMethod(abc.ABC):
         return cls(budget=budget, **fixed)
 
     def borrowed_blocks(self, cfg: ModelConfig, shapes: list[LayerShape], block_size: int, tokens: int,
-                        dtype: torch.dtype) -> int:
-        """The most blocks one sequence of up to `tokens` tokens borrows besides its token blocks."""
+                        dtype: torch.dtype, step: int = 1) -> int:
+        """The most blocks one sequence of up to `tokens` tokens borrows besides its token blocks, at any
+        moment of a step that adds up to `step` tokens (a chunked prefill's chunk; 1 token by token)."""
         return 0
 
     def sequence_blocks(self, cfg: ModelConfig, shapes: list[LayerShape], block_size: int, tokens: int,
-                        dtype: torch.dtype) -> int:
-        """Blocks to reserve for one sequence of up to `tokens` tokens (sizing a cache for whole sequences)."""
+                        dtype: torch.dtype, step: int = 1) -> int:
+        """Blocks to reserve for one sequence of up to `tokens` tokens fed at most `step` tokens a step
+        (sizing a cache for whole sequences)."""
         return ceil_div(self.slots_for(tokens), block_size) + self.borrowed_blocks(cfg, shapes, block_size, tokens,
-                                                                                  dtype)
+                                                                                  dtype, step)
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -116,10 +116,14 @@ class KIVI(KVMethod):
         return best
 
     def borrowed_blocks(self, cfg: ModelConfig, shapes: list[LayerShape], block_size: int, tokens: int,
-                        dtype: torch.dtype) -> int:
+                        dtype: torch.dtype, step: int = 1) -> int:
         units = max(ceil_div(self.group * s.kv_heads * (s.k_dim + s.v_dim) * dtype.itemsize,
                              self.layout(s, dtype).row_bytes) for s in shapes)
-        return (units - 1) * min(ceil_div(tokens, self.group), self.residual // self.group + 1)
+        # During a step the blocks it quantises keep their borrowed rows until the step ends (`_settle`), so
+        # the old tail and the blocks the step adds are at full precision together: the residual's blocks
+        # plus those `step` tokens can touch from anywhere inside a block (one, token by token).
+        tail = self.residual // self.group + ceil_div(self.group - 1 + step, self.group)
+        return (units - 1) * min(ceil_div(tokens, self.group), tail)
 
     def check(self, shapes: list[LayerShape], block_size: int) -> None:
         if block_size != self.group:

@@ -67,7 +67,7 @@ class SnapKV(EvictionMethod):
         return 1
 
     def borrowed_blocks(self, cfg: ModelConfig, shapes: list[LayerShape], block_size: int, tokens: int,
-                        dtype: torch.dtype) -> int:
+                        dtype: torch.dtype, step: int = 1) -> int:
         return ceil_div(self.window * (cfg.num_attention_heads // cfg.num_key_value_heads), block_size)
 
     def votes(self, state: EvictionState) -> Tensor:

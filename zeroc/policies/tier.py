@@ -63,7 +63,7 @@ class TokenTier(KVMethod):
         return float(tokens * token_bits(shapes) + held * tier * 16)
 
     def borrowed_blocks(self, cfg: ModelConfig, shapes: list[LayerShape], block_size: int, tokens: int,
-                        dtype: torch.dtype) -> int:
+                        dtype: torch.dtype, step: int = 1) -> int:
         return self.tier_blocks(shapes, block_size, tokens)
 
     def tier_blocks(self, shapes: list[LayerShape], block_size: int, tokens: int) -> int:

@@ -81,6 +81,20 @@ def test_it_holds_no_more_than_its_byte_budget(random_gqa, ids, name):
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)
+def test_a_cache_sized_for_chunked_prefill_holds_it(random_gqa, name):
+    """`sequence_blocks(..., step=chunk)` reserves enough for a prompt prefilled `chunk` tokens a step, as
+    `zeroc eval quality`'s prefill protocol and `zeroc eval longctx` size their caches: KIVI's blocks quantised
+    during a step keep their full-precision rows until it ends, beside the tail the step adds."""
+    cfg, prompt, chunk = random_gqa.config, 192, 64
+    method = method_at_budget(name, BUDGET.get(name, 0.5), cfg, prompt)
+    reserved = sequence_blocks(cfg, cache_config(method).block_size, prompt, cache_config(method), torch.float32,
+                               step=chunk)
+    cache = _cache(random_gqa, method, num_blocks=reserved)
+    ids = torch.randint(3, cfg.vocab_size, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    serve(random_gqa.model, cache, ids, 1, [chunk] * (prompt // chunk))  # raises CacheFullError if it does not fit
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
 def test_serving_logits_are_the_dense_oracles(random_gqa, ids, plain, name):
     method = _method(name, BUDGET.get(name, 0.5), random_gqa)
     want_logits, want_tokens = stream(random_gqa.model, oracle_of(method), ids, STEPS)
