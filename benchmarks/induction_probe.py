@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from zeroc.config import ModelConfig, RopeConfig
 from zeroc.model import Transformer
+from zeroc.train.trainer import init_weights
 
 VOCAB = 8192  # the bundled tokenizer's size; ids 0 and 1 (<s>, </s>) are never drawn
 
@@ -53,9 +54,7 @@ def build(args: argparse.Namespace) -> Transformer:
                       head_dim=64, max_position_embeddings=max(2048, args.length), rope=RopeConfig(theta=1e5),
                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
     model = Transformer(cfg)
-    for mod in model.modules():  # the trainer's initialisation
-        if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
-            torch.nn.init.normal_(mod.weight, std=0.02)
+    model.apply(init_weights)  # as `zeroc train` starts a model
     model.to(args.device).init_rope()  # RoPE tables are plain attributes: computed on the device
     return model.train()
 

@@ -152,7 +152,7 @@ def _prepare(corpus: Path, data_dir: Path | None, cfg: TrainConfig) -> tuple[Tok
     else:
         tokenizer = train_tokenizer(texts, cfg.vocab_size)
         model = Transformer(cfg.model_config(tokenizer))
-        model.apply(_init_weights)
+        model.apply(init_weights)
     longest = max([cfg.seq_len] + [n for _, n in cfg.curriculum])
     if longest > model.config.max_position_embeddings:
         raise ValueError(f"seq_len {longest} exceeds the model's max_position_embeddings "
@@ -275,7 +275,8 @@ def _save(model: Transformer, tokenizer: Tokenizer, out_dir: Path, cfg: TrainCon
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _init_weights(module: torch.nn.Module) -> None:
+def init_weights(module: torch.nn.Module) -> None:
+    """N(0, 0.02) weights, zero biases: the initialisation of every model `zeroc train` starts from scratch."""
     if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
         torch.nn.init.normal_(module.weight, std=0.02)
         if getattr(module, "bias", None) is not None:
