@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from closed_loop import prompts, run_closed_loop, zeroc_streamer  # noqa: E402
 
 from zeroc.client import Client  # noqa: E402
-from zeroc.config import BUNDLED_CALIB, BUNDLED_MODEL  # noqa: E402
+from zeroc.config import BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL  # noqa: E402
 from zeroc.stack import ServiceProcess, Stack  # noqa: E402
 
 VLLM_OFFLINE = textwrap.dedent("""
@@ -63,7 +63,7 @@ def greedy_prompts(n: int = 20, words: int = 48) -> list[list[int]]:
     """`n` prompts of held-out text (token ids of the bundled tokenizer), for the greedy comparison."""
     from zeroc.tokenizer import Tokenizer
 
-    text = (Path(BUNDLED_CALIB).parent / "heldout.txt").read_text().split()
+    text = BUNDLED_HELDOUT.read_text().split()
     tok = Tokenizer.from_dir(BUNDLED_MODEL)
     return [tok.encode(" ".join(text[i * words:(i + 1) * words])) for i in range(n)]
 
@@ -207,9 +207,9 @@ def zeroc_model_05(build_dir: str) -> str:
     return str(prepare_model(method_by_name("zeroc-0.5"), BUNDLED_MODEL, BUNDLED_CALIB, build_dir))
 
 
-def offline(py: Path, half: str, reqs: list[list[int]], args, out: dict) -> None:
+def offline(py: Path, half: str, reqs: list[list[int]], checks: list[list[int]], args, out: dict) -> None:
     done = subprocess.run([str(py), "-c", VLLM_OFFLINE, str(BUNDLED_MODEL), json.dumps(reqs), str(args.new_tokens),
-                           json.dumps(greedy_prompts())],
+                           json.dumps(checks)],
                           capture_output=True, text=True, env=vllm_env(args.kv_gib, args.threads))
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     out["offline"]["vllm"] = json.loads(line[-1][7:]) if line else {"error": done.stderr[-2000:]}
@@ -226,8 +226,9 @@ def run(args) -> dict:
     env = {"OMP_NUM_THREADS": str(args.threads)}
     cache = ["--cache-bytes", f"{args.kv_gib}G"]
     out: dict = {"settings": vars(args), "offline": {}, "online": {}}
+    checks = greedy_prompts()  # vLLM answers them offline, the colocated service online
     if "offline" not in args.skip:
-        offline(py, half, reqs, args, out)
+        offline(py, half, reqs, checks, args, out)
     out["online"]["vllm"] = vllm_online(py, args)
     svc = ServiceProcess("decode", ["--colocated", "--redis-url", "off", *cache], env=env)
     try:
@@ -235,7 +236,7 @@ def run(args) -> dict:
         out["online"]["zeroc colocated"] = zeroc_online(svc.address, [svc.proc.pid], args, loaded=True)
         if out["offline"].get("vllm", {}).get("greedy"):  # the served tokens, greedy, against vLLM's
             with Client(svc.address) as c:
-                ours = [c.generate(p, max_tokens=32, ignore_eos=True).token_ids for p in greedy_prompts()]
+                ours = [c.generate(p, max_tokens=32, ignore_eos=True).token_ids for p in checks]
             same = sum(a == b for a, b in zip(ours, out["offline"]["vllm"]["greedy"]))
             out["greedy_identical"] = f"{same} of {len(ours)} prompts x 32 tokens"
             print(f"greedy, served against vLLM: {out['greedy_identical']} identical", flush=True)
