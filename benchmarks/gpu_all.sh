@@ -23,7 +23,7 @@ for part in $parts; do
         kernels) timeout 260 python3 benchmarks/gpu_kernels.py --json "$OUT/gpu_kernels.json" > "$OUT/gpu_kernels.txt" 2>&1
                  echo "== kernels rc=$? $(( $(date +%s) - start )) s"; tail -70 "$OUT/gpu_kernels.txt" ;;
         engine)  timeout 200 python3 -m zeroc.cli bench engine --device cuda --shape llama3-8b --layers 16 --batch 64 \
-                     --prompt 2048 --new 64 --methods none zeroc-fold-64 zeroc-rotate-64 --rounds 2 \
+                     --prompt 2048 --new 64 --methods none zeroc-fold-64 zeroc-rotate-64 --schedulers sync async --rounds 3 \
                      > "$OUT/engine.txt" 2>&1
                  echo "== engine rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/engine.txt" ;;
         serve)   timeout 200 python3 benchmarks/gpu_serve.py --dtype bfloat16 > "$OUT/gpu_serve.txt" 2>&1

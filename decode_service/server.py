@@ -367,7 +367,9 @@ class DecodeService:
             set_store_health(self.host, store.state)
         log.info("serving", extra={"service": "decode", "address": self.host.address, "model": cfg.model_dir,
                                    "prefill": cfg.transfer.prefill_target or "colocated",
-                                   "attention_backend": cfg.attention_backend})
+                                   "attention_backend": cfg.attention_backend,
+                                   "async_scheduling": cfg.scheduler.async_scheduling,
+                                   "cuda_graphs": engine.decode_runner.use_graphs})
 
     def close(self) -> None:
         if self.metrics_server is not None:

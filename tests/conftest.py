@@ -167,7 +167,9 @@ def embedded_redis():
 @pytest.fixture(scope="session")
 def services(embedded_redis):
     """One prefill service, a decode service using it and a colocated decode service, for the session.
-    They share one KV-store index (the session's embedded Redis), as in `zeroc stack up`."""
+    They share one KV-store index (the session's embedded Redis), as in `zeroc stack up`. The disaggregated
+    decode service runs ahead (async scheduling), the colocated one step by step, so every test that
+    compares the two modes or runs against both also compares the two schedulers."""
     from zeroc.stack import ServiceProcess
 
     procs = []
@@ -175,7 +177,8 @@ def services(embedded_redis):
     try:
         procs.append(ServiceProcess("prefill", [], env=shared))
         procs.append(ServiceProcess("decode", ["--prefill", procs[0].address],
-                                    env={**shared, "ZEROC_TRANSFER_CHUNK_BYTES": "4096"}))
+                                    env={**shared, "ZEROC_TRANSFER_CHUNK_BYTES": "4096",
+                                         "ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}))
         procs.append(ServiceProcess("decode", ["--colocated", "--max-message-mb", "1"], env=shared))
         for p in procs:
             p.wait_serving()

@@ -5,6 +5,17 @@ sequence plus the whole prompt of every sequence admitted this step. Sequences j
 their blocks fit and leave (freeing their blocks) the step they finish or are aborted.
 When the cache runs out during decode, the newest sequence is preempted: its blocks are
 freed and it is recomputed later from its prompt plus the tokens it already produced.
+
+With `scheduler.async_scheduling` a step is launched before the previous step's sampled ids reach the
+host: `step()` schedules and launches step n (its decode rows read their input ids from the device),
+then waits for step n-1's ids and does its host work (stop checks, detokenization) while the device
+runs step n, and returns step n-1's outputs. The scheduler therefore runs one step ahead of what it
+knows: a sequence that step n-1 finishes on a stop token or string still has a row in step n, whose
+token is discarded; one that step n-1 finishes by length is known in advance and gets no row. Blocks of
+a sequence that leaves while a step holding its row is in flight are freed once that step has run, so
+a later step (or a KV transfer on another stream) never reuses them under it. Where the scheduler needs
+the previous step's results (the cache cannot take one more token per running sequence, so someone may
+be preempted), it waits for them first: that step runs as in the synchronous mode.
 """
 
 from __future__ import annotations
@@ -71,10 +82,42 @@ class _Sequence:
     added_at: float = field(default_factory=time.monotonic)
     queued_s: float | None = None  # set when first scheduled
     preemptions: int = 0
+    pending: int = 0  # launched steps sampling a token for this sequence whose ids are not on the host yet
+    finished: bool = False  # finished or aborted: a step still in flight may hold a row for it
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+
+@dataclass
+class _Launched:
+    """A step on the device: its rows, which of them sample a token that counts, and the sampled ids."""
+
+    rows: list[_Sequence]
+    samples: set[int]  # id() of the rows whose token counts (a chunk of a prompt samples nothing)
+    ids: Tensor  # [B] the sampled ids: a pinned host copy in flight on CUDA, the ids themselves elsewhere
+    ready: "torch.cuda.Event | None"  # recorded after the copy on CUDA
+    free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
+
+    @classmethod
+    def of(cls, rows: list[_Sequence], samples: set[int], sampled: Tensor) -> "_Launched":
+        if not sampled.is_cuda:
+            return cls(rows, samples, sampled, None)
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(rows, samples, host, ready)
+
+    def holds(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in self.rows)
+
+    def host_ids(self) -> list[int]:
+        """The sampled ids on the host: the step's one wait for the device."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.ids.tolist()
 
 
 _CHUNK = SamplingParams()  # what a chunk-of-a-prompt row "samples" with: greedy, no generator; discarded
@@ -99,6 +142,8 @@ class Engine:
         self._ids = itertools.count()
         self.num_preemptions = 0  # since start, for the service's metrics (a counter only this thread writes)
         self.device = device
+        self.host_waits = 0  # waits for a step's sampled ids, since start: one per step (benchmarks count them)
+        self._in_flight: list[_Launched] = []  # launched steps whose ids the host has not read, oldest first
         # Unseeded random requests draw their noise from this one generator, in one draw per step.
         self._shared_gen = torch.Generator(device=device)
         self._shared_gen.seed()
@@ -150,17 +195,45 @@ class Engine:
         return self.cache.schedule([(request_id, num_tokens)]).slot_mapping
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request (or a reservation) and free its blocks at once. Returns whether it was queued."""
-        self.cache.free(request_id)
+        """Drop a request (or a reservation) and free its blocks: at once, or, where a step in flight holds a
+        row for it, as soon as that step has run. Returns whether it was queued."""
+        self._release(request_id)
         for queue in (self.waiting, self.running):
             for seq in list(queue):
                 if seq.request_id == request_id:
                     queue.remove(seq)
+                    seq.finished = True
                     return True
         return False
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._in_flight)
+
+    def _release(self, request_id: str) -> None:
+        """Free a sequence's blocks once no step in flight can still write them."""
+        holder = next((s for s in reversed(self._in_flight) if s.holds(request_id)), None)
+        if holder is None:
+            self.cache.free(request_id)
+        else:
+            holder.free_after.append(request_id)
+
+    def _finish(self, seq: _Sequence) -> None:
+        seq.finished = True
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release(seq.request_id)
+
+    def _finishing(self, seq: _Sequence) -> bool:
+        """Whether the token in flight for `seq` is certain to end it by length (so it needs no next row)."""
+        return seq.pending > 0 and (len(seq.output_ids) + seq.pending >= seq.params.max_new_tokens
+                                    or len(seq.all_ids) + seq.pending >= self.model_config.max_position_embeddings)
+
+    def _decoders(self) -> list[_Sequence]:
+        """The running sequences that take a row in the next step, in row order."""
+        return [s for s in self.running if not self._finishing(s)]
+
+    def _decode_fits(self) -> bool:
+        return sum(self.cache.blocks_needed(s.request_id, 1) for s in self._decoders()) <= self.cache.num_free_blocks
 
     # -- scheduling -----------------------------------------------------------------------------
     def _reserve_decode(self) -> list[StepOutput]:
@@ -169,10 +242,9 @@ class Engine:
         A sequence that alone fills the whole cache cannot grow: it finishes with "length".
         """
         while self.running:
-            need = sum(self.cache.blocks_needed(s.request_id, 1) for s in self.running)
-            if need <= self.cache.num_free_blocks:
+            if self._decode_fits():
                 return []
-            victim = self.running.pop()
+            victim = self.running.pop()  # nothing is in flight here (step() collects first)
             self.cache.free(victim.request_id)
             if not self.running:
                 return [StepOutput(victim.request_id, [], victim.detok.text[victim.released:], True, "length",
@@ -183,7 +255,7 @@ class Engine:
             self.waiting.appendleft(victim)
         return []
 
-    def _admit(self, budget: int) -> list[tuple[_Sequence, int]]:
+    def _admit(self, decoding: list[_Sequence], budget: int) -> list[tuple[_Sequence, int]]:
         """Admit waiting sequences FCFS while their whole context fits the cache, each with the tokens it
         computes this step. A prompt longer than what is left of the token budget computes a chunk of it
         (chunked prefill) and stays first in line, holding its blocks, until its last chunk; only then does
@@ -191,12 +263,12 @@ class Engine:
         still computes a block's worth of tokens: prompts make progress while a step's cost, and so the
         running sequences' time per output token, stays bounded by the budget plus one block."""
         admitted: list[tuple[_Sequence, int]] = []
-        free = self.cache.num_free_blocks - sum(self.cache.blocks_needed(s.request_id, 1) for s in self.running)
+        free = self.cache.num_free_blocks - sum(self.cache.blocks_needed(s.request_id, 1) for s in decoding)
         # Sequences that already hold blocks (a received or reused prefix, an unfinished chunked prompt) go
         # first: one queued behind a sequence waiting for exactly those blocks would wait forever.
         order = sorted(self.waiting, key=lambda s: s.in_cache == 0)
         for seq in order:
-            if len(self.running) + len(admitted) >= self.sched.max_num_seqs:
+            if len(decoding) + len(admitted) >= self.sched.max_num_seqs:
                 break
             n = len(seq.all_ids) - seq.in_cache  # tokens to compute; a received prefix is in_cache
             blocks = self.cache.blocks_needed(seq.request_id, n)
@@ -214,15 +286,32 @@ class Engine:
         return admitted
 
     def step(self) -> list[StepOutput]:
-        """Run one forward for every scheduled sequence and sample one token for each that has computed its
-        whole context (a chunk of a prompt samples nothing)."""
-        cut = self._reserve_decode()
-        decoding = list(self.running)
-        admitted = self._admit(self.sched.max_num_batched_tokens - len(decoding))
+        """Launch one forward for every scheduled sequence, sampling one token for each that has computed its
+        whole context (a chunk of a prompt samples nothing), and return the outputs of the step whose ids
+        reached the host: this one, or with async scheduling the one before it."""
+        outputs: list[StepOutput] = []
+        if self._in_flight and not (self.sched.async_scheduling and self._decode_fits()):
+            outputs += self._collect()  # the scheduler needs these results first
+        launched = self._launch(outputs)
+        if launched is not None:
+            self._in_flight.append(launched)
+        # Run ahead: the previous step's host work while the device runs this one. Otherwise: this one's.
+        ahead = 1 if self.sched.async_scheduling and launched is not None else 0
+        while len(self._in_flight) > ahead:
+            outputs += self._collect()
+        return outputs
+
+    def _launch(self, outputs: list[StepOutput]) -> _Launched | None:
+        """Schedule the next step and launch its forward and sampling (appending to `outputs` what scheduling
+        itself finishes); None when there is nothing to run."""
+        outputs += self._reserve_decode()
+        decoding = self._decoders()
+        finishing = [s for s in self.running if self._finishing(s)]
+        admitted = self._admit(decoding, self.sched.max_num_batched_tokens - len(decoding))
         self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
         self.last_step_tokens = len(decoding) + sum(n for _, n in admitted)
         if not decoding and not admitted:
-            return cut
+            return None
         done = [seq for seq, n in admitted if seq.in_cache + n == len(seq.all_ids)]  # prompts computed in full
         rows = decoding + [seq for seq, _ in admitted]
         samples = {id(s) for s in decoding + done}  # rows whose token counts
@@ -234,19 +323,33 @@ class Engine:
             sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device)
             sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
+            launched = _Launched.of(rows, samples, sampled)
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
             seq.in_cache += n
-        self.running = decoding + done  # _advance removes finished ones from this copy
+        for seq in decoding + done:
+            seq.pending += 1
+        self.running = decoding + done + finishing  # finishing ones leave when their last id is read
         if self.on_prompt_computed is not None:
-            for seq in done:  # before _advance, which frees the blocks of finished sequences
+            for seq in done:  # before their blocks can be freed
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
-        ids = sampled.tolist()  # the step's one device->host copy
-        outputs = cut
-        for seq, token in zip(rows, ids):
-            if id(seq) in samples:
-                seq.in_cache = len(seq.all_ids)
-                outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
+        return launched
+
+    def _collect(self) -> list[StepOutput]:
+        """Read the oldest step in flight's ids (waiting for it) and advance its sequences; rows of sequences
+        that finished or were aborted meanwhile are discarded."""
+        step = self._in_flight.pop(0)
+        ids = step.host_ids()  # the step's one device->host wait
+        self.host_waits += 1
+        outputs = []
+        for seq, token in zip(step.rows, ids):
+            if id(seq) in step.samples:
+                seq.pending -= 1
+                if not seq.finished:
+                    seq.in_cache = len(seq.all_ids)
+                    outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
+        for request_id in step.free_after:
+            self._release(request_id)  # or later still, if a newer step in flight holds it too
         return outputs
 
     def _forward(self, decoding: list[_Sequence], admitted: list[tuple[_Sequence, int]]) -> Tensor:
@@ -270,8 +373,7 @@ class Engine:
 
     def _fail(self, seq: _Sequence) -> StepOutput:
         """Finish one sequence whose logits were not finite; the rest of its batch carries on."""
-        self.running.remove(seq)
-        self.cache.free(seq.request_id)
+        self._finish(seq)
         return StepOutput(seq.request_id, [], seq.detok.text[seq.released:], True, "error", seq.queued_s or 0.0,
                           seq.preemptions, error="the model's logits for this sequence are not finite (NaN or inf)")
 
@@ -296,8 +398,7 @@ class Engine:
         end = max(seq.released, len(text) - hold)
         delta, seq.released = text[seq.released:end], end
         if reason:
-            self.running.remove(seq)
-            self.cache.free(seq.request_id)
+            self._finish(seq)
         return StepOutput(seq.request_id, [token], delta, reason is not None, reason, seq.queued_s or 0.0,
                           seq.preemptions)
 

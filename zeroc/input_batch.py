@@ -76,8 +76,10 @@ class InputBatch:
         self.num_blocks += [len(t) for _, t, _ in entries]
 
     def set_tokens(self, ids: Tensor) -> None:
-        """The ids sampled for the first len(ids) rows: their next input tokens. ids: [B] on the device."""
-        self.token_ids[: ids.shape[0]] = ids
+        """The ids sampled for the first len(ids) rows: their next input tokens. ids: [B] on the device.
+        A failed row's id (sampling's FAILED, negative) becomes 0: with async scheduling that row may run one
+        more step before the host knows it failed, and a negative id would fault the embedding lookup."""
+        self.token_ids[: ids.shape[0]] = ids.clamp(min=0)
 
     def width(self) -> int:
         return max(self.num_blocks, default=1)

@@ -1,4 +1,5 @@
-"""The prepared engine-runtime check runs on the CPU and passes (graphs there: the padded eager path)."""
+"""The prepared engine-runtime check runs on the CPU and passes (graphs there: the padded eager path; async
+scheduling as on a device)."""
 
 from __future__ import annotations
 
@@ -13,5 +14,5 @@ def test_cpu_run_passes_every_check():
     r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:4]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
-                                                         ["isolation", "pass"]]
+    assert [line.split()[:2] for line in lines[:5]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
+                                                         ["isolation", "pass"], ["async", "pass"]]

@@ -2,7 +2,8 @@
 CPU in Triton's interpreter): every layer's K/V enters the cache through the KV-write seam, whether the fused
 epilogue kernel or PyTorch wrote it, so the prefill service ships all of it. Disaggregated serving gives the
 colocated service's greedy tokens and ships exactly the expected KV bytes: uncompressed, ZeroC fold + rotate
-(uniform layers: the fused epilogue), per-KV-head ranks, and a token tier."""
+(uniform layers: the fused epilogue), per-KV-head ranks, and a token tier. The disaggregated decode service
+runs ahead (async scheduling, as on a GPU), the colocated one step by step."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_triton_backend_disaggregated_equals_colocated_and_ships_every_layer(req
         with Client(address) as client:
             assert client.model_info().attention_backend == "triton"
             want = {p: client.generate(p, max_tokens=NEW, ignore_eos=True) for p in PROMPTS}
-    for address in disaggregated(model_dir, env=TRITON):
+    for address in disaggregated(model_dir, decode_env={"ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}, env=TRITON):
         with Client(address) as client:
             assert client.model_info().attention_backend == "triton"
             for prompt in PROMPTS:

@@ -18,7 +18,10 @@ interleave the methods, so drift in the machine's speed hits all of them alike. 
   `torch.cuda.set_sync_debug_mode("warn")` warns about (item, tolist, pageable copies, synchronize);
   on the CPU, where nothing syncs, every call that reads tensor values to the host (item, tolist,
   bool/int/float of a tensor, numpy), the points that would sync on a device;
-- each method's decode step over the uncompressed one (`none`), round by round.
+- each method's decode step over the uncompressed one (`none`) of the same scheduler, round by round.
+
+`--schedulers sync async` runs every method both step by step and running ahead (the engine's
+async_scheduling), interleaved; an async row is named "<method> async".
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class EngineBenchSpec:
     rounds: int = 2
     max_batched_tokens: int = 8192
     enforce_eager: bool = False
+    schedulers: tuple[str, ...] = ("sync",)  # "sync", "async" (scheduler.async_scheduling)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +81,8 @@ class EngineBenchSpec:
             raise ValueError("new must be >= 2 (the first token comes from prefill; decode steps follow)")
         for m in self.methods:
             parse_method(m, None)
+        if not self.schedulers or set(self.schedulers) - {"sync", "async"}:
+            raise ValueError(f"schedulers must be sync and/or async, got {self.schedulers!r}")
 
 
 def parse_method(name: str, head_dim: int | None) -> tuple[str | None, int]:
@@ -261,14 +267,16 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]], rates: dict) -> dict:
+def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]], rates: dict,
+             scheduler: str = "sync") -> dict:
     """One fresh Engine through `prompts`: prefill, timed decode steps, one counted step, the rest."""
     device = torch.device(spec.device)
     cfg = loaded.config
     blocks = spec.batch * -(-(spec.prompt + spec.new + 1) // 16) + 1
+    ahead = scheduler == "async"
     engine = Engine(loaded, CacheConfig(16, blocks),
                     SchedulerConfig(max_num_seqs=spec.batch, max_num_batched_tokens=spec.max_batched_tokens,
-                                    enforce_eager=spec.enforce_eager))
+                                    enforce_eager=spec.enforce_eager, async_scheduling=ahead))
     timer = DeviceTimer(device)
     engine.device_timer = timer
     params = SamplingParams(max_new_tokens=spec.new, ignore_eos=True)
@@ -288,15 +296,19 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
         walls.append(time.perf_counter() - t)
     device_s = timer.collect()[first_decode:first_decode + len(walls)]
     engine.device_timer = None
+    waits = engine.host_waits
     with count_syncs(device) as syncs:
         engine.step()
+    if device.type == "cuda":  # the engine waits on an event for its pinned copy of the ids: no sync warning
+        syncs[0] += engine.host_waits - waits
     while engine.has_unfinished():
         engine.step()
     elems, weight_bytes = matmul_weight_bytes(loaded.model)
     kv_token = kv_bytes_per_token(cfg, next(loaded.model.parameters()).dtype)
-    # decode step j reads the KV of prompt + j + 1 tokens per sequence (its new token included)
+    # decode step j reads the KV of prompt + j + 1 tokens per sequence (its new token included); running
+    # ahead, the prefill loop above also launched decode step 1
     floors = [(weight_bytes + spec.batch * (spec.prompt + j + 1) * kv_token) / rates["copy_bytes_s"]
-              for j in range(1, len(walls) + 1)]
+              for j in range(1 + ahead, len(walls) + 1 + ahead)]
     step_ms = statistics.median(walls) * 1e3
     return {
         "prefill_tokens_s": spec.batch * spec.prompt / prefill_s,
@@ -328,28 +340,31 @@ def run_engine_bench(spec: EngineBenchSpec, progress: bool = True) -> dict:
     for m in spec.methods:  # compiles kernels (and captures graphs) before anything is timed
         run_once(models[m], warm, prompts[: warm.batch], rates)
     rows = []
-    todo = [(r, m) for r in range(spec.rounds) for m in spec.methods]
-    for r, m in tqdm(todo, desc="engine bench", disable=not progress):
-        rows.append({"round": r, "method": m, **run_once(models[m], spec, prompts, rates)})
+    todo = [(r, m, sch) for r in range(spec.rounds) for sch in spec.schedulers for m in spec.methods]
+    for r, m, sch in tqdm(todo, desc="engine bench", disable=not progress):
+        rows.append({"round": r, "method": m, "scheduler": sch, **run_once(models[m], spec, prompts, rates, sch)})
     return {"spec": spec.__dict__, "dtype": str(dtype).removeprefix("torch."), "machine": _machine(device),
-            "rates": rates, "rows": rows, "summary": summarize(rows, spec.methods)}
+            "rates": rates, "rows": rows, "summary": summarize(rows, spec.methods, spec.schedulers)}
 
 
 def _machine(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else machine_description()
 
 
-def summarize(rows: list[dict], methods: tuple[str, ...]) -> dict:
-    """Per method: medians over rounds, and its step over the uncompressed step of the same round."""
+def summarize(rows: list[dict], methods: tuple[str, ...], schedulers: tuple[str, ...] = ("sync",)) -> dict:
+    """Per method and scheduler ("<method>" or "<method> async"): medians over rounds, and its step over the
+    uncompressed step of the same round and scheduler."""
     out = {}
-    base = {r["round"]: r["step_ms"] for r in rows if r["method"] == "none"}
-    for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        keys = ("prefill_tokens_s", "prefill_mfu", "step_ms", "step_p90_ms", "device_ms", "host_ms", "floor_ms",
-                "step_over_floor", "syncs_per_step")
-        out[m] = {k: statistics.median(r[k] for r in mine) for k in keys}
-        if base:
-            out[m]["step_over_none"] = [r["step_ms"] / base[r["round"]] for r in mine if r["round"] in base]
+    keys = ("prefill_tokens_s", "prefill_mfu", "step_ms", "step_p90_ms", "device_ms", "host_ms", "floor_ms",
+            "step_over_floor", "syncs_per_step")
+    for sch in schedulers:
+        base = {r["round"]: r["step_ms"] for r in rows if r["method"] == "none" and r["scheduler"] == sch}
+        for m in methods:
+            mine = [r for r in rows if r["method"] == m and r["scheduler"] == sch]
+            name = m if sch == "sync" else f"{m} async"
+            out[name] = {k: statistics.median(r[k] for r in mine) for k in keys}
+            if base:
+                out[name]["step_over_none"] = [r["step_ms"] / base[r["round"]] for r in mine if r["round"] in base]
     return out
 
 
@@ -360,11 +375,11 @@ def text_report(report: dict) -> str:
              f"{', eager' if s['enforce_eager'] else ''}",
              f"measured here: GEMM {rates['gemm_flop_s'] / 1e12:.2f} TFLOP/s, copy {rates['copy_bytes_s'] / 1e9:.1f} GB/s"
              " (read + written)",
-             f"{'method':<18}{'prefill tok/s':>14}{'MFU':>7}{'step ms':>9}{'p90':>8}{'device':>8}{'host':>8}"
+             f"{'method':<24}{'prefill tok/s':>14}{'MFU':>7}{'step ms':>9}{'p90':>8}{'device':>8}{'host':>8}"
              f"{'floor':>8}{'step/floor':>11}{'syncs':>7}  step/none per round"]
     for m, r in report["summary"].items():
         ratios = " ".join(f"{x:.2f}" for x in r.get("step_over_none", []))
-        lines.append(f"{m:<18}{r['prefill_tokens_s']:>14,.0f}{r['prefill_mfu']:>7.1%}{r['step_ms']:>9.2f}"
+        lines.append(f"{m:<24}{r['prefill_tokens_s']:>14,.0f}{r['prefill_mfu']:>7.1%}{r['step_ms']:>9.2f}"
                      f"{r['step_p90_ms']:>8.2f}{r['device_ms']:>8.2f}{r['host_ms']:>8.2f}{r['floor_ms']:>8.3f}"
                      f"{r['step_over_floor']:>11.1f}{r['syncs_per_step']:>7.0f}  {ratios}")
     return "\n".join(lines)
@@ -384,6 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds of every method")
     p.add_argument("--max-batched-tokens", type=int, default=d.max_batched_tokens)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument("--schedulers", nargs="+", choices=["sync", "async"], default=list(d.schedulers),
+                   help="step by step, running ahead (scheduler.async_scheduling), or both interleaved")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", action="store_true")
 
@@ -392,7 +409,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     spec = EngineBenchSpec(device=args.device, shape=args.shape, layers=args.layers, batch=args.batch,
                            prompt=args.prompt, new=args.new, methods=tuple(args.methods), rounds=args.rounds,
-                           max_batched_tokens=args.max_batched_tokens, enforce_eager=args.enforce_eager)
+                           max_batched_tokens=args.max_batched_tokens, enforce_eager=args.enforce_eager,
+                           schedulers=tuple(args.schedulers))
     report = run_engine_bench(spec, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else text_report(report))
     return 0

@@ -64,6 +64,11 @@ class SchedulerConfig:
     # Each layer's norm + MLP through torch.compile (zeroc.model.compile_feed_forward). Off by default: on this
     # project's 2-core CPU it made decode steps slower and only 256-token prompts faster (docs/engine.md).
     compile_layers: bool = False
+    # Launch step n before step n-1's sampled ids reach the host, and do step n-1's host work (stop checks,
+    # detokenization, streaming) while the device runs step n (zeroc/engine.py). On a GPU this takes the
+    # host's time per step off the device's critical path; on the CPU, where ops run synchronously, it
+    # changes nothing but costs a discarded row for each sequence that ends on a stop token.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

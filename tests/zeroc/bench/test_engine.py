@@ -36,6 +36,22 @@ def test_the_engine_bench_runs_every_method_interleaved_and_reports_against_its_
     assert rows["zeroc-fold-32"]["weight_bytes"] < rows["none"]["weight_bytes"]
 
 
+def test_the_engine_bench_runs_both_schedulers_interleaved(capsys):
+    torch.set_num_threads(1)
+    rc = cli.main(["bench", "engine", "--layers", "1", "--batch", "2", "--prompt", "16", "--new", "6",
+                   "--rounds", "1", "--methods", "none", "zeroc-fold-32", "--schedulers", "sync", "async",
+                   "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["scheduler"]) for r in report["rows"]] == [
+        ("none", "sync"), ("zeroc-fold-32", "sync"), ("none", "async"), ("zeroc-fold-32", "async")]
+    s = report["summary"]
+    assert set(s) == {"none", "zeroc-fold-32", "none async", "zeroc-fold-32 async"}
+    assert s["none async"]["step_over_none"] == [1.0]  # against the uncompressed run of its own scheduler
+    for row in s.values():
+        assert row["step_ms"] >= row["device_ms"] > 0 and 1 <= row["syncs_per_step"] <= 3
+
+
 def test_compressed_configs_keep_the_rank_in_every_layer():
     base = base_config(EngineBenchSpec(layers=3))
     fold = method_config(base, "zeroc-fold-24")
