@@ -57,8 +57,10 @@ class AttentionBackend(abc.ABC):
         scale: float,
         k_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32 per-token scales of int8 caches
         v_scales: Tensor | None = None,
+        max_q: int | None = None,  # the most new tokens of one sequence (PagedBatch.max_query_len), if known
     ) -> Tensor:
-        """-> [N, heads, dv]: each new query over its sequence's cached context, causally."""
+        """-> [N, heads, dv]: each new query over its sequence's cached context, causally. Given max_q, no
+        backend reads the batch's lengths to the host: a step's forward then waits for the device nowhere."""
 
     @abc.abstractmethod
     def quantize_into_slots(self, x: Tensor, slot_mapping: Tensor, q_pool: Tensor, scale_pool: Tensor) -> None:
@@ -90,11 +92,11 @@ class TorchBackend(AttentionBackend):
     name = "torch"
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        k_scales=None, v_scales=None):
+                        k_scales=None, v_scales=None, max_q=None):
         if check_int8_args(k_cache, v_cache, k_scales, v_scales):
             return paged_attention_int8_ref(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens,
-                                            query_start_loc, scale)
-        return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+                                            query_start_loc, scale, max_q)
+        return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q)
 
     def quantize_into_slots(self, x, slot_mapping, q_pool, scale_pool):
         quantize_into_slots_ref(x, slot_mapping, q_pool, scale_pool)
@@ -114,7 +116,7 @@ class CpuBackend(TorchBackend):
                              "(g++ and torch's headers are needed); use the torch backend")
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        k_scales=None, v_scales=None):
+                        k_scales=None, v_scales=None, max_q=None):
         if check_int8_args(k_cache, v_cache, k_scales, v_scales):
             k, v, tables = dequantize_named_blocks(k_cache, v_cache, k_scales, v_scales, block_tables)
             return ragged_paged_attention(self.kernel, q, k, v, tables, seq_lens, query_start_loc, scale)
@@ -145,7 +147,7 @@ class TritonBackend(AttentionBackend):
     fused_epilogue = True
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        k_scales=None, v_scales=None):
+                        k_scales=None, v_scales=None, max_q=None):
         from zeroc_kernels.paged_decode import paged_decode_attention
         from zeroc_kernels.paged_prefill import paged_prefill_attention
 
@@ -154,7 +156,7 @@ class TritonBackend(AttentionBackend):
             return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                           k_scales=k_scales, v_scales=v_scales)
         return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                       k_scales=k_scales, v_scales=v_scales)
+                                       k_scales=k_scales, v_scales=v_scales, max_q=max_q)
 
     def quantize_into_slots(self, x, slot_mapping, q_pool, scale_pool):
         from zeroc_kernels.kv_quant import quantize_into_slots

@@ -17,6 +17,7 @@ def paged_attention_ref(
     seq_lens: Tensor,  # [B] context length per sequence, new tokens included
     query_start_loc: Tensor,  # [B + 1] offsets of each sequence's queries in N
     scale: float,
+    max_q: int | None = None,  # the most queries of one sequence, when the caller knows it (saves a sync)
 ) -> Tensor:
     """Causal GQA attention of each sequence's new queries over its whole cached context.
 
@@ -26,7 +27,8 @@ def paged_attention_ref(
     num_seqs = block_tables.shape[0]
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
-    max_q = int(q_lens.max())
+    if max_q is None:
+        max_q = int(q_lens.max())
     ctx = block_tables.shape[1] * block_size
 
     # Pad queries to [B, max_q]: row j of sequence b is token query_start_loc[b] + j.
@@ -87,12 +89,13 @@ def paged_attention_int8_ref(
     seq_lens: Tensor,  # [B]
     query_start_loc: Tensor,  # [B + 1]
     scale: float,
+    max_q: int | None = None,
 ) -> Tensor:
     """-> [N, heads, dv]: dequantise the batch's blocks (as `kernels.kv_quant` wrote them), then the plain
     reference in fp32. Only the blocks the tables name: the CPU runtime serves int8 caches through this,
     and a whole pool would cost every step its size."""
     k, v, tables = dequantize_named_blocks(k_cache, v_cache, k_scales, v_scales, block_tables)
-    return paged_attention_ref(q.float(), k, v, tables, seq_lens, query_start_loc, scale).to(q.dtype)
+    return paged_attention_ref(q.float(), k, v, tables, seq_lens, query_start_loc, scale, max_q).to(q.dtype)
 
 
 def dequantize_named_blocks(

@@ -154,6 +154,7 @@ def paged_prefill_attention(
     k_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32 when the caches are int8
     v_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32
     config=None,
+    max_q: int | None = None,  # the most new tokens of one sequence, when the caller knows it (saves a sync)
 ) -> Tensor:
     """Triton version of `paged_attention_ref` -> [N, heads, dv]; with int8 caches and their scales,
     of `paged_attention_int8_ref` (codes go through the dots, the per-token scales multiply scores
@@ -175,10 +176,12 @@ def paged_prefill_attention(
     lens, starts = seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous()
     if out is not None and out.stride(-1) != 1:  # the kernel writes dense rows: go through a buffer
         return out.copy_(paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                                 scale, k_scales=k_scales, v_scales=v_scales, config=config))
+                                                 scale, k_scales=k_scales, v_scales=v_scales, config=config,
+                                                 max_q=max_q))
     if out is None:
         out = torch.empty(n, heads, dv, dtype=q.dtype, device=q.device)
-    max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_q is None:
+        max_q = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     group = heads // kv_heads
     gh = min(group, MAX_GROUP_ROWS)
     chunks = -(-group // gh)

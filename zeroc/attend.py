@@ -123,7 +123,8 @@ class PagedAttend(Attend):
 
     def _attend_pools(self, layer: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, scale: float) -> Tensor:
         b = self.batch
-        return self.backend.paged_attention(q, k_pool, v_pool, b.block_tables, b.seq_lens, b.query_start_loc, scale)
+        return self.backend.paged_attention(q, k_pool, v_pool, b.block_tables, b.seq_lens, b.query_start_loc, scale,
+                                            max_q=b.max_query_len)
 
     def __call__(self, layer, q, k, v, scale):
         # q: [N, heads, dq]; k: [N, kv_heads, dq]; v: [N, kv_heads, dv] -> [N, heads, dv]

@@ -75,7 +75,7 @@ class DecodeRunner:
         s = self.state
         pos, slots, tables = s.decode_slots(rows, width)
         batch = PagedBatch(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=s.seq_lens[:rows],
-                           query_start_loc=s.arange[: rows + 1], last_token_indices=s.arange[:rows])
+                           query_start_loc=s.arange[: rows + 1], last_token_indices=s.arange[:rows], max_query_len=1)
         return self.model.forward_paged(s.token_ids[:rows], pos, batch, self.cache)
 
     def run(self, n: int) -> Tensor:

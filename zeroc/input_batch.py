@@ -122,8 +122,9 @@ class InputBatch:
             qsl = host_to_device(starts, torch.long, self.device)
         else:
             qsl = self.arange[: n_rows + 1]
+        longest = max([len(toks) for toks, _, _ in prefill] + [1] * bool(decode_rows))
         batch = PagedBatch(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=self.seq_lens[:n_rows],
-                           query_start_loc=qsl, last_token_indices=qsl[1:] - 1)
+                           query_start_loc=qsl, last_token_indices=qsl[1:] - 1, max_query_len=longest)
         return tokens, batch
 
     def snapshot(self) -> list[tuple[str, list[int], int]]:

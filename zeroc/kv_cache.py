@@ -143,6 +143,9 @@ class PagedBatch:
     seq_lens: Tensor  # [B] context length of each sequence after this step
     query_start_loc: Tensor  # [B + 1] offsets of each sequence's new tokens in N
     last_token_indices: Tensor  # [B] row in N of each sequence's last new token
+    # The most new tokens of one sequence, known on the host where the batch is built: kernels size their grid
+    # by it, and reading it from query_start_loc would make the host wait for the device in every layer.
+    max_query_len: int | None = None
 
 
 class PagedKVCache:
@@ -298,6 +301,7 @@ class PagedKVCache:
             seq_lens=as_long(lens),
             query_start_loc=as_long(starts),
             last_token_indices=as_long([s - 1 for s in starts[1:]]),
+            max_query_len=max(n for _, n in steps),
         )
 
     def free(self, seq_id: str) -> None:

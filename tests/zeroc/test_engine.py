@@ -282,3 +282,24 @@ def test_compiled_layers_generate_what_eager_layers_do():
     compiled = engine.generate(PROMPTS, GREEDY)  # prompts of several lengths, then decode steps of 4..1 rows
     assert [o.token_ids for o in compiled] == [o.token_ids for o in eager]
     assert all(len(o.token_ids) == GREEDY.max_new_tokens for o in compiled)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_every_step_reads_the_host_once_whatever_it_mixes(random_gqa_dir, backend):
+    """Prefill-only, chunked-prefill-plus-decode and decode-only steps each read tensor values to the host once
+    (the sampled ids): the batch carries its longest query length from the host, so no layer asks the device."""
+    from zeroc.bench.engine import count_syncs
+    from zeroc.loader import load_model
+
+    engine = Engine(load_model(random_gqa_dir, attention_backend=backend), CacheConfig(16, 256),
+                    SchedulerConfig(max_num_batched_tokens=24))
+    engine.add_request(PROMPTS[0], GREEDY)
+    engine.add_request(PROMPTS[1] * 12, GREEDY)  # chunked in beside the first one's decodes
+    reads, mixes = [], []
+    while engine.has_unfinished():
+        with count_syncs(engine.device) as n:
+            engine.step()
+        reads.append(n[0])
+        mixes.append(engine.last_step_tokens)
+    assert set(reads) == {1}
+    assert mixes[0] > 1 and 1 < max(mixes[1:]) and min(mixes) == 1  # prompts, mixed steps and decode-only steps

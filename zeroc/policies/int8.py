@@ -127,7 +127,7 @@ class Int8Pools(PolicyPools):
         p = self.layers[layer]
         return self.backend.paged_attention(q, p["k_codes"], p["v_codes"], batch.block_tables, batch.seq_lens,
                                             batch.query_start_loc, scale, k_scales=p["k_scales"],
-                                            v_scales=p["v_scales"])
+                                            v_scales=p["v_scales"], max_q=batch.max_query_len)
 
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
         # k: [T, H, k_dim]; v: [T, H, v_dim] of tokens [0, T), at full precision from the wire. Rounded to

@@ -91,7 +91,8 @@ class _Rows:
     def of(cls, batch: PagedBatch) -> _Rows:
         starts = batch.query_start_loc
         lens = starts[1:] - starts[:-1]  # [B]
-        j = torch.arange(int(lens.max()), device=starts.device)[None]  # [1, max_q]
+        longest = int(lens.max()) if batch.max_query_len is None else batch.max_query_len
+        j = torch.arange(longest, device=starts.device)[None]  # [1, max_q]
         cur = batch.seq_lens - lens
         src = (starts[:-1, None] + j).clamp(max=int(starts[-1]) - 1)
         return cls(src, cur[:, None] + j, j < lens[:, None], cur)
@@ -112,7 +113,7 @@ def _groups(batch: PagedBatch) -> list[tuple[PagedBatch, Tensor]]:
         idx = torch.tensor(seqs, device=rows.device)
         ends = torch.tensor([0] + [lens[b] for b in seqs], device=rows.device).cumsum(0)
         out.append((PagedBatch(batch.positions[rows], batch.slot_mapping[rows], batch.block_tables[idx],
-                               batch.seq_lens[idx], ends, ends[1:] - 1), rows))
+                               batch.seq_lens[idx], ends, ends[1:] - 1, max(lens[b] for b in seqs)), rows))
     return out
 
 
