@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU run (one lent H100/H200): the attention kernels against SDPA and the copy rate, the Engine
 # against its bandwidth floor, and the whole service stack on CUDA. Each part is time-boxed; results go to $OUT.
-#   bash benchmarks/gpu_all.sh [kernels] [engine] [serve] [gateway]   (default: the first three, in that order)
+#   bash benchmarks/gpu_all.sh [kernels] [engine] [serve] [runtime] [gateway]   (default: the first four, in order)
+# `runtime` is benchmarks/gpu_engine.py: CUDA graphs, one sync per step, seeded sampling, isolation and async
+# scheduling checked on the device (pass/fail lines).
 # `gateway` runs the OpenAI gateway against gRPC on the device machine's 16 CPU cores (the model on the CPU),
 # where the gateway has cores of its own: what the 2-vCPU development VM cannot resolve.
 # Wheels the device image lacks travel in .whl/ (see docs/benchmarks.md, "GPU runs").
@@ -16,7 +18,7 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-parts=${*:-kernels engine serve}
+parts=${*:-kernels engine serve runtime}
 for part in $parts; do
     start=$(date +%s)
     case $part in
@@ -28,6 +30,8 @@ for part in $parts; do
                  echo "== engine rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/engine.txt" ;;
         serve)   timeout 200 python3 benchmarks/gpu_serve.py --dtype bfloat16 > "$OUT/gpu_serve.txt" 2>&1
                  echo "== serve rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/gpu_serve.txt" ;;
+        runtime) timeout 150 python3 benchmarks/gpu_engine.py --device cuda > "$OUT/gpu_engine.txt" 2>&1
+                 echo "== runtime rc=$? $(( $(date +%s) - start )) s"; tail -12 "$OUT/gpu_engine.txt" ;;
         gateway) timeout 240 python3 -m zeroc.cli bench gateway --requests 64 --rounds 8 --pairs 40 --json \
                      > "$OUT/gateway.json" 2> "$OUT/gateway.txt"
                  echo "== gateway rc=$? $(( $(date +%s) - start )) s"; tail -12 "$OUT/gateway.txt"

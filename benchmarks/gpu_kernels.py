@@ -11,7 +11,8 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
    F.scaled_dot_product_attention(enable_gqa=True) on the same bytes laid out contiguously, as a
    fraction of copy bandwidth and as speed relative to SDPA; every split count and every config;
 4. prefill, causal, 4096 and 16384 tokens, and 4096 new tokens after a 12288-token cached prefix,
-   in TFLOP/s beside SDPA (and SDPA's backends); every config at 4096;
+   in TFLOP/s beside SDPA (and SDPA's backends); every config at 4096; for prompts with no prefix also
+   the backend's fresh path (the rows read back from the pages, then SDPA), which the runtime takes there;
 5. attention block (QKV GEMM, epilogue, attention, O GEMM): fold and rotate at rank 64 against
    uncompressed; the model's fused path against its unfused one.
 Writes JSON (--json; default docs/benchmarks/gpu_kernels.json on a GPU) and a markdown table.
@@ -58,6 +59,7 @@ _importable_without_install()
 from gpu_kernels_cases import (block_timings, correctness, model_path_error, paged_kv,  # noqa: E402
                                per_head_pools)
 from zeroc_kernels import paged_decode, paged_prefill  # noqa: E402
+from zeroc_kernels.attention import TritonBackend  # noqa: E402
 from zeroc_kernels.paged_decode import DECODE_CONFIGS, choose_num_splits, paged_decode_attention  # noqa: E402
 from zeroc_kernels.paged_prefill import PREFILL_CONFIGS, paged_prefill_attention  # noqa: E402
 from zeroc_kernels.tuning import config_id  # noqa: E402
@@ -272,6 +274,15 @@ def _prefill_case(run: Run, new: int, prefix: int, dim: int, name: str) -> float
                 vs_sdpa=sdpa_ms / ms, config=paged_prefill.autotuned_config())
     say(f"  {r['what']} {name}: {ms:.3f} ms {r['TFLOPs']:.0f} TFLOP/s, SDPA {sdpa_ms:.3f} ms, x{r['vs_sdpa']:.2f}, "
         f"config {r['config']}")
+    if not prefix:  # what the runtime runs for a prompt with no cached prefix: the rows read back, then SDPA
+        backend = TritonBackend()
+        slots = tables[0, torch.arange(new, device=run.device) // s["block_size"]] * s["block_size"] \
+            + torch.arange(new, device=run.device) % s["block_size"]
+        blocks, offsets = slots // s["block_size"], slots % s["block_size"]
+        fresh_ms = run.timed(lambda: backend.fresh_prefill(q, k[blocks, offsets], v[blocks, offsets], (new,), scale))
+        f = run.row(section="prefill", what=r["what"], method=f"{name}, fresh path", ms=fresh_ms, sdpa_ms=sdpa_ms,
+                    TFLOPs=flops / fresh_ms / 1e9, sdpa_TFLOPs=r["sdpa_TFLOPs"], vs_sdpa=sdpa_ms / fresh_ms)
+        say(f"  {r['what']} {name}, fresh path: {fresh_ms:.3f} ms, x{f['vs_sdpa']:.2f} SDPA")
     return ms
 
 
@@ -342,7 +353,8 @@ def goals(report: dict) -> list[dict]:
         for r in rows:
             out.append({"goal": f"decode {r['method']}: of copy bandwidth >= {least}", "value": r.get("of_copy"),
                         "met": r.get("of_copy", 0) >= least})
-    for r in (r for r in report["timings"] if r["section"] == "prefill" and r["method"] == "uncompressed"):
+    runtime = ("uncompressed", "uncompressed, fresh path")  # the kernel, and what fresh prompts take instead
+    for r in (r for r in report["timings"] if r["section"] == "prefill" and r["method"] in runtime):
         least = 0.8 if "after" in r["what"] else 0.9
         out.append({"goal": f"{r['what']}: x SDPA >= {least}", "value": r["vs_sdpa"], "met": r["vs_sdpa"] >= least})
     for method, most in (("fold", 0.55), ("rotate", 0.65)):

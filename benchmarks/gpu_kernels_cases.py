@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from zeroc_kernels.attention import TritonBackend
 from zeroc_kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref
 from zeroc_kernels.paged_decode import (DECODE_CONFIGS, paged_decode_attention, paged_decode_attention_int8_ref,
                                         paged_decode_attention_ref)
@@ -64,6 +65,15 @@ def _prefill_errors(device, dtype, dim: int, ctx: int) -> dict:
     ref = paged_attention_int8_ref(q, kq, vq, ks, vs, tables, lens, starts, 0.125)
     errors["prefill_int8"] = _err(paged_prefill_attention(q, kq, vq, tables, lens, starts, 0.125, k_scales=ks,
                                                           v_scales=vs), ref)
+    # the fresh path: two prompts with no prefix, attended from their own rows (read back from the pages)
+    lens, starts = torch.tensor([ctx, fresh], device=device), torch.tensor([0, ctx, ctx + fresh], device=device)
+    q = torch.randn(ctx + fresh, 8, dim, dtype=dtype, device=device)
+    ref = paged_attention_ref(q.float(), k.float(), v.float(), tables[:2], lens, starts, 0.125)
+    pos = torch.cat([torch.arange(ctx, device=device), torch.arange(fresh, device=device)])
+    seq = torch.cat([torch.zeros(ctx, dtype=torch.long, device=device), torch.ones(fresh, dtype=torch.long,
+                                                                                   device=device)])
+    rows = tables[seq, pos // 16], pos % 16
+    errors["prefill_fresh_path"] = _err(TritonBackend().fresh_prefill(q, k[rows], v[rows], (ctx, fresh), 0.125), ref)
     return errors
 
 

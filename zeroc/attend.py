@@ -123,6 +123,13 @@ class PagedAttend(Attend):
 
     def _attend_pools(self, layer: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, scale: float) -> Tensor:
         b = self.batch
+        if b.fresh and self.backend.attends_fresh(b.max_query_len):
+            # The rows as the cache holds them (whoever wrote them: PyTorch or the fused epilogue), read back by
+            # slot: an [N, kv_heads, d] copy, small beside attention over a long prompt.
+            bs = k_pool.shape[1]
+            blocks, offsets = b.slot_mapping // bs, b.slot_mapping % bs
+            return self.backend.fresh_prefill(q, k_pool[blocks, offsets], v_pool[blocks, offsets], b.query_lens,
+                                              scale)
         return self.backend.paged_attention(q, k_pool, v_pool, b.block_tables, b.seq_lens, b.query_start_loc, scale,
                                             max_q=b.max_query_len)
 

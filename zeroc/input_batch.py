@@ -122,9 +122,11 @@ class InputBatch:
             qsl = host_to_device(starts, torch.long, self.device)
         else:
             qsl = self.arange[: n_rows + 1]
-        longest = max([len(toks) for toks, _, _ in prefill] + [1] * bool(decode_rows))
+        lens = [1] * decode_rows + [len(toks) for toks, _, _ in prefill]
+        fresh = decode_rows == 0 and all(at[0] == 0 for _, at, _ in prefill)  # every prompt from position 0
         batch = PagedBatch(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=self.seq_lens[:n_rows],
-                           query_start_loc=qsl, last_token_indices=qsl[1:] - 1, max_query_len=longest)
+                           query_start_loc=qsl, last_token_indices=qsl[1:] - 1, max_query_len=max(lens),
+                           fresh=fresh, query_lens=tuple(lens))
         return tokens, batch
 
     def snapshot(self) -> list[tuple[str, list[int], int]]:

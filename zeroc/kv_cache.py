@@ -146,6 +146,10 @@ class PagedBatch:
     # The most new tokens of one sequence, known on the host where the batch is built: kernels size their grid
     # by it, and reading it from query_start_loc would make the host wait for the device in every layer.
     max_query_len: int | None = None
+    # Every sequence's context is its new tokens alone (a prompt with no cached prefix, no decode rows), with
+    # each sequence's new-token count on the host: backends may then attend the step's own rows densely.
+    fresh: bool = False
+    query_lens: tuple[int, ...] = ()
 
 
 class PagedKVCache:
@@ -285,7 +289,8 @@ class PagedKVCache:
         All-or-nothing: if the blocks do not fit, raises CacheFullError and changes nothing.
         """
         positions, slots, lens, starts, tables = [], [], [], [0], []
-        for (seq_id, n), (start, _) in zip(steps, self.append_slots(steps)):
+        reserved = self.append_slots(steps)
+        for (seq_id, n), (start, _) in zip(steps, reserved):
             positions.extend(range(start, start + n))
             slots.extend(self.slots(seq_id, start, start + n))
             lens.append(start + n)
@@ -302,6 +307,8 @@ class PagedKVCache:
             query_start_loc=as_long(starts),
             last_token_indices=as_long([s - 1 for s in starts[1:]]),
             max_query_len=max(n for _, n in steps),
+            fresh=all(start == 0 for start, _ in reserved),
+            query_lens=tuple(n for _, n in steps),
         )
 
     def free(self, seq_id: str) -> None:

@@ -13,6 +13,7 @@ from service_checks import assert_no_leak
 from zeroc.client import Client
 from zeroc.config import CacheConfig
 from zeroc.engine import Engine
+from zeroc.loader import load_model
 from zeroc.sampling import SamplingParams
 from zeroc.v1 import generation_pb2 as pb
 from zeroc.v1 import generation_pb2_grpc
@@ -21,6 +22,8 @@ PROMPTS = [
     "The built-in function",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Lists are mutable sequences, typically used to store collections of homogeneous items. " * 4,
+    # Over 1,024 tokens: the services' cpu backend attends its prefill densely (the fresh-prefill path)
+    "Tuples are immutable sequences, typically used to store collections of heterogeneous data. " * 70,
 ]
 
 
@@ -30,7 +33,8 @@ def stub(target: str) -> generation_pb2_grpc.GenerationServiceStub:
 
 @pytest.mark.parametrize("max_tokens", [24])
 def test_greedy_disaggregated_equals_colocated_equals_direct(services, bundled, max_tokens):
-    engine = Engine(bundled, CacheConfig())
+    engine = Engine(load_model(bundled.path, attention_backend="torch"), CacheConfig())  # the references
+    assert len(engine.prepare_prompt(PROMPTS[3])) > 1024
     direct = engine.generate(PROMPTS + [[5]], SamplingParams(max_new_tokens=max_tokens, ignore_eos=True))
     with Client(services.decode) as dis, Client(services.colocated) as col:
         for prompt, want in zip(PROMPTS + [[5]], direct):

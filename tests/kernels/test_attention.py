@@ -1,0 +1,77 @@
+"""Every attention backend that runs here, against the references: the fresh-prefill path (a batch whose every
+sequence attends only its own new rows) equals paged attention over the same rows, and which backends take it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from zeroc_kernels.attention import BACKENDS, TorchBackend, triton_runs_on
+from zeroc_kernels.paged_attention import paged_attention_ref
+
+
+def _backends() -> list[str]:
+    names = ["torch", "torch-epilogue", "cpu"]
+    return names + ["triton"] * triton_runs_on(torch.device("cpu"))
+
+
+def _make(name: str):
+    try:
+        return BACKENDS[name]()
+    except ValueError:  # the cpu backend without a compiler: tests/kernels/test_ragged_cpu.py covers that
+        pytest.skip(f"the {name} backend cannot be built here")
+
+
+def _fresh_batch(gen, lens, kv_heads, group, dq, dv, dtype, block_size=16):
+    """Sequences of `lens` new tokens and no prefix, written into shuffled blocks of a paged pool.
+    -> q, k rows, v rows, k_cache, v_cache, tables, seq_lens, query_start_loc"""
+    n = sum(lens)
+    q = torch.randn(n, kv_heads * group, dq, generator=gen).to(dtype)
+    k = torch.randn(n, kv_heads, dq, generator=gen).to(dtype)
+    v = torch.randn(n, kv_heads, dv, generator=gen).to(dtype)
+    width = max(-(-x // block_size) for x in lens)
+    blocks = torch.randperm(len(lens) * width + 3, generator=gen)
+    tables = blocks[: len(lens) * width].view(len(lens), width)
+    k_cache = torch.full((blocks.numel(), block_size, kv_heads, dq), float("nan"), dtype=dtype)
+    v_cache = torch.full((blocks.numel(), block_size, kv_heads, dv), float("nan"), dtype=dtype)
+    at = 0
+    for b, x in enumerate(lens):
+        pos = torch.arange(x)
+        k_cache[tables[b, pos // block_size], pos % block_size] = k[at: at + x]
+        v_cache[tables[b, pos // block_size], pos % block_size] = v[at: at + x]
+        at += x
+    starts = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    return q, k, v, k_cache, v_cache, tables, torch.tensor(lens), starts
+
+
+@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("dims", [(64, 64), (48, 16), (16, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_prefill_equals_paged_attention_over_the_same_rows(name, dims, dtype):
+    backend = _make(name)
+    gen = torch.Generator().manual_seed(sum(dims))
+    lens = (37, 5, 70)
+    q, k, v, k_cache, v_cache, tables, seq_lens, starts = _fresh_batch(gen, lens, 2, 3, *dims, dtype)
+    scale = 1 / math.sqrt(64)
+    want = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, starts, scale)
+    got = backend.fresh_prefill(q, k, v, lens, scale)
+    assert got.shape == (sum(lens), 6, dims[1]) and got.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+    paged = backend.paged_attention(q, k_cache, v_cache, tables, seq_lens, starts, scale, max_q=max(lens))
+    torch.testing.assert_close(got.float(), paged.float(), **tol)
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_which_batches_take_the_fresh_path(name):
+    backend = _make(name)
+    if isinstance(backend, TorchBackend) and name != "cpu":  # the references are the oracle: never
+        assert backend.fresh_prefill_min_tokens is None
+        assert not backend.attends_fresh(10**6)
+        return
+    floor = backend.fresh_prefill_min_tokens
+    assert floor is not None and floor >= 1
+    assert backend.attends_fresh(floor) and not backend.attends_fresh(floor - 1)
+    assert not backend.attends_fresh(None)  # a batch that does not know its longest query

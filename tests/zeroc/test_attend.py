@@ -1,0 +1,64 @@
+"""How a paged forward attends a fresh batch (prompts with no cached prefix): through the backend's
+`fresh_prefill` from the backend's threshold up, reading the rows back from the cache whoever wrote them (PyTorch,
+the fused epilogue, per-head runs), and giving the oracle's tokens; batches with context take the paged kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.engine import Engine
+from zeroc.loader import load_model
+from zeroc.sampling import SamplingParams
+from zeroc_kernels.attention import triton_runs_on
+
+PROMPTS = ["The built-in function", "import os\nprint(os.getcwd())  # the current directory", "A list"]
+GREEDY = SamplingParams(max_new_tokens=4, ignore_eos=True)
+BACKENDS = ["cpu"] + ["triton"] * triton_runs_on(torch.device("cpu"))
+
+
+def _generate(model_dir, backend, floor=None, budget=4096):
+    """Greedy tokens of PROMPTS in one batch, and the new-token counts of each batch that took fresh_prefill."""
+    loaded = load_model(model_dir, attention_backend=backend)
+    calls: list[tuple[int, ...]] = []
+    if floor is not None:
+        be = loaded.model.backend
+        be.fresh_prefill_min_tokens = floor
+        real = be.fresh_prefill
+
+        def counted(q, k, v, query_lens, scale):
+            calls.append(tuple(query_lens))
+            return real(q, k, v, query_lens, scale)
+        be.fresh_prefill = counted
+    engine = Engine(loaded, CacheConfig(16, 128), SchedulerConfig(max_num_batched_tokens=budget))
+    return [r.token_ids for r in engine.generate(PROMPTS, GREEDY)], calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", ["uncompressed", "fold+rotate", "per-head"])
+def test_a_fresh_batch_attends_its_own_rows_and_gives_the_oracles_tokens(request, backend, model):
+    model_dir = {"uncompressed": lambda: str(request.getfixturevalue("bundled").path),
+                 "fold+rotate": lambda: request.getfixturevalue("zeroc_modes_dir"),
+                 "per-head": lambda: request.getfixturevalue("zeroc_heads_dir")}[model]()
+    want, _ = _generate(model_dir, "torch")
+    got, calls = _generate(model_dir, backend, floor=1)
+    assert got == want
+    layers = load_model(model_dir).config.num_hidden_layers
+    # The first step prefills all three prompts at once (every layer, every run of a per-head layer); the
+    # decode steps after it have context and stay on the paged kernels.
+    assert len(calls) >= layers and set(calls) == {calls[0]} and len(calls[0]) == len(PROMPTS)
+
+
+def test_a_prompt_chunked_after_its_first_chunk_is_not_fresh(bundled):
+    """A budget of 8 tokens a step: the first step (the first prompt and a first chunk of the second) is
+    fresh; every later chunk has context, and so do the steps mixing decodes in."""
+    want, _ = _generate(str(bundled.path), "torch", budget=8)
+    got, calls = _generate(str(bundled.path), "cpu", floor=1, budget=8)
+    assert got == want
+    assert len(calls) == bundled.config.num_hidden_layers and sum(calls[0]) == 8 and len(calls[0]) == 2
+
+
+def test_below_the_threshold_the_paged_kernel_attends(bundled):
+    got, calls = _generate(str(bundled.path), "cpu", floor=10_000)
+    assert calls == [] and got == _generate(str(bundled.path), "torch")[0]
