@@ -82,12 +82,17 @@ class _Sequence:
     added_at: float = field(default_factory=time.monotonic)
     queued_s: float | None = None  # set when first scheduled
     preemptions: int = 0
+    stop_ids: frozenset[int] = frozenset()  # token ids that end it (its stop ids, and EOS unless ignored)
     pending: int = 0  # launched steps sampling a token for this sequence whose ids are not on the host yet
     finished: bool = False  # finished or aborted: a step still in flight may hold a row for it
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:  # len(all_ids), without building it (the scheduler asks every step)
+        return len(self.prompt_ids) + len(self.output_ids)
 
 
 @dataclass
@@ -184,8 +189,11 @@ class Engine:
         if not 0 <= cached_tokens < len(ids) or self.cache.seq_len(request_id) != cached_tokens:
             raise ValueError(f"{request_id!r}: {cached_tokens} cached tokens claimed, "
                              f"{self.cache.seq_len(request_id)} reserved, prompt has {len(ids)}")
+        stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
+                                                                else self.model_config.eos_token_ids)
         self.waiting.append(_Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
-                                      make_generator(params, self.device), in_cache=cached_tokens))
+                                      make_generator(params, self.device), in_cache=cached_tokens,
+                                      stop_ids=stop_ids))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -226,36 +234,44 @@ class Engine:
     def _finishing(self, seq: _Sequence) -> bool:
         """Whether the token in flight for `seq` is certain to end it by length (so it needs no next row)."""
         return seq.pending > 0 and (len(seq.output_ids) + seq.pending >= seq.params.max_new_tokens
-                                    or len(seq.all_ids) + seq.pending >= self.model_config.max_position_embeddings)
+                                    or seq.num_tokens + seq.pending >= self.model_config.max_position_embeddings)
 
     def _decoders(self) -> list[_Sequence]:
         """The running sequences that take a row in the next step, in row order."""
         return [s for s in self.running if not self._finishing(s)]
 
+    def _decode_need(self, decoding: list[_Sequence]) -> int:
+        """Blocks the decode rows take to grow by one token each."""
+        return sum(self.cache.blocks_needed(s.request_id, 1) for s in decoding)
+
     def _decode_fits(self) -> bool:
-        return sum(self.cache.blocks_needed(s.request_id, 1) for s in self._decoders()) <= self.cache.num_free_blocks
+        return self._decode_need(self._decoders()) <= self.cache.num_free_blocks
 
     # -- scheduling -----------------------------------------------------------------------------
-    def _reserve_decode(self) -> list[StepOutput]:
-        """Make room for one more token per running sequence, preempting the newest if needed.
+    def _reserve_decode(self) -> tuple[list[StepOutput], list[_Sequence], int]:
+        """Make room for one more token per decode row, preempting the newest if needed: -> (outputs of the
+        sequences it ended, the decode rows, the blocks they take).
 
         A sequence that alone fills the whole cache cannot grow: it finishes with "length".
         """
         while self.running:
-            if self._decode_fits():
-                return []
+            decoding = self._decoders()
+            need = self._decode_need(decoding)
+            if need <= self.cache.num_free_blocks:
+                return [], decoding, need
             victim = self.running.pop()  # nothing is in flight here (step() collects first)
             self.cache.free(victim.request_id)
             if not self.running:
+                victim.finished = True
                 return [StepOutput(victim.request_id, [], victim.detok.text[victim.released:], True, "length",
-                                   victim.queued_s or 0.0, victim.preemptions)]
+                                   victim.queued_s or 0.0, victim.preemptions)], [], 0
             victim.in_cache = 0
             victim.preemptions += 1
             self.num_preemptions += 1
             self.waiting.appendleft(victim)
-        return []
+        return [], [], 0
 
-    def _admit(self, decoding: list[_Sequence], budget: int) -> list[tuple[_Sequence, int]]:
+    def _admit(self, decoding: list[_Sequence], need: int, budget: int) -> list[tuple[_Sequence, int]]:
         """Admit waiting sequences FCFS while their whole context fits the cache, each with the tokens it
         computes this step. A prompt longer than what is left of the token budget computes a chunk of it
         (chunked prefill) and stays first in line, holding its blocks, until its last chunk; only then does
@@ -263,14 +279,14 @@ class Engine:
         still computes a block's worth of tokens: prompts make progress while a step's cost, and so the
         running sequences' time per output token, stays bounded by the budget plus one block."""
         admitted: list[tuple[_Sequence, int]] = []
-        free = self.cache.num_free_blocks - sum(self.cache.blocks_needed(s.request_id, 1) for s in decoding)
+        free = self.cache.num_free_blocks - need  # what the decode rows leave
         # Sequences that already hold blocks (a received or reused prefix, an unfinished chunked prompt) go
         # first: one queued behind a sequence waiting for exactly those blocks would wait forever.
         order = sorted(self.waiting, key=lambda s: s.in_cache == 0)
         for seq in order:
             if len(decoding) + len(admitted) >= self.sched.max_num_seqs:
                 break
-            n = len(seq.all_ids) - seq.in_cache  # tokens to compute; a received prefix is in_cache
+            n = seq.num_tokens - seq.in_cache  # tokens to compute; a received prefix is in_cache
             blocks = self.cache.blocks_needed(seq.request_id, n)
             take = min(n, self.cache.block_size) if budget <= 0 and not admitted else min(n, budget)
             if blocks > free or take <= 0:
@@ -304,15 +320,15 @@ class Engine:
     def _launch(self, outputs: list[StepOutput]) -> _Launched | None:
         """Schedule the next step and launch its forward and sampling (appending to `outputs` what scheduling
         itself finishes); None when there is nothing to run."""
-        outputs += self._reserve_decode()
-        decoding = self._decoders()
-        finishing = [s for s in self.running if self._finishing(s)]
-        admitted = self._admit(decoding, self.sched.max_num_batched_tokens - len(decoding))
+        cut, decoding, need = self._reserve_decode()
+        outputs += cut
+        finishing = [s for s in self.running if self._finishing(s)] if self._in_flight else []
+        admitted = self._admit(decoding, need, self.sched.max_num_batched_tokens - len(decoding))
         self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
         self.last_step_tokens = len(decoding) + sum(n for _, n in admitted)
         if not decoding and not admitted:
             return None
-        done = [seq for seq, n in admitted if seq.in_cache + n == len(seq.all_ids)]  # prompts computed in full
+        done = [seq for seq, n in admitted if seq.in_cache + n == seq.num_tokens]  # prompts computed in full
         rows = decoding + [seq for seq, _ in admitted]
         samples = {id(s) for s in decoding + done}  # rows whose token counts
         with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
@@ -346,7 +362,7 @@ class Engine:
             if id(seq) in step.samples:
                 seq.pending -= 1
                 if not seq.finished:
-                    seq.in_cache = len(seq.all_ids)
+                    seq.in_cache = seq.num_tokens
                     outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
         for request_id in step.free_after:
             self._release(request_id)  # or later still, if a newer step in flight holds it too
@@ -381,17 +397,17 @@ class Engine:
         seq.output_ids.append(token)
         p = seq.params
         reason = None
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.model_config.eos_token_ids))
-        if token in stop_ids:
+        searched = len(seq.detok.text)  # text that earlier tokens searched for stop strings: none ends in it
+        if token in seq.stop_ids:
             reason = "stop"  # the stop token itself adds no text
         else:
             seq.detok.add([token])
         text = seq.detok.text
-        hits = [i for i in (text.find(s) for s in p.stop) if i != -1]
+        hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in p.stop) if i != -1]
         if hits:
             text, reason = text[: min(hits)], "stop"
         if reason is None and (len(seq.output_ids) >= p.max_new_tokens
-                               or len(seq.all_ids) >= self.model_config.max_position_embeddings):
+                               or seq.num_tokens >= self.model_config.max_position_embeddings):
             reason = "length"
         # Hold back text that might be the start of a stop string until it is decided.
         hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)

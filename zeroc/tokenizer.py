@@ -67,19 +67,29 @@ def _token_str(value: object) -> str | None:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters."""
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters.
+
+    Each call decodes a window of the last tokens, not the whole list (TGI's and vLLM's scheme), so a token
+    costs the same at any length: the text of ids[prefix:read] is what the window already gave, the text of
+    ids[prefix:] what it gives now, and their difference is the delta. The window keeps the tokens of the
+    previous delta as left context, for tokenizers that decode a token differently at the start of a text
+    (SentencePiece's leading space). While the text ends in a partial character it waits for the rest."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self._prefix = 0  # where the window starts
+        self._read = 0  # ids[:read] are in text
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the new text they complete (may be empty while a char is partial)."""
         self.ids.extend(token_ids)
-        full = self.tokenizer.decode(self.ids)
-        if full.endswith("\ufffd"):
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        now = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
             return ""
-        delta = full[len(self.text):] if full.startswith(self.text) else full
-        self.text = full
+        delta = now[len(before):]
+        self.text += delta
+        self._prefix, self._read = self._read, len(self.ids)
         return delta

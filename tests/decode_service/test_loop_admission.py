@@ -95,8 +95,8 @@ def test_requests_sent_during_a_step_join_the_next_one(bundled):
         seen: list[int] = []
         original = engine._admit
 
-        def record(decoding, budget):  # what the next step takes from the queue
-            admitted = original(decoding, budget)
+        def record(*args):  # what the next step takes from the queue
+            admitted = original(*args)
             seen.append(len(admitted))
             return admitted
         engine._admit = record
