@@ -32,6 +32,7 @@ from torch import Tensor
 
 from zeroc.config import CacheConfig, SchedulerConfig, ZeroCError
 from zeroc.decode_runner import DecodeRunner, graphs_supported
+from zeroc.device import DeviceToHost
 from zeroc.caches import paged_cache
 from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import layer_shapes
@@ -101,28 +102,11 @@ class _Launched:
 
     rows: list[_Sequence]
     samples: set[int]  # id() of the rows whose token counts (a chunk of a prompt samples nothing)
-    ids: Tensor  # [B] the sampled ids: a pinned host copy in flight on CUDA, the ids themselves elsewhere
-    ready: "torch.cuda.Event | None"  # recorded after the copy on CUDA
+    ids: DeviceToHost  # [B] the sampled ids, on their way to the host
     free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
-
-    @classmethod
-    def of(cls, rows: list[_Sequence], samples: set[int], sampled: Tensor) -> "_Launched":
-        if not sampled.is_cuda:
-            return cls(rows, samples, sampled, None)
-        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
-        host.copy_(sampled, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return cls(rows, samples, host, ready)
 
     def holds(self, request_id: str) -> bool:
         return any(s.request_id == request_id for s in self.rows)
-
-    def host_ids(self) -> list[int]:
-        """The sampled ids on the host: the step's one wait for the device."""
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.ids.tolist()
 
 
 _CHUNK = SamplingParams()  # what a chunk-of-a-prompt row "samples" with: greedy, no generator; discarded
@@ -339,7 +323,7 @@ class Engine:
             sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device)
             sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
-            launched = _Launched.of(rows, samples, sampled)
+            launched = _Launched(rows, samples, DeviceToHost(sampled))
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
             seq.in_cache += n
@@ -355,7 +339,7 @@ class Engine:
         """Read the oldest step in flight's ids (waiting for it) and advance its sequences; rows of sequences
         that finished or were aborted meanwhile are discarded."""
         step = self._in_flight.pop(0)
-        ids = step.host_ids()  # the step's one device->host wait
+        ids = step.ids.tolist()  # the step's one wait for the device
         self.host_waits += 1
         outputs = []
         for seq, token in zip(step.rows, ids):
