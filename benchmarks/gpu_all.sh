@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU run (one lent H100/H200): the attention kernels against SDPA and the copy rate, the Engine
 # against its bandwidth floor, and the whole service stack on CUDA. Each part is time-boxed; results go to $OUT.
-#   bash benchmarks/gpu_all.sh [kernels] [engine] [serve] [runtime] [gateway]   (default: the first four, in order)
+#   bash benchmarks/gpu_all.sh [kernels] [engine] [runtime] [serve] [gateway]   (default: the first four, in order;
+#   each part is time-boxed: 260 + 200 + 150 + 200 s at most)
 # `runtime` is benchmarks/gpu_engine.py: CUDA graphs, one sync per step, seeded sampling, isolation and async
 # scheduling checked on the device (pass/fail lines).
 # `gateway` runs the OpenAI gateway against gRPC on the device machine's 16 CPU cores (the model on the CPU),
@@ -18,7 +19,7 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || echo "editable install failed (see install.log)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-parts=${*:-kernels engine serve runtime}
+parts=${*:-kernels engine runtime serve}
 for part in $parts; do
     start=$(date +%s)
     case $part in
