@@ -5,7 +5,8 @@ token tier, built from the bundled model's calibration statistics), it starts, a
 
 - `grpc`: `zeroc serve prefill` and `zeroc serve decode --prefill ... --kv-transport grpc`;
 - `auto`: the same prefill service and a decode service with `--kv-transport auto`, which picks CUDA
-  IPC when both processes share one GPU (gRPC on the CPU);
+  IPC when both processes share one GPU (gRPC on the CPU); this decode service also runs ahead (async
+  scheduling), so the modes compare the two schedulers on the device too;
 - `colocated`: `zeroc serve decode --colocated` (prefills itself, ships no KV).
 
 Per mode and model it checks that every prompt's greedy tokens equal those of a direct Engine on the
@@ -85,9 +86,9 @@ def start_services(model_dir: str, device: str, dtype: str) -> dict[str, Service
     common = ["--model", model_dir, "--device", device, "--dtype", dtype, "--redis-url", "off", "--kv-store-mb", "0"]
     procs: dict[str, ServiceProcess | Exception] = {}
 
-    def start(kind: str, args: list[str]) -> ServiceProcess | Exception:
+    def start(kind: str, args: list[str], env: dict | None = None) -> ServiceProcess | Exception:
         try:
-            svc = ServiceProcess(kind, [*common, *args], env={"ZEROC_TRANSFER_CHUNK_BYTES": "65536"})
+            svc = ServiceProcess(kind, [*common, *args], env={"ZEROC_TRANSFER_CHUNK_BYTES": "65536", **(env or {})})
             svc.wait_serving()
             return svc
         except Exception as exc:  # reported per mode
@@ -99,8 +100,9 @@ def start_services(model_dir: str, device: str, dtype: str) -> dict[str, Service
         procs["prefill"] = prefill
         decodes = {}
         if isinstance(prefill, ServiceProcess):
-            decodes = {m: pool.submit(start, "decode", ["--prefill", prefill.address, "--kv-transport", m])
-                       for m in ("grpc", "auto")}
+            ahead = {"auto": {"ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}}
+            decodes = {m: pool.submit(start, "decode", ["--prefill", prefill.address, "--kv-transport", m],
+                                      ahead.get(m)) for m in ("grpc", "auto")}
         for m in ("grpc", "auto"):
             procs[m] = decodes[m].result() if m in decodes else RuntimeError(f"prefill service: {prefill}")
         procs["colocated"] = colocated.result()
