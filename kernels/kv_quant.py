@@ -36,24 +36,26 @@ def quantize_into_slots_ref(
     x: Tensor,  # [N, kv_heads, d] new K or V rows
     slot_mapping: Tensor,  # [N] flat slot of each row
     q_pool: Tensor,  # [num_blocks, block_size, kv_heads, d] int8, written in place
-    scale_pool: Tensor,  # [num_blocks, block_size, kv_heads] fp32, written in place
+    scale_pool: Tensor,  # [num_blocks, block_size, kv_heads] fp32 (any strides: serving keeps it head-major)
 ) -> None:
     q, scale = quantize_rows_ref(x)  # [N, kv_heads, d], [N, kv_heads]
     q_pool.view(-1, *q_pool.shape[2:])[slot_mapping] = q
-    scale_pool.view(-1, scale_pool.shape[-1])[slot_mapping] = scale
+    bs = scale_pool.shape[1]
+    scale_pool[slot_mapping // bs, slot_mapping % bs] = scale
 
 
 def dequantize_slots_ref(q_pool: Tensor, scale_pool: Tensor, slot_mapping: Tensor, dtype: torch.dtype) -> Tensor:
     """Rows at `slot_mapping` ([N]) back to `dtype` -> [N, kv_heads, d]"""
     q = q_pool.view(-1, *q_pool.shape[2:])[slot_mapping]
-    return dequantize_rows_ref(q, scale_pool.view(-1, scale_pool.shape[-1])[slot_mapping], dtype)
+    bs = scale_pool.shape[1]
+    return dequantize_rows_ref(q, scale_pool[slot_mapping // bs, slot_mapping % bs], dtype)
 
 
 if triton is not None:
 
     @triton.jit
-    def _quantize_kernel(x_ptr, slots_ptr, q_ptr, s_ptr, stride_xn, stride_xh, D: tl.constexpr, D_PAD: tl.constexpr,
-                         H: tl.constexpr):
+    def _quantize_kernel(x_ptr, slots_ptr, q_ptr, s_ptr, stride_xn, stride_xh, stride_sb, stride_ss, stride_sh,
+                         D: tl.constexpr, D_PAD: tl.constexpr, H: tl.constexpr, BS: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, D_PAD)
@@ -64,27 +66,28 @@ if triton is not None:
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         slot = tl.load(slots_ptr + row)
         tl.store(q_ptr + (slot * H + head) * D + d, q.to(tl.int8), mask=d < D)
-        tl.store(s_ptr + slot * H + head, scale)
+        tl.store(s_ptr + (slot // BS) * stride_sb + (slot % BS) * stride_ss + head * stride_sh, scale)
 
     @triton.jit
-    def _dequantize_kernel(q_ptr, s_ptr, slots_ptr, out_ptr, stride_on, stride_oh, D: tl.constexpr,
-                           D_PAD: tl.constexpr, H: tl.constexpr):
+    def _dequantize_kernel(q_ptr, s_ptr, slots_ptr, out_ptr, stride_on, stride_oh, stride_sb, stride_ss, stride_sh,
+                           D: tl.constexpr, D_PAD: tl.constexpr, H: tl.constexpr, BS: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         d = tl.arange(0, D_PAD)
         slot = tl.load(slots_ptr + row)
         q = tl.load(q_ptr + (slot * H + head) * D + d, mask=d < D, other=0).to(tl.float32)
-        scale = tl.load(s_ptr + slot * H + head)
+        scale = tl.load(s_ptr + (slot // BS) * stride_sb + (slot % BS) * stride_ss + head * stride_sh)
         tl.store(out_ptr + row * stride_on + head * stride_oh + d, (q * scale).to(out_ptr.dtype.element_ty),
                  mask=d < D)
 
 
 def quantize_into_slots(x: Tensor, slot_mapping: Tensor, q_pool: Tensor, scale_pool: Tensor) -> None:
-    """Triton version of `quantize_into_slots_ref` (pools must be contiguous)."""
+    """Triton version of `quantize_into_slots_ref` (the code pool contiguous; the scale pool of any strides)."""
     n, heads, d = x.shape
     x = x.contiguous()
     _quantize_kernel[(n, heads)](x, slot_mapping.contiguous(), q_pool, scale_pool, x.stride(0), x.stride(1),
-                                 D=d, D_PAD=triton.next_power_of_2(d), H=heads)
+                                 *scale_pool.stride(), D=d, D_PAD=triton.next_power_of_2(d), H=heads,
+                                 BS=scale_pool.shape[1])
 
 
 def dequantize_slots(q_pool: Tensor, scale_pool: Tensor, slot_mapping: Tensor, dtype: torch.dtype) -> Tensor:
@@ -92,6 +95,7 @@ def dequantize_slots(q_pool: Tensor, scale_pool: Tensor, slot_mapping: Tensor, d
     heads, d = q_pool.shape[2], q_pool.shape[3]
     out = torch.empty(slot_mapping.shape[0], heads, d, dtype=dtype, device=q_pool.device)
     _dequantize_kernel[(slot_mapping.shape[0], heads)](q_pool, scale_pool, slot_mapping.contiguous(), out,
-                                                       out.stride(0), out.stride(1), D=d,
-                                                       D_PAD=triton.next_power_of_2(d), H=heads)
+                                                       out.stride(0), out.stride(1), *scale_pool.stride(), D=d,
+                                                       D_PAD=triton.next_power_of_2(d), H=heads,
+                                                       BS=scale_pool.shape[1])
     return out

@@ -71,6 +71,16 @@ def rows_contiguous(cache: Tensor) -> Tensor:
     return cache if cache.stride(-1) == 1 else cache.contiguous()
 
 
+def scale_pools(k_scales: Tensor, v_scales: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+    """int8 caches' scale pools ([num_blocks, block_size, kv_heads], any strides) as the kernels read them:
+    -> (k_scales, v_scales, their (block, slot, head) strides), which the two share. The serving pools keep
+    them head-major (zeroc/policies/int8.py), so one KV head's scales for a page are contiguous and a tile
+    loads them in a few sectors; pools of other strides are copied to match only if the two differ."""
+    if k_scales.stride() != v_scales.stride():
+        k_scales, v_scales = k_scales.contiguous(), v_scales.contiguous()
+    return k_scales, v_scales, tuple(k_scales.stride())
+
+
 def check_int8_args(k_cache: Tensor, v_cache: Tensor, k_scales: Tensor | None, v_scales: Tensor | None) -> bool:
     """Whether the caches are int8 with per-token scales (both or neither); ValueError if mixed."""
     int8 = k_scales is not None

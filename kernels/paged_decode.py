@@ -23,7 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from zeroc_kernels.paged_attention import check_int8_args, paged_attention_int8_ref, paged_attention_ref, rows_contiguous
+from zeroc_kernels.paged_attention import (check_int8_args, paged_attention_int8_ref, paged_attention_ref,
+                                           rows_contiguous, scale_pools)
 from zeroc_kernels.tiles import load_rows, paged_walk_start
 from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
 
@@ -93,7 +94,7 @@ if triton is not None:
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
-        stride_sb, stride_ss,
+        stride_sb, stride_ss, stride_sh,
         stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr,
@@ -128,7 +129,7 @@ if triton is not None:
             v = load_rows(v_base, page * stride_vb + slot * stride_vs, dv, DV, DV_PAD, valid, True)  # [N, DV]
             s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32, input_precision=PRECISION)  # [G, N]
             if INT8:  # int8 codes through the dot; each token's fp32 scale on its score column
-                srow = page * stride_sb + slot * stride_ss + kv_head
+                srow = page * stride_sb + slot * stride_ss + kv_head * stride_sh
                 s = s * tl.load(ks_ptr + srow, mask=valid, other=0.0)[None, :]
             s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # log2 units
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -255,8 +256,11 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         raise ValueError(f"q heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
     q, k_cache, v_cache = q.contiguous(), rows_contiguous(k_cache), rows_contiguous(v_cache)
-    k_scales = k_scales.contiguous() if int8 else _unused_pointer(q)
-    v_scales = v_scales.contiguous() if int8 else k_scales
+    if int8:
+        k_scales, v_scales, s_strides = scale_pools(k_scales, v_scales)
+    else:
+        k_scales = v_scales = _unused_pointer(q)
+        s_strides = (0, 0, 0)
     tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
     blocks_per_split = -(-block_tables.shape[1] // num_splits)
     direct = num_splits == 1 and out is not None and out.stride(-1) == 1
@@ -272,7 +276,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            k_scales.stride(0) if int8 else 0, k_scales.stride(1) if int8 else 0,
+            *s_strides,
             tables.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), lses.stride(0), lses.stride(1))
     group = heads // kv_heads
     meta = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zeroc_kernels.paged_attention import check_int8_args, rows_contiguous
+from zeroc_kernels.paged_attention import check_int8_args, rows_contiguous, scale_pools
 from zeroc_kernels.tiles import load_rows, paged_walk_start
 from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
 
@@ -46,7 +46,7 @@ if triton is not None:
 
     @triton.jit
     def _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, table, k_base, v_base, ks_ptr, vs_ptr, kv_head,
-                     qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+                     qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, stride_sh,
                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr, DQ_PAD: tl.constexpr,
                      DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr, PRECISION: tl.constexpr,
                      MASKED: tl.constexpr):
@@ -62,7 +62,7 @@ if triton is not None:
         v = load_rows(v_base, page * stride_vb + slot * stride_vs, tl.arange(0, DV_PAD), DV, DV_PAD, valid, MASKED)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32, input_precision=PRECISION)  # [M, N]
         if INT8:  # codes through the dot, each token's scale on its score column
-            srow = page * stride_sb + slot * stride_ss + kv_head
+            srow = page * stride_sb + slot * stride_ss + kv_head * stride_sh
             s = s * tl.load(ks_ptr + srow, mask=valid, other=0.0)[None, :]
         s = s * qk_scale  # log2 units
         if MASKED:
@@ -83,7 +83,7 @@ if triton is not None:
         stride_qn, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
-        stride_sb, stride_ss,
+        stride_sb, stride_ss, stride_sh,
         stride_tb, stride_on, stride_oh,
         GROUP: tl.constexpr, GH: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
@@ -119,12 +119,12 @@ if triton is not None:
         for start in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, table, k_base, v_base, ks_ptr,
                                          vs_ptr, kv_head, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         stride_sb, stride_ss, BLOCK_SIZE, BLOCK_N, DQ, DQ_PAD, DV, DV_PAD, INT8,
+                                         stride_sb, stride_ss, stride_sh, BLOCK_SIZE, BLOCK_N, DQ, DQ_PAD, DV, DV_PAD, INT8,
                                          PRECISION, False)
         for start in range(full_end, kv_end, BLOCK_N):  # the diagonal: masked
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, table, k_base, v_base, ks_ptr,
                                          vs_ptr, kv_head, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         stride_sb, stride_ss, BLOCK_SIZE, BLOCK_N, DQ, DQ_PAD, DV, DV_PAD, INT8,
+                                         stride_sb, stride_ss, stride_sh, BLOCK_SIZE, BLOCK_N, DQ, DQ_PAD, DV, DV_PAD, INT8,
                                          PRECISION, True)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = (q_start + tok).to(tl.int64) * stride_on + (kv_head * GROUP + hg) * stride_oh
@@ -185,14 +185,17 @@ def paged_prefill_attention(
     group = heads // kv_heads
     gh = min(group, MAX_GROUP_ROWS)
     chunks = -(-group // gh)
-    k_scales = k_scales.contiguous() if int8 else torch.zeros(1, dtype=torch.float32, device=q.device)
-    v_scales = v_scales.contiguous() if int8 else k_scales
+    if int8:
+        k_scales, v_scales, s_strides = scale_pools(k_scales, v_scales)
+    else:
+        k_scales = v_scales = torch.zeros(1, dtype=torch.float32, device=q.device)
+        s_strides = (0, 0, 0)
     args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, starts, out, scale * LOG2E,
             bucket(max_q, 16, 16384),
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            k_scales.stride(0) if int8 else 0, k_scales.stride(1) if int8 else 0,
+            *s_strides,
             tables.stride(0), out.stride(0), out.stride(1))
     meta = dict(GROUP=group, GH=gh, CHUNKS=chunks, BLOCK_SIZE=block_size,
                 DQ=dq, DQ_PAD=max(16, triton.next_power_of_2(dq)), DV=dv, DV_PAD=max(16, triton.next_power_of_2(dv)),

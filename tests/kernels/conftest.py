@@ -46,6 +46,17 @@ def int8_pools():
     return _int8_pools
 
 
+def _head_major(scales):
+    """Scales [blocks, block_size, kv_heads] stored [blocks, kv_heads, block_size], as the serving int8 pools keep
+    them (zeroc/policies/int8.py), seen through a view of the logical shape."""
+    return scales.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.fixture(scope="session")
+def head_major():
+    return _head_major
+
+
 def _poison_unused_slots(pool, block_tables, seq_lens):
     """`pool` ([blocks, block_size, ...], float) with NaN in every slot outside the sequences' contexts:
     unowned blocks and the tail of each last block. A kernel that reads past a context shows it."""

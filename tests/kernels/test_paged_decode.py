@@ -133,10 +133,12 @@ def test_auto_split_count_fills_the_gpu_without_tiny_splits():
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     num_splits=st.sampled_from([1, 2]),
     config=st.sampled_from(DECODE_CONFIGS),
+    scales_head_major=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, poison_unused_slots, block_size,
-                                                       group, dims, lens, dtype, num_splits, config, seed):
+def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, poison_unused_slots, head_major,
+                                                       block_size, group, dims, lens, dtype, num_splits, config,
+                                                       scales_head_major, seed):
     dq, dv = dims
     kv_heads = 2
     gen = torch.Generator().manual_seed(seed)
@@ -144,6 +146,8 @@ def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_poo
     kq, ks, vq, vs = int8_pools(k_cache, v_cache)
     lens_t = torch.tensor(lens)
     ks, vs = (poison_unused_slots(s, tables, lens_t) for s in (ks, vs))  # NaN scales where nothing is cached
+    if scales_head_major:
+        ks, vs = head_major(ks), head_major(vs)
     q = torch.randn(len(lens), kv_heads * group, dq, generator=gen).to(dtype)
     ref = paged_decode_attention_int8_ref(q.float(), kq, vq, ks, vs, tables, lens_t, 0.1)
     out = paged_decode_attention(q, kq, vq, tables, lens_t, 0.1, num_splits=num_splits, k_scales=ks, v_scales=vs,

@@ -91,10 +91,11 @@ def test_groups_wider_than_one_program_are_split_into_head_chunks(random_paged_k
     dims=st.sampled_from([(32, 32), (64, 32), (128, 128)]),
     seqs=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 40)), min_size=1, max_size=3),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    scales_head_major=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, poison_unused_slots, block_size,
-                                                       group, dims, seqs, dtype, seed):
+def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_pools, poison_unused_slots, head_major,
+                                                       block_size, group, dims, seqs, dtype, scales_head_major, seed):
     """Prefill over an int8 cache (a cached prefix written by `kv_quant`, plus the new tokens)."""
     dq, dv = dims
     kv_heads = 2
@@ -104,6 +105,8 @@ def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_poo
     kq, ks, vq, vs = int8_pools(k_cache, v_cache)
     seq_lens = torch.tensor(lens)
     ks, vs = (poison_unused_slots(s, tables, seq_lens) for s in (ks, vs))
+    if scales_head_major:
+        ks, vs = head_major(ks), head_major(vs)
     q_lens = [q for q, _ in seqs]
     starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist())
     q = torch.randn(sum(q_lens), kv_heads * group, dq, generator=gen).to(dtype)

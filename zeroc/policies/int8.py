@@ -98,13 +98,24 @@ class Int8(KVMethod):
         return Int8Pools(shapes, num_blocks, block_size, dtype, device)
 
 
+def _pool(num_blocks: int, dims: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+          head_major: bool) -> Tensor:
+    """A zeroed pool [num_blocks, *dims]; head_major (dims (block_size, kv_heads)): stored as [num_blocks,
+    kv_heads, block_size] and returned as its transposed view, so the kernels see the logical shape."""
+    if not head_major:
+        return torch.zeros(num_blocks, *dims, dtype=dtype, device=device)
+    t, h = dims
+    return torch.zeros(num_blocks, h, t, dtype=dtype, device=device).transpose(1, 2)
+
+
 class Int8Pools(PolicyPools):
     def __init__(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
         self.bs, self.dtype, self.device = block_size, dtype, device
         # per layer: k_codes [num_blocks, block_size, kv_heads, k_dim] int8, v_codes likewise with v_dim,
-        # k_scales / v_scales [num_blocks, block_size, kv_heads] fp32
-        self.layers = [{name: torch.zeros(num_blocks, *dims, dtype=kind, device=device)
+        # k_scales / v_scales [num_blocks, block_size, kv_heads] fp32, stored head-major: one KV head's scales of
+        # a block lie side by side, so an attention tile reads them in a few sectors, not one per token
+        self.layers = [{name: _pool(num_blocks, dims, kind, device, head_major=name.endswith("_scales"))
                        for name, (dims, kind) in pool_shapes(s, block_size).items()} for s in shapes]
         self._staged: dict[int, tuple[Tensor, Tensor]] = {}
         self.backend = TorchBackend()  # the model's, once `prepare` sees it
