@@ -79,6 +79,8 @@ def test_the_pools_are_the_kernels_layout_and_the_triton_kernels_read_them(dtype
     shape, bs = LayerShape(kv_heads=2, k_dim=24, v_dim=16), 16  # ZeroC-like: q/k and v widths differ
     cache = paged_cache([shape], CacheConfig(block_size=bs, num_blocks=8, kv_policy="int8"), dtype)
     pools, gen = cache.pools.layers[0], torch.Generator().manual_seed(0)
+    # scales are stored head-major (one KV head's slots of a block side by side), seen in the logical shape
+    assert pools["k_scales"].shape == (8, bs, 2) and pools["k_scales"].stride() == (2 * bs, 1, bs)
     want = {"k_codes": torch.zeros(8, bs, 2, 24, dtype=torch.int8), "k_scales": torch.zeros(8, bs, 2),
             "v_codes": torch.zeros(8, bs, 2, 16, dtype=torch.int8), "v_scales": torch.zeros(8, bs, 2)}
 
