@@ -86,8 +86,8 @@ def probe(args: argparse.Namespace) -> dict:
         if time.time() - start > args.seconds:
             break
     params = sum(p.numel() for p in model.parameters())
-    return {"offset": args.offset, "parameters": params, "steps": step + 1, "tokens": (step + 1) * args.rows * args.length,
-            "seconds": round(time.time() - start, 1), "chance": chance, "formed_at_step": formed, "log": log}
+    return {"offset": args.offset, "parameters": params, "steps": step + 1,
+            "tokens": (step + 1) * args.rows * args.length, "seconds": round(time.time() - start, 1), "chance": chance, "formed_at_step": formed, "log": log}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.length < 2 * args.span + 1 or args.span < 2:
-        raise SystemExit(f"--length must be at least 2 x --span + 1 and --span at least 2, got {args.length}, {args.span}")
+        raise SystemExit(f"--length must be at least 2 x --span + 1 and --span at least 2, got {args.length}, "
+                         f"{args.span}")
     res = probe(args)
     print(f"{res['parameters'] / 1e6:.1f}M parameters, offset {res['offset']}: {res['steps']} steps, "
           f"{res['tokens'] / 1e6:.2f}M tokens, {res['seconds']:.0f} s; induction "

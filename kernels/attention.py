@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc_kernels.kv_quant import quantize_into_slots_ref
-from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, paged_attention_int8_ref,
-                                           paged_attention_ref)
+from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, one_width,
+                                           paged_attention_int8_ref, paged_attention_ref)
 from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_paged_attention
 from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref
 
@@ -110,14 +110,8 @@ class AttentionBackend(abc.ABC):
 
 def sdpa_fresh_prefill(q: Tensor, k: Tensor, v: Tensor, query_lens: tuple[int, ...], scale: float) -> Tensor:
     """`AttentionBackend.fresh_prefill` by torch's SDPA, one call per sequence (a fresh batch holds few)."""
-    dq, dv = q.shape[-1], v.shape[-1]
-    width = max(dq, dv)
-    # SDPA's fused kernels need q/k and v of one width (ZeroC layers keep e.g. 48 q/k and 16 v dims); zero
-    # columns add nothing to q.k, and v's are cut off the output.
-    if dq < width:
-        q, k = F.pad(q, (0, width - dq)), F.pad(k, (0, width - dq))
-    if dv < width:
-        v = F.pad(v, (0, width - dv))
+    dv = v.shape[-1]
+    q, k, v = one_width(q, k, v)
     outs, at = [], 0
     for n in query_lens:
         rows = slice(at, at + n)  # [n, heads or kv_heads, width] -> [1, heads or kv_heads, n, width]

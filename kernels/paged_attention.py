@@ -48,15 +48,8 @@ def paged_attention_ref(
     k, v = torch.where(in_ctx, k, 0.0), torch.where(in_ctx, v, 0.0)
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
 
-    # SDPA's fused CPU kernel needs q/k and v of one width, else it falls back to a math path that is
-    # several times slower (ZeroC layers keep e.g. 48 q/k and 16 v dims). Zero columns change nothing:
-    # they add 0 to q.k, and padded v columns are cut off the output.
-    dq, dv = q.shape[-1], v.shape[-1]
-    width = max(dq, dv)
-    if dq < width:
-        q_pad, k = F.pad(q_pad, (0, width - dq)), F.pad(k, (0, width - dq))
-    if dv < width:
-        v = F.pad(v, (0, width - dv))
+    dv = v.shape[-1]
+    q_pad, k, v = one_width(q_pad, k, v)
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
         attn_mask=mask[:, None], scale=scale, enable_gqa=True,
@@ -79,6 +72,19 @@ def scale_pools(k_scales: Tensor, v_scales: Tensor) -> tuple[Tensor, Tensor, tup
     if k_scales.stride() != v_scales.stride():
         k_scales, v_scales = k_scales.contiguous(), v_scales.contiguous()
     return k_scales, v_scales, tuple(k_scales.stride())
+
+
+def one_width(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k ([..., dq]) and v ([..., dv]) zero-padded to one width for SDPA, whose fused kernels need it (the
+    CPU one falls back to a math path several times slower; ZeroC layers keep e.g. 48 q/k and 16 v dims).
+    Zero columns change nothing: they add 0 to q.k, and the caller cuts v's off the output ([..., :dv])."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    width = max(dq, dv)
+    if dq < width:
+        q, k = F.pad(q, (0, width - dq)), F.pad(k, (0, width - dq))
+    if dv < width:
+        v = F.pad(v, (0, width - dv))
+    return q, k, v
 
 
 def check_int8_args(k_cache: Tensor, v_cache: Tensor, k_scales: Tensor | None, v_scales: Tensor | None) -> bool:

@@ -119,13 +119,13 @@ if triton is not None:
         for start in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, table, k_base, v_base, ks_ptr,
                                          vs_ptr, kv_head, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         stride_sb, stride_ss, stride_sh, BLOCK_SIZE, BLOCK_N, DQ, DQ_PAD, DV, DV_PAD, INT8,
-                                         PRECISION, False)
+                                         stride_sb, stride_ss, stride_sh, BLOCK_SIZE, BLOCK_N, DQ, DQ_PAD, DV, DV_PAD,
+                                         INT8, PRECISION, False)
         for start in range(full_end, kv_end, BLOCK_N):  # the diagonal: masked
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, q_pos, start, kv_end, table, k_base, v_base, ks_ptr,
                                          vs_ptr, kv_head, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                         stride_sb, stride_ss, stride_sh, BLOCK_SIZE, BLOCK_N, DQ, DQ_PAD, DV, DV_PAD, INT8,
-                                         PRECISION, True)
+                                         stride_sb, stride_ss, stride_sh, BLOCK_SIZE, BLOCK_N, DQ, DQ_PAD, DV, DV_PAD,
+                                         INT8, PRECISION, True)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_rows = (q_start + tok).to(tl.int64) * stride_on + (kv_head * GROUP + hg) * stride_oh
         tl.store(out_ptr + o_rows[:, None] + dv[None, :], out.to(out_ptr.dtype.element_ty),

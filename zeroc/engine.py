@@ -220,35 +220,38 @@ class Engine:
         return seq.pending > 0 and (len(seq.output_ids) + seq.pending >= seq.params.max_new_tokens
                                     or seq.num_tokens + seq.pending >= self.model_config.max_position_embeddings)
 
-    def _decoders(self) -> list[_Sequence]:
-        """The running sequences that take a row in the next step, in row order."""
-        return [s for s in self.running if not self._finishing(s)]
-
-    def _decode_need(self, decoding: list[_Sequence]) -> int:
-        """Blocks the decode rows take to grow by one token each."""
-        return sum(self.cache.blocks_needed(s.request_id, 1) for s in decoding)
-
-    def _decode_fits(self) -> bool:
-        return self._decode_need(self._decoders()) <= self.cache.num_free_blocks
+    def _split_running(self) -> tuple[list[_Sequence], list[_Sequence]]:
+        """The running sequences as (those that take a row in the next step, in row order; those whose token in
+        flight ends them by length)."""
+        decoding, finishing = [], []
+        for s in self.running:
+            (finishing if self._finishing(s) else decoding).append(s)
+        return decoding, finishing
 
     # -- scheduling -----------------------------------------------------------------------------
-    def _reserve_decode(self) -> tuple[list[StepOutput], list[_Sequence], int]:
-        """Make room for one more token per decode row, preempting the newest if needed: -> (outputs of the
-        sequences it ended, the decode rows, the blocks they take).
+    def _reserve_decode(self, outputs: list[StepOutput]) -> tuple[list[_Sequence], list[_Sequence], int]:
+        """Make room for one more token per decode row, preempting the newest if needed (after reading the
+        step in flight, whose results may free blocks and which must not hold a victim's row): -> (the decode
+        rows, the running sequences that take none, the blocks the rows take). Appends to `outputs` what it
+        reads and ends.
 
         A sequence that alone fills the whole cache cannot grow: it finishes with "length".
         """
         while self.running:
-            decoding = self._decoders()
-            need = self._decode_need(decoding)
+            decoding, finishing = self._split_running()
+            need = sum(self.cache.blocks_needed(s.request_id, 1) for s in decoding)
             if need <= self.cache.num_free_blocks:
-                return [], decoding, need
-            victim = self.running.pop()  # nothing is in flight here (step() collects first)
+                return decoding, finishing, need
+            if self._in_flight:
+                outputs += self._collect()
+                continue
+            victim = self.running.pop()
             self.cache.free(victim.request_id)
             if not self.running:
                 victim.finished = True
-                return [StepOutput(victim.request_id, [], victim.detok.text[victim.released:], True, "length",
-                                   victim.queued_s or 0.0, victim.preemptions)], [], 0
+                outputs.append(StepOutput(victim.request_id, [], victim.detok.text[victim.released:], True,
+                                          "length", victim.queued_s or 0.0, victim.preemptions))
+                break
             victim.in_cache = 0
             victim.preemptions += 1
             self.num_preemptions += 1
@@ -290,8 +293,6 @@ class Engine:
         whole context (a chunk of a prompt samples nothing), and return the outputs of the step whose ids
         reached the host: this one, or with async scheduling the one before it."""
         outputs: list[StepOutput] = []
-        if self._in_flight and not (self.sched.async_scheduling and self._decode_fits()):
-            outputs += self._collect()  # the scheduler needs these results first
         launched = self._launch(outputs)
         if launched is not None:
             self._in_flight.append(launched)
@@ -304,9 +305,7 @@ class Engine:
     def _launch(self, outputs: list[StepOutput]) -> _Launched | None:
         """Schedule the next step and launch its forward and sampling (appending to `outputs` what scheduling
         itself finishes); None when there is nothing to run."""
-        cut, decoding, need = self._reserve_decode()
-        outputs += cut
-        finishing = [s for s in self.running if self._finishing(s)] if self._in_flight else []
+        decoding, finishing, need = self._reserve_decode(outputs)
         admitted = self._admit(decoding, need, self.sched.max_num_batched_tokens - len(decoding))
         self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
         self.last_step_tokens = len(decoding) + sum(n for _, n in admitted)

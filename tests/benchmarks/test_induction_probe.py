@@ -44,5 +44,6 @@ def test_short_run_reports_steps_tokens_and_the_copy_loss(tmp_path):
     assert [e["step"] for e in res["log"]] == [0, 2]
     assert all(abs(e["copy_loss"] - res["chance"]) < 1.0 for e in res["log"])  # untrained: near chance
     assert res["formed_at_step"] is None and "not formed" in r.stdout
-    bad = subprocess.run([sys.executable, str(SCRIPT), "--span", "50", "--length", "80"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--span", "50", "--length", "80"], capture_output=True,
+                         text=True)
     assert bad.returncode != 0 and "--length must be at least" in bad.stderr

@@ -20,40 +20,34 @@ def _backends() -> list[str]:
 def _make(name: str):
     try:
         return BACKENDS[name]()
-    except ValueError:  # the cpu backend without a compiler: tests/kernels/test_ragged_cpu.py covers that
-        pytest.skip(f"the {name} backend cannot be built here")
+    except ValueError:
+        pytest.skip("no C++ compiler here to build the cpu backend's kernel; tests/kernels/test_ragged_cpu.py checks "
+                    "that `cpu` then refuses with a ValueError")
 
 
-def _fresh_batch(gen, lens, kv_heads, group, dq, dv, dtype, block_size=16):
-    """Sequences of `lens` new tokens and no prefix, written into shuffled blocks of a paged pool.
-    -> q, k rows, v rows, k_cache, v_cache, tables, seq_lens, query_start_loc"""
-    n = sum(lens)
-    q = torch.randn(n, kv_heads * group, dq, generator=gen).to(dtype)
-    k = torch.randn(n, kv_heads, dq, generator=gen).to(dtype)
-    v = torch.randn(n, kv_heads, dv, generator=gen).to(dtype)
-    width = max(-(-x // block_size) for x in lens)
-    blocks = torch.randperm(len(lens) * width + 3, generator=gen)
-    tables = blocks[: len(lens) * width].view(len(lens), width)
-    k_cache = torch.full((blocks.numel(), block_size, kv_heads, dq), float("nan"), dtype=dtype)
-    v_cache = torch.full((blocks.numel(), block_size, kv_heads, dv), float("nan"), dtype=dtype)
-    at = 0
-    for b, x in enumerate(lens):
-        pos = torch.arange(x)
-        k_cache[tables[b, pos // block_size], pos % block_size] = k[at: at + x]
-        v_cache[tables[b, pos // block_size], pos % block_size] = v[at: at + x]
-        at += x
+def _fresh_batch(random_paged_kv, poison_unused_slots, gen, lens, group, dq, dv, dtype, block_size=16):
+    """Sequences of `lens` new tokens and no prefix in a paged pool (2 KV heads, NaN in every slot no sequence
+    holds), and their rows read out of it. -> q, k rows, v rows, k_cache, v_cache, tables, seq_lens, starts"""
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, block_size, 2, dq, dv, dtype)
+    k_cache, v_cache = (poison_unused_slots(c, tables, torch.tensor(lens)) for c in (k_cache, v_cache))
+    seq = torch.cat([torch.full((n,), b) for b, n in enumerate(lens)])
+    pos = torch.cat([torch.arange(n) for n in lens])
+    rows = tables[seq, pos // block_size], pos % block_size
+    q = torch.randn(sum(lens), 2 * group, dq, generator=gen).to(dtype)
     starts = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
-    return q, k, v, k_cache, v_cache, tables, torch.tensor(lens), starts
+    return q, k_cache[rows], v_cache[rows], k_cache, v_cache, tables, torch.tensor(lens), starts
 
 
 @pytest.mark.parametrize("name", _backends())
 @pytest.mark.parametrize("dims", [(64, 64), (48, 16), (16, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fresh_prefill_equals_paged_attention_over_the_same_rows(name, dims, dtype):
+def test_fresh_prefill_equals_paged_attention_over_the_same_rows(random_paged_kv, poison_unused_slots, name, dims,
+                                                                  dtype):
     backend = _make(name)
     gen = torch.Generator().manual_seed(sum(dims))
     lens = (37, 5, 70)
-    q, k, v, k_cache, v_cache, tables, seq_lens, starts = _fresh_batch(gen, lens, 2, 3, *dims, dtype)
+    batch = _fresh_batch(random_paged_kv, poison_unused_slots, gen, lens, 3, *dims, dtype)
+    q, k, v, k_cache, v_cache, tables, seq_lens, starts = batch
     scale = 1 / math.sqrt(64)
     want = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, starts, scale)
     got = backend.fresh_prefill(q, k, v, lens, scale)

@@ -120,8 +120,7 @@ def check_kind_weights(weights: tuple[float, ...]) -> None:
 def sample_batch(tok: Tokenizer, stream: torch.Tensor, batch: int, length: int, synthetic: float,
                  rng: random.Random, kind_weights: tuple[float, ...] = ()) -> Batch:
     """`batch` rows of `length` tokens: each a synthetic sequence with probability `synthetic` (its kind
-    drawn by `kind_weights`, see `check_kind_weights`), else a random slice of `stream`."""
-    check_kind_weights(kind_weights)
+    drawn by `kind_weights`, which `check_kind_weights` has checked), else a random slice of `stream`."""
     rows, masks, kinds = [], [], []
     for _ in range(batch):
         synthetic_row = rng.random() < synthetic
