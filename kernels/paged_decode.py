@@ -202,10 +202,14 @@ def merge_partials(outs: Tensor, lses: Tensor, out: Tensor | None = None) -> tup
 # Split-K heuristic. A program's cost is its tokens plus a fixed part (loading q, writing a
 # partial, its share of the merge), counted in tokens; programs run in waves of
 # PROGRAMS_PER_SM x SMs. The split count minimising waves x per-program cost wins, smallest on a
-# tie, never cutting a split below MIN_SPLIT_TOKENS. Constants to be fitted to GPU timings.
+# tie, never cutting a split below MIN_SPLIT_TOKENS. PROGRAMS_PER_SM is fitted to the split sweeps of
+# benchmarks/gpu_kernels.py on an H200 (132 SMs, 2026-12-04, docs/benchmarks.md): batch 64 x 8 KV heads ran
+# fastest at 2 splits (1,024 programs; 1 split took 6% longer), batch 8 at 16 and batch 1 at 16-32. At 2
+# programs per SM the model picked 1, 4 and 32; at 8 it picks 2, 16 and 32. A memory-bound kernel wants
+# more programs in flight than fit at once, so the next one's loads start while the last one's drain.
 MIN_SPLIT_TOKENS = 256
 SPLIT_OVERHEAD_TOKENS = 128
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 8
 MAX_SPLITS = 32
 
 

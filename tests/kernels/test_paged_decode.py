@@ -109,12 +109,15 @@ def test_two_segment_merge_equals_attention_over_the_union():
 
 
 def test_auto_split_count_fills_the_gpu_without_tiny_splits():
-    # Decode batch 64 x 8 KV heads at 8192 tokens: 512 programs already fill a 132-SM H100 in whole waves.
-    assert choose_num_splits(64, 8, 512, 132) == 1
+    # The H200 sweep the constants were fitted to (132 SMs, 8192 tokens, docs/benchmarks.md): batch 64 x 8 KV
+    # heads ran fastest at 2 splits, 1,024 programs in one wave of 1,056 slots.
+    assert choose_num_splits(64, 8, 512, 132) == 2
     # One long sequence: split until the 8 KV heads cover the SMs, capped.
     assert choose_num_splits(1, 8, 512, 132) == MAX_SPLITS
-    # 8 sequences x 8 heads = 64 programs: 4 splits make one full wave of 256 of 264 slots.
-    assert choose_num_splits(8, 8, 512, 132) == 4
+    # 8 sequences x 8 heads = 64 programs: 16 splits (the sweep's fastest) make one wave; 32 would need two.
+    assert choose_num_splits(8, 8, 512, 132) == 16
+    # Half the KV heads per launch (one run of a per-head-rank layer): twice the splits of the whole layer.
+    assert choose_num_splits(64, 4, 512, 132) == 4
     # Short contexts are never cut below MIN_SPLIT_TOKENS tokens per split.
     assert choose_num_splits(1, 8, 32, 132) == 32 * 16 // MIN_SPLIT_TOKENS
     assert choose_num_splits(1, 1, 3, 132) == 1
