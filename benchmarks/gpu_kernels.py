@@ -14,7 +14,8 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
    in TFLOP/s beside SDPA (and SDPA's backends); every config at 4096; for prompts with no prefix also
    the backend's fresh path (the rows read back from the pages, then SDPA), which the runtime takes there;
 5. attention block (QKV GEMM, epilogue, attention, O GEMM): fold and rotate at rank 64 against
-   uncompressed; the model's fused path against its unfused one.
+   uncompressed; the model's fused path against its unfused one;
+6. a decode step's RMSNorm and SwiGLU gate: the fused kernels against the eager references.
 Writes JSON (--json; default docs/benchmarks/gpu_kernels.json on a GPU) and a markdown table.
 """
 
@@ -64,10 +65,10 @@ from zeroc_kernels.paged_decode import DECODE_CONFIGS, choose_num_splits, paged_
 from zeroc_kernels.paged_prefill import PREFILL_CONFIGS, paged_prefill_attention  # noqa: E402
 from zeroc_kernels.tuning import config_id  # noqa: E402
 
-FULL = dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64, decode_ctx=8192,
+FULL = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64, decode_ctx=8192,
             prefill=(4096, 16384), prefix=(4096, 12288), block_size=16, budget_s=170.0, check=(128, 300),
             splits=(1, 2, 3, 4, 8, 16), few_seqs=(1, 8), few_splits=(1, 4, 8, 16, 32))
-QUICK = dict(hidden=64, heads=4, kv_heads=2, head_dim=32, rank=16, decode_batch=2, decode_ctx=64,
+QUICK = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=32, rank=16, decode_batch=2, decode_ctx=64,
              prefill=(32,), prefix=(16, 48), block_size=16, budget_s=600.0, check=(32, 100),
              splits=(1, 2), few_seqs=(1,), few_splits=(1, 2))
 
@@ -168,6 +169,24 @@ def model_path(run: Run) -> None:
     run.report.setdefault("max_abs_error", {})["model_fused_vs_unfused_logits"] = model_path_error(run.device,
                                                                                                    run.dtype)
     say(f"  model fused vs unfused logits: {run.report['max_abs_error']['model_fused_vs_unfused_logits']:.4g}")
+
+
+def layer_ops(run: Run) -> None:
+    """A decode step's norm and gate (batch rows of the hidden and intermediate widths): the triton backend's
+    one kernel each against the eager references, which are eight kernels and two."""
+    from zeroc_kernels.layer_ops import rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
+
+    b, h, i = run.s["decode_batch"], run.s["hidden"], run.s["intermediate"]
+    x, w = torch.randn(b, h, dtype=run.dtype, device=run.device), torch.rand(h, dtype=run.dtype, device=run.device)
+    gate, up = (torch.randn(b, i, dtype=run.dtype, device=run.device) for _ in range(2))
+    for name, what, fused, eager in (("rms_norm", f"[{b}, {h}]", lambda: rms_norm(x, w, 1e-5),
+                                      lambda: rms_norm_ref(x, w, 1e-5)),
+                                     ("silu_mul", f"[{b}, {i}]", lambda: silu_mul(gate, up),
+                                      lambda: silu_mul_ref(gate, up))):
+        ms, eager_ms = run.timed(fused), run.timed(eager)
+        run.row(section="layer ops", what=what, method=f"{name}, fused", ms=ms, ratio=ms / eager_ms)
+        run.row(section="layer ops", what=what, method=f"{name}, eager", ms=eager_ms)
+        say(f"  {name} {what}: fused {ms * 1e3:.1f} us, eager {eager_ms * 1e3:.1f} us")
 
 
 def _contiguous(k_cache, tables, batch: int, ctx: int):
@@ -414,7 +433,8 @@ def main() -> int:
     say(f"{run.report['device']} {dtype}: triton {run.report['triton']}, torch {torch.__version__}")
     for name, fn in (("ceilings", ceilings), ("correctness", check), ("decode", decode),
                      ("decode per-head", decode_per_head), ("prefill", prefill), ("decode sweeps", decode_sweeps),
-                     ("prefill sweeps", prefill_sweeps), ("attention block", blocks), ("model path", model_path)):
+                     ("prefill sweeps", prefill_sweeps), ("attention block", blocks), ("model path", model_path),
+                     ("layer ops", layer_ops)):
         run.section(name, fn)
         if name == "ceilings" and "ceilings" not in run.report:
             run.report["ceilings"] = {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}

@@ -122,7 +122,17 @@ def correctness(device, dtype, dim: int = 128, ctx: int = 300) -> dict:
     head width `dim` and contexts up to `ctx`."""
     return {**_decode_errors(device, dtype, dim, ctx), **_prefill_errors(device, dtype, dim, ctx),
             **_epilogue_errors(device, dtype, dim),
-            **_per_head_errors(device, dtype)}
+            **_per_head_errors(device, dtype), **_layer_op_errors(device, dtype)}
+
+
+def _layer_op_errors(device, dtype) -> dict:
+    """The fused norm and gate against the references in the same dtype (equal up to a rounding or two)."""
+    from zeroc_kernels.layer_ops import rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
+
+    x, w = torch.randn(37, 4096, dtype=dtype, device=device) * 3, torch.rand(4096, dtype=dtype, device=device)
+    gate, up = torch.randn(37, 1000, dtype=dtype, device=device) * 4, torch.randn(37, 1000, dtype=dtype, device=device)
+    return {"rms_norm": _err(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)),
+            "silu_mul": _err(silu_mul(gate, up), silu_mul_ref(gate, up))}
 
 
 def per_head_pools(s: dict, dtype, device):

@@ -4,7 +4,9 @@ A backend is chosen once, when a model is loaded (`select_backend`, the `--atten
 never by looking at a tensor's device or an argument's type on the hot path. Callers:
 - `zeroc.model` (the paged forward): `paged_attention` over plain pools, and, where `fused_epilogue`
   holds, the QKV epilogue that applies RoPE (and rotate mode's bases) and writes K/V into their slots;
-- KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`.
+- KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`;
+- `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
+  (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels.
 
 Backends:
 - `TorchBackend` ("torch"): the PyTorch references, on any device. Writes happen in PyTorch before
@@ -13,7 +15,7 @@ Backends:
   which reads the paged cache in place. CPU only; built with g++ on first use. "auto" picks it on the CPU
   where it builds, else "torch".
 - `TritonBackend` ("triton"): the Triton kernels: the decode kernel for decode-only steps, the ragged
-  prefill kernel otherwise, and the fused QKV epilogue. On CUDA it compiles; on the CPU it runs only in
+  prefill kernel otherwise, the fused QKV epilogue, the fused norm and gate. On CUDA it compiles; on the CPU it runs only in
   Triton's interpreter (TRITON_INTERPRET=1), which is how CI drives the GPU path.
 
 A prompt with no cached prefix (the prefill service's work, a first step) needs no paged read at all:
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc_kernels.kv_quant import quantize_into_slots_ref
+from zeroc_kernels.layer_ops import rms_norm_ref, silu_mul_ref
 from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, one_width,
                                            paged_attention_int8_ref, paged_attention_ref)
 from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_paged_attention
@@ -98,6 +101,16 @@ class AttentionBackend(abc.ABC):
                             v_pool: Tensor) -> Tensor:
         """Rotate epilogue: -> q' = A^T RoPE(q); k' = B^T RoPE(k) and v written to slots."""
         raise NotImplementedError(f"the {self.name} backend has no fused epilogue")
+
+    # A layer's elementwise ops, which the backend may fuse (kernels/layer_ops.py). The model calls them in every
+    # forward that has the backend: dense, paged, and with a caller's attention.
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """x: [*, H]; weight: [H] -> RMSNorm(x) [*, H]."""
+        return rms_norm_ref(x, weight, eps)
+
+    def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
+        """gate, up: [*, I] -> silu(gate) * up [*, I] (SwiGLU)."""
+        return silu_mul_ref(gate, up)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -214,6 +227,21 @@ class TritonBackend(AttentionBackend):
         from zeroc_kernels.qkv_epilogue import qkv_rotate_epilogue
 
         return qkv_rotate_epilogue(q, k, v, positions, inv_freq, q_basis, k_basis, slot_mapping, k_pool, v_pool)
+
+    def rms_norm(self, x, weight, eps):
+        from zeroc_kernels.layer_ops import rms_norm
+
+        # The kernels have no backward: a forward that trains through this backend takes the reference.
+        return rms_norm_ref(x, weight, eps) if _needs_grad(x, weight) else rms_norm(x, weight, eps)
+
+    def silu_mul(self, gate, up):
+        from zeroc_kernels.layer_ops import silu_mul
+
+        return silu_mul_ref(gate, up) if _needs_grad(gate, up) else silu_mul(gate, up)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "cpu": CpuBackend, "triton": TritonBackend,

@@ -20,10 +20,10 @@ Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zeroc.attend import Attend, AttendFn, CallerAttend, DenseCausal, FusedPagedAttend, PagedAttend
@@ -32,6 +32,7 @@ from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
 from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
 from zeroc_kernels.attention import AttentionBackend, TorchBackend
+from zeroc_kernels.layer_ops import rms_norm_ref, silu_mul_ref
 
 
 class RMSNorm(nn.Module):
@@ -40,11 +41,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 and scale in the input dtype, as HF does, so half precision matches.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: Tensor, ops: AttentionBackend | None = None) -> Tensor:
+        # x: [*, hidden]. ops: the model's backend, which may fuse the norm into one kernel; None: the reference
+        # (normalise in fp32, scale in the input dtype, as Hugging Face does, so half precision matches)
+        return ops.rms_norm(x, self.weight, self.eps) if ops is not None else rms_norm_ref(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -199,8 +199,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, ops: AttentionBackend | None = None) -> Tensor:
+        # x: [*, hidden] -> [*, hidden]; ops as in RMSNorm.forward
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [*, intermediate] each
+        return self.down_proj(ops.silu_mul(gate, up) if ops is not None else silu_mul_ref(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -212,21 +214,29 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: RopeTables, attend: Attend) -> Tensor:
-        h = x + self.self_attn(self.index, self.input_layernorm(x), rope, attend)
-        return self.feed_forward(h)
+    def forward(self, x: Tensor, rope: RopeTables, attend: Attend, ops: AttentionBackend | None = None) -> Tensor:
+        """x: [*P, hidden] -> [*P, hidden]. ops: the backend for the norms and the gate (None: the references)."""
+        h = x + self.self_attn(self.index, self.input_layernorm(x, ops), rope, attend)
+        return self.feed_forward(h, ops)
 
-    def feed_forward(self, h: Tensor) -> Tensor:
+    def feed_forward(self, h: Tensor, ops: AttentionBackend | None = None) -> Tensor:
         """h + MLP(norm(h)). h: [*, hidden] -> [*, hidden]. What `compile_feed_forward` hands to torch.compile."""
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h, ops), ops)
 
 
 def compile_feed_forward(model: nn.Module) -> None:
     """torch.compile each layer's norm + MLP, with dynamic shapes so one graph serves every token count.
-    Attention stays eager: it calls the backend's paged kernels, which dynamo cannot trace. Idempotent."""
+    Attention stays eager: it calls the backend's paged kernels, which dynamo cannot trace. The compiled
+    graph takes the references, whose norm and gate inductor fuses itself. Idempotent."""
     for layer in model.model.layers:
         if "feed_forward" not in vars(layer):  # the instance attribute shadows the method once compiled
-            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=True)
+            compiled = torch.compile(functools.partial(DecoderLayer.feed_forward, layer), dynamic=True)
+            layer.feed_forward = functools.partial(_without_ops, compiled)
+
+
+def _without_ops(compiled, h: Tensor, ops: AttentionBackend | None = None) -> Tensor:
+    """A compiled feed_forward under the layer's call signature: the backend stays out of dynamo's graph."""
+    return compiled(h)
 
 
 class _Embedding(nn.Embedding):
@@ -273,8 +283,8 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         rope = RopeTables(positions)  # cos/sin once per forward, shared by the layers
         for layer in self.model.layers:
-            x = layer(x, rope, attend)
-        return self.model.norm(x)
+            x = layer(x, rope, attend, self.backend)
+        return self.model.norm(x, self.backend)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Dense causal forward. tokens: [B, T] -> logits [B, T, vocab]."""

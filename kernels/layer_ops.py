@@ -1,0 +1,117 @@
+"""A decoder layer's elementwise ops, fused: RMSNorm in one pass, SwiGLU's silu(gate) * up in one pass.
+
+At decode batch sizes these are tiny tensors ([64, 4096]), so their cost is the number of kernels, not
+bytes: the eager RMSNorm is eight of them in bf16 (cast, pow, mean, add, rsqrt, mul, cast, mul) and the
+gate two, twice and once per layer. `rms_norm` and `silu_mul` are one Triton kernel each (GPU; the CPU
+interpreter under TRITON_INTERPRET=1 for tests); `rms_norm_ref` and `silu_mul_ref` are the references
+and the torch path. Both kernels round where the references do (Hugging Face's order), so a model gives
+the same tokens either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zeroc_kernels.tuning import interpreting
+
+try:  # optional on CPU-only machines
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+MAX_HIDDEN = 65536  # one program holds a whole row; Llama-3-405B's hidden is 16,384
+
+
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x: [*, H]; weight: [H] -> [*, H] in the promotion of the two dtypes.
+    Normalise in fp32, round to x's dtype, then scale: Hugging Face's Llama order, so half precision matches."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def silu_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
+    """gate, up: [*, I] (the MLP's two projections) -> silu(gate) * up, [*, I]."""
+    return F.silu(gate) * up
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, rows, eps, stride_x, stride_o,
+                         H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr):
+        # Program: BLOCK_M whole rows (1 on a GPU from H = 1024 up; many in the interpreter, which pays per program).
+        r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.arange(0, BLOCK_H)
+        ok = (r[:, None] < rows) & (c[None, :] < H)
+        x = tl.load(x_ptr + r[:, None] * stride_x + c[None, :], mask=ok, other=0.0)  # [M, H] in x's dtype
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / H + eps)  # [M]
+        y = (xf * inv[:, None]).to(x.dtype).to(tl.float32)  # rounded to x's dtype before the scale, as the ref
+        w = tl.load(w_ptr + c, mask=c < H, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r[:, None] * stride_o + c[None, :], (y * w[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=ok)
+
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        g = tl.load(g_ptr + i, mask=ok, other=0.0)
+        gf = g.to(tl.float32)
+        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)  # silu rounded to the dtype, as F.silu
+        u = tl.load(u_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + i, (s * u).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x as [rows, H] with a dense last dim (a view where it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
+    """Triton version of `rms_norm_ref` (same arguments and shapes). out: optional destination of x's shape
+    and the result dtype (tests poison it)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    h = x.shape[-1]
+    if weight.shape != (h,):
+        raise ValueError(f"RMSNorm weight of shape {tuple(weight.shape)} for rows of width {h}")
+    if h > MAX_HIDDEN:
+        raise ValueError(f"rms_norm keeps a row in one program: width {h} is over {MAX_HIDDEN}")
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(x.shape)} {dtype} tensor")
+    x2, o2 = _rows(x), out.view(-1, h)
+    rows = x2.shape[0]
+    block_h = triton.next_power_of_2(h)
+    # One row per program on a GPU once a row fills the warps; short rows share a program.
+    block_m = 64 if interpreting() else max(1, min(64, 1024 // block_h))
+    warps = 4 if block_h * block_m <= 4096 else 8 if block_h <= 16384 else 16
+    if rows:
+        _rms_norm_kernel[(triton.cdiv(rows, block_m),)](
+            x2, weight.contiguous(), o2, rows, eps, x2.stride(0), o2.stride(0),
+            H=h, BLOCK_H=block_h, BLOCK_M=block_m, num_warps=warps)
+    return out
+
+
+def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
+    """Triton version of `silu_mul_ref` (same shapes; gate and up of one dtype)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul needs gate and up of one shape and dtype, got {tuple(gate.shape)} "
+                         f"{gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    gate, up = gate.contiguous(), up.contiguous()
+    if out is None:
+        out = torch.empty_like(gate)
+    n = gate.numel()
+    block = 1 << 16 if interpreting() else 1024
+    if n:
+        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,78 @@
+"""The model's norms and SwiGLU gate go through its backend (zeroc/model.py, kernels/layer_ops.py): on every
+forward, so that the triton backend's fused kernels serve the paged, dense and caller-attended paths alike;
+and what the fused kernels compute is what the references compute, in half precision too."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zeroc.attend import causal_attend
+from zeroc.caches import paged_cache
+from zeroc.config import CacheConfig
+from zeroc.kv_cache import layer_shapes
+from zeroc.model import compile_feed_forward
+from zeroc_kernels.attention import TorchBackend, TritonBackend
+
+
+class _Counting(TorchBackend):
+    """The torch backend, counting its layer-op calls (the references still compute them)."""
+
+    def __init__(self):
+        self.calls = {"rms_norm": 0, "silu_mul": 0}
+
+    def rms_norm(self, x, weight, eps):
+        self.calls["rms_norm"] += 1
+        return super().rms_norm(x, weight, eps)
+
+    def silu_mul(self, gate, up):
+        self.calls["silu_mul"] += 1
+        return super().silu_mul(gate, up)
+
+
+def _forwards(model):
+    """One of each forward the model has: dense causal, paged, a caller's attention."""
+    tokens = torch.randint(2, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    yield "dense", lambda: model(tokens)
+    cache = paged_cache(layer_shapes(model.config), CacheConfig(16, 4), torch.float32, model=model)
+    batch = cache.schedule([("a", 9)])
+    yield "paged", lambda: model.forward_paged(tokens[0], batch.positions, batch, cache)
+    yield "caller", lambda: model.forward_attend(tokens, torch.arange(9)[None], causal_attend)
+
+
+@torch.inference_mode()
+def test_every_forward_takes_the_norms_and_the_gate_from_the_backend(random_gqa):
+    model = copy.deepcopy(random_gqa.model)
+    layers = model.config.num_hidden_layers
+    for name, forward in _forwards(model):
+        model.backend = _Counting()
+        forward()
+        assert model.backend.calls == {"rms_norm": 2 * layers + 1, "silu_mul": layers}, name
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kernels_give_the_reference_logits(random_gqa, dtype):
+    model = copy.deepcopy(random_gqa.model).to(dtype)
+    tokens = torch.randint(2, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for backend in (TorchBackend(), TritonBackend()):
+        model.backend = backend
+        logits[backend.name] = model(tokens).float()
+    # fp32: one rounding order apart; bf16: the same roundings, up to a tipped last bit carried through 3 layers
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=tol, rtol=tol)
+    assert logits["triton"].argmax(-1).eq(logits["torch"].argmax(-1)).float().mean() > 0.9
+
+
+def test_compiled_layers_keep_the_backend_out_of_the_graph(random_gqa):
+    """A compiled feed-forward computes the references (inductor fuses them); the backend sees only the
+    layers' first norms and the final one."""
+    model = copy.deepcopy(random_gqa.model)
+    compile_feed_forward(model)
+    model.backend = _Counting()
+    with torch.inference_mode():
+        model(torch.randint(2, 100, (1, 5)))
+    assert model.backend.calls == {"rms_norm": model.config.num_hidden_layers + 1, "silu_mul": 0}
