@@ -55,6 +55,10 @@ class AttentionBackend(abc.ABC):
 
     name: str
     fused_epilogue: bool = False  # whether the model hands q/k/v to `qkv_epilogue` before RoPE
+    # Whether an Engine runs the model's Q/K/V and gate/up projections as one GEMM each
+    # (`Transformer.fuse_projections`): on a GPU each GEMM is a launch and narrow ones run under the copy rate;
+    # on the CPU the one wide GEMM measured slower (docs/engine.md, "Fewer kernels per layer").
+    fuses_projections: bool = False
     # From this many new tokens in a fresh batch's longest sequence, `fresh_prefill` attends it; None: never.
     fresh_prefill_min_tokens: int | None = None
 
@@ -197,6 +201,7 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
     fused_epilogue = True
+    fuses_projections = True
     # H200, bf16: SDPA ran 2.1x the prefill kernel at 4,096 tokens and 1.9x at 16,384; shorter prompts were not
     # measured, so they stay on the kernel until benchmarks/gpu_kernels.py's fresh-prefill rows say otherwise.
     fresh_prefill_min_tokens = 1024

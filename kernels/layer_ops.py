@@ -56,14 +56,18 @@ if triton is not None:
                  mask=ok)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < n
-        g = tl.load(g_ptr + i, mask=ok, other=0.0)
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, rows, stride_g, stride_u, stride_o,
+                         I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Program: a [BLOCK_M, BLOCK_N] tile. Rows go by stride: gate and up may be the two halves of one GEMM's
+        # output (zeroc/fused_linears.py), which a copy to make them dense would read and write again.
+        r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (r[:, None] < rows) & (c[None, :] < I)
+        g = tl.load(g_ptr + r[:, None] * stride_g + c[None, :], mask=ok, other=0.0)
         gf = g.to(tl.float32)
         s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)  # silu rounded to the dtype, as F.silu
-        u = tl.load(u_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + i, (s * u).to(out_ptr.dtype.element_ty), mask=ok)
+        u = tl.load(u_ptr + r[:, None] * stride_u + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r[:, None] * stride_o + c[None, :], (s * u).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -101,17 +105,25 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -
 
 
 def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:
-    """Triton version of `silu_mul_ref` (same shapes; gate and up of one dtype)."""
+    """Triton version of `silu_mul_ref` (same shapes; gate and up of one dtype, any row strides).
+    out: optional contiguous destination (tests poison it)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"silu_mul needs gate and up of one shape and dtype, got {tuple(gate.shape)} "
                          f"{gate.dtype} and {tuple(up.shape)} {up.dtype}")
-    gate, up = gate.contiguous(), up.contiguous()
     if out is None:
-        out = torch.empty_like(gate)
-    n = gate.numel()
-    block = 1 << 16 if interpreting() else 1024
-    if n:
-        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    elif out.shape != gate.shape or out.dtype != gate.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(gate.shape)} {gate.dtype} tensor")
+    width = gate.shape[-1]
+    g2, u2, o2 = _rows(gate), _rows(up), out.view(-1, width)
+    rows = g2.shape[0]
+    # The interpreter pays per program: whole rows, many at a time. A GPU: 1,024-element row pieces.
+    block_n = triton.next_power_of_2(width) if interpreting() else min(1024, triton.next_power_of_2(width))
+    block_m = max(1, min(64, (1 << 16) // block_n)) if interpreting() else 1
+    if rows and width:
+        _silu_mul_kernel[(triton.cdiv(rows, block_m), triton.cdiv(width, block_n))](
+            g2, u2, o2, rows, g2.stride(0), u2.stride(0), o2.stride(0),
+            I=width, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
     return out

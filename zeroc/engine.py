@@ -118,6 +118,8 @@ class Engine:
         self.loaded = loaded
         self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
         self.sched = scheduler or SchedulerConfig()
+        if self.model.backend.fuses_projections:  # before any CUDA graph captures the layers' GEMMs
+            self.model.fuse_projections()
         if self.sched.compile_layers:
             compile_feed_forward(self.model)
         cfg = self.model_config

@@ -149,6 +149,12 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, path=path)
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t, copied where it is a view into a larger storage (a fused model's projections, zeroc/fused_linears.py):
+    safetensors writes no tensors that share memory."""
+    return t.contiguous() if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
+
+
 def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
                storage_dtype: torch.dtype | None = None) -> Path:
     """Write `model` as a Hugging Face directory that transformers and `load_model` both read.
@@ -159,7 +165,7 @@ def save_model(model: Transformer, tokenizer: Tokenizer, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {k: v.detach().to(storage_dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: _own_storage(v.detach().to(storage_dtype or v.dtype)) for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(out / SINGLE_FILE), metadata={"format": "pt"})

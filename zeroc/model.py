@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from zeroc.attend import Attend, AttendFn, CallerAttend, DenseCausal, FusedPagedAttend, PagedAttend
 from zeroc.config import ModelConfig
+from zeroc.fused_linears import FusedLinears
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
 from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
@@ -72,6 +73,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, sum(proj), bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, sum(vr), bias=bias)
         self.o_proj = nn.Linear(group * sum(vr), cfg.hidden_size, bias=cfg.attention_bias)
+        self.qkv: FusedLinears | None = None  # Q, K and V as one GEMM, once `Transformer.fuse_projections` ran
         if self.rotate:  # q' = q_basis[g]^T RoPE(q) for every query head of group g; k' likewise
             # [kv, d, r]; with per-head ranks r = the widest, and head g's columns past its rank are zero
             self.q_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))
@@ -99,9 +101,10 @@ class Attention(nn.Module):
         if self.head_layout is not None:
             return self._per_head(layer, x, rope, attend)
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.n_heads, -1)
-        k = self.k_proj(x).view(*lead, self.n_kv, -1)
-        v = self.v_proj(x).view(*lead, self.n_kv, self.v_dim)
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(*lead, self.n_heads, -1)
+        k = k.view(*lead, self.n_kv, -1)
+        v = v.view(*lead, self.n_kv, self.v_dim)
         if attend.fuses_rope and self.tier is None:  # RoPE and the bases run inside its epilogue kernel
             return self.o_proj(attend.raw(layer, self, q, k, v, rope.positions).reshape(*lead, -1))
         q, k = rope.qk(self.rope_key, q, k, self.inv_freq)  # [*P, heads, qk_dim or d], [*P, kv_heads, qk_dim or d]
@@ -198,10 +201,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.gate_up: FusedLinears | None = None  # gate and up as one GEMM, once fused
 
     def forward(self, x: Tensor, ops: AttentionBackend | None = None) -> Tensor:
         # x: [*, hidden] -> [*, hidden]; ops as in RMSNorm.forward
-        gate, up = self.gate_proj(x), self.up_proj(x)  # [*, intermediate] each
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(ops.silu_mul(gate, up) if ops is not None else silu_mul_ref(gate, up))
 
 
@@ -269,6 +273,18 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Run each layer's Q/K/V projections as one GEMM and its gate/up pair as another (zeroc/fused_linears.py)
+        in forwards without gradients: fewer, wider GEMMs per decode step. Weights stay where they are, as
+        views; call it once the model is where it will run (the Engine does). Layers with per-KV-head ranks
+        project per run and keep their three. Idempotent."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.qkv is None and attn.head_layout is None:
+                attn.qkv = FusedLinears.of(attn.q_proj, attn.k_proj, attn.v_proj)
+            if mlp.gate_up is None:
+                mlp.gate_up = FusedLinears.of(mlp.gate_proj, mlp.up_proj)
 
     def init_rope(self) -> None:
         """Recompute the RoPE buffers (not in checkpoints) on the weights' device."""

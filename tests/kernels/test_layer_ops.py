@@ -55,6 +55,13 @@ def test_silu_mul_matches_the_reference(shape, dtype, seed):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+def test_silu_mul_reads_the_halves_of_one_gemm_output_in_place():
+    both = torch.randn(2, 3, 2 * 40)  # [*, gate | up], as a fused gate/up projection returns it
+    gate, up = both.split(40, -1)
+    assert not gate.is_contiguous()
+    torch.testing.assert_close(silu_mul(gate, up), silu_mul_ref(gate, up))
+
+
 @pytest.mark.parametrize("bad", ["weight", "wide", "out"])
 def test_rms_norm_rejects_what_it_cannot_compute(bad):
     x = torch.randn(4, 32)

@@ -1,0 +1,92 @@
+"""Q/K/V and gate/up as one GEMM each (zeroc/fused_linears.py, `Transformer.fuse_projections`): the same
+outputs as the parts, no weight stored twice, and the parts' own results wherever the fusion cannot hold."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from zeroc.engine import Engine
+from zeroc.fused_linears import FusedLinears
+from zeroc.loader import load_model, save_model
+from zeroc.sampling import SamplingParams
+from zeroc_kernels.attention import select_backend
+
+
+def _parts(bias: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    return nn.Linear(16, 8, bias=bias), nn.Linear(16, 4, bias=bias), nn.Linear(16, 4, bias=bias)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_gemm_gives_each_parts_output_from_one_copy_of_the_weights(bias):
+    parts = _parts(bias)
+    x = torch.randn(3, 5, 16)
+    with torch.inference_mode():
+        want = [p(x) for p in parts]
+    fused = FusedLinears.of(*parts)
+    assert all(p.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr() for p in parts)
+    with torch.inference_mode():
+        got = fused(x)
+    assert [tuple(g.shape) for g in got] == [(3, 5, 8), (3, 5, 4), (3, 5, 4)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_weights_loaded_into_a_part_in_place_reach_the_gemm():
+    parts = _parts(True)
+    fused = FusedLinears.of(*parts)
+    new = nn.Linear(16, 4, bias=True)
+    parts[1].load_state_dict(new.state_dict())
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x)[1], new(x))
+
+
+def test_with_gradients_or_replaced_weights_each_part_runs_on_its_own():
+    parts = _parts(False)
+    fused = FusedLinears.of(*parts)
+    x = torch.randn(2, 16)
+    sum(o.sum() for o in fused(x)).backward()  # gradients wanted: the parts, whose weights get them
+    assert all(p.weight.grad is not None for p in parts)
+    for p in parts:
+        p.to(torch.float64)  # a cast after fusing: the concatenation is stale, the parts are not
+    with torch.inference_mode():
+        got = fused(x.double())
+    assert all(g.dtype == torch.float64 for g in got)
+    torch.testing.assert_close(got[2], parts[2](x.double()))
+
+
+def test_parts_that_cannot_share_one_gemm_are_refused():
+    with pytest.raises(ValueError, match="one input width"):
+        FusedLinears.of(nn.Linear(16, 4), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="bias"):
+        FusedLinears.of(nn.Linear(16, 4, bias=True), nn.Linear(16, 4, bias=False))
+
+
+def test_an_engine_on_the_triton_backend_fuses_and_keeps_the_logits(random_gqa, tmp_path):
+    """An Engine whose backend fuses projections (triton) fuses its model; the torch and cpu backends' do not,
+    where one wide GEMM measured slower. The logits stay the unfused model's (the engine tests then hold its
+    tokens to transformers'), and the fused weights save and load like any others."""
+    unfused = copy.deepcopy(random_gqa)
+    Engine(unfused)
+    assert all(layer.self_attn.qkv is None for layer in unfused.model.model.layers)
+    loaded = copy.deepcopy(random_gqa)
+    loaded.model.backend = select_backend("triton", "cpu")  # Triton's interpreter, as on CI
+    tokens = torch.tensor([[5, 9, 13, 200, 31]])
+    with torch.inference_mode():
+        before = loaded.model(tokens)
+        engine = Engine(loaded)
+        assert all(layer.self_attn.qkv is not None and layer.mlp.gate_up is not None
+                   for layer in loaded.model.model.layers)
+        torch.testing.assert_close(loaded.model(tokens), before)
+    out = engine.generate([tokens[0].tolist()], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    with torch.inference_mode():
+        greedy = unfused.model(tokens)[0, -1].argmax().item()
+    assert len(out[0].token_ids) == 4 and out[0].token_ids[0] == greedy
+    saved = load_model(save_model(loaded.model, loaded.tokenizer, tmp_path / "m"))
+    for (name, a), b in zip(saved.model.state_dict().items(), random_gqa.model.state_dict().values()):
+        assert torch.equal(a, b), name

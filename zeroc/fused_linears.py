@@ -1,0 +1,59 @@
+"""Several nn.Linear of one input as one GEMM: a layer's Q/K/V projections, its MLP's gate and up.
+
+At decode batch sizes a projection's GEMM is bound by reading its weight, and each is a launch of its own;
+a narrow one (K or V: 1,024 of Llama-3-8B's 4,096 rows) runs well under the copy rate. `FusedLinears.of`
+concatenates the weights once and re-points each nn.Linear's weight (and bias) at its rows of the
+concatenation, so nothing is stored twice and checkpoints keep Hugging Face's names; weights loaded into a
+part in place (`load_state_dict`, an optimizer step) land in the concatenation too.
+
+The one GEMM serves forwards without gradients (serving, evaluation). Where gradients are wanted, or once a
+part's weight is no longer its rows of the concatenation (the module was moved or cast after fusing, or a
+weight reassigned), each part runs on its own, so the result is always the parts' own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(eq=False)
+class FusedLinears:
+    parts: tuple[nn.Linear, ...]
+    weight: Tensor  # [Σ out, in]: the parts' weights, one after another
+    bias: Tensor | None  # [Σ out]
+    sizes: tuple[int, ...]  # each part's out_features
+    pointers: tuple[int, ...]  # each part's weight's and bias's addresses inside the two, to see one replaced
+
+    @classmethod
+    def of(cls, *parts: nn.Linear) -> FusedLinears | None:
+        """Fuse `parts` (one in_features, one dtype and device, all with a bias or none); None where they
+        cannot be (a meta skeleton not loaded yet)."""
+        if len({p.bias is None for p in parts}) > 1 or len({p.in_features for p in parts}) > 1:
+            raise ValueError("fused linears need one input width and a bias on all or none of them")
+        if any(p.weight.is_meta for p in parts):
+            return None
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in parts])
+            bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
+        at = 0
+        for p in parts:
+            rows = slice(at, at + p.out_features)
+            p.weight = nn.Parameter(weight[rows], requires_grad=p.weight.requires_grad)  # a view: no copy
+            if bias is not None:
+                p.bias = nn.Parameter(bias[rows], requires_grad=p.bias.requires_grad)
+            at += p.out_features
+        return cls(tuple(parts), weight, bias, tuple(p.out_features for p in parts), _pointers(parts))
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
+        """x: [*, in] -> each part's output [*, out_i]: column views of one GEMM's output."""
+        if torch.is_grad_enabled() or _pointers(self.parts) != self.pointers:
+            return tuple(p(x) for p in self.parts)
+        return F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+
+
+def _pointers(parts: tuple[nn.Linear, ...]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for p in parts for t in (p.weight, p.bias) if t is not None)
