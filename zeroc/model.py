@@ -204,8 +204,10 @@ class MLP(nn.Module):
         self.gate_up: FusedLinears | None = None  # gate and up as one GEMM, once fused
 
     def forward(self, x: Tensor, ops: AttentionBackend | None = None) -> Tensor:
-        # x: [*, hidden] -> [*, hidden]; ops as in RMSNorm.forward
-        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        # x: [*, hidden] -> [*, hidden]; ops as in RMSNorm.forward. Without ops (a compiled feed-forward, whose
+        # graph the fused GEMM's weight check would break) the references, and the two GEMMs.
+        fused = self.gate_up is not None and ops is not None
+        gate, up = self.gate_up(x) if fused else (self.gate_proj(x), self.up_proj(x))  # [*, intermediate] each
         return self.down_proj(ops.silu_mul(gate, up) if ops is not None else silu_mul_ref(gate, up))
 
 

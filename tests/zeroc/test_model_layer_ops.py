@@ -67,12 +67,17 @@ def test_the_fused_kernels_give_the_reference_logits(random_gqa, dtype):
     assert logits["triton"].argmax(-1).eq(logits["torch"].argmax(-1)).float().mean() > 0.9
 
 
-def test_compiled_layers_keep_the_backend_out_of_the_graph(random_gqa):
-    """A compiled feed-forward computes the references (inductor fuses them); the backend sees only the
-    layers' first norms and the final one."""
+def test_compiled_layers_keep_the_backend_and_the_fused_gemm_out_of_the_graph(random_gqa):
+    """A compiled feed-forward computes the references (inductor fuses them) with the MLP's two GEMMs, in one
+    graph: the backend sees only the layers' first norms and the final one, and nothing breaks the graph."""
+    from torch._dynamo.utils import counters
+
     model = copy.deepcopy(random_gqa.model)
+    model.fuse_projections()
     compile_feed_forward(model)
     model.backend = _Counting()
+    counters.clear()
     with torch.inference_mode():
         model(torch.randint(2, 100, (1, 5)))
     assert model.backend.calls == {"rms_norm": model.config.num_hidden_layers + 1, "silu_mul": 0}
+    assert not counters["graph_break"], dict(counters["graph_break"])
