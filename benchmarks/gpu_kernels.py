@@ -65,7 +65,8 @@ from zeroc_kernels.paged_decode import DECODE_CONFIGS, choose_num_splits, paged_
 from zeroc_kernels.paged_prefill import PREFILL_CONFIGS, paged_prefill_attention  # noqa: E402
 from zeroc_kernels.tuning import config_id  # noqa: E402
 
-FULL = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64, decode_ctx=8192,
+FULL = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64,
+            decode_ctx=8192,
             prefill=(4096, 16384), prefix=(4096, 12288), block_size=16, budget_s=170.0, check=(128, 300),
             splits=(1, 2, 3, 4, 8, 16), few_seqs=(1, 8), few_splits=(1, 4, 8, 16, 32))
 QUICK = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=32, rank=16, decode_batch=2, decode_ctx=64,
@@ -256,7 +257,8 @@ def decode_per_head(run: Run) -> None:
                                  for q, (kc, vc) in zip(qs, views)])
         run.row(section="decode", what=f"decode b{s['decode_batch']} x {s['decode_ctx']}",
                 method=f"zeroc per-head ranks {widths[0]}/{widths[1]}, 1 split each (experiment)", ms=ms1,
-                sdpa_ms=sdpa_ms, of_copy=nbytes / ms1 / 1e6 / run.report["ceilings"]["copy_GBps"], vs_sdpa=sdpa_ms / ms1)
+                sdpa_ms=sdpa_ms, of_copy=nbytes / ms1 / 1e6 / run.report["ceilings"]["copy_GBps"],
+                vs_sdpa=sdpa_ms / ms1)
 
 
 def decode_sweeps(run: Run) -> None:

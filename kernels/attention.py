@@ -15,8 +15,8 @@ Backends:
   which reads the paged cache in place. CPU only; built with g++ on first use. "auto" picks it on the CPU
   where it builds, else "torch".
 - `TritonBackend` ("triton"): the Triton kernels: the decode kernel for decode-only steps, the ragged
-  prefill kernel otherwise, the fused QKV epilogue, the fused norm and gate. On CUDA it compiles; on the CPU it runs only in
-  Triton's interpreter (TRITON_INTERPRET=1), which is how CI drives the GPU path.
+  prefill kernel otherwise, the fused QKV epilogue, the fused norm and gate. On CUDA it compiles; on the
+  CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1), which is how CI drives the GPU path.
 
 A prompt with no cached prefix (the prefill service's work, a first step) needs no paged read at all:
 every sequence attends its own new rows. From `fresh_prefill_min_tokens` new tokens up, the cpu and

@@ -12,7 +12,9 @@ Two ways through the same weights:
   enter the cache through its KV-write seam (zeroc/kv_cache.py), which is what its listeners see.
 - `Transformer.forward_attend(tokens, positions, attend)` lets the caller own attention and the
   cache (the KV-cache policies of `zeroc.policies`).
-How each forward attends is one object (zeroc/attend.py), not a dispatch in the layers.
+How each forward attends is one object (zeroc/attend.py), not a dispatch in the layers. Each layer's norms and
+SwiGLU gate go through the model's backend (one kernel each on triton), and an Engine on a backend that
+`fuses_projections` runs Q/K/V and gate/up as one GEMM each (`fuse_projections`, zeroc/fused_linears.py).
 A compressed model with a full-rank token tier (zeroc/tier.py) runs the dense causal forward and
 the paged one (its cache holds the tier: zeroc/policies/tier.py), not the KV-cache policies.
 Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without renaming.
