@@ -279,6 +279,14 @@ def decode_sweeps(run: Run) -> None:
                                                                      num_splits=splits))
             run.row(section="decode splits", what=f"decode b{b2} x {ctx}", method=f"splits {splits}",
                     ms=ms_by[splits], of_copy=nbytes * b2 / b / ms_by[splits] / 1e6 / copy)
+    # As in the engine's CUDA graphs: tables as wide as the longest context allowed, contexts a quarter of it.
+    # The splits cut each sequence's own length, so the heuristic's count (chosen from the width) stays busy.
+    short = torch.full_like(lens, ctx // 4)
+    sms = torch.cuda.get_device_properties(run.device).multi_processor_count if run.device.type == "cuda" else 0
+    for splits in sorted({1, 2, choose_num_splits(b, kv, tables.shape[1], sms, s["block_size"])}):
+        ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, short, 0.1, num_splits=splits))
+        run.row(section="decode splits", what=f"decode b{b} x {ctx // 4} in tables of {ctx}",
+                method=f"splits {splits}", ms=ms, of_copy=nbytes / 4 / ms / 1e6 / copy)
     for config in DECODE_CONFIGS:
         if run.left() <= 0:
             break

@@ -89,7 +89,7 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale, split_len,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale,
         len_bucket, grid_bucket,  # size classes for the autotuning key only
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
@@ -100,8 +100,10 @@ if triton is not None:
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr,
         DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # Program (seq, kv_head, split) attends over positions [split * split_len, +split_len) and
-        # writes a partial output plus its natural-log LSE; `merge_partials` combines the splits.
+        # Program (seq, kv_head, split) attends over the split-th of the sequence's own context cut into
+        # num_splits page-aligned pieces, and writes a partial output plus its natural-log LSE; `merge_partials`
+        # combines the splits. Cutting each sequence's length, not the table's width, keeps every split busy
+        # when the tables are wider than the contexts: a CUDA graph's are as wide as the longest context allowed.
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -115,6 +117,7 @@ if triton is not None:
         if DOT_F32:
             q = q.to(tl.float32)
         seq_len = tl.load(lens_ptr + seq)
+        split_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_SIZE) * BLOCK_SIZE
         first = split * split_len
         end = tl.minimum(seq_len, first + split_len)
         m_i, l_i, acc, table, k_base, v_base = paged_walk_start(tables_ptr, seq, stride_tb, k_ptr, v_ptr, kv_head,
@@ -247,13 +250,38 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     log-sum-exp; None picks it with `choose_num_splits` from the device's SM count (1 off CUDA).
     config: one of DECODE_CONFIGS to run instead of the autotuned choice.
     """
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        num_splits = choose_num_splits(q.shape[0], v_cache.shape[2], block_tables.shape[1], sms, v_cache.shape[1])
+    direct = num_splits == 1 and out is not None and out.stride(-1) == 1
+    # one split writes its result straight into the caller's buffer
+    partial, lses = decode_partials(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, k_scales,
+                                    v_scales, config, out.unsqueeze(2) if direct else None)
+    if direct:
+        return out
+    if num_splits == 1:
+        result = partial[:, :, 0]
+    else:
+        result = merge_partials(partial, lses, out if out is not None and out.stride(-1) == 1 else None)[0]
+        if result is out:
+            return out
+        result = result.to(q.dtype)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                    scale: float, num_splits: int, k_scales: Tensor | None = None, v_scales: Tensor | None = None,
+                    config=None, partial: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The decode kernel's launch, before the merge (arguments as `paged_decode_attention`'s)
+    -> (partial [B, heads, num_splits, dv]: each split's output, fp32 unless one split; lses [B, heads,
+    num_splits]: each split's natural-log LSE, -inf where the split held no token). partial: a destination."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     num_seqs, heads, dq = q.shape
     _, block_size, kv_heads, dv = v_cache.shape
-    if num_splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
-        num_splits = choose_num_splits(num_seqs, kv_heads, block_tables.shape[1], sms, block_size)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if heads % kv_heads:
@@ -266,16 +294,12 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         k_scales = v_scales = _unused_pointer(q)
         s_strides = (0, 0, 0)
     tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
-    blocks_per_split = -(-block_tables.shape[1] // num_splits)
-    direct = num_splits == 1 and out is not None and out.stride(-1) == 1
-    if direct:  # one split writes its result straight into the caller's buffer
-        partial = out.unsqueeze(2)
-    else:
+    if partial is None:
         partial = torch.empty(num_seqs, heads, num_splits, dv,
                               dtype=torch.float32 if num_splits > 1 else q.dtype, device=q.device)
     lses = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=q.device)
-    split_len = blocks_per_split * block_size
-    args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale * LOG2E, split_len,
+    split_len = -(-block_tables.shape[1] // num_splits) * block_size  # the most a split holds: a key class
+    args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale * LOG2E,
             bucket(split_len, 256, 16384), bucket(num_seqs * kv_heads * num_splits, 128, 8192),
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -291,16 +315,4 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
                 DOT_F32=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     launch(_paged_decode_kernel, _paged_decode_tuned, (num_seqs, kv_heads, num_splits), args, meta,
            DECODE_CONFIGS, config)
-    if direct:
-        return out
-    if num_splits == 1:
-        result = partial[:, :, 0]
-    else:
-        result = merge_partials(partial, lses, out if out is not None and out.stride(-1) == 1 else None)[0]
-        if result is out:
-            return out
-        result = result.to(q.dtype)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return partial, lses

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from zeroc_kernels.attention import TorchBackend, TritonBackend
 from zeroc_kernels.paged_decode import (DECODE_CONFIGS, MAX_SPLITS, MIN_SPLIT_TOKENS, choose_num_splits,
-                                        merge_partials, merge_partials_ref, paged_decode_attention,
+                                        decode_partials, merge_partials, merge_partials_ref, paged_decode_attention,
                                         paged_decode_attention_int8_ref, paged_decode_attention_ref)
 from zeroc_kernels.tuning import config_id
 
@@ -71,6 +71,26 @@ def test_every_autotune_config_is_exact_in_fp32_int8_and_split(random_paged_kv, 
     out = paged_decode_attention(q, kq, vq, tables, seq_lens, 0.1, num_splits=2, k_scales=ks, v_scales=vs,
                                  config=config)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_splits_cut_each_sequences_own_context_when_the_tables_are_wider(random_paged_kv):
+    """A CUDA graph's tables are as wide as the longest context allowed; the splits cut each sequence's length,
+    so they cover it whole (and stay busy) however wide the table. Short sequences leave splits empty."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [1, 17, 100, 300]
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, 16, 2, 32, 16, torch.float32)
+    wide = torch.cat([tables, torch.zeros(4, 60, dtype=tables.dtype)], 1)  # 4x the pages any sequence holds
+    q = torch.randn(4, 4, 32, generator=gen)
+    seq_lens = torch.tensor(lens)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.2)
+    for splits in (2, 5, 32):
+        out = paged_decode_attention(q, k_cache, v_cache, wide, seq_lens, 0.2, num_splits=splits)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        _, lses = decode_partials(q, k_cache, v_cache, wide, seq_lens, 0.2, splits)  # [B, heads, splits]
+        busy = torch.isfinite(lses[:, 0]).sum(-1).tolist()  # splits that held tokens, per sequence
+        piece = [-(-(-(-n // splits)) // 16) * 16 for n in lens]  # each sequence's n / splits, in whole pages
+        assert busy == [-(-n // p) for n, p in zip(lens, piece)]  # 300 tokens: 2 busy of 2, where a cut of the
+        # table's width would have put them all in the first split
 
 
 def test_both_backends_run_decode_steps_alike():
