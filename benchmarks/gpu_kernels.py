@@ -9,13 +9,15 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
 3. decode, Llama-3-8B attention (32 q / 8 KV heads x 128, batch 64 x context 8192, random block
    tables): uncompressed, rank 64, int8, per-head ranks 48/80; each beside
    F.scaled_dot_product_attention(enable_gqa=True) on the same bytes laid out contiguously, as a
-   fraction of copy bandwidth and as speed relative to SDPA; every split count and every config;
+   fraction of copy bandwidth and as speed relative to SDPA;
 4. prefill, causal, 4096 and 16384 tokens, and 4096 new tokens after a 12288-token cached prefix,
-   in TFLOP/s beside SDPA (and SDPA's backends); every config at 4096; for prompts with no prefix also
-   the backend's fresh path (the rows read back from the pages, then SDPA), which the runtime takes there;
+   in TFLOP/s beside SDPA (and SDPA's backends); for prompts with no prefix also the backend's fresh
+   path (the rows read back from the pages, then SDPA), which the runtime takes there;
 5. attention block (QKV GEMM, epilogue, attention, O GEMM): fold and rotate at rank 64 against
    uncompressed; the model's fused path against its unfused one;
-6. a decode step's RMSNorm and SwiGLU gate: the fused kernels against the eager references.
+6. a decode step's RMSNorm and SwiGLU gate: the fused kernels against the eager references;
+7. sweeps, last (what the time guard skips first): every decode split count and config, splits in
+   tables wider than the contexts (a CUDA graph's), every prefill config at 4096.
 Writes JSON (--json; default docs/benchmarks/gpu_kernels.json on a GPU) and a markdown table.
 """
 
@@ -441,10 +443,11 @@ def main() -> int:
         shapes["budget_s"] = args.budget
     run = Run(shapes, device, dtype, 1 if args.quick else args.repeats)
     say(f"{run.report['device']} {dtype}: triton {run.report['triton']}, torch {torch.__version__}")
+    # The goals' rows first, the sweeps (diagnostics) last: the time guard skips what is left at the budget.
     for name, fn in (("ceilings", ceilings), ("correctness", check), ("decode", decode),
-                     ("decode per-head", decode_per_head), ("prefill", prefill), ("decode sweeps", decode_sweeps),
-                     ("prefill sweeps", prefill_sweeps), ("attention block", blocks), ("model path", model_path),
-                     ("layer ops", layer_ops)):
+                     ("decode per-head", decode_per_head), ("prefill", prefill), ("attention block", blocks),
+                     ("model path", model_path), ("layer ops", layer_ops), ("decode sweeps", decode_sweeps),
+                     ("prefill sweeps", prefill_sweeps)):
         run.section(name, fn)
         if name == "ceilings" and "ceilings" not in run.report:
             run.report["ceilings"] = {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}
