@@ -108,8 +108,10 @@ def block_bytes(shapes: list[LayerShape], block_size: int, dtype: torch.dtype) -
 
 def available_memory_bytes(device: torch.device) -> int:
     """Memory free for a new cache on `device`: the GPU's free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":  # torch's allocator keeps freed blocks for reuse (a fused model's old
+        # projections, say): free to the cache as well, though the driver counts them as taken
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
