@@ -96,7 +96,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -
     block_h = triton.next_power_of_2(h)
     # One row per program on a GPU once a row fills the warps; short rows share a program.
     block_m = 64 if interpreting() else max(1, min(64, 1024 // block_h))
-    warps = 4 if block_h * block_m <= 4096 else 8 if block_h <= 16384 else 16
+    # decode runs a few dozen rows, one program each: wide programs finish a row sooner (sm90_compile.py: 16-byte loads)
+    warps = 4 if block_h * block_m <= 2048 else 8 if block_h <= 16384 else 16
     if rows:
         _rms_norm_kernel[(triton.cdiv(rows, block_m),)](
             x2, weight.contiguous(), o2, rows, eps, x2.stride(0), o2.stride(0),

@@ -17,10 +17,10 @@ SCRIPT = Path(__file__).resolve().parents[1] / "support" / "sm90_compile.py"
 HOPPER_SHARED_BYTES = 227 * 1024  # the most one block may take on an H100/H200
 
 
-def _compile_rows() -> list[dict]:
+def _compile_rows(*kinds: str) -> list[dict]:
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run([sys.executable, str(SCRIPT), *kinds], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
@@ -29,7 +29,7 @@ def test_every_config_compiles_for_sm90_with_pipelined_16_byte_copies():
     from zeroc_kernels.paged_decode import DECODE_CONFIGS
     from zeroc_kernels.paged_prefill import PREFILL_CONFIGS
 
-    rows = _compile_rows()
+    rows = _compile_rows("decode", "prefill")
     assert len(rows) == len(DECODE_CONFIGS) + len(PREFILL_CONFIGS)
     for row in rows:
         assert row["shared"] <= HOPPER_SHARED_BYTES, row
@@ -39,3 +39,11 @@ def test_every_config_compiles_for_sm90_with_pipelined_16_byte_copies():
             assert row["v4_loads"] > 0, row
         else:
             assert row["cp_async"] > 0, row
+
+
+def test_the_fused_norm_and_gate_compile_for_sm90_with_16_byte_loads():
+    """A decode step's rows (4,096 and 14,336 bf16 values): read and written 16 bytes at a time."""
+    rows = _compile_rows("layer_ops")
+    assert [row["kernel"] for row in rows] == ["rms_norm", "silu_mul"]
+    for row in rows:
+        assert row["v4_loads"] > 0 and row["b16_loads"] == 0, row

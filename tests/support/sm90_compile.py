@@ -15,11 +15,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zeroc_kernels import paged_decode, paged_prefill
+from zeroc_kernels import layer_ops, paged_decode, paged_prefill
 from zeroc_kernels.tuning import config_id
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOATS = ("qk_scale", "scale")
+FLOATS = ("qk_scale", "scale", "eps")
 NOT_ALIGNED = FLOATS + ("split_len", "q_bucket", "len_bucket", "grid_bucket")
 
 
@@ -52,7 +52,14 @@ def main(kinds: list[str]) -> None:
             row = compile_config(paged_prefill._paged_prefill_kernel, {**pools, "starts_ptr": "*i32"},
                                  {**llama, "GH": 4, "CHUNKS": 1}, config)
             print(json.dumps({"kernel": "prefill", **row}), flush=True)
+    if "layer_ops" in kinds:  # as a Llama-3-8B decode step launches them: rows of 4,096 and 14,336
+        bf16 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16"}
+        for name, fn, constants, warps in (
+                ("rms_norm", layer_ops._rms_norm_kernel, dict(H=4096, BLOCK_H=4096, BLOCK_M=1), 8),
+                ("silu_mul", layer_ops._silu_mul_kernel, dict(I=14336, BLOCK_M=1, BLOCK_N=1024), 4)):
+            row = compile_config(fn, bf16, constants, triton.Config({}, num_warps=warps, num_stages=1))
+            print(json.dumps({"kernel": name, **row}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["decode", "prefill"])
+    main(sys.argv[1:] or ["decode", "prefill", "layer_ops"])
