@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_all.sh [kernels] [engine] [runtime] [serve] [gateway]   (default: the first four, in order;
 #   each part is time-boxed: 260 + 200 + 150 + 200 s at most)
 # `runtime` is benchmarks/gpu_engine.py: CUDA graphs, one sync per step, seeded sampling, isolation and async
-# scheduling checked on the device (pass/fail lines).
+# scheduling checked on the device, and the triton backend's tokens against the references (pass/fail lines).
 # `gateway` runs the OpenAI gateway against gRPC on the device machine's 16 CPU cores (the model on the CPU),
 # where the gateway has cores of its own: what the 2-vCPU development VM cannot resolve.
 # Wheels the device image lacks travel in .whl/ (see docs/benchmarks.md, "GPU runs").

@@ -8,7 +8,9 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
   those they get alone;
 - async: running ahead (scheduler.async_scheduling) with graphs streams the tokens, texts and finish reasons
-  of the eager step-by-step engine (stop tokens, seeded sampling, ragged lengths), with one sync per step.
+  of the eager step-by-step engine (stop tokens, seeded sampling, ragged lengths), with one sync per step;
+- backends: the loaded backend (triton on CUDA, with its fused norm, gate and projections) gives the greedy
+  tokens of the PyTorch references.
 On the CPU graphs cannot be captured: the graphs check then compares the padded static-buffer path (run
 eagerly) with the unpadded one, and syncs counts host reads of tensor values instead.
 
@@ -18,6 +20,7 @@ eagerly) with the unpadded one, and syncs counts host reads of tensor values ins
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 import torch
@@ -28,6 +31,7 @@ from zeroc.decode_runner import DecodeRunner
 from zeroc.engine import Engine
 from zeroc.loader import load_model
 from zeroc.sampling import SamplingParams
+from zeroc_kernels.attention import TorchBackend
 
 PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "Exceptions are raised",
            "def f(x):\n    return x", "print(", "class A:", "for i in range(10):"]
@@ -113,6 +117,20 @@ def check_async(loaded) -> tuple[bool, str]:
     return same and syncs == 1, f"streams {'equal' if same else 'DIFFER'} to eager sync; {syncs} syncs per step"
 
 
+def check_backends(loaded) -> tuple[bool, str]:
+    """The loaded backend (triton on CUDA: its attention kernels, fused epilogue, norm, gate and projections)
+    against the PyTorch references through the same engine: greedy tokens equal."""
+    params = [SamplingParams(max_new_tokens=10, ignore_eos=True)] * len(PROMPTS)
+    reference = copy.deepcopy(loaded)
+    reference.model.backend = TorchBackend()
+    want = [r.token_ids for r in _engine(reference, True).generate(PROMPTS, params)]
+    engine = _engine(loaded, False)
+    got = [r.token_ids for r in engine.generate(PROMPTS, params)]
+    fused = engine.model.model.layers[0].self_attn.qkv is not None
+    return got == want, (f"{engine.model.backend.name} (projections {'fused' if fused else 'separate'}) tokens "
+                         f"{'equal' if got == want else 'DIFFER from'} the torch backend's")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(BUNDLED_MODEL, device=args.device)
     results = []
     for name, check in (("graphs", check_graphs), ("syncs", check_syncs), ("seeded", check_seeded),
-                        ("isolation", check_isolation), ("async", check_async)):
+                        ("isolation", check_isolation), ("async", check_async), ("backends", check_backends)):
         try:
             ok, detail = check(loaded)
         except Exception as exc:  # report, run the rest
