@@ -141,11 +141,12 @@ def _noise(shape: tuple[int, int], batch: SamplingBatch, device: torch.device,
 def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator | None = None) -> Tensor:
     """One token id per row of logits: [B, V] -> [B] int64 on the device; FAILED where a row's logits
     or probabilities are not finite. Causes no device sync."""
-    logits = logits.float()
+    # greedy ids and the finiteness check in the logits' own dtype (bf16 converts to fp32 exactly, so the argmax
+    # is the same): an all-greedy step copies no [B, V] tensor
     ids = torch.argmax(logits, dim=-1)
     bad = ~torch.isfinite(logits).all(dim=-1)
     if batch.random_rows:
-        scores = logits / batch.temperature.unsqueeze(1)
+        scores = logits.float() / batch.temperature.unsqueeze(1)
         if batch.cuts:
             scores = _cut_support(scores, batch.top_k, batch.top_p)
         probs = torch.softmax(scores, dim=-1)

@@ -66,6 +66,20 @@ def test_greedy_takes_the_argmax_of_every_row():
     assert torch.equal(ids, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_give_the_fp32_argmax_ties_included(dtype):
+    """Greedy rows take the argmax in the logits' own dtype (no fp32 copy of [B, V]): the same ids as in fp32,
+    the first of tied maxima too, and a row with an inf still fails."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)).to(dtype)
+    logits[2, [7, 30]] = 9.0  # a tie: the first index wins
+    logits[4, 3] = float("inf")
+    params = [SamplingParams()] * 5 + [SamplingParams(temperature=0.8, seed=2)]
+    ids = sample_batch(logits, _batch(params, vocab=50))
+    want = logits.float().argmax(-1)
+    assert ids[2] == 7 and ids[4] == FAILED
+    assert torch.equal(ids[[0, 1, 2, 3]], want[[0, 1, 2, 3]]) and 0 <= ids[5] < 50
+
+
 # Mixed rows in one batch: plain temperature, top-k, top-p, both, and a greedy row.
 MIXED = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
          SamplingParams(temperature=1.3, top_p=0.6), SamplingParams(temperature=1.0, top_k=5, top_p=0.8),
