@@ -100,10 +100,8 @@ if triton is not None:
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr,
         DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # Program (seq, kv_head, split) attends over the split-th of the sequence's own context cut into
-        # num_splits page-aligned pieces, and writes a partial output plus its natural-log LSE; `merge_partials`
-        # combines the splits. Cutting each sequence's length, not the table's width, keeps every split busy
-        # when the tables are wider than the contexts: a CUDA graph's are as wide as the longest context allowed.
+        # Program (seq, kv_head, split): the split-th of num_splits page-aligned pieces of the sequence's own
+        # length (a CUDA graph's tables are wider than the contexts), a partial output plus its natural-log LSE.
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
