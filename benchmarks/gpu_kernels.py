@@ -71,7 +71,8 @@ FULL = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128,
             decode_ctx=8192,
             prefill=(4096, 16384), prefix=(4096, 12288), block_size=16, budget_s=170.0, check=(128, 300),
             splits=(1, 2, 3, 4, 8, 16), few_seqs=(1, 8), few_splits=(1, 4, 8, 16, 32))
-QUICK = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=32, rank=16, decode_batch=2, decode_ctx=64,
+QUICK = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=32, rank=16, decode_batch=2,
+             decode_ctx=64,
              prefill=(32,), prefix=(16, 48), block_size=16, budget_s=600.0, check=(32, 100),
              splits=(1, 2), few_seqs=(1,), few_splits=(1, 2))
 
@@ -320,9 +321,8 @@ def _prefill_case(run: Run, new: int, prefix: int, dim: int, name: str) -> float
         f"config {r['config']}")
     if not prefix:  # what the runtime runs for a prompt with no cached prefix: the rows read back, then SDPA
         backend = TritonBackend()
-        slots = tables[0, torch.arange(new, device=run.device) // s["block_size"]] * s["block_size"] \
-            + torch.arange(new, device=run.device) % s["block_size"]
-        blocks, offsets = slots // s["block_size"], slots % s["block_size"]
+        at = torch.arange(new, device=run.device)
+        blocks, offsets = tables[0, at // s["block_size"]], at % s["block_size"]  # each row's page and slot in it
         fresh_ms = run.timed(lambda: backend.fresh_prefill(q, k[blocks, offsets], v[blocks, offsets], (new,), scale))
         f = run.row(section="prefill", what=r["what"], method=f"{name}, fresh path", ms=fresh_ms, sdpa_ms=sdpa_ms,
                     TFLOPs=flops / fresh_ms / 1e9, sdpa_TFLOPs=r["sdpa_TFLOPs"], vs_sdpa=sdpa_ms / fresh_ms)

@@ -87,7 +87,8 @@ def probe(args: argparse.Namespace) -> dict:
             break
     params = sum(p.numel() for p in model.parameters())
     return {"offset": args.offset, "parameters": params, "steps": step + 1,
-            "tokens": (step + 1) * args.rows * args.length, "seconds": round(time.time() - start, 1), "chance": chance, "formed_at_step": formed, "log": log}
+            "tokens": (step + 1) * args.rows * args.length, "seconds": round(time.time() - start, 1),
+            "chance": chance, "formed_at_step": formed, "log": log}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,11 +64,16 @@ def rows_contiguous(cache: Tensor) -> Tensor:
     return cache if cache.stride(-1) == 1 else cache.contiguous()
 
 
-def scale_pools(k_scales: Tensor, v_scales: Tensor) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+def scale_pools(k_scales: Tensor | None, v_scales: Tensor | None, q: Tensor
+                ) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
     """int8 caches' scale pools ([num_blocks, block_size, kv_heads], any strides) as the kernels read them:
     -> (k_scales, v_scales, their (block, slot, head) strides), which the two share. The serving pools keep
     them head-major (zeroc/policies/int8.py), so one KV head's scales for a page are contiguous and a tile
-    loads them in a few sectors; pools of other strides are copied to match only if the two differ."""
+    loads them in a few sectors; pools of other strides are copied to match only if the two differ.
+    No scales (not int8): a one-element placeholder on q's device for pointers the kernel never reads."""
+    if k_scales is None:
+        unused = torch.zeros(1, dtype=torch.float32, device=q.device)
+        return unused, unused, (0, 0, 0)
     if k_scales.stride() != v_scales.stride():
         k_scales, v_scales = k_scales.contiguous(), v_scales.contiguous()
     return k_scales, v_scales, tuple(k_scales.stride())

@@ -63,11 +63,6 @@ def paged_decode_attention_int8_ref(
     return paged_attention_int8_ref(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens, starts, scale)
 
 
-def _unused_pointer(q: Tensor) -> Tensor:
-    """A one-element tensor for pointer arguments a kernel's constexpr branch never reads."""
-    return torch.zeros(1, dtype=torch.float32, device=q.device)
-
-
 LOG2E = 1.4426950408889634
 
 # (BLOCK_N tokens per iteration, warps, pipeline stages). Shared memory per stage is
@@ -286,11 +281,7 @@ def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         raise ValueError(f"q heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
     q, k_cache, v_cache = q.contiguous(), rows_contiguous(k_cache), rows_contiguous(v_cache)
-    if int8:
-        k_scales, v_scales, s_strides = scale_pools(k_scales, v_scales)
-    else:
-        k_scales = v_scales = _unused_pointer(q)
-        s_strides = (0, 0, 0)
+    k_scales, v_scales, s_strides = scale_pools(k_scales, v_scales, q)
     tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
     if partial is None:
         partial = torch.empty(num_seqs, heads, num_splits, dv,

@@ -185,11 +185,7 @@ def paged_prefill_attention(
     group = heads // kv_heads
     gh = min(group, MAX_GROUP_ROWS)
     chunks = -(-group // gh)
-    if int8:
-        k_scales, v_scales, s_strides = scale_pools(k_scales, v_scales)
-    else:
-        k_scales = v_scales = torch.zeros(1, dtype=torch.float32, device=q.device)
-        s_strides = (0, 0, 0)
+    k_scales, v_scales, s_strides = scale_pools(k_scales, v_scales, q)
     args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, starts, out, scale * LOG2E,
             bucket(max_q, 16, 16384),
             q.stride(0), q.stride(1),

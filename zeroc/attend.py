@@ -14,6 +14,7 @@ as one KV head of the cache row's width (exact: each query is zero outside its o
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -121,13 +122,18 @@ class PagedAttend(Attend):
     def __init__(self, cache: PagedKVCache, batch: PagedBatch, backend: AttentionBackend):
         self.cache, self.batch, self.backend = cache, batch, backend
 
+    @functools.cached_property
+    def _fresh_slots(self) -> tuple[Tensor, Tensor]:
+        """(block [N], offset in it [N]) of each new row: once per forward, not once per layer."""
+        slots, bs = self.batch.slot_mapping, self.cache.block_size
+        return slots // bs, slots % bs
+
     def _attend_pools(self, layer: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, scale: float) -> Tensor:
         b = self.batch
         if b.fresh and self.backend.attends_fresh(b.max_query_len):
             # The rows as the cache holds them (whoever wrote them: PyTorch or the fused epilogue), read back by
             # slot: an [N, kv_heads, d] copy, small beside attention over a long prompt.
-            bs = k_pool.shape[1]
-            blocks, offsets = b.slot_mapping // bs, b.slot_mapping % bs
+            blocks, offsets = self._fresh_slots
             return self.backend.fresh_prefill(q, k_pool[blocks, offsets], v_pool[blocks, offsets], b.query_lens,
                                               scale)
         return self.backend.paged_attention(q, k_pool, v_pool, b.block_tables, b.seq_lens, b.query_start_loc, scale,

@@ -21,6 +21,8 @@ def _make(name: str):
     try:
         return BACKENDS[name]()
     except ValueError:
+        if name != "cpu":  # only the cpu backend depends on the machine (a compiler); any other refusal is a failure
+            raise
         pytest.skip("no C++ compiler here to build the cpu backend's kernel; tests/kernels/test_ragged_cpu.py checks "
                     "that `cpu` then refuses with a ValueError")
 
