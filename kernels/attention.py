@@ -57,7 +57,7 @@ class AttentionBackend(abc.ABC):
     fused_epilogue: bool = False  # whether the model hands q/k/v to `qkv_epilogue` before RoPE
     # Whether an Engine runs the model's Q/K/V and gate/up projections as one GEMM each
     # (`Transformer.fuse_projections`): on a GPU each GEMM is a launch and narrow ones run under the copy rate;
-    # on the CPU the one wide GEMM measured slower (docs/engine.md, "Fewer kernels per layer").
+    # on the CPU the fused GEMMs measured no faster (benchmarks/fused_projections.py, docs/benchmarks.md).
     fuses_projections: bool = False
     # From this many new tokens in a fresh batch's longest sequence, `fresh_prefill` attends it; None: never.
     fresh_prefill_min_tokens: int | None = None

@@ -1,0 +1,85 @@
+"""Q/K/V and gate/up as one GEMM each (`Transformer.fuse_projections`) against the separate GEMMs, on the
+bundled model's shape with random weights: a batch's decode step and a prefill forward, alternating rounds.
+Why the cpu and torch backends keep the separate GEMMs (docs/engine.md, "Fewer kernels per layer").
+
+    .venv/bin/python benchmarks/fused_projections.py [--threads 2] [--rounds 4] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from zeroc.bench.engine import EngineBenchSpec, base_config, method_config, random_model
+from zeroc.caches import paged_cache
+from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
+from zeroc.engine import Engine
+from zeroc.kv_cache import layer_shapes
+from zeroc.loader import LoadedModel
+from zeroc.sampling import SamplingParams
+from zeroc.tokenizer import Tokenizer
+
+
+def _fused(model, on: bool, saved: list) -> None:
+    """Switch the model between its fused GEMMs (saved once) and the separate ones."""
+    for layer, (qkv, gate_up) in zip(model.model.layers, saved):
+        layer.self_attn.qkv, layer.mlp.gate_up = (qkv, gate_up) if on else (None, None)
+
+
+def decode_ms(loaded: LoadedModel, batch: int, steps: int = 30) -> float:
+    """Median decode step of `batch` requests of 128 random tokens."""
+    engine = Engine(loaded, CacheConfig(16, batch * 12 + 1), SchedulerConfig(max_num_seqs=batch))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(batch):
+        engine.add_request(torch.randint(2, 500, (128,), generator=gen).tolist(),
+                           SamplingParams(max_new_tokens=steps + 8, ignore_eos=True))
+    while engine.waiting or any(s.in_cache < 128 for s in engine.running):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+@torch.inference_mode()
+def prefill_ms(model, tokens: int = 1024) -> float:
+    """One forward of two prompts of tokens / 2 each through a fresh paged cache."""
+    cache = paged_cache(layer_shapes(model.config), CacheConfig(16, tokens // 16 + 4), torch.float32, model=model)
+    batch = cache.schedule([("a", tokens // 2), ("b", tokens // 2)])
+    ids = torch.randint(2, 500, (tokens,), generator=torch.Generator().manual_seed(1))
+    t = time.perf_counter()
+    model.forward_paged(ids, batch.positions, batch, cache)
+    return (time.perf_counter() - t) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = method_config(base_config(EngineBenchSpec()), "none")
+    loaded = LoadedModel(random_model(cfg, torch.device("cpu"), torch.float32, 0), cfg,
+                         Tokenizer.from_dir(BUNDLED_MODEL), BUNDLED_MODEL)
+    loaded.model.fuse_projections()
+    saved = [(layer.self_attn.qkv, layer.mlp.gate_up) for layer in loaded.model.model.layers]
+    rows = {False: [], True: []}
+    for r in range(args.rounds + 1):  # the first round warms up, untimed
+        for on in (False, True):
+            _fused(loaded.model, on, saved)
+            times = (decode_ms(loaded, args.batch), prefill_ms(loaded.model))
+            if r:
+                rows[on].append(times)
+    for on in (False, True):
+        dec, pre = (statistics.median(t[i] for t in rows[on]) for i in (0, 1))
+        print(f"{'fused' if on else 'separate':<9} decode b{args.batch} {dec:7.2f} ms   prefill 1024 {pre:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
