@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zeroc.sampling import FAILED, SamplingBatch, SamplingParams, make_generator, sample_batch
+from zeroc.sampling import (CPU_CANDIDATES, FAILED, SamplingBatch, SamplingParams, _cut_support, _inverse_cdf,
+                            _thresholds, make_generator, sample_batch)
 
 CPU = torch.device("cpu")
 
@@ -80,20 +81,106 @@ def test_half_precision_logits_give_the_fp32_argmax_ties_included(dtype):
     assert torch.equal(ids[[0, 1, 2, 3]], want[[0, 1, 2, 3]]) and 0 <= ids[5] < 50
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_ids_are_argmax_first_index_over_long_tied_rows(dtype):
+    """Greedy rows take max()'s ids, not argmax's: over vocab-sized rows with many tied maxima (integer logits
+    in a small range, so ties fall across vector lanes and threads) they are still argmax's first index."""
+    logits = torch.randint(-20, 21, (64, 8192), generator=torch.Generator().manual_seed(4)).to(dtype)
+    logits[5, 8000] = 30  # a lone maximum near a row's end
+    logits[9, [100, 5000]] = 30  # two far apart: the first wins
+    ids = sample_batch(logits, _batch([SamplingParams()] * 64, vocab=8192))
+    assert torch.equal(ids, logits.float().argmax(-1)) and ids[5] == 8000 and ids[9] == 100
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_greedy_row_with_any_non_finite_logit_fails_alone(value):
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(5))
+    logits[2, 299] = value  # the last column: where a vectorized reduction ends
+    ids = sample_batch(logits, _batch([SamplingParams()] * 4, vocab=300))
+    assert ids[2] == FAILED
+    assert torch.equal(ids[[0, 1, 3]], logits[[0, 1, 3]].argmax(-1))
+
+
+def _nucleus64(w: torch.Tensor, top_p: float) -> set[int]:
+    """The reference top-p cut of one row, in float64: the shortest prefix of the sorted weights whose mass
+    reaches top_p of the row's total, and every token tied with its last."""
+    w = w.double()
+    order = torch.sort(w, descending=True)
+    mass = order.values.cumsum(0) / w.sum()
+    last = order.values[int((mass < top_p).sum())]
+    return set(torch.nonzero(w >= last).flatten().tolist())
+
+
+def test_cpu_candidates_cut_exactly_as_ranking_the_whole_vocabulary_does():
+    """On the CPU the cuts rank 1,024 candidates first and the whole vocabulary only for rows whose cut reaches
+    past them; the path a GPU takes (everything ranked at once) is the reference, and float64 the oracle."""
+    vocab = 3000
+    gen = torch.Generator().manual_seed(8)
+    stds = torch.tensor([4.0, 4.0, 4.0, 4.0, 0.05]).unsqueeze(1)  # the last row is nearly flat
+    logits = torch.randn(5, vocab, generator=gen) * stds
+    w = (logits - logits.amax(-1, keepdim=True)).exp()
+    top_k = torch.tensor([vocab, 50, vocab, 2000, vocab])  # row 3's top-k set is wider than the candidates
+    top_p = torch.tensor([0.9, 0.8, 1.0, 0.9, 0.95])
+    t_cand, decided = _thresholds(w, top_k, top_p, CPU_CANDIDATES)
+    t_full, everywhere = _thresholds(w, top_k, top_p, vocab)
+    assert decided.tolist() == [True, True, True, False, False] and everywhere.all()
+    assert torch.equal(t_cand[decided], t_full[decided])
+    cut = w.clone()
+    _cut_support(cut, top_k, top_p, vocab)  # falls back to the whole ranking for rows 3 and 4
+    assert torch.equal(cut, w.masked_fill(w < t_full, 0.0))
+    kept = [set(torch.nonzero(row).flatten().tolist()) for row in cut]
+    assert kept[0] == _nucleus64(w[0], 0.9) and len(kept[0]) < CPU_CANDIDATES
+    assert len(kept[2]) == vocab and len(kept[4]) > CPU_CANDIDATES  # no cut; a nucleus past the candidates
+    assert kept[4] == _nucleus64(w[4], 0.95)
+    top50 = set(torch.topk(w[1], 50).indices.tolist())
+    assert kept[1] <= top50 and kept[1] == _nucleus64(w[1].masked_fill(w[1] < w[1][list(top50)].min(), 0), 0.8)
+
+
+def test_sampling_leaves_the_callers_logits_as_they_were():
+    """The random path scales one fp32 copy in place: fp32 logits, which .float() would return as they are,
+    stay untouched."""
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
+    before = logits.clone()
+    params = [SamplingParams(temperature=0.5), SamplingParams(temperature=1.0, top_k=4), SamplingParams()]
+    sample_batch(logits, _batch(params, vocab=40), torch.Generator().manual_seed(0))
+    assert torch.equal(logits, before)
+
+
+def test_inverse_cdf_picks_by_cumulative_weight_and_never_a_token_without_weight():
+    weights = torch.tensor([[0.5, 0.0, 1.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.25]])  # totals 2 and 0.25
+
+    def pick(u: list[float]) -> list[int]:
+        return _inverse_cdf(weights.clone(), torch.tensor(u))[0].tolist()  # the weights are overwritten
+
+    assert pick([0.0, 0.0]) == [0, 5]  # u = 0: the first token with weight
+    assert pick([0.3, 0.5]) == [2, 5]
+    assert pick([0.75, 0.99]) == [3, 5]  # 0.75 of 2: past the first 1.5
+    assert pick([1.0, 1.0]) == [3, 5]  # u = 1 exactly: still the last token with weight
+    ids, total = _inverse_cdf(weights.clone(), torch.tensor([0.5, 0.5]))
+    assert total.tolist() == [2.0, 0.25]
+
+
 # Mixed rows in one batch: plain temperature, top-k, top-p, both, and a greedy row.
 MIXED = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
          SamplingParams(temperature=1.3, top_p=0.6), SamplingParams(temperature=1.0, top_k=5, top_p=0.8),
          SamplingParams()]
 
 
-def test_the_batched_distribution_equals_the_reference_per_row():
+# Every random row with a top-k: the sampler ranks only the largest max(top_k) scores (torch.topk), not all 8.
+TOP_K_ONLY = [SamplingParams(temperature=0.7, top_k=3), SamplingParams(temperature=1.0, top_k=5, top_p=0.8),
+              SamplingParams(temperature=1.2, top_k=2, seed=7), SamplingParams()]
+
+
+@pytest.mark.parametrize("mix", [MIXED, TOP_K_ONLY], ids=["full-sort", "top-k-only"])
+def test_the_batched_distribution_equals_the_reference_per_row(mix):
     torch.manual_seed(0)
-    logits = torch.randn(len(MIXED), 8) * 1.5
+    logits = torch.randn(len(mix), 8) * 1.5
     shared = torch.Generator().manual_seed(1)
-    batch = _batch(MIXED)
+    batch = _batch(mix)
+    assert batch.ranked == (8 if mix is MIXED else 5)
     n = 6000
     draws = torch.stack([sample_batch(logits, batch, shared) for _ in range(n)])  # [n, B]
-    for row, p in enumerate(MIXED):
+    for row, p in enumerate(mix):
         freq = torch.bincount(draws[:, row], minlength=8).double() / n
         want = torch.nn.functional.one_hot(logits[row].argmax(), 8).double() if p.greedy \
             else reference_probs(logits[row], p)
