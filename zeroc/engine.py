@@ -39,6 +39,7 @@ from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.model import compile_feed_forward
 from zeroc.sampling import FAILED, SamplingBatch, SamplingParams, make_generator, sample_batch
+from zeroc.step_clock import NullClock
 from zeroc.tokenizer import IncrementalDetokenizer
 
 
@@ -84,6 +85,7 @@ class _Sequence:
     queued_s: float | None = None  # set when first scheduled
     preemptions: int = 0
     stop_ids: frozenset[int] = frozenset()  # token ids that end it (its stop ids, and EOS unless ignored)
+    hold: int = 0  # characters held back while they may begin a stop string: the longest one's length - 1
     pending: int = 0  # launched steps sampling a token for this sequence whose ids are not on the host yet
     finished: bool = False  # finished or aborted: a step still in flight may hold a row for it
 
@@ -143,6 +145,8 @@ class Engine:
         self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
         # Benchmarks time the device work of a step (forward and sampling) inside this context.
         self.device_timer: Callable[[], contextlib.AbstractContextManager] | None = None
+        # Benchmarks see where a step's wall time goes by handing over a zeroc.step_clock.StepClock.
+        self.clock = NullClock()
         # The running sequences' block tables, lengths and next tokens, kept on the device across steps.
         max_blocks = -(-self.cache.token_capacity(cfg.max_position_embeddings) // self.cache.block_size) + 1
         self.state = InputBatch(self.sched.max_num_seqs, min(self.cache.num_blocks, max_blocks),
@@ -179,7 +183,7 @@ class Engine:
                                                                 else self.model_config.eos_token_ids)
         self.waiting.append(_Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
                                       make_generator(params, self.device), in_cache=cached_tokens,
-                                      stop_ids=stop_ids))
+                                      stop_ids=stop_ids, hold=max((len(s) - 1 for s in params.stop), default=0)))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -295,6 +299,7 @@ class Engine:
         whole context (a chunk of a prompt samples nothing), and return the outputs of the step whose ids
         reached the host: this one, or with async scheduling the one before it."""
         outputs: list[StepOutput] = []
+        self.clock.start()
         launched = self._launch(outputs)
         if launched is not None:
             self._in_flight.append(launched)
@@ -311,6 +316,7 @@ class Engine:
         admitted = self._admit(decoding, need, self.sched.max_num_batched_tokens - len(decoding))
         self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
         self.last_step_tokens = len(decoding) + sum(n for _, n in admitted)
+        self.clock.lap("schedule")
         if not decoding and not admitted:
             return None
         done = [seq for seq, n in admitted if seq.in_cache + n == seq.num_tokens]  # prompts computed in full
@@ -318,6 +324,7 @@ class Engine:
         samples = {id(s) for s in decoding + done}  # rows whose token counts
         with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
             logits = self._forward(decoding, admitted)  # [B, vocab]; launched, the device runs on
+            self.clock.lap("forward")
             # built while the forward runs (its copies queue behind it); a chunk's row draws nothing
             params = [s.params if id(s) in samples else _CHUNK for s in rows]
             gens = [s.generator if p is not _CHUNK else None for s, p in zip(rows, params)]
@@ -325,6 +332,7 @@ class Engine:
             sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
             launched = _Launched(rows, samples, DeviceToHost(sampled))
+            self.clock.lap("sample")
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
             seq.in_cache += n
@@ -334,6 +342,7 @@ class Engine:
         if self.on_prompt_computed is not None:
             for seq in done:  # before their blocks can be freed
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
+        self.clock.lap("bookkeeping")
         return launched
 
     def _collect(self) -> list[StepOutput]:
@@ -342,6 +351,7 @@ class Engine:
         step = self._in_flight.pop(0)
         ids = step.ids.tolist()  # the step's one wait for the device
         self.host_waits += 1
+        self.clock.lap("wait")
         outputs = []
         for seq, token in zip(step.rows, ids):
             if id(seq) in step.samples:
@@ -351,6 +361,7 @@ class Engine:
                     outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
         for request_id in step.free_after:
             self._release(request_id)  # or later still, if a newer step in flight holds it too
+        self.clock.lap("outputs")
         return outputs
 
     def _forward(self, decoding: list[_Sequence], admitted: list[tuple[_Sequence, int]]) -> Tensor:
@@ -361,6 +372,7 @@ class Engine:
         reserved = self.cache.append_slots(plan)
         self.state.decode([grown for _, grown in reserved[: len(decoding)]])
         if not admitted and self.cache.places_by_position:
+            self.clock.lap("inputs")  # the decode runner's copies into its graph's buffers count as its forward
             return self.decode_runner.run(len(decoding))
         prefill, rows = [], []
         for (seq, n), (start, _) in zip(admitted, reserved[len(decoding):]):
@@ -369,6 +381,7 @@ class Engine:
             rows.append((rid, self.cache.block_table(rid), end))
         self.state.add(rows)
         tokens, batch = self.state.paged_batch(len(decoding), prefill, self.cache.places_by_position)
+        self.clock.lap("inputs")
         return self.model.forward_paged(tokens, batch.positions, batch, self.cache,
                                         logits_indices=batch.last_token_indices)
 
@@ -388,15 +401,15 @@ class Engine:
         else:
             seq.detok.add([token])
         text = seq.detok.text
-        hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in p.stop) if i != -1]
-        if hits:
-            text, reason = text[: min(hits)], "stop"
+        if p.stop:  # searched from where a match could still begin: text earlier tokens searched holds none
+            hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in p.stop) if i != -1]
+            if hits:
+                text, reason = text[: min(hits)], "stop"
         if reason is None and (len(seq.output_ids) >= p.max_new_tokens
                                or seq.num_tokens >= self.model_config.max_position_embeddings):
             reason = "length"
         # Hold back text that might be the start of a stop string until it is decided.
-        hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
-        end = max(seq.released, len(text) - hold)
+        end = max(seq.released, len(text) - (0 if reason else seq.hold))
         delta, seq.released = text[seq.released:end], end
         if reason:
             self._finish(seq)

@@ -47,6 +47,7 @@ from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel, read_config
 from zeroc.model import Transformer
 from zeroc.sampling import SamplingParams
+from zeroc.step_clock import PHASES, NullClock, StepClock
 from zeroc.tokenizer import Tokenizer
 from zeroc_kernels.attention import select_backend
 
@@ -290,12 +291,13 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
     prefill_s = time.perf_counter() - t0
     walls: list[float] = []
     first_decode = len(timer._pending) + len(timer.times)
+    engine.clock = clock = StepClock()
     for _ in range(spec.new - 2):  # the last step is counted, not timed
         t = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - t)
     device_s = timer.collect()[first_decode:first_decode + len(walls)]
-    engine.device_timer = None
+    engine.device_timer, engine.clock = None, NullClock()
     waits = engine.host_waits
     with count_syncs(device) as syncs:
         engine.step()
@@ -320,6 +322,7 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
         "floor_ms": statistics.median(floors) * 1e3,
         "step_over_floor": step_ms / (statistics.median(floors) * 1e3),
         "syncs_per_step": syncs[0],
+        "phases_ms": clock.ms_per_step(),
         "weight_bytes": weight_bytes,
         "kv_bytes_per_token": kv_token,
     }
@@ -363,6 +366,7 @@ def summarize(rows: list[dict], methods: tuple[str, ...], schedulers: tuple[str,
             mine = [r for r in rows if r["method"] == m and r["scheduler"] == sch]
             name = m if sch == "sync" else f"{m} async"
             out[name] = {k: statistics.median(r[k] for r in mine) for k in keys}
+            out[name]["phases_ms"] = {p: statistics.median(r["phases_ms"][p] for r in mine) for p in PHASES}
             if base:
                 out[name]["step_over_none"] = [r["step_ms"] / base[r["round"]] for r in mine if r["round"] in base]
     return out
@@ -382,6 +386,11 @@ def text_report(report: dict) -> str:
         lines.append(f"{m:<24}{r['prefill_tokens_s']:>14,.0f}{r['prefill_mfu']:>7.1%}{r['step_ms']:>9.2f}"
                      f"{r['step_p90_ms']:>8.2f}{r['device_ms']:>8.2f}{r['host_ms']:>8.2f}{r['floor_ms']:>8.3f}"
                      f"{r['step_over_floor']:>11.1f}{r['syncs_per_step']:>7.0f}  {ratios}")
+    lines.append("where a decode step's wall time goes, ms (zeroc.step_clock: on a GPU forward and sample are "
+                 "launch time, wait the device's rest)")
+    lines.append(f"{'method':<24}" + "".join(f"{p:>12}" for p in PHASES))
+    for m, r in report["summary"].items():
+        lines.append(f"{m:<24}" + "".join(f"{r['phases_ms'][p]:>12.3f}" for p in PHASES))
     return "\n".join(lines)
 
 

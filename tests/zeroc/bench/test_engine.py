@@ -9,6 +9,7 @@ import torch
 
 from zeroc import cli
 from zeroc.bench.engine import EngineBenchSpec, base_config, method_config, parse_method
+from zeroc.step_clock import PHASES
 
 
 def test_the_engine_bench_runs_every_method_interleaved_and_reports_against_its_floor(capsys):
@@ -26,6 +27,9 @@ def test_the_engine_bench_runs_every_method_interleaved_and_reports_against_its_
         assert row["floor_ms"] > 0 and row["step_over_floor"] > 0
         assert row["syncs_per_step"] == 1  # the sampled ids come to the host once
         assert len(row["step_over_none"]) == 2
+        phases = row["phases_ms"]  # where a step's wall time goes: every phase laps, and they add up to no more
+        assert set(phases) == set(PHASES) and all(ms >= 0 for ms in phases.values()) and phases["forward"] > 0
+        assert sum(phases.values()) <= row["step_ms"] * 1.1  # medians over rounds of means over steps
     assert s["none"]["step_over_none"] == [1.0, 1.0]
     rows = {r["method"]: r for r in report["rows"] if r["round"] == 0}
     # fewer KV dims per token: fold 32 of 64 halves Q/K and V, rotate 16 keeps a quarter
