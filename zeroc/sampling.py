@@ -140,9 +140,9 @@ def _thresholds(weights: Tensor, top_k: Tensor, top_p: Tensor, ranked: int) -> t
     cuts_k = has_k & (top_k < vocab).unsqueeze(1)  # ... and is not the whole vocabulary
     kth = torch.where(cuts_k, cand.gather(1, (top_k.clamp(max=ranked) - 1).unsqueeze(1)), 0.0)  # [B, 1]
     cand = cand * (cand >= kth)  # the top-k cut (ties with the k-th stay)
-    total = cand.sum(-1, keepdim=True)  # [B, 1] the mass top-p shares out: the top-k set's, or the whole row's
-    if ranked < vocab:
-        total = torch.where(has_k, total, weights.sum(-1, keepdim=True))
+    # [B, 1] the mass top-p shares out, the top-k set's (the whole row's without one), summed over the row: the
+    # same sum however many candidates were ranked, so a row's cut does not depend on the rest of its batch
+    total = (weights * (weights >= kth)).sum(-1, keepdim=True)
     # Drop a token once the mass before it already reaches top_p; the first always stays, so the kept tokens
     # are a prefix of the ranked order and the last one's weight is the threshold. (Clamped: a NaN row keeps
     # none; it fails anyway, and an index of -1 would fault on a device.) A row without top-p keeps all.

@@ -209,6 +209,25 @@ def test_a_seeded_row_samples_the_same_alone_and_in_any_batch():
     assert len(set(alone)) > 1  # it really samples
 
 
+def test_a_seeded_top_k_row_samples_the_same_whatever_the_batch_ranks():
+    """How many candidates the cuts rank depends on the batch (the largest top-k, or the whole vocabulary, or
+    1,024 first on the CPU); a seeded row's cut and draw do not, ties at its k-th logit included."""
+    vocab = 1500
+    gen = torch.Generator().manual_seed(9)
+    steps = [torch.randn(3, vocab, generator=gen).mul(3).round() for _ in range(25)]  # integer logits: ties
+    seeded = SamplingParams(temperature=0.9, top_k=40, top_p=0.8, seed=11)
+    others = {"alone": [], "wider top-k": [SamplingParams(temperature=1.0, top_k=1200)],
+              "top-p only": [SamplingParams(temperature=1.0, top_p=0.7)], "greedy": [SamplingParams()]}
+    runs = {}
+    for name, extra in others.items():
+        params = [seeded] + extra
+        batch = _batch(params, vocab=vocab)
+        shared = torch.Generator().manual_seed(len(name))
+        runs[name] = [int(sample_batch(s[: len(params)], batch, shared)[0]) for s in steps]
+    assert {_batch([seeded] + extra, vocab=vocab).ranked for extra in others.values()} == {40, 1200, vocab}
+    assert all(r == runs["alone"] for r in runs.values()) and len(set(runs["alone"])) > 1
+
+
 def test_a_row_with_nan_logits_fails_alone():
     logits = torch.randn(3, 8)
     logits[1, 4] = float("nan")
