@@ -4,7 +4,8 @@ Each method (`none`, `zeroc-fold-R`, `zeroc-rotate-R`) is a random-init model of
 bundled model's or Llama-3-8B's, `--layers` of them): ZeroC methods keep R Q/K dims (fold: the first
 R/2 RoPE pairs of every KV head; rotate: random bases to R dims) and R V dims in every layer. Rounds
 interleave the methods, so drift in the machine's speed hits all of them alike. Every round runs
-`batch` requests of `prompt` random tokens for `new` greedy tokens through a fresh Engine and reports:
+`batch` requests of `prompt` random tokens for `new` tokens (greedy, or sampled with `--temperature` and
+`--top-p`) through a fresh Engine and reports:
 
 - prefill tokens/s, from the first step until every request has its first token, and its MFU: model
   FLOPs (2 x matmul weights per token plus causal attention) over the GEMM rate measured here;
@@ -70,6 +71,8 @@ class EngineBenchSpec:
     max_batched_tokens: int = 8192
     enforce_eager: bool = False
     schedulers: tuple[str, ...] = ("sync",)  # "sync", "async" (scheduler.async_scheduling)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +87,10 @@ class EngineBenchSpec:
             parse_method(m, None)
         if not self.schedulers or set(self.schedulers) - {"sync", "async"}:
             raise ValueError(f"schedulers must be sync and/or async, got {self.schedulers!r}")
+        self.sampling(1)  # ValueError for a temperature or top_p out of range
+
+    def sampling(self, new: int) -> SamplingParams:
+        return SamplingParams(max_new_tokens=new, temperature=self.temperature, top_p=self.top_p, ignore_eos=True)
 
 
 def parse_method(name: str, head_dim: int | None) -> tuple[str | None, int]:
@@ -280,7 +287,7 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
                                     enforce_eager=spec.enforce_eager, async_scheduling=ahead))
     timer = DeviceTimer(device)
     engine.device_timer = timer
-    params = SamplingParams(max_new_tokens=spec.new, ignore_eos=True)
+    params = spec.sampling(spec.new)
     for p in prompts:
         engine.add_request(p, params)
     started: set[str] = set()
@@ -372,10 +379,16 @@ def summarize(rows: list[dict], methods: tuple[str, ...], schedulers: tuple[str,
     return out
 
 
+def _sampling_label(spec: dict) -> str:
+    if spec["temperature"] == 0.0:
+        return "greedy"
+    return f"temperature {spec['temperature']:g}" + (f", top-p {spec['top_p']:g}" if spec["top_p"] < 1.0 else "")
+
+
 def text_report(report: dict) -> str:
     s, rates = report["spec"], report["rates"]
     lines = [f"engine bench: {s['shape']} x {s['layers'] or 'all'} layers, batch {s['batch']}, prompt {s['prompt']}, "
-             f"{s['new']} new, {report['dtype']}, {s['rounds']} rounds, {report['machine']}"
+             f"{s['new']} new ({_sampling_label(s)}), {report['dtype']}, {s['rounds']} rounds, {report['machine']}"
              f"{', eager' if s['enforce_eager'] else ''}",
              f"measured here: GEMM {rates['gemm_flop_s'] / 1e12:.2f} TFLOP/s, copy {rates['copy_bytes_s'] / 1e9:.1f} GB/s"
              " (read + written)",
@@ -403,7 +416,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     p.add_argument("--batch", type=int, default=d.batch, help="requests, all running together")
     p.add_argument("--prompt", type=int, default=d.prompt, help="prompt tokens per request")
-    p.add_argument("--new", type=int, default=d.new, help="greedy tokens per request")
+    p.add_argument("--new", type=int, default=d.new, help="tokens per request")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--methods", nargs="+", default=list(d.methods), help="none, zeroc-fold-R, zeroc-rotate-R")
     p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds of every method")
     p.add_argument("--max-batched-tokens", type=int, default=d.max_batched_tokens)
@@ -419,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
     spec = EngineBenchSpec(device=args.device, shape=args.shape, layers=args.layers, batch=args.batch,
                            prompt=args.prompt, new=args.new, methods=tuple(args.methods), rounds=args.rounds,
                            max_batched_tokens=args.max_batched_tokens, enforce_eager=args.enforce_eager,
-                           schedulers=tuple(args.schedulers))
+                           schedulers=tuple(args.schedulers), temperature=args.temperature, top_p=args.top_p)
     report = run_engine_bench(spec, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else text_report(report))
     return 0
