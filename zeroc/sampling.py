@@ -101,6 +101,7 @@ class SamplingBatch:
     # How many of a row's highest scores the cuts rank: 0 when no random row cuts; the largest top-k when
     # every random row has one; else the whole vocabulary (top-p alone needs the full order).
     ranked: int
+    k_and_p: bool = False  # a random row cuts by both: top-p then shares out its top-k set's mass
 
     @property
     def cuts(self) -> bool:
@@ -115,12 +116,13 @@ class SamplingBatch:
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         cuts = any(top_k[i] < vocab or params[i].top_p < 1.0 for i in random_rows)
         ranked = max(top_k[i] for i in random_rows) if cuts else 0
+        k_and_p = any(top_k[i] < vocab and params[i].top_p < 1.0 for i in random_rows)
         return cls(
             temperature=host_to_device([p.temperature or 1.0 for p in params], torch.float32, device),
             top_k=host_to_device(top_k, torch.long, device),
             top_p=host_to_device([p.top_p for p in params], torch.float32, device),
             greedy=host_to_device([p.greedy for p in params], torch.bool, device),
-            generators=tuple(generators), random_rows=random_rows, ranked=ranked)
+            generators=tuple(generators), random_rows=random_rows, ranked=ranked, k_and_p=k_and_p)
 
 
 # On the CPU, where reading a tensor on the host stalls nothing, a top-p row's nucleus is looked for among its
@@ -129,20 +131,21 @@ class SamplingBatch:
 CPU_CANDIDATES = 1024
 
 
-def _thresholds(weights: Tensor, top_k: Tensor, top_p: Tensor, ranked: int) -> tuple[Tensor, Tensor]:
+def _thresholds(weights: Tensor, batch: SamplingBatch, ranked: int) -> tuple[Tensor, Tensor]:
     """Each row's smallest kept weight under its top-k and then its top-p, from its `ranked` largest weights:
-    weights [B, V] (unnormalized probabilities), top_k, top_p [B] -> (thresholds [B, 1], decided [B]: whether
-    the ranked weights hold the row's whole cut; always where ranked is V)."""
-    vocab = weights.shape[-1]
+    weights [B, V] (unnormalized probabilities) -> (thresholds [B, 1], decided [B]: whether the ranked weights
+    hold the row's whole cut; always where ranked is V)."""
+    top_k, top_p, vocab = batch.top_k, batch.top_p, weights.shape[-1]
     cand = (torch.topk(weights, ranked, dim=-1).values if ranked < vocab
             else torch.sort(weights, dim=-1, descending=True).values)  # [B, R] descending
     has_k = (top_k <= ranked).unsqueeze(1)  # [B, 1] the row's top-k set is among the candidates
     cuts_k = has_k & (top_k < vocab).unsqueeze(1)  # ... and is not the whole vocabulary
     kth = torch.where(cuts_k, cand.gather(1, (top_k.clamp(max=ranked) - 1).unsqueeze(1)), 0.0)  # [B, 1]
     cand = cand * (cand >= kth)  # the top-k cut (ties with the k-th stay)
-    # [B, 1] the mass top-p shares out, the top-k set's (the whole row's without one), summed over the row: the
-    # same sum however many candidates were ranked, so a row's cut does not depend on the rest of its batch
-    total = (weights * (weights >= kth)).sum(-1, keepdim=True)
+    # [B, 1] the mass top-p shares out: the whole row's, or where a row cuts by both its top-k set's (ties with
+    # the k-th included, which may lie past the candidates). Summed over the row either way, so a row's cut
+    # does not depend on how many candidates its batch ranked.
+    total = (torch.where(weights >= kth, weights, 0.0) if batch.k_and_p else weights).sum(-1, keepdim=True)
     # Drop a token once the mass before it already reaches top_p; the first always stays, so the kept tokens
     # are a prefix of the ranked order and the last one's weight is the threshold. (Clamped: a NaN row keeps
     # none; it fails anyway, and an index of -1 would fault on a device.) A row without top-p keeps all.
@@ -156,15 +159,15 @@ def _thresholds(weights: Tensor, top_k: Tensor, top_p: Tensor, ranked: int) -> t
     return torch.maximum(kth, nucleus), decided.squeeze(1)
 
 
-def _cut_support(weights: Tensor, top_k: Tensor, top_p: Tensor, ranked: int) -> None:
-    """Zero, in place, the weights that top-k and then top-p drop, per row: weights [B, V]; top_k, top_p [B];
-    `ranked` (SamplingBatch.ranked): how many of each row's largest weights the cuts need ranked. Every random
-    row keeps at most that many, so ranking no more is exact; rows with a larger top_k (greedy ones) are cut at
-    it, unused. On a device all `ranked` are ranked at once, with no sync; on the CPU see CPU_CANDIDATES."""
-    first = min(ranked, CPU_CANDIDATES) if weights.device.type == "cpu" else ranked
-    threshold, decided = _thresholds(weights, top_k, top_p, first)
-    if first < ranked and not bool(decided.all()):  # the CPU only: a row's nucleus reaches past the candidates
-        threshold, _ = _thresholds(weights, top_k, top_p, ranked)
+def _cut_support(weights: Tensor, batch: SamplingBatch) -> None:
+    """Zero, in place, the weights [B, V] that each row's top-k and then top-p drop. `batch.ranked` of each row's
+    largest weights are ranked: every random row keeps at most that many, so ranking no more is exact; rows with
+    a larger top_k (greedy ones) are cut at it, unused. On a device they are ranked at once, with no sync; on
+    the CPU see CPU_CANDIDATES."""
+    first = min(batch.ranked, CPU_CANDIDATES) if weights.device.type == "cpu" else batch.ranked
+    threshold, decided = _thresholds(weights, batch, first)
+    if first < batch.ranked and not bool(decided.all()):  # the CPU only: a nucleus reaches past the candidates
+        threshold, _ = _thresholds(weights, batch, batch.ranked)
     weights.masked_fill_(weights < threshold, 0.0)
 
 
@@ -207,7 +210,7 @@ def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator |
         # masses within a row, and the inverse CDF scales u by the row's total
         weights = x.sub_(top.unsqueeze(1)).div_(batch.temperature.unsqueeze(1)).exp_()  # [B, V]
         if batch.cuts:
-            _cut_support(weights, batch.top_k, batch.top_p, batch.ranked)
+            _cut_support(weights, batch)
         sampled, total = _inverse_cdf(weights, _uniforms(logits.shape[0], batch, logits.device, shared))
         bad |= ~torch.isfinite(total) & ~batch.greedy  # a NaN left in a row shows in its total
         sampled = sampled.clamp(max=logits.shape[-1] - 1)  # a NaN row's index may be V; it fails anyway

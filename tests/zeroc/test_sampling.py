@@ -119,14 +119,16 @@ def test_cpu_candidates_cut_exactly_as_ranking_the_whole_vocabulary_does():
     stds = torch.tensor([4.0, 4.0, 4.0, 4.0, 0.05]).unsqueeze(1)  # the last row is nearly flat
     logits = torch.randn(5, vocab, generator=gen) * stds
     w = (logits - logits.amax(-1, keepdim=True)).exp()
-    top_k = torch.tensor([vocab, 50, vocab, 2000, vocab])  # row 3's top-k set is wider than the candidates
-    top_p = torch.tensor([0.9, 0.8, 1.0, 0.9, 0.95])
-    t_cand, decided = _thresholds(w, top_k, top_p, CPU_CANDIDATES)
-    t_full, everywhere = _thresholds(w, top_k, top_p, vocab)
+    # row 3's top-k set is wider than the candidates
+    cuts = [dict(top_p=0.9), dict(top_k=50, top_p=0.8), dict(), dict(top_k=2000, top_p=0.9), dict(top_p=0.95)]
+    batch = _batch([SamplingParams(temperature=1.0, **c) for c in cuts], vocab=vocab)
+    assert batch.ranked == vocab and batch.k_and_p
+    t_cand, decided = _thresholds(w, batch, CPU_CANDIDATES)
+    t_full, everywhere = _thresholds(w, batch, vocab)
     assert decided.tolist() == [True, True, True, False, False] and everywhere.all()
     assert torch.equal(t_cand[decided], t_full[decided])
     cut = w.clone()
-    _cut_support(cut, top_k, top_p, vocab)  # falls back to the whole ranking for rows 3 and 4
+    _cut_support(cut, batch)  # falls back to the whole ranking for rows 3 and 4
     assert torch.equal(cut, w.masked_fill(w < t_full, 0.0))
     kept = [set(torch.nonzero(row).flatten().tolist()) for row in cut]
     assert kept[0] == _nucleus64(w[0], 0.9) and len(kept[0]) < CPU_CANDIDATES
