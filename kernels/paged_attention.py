@@ -64,6 +64,15 @@ def rows_contiguous(cache: Tensor) -> Tensor:
     return cache if cache.stride(-1) == 1 else cache.contiguous()
 
 
+def index_rows(t: Tensor) -> Tensor:
+    """Block tables ([seqs, blocks]), lengths and query starts ([seqs(+1)]) as the kernels read them: in their own
+    integer dtype, int32 or int64 (the kernels cast what they load), each row dense. The engine keeps them int64;
+    converting them to int32 for every layer's launch was two kernels a layer, inside each decode CUDA graph."""
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block tables, lengths and query starts must be int32 or int64, got {t.dtype}")
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def scale_pools(k_scales: Tensor | None, v_scales: Tensor | None, q: Tensor
                 ) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
     """int8 caches' scale pools ([num_blocks, block_size, kv_heads], any strides) as the kernels read them:
@@ -71,8 +80,8 @@ def scale_pools(k_scales: Tensor | None, v_scales: Tensor | None, q: Tensor
     them head-major (zeroc/policies/int8.py), so one KV head's scales for a page are contiguous and a tile
     loads them in a few sectors; pools of other strides are copied to match only if the two differ.
     No scales (not int8): a one-element placeholder on q's device for pointers the kernel never reads."""
-    if k_scales is None:
-        unused = torch.zeros(1, dtype=torch.float32, device=q.device)
+    if k_scales is None:  # empty, not zeros: a zeros would be a memset kernel in every layer of a CUDA graph
+        unused = torch.empty(1, dtype=torch.float32, device=q.device)
         return unused, unused, (0, 0, 0)
     if k_scales.stride() != v_scales.stride():
         k_scales, v_scales = k_scales.contiguous(), v_scales.contiguous()

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from zeroc_kernels.paged_attention import (check_int8_args, paged_attention_int8_ref, paged_attention_ref,
+from zeroc_kernels.paged_attention import (check_int8_args, index_rows, paged_attention_int8_ref, paged_attention_ref,
                                            rows_contiguous, scale_pools)
 from zeroc_kernels.tiles import load_rows, paged_walk_start
 from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
@@ -109,7 +109,7 @@ if triton is not None:
                     mask=g_ok[:, None] & (dq[None, :] < DQ), other=0.0)  # [G, DQ]
         if DOT_F32:
             q = q.to(tl.float32)
-        seq_len = tl.load(lens_ptr + seq)
+        seq_len = tl.load(lens_ptr + seq).to(tl.int32)  # int32 or int64 lengths: int32 index math
         split_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_SIZE) * BLOCK_SIZE
         first = split * split_len
         end = tl.minimum(seq_len, first + split_len)
@@ -282,7 +282,7 @@ def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
     q, k_cache, v_cache = q.contiguous(), rows_contiguous(k_cache), rows_contiguous(v_cache)
     k_scales, v_scales, s_strides = scale_pools(k_scales, v_scales, q)
-    tables, lens = block_tables.to(torch.int32).contiguous(), seq_lens.to(torch.int32).contiguous()
+    tables, lens = index_rows(block_tables), index_rows(seq_lens)
     if partial is None:
         partial = torch.empty(num_seqs, heads, num_splits, dv,
                               dtype=torch.float32 if num_splits > 1 else q.dtype, device=q.device)

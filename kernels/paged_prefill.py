@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zeroc_kernels.paged_attention import check_int8_args, rows_contiguous, scale_pools
+from zeroc_kernels.paged_attention import check_int8_args, index_rows, rows_contiguous, scale_pools
 from zeroc_kernels.tiles import load_rows, paged_walk_start
 from zeroc_kernels.tuning import autotuned, bucket, chosen, interpreting, launch
 
@@ -95,11 +95,11 @@ if triton is not None:
         chunk = tl.program_id(0) % CHUNKS
         tile = tl.num_programs(1) - 1 - tl.program_id(1)  # late (heavy) tiles first
         seq = tl.program_id(2)
-        q_start = tl.load(starts_ptr + seq)
-        q_len = tl.load(starts_ptr + seq + 1) - q_start
+        q_start = tl.load(starts_ptr + seq).to(tl.int32)  # int32 or int64 indices: int32 index math
+        q_len = tl.load(starts_ptr + seq + 1).to(tl.int32) - q_start
         if tile * TOK >= q_len:
             return
-        seq_len = tl.load(lens_ptr + seq)
+        seq_len = tl.load(lens_ptr + seq).to(tl.int32)
         prefix = seq_len - q_len
         r = tl.arange(0, BLOCK_M)
         tok = tile * TOK + r // GH  # query index within the sequence
@@ -172,8 +172,7 @@ def paged_prefill_attention(
     if heads % kv_heads:
         raise ValueError(f"q heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
     q, k_cache, v_cache = q.contiguous(), rows_contiguous(k_cache), rows_contiguous(v_cache)
-    tables = block_tables.to(torch.int32).contiguous()
-    lens, starts = seq_lens.to(torch.int32).contiguous(), query_start_loc.to(torch.int32).contiguous()
+    tables, lens, starts = index_rows(block_tables), index_rows(seq_lens), index_rows(query_start_loc)
     if out is not None and out.stride(-1) != 1:  # the kernel writes dense rows: go through a buffer
         return out.copy_(paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                                  scale, k_scales=k_scales, v_scales=v_scales, config=config,

@@ -93,6 +93,27 @@ def test_splits_cut_each_sequences_own_context_when_the_tables_are_wider(random_
         # table's width would have put them all in the first split
 
 
+def test_index_tensors_are_read_in_their_own_dtype_and_strides(random_paged_kv):
+    """The engine keeps block tables and lengths int64, its tables a column slice of a wider buffer: the kernels
+    read them as they are (no conversion kernel per layer) and give what int32 copies give; floats are refused."""
+    gen = torch.Generator().manual_seed(8)
+    lens = [5, 40, 130]
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, 16, 2, 32, 32, torch.float32)
+    q = torch.randn(3, 4, 32, generator=gen)
+    buffer = torch.zeros(8, tables.shape[1] + 7, dtype=torch.long)
+    buffer[:3, : tables.shape[1]] = tables
+    strided = buffer[:3, : tables.shape[1]]  # rows 7 entries apart, as InputBatch hands them over
+    assert not strided.is_contiguous()
+    lens64 = torch.tensor(lens, dtype=torch.long)
+    want = paged_decode_attention(q, k_cache, v_cache, tables.to(torch.int32), lens64.to(torch.int32), 0.2)
+    got = paged_decode_attention(q, k_cache, v_cache, strided, lens64, 0.2)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(got, paged_decode_attention_ref(q, k_cache, v_cache, tables, lens64, 0.2),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        paged_decode_attention(q, k_cache, v_cache, strided.float(), lens64, 0.2)
+
+
 def test_both_backends_run_decode_steps_alike():
     gen = torch.Generator().manual_seed(0)
     k_cache, v_cache = torch.randn(4, 16, 2, 32, generator=gen), torch.randn(4, 16, 2, 16, generator=gen)

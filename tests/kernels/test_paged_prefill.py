@@ -75,6 +75,25 @@ def test_every_autotune_config_is_exact(random_paged_kv, poison_unused_slots, in
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_index_tensors_are_read_in_their_own_dtype_and_strides(random_paged_kv):
+    """As the decode kernel: int64 tables (a strided slice), lengths and query starts read as they are, and the
+    same output as int32 copies give."""
+    gen = torch.Generator().manual_seed(9)
+    lens, new = [20, 70], [4, 30]
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, 16, 2, 32, 32, torch.float32)
+    q = torch.randn(sum(new), 4, 32, generator=gen)
+    buffer = torch.zeros(4, tables.shape[1] + 5, dtype=torch.long)
+    buffer[:2, : tables.shape[1]] = tables
+    strided = buffer[:2, : tables.shape[1]]
+    seq_lens, starts = torch.tensor(lens), torch.tensor([0, new[0], sum(new)])
+    want = paged_prefill_attention(q, k_cache, v_cache, tables.to(torch.int32), seq_lens.to(torch.int32),
+                                   starts.to(torch.int32), 0.2)
+    got = paged_prefill_attention(q, k_cache, v_cache, strided, seq_lens, starts, 0.2)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        paged_prefill_attention(q, k_cache, v_cache, strided, seq_lens.float(), starts, 0.2)
+
+
 def test_groups_wider_than_one_program_are_split_into_head_chunks(random_paged_kv, poison_unused_slots):
     gen = torch.Generator().manual_seed(4)
     q, k_cache, v_cache, tables, seq_lens, starts = _case(random_paged_kv, poison_unused_slots, gen, [(20, 9)], 16, 1,

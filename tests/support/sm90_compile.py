@@ -38,8 +38,8 @@ def compile_config(fn, pointers: dict, constants: dict, config) -> dict:
 
 
 def main(kinds: list[str]) -> None:
-    pools = {"k_ptr": "*bf16", "v_ptr": "*bf16", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "tables_ptr": "*i32",
-             "lens_ptr": "*i32", "q_ptr": "*bf16", "out_ptr": "*bf16"}
+    pools = {"k_ptr": "*bf16", "v_ptr": "*bf16", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "tables_ptr": "*i64",
+             "lens_ptr": "*i64", "q_ptr": "*bf16", "out_ptr": "*bf16"}  # int64, as the engine keeps them
     llama = dict(GROUP=4, BLOCK_SIZE=16, DQ=128, DQ_PAD=128, DV=128, DV_PAD=128, INT8=False, DOT_F32=False,
                  PRECISION="tf32")
     if "decode" in kinds:
@@ -49,7 +49,7 @@ def main(kinds: list[str]) -> None:
             print(json.dumps({"kernel": "decode", **row}), flush=True)
     if "prefill" in kinds:
         for config in paged_prefill.PREFILL_CONFIGS:
-            row = compile_config(paged_prefill._paged_prefill_kernel, {**pools, "starts_ptr": "*i32"},
+            row = compile_config(paged_prefill._paged_prefill_kernel, {**pools, "starts_ptr": "*i64"},
                                  {**llama, "GH": 4, "CHUNKS": 1}, config)
             print(json.dumps({"kernel": "prefill", **row}), flush=True)
     if "layer_ops" in kinds:  # as a Llama-3-8B decode step launches them: rows of 4,096 and 14,336
