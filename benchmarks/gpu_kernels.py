@@ -176,15 +176,18 @@ def model_path(run: Run) -> None:
 
 
 def layer_ops(run: Run) -> None:
-    """A decode step's norm and gate (batch rows of the hidden and intermediate widths): the triton backend's
-    one kernel each against the eager references, which are eight kernels and two."""
-    from zeroc_kernels.layer_ops import rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
+    """A decode step's norm, residual add + norm and gate (batch rows of the hidden and intermediate widths): the
+    triton backend's one kernel each against the eager references, which are eight kernels, nine and two."""
+    from zeroc_kernels.layer_ops import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
 
     b, h, i = run.s["decode_batch"], run.s["hidden"], run.s["intermediate"]
     x, w = torch.randn(b, h, dtype=run.dtype, device=run.device), torch.rand(h, dtype=run.dtype, device=run.device)
     gate, up = (torch.randn(b, i, dtype=run.dtype, device=run.device) for _ in range(2))
+    res = torch.randn(b, h, dtype=run.dtype, device=run.device)
     for name, what, fused, eager in (("rms_norm", f"[{b}, {h}]", lambda: rms_norm(x, w, 1e-5),
                                       lambda: rms_norm_ref(x, w, 1e-5)),
+                                     ("add_rms_norm", f"[{b}, {h}]", lambda: add_rms_norm(x, res, w, 1e-5),
+                                      lambda: add_rms_norm_ref(x, res, w, 1e-5)),
                                      ("silu_mul", f"[{b}, {i}]", lambda: silu_mul(gate, up),
                                       lambda: silu_mul_ref(gate, up))):
         ms, eager_ms = run.timed(fused), run.timed(eager)

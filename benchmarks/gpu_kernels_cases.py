@@ -127,11 +127,14 @@ def correctness(device, dtype, dim: int = 128, ctx: int = 300) -> dict:
 
 def _layer_op_errors(device, dtype) -> dict:
     """The fused norm and gate against the references in the same dtype (equal up to a rounding or two)."""
-    from zeroc_kernels.layer_ops import rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
+    from zeroc_kernels.layer_ops import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
 
     x, w = torch.randn(37, 4096, dtype=dtype, device=device) * 3, torch.rand(4096, dtype=dtype, device=device)
+    res = torch.randn(37, 4096, dtype=dtype, device=device) * 5
     gate, up = torch.randn(37, 1000, dtype=dtype, device=device) * 4, torch.randn(37, 1000, dtype=dtype, device=device)
+    (normed, total), (normed_ref, total_ref) = add_rms_norm(x, res, w, 1e-5), add_rms_norm_ref(x, res, w, 1e-5)
     return {"rms_norm": _err(rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)),
+            "add_rms_norm": max(_err(normed, normed_ref), _err(total, total_ref)),
             "silu_mul": _err(silu_mul(gate, up), silu_mul_ref(gate, up))}
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc_kernels.kv_quant import quantize_into_slots_ref
-from zeroc_kernels.layer_ops import rms_norm_ref, silu_mul_ref
+from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, one_width,
                                            paged_attention_int8_ref, paged_attention_ref)
 from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_paged_attention
@@ -111,6 +111,10 @@ class AttentionBackend(abc.ABC):
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """x: [*, H]; weight: [H] -> RMSNorm(x) [*, H]."""
         return rms_norm_ref(x, weight, eps)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """x, residual: [*, H]; weight: [H] -> (RMSNorm(x + residual), x + residual), each [*, H]."""
+        return add_rms_norm_ref(x, residual, weight, eps)
 
     def silu_mul(self, gate: Tensor, up: Tensor) -> Tensor:
         """gate, up: [*, I] -> silu(gate) * up [*, I] (SwiGLU)."""
@@ -238,6 +242,13 @@ class TritonBackend(AttentionBackend):
 
         # The kernels have no backward: a forward that trains through this backend takes the reference.
         return rms_norm_ref(x, weight, eps) if _needs_grad(x, weight) else rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        from zeroc_kernels.layer_ops import add_rms_norm
+
+        if _needs_grad(x, residual, weight):
+            return add_rms_norm_ref(x, residual, weight, eps)
+        return add_rms_norm(x, residual, weight, eps)
 
     def silu_mul(self, gate, up):
         from zeroc_kernels.layer_ops import silu_mul

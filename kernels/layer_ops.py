@@ -1,11 +1,13 @@
-"""A decoder layer's elementwise ops, fused: RMSNorm in one pass, SwiGLU's silu(gate) * up in one pass.
+"""A decoder layer's elementwise ops, fused: RMSNorm in one pass, a residual add with the RMSNorm after it in
+one pass, SwiGLU's silu(gate) * up in one pass.
 
 At decode batch sizes these are tiny tensors ([64, 4096]), so their cost is the number of kernels, not
-bytes: the eager RMSNorm is eight of them in bf16 (cast, pow, mean, add, rsqrt, mul, cast, mul) and the
-gate two, twice and once per layer. `rms_norm` and `silu_mul` are one Triton kernel each (GPU; the CPU
-interpreter under TRITON_INTERPRET=1 for tests); `rms_norm_ref` and `silu_mul_ref` are the references
-and the torch path. Both kernels round where the references do (Hugging Face's order), so a model gives
-the same tokens either way.
+bytes: the eager RMSNorm is eight of them in bf16 (cast, pow, mean, add, rsqrt, mul, cast, mul), each residual
+add one more and the gate two, twice and once per layer. `rms_norm`, `add_rms_norm` (vLLM's fused_add_rms_norm:
+the model keeps the residual stream apart, so each add meets the norm that reads it) and `silu_mul` are one
+Triton kernel each (GPU; the CPU interpreter under TRITON_INTERPRET=1 for tests); the `*_ref` functions are the
+references and the torch path. The kernels round where the references do (Hugging Face's order), so a model
+gives the same tokens either way.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * xf.to(x.dtype)
 
 
+def add_rms_norm_ref(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x, residual: [*, H] of one dtype; weight: [H] -> (RMSNorm(x + residual) [*, H], x + residual [*, H]): a
+    residual add and the norm that reads its sum, exactly as the unfused layer computes them."""
+    h = x + residual
+    return rms_norm_ref(h, weight, eps), h
+
+
 def silu_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
     """gate, up: [*, I] (the MLP's two projections) -> silu(gate) * up, [*, I]."""
     return F.silu(gate) * up
@@ -51,6 +60,25 @@ if triton is not None:
         xf = x.to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / H + eps)  # [M]
         y = (xf * inv[:, None]).to(x.dtype).to(tl.float32)  # rounded to x's dtype before the scale, as the ref
+        w = tl.load(w_ptr + c, mask=c < H, other=0.0).to(tl.float32)
+        tl.store(out_ptr + r[:, None] * stride_o + c[None, :], (y * w[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=ok)
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, rows, eps, stride_x, stride_r, stride_o,
+                             stride_s, H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr):
+        # As _rms_norm_kernel, on x + residual: the sum rounded to the inputs' dtype (as a torch add rounds it) is
+        # stored for the next add and is what the norm reads.
+        r = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.arange(0, BLOCK_H)
+        ok = (r[:, None] < rows) & (c[None, :] < H)
+        x = tl.load(x_ptr + r[:, None] * stride_x + c[None, :], mask=ok, other=0.0)  # [M, H] in x's dtype
+        res = tl.load(r_ptr + r[:, None] * stride_r + c[None, :], mask=ok, other=0.0)
+        h = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + r[:, None] * stride_s + c[None, :], h, mask=ok)
+        hf = h.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(hf * hf, axis=1) / H + eps)  # [M]
+        y = (hf * inv[:, None]).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + c, mask=c < H, other=0.0).to(tl.float32)
         tl.store(out_ptr + r[:, None] * stride_o + c[None, :], (y * w[None, :]).to(out_ptr.dtype.element_ty),
                  mask=ok)
@@ -76,11 +104,8 @@ def _rows(x: Tensor) -> Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
-    """Triton version of `rms_norm_ref` (same arguments and shapes). out: optional destination of x's shape
-    and the result dtype (tests poison it)."""
-    if triton is None:
-        raise RuntimeError("triton is not installed")
+def _norm_out(x: Tensor, weight: Tensor, out: Tensor | None) -> Tensor:
+    """Checks of a norm's row width, and its destination: `out` (of x's shape, the result dtype) or a new one."""
     h = x.shape[-1]
     if weight.shape != (h,):
         raise ValueError(f"RMSNorm weight of shape {tuple(weight.shape)} for rows of width {h}")
@@ -88,21 +113,55 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -
         raise ValueError(f"rms_norm keeps a row in one program: width {h} is over {MAX_HIDDEN}")
     dtype = torch.promote_types(x.dtype, weight.dtype)
     if out is None:
-        out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    elif out.shape != x.shape or out.dtype != dtype or not out.is_contiguous():
+        return torch.empty(x.shape, dtype=dtype, device=x.device)
+    if out.shape != x.shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(x.shape)} {dtype} tensor")
-    x2, o2 = _rows(x), out.view(-1, h)
-    rows = x2.shape[0]
+    return out
+
+
+def _norm_launch(h: int) -> dict:
+    """Rows per program and warps of a norm over rows of width h."""
     block_h = triton.next_power_of_2(h)
     # One row per program on a GPU once a row fills the warps; short rows share a program.
     block_m = 64 if interpreting() else max(1, min(64, 1024 // block_h))
     # decode runs a few dozen rows, one program each: wide programs finish a row sooner (sm90_compile.py: 16-byte loads)
     warps = 4 if block_h * block_m <= 2048 else 8 if block_h <= 16384 else 16
-    if rows:
-        _rms_norm_kernel[(triton.cdiv(rows, block_m),)](
-            x2, weight.contiguous(), o2, rows, eps, x2.stride(0), o2.stride(0),
-            H=h, BLOCK_H=block_h, BLOCK_M=block_m, num_warps=warps)
+    return dict(H=h, BLOCK_H=block_h, BLOCK_M=block_m, num_warps=warps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
+    """Triton version of `rms_norm_ref` (same arguments and shapes). out: optional destination of x's shape
+    and the result dtype (tests poison it)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    out = _norm_out(x, weight, out)
+    x2, o2 = _rows(x), out.view(-1, x.shape[-1])
+    meta = _norm_launch(x.shape[-1])
+    if x2.shape[0]:
+        _rms_norm_kernel[(triton.cdiv(x2.shape[0], meta["BLOCK_M"]),)](
+            x2, weight.contiguous(), o2, x2.shape[0], eps, x2.stride(0), o2.stride(0), **meta)
     return out
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Triton version of `add_rms_norm_ref` (same arguments and shapes): one kernel for the residual add and the
+    norm after it. out: optional destination of the norm (tests poison it); the sum is a new tensor."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    if x.shape != residual.shape or x.dtype != residual.dtype:
+        raise ValueError(f"add_rms_norm needs x and residual of one shape and dtype, got {tuple(x.shape)} {x.dtype} "
+                         f"and {tuple(residual.shape)} {residual.dtype}")
+    out = _norm_out(x, weight, out)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = x.shape[-1]
+    x2, r2, o2, s2 = _rows(x), _rows(residual), out.view(-1, h), total.view(-1, h)
+    meta = _norm_launch(h)
+    if x2.shape[0]:
+        _add_rms_norm_kernel[(triton.cdiv(x2.shape[0], meta["BLOCK_M"]),)](
+            x2, r2, weight.contiguous(), o2, s2, x2.shape[0], eps, x2.stride(0), r2.stride(0), o2.stride(0),
+            s2.stride(0), **meta)
+    return out, total
 
 
 def silu_mul(gate: Tensor, up: Tensor, out: Tensor | None = None) -> Tensor:

@@ -35,7 +35,7 @@ from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
 from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
 from zeroc_kernels.attention import AttentionBackend, TorchBackend
-from zeroc_kernels.layer_ops import rms_norm_ref, silu_mul_ref
+from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 
 
 class RMSNorm(nn.Module):
@@ -48,6 +48,12 @@ class RMSNorm(nn.Module):
         # x: [*, hidden]. ops: the model's backend, which may fuse the norm into one kernel; None: the reference
         # (normalise in fp32, scale in the input dtype, as Hugging Face does, so half precision matches)
         return ops.rms_norm(x, self.weight, self.eps) if ops is not None else rms_norm_ref(x, self.weight, self.eps)
+
+    def add(self, x: Tensor, residual: Tensor, ops: AttentionBackend | None = None) -> tuple[Tensor, Tensor]:
+        # x, residual: [*, hidden] -> (norm(x + residual), x + residual): the residual add fused into the norm
+        if ops is None:
+            return add_rms_norm_ref(x, residual, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -223,13 +229,28 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope: RopeTables, attend: Attend, ops: AttentionBackend | None = None) -> Tensor:
-        """x: [*P, hidden] -> [*P, hidden]. ops: the backend for the norms and the gate (None: the references)."""
-        h = x + self.self_attn(self.index, self.input_layernorm(x, ops), rope, attend)
-        return self.feed_forward(h, ops)
+        """x: [*P, hidden] -> [*P, hidden], one layer alone (calibration runs them so). ops: the backend for the
+        norms and the gate (None: the references)."""
+        out, residual = self.forward_residual(x, None, rope, attend, ops)
+        return out + residual
 
-    def feed_forward(self, h: Tensor, ops: AttentionBackend | None = None) -> Tensor:
-        """h + MLP(norm(h)). h: [*, hidden] -> [*, hidden]. What `compile_feed_forward` hands to torch.compile."""
-        return h + self.mlp(self.post_attention_layernorm(h, ops), ops)
+    def forward_residual(self, x: Tensor, residual: Tensor | None, rope: RopeTables, attend: Attend,
+                         ops: AttentionBackend | None = None) -> tuple[Tensor, Tensor]:
+        """The layer on a residual stream kept apart, as vLLM's layers run, so each residual add is fused into
+        the norm that reads its sum (ops.add_rms_norm). The layer's input is x + residual (residual None: x
+        alone, the first layer). x, residual: [*P, hidden] -> (MLP output, residual), whose sum is its output.
+        The sums are the unfused layer's, in its order: the same numbers on every backend's references."""
+        if residual is None:
+            normed, residual = self.input_layernorm(x, ops), x
+        else:
+            normed, residual = self.input_layernorm.add(x, residual, ops)
+        return self.feed_forward(self.self_attn(self.index, normed, rope, attend), residual, ops)
+
+    def feed_forward(self, a: Tensor, residual: Tensor, ops: AttentionBackend | None = None) -> tuple[Tensor, Tensor]:
+        """(MLP(norm(a + residual)), a + residual). a (attention's output), residual: [*, hidden]. What
+        `compile_feed_forward` hands to torch.compile."""
+        normed, residual = self.post_attention_layernorm.add(a, residual, ops)
+        return self.mlp(normed, ops), residual
 
 
 def compile_feed_forward(model: nn.Module) -> None:
@@ -242,9 +263,9 @@ def compile_feed_forward(model: nn.Module) -> None:
             layer.feed_forward = functools.partial(_without_ops, compiled)
 
 
-def _without_ops(compiled, h: Tensor, ops: AttentionBackend | None = None) -> Tensor:
+def _without_ops(compiled, a: Tensor, residual: Tensor, ops: AttentionBackend | None = None) -> tuple[Tensor, Tensor]:
     """A compiled feed_forward under the layer's call signature: the backend stays out of dynamo's graph."""
-    return compiled(h)
+    return compiled(a, residual)
 
 
 class _Embedding(nn.Embedding):
@@ -300,11 +321,11 @@ class Transformer(nn.Module):
 
     def _run(self, tokens: Tensor, positions: Tensor, attend: Attend) -> Tensor:
         # tokens, positions: [*P] -> final hidden states [*P, hidden]
-        x = self.model.embed_tokens(tokens)
+        x, residual = self.model.embed_tokens(tokens), None
         rope = RopeTables(positions)  # cos/sin once per forward, shared by the layers
         for layer in self.model.layers:
-            x = layer(x, rope, attend, self.backend)
-        return self.model.norm(x, self.backend)
+            x, residual = layer.forward_residual(x, residual, rope, attend, self.backend)  # hidden = x + residual
+        return self.model.norm.add(x, residual, self.backend)[0]
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Dense causal forward. tokens: [B, T] -> logits [B, T, vocab]."""

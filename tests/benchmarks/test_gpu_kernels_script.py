@@ -33,9 +33,9 @@ def test_quick_run_reports_small_errors_and_every_timing(tmp_path):
     rows = report["timings"]
     assert {row["section"] for row in rows} == {"decode", "decode splits", "decode configs", "prefill",
                                                 "prefill configs", "attention block", "layer ops"}
-    assert {"rms_norm", "silu_mul"} <= errors.keys()
+    assert {"rms_norm", "add_rms_norm", "silu_mul"} <= errors.keys()
     fused = [row for row in rows if row["section"] == "layer ops" and row["method"].endswith("fused")]
-    assert len(fused) == 2 and all(row["ratio"] > 0 for row in fused)
+    assert len(fused) == 3 and all(row["ratio"] > 0 for row in fused)
     kernels = [row for row in rows if not row["method"].startswith("sdpa ")]
     assert all(row["ms"] > 0 for row in kernels)
     anchored = [row for row in rows if row["section"] in ("decode", "prefill")]

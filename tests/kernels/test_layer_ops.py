@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zeroc_kernels.attention import TorchBackend, TritonBackend
-from zeroc_kernels.layer_ops import rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
+from zeroc_kernels.layer_ops import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref, silu_mul, silu_mul_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -28,6 +28,42 @@ def test_rms_norm_matches_the_reference(rows, hidden, dtype, weight_fp32, seed):
     # one ulp, which the weight's product can turn into two: the tolerance is two ulps of the dtype.
     tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}[dtype]
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.integers(1, 70), hidden=st.sampled_from([8, 96, 100, 576]), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**16))
+def test_add_rms_norm_matches_the_reference(rows, hidden, dtype, seed):
+    """The residual add and the norm after it, in one kernel: the sum exactly as a torch add rounds it (the
+    next layer adds to it), the norm as rms_norm's, of that rounded sum."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, hidden, generator=gen) * 4).to(dtype)
+    residual = (torch.randn(rows, hidden, generator=gen) * 8).to(dtype)
+    weight = (1 + torch.randn(hidden, generator=gen) / 4).to(dtype)
+    want, want_sum = add_rms_norm_ref(x, residual, weight, 1e-5)
+    out = torch.full(x.shape, float("nan"), dtype=want.dtype)  # poisoned: every element must be written
+    got, got_sum = add_rms_norm(x, residual, weight, 1e-5, out=out)
+    assert got is out and got_sum.dtype == dtype
+    if dtype == torch.bfloat16:  # Triton's interpreter casts fp32 to bf16 by truncation (a GPU rounds to nearest,
+        # as torch does): one ulp at most, here only
+        ulp = 2.0 ** (torch.frexp(want_sum.float()).exponent.float() - 8)
+        assert ((got_sum.float() - want_sum.float()).abs() <= ulp).all()
+    else:
+        torch.testing.assert_close(got_sum, want_sum, atol=0, rtol=0)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2 ** -6, torch.float16: 2 ** -9}[dtype]
+    # the norm of the sum the kernel stored (in bf16 under the interpreter, an ulp off the reference's sum)
+    torch.testing.assert_close(got, rms_norm_ref(got_sum, weight, 1e-5), atol=tol, rtol=tol)
+
+
+def test_add_rms_norm_reads_strided_rows_and_rejects_mismatched_operands():
+    x, residual = torch.randn(3, 5, 2 * 64)[..., :64], torch.randn(3, 5, 64)  # x's rows strided by 128
+    w = torch.rand(64)
+    for got, want in zip(add_rms_norm(x, residual, w, 1e-6), add_rms_norm_ref(x, residual, w, 1e-6)):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        add_rms_norm(x, residual.double(), w, 1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        add_rms_norm(x, residual, torch.ones(32), 1e-6)
 
 
 def test_rms_norm_takes_any_leading_shape_and_a_strided_row_view():
@@ -87,7 +123,8 @@ def test_the_triton_backend_keeps_autograd_where_a_forward_trains():
     grads = []
     for backend in (TorchBackend(), TritonBackend()):
         x.grad = w.grad = None
-        backend.silu_mul(backend.rms_norm(x, w, 1e-6), x).sum().backward()
+        normed, total = backend.add_rms_norm(backend.rms_norm(x, w, 1e-6), x, w, 1e-6)
+        backend.silu_mul(normed, total).sum().backward()
         grads.append((x.grad.clone(), w.grad.clone()))
     torch.testing.assert_close(grads[0], grads[1])
     with torch.no_grad():  # and without, the kernels

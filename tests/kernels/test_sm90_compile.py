@@ -42,8 +42,9 @@ def test_every_config_compiles_for_sm90_with_pipelined_16_byte_copies():
 
 
 def test_the_fused_norm_and_gate_compile_for_sm90_with_16_byte_loads():
-    """A decode step's rows (4,096 and 14,336 bf16 values): read and written 16 bytes at a time."""
+    """A decode step's rows (4,096 and 14,336 bf16 values): read and written 16 bytes at a time, by the norm,
+    the residual add fused with the norm after it, and the gate."""
     rows = _compile_rows("layer_ops")
-    assert [row["kernel"] for row in rows] == ["rms_norm", "silu_mul"]
+    assert [row["kernel"] for row in rows] == ["rms_norm", "add_rms_norm", "silu_mul"]
     for row in rows:
         assert row["v4_loads"] > 0 and row["b16_loads"] == 0, row

@@ -53,9 +53,11 @@ def main(kinds: list[str]) -> None:
                                  {**llama, "GH": 4, "CHUNKS": 1}, config)
             print(json.dumps({"kernel": "prefill", **row}), flush=True)
     if "layer_ops" in kinds:  # as a Llama-3-8B decode step launches them: rows of 4,096 and 14,336
-        bf16 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16"}
+        bf16 = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16",
+                "r_ptr": "*bf16", "sum_ptr": "*bf16"}
         for name, fn, constants, warps in (
                 ("rms_norm", layer_ops._rms_norm_kernel, dict(H=4096, BLOCK_H=4096, BLOCK_M=1), 8),
+                ("add_rms_norm", layer_ops._add_rms_norm_kernel, dict(H=4096, BLOCK_H=4096, BLOCK_M=1), 8),
                 ("silu_mul", layer_ops._silu_mul_kernel, dict(I=14336, BLOCK_M=1, BLOCK_N=1024), 4)):
             row = compile_config(fn, bf16, constants, triton.Config({}, num_warps=warps, num_stages=1))
             print(json.dumps({"kernel": name, **row}), flush=True)
