@@ -7,8 +7,8 @@ row where racing exponential noise (argmax of probs / E) needs one per vocabular
 cost 150 ms a step at batch 64 and 128k tokens. A seeded request draws its u from its own generator, so
 its tokens do not depend on which other requests share its batch; unseeded rows share one generator and
 one draw. Top-k alone ranks only the largest k scores (torch.topk), not the whole vocabulary. A row whose
-logits or probabilities are not finite gets id -1, so the caller finishes that request alone; the ids
-come to the host in one copy.
+logits are not finite gets id -1, so the caller finishes that request alone; the ids come to the host in
+one copy.
 """
 
 from __future__ import annotations
@@ -182,20 +182,20 @@ def _uniforms(rows: int, batch: SamplingBatch, device: torch.device, shared: tor
     return u
 
 
-def _inverse_cdf(weights: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
     """The first token whose cumulative weight exceeds u times the row's total: weights [B, V] (unnormalized
-    probabilities; overwritten with their cumulative sums), u [B] -> (ids [B], totals [B]; a total is NaN
-    where its row has one). A token of weight zero adds nothing to the sum, so it is never picked."""
+    probabilities, finite; overwritten with their cumulative sums), u [B] -> ids [B]. A token of weight zero
+    adds nothing to the sum, so it is never picked."""
     cdf = weights.cumsum_(dim=-1)  # [B, V]
     total = cdf[:, -1:]  # [B, 1]
     # below total even where u is 1.0 (an edge some device generators reach): the pick lands on a token with mass
     v = torch.minimum(u.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, v, right=True).squeeze(1), total.squeeze(1)
+    return torch.searchsorted(cdf, v, right=True).squeeze(1)
 
 
 def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator | None = None) -> Tensor:
-    """One token id per row of logits: [B, V] -> [B] int64 on the device; FAILED where a row's logits
-    or probabilities are not finite. Causes no device sync."""
+    """One token id per row of logits: [B, V] -> [B] int64 on the device; FAILED where a row's logits are not
+    finite. Causes no device sync."""
     # Random rows need one fp32 copy of the logits (scaled in place below); an all-greedy step copies nothing and
     # reads the logits in their own dtype (bf16 converts to fp32 exactly: the same argmax and checks either way).
     # Two reductions, no [B, V] temporary: max() gives argmax's ids (the first of equal maxima), and a NaN or
@@ -205,14 +205,12 @@ def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator |
     top, ids = x.max(dim=-1)  # [B], [B]
     bad = ~(torch.isfinite(top) & torch.isfinite(x.amin(dim=-1)))  # [B]
     if batch.random_rows:
-        # exp((logits - max) / T) in place: the softmax's shift first, so no finite logit overflows at a small
-        # temperature, and weights in [0, 1] (1 for the top token) that need no normalizing: the cuts compare
-        # masses within a row, and the inverse CDF scales u by the row's total
+        # exp((logits - max) / T) in place: the softmax's shift first, so finite logits give finite weights in
+        # [0, 1] at any temperature (1 for the top token; a row that is not finite is already bad) that need no
+        # normalizing: the cuts compare masses within a row, and the inverse CDF scales u by the row's total
         weights = x.sub_(top.unsqueeze(1)).div_(batch.temperature.unsqueeze(1)).exp_()  # [B, V]
         if batch.cuts:
             _cut_support(weights, batch)
-        sampled, total = _inverse_cdf(weights, _uniforms(logits.shape[0], batch, logits.device, shared))
-        bad |= ~torch.isfinite(total) & ~batch.greedy  # a NaN left in a row shows in its total
-        sampled = sampled.clamp(max=logits.shape[-1] - 1)  # a NaN row's index may be V; it fails anyway
-        ids = torch.where(batch.greedy, ids, sampled)
+        sampled = _inverse_cdf(weights, _uniforms(logits.shape[0], batch, logits.device, shared))
+        ids = torch.where(batch.greedy, ids, sampled)  # a bad row's pick (V, past the end) is masked below
     return ids.masked_fill(bad, FAILED)
