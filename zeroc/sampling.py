@@ -21,7 +21,7 @@ from torch import Tensor
 
 from zeroc.device import host_to_device
 
-FAILED = -1  # the id `sample_batch` gives a row whose logits or probabilities are not finite
+FAILED = -1  # the id `sample_batch` gives a row whose logits are not finite
 
 
 # Below this a temperature is refused rather than clamped: dividing logits by a subnormal
