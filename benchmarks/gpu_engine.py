@@ -10,7 +10,10 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
 - async: running ahead (scheduler.async_scheduling) with graphs streams the tokens, texts and finish reasons
   of the eager step-by-step engine (stop tokens, seeded sampling, ragged lengths), with one sync per step;
 - backends: the loaded backend (triton on CUDA, with its fused norm, gate and projections) gives the greedy
-  tokens of the PyTorch references.
+  tokens of the PyTorch references;
+- tier: a ZeroC model with a token tier (fold, 2 sinks, 6 recent tokens) on the loaded backend, decode steps in
+  CUDA graphs (its compressed segment through the decode kernel from the sinks on), gives the greedy tokens
+  of the PyTorch references run eagerly, with one sync per decode step.
 On the CPU graphs cannot be captured: the graphs check then compares the padded static-buffer path (run
 eagerly) with the unpadded one, and syncs counts host reads of tensor values instead.
 
@@ -131,6 +134,42 @@ def check_backends(loaded) -> tuple[bool, str]:
                          f"{'equal' if got == want else 'DIFFER from'} the torch backend's")
 
 
+def _tiered(device: str):
+    """The bundled model at Q/K rank 32 and V rank 16 (fold) with a token tier of 2 sinks and 6 recent tokens,
+    fitted on random tokens (quality is not the point), loaded on `device` with its default backend."""
+    import tempfile
+
+    from zeroc.compression.calibrate import collect_statistics, compute_factors
+    from zeroc.compression.fold import build_compressed
+    from zeroc.config import AttentionCompression
+    from zeroc.loader import save_model
+
+    base = load_model(BUNDLED_MODEL)
+    calib = torch.randint(0, base.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(3))
+    factors = compute_factors(base.model, collect_statistics(base.model, calib, progress=False, sample_tokens=128))
+    layout = AttentionCompression(tuple(f.layer_compression(32, 16, "fold") for f in factors), "gpu-engine-tier",
+                                  0.375, "zeroc-fold", sinks=2, recent=6)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_model(save_model(build_compressed(base.model, factors, layout), base.tokenizer, tmp),
+                          device=device)
+
+
+def check_tier(loaded) -> tuple[bool, str]:
+    tiered = _tiered(str(loaded.model.lm_head.weight.device))
+    params = [SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True) for i in range(len(PROMPTS))]
+    reference = copy.deepcopy(tiered)
+    reference.model.backend = TorchBackend()
+    want = [r.token_ids for r in _engine(reference, True).generate(PROMPTS, params)]
+    engine = _engine(tiered, False, pad_on_cpu=True)
+    got = [r.token_ids for r in engine.generate(PROMPTS, params)]
+    runner, syncs = engine.decode_runner, _syncs_per_step(_engine(tiered, False))
+    graphs = runner.use_graphs or engine.device.type != "cuda"
+    what = f"captured buckets {sorted(runner.graphs)}" if runner.use_graphs else "no graphs"
+    return got == want and syncs == 1 and graphs, (
+        f"{tiered.model.backend.name}, {what}: tokens {'equal' if got == want else 'DIFFER from'} the torch "
+        f"backend's eager ones; {syncs} syncs per decode step")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(BUNDLED_MODEL, device=args.device)
     results = []
     for name, check in (("graphs", check_graphs), ("syncs", check_syncs), ("seeded", check_seeded),
-                        ("isolation", check_isolation), ("async", check_async), ("backends", check_backends)):
+                        ("isolation", check_isolation), ("async", check_async), ("backends", check_backends),
+                        ("tier", check_tier)):
         try:
             ok, detail = check(loaded)
         except Exception as exc:  # report, run the rest

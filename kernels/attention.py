@@ -4,7 +4,8 @@ A backend is chosen once, when a model is loaded (`select_backend`, the `--atten
 never by looking at a tensor's device or an argument's type on the hot path. Callers:
 - `zeroc.model` (the paged forward): `paged_attention` over plain pools, and, where `fused_epilogue`
   holds, the QKV epilogue that applies RoPE (and rotate mode's bases) and writes K/V into their slots;
-- KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`;
+- KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`; a token tier's pools:
+  `decode_partials` for the compressed segment of a decode step;
 - `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
   (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels.
 
@@ -90,6 +91,24 @@ class AttentionBackend(abc.ABC):
     ) -> Tensor:
         """-> [N, heads, dv]: each new query over its sequence's cached context, causally. Given max_q, no
         backend reads the batch's lengths to the host: a step's forward then waits for the device nowhere."""
+
+    def decode_partials(
+        self,
+        q: Tensor,  # [B, heads, dq] one query per sequence
+        k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq] (last dim dense, other strides free)
+        v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv]
+        block_tables: Tensor,  # [B, max_blocks]
+        seq_lens: Tensor,  # [B] each sequence's keys end here (>= key_start)
+        scale: float,
+        key_start: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """Each query over its sequence's keys [key_start, seq_len), unmerged -> (out [B, heads, P, dv], lse
+        [B, heads, P]): P partial outputs (the triton backend's splits) with their natural-log LSEs, -inf where
+        a part held no key, for `merge_partials_ref` with attention over other keys (a token tier's segments,
+        zeroc/policies/tier.py). No backend reads the device to the host."""
+        from zeroc_kernels.paged_decode import decode_partials_ref  # beside its kernel, which imports triton
+
+        return decode_partials_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, key_start)
 
     @abc.abstractmethod
     def quantize_into_slots(self, x: Tensor, slot_mapping: Tensor, q_pool: Tensor, scale_pool: Tensor) -> None:
@@ -221,6 +240,13 @@ class TritonBackend(AttentionBackend):
                                           k_scales=k_scales, v_scales=v_scales)
         return paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                        k_scales=k_scales, v_scales=v_scales, max_q=max_q)
+
+    def decode_partials(self, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start=0):
+        from zeroc_kernels.paged_decode import choose_num_splits, decode_partials
+
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        splits = choose_num_splits(q.shape[0], v_cache.shape[2], block_tables.shape[1], sms, v_cache.shape[1])
+        return decode_partials(q, k_cache, v_cache, block_tables, seq_lens, scale, splits, key_start=key_start)
 
     def quantize_into_slots(self, x, slot_mapping, q_pool, scale_pool):
         from zeroc_kernels.kv_quant import quantize_into_slots

@@ -48,6 +48,34 @@ def paged_decode_attention_ref(
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, starts, scale)
 
 
+def decode_partials_ref(
+    q: Tensor,  # [B, heads, dq] one query per sequence
+    k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq]
+    v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv]
+    block_tables: Tensor,  # [B, max_blocks]
+    seq_lens: Tensor,  # [B] keys end here
+    scale: float,
+    key_start: int = 0,  # keys start here, for every sequence
+) -> tuple[Tensor, Tensor]:
+    """Each query over its sequence's keys [key_start, seq_len) -> (out [B, heads, 1, dv], lse [B, heads, 1]):
+    one partial, as `decode_partials` gives them, to be merged by `merge_partials_ref` with attention over
+    other keys. A sequence with no key gets out 0 and lse -inf."""
+    b, heads, _ = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    ctx = block_tables.shape[1] * block_size
+    k_pos = torch.arange(ctx, device=q.device)
+    live = (k_pos[None] >= key_start) & (k_pos[None] < seq_lens[:, None])  # [B, ctx]
+    k = k_cache[block_tables].reshape(b, ctx, kv_heads, -1).float()  # [B, ctx, kv, dq]
+    v = torch.where(live[..., None, None], v_cache[block_tables].reshape(b, ctx, kv_heads, -1).float(), 0.0)
+    qg = q.float().view(b, kv_heads, heads // kv_heads, -1)  # [B, kv, group, dq]
+    scores = torch.einsum("bgjd,bkgd->bgjk", qg, k) * scale  # [B, kv, group, ctx]
+    scores = scores.masked_fill(~live[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, -1)  # [B, kv, group]
+    probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0)[..., None])  # no key: all 0
+    out = torch.einsum("bgjk,bkgd->bgjd", probs, v).reshape(b, heads, 1, -1)
+    return out.to(q.dtype), lse.reshape(b, heads, 1)
+
+
 def paged_decode_attention_int8_ref(
     q: Tensor,  # [B, heads, dq]
     k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq] int8
@@ -84,7 +112,7 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale, key_start,
         len_bucket, grid_bucket,  # size classes for the autotuning key only
         stride_qb, stride_qh,
         stride_kb, stride_ks, stride_kh,
@@ -95,8 +123,9 @@ if triton is not None:
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr,
         DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # Program (seq, kv_head, split): the split-th of num_splits page-aligned pieces of the sequence's own
-        # length (a CUDA graph's tables are wider than the contexts), a partial output plus its natural-log LSE.
+        # Program (seq, kv_head, split): the split-th of num_splits pieces, whole pages long, of the sequence's own
+        # keys [key_start, length) (a CUDA graph's tables are wider than the contexts), a partial output plus its
+        # natural-log LSE. key_start is 0 but for a token tier's compressed segment, which skips the sinks.
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -110,8 +139,8 @@ if triton is not None:
         if DOT_F32:
             q = q.to(tl.float32)
         seq_len = tl.load(lens_ptr + seq).to(tl.int32)  # int32 or int64 lengths: int32 index math
-        split_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_SIZE) * BLOCK_SIZE
-        first = split * split_len
+        split_len = tl.cdiv(tl.cdiv(seq_len - key_start, tl.num_programs(2)), BLOCK_SIZE) * BLOCK_SIZE
+        first = key_start + split * split_len
         end = tl.minimum(seq_len, first + split_len)
         m_i, l_i, acc, table, k_base, v_base = paged_walk_start(tables_ptr, seq, stride_tb, k_ptr, v_ptr, kv_head,
                                                                 stride_kh, stride_vh, GROUP_PAD, DV_PAD)
@@ -267,16 +296,20 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 
 def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     scale: float, num_splits: int, k_scales: Tensor | None = None, v_scales: Tensor | None = None,
-                    config=None, partial: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                    config=None, partial: Tensor | None = None, key_start: int = 0) -> tuple[Tensor, Tensor]:
     """The decode kernel's launch, before the merge (arguments as `paged_decode_attention`'s)
     -> (partial [B, heads, num_splits, dv]: each split's output, fp32 unless one split; lses [B, heads,
-    num_splits]: each split's natural-log LSE, -inf where the split held no token). partial: a destination."""
+    num_splits]: each split's natural-log LSE, -inf where the split held no token). partial: a destination.
+    key_start: attend keys [key_start, seq_lens) only (`decode_partials_ref`); a sequence with none gets
+    outputs 0 and LSE -inf."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     num_seqs, heads, dq = q.shape
     _, block_size, kv_heads, dv = v_cache.shape
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if key_start < 0:
+        raise ValueError(f"key_start must be >= 0, got {key_start}")
     if heads % kv_heads:
         raise ValueError(f"q heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
@@ -288,7 +321,7 @@ def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                               dtype=torch.float32 if num_splits > 1 else q.dtype, device=q.device)
     lses = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=q.device)
     split_len = -(-block_tables.shape[1] // num_splits) * block_size  # the most a split holds: a key class
-    args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale * LOG2E,
+    args = (q, k_cache, v_cache, k_scales, v_scales, tables, lens, partial, lses, scale * LOG2E, key_start,
             bucket(split_len, 256, 16384), bucket(num_seqs * kv_heads * num_splits, 128, 8192),
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

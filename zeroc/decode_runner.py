@@ -38,10 +38,16 @@ def buckets(max_seqs: int) -> list[int]:
 
 
 def graphs_supported(model, cache: PagedKVCache) -> bool:
-    """CUDA, a plain cache (a KV policy's pools or a token tier places tokens on the host) and the Triton
-    backend (its kernels take device-resident lengths; the references do host work)."""
-    param = next(model.parameters())
-    if not param.is_cuda or cache.pools is not None or model.config.has_tier:
+    """CUDA, and a decode step that a graph can hold (`graph_safe`)."""
+    return next(model.parameters()).is_cuda and graph_safe(model, cache)
+
+
+def graph_safe(model, cache: PagedKVCache) -> bool:
+    """Whether a decode step reads nothing back to the host and keeps its shapes, whatever the device: the
+    Triton backend (its kernels take device-resident lengths; the references do host work) over a plain
+    cache or a token tier's pools (which find every row from the device's tables). A KV policy's pools
+    place tokens on the host."""
+    if cache.pools is not None and not cache.keeps_tier:
         return False
     return model.backend.name == "triton"
 

@@ -71,3 +71,30 @@ def test_which_batches_take_the_fresh_path(name):
     assert floor is not None and floor >= 1
     assert backend.attends_fresh(floor) and not backend.attends_fresh(floor - 1)
     assert not backend.attends_fresh(None)  # a batch that does not know its longest query
+
+
+@pytest.mark.parametrize("name", _backends())
+@pytest.mark.parametrize("key_start", [0, 3, 20])
+def test_decode_partials_merge_to_paged_attention_over_the_keys_from_the_start(random_paged_kv, poison_unused_slots,
+                                                                               name, key_start):
+    """A token tier's compressed segment: each backend's unmerged decode partials, merged by LSE, equal the
+    references' paged attention over the sequence's keys from `key_start` on (a copy of the pages without the
+    first keys: an oracle that knows nothing of starts)."""
+    from zeroc_kernels.paged_decode import merge_partials_ref
+
+    backend = _make(name)
+    gen = torch.Generator().manual_seed(key_start)
+    lens = [key_start + n for n in (1, 17, 90)]
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, 16, 2, 48, 24, torch.float32)
+    seq_lens = torch.tensor(lens)
+    k_cache, v_cache = (poison_unused_slots(c, tables, seq_lens) for c in (k_cache, v_cache))
+    q = torch.randn(3, 6, 48, generator=gen)
+    parts, lses = backend.decode_partials(q, k_cache, v_cache, tables, seq_lens, 0.2, key_start)
+    got = merge_partials_ref(parts, lses)[0]
+    for b, n in enumerate(lens):
+        rows = tables[b].repeat_interleave(16) * 16 + torch.arange(16).repeat(tables.shape[1])  # flat slots in order
+        keys = k_cache.flatten(0, 1)[rows[key_start:n]]  # [n - start, kv, dq]: the keys from the start, as a cache
+        vals = v_cache.flatten(0, 1)[rows[key_start:n]]
+        want = paged_attention_ref(q[b: b + 1], keys[:, None], vals[:, None], torch.arange(n - key_start)[None],
+                                   torch.tensor([n - key_start]), torch.tensor([0, 1]), 0.2)
+        torch.testing.assert_close(got[b: b + 1], want, atol=1e-5, rtol=1e-5)

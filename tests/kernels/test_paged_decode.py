@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from zeroc_kernels.attention import TorchBackend, TritonBackend
 from zeroc_kernels.paged_decode import (DECODE_CONFIGS, MAX_SPLITS, MIN_SPLIT_TOKENS, choose_num_splits,
+                                        decode_partials_ref,
                                         decode_partials, merge_partials, merge_partials_ref, paged_decode_attention,
                                         paged_decode_attention_int8_ref, paged_decode_attention_ref)
 from zeroc_kernels.tuning import config_id
@@ -221,3 +222,39 @@ def test_autotuning_size_classes_are_coarse_and_clamped():
 
     assert [bucket(x, 256, 16384) for x in (1, 256, 257, 1024, 5000, 10**6)] == [256, 256, 1024, 1024, 16384, 16384]
     assert bucket(64 * 8, 128, 8192) == 512 and bucket(8, 128, 8192) == 128
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keys_from_a_start_position_as_the_reference_and_unmerged(random_paged_kv, poison_unused_slots, dtype):
+    """`key_start` (a token tier's compressed segment skips its sinks): each sequence attends keys [start, len),
+    split or not, with the LSE a merge needs; a sequence with no such key gives 0 and -inf. The reference at
+    start 0 is the plain decode reference."""
+    gen = torch.Generator().manual_seed(11)
+    lens = [4, 5, 37, 130]
+    q, k_cache, v_cache, tables, seq_lens = _case(random_paged_kv, poison_unused_slots, gen, lens, 16, 2, 3, 40, 24,
+                                                  dtype)
+    ref0, lse0 = merge_partials_ref(*decode_partials_ref(q, k_cache, v_cache, tables, seq_lens, 0.2))
+    torch.testing.assert_close(ref0.float(), paged_decode_attention_ref(q.float(), k_cache.float(), v_cache.float(),
+                                                                        tables, seq_lens, 0.2), **TOL[dtype])
+    for start in (4, 17):
+        ends = seq_lens.clamp(min=start)  # sequence 0 (and 1 from 17 on) holds no key from the start
+        out, lse = (t[:, :, 0] for t in decode_partials_ref(q, k_cache, v_cache, tables, ends, 0.2, start))
+        empty = ends == start
+        assert empty.tolist() == [True, start > 5, False, False]
+        assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+        # the oracle: a softmax over each sequence's keys from the start, copied out of its pages
+        for b in torch.nonzero(~empty).flatten().tolist():
+            keys = k_cache[tables[b]].flatten(0, 1)[start: ends[b]].float().repeat_interleave(3, 1)  # [n, heads, dq]
+            vals = v_cache[tables[b]].flatten(0, 1)[start: ends[b]].float().repeat_interleave(3, 1)  # [n, heads, dv]
+            scores = torch.einsum("hd,nhd->hn", q[b].float(), keys) * 0.2  # [heads, n]
+            want = torch.einsum("hn,nhd->hd", torch.softmax(scores, -1), vals)
+            torch.testing.assert_close(out[b].float(), want, **TOL[dtype])
+            torch.testing.assert_close(lse[b], torch.logsumexp(scores, -1), atol=1e-4, rtol=1e-4)
+        for splits in (1, 2, 3):
+            parts, lses = decode_partials(q, k_cache, v_cache, tables, ends, 0.2, splits, key_start=start)
+            assert torch.isneginf(lses[empty]).all() and not parts[empty].isnan().any()
+            got, got_lse = merge_partials_ref(parts[~empty], lses[~empty])
+            torch.testing.assert_close(got.float(), out[~empty].float(), **TOL[dtype])
+            torch.testing.assert_close(got_lse, lse[~empty], atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="key_start"):
+        decode_partials(q, k_cache, v_cache, tables, seq_lens, 0.2, 1, key_start=-1)

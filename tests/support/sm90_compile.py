@@ -20,7 +20,7 @@ from zeroc_kernels.tuning import config_id
 
 TARGET = GPUTarget("cuda", 90, 32)
 FLOATS = ("qk_scale", "scale", "eps")
-NOT_ALIGNED = FLOATS + ("split_len", "q_bucket", "len_bucket", "grid_bucket")
+NOT_ALIGNED = FLOATS + ("split_len", "q_bucket", "len_bucket", "grid_bucket", "key_start")
 
 
 def compile_config(fn, pointers: dict, constants: dict, config) -> dict:

@@ -6,12 +6,28 @@ from __future__ import annotations
 import pytest
 
 from zeroc.config import CacheConfig, SchedulerConfig, ZeroCConfig
-from zeroc.decode_runner import PAD_SEQUENCE, DecodeRunner, buckets, graphs_supported
+from zeroc.decode_runner import PAD_SEQUENCE, DecodeRunner, buckets, graph_safe, graphs_supported
 from zeroc.engine import Engine
 from zeroc.sampling import SamplingParams
 
 PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "Exceptions are raised",
            "def f(x):\n    return x", "print(", "class A:"]
+
+
+@pytest.fixture(scope="module")
+def tiered(bundled, bundled_factors):
+    """The bundled model at Q/K rank 32 and V rank 16 (fold) with a token tier of 2 sinks and 6 recent tokens,
+    on the triton backend (Triton's interpreter here), as CUDA graphs would run it."""
+    from zeroc.compression.fold import build_compressed
+    from zeroc.config import AttentionCompression
+    from zeroc.loader import LoadedModel
+    from zeroc_kernels.attention import select_backend
+
+    layers = tuple(f.layer_compression(32, 16, "fold") for f in bundled_factors)
+    model = build_compressed(bundled.model, bundled_factors,
+                             AttentionCompression(layers, "runner-tier", 0.375, "zeroc-fold", sinks=2, recent=6))
+    model.backend = select_backend("triton", "cpu")
+    return LoadedModel(model, model.config, bundled.tokenizer, bundled.path)
 
 
 def _run(loaded, prompts, padded: bool):
@@ -37,6 +53,18 @@ def test_the_padded_static_buffer_path_gives_the_unpadded_tokens(bundled, n):
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
+def test_a_tiered_models_decode_steps_take_the_padded_path_too(tiered):
+    """A token tier's pools find every row from the device's tables, so its decode steps are graph-safe: padded
+    to buckets (pad rows in the scratch block, borrowing their own tier block) they give the unpadded tokens,
+    and every borrowed block returns."""
+    _, want = _run(tiered, PROMPTS[:3], padded=False)
+    engine, got = _run(tiered, PROMPTS[:3], padded=True)
+    assert got == want
+    assert graph_safe(engine.model, engine.cache) and not graphs_supported(engine.model, engine.cache)  # no CUDA
+    engine.decode_runner.close()
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.cache.pools.borrowed
+
+
 def test_the_graphed_function_reads_only_the_persistent_buffers(bundled):
     """Run twice on unchanged buffers it gives the same logits (it recomputes the same K/V into the same
     slots); changing a buffer in place changes them."""
@@ -58,6 +86,7 @@ def test_buckets_and_where_graphs_run(bundled):
     assert buckets(64) == [1, 2, 4, 8, 16, 32, 64] and buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
     engine = Engine(bundled, CacheConfig(16, 8))
     assert not graphs_supported(engine.model, engine.cache)  # CPU
+    assert not graph_safe(engine.model, engine.cache)  # the cpu backend's kernel is not Triton's
 
 
 def test_enforce_eager_is_a_root_config_setting():

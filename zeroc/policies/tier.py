@@ -10,14 +10,24 @@ block id and return when it is freed.
 The model hands the pools each layer's q, k, v with the tier's dims appended to the compressed
 ones (`Attention._tiered`): q [N, heads, k_dim + tier_k], k [N, kv, k_dim + tier_k],
 v [N, kv, v_dim + tier_v]. Attention is `tiered_attention`'s: per query the full-rank segment over
-the sinks and its last W keys, the compressed segment over the rest, as one softmax over both
-(`_attend_group`); a step's decode tokens attend at once, longer chunks one by one. Over the wire a prompt's compressed
+the sinks and its last W keys, the compressed segment over the rest.
+- A decode step (`_attend_decode`) hands the compressed segment, keys [S, length - W), to the backend's paged
+  decode kernel (`AttentionBackend.decode_partials`, which starts at key S and returns its LSEs unmerged),
+  attends the S + W tier slots and the token itself at full rank, and merges the two by LSE: it reads the
+  compressed cache once, at its width, as a plain decode step does.
+- A step with a longer chunk (`_attend_group`) takes one softmax over both segments in one SDPA call, its
+  decode tokens together and each chunk alone.
+Neither reads the device back to the host: every shape comes from the batch's host fields (`max_query_len`,
+`query_lens`) or is the tier's fixed S + W, and the device keeps its own copy of each sequence's borrowed
+block ids (`tier_ids`). So a decode step of a tiered model syncs once, for its sampled ids, and a CUDA
+graph can hold it (zeroc/decode_runner.py). Over the wire a prompt's compressed
 rows travel as usual and its tier rows as `KV_TENSOR_TIER_*` chunks (prefill_service/worker.py);
 the decode side lands both (`zeroc.kv_transfer.TierRows`) and calls `load`.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,13 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zeroc_kernels.attention import AttentionBackend, TorchBackend
+from zeroc_kernels.paged_decode import merge_partials_ref
 from zeroc.config import ModelConfig
+from zeroc.device import host_to_device
 from zeroc.kv_cache import PagedBatch, block_bytes
-from zeroc.policies.base import KVMethod, PolicyPools, batch_sequences, ceil_div, token_bits, work_dtype
-from zeroc.tier import TierLayer, tier_layers, tier_positions
+from zeroc.policies.base import KVMethod, PolicyPools, ceil_div, token_bits, work_dtype
+from zeroc.tier import TierLayer, segment_attention, tier_layers
 
 if TYPE_CHECKING:
     from zeroc.kv_cache import BlockAllocator, LayerShape
+    from zeroc.model import Transformer
 
 
 @dataclass(frozen=True)
@@ -88,33 +102,54 @@ class _Rows:
     cur: Tensor  # [B] tokens each sequence held before the step
 
     @classmethod
-    def of(cls, batch: PagedBatch) -> _Rows:
+    def of(cls, batch: PagedBatch, n: int) -> _Rows:
+        """`n`: the batch's new tokens (N, a shape the host knows)."""
         starts = batch.query_start_loc
         lens = starts[1:] - starts[:-1]  # [B]
         longest = int(lens.max()) if batch.max_query_len is None else batch.max_query_len
         j = torch.arange(longest, device=starts.device)[None]  # [1, max_q]
         cur = batch.seq_lens - lens
-        src = (starts[:-1, None] + j).clamp(max=int(starts[-1]) - 1)
+        src = (starts[:-1, None] + j).clamp(max=n - 1)
         return cls(src, cur[:, None] + j, j < lens[:, None], cur)
 
 
-def _groups(batch: PagedBatch) -> list[tuple[PagedBatch, Tensor]]:
+def _groups(batch: PagedBatch, n: int) -> list[tuple[PagedBatch, Tensor]]:
     """The batch as sub-batches attended at once, each with its rows of N: the single-token sequences
     (decode) together, every longer chunk alone (padding a decode step to a prompt's length would cost
-    [B, heads, prompt, context] scores)."""
-    starts = batch.query_start_loc.tolist()
-    lens = [b - a for a, b in zip(starts, starts[1:])]
-    if max(lens) == 1 or len(lens) == 1:
-        return [(batch, torch.arange(starts[-1], device=batch.positions.device))]
-    groups = [[b for b, n in enumerate(lens) if n == 1]] + [[b] for b, n in enumerate(lens) if n > 1]
+    [B, heads, prompt, context] scores). The split comes from the host's query lengths, never the device's."""
+    device = batch.positions.device
+    if batch.max_query_len == 1:
+        return [(batch, torch.arange(n, device=device))]
+    lens = list(batch.query_lens) or [b - a for a, b in itertools.pairwise(batch.query_start_loc.tolist())]
+    if len(lens) == 1:
+        return [(batch, torch.arange(n, device=device))]
+    starts = [0, *itertools.accumulate(lens)]
+    groups = [[b for b, m in enumerate(lens) if m == 1]] + [[b] for b, m in enumerate(lens) if m > 1]
     out = []
     for seqs in filter(None, groups):
-        rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in seqs]).to(batch.positions.device)
-        idx = torch.tensor(seqs, device=rows.device)
-        ends = torch.tensor([0] + [lens[b] for b in seqs], device=rows.device).cumsum(0)
+        rows = host_to_device([i for b in seqs for i in range(starts[b], starts[b + 1])], torch.long, device)
+        idx = host_to_device(seqs, torch.long, device)
+        ends = host_to_device([0, *itertools.accumulate(lens[b] for b in seqs)], torch.long, device)
         out.append((PagedBatch(batch.positions[rows], batch.slot_mapping[rows], batch.block_tables[idx],
-                               batch.seq_lens[idx], ends, ends[1:] - 1, max(lens[b] for b in seqs)), rows))
+                               batch.seq_lens[idx], ends, ends[1:] - 1, max(lens[b] for b in seqs),
+                               query_lens=tuple(lens[b] for b in seqs)), rows))
     return out
+
+
+def _tier_candidates(batch: PagedBatch, n: int, sinks: int, recent: int) -> tuple[Tensor, Tensor]:
+    """The new tokens the tier may keep -> (their rows of N [P], their sequences [P]), on the device: every row
+    of a decode step; of a chunk, its first S and last W rows (repeated where the chunk is shorter), since
+    only those can be sinks or among its sequence's last W tokens. A prompt's other rows are never written."""
+    device = batch.positions.device
+    if batch.max_query_len == 1:
+        rows = torch.arange(n, device=device)
+        return rows, rows
+    starts, ends = batch.query_start_loc[:-1, None], batch.query_start_loc[1:, None]  # [B, 1]
+    j = torch.arange(sinks + recent, device=device)[None]  # [1, S + W]
+    rows = torch.where(j < sinks, starts + j, ends - (sinks + recent) + j)
+    rows = torch.minimum(torch.maximum(rows, starts), ends - 1)  # [B, S + W]
+    seqs = torch.arange(rows.shape[0], device=device)[:, None].expand_as(rows)
+    return rows.flatten(), seqs.flatten()
 
 
 def tier_policy(cfg: ModelConfig) -> TokenTier:
@@ -129,11 +164,24 @@ class TierPools(PolicyPools):
                  dtype: torch.dtype, device: torch.device, allocator: BlockAllocator):
         self.policy, self.shapes, self.bs, self.allocator = policy, shapes, block_size, allocator
         self.sinks, self.recent = policy.sinks, policy.recent
-        # pools: [num_blocks, block_size, kv_heads, k_dim + v_dim] per layer; a borrowed block holds tier rows
-        self.pools = [torch.zeros(num_blocks, block_size, s.kv_heads, s.k_dim + s.v_dim, dtype=dtype, device=device)
-                      for s in shapes]
+        # pools: [num_blocks + 1, block_size, kv_heads, k_dim + v_dim] per layer; a borrowed block holds tier
+        # rows. Block num_blocks is never allocated: the rows of a step that the tier does not keep land there,
+        # so every new row is written without the host choosing which (that would read the device).
+        self.trash = num_blocks
+        self.pools = [torch.zeros(num_blocks + 1, block_size, s.kv_heads, s.k_dim + s.v_dim, dtype=dtype,
+                                  device=device) for s in shapes]
         self.borrowed: dict[int, list[int]] = {}  # a sequence's first block id -> its tier blocks
+        # The device's copy of `borrowed`: [num_blocks + 1, most tier blocks] (padded with the trash block), so a
+        # step finds every sequence's tier rows from its block table alone.
+        width = max(1, policy.tier_blocks(shapes, block_size, self.sinks + self.recent))
+        self.tier_ids = torch.full((num_blocks + 1, width), self.trash, dtype=torch.long, device=device)
         self._staged: dict[int, tuple[Tensor, Tensor]] = {}
+        self._plan: tuple[PagedBatch, list[tuple[PagedBatch, Tensor]]] | None = None
+        self.backend: AttentionBackend = TorchBackend()  # the model's, once `prepare` has seen it
+
+    def prepare(self, model: Transformer) -> None:
+        # Decode steps run the compressed segment through the model's backend (its paged decode kernel).
+        self.backend = model.backend
 
     # -- block bookkeeping ----------------------------------------------------------------------
     def borrow_needed(self, cur: int, new: int) -> int:
@@ -145,10 +193,14 @@ class TierPools(PolicyPools):
         grow = self.policy.tier_blocks(self.shapes, self.bs, new) - len(ids)
         if grow > 0:
             ids.extend(self.allocator.allocate(grow))
+            with torch.inference_mode():  # the scheduler's thread may not be in it, the tensor may be of it
+                self.tier_ids[table[0], : len(ids)] = host_to_device(ids, torch.long, self.tier_ids.device)
 
     def release(self, table: list[int]) -> None:
         ids = self.borrowed.pop(table[0], None) if table else None
         if ids:
+            with torch.inference_mode():
+                self.tier_ids[table[0]] = self.trash
             self.allocator.free(ids)
 
     # -- tier rows ------------------------------------------------------------------------------
@@ -159,23 +211,19 @@ class TierPools(PolicyPools):
         ring = self.sinks + (positions - self.sinks).remainder(self.recent)
         return torch.where(positions < self.sinks, positions, ring)
 
-    def _write_tier(self, layer: int, table: list[int], positions: Tensor, rows: Tensor) -> None:
-        # positions: [P] tier positions of a sequence; rows: [P, kv_heads, tier_k + tier_v]. Slot j's row is
-        # elements [j * row, (j + 1) * row) of the sequence's borrowed blocks laid end to end.
-        if not positions.numel():
-            return
+    def _write_tier(self, layer: int, first: Tensor, positions: Tensor, kept: Tensor, rows: Tensor) -> None:
+        """Tier rows into their sequences' borrowed blocks: slot j's row is elements [j * row, (j + 1) * row)
+        of those blocks laid end to end. first: [P] each row's sequence's first block id; positions: [P];
+        kept: [P] bool, whether the tier keeps the row (the others go to the trash block); rows:
+        [P, kv_heads, tier_k + tier_v], on the host if they came from the wire."""
         pool = self.pools[layer]
-        width = rows[0].numel()
-        at = self._slot(positions)[:, None] * width + torch.arange(width, device=pool.device)  # [P, row]
-        ids = torch.tensor(self.borrowed[table[0]], device=pool.device)
+        width = rows.shape[1] * rows.shape[2]
+        slot = torch.where(kept, self._slot(positions), 0)  # a row the tier drops may lie past its slots
+        at = slot[:, None] * width + torch.arange(width, device=pool.device)  # [P, row]
         per_block = pool[0].numel()
-        values = rows.reshape(len(at), -1).to(pool.device, pool.dtype)  # [P, row]; rows from the wire are on the host
-        pool.view(pool.shape[0], -1)[ids[at // per_block], at % per_block] = values
-
-    def _kept(self, cur: int, new: int) -> Tensor:
-        """Positions of [cur, new) the tier keeps once the sequence has `new` tokens."""
-        return torch.tensor([p for r in tier_positions(self.sinks, self.recent, new) for p in r if p >= cur],
-                            dtype=torch.long, device=self.pools[0].device)
+        blocks = torch.where(kept[:, None], self.tier_ids[first].gather(1, at // per_block), self.trash)
+        values = rows.reshape(len(at), -1).to(pool.device, pool.dtype)  # [P, row]
+        pool.view(pool.shape[0], -1)[blocks, at % per_block] = values
 
     # -- the model's calls ------------------------------------------------------------------------
     def stage(self, layer: int, k: Tensor, v: Tensor) -> None:
@@ -184,17 +232,44 @@ class TierPools(PolicyPools):
     def attend(self, layer: int, q: Tensor, batch: PagedBatch, scale: float) -> Tensor:
         # q: [N, heads, k_dim + tier_k] -> [N, heads, v_dim + tier_v]
         k_new, v_new = self._staged.pop(layer)
-        t, pool = self.policy.layers[layer], self.pools[layer]
+        t, pool, n = self.policy.layers[layer], self.pools[layer], q.shape[0]
         flat = pool.view(-1, *pool.shape[2:])  # [slots, kv_heads, k_dim + v_dim]
         flat[batch.slot_mapping] = torch.cat([k_new[..., : t.k_dim], v_new[..., : t.v_dim]], -1).to(pool.dtype)
-        out = q.new_empty(q.shape[0], q.shape[1], t.v_dim + t.tier_v)
-        for group, rows in _groups(batch):
-            out[rows] = self._attend_group(layer, q[rows], k_new[rows], v_new[rows], group, scale)
-        for cur, new, table, rows in batch_sequences(batch):  # the tier rows this step keeps
-            kept = self._kept(cur, new)
-            extra = torch.cat([k_new[rows, :, t.k_dim:], v_new[rows, :, t.v_dim:]], -1)
-            self._write_tier(layer, table, kept, extra[kept - cur])
+        if batch.max_query_len == 1:
+            out = self._attend_decode(layer, q, k_new, v_new, batch, scale)
+        else:
+            if self._plan is None or self._plan[0] is not batch:  # every layer of a step attends the same groups
+                self._plan = (batch, _groups(batch, n))
+            out = q.new_empty(n, q.shape[1], t.v_dim + t.tier_v)
+            for group, rows in self._plan[1]:
+                out[rows] = self._attend_group(layer, q[rows], k_new[rows], v_new[rows], group, scale)
+        # The tier keeps a new token while it is a sink or among its sequence's last W (written after the
+        # attention: a chunk's later rows take ring slots its earlier queries still read).
+        rows, seq = _tier_candidates(batch, n, self.sinks, self.recent)  # [P] each
+        pos = batch.positions[rows]
+        kept = (pos < self.sinks) | (pos >= batch.seq_lens[seq] - self.recent)
+        extra = torch.cat([k_new[rows, :, t.k_dim:], v_new[rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
+        self._write_tier(layer, batch.block_tables[seq, 0], pos, kept, extra)
+        if layer == len(self.pools) - 1:
+            self._plan = None
         return out
+
+    def _attend_decode(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
+                       scale: float) -> Tensor:
+        """One new token per sequence. q: [B, heads, k_dim + tier_k]; k_new, v_new: [B, kv, *] -> [B, heads,
+        v_dim + tier_v]. The compressed segment, keys [S, length - W), goes to the backend's paged decode
+        kernel unmerged (split or not); the full-rank one is the tier's S + W slots and the token itself; one
+        merge by LSE. Every shape is fixed by the batch's, so a CUDA graph can hold the step."""
+        t, pool = self.policy.layers[layer], self.pools[layer]
+        ends = (batch.seq_lens - self.recent).clamp(min=self.sinks)  # [B]; the token's own key is in the tier
+        parts, lses = self.backend.decode_partials(q[..., : t.k_dim], pool[..., : t.k_dim], pool[..., t.k_dim:],
+                                                   batch.block_tables, ends, scale, self.sinks)  # [B, heads, P, *]
+        r = _Rows.of(batch, q.shape[0])  # one row per sequence
+        keys_pos, keys, values, keys_ok = self._full_keys(layer, batch, r, k_new[:, None], v_new[:, None])
+        full = keys_ok & (keys_pos <= r.pos) & self._in_tier(keys_pos, r.pos)  # [B, K]
+        out_f, lse_f = segment_attention(q[:, None], keys, values, full[:, None], scale)  # [B, 1, heads, *]
+        outs = torch.cat([F.pad(parts.float(), (0, t.tier_v)), out_f.float().transpose(1, 2)], 2)
+        return merge_partials_ref(outs, torch.cat([lses, lse_f.transpose(1, 2)], 2))[0].to(q.dtype)
 
     def _attend_group(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
                       scale: float) -> Tensor:
@@ -202,11 +277,12 @@ class TierPools(PolicyPools):
         reference does. q: [n, heads, k_dim + tier_k]; k_new, v_new: [n, kv, *] -> [n, heads, v_dim + tier_v]
 
         One softmax over both segments instead of two merged by log-sum-exp (equal, and one fused SDPA
-        call): full-rank q.k is the compressed dims' score plus the tier dims', so with the query
-        [q' | q_tier], a compressed key [k' | 0] scores q'.k' and a tier key [k' | k_tier] the full score;
-        each (query, position) pair is allowed in exactly one of the two key sets."""
+        call, which a prompt's chunk needs: two explicit softmaxes over [B, heads, chunk, context] scores took
+        4x as long for a 1,600-token prompt): full-rank q.k is the compressed dims' score plus the tier dims',
+        so with the query [q' | q_tier], a compressed key [k' | 0] scores q'.k' and a tier key [k' | k_tier]
+        the full score; each (query, position) pair is allowed in exactly one of the two key sets."""
         t, pool = self.policy.layers[layer], self.pools[layer]
-        r = _Rows.of(batch)
+        r = _Rows.of(batch, q.shape[0])
         stored = pool[batch.block_tables].flatten(1, 2)  # [B, ctx, kv_heads, k_dim + v_dim]
         k_pos = torch.arange(stored.shape[1], device=q.device)[None, None]  # [1, 1, ctx]
         # Slots past a sequence's length hold other sequences' old rows: zeroed, as paged_attention_ref does,
@@ -215,7 +291,7 @@ class TierPools(PolicyPools):
         k_c, v_c = stored[..., : t.k_dim], stored[..., t.k_dim:]
         q_pos = r.pos[..., None]  # [B, max_q, 1]
         compressed = (k_pos <= q_pos) & (k_pos < batch.seq_lens[:, None, None]) & ~self._in_tier(k_pos, q_pos)
-        keys_pos, keys, values, keys_ok = self._full_keys(layer, batch, r, k_new[r.src], v_new[r.src], k_c, v_c)
+        keys_pos, keys, values, keys_ok = self._full_keys(layer, batch, r, k_new[r.src], v_new[r.src])
         full = keys_ok[:, None] & (keys_pos[:, None] <= q_pos) & self._in_tier(keys_pos[:, None], q_pos)
         k = torch.cat([F.pad(k_c, (0, t.tier_k)), keys], 1)  # [B, ctx + K, kv, k_dim + tier_k]
         v = torch.cat([F.pad(v_c, (0, t.tier_v)), values], 1)  # [B, ctx + K, kv, v_dim + tier_v]
@@ -230,39 +306,39 @@ class TierPools(PolicyPools):
         """Whether a query sees a key at full rank: a sink, or one of its last `recent` tokens (broadcasts)."""
         return (key_pos < self.sinks) | (key_pos > query_pos - self.recent)
 
-    def _full_keys(self, layer: int, batch: PagedBatch, r: _Rows, k_own: Tensor, v_own: Tensor, k_c: Tensor,
-                   v_c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _full_keys(self, layer: int, batch: PagedBatch, r: _Rows, k_own: Tensor, v_own: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Keys of the full-rank segment: each sequence's tier slots held before the step, then its own rows.
 
-        k_own: [B, max_q, kv, k_dim + tier_k]; v_own: [B, max_q, kv, v_dim + tier_v] (padded); k_c, v_c:
-        [B, ctx, kv, *] compressed rows -> positions [B, K], keys [B, K, kv, *], values [B, K, kv, v_dim + tier_v],
-        valid [B, K]"""
-        t, dtype = self.policy.layers[layer], k_c.dtype
-        held = min(int(r.cur.max()), self.sinks + self.recent)
+        k_own: [B, max_q, kv, k_dim + tier_k]; v_own: [B, max_q, kv, v_dim + tier_v] (padded) -> positions [B, K],
+        keys [B, K, kv, *], values [B, K, kv, v_dim + tier_v], valid [B, K]"""
+        t, pool = self.policy.layers[layer], self.pools[layer]
+        held = self.sinks + self.recent  # every slot, whatever each sequence holds yet (masked by `ok`)
         tier = self._read_tiers(layer, batch, held)  # [B, held, kv, tier_k + tier_v]
-        slot = torch.arange(held, device=k_c.device)[None]  # [1, held]
+        slot = torch.arange(held, device=pool.device)[None]  # [1, held]
         cur = r.cur[:, None]  # [B, 1]
         pos = slot.expand(len(r.cur), -1)  # [B, held]: a sink's slot is its position
         if self.recent:  # a ring slot holds the latest position < cur congruent to it modulo the window
             pos = torch.where(slot < self.sinks, pos, cur - 1 - (cur - 1 - slot).remainder(self.recent))
         ok = (pos >= 0) & (pos < cur) & ((slot < self.sinks) | (pos >= self.sinks))
-        at = (torch.arange(len(r.cur), device=k_c.device)[:, None], pos.clamp(min=0))
-        k_tier = torch.cat([k_c[at], tier[..., : t.tier_k]], -1)  # full rank: compressed dims, then the tier's
-        v_tier = torch.cat([v_c[at], tier[..., t.tier_k:]], -1)
+        at = torch.where(ok, pos, 0)  # [B, held]: a slot not held reads position 0's row (masked)
+        compressed = pool[batch.block_tables.gather(1, at // self.bs), at % self.bs]  # [B, held, kv, k_dim + v_dim]
+        # A slot not held yet may hold anything (a freed sequence's rows, the trash block's): zeroed, since a
+        # masked score or weight does not stop a NaN. Keys: compressed dims, then the tier's.
+        held_rows = ok[..., None, None]
+        k_tier = torch.where(held_rows, torch.cat([compressed[..., : t.k_dim], tier[..., : t.tier_k]], -1), 0.0)
+        v_tier = torch.where(held_rows, torch.cat([compressed[..., t.k_dim:], tier[..., t.tier_k:]], -1), 0.0)
+        dtype = pool.dtype
         return (torch.cat([pos, r.pos], 1), torch.cat([k_tier, k_own.to(dtype)], 1),
                 torch.cat([v_tier, v_own.to(dtype)], 1), torch.cat([ok, r.valid], 1))
 
     def _read_tiers(self, layer: int, batch: PagedBatch, held: int) -> Tensor:
         """The first `held` tier slots of every sequence of a batch -> [B, held, kv, tier_k + tier_v]; slots a
-        sequence does not hold yet read whatever its blocks (or block 0) contain and must be masked."""
+        sequence does not hold yet read whatever its blocks (or the trash block) contain and must be masked."""
         s, t, pool = self.shapes[layer], self.policy.layers[layer], self.pools[layer]
-        ids = [self.borrowed[first] for first in batch.block_tables[:, 0].tolist()]
-        width = max(len(i) for i in ids)
-        if not width or not held:
-            return pool.new_zeros(len(ids), held, s.kv_heads, t.tier_k + t.tier_v)
-        padded = torch.tensor([i + [i[-1] if i else 0] * (width - len(i)) for i in ids], device=pool.device)
-        flat = pool[padded].flatten(1)[:, : held * s.kv_heads * (t.tier_k + t.tier_v)]
-        return flat.view(len(ids), held, s.kv_heads, t.tier_k + t.tier_v)
+        ids = self.tier_ids[batch.block_tables[:, 0]]  # [B, most tier blocks]
+        flat = pool[ids].flatten(1)[:, : held * s.kv_heads * (t.tier_k + t.tier_v)]
+        return flat.view(ids.shape[0], held, s.kv_heads, t.tier_k + t.tier_v)
 
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
         # k: [T, kv, k_dim]; v: [T, kv, v_dim]: the compressed rows of tokens [0, T) from the wire
@@ -274,4 +350,6 @@ class TierPools(PolicyPools):
     def load_tier(self, layer: int, table: list[int], positions: Tensor, k: Tensor, v: Tensor) -> None:
         """The tier rows of a prompt that arrived from a prefill service (`zeroc.kv_transfer.TierRows`), after
         `load`. positions: [P] the prompt's sinks and last `recent` positions; k: [P, kv, tier_k]; v: [P, kv, tier_v]"""
-        self._write_tier(layer, table, positions.to(self.pools[layer].device), torch.cat([k, v], -1))
+        positions = positions.to(self.pools[layer].device)
+        every = torch.ones_like(positions, dtype=torch.bool)
+        self._write_tier(layer, torch.full_like(positions, table[0]), positions, every, torch.cat([k, v], -1))

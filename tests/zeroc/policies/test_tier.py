@@ -15,6 +15,7 @@ from zeroc.kv_cache import CacheFullError, PagedKVCache, layer_shapes
 from zeroc.kv_transfer import (TIER_KEY, KvTransferError, decode_chunk, encode_layer, encode_layer_wire,
                                parse_prefill_response)
 from zeroc.loader import LoadedModel
+from zeroc_kernels.attention import select_backend
 from zeroc.transport.landing import receive_into
 from zeroc.policies.tier import TierPools, tier_policy
 from prefill_service.worker import DONE, PrefillJob, PrefillWorker
@@ -61,10 +62,14 @@ PLAN = [[(0, 30), (1, 20)], [(0, 25), (1, 1)], [(1, 40)]] + [[(0, 1), (1, 1)]] *
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("mode, sinks, recent", [("fold", 4, 16), ("fold", 0, 8), ("fold", 3, 0),
-                                                 ("rotate", 4, 16), ("rotate", 2, 200)])
-def test_paged_chunks_and_decode_equal_the_dense_tiered_forward(tiered_of, mode, sinks, recent):
+                                                 ("rotate", 4, 16), ("rotate", 2, 200), ("rotate", 20, 3)])
+def test_paged_chunks_and_decode_equal_the_dense_tiered_forward(tiered_of, mode, sinks, recent, backend):
+    """Decode steps take the compressed segment from the backend's paged decode kernel (keys from the sinks
+    on); chunks take the reference path. Sinks wider than a block, a window wider than the context."""
     model = tiered_of(mode, sinks, recent)
+    model.backend = select_backend(backend, "cpu")
     tokens = torch.randint(0, model.config.vocab_size, (2, 69), generator=torch.Generator().manual_seed(5))
     dense = model(tokens)  # [2, 69, vocab]
     cache = _cache(model)
@@ -79,6 +84,23 @@ def test_paged_chunks_and_decode_equal_the_dense_tiered_forward(tiered_of, mode,
     cache.free("s0")
     cache.free("s1")
     assert cache.num_free_blocks == cache.num_blocks and not cache.pools.borrowed  # nothing leaks
+    assert (cache.pools.tier_ids == cache.pools.trash).all()  # the device's copy forgets them too
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("sinks, recent", [(4, 16), (3, 0)])
+def test_slots_nobody_wrote_never_reach_an_output(tiered_of, sinks, recent):
+    """Every pool poisoned with NaN first (stale rows of freed sequences, the trash block, tier slots not held
+    yet): only what the steps wrote may be read, so the outputs stay the dense forward's."""
+    model = tiered_of("fold", sinks, recent)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 69), generator=torch.Generator().manual_seed(6))
+    dense = model(tokens)  # [2, 69, vocab]
+    cache = _cache(model)
+    for pool in cache.pools.pools:
+        pool.fill_(float("nan"))
+    got = _run(model, cache, tokens, PLAN)
+    for b in range(2):
+        assert (got[b] - dense[b, : got[b].shape[0]]).abs().max().item() < 1e-4
 
 
 def test_the_tier_rows_are_paid_from_the_block_budget(tiered_of):
@@ -174,3 +196,39 @@ def test_forward_bench_sizes_a_tiered_cache_with_its_borrowed_blocks(tiered_of, 
     loaded = LoadedModel(model, model.config, bundled.tokenizer, bundled.path)
     assert bench_prefill(loaded, 40, repeats=1).tokens == 40
     assert bench_decode(loaded, batch_size=2, context=24, steps=3).tokens == 2
+
+
+@torch.inference_mode()
+def test_every_engine_step_of_a_tiered_model_reads_the_host_once(tiered_of, bundled):
+    """Prompts, chunked-prefill-plus-decode steps and decode-only steps of a tiered model each read tensor values
+    to the host once (the sampled ids): the tier finds its rows through the device's copy of the borrowed ids and
+    sizes everything from the batch's host fields, where it read the device several times in every layer.
+    Its tokens are those of each request run alone, through the model's dense tiered forward."""
+    from zeroc.bench.engine import count_syncs
+    from zeroc.engine import Engine
+    from zeroc.sampling import SamplingParams
+
+    model = tiered_of("rotate", 2, 8)
+    loaded = LoadedModel(model, model.config, bundled.tokenizer, bundled.path)
+    engine = Engine(loaded, CacheConfig(16, 64), SchedulerConfig(max_num_batched_tokens=24))
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (7, 40)]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]  # the second is chunked in beside the first's decodes
+    reads, mixes, got = [], [], {i: [] for i in ids}
+    while engine.has_unfinished():
+        with count_syncs(engine.device) as n:
+            outs = engine.step()
+        reads.append(n[0])
+        mixes.append(engine.last_step_tokens)
+        for o in outs:
+            got[o.request_id].extend(o.token_ids)
+    assert set(reads) == {1}
+    assert mixes[0] > 1 and 1 < max(mixes[1:]) and min(mixes) == 1  # prompts, mixed steps and decode-only steps
+    for i, prompt in zip(ids, prompts):  # greedy by hand through the dense forward
+        tokens = list(prompt)
+        for _ in range(params.max_new_tokens):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+        assert got[i] == tokens[len(prompt):]
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    assert (engine.cache.pools.tier_ids == engine.cache.pools.trash).all()
