@@ -13,7 +13,9 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
   tokens of the PyTorch references;
 - tier: a ZeroC model with a token tier (fold, 2 sinks, 6 recent tokens) on the loaded backend, decode steps in
   CUDA graphs (its compressed segment through the decode kernel from the sinks on), gives the greedy tokens
-  of the PyTorch references run eagerly, with one sync per decode step.
+  of the PyTorch references run eagerly, with one sync per decode step;
+- int8: the int8 KV store (`--kv-policy int8`) with decode steps in CUDA graphs gives the greedy tokens it gives
+  eagerly, with one sync per decode step.
 On the CPU graphs cannot be captured: the graphs check then compares the padded static-buffer path (run
 eagerly) with the unpadded one, and syncs counts host reads of tensor values instead.
 
@@ -40,9 +42,9 @@ PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "E
            "def f(x):\n    return x", "print(", "class A:", "for i in range(10):"]
 
 
-def _engine(loaded, eager: bool, pad_on_cpu: bool = False, ahead: bool = False) -> Engine:
-    engine = Engine(loaded, CacheConfig(16, 256), SchedulerConfig(max_num_seqs=8, enforce_eager=eager,
-                                                                  async_scheduling=ahead))
+def _engine(loaded, eager: bool, pad_on_cpu: bool = False, ahead: bool = False, kv_policy: str = "none") -> Engine:
+    engine = Engine(loaded, CacheConfig(16, 256, kv_policy=kv_policy),
+                    SchedulerConfig(max_num_seqs=8, enforce_eager=eager, async_scheduling=ahead))
     if pad_on_cpu and not engine.decode_runner.use_graphs:
         engine.decode_runner = DecodeRunner(engine.model, engine.cache, engine.state, use_graphs=False, pad=True)
     return engine
@@ -154,20 +156,30 @@ def _tiered(device: str):
                           device=device)
 
 
-def check_tier(loaded) -> tuple[bool, str]:
-    tiered = _tiered(str(loaded.model.lm_head.weight.device))
+def _graphed_against(loaded, reference, kv_policy: str = "none") -> tuple[bool, str]:
+    """Greedy tokens of `loaded` with its decode steps in CUDA graphs (the padded path on the CPU) against
+    `reference`'s run eagerly, graphs really captured on CUDA, and one sync per decode step."""
     params = [SamplingParams(max_new_tokens=4 + 3 * i, ignore_eos=True) for i in range(len(PROMPTS))]
-    reference = copy.deepcopy(tiered)
-    reference.model.backend = TorchBackend()
-    want = [r.token_ids for r in _engine(reference, True).generate(PROMPTS, params)]
-    engine = _engine(tiered, False, pad_on_cpu=True)
+    want = [r.token_ids for r in _engine(reference, True, kv_policy=kv_policy).generate(PROMPTS, params)]
+    engine = _engine(loaded, False, pad_on_cpu=True, kv_policy=kv_policy)
     got = [r.token_ids for r in engine.generate(PROMPTS, params)]
-    runner, syncs = engine.decode_runner, _syncs_per_step(_engine(tiered, False))
+    runner, syncs = engine.decode_runner, _syncs_per_step(_engine(loaded, False, kv_policy=kv_policy))
     graphs = runner.use_graphs or engine.device.type != "cuda"
     what = f"captured buckets {sorted(runner.graphs)}" if runner.use_graphs else "no graphs"
     return got == want and syncs == 1 and graphs, (
-        f"{tiered.model.backend.name}, {what}: tokens {'equal' if got == want else 'DIFFER from'} the torch "
-        f"backend's eager ones; {syncs} syncs per decode step")
+        f"{loaded.model.backend.name}, {what}: tokens {'equal' if got == want else 'DIFFER from'} the "
+        f"{reference.model.backend.name} backend's eager ones; {syncs} syncs per decode step")
+
+
+def check_tier(loaded) -> tuple[bool, str]:
+    tiered = _tiered(str(loaded.model.lm_head.weight.device))
+    reference = copy.deepcopy(tiered)
+    reference.model.backend = TorchBackend()
+    return _graphed_against(tiered, reference)
+
+
+def check_int8(loaded) -> tuple[bool, str]:
+    return _graphed_against(loaded, loaded, kv_policy="int8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, check in (("graphs", check_graphs), ("syncs", check_syncs), ("seeded", check_seeded),
                         ("isolation", check_isolation), ("async", check_async), ("backends", check_backends),
-                        ("tier", check_tier)):
+                        ("tier", check_tier), ("int8", check_int8)):
         try:
             ok, detail = check(loaded)
         except Exception as exc:  # report, run the rest

@@ -45,9 +45,8 @@ def graphs_supported(model, cache: PagedKVCache) -> bool:
 def graph_safe(model, cache: PagedKVCache) -> bool:
     """Whether a decode step reads nothing back to the host and keeps its shapes, whatever the device: the
     Triton backend (its kernels take device-resident lengths; the references do host work) over a plain
-    cache or a token tier's pools (which find every row from the device's tables). A KV policy's pools
-    place tokens on the host."""
-    if cache.pools is not None and not cache.keeps_tier:
+    cache or pools that say so (`PolicyPools.graph_safe`: int8's, a token tier's)."""
+    if cache.pools is not None and not cache.pools.graph_safe:
         return False
     return model.backend.name == "triton"
 

@@ -14,6 +14,6 @@ def test_cpu_run_passes_every_check():
     r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:7]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
+    assert [line.split()[:2] for line in lines[:8]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
                                                          ["isolation", "pass"], ["async", "pass"], ["backends", "pass"],
-                                                         ["tier", "pass"]]
+                                                         ["tier", "pass"], ["int8", "pass"]]

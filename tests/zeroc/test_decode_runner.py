@@ -30,8 +30,8 @@ def tiered(bundled, bundled_factors):
     return LoadedModel(model, model.config, bundled.tokenizer, bundled.path)
 
 
-def _run(loaded, prompts, padded: bool):
-    engine = Engine(loaded, CacheConfig(16, 64), SchedulerConfig(max_num_seqs=8))
+def _run(loaded, prompts, padded: bool, kv_policy: str = "none"):
+    engine = Engine(loaded, CacheConfig(16, 64, kv_policy=kv_policy), SchedulerConfig(max_num_seqs=8))
     assert not engine.decode_runner.pad and not engine.decode_runner.use_graphs  # the CPU default
     if padded:
         engine.decode_runner = DecodeRunner(engine.model, engine.cache, engine.state, use_graphs=False, pad=True)
@@ -63,6 +63,23 @@ def test_a_tiered_models_decode_steps_take_the_padded_path_too(tiered):
     assert graph_safe(engine.model, engine.cache) and not graphs_supported(engine.model, engine.cache)  # no CUDA
     engine.decode_runner.close()
     assert engine.cache.num_free_blocks == engine.cache.num_blocks and not engine.cache.pools.borrowed
+
+
+def test_int8_pools_are_graph_safe_and_host_walking_ones_are_not(bundled):
+    """The int8 store quantises and attends through the backend from device tensors alone: padded, its decode steps
+    give the unpadded tokens, and graphs may hold them. KIVI walks sequences on the host: never graphed."""
+    import copy
+    import dataclasses
+
+    from zeroc_kernels.attention import select_backend
+
+    triton = dataclasses.replace(bundled, model=copy.deepcopy(bundled.model))
+    triton.model.backend = select_backend("triton", "cpu")
+    _, want = _run(triton, PROMPTS[:3], padded=False, kv_policy="int8")
+    engine, got = _run(triton, PROMPTS[:3], padded=True, kv_policy="int8")
+    assert got == want and graph_safe(engine.model, engine.cache)
+    kivi = Engine(triton, CacheConfig(32, 32, kv_policy="kivi-4"))
+    assert not graph_safe(kivi.model, kivi.cache)
 
 
 def test_the_graphed_function_reads_only_the_persistent_buffers(bundled):

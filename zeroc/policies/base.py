@@ -75,7 +75,12 @@ class PolicyPools(abc.ABC):
       prefill service) arrives for a sequence reserved by `schedule`; touches only that
       sequence's blocks. Policies whose state cannot be rebuilt from K/V raise NotImplementedError.
     - `release(table)`: `PagedKVCache.free`, before the table's blocks return to the allocator.
+    - `graph_safe`: `zeroc.decode_runner.graph_safe`: whether a decode step through these pools reads nothing
+      back to the host and keeps its shapes, so that a CUDA graph may hold it (on a backend whose kernels do
+      likewise). Pools that walk sequences on the host (KIVI, eviction, Palu) say no.
     """
+
+    graph_safe: ClassVar[bool] = False
 
     def prepare(self, model: Transformer) -> None:
         """Nothing to fit by default."""

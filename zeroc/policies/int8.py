@@ -109,6 +109,8 @@ def _pool(num_blocks: int, dims: tuple[int, ...], dtype: torch.dtype, device: to
 
 
 class Int8Pools(PolicyPools):
+    graph_safe = True  # the backend's quantising write and int8 attention, from device tensors alone
+
     def __init__(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device):
         self.bs, self.dtype, self.device = block_size, dtype, device

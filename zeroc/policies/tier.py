@@ -160,6 +160,8 @@ def tier_policy(cfg: ModelConfig) -> TokenTier:
 
 
 class TierPools(PolicyPools):
+    graph_safe = True  # `_attend_decode`: fixed shapes, the tier's block ids on the device
+
     def __init__(self, policy: TokenTier, shapes: list[LayerShape], num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, allocator: BlockAllocator):
         self.policy, self.shapes, self.bs, self.allocator = policy, shapes, block_size, allocator
