@@ -106,6 +106,14 @@ class PolicyPools(abc.ABC):
     def release(self, table: list[int]) -> None:
         """Nothing borrowed by default."""
 
+    def sequences(self, batch: PagedBatch) -> list[tuple[int, int, list[int], slice]]:
+        """`batch_sequences(batch)` for pools that walk a step's sequences on the host: read from the device
+        once per step, not once per layer (every layer's `attend` gets the same batch)."""
+        memo = getattr(self, "_sequences", None)
+        if memo is None or memo[0] is not batch:
+            memo = self._sequences = (batch, batch_sequences(batch))
+        return memo[1]
+
 
 class KVMethod(abc.ABC):
     """A KV-cache method. Subclasses are frozen dataclasses of hyperparameters whose `__post_init__`

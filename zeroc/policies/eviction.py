@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from zeroc.policies.base import KVMethod, PolicyPools, batch_sequences, ceil_div, eviction_keep, token_bits
+from zeroc.policies.base import KVMethod, PolicyPools, ceil_div, eviction_keep, token_bits
 from zeroc.policies.eviction_rule import EvictionCache, EvictionState, LayerGeometry
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class EvictionPools(PolicyPools):
         out = q.new_empty(q.shape[0], q.shape[1], v_new.shape[-1])
         s = self.shapes[layer]
         geom = LayerGeometry(layer, q.shape[1], s.kv_heads, s.k_dim, s.v_dim)
-        for cur, new, table, rows in batch_sequences(batch):
+        for cur, new, table, rows in self.sequences(batch):
             cache = self._gather(layer, geom, table, cur)
             for i, row in enumerate(range(rows.start, rows.stop)):
                 # The evaluator's step: evict if full, store the token, attend, add its attention to the scores.

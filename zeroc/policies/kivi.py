@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from zeroc.policies.base import (REFERENCE_BITS, KVMethod, PolicyPools, batch_sequences, ceil_div,
-                                 reference_bits, token_bits, work_dtype)
+from zeroc.policies.base import (REFERENCE_BITS, KVMethod, PolicyPools, ceil_div, reference_bits, token_bits,
+                                 work_dtype)
 from zeroc.kv_cache import layer_shapes
 from zeroc.policies.layout import RowLayout, pack_codes, unpack_codes
 
@@ -275,7 +275,7 @@ class KIVIPools(PolicyPools):
     def attend(self, layer: int, q: Tensor, batch: PagedBatch, scale: float) -> Tensor:
         k_new, v_new = self._staged.pop(layer)
         out = q.new_empty(q.shape[0], q.shape[1], v_new.shape[-1])
-        seqs = batch_sequences(batch)
+        seqs = self.sequences(batch)
         for cur, new, table, rows in seqs:
             out[rows] = self._attend_one(layer, q[rows], k_new[rows], v_new[rows], table, cur, new, scale)
         if layer == len(self.shapes) - 1:

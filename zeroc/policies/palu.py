@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from zeroc.rope import apply_rope, rope_cos_sin
-from zeroc.policies.base import REFERENCE_BITS, KVMethod, PolicyPools, batch_sequences, ceil_div, check_budget
+from zeroc.policies.base import REFERENCE_BITS, KVMethod, PolicyPools, ceil_div, check_budget
 from zeroc.policies.kivi import mixed_attention
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class PaluPools(PolicyPools):
         self._write(layer, batch.slot_mapping, *self._encode(layer, batch.positions, k_new, v_new))
         k_basis, v_basis, inv_freq = self.bases[layer]
         out = q.new_empty(q.shape[0], q.shape[1], v_new.shape[-1])
-        for cur, new, table, rows in batch_sequences(batch):
+        for cur, new, table, rows in self.sequences(batch):
             slots = self._slots(table, new)
             k_lat = self.k_lat[layer].view(-1, *self.k_lat[layer].shape[2:])[slots]  # [new, kv, r_k]
             v_lat = self.v_lat[layer].view(-1, *self.v_lat[layer].shape[2:])[slots]  # [new, kv, r_v]
