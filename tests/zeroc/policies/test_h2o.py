@@ -73,3 +73,21 @@ def test_capacity_follows_the_budget_and_batching_changes_nothing(random_gqa, he
     assert [got[r] for r in rids] == alone
     assert most <= 3 * 3  # never more than 48 tokens (3 blocks) per sequence, however long it grows
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+@pytest.mark.parametrize("model_name", ["random_gqa", "bundled"])  # 3 and 6 layers
+def test_a_step_reads_the_host_as_often_whatever_the_layers(request, model_name):
+    """Eviction pools walk a step's sequences on the host: they read lengths, query starts and tables once per
+    step (`PolicyPools.sequences`), not once per layer; with the sampled ids, 4 reads a step at any depth."""
+    from zeroc.bench.engine import count_syncs
+
+    loaded = request.getfixturevalue(model_name)
+    engine = Engine(loaded, CacheConfig(16, 64, kv_policy="h2o", kv_budget=0.5))
+    for prompt in ([5, 6, 7, 8, 9], [11, 12, 13]):
+        engine.add_request(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    reads = []
+    while engine.has_unfinished():
+        with count_syncs(engine.device) as n:
+            engine.step()
+        reads.append(n[0])
+    assert set(reads) == {4}
