@@ -2,9 +2,10 @@
 # The prepared GPU run (one lent H100/H200): the attention kernels against SDPA and the copy rate, the Engine
 # against its bandwidth floor, and the whole service stack on CUDA. Each part is time-boxed; results go to $OUT.
 #   bash benchmarks/gpu_all.sh [kernels] [engine] [runtime] [serve] [gateway]   (default: the first four, in order;
-#   each part is time-boxed: 260 + 200 + 150 + 200 s at most)
+#   each part is time-boxed: 260 + 290 + 150 + 200 s at most)
 # `runtime` is benchmarks/gpu_engine.py: CUDA graphs, one sync per step, seeded sampling, isolation and async
-# scheduling checked on the device, and the triton backend's tokens against the references (pass/fail lines).
+# scheduling checked on the device, the triton backend's tokens against the references, and a token tier's and
+# the int8 store's decode steps in CUDA graphs against eager ones (pass/fail lines).
 # `gateway` runs the OpenAI gateway against gRPC on the device machine's 16 CPU cores (the model on the CPU),
 # where the gateway has cores of its own: what the 2-vCPU development VM cannot resolve.
 # Wheels the device image lacks travel in .whl/ (see docs/benchmarks.md, "GPU runs").
@@ -28,7 +29,12 @@ for part in $parts; do
         engine)  timeout 200 python3 -m zeroc.cli bench engine --device cuda --shape llama3-8b --layers 16 --batch 64 \
                      --prompt 2048 --new 64 --methods none zeroc-fold-64 zeroc-rotate-64 --schedulers sync async --rounds 3 \
                      > "$OUT/engine.txt" 2>&1
-                 echo "== engine rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/engine.txt" ;;
+                 echo "== engine rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/engine.txt"
+                 # ZeroC with a token tier (4 sinks, 64 recent tokens at full rank), apart so it cannot cost the table above
+                 timeout 90 python3 -m zeroc.cli bench engine --device cuda --shape llama3-8b --layers 16 --batch 64 \
+                     --prompt 2048 --new 64 --methods none zeroc-fold-64 zeroc-fold-64-tier-4-64 --rounds 1 \
+                     > "$OUT/engine_tier.txt" 2>&1
+                 echo "== engine tier rc=$? $(( $(date +%s) - start )) s"; tail -14 "$OUT/engine_tier.txt" ;;
         serve)   timeout 200 python3 benchmarks/gpu_serve.py --dtype bfloat16 > "$OUT/gpu_serve.txt" 2>&1
                  echo "== serve rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/gpu_serve.txt" ;;
         runtime) timeout 150 python3 benchmarks/gpu_engine.py --device cuda > "$OUT/gpu_engine.txt" 2>&1

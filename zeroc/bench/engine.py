@@ -2,7 +2,8 @@
 
 Each method (`none`, `zeroc-fold-R`, `zeroc-rotate-R`) is a random-init model of one shape (the
 bundled model's or Llama-3-8B's, `--layers` of them): ZeroC methods keep R Q/K dims (fold: the first
-R/2 RoPE pairs of every KV head; rotate: random bases to R dims) and R V dims in every layer. Rounds
+R/2 RoPE pairs of every KV head; rotate: random bases to R dims) and R V dims in every layer; a
+`-tier-S-W` suffix adds a token tier (S sinks and W recent tokens at full rank, zeroc/tier.py). Rounds
 interleave the methods, so drift in the machine's speed hits all of them alike. Every round runs
 `batch` requests of `prompt` random tokens for `new` tokens (greedy, or sampled with `--temperature` and
 `--top-p`) through a fresh Engine and reports:
@@ -11,7 +12,8 @@ interleave the methods, so drift in the machine's speed hits all of them alike. 
   FLOPs (2 x matmul weights per token plus causal attention) over the GEMM rate measured here;
 - decode step ms (median, p90) over the steps after that;
 - the decode floor: the bytes a step must read once (every weight but the embedding table, plus the
-  KV of every running sequence at that step's context) over the copy rate measured here; step/floor;
+  KV of every running sequence at that step's context, a tier's full-rank rows included) over the copy
+  rate measured here; step/floor;
 - host ms per step: step wall time minus device time. Device time is the span of the step's device
   work (forward and sampling): CUDA events around it on CUDA (which counts device idle gaps inside
   the forward as device time), the wall time of that code on the CPU (which runs synchronously);
@@ -41,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from zeroc.bench.forward import machine_description
+from zeroc.caches import sequence_blocks
 from zeroc.config import (BUNDLED_MODEL, AttentionCompression, CacheConfig, LayerCompression, ModelConfig,
                           RopeConfig, SchedulerConfig)
 from zeroc.engine import Engine
@@ -93,17 +96,33 @@ class EngineBenchSpec:
         return SamplingParams(max_new_tokens=new, temperature=self.temperature, top_p=self.top_p, ignore_eos=True)
 
 
-def parse_method(name: str, head_dim: int | None) -> tuple[str | None, int]:
-    """'none' -> (None, head_dim); 'zeroc-fold-R' / 'zeroc-rotate-R' -> (mode, R). ValueError otherwise."""
+@dataclass(frozen=True)
+class BenchMethod:
+    """A `--methods` name: "none", "zeroc-{fold|rotate}-R", or either with a token tier of S sinks and W recent
+    tokens at full rank, "zeroc-fold-R-tier-S-W"."""
+
+    mode: str | None  # None: uncompressed
+    rank: int
+    sinks: int = 0
+    recent: int = 0
+
+
+def parse_method(name: str, head_dim: int | None) -> BenchMethod:
+    """The method `name` names (see `BenchMethod`) at `head_dim` (None: any). ValueError otherwise."""
     if name == "none":
-        return None, head_dim or 0
+        return BenchMethod(None, head_dim or 0)
     parts = name.split("-")
-    if len(parts) != 3 or parts[0] != "zeroc" or parts[1] not in ("fold", "rotate") or not parts[2].isdigit():
-        raise ValueError(f"methods: expected none, zeroc-fold-R or zeroc-rotate-R, got {name!r}")
+    tier = parts[3:] if len(parts) == 6 and parts[3] == "tier" else None
+    if (len(parts) != 3 and tier is None) or parts[0] != "zeroc" or parts[1] not in ("fold", "rotate") \
+            or not all(x.isdigit() for x in [parts[2], *(tier or [])[1:]]):
+        raise ValueError(f"methods: expected none, zeroc-fold-R, zeroc-rotate-R or either with -tier-S-W, got {name!r}")
     rank = int(parts[2])
     if rank < 2 or rank % 2 or (head_dim is not None and rank > head_dim):
         raise ValueError(f"methods: {name!r} needs an even rank in [2, head_dim]")
-    return parts[1], rank
+    sinks, recent = (int(tier[1]), int(tier[2])) if tier else (0, 0)
+    if tier and sinks + recent == 0:
+        raise ValueError(f"methods: {name!r} keeps no tier token")
+    return BenchMethod(parts[1], rank, sinks, recent)
 
 
 def base_config(spec: EngineBenchSpec) -> ModelConfig:
@@ -114,14 +133,14 @@ def base_config(spec: EngineBenchSpec) -> ModelConfig:
 
 
 def method_config(base: ModelConfig, method: str) -> ModelConfig:
-    mode, rank = parse_method(method, base.head_dim)
-    if mode is None:
+    m = parse_method(method, base.head_dim)
+    if m.mode is None:
         return base
-    kv = base.num_key_value_heads
-    layer = (LayerCompression(tuple(tuple(range(rank // 2)) for _ in range(kv)), rank) if mode == "fold"
+    kv, rank = base.num_key_value_heads, m.rank
+    layer = (LayerCompression(tuple(tuple(range(rank // 2)) for _ in range(kv)), rank) if m.mode == "fold"
              else LayerCompression((), rank, "rotate", rank))
     comp = AttentionCompression((layer,) * base.num_hidden_layers, f"bench-{method}", rank / base.head_dim,
-                                f"zeroc-{mode}")
+                                f"zeroc-{m.mode}", m.sinks, m.recent)
     return ModelConfig(**{**base.__dict__, "compression": comp})
 
 
@@ -193,6 +212,17 @@ def matmul_weight_bytes(model: Transformer) -> tuple[int, int]:
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     item = torch.empty((), dtype=dtype).element_size()
     return item * sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layer_shapes(cfg))
+
+
+def kv_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int) -> int:
+    """KV bytes a decode step reads for one sequence of `tokens` tokens: every token's (compressed) rows, plus
+    a token tier's full-rank dims of its min(tokens, S + W) sinks and recent tokens."""
+    total = tokens * kv_bytes_per_token(cfg, dtype)
+    if cfg.has_tier:
+        item = torch.empty((), dtype=dtype).element_size()
+        extra = sum(cfg.kv_geometry(i)[0] * sum(cfg.tier_geometry(i)) for i in range(cfg.num_hidden_layers))
+        total += min(tokens, cfg.compression.sinks + cfg.compression.recent) * extra * item
+    return total
 
 
 def prefill_flops(cfg: ModelConfig, weight_elems: int, batch: int, prompt: int) -> float:
@@ -280,7 +310,7 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
     """One fresh Engine through `prompts`: prefill, timed decode steps, one counted step, the rest."""
     device = torch.device(spec.device)
     cfg = loaded.config
-    blocks = spec.batch * -(-(spec.prompt + spec.new + 1) // 16) + 1
+    blocks = spec.batch * sequence_blocks(cfg, 16, spec.prompt + spec.new + 1) + 1  # + the graphs' pad block
     ahead = scheduler == "async"
     engine = Engine(loaded, CacheConfig(16, blocks),
                     SchedulerConfig(max_num_seqs=spec.batch, max_num_batched_tokens=spec.max_batched_tokens,
@@ -313,10 +343,10 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
     while engine.has_unfinished():
         engine.step()
     elems, weight_bytes = matmul_weight_bytes(loaded.model)
-    kv_token = kv_bytes_per_token(cfg, next(loaded.model.parameters()).dtype)
+    dtype = next(loaded.model.parameters()).dtype
     # decode step j reads the KV of prompt + j + 1 tokens per sequence (its new token included); running
     # ahead, the prefill loop above also launched decode step 1
-    floors = [(weight_bytes + spec.batch * (spec.prompt + j + 1) * kv_token) / rates["copy_bytes_s"]
+    floors = [(weight_bytes + spec.batch * kv_bytes(cfg, dtype, spec.prompt + j + 1)) / rates["copy_bytes_s"]
               for j in range(1 + ahead, len(walls) + 1 + ahead)]
     step_ms = statistics.median(walls) * 1e3
     return {
@@ -331,7 +361,7 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
         "syncs_per_step": syncs[0],
         "phases_ms": clock.ms_per_step(),
         "weight_bytes": weight_bytes,
-        "kv_bytes_per_token": kv_token,
+        "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype),
     }
 
 
@@ -419,7 +449,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new", type=int, default=d.new, help="tokens per request")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
     p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--methods", nargs="+", default=list(d.methods), help="none, zeroc-fold-R, zeroc-rotate-R")
+    p.add_argument("--methods", nargs="+", default=list(d.methods), help="none, zeroc-fold-R, zeroc-rotate-R; -tier-S-W adds a token tier of S sinks and W recent tokens")
     p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds of every method")
     p.add_argument("--max-batched-tokens", type=int, default=d.max_batched_tokens)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zeroc import cli
-from zeroc.bench.engine import EngineBenchSpec, base_config, method_config, parse_method
+from zeroc.bench.engine import EngineBenchSpec, base_config, kv_bytes, method_config, parse_method
 from zeroc.step_clock import PHASES
 
 
@@ -75,7 +75,28 @@ def test_compressed_configs_keep_the_rank_in_every_layer():
     assert rotate.qk_mode(0) == "rotate" and rotate.kv_geometry(2)[1:] == (32, 32)
 
 
-@pytest.mark.parametrize("name", ["fold-32", "zeroc-fold", "zeroc-fold-x", "zeroc-fold-33", "zeroc-spin-32"])
+def test_a_token_tier_method_runs_at_one_sync_and_counts_its_rows_in_the_floor(capsys):
+    """`zeroc-fold-R-tier-S-W`: the same ranks with a token tier; a decode step reads the host once, and its floor
+    adds the tier's full-rank dims of min(context, S + W) tokens per sequence."""
+    torch.set_num_threads(1)
+    rc = cli.main(["bench", "engine", "--layers", "2", "--batch", "2", "--prompt", "20", "--new", "4",
+                   "--rounds", "1", "--methods", "zeroc-fold-32", "zeroc-fold-32-tier-2-6", "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    plain, tiered = (report["summary"][m] for m in ("zeroc-fold-32", "zeroc-fold-32-tier-2-6"))
+    assert tiered["syncs_per_step"] == 1 and tiered["floor_ms"] > plain["floor_ms"]
+    base = base_config(EngineBenchSpec(layers=2))
+    cfg = method_config(base, "zeroc-fold-32-tier-2-6")
+    assert (cfg.compression.sinks, cfg.compression.recent) == (2, 6) and cfg.kv_geometry(1)[1:] == (32, 32)
+    no_tier = method_config(base, "zeroc-fold-32")
+    # 2 layers x 2 KV heads x (32 + 32) tier dims x 4 bytes on each of min(T, 8) tokens
+    assert kv_bytes(cfg, torch.float32, 5) - kv_bytes(no_tier, torch.float32, 5) == 5 * 2 * 2 * 64 * 4
+    assert kv_bytes(cfg, torch.float32, 30) - kv_bytes(no_tier, torch.float32, 30) == 8 * 2 * 2 * 64 * 4
+
+
+@pytest.mark.parametrize("name", ["fold-32", "zeroc-fold", "zeroc-fold-x", "zeroc-fold-33", "zeroc-spin-32",
+                                  "zeroc-fold-32-tier-2", "zeroc-fold-32-tier-0-0", "zeroc-fold-32-tear-2-6",
+                                  "zeroc-fold-32-tier-x-6"])
 def test_bad_method_names_raise_value_error(name):
     with pytest.raises(ValueError, match="methods"):
         parse_method(name, 64)
