@@ -449,7 +449,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new", type=int, default=d.new, help="tokens per request")
     p.add_argument("--temperature", type=float, default=d.temperature, help="0: greedy")
     p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--methods", nargs="+", default=list(d.methods), help="none, zeroc-fold-R, zeroc-rotate-R; -tier-S-W adds a token tier of S sinks and W recent tokens")
+    p.add_argument("--methods", nargs="+", default=list(d.methods),
+                   help="none, zeroc-fold-R, zeroc-rotate-R; a -tier-S-W suffix adds a token tier of S sinks and W "
+                        "recent tokens")
     p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds of every method")
     p.add_argument("--max-batched-tokens", type=int, default=d.max_batched_tokens)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
