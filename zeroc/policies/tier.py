@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +113,31 @@ class _Rows:
         return cls(src, cur[:, None] + j, j < lens[:, None], cur)
 
 
+@dataclass(frozen=True)
+class _Slots:
+    """Where a batch's full-rank keys are, the same in every layer: each sequence's S + W tier slots, then its
+    own new rows (K = S + W + max_q keys)."""
+
+    rows: _Rows
+    held: Tensor  # [B, S + W] whether the slot holds a position yet
+    blocks: Tensor  # [B, S + W] cache block of that position's compressed row (position 0's where none)
+    offsets: Tensor  # [B, S + W] its slot in the block
+    tier_ids: Tensor  # [B, most tier blocks] the sequence's borrowed blocks, padded with the trash block
+    keys_pos: Tensor  # [B, K] each key's position
+    keys_ok: Tensor  # [B, K] whether it is a key at all
+
+
+@dataclass(frozen=True)
+class _Writes:
+    """The new rows a step hands the tier, the same in every layer: rows of N [P], each row's sequence's
+    borrowed blocks [P, most tier blocks], its tier slot [P] (0 where dropped), whether the tier keeps it [P]."""
+
+    rows: Tensor
+    ids: Tensor
+    slot: Tensor
+    kept: Tensor
+
+
 def _groups(batch: PagedBatch, n: int) -> list[tuple[PagedBatch, Tensor]]:
     """The batch as sub-batches attended at once, each with its rows of N: the single-token sequences
     (decode) together, every longer chunk alone (padding a decode step to a prompt's length would cost
@@ -178,7 +203,8 @@ class TierPools(PolicyPools):
         width = max(1, policy.tier_blocks(shapes, block_size, self.sinks + self.recent))
         self.tier_ids = torch.full((num_blocks + 1, width), self.trash, dtype=torch.long, device=device)
         self._staged: dict[int, tuple[Tensor, Tensor]] = {}
-        self._plan: tuple[PagedBatch, list[tuple[PagedBatch, Tensor]]] | None = None
+        # The step's index tensors, built by its first layer (`_once`): (batch, {(id(a batch), what): (it, value)})
+        self._step: tuple[PagedBatch | None, dict] = (None, {})
         self.backend: AttentionBackend = TorchBackend()  # the model's, once `prepare` has seen it
 
     def prepare(self, model: Transformer) -> None:
@@ -213,19 +239,34 @@ class TierPools(PolicyPools):
         ring = self.sinks + (positions - self.sinks).remainder(self.recent)
         return torch.where(positions < self.sinks, positions, ring)
 
-    def _write_tier(self, layer: int, first: Tensor, positions: Tensor, kept: Tensor, rows: Tensor) -> None:
+    def _write_tier(self, layer: int, ids: Tensor, slot: Tensor, kept: Tensor, rows: Tensor) -> None:
         """Tier rows into their sequences' borrowed blocks: slot j's row is elements [j * row, (j + 1) * row)
-        of those blocks laid end to end. first: [P] each row's sequence's first block id; positions: [P];
-        kept: [P] bool, whether the tier keeps the row (the others go to the trash block); rows:
-        [P, kv_heads, tier_k + tier_v], on the host if they came from the wire."""
+        of those blocks laid end to end; rows the tier drops go to the trash block. ids: [P, most tier blocks]
+        each row's sequence's; slot, kept: [P]; rows: [P, kv_heads, tier_k + tier_v], on the host if they came
+        from the wire."""
         pool = self.pools[layer]
         width = rows.shape[1] * rows.shape[2]
-        slot = torch.where(kept, self._slot(positions), 0)  # a row the tier drops may lie past its slots
         at = slot[:, None] * width + torch.arange(width, device=pool.device)  # [P, row]
         per_block = pool[0].numel()
-        blocks = torch.where(kept[:, None], self.tier_ids[first].gather(1, at // per_block), self.trash)
+        blocks = torch.where(kept[:, None], ids.gather(1, at // per_block), self.trash)
         values = rows.reshape(len(at), -1).to(pool.device, pool.dtype)  # [P, row]
         pool.view(pool.shape[0], -1)[blocks, at % per_block] = values
+
+    def _writes(self, batch: PagedBatch, n: int) -> _Writes:
+        """The tier keeps a new token while it is a sink or among its sequence's last W."""
+        rows, seq = _tier_candidates(batch, n, self.sinks, self.recent)  # [P] each
+        pos = batch.positions[rows]
+        kept = (pos < self.sinks) | (pos >= batch.seq_lens[seq] - self.recent)
+        slot = torch.where(kept, self._slot(pos), 0)  # a row the tier drops may lie past its slots
+        return _Writes(rows, self.tier_ids[batch.block_tables[seq, 0]], slot, kept)
+
+    def _once(self, batch: PagedBatch, what: str, build: Callable[[], object]):
+        """`build()` for `batch` (the step's or one of its groups) in the step's first layer only: every layer
+        reads the same index tensors, and on a GPU each costs kernels (inside a CUDA graph too)."""
+        memo = self._step[1]
+        if (id(batch), what) not in memo:
+            memo[id(batch), what] = (batch, build())  # the batch kept alive, so its id is not reused
+        return memo[id(batch), what][1]
 
     # -- the model's calls ------------------------------------------------------------------------
     def stage(self, layer: int, k: Tensor, v: Tensor) -> None:
@@ -237,23 +278,20 @@ class TierPools(PolicyPools):
         t, pool, n = self.policy.layers[layer], self.pools[layer], q.shape[0]
         flat = pool.view(-1, *pool.shape[2:])  # [slots, kv_heads, k_dim + v_dim]
         flat[batch.slot_mapping] = torch.cat([k_new[..., : t.k_dim], v_new[..., : t.v_dim]], -1).to(pool.dtype)
+        if self._step[0] is not batch:  # a step's first layer
+            self._step = (batch, {})
         if batch.max_query_len == 1:
             out = self._attend_decode(layer, q, k_new, v_new, batch, scale)
         else:
-            if self._plan is None or self._plan[0] is not batch:  # every layer of a step attends the same groups
-                self._plan = (batch, _groups(batch, n))
             out = q.new_empty(n, q.shape[1], t.v_dim + t.tier_v)
-            for group, rows in self._plan[1]:
+            for group, rows in self._once(batch, "groups", lambda: _groups(batch, n)):
                 out[rows] = self._attend_group(layer, q[rows], k_new[rows], v_new[rows], group, scale)
-        # The tier keeps a new token while it is a sink or among its sequence's last W (written after the
-        # attention: a chunk's later rows take ring slots its earlier queries still read).
-        rows, seq = _tier_candidates(batch, n, self.sinks, self.recent)  # [P] each
-        pos = batch.positions[rows]
-        kept = (pos < self.sinks) | (pos >= batch.seq_lens[seq] - self.recent)
-        extra = torch.cat([k_new[rows, :, t.k_dim:], v_new[rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
-        self._write_tier(layer, batch.block_tables[seq, 0], pos, kept, extra)
+        # Written after the attention: a chunk's later rows take ring slots its earlier queries still read.
+        w = self._once(batch, "writes", lambda: self._writes(batch, n))
+        extra = torch.cat([k_new[w.rows, :, t.k_dim:], v_new[w.rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
+        self._write_tier(layer, w.ids, w.slot, w.kept, extra)
         if layer == len(self.pools) - 1:
-            self._plan = None
+            self._step = (None, {})
         return out
 
     def _attend_decode(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
@@ -263,13 +301,14 @@ class TierPools(PolicyPools):
         kernel unmerged (split or not); the full-rank one is the tier's S + W slots and the token itself; one
         merge by LSE. Every shape is fixed by the batch's, so a CUDA graph can hold the step."""
         t, pool = self.policy.layers[layer], self.pools[layer]
-        ends = (batch.seq_lens - self.recent).clamp(min=self.sinks)  # [B]; the token's own key is in the tier
+        s = self._once(batch, "slots", lambda: self._slots(batch, _Rows.of(batch, q.shape[0])))  # one row each
+        ends, full = self._once(batch, "decode", lambda: (
+            (batch.seq_lens - self.recent).clamp(min=self.sinks),  # [B]; the token's own key is in the tier
+            (s.keys_ok & (s.keys_pos <= s.rows.pos) & self._in_tier(s.keys_pos, s.rows.pos))[:, None]))  # [B, 1, K]
         parts, lses = self.backend.decode_partials(q[..., : t.k_dim], pool[..., : t.k_dim], pool[..., t.k_dim:],
                                                    batch.block_tables, ends, scale, self.sinks)  # [B, heads, P, *]
-        r = _Rows.of(batch, q.shape[0])  # one row per sequence
-        keys_pos, keys, values, keys_ok = self._full_keys(layer, batch, r, k_new[:, None], v_new[:, None])
-        full = keys_ok & (keys_pos <= r.pos) & self._in_tier(keys_pos, r.pos)  # [B, K]
-        out_f, lse_f = segment_attention(q[:, None], keys, values, full[:, None], scale)  # [B, 1, heads, *]
+        keys, values = self._full_keys(layer, s, k_new[:, None], v_new[:, None])
+        out_f, lse_f = segment_attention(q[:, None], keys, values, full, scale)  # [B, 1, heads, *]
         outs = torch.cat([F.pad(parts.float(), (0, t.tier_v)), out_f.float().transpose(1, 2)], 2)
         return merge_partials_ref(outs, torch.cat([lses, lse_f.transpose(1, 2)], 2))[0].to(q.dtype)
 
@@ -284,20 +323,17 @@ class TierPools(PolicyPools):
         so with the query [q' | q_tier], a compressed key [k' | 0] scores q'.k' and a tier key [k' | k_tier]
         the full score; each (query, position) pair is allowed in exactly one of the two key sets."""
         t, pool = self.policy.layers[layer], self.pools[layer]
-        r = _Rows.of(batch, q.shape[0])
+        s = self._once(batch, "slots", lambda: self._slots(batch, _Rows.of(batch, q.shape[0])))
+        live, mask = self._once(batch, "masks", lambda: self._group_masks(batch, s))
+        r = s.rows
         stored = pool[batch.block_tables].flatten(1, 2)  # [B, ctx, kv_heads, k_dim + v_dim]
-        k_pos = torch.arange(stored.shape[1], device=q.device)[None, None]  # [1, 1, ctx]
         # Slots past a sequence's length hold other sequences' old rows: zeroed, as paged_attention_ref does,
         # so that nothing non-finite can leak through their 0 weights.
-        stored = torch.where((k_pos[0] < batch.seq_lens[:, None])[..., None, None], stored, 0.0)
+        stored = torch.where(live[..., None, None], stored, 0.0)
         k_c, v_c = stored[..., : t.k_dim], stored[..., t.k_dim:]
-        q_pos = r.pos[..., None]  # [B, max_q, 1]
-        compressed = (k_pos <= q_pos) & (k_pos < batch.seq_lens[:, None, None]) & ~self._in_tier(k_pos, q_pos)
-        keys_pos, keys, values, keys_ok = self._full_keys(layer, batch, r, k_new[r.src], v_new[r.src])
-        full = keys_ok[:, None] & (keys_pos[:, None] <= q_pos) & self._in_tier(keys_pos[:, None], q_pos)
+        keys, values = self._full_keys(layer, s, k_new[r.src], v_new[r.src])
         k = torch.cat([F.pad(k_c, (0, t.tier_k)), keys], 1)  # [B, ctx + K, kv, k_dim + tier_k]
         v = torch.cat([F.pad(v_c, (0, t.tier_v)), values], 1)  # [B, ctx + K, kv, v_dim + tier_v]
-        mask = torch.cat([compressed, full], -1)[:, None]  # [B, 1, max_q, ctx + K]
         work = work_dtype(q.dtype)
         out = F.scaled_dot_product_attention(q[r.src].transpose(1, 2).to(work), k.transpose(1, 2).to(work),
                                              v.transpose(1, 2).to(work), attn_mask=mask, scale=scale,
@@ -308,39 +344,43 @@ class TierPools(PolicyPools):
         """Whether a query sees a key at full rank: a sink, or one of its last `recent` tokens (broadcasts)."""
         return (key_pos < self.sinks) | (key_pos > query_pos - self.recent)
 
-    def _full_keys(self, layer: int, batch: PagedBatch, r: _Rows, k_own: Tensor, v_own: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Keys of the full-rank segment: each sequence's tier slots held before the step, then its own rows.
+    def _group_masks(self, batch: PagedBatch, s: _Slots) -> tuple[Tensor, Tensor]:
+        """-> (live [B, ctx]: the slots each sequence holds; mask [B, 1, max_q, ctx + K]: the compressed keys
+        each query sees, then its full-rank ones)."""
+        r, q_pos = s.rows, s.rows.pos[..., None]  # [B, max_q, 1]
+        k_pos = torch.arange(batch.block_tables.shape[1] * self.bs, device=q_pos.device)[None, None]  # [1, 1, ctx]
+        live = k_pos[0] < batch.seq_lens[:, None]
+        compressed = (k_pos <= q_pos) & live[:, None] & ~self._in_tier(k_pos, q_pos)
+        full = s.keys_ok[:, None] & (s.keys_pos[:, None] <= q_pos) & self._in_tier(s.keys_pos[:, None], q_pos)
+        return live, torch.cat([compressed, full], -1)[:, None]
 
-        k_own: [B, max_q, kv, k_dim + tier_k]; v_own: [B, max_q, kv, v_dim + tier_v] (padded) -> positions [B, K],
-        keys [B, K, kv, *], values [B, K, kv, v_dim + tier_v], valid [B, K]"""
-        t, pool = self.policy.layers[layer], self.pools[layer]
+    def _slots(self, batch: PagedBatch, r: _Rows) -> _Slots:
         held = self.sinks + self.recent  # every slot, whatever each sequence holds yet (masked by `ok`)
-        tier = self._read_tiers(layer, batch, held)  # [B, held, kv, tier_k + tier_v]
-        slot = torch.arange(held, device=pool.device)[None]  # [1, held]
+        slot = torch.arange(held, device=r.cur.device)[None]  # [1, held]
         cur = r.cur[:, None]  # [B, 1]
         pos = slot.expand(len(r.cur), -1)  # [B, held]: a sink's slot is its position
         if self.recent:  # a ring slot holds the latest position < cur congruent to it modulo the window
             pos = torch.where(slot < self.sinks, pos, cur - 1 - (cur - 1 - slot).remainder(self.recent))
         ok = (pos >= 0) & (pos < cur) & ((slot < self.sinks) | (pos >= self.sinks))
-        at = torch.where(ok, pos, 0)  # [B, held]: a slot not held reads position 0's row (masked)
-        compressed = pool[batch.block_tables.gather(1, at // self.bs), at % self.bs]  # [B, held, kv, k_dim + v_dim]
+        at = torch.where(ok, pos, 0)  # a slot not held reads position 0's row (zeroed)
+        return _Slots(r, ok, batch.block_tables.gather(1, at // self.bs), at % self.bs,
+                      self.tier_ids[batch.block_tables[:, 0]], torch.cat([pos, r.pos], 1), torch.cat([ok, r.valid], 1))
+
+    def _full_keys(self, layer: int, s: _Slots, k_own: Tensor, v_own: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the full-rank segment: each sequence's tier slots, then its own rows.
+        k_own: [B, max_q, kv, k_dim + tier_k]; v_own: [B, max_q, kv, v_dim + tier_v] (padded)
+        -> keys [B, K, kv, k_dim + tier_k], values [B, K, kv, v_dim + tier_v]"""
+        t, shape, pool = self.policy.layers[layer], self.shapes[layer], self.pools[layer]
+        b, held, width = s.held.shape[0], s.held.shape[1], t.tier_k + t.tier_v
+        # the first S + W tier slots of every sequence; slots not held yet read whatever is there
+        tier = pool[s.tier_ids].flatten(1)[:, : held * shape.kv_heads * width].view(b, held, shape.kv_heads, width)
+        compressed = pool[s.blocks, s.offsets]  # [B, held, kv, k_dim + v_dim]
         # A slot not held yet may hold anything (a freed sequence's rows, the trash block's): zeroed, since a
         # masked score or weight does not stop a NaN. Keys: compressed dims, then the tier's.
-        held_rows = ok[..., None, None]
+        held_rows = s.held[..., None, None]
         k_tier = torch.where(held_rows, torch.cat([compressed[..., : t.k_dim], tier[..., : t.tier_k]], -1), 0.0)
         v_tier = torch.where(held_rows, torch.cat([compressed[..., t.k_dim:], tier[..., t.tier_k:]], -1), 0.0)
-        dtype = pool.dtype
-        return (torch.cat([pos, r.pos], 1), torch.cat([k_tier, k_own.to(dtype)], 1),
-                torch.cat([v_tier, v_own.to(dtype)], 1), torch.cat([ok, r.valid], 1))
-
-    def _read_tiers(self, layer: int, batch: PagedBatch, held: int) -> Tensor:
-        """The first `held` tier slots of every sequence of a batch -> [B, held, kv, tier_k + tier_v]; slots a
-        sequence does not hold yet read whatever its blocks (or the trash block) contain and must be masked."""
-        s, t, pool = self.shapes[layer], self.policy.layers[layer], self.pools[layer]
-        ids = self.tier_ids[batch.block_tables[:, 0]]  # [B, most tier blocks]
-        flat = pool[ids].flatten(1)[:, : held * s.kv_heads * (t.tier_k + t.tier_v)]
-        return flat.view(ids.shape[0], held, s.kv_heads, t.tier_k + t.tier_v)
+        return torch.cat([k_tier, k_own.to(pool.dtype)], 1), torch.cat([v_tier, v_own.to(pool.dtype)], 1)
 
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
         # k: [T, kv, k_dim]; v: [T, kv, v_dim]: the compressed rows of tokens [0, T) from the wire
@@ -353,5 +393,6 @@ class TierPools(PolicyPools):
         """The tier rows of a prompt that arrived from a prefill service (`zeroc.kv_transfer.TierRows`), after
         `load`. positions: [P] the prompt's sinks and last `recent` positions; k: [P, kv, tier_k]; v: [P, kv, tier_v]"""
         positions = positions.to(self.pools[layer].device)
-        every = torch.ones_like(positions, dtype=torch.bool)
-        self._write_tier(layer, torch.full_like(positions, table[0]), positions, every, torch.cat([k, v], -1))
+        ids = self.tier_ids[table[0]].expand(len(positions), -1)
+        kept = torch.ones_like(positions, dtype=torch.bool)
+        self._write_tier(layer, ids, self._slot(positions), kept, torch.cat([k, v], -1))
