@@ -201,7 +201,8 @@ def _contiguous(k_cache, tables, batch: int, ctx: int):
     return k_cache[tables].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
 
 
-def _decode_case(run: Run, name: str, dim_k: int, dim_v: int, int8: bool = False, token_major: bool = False) -> None:
+def _decode_case(run: Run, name: str, dim_k: int, dim_v: int, int8: bool = False, token_major: bool = False,
+                 pv_transposed: bool | None = None) -> None:
     s = run.s
     b, ctx, kv, heads = s["decode_batch"], s["decode_ctx"], s["kv_heads"], s["heads"]
     k, v, tables, lens = paged_kv(b, ctx, kv, dim_k, dim_v, s["block_size"], run.dtype, run.device)
@@ -224,7 +225,7 @@ def _decode_case(run: Run, name: str, dim_k: int, dim_v: int, int8: bool = False
             scales = [x.transpose(1, 2) for x in scales]
         kw = dict(k_scales=scales[0], v_scales=scales[1])
         nbytes = k.numel() + v.numel() + 8 * k.shape[0] * k.shape[1] * k.shape[2]
-    ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, lens, scale, **kw))
+    ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, lens, scale, pv_transposed=pv_transposed, **kw))
     copy = run.report["ceilings"]["copy_GBps"]
     sms = torch.cuda.get_device_properties(run.device).multi_processor_count if run.device.type == "cuda" else 0
     r = run.row(section="decode", what=f"decode b{b} x {ctx}", method=name, ms=ms, sdpa_ms=sdpa_ms,
@@ -243,6 +244,9 @@ def decode(run: Run) -> None:
             _decode_case(run, name, dim, dim, int8)
     if run.left() > 0:  # does the scales' layout matter? (not a goal row)
         _decode_case(run, f"zeroc rank {r} int8, token-major scales (experiment)", r, r, True, token_major=True)
+    for name, dim in ((f"zeroc rank {r} int8", r), ("uncompressed int8", d)):  # int8's P @ V as plain P @ V, as
+        if run.left() > 0:  # before 2026-12-05 (V's codes in 8-byte copies on sm_90), against its default (V^T P^T)^T
+            _decode_case(run, f"{name}, P @ V untransposed (experiment)", dim, dim, True, pv_transposed=False)
 
 
 def decode_per_head(run: Run) -> None:

@@ -121,7 +121,7 @@ if triton is not None:
         stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr,
-        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PV_T: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # Program (seq, kv_head, split): the split-th of num_splits pieces, whole pages long, of the sequence's own
         # keys [key_start, length) (a CUDA graph's tables are wider than the contexts), a partial output plus its
@@ -163,8 +163,12 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if INT8:  # V's scale moves onto the probabilities: P diag(s_v) V_codes
                 p = p * tl.load(vs_ptr + srow, mask=valid, other=0.0)[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32,
-                                                input_precision=PRECISION)
+            if PV_T:  # (V^T P^T)^T: see `decode_partials`
+                acc = acc * alpha[:, None] + tl.trans(tl.dot(tl.trans(v.to(q.dtype)), tl.trans(p.to(q.dtype)),
+                                                             out_dtype=tl.float32, input_precision=PRECISION))
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32,
+                                                    input_precision=PRECISION)
             m_i = m_new
         empty = l_i == 0.0  # a split past the sequence's end
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -174,7 +178,8 @@ if triton is not None:
         tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
     _paged_decode_tuned = autotuned(_paged_decode_kernel, DECODE_CONFIGS,
-                                    key=["GROUP_PAD", "BLOCK_SIZE", "DQ", "DV", "INT8", "len_bucket", "grid_bucket"])
+                                    key=["GROUP_PAD", "BLOCK_SIZE", "DQ", "DV", "INT8", "PV_T", "len_bucket",
+                                         "grid_bucket"])
 
     @triton.jit
     def _merge_kernel(
@@ -262,7 +267,7 @@ def autotuned_config() -> dict | None:
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            seq_lens: Tensor, scale: float, out: Tensor | None = None,
                            num_splits: int | None = None, k_scales: Tensor | None = None,
-                           v_scales: Tensor | None = None, config=None) -> Tensor:
+                           v_scales: Tensor | None = None, config=None, pv_transposed: bool | None = None) -> Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and shapes).
 
     out: optional [B, heads, dv] buffer (tests poison it to catch unwritten rows).
@@ -271,6 +276,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     num_splits > 1 splits each sequence's context across programs (flash-decoding), merged by
     log-sum-exp; None picks it with `choose_num_splits` from the device's SM count (1 off CUDA).
     config: one of DECODE_CONFIGS to run instead of the autotuned choice.
+    pv_transposed: P @ V as (V^T P^T)^T (default: for int8 caches only; see `decode_partials`).
     """
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
@@ -278,7 +284,8 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     direct = num_splits == 1 and out is not None and out.stride(-1) == 1
     # one split writes its result straight into the caller's buffer
     partial, lses = decode_partials(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, k_scales,
-                                    v_scales, config, out.unsqueeze(2) if direct else None)
+                                    v_scales, config, out.unsqueeze(2) if direct else None,
+                                    pv_transposed=pv_transposed)
     if direct:
         return out
     if num_splits == 1:
@@ -296,12 +303,18 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 
 def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     scale: float, num_splits: int, k_scales: Tensor | None = None, v_scales: Tensor | None = None,
-                    config=None, partial: Tensor | None = None, key_start: int = 0) -> tuple[Tensor, Tensor]:
+                    config=None, partial: Tensor | None = None, key_start: int = 0,
+                    pv_transposed: bool | None = None) -> tuple[Tensor, Tensor]:
     """The decode kernel's launch, before the merge (arguments as `paged_decode_attention`'s)
     -> (partial [B, heads, num_splits, dv]: each split's output, fp32 unless one split; lses [B, heads,
     num_splits]: each split's natural-log LSE, -inf where the split held no token). partial: a destination.
     key_start: attend keys [key_start, seq_lens) only (`decode_partials_ref`); a sequence with none gets
-    outputs 0 and LSE -inf."""
+    outputs 0 and LSE -inf.
+
+    pv_transposed (default: int8 caches): the tile's P @ V as (V^T P^T)^T. Compiled for sm_90, the int8 kernel
+    copied V's codes to shared memory 8 bytes at a time (`cp.async.ca`), where K's and every bf16 row go 16
+    at a time (`.cg`); transposed, V's go 16 at a time too and the product runs on Hopper's wgmma
+    (tests/kernels/test_sm90_compile.py). Not yet timed on a GPU: benchmarks/gpu_kernels.py times both forms."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     num_seqs, heads, dq = q.shape
@@ -334,7 +347,8 @@ def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                 INT8=int8,
                 # Triton's CPU interpreter computes bf16/fp16 tl.dot wrongly (seen with triton 3.9): there,
                 # upcast the operands; on a GPU half-precision dots run on the tensor cores.
-                DOT_F32=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_F32=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                PV_T=int8 if pv_transposed is None else pv_transposed)
     launch(_paged_decode_kernel, _paged_decode_tuned, (num_seqs, kv_heads, num_splits), args, meta,
            DECODE_CONFIGS, config)
     return partial, lses

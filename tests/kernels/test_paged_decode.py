@@ -258,3 +258,27 @@ def test_keys_from_a_start_position_as_the_reference_and_unmerged(random_paged_k
             torch.testing.assert_close(got_lse, lse[~empty], atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="key_start"):
         decode_partials(q, k_cache, v_cache, tables, seq_lens, 0.2, 1, key_start=-1)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("config", DECODE_CONFIGS[::3], ids=config_id)
+def test_p_at_v_transposed_or_not_is_the_reference(random_paged_kv, poison_unused_slots, int8_pools, int8, config):
+    """The tile's P @ V as (V^T P^T)^T (int8's default: 16-byte reads of V's codes on sm_90) or plain (bf16's):
+    both forms give the reference, split or not."""
+    gen = torch.Generator().manual_seed(12)
+    lens = [3, 64, 200]
+    q, k_cache, v_cache, tables, seq_lens = _case(random_paged_kv, poison_unused_slots, gen, lens, 16, 2, 4, 32, 48,
+                                                  torch.float32)
+    kw = {}
+    if int8:
+        k_cache, ks, v_cache, vs = int8_pools(k_cache.nan_to_num(), v_cache.nan_to_num())
+        kw = dict(k_scales=poison_unused_slots(ks, tables, seq_lens), v_scales=poison_unused_slots(vs, tables, seq_lens))
+        ref = paged_decode_attention_int8_ref(q, k_cache, v_cache, kw["k_scales"], kw["v_scales"], tables, seq_lens,
+                                              0.1)
+    else:
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.1)
+    for transposed in (True, False):
+        for splits in (1, 2):
+            out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_splits=splits, config=config,
+                                         pv_transposed=transposed, **kw)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,26 @@ def test_every_config_compiles_for_sm90_with_pipelined_16_byte_copies():
             assert row["v4_loads"] > 0, row
         else:
             assert row["cp_async"] > 0, row
+
+
+def test_int8_decode_reads_v_codes_16_bytes_at_a_time_with_p_at_v_transposed():
+    """int8 decode at Llama-3-8B widths (128 bytes of codes per row). In the plain form P @ V, V's codes reach
+    shared memory in 8-byte asynchronous copies (K's go 16 bytes at a time): 14-35 such copies per kernel
+    against 0-3 page-id copies in the bf16 kernel. In the form `paged_decode_attention` runs for int8,
+    (V^T P^T)^T, V^T is wgmma's register operand: its codes come in 16-byte loads straight to registers."""
+    from zeroc_kernels.paged_decode import DECODE_CONFIGS
+
+    rows = _compile_rows("decode_int8")
+    assert len(rows) == 2 * len(DECODE_CONFIGS)
+    by_form = {(row["pv_transposed"], row["config"]): row for row in rows}
+    for row in rows:
+        assert row["shared"] <= HOPPER_SHARED_BYTES and row["b16_loads"] == 0, row
+    for config in {row["config"] for row in rows}:
+        transposed, plain = by_form[True, config], by_form[False, config]
+        assert transposed["wgmma"] > 0 and plain["wgmma"] == 0, config
+        assert transposed["v4_loads"] > plain["v4_loads"] or config.endswith("-s1"), config  # s1: both load plainly
+        if not config.endswith("-s1"):
+            assert plain["cp_async_8"] >= 14 and transposed["cp_async_8"] <= 6, (transposed, plain)
 
 
 def test_the_fused_norm_and_gate_compile_for_sm90_with_16_byte_loads():

@@ -1,5 +1,6 @@
 """Compile the attention kernels for Hopper (sm_90) on a machine without a GPU; print one JSON line per
-config: shared memory, and what the PTX does with K/V (16-byte loads, asynchronous copies, tensor-core ops).
+config: shared memory, and what the PTX does with K/V (16-byte loads, asynchronous copies and 8-byte ones,
+tensor-core ops, Hopper's wgmma).
 
 Run without TRITON_INTERPRET (the interpreter replaces the compiler). Triton marks integer arguments
 divisible by 16 at launch; the realistic shapes here (strides of [blocks, 16, 8, 128] pools) are, so
@@ -9,6 +10,7 @@ every pointer and stride is compiled with that hint, as a real launch would be.
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import triton
@@ -33,6 +35,8 @@ def compile_config(fn, pointers: dict, constants: dict, config) -> dict:
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     ptx = kernel.asm["ptx"]
     return {"config": config_id(config), "shared": kernel.metadata.shared, "cp_async": ptx.count("cp.async.cg"),
+            "cp_async_8": len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x8", ptx)),
+            "wgmma": ptx.count("wgmma.mma_async"),
             "v4_loads": ptx.count("ld.global.v4"), "b16_loads": ptx.count("ld.global.b16"),
             "tensor_core": ptx.count("mma")}
 
@@ -45,8 +49,15 @@ def main(kinds: list[str]) -> None:
     if "decode" in kinds:
         for config in paged_decode.DECODE_CONFIGS:
             row = compile_config(paged_decode._paged_decode_kernel, {**pools, "lse_ptr": "*fp32"},
-                                 {**llama, "GROUP_PAD": 16}, config)
+                                 {**llama, "GROUP_PAD": 16, "PV_T": False}, config)
             print(json.dumps({"kernel": "decode", **row}), flush=True)
+    if "decode_int8" in kinds:  # int8 codes, P @ V transposed as `paged_decode_attention` runs them, or not
+        int8 = {**pools, "k_ptr": "*i8", "v_ptr": "*i8", "lse_ptr": "*fp32"}
+        for pv_t in (True, False):
+            for config in paged_decode.DECODE_CONFIGS:
+                row = compile_config(paged_decode._paged_decode_kernel, int8,
+                                     {**llama, "GROUP_PAD": 16, "INT8": True, "PV_T": pv_t}, config)
+                print(json.dumps({"kernel": "decode_int8", "pv_transposed": pv_t, **row}), flush=True)
     if "prefill" in kinds:
         for config in paged_prefill.PREFILL_CONFIGS:
             row = compile_config(paged_prefill._paged_prefill_kernel, {**pools, "starts_ptr": "*i64"},
@@ -64,4 +75,4 @@ def main(kinds: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["decode", "prefill", "layer_ops"])
+    main(sys.argv[1:] or ["decode", "decode_int8", "prefill", "layer_ops"])
