@@ -242,11 +242,18 @@ def decode(run: Run) -> None:
                             (f"zeroc rank {r} int8", r, True), ("uncompressed int8", d, True)):
         if run.left() > 0:
             _decode_case(run, name, dim, dim, int8)
-    if run.left() > 0:  # does the scales' layout matter? (not a goal row)
+
+
+def decode_experiments(run: Run) -> None:
+    """Other forms of the decode rows (not goal rows: they run after every goal row, as time allows)."""
+    r, d = run.s["rank"], run.s["head_dim"]
+    if run.left() > 0:  # does the scales' layout matter?
         _decode_case(run, f"zeroc rank {r} int8, token-major scales (experiment)", r, r, True, token_major=True)
     for name, dim in ((f"zeroc rank {r} int8", r), ("uncompressed int8", d)):  # int8's P @ V as plain P @ V, as
         if run.left() > 0:  # before 2026-12-05 (V's codes in 8-byte copies on sm_90), against its default (V^T P^T)^T
             _decode_case(run, f"{name}, P @ V untransposed (experiment)", dim, dim, True, pv_transposed=False)
+    if run.left() > 0:  # and bf16's the other way: (V^T P^T)^T runs on wgmma there too, with more shared memory
+        _decode_case(run, "uncompressed, P @ V transposed (experiment)", d, d, pv_transposed=True)
 
 
 def decode_per_head(run: Run) -> None:
@@ -453,7 +460,8 @@ def main() -> int:
     # The goals' rows first, the sweeps (diagnostics) last: the time guard skips what is left at the budget.
     for name, fn in (("ceilings", ceilings), ("correctness", check), ("decode", decode),
                      ("decode per-head", decode_per_head), ("prefill", prefill), ("attention block", blocks),
-                     ("model path", model_path), ("layer ops", layer_ops), ("decode sweeps", decode_sweeps),
+                     ("model path", model_path), ("layer ops", layer_ops),
+                     ("decode experiments", decode_experiments), ("decode sweeps", decode_sweeps),
                      ("prefill sweeps", prefill_sweeps)):
         run.section(name, fn)
         if name == "ceilings" and "ceilings" not in run.report:

@@ -37,6 +37,7 @@ def test_quick_run_reports_small_errors_and_every_timing(tmp_path):
     fused = [row for row in rows if row["section"] == "layer ops" and row["method"].endswith("fused")]
     assert len(fused) == 3 and all(row["ratio"] > 0 for row in fused)
     assert sum(row["method"].endswith("P @ V untransposed (experiment)") for row in rows) == 2  # int8's other form
+    assert sum(row["method"].endswith("P @ V transposed (experiment)") for row in rows) == 1  # and bf16's
     kernels = [row for row in rows if not row["method"].startswith("sdpa ")]
     assert all(row["ms"] > 0 for row in kernels)
     anchored = [row for row in rows if row["section"] in ("decode", "prefill")]
