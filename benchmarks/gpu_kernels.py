@@ -16,7 +16,9 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
 5. attention block (QKV GEMM, epilogue, attention, O GEMM): fold and rotate at rank 64 against
    uncompressed; the model's fused path against its unfused one;
 6. a decode step's RMSNorm and SwiGLU gate: the fused kernels against the eager references;
-7. sweeps, last (what the time guard skips first): every decode split count and config, splits in
+7. decode experiments (not goal rows): int8 with token-major scales, int8 with plain P @ V (its default is
+   (V^T P^T)^T), bf16 with (V^T P^T)^T;
+8. sweeps, last (what the time guard skips first): every decode split count and config, splits in
    tables wider than the contexts (a CUDA graph's), every prefill config at 4096.
 Writes JSON (--json; default docs/benchmarks/gpu_kernels.json on a GPU) and a markdown table.
 """
