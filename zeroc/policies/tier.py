@@ -347,7 +347,7 @@ class TierPools(PolicyPools):
     def _group_masks(self, batch: PagedBatch, s: _Slots) -> tuple[Tensor, Tensor]:
         """-> (live [B, ctx]: the slots each sequence holds; mask [B, 1, max_q, ctx + K]: the compressed keys
         each query sees, then its full-rank ones)."""
-        r, q_pos = s.rows, s.rows.pos[..., None]  # [B, max_q, 1]
+        q_pos = s.rows.pos[..., None]  # [B, max_q, 1]
         k_pos = torch.arange(batch.block_tables.shape[1] * self.bs, device=q_pos.device)[None, None]  # [1, 1, ctx]
         live = k_pos[0] < batch.seq_lens[:, None]
         compressed = (k_pos <= q_pos) & live[:, None] & ~self._in_tier(k_pos, q_pos)
@@ -384,7 +384,7 @@ class TierPools(PolicyPools):
 
     def load(self, layer: int, table: list[int], k: Tensor, v: Tensor) -> None:
         # k: [T, kv, k_dim]; v: [T, kv, v_dim]: the compressed rows of tokens [0, T) from the wire
-        t, pool, n = self.policy.layers[layer], self.pools[layer], k.shape[0]
+        pool, n = self.pools[layer], k.shape[0]
         rows = pool[table[: ceil_div(n, self.bs)]].flatten(0, 1)  # [blocks * block_size, kv, k_dim + v_dim]
         rows[:n] = torch.cat([k, v], -1).to(pool.dtype)
         pool[table[: ceil_div(n, self.bs)]] = rows.view(-1, *pool.shape[1:])
