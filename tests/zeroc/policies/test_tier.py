@@ -29,8 +29,10 @@ def tiered_of(bundled):
     factors = compute_factors(model, collect_statistics(model, calib, progress=False, sample_tokens=128))
     d = model.config.head_dim
 
-    def build(mode: str, sinks: int, recent: int):
-        layers = tuple(f.layer_compression(d // 2, d // 4, mode) for f in factors)
+    def build(mode: str, sinks: int, recent: int, ranks: tuple | None = None):
+        """ranks: (Q/K, V) for every layer, ints or per-KV-head tuples (default d/2, d/4)."""
+        qk, v = ranks or (d // 2, d // 4)
+        layers = tuple(f.layer_compression(qk, v, mode) for f in factors)
         return build_compressed(model, factors, AttentionCompression(layers, "tier-store-test", 0.375,
                                                                      f"zeroc-{mode}", sinks, recent))
 
@@ -99,6 +101,21 @@ def test_slots_nobody_wrote_never_reach_an_output(tiered_of, sinks, recent):
     for pool in cache.pools.pools:
         pool.fill_(float("nan"))
     got = _run(model, cache, tokens, PLAN)
+    for b in range(2):
+        assert (got[b] - dense[b, : got[b].shape[0]]).abs().max().item() < 1e-4
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_per_kv_head_ranks_with_a_tier_equal_the_dense_forward(tiered_of, backend):
+    """A layer with per-KV-head ranks caches one row of all its heads' dims: its tier decode steps go through the
+    decode kernel with that row as one KV head, and still give the dense tiered forward."""
+    model = tiered_of("fold", 2, 8, ranks=((24, 40), (8, 24)))
+    model.backend = select_backend(backend, "cpu")
+    assert model.config.kv_geometry(0)[0] == 1  # one cached row for both KV heads
+    tokens = torch.randint(0, model.config.vocab_size, (2, 69), generator=torch.Generator().manual_seed(8))
+    dense = model(tokens)
+    got = _run(model, _cache(model), tokens, PLAN)
     for b in range(2):
         assert (got[b] - dense[b, : got[b].shape[0]]).abs().max().item() < 1e-4
 
