@@ -203,7 +203,8 @@ def tier_layer(attn, cfg: ModelConfig, factors: LayerFactors, comp: LayerCompres
 
 
 def build_compressed(model: Transformer, factors: list[LayerFactors], layout: AttentionCompression) -> Transformer:
-    """A new Transformer with every layer folded as `layout` says (the source model is untouched)."""
+    """A new Transformer with every layer folded as `layout` says, on the source model's attention backend (the
+    source model is untouched)."""
     cfg = ModelConfig(**{**model.config.__dict__, "compression": layout})
     state = dict(model.state_dict())
     for i, (layer, f, comp) in enumerate(zip(model.model.layers, factors, layout.layers)):
@@ -214,7 +215,7 @@ def build_compressed(model: Transformer, factors: list[LayerFactors], layout: At
             state[f"model.layers.{i}.self_attn.{name}"] = tensor
     param = next(model.parameters())
     with torch.device("meta"):
-        out = Transformer(cfg)
+        out = Transformer(cfg, backend=model.backend)
     out = out.to_empty(device=param.device)
     out.load_state_dict({k: v.to(param.dtype) for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
