@@ -5,7 +5,7 @@ never by looking at a tensor's device or an argument's type on the hot path. Cal
 - `zeroc.model` (the paged forward): `paged_attention` over plain pools, and, where `fused_epilogue`
   holds, the QKV epilogue that applies RoPE (and rotate mode's bases) and writes K/V into their slots;
 - KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`; a token tier's pools:
-  `decode_partials` for the compressed segment of a decode step;
+  `decode_partials` for the compressed segment of a decode step (the decode kernel from a key on, unmerged);
 - `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
   (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels.
 
@@ -45,7 +45,7 @@ from zeroc_kernels.kv_quant import quantize_into_slots_ref
 from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, one_width,
                                            paged_attention_int8_ref, paged_attention_ref)
-from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_paged_attention
+from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_decode_partials, ragged_paged_attention
 from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "triton")
@@ -181,8 +181,8 @@ class TorchBackend(AttentionBackend):
 
 class CpuBackend(TorchBackend):
     """Attention by the ragged CPU kernel, over plain and int8 pools (the int8 blocks a step names are
-    dequantised first, as the reference does); cache writes as the torch backend. ValueError where the
-    kernel cannot be built (no compiler)."""
+    dequantised first, as the reference does), and a token tier's decode partials; cache writes as the torch
+    backend. ValueError where the kernel cannot be built (no compiler)."""
 
     name = "cpu"
     # 2-core Xeon, fp32, 2 threads: SDPA / ragged kernel 0.60 at 2,048 tokens, 0.90-1.19 at 512, 0.86-1.16 at 128
@@ -201,6 +201,9 @@ class CpuBackend(TorchBackend):
             return ragged_paged_attention(self.kernel, q, k, v, tables, seq_lens, query_start_loc, scale)
         return ragged_paged_attention(self.kernel, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale)
+
+    def decode_partials(self, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start=0):
+        return ragged_decode_partials(self.kernel, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start)
 
 
 class ReferenceEpilogueBackend(TorchBackend):

@@ -141,6 +141,27 @@ def ragged_paged_attention(
     return out.to(dtype)
 
 
+def ragged_decode_partials(
+    kernel: ModuleType,  # from load_ragged_kernel()
+    q: Tensor,  # [B, heads, dq] one query per sequence
+    k_cache: Tensor,  # [num_blocks, block_size, kv_heads, dq], any strides but the last
+    v_cache: Tensor,  # [num_blocks, block_size, kv_heads, dv]
+    block_tables: Tensor,  # [B, max_blocks]
+    seq_lens: Tensor,  # [B] each sequence's keys end here
+    scale: float,
+    key_start: int = 0,  # ... and start here
+) -> tuple[Tensor, Tensor]:
+    """-> (out [B, heads, 1, dv], lse [B, heads, 1]), as `decode_partials_ref` (kernels/paged_decode.py), in place
+    in the cache like `ragged_paged_attention` (dtypes likewise)."""
+    dtype = q.dtype
+    if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+        ids, block_tables = block_tables.unique(return_inverse=True)
+        k_cache, v_cache = k_cache[ids].float(), v_cache[ids].float()
+    out, lse = kernel.ragged_decode_partials(q.float(), rows_contiguous(k_cache), rows_contiguous(v_cache),
+                                             block_tables, seq_lens, float(scale), int(key_start))
+    return out.to(dtype)[:, :, None], lse[:, :, None]
+
+
 def main() -> int:
     """Build ahead of use (images): `python -m zeroc_kernels.ragged_cpu [--all-isas]`."""
     p = argparse.ArgumentParser(description=main.__doc__)

@@ -14,6 +14,8 @@
 // cache rows; prefill tiles stage each block once and run register-blocked score and P @ V loops.
 // Items are handed out longest-first from an atomic counter inside torch's own thread pool, so
 // torch.set_num_threads governs this kernel like any other op.
+// `ragged_decode_partials` runs the decode paths over each sequence's keys from a start position on, with
+// each output's log-sum-exp: a token tier's compressed segment, merged with its full-rank keys by LSE.
 // Built by kernels/ragged_cpu.py (-O3 -fopenmp and the vector ISA torch detected on the CPU).
 #include <torch/extension.h>
 
@@ -44,6 +46,8 @@ struct Args {
   int64_t heads, kv_heads, group, dq, dv, block_size, table_width;
   int64_t ks0, ks1, ks2, vs0, vs1, vs2;
   float scale;
+  int64_t key_start = 0;  // keys before this position are not attended (a token tier's compressed segment)
+  float* lse = nullptr;   // [N, heads]: each output's natural-log sum of exp(scores), when asked for
 };
 
 struct Item {
@@ -139,14 +143,25 @@ inline void load_queries(const Args& a, const Item& it, float* __restrict qs) {
   }
 }
 
+// One output vector: acc / den, and its LSE where asked for; a vector that attended no key (den 0: keys from
+// key_start on only) gets 0 and LSE -inf.
+inline void store_vector(const Args& a, int64_t out_row, const float* acc, float mx, float den) {
+  float* dst = a.out + out_row * a.dv;
+  const float inv = den > 0.f ? 1.f / den : 0.f;
+  for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[j] * inv;
+  if (a.lse != nullptr) {
+    a.lse[out_row] = den > 0.f ? mx + std::log(den) : -std::numeric_limits<float>::infinity();
+  }
+}
+
 // out rows of the item's vectors: acc [m, acc_stride] / den [m]
-inline void store_outputs(const Args& a, const Item& it, const float* acc, int64_t acc_stride, const float* den) {
+inline void store_outputs(const Args& a, const Item& it, const float* acc, int64_t acc_stride, const float* mx,
+                          const float* den) {
   const int64_t per_row = it.heads * a.group;
   for (int64_t m = 0; m < it.rows * per_row; ++m) {
     const int64_t i = m / per_row, hg = m % per_row;
-    float* dst = a.out + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + hg) * a.dv;
-    const float inv = 1.f / den[m];
-    for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[m * acc_stride + j] * inv;
+    store_vector(a, (a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group + hg, acc + m * acc_stride,
+                 mx[m], den[m]);
   }
 }
 
@@ -164,23 +179,24 @@ void attend_vectors(const Args& a, const Item& it, std::vector<float>& buf) {
   load_queries(a, it, qs);
   std::fill(mx, mx + m_count, -std::numeric_limits<float>::infinity());
   const auto [first_pos, last_pos] = row_positions(a, it);
-  for (int64_t blk = 0; blk * a.block_size <= last_pos; ++blk) {
+  for (int64_t blk = a.key_start / a.block_size; blk * a.block_size <= last_pos; ++blk) {
     const int64_t base = blk * a.block_size;
+    const int64_t skip = std::max<int64_t>(0, a.key_start - base);  // the block's keys before key_start
     const auto [kb, vb] = block_kv(a, it, blk);
     const int64_t n_block = std::min(a.block_size, last_pos - base + 1);
     for (int64_t i = 0; i < it.rows; ++i) {
-      // keys this row sees in the block: positions base .. min(its own, block end)
-      const int64_t n = std::min(n_block, first_pos + i - base + 1);
+      // keys this row sees in the block: positions base + skip .. min(its own, block end)
+      const int64_t n = std::min(n_block, first_pos + i - base + 1) - skip;
       if (n <= 0) continue;
       for (int64_t hg = 0; hg < per_row; ++hg) {
         const int64_t m = i * per_row + hg, h = hg / a.group;
-        const float* kh = kb + h * a.ks2;
+        const float* kh = kb + h * a.ks2 + skip * a.ks1;
         for (int64_t t = 0; t < n; ++t) s[t] = dot(qs + m * a.dq, kh + t * a.ks1, a.dq);
-        block_update(a, s, n, vb + h * a.vs2, mx[m], den[m], acc + m * a.dv);
+        block_update(a, s, n, vb + h * a.vs2 + skip * a.vs1, mx[m], den[m], acc + m * a.dv);
       }
     }
   }
-  store_outputs(a, it, acc, a.dv, den);
+  store_outputs(a, it, acc, a.dv, mx, den);
 }
 
 // ---- Tile path: items of several query rows (prefill, chunks). Each block is staged once per item (keys
@@ -273,7 +289,7 @@ void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
       tile_pv(b.s, b.bsp, n_block, b.vp, b.dvp, b.dvp, b.acc + m0 * b.dvp);
     }
   }
-  store_outputs(a, it, b.acc, b.dvp, b.den);
+  store_outputs(a, it, b.acc, b.dvp, b.mx, b.den);
 }
 
 // A decode item whose value width fills whole registers: scores as dots from the cache rows, then P @ V
@@ -297,9 +313,13 @@ void attend_decode(const Args& a, const Item& it, std::vector<float>& buf) {
     }
   }
   const int64_t pos = row_positions(a, it).second;
-  for (int64_t blk = 0; blk * a.block_size <= pos; ++blk) {
-    const auto [kb, vb] = block_kv(a, it, blk);
-    const int64_t n = std::min(a.block_size, pos - blk * a.block_size + 1);
+  for (int64_t blk = a.key_start / a.block_size; blk * a.block_size <= pos; ++blk) {
+    const int64_t skip = std::max<int64_t>(0, a.key_start - blk * a.block_size);  // the block's keys before key_start
+    const int64_t n = std::min(a.block_size, pos - blk * a.block_size + 1) - skip;
+    if (n <= 0) continue;
+    auto [kb, vb] = block_kv(a, it, blk);
+    kb += skip * a.ks1;
+    vb += skip * a.vs1;
     for (int64_t h = 0; h < it.heads; ++h) {
       for (int64_t g0 = 0; g0 < gp; g0 += kRowBlock) {
         for (int64_t r = 0; r < kRowBlock; ++r) {
@@ -313,9 +333,8 @@ void attend_decode(const Args& a, const Item& it, std::vector<float>& buf) {
   }
   for (int64_t h = 0; h < it.heads; ++h) {
     for (int64_t g = 0; g < a.group; ++g) {
-      float* dst = a.out + (row * a.heads + (it.kv_head + h) * a.group + g) * a.dv;
       const int64_t m = h * gp + g;
-      for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[m * a.dv + j] / den[m];
+      store_vector(a, row * a.heads + (it.kv_head + h) * a.group + g, acc + m * a.dv, mx[m], den[m]);
     }
   }
 }
@@ -343,13 +362,14 @@ std::vector<Item> plan_items(const Args& a, int64_t num_seqs, int64_t threads) {
   return items;
 }
 
-void check_tables(const Args& a, int64_t num_seqs, int64_t num_blocks, int64_t num_rows) {
+// causal: every query sits in its sequence's context (q_len <= seq_len); decode partials only need
+// seq_len >= 0 (a segment may hold no key).
+void check_tables(const Args& a, int64_t num_seqs, int64_t num_blocks, int64_t num_rows, bool causal) {
   TORCH_CHECK_VALUE(a.starts[0] == 0 && a.starts[num_seqs] == num_rows, "query_start_loc must run from 0 to N");
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int64_t q_len = a.starts[b + 1] - a.starts[b];
-    TORCH_CHECK_VALUE(q_len >= 0 && q_len <= a.seq_lens[b], "query_start_loc gives sequence ", b, " ", q_len,
-                      " queries but seq_lens only ",
-                a.seq_lens[b]);
+    TORCH_CHECK_VALUE(q_len >= 0 && (causal ? q_len <= a.seq_lens[b] : a.seq_lens[b] >= 0), "query_start_loc gives "
+                      "sequence ", b, " ", q_len, " queries but seq_lens holds ", a.seq_lens[b]);
     const int64_t need = (a.seq_lens[b] + a.block_size - 1) / a.block_size;
     TORCH_CHECK_VALUE(need <= a.table_width, "block_tables: sequence ", b, " needs ", need, " blocks, its row holds ",
                       a.table_width);
@@ -361,13 +381,9 @@ void check_tables(const Args& a, int64_t num_seqs, int64_t num_blocks, int64_t n
   }
 }
 
-}  // namespace
-
-// q: [N, heads, dq] fp32; k_cache: [blocks, block_size, kv_heads, dq]; v_cache: [..., dv] (last dims dense);
-// block_tables: [B, W] int64; seq_lens: [B] int64; query_start_loc: [B + 1] int64 -> [N, heads, dv]
-torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens,
-                                     torch::Tensor query_start_loc, double scale) {
+// The arguments' checks and the Args over them (the tensors stay alive in the caller), `out` still to be set.
+Args make_args(torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+               torch::Tensor& block_tables, torch::Tensor& seq_lens, torch::Tensor& query_start_loc, double scale) {
   TORCH_CHECK_VALUE(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && block_tables.dim() == 2,
                     "q must be [N, heads, dq], k_cache / v_cache [blocks, block_size, kv_heads, d], block_tables 2-D");
   TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
@@ -385,14 +401,14 @@ torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, tor
   const int64_t heads = q.size(1), kv_heads = k_cache.size(2);
   TORCH_CHECK_VALUE(heads % kv_heads == 0, "q heads ", heads, " are not a multiple of k_cache's KV heads ", kv_heads);
   TORCH_CHECK_VALUE(q.size(2) == k_cache.size(3), "q width ", q.size(2), " differs from k_cache's ", k_cache.size(3));
-  auto out = torch::empty({q.size(0), heads, v_cache.size(3)}, q.options());
-  Args a{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), out.data_ptr<float>(),
-         block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
-         heads, kv_heads, heads / kv_heads, q.size(2), v_cache.size(3), k_cache.size(1), block_tables.size(1),
-         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-         v_cache.stride(2), static_cast<float>(scale)};
-  const int64_t num_seqs = block_tables.size(0);
-  check_tables(a, num_seqs, k_cache.size(0), q.size(0));
+  return Args{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr,
+              block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
+              heads, kv_heads, heads / kv_heads, q.size(2), v_cache.size(3), k_cache.size(1), block_tables.size(1),
+              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+              v_cache.stride(2), static_cast<float>(scale)};
+}
+
+void run_items(const Args& a, int64_t num_seqs) {
   const std::vector<Item> items = plan_items(a, num_seqs, at::get_num_threads());
   std::atomic<int64_t> next{0};
   const int workers = static_cast<int>(std::max<int64_t>(
@@ -413,9 +429,44 @@ torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, tor
       }
     }
   }
+}
+
+}  // namespace
+
+// q: [N, heads, dq] fp32; k_cache: [blocks, block_size, kv_heads, dq]; v_cache: [..., dv] (last dims dense);
+// block_tables: [B, W] int64; seq_lens: [B] int64; query_start_loc: [B + 1] int64 -> [N, heads, dv]
+torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens,
+                                     torch::Tensor query_start_loc, double scale) {
+  Args a = make_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
+  auto out = torch::empty({q.size(0), q.size(1), v_cache.size(3)}, q.options());
+  a.out = out.data_ptr<float>();
+  check_tables(a, block_tables.size(0), k_cache.size(0), q.size(0), true);
+  run_items(a, block_tables.size(0));
   return out;
+}
+
+// One query per sequence ([B, heads, dq]) over its keys [key_start, seq_len) only, unnormalised by anything
+// else -> (out [B, heads, dv], lse [B, heads]): a partial to merge by log-sum-exp with attention over other keys
+// (a token tier's compressed segment, zeroc/policies/tier.py). A sequence with no such key gets 0 and -inf.
+std::vector<torch::Tensor> ragged_decode_partials(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                                  torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
+                                                  int64_t key_start) {
+  TORCH_CHECK_VALUE(key_start >= 0, "key_start must be >= 0, got ", key_start);
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.size(0) == block_tables.size(0), "q must hold one query per sequence");
+  auto starts = torch::arange(q.size(0) + 1, torch::TensorOptions().dtype(at::kLong));
+  Args a = make_args(q, k_cache, v_cache, block_tables, seq_lens, starts, scale);
+  auto out = torch::empty({q.size(0), q.size(1), v_cache.size(3)}, q.options());
+  auto lse = torch::empty({q.size(0), q.size(1)}, q.options());
+  a.out = out.data_ptr<float>();
+  a.key_start = key_start;
+  a.lse = lse.data_ptr<float>();
+  check_tables(a, block_tables.size(0), k_cache.size(0), q.size(0), false);
+  run_items(a, block_tables.size(0));
+  return {out, lse};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_paged_attention", &ragged_paged_attention, "ragged causal GQA attention over a paged KV cache");
+  m.def("ragged_decode_partials", &ragged_decode_partials, "one query per sequence over keys from key_start, with LSE");
 }

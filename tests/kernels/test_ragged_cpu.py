@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from zeroc_kernels.attention import CpuBackend, select_backend
 from zeroc_kernels.paged_attention import paged_attention_int8_ref, paged_attention_ref
-from zeroc_kernels.ragged_cpu import build_ragged_kernel, cpu_isa, kernel_dir, load_ragged_kernel, ragged_paged_attention
+from zeroc_kernels.ragged_cpu import (build_ragged_kernel, cpu_isa, kernel_dir, load_ragged_kernel,
+                                      ragged_decode_partials, ragged_paged_attention)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,36 @@ def test_cpu_backend_serves_int8_and_bf16_as_the_references(kernel, random_paged
     got = backend.paged_attention(qb, kb, vb, tables, lens, starts, 0.1)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dims", [(48, 32), (40, 24)])  # dv a multiple of 16 (the register path) or not
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_partials_from_a_key_start_are_the_reference(kernel, random_paged_kv, poison_unused_slots, dims,
+                                                            threads):
+    """A token tier's compressed segment: one query per sequence over its keys [key_start, seq_len) of column
+    views of a wider row (as the tier pools hold K and V side by side), with each output's LSE; a sequence with
+    no key there (seq_len == key_start, or 0) gets 0 and -inf. Few sequences (an item per KV head) and many (whole
+    rows per item)."""
+    from zeroc_kernels.paged_decode import decode_partials_ref
+
+    dq, dv = dims
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(sum(dims) + threads)
+    for lens, start in (([5, 40, 130], 5), ([0, 3, 3, 20, 17, 64, 200, 33], 3), ([1, 16, 17, 100], 0)):
+        pools, _, tables = random_paged_kv(gen, [max(n, 1) for n in lens], 16, 2, dq + dv, 8, torch.float32)
+        seq_lens = torch.tensor(lens)
+        pools = poison_unused_slots(pools, tables, seq_lens)
+        k, v = pools[..., :dq], pools[..., dq:]  # [blocks, 16, 2, dq] and [..., dv]: strided views
+        q = torch.randn(len(lens), 6, dq, generator=gen)
+        want, want_lse = decode_partials_ref(q, k, v, tables, seq_lens, 0.3, start)
+        got, lse = ragged_decode_partials(kernel, q, k, v, tables, seq_lens, 0.3, start)
+        assert got.shape == want.shape and lse.shape == want_lse.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+        empty = seq_lens <= start
+        assert (got[empty] == 0).all() and torch.isneginf(lse[empty]).all() and bool(empty.any()) == (start > 0)
+    with pytest.raises(ValueError, match="key_start"):
+        ragged_decode_partials(kernel, q, k, v, tables, seq_lens, 0.3, -1)
 
 
 def test_a_built_kernel_is_imported_not_rebuilt(kernel):
