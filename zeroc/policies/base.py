@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Hashable
 
 import torch
 from torch import Tensor
@@ -106,13 +106,25 @@ class PolicyPools(abc.ABC):
     def release(self, table: list[int]) -> None:
         """Nothing borrowed by default."""
 
+    # -- what every layer of a step reads alike, built once ------------------------------------------------
+    def begin_step(self, batch: PagedBatch) -> None:
+        """Every layer's `attend` of a step gets the same batch object: a new one starts a new step's memo."""
+        if getattr(self, "_step_batch", None) is not batch:
+            self._step_batch, self._memo = batch, {}
+
+    def once(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """`build()` in the step's first layer only (after `begin_step`): what depends on the batch, not the layer
+        (host reads of it, index tensors), is read or computed once, not once per layer; on a GPU each costs
+        kernels, inside a CUDA graph too."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
     def sequences(self, batch: PagedBatch) -> list[tuple[int, int, list[int], slice]]:
-        """`batch_sequences(batch)` for pools that walk a step's sequences on the host: read from the device
-        once per step, not once per layer (every layer's `attend` gets the same batch)."""
-        memo = getattr(self, "_sequences", None)
-        if memo is None or memo[0] is not batch:
-            memo = self._sequences = (batch, batch_sequences(batch))
-        return memo[1]
+        """`batch_sequences(batch)`, read from the device once per step, for pools that walk its sequences on the
+        host."""
+        self.begin_step(batch)
+        return self.once("sequences", lambda: batch_sequences(batch))
 
 
 class KVMethod(abc.ABC):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -203,8 +203,6 @@ class TierPools(PolicyPools):
         width = max(1, policy.tier_blocks(shapes, block_size, self.sinks + self.recent))
         self.tier_ids = torch.full((num_blocks + 1, width), self.trash, dtype=torch.long, device=device)
         self._staged: dict[int, tuple[Tensor, Tensor]] = {}
-        # The step's index tensors, built by its first layer (`_once`): (batch, {(id(a batch), what): (it, value)})
-        self._step: tuple[PagedBatch | None, dict] = (None, {})
         self.backend: AttentionBackend = TorchBackend()  # the model's, once `prepare` has seen it
 
     def prepare(self, model: Transformer) -> None:
@@ -260,14 +258,6 @@ class TierPools(PolicyPools):
         slot = torch.where(kept, self._slot(pos), 0)  # a row the tier drops may lie past its slots
         return _Writes(rows, self.tier_ids[batch.block_tables[seq, 0]], slot, kept)
 
-    def _once(self, batch: PagedBatch, what: str, build: Callable[[], object]):
-        """`build()` for `batch` (the step's or one of its groups) in the step's first layer only: every layer
-        reads the same index tensors, and on a GPU each costs kernels (inside a CUDA graph too)."""
-        memo = self._step[1]
-        if (id(batch), what) not in memo:
-            memo[id(batch), what] = (batch, build())  # the batch kept alive, so its id is not reused
-        return memo[id(batch), what][1]
-
     # -- the model's calls ------------------------------------------------------------------------
     def stage(self, layer: int, k: Tensor, v: Tensor) -> None:
         self._staged[layer] = (k, v)
@@ -278,20 +268,17 @@ class TierPools(PolicyPools):
         t, pool, n = self.policy.layers[layer], self.pools[layer], q.shape[0]
         flat = pool.view(-1, *pool.shape[2:])  # [slots, kv_heads, k_dim + v_dim]
         flat[batch.slot_mapping] = torch.cat([k_new[..., : t.k_dim], v_new[..., : t.v_dim]], -1).to(pool.dtype)
-        if self._step[0] is not batch:  # a step's first layer
-            self._step = (batch, {})
+        self.begin_step(batch)  # the step's index tensors (`once`): built by its first layer, read by every layer
         if batch.max_query_len == 1:
             out = self._attend_decode(layer, q, k_new, v_new, batch, scale)
         else:
             out = q.new_empty(n, q.shape[1], t.v_dim + t.tier_v)
-            for group, rows in self._once(batch, "groups", lambda: _groups(batch, n)):
+            for group, rows in self.once("groups", lambda: _groups(batch, n)):
                 out[rows] = self._attend_group(layer, q[rows], k_new[rows], v_new[rows], group, scale)
         # Written after the attention: a chunk's later rows take ring slots its earlier queries still read.
-        w = self._once(batch, "writes", lambda: self._writes(batch, n))
+        w = self.once("writes", lambda: self._writes(batch, n))
         extra = torch.cat([k_new[w.rows, :, t.k_dim:], v_new[w.rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
         self._write_tier(layer, w.ids, w.slot, w.kept, extra)
-        if layer == len(self.pools) - 1:
-            self._step = (None, {})
         return out
 
     def _attend_decode(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
@@ -301,8 +288,8 @@ class TierPools(PolicyPools):
         kernel unmerged (split or not); the full-rank one is the tier's S + W slots and the token itself; one
         merge by LSE. Every shape is fixed by the batch's, so a CUDA graph can hold the step."""
         t, pool = self.policy.layers[layer], self.pools[layer]
-        s = self._once(batch, "slots", lambda: self._slots(batch, _Rows.of(batch, q.shape[0])))  # one row each
-        ends, full = self._once(batch, "decode", lambda: (
+        s = self.once("slots", lambda: self._slots(batch, _Rows.of(batch, q.shape[0])))  # one row each
+        ends, full = self.once("decode", lambda: (
             (batch.seq_lens - self.recent).clamp(min=self.sinks),  # [B]; the token's own key is in the tier
             (s.keys_ok & (s.keys_pos <= s.rows.pos) & self._in_tier(s.keys_pos, s.rows.pos))[:, None]))  # [B, 1, K]
         parts, lses = self.backend.decode_partials(q[..., : t.k_dim], pool[..., : t.k_dim], pool[..., t.k_dim:],
@@ -323,8 +310,9 @@ class TierPools(PolicyPools):
         so with the query [q' | q_tier], a compressed key [k' | 0] scores q'.k' and a tier key [k' | k_tier]
         the full score; each (query, position) pair is allowed in exactly one of the two key sets."""
         t, pool = self.policy.layers[layer], self.pools[layer]
-        s = self._once(batch, "slots", lambda: self._slots(batch, _Rows.of(batch, q.shape[0])))
-        live, mask = self._once(batch, "masks", lambda: self._group_masks(batch, s))
+        # per group (`_groups` keeps them alive through the step, so their ids name them)
+        s = self.once(("slots", id(batch)), lambda: self._slots(batch, _Rows.of(batch, q.shape[0])))
+        live, mask = self.once(("masks", id(batch)), lambda: self._group_masks(batch, s))
         r = s.rows
         stored = pool[batch.block_tables].flatten(1, 2)  # [B, ctx, kv_heads, k_dim + v_dim]
         # Slots past a sequence's length hold other sequences' old rows: zeroed, as paged_attention_ref does,
