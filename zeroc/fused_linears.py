@@ -1,10 +1,15 @@
-"""Several nn.Linear of one input as one GEMM: a layer's Q/K/V projections, its MLP's gate and up.
+"""Several nn.Linear as one GEMM: of one input (a layer's Q/K/V projections, its MLP's gate and up), or of one
+output width whose outputs are added (a token tier's two output projections).
 
 At decode batch sizes a projection's GEMM is bound by reading its weight, and each is a launch of its own;
 a narrow one (K or V: 1,024 of Llama-3-8B's 4,096 rows) runs well under the copy rate. `FusedLinears.of`
 concatenates the weights once and re-points each nn.Linear's weight (and bias) at its rows of the
 concatenation, so nothing is stored twice and checkpoints keep Hugging Face's names; weights loaded into a
 part in place (`load_state_dict`, an optimizer step) land in the concatenation too.
+
+`SummedLinears` is the transpose case: o_proj(a) + tier_o_proj(b) = [W_o | W_tier_o] [a; b], the weights laid
+side by side along their input dims (each part's weight a column view of the concatenation), the inputs
+concatenated per call (a copy of the activations, not of the weights).
 
 The one GEMM serves forwards without gradients (serving, evaluation). Where gradients are wanted, or once a
 part's weight is no longer its rows of the concatenation (the module was moved or cast after fusing, or a
@@ -13,6 +18,7 @@ weight reassigned), each part runs on its own, so the result is always the parts
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -57,3 +63,36 @@ class FusedLinears:
 
 def _pointers(parts: tuple[nn.Linear, ...]) -> tuple[int, ...]:
     return tuple(t.data_ptr() for p in parts for t in (p.weight, p.bias) if t is not None)
+
+
+@dataclass(eq=False)
+class SummedLinears:
+    parts: tuple[nn.Linear, ...]
+    weight: Tensor  # [out, Σ in]: the parts' weights side by side
+    bias: Tensor | None  # [out]: the one part's that has a bias
+    sizes: tuple[int, ...]  # each part's in_features
+    pointers: tuple[int, ...]
+
+    @classmethod
+    def of(cls, *parts: nn.Linear) -> SummedLinears | None:
+        """Fuse `parts` (one out_features, one dtype and device, at most one with a bias: a sum of biases would
+        not follow a part's later loads); None where they cannot be (a meta skeleton not loaded yet)."""
+        if len({p.out_features for p in parts}) > 1 or sum(p.bias is not None for p in parts) > 1:
+            raise ValueError("summed linears need one output width and at most one bias")
+        if any(p.weight.is_meta for p in parts):
+            return None
+        with torch.no_grad():
+            weight = torch.cat([p.weight for p in parts], 1)
+        at = 0
+        for p in parts:
+            # a column view (row stride Σ in): BLAS reads it in place where a part runs on its own
+            p.weight = nn.Parameter(weight[:, at: at + p.in_features], requires_grad=p.weight.requires_grad)
+            at += p.in_features
+        bias = next((p.bias for p in parts if p.bias is not None), None)
+        return cls(tuple(parts), weight, bias, tuple(p.in_features for p in parts), _pointers(parts))
+
+    def __call__(self, *xs: Tensor) -> Tensor:
+        """xs: one [*, in_i] per part -> Σ_i part_i(x_i) [*, out]"""
+        if torch.is_grad_enabled() or _pointers(self.parts) != self.pointers:
+            return functools.reduce(torch.add, (p(x) for p, x in zip(self.parts, xs)))
+        return F.linear(torch.cat(xs, -1), self.weight, self.bias)

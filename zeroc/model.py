@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from zeroc.attend import Attend, AttendFn, CallerAttend, DenseCausal, FusedPagedAttend, PagedAttend
 from zeroc.config import ModelConfig
-from zeroc.fused_linears import FusedLinears
+from zeroc.fused_linears import FusedLinears, SummedLinears
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
 from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
@@ -81,7 +81,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, sum(proj), bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, sum(vr), bias=bias)
         self.o_proj = nn.Linear(group * sum(vr), cfg.hidden_size, bias=cfg.attention_bias)
-        self.qkv: FusedLinears | None = None  # Q, K and V as one GEMM, once `Transformer.fuse_projections` ran
+        # Q, K and V (and a tier's projections of the input: `input_projections`) as one GEMM, and a tier's two
+        # output projections as one, once `Transformer.fuse_projections` ran
+        self.qkv: FusedLinears | None = None
+        self.o_tier: SummedLinears | None = None
         if self.rotate:  # q' = q_basis[g]^T RoPE(q) for every query head of group g; k' likewise
             # [kv, d, r]; with per-head ranks r = the widest, and head g's columns past its rank are zero
             self.q_basis = nn.Parameter(torch.empty(self.n_kv, d, max(qk)))
@@ -104,12 +107,29 @@ class Attention(nn.Module):
             self.tier_v_proj = nn.Linear(cfg.hidden_size, sum(tier_v), bias=bias)
             self.tier_o_proj = nn.Linear(group * sum(tier_v), cfg.hidden_size, bias=False)  # o_proj has the bias
 
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        """The layer's projections of its input, in the order `_project` returns their outputs: Q, K, V, then a
+        tier's (fold: the dropped RoPE pairs' Q and K rows; rotate: none, the bases' complement gives them),
+        then the tier's V complement."""
+        if self.tier is None:
+            return self.q_proj, self.k_proj, self.v_proj
+        tier_qk = () if self.rotate else (self.tier_q_proj, self.tier_k_proj)
+        return self.q_proj, self.k_proj, self.v_proj, *tier_qk, self.tier_v_proj
+
+    def _project(self, x: Tensor) -> tuple[Tensor, ...]:
+        # x: [*P, hidden] -> each of `input_projections`' outputs [*P, out_i]: one GEMM once fused
+        return self.qkv(x) if self.qkv is not None else tuple(p(x) for p in self.input_projections())
+
+    def _tier_out(self, kept: Tensor, rest: Tensor) -> Tensor:
+        # kept: [*P, Σ v dims] through o_proj, rest: [*P, Σ tier v dims] through tier_o_proj -> [*P, hidden]
+        return self.o_tier(kept, rest) if self.o_tier is not None else self.o_proj(kept) + self.tier_o_proj(rest)
+
     def forward(self, layer: int, x: Tensor, rope: RopeTables, attend: Attend) -> Tensor:
         # x: [*P, hidden]; rope: the forward's positions [*P] and their cos/sin tables
-        if self.head_layout is not None:
-            return self._per_head(layer, x, rope, attend)
         lead = x.shape[:-1]
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v, *tier = self._project(x)  # [*P, out] each; tier: the tier's projections (`input_projections`)
+        if self.head_layout is not None:
+            return self._per_head(layer, lead, (q, k, v), tier, rope, attend)
         q = q.view(*lead, self.n_heads, -1)
         k = k.view(*lead, self.n_kv, -1)
         v = v.view(*lead, self.n_kv, self.v_dim)
@@ -117,79 +137,78 @@ class Attention(nn.Module):
             return self.o_proj(attend.raw(layer, self, q, k, v, rope.positions).reshape(*lead, -1))
         q, k = rope.qk(self.rope_key, q, k, self.inv_freq)  # [*P, heads, qk_dim or d], [*P, kv_heads, qk_dim or d]
         if self.tier is not None:
-            return self._tiered(layer, x, rope, q, k, v, attend)
+            return self._tiered(layer, lead, rope, (q, k, v), tier, attend)
         if self.rotate:
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
         out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
         return self.o_proj(out.reshape(*lead, -1))
 
-    def _tiered(self, layer: int, x: Tensor, rope: RopeTables, q: Tensor, k: Tensor, v: Tensor,
-                attend: Attend) -> Tensor:
+    def _tiered(self, layer: int, lead: torch.Size, rope: RopeTables, qkv: tuple[Tensor, Tensor, Tensor],
+                tier: list[Tensor], attend: Attend) -> Tensor:
         """Attention with the token tier (zeroc/tier.py): dense causal, or through a tier cache's pools.
-        x: [*P, hidden]; rope: the forward's positions [*P] and cos/sin; q: [*P, heads, *] and
-        k: [*P, kv_heads, *] after RoPE;
-        v: [*P, kv_heads, v_dim]."""
-        lead = x.shape[:-1]
+        lead: *P; rope: the forward's positions [*P] and cos/sin; qkv: q [*P, heads, *] and k [*P, kv_heads, *]
+        after RoPE, v [*P, kv_heads, v_dim]; tier: the tier's projections of x, [*P, out_i] each."""
+        q, k, v = qkv
         # Full-rank q, k: the compressed dims, then the complement (q·k sums over both): fold, the dropped
         # RoPE pairs; rotate, the post-RoPE q, k on the bases' complement columns (A B^T = I at full rank).
         if self.rotate:
             q_tier, k_tier = rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis)
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
         else:
-            q_tier = self.tier_q_proj(x).view(*lead, self.n_heads, -1)
-            k_tier = self.tier_k_proj(x).view(*lead, self.n_kv, -1)
+            q_tier, k_tier = tier[0].view(*lead, self.n_heads, -1), tier[1].view(*lead, self.n_kv, -1)
             q_tier, k_tier = rope.qk(("tier", *self.rope_key), q_tier, k_tier, self.tier_inv_freq)
         q_full, k_full = torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1)  # [*P, *, d]
-        v_full = torch.cat([v, self.tier_v_proj(x).view(*lead, self.n_kv, -1)], -1)  # [*P, kv_heads, d]
+        v_full = torch.cat([v, tier[-1].view(*lead, self.n_kv, -1)], -1)  # [*P, kv_heads, d]
         out = attend.tiered(layer, (q, k, v), (q_full, k_full, v_full), self.tier, self.scale)  # [*P, heads, d]
         out_kept, out_rest = out.split([self.v_dim, out.shape[-1] - self.v_dim], -1)
-        return self.o_proj(out_kept.reshape(*lead, -1)) + self.tier_o_proj(out_rest.reshape(*lead, -1))
+        return self._tier_out(out_kept.reshape(*lead, -1), out_rest.reshape(*lead, -1))
 
-    def _per_head(self, layer: int, x: Tensor, rope: RopeTables, attend: Attend) -> Tensor:
+    def _per_head(self, layer: int, lead: torch.Size, qkv: tuple[Tensor, Tensor, Tensor], tier: list[Tensor],
+                  rope: RopeTables, attend: Attend) -> Tensor:
         """A layer whose KV heads keep different ranks: every run of equal-rank heads is a GQA block of its own
-        widths (zeroc/head_ranks.py). x: [*P, hidden]; rope: the forward's positions [*P] and cos/sin"""
-        lay, lead = self.head_layout, x.shape[:-1]
+        widths (zeroc/head_ranks.py). lead: *P; qkv and tier: `_project`'s outputs, [*P, out_i] each; rope: the
+        forward's positions [*P] and cos/sin"""
+        lay, (q, k, v) = self.head_layout, qkv
         runs = lay.runs
-        vs = lay.split(self.v_proj(x), [r.v for r in runs])  # per run [*P, n, v]
+        vs = lay.split(v, [r.v for r in runs])  # per run [*P, n, v]
         tiers = None  # per run the tier's q, k dims: fold, the dropped pairs; rotate, the complement columns
         if self.rotate:  # every head is d wide through RoPE: project and rotate once, at the widest rank
-            q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
-            k = self.k_proj(x).view(*lead, self.n_kv, self.head_dim)
-            q, k = rope.qk(self.rope_key, q, k, self.inv_freq)
+            q, k = rope.qk(self.rope_key, q.view(*lead, self.n_heads, self.head_dim),
+                           k.view(*lead, self.n_kv, self.head_dim), self.inv_freq)
             qs, ks = lay.narrow(*rotate_qk(q, k, self.q_basis, self.k_basis), [r.qk for r in runs])
             if self.tier is not None:
                 tiers = lay.narrow(*rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis),
                                    [self.head_dim - r.qk for r in runs])
         else:  # fold: each head's own kept pairs, RoPE at their own frequencies
-            qs, ks = self._fold_runs(x, rope, self.rope_key, self.q_proj, self.k_proj, self.inv_freq,
-                                     [r.qk for r in runs])
+            qs, ks = self._fold_runs(q, k, rope, self.rope_key, self.inv_freq, [r.qk for r in runs])
             if self.tier is not None:
-                tiers = self._fold_runs(x, rope, ("tier", *self.rope_key), self.tier_q_proj, self.tier_k_proj,
-                                        self.tier_inv_freq, [self.head_dim - r.qk for r in runs])
+                tiers = self._fold_runs(tier[0], tier[1], rope, ("tier", *self.rope_key), self.tier_inv_freq,
+                                        [self.head_dim - r.qk for r in runs])
         if tiers is not None:
-            return self._per_head_tiered(layer, x, qs, ks, vs, *tiers, attend)
+            return self._per_head_tiered(layer, (qs, ks, vs), (*tiers, tier[-1]), attend)
         outs = attend.runs(layer, lay, qs, ks, vs, self.scale)  # per run [*P, n * group, v]
         return self.o_proj(torch.cat([o.flatten(-2) for o in outs], -1))
 
-    def _fold_runs(self, x: Tensor, rope: RopeTables, key: tuple, q_proj: nn.Linear, k_proj: nn.Linear,
-                   inv_freq: Tensor, widths: list[int]) -> tuple[list[Tensor], list[Tensor]]:
-        """Fold mode's per-run q [*P, n * group, w] and k [*P, n, w] after RoPE; inv_freq: [kv, widest / 2]."""
-        qs = self.head_layout.split(q_proj(x), widths, queries=True)
-        ks = self.head_layout.split(k_proj(x), widths)
+    def _fold_runs(self, q: Tensor, k: Tensor, rope: RopeTables, key: tuple, inv_freq: Tensor,
+                   widths: list[int]) -> tuple[list[Tensor], list[Tensor]]:
+        """Fold mode's per-run q [*P, n * group, w] and k [*P, n, w] after RoPE, from projections q [*P, heads' dims]
+        and k [*P, KV heads' dims]; inv_freq: [kv, widest / 2]."""
+        qs = self.head_layout.split(q, widths, queries=True)
+        ks = self.head_layout.split(k, widths)
         for i, (r, w) in enumerate(zip(self.head_layout.runs, widths)):
             qs[i], ks[i] = rope.qk((*key, r.start, r.stop, w), qs[i], ks[i], inv_freq[r.start: r.stop, : w // 2])
         return qs, ks
 
-    def _per_head_tiered(self, layer: int, x: Tensor, q_comp: list[Tensor], k_comp: list[Tensor], vs: list[Tensor],
-                         q_tier: list[Tensor], k_tier: list[Tensor], attend: Attend) -> Tensor:
-        """`_tiered` for a layer with per-KV-head ranks, per run: q [*P, n * group, r] and k [*P, n, r] compressed
-        after RoPE (and the bases), v [*P, n, v], and the tier's dims of q and k."""
+    def _per_head_tiered(self, layer: int, comp: tuple[list[Tensor], list[Tensor], list[Tensor]],
+                         tier: tuple[list[Tensor], list[Tensor], Tensor], attend: Attend) -> Tensor:
+        """`_tiered` for a layer with per-KV-head ranks. comp, per run: q [*P, n * group, r] and k [*P, n, r]
+        compressed after RoPE (and the bases), v [*P, n, v]; tier: per run the tier's dims of q and k, then the
+        V complement's projection [*P, Σ tier v dims]."""
         runs, d = self.head_layout.runs, self.head_dim
-        v_tiers = self.head_layout.split(self.tier_v_proj(x), [d - r.v for r in runs])
-        kept, rest = attend.tiered_runs(layer, self.head_layout, (q_comp, k_comp, vs), (q_tier, k_tier, v_tiers),
-                                        self.tier, self.scale)
+        v_tiers = self.head_layout.split(tier[2], [d - r.v for r in runs])
+        kept, rest = attend.tiered_runs(layer, self.head_layout, comp, (*tier[:2], v_tiers), self.tier, self.scale)
         flat = lambda parts: torch.cat([p.flatten(-2) for p in parts], -1)  # noqa: E731
-        return self.o_proj(flat(kept)) + self.tier_o_proj(flat(rest))
+        return self._tier_out(flat(kept), flat(rest))
 
 
 def rotate_qk(q: Tensor, k: Tensor, q_basis: Tensor, k_basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,14 +319,16 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse_projections(self) -> None:
-        """Run each layer's Q/K/V projections as one GEMM and its gate/up pair as another (zeroc/fused_linears.py)
-        in forwards without gradients: fewer, wider GEMMs per decode step. Weights stay where they are, as
-        views; call it once the model is where it will run (the Engine does). Layers with per-KV-head ranks
-        project per run and keep their three. Idempotent."""
+        """Run each layer's Q/K/V projections (with a token tier's: `Attention.input_projections`) as one GEMM,
+        a tier's two output projections as another, and its gate/up pair as a third (zeroc/fused_linears.py) in
+        forwards without gradients: fewer, wider GEMMs per decode step. Weights stay where they are, as views;
+        call it once the model is where it will run (the Engine does). Idempotent."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if attn.qkv is None and attn.head_layout is None:
-                attn.qkv = FusedLinears.of(attn.q_proj, attn.k_proj, attn.v_proj)
+            if attn.qkv is None:
+                attn.qkv = FusedLinears.of(*attn.input_projections())
+            if attn.tier is not None and attn.o_tier is None:
+                attn.o_tier = SummedLinears.of(attn.o_proj, attn.tier_o_proj)
             if mlp.gate_up is None:
                 mlp.gate_up = FusedLinears.of(mlp.gate_proj, mlp.up_proj)
 

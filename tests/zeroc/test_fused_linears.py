@@ -7,10 +7,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from zeroc.engine import Engine
-from zeroc.fused_linears import FusedLinears
+from zeroc.fused_linears import FusedLinears, SummedLinears
 from zeroc.loader import load_model, save_model
 from zeroc.sampling import SamplingParams
 from zeroc_kernels.attention import select_backend
@@ -89,4 +91,82 @@ def test_an_engine_on_the_triton_backend_fuses_and_keeps_the_logits(random_gqa, 
     assert len(out[0].token_ids) == 4 and out[0].token_ids[0] == greedy
     saved = load_model(save_model(loaded.model, loaded.tokenizer, tmp_path / "m"))
     for (name, a), b in zip(saved.model.state_dict().items(), random_gqa.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class _CountingLinears(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func is F.linear
+        return func(*args, **(kwargs or {}))
+
+
+def _summed(bias_on: int | None, seed: int = 0):
+    torch.manual_seed(seed)
+    return tuple(nn.Linear(n, 8, bias=i == bias_on) for i, n in enumerate((12, 4, 6)))
+
+
+@pytest.mark.parametrize("bias_on", [None, 0, 2])
+def test_summed_linears_are_one_gemm_over_the_inputs_side_by_side(bias_on):
+    parts = _summed(bias_on)
+    xs = [torch.randn(3, 5, p.in_features) for p in parts]
+    with torch.inference_mode():
+        want = sum(p(x) for p, x in zip(parts, xs))
+    fused = SummedLinears.of(*parts)
+    assert all(p.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr() for p in parts)
+    assert fused.weight.shape == (8, 22) and not parts[1].weight.is_contiguous()  # column views, not copies
+    with torch.inference_mode():
+        got = fused(*xs)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(sum(p(x) for p, x in zip(parts, xs)), want)  # each part still runs alone
+
+
+def test_summed_linears_follow_loads_and_fall_back_where_the_gemm_cannot_hold():
+    parts = _summed(0)
+    fused = SummedLinears.of(*parts)
+    new = nn.Linear(12, 8)
+    parts[0].load_state_dict(new.state_dict())  # in place: weight and bias land in the concatenation
+    xs = [torch.randn(2, p.in_features) for p in parts]
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(*xs), new(xs[0]) + parts[1](xs[1]) + parts[2](xs[2]))
+    fused(*xs).sum().backward()  # gradients wanted: the parts, whose weights get them
+    assert all(p.weight.grad is not None for p in parts)
+    parts[2].weight = nn.Parameter(torch.zeros(8, 6))  # replaced: the concatenation is stale, the parts are not
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(*xs), new(xs[0]) + parts[1](xs[1]))
+
+
+def test_summed_linears_that_cannot_share_one_gemm_are_refused():
+    with pytest.raises(ValueError, match="one output width"):
+        SummedLinears.of(nn.Linear(16, 4), nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="at most one bias"):
+        SummedLinears.of(nn.Linear(16, 4, bias=True), nn.Linear(8, 4, bias=True))
+
+
+def test_a_tier_model_with_per_head_ranks_fuses_every_projection_and_keeps_its_outputs(zeroc_tier_dir, tmp_path):
+    """Per-KV-head ranks and a token tier, fold and rotate layers: on the triton backend the Engine runs each
+    layer's input projections (Q, K, V and the tier's) as one GEMM and the tier's two output projections as one;
+    dense logits and greedy tokens stay those of the unfused model (an engine on the torch backend)."""
+    fused, plain = load_model(zeroc_tier_dir, attention_backend="triton"), load_model(zeroc_tier_dir)
+    tokens = torch.tensor([[5, 9, 13, 200, 31, 7, 64, 90, 11, 300, 42, 17]])  # past the tier's 2 + 8 rows
+    with torch.inference_mode():
+        want = plain.model(tokens)
+    engine = Engine(fused)
+    widths = [len(layer.self_attn.input_projections()) for layer in fused.model.model.layers]
+    assert all(layer.self_attn.qkv is not None and layer.self_attn.o_tier is not None
+               and len(layer.self_attn.qkv.parts) == w for layer, w in zip(fused.model.model.layers, widths))
+    assert sorted(set(widths)) == [4, 6]  # rotate layers: Q, K, V, V's complement; fold: the dropped pairs' Q, K too
+    with torch.inference_mode(), _CountingLinears() as count:
+        torch.testing.assert_close(fused.model(tokens), want, rtol=1e-4, atol=1e-4)
+    assert count.calls == 4 * len(widths) + 1  # a layer: QKV + tier, both O, gate/up, down; then the LM head
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    got = engine.generate([tokens[0].tolist()], params)[0].token_ids
+    unfused = Engine(plain)
+    assert all(layer.self_attn.qkv is None and layer.self_attn.o_tier is None for layer in plain.model.model.layers)
+    assert got == unfused.generate([tokens[0].tolist()], params)[0].token_ids
+    saved = load_model(save_model(fused.model, fused.tokenizer, tmp_path / "m"))
+    for (name, a), b in zip(saved.model.state_dict().items(), plain.model.state_dict().values()):
         assert torch.equal(a, b), name
