@@ -15,7 +15,8 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
    path (the rows read back from the pages, then SDPA), which the runtime takes there;
 5. attention block (QKV GEMM, epilogue, attention, O GEMM): fold and rotate at rank 64 against
    uncompressed; the model's fused path against its unfused one;
-6. a decode step's RMSNorm and SwiGLU gate: the fused kernels against the eager references;
+6. a decode step's RMSNorm and SwiGLU gate, and a token tier's full-rank decode segment: the fused kernels
+   against the eager references;
 7. decode experiments (not goal rows): int8 with token-major scales, int8 with plain P @ V (its default is
    (V^T P^T)^T), bf16 with (V^T P^T)^T;
 8. sweeps, last (what the time guard skips first): every decode split count and config, splits in
@@ -62,7 +63,7 @@ def _importable_without_install() -> None:
 _importable_without_install()
 
 from gpu_kernels_cases import (block_timings, correctness, model_path_error, paged_kv,  # noqa: E402
-                               per_head_pools)
+                               per_head_pools, tier_case)
 from zeroc_kernels import paged_decode, paged_prefill  # noqa: E402
 from zeroc_kernels.attention import TritonBackend  # noqa: E402
 from zeroc_kernels.paged_decode import DECODE_CONFIGS, choose_num_splits, paged_decode_attention  # noqa: E402
@@ -256,6 +257,20 @@ def decode_experiments(run: Run) -> None:
             _decode_case(run, f"{name}, P @ V untransposed (experiment)", dim, dim, True, pv_transposed=False)
     if run.left() > 0:  # and bf16's the other way: (V^T P^T)^T runs on wgmma there too, with more shared memory
         _decode_case(run, "uncompressed, P @ V transposed (experiment)", d, d, pv_transposed=True)
+
+
+def tier(run: Run) -> None:
+    """A token tier's full-rank decode segment and merge (4 sinks + 64 recent, fold rank r): the kernel against
+    its reference, the PyTorch ops a step ran before (some 25 kernels)."""
+    from zeroc_kernels.tier_decode import tier_decode, tier_decode_ref
+
+    s, what = run.s, f"b{run.s['decode_batch']} x 68 tier rows"
+    args = tier_case(s["decode_batch"], s["kv_heads"], s["heads"] // s["kv_heads"], s["head_dim"], s["rank"],
+                     s["block_size"], run.dtype, run.device)
+    ms, ref_ms = run.timed(lambda: tier_decode(*args)), run.timed(lambda: tier_decode_ref(*args))
+    run.row(section="tier decode", what=what, method="kernel", ms=ms, ratio=ms / ref_ms)
+    run.row(section="tier decode", what=what, method="PyTorch ops (reference)", ms=ref_ms)
+    say(f"  tier decode {what}: kernel {ms * 1e3:.1f} us, reference {ref_ms * 1e3:.1f} us")
 
 
 def decode_per_head(run: Run) -> None:
@@ -462,7 +477,7 @@ def main() -> int:
     # The goals' rows first, the sweeps (diagnostics) last: the time guard skips what is left at the budget.
     for name, fn in (("ceilings", ceilings), ("correctness", check), ("decode", decode),
                      ("decode per-head", decode_per_head), ("prefill", prefill), ("attention block", blocks),
-                     ("model path", model_path), ("layer ops", layer_ops),
+                     ("model path", model_path), ("layer ops", layer_ops), ("tier decode", tier),
                      ("decode experiments", decode_experiments), ("decode sweeps", decode_sweeps),
                      ("prefill sweeps", prefill_sweeps)):
         run.section(name, fn)

@@ -122,7 +122,38 @@ def correctness(device, dtype, dim: int = 128, ctx: int = 300) -> dict:
     head width `dim` and contexts up to `ctx`."""
     return {**_decode_errors(device, dtype, dim, ctx), **_prefill_errors(device, dtype, dim, ctx),
             **_epilogue_errors(device, dtype, dim),
-            **_per_head_errors(device, dtype), **_layer_op_errors(device, dtype)}
+            **_per_head_errors(device, dtype), **_layer_op_errors(device, dtype),
+            "tier_decode": _tier_error(device, dtype, dim)}
+
+
+def tier_case(batch: int, kv_heads: int, group: int, dim: int, rank: int, block_size: int, dtype, device,
+              sinks: int = 4, recent: int = 64, parts: int = 2) -> tuple:
+    """A token tier's decode step after its compressed segment, fold rank `rank` of `dim` (kernels/tier_decode.py):
+    each sequence's S + W slots at random rows of a pool, its tier rows in blocks of its own, every key seen but
+    one ring slot (the one its new token replaces) -> `tier_decode`'s arguments."""
+    from zeroc_kernels.tier_decode import TierSlots
+
+    held, width, row = sinks + recent, 2 * (dim - rank), 2 * rank
+    n_tier = -(-held * kv_heads * width // (block_size * kv_heads * row))
+    num_blocks = batch * (n_tier + 8)
+    pool = torch.randn(num_blocks, block_size, kv_heads, row, dtype=dtype, device=device)
+    tier_ids = torch.randperm(num_blocks, device=device)[: batch * n_tier].view(batch, n_tier)
+    blocks = torch.randint(num_blocks, (batch, held), device=device)
+    offsets = torch.randint(block_size, (batch, held), device=device)
+    seen = torch.ones(batch, held + 1, dtype=torch.bool, device=device)
+    seen[:, sinks] = False
+    q = torch.randn(batch, kv_heads * group, dim, dtype=dtype, device=device)
+    own = [torch.randn(batch, kv_heads, dim, dtype=dtype, device=device) for _ in range(2)]
+    partials = torch.randn(batch, kv_heads * group, parts, rank, dtype=torch.float32, device=device)
+    lses = torch.randn(batch, kv_heads * group, parts, device=device) * 3
+    return q, pool, rank, TierSlots(blocks, offsets, tier_ids, seen), *own, partials, lses, 1 / math.sqrt(dim)
+
+
+def _tier_error(device, dtype, dim: int) -> float:
+    from zeroc_kernels.tier_decode import tier_decode, tier_decode_ref
+
+    args = tier_case(5, 2, 4, dim, dim // 2, 16, dtype, device)
+    return _err(tier_decode(*args), tier_decode_ref(*args))
 
 
 def _layer_op_errors(device, dtype) -> dict:

@@ -5,7 +5,8 @@ never by looking at a tensor's device or an argument's type on the hot path. Cal
 - `zeroc.model` (the paged forward): `paged_attention` over plain pools, and, where `fused_epilogue`
   holds, the QKV epilogue that applies RoPE (and rotate mode's bases) and writes K/V into their slots;
 - KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`; a token tier's pools:
-  `decode_partials` for the compressed segment of a decode step (the decode kernel from a key on, unmerged);
+  `decode_partials` for the compressed segment of a decode step (the decode kernel from a key on, unmerged),
+  then `tier_decode` for its full-rank segment and the merge (one kernel on triton);
 - `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
   (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import abc
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,9 @@ from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blo
                                            paged_attention_int8_ref, paged_attention_ref)
 from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_decode_partials, ragged_paged_attention
 from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref
+
+if TYPE_CHECKING:  # the module imports triton, which processes on the torch backend never load
+    from zeroc_kernels.tier_decode import TierSlots
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "triton")
 
@@ -109,6 +114,25 @@ class AttentionBackend(abc.ABC):
         from zeroc_kernels.paged_decode import decode_partials_ref  # beside its kernel, which imports triton
 
         return decode_partials_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, key_start)
+
+    def tier_decode(
+        self,
+        q: Tensor,  # [B, heads, k_dim + tier_k] one full-rank query per sequence
+        pool: Tensor,  # [num_blocks, block_size, kv_heads, k_dim + v_dim] a token tier's layer pool (contiguous)
+        k_dim: int,
+        slots: TierSlots,  # where each sequence's tier rows are (kernels/tier_decode.py)
+        k_own: Tensor,  # [B, kv_heads, k_dim + tier_k] the new token's full-rank key
+        v_own: Tensor,  # [B, kv_heads, v_dim + tier_v]
+        parts: Tensor,  # [B, heads, P, v_dim] the compressed segment's `decode_partials`
+        lses: Tensor,  # [B, heads, P]
+        scale: float,
+    ) -> Tensor:
+        """A token tier's decode step after its compressed segment: each query over its full-rank keys (its
+        tier slots and its own row), merged with `parts` -> [B, heads, v_dim + tier_v] (zeroc/policies/tier.py).
+        No backend reads the device to the host."""
+        from zeroc_kernels.tier_decode import tier_decode_ref  # beside its kernel, which imports triton
+
+        return tier_decode_ref(q, pool, k_dim, slots, k_own, v_own, parts, lses, scale)
 
     @abc.abstractmethod
     def quantize_into_slots(self, x: Tensor, slot_mapping: Tensor, q_pool: Tensor, scale_pool: Tensor) -> None:
@@ -250,6 +274,11 @@ class TritonBackend(AttentionBackend):
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
         splits = choose_num_splits(q.shape[0], v_cache.shape[2], block_tables.shape[1], sms, v_cache.shape[1])
         return decode_partials(q, k_cache, v_cache, block_tables, seq_lens, scale, splits, key_start=key_start)
+
+    def tier_decode(self, q, pool, k_dim, slots, k_own, v_own, parts, lses, scale):
+        from zeroc_kernels.tier_decode import tier_decode
+
+        return tier_decode(q, pool, k_dim, slots, k_own, v_own, parts, lses, scale)
 
     def quantize_into_slots(self, x, slot_mapping, q_pool, scale_pool):
         from zeroc_kernels.kv_quant import quantize_into_slots

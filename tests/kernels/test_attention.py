@@ -74,6 +74,18 @@ def test_which_batches_take_the_fresh_path(name):
 
 
 @pytest.mark.parametrize("name", _backends())
+def test_tier_decode_equals_the_reference(tier_decode_case, name):
+    """A token tier's full-rank decode segment and merge (kernels/tier_decode.py, whose tests hold the reference
+    to attention worked by hand), unseen rows NaN."""
+    from zeroc_kernels.tier_decode import tier_decode_ref
+
+    args, _ = tier_decode_case(11, b=4, group=4)
+    got = _make(name).tier_decode(*args)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, tier_decode_ref(*args), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", _backends())
 @pytest.mark.parametrize("key_start", [0, 3, 20])
 def test_decode_partials_merge_to_paged_attention_over_the_keys_from_the_start(random_paged_kv, poison_unused_slots,
                                                                                name, key_start):

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc_kernels.attention import AttentionBackend, TorchBackend
-from zeroc_kernels.paged_decode import merge_partials_ref
+from zeroc_kernels.tier_decode import TierSlots
 from zeroc.config import ModelConfig
 from zeroc.device import host_to_device
 from zeroc.kv_cache import PagedBatch, block_bytes
 from zeroc.policies.base import KVMethod, PolicyPools, ceil_div, token_bits, work_dtype
-from zeroc.tier import TierLayer, segment_attention, tier_layers
+from zeroc.tier import TierLayer, tier_layers
 
 if TYPE_CHECKING:
     from zeroc.kv_cache import BlockAllocator, LayerShape
@@ -237,18 +237,23 @@ class TierPools(PolicyPools):
         ring = self.sinks + (positions - self.sinks).remainder(self.recent)
         return torch.where(positions < self.sinks, positions, ring)
 
-    def _write_tier(self, layer: int, ids: Tensor, slot: Tensor, kept: Tensor, rows: Tensor) -> None:
+    def _write_tier(self, layer: int, ids: Tensor, slot: Tensor, kept: Tensor, rows: Tensor,
+                    memo: bool = False) -> None:
         """Tier rows into their sequences' borrowed blocks: slot j's row is elements [j * row, (j + 1) * row)
         of those blocks laid end to end; rows the tier drops go to the trash block. ids: [P, most tier blocks]
         each row's sequence's; slot, kept: [P]; rows: [P, kv_heads, tier_k + tier_v], on the host if they came
-        from the wire."""
+        from the wire. memo: a step's writes, whose targets layers of one geometry share (`once`)."""
         pool = self.pools[layer]
-        width = rows.shape[1] * rows.shape[2]
-        at = slot[:, None] * width + torch.arange(width, device=pool.device)  # [P, row]
-        per_block = pool[0].numel()
-        blocks = torch.where(kept[:, None], ids.gather(1, at // per_block), self.trash)
-        values = rows.reshape(len(at), -1).to(pool.device, pool.dtype)  # [P, row]
-        pool.view(pool.shape[0], -1)[blocks, at % per_block] = values
+        width, per_block = rows.shape[1] * rows.shape[2], pool[0].numel()
+        build = lambda: self._tier_targets(ids, slot, kept, width, per_block)  # noqa: E731
+        blocks, offsets = self.once(("targets", width, per_block), build) if memo else build()
+        pool.view(pool.shape[0], -1)[blocks, offsets] = rows.reshape(len(slot), -1).to(pool.device, pool.dtype)
+
+    def _tier_targets(self, ids: Tensor, slot: Tensor, kept: Tensor, width: int,
+                      per_block: int) -> tuple[Tensor, Tensor]:
+        """-> (block [P, width], element in it [P, width]) of each tier row's elements"""
+        at = slot[:, None] * width + torch.arange(width, device=slot.device)  # [P, width]
+        return torch.where(kept[:, None], ids.gather(1, at // per_block), self.trash), at % per_block
 
     def _writes(self, batch: PagedBatch, n: int) -> _Writes:
         """The tier keeps a new token while it is a sink or among its sequence's last W."""
@@ -278,7 +283,7 @@ class TierPools(PolicyPools):
         # Written after the attention: a chunk's later rows take ring slots its earlier queries still read.
         w = self.once("writes", lambda: self._writes(batch, n))
         extra = torch.cat([k_new[w.rows, :, t.k_dim:], v_new[w.rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
-        self._write_tier(layer, w.ids, w.slot, w.kept, extra)
+        self._write_tier(layer, w.ids, w.slot, w.kept, extra, memo=True)
         return out
 
     def _attend_decode(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
@@ -286,18 +291,20 @@ class TierPools(PolicyPools):
         """One new token per sequence. q: [B, heads, k_dim + tier_k]; k_new, v_new: [B, kv, *] -> [B, heads,
         v_dim + tier_v]. The compressed segment, keys [S, length - W), goes to the backend's paged decode
         kernel unmerged (split or not); the full-rank one is the tier's S + W slots and the token itself; one
-        merge by LSE. Every shape is fixed by the batch's, so a CUDA graph can hold the step."""
+        merge by LSE, both in the backend's `tier_decode` (one kernel on triton). Every shape is fixed by the
+        batch's, so a CUDA graph can hold the step."""
         t, pool = self.policy.layers[layer], self.pools[layer]
-        s = self.once("slots", lambda: self._slots(batch, _Rows.of(batch, q.shape[0])))  # one row each
-        ends, full = self.once("decode", lambda: (
-            (batch.seq_lens - self.recent).clamp(min=self.sinks),  # [B]; the token's own key is in the tier
-            (s.keys_ok & (s.keys_pos <= s.rows.pos) & self._in_tier(s.keys_pos, s.rows.pos))[:, None]))  # [B, 1, K]
+        ends, slots = self.once("decode", lambda: self._decode_slots(batch, q.shape[0]))
         parts, lses = self.backend.decode_partials(q[..., : t.k_dim], pool[..., : t.k_dim], pool[..., t.k_dim:],
                                                    batch.block_tables, ends, scale, self.sinks)  # [B, heads, P, *]
-        keys, values = self._full_keys(layer, s, k_new[:, None], v_new[:, None])
-        out_f, lse_f = segment_attention(q[:, None], keys, values, full, scale)  # [B, 1, heads, *]
-        outs = torch.cat([F.pad(parts.float(), (0, t.tier_v)), out_f.float().transpose(1, 2)], 2)
-        return merge_partials_ref(outs, torch.cat([lses, lse_f.transpose(1, 2)], 2))[0].to(q.dtype)
+        return self.backend.tier_decode(q, pool, t.k_dim, slots, k_new, v_new, parts, lses, scale)
+
+    def _decode_slots(self, batch: PagedBatch, n: int) -> tuple[Tensor, TierSlots]:
+        """A decode step's segments: where each compressed one ends [B] (the token's own key is in the tier), and
+        where the full-rank keys are, with the ones each query sees."""
+        s = self._slots(batch, _Rows.of(batch, n))  # one row each
+        seen = s.keys_ok & (s.keys_pos <= s.rows.pos) & self._in_tier(s.keys_pos, s.rows.pos)  # [B, S + W + 1]
+        return (batch.seq_lens - self.recent).clamp(min=self.sinks), TierSlots(s.blocks, s.offsets, s.tier_ids, seen)
 
     def _attend_group(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
                       scale: float) -> Tensor:

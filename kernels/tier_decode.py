@@ -1,0 +1,201 @@
+"""A token tier's full-rank segment in a decode step, merged with its compressed segment: one kernel.
+
+A decode query of a model with a token tier (zeroc/tier.py) attends its sequence's compressed keys
+[S, length - W) through the paged decode kernel (`paged_decode.decode_partials`, unmerged), and its S + W
+tier slots plus its own new row at full rank. Those full-rank keys are gathered from two places
+(zeroc/policies/tier.py): a slot's compressed dims are its position's row in the cache's blocks, its tier
+dims lie in the blocks the sequence borrowed, laid end to end (slot j's row is elements
+[j * kv * width, (j + 1) * kv * width), width = tier_k + tier_v). `tier_decode_ref` gathers them, runs a
+masked softmax and merges it with the compressed partials by log-sum-exp (`merge_partials_ref`) in some
+25 PyTorch ops a layer; `tier_decode` is one Triton program per (sequence, KV head) that gathers the
+<= S + W + 1 rows in registers, scores the whole query group with `tl.dot` and merges in its epilogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zeroc_kernels.paged_decode import LOG2E, merge_partials_ref
+from zeroc_kernels.tuning import interpreting
+
+try:  # optional on CPU-only machines; the reference serves there
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+@dataclass(frozen=True)
+class TierSlots:
+    """Where each sequence's full-rank keys are in a decode step (the same in every layer)."""
+
+    blocks: Tensor  # [B, H] (H = S + W tier slots) the cache block of slot j's compressed row
+    offsets: Tensor  # [B, H] its row in that block
+    tier_ids: Tensor  # [B, T] the blocks the sequence borrowed for its tier rows, in order
+    seen: Tensor  # [B, H + 1] bool: whether the query sees slot j (held, and a sink or among its last W
+    # tokens), then whether it sees its own new row at full rank (recent > 0)
+
+
+def _check(q: Tensor, pool: Tensor, k_dim: int, slots: TierSlots, k_own: Tensor, v_own: Tensor, parts: Tensor,
+           lses: Tensor) -> tuple[int, int]:
+    """-> (tier_k, tier_v); ValueError where the shapes disagree."""
+    b, heads, dq = q.shape
+    kv, row = pool.shape[2], pool.shape[3]
+    tier_k, tier_v = dq - k_dim, v_own.shape[-1] - (row - k_dim)
+    if not 0 < k_dim < row or tier_k < 0 or tier_v < 0 or heads % kv:
+        raise ValueError(f"tier decode: q {tuple(q.shape)} and v_own {tuple(v_own.shape)} do not fit a pool of "
+                         f"{kv} KV heads x {row} compressed dims split at k_dim {k_dim}")
+    if k_own.shape != (b, kv, dq) or v_own.shape[:2] != (b, kv) or slots.seen.shape != (b, slots.blocks.shape[1] + 1):
+        raise ValueError("tier decode: k_own, v_own and the slots need one row per sequence and KV head")
+    if parts.shape[:2] != (b, heads) or parts.shape[-1] != row - k_dim or lses.shape != parts.shape[:3]:
+        raise ValueError(f"tier decode: partials {tuple(parts.shape)} and LSEs {tuple(lses.shape)} do not fit q")
+    if not pool.is_contiguous():
+        raise ValueError("tier decode: the pool must be contiguous (tier rows are addressed flat)")
+    return tier_k, tier_v
+
+
+def tier_decode_ref(
+    q: Tensor,  # [B, heads, k_dim + tier_k] full-rank queries: compressed dims first
+    pool: Tensor,  # [blocks, block_size, kv, k_dim + v_dim] the layer's pool (contiguous)
+    k_dim: int,
+    slots: TierSlots,
+    k_own: Tensor,  # [B, kv, k_dim + tier_k] each sequence's new key at full rank
+    v_own: Tensor,  # [B, kv, v_dim + tier_v]
+    parts: Tensor,  # [B, heads, P, v_dim] the compressed segment's partial outputs
+    lses: Tensor,  # [B, heads, P] their natural-log LSEs (-inf: no key)
+    scale: float,
+) -> Tensor:
+    """-> [B, heads, v_dim + tier_v]: one softmax over both segments' keys."""
+    tier_k, tier_v = _check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
+    b, held = slots.blocks.shape
+    kv, heads = pool.shape[2], q.shape[1]
+    width = tier_k + tier_v
+    tier = pool[slots.tier_ids].flatten(1)[:, : held * kv * width].view(b, held, kv, width)
+    comp = pool[slots.blocks, slots.offsets]  # [B, H, kv, k_dim + v_dim]
+    keys = torch.cat([torch.cat([comp[..., :k_dim], tier[..., :tier_k]], -1), k_own[:, None].to(pool.dtype)], 1)
+    values = torch.cat([torch.cat([comp[..., k_dim:], tier[..., tier_k:]], -1), v_own[:, None].to(pool.dtype)], 1)
+    seen = slots.seen[..., None, None]  # [B, K, 1, 1]: a row not seen may hold anything (a NaN is not masked by 0)
+    keys, values = torch.where(seen, keys.float(), 0.0), torch.where(seen, values.float(), 0.0)  # [B, K, kv, *]
+    qg = q.float().view(b, kv, heads // kv, -1)  # [B, kv, group, dq]
+    scores = torch.einsum("bgjd,bkgd->bgjk", qg, keys) * scale
+    scores = scores.masked_fill(~slots.seen[:, None, None], float("-inf"))  # [B, kv, group, K]
+    lse = torch.logsumexp(scores, -1)  # [B, kv, group]
+    probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0)[..., None])
+    out_f = torch.einsum("bgjk,bkgd->bgjd", probs, values).reshape(b, heads, 1, -1)
+    outs = torch.cat([F.pad(parts.float(), (0, tier_v)), out_f], 2)  # compressed values: no tier dims
+    return merge_partials_ref(outs, torch.cat([lses.float(), lse.reshape(b, heads, 1)], 2))[0].to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tier_decode_kernel(
+        q_ptr, pool_ptr, blocks_ptr, offsets_ptr, ids_ptr, seen_ptr, k_own_ptr, v_own_ptr, parts_ptr, lses_ptr,
+        out_ptr, qk_scale,
+        stride_qb, stride_qh, stride_pb, stride_ps, stride_ph, stride_bb, stride_ib, stride_eb,
+        stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_rh, stride_rp, stride_lb, stride_lh,
+        stride_ob, stride_oh,
+        HELD: tl.constexpr, K_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        KV: tl.constexpr, K_DIM: tl.constexpr, V_DIM: tl.constexpr, TIER_K: tl.constexpr, TIER_V: tl.constexpr,
+        DQ_PAD: tl.constexpr, DV_PAD: tl.constexpr, P: tl.constexpr, DOT_F32: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # Program (sequence, KV head): its query group against key rows j < HELD (tier slots) and j == HELD (its
+        # own row), each gathered from up to three places whose masks are disjoint, so the loads simply add.
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        g = tl.arange(0, GROUP_PAD)
+        heads = h * GROUP + g
+        g_ok = g < GROUP
+        j = tl.arange(0, K_PAD)
+        dq = tl.arange(0, DQ_PAD)[None, :]
+        dv = tl.arange(0, DV_PAD)[None, :]
+        seen = tl.load(seen_ptr + b * stride_eb + j, mask=j <= HELD, other=0) != 0  # [K]
+        slot = (j < HELD) & seen
+        own = (j == HELD) & seen
+        blk = tl.load(blocks_ptr + b * stride_bb + j, mask=slot, other=0).to(tl.int64)
+        off = tl.load(offsets_ptr + b * stride_bb + j, mask=slot, other=0).to(tl.int64)
+        comp = (blk * stride_pb + off * stride_ps + h * stride_ph)[:, None]  # [K, 1] a slot's compressed row
+        tier = (j * (KV * (TIER_K + TIER_V)) + h * (TIER_K + TIER_V)).to(tl.int64)[:, None]  # flat, in its blocks
+        ids = ids_ptr + b * stride_ib
+        # keys [K, DQ]: compressed dims, then the tier's, then the own row
+        at = tier + dq - K_DIM
+        in_tier = slot[:, None] & (dq >= K_DIM) & (dq < K_DIM + TIER_K)
+        tier_blk = tl.load(ids + at // stride_pb, mask=in_tier, other=0).to(tl.int64)
+        k = tl.load(pool_ptr + comp + dq, mask=slot[:, None] & (dq < K_DIM), other=0.0)
+        k += tl.load(pool_ptr + tier_blk * stride_pb + at % stride_pb, mask=in_tier, other=0.0)
+        k += tl.load(k_own_ptr + b * stride_kb + h * stride_kh + dq, mask=own[:, None] & (dq < K_DIM + TIER_K),
+                     other=0.0).to(k.dtype)
+        # values [K, DV] likewise
+        at = tier + TIER_K + dv - V_DIM
+        in_tier = slot[:, None] & (dv >= V_DIM) & (dv < V_DIM + TIER_V)
+        tier_blk = tl.load(ids + at // stride_pb, mask=in_tier, other=0).to(tl.int64)
+        v = tl.load(pool_ptr + comp + K_DIM + dv, mask=slot[:, None] & (dv < V_DIM), other=0.0)
+        v += tl.load(pool_ptr + tier_blk * stride_pb + at % stride_pb, mask=in_tier, other=0.0)
+        v += tl.load(v_own_ptr + b * stride_vb + h * stride_vh + dv, mask=own[:, None] & (dv < V_DIM + TIER_V),
+                     other=0.0).to(v.dtype)
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dq,
+                    mask=g_ok[:, None] & (dq < K_DIM + TIER_K), other=0.0)  # [G, DQ]
+        if DOT_F32:  # the interpreter computes half-precision dots wrongly (see paged_decode)
+            q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32, input_precision=PRECISION)  # [G, K]
+        s = tl.where(seen[None, :], s * qk_scale, float("-inf"))  # log2 units
+        m = tl.max(s, axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)  # no key seen: every p is 0
+        p = tl.exp2(s - m[:, None])
+        l_f = tl.sum(p, axis=1)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32, input_precision=PRECISION)  # [G, DV]
+        lse_f = tl.where(l_f > 0.0, (m + tl.log2(tl.where(l_f > 0.0, l_f, 1.0))) / LOG2E, float("-inf"))
+        # the merge with the compressed partials, by natural-log LSE
+        parts = parts_ptr + b * stride_rb + heads[:, None] * stride_rh + dv
+        lses = lses_ptr + b * stride_lb + heads * stride_lh
+        top = lse_f
+        for i in tl.static_range(P):
+            top = tl.maximum(top, tl.load(lses + i, mask=g_ok, other=float("-inf")))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse_f - top)  # the full-rank segment's weight, 0 where it saw nothing
+        total = w
+        out = acc * (w / tl.where(l_f > 0.0, l_f, 1.0))[:, None]
+        for i in tl.static_range(P):
+            w_i = tl.exp(tl.load(lses + i, mask=g_ok, other=float("-inf")) - top)
+            part = tl.load(parts + i * stride_rp, mask=g_ok[:, None] & (dv < V_DIM), other=0.0).to(tl.float32)
+            out += w_i[:, None] * part
+            total += w_i
+        out = out / tl.where(total > 0.0, total, 1.0)[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dv, out.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & (dv < V_DIM + TIER_V))
+
+
+def tier_decode(q: Tensor, pool: Tensor, k_dim: int, slots: TierSlots, k_own: Tensor, v_own: Tensor,
+                parts: Tensor, lses: Tensor, scale: float) -> Tensor:
+    """Triton version of `tier_decode_ref` (same arguments and result)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    tier_k, tier_v = _check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
+    b, heads, dq = q.shape
+    _, block_size, kv, row = pool.shape
+    held, v_dim = slots.blocks.shape[1], row - k_dim
+    q, k_own, v_own, parts = q.contiguous(), k_own.contiguous(), v_own.contiguous(), parts.contiguous()
+    lses = lses.float().contiguous()
+    blocks, offsets = slots.blocks.contiguous(), slots.offsets.contiguous()
+    if blocks.stride() != offsets.stride():
+        raise ValueError("tier decode: the slots' blocks and offsets need one shape")
+    ids, seen = slots.tier_ids.contiguous(), slots.seen.contiguous().view(torch.uint8)
+    out = torch.empty(b, heads, v_dim + tier_v, dtype=q.dtype, device=q.device)
+    group = heads // kv
+    _tier_decode_kernel[(b, kv)](
+        q, pool, blocks, offsets, ids, seen, k_own, v_own, parts, lses, out, scale * LOG2E,
+        q.stride(0), q.stride(1), pool.stride(0), pool.stride(1), pool.stride(2), blocks.stride(0), ids.stride(0),
+        seen.stride(0), k_own.stride(0), k_own.stride(1), v_own.stride(0), v_own.stride(1),
+        parts.stride(0), parts.stride(1), parts.stride(2), lses.stride(0), lses.stride(1), out.stride(0), out.stride(1),
+        HELD=held, K_PAD=max(16, triton.next_power_of_2(held + 1)), GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), KV=kv, K_DIM=k_dim, V_DIM=v_dim, TIER_K=tier_k,
+        TIER_V=tier_v, DQ_PAD=max(16, triton.next_power_of_2(dq)),
+        DV_PAD=max(16, triton.next_power_of_2(v_dim + tier_v)),
+        P=parts.shape[2], DOT_F32=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
