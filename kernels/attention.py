@@ -48,7 +48,7 @@ from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, one_width,
                                            paged_attention_int8_ref, paged_attention_ref)
 from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_decode_partials, ragged_paged_attention
-from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref
+from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref, rope_ref
 
 if TYPE_CHECKING:  # the module imports triton, which processes on the torch backend never load
     from zeroc_kernels.tier_decode import TierSlots
@@ -65,6 +65,9 @@ class AttentionBackend(abc.ABC):
     # (`Transformer.fuse_projections`): on a GPU each GEMM is a launch and narrow ones run under the copy rate;
     # on the CPU the fused GEMMs measured no faster (benchmarks/fused_projections.py, docs/benchmarks.md).
     fuses_projections: bool = False
+    # Whether `rope` is one kernel per tensor, so RoPE outside the epilogue (per-KV-head ranks, a token tier's
+    # dims, the dense forward) calls it per layer instead of sharing eager cos/sin tables (zeroc/rope.py)
+    fused_rope: bool = False
     # From this many new tokens in a fresh batch's longest sequence, `fresh_prefill` attends it; None: never.
     fresh_prefill_min_tokens: int | None = None
 
@@ -151,6 +154,12 @@ class AttentionBackend(abc.ABC):
 
     # A layer's elementwise ops, which the backend may fuse (kernels/layer_ops.py). The model calls them in every
     # forward that has the backend: dense, paged, and with a caller's attention.
+    def rope(self, x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+        """RoPE on x [*P, heads, r] at positions [*P]; inv_freq [R, r/2], R = 1 or R dividing heads (query heads
+        share their KV head's row) -> [*P, heads, r]. Called per tensor only where `fused_rope` holds; otherwise
+        zeroc.rope's tables (cos/sin once per forward, shared by layers) are cheaper."""
+        return rope_ref(x, positions, inv_freq)
+
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """x: [*, H]; weight: [H] -> RMSNorm(x) [*, H]."""
         return rms_norm_ref(x, weight, eps)
@@ -252,6 +261,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     fused_epilogue = True
     fuses_projections = True
+    fused_rope = True
     # H200, bf16: SDPA ran 2.1x the prefill kernel at 4,096 tokens and 1.9x at 16,384; shorter prompts were not
     # measured, so they stay on the kernel until benchmarks/gpu_kernels.py's fresh-prefill rows say otherwise.
     fresh_prefill_min_tokens = 1024
@@ -294,6 +304,11 @@ class TritonBackend(AttentionBackend):
         from zeroc_kernels.qkv_epilogue import qkv_rotate_epilogue
 
         return qkv_rotate_epilogue(q, k, v, positions, inv_freq, q_basis, k_basis, slot_mapping, k_pool, v_pool)
+
+    def rope(self, x, positions, inv_freq):
+        from zeroc_kernels.qkv_epilogue import rope
+
+        return rope_ref(x, positions, inv_freq) if _needs_grad(x) else rope(x, positions, inv_freq)
 
     def rms_norm(self, x, weight, eps):
         from zeroc_kernels.layer_ops import rms_norm

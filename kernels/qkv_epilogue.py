@@ -9,6 +9,10 @@ Rotate mode (`qkv_rotate_epilogue`): q and k come out of the GEMM at full head w
 pair, then each KV head's bases map them to rank r (q' = A_g^T q for every query head of group g,
 k' = B_g^T k), and only the rank-r K (and the rank-rv V) are written to the cache. The full-width
 post-RoPE q and k live in registers only.
+
+`rope` is RoPE alone, one kernel per tensor, for the layers the epilogues do not serve (per-KV-head ranks, a
+token tier's dims, the dense forward): computing cos and sin in registers, where the eager path builds tables
+and applies them in some thirteen kernels per q, k pair.
 """
 
 from __future__ import annotations
@@ -25,13 +29,25 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
-def _rope_ref(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
-    # x: [N, heads, r]; positions: [N]; inv_freq: [heads or 1, r/2]
-    freqs = positions.float()[:, None, None] * inv_freq.float()  # [N, heads|1, r/2]
+def rope_ref(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """RoPE (rotate_half pairs) in fp32, rounded once to x's dtype. x: [*P, heads, r]; positions: [*P];
+    inv_freq: [R, r/2], R = 1 or R dividing heads (head h turns by row h // (heads / R)) -> [*P, heads, r]"""
+    _check_rope(x, positions, inv_freq)
+    inv_freq = inv_freq.float().repeat_interleave(x.shape[-2] // inv_freq.shape[0], 0)
+    freqs = positions.float()[..., None, None] * inv_freq  # [*P, heads, r/2]
     cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1).float()
     return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def _check_rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> None:
+    heads, r = x.shape[-2:]
+    if r % 2 or inv_freq.dim() != 2 or inv_freq.shape[1] != r // 2 or heads % inv_freq.shape[0]:
+        raise ValueError(f"RoPE of {heads} heads x {r} dims needs frequencies [R, {r // 2}] with R dividing "
+                         f"{heads}, got {tuple(inv_freq.shape)}")
+    if positions.shape != x.shape[:-2]:
+        raise ValueError(f"RoPE positions {tuple(positions.shape)} for rows {tuple(x.shape[:-2])}")
 
 
 def qkv_epilogue_ref(
@@ -46,9 +62,9 @@ def qkv_epilogue_ref(
 ) -> Tensor:
     """-> q after RoPE [N, heads, r]; K (after RoPE) and V land in their cache slots."""
     group = q.shape[1] // k.shape[1]
-    k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = _rope_ref(k, positions, inv_freq).to(k_pool.dtype)
+    k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = rope_ref(k, positions, inv_freq).to(k_pool.dtype)
     v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
-    return _rope_ref(q, positions, inv_freq.repeat_interleave(group, 0))
+    return rope_ref(q, positions, inv_freq)
 
 
 def qkv_rotate_epilogue_ref(
@@ -65,8 +81,8 @@ def qkv_rotate_epilogue_ref(
 ) -> Tensor:
     """-> q' [N, heads, r]; k' = B^T RoPE(k) and V land in their cache slots."""
     kv = k.shape[1]
-    q_rot = _rope_ref(q, positions, inv_freq).float().unflatten(1, (kv, -1))  # [N, kv, group, d]
-    k_rot = _rope_ref(k, positions, inv_freq).float()
+    q_rot = rope_ref(q, positions, inv_freq).float().unflatten(1, (kv, -1))  # [N, kv, group, d]
+    k_rot = rope_ref(k, positions, inv_freq).float()
     k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = torch.einsum("ngd,gdr->ngr", k_rot,
                                                                     k_basis.float()).to(k_pool.dtype)
     v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
@@ -84,6 +100,24 @@ if triton is not None:
         angle = pos * tl.load(freq_ptr + i, mask=ok, other=0.0)
         c, s = tl.cos(angle), tl.sin(angle)
         return lo * c - hi * s, hi * c + lo * s, i, ok
+
+    @triton.jit
+    def _rope_kernel(x_ptr, pos_ptr, freq_ptr, out_ptr, n, heads_per_row, stride_xn, stride_xh, stride_f,
+                     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Program: BLOCK_N tokens of one head; out is contiguous [n, heads, 2 * HALF].
+        t = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        h = tl.program_id(1)
+        i = tl.arange(0, HALF_PAD)
+        ok = (t[:, None] < n) & (i[None, :] < HALF)
+        angle = tl.load(pos_ptr + t, mask=t < n, other=0).to(tl.float32)[:, None] * tl.load(
+            freq_ptr + (h // heads_per_row) * stride_f + i, mask=i < HALF, other=0.0)[None, :]  # [N, HALF]
+        c, s = tl.cos(angle), tl.sin(angle)
+        x = x_ptr + t[:, None] * stride_xn + h * stride_xh + i[None, :]
+        lo = tl.load(x, mask=ok, other=0.0).to(tl.float32)
+        hi = tl.load(x + HALF, mask=ok, other=0.0).to(tl.float32)
+        out = out_ptr + (t[:, None] * tl.num_programs(1) + h) * (2 * HALF) + i[None, :]
+        tl.store(out, (lo * c - hi * s).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + HALF, (hi * c + lo * s).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _qkv_epilogue_kernel(
@@ -211,3 +245,23 @@ def qkv_rotate_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_
         DOT_F32=interpreting(), PRECISION="ieee" if q_basis.dtype == torch.float32 else "tf32",
     )
     return out
+
+
+def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """Triton version of `rope_ref` (same arguments; x's last dim dense or copied so) -> a new [*P, heads, r]."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _check_rope(x, positions, inv_freq)
+    heads, r = x.shape[-2:]
+    x3 = x.reshape(-1, heads, r)  # a view for the column slices of a fused projection's output
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    out = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
+    n = x3.shape[0]
+    if n and r:
+        block_n = 64 if interpreting() else 16  # the interpreter pays per program
+        _rope_kernel[(triton.cdiv(n, block_n), heads)](
+            x3, positions.reshape(-1).contiguous(), inv_freq.float().contiguous(), out, n,
+            heads // inv_freq.shape[0], x3.stride(0), x3.stride(1), inv_freq.shape[1],
+            HALF=r // 2, HALF_PAD=max(2, triton.next_power_of_2(r // 2)), BLOCK_N=block_n)
+    return out.view(x.shape)

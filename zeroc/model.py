@@ -343,7 +343,7 @@ class Transformer(nn.Module):
     def _run(self, tokens: Tensor, positions: Tensor, attend: Attend) -> Tensor:
         # tokens, positions: [*P] -> final hidden states [*P, hidden]
         x, residual = self.model.embed_tokens(tokens), None
-        rope = RopeTables(positions)  # cos/sin once per forward, shared by the layers
+        rope = RopeTables(positions, self.backend)  # cos/sin once per forward, shared by the layers (or kernels)
         for layer in self.model.layers:
             x, residual = layer.forward_residual(x, residual, rope, attend, self.backend)  # hidden = x + residual
         return self.model.norm.add(x, residual, self.backend)[0]

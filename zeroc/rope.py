@@ -4,11 +4,15 @@ dynamic (NTK) and yarn frequency scaling as transformers' modeling_rope_utils de
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from zeroc.config import ModelConfig, RopeConfig
+
+if TYPE_CHECKING:
+    from zeroc_kernels.attention import AttentionBackend
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
@@ -114,15 +118,21 @@ class RopeTables:
     read one table, instead of each recomputing cos/sin of every position.
 
     `key` names a frequency table independently of the tensor holding it (each layer keeps its own buffer of
-    equal values): layers whose tables are equal pass equal keys. `computed` counts the tables built."""
+    equal values): layers whose tables are equal pass equal keys. `computed` counts the tables built.
 
-    def __init__(self, positions: Tensor):
+    With `ops`, a backend whose `rope` is one kernel per tensor (`fused_rope`: triton), each q and k goes
+    through it instead, cos and sin computed in registers: no tables at all."""
+
+    def __init__(self, positions: Tensor, ops: AttentionBackend | None = None):
         self.positions = positions  # [*P]
+        self.ops = ops if ops is not None and ops.fused_rope else None
         self._memo: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self.computed = 0
 
     def qk(self, key: tuple, q: Tensor, k: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
         """RoPE on q [*P, heads, r] and k [*P, kv_heads, r]; inv_freq: [kv_heads or 1, r/2], named by `key`."""
+        if self.ops is not None:
+            return self.ops.rope(q, self.positions, inv_freq), self.ops.rope(k, self.positions, inv_freq)
         group = q.shape[-2] // k.shape[-2]
         memo_key = (key, q.dtype, group)
         if memo_key not in self._memo:

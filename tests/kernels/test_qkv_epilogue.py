@@ -3,11 +3,13 @@ the model's own RoPE (and rotate-mode bases)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zeroc_kernels.qkv_epilogue import qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue, qkv_rotate_epilogue_ref
+from zeroc_kernels.qkv_epilogue import (qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue, qkv_rotate_epilogue_ref,
+                                       rope, rope_ref)
 from zeroc.config import RopeConfig
 from zeroc.model import rotate_qk
 from zeroc.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -96,3 +98,38 @@ def test_rotate_reference_equals_the_models_rope_then_bases():
     torch.testing.assert_close(q_out, q_model)
     torch.testing.assert_close(k_pool.view(-1, 2, 24)[slots], k_model)
     torch.testing.assert_close(v_pool.view(-1, 2, 16)[slots], v)
+
+
+@settings(max_examples=12, deadline=None)
+@given(lead=st.sampled_from([(5,), (2, 7), (0,)]), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
+       r=st.sampled_from([2, 16, 40]), per_head=st.booleans(), sliced=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_rope_kernel_matches_its_reference_and_the_models_tables(lead, kv, group, r, per_head, sliced, dtype, seed):
+    """RoPE alone (`rope`, the triton backend's for layers the epilogues do not serve): any leading dims, one
+    frequency row or one per KV head (query heads share their group's), x a column slice of a wider output
+    (a fused projection's); against `rope_ref`, and that against the model's eager tables (zeroc.rope)."""
+    gen = torch.Generator().manual_seed(seed)
+    heads = kv * group
+    wide = torch.randn(*lead, heads * r + (24 if sliced else 0), generator=gen).to(dtype)
+    x = wide[..., : heads * r].unflatten(-1, (heads, r))  # [*P, heads, r], rows strided where sliced
+    positions = torch.randint(0, 4096, lead, generator=gen)
+    base = rope_inv_freq(RopeConfig(theta=10000.0), 128)
+    inv_freq = torch.stack([base[torch.randperm(64, generator=gen)[: r // 2].sort().values]
+                            for _ in range(kv if per_head else 1)])
+    want = rope_ref(x, positions, inv_freq)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(rope(x, positions, inv_freq), want, **tol)
+    cos, sin = rope_cos_sin(inv_freq, positions, torch.float32)  # [*P, rows, r]
+    rows = heads // inv_freq.shape[0]
+    tables = apply_rope(x.float(), cos.repeat_interleave(rows, -2), sin.repeat_interleave(rows, -2))
+    torch.testing.assert_close(want.float(), tables, **tol)
+
+
+def test_rope_refuses_frequencies_that_do_not_fit():
+    x = torch.randn(4, 6, 16)
+    with pytest.raises(ValueError, match="frequencies"):
+        rope(x, torch.arange(4), torch.rand(4, 8))  # 4 rows for 6 heads
+    with pytest.raises(ValueError, match="frequencies"):
+        rope_ref(x, torch.arange(4), torch.rand(1, 6))
+    with pytest.raises(ValueError, match="positions"):
+        rope(x, torch.arange(3), torch.rand(1, 8))

@@ -77,3 +77,26 @@ def test_rope_tables_are_computed_once_per_forward_and_change_nothing(name, requ
         assert tables < per_layer
     else:
         assert 1 <= tables <= per_layer
+
+
+def test_a_backend_with_a_rope_kernel_gets_every_q_and_k_and_no_tables_are_built(zeroc_tier_dir):
+    """On triton (`fused_rope`) the layers the epilogues do not serve (per-KV-head ranks, a token tier's dims,
+    the dense forward) run RoPE as one kernel per tensor: no cos/sin tables, the tables' logits within
+    rounding, and each q and k of every layer through the backend."""
+    from zeroc_kernels.attention import TritonBackend
+
+    class Counting(TritonBackend):
+        calls = 0
+
+        def rope(self, x, positions, inv_freq):
+            Counting.calls += 1
+            return super().rope(x, positions, inv_freq)
+
+    model = load_model(zeroc_tier_dir).model
+    tokens = torch.randint(4, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, _ = _logits(model, tokens, RopeTables)
+        got, tables = _logits(model, tokens, lambda positions: RopeTables(positions, Counting()))
+    # every layer's q and k (per run in per-head layers), and a fold layer's tier dims besides
+    assert tables == 0 and Counting.calls > 2 * model.config.num_hidden_layers
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
