@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zeroc.attend import causal_attend
 from zeroc.caches import paged_cache
@@ -86,3 +87,56 @@ def test_compiled_layers_keep_the_backend_and_the_fused_gemm_out_of_the_graph(ra
         model(torch.randint(2, 100, (1, 5)))
     assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": model.config.num_hidden_layers, "silu_mul": 0}
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+_VIEWS = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "expand", "transpose", "t", "permute",
+          "as_strided", "split_with_sizes", "split", "unflatten", "flatten", "alias", "detach", "narrow", "reshape",
+          "_reshape_alias", "unbind", "empty", "empty_strided", "new_empty", "lift_fresh", "set_"}
+
+
+class _Kernels(TorchDispatchMode):
+    """Counts what launches a kernel on a GPU: aten ops other than views and allocations, and the Triton backend's
+    kernels (each one call here; the interpreter's own copies of their arguments are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.in_triton = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not self.in_triton and func.overloadpacket.__name__ not in _VIEWS
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_token_tier_decode_step_launches_few_kernels(zeroc_tier_dir):
+    """Per-KV-head ranks and a token tier, fold and rotate layers, on triton: projections fused, RoPE one kernel per
+    tensor, the tier's decode segment one kernel. A step's attention layers launched 743 kernels before those
+    three, 454 with RoPE's tables (docs/engine.md, "Fewer kernels per layer"); they launch under 300."""
+    from zeroc.engine import Engine
+    from zeroc.loader import load_model
+    from zeroc.sampling import SamplingParams
+
+    loaded = load_model(zeroc_tier_dir, attention_backend="triton")
+    engine = Engine(loaded, CacheConfig(16, 64))
+    for i in range(2):
+        engine.add_request(list(range(5 + i, 40 + i)), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    for _ in range(3):  # the prompts, then decode steps
+        engine.step()
+    mode, backend = _Kernels(), loaded.model.backend
+    for name in ("rope", "tier_decode", "decode_partials"):  # a Triton launch each: counted once, not its copies
+        def launch(*args, _f=getattr(backend, name), **kwargs):
+            mode.count += 1
+            mode.in_triton += 1
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                mode.in_triton -= 1
+        setattr(backend, name, launch)
+    attention = [layer.self_attn for layer in loaded.model.model.layers]
+    calls = [a.forward for a in attention]
+    for a, forward in zip(attention, calls):
+        def counted(*args, _f=forward, **kwargs):
+            with mode:
+                return _f(*args, **kwargs)
+        a.forward = counted
+    engine.step()
+    assert 0 < mode.count < 300, mode.count
