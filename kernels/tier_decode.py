@@ -149,7 +149,9 @@ if triton is not None:
         p = tl.exp2(s - m[:, None])
         l_f = tl.sum(p, axis=1)
         acc = tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32, input_precision=PRECISION)  # [G, DV]
-        lse_f = tl.where(l_f > 0.0, (m + tl.log2(tl.where(l_f > 0.0, l_f, 1.0))) / LOG2E, float("-inf"))
+        # natural log: a kernel sees no module global but a constexpr, so not LOG2E
+        lse_f = tl.where(l_f > 0.0, (m + tl.log2(tl.where(l_f > 0.0, l_f, 1.0))) / 1.4426950408889634,
+                         float("-inf"))
         # the merge with the compressed partials, by natural-log LSE
         parts = parts_ptr + b * stride_rb + heads[:, None] * stride_rh + dv
         lses = lses_ptr + b * stride_lb + heads * stride_lh

@@ -68,3 +68,13 @@ def test_the_fused_norm_and_gate_compile_for_sm90_with_16_byte_loads():
     assert [row["kernel"] for row in rows] == ["rms_norm", "add_rms_norm", "silu_mul"]
     for row in rows:
         assert row["v4_loads"] > 0 and row["b16_loads"] == 0, row
+
+
+def test_the_token_tier_and_rope_kernels_compile_for_sm90():
+    """The tier's decode segment scores and reads its gathered rows on the tensor cores; RoPE alone reads rows
+    at least 4 bytes at a time. (Under the interpreter, a kernel reading a module global compiled; Triton's
+    compiler refuses it: this is where that shows.)"""
+    rows = {row["kernel"]: row for row in _compile_rows("tier")}
+    assert rows.keys() == {"tier_decode", "rope"}
+    assert rows["tier_decode"]["tensor_core"] > 0 and rows["tier_decode"]["shared"] <= HOPPER_SHARED_BYTES
+    assert all(row["b16_loads"] == 0 for row in rows.values()), rows

@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zeroc_kernels import layer_ops, paged_decode, paged_prefill
+from zeroc_kernels import layer_ops, paged_decode, paged_prefill, qkv_epilogue, tier_decode
 from zeroc_kernels.tuning import config_id
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -25,12 +25,13 @@ FLOATS = ("qk_scale", "scale", "eps")
 NOT_ALIGNED = FLOATS + ("split_len", "q_bucket", "len_bucket", "grid_bucket", "key_start")
 
 
-def compile_config(fn, pointers: dict, constants: dict, config) -> dict:
+def compile_config(fn, pointers: dict, constants: dict, config, unaligned: tuple[str, ...] = ()) -> dict:
+    """unaligned: integer arguments a real launch passes not divisible by 16 (no divisibility hint)."""
     consts = {**constants, **config.kwargs}
     sig = {name: "constexpr" if name in consts else pointers.get(name, "fp32" if name in FLOATS else "i32")
            for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name] != "constexpr" and name not in NOT_ALIGNED}
+             if sig[name] != "constexpr" and name not in NOT_ALIGNED + unaligned}
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     ptx = kernel.asm["ptx"]
@@ -72,7 +73,28 @@ def main(kinds: list[str]) -> None:
                 ("silu_mul", layer_ops._silu_mul_kernel, dict(I=14336, BLOCK_M=1, BLOCK_N=1024), 4)):
             row = compile_config(fn, bf16, constants, triton.Config({}, num_warps=warps, num_stages=1))
             print(json.dumps({"kernel": name, **row}), flush=True)
+    if "tier" in kinds:
+        _tier(llama)
+
+
+def _tier(llama: dict) -> None:
+    """A token tier's decode segment (4 sinks + 64 recent, fold rank 64 of 128, partials in fp32 from a split
+    decode) and RoPE alone (query heads of a fold layer's run, 16 tokens a program), at Llama-3-8B widths."""
+    ptrs = {"q_ptr": "*bf16", "pool_ptr": "*bf16", "blocks_ptr": "*i64", "offsets_ptr": "*i64", "ids_ptr": "*i64",
+            "seen_ptr": "*u8", "k_own_ptr": "*bf16", "v_own_ptr": "*bf16", "parts_ptr": "*fp32", "lses_ptr": "*fp32",
+            "out_ptr": "*bf16"}
+    constants = dict(HELD=68, K_PAD=128, GROUP=4, GROUP_PAD=16, KV=8, K_DIM=64, V_DIM=64, TIER_K=64, TIER_V=64,
+                     DQ_PAD=128, DV_PAD=128, P=2, DOT_F32=False, PRECISION=llama["PRECISION"])
+    row = compile_config(tier_decode._tier_decode_kernel, ptrs, constants,
+                         triton.Config({}, num_warps=4, num_stages=1),
+                         unaligned=("stride_bb", "stride_ib", "stride_eb", "stride_lh", "stride_rh"))
+    print(json.dumps({"kernel": "tier_decode", **row}), flush=True)
+    row = compile_config(qkv_epilogue._rope_kernel, {"x_ptr": "*bf16", "pos_ptr": "*i64", "freq_ptr": "*fp32",
+                                                     "out_ptr": "*bf16"},
+                         dict(HALF=32, HALF_PAD=32, BLOCK_N=16), triton.Config({}, num_warps=4, num_stages=1),
+                         unaligned=("n", "heads_per_row"))
+    print(json.dumps({"kernel": "rope", **row}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["decode", "decode_int8", "prefill", "layer_ops"])
+    main(sys.argv[1:] or ["decode", "decode_int8", "prefill", "layer_ops", "tier"])
