@@ -62,11 +62,15 @@ def test_with_gradients_or_replaced_weights_each_part_runs_on_its_own():
     torch.testing.assert_close(got[2], parts[2](x.double()))
 
 
-def test_parts_that_cannot_share_one_gemm_are_refused():
-    with pytest.raises(ValueError, match="one input width"):
-        FusedLinears.of(nn.Linear(16, 4), nn.Linear(8, 4))
-    with pytest.raises(ValueError, match="bias"):
-        FusedLinears.of(nn.Linear(16, 4, bias=True), nn.Linear(16, 4, bias=False))
+@pytest.mark.parametrize("fuse, parts, match", [
+    (FusedLinears.of, (nn.Linear(16, 4), nn.Linear(8, 4)), "one input width"),
+    (FusedLinears.of, (nn.Linear(16, 4, bias=True), nn.Linear(16, 4, bias=False)), "bias"),
+    (SummedLinears.of, (nn.Linear(16, 4), nn.Linear(16, 8)), "one output width"),
+    (SummedLinears.of, (nn.Linear(16, 4, bias=True), nn.Linear(8, 4, bias=True)), "at most one bias"),
+])
+def test_parts_that_cannot_share_one_gemm_are_refused(fuse, parts, match):
+    with pytest.raises(ValueError, match=match):
+        fuse(*parts)
 
 
 def test_an_engine_on_the_triton_backend_fuses_and_keeps_the_logits(random_gqa, tmp_path):
@@ -137,13 +141,6 @@ def test_summed_linears_follow_loads_and_fall_back_where_the_gemm_cannot_hold():
     parts[2].weight = nn.Parameter(torch.zeros(8, 6))  # replaced: the concatenation is stale, the parts are not
     with torch.inference_mode():
         torch.testing.assert_close(fused(*xs), new(xs[0]) + parts[1](xs[1]))
-
-
-def test_summed_linears_that_cannot_share_one_gemm_are_refused():
-    with pytest.raises(ValueError, match="one output width"):
-        SummedLinears.of(nn.Linear(16, 4), nn.Linear(16, 8))
-    with pytest.raises(ValueError, match="at most one bias"):
-        SummedLinears.of(nn.Linear(16, 4, bias=True), nn.Linear(8, 4, bias=True))
 
 
 def test_a_tier_model_with_per_head_ranks_fuses_every_projection_and_keeps_its_outputs(zeroc_tier_dir, tmp_path):
