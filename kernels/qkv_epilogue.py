@@ -92,14 +92,17 @@ def qkv_rotate_epilogue_ref(
 if triton is not None:
 
     @triton.jit
-    def _rope_row(x_ptr, freq_ptr, pos, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
-        i = tl.arange(0, HALF_PAD)
-        ok = i < HALF
-        lo = tl.load(x_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        hi = tl.load(x_ptr + HALF + i, mask=ok, other=0.0).to(tl.float32)
-        angle = pos * tl.load(freq_ptr + i, mask=ok, other=0.0)
-        c, s = tl.cos(angle), tl.sin(angle)
-        return lo * c - hi * s, hi * c + lo * s, i, ok
+    def _rope_tile(x, c, s, mask, HALF: tl.constexpr):
+        # x: [T, HALF] pointers to rows' first halves (rotate_half pairs: i and HALF + i); c, s: [T, HALF]
+        # -> both rotated halves, fp32
+        lo = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+        return lo * c - hi * s, hi * c + lo * s
+
+    @triton.jit
+    def _store_halves(dst, lo, hi, mask, HALF: tl.constexpr):
+        tl.store(dst, lo.to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, hi.to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(x_ptr, pos_ptr, freq_ptr, out_ptr, n, heads_per_row, stride_xn, stride_xh, stride_f,
@@ -111,41 +114,37 @@ if triton is not None:
         ok = (t[:, None] < n) & (i[None, :] < HALF)
         angle = tl.load(pos_ptr + t, mask=t < n, other=0).to(tl.float32)[:, None] * tl.load(
             freq_ptr + (h // heads_per_row) * stride_f + i, mask=i < HALF, other=0.0)[None, :]  # [N, HALF]
-        c, s = tl.cos(angle), tl.sin(angle)
-        x = x_ptr + t[:, None] * stride_xn + h * stride_xh + i[None, :]
-        lo = tl.load(x, mask=ok, other=0.0).to(tl.float32)
-        hi = tl.load(x + HALF, mask=ok, other=0.0).to(tl.float32)
-        out = out_ptr + (t[:, None] * tl.num_programs(1) + h) * (2 * HALF) + i[None, :]
-        tl.store(out, (lo * c - hi * s).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(out + HALF, (hi * c + lo * s).to(out_ptr.dtype.element_ty), mask=ok)
+        lo, hi = _rope_tile(x_ptr + t[:, None] * stride_xn + h * stride_xh + i[None, :], tl.cos(angle),
+                            tl.sin(angle), ok, HALF)
+        _store_halves(out_ptr + (t[:, None] * tl.num_programs(1) + h) * (2 * HALF) + i[None, :], lo, hi, ok, HALF)
 
     @triton.jit
     def _qkv_epilogue_kernel(
-        q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, slots_ptr, kpool_ptr, vpool_ptr, qout_ptr,
+        q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, slots_ptr, kpool_ptr, vpool_ptr, qout_ptr, n,
         stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
         HEADS: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-        RV: tl.constexpr, RV_PAD: tl.constexpr,
+        RV: tl.constexpr, RV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
-        # One program per (token, query head); the first query head of each group also writes K/V.
-        n = tl.program_id(0)
-        h = tl.program_id(1)
-        g = h // (HEADS // KV)
-        pos = tl.load(pos_ptr + n).to(tl.float32)
-        freq = freq_ptr + g * HALF
-        lo, hi, i, ok = _rope_row(q_ptr + n * stride_qn + h * stride_qh, freq, pos, HALF, HALF_PAD)
-        out = qout_ptr + (n * HEADS + h) * 2 * HALF
-        tl.store(out + i, lo.to(qout_ptr.dtype.element_ty), mask=ok)
-        tl.store(out + HALF + i, hi.to(qout_ptr.dtype.element_ty), mask=ok)
-        if h % (HEADS // KV) == 0:
-            slot = tl.load(slots_ptr + n)
-            klo, khi, i, ok = _rope_row(k_ptr + n * stride_kn + g * stride_kh, freq, pos, HALF, HALF_PAD)
-            kdst = kpool_ptr + (slot * KV + g) * 2 * HALF
-            tl.store(kdst + i, klo.to(kpool_ptr.dtype.element_ty), mask=ok)
-            tl.store(kdst + HALF + i, khi.to(kpool_ptr.dtype.element_ty), mask=ok)
-            j = tl.arange(0, RV_PAD)
-            vrow = tl.load(v_ptr + n * stride_vn + g * stride_vh + j, mask=j < RV, other=0.0)
-            tl.store(vpool_ptr + (slot * KV + g) * RV + j, vrow.to(vpool_ptr.dtype.element_ty), mask=j < RV)
-
+        # One program per (tile of BLOCK_T tokens, KV head g): cos and sin once for the tile, then every query
+        # head of the group, K into its slots, V into its slots; rows go as [BLOCK_T, HALF] tiles (wide loads).
+        g = tl.program_id(1)
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        ok = t < n
+        i = tl.arange(0, HALF_PAD)
+        rows = ok[:, None] & (i[None, :] < HALF)
+        angle = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.float32)[:, None] * tl.load(
+            freq_ptr + g * HALF + i, mask=i < HALF, other=0.0)[None, :]  # [T, HALF]
+        c, s = tl.cos(angle), tl.sin(angle)
+        for h in range(g * (HEADS // KV), (g + 1) * (HEADS // KV)):
+            lo, hi = _rope_tile(q_ptr + t[:, None] * stride_qn + h * stride_qh + i[None, :], c, s, rows, HALF)
+            _store_halves(qout_ptr + (t[:, None] * HEADS + h) * (2 * HALF) + i[None, :], lo, hi, rows, HALF)
+        slot = tl.load(slots_ptr + t, mask=ok, other=0).to(tl.int64)[:, None]
+        lo, hi = _rope_tile(k_ptr + t[:, None] * stride_kn + g * stride_kh + i[None, :], c, s, rows, HALF)
+        _store_halves(kpool_ptr + (slot * KV + g) * (2 * HALF) + i[None, :], lo, hi, rows, HALF)
+        j = tl.arange(0, RV_PAD)[None, :]
+        vm = ok[:, None] & (j < RV)
+        v = tl.load(v_ptr + t[:, None] * stride_vn + g * stride_vh + j, mask=vm, other=0.0)
+        tl.store(vpool_ptr + (slot * KV + g) * RV + j, v.to(vpool_ptr.dtype.element_ty), mask=vm)
 
     @triton.jit
     def _rope_project_tile(x_ptr, rows, ok, pos, freq_ptr, basis_ptr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
@@ -204,17 +203,24 @@ if triton is not None:
                  mask=vm)
 
 
+FOLD_BLOCK_T = 16  # tokens per program of the fold epilogue: a decode step of 64 rows is 4 programs per KV head
+
+
 def qkv_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: Tensor, slot_mapping: Tensor,
                  k_pool: Tensor, v_pool: Tensor) -> Tensor:
-    """Triton version of `qkv_epilogue_ref` (same arguments; pools must be contiguous)."""
+    """Triton version of `qkv_epilogue_ref` (same arguments; pools must be contiguous). Tiles of
+    FOLD_BLOCK_T tokens per KV head, where one program per (token, query head) read its row 2 bytes at a time
+    (sm_90 PTX) and a 16,384-token prompt launched half a million programs."""
     n, heads, r = q.shape
     kv, rv = k.shape[1], v.shape[2]
     out = torch.empty_like(q)
-    _qkv_epilogue_kernel[(n, heads)](
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    _qkv_epilogue_kernel[(triton.cdiv(n, FOLD_BLOCK_T), kv)](
         q, k, v, positions.contiguous(), inv_freq.float().contiguous(), slot_mapping.contiguous(), k_pool, v_pool,
-        out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out, n, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         HEADS=heads, KV=kv, HALF=r // 2, HALF_PAD=triton.next_power_of_2(r // 2), RV=rv,
-        RV_PAD=triton.next_power_of_2(rv),
+        RV_PAD=triton.next_power_of_2(rv), BLOCK_T=FOLD_BLOCK_T,
     )
     return out
 

@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zeroc_kernels import layer_ops, paged_decode, paged_prefill, qkv_epilogue, tier_decode
+from zeroc_kernels import kv_quant, layer_ops, paged_decode, paged_prefill, qkv_epilogue, tier_decode
 from zeroc_kernels.tuning import config_id
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -75,6 +75,8 @@ def main(kinds: list[str]) -> None:
             print(json.dumps({"kernel": name, **row}), flush=True)
     if "tier" in kinds:
         _tier(llama)
+    if "others" in kinds:
+        _others(llama)
 
 
 def _tier(llama: dict) -> None:
@@ -96,5 +98,32 @@ def _tier(llama: dict) -> None:
     print(json.dumps({"kernel": "rope", **row}), flush=True)
 
 
+def _others(llama: dict) -> None:
+    """The kernels not above, at Llama-3-8B widths: both QKV epilogues (fold rank 64; rotate to rank 64), the
+    split-K merge, and the int8 pools' quantise and dequantise (scales head-major)."""
+    one = triton.Config({}, num_warps=4, num_stages=1)
+    bf16 = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "kpool_ptr", "vpool_ptr", "qout_ptr", "qb_ptr",
+                                       "kb_ptr", "x_ptr", "out_ptr")}
+    index = {"pos_ptr": "*i64", "slots_ptr": "*i64", "freq_ptr": "*fp32"}
+    cases = (
+        ("qkv_epilogue", qkv_epilogue._qkv_epilogue_kernel, {**bf16, **index},
+         dict(HEADS=32, KV=8, HALF=32, HALF_PAD=32, RV=64, RV_PAD=64, BLOCK_T=qkv_epilogue.FOLD_BLOCK_T), ("n",)),
+        ("qkv_rotate_epilogue", qkv_epilogue._qkv_rotate_epilogue_kernel, {**bf16, **index},
+         dict(HEADS=32, KV=8, HALF=64, HALF_PAD=64, R=64, R_PAD=64, RV=64, RV_PAD=64, BLOCK_T=64, DOT_F32=False,
+              PRECISION=llama["PRECISION"]), ("n",)),
+        ("merge", paged_decode._merge_kernel, {"outs_ptr": "*fp32", "lses_ptr": "*fp32", "out_ptr": "*bf16",
+                                              "lse_ptr": "*fp32"}, dict(S=2, S_PAD=2, DV=128, DV_PAD=128),
+         ("stride_ps", "stride_lh", "stride_lb")),
+        ("quantize", kv_quant._quantize_kernel, {"x_ptr": "*bf16", "slots_ptr": "*i64", "q_ptr": "*i8",
+                                                 "s_ptr": "*fp32"}, dict(D=128, D_PAD=128, H=8, BS=16), ("stride_sh",)),
+        ("dequantize", kv_quant._dequantize_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "slots_ptr": "*i64",
+                                                     "out_ptr": "*bf16"}, dict(D=128, D_PAD=128, H=8, BS=16),
+         ("stride_sh",)),
+    )
+    for name, fn, ptrs, constants, unaligned in cases:
+        row = compile_config(fn, ptrs, constants, one, unaligned=unaligned)
+        print(json.dumps({"kernel": name, **row}), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["decode", "decode_int8", "prefill", "layer_ops", "tier"])
+    main(sys.argv[1:] or ["decode", "decode_int8", "prefill", "layer_ops", "tier", "others"])
