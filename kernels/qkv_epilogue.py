@@ -55,7 +55,7 @@ def qkv_epilogue_ref(
     k: Tensor,  # [N, kv_heads, r]
     v: Tensor,  # [N, kv_heads, rv]
     positions: Tensor,  # [N]
-    inv_freq: Tensor,  # [kv_heads, r/2] frequencies of each KV head's kept pairs
+    inv_freq: Tensor,  # [kv_heads or 1, r/2] frequencies of each KV head's kept pairs (1 row: shared by all)
     slot_mapping: Tensor,  # [N]
     k_pool: Tensor,  # [num_blocks, block_size, kv_heads, r], written in place
     v_pool: Tensor,  # [num_blocks, block_size, kv_heads, rv], written in place
@@ -121,7 +121,7 @@ if triton is not None:
     @triton.jit
     def _qkv_epilogue_kernel(
         q_ptr, k_ptr, v_ptr, pos_ptr, freq_ptr, slots_ptr, kpool_ptr, vpool_ptr, qout_ptr, n,
-        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_f,
         HEADS: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
         RV: tl.constexpr, RV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
@@ -133,7 +133,7 @@ if triton is not None:
         i = tl.arange(0, HALF_PAD)
         rows = ok[:, None] & (i[None, :] < HALF)
         angle = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.float32)[:, None] * tl.load(
-            freq_ptr + g * HALF + i, mask=i < HALF, other=0.0)[None, :]  # [T, HALF]
+            freq_ptr + g * stride_f + i, mask=i < HALF, other=0.0)[None, :]  # [T, HALF]
         c, s = tl.cos(angle), tl.sin(angle)
         for h in range(g * (HEADS // KV), (g + 1) * (HEADS // KV)):
             lo, hi = _rope_tile(q_ptr + t[:, None] * stride_qn + h * stride_qh + i[None, :], c, s, rows, HALF)
@@ -216,9 +216,12 @@ def qkv_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: T
     out = torch.empty_like(q)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    freqs = inv_freq.float()  # one row per KV head, or one row for all (stride 0): no copy per layer
+    freqs = freqs if freqs.stride(-1) == 1 else freqs.contiguous()
     _qkv_epilogue_kernel[(triton.cdiv(n, FOLD_BLOCK_T), kv)](
-        q, k, v, positions.contiguous(), inv_freq.float().contiguous(), slot_mapping.contiguous(), k_pool, v_pool,
+        q, k, v, positions.contiguous(), freqs, slot_mapping.contiguous(), k_pool, v_pool,
         out, n, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        freqs.stride(0) if freqs.shape[0] > 1 else 0,
         HEADS=heads, KV=kv, HALF=r // 2, HALF_PAD=triton.next_power_of_2(r // 2), RV=rv,
         RV_PAD=triton.next_power_of_2(rv), BLOCK_T=FOLD_BLOCK_T,
     )

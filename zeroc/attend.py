@@ -187,8 +187,7 @@ class FusedPagedAttend(PagedAttend):
         if attn.rotate:
             q = self.backend.qkv_rotate_epilogue(q, k, v, positions, attn.inv_freq, attn.q_basis, attn.k_basis,
                                                  slots, k_pool, v_pool)
-        else:  # the kernel reads one frequency row per KV head; an uncompressed layer shares one row
-            inv_freq = attn.inv_freq.expand(attn.n_kv, -1)  # [kv_heads, qk_dim / 2]
-            q = self.backend.qkv_epilogue(q, k, v, positions, inv_freq, slots, k_pool, v_pool)
+        else:  # one frequency row per KV head, or one row all share (an uncompressed layer's)
+            q = self.backend.qkv_epilogue(q, k, v, positions, attn.inv_freq, slots, k_pool, v_pool)
         self.cache.wrote(layer, slots)
         return self._attend_pools(layer, q, k_pool, v_pool, attn.scale)

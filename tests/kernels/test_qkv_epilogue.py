@@ -27,14 +27,16 @@ def _case(gen, n, kv, group, r, rv, block_size, dtype):
     return q, k, v, positions, inv_freq, slots, blocks
 
 
-@settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 24), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 4, 8]),
+@settings(max_examples=16, deadline=None)
+@given(n=st.integers(1, 40), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 4, 8]),
        ranks=st.sampled_from([(16, 16), (32, 64), (64, 48), (128, 128)]), block_size=st.sampled_from([16, 32]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_kernel_matches_reference(n, kv, group, ranks, block_size, dtype, seed):
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16), shared=st.booleans())
+def test_kernel_matches_reference(n, kv, group, ranks, block_size, dtype, seed, shared):
+    """shared: one frequency row for every KV head (an uncompressed layer's), as the model passes it."""
     r, rv = ranks
     q, k, v, pos, inv_freq, slots, blocks = _case(torch.Generator().manual_seed(seed), n, kv, group, r, rv,
                                                   block_size, dtype)
+    inv_freq = inv_freq[:1] if shared else inv_freq
     pools = [(torch.full((blocks, block_size, kv, r), float("nan"), dtype=dtype),
               torch.full((blocks, block_size, kv, rv), float("nan"), dtype=dtype)) for _ in range(2)]
     q_ref = qkv_epilogue_ref(q, k, v, pos, inv_freq, slots, *pools[0])
