@@ -115,10 +115,11 @@ def _others(llama: dict) -> None:
                                               "lse_ptr": "*fp32"}, dict(S=2, S_PAD=2, DV=128, DV_PAD=128),
          ("stride_ps", "stride_lh", "stride_lb")),
         ("quantize", kv_quant._quantize_kernel, {"x_ptr": "*bf16", "slots_ptr": "*i64", "q_ptr": "*i8",
-                                                 "s_ptr": "*fp32"}, dict(D=128, D_PAD=128, H=8, BS=16), ("stride_sh",)),
+                                                 "s_ptr": "*fp32"}, dict(D=128, D_PAD=128, H=8, BS=16, BLOCK_R=kv_quant.BLOCK_ROWS),
+         ("stride_sh", "n")),
         ("dequantize", kv_quant._dequantize_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "slots_ptr": "*i64",
-                                                     "out_ptr": "*bf16"}, dict(D=128, D_PAD=128, H=8, BS=16),
-         ("stride_sh",)),
+                                                     "out_ptr": "*bf16"},
+         dict(D=128, D_PAD=128, H=8, BS=16, BLOCK_R=kv_quant.BLOCK_ROWS), ("stride_sh", "n")),
     )
     for name, fn, ptrs, constants, unaligned in cases:
         row = compile_config(fn, ptrs, constants, one, unaligned=unaligned)
