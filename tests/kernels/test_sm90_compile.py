@@ -80,11 +80,13 @@ def test_the_token_tier_and_rope_kernels_compile_for_sm90():
     assert all(row["b16_loads"] == 0 for row in rows.values()), rows
 
 
-def test_the_other_kernels_compile_for_sm90_and_the_fold_epilogue_reads_rows_in_tiles():
-    """Both QKV epilogues, the split-K merge and the int8 pools' quantise and dequantise. The fold epilogue read
-    each row 2 bytes at a time while it ran one program per (token, query head); in tiles of tokens it does not."""
+def test_the_other_kernels_compile_for_sm90_and_read_rows_in_tiles():
+    """Both QKV epilogues, the split-K merge and the int8 pools' quantise and dequantise. The fold epilogue and the
+    int8 kernels read each row 2 bytes at a time while they ran one program per row (and head); in tiles of rows
+    they read 16 bytes at a time."""
     rows = {row["kernel"]: row for row in _compile_rows("others")}
     assert rows.keys() == {"qkv_epilogue", "qkv_rotate_epilogue", "merge", "quantize", "dequantize"}
-    assert rows["qkv_epilogue"]["b16_loads"] == 0 and rows["qkv_epilogue"]["v4_loads"] > 0, rows["qkv_epilogue"]
+    for name in ("qkv_epilogue", "quantize", "dequantize"):
+        assert rows[name]["b16_loads"] == 0 and rows[name]["v4_loads"] > 0, rows[name]
     assert rows["qkv_rotate_epilogue"]["tensor_core"] > 0
     assert all(row["shared"] <= HOPPER_SHARED_BYTES for row in rows.values()), rows
