@@ -5,10 +5,11 @@ A decode query of a model with a token tier (zeroc/tier.py) attends its sequence
 tier slots plus its own new row at full rank. Those full-rank keys are gathered from two places
 (zeroc/policies/tier.py): a slot's compressed dims are its position's row in the cache's blocks, its tier
 dims lie in the blocks the sequence borrowed, laid end to end (slot j's row is elements
-[j * kv * width, (j + 1) * kv * width), width = tier_k + tier_v). `tier_decode_ref` gathers them, runs a
-masked softmax and merges it with the compressed partials by log-sum-exp (`merge_partials_ref`) in some
-25 PyTorch ops a layer; `tier_decode` is one Triton program per (sequence, KV head) that gathers the
-<= S + W + 1 rows in registers, scores the whole query group with `tl.dot` and merges in its epilogue.
+[j * kv * width, (j + 1) * kv * width), width = tier_k + tier_v). `tier_decode_ref` (the reference, and the
+torch and cpu backends' path) scores them where they lie and merges with the compressed partials in one
+softmax, some 25 PyTorch ops a layer; `tier_decode` is one Triton program per (sequence, KV head) that
+gathers the <= S + W + 1 rows in registers, scores the whole query group with `tl.dot` and merges in its
+epilogue.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from zeroc_kernels.paged_decode import LOG2E, merge_partials_ref
+from zeroc_kernels.paged_decode import LOG2E
 from zeroc_kernels.tuning import interpreting
 
 try:  # optional on CPU-only machines; the reference serves there
@@ -69,25 +69,35 @@ def tier_decode_ref(
     lses: Tensor,  # [B, heads, P] their natural-log LSEs (-inf: no key)
     scale: float,
 ) -> Tensor:
-    """-> [B, heads, v_dim + tier_v]: one softmax over both segments' keys."""
+    """-> [B, heads, v_dim + tier_v]: one softmax over both segments' keys. The compressed segment enters as
+    its partials: merging outputs by log-sum-exp is a softmax in which each partial is one more key, whose
+    score is its LSE and whose value is its output. Scores are summed over the two places a key's dims live
+    (its compressed row, its tier row) instead of gathering whole rows: on the CPU the gathers and copies cost
+    more than the arithmetic."""
     tier_k, tier_v = _check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
     b, held = slots.blocks.shape
     kv, heads = pool.shape[2], q.shape[1]
-    width = tier_k + tier_v
-    tier = pool[slots.tier_ids].flatten(1)[:, : held * kv * width].view(b, held, kv, width)
-    comp = pool[slots.blocks, slots.offsets]  # [B, H, kv, k_dim + v_dim]
-    keys = torch.cat([torch.cat([comp[..., :k_dim], tier[..., :tier_k]], -1), k_own[:, None].to(pool.dtype)], 1)
-    values = torch.cat([torch.cat([comp[..., k_dim:], tier[..., tier_k:]], -1), v_own[:, None].to(pool.dtype)], 1)
-    seen = slots.seen[..., None, None]  # [B, K, 1, 1]: a row not seen may hold anything (a NaN is not masked by 0)
-    keys, values = torch.where(seen, keys.float(), 0.0), torch.where(seen, values.float(), 0.0)  # [B, K, kv, *]
-    qg = q.float().view(b, kv, heads // kv, -1)  # [B, kv, group, dq]
-    scores = torch.einsum("bgjd,bkgd->bgjk", qg, keys) * scale
-    scores = scores.masked_fill(~slots.seen[:, None, None], float("-inf"))  # [B, kv, group, K]
+    v_dim, width = pool.shape[3] - k_dim, tier_k + tier_v
+    tier = pool[slots.tier_ids].flatten(1)[:, : held * kv * width].view(b, held, kv, width).float()
+    comp = pool[slots.blocks, slots.offsets].float()  # [B, H, kv, k_dim + v_dim]
+    qg = q.float().view(b, kv, heads // kv, -1)  # [B, kv, group, k_dim + tier_k]
+    slot_scores = (torch.einsum("bgjd,bkgd->bgjk", qg[..., :k_dim], comp[..., :k_dim])
+                   + torch.einsum("bgjd,bkgd->bgjk", qg[..., k_dim:], tier[..., :tier_k]))  # [B, kv, group, H]
+    own = torch.einsum("bgjd,bgd->bgj", qg, k_own.float())[..., None]  # [B, kv, group, 1]
+    # a key not seen may hold anything, a NaN included: masked_fill overwrites its score
+    scores = (torch.cat([slot_scores, own], -1) * scale).masked_fill(~slots.seen[:, None, None], float("-inf"))
+    scores = torch.cat([scores, lses.float().view(b, kv, heads // kv, -1)], -1)  # the partials as keys
     lse = torch.logsumexp(scores, -1)  # [B, kv, group]
-    probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0)[..., None])
-    out_f = torch.einsum("bgjk,bkgd->bgjd", probs, values).reshape(b, heads, 1, -1)
-    outs = torch.cat([F.pad(parts.float(), (0, tier_v)), out_f], 2)  # compressed values: no tier dims
-    return merge_partials_ref(outs, torch.cat([lses.float(), lse.reshape(b, heads, 1)], 2))[0].to(q.dtype)
+    probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0)[..., None])  # no key at all: 0
+    p_slot, p_own, p_part = probs[..., :held], probs[..., held: held + 1], probs[..., held + 1:]
+    seen = slots.seen[:, :held, None, None]  # and its value is zeroed, since 0 * NaN is NaN
+    v_comp, v_tier = torch.where(seen, comp[..., k_dim:], 0.0), torch.where(seen, tier[..., tier_k:], 0.0)
+    own_v = v_own.float()[:, :, None]  # [B, kv, 1, v_dim + tier_v]
+    partials = parts.float().view(b, kv, heads // kv, -1, v_dim)
+    kept = (torch.einsum("bgjk,bkgd->bgjd", p_slot, v_comp) + p_own * own_v[..., :v_dim]
+            + torch.einsum("bgjp,bgjpd->bgjd", p_part, partials))  # [B, kv, group, v_dim]
+    rest = torch.einsum("bgjk,bkgd->bgjd", p_slot, v_tier) + p_own * own_v[..., v_dim:]  # compressed: no tier dims
+    return torch.cat([kept, rest], -1).reshape(b, heads, -1).to(q.dtype)
 
 
 if triton is not None:
