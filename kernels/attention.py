@@ -47,7 +47,8 @@ from zeroc_kernels.kv_quant import quantize_into_slots_ref
 from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, one_width,
                                            paged_attention_int8_ref, paged_attention_ref)
-from zeroc_kernels.ragged_cpu import load_ragged_kernel, ragged_decode_partials, ragged_paged_attention
+from zeroc_kernels.ragged_cpu import (load_ragged_kernel, ragged_decode_partials, ragged_paged_attention,
+                                     ragged_tier_decode)
 from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref, rope_ref
 
 if TYPE_CHECKING:  # the module imports triton, which processes on the torch backend never load
@@ -214,8 +215,8 @@ class TorchBackend(AttentionBackend):
 
 class CpuBackend(TorchBackend):
     """Attention by the ragged CPU kernel, over plain and int8 pools (the int8 blocks a step names are
-    dequantised first, as the reference does), and a token tier's decode partials; cache writes as the torch
-    backend. ValueError where the kernel cannot be built (no compiler)."""
+    dequantised first, as the reference does), and a token tier's decode partials and full-rank segment
+    (csrc/tier_decode.cpp); cache writes as the torch backend. ValueError where the kernel cannot be built (no compiler)."""
 
     name = "cpu"
     # 2-core Xeon, fp32, 2 threads: SDPA / ragged kernel 0.60 at 2,048 tokens, 0.90-1.19 at 512, 0.86-1.16 at 128
@@ -237,6 +238,9 @@ class CpuBackend(TorchBackend):
 
     def decode_partials(self, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start=0):
         return ragged_decode_partials(self.kernel, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start)
+
+    def tier_decode(self, q, pool, k_dim, slots, k_own, v_own, parts, lses, scale):
+        return ragged_tier_decode(self.kernel, q, pool, k_dim, slots, k_own, v_own, parts, lses, scale)
 
 
 class ReferenceEpilogueBackend(TorchBackend):

@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 from zeroc_kernels.paged_attention import paged_attention_ref, rows_contiguous
+from zeroc_kernels.tier_decode import TierSlots, tier_decode_check, tier_decode_ref
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "ragged_attention.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ragged_attention.cpp", "tier_decode.cpp")]
 
 # Vector ISA flags per torch's CPU capability (what torch itself dispatches to on the machine), so a build
 # never uses an instruction the CPU lacks, and a directory shared by different CPUs keeps one build each.
@@ -68,7 +69,8 @@ def _flags(capability: str) -> list[str]:
 
 
 def _module_name(capability: str) -> str:
-    key = SOURCE.read_bytes() + repr((_flags(capability), torch.__version__, sys.version_info[:2])).encode()
+    key = b"".join(s.read_bytes() for s in SOURCES) + repr((_flags(capability), torch.__version__,
+                                                           sys.version_info[:2])).encode()
     return f"zeroc_ragged_{capability.lower()}_{hashlib.sha1(key).hexdigest()[:12]}"
 
 
@@ -90,7 +92,7 @@ def build_ragged_kernel(capability: str) -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # then one rename: racing builders are safe
         out = Path(tmp) / path.name
         cmd = [cxx, *_flags(capability), f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
-               *(f"-isystem{i}" for i in includes), str(SOURCE), *libs, "-lc10", "-ltorch_cpu", "-ltorch",
+               *(f"-isystem{i}" for i in includes), *map(str, SOURCES), *libs, "-lc10", "-ltorch_cpu", "-ltorch",
                "-ltorch_python", "-o", str(out)]
         log.info("building the ragged CPU attention kernel (%s, about half a minute)", capability)
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -160,6 +162,29 @@ def ragged_decode_partials(
     out, lse = kernel.ragged_decode_partials(q.float(), rows_contiguous(k_cache), rows_contiguous(v_cache),
                                              block_tables, seq_lens, float(scale), int(key_start))
     return out.to(dtype)[:, :, None], lse[:, :, None]
+
+
+def ragged_tier_decode(
+    kernel: ModuleType,  # from load_ragged_kernel()
+    q: Tensor,  # [B, heads, k_dim + tier_k]
+    pool: Tensor,  # [num_blocks, block_size, kv, k_dim + v_dim], contiguous
+    k_dim: int,
+    slots: TierSlots,
+    k_own: Tensor,  # [B, kv, k_dim + tier_k]
+    v_own: Tensor,  # [B, kv, v_dim + tier_v]
+    parts: Tensor,  # [B, heads, P, v_dim]
+    lses: Tensor,  # [B, heads, P]
+    scale: float,
+) -> Tensor:
+    """-> [B, heads, v_dim + tier_v], as `tier_decode_ref` (kernels/tier_decode.py), which also serves pools in
+    other dtypes than fp32 (converting a whole pool per layer would cost more than the reference)."""
+    tier_decode_check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
+    if pool.dtype != torch.float32:
+        return tier_decode_ref(q, pool, k_dim, slots, k_own, v_own, parts, lses, scale)
+    f32 = [t.float().contiguous() for t in (q, k_own, v_own, parts, lses)]
+    index = [t.to(torch.long).contiguous() for t in (slots.blocks, slots.offsets, slots.tier_ids)]
+    out = kernel.tier_decode(f32[0], pool, int(k_dim), *index, slots.seen.contiguous(), *f32[1:], float(scale))
+    return out.to(q.dtype)
 
 
 def main() -> int:

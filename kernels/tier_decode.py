@@ -40,8 +40,8 @@ class TierSlots:
     # tokens), then whether it sees its own new row at full rank (recent > 0)
 
 
-def _check(q: Tensor, pool: Tensor, k_dim: int, slots: TierSlots, k_own: Tensor, v_own: Tensor, parts: Tensor,
-           lses: Tensor) -> tuple[int, int]:
+def tier_decode_check(q: Tensor, pool: Tensor, k_dim: int, slots: TierSlots, k_own: Tensor, v_own: Tensor,
+                      parts: Tensor, lses: Tensor) -> tuple[int, int]:
     """-> (tier_k, tier_v); ValueError where the shapes disagree."""
     b, heads, dq = q.shape
     kv, row = pool.shape[2], pool.shape[3]
@@ -74,7 +74,7 @@ def tier_decode_ref(
     score is its LSE and whose value is its output. Scores are summed over the two places a key's dims live
     (its compressed row, its tier row) instead of gathering whole rows: on the CPU the gathers and copies cost
     more than the arithmetic."""
-    tier_k, tier_v = _check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
+    tier_k, tier_v = tier_decode_check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
     b, held = slots.blocks.shape
     kv, heads = pool.shape[2], q.shape[1]
     v_dim, width = pool.shape[3] - k_dim, tier_k + tier_v
@@ -187,7 +187,7 @@ def tier_decode(q: Tensor, pool: Tensor, k_dim: int, slots: TierSlots, k_own: Te
     """Triton version of `tier_decode_ref` (same arguments and result)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
-    tier_k, tier_v = _check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
+    tier_k, tier_v = tier_decode_check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
     b, heads, dq = q.shape
     _, block_size, kv, row = pool.shape
     held, v_dim = slots.blocks.shape[1], row - k_dim

@@ -466,7 +466,13 @@ std::vector<torch::Tensor> ragged_decode_partials(torch::Tensor q, torch::Tensor
   return {out, lse};
 }
 
+// tier_decode.cpp, built into the same module
+torch::Tensor tier_decode(torch::Tensor q, torch::Tensor pool, int64_t k_dim, torch::Tensor blocks,
+                          torch::Tensor offsets, torch::Tensor tier_ids, torch::Tensor seen, torch::Tensor k_own,
+                          torch::Tensor v_own, torch::Tensor parts, torch::Tensor lses, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_paged_attention", &ragged_paged_attention, "ragged causal GQA attention over a paged KV cache");
   m.def("ragged_decode_partials", &ragged_decode_partials, "one query per sequence over keys from key_start, with LSE");
+  m.def("tier_decode", &tier_decode, "a token tier's full-rank decode segment, merged with the compressed partials");
 }

@@ -154,6 +154,23 @@ def test_decode_partials_from_a_key_start_are_the_reference(kernel, random_paged
         ragged_decode_partials(kernel, q, k, v, tables, seq_lens, 0.3, -1)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kw", [{}, {"b": 9, "kv": 1, "group": 8, "dims": (40, 24, 24, 40), "held": 20, "parts": 4},
+                                {"own_seen": False}, {"dtype": torch.bfloat16}])
+def test_tier_decode_is_the_reference(kernel, tier_decode_case, threads, kw):
+    """A token tier's full-rank segment merged with the compressed partials (csrc/tier_decode.cpp): tier rows
+    straddling borrowed blocks, every unseen row NaN, a KV head per item or whole groups of 8, no recent window
+    (the own row unseen), bf16 pools (which take the reference)."""
+    from zeroc_kernels.ragged_cpu import ragged_tier_decode
+    from zeroc_kernels.tier_decode import tier_decode_ref
+
+    torch.set_num_threads(threads)
+    args, _ = tier_decode_case(threads + 20, **kw)
+    got = ragged_tier_decode(kernel, *args)
+    assert torch.isfinite(got).all() and got.dtype == args[0].dtype
+    torch.testing.assert_close(got, tier_decode_ref(*args), atol=1e-5, rtol=1e-5)
+
+
 def test_a_built_kernel_is_imported_not_rebuilt(kernel):
     """Later loads (other processes, the image's runtime stage) import the build; no compiler runs."""
     path = build_ragged_kernel(cpu_isa())
