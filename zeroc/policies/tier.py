@@ -300,8 +300,8 @@ class TierPools(PolicyPools):
         return self.backend.tier_decode(q, pool, t.k_dim, slots, k_new, v_new, parts, lses, scale)
 
     def _decode_slots(self, batch: PagedBatch, n: int) -> tuple[Tensor, TierSlots]:
-        """A decode step's segments: where each compressed one ends [B] (the token's own key is in the tier), and
-        where the full-rank keys are, with the ones each query sees."""
+        """A decode step's segments: where each compressed one ends [B] (with a recent window the token's own
+        key is past it, in the tier), and where the full-rank keys are, with the ones each query sees."""
         s = self._slots(batch, _Rows.of(batch, n))  # one row each
         seen = s.keys_ok & (s.keys_pos <= s.rows.pos) & self._in_tier(s.keys_pos, s.rows.pos)  # [B, S + W + 1]
         return (batch.seq_lens - self.recent).clamp(min=self.sinks), TierSlots(s.blocks, s.offsets, s.tier_ids, seen)
