@@ -269,8 +269,10 @@ def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     n = x3.shape[0]
     if n and r:
         block_n = 64 if interpreting() else 16  # the interpreter pays per program
+        freqs = inv_freq.float()  # rows by stride: a per-head run's frequencies are a slice of its layer's
+        freqs = freqs if freqs.stride(-1) == 1 else freqs.contiguous()
         _rope_kernel[(triton.cdiv(n, block_n), heads)](
-            x3, positions.reshape(-1).contiguous(), inv_freq.float().contiguous(), out, n,
-            heads // inv_freq.shape[0], x3.stride(0), x3.stride(1), inv_freq.shape[1],
+            x3, positions.reshape(-1).contiguous(), freqs, out, n,
+            heads // inv_freq.shape[0], x3.stride(0), x3.stride(1), freqs.stride(0),
             HALF=r // 2, HALF_PAD=max(2, triton.next_power_of_2(r // 2)), BLOCK_N=block_n)
     return out.view(x.shape)

@@ -5,6 +5,8 @@ and what the fused kernels compute is what the references compute, in half preci
 from __future__ import annotations
 
 import copy
+import os
+import traceback
 
 import pytest
 import torch
@@ -95,22 +97,25 @@ _VIEWS = {"view", "_unsafe_view", "slice", "select", "unsqueeze", "squeeze", "ex
 
 
 class _Kernels(TorchDispatchMode):
-    """Counts what launches a kernel on a GPU: aten ops other than views and allocations, and the Triton backend's
-    kernels (each one call here; the interpreter's own copies of their arguments are not counted)."""
+    """Counts what launches a kernel on a GPU: aten ops other than views and allocations, but not the copies
+    Triton's CPU interpreter makes of a kernel's arguments (ops called from inside triton's package); the
+    Triton kernels themselves are counted by the caller, one per launch."""
 
     def __init__(self):
         super().__init__()
-        self.count, self.in_triton = 0, 0
+        self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not self.in_triton and func.overloadpacket.__name__ not in _VIEWS
+        if func.overloadpacket.__name__ not in _VIEWS and not any(
+                f"{os.sep}triton{os.sep}" in frame.filename for frame in traceback.extract_stack()):
+            self.count += 1
         return func(*args, **(kwargs or {}))
 
 
 def test_a_token_tier_decode_step_launches_few_kernels(zeroc_tier_dir):
     """Per-KV-head ranks and a token tier, fold and rotate layers, on triton: projections fused, RoPE one kernel per
-    tensor, the tier's decode segment one kernel. A step's attention layers launched 743 kernels before those
-    three, 454 with RoPE's tables (docs/engine.md, "Fewer kernels per layer"); they launch under 300."""
+    tensor, the tier's decode segment one kernel. A step's attention layers launched 749 kernels before those
+    three, 466 with RoPE's tables (docs/engine.md, "Fewer kernels per layer"); they launch under 340."""
     from zeroc.engine import Engine
     from zeroc.loader import load_model
     from zeroc.sampling import SamplingParams
@@ -122,14 +127,10 @@ def test_a_token_tier_decode_step_launches_few_kernels(zeroc_tier_dir):
     for _ in range(3):  # the prompts, then decode steps
         engine.step()
     mode, backend = _Kernels(), loaded.model.backend
-    for name in ("rope", "tier_decode", "decode_partials"):  # a Triton launch each: counted once, not its copies
+    for name in ("rope", "tier_decode", "decode_partials"):  # one Triton launch each
         def launch(*args, _f=getattr(backend, name), **kwargs):
             mode.count += 1
-            mode.in_triton += 1
-            try:
-                return _f(*args, **kwargs)
-            finally:
-                mode.in_triton -= 1
+            return _f(*args, **kwargs)
         setattr(backend, name, launch)
     attention = [layer.self_attn for layer in loaded.model.model.layers]
     calls = [a.forward for a in attention]
@@ -139,4 +140,4 @@ def test_a_token_tier_decode_step_launches_few_kernels(zeroc_tier_dir):
                 return _f(*args, **kwargs)
         a.forward = counted
     engine.step()
-    assert 0 < mode.count < 300, mode.count
+    assert 0 < mode.count < 340, mode.count
