@@ -216,7 +216,8 @@ class TorchBackend(AttentionBackend):
 class CpuBackend(TorchBackend):
     """Attention by the ragged CPU kernel, over plain and int8 pools (the int8 blocks a step names are
     dequantised first, as the reference does), and a token tier's decode partials and full-rank segment
-    (csrc/tier_decode.cpp); cache writes as the torch backend. ValueError where the kernel cannot be built (no compiler)."""
+    (csrc/tier_decode.cpp); cache writes as the torch backend. ValueError where the kernel cannot be built (no
+    compiler)."""
 
     name = "cpu"
     # 2-core Xeon, fp32, 2 threads: SDPA / ragged kernel 0.60 at 2,048 tokens, 0.90-1.19 at 512, 0.86-1.16 at 128

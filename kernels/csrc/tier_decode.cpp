@@ -56,11 +56,12 @@ inline float dot(const float* __restrict x, const float* __restrict y, int64_t n
   return s;
 }
 
-// The item's seen keys as rows of keys [n, dq] and values [n, dv] (its own row last, where seen) -> n.
-int64_t gather_keys(const TierArgs& a, int64_t b, int64_t h, std::vector<float>& keys, std::vector<float>& vals) {
+// The item's seen keys as rows of keys [n, dq] and values [n, dv] (its own row last, where seen) -> n. The three
+// buffers are the calling thread's, reused across its items.
+int64_t gather_keys(const TierArgs& a, int64_t b, int64_t h, std::vector<float>& keys, std::vector<float>& vals,
+                    std::vector<float>& tier) {
   const int64_t dq = a.k_dim + a.tier_k, dv = a.v_dim + a.tier_v, width = a.tier_k + a.tier_v;
-  keys.resize((a.held + 1) * dq), vals.resize((a.held + 1) * dv);
-  std::vector<float> tier(width);
+  keys.resize((a.held + 1) * dq), vals.resize((a.held + 1) * dv), tier.resize(width);
   const bool* seen = a.seen + b * (a.held + 1);
   int64_t n = 0;
   for (int64_t j = 0; j < a.held; ++j) {
@@ -146,11 +147,11 @@ torch::Tensor tier_decode(torch::Tensor q, torch::Tensor pool, int64_t k_dim, to
   const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)));
 #pragma omp parallel num_threads(workers)
   {
-    std::vector<float> keys, vals, scores;
+    std::vector<float> keys, vals, tier, scores;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
       const int64_t s = i / kv, h = i % kv;
-      const int64_t n = gather_keys(a, s, h, keys, vals);
+      const int64_t n = gather_keys(a, s, h, keys, vals, tier);
       for (int64_t j = 0; j < a.group; ++j) attend_head(a, s, h * a.group + j, keys, vals, n, scores);
     }
   }

@@ -237,22 +237,19 @@ class TierPools(PolicyPools):
         ring = self.sinks + (positions - self.sinks).remainder(self.recent)
         return torch.where(positions < self.sinks, positions, ring)
 
-    def _write_tier(self, layer: int, ids: Tensor, slot: Tensor, kept: Tensor, rows: Tensor,
-                    memo: bool = False) -> None:
-        """Tier rows into their sequences' borrowed blocks: slot j's row is elements [j * row, (j + 1) * row)
-        of those blocks laid end to end; rows the tier drops go to the trash block. ids: [P, most tier blocks]
-        each row's sequence's; slot, kept: [P]; rows: [P, kv_heads, tier_k + tier_v], on the host if they came
-        from the wire. memo: a step's writes, whose targets layers of one geometry share (`once`)."""
+    def _write_tier(self, layer: int, targets: tuple[Tensor, Tensor], rows: Tensor) -> None:
+        """Tier rows into their sequences' borrowed blocks at `targets` (`_tier_targets`); rows: [P, kv_heads,
+        tier_k + tier_v], on the host if they came from the wire."""
         pool = self.pools[layer]
-        width, per_block = rows.shape[1] * rows.shape[2], pool[0].numel()
-        build = lambda: self._tier_targets(ids, slot, kept, width, per_block)  # noqa: E731
-        blocks, offsets = self.once(("targets", width, per_block), build) if memo else build()
-        pool.view(pool.shape[0], -1)[blocks, offsets] = rows.reshape(len(slot), -1).to(pool.device, pool.dtype)
+        pool.view(pool.shape[0], -1)[targets] = rows.reshape(rows.shape[0], -1).to(pool.device, pool.dtype)
 
-    def _tier_targets(self, ids: Tensor, slot: Tensor, kept: Tensor, width: int,
-                      per_block: int) -> tuple[Tensor, Tensor]:
-        """-> (block [P, width], element in it [P, width]) of each tier row's elements"""
-        at = slot[:, None] * width + torch.arange(width, device=slot.device)  # [P, width]
+    def _tier_targets(self, layer: int, ids: Tensor, slot: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+        """Where tier rows go: slot j's row is elements [j * row, (j + 1) * row) of the sequence's borrowed blocks
+        laid end to end; rows the tier drops go to the trash block. ids: [P, most tier blocks] each row's
+        sequence's; slot, kept: [P] -> (block [P, row], element in it [P, row])"""
+        t, pool = self.policy.layers[layer], self.pools[layer]
+        width, per_block = pool.shape[2] * (t.tier_k + t.tier_v), pool[0].numel()
+        at = slot[:, None] * width + torch.arange(width, device=slot.device)  # [P, row]
         return torch.where(kept[:, None], ids.gather(1, at // per_block), self.trash), at % per_block
 
     def _writes(self, batch: PagedBatch, n: int) -> _Writes:
@@ -283,7 +280,9 @@ class TierPools(PolicyPools):
         # Written after the attention: a chunk's later rows take ring slots its earlier queries still read.
         w = self.once("writes", lambda: self._writes(batch, n))
         extra = torch.cat([k_new[w.rows, :, t.k_dim:], v_new[w.rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
-        self._write_tier(layer, w.ids, w.slot, w.kept, extra, memo=True)
+        # the targets depend on the layer's geometry only: layers of one geometry share them
+        t_key = ("targets", self.pools[layer].shape[1:], t.tier_k + t.tier_v)
+        self._write_tier(layer, self.once(t_key, lambda: self._tier_targets(layer, w.ids, w.slot, w.kept)), extra)
         return out
 
     def _attend_decode(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
@@ -390,4 +389,4 @@ class TierPools(PolicyPools):
         positions = positions.to(self.pools[layer].device)
         ids = self.tier_ids[table[0]].expand(len(positions), -1)
         kept = torch.ones_like(positions, dtype=torch.bool)
-        self._write_tier(layer, ids, self._slot(positions), kept, torch.cat([k, v], -1))
+        self._write_tier(layer, self._tier_targets(layer, ids, self._slot(positions), kept), torch.cat([k, v], -1))
