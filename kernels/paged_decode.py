@@ -267,7 +267,7 @@ def autotuned_config() -> dict | None:
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            seq_lens: Tensor, scale: float, out: Tensor | None = None,
                            num_splits: int | None = None, k_scales: Tensor | None = None,
-                           v_scales: Tensor | None = None, config=None, pv_transposed: bool | None = None) -> Tensor:
+                           v_scales: Tensor | None = None, config=None, pv_transposed: bool = False) -> Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and shapes).
 
     out: optional [B, heads, dv] buffer (tests poison it to catch unwritten rows).
@@ -276,7 +276,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     num_splits > 1 splits each sequence's context across programs (flash-decoding), merged by
     log-sum-exp; None picks it with `choose_num_splits` from the device's SM count (1 off CUDA).
     config: one of DECODE_CONFIGS to run instead of the autotuned choice.
-    pv_transposed: P @ V as (V^T P^T)^T (default: for int8 caches only; see `decode_partials`).
+    pv_transposed: P @ V as (V^T P^T)^T (an experiment, off by default; see `decode_partials`).
     """
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
@@ -304,17 +304,20 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
 def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     scale: float, num_splits: int, k_scales: Tensor | None = None, v_scales: Tensor | None = None,
                     config=None, partial: Tensor | None = None, key_start: int = 0,
-                    pv_transposed: bool | None = None) -> tuple[Tensor, Tensor]:
+                    pv_transposed: bool = False) -> tuple[Tensor, Tensor]:
     """The decode kernel's launch, before the merge (arguments as `paged_decode_attention`'s)
     -> (partial [B, heads, num_splits, dv]: each split's output, fp32 unless one split; lses [B, heads,
     num_splits]: each split's natural-log LSE, -inf where the split held no token). partial: a destination.
     key_start: attend keys [key_start, seq_lens) only (`decode_partials_ref`); a sequence with none gets
     outputs 0 and LSE -inf.
 
-    pv_transposed (default: int8 caches): the tile's P @ V as (V^T P^T)^T. Compiled for sm_90, the int8 kernel
-    copied V's codes to shared memory 8 bytes at a time (`cp.async.ca`), where K's and every bf16 row go 16
-    at a time (`.cg`); transposed, V's go 16 at a time too and the product runs on Hopper's wgmma
-    (tests/kernels/test_sm90_compile.py). Not yet timed on a GPU: benchmarks/gpu_kernels.py times both forms."""
+    pv_transposed: the tile's P @ V as (V^T P^T)^T, an experiment kept for benchmarks/gpu_kernels.py. Compiled
+    for sm_90, the int8 kernel copies V's codes to shared memory 8 bytes at a time (`cp.async.ca`), where K's
+    and every bf16 row go 16 at a time (`.cg`); transposed, V's load 16 bytes at a time straight to registers
+    and the product runs on Hopper's wgmma (tests/kernels/test_sm90_compile.py). Timed on an H100
+    (2026-12-05, docs/benchmarks.md) the plain form was faster all the same: int8 rank 64 0.310 ms against
+    0.406, full-width int8 0.546 against 0.554; bf16 transposed 0.749 against 0.771, within noise. So the
+    default is the plain form everywhere."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     num_seqs, heads, dq = q.shape
@@ -348,7 +351,7 @@ def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                 # Triton's CPU interpreter computes bf16/fp16 tl.dot wrongly (seen with triton 3.9): there,
                 # upcast the operands; on a GPU half-precision dots run on the tensor cores.
                 DOT_F32=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                PV_T=int8 if pv_transposed is None else pv_transposed)
+                PV_T=bool(pv_transposed))
     launch(_paged_decode_kernel, _paged_decode_tuned, (num_seqs, kv_heads, num_splits), args, meta,
            DECODE_CONFIGS, config)
     return partial, lses

@@ -44,8 +44,9 @@ def test_every_config_compiles_for_sm90_with_pipelined_16_byte_copies():
 def test_int8_decode_reads_v_codes_16_bytes_at_a_time_with_p_at_v_transposed():
     """int8 decode at Llama-3-8B widths (128 bytes of codes per row). In the plain form P @ V, V's codes reach
     shared memory in 8-byte asynchronous copies (K's go 16 bytes at a time): 14-35 such copies per kernel
-    against 0-3 page-id copies in the bf16 kernel. In the form `paged_decode_attention` runs for int8,
-    (V^T P^T)^T, V^T is wgmma's register operand: its codes come in 16-byte loads straight to registers."""
+    against 0-3 page-id copies in the bf16 kernel. In the experimental form (V^T P^T)^T, V^T is wgmma's register
+    operand: its codes come in 16-byte loads straight to registers. (Timed on an H100 the plain form, which
+    `paged_decode_attention` runs, was faster all the same: docs/benchmarks.md.)"""
     from zeroc_kernels.paged_decode import DECODE_CONFIGS
 
     rows = _compile_rows("decode_int8")
