@@ -16,9 +16,9 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
 5. attention block (QKV GEMM, epilogue, attention, O GEMM): fold and rotate at rank 64 against
    uncompressed; the model's fused path against its unfused one;
 6. a decode step's RMSNorm and SwiGLU gate, and a token tier's full-rank decode segment: the fused kernels
-   against the eager references;
-7. decode experiments (not goal rows): int8 with token-major scales, int8 with plain P @ V (its default is
-   (V^T P^T)^T), bf16 with (V^T P^T)^T;
+   against the eager references, each replayed from a CUDA graph as a decode step runs them (launched from
+   Python, kernels this small time the launch, not the device);
+7. decode experiments (not goal rows): int8 with token-major scales; int8 and bf16 with P @ V as (V^T P^T)^T;
 8. sweeps, last (what the time guard skips first): every decode split count and config, splits in
    tables wider than the contexts (a CUDA graph's), every prefill config at 4096.
 Writes JSON (--json; default docs/benchmarks/gpu_kernels.json on a GPU) and a markdown table.
@@ -140,6 +140,28 @@ class Run:
             times.append(start.elapsed_time(end) / inner)
         return statistics.median(times)
 
+    def timed_in_graph(self, fn, calls: int = 20) -> float:
+        """Median milliseconds per call of `fn()` replayed from a CUDA graph of `calls` calls: the device time
+        a decode step's graph pays. Small kernels (a [64, 4096] norm: microseconds) launch slower from Python
+        than the device runs them, so `timed` would measure the launch. Off CUDA, `timed`."""
+        if self.device.type != "cuda":
+            return self.timed(fn)
+        side = torch.cuda.Stream()  # warm up (compile, autotune) off the capture, as the engine does
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    fn()
+        except RuntimeError as e:  # an op that syncs cannot be captured: its launches are what a step pays
+            say(f"  (not capturable, timed eagerly: {str(e).splitlines()[0][:120]})")
+            return self.timed(fn)
+        return self.timed(graph.replay) / calls
+
     def row(self, **fields) -> dict:
         self.report["timings"].append(fields)
         return fields
@@ -193,7 +215,7 @@ def layer_ops(run: Run) -> None:
                                       lambda: add_rms_norm_ref(x, res, w, 1e-5)),
                                      ("silu_mul", f"[{b}, {i}]", lambda: silu_mul(gate, up),
                                       lambda: silu_mul_ref(gate, up))):
-        ms, eager_ms = run.timed(fused), run.timed(eager)
+        ms, eager_ms = run.timed_in_graph(fused), run.timed_in_graph(eager)
         run.row(section="layer ops", what=what, method=f"{name}, fused", ms=ms, ratio=ms / eager_ms)
         run.row(section="layer ops", what=what, method=f"{name}, eager", ms=eager_ms)
         say(f"  {name} {what}: fused {ms * 1e3:.1f} us, eager {eager_ms * 1e3:.1f} us")
@@ -205,7 +227,7 @@ def _contiguous(k_cache, tables, batch: int, ctx: int):
 
 
 def _decode_case(run: Run, name: str, dim_k: int, dim_v: int, int8: bool = False, token_major: bool = False,
-                 pv_transposed: bool | None = None) -> None:
+                 pv_transposed: bool = False) -> None:
     s = run.s
     b, ctx, kv, heads = s["decode_batch"], s["decode_ctx"], s["kv_heads"], s["heads"]
     k, v, tables, lens = paged_kv(b, ctx, kv, dim_k, dim_v, s["block_size"], run.dtype, run.device)
@@ -252,11 +274,10 @@ def decode_experiments(run: Run) -> None:
     r, d = run.s["rank"], run.s["head_dim"]
     if run.left() > 0:  # does the scales' layout matter?
         _decode_case(run, f"zeroc rank {r} int8, token-major scales (experiment)", r, r, True, token_major=True)
-    for name, dim in ((f"zeroc rank {r} int8", r), ("uncompressed int8", d)):  # int8's P @ V as plain P @ V, as
-        if run.left() > 0:  # before 2026-12-05 (V's codes in 8-byte copies on sm_90), against its default (V^T P^T)^T
-            _decode_case(run, f"{name}, P @ V untransposed (experiment)", dim, dim, True, pv_transposed=False)
-    if run.left() > 0:  # and bf16's the other way: (V^T P^T)^T runs on wgmma there too, with more shared memory
-        _decode_case(run, "uncompressed, P @ V transposed (experiment)", d, d, pv_transposed=True)
+    for name, dim, int8 in ((f"zeroc rank {r} int8", r, True), ("uncompressed int8", d, True),
+                            ("uncompressed", d, False)):  # P @ V as (V^T P^T)^T: V^T as wgmma's register operand,
+        if run.left() > 0:  # its int8 codes in 16-byte loads; slower than the plain form on an H100 (2026-12-05)
+            _decode_case(run, f"{name}, P @ V transposed (experiment)", dim, dim, int8, pv_transposed=True)
 
 
 def tier(run: Run) -> None:
@@ -267,7 +288,7 @@ def tier(run: Run) -> None:
     s, what = run.s, f"b{run.s['decode_batch']} x 68 tier rows"
     args = tier_case(s["decode_batch"], s["kv_heads"], s["heads"] // s["kv_heads"], s["head_dim"], s["rank"],
                      s["block_size"], run.dtype, run.device)
-    ms, ref_ms = run.timed(lambda: tier_decode(*args)), run.timed(lambda: tier_decode_ref(*args))
+    ms, ref_ms = run.timed_in_graph(lambda: tier_decode(*args)), run.timed_in_graph(lambda: tier_decode_ref(*args))
     run.row(section="tier decode", what=what, method="kernel", ms=ms, ratio=ms / ref_ms)
     run.row(section="tier decode", what=what, method="PyTorch ops (reference)", ms=ref_ms)
     say(f"  tier decode {what}: kernel {ms * 1e3:.1f} us, reference {ref_ms * 1e3:.1f} us")
@@ -286,13 +307,15 @@ def decode_per_head(run: Run) -> None:
                 method=f"zeroc per-head ranks {widths[0]}/{widths[1]} (2 runs)", ms=ms, sdpa_ms=sdpa_ms,
                 of_copy=nbytes / ms / 1e6 / run.report["ceilings"]["copy_GBps"], vs_sdpa=sdpa_ms / ms)
     say(f"  per-head: {ms:.3f} ms ({r['of_copy']:.0%} of copy), x{r['vs_sdpa']:.2f} of SDPA at rank {s['rank']}")
-    if run.left() > 0:  # the split count the heuristic picked before it was refitted (not a goal row)
-        ms1 = run.timed(lambda: [paged_decode_attention(q, kc, vc, tables, lens, scale, num_splits=1)
-                                 for q, (kc, vc) in zip(qs, views)])
+    for splits in (1, 2):  # not goal rows: on an H100 (2026-12-05) 1 split each ran 6% faster than the
+        if run.left() <= 0:  # heuristic's 4 (78% of copy against 74%); 2 is what a uniform layer gets
+            break
+        ms_n = run.timed(lambda: [paged_decode_attention(q, kc, vc, tables, lens, scale, num_splits=splits)
+                                  for q, (kc, vc) in zip(qs, views)])
         run.row(section="decode", what=f"decode b{s['decode_batch']} x {s['decode_ctx']}",
-                method=f"zeroc per-head ranks {widths[0]}/{widths[1]}, 1 split each (experiment)", ms=ms1,
-                sdpa_ms=sdpa_ms, of_copy=nbytes / ms1 / 1e6 / run.report["ceilings"]["copy_GBps"],
-                vs_sdpa=sdpa_ms / ms1)
+                method=f"zeroc per-head ranks {widths[0]}/{widths[1]}, {splits} split{'s' * (splits > 1)} each "
+                       "(experiment)", ms=ms_n, sdpa_ms=sdpa_ms,
+                of_copy=nbytes / ms_n / 1e6 / run.report["ceilings"]["copy_GBps"], vs_sdpa=sdpa_ms / ms_n)
 
 
 def decode_sweeps(run: Run) -> None:
@@ -458,12 +481,20 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = {"ceilings": ceilings, "correctness": check, "decode": decode, "decode per-head": decode_per_head,
+            "prefill": prefill, "attention block": blocks, "model path": model_path, "layer ops": layer_ops,
+            "tier decode": tier, "decode experiments": decode_experiments, "decode sweeps": decode_sweeps,
+            "prefill sweeps": prefill_sweeps}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run under TRITON_INTERPRET=1)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds before the remaining sections are skipped (default 170 on a GPU)")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS)[1:], default=None,
+                        help="only these sections (the ceilings always run); default: all")
     parser.add_argument("--json", default=None, help="report path (default on a GPU: docs/benchmarks/gpu_kernels.json)")
     args = parser.parse_args()
     torch.set_num_threads(1) if args.quick else None
@@ -475,11 +506,9 @@ def main() -> int:
     run = Run(shapes, device, dtype, 1 if args.quick else args.repeats)
     say(f"{run.report['device']} {dtype}: triton {run.report['triton']}, torch {torch.__version__}")
     # The goals' rows first, the sweeps (diagnostics) last: the time guard skips what is left at the budget.
-    for name, fn in (("ceilings", ceilings), ("correctness", check), ("decode", decode),
-                     ("decode per-head", decode_per_head), ("prefill", prefill), ("attention block", blocks),
-                     ("model path", model_path), ("layer ops", layer_ops), ("tier decode", tier),
-                     ("decode experiments", decode_experiments), ("decode sweeps", decode_sweeps),
-                     ("prefill sweeps", prefill_sweeps)):
+    for name, fn in SECTIONS.items():
+        if args.sections and name != "ceilings" and name not in args.sections:
+            continue
         run.section(name, fn)
         if name == "ceilings" and "ceilings" not in run.report:
             run.report["ceilings"] = {"copy_GBps": float("nan"), "gemm_TFLOPs": float("nan")}
