@@ -1,9 +1,11 @@
-"""The engine's device-side runtime checked on a device, in one call (about a minute on one H200).
+"""The engine's device-side runtime checked on a device, in one call (over 150 s on an H100, 2026-12-05: each
+check's first engine compiles its kernels; `--checks` runs some).
 
 On the bundled model (float32) it checks, and prints pass/fail for each:
 - graphs: greedy tokens with CUDA graphs for decode steps equal those with enforce_eager (ragged prompts and
   lengths, so the decode batch shrinks through buckets), and graphs were really captured;
-- syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them);
+- syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them, and the
+  output names the lines each one came from);
 - seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
   those they get alone;
@@ -68,6 +70,8 @@ def _syncs_per_step(engine: Engine) -> int:
     waits = engine.host_waits
     with count_syncs(engine.device) as n:
         engine.step()
+    if n[1:]:
+        print(f"  syncs at {n[1:]}", flush=True)
     # on CUDA the engine waits on an event for its pinned copy of the ids, which the sync debug mode ignores
     return n[0] + (engine.host_waits - waits if engine.device.type == "cuda" else 0)
 
@@ -182,16 +186,20 @@ def check_int8(loaded) -> tuple[bool, str]:
     return _graphed_against(loaded, loaded, kv_policy="int8")
 
 
+CHECKS = {"graphs": check_graphs, "syncs": check_syncs, "seeded": check_seeded, "isolation": check_isolation,
+          "async": check_async, "backends": check_backends, "tier": check_tier, "int8": check_int8}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS), help="which checks (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     loaded = load_model(BUNDLED_MODEL, device=args.device)
     results = []
-    for name, check in (("graphs", check_graphs), ("syncs", check_syncs), ("seeded", check_seeded),
-                        ("isolation", check_isolation), ("async", check_async), ("backends", check_backends),
-                        ("tier", check_tier), ("int8", check_int8)):
+    for name in args.checks:
+        check = CHECKS[name]
         try:
             ok, detail = check(loaded)
         except Exception as exc:  # report, run the rest

@@ -17,3 +17,11 @@ def test_cpu_run_passes_every_check():
     assert [line.split()[:2] for line in lines[:8]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
                                                          ["isolation", "pass"], ["async", "pass"], ["backends", "pass"],
                                                          ["tier", "pass"], ["int8", "pass"]]
+
+
+def test_checks_runs_the_named_checks_only():
+    r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--checks", "int8", "syncs"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert [line.split()[:2] for line in r.stdout.splitlines()] == [["int8", "pass"], ["syncs", "pass"],
+                                                                     ["all", "pass:"]]

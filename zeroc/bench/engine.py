@@ -34,8 +34,10 @@ import contextlib
 import json
 import statistics
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -252,18 +254,36 @@ class _HostReads(TorchFunctionMode):
 
 
 @contextlib.contextmanager
+def warned_syncs():
+    """Yields a list that gets, for each sync warning issued inside (torch's sync debug mode warns at every
+    device sync), the project frames that called it ("file:line <- file:line ..."), innermost first."""
+    where: list[str] = []
+
+    def seen(message, *_args, **_kwargs) -> None:  # runs at the warning, so the stack is the sync's caller's
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                      and "/warnings.py" not in f.filename][-3:]
+            where.append(" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = seen
+        yield where
+
+
+@contextlib.contextmanager
 def count_syncs(device: torch.device):
-    """Yields a one-item list that holds the count once the block has run."""
+    """Yields a list that holds the count once the block has run, then (on CUDA) where each sync was called
+    from, so an unexpected one can be found from a device run's output alone."""
     out = [0]
     if device.type == "cuda":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warned_syncs() as where:
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 yield out
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        out[0] = sum("synchroniz" in str(w.message) for w in caught)
+        out[:] = [len(where), *where]
     else:
         with _HostReads() as mode:
             yield out

@@ -102,3 +102,22 @@ def test_bad_method_names_raise_value_error(name):
         parse_method(name, 64)
     with pytest.raises(ValueError, match="methods"):
         EngineBenchSpec(methods=("none", name))
+
+
+def test_sync_warnings_are_traced_to_the_lines_that_caused_them():
+    """On CUDA, count_syncs reads torch's sync-debug warnings; each one is traced to the code that made it,
+    so a device run's output alone says where an unexpected sync comes from. Other warnings are not syncs."""
+    import warnings
+
+    from zeroc.bench.engine import warned_syncs
+
+    def reads_back():
+        warnings.warn("called a synchronizing CUDA operation")
+
+    with warned_syncs() as where:
+        reads_back()
+        warnings.warn("something else")
+        reads_back()
+    assert len(where) == 2
+    line = reads_back.__code__.co_firstlineno + 1
+    assert all(w.startswith(f"test_engine.py:{line} <- test_engine.py:") for w in where), where
