@@ -30,3 +30,26 @@ def test_quick_cpu_run_passes_every_mode_for_both_models():
     # the compressed model ships fewer bytes for the same prompts
     by = {(row["model"], row["mode"]): sum(row["kv_bytes"]) for row in report["rows"]}
     assert 0 < by[("zeroc-heads-tier", "grpc")] < by[("bundled", "grpc")]
+
+
+def test_half_precision_runs_may_part_only_at_a_float32_near_tie():
+    """Two bfloat16 runs that compute a step differently (disaggregated or colocated) may pick either of two
+    tokens whose float32 logits lie within two bfloat16 spacings; a wider gap is a real difference."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from gpu_serve import bf16_ulp, near_tie
+
+    class Fixed(torch.nn.Module):  # a model whose last position's logits are given
+        def __init__(self, logits):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(1, 1)
+            self.logits = torch.tensor(logits)
+
+        def forward(self, ids):
+            return self.logits.expand(ids.shape[0], ids.shape[1], -1)
+
+    assert bf16_ulp(6.0) == 2 ** -5 and bf16_ulp(-0.7) == 2 ** -8
+    oracle = Fixed([6.0067, 5.9907, 5.8, 0.0])  # 0.016 apart (seen on a GPU), then 0.2 below
+    assert near_tie(oracle, [5, 7], [], 0, 1) and near_tie(oracle, [5, 7], [9], 1, 0)
+    assert not near_tie(oracle, [5, 7], [], 0, 2)
