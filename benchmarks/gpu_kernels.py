@@ -379,9 +379,28 @@ def _prefill_case(run: Run, new: int, prefix: int, dim: int, name: str) -> float
         blocks, offsets = tables[0, at // s["block_size"]], at % s["block_size"]  # each row's page and slot in it
         fresh_ms = run.timed(lambda: backend.fresh_prefill(q, k[blocks, offsets], v[blocks, offsets], (new,), scale))
         f = run.row(section="prefill", what=r["what"], method=f"{name}, fresh path", ms=fresh_ms, sdpa_ms=sdpa_ms,
-                    TFLOPs=flops / fresh_ms / 1e9, sdpa_TFLOPs=r["sdpa_TFLOPs"], vs_sdpa=sdpa_ms / fresh_ms)
-        say(f"  {r['what']} {name}, fresh path: {fresh_ms:.3f} ms, x{f['vs_sdpa']:.2f} SDPA")
+                    TFLOPs=flops / fresh_ms / 1e9, sdpa_TFLOPs=r["sdpa_TFLOPs"], vs_sdpa=sdpa_ms / fresh_ms,
+                    sdpa_backends=_sdpa_choices(q, kc, vc, q4, scale))
+        say(f"  {r['what']} {name}, fresh path: {fresh_ms:.3f} ms, x{f['vs_sdpa']:.2f} SDPA, SDPA backend "
+            f"{f['sdpa_backends']}")
     return ms
+
+
+def _sdpa_choices(q, kc, vc, q4, scale: float) -> dict:
+    """Which SDPA backend torch picks for the fresh path's token-major views ([1, heads, n, d] over [n, heads, d]
+    rows) and for the anchor's contiguous head-major tensors: the 4,096-token fresh path ran 0.72x the anchor
+    on an H100, and a layout that rules out cuDNN would explain it."""
+    from torch.nn.attention import SDPBackend
+
+    def choice(qq, kk, vv) -> str:
+        try:
+            return SDPBackend(torch._fused_sdp_choice(qq, kk, vv, None, 0.0, True, scale=scale, enable_gqa=True)).name
+        except Exception as e:  # noqa: BLE001 - a private helper: report, never fail the row
+            return f"unknown ({type(e).__name__})"
+
+    rows = [x[0].transpose(0, 1).contiguous() for x in (kc, vc)]  # [n, kv_heads, d]: as the fresh path gets them
+    views = [x.transpose(0, 1)[None] for x in (q, *rows)]
+    return {"fresh_views": choice(*views), "contiguous": choice(q4, kc, vc)}
 
 
 def _sdpa_lower_right(q4, kc, vc, scale: float, group: int):

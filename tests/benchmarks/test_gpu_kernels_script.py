@@ -44,6 +44,8 @@ def test_quick_run_reports_small_errors_and_every_timing(tmp_path):
     anchored = [row for row in rows if row["section"] in ("decode", "prefill")]
     assert all(row["sdpa_ms"] > 0 and math.isfinite(row["vs_sdpa"]) for row in anchored)
     assert any("after" in row["what"] for row in anchored)  # the cached-prefix case
+    fresh = [row for row in anchored if row["method"].endswith("fresh path")]
+    assert fresh and all(set(row["sdpa_backends"]) == {"fresh_views", "contiguous"} for row in fresh)
     assert "| decode |" in r.stdout and "copy " in r.stdout
 
 
