@@ -163,12 +163,11 @@ class PagedAttend(Attend):
     def tiered_runs(self, layer, layout, comp, tier_dims, tier, scale):
         # one row of every head's compressed dims, then one of their tier dims
         (qc, kc, vc), (qt, kt, vt) = comp, tier_dims
-        q_row = _cat1(layout.queries(qc), layout.queries(qt))  # [N, heads, W_k + W_tier_k]
-        out = self(layer, q_row, _cat1(layout.rows(kc), layout.rows(kt)), _cat1(layout.rows(vc), layout.rows(vt)),
-                   scale)
+        q_row = layout.queries(qc, qt)  # [N, heads, W_k + W_tier_k]
+        out = self(layer, q_row, layout.rows(kc, kt), layout.rows(vc, vt), scale)
         v_width = sum(r.heads * r.v for r in layout.runs)
-        return (layout.outputs(out[..., :v_width], [v.shape[-1] for v in vc]),
-                layout.outputs(out[..., v_width:], [v.shape[-1] for v in vt]))
+        return (layout.outputs(out, [v.shape[-1] for v in vc]),
+                layout.outputs(out, [v.shape[-1] for v in vt], start=v_width))
 
 
 class FusedPagedAttend(PagedAttend):

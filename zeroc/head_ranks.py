@@ -21,7 +21,7 @@ Parts are per run: queries [*P, n * group, w], keys and values [*P, n, w].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -47,6 +47,8 @@ class HeadLayout:
 
     runs: tuple[HeadRun, ...]
     group: int  # query heads per KV head
+    # `_index`'s gather/scatter maps, per geometry and device (not part of the layout's identity)
+    _indices: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def of(cls, qk: tuple[int, ...], v: tuple[int, ...], group: int) -> HeadLayout:
@@ -71,35 +73,52 @@ class HeadLayout:
         return ([q[..., r.start * g: r.stop * g, :w] for r, w in zip(self.runs, widths)],
                 [k[..., r.start: r.stop, :w] for r, w in zip(self.runs, widths)])
 
-    def rows(self, parts: list[Tensor]) -> Tensor:
-        """Per-run keys or values [*P, n, w] -> the cache's row [*P, 1, Σ n * w]."""
-        return torch.cat([p.flatten(-2) for p in parts], -1).unsqueeze(-2)
+    def rows(self, *segments: list[Tensor]) -> Tensor:
+        """Per-run keys or values [*P, n, w] -> the cache's row [*P, 1, Σ n * w]; several segments (a token
+        tier's compressed dims, then its tier dims) one after another, in one copy."""
+        return torch.cat([p.flatten(-2) for parts in segments for p in parts], -1).unsqueeze(-2)
 
-    def queries(self, parts: list[Tensor]) -> Tensor:
+    def queries(self, *segments: list[Tensor]) -> Tensor:
         """Per-run queries [*P, n * group, w] -> [*P, heads, Σ n * w]: each query head in its own KV head's
-        dims of the row, zero elsewhere, so that one KV head of the row's width scores exactly."""
-        lead, total = parts[0].shape[:-2], sum(r.heads * p.shape[-1] for r, p in zip(self.runs, parts))
-        out = parts[0].new_zeros(*lead, self.runs[-1].stop * self.group, total)
-        col = 0
-        for r, p in zip(self.runs, parts):
-            w = p.shape[-1]
-            for i in range(r.heads):
-                heads = slice((r.start + i) * self.group, (r.start + i + 1) * self.group)
-                out[..., heads, col: col + w] = p[..., i * self.group: (i + 1) * self.group, :]
-                col += w
-        return out
+        dims of the row, zero elsewhere, so that one KV head of the row's width scores exactly. Several
+        segments (a token tier's compressed dims, then its tier dims) lie one after another in the row.
+        One scatter, where a copy per KV head took a kernel each."""
+        widths = [[p.shape[-1] for p in parts] for parts in segments]
+        total = sum(r.heads * w for ws in widths for r, w in zip(self.runs, ws))
+        src = torch.cat([p.flatten(-2) for parts in segments for p in parts], -1)  # [*P, Σ n * group * w]
+        out = src.new_zeros(*src.shape[:-1], self.heads * total)
+        out.index_copy_(-1, self._index(widths, total, src.device), src)
+        return out.unflatten(-1, (self.heads, total))
 
-    def outputs(self, out: Tensor, widths: list[int]) -> list[Tensor]:
-        """Attention over the row [*P, heads, Σ n * w] -> per run [*P, n * group, w]: each head's output in
-        its own KV head's value dims (its weights applied to the other heads' values fill the rest: dropped)."""
-        parts, col = [], 0
-        for r, w in zip(self.runs, widths):
-            heads = []
-            for i in range(r.heads):
-                heads.append(out[..., (r.start + i) * self.group: (r.start + i + 1) * self.group, col: col + w])
-                col += w
-            parts.append(torch.cat(heads, -2))
-        return parts
+    def outputs(self, out: Tensor, widths: list[int], start: int = 0) -> list[Tensor]:
+        """Attention over the row [*P, heads, T] -> per run [*P, n * group, w]: each head's output in its own
+        KV head's value dims, which begin at column `start` (its weights applied to the other heads' values
+        fill the rest: dropped). One gather; the parts are views of it."""
+        lead, total = out.shape[:-2], out.shape[-1]
+        flat = out.reshape(*lead, -1).index_select(-1, self._index([widths], total, out.device, start))
+        sizes = [r.heads * self.group * w for r, w in zip(self.runs, widths)]
+        return [part.unflatten(-1, (r.heads * self.group, w))
+                for part, r, w in zip(flat.split(sizes, -1), self.runs, widths)]
+
+    @property
+    def heads(self) -> int:
+        return self.runs[-1].stop * self.group
+
+    def _index(self, segments: list[list[int]], total: int, device: torch.device, skip: int = 0) -> Tensor:
+        """Where each element of the per-run parts lies in the flattened row [heads * total], in the parts'
+        order (segment, run, head, query of the group, column); a leading segment of `skip` columns is left
+        out. Built once per geometry and device: a decode step's CUDA graph replays the tensor it captured."""
+        key = (tuple(map(tuple, segments)), total, str(device), skip)
+        if key not in self._indices:
+            at, col = [], skip
+            for ws in segments:
+                for r, w in zip(self.runs, ws):
+                    for g in range(r.start, r.stop):
+                        at += [h * total + col + c for h in range(g * self.group, (g + 1) * self.group)
+                               for c in range(w)]
+                        col += w
+            self._indices[key] = torch.tensor(at, dtype=torch.long, device=device)
+        return self._indices[key]
 
     def pool_views(self, pool: Tensor, widths: list[int]) -> list[Tensor]:
         """A layer's pool [blocks, block_size, 1, Σ n * w] -> per run a view [blocks, block_size, n, w] of its

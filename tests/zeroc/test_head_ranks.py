@@ -41,6 +41,36 @@ def test_one_kv_head_over_the_cache_row_attends_as_each_run_at_its_own_width():
         torch.testing.assert_close(got, w, atol=1e-5, rtol=0)
 
 
+def test_two_segments_of_the_row_scatter_and_gather_head_by_head():
+    """A token tier's row: every head's compressed dims, then every head's tier dims. One scatter places each
+    query head's dims of both segments where a head-by-head copy does; one gather reads each head's outputs
+    from either segment, at any leading shape."""
+    gen = torch.Generator().manual_seed(1)
+    layout = HeadLayout.of((16, 16, 8), (4, 12, 12), group=2)
+    comp = [torch.randn(3, r.heads * 2, r.qk, generator=gen) for r in layout.runs]
+    tier = [torch.randn(3, r.heads * 2, 64 - r.qk, generator=gen) for r in layout.runs]
+    want = torch.zeros(3, 6, 40 + 48 + 48 + 56)  # three runs of one head: Q/K ranks 16, 16, 8
+    col = 0
+    for parts in (comp, tier):
+        for r, p in zip(layout.runs, parts):
+            for i in range(r.heads):
+                g, w = r.start + i, p.shape[-1]
+                want[:, g * 2:(g + 1) * 2, col:col + w] = p[:, i * 2:(i + 1) * 2]
+                col += w
+    torch.testing.assert_close(layout.queries(comp, tier), want, atol=0, rtol=0)
+    torch.testing.assert_close(layout.queries(comp), want[..., :40], atol=0, rtol=0)
+    # outputs: value dims 4, 12, 12 per head, then tier value dims 60, 52, 52
+    out = torch.randn(3, 6, 28 + 164, generator=gen)
+    for widths, start in (([4, 12, 12], 0), ([60, 52, 52], 28)):
+        got, col = layout.outputs(out, widths, start=start), start
+        for r, part, w in zip(layout.runs, got, widths):
+            assert part.shape == (3, r.heads * 2, w)
+            for i in range(r.heads):
+                g = r.start + i
+                torch.testing.assert_close(part[:, i * 2:(i + 1) * 2], out[:, g * 2:(g + 1) * 2, col:col + w])
+                col += w
+
+
 def _zeroed_uniform(bundled, factors, qk: tuple[int, int], v: tuple[int, int], mode: str):
     """The oracle: a uniform layout at the larger ranks whose narrower head has its extra Q/K and V dims
     zeroed in the weights (how the ZeroC authors' code simulates a cut, saving nothing)."""
