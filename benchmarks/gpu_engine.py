@@ -193,7 +193,8 @@ CHECKS = {"graphs": check_graphs, "syncs": check_syncs, "seeded": check_seeded, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS), help="which checks (default: all)")
+    p.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS),
+                   help="which checks (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     loaded = load_model(BUNDLED_MODEL, device=args.device)

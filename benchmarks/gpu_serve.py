@@ -11,9 +11,10 @@ token tier, built from the bundled model's calibration statistics), it starts, a
 
 Per mode and model it checks that every prompt's greedy tokens equal those of a direct Engine on the
 same device (in bfloat16, a run may part from it only where the float32 model's logits of the two tokens
-are within two bfloat16 spacings: a tie that either rounding may break, `near_tie`), and that the KV bytes the decode service received (Usage.kv_bytes_received) equal the
-ranks summed over layers and KV heads x the prompt tokens the prefill service computed x the dtype's
-bytes (plus the tier's full-width rows), and 0 colocated. It reports TTFT and TPOT as the client sees
+are within two bfloat16 spacings: a tie that either rounding may break, `near_tie`), and that the KV bytes
+the decode service received (Usage.kv_bytes_received) equal the ranks summed over layers and KV heads x
+the prompt tokens the prefill service computed x the dtype's bytes (plus the tier's full-width rows), and 0
+colocated. It reports TTFT and TPOT as the client sees
 them (one request at a time) and pass/fail per mode; a mode that fails is reported, never fatal.
 
 A true two-process NCCL transfer needs two GPUs: on one GPU `auto` picks CUDA IPC, so NCCL between
@@ -26,6 +27,7 @@ processes is not exercised here.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -167,22 +169,19 @@ def near_tie(oracle, prompt_ids: list[int], prefix: list[int], a: int, b: int) -
     return abs(la - lb) <= 2 * bf16_ulp(max(abs(la), abs(lb)))
 
 
-def tie_prompts(model_dir: str, args: argparse.Namespace, direct: list, got: list[dict]) -> list[int] | None:
-    """Indices of the prompts whose tokens part from the direct engine's at a near tie (`near_tie`); None if
-    any parts otherwise, or if the run is float32, where the tokens must be equal."""
-    parted = [(i, first_difference(g["tokens"], r.token_ids)) for i, (g, r) in enumerate(zip(got, direct))]
-    parted = [(i, k) for i, k in parted if k is not None]
-    if not parted or args.dtype == "float32":
-        return [] if not parted else None
-    oracle = load_model(model_dir, dtype="float32", device=args.device).model
-    ties = []
+def tie_prompts(oracle, args: argparse.Namespace, direct: list, got: list[dict], firsts: list) -> list[int] | None:
+    """Indices of the prompts whose tokens part from the direct engine's (at `firsts`, from `first_difference`)
+    at a near tie (`near_tie`); None if any parts otherwise, or if the run is float32, where the tokens must
+    be equal. oracle(): the model in float32, loaded when first needed."""
+    parted = [(i, k) for i, k in enumerate(firsts) if k is not None]
+    if parted and args.dtype == "float32":
+        return None
     for i, k in parted:
         want, tokens = direct[i].token_ids, got[i]["tokens"]
-        if k >= min(len(want), len(tokens)) or not near_tie(oracle, direct[i].prompt_token_ids, want[:k],
+        if k >= min(len(want), len(tokens)) or not near_tie(oracle(), direct[i].prompt_token_ids, want[:k],
                                                              tokens[k], want[k]):
             return None
-        ties.append(i)
-    return ties
+    return [i for i, _ in parted]
 
 
 def check_model(name: str, model_dir: str, args: argparse.Namespace) -> list[dict]:
@@ -192,6 +191,7 @@ def check_model(name: str, model_dir: str, args: argparse.Namespace) -> list[dic
     item = torch.empty((), dtype=next(loaded.model.parameters()).dtype).element_size()
     want_bytes = [expected_kv_bytes(loaded.config, len(r.prompt_token_ids), item) for r in direct]
     del loaded
+    oracle = functools.cache(lambda: load_model(model_dir, dtype="float32", device=args.device).model)
     t0 = time.perf_counter()
     procs = start_services(model_dir, args.device, args.dtype, args.backend)
     print(f"{name}: services up in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -205,11 +205,12 @@ def check_model(name: str, model_dir: str, args: argparse.Namespace) -> list[dic
                     raise svc
                 got = run_mode(svc.address, prompts, args.new)
                 tokens_ok = [g["tokens"] for g in got] == [r.token_ids for r in direct]
-                row["first_difference"] = [first_difference(g["tokens"], r.token_ids) for g, r in zip(got, direct)]
+                firsts = [first_difference(g["tokens"], r.token_ids) for g, r in zip(got, direct)]
                 bytes_want = [0] * len(got) if mode == "colocated" else want_bytes
                 bytes_ok = [g["kv_bytes"] for g in got] == bytes_want
-                ties = tie_prompts(model_dir, args, direct, got)  # [] when equal
+                ties = tie_prompts(oracle, args, direct, got, firsts)  # [] when equal
                 row.update(ok=ties is not None and bytes_ok, tokens_equal_direct=tokens_ok, near_ties=ties,
+                           first_difference=firsts,
                            kv_bytes_ok=bytes_ok,
                            kv_bytes=[g["kv_bytes"] for g in got], kv_bytes_expected=bytes_want,
                            ttft_ms=statistics.median(g["ttft_ms"] for g in got),

@@ -203,6 +203,13 @@ if triton is not None:
                  mask=vm)
 
 
+def _freq_rows(inv_freq: Tensor) -> Tensor:
+    """inv_freq [rows, r/2] as the kernels read it: fp32 with dense rows, which they address by row stride, so a
+    slice of a layer's table or a row shared by every head is not copied."""
+    freqs = inv_freq.float()
+    return freqs if freqs.stride(-1) == 1 else freqs.contiguous()
+
+
 FOLD_BLOCK_T = 16  # tokens per program of the fold epilogue: a decode step of 64 rows is 4 programs per KV head
 
 
@@ -216,8 +223,7 @@ def qkv_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: T
     out = torch.empty_like(q)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    freqs = inv_freq.float()  # one row per KV head, or one row for all (stride 0): no copy per layer
-    freqs = freqs if freqs.stride(-1) == 1 else freqs.contiguous()
+    freqs = _freq_rows(inv_freq)  # one row per KV head, or one row for all (stride 0): no copy per layer
     _qkv_epilogue_kernel[(triton.cdiv(n, FOLD_BLOCK_T), kv)](
         q, k, v, positions.contiguous(), freqs, slot_mapping.contiguous(), k_pool, v_pool,
         out, n, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -269,8 +275,7 @@ def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     n = x3.shape[0]
     if n and r:
         block_n = 64 if interpreting() else 16  # the interpreter pays per program
-        freqs = inv_freq.float()  # rows by stride: a per-head run's frequencies are a slice of its layer's
-        freqs = freqs if freqs.stride(-1) == 1 else freqs.contiguous()
+        freqs = _freq_rows(inv_freq)  # a per-head run's frequencies: a row slice of its layer's
         _rope_kernel[(triton.cdiv(n, block_n), heads)](
             x3, positions.reshape(-1).contiguous(), freqs, out, n,
             heads // inv_freq.shape[0], x3.stride(0), x3.stride(1), freqs.stride(0),

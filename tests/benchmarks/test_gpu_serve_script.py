@@ -34,7 +34,8 @@ def test_quick_cpu_run_passes_every_mode_for_both_models():
 
 def test_half_precision_runs_may_part_only_at_a_float32_near_tie():
     """Two bfloat16 runs that compute a step differently (disaggregated or colocated) may pick either of two
-    tokens whose float32 logits lie within two bfloat16 spacings; a wider gap is a real difference."""
+    tokens whose float32 logits lie within two bfloat16 spacings; a wider gap is a real difference, and a
+    float32 run must match exactly."""
     import torch
 
     sys.path.insert(0, str(SCRIPT.parent))
@@ -53,3 +54,21 @@ def test_half_precision_runs_may_part_only_at_a_float32_near_tie():
     oracle = Fixed([6.0067, 5.9907, 5.8, 0.0])  # 0.016 apart (seen on a GPU), then 0.2 below
     assert near_tie(oracle, [5, 7], [], 0, 1) and near_tie(oracle, [5, 7], [9], 1, 0)
     assert not near_tie(oracle, [5, 7], [], 0, 2)
+
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from gpu_serve import first_difference, tie_prompts
+
+    direct = [SimpleNamespace(token_ids=want, prompt_token_ids=[5, 7]) for want in ([0, 3], [0, 3], [1, 3])]
+    got = [{"tokens": toks} for toks in ([0, 3], [1, 3], [1, 3])]  # the second parts at 0: a tie (0 vs 1)
+    firsts = [first_difference(g["tokens"], d.token_ids) for g, d in zip(got, direct)]
+    assert firsts == [None, 0, None]
+    loads = []
+    lazy = lambda: loads.append(1) or oracle  # noqa: E731
+    assert tie_prompts(lazy, Namespace(dtype="bfloat16"), direct, got, firsts) == [1]
+    assert tie_prompts(lazy, Namespace(dtype="float32"), direct, got, firsts) is None  # float32: no ties
+    got[1] = {"tokens": [2, 3]}  # 6.0067 against 5.8: a real difference
+    assert tie_prompts(lazy, Namespace(dtype="bfloat16"), direct, got, [None, 0, None]) is None
+    same = [{"tokens": d.token_ids} for d in direct]
+    assert tie_prompts(lazy, Namespace(dtype="float32"), direct, same, [None] * 3) == []  # equal: no ties needed
