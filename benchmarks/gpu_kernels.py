@@ -17,7 +17,8 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
    uncompressed; the model's fused path against its unfused one;
 6. a decode step's RMSNorm and SwiGLU gate, and a token tier's full-rank decode segment: the fused kernels
    against the eager references, each replayed from a CUDA graph as a decode step runs them (launched from
-   Python, kernels this small time the launch, not the device);
+   Python, kernels this small time the launch, not the device); a token tier's prompt by segments against
+   SDPA over the same prompt uncompressed;
 7. decode experiments (not goal rows): int8 with token-major scales; int8 and bf16 with P @ V as (V^T P^T)^T;
 8. sweeps, last (what the time guard skips first): every decode split count and config, splits in
    tables wider than the contexts (a CUDA graph's), every prefill config at 4096.
@@ -63,7 +64,7 @@ def _importable_without_install() -> None:
 _importable_without_install()
 
 from gpu_kernels_cases import (block_timings, correctness, model_path_error, paged_kv,  # noqa: E402
-                               per_head_pools, tier_case)
+                               per_head_pools, tier_case, tier_prefill_case)
 from zeroc_kernels import paged_decode, paged_prefill  # noqa: E402
 from zeroc_kernels.attention import TritonBackend  # noqa: E402
 from zeroc_kernels.paged_decode import DECODE_CONFIGS, choose_num_splits, paged_decode_attention  # noqa: E402
@@ -294,6 +295,25 @@ def tier(run: Run) -> None:
     say(f"  tier decode {what}: kernel {ms * 1e3:.1f} us, reference {ref_ms * 1e3:.1f} us")
 
 
+def tier_prefill(run: Run) -> None:
+    """A token tier's prompt (4 sinks + 64 recent, fold rank r) by segments (zeroc/tier.py
+    `fresh_tiered_attention`: the backend's flash kernel over the compressed segment, local attention over the
+    full-rank one) against SDPA over the same prompt uncompressed: the tier must not make a prompt slower."""
+    from zeroc.tier import fresh_tiered_attention
+
+    s, tokens = run.s, run.s["prefill"][0]
+    q, k, v, dims = tier_prefill_case(tokens, s["kv_heads"], s["heads"] // s["kv_heads"], s["head_dim"], s["rank"],
+                                      run.dtype, run.device)
+    scale, partials = 1 / math.sqrt(s["head_dim"]), TritonBackend().fresh_partials
+    ms = run.timed(lambda: fresh_tiered_attention(q, k, v, dims, 4, 64, scale, partials))
+    q4, k4, v4 = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))
+    sdpa_ms = run.timed(lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
+                                                               enable_gqa=True))
+    r = run.row(section="tier prefill", what=f"prefill {tokens}, tier (4, 64)", method=f"fold rank {s['rank']}",
+                ms=ms, sdpa_ms=sdpa_ms, vs_sdpa=sdpa_ms / ms)
+    say(f"  {r['what']}: {ms:.3f} ms, uncompressed SDPA {sdpa_ms:.3f} ms, x{r['vs_sdpa']:.2f}")
+
+
 def decode_per_head(run: Run) -> None:
     """Half the KV heads at rank - rank/4, half at rank + rank/4 (the bytes of rank), one row per token,
     two kernel calls over column views of the pools (zeroc/head_ranks.py)."""
@@ -502,7 +522,7 @@ def table(report: dict) -> str:
 
 SECTIONS = {"ceilings": ceilings, "correctness": check, "decode": decode, "decode per-head": decode_per_head,
             "prefill": prefill, "attention block": blocks, "model path": model_path, "layer ops": layer_ops,
-            "tier decode": tier, "decode experiments": decode_experiments, "decode sweeps": decode_sweeps,
+            "tier decode": tier, "tier prefill": tier_prefill, "decode experiments": decode_experiments, "decode sweeps": decode_sweeps,
             "prefill sweeps": prefill_sweeps}
 
 

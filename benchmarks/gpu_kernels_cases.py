@@ -123,7 +123,7 @@ def correctness(device, dtype, dim: int = 128, ctx: int = 300) -> dict:
     return {**_decode_errors(device, dtype, dim, ctx), **_prefill_errors(device, dtype, dim, ctx),
             **_epilogue_errors(device, dtype, dim),
             **_per_head_errors(device, dtype), **_layer_op_errors(device, dtype),
-            "tier_decode": _tier_error(device, dtype, dim)}
+            "tier_decode": _tier_error(device, dtype, dim), "tier_prefill": _tier_prefill_error(device, dtype, dim)}
 
 
 def tier_case(batch: int, kv_heads: int, group: int, dim: int, rank: int, block_size: int, dtype, device,
@@ -154,6 +154,27 @@ def _tier_error(device, dtype, dim: int) -> float:
 
     args = tier_case(5, 2, 4, dim, dim // 2, 16, dtype, device)
     return _err(tier_decode(*args), tier_decode_ref(*args))
+
+
+def tier_prefill_case(tokens: int, kv_heads: int, group: int, dim: int, rank: int, dtype, device) -> tuple:
+    """A token tier's prompt of `tokens` rows at fold rank `rank` of `dim`, as its pools get them: q, k, v with
+    the tier's dims after the compressed ones, and the layer's widths (zeroc/tier.py `fresh_tiered_attention`)."""
+    from zeroc.tier import TierLayer
+
+    q = torch.randn(tokens, kv_heads * group, dim, dtype=dtype, device=device)
+    k, v = (torch.randn(tokens, kv_heads, dim, dtype=dtype, device=device) for _ in range(2))
+    return q, k, v, TierLayer(rank, rank, dim - rank, dim - rank)
+
+
+def _tier_prefill_error(device, dtype, dim: int, tokens: int = 300) -> float:
+    """The prompt path by segments (the backend's flash kernel with its LSE, local attention) against the dense
+    reference, 4 sinks and a 64-token window."""
+    from zeroc.tier import fresh_tiered_attention, tiered_attention
+
+    q, k, v, t = tier_prefill_case(tokens, 2, 4, dim, dim // 2, dtype, device)
+    got = fresh_tiered_attention(q, k, v, t, 4, 64, 0.125, TritonBackend().fresh_partials)
+    comp = [x[None, ..., :w].float() for x, w in ((q, t.k_dim), (k, t.k_dim), (v, t.v_dim))]
+    return _err(got, tiered_attention(*comp, q[None].float(), k[None].float(), v[None].float(), 4, 64, 0.125)[0])
 
 
 def _layer_op_errors(device, dtype) -> dict:

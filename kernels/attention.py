@@ -6,7 +6,8 @@ never by looking at a tensor's device or an argument's type on the hot path. Cal
   holds, the QKV epilogue that applies RoPE (and rotate mode's bases) and writes K/V into their slots;
 - KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`; a token tier's pools:
   `decode_partials` for the compressed segment of a decode step (the decode kernel from a key on, unmerged),
-  then `tier_decode` for its full-rank segment and the merge (one kernel on triton);
+  then `tier_decode` for its full-rank segment and the merge (one kernel on triton); `fresh_partials` for the
+  compressed segment of a prompt with nothing cached (causal attention with its LSEs, torch's flash kernel);
 - `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
   (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels.
 
@@ -46,7 +47,7 @@ from torch import Tensor
 from zeroc_kernels.kv_quant import quantize_into_slots_ref
 from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, one_width,
-                                           paged_attention_int8_ref, paged_attention_ref)
+                                           paged_attention_int8_ref, paged_attention_ref, segment_attention)
 from zeroc_kernels.ragged_cpu import (load_ragged_kernel, ragged_decode_partials, ragged_paged_attention,
                                      ragged_tier_decode)
 from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref, rope_ref
@@ -83,6 +84,12 @@ class AttentionBackend(abc.ABC):
         context is their new tokens, sequence after sequence (query_lens[b] rows each, on the host)
         -> [N, heads, dv]: causal attention of each sequence over its own rows."""
         return sdpa_fresh_prefill(q, k, v, query_lens, scale)
+
+    def fresh_partials(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """q: [T, heads, dq]; k: [T, kv_heads, dq]; v: [T, kv_heads, dv]: one sequence's rows, query i over keys
+        <= i -> (out [T, heads, dv], lse [T, heads] fp32, natural log), unmerged, for a caller that merges them
+        with attention over other keys (a token tier's prompt, zeroc/tier.py `fresh_tiered_attention`)."""
+        return sdpa_causal_lse(q, k, v, scale)
 
     @abc.abstractmethod
     def paged_attention(
@@ -202,11 +209,50 @@ def sdpa_fresh_prefill(q: Tensor, k: Tensor, v: Tensor, query_lens: tuple[int, .
     return out[..., :dv]  # [N, heads, dv]
 
 
+def causal_lse_ref(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """`AttentionBackend.fresh_partials` in fp32 PyTorch ([T, T] scores): the oracle."""
+    t = q.shape[0]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    out, lse = segment_attention(q[None], k[None], v[None], causal, scale)
+    return out[0], lse[0]
+
+
+def _flash_with_lse(q: Tensor):
+    """torch's fused flash attention op that returns the log-sum-exp, for q's device and dtype, or None: on the
+    CPU its flash kernel (any float dtype); on CUDA FlashAttention-2 (fp16, bf16). Both take (q, k, v, dropout,
+    causal, scale=) in [B, heads, T, d] with kv_heads dividing heads, and return (out, lse [B, heads, T], ...)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten._scaled_dot_product_flash_attention
+    return None
+
+
+def sdpa_causal_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """`AttentionBackend.fresh_partials` by torch's fused flash kernels (public SDPA hides the LSE), with the
+    reference where none serves the inputs. q, k and v are zero-padded to one width, a multiple of 8 up to 256
+    (FlashAttention-2's limit; wider goes to the reference), as public SDPA pads them for its kernels."""
+    dv = v.shape[-1]
+    op = _flash_with_lse(q)
+    width = -(-max(q.shape[-1], dv) // 8) * 8
+    if op is None or width > 256:
+        return causal_lse_ref(q, k, v, scale)
+    def heads_major(x: Tensor) -> Tensor:  # [T, h, d] -> [1, h, T, width]: zero columns add 0 to q.k, cut off v's
+        x = x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
+        return x.transpose(0, 1)[None].to(q.dtype)
+
+    out, lse = op(heads_major(q), heads_major(k), heads_major(v), 0.0, True, scale=scale)[:2]
+    return out[0].transpose(0, 1)[..., :dv], lse[0].transpose(0, 1).float()  # [T, heads, dv], [T, heads]
+
+
 class TorchBackend(AttentionBackend):
     """The PyTorch references: the CPU path, and the oracle every other backend is tested against (so it
     never takes the fresh-prefill shortcut)."""
 
     name = "torch"
+
+    def fresh_partials(self, q, k, v, scale):
+        return causal_lse_ref(q, k, v, scale)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                         k_scales=None, v_scales=None, max_q=None):
@@ -242,6 +288,9 @@ class CpuBackend(TorchBackend):
             return ragged_paged_attention(self.kernel, q, k, v, tables, seq_lens, query_start_loc, scale)
         return ragged_paged_attention(self.kernel, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale)
+
+    def fresh_partials(self, q, k, v, scale):
+        return sdpa_causal_lse(q, k, v, scale)
 
     def decode_partials(self, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start=0):
         return ragged_decode_partials(self.kernel, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start)

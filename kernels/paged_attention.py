@@ -57,6 +57,24 @@ def paged_attention_ref(
     return out[valid_q][..., :dv]
 
 
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Softmax attention over the keys `mask` allows, with its log-sum-exp.
+
+    q: [B, Tq, heads, dq]; k: [B, Tk, kv_heads, dq]; v: [B, Tk, kv_heads, dv]; mask: [Tq, Tk] or [B, Tq, Tk]
+    -> (out [B, Tq, heads, dv], lse [B, Tq, heads]); a query with no allowed key gets out 0, lse -inf
+    (no weight in the merge).
+    """
+    b, tq, heads, _ = q.shape
+    kv = k.shape[-2]
+    qg = q.float().view(b, tq, kv, heads // kv, -1)  # each KV head's query group, no copies of k and v
+    scores = torch.einsum("bqgjd,bkgd->bgjqk", qg, k.float()) * scale  # [B, kv, group, Tq, Tk]
+    scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, None, None]), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [B, kv, group, Tq]
+    probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0)[..., None])  # empty rows: all 0
+    out = torch.einsum("bgjqk,bkgd->bqgjd", probs, v.float()).reshape(b, tq, heads, -1)
+    return out.to(v.dtype), lse.reshape(b, heads, tq).transpose(1, 2)
+
+
 def rows_contiguous(cache: Tensor) -> Tensor:
     """A cache pool as the kernels read it: every dim through its stride but the last, which must be dense.
     A column view of a pool (one run of a layer with per-KV-head ranks, zeroc/head_ranks.py) is read in

@@ -148,10 +148,15 @@ class PagedBatch:
     # The most new tokens of one sequence, known on the host where the batch is built: kernels size their grid
     # by it, and reading it from query_start_loc would make the host wait for the device in every layer.
     max_query_len: int | None = None
-    # Every sequence's context is its new tokens alone (a prompt with no cached prefix, no decode rows), with
-    # each sequence's new-token count on the host: backends may then attend the step's own rows densely.
-    fresh: bool = False
+    # Per sequence, on the host: whether its context is its new tokens alone (a prompt with nothing cached
+    # before it; a decode row never), and its new-token count. Empty where the builder did not say.
+    from_zero: tuple[bool, ...] = ()
     query_lens: tuple[int, ...] = ()
+
+    @property
+    def fresh(self) -> bool:
+        """Every sequence's context is its new tokens alone: backends may attend the step's own rows densely."""
+        return bool(self.from_zero) and all(self.from_zero)
 
 
 class PagedKVCache:
@@ -309,7 +314,7 @@ class PagedKVCache:
             query_start_loc=as_long(starts),
             last_token_indices=as_long([s - 1 for s in starts[1:]]),
             max_query_len=max(n for _, n in steps),
-            fresh=all(start == 0 for start, _ in reserved),
+            from_zero=tuple(start == 0 for start, _ in reserved),
             query_lens=tuple(n for _, n in steps),
         )
 

@@ -17,12 +17,14 @@ W tokens in blocks it borrows. KV-cache policies (`--kv-policy`) do not combine 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zeroc_kernels.paged_attention import segment_attention
 from zeroc_kernels.paged_decode import merge_partials_ref
 from zeroc.config import ModelConfig
 
@@ -65,24 +67,6 @@ def tier_masks(length: int, sinks: int, recent: int, device: torch.device | None
     return full, causal & ~full
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Softmax attention over the keys `mask` allows, with its log-sum-exp.
-
-    q: [B, Tq, heads, dq]; k: [B, Tk, kv_heads, dq]; v: [B, Tk, kv_heads, dv]; mask: [Tq, Tk] or [B, Tq, Tk]
-    -> (out [B, Tq, heads, dv], lse [B, Tq, heads]); a query with no allowed key gets out 0, lse -inf
-    (no weight in the merge).
-    """
-    b, tq, heads, _ = q.shape
-    kv = k.shape[-2]
-    qg = q.float().view(b, tq, kv, heads // kv, -1)  # each KV head's query group, no copies of k and v
-    scores = torch.einsum("bqgjd,bkgd->bgjqk", qg, k.float()) * scale  # [B, kv, group, Tq, Tk]
-    scores = scores.masked_fill(~(mask if mask.dim() == 2 else mask[:, None, None]), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, kv, group, Tq]
-    probs = torch.exp(scores - lse.masked_fill(lse.isinf(), 0.0)[..., None])  # empty rows: all 0
-    out = torch.einsum("bgjqk,bkgd->bqgjd", probs, v.float()).reshape(b, tq, heads, -1)
-    return out.to(v.dtype), lse.reshape(b, heads, tq).transpose(1, 2)
-
-
 def tiered_attention(q: Tensor, k: Tensor, v: Tensor, q_full: Tensor, k_full: Tensor, v_full: Tensor,
                      sinks: int, recent: int, scale: float) -> Tensor:
     """Dense causal attention with the token tier.
@@ -98,6 +82,61 @@ def tiered_attention(q: Tensor, k: Tensor, v: Tensor, q_full: Tensor, k_full: Te
     outs = torch.stack([out_full, out_comp], dim=-2)  # [B, T, heads, 2, D]
     lses = torch.stack([lse_full, lse_comp], dim=-1)  # [B, T, heads, 2]
     return merge_partials_ref(outs, lses)[0]
+
+
+CausalLSE = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+
+
+def fresh_tiered_attention(q: Tensor, k: Tensor, v: Tensor, dims: TierLayer, sinks: int, recent: int, scale: float,
+                           causal: CausalLSE) -> Tensor:
+    """`tiered_attention` of one sequence over its own rows from position 0 (a prompt with nothing cached),
+    without its [T, T] masks and scores, as the two segments' own shapes allow:
+    - compressed: query t sees keys [S, t - W]. Queries [S + W, T) over keys [S, T - W) are equally many, so
+      that is plain causal attention of the one over the other, which `causal` (a backend's
+      `fresh_partials`: a fused flash kernel) runs at the compressed widths;
+    - full rank: the sinks and the last W keys of each query, local attention (`_window_attention`).
+    Merged by their log-sum-exps. q: [T, heads, k_dim + tier_k]; k: [T, kv, k_dim + tier_k];
+    v: [T, kv, v_dim + tier_v] (compressed dims first, as the tier's pools take them) -> [T, heads, v_dim + tier_v]
+    """
+    t, heads, width = q.shape[0], q.shape[1], v.shape[-1]
+    out_c = q.new_zeros(t, heads, width, dtype=torch.float32)  # compressed values: no tier dims
+    lse_c = q.new_full((t, heads), float("-inf"), dtype=torch.float32)  # queries before S + W: no such keys
+    start = sinks + recent
+    if t > start:
+        out, lse = causal(q[start:, :, : dims.k_dim], k[sinks: t - recent, :, : dims.k_dim],
+                          v[sinks: t - recent, :, : dims.v_dim], scale)  # [T - S - W, heads, v_dim], [.., heads]
+        out_c[start:, :, : dims.v_dim], lse_c[start:] = out, lse
+    out_f, lse_f = _window_attention(q, k, v, sinks, recent, scale)  # every query sees itself: lse finite
+    outs = torch.stack([out_f, out_c], dim=2)  # [T, heads, 2, width]
+    return merge_partials_ref(outs, torch.stack([lse_f, lse_c], dim=-1))[0].to(q.dtype)
+
+
+def _window_attention(q: Tensor, k: Tensor, v: Tensor, sinks: int, recent: int, scale: float,
+                      block: int = 32) -> tuple[Tensor, Tensor]:
+    """Each query t over keys j <= t with j < S or j > t - W, at full rank, in blocks of C queries: a block
+    [b0, b0 + C) needs the sinks and keys (b0 - W, b0 + C), so its scores are [C, S + C + W - 1], not [C, T].
+    Smaller blocks score fewer keys per query and gather more rows; C = max(32, W / 2) measured best on the CPU.
+    q: [T, heads, d]; k: [T, kv, d]; v: [T, kv, dv] -> (out [T, heads, dv], lse [T, heads] fp32)"""
+    t, heads, d = q.shape
+    kv, c = k.shape[1], max(block, recent // 2)
+    n, group, device = -(-t // c), heads // k.shape[1], q.device
+    q_pos = torch.arange(n * c, device=device).view(n, c)  # [n, C]
+    window = torch.arange(c + recent - 1 if recent else 0, device=device)
+    k_pos = torch.cat([torch.arange(sinks, device=device).expand(n, sinks),
+                       q_pos[:, :1] - (recent - 1) + window], 1)  # [n, K = S + C + W - 1]
+    is_sink = torch.arange(k_pos.shape[1], device=device) < sinks  # [K]
+    seen = ((k_pos[:, None] <= q_pos[..., None]) & (k_pos[:, None] >= 0)
+            & (is_sink | ((k_pos[:, None] >= sinks) & (k_pos[:, None] > q_pos[..., None] - recent))))  # [n, C, K]
+    rows = k_pos.clamp(0, t - 1)
+    qb = F.pad(q, (0, 0, 0, 0, 0, n * c - t)).view(n, c, kv, group, d).permute(0, 2, 3, 1, 4)  # [n, kv, g, C, d]
+    kb = k[rows].permute(0, 2, 3, 1).float()  # [n, kv, d, K]
+    scores = torch.matmul(qb.float().reshape(n, kv, group * c, d), kb).view(n, kv, group, c, -1)
+    scores.mul_(scale).masked_fill_(~seen[:, None, None], float("-inf"))  # every real query sees itself
+    lse = torch.logsumexp(scores, -1)  # [n, kv, g, C]
+    probs = scores.sub_(lse[..., None]).exp_().view(n, kv, group * c, -1)  # in place: [n, kv, g * C, K]
+    out = torch.matmul(probs, v[rows].transpose(1, 2).float()).view(n, kv, group, c, -1)  # [n, kv, g, C, dv]
+    out = out.permute(0, 3, 1, 2, 4).reshape(n * c, heads, -1)[:t]
+    return out, lse.permute(0, 3, 1, 2).reshape(n * c, heads)[:t]
 
 
 def tier_kv_fraction(cfg: ModelConfig, context: int) -> float:

@@ -32,8 +32,10 @@ def test_quick_run_reports_small_errors_and_every_timing(tmp_path):
     assert sum(name.startswith("prefill_BLOCK_M") for name in errors) == len(PREFILL_CONFIGS)
     rows = report["timings"]
     assert {row["section"] for row in rows} == {"decode", "decode splits", "decode configs", "prefill",
-                                                "prefill configs", "attention block", "layer ops", "tier decode"}
-    assert {"rms_norm", "add_rms_norm", "silu_mul", "tier_decode"} <= errors.keys()
+                                                "prefill configs", "attention block", "layer ops", "tier decode",
+                                                "tier prefill"}
+    assert {"rms_norm", "add_rms_norm", "silu_mul", "tier_decode", "tier_prefill"} <= errors.keys()
+    assert [row["vs_sdpa"] > 0 for row in rows if row["section"] == "tier prefill"] == [True]
     tier = [row for row in rows if row["section"] == "tier decode"]
     assert [row["method"] for row in tier] == ["kernel", "PyTorch ops (reference)"] and tier[0]["ratio"] > 0
     fused = [row for row in rows if row["section"] == "layer ops" and row["method"].endswith("fused")]

@@ -16,7 +16,9 @@ from zeroc.caches import paged_cache
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import load_model, save_model
 from zeroc.attend import causal_attend
-from zeroc.tier import segment_attention, tier_kv_fraction, tier_masks, tiered_attention
+from zeroc_kernels.paged_attention import segment_attention
+from zeroc.tier import TierLayer, fresh_tiered_attention, tier_kv_fraction, tier_masks, tiered_attention
+from zeroc_kernels.attention import causal_lse_ref, sdpa_causal_lse
 
 
 def random_tokens(model, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -72,6 +74,27 @@ def test_no_tier_is_compressed_attention_and_a_whole_window_tier_is_full_attenti
     torch.testing.assert_close(whole, causal_attend(0, q_full, k_full, v_full, 0.3), rtol=1e-6, atol=1e-6)
     sinks_only = tiered_attention(q, k, v, q_full, k_full, v_full, sinks=9, recent=0, scale=0.3)
     torch.testing.assert_close(sinks_only, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [1, 7, 70, 200])
+@pytest.mark.parametrize("sinks, recent", [(4, 16), (0, 8), (3, 0), (2, 200), (5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prompts_tiered_attention_by_segments_equals_the_dense_one(length, sinks, recent, dtype):
+    """`fresh_tiered_attention`: the compressed segment as shifted causal attention (flash, or the reference),
+    the full-rank one as blocked local attention, merged; windows wider than the prompt, no sinks, no window,
+    prompts shorter than a block and several blocks long."""
+    gen = torch.Generator().manual_seed(length + 10 * sinks + recent)
+    dims = TierLayer(k_dim=24, v_dim=8, tier_k=8, tier_v=24)
+    q = torch.randn(length, 4, 32, generator=gen).to(dtype)
+    k = torch.randn(length, 2, 32, generator=gen).to(dtype)
+    v = torch.randn(length, 2, 32, generator=gen).to(dtype)
+    want = tiered_attention(q[None, ..., :24], k[None, ..., :24], v[None, ..., :8], q[None], k[None], v[None],
+                            sinks, recent, 0.3)[0]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for causal in (sdpa_causal_lse, causal_lse_ref):
+        got = fresh_tiered_attention(q, k, v, dims, sinks, recent, 0.3, causal)
+        assert got.shape == (length, 4, 32) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
 def test_a_query_without_keys_in_a_segment_gets_no_weight_from_it():

@@ -15,8 +15,10 @@ the sinks and its last W keys, the compressed segment over the rest.
   decode kernel (`AttentionBackend.decode_partials`, which starts at key S and returns its LSEs unmerged),
   attends the S + W tier slots and the token itself at full rank, and merges the two by LSE: it reads the
   compressed cache once, at its width, as a plain decode step does.
-- A step with a longer chunk (`_attend_group`) takes one softmax over both segments in one SDPA call, its
-  decode tokens together and each chunk alone.
+- A step with a longer chunk attends its decode tokens together and each chunk alone. A prompt with nothing
+  cached before it (`_attend_prompt`) needs no cache read: `fresh_tiered_attention` runs its compressed segment
+  as plain causal attention in the backend's flash kernel and its full-rank one as local attention. A chunk
+  after a cached prefix (`_attend_group`) takes one softmax over both segments in one masked SDPA call.
 Neither reads the device back to the host: every shape comes from the batch's host fields (`max_query_len`,
 `query_lens`) or is the tier's fixed S + W, and the device keeps its own copy of each sequence's borrowed
 block ids (`tier_ids`). So a decode step of a tiered model syncs once, for its sampled ids, and a CUDA
@@ -41,7 +43,7 @@ from zeroc.config import ModelConfig
 from zeroc.device import host_to_device
 from zeroc.kv_cache import PagedBatch, block_bytes
 from zeroc.policies.base import KVMethod, PolicyPools, ceil_div, token_bits, work_dtype
-from zeroc.tier import TierLayer, tier_layers
+from zeroc.tier import TierLayer, fresh_tiered_attention, tier_layers
 
 if TYPE_CHECKING:
     from zeroc.kv_cache import BlockAllocator, LayerShape
@@ -157,6 +159,7 @@ def _groups(batch: PagedBatch, n: int) -> list[tuple[PagedBatch, Tensor]]:
         ends = host_to_device([0, *itertools.accumulate(lens[b] for b in seqs)], torch.long, device)
         out.append((PagedBatch(batch.positions[rows], batch.slot_mapping[rows], batch.block_tables[idx],
                                batch.seq_lens[idx], ends, ends[1:] - 1, max(lens[b] for b in seqs),
+                               from_zero=tuple(batch.from_zero[b] for b in seqs) if batch.from_zero else (),
                                query_lens=tuple(lens[b] for b in seqs)), rows))
     return out
 
@@ -276,7 +279,8 @@ class TierPools(PolicyPools):
         else:
             out = q.new_empty(n, q.shape[1], t.v_dim + t.tier_v)
             for group, rows in self.once("groups", lambda: _groups(batch, n)):
-                out[rows] = self._attend_group(layer, q[rows], k_new[rows], v_new[rows], group, scale)
+                attend = self._attend_prompt if group.fresh and len(group.from_zero) == 1 else self._attend_group
+                out[rows] = attend(layer, q[rows], k_new[rows], v_new[rows], group, scale)
         # Written after the attention: a chunk's later rows take ring slots its earlier queries still read.
         w = self.once("writes", lambda: self._writes(batch, n))
         extra = torch.cat([k_new[w.rows, :, t.k_dim:], v_new[w.rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
@@ -304,6 +308,15 @@ class TierPools(PolicyPools):
         s = self._slots(batch, _Rows.of(batch, n))  # one row each
         seen = s.keys_ok & (s.keys_pos <= s.rows.pos) & self._in_tier(s.keys_pos, s.rows.pos)  # [B, S + W + 1]
         return (batch.seq_lens - self.recent).clamp(min=self.sinks), TierSlots(s.blocks, s.offsets, s.tier_ids, seen)
+
+    def _attend_prompt(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
+                       scale: float) -> Tensor:
+        """One sequence whose context is its new rows alone (a prompt with nothing cached): its keys are all
+        in k_new and v_new, so no cache read and no [T, 2T] mask. q: [T, heads, k_dim + tier_k];
+        k_new, v_new: [T, kv, *] -> [T, heads, v_dim + tier_v]. On an H100 the masked path below prefilled a tier
+        model at 11,750 tok/s against the plain one's 88,800 (docs/benchmarks.md)."""
+        return fresh_tiered_attention(q, k_new, v_new, self.policy.layers[layer], self.sinks, self.recent, scale,
+                                      self.backend.fresh_partials)
 
     def _attend_group(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
                       scale: float) -> Tensor:

@@ -120,6 +120,41 @@ def test_per_kv_head_ranks_with_a_tier_equal_the_dense_forward(tiered_of, backen
         assert (got[b] - dense[b, : got[b].shape[0]]).abs().max().item() < 1e-4
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("sinks, recent", [(4, 16), (0, 8), (3, 0), (2, 200)])
+def test_a_prompt_with_nothing_cached_attends_as_the_masked_path_does(tiered_of, sinks, recent):
+    """`_attend_prompt` (flash over the compressed segment, local attention over the full-rank one, no cache
+    read) against `_attend_group` (one masked softmax over the cache and the tier rows) on the same prompt."""
+    model = tiered_of("fold", sinks, recent)
+    cache, gen = _cache(model), torch.Generator().manual_seed(9)
+    batch = cache.schedule([("s0", 45)])
+    assert batch.fresh
+    pools, t = cache.pools, cache.pools.policy.layers[0]
+    heads, kv = model.config.num_attention_heads, cache.shapes[0].kv_heads
+    q = torch.randn(45, heads, t.k_dim + t.tier_k, generator=gen)
+    k = torch.randn(45, kv, t.k_dim + t.tier_k, generator=gen)
+    v = torch.randn(45, kv, t.v_dim + t.tier_v, generator=gen)
+    pools.stage(0, k, v)
+    got = pools.attend(0, q, batch, 0.3)  # writes the compressed rows, then the fresh path
+    pools.begin_step(batch)
+    masked = pools._attend_group(0, q, k, v, batch, 0.3)
+    assert (got - masked).abs().max().item() < 1e-5
+
+
+@torch.inference_mode()
+def test_a_prompt_joining_decode_rows_takes_the_fresh_path_and_equals_the_dense_forward(tiered_of):
+    """A prompt admitted while another sequence decodes: its rows alone are fresh, the decode row is not."""
+    model = tiered_of("rotate", 4, 16)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 69), generator=torch.Generator().manual_seed(10))
+    dense = model(tokens)
+    probe = _cache(model)
+    probe.schedule([("s0", 30)])
+    assert probe.schedule([("s0", 1), ("s1", 50)]).from_zero == (False, True)
+    got = _run(model, _cache(model), tokens, [[(0, 30)], [(0, 1), (1, 50)]] + [[(0, 1), (1, 1)]] * 4)
+    for b in range(2):
+        assert (got[b] - dense[b, : got[b].shape[0]]).abs().max().item() < 1e-4
+
+
 def test_the_tier_rows_are_paid_from_the_block_budget(tiered_of):
     model = tiered_of("fold", 4, 60)
     policy, d = tier_policy(model.config), model.config.head_dim
