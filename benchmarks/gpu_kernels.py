@@ -522,8 +522,8 @@ def table(report: dict) -> str:
 
 SECTIONS = {"ceilings": ceilings, "correctness": check, "decode": decode, "decode per-head": decode_per_head,
             "prefill": prefill, "attention block": blocks, "model path": model_path, "layer ops": layer_ops,
-            "tier decode": tier, "tier prefill": tier_prefill, "decode experiments": decode_experiments, "decode sweeps": decode_sweeps,
-            "prefill sweeps": prefill_sweeps}
+            "tier decode": tier, "tier prefill": tier_prefill, "decode experiments": decode_experiments,
+            "decode sweeps": decode_sweeps, "prefill sweeps": prefill_sweeps}
 
 
 def main() -> int:
