@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from zeroc.bench.engine import count_syncs
+from zeroc.bench.step_costs import count_syncs
 from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
 from zeroc.decode_runner import DecodeRunner
 from zeroc.engine import Engine

@@ -288,7 +288,7 @@ def test_compiled_layers_generate_what_eager_layers_do():
 def test_every_step_reads_the_host_once_whatever_it_mixes(random_gqa_dir, backend):
     """Prefill-only, chunked-prefill-plus-decode and decode-only steps each read tensor values to the host once
     (the sampled ids): the batch carries its longest query length from the host, so no layer asks the device."""
-    from zeroc.bench.engine import count_syncs
+    from zeroc.bench.step_costs import count_syncs
     from zeroc.loader import load_model
 
     engine = Engine(load_model(random_gqa_dir, attention_backend=backend), CacheConfig(16, 256),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from zeroc.bench.engine import count_syncs
+from zeroc.bench.step_costs import count_syncs
 from zeroc.config import CacheConfig, SchedulerConfig, ZeroCConfig
 from zeroc.engine import Engine
 from zeroc.sampling import SamplingParams

@@ -24,27 +24,25 @@ interleave the methods, so drift in the machine's speed hits all of them alike. 
 - each method's decode step over the uncompressed one (`none`) of the same scheduler, round by round.
 
 `--schedulers sync async` runs every method both step by step and running ahead (the engine's
-async_scheduling), interleaved; an async row is named "<method> async".
+async_scheduling), interleaved; an async row is named "<method> async". `--profile` runs one decode step of
+each method under torch's profiler instead of its last timed one and prints its ops by self device time
+(zeroc.bench.step_costs.profile_step; kernels a CUDA graph replays included): where a step's time goes.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
-import traceback
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from zeroc.bench.forward import machine_description
+from zeroc.bench.step_costs import DeviceTimer, count_syncs, profile_step
 from zeroc.caches import sequence_blocks
 from zeroc.config import (BUNDLED_MODEL, AttentionCompression, CacheConfig, LayerCompression, ModelConfig,
                           RopeConfig, SchedulerConfig)
@@ -79,6 +77,7 @@ class EngineBenchSpec:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    profile: bool = False  # one decode step under torch's profiler (in place of the last timed one)
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -86,8 +85,10 @@ class EngineBenchSpec:
         for name in ("batch", "prompt", "new", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.new < 2:
-            raise ValueError("new must be >= 2 (the first token comes from prefill; decode steps follow)")
+        least = 3 + self.profile  # prefill's token, one timed decode step, the counted one, the profiled one
+        if self.new < least:
+            raise ValueError(f"new must be >= {least} (the first token comes from prefill; then at least one timed "
+                             "decode step, the counted one" + (", the profiled one)" if self.profile else ")"))
         for m in self.methods:
             parse_method(m, None)
         if not self.schedulers or set(self.schedulers) - {"sync", "async"}:
@@ -236,88 +237,6 @@ def prefill_flops(cfg: ModelConfig, weight_elems: int, batch: int, prompt: int) 
     return batch * (2 * weight_elems * prompt + attn)
 
 
-# -- counting device syncs ------------------------------------------------------------------------------
-
-class _HostReads(TorchFunctionMode):
-    """Counts calls that read tensor values to the host (the CPU's stand-in for device syncs)."""
-
-    NAMES = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"}
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.NAMES:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextlib.contextmanager
-def warned_syncs():
-    """Yields a list that gets, for each sync warning issued inside (torch's sync debug mode warns at every
-    device sync), the project frames that called it ("file:line <- file:line ..."), innermost first."""
-    where: list[str] = []
-
-    def seen(message, *_args, **_kwargs) -> None:  # runs at the warning, so the stack is the sync's caller's
-        if "synchroniz" in str(message):
-            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
-                      and "/warnings.py" not in f.filename][-3:]
-            where.append(" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames)))
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = seen
-        yield where
-
-
-@contextlib.contextmanager
-def count_syncs(device: torch.device):
-    """Yields a list that holds the count once the block has run, then (on CUDA) where each sync was called
-    from, so an unexpected one can be found from a device run's output alone."""
-    out = [0]
-    if device.type == "cuda":
-        with warned_syncs() as where:
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                yield out
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        out[:] = [len(where), *where]
-    else:
-        with _HostReads() as mode:
-            yield out
-        out[0] = mode.count
-
-
-class DeviceTimer:
-    """The Engine's device_timer: the span of each step's device work, in seconds, on `times`."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times, self._pending = device, [], []
-
-    @contextlib.contextmanager
-    def __call__(self):
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._pending.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.times.append(time.perf_counter() - t0)
-
-    def collect(self) -> list[float]:
-        """Every step's device seconds so far (waits for the events, after the timed steps)."""
-        for start, end in self._pending:
-            end.synchronize()
-            self.times.append(start.elapsed_time(end) / 1e3)
-        self._pending.clear()
-        return self.times
-
-
 # -- one run of one method ---------------------------------------------------------------------------------
 
 def _pct(xs: list[float], q: float) -> float:
@@ -349,12 +268,13 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
     walls: list[float] = []
     first_decode = len(timer._pending) + len(timer.times)
     engine.clock = clock = StepClock()
-    for _ in range(spec.new - 2):  # the last step is counted, not timed
+    for _ in range(spec.new - 2 - spec.profile):  # the last step is counted, not timed; one more profiled
         t = time.perf_counter()
         engine.step()
         walls.append(time.perf_counter() - t)
     device_s = timer.collect()[first_decode:first_decode + len(walls)]
     engine.device_timer, engine.clock = None, NullClock()
+    profile = profile_step(engine.step, device) if spec.profile else []
     waits = engine.host_waits
     with count_syncs(device) as syncs:
         engine.step()
@@ -382,6 +302,7 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
         "phases_ms": clock.ms_per_step(),
         "weight_bytes": weight_bytes,
         "kv_bytes_per_token": kv_bytes_per_token(cfg, dtype),
+        "profile": profile,
     }
 
 
@@ -396,7 +317,7 @@ def run_engine_bench(spec: EngineBenchSpec, progress: bool = True) -> dict:
     # token ids 2.. (0 and 1 are the bundled tokenizer's bos and eos)
     prompts = [torch.randint(2, base.vocab_size, (spec.prompt,), generator=gen).tolist() for _ in range(spec.batch)]
     rates = {"gemm_flop_s": gemm_rate(device, dtype), "copy_bytes_s": copy_rate(device)}
-    warm = EngineBenchSpec(**{**spec.__dict__, "batch": min(2, spec.batch), "new": 3})
+    warm = EngineBenchSpec(**{**spec.__dict__, "batch": min(2, spec.batch), "new": 3, "profile": False})
     for m in spec.methods:  # compiles kernels (and captures graphs) before anything is timed
         run_once(models[m], warm, prompts[: warm.batch], rates)
     rows = []
@@ -424,6 +345,7 @@ def summarize(rows: list[dict], methods: tuple[str, ...], schedulers: tuple[str,
             name = m if sch == "sync" else f"{m} async"
             out[name] = {k: statistics.median(r[k] for r in mine) for k in keys}
             out[name]["phases_ms"] = {p: statistics.median(r["phases_ms"][p] for r in mine) for p in PHASES}
+            out[name]["profile"] = mine[-1]["profile"]  # the last round's
             if base:
                 out[name]["step_over_none"] = [r["step_ms"] / base[r["round"]] for r in mine if r["round"] in base]
     return out
@@ -454,6 +376,10 @@ def text_report(report: dict) -> str:
     lines.append(f"{'method':<24}" + "".join(f"{p:>12}" for p in PHASES))
     for m, r in report["summary"].items():
         lines.append(f"{m:<24}" + "".join(f"{r['phases_ms'][p]:>12.3f}" for p in PHASES))
+    for m, r in report["summary"].items():
+        if r["profile"]:
+            lines.append(f"{m}: one decode step's top ops by self {'device' if 'cuda' in s['device'] else 'host'} ms")
+            lines += [f"  {p['ms']:>9.3f} ms {p['calls']:>5}x  {p['name'][:100]}" for p in r["profile"]]
     return "\n".join(lines)
 
 
@@ -478,6 +404,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedulers", nargs="+", choices=["sync", "async"], default=list(d.schedulers),
                    help="step by step, running ahead (scheduler.async_scheduling), or both interleaved")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one decode step per method: its ops by device time (host time on the CPU)")
     p.add_argument("--json", action="store_true")
 
 
@@ -486,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
     spec = EngineBenchSpec(device=args.device, shape=args.shape, layers=args.layers, batch=args.batch,
                            prompt=args.prompt, new=args.new, methods=tuple(args.methods), rounds=args.rounds,
                            max_batched_tokens=args.max_batched_tokens, enforce_eager=args.enforce_eager,
-                           schedulers=tuple(args.schedulers), temperature=args.temperature, top_p=args.top_p)
+                           schedulers=tuple(args.schedulers), temperature=args.temperature, top_p=args.top_p,
+                           profile=args.profile)
     report = run_engine_bench(spec, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else text_report(report))
     return 0

@@ -104,20 +104,27 @@ def test_bad_method_names_raise_value_error(name):
         EngineBenchSpec(methods=("none", name))
 
 
-def test_sync_warnings_are_traced_to_the_lines_that_caused_them():
-    """On CUDA, count_syncs reads torch's sync-debug warnings; each one is traced to the code that made it,
-    so a device run's output alone says where an unexpected sync comes from. Other warnings are not syncs."""
-    import warnings
+def test_a_profiled_run_names_the_ops_of_one_decode_step(capsys):
+    """--profile: one decode step per method under torch's profiler, in place of the last timed step; its ops by
+    self time (the host's on the CPU) in the JSON and the text report, the linear layers among them."""
+    torch.set_num_threads(1)
+    args = ["bench", "engine", "--layers", "1", "--batch", "2", "--prompt", "16", "--new", "4", "--rounds", "1",
+            "--methods", "none", "zeroc-fold-32-tier-2-6", "--profile"]
+    assert cli.main(args + ["--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for row in report["summary"].values():
+        assert row["syncs_per_step"] == 1 and 0 < len(row["profile"]) <= 15
+        assert any("linear" in op["name"] or "addmm" in op["name"] or "mm" == op["name"].split("::")[-1]
+                   for op in row["profile"]), row["profile"]
+        assert all(op["ms"] > 0 and op["calls"] >= 1 for op in row["profile"])
+        ms = [op["ms"] for op in row["profile"]]
+        assert ms == sorted(ms, reverse=True)
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "zeroc-fold-32-tier-2-6: one decode step's top ops by self host ms" in text
 
-    from zeroc.bench.engine import warned_syncs
 
-    def reads_back():
-        warnings.warn("called a synchronizing CUDA operation")
-
-    with warned_syncs() as where:
-        reads_back()
-        warnings.warn("something else")
-        reads_back()
-    assert len(where) == 2
-    line = reads_back.__code__.co_firstlineno + 1
-    assert all(w.startswith(f"test_engine.py:{line} <- test_engine.py:") for w in where), where
+@pytest.mark.parametrize("new, profile", [(2, False), (3, True)])
+def test_too_few_new_tokens_to_time_a_step_raise_value_error(new, profile):
+    with pytest.raises(ValueError, match=f"new must be >= {new + 1}"):
+        EngineBenchSpec(new=new, profile=profile)

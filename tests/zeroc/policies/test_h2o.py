@@ -79,7 +79,7 @@ def test_capacity_follows_the_budget_and_batching_changes_nothing(random_gqa, he
 def test_a_step_reads_the_host_as_often_whatever_the_layers(request, model_name):
     """Eviction pools walk a step's sequences on the host: they read lengths, query starts and tables once per
     step (`PolicyPools.sequences`), not once per layer; with the sampled ids, 4 reads a step at any depth."""
-    from zeroc.bench.engine import count_syncs
+    from zeroc.bench.step_costs import count_syncs
 
     loaded = request.getfixturevalue(model_name)
     engine = Engine(loaded, CacheConfig(16, 64, kv_policy="h2o", kv_budget=0.5))

@@ -256,7 +256,7 @@ def test_every_engine_step_of_a_tiered_model_reads_the_host_once(tiered_of, bund
     to the host once (the sampled ids): the tier finds its rows through the device's copy of the borrowed ids and
     sizes everything from the batch's host fields, where it read the device several times in every layer.
     Its tokens are those of each request run alone, through the model's dense tiered forward."""
-    from zeroc.bench.engine import count_syncs
+    from zeroc.bench.step_costs import count_syncs
     from zeroc.engine import Engine
     from zeroc.sampling import SamplingParams
 
