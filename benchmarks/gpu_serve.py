@@ -100,14 +100,17 @@ def start_services(model_dir: str, device: str, dtype: str, backend: str) -> dic
             return exc
 
     with ThreadPoolExecutor(4) as pool:
-        colocated = pool.submit(start, "decode", ["--colocated"])
+        # The decode services run ahead by default on CUDA: the auto one does, the others step by step, so the
+        # modes compare the two schedulers too
+        step_by_step = {"ZEROC_SCHEDULER_ASYNC_SCHEDULING": "0"}
+        colocated = pool.submit(start, "decode", ["--colocated"], step_by_step)
         prefill = start("prefill", ["--kv-transport", "auto"])
         procs["prefill"] = prefill
         decodes = {}
         if isinstance(prefill, ServiceProcess):
-            ahead = {"auto": {"ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}}
+            ahead = {"auto": {"ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}, "grpc": step_by_step}
             decodes = {m: pool.submit(start, "decode", ["--prefill", prefill.address, "--kv-transport", m],
-                                      ahead.get(m)) for m in ("grpc", "auto")}
+                                      ahead[m]) for m in ("grpc", "auto")}
         for m in ("grpc", "auto"):
             procs[m] = decodes[m].result() if m in decodes else RuntimeError(f"prefill service: {prefill}")
         procs["colocated"] = colocated.result()

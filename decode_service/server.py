@@ -368,7 +368,7 @@ class DecodeService:
         log.info("serving", extra={"service": "decode", "address": self.host.address, "model": cfg.model_dir,
                                    "prefill": cfg.transfer.prefill_target or "colocated",
                                    "attention_backend": cfg.attention_backend,
-                                   "async_scheduling": cfg.scheduler.async_scheduling,
+                                   "async_scheduling": engine.runs_ahead,
                                    "cuda_graphs": engine.decode_runner.use_graphs})
 
     def close(self) -> None:

@@ -6,10 +6,10 @@ their blocks fit and leave (freeing their blocks) the step they finish or are ab
 When the cache runs out during decode, the newest sequence is preempted: its blocks are
 freed and it is recomputed later from its prompt plus the tokens it already produced.
 
-With `scheduler.async_scheduling` a step is launched before the previous step's sampled ids reach the
-host: `step()` schedules and launches step n (its decode rows read their input ids from the device),
-then waits for step n-1's ids and does its host work (stop checks, detokenization) while the device
-runs step n, and returns step n-1's outputs. The scheduler therefore runs one step ahead of what it
+With `scheduler.async_scheduling` (by default on CUDA: `runs_ahead`) a step is launched before the previous
+step's sampled ids reach the host: `step()` schedules and launches step n (its decode rows read their input
+ids from the device), then waits for step n-1's ids and does its host work (stop checks, detokenization)
+while the device runs step n, and returns step n-1's outputs. The scheduler therefore runs one step ahead of what it
 knows: a sequence that step n-1 finishes on a stop token or string still has a row in step n, whose
 token is discarded; one that step n-1 finishes by length is known in advance and gets no row. Blocks of
 a sequence that leaves while a step holding its row is in flight are freed once that step has run, so
@@ -111,6 +111,13 @@ class _Launched:
         return any(s.request_id == request_id for s in self.rows)
 
 
+def runs_ahead(sched: SchedulerConfig, device: torch.device) -> bool:
+    """Whether an engine launches each step before the previous step's ids reach the host: as configured
+    (`scheduler.async_scheduling`), or where that is None, on CUDA, where the host's work per step would
+    otherwise hold up the device (on the CPU, which runs ops synchronously, it overlaps nothing)."""
+    return device.type == "cuda" if sched.async_scheduling is None else sched.async_scheduling
+
+
 _CHUNK = SamplingParams()  # what a chunk-of-a-prompt row "samples" with: greedy, no generator; discarded
 
 
@@ -120,6 +127,8 @@ class Engine:
         self.loaded = loaded
         self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
         self.sched = scheduler or SchedulerConfig()
+        device = next(self.model.parameters()).device
+        self.runs_ahead = runs_ahead(self.sched, device)  # launch step n before step n-1's ids reach the host
         if self.model.backend.fuses_projections:  # before any CUDA graph captures the layers' GEMMs
             self.model.fuse_projections()
         if self.sched.compile_layers:
@@ -127,7 +136,6 @@ class Engine:
         cfg = self.model_config
         shapes = layer_shapes(cfg)
         dtype = next(self.model.parameters()).dtype
-        device = next(self.model.parameters()).device
         self.cache = paged_cache(shapes, cache or CacheConfig(), dtype, device, model=self.model)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
@@ -304,7 +312,7 @@ class Engine:
         if launched is not None:
             self._in_flight.append(launched)
         # Run ahead: the previous step's host work while the device runs this one. Otherwise: this one's.
-        ahead = 1 if self.sched.async_scheduling and launched is not None else 0
+        ahead = 1 if self.runs_ahead and launched is not None else 0
         while len(self._in_flight) > ahead:
             outputs += self._collect()
         return outputs

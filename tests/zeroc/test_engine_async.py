@@ -7,10 +7,11 @@ sequence's blocks must outlive every step in flight that holds its row, and noth
 from __future__ import annotations
 
 import pytest
+import torch
 
 from zeroc.bench.step_costs import count_syncs
 from zeroc.config import CacheConfig, SchedulerConfig, ZeroCConfig
-from zeroc.engine import Engine
+from zeroc.engine import Engine, runs_ahead
 from zeroc.sampling import SamplingParams
 
 PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "Exceptions are raised"]
@@ -146,9 +147,21 @@ def test_a_decode_step_reads_the_host_once_and_runs_ahead(random_gqa):
     assert engine.has_unfinished()
 
 
-def test_async_scheduling_is_a_root_config_setting():
-    assert ZeroCConfig.from_env({"ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}).scheduler.async_scheduling is True
-    assert ZeroCConfig.from_env({}).scheduler.async_scheduling is False
+def test_async_scheduling_is_a_root_config_setting_on_by_default_on_cuda_only():
+    read = lambda raw: ZeroCConfig.from_env({"ZEROC_SCHEDULER_ASYNC_SCHEDULING": raw}).scheduler  # noqa: E731
+    assert read("1").async_scheduling is True and read("off").async_scheduling is False
+    assert read("auto").async_scheduling is None and ZeroCConfig.from_env({}).scheduler.async_scheduling is None
+    with pytest.raises(ValueError, match="expected one of .*auto"):
+        read("sometimes")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [runs_ahead(read(raw), dev) for raw in ("auto", "1", "0") for dev in (cpu, cuda)] == [
+        False, True, True, True, False, False]
+
+
+def test_an_engine_on_the_cpu_steps_synchronously_by_default(random_gqa):
+    engine = Engine(random_gqa, CacheConfig(16, 64))
+    engine.add_request(PROMPTS[0], GREEDY)
+    assert not engine.runs_ahead and engine.step() != []  # the first token, not trailing by a step
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

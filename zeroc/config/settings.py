@@ -66,9 +66,10 @@ class SchedulerConfig:
     compile_layers: bool = False
     # Launch step n before step n-1's sampled ids reach the host, and do step n-1's host work (stop checks,
     # detokenization, streaming) while the device runs step n (zeroc/engine.py). On a GPU this takes the
-    # host's time per step off the device's critical path; on the CPU, where ops run synchronously, it
-    # changes nothing but costs a discarded row for each sequence that ends on a stop token.
-    async_scheduling: bool = False
+    # host's time per step off the device's critical path (an H100 step: 7.38 -> 6.17 ms, docs/engine.md); on
+    # the CPU, where ops run synchronously, it changes nothing but costs a discarded row for each sequence that
+    # ends on a stop token. None (ZEROC_SCHEDULER_ASYNC_SCHEDULING=auto): on where the model runs on CUDA.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -286,10 +287,14 @@ class ZeroCConfig:
             raw = env.get(f"ZEROC_{name.upper()}")
             if raw is None:
                 return default
-            if isinstance(default, bool):  # bool("0") is True: read the usual spellings instead
-                if raw.strip().lower() not in _BOOLS:
-                    raise ValueError(f"ZEROC_{name.upper()}={raw!r}: expected one of {', '.join(sorted(_BOOLS))}")
-                return _BOOLS[raw.strip().lower()]
+            if isinstance(default, bool) or name in _AUTO_BOOLS:  # bool("0") is True: read the usual spellings
+                word = raw.strip().lower()
+                if name in _AUTO_BOOLS and word == "auto":
+                    return None
+                if word not in _BOOLS:
+                    choices = sorted(_BOOLS) + (["auto"] if name in _AUTO_BOOLS else [])
+                    raise ValueError(f"ZEROC_{name.upper()}={raw!r}: expected one of {', '.join(choices)}")
+                return _BOOLS[word]
             try:
                 return type(default)(raw)
             except ValueError:
@@ -315,6 +320,8 @@ class ZeroCConfig:
 
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+# Settings that are on, off, or None ("auto": decided where the value is used, e.g. by the device)
+_AUTO_BOOLS = {"scheduler_async_scheduling"}
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
              "transfer": TransferConfig, "redis": RedisConfig, "store": KvStoreConfig,
