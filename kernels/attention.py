@@ -237,6 +237,7 @@ def sdpa_causal_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tens
     width = -(-max(q.shape[-1], dv) // 8) * 8
     if op is None or width > 256:
         return causal_lse_ref(q, k, v, scale)
+
     def heads_major(x: Tensor) -> Tensor:  # [T, h, d] -> [1, h, T, width]: zero columns add 0 to q.k, cut off v's
         x = x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
         return x.transpose(0, 1)[None].to(q.dtype)

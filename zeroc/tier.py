@@ -106,7 +106,7 @@ def fresh_tiered_attention(q: Tensor, k: Tensor, v: Tensor, dims: TierLayer, sin
         out, lse = causal(q[start:, :, : dims.k_dim], k[sinks: t - recent, :, : dims.k_dim],
                           v[sinks: t - recent, :, : dims.v_dim], scale)  # [T - S - W, heads, v_dim], [.., heads]
         out_c[start:, :, : dims.v_dim], lse_c[start:] = out, lse
-    out_f, lse_f = _window_attention(q, k, v, sinks, recent, scale)  # every query sees itself: lse finite
+    out_f, lse_f = _window_attention(q, k, v, sinks, recent, scale)  # each query sees itself or a sink: lse finite
     outs = torch.stack([out_f, out_c], dim=2)  # [T, heads, 2, width]
     return merge_partials_ref(outs, torch.stack([lse_f, lse_c], dim=-1))[0].to(q.dtype)
 
@@ -131,7 +131,7 @@ def _window_attention(q: Tensor, k: Tensor, v: Tensor, sinks: int, recent: int, 
     qb = F.pad(q, (0, 0, 0, 0, 0, n * c - t)).view(n, c, kv, group, d).permute(0, 2, 3, 1, 4)  # [n, kv, g, C, d]
     kb = k[rows].permute(0, 2, 3, 1).float()  # [n, kv, d, K]
     scores = torch.matmul(qb.float().reshape(n, kv, group * c, d), kb).view(n, kv, group, c, -1)
-    scores.mul_(scale).masked_fill_(~seen[:, None, None], float("-inf"))  # every real query sees itself
+    scores.mul_(scale).masked_fill_(~seen[:, None, None], float("-inf"))  # a real query sees >= 1 key
     lse = torch.logsumexp(scores, -1)  # [n, kv, g, C]
     probs = scores.sub_(lse[..., None]).exp_().view(n, kv, group * c, -1)  # in place: [n, kv, g * C, K]
     out = torch.matmul(probs, v[rows].transpose(1, 2).float()).view(n, kv, group, c, -1)  # [n, kv, g, C, dv]
