@@ -200,15 +200,15 @@ def tier(run: Run) -> None:
 
 def tier_prefill(run: Run) -> None:
     """A token tier's prompt (4 sinks + 64 recent, fold rank r) by segments (zeroc/tier.py
-    `fresh_tiered_attention`: the backend's flash kernel over the compressed segment, local attention over the
+    `tiered_chunk_attention`: the backend's flash kernel over the compressed segment, local attention over the
     full-rank one) against SDPA over the same prompt uncompressed: the tier must not make a prompt slower."""
-    from zeroc.tier import fresh_tiered_attention
+    from zeroc.tier import tiered_chunk_attention
 
     s, tokens = run.s, run.s["prefill"][0]
     q, k, v, dims = tier_prefill_case(tokens, s["kv_heads"], s["heads"] // s["kv_heads"], s["head_dim"], s["rank"],
                                       run.dtype, run.device)
-    scale, partials = 1 / math.sqrt(s["head_dim"]), TritonBackend().fresh_partials
-    ms = run.timed(lambda: fresh_tiered_attention(q, k, v, dims, 4, 64, scale, partials))
+    scale, partials = 1 / math.sqrt(s["head_dim"]), TritonBackend().dense_partials
+    ms = run.timed(lambda: tiered_chunk_attention(q, k, v, dims, 4, 64, scale, partials))
     q4, k4, v4 = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))
     sdpa_ms = run.timed(lambda: F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
                                                                enable_gqa=True))

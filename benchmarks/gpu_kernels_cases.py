@@ -158,7 +158,7 @@ def _tier_error(device, dtype, dim: int) -> float:
 
 def tier_prefill_case(tokens: int, kv_heads: int, group: int, dim: int, rank: int, dtype, device) -> tuple:
     """A token tier's prompt of `tokens` rows at fold rank `rank` of `dim`, as its pools get them: q, k, v with
-    the tier's dims after the compressed ones, and the layer's widths (zeroc/tier.py `fresh_tiered_attention`)."""
+    the tier's dims after the compressed ones, and the layer's widths (zeroc/tier.py `tiered_chunk_attention`)."""
     from zeroc.tier import TierLayer
 
     q = torch.randn(tokens, kv_heads * group, dim, dtype=dtype, device=device)
@@ -169,10 +169,10 @@ def tier_prefill_case(tokens: int, kv_heads: int, group: int, dim: int, rank: in
 def _tier_prefill_error(device, dtype, dim: int, tokens: int = 300) -> float:
     """The prompt path by segments (the backend's flash kernel with its LSE, local attention) against the dense
     reference, 4 sinks and a 64-token window."""
-    from zeroc.tier import fresh_tiered_attention, tiered_attention
+    from zeroc.tier import tiered_chunk_attention, tiered_attention
 
     q, k, v, t = tier_prefill_case(tokens, 2, 4, dim, dim // 2, dtype, device)
-    got = fresh_tiered_attention(q, k, v, t, 4, 64, 0.125, TritonBackend().fresh_partials)
+    got = tiered_chunk_attention(q, k, v, t, 4, 64, 0.125, TritonBackend().dense_partials)
     comp = [x[None, ..., :w].float() for x, w in ((q, t.k_dim), (k, t.k_dim), (v, t.v_dim))]
     return _err(got, tiered_attention(*comp, q[None].float(), k[None].float(), v[None].float(), 4, 64, 0.125)[0])
 

@@ -6,8 +6,8 @@ never by looking at a tensor's device or an argument's type on the hot path. Cal
   holds, the QKV epilogue that applies RoPE (and rotate mode's bases) and writes K/V into their slots;
 - KV-policy pools (int8's): `paged_attention` with scales, `quantize_into_slots`; a token tier's pools:
   `decode_partials` for the compressed segment of a decode step (the decode kernel from a key on, unmerged),
-  then `tier_decode` for its full-rank segment and the merge (one kernel on triton); `fresh_partials` for the
-  compressed segment of a prompt with nothing cached (causal attention with its LSEs, torch's flash kernel);
+  then `tier_decode` for its full-rank segment and the merge (one kernel on triton); `dense_partials` for the
+  compressed segment of a prompt's chunk (dense rows, causal or not, with LSEs: torch's flash kernel);
 - `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
   (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels.
 
@@ -85,11 +85,13 @@ class AttentionBackend(abc.ABC):
         -> [N, heads, dv]: causal attention of each sequence over its own rows."""
         return sdpa_fresh_prefill(q, k, v, query_lens, scale)
 
-    def fresh_partials(self, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-        """q: [T, heads, dq]; k: [T, kv_heads, dq]; v: [T, kv_heads, dv]: one sequence's rows, query i over keys
-        <= i -> (out [T, heads, dv], lse [T, heads] fp32, natural log), unmerged, for a caller that merges them
-        with attention over other keys (a token tier's prompt, zeroc/tier.py `fresh_tiered_attention`)."""
-        return sdpa_causal_lse(q, k, v, scale)
+    def dense_partials(self, q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True
+                       ) -> tuple[Tensor, Tensor]:
+        """q: [Tq, heads, dq]; k: [Tk, kv_heads, dq]; v: [Tk, kv_heads, dv]: one sequence's queries over dense key
+        rows, causally (Tq == Tk, query i over keys <= i) or over all of them -> (out [Tq, heads, dv], lse [Tq, heads]
+        fp32, natural log), unmerged, for a caller that merges them with attention over other keys (a token tier's
+        prompt chunks, zeroc/tier.py `tiered_chunk_attention`)."""
+        return sdpa_lse(q, k, v, scale, causal)
 
     @abc.abstractmethod
     def paged_attention(
@@ -209,11 +211,10 @@ def sdpa_fresh_prefill(q: Tensor, k: Tensor, v: Tensor, query_lens: tuple[int, .
     return out[..., :dv]  # [N, heads, dv]
 
 
-def causal_lse_ref(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """`AttentionBackend.fresh_partials` in fp32 PyTorch ([T, T] scores): the oracle."""
-    t = q.shape[0]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    out, lse = segment_attention(q[None], k[None], v[None], causal, scale)
+def dense_lse_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True) -> tuple[Tensor, Tensor]:
+    """`AttentionBackend.dense_partials` in fp32 PyTorch ([Tq, Tk] scores): the oracle."""
+    seen = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool, device=q.device)
+    out, lse = segment_attention(q[None], k[None], v[None], seen.tril() if causal else seen, scale)
     return out[0], lse[0]
 
 
@@ -228,21 +229,23 @@ def _flash_with_lse(q: Tensor):
     return None
 
 
-def sdpa_causal_lse(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """`AttentionBackend.fresh_partials` by torch's fused flash kernels (public SDPA hides the LSE), with the
+def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True) -> tuple[Tensor, Tensor]:
+    """`AttentionBackend.dense_partials` by torch's fused flash kernels (public SDPA hides the LSE), with the
     reference where none serves the inputs. q, k and v are zero-padded to one width, a multiple of 8 up to 256
     (FlashAttention-2's limit; wider goes to the reference), as public SDPA pads them for its kernels."""
     dv = v.shape[-1]
     op = _flash_with_lse(q)
     width = -(-max(q.shape[-1], dv) // 8) * 8
+    if causal and q.shape[0] != k.shape[0]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[0]} and {k.shape[0]}")
     if op is None or width > 256:
-        return causal_lse_ref(q, k, v, scale)
+        return dense_lse_ref(q, k, v, scale, causal)
 
     def heads_major(x: Tensor) -> Tensor:  # [T, h, d] -> [1, h, T, width]: zero columns add 0 to q.k, cut off v's
         x = x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
         return x.transpose(0, 1)[None].to(q.dtype)
 
-    out, lse = op(heads_major(q), heads_major(k), heads_major(v), 0.0, True, scale=scale)[:2]
+    out, lse = op(heads_major(q), heads_major(k), heads_major(v), 0.0, causal, scale=scale)[:2]
     return out[0].transpose(0, 1)[..., :dv], lse[0].transpose(0, 1).float()  # [T, heads, dv], [T, heads]
 
 
@@ -252,8 +255,8 @@ class TorchBackend(AttentionBackend):
 
     name = "torch"
 
-    def fresh_partials(self, q, k, v, scale):
-        return causal_lse_ref(q, k, v, scale)
+    def dense_partials(self, q, k, v, scale, causal=True):
+        return dense_lse_ref(q, k, v, scale, causal)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                         k_scales=None, v_scales=None, max_q=None):
@@ -290,8 +293,8 @@ class CpuBackend(TorchBackend):
         return ragged_paged_attention(self.kernel, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale)
 
-    def fresh_partials(self, q, k, v, scale):
-        return sdpa_causal_lse(q, k, v, scale)
+    def dense_partials(self, q, k, v, scale, causal=True):
+        return sdpa_lse(q, k, v, scale, causal)
 
     def decode_partials(self, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start=0):
         return ragged_decode_partials(self.kernel, q, k_cache, v_cache, block_tables, seq_lens, scale, key_start)

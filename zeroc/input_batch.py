@@ -123,10 +123,10 @@ class InputBatch:
         else:
             qsl = self.arange[: n_rows + 1]
         lens = [1] * decode_rows + [len(toks) for toks, _, _ in prefill]
-        from_zero = (False,) * decode_rows + tuple(at[0] == 0 for _, at, _ in prefill)
+        first_positions = (None,) * decode_rows + tuple(at[0] for _, at, _ in prefill)
         batch = PagedBatch(positions=pos, slot_mapping=slots, block_tables=tables, seq_lens=self.seq_lens[:n_rows],
                            query_start_loc=qsl, last_token_indices=qsl[1:] - 1, max_query_len=max(lens),
-                           from_zero=from_zero, query_lens=tuple(lens))
+                           starts=first_positions, query_lens=tuple(lens))
         return tokens, batch
 
     def snapshot(self) -> list[tuple[str, list[int], int]]:

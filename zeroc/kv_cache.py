@@ -148,15 +148,16 @@ class PagedBatch:
     # The most new tokens of one sequence, known on the host where the batch is built: kernels size their grid
     # by it, and reading it from query_start_loc would make the host wait for the device in every layer.
     max_query_len: int | None = None
-    # Per sequence, on the host: whether its context is its new tokens alone (a prompt with nothing cached
-    # before it; a decode row never), and its new-token count. Empty where the builder did not say.
-    from_zero: tuple[bool, ...] = ()
+    # Per sequence, on the host: the position of its first new token (the tokens cached before this step; 0: a
+    # prompt with nothing cached), None where the builder does not say (a decode row); and its new-token count.
+    # Empty where the builder said nothing.
+    starts: tuple[int | None, ...] = ()
     query_lens: tuple[int, ...] = ()
 
     @property
     def fresh(self) -> bool:
         """Every sequence's context is its new tokens alone: backends may attend the step's own rows densely."""
-        return bool(self.from_zero) and all(self.from_zero)
+        return bool(self.starts) and all(s == 0 for s in self.starts)
 
 
 class PagedKVCache:
@@ -314,7 +315,7 @@ class PagedKVCache:
             query_start_loc=as_long(starts),
             last_token_indices=as_long([s - 1 for s in starts[1:]]),
             max_query_len=max(n for _, n in steps),
-            from_zero=tuple(start == 0 for start, _ in reserved),
+            starts=tuple(start for start, _ in reserved),
             query_lens=tuple(n for _, n in steps),
         )
 

@@ -84,59 +84,102 @@ def tiered_attention(q: Tensor, k: Tensor, v: Tensor, q_full: Tensor, k_full: Te
     return merge_partials_ref(outs, lses)[0]
 
 
-CausalLSE = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+DenseLSE = Callable[..., tuple[Tensor, Tensor]]  # AttentionBackend.dense_partials(q, k, v, scale, causal)
 
 
-def fresh_tiered_attention(q: Tensor, k: Tensor, v: Tensor, dims: TierLayer, sinks: int, recent: int, scale: float,
-                           causal: CausalLSE) -> Tensor:
-    """`tiered_attention` of one sequence over its own rows from position 0 (a prompt with nothing cached),
-    without its [T, T] masks and scores, as the two segments' own shapes allow:
-    - compressed: query t sees keys [S, t - W]. Queries [S + W, T) over keys [S, T - W) are equally many, so
-      that is plain causal attention of the one over the other, which `causal` (a backend's
-      `fresh_partials`: a fused flash kernel) runs at the compressed widths;
-    - full rank: the sinks and the last W keys of each query, local attention (`_window_attention`).
-    Merged by their log-sum-exps. q: [T, heads, k_dim + tier_k]; k: [T, kv, k_dim + tier_k];
-    v: [T, kv, v_dim + tier_v] (compressed dims first, as the tier's pools take them) -> [T, heads, v_dim + tier_v]
+@dataclass(frozen=True)
+class CachedRows:
+    """What a prompt's chunk attends besides its own rows: the cached tokens' rows it needs, each in position
+    order (zeroc/policies/tier.py reads them from the cache and the tier's blocks). All empty for a prompt with
+    nothing cached (start 0)."""
+
+    start: int  # position of the chunk's first row: the tokens cached before it
+    k_comp: Tensor  # [start - S, kv, k_dim] compressed keys of positions [S, start) (empty if start <= S)
+    v_comp: Tensor  # [start - S, kv, v_dim]
+    k_sink: Tensor  # [min(S, start), kv, k_dim + tier_k] full-rank keys of the cached sinks
+    v_sink: Tensor  # [min(S, start), kv, v_dim + tier_v]
+    k_ring: Tensor  # [R, kv, k_dim + tier_k] full-rank keys of positions [start - R, start): the ring, R <= W
+    v_ring: Tensor  # [R, kv, v_dim + tier_v]
+
+    @classmethod
+    def none(cls, k: Tensor, v: Tensor, dims: TierLayer) -> CachedRows:
+        empty = lambda x, width: x.new_empty(0, x.shape[1], width)  # noqa: E731
+        return cls(0, empty(k, dims.k_dim), empty(v, dims.v_dim), k[:0], v[:0], k[:0], v[:0])
+
+
+def tiered_chunk_attention(q: Tensor, k: Tensor, v: Tensor, dims: TierLayer, sinks: int, recent: int, scale: float,
+                           attend: DenseLSE, cached: CachedRows | None = None) -> Tensor:
+    """`tiered_attention` for one sequence's chunk of new rows at positions [start, start + m) (start 0: a prompt
+    with nothing cached), without [m, context] masks or scores, as the segments' shapes allow. Query t:
+    - compressed keys [S, t - W]: the cached ones before start - W every query sees (attention over all of
+      them), the rest [max(S, start - W), start + m - W) are as many as the queries from max(start, S + W) on,
+      each seeing a prefix: plain causal attention. `attend` (a backend's `dense_partials`: a fused flash
+      kernel) runs both at the compressed widths;
+    - full-rank keys: the sinks and its last W tokens, local attention (`_window_attention`).
+    The three partials merge by their log-sum-exps. q: [m, heads, k_dim + tier_k]; k: [m, kv, k_dim + tier_k];
+    v: [m, kv, v_dim + tier_v] (compressed dims first, as the tier's pools take them) -> [m, heads, v_dim + tier_v]
     """
-    t, heads, width = q.shape[0], q.shape[1], v.shape[-1]
-    out_c = q.new_zeros(t, heads, width, dtype=torch.float32)  # compressed values: no tier dims
-    lse_c = q.new_full((t, heads), float("-inf"), dtype=torch.float32)  # queries before S + W: no such keys
-    start = sinks + recent
-    if t > start:
-        out, lse = causal(q[start:, :, : dims.k_dim], k[sinks: t - recent, :, : dims.k_dim],
-                          v[sinks: t - recent, :, : dims.v_dim], scale)  # [T - S - W, heads, v_dim], [.., heads]
-        out_c[start:, :, : dims.v_dim], lse_c[start:] = out, lse
-    out_f, lse_f = _window_attention(q, k, v, sinks, recent, scale)  # each query sees itself or a sink: lse finite
-    outs = torch.stack([out_f, out_c], dim=2)  # [T, heads, 2, width]
-    return merge_partials_ref(outs, torch.stack([lse_f, lse_c], dim=-1))[0].to(q.dtype)
+    c = cached or CachedRows.none(k, v, dims)
+    m, heads, width, start = q.shape[0], q.shape[1], v.shape[-1], c.start
+    parts = []  # (out, lse, first query) of each compressed part
+    if start - recent > sinks:  # cached keys [S, start - W): every query's
+        k_c, v_c = _compressed(c, k, v, dims, sinks, sinks, start - recent)
+        parts.append((*attend(q[..., : dims.k_dim], k_c, v_c, scale, False), 0))
+    first = max(start, sinks + recent)  # queries from here on see keys [max(start - W, S), t - W]: a prefix each
+    if first < start + m:
+        k_c, v_c = _compressed(c, k, v, dims, sinks, max(start - recent, sinks), start + m - recent)
+        parts.append((*attend(q[first - start:, :, : dims.k_dim], k_c, v_c, scale, True), first - start))
+    k_win, v_win = torch.cat([c.k_ring, k]), torch.cat([c.v_ring, v])  # positions [start - R, start + m)
+    k_sink = torch.cat([c.k_sink, k[: max(0, sinks - start)]])  # positions [0, min(S, start + m))
+    v_sink = torch.cat([c.v_sink, v[: max(0, sinks - start)]])
+    out_f, lse_f = _window_attention(q, start, k_win, v_win, start - c.k_ring.shape[0], k_sink, v_sink, sinks,
+                                     recent, scale)  # each query sees itself or a sink: lse finite
+    outs = [out_f] + [q.new_zeros(m, heads, width, dtype=torch.float32) for _ in parts]  # compressed: no tier dims
+    lses = [lse_f] + [q.new_full((m, heads), float("-inf"), dtype=torch.float32) for _ in parts]
+    for i, (out, lse, at) in enumerate(parts, 1):
+        outs[i][at:, :, : dims.v_dim], lses[i][at:] = out, lse
+    return merge_partials_ref(torch.stack(outs, 2), torch.stack(lses, -1))[0].to(q.dtype)
 
 
-def _window_attention(q: Tensor, k: Tensor, v: Tensor, sinks: int, recent: int, scale: float,
-                      block: int = 32) -> tuple[Tensor, Tensor]:
-    """Each query t over keys j <= t with j < S or j > t - W, at full rank, in blocks of C queries: a block
-    [b0, b0 + C) needs the sinks and keys (b0 - W, b0 + C), so its scores are [C, S + C + W - 1], not [C, T].
-    Smaller blocks score fewer keys per query and gather more rows; C = max(32, W / 2) measured best on the CPU.
-    q: [T, heads, d]; k: [T, kv, d]; v: [T, kv, dv] -> (out [T, heads, dv], lse [T, heads] fp32)"""
-    t, heads, d = q.shape
-    kv, c = k.shape[1], max(block, recent // 2)
-    n, group, device = -(-t // c), heads // k.shape[1], q.device
-    q_pos = torch.arange(n * c, device=device).view(n, c)  # [n, C]
+def _compressed(c: CachedRows, k: Tensor, v: Tensor, dims: TierLayer, sinks: int, lo: int, hi: int
+                ) -> tuple[Tensor, Tensor]:
+    """Compressed keys and values of positions [lo, hi) (lo >= S): the cached ones, then the chunk's own."""
+    start, clip = c.start, lambda x: max(x, 0)  # noqa: E731
+    cached = slice(clip(lo - sinks), clip(min(hi, start) - sinks))
+    own = slice(clip(lo - start), clip(hi - start))
+    return (torch.cat([c.k_comp[cached], k[own, :, : dims.k_dim]]),
+            torch.cat([c.v_comp[cached], v[own, :, : dims.v_dim]]))
+
+
+def _window_attention(q: Tensor, q_start: int, k_win: Tensor, v_win: Tensor, win_start: int, k_sink: Tensor,
+                      v_sink: Tensor, sinks: int, recent: int, scale: float, block: int = 32) -> tuple[Tensor, Tensor]:
+    """Each query t (positions q_start + i) over keys j <= t with j < S or j > t - W, at full rank, in blocks of C
+    queries: a block [b0, b0 + C) needs the sinks and keys (b0 - W, b0 + C), so its scores are [C, S + C + W - 1],
+    not [C, context]. Smaller blocks score fewer keys per query and gather more rows; C = max(32, W / 2) measured
+    best on the CPU. q: [m, heads, d]; k_win: [L, kv, d] and v_win: [L, kv, dv] keys at positions win_start + u
+    (covering (q_start - W, q_start + m)); k_sink, v_sink: the sinks' [S', kv, *] (positions [0, S'))
+    -> (out [m, heads, dv], lse [m, heads] fp32)"""
+    m, heads, d = q.shape
+    kv, c = k_win.shape[1], max(block, recent // 2)
+    n, group, device = -(-m // c), heads // kv, q.device
+    q_pos = q_start + torch.arange(n * c, device=device).view(n, c)  # [n, C]
     window = torch.arange(c + recent - 1 if recent else 0, device=device)
-    k_pos = torch.cat([torch.arange(sinks, device=device).expand(n, sinks),
-                       q_pos[:, :1] - (recent - 1) + window], 1)  # [n, K = S + C + W - 1]
-    is_sink = torch.arange(k_pos.shape[1], device=device) < sinks  # [K]
-    seen = ((k_pos[:, None] <= q_pos[..., None]) & (k_pos[:, None] >= 0)
-            & (is_sink | ((k_pos[:, None] >= sinks) & (k_pos[:, None] > q_pos[..., None] - recent))))  # [n, C, K]
-    rows = k_pos.clamp(0, t - 1)
-    qb = F.pad(q, (0, 0, 0, 0, 0, n * c - t)).view(n, c, kv, group, d).permute(0, 2, 3, 1, 4)  # [n, kv, g, C, d]
-    kb = k[rows].permute(0, 2, 3, 1).float()  # [n, kv, d, K]
-    scores = torch.matmul(qb.float().reshape(n, kv, group * c, d), kb).view(n, kv, group, c, -1)
-    scores.mul_(scale).masked_fill_(~seen[:, None, None], float("-inf"))  # a real query sees >= 1 key
-    lse = torch.logsumexp(scores, -1)  # [n, kv, g, C]
+    sink_pos = torch.arange(k_sink.shape[0], device=device)
+    k_pos = torch.cat([sink_pos.expand(n, -1), q_pos[:, :1] - (recent - 1) + window], 1)  # [n, K = S' + C + W - 1]
+    is_sink = torch.arange(k_pos.shape[1], device=device) < k_sink.shape[0]  # [K]
+    seen = ((k_pos[:, None] <= q_pos[..., None])
+            & (is_sink | ((k_pos[:, None] >= max(sinks, win_start)) & (k_pos[:, None] > q_pos[..., None] - recent))))
+    win = (k_pos - win_start).clamp(0, k_win.shape[0] - 1)  # [n, K] rows of the window keys (sink columns: unused)
+    kb = torch.cat([k_sink.expand(n, *k_sink.shape), k_win[win[:, k_sink.shape[0]:]]], 1)  # [n, K, kv, d]
+    vb = torch.cat([v_sink.expand(n, *v_sink.shape), v_win[win[:, k_sink.shape[0]:]]], 1)  # [n, K, kv, dv]
+    qb = F.pad(q, (0, 0, 0, 0, 0, n * c - m)).view(n, c, kv, group, d).permute(0, 2, 3, 1, 4)  # [n, kv, g, C, d]
+    scores = torch.matmul(qb.float().reshape(n, kv, group * c, d), kb.permute(0, 2, 3, 1).float())
+    scores = scores.view(n, kv, group, c, -1).mul_(scale).masked_fill_(~seen[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, -1)  # [n, kv, g, C]; a real query sees >= 1 key
     probs = scores.sub_(lse[..., None]).exp_().view(n, kv, group * c, -1)  # in place: [n, kv, g * C, K]
-    out = torch.matmul(probs, v[rows].transpose(1, 2).float()).view(n, kv, group, c, -1)  # [n, kv, g, C, dv]
-    out = out.permute(0, 3, 1, 2, 4).reshape(n * c, heads, -1)[:t]
-    return out, lse.permute(0, 3, 1, 2).reshape(n * c, heads)[:t]
+    out = torch.matmul(probs, vb.transpose(1, 2).float()).view(n, kv, group, c, -1)  # [n, kv, g, C, dv]
+    out = out.permute(0, 3, 1, 2, 4).reshape(n * c, heads, -1)[:m]
+    return out, lse.permute(0, 3, 1, 2).reshape(n * c, heads)[:m]
 
 
 def tier_kv_fraction(cfg: ModelConfig, context: int) -> float:

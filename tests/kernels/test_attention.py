@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from zeroc_kernels.attention import BACKENDS, TorchBackend, causal_lse_ref, sdpa_causal_lse, triton_runs_on
+from zeroc_kernels.attention import BACKENDS, TorchBackend, dense_lse_ref, sdpa_lse, triton_runs_on
 from zeroc_kernels.paged_attention import paged_attention_ref
 
 
@@ -63,20 +63,20 @@ def test_fresh_prefill_equals_paged_attention_over_the_same_rows(random_paged_kv
 @pytest.mark.parametrize("name", _backends())
 @pytest.mark.parametrize("dims", [(64, 64), (48, 16), (13, 40), (264, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fresh_partials_equal_the_causal_reference_with_its_lse(name, dims, dtype):
+def test_dense_partials_equal_the_causal_reference_with_its_lse(name, dims, dtype):
     """One sequence's causal attention with each query's log-sum-exp (a token tier's prompt merges it with its
     full-rank segment): widths padded to one, a multiple of 8; wider than FlashAttention-2's 256, the reference."""
     backend, gen = _make(name), torch.Generator().manual_seed(sum(dims))
     q = torch.randn(70, 6, dims[0], generator=gen).to(dtype)
     k = torch.randn(70, 2, dims[0], generator=gen).to(dtype)
     v = torch.randn(70, 2, dims[1], generator=gen).to(dtype)
-    out, lse = backend.fresh_partials(q, k, v, 0.2)
-    want, want_lse = causal_lse_ref(q.float(), k.float(), v.float(), 0.2)
+    out, lse = backend.dense_partials(q, k, v, 0.2)
+    want, want_lse = dense_lse_ref(q.float(), k.float(), v.float(), 0.2)
     assert out.shape == (70, 6, dims[1]) and out.dtype == dtype and lse.shape == (70, 6) and lse.dtype == torch.float32
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(out.float(), want, **tol)
     torch.testing.assert_close(lse, want_lse, **tol)
-    torch.testing.assert_close(sdpa_causal_lse(q, k, v, 0.2)[1], lse, **tol)
+    torch.testing.assert_close(sdpa_lse(q, k, v, 0.2)[1], lse, **tol)
 
 
 @pytest.mark.parametrize("name", _backends())

@@ -17,8 +17,8 @@ from zeroc.kv_cache import layer_shapes
 from zeroc.loader import load_model, save_model
 from zeroc.attend import causal_attend
 from zeroc_kernels.paged_attention import segment_attention
-from zeroc.tier import TierLayer, fresh_tiered_attention, tier_kv_fraction, tier_masks, tiered_attention
-from zeroc_kernels.attention import causal_lse_ref, sdpa_causal_lse
+from zeroc.tier import CachedRows, TierLayer, tiered_chunk_attention, tier_kv_fraction, tier_masks, tiered_attention
+from zeroc_kernels.attention import dense_lse_ref, sdpa_lse
 
 
 def random_tokens(model, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ def test_no_tier_is_compressed_attention_and_a_whole_window_tier_is_full_attenti
 @pytest.mark.parametrize("sinks, recent", [(4, 16), (0, 8), (3, 0), (2, 200), (5, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_prompts_tiered_attention_by_segments_equals_the_dense_one(length, sinks, recent, dtype):
-    """`fresh_tiered_attention`: the compressed segment as shifted causal attention (flash, or the reference),
+    """`tiered_chunk_attention`: the compressed segment as shifted causal attention (flash, or the reference),
     the full-rank one as blocked local attention, merged; windows wider than the prompt, no sinks, no window,
     prompts shorter than a block and several blocks long."""
     gen = torch.Generator().manual_seed(length + 10 * sinks + recent)
@@ -91,10 +91,29 @@ def test_a_prompts_tiered_attention_by_segments_equals_the_dense_one(length, sin
     want = tiered_attention(q[None, ..., :24], k[None, ..., :24], v[None, ..., :8], q[None], k[None], v[None],
                             sinks, recent, 0.3)[0]
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    for causal in (sdpa_causal_lse, causal_lse_ref):
-        got = fresh_tiered_attention(q, k, v, dims, sinks, recent, 0.3, causal)
+    for causal in (sdpa_lse, dense_lse_ref):
+        got = tiered_chunk_attention(q, k, v, dims, sinks, recent, 0.3, causal)
         assert got.shape == (length, 4, 32) and got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("start, length", [(9, 30), (3, 30), (70, 45), (100, 5), (150, 60)])
+@pytest.mark.parametrize("sinks, recent", [(4, 16), (0, 8), (3, 0), (2, 200), (5, 1), (20, 3)])
+def test_a_chunk_after_cached_rows_attends_as_the_dense_sequence_does(start, length, sinks, recent):
+    """`tiered_chunk_attention` with `CachedRows`: every compressed key before start - W seen by every query,
+    the rest causally, the sinks and the ring at full rank; against the whole sequence's dense tiered attention.
+    Chunks starting inside the sinks, shorter than the window, far past it."""
+    gen = torch.Generator().manual_seed(start + length + sinks + recent)
+    dims, total = TierLayer(k_dim=24, v_dim=8, tier_k=8, tier_v=24), start + length
+    q, k, v = (torch.randn(total, h, 32, generator=gen) for h in (4, 2, 2))
+    want = tiered_attention(q[None, ..., :24], k[None, ..., :24], v[None, ..., :8], q[None], k[None], v[None],
+                            sinks, recent, 0.3)[0, start:]
+    ring = slice(max(sinks, start - recent), start) if start > sinks else slice(0, 0)
+    cached = CachedRows(start, k[sinks:start, :, :24], v[sinks:start, :, :8], k[: min(sinks, start)],
+                        v[: min(sinks, start)], k[ring], v[ring])
+    for attend in (sdpa_lse, dense_lse_ref):
+        got = tiered_chunk_attention(q[start:], k[start:], v[start:], dims, sinks, recent, 0.3, attend, cached)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_a_query_without_keys_in_a_segment_gets_no_weight_from_it():

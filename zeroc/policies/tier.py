@@ -15,10 +15,12 @@ the sinks and its last W keys, the compressed segment over the rest.
   decode kernel (`AttentionBackend.decode_partials`, which starts at key S and returns its LSEs unmerged),
   attends the S + W tier slots and the token itself at full rank, and merges the two by LSE: it reads the
   compressed cache once, at its width, as a plain decode step does.
-- A step with a longer chunk attends its decode tokens together and each chunk alone. A prompt with nothing
-  cached before it (`_attend_prompt`) needs no cache read: `fresh_tiered_attention` runs its compressed segment
-  as plain causal attention in the backend's flash kernel and its full-rank one as local attention. A chunk
-  after a cached prefix (`_attend_group`) takes one softmax over both segments in one masked SDPA call.
+- A step with a longer chunk attends its decode tokens together and each chunk alone. A chunk whose first
+  position the host knows (`PagedBatch.starts`: every prompt chunk the engine or the prefill worker schedules)
+  goes to `_attend_chunk`: `tiered_chunk_attention` runs its compressed segment as one or two plain attention
+  calls in the backend's flash kernel (`dense_partials`) and its full-rank one as local attention, over its own
+  rows and the cached rows it needs read in position order. Otherwise (`_attend_group`) one masked SDPA call
+  takes one softmax over both segments.
 Neither reads the device back to the host: every shape comes from the batch's host fields (`max_query_len`,
 `query_lens`) or is the tier's fixed S + W, and the device keeps its own copy of each sequence's borrowed
 block ids (`tier_ids`). So a decode step of a tiered model syncs once, for its sampled ids, and a CUDA
@@ -43,7 +45,7 @@ from zeroc.config import ModelConfig
 from zeroc.device import host_to_device
 from zeroc.kv_cache import PagedBatch, block_bytes
 from zeroc.policies.base import KVMethod, PolicyPools, ceil_div, token_bits, work_dtype
-from zeroc.tier import TierLayer, fresh_tiered_attention, tier_layers
+from zeroc.tier import CachedRows, TierLayer, tier_layers, tiered_chunk_attention
 
 if TYPE_CHECKING:
     from zeroc.kv_cache import BlockAllocator, LayerShape
@@ -159,7 +161,7 @@ def _groups(batch: PagedBatch, n: int) -> list[tuple[PagedBatch, Tensor]]:
         ends = host_to_device([0, *itertools.accumulate(lens[b] for b in seqs)], torch.long, device)
         out.append((PagedBatch(batch.positions[rows], batch.slot_mapping[rows], batch.block_tables[idx],
                                batch.seq_lens[idx], ends, ends[1:] - 1, max(lens[b] for b in seqs),
-                               from_zero=tuple(batch.from_zero[b] for b in seqs) if batch.from_zero else (),
+                               starts=tuple(batch.starts[b] for b in seqs) if batch.starts else (),
                                query_lens=tuple(lens[b] for b in seqs)), rows))
     return out
 
@@ -279,7 +281,8 @@ class TierPools(PolicyPools):
         else:
             out = q.new_empty(n, q.shape[1], t.v_dim + t.tier_v)
             for group, rows in self.once("groups", lambda: _groups(batch, n)):
-                attend = self._attend_prompt if group.fresh and len(group.from_zero) == 1 else self._attend_group
+                one = len(group.starts) == 1 and group.starts[0] is not None  # a chunk the host can place
+                attend = self._attend_chunk if one else self._attend_group
                 out[rows] = attend(layer, q[rows], k_new[rows], v_new[rows], group, scale)
         # Written after the attention: a chunk's later rows take ring slots its earlier queries still read.
         w = self.once("writes", lambda: self._writes(batch, n))
@@ -309,14 +312,45 @@ class TierPools(PolicyPools):
         seen = s.keys_ok & (s.keys_pos <= s.rows.pos) & self._in_tier(s.keys_pos, s.rows.pos)  # [B, S + W + 1]
         return (batch.seq_lens - self.recent).clamp(min=self.sinks), TierSlots(s.blocks, s.offsets, s.tier_ids, seen)
 
-    def _attend_prompt(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
-                       scale: float) -> Tensor:
-        """One sequence whose context is its new rows alone (a prompt with nothing cached): its keys are all
-        in k_new and v_new, so no cache read and no [T, 2T] mask. q: [T, heads, k_dim + tier_k];
-        k_new, v_new: [T, kv, *] -> [T, heads, v_dim + tier_v]. On an H100 the masked path below prefilled a tier
-        model at 11,750 tok/s against the plain one's 88,800 (docs/benchmarks.md)."""
-        return fresh_tiered_attention(q, k_new, v_new, self.policy.layers[layer], self.sinks, self.recent, scale,
-                                      self.backend.fresh_partials)
+    def _attend_chunk(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
+                      scale: float) -> Tensor:
+        """One sequence's chunk whose first position the host knows (`PagedBatch.starts`): `tiered_chunk_attention`
+        over its own rows and the cached rows it needs in position order (`_cached_rows`; none for a prompt with
+        nothing cached), no [chunk, context] mask. q: [m, heads, k_dim + tier_k]; k_new, v_new: [m, kv, *]
+        -> [m, heads, v_dim + tier_v]. On an H100 the masked path below prefilled a tier model at 11,750 tok/s
+        against the plain one's 88,800 (docs/benchmarks.md)."""
+        start = batch.starts[0]
+        cached = self._cached_rows(layer, batch, start) if start else None
+        return tiered_chunk_attention(q, k_new, v_new, self.policy.layers[layer], self.sinks, self.recent, scale,
+                                      self.backend.dense_partials, cached)
+
+    def _cached_rows(self, layer: int, batch: PagedBatch, start: int) -> CachedRows:
+        """What a chunk at position `start` reads of its one sequence's cache: the compressed rows of positions
+        [S, start) from its blocks, and the full-rank rows of its cached sinks and of the ring's positions
+        [max(S, start - W), start) (compressed dims from its blocks, tier dims from the blocks it borrowed)."""
+        t, pool = self.policy.layers[layer], self.pools[layer]
+        comp_at, held_at, slots, n_sinks = self.once(("chunk", id(batch)), lambda: self._chunk_index(batch, start))
+        comp = pool[comp_at]  # [start - S, kv, k_dim + v_dim]
+        ids = self.tier_ids[batch.block_tables[:1, 0]].expand(len(slots), -1)  # [P, most tier blocks]
+        key = ("chunk targets", id(batch), pool.shape[1:], t.tier_k + t.tier_v)  # per geometry, as in `attend`
+        where = self.once(key, lambda: self._tier_targets(layer, ids, slots, torch.ones_like(slots, dtype=torch.bool)))
+        tier = pool.view(pool.shape[0], -1)[where].view(len(slots), pool.shape[2], -1)  # [P, kv, tier_k + tier_v]
+        held = pool[held_at]  # [P, kv, k_dim + v_dim]: the sinks', then the ring's compressed dims
+        k_full = torch.cat([held[..., : t.k_dim], tier[..., : t.tier_k]], -1)
+        v_full = torch.cat([held[..., t.k_dim:], tier[..., t.tier_k:]], -1)
+        return CachedRows(start, comp[..., : t.k_dim], comp[..., t.k_dim:], k_full[:n_sinks], v_full[:n_sinks],
+                          k_full[n_sinks:], v_full[n_sinks:])
+
+    def _chunk_index(self, batch: PagedBatch, start: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor],
+                                                                   Tensor, int]:
+        """-> ((block, offset) of positions [S, start)), ((block, offset) of the held positions: the sinks, then the
+        ring's in position order), their tier slots [P], how many sinks: the same in every layer."""
+        device, bs, table = batch.block_tables.device, self.bs, batch.block_tables[0]
+        sinks, after = min(self.sinks, start), max(self.sinks, start)  # a chunk may start among the sinks
+        held = torch.cat([torch.arange(sinks, device=device),
+                          torch.arange(max(self.sinks, start - self.recent), after, device=device)])  # [P]
+        comp = torch.arange(self.sinks, after, device=device)  # [start - S], empty where start <= S
+        return ((table[comp // bs], comp % bs), (table[held // bs], held % bs), self._slot(held), sinks)
 
     def _attend_group(self, layer: int, q: Tensor, k_new: Tensor, v_new: Tensor, batch: PagedBatch,
                       scale: float) -> Tensor:

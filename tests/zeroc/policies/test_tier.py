@@ -121,22 +121,35 @@ def test_per_kv_head_ranks_with_a_tier_equal_the_dense_forward(tiered_of, backen
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("cached", [0, 3, 30])
 @pytest.mark.parametrize("sinks, recent", [(4, 16), (0, 8), (3, 0), (2, 200)])
-def test_a_prompt_with_nothing_cached_attends_as_the_masked_path_does(tiered_of, sinks, recent):
-    """`_attend_prompt` (flash over the compressed segment, local attention over the full-rank one, no cache
-    read) against `_attend_group` (one masked softmax over the cache and the tier rows) on the same prompt."""
+def test_a_chunk_the_host_can_place_attends_as_the_masked_path_does(tiered_of, sinks, recent, cached):
+    """`_attend_chunk` (flash over the compressed segments, local attention over the full-rank one, the cached rows
+    read in position order) against `_attend_group` (one masked softmax over the cache and the tier rows), on a
+    prompt with nothing cached and on chunks after 3 and 30 cached tokens."""
     model = tiered_of("fold", sinks, recent)
     cache, gen = _cache(model), torch.Generator().manual_seed(9)
-    batch = cache.schedule([("s0", 45)])
-    assert batch.fresh
     pools, t = cache.pools, cache.pools.policy.layers[0]
     heads, kv = model.config.num_attention_heads, cache.shapes[0].kv_heads
-    q = torch.randn(45, heads, t.k_dim + t.tier_k, generator=gen)
-    k = torch.randn(45, kv, t.k_dim + t.tier_k, generator=gen)
-    v = torch.randn(45, kv, t.v_dim + t.tier_v, generator=gen)
+
+    def rows(n: int):
+        return (torch.randn(n, heads, t.k_dim + t.tier_k, generator=gen),
+                torch.randn(n, kv, t.k_dim + t.tier_k, generator=gen),
+                torch.randn(n, kv, t.v_dim + t.tier_v, generator=gen))
+
+    if cached:
+        q, k, v = rows(cached)
+        pools.stage(0, k, v)
+        pools.attend(0, q, cache.schedule([("s0", cached)]), 0.3)
+    batch = cache.schedule([("s0", 45)])
+    assert batch.starts == (cached,) and batch.fresh == (cached == 0)
+    q, k, v = rows(45)
+    before = pools.pools[0].clone()
     pools.stage(0, k, v)
-    got = pools.attend(0, q, batch, 0.3)  # writes the compressed rows, then the fresh path
-    pools.begin_step(batch)
+    got = pools.attend(0, q, batch, 0.3)  # writes the compressed rows, `_attend_chunk`, then the tier rows
+    pools.pools[0].copy_(before)  # the cache as the chunk found it, its compressed rows written as `attend` does
+    flat = pools.pools[0].view(-1, *pools.pools[0].shape[2:])
+    flat[batch.slot_mapping] = torch.cat([k[..., : t.k_dim], v[..., : t.v_dim]], -1)
     masked = pools._attend_group(0, q, k, v, batch, 0.3)
     assert (got - masked).abs().max().item() < 1e-5
 
@@ -149,7 +162,7 @@ def test_a_prompt_joining_decode_rows_takes_the_fresh_path_and_equals_the_dense_
     dense = model(tokens)
     probe = _cache(model)
     probe.schedule([("s0", 30)])
-    assert probe.schedule([("s0", 1), ("s1", 50)]).from_zero == (False, True)
+    assert probe.schedule([("s0", 1), ("s1", 50)]).starts == (30, 0)
     got = _run(model, _cache(model), tokens, [[(0, 30)], [(0, 1), (1, 50)]] + [[(0, 1), (1, 1)]] * 4)
     for b in range(2):
         assert (got[b] - dense[b, : got[b].shape[0]]).abs().max().item() < 1e-4
