@@ -25,7 +25,7 @@ from zeroc.loader import load_model
 
 def decode_ms(loaded, compiled: bool, batch: int, steps: int, rng: random.Random) -> float:
     engine = Engine(loaded, CacheConfig(16, num_blocks=(batch + 1) * 40),
-                    SchedulerConfig(max_num_seqs=batch + 1, compile_layers=compiled))
+                    SchedulerConfig(max_num_seqs=batch + 1, compile_layers=compiled, async_scheduling=False))
     for _ in range(batch):
         engine.add_request([rng.randrange(4, 8192) for _ in range(256)],
                            SamplingParams(max_new_tokens=10_000, ignore_eos=True))
@@ -40,7 +40,8 @@ def decode_ms(loaded, compiled: bool, batch: int, steps: int, rng: random.Random
 
 
 def prompt_ms(loaded, compiled: bool, rng: random.Random) -> float:
-    engine = Engine(loaded, CacheConfig(16, num_blocks=64), SchedulerConfig(compile_layers=compiled))
+    engine = Engine(loaded, CacheConfig(16, num_blocks=64), SchedulerConfig(compile_layers=compiled,
+                                                                            async_scheduling=False))
     engine.add_request([rng.randrange(4, 8192) for _ in range(256)], SamplingParams(max_new_tokens=1))
     t = time.perf_counter()
     engine.step()

@@ -29,7 +29,7 @@ def prefill_s(loaded, tokens: list[int], fresh: bool) -> float:
     backend = loaded.model.backend
     backend.fresh_prefill_min_tokens = 1 if fresh else len(tokens) + 1
     engine = Engine(loaded, CacheConfig(16, -(-len(tokens) // 16) + 2),
-                    SchedulerConfig(max_num_batched_tokens=len(tokens)))
+                    SchedulerConfig(max_num_batched_tokens=len(tokens), async_scheduling=False))  # step() waits
     engine.add_request(tokens, SamplingParams(max_new_tokens=1))
     if next(loaded.model.parameters()).is_cuda:
         torch.cuda.synchronize()

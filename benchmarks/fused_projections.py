@@ -31,7 +31,8 @@ def _fused(model, on: bool, saved: list) -> None:
 
 def decode_ms(loaded: LoadedModel, batch: int, steps: int = 30) -> float:
     """Median decode step of `batch` requests of 128 random tokens."""
-    engine = Engine(loaded, CacheConfig(16, batch * 12 + 1), SchedulerConfig(max_num_seqs=batch))
+    engine = Engine(loaded, CacheConfig(16, batch * 12 + 1),
+                    SchedulerConfig(max_num_seqs=batch, async_scheduling=False))  # each step timed whole
     gen = torch.Generator().manual_seed(0)
     for _ in range(batch):
         engine.add_request(torch.randint(2, 500, (128,), generator=gen).tolist(),

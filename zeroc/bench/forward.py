@@ -74,7 +74,8 @@ def engine_decode_step_s(loaded: LoadedModel, cache: CacheConfig, prompts: list[
 
     total = sum(map(len, prompts))
     engine = Engine(loaded, cache, SchedulerConfig(max_num_seqs=max(64, len(prompts)),
-                                                   max_num_batched_tokens=max(4096, total)))
+                                                   max_num_batched_tokens=max(4096, total),
+                                                   async_scheduling=False))  # each step waits for its ids
     for p in prompts:
         engine.add_request(p, SamplingParams(max_new_tokens=steps + 2, ignore_eos=True))
     engine.step()  # prefill
