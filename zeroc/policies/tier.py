@@ -286,7 +286,8 @@ class TierPools(PolicyPools):
                 out[rows] = attend(layer, q[rows], k_new[rows], v_new[rows], group, scale)
         # Written after the attention: a chunk's later rows take ring slots its earlier queries still read.
         w = self.once("writes", lambda: self._writes(batch, n))
-        extra = torch.cat([k_new[w.rows, :, t.k_dim:], v_new[w.rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
+        rows = slice(None) if batch.max_query_len == 1 else w.rows  # a decode step's candidates: every row, in order
+        extra = torch.cat([k_new[rows, :, t.k_dim:], v_new[rows, :, t.v_dim:]], -1)  # [P, kv, tier_k + tier_v]
         # the targets depend on the layer's geometry only: layers of one geometry share them
         t_key = ("targets", self.pools[layer].shape[1:], t.tier_k + t.tier_v)
         self._write_tier(layer, self.once(t_key, lambda: self._tier_targets(layer, w.ids, w.slot, w.kept)), extra)
