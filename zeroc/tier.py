@@ -167,7 +167,7 @@ def _window_attention(q: Tensor, q_start: int, k_win: Tensor, v_win: Tensor, win
     sink_pos = torch.arange(k_sink.shape[0], device=device)
     k_pos = torch.cat([sink_pos.expand(n, -1), q_pos[:, :1] - (recent - 1) + window], 1)  # [n, K = S' + C + W - 1]
     is_sink = torch.arange(k_pos.shape[1], device=device) < k_sink.shape[0]  # [K]
-    seen = ((k_pos[:, None] <= q_pos[..., None])
+    seen = ((k_pos[:, None] <= q_pos[..., None])  # [n, C, K]: a window key must lie in k_win and past t - W
             & (is_sink | ((k_pos[:, None] >= max(sinks, win_start)) & (k_pos[:, None] > q_pos[..., None] - recent))))
     win = (k_pos - win_start).clamp(0, k_win.shape[0] - 1)  # [n, K] rows of the window keys (sink columns: unused)
     kb = torch.cat([k_sink.expand(n, *k_sink.shape), k_win[win[:, k_sink.shape[0]:]]], 1)  # [n, K, kv, d]
