@@ -321,7 +321,7 @@ class ZeroCConfig:
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 # Settings that are on, off, or None ("auto": decided where the value is used, e.g. by the device)
-_AUTO_BOOLS = {"scheduler_async_scheduling"}
+_AUTO_BOOLS = frozenset({"scheduler_async_scheduling"})
 
 _SECTIONS = {"cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
              "transfer": TransferConfig, "redis": RedisConfig, "store": KvStoreConfig,
