@@ -232,20 +232,14 @@ def _flash_with_lse(q: Tensor):
 def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = True) -> tuple[Tensor, Tensor]:
     """`AttentionBackend.dense_partials` by torch's fused flash kernels (public SDPA hides the LSE), with the
     reference where none serves the inputs. q, k and v are zero-padded to one width, a multiple of 8 up to 256
-    (FlashAttention-2's limit; wider goes to the reference), as public SDPA pads them for its kernels."""
-    dv = v.shape[-1]
-    op = _flash_with_lse(q)
-    width = -(-max(q.shape[-1], dv) // 8) * 8
+    (FlashAttention-2's limit; wider goes to the reference)."""
+    dv, op = v.shape[-1], _flash_with_lse(q)
     if causal and q.shape[0] != k.shape[0]:
         raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[0]} and {k.shape[0]}")
-    if op is None or width > 256:
+    if op is None or max(q.shape[-1], dv) > 256:
         return dense_lse_ref(q, k, v, scale, causal)
-
-    def heads_major(x: Tensor) -> Tensor:  # [T, h, d] -> [1, h, T, width]: zero columns add 0 to q.k, cut off v's
-        x = x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
-        return x.transpose(0, 1)[None].to(q.dtype)
-
-    out, lse = op(heads_major(q), heads_major(k), heads_major(v), 0.0, causal, scale=scale)[:2]
+    heads_major = (x.transpose(0, 1)[None].to(q.dtype) for x in one_width(q, k, v, 8))  # [1, h, T, width] each
+    out, lse = op(*heads_major, 0.0, causal, scale=scale)[:2]
     return out[0].transpose(0, 1)[..., :dv], lse[0].transpose(0, 1).float()  # [T, heads, dv], [T, heads]
 
 

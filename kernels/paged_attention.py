@@ -106,12 +106,13 @@ def scale_pools(k_scales: Tensor | None, v_scales: Tensor | None, q: Tensor
     return k_scales, v_scales, tuple(k_scales.stride())
 
 
-def one_width(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k ([..., dq]) and v ([..., dv]) zero-padded to one width for SDPA, whose fused kernels need it (the
-    CPU one falls back to a math path several times slower; ZeroC layers keep e.g. 48 q/k and 16 v dims).
+def one_width(q: Tensor, k: Tensor, v: Tensor, multiple: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k ([..., dq]) and v ([..., dv]) zero-padded to one width, a multiple of `multiple`, for SDPA, whose
+    fused kernels need it (the CPU one falls back to a math path several times slower; ZeroC layers keep e.g. 48
+    q/k and 16 v dims; torch's FlashAttention-2 op takes multiples of 8, which public SDPA pads to).
     Zero columns change nothing: they add 0 to q.k, and the caller cuts v's off the output ([..., :dv])."""
     dq, dv = q.shape[-1], v.shape[-1]
-    width = max(dq, dv)
+    width = -(-max(dq, dv) // multiple) * multiple
     if dq < width:
         q, k = F.pad(q, (0, width - dq)), F.pad(k, (0, width - dq))
     if dv < width:

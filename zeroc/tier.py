@@ -129,9 +129,9 @@ def tiered_chunk_attention(q: Tensor, k: Tensor, v: Tensor, dims: TierLayer, sin
     if first < start + m:
         k_c, v_c = _compressed(c, k, v, dims, sinks, max(start - recent, sinks), start + m - recent)
         parts.append((*attend(q[first - start:, :, : dims.k_dim], k_c, v_c, scale, True), first - start))
-    k_win, v_win = torch.cat([c.k_ring, k]), torch.cat([c.v_ring, v])  # positions [start - R, start + m)
-    k_sink = torch.cat([c.k_sink, k[: max(0, sinks - start)]])  # positions [0, min(S, start + m))
-    v_sink = torch.cat([c.v_sink, v[: max(0, sinks - start)]])
+    # positions [start - R, start + m) and [0, min(S, start + m)); a prompt with nothing cached uses its own rows
+    k_win, v_win = (k, v) if not start else (torch.cat([c.k_ring, k]), torch.cat([c.v_ring, v]))
+    k_sink, v_sink = (torch.cat([s, x[: max(0, sinks - start)]]) for s, x in ((c.k_sink, k), (c.v_sink, v)))
     out_f, lse_f = _window_attention(q, start, k_win, v_win, start - c.k_ring.shape[0], k_sink, v_sink, sinks,
                                      recent, scale)  # each query sees itself or a sink: lse finite
     outs = [out_f] + [q.new_zeros(m, heads, width, dtype=torch.float32) for _ in parts]  # compressed: no tier dims
@@ -147,8 +147,9 @@ def _compressed(c: CachedRows, k: Tensor, v: Tensor, dims: TierLayer, sinks: int
     start, clip = c.start, lambda x: max(x, 0)  # noqa: E731
     cached = slice(clip(lo - sinks), clip(min(hi, start) - sinks))
     own = slice(clip(lo - start), clip(hi - start))
-    return (torch.cat([c.k_comp[cached], k[own, :, : dims.k_dim]]),
-            torch.cat([c.v_comp[cached], v[own, :, : dims.v_dim]]))
+    parts = [(c.k_comp[cached], c.v_comp[cached]), (k[own, :, : dims.k_dim], v[own, :, : dims.v_dim])]
+    parts = [p for p in parts if p[0].shape[0]] or parts[:1]  # one part: a view, no copy (a prompt's own rows)
+    return tuple(x[0] if len(x) == 1 else torch.cat(x) for x in zip(*parts))
 
 
 def _window_attention(q: Tensor, q_start: int, k_win: Tensor, v_win: Tensor, win_start: int, k_sink: Tensor,
@@ -169,9 +170,9 @@ def _window_attention(q: Tensor, q_start: int, k_win: Tensor, v_win: Tensor, win
     is_sink = torch.arange(k_pos.shape[1], device=device) < k_sink.shape[0]  # [K]
     seen = ((k_pos[:, None] <= q_pos[..., None])  # [n, C, K]: a window key must lie in k_win and past t - W
             & (is_sink | ((k_pos[:, None] >= max(sinks, win_start)) & (k_pos[:, None] > q_pos[..., None] - recent))))
-    win = (k_pos - win_start).clamp(0, k_win.shape[0] - 1)  # [n, K] rows of the window keys (sink columns: unused)
-    kb = torch.cat([k_sink.expand(n, *k_sink.shape), k_win[win[:, k_sink.shape[0]:]]], 1)  # [n, K, kv, d]
-    vb = torch.cat([v_sink.expand(n, *v_sink.shape), v_win[win[:, k_sink.shape[0]:]]], 1)  # [n, K, kv, dv]
+    win = (k_pos[:, k_sink.shape[0]:] - win_start).clamp(0, k_win.shape[0] - 1)  # [n, C + W - 1] rows in k_win
+    kb = torch.cat([k_sink.expand(n, *k_sink.shape), k_win[win]], 1)  # [n, K, kv, d]
+    vb = torch.cat([v_sink.expand(n, *v_sink.shape), v_win[win]], 1)  # [n, K, kv, dv]
     qb = F.pad(q, (0, 0, 0, 0, 0, n * c - m)).view(n, c, kv, group, d).permute(0, 2, 3, 1, 4)  # [n, kv, g, C, d]
     scores = torch.matmul(qb.float().reshape(n, kv, group * c, d), kb.permute(0, 2, 3, 1).float())
     scores = scores.view(n, kv, group, c, -1).mul_(scale).masked_fill_(~seen[:, None, None], float("-inf"))

@@ -332,9 +332,10 @@ class TierPools(PolicyPools):
         t, pool = self.policy.layers[layer], self.pools[layer]
         comp_at, held_at, slots, n_sinks = self.once(("chunk", id(batch)), lambda: self._chunk_index(batch, start))
         comp = pool[comp_at]  # [start - S, kv, k_dim + v_dim]
-        ids = self.tier_ids[batch.block_tables[:1, 0]].expand(len(slots), -1)  # [P, most tier blocks]
         key = ("chunk targets", id(batch), pool.shape[1:], t.tier_k + t.tier_v)  # per geometry, as in `attend`
-        where = self.once(key, lambda: self._tier_targets(layer, ids, slots, torch.ones_like(slots, dtype=torch.bool)))
+        where = self.once(key, lambda: self._tier_targets(  # the sequence's borrowed blocks [P, most], all kept
+            layer, self.tier_ids[batch.block_tables[:1, 0]].expand(len(slots), -1), slots,
+            torch.ones_like(slots, dtype=torch.bool)))
         tier = pool.view(pool.shape[0], -1)[where].view(len(slots), pool.shape[2], -1)  # [P, kv, tier_k + tier_v]
         held = pool[held_at]  # [P, kv, k_dim + v_dim]: the sinks', then the ring's compressed dims
         k_full = torch.cat([held[..., : t.k_dim], tier[..., : t.tier_k]], -1)
