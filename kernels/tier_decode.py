@@ -8,8 +8,10 @@ dims lie in the blocks the sequence borrowed, laid end to end (slot j's row is e
 [j * kv * width, (j + 1) * kv * width), width = tier_k + tier_v). `tier_decode_ref` (the reference, and the
 torch and cpu backends' path) scores them where they lie and merges with the compressed partials in one
 softmax, some 25 PyTorch ops a layer; `tier_decode` is one Triton program per (sequence, KV head) that
-gathers the <= S + W + 1 rows in registers, scores the whole query group with `tl.dot` and merges in its
-epilogue.
+loads the S + W slots' compressed dims and tier dims as two tiles (each row's borrowed block looked up once,
+not per element), scores the whole query group with two `tl.dot`s and its own row as a vector, and merges
+in its epilogue. Compiled for sm_90 that is 4 int64 loads a thread where a per-element lookup made 258, and
+1,211 PTX lines against 2,777 (tests/support/sm90_compile.py).
 """
 
 from __future__ import annotations
@@ -103,66 +105,83 @@ def tier_decode_ref(
 if triton is not None:
 
     @triton.jit
+    def _tier_row(ids, start, d, PER_BLOCK: tl.constexpr, WIDTH: tl.constexpr, slot):
+        """Flat pool offsets [K, D] of dims d [1, D] of the tier rows starting at flat `start` [K] of the blocks
+        `ids` lists: each row's block is looked up once (twice where it straddles two blocks), not per element."""
+        first, within = start // PER_BLOCK, start % PER_BLOCK  # a constexpr divisor: a multiply and a shift
+        b0 = tl.load(ids + first, mask=slot, other=0).to(tl.int64)
+        b1 = tl.load(ids + first + 1, mask=slot & (within + WIDTH > PER_BLOCK), other=0).to(tl.int64)
+        at = within[:, None] + d
+        return tl.where(at < PER_BLOCK, b0[:, None] * PER_BLOCK + at, b1[:, None] * PER_BLOCK + (at - PER_BLOCK))
+
+    @triton.jit
     def _tier_decode_kernel(
         q_ptr, pool_ptr, blocks_ptr, offsets_ptr, ids_ptr, seen_ptr, k_own_ptr, v_own_ptr, parts_ptr, lses_ptr,
         out_ptr, qk_scale,
-        stride_qb, stride_qh, stride_pb, stride_ps, stride_ph, stride_bb, stride_ib, stride_eb,
+        stride_qb, stride_qh, stride_ps, stride_ph, stride_bb, stride_ib, stride_eb,
         stride_kb, stride_kh, stride_vb, stride_vh, stride_rb, stride_rh, stride_rp, stride_lb, stride_lh,
         stride_ob, stride_oh,
         HELD: tl.constexpr, K_PAD: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         KV: tl.constexpr, K_DIM: tl.constexpr, V_DIM: tl.constexpr, TIER_K: tl.constexpr, TIER_V: tl.constexpr,
-        DQ_PAD: tl.constexpr, DV_PAD: tl.constexpr, P: tl.constexpr, DOT_F32: tl.constexpr,
-        PRECISION: tl.constexpr,
+        KD_PAD: tl.constexpr, VD_PAD: tl.constexpr, TK_PAD: tl.constexpr, TV_PAD: tl.constexpr,
+        PER_BLOCK: tl.constexpr, P: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # Program (sequence, KV head): its query group against key rows j < HELD (tier slots) and j == HELD (its
-        # own row), each gathered from up to three places whose masks are disjoint, so the loads simply add.
+        # Program (sequence, KV head): its query group against its HELD tier slots, each a row of compressed dims
+        # (in the cache's blocks) beside a row of tier dims (in the borrowed blocks): two tiles, two dots, summed;
+        # then its own new row, a vector.
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         g = tl.arange(0, GROUP_PAD)
         heads = h * GROUP + g
         g_ok = g < GROUP
         j = tl.arange(0, K_PAD)
-        dq = tl.arange(0, DQ_PAD)[None, :]
-        dv = tl.arange(0, DV_PAD)[None, :]
-        seen = tl.load(seen_ptr + b * stride_eb + j, mask=j <= HELD, other=0) != 0  # [K]
-        slot = (j < HELD) & seen
-        own = (j == HELD) & seen
+        dk, dv = tl.arange(0, KD_PAD)[None, :], tl.arange(0, VD_PAD)[None, :]
+        tk, tv = tl.arange(0, TK_PAD)[None, :], tl.arange(0, TV_PAD)[None, :]
+        slot = tl.load(seen_ptr + b * stride_eb + j, mask=j < HELD, other=0) != 0  # [K]
+        own = tl.load(seen_ptr + b * stride_eb + HELD + tl.zeros([1], tl.int32)) != 0  # [1]
         blk = tl.load(blocks_ptr + b * stride_bb + j, mask=slot, other=0).to(tl.int64)
         off = tl.load(offsets_ptr + b * stride_bb + j, mask=slot, other=0).to(tl.int64)
-        comp = (blk * stride_pb + off * stride_ps + h * stride_ph)[:, None]  # [K, 1] a slot's compressed row
-        tier = (j * (KV * (TIER_K + TIER_V)) + h * (TIER_K + TIER_V)).to(tl.int64)[:, None]  # flat, in its blocks
+        comp = (blk * PER_BLOCK + off * stride_ps + h * stride_ph)[:, None]  # [K, 1] a slot's compressed row
+        start = j * (KV * (TIER_K + TIER_V)) + h * (TIER_K + TIER_V)  # [K] its tier row, flat in the borrowed blocks
         ids = ids_ptr + b * stride_ib
-        # keys [K, DQ]: compressed dims, then the tier's, then the own row
-        at = tier + dq - K_DIM
-        in_tier = slot[:, None] & (dq >= K_DIM) & (dq < K_DIM + TIER_K)
-        tier_blk = tl.load(ids + at // stride_pb, mask=in_tier, other=0).to(tl.int64)
-        k = tl.load(pool_ptr + comp + dq, mask=slot[:, None] & (dq < K_DIM), other=0.0)
-        k += tl.load(pool_ptr + tier_blk * stride_pb + at % stride_pb, mask=in_tier, other=0.0)
-        k += tl.load(k_own_ptr + b * stride_kb + h * stride_kh + dq, mask=own[:, None] & (dq < K_DIM + TIER_K),
-                     other=0.0).to(k.dtype)
-        # values [K, DV] likewise
-        at = tier + TIER_K + dv - V_DIM
-        in_tier = slot[:, None] & (dv >= V_DIM) & (dv < V_DIM + TIER_V)
-        tier_blk = tl.load(ids + at // stride_pb, mask=in_tier, other=0).to(tl.int64)
-        v = tl.load(pool_ptr + comp + K_DIM + dv, mask=slot[:, None] & (dv < V_DIM), other=0.0)
-        v += tl.load(pool_ptr + tier_blk * stride_pb + at % stride_pb, mask=in_tier, other=0.0)
-        v += tl.load(v_own_ptr + b * stride_vb + h * stride_vh + dv, mask=own[:, None] & (dv < V_DIM + TIER_V),
-                     other=0.0).to(v.dtype)
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dq,
-                    mask=g_ok[:, None] & (dq < K_DIM + TIER_K), other=0.0)  # [G, DQ]
+        row = slot[:, None]
+        kc = tl.load(pool_ptr + comp + dk, mask=row & (dk < K_DIM), other=0.0)  # [K, KD]
+        kt = tl.load(pool_ptr + _tier_row(ids, start, tk, PER_BLOCK, TIER_K + TIER_V, slot), mask=row & (tk < TIER_K),
+                     other=0.0)  # [K, TK]
+        q_at = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        qc = tl.load(q_at + dk, mask=g_ok[:, None] & (dk < K_DIM), other=0.0)  # [G, KD]
+        qt = tl.load(q_at + K_DIM + tk, mask=g_ok[:, None] & (tk < TIER_K), other=0.0)  # [G, TK]
         if DOT_F32:  # the interpreter computes half-precision dots wrongly (see paged_decode)
-            q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32, input_precision=PRECISION)  # [G, K]
-        s = tl.where(seen[None, :], s * qk_scale, float("-inf"))  # log2 units
-        m = tl.max(s, axis=1)
+            qc, qt, kc, kt = qc.to(tl.float32), qt.to(tl.float32), kc.to(tl.float32), kt.to(tl.float32)
+        s = tl.dot(qc, tl.trans(kc), out_dtype=tl.float32, input_precision=PRECISION)
+        s = tl.dot(qt, tl.trans(kt), acc=s, input_precision=PRECISION)  # [G, K]
+        k_own = k_own_ptr + b * stride_kb + h * stride_kh
+        own_c = tl.load(k_own + dk, mask=(dk < K_DIM) & own[None, :], other=0.0).to(tl.float32)  # [1, KD]
+        own_t = tl.load(k_own + K_DIM + tk, mask=(tk < TIER_K) & own[None, :], other=0.0).to(tl.float32)  # [1, TK]
+        s_own = tl.sum(qc.to(tl.float32) * own_c, 1) + tl.sum(qt.to(tl.float32) * own_t, 1)  # [G]
+        s = tl.where(slot[None, :], s * qk_scale, float("-inf"))  # log2 units
+        s_own = tl.where(own, s_own * qk_scale, float("-inf"))
+        m = tl.maximum(tl.max(s, axis=1), s_own)
         m = tl.where(m == float("-inf"), 0.0, m)  # no key seen: every p is 0
         p = tl.exp2(s - m[:, None])
-        l_f = tl.sum(p, axis=1)
-        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), out_dtype=tl.float32, input_precision=PRECISION)  # [G, DV]
+        p_own = tl.exp2(s_own - m)  # [G]
+        l_f = tl.sum(p, axis=1) + p_own
+        vc = tl.load(pool_ptr + comp + K_DIM + dv, mask=row & (dv < V_DIM), other=0.0)  # [K, VD]
+        vt = tl.load(pool_ptr + _tier_row(ids, start, TIER_K + tv, PER_BLOCK, TIER_K + TIER_V, slot),
+                     mask=row & (tv < TIER_V), other=0.0)  # [K, TV]
+        if DOT_F32:
+            vc, vt = vc.to(tl.float32), vt.to(tl.float32)
+        v_own = v_own_ptr + b * stride_vb + h * stride_vh
+        acc_c = tl.dot(p.to(vc.dtype), vc, out_dtype=tl.float32, input_precision=PRECISION)  # [G, VD]
+        own_c = tl.load(v_own + dv, mask=(dv < V_DIM) & own[None, :], other=0.0).to(tl.float32)  # [1, VD]
+        own_t = tl.load(v_own + V_DIM + tv, mask=(tv < TIER_V) & own[None, :], other=0.0).to(tl.float32)  # [1, TV]
+        acc_c += p_own[:, None] * own_c
+        acc_t = tl.dot(p.to(vt.dtype), vt, out_dtype=tl.float32, input_precision=PRECISION)  # [G, TV]
+        acc_t += p_own[:, None] * own_t
         # natural log: a kernel sees no module global but a constexpr, so not LOG2E
         lse_f = tl.where(l_f > 0.0, (m + tl.log2(tl.where(l_f > 0.0, l_f, 1.0))) / 1.4426950408889634,
                          float("-inf"))
-        # the merge with the compressed partials, by natural-log LSE
+        # the merge with the compressed partials, by natural-log LSE; they have no tier dims
         parts = parts_ptr + b * stride_rb + heads[:, None] * stride_rh + dv
         lses = lses_ptr + b * stride_lb + heads * stride_lh
         top = lse_f
@@ -171,15 +190,18 @@ if triton is not None:
         top = tl.where(top == float("-inf"), 0.0, top)
         w = tl.exp(lse_f - top)  # the full-rank segment's weight, 0 where it saw nothing
         total = w
-        out = acc * (w / tl.where(l_f > 0.0, l_f, 1.0))[:, None]
+        w = w / tl.where(l_f > 0.0, l_f, 1.0)
+        acc_c = acc_c * w[:, None]
         for i in tl.static_range(P):
             w_i = tl.exp(tl.load(lses + i, mask=g_ok, other=float("-inf")) - top)
             part = tl.load(parts + i * stride_rp, mask=g_ok[:, None] & (dv < V_DIM), other=0.0).to(tl.float32)
-            out += w_i[:, None] * part
+            acc_c += w_i[:, None] * part
             total += w_i
-        out = out / tl.where(total > 0.0, total, 1.0)[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dv, out.to(out_ptr.dtype.element_ty),
-                 mask=g_ok[:, None] & (dv < V_DIM + TIER_V))
+        total = tl.where(total > 0.0, total, 1.0)[:, None]
+        out = out_ptr + b * stride_ob + heads[:, None] * stride_oh
+        tl.store(out + dv, (acc_c / total).to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (dv < V_DIM))
+        tl.store(out + V_DIM + tv, (acc_t * w[:, None] / total).to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & (tv < TIER_V))
 
 
 def tier_decode(q: Tensor, pool: Tensor, k_dim: int, slots: TierSlots, k_own: Tensor, v_own: Tensor,
@@ -198,16 +220,15 @@ def tier_decode(q: Tensor, pool: Tensor, k_dim: int, slots: TierSlots, k_own: Te
         raise ValueError("tier decode: the slots' blocks and offsets need one shape")
     ids, seen = slots.tier_ids.contiguous(), slots.seen.contiguous().view(torch.uint8)
     out = torch.empty(b, heads, v_dim + tier_v, dtype=q.dtype, device=q.device)
-    group = heads // kv
+    group, pad = heads // kv, lambda n: max(16, triton.next_power_of_2(n))
     _tier_decode_kernel[(b, kv)](
         q, pool, blocks, offsets, ids, seen, k_own, v_own, parts, lses, out, scale * LOG2E,
-        q.stride(0), q.stride(1), pool.stride(0), pool.stride(1), pool.stride(2), blocks.stride(0), ids.stride(0),
+        q.stride(0), q.stride(1), pool.stride(1), pool.stride(2), blocks.stride(0), ids.stride(0),
         seen.stride(0), k_own.stride(0), k_own.stride(1), v_own.stride(0), v_own.stride(1),
         parts.stride(0), parts.stride(1), parts.stride(2), lses.stride(0), lses.stride(1), out.stride(0), out.stride(1),
-        HELD=held, K_PAD=max(16, triton.next_power_of_2(held + 1)), GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)), KV=kv, K_DIM=k_dim, V_DIM=v_dim, TIER_K=tier_k,
-        TIER_V=tier_v, DQ_PAD=max(16, triton.next_power_of_2(dq)),
-        DV_PAD=max(16, triton.next_power_of_2(v_dim + tier_v)),
-        P=parts.shape[2], DOT_F32=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HELD=held, K_PAD=pad(held), GROUP=group, GROUP_PAD=pad(group), KV=kv, K_DIM=k_dim, V_DIM=v_dim,
+        TIER_K=tier_k, TIER_V=tier_v, KD_PAD=pad(k_dim), VD_PAD=pad(v_dim), TK_PAD=pad(tier_k), TV_PAD=pad(tier_v),
+        PER_BLOCK=pool.stride(0), P=parts.shape[2], DOT_F32=interpreting(),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out

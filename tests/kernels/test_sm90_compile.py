@@ -78,6 +78,9 @@ def test_the_token_tier_and_rope_kernels_compile_for_sm90():
     rows = {row["kernel"]: row for row in _compile_rows("tier")}
     assert rows.keys() == {"tier_decode", "rope"}
     assert rows["tier_decode"]["tensor_core"] > 0 and rows["tier_decode"]["shared"] <= HOPPER_SHARED_BYTES
+    # Block ids (int64) are read once per row: a slot's cache block, its offset, the borrowed block(s) of its tier
+    # row. Looked up per element, as the kernel first did, each thread made 258 such loads.
+    assert rows["tier_decode"]["b64_loads"] <= 8, rows["tier_decode"]
     assert all(row["b16_loads"] == 0 for row in rows.values()), rows
 
 

@@ -39,6 +39,7 @@ def compile_config(fn, pointers: dict, constants: dict, config, unaligned: tuple
             "cp_async_8": len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x8", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"),
             "v4_loads": ptx.count("ld.global.v4"), "b16_loads": ptx.count("ld.global.b16"),
+            "b64_loads": ptx.count("ld.global.b64"),
             "tensor_core": ptx.count("mma")}
 
 
@@ -86,7 +87,8 @@ def _tier(llama: dict) -> None:
             "seen_ptr": "*u8", "k_own_ptr": "*bf16", "v_own_ptr": "*bf16", "parts_ptr": "*fp32", "lses_ptr": "*fp32",
             "out_ptr": "*bf16"}
     constants = dict(HELD=68, K_PAD=128, GROUP=4, GROUP_PAD=16, KV=8, K_DIM=64, V_DIM=64, TIER_K=64, TIER_V=64,
-                     DQ_PAD=128, DV_PAD=128, P=2, DOT_F32=False, PRECISION=llama["PRECISION"])
+                     KD_PAD=64, VD_PAD=64, TK_PAD=64, TV_PAD=64, PER_BLOCK=16 * 8 * 128, P=2, DOT_F32=False,
+                     PRECISION=llama["PRECISION"])
     row = compile_config(tier_decode._tier_decode_kernel, ptrs, constants,
                          triton.Config({}, num_warps=4, num_stages=1),
                          unaligned=("stride_bb", "stride_ib", "stride_eb", "stride_lh", "stride_rh"))
@@ -115,7 +117,8 @@ def _others(llama: dict) -> None:
                                               "lse_ptr": "*fp32"}, dict(S=2, S_PAD=2, DV=128, DV_PAD=128),
          ("stride_ps", "stride_lh", "stride_lb")),
         ("quantize", kv_quant._quantize_kernel, {"x_ptr": "*bf16", "slots_ptr": "*i64", "q_ptr": "*i8",
-                                                 "s_ptr": "*fp32"}, dict(D=128, D_PAD=128, H=8, BS=16, BLOCK_R=kv_quant.BLOCK_ROWS),
+                                                 "s_ptr": "*fp32"},
+         dict(D=128, D_PAD=128, H=8, BS=16, BLOCK_R=kv_quant.BLOCK_ROWS),
          ("stride_sh", "n")),
         ("dequantize", kv_quant._dequantize_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "slots_ptr": "*i64",
                                                      "out_ptr": "*bf16"},
