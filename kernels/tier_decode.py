@@ -10,8 +10,9 @@ torch and cpu backends' path) scores them where they lie and merges with the com
 softmax, some 25 PyTorch ops a layer; `tier_decode` is one Triton program per (sequence, KV head) that
 loads the S + W slots' compressed dims and tier dims as two tiles (each row's borrowed block looked up once,
 not per element), scores the whole query group with two `tl.dot`s and its own row as a vector, and merges
-in its epilogue. Compiled for sm_90 that is 4 int64 loads a thread where a per-element lookup made 258, and
-1,211 PTX lines against 2,777 (tests/support/sm90_compile.py).
+in its epilogue. Compiled for sm_90 (tests/support/sm90_compile.py) that is 4 int64 loads a thread where a
+per-element lookup made 258, 1,211 PTX lines against 2,777, and 146 registers with no spill against 255 and
+504 spilled bytes.
 """
 
 from __future__ import annotations

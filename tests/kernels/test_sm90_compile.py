@@ -79,8 +79,10 @@ def test_the_token_tier_and_rope_kernels_compile_for_sm90():
     assert rows.keys() == {"tier_decode", "rope"}
     assert rows["tier_decode"]["tensor_core"] > 0 and rows["tier_decode"]["shared"] <= HOPPER_SHARED_BYTES
     # Block ids (int64) are read once per row: a slot's cache block, its offset, the borrowed block(s) of its tier
-    # row. Looked up per element, as the kernel first did, each thread made 258 such loads.
+    # row. Looked up per element, as the kernel first did, each thread made 258 such loads and spilled 504 bytes.
     assert rows["tier_decode"]["b64_loads"] <= 8, rows["tier_decode"]
+    if "spilled" in rows["tier_decode"]:  # cuobjdump ships in Triton's wheel
+        assert rows["tier_decode"]["spilled"] == 0, rows["tier_decode"]
     assert all(row["b16_loads"] == 0 for row in rows.values()), rows
 
 

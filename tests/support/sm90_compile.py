@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -35,12 +38,26 @@ def compile_config(fn, pointers: dict, constants: dict, config, unaligned: tuple
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     ptx = kernel.asm["ptx"]
-    return {"config": config_id(config), "shared": kernel.metadata.shared, "cp_async": ptx.count("cp.async.cg"),
+    return {"config": config_id(config), "shared": kernel.metadata.shared, **_resources(kernel.asm["cubin"]), "cp_async": ptx.count("cp.async.cg"),
             "cp_async_8": len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x8", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"),
             "v4_loads": ptx.count("ld.global.v4"), "b16_loads": ptx.count("ld.global.b16"),
             "b64_loads": ptx.count("ld.global.b64"),
             "tensor_core": ptx.count("mma")}
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers per thread and spilled bytes (STACK: local memory a thread uses) of a compiled kernel, as
+    cuobjdump reports them; empty where Triton's wheel has no cuobjdump."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        report = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    return {"registers": int(found[1]), "spilled": int(found[2])} if found else {}
 
 
 def main(kinds: list[str]) -> None:
