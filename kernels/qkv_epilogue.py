@@ -147,25 +147,30 @@ if triton is not None:
         tl.store(vpool_ptr + (slot * KV + g) * RV + j, v.to(vpool_ptr.dtype.element_ty), mask=vm)
 
     @triton.jit
-    def _rope_project_tile(x_ptr, rows, ok, pos, freq_ptr, basis_ptr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                           R: tl.constexpr, R_PAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-        # x rows [T, 2 * HALF] at element offsets `rows`: RoPE on every pair, rounded to x's dtype (as the
-        # reference's RoPE output is), then @ basis ([2 * HALF, R], row-major) on the tensor cores -> [T, R_PAD]
+    def _basis_halves(basis_ptr, HALF: tl.constexpr, HALF_PAD: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                      DOT_F32: tl.constexpr):
+        # a [2 * HALF, R] row-major basis as its top and bottom halves [HALF_PAD, R_PAD], zero-padded
+        i = tl.arange(0, HALF_PAD)[:, None]
+        j = tl.arange(0, R_PAD)[None, :]
+        bm = (i < HALF) & (j < R)
+        top = tl.load(basis_ptr + i * R + j, mask=bm, other=0.0)
+        bottom = tl.load(basis_ptr + (HALF + i) * R + j, mask=bm, other=0.0)
+        if DOT_F32:
+            top, bottom = top.to(tl.float32), bottom.to(tl.float32)
+        return top, bottom
+
+    @triton.jit
+    def _rope_project_tile(x_ptr, rows, m, c, s, top, bottom, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                           PRECISION: tl.constexpr):
+        # x rows [T, 2 * HALF] at element offsets `rows` (m: the [T, HALF_PAD] mask): RoPE by the tile's c, s on
+        # every pair, rounded to x's dtype (as the reference's RoPE output is), then @ [top; bottom] on the
+        # tensor cores -> [T, R_PAD]
         i = tl.arange(0, HALF_PAD)
-        j = tl.arange(0, R_PAD)
-        m = ok[:, None] & (i[None, :] < HALF)
         lo = tl.load(x_ptr + rows[:, None] + i[None, :], mask=m, other=0.0)
         hi = tl.load(x_ptr + rows[:, None] + HALF + i[None, :], mask=m, other=0.0)
-        angle = pos[:, None] * tl.load(freq_ptr + i, mask=i < HALF, other=0.0)[None, :]
-        c, s = tl.cos(angle), tl.sin(angle)
         lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
         rot_lo = (lo_f * c - hi_f * s).to(lo.dtype)
         rot_hi = (hi_f * c + lo_f * s).to(lo.dtype)
-        bm = (i[:, None] < HALF) & (j[None, :] < R)
-        top = tl.load(basis_ptr + i[:, None] * R + j[None, :], mask=bm, other=0.0)  # [HALF, R]
-        bottom = tl.load(basis_ptr + (HALF + i[:, None]) * R + j[None, :], mask=bm, other=0.0)
-        if DOT_F32:
-            top, bottom = top.to(tl.float32), bottom.to(tl.float32)
         out = tl.dot(rot_lo.to(top.dtype), top, out_dtype=tl.float32, input_precision=PRECISION)
         return tl.dot(rot_hi.to(top.dtype), bottom, acc=out, out_dtype=tl.float32, input_precision=PRECISION)
 
@@ -177,23 +182,29 @@ if triton is not None:
         R: tl.constexpr, R_PAD: tl.constexpr, RV: tl.constexpr, RV_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One program per (tile of BLOCK_T tokens, KV head g): each basis is loaded once per tile and
-        # every query head of the group goes through it as a [BLOCK_T, d] x [d, r] dot; then K and V.
+        # One program per (tile of BLOCK_T tokens, KV head g): the tile's cos/sin and each basis are computed or
+        # loaded once and serve every query head of the group ([BLOCK_T, d] x [d, r] dots), then K; then V.
         g = tl.program_id(1)
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = t < n
         t64 = t.to(tl.int64)
-        pos = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.float32)
+        i = tl.arange(0, HALF_PAD)
         j = tl.arange(0, R_PAD)
+        m = ok[:, None] & (i[None, :] < HALF)
+        angle = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.float32)[:, None] * tl.load(
+            freq_ptr + i, mask=i < HALF, other=0.0)[None, :]
+        c, s = tl.cos(angle), tl.sin(angle)
         basis = g * 2 * HALF * R
+        top, bottom = _basis_halves(qb_ptr + basis, HALF, HALF_PAD, R, R_PAD, DOT_F32)
         for h in range(g * (HEADS // KV), (g + 1) * (HEADS // KV)):
-            out = _rope_project_tile(q_ptr, t64 * stride_qn + h * stride_qh, ok, pos, freq_ptr, qb_ptr + basis,
-                                     HALF, HALF_PAD, R, R_PAD, DOT_F32, PRECISION)
+            out = _rope_project_tile(q_ptr, t64 * stride_qn + h * stride_qh, m, c, s, top, bottom, HALF, HALF_PAD,
+                                     PRECISION)
             tl.store(qout_ptr + (t64 * HEADS + h)[:, None] * R + j[None, :], out.to(qout_ptr.dtype.element_ty),
                      mask=ok[:, None] & (j[None, :] < R))
         slot = tl.load(slots_ptr + t, mask=ok, other=0).to(tl.int64)
-        kout = _rope_project_tile(k_ptr, t64 * stride_kn + g * stride_kh, ok, pos, freq_ptr, kb_ptr + basis,
-                                  HALF, HALF_PAD, R, R_PAD, DOT_F32, PRECISION)
+        top, bottom = _basis_halves(kb_ptr + basis, HALF, HALF_PAD, R, R_PAD, DOT_F32)
+        kout = _rope_project_tile(k_ptr, t64 * stride_kn + g * stride_kh, m, c, s, top, bottom, HALF, HALF_PAD,
+                                  PRECISION)
         tl.store(kpool_ptr + (slot * KV + g)[:, None] * R + j[None, :], kout.to(kpool_ptr.dtype.element_ty),
                  mask=ok[:, None] & (j[None, :] < R))
         jv = tl.arange(0, RV_PAD)

@@ -47,8 +47,9 @@ def compile_config(fn, pointers: dict, constants: dict, config, unaligned: tuple
 
 
 def _resources(cubin: bytes) -> dict:
-    """Registers per thread and spilled bytes (STACK: local memory a thread uses) of a compiled kernel, as
-    cuobjdump reports them; empty where Triton's wheel has no cuobjdump."""
+    """Registers per thread and stack bytes (local memory a thread uses: spilled registers, or an array the
+    compiler could not keep in registers, such as the slow path of libdevice's sin and cos) of a compiled
+    kernel, as cuobjdump reports them; empty where Triton's wheel has no cuobjdump."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
         return {}
@@ -57,7 +58,7 @@ def _resources(cubin: bytes) -> dict:
         path.write_bytes(cubin)
         report = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", report)
-    return {"registers": int(found[1]), "spilled": int(found[2])} if found else {}
+    return {"registers": int(found[1]), "stack": int(found[2])} if found else {}
 
 
 def main(kinds: list[str]) -> None:
