@@ -17,6 +17,8 @@ and applies them in some thirteen kernels per q, k pair.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -61,7 +63,6 @@ def qkv_epilogue_ref(
     v_pool: Tensor,  # [num_blocks, block_size, kv_heads, rv], written in place
 ) -> Tensor:
     """-> q after RoPE [N, heads, r]; K (after RoPE) and V land in their cache slots."""
-    group = q.shape[1] // k.shape[1]
     k_pool.view(-1, *k_pool.shape[2:])[slot_mapping] = rope_ref(k, positions, inv_freq).to(k_pool.dtype)
     v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
     return rope_ref(q, positions, inv_freq)
@@ -105,18 +106,21 @@ if triton is not None:
         tl.store(dst + HALF, hi.to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(x_ptr, pos_ptr, freq_ptr, out_ptr, n, heads_per_row, stride_xn, stride_xh, stride_f,
-                     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
-        # Program: BLOCK_N tokens of one head; out is contiguous [n, heads, 2 * HALF].
+    def _rope_kernel(x_ptr, pos_ptr, freq_ptr, out_ptr, n, heads, heads_per_row, stride_xn, stride_xh, stride_f,
+                     HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HEADS_PER_PROGRAM: tl.constexpr):
+        # Program: BLOCK_N tokens of HEADS_PER_PROGRAM heads that share a frequency row, cos and sin once for all
+        # of them; out is contiguous [n, heads, 2 * HALF].
         t = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        h = tl.program_id(1)
+        first = tl.program_id(1) * HEADS_PER_PROGRAM
         i = tl.arange(0, HALF_PAD)
         ok = (t[:, None] < n) & (i[None, :] < HALF)
         angle = tl.load(pos_ptr + t, mask=t < n, other=0).to(tl.float32)[:, None] * tl.load(
-            freq_ptr + (h // heads_per_row) * stride_f + i, mask=i < HALF, other=0.0)[None, :]  # [N, HALF]
-        lo, hi = _rope_tile(x_ptr + t[:, None] * stride_xn + h * stride_xh + i[None, :], tl.cos(angle),
-                            tl.sin(angle), ok, HALF)
-        _store_halves(out_ptr + (t[:, None] * tl.num_programs(1) + h) * (2 * HALF) + i[None, :], lo, hi, ok, HALF)
+            freq_ptr + (first // heads_per_row) * stride_f + i, mask=i < HALF, other=0.0)[None, :]  # [N, HALF]
+        c, s = tl.cos(angle), tl.sin(angle)
+        for h in tl.static_range(HEADS_PER_PROGRAM):
+            lo, hi = _rope_tile(x_ptr + t[:, None] * stride_xn + (first + h) * stride_xh + i[None, :], c, s, ok, HALF)
+            _store_halves(out_ptr + (t[:, None] * heads + first + h) * (2 * HALF) + i[None, :], lo, hi, ok, HALF)
 
     @triton.jit
     def _qkv_epilogue_kernel(
@@ -273,6 +277,9 @@ def qkv_rotate_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_
     return out
 
 
+ROPE_HEADS_PER_PROGRAM = 4
+
+
 def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     """Triton version of `rope_ref` (same arguments; x's last dim dense or copied so) -> a new [*P, heads, r]."""
     if triton is None:
@@ -287,8 +294,11 @@ def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     if n and r:
         block_n = 64 if interpreting() else 16  # the interpreter pays per program
         freqs = _freq_rows(inv_freq)  # a per-head run's frequencies: a row slice of its layer's
-        _rope_kernel[(triton.cdiv(n, block_n), heads)](
-            x3, positions.reshape(-1).contiguous(), freqs, out, n,
-            heads // inv_freq.shape[0], x3.stride(0), x3.stride(1), freqs.stride(0),
-            HALF=r // 2, HALF_PAD=max(2, triton.next_power_of_2(r // 2)), BLOCK_N=block_n)
+        per_row = heads // inv_freq.shape[0]
+        # heads that share a frequency row share cos and sin: up to 4 a program (parallel enough for a decode step)
+        per_program = math.gcd(per_row, ROPE_HEADS_PER_PROGRAM)
+        _rope_kernel[(triton.cdiv(n, block_n), heads // per_program)](
+            x3, positions.reshape(-1).contiguous(), freqs, out, n, heads, per_row, x3.stride(0), x3.stride(1),
+            freqs.stride(0), HALF=r // 2, HALF_PAD=max(2, triton.next_power_of_2(r // 2)), BLOCK_N=block_n,
+            HEADS_PER_PROGRAM=per_program)
     return out.view(x.shape)

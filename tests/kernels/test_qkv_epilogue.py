@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from zeroc_kernels.qkv_epilogue import (qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue, qkv_rotate_epilogue_ref,
@@ -102,14 +102,16 @@ def test_rotate_reference_equals_the_models_rope_then_bases():
     torch.testing.assert_close(v_pool.view(-1, 2, 16)[slots], v)
 
 
-@settings(max_examples=12, deadline=None)
-@given(lead=st.sampled_from([(5,), (2, 7), (0,)]), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
+@settings(max_examples=16, deadline=None)
+@given(lead=st.sampled_from([(5,), (2, 7), (0,)]), kv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4]),
        r=st.sampled_from([2, 16, 40]), per_head=st.booleans(), sliced=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+@example(lead=(2, 7), kv=2, group=4, r=16, per_head=False, sliced=True, dtype=torch.float32, seed=0)  # 4 a program
 def test_rope_kernel_matches_its_reference_and_the_models_tables(lead, kv, group, r, per_head, sliced, dtype, seed):
     """RoPE alone (`rope`, the triton backend's for layers the epilogues do not serve): any leading dims, one
-    frequency row or one per KV head (query heads share their group's), x a column slice of a wider output
-    (a fused projection's); against `rope_ref`, and that against the model's eager tables (zeroc.rope)."""
+    frequency row or one per KV head (query heads share their group's; a program takes up to 4 heads of one
+    row), x a column slice of a wider output (a fused projection's); against `rope_ref`, and that against the
+    model's eager tables (zeroc.rope)."""
     gen = torch.Generator().manual_seed(seed)
     heads = kv * group
     wide = torch.randn(*lead, heads * r + (24 if sliced else 0), generator=gen).to(dtype)

@@ -38,7 +38,8 @@ def compile_config(fn, pointers: dict, constants: dict, config, unaligned: tuple
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     ptx = kernel.asm["ptx"]
-    return {"config": config_id(config), "shared": kernel.metadata.shared, **_resources(kernel.asm["cubin"]), "cp_async": ptx.count("cp.async.cg"),
+    return {"config": config_id(config), "shared": kernel.metadata.shared, **_resources(kernel.asm["cubin"]),
+            "cp_async": ptx.count("cp.async.cg"),
             "cp_async_8": len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x8", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"),
             "v4_loads": ptx.count("ld.global.v4"), "b16_loads": ptx.count("ld.global.b16"),
@@ -100,7 +101,7 @@ def main(kinds: list[str]) -> None:
 
 def _tier(llama: dict) -> None:
     """A token tier's decode segment (4 sinks + 64 recent, fold rank 64 of 128, partials in fp32 from a split
-    decode) and RoPE alone (query heads of a fold layer's run, 16 tokens a program), at Llama-3-8B widths."""
+    decode) and RoPE alone (query heads of a fold layer's run, 16 tokens x 4 heads a program), at Llama-3-8B widths."""
     ptrs = {"q_ptr": "*bf16", "pool_ptr": "*bf16", "blocks_ptr": "*i64", "offsets_ptr": "*i64", "ids_ptr": "*i64",
             "seen_ptr": "*u8", "k_own_ptr": "*bf16", "v_own_ptr": "*bf16", "parts_ptr": "*fp32", "lses_ptr": "*fp32",
             "out_ptr": "*bf16"}
@@ -113,8 +114,8 @@ def _tier(llama: dict) -> None:
     print(json.dumps({"kernel": "tier_decode", **row}), flush=True)
     row = compile_config(qkv_epilogue._rope_kernel, {"x_ptr": "*bf16", "pos_ptr": "*i64", "freq_ptr": "*fp32",
                                                      "out_ptr": "*bf16"},
-                         dict(HALF=32, HALF_PAD=32, BLOCK_N=16), triton.Config({}, num_warps=4, num_stages=1),
-                         unaligned=("n", "heads_per_row"))
+                         dict(HALF=32, HALF_PAD=32, BLOCK_N=16, HEADS_PER_PROGRAM=4),
+                         triton.Config({}, num_warps=4, num_stages=1), unaligned=("n", "heads", "heads_per_row"))
     print(json.dumps({"kernel": "rope", **row}), flush=True)
 
 
