@@ -131,7 +131,8 @@ def _contiguous(k_cache, tables, batch: int, ctx: int):
 
 
 def _decode_case(run: Run, name: str, dim_k: int, dim_v: int, int8: bool = False, token_major: bool = False,
-                 pv_transposed: bool = False) -> None:
+                 **form) -> None:
+    """form: `paged_decode_attention`'s experiment switches (pv_transposed, v_words)."""
     s = run.s
     b, ctx, kv, heads = s["decode_batch"], s["decode_ctx"], s["kv_heads"], s["heads"]
     k, v, tables, lens = paged_kv(b, ctx, kv, dim_k, dim_v, s["block_size"], run.dtype, run.device)
@@ -154,7 +155,7 @@ def _decode_case(run: Run, name: str, dim_k: int, dim_v: int, int8: bool = False
             scales = [x.transpose(1, 2) for x in scales]
         kw = dict(k_scales=scales[0], v_scales=scales[1])
         nbytes = k.numel() + v.numel() + 8 * k.shape[0] * k.shape[1] * k.shape[2]
-    ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, lens, scale, pv_transposed=pv_transposed, **kw))
+    ms = run.timed(lambda: paged_decode_attention(q, k, v, tables, lens, scale, **form, **kw))
     copy = run.report["ceilings"]["copy_GBps"]
     sms = torch.cuda.get_device_properties(run.device).multi_processor_count if run.device.type == "cuda" else 0
     r = run.row(section="decode", what=f"decode b{b} x {ctx}", method=name, ms=ms, sdpa_ms=sdpa_ms,
@@ -176,6 +177,9 @@ def decode(run: Run) -> None:
 def decode_experiments(run: Run) -> None:
     """Other forms of the decode rows (not goal rows: they run after every goal row, as time allows)."""
     r, d = run.s["rank"], run.s["head_dim"]
+    for name, dim in ((f"zeroc rank {r} int8", r), ("uncompressed int8", d)):  # V's codes as bytes: the form the
+        if run.left() > 0:  # H100 timed on 2026-12-05 (61% and 68% of copy), against the goal rows' words
+            _decode_case(run, f"{name}, V codes as bytes (experiment)", dim, dim, True, v_words=False)
     if run.left() > 0:  # does the scales' layout matter?
         _decode_case(run, f"zeroc rank {r} int8, token-major scales (experiment)", r, r, True, token_major=True)
     for name, dim, int8 in ((f"zeroc rank {r} int8", r, True), ("uncompressed int8", d, True),

@@ -111,6 +111,21 @@ DECODE_CONFIGS = [
 if triton is not None:
 
     @triton.jit
+    def _int8_rows_by_words(base, rows, valid, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+        # int8 rows [N, D_PAD] (zero past D and on rows not valid) read as int32 words, each split into its four
+        # codes in registers. Read as bytes, V's tile reaches P @ V's operand layout through one-byte shared
+        # memory loads (sm_90: 128 a thread per tile, 255 registers and a spill); as words, through 16-byte
+        # copies (tests/kernels/test_sm90_compile.py). rows: element offsets, multiples of 4 (the host checks).
+        w = tl.arange(0, D_PAD // 4)
+        words = tl.load(base.to(tl.pointer_type(tl.int32), bitcast=True) + (rows // 4)[:, None] + w[None, :],
+                        mask=valid[:, None] & (w[None, :] < D // 4), other=0)  # [N, D_PAD / 4]
+        b0, b1 = (words << 24) >> 24, (words << 16) >> 24  # arithmetic shifts: each code sign-extended
+        b2, b3 = (words << 8) >> 24, words >> 24
+        # join adds a last axis: [N, W, 2, 2] indexed [w, a, b] holds byte 2a + b; reshaped, byte j of word w lands
+        # at column 4w + j
+        return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_N, D_PAD))
+
+    @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, qk_scale, key_start,
         len_bucket, grid_bucket,  # size classes for the autotuning key only
@@ -121,7 +136,8 @@ if triton is not None:
         stride_tb, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         DQ: tl.constexpr, DQ_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, INT8: tl.constexpr,
-        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PV_T: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PV_T: tl.constexpr, V_WORDS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         # Program (seq, kv_head, split): the split-th of num_splits pieces, whole pages long, of the sequence's own
         # keys [key_start, length) (a CUDA graph's tables are wider than the contexts), a partial output plus its
@@ -151,7 +167,10 @@ if triton is not None:
             page = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             slot = pos % BLOCK_SIZE
             k = load_rows(k_base, page * stride_kb + slot * stride_ks, dq, DQ, DQ_PAD, valid, True)  # [N, DQ]
-            v = load_rows(v_base, page * stride_vb + slot * stride_vs, dv, DV, DV_PAD, valid, True)  # [N, DV]
+            if V_WORDS:  # int8 codes, 4 to a word
+                v = _int8_rows_by_words(v_base, page * stride_vb + slot * stride_vs, valid, DV, DV_PAD, BLOCK_N)
+            else:
+                v = load_rows(v_base, page * stride_vb + slot * stride_vs, dv, DV, DV_PAD, valid, True)  # [N, DV]
             s = tl.dot(q, tl.trans(k.to(q.dtype)), out_dtype=tl.float32, input_precision=PRECISION)  # [G, N]
             if INT8:  # int8 codes through the dot; each token's fp32 scale on its score column
                 srow = page * stride_sb + slot * stride_ss + kv_head * stride_sh
@@ -178,8 +197,8 @@ if triton is not None:
         tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
 
     _paged_decode_tuned = autotuned(_paged_decode_kernel, DECODE_CONFIGS,
-                                    key=["GROUP_PAD", "BLOCK_SIZE", "DQ", "DV", "INT8", "PV_T", "len_bucket",
-                                         "grid_bucket"])
+                                    key=["GROUP_PAD", "BLOCK_SIZE", "DQ", "DV", "INT8", "PV_T", "V_WORDS",
+                                         "len_bucket", "grid_bucket"])
 
     @triton.jit
     def _merge_kernel(
@@ -267,7 +286,8 @@ def autotuned_config() -> dict | None:
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            seq_lens: Tensor, scale: float, out: Tensor | None = None,
                            num_splits: int | None = None, k_scales: Tensor | None = None,
-                           v_scales: Tensor | None = None, config=None, pv_transposed: bool = False) -> Tensor:
+                           v_scales: Tensor | None = None, config=None, pv_transposed: bool = False,
+                           v_words: bool = True) -> Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and shapes).
 
     out: optional [B, heads, dv] buffer (tests poison it to catch unwritten rows).
@@ -277,6 +297,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     log-sum-exp; None picks it with `choose_num_splits` from the device's SM count (1 off CUDA).
     config: one of DECODE_CONFIGS to run instead of the autotuned choice.
     pv_transposed: P @ V as (V^T P^T)^T (an experiment, off by default; see `decode_partials`).
+    v_words: int8 V codes read as int32 words where the pool allows (the default; see `decode_partials`).
     """
     if num_splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
@@ -285,7 +306,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     # one split writes its result straight into the caller's buffer
     partial, lses = decode_partials(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, k_scales,
                                     v_scales, config, out.unsqueeze(2) if direct else None,
-                                    pv_transposed=pv_transposed)
+                                    pv_transposed=pv_transposed, v_words=v_words)
     if direct:
         return out
     if num_splits == 1:
@@ -301,23 +322,30 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     return out
 
 
+def _word_rows(cache: Tensor) -> bool:
+    """Whether an int8 pool's rows start on 4-byte boundaries and hold whole int32 words."""
+    return cache.data_ptr() % 4 == 0 and all(x % 4 == 0 for x in (*cache.stride()[:3], cache.shape[-1]))
+
+
 def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     scale: float, num_splits: int, k_scales: Tensor | None = None, v_scales: Tensor | None = None,
                     config=None, partial: Tensor | None = None, key_start: int = 0,
-                    pv_transposed: bool = False) -> tuple[Tensor, Tensor]:
+                    pv_transposed: bool = False, v_words: bool = True) -> tuple[Tensor, Tensor]:
     """The decode kernel's launch, before the merge (arguments as `paged_decode_attention`'s)
     -> (partial [B, heads, num_splits, dv]: each split's output, fp32 unless one split; lses [B, heads,
     num_splits]: each split's natural-log LSE, -inf where the split held no token). partial: a destination.
     key_start: attend keys [key_start, seq_lens) only (`decode_partials_ref`); a sequence with none gets
     outputs 0 and LSE -inf.
 
-    pv_transposed: the tile's P @ V as (V^T P^T)^T, an experiment kept for benchmarks/gpu_kernels.py. Compiled
-    for sm_90, the int8 kernel copies V's codes to shared memory 8 bytes at a time (`cp.async.ca`), where K's
-    and every bf16 row go 16 at a time (`.cg`); transposed, V's load 16 bytes at a time straight to registers
-    and the product runs on Hopper's wgmma (tests/kernels/test_sm90_compile.py). Timed on an H100
-    (2026-12-05, docs/benchmarks.md) the plain form was faster all the same: int8 rank 64 0.310 ms against
-    0.406, full-width int8 0.546 against 0.554; bf16 transposed 0.749 against 0.771, within noise. So the
-    default is the plain form everywhere."""
+    pv_transposed: the tile's P @ V as (V^T P^T)^T, an experiment kept for benchmarks/gpu_kernels.py: V^T is
+    then wgmma's register operand, its int8 codes loaded 16 bytes at a time (tests/kernels/test_sm90_compile.py).
+    Timed on an H100 (2026-12-05, docs/benchmarks.md) the plain form was faster all the same: int8 rank 64
+    0.310 ms against 0.406, full-width int8 0.546 against 0.554; bf16 transposed 0.749 against 0.771, within
+    noise. So the default is the plain form everywhere.
+
+    v_words: int8 V codes are read as int32 words where their rows allow it (`_int8_rows_by_words`); False
+    reads them as bytes, the form the H100 timed (one-byte shared-memory loads on sm_90), kept as an experiment
+    row of benchmarks/gpu_kernels.py until a GPU has timed both."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     num_seqs, heads, dq = q.shape
@@ -351,7 +379,7 @@ def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
                 # Triton's CPU interpreter computes bf16/fp16 tl.dot wrongly (seen with triton 3.9): there,
                 # upcast the operands; on a GPU half-precision dots run on the tensor cores.
                 DOT_F32=interpreting(), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                PV_T=bool(pv_transposed))
+                PV_T=bool(pv_transposed), V_WORDS=v_words and int8 and _word_rows(v_cache))
     launch(_paged_decode_kernel, _paged_decode_tuned, (num_seqs, kv_heads, num_splits), args, meta,
            DECODE_CONFIGS, config)
     return partial, lses

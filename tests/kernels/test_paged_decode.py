@@ -199,9 +199,11 @@ def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_poo
                                  out=torch.full((len(lens), kv_heads * group, dv), float("nan"), dtype=dtype),
                                  config=config)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
-    # int8 is an approximation of the unquantised cache, close at these magnitudes.
     full = paged_decode_attention_ref(q.float(), k_cache, v_cache, tables, lens_t, 0.1)
-    assert (out.float() - full).abs().max() < 0.05
+    # int8 approximates the unquantised cache. Over 300 random cases of these shapes the int8 reference's mean
+    # error was <= 0.005 and its largest <= 0.055 (hypothesis found one above the 0.05 this asserted before).
+    error = (out.float() - full).abs()
+    assert error.mean() < 0.01 and error.max() < 0.1, (error.mean(), error.max())
 
 
 def test_int8_read_needs_both_scales():
@@ -260,25 +262,25 @@ def test_keys_from_a_start_position_as_the_reference_and_unmerged(random_paged_k
         decode_partials(q, k_cache, v_cache, tables, seq_lens, 0.2, 1, key_start=-1)
 
 
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("int8, dv", [(False, 48), (True, 48), (True, 18)])  # 18: int8 rows not whole words
 @pytest.mark.parametrize("config", DECODE_CONFIGS[::3], ids=config_id)
-def test_p_at_v_transposed_or_not_is_the_reference(random_paged_kv, poison_unused_slots, int8_pools, int8, config):
-    """The tile's P @ V as (V^T P^T)^T (int8's default: 16-byte reads of V's codes on sm_90) or plain (bf16's):
-    both forms give the reference, split or not."""
+def test_every_p_at_v_form_is_the_reference(random_paged_kv, poison_unused_slots, int8_pools, int8, dv, config):
+    """The tile's P @ V plain (the default) or as (V^T P^T)^T (an experiment), int8 V codes read as int32 words
+    (the default where rows are whole words) or as bytes: every form gives the reference, split or not."""
     gen = torch.Generator().manual_seed(12)
     lens = [3, 64, 200]
-    q, k_cache, v_cache, tables, seq_lens = _case(random_paged_kv, poison_unused_slots, gen, lens, 16, 2, 4, 32, 48,
+    q, k_cache, v_cache, tables, seq_lens = _case(random_paged_kv, poison_unused_slots, gen, lens, 16, 2, 4, 32, dv,
                                                   torch.float32)
     kw = {}
     if int8:
         k_cache, ks, v_cache, vs = int8_pools(k_cache.nan_to_num(), v_cache.nan_to_num())
-        kw = dict(k_scales=poison_unused_slots(ks, tables, seq_lens), v_scales=poison_unused_slots(vs, tables, seq_lens))
+        kw = {f"{name}_scales": poison_unused_slots(x, tables, seq_lens) for name, x in (("k", ks), ("v", vs))}
         ref = paged_decode_attention_int8_ref(q, k_cache, v_cache, kw["k_scales"], kw["v_scales"], tables, seq_lens,
                                               0.1)
     else:
         ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, seq_lens, 0.1)
-    for transposed in (True, False):
+    for transposed, words in ((False, True), (False, False), (True, False), (True, True)):
         for splits in (1, 2):
             out = paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_splits=splits, config=config,
-                                         pv_transposed=transposed, **kw)
+                                         pv_transposed=transposed, v_words=words, **kw)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

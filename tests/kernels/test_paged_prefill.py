@@ -134,7 +134,10 @@ def test_int8_cache_read_matches_dequantised_reference(random_paged_kv, int8_poo
     out = paged_prefill_attention(q, kq, vq, tables, seq_lens, starts, 0.1, out=poisoned, k_scales=ks, v_scales=vs)
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
     full = paged_attention_ref(q.float(), k_cache, v_cache, tables, seq_lens, starts, 0.1)
-    assert (out.float() - full).abs().max() < 0.05  # int8 approximates the unquantised cache
+    # int8 approximates the unquantised cache. Over 300 random cases of these shapes the int8 reference's mean
+    # error was <= 0.005 and its largest <= 0.055 (hypothesis found one above the 0.05 this asserted before).
+    error = (out.float() - full).abs()
+    assert error.mean() < 0.01 and error.max() < 0.1, (error.mean(), error.max())
 
 
 def test_int8_read_needs_both_scales():

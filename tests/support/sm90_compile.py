@@ -43,7 +43,7 @@ def compile_config(fn, pointers: dict, constants: dict, config, unaligned: tuple
             "cp_async_8": len(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], 0x8", ptx)),
             "wgmma": ptx.count("wgmma.mma_async"),
             "v4_loads": ptx.count("ld.global.v4"), "b16_loads": ptx.count("ld.global.b16"),
-            "b64_loads": ptx.count("ld.global.b64"),
+            "b64_loads": ptx.count("ld.global.b64"), "byte_shared_loads": len(re.findall(r"ld\.shared\.[bsu]8", ptx)),
             "tensor_core": ptx.count("mma")}
 
 
@@ -70,15 +70,15 @@ def main(kinds: list[str]) -> None:
     if "decode" in kinds:
         for config in paged_decode.DECODE_CONFIGS:
             row = compile_config(paged_decode._paged_decode_kernel, {**pools, "lse_ptr": "*fp32"},
-                                 {**llama, "GROUP_PAD": 16, "PV_T": False}, config)
+                                 {**llama, "GROUP_PAD": 16, "PV_T": False, "V_WORDS": False}, config)
             print(json.dumps({"kernel": "decode", **row}), flush=True)
-    if "decode_int8" in kinds:  # int8 codes, P @ V transposed as `paged_decode_attention` runs them, or not
+    if "decode_int8" in kinds:  # int8 codes: P @ V plain with V read as words (the default) or bytes; transposed
         int8 = {**pools, "k_ptr": "*i8", "v_ptr": "*i8", "lse_ptr": "*fp32"}
-        for pv_t in (True, False):
+        for pv_t, words in ((False, True), (False, False), (True, False)):
             for config in paged_decode.DECODE_CONFIGS:
                 row = compile_config(paged_decode._paged_decode_kernel, int8,
-                                     {**llama, "GROUP_PAD": 16, "INT8": True, "PV_T": pv_t}, config)
-                print(json.dumps({"kernel": "decode_int8", "pv_transposed": pv_t, **row}), flush=True)
+                                     {**llama, "GROUP_PAD": 16, "INT8": True, "PV_T": pv_t, "V_WORDS": words}, config)
+                print(json.dumps({"kernel": "decode_int8", "pv_transposed": pv_t, "v_words": words, **row}), flush=True)
     if "prefill" in kinds:
         for config in paged_prefill.PREFILL_CONFIGS:
             row = compile_config(paged_prefill._paged_prefill_kernel, {**pools, "starts_ptr": "*i64"},
