@@ -54,6 +54,8 @@ def test_the_reference_is_one_softmax_over_the_seen_keys_and_the_partials(tier_d
     (2, {"kv": 1, "group": 8, "dims": (40, 24, 24, 40), "held": 10}),  # a per-KV-head-rank layer's one row
     (3, {"dims": (16, 16, 48, 48), "held": 3, "parts": 5}),
     (4, {"own_seen": False}),  # no recent window: the token's own key is in the compressed segment
+    (5, {"dims": (16, 16, 0, 8)}),  # no tier dims of keys
+    (6, {"dims": (16, 16, 0, 0)}),  # none at all: no borrowed block
 ])
 def test_the_kernel_matches_its_reference(tier_decode_case, seed, kw):
     args, _ = tier_decode_case(seed, **kw)
