@@ -107,8 +107,8 @@ if triton is not None:
 
     @triton.jit
     def _tier_row(ids, start, d, PER_BLOCK: tl.constexpr, WIDTH: tl.constexpr, slot):
-        """Flat pool offsets [K, D] of dims d [1, D] of the tier rows starting at flat `start` [K] of the blocks
-        `ids` lists: each row's block is looked up once (twice where it straddles two blocks), not per element."""
+        # Flat pool offsets [K, D] of dims d [1, D] of the tier rows starting at flat `start` [K] of the blocks
+        # `ids` lists: each row's block is looked up once (twice where it straddles two blocks), not per element.
         first, within = start // PER_BLOCK, start % PER_BLOCK  # a constexpr divisor: a multiply and a shift
         slot = slot & (WIDTH > 0)  # a layer with no tier dims borrowed no block: `ids` may be empty
         b0 = tl.load(ids + first, mask=slot, other=0).to(tl.int64)
