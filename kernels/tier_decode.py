@@ -212,8 +212,8 @@ def tier_decode(q: Tensor, pool: Tensor, k_dim: int, slots: TierSlots, k_own: Te
     if triton is None:
         raise RuntimeError("triton is not installed")
     tier_k, tier_v = tier_decode_check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
-    b, heads, dq = q.shape
-    _, block_size, kv, row = pool.shape
+    b, heads = q.shape[:2]
+    kv, row = pool.shape[2:]
     held, v_dim = slots.blocks.shape[1], row - k_dim
     q, k_own, v_own, parts = q.contiguous(), k_own.contiguous(), v_own.contiguous(), parts.contiguous()
     lses = lses.float().contiguous()
