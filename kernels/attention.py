@@ -9,14 +9,15 @@ never by looking at a tensor's device or an argument's type on the hot path. Cal
   then `tier_decode` for its full-rank segment and the merge (one kernel on triton); `dense_partials` for the
   compressed segment of a prompt's chunk (dense rows, causal or not, with LSEs: torch's flash kernel);
 - `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
-  (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels.
+  (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels;
+  and `linear`, every GEMM of the model (`zeroc.model.Linear`), which the cpu backend runs through oneDNN.
 
 Backends:
 - `TorchBackend` ("torch"): the PyTorch references, on any device. Writes happen in PyTorch before
   attention; no fused epilogue.
 - `CpuBackend` ("cpu"): the torch backend with the ragged C++ kernel (kernels/ragged_cpu.py) for attention,
-  which reads the paged cache in place. CPU only; built with g++ on first use. "auto" picks it on the CPU
-  where it builds, else "torch".
+  which reads the paged cache in place, and oneDNN for fp32 GEMMs. CPU only; built with g++ on first use.
+  "auto" picks it on the CPU where it builds, else "torch".
 - `TritonBackend` ("triton"): the Triton kernels: the decode kernel for decode-only steps, the ragged
   prefill kernel otherwise, the fused QKV epilogue, the fused norm and gate. On CUDA it compiles; on the
   CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1), which is how CI drives the GPU path.
@@ -56,6 +57,11 @@ if TYPE_CHECKING:  # the module imports triton, which processes on the torch bac
     from zeroc_kernels.tier_decode import TierSlots
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "triton")
+# torch's oneDNN linear op, in CPU builds with oneDNN (the x86 and aarch64 wheels); the cpu backend's GEMMs use it
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# ... for a weight of at least this many elements, or at least this many multiply-adds a call
+ONEDNN_MIN_WEIGHT = 1 << 18
+ONEDNN_MIN_MACS = 1 << 22
 
 
 class AttentionBackend(abc.ABC):
@@ -182,6 +188,11 @@ class AttentionBackend(abc.ABC):
         """gate, up: [*, I] -> silu(gate) * up [*, I] (SwiGLU)."""
         return silu_mul_ref(gate, up)
 
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x: [*, in]; weight: [out, in]; bias: [out] or None -> x @ weight^T + bias [*, out]: the model's GEMMs
+        (zeroc.model.Linear runs its model's backend's)."""
+        return F.linear(x, weight, bias)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -278,6 +289,20 @@ class CpuBackend(TorchBackend):
         if self.kernel is None:
             raise ValueError("the cpu attention backend needs its C++ kernel, which could not be built here "
                              "(g++ and torch's headers are needed); use the torch backend")
+
+    def linear(self, x, weight, bias=None):
+        # fp32 GEMMs without gradients by oneDNN on the weight as it lies (no packed copy), where F.linear takes
+        # MKL's sgemm: on the 2-vCPU AMD EPYC the bundled model's LM head took 0.15 against 0.45 ms at one row and
+        # Llama-3-8B's q_proj 2.6 against 4.5 (benchmarks/cpu_linear.py, docs/benchmarks.md). oneDNN pays some
+        # 15 us a call, so a GEMM whose weight and work are both small stays on F.linear (a 384 x 384 one at a row:
+        # 0.012 against 0.034 ms). Not inside torch.compile (`compile_layers`): inductor lowers this op only for
+        # frozen weights, and makes its own GEMM call from F.linear.
+        rows = x.numel() // max(weight.shape[1], 1)
+        if (ONEDNN_LINEAR and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()
+                and (weight.numel() >= ONEDNN_MIN_WEIGHT or rows * weight.numel() >= ONEDNN_MIN_MACS)):
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                         k_scales=None, v_scales=None, max_q=None):

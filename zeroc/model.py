@@ -13,7 +13,8 @@ Two ways through the same weights:
 - `Transformer.forward_attend(tokens, positions, attend)` lets the caller own attention and the
   cache (the KV-cache policies of `zeroc.policies`).
 How each forward attends is one object (zeroc/attend.py), not a dispatch in the layers. Each layer's norms and
-SwiGLU gate go through the model's backend (one kernel each on triton), and an Engine on a backend that
+SwiGLU gate go through the model's backend (one kernel each on triton), so do its GEMMs (`Linear`: oneDNN on
+the cpu backend), and an Engine on a backend that
 `fuses_projections` runs Q/K/V and gate/up as one GEMM each (`fuse_projections`, zeroc/fused_linears.py).
 A compressed model with a full-rank token tier (zeroc/tier.py) runs the dense causal forward and
 the paged one (its cache holds the tier: zeroc/policies/tier.py), not the KV-cache policies.
@@ -26,6 +27,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zeroc.attend import Attend, AttendFn, CallerAttend, DenseCausal, FusedPagedAttend, PagedAttend
@@ -36,6 +38,19 @@ from zeroc.kv_cache import PagedBatch, PagedKVCache
 from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
 from zeroc_kernels.attention import AttentionBackend, TorchBackend
 from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose GEMM its model's backend runs (`AttentionBackend.linear`, oneDNN on the cpu backend): setting
+    `Transformer.backend` hands it to every Linear of the model; before that, or outside a model, F.linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.gemm = F.linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [*, in] -> [*, out]
+        return self.gemm(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -77,10 +92,10 @@ class Attention(nn.Module):
         proj = (d,) * self.n_kv if self.rotate else qk  # rotate: RoPE needs every pair
         # the model was trained with this, whatever the rank; yarn's factor scales cos and sin, so q.k by its square
         self.scale = rope_attention_factor(cfg.rope) ** 2 / math.sqrt(d)
-        self.q_proj = nn.Linear(cfg.hidden_size, group * sum(proj), bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, sum(proj), bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, sum(vr), bias=bias)
-        self.o_proj = nn.Linear(group * sum(vr), cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_proj = Linear(cfg.hidden_size, group * sum(proj), bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, sum(proj), bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, sum(vr), bias=bias)
+        self.o_proj = Linear(group * sum(vr), cfg.hidden_size, bias=cfg.attention_bias)
         # Q, K and V (and a tier's projections of the input: `input_projections`) as one GEMM, and a tier's two
         # output projections as one, once `Transformer.fuse_projections` ran
         self.qkv: FusedLinears | None = None
@@ -100,12 +115,12 @@ class Attention(nn.Module):
                 self.tier_q_basis = nn.Parameter(torch.empty(self.n_kv, d, max(tier_qk)))
                 self.tier_k_basis = nn.Parameter(torch.empty(self.n_kv, d, max(tier_qk)))
             else:
-                self.tier_q_proj = nn.Linear(cfg.hidden_size, group * sum(tier_qk), bias=bias)
-                self.tier_k_proj = nn.Linear(cfg.hidden_size, sum(tier_qk), bias=bias)
+                self.tier_q_proj = Linear(cfg.hidden_size, group * sum(tier_qk), bias=bias)
+                self.tier_k_proj = Linear(cfg.hidden_size, sum(tier_qk), bias=bias)
                 self.register_buffer("tier_inv_freq", tier_inv_freq(cfg, layer).to(torch.get_default_device()),
                                      persistent=False)
-            self.tier_v_proj = nn.Linear(cfg.hidden_size, sum(tier_v), bias=bias)
-            self.tier_o_proj = nn.Linear(group * sum(tier_v), cfg.hidden_size, bias=False)  # o_proj has the bias
+            self.tier_v_proj = Linear(cfg.hidden_size, sum(tier_v), bias=bias)
+            self.tier_o_proj = Linear(group * sum(tier_v), cfg.hidden_size, bias=False)  # o_proj has the bias
 
     def input_projections(self) -> tuple[nn.Linear, ...]:
         """The layer's projections of its input, in the order `_project` returns their outputs: Q, K, V, then a
@@ -225,9 +240,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         bias = cfg.mlp_bias
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
         self.gate_up: FusedLinears | None = None  # gate and up as one GEMM, once fused
 
     def forward(self, x: Tensor, ops: AttentionBackend | None = None) -> Tensor:
@@ -312,11 +327,22 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend | None = None):
         super().__init__()
         self.config = cfg
-        self.backend = backend or TorchBackend()
         self.model = LlamaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.backend = backend or TorchBackend()  # after the Linears: the setter hands them its GEMM
+
+    @property
+    def backend(self) -> AttentionBackend:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: AttentionBackend) -> None:
+        self._backend = backend
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.gemm = backend.linear
 
     def fuse_projections(self) -> None:
         """Run each layer's Q/K/V projections (with a token tier's: `Attention.input_projections`) as one GEMM,

@@ -12,12 +12,13 @@
 // torch's CPU cumsum does. So greedy, temperature and top-k rows give the torch path's ids for the same
 // uniforms, bit for bit. A top-p cut compares masses summed in another order than torch's sum, so where a
 // nucleus boundary falls within float rounding of p the two may keep one token more or less.
-// Built by kernels/ragged_cpu.py into the CPU kernel module.
+// Rows run in torch's thread pool. Built by kernels/ragged_cpu.py into the CPU kernel module.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -243,13 +244,19 @@ torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> tem
   auto x = logits.contiguous();
   auto ids = torch::empty({rows}, torch::dtype(at::kLong));
   int64_t* out = ids.data_ptr<int64_t>();
+  // Rows handed out from a counter in a plain OpenMP region of torch's thread count, as run_items does in
+  // ragged_attention.cpp: at::parallel_for is inline code, whose first call on a thread from this library would
+  // reset that thread's pool to torch's process default (one thread in a service; zeroc/cpu_threads.py).
+  const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)));
   auto run = [&](const auto* base) {
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(workers)
+    {
       Scratch s;
       s.w.resize(std::max(vocab, kChunk));
-      for (int64_t r = begin; r < end; ++r)
+      for (int64_t r = next++; r < rows; r = next++)
         out[r] = sample_row(base + r * vocab, vocab, Row{temp_v[r], tk_v[r], tp_v[r], gr_v[r] != 0, u_v[r]}, s);
-    });
+    }
   };
   if (x.scalar_type() == at::kFloat)
     run(x.data_ptr<float>());

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from zeroc_kernels.attention import BACKENDS, TorchBackend, dense_lse_ref, sdpa_lse, triton_runs_on
 from zeroc_kernels.paged_attention import paged_attention_ref
@@ -129,3 +130,25 @@ def test_decode_partials_merge_to_paged_attention_over_the_keys_from_the_start(r
         want = paged_attention_ref(q[b: b + 1], keys[:, None], vals[:, None], torch.arange(n - key_start)[None],
                                    torch.tensor([n - key_start]), torch.tensor([0, 1]), 0.2)
         torch.testing.assert_close(got[b: b + 1], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", _backends())
+# the cpu backend's oneDNN path by weight size, by work, and F.linear for a small GEMM
+@pytest.mark.parametrize("m, k, n", [(1, 384, 8192), (64, 512, 160), (7, 64, 48), (15, 5, 100)])
+def test_linear_is_f_linear(name, m, k, n):
+    """Every backend's GEMM (the cpu backend's through oneDNN) gives F.linear's result, with and without a bias and
+    for 3-d, non-contiguous inputs; where gradients are wanted, or the dtype is not fp32, it is F.linear itself."""
+    backend = _make(name)
+    gen = torch.Generator().manual_seed(m + k + n)
+    x, w, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    with torch.no_grad():
+        for bias in (None, b):
+            torch.testing.assert_close(backend.linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-4)
+        x3 = x.expand(2, m, k)  # [2, m, k], a stride of 0
+        torch.testing.assert_close(backend.linear(x3, w, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-4)
+        assert torch.equal(backend.linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+    wg = w.clone().requires_grad_()
+    out = backend.linear(x, wg, b)
+    assert torch.equal(out, F.linear(x, w, b))
+    out.sum().backward()
+    assert wg.grad is not None

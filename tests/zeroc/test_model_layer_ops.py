@@ -1,4 +1,4 @@
-"""The model's norms and SwiGLU gate go through its backend (zeroc/model.py, kernels/layer_ops.py): on every
+"""The model's norms, SwiGLU gate and GEMMs go through its backend (zeroc/model.py, kernels/layer_ops.py): on every
 forward, so that the triton backend's fused kernels serve the paged, dense and caller-attended paths alike;
 and what the fused kernels compute is what the references compute, in half precision too."""
 
@@ -24,7 +24,7 @@ class _Counting(TorchBackend):
     """The torch backend, counting its layer-op calls (the references still compute them)."""
 
     def __init__(self):
-        self.calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0}
+        self.calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0, "linear": 0}
 
     def rms_norm(self, x, weight, eps):
         self.calls["rms_norm"] += 1
@@ -38,6 +38,10 @@ class _Counting(TorchBackend):
         self.calls["silu_mul"] += 1
         return super().silu_mul(gate, up)
 
+    def linear(self, x, weight, bias=None):
+        self.calls["linear"] += 1
+        return super().linear(x, weight, bias)
+
 
 def _forwards(model):
     """One of each forward the model has: dense causal, paged, a caller's attention."""
@@ -50,14 +54,16 @@ def _forwards(model):
 
 
 @torch.inference_mode()
-def test_every_forward_takes_the_norms_and_the_gate_from_the_backend(random_gqa):
+def test_every_forward_takes_the_norms_the_gate_and_the_gemms_from_the_backend(random_gqa):
     model = copy.deepcopy(random_gqa.model)
     layers = model.config.num_hidden_layers
     for name, forward in _forwards(model):
-        model.backend = _Counting()
+        model.backend = _Counting()  # setting it hands its `linear` to every Linear of the model
         forward()
-        # the first norm reads the embeddings alone; every later one, the final norm too, a residual add's sum
-        assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": 2 * layers, "silu_mul": layers}, name
+        # the first norm reads the embeddings alone; every later one, the final norm too, a residual add's sum;
+        # seven GEMMs a layer (q, k, v, o, gate, up, down) and the LM head
+        assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": 2 * layers, "silu_mul": layers,
+                                       "linear": 7 * layers + 1}, name
 
 
 @torch.inference_mode()
@@ -76,8 +82,10 @@ def test_the_fused_kernels_give_the_reference_logits(random_gqa, dtype):
 
 
 def test_compiled_layers_keep_the_backend_and_the_fused_gemm_out_of_the_graph(random_gqa):
-    """A compiled feed-forward computes the references (inductor fuses them) with the MLP's two GEMMs, in one
-    graph: the backend sees only the layers' input norms and the final one, and nothing breaks the graph."""
+    """A compiled feed-forward computes the references (inductor fuses them) with the MLP's GEMMs, in one graph:
+    of the norms and the gate the backend sees only the layers' input norms and the final one, and nothing breaks
+    the graph. Its GEMMs trace through the backend's `linear` (F.linear on the torch backend; the cpu backend's
+    oneDNN op steps aside inside torch.compile); the fused Q/K/V GEMM is F.linear (zeroc/fused_linears.py)."""
     from torch._dynamo.utils import counters
 
     model = copy.deepcopy(random_gqa.model)
@@ -87,7 +95,9 @@ def test_compiled_layers_keep_the_backend_and_the_fused_gemm_out_of_the_graph(ra
     counters.clear()
     with torch.inference_mode():
         model(torch.randint(2, 100, (1, 5)))
-    assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": model.config.num_hidden_layers, "silu_mul": 0}
+    layers = model.config.num_hidden_layers
+    # o_proj, then gate, up and down in the compiled feed-forward, a layer; the LM head
+    assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": layers, "silu_mul": 0, "linear": 4 * layers + 1}
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 

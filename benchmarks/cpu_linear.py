@@ -1,0 +1,102 @@
+"""The cpu backend's GEMMs (`CpuBackend.linear`: oneDNN, F.linear for small ones) against F.linear alone (MKL's sgemm
+in torch's CPU wheels), side by side in one run: each GEMM shape of the bundled model and one of Llama-3-8B's, then
+the bundled model's decode steps and a prefill forward with the engine's model switched between the two,
+alternating rounds.
+
+    .venv/bin/python benchmarks/cpu_linear.py [--threads 2] [--rounds 3] [--batches 1 16 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fused_projections import decode_ms, prefill_ms  # noqa: E402  (the same decode step and prefill forward)
+
+from zeroc.config import BUNDLED_MODEL  # noqa: E402
+from zeroc.loader import LoadedModel, load_model  # noqa: E402
+from zeroc_kernels.attention import CpuBackend  # noqa: E402
+
+# (name, in, out): the bundled model's projections and LM head, and Llama-3-8B's q/o projection
+SHAPES = [("bundled q/o", 384, 384), ("bundled k/v", 384, 128), ("bundled gate/up", 384, 1024),
+          ("bundled down", 1024, 384), ("bundled lm_head", 384, 8192), ("llama3-8b q/o", 4096, 4096)]
+
+
+class MklCpuBackend(CpuBackend):
+    """The cpu backend with F.linear for every GEMM: what it ran before its GEMMs went through oneDNN."""
+
+    name = "cpu-mkl"
+
+    def linear(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
+
+def gemm_ms(fn, x: torch.Tensor, w: torch.Tensor, calls: int = 30) -> float:
+    for _ in range(3):
+        fn(x, w)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn(x, w)
+    return (time.perf_counter() - t) / calls * 1e3
+
+
+@torch.inference_mode()
+def gemm_rows(batches: list[int], backend: CpuBackend) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for name, k, n in SHAPES:
+        w = torch.randn(n, k, generator=gen)
+        for m in batches:
+            x = torch.randn(m, k, generator=gen)
+            mkl, ours = gemm_ms(F.linear, x, w), gemm_ms(backend.linear, x, w)
+            rows.append({"gemm": name, "m": m, "k": k, "n": n, "f_linear_ms": mkl, "backend_ms": ours})
+            print(f"gemm {name:<16} {m:>3}x{k}x{n:<5} F.linear {mkl:7.3f} ms   cpu backend {ours:7.3f} ms   "
+                  f"{ours / mkl:5.2f}x", flush=True)
+    return rows
+
+
+def engine_rows(loaded: LoadedModel, batches: list[int], rounds: int) -> list[dict]:
+    sides = {"cpu backend": loaded.model.backend, "F.linear": MklCpuBackend()}
+    times = {side: {b: [] for b in [*batches, "prefill"]} for side in sides}
+    for r in range(rounds + 1):  # the first round warms up, untimed
+        for side, backend in sides.items():
+            loaded.model.backend = backend  # hands its `linear` to every Linear of the model
+            got = {b: decode_ms(loaded, b) for b in batches} | {"prefill": prefill_ms(loaded.model)}
+            for key, ms in got.items():
+                if r:
+                    times[side][key].append(ms)
+    rows = []
+    for key in [*batches, "prefill"]:
+        ours, mkl = (statistics.median(times[side][key]) for side in sides)
+        what = f"decode b{key}" if key != "prefill" else "prefill 1024"
+        rows.append({"what": what, "backend_ms": ours, "f_linear_ms": mkl})
+        print(f"engine {what:<14} cpu backend {ours:7.2f} ms   F.linear {mkl:7.2f} ms   {ours / mkl:5.2f}x",
+              flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model(BUNDLED_MODEL, attention_backend="cpu")
+    result = {"threads": args.threads, "gemms": gemm_rows(args.batches, loaded.model.backend),
+              "engine": engine_rows(loaded, args.batches, args.rounds)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The cpu-linear benchmark runs end to end on small batches and reports every GEMM and both engine sides."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "cpu_linear.py"
+
+
+def test_a_short_run_reports_every_gemm_and_both_engine_sides(tmp_path):
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: no cpu backend to benchmark")
+    out = tmp_path / "cpu_linear.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "1", "--batches", "2", "--threads", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["gemms"]) == 6 and all(g["backend_ms"] > 0 and g["f_linear_ms"] > 0 for g in result["gemms"])
+    assert [e["what"] for e in result["engine"]] == ["decode b2", "prefill 1024"]
+    assert len(r.stdout.splitlines()) == 8
