@@ -59,9 +59,8 @@ if TYPE_CHECKING:  # the module imports triton, which processes on the torch bac
 BACKEND_NAMES = ("auto", "torch", "cpu", "triton")
 # torch's oneDNN linear op, in CPU builds with oneDNN (the x86 and aarch64 wheels); the cpu backend's GEMMs use it
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# ... for a weight of at least this many elements, or at least this many multiply-adds a call
+# ... for a weight of at least this many elements
 ONEDNN_MIN_WEIGHT = 1 << 18
-ONEDNN_MIN_MACS = 1 << 22
 
 
 class AttentionBackend(abc.ABC):
@@ -292,15 +291,15 @@ class CpuBackend(TorchBackend):
 
     def linear(self, x, weight, bias=None):
         # fp32 GEMMs without gradients by oneDNN on the weight as it lies (no packed copy), where F.linear takes
-        # MKL's sgemm: on the 2-vCPU AMD EPYC the bundled model's LM head took 0.15 against 0.45 ms at one row and
-        # Llama-3-8B's q_proj 2.6 against 4.5 (benchmarks/cpu_linear.py, docs/benchmarks.md). oneDNN pays some
-        # 15 us a call, so a GEMM whose weight and work are both small stays on F.linear (a 384 x 384 one at a row:
-        # 0.012 against 0.034 ms). Not inside torch.compile (`compile_layers`): inductor lowers this op only for
-        # frozen weights, and makes its own GEMM call from F.linear.
-        rows = x.numel() // max(weight.shape[1], 1)
-        if (ONEDNN_LINEAR and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()
-                and (weight.numel() >= ONEDNN_MIN_WEIGHT or rows * weight.numel() >= ONEDNN_MIN_MACS)):
+        # MKL's sgemm: on the 2-vCPU AMD EPYC the bundled model's LM head took 0.12 against 0.38 ms at one row and
+        # Llama-3-8B's q_proj 1.2 against 3.5 (benchmarks/cpu_linear.py, docs/benchmarks.md). oneDNN pays some
+        # 15 us a call, so a small weight stays on F.linear (a 384 x 384 one at a row: 0.012 against 0.034 ms),
+        # by its size alone, not the call's row count: a layer whose library changed with the batch size rounded a
+        # prompt's chunks and its decode steps differently enough to move an int8 cache's codes (3e-3 in the
+        # logits, tests/zeroc/policies/test_int8.py at one thread). Not inside torch.compile (`compile_layers`):
+        # inductor lowers this op only for frozen weights, and makes its own GEMM call from F.linear.
+        if (ONEDNN_LINEAR and x.dtype == weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
