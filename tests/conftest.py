@@ -73,6 +73,24 @@ def hf_model_of():
 
 
 @pytest.fixture(scope="session")
+def cpu_kernel():
+    """The CPU kernel module (kernels/ragged_cpu.py: attention, a token tier's decode, the sampler), built here on
+    first use. The compilers build_ragged_kernel looks for decide: with one, the module must build; with none (a
+    machine the project also serves, on the torch backend: tests/kernels/test_ragged_cpu.py checks that fallback),
+    the tests of the module itself skip."""
+    import shutil
+
+    from zeroc_kernels.ragged_cpu import load_ragged_kernel
+
+    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the cpu backend's kernel module cannot be built here, so the services run the "
+                    "torch backend (its fallback is tested with a compiler that does not exist)")
+    kernel = load_ragged_kernel()
+    assert kernel is not None, "a compiler is here, so the kernel module must build"
+    return kernel
+
+
+@pytest.fixture(scope="session")
 def bundled_factors(bundled):
     """The bundled model's compression factors, fitted on 2048 tokens of the bundled calibration text."""
     from zeroc.compression.calibrate import collect_statistics, compute_factors

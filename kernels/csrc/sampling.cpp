@@ -27,6 +27,7 @@
 #include <numeric>
 #include <optional>
 #include <queue>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -58,17 +59,21 @@ bool scan_max(const T* x, int64_t vocab, float* buf, float* best, int64_t* best_
   int64_t id = 0;
   for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - c0);
-    to_float(x + c0, buf, n);
+    const float* c = buf;  // the chunk as floats: fp32 rows in place, bf16 ones converted
+    if constexpr (std::is_same_v<T, float>)
+      c = x + c0;
+    else
+      to_float(x + c0, buf, n);
     float m = -std::numeric_limits<float>::infinity(), p = 0.f;
 #pragma omp simd reduction(max : m) reduction(+ : p)
     for (int64_t i = 0; i < n; ++i) {
-      m = buf[i] > m ? buf[i] : m;
-      p += buf[i] * 0.f;
+      m = c[i] > m ? c[i] : m;
+      p += c[i] * 0.f;
     }
     poison += p;
     if (m > top) {  // rarely after the first chunks: find the chunk's first maximum
       int64_t i = 0;
-      while (buf[i] != m) ++i;
+      while (c[i] != m) ++i;
       top = m;
       id = c0 + i;
     }
@@ -88,6 +93,12 @@ void weights_of(const T* x, int64_t vocab, float top, float temperature, float* 
   torch::from_blob(w, {vocab}, torch::dtype(at::kFloat)).exp_();
 }
 
+// A thread's buffers for the radix select, reused row after row.
+struct Select {
+  std::vector<double> share = std::vector<double>(1 << 12);  // each bin's share at the current level
+  std::vector<float> items;                                  // the chosen bin's weights
+};
+
 // Largest-first selection over w [V] (non-negative floats, which order as their bits): the smallest weight v
 // at or above `floor` whose share of the weights strictly above it is below the target, where a weight's share
 // is itself (kMass: a nucleus) or 1 (a count: the k-th largest is the smallest v with fewer than k above it).
@@ -96,9 +107,11 @@ void weights_of(const T* x, int64_t vocab, float top, float temperature, float* 
 // reads the whole row and gives the total share, from which `target_of` makes the target; the chosen bin's
 // weights are then gathered, so a cut costs two passes over the row however much of it the cut keeps.
 template <bool kMass, typename TargetOf>
-float select_largest(const float* w, int64_t vocab, float floor, TargetOf target_of, std::vector<float>& items) {
+float select_largest(const float* w, int64_t vocab, float floor, TargetOf target_of, Select& sel) {
   constexpr int kShift[3] = {20, 10, 0}, kBins[3] = {1 << 12, 1 << 10, 1 << 10};
-  std::vector<double> share(1 << 12);
+  auto& share = sel.share;
+  auto& items = sel.items;
+  std::fill(share.begin(), share.end(), 0.0);
   for (int64_t i = 0; i < vocab; ++i)
     if (w[i] >= floor) share[std::bit_cast<uint32_t>(w[i]) >> kShift[0]] += kMass ? w[i] : 1.0;
   const double target = target_of(std::accumulate(share.begin(), share.end(), 0.0));
@@ -138,8 +151,8 @@ float select_largest(const float* w, int64_t vocab, float floor, TargetOf target
 // The k-th largest of w [V], duplicates counted (what torch.topk's k-th value is): for a small k a min-heap of the
 // largest seen, skipping each run of 16 weights whose largest does not beat the heap's least (after the first
 // few runs, nearly all of them); the radix select otherwise.
-float kth_largest(const float* w, int64_t vocab, int64_t k, std::vector<float>& items) {
-  if (k > kHeapMaxK) return select_largest<false>(w, vocab, 0.f, [k](double) { return double(k); }, items);
+float kth_largest(const float* w, int64_t vocab, int64_t k, Select& sel) {
+  if (k > kHeapMaxK) return select_largest<false>(w, vocab, 0.f, [k](double) { return double(k); }, sel);
   std::priority_queue<float, std::vector<float>, std::greater<float>> heap(std::greater<float>(),
                                                                            std::vector<float>(w, w + k));
   constexpr int64_t kRun = 16;
@@ -160,8 +173,8 @@ float kth_largest(const float* w, int64_t vocab, int64_t k, std::vector<float>& 
 
 // The nucleus threshold over the weights at or above floor (a row's top-k set): taken in descending order, a
 // token stays while the mass before it is below top_p times their total.
-float nucleus(const float* w, int64_t vocab, float floor, float top_p, std::vector<float>& items) {
-  return select_largest<true>(w, vocab, floor, [top_p](double total) { return double(top_p * float(total)); }, items);
+float nucleus(const float* w, int64_t vocab, float floor, float top_p, Select& sel) {
+  return select_largest<true>(w, vocab, floor, [top_p](double total) { return double(top_p * float(total)); }, sel);
 }
 
 // The first index whose running sum of the kept weights (w >= cut) exceeds u times their total. The sums
@@ -187,7 +200,7 @@ int64_t inverse_cdf(float* w, int64_t vocab, float cut, float u, std::vector<int
 // A thread's buffers, reused row after row.
 struct Scratch {
   std::vector<float> w;         // [V] a row's weights, then their prefix sums
-  std::vector<float> items;     // a radix select's chosen bin
+  Select select;                // a radix select's bins
   std::vector<int64_t> kept;    // a cut row's kept tokens
 };
 
@@ -199,8 +212,8 @@ int64_t sample_row(const T* x, int64_t vocab, const Row& row, Scratch& s) {
   if (!scan_max(x, vocab, w, &top, &best)) return kFailed;
   if (row.greedy) return best;
   weights_of(x, vocab, top, row.temperature, w);
-  float cut = row.top_k < vocab ? kth_largest(w, vocab, row.top_k, s.items) : 0.f;
-  if (row.top_p < 1.f) cut = std::max(cut, nucleus(w, vocab, cut, row.top_p, s.items));
+  float cut = row.top_k < vocab ? kth_largest(w, vocab, row.top_k, s.select) : 0.f;
+  if (row.top_p < 1.f) cut = std::max(cut, nucleus(w, vocab, cut, row.top_p, s.select));
   return inverse_cdf(w, vocab, cut, row.u, s.kept);
 }
 

@@ -4,9 +4,6 @@ same cut and the same cumulative weights, not one lucky draw."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import torch
 
@@ -17,14 +14,8 @@ GRID = 257  # uniforms a case sweeps: 0, 1/257, ..., 256/257
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
-        pytest.skip("no C++ compiler: the cpu backend is not available, and the engine samples by the torch path")
-    from zeroc_kernels.ragged_cpu import load_ragged_kernel
-
-    kernel = load_ragged_kernel()
-    assert kernel is not None
-    return kernel
+def kernel(cpu_kernel):
+    return cpu_kernel
 
 
 def torch_ids(logits: torch.Tensor, batch: SamplingBatch, u: torch.Tensor) -> torch.Tensor:

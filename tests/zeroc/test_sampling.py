@@ -4,8 +4,6 @@ the torch path (a GPU's, and the torch and triton backends') and the CPU kernel 
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 
 import pytest
 import torch
@@ -21,12 +19,7 @@ def sample(request):
     """sample_batch by the torch path, or by the CPU kernel module (kernels/csrc/sampling.cpp)."""
     if request.param == "torch":
         return sample_batch
-    from zeroc_kernels.ragged_cpu import load_ragged_kernel
-
-    if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
-        pytest.skip("no C++ compiler: the cpu backend is not available, and the engine samples by the torch path")
-    kernel = load_ragged_kernel()
-    assert kernel is not None
+    kernel = request.getfixturevalue("cpu_kernel")
     return functools.partial(sample_batch, native=kernel)
 
 
