@@ -1,7 +1,8 @@
-"""The cpu backend's GEMMs (`CpuBackend.linear`: oneDNN, F.linear for small ones) against F.linear alone (MKL's sgemm
-in torch's CPU wheels), side by side in one run: each GEMM shape of the bundled model and one of Llama-3-8B's, then
-the bundled model's decode steps and a prefill forward with the engine's model switched between the two,
-alternating rounds.
+"""The cpu backend's GEMMs (`CpuBackend.linear`: oneDNN on packed weights) against oneDNN on the weight as it lies
+(unpacked; F.linear for small weights) and F.linear alone (MKL's sgemm in torch's CPU wheels), side by side in one
+run: each GEMM shape of the bundled model and one of Llama-3-8B's, then the bundled model's decode steps and a
+prefill forward with the engine's model switched between the three, alternating rounds (the cpu backend with its
+Q/K/V and gate/up fused, the other two unfused, as the cpu backend ran before it packed).
 
     .venv/bin/python benchmarks/cpu_linear.py [--threads 2] [--rounds 3] [--batches 1 16 64] [--json out.json]
 """
@@ -24,19 +25,34 @@ from fused_projections import decode_ms, prefill_ms  # noqa: E402  (the same dec
 from zeroc.config import BUNDLED_MODEL  # noqa: E402
 from zeroc.loader import LoadedModel, load_model  # noqa: E402
 from zeroc_kernels.attention import CpuBackend  # noqa: E402
+from zeroc_kernels.cpu_linear import WeightPack  # noqa: E402
 
-# (name, in, out): the bundled model's projections and LM head, and Llama-3-8B's q/o projection
-SHAPES = [("bundled q/o", 384, 384), ("bundled k/v", 384, 128), ("bundled gate/up", 384, 1024),
-          ("bundled down", 1024, 384), ("bundled lm_head", 384, 8192), ("llama3-8b q/o", 4096, 4096)]
+# (name, in, out): the bundled model's projections (and the cpu backend's fused ones) and LM head, and Llama-3-8B's
+# q/o projection
+SHAPES = [("bundled q/o", 384, 384), ("bundled k/v", 384, 128), ("bundled qkv fused", 384, 640),
+          ("bundled gate/up", 384, 1024), ("bundled gate_up fused", 384, 2048), ("bundled down", 1024, 384),
+          ("bundled lm_head", 384, 8192), ("llama3-8b q/o", 4096, 4096)]
 
 
 class MklCpuBackend(CpuBackend):
-    """The cpu backend with F.linear for every GEMM: what it ran before its GEMMs went through oneDNN."""
+    """The cpu backend with F.linear for every GEMM, unfused: what it ran before its GEMMs went through oneDNN."""
 
     name = "cpu-mkl"
+    fuses_projections = False
 
-    def linear(self, x, weight, bias=None):
+    def linear(self, x, weight, bias=None, pack=None):
         return F.linear(x, weight, bias)
+
+
+class UnpackedCpuBackend(CpuBackend):
+    """The cpu backend with oneDNN on the weight as it lies (no packed copy), unfused: what it ran before it
+    packed."""
+
+    name = "cpu-unpacked"
+    fuses_projections = False
+
+    def linear(self, x, weight, bias=None, pack=None):
+        return super().linear(x, weight, bias)
 
 
 def gemm_ms(fn, x: torch.Tensor, w: torch.Tensor, calls: int = 30) -> float:
@@ -48,38 +64,44 @@ def gemm_ms(fn, x: torch.Tensor, w: torch.Tensor, calls: int = 30) -> float:
     return (time.perf_counter() - t) / calls * 1e3
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: an inference tensor has no version counter, and is never packed
 def gemm_rows(batches: list[int], backend: CpuBackend) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for name, k, n in SHAPES:
         w = torch.randn(n, k, generator=gen)
+        pack = WeightPack()
         for m in batches:
             x = torch.randn(m, k, generator=gen)
-            mkl, ours = gemm_ms(F.linear, x, w), gemm_ms(backend.linear, x, w)
-            rows.append({"gemm": name, "m": m, "k": k, "n": n, "f_linear_ms": mkl, "backend_ms": ours})
-            print(f"gemm {name:<16} {m:>3}x{k}x{n:<5} F.linear {mkl:7.3f} ms   cpu backend {ours:7.3f} ms   "
-                  f"{ours / mkl:5.2f}x", flush=True)
+            mkl, plain = gemm_ms(F.linear, x, w), gemm_ms(backend.linear, x, w)
+            ours = gemm_ms(lambda x, w: backend.linear(x, w, None, pack), x, w)
+            rows.append({"gemm": name, "m": m, "k": k, "n": n, "f_linear_ms": mkl, "unpacked_ms": plain,
+                         "backend_ms": ours})
+            print(f"gemm {name:<21} {m:>3}x{k}x{n:<5} F.linear {mkl:7.3f} ms   unpacked {plain:7.3f} ms   "
+                  f"cpu backend {ours:7.3f} ms   {ours / mkl:5.2f}x", flush=True)
     return rows
 
 
 def engine_rows(loaded: LoadedModel, batches: list[int], rounds: int) -> list[dict]:
-    sides = {"cpu backend": loaded.model.backend, "F.linear": MklCpuBackend()}
+    sides = {"cpu backend": loaded.model.backend, "unpacked": UnpackedCpuBackend(), "F.linear": MklCpuBackend()}
     times = {side: {b: [] for b in [*batches, "prefill"]} for side in sides}
     for r in range(rounds + 1):  # the first round warms up, untimed
         for side, backend in sides.items():
             loaded.model.backend = backend  # hands its `linear` to every Linear of the model
+            if not backend.fuses_projections:  # the parts run alone (an Engine fuses again on the cpu backend)
+                for layer in loaded.model.model.layers:
+                    layer.self_attn.qkv = layer.mlp.gate_up = None
             got = {b: decode_ms(loaded, b) for b in batches} | {"prefill": prefill_ms(loaded.model)}
             for key, ms in got.items():
                 if r:
                     times[side][key].append(ms)
     rows = []
     for key in [*batches, "prefill"]:
-        ours, mkl = (statistics.median(times[side][key]) for side in sides)
+        ours, plain, mkl = (statistics.median(times[side][key]) for side in sides)
         what = f"decode b{key}" if key != "prefill" else "prefill 1024"
-        rows.append({"what": what, "backend_ms": ours, "f_linear_ms": mkl})
-        print(f"engine {what:<14} cpu backend {ours:7.2f} ms   F.linear {mkl:7.2f} ms   {ours / mkl:5.2f}x",
-              flush=True)
+        rows.append({"what": what, "backend_ms": ours, "unpacked_ms": plain, "f_linear_ms": mkl})
+        print(f"engine {what:<14} cpu backend {ours:7.2f} ms   unpacked {plain:7.2f} ms   F.linear {mkl:7.2f} ms   "
+              f"{ours / mkl:5.2f}x", flush=True)
     return rows
 
 

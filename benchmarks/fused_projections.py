@@ -1,6 +1,7 @@
 """Q/K/V and gate/up as one GEMM each (`Transformer.fuse_projections`) against the separate GEMMs, on the
-bundled model's shape with random weights: a batch's decode step and a prefill forward, alternating rounds.
-Why the cpu and torch backends keep the separate GEMMs (docs/engine.md, "Fewer kernels per layer").
+bundled model's shape with random weights: a batch's decode step and a prefill forward, alternating rounds, on the
+backend the model loads with (the cpu backend where it builds: packed oneDNN GEMMs). Why the cpu backend fuses and
+the torch backend keeps the separate GEMMs (docs/engine.md, "Fewer kernels per layer").
 
     .venv/bin/python benchmarks/fused_projections.py [--threads 2] [--rounds 4] [--batch 64]
 """
@@ -8,6 +9,7 @@ Why the cpu and torch backends keep the separate GEMMs (docs/engine.md, "Fewer k
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -23,8 +25,16 @@ from zeroc.sampling import SamplingParams
 from zeroc.tokenizer import Tokenizer
 
 
-def _fused(model, on: bool, saved: list) -> None:
+def _separate(backend):
+    """The model's backend, as a copy whose Engine does not fuse the projections again."""
+    other = copy.copy(backend)
+    other.fuses_projections = False
+    return other
+
+
+def _fused(model, on: bool, saved: list, backends: dict) -> None:
     """Switch the model between its fused GEMMs (saved once) and the separate ones."""
+    model.backend = backends[on]
     for layer, (qkv, gate_up) in zip(model.model.layers, saved):
         layer.self_attn.qkv, layer.mlp.gate_up = (qkv, gate_up) if on else (None, None)
 
@@ -70,16 +80,18 @@ def main() -> None:
                          Tokenizer.from_dir(BUNDLED_MODEL), BUNDLED_MODEL)
     loaded.model.fuse_projections()
     saved = [(layer.self_attn.qkv, layer.mlp.gate_up) for layer in loaded.model.model.layers]
+    backends = {True: loaded.model.backend, False: _separate(loaded.model.backend)}
     rows = {False: [], True: []}
     for r in range(args.rounds + 1):  # the first round warms up, untimed
         for on in (False, True):
-            _fused(loaded.model, on, saved)
+            _fused(loaded.model, on, saved, backends)
             times = (decode_ms(loaded, args.batch), prefill_ms(loaded.model))
             if r:
                 rows[on].append(times)
     for on in (False, True):
         dec, pre = (statistics.median(t[i] for t in rows[on]) for i in (0, 1))
-        print(f"{'fused' if on else 'separate':<9} decode b{args.batch} {dec:7.2f} ms   prefill 1024 {pre:7.2f} ms")
+        print(f"{'fused' if on else 'separate':<9} decode b{args.batch} {dec:7.2f} ms   prefill 1024 {pre:7.2f} ms   "
+              f"({loaded.model.backend.name} backend)")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zeroc_kernels.cpu_linear import WeightPack, onednn_linear, prepack
 from zeroc_kernels.kv_quant import quantize_into_slots_ref
 from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blocks, one_width,
@@ -57,10 +58,6 @@ if TYPE_CHECKING:  # the module imports triton, which processes on the torch bac
     from zeroc_kernels.tier_decode import TierSlots
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "triton")
-# torch's oneDNN linear op, in CPU builds with oneDNN (the x86 and aarch64 wheels); the cpu backend's GEMMs use it
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# ... for a weight of at least this many elements
-ONEDNN_MIN_WEIGHT = 1 << 18
 
 
 class AttentionBackend(abc.ABC):
@@ -69,8 +66,9 @@ class AttentionBackend(abc.ABC):
     name: str
     fused_epilogue: bool = False  # whether the model hands q/k/v to `qkv_epilogue` before RoPE
     # Whether an Engine runs the model's Q/K/V and gate/up projections as one GEMM each
-    # (`Transformer.fuse_projections`): on a GPU each GEMM is a launch and narrow ones run under the copy rate;
-    # on the CPU the fused GEMMs measured no faster (benchmarks/fused_projections.py, docs/benchmarks.md).
+    # (`Transformer.fuse_projections`): on a GPU each GEMM is a launch and narrow ones run under the copy rate; on
+    # the CPU a packed oneDNN GEMM pays some 15-25 us a call (the cpu backend), where MKL's sgemm on the torch
+    # backend measured no faster fused (benchmarks/fused_projections.py, docs/benchmarks.md).
     fuses_projections: bool = False
     # Whether `rope` is one kernel per tensor, so RoPE outside the epilogue (per-KV-head ranks, a token tier's
     # dims, the dense forward) calls it per layer instead of sharing eager cos/sin tables (zeroc/rope.py)
@@ -187,10 +185,17 @@ class AttentionBackend(abc.ABC):
         """gate, up: [*, I] -> silu(gate) * up [*, I] (SwiGLU)."""
         return silu_mul_ref(gate, up)
 
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, pack: WeightPack | None = None
+               ) -> Tensor:
         """x: [*, in]; weight: [out, in]; bias: [out] or None -> x @ weight^T + bias [*, out]: the model's GEMMs
-        (zeroc.model.Linear runs its model's backend's)."""
+        (zeroc.model.Linear runs its model's backend's). `pack`: the slot its caller keeps beside `weight`, where a
+        backend may keep the weight in a faster layout (the cpu backend's oneDNN copy); others ignore it."""
         return F.linear(x, weight, bias)
+
+    def prepack(self, weight: Tensor, pack: WeightPack) -> None:
+        """weight: [out, in]. Lay `weight` out in `pack` now, as `linear` would at its first call (an Engine calls it
+        for every GEMM's weight before it sizes its KV cache); a backend that keeps no layout of its own does
+        nothing."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -280,28 +285,28 @@ class CpuBackend(TorchBackend):
     compiler)."""
 
     name = "cpu"
+    # the bundled model's Q/K/V as one packed GEMM: 0.035 against 0.062 ms at one row, gate/up 0.053 against 0.086
+    fuses_projections = True
     # 2-core Xeon, fp32, 2 threads: SDPA / ragged kernel 0.60 at 2,048 tokens, 0.90-1.19 at 512, 0.86-1.16 at 128
     fresh_prefill_min_tokens = 1024
 
-    def __init__(self):
+    def __init__(self, pack_weights: bool = True):
+        """`pack_weights`: GEMMs on a packed oneDNN copy of each weight (held beside it), else on the weight as it
+        lies (kernels/cpu_linear.py)."""
+        self.pack_weights = pack_weights
         self.kernel = load_ragged_kernel()
         if self.kernel is None:
             raise ValueError("the cpu attention backend needs its C++ kernel, which could not be built here "
                              "(g++ and torch's headers are needed); use the torch backend")
 
-    def linear(self, x, weight, bias=None):
-        # fp32 GEMMs without gradients by oneDNN on the weight as it lies (no packed copy), where F.linear takes
-        # MKL's sgemm: on the 2-vCPU AMD EPYC the bundled model's LM head took 0.12 against 0.38 ms at one row and
-        # Llama-3-8B's q_proj 1.2 against 3.5 (benchmarks/cpu_linear.py, docs/benchmarks.md). oneDNN pays some
-        # 15 us a call, so a small weight stays on F.linear (a 384 x 384 one at a row: 0.012 against 0.034 ms),
-        # by its size alone, not the call's row count: a layer whose library changed with the batch size rounded a
-        # prompt's chunks and its decode steps differently enough to move an int8 cache's codes (3e-3 in the
-        # logits, tests/zeroc/policies/test_int8.py at one thread). Not inside torch.compile (`compile_layers`):
-        # inductor lowers this op only for frozen weights, and makes its own GEMM call from F.linear.
-        if (ONEDNN_LINEAR and x.dtype == weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-        return F.linear(x, weight, bias)
+    def linear(self, x, weight, bias=None, pack=None):
+        # fp32 GEMMs without gradients by oneDNN on a packed copy of the weight in the caller's slot; with
+        # `pack_weights` off, oneDNN on the weight as it lies, F.linear for small ones (kernels/cpu_linear.py)
+        return onednn_linear(x, weight, bias, pack if self.pack_weights else None)
+
+    def prepack(self, weight, pack):
+        if self.pack_weights:
+            prepack(weight, pack)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                         k_scales=None, v_scales=None, max_q=None):
@@ -426,15 +431,15 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
+def select_backend(name: str, device: torch.device | str, pack_weights: bool = True) -> AttentionBackend:
     """The backend `name` names for a model on `device`. "auto": Triton on CUDA when triton is installed,
-    the ragged CPU kernel on the CPU where it builds, else the PyTorch references. ValueError for an unknown
-    name or a backend that cannot run there."""
+    the ragged CPU kernel on the CPU where it builds, else the PyTorch references. `pack_weights`: the cpu
+    backend's (CpuBackend). ValueError for an unknown name or a backend that cannot run there."""
     device = torch.device(device)
     if name == "auto":
         if device.type == "cpu":
             try:
-                return CpuBackend()
+                return CpuBackend(pack_weights)
             except ValueError:  # no compiler here (logged): the references serve
                 return TorchBackend()
         name = "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
@@ -446,4 +451,4 @@ def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
         raise ValueError(f"the triton attention backend cannot run on {device.type}: it needs CUDA, or "
                          "TRITON_INTERPRET=1 on the CPU (Triton's interpreter, slow: for tests), and triton "
                          "installed")
-    return BACKENDS[name]()
+    return CpuBackend(pack_weights) if name == "cpu" else BACKENDS[name]()

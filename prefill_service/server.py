@@ -176,7 +176,7 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
         host.start()
         metrics_server = serve_metrics(servicer.metrics, cfg.server.host, cfg.metrics.port)
         ready(f"prefill service {host.listening}")
-        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend)
+        loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend, cfg.pack_weights)
         fingerprint = kv_fingerprint(model_fingerprint(cfg.model_dir), cfg.cache)
         if cfg.parallel.sp_ranks > 1:  # no prefix reuse across SP ranks: the store is not attached
             worker = SpPrefillWorker(loaded, cfg.parallel.sp_ranks, cfg.dtype, cfg.transfer.timeout_s, cfg.threads)

@@ -14,16 +14,22 @@ concatenated per call (a copy of the activations, not of the weights).
 The one GEMM serves forwards without gradients (serving, evaluation). Where gradients are wanted, or once a
 part's weight is no longer its rows of the concatenation (the module was moved or cast after fusing, or a
 weight reassigned), each part runs on its own, so the result is always the parts' own.
+
+The one GEMM is the parts' backend's: a part that is a `zeroc.model.Linear` carries its model's backend GEMM
+(`gemm`), which the fused call runs on the concatenation with a pack slot of its own (the cpu backend packs the
+concatenation for oneDNN, kernels/cpu_linear.py); a plain nn.Linear part, F.linear.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from zeroc_kernels.cpu_linear import WeightPack
 
 
 @dataclass(eq=False)
@@ -33,6 +39,7 @@ class FusedLinears:
     bias: Tensor | None  # [Σ out]
     sizes: tuple[int, ...]  # each part's out_features
     pointers: tuple[int, ...]  # each part's weight's and bias's addresses inside the two, to see one replaced
+    pack: WeightPack = field(default_factory=WeightPack)  # where the backend may keep `weight` in its own layout
 
     @classmethod
     def of(cls, *parts: nn.Linear) -> FusedLinears | None:
@@ -58,7 +65,14 @@ class FusedLinears:
         """x: [*, in] -> each part's output [*, out_i]: column views of one GEMM's output."""
         if torch.is_grad_enabled() or _pointers(self.parts) != self.pointers:
             return tuple(p(x) for p in self.parts)
-        return F.linear(x, self.weight, self.bias).split(self.sizes, -1)
+        return _gemm(self.parts, x, self.weight, self.bias, self.pack).split(self.sizes, -1)
+
+
+def _gemm(parts: tuple[nn.Linear, ...], x: Tensor, weight: Tensor, bias: Tensor | None, pack: WeightPack) -> Tensor:
+    """x: [*, in]; weight: [out, in] -> [*, out] by the parts' backend GEMM (the first part's `gemm`, which setting
+    `Transformer.backend` hands every Linear), read at each call so that a later backend is the one that runs."""
+    gemm = getattr(parts[0], "gemm", None)
+    return gemm(x, weight, bias, pack) if gemm is not None else F.linear(x, weight, bias)
 
 
 def _pointers(parts: tuple[nn.Linear, ...]) -> tuple[int, ...]:
@@ -72,6 +86,7 @@ class SummedLinears:
     bias: Tensor | None  # [out]: the one part's that has a bias
     sizes: tuple[int, ...]  # each part's in_features
     pointers: tuple[int, ...]
+    pack: WeightPack = field(default_factory=WeightPack)
 
     @classmethod
     def of(cls, *parts: nn.Linear) -> SummedLinears | None:
@@ -95,4 +110,4 @@ class SummedLinears:
         """xs: one [*, in_i] per part -> Σ_i part_i(x_i) [*, out]"""
         if torch.is_grad_enabled() or _pointers(self.parts) != self.pointers:
             return functools.reduce(torch.add, (p(x) for p, x in zip(self.parts, xs)))
-        return F.linear(torch.cat(xs, -1), self.weight, self.bias)
+        return _gemm(self.parts, torch.cat(xs, -1), self.weight, self.bias, self.pack)

@@ -120,11 +120,13 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", attention_backend: str = "auto") -> LoadedModel:
+               device: str | torch.device = "cpu", attention_backend: str = "auto",
+               pack_weights: bool = True) -> LoadedModel:
     """Load a Llama, Mistral or Qwen2 HF directory, streaming: the model is built on the meta device and each
     checkpoint tensor goes straight to `device` and `dtype` as it is read, so peak host memory is about one
     shard, not the model (plus the model itself when `device` is the CPU). Shape or name mismatches raise
-    ConfigError naming both. `attention_backend` (zeroc_kernels.attention): how its paged forward attends."""
+    ConfigError naming both. `attention_backend` (zeroc_kernels.attention): how its paged forward attends;
+    `pack_weights`: whether the cpu backend runs its GEMMs on packed copies of the weights."""
     path = Path(model_dir)
     cfg = read_config(path)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype or cfg.dtype)
@@ -142,7 +144,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     model.requires_grad_(False)
     model.init_rope()  # buffers are not in the checkpoint
     try:
-        model.backend = select_backend(attention_backend, device)
+        model.backend = select_backend(attention_backend, device, pack_weights=pack_weights)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     model.eval()

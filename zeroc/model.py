@@ -27,7 +27,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zeroc.attend import Attend, AttendFn, CallerAttend, DenseCausal, FusedPagedAttend, PagedAttend
@@ -37,20 +36,29 @@ from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
 from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
 from zeroc_kernels.attention import AttentionBackend, TorchBackend
+from zeroc_kernels.cpu_linear import WeightPack
 from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
 
 
 class Linear(nn.Linear):
     """nn.Linear whose GEMM its model's backend runs (`AttentionBackend.linear`, oneDNN on the cpu backend): setting
-    `Transformer.backend` hands it to every Linear of the model; before that, or outside a model, F.linear."""
+    `Transformer.backend` hands it to every Linear of the model; before that, or outside a model, the torch
+    backend's (F.linear). `pack` is the slot where the backend may keep the weight in its own layout (the cpu
+    backend's packed oneDNN copy, made on first use and remade when the weight changes)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
-        self.gemm = F.linear
+        self.gemm = TorchBackend().linear
+        self.pack = WeightPack()
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [*, in] -> [*, out]
-        return self.gemm(x, self.weight, self.bias)
+        return self.gemm(x, self.weight, self.bias, self.pack)
+
+    def _apply(self, fn, recurse: bool = True):
+        # moved or cast (.to, .half, ...): drop the packed copy now rather than hold the old weight until next use
+        self.pack.clear()
+        return super()._apply(fn, recurse)
 
 
 class RMSNorm(nn.Module):
@@ -343,6 +351,27 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.gemm = backend.linear
+                module.pack.clear()  # a copy packed for the backend before is no use to this one
+        for fused in self._fused():
+            fused.pack.clear()
+
+    def _fused(self) -> list[FusedLinears | SummedLinears]:
+        """The fused GEMMs `fuse_projections` made (none before it)."""
+        layers = self.model.layers
+        return [f for layer in layers for f in (layer.self_attn.qkv, layer.self_attn.o_tier, layer.mlp.gate_up)
+                if f is not None]
+
+    def prepack(self) -> None:
+        """Have the backend lay out every GEMM's weight now (the cpu backend's packed oneDNN copies), not at its
+        first call: the Engine calls it before sizing its KV cache. A Linear the fused GEMMs serve is skipped: its
+        own GEMM runs only where gradients are wanted."""
+        fused = self._fused()
+        served = {id(p) for f in fused for p in f.parts}
+        for module in self.modules():
+            if isinstance(module, Linear) and id(module) not in served:
+                self.backend.prepack(module.weight, module.pack)
+        for f in fused:
+            self.backend.prepack(f.weight, f.pack)
 
     def fuse_projections(self) -> None:
         """Run each layer's Q/K/V projections (with a token tier's: `Attention.input_projections`) as one GEMM,

@@ -23,11 +23,14 @@ def test_both_sides_compute_the_same_logits(random_gqa):
     model.fuse_projections()
     saved = [(layer.self_attn.qkv, layer.mlp.gate_up) for layer in model.model.layers]
     tokens = torch.randint(2, 200, (1, 7))
+    backends = {True: model.backend, False: bench._separate(model.backend)}
+    assert backends[False].fuses_projections is False and type(backends[False]) is type(model.backend)
     logits = []
     with torch.inference_mode():
         for on in (False, True):
-            bench._fused(model, on, saved)
+            bench._fused(model, on, saved, backends)
             assert (model.model.layers[0].self_attn.qkv is not None) == on
+            assert model.backend.fuses_projections == (on and type(model.backend).fuses_projections)
             logits.append(model(tokens))
     torch.testing.assert_close(logits[0], logits[1])
 

@@ -118,3 +118,20 @@ def test_a_cancelled_prefill_stream_leaves_the_service_serving(services, bundled
     assert err.value.code() == grpc.StatusCode.CANCELLED
     replies = list(stub.Prefill(prefill_pb2.PrefillRequest(token_ids=ids[:5]), timeout=60))
     assert replies[-1].summary.num_tokens == 5
+
+
+def test_the_worker_packs_the_cpu_backends_weights_before_it_sizes_its_cache(random_gqa, cpu_kernel):
+    from model_copies import unfused_copy
+
+    from prefill_service.worker import PrefillWorker
+    from zeroc.config import CacheConfig, SchedulerConfig
+    from zeroc.model import Linear
+    from zeroc_kernels.attention import CpuBackend
+
+    loaded = unfused_copy(random_gqa)
+    loaded.model.backend = CpuBackend()
+    worker = PrefillWorker(loaded, CacheConfig(16, 32), SchedulerConfig())
+    try:  # no prompt has run: the packs were made up front
+        assert all(m.pack.packed is not None for m in loaded.model.modules() if isinstance(m, Linear))
+    finally:
+        worker.stop()

@@ -3,19 +3,19 @@ outputs as the parts, no weight stored twice, and the parts' own results whereve
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from model_copies import unfused_copy
 from zeroc.engine import Engine
 from zeroc.fused_linears import FusedLinears, SummedLinears
 from zeroc.loader import load_model, save_model
+from zeroc.model import Linear
 from zeroc.sampling import SamplingParams
-from zeroc_kernels.attention import select_backend
+from zeroc_kernels.attention import CpuBackend, select_backend
 
 
 def _parts(bias: bool, seed: int = 0):
@@ -73,15 +73,19 @@ def test_parts_that_cannot_share_one_gemm_are_refused(fuse, parts, match):
         fuse(*parts)
 
 
-def test_an_engine_on_the_triton_backend_fuses_and_keeps_the_logits(random_gqa, tmp_path):
-    """An Engine whose backend fuses projections (triton) fuses its model; the torch and cpu backends' do not,
-    where one wide GEMM measured slower. The logits stay the unfused model's (the engine tests then hold its
-    tokens to transformers'), and the fused weights save and load like any others."""
-    unfused = copy.deepcopy(random_gqa)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_an_engine_on_a_fusing_backend_fuses_and_keeps_the_logits(random_gqa, tmp_path, backend, request):
+    """An Engine whose backend fuses projections (cpu: packed oneDNN GEMMs; triton) fuses its model; the torch
+    backend's does not, where one wide MKL GEMM measured no faster. The logits stay the unfused model's (the engine
+    tests then hold its tokens to transformers'), and the fused weights save and load like any others."""
+    if backend == "cpu":
+        request.getfixturevalue("cpu_kernel")  # built, or a skip without a compiler
+    unfused = unfused_copy(random_gqa)
+    unfused.model.backend = select_backend("torch", "cpu")
     Engine(unfused)
     assert all(layer.self_attn.qkv is None for layer in unfused.model.model.layers)
-    loaded = copy.deepcopy(random_gqa)
-    loaded.model.backend = select_backend("triton", "cpu")  # Triton's interpreter, as on CI
+    loaded = unfused_copy(random_gqa)
+    loaded.model.backend = select_backend(backend, "cpu")  # triton: its interpreter, as on CI
     tokens = torch.tensor([[5, 9, 13, 200, 31]])
     with torch.inference_mode():
         before = loaded.model(tokens)
@@ -96,6 +100,23 @@ def test_an_engine_on_the_triton_backend_fuses_and_keeps_the_logits(random_gqa, 
     saved = load_model(save_model(loaded.model, loaded.tokenizer, tmp_path / "m"))
     for (name, a), b in zip(saved.model.state_dict().items(), random_gqa.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_fused_gemm_is_the_parts_backend_gemm_on_a_pack_that_follows_loads(cpu_kernel):
+    """Parts that are the model's Linears run the fused GEMM through their backend's `linear` (the cpu backend packs
+    the concatenation for oneDNN); a load into a part, in place, reaches the GEMM through the pack's check."""
+    torch.manual_seed(0)
+    parts = tuple(Linear(384, n, bias=False) for n in (384, 128, 128))
+    for p in parts:
+        p.gemm = CpuBackend().linear
+    fused = FusedLinears.of(*parts)
+    x = torch.randn(3, 384)
+    with torch.no_grad():
+        for got, p in zip(fused(x), parts):
+            torch.testing.assert_close(got, F.linear(x, p.weight), rtol=1e-5, atol=1e-4)
+        assert fused.pack.packed is not None and all(p.pack.packed is None for p in parts)
+        parts[1].load_state_dict(nn.Linear(384, 128, bias=False).state_dict())  # lands in the concatenation
+        torch.testing.assert_close(fused(x)[1], F.linear(x, parts[1].weight), rtol=1e-5, atol=1e-4)
 
 
 class _CountingLinears(TorchFunctionMode):
@@ -147,7 +168,8 @@ def test_a_tier_model_with_per_head_ranks_fuses_every_projection_and_keeps_its_o
     """Per-KV-head ranks and a token tier, fold and rotate layers: on the triton backend the Engine runs each
     layer's input projections (Q, K, V and the tier's) as one GEMM and the tier's two output projections as one;
     dense logits and greedy tokens stay those of the unfused model (an engine on the torch backend)."""
-    fused, plain = load_model(zeroc_tier_dir, attention_backend="triton"), load_model(zeroc_tier_dir)
+    fused = load_model(zeroc_tier_dir, attention_backend="triton")
+    plain = load_model(zeroc_tier_dir, attention_backend="torch")
     tokens = torch.tensor([[5, 9, 13, 200, 31, 7, 64, 90, 11, 300, 42, 17]])  # past the tier's 2 + 8 rows
     with torch.inference_mode():
         want = plain.model(tokens)

@@ -89,3 +89,36 @@ def test_missing_required_field(tmp_path, random_gqa_dir):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="missing required field 'hidden_size'"):
         load_model(d)
+
+
+@pytest.mark.parametrize("argv, env, packs", [
+    ([], {}, True),  # the default: packed oneDNN copies
+    (["--no-pack-weights"], {}, False),
+    ([], {"ZEROC_PACK_WEIGHTS": "0"}, False),
+    ([], {"ZEROC_PACK_WEIGHTS": "yes"}, True),
+])
+def test_pack_weights_reaches_the_cpu_backend_from_the_flag_or_the_environment(random_gqa_dir, cpu_kernel,
+                                                                               monkeypatch, argv, env, packs):
+    import argparse
+
+    from zeroc.cli.common import load, model_args
+    from zeroc.model import Linear
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    p = argparse.ArgumentParser()
+    model_args(p)
+    loaded, cfg = load(p.parse_args(["--model", str(random_gqa_dir), "--attention-backend", "cpu", *argv]))
+    assert cfg.pack_weights is packs and loaded.model.backend.pack_weights is packs
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([[5, 9, 13]]))
+    assert torch.isfinite(logits).all()
+    linears = [m for m in loaded.model.modules() if isinstance(m, Linear)]
+    assert all((lin.pack.packed is not None) is packs for lin in linears)  # off: the slots stay empty
+
+
+def test_a_bad_pack_weights_setting_is_a_clear_error(monkeypatch):
+    from zeroc.config import ZeroCConfig
+
+    with pytest.raises(ValueError, match="ZEROC_PACK_WEIGHTS='maybe'"):
+        ZeroCConfig.from_env(env={"ZEROC_PACK_WEIGHTS": "maybe"})

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from model_copies import unfused_copy
 from zeroc.attend import causal_attend
 from zeroc.caches import paged_cache
 from zeroc.config import CacheConfig
@@ -38,9 +39,9 @@ class _Counting(TorchBackend):
         self.calls["silu_mul"] += 1
         return super().silu_mul(gate, up)
 
-    def linear(self, x, weight, bias=None):
+    def linear(self, x, weight, bias=None, pack=None):
         self.calls["linear"] += 1
-        return super().linear(x, weight, bias)
+        return super().linear(x, weight, bias, pack)
 
 
 def _forwards(model):
@@ -55,7 +56,7 @@ def _forwards(model):
 
 @torch.inference_mode()
 def test_every_forward_takes_the_norms_the_gate_and_the_gemms_from_the_backend(random_gqa):
-    model = copy.deepcopy(random_gqa.model)
+    model = unfused_copy(random_gqa.model)
     layers = model.config.num_hidden_layers
     for name, forward in _forwards(model):
         model.backend = _Counting()  # setting it hands its `linear` to every Linear of the model
@@ -85,10 +86,10 @@ def test_compiled_layers_keep_the_backend_and_the_fused_gemm_out_of_the_graph(ra
     """A compiled feed-forward computes the references (inductor fuses them) with the MLP's GEMMs, in one graph:
     of the norms and the gate the backend sees only the layers' input norms and the final one, and nothing breaks
     the graph. Its GEMMs trace through the backend's `linear` (F.linear on the torch backend; the cpu backend's
-    oneDNN op steps aside inside torch.compile); the fused Q/K/V GEMM is F.linear (zeroc/fused_linears.py)."""
+    oneDNN op steps aside inside torch.compile), and so does the fused Q/K/V GEMM (zeroc/fused_linears.py)."""
     from torch._dynamo.utils import counters
 
-    model = copy.deepcopy(random_gqa.model)
+    model = unfused_copy(random_gqa.model)
     model.fuse_projections()
     compile_feed_forward(model)
     model.backend = _Counting()
@@ -96,8 +97,8 @@ def test_compiled_layers_keep_the_backend_and_the_fused_gemm_out_of_the_graph(ra
     with torch.inference_mode():
         model(torch.randint(2, 100, (1, 5)))
     layers = model.config.num_hidden_layers
-    # o_proj, then gate, up and down in the compiled feed-forward, a layer; the LM head
-    assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": layers, "silu_mul": 0, "linear": 4 * layers + 1}
+    # the fused Q/K/V and o_proj, then gate, up and down in the compiled feed-forward, a layer; the LM head
+    assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": layers, "silu_mul": 0, "linear": 5 * layers + 1}
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 

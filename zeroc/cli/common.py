@@ -24,6 +24,9 @@ def model_args(p: argparse.ArgumentParser) -> None:
                         "torch), torch (the PyTorch references), cpu (the ragged C++ kernel, built with g++ on "
                         "first use) or triton (on the CPU only under TRITON_INTERPRET=1) "
                         "(env ZEROC_ATTENTION_BACKEND)")
+    p.add_argument("--no-pack-weights", dest="pack_weights", action="store_const", const=False, default=None,
+                   help="the cpu backend runs its GEMMs on the weights as they lie, not on a packed oneDNN copy of "
+                        "each (which holds fp32 weights twice; env ZEROC_PACK_WEIGHTS=0)")
 
 
 def checked(cfg: ZeroCConfig) -> ZeroCConfig:
@@ -35,6 +38,7 @@ def checked(cfg: ZeroCConfig) -> ZeroCConfig:
 def root_config(args: argparse.Namespace, cache: dict | None = None) -> ZeroCConfig:
     return checked(ZeroCConfig.from_env(model_dir=args.model, dtype=args.dtype, device=getattr(args, "device", None),
                                          attention_backend=getattr(args, "attention_backend", None),
+                                         pack_weights=getattr(args, "pack_weights", None),
                                          cache=cache or {"block_size": getattr(args, "block_size", None)}))
 
 
@@ -42,7 +46,8 @@ def load(args: argparse.Namespace, cache: dict | None = None):
     from zeroc.loader import load_model
 
     cfg = root_config(args, cache)
-    return load_model(cfg.model_dir, cfg.dtype, device=cfg.device, attention_backend=cfg.attention_backend), cfg
+    return load_model(cfg.model_dir, cfg.dtype, device=cfg.device, attention_backend=cfg.attention_backend,
+                      pack_weights=cfg.pack_weights), cfg
 
 
 def byte_size(text: str) -> int:
@@ -72,6 +77,7 @@ def service_config(args: argparse.Namespace) -> ZeroCConfig:
     prefill = getattr(args, "prefill", None)
     return checked(ZeroCConfig.from_env(
         model_dir=args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
+        pack_weights=getattr(args, "pack_weights", None),
         cache=cache_settings(args),
         server={"host": args.host, "port": args.port, "max_queue": args.max_queue, "grace_s": args.grace_s,
                 "max_message_mb": args.max_message_mb},
