@@ -7,12 +7,12 @@ Packed. Given a `WeightPack` (the slot a `zeroc.model.Linear` keeps beside its w
 once into oneDNN's blocked layout for a batch hint of `PACK_BATCH` rows, and every later call runs oneDNN's linear
 op (`torch.ops.mkldnn._linear_pointwise`, which inductor uses on frozen weights) on that copy. oneDNN on a plain
 weight reorders it on every call, which at decode batch sizes costs more than the product; MKL's sgemm (F.linear)
-is slow at a few rows on AMD CPUs. On the 2-vCPU AMD EPYC the bundled model's LM head took 0.18 ms at 4 rows,
-against 0.50 unpacked and 1.46 by F.linear (benchmarks/cpu_linear.py, docs/benchmarks.md). vLLM's CPU backend
+is slow at a few rows on AMD CPUs. On the 2-vCPU AMD EPYC the bundled model's LM head took 0.15 ms at 4 rows,
+against 0.33 unpacked and 0.79 by F.linear (benchmarks/cpu_linear.py, docs/benchmarks.md). vLLM's CPU backend
 packs the same way. The copy is as large as the weight: the cpu backend holds fp32 weights twice.
 
-Every weight of a model packs, whatever its size: a packed GEMM gives each row the same bits at any row count
-(tests/kernels/test_cpu_linear.py), so a request's logits do not depend on what else its step batched. F.linear
+Every weight of a model packs, whatever its size: a packed GEMM gives each row the same bits at any row count, so a
+sequence's decode logits are the same bits alone or batched (tests/kernels/test_cpu_linear.py). F.linear
 does not (a row alone and in a batch of 70 differ by some 3e-5), and where small weights stayed on F.linear, the
 streaming evaluator (a token at a time) and the served prompt (70 at once) rounded differently enough to move a
 KIVI cache's codes (2e-3 in the logits, tests/zeroc/policies/test_kivi.py).
