@@ -293,6 +293,7 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
         "prefill_tokens_s": spec.batch * spec.prompt / prefill_s,
         "prefill_mfu": prefill_flops(cfg, elems, spec.batch, spec.prompt) / prefill_s / rates["gemm_flop_s"],
         "step_ms": step_ms,
+        "step_mean_ms": statistics.fmean(walls) * 1e3,  # what the phases' means add up to
         "step_p90_ms": _pct(walls, 0.9) * 1e3,
         "device_ms": statistics.median(device_s) * 1e3,
         "host_ms": statistics.median(w - d for w, d in zip(walls, device_s)) * 1e3,
@@ -336,8 +337,8 @@ def summarize(rows: list[dict], methods: tuple[str, ...], schedulers: tuple[str,
     """Per method and scheduler ("<method>" or "<method> async"): medians over rounds, and its step over the
     uncompressed step of the same round and scheduler."""
     out = {}
-    keys = ("prefill_tokens_s", "prefill_mfu", "step_ms", "step_p90_ms", "device_ms", "host_ms", "floor_ms",
-            "step_over_floor", "syncs_per_step")
+    keys = ("prefill_tokens_s", "prefill_mfu", "step_ms", "step_mean_ms", "step_p90_ms", "device_ms", "host_ms",
+            "floor_ms", "step_over_floor", "syncs_per_step")
     for sch in schedulers:
         base = {r["round"]: r["step_ms"] for r in rows if r["method"] == "none" and r["scheduler"] == sch}
         for m in methods:

@@ -29,7 +29,9 @@ def test_the_engine_bench_runs_every_method_interleaved_and_reports_against_its_
         assert len(row["step_over_none"]) == 2
         phases = row["phases_ms"]  # where a step's wall time goes: every phase laps, and they add up to no more
         assert set(phases) == set(PHASES) and all(ms >= 0 for ms in phases.values()) and phases["forward"] > 0
-        assert sum(phases.values()) <= row["step_ms"] * 1.1  # medians over rounds of means over steps
+        # each step's phases lap inside its wall time, so their means add up to no more than the mean step (over two
+        # rounds a median is a mean); the median step, which a slow step does not move, can be less
+        assert sum(phases.values()) <= row["step_mean_ms"] * 1.001
     assert s["none"]["step_over_none"] == [1.0, 1.0]
     rows = {r["method"]: r for r in report["rows"] if r["round"] == 0}
     # fewer KV dims per token: fold 32 of 64 halves Q/K and V, rotate 16 keeps a quarter
