@@ -45,14 +45,14 @@ class MklCpuBackend(CpuBackend):
 
 
 class UnpackedCpuBackend(CpuBackend):
-    """The cpu backend with oneDNN on the weight as it lies (no packed copy), unfused: what it ran before it
+    """The cpu backend with `pack_weights` off (oneDNN on the weights as they lie) and unfused: what it ran before it
     packed."""
 
     name = "cpu-unpacked"
     fuses_projections = False
 
-    def linear(self, x, weight, bias=None, pack=None):
-        return super().linear(x, weight, bias)
+    def __init__(self):
+        super().__init__(pack_weights=False)
 
 
 def gemm_ms(fn, x: torch.Tensor, w: torch.Tensor, calls: int = 30) -> float:
