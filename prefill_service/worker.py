@@ -78,7 +78,7 @@ class PrefillWorker:
         self.sched = scheduler
         shapes = layer_shapes(cfg)
         param = next(self.model.parameters())
-        self.model.prepack()  # the backend's packed weights, before the cache takes its share of the memory left
+        self.model.prepare_to_serve()  # the Engine's GEMMs, before the cache takes its share of the memory left
         self.cache = paged_cache(shapes, cache, param.dtype, param.device, model=self.model)
         self.max_tokens = self.cache.token_capacity(cfg.max_position_embeddings) - 1
         # A token tier (zeroc/policies/tier.py): the model writes [compressed | tier] rows; both are shipped.

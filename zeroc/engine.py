@@ -130,9 +130,7 @@ class Engine:
         self.sched = scheduler or SchedulerConfig()
         device = next(self.model.parameters()).device
         self.runs_ahead = runs_ahead(self.sched, device)  # launch step n before step n-1's ids reach the host
-        if self.model.backend.fuses_projections:  # before any CUDA graph captures the layers' GEMMs
-            self.model.fuse_projections()
-        self.model.prepack()  # before the cache takes its share of the memory left
+        self.model.prepare_to_serve()  # fused, packed GEMMs, before the cache takes its share of the memory left
         if self.sched.compile_layers:
             compile_feed_forward(self.model)
         cfg = self.model_config

@@ -13,7 +13,10 @@ concatenated per call (a copy of the activations, not of the weights).
 
 The one GEMM serves forwards without gradients (serving, evaluation). Where gradients are wanted, or once a
 part's weight is no longer its rows of the concatenation (the module was moved or cast after fusing, or a
-weight reassigned), each part runs on its own, so the result is always the parts' own.
+weight reassigned: `fresh` is False), each part runs on its own, so the result is always the parts' own, until
+`Transformer.fuse_projections` fuses them again. A deep copy is fused afresh: the copied parts' weights (which
+nn.Parameter's deep copy clones apart) are concatenated again and re-pointed, so a copy runs one GEMM too and
+holds its weights once.
 
 The one GEMM is the parts' backend's: a part that is a `zeroc.model.Linear` carries its model's backend GEMM
 (`gemm`), which the fused call runs on the concatenation with a pack slot of its own (the cpu backend packs the
@@ -22,6 +25,7 @@ concatenation for oneDNN, kernels/cpu_linear.py); a plain nn.Linear part, F.line
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 
@@ -61,9 +65,17 @@ class FusedLinears:
             at += p.out_features
         return cls(tuple(parts), weight, bias, tuple(p.out_features for p in parts), _pointers(parts))
 
+    @property
+    def fresh(self) -> bool:
+        """Whether every part's weight and bias still are their rows of the concatenation."""
+        return _pointers(self.parts) == self.pointers
+
+    def __deepcopy__(self, memo: dict) -> FusedLinears | None:
+        return type(self).of(*copy.deepcopy(self.parts, memo))
+
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         """x: [*, in] -> each part's output [*, out_i]: column views of one GEMM's output."""
-        if torch.is_grad_enabled() or _pointers(self.parts) != self.pointers:
+        if torch.is_grad_enabled() or not self.fresh:
             return tuple(p(x) for p in self.parts)
         return _gemm(self.parts, x, self.weight, self.bias, self.pack).split(self.sizes, -1)
 
@@ -106,8 +118,11 @@ class SummedLinears:
         bias = next((p.bias for p in parts if p.bias is not None), None)
         return cls(tuple(parts), weight, bias, tuple(p.in_features for p in parts), _pointers(parts))
 
+    fresh = FusedLinears.fresh
+    __deepcopy__ = FusedLinears.__deepcopy__
+
     def __call__(self, *xs: Tensor) -> Tensor:
         """xs: one [*, in_i] per part -> Σ_i part_i(x_i) [*, out]"""
-        if torch.is_grad_enabled() or _pointers(self.parts) != self.pointers:
+        if torch.is_grad_enabled() or not self.fresh:
             return functools.reduce(torch.add, (p(x) for p, x in zip(self.parts, xs)))
         return _gemm(self.parts, torch.cat(xs, -1), self.weight, self.bias, self.pack)

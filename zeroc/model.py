@@ -361,6 +361,15 @@ class Transformer(nn.Module):
         return [f for layer in layers for f in (layer.self_attn.qkv, layer.self_attn.o_tier, layer.mlp.gate_up)
                 if f is not None]
 
+    def prepare_to_serve(self) -> None:
+        """What an Engine and a prefill worker do to their model before sizing a KV cache, so that a prefill service
+        runs the GEMMs a colocated engine runs: fuse the projections where the backend runs them fused (fewer,
+        wider GEMMs; before any CUDA graph captures the layers' GEMMs), then have the backend lay out the weights
+        (`prepack`)."""
+        if self.backend.fuses_projections:
+            self.fuse_projections()
+        self.prepack()
+
     def prepack(self) -> None:
         """Have the backend lay out every GEMM's weight now (the cpu backend's packed oneDNN copies), not at its
         first call: the Engine calls it before sizing its KV cache. A Linear the fused GEMMs serve is skipped: its
@@ -377,14 +386,15 @@ class Transformer(nn.Module):
         """Run each layer's Q/K/V projections (with a token tier's: `Attention.input_projections`) as one GEMM,
         a tier's two output projections as another, and its gate/up pair as a third (zeroc/fused_linears.py) in
         forwards without gradients: fewer, wider GEMMs per decode step. Weights stay where they are, as views;
-        call it once the model is where it will run (the Engine does). Idempotent."""
+        call it once the model is where it will run (the Engine does). Idempotent; a fused GEMM that went stale
+        (the model was moved or cast since, so its parts run apart) is fused again."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if attn.qkv is None:
+            if attn.qkv is None or not attn.qkv.fresh:
                 attn.qkv = FusedLinears.of(*attn.input_projections())
-            if attn.tier is not None and attn.o_tier is None:
+            if attn.tier is not None and (attn.o_tier is None or not attn.o_tier.fresh):
                 attn.o_tier = SummedLinears.of(attn.o_proj, attn.tier_o_proj)
-            if mlp.gate_up is None:
+            if mlp.gate_up is None or not mlp.gate_up.fresh:
                 mlp.gate_up = FusedLinears.of(mlp.gate_proj, mlp.up_proj)
 
     def init_rope(self) -> None:

@@ -6,6 +6,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+import torch
 
 from zeroc.client import Client, ClientError, RetryPolicy
 from zeroc.kv_transfer import decode_chunk
@@ -120,18 +121,52 @@ def test_a_cancelled_prefill_stream_leaves_the_service_serving(services, bundled
     assert replies[-1].summary.num_tokens == 5
 
 
-def test_the_worker_packs_the_cpu_backends_weights_before_it_sizes_its_cache(random_gqa, cpu_kernel):
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_worker_prepares_its_model_as_the_engine_does_and_ships_the_engines_kv_bits(random_gqa, backend, request):
+    """Before it sizes its cache, the worker fuses Q/K/V and gate/up where the backend runs them fused, and has it
+    pack the weights (the cpu backend), as a colocated Engine does (`Transformer.prepare_to_serve`); the KV it
+    ships for a prompt is the very bits that the Engine writes into its own cache for that prompt. (At these
+    shapes the fused and separate GEMMs also agree bit for bit, on oneDNN and on MKL: the bits alone would not
+    tell a worker that skipped the fusion.)"""
     from model_copies import unfused_copy
 
-    from prefill_service.worker import PrefillWorker
+    from prefill_service.worker import DONE, PrefillJob, PrefillWorker
     from zeroc.config import CacheConfig, SchedulerConfig
+    from zeroc.engine import Engine
+    from zeroc.kv_transfer import parse_prefill_response
     from zeroc.model import Linear
-    from zeroc_kernels.attention import CpuBackend
+    from zeroc.sampling import SamplingParams
+    from zeroc_kernels.attention import select_backend
 
-    loaded = unfused_copy(random_gqa)
-    loaded.model.backend = CpuBackend()
+    if backend == "cpu":
+        request.getfixturevalue("cpu_kernel")  # built, or a skip without a compiler
+    loaded, colocated = unfused_copy(random_gqa), unfused_copy(random_gqa)
+    for copy_ in (loaded, colocated):
+        copy_.model.backend = select_backend(backend, "cpu")  # triton: its interpreter, as on CI
     worker = PrefillWorker(loaded, CacheConfig(16, 32), SchedulerConfig())
-    try:  # no prompt has run: the packs were made up front
-        assert all(m.pack.packed is not None for m in loaded.model.modules() if isinstance(m, Linear))
+    try:  # no prompt has run: the fused GEMMs and the packs were made up front
+        model = loaded.model
+        fused = [f for layer in model.model.layers for f in (layer.self_attn.qkv, layer.mlp.gate_up)]
+        assert all(f is not None and (f.pack.packed is not None) == (backend == "cpu") for f in fused)
+        parts = {id(p) for f in fused for p in f.parts}
+        assert all((m.pack.packed is not None) == (backend == "cpu" and id(m) not in parts)
+                   for m in model.modules() if isinstance(m, Linear))
+        prompt = torch.randint(2, 500, (45,), generator=torch.Generator().manual_seed(3)).tolist()
+        job = PrefillJob("r", prompt, chunk_bytes=1 << 20)
+        worker.submit(job)
+        shipped = {}
+        while (msg := job.out.get(timeout=60)) is not DONE:
+            assert not isinstance(msg, Exception), msg
+            if not isinstance(piece := parse_prefill_response(msg), prefill_pb2.PrefillSummary):
+                got = decode_chunk(piece)
+                shipped[got.layer, got.is_key] = got.data.clone()
     finally:
         worker.stop()
+    engine, written = Engine(colocated), {}
+    engine.add_request(prompt, SamplingParams(max_new_tokens=1))
+    with engine.cache.listening(lambda layer, _slots, k, v: written.update({(layer, True): k.clone(),
+                                                                          (layer, False): v.clone()})):
+        engine.step()  # the whole prompt in one step
+    assert written.keys() == shipped.keys() and len(written) == 2 * model.config.num_hidden_layers
+    for key, kv in written.items():
+        assert torch.equal(shipped[key], kv), key

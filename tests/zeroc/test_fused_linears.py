@@ -3,6 +3,8 @@ outputs as the parts, no weight stored twice, and the parts' own results whereve
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from model_copies import unfused_copy
+from zeroc.config import BUNDLED_MODEL
 from zeroc.engine import Engine
 from zeroc.fused_linears import FusedLinears, SummedLinears
 from zeroc.loader import load_model, save_model
@@ -189,3 +192,50 @@ def test_a_tier_model_with_per_head_ranks_fuses_every_projection_and_keeps_its_o
     saved = load_model(save_model(fused.model, fused.tokenizer, tmp_path / "m"))
     for (name, a), b in zip(saved.model.state_dict().items(), plain.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _fused_groups(model):
+    return [f for layer in model.model.layers for f in (layer.self_attn.qkv, layer.self_attn.o_tier, layer.mlp.gate_up)
+            if f is not None]
+
+
+def test_a_deep_copy_of_a_fused_model_is_fused_and_holds_its_weights_once(zeroc_tier_dir):
+    """A copy's parts are re-pointed at a concatenation of their own (nn.Parameter's deep copy clones each part
+    apart): one GEMM per group, as in the original, the original's weights untouched and not shared."""
+    loaded = load_model(zeroc_tier_dir, attention_backend="torch")
+    tokens = torch.tensor([[5, 9, 13, 200, 31, 7, 64, 90, 11, 300, 42, 17]])
+    with torch.inference_mode():
+        want = loaded.model(tokens)
+    loaded.model.fuse_projections()
+    groups = _fused_groups(loaded.model)
+    copied = copy.deepcopy(loaded.model)
+    twins = _fused_groups(copied)
+    assert len(twins) == len(groups) == 3 * loaded.config.num_hidden_layers  # a tier model: QKV, both O, gate/up
+    for f, twin in zip(groups, twins):
+        assert twin.fresh and type(twin) is type(f) and twin.weight.data_ptr() != f.weight.data_ptr()
+        assert torch.equal(twin.weight, f.weight)
+        assert all(p.weight.untyped_storage().data_ptr() == twin.weight.untyped_storage().data_ptr()
+                   for p in twin.parts)  # views of the copy's concatenation: stored once
+        assert {id(p) for p in twin.parts} <= {id(m) for m in copied.modules()}  # the copy's own modules
+    with torch.inference_mode(), _CountingLinears() as count:
+        torch.testing.assert_close(copied(tokens), want, rtol=1e-5, atol=1e-5)
+    assert count.calls == 4 * loaded.config.num_hidden_layers + 1  # fused in the copy too
+    assert all(f.fresh for f in groups)
+
+
+def test_fuse_projections_fuses_a_cast_model_again():
+    """A cast after fusing leaves each group stale (its parts run apart); fusing again makes it one GEMM in the new
+    dtype, and the stale concatenation is let go."""
+    model = unfused_copy(load_model(BUNDLED_MODEL, attention_backend="torch").model)
+    tokens = torch.tensor([[5, 9, 13, 200, 31]])
+    model.fuse_projections()
+    model.to(torch.float64)
+    assert not any(f.fresh for f in _fused_groups(model))
+    with torch.inference_mode():
+        want = model(tokens)  # the parts, apart, in float64
+    model.fuse_projections()
+    groups = _fused_groups(model)
+    assert groups and all(f.fresh and f.weight.dtype == torch.float64 for f in groups)
+    with torch.inference_mode(), _CountingLinears() as count:
+        torch.testing.assert_close(model(tokens), want)
+    assert count.calls == 4 * model.config.num_hidden_layers + 1  # a layer: QKV, O, gate/up, down; the LM head
