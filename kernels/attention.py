@@ -300,7 +300,7 @@ class CpuBackend(TorchBackend):
                              "(g++ and torch's headers are needed); use the torch backend")
 
     def linear(self, x, weight, bias=None, pack=None):
-        # fp32 GEMMs without gradients by oneDNN on a packed copy of the weight in the caller's slot; with
+        # fp32 and bf16 GEMMs without gradients by oneDNN on a packed copy of the weight in the caller's slot; with
         # `pack_weights` off, oneDNN on the weight as it lies, F.linear for small ones (kernels/cpu_linear.py)
         return onednn_linear(x, weight, bias, pack if self.pack_weights else None)
 

@@ -16,8 +16,8 @@ _UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face model directory (env ZEROC_MODEL_DIR; "
                                                   "default: the bundled model)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16: what the weights compute in "
-                                                  "(env ZEROC_DTYPE; default float32)")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16: what the weights compute in "
+                                                  "(env ZEROC_DTYPE; default auto: the checkpoint's torch_dtype)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N: where the model runs (env ZEROC_DEVICE)")
     p.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS,
                    help="how the paged forward attends: auto (Triton on CUDA, cpu on the CPU where it builds, else "
@@ -26,7 +26,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
                         "(env ZEROC_ATTENTION_BACKEND)")
     p.add_argument("--no-pack-weights", dest="pack_weights", action="store_const", const=False, default=None,
                    help="the cpu backend runs its GEMMs on the weights as they lie, not on a packed oneDNN copy of "
-                        "each (which holds fp32 weights twice; env ZEROC_PACK_WEIGHTS=0)")
+                        "each (which holds fp32 and bf16 weights twice; env ZEROC_PACK_WEIGHTS=0)")
 
 
 def checked(cfg: ZeroCConfig) -> ZeroCConfig:
