@@ -97,7 +97,7 @@ def build_ragged_kernel(capability: str) -> Path:
         cmd = [cxx, *_flags(capability), f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
                *(f"-isystem{i}" for i in includes), *map(str, SOURCES), *libs, "-lc10", "-ltorch_cpu", "-ltorch",
                "-ltorch_python", "-o", str(out)]
-        log.info("building the ragged CPU attention kernel (%s, about half a minute)", capability)
+        log.info("building the ragged CPU attention kernel (%s, about a minute)", capability)
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         os.replace(out, path)
     return path
@@ -134,16 +134,24 @@ def ragged_paged_attention(
     query_start_loc: Tensor,  # [B + 1]
     scale: float,
 ) -> Tensor:
-    """-> [N, heads, dv], as `paged_attention_ref`. Other dtypes go through fp32 (the accumulation the
-    reference's SDPA uses on the CPU) and come back in q's dtype: only the blocks the tables name are
-    converted, as the int8 path dequantises them; a whole pool would cost every call its size."""
+    """-> [N, heads, dv], as `paged_attention_ref`, in q's dtype. The kernel reads fp32 and bf16 pools in place
+    (a bf16 row widened as it is read) and computes in fp32 (the accumulation the reference's SDPA uses on the
+    CPU); other pools (fp16) go through fp32 copies of only the blocks the tables name, as the int8 path
+    dequantises them: a whole pool would cost every call its size."""
     dtype = q.dtype
-    if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-        ids, block_tables = block_tables.unique(return_inverse=True)  # tables renumbered into the copies
-        k_cache, v_cache = k_cache[ids].float(), v_cache[ids].float()
+    k_cache, v_cache, block_tables = _kernel_pools(k_cache, v_cache, block_tables)
     out = kernel.ragged_paged_attention(q.float(), rows_contiguous(k_cache), rows_contiguous(v_cache), block_tables,
                                         seq_lens, query_start_loc, float(scale))
     return out.to(dtype)
+
+
+def _kernel_pools(k_cache: Tensor, v_cache: Tensor, block_tables: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pools the kernel reads as they lie (both fp32 or both bf16), or fp32 copies of the blocks the tables name,
+    with the tables renumbered into them."""
+    if k_cache.dtype == v_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16):
+        return k_cache, v_cache, block_tables
+    ids, block_tables = block_tables.unique(return_inverse=True)
+    return k_cache[ids].float(), v_cache[ids].float(), block_tables
 
 
 def ragged_decode_partials(
@@ -159,9 +167,7 @@ def ragged_decode_partials(
     """-> (out [B, heads, 1, dv], lse [B, heads, 1]), as `decode_partials_ref` (kernels/paged_decode.py), in place
     in the cache like `ragged_paged_attention` (dtypes likewise)."""
     dtype = q.dtype
-    if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-        ids, block_tables = block_tables.unique(return_inverse=True)
-        k_cache, v_cache = k_cache[ids].float(), v_cache[ids].float()
+    k_cache, v_cache, block_tables = _kernel_pools(k_cache, v_cache, block_tables)
     out, lse = kernel.ragged_decode_partials(q.float(), rows_contiguous(k_cache), rows_contiguous(v_cache),
                                              block_tables, seq_lens, float(scale), int(key_start))
     return out.to(dtype)[:, :, None], lse[:, :, None]

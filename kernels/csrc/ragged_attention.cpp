@@ -16,6 +16,9 @@
 // torch.set_num_threads governs this kernel like any other op.
 // `ragged_decode_partials` runs the decode paths over each sequence's keys from a start position on, with
 // each output's log-sum-exp: a token tier's compressed segment, merged with its full-rank keys by LSE.
+// K/V pools are fp32 or bf16 (`Args<T>`): a bf16 row is widened to fp32 as it is read (a shift; exact), so a bf16
+// cache is read in place at half the bytes, never gathered or converted whole. Queries, scores and accumulation
+// are fp32.
 // Built by kernels/ragged_cpu.py (-O3 -fopenmp and the vector ISA torch detected on the CPU).
 #include <torch/extension.h>
 
@@ -24,6 +27,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <optional>
@@ -36,10 +40,11 @@ namespace {
 // in prefill, few enough that a prompt splits into many items for the threads.
 constexpr int64_t kTileVectors = 96;
 
+template <typename T>  // the pools' element: float or c10::BFloat16
 struct Args {
   const float* q;  // [N, heads, dq], dense
-  const float* k;  // [blocks, block_size, kv_heads, dq], strides ks*, last dim dense
-  const float* v;  // [blocks, block_size, kv_heads, dv], strides vs*
+  const T* k;  // [blocks, block_size, kv_heads, dq], strides ks*, last dim dense
+  const T* v;  // [blocks, block_size, kv_heads, dv], strides vs*
   float* out;      // [N, heads, dv], dense
   const int64_t* tables;  // [B, table_width]
   const int64_t* seq_lens;  // [B]
@@ -55,10 +60,21 @@ struct Item {
   int64_t seq, kv_head, heads, row0, rows, cost;  // KV heads [kv_head, kv_head + heads), query rows [row0, +rows)
 };
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+inline float to_float(float x) { return x; }
+
+// bf16 is fp32's upper half: widening is a shift, exact (plain arithmetic, so `omp simd` loops vectorise)
+inline float to_float(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename T>
+inline float dot(const float* __restrict a, const T* __restrict b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
 }
 
@@ -82,9 +98,10 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
-inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+template <typename T>
+inline void axpy(float* __restrict y, float a, const T* __restrict x, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += a * to_float(x[i]);
 }
 
 // One vector's scores of a block -> probabilities, in place, and its running max, sum and accumulator
@@ -115,28 +132,32 @@ inline void row_softmax(float* __restrict s, int64_t n, int64_t width, float& mx
 }
 
 // One query vector's online-softmax update with its scores `s` over n keys of a block (values at vb).
-inline void block_update(const Args& a, float* __restrict s, int64_t n, const float* __restrict vb, float& mx,
+template <typename T>
+inline void block_update(const Args<T>& a, float* __restrict s, int64_t n, const T* __restrict vb, float& mx,
                          float& den, float* __restrict acc) {
   row_softmax(s, n, n, mx, den, acc, a.dv);
   for (int64_t t = 0; t < n; ++t) axpy(acc, s[t], vb + t * a.vs1, a.dv);  // acc += p @ V
 }
 
 // Positions of the item's first and last query rows; each row sees the keys up to its own position.
-inline std::pair<int64_t, int64_t> row_positions(const Args& a, const Item& it) {
+template <typename T>
+inline std::pair<int64_t, int64_t> row_positions(const Args<T>& a, const Item& it) {
   const int64_t q_len = a.starts[it.seq + 1] - a.starts[it.seq];
   const int64_t first = a.seq_lens[it.seq] - q_len + it.row0;
   return {first, first + it.rows - 1};
 }
 
 // Block `blk` of the item's sequence, where it lies in the pools: its K rows and V rows for the item's KV head.
-inline std::pair<const float*, const float*> block_kv(const Args& a, const Item& it, int64_t blk) {
+template <typename T>
+inline std::pair<const T*, const T*> block_kv(const Args<T>& a, const Item& it, int64_t blk) {
   const int64_t id = a.tables[it.seq * a.table_width + blk];
   return {a.k + id * a.ks0 + it.kv_head * a.ks2, a.v + id * a.vs0 + it.kv_head * a.vs2};
 }
 
 // The item's query vectors, scaled ([m, dq]): vector (i * heads + h) * group + g is query head
 // (kv_head + h) * group + g of row row0 + i.
-inline void load_queries(const Args& a, const Item& it, float* __restrict qs) {
+template <typename T>
+inline void load_queries(const Args<T>& a, const Item& it, float* __restrict qs) {
   for (int64_t i = 0; i < it.rows; ++i) {
     const int64_t width = it.heads * a.group * a.dq;  // the item's query heads of a row lie side by side
     const float* src = a.q + ((a.starts[it.seq] + it.row0 + i) * a.heads + it.kv_head * a.group) * a.dq;
@@ -146,7 +167,8 @@ inline void load_queries(const Args& a, const Item& it, float* __restrict qs) {
 
 // One output vector: acc / den, and its LSE where asked for; a vector that attended no key (den 0: keys from
 // key_start on only) gets 0 and LSE -inf.
-inline void store_vector(const Args& a, int64_t out_row, const float* acc, float mx, float den) {
+template <typename T>
+inline void store_vector(const Args<T>& a, int64_t out_row, const float* acc, float mx, float den) {
   float* dst = a.out + out_row * a.dv;
   const float inv = den > 0.f ? 1.f / den : 0.f;
   for (int64_t j = 0; j < a.dv; ++j) dst[j] = acc[j] * inv;
@@ -156,7 +178,8 @@ inline void store_vector(const Args& a, int64_t out_row, const float* acc, float
 }
 
 // out rows of the item's vectors: acc [m, acc_stride] / den [m]
-inline void store_outputs(const Args& a, const Item& it, const float* acc, int64_t acc_stride, const float* mx,
+template <typename T>
+inline void store_outputs(const Args<T>& a, const Item& it, const float* acc, int64_t acc_stride, const float* mx,
                           const float* den) {
   const int64_t per_row = it.heads * a.group;
   for (int64_t m = 0; m < it.rows * per_row; ++m) {
@@ -168,7 +191,8 @@ inline void store_outputs(const Args& a, const Item& it, const float* acc, int64
 
 // A decode item (one row; the query vectors of its KV heads' groups): one dot per key, one axpy per value,
 // read in place. A decode item may span all KV heads, so each block's rows are read once, end to end.
-void attend_vectors(const Args& a, const Item& it, std::vector<float>& buf) {
+template <typename T>
+void attend_vectors(const Args<T>& a, const Item& it, std::vector<float>& buf) {
   const int64_t per_row = it.heads * a.group;
   const int64_t m_count = it.rows * per_row;
   buf.assign(m_count * (a.dq + a.dv + 2) + a.block_size, 0.f);
@@ -191,7 +215,7 @@ void attend_vectors(const Args& a, const Item& it, std::vector<float>& buf) {
       if (n <= 0) continue;
       for (int64_t hg = 0; hg < per_row; ++hg) {
         const int64_t m = i * per_row + hg, h = hg / a.group;
-        const float* kh = kb + h * a.ks2 + skip * a.ks1;
+        const T* kh = kb + h * a.ks2 + skip * a.ks1;
         for (int64_t t = 0; t < n; ++t) s[t] = dot(qs + m * a.dq, kh + t * a.ks1, a.dq);
         block_update(a, s, n, vb + h * a.vs2 + skip * a.vs1, mx[m], den[m], acc + m * a.dv);
       }
@@ -213,7 +237,8 @@ struct TileBuffers {
   float *qs, *acc, *mx, *den, *s, *kt, *vp;  // [mp,dq] [mp,dvp] [mp] [mp] [kRowBlock,bsp] [dq,bsp] [bsp,dvp]
 };
 
-TileBuffers tile_buffers(const Args& a, int64_t m_count, std::vector<float>& buf) {
+template <typename T>
+TileBuffers tile_buffers(const Args<T>& a, int64_t m_count, std::vector<float>& buf) {
   TileBuffers b{round_up(m_count, kRowBlock), round_up(a.block_size, kLanes), round_up(a.dv, kLanes)};
   buf.assign(b.mp * (a.dq + b.dvp + 2) + kRowBlock * b.bsp + a.dq * b.bsp + b.bsp * b.dvp, 0.f);
   b.qs = buf.data();
@@ -237,6 +262,17 @@ inline Vec load_vec(const float* p) {
   return v;
 }
 
+inline Vec load_vec(const c10::BFloat16* p) {  // kLanes bf16 widened to fp32
+  using Half = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+  using Word = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+  Half h;
+  std::memcpy(&h, p, sizeof(h));
+  const Word w = __builtin_convertvector(h, Word) << 16;
+  Vec v;
+  std::memcpy(&v, &w, sizeof(v));
+  return v;
+}
+
 inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
 // s[r, :] = qs[r] . kt for kRowBlock query vectors (qs: [kRowBlock, dq], kt: [dq, bsp])
@@ -254,7 +290,8 @@ inline void tile_scores(const float* __restrict qs, int64_t dq, const float* __r
 
 // acc[r] += p[r, :n] @ vp for kRowBlock query vectors (p: [kRowBlock, bsp], vp: [n, width], acc: [., width])
 // (V rows `v_stride` apart, `width` a multiple of kLanes: the staged copy, or cache rows of such a width)
-inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const float* __restrict vp, int64_t v_stride,
+template <typename T>
+inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const T* __restrict vp, int64_t v_stride,
                     int64_t width, float* __restrict acc) {
   for (int64_t c = 0; c < width; c += kLanes) {
     Vec x[kRowBlock];
@@ -267,7 +304,8 @@ inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const flo
   }
 }
 
-void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
+template <typename T>
+void attend_tile(const Args<T>& a, const Item& it, std::vector<float>& buf) {
   const int64_t m_count = it.rows * a.group;
   TileBuffers b = tile_buffers(a, m_count, buf);
   load_queries(a, it, b.qs);
@@ -277,8 +315,8 @@ void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
     const auto [kb, vb] = block_kv(a, it, blk);
     const int64_t n_block = std::min(a.block_size, last_pos - base + 1);
     for (int64_t t = 0; t < n_block; ++t) {  // slots past n_block keep finite values and get weight 0
-      for (int64_t d = 0; d < a.dq; ++d) b.kt[d * b.bsp + t] = kb[t * a.ks1 + d];
-      std::copy(vb + t * a.vs1, vb + t * a.vs1 + a.dv, b.vp + t * b.dvp);
+      for (int64_t d = 0; d < a.dq; ++d) b.kt[d * b.bsp + t] = to_float(kb[t * a.ks1 + d]);
+      for (int64_t d = 0; d < a.dv; ++d) b.vp[t * b.dvp + d] = to_float(vb[t * a.vs1 + d]);
     }
     for (int64_t m0 = 0; m0 < b.mp; m0 += kRowBlock) {
       tile_scores(b.qs + m0 * a.dq, a.dq, b.kt, b.bsp, b.s);
@@ -296,7 +334,8 @@ void attend_tile(const Args& a, const Item& it, std::vector<float>& buf) {
 // A decode item whose value width fills whole registers: scores as dots from the cache rows, then P @ V
 // register-blocked straight from the cache rows (a decode row uses each block once: nothing to stage).
 // Each KV head's group is padded to whole register blocks: vector h * gp + g, g < group.
-void attend_decode(const Args& a, const Item& it, std::vector<float>& buf) {
+template <typename T>
+void attend_decode(const Args<T>& a, const Item& it, std::vector<float>& buf) {
   const int64_t gp = round_up(a.group, kRowBlock), bsp = round_up(a.block_size, kLanes);
   const int64_t mp = it.heads * gp;
   buf.assign(mp * (a.dq + a.dv + 2) + kRowBlock * bsp, 0.f);
@@ -340,7 +379,8 @@ void attend_decode(const Args& a, const Item& it, std::vector<float>& buf) {
   }
 }
 
-std::vector<Item> plan_items(const Args& a, int64_t num_seqs, int64_t threads) {
+template <typename T>
+std::vector<Item> plan_items(const Args<T>& a, int64_t num_seqs, int64_t threads) {
   const int64_t rows_per_item = std::max<int64_t>(1, kTileVectors / a.group);
   // Decode rows take all KV heads in one item (each block read once, contiguously) when there are enough
   // sequences to keep the threads busy; otherwise one item per KV head.
@@ -365,7 +405,8 @@ std::vector<Item> plan_items(const Args& a, int64_t num_seqs, int64_t threads) {
 
 // causal: every query sits in its sequence's context (q_len <= seq_len); decode partials only need
 // seq_len >= 0 (a segment may hold no key).
-void check_tables(const Args& a, int64_t num_seqs, int64_t num_blocks, int64_t num_rows, bool causal) {
+template <typename T>
+void check_tables(const Args<T>& a, int64_t num_seqs, int64_t num_blocks, int64_t num_rows, bool causal) {
   TORCH_CHECK_VALUE(a.starts[0] == 0 && a.starts[num_seqs] == num_rows, "query_start_loc must run from 0 to N");
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int64_t q_len = a.starts[b + 1] - a.starts[b];
@@ -382,13 +423,22 @@ void check_tables(const Args& a, int64_t num_seqs, int64_t num_blocks, int64_t n
   }
 }
 
+// f(T{}) for the pools' element type T (q fp32; the pools both fp32 or both bf16).
+template <typename F>
+auto with_pool_type(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache, F&& f) {
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat, "q must be fp32");
+  const auto pools = k_cache.scalar_type();
+  TORCH_CHECK_VALUE(v_cache.scalar_type() == pools && (pools == at::kFloat || pools == at::kBFloat16),
+                    "k_cache and v_cache must be both fp32 or both bf16");
+  return pools == at::kBFloat16 ? f(c10::BFloat16{}) : f(float{});
+}
+
 // The arguments' checks and the Args over them (the tensors stay alive in the caller), `out` still to be set.
-Args make_args(torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-               torch::Tensor& block_tables, torch::Tensor& seq_lens, torch::Tensor& query_start_loc, double scale) {
+template <typename T>
+Args<T> make_args(torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                  torch::Tensor& block_tables, torch::Tensor& seq_lens, torch::Tensor& query_start_loc, double scale) {
   TORCH_CHECK_VALUE(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && block_tables.dim() == 2,
                     "q must be [N, heads, dq], k_cache / v_cache [blocks, block_size, kv_heads, d], block_tables 2-D");
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                        v_cache.scalar_type() == at::kFloat, "q, k_cache and v_cache must be fp32");
   TORCH_CHECK_VALUE(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
                     "k_cache / v_cache rows must be dense in their last dim");
   TORCH_CHECK_VALUE(k_cache.size(0) == v_cache.size(0) && k_cache.size(1) == v_cache.size(1) &&
@@ -402,14 +452,15 @@ Args make_args(torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tens
   const int64_t heads = q.size(1), kv_heads = k_cache.size(2);
   TORCH_CHECK_VALUE(heads % kv_heads == 0, "q heads ", heads, " are not a multiple of k_cache's KV heads ", kv_heads);
   TORCH_CHECK_VALUE(q.size(2) == k_cache.size(3), "q width ", q.size(2), " differs from k_cache's ", k_cache.size(3));
-  return Args{q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), nullptr,
+  return Args<T>{q.data_ptr<float>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), nullptr,
               block_tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), query_start_loc.data_ptr<int64_t>(),
               heads, kv_heads, heads / kv_heads, q.size(2), v_cache.size(3), k_cache.size(1), block_tables.size(1),
               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
               v_cache.stride(2), static_cast<float>(scale)};
 }
 
-void run_items(const Args& a, int64_t num_seqs) {
+template <typename T>
+void run_items(const Args<T>& a, int64_t num_seqs) {
   const std::vector<Item> items = plan_items(a, num_seqs, at::get_num_threads());
   std::atomic<int64_t> next{0};
   const int workers = static_cast<int>(std::max<int64_t>(
@@ -434,17 +485,19 @@ void run_items(const Args& a, int64_t num_seqs) {
 
 }  // namespace
 
-// q: [N, heads, dq] fp32; k_cache: [blocks, block_size, kv_heads, dq]; v_cache: [..., dv] (last dims dense);
-// block_tables: [B, W] int64; seq_lens: [B] int64; query_start_loc: [B + 1] int64 -> [N, heads, dv]
+// q: [N, heads, dq] fp32; k_cache: [blocks, block_size, kv_heads, dq]; v_cache: [..., dv] (fp32 or bf16, last dims
+// dense); block_tables: [B, W] int64; seq_lens: [B] int64; query_start_loc: [B + 1] int64 -> [N, heads, dv] fp32
 torch::Tensor ragged_paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens,
                                      torch::Tensor query_start_loc, double scale) {
-  Args a = make_args(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
-  auto out = torch::empty({q.size(0), q.size(1), v_cache.size(3)}, q.options());
-  a.out = out.data_ptr<float>();
-  check_tables(a, block_tables.size(0), k_cache.size(0), q.size(0), true);
-  run_items(a, block_tables.size(0));
-  return out;
+  return with_pool_type(q, k_cache, v_cache, [&](auto pool_type) {
+    auto a = make_args<decltype(pool_type)>(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale);
+    auto out = torch::empty({q.size(0), q.size(1), v_cache.size(3)}, q.options());
+    a.out = out.data_ptr<float>();
+    check_tables(a, block_tables.size(0), k_cache.size(0), q.size(0), true);
+    run_items(a, block_tables.size(0));
+    return out;
+  });
 }
 
 // One query per sequence ([B, heads, dq]) over its keys [key_start, seq_len) only, unnormalised by anything
@@ -456,15 +509,17 @@ std::vector<torch::Tensor> ragged_decode_partials(torch::Tensor q, torch::Tensor
   TORCH_CHECK_VALUE(key_start >= 0, "key_start must be >= 0, got ", key_start);
   TORCH_CHECK_VALUE(q.dim() == 3 && q.size(0) == block_tables.size(0), "q must hold one query per sequence");
   auto starts = torch::arange(q.size(0) + 1, torch::TensorOptions().dtype(at::kLong));
-  Args a = make_args(q, k_cache, v_cache, block_tables, seq_lens, starts, scale);
-  auto out = torch::empty({q.size(0), q.size(1), v_cache.size(3)}, q.options());
-  auto lse = torch::empty({q.size(0), q.size(1)}, q.options());
-  a.out = out.data_ptr<float>();
-  a.key_start = key_start;
-  a.lse = lse.data_ptr<float>();
-  check_tables(a, block_tables.size(0), k_cache.size(0), q.size(0), false);
-  run_items(a, block_tables.size(0));
-  return {out, lse};
+  return with_pool_type(q, k_cache, v_cache, [&](auto pool_type) {
+    auto a = make_args<decltype(pool_type)>(q, k_cache, v_cache, block_tables, seq_lens, starts, scale);
+    auto out = torch::empty({q.size(0), q.size(1), v_cache.size(3)}, q.options());
+    auto lse = torch::empty({q.size(0), q.size(1)}, q.options());
+    a.out = out.data_ptr<float>();
+    a.key_start = key_start;
+    a.lse = lse.data_ptr<float>();
+    check_tables(a, block_tables.size(0), k_cache.size(0), q.size(0), false);
+    run_items(a, block_tables.size(0));
+    return std::vector<torch::Tensor>{out, lse};
+  });
 }
 
 // tier_decode.cpp, built into the same module

@@ -47,16 +47,19 @@ def _case(random_paged_kv, poison_unused_slots, gen, seqs, block_size, kv_heads,
     seqs=st.lists(st.tuples(st.sampled_from([1, 1, 2, 17, 40, 70]), st.sampled_from([0, 0, 5, 64, 100, 300])),
                   min_size=1, max_size=4),
     threads=st.sampled_from([1, 2]),
+    pools=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
 def test_kernel_matches_reference(kernel, random_paged_kv, poison_unused_slots, block_size, group, kv_heads, dims,
-                                  seqs, threads, seed):
-    """Prefill from scratch, prefill after a cached prefix, decode rows, in one ragged batch."""
+                                  seqs, threads, pools, seed):
+    """Prefill from scratch, prefill after a cached prefix, decode rows, in one ragged batch; fp32 and bf16 pools
+    (read in place: a bf16 row widened to fp32 exactly, so the reference is fp32 attention over the same values)."""
     dq, dv = dims
     gen = torch.Generator().manual_seed(seed)
     case = _case(random_paged_kv, poison_unused_slots, gen, seqs, block_size, kv_heads, group, dq, dv)
+    case = (case[0], case[1].to(pools), case[2].to(pools), *case[3:])
     scale = 1.0 / math.sqrt(dq)
-    ref = paged_attention_ref(*case, scale)
+    ref = paged_attention_ref(case[0], case[1].float(), case[2].float(), *case[3:], scale)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -109,17 +112,19 @@ def test_cpu_backend_serves_int8_and_bf16_as_the_references(kernel, random_paged
     want = paged_attention_int8_ref(q, kq, vq, ks, vs, tables, lens, starts, 0.1)
     got = backend.paged_attention(q, kq, vq, tables, lens, starts, 0.1, k_scales=ks, v_scales=vs)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    want = paged_attention_ref(qb, kb, vb, tables, lens, starts, 0.1)
-    got = backend.paged_attention(qb, kb, vb, tables, lens, starts, 0.1)
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    for dtype in (torch.bfloat16, torch.float16):  # bf16 pools read in place, fp16 through fp32 copies of blocks
+        qb, kb, vb = q.to(dtype), k.to(dtype), v.to(dtype)
+        want = paged_attention_ref(qb, kb, vb, tables, lens, starts, 0.1)
+        got = backend.paged_attention(qb, kb, vb, tables, lens, starts, 0.1)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dims", [(48, 32), (40, 24)])  # dv a multiple of 16 (the register path) or not
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_partials_from_a_key_start_are_the_reference(kernel, random_paged_kv, poison_unused_slots, dims,
-                                                            threads):
+                                                            threads, pool_dtype):
     """A token tier's compressed segment: one query per sequence over its keys [key_start, seq_len) of column
     views of a wider row (as the tier pools hold K and V side by side), with each output's LSE; a sequence with
     no key there (seq_len == key_start, or 0) gets 0 and -inf. Few sequences (an item per KV head) and many (whole
@@ -132,10 +137,10 @@ def test_decode_partials_from_a_key_start_are_the_reference(kernel, random_paged
     for lens, start in (([5, 40, 130], 5), ([0, 3, 3, 20, 17, 64, 200, 33], 3), ([1, 16, 17, 100], 0)):
         pools, _, tables = random_paged_kv(gen, [max(n, 1) for n in lens], 16, 2, dq + dv, 8, torch.float32)
         seq_lens = torch.tensor(lens)
-        pools = poison_unused_slots(pools, tables, seq_lens)
+        pools = poison_unused_slots(pools, tables, seq_lens).to(pool_dtype)
         k, v = pools[..., :dq], pools[..., dq:]  # [blocks, 16, 2, dq] and [..., dv]: strided views
         q = torch.randn(len(lens), 6, dq, generator=gen)
-        want, want_lse = decode_partials_ref(q, k, v, tables, seq_lens, 0.3, start)
+        want, want_lse = decode_partials_ref(q, k.float(), v.float(), tables, seq_lens, 0.3, start)
         got, lse = ragged_decode_partials(kernel, q, k, v, tables, seq_lens, 0.3, start)
         assert got.shape == want.shape and lse.shape == want_lse.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
