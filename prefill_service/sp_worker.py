@@ -157,7 +157,7 @@ def _rank_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--init", required=True, help="tcp://HOST:PORT of rank 0's rendezvous")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--timeout-s", type=float, default=120.0)
     args = parser.parse_args(argv)
     if os.environ.get("ZEROC_EXIT_WITH_PARENT"):

@@ -46,6 +46,7 @@ def test_bench_forward_reports_positive_rates():
     (["generate", "--temperature", "-1", "hi"], "temperature must be 0 (greedy) or in"),
     (["generate", ""], "prompt is empty"),
     (["eval", "ppl", "--ctx", "1"], "ctx must be >= 2"),
+    (["generate", "--dtype", "float8", "hi"], "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message):
     r = zeroc(*args)

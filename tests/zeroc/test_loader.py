@@ -47,6 +47,33 @@ def test_half_precision_loads_and_runs(random_gqa_dir, random_gqa, dtype):
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
 
 
+@pytest.mark.parametrize("torch_dtype", ["bfloat16", "float32"])
+def test_auto_dtype_is_the_checkpoints_from_the_config_the_flag_or_the_environment(random_gqa_dir, tmp_path,
+                                                                                   monkeypatch, torch_dtype):
+    """The default, like vLLM's: a checkpoint saying bfloat16 computes in bfloat16 (not in float32, at twice the
+    memory); --dtype or ZEROC_DTYPE still choose."""
+    import argparse
+
+    from zeroc.cli.common import load, model_args
+    from zeroc.config import ZeroCConfig
+
+    d = _copy(random_gqa_dir, tmp_path / "m")
+    _edit_config(d, torch_dtype=torch_dtype)
+    p = argparse.ArgumentParser()
+    model_args(p)
+    for argv, env, want in (([], {}, torch_dtype), (["--dtype", "auto"], {}, torch_dtype),
+                            ([], {"ZEROC_DTYPE": "float16"}, "float16"), (["--dtype", "float32"], {}, "float32")):
+        monkeypatch.delenv("ZEROC_DTYPE", raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        loaded, cfg = load(p.parse_args(["--model", str(d), "--attention-backend", "torch", *argv]))
+        assert next(loaded.model.parameters()).dtype == getattr(torch, want), (argv, env)
+    assert ZeroCConfig().dtype == "auto"
+    assert next(load_model(d, dtype="auto").model.parameters()).dtype == getattr(torch, torch_dtype)
+    with pytest.raises(ValueError, match="dtype must be auto, float32, bfloat16 or float16, got 'int4'"):
+        ZeroCConfig.from_env(env={"ZEROC_DTYPE": "int4"})
+
+
 def _edit_config(d, **changes):
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(changes)

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroc.config.model import ATTENTION_BACKENDS, BUNDLED_MODEL
+from zeroc.config.model import ATTENTION_BACKENDS, BUNDLED_MODEL, dtype_name
 
 # The byte budget of a KV cache given none: 1024 blocks of 16 tokens of the bundled model's full-precision KV
 # (96 KiB a block). A model whose blocks take fewer bytes (a ZeroC model's low-rank K/V, a KV policy's stored
@@ -259,11 +259,14 @@ class ZeroCConfig:
     """
 
     model_dir: str = str(BUNDLED_MODEL)
-    dtype: str = "float32"
+    # What the weights and the KV cache compute in: "auto" is the checkpoint's torch_dtype (bfloat16 for most
+    # Hugging Face Llamas; float32 for the bundled model), as vLLM's default does; or float32, bfloat16, float16.
+    dtype: str = "auto"
     device: str = "cpu"  # where a service runs its model: cpu, cuda or cuda:N
     attention_backend: str = "auto"  # auto | torch | cpu | triton (triton on the CPU needs TRITON_INTERPRET=1)
-    # The cpu backend's GEMMs on a oneDNN-packed copy of each fp32 weight: faster, and batch-invariant, at the cost
-    # of holding the weights twice (kernels/cpu_linear.py). False: oneDNN on the weights as they lie.
+    # The cpu backend's GEMMs on a oneDNN-packed copy of each fp32 or bf16 weight: faster, and batch-invariant at
+    # the bundled model's shapes, at the cost of holding the weights twice (kernels/cpu_linear.py). False: oneDNN
+    # on the weights as they lie.
     pack_weights: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -315,6 +318,11 @@ class ZeroCConfig:
         return cls(**top, **sections)
 
     def __post_init__(self) -> None:
+        if self.dtype != "auto":
+            try:
+                dtype_name(self.dtype)
+            except ValueError:
+                raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}") from None
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
