@@ -2,9 +2,13 @@
 (unpacked; F.linear for small weights) and F.linear alone (MKL's sgemm in torch's CPU wheels), side by side in one
 run: each GEMM shape of the bundled model and one of Llama-3-8B's, then the bundled model's decode steps and a
 prefill forward with the engine's model switched between the three, alternating rounds (the cpu backend with its
-Q/K/V and gate/up fused, the other two unfused, as the cpu backend ran before it packed).
+Q/K/V and gate/up fused, the other two unfused, as the cpu backend ran before it packed). `--dtype bfloat16` runs
+all of it in bf16 (packed where oneDNN has bf16 kernels for the CPU: `PACKED_DTYPES`); `--shape llama3-8b` runs the
+engine rows on `--layers` decoder layers of Llama-3-8B's shape with random weights (and the bench's 8,192-token
+vocabulary, zeroc/bench/engine.py), whose weights, unlike the bundled model's, do not fit the CPU's caches.
 
-    .venv/bin/python benchmarks/cpu_linear.py [--threads 2] [--rounds 3] [--batches 1 16 64] [--json out.json]
+    .venv/bin/python benchmarks/cpu_linear.py [--threads 2] [--rounds 3] [--batches 1 16 64] [--dtype float32]
+                                              [--shape bundled] [--layers 2] [--prefill 1024] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fused_projections import decode_ms, prefill_ms  # noqa: E402  (the same decode step and prefill forward)
 
+from zeroc.bench.engine import EngineBenchSpec, base_config, method_config, random_model  # noqa: E402
 from zeroc.config import BUNDLED_MODEL  # noqa: E402
 from zeroc.loader import LoadedModel, load_model  # noqa: E402
+from zeroc.tokenizer import Tokenizer  # noqa: E402
 from zeroc_kernels.attention import CpuBackend  # noqa: E402
-from zeroc_kernels.cpu_linear import WeightPack  # noqa: E402
+from zeroc_kernels.cpu_linear import PACKED_DTYPES, WeightPack  # noqa: E402
 
 # (name, in, out): the bundled model's projections (and the cpu backend's fused ones) and LM head, and Llama-3-8B's
-# q/o projection
+# q/o projection and MLP
 SHAPES = [("bundled q/o", 384, 384), ("bundled k/v", 384, 128), ("bundled qkv fused", 384, 640),
           ("bundled gate/up", 384, 1024), ("bundled gate_up fused", 384, 2048), ("bundled down", 1024, 384),
-          ("bundled lm_head", 384, 8192), ("llama3-8b q/o", 4096, 4096)]
+          ("bundled lm_head", 384, 8192), ("llama3-8b q/o", 4096, 4096), ("llama3-8b gate/up", 4096, 14336),
+          ("llama3-8b down", 14336, 4096)]
 
 
 class MklCpuBackend(CpuBackend):
@@ -65,14 +72,14 @@ def gemm_ms(fn, x: torch.Tensor, w: torch.Tensor, calls: int = 30) -> float:
 
 
 @torch.no_grad()  # not inference_mode: an inference tensor has no version counter, and is never packed
-def gemm_rows(batches: list[int], backend: CpuBackend) -> list[dict]:
+def gemm_rows(batches: list[int], backend: CpuBackend, dtype: torch.dtype) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(0)
     for name, k, n in SHAPES:
-        w = torch.randn(n, k, generator=gen)
+        w = torch.randn(n, k, generator=gen).to(dtype)
         pack = WeightPack()
         for m in batches:
-            x = torch.randn(m, k, generator=gen)
+            x = torch.randn(m, k, generator=gen).to(dtype)
             mkl, plain = gemm_ms(F.linear, x, w), gemm_ms(backend.linear, x, w)
             ours = gemm_ms(lambda x, w: backend.linear(x, w, None, pack), x, w)
             rows.append({"gemm": name, "m": m, "k": k, "n": n, "f_linear_ms": mkl, "unpacked_ms": plain,
@@ -82,7 +89,7 @@ def gemm_rows(batches: list[int], backend: CpuBackend) -> list[dict]:
     return rows
 
 
-def engine_rows(loaded: LoadedModel, batches: list[int], rounds: int) -> list[dict]:
+def engine_rows(loaded: LoadedModel, batches: list[int], rounds: int, prefill: int) -> list[dict]:
     sides = {"cpu backend": loaded.model.backend, "unpacked": UnpackedCpuBackend(), "F.linear": MklCpuBackend()}
     times = {side: {b: [] for b in [*batches, "prefill"]} for side in sides}
     for r in range(rounds + 1):  # the first round warms up, untimed
@@ -91,18 +98,29 @@ def engine_rows(loaded: LoadedModel, batches: list[int], rounds: int) -> list[di
             if not backend.fuses_projections:  # the parts run alone (an Engine fuses again on the cpu backend)
                 for layer in loaded.model.model.layers:
                     layer.self_attn.qkv = layer.mlp.gate_up = None
-            got = {b: decode_ms(loaded, b) for b in batches} | {"prefill": prefill_ms(loaded.model)}
+            got = {b: decode_ms(loaded, b) for b in batches} | {"prefill": prefill_ms(loaded.model, prefill)}
             for key, ms in got.items():
                 if r:
                     times[side][key].append(ms)
     rows = []
     for key in [*batches, "prefill"]:
         ours, plain, mkl = (statistics.median(times[side][key]) for side in sides)
-        what = f"decode b{key}" if key != "prefill" else "prefill 1024"
+        what = f"decode b{key}" if key != "prefill" else f"prefill {prefill}"
         rows.append({"what": what, "backend_ms": ours, "unpacked_ms": plain, "f_linear_ms": mkl})
         print(f"engine {what:<14} cpu backend {ours:7.2f} ms   unpacked {plain:7.2f} ms   F.linear {mkl:7.2f} ms   "
               f"{ours / mkl:5.2f}x", flush=True)
     return rows
+
+
+def engine_model(shape: str, layers: int, dtype: torch.dtype) -> LoadedModel:
+    """The bundled model, or `layers` layers of Llama-3-8B's shape with random weights, in `dtype` on the cpu
+    backend."""
+    if shape == "bundled":
+        return load_model(BUNDLED_MODEL, dtype, attention_backend="cpu")
+    cfg = method_config(base_config(EngineBenchSpec(shape=shape, layers=layers)), "none")
+    model = random_model(cfg, torch.device("cpu"), dtype, 0)
+    model.backend = CpuBackend()
+    return LoadedModel(model, cfg, Tokenizer.from_dir(BUNDLED_MODEL), BUNDLED_MODEL)
 
 
 def main() -> None:
@@ -110,12 +128,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--shape", default="bundled", choices=["bundled", "llama3-8b"], help="the engine rows' model")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the llama3-8b shape")
+    p.add_argument("--prefill", type=int, default=1024, help="tokens of the prefill row (two prompts)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model(BUNDLED_MODEL, attention_backend="cpu")
-    result = {"threads": args.threads, "gemms": gemm_rows(args.batches, loaded.model.backend),
-              "engine": engine_rows(loaded, args.batches, args.rounds)}
+    dtype = getattr(torch, args.dtype)
+    loaded = engine_model(args.shape, args.layers, dtype)
+    result = {"threads": args.threads, "dtype": args.dtype, "packed": dtype in PACKED_DTYPES, "shape": args.shape,
+              "layers": loaded.config.num_hidden_layers,
+              "gemms": gemm_rows(args.batches, loaded.model.backend, dtype),
+              "engine": engine_rows(loaded, args.batches, args.rounds, args.prefill)}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -60,7 +60,8 @@ def decode_ms(loaded: LoadedModel, batch: int, steps: int = 30) -> float:
 @torch.inference_mode()
 def prefill_ms(model, tokens: int = 1024) -> float:
     """One forward of two prompts of tokens / 2 each through a fresh paged cache."""
-    cache = paged_cache(layer_shapes(model.config), CacheConfig(16, tokens // 16 + 4), torch.float32, model=model)
+    dtype = next(model.parameters()).dtype
+    cache = paged_cache(layer_shapes(model.config), CacheConfig(16, tokens // 16 + 4), dtype, model=model)
     batch = cache.schedule([("a", tokens // 2), ("b", tokens // 2)])
     ids = torch.randint(2, 500, (tokens,), generator=torch.Generator().manual_seed(1))
     t = time.perf_counter()

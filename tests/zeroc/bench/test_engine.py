@@ -131,3 +131,20 @@ def test_a_profiled_run_names_the_ops_of_one_decode_step(capsys):
 def test_too_few_new_tokens_to_time_a_step_raise_value_error(new, profile):
     with pytest.raises(ValueError, match=f"new must be >= {new + 1}"):
         EngineBenchSpec(new=new, profile=profile)
+
+
+def test_the_bench_runs_in_the_dtype_asked_for(capsys):
+    """--dtype: bf16 weights and KV on the CPU (where auto is fp32): half the KV and weight bytes of fp32."""
+    torch.set_num_threads(1)
+    reports = {}
+    for dtype in ("auto", "bfloat16"):
+        assert cli.main(["bench", "engine", "--layers", "1", "--batch", "2", "--prompt", "16", "--new", "4",
+                         "--rounds", "1", "--methods", "none", "--dtype", dtype, "--json"]) == 0
+        reports[dtype] = json.loads(capsys.readouterr().out)
+    assert reports["auto"]["dtype"] == "float32" and reports["bfloat16"]["dtype"] == "bfloat16"
+    fp32, bf16 = (reports[d]["rows"][0] for d in ("auto", "bfloat16"))
+    assert bf16["kv_bytes_per_token"] * 2 == fp32["kv_bytes_per_token"]
+    assert bf16["weight_bytes"] * 2 == fp32["weight_bytes"]
+    assert bf16["step_ms"] > 0 and bf16["syncs_per_step"] == 1
+    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+        EngineBenchSpec(dtype="int8")
