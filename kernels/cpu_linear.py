@@ -18,12 +18,11 @@ or more, and at 1 too where the input is narrower than 2,048 (the bundled model'
 decode logits there are the same bits alone or batched (tests/kernels/test_cpu_linear.py). From 2,048 inputs up
 (Llama-3-8B's 4,096), oneDNN runs a lone row with another kernel, whose last bits differ; run as two rows it would
 match, at 1-37% more time for that GEMM, which decode at batch 1 does not pay. There, too, a lone fp32 row of a
-weight of `PLAIN_ROW_MIN_WEIGHT` elements or more runs on the plain weight (oneDNN's GEMV reads it faster than the
-packed layout: 0.76-0.86x the time from 8M elements, and a Llama-3-8B-shaped decode step at batch 1 took 59 ms
-packed against 48 plain). F.linear is not invariant even
-there (a row alone and in a batch of 70 differ by some 3e-5), and where small weights stayed on F.linear, the
-streaming evaluator (a token at a time) and the served prompt (70 at once) rounded differently enough to move a
-KIVI cache's codes (2e-3 in the logits, tests/zeroc/policies/test_kivi.py).
+weight of `PLAIN_ROW_MIN_WEIGHT` elements or more runs on the plain weight: oneDNN's GEMV reads it faster than the
+packed layout, 0.72-0.88x the time from 8M elements on the AMD EPYC (docs/benchmarks.md). F.linear is not
+invariant even there (a row alone and in a batch of 70 differ by some 3e-5), and where small weights stayed on
+F.linear, the streaming evaluator (a token at a time) and the served prompt (70 at once) rounded differently
+enough to move a KIVI cache's codes (2e-3 in the logits, tests/zeroc/policies/test_kivi.py).
 
 Unpacked (no slot given: direct calls, benchmarks): oneDNN on the weight as it lies from `ONEDNN_MIN_WEIGHT`
 elements, F.linear below, since oneDNN pays some 15 us a call and a small weight's reorder is cheap for MKL.
