@@ -185,10 +185,11 @@ def ragged_tier_decode(
     lses: Tensor,  # [B, heads, P]
     scale: float,
 ) -> Tensor:
-    """-> [B, heads, v_dim + tier_v], as `tier_decode_ref` (kernels/tier_decode.py), which also serves pools in
-    other dtypes than fp32 (converting a whole pool per layer would cost more than the reference)."""
+    """-> [B, heads, v_dim + tier_v], as `tier_decode_ref` (kernels/tier_decode.py). The kernel reads fp32 and bf16
+    pools in place (a bf16 row widened as it is copied); the reference serves other pools (fp16: converting a
+    whole pool per layer would cost more than it)."""
     tier_decode_check(q, pool, k_dim, slots, k_own, v_own, parts, lses)
-    if pool.dtype != torch.float32:
+    if pool.dtype not in (torch.float32, torch.bfloat16):
         return tier_decode_ref(q, pool, k_dim, slots, k_own, v_own, parts, lses, scale)
     f32 = [t.float().contiguous() for t in (q, k_own, v_own, parts, lses)]
     index = [t.to(torch.long).contiguous() for t in (slots.blocks, slots.offsets, slots.tier_ids)]

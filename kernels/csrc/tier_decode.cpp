@@ -10,22 +10,26 @@
 // Work item = (sequence, KV head): the item copies its seen slots' rows once into a small buffer, then every
 // query head of the group scores them, softmaxes with the partials' LSEs, and sums the values. Rows the query
 // does not see are never read (they may hold anything, NaN included). Where the reference takes some 25
-// PyTorch ops a layer, each a pass and an allocation, this is one call. Built with ragged_attention.cpp.
+// PyTorch ops a layer, each a pass and an allocation, this is one call. The pool is fp32 or bf16 (`TierArgs<T>`: a
+// bf16 row widened to fp32 as it is copied, exactly); everything else is fp32. Built with ragged_attention.cpp.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
+template <typename T>  // the pool's element: float or c10::BFloat16
 struct TierArgs {
   const float* q;      // [B, heads, dq], dense
-  const float* pool;   // [blocks, block_size, kv, row], dense
+  const T* pool;       // [blocks, block_size, kv, row], dense
   const int64_t* blocks;   // [B, H]
   const int64_t* offsets;  // [B, H]
   const int64_t* ids;      // [B, T]
@@ -39,12 +43,26 @@ struct TierArgs {
   float scale;
 };
 
+// n pool elements -> fp32 (a bf16 element is fp32's upper half: a shift, exact)
+inline void widen(float* __restrict dst, const float* __restrict src, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+inline void widen(float* __restrict dst, const c10::BFloat16* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(src[i].x) << 16;
+    std::memcpy(dst + i, &bits, sizeof(float));
+  }
+}
+
 // Elements [at, at + n) of a sequence's borrowed blocks laid end to end -> dst (at most two pieces per block).
-void copy_tier(const TierArgs& a, const int64_t* ids, int64_t at, int64_t n, float* dst) {
+template <typename T>
+void copy_tier(const TierArgs<T>& a, const int64_t* ids, int64_t at, int64_t n, float* dst) {
   const int64_t per_block = a.block_size * a.kv * a.row;
   while (n > 0) {
     const int64_t blk = ids[at / per_block], off = at % per_block, take = std::min(n, per_block - off);
-    std::memcpy(dst, a.pool + blk * per_block + off, take * sizeof(float));
+    widen(dst, a.pool + blk * per_block + off, take);
     dst += take, at += take, n -= take;
   }
 }
@@ -58,7 +76,8 @@ inline float dot(const float* __restrict x, const float* __restrict y, int64_t n
 
 // The item's seen keys as rows of keys [n, dq] and values [n, dv] (its own row last, where seen) -> n. The three
 // buffers are the calling thread's, reused across its items.
-int64_t gather_keys(const TierArgs& a, int64_t b, int64_t h, std::vector<float>& keys, std::vector<float>& vals,
+template <typename T>
+int64_t gather_keys(const TierArgs<T>& a, int64_t b, int64_t h, std::vector<float>& keys, std::vector<float>& vals,
                     std::vector<float>& tier) {
   const int64_t dq = a.k_dim + a.tier_k, dv = a.v_dim + a.tier_v, width = a.tier_k + a.tier_v;
   keys.resize((a.held + 1) * dq), vals.resize((a.held + 1) * dv), tier.resize(width);
@@ -67,13 +86,13 @@ int64_t gather_keys(const TierArgs& a, int64_t b, int64_t h, std::vector<float>&
   for (int64_t j = 0; j < a.held; ++j) {
     if (!seen[j]) continue;
     const int64_t slot = a.blocks[b * a.held + j] * a.block_size + a.offsets[b * a.held + j];
-    const float* comp = a.pool + (slot * a.kv + h) * a.row;  // [k_dim | v_dim]
+    const T* comp = a.pool + (slot * a.kv + h) * a.row;  // [k_dim | v_dim]
     copy_tier(a, a.ids + b * a.tier_blocks, (j * a.kv + h) * width, width, tier.data());  // [tier_k | tier_v]
     float* k = keys.data() + n * dq;
     float* v = vals.data() + n * dv;
-    std::memcpy(k, comp, a.k_dim * sizeof(float));
+    widen(k, comp, a.k_dim);
     std::memcpy(k + a.k_dim, tier.data(), a.tier_k * sizeof(float));
-    std::memcpy(v, comp + a.k_dim, a.v_dim * sizeof(float));
+    widen(v, comp + a.k_dim, a.v_dim);
     std::memcpy(v + a.v_dim, tier.data() + a.tier_k, a.tier_v * sizeof(float));
     ++n;
   }
@@ -86,7 +105,8 @@ int64_t gather_keys(const TierArgs& a, int64_t b, int64_t h, std::vector<float>&
 }
 
 // One query head over the item's n gathered keys and its P partials -> its output row.
-void attend_head(const TierArgs& a, int64_t b, int64_t head, const std::vector<float>& keys,
+template <typename T>
+void attend_head(const TierArgs<T>& a, int64_t b, int64_t head, const std::vector<float>& keys,
                  const std::vector<float>& vals, int64_t n, std::vector<float>& scores) {
   const int64_t dq = a.k_dim + a.tier_k, dv = a.v_dim + a.tier_v;
   const float* qh = a.q + (b * a.heads + head) * dq;
@@ -119,30 +139,9 @@ void attend_head(const TierArgs& a, int64_t b, int64_t head, const std::vector<f
   for (int64_t i = 0; i < dv; ++i) o[i] *= inv;
 }
 
-}  // namespace
-
-// q: [B, heads, k_dim + tier_k]; pool: [blocks, block_size, kv, k_dim + v_dim]; blocks, offsets: [B, H] int64;
-// tier_ids: [B, T] int64; seen: [B, H + 1] bool; k_own: [B, kv, k_dim + tier_k]; v_own: [B, kv, v_dim + tier_v];
-// parts: [B, heads, P, v_dim]; lses: [B, heads, P]; all fp32 and dense -> [B, heads, v_dim + tier_v]
-torch::Tensor tier_decode(torch::Tensor q, torch::Tensor pool, int64_t k_dim, torch::Tensor blocks,
-                          torch::Tensor offsets, torch::Tensor tier_ids, torch::Tensor seen, torch::Tensor k_own,
-                          torch::Tensor v_own, torch::Tensor parts, torch::Tensor lses, double scale) {
-  for (const auto* t : {&q, &pool, &k_own, &v_own, &parts, &lses}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous(), "tier_decode takes dense fp32 tensors");
-  }
-  TORCH_CHECK_VALUE(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong &&
-                        tier_ids.scalar_type() == at::kLong && seen.scalar_type() == at::kBool &&
-                        blocks.is_contiguous() && offsets.is_contiguous() && tier_ids.is_contiguous() &&
-                        seen.is_contiguous(), "tier_decode: dense int64 slots and a dense bool mask");
-  const int64_t b = q.size(0), heads = q.size(1), kv = pool.size(2), row = pool.size(3);
-  const int64_t v_dim = row - k_dim, tier_k = q.size(2) - k_dim, tier_v = v_own.size(2) - v_dim;
-  auto out = torch::empty({b, heads, v_own.size(2)}, q.options());
-  const TierArgs a{q.data_ptr<float>(), pool.data_ptr<float>(), blocks.data_ptr<int64_t>(),
-                   offsets.data_ptr<int64_t>(), tier_ids.data_ptr<int64_t>(), seen.data_ptr<bool>(),
-                   k_own.data_ptr<float>(), v_own.data_ptr<float>(), parts.data_ptr<float>(), lses.data_ptr<float>(),
-                   out.data_ptr<float>(), heads, kv, heads / kv, blocks.size(1), tier_ids.size(1), parts.size(2),
-                   pool.size(1), row, k_dim, v_dim, tier_k, tier_v, static_cast<float>(scale)};
-  const int64_t items = b * kv;
+template <typename T>
+void run_tier(const TierArgs<T>& a, int64_t b) {
+  const int64_t items = b * a.kv;
   // A plain OpenMP region, as ragged_attention.cpp's run_items explains.
   const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)));
 #pragma omp parallel num_threads(workers)
@@ -150,10 +149,47 @@ torch::Tensor tier_decode(torch::Tensor q, torch::Tensor pool, int64_t k_dim, to
     std::vector<float> keys, vals, tier, scores;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < items; ++i) {
-      const int64_t s = i / kv, h = i % kv;
+      const int64_t s = i / a.kv, h = i % a.kv;
       const int64_t n = gather_keys(a, s, h, keys, vals, tier);
       for (int64_t j = 0; j < a.group; ++j) attend_head(a, s, h * a.group + j, keys, vals, n, scores);
     }
+  }
+}
+
+}  // namespace
+
+// q: [B, heads, k_dim + tier_k]; pool: [blocks, block_size, kv, k_dim + v_dim]; blocks, offsets: [B, H] int64;
+// tier_ids: [B, T] int64; seen: [B, H + 1] bool; k_own: [B, kv, k_dim + tier_k]; v_own: [B, kv, v_dim + tier_v];
+// parts: [B, heads, P, v_dim]; lses: [B, heads, P]; all dense, the pool fp32 or bf16, the rest fp32
+// -> [B, heads, v_dim + tier_v] fp32
+torch::Tensor tier_decode(torch::Tensor q, torch::Tensor pool, int64_t k_dim, torch::Tensor blocks,
+                          torch::Tensor offsets, torch::Tensor tier_ids, torch::Tensor seen, torch::Tensor k_own,
+                          torch::Tensor v_own, torch::Tensor parts, torch::Tensor lses, double scale) {
+  for (const auto* t : {&q, &k_own, &v_own, &parts, &lses}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->is_contiguous(), "tier_decode takes dense fp32 tensors");
+  }
+  TORCH_CHECK_VALUE((pool.scalar_type() == at::kFloat || pool.scalar_type() == at::kBFloat16) && pool.is_contiguous(),
+                    "tier_decode takes a dense fp32 or bf16 pool");
+  TORCH_CHECK_VALUE(blocks.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong &&
+                        tier_ids.scalar_type() == at::kLong && seen.scalar_type() == at::kBool &&
+                        blocks.is_contiguous() && offsets.is_contiguous() && tier_ids.is_contiguous() &&
+                        seen.is_contiguous(), "tier_decode: dense int64 slots and a dense bool mask");
+  const int64_t b = q.size(0), heads = q.size(1), kv = pool.size(2), row = pool.size(3);
+  const int64_t v_dim = row - k_dim, tier_k = q.size(2) - k_dim, tier_v = v_own.size(2) - v_dim;
+  auto out = torch::empty({b, heads, v_own.size(2)}, q.options());
+  auto run = [&](auto* pool_data) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(pool_data)>>;
+    const TierArgs<T> a{q.data_ptr<float>(), pool_data, blocks.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                        tier_ids.data_ptr<int64_t>(), seen.data_ptr<bool>(), k_own.data_ptr<float>(),
+                        v_own.data_ptr<float>(), parts.data_ptr<float>(), lses.data_ptr<float>(),
+                        out.data_ptr<float>(), heads, kv, heads / kv, blocks.size(1), tier_ids.size(1),
+                        parts.size(2), pool.size(1), row, k_dim, v_dim, tier_k, tier_v, static_cast<float>(scale)};
+    run_tier(a, b);
+  };
+  if (pool.scalar_type() == at::kBFloat16) {
+    run(pool.data_ptr<c10::BFloat16>());
+  } else {
+    run(pool.data_ptr<float>());
   }
   return out;
 }

@@ -153,19 +153,23 @@ def test_decode_partials_from_a_key_start_are_the_reference(kernel, random_paged
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kw", [{}, {"b": 9, "kv": 1, "group": 8, "dims": (40, 24, 24, 40), "held": 20, "parts": 4},
-                                {"own_seen": False}, {"dtype": torch.bfloat16}])
-def test_tier_decode_is_the_reference(kernel, tier_decode_case, threads, kw):
+                                {"own_seen": False}, {"dtype": torch.bfloat16}, {"dtype": torch.float16}])
+def test_tier_decode_is_the_reference(kernel, tier_decode_case, threads, kw, monkeypatch):
     """A token tier's full-rank segment merged with the compressed partials (csrc/tier_decode.cpp): tier rows
     straddling borrowed blocks, every unseen row NaN, a KV head per item or whole groups of 8, no recent window
-    (the own row unseen), bf16 pools (which take the reference)."""
+    (the own row unseen), bf16 pools (read in place, widened exactly: both sides compute in fp32 and round once to
+    bf16, so they agree to a bf16 rounding) and fp16 ones (which take the reference)."""
     from zeroc_kernels.ragged_cpu import ragged_tier_decode
     from zeroc_kernels.tier_decode import tier_decode_ref
 
     torch.set_num_threads(threads)
     args, _ = tier_decode_case(threads + 20, **kw)
+    if args[1].dtype != torch.float16:  # the kernel's pools: the reference must not serve them
+        monkeypatch.setattr("zeroc_kernels.ragged_cpu.tier_decode_ref", None)
     got = ragged_tier_decode(kernel, *args)
     assert torch.isfinite(got).all() and got.dtype == args[0].dtype
-    torch.testing.assert_close(got, tier_decode_ref(*args), atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if args[0].dtype == torch.float32 else 8e-3  # fp32, or one half-precision rounding of the output
+    torch.testing.assert_close(got.float(), tier_decode_ref(*args).float(), atol=tol, rtol=tol)
 
 
 def test_a_built_kernel_is_imported_not_rebuilt(kernel):
@@ -207,3 +211,16 @@ def test_without_a_compiler_auto_falls_back_to_the_references(tmp_path, monkeypa
     assert select_backend("auto", "cpu").name == "torch"
     with pytest.raises(ValueError, match="could not be built"):
         select_backend("cpu", "cpu")
+
+
+def test_fp32_and_bf16_pools_go_to_the_kernel_as_they_lie_and_fp16_as_copies_of_the_named_blocks():
+    from zeroc_kernels.ragged_cpu import _kernel_pools
+
+    tables = torch.tensor([[3, 1], [1, 0]])
+    for dtype in (torch.float32, torch.bfloat16):
+        k, v = torch.randn(5, 16, 2, 8).to(dtype), torch.randn(5, 16, 2, 8).to(dtype)
+        assert all(a is b for a, b in zip(_kernel_pools(k, v, tables), (k, v, tables)))  # read in place
+    k, v = torch.randn(5, 16, 2, 8).half(), torch.randn(5, 16, 2, 8).half()
+    k32, v32, renumbered = _kernel_pools(k, v, tables)
+    assert k32.dtype == torch.float32 and k32.shape[0] == 3  # blocks 0, 1 and 3 only
+    assert torch.equal(k32[renumbered], k[tables].float()) and torch.equal(v32[renumbered], v[tables].float())
