@@ -24,12 +24,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fused_projections import decode_ms, prefill_ms  # noqa: E402  (the same decode step and prefill forward)
+from fused_projections import decode_ms, prefill_ms, random_loaded  # noqa: E402  (the same steps and models)
 
-from zeroc.bench.engine import EngineBenchSpec, base_config, method_config, random_model  # noqa: E402
 from zeroc.config import BUNDLED_MODEL  # noqa: E402
 from zeroc.loader import LoadedModel, load_model  # noqa: E402
-from zeroc.tokenizer import Tokenizer  # noqa: E402
 from zeroc_kernels.attention import CpuBackend  # noqa: E402
 from zeroc_kernels.cpu_linear import PACKED_DTYPES, WeightPack  # noqa: E402
 
@@ -117,10 +115,9 @@ def engine_model(shape: str, layers: int, dtype: torch.dtype) -> LoadedModel:
     backend."""
     if shape == "bundled":
         return load_model(BUNDLED_MODEL, dtype, attention_backend="cpu")
-    cfg = method_config(base_config(EngineBenchSpec(shape=shape, layers=layers)), "none")
-    model = random_model(cfg, torch.device("cpu"), dtype, 0)
-    model.backend = CpuBackend()
-    return LoadedModel(model, cfg, Tokenizer.from_dir(BUNDLED_MODEL), BUNDLED_MODEL)
+    loaded = random_loaded(shape, layers, dtype)
+    loaded.model.backend = CpuBackend()
+    return loaded
 
 
 def main() -> None:

@@ -39,6 +39,14 @@ def _fused(model, on: bool, saved: list, backends: dict) -> None:
         layer.self_attn.qkv, layer.mlp.gate_up = (qkv, gate_up) if on else (None, None)
 
 
+def random_loaded(shape: str = "bundled", layers: int | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """`layers` decoder layers (None: the shape's) of a bench shape (zeroc/bench/engine.py) with random weights, on the
+    CPU backend `auto` picks."""
+    cfg = method_config(base_config(EngineBenchSpec(shape=shape, layers=layers)), "none")
+    return LoadedModel(random_model(cfg, torch.device("cpu"), dtype, 0), cfg, Tokenizer.from_dir(BUNDLED_MODEL),
+                       BUNDLED_MODEL)
+
+
 def decode_ms(loaded: LoadedModel, batch: int, steps: int = 30) -> float:
     """Median decode step of `batch` requests of 128 random tokens."""
     engine = Engine(loaded, CacheConfig(16, batch * 12 + 1),
@@ -76,9 +84,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = method_config(base_config(EngineBenchSpec()), "none")
-    loaded = LoadedModel(random_model(cfg, torch.device("cpu"), torch.float32, 0), cfg,
-                         Tokenizer.from_dir(BUNDLED_MODEL), BUNDLED_MODEL)
+    loaded = random_loaded()
     loaded.model.fuse_projections()
     saved = [(layer.self_attn.qkv, layer.mlp.gate_up) for layer in loaded.model.model.layers]
     backends = {True: loaded.model.backend, False: _separate(loaded.model.backend)}

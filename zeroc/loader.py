@@ -125,9 +125,9 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype | None = None,
     """Load a Llama, Mistral or Qwen2 HF directory, streaming: the model is built on the meta device and each
     checkpoint tensor goes straight to `device` and `dtype` as it is read, so peak host memory is about one
     shard, not the model (plus the model itself when `device` is the CPU). `dtype` None or "auto": the checkpoint's
-    torch_dtype. Shape or name mismatches raise
-    ConfigError naming both. `attention_backend` (zeroc_kernels.attention): how its paged forward attends;
-    `pack_weights`: whether the cpu backend runs its GEMMs on packed copies of the weights."""
+    torch_dtype. Shape or name mismatches raise ConfigError naming both. `attention_backend`
+    (zeroc_kernels.attention): how its paged forward attends; `pack_weights`: whether the cpu backend runs its GEMMs
+    on packed copies of the weights."""
     path = Path(model_dir)
     cfg = read_config(path)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(cfg.dtype if dtype in (None, "auto")

@@ -45,7 +45,7 @@ from zeroc.bench.forward import machine_description
 from zeroc.bench.step_costs import DeviceTimer, count_syncs, profile_step
 from zeroc.caches import sequence_blocks
 from zeroc.config import (BUNDLED_MODEL, AttentionCompression, CacheConfig, LayerCompression, ModelConfig,
-                          RopeConfig, SchedulerConfig, dtype_name)
+                          RopeConfig, SchedulerConfig, requested_dtype)
 from zeroc.dtypes import parse_dtype
 from zeroc.engine import Engine
 from zeroc.kv_cache import layer_shapes
@@ -96,8 +96,7 @@ class EngineBenchSpec:
         if not self.schedulers or set(self.schedulers) - {"sync", "async"}:
             raise ValueError(f"schedulers must be sync and/or async, got {self.schedulers!r}")
         self.sampling(1)  # ValueError for a temperature or top_p out of range
-        if self.dtype != "auto":
-            dtype_name(self.dtype)  # ValueError naming the choices
+        requested_dtype(self.dtype)  # ValueError naming the choices
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -10,7 +10,7 @@
 from zeroc.config.errors import ConfigError, ZeroCError
 from zeroc.config.model import (ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT,
                                 AttentionCompression, LayerCompression, ModelConfig, RopeConfig, check_tier,
-                                dtype_name, ranks_per_head)
+                                dtype_name, ranks_per_head, requested_dtype)
 from zeroc.config.settings import (CacheConfig, KvStoreConfig, MetricsConfig, ParallelConfig, RedisConfig,
                                    SchedulerConfig, SecurityConfig, ServerConfig, ThreadsConfig, TransferConfig,
                                    ZeroCConfig)
@@ -19,4 +19,4 @@ __all__ = ["ATTENTION_BACKENDS", "BUNDLED_CALIB", "BUNDLED_HELDOUT", "BUNDLED_MO
            "AttentionCompression", "CacheConfig", "ConfigError", "KvStoreConfig", "LayerCompression", "MetricsConfig",
            "ModelConfig", "ParallelConfig", "RedisConfig", "RopeConfig", "SchedulerConfig", "SecurityConfig",
            "ServerConfig", "ThreadsConfig", "TransferConfig", "ZeroCConfig", "ZeroCError", "check_tier", "dtype_name",
-           "ranks_per_head"]
+           "ranks_per_head", "requested_dtype"]

@@ -37,6 +37,17 @@ def dtype_name(name: str) -> str:
     return DTYPE_NAMES[key]
 
 
+def requested_dtype(name: str) -> str:
+    """A dtype a user asks for: "auto" (decided where the model is loaded: the checkpoint's, or the device's) or a
+    canonical dtype name; ValueError naming the choices."""
+    if name == "auto":
+        return name
+    try:
+        return dtype_name(name)
+    except ValueError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """RoPE frequencies: theta plus an optional Hugging Face ``rope_scaling`` block."""

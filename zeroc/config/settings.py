@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroc.config.model import ATTENTION_BACKENDS, BUNDLED_MODEL, dtype_name
+from zeroc.config.model import ATTENTION_BACKENDS, BUNDLED_MODEL, requested_dtype
 
 # The byte budget of a KV cache given none: 1024 blocks of 16 tokens of the bundled model's full-precision KV
 # (96 KiB a block). A model whose blocks take fewer bytes (a ZeroC model's low-rank K/V, a KV policy's stored
@@ -318,11 +318,7 @@ class ZeroCConfig:
         return cls(**top, **sections)
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto":
-            try:
-                dtype_name(self.dtype)
-            except ValueError:
-                raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}") from None
+        requested_dtype(self.dtype)  # ValueError naming the choices
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

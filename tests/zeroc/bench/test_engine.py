@@ -146,5 +146,5 @@ def test_the_bench_runs_in_the_dtype_asked_for(capsys):
     assert bf16["kv_bytes_per_token"] * 2 == fp32["kv_bytes_per_token"]
     assert bf16["weight_bytes"] * 2 == fp32["weight_bytes"]
     assert bf16["step_ms"] > 0 and bf16["syncs_per_step"] == 1
-    with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
+    with pytest.raises(ValueError, match="dtype must be auto, float32, bfloat16 or float16, got 'int8'"):
         EngineBenchSpec(dtype="int8")
