@@ -194,7 +194,7 @@ def zeroc_offline(model_dir: str, args, reqs: list[list[int]]) -> dict:
     from zeroc.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
-    engine = Engine(load_model(model_dir, args.dtype), CacheConfig(num_bytes=args.kv_gib << 30))
+    engine = Engine(load_model(model_dir, args.dtype), CacheConfig(num_bytes=args.kv_gib << 30), release_weights=True)
     sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True, temperature=args.temperature, top_p=args.top_p)
     engine.generate(reqs[:2], sp)
     t = time.perf_counter()

@@ -351,7 +351,7 @@ class DecodeService:
     def load(self) -> None:
         cfg = self.cfg
         loaded = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.attention_backend, cfg.pack_weights)
-        engine = Engine(loaded, cfg.cache, cfg.scheduler)
+        engine = Engine(loaded, cfg.cache, cfg.scheduler, release_weights=True)  # this process owns its model
         self.store_handle = attach_store(cfg, loaded, self.fingerprint, self.host, self.kv_servicer)
         store = self.store_handle.store if self.store_handle else None
         if store is not None:

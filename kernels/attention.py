@@ -195,7 +195,8 @@ class AttentionBackend(abc.ABC):
     def prepack(self, weight: Tensor, pack: WeightPack) -> None:
         """weight: [out, in]. Lay `weight` out in `pack` now, as `linear` would at its first call (an Engine calls it
         for every GEMM's weight before it sizes its KV cache); a backend that keeps no layout of its own does
-        nothing."""
+        nothing. A pack it fills must be what its `linear` runs on: a served model then drops the plain weight
+        (`WeightPack.release`), and `linear` gets an empty placeholder in its place."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -10,19 +10,24 @@ op (`torch.ops.mkldnn._linear_pointwise`, which inductor uses on frozen weights)
 weight reorders it on every call, which at decode batch sizes costs more than the product; MKL's sgemm (F.linear)
 is slow at a few rows on AMD CPUs. On the 2-vCPU AMD EPYC the bundled model's LM head took 0.15 ms at 4 rows,
 against 0.33 unpacked and 0.79 by F.linear (benchmarks/cpu_linear.py, docs/benchmarks.md). vLLM's CPU backend
-packs the same way. The copy is as large as the weight: the cpu backend holds its weights twice. bf16 packs too:
-Llama-3-8B's MLP weights at 4 rows took 3.8 ms packed against 5.8 by F.linear (half of fp32's packed 7.9 ms).
+packs the same way. bf16 packs too: Llama-3-8B's MLP weights at 4 rows took 3.8 ms packed against 5.8 by F.linear
+(half of fp32's packed 7.9 ms).
 
-Every weight of a model packs, whatever its size: a packed GEMM gives each row the same bits at any row count of 2
-or more, and at 1 too where the input is narrower than 2,048 (the bundled model's 384 and 1,024), so a sequence's
-decode logits there are the same bits alone or batched (tests/kernels/test_cpu_linear.py). From 2,048 inputs up
-(Llama-3-8B's 4,096), oneDNN runs a lone row with another kernel, whose last bits differ; run as two rows it would
-match, at 1-37% more time for that GEMM, which decode at batch 1 does not pay. There, too, a lone fp32 row of a
-weight of `PLAIN_ROW_MIN_WEIGHT` elements or more runs on the plain weight: oneDNN's GEMV reads it faster than the
-packed layout, 0.72-0.88x the time from 8M elements on the AMD EPYC (docs/benchmarks.md). F.linear is not
-invariant even there (a row alone and in a batch of 70 differ by some 3e-5), and where small weights stayed on
-F.linear, the streaming evaluator (a token at a time) and the served prompt (70 at once) rounded differently
-enough to move a KIVI cache's codes (2e-3 in the logits, tests/zeroc/policies/test_kivi.py).
+Held once. The copy is as large as the weight. The services' models (an Engine or prefill worker with
+`release_weights`, `Transformer.prepare_to_serve`) release their plain weights once packed (`WeightPack.release`):
+the pack is then the weight's only copy, the Parameter an empty placeholder, as vLLM's CPU backend drops its
+weights. Restoring them is exact (oneDNN's reorder back); `zeroc.model.Transformer` does it where the plain weights
+are read (another backend, a move or cast, state_dict, a deep copy). Elsewhere a packed weight is held twice.
+
+Every weight of a model packs, whatever its size, and every GEMM without gradients runs on its pack, served or
+evaluated: a packed GEMM gives each row the same bits at any row count of 2 or more, and at 1 too where the input
+is narrower than 2,048 (the bundled model's 384 and 1,024), so a sequence's decode logits there are the same bits
+alone or batched (tests/kernels/test_cpu_linear.py). From 2,048 inputs up (Llama-3-8B's 4,096), oneDNN runs a lone
+row with another kernel, whose last bits differ; run as two rows it would match, at 1-37% more time for that GEMM,
+which decode at batch 1 does not pay. F.linear is not invariant even there (a row alone and in a batch of 70 differ
+by some 3e-5), and where small weights stayed on F.linear, the streaming evaluator (a token at a time) and the
+served prompt (70 at once) rounded differently enough to move a KIVI cache's codes (2e-3 in the logits,
+tests/zeroc/policies/test_kivi.py).
 
 Unpacked (no slot given: direct calls, benchmarks): oneDNN on the weight as it lies from `ONEDNN_MIN_WEIGHT`
 elements, F.linear below, since oneDNN pays some 15 us a call and a small weight's reorder is cheap for MKL.
@@ -49,10 +54,6 @@ ONEDNN_MIN_WEIGHT = 1 << 18
 # The batch the packed layout is chosen for. A hint of 1 keeps the plain layout; from 4 to 256 rows the layouts
 # measured alike at every batch from 1 to 256 (the LM head at 4 rows: 0.15-0.19 ms for hints 4-256, 0.64 for 1).
 PACK_BATCH = 32
-# A lone fp32 row of a weight this large, and at least PLAIN_ROW_MIN_IN wide (where a lone row's bits differ from a
-# batch's anyway), runs on the plain weight
-PLAIN_ROW_MIN_WEIGHT = 1 << 23
-PLAIN_ROW_MIN_IN = 2048
 # The weight dtypes that pack: fp32, and bf16 where oneDNN has bf16 kernels for this CPU (AVX-512 BW/VL/DQ, or Arm
 # with bf16); fp16 and the rest run F.linear.
 _BF16 = (ONEDNN_PACK and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
@@ -64,32 +65,80 @@ PACKED_DTYPES: tuple[torch.dtype, ...] = ((torch.float32, torch.bfloat16) if _BF
 class WeightPack:
     """A slot kept beside one weight by whoever owns it (`zeroc.model.Linear`), in which the cpu backend keeps that
     weight packed for oneDNN. Empty until the first GEMM that packs; `clear` empties it (a Linear does when its
-    module is moved or cast). Never copied, pickled or saved: a copy starts empty and packs on its first use."""
+    module is moved or cast). A copy or a pickle of it starts empty and packs on its first use.
 
-    __slots__ = ("packed", "_source", "_version")
+    Released (`release`, which serving calls through `Transformer.release_plain_weights`): the pack is the weight's
+    only copy, and the weight's owner holds an empty placeholder in its place, so that a served model does not hold
+    its weights twice. Every GEMM then runs on the pack; `restore` puts the plain weight back, the same bits
+    (oneDNN's reorder back). A released pack is copied and pickled with its weight, which nothing else holds."""
+
+    __slots__ = ("packed", "released", "_source", "_version")
 
     def __init__(self):
+        self.released = False
         self.clear()
 
     def clear(self) -> None:
+        if self.released:  # the weight's only copy: its owner restores it first (zeroc.model.Linear._apply does)
+            raise RuntimeError("this weight was released for serving and lives only in its pack: "
+                               "restore it (Transformer.restore_plain_weights) before the pack is cleared")
         self.packed: Tensor | None = None
         self._source: Tensor | None = None  # the tensor packed from, kept alive so its address stays its own
         self._version = -1
 
     def get(self, weight: Tensor) -> Tensor:
-        """weight: [out, in] fp32 -> its oneDNN-packed copy (opaque), packed again if the weight changed."""
-        src = self._source
-        if (src is None or src.data_ptr() != weight.data_ptr() or self._version != weight._version
-                or src.shape != weight.shape or src.stride() != weight.stride()):
+        """weight: [out, in] fp32 -> its oneDNN-packed copy (opaque), packed again if the weight changed; released,
+        the pack itself (`weight` is the placeholder)."""
+        if self.released:
+            return self.packed
+        if not self._current(weight):
             self.packed = _pack(weight)
             self._source, self._version = weight.detach(), weight._version
         return self.packed
 
+    def _current(self, weight: Tensor) -> bool:
+        """Whether the pack was made from `weight` as it is now."""
+        src = self._source
+        return not (src is None or src.data_ptr() != weight.data_ptr() or self._version != weight._version
+                    or src.shape != weight.shape or src.stride() != weight.stride())
+
+    def release(self, weight: Tensor) -> bool:
+        """weight: [out, in], the tensor this pack was made from. If the pack is a current copy of it, make the
+        pack its only copy: `weight`'s data becomes an empty placeholder (its owner's views of it must be dropped
+        too, `zeroc.fused_linears`). Returns whether it did: an empty or stale pack, or one already released,
+        releases nothing."""
+        if self.released or self.packed is None or not self._current(weight):
+            return False
+        weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        self._source, self._version, self.released = None, -1, True
+        return True
+
+    def restore(self, weight: Tensor) -> None:
+        """weight: the placeholder `release` left. Give it its plain data again, the same bits (oneDNN's reorder
+        back to [out, in]); the pack is a current copy of it again, not repacked."""
+        if not self.released:
+            return
+        weight.data = self.packed.to_dense()
+        self._source, self._version, self.released = weight.detach(), weight._version, False
+
     def __deepcopy__(self, memo: dict) -> "WeightPack":
-        return WeightPack()
+        return _released(self.packed.clone()) if self.released else WeightPack()
 
     def __reduce__(self):
-        return WeightPack, ()
+        # an opaque oneDNN tensor does not pickle: a released pack travels as its plain weight, packed on arrival
+        return (_released_from_plain, (self.packed.to_dense(),)) if self.released else (WeightPack, ())
+
+
+def _released(packed: Tensor) -> WeightPack:
+    """A released pack holding `packed` (opaque), the weight's only copy."""
+    pack = WeightPack()
+    pack.packed, pack.released = packed, True
+    return pack
+
+
+def _released_from_plain(weight: Tensor) -> WeightPack:
+    """weight: [out, in] -> a released pack of it (an unpickled one)."""
+    return _released(_pack(weight))
 
 
 def _pack(weight: Tensor) -> Tensor:
@@ -109,22 +158,28 @@ def prepack(weight: Tensor, pack: WeightPack) -> None:
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, pack: WeightPack | None = None) -> Tensor:
     """x: [*, in]; weight: [out, in]; bias: [out] or None -> x @ weight^T + bias [*, out]: by oneDNN on the weight
     packed in `pack` where one is given, else as the module docstring says."""
+    if pack is not None and pack.released:
+        return _released_linear(x, pack, bias)
     if not (ONEDNN_LINEAR and x.dtype == weight.dtype and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
         return F.linear(x, weight, bias)
-    if pack is not None and weight.dtype in PACKED_DTYPES and not _plain_row(x, weight):
+    if pack is not None and weight.dtype in PACKED_DTYPES:
         # an inference tensor (made under torch.inference_mode) has no version counter to tell a stale pack by: it
         # is packed afresh at each call, and nothing is kept (the same kernel, so the same bits as a kept pack)
         w = pack.get(weight) if not weight.is_inference() else _pack(weight)
-    elif weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT:  # a plain row lands here too
+    elif weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT:
         w = weight
     else:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, bias, "none", [], "")
 
 
-def _plain_row(x: Tensor, weight: Tensor) -> bool:
-    """x: [*, in]; weight: [out, in]. Whether x is one fp32 row that runs faster on the plain weight (module
-    docstring)."""
-    return (weight.dtype == torch.float32 and x.numel() == weight.shape[1] >= PLAIN_ROW_MIN_IN
-            and weight.numel() >= PLAIN_ROW_MIN_WEIGHT)
+def _released_linear(x: Tensor, pack: WeightPack, bias: Tensor | None) -> Tensor:
+    """x: [*, in] -> [*, out] on a released pack, the weight's only copy: where only the plain weight would do,
+    a clear error rather than a GEMM on the placeholder."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dtype != pack.packed.dtype:
+        raise RuntimeError(f"this GEMM's weight was released for serving (it lives only in its oneDNN pack), which "
+                           f"runs {pack.packed.dtype} inputs without gradients outside torch.compile; got "
+                           f"{x.dtype} inputs{' with gradients' if torch.is_grad_enabled() else ''}: restore the "
+                           "plain weights first (Transformer.restore_plain_weights)")
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), pack.packed, bias, "none", [], "")

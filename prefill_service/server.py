@@ -182,7 +182,8 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
             worker = SpPrefillWorker(loaded, cfg.parallel.sp_ranks, cfg.dtype, cfg.transfer.timeout_s, cfg.threads)
         else:
             store = attach_store(cfg, loaded, fingerprint, host, kv_servicer)
-            worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler, store.store if store else None, cfg.threads)
+            worker = PrefillWorker(loaded, cfg.cache, cfg.scheduler, store.store if store else None, cfg.threads,
+                                   release_weights=True)  # this process owns its model
         servicer.attach(loaded, worker, fingerprint)
         watch_prefill(servicer, worker, store.store if store else None, loaded, cfg)
         host.set_serving()

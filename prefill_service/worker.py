@@ -70,15 +70,18 @@ class PrefillWorker:
     """Collects concurrent prompts into one ragged forward (up to the scheduler's token budget)."""
 
     def __init__(self, loaded: LoadedModel, cache: CacheConfig, scheduler: SchedulerConfig,
-                 store: KvStore | None = None, threads: ThreadsConfig | None = None):
-        """`threads`: the worker thread's intra-op threads and cores (None: leave PyTorch's as they are)."""
+                 store: KvStore | None = None, threads: ThreadsConfig | None = None, release_weights: bool = False):
+        """`threads`: the worker thread's intra-op threads and cores (None: leave PyTorch's as they are).
+        `release_weights`: hold each GEMM's weight once, as the Engine's option of that name says (the service
+        does: its process owns the model)."""
         self.model, cfg = loaded.model, loaded.config
         self.threads = threads
         self.kv_store = store  # blocks this service computed, kept for later prompts sharing a prefix
         self.sched = scheduler
         shapes = layer_shapes(cfg)
         param = next(self.model.parameters())
-        self.model.prepare_to_serve()  # the Engine's GEMMs, before the cache takes its share of the memory left
+        # the Engine's GEMMs, before the cache takes its share of the memory left
+        self.model.prepare_to_serve(release=release_weights)
         self.cache = paged_cache(shapes, cache, param.dtype, param.device, model=self.model)
         self.max_tokens = self.cache.token_capacity(cfg.max_position_embeddings) - 1
         # A token tier (zeroc/policies/tier.py): the model writes [compressed | tier] rows; both are shipped.

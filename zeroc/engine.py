@@ -124,13 +124,18 @@ _CHUNK = SamplingParams()  # what a chunk-of-a-prompt row "samples" with: greedy
 
 class Engine:
     def __init__(self, loaded: LoadedModel, cache: CacheConfig | None = None,
-                 scheduler: SchedulerConfig | None = None):
+                 scheduler: SchedulerConfig | None = None, release_weights: bool = False):
+        """`release_weights`: hold each GEMM's weight once, dropping the plain copies of those the backend packed
+        (the cpu backend: `Transformer.release_plain_weights`), as the services do, whose process owns its model.
+        Off, the model's weights stay readable as they were, for callers that go on using the model."""
         self.loaded = loaded
         self.model, self.tokenizer, self.model_config = loaded.model, loaded.tokenizer, loaded.config
         self.sched = scheduler or SchedulerConfig()
         device = next(self.model.parameters()).device
         self.runs_ahead = runs_ahead(self.sched, device)  # launch step n before step n-1's ids reach the host
-        self.model.prepare_to_serve()  # fused, packed GEMMs, before the cache takes its share of the memory left
+        # fused, packed GEMMs (held once if asked), before the cache takes its share of the memory left;
+        # torch.compile traces F.linear on the plain weights, so compiled layers keep them
+        self.model.prepare_to_serve(release=release_weights and not self.sched.compile_layers)
         if self.sched.compile_layers:
             compile_feed_forward(self.model)
         cfg = self.model_config

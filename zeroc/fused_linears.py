@@ -18,6 +18,11 @@ weight reassigned: `fresh` is False), each part runs on its own, so the result i
 nn.Parameter's deep copy clones apart) are concatenated again and re-pointed, so a copy runs one GEMM too and
 holds its weights once.
 
+A served model holds each weight once (`Transformer.release_plain_weights`): where the backend packed the
+concatenation, `release` makes the pack its only copy and leaves the concatenation and the parts' views empty
+placeholders; `restore` gives them back, the same bits, the parts re-pointed at their slices. A part that was served
+on its own and released is restored before it is fused.
+
 The one GEMM is the parts' backend's: a part that is a `zeroc.model.Linear` carries its model's backend GEMM
 (`gemm`), which the fused call runs on the concatenation with a pack slot of its own (the cpu backend packs the
 concatenation for oneDNN, kernels/cpu_linear.py); a plain nn.Linear part, F.linear.
@@ -44,6 +49,7 @@ class FusedLinears:
     sizes: tuple[int, ...]  # each part's out_features
     pointers: tuple[int, ...]  # each part's weight's and bias's addresses inside the two, to see one replaced
     pack: WeightPack = field(default_factory=WeightPack)  # where the backend may keep `weight` in its own layout
+    DIM = 0  # the parts' weights lie along the concatenation's rows
 
     @classmethod
     def of(cls, *parts: nn.Linear) -> FusedLinears | None:
@@ -53,6 +59,7 @@ class FusedLinears:
             raise ValueError("fused linears need one input width and a bias on all or none of them")
         if any(p.weight.is_meta for p in parts):
             return None
+        _restore_own(parts)
         with torch.no_grad():
             weight = torch.cat([p.weight for p in parts])
             bias = None if parts[0].bias is None else torch.cat([p.bias for p in parts])
@@ -73,6 +80,28 @@ class FusedLinears:
     def __deepcopy__(self, memo: dict) -> FusedLinears | None:
         return type(self).of(*copy.deepcopy(self.parts, memo))
 
+    def release(self) -> None:
+        """Serving: if the backend holds the concatenation packed (`pack`), make the pack its only copy, and drop
+        the parts' views of it (each keeps an empty placeholder), so that the weights are held once
+        (`Transformer.release_plain_weights`)."""
+        if self.pack.release(self.weight):
+            for p in self.parts:
+                p.weight.data = torch.empty(0, dtype=p.weight.dtype, device=p.weight.device)
+            self.pointers = _pointers(self.parts)
+
+    def plain_part(self, part: nn.Linear) -> Tensor:
+        """part (one of `parts`)'s weight as values: its view, or where released, a copy from the pack."""
+        whole = self.pack.packed.to_dense() if self.pack.released else self.weight
+        return whole.split(self.sizes, self.DIM)[next(i for i, p in enumerate(self.parts) if p is part)]
+
+    def restore(self) -> None:
+        """Undo `release`: the concatenation back from the pack, the same bits, and each part's weight its view
+        of it again."""
+        if self.pack.released:
+            self.pack.restore(self.weight)
+            _repoint(self.parts, self.weight, self.DIM, self.sizes)
+            self.pointers = _pointers(self.parts)
+
     def __call__(self, x: Tensor) -> tuple[Tensor, ...]:
         """x: [*, in] -> each part's output [*, out_i]: column views of one GEMM's output."""
         if torch.is_grad_enabled() or not self.fresh:
@@ -87,6 +116,23 @@ def _gemm(parts: tuple[nn.Linear, ...], x: Tensor, weight: Tensor, bias: Tensor 
     return gemm(x, weight, bias, pack) if gemm is not None else F.linear(x, weight, bias)
 
 
+def _restore_own(parts: tuple[nn.Linear, ...]) -> None:
+    """A part served on its own before, whose pack became its weight's only copy (WeightPack.release), gets its
+    plain weight back: the concatenation is made of the plain weights. Its own pack is then emptied: the fused GEMM
+    has its own, and a kept one would hold the part's old weight alive beside the concatenation."""
+    for p in parts:
+        pack = getattr(p, "pack", None)
+        if isinstance(pack, WeightPack):
+            pack.restore(p.weight)
+            pack.clear()
+
+
+def _repoint(parts: tuple[nn.Linear, ...], weight: Tensor, dim: int, sizes: tuple[int, ...]) -> None:
+    """Each part's weight (the same Parameter) its slice of `weight` along `dim`: rows (0) or columns (1)."""
+    for p, part in zip(parts, weight.split(sizes, dim)):
+        p.weight.data = part
+
+
 def _pointers(parts: tuple[nn.Linear, ...]) -> tuple[int, ...]:
     return tuple(t.data_ptr() for p in parts for t in (p.weight, p.bias) if t is not None)
 
@@ -99,6 +145,7 @@ class SummedLinears:
     sizes: tuple[int, ...]  # each part's in_features
     pointers: tuple[int, ...]
     pack: WeightPack = field(default_factory=WeightPack)
+    DIM = 1  # side by side, along its columns
 
     @classmethod
     def of(cls, *parts: nn.Linear) -> SummedLinears | None:
@@ -108,6 +155,7 @@ class SummedLinears:
             raise ValueError("summed linears need one output width and at most one bias")
         if any(p.weight.is_meta for p in parts):
             return None
+        _restore_own(parts)
         with torch.no_grad():
             weight = torch.cat([p.weight for p in parts], 1)
         at = 0
@@ -120,9 +168,46 @@ class SummedLinears:
 
     fresh = FusedLinears.fresh
     __deepcopy__ = FusedLinears.__deepcopy__
+    release = FusedLinears.release
+    plain_part = FusedLinears.plain_part
+    restore = FusedLinears.restore
 
     def __call__(self, *xs: Tensor) -> Tensor:
         """xs: one [*, in_i] per part -> Σ_i part_i(x_i) [*, out]"""
         if torch.is_grad_enabled() or not self.fresh:
             return functools.reduce(torch.add, (p(x) for p, x in zip(self.parts, xs)))
         return _gemm(self.parts, torch.cat(xs, -1), self.weight, self.bias, self.pack)
+
+
+# -- GEMM weights held once: the Linears a model serves on their own (zeroc.model.Linear: a weight, a `pack`) and its
+# fused groups, for `Transformer.release_plain_weights` and its inverse
+
+def release_gemms(gemms: list, keep: Tensor) -> None:
+    """Release every GEMM's plain weight that its pack holds (WeightPack.release; a group's `release`), but `keep`
+    (a tied LM head's, which the embedding reads)."""
+    for gemm in gemms:
+        if isinstance(gemm, (FusedLinears, SummedLinears)):
+            gemm.release()
+        elif gemm.weight is not keep:
+            gemm.pack.release(gemm.weight)
+
+
+def restore_gemms(gemms: list) -> bool:
+    """Undo `release_gemms`. Returns whether any weight was released."""
+    released = any(g.pack.released for g in gemms)
+    for gemm in gemms:
+        if isinstance(gemm, (FusedLinears, SummedLinears)):
+            gemm.restore()
+        else:
+            gemm.pack.restore(gemm.weight)
+    return released
+
+
+def plain_weight(linear: nn.Linear, groups: list) -> Tensor:
+    """linear's weight [out, in] as values: the Parameter, or where released, a copy from its own pack or its
+    group's (`groups`: the model's fused GEMMs). The model stays released."""
+    pack = getattr(linear, "pack", None)
+    if isinstance(pack, WeightPack) and pack.released:
+        return pack.packed.to_dense()
+    group = next((f for f in groups if any(p is linear for p in f.parts)), None)
+    return group.plain_part(linear) if group is not None else linear.weight

@@ -23,6 +23,8 @@ Weight names follow Hugging Face's LlamaForCausalLM so checkpoints load without 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import math
 
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from zeroc.attend import Attend, AttendFn, CallerAttend, DenseCausal, FusedPagedAttend, PagedAttend
 from zeroc.config import ModelConfig
-from zeroc.fused_linears import FusedLinears, SummedLinears
+from zeroc.fused_linears import FusedLinears, SummedLinears, plain_weight, release_gemms, restore_gemms
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
 from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
@@ -56,7 +58,9 @@ class Linear(nn.Linear):
         return self.gemm(x, self.weight, self.bias, self.pack)
 
     def _apply(self, fn, recurse: bool = True):
-        # moved or cast (.to, .half, ...): drop the packed copy now rather than hold the old weight until next use
+        # moved or cast (.to, .half, ...): drop the packed copy now rather than hold the old weight until next use,
+        # the plain weight back first where the pack was its only copy
+        self.pack.restore(self.weight)
         self.pack.clear()
         return super()._apply(fn, recurse)
 
@@ -347,6 +351,8 @@ class Transformer(nn.Module):
 
     @backend.setter
     def backend(self, backend: AttentionBackend) -> None:
+        if "_backend" in vars(self):
+            self.restore_plain_weights()  # another backend runs the plain weights
         self._backend = backend
         for module in self.modules():
             if isinstance(module, Linear):
@@ -361,26 +367,77 @@ class Transformer(nn.Module):
         return [f for layer in layers for f in (layer.self_attn.qkv, layer.self_attn.o_tier, layer.mlp.gate_up)
                 if f is not None]
 
-    def prepare_to_serve(self) -> None:
+    def prepare_to_serve(self, release: bool = False) -> None:
         """What an Engine and a prefill worker do to their model before sizing a KV cache, so that a prefill service
-        runs the GEMMs a colocated engine runs: fuse the projections where the backend runs them fused (fewer,
-        wider GEMMs; before any CUDA graph captures the layers' GEMMs), then have the backend lay out the weights
-        (`prepack`)."""
+        runs the GEMMs a colocated engine runs: fuse the projections where the backend runs them fused (before any
+        CUDA graph captures them), have the backend lay out the weights (`prepack`), and drop the plain copies of
+        those it packed (`release_plain_weights`) if `release` (not where torch.compile traces the plain ones)."""
         if self.backend.fuses_projections:
             self.fuse_projections()
         self.prepack()
+        if release:
+            self.release_plain_weights()
+
+    def release_plain_weights(self) -> None:
+        """Hold each GEMM's weight once: where the backend keeps a weight packed (the cpu backend's oneDNN copies),
+        the pack becomes its only copy and the Parameter an empty placeholder, as vLLM's CPU backend drops its
+        weights once packed. A tied LM head keeps its weight (the embedding reads it). Forwards without gradients
+        run as before, the same bits; `restore_plain_weights` undoes it, and so do setting a backend, moving or
+        casting the model, `state_dict`, `load_state_dict` and deep copies (which put the plain weights back
+        for their time, then drop them again); `plain_weight` reads one meanwhile."""
+        release_gemms(self._gemms(), keep=self.model.embed_tokens.weight)
+
+    def restore_plain_weights(self) -> bool:
+        """Undo `release_plain_weights` (the same bits, from the packs). Returns whether any weight was released."""
+        return restore_gemms(self._gemms())
+
+    def plain_weight(self, linear: Linear) -> Tensor:
+        """linear's weight [out, in] as values (a KV policy fits itself to them): the Parameter, or a copy from the
+        pack that holds it where the model released it."""
+        return plain_weight(linear, self._fused())
+
+    @contextlib.contextmanager
+    def _plain_weights(self):
+        """The plain weights for the block's time, released again after it if they were."""
+        released = self.restore_plain_weights()
+        try:
+            yield
+        finally:
+            if released:  # packed again first where a load changed the weights
+                self.prepack()
+                self.release_plain_weights()
+
+    def state_dict(self, *args, **kwargs):
+        with self._plain_weights():  # a released weight's placeholder is not its value
+            return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        with self._plain_weights():  # loaded into the plain weights, packed again where released
+            return super().load_state_dict(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Transformer:
+        with self._plain_weights():  # the copy holds plain weights, its packs empty until it serves
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            new.__setstate__(copy.deepcopy(self.__dict__, memo))
+            return new
+
+    def _apply(self, fn, recurse: bool = True):
+        self.restore_plain_weights()  # moved or cast: from the plain weights (the packs are of no use after)
+        return super()._apply(fn, recurse)
 
     def prepack(self) -> None:
         """Have the backend lay out every GEMM's weight now (the cpu backend's packed oneDNN copies), not at its
-        first call: the Engine calls it before sizing its KV cache. A Linear the fused GEMMs serve is skipped: its
-        own GEMM runs only where gradients are wanted."""
+        first call: the Engine calls it before sizing its KV cache."""
+        for gemm in self._gemms():
+            self.backend.prepack(gemm.weight, gemm.pack)
+
+    def _gemms(self) -> list[Linear | FusedLinears | SummedLinears]:
+        """The GEMMs a forward without gradients runs: the fused ones, and every Linear they do not serve (a part
+        of a fused GEMM runs on its own only where gradients are wanted)."""
         fused = self._fused()
         served = {id(p) for f in fused for p in f.parts}
-        for module in self.modules():
-            if isinstance(module, Linear) and id(module) not in served:
-                self.backend.prepack(module.weight, module.pack)
-        for f in fused:
-            self.backend.prepack(f.weight, f.pack)
+        return [m for m in self.modules() if isinstance(m, Linear) and id(m) not in served] + fused
 
     def fuse_projections(self) -> None:
         """Run each layer's Q/K/V projections (with a token tier's: `Attention.input_projections`) as one GEMM,

@@ -20,24 +20,36 @@ def test_a_short_run_reports_every_gemm_and_every_engine_side(tmp_path, cpu_kern
     # cpu_kernel: built once for the session (the script's own process then imports it), or a skip without a compiler
     out = tmp_path / "cpu_linear.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "1", "--batches", "2", "--threads", "1",
-                        "--dtype", dtype, "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--calls", "2", "--steps", "3", "--prefill", "64", "--dtype", dtype, "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     sides = ("backend_ms", "unpacked_ms", "f_linear_ms")
     assert len(result["gemms"]) == 10 and all(g[k] > 0 for g in result["gemms"] for k in sides)
     assert all(e[k] > 0 for e in result["engine"] for k in sides)
-    assert [e["what"] for e in result["engine"]] == ["decode b2", "prefill 1024"]
+    assert [e["what"] for e in result["engine"]] == ["decode b2", "prefill 64"]
     assert result["dtype"] == dtype and result["packed"] == (getattr(torch, dtype) in PACKED_DTYPES)
-    assert len(r.stdout.splitlines()) == 12
+    assert len(r.stdout.splitlines()) == 13
+    _check_memory(result)
 
 
 def test_the_engine_rows_run_on_layers_of_llama3_8b_shape(tmp_path, cpu_kernel):
     out = tmp_path / "cpu_linear.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--rounds", "1", "--batches", "1", "--threads", "1",
-                        "--shape", "llama3-8b", "--layers", "1", "--prefill", "32", "--dtype", "bfloat16",
+                        "--calls", "1", "--steps", "2", "--shape", "llama3-8b", "--layers", "1", "--prefill", "32",
                         "--json", str(out)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["shape"] == "llama3-8b" and result["layers"] == 1
     assert [e["what"] for e in result["engine"]] == ["decode b1", "prefill 32"]
     assert all(e[k] > 0 for e in result["engine"] for k in ("backend_ms", "unpacked_ms", "f_linear_ms"))
+    _check_memory(result)
+
+
+def _check_memory(result: dict) -> None:
+    """A served model drops the plain weights of what it packed (at least half of that shows in the resident memory);
+    where nothing packs (bf16 without oneDNN's bf16 kernels), nothing is."""
+    memory = result["memory"]
+    assert (memory["packed_gib"] > 0) == result["packed"]
+    if result["packed"]:
+        assert memory["kept_gib"] - memory["released_gib"] >= memory["packed_gib"] / 2

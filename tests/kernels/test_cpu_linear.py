@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from model_copies import unfused_copy
 from zeroc.model import Linear
 from zeroc_kernels.attention import CpuBackend, TorchBackend
-from zeroc_kernels.cpu_linear import (ONEDNN_MIN_WEIGHT, ONEDNN_PACK, PACKED_DTYPES, PLAIN_ROW_MIN_IN,
-                                      PLAIN_ROW_MIN_WEIGHT, WeightPack, onednn_linear)
+from zeroc_kernels.cpu_linear import ONEDNN_MIN_WEIGHT, ONEDNN_PACK, PACKED_DTYPES, WeightPack, onednn_linear
 
 # A torch build without oneDNN (torch.ops.mkldnn._reorder_linear_weight) packs nothing: the cpu backend then runs
 # F.linear, which tests/kernels/test_attention.py::test_linear_is_f_linear covers on every backend. CI's x86 wheel
@@ -116,30 +115,54 @@ def test_a_packed_gemm_gives_a_row_the_same_bits_at_any_batch(shape, dtype):
 
 
 @torch.no_grad()
-def test_a_lone_fp32_row_of_a_large_wide_weight_runs_on_the_plain_weight():
-    """There oneDNN's GEMV reads the plain layout faster; batches still run on the pack, and a narrower weight's lone
-    row keeps the pack (and a batch's bits)."""
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_a_released_pack_is_the_weights_only_copy_and_restores_it_exactly(dtype):
+    """Released, the weight's data is an empty placeholder and the GEMMs give the bits they gave before; restored,
+    the weight is the same bits, and the pack stays (not packed again)."""
     gen = torch.Generator().manual_seed(5)
-    wide = torch.randn(PLAIN_ROW_MIN_WEIGHT // PLAIN_ROW_MIN_IN, PLAIN_ROW_MIN_IN, generator=gen)
-    narrow = torch.randn(PLAIN_ROW_MIN_WEIGHT // 1024, 1024, generator=gen)
-    for w in (wide, narrow):
-        x, pack = torch.randn(2, w.shape[1], generator=gen), WeightPack()
-        batched = onednn_linear(x, w, None, pack)
-        _close(batched, F.linear(x, w))
-        packed = pack.packed
-        one = onednn_linear(x[:1], w, None, pack)
-        _close(one, F.linear(x[:1], w))
-        plain = torch.ops.mkldnn._linear_pointwise(x[:1], w, None, "none", [], "")
-        if w is wide:
-            assert torch.equal(one, plain)
-        else:
-            assert torch.equal(one, batched[:1])
-        assert pack.packed is packed  # the pack stays for the batches
-    bf16 = wide.bfloat16()
-    if torch.bfloat16 in PACKED_DTYPES:  # a bf16 row reads the packed layout faster at every size: packed
-        pack = WeightPack()
-        onednn_linear(torch.randn(1, PLAIN_ROW_MIN_IN, generator=gen).bfloat16(), bf16, None, pack)
-        assert pack.packed is not None
+    w = torch.nn.Parameter(torch.randn(*BIG, generator=gen).to(dtype), requires_grad=False)
+    b, x = torch.randn(BIG[0], generator=gen).to(dtype), torch.randn(7, BIG[1], generator=gen).to(dtype)
+    original, pack = w.detach().clone(), WeightPack()
+    assert not pack.release(w)  # nothing packed yet: nothing released
+    want = onednn_linear(x, w, b, pack)
+    packed = pack.packed
+    assert pack.release(w) and pack.released and w.numel() == 0 and w.dtype == dtype
+    assert not pack.release(w)  # once
+    assert torch.equal(onednn_linear(x, w, b, pack), want)
+    assert torch.equal(onednn_linear(x[3:4], w, b, pack), want[3:4])
+    with pytest.raises(RuntimeError, match="restore it"):
+        pack.clear()  # the only copy is never dropped
+    pack.restore(w)
+    assert not pack.released and torch.equal(w, original)
+    assert torch.equal(onednn_linear(x, w, b, pack), want) and pack.packed is packed
+    w.add_(1.0)
+    assert not pack.release(w)  # a stale pack is no copy of the weight
+    assert w.numel() == original.numel()
+
+
+def test_a_released_gemm_refuses_what_only_the_plain_weight_could_run():
+    w, pack = torch.nn.Parameter(torch.randn(*BIG)), WeightPack()
+    with torch.no_grad():
+        onednn_linear(torch.randn(2, BIG[1]), w, None, pack)
+        pack.release(w)
+    with pytest.raises(RuntimeError, match="released for serving.*with gradients"):
+        onednn_linear(torch.randn(2, BIG[1]), w, None, pack)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="released for serving.*torch.float64 inputs"):
+        onednn_linear(torch.randn(2, BIG[1], dtype=torch.float64), w, None, pack)
+
+
+@torch.no_grad()
+def test_a_released_pack_is_copied_and_pickled_with_its_weight():
+    """Nothing else holds the weight, so a copy or a pickle of a released pack carries it (an unreleased one starts
+    empty)."""
+    w, x = torch.randn(*BIG), torch.randn(3, BIG[1])
+    pack = WeightPack()
+    want = onednn_linear(x, w, None, pack)
+    assert copy.deepcopy(pack).packed is None and pickle.loads(pickle.dumps(pack)).packed is None
+    pack.release(w)
+    for twin in (copy.deepcopy(pack), pickle.loads(pickle.dumps(pack))):
+        assert twin.released and twin.packed is not pack.packed
+        assert torch.equal(onednn_linear(x, w, None, twin), want)
 
 
 def test_what_is_never_packed():

@@ -124,8 +124,9 @@ def test_a_cancelled_prefill_stream_leaves_the_service_serving(services, bundled
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_the_worker_prepares_its_model_as_the_engine_does_and_ships_the_engines_kv_bits(random_gqa, backend, request):
     """Before it sizes its cache, the worker fuses Q/K/V and gate/up where the backend runs them fused, and has it
-    pack the weights (the cpu backend), as a colocated Engine does (`Transformer.prepare_to_serve`); the KV it
-    ships for a prompt is the very bits that the Engine writes into its own cache for that prompt. (At these
+    pack the weights (the cpu backend), as a colocated Engine does (`Transformer.prepare_to_serve`), then drops the
+    plain copies as the service has it do; the KV it ships for a prompt is the very bits that the Engine (which keeps
+    them) writes into its own cache for that prompt. (At these
     shapes the fused and separate GEMMs also agree bit for bit, on oneDNN and on MKL: the bits alone would not
     tell a worker that skipped the fusion.)"""
     from model_copies import unfused_copy
@@ -143,11 +144,12 @@ def test_the_worker_prepares_its_model_as_the_engine_does_and_ships_the_engines_
     loaded, colocated = unfused_copy(random_gqa), unfused_copy(random_gqa)
     for copy_ in (loaded, colocated):
         copy_.model.backend = select_backend(backend, "cpu")  # triton: its interpreter, as on CI
-    worker = PrefillWorker(loaded, CacheConfig(16, 32), SchedulerConfig())
-    try:  # no prompt has run: the fused GEMMs and the packs were made up front
+    worker = PrefillWorker(loaded, CacheConfig(16, 32), SchedulerConfig(), release_weights=True)  # as the service
+    try:  # no prompt has run: the fused GEMMs and the packs were made up front, the plain weights dropped
         model = loaded.model
         fused = [f for layer in model.model.layers for f in (layer.self_attn.qkv, layer.mlp.gate_up)]
         assert all(f is not None and (f.pack.packed is not None) == (backend == "cpu") for f in fused)
+        assert all(f.pack.released == (f.weight.numel() == 0) == (backend == "cpu") for f in fused)
         parts = {id(p) for f in fused for p in f.parts}
         assert all((m.pack.packed is not None) == (backend == "cpu" and id(m) not in parts)
                    for m in model.modules() if isinstance(m, Linear))

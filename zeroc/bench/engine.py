@@ -253,15 +253,17 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]], rates: dict,
-             scheduler: str = "sync") -> dict:
-    """One fresh Engine through `prompts`: prefill, timed decode steps, one counted step, the rest."""
+             weights: tuple[int, int], scheduler: str = "sync") -> dict:
+    """One fresh Engine through `prompts`: prefill, timed decode steps, one counted step, the rest. `weights`: the
+    model's `matmul_weight_bytes`, counted before any Engine released its plain weights."""
     device = torch.device(spec.device)
     cfg = loaded.config
     blocks = spec.batch * sequence_blocks(cfg, 16, spec.prompt + spec.new + 1) + 1  # + the graphs' pad block
     ahead = scheduler == "async"
     engine = Engine(loaded, CacheConfig(16, blocks),
                     SchedulerConfig(max_num_seqs=spec.batch, max_num_batched_tokens=spec.max_batched_tokens,
-                                    enforce_eager=spec.enforce_eager, async_scheduling=ahead))
+                                    enforce_eager=spec.enforce_eager, async_scheduling=ahead),
+                    release_weights=True)  # as the services run it
     timer = DeviceTimer(device)
     engine.device_timer = timer
     params = spec.sampling(spec.new)
@@ -290,7 +292,7 @@ def run_once(loaded: LoadedModel, spec: EngineBenchSpec, prompts: list[list[int]
         syncs[0] += engine.host_waits - waits
     while engine.has_unfinished():
         engine.step()
-    elems, weight_bytes = matmul_weight_bytes(loaded.model)
+    elems, weight_bytes = weights
     dtype = next(loaded.model.parameters()).dtype
     # decode step j reads the KV of prompt + j + 1 tokens per sequence (its new token included); running
     # ahead, the prefill loop above also launched decode step 1
@@ -327,12 +329,14 @@ def run_engine_bench(spec: EngineBenchSpec, progress: bool = True) -> dict:
     prompts = [torch.randint(2, base.vocab_size, (spec.prompt,), generator=gen).tolist() for _ in range(spec.batch)]
     rates = {"gemm_flop_s": gemm_rate(device, dtype), "copy_bytes_s": copy_rate(device)}
     warm = EngineBenchSpec(**{**spec.__dict__, "batch": min(2, spec.batch), "new": 3, "profile": False})
+    weights = {m: matmul_weight_bytes(models[m].model) for m in spec.methods}
     for m in spec.methods:  # compiles kernels (and captures graphs) before anything is timed
-        run_once(models[m], warm, prompts[: warm.batch], rates)
+        run_once(models[m], warm, prompts[: warm.batch], rates, weights[m])
     rows = []
     todo = [(r, m, sch) for r in range(spec.rounds) for sch in spec.schedulers for m in spec.methods]
     for r, m, sch in tqdm(todo, desc="engine bench", disable=not progress):
-        rows.append({"round": r, "method": m, "scheduler": sch, **run_once(models[m], spec, prompts, rates, sch)})
+        rows.append({"round": r, "method": m, "scheduler": sch,
+                     **run_once(models[m], spec, prompts, rates, weights[m], sch)})
     return {"spec": spec.__dict__, "dtype": str(dtype).removeprefix("torch."), "machine": _machine(device),
             "rates": rates, "rows": rows, "summary": summarize(rows, spec.methods, spec.schedulers)}
 

@@ -26,7 +26,7 @@ def model_args(p: argparse.ArgumentParser) -> None:
                         "(env ZEROC_ATTENTION_BACKEND)")
     p.add_argument("--no-pack-weights", dest="pack_weights", action="store_const", const=False, default=None,
                    help="the cpu backend runs its GEMMs on the weights as they lie, not on a packed oneDNN copy of "
-                        "each (which holds fp32 and bf16 weights twice; env ZEROC_PACK_WEIGHTS=0)")
+                        "each (env ZEROC_PACK_WEIGHTS=0)")
 
 
 def checked(cfg: ZeroCConfig) -> ZeroCConfig:

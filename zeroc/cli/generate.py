@@ -20,7 +20,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
     loaded, cfg = common.load(args, common.cache_settings(args))
-    engine = Engine(loaded, cfg.cache, cfg.scheduler)
+    engine = Engine(loaded, cfg.cache, cfg.scheduler, release_weights=True)  # as a service does
     request_id = engine.add_request(args.prompt, params)
     tokens: list[int] = []
     text, reason = "", None

@@ -265,8 +265,8 @@ class ZeroCConfig:
     device: str = "cpu"  # where a service runs its model: cpu, cuda or cuda:N
     attention_backend: str = "auto"  # auto | torch | cpu | triton (triton on the CPU needs TRITON_INTERPRET=1)
     # The cpu backend's GEMMs on a oneDNN-packed copy of each fp32 or bf16 weight: faster, and batch-invariant at
-    # the bundled model's shapes, at the cost of holding the weights twice (kernels/cpu_linear.py). False: oneDNN
-    # on the weights as they lie.
+    # the bundled model's shapes; the services then drop the plain weights, so each is held once, packed
+    # (kernels/cpu_linear.py). False: oneDNN on the weights as they lie.
     pack_weights: bool = True
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

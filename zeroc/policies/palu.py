@@ -74,8 +74,9 @@ class Palu(KVMethod):
             raise ValueError("the Palu baseline applies to an uncompressed model; this one is already compressed")
         attn = model.model.layers[layer].self_attn
         kv, k_dim, v_dim = model.config.kv_geometry(layer)
-        return (weight_basis(attn.k_proj.weight, kv, self.rank(k_dim)),
-                weight_basis(attn.v_proj.weight, kv, self.rank(v_dim)), attn.inv_freq)
+        # plain_weight: a served model may hold them only in packs (Transformer.release_plain_weights)
+        return (weight_basis(model.plain_weight(attn.k_proj), kv, self.rank(k_dim)),
+                weight_basis(model.plain_weight(attn.v_proj), kv, self.rank(v_dim)), attn.inv_freq)
 
     def new_pools(self, shapes: list[LayerShape], num_blocks: int, block_size: int, dtype: torch.dtype,
                   device: torch.device, allocator: BlockAllocator) -> PaluPools:

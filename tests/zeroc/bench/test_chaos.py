@@ -9,7 +9,7 @@ from zeroc.bench import chaos as bench_chaos
 
 
 def test_killing_or_terminating_a_decode_replica_fails_only_calls_in_flight_on_it(capsys):
-    args = argparse.Namespace(scenarios=["kill-decode-0", "term-decode-1"], duration=8.0, clients=3, timeout=20.0,
+    args = argparse.Namespace(scenarios=["kill-decode-0", "term-decode-1"], duration=5.0, clients=3, timeout=20.0,
                               fuzz=150)
     # Non-zero on a failure not in flight on the faulted replica, a hung request, a leak, or UNKNOWN/INTERNAL
     # from fuzzing.
