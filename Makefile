@@ -24,8 +24,13 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/zeroc stack up --decode 1 --gateway --prompt "$(PROMPT)"
 
+# The suite on TEST_WORKERS processes (pytest-xdist), a test file to a worker (its module fixtures start once), each
+# process on one intra-op thread: a worker's OpenMP threads spinning between ops would take the cores from the
+# other (two workers at the default threads took as long as one worker alone). The tests whose results must hold
+# at several thread counts set them themselves, and the session's colocated decode service runs two engine threads.
+TEST_WORKERS ?= 2
 test: install
-	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # compose.yaml built and run for real (tests/deploy/compose_e2e.py, which `make test` does not collect): a
 # dockerd of its own builds the image and runs the stack on loopback, then everything is torn down, the daemon

@@ -163,6 +163,16 @@ def zeroc_tier_dir(bundled, bundled_factors, tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(autouse=True)
+def _intra_op_threads_restored():
+    """A test may set torch's intra-op threads (the cases that check a result at 1 and 2 threads); the next test
+    starts from the suite's setting again (`make test`: OMP_NUM_THREADS=1 in each of its workers)."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class Services:
     """Addresses of real service processes on loopback."""
@@ -187,7 +197,8 @@ def services(embedded_redis):
     """One prefill service, a decode service using it and a colocated decode service, for the session.
     They share one KV-store index (the session's embedded Redis), as in `zeroc stack up`. The disaggregated
     decode service runs ahead (async scheduling), the colocated one step by step, so every test that
-    compares the two modes or runs against both also compares the two schedulers."""
+    compares the two modes or runs against both also compares the two schedulers (and two engine threads with
+    one)."""
     from zeroc.stack import ServiceProcess
 
     procs = []
@@ -197,7 +208,10 @@ def services(embedded_redis):
         procs.append(ServiceProcess("decode", ["--prefill", procs[0].address],
                                     env={**shared, "ZEROC_TRANSFER_CHUNK_BYTES": "4096",
                                          "ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}))
-        procs.append(ServiceProcess("decode", ["--colocated", "--max-message-mb", "1"], env=shared))
+        # Two engine threads where `make test` gives every process one: the modes' equal tokens then hold across
+        # thread counts too.
+        procs.append(ServiceProcess("decode", ["--colocated", "--max-message-mb", "1"],
+                                    env={**shared, "ZEROC_THREADS_ENGINE": "2"}))
         for p in procs:
             p.wait_serving()
         yield Services(procs[0].address, procs[1].address, procs[2].address, procs)

@@ -101,10 +101,12 @@ def test_moves_casts_copies_and_backends_start_from_an_empty_pack():
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("shape", [BIG, SMALL, (128, 384), (384, 1024), (8192, 384)])  # the bundled model's
-def test_a_packed_gemm_gives_a_row_the_same_bits_at_any_batch(shape, dtype):
+@pytest.mark.parametrize("threads", [1, 2])  # a service's engine runs either, step by step (zeroc/cpu_threads.py)
+def test_a_packed_gemm_gives_a_row_the_same_bits_at_any_batch(shape, dtype, threads):
     # what keeps a request's logits independent of its step's batch, and the served prompt equal to the streaming
     # evaluator's token-at-a-time run (F.linear, which small weights took before, is not: test_kivi.py moved 2e-3).
     # From 2,048 inputs up a lone row takes another oneDNN kernel (the module docstring): not claimed there.
+    torch.set_num_threads(threads)  # restored after the test (conftest.py)
     gen = torch.Generator().manual_seed(shape[0])
     w, b = torch.randn(*shape, generator=gen).to(dtype), torch.randn(shape[0], generator=gen).to(dtype)
     x, pack = torch.randn(70, shape[1], generator=gen).to(dtype), WeightPack()
@@ -233,9 +235,12 @@ def test_an_engine_packs_before_it_sizes_its_cache_and_skips_the_fused_parts(ran
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
-def test_a_decode_rows_logits_are_the_same_bits_alone_and_in_a_batch(random_gqa, cpu_kernel, dtype):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_decode_rows_logits_are_the_same_bits_alone_and_in_a_batch(random_gqa, cpu_kernel, dtype, threads):
     """On the cpu backend a sequence's decode step gives the same logits whatever else its step batches: the packed
-    GEMMs, the fused ones included, and the ragged kernel's per-sequence attention are batch-invariant."""
+    GEMMs, the fused ones included, and the ragged kernel's per-sequence attention are batch-invariant, on one
+    intra-op thread and on two."""
+    torch.set_num_threads(threads)  # restored after the test (conftest.py)
     from zeroc.caches import paged_cache
     from zeroc.config import CacheConfig
     from zeroc.kv_cache import layer_shapes

@@ -60,12 +60,8 @@ def test_kernel_matches_reference(kernel, random_paged_kv, poison_unused_slots, 
     case = (case[0], case[1].to(pools), case[2].to(pools), *case[3:])
     scale = 1.0 / math.sqrt(dq)
     ref = paged_attention_ref(case[0], case[1].float(), case[2].float(), *case[3:], scale)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = ragged_paged_attention(kernel, *case, scale)
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(threads)  # restored after the test (conftest.py)
+    out = ragged_paged_attention(kernel, *case, scale)
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
