@@ -1,17 +1,18 @@
 """The cpu backend's GEMMs (`CpuBackend.linear`: oneDNN on packed weights) against oneDNN on the weight as it lies
 (unpacked; F.linear for small weights) and F.linear alone (MKL's sgemm in torch's CPU wheels), side by side in one
-run: each GEMM shape of the bundled model and one of Llama-3-8B's, then the bundled model's decode steps and a
-prefill forward with the engine's model switched between the three, alternating rounds (the cpu backend with its
-Q/K/V and gate/up fused, the other two unfused, as the cpu backend ran before it packed). `--dtype bfloat16` runs
-all of it in bf16 (packed where oneDNN has bf16 kernels for the CPU: `PACKED_DTYPES`); `--shape llama3-8b` runs the
-engine rows on `--layers` decoder layers of Llama-3-8B's shape with random weights (and the bench's 8,192-token
-vocabulary, zeroc/bench/engine.py), whose weights, unlike the bundled model's, do not fit the CPU's caches. Last,
-the resident memory that readying that model to serve adds, with the plain weights released (what an Engine does:
-each weight held once, as its pack) and kept, each measured in a fresh process.
+run: each GEMM shape of the bundled model and of Llama-3-8B (the fused ones too), then the bundled model's decode
+steps and a prefill forward with the engine's model switched between the three, alternating rounds (the cpu backend
+with its Q/K/V and gate/up fused, the other two unfused, as the cpu backend ran before it packed). `--dtype
+bfloat16` runs all of it in bf16 (packed where oneDNN has bf16 kernels for the CPU: `PACKED_DTYPES`); `--shape
+llama3-8b` runs the engine rows on `--layers` decoder layers of Llama-3-8B's shape with random weights (and the
+bench's 8,192-token vocabulary, zeroc/bench/engine.py), whose weights, unlike the bundled model's, do not fit the
+CPU's caches. Last, the resident memory that readying that model to serve adds, with the plain weights released
+(what an Engine does: each weight held once, as its pack) and kept, each measured in a fresh process.
+`--gemms-only` stops after the GEMM rows.
 
     .venv/bin/python benchmarks/cpu_linear.py [--threads 2] [--rounds 3] [--batches 1 16 64] [--dtype float32]
                                               [--shape bundled] [--layers 2] [--prefill 1024] [--calls 30]
-                                              [--steps 30] [--json out.json]
+                                              [--steps 30] [--gemms-only] [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from zeroc_kernels.cpu_linear import PACKED_DTYPES, WeightPack  # noqa: E402
 # q/o projection and MLP
 SHAPES = [("bundled q/o", 384, 384), ("bundled k/v", 384, 128), ("bundled qkv fused", 384, 640),
           ("bundled gate/up", 384, 1024), ("bundled gate_up fused", 384, 2048), ("bundled down", 1024, 384),
-          ("bundled lm_head", 384, 8192), ("llama3-8b q/o", 4096, 4096), ("llama3-8b gate/up", 4096, 14336),
-          ("llama3-8b down", 14336, 4096)]
+          ("bundled lm_head", 384, 8192), ("llama3-8b q/o", 4096, 4096), ("llama3-8b qkv fused", 4096, 6144),
+          ("llama3-8b gate/up", 4096, 14336), ("llama3-8b gate_up fused", 4096, 28672), ("llama3-8b down", 14336, 4096)]
 
 
 class MklCpuBackend(CpuBackend):
@@ -170,6 +171,7 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=1024, help="tokens of the prefill row (two prompts)")
     p.add_argument("--calls", type=int, default=30, help="calls per GEMM timing")
     p.add_argument("--steps", type=int, default=30, help="timed decode steps per engine row")
+    p.add_argument("--gemms-only", action="store_true", help="the GEMM rows alone (no engine or memory rows)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--memory-side", choices=["released", "kept"], help=argparse.SUPPRESS)  # memory_row's child
     args = p.parse_args()
@@ -180,9 +182,10 @@ def main() -> None:
         return _memory_side(loaded, args.memory_side)
     result = {"threads": args.threads, "dtype": args.dtype, "packed": dtype in PACKED_DTYPES, "shape": args.shape,
               "layers": loaded.config.num_hidden_layers,
-              "gemms": gemm_rows(args.batches, loaded.model.backend, dtype, args.calls),
-              "engine": engine_rows(loaded, args.batches, args.rounds, args.prefill, args.steps),
-              "memory": memory_row(args.shape, args.layers, args.dtype)}
+              "gemms": gemm_rows(args.batches, loaded.model.backend, dtype, args.calls)}
+    if not args.gemms_only:
+        result["engine"] = engine_rows(loaded, args.batches, args.rounds, args.prefill, args.steps)
+        result["memory"] = memory_row(args.shape, args.layers, args.dtype)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -24,10 +24,12 @@ evaluated: a packed GEMM gives each row the same bits at any row count of 2 or m
 is narrower than 2,048 (the bundled model's 384 and 1,024), so a sequence's decode logits there are the same bits
 alone or batched (tests/kernels/test_cpu_linear.py). From 2,048 inputs up (Llama-3-8B's 4,096), oneDNN runs a lone
 row with another kernel, whose last bits differ; run as two rows it would match, at 1-37% more time for that GEMM,
-which decode at batch 1 does not pay. F.linear is not invariant even there (a row alone and in a batch of 70 differ
-by some 3e-5), and where small weights stayed on F.linear, the streaming evaluator (a token at a time) and the
-served prompt (70 at once) rounded differently enough to move a KIVI cache's codes (2e-3 in the logits,
-tests/zeroc/policies/test_kivi.py).
+which decode at batch 1 does not pay. That lone-row kernel is also the one place packing loses: on the blocked
+layout it takes 1.2-1.55x the plain layout's time at Llama-3-8B's shapes, where 4 rows take 0.7-0.9x
+(docs/benchmarks.md, "Why fp32 packing loses at one row"); the layout serves batches. F.linear is not invariant
+even there (a row alone and in a batch of 70 differ by some 3e-5), and where small weights stayed on F.linear, the
+streaming evaluator (a token at a time) and the served prompt (70 at once) rounded differently enough to move a
+KIVI cache's codes (2e-3 in the logits, tests/zeroc/policies/test_kivi.py).
 
 Unpacked (no slot given: direct calls, benchmarks): oneDNN on the weight as it lies from `ONEDNN_MIN_WEIGHT`
 elements, F.linear below, since oneDNN pays some 15 us a call and a small weight's reorder is cheap for MKL.

@@ -25,12 +25,24 @@ def test_a_short_run_reports_every_gemm_and_every_engine_side(tmp_path, cpu_kern
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     sides = ("backend_ms", "unpacked_ms", "f_linear_ms")
-    assert len(result["gemms"]) == 10 and all(g[k] > 0 for g in result["gemms"] for k in sides)
+    assert len(result["gemms"]) == 12 and all(g[k] > 0 for g in result["gemms"] for k in sides)
     assert all(e[k] > 0 for e in result["engine"] for k in sides)
     assert [e["what"] for e in result["engine"]] == ["decode b2", "prefill 64"]
     assert result["dtype"] == dtype and result["packed"] == (getattr(torch, dtype) in PACKED_DTYPES)
-    assert len(r.stdout.splitlines()) == 13
+    assert len(r.stdout.splitlines()) == 15
     _check_memory(result)
+
+
+def test_gemms_only_stops_after_the_gemm_rows(tmp_path):
+    out = tmp_path / "cpu_linear.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--batches", "1", "4", "--threads", "1", "--calls", "1",
+                        "--gemms-only", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "engine" not in result and "memory" not in result
+    assert [(g["gemm"], g["m"]) for g in result["gemms"][-4:]] == [
+        ("llama3-8b gate_up fused", 1), ("llama3-8b gate_up fused", 4), ("llama3-8b down", 1), ("llama3-8b down", 4)]
+    assert len(r.stdout.splitlines()) == 24
 
 
 def test_the_engine_rows_run_on_layers_of_llama3_8b_shape(tmp_path, cpu_kernel):
