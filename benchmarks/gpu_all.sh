@@ -10,7 +10,7 @@
 # the int8 store's decode steps in CUDA graphs against eager ones (pass/fail lines).
 # `gateway` runs the OpenAI gateway against gRPC on the device machine's 16 CPU cores (the model on the CPU),
 # where the gateway has cores of its own: what the 2-vCPU development VM cannot resolve.
-# Wheels the device image lacks travel in .whl/ (see docs/benchmarks.md, "GPU runs").
+# Wheels the device image lacks travel in .whl/: fetch them first with `bash benchmarks/gpu_wheels.sh`.
 set -u
 OUT=${OUT:-/tmp/zeroc-gpu}
 mkdir -p "$OUT"
