@@ -111,7 +111,7 @@ class WeightPack:
         releases nothing."""
         if self.released or self.packed is None or not self._current(weight):
             return False
-        weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
+        drop_data(weight)
         self._source, self._version, self.released = None, -1, True
         return True
 
@@ -120,7 +120,7 @@ class WeightPack:
         back to [out, in]); the pack is a current copy of it again, not repacked."""
         if not self.released:
             return
-        weight.data = self.packed.to_dense()
+        weight.data = self.plain()
         self._source, self._version, self.released = weight.detach(), weight._version, False
 
     def __deepcopy__(self, memo: dict) -> "WeightPack":
@@ -128,7 +128,16 @@ class WeightPack:
 
     def __reduce__(self):
         # an opaque oneDNN tensor does not pickle: a released pack travels as its plain weight, packed on arrival
-        return (_released_from_plain, (self.packed.to_dense(),)) if self.released else (WeightPack, ())
+        return (_released_from_plain, (self.plain(),)) if self.released else (WeightPack, ())
+
+    def plain(self) -> Tensor:
+        """The packed weight as a new plain [out, in] tensor, the same bits (oneDNN's reorder back)."""
+        return self.packed.to_dense()
+
+
+def drop_data(weight: Tensor) -> None:
+    """Leave `weight` an empty placeholder (its Parameter kept), its values held by a released pack."""
+    weight.data = torch.empty(0, dtype=weight.dtype, device=weight.device)
 
 
 def _released(packed: Tensor) -> WeightPack:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zeroc_kernels.cpu_linear import WeightPack
+from zeroc_kernels.cpu_linear import WeightPack, drop_data
 
 
 @dataclass(eq=False)
@@ -86,12 +86,12 @@ class FusedLinears:
         (`Transformer.release_plain_weights`)."""
         if self.pack.release(self.weight):
             for p in self.parts:
-                p.weight.data = torch.empty(0, dtype=p.weight.dtype, device=p.weight.device)
+                drop_data(p.weight)
             self.pointers = _pointers(self.parts)
 
     def plain_part(self, part: nn.Linear) -> Tensor:
         """part (one of `parts`)'s weight as values: its view, or where released, a copy from the pack."""
-        whole = self.pack.packed.to_dense() if self.pack.released else self.weight
+        whole = self.pack.plain() if self.pack.released else self.weight
         return whole.split(self.sizes, self.DIM)[next(i for i, p in enumerate(self.parts) if p is part)]
 
     def restore(self) -> None:
@@ -208,6 +208,6 @@ def plain_weight(linear: nn.Linear, groups: list) -> Tensor:
     group's (`groups`: the model's fused GEMMs). The model stays released."""
     pack = getattr(linear, "pack", None)
     if isinstance(pack, WeightPack) and pack.released:
-        return pack.packed.to_dense()
+        return pack.plain()
     group = next((f for f in groups if any(p is linear for p in f.parts)), None)
     return group.plain_part(linear) if group is not None else linear.weight
