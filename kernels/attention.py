@@ -52,7 +52,7 @@ from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blo
                                            paged_attention_int8_ref, paged_attention_ref, segment_attention)
 from zeroc_kernels.ragged_cpu import (load_ragged_kernel, ragged_decode_partials, ragged_paged_attention,
                                      ragged_tier_decode)
-from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref, rope_ref
+from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref, rope_ref, tier_qkv_ref
 
 if TYPE_CHECKING:  # the module imports triton, which processes on the torch backend never load
     from zeroc_kernels.tier_decode import TierSlots
@@ -172,6 +172,15 @@ class AttentionBackend(abc.ABC):
         share their KV head's row) -> [*P, heads, r]. Called per tensor only where `fused_rope` holds; otherwise
         zeroc.rope's tables (cos/sin once per forward, shared by layers) are cheaper."""
         return rope_ref(x, positions, inv_freq)
+
+    def tier_qkv(self, q: Tensor, k: Tensor, v: Tensor, q_tier: Tensor, k_tier: Tensor, v_tier: Tensor,
+                 positions: Tensor, inv_freq: Tensor, tier_inv_freq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A fold layer's full-rank q, k, v with a token tier: q [*P, heads, r], k [*P, kv, r] after RoPE at
+        inv_freq [kv or 1, r/2], joined to q_tier [*P, heads, d - r], k_tier [*P, kv, d - r] after RoPE at
+        tier_inv_freq [kv or 1, (d - r)/2]; v [*P, kv, rv] joined to v_tier [*P, kv, d - rv] -> q_full [*P, heads, d],
+        k_full [*P, kv, d], v_full [*P, kv, d] (kernels/qkv_epilogue.py). Called where `fused_rope` holds, as `rope`
+        is."""
+        return tier_qkv_ref(q, k, v, q_tier, k_tier, v_tier, positions, inv_freq, tier_inv_freq)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         """x: [*, H]; weight: [H] -> RMSNorm(x) [*, H]."""
@@ -397,6 +406,12 @@ class TritonBackend(AttentionBackend):
         from zeroc_kernels.qkv_epilogue import rope
 
         return rope_ref(x, positions, inv_freq) if _needs_grad(x) else rope(x, positions, inv_freq)
+
+    def tier_qkv(self, q, k, v, q_tier, k_tier, v_tier, positions, inv_freq, tier_inv_freq):
+        from zeroc_kernels.qkv_epilogue import tier_qkv
+
+        fn = tier_qkv_ref if _needs_grad(q, k, v, q_tier, k_tier, v_tier) else tier_qkv
+        return fn(q, k, v, q_tier, k_tier, v_tier, positions, inv_freq, tier_inv_freq)
 
     def rms_norm(self, x, weight, eps):
         from zeroc_kernels.layer_ops import rms_norm

@@ -357,7 +357,8 @@ def decode_partials(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     if heads % kv_heads:
         raise ValueError(f"q heads ({heads}) must be a multiple of the cache's KV heads ({kv_heads})")
     int8 = check_int8_args(k_cache, v_cache, k_scales, v_scales)
-    q, k_cache, v_cache = q.contiguous(), rows_contiguous(k_cache), rows_contiguous(v_cache)
+    # q through its row and head strides too: a token tier's compressed dims are a column slice of its full-rank q
+    q, k_cache, v_cache = rows_contiguous(q), rows_contiguous(k_cache), rows_contiguous(v_cache)
     k_scales, v_scales, s_strides = scale_pools(k_scales, v_scales, q)
     tables, lens = index_rows(block_tables), index_rows(seq_lens)
     if partial is None:

@@ -10,6 +10,11 @@ pair, then each KV head's bases map them to rank r (q' = A_g^T q for every query
 k' = B_g^T k), and only the rank-r K (and the rank-rv V) are written to the cache. The full-width
 post-RoPE q and k live in registers only.
 
+`tier_qkv`: a fold layer with a full-rank token tier (zeroc/tier.py) attends with q, k and v at full rank, each the
+compressed part joined to the tier's dims: RoPE on q and k at the kept pairs' frequencies and on their tier dims
+at the dropped pairs', in one kernel that writes the joined rows, where RoPE per tensor and the joins took seven
+kernels a layer.
+
 `rope` is RoPE alone, one kernel per tensor, for the layers the epilogues do not serve (per-KV-head ranks, a
 token tier's dims, the dense forward): computing cos and sin in registers, where the eager path builds tables
 and applies them in some thirteen kernels per q, k pair.
@@ -88,6 +93,24 @@ def qkv_rotate_epilogue_ref(
                                                                     k_basis.float()).to(k_pool.dtype)
     v_pool.view(-1, *v_pool.shape[2:])[slot_mapping] = v.to(v_pool.dtype)
     return torch.einsum("ngjd,gdr->ngjr", q_rot, q_basis.float()).flatten(1, 2).to(q.dtype)
+
+
+def tier_qkv_ref(
+    q: Tensor,  # [*P, heads, r] from the GEMM, before RoPE
+    k: Tensor,  # [*P, kv_heads, r]
+    v: Tensor,  # [*P, kv_heads, rv]
+    q_tier: Tensor,  # [*P, heads, d - r] the dropped RoPE pairs' rows, before RoPE
+    k_tier: Tensor,  # [*P, kv_heads, d - r]
+    v_tier: Tensor,  # [*P, kv_heads, d - rv] the V complement
+    positions: Tensor,  # [*P]
+    inv_freq: Tensor,  # [kv_heads or 1, r/2] the kept pairs' frequencies
+    tier_inv_freq: Tensor,  # [kv_heads or 1, (d - r)/2] the dropped pairs'
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> q_full [*P, heads, d], k_full [*P, kv_heads, d], v_full [*P, kv_heads, d]: the compressed dims (q, k
+    after RoPE), then the tier's."""
+    return (torch.cat([rope_ref(q, positions, inv_freq), rope_ref(q_tier, positions, tier_inv_freq)], -1),
+            torch.cat([rope_ref(k, positions, inv_freq), rope_ref(k_tier, positions, tier_inv_freq)], -1),
+            torch.cat([v, v_tier], -1))
 
 
 if triton is not None:
@@ -217,6 +240,56 @@ if triton is not None:
         tl.store(vpool_ptr + (slot * KV + g)[:, None] * RV + jv[None, :], vrow.to(vpool_ptr.dtype.element_ty),
                  mask=vm)
 
+    @triton.jit
+    def _rope_join(src, stride_n, stride_h, t, head, c, s, m, dst, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+        # RoPE (the tile's c, s [T, HALF_PAD], mask m) on head `head` of rows t of src, into dst [T, 2 * HALF]
+        i = tl.arange(0, HALF_PAD)[None, :]
+        lo, hi = _rope_tile(src + t[:, None] * stride_n + head * stride_h + i, c, s, m, HALF)
+        _store_halves(dst + i, lo, hi, m, HALF)
+
+    @triton.jit
+    def _copy_join(src, stride_n, stride_h, t, head, ok, dst, W: tl.constexpr, W_PAD: tl.constexpr):
+        # head `head` of rows t of src [T, W] into dst
+        j = tl.arange(0, W_PAD)[None, :]
+        m = ok[:, None] & (j < W)
+        tl.store(dst + j, tl.load(src + t[:, None] * stride_n + head * stride_h + j, mask=m, other=0.0), mask=m)
+
+    @triton.jit
+    def _tier_qkv_kernel(
+        q_ptr, k_ptr, v_ptr, qt_ptr, kt_ptr, vt_ptr, pos_ptr, freq_ptr, tfreq_ptr, qout_ptr, kout_ptr, vout_ptr, n,
+        stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_qtn, stride_qth, stride_ktn, stride_kth, stride_vtn, stride_vth, stride_f, stride_tf,
+        HEADS: tl.constexpr, KV: tl.constexpr, HC: tl.constexpr, HC_PAD: tl.constexpr, HT: tl.constexpr,
+        HT_PAD: tl.constexpr, RV: tl.constexpr, RV_PAD: tl.constexpr, VT: tl.constexpr, VT_PAD: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        # One program per (tile of BLOCK_T tokens, KV head g): cos and sin of both frequency sets once for the
+        # tile, then every query head of the group, K and V, each row written joined: [compressed | tier].
+        g = tl.program_id(1)
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        ok = t < n
+        pos = tl.load(pos_ptr + t, mask=ok, other=0).to(tl.float32)[:, None]
+        i = tl.arange(0, HC_PAD)
+        ac = pos * tl.load(freq_ptr + g * stride_f + i, mask=i < HC, other=0.0)[None, :]  # [T, HC_PAD]
+        cc, sc, mc = tl.cos(ac), tl.sin(ac), ok[:, None] & (i[None, :] < HC)
+        j = tl.arange(0, HT_PAD)
+        at = pos * tl.load(tfreq_ptr + g * stride_tf + j, mask=j < HT, other=0.0)[None, :]  # [T, HT_PAD]
+        ct, st, mt = tl.cos(at), tl.sin(at), ok[:, None] & (j[None, :] < HT)
+        D: tl.constexpr = 2 * (HC + HT)
+        for h in range(g * (HEADS // KV), (g + 1) * (HEADS // KV)):
+            row = qout_ptr + (t[:, None] * HEADS + h) * D
+            _rope_join(q_ptr, stride_qn, stride_qh, t, h, cc, sc, mc, row, HC, HC_PAD)
+            if HT > 0:
+                _rope_join(qt_ptr, stride_qtn, stride_qth, t, h, ct, st, mt, row + 2 * HC, HT, HT_PAD)
+        row = kout_ptr + (t[:, None] * KV + g) * D
+        _rope_join(k_ptr, stride_kn, stride_kh, t, g, cc, sc, mc, row, HC, HC_PAD)
+        if HT > 0:
+            _rope_join(kt_ptr, stride_ktn, stride_kth, t, g, ct, st, mt, row + 2 * HC, HT, HT_PAD)
+        row = vout_ptr + (t[:, None] * KV + g) * (RV + VT)
+        _copy_join(v_ptr, stride_vn, stride_vh, t, g, ok, row, RV, RV_PAD)
+        if VT > 0:
+            _copy_join(vt_ptr, stride_vtn, stride_vth, t, g, ok, row + RV, VT, VT_PAD)
+
 
 def _freq_rows(inv_freq: Tensor) -> Tensor:
     """inv_freq [rows, r/2] as the kernels read it: fp32 with dense rows, which they address by row stride, so a
@@ -278,6 +351,7 @@ def qkv_rotate_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_
 
 
 ROPE_HEADS_PER_PROGRAM = 4
+ROPE_BLOCK_N = 16  # tokens per program of `rope` and `tier_qkv` on a GPU
 
 
 def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
@@ -292,7 +366,7 @@ def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     out = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
     n = x3.shape[0]
     if n and r:
-        block_n = 64 if interpreting() else 16  # the interpreter pays per program
+        block_n = 64 if interpreting() else ROPE_BLOCK_N  # the interpreter pays per program
         freqs = _freq_rows(inv_freq)  # a per-head run's frequencies: a row slice of its layer's
         per_row = heads // inv_freq.shape[0]
         # heads that share a frequency row share cos and sin: up to 4 a program (parallel enough for a decode step)
@@ -302,3 +376,42 @@ def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
             freqs.stride(0), HALF=r // 2, HALF_PAD=max(2, triton.next_power_of_2(r // 2)), BLOCK_N=block_n,
             HEADS_PER_PROGRAM=per_program)
     return out.view(x.shape)
+
+
+def _rows3(x: Tensor, n: int) -> Tensor:
+    """x [*P, heads, w] as [n, heads, w] rows with a dense last dim: a view of a fused projection's column slice."""
+    x3 = x.reshape(n, *x.shape[-2:])
+    return x3 if x3.stride(-1) == 1 else x3.contiguous()
+
+
+def _pad(w: int) -> int:
+    return max(2, triton.next_power_of_2(w))
+
+
+def tier_qkv(q: Tensor, k: Tensor, v: Tensor, q_tier: Tensor, k_tier: Tensor, v_tier: Tensor, positions: Tensor,
+             inv_freq: Tensor, tier_inv_freq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton version of `tier_qkv_ref` (same arguments) -> new q_full, k_full, v_full. Tiles of ROPE_BLOCK_N
+    tokens per KV head, as `rope`'s."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _check_rope(q, positions, inv_freq)
+    _check_rope(q_tier, positions, tier_inv_freq)
+    heads, kv, r, tier_r = q.shape[-2], k.shape[-2], q.shape[-1], q_tier.shape[-1]
+    if any(f.shape[0] not in (1, kv) for f in (inv_freq, tier_inv_freq)):
+        raise ValueError(f"a tier layer's frequencies need 1 or {kv} rows, got {tuple(inv_freq.shape)} and "
+                         f"{tuple(tier_inv_freq.shape)}")
+    lead, n = positions.shape, positions.numel()
+    rows = [_rows3(x, n) for x in (q, k, v, q_tier, k_tier, v_tier)]
+    rv, vt = v.shape[-1], v_tier.shape[-1]
+    outs = [torch.empty(n, h, w, dtype=x.dtype, device=x.device)
+            for h, w, x in ((heads, r + tier_r, q), (kv, r + tier_r, k), (kv, rv + vt, v))]
+    if n:
+        freqs, tier_freqs = _freq_rows(inv_freq), _freq_rows(tier_inv_freq)
+        block_n = 64 if interpreting() else ROPE_BLOCK_N  # the interpreter pays per program
+        _tier_qkv_kernel[(triton.cdiv(n, block_n), kv)](
+            *rows, positions.reshape(-1).contiguous(), freqs, tier_freqs, *outs, n,
+            *(s for x in rows for s in x.stride()[:2]),
+            freqs.stride(0) if freqs.shape[0] > 1 else 0, tier_freqs.stride(0) if tier_freqs.shape[0] > 1 else 0,
+            HEADS=heads, KV=kv, HC=r // 2, HC_PAD=_pad(r // 2), HT=tier_r // 2, HT_PAD=_pad(tier_r // 2), RV=rv,
+            RV_PAD=_pad(rv), VT=vt, VT_PAD=_pad(vt), BLOCK_T=block_n)
+    return tuple(o.view(*lead, *o.shape[1:]) for o in outs)

@@ -162,9 +162,9 @@ class Attention(nn.Module):
         v = v.view(*lead, self.n_kv, self.v_dim)
         if attend.fuses_rope and self.tier is None:  # RoPE and the bases run inside its epilogue kernel
             return self.o_proj(attend.raw(layer, self, q, k, v, rope.positions).reshape(*lead, -1))
-        q, k = rope.qk(self.rope_key, q, k, self.inv_freq)  # [*P, heads, qk_dim or d], [*P, kv_heads, qk_dim or d]
         if self.tier is not None:
             return self._tiered(layer, lead, rope, (q, k, v), tier, attend)
+        q, k = rope.qk(self.rope_key, q, k, self.inv_freq)  # [*P, heads, qk_dim or d], [*P, kv_heads, qk_dim or d]
         if self.rotate:
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
         out = attend(layer, q, k, v, self.scale)  # [*P, heads, v_dim]
@@ -174,18 +174,21 @@ class Attention(nn.Module):
                 tier: list[Tensor], attend: Attend) -> Tensor:
         """Attention with the token tier (zeroc/tier.py): dense causal, or through a tier cache's pools.
         lead: *P; rope: the forward's positions [*P] and cos/sin; qkv: q [*P, heads, *] and k [*P, kv_heads, *]
-        after RoPE, v [*P, kv_heads, v_dim]; tier: the tier's projections of x, [*P, out_i] each."""
+        before RoPE, v [*P, kv_heads, v_dim]; tier: the tier's projections of x, [*P, out_i] each."""
         q, k, v = qkv
+        v_tier = tier[-1].view(*lead, self.n_kv, -1)
         # Full-rank q, k: the compressed dims, then the complement (q·k sums over both): fold, the dropped
         # RoPE pairs; rotate, the post-RoPE q, k on the bases' complement columns (A B^T = I at full rank).
         if self.rotate:
+            q, k = rope.qk(self.rope_key, q, k, self.inv_freq)  # [*P, heads, d], [*P, kv_heads, d]
             q_tier, k_tier = rotate_qk(q, k, self.tier_q_basis, self.tier_k_basis)
             q, k = rotate_qk(q, k, self.q_basis, self.k_basis)
+            q_full, k_full, v_full = torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1), torch.cat([v, v_tier], -1)
         else:
             q_tier, k_tier = tier[0].view(*lead, self.n_heads, -1), tier[1].view(*lead, self.n_kv, -1)
-            q_tier, k_tier = rope.qk(("tier", *self.rope_key), q_tier, k_tier, self.tier_inv_freq)
-        q_full, k_full = torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1)  # [*P, *, d]
-        v_full = torch.cat([v, tier[-1].view(*lead, self.n_kv, -1)], -1)  # [*P, kv_heads, d]
+            q_full, k_full, v_full = rope.tier_qkv((self.rope_key, ("tier", *self.rope_key)), (q, k, v),
+                                                   (q_tier, k_tier, v_tier), self.inv_freq, self.tier_inv_freq)
+            q, k = q_full[..., : self.qk_dim], k_full[..., : self.qk_dim]  # the compressed dims after RoPE
         out = attend.tiered(layer, (q, k, v), (q_full, k_full, v_full), self.tier, self.scale)  # [*P, heads, d]
         out_kept, out_rest = out.split([self.v_dim, out.shape[-1] - self.v_dim], -1)
         return self._tier_out(out_kept.reshape(*lead, -1), out_rest.reshape(*lead, -1))

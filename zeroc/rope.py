@@ -146,6 +146,21 @@ class RopeTables:
         return apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
 
 
+    def tier_qkv(self, keys: tuple[tuple, tuple], qkv: tuple[Tensor, Tensor, Tensor],
+                 tier: tuple[Tensor, Tensor, Tensor], inv_freq: Tensor, tier_inv_freq: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """A fold layer's full-rank q, k, v with a token tier: qkv (q [*P, heads, r], k [*P, kv, r], v) and tier
+        (the dropped pairs' q, k and the V complement), RoPE at inv_freq and tier_inv_freq (named by keys), joined
+        -> q [*P, heads, d], k [*P, kv, d], v [*P, kv, d]. With `ops` one kernel (`AttentionBackend.tier_qkv`),
+        where RoPE per tensor and the three joins took seven."""
+        if self.ops is not None:
+            return self.ops.tier_qkv(*qkv, *tier, self.positions, inv_freq, tier_inv_freq)
+        (q, k, v), (q_tier, k_tier, v_tier) = qkv, tier
+        q, k = self.qk(keys[0], q, k, inv_freq)
+        q_tier, k_tier = self.qk(keys[1], q_tier, k_tier, tier_inv_freq)
+        return torch.cat([q, q_tier], -1), torch.cat([k, k_tier], -1), torch.cat([v, v_tier], -1)
+
+
 def rope_qk(q: Tensor, k: Tensor, inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     """RoPE on q [*P, heads, r] and k [*P, kv_heads, r]; inv_freq: [kv_heads or 1, r/2]; positions: [*P]."""
     return RopeTables(positions).qk((), q, k, inv_freq)

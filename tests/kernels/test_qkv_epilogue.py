@@ -1,5 +1,5 @@
-"""The fold- and rotate-mode QKV epilogue kernels against their references, and the references against
-the model's own RoPE (and rotate-mode bases)."""
+"""The fold- and rotate-mode QKV epilogue kernels, RoPE alone and a tier layer's joined q, k, v against their
+references, and the references against the model's own RoPE (and rotate-mode bases)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from zeroc_kernels.qkv_epilogue import (qkv_epilogue, qkv_epilogue_ref, qkv_rotate_epilogue, qkv_rotate_epilogue_ref,
-                                       rope, rope_ref)
+                                       rope, rope_ref, tier_qkv, tier_qkv_ref)
 from zeroc.config import RopeConfig
 from zeroc.model import rotate_qk
 from zeroc.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -137,3 +137,58 @@ def test_rope_refuses_frequencies_that_do_not_fit():
         rope_ref(x, torch.arange(4), torch.rand(1, 6))
     with pytest.raises(ValueError, match="positions"):
         rope(x, torch.arange(3), torch.rand(1, 8))
+
+
+def _tier_case(gen, lead, kv, group, d, r, rv, per_head, dtype):
+    """A fold tier layer's six projections as column slices of one fused GEMM output [*P, W] (strided rows), and
+    frequencies: each KV head's kept pairs and the pairs it drops, or one row for all."""
+    heads = kv * group
+    widths = [heads * r, kv * r, kv * rv, heads * (d - r), kv * (d - r), kv * (d - rv)]
+    wide = torch.randn(*lead, sum(widths), generator=gen).to(dtype)
+    parts = [p.unflatten(-1, (h, -1)) for p, h in zip(wide.split(widths, -1), [heads, kv, kv, heads, kv, kv])]
+    base = rope_inv_freq(RopeConfig(theta=10000.0), d)
+    order = [torch.randperm(d // 2, generator=gen) for _ in range(kv if per_head else 1)]
+    inv_freq = torch.stack([base[o[: r // 2].sort().values] for o in order])
+    tier_inv_freq = torch.stack([base[o[r // 2:].sort().values] for o in order])
+    return (*parts, torch.randint(0, 4096, lead, generator=gen), inv_freq, tier_inv_freq)
+
+
+@settings(max_examples=16, deadline=None)
+@given(lead=st.sampled_from([(1,), (5,), (2, 7), (70,), (0,)]), kv=st.sampled_from([1, 2]),
+       group=st.sampled_from([1, 3, 4]), shape=st.sampled_from([(16, 6, 10), (16, 16, 4), (32, 2, 32), (10, 4, 6)]),
+       per_head=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+@example(lead=(5,), kv=2, group=4, shape=(8, 8, 8), per_head=True, dtype=torch.float32, seed=0)  # no tier dims
+def test_tier_qkv_kernel_matches_its_reference(lead, kv, group, shape, per_head, dtype, seed):
+    """A fold tier layer's full-rank q, k, v in one kernel (`tier_qkv`): any leading dims, projections read in
+    place from a fused output, frequencies per KV head or shared, a layer that keeps every pair (no tier q, k dims)
+    or every V dim; against `tier_qkv_ref`: bit for bit where no RoPE runs (v), to rounding elsewhere."""
+    args = _tier_case(torch.Generator().manual_seed(seed), lead, kv, group, *shape, per_head, dtype)
+    got, want = tier_qkv(*args), tier_qkv_ref(*args)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous()
+        torch.testing.assert_close(g, w, **tol)
+    torch.testing.assert_close(got[2], want[2], atol=0, rtol=0)
+
+
+def test_tier_qkv_reference_is_rope_on_each_part_then_the_joins():
+    """The reference against the model's tables: the compressed dims RoPE'd at the kept pairs, the tier's at the
+    dropped ones, and q.k at full rank is the compressed score plus the tier's."""
+    q, k, v, qt, kt, vt, pos, f, tf = _tier_case(torch.Generator().manual_seed(3), (6,), 2, 4, 16, 6, 10, True,
+                                                 torch.float32)
+    q_full, k_full, v_full = tier_qkv_ref(q, k, v, qt, kt, vt, pos, f, tf)
+    for x, y, freqs in ((q, q_full[..., :6], f), (qt, q_full[..., 6:], tf), (k, k_full[..., :6], f),
+                        (kt, k_full[..., 6:], tf)):
+        cos, sin = rope_cos_sin(freqs, pos, torch.float32)  # [N, kv, w]
+        rows = x.shape[-2] // 2
+        torch.testing.assert_close(y, apply_rope(x, cos.repeat_interleave(rows, -2), sin.repeat_interleave(rows, -2)))
+    assert torch.equal(v_full, torch.cat([v, vt], -1))
+
+
+def test_tier_qkv_refuses_frequencies_that_do_not_fit():
+    q, k, v, qt, kt, vt, pos, f, tf = _tier_case(torch.Generator().manual_seed(4), (3,), 2, 3, 16, 6, 10, True,
+                                                 torch.float32)
+    with pytest.raises(ValueError, match="frequencies"):
+        tier_qkv(q, k, v, qt, kt, vt, pos, f, tf[:, :2])
+    with pytest.raises(ValueError, match="1 or 2 rows"):
+        tier_qkv(q.repeat(1, 2, 1), k, v, qt.repeat(1, 2, 1), kt, vt, pos, f.repeat(3, 1), tf.repeat(3, 1))

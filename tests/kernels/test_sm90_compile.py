@@ -75,11 +75,11 @@ def test_the_fused_norm_and_gate_compile_for_sm90_with_16_byte_loads():
 
 
 def test_the_token_tier_and_rope_kernels_compile_for_sm90():
-    """The tier's decode segment scores and reads its gathered rows on the tensor cores; RoPE alone reads rows
-    at least 4 bytes at a time. (Under the interpreter, a kernel reading a module global compiled; Triton's
-    compiler refuses it: this is where that shows.)"""
+    """The tier's decode segment scores and reads its gathered rows on the tensor cores; RoPE alone and a fold tier
+    layer's joined q, k, v read rows at least 4 bytes at a time, and spill nothing. (Under the interpreter, a
+    kernel reading a module global compiled; Triton's compiler refuses it: this is where that shows.)"""
     rows = {row["kernel"]: row for row in _compile_rows("tier")}
-    assert rows.keys() == {"tier_decode", "rope"}
+    assert rows.keys() == {"tier_decode", "rope", "tier_qkv"}
     assert rows["tier_decode"]["tensor_core"] > 0 and rows["tier_decode"]["shared"] <= HOPPER_SHARED_BYTES
     # Block ids (int64) are read once per row: a slot's cache block, its offset, the borrowed block(s) of its tier
     # row. Looked up per element, as the kernel first did, each thread made 258 such loads and spilled 504 bytes.
@@ -87,6 +87,7 @@ def test_the_token_tier_and_rope_kernels_compile_for_sm90():
     if "stack" in rows["tier_decode"]:  # cuobjdump ships in Triton's wheel
         assert rows["tier_decode"]["stack"] == 0, rows["tier_decode"]  # no register spilled
     assert all(row["b16_loads"] == 0 for row in rows.values()), rows
+    assert all(row.get("stack", 0) == 0 for row in rows.values()), rows
 
 
 def test_the_other_kernels_compile_for_sm90_and_read_rows_in_tiles():

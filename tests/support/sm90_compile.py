@@ -101,7 +101,8 @@ def main(kinds: list[str]) -> None:
 
 def _tier(llama: dict) -> None:
     """A token tier's decode segment (4 sinks + 64 recent, fold rank 64 of 128, partials in fp32 from a split
-    decode) and RoPE alone (query heads of a fold layer's run, 16 tokens x 4 heads a program), at Llama-3-8B widths."""
+    decode), RoPE alone (query heads of a fold layer's run, 16 tokens x 4 heads a program) and a fold tier layer's
+    joined q, k, v, at Llama-3-8B widths."""
     ptrs = {"q_ptr": "*bf16", "pool_ptr": "*bf16", "blocks_ptr": "*i64", "offsets_ptr": "*i64", "ids_ptr": "*i64",
             "seen_ptr": "*u8", "k_own_ptr": "*bf16", "v_own_ptr": "*bf16", "parts_ptr": "*fp32", "lses_ptr": "*fp32",
             "out_ptr": "*bf16"}
@@ -117,6 +118,15 @@ def _tier(llama: dict) -> None:
                          dict(HALF=32, HALF_PAD=32, BLOCK_N=16, HEADS_PER_PROGRAM=4),
                          triton.Config({}, num_warps=4, num_stages=1), unaligned=("n", "heads", "heads_per_row"))
     print(json.dumps({"kernel": "rope", **row}), flush=True)
+    # a fold-64 tier layer's full-rank q, k, v (zeroc bench engine's zeroc-fold-64-tier-S-W): 32 query heads, 8 KV
+    # heads, 64 kept dims and 64 tier dims each; the projections are column slices of the fused GEMM's output
+    row = compile_config(qkv_epilogue._tier_qkv_kernel,
+                         {**{f"{x}_ptr": "*bf16" for x in ("q", "k", "v", "qt", "kt", "vt", "qout", "kout", "vout")},
+                          "pos_ptr": "*i64", "freq_ptr": "*fp32", "tfreq_ptr": "*fp32"},
+                         dict(HEADS=32, KV=8, HC=32, HC_PAD=32, HT=32, HT_PAD=32, RV=64, RV_PAD=64, VT=64, VT_PAD=64,
+                              BLOCK_T=qkv_epilogue.ROPE_BLOCK_N),
+                         triton.Config({}, num_warps=4, num_stages=1), unaligned=("n",))
+    print(json.dumps({"kernel": "tier_qkv", **row}), flush=True)
 
 
 def _others(llama: dict) -> None:
