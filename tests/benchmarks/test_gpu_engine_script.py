@@ -25,3 +25,5 @@ def test_checks_runs_the_named_checks_only():
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert [line.split()[:2] for line in r.stdout.splitlines()] == [["int8", "pass"], ["syncs", "pass"],
                                                                      ["all", "pass:"]]
+    # two consecutive decode steps counted apart, one sync (host read) each
+    assert "[1, 1] in consecutive decode steps" in r.stdout.splitlines()[1], r.stdout
