@@ -23,8 +23,8 @@ from torch import Tensor
 
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
-from zeroc.tier import tiered_attention
-from zeroc_kernels.attention import AttentionBackend
+from zeroc.tier import TierLayer, tiered_attention, tiered_chunk_attention
+from zeroc_kernels.attention import AttentionBackend, sdpa_lse
 
 if TYPE_CHECKING:  # only for annotations: the model module builds these objects
     from zeroc.model import Attention
@@ -85,12 +85,21 @@ class DenseCausal(Attend):
         return [causal_attend(layer, q, k, v, scale) for q, k, v in zip(qs, ks, vs)]
 
     def tiered(self, layer, comp, full, tier, scale):
-        return tiered_attention(*comp, *full, *tier, scale)  # [B, T, heads, d]
+        # -> [B, T, heads, d]. With gradients (training, distillation): the reference, [T, T] scores per head.
+        # Without (evaluation): each sequence by segments, torch's flash kernel over the compressed one and local
+        # attention over the full-rank one, as a paged prompt runs: at 4,096 tokens and 32 heads the reference's
+        # scores alone take 2 GiB a sequence.
+        if torch.is_grad_enabled():
+            return tiered_attention(*comp, *full, *tier, scale)
+        (q, k, v), (_, k_c, v_c) = full, comp
+        dims = TierLayer(k_c.shape[-1], v_c.shape[-1], k.shape[-1] - k_c.shape[-1], v.shape[-1] - v_c.shape[-1])
+        return torch.stack([tiered_chunk_attention(q[b], k[b], v[b], dims, *tier, scale, sdpa_lse)
+                            for b in range(q.shape[0])])
 
     def tiered_runs(self, layer, layout, comp, tier_dims, tier, scale):
         kept, rest = [], []
         for qc, kc, v, qt, kt, vt in zip(*comp, *tier_dims):
-            out = tiered_attention(qc, kc, v, *_cat((qc, kc, v), (qt, kt, vt)), *tier, scale)  # [B, T, n*g, d]
+            out = self.tiered(layer, (qc, kc, v), _cat((qc, kc, v), (qt, kt, vt)), tier, scale)  # [B, T, n*g, d]
             kept.append(out[..., : v.shape[-1]])
             rest.append(out[..., v.shape[-1]:])
         return kept, rest

@@ -1,11 +1,13 @@
 """How a paged forward attends a fresh batch (prompts with no cached prefix): through the backend's
 `fresh_prefill` from the backend's threshold up, reading the rows back from the cache whoever wrote them (PyTorch,
-the fused epilogue, per-head runs), and giving the oracle's tokens; batches with context take the paged kernels."""
+the fused epilogue, per-head runs), and giving the oracle's tokens; batches with context take the paged kernels.
+And how the dense forward attends with a token tier: by segments where no gradient is needed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.engine import Engine
@@ -62,3 +64,33 @@ def test_a_prompt_chunked_after_its_first_chunk_is_not_fresh(bundled):
 def test_below_the_threshold_the_paged_kernel_attends(bundled):
     got, calls = _generate(str(bundled.path), "cpu", floor=10_000)
     assert calls == [] and got == _generate(str(bundled.path), "torch")[0]
+
+
+class _SquareShapes(TorchDispatchMode):
+    """Records the shapes of op outputs with two dims of `length` (a [T, T] mask or scores of T tokens)."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        self.length, self.seen = length, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and sum(d == self.length for d in t.shape) >= 2:
+                self.seen.append(tuple(t.shape))
+        return out
+
+
+def test_a_tier_models_dense_forward_without_gradients_runs_by_segments(zeroc_tier_dir):
+    """`DenseCausal.tiered` (the dense forward of evaluation): with gradients the reference, which scores every
+    query against every key ([T, T] masks and scores per head); without, each sequence by segments, as a paged
+    prompt runs, with no [T, T] tensor. The same logits either way, per-KV-head layers and uniform ones."""
+    model, length = load_model(zeroc_tier_dir).model, 300  # a length no other dim of the model has
+    tokens = torch.randint(2, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(8))
+    segments, reference = _SquareShapes(length), _SquareShapes(length)
+    with torch.no_grad(), segments:
+        fast = model(tokens)
+    with torch.enable_grad(), reference:
+        want = model(tokens)
+    assert segments.seen == [] and reference.seen, reference.seen[:3]
+    torch.testing.assert_close(fast, want.detach(), atol=2e-4, rtol=1e-4)
