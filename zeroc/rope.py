@@ -145,7 +145,6 @@ class RopeTables:
         cos, sin, cos_q, sin_q = self._memo[memo_key]
         return apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
 
-
     def tier_qkv(self, keys: tuple[tuple, tuple], qkv: tuple[Tensor, Tensor, Tensor],
                  tier: tuple[Tensor, Tensor, Tensor], inv_freq: Tensor, tier_inv_freq: Tensor
                  ) -> tuple[Tensor, Tensor, Tensor]:
