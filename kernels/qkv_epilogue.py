@@ -291,6 +291,22 @@ if triton is not None:
             _copy_join(vt_ptr, stride_vtn, stride_vth, t, g, ok, row + RV, VT, VT_PAD)
 
 
+def _rows3(x: Tensor, n: int) -> Tensor:
+    """x [*P, heads, w] as [n, heads, w] rows with a dense last dim: a view of a fused projection's column slice."""
+    x3 = x.reshape(n, *x.shape[-2:])
+    return x3 if x3.stride(-1) == 1 else x3.contiguous()
+
+
+def _pad(w: int) -> int:
+    """A width's power-of-two tile (at least 2)."""
+    return max(2, triton.next_power_of_2(w))
+
+
+def _freq_stride(freqs: Tensor) -> int:
+    """The row stride the kernels read `_freq_rows`' rows by: 0 where one row serves every KV head."""
+    return freqs.stride(0) if freqs.shape[0] > 1 else 0
+
+
 def _freq_rows(inv_freq: Tensor) -> Tensor:
     """inv_freq [rows, r/2] as the kernels read it: fp32 with dense rows, which they address by row stride, so a
     slice of a layer's table or a row shared by every head is not copied."""
@@ -315,7 +331,7 @@ def qkv_epilogue(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, inv_freq: T
     _qkv_epilogue_kernel[(triton.cdiv(n, FOLD_BLOCK_T), kv)](
         q, k, v, positions.contiguous(), freqs, slot_mapping.contiguous(), k_pool, v_pool,
         out, n, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        freqs.stride(0) if freqs.shape[0] > 1 else 0,
+        _freq_stride(freqs),
         HEADS=heads, KV=kv, HALF=r // 2, HALF_PAD=triton.next_power_of_2(r // 2), RV=rv,
         RV_PAD=triton.next_power_of_2(rv), BLOCK_T=FOLD_BLOCK_T,
     )
@@ -360,11 +376,9 @@ def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
         raise RuntimeError("triton is not installed")
     _check_rope(x, positions, inv_freq)
     heads, r = x.shape[-2:]
-    x3 = x.reshape(-1, heads, r)  # a view for the column slices of a fused projection's output
-    if x3.stride(-1) != 1:
-        x3 = x3.contiguous()
+    n = positions.numel()
+    x3 = _rows3(x, n)  # a view for the column slices of a fused projection's output
     out = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
-    n = x3.shape[0]
     if n and r:
         block_n = 64 if interpreting() else ROPE_BLOCK_N  # the interpreter pays per program
         freqs = _freq_rows(inv_freq)  # a per-head run's frequencies: a row slice of its layer's
@@ -373,19 +387,9 @@ def rope(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
         per_program = math.gcd(per_row, ROPE_HEADS_PER_PROGRAM)
         _rope_kernel[(triton.cdiv(n, block_n), heads // per_program)](
             x3, positions.reshape(-1).contiguous(), freqs, out, n, heads, per_row, x3.stride(0), x3.stride(1),
-            freqs.stride(0), HALF=r // 2, HALF_PAD=max(2, triton.next_power_of_2(r // 2)), BLOCK_N=block_n,
+            freqs.stride(0), HALF=r // 2, HALF_PAD=_pad(r // 2), BLOCK_N=block_n,
             HEADS_PER_PROGRAM=per_program)
     return out.view(x.shape)
-
-
-def _rows3(x: Tensor, n: int) -> Tensor:
-    """x [*P, heads, w] as [n, heads, w] rows with a dense last dim: a view of a fused projection's column slice."""
-    x3 = x.reshape(n, *x.shape[-2:])
-    return x3 if x3.stride(-1) == 1 else x3.contiguous()
-
-
-def _pad(w: int) -> int:
-    return max(2, triton.next_power_of_2(w))
 
 
 def tier_qkv(q: Tensor, k: Tensor, v: Tensor, q_tier: Tensor, k_tier: Tensor, v_tier: Tensor, positions: Tensor,
@@ -411,7 +415,7 @@ def tier_qkv(q: Tensor, k: Tensor, v: Tensor, q_tier: Tensor, k_tier: Tensor, v_
         _tier_qkv_kernel[(triton.cdiv(n, block_n), kv)](
             *rows, positions.reshape(-1).contiguous(), freqs, tier_freqs, *outs, n,
             *(s for x in rows for s in x.stride()[:2]),
-            freqs.stride(0) if freqs.shape[0] > 1 else 0, tier_freqs.stride(0) if tier_freqs.shape[0] > 1 else 0,
+            _freq_stride(freqs), _freq_stride(tier_freqs),
             HEADS=heads, KV=kv, HC=r // 2, HC_PAD=_pad(r // 2), HT=tier_r // 2, HT_PAD=_pad(tier_r // 2), RV=rv,
             RV_PAD=_pad(rv), VT=vt, VT_PAD=_pad(vt), BLOCK_T=block_n)
     return tuple(o.view(*lead, *o.shape[1:]) for o in outs)
