@@ -21,6 +21,9 @@ Backends:
 - `TritonBackend` ("triton"): the Triton kernels: the decode kernel for decode-only steps, the ragged
   prefill kernel otherwise, the fused QKV epilogue, the fused norm and gate. On CUDA it compiles; on the
   CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1), which is how CI drives the GPU path.
+- `FlexBackend` ("flex"): the triton backend with plain pools' paged attention through torch's
+  FlexAttention, compiled (kernels/flex_paged.py): a maintained kernel to measure against the hand-written
+  ones on a GPU (benchmarks/gpu_kernels.py). On the CPU it needs TRITON_INTERPRET=1 and a C++ compiler.
 
 A prompt with no cached prefix (the prefill service's work, a first step) needs no paged read at all:
 every sequence attends its own new rows. From `fresh_prefill_min_tokens` new tokens up, the cpu and
@@ -45,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from zeroc.config.model import ATTENTION_BACKENDS
 from zeroc_kernels.cpu_linear import WeightPack, onednn_linear, prepack
 from zeroc_kernels.kv_quant import quantize_into_slots_ref
 from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
@@ -57,7 +61,6 @@ from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref
 if TYPE_CHECKING:  # the module imports triton, which processes on the torch backend never load
     from zeroc_kernels.tier_decode import TierSlots
 
-BACKEND_NAMES = ("auto", "torch", "cpu", "triton")
 
 
 class AttentionBackend(abc.ABC):
@@ -432,12 +435,37 @@ class TritonBackend(AttentionBackend):
         return silu_mul_ref(gate, up) if _needs_grad(gate, up) else silu_mul(gate, up)
 
 
+class FlexBackend(TritonBackend):
+    """The triton backend with plain pools' paged attention through torch's FlexAttention (kernels/flex_paged.py);
+    int8 pools, a token tier's segments, fresh prompts and the epilogues as on triton. Compiled by Triton on CUDA
+    with dynamic shapes; by C++ on the CPU with static ones (torch 2.13's CPU lowering builds no C++ for a prompt's
+    dynamic shapes), a compile per new step shape: there so CI drives this backend, not to serve."""
+
+    name = "flex"
+
+    def __init__(self, dynamic: bool = True):
+        from zeroc_kernels.flex_paged import flex_attention
+
+        self.dynamic = dynamic
+        self.attend = torch.compile(flex_attention, dynamic=dynamic)
+
+    def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                        k_scales=None, v_scales=None, max_q=None):
+        from zeroc_kernels.flex_paged import flex_paged_attention
+
+        if check_int8_args(k_cache, v_cache, k_scales, v_scales):
+            return super().paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                           k_scales, v_scales, max_q)
+        return flex_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q,
+                                    self.attend)
+
+
 def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "cpu": CpuBackend, "triton": TritonBackend,
-                                                "torch-epilogue": ReferenceEpilogueBackend}
+                                                "flex": FlexBackend, "torch-epilogue": ReferenceEpilogueBackend}
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -462,9 +490,11 @@ def select_backend(name: str, device: torch.device | str, pack_weights: bool = T
     if name == "cpu" and device.type != "cpu":
         raise ValueError(f"the cpu attention backend runs on the CPU, not {device.type}")
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    if name == "triton" and not triton_runs_on(device):
-        raise ValueError(f"the triton attention backend cannot run on {device.type}: it needs CUDA, or "
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if name in ("triton", "flex") and not triton_runs_on(device):
+        raise ValueError(f"the {name} attention backend cannot run on {device.type}: it needs CUDA, or "
                          "TRITON_INTERPRET=1 on the CPU (Triton's interpreter, slow: for tests), and triton "
                          "installed")
+    if name == "flex":
+        return FlexBackend(dynamic=device.type == "cuda")
     return CpuBackend(pack_weights) if name == "cpu" else BACKENDS[name]()

@@ -51,3 +51,20 @@ def test_triton_backend_disaggregated_equals_colocated_and_ships_every_layer(req
                 got = client.generate(prompt, max_tokens=NEW, ignore_eos=True)
                 assert got.token_ids == want[prompt].token_ids
                 assert got.usage.kv_bytes_received == _expected_bytes(cfg, got.usage.prompt_tokens)
+
+
+def test_flex_backend_gives_the_triton_backends_tokens_through_the_services(request):
+    # The flex backend (torch's FlexAttention for paged attention; compiled here by inductor's C++ lowering) in real
+    # prefill and decode processes: the greedy tokens of the triton backend's colocated service, the KV bytes shipped.
+    model_dir = _model_dir(request, "uncompressed")
+    cfg = load_model(model_dir).config
+    for address in colocated(model_dir, env=TRITON):
+        with Client(address) as client:
+            want = {p: client.generate(p, max_tokens=NEW, ignore_eos=True) for p in PROMPTS}
+    for address in disaggregated(model_dir, env={**TRITON, "ZEROC_ATTENTION_BACKEND": "flex"}):
+        with Client(address) as client:
+            assert client.model_info().attention_backend == "flex"
+            for prompt in PROMPTS:
+                got = client.generate(prompt, max_tokens=NEW, ignore_eos=True)
+                assert got.token_ids == want[prompt].token_ids
+                assert got.usage.kv_bytes_received == _expected_bytes(cfg, got.usage.prompt_tokens)

@@ -9,18 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zeroc_kernels.attention import BACKENDS, TorchBackend, dense_lse_ref, sdpa_lse, triton_runs_on
+from zeroc_kernels.attention import TorchBackend, select_backend, dense_lse_ref, sdpa_lse, triton_runs_on
 from zeroc_kernels.paged_attention import paged_attention_ref
 
 
 def _backends() -> list[str]:
     names = ["torch", "torch-epilogue", "cpu"]
-    return names + ["triton"] * triton_runs_on(torch.device("cpu"))
+    return names + ["triton", "flex"] * triton_runs_on(torch.device("cpu"))
 
 
 def _make(name: str):
     try:
-        return BACKENDS[name]()
+        return select_backend(name, "cpu")
     except ValueError:
         if name != "cpu":  # only the cpu backend depends on the machine (a compiler); any other refusal is a failure
             raise

@@ -22,7 +22,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, choices=ATTENTION_BACKENDS,
                    help="how the paged forward attends: auto (Triton on CUDA, cpu on the CPU where it builds, else "
                         "torch), torch (the PyTorch references), cpu (the ragged C++ kernel, built with g++ on "
-                        "first use) or triton (on the CPU only under TRITON_INTERPRET=1) "
+                        "first use), triton (on the CPU only under TRITON_INTERPRET=1) or flex (triton with torch's "
+                        "FlexAttention for paged attention, compiled; on the CPU also under TRITON_INTERPRET=1) "
                         "(env ZEROC_ATTENTION_BACKEND)")
     p.add_argument("--no-pack-weights", dest="pack_weights", action="store_const", const=False, default=None,
                    help="the cpu backend runs its GEMMs on the weights as they lie, not on a packed oneDNN copy of "

@@ -22,11 +22,11 @@ BUNDLED_HELDOUT = REPO_ROOT / "data" / "heldout.txt"
 BUNDLED_CALIB = REPO_ROOT / "data" / "calib.txt"
 
 # Weight and cache dtypes by name (zeroc.dtypes maps them to torch's), and how the paged forward runs attention
-# (zeroc_kernels.attention.select_backend): auto = Triton on CUDA, the ragged C++ kernel ("cpu") on the CPU where
-# it builds, else torch.
+# (zeroc_kernels.attention.select_backend, whose registry names the same): auto = Triton on CUDA, the ragged C++
+# kernel ("cpu") on the CPU where it builds, else torch; flex = triton with torch's FlexAttention for paged attention.
 DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32",
                "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton", "flex")
 
 
 def dtype_name(name: str) -> str:

@@ -1,0 +1,103 @@
+"""FlexAttention over the paged cache (kernels/flex_paged.py) against `paged_attention_ref`: eager (torch's math
+path, which applies the mask to every slot of the pool) and compiled (the fused kernel, which reads only the pages
+the block mask lists), decode steps, prompts from scratch and after a cached prefix, mixed steps, GQA, unequal
+q/k and v widths, prefix-shared pages, fp32 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zeroc_kernels.attention import FlexBackend, select_backend
+from zeroc_kernels.flex_paged import (PREFILL_Q_BLOCK, flex_attention, flex_paged_attention, logical_pages,
+                                      zero_page_tails)
+from zeroc_kernels.paged_attention import paged_attention_ref
+
+# (context lengths, new tokens) per sequence: a decode step (page ends, one token, off a page), prompts from scratch
+# with a tile boundary inside one, a prompt after a cached prefix beside decode rows.
+CASES = {
+    "decode": ([1, 16, 17, 40, 97], [1, 1, 1, 1, 1]),
+    "prompts": ([5, PREFILL_Q_BLOCK + 9, 33], [5, PREFILL_Q_BLOCK + 9, 33]),
+    "mixed": ([150, 20, 64, 3], [70, 1, 1, 3]),
+}
+
+
+def _case(name, dq, dv, dtype, poison, random_paged_kv, poison_unused_slots, seed=0, group=3):
+    """A step of CASES[name] in a pool of 2 KV heads, sequence 1 sharing sequence 0's first page where both
+    have it in their cached prefix. -> (flex_paged_attention's arguments but scale, reference output)"""
+    gen = torch.Generator().manual_seed(seed)
+    lens, new = CASES[name]
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, 16, 2, dq, dv, dtype)
+    if lens[0] - new[0] >= 16 and lens[1] - new[1] >= 16:
+        tables[1, 0] = tables[0, 0]
+    seq_lens = torch.tensor(lens)
+    if poison:  # NaN in every slot outside the contexts: unowned pages and each last page's tail
+        k_cache, v_cache = (poison_unused_slots(c, tables, seq_lens) for c in (k_cache, v_cache))
+    starts = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist())
+    q = torch.randn(sum(new), 2 * group, dq, generator=gen).to(dtype)
+    args = (q, k_cache, v_cache, tables, seq_lens, starts)
+    return args, paged_attention_ref(*args, 0.125)
+
+
+def _close(out, ref, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dims", [(32, 32), (24, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_flex_equals_the_reference(random_paged_kv, poison_unused_slots, name, dims, dtype):
+    # Eager FlexAttention weighs every slot of the pool, so this pool holds no NaN: the mask alone must be exact.
+    args, ref = _case(name, *dims, dtype, False, random_paged_kv, poison_unused_slots)
+    _close(flex_paged_attention(*args, 0.125), ref, dtype)
+    _close(flex_paged_attention(*args, 0.125, max_q=max(CASES[name][1])), ref, dtype)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@pytest.mark.parametrize("name, dtype", [("decode", torch.float32), ("mixed", torch.float32),
+                                         ("prompts", torch.bfloat16)])
+def test_compiled_flex_reads_only_the_sequences_pages(random_paged_kv, poison_unused_slots, compiled, name, dtype):
+    # NaN in every slot outside the contexts: a block list naming a page the sequence does not hold, or a last
+    # page's tail left stale, turns the output NaN (a masked key's weight is 0, and 0 * NaN is NaN).
+    args, ref = _case(name, 24, 40, dtype, True, random_paged_kv, poison_unused_slots, seed=1)
+    _close(flex_paged_attention(*args, 0.125, attend=compiled), ref, dtype)
+
+
+def test_zero_page_tails_zeroes_only_the_slots_past_each_context():
+    v_cache = torch.randn(6, 4, 2, 3)
+    before = v_cache.clone()
+    tables = torch.tensor([[5, 2, 0], [1, 0, 0], [3, 4, 0]])  # zeros past a sequence's pages are padding
+    zero_page_tails(v_cache, tables, torch.tensor([6, 4, 7]))
+    stale = torch.zeros(6, 4, dtype=torch.bool)
+    stale[2, 2:] = True  # 6 tokens: page 2 holds positions 4, 5
+    stale[4, 3:] = True  # 7 tokens: page 4 holds positions 4-6; sequence 1's page 1 is full
+    assert (v_cache[stale] == 0).all()
+    assert torch.equal(v_cache[~stale], before[~stale])
+
+
+def test_logical_pages_give_each_page_its_index_in_the_tables_that_hold_it():
+    tables = torch.tensor([[7, 2, 9, 0], [7, 5, 0, 0]])  # 7 is a shared first page; zeros past the pages are padding
+    logical = logical_pages(tables, torch.tensor([3, 2]), 10)
+    assert logical.dtype == torch.int32
+    assert logical[[7, 2, 9, 5]].tolist() == [0, 1, 2, 1]
+    assert logical[0] == 0  # held by no one: its table entry check fails in the mask
+
+
+@pytest.mark.parametrize("name", ["triton", "flex"])
+def test_the_triton_backends_refuse_the_cpu_outside_the_interpreter(monkeypatch, name):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=f"the {name} attention backend cannot run on cpu"):
+        select_backend(name, "cpu")
+
+
+def test_the_flex_backend_compiles_static_shapes_on_the_cpu(monkeypatch):
+    # torch 2.13's CPU lowering builds no C++ for a prompt's dynamic shapes (the docstring of FlexBackend)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = select_backend("flex", "cpu")
+    assert isinstance(backend, FlexBackend) and backend.fused_epilogue and not backend.dynamic
