@@ -17,7 +17,10 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
   CUDA graphs (its compressed segment through the decode kernel from the sinks on), gives the greedy tokens
   of the PyTorch references run eagerly, with one sync per decode step;
 - int8: the int8 KV store (`--kv-policy int8`) with decode steps in CUDA graphs gives the greedy tokens it gives
-  eagerly, with one sync per decode step.
+  eagerly, with one sync per decode step;
+- flex: the flex backend (torch's FlexAttention for paged attention, compiled) with decode steps in CUDA graphs
+  gives the greedy tokens of the PyTorch references run eagerly, with one sync per decode step (on the CPU it
+  needs TRITON_INTERPRET=1, as `make test` sets).
 On the CPU graphs cannot be captured: the graphs check then compares the padded static-buffer path (run
 eagerly) with the unpadded one, and syncs counts host reads of tensor values instead.
 
@@ -39,7 +42,7 @@ from zeroc.decode_runner import DecodeRunner
 from zeroc.engine import Engine
 from zeroc.loader import load_model
 from zeroc.sampling import SamplingParams
-from zeroc_kernels.attention import TorchBackend
+from zeroc_kernels.attention import TorchBackend, select_backend
 
 PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "Exceptions are raised",
            "def f(x):\n    return x", "print(", "class A:", "for i in range(10):"]
@@ -196,8 +199,18 @@ def check_int8(loaded) -> tuple[bool, str]:
     return _graphed_against(loaded, loaded, kv_policy="int8")
 
 
+def check_flex(loaded) -> tuple[bool, str]:
+    flex = copy.deepcopy(loaded)
+    flex.model.backend = select_backend("flex", loaded.model.lm_head.weight.device)
+    reference = copy.deepcopy(loaded)
+    reference.model.backend = TorchBackend()
+    return _graphed_against(flex, reference)
+
+
+# flex last: its compiles (seconds each) are what a time box should cut first
 CHECKS = {"graphs": check_graphs, "syncs": check_syncs, "seeded": check_seeded, "isolation": check_isolation,
-          "async": check_async, "backends": check_backends, "tier": check_tier, "int8": check_int8}
+          "async": check_async, "backends": check_backends, "tier": check_tier, "int8": check_int8,
+          "flex": check_flex}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,5 +148,7 @@ def flex_paged_attention(
                  enable_gqa=True)  # [B, heads, max_q, dv]
     if decode:
         return out[:, :, 0]
-    valid = torch.arange(max_q, device=q.device)[None, :] < q_lens[:, None]  # [B, max_q]
-    return out.transpose(1, 2)[valid]
+    # Token n is row n - query_start_loc[b] of its sequence b: gathered by index, since a boolean mask would sync
+    token = torch.arange(q.shape[0], device=q.device)
+    seq = torch.searchsorted(query_start_loc[1:], token, right=True)  # [N]
+    return out.transpose(1, 2)[seq, token - query_start_loc[seq]]  # [N, heads, dv]

@@ -3,7 +3,8 @@ CPU in Triton's interpreter): every layer's K/V enters the cache through the KV-
 epilogue kernel or PyTorch wrote it, so the prefill service ships all of it. Disaggregated serving gives the
 colocated service's greedy tokens and ships exactly the expected KV bytes: uncompressed, ZeroC fold + rotate
 (uniform layers: the fused epilogue), per-KV-head ranks, and a token tier. The disaggregated decode service
-runs ahead (async scheduling, as on a GPU), the colocated one step by step."""
+runs ahead (async scheduling, as on a GPU), the colocated one step by step. The flex backend (FlexAttention for
+paged attention) gives the triton backend's tokens through the same processes."""
 
 from __future__ import annotations
 
@@ -35,6 +36,18 @@ def _expected_bytes(cfg, prompt_tokens: int) -> int:
     return 4 * (n * dims + min(n, cfg.compression.sinks + cfg.compression.recent) * (full - dims))
 
 
+def _assert_serves(address: str, backend: str, want: dict, cfg) -> None:
+    """The disaggregated stack at `address` runs `backend`, gives `want`'s greedy tokens for every prompt and ships
+    the expected KV bytes. A generous deadline: on the CPU the flex backend compiles each new step shape (seconds,
+    minutes on a loaded machine) inside the first requests."""
+    with Client(address, timeout=900) as client:
+        assert client.model_info().attention_backend == backend
+        for prompt in PROMPTS:
+            got = client.generate(prompt, max_tokens=NEW, ignore_eos=True)
+            assert got.token_ids == want[prompt].token_ids
+            assert got.usage.kv_bytes_received == _expected_bytes(cfg, got.usage.prompt_tokens)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_triton_backend_disaggregated_equals_colocated_and_ships_every_layer(request, name):
     model_dir = _model_dir(request, name)
@@ -45,12 +58,7 @@ def test_triton_backend_disaggregated_equals_colocated_and_ships_every_layer(req
             assert client.model_info().attention_backend == "triton"
             want = {p: client.generate(p, max_tokens=NEW, ignore_eos=True) for p in PROMPTS}
     for address in disaggregated(model_dir, decode_env={"ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}, env=TRITON):
-        with Client(address) as client:
-            assert client.model_info().attention_backend == "triton"
-            for prompt in PROMPTS:
-                got = client.generate(prompt, max_tokens=NEW, ignore_eos=True)
-                assert got.token_ids == want[prompt].token_ids
-                assert got.usage.kv_bytes_received == _expected_bytes(cfg, got.usage.prompt_tokens)
+        _assert_serves(address, "triton", want, cfg)
 
 
 def test_flex_backend_gives_the_triton_backends_tokens_through_the_services(request):
@@ -62,9 +70,4 @@ def test_flex_backend_gives_the_triton_backends_tokens_through_the_services(requ
         with Client(address) as client:
             want = {p: client.generate(p, max_tokens=NEW, ignore_eos=True) for p in PROMPTS}
     for address in disaggregated(model_dir, env={**TRITON, "ZEROC_ATTENTION_BACKEND": "flex"}):
-        with Client(address) as client:
-            assert client.model_info().attention_backend == "flex"
-            for prompt in PROMPTS:
-                got = client.generate(prompt, max_tokens=NEW, ignore_eos=True)
-                assert got.token_ids == want[prompt].token_ids
-                assert got.usage.kv_bytes_received == _expected_bytes(cfg, got.usage.prompt_tokens)
+        _assert_serves(address, "flex", want, cfg)
