@@ -62,7 +62,6 @@ if TYPE_CHECKING:  # the module imports triton, which processes on the torch bac
     from zeroc_kernels.tier_decode import TierSlots
 
 
-
 class AttentionBackend(abc.ABC):
     """How attention and cache writes run. Shapes as in `paged_attention_ref` and `qkv_epilogue_ref`."""
 
