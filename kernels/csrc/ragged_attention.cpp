@@ -234,7 +234,9 @@ constexpr int64_t kLanes = 16;
 #else
 constexpr int64_t kLanes = 8;
 #endif
-constexpr int64_t kRowBlock = 4;  // query vectors per register block
+constexpr int64_t kRowBlock = 4;  // query vectors per register block (decode: a query group padded to it)
+// A prompt tile's register block: with 8-float vectors, 8 accumulators fit AVX2's 16 registers beside a key row
+constexpr int64_t kTileRows = kLanes == 8 ? 8 : kRowBlock;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -245,14 +247,14 @@ struct TileBuffers {
 
 template <typename T>
 TileBuffers tile_buffers(const Args<T>& a, int64_t m_count, std::vector<float>& buf) {
-  TileBuffers b{round_up(m_count, kRowBlock), round_up(a.block_size, kLanes), round_up(a.dv, kLanes)};
-  buf.assign(b.mp * (a.dq + b.dvp + 2) + kRowBlock * b.bsp + a.dq * b.bsp + b.bsp * b.dvp, 0.f);
+  TileBuffers b{round_up(m_count, kTileRows), round_up(a.block_size, kLanes), round_up(a.dv, kLanes)};
+  buf.assign(b.mp * (a.dq + b.dvp + 2) + kTileRows * b.bsp + a.dq * b.bsp + b.bsp * b.dvp, 0.f);
   b.qs = buf.data();
   b.acc = b.qs + b.mp * a.dq;
   b.mx = b.acc + b.mp * b.dvp;
   b.den = b.mx + b.mp;
   b.s = b.den + b.mp;
-  b.kt = b.s + kRowBlock * b.bsp;
+  b.kt = b.s + kTileRows * b.bsp;
   b.vp = b.kt + a.dq * b.bsp;
   std::fill(b.mx, b.mx + b.mp, -std::numeric_limits<float>::infinity());
   return b;
@@ -282,31 +284,32 @@ inline Vec load_vec(const c10::BFloat16* p) {  // kLanes bf16 widened to fp32
 inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
 // s[r, :] = qs[r] . kt for kRowBlock query vectors (qs: [kRowBlock, dq], kt: [dq, bsp])
+template <int64_t R>
 inline void tile_scores(const float* __restrict qs, int64_t dq, const float* __restrict kt, int64_t bsp,
                         float* __restrict s) {
   for (int64_t c = 0; c < bsp; c += kLanes) {
-    Vec x[kRowBlock] = {};
+    Vec x[R] = {};
     for (int64_t d = 0; d < dq; ++d) {
       const Vec k = load_vec(kt + d * bsp + c);
-      for (int64_t r = 0; r < kRowBlock; ++r) x[r] += qs[r * dq + d] * k;
+      for (int64_t r = 0; r < R; ++r) x[r] += qs[r * dq + d] * k;
     }
-    for (int64_t r = 0; r < kRowBlock; ++r) store_vec(s + r * bsp + c, x[r]);
+    for (int64_t r = 0; r < R; ++r) store_vec(s + r * bsp + c, x[r]);
   }
 }
 
 // acc[r] += p[r, :n] @ vp for kRowBlock query vectors (p: [kRowBlock, bsp], vp: [n, width], acc: [., width])
 // (V rows `v_stride` apart, `width` a multiple of kLanes: the staged copy, or cache rows of such a width)
-template <typename T>
+template <int64_t R, typename T>
 inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const T* __restrict vp, int64_t v_stride,
                     int64_t width, float* __restrict acc) {
   for (int64_t c = 0; c < width; c += kLanes) {
-    Vec x[kRowBlock];
-    for (int64_t r = 0; r < kRowBlock; ++r) x[r] = load_vec(acc + r * width + c);
+    Vec x[R];
+    for (int64_t r = 0; r < R; ++r) x[r] = load_vec(acc + r * width + c);
     for (int64_t t = 0; t < n; ++t) {
       const Vec v = load_vec(vp + t * v_stride + c);
-      for (int64_t r = 0; r < kRowBlock; ++r) x[r] += p[r * bsp + t] * v;
+      for (int64_t r = 0; r < R; ++r) x[r] += p[r * bsp + t] * v;
     }
-    for (int64_t r = 0; r < kRowBlock; ++r) store_vec(acc + r * width + c, x[r]);
+    for (int64_t r = 0; r < R; ++r) store_vec(acc + r * width + c, x[r]);
   }
 }
 
@@ -324,14 +327,14 @@ void attend_tile(const Args<T>& a, const Item& it, std::vector<float>& buf) {
       for (int64_t d = 0; d < a.dq; ++d) b.kt[d * b.bsp + t] = to_float(kb[t * a.ks1 + d]);
       for (int64_t d = 0; d < a.dv; ++d) b.vp[t * b.dvp + d] = to_float(vb[t * a.vs1 + d]);
     }
-    for (int64_t m0 = 0; m0 < b.mp; m0 += kRowBlock) {
-      tile_scores(b.qs + m0 * a.dq, a.dq, b.kt, b.bsp, b.s);
-      for (int64_t r = 0; r < kRowBlock; ++r) {
+    for (int64_t m0 = 0; m0 < b.mp; m0 += kTileRows) {
+      tile_scores<kTileRows>(b.qs + m0 * a.dq, a.dq, b.kt, b.bsp, b.s);
+      for (int64_t r = 0; r < kTileRows; ++r) {
         const int64_t m = m0 + r;
         const int64_t n = m < m_count ? std::min(n_block, first_pos + m / a.group - base + 1) : 0;
         row_softmax(b.s + r * b.bsp, n, b.bsp, b.mx[m], b.den[m], b.acc + m * b.dvp, b.dvp);
       }
-      tile_pv(b.s, b.bsp, n_block, b.vp, b.dvp, b.dvp, b.acc + m0 * b.dvp);
+      tile_pv<kTileRows>(b.s, b.bsp, n_block, b.vp, b.dvp, b.dvp, b.acc + m0 * b.dvp);
     }
   }
   store_outputs(a, it, b.acc, b.dvp, b.mx, b.den);
@@ -373,7 +376,7 @@ void attend_decode(const Args<T>& a, const Item& it, std::vector<float>& buf) {
           for (int64_t t = 0; t < valid; ++t) s[r * bsp + t] = dot(qs + m * a.dq, kb + h * a.ks2 + t * a.ks1, a.dq);
           row_softmax(s + r * bsp, valid, bsp, mx[m], den[m], acc + m * a.dv, a.dv);
         }
-        tile_pv(s, bsp, n, vb + h * a.vs2, a.vs1, a.dv, acc + (h * gp + g0) * a.dv);
+        tile_pv<kRowBlock>(s, bsp, n, vb + h * a.vs2, a.vs1, a.dv, acc + (h * gp + g0) * a.dv);
       }
     }
   }

@@ -101,3 +101,14 @@ def test_the_flex_backend_compiles_static_shapes_on_the_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     backend = select_backend("flex", "cpu")
     assert isinstance(backend, FlexBackend) and backend.fused_epilogue and not backend.dynamic
+
+
+def test_a_column_view_of_a_pool_is_read_in_place(random_paged_kv, compiled):
+    # A run of a per-KV-head-rank layer attends through a column view of its pool (rows wider than the view's heads)
+    gen = torch.Generator().manual_seed(2)
+    lens = [40, 20, 70]
+    k_cache, v_cache, tables = random_paged_kv(gen, lens, 16, 4, 48, 48, torch.float32)
+    k_view, v_view = k_cache[:, :, :2, :32], v_cache[:, :, :2, :24]
+    args = (torch.randn(3, 6, 32, generator=gen), k_view, v_view, tables, torch.tensor(lens), torch.arange(4))
+    ref = paged_attention_ref(*args, 0.125)
+    _close(flex_paged_attention(*args, 0.125, attend=compiled), ref, torch.float32)
