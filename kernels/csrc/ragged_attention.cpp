@@ -226,9 +226,9 @@ void attend_vectors(const Args<T>& a, const Item& it, std::vector<float>& buf) {
 
 // ---- Tile path: items of several query rows (prefill, chunks). Each block is staged once per item (keys
 // transposed, values padded to whole registers) and reused by every query vector of the tile, in register
-// blocks of kRowBlock vectors x kLanes floats, so each loaded key/value row feeds kRowBlock FMAs.
-// floats per vector register. A 16-float GCC vector without AVX-512 is no register: on an AVX2 build it compiled
-// to code 4-8x slower (prefill tiles, 2-vCPU AMD EPYC, 2026-12-06), so AVX2 and older builds use 8.
+// blocks of kTileRows vectors x kLanes floats, so each loaded key/value row feeds kTileRows FMAs.
+// Floats per vector register. A 16-float GCC vector without AVX-512 is no register: on an AVX2 build the prompt
+// tiles ran about 3x slower with it (2-vCPU AMD EPYC, 2026-12-06, docs/benchmarks.md), so AVX2 and older use 8.
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
 #else
@@ -241,8 +241,8 @@ constexpr int64_t kTileRows = kLanes == 8 ? 8 : kRowBlock;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct TileBuffers {
-  int64_t mp, bsp, dvp;  // vectors padded to kRowBlock; block and value widths padded to kLanes
-  float *qs, *acc, *mx, *den, *s, *kt, *vp;  // [mp,dq] [mp,dvp] [mp] [mp] [kRowBlock,bsp] [dq,bsp] [bsp,dvp]
+  int64_t mp, bsp, dvp;  // vectors padded to kTileRows; block and value widths padded to kLanes
+  float *qs, *acc, *mx, *den, *s, *kt, *vp;  // [mp,dq] [mp,dvp] [mp] [mp] [kTileRows,bsp] [dq,bsp] [bsp,dvp]
 };
 
 template <typename T>
@@ -283,7 +283,7 @@ inline Vec load_vec(const c10::BFloat16* p) {  // kLanes bf16 widened to fp32
 
 inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
-// s[r, :] = qs[r] . kt for kRowBlock query vectors (qs: [kRowBlock, dq], kt: [dq, bsp])
+// s[r, :] = qs[r] . kt for R query vectors (qs: [R, dq], kt: [dq, bsp])
 template <int64_t R>
 inline void tile_scores(const float* __restrict qs, int64_t dq, const float* __restrict kt, int64_t bsp,
                         float* __restrict s) {
@@ -297,7 +297,7 @@ inline void tile_scores(const float* __restrict qs, int64_t dq, const float* __r
   }
 }
 
-// acc[r] += p[r, :n] @ vp for kRowBlock query vectors (p: [kRowBlock, bsp], vp: [n, width], acc: [., width])
+// acc[r] += p[r, :n] @ vp for R query vectors (p: [R, bsp], vp: [n, width], acc: [., width])
 // (V rows `v_stride` apart, `width` a multiple of kLanes: the staged copy, or cache rows of such a width)
 template <int64_t R, typename T>
 inline void tile_pv(const float* __restrict p, int64_t bsp, int64_t n, const T* __restrict vp, int64_t v_stride,
