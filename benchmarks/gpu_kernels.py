@@ -180,9 +180,9 @@ def flex(run: Run) -> None:
     """torch's FlexAttention over the same pages (kernels/flex_paged.py, compiled for these shapes), beside the
     paged kernels: issue 17's "a maintained library where it beats the hand-written kernel". Each call builds its
     block mask and zeroes the last pages' tails, as the flex backend does for every layer."""
-    from zeroc_kernels.flex_paged import flex_attention, flex_paged_attention
+    from zeroc_kernels.flex_paged import compiled_flex, flex_paged_attention
 
-    s, attend = run.s, torch.compile(flex_attention, dynamic=False)
+    s, attend = run.s, compiled_flex(dynamic=False)
     scale, kv, heads, bs = 1 / math.sqrt(s["head_dim"]), s["kv_heads"], s["heads"], s["block_size"]
     b, ctx = s["decode_batch"], s["decode_ctx"]
     for name, dim in (("uncompressed", s["head_dim"]), (f"zeroc rank {s['rank']}", s["rank"])):

@@ -21,9 +21,8 @@ Backends:
 - `TritonBackend` ("triton"): the Triton kernels: the decode kernel for decode-only steps, the ragged
   prefill kernel otherwise, the fused QKV epilogue, the fused norm and gate. On CUDA it compiles; on the
   CPU it runs only in Triton's interpreter (TRITON_INTERPRET=1), which is how CI drives the GPU path.
-- `FlexBackend` ("flex"): the triton backend with plain pools' paged attention through torch's
-  FlexAttention, compiled (kernels/flex_paged.py): a maintained kernel to measure against the hand-written
-  ones on a GPU (benchmarks/gpu_kernels.py). On the CPU it needs TRITON_INTERPRET=1 and a C++ compiler.
+- `FlexBackend` ("flex"): triton with plain pools' paged attention by torch's FlexAttention, compiled
+  (kernels/flex_paged.py): a maintained kernel measured against ours (benchmarks/gpu_kernels.py).
 
 A prompt with no cached prefix (the prefill service's work, a first step) needs no paged read at all:
 every sequence attends its own new rows. From `fresh_prefill_min_tokens` new tokens up, the cpu and
@@ -41,6 +40,7 @@ from __future__ import annotations
 
 import abc
 import importlib.util
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,8 @@ from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref
 
 if TYPE_CHECKING:  # the module imports triton, which processes on the torch backend never load
     from zeroc_kernels.tier_decode import TierSlots
+
+logger = logging.getLogger(__name__)
 
 
 class AttentionBackend(abc.ABC):
@@ -435,28 +437,31 @@ class TritonBackend(AttentionBackend):
 
 
 class FlexBackend(TritonBackend):
-    """The triton backend with plain pools' paged attention through torch's FlexAttention (kernels/flex_paged.py);
-    int8 pools, a token tier's segments, fresh prompts and the epilogues as on triton. Compiled by Triton on CUDA
-    with dynamic shapes; by C++ on the CPU with static ones (torch 2.13's CPU lowering builds no C++ for a prompt's
-    dynamic shapes), a compile per new step shape: there so CI drives this backend, not to serve."""
+    """Triton with plain pools' paged attention by FlexAttention (kernels/flex_paged.py), compiled by Triton on CUDA
+    with dynamic shapes, by C++ on the CPU with static ones (torch 2.13's CPU lowering builds no C++ for a prompt's
+    dynamic shapes): a compile per new step shape there, so CI drives this backend; it is not for serving."""
 
     name = "flex"
 
     def __init__(self, dynamic: bool = True):
-        from zeroc_kernels.flex_paged import flex_attention
+        from zeroc_kernels.flex_paged import compiled_flex
 
-        self.dynamic = dynamic
-        self.attend = torch.compile(flex_attention, dynamic=dynamic)
+        self.dynamic, self.attend, self.flex = dynamic, compiled_flex(dynamic), True
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                         k_scales=None, v_scales=None, max_q=None):
-        from zeroc_kernels.flex_paged import flex_paged_attention
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+        from zeroc_kernels.flex_paged import RECOMPILE_LIMIT, flex_paged_attention
 
-        if check_int8_args(k_cache, v_cache, k_scales, v_scales):
-            return super().paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                           k_scales, v_scales, max_q)
-        return flex_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_q,
-                                    self.attend)
+        args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+        if self.flex and not check_int8_args(k_cache, v_cache, k_scales, v_scales):
+            try:
+                return flex_paged_attention(*args, max_q, self.attend)
+            except FailOnRecompileLimitHit:  # too many step shapes compiled: the Triton kernels from here on
+                logger.warning("flex backend: %d step shapes compiled; the Triton kernels attend from here on",
+                               RECOMPILE_LIMIT)
+                self.flex = False
+        return super().paged_attention(*args, k_scales, v_scales, max_q)
 
 
 def _needs_grad(*tensors: Tensor) -> bool:

@@ -40,6 +40,23 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 # Query rows per block-mask row for prompts (FlexAttention's default tile); a decode step's one row is one tile.
 PREFILL_Q_BLOCK = 128
+# Every torch.compile of flex_attention in a process shares dynamo's cache for its code. Past `recompile_limit`
+# (8) compiled shapes dynamo quietly runs the eager version, which weighs every slot of the pool (above): slow, and
+# NaN on a pool holding a stale NaN. Static shapes (the CPU) meet a new shape at many steps, and each distinct
+# layer width is one more compile on CUDA. So calls through `compiled_flex` allow this many, then raise.
+RECOMPILE_LIMIT = 64
+
+
+def compiled_flex(dynamic: bool) -> Callable:
+    """flex_attention compiled (the fused kernel), raising torch._dynamo.exc.FailOnRecompileLimitHit where dynamo
+    would fall back to eager."""
+    compiled = torch.compile(flex_attention, dynamic=dynamic)
+
+    def attend(*args, **kwargs):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return compiled(*args, **kwargs)
+
+    return attend
 
 
 def logical_pages(block_tables: Tensor, num_pages: Tensor, num_blocks: int) -> Tensor:
@@ -124,7 +141,7 @@ def flex_paged_attention(
     query_start_loc: Tensor,  # [B + 1] offsets of each sequence's queries in N
     scale: float,
     max_q: int | None = None,  # the most queries of one sequence (read from the device when None)
-    attend: Callable = flex_attention,  # flex_attention, or a torch.compile of it (the fused kernel)
+    attend: Callable = flex_attention,  # flex_attention (eager: tests), or `compiled_flex`'s (the fused kernel)
 ) -> Tensor:
     """`paged_attention_ref` through FlexAttention (see the module docstring) -> [N, heads, dv]."""
     num_seqs = block_tables.shape[0]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from zeroc_kernels.attention import FlexBackend, select_backend
-from zeroc_kernels.flex_paged import (PREFILL_Q_BLOCK, flex_attention, flex_paged_attention, logical_pages,
+from zeroc_kernels import flex_paged
+from zeroc_kernels.flex_paged import (PREFILL_Q_BLOCK, compiled_flex, flex_paged_attention, logical_pages,
                                       zero_page_tails)
 from zeroc_kernels.paged_attention import paged_attention_ref
 
@@ -57,7 +58,7 @@ def test_eager_flex_equals_the_reference(random_paged_kv, poison_unused_slots, n
 
 @pytest.fixture(scope="module")
 def compiled():
-    return torch.compile(flex_attention, dynamic=False)
+    return compiled_flex(dynamic=False)
 
 
 @pytest.mark.parametrize("name, dtype", [("decode", torch.float32), ("mixed", torch.float32),
@@ -112,3 +113,17 @@ def test_a_column_view_of_a_pool_is_read_in_place(random_paged_kv, compiled):
     args = (torch.randn(3, 6, 32, generator=gen), k_view, v_view, tables, torch.tensor(lens), torch.arange(4))
     ref = paged_attention_ref(*args, 0.125)
     _close(flex_paged_attention(*args, 0.125, attend=compiled), ref, torch.float32)
+
+
+def test_past_its_compile_limit_the_flex_backend_attends_by_the_triton_kernels(monkeypatch, caplog, random_paged_kv,
+                                                                               poison_unused_slots):
+    # Past dynamo's limit a compiled flex_attention would quietly run eager (every pool slot weighed: NaN here)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(flex_paged, "RECOMPILE_LIMIT", 0)
+    backend = select_backend("flex", "cpu")
+    args, ref = _case("mixed", 32, 32, torch.float32, True, random_paged_kv, poison_unused_slots, seed=3)
+    for _ in range(2):
+        _close(backend.paged_attention(*args, 0.125, max_q=max(CASES["mixed"][1])), ref, torch.float32)
+    assert not backend.flex
+    assert [r.message for r in caplog.records].count("flex backend: 0 step shapes compiled; the Triton kernels attend "
+                                                     "from here on") == 1
