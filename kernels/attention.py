@@ -77,6 +77,9 @@ class AttentionBackend(abc.ABC):
     # Whether `rope` is one kernel per tensor, so RoPE outside the epilogue (per-KV-head ranks, a token tier's
     # dims, the dense forward) calls it per layer instead of sharing eager cos/sin tables (zeroc/rope.py)
     fused_rope: bool = False
+    # Whether a decode step through it reads nothing back to the host and keeps its shapes, so that a CUDA graph can
+    # hold the step (zeroc/decode_runner.py): the references do host work, the Triton kernels take lengths on device.
+    graph_safe: bool = False
     # From this many new tokens in a fresh batch's longest sequence, `fresh_prefill` attends it; None: never.
     fresh_prefill_min_tokens: int | None = None
 
@@ -100,6 +103,13 @@ class AttentionBackend(abc.ABC):
         prompt chunks, zeroc/tier.py `tiered_chunk_attention`)."""
         return sdpa_lse(q, k, v, scale, causal)
 
+    def plan(self, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, num_tokens: int,
+             block_size: int, num_blocks: int, max_q: int | None) -> object | None:
+        """What `paged_attention` derives from a step's batch alone (shapes there; num_tokens: N), once for all
+        its layers: the caller that attends every layer of a step (zeroc/attend.py PagedAttend) calls this before
+        the first and hands the result to each layer's call as `plan`. None: nothing to derive (all but flex)."""
+        return None
+
     @abc.abstractmethod
     def paged_attention(
         self,
@@ -113,6 +123,7 @@ class AttentionBackend(abc.ABC):
         k_scales: Tensor | None = None,  # [num_blocks, block_size, kv_heads] fp32 per-token scales of int8 caches
         v_scales: Tensor | None = None,
         max_q: int | None = None,  # the most new tokens of one sequence (PagedBatch.max_query_len), if known
+        plan: object | None = None,  # `plan`'s for these batch tensors (derived in the call when None)
     ) -> Tensor:
         """-> [N, heads, dv]: each new query over its sequence's cached context, causally. Given max_q, no
         backend reads the batch's lengths to the host: a step's forward then waits for the device nowhere."""
@@ -282,7 +293,7 @@ class TorchBackend(AttentionBackend):
         return dense_lse_ref(q, k, v, scale, causal)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        k_scales=None, v_scales=None, max_q=None):
+                        k_scales=None, v_scales=None, max_q=None, plan=None):
         if check_int8_args(k_cache, v_cache, k_scales, v_scales):
             return paged_attention_int8_ref(q, k_cache, v_cache, k_scales, v_scales, block_tables, seq_lens,
                                             query_start_loc, scale, max_q)
@@ -323,7 +334,7 @@ class CpuBackend(TorchBackend):
             prepack(weight, pack)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        k_scales=None, v_scales=None, max_q=None):
+                        k_scales=None, v_scales=None, max_q=None, plan=None):
         if check_int8_args(k_cache, v_cache, k_scales, v_scales):
             k, v, tables = dequantize_named_blocks(k_cache, v_cache, k_scales, v_scales, block_tables)
             return ragged_paged_attention(self.kernel, q, k, v, tables, seq_lens, query_start_loc, scale)
@@ -363,12 +374,13 @@ class TritonBackend(AttentionBackend):
     fused_epilogue = True
     fuses_projections = True
     fused_rope = True
+    graph_safe = True
     # H200, bf16: SDPA ran 2.1x the prefill kernel at 4,096 tokens and 1.9x at 16,384; shorter prompts were not
     # measured, so they stay on the kernel until benchmarks/gpu_kernels.py's fresh-prefill rows say otherwise.
     fresh_prefill_min_tokens = 1024
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        k_scales=None, v_scales=None, max_q=None):
+                        k_scales=None, v_scales=None, max_q=None, plan=None):
         from zeroc_kernels.paged_decode import paged_decode_attention
         from zeroc_kernels.paged_prefill import paged_prefill_attention
 
@@ -448,15 +460,22 @@ class FlexBackend(TritonBackend):
 
         self.dynamic, self.attend, self.flex = dynamic, compiled_flex(dynamic), True
 
+    def plan(self, block_tables, seq_lens, query_start_loc, num_tokens, block_size, num_blocks, max_q):
+        from zeroc_kernels.flex_paged import plan_flex_step
+
+        if not self.flex:
+            return None
+        return plan_flex_step(block_tables, seq_lens, query_start_loc, num_tokens, block_size, num_blocks, max_q)
+
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                        k_scales=None, v_scales=None, max_q=None):
+                        k_scales=None, v_scales=None, max_q=None, plan=None):
         from torch._dynamo.exc import FailOnRecompileLimitHit
         from zeroc_kernels.flex_paged import RECOMPILE_LIMIT, flex_paged_attention
 
         args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
         if self.flex and not check_int8_args(k_cache, v_cache, k_scales, v_scales):
             try:
-                return flex_paged_attention(*args, max_q, self.attend)
+                return flex_paged_attention(*args, max_q, self.attend, plan)
             except FailOnRecompileLimitHit:  # too many step shapes compiled: the Triton kernels from here on
                 logger.warning("flex backend: %d step shapes compiled; the Triton kernels attend from here on",
                                RECOMPILE_LIMIT)

@@ -16,7 +16,7 @@ How the paged cache becomes one FlexAttention call:
   then those it sees in part (the diagonal, the last page). So the kernel reads only the sequence's own pages.
 - `mask_mod` is the whole mask, not just the partial pages' part: torch's eager FlexAttention ignores the
   block lists and applies mask_mod to every key in the pool. A key is visible when its page sits in the
-  sequence's table at the logical index the page has (`logical_pages`, built each call by a scatter: a
+  sequence's table at the logical index the page has (`logical_pages`, built each step by a scatter: a
   prefix-shared page has the same logical index in every table that holds it) and its position is neither
   past the query's nor past the context.
 - A masked key's weight is 0, but 0 times a stale non-finite value is NaN: the fused kernel reads every slot
@@ -24,6 +24,8 @@ How the paged cache becomes one FlexAttention call:
   zeroed first (`zero_page_tails`). Only full pages are ever shared (kv_store/hashing.py), so those slots
   belong to no one else; the next token written there overwrites the zero. Eager FlexAttention reads the
   whole pool and so needs a pool with no non-finite value anywhere: it is for tests, never for serving.
+- The block mask, the tails' slots and the prompt rows' indices depend on the step's batch tensors alone, so
+  they are built once per step (`plan_flex_step`, the flex backend's `plan`), and every layer reuses them.
 The cost is the page size as the kernel's KV tile: 16-token tiles behind an index load, which the paged
 decode kernel avoids by gathering several pages a tile. Whether FlexAttention wins anywhere is the GPU
 benchmark's question (docs/benchmarks.md); correctness is proved on the CPU against the reference.
@@ -31,6 +33,7 @@ benchmark's question (docs/benchmarks.md); correctness is proved on the CPU agai
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -119,17 +122,57 @@ def paged_block_mask(block_tables: Tensor, seq_lens: Tensor, q_lens: Tensor, max
         seq_lengths=(max_q, num_blocks * block_size), compute_q_blocks=False)
 
 
-def zero_page_tails(v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor) -> None:
-    """v_cache: [num_blocks, block_size, kv_heads, dv]; block_tables: [B, max_blocks]; seq_lens: [B]. Zeroes the
-    slots of each sequence's last page past its length, in place, on the device (no host sync)."""
-    num_blocks, block_size = v_cache.shape[:2]
+def page_tails(block_tables: Tensor, seq_lens: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """block_tables: [B, max_blocks]; seq_lens: [B] -> (slots [B * block_size]: every slot of each sequence's last
+    page, in pool order; stale [B * block_size]: which of them lie past its context), on the device."""
     num_pages = (seq_lens + block_size - 1) // block_size  # [B]
     last = block_tables.gather(1, (num_pages - 1).clamp(min=0)[:, None].long())[:, 0].long()  # [B]
-    offset = torch.arange(block_size, device=v_cache.device)
+    offset = torch.arange(block_size, device=block_tables.device)
     stale = offset[None, :] >= (seq_lens - (num_pages - 1) * block_size)[:, None]  # [B, block_size]; none if full
-    rows = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])  # [slots, kv_heads, dv]
-    slots = (last[:, None] * block_size + offset).flatten()  # [B * block_size]
-    rows.index_put_((slots,), torch.where(stale.flatten()[:, None, None], 0, rows[slots]))
+    return (last[:, None] * block_size + offset).flatten(), stale.flatten()
+
+
+def zero_page_tails(v_cache: Tensor, slots: Tensor, stale: Tensor) -> None:
+    """v_cache: [num_blocks, block_size, kv_heads, dv]; (slots, stale) from `page_tails`. Zeroes the stale slots in
+    place, on the device (no host sync: a boolean index would read the count back)."""
+    rows = v_cache.view(-1, *v_cache.shape[2:])  # [slots, kv_heads, dv]
+    rows.index_put_((slots,), torch.where(stale[:, None, None], 0, rows[slots]))
+
+
+@dataclass(frozen=True)
+class FlexStep:
+    """What `flex_paged_attention` derives from a step's batch tensors alone: built once per step, read by every
+    layer (some 20 small device ops, which would otherwise run again in each layer)."""
+
+    decode: bool  # one query per sequence: the queries are a view, the output a slice
+    mask: BlockMask
+    tail_slots: Tensor  # [B * block_size] each sequence's last page's slots (page_tails)
+    tail_stale: Tensor  # [B * block_size]
+    q_rows: Tensor | None = None  # [B, max_q] prompts: the token behind each padded query row
+    out_seq: Tensor | None = None  # [N] prompts: each token's sequence ...
+    out_row: Tensor | None = None  # [N] ... and its row there
+
+
+def plan_flex_step(block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, num_tokens: int,
+                   block_size: int, num_blocks: int, max_q: int | None = None) -> FlexStep:
+    """The FlexStep of a step of num_tokens queries (shapes at `flex_paged_attention`). max_q: the most queries
+    of one sequence, read from the device when None."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
+    if max_q is None:
+        max_q = int(q_lens.max())
+    decode = num_tokens == block_tables.shape[0] and max_q == 1
+    mask = paged_block_mask(block_tables, seq_lens, q_lens, max_q, block_size, num_blocks,
+                            1 if decode else PREFILL_Q_BLOCK)
+    tails = page_tails(block_tables, seq_lens, block_size)
+    if decode:
+        return FlexStep(True, mask, *tails)
+    # Row j of sequence b is token query_start_loc[b] + j; rows past q_lens[b] repeat a token and are dropped after.
+    row = torch.arange(max_q, device=query_start_loc.device)
+    q_rows = (query_start_loc[:-1, None] + row[None, :]).clamp(max=num_tokens - 1)  # [B, max_q]
+    # Token n is row n - query_start_loc[b] of its sequence b: gathered by index, since a boolean mask would sync.
+    token = torch.arange(num_tokens, device=query_start_loc.device)
+    out_seq = torch.searchsorted(query_start_loc[1:], token, right=True)  # [N]
+    return FlexStep(False, mask, *tails, q_rows, out_seq, token - query_start_loc[out_seq])
 
 
 def flex_paged_attention(
@@ -142,30 +185,18 @@ def flex_paged_attention(
     scale: float,
     max_q: int | None = None,  # the most queries of one sequence (read from the device when None)
     attend: Callable = flex_attention,  # flex_attention (eager: tests), or `compiled_flex`'s (the fused kernel)
+    step: FlexStep | None = None,  # plan_flex_step's for these batch tensors (built here when None)
 ) -> Tensor:
     """`paged_attention_ref` through FlexAttention (see the module docstring) -> [N, heads, dv]."""
-    num_seqs = block_tables.shape[0]
     num_blocks, block_size, kv_heads, _ = k_cache.shape
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
-    if max_q is None:
-        max_q = int(q_lens.max())
-    decode = q.shape[0] == num_seqs and max_q == 1
-    if decode:  # one query per sequence: [B, heads, 1, dq] is a view
-        q_pad = q[:, :, None]
-    else:  # row j of sequence b is token query_start_loc[b] + j; rows past q_lens[b] are dropped after
-        row = torch.arange(max_q, device=q.device)
-        src = (query_start_loc[:-1, None] + row[None, :]).clamp(max=q.shape[0] - 1)  # [B, max_q]
-        q_pad = q[src].transpose(1, 2)  # [B, heads, max_q, dq]
-    zero_page_tails(v_cache, block_tables, seq_lens)
+    if step is None:
+        step = plan_flex_step(block_tables, seq_lens, query_start_loc, q.shape[0], block_size, num_blocks, max_q)
+    q_pad = q[:, :, None] if step.decode else q[step.q_rows].transpose(1, 2)  # [B, heads, max_q, dq]
+    zero_page_tails(v_cache, step.tail_slots, step.tail_stale)
     keys = k_cache.view(1, num_blocks * block_size, kv_heads, -1).transpose(1, 2)  # [1, kv_heads, slots, dq]
     values = v_cache.view(1, num_blocks * block_size, kv_heads, -1).transpose(1, 2)  # [1, kv_heads, slots, dv]
-    mask = paged_block_mask(block_tables, seq_lens, q_lens, max_q, block_size, num_blocks,
-                            1 if decode else PREFILL_Q_BLOCK)
-    out = attend(q_pad, keys.to(q.dtype), values.to(q.dtype), block_mask=mask, scale=scale,
+    out = attend(q_pad, keys.to(q.dtype), values.to(q.dtype), block_mask=step.mask, scale=scale,
                  enable_gqa=True)  # [B, heads, max_q, dv]
-    if decode:
+    if step.decode:
         return out[:, :, 0]
-    # Token n is row n - query_start_loc[b] of its sequence b: gathered by index, since a boolean mask would sync
-    token = torch.arange(q.shape[0], device=q.device)
-    seq = torch.searchsorted(query_start_loc[1:], token, right=True)  # [N]
-    return out.transpose(1, 2)[seq, token - query_start_loc[seq]]  # [N, heads, dv]
+    return out.transpose(1, 2)[step.out_seq, step.out_row]  # [N, heads, dv]

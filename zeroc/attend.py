@@ -137,6 +137,13 @@ class PagedAttend(Attend):
         slots, bs = self.batch.slot_mapping, self.cache.block_size
         return slots // bs, slots % bs
 
+    @functools.cached_property
+    def _plan(self) -> object | None:
+        """The backend's plan of this step (`AttentionBackend.plan`), for every layer's paged attention."""
+        b, c = self.batch, self.cache
+        return self.backend.plan(b.block_tables, b.seq_lens, b.query_start_loc, b.slot_mapping.shape[0],
+                                 c.block_size, c.num_blocks, b.max_query_len)
+
     def _attend_pools(self, layer: int, q: Tensor, k_pool: Tensor, v_pool: Tensor, scale: float) -> Tensor:
         b = self.batch
         if b.fresh and self.backend.attends_fresh(b.max_query_len):
@@ -146,7 +153,7 @@ class PagedAttend(Attend):
             return self.backend.fresh_prefill(q, k_pool[blocks, offsets], v_pool[blocks, offsets], b.query_lens,
                                               scale)
         return self.backend.paged_attention(q, k_pool, v_pool, b.block_tables, b.seq_lens, b.query_start_loc, scale,
-                                            max_q=b.max_query_len)
+                                            max_q=b.max_query_len, plan=self._plan)
 
     def __call__(self, layer, q, k, v, scale):
         # q: [N, heads, dq]; k: [N, kv_heads, dq]; v: [N, kv_heads, dv] -> [N, heads, dv]

@@ -43,12 +43,12 @@ def graphs_supported(model, cache: PagedKVCache) -> bool:
 
 
 def graph_safe(model, cache: PagedKVCache) -> bool:
-    """Whether a decode step reads nothing back to the host and keeps its shapes, whatever the device: the
-    Triton backend (its kernels take device-resident lengths; the references do host work) over a plain
-    cache or pools that say so (`PolicyPools.graph_safe`: int8's, a token tier's)."""
+    """Whether a decode step reads nothing back to the host and keeps its shapes, whatever the device: a backend
+    that says so (`AttentionBackend.graph_safe`: triton, flex) over a plain cache or pools that say so
+    (`PolicyPools.graph_safe`: int8's, a token tier's)."""
     if cache.pools is not None and not cache.pools.graph_safe:
         return False
-    return model.backend.name == "triton"
+    return model.backend.graph_safe
 
 
 class DecodeRunner:

@@ -11,7 +11,7 @@ import torch
 from zeroc_kernels.attention import FlexBackend, select_backend
 from zeroc_kernels import flex_paged
 from zeroc_kernels.flex_paged import (PREFILL_Q_BLOCK, compiled_flex, flex_paged_attention, logical_pages,
-                                      zero_page_tails)
+                                      page_tails, zero_page_tails)
 from zeroc_kernels.paged_attention import paged_attention_ref
 
 # (context lengths, new tokens) per sequence: a decode step (page ends, one token, off a page), prompts from scratch
@@ -74,7 +74,7 @@ def test_zero_page_tails_zeroes_only_the_slots_past_each_context():
     v_cache = torch.randn(6, 4, 2, 3)
     before = v_cache.clone()
     tables = torch.tensor([[5, 2, 0], [1, 0, 0], [3, 4, 0]])  # zeros past a sequence's pages are padding
-    zero_page_tails(v_cache, tables, torch.tensor([6, 4, 7]))
+    zero_page_tails(v_cache, *page_tails(tables, torch.tensor([6, 4, 7]), 4))
     stale = torch.zeros(6, 4, dtype=torch.bool)
     stale[2, 2:] = True  # 6 tokens: page 2 holds positions 4, 5
     stale[4, 3:] = True  # 7 tokens: page 4 holds positions 4-6; sequence 1's page 1 is full
@@ -127,3 +127,19 @@ def test_past_its_compile_limit_the_flex_backend_attends_by_the_triton_kernels(m
     assert not backend.flex
     assert [r.message for r in caplog.records].count("flex backend: 0 step shapes compiled; the Triton kernels attend "
                                                      "from here on") == 1
+
+
+@pytest.mark.parametrize("name", ["decode", "mixed"])
+def test_one_plan_serves_every_layer_of_its_step(monkeypatch, random_paged_kv, poison_unused_slots, name):
+    # Two layers' pools, one step's batch tensors, the backend's plan built once: both layers exact over pools
+    # poisoned outside the contexts (a block mask or tail slots of other tables would read a NaN).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = select_backend("flex", "cpu")
+    max_q = max(CASES[name][1])
+    args, _ = _case(name, 32, 32, torch.float32, True, random_paged_kv, poison_unused_slots, seed=4)
+    q, k_cache, v_cache, tables, seq_lens, starts = args
+    plan = backend.plan(tables, seq_lens, starts, q.shape[0], k_cache.shape[1], k_cache.shape[0], max_q)
+    assert plan.decode == (name == "decode")
+    for layer in (args, (q, k_cache * -0.5, v_cache * 2, tables, seq_lens, starts)):
+        _close(backend.paged_attention(*layer, 0.125, max_q=max_q, plan=plan), paged_attention_ref(*layer, 0.125),
+               torch.float32)

@@ -94,3 +94,37 @@ def test_a_tier_models_dense_forward_without_gradients_runs_by_segments(zeroc_ti
         want = model(tokens)
     assert segments.seen == [] and reference.seen, reference.seen[:3]
     torch.testing.assert_close(fast, want.detach(), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["uncompressed", "per-head"])
+def test_the_flex_backend_plans_each_step_once_for_all_its_layers(request, monkeypatch, model):
+    """The flex backend's block mask and indices depend on the step's batch alone: PagedAttend asks for them once
+    a step and every layer's paged attention (every run of a per-head layer) gets that plan, with the oracle's
+    tokens. Eager FlexAttention here (the compiled kernel's plans are the same): no compiles to wait for."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model_dir = str(request.getfixturevalue("bundled").path) if model == "uncompressed" else \
+        request.getfixturevalue("zeroc_heads_dir")
+    want, _ = _generate(model_dir, "torch")
+    loaded = load_model(model_dir, attention_backend="flex")
+    backend = loaded.model.backend
+    backend.attend = flex_attention
+    plans, given = [], []
+    plan, attend = backend.plan, backend.paged_attention
+
+    def counted_plan(*args):
+        plans.append(plan(*args))
+        return plans[-1]
+
+    def counted_attend(*args, plan=None, **kwargs):
+        given.append(plan)
+        return attend(*args, plan=plan, **kwargs)
+
+    backend.plan, backend.paged_attention = counted_plan, counted_attend
+    engine = Engine(loaded, CacheConfig(16, 128))
+    assert [r.token_ids for r in engine.generate(PROMPTS, GREEDY)] == want
+    layers = loaded.config.num_hidden_layers
+    assert len(plans) == GREEDY.max_new_tokens and all(p is not None for p in plans)  # a step per token here
+    assert [sum(g is p for g in given) for p in plans] == [len(given) // len(plans)] * len(plans)
+    assert len(given) // len(plans) >= layers

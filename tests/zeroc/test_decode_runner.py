@@ -106,6 +106,20 @@ def test_buckets_and_where_graphs_run(bundled):
     assert not graph_safe(engine.model, engine.cache)  # the cpu backend's kernel is not Triton's
 
 
+@pytest.mark.parametrize("name", ["triton", "flex"])
+def test_the_triton_and_flex_backends_may_be_graphed(bundled, monkeypatch, name):
+    # Each takes lengths and tables on the device (gpu_engine.py's checks replay their steps in graphs on CUDA)
+    import copy
+
+    from zeroc_kernels.attention import select_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    engine = Engine(bundled, CacheConfig(16, 8))
+    engine.model = copy.copy(engine.model)
+    engine.model.backend = select_backend(name, "cpu")
+    assert graph_safe(engine.model, engine.cache)
+
+
 def test_enforce_eager_is_a_root_config_setting():
     assert ZeroCConfig.from_env({"ZEROC_SCHEDULER_ENFORCE_EAGER": "1"}).scheduler.enforce_eager is True
     assert ZeroCConfig.from_env({"ZEROC_SCHEDULER_ENFORCE_EAGER": "false"}).scheduler.enforce_eager is False
