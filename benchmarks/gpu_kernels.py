@@ -19,8 +19,8 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
    against the eager references, each replayed from a CUDA graph as a decode step runs them (launched from
    Python, kernels this small time the launch, not the device); a token tier's prompt by segments against
    SDPA over the same prompt uncompressed;
-7. FlexAttention (torch's, compiled) over the same pages beside the paged kernels: decode uncompressed and at
-   rank 64, and a prompt after a cached prefix (kernels/flex_paged.py, the `flex` backend);
+7. FlexAttention (torch's, compiled) over the same pages beside the paged kernels: decode uncompressed, at
+   rank 64 and at per-head ranks, and a prompt after a cached prefix (kernels/flex_paged.py, the `flex` backend);
 8. decode experiments (not goal rows): int8 with token-major scales; int8 and bf16 with P @ V as (V^T P^T)^T;
 9. sweeps, last (what the time guard skips first): every decode split count and config, splits in
    tables wider than the contexts (a CUDA graph's), every prefill config at 4096.
@@ -30,7 +30,6 @@ Writes JSON (--json; default docs/benchmarks/gpu_kernels.json on a GPU) and a ma
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -66,6 +65,7 @@ _importable_without_install()
 
 from gpu_kernels_cases import (block_timings, correctness, model_path_error, paged_kv,  # noqa: E402
                                per_head_pools, tier_case, tier_prefill_case)
+from gpu_kernels_flex import flex  # noqa: E402
 from gpu_kernels_run import Run, goals, say, table  # noqa: E402
 from zeroc_kernels import paged_decode, paged_prefill  # noqa: E402
 from zeroc_kernels.attention import TritonBackend  # noqa: E402
@@ -175,48 +175,6 @@ def decode(run: Run) -> None:
                             (f"zeroc rank {r} int8", r, True), ("uncompressed int8", d, True)):
         if run.left() > 0:
             _decode_case(run, name, dim, dim, int8)
-
-
-def flex(run: Run) -> None:
-    """torch's FlexAttention over the same pages (kernels/flex_paged.py, compiled for these shapes), beside the
-    paged kernels: issue 17's "a maintained library where it beats the hand-written kernel". Each call zeroes the
-    last pages' tails, as the flex backend does in every layer; the block mask is built once per step (plan_ms)."""
-    from zeroc_kernels.flex_paged import compiled_flex, flex_paged_attention, plan_flex_step
-
-    s, attend = run.s, compiled_flex(dynamic=False)
-    scale, kv, heads, bs = 1 / math.sqrt(s["head_dim"]), s["kv_heads"], s["heads"], s["block_size"]
-    b, ctx = s["decode_batch"], s["decode_ctx"]
-    for name, dim in (("uncompressed", s["head_dim"]), (f"zeroc rank {s['rank']}", s["rank"])):
-        if run.left() <= 0:
-            return
-        k, v, tables, lens = paged_kv(b, ctx, kv, dim, dim, bs, run.dtype, run.device)
-        q = torch.randn(b, heads, dim, dtype=run.dtype, device=run.device)
-        starts = torch.arange(b + 1, device=run.device)
-        plan = functools.partial(plan_flex_step, tables, lens, starts, b, bs, k.shape[0], 1)
-        _flex_row(run, f"decode b{b} x {ctx}", name, (k.numel() + v.numel()) * k.element_size(),
-                  lambda: paged_decode_attention(q, k, v, tables, lens, scale), plan,
-                  lambda step: flex_paged_attention(q, k, v, tables, lens, starts, scale, 1, attend, step))
-    new, prefix = s["prefix"]
-    if run.left() > 0:
-        k, v, tables, lens = paged_kv(1, new + prefix, kv, s["head_dim"], s["head_dim"], bs, run.dtype, run.device)
-        q = torch.randn(new, heads, s["head_dim"], dtype=run.dtype, device=run.device)
-        starts = torch.tensor([0, new], device=run.device)
-        plan = functools.partial(plan_flex_step, tables, lens, starts, new, bs, k.shape[0], new)
-        _flex_row(run, f"prefill {new} after {prefix} cached", "uncompressed", None,
-                  lambda: paged_prefill_attention(q, k, v, tables, lens, starts, scale), plan,
-                  lambda step: flex_paged_attention(q, k, v, tables, lens, starts, scale, new, attend, step))
-
-
-def _flex_row(run: Run, what: str, name: str, nbytes, kernel, plan, flex_call) -> None:
-    """kernel(): the paged kernel's output; plan(): the step's FlexStep; flex_call(step): FlexAttention's output."""
-    step = plan()
-    err = (flex_call(step).float() - kernel().float()).abs().max().item()
-    kernel_ms, flex_ms, plan_ms = run.timed(kernel), run.timed(lambda: flex_call(step)), run.timed(plan)
-    r = run.row(section="flex", what=what, method=f"{name}, FlexAttention", ms=flex_ms, kernel_ms=kernel_ms,
-                plan_ms=plan_ms, vs_kernel=kernel_ms / flex_ms, max_err_vs_kernel=err,
-                of_copy=nbytes / flex_ms / 1e6 / run.report["ceilings"]["copy_GBps"] if nbytes else None)
-    say(f"  {what} {name}: FlexAttention {flex_ms:.3f} ms a layer (+ {plan_ms:.3f} ms a step to plan), the paged "
-        f"kernel {kernel_ms:.3f} ms (x{r['vs_kernel']:.2f} of the kernel's speed), max |diff| {err:.4f}")
 
 
 def decode_experiments(run: Run) -> None:
