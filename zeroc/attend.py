@@ -24,7 +24,8 @@ from torch import Tensor
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
 from zeroc.tier import TierLayer, tiered_attention, tiered_chunk_attention
-from zeroc_kernels.attention import AttentionBackend, sdpa_lse
+from zeroc_kernels.attention import AttentionBackend
+from zeroc_kernels.sdpa import sdpa_lse
 
 if TYPE_CHECKING:  # only for annotations: the model module builds these objects
     from zeroc.model import Attention

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zeroc_kernels.attention import TorchBackend, select_backend, dense_lse_ref, sdpa_lse, triton_runs_on
+from zeroc_kernels.attention import TorchBackend, select_backend, triton_runs_on
+from zeroc_kernels.sdpa import dense_lse_ref, sdpa_lse
 from zeroc_kernels.paged_attention import paged_attention_ref
 
 

@@ -18,7 +18,7 @@ from zeroc.loader import load_model, save_model
 from zeroc.attend import causal_attend
 from zeroc_kernels.paged_attention import segment_attention
 from zeroc.tier import CachedRows, TierLayer, tiered_chunk_attention, tier_kv_fraction, tier_masks, tiered_attention
-from zeroc_kernels.attention import dense_lse_ref, sdpa_lse
+from zeroc_kernels.sdpa import dense_lse_ref, sdpa_lse
 
 
 def random_tokens(model, batch: int, length: int, seed: int) -> torch.Tensor:
