@@ -31,6 +31,7 @@ concatenation for oneDNN, kernels/cpu_linear.py); a plain nn.Linear part, F.line
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 from dataclasses import dataclass, field
 
@@ -184,12 +185,24 @@ class SummedLinears:
 
 def release_gemms(gemms: list, keep: Tensor) -> None:
     """Release every GEMM's plain weight that its pack holds (WeightPack.release; a group's `release`), but `keep`
-    (a tied LM head's, which the embedding reads)."""
+    (a tied LM head's, which the embedding reads), and give the freed pages back to the OS."""
     for gemm in gemms:
         if isinstance(gemm, (FusedLinears, SummedLinears)):
             gemm.release()
         elif gemm.weight is not keep:
             gemm.pack.release(gemm.weight)
+    return_freed_heap()
+
+
+def return_freed_heap() -> None:
+    """glibc keeps freed heap chunks for reuse, so memory freed by releasing weights would stay resident: for the
+    bundled model 12 of its 48 MB of plain weights did (benchmarks/cpu_linear.py's memory row). malloc_trim hands
+    those pages back. Elsewhere than glibc (musl, macOS), nothing."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def restore_gemms(gemms: list) -> bool:
