@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc.config.model import ATTENTION_BACKENDS
+from zeroc_kernels.cpu_layer_ops import cpu_add_rms_norm, cpu_apply_rope, cpu_rms_norm
 from zeroc_kernels.cpu_linear import WeightPack, onednn_linear, prepack
 from zeroc_kernels.kv_quant import quantize_into_slots_ref
 from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
@@ -56,7 +57,8 @@ from zeroc_kernels.paged_attention import (check_int8_args, dequantize_named_blo
                                            paged_attention_ref)
 from zeroc_kernels.ragged_cpu import (load_ragged_kernel, ragged_decode_partials, ragged_paged_attention,
                                      ragged_tier_decode)
-from zeroc_kernels.qkv_epilogue import qkv_epilogue_ref, qkv_rotate_epilogue_ref, rope_ref, tier_qkv_ref
+from zeroc_kernels.qkv_epilogue import (apply_rope_ref, qkv_epilogue_ref, qkv_rotate_epilogue_ref, rope_ref,
+                                        tier_qkv_ref)
 from zeroc_kernels.sdpa import dense_lse_ref, sdpa_fresh_prefill, sdpa_lse
 
 if TYPE_CHECKING:  # the module imports triton, which processes on the torch backend never load
@@ -189,6 +191,11 @@ class AttentionBackend(abc.ABC):
         zeroc.rope's tables (cos/sin once per forward, shared by layers) are cheaper."""
         return rope_ref(x, positions, inv_freq)
 
+    def apply_rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """RoPE from a forward's shared tables (zeroc.rope.RopeTables, where `fused_rope` does not hold): x [*P, heads,
+        r]; cos, sin [*P, heads or 1, r] in x's dtype, rotate_half layout -> [*P, heads, r]."""
+        return apply_rope_ref(x, cos, sin)
+
     def tier_qkv(self, q: Tensor, k: Tensor, v: Tensor, q_tier: Tensor, k_tier: Tensor, v_tier: Tensor,
                  positions: Tensor, inv_freq: Tensor, tier_inv_freq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A fold layer's full-rank q, k, v with a token tier: q [*P, heads, r], k [*P, kv, r] after RoPE at
@@ -281,6 +288,17 @@ class CpuBackend(TorchBackend):
     def prepack(self, weight, pack):
         if self.pack_weights:
             prepack(weight, pack)
+
+    # A layer's norms and RoPE by csrc/layer_ops.cpp (kernels/cpu_layer_ops.py): one call each where eager PyTorch
+    # dispatched nine ops and six, 60-80 us a layer at a decode step's one row on the bundled model
+    def rms_norm(self, x, weight, eps):
+        return cpu_rms_norm(self.kernel, x, weight, eps)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return cpu_add_rms_norm(self.kernel, x, residual, weight, eps)
+
+    def apply_rope(self, x, cos, sin):
+        return cpu_apply_rope(self.kernel, x, cos, sin)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                         k_scales=None, v_scales=None, max_q=None, plan=None):

@@ -36,6 +36,14 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
+def apply_rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE from tables as Hugging Face's Llama applies it, each product and sum rounded in x's dtype.
+    x: [*P, heads, d]; cos, sin: [*P, heads or 1, d] in the rotate_half layout (pairs (i, i + d/2)) -> [*P, heads, d]"""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
 def rope_ref(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
     """RoPE (rotate_half pairs) in fp32, rounded once to x's dtype. x: [*P, heads, r]; positions: [*P];
     inv_freq: [R, r/2], R = 1 or R dividing heads (head h turns by row h // (heads / R)) -> [*P, heads, r]"""

@@ -5,13 +5,14 @@ The reference gathers every sequence's whole padded context twice, builds a dens
 sequence's queries to the step's longest; the kernel walks each sequence's blocks through its table with
 an online softmax, one work item per (sequence, KV head, tile of query rows), in torch's thread pool.
 The same module holds a token tier's decode segment (csrc/tier_decode.cpp, beside `tier_decode_ref`) and
-the CPU sampler (csrc/sampling.cpp: `sample_rows`, whose reference is zeroc.sampling's torch path).
+the CPU sampler (csrc/sampling.cpp: `sample_rows`, whose reference is zeroc.sampling's torch path) and a layer's
+RMSNorm and RoPE (csrc/layer_ops.cpp, called through kernels/cpu_layer_ops.py).
 
-Build: on first use, one compiler call (c++, or $CXX) against torch's headers and libraries, for the
-vector ISA torch detected on this CPU, into ZEROC_KERNEL_DIR (default ~/.cache/zeroc/kernels). The file
-name holds a hash of the source, the flags, torch's and Python's versions, so a stale build is never
-loaded and later processes import it without a compiler (the CPU image builds it at image build time:
-`python -m zeroc_kernels.ragged_cpu --all-isas`). Where it cannot be built (no compiler),
+Build: on first use, a compiler call per source at once (c++, or $CXX; as many as there are cores) against
+torch's headers, then one link against its libraries, for the vector ISA torch detected on this CPU, into
+ZEROC_KERNEL_DIR (default ~/.cache/zeroc/kernels). The file name holds a hash of the sources, the flags, torch's
+and Python's versions, so a stale build is never loaded and later processes import it without a compiler (the CPU
+image builds it at image build time: `python -m zeroc_kernels.ragged_cpu --all-isas`). Where it cannot be built (no compiler),
 `load_ragged_kernel` returns None and the caller keeps the reference.
 """
 
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
@@ -40,7 +42,7 @@ from zeroc_kernels.tier_decode import TierSlots, tier_decode_check, tier_decode_
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ragged_attention.cpp", "tier_decode.cpp",
-                                                                 "sampling.cpp")]
+                                                                 "sampling.cpp", "layer_ops.cpp")]
 
 # Vector ISA flags per torch's CPU capability (what torch itself dispatches to on the machine), so a build
 # never uses an instruction the CPU lacks, and a directory shared by different CPUs keeps one build each.
@@ -77,6 +79,17 @@ def _module_name(capability: str) -> str:
     return f"zeroc_ragged_{capability.lower()}_{hashlib.sha1(key).hexdigest()[:12]}"
 
 
+def _run_all(commands: list[list[str]]) -> None:
+    """Run the commands, as many at once as there are cores (each compiler holds some 1 GB); CalledProcessError,
+    with the compiler's stderr, for the first that fails."""
+    def run(cmd: list[str]) -> None:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
+        for future in [pool.submit(run, cmd) for cmd in commands]:
+            future.result()
+
+
 def build_ragged_kernel(capability: str) -> Path:
     """Compile the kernel for `capability` (a key of ISA_FLAGS) unless built already -> the module's path.
     OSError / CalledProcessError when there is no compiler or the build fails."""
@@ -92,13 +105,16 @@ def build_ragged_kernel(capability: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     libs = [f"-L{p}" for p in cpp_extension.library_paths()]
+    compile_flags = [*_flags(capability), f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                     *(f"-isystem{i}" for i in includes)]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # then one rename: racing builders are safe
         out = Path(tmp) / path.name
-        cmd = [cxx, *_flags(capability), f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
-               *(f"-isystem{i}" for i in includes), *map(str, SOURCES), *libs, "-lc10", "-ltorch_cpu", "-ltorch",
-               "-ltorch_python", "-o", str(out)]
-        log.info("building the ragged CPU attention kernel (%s, about a minute)", capability)
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        objects = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        log.info("building the ragged CPU attention kernel (%s: a minute or two)", capability)
+        # One compiler per source, all at once (each parses torch's headers, most of its minute), then one link.
+        _run_all([[cxx, *compile_flags, "-c", str(src), "-o", str(obj)] for src, obj in zip(SOURCES, objects)])
+        _run_all([[cxx, *_flags(capability), *map(str, objects), *libs, "-lc10", "-ltorch_cpu", "-ltorch",
+                   "-ltorch_python", "-o", str(out)]])
         os.replace(out, path)
     return path
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from zeroc.config import ModelConfig, RopeConfig
+from zeroc_kernels.qkv_epilogue import apply_rope_ref
 
 if TYPE_CHECKING:
     from zeroc_kernels.attention import AttentionBackend
@@ -105,11 +106,8 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tup
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # x: [*P, heads, d]; pairs are (i, i + d/2) as in HF's rotate_half
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+# x: [*P, heads, d]; cos, sin: [*P, heads or 1, d] from rope_cos_sin -> RoPE(x): HF's rotate_half pairs (i, i + d/2)
+apply_rope = apply_rope_ref
 
 
 class RopeTables:
@@ -121,11 +119,13 @@ class RopeTables:
     equal values): layers whose tables are equal pass equal keys. `computed` counts the tables built.
 
     With `ops`, a backend whose `rope` is one kernel per tensor (`fused_rope`: triton), each q and k goes
-    through it instead, cos and sin computed in registers: no tables at all."""
+    through it instead, cos and sin computed in registers: no tables at all. Any other backend applies the tables
+    (`apply_rope`: the cpu backend's is one C++ call per tensor)."""
 
     def __init__(self, positions: Tensor, ops: AttentionBackend | None = None):
         self.positions = positions  # [*P]
         self.ops = ops if ops is not None and ops.fused_rope else None
+        self.apply = ops.apply_rope if ops is not None else apply_rope  # the tables' use: the backend's, if any
         self._memo: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self.computed = 0
 
@@ -143,7 +143,7 @@ class RopeTables:
             self._memo[memo_key] = (cos, sin, cos_q, sin_q)
             self.computed += 1
         cos, sin, cos_q, sin_q = self._memo[memo_key]
-        return apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
+        return self.apply(q, cos_q, sin_q), self.apply(k, cos, sin)
 
     def tier_qkv(self, keys: tuple[tuple, tuple], qkv: tuple[Tensor, Tensor, Tensor],
                  tier: tuple[Tensor, Tensor, Tensor], inv_freq: Tensor, tier_inv_freq: Tensor

@@ -541,6 +541,12 @@ torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> tem
                           std::optional<torch::Tensor> top_k, std::optional<torch::Tensor> top_p,
                           std::optional<torch::Tensor> greedy, std::optional<torch::Tensor> u);
 
+// layer_ops.cpp, built into the same module
+std::optional<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+std::optional<std::tuple<torch::Tensor, torch::Tensor>> add_rms_norm(torch::Tensor x, torch::Tensor residual,
+                                                                     torch::Tensor weight, double eps);
+std::optional<torch::Tensor> apply_rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_paged_attention", &ragged_paged_attention, "ragged causal GQA attention over a paged KV cache");
   m.def("ragged_decode_partials", &ragged_decode_partials, "one query per sequence over keys from key_start, with LSE");
@@ -549,4 +555,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("logits"), pybind11::arg("temperature") = pybind11::none(),
         pybind11::arg("top_k") = pybind11::none(), pybind11::arg("top_p") = pybind11::none(),
         pybind11::arg("greedy") = pybind11::none(), pybind11::arg("u") = pybind11::none());
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row (kernels/layer_ops.py rms_norm_ref)");
+  m.def("add_rms_norm", &add_rms_norm, "a residual add and the RMSNorm of its sum (add_rms_norm_ref)");
+  m.def("apply_rope", &apply_rope, "rotate-half RoPE from cos/sin tables (kernels/qkv_epilogue.py apply_rope_ref)");
 }

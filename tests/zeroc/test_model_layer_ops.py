@@ -18,14 +18,14 @@ from zeroc.caches import paged_cache
 from zeroc.config import CacheConfig
 from zeroc.kv_cache import layer_shapes
 from zeroc.model import compile_feed_forward
-from zeroc_kernels.attention import TorchBackend, TritonBackend
+from zeroc_kernels.attention import CpuBackend, TorchBackend, TritonBackend
 
 
 class _Counting(TorchBackend):
     """The torch backend, counting its layer-op calls (the references still compute them)."""
 
     def __init__(self):
-        self.calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0, "linear": 0}
+        self.calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0, "linear": 0, "apply_rope": 0}
 
     def rms_norm(self, x, weight, eps):
         self.calls["rms_norm"] += 1
@@ -34,6 +34,10 @@ class _Counting(TorchBackend):
     def add_rms_norm(self, x, residual, weight, eps):
         self.calls["add_rms_norm"] += 1
         return super().add_rms_norm(x, residual, weight, eps)
+
+    def apply_rope(self, x, cos, sin):
+        self.calls["apply_rope"] += 1
+        return super().apply_rope(x, cos, sin)
 
     def silu_mul(self, gate, up):
         self.calls["silu_mul"] += 1
@@ -62,24 +66,28 @@ def test_every_forward_takes_the_norms_the_gate_and_the_gemms_from_the_backend(r
         model.backend = _Counting()  # setting it hands its `linear` to every Linear of the model
         forward()
         # the first norm reads the embeddings alone; every later one, the final norm too, a residual add's sum;
-        # seven GEMMs a layer (q, k, v, o, gate, up, down) and the LM head
+        # seven GEMMs a layer (q, k, v, o, gate, up, down) and the LM head; RoPE's shared tables on q and k
         assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": 2 * layers, "silu_mul": layers,
-                                       "linear": 7 * layers + 1}, name
+                                       "linear": 7 * layers + 1, "apply_rope": 2 * layers}, name
 
 
 @torch.inference_mode()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_fused_kernels_give_the_reference_logits(random_gqa, dtype):
+@pytest.mark.parametrize("fused", ["triton", "cpu"])
+def test_the_fused_kernels_give_the_reference_logits(random_gqa, dtype, fused, request):
+    """triton's kernels, and the cpu backend's C++ norms and RoPE (with its oneDNN GEMMs and attention kernel)."""
+    if fused == "cpu":
+        request.getfixturevalue("cpu_kernel")  # the module builds here (or the test skips without a compiler)
     model = copy.deepcopy(random_gqa.model).to(dtype)
     tokens = torch.randint(2, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     logits = {}
-    for backend in (TorchBackend(), TritonBackend()):
+    for backend in (TorchBackend(), TritonBackend() if fused == "triton" else CpuBackend()):
         model.backend = backend
         logits[backend.name] = model(tokens).float()
     # fp32: one rounding order apart; bf16: the same roundings, up to a tipped last bit carried through 3 layers
     tol = 1e-4 if dtype == torch.float32 else 0.1
-    torch.testing.assert_close(logits["triton"], logits["torch"], atol=tol, rtol=tol)
-    assert logits["triton"].argmax(-1).eq(logits["torch"].argmax(-1)).float().mean() > 0.9
+    torch.testing.assert_close(logits[fused], logits["torch"], atol=tol, rtol=tol)
+    assert logits[fused].argmax(-1).eq(logits["torch"].argmax(-1)).float().mean() > 0.9
 
 
 def test_compiled_layers_keep_the_backend_and_the_fused_gemm_out_of_the_graph(random_gqa):
@@ -98,7 +106,8 @@ def test_compiled_layers_keep_the_backend_and_the_fused_gemm_out_of_the_graph(ra
         model(torch.randint(2, 100, (1, 5)))
     layers = model.config.num_hidden_layers
     # the fused Q/K/V and o_proj, then gate, up and down in the compiled feed-forward, a layer; the LM head
-    assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": layers, "silu_mul": 0, "linear": 5 * layers + 1}
+    assert model.backend.calls == {"rms_norm": 1, "add_rms_norm": layers, "silu_mul": 0, "linear": 5 * layers + 1,
+                                   "apply_rope": 2 * layers}
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
