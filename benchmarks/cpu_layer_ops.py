@@ -1,6 +1,7 @@
 """The cpu backend's norms and RoPE in C++ (kernels/cpu_layer_ops.py) against the same backend on the eager
 references, on the bundled model: decode steps at a few batch sizes (128-token prompts; the two sides take turns
-within one Engine) and a 1,024-token prefill forward (alternating rounds), in fp32 and bf16. The figures in docs/benchmarks.md ("Norms and RoPE in C++") come from it.
+within one Engine) and a 1,024-token prefill forward (alternating rounds), in fp32 and bf16. The figures in
+docs/benchmarks.md ("Norms and RoPE in C++") come from it.
 
     .venv/bin/python benchmarks/cpu_layer_ops.py [--threads 2] [--rounds 8] [--batches 1 4 16] [--out FILE.json]
 """

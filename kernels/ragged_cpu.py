@@ -12,8 +12,8 @@ Build: on first use, a compiler call per source at once (c++, or $CXX; as many a
 torch's headers, then one link against its libraries, for the vector ISA torch detected on this CPU, into
 ZEROC_KERNEL_DIR (default ~/.cache/zeroc/kernels). The file name holds a hash of the sources, the flags, torch's
 and Python's versions, so a stale build is never loaded and later processes import it without a compiler (the CPU
-image builds it at image build time: `python -m zeroc_kernels.ragged_cpu --all-isas`). Where it cannot be built (no compiler),
-`load_ragged_kernel` returns None and the caller keeps the reference.
+image builds it at image build time: `python -m zeroc_kernels.ragged_cpu --all-isas`). Where it cannot be built
+(no compiler), `load_ragged_kernel` returns None and the caller keeps the reference.
 """
 
 from __future__ import annotations

@@ -263,3 +263,26 @@ def test_a_decode_rows_logits_are_the_same_bits_alone_and_in_a_batch(random_gqa,
 
     alone, batched = decode(["a"]), decode(["b", "a", "c", "d"])
     assert torch.equal(alone[0], batched[1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("m", [16, 70])
+def test_widened_bf16_gemms_round_the_fp32_product_once(m, monkeypatch):
+    """bf16 GEMMs of many rows where bf16 does not pack (AVX2: driven on any CPU by taking bf16 out of
+    PACKED_DTYPES): the fp32 product of the same values, slice by slice of the weight (a slice smaller than the
+    weight here, and one that does not divide it), rounded once to bf16; fewer rows stay on F.linear."""
+    import zeroc_kernels.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "PACKED_DTYPES", (torch.float32,))
+    monkeypatch.setattr(cpu_linear, "WIDEN_SLICE", 100 * BIG[1])  # slices of 100 output features: 11 for 1,024
+    gen = torch.Generator().manual_seed(m)
+    w, b = torch.randn(*BIG, generator=gen).bfloat16(), torch.randn(BIG[0], generator=gen).bfloat16()
+    x = torch.randn(2, m // 2, BIG[1], generator=gen).bfloat16()  # [2, m/2, in]: rows over two leading dims
+    for bias in (None, b):
+        got = onednn_linear(x, w, bias, WeightPack())
+        assert got.dtype == torch.bfloat16 and got.shape == (2, m // 2, BIG[0])
+        want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        # one rounding of an fp32 product that may differ from this one in its last bits: within a bf16 ulp
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-3)
+    few = x[:1, :3]  # 3 rows: F.linear's bf16 GEMM, as before
+    assert torch.equal(onednn_linear(few, w, b, WeightPack()), F.linear(few, w, b))
