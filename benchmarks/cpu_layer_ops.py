@@ -15,14 +15,12 @@ import statistics
 import time
 
 import torch
-from fused_projections import prefill_ms
+from fused_projections import prefill_ms, prefilled_engine
 from tqdm import tqdm
 
 from zeroc.bench.forward import machine_description
-from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
-from zeroc.engine import Engine
+from zeroc.config import BUNDLED_MODEL
 from zeroc.loader import load_model
-from zeroc.sampling import SamplingParams
 from zeroc_kernels.attention import AttentionBackend
 
 OPS = ("rms_norm", "add_rms_norm", "apply_rope")
@@ -39,16 +37,7 @@ def eager_ops(backend: AttentionBackend) -> AttentionBackend:
 def decode_steps(loaded, backends: dict, batch: int, rounds: int, steps: int) -> dict[str, float]:
     """Median decode step of `batch` requests of 128 random tokens on each side, the sides taking turns every
     `steps` steps in one Engine (after one untimed step each turn), so that drift in the machine hits both alike."""
-    total = (rounds + 1) * len(backends) * (steps + 1)
-    blocks_per_seq = -(-(128 + total + 4) // 16)
-    engine = Engine(loaded, CacheConfig(16, batch * blocks_per_seq + 1),
-                    SchedulerConfig(max_num_seqs=batch, async_scheduling=False))  # each step timed whole
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(batch):
-        engine.add_request(torch.randint(2, 500, (128,), generator=gen).tolist(),
-                           SamplingParams(max_new_tokens=total + 2, ignore_eos=True))
-    while engine.waiting or any(s.in_cache < 128 for s in engine.running):
-        engine.step()
+    engine = prefilled_engine(loaded, batch, (rounds + 1) * len(backends) * (steps + 1) + 2)
     times: dict[str, list[float]] = {side: [] for side in backends}
     for r in range(rounds + 1):  # the first round warms up, untimed
         for side, backend in backends.items():

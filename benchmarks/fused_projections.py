@@ -47,16 +47,24 @@ def random_loaded(shape: str = "bundled", layers: int | None = None, dtype: torc
                        BUNDLED_MODEL)
 
 
-def decode_ms(loaded: LoadedModel, batch: int, steps: int = 30) -> float:
-    """Median decode step of `batch` requests of 128 random tokens."""
-    engine = Engine(loaded, CacheConfig(16, batch * 12 + 1),
-                    SchedulerConfig(max_num_seqs=batch, async_scheduling=False))  # each step timed whole
+def prefilled_engine(loaded: LoadedModel, batch: int, new_tokens: int) -> Engine:
+    """An Engine (each step synchronous, so that it can be timed whole) holding `batch` requests of 128 random
+    tokens, each to run `new_tokens` more, with their prompts already computed."""
+    blocks_per_seq = -(-(128 + new_tokens) // 16)
+    engine = Engine(loaded, CacheConfig(16, batch * blocks_per_seq + 1),
+                    SchedulerConfig(max_num_seqs=batch, async_scheduling=False))
     gen = torch.Generator().manual_seed(0)
     for _ in range(batch):
         engine.add_request(torch.randint(2, 500, (128,), generator=gen).tolist(),
-                           SamplingParams(max_new_tokens=steps + 8, ignore_eos=True))
+                           SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     while engine.waiting or any(s.in_cache < 128 for s in engine.running):
         engine.step()
+    return engine
+
+
+def decode_ms(loaded: LoadedModel, batch: int, steps: int = 30) -> float:
+    """Median decode step of `batch` requests of 128 random tokens."""
+    engine = prefilled_engine(loaded, batch, steps + 8)
     times = []
     for _ in range(steps):
         t = time.perf_counter()
