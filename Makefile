@@ -28,9 +28,10 @@ run: install
 # process on one intra-op thread: a worker's OpenMP threads spinning between ops would take the cores from the
 # other (two workers at the default threads took as long as one worker alone). The tests whose results must hold
 # at several thread counts set them themselves, and the session's colocated decode service runs two engine threads.
+# It prints its 15 slowest tests: the suite must stay under 20 minutes on a 2-core machine.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # compose.yaml built and run for real (tests/deploy/compose_e2e.py, which `make test` does not collect): a
 # dockerd of its own builds the image and runs the stack on loopback, then everything is torn down, the daemon
