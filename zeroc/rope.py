@@ -1,5 +1,6 @@
 """Rotary position embeddings as Hugging Face's Llama applies them (rotate_half pairs), with linear, llama3,
-dynamic (NTK) and yarn frequency scaling as transformers' modeling_rope_utils defines them, and the per-KV-head pair subsets ZeroC's fold mode keeps or drops."""
+dynamic (NTK) and yarn frequency scaling as transformers' modeling_rope_utils defines them, and the per-KV-head pair
+subsets ZeroC's fold mode keeps or drops."""
 
 from __future__ import annotations
 
