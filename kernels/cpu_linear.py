@@ -128,7 +128,8 @@ class WeightPack:
         back to [out, in]); the pack is a current copy of it again, not repacked."""
         if not self.released:
             return
-        weight.data = self.plain()
+        with torch.inference_mode(False):  # a weight, not an inference tensor, whatever mode restores it
+            weight.data = self.plain()
         self._source, self._version, self.released = weight.detach(), weight._version, False
 
     def __deepcopy__(self, memo: dict) -> "WeightPack":

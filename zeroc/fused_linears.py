@@ -53,6 +53,7 @@ class FusedLinears:
     DIM = 0  # the parts' weights lie along the concatenation's rows
 
     @classmethod
+    @torch.inference_mode(False)  # the weights stay weights, not inference tensors, fused under inference_mode too
     def of(cls, *parts: nn.Linear) -> FusedLinears | None:
         """Fuse `parts` (one in_features, one dtype and device, all with a bias or none); None where they
         cannot be (a meta skeleton not loaded yet)."""
@@ -149,6 +150,7 @@ class SummedLinears:
     DIM = 1  # side by side, along its columns
 
     @classmethod
+    @torch.inference_mode(False)  # as FusedLinears.of
     def of(cls, *parts: nn.Linear) -> SummedLinears | None:
         """Fuse `parts` (one out_features, one dtype and device, at most one with a bias: a sum of biases would
         not follow a part's later loads); None where they cannot be (a meta skeleton not loaded yet)."""

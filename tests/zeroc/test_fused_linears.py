@@ -239,3 +239,37 @@ def test_fuse_projections_fuses_a_cast_model_again():
     with torch.inference_mode(), _CountingLinears() as count:
         torch.testing.assert_close(model(tokens), want)
     assert count.calls == 4 * model.config.num_hidden_layers + 1  # a layer: QKV, O, gate/up, down; the LM head
+
+
+def test_an_engine_built_under_inference_mode_leaves_weights_that_load_and_pack_once():
+    """Fused under torch.inference_mode (an Engine built there), the concatenations and the parts' views of them stay
+    weights, not inference tensors: the cpu backend keeps their packs (an inference tensor would be packed afresh at
+    every GEMM), and the model's state dict loads into another model (calibration builds its cut models so)."""
+    loaded = load_model(BUNDLED_MODEL, attention_backend="cpu")
+    with torch.inference_mode():
+        Engine(loaded)
+    groups = _fused_groups(loaded.model)
+    assert groups and not any(f.weight.is_inference() for f in groups)
+    assert not any(p.is_inference() for p in loaded.model.parameters())
+    assert all(f.pack.packed is not None for f in groups)  # prepacked: an inference tensor is not
+    other = load_model(BUNDLED_MODEL, attention_backend="cpu").model
+    other.load_state_dict(loaded.model.state_dict(), assign=True)
+    tokens = torch.tensor([[5, 9, 13, 200, 31]])
+    with torch.inference_mode():
+        torch.testing.assert_close(other(tokens), loaded.model(tokens), atol=0, rtol=0)
+
+
+def test_a_released_model_gives_weights_back_not_inference_tensors_under_inference_mode():
+    """A served model's weights live in their packs (`release_weights`); read back under torch.inference_mode, they
+    are weights another model loads, the same bits."""
+    loaded = load_model(BUNDLED_MODEL, attention_backend="cpu")
+    Engine(loaded, release_weights=True)
+    assert loaded.model.model.layers[0].mlp.gate_proj.weight.numel() == 0  # released: a placeholder
+    with torch.inference_mode():
+        state = loaded.model.state_dict()
+    assert not any(t.is_inference() for t in state.values())
+    other = load_model(BUNDLED_MODEL, attention_backend="cpu").model
+    other.load_state_dict(state, assign=True)
+    tokens = torch.tensor([[5, 9, 13, 200, 31]])
+    with torch.inference_mode():
+        torch.testing.assert_close(other(tokens), loaded.model(tokens), atol=0, rtol=0)
