@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from zeroc.bench.engine import LLAMA3_8B
-from zeroc.compression.calibrate import ZeroCMethod, _windows, compress, reference
+from zeroc.compression.calibrate import ZeroCMethod, _windows, compress
+from zeroc.compression.divergence import reference
 from zeroc.compression.layerwise import measure_local
 from zeroc.config import BUNDLED_CALIB, BUNDLED_MODEL, ModelConfig
 from zeroc.data import read_eval_tokens

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import functools
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -295,6 +296,13 @@ class DecoderLayer(nn.Module):
             normed, residual = self.input_layernorm.add(x, residual, ops)
         return self.feed_forward(self.self_attn(self.index, normed, rope, attend), residual, ops)
 
+    def with_attention(self, attn: Attention) -> DecoderLayer:
+        """This layer with `attn` in its attention's place, sharing its norms and MLP (and their packed weights):
+        calibration runs a cut layer so, the source model untouched."""
+        new = copy.copy(self)
+        new._modules = {**self._modules, "self_attn": attn}
+        return new
+
     def feed_forward(self, a: Tensor, residual: Tensor, ops: AttentionBackend | None = None) -> tuple[Tensor, Tensor]:
         """(MLP(norm(a + residual)), a + residual). a (attention's output), residual: [*, hidden]. What
         `compile_feed_forward` hands to torch.compile."""
@@ -467,9 +475,15 @@ class Transformer(nn.Module):
 
     def _run(self, tokens: Tensor, positions: Tensor, attend: Attend) -> Tensor:
         # tokens, positions: [*P] -> final hidden states [*P, hidden]
-        x, residual = self.model.embed_tokens(tokens), None
+        return self.run_layers(self.model.embed_tokens(tokens), None, positions, attend, self.model.layers)
+
+    def run_layers(self, x: Tensor, residual: Tensor | None, positions: Tensor, attend: Attend,
+                   layers: Iterable[DecoderLayer]) -> Tensor:
+        """The forward from `layers` on: x + residual [*P, hidden] enter the first of them (residual None: x alone,
+        the embeddings), positions [*P] -> the final normalised hidden states [*P, hidden]. Calibration resumes
+        the source model's forward here at a cut layer (`DecoderLayer.with_attention`)."""
         rope = RopeTables(positions, self.backend)  # cos/sin once per forward, shared by the layers (or kernels)
-        for layer in self.model.layers:
+        for layer in layers:
             x, residual = layer.forward_residual(x, residual, rope, attend, self.backend)  # hidden = x + residual
         return self.model.norm.add(x, residual, self.backend)[0]
 
@@ -481,7 +495,8 @@ class Transformer(nn.Module):
     def forward_attend(self, tokens: Tensor, positions: Tensor, attend: AttendFn | Attend) -> Tensor:
         """Forward with a caller-supplied attention (KV-cache policies, calibration, sequence parallelism).
         tokens, positions: [*P] -> logits [*P, vocab]."""
-        return self.lm_head(self._run(tokens, positions, attend if isinstance(attend, Attend) else CallerAttend(attend)))
+        attend = attend if isinstance(attend, Attend) else CallerAttend(attend)
+        return self.lm_head(self._run(tokens, positions, attend))
 
     def forward_paged(
         self,

@@ -10,8 +10,9 @@
    (`granularity` "layer": all of one layer's heads cut together).
    (The KL, not the loss increase: the loss of a few thousand tokens moves by +-0.001 nats either
    way from noise alone, which swamped the small cuts' real cost and misallocated ranks.)
-   That is one full-model pass per cut; for models where that is too many (`sensitivity` "local", or
-   "auto" past `max_passes`), layerwise.py runs steps 1-3 layer by layer with a layer-local cost.
+   That is one forward per cut, from the cut layer on (divergence.py); for models where that is too
+   many (`sensitivity` "local", or "auto" past `max_passes`), layerwise.py runs steps 1-3 layer by
+   layer with a layer-local cost.
 4. Allocation: Q/K and V ranks per KV head and the Q/K mode per layer (`auto`; `fold` and `rotate`
    force one) minimising the summed KL under the KV budget: an exact knapsack over each layer's
    heads per mode, then over layers (`allocate_head_ranks`; "layer": one (qk, v) per layer,
@@ -28,16 +29,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from zeroc.compression.fold import (LayerFactors, ablation_pair_order, build_compressed, qk_factors,
+from zeroc.attend import causal_attend
+from zeroc.compression.divergence import Reference, cut_kl, divergence, layer_inputs, offset_positions, reference
+from zeroc.compression.fold import (LayerFactors, ablation_pair_order, build_compressed, cut_attention, qk_factors,
                                     value_factors)
 from zeroc.config import AttentionCompression, ZeroCError, check_tier
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
-from zeroc.attend import DenseCausal, causal_attend
 from zeroc.model import Transformer
 
 MODES = ("fold", "rotate", "auto")
@@ -220,64 +221,6 @@ def compute_factors(model: Transformer, stats: list[LayerStats], progress: bool 
             for layer, st in tqdm(layers, desc="calibrate: factors", disable=not progress)]
 
 
-@dataclass(frozen=True)
-class Reference:
-    """The source model's next-token distributions on the sensitivity windows."""
-
-    windows: Tensor  # [n, T]
-    positions: Tensor  # [n, T] each window at a random offset (see `offset_positions`)
-    log_probs: list[Tensor]  # per batch of `batch` windows: [b, T - 1, vocab]
-    loss: float  # the source model's mean NLL per predicted token
-    batch: int
-
-    def batches(self):
-        for i, lp in enumerate(self.log_probs):
-            rows = slice(i * self.batch, (i + 1) * self.batch)
-            yield self.windows[rows], self.positions[rows], lp
-
-
-def offset_positions(windows: Tensor, max_positions: int, seed: int) -> Tensor:
-    """Positions [n, T] of each window shifted by a random offset in [0, max_positions - T].
-
-    Attention depends only on relative positions, so the model's outputs do not change, but post-RoPE
-    q and k are seen at every absolute position a served sequence can reach: rotate-mode bases fitted
-    on positions < T alone drop directions that longer contexts rotate into (measured: +7% perplexity
-    at context 2048 from bases fitted on windows of 512 without offsets, +0.4% with them).
-    """
-    span = max(1, max_positions - windows.shape[1] + 1)
-    offsets = torch.randint(0, span, (windows.shape[0], 1), generator=torch.Generator().manual_seed(seed))
-    return torch.arange(windows.shape[1]) + offsets
-
-
-@torch.inference_mode()
-def _log_probs(model: Transformer, windows: Tensor, positions: Tensor) -> Tensor:
-    # windows, positions: [b, T] -> [b, T - 1, vocab] log-probabilities of each next token
-    logits = model.forward_attend(windows[:, :-1], positions[:, :-1], DenseCausal())
-    return F.log_softmax(logits.float(), dim=-1)
-
-
-def _nll(log_probs: Tensor, windows: Tensor) -> float:
-    return -log_probs.gather(-1, windows[:, 1:, None]).sum().item()
-
-
-def reference(model: Transformer, windows: Tensor, batch: int = 4, seed: int = 1) -> Reference:
-    positions = offset_positions(windows, model.config.max_position_embeddings, seed).to(windows.device)
-    lps = [_log_probs(model, windows[i: i + batch], positions[i: i + batch]) for i in range(0, windows.shape[0], batch)]
-    nll = sum(_nll(lp, windows[i * batch: (i + 1) * batch]) for i, lp in enumerate(lps))
-    return Reference(windows, positions, lps, nll / (windows.shape[0] * (windows.shape[1] - 1)), batch)
-
-
-def divergence(model: Transformer, ref: Reference) -> tuple[float, float]:
-    """-> (mean KL(source || model) per predicted token, mean NLL of `model`) on the reference windows."""
-    kl = nll = 0.0
-    for w, pos, src in ref.batches():
-        lp = _log_probs(model, w, pos)
-        kl += (src.exp() * (src - lp)).sum().item()
-        nll += _nll(lp, w)
-    count = ref.windows.shape[0] * (ref.windows.shape[1] - 1)
-    return kl / count, nll / count
-
-
 def _layout(factors: list[LayerFactors], ranks: list[tuple], modes: list[str], method: ZeroCMethod,
             fp: str) -> AttentionCompression:
     layers = tuple(f.layer_compression(rq, rv, m) for f, (rq, rv), m in zip(factors, ranks, modes))
@@ -296,14 +239,15 @@ def measure_sensitivity(model: Transformer, factors: list[LayerFactors], ref: Re
     heads = [(g,) for g in range(kv)] if method.granularity == "head" else [()]
     jobs = [(i, kind, r, *h) for i in range(len(factors)) for h in heads for kind in (*method.qk_modes, "v")
             for r in cands]
-    deltas = {}
-    for job in tqdm(jobs, desc="calibrate: sensitivity", disable=not progress):
+    deltas, inputs = {}, {}
+    for job in tqdm(jobs, desc="calibrate: sensitivity", disable=not progress):  # layer by layer
         i, kind, r = job[:3]
+        if i not in inputs:  # the layers before i run once for all of layer i's cuts
+            inputs = {i: layer_inputs(model, ref, i)}
         cut = r if len(job) == 3 else tuple(r if g == job[3] else d for g in range(kv))  # one head or all
-        layers = [f.layer_compression(d, d) for f in factors]  # all pairs, V/O at rank d: the identity
-        layers[i] = factors[i].layer_compression(d, cut) if kind == "v" else factors[i].layer_compression(cut, d, kind)
-        layout = AttentionCompression(tuple(layers), "", 1.0)
-        deltas[job] = divergence(build_compressed(model, factors, layout), ref)[0]
+        comp = factors[i].layer_compression(d, cut) if kind == "v" else factors[i].layer_compression(cut, d, kind)
+        deltas[job] = cut_kl(model, ref, i, cut_attention(model.model.layers[i].self_attn, model.config, i,
+                                                           factors[i], comp), inputs[i])
     return deltas
 
 

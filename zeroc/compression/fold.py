@@ -25,11 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from zeroc.config import AttentionCompression, LayerCompression, ModelConfig, ranks_per_head
-from zeroc.model import Transformer
+from zeroc.model import Attention, Transformer
+from zeroc.rope import layer_inv_freq
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class LayerFactors:
 
 
 ABLATION_QUERY_STRIDE = 4  # ablation scores every 4th query position (against its whole causal context)
+ABLATION_CHUNK = 4  # candidate pairs whose attention runs at once (2 x 3 heads x 128 x 512 scores: 3 MB each)
 
 
 @torch.inference_mode()
@@ -64,24 +65,40 @@ def ablation_pair_order(q: Tensor, k: Tensor, v: Tensor, o_metric: Tensor, scale
     drops the pair whose removal (from q and k) adds the least sum_h E[e_h^T M_h e_h], e_h being the
     change of head h's causal attention output; the pairs dropped last rank first. Every
     ABLATION_QUERY_STRIDE-th query is scored (a quarter of the attention work of all of them).
+
+    A score q.k is a sum over pairs, so each pair's share of every score is computed once ([B, d/2, group, Tq, T]
+    floats): a candidate's scores are the kept pairs' sum less its own share, and only its softmax and P.V run,
+    ABLATION_CHUNK candidates at a time (a few MB each, reused rather than faulted in afresh).
     """
     half, t = q.shape[-1] // 2, q.shape[-2]
-    rows = torch.arange(ABLATION_QUERY_STRIDE - 1, t, ABLATION_QUERY_STRIDE) if t >= ABLATION_QUERY_STRIDE \
-        else torch.arange(t)
-    q, mask = q[..., rows, :], torch.arange(t)[None, :] <= rows[:, None]  # [B, group, Tq, d], [Tq, T]
-    full = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, group, Tq, d]
+    rows = torch.arange(ABLATION_QUERY_STRIDE - 1, t, ABLATION_QUERY_STRIDE, device=q.device) \
+        if t >= ABLATION_QUERY_STRIDE else torch.arange(t, device=q.device)
+    future = torch.arange(t, device=q.device)[None, :] > rows[:, None]  # [Tq, T]: keys after each scored query
+    masked = torch.zeros(future.shape, device=q.device).masked_fill(future, float("-inf"))
+    qp = (q[..., rows, :] * scale).unflatten(-1, (2, half))  # [B, group, Tq, 2, d/2]: pair i is (.., 0, i), (.., 1, i)
+    kp = k.unflatten(-1, (2, half))  # [B, 1, T, 2, d/2]
+    shares = torch.einsum("bhqpi,bktpi->bihqt", qp, kp)  # [B, d/2, group, Tq, T]: each pair's share of the scores
+    values = v[:, 0]  # [B, T, d]
 
-    def errors(keep_sets: list[list[int]]) -> Tensor:  # every candidate set in one batched attention
-        dims = torch.tensor([keep + [i + half for i in keep] for keep in keep_sets])  # [C, r]
-        qc, kc = q[..., dims].movedim(-2, 0), k[..., dims].movedim(-2, 0)  # [C, B, heads, T, r]
-        out = F.scaled_dot_product_attention(qc.flatten(0, 1), kc.flatten(0, 1), v.repeat(len(keep_sets), 1, 1, 1),
-                                             attn_mask=mask, scale=scale)
-        e = out.unflatten(0, (len(keep_sets), -1)) - full  # [C, B, group, Tq, d]
-        return torch.einsum("cbhtd,hde,cbhte->c", e, o_metric, e)
+    def outputs(scores: Tensor) -> Tensor:  # scores [B, C, group, Tq, T] -> attention outputs [B, C, group, Tq, d]
+        probs = torch.softmax(scores, dim=-1)
+        return torch.bmm(probs.flatten(1, 3), values).view(*probs.shape[:-1], -1)
+
+    full = outputs(shares.sum(1, keepdim=True) + masked)  # [B, 1, group, Tq, d]
+
+    def errors(keep: list[int]) -> Tensor:  # -> [len(keep)]: the error of dropping each kept pair
+        kept = masked + shares[:, keep[0]: keep[0] + 1]  # [B, 1, group, Tq, T], summed afresh (no drift), in place
+        for j in keep[1:]:
+            kept += shares[:, j: j + 1]
+        out = []
+        for c in range(0, len(keep), ABLATION_CHUNK):
+            e = outputs(kept - shares[:, keep[c: c + ABLATION_CHUNK]]) - full  # [B, C, group, Tq, d]
+            out.append(torch.einsum("bchtd,hde,bchte->c", e, o_metric, e))
+        return torch.cat(out)
 
     keep, dropped = list(range(half)), []
     while len(keep) > 1:
-        cheapest = keep[int(errors([[i for i in keep if i != j] for j in keep]).argmin())]
+        cheapest = keep[int(errors(keep).argmin())]
         keep.remove(cheapest)
         dropped.append(cheapest)
     return torch.tensor(keep + dropped[::-1])
@@ -222,3 +239,24 @@ def build_compressed(model: Transformer, factors: list[LayerFactors], layout: At
         out.lm_head.weight = out.model.embed_tokens.weight
     out.init_rope()
     return out.eval().requires_grad_(False)
+
+
+def whole_layer(cfg: ModelConfig) -> LayerCompression:
+    """A layer kept whole: every RoPE pair of every KV head, V at full rank."""
+    return LayerCompression(tuple(tuple(range(cfg.head_dim // 2)) for _ in range(cfg.num_key_value_heads)),
+                            cfg.head_dim)
+
+
+@torch.inference_mode()
+def cut_attention(attn: Attention, cfg: ModelConfig, index: int, factors: LayerFactors,
+                  comp: LayerCompression) -> Attention:
+    """Layer `index`'s attention folded as `comp` (a new module sharing the untouched weights): what calibration
+    measures a cut on, the model's other layers kept as they are."""
+    layers = [whole_layer(cfg)] * cfg.num_hidden_layers
+    layers[index] = comp
+    cut_cfg = ModelConfig(**{**cfg.__dict__, "compression": AttentionCompression(tuple(layers), "", 1.0)})
+    with torch.device("meta"):
+        out = Attention(cut_cfg, index)
+    out.load_state_dict({**attn.state_dict(), **fold_layer(attn, cfg, factors, comp)}, assign=True)
+    out.inv_freq = layer_inv_freq(cut_cfg, index).to(attn.o_proj.weight.device)
+    return out.eval()

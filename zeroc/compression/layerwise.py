@@ -1,7 +1,7 @@
 """Calibration that scales with the model: layer by layer, a local sensitivity proxy, bounded passes, resumable.
 
-The full-KL sensitivity of calibrate.py runs one full-model pass per cut: layers x KV heads x (Q/K modes + 1)
-x candidate ranks, 5376 passes for a Llama-3-8B shape. Here (`sensitivity="local"`):
+The full-KL sensitivity of calibrate.py runs one pass per cut (from the cut layer on): layers x KV heads x (Q/K
+modes + 1) x candidate ranks, 5376 passes for a Llama-3-8B shape. Here (`sensitivity="local"`):
 
 1. Layer by layer. The calibration windows' hidden states stay on the model's device; each layer in turn
    records its statistics (the moments of calibrate.py, float64), fits its factors and measures its cuts,
@@ -37,13 +37,14 @@ from tqdm import tqdm
 
 from zeroc.attend import CallerAttend, DenseCausal, causal_attend
 from zeroc.compression.calibrate import (CalibrationReport, Measurements, Moments, ZeroCMethod, _windows, compress,
-                                         divergence, layer_factors, measure, offset_positions, reference)
-from zeroc.compression.fold import LayerFactors, build_compressed, fold_layer
-from zeroc.config import AttentionCompression, LayerCompression, ModelConfig, ZeroCError
+                                         layer_factors, measure)
+from zeroc.compression.divergence import cut_kl, layer_inputs, offset_positions, reference
+from zeroc.compression.fold import LayerFactors, cut_attention
+from zeroc.config import LayerCompression, ModelConfig, ZeroCError
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
 from zeroc.model import Attention, Transformer
-from zeroc.rope import RopeTables, layer_inv_freq
+from zeroc.rope import RopeTables
 
 AUTO_KL_PASSES = 512  # "auto" measures full KL per cut up to this many passes
 BATCH = 4  # windows through a layer at once
@@ -62,25 +63,6 @@ def resolve_sensitivity(cfg: ModelConfig, method: ZeroCMethod) -> str:
         return method.sensitivity
     limit = AUTO_KL_PASSES if method.max_passes is None else method.max_passes
     return "kl" if full_kl_passes(cfg, method) <= limit else "local"
-
-
-def _whole(cfg: ModelConfig) -> LayerCompression:
-    return LayerCompression(tuple(tuple(range(cfg.head_dim // 2)) for _ in range(cfg.num_key_value_heads)),
-                            cfg.head_dim)
-
-
-@torch.inference_mode()
-def cut_attention(attn: Attention, cfg: ModelConfig, index: int, factors: LayerFactors,
-                  comp: LayerCompression) -> Attention:
-    """Layer `index`'s attention folded as `comp` (a new module sharing the untouched weights)."""
-    layers = [_whole(cfg)] * cfg.num_hidden_layers
-    layers[index] = comp
-    cut_cfg = ModelConfig(**{**cfg.__dict__, "compression": AttentionCompression(tuple(layers), "", 1.0)})
-    with torch.device("meta"):
-        out = Attention(cut_cfg, index)
-    out.load_state_dict({**attn.state_dict(), **fold_layer(attn, cfg, factors, comp)}, assign=True)
-    out.inv_freq = layer_inv_freq(cut_cfg, index).to(attn.o_proj.weight.device)
-    return out.eval()
 
 
 def _attend_out(attn: Attention, index: int, normed: Tensor, positions: Tensor) -> Tensor:
@@ -199,7 +181,8 @@ def _local_costs(layer, cfg: ModelConfig, method: ZeroCMethod, factors: LayerFac
     local = {job: error(_comp(cfg, factors, job[0], job[1], job[2] if len(job) > 2 else None))
              for job in _jobs(cfg, method)}
     r = _reference_rank(cfg, method)
-    refs = {"qk": error(_comp(cfg, factors, method.qk_modes[0], r, None)), "v": error(_comp(cfg, factors, "v", r, None))}
+    refs = {"qk": error(_comp(cfg, factors, method.qk_modes[0], r, None)),
+            "v": error(_comp(cfg, factors, "v", r, None))}
     return local, refs
 
 
@@ -213,7 +196,7 @@ def _kl_passes(model: Transformer, method: ZeroCMethod, factors: list[LayerFacto
                ckpt: Checkpoint, started: float, progress: bool) -> None:
     """Full-model KL of each layer's reference cuts, in bisection order, within max_passes and time_budget."""
     cfg = model.config
-    d, r = cfg.head_dim, _reference_rank(cfg, method)
+    r = _reference_rank(cfg, method)
     order = [(i, kind) for i in bisection_order(cfg.num_hidden_layers) for kind in ("qk", "v")]
     order = order[: len(order) if method.max_passes is None else method.max_passes]
     for i, kind in tqdm(order, desc="calibrate: KL passes", disable=not progress):
@@ -221,10 +204,9 @@ def _kl_passes(model: Transformer, method: ZeroCMethod, factors: list[LayerFacto
             continue
         if method.time_budget is not None and time.monotonic() - started > method.time_budget:
             break
-        layers = [f.layer_compression(d, d) for f in factors]
-        layers[i] = _comp(cfg, factors[i], method.qk_modes[0] if kind == "qk" else "v", r, None)
-        cut = build_compressed(model, factors, AttentionCompression(tuple(layers), "", 1.0))
-        state["kl"][(i, kind)] = divergence(cut, ref)[0]
+        comp = _comp(cfg, factors[i], method.qk_modes[0] if kind == "qk" else "v", r, None)
+        attn = cut_attention(model.model.layers[i].self_attn, cfg, i, factors[i], comp)
+        state["kl"][(i, kind)] = cut_kl(model, ref, i, attn, layer_inputs(model, ref, i))
         ckpt.save(state)
 
 

@@ -3,7 +3,9 @@ rotate-basis optimality."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -111,3 +113,36 @@ def test_ablation_ranks_the_pairs_that_carry_the_scores_first():
     v = torch.randn(b, 1, t, d, generator=gen)
     order = ablation_pair_order(q, k, v, torch.eye(d).expand(group, d, d), 1 / d ** 0.5).tolist()
     assert order[:2] == [2, 0] and sorted(order[2:]) == [1, 3]
+
+
+def _ablation_reference(q, k, v, o_metric, scale):
+    """The greedy ablation run directly: each candidate's attention on its kept dims (SDPA, a boolean causal mask)."""
+    half, t = q.shape[-1] // 2, q.shape[-2]
+    rows = torch.arange(3, t, 4)
+    q, mask = q[..., rows, :], torch.arange(t)[None, :] <= rows[:, None]
+    full = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def error(keep):
+        dims = keep + [i + half for i in keep]
+        e = F.scaled_dot_product_attention(q[..., dims], k[..., dims], v, attn_mask=mask, scale=scale) - full
+        return torch.einsum("bhtd,hde,bhte->", e, o_metric, e).item()
+
+    keep, dropped = list(range(half)), []
+    while len(keep) > 1:
+        cheapest = min(keep, key=lambda j: error([i for i in keep if i != j]))
+        keep.remove(cheapest)
+        dropped.append(cheapest)
+    return keep + dropped[::-1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ablation_drops_the_pairs_the_direct_greedy_drops(seed):
+    """Scores summed from per-pair shares, candidates a few at a time: the order of running each candidate's
+    attention on its own kept dims, on random activations of two windows and a group of three heads."""
+    gen = torch.Generator().manual_seed(seed)
+    b, group, t, d = 2, 3, 48, 16
+    q, k, v = (torch.randn(b, n, t, d, generator=gen) for n in (group, 1, 1))
+    k = k * torch.linspace(0.2, 2.0, d)  # pairs of unequal weight, so that no two candidates tie
+    w = torch.randn(group, 24, d, generator=gen)
+    metric = torch.einsum("hod,hoe->hde", w, w)
+    assert ablation_pair_order(q, k, v, metric, d ** -0.5).tolist() == _ablation_reference(q, k, v, metric, d ** -0.5)
