@@ -97,7 +97,7 @@ def layer_inputs(model: Transformer, ref: Reference, index: int) -> list[tuple[T
 
 @torch.inference_mode()
 def cut_kl(model: Transformer, ref: Reference, index: int, attn: Attention,
-            inputs: list[tuple[Tensor, Tensor | None]]) -> float:
+           inputs: list[tuple[Tensor, Tensor | None]]) -> float:
     """Mean KL(source || the source with layer `index`'s attention replaced by `attn`) per predicted token, the
     forward resumed at that layer from `inputs` (`layer_inputs`): the layers before it are the source's."""
     layers = model.model.layers
