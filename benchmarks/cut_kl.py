@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from zeroc.compression.calibrate import ZeroCMethod, _windows, collect_statistics, compute_factors
+from zeroc.compression.calibrate import (ZeroCMethod, _windows, collect_statistics, compute_factors, cut_compression,
+                                         layer_cuts)
 from zeroc.compression.divergence import cut_kl, divergence, layer_inputs, reference
 from zeroc.compression.fold import build_compressed, cut_attention, whole_layer
 from zeroc.config import BUNDLED_CALIB, BUNDLED_MODEL, AttentionCompression
@@ -40,20 +41,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(BUNDLED_MODEL)
-    model, cfg, d = loaded.model, loaded.config, loaded.config.head_dim
-    method = ZeroCMethod(rank_multiple=args.rank_multiple, window=args.window)
+    model, cfg = loaded.model, loaded.config
+    method = ZeroCMethod(mode="auto", rank_multiple=args.rank_multiple, window=args.window)  # fold, rotate and V
     tokens = read_eval_tokens(loaded.tokenizer, BUNDLED_CALIB)
     stats = collect_statistics(model, _windows(tokens, args.window, 2048), progress=False,
                                sample_tokens=args.ablation_tokens)
     factors = compute_factors(model, stats)
     ref = reference(model, _windows(tokens, args.window, args.sensitivity_tokens))
-    cands = [r for r in method.candidate_ranks(d) if r < d]
-    cuts = [(i, kind, r, g) for i in range(cfg.num_hidden_layers) for g in range(cfg.num_key_value_heads)
-            for kind in ("fold", "rotate", "v") for r in cands][: args.limit]
+    cuts = [(i, *cut) for i in range(cfg.num_hidden_layers) for cut in layer_cuts(cfg, method)][: args.limit]
     seconds, diff, inputs = {"whole": 0.0, "resumed": 0.0}, 0.0, {}
-    for i, kind, r, g in tqdm(cuts, desc="cuts", disable=args.json is not None):
-        cut = tuple(r if h == g else d for h in range(cfg.num_key_value_heads))
-        comp = factors[i].layer_compression(d, cut) if kind == "v" else factors[i].layer_compression(cut, d, kind)
+    for i, *cut in tqdm(cuts, desc="cuts", disable=args.json is not None):
+        comp = cut_compression(cfg, factors[i], *cut)
         start = time.perf_counter()
         layers = [whole_layer(cfg)] * cfg.num_hidden_layers
         layers[i] = comp

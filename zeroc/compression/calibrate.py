@@ -36,7 +36,7 @@ from zeroc.attend import causal_attend
 from zeroc.compression.divergence import Reference, cut_kl, divergence, layer_inputs, offset_positions, reference
 from zeroc.compression.fold import (LayerFactors, ablation_pair_order, build_compressed, cut_attention, qk_factors,
                                     value_factors)
-from zeroc.config import AttentionCompression, ZeroCError, check_tier
+from zeroc.config import AttentionCompression, LayerCompression, ModelConfig, ZeroCError, check_tier
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
 from zeroc.model import Transformer
@@ -227,27 +227,39 @@ def _layout(factors: list[LayerFactors], ranks: list[tuple], modes: list[str], m
     return AttentionCompression(layers, fp, method.budget, f"zeroc-{method.mode}", method.sinks, method.recent)
 
 
+def layer_cuts(cfg: ModelConfig, method: ZeroCMethod) -> list[tuple]:
+    """(kind, rank, *head) of every cut one layer's sensitivity measures: Q/K in each of `method.qk_modes`, or V,
+    at each candidate rank below the head dim, one KV head at a time (granularity "layer": all, no head)."""
+    d, kv = cfg.head_dim, cfg.num_key_value_heads
+    cands = [r for r in method.candidate_ranks(d) if r < d]
+    heads = [(g,) for g in range(kv)] if method.granularity == "head" else [()]
+    return [(kind, r, *h) for h in heads for kind in (*method.qk_modes, "v") for r in cands]
+
+
+def cut_compression(cfg: ModelConfig, factors: LayerFactors, kind: str, rank: int,
+                    head: int | None = None) -> LayerCompression:
+    """One layer with Q/K (kind "fold" | "rotate") or V cut to `rank` on KV head `head` (None: on every head)."""
+    d, kv = cfg.head_dim, cfg.num_key_value_heads
+    cut = rank if head is None else tuple(rank if g == head else d for g in range(kv))
+    return factors.layer_compression(d, cut) if kind == "v" else factors.layer_compression(cut, d, kind)
+
+
 def measure_sensitivity(model: Transformer, factors: list[LayerFactors], ref: Reference, method: ZeroCMethod,
                         progress: bool = True) -> dict[tuple, float]:
-    """KL with one KV head's (granularity "layer": one layer's) Q/K, in each of `method.qk_modes`, or V cut
-    to each candidate rank.
+    """KL(source || the model with one cut of `layer_cuts`) for every layer's cuts.
 
     -> {(layer, "fold" | "rotate" | "v", rank, head): KL(source || cut model)}; "layer": keys without the head
     """
-    d, kv = model.config.head_dim, model.config.num_key_value_heads
-    cands = [r for r in method.candidate_ranks(d) if r < d]
-    heads = [(g,) for g in range(kv)] if method.granularity == "head" else [()]
-    jobs = [(i, kind, r, *h) for i in range(len(factors)) for h in heads for kind in (*method.qk_modes, "v")
-            for r in cands]
+    cfg = model.config
+    jobs = [(i, *cut) for i in range(len(factors)) for cut in layer_cuts(cfg, method)]
     deltas, inputs = {}, {}
     for job in tqdm(jobs, desc="calibrate: sensitivity", disable=not progress):  # layer by layer
-        i, kind, r = job[:3]
+        i = job[0]
         if i not in inputs:  # the layers before i run once for all of layer i's cuts
             inputs = {i: layer_inputs(model, ref, i)}
-        cut = r if len(job) == 3 else tuple(r if g == job[3] else d for g in range(kv))  # one head or all
-        comp = factors[i].layer_compression(d, cut) if kind == "v" else factors[i].layer_compression(cut, d, kind)
-        deltas[job] = cut_kl(model, ref, i, cut_attention(model.model.layers[i].self_attn, model.config, i,
-                                                           factors[i], comp), inputs[i])
+        comp = cut_compression(cfg, factors[i], *job[1:])
+        deltas[job] = cut_kl(model, ref, i, cut_attention(model.model.layers[i].self_attn, cfg, i, factors[i], comp),
+                             inputs[i])
     return deltas
 
 

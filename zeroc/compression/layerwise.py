@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from zeroc.attend import CallerAttend, DenseCausal, causal_attend
 from zeroc.compression.calibrate import (CalibrationReport, Measurements, Moments, ZeroCMethod, _windows, compress,
-                                         layer_factors, measure)
+                                         cut_compression, layer_cuts, layer_factors, measure)
 from zeroc.compression.divergence import cut_kl, layer_inputs, offset_positions, reference
 from zeroc.compression.fold import LayerFactors, cut_attention
-from zeroc.config import LayerCompression, ModelConfig, ZeroCError
+from zeroc.config import ModelConfig, ZeroCError
 from zeroc.data import read_eval_tokens
 from zeroc.loader import LoadedModel
 from zeroc.model import Attention, Transformer
@@ -73,20 +73,6 @@ def _attend_out(attn: Attention, index: int, normed: Tensor, positions: Tensor) 
 
 def _local_error(out: Tensor, base: Tensor) -> float:
     return (out.float() - base.float()).pow(2).sum(-1).mean().item()
-
-
-def _jobs(cfg: ModelConfig, method: ZeroCMethod) -> list[tuple]:
-    """(kind, rank, *head) cuts of one layer, as calibrate.measure_sensitivity keys them (less the layer)."""
-    d, kv = cfg.head_dim, cfg.num_key_value_heads
-    cands = [r for r in method.candidate_ranks(d) if r < d]
-    heads = [(g,) for g in range(kv)] if method.granularity == "head" else [()]
-    return [(kind, r, *h) for h in heads for kind in (*method.qk_modes, "v") for r in cands]
-
-
-def _comp(cfg: ModelConfig, factors: LayerFactors, kind: str, rank: int, head: int | None) -> LayerCompression:
-    d, kv = cfg.head_dim, cfg.num_key_value_heads
-    cut = rank if head is None else tuple(rank if g == head else d for g in range(kv))
-    return factors.layer_compression(d, cut) if kind == "v" else factors.layer_compression(cut, d, kind)
 
 
 def _reference_rank(cfg: ModelConfig, method: ZeroCMethod) -> int:
@@ -178,11 +164,10 @@ def _local_costs(layer, cfg: ModelConfig, method: ZeroCMethod, factors: LayerFac
     base = _attend_out(attn, index, normed, positions)
     error = lambda comp: _local_error(_attend_out(cut_attention(attn, cfg, index, factors, comp), index,  # noqa: E731
                                                   normed, positions), base)
-    local = {job: error(_comp(cfg, factors, job[0], job[1], job[2] if len(job) > 2 else None))
-             for job in _jobs(cfg, method)}
+    local = {cut: error(cut_compression(cfg, factors, *cut)) for cut in layer_cuts(cfg, method)}
     r = _reference_rank(cfg, method)
-    refs = {"qk": error(_comp(cfg, factors, method.qk_modes[0], r, None)),
-            "v": error(_comp(cfg, factors, "v", r, None))}
+    refs = {"qk": error(cut_compression(cfg, factors, method.qk_modes[0], r)),
+            "v": error(cut_compression(cfg, factors, "v", r))}
     return local, refs
 
 
@@ -199,14 +184,17 @@ def _kl_passes(model: Transformer, method: ZeroCMethod, factors: list[LayerFacto
     r = _reference_rank(cfg, method)
     order = [(i, kind) for i in bisection_order(cfg.num_hidden_layers) for kind in ("qk", "v")]
     order = order[: len(order) if method.max_passes is None else method.max_passes]
+    inputs = {}
     for i, kind in tqdm(order, desc="calibrate: KL passes", disable=not progress):
         if (i, kind) in state["kl"]:
             continue
         if method.time_budget is not None and time.monotonic() - started > method.time_budget:
             break
-        comp = _comp(cfg, factors[i], method.qk_modes[0] if kind == "qk" else "v", r, None)
+        if i not in inputs:  # a layer's two passes are adjacent: its inputs run once for both
+            inputs = {i: layer_inputs(model, ref, i)}
+        comp = cut_compression(cfg, factors[i], method.qk_modes[0] if kind == "qk" else "v", r)
         attn = cut_attention(model.model.layers[i].self_attn, cfg, i, factors[i], comp)
-        state["kl"][(i, kind)] = cut_kl(model, ref, i, attn, layer_inputs(model, ref, i))
+        state["kl"][(i, kind)] = cut_kl(model, ref, i, attn, inputs[i])
         ckpt.save(state)
 
 
