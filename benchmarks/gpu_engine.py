@@ -7,6 +7,9 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
 - syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them, and the
   output names the lines each one came from);
 - seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
+- logprobs: requests asking for log-probabilities (greedy and seeded, beside one that does not) get, with decode
+  steps in CUDA graphs and running ahead, the tokens and log-probabilities (within 1e-3) of the eager
+  step-by-step engine, still with one sync per decode step;
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
   those they get alone;
 - async: running ahead (scheduler.async_scheduling) with graphs streams the tokens, texts and finish reasons
@@ -103,6 +106,28 @@ def check_seeded(loaded) -> tuple[bool, str]:
               SamplingParams(max_new_tokens=9, temperature=1.2, seed=9, ignore_eos=True)]
     mixed = _engine(loaded, False).generate(PROMPTS[:4], others)[1].token_ids
     return mixed == alone, f"alone {alone[:6]}... {'==' if mixed == alone else '!='} in a batch"
+
+
+def check_logprobs(loaded) -> tuple[bool, str]:
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=5),
+              SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, ignore_eos=True, logprobs=0),
+              SamplingParams(max_new_tokens=8, ignore_eos=True)]
+    eager = _engine(loaded, True).generate(PROMPTS[:3], params)
+    graphed = _engine(loaded, False, pad_on_cpu=True, ahead=True).generate(PROMPTS[:3], params)
+    same_tokens = [r.token_ids for r in eager] == [r.token_ids for r in graphed]
+    worst = max(abs(a.logprob - b.logprob) for x, y in zip(eager, graphed) for a, b in zip(x.logprobs, y.logprobs))
+    shapes = [len(r.logprobs) for r in graphed] == [8, 8, 0] and len(graphed[0].logprobs[0].top) == 5
+    engine = _engine(loaded, False)
+    for p in PROMPTS[:2]:
+        engine.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=5))
+    for _ in range(3):
+        engine.step()
+    waits = engine.host_waits
+    with count_syncs(engine.device) as n:
+        engine.step()
+    syncs = n[0] + (engine.host_waits - waits if engine.device.type == "cuda" else 0)
+    ok = same_tokens and shapes and worst <= 1e-3 and syncs == 1
+    return ok, f"tokens {'equal' if same_tokens else 'DIFFER'}, max logprob gap {worst:.2e}, {syncs} sync(s) a step"
 
 
 def check_isolation(loaded) -> tuple[bool, str]:
@@ -208,7 +233,8 @@ def check_flex(loaded) -> tuple[bool, str]:
 
 
 # flex last: its compiles (seconds each) are what a time box should cut first
-CHECKS = {"graphs": check_graphs, "syncs": check_syncs, "seeded": check_seeded, "isolation": check_isolation,
+CHECKS = {"graphs": check_graphs, "syncs": check_syncs, "seeded": check_seeded, "logprobs": check_logprobs,
+          "isolation": check_isolation,
           "async": check_async, "backends": check_backends, "tier": check_tier, "int8": check_int8,
           "flex": check_flex}
 

@@ -19,10 +19,13 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
    against the eager references, each replayed from a CUDA graph as a decode step runs them (launched from
    Python, kernels this small time the launch, not the device); a token tier's prompt by segments against
    SDPA over the same prompt uncompressed;
-7. FlexAttention (torch's, compiled) over the same pages beside the paged kernels: decode uncompressed, at
+7. sampling: a decode step's `sample_batch` at batch x Llama-3's vocabulary (benchmarks/sampling.py's cases:
+   greedy, temperature, top-k, top-p, both, and top-p over flat logits), replayed from a CUDA graph, beside the
+   greedy case: top-p alone ranks the whole vocabulary on a device (a full sort), measured nowhere before;
+8. FlexAttention (torch's, compiled) over the same pages beside the paged kernels: decode uncompressed, at
    rank 64 and at per-head ranks, and a prompt after a cached prefix (kernels/flex_paged.py, the `flex` backend);
-8. decode experiments (not goal rows): int8 with token-major scales; int8 and bf16 with P @ V as (V^T P^T)^T;
-9. sweeps, last (what the time guard skips first): every decode split count and config, splits in
+9. decode experiments (not goal rows): int8 with token-major scales; int8 and bf16 with P @ V as (V^T P^T)^T;
+10. sweeps, last (what the time guard skips first): every decode split count and config, splits in
    tables wider than the contexts (a CUDA graph's), every prefill config at 4096.
 Writes JSON (--json; default docs/benchmarks/gpu_kernels.json on a GPU) and a markdown table.
 """
@@ -76,11 +79,11 @@ from zeroc_kernels.tuning import config_id  # noqa: E402
 FULL = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, rank=64, decode_batch=64,
             decode_ctx=8192,
             prefill=(4096, 16384), prefix=(4096, 12288), block_size=16, budget_s=170.0, check=(128, 300),
-            splits=(1, 2, 3, 4, 8, 16), few_seqs=(1, 8), few_splits=(1, 4, 8, 16, 32))
+            splits=(1, 2, 3, 4, 8, 16), few_seqs=(1, 8), few_splits=(1, 4, 8, 16, 32), vocab=128256)
 QUICK = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=32, rank=16, decode_batch=2,
              decode_ctx=64,
              prefill=(32,), prefix=(16, 48), block_size=16, budget_s=600.0, check=(32, 100),
-             splits=(1, 2), few_seqs=(1,), few_splits=(1, 2))
+             splits=(1, 2), few_seqs=(1,), few_splits=(1, 2), vocab=512)
 
 
 def ceilings(run: Run) -> None:
@@ -222,6 +225,26 @@ def tier_prefill(run: Run) -> None:
     r = run.row(section="tier prefill", what=f"prefill {tokens}, tier (4, 64)", method=f"fold rank {s['rank']}",
                 ms=ms, sdpa_ms=sdpa_ms, vs_sdpa=sdpa_ms / ms)
     say(f"  {r['what']}: {ms:.3f} ms, uncompressed SDPA {sdpa_ms:.3f} ms, x{r['vs_sdpa']:.2f}")
+
+
+def sampling(run: Run) -> None:
+    """One decode step's sampling (`zeroc.sampling.sample_batch`, the torch path a GPU engine runs inside its
+    step's graph) at decode_batch x vocab logits, each case beside greedy. No goal of its own: it tells what a
+    sampled request's step pays over a greedy one, which the engine rows (greedy) do not."""
+    from sampling import CASES, make_logits
+
+    from zeroc.sampling import SamplingBatch, SamplingParams, sample_batch
+
+    b, vocab = run.s["decode_batch"], run.s["vocab"]
+    greedy_ms = None
+    for case, (temperature, top_k, top_p, std) in CASES.items():
+        logits = make_logits(b, vocab, std, run.dtype).to(run.device)
+        params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)] * b
+        batch = SamplingBatch.build(params, [None] * b, vocab, run.device)
+        ms = run.timed_in_graph(lambda: sample_batch(logits, batch))
+        greedy_ms = greedy_ms or ms  # CASES starts with greedy
+        run.row(section="sampling", what=f"[{b}, {vocab}]", method=case, ms=ms, ratio=ms / greedy_ms)
+        say(f"  sampling [{b}, {vocab}] {case}: {ms * 1e3:.1f} us ({ms / greedy_ms:.1f}x greedy)")
 
 
 def decode_per_head(run: Run) -> None:
@@ -393,7 +416,8 @@ def blocks(run: Run) -> None:
 
 SECTIONS = {"ceilings": ceilings, "correctness": check, "decode": decode, "decode per-head": decode_per_head,
             "prefill": prefill, "attention block": blocks, "model path": model_path, "layer ops": layer_ops,
-            "tier decode": tier, "tier prefill": tier_prefill, "flex": flex, "decode experiments": decode_experiments,
+            "tier decode": tier, "tier prefill": tier_prefill, "sampling": sampling, "flex": flex,
+            "decode experiments": decode_experiments,
             "decode sweeps": decode_sweeps, "prefill sweeps": prefill_sweeps}
 
 

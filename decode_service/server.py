@@ -72,7 +72,13 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=s.max_tokens or SamplingParams.max_new_tokens, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs if s.HasField("logprobs") else None)
+
+
+def logprobs_to_proto(logprobs) -> list[pb.TokenLogprobs]:
+    return [pb.TokenLogprobs(logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top],
+                             top_logprobs=[v for _, v in lp.top]) for lp in logprobs]
 
 
 @dataclass
@@ -258,8 +264,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             clock.tokens(len(out.token_ids), now)
             produced += len(out.token_ids)
             if out.token_ids or out.text_delta:
-                yield pb.GenerateResponse(request_id=req.request_id,
-                                          delta=pb.TokenDelta(token_ids=out.token_ids, text=out.text_delta))
+                yield pb.GenerateResponse(request_id=req.request_id, delta=pb.TokenDelta(
+                    token_ids=out.token_ids, text=out.text_delta, logprobs=logprobs_to_proto(out.logprobs)))
             if out.finished and out.finish_reason == "error":  # this request alone failed (non-finite logits)
                 context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
             if out.finished:
@@ -399,19 +405,22 @@ def serve(cfg: ZeroCConfig, ready=print) -> None:
 def _coalesce(outputs: queue.Queue, out: StepOutput) -> tuple[StepOutput, object | None]:
     """`out` with the steps already queued behind it (tokens a stream that fell behind owes its client)
     joined into one message, and what must not join it (an error; None if nothing)."""
-    tokens, texts, last = list(out.token_ids), [out.text_delta], out
-    while not last.finished:
+    joined = [out]
+    while not joined[-1].finished:
         try:
             nxt = outputs.get_nowait()
         except queue.Empty:
             break
         if not isinstance(nxt, StepOutput) or nxt.finish_reason == ERROR_FINISH:
-            return _joined(out, last, tokens, texts), nxt
-        tokens += nxt.token_ids
-        texts.append(nxt.text_delta)
-        last = nxt
-    return _joined(out, last, tokens, texts), None
+            return _joined(joined), nxt
+        joined.append(nxt)
+    return _joined(joined), None
 
 
-def _joined(first: StepOutput, last: StepOutput, tokens: list[int], texts: list[str]) -> StepOutput:
-    return first if last is first else replace(last, token_ids=tokens, text_delta="".join(texts))
+def _joined(outs: list[StepOutput]) -> StepOutput:
+    """Consecutive outputs of one request as one: the last one's state, everyone's tokens, text and logprobs."""
+    if len(outs) == 1:
+        return outs[0]
+    return replace(outs[-1], token_ids=[t for o in outs for t in o.token_ids],
+                   text_delta="".join(o.text_delta for o in outs),
+                   logprobs=tuple(lp for o in outs for lp in o.logprobs))

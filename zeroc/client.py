@@ -130,11 +130,21 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely tokens' at its position (id, log-probability),
+    most likely first: what `logprobs=n` asks for."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
 class Chunk:
     """New tokens and text of a stream."""
 
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, if asked for
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,7 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     replica: str = ""  # the id of the replica that served the call (module docstring)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # from `generate`: one per token id, if asked for
 
 
 @dataclass(frozen=True)
@@ -166,11 +177,15 @@ class RetryPolicy:
 
 def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                   top_p: float = 1.0, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
-                  ignore_eos: bool = False, request_id: str = "", model: str = "") -> pb.GenerateRequest:
+                  ignore_eos: bool = False, request_id: str = "", model: str = "",
+                  logprobs: int | None = None) -> pb.GenerateRequest:
+    """`logprobs`: None for none; n to get each token's log-probability and the n most likely tokens' (0-20)."""
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  stop=list(stop), ignore_eos=ignore_eos)
     if seed is not None:
         sampling.seed = seed
+    if logprobs is not None:
+        sampling.logprobs = logprobs
     req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling)
     if isinstance(prompt, str):
         req.prompt = prompt
@@ -181,19 +196,22 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
 
 def _convert(msg: pb.GenerateResponse) -> Chunk | Result:
     if msg.HasField("delta"):
-        return Chunk(list(msg.delta.token_ids), msg.delta.text)
+        d = msg.delta
+        return Chunk(list(d.token_ids), d.text, [TokenLogprob(lp.logprob, list(zip(lp.top_token_ids, lp.top_logprobs)))
+                                                 for lp in d.logprobs])
     u = msg.result.usage
     return Result(msg.request_id, _REASONS.get(msg.result.finish_reason, "stop"),
                   Usage(u.prompt_tokens, u.completion_tokens, u.ttft_ms, u.cached_prefix_tokens, u.kv_bytes_received,
                         u.queue_ms, u.preemptions))
 
 
-def _collect(items: list[Chunk | Result]) -> Result:
+def collect(items: list[Chunk | Result]) -> Result:
+    """A stream's items as one `Result`: the whole completion."""
     end = items[-1]
     assert isinstance(end, Result), "stream ended without a result"
     chunks = [c for c in items if isinstance(c, Chunk)]
     return Result(end.request_id, end.finish_reason, end.usage, [t for c in chunks for t in c.token_ids],
-                  "".join(c.text for c in chunks), end.replica)
+                  "".join(c.text for c in chunks), end.replica, [lp for c in chunks for lp in c.logprobs])
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -235,7 +253,7 @@ class Client:
 
     def generate(self, prompt: str | list[int], **kwargs) -> Result:
         """The whole completion."""
-        return _collect(list(self.stream(prompt, **kwargs)))
+        return collect(list(self.stream(prompt, **kwargs)))
 
     def model_info(self) -> pb.GetModelInfoResponse:
         return self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest())
@@ -295,7 +313,7 @@ class AsyncClient:
                 call.cancel()
 
     async def generate(self, prompt: str | list[int], **kwargs) -> Result:
-        return _collect([item async for item in self.stream(prompt, **kwargs)])
+        return collect([item async for item in self.stream(prompt, **kwargs)])
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         delays, deadline = self.retry.delays(), _Deadline(self.timeout)

@@ -39,7 +39,8 @@ from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.model import compile_feed_forward
-from zeroc.sampling import FAILED, SamplingBatch, SamplingParams, make_generator, sample_batch
+from zeroc.sampling import (FAILED, SamplingBatch, SamplingParams, TokenLogprobs, make_generator, read_logprobs,
+                            sample_batch, with_logprobs)
 from zeroc.step_clock import NullClock
 from zeroc.tokenizer import IncrementalDetokenizer
 
@@ -60,6 +61,7 @@ class StepOutput:
     queued_s: float = 0.0  # how long the request waited in `waiting` before it was first scheduled
     preemptions: int = 0  # times it was preempted so far
     error: str | None = None  # why, when finish_reason is "error"
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked (params.logprobs)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class GenerationResult:
     text: str
     finish_reason: str
     error: str | None = None  # why, when finish_reason is "error"
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked
 
 
 @dataclass
@@ -105,7 +108,8 @@ class _Launched:
 
     rows: list[_Sequence]
     samples: set[int]  # id() of the rows whose token counts (a chunk of a prompt samples nothing)
-    ids: DeviceToHost  # [B] the sampled ids, on their way to the host
+    ids: DeviceToHost  # [B] the sampled ids on their way to the host, or [B, 2 + 2k] rows of `with_logprobs`
+    logprobs: int | None = None  # k of those rows; None: plain ids
     free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
 
     def holds(self, request_id: str) -> bool:
@@ -348,7 +352,9 @@ class Engine:
             sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device)
             sampled = sample_batch(logits, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
-            launched = _Launched(rows, samples, DeviceToHost(sampled))
+            k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+            launched = _Launched(rows, samples, DeviceToHost(sampled if k is None else
+                                                             with_logprobs(logits, sampled, k)), k)
             self.clock.lap("sample")
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
@@ -366,16 +372,19 @@ class Engine:
         """Read the oldest step in flight's ids (waiting for it) and advance its sequences; rows of sequences
         that finished or were aborted meanwhile are discarded."""
         step = self._in_flight.pop(0)
-        ids = step.ids.tolist()  # the step's one wait for the device
+        got = step.ids.tolist()  # the step's one wait for the device
         self.host_waits += 1
         self.clock.lap("wait")
         outputs = []
-        for seq, token in zip(step.rows, ids):
+        for seq, row in zip(step.rows, got):
             if id(seq) in step.samples:
                 seq.pending -= 1
                 if not seq.finished:
                     seq.in_cache = seq.num_tokens
-                    outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token))
+                    token = row if step.logprobs is None else int(row[0])
+                    wanted = seq.params.logprobs
+                    lp = () if wanted is None else (read_logprobs(row, step.logprobs, wanted),)
+                    outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token, lp))
         for request_id in step.free_after:
             self._release(request_id)  # or later still, if a newer step in flight holds it too
         self.clock.lap("outputs")
@@ -408,7 +417,7 @@ class Engine:
         return StepOutput(seq.request_id, [], seq.detok.text[seq.released:], True, "error", seq.queued_s or 0.0,
                           seq.preemptions, error="the model's logits for this sequence are not finite (NaN or inf)")
 
-    def _advance(self, seq: _Sequence, token: int) -> StepOutput:
+    def _advance(self, seq: _Sequence, token: int, logprobs: tuple[TokenLogprobs, ...] = ()) -> StepOutput:
         seq.output_ids.append(token)
         p = seq.params
         reason = None
@@ -431,7 +440,7 @@ class Engine:
         if reason:
             self._finish(seq)
         return StepOutput(seq.request_id, [token], delta, reason is not None, reason, seq.queued_s or 0.0,
-                          seq.preemptions)
+                          seq.preemptions, logprobs=logprobs)
 
     # -- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -441,15 +450,17 @@ class Engine:
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         prompt_ids = {s.request_id: list(s.prompt_ids) for s in self.waiting}
         collected: dict[str, list[int]] = {rid: [] for rid in ids}
+        logprobs: dict[str, list[TokenLogprobs]] = {rid: [] for rid in ids}
         texts: dict[str, str] = {rid: "" for rid in ids}
         reasons: dict[str, str] = {}
         errors: dict[str, str | None] = {}
         while self.has_unfinished():
             for out in self.step():
                 collected[out.request_id].extend(out.token_ids)
+                logprobs[out.request_id].extend(out.logprobs)
                 texts[out.request_id] += out.text_delta
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason or "stop"
                     errors[out.request_id] = out.error
         return [GenerationResult(rid, prompt_ids.get(rid, []), collected[rid], texts[rid], reasons[rid],
-                                 errors.get(rid)) for rid in ids]
+                                 errors.get(rid), tuple(logprobs[rid])) for rid in ids]

@@ -8,7 +8,7 @@ cost 150 ms a step at batch 64 and 128k tokens. A seeded request draws its u fro
 its tokens do not depend on which other requests share its batch; unseeded rows share one generator and
 one draw. Top-k alone ranks only the largest k scores (torch.topk), not the whole vocabulary. A row whose
 logits are not finite gets id -1, so the caller finishes that request alone; the ids come to the host in
-one copy.
+one copy, beside their log-probabilities where a request asks for them (`with_logprobs`).
 
 On the CPU, `sample_batch` hands the rows to the CPU kernel module when given one (`native`: the engine
 passes it with the cpu attention backend): kernels/csrc/sampling.cpp does all of the above in one call, a
@@ -39,6 +39,8 @@ MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+# Most alternatives a request may ask log-probabilities of at each position (OpenAI's chat limit; vLLM's default).
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings; the text returned ends before the first match
     ignore_eos: bool = False
+    # None: no log-probabilities; n >= 0: each generated token's, and the n most likely tokens' at its position
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -75,6 +79,8 @@ class SamplingParams:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} "
                              "are allowed")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
 
@@ -225,6 +231,31 @@ def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator |
         sampled = _inverse_cdf(weights, _uniforms(logits.shape[0], batch, logits.device, shared))
         ids = torch.where(batch.greedy, ids, sampled)  # a bad row's pick (V, past the end) is masked below
     return ids.masked_fill(bad, FAILED)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model (its raw logits' log-softmax: before temperature and
+    the top-k/top-p cuts, as vLLM reports them), and the most likely tokens' at its position, best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability)
+
+
+# Token ids ride in the float64 rows of `with_logprobs` exactly: any vocabulary is far below 2^53.
+def with_logprobs(logits: Tensor, ids: Tensor, k: int) -> Tensor:
+    """The step's one tensor for the host when a row asks for log-probabilities: logits [B, V] and the sampled
+    ids [B] -> [B, 2 + 2k] float64 rows (id, its log-probability, the k best log-probabilities, their ids).
+    No device sync; a FAILED row's figures are meaningless (its request fails)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+    chosen = logp.gather(1, ids.clamp(min=0).unsqueeze(1))  # [B, 1]
+    top = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], ids[:, None][:, :0])  # [B, k] each
+    return torch.cat([ids.unsqueeze(1).double(), chosen.double(), top[0].double(), top[1].double()], dim=1)
+
+
+def read_logprobs(row: list[float], k: int, wanted: int) -> TokenLogprobs:
+    """One host row of `with_logprobs(..., k)` as the `wanted` (<= k) alternatives a request asked for."""
+    return TokenLogprobs(row[1], tuple((int(row[2 + k + j]), row[2 + j]) for j in range(wanted)))
 
 
 def _sample_native(native: ModuleType, logits: Tensor, batch: SamplingBatch, shared: torch.Generator | None) -> Tensor:

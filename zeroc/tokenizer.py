@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -49,6 +51,22 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text as it would print on its own (U+FFFD where it holds part of a character)."""
+        return self.backend.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's bytes, whole where its text is part of a character: a byte-fallback piece ("<0xE6>") or a
+        byte-level BPE piece (GPT-2's byte-to-character map) read back to its bytes."""
+        text = self.token_text(token_id)
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self.backend.id_to_token(token_id) or ""
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+            return bytes([int(m.group(1), 16)])
+        chars = _byte_level_chars()
+        return bytes(chars[c] for c in piece) if piece and all(c in chars for c in piece) else text.encode()
+
     def save(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         self.backend.save(str(out / "tokenizer.json"))
@@ -57,6 +75,15 @@ class Tokenizer:
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+@functools.cache
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in of each byte (GPT-2's `bytes_to_unicode`), character -> byte: bytes
+    that print as themselves keep their character, the other 68 take 256, 257, ... in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
 
 
 def _token_str(value: object) -> str | None:

@@ -33,13 +33,16 @@ def test_quick_run_reports_small_errors_and_every_timing(tmp_path):
     rows = report["timings"]
     assert {row["section"] for row in rows} == {"decode", "decode splits", "decode configs", "prefill",
                                                 "prefill configs", "attention block", "layer ops", "tier decode",
-                                                "tier prefill", "flex"}
+                                                "tier prefill", "sampling", "flex"}
     assert {"rms_norm", "add_rms_norm", "silu_mul", "tier_decode", "tier_prefill"} <= errors.keys()
     assert [row["vs_sdpa"] > 0 for row in rows if row["section"] == "tier prefill"] == [True]
     flex = [row for row in rows if row["section"] == "flex"]
     assert [row["what"].split()[0] for row in flex] == ["decode", "decode", "decode", "prefill"]
     assert "per-head" in flex[2]["method"]
     assert all(row["vs_kernel"] > 0 and row["plan_ms"] > 0 and row["max_err_vs_kernel"] < 1e-4 for row in flex)
+    sampled = [row for row in rows if row["section"] == "sampling"]
+    assert [row["method"] for row in sampled][:2] == ["greedy", "temperature 0.8"] and len(sampled) == 6
+    assert sampled[0]["ratio"] == 1.0 and all(row["ratio"] > 0 for row in sampled)
     tier = [row for row in rows if row["section"] == "tier decode"]
     assert [row["method"] for row in tier] == ["kernel", "PyTorch ops (reference)"] and tier[0]["ratio"] > 0
     fused = [row for row in rows if row["section"] == "layer ops" and row["method"].endswith("fused")]

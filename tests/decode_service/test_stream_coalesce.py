@@ -36,3 +36,13 @@ def test_an_error_is_left_for_after_the_tokens_before_it():
     boom = RuntimeError("engine failed")
     out, leftover = _coalesce(_queue(boom), StepOutput("r", [1], "a", False))
     assert (out.token_ids, leftover) == ([1], boom)
+
+
+def test_joined_steps_keep_each_tokens_logprobs_in_order():
+    from zeroc.sampling import TokenLogprobs
+
+    lp = [TokenLogprobs(-0.5, ((1, -0.5),)), TokenLogprobs(-1.5, ((7, -0.2),)), TokenLogprobs(-2.0, ((3, -2.0),))]
+    q = _queue(StepOutput("r", [2], "b", False, logprobs=(lp[1],)), StepOutput("r", [3], "c", True, "stop",
+                                                                               logprobs=(lp[2],)))
+    out, _ = _coalesce(q, StepOutput("r", [1], "a", False, logprobs=(lp[0],)))
+    assert out.token_ids == [1, 2, 3] and out.logprobs == tuple(lp)

@@ -45,11 +45,45 @@ def test_async_client_matches_the_sync_client(services):
     assert got == want and info.mode == "disaggregated"
 
 
+def test_logprobs_over_grpc_are_hugging_faces_on_both_paths(services, hf_model_of):
+    """A request's log-probabilities reach the client per token, on the disaggregated path (the KV from the prefill
+    service) and the colocated one alike, and equal the log-softmax of transformers' logits (the oracle)."""
+    import torch
+
+    from zeroc.config import BUNDLED_MODEL
+
+    got = {}
+    for path in (services.decode, services.colocated):
+        with Client(path) as c:
+            chunks = [i for i in c.stream("def read_file(path):", max_tokens=6, ignore_eos=True, logprobs=2)
+                      if isinstance(i, Chunk)]
+            whole = c.generate("def read_file(path):", max_tokens=6, ignore_eos=True, logprobs=2)
+            prompt = c.tokenize("def read_file(path):")
+            assert all(len(ch.logprobs) == len(ch.token_ids) for ch in chunks)
+            assert [lp for ch in chunks for lp in ch.logprobs] == whole.logprobs
+            assert not c.generate("def read_file(path):", max_tokens=2).logprobs  # none unless asked
+        got[path] = whole
+    a, b = got.values()
+    assert a.token_ids == b.token_ids and len(a.logprobs) == 6
+    with torch.no_grad():
+        logits = hf_model_of(BUNDLED_MODEL)(torch.tensor([prompt + a.token_ids])).logits[0, len(prompt) - 1:-1]
+    want = logits.float().log_softmax(-1)  # [6, V]
+    for whole in (a, b):
+        chosen = torch.tensor([lp.logprob for lp in whole.logprobs])
+        torch.testing.assert_close(chosen, want.gather(1, torch.tensor(a.token_ids)[:, None])[:, 0], atol=1e-3,
+                                   rtol=0)
+        assert [[t for t, _ in lp.top] for lp in whole.logprobs] == want.topk(2).indices.tolist()
+
+
 def test_errors_carry_the_status_and_bad_input_is_not_retried(services):
     with Client(services.decode) as c:
         with pytest.raises(ClientError) as err:
             c.generate("x", temperature=-2.0)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in err.value.details
+    with Client(services.decode) as c:
+        with pytest.raises(ClientError) as err:
+            c.generate("x", logprobs=21)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in err.value.details
 
 
 def test_async_errors(services):

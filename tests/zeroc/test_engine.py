@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -321,3 +322,47 @@ def test_the_cpu_backend_samples_by_its_kernel_with_the_torch_samplers_tokens(ra
             engine.native_sampler = None
         runs.append([o.token_ids for o in engine.generate(PROMPTS[:3], params)])
     assert runs[0] == runs[1] and len(set(runs[0][0])) > 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_logprobs_are_hugging_faces_log_softmax_and_change_no_token(random_gqa_dir, hf_model_of, backend):
+    """Each generated token's log-probability and its position's best alternatives equal the log-softmax of
+    transformers' logits for the same ids (the oracle); a batch mixing requests with and without log-probabilities
+    samples the tokens each gets alone, and still reads the host once a step."""
+    from zeroc.bench.step_costs import count_syncs
+    from zeroc.loader import load_model
+
+    model = load_model(random_gqa_dir, attention_backend=backend)
+    asks = [SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=3),
+            SamplingParams(max_new_tokens=6, temperature=0.9, seed=3, ignore_eos=True, logprobs=0),
+            SamplingParams(max_new_tokens=6, temperature=0.9, seed=4, ignore_eos=True)]
+    engine = Engine(model, CacheConfig(16, 256))
+    ids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, asks)]
+    outs, reads = {}, []
+    while engine.has_unfinished():
+        with count_syncs(engine.device) as n:
+            for o in engine.step():
+                outs.setdefault(o.request_id, []).append(o)
+        reads.append(n[0])
+    assert set(reads) == {1}
+    hf = hf_model_of(random_gqa_dir)
+    for rid, prompt, sp in zip(ids, PROMPTS, asks):
+        tokens = [t for o in outs[rid] for t in o.token_ids]
+        lps = [lp for o in outs[rid] for lp in o.logprobs]
+        alone = Engine(model, CacheConfig(16, 256)).generate([prompt], replace(sp, logprobs=None))[0]
+        assert tokens == alone.token_ids and not alone.logprobs
+        if sp.logprobs is None:
+            assert lps == []
+            continue
+        assert len(lps) == len(tokens) and all(len(lp.top) == sp.logprobs for lp in lps)
+        full = torch.tensor([engine.prepare_prompt(prompt) + tokens])
+        with torch.no_grad():
+            want = hf(full).logits[0, -len(tokens) - 1:-1].float().log_softmax(-1)  # [T, V]
+        got = torch.tensor([lp.logprob for lp in lps])
+        torch.testing.assert_close(got, want.gather(1, torch.tensor(tokens)[:, None])[:, 0], atol=2e-4, rtol=0)
+        for lp, row in zip(lps, want):
+            best = row.topk(sp.logprobs)
+            assert [t for t, _ in lp.top] == best.indices.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), best.values, atol=2e-4, rtol=0)
+        if sp.greedy:  # the greedy token is the best one
+            assert all(lp.top[0][0] == t and lp.top[0][1] == lp.logprob for lp, t in zip(lps, tokens))

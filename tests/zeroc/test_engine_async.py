@@ -169,3 +169,13 @@ def test_generate_is_the_same_either_way(random_gqa, async_scheduling):
     got = _engine(random_gqa, async_scheduling).generate(PROMPTS, GREEDY)
     alone = [_engine(random_gqa, False).generate([p], GREEDY)[0].token_ids for p in PROMPTS]
     assert [g.token_ids for g in got] == alone
+
+
+def test_logprobs_running_ahead_are_the_synchronous_engines(bundled):
+    """A step's log-probabilities ride with its ids; running ahead reads them a step later, the same values."""
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=2),
+              SamplingParams(max_new_tokens=8, temperature=0.8, seed=5, ignore_eos=True, logprobs=0), GREEDY]
+    runs = [_engine(bundled, ahead).generate(PROMPTS[:3], params) for ahead in (False, True)]
+    for sync, ahead in zip(*runs):
+        assert (sync.token_ids, sync.logprobs) == (ahead.token_ids, ahead.logprobs)
+    assert [len(r.logprobs) for r in runs[0]] == [8, 8, 0] and len(runs[0][0].logprobs[0].top) == 2

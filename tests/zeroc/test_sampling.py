@@ -39,6 +39,9 @@ def sample(request):
     ({"stop": ("a",) * 17}, "stop"),
     ({"stop": ("a" * 257,)}, "stop"),
     ({"stop_token_ids": tuple(range(257))}, "stop_token_ids"),
+    ({"logprobs": -1}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": 2.5}, "logprobs"),
 ])
 def test_invalid_parameters_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -267,3 +270,25 @@ def test_low_temperature_concentrates_and_seed_repeats(sample):
         batch = _batch([SamplingParams(temperature=1.0, seed=7)], vocab=3)
         draws.append([int(sample(logits, batch)) for _ in range(50)])
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
+
+
+def test_with_logprobs_packs_ids_and_log_softmax_in_one_tensor():
+    """The host's one copy: each row's id, its log-probability and the k best, exact for ids up to Llama-3's
+    vocabulary; `read_logprobs` reads back what a request asked for; a FAILED row does not fault."""
+    from zeroc.sampling import FAILED, read_logprobs, with_logprobs
+
+    logits = torch.randn(3, 128256, dtype=torch.bfloat16) * 4
+    ids = torch.tensor([128255, 7, FAILED])
+    rows = with_logprobs(logits, ids, 4)
+    assert rows.shape == (3, 10) and rows.dtype == torch.float64
+    want = logits.float().log_softmax(-1)
+    host = rows.tolist()
+    for row, i in zip(host[:2], ids[:2].tolist()):
+        assert int(row[0]) == i
+    got = read_logprobs(host[0], 4, 2)
+    assert got.logprob == pytest.approx(want[0, 128255].item(), abs=1e-6)
+    best = want[0].topk(2)
+    assert [t for t, _ in got.top] == best.indices.tolist()
+    assert [v for _, v in got.top] == pytest.approx(best.values.tolist(), abs=1e-6)
+    assert int(host[2][0]) == FAILED and read_logprobs(host[1], 4, 0).top == ()
+    assert with_logprobs(logits, ids, 0).shape == (3, 2)

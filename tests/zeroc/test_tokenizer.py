@@ -82,3 +82,18 @@ def test_each_token_decodes_a_bounded_window(bundled_tok):
     for i in bundled_tok.encode(TEXT * 20, add_special_tokens=False):
         detok.add([i])
     assert len(detok.ids) > 500 and max(sizes) <= 8
+
+
+def test_token_bytes_make_up_the_text_where_tokens_split_a_character():
+    """Byte-level BPE (the bundled tokenizer) splits 日 over three tokens that each print as U+FFFD alone; their
+    bytes, read back through the byte-to-character map, make up the text's UTF-8. A byte-fallback piece
+    (SentencePiece's "<0xE6>") is its byte."""
+    tok = Tokenizer.from_dir(BUNDLED_MODEL)
+    text = "def read_file(path): é 日本\n\t x"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert "\ufffd" in [tok.token_text(i) for i in ids]
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    backend = HFTokenizer(models.WordLevel({"<0xE6>": 0, "a": 1, "<unk>": 2}, unk_token="<unk>"))
+    backend.decoder = decoders.ByteFallback()
+    fallback = Tokenizer(backend)
+    assert fallback.token_text(0) == "\ufffd" and fallback.token_bytes(0) == b"\xe6" and fallback.token_bytes(1) == b"a"

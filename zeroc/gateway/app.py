@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from zeroc.client import Chunk, ClientError, Result
 from zeroc.gateway.chat import ChatTemplate
 from zeroc.gateway.errors import APIError, from_grpc
+from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.replicas import Replicas
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
 from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
@@ -103,7 +104,8 @@ class Gateway:
                 "top_p": req.top_p if req.top_p is not None else 1.0,
                 "top_k": max(0, req.top_k or 0),
                 "seed": None if req.seed is None else req.seed % 2**64,
-                "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "model": self.card.name}
+                "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "model": self.card.name,
+                "logprobs": req.logprobs_wanted()}
 
     async def completions(self, request: Request) -> Response:
         req = await self._body(request, CompletionRequest)
@@ -111,8 +113,10 @@ class Gateway:
         if isinstance(prompt, list) and len(prompt) >= self.card.max_context:
             raise APIError(400, f"prompt: {len(prompt)} tokens; the model's context is {self.card.max_context}",
                            param="prompt", code="context_length_exceeded")
-        reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.card.name, False, req.return_token_ids, int(time.time()))
-        return await self._answer(request, req, reply, prompt, self._sampling(req, COMPLETION_DEFAULT_MAX_TOKENS))
+        sampling = self._sampling(req, COMPLETION_DEFAULT_MAX_TOKENS)
+        reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.card.name, False, req.return_token_ids, int(time.time()),
+                      self._logprobs(sampling, chat=False))
+        return await self._answer(request, req, reply, prompt, sampling)
 
     async def chat(self, request: Request) -> Response:
         req = await self._body(request, ChatRequest)
@@ -126,8 +130,13 @@ class Gateway:
         if room < 1 or not ids:
             raise APIError(400, f"messages: {len(ids)} prompt tokens; the model's context is "
                                 f"{self.card.max_context}", param="messages", code="context_length_exceeded")
-        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", self.card.name, True, req.return_token_ids, int(time.time()))
-        return await self._answer(request, req, reply, ids, self._sampling(req, room))
+        sampling = self._sampling(req, room)
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", self.card.name, True, req.return_token_ids, int(time.time()),
+                      self._logprobs(sampling, chat=True))
+        return await self._answer(request, req, reply, ids, sampling)
+
+    def _logprobs(self, sampling: dict, chat: bool) -> LogprobFormat | None:
+        return None if sampling["logprobs"] is None else LogprobFormat(self.card.tokenizer, chat)
 
     async def _answer(self, request: Request, req, reply: Reply, prompt, sampling: dict) -> Response:
         try:
@@ -172,7 +181,7 @@ async def _events(reply: Reply, first: Chunk | Result, stream: AsyncIterator[Chu
     try:
         item = first
         while isinstance(item, Chunk):
-            yield head + tokens.token(item.text, item.token_ids)
+            yield head + tokens.token(item.text, item.token_ids, item.logprobs)
             head = b""
             item = await stream.__anext__()
         _check_finish(item.finish_reason)

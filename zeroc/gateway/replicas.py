@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from zeroc.client import AsyncClient, Chunk, ClientError, Result, RetryPolicy
+from zeroc.client import AsyncClient, Chunk, ClientError, Result, RetryPolicy, collect
 from zeroc.metrics import ServiceMetrics, TokenClock, gauge
 
 
@@ -94,10 +94,7 @@ class Replicas:
                 items.append(item)
         finally:
             await stream.aclose()
-        end = items[-1]
-        chunks = [c for c in items if isinstance(c, Chunk)]
-        return Result(end.request_id, end.finish_reason, end.usage, [t for c in chunks for t in c.token_ids],
-                      "".join(c.text for c in chunks), end.replica)
+        return collect(items)
 
     async def health(self, timeout_s: float = 2.0) -> dict[str, bool]:
         """target -> whether it answers GetModelInfo now."""

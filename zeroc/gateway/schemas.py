@@ -2,7 +2,9 @@
 
 Unknown fields are ignored (as OpenAI's own SDKs add new ones over time); known fields the decode
 services cannot honour are accepted only at their neutral values, anything else is a 400 naming
-the field. `top_k`, `ignore_eos` and `return_token_ids` are extensions, as in vLLM.
+the field. `top_k`, `ignore_eos` and `return_token_ids` are extensions, as in vLLM. Log-probabilities
+(`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS alternatives, as vLLM's default allows
+(OpenAI's own completions stop at 5).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeroc.gateway.errors import APIError, quote
+from zeroc.sampling import MAX_LOGPROBS
 
 _U32 = 2**32 - 1
 
@@ -74,8 +77,12 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_completion_tokens: int | None = Field(None, ge=1, le=_U32)
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
+
+    def logprobs_wanted(self) -> int | None:
+        """Alternatives per token the decode service sends (None: no log-probabilities)."""
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt (text or token ids); a batch of more than one is refused."""
@@ -93,7 +100,7 @@ class CompletionRequest(_Sampling):
 
     def unsupported(self) -> list[tuple[str, object]]:
         out = super().unsupported()
-        out += [(k, v) for k, v in (("echo", self.echo), ("logprobs", self.logprobs), ("suffix", self.suffix)) if v]
+        out += [(k, v) for k, v in (("echo", self.echo), ("suffix", self.suffix)) if v]
         return out
 
 
@@ -127,11 +134,15 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=_U32)
     add_generation_prompt: bool = True  # vLLM's extension: False continues the last message instead
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    def unsupported(self) -> list[tuple[str, object]]:
-        out = super().unsupported()
-        return out + [(k, v) for k, v in (("logprobs", self.logprobs), ("top_logprobs", self.top_logprobs)) if v]
+    def logprobs_wanted(self) -> int | None:
+        """Alternatives per token the decode service sends (None: no log-probabilities). Raises APIError."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+            return None
+        return self.top_logprobs or 0
 
 
 def parse_body(raw: bytes, model: type[_Sampling]) -> _Sampling:

@@ -17,7 +17,8 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
 
-from zeroc.client import Result, Usage
+from zeroc.client import Result, TokenLogprob, Usage
+from zeroc.gateway.logprobs import LogprobFormat
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
@@ -47,15 +48,18 @@ class Reply:
     chat: bool
     token_ids: bool  # the return_token_ids extension
     created: int
+    logprobs: LogprobFormat | None = None  # set when the request asked for log-probabilities
 
-    def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool) -> dict:
+    def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool,
+                logprobs: list[TokenLogprob] | None = None) -> dict:
         if not self.chat:
             body = {"text": text}
         elif stream:
             body = {"delta": {"content": text} if text or finish is None else {}}
         else:
             body = {"message": {"role": "assistant", "content": text}}
-        out = {"index": 0, **body, "logprobs": None, "finish_reason": finish}
+        rendered = self.logprobs.render(ids, logprobs) if self.logprobs is not None and logprobs else None
+        out = {"index": 0, **body, "logprobs": rendered, "finish_reason": finish}
         if self.token_ids:
             out["token_ids"] = ids
         return out
@@ -63,9 +67,10 @@ class Reply:
     def _object(self, stream: bool) -> str:
         return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
 
-    def chunk(self, text: str, ids: list[int], finish: str | None = None) -> dict:
+    def chunk(self, text: str, ids: list[int], finish: str | None = None,
+              logprobs: list[TokenLogprob] | None = None) -> dict:
         return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
-                "choices": [self._choice(text, ids, finish, True)]}
+                "choices": [self._choice(text, ids, finish, True, logprobs)]}
 
     def role_chunk(self) -> dict:
         body = self.chunk("", [])
@@ -78,21 +83,26 @@ class Reply:
 
     def whole(self, result: Result) -> dict:
         return {"id": self.id, "object": self._object(False), "created": self.created, "model": self.model,
-                "choices": [self._choice(result.text, result.token_ids, result.finish_reason, False)],
+                "choices": [self._choice(result.text, result.token_ids, result.finish_reason, False,
+                                         result.logprobs)],
                 "usage": usage_dict(result.usage)}
 
 
 class TokenEvents:
-    """The bytes of `sse(reply.chunk(text, ids))` for a token event, built from pieces encoded once."""
+    """The bytes of `sse(reply.chunk(text, ids))` for a token event, built from pieces encoded once (a request
+    with log-probabilities encodes each event whole: its tokens' objects differ in more than text)."""
 
     def __init__(self, reply: Reply):
+        self._reply = reply
         whole = sse(reply.chunk(_TEXT_MARK, [_IDS_MARK]))
         head, tail = _cut(whole, _encode_str(_TEXT_MARK).encode())
         self._head = head
         self._ids: tuple[bytes, bytes] | None = _cut(tail, b"%d" % _IDS_MARK) if reply.token_ids else None
         self._tail = tail
 
-    def token(self, text: str, ids: list[int]) -> bytes:
+    def token(self, text: str, ids: list[int], logprobs: list[TokenLogprob] | None = None) -> bytes:
+        if self._reply.logprobs is not None:
+            return sse(self._reply.chunk(text, ids, logprobs=logprobs))
         if self._ids is None:
             return b"".join((self._head, _encode_str(text).encode(), self._tail))
         mid, end = self._ids

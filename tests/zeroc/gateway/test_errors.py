@@ -31,7 +31,8 @@ def assert_error(status: int, body, want_status: int, *words: str, code: str | N
     ({"prompt": "x", "temperature": "hot"}, 400, ["temperature"], "temperature"),
     ({"prompt": "x", "top_p": 1.5}, 400, ["top_p"], "top_p"),
     ({"prompt": "x", "max_tokens": 0}, 400, ["max_tokens"], "max_tokens"),
-    ({"prompt": "x", "logprobs": 2}, 400, ["logprobs", "not supported"], "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, 400, ["logprobs", "20"], "logprobs"),
+    ({"prompt": "x", "echo": True}, 400, ["echo", "not supported"], "echo"),
     ({"prompt": ["a", "b"]}, 400, ["batches of 2"], "prompt"),
     ({"prompt": [1, 99999]}, 400, ["outside"], None),  # from the decode service: INVALID_ARGUMENT
     ({"prompt": "", "max_tokens": 1}, 400, ["empty"], "prompt"),

@@ -12,6 +12,7 @@ import subprocess
 
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from zeroc.client import Client
 from zeroc.config import BUNDLED_MODEL
@@ -62,8 +63,6 @@ def test_token_id_prompts_stop_strings_and_token_ids_match_the_sdk(api, sdk):
 
 
 def test_chat_applies_the_models_template_as_hugging_face_does(api, sdk):
-    from transformers import AutoTokenizer
-
     ids = AutoTokenizer.from_pretrained(str(BUNDLED_MODEL)).apply_chat_template(
         MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     want = sdk.generate(ids, max_tokens=10, temperature=0.0)
@@ -84,6 +83,55 @@ def test_seeded_sampling_is_reproducible_and_equals_the_sdks(api, sdk):
     texts = {api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=8, temperature=0.9, top_p=0.95,
                                     seed=7, extra_body={"top_k": 50}).choices[0].text for _ in range(2)}
     assert texts == {want.text}
+
+
+def test_completion_logprobs_through_the_sdk_equal_the_grpc_ones(api, sdk):
+    """`logprobs: n` on /v1/completions: the legacy object, plain and streamed, with the decode service's values
+    (the gRPC SDK's, the oracle here; test_client.py checks those against transformers). The gateway balances over
+    a disaggregated and a colocated service, whose values differ in float rounding (1e-6)."""
+    want = sdk.generate(PROMPT, max_tokens=8, temperature=0.0, logprobs=3)
+    tok = AutoTokenizer.from_pretrained(str(BUNDLED_MODEL))
+    texts = [tok.decode([t]) for t in want.token_ids]
+    got = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert lp.tokens == texts and "".join(lp.tokens) == got.choices[0].text
+    assert lp.token_logprobs == pytest.approx([x.logprob for x in want.logprobs], abs=1e-4)
+    assert lp.text_offset == [sum(map(len, texts[:i])) for i in range(len(texts))]
+    for top, x in zip(lp.top_logprobs, want.logprobs):  # the 3 best, the generated one (greedy: the best) among them
+        assert top == pytest.approx({tok.decode([i]): v for i, v in x.top}, abs=1e-4)
+    chunks = list(api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3,
+                                         stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for s in streamed for t in s.tokens] == texts
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    assert [v for s in streamed for v in s.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    plain = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_top_logprobs_through_the_sdk(api, sdk):
+    """`logprobs: true, top_logprobs: n` on /v1/chat/completions: each token's text, bytes and log-probability,
+    and its n best alternatives, plain and streamed; the bytes of the tokens make up the reply's UTF-8."""
+    got = api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=8, temperature=0.7, seed=3,
+                                      logprobs=True, top_logprobs=2)
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens == 8
+    assert bytes(b for c in content for b in c.bytes).decode() == got.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and 0 >= c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+               and c.top_logprobs[0].logprob >= c.logprob for c in content)
+    assert any(c.token != c.top_logprobs[0].token for c in content)  # sampled, not always the best token
+    chunks = list(api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=8, temperature=0.7,
+                                              seed=3, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.bytes) for e in streamed] == [(c.token, c.bytes) for c in content]
+    assert [e.logprob for e in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    with pytest.raises(openai.BadRequestError) as err:
+        api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=2, top_logprobs=2)
+    assert err.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as err:
+        api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=2, logprobs=True,
+                                    top_logprobs=21)
+    assert err.value.body["param"] == "top_logprobs"
 
 
 def test_cached_prefix_tokens_are_reported(api):

@@ -1,0 +1,42 @@
+"""OpenAI's `logprobs` objects, built from the per-token log-probabilities a decode service streams.
+
+Chat completions (`logprobs: true`, `top_logprobs: n`) get `{"content": [{token, logprob, bytes,
+top_logprobs: [n x {token, logprob, bytes}]}], "refusal": null}`; completions (`logprobs: n`) get the
+legacy `{tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}`, whose dicts also hold the
+generated token (OpenAI's "up to logprobs + 1" entries). A token's text is what it prints alone (U+FFFD
+where it holds part of a character) and `bytes` its whole bytes. The values are the model's own
+log-probabilities, before temperature and the top-k/top-p cuts (protos/zeroc/v1/generation.proto).
+"""
+
+from __future__ import annotations
+
+from zeroc.client import TokenLogprob
+from zeroc.tokenizer import Tokenizer
+
+
+class LogprobFormat:
+    """One request's logprobs objects; a stream's chunks share one, which carries the completions' text offset."""
+
+    def __init__(self, tokenizer: Tokenizer, chat: bool):
+        self.tokenizer, self.chat = tokenizer, chat
+        self.offset = 0  # completions' text_offset of the next token, in characters of the completion
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        return {"token": self.tokenizer.token_text(token_id), "logprob": logprob,
+                "bytes": list(self.tokenizer.token_bytes(token_id))}
+
+    def render(self, token_ids: list[int], logprobs: list[TokenLogprob]) -> dict:
+        """The `logprobs` of a choice (or a stream chunk's) holding these tokens: one log-probability per id."""
+        if self.chat:
+            content = [{**self._entry(t, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top]}
+                       for t, lp in zip(token_ids, logprobs)]
+            return {"content": content, "refusal": None}
+        tokens = [self.tokenizer.token_text(t) for t in token_ids]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        tops = [{**{self.tokenizer.token_text(i): v for i, v in lp.top}, text: lp.logprob}
+                for text, lp in zip(tokens, logprobs)]
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": tops,
+                "text_offset": offsets}
