@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException
 
 from zeroc.client import Chunk, ClientError, Result
 from zeroc.gateway.chat import ChatTemplate
-from zeroc.gateway.errors import APIError, from_grpc
+from zeroc.gateway.choices import all_or_none, choice_calls, merged_events, open_all, total_usage
+from zeroc.gateway.errors import APIError, check_finish, from_grpc
 from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.replicas import Replicas
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
@@ -139,21 +140,27 @@ class Gateway:
         return None if sampling["logprobs"] is None else LogprobFormat(self.card.tokenizer, chat)
 
     async def _answer(self, request: Request, req, reply: Reply, prompt, sampling: dict) -> Response:
+        """One decode call per choice (`n`, zeroc/gateway/choices.py); one choice streams without merging."""
+        calls = choice_calls(sampling, req.n or 1, reply.id)
         try:
             if not req.stream:
-                result = await until_disconnected(
-                    request, self.replicas.generate(prompt, request_id=reply.id, **sampling))
-                _check_finish(result.finish_reason)
-                return JSONResponse(reply.whole(result))
-            first, stream = await until_disconnected(
-                request, self.replicas.open(prompt, request_id=reply.id, **sampling))
+                results = await until_disconnected(
+                    request, all_or_none([self.replicas.generate(prompt, **c) for c in calls]))
+                for r in results:
+                    check_finish(r.finish_reason)
+                return JSONResponse(reply.whole(results, total_usage(results)))
+            opened = await until_disconnected(request, open_all(self.replicas, prompt, calls))
         except ClientError as exc:
             raise from_grpc(exc.code, exc.details) from None
         except ClientGone:
             return Response(status_code=499)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStream(_events(reply, first, stream, include_usage),
-                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, close=stream.aclose)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if len(opened) > 1:
+            return EventStream(merged_events(reply, opened, include_usage), headers=headers,
+                               close=lambda: _close_all(opened))
+        first, stream = opened[0]
+        return EventStream(_events(reply, first, stream, include_usage), headers=headers, close=stream.aclose)
 
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.card.name, "object": "model", "created": self.started,
@@ -166,10 +173,9 @@ class Gateway:
                              "replicas": states}, status_code=200 if ok else 503)
 
 
-def _check_finish(reason: str) -> None:
-    if reason == "abort":
-        raise APIError(503, "the decode service aborted the request (shutting down); retry",
-                       "service_unavailable", code="aborted")
+async def _close_all(opened) -> None:
+    for _, stream in opened:
+        await stream.aclose()
 
 
 async def _events(reply: Reply, first: Chunk | Result, stream: AsyncIterator[Chunk | Result],
@@ -184,7 +190,7 @@ async def _events(reply: Reply, first: Chunk | Result, stream: AsyncIterator[Chu
             yield head + tokens.token(item.text, item.token_ids, item.logprobs)
             head = b""
             item = await stream.__anext__()
-        _check_finish(item.finish_reason)
+        check_finish(item.finish_reason)
         tail = head + sse(reply.chunk("", [], item.finish_reason))
         if include_usage:
             tail += sse(reply.usage_chunk(item.usage))

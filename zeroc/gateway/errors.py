@@ -45,6 +45,13 @@ def from_grpc(code: grpc.StatusCode, details: str) -> APIError:
     return APIError(status, f"{code.name}: {details}", kind, param, err_code)
 
 
+def check_finish(reason: str) -> None:
+    """Raise the 503 of a completion the decode service aborted (it is shutting down)."""
+    if reason == "abort":
+        raise APIError(503, "the decode service aborted the request (shutting down); retry",
+                       "service_unavailable", code="aborted")
+
+
 def quote(value: object, limit: int = 32) -> str:
     """A short, repr-quoted prefix of user input for an error message (never the whole input)."""
     text = repr(value)

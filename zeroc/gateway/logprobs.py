@@ -15,27 +15,29 @@ from zeroc.tokenizer import Tokenizer
 
 
 class LogprobFormat:
-    """One request's logprobs objects; a stream's chunks share one, which carries the completions' text offset."""
+    """One request's logprobs objects; its stream's chunks share one, which carries each choice's text offset."""
 
     def __init__(self, tokenizer: Tokenizer, chat: bool):
         self.tokenizer, self.chat = tokenizer, chat
-        self.offset = 0  # completions' text_offset of the next token, in characters of the completion
+        self.offsets: dict[int, int] = {}  # choice -> completions' text_offset of its next token, in characters
 
     def _entry(self, token_id: int, logprob: float) -> dict:
         return {"token": self.tokenizer.token_text(token_id), "logprob": logprob,
                 "bytes": list(self.tokenizer.token_bytes(token_id))}
 
-    def render(self, token_ids: list[int], logprobs: list[TokenLogprob]) -> dict:
-        """The `logprobs` of a choice (or a stream chunk's) holding these tokens: one log-probability per id."""
+    def render(self, token_ids: list[int], logprobs: list[TokenLogprob], index: int = 0) -> dict:
+        """The `logprobs` of choice `index` (or of its stream chunk) holding these tokens: one log-probability per
+        id."""
         if self.chat:
             content = [{**self._entry(t, lp.logprob), "top_logprobs": [self._entry(i, v) for i, v in lp.top]}
                        for t, lp in zip(token_ids, logprobs)]
             return {"content": content, "refusal": None}
         tokens = [self.tokenizer.token_text(t) for t in token_ids]
-        offsets = []
+        offsets, at = [], self.offsets.get(index, 0)
         for text in tokens:
-            offsets.append(self.offset)
-            self.offset += len(text)
+            offsets.append(at)
+            at += len(text)
+        self.offsets[index] = at
         tops = [{**{self.tokenizer.token_text(i): v for i, v in lp.top}, text: lp.logprob}
                 for text, lp in zip(tokens, logprobs)]
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": tops,

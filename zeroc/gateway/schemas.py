@@ -18,6 +18,7 @@ from zeroc.gateway.errors import APIError, quote
 from zeroc.sampling import MAX_LOGPROBS
 
 _U32 = 2**32 - 1
+MAX_CHOICES = 16  # `n`: each choice is a decode call of its own
 
 
 class _Body(BaseModel):
@@ -39,7 +40,7 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=-1, le=_U32)  # -1 (vLLM's spelling) or 0: no cut
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
-    n: int | None = 1
+    n: int | None = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=512)
@@ -162,8 +163,6 @@ def parse_body(raw: bytes, model: type[_Sampling]) -> _Sampling:
         req = model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    if req.n not in (None, 1):
-        raise APIError(400, f"n: only n=1 is supported, got {quote(req.n)}", param="n")
     for name, value in req.unsupported():
         raise APIError(400, f"{name}: not supported by this server (got {quote(value)})", param=name)
     return req

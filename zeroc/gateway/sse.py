@@ -51,15 +51,15 @@ class Reply:
     logprobs: LogprobFormat | None = None  # set when the request asked for log-probabilities
 
     def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool,
-                logprobs: list[TokenLogprob] | None = None) -> dict:
+                logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
         if not self.chat:
             body = {"text": text}
         elif stream:
             body = {"delta": {"content": text} if text or finish is None else {}}
         else:
             body = {"message": {"role": "assistant", "content": text}}
-        rendered = self.logprobs.render(ids, logprobs) if self.logprobs is not None and logprobs else None
-        out = {"index": 0, **body, "logprobs": rendered, "finish_reason": finish}
+        rendered = self.logprobs.render(ids, logprobs, index) if self.logprobs is not None and logprobs else None
+        out = {"index": index, **body, "logprobs": rendered, "finish_reason": finish}
         if self.token_ids:
             out["token_ids"] = ids
         return out
@@ -68,12 +68,12 @@ class Reply:
         return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
 
     def chunk(self, text: str, ids: list[int], finish: str | None = None,
-              logprobs: list[TokenLogprob] | None = None) -> dict:
+              logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
         return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
-                "choices": [self._choice(text, ids, finish, True, logprobs)]}
+                "choices": [self._choice(text, ids, finish, True, logprobs, index)]}
 
-    def role_chunk(self) -> dict:
-        body = self.chunk("", [])
+    def role_chunk(self, index: int = 0) -> dict:
+        body = self.chunk("", [], index=index)
         body["choices"][0]["delta"] = {"role": "assistant", "content": ""}
         return body
 
@@ -81,20 +81,22 @@ class Reply:
         return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
                 "choices": [], "usage": usage_dict(usage)}
 
-    def whole(self, result: Result) -> dict:
+    def whole(self, results: list[Result], usage: Usage) -> dict:
+        """The answer of a request with one choice per result (`n`)."""
         return {"id": self.id, "object": self._object(False), "created": self.created, "model": self.model,
-                "choices": [self._choice(result.text, result.token_ids, result.finish_reason, False,
-                                         result.logprobs)],
-                "usage": usage_dict(result.usage)}
+                "choices": [self._choice(r.text, r.token_ids, r.finish_reason, False, r.logprobs, i)
+                            for i, r in enumerate(results)],
+                "usage": usage_dict(usage)}
 
 
 class TokenEvents:
-    """The bytes of `sse(reply.chunk(text, ids))` for a token event, built from pieces encoded once (a request
-    with log-probabilities encodes each event whole: its tokens' objects differ in more than text)."""
+    """The bytes of `sse(reply.chunk(text, ids, index=index))` for a token event of choice `index`, built from
+    pieces encoded once (a request with log-probabilities encodes each event whole: its tokens' objects differ
+    in more than text)."""
 
-    def __init__(self, reply: Reply):
-        self._reply = reply
-        whole = sse(reply.chunk(_TEXT_MARK, [_IDS_MARK]))
+    def __init__(self, reply: Reply, index: int = 0):
+        self._reply, self._index = reply, index
+        whole = sse(reply.chunk(_TEXT_MARK, [_IDS_MARK], index=index))
         head, tail = _cut(whole, _encode_str(_TEXT_MARK).encode())
         self._head = head
         self._ids: tuple[bytes, bytes] | None = _cut(tail, b"%d" % _IDS_MARK) if reply.token_ids else None
@@ -102,7 +104,7 @@ class TokenEvents:
 
     def token(self, text: str, ids: list[int], logprobs: list[TokenLogprob] | None = None) -> bytes:
         if self._reply.logprobs is not None:
-            return sse(self._reply.chunk(text, ids, logprobs=logprobs))
+            return sse(self._reply.chunk(text, ids, logprobs=logprobs, index=self._index))
         if self._ids is None:
             return b"".join((self._head, _encode_str(text).encode(), self._tail))
         mid, end = self._ids

@@ -35,6 +35,12 @@ def read_events(sock: socket.socket, n: int, buf: bytearray) -> float:
     return time.monotonic()
 
 
+def assert_freed_in_time(gateway, closed: float, rest_s: float) -> None:
+    """Every replica idle, with all its blocks free, within half the `rest_s` the rest would have taken."""
+    took = wait_idle(gateway.targets, timeout_s=max(rest_s / 2, 1.0))
+    assert time.monotonic() - closed < rest_s / 2, (took, rest_s)
+
+
 def test_closed_streams_free_their_blocks_on_every_replica(gateway):
     socks = [send(gateway.address, {**LONG, "stream": True}) for _ in range(2)]
     bufs = [bytearray(), bytearray()]
@@ -51,9 +57,24 @@ def test_closed_streams_free_their_blocks_on_every_replica(gateway):
         closed = time.monotonic()
         for s in socks:
             s.close()
-    rest_s = (LONG["max_tokens"] - 12) * per_token
-    took = wait_idle(gateway.targets, timeout_s=max(rest_s / 2, 1.0))
-    assert time.monotonic() - closed < rest_s / 2, (took, rest_s)
+    assert_freed_in_time(gateway, closed, (LONG["max_tokens"] - 12) * per_token)
+
+
+def test_a_closed_stream_of_several_choices_frees_every_choices_blocks(gateway):
+    """`n` = 3: three decode calls, spread over both replicas; closing the stream cancels all three."""
+    sock = send(gateway.address, {**LONG, "stream": True, "n": 3, "temperature": 1.0, "seed": 1})
+    buf = bytearray()
+    try:
+        t0 = read_events(sock, 6, buf)
+        t1 = read_events(sock, 30, buf)
+        assert sum(running(gateway.targets)) == 3 and min(running(gateway.targets)) >= 1
+        assert {json.loads(e[6:])["choices"][0]["index"] for e in bytes(buf).split(b"\n")
+                if e.startswith(b"data: {")} >= {0, 1, 2}
+        per_token = (t1 - t0) / 8  # 24 events, 3 choices: 8 steps
+    finally:
+        closed = time.monotonic()
+        sock.close()
+    assert_freed_in_time(gateway, closed, (LONG["max_tokens"] - 10) * per_token)
 
 
 def test_a_client_gone_before_its_whole_completion_frees_the_blocks(gateway):
@@ -70,6 +91,4 @@ def test_a_client_gone_before_its_whole_completion_frees_the_blocks(gateway):
     finally:
         closed = time.monotonic()
         sock.close()
-    rest_s = (LONG["max_tokens"] - 40) * per_token
-    wait_idle(gateway.targets, timeout_s=max(rest_s / 2, 1.0))
-    assert time.monotonic() - closed < rest_s / 2
+    assert_freed_in_time(gateway, closed, (LONG["max_tokens"] - 40) * per_token)

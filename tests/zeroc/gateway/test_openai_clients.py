@@ -134,6 +134,32 @@ def test_chat_logprobs_and_top_logprobs_through_the_sdk(api, sdk):
     assert err.value.body["param"] == "top_logprobs"
 
 
+def test_several_choices_are_seeded_calls_of_their_own(api, sdk):
+    """`n` = 3 with a seed: choice i is what the gRPC SDK generates with seed + i, plain and streamed (each chunk
+    naming its choice); the usage counts the prompt once and every choice's tokens."""
+    want = [sdk.generate(PROMPT, max_tokens=6, temperature=1.0, seed=11 + i, logprobs=1) for i in range(3)]
+    assert len({tuple(w.token_ids) for w in want}) > 1  # the seeds give different completions
+    got = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=11, n=3,
+                                 logprobs=1)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.text for c in got.choices] == [w.text for w in want]
+    assert [c.logprobs.token_logprobs for c in got.choices] == [
+        pytest.approx([x.logprob for x in w.logprobs], abs=1e-4) for w in want]
+    assert got.usage.prompt_tokens == want[0].usage.prompt_tokens and got.usage.completion_tokens == 18
+    chunks = list(api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=5, temperature=1.0,
+                                              seed=5, n=3, stream=True, stream_options={"include_usage": True}))
+    texts, roles, ends = {}, set(), {}
+    for c in chunks[:-1]:
+        choice = c.choices[0]
+        texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+        roles |= {choice.index} if choice.delta.role == "assistant" else set()
+        ends[choice.index] = choice.finish_reason or ends.get(choice.index)
+    plain = api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=5, temperature=1.0,
+                                        seed=5, n=3)
+    assert texts == {c.index: c.message.content for c in plain.choices} and roles == {0, 1, 2}
+    assert ends == {0: "length", 1: "length", 2: "length"} and chunks[-1].usage.completion_tokens == 15
+
+
 def test_cached_prefix_tokens_are_reported(api):
     prompt = " ".join(f"word{i}" for i in range(120))  # several KV blocks
     cached = [api.completions.create(model="zeroc-tiny", prompt=prompt, max_tokens=1, temperature=0)

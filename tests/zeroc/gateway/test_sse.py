@@ -18,14 +18,15 @@ TEXTS = [("", []), (" the", [262]), ('a "quoted" \\ back\nslash\t\x00\x1f', [1, 
 @pytest.mark.parametrize("token_ids", [False, True])
 def test_token_events_are_the_json_of_reply_chunk(chat, token_ids):
     reply = Reply('cmpl-1"x', 'model "q"', chat, token_ids, 1_700_000_000)
-    events = TokenEvents(reply)
-    for text, ids in TEXTS:
-        got = events.token(text, ids)
-        assert got == sse(reply.chunk(text, ids))
-        assert got.startswith(b"data: ") and got.endswith(b"\n\n")
-        choice = json.loads(got[6:])["choices"][0]
-        assert (choice["delta"]["content"] if chat else choice["text"]) == text
-        assert choice.get("token_ids") == (ids if token_ids else None)
+    for index in (0, 2):  # a request's choices (`n`) each have their own
+        events = TokenEvents(reply, index)
+        for text, ids in TEXTS:
+            got = events.token(text, ids)
+            assert got == sse(reply.chunk(text, ids, index=index))
+            assert got.startswith(b"data: ") and got.endswith(b"\n\n")
+            choice = json.loads(got[6:])["choices"][0]
+            assert (choice["delta"]["content"] if chat else choice["text"]) == text and choice["index"] == index
+            assert choice.get("token_ids") == (ids if token_ids else None)
 
 
 class _Client:
