@@ -7,9 +7,9 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
 - syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them, and the
   output names the lines each one came from);
 - seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
-- logprobs: requests asking for log-probabilities (greedy and seeded, beside one that does not) get, with decode
-  steps in CUDA graphs and running ahead, the tokens and log-probabilities (within 1e-3) of the eager
-  step-by-step engine, still with one sync per decode step;
+- extras: requests asking for log-probabilities (greedy and seeded) or penalties (repetition, frequency),
+  beside one asking for neither, get, with decode steps in CUDA graphs and running ahead, the tokens and
+  log-probabilities (within 1e-3) of the eager step-by-step engine, still with one sync per decode step;
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
   those they get alone;
 - async: running ahead (scheduler.async_scheduling) with graphs streams the tokens, texts and finish reasons
@@ -108,18 +108,19 @@ def check_seeded(loaded) -> tuple[bool, str]:
     return mixed == alone, f"alone {alone[:6]}... {'==' if mixed == alone else '!='} in a batch"
 
 
-def check_logprobs(loaded) -> tuple[bool, str]:
+def check_extras(loaded) -> tuple[bool, str]:
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=5),
               SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, ignore_eos=True, logprobs=0),
-              SamplingParams(max_new_tokens=8, ignore_eos=True)]
-    eager = _engine(loaded, True).generate(PROMPTS[:3], params)
-    graphed = _engine(loaded, False, pad_on_cpu=True, ahead=True).generate(PROMPTS[:3], params)
+              SamplingParams(max_new_tokens=8, ignore_eos=True),
+              SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5)]
+    eager = _engine(loaded, True).generate(PROMPTS[:4], params)
+    graphed = _engine(loaded, False, pad_on_cpu=True, ahead=True).generate(PROMPTS[:4], params)
     same_tokens = [r.token_ids for r in eager] == [r.token_ids for r in graphed]
     worst = max(abs(a.logprob - b.logprob) for x, y in zip(eager, graphed) for a, b in zip(x.logprobs, y.logprobs))
-    shapes = [len(r.logprobs) for r in graphed] == [8, 8, 0] and len(graphed[0].logprobs[0].top) == 5
+    shapes = [len(r.logprobs) for r in graphed] == [8, 8, 0, 0] and len(graphed[0].logprobs[0].top) == 5
     engine = _engine(loaded, False)
-    for p in PROMPTS[:2]:
-        engine.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=5))
+    for p, sp in zip(PROMPTS[:2], (params[0], params[3])):
+        engine.add_request(p, sp)
     for _ in range(3):
         engine.step()
     waits = engine.host_waits
@@ -233,7 +234,7 @@ def check_flex(loaded) -> tuple[bool, str]:
 
 
 # flex last: its compiles (seconds each) are what a time box should cut first
-CHECKS = {"graphs": check_graphs, "syncs": check_syncs, "seeded": check_seeded, "logprobs": check_logprobs,
+CHECKS = {"graphs": check_graphs, "syncs": check_syncs, "seeded": check_seeded, "extras": check_extras,
           "isolation": check_isolation,
           "async": check_async, "backends": check_backends, "tier": check_tier, "int8": check_int8,
           "flex": check_flex}

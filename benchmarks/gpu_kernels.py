@@ -21,7 +21,9 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
    SDPA over the same prompt uncompressed;
 7. sampling: a decode step's `sample_batch` at batch x Llama-3's vocabulary (benchmarks/sampling.py's cases:
    greedy, temperature, top-k, top-p, both, and top-p over flat logits), replayed from a CUDA graph, beside the
-   greedy case: top-p alone ranks the whole vocabulary on a device (a full sort), measured nowhere before;
+   greedy case: top-p alone ranks the whole vocabulary on a device (a full sort), measured nowhere before; and
+   greedy with 5 log-probabilities a row (`with_logprobs`) and with the three penalties (zeroc/penalties.py:
+   apply, sample, count);
 8. FlexAttention (torch's, compiled) over the same pages beside the paged kernels: decode uncompressed, at
    rank 64 and at per-head ranks, and a prompt after a cached prefix (kernels/flex_paged.py, the `flex` backend);
 9. decode experiments (not goal rows): int8 with token-major scales; int8 and bf16 with P @ V as (V^T P^T)^T;
@@ -245,6 +247,36 @@ def sampling(run: Run) -> None:
         greedy_ms = greedy_ms or ms  # CASES starts with greedy
         run.row(section="sampling", what=f"[{b}, {vocab}]", method=case, ms=ms, ratio=ms / greedy_ms)
         say(f"  sampling [{b}, {vocab}] {case}: {ms * 1e3:.1f} us ({ms / greedy_ms:.1f}x greedy)")
+    for case, fn in _sampling_extras(b, vocab, run.dtype, run.device).items():
+        ms = run.timed_in_graph(fn)
+        run.row(section="sampling", what=f"[{b}, {vocab}]", method=case, ms=ms, ratio=ms / greedy_ms)
+        say(f"  sampling [{b}, {vocab}] {case}: {ms * 1e3:.1f} us ({ms / greedy_ms:.1f}x greedy)")
+
+
+def _sampling_extras(b: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """A greedy step's sampling with log-probabilities, and with every row penalized (its slot holding 64
+    generated tokens and a 256-token prompt), as the engine runs them."""
+    from sampling import make_logits
+
+    from zeroc.penalties import PenaltyState
+    from zeroc.sampling import SamplingBatch, SamplingParams, sample_batch, with_logprobs
+
+    logits = make_logits(b, vocab, 4.0, dtype).to(device)
+    greedy = SamplingBatch.build([SamplingParams()] * b, [None] * b, vocab, device)
+    params = SamplingParams(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2)
+    state, gen = PenaltyState(vocab, device), torch.Generator().manual_seed(0)
+    for i in range(b):
+        state.admit(f"r{i}", torch.randint(vocab, (256,), generator=gen).tolist(),
+                    torch.randint(vocab, (64,), generator=gen).tolist())
+    penalties = state.batch([(f"r{i}", params, True) for i in range(b)])
+
+    def penalized():
+        ids = sample_batch(state.apply(logits, penalties), greedy)
+        state.record(penalties, ids)
+        return ids
+
+    return {"greedy + 5 logprobs": lambda: with_logprobs(logits, sample_batch(logits, greedy), 5),
+            "greedy + penalties": penalized}
 
 
 def decode_per_head(run: Run) -> None:

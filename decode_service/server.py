@@ -73,7 +73,8 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         max_new_tokens=s.max_tokens or SamplingParams.max_new_tokens, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
-        logprobs=s.logprobs if s.HasField("logprobs") else None)
+        logprobs=s.logprobs if s.HasField("logprobs") else None, frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or 1.0)
 
 
 def logprobs_to_proto(logprobs) -> list[pb.TokenLogprobs]:

@@ -39,6 +39,7 @@ from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.model import compile_feed_forward
+from zeroc.penalties import PenaltyState
 from zeroc.sampling import (FAILED, SamplingBatch, SamplingParams, TokenLogprobs, make_generator, read_logprobs,
                             sample_batch, with_logprobs)
 from zeroc.step_clock import NullClock
@@ -157,6 +158,7 @@ class Engine:
         # Unseeded random requests draw their noise from this one generator, in one draw per step.
         self._shared_gen = torch.Generator(device=device)
         self._shared_gen.seed()
+        self.penalties = PenaltyState(self.model_config.vocab_size, device)  # slots of penalized requests
         # The cpu backend's kernel module also samples (kernels/csrc/sampling.cpp, the same ids as the torch path
         # for the same draws); the torch and triton backends keep the torch sampler, which is what a GPU runs.
         backend = self.model.backend
@@ -217,6 +219,7 @@ class Engine:
         """Drop a request (or a reservation) and free its blocks: at once, or, where a step in flight holds a
         row for it, as soon as that step has run. Returns whether it was queued."""
         self._release(request_id)
+        self.penalties.release(request_id)
         for queue in (self.waiting, self.running):
             for seq in list(queue):
                 if seq.request_id == request_id:
@@ -241,6 +244,7 @@ class Engine:
         if seq in self.running:
             self.running.remove(seq)
         self._release(seq.request_id)
+        self.penalties.release(seq.request_id)
 
     def _finishing(self, seq: _Sequence) -> bool:
         """Whether the token in flight for `seq` is certain to end it by length (so it needs no next row)."""
@@ -350,7 +354,11 @@ class Engine:
             params = [s.params if id(s) in samples else _CHUNK for s in rows]
             gens = [s.generator if p is not _CHUNK else None for s, p in zip(rows, params)]
             sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device)
-            sampled = sample_batch(logits, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
+            penalties = self._penalties(rows, params)
+            scores = logits if penalties is None else self.penalties.apply(logits, penalties)  # [B, vocab]
+            sampled = sample_batch(scores, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
+            if penalties is not None:
+                self.penalties.record(penalties, sampled)  # the next step's penalties see this token
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
             k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
             launched = _Launched(rows, samples, DeviceToHost(sampled if k is None else
@@ -367,6 +375,13 @@ class Engine:
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
         self.clock.lap("bookkeeping")
         return launched
+
+    def _penalties(self, rows: list[_Sequence], params: list[SamplingParams]):
+        """The step's `PenaltyBatch` (None when no row sets a penalty), admitting rows that have no slot yet."""
+        for seq, p in zip(rows, params):
+            if p.penalized:
+                self.penalties.admit(seq.request_id, seq.prompt_ids, seq.output_ids)
+        return self.penalties.batch([(s.request_id, p, p is not _CHUNK) for s, p in zip(rows, params)])
 
     def _collect(self) -> list[StepOutput]:
         """Read the oldest step in flight's ids (waiting for it) and advance its sequences; rows of sequences

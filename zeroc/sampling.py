@@ -41,6 +41,8 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 # Most alternatives a request may ask log-probabilities of at each position (OpenAI's chat limit; vLLM's default).
 MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0  # |frequency_penalty| and |presence_penalty|, OpenAI's range
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: no log-probabilities; n >= 0: each generated token's, and the n most likely tokens' at its position
     logprobs: int | None = None
+    # zeroc/penalties.py: OpenAI's frequency and presence penalties (0: none), the repetition penalty (1: none)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -81,12 +87,22 @@ class SamplingParams:
                              "are allowed")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:  # NaN fails too
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)!r}")
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1: none), "
+                             f"got {self.repetition_penalty!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -16,7 +16,7 @@ def test_cpu_run_passes_every_check():
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert [line.split()[:2] for line in lines[:10]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
-                                                          ["logprobs", "pass"], ["isolation", "pass"],
+                                                          ["extras", "pass"], ["isolation", "pass"],
                                                           ["async", "pass"], ["backends", "pass"], ["tier", "pass"],
                                                           ["int8", "pass"], ["flex", "pass"]]
 

@@ -83,7 +83,10 @@ def test_errors_carry_the_status_and_bad_input_is_not_retried(services):
     with Client(services.decode) as c:
         with pytest.raises(ClientError) as err:
             c.generate("x", logprobs=21)
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in err.value.details
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in err.value.details
+        with pytest.raises(ClientError) as err:
+            c.generate("x", repetition_penalty=-1.0)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty" in err.value.details
 
 
 def test_async_errors(services):

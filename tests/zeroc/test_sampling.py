@@ -42,6 +42,10 @@ def sample(request):
     ({"logprobs": -1}, "logprobs"),
     ({"logprobs": 21}, "logprobs"),
     ({"logprobs": 2.5}, "logprobs"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": float("nan")}, "presence_penalty"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
 ])
 def test_invalid_parameters_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):

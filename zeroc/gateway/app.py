@@ -106,7 +106,8 @@ class Gateway:
                 "top_k": max(0, req.top_k or 0),
                 "seed": None if req.seed is None else req.seed % 2**64,
                 "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "model": self.card.name,
-                "logprobs": req.logprobs_wanted()}
+                "logprobs": req.logprobs_wanted(), "frequency_penalty": req.frequency_penalty or 0.0,
+                "presence_penalty": req.presence_penalty or 0.0, "repetition_penalty": req.repetition_penalty or 1.0}
 
     async def completions(self, request: Request) -> Response:
         req = await self._body(request, CompletionRequest)

@@ -2,9 +2,9 @@
 
 Unknown fields are ignored (as OpenAI's own SDKs add new ones over time); known fields the decode
 services cannot honour are accepted only at their neutral values, anything else is a 400 naming
-the field. `top_k`, `ignore_eos` and `return_token_ids` are extensions, as in vLLM. Log-probabilities
-(`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS alternatives, as vLLM's default allows
-(OpenAI's own completions stop at 5).
+the field. `top_k`, `repetition_penalty`, `ignore_eos` and `return_token_ids` are extensions, as in
+vLLM. Log-probabilities (`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS alternatives,
+as vLLM's default allows (OpenAI's own completions stop at 5).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeroc.gateway.errors import APIError, quote
-from zeroc.sampling import MAX_LOGPROBS
+from zeroc.sampling import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
 _U32 = 2**32 - 1
 MAX_CHOICES = 16  # `n`: each choice is a decode call of its own
@@ -46,9 +46,10 @@ class _Sampling(_Body):
     user: str | None = Field(None, max_length=512)
     ignore_eos: bool = False
     return_token_ids: bool = False
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)
     # Known fields the services cannot honour: only their neutral values pass (see `unsupported`).
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
     tools: list[Any] | None = None
@@ -64,9 +65,7 @@ class _Sampling(_Body):
 
     def unsupported(self) -> list[tuple[str, object]]:
         """(field, value) of every set field the services cannot honour."""
-        bad = [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
-        out = [(k, v) for k, v in bad if v not in (None, 0, 0.0)]
-        out += [(k, v) for k, v in (("logit_bias", self.logit_bias), ("tools", self.tools)) if v]
+        out = [(k, v) for k, v in (("logit_bias", self.logit_bias), ("tools", self.tools)) if v]
         if self.best_of not in (None, 1):
             out.append(("best_of", self.best_of))
         if self.response_format and self.response_format.get("type") not in (None, "text"):

@@ -160,6 +160,20 @@ def test_several_choices_are_seeded_calls_of_their_own(api, sdk):
     assert ends == {0: "length", 1: "length", 2: "length"} and chunks[-1].usage.completion_tokens == 15
 
 
+def test_penalties_reach_the_decode_services(api, sdk):
+    """OpenAI's frequency and presence penalties and the repetition_penalty extension give what the gRPC SDK gets
+    with them (tests/zeroc/test_penalties.py checks the engine against transformers), and change the output."""
+    plain = sdk.generate(PROMPT, max_tokens=16, temperature=0.0)
+    for kwargs in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.5}, {"repetition_penalty": 1.3}):
+        want = sdk.generate(PROMPT, max_tokens=16, temperature=0.0, **kwargs)
+        extra = {"extra_body": kwargs} if "repetition_penalty" in kwargs else kwargs
+        got = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=16, temperature=0, **extra)
+        assert got.choices[0].text == want.text != plain.text, kwargs
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=2, presence_penalty=2.5)
+    assert err.value.body["param"] == "presence_penalty"
+
+
 def test_cached_prefix_tokens_are_reported(api):
     prompt = " ".join(f"word{i}" for i in range(120))  # several KV blocks
     cached = [api.completions.create(model="zeroc-tiny", prompt=prompt, max_tokens=1, temperature=0)

@@ -1,0 +1,89 @@
+"""Repetition, frequency and presence penalties (zeroc/penalties.py) in the engine.
+
+Oracles: Hugging Face's `generate(repetition_penalty=...)` for the repetition penalty, and a greedy loop over
+transformers' logits with the counts kept on the host for OpenAI's frequency and presence penalties. A
+penalized request gets the same tokens alone, in a mixed batch, after preemption and running ahead."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
+from zeroc.engine import Engine
+from zeroc.loader import load_model
+from zeroc.sampling import SamplingParams
+
+PROMPT = "The built-in function"
+
+
+@pytest.fixture(scope="module", params=["torch", "cpu"])
+def model(request):
+    """The bundled model on the torch sampler (a GPU's) and on the cpu backend's kernel sampler."""
+    return load_model(BUNDLED_MODEL, attention_backend=request.param)
+
+
+def _alone(model, params, prompt=PROMPT, **sched):
+    engine = Engine(model, CacheConfig(16, 256), SchedulerConfig(**sched))
+    out = engine.generate([prompt], params)[0]
+    assert not engine.penalties.slot, "a finished request kept its slot"
+    return out.token_ids
+
+
+def test_repetition_penalty_is_hugging_faces(model, hf_model_of):
+    hf = hf_model_of(BUNDLED_MODEL)
+    ids = model.tokenizer.encode(PROMPT)
+    plain = _alone(model, SamplingParams(max_new_tokens=24, ignore_eos=True))
+    for r in (1.3, 0.8):
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                           repetition_penalty=r)[0, len(ids):].tolist()
+        got = _alone(model, SamplingParams(max_new_tokens=24, ignore_eos=True, repetition_penalty=r))
+        assert got == want
+        assert got != plain  # the bundled model repeats itself ("Py_Py_Py_..."): the penalty changes that
+
+
+def test_frequency_and_presence_penalties_follow_the_counts_of_generated_tokens(model, hf_model_of):
+    hf = hf_model_of(BUNDLED_MODEL)
+    ids = model.tokenizer.encode(PROMPT)
+    for f, p in ((0.7, 0.0), (0.0, 1.5), (0.5, -0.4)):
+        seq, counts = list(ids), torch.zeros(model.config.vocab_size)
+        with torch.no_grad():
+            for _ in range(20):
+                scores = hf(torch.tensor([seq])).logits[0, -1].float() - f * counts - p * (counts > 0)
+                token = int(scores.argmax())
+                counts[token] += 1
+                seq.append(token)
+        got = _alone(model, SamplingParams(max_new_tokens=20, ignore_eos=True, frequency_penalty=f,
+                                           presence_penalty=p))
+        assert got == seq[len(ids):], (f, p)
+
+
+def test_penalized_requests_are_the_same_in_a_batch_after_preemption_and_running_ahead(model):
+    prompts = [PROMPT, "import os\n", "A list comprehension is", "Exceptions are raised"]
+    params = [SamplingParams(max_new_tokens=16, ignore_eos=True, repetition_penalty=1.2, frequency_penalty=0.3),
+              SamplingParams(max_new_tokens=16, ignore_eos=True),
+              SamplingParams(max_new_tokens=16, temperature=0.9, seed=4, ignore_eos=True, presence_penalty=0.8),
+              SamplingParams(max_new_tokens=16, temperature=0.9, seed=5, ignore_eos=True)]
+    alone = [_alone(model, sp, p) for p, sp in zip(prompts, params)]
+    for cache, ahead in ((CacheConfig(16, 256), False), (CacheConfig(16, 6), False), (CacheConfig(16, 256), True)):
+        engine = Engine(model, cache, SchedulerConfig(async_scheduling=ahead))
+        assert [r.token_ids for r in engine.generate(prompts, params)] == alone
+        assert not engine.penalties.slot and engine.cache.num_free_blocks == engine.cache.num_blocks
+        if cache.num_blocks == 6:
+            assert engine.num_preemptions > 0
+
+
+def test_every_step_with_penalties_reads_the_host_once(model):
+    """Admitting a penalized request (its slot filled from the host's lists) and counting its tokens read nothing
+    back: the step's one read stays the sampled ids."""
+    from zeroc.bench.step_costs import count_syncs
+
+    engine = Engine(model, CacheConfig(16, 256))
+    engine.add_request(PROMPT, SamplingParams(max_new_tokens=6, ignore_eos=True, repetition_penalty=1.2))
+    engine.add_request("import os\n", SamplingParams(max_new_tokens=6, ignore_eos=True, presence_penalty=0.5))
+    reads = []
+    while engine.has_unfinished():
+        with count_syncs(engine.device) as n:
+            engine.step()
+        reads.append(n[0])
+    assert set(reads) == {1} and not engine.penalties.slot
