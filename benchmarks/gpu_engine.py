@@ -7,7 +7,7 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
 - syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them, and the
   output names the lines each one came from);
 - seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
-- extras: requests asking for log-probabilities (greedy and seeded) or penalties (repetition, frequency),
+- extras: requests asking for log-probabilities (greedy and seeded) or penalties (repetition, frequency, bias),
   beside one asking for neither, get, with decode steps in CUDA graphs and running ahead, the tokens and
   log-probabilities (within 1e-3) of the eager step-by-step engine, still with one sync per decode step;
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
@@ -112,7 +112,8 @@ def check_extras(loaded) -> tuple[bool, str]:
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=5),
               SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, ignore_eos=True, logprobs=0),
               SamplingParams(max_new_tokens=8, ignore_eos=True),
-              SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5)]
+              SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5,
+                             logit_bias=((5, 2.0), (9, -100.0)))]
     eager = _engine(loaded, True).generate(PROMPTS[:4], params)
     graphed = _engine(loaded, False, pad_on_cpu=True, ahead=True).generate(PROMPTS[:4], params)
     same_tokens = [r.token_ids for r in eager] == [r.token_ids for r in graphed]

@@ -255,7 +255,7 @@ def sampling(run: Run) -> None:
 
 def _sampling_extras(b: int, vocab: int, dtype: torch.dtype, device: torch.device) -> dict:
     """A greedy step's sampling with log-probabilities, and with every row penalized (its slot holding 64
-    generated tokens and a 256-token prompt), as the engine runs them."""
+    generated tokens, a 256-token prompt and a 50-token logit bias), as the engine runs them."""
     from sampling import make_logits
 
     from zeroc.penalties import PenaltyState
@@ -263,11 +263,12 @@ def _sampling_extras(b: int, vocab: int, dtype: torch.dtype, device: torch.devic
 
     logits = make_logits(b, vocab, 4.0, dtype).to(device)
     greedy = SamplingBatch.build([SamplingParams()] * b, [None] * b, vocab, device)
-    params = SamplingParams(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2)
+    params = SamplingParams(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2,
+                            logit_bias=tuple((t, -5.0) for t in range(50)))
     state, gen = PenaltyState(vocab, device), torch.Generator().manual_seed(0)
     for i in range(b):
         state.admit(f"r{i}", torch.randint(vocab, (256,), generator=gen).tolist(),
-                    torch.randint(vocab, (64,), generator=gen).tolist())
+                    torch.randint(vocab, (64,), generator=gen).tolist(), params.logit_bias)
     penalties = state.batch([(f"r{i}", params, True) for i in range(b)])
 
     def penalized():

@@ -74,7 +74,8 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
         logprobs=s.logprobs if s.HasField("logprobs") else None, frequency_penalty=s.frequency_penalty,
-        presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or 1.0)
+        presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or 1.0,
+        logit_bias=tuple(sorted(s.logit_bias.items())))
 
 
 def logprobs_to_proto(logprobs) -> list[pb.TokenLogprobs]:
@@ -126,6 +127,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context.abort(_INVALID, "set either prompt or prompt_token_ids, not both")
         try:
             params = sampling_from_proto(request.sampling)
+            state.engine.check_sampling(params)
             ids = state.engine.prepare_prompt(request.prompt or list(request.prompt_token_ids))
         except PromptTooLongError as exc:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))

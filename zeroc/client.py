@@ -179,12 +179,14 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
                   top_p: float = 1.0, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
                   ignore_eos: bool = False, request_id: str = "", model: str = "",
                   logprobs: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                  repetition_penalty: float = 1.0) -> pb.GenerateRequest:
+                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None
+                  ) -> pb.GenerateRequest:
     """`logprobs`: None for none; n to get each token's log-probability and the n most likely tokens' (0-20).
     The penalties: protos/zeroc/v1/generation.proto's SamplingParams."""
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  stop=list(stop), ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
-                                 presence_penalty=presence_penalty, repetition_penalty=repetition_penalty)
+                                 presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
+                                 logit_bias=logit_bias or {})
     if seed is not None:
         sampling.seed = seed
     if logprobs is not None:

@@ -190,12 +190,18 @@ class Engine:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the limit is {limit - 1}")
         return ids
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        """Raise ZeroCError for parameters this model cannot take: logit_bias ids past its vocabulary."""
+        if any(t >= self.model_config.vocab_size for t, _ in params.logit_bias):
+            raise ZeroCError(f"logit_bias has token ids outside [0, {self.model_config.vocab_size})")
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cached_tokens: int = 0) -> str:
         """Queue a prompt. `cached_tokens` > 0: the KV of that many leading prompt tokens is already
         in the cache under `request_id` (slots taken with `reserve` and filled by a KV transfer)."""
         params = params or SamplingParams()
         ids = self.prepare_prompt(prompt)
+        self.check_sampling(params)
         request_id = request_id or f"req-{next(self._ids)}"
         if any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)):
             raise ZeroCError(f"request id {request_id!r} is already in use")
@@ -380,7 +386,7 @@ class Engine:
         """The step's `PenaltyBatch` (None when no row sets a penalty), admitting rows that have no slot yet."""
         for seq, p in zip(rows, params):
             if p.penalized:
-                self.penalties.admit(seq.request_id, seq.prompt_ids, seq.output_ids)
+                self.penalties.admit(seq.request_id, seq.prompt_ids, seq.output_ids, p.logit_bias)
         return self.penalties.batch([(s.request_id, p, p is not _CHUNK) for s, p in zip(rows, params)])
 
     def _collect(self) -> list[StepOutput]:

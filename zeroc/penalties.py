@@ -1,12 +1,14 @@
-"""Repetition, frequency and presence penalties, from token counts kept on the device.
+"""Logit bias and the repetition, frequency and presence penalties, from token counts kept on the device.
 
 A request that sets a penalty (`SamplingParams.penalized`) holds a slot in `PenaltyState` from its first
 step to its end: a row of generated-token counts and a row of prompt-token presence, both [V] on the
 device. The engine records each step's sampled ids into the slots on the device, so a step's penalties
 see the token of the step before it even while that step's ids are still on their way to the host
 (running ahead); nothing is rebuilt from the host's token lists but at admission (a preempted sequence's
-outputs, once). Penalties are applied as vLLM applies them, to a copy of the logits (the raw ones stay for
-log-probabilities):
+outputs, once). They are applied as vLLM applies them, in this order, to a copy of the logits (the raw ones
+stay for log-probabilities):
+- logit bias (OpenAI's `logit_bias`): a fixed amount added to the logits of the tokens it names, kept in the
+  slot as a [V] row;
 - repetition r (Hugging Face's and vLLM's extension; 1 is none): a token seen in the prompt or the output has
   its logit divided by r where positive, multiplied by r where not;
 - frequency f and presence p (OpenAI's, in [-2, 2]; 0 is none): a token's logit loses f times its count in
@@ -32,6 +34,7 @@ class PenaltyBatch:
     frequency: Tensor | None  # [B, 1] float32, negated; None where no row sets one
     presence: Tensor | None  # [B, 1] float32, negated; None where no row sets one
     repetition: Tensor | None  # [B, 1] float32; None where no row sets one
+    biased: bool  # some row sets a logit bias
     sampled_rows: Tensor  # [R] int64 rows whose sampled token counts (penalized rows that sample this step)
     sampled_slots: Tensor  # [R] int64 their slots
 
@@ -48,6 +51,7 @@ class PenaltyState:
         self.vocab, self.device = vocab, device
         self.counts = torch.zeros(0, vocab, device=device)  # [slots, V] each token's count in the output
         self.seen = torch.zeros(0, vocab, device=device)  # [slots, V] 1 for a token in the prompt or the output
+        self.bias = torch.zeros(0, vocab, device=device)  # [slots, V] each token's logit bias
         self.slot: dict[str, int] = {}  # request id -> its slot
         self._free: list[int] = []
         self._scratch = torch.zeros(3, 0, vocab, device=device)  # [3, B, V] the step's buffers, grown as needed
@@ -57,10 +61,13 @@ class PenaltyState:
         new = max(4, 2 * old)
         self.counts = torch.cat([self.counts, self.counts.new_zeros(new - old, self.vocab)])
         self.seen = torch.cat([self.seen, self.seen.new_zeros(new - old, self.vocab)])
+        self.bias = torch.cat([self.bias, self.bias.new_zeros(new - old, self.vocab)])
         self._free += range(max(old, 1), new)
 
-    def admit(self, request_id: str, prompt_ids: list[int], output_ids: list[int]) -> None:
-        """Give a penalized request its slot, with what it has generated so far (a preempted one's outputs)."""
+    def admit(self, request_id: str, prompt_ids: list[int], output_ids: list[int],
+              logit_bias: tuple[tuple[int, float], ...] = ()) -> None:
+        """Give a penalized request its slot, with what it has generated so far (a preempted one's outputs) and
+        its logit bias (token ids below the vocabulary size, checked by the caller)."""
         if request_id in self.slot:
             return
         if not self._free:
@@ -73,6 +80,10 @@ class PenaltyState:
         self.counts[s].index_put_((out,), torch.ones_like(out, dtype=self.counts.dtype), accumulate=True)
         self.seen[s] = 0.0
         self.seen[s, host_to_device(prompt_ids + output_ids, torch.long, self.device)] = 1.0
+        self.bias[s] = 0.0
+        if logit_bias:
+            self.bias[s, host_to_device([t for t, _ in logit_bias], torch.long, self.device)] = host_to_device(
+                [b for _, b in logit_bias], torch.float32, self.device)
 
     def release(self, request_id: str) -> None:
         s = self.slot.pop(request_id, None)
@@ -96,6 +107,7 @@ class PenaltyState:
                             column([-p.frequency_penalty for _, p, _ in rows], 0.0),
                             column([-p.presence_penalty for _, p, _ in rows], 0.0),
                             column([p.repetition_penalty for _, p, _ in rows], 1.0),
+                            any(p.logit_bias for _, p, _ in rows),
                             host_to_device(counted, torch.long, self.device),
                             host_to_device([slots[i] for i in counted], torch.long, self.device))
 
@@ -106,6 +118,9 @@ class PenaltyState:
             self._scratch = torch.zeros(3, rows, self.vocab, device=self.device)
         x, counts, factor = self._scratch[:, :rows]  # [B, V] each
         x.copy_(logits)
+        if b.biased:
+            torch.index_select(self.bias, 0, b.slots, out=counts)
+            x.add_(counts)
         if b.repetition is not None:
             # a seen token's logit times 1/r where positive, r where not: x + x * (factor - 1) on seen tokens
             r = b.repetition

@@ -43,6 +43,8 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0  # |frequency_penalty| and |presence_penalty|, OpenAI's range
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each entry of logit_bias
+MAX_LOGIT_BIAS_TOKENS = 300
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's logit_bias
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -93,8 +96,20 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise ValueError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] (1: none), "
                              f"got {self.repetition_penalty!r}")
+        self._check_logit_bias()
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
+
+    def _check_logit_bias(self) -> None:
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"logit_bias has {len(bias)} tokens; at most {MAX_LOGIT_BIAS_TOKENS} are allowed")
+        if any(t < 0 or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in bias):
+            raise ValueError(f"logit_bias: token ids must be >= 0 and biases in [-{MAX_LOGIT_BIAS:g}, "
+                             f"{MAX_LOGIT_BIAS:g}]")
+        if len({t for t, _ in bias}) != len(bias):
+            raise ValueError("logit_bias names a token more than once")
+        object.__setattr__(self, "logit_bias", bias)
 
     @property
     def greedy(self) -> bool:
@@ -102,7 +117,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+        """Whether the request changes its logits before sampling: a penalty or a logit bias (zeroc/penalties.py)."""
+        return (self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias))
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:

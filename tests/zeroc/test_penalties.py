@@ -1,7 +1,8 @@
-"""Repetition, frequency and presence penalties (zeroc/penalties.py) in the engine.
+"""Logit bias and the repetition, frequency and presence penalties (zeroc/penalties.py) in the engine.
 
 Oracles: Hugging Face's `generate(repetition_penalty=...)` for the repetition penalty, and a greedy loop over
-transformers' logits with the counts kept on the host for OpenAI's frequency and presence penalties. A
+transformers' logits with the bias added and the counts kept on the host for OpenAI's logit bias and frequency
+and presence penalties. A
 penalized request gets the same tokens alone, in a mixed batch, after preemption and running ahead."""
 
 from __future__ import annotations
@@ -42,20 +43,36 @@ def test_repetition_penalty_is_hugging_faces(model, hf_model_of):
         assert got != plain  # the bundled model repeats itself ("Py_Py_Py_..."): the penalty changes that
 
 
-def test_frequency_and_presence_penalties_follow_the_counts_of_generated_tokens(model, hf_model_of):
+def test_logit_bias_frequency_and_presence_penalties_follow_a_host_loop(model, hf_model_of):
     hf = hf_model_of(BUNDLED_MODEL)
     ids = model.tokenizer.encode(PROMPT)
-    for f, p in ((0.7, 0.0), (0.0, 1.5), (0.5, -0.4)):
-        seq, counts = list(ids), torch.zeros(model.config.vocab_size)
+    plain = _alone(model, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    # the greedy path's second token banned, a token it never takes lifted
+    bias = ((plain[1], -100.0), (plain[0] + 1, 3.0))
+    for f, p, b in ((0.7, 0.0, ()), (0.0, 1.5, ()), (0.5, -0.4, ()), (0.0, 0.0, bias), (0.6, 0.2, bias)):
+        seq, counts, added = list(ids), torch.zeros(model.config.vocab_size), torch.zeros(model.config.vocab_size)
+        for t, v in b:
+            added[t] = v
         with torch.no_grad():
             for _ in range(20):
-                scores = hf(torch.tensor([seq])).logits[0, -1].float() - f * counts - p * (counts > 0)
+                scores = hf(torch.tensor([seq])).logits[0, -1].float() + added - f * counts - p * (counts > 0)
                 token = int(scores.argmax())
                 counts[token] += 1
                 seq.append(token)
         got = _alone(model, SamplingParams(max_new_tokens=20, ignore_eos=True, frequency_penalty=f,
-                                           presence_penalty=p))
-        assert got == seq[len(ids):], (f, p)
+                                           presence_penalty=p, logit_bias=b))
+        assert got == seq[len(ids):], (f, p, b)
+        if b:
+            assert plain[1] not in got and got != plain
+
+
+def test_logit_bias_past_the_vocabulary_is_refused(model):
+    from zeroc.config import ZeroCError
+
+    engine = Engine(model, CacheConfig(16, 64))
+    with pytest.raises(ZeroCError, match="logit_bias"):
+        engine.add_request(PROMPT, SamplingParams(logit_bias=((model.config.vocab_size, 1.0),)))
+    assert not engine.has_unfinished()
 
 
 def test_penalized_requests_are_the_same_in_a_batch_after_preemption_and_running_ahead(model):

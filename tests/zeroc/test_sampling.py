@@ -46,6 +46,11 @@ def sample(request):
     ({"presence_penalty": float("nan")}, "presence_penalty"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
     ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"logit_bias": ((5, 101.0),)}, "logit_bias"),
+    ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+    ({"logit_bias": ((5, 1.0), (5, 2.0))}, "logit_bias"),
+    ({"logit_bias": tuple((i, 1.0) for i in range(301))}, "logit_bias"),
+    ({"logit_bias": ((5, float("nan")),)}, "logit_bias"),
 ])
 def test_invalid_parameters_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeroc.gateway.errors import APIError, quote
-from zeroc.sampling import MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
+from zeroc.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
 
 _U32 = 2**32 - 1
 MAX_CHOICES = 16  # `n`: each choice is a decode call of its own
@@ -55,6 +55,18 @@ class _Sampling(_Body):
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
+    def bias(self) -> dict[int, float]:
+        """logit_bias with its keys (token ids as JSON strings, OpenAI's shape) read as ints. Raises APIError."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or len(key) > 10:
+                raise APIError(400, f"logit_bias: keys must be token ids, got {quote(key)}", param="logit_bias")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise APIError(400, f"logit_bias: biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got "
+                                    f"{quote(value)}", param="logit_bias")
+            out[int(key)] = value
+        return out
+
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 16:
@@ -65,7 +77,7 @@ class _Sampling(_Body):
 
     def unsupported(self) -> list[tuple[str, object]]:
         """(field, value) of every set field the services cannot honour."""
-        out = [(k, v) for k, v in (("logit_bias", self.logit_bias), ("tools", self.tools)) if v]
+        out = [("tools", self.tools)] if self.tools else []
         if self.best_of not in (None, 1):
             out.append(("best_of", self.best_of))
         if self.response_format and self.response_format.get("type") not in (None, "text"):

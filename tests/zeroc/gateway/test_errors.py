@@ -36,7 +36,10 @@ def assert_error(status: int, body, want_status: int, *words: str, code: str | N
     ({"prompt": "x", "echo": True}, 400, ["echo", "not supported"], "echo"),
     ({"prompt": "x", "frequency_penalty": -3}, 400, ["frequency_penalty"], "frequency_penalty"),
     ({"prompt": "x", "repetition_penalty": 0}, 400, ["repetition_penalty"], "repetition_penalty"),
-    ({"prompt": "x", "logit_bias": {"5": 1.0}}, 400, ["logit_bias", "not supported"], "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"five": 1.0}}, 400, ["logit_bias", "token ids"], "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 250}}, 400, ["logit_bias", "100"], "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"999999": 1}}, 400, ["logit_bias", "outside"], None),  # the decode service's
+    ({"prompt": "x", "tools": [{"type": "function"}]}, 400, ["tools", "not supported"], "tools"),
     ({"prompt": ["a", "b"]}, 400, ["batches of 2"], "prompt"),
     ({"prompt": [1, 99999]}, 400, ["outside"], None),  # from the decode service: INVALID_ARGUMENT
     ({"prompt": "", "max_tokens": 1}, 400, ["empty"], "prompt"),
@@ -113,7 +116,8 @@ def _mutations(rng: random.Random):
              [{"role": "user", "content": [{"type": "text"}]}], [{"content": "x"}]]
     fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
               "top_k", "seed", "stop", "n", "stream", "stream_options", "user", "logprobs", "echo", "best_of",
-              "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos", "response_format", "tools", "unknown_field"]
+              "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos",
+              "response_format", "tools", "unknown_field", "top_logprobs"]
     while True:
         # Two length fields, so one corrupted byte cannot leave a valid chat without a limit.
         base = rng.choice([{"prompt": "hi", "max_tokens": 2, "max_completion_tokens": 2},

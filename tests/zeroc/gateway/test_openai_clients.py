@@ -160,9 +160,10 @@ def test_several_choices_are_seeded_calls_of_their_own(api, sdk):
     assert ends == {0: "length", 1: "length", 2: "length"} and chunks[-1].usage.completion_tokens == 15
 
 
-def test_penalties_reach_the_decode_services(api, sdk):
-    """OpenAI's frequency and presence penalties and the repetition_penalty extension give what the gRPC SDK gets
-    with them (tests/zeroc/test_penalties.py checks the engine against transformers), and change the output."""
+def test_penalties_and_logit_bias_reach_the_decode_services(api, sdk):
+    """OpenAI's frequency and presence penalties and logit bias, and the repetition_penalty extension, give what
+    the gRPC SDK gets with them (tests/zeroc/test_penalties.py checks the engine against transformers), and
+    change the output."""
     plain = sdk.generate(PROMPT, max_tokens=16, temperature=0.0)
     for kwargs in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.5}, {"repetition_penalty": 1.3}):
         want = sdk.generate(PROMPT, max_tokens=16, temperature=0.0, **kwargs)
@@ -172,6 +173,11 @@ def test_penalties_reach_the_decode_services(api, sdk):
     with pytest.raises(openai.BadRequestError) as err:
         api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=2, presence_penalty=2.5)
     assert err.value.body["param"] == "presence_penalty"
+    banned = plain.token_ids[0]  # OpenAI's logit_bias: -100 bans the greedy first token
+    got = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                 logit_bias={str(banned): -100}, extra_body={"return_token_ids": True})
+    assert banned not in got.choices[0].model_extra["token_ids"]
+    assert got.choices[0].text == sdk.generate(PROMPT, max_tokens=16, temperature=0.0, logit_bias={banned: -100}).text
 
 
 def test_cached_prefix_tokens_are_reported(api):
