@@ -75,7 +75,7 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
         logprobs=s.logprobs if s.HasField("logprobs") else None, frequency_penalty=s.frequency_penalty,
         presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or 1.0,
-        logit_bias=tuple(sorted(s.logit_bias.items())))
+        logit_bias=dict(s.logit_bias))
 
 
 def logprobs_to_proto(logprobs) -> list[pb.TokenLogprobs]:

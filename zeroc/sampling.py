@@ -66,7 +66,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's logit_bias
+    # (token id, added to its logit) pairs, OpenAI's logit_bias (a {token id: bias} dict is taken too)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -101,7 +102,9 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
 
     def _check_logit_bias(self) -> None:
-        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        """logit_bias as sorted (token id, bias) pairs, from pairs or a {token id: bias} dict."""
+        given = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias = tuple(sorted((int(t), float(b)) for t, b in given))
         if len(bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias has {len(bias)} tokens; at most {MAX_LOGIT_BIAS_TOKENS} are allowed")
         if any(t < 0 or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in bias):

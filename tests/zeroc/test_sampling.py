@@ -301,3 +301,9 @@ def test_with_logprobs_packs_ids_and_log_softmax_in_one_tensor():
     assert [v for _, v in got.top] == pytest.approx(best.values.tolist(), abs=1e-6)
     assert int(host[2][0]) == FAILED and read_logprobs(host[1], 4, 0).top == ()
     assert with_logprobs(logits, ids, 0).shape == (3, 2)
+
+
+def test_logit_bias_is_taken_as_pairs_or_a_dict_and_kept_sorted():
+    assert SamplingParams(logit_bias={9: -1, 3: 2.5}).logit_bias == ((3, 2.5), (9, -1.0))
+    assert SamplingParams(logit_bias=((9, -1.0), (3, 2.5))) == SamplingParams(logit_bias={3: 2.5, 9: -1.0})
+    assert SamplingParams(logit_bias={3: 1.0}).penalized and not SamplingParams().penalized
