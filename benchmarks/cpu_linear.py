@@ -35,7 +35,7 @@ from fused_projections import decode_ms, prefill_ms, random_loaded  # noqa: E402
 
 from zeroc.config import BUNDLED_MODEL  # noqa: E402
 from zeroc.loader import LoadedModel, load_model  # noqa: E402
-from zeroc.model import Linear  # noqa: E402
+from zeroc.layers import Linear  # noqa: E402
 from zeroc_kernels.attention import CpuBackend  # noqa: E402
 from zeroc_kernels.cpu_linear import PACKED_DTYPES, WeightPack  # noqa: E402
 

@@ -10,7 +10,7 @@ never by looking at a tensor's device or an argument's type on the hot path. Cal
   compressed segment of a prompt's chunk (dense rows, causal or not, with LSEs: torch's flash kernel);
 - `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
   (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels;
-  and `linear`, every GEMM of the model (`zeroc.model.Linear`), which the cpu backend runs through oneDNN.
+  and `linear`, every GEMM of the model (`zeroc.layers.Linear`), which the cpu backend runs through oneDNN.
 
 Backends:
 - `TorchBackend` ("torch"): the PyTorch references, on any device. Writes happen in PyTorch before
@@ -220,7 +220,7 @@ class AttentionBackend(abc.ABC):
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, pack: WeightPack | None = None
                ) -> Tensor:
         """x: [*, in]; weight: [out, in]; bias: [out] or None -> x @ weight^T + bias [*, out]: the model's GEMMs
-        (zeroc.model.Linear runs its model's backend's). `pack`: the slot its caller keeps beside `weight`, where a
+        (zeroc.layers.Linear runs its model's backend's). `pack`: the slot its caller keeps beside `weight`, where a
         backend may keep the weight in a faster layout (the cpu backend's oneDNN copy); others ignore it."""
         return F.linear(x, weight, bias)
 

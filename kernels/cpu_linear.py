@@ -5,7 +5,7 @@
 serves: inductor lowers the oneDNN op only for frozen weights). bf16 GEMMs of many rows on other CPUs (AVX2) run in
 fp32 on the weight widened a slice at a time (`widened_bf16_linear`), where F.linear ran them a row at a time.
 
-Packed. Given a `WeightPack` (the slot a `zeroc.model.Linear` keeps beside its weight), the weight is reordered
+Packed. Given a `WeightPack` (the slot a `zeroc.layers.Linear` keeps beside its weight), the weight is reordered
 once into oneDNN's blocked layout for a batch hint of `PACK_BATCH` rows, and every later call runs oneDNN's linear
 op (`torch.ops.mkldnn._linear_pointwise`, which inductor uses on frozen weights) on that copy. oneDNN on a plain
 weight reorders it on every call, which at decode batch sizes costs more than the product; MKL's sgemm (F.linear)
@@ -73,7 +73,7 @@ WIDEN_SLICE = 1 << 19
 
 
 class WeightPack:
-    """A slot kept beside one weight by whoever owns it (`zeroc.model.Linear`), in which the cpu backend keeps that
+    """A slot kept beside one weight by whoever owns it (`zeroc.layers.Linear`), in which the cpu backend keeps that
     weight packed for oneDNN. Empty until the first GEMM that packs; `clear` empties it (a Linear does when its
     module is moved or cast). A copy or a pickle of it starts empty and packs on its first use.
 
@@ -89,7 +89,7 @@ class WeightPack:
         self.clear()
 
     def clear(self) -> None:
-        if self.released:  # the weight's only copy: its owner restores it first (zeroc.model.Linear._apply does)
+        if self.released:  # the weight's only copy: its owner restores it first (zeroc.layers.Linear._apply does)
             raise RuntimeError("this weight was released for serving and lives only in its pack: "
                                "restore it (Transformer.restore_plain_weights) before the pack is cleared")
         self.packed: Tensor | None = None

@@ -23,7 +23,7 @@ concatenation, `release` makes the pack its only copy and leaves the concatenati
 placeholders; `restore` gives them back, the same bits, the parts re-pointed at their slices. A part that was served
 on its own and released is restored before it is fused.
 
-The one GEMM is the parts' backend's: a part that is a `zeroc.model.Linear` carries its model's backend GEMM
+The one GEMM is the parts' backend's: a part that is a `zeroc.layers.Linear` carries its model's backend GEMM
 (`gemm`), which the fused call runs on the concatenation with a pack slot of its own (the cpu backend packs the
 concatenation for oneDNN, kernels/cpu_linear.py); a plain nn.Linear part, F.linear.
 """
@@ -182,7 +182,7 @@ class SummedLinears:
         return _gemm(self.parts, torch.cat(xs, -1), self.weight, self.bias, self.pack)
 
 
-# -- GEMM weights held once: the Linears a model serves on their own (zeroc.model.Linear: a weight, a `pack`) and its
+# -- GEMM weights held once: the Linears a model serves on their own (zeroc.layers.Linear: a weight, a `pack`) and its
 # fused groups, for `Transformer.release_plain_weights` and its inverse
 
 def release_gemms(gemms: list, keep: Tensor) -> None:

@@ -13,8 +13,8 @@ Two ways through the same weights:
 - `Transformer.forward_attend(tokens, positions, attend)` lets the caller own attention and the
   cache (the KV-cache policies of `zeroc.policies`).
 How each forward attends is one object (zeroc/attend.py), not a dispatch in the layers. Each layer's norms and
-SwiGLU gate go through the model's backend (one kernel each on triton), so do its GEMMs (`Linear`: oneDNN on
-the cpu backend), and an Engine on a backend that
+SwiGLU gate go through the model's backend (one kernel each on triton), so do its GEMMs (`Linear`, zeroc/layers.py:
+oneDNN on the cpu backend), and an Engine on a backend that
 `fuses_projections` runs Q/K/V and gate/up as one GEMM each (`fuse_projections`, zeroc/fused_linears.py).
 A compressed model with a full-rank token tier (zeroc/tier.py) runs the dense causal forward and
 the paged one (its cache holds the tier: zeroc/policies/tier.py), not the KV-cache policies.
@@ -37,51 +37,10 @@ from zeroc.config import ModelConfig
 from zeroc.fused_linears import FusedLinears, SummedLinears, plain_weight, release_gemms, restore_gemms
 from zeroc.head_ranks import HeadLayout
 from zeroc.kv_cache import PagedBatch, PagedKVCache
+from zeroc.layers import Embedding, Linear, RMSNorm
 from zeroc.rope import RopeTables, layer_inv_freq, rope_attention_factor, tier_inv_freq
 from zeroc_kernels.attention import AttentionBackend, TorchBackend
-from zeroc_kernels.cpu_linear import WeightPack
-from zeroc_kernels.layer_ops import add_rms_norm_ref, rms_norm_ref, silu_mul_ref
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose GEMM its model's backend runs (`AttentionBackend.linear`, oneDNN on the cpu backend): setting
-    `Transformer.backend` hands it to every Linear of the model; before that, or outside a model, the torch
-    backend's (F.linear). `pack` is the slot where the backend may keep the weight in its own layout (the cpu
-    backend's packed oneDNN copy, made on first use and remade when the weight changes)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__(in_features, out_features, bias=bias)
-        self.gemm = TorchBackend().linear
-        self.pack = WeightPack()
-
-    def forward(self, x: Tensor) -> Tensor:
-        # x: [*, in] -> [*, out]
-        return self.gemm(x, self.weight, self.bias, self.pack)
-
-    def _apply(self, fn, recurse: bool = True):
-        # moved or cast (.to, .half, ...): drop the packed copy now rather than hold the old weight until next use,
-        # the plain weight back first where the pack was its only copy
-        self.pack.restore(self.weight)
-        self.pack.clear()
-        return super()._apply(fn, recurse)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor, ops: AttentionBackend | None = None) -> Tensor:
-        # x: [*, hidden]. ops: the model's backend, which may fuse the norm into one kernel; None: the reference
-        # (normalise in fp32, scale in the input dtype, as Hugging Face does, so half precision matches)
-        return ops.rms_norm(x, self.weight, self.eps) if ops is not None else rms_norm_ref(x, self.weight, self.eps)
-
-    def add(self, x: Tensor, residual: Tensor, ops: AttentionBackend | None = None) -> tuple[Tensor, Tensor]:
-        # x, residual: [*, hidden] -> (norm(x + residual), x + residual): the residual add fused into the norm
-        if ops is None:
-            return add_rms_norm_ref(x, residual, self.weight, self.eps)
-        return ops.add_rms_norm(x, residual, self.weight, self.eps)
+from zeroc_kernels.layer_ops import silu_mul_ref
 
 
 class Attention(nn.Module):
@@ -325,18 +284,10 @@ def _without_ops(compiled, a: Tensor, residual: Tensor, ops: AttentionBackend | 
     return compiled(a, residual)
 
 
-class _Embedding(nn.Embedding):
-    def reset_parameters(self) -> None:
-        # A meta skeleton (the loader's) has nothing to initialise, and normal_ on meta goes through PyTorch's
-        # Python references, whose first use imports torch._dynamo: seconds of every service's start.
-        if not self.weight.is_meta:
-            super().reset_parameters()
-
-
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = _Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from model_copies import unfused_copy
-from zeroc.model import Linear
+from zeroc.layers import Linear
 from zeroc_kernels.attention import CpuBackend, TorchBackend
 from zeroc_kernels.cpu_linear import ONEDNN_MIN_WEIGHT, ONEDNN_PACK, PACKED_DTYPES, WeightPack, onednn_linear
 

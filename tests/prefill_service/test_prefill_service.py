@@ -135,7 +135,7 @@ def test_the_worker_prepares_its_model_as_the_engine_does_and_ships_the_engines_
     from zeroc.config import CacheConfig, SchedulerConfig
     from zeroc.engine import Engine
     from zeroc.kv_transfer import parse_prefill_response
-    from zeroc.model import Linear
+    from zeroc.layers import Linear
     from zeroc.sampling import SamplingParams
     from zeroc_kernels.attention import select_backend
 

@@ -16,7 +16,7 @@ from zeroc.config import BUNDLED_MODEL
 from zeroc.engine import Engine
 from zeroc.fused_linears import FusedLinears, SummedLinears
 from zeroc.loader import load_model, save_model
-from zeroc.model import Linear
+from zeroc.layers import Linear
 from zeroc.sampling import SamplingParams
 from zeroc_kernels.attention import CpuBackend, select_backend
 

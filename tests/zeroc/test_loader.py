@@ -129,7 +129,7 @@ def test_pack_weights_reaches_the_cpu_backend_from_the_flag_or_the_environment(r
     import argparse
 
     from zeroc.cli.common import load, model_args
-    from zeroc.model import Linear
+    from zeroc.layers import Linear
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -14,7 +14,7 @@ import torch
 from zeroc.config import SchedulerConfig
 from zeroc.engine import Engine
 from zeroc.loader import load_model
-from zeroc.model import Linear
+from zeroc.layers import Linear
 from zeroc_kernels.attention import CpuBackend, TorchBackend
 from zeroc_kernels.cpu_linear import ONEDNN_PACK
 
