@@ -119,6 +119,11 @@ def _structured(rng: random.Random, seed: str) -> tuple[str, bytes]:
                               ignore_eos=rng.random() < 0.5)
         if rng.random() < 0.5:
             s.seed = rng.choice([0, 1, 2 ** 63, 2 ** 64 - 1])
+        if rng.random() < 0.25:  # log-probabilities, penalties and logit bias: edge values, mostly valid
+            s.logprobs = rng.choice([0, 1, 5, 20, 21, 2 ** 32 - 1])
+            s.frequency_penalty, s.presence_penalty = rng.choice(_FLOATS), rng.choice([0.0, 0.5, -2.0])
+            s.repetition_penalty = rng.choice(_FLOATS)
+            s.logit_bias.update({rng.choice(_INTS): rng.choice(_FLOATS) for _ in range(rng.choice([0, 1, 3]))})
         req = pb.GenerateRequest(request_id=rng.choice(_STRINGS), model=rng.choice(["", "x" * 300, "tiny"]),
                                  sampling=s)
         if rng.random() < 0.5:

@@ -31,6 +31,17 @@ def test_generate_json_is_deterministic_when_greedy():
     assert a["finish_reason"] in ("stop", "length")
 
 
+def test_generate_takes_logprobs_and_penalties():
+    r = zeroc("generate", "--json", "--max-tokens", "8", "--logprobs", "2", "--repetition-penalty", "1.3",
+              "--frequency-penalty", "0.5", "The built-in function")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    plain = json.loads(zeroc("generate", "--json", "--max-tokens", "8", "The built-in function").stdout)
+    assert len(out["logprobs"]) == len(out["token_ids"]) and out["token_ids"] != plain["token_ids"]
+    assert all(len(lp["top"]) == 2 and lp["logprob"] <= lp["top"][0][1] + 1e-6 for lp in out["logprobs"])
+    assert "logprobs" not in plain
+
+
 def test_bench_forward_reports_positive_rates():
     r = zeroc("bench", "forward", "--json", "--prefill", "64", "--decode-batch", "2")
     assert r.returncode == 0, r.stderr
@@ -44,6 +55,7 @@ def test_bench_forward_reports_positive_rates():
     (["eval", "ppl", "--model", "/nonexistent/model"], "/nonexistent/model: model directory not found"),
     (["eval", "ppl", "--data", "/nonexistent/data.txt"], "/nonexistent/data.txt: data file not found"),
     (["generate", "--temperature", "-1", "hi"], "temperature must be 0 (greedy) or in"),
+    (["generate", "--repetition-penalty", "0", "hi"], "repetition_penalty must be in (0, 10]"),
     (["generate", ""], "prompt is empty"),
     (["eval", "ppl", "--ctx", "1"], "ctx must be >= 2"),
     (["generate", "--dtype", "float8", "hi"], "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),

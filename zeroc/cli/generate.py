@@ -11,30 +11,44 @@ from zeroc.cli import common
 from zeroc.config import ZeroCError
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling options both ways take under the same names (`SamplingParams`, `Client.stream`)."""
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+            "stop": tuple(args.stop or ()), "logprobs": args.logprobs, "frequency_penalty": args.frequency_penalty,
+            "presence_penalty": args.presence_penalty, "repetition_penalty": args.repetition_penalty}
+
+
+def _logprobs_json(logprobs) -> list[dict]:
+    return [{"logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in logprobs]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.target:
         return _generate_remote(args)
     from zeroc.engine import Engine
     from zeroc.sampling import SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    params = SamplingParams(max_new_tokens=args.max_tokens, **_sampling(args))
     loaded, cfg = common.load(args, common.cache_settings(args))
     engine = Engine(loaded, cfg.cache, cfg.scheduler, release_weights=True)  # as a service does
     request_id = engine.add_request(args.prompt, params)
     tokens: list[int] = []
+    logprobs: list = []
     text, reason = "", None
     if not args.json:
         print(args.prompt, end="", flush=True)
     while engine.has_unfinished():
         for out in engine.step():
             tokens += out.token_ids
+            logprobs += out.logprobs
             text += out.text_delta
             reason = out.finish_reason if out.finished else reason
             if not args.json:
                 print(out.text_delta, end="", flush=True)
     if args.json:
-        print(json.dumps({"request_id": request_id, "text": text, "token_ids": tokens, "finish_reason": reason}))
+        extra = {"logprobs": _logprobs_json(logprobs)} if args.logprobs is not None else {}
+        print(json.dumps({"request_id": request_id, "text": text, "token_ids": tokens, "finish_reason": reason,
+                          **extra}))
     else:
         print(f"\n[finish_reason={reason}, {len(tokens)} tokens]")
     return 0
@@ -50,8 +64,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
         with Client(args.target, timeout=args.timeout, token=token, ca=ca) as client:
             if not args.json:
                 print(args.prompt, end="", flush=True)
-            for item in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or ()):
+            for item in client.stream(args.prompt, max_tokens=args.max_tokens, **_sampling(args)):
                 out.append(item)
                 if isinstance(item, Chunk) and not args.json:
                     print(item.text, end="", flush=True)
@@ -60,9 +73,11 @@ def _generate_remote(args: argparse.Namespace) -> int:
     chunks, result = [c for c in out if isinstance(c, Chunk)], out[-1]
     tokens = [t for c in chunks for t in c.token_ids]
     if args.json:
+        extra = ({"logprobs": _logprobs_json([lp for c in chunks for lp in c.logprobs])}
+                 if args.logprobs is not None else {})
         print(json.dumps({"request_id": result.request_id, "text": "".join(c.text for c in chunks),
                           "token_ids": tokens, "finish_reason": result.finish_reason,
-                          "usage": vars(result.usage)}))
+                          "usage": vars(result.usage), **extra}))
     else:
         print(f"\n[finish_reason={result.finish_reason}, {len(tokens)} tokens, "
               f"ttft {result.usage.ttft_ms:.1f} ms]")
@@ -80,6 +95,11 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--logprobs", type=int, default=None,
+                   help="with --json: each token's log-probability and those of the N most likely tokens (0-20)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="in (0, 10]; 1: none")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
     common.kv_policy_args(p)
     p.add_argument("--target", default=None, help="HOST:PORT of a decode service (default: run locally)")
