@@ -2,7 +2,7 @@
 # The prepared GPU run (one lent H100/H200): the attention kernels against SDPA and the copy rate, the Engine
 # against its bandwidth floor, and the whole service stack on CUDA. Each part is time-boxed; results go to $OUT.
 #   bash benchmarks/gpu_all.sh [kernels] [engine] [runtime] [serve] [gateway]   (default: the first four, in order;
-#   each part is time-boxed: 260 + 290 + 240 + 200 s at most). One call may run 600 s: on the H100 (2026-12-05)
+#   each part is time-boxed: 260 + 365 + 240 + 200 s at most). One call may run 600 s: on the H100 (2026-12-05)
 #   kernels took 181 s, engine 136, runtime over 150 and serve 100, so split them over two calls, e.g.
 #   `kernels runtime` then `engine serve`.
 # `runtime` is benchmarks/gpu_engine.py: CUDA graphs, one sync per step, seeded sampling, isolation and async
@@ -37,7 +37,13 @@ for part in $parts; do
                  timeout 90 python3 -m zeroc.cli bench engine --device cuda --shape llama3-8b --layers 16 --batch 64 \
                      --prompt 2048 --new 64 --methods none zeroc-fold-64 zeroc-fold-64-tier-4-64 --rounds 1 --profile \
                      > "$OUT/engine_tier.txt" 2>&1
-                 echo "== engine tier rc=$? $(( $(date +%s) - start )) s"; tail -62 "$OUT/engine_tier.txt" ;;
+                 echo "== engine tier rc=$? $(( $(date +%s) - start )) s"; tail -62 "$OUT/engine_tier.txt"
+                 # Sampled requests (temperature 0.8, top-p 0.9: a full sort of the vocabulary a step on a device),
+                 # against the greedy rows above; gpu_kernels.py's sampling section times the sampler alone
+                 timeout 75 python3 -m zeroc.cli bench engine --device cuda --shape llama3-8b --layers 16 --batch 64 \
+                     --prompt 2048 --new 64 --methods none --schedulers sync async --rounds 1 --temperature 0.8 \
+                     --top-p 0.9 > "$OUT/engine_sampled.txt" 2>&1
+                 echo "== engine sampled rc=$? $(( $(date +%s) - start )) s"; tail -12 "$OUT/engine_sampled.txt" ;;
         serve)   timeout 200 python3 benchmarks/gpu_serve.py --dtype bfloat16 > "$OUT/gpu_serve.txt" 2>&1
                  echo "== serve rc=$? $(( $(date +%s) - start )) s"; tail -40 "$OUT/gpu_serve.txt" ;;
         runtime) timeout 240 python3 benchmarks/gpu_engine.py --device cuda > "$OUT/gpu_engine.txt" 2>&1
