@@ -26,6 +26,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from zeroc.config.limits import (MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY,
+                                 MAX_REPETITION_PENALTY)
 from zeroc.device import host_to_device
 
 FAILED = -1  # the id `sample_batch` gives a row whose logits are not finite
@@ -39,12 +41,6 @@ MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
-# Most alternatives a request may ask log-probabilities of at each position (OpenAI's chat limit; vLLM's default).
-MAX_LOGPROBS = 20
-MAX_PENALTY = 2.0  # |frequency_penalty| and |presence_penalty|, OpenAI's range
-MAX_REPETITION_PENALTY = 10.0
-MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each entry of logit_bias
-MAX_LOGIT_BIAS_TOKENS = 300
 
 
 @dataclass(frozen=True)

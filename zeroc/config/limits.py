@@ -1,0 +1,8 @@
+"""Bounds of the sampling parameters that the gateway checks as well as `zeroc.sampling.SamplingParams`: here, in the
+config layer, so the gateway's process checks them without importing torch (some 230 MB of its memory)."""
+
+MAX_LOGPROBS = 20  # alternatives per position a request may ask log-probabilities of (OpenAI's chat limit; vLLM's)
+MAX_PENALTY = 2.0  # |frequency_penalty| and |presence_penalty|, OpenAI's range
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each entry of logit_bias
+MAX_LOGIT_BIAS_TOKENS = 300
