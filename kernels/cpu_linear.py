@@ -189,7 +189,8 @@ def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, pack: W
         w = pack.get(weight) if not weight.is_inference() else _pack(weight)
     elif weight.dtype == torch.float32 and weight.numel() >= ONEDNN_MIN_WEIGHT:
         w = weight
-    elif weight.dtype == torch.bfloat16 and x.numel() >= WIDEN_MIN_ROWS * x.shape[-1]:
+    elif (weight.dtype == torch.bfloat16 and torch.bfloat16 not in PACKED_DTYPES  # no bf16 kernels here: widen
+          and x.numel() >= WIDEN_MIN_ROWS * x.shape[-1]):
         return widened_bf16_linear(x, weight, bias)
     else:
         return F.linear(x, weight, bias)
