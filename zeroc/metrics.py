@@ -161,7 +161,10 @@ class ServiceMetrics:
 
 
 class TokenClock:
-    """One request's token timing: the first token observes TTFT, each later one the inter-token gap."""
+    """One request's token timing: the first token observes TTFT, each later one an inter-token gap, so a request
+    of n tokens observes n - 1 gaps. Tokens sent together (a stream that fell behind its engine gets the steps
+    queued meanwhile in one message) share the time since the last message evenly; those sent with the first token
+    arrived with it (a gap of 0)."""
 
     def __init__(self, metrics: ServiceMetrics, arrived: float):
         self.metrics, self.arrived, self.last = metrics, arrived, None
@@ -171,8 +174,11 @@ class TokenClock:
             return
         if self.last is None:
             self.metrics.ttft.observe(now - self.arrived)
+            gaps = [0.0] * (n - 1)
         else:
-            self.metrics.itl.observe(now - self.last)
+            gaps = [(now - self.last) / n] * n
+        for gap in gaps:
+            self.metrics.itl.observe(gap)
         self.last = now
         self.metrics.generation_tokens.inc(n)
 
