@@ -7,8 +7,8 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
 - syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them, and the
   output names the lines each one came from);
 - seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
-- extras: requests asking for log-probabilities (greedy and seeded) or penalties (repetition, frequency, bias),
-  beside one asking for neither, get, with decode steps in CUDA graphs and running ahead, the tokens and
+- extras: requests asking for log-probabilities (greedy and seeded; prompt ones too) or penalties (repetition,
+  frequency, bias), beside one asking for neither, get, with decode steps in CUDA graphs and running ahead, the tokens and
   log-probabilities (within 1e-3) of the eager step-by-step engine, still with one sync per decode step;
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
   those they get alone;
@@ -109,7 +109,7 @@ def check_seeded(loaded) -> tuple[bool, str]:
 
 
 def check_extras(loaded) -> tuple[bool, str]:
-    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=5),
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=5, prompt_logprobs=3),
               SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, ignore_eos=True, logprobs=0),
               SamplingParams(max_new_tokens=8, ignore_eos=True),
               SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5,
@@ -117,8 +117,10 @@ def check_extras(loaded) -> tuple[bool, str]:
     eager = _engine(loaded, True).generate(PROMPTS[:4], params)
     graphed = _engine(loaded, False, pad_on_cpu=True, ahead=True).generate(PROMPTS[:4], params)
     same_tokens = [r.token_ids for r in eager] == [r.token_ids for r in graphed]
-    worst = max(abs(a.logprob - b.logprob) for x, y in zip(eager, graphed) for a, b in zip(x.logprobs, y.logprobs))
-    shapes = [len(r.logprobs) for r in graphed] == [8, 8, 0, 0] and len(graphed[0].logprobs[0].top) == 5
+    worst = max(abs(a.logprob - b.logprob) for x, y in zip(eager, graphed)
+                for a, b in zip(x.logprobs + (x.prompt_logprobs or ()), y.logprobs + (y.prompt_logprobs or ())))
+    shapes = ([len(r.logprobs) for r in graphed] == [8, 8, 0, 0] and len(graphed[0].logprobs[0].top) == 5
+              and len(graphed[0].prompt_logprobs) == len(graphed[0].prompt_token_ids) - 1)
     engine = _engine(loaded, False)
     for p, sp in zip(PROMPTS[:2], (params[0], params[3])):
         engine.add_request(p, sp)

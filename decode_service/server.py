@@ -13,6 +13,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         top_k=s.top_k, top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
         stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
         logprobs=s.logprobs if s.HasField("logprobs") else None, frequency_penalty=s.frequency_penalty,
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or 1.0,
         logit_bias=dict(s.logit_bias))
 
@@ -81,6 +83,18 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
 def logprobs_to_proto(logprobs) -> list[pb.TokenLogprobs]:
     return [pb.TokenLogprobs(logprob=lp.logprob, top_token_ids=[t for t, _ in lp.top],
                              top_logprobs=[v for _, v in lp.top]) for lp in logprobs]
+
+
+# Prompt positions per message of a request's prompt log-probabilities: at 20 alternatives an entry is about 200
+# bytes, so a slice stays under 1 MiB, well within a client's default 4 MiB message limit.
+PROMPT_SLICE = 4096
+
+
+def prompt_deltas(prompt_ids: list[int], logprobs) -> Iterator[pb.TokenDelta]:
+    """The prompt and its log-probabilities (one fewer: the first token has none) as the stream's first deltas."""
+    for at in range(0, len(prompt_ids), PROMPT_SLICE):
+        yield pb.TokenDelta(prompt_token_ids=prompt_ids[at: at + PROMPT_SLICE], prompt_logprobs=logprobs_to_proto(
+            logprobs[max(0, at - 1): at + PROMPT_SLICE - 1]))
 
 
 @dataclass
@@ -167,8 +181,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """Get the prompt's KV (the cached prefix from the KV store, the rest from the prefill service
         unless colocated) and hand it to the engine. Returns (KV bytes from prefill, prefix tokens reused)."""
         ids, cached, kv_bytes, reused = req.prompt_ids, 0, 0, 0
+        # A request for prompt log-probabilities computes its whole prompt here: the logits come from computing it.
+        reuse = len(ids) > 1 and req.params.prompt_logprobs is None
         try:
-            if self.transport is not None and len(ids) > 1:
+            if self.transport is not None and reuse:
                 try:
                     kv_bytes, reused = self._remote_prefill(req, ticket, state, context)
                     cached = len(ids) - 1
@@ -184,7 +200,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     kv_bytes = 0
                     cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req) \
                         if state.kv_store is not None else 0
-            elif state.kv_store is not None and len(ids) > 1:
+            elif state.kv_store is not None and reuse:
                 cached = reused = self._colocated_prefix(state, ticket, ids[:-1], context, req)
             state.loop.submit(ticket, ids, req.params, cached)
         except KvTransferError as exc:
@@ -266,6 +282,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 ttft_ms = (now - arrived) * 1000
             clock.tokens(len(out.token_ids), now)
             produced += len(out.token_ids)
+            if out.prompt_logprobs is not None:
+                for delta in prompt_deltas(req.prompt_ids, out.prompt_logprobs):
+                    yield pb.GenerateResponse(request_id=req.request_id, delta=delta)
             if out.token_ids or out.text_delta:
                 yield pb.GenerateResponse(request_id=req.request_id, delta=pb.TokenDelta(
                     token_ids=out.token_ids, text=out.text_delta, logprobs=logprobs_to_proto(out.logprobs)))
@@ -426,4 +445,5 @@ def _joined(outs: list[StepOutput]) -> StepOutput:
         return outs[0]
     return replace(outs[-1], token_ids=[t for o in outs for t in o.token_ids],
                    text_delta="".join(o.text_delta for o in outs),
-                   logprobs=tuple(lp for o in outs for lp in o.logprobs))
+                   logprobs=tuple(lp for o in outs for lp in o.logprobs),
+                   prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None))

@@ -145,6 +145,9 @@ class Chunk:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, if asked for
+    # `prompt_logprobs=n`: the first chunks carry the prompt (ids) and its entries, one per token from the second
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,9 @@ class Result:
     text: str = ""
     replica: str = ""  # the id of the replica that served the call (module docstring)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # from `generate`: one per token id, if asked for
+    # from `generate` with `prompt_logprobs=n`: the prompt's ids, and one entry per prompt token from the second
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -179,9 +185,10 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
                   top_p: float = 1.0, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
                   ignore_eos: bool = False, request_id: str = "", model: str = "",
                   logprobs: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None
-                  ) -> pb.GenerateRequest:
+                  repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
+                  prompt_logprobs: int | None = None) -> pb.GenerateRequest:
     """`logprobs`: None for none; n to get each token's log-probability and the n most likely tokens' (0-20).
+    `prompt_logprobs`: the same for each prompt token from the second on (the request reuses no cached prefix).
     The penalties: protos/zeroc/v1/generation.proto's SamplingParams."""
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  stop=list(stop), ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
@@ -191,6 +198,8 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
         sampling.seed = seed
     if logprobs is not None:
         sampling.logprobs = logprobs
+    if prompt_logprobs is not None:
+        sampling.prompt_logprobs = prompt_logprobs
     req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling)
     if isinstance(prompt, str):
         req.prompt = prompt
@@ -202,12 +211,16 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
 def _convert(msg: pb.GenerateResponse) -> Chunk | Result:
     if msg.HasField("delta"):
         d = msg.delta
-        return Chunk(list(d.token_ids), d.text, [TokenLogprob(lp.logprob, list(zip(lp.top_token_ids, lp.top_logprobs)))
-                                                 for lp in d.logprobs])
+        return Chunk(list(d.token_ids), d.text, _logprobs(d.logprobs), list(d.prompt_token_ids),
+                     _logprobs(d.prompt_logprobs))
     u = msg.result.usage
     return Result(msg.request_id, _REASONS.get(msg.result.finish_reason, "stop"),
                   Usage(u.prompt_tokens, u.completion_tokens, u.ttft_ms, u.cached_prefix_tokens, u.kv_bytes_received,
                         u.queue_ms, u.preemptions))
+
+
+def _logprobs(entries) -> list[TokenLogprob]:
+    return [TokenLogprob(lp.logprob, list(zip(lp.top_token_ids, lp.top_logprobs))) for lp in entries]
 
 
 def collect(items: list[Chunk | Result]) -> Result:
@@ -216,7 +229,9 @@ def collect(items: list[Chunk | Result]) -> Result:
     assert isinstance(end, Result), "stream ended without a result"
     chunks = [c for c in items if isinstance(c, Chunk)]
     return Result(end.request_id, end.finish_reason, end.usage, [t for c in chunks for t in c.token_ids],
-                  "".join(c.text for c in chunks), end.replica, [lp for c in chunks for lp in c.logprobs])
+                  "".join(c.text for c in chunks), end.replica, [lp for c in chunks for lp in c.logprobs],
+                  [t for c in chunks for t in c.prompt_token_ids],
+                  [lp for c in chunks for lp in c.prompt_logprobs] if any(c.prompt_token_ids for c in chunks) else None)
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:

@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -40,8 +40,10 @@ from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.model import compile_feed_forward
 from zeroc.penalties import PenaltyState
+from zeroc.prompt_logprobs import PromptLogprobs, PromptRows
 from zeroc.sampling import (FAILED, SamplingBatch, SamplingParams, TokenLogprobs, make_generator, read_logprobs,
                             sample_batch, with_logprobs)
+from zeroc.sequence import GenerationResult, Sequence, StepOutput
 from zeroc.step_clock import NullClock
 from zeroc.tokenizer import IncrementalDetokenizer
 
@@ -50,67 +52,15 @@ class PromptTooLongError(ZeroCError):
     """The prompt does not fit the model's context or the whole KV cache."""
 
 
-@dataclass(frozen=True)
-class StepOutput:
-    """What one request produced in one engine step."""
-
-    request_id: str
-    token_ids: list[int]
-    text_delta: str
-    finished: bool
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
-    queued_s: float = 0.0  # how long the request waited in `waiting` before it was first scheduled
-    preemptions: int = 0  # times it was preempted so far
-    error: str | None = None  # why, when finish_reason is "error"
-    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked (params.logprobs)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    error: str | None = None  # why, when finish_reason is "error"
-    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked
-
-
-@dataclass
-class _Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    output_ids: list[int] = field(default_factory=list)
-    released: int = 0  # characters of detok.text already streamed
-    in_cache: int = 0  # tokens whose K/V are in the cache
-    added_at: float = field(default_factory=time.monotonic)
-    queued_s: float | None = None  # set when first scheduled
-    preemptions: int = 0
-    stop_ids: frozenset[int] = frozenset()  # token ids that end it (its stop ids, and EOS unless ignored)
-    hold: int = 0  # characters held back while they may begin a stop string: the longest one's length - 1
-    pending: int = 0  # launched steps sampling a token for this sequence whose ids are not on the host yet
-    finished: bool = False  # finished or aborted: a step still in flight may hold a row for it
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
-    def num_tokens(self) -> int:  # len(all_ids), without building it (the scheduler asks every step)
-        return len(self.prompt_ids) + len(self.output_ids)
-
-
 @dataclass
 class _Launched:
     """A step on the device: its rows, which of them sample a token that counts, and the sampled ids."""
 
-    rows: list[_Sequence]
+    rows: list[Sequence]
     samples: set[int]  # id() of the rows whose token counts (a chunk of a prompt samples nothing)
     ids: DeviceToHost  # [B] the sampled ids on their way to the host, or [B, 2 + 2k] rows of `with_logprobs`
     logprobs: int | None = None  # k of those rows; None: plain ids
+    prompt_rows: PromptRows | None = None  # rows of `ids` after the sampled ones: prompt log-probabilities
     free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
 
     def holds(self, request_id: str) -> bool:
@@ -147,8 +97,8 @@ class Engine:
         shapes = layer_shapes(cfg)
         dtype = next(self.model.parameters()).dtype
         self.cache = paged_cache(shapes, cache or CacheConfig(), dtype, device, model=self.model)
-        self.waiting: deque[_Sequence] = deque()
-        self.running: list[_Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
         self.last_step_tokens = 0  # tokens the last step computed (decode rows plus prompt tokens)
         self._ids = itertools.count()
         self.num_preemptions = 0  # since start, for the service's metrics (a counter only this thread writes)
@@ -208,11 +158,15 @@ class Engine:
         if not 0 <= cached_tokens < len(ids) or self.cache.seq_len(request_id) != cached_tokens:
             raise ValueError(f"{request_id!r}: {cached_tokens} cached tokens claimed, "
                              f"{self.cache.seq_len(request_id)} reserved, prompt has {len(ids)}")
+        if cached_tokens and params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: the prompt's logits come from computing it here; a request that "
+                             "asks for them cannot start from cached tokens")
         stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
                                                                 else self.model_config.eos_token_ids)
-        self.waiting.append(_Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
-                                      make_generator(params, self.device), in_cache=cached_tokens,
-                                      stop_ids=stop_ids, hold=max((len(s) - 1 for s in params.stop), default=0)))
+        scores = None if params.prompt_logprobs is None else PromptLogprobs(params.prompt_logprobs, ids)
+        self.waiting.append(Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
+                                     make_generator(params, self.device), in_cache=cached_tokens, stop_ids=stop_ids,
+                                     hold=max((len(s) - 1 for s in params.stop), default=0), prompt_scores=scores))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -245,19 +199,19 @@ class Engine:
         else:
             holder.free_after.append(request_id)
 
-    def _finish(self, seq: _Sequence) -> None:
+    def _finish(self, seq: Sequence) -> None:
         seq.finished = True
         if seq in self.running:
             self.running.remove(seq)
         self._release(seq.request_id)
         self.penalties.release(seq.request_id)
 
-    def _finishing(self, seq: _Sequence) -> bool:
+    def _finishing(self, seq: Sequence) -> bool:
         """Whether the token in flight for `seq` is certain to end it by length (so it needs no next row)."""
         return seq.pending > 0 and (len(seq.output_ids) + seq.pending >= seq.params.max_new_tokens
                                     or seq.num_tokens + seq.pending >= self.model_config.max_position_embeddings)
 
-    def _split_running(self) -> tuple[list[_Sequence], list[_Sequence]]:
+    def _split_running(self) -> tuple[list[Sequence], list[Sequence]]:
         """The running sequences as (those that take a row in the next step, in row order; those whose token in
         flight ends them by length)."""
         decoding, finishing = [], []
@@ -266,7 +220,7 @@ class Engine:
         return decoding, finishing
 
     # -- scheduling -----------------------------------------------------------------------------
-    def _reserve_decode(self, outputs: list[StepOutput]) -> tuple[list[_Sequence], list[_Sequence], int]:
+    def _reserve_decode(self, outputs: list[StepOutput]) -> tuple[list[Sequence], list[Sequence], int]:
         """Make room for one more token per decode row, preempting the newest if needed (after reading the
         step in flight, whose results may free blocks and which must not hold a victim's row): -> (the decode
         rows, the running sequences that take none, the blocks the rows take). Appends to `outputs` what it
@@ -295,14 +249,14 @@ class Engine:
             self.waiting.appendleft(victim)
         return [], [], 0
 
-    def _admit(self, decoding: list[_Sequence], need: int, budget: int) -> list[tuple[_Sequence, int]]:
+    def _admit(self, decoding: list[Sequence], need: int, budget: int) -> list[tuple[Sequence, int]]:
         """Admit waiting sequences FCFS while their whole context fits the cache, each with the tokens it
         computes this step. A prompt longer than what is left of the token budget computes a chunk of it
         (chunked prefill) and stays first in line, holding its blocks, until its last chunk; only then does
         it sample and run. With no budget left at all (the running decodes take it all), the first sequence
         still computes a block's worth of tokens: prompts make progress while a step's cost, and so the
         running sequences' time per output token, stays bounded by the budget plus one block."""
-        admitted: list[tuple[_Sequence, int]] = []
+        admitted: list[tuple[Sequence, int]] = []
         free = self.cache.num_free_blocks - need  # what the decode rows leave
         # Sequences that already hold blocks (a received or reused prefix, an unfinished chunked prompt) go
         # first: one queued behind a sequence waiting for exactly those blocks would wait forever.
@@ -353,8 +307,10 @@ class Engine:
         done = [seq for seq, n in admitted if seq.in_cache + n == seq.num_tokens]  # prompts computed in full
         rows = decoding + [seq for seq, _ in admitted]
         samples = {id(s) for s in decoding + done}  # rows whose token counts
+        scoring = PromptRows.plan([(s.prompt_scores, s.in_cache, n) for s, n in admitted], len(decoding))
         with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
-            logits = self._forward(decoding, admitted)  # [B, vocab]; launched, the device runs on
+            logits = self._forward(decoding, admitted, scoring)  # [B (+ prompt rows), vocab]; launched, runs on
+            logits, prompt_logits = logits[: len(rows)], logits[len(rows):]
             self.clock.lap("forward")
             # built while the forward runs (its copies queue behind it); a chunk's row draws nothing
             params = [s.params if id(s) in samples else _CHUNK for s in rows]
@@ -366,9 +322,11 @@ class Engine:
             if penalties is not None:
                 self.penalties.record(penalties, sampled)  # the next step's penalties see this token
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
-            k = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-            launched = _Launched(rows, samples, DeviceToHost(sampled if k is None else
-                                                             with_logprobs(logits, sampled, k)), k)
+            k = max([p.logprobs for p in params if p.logprobs is not None] + ([scoring.k] if scoring else []),
+                    default=None)
+            packed = sampled if k is None else with_logprobs(logits, sampled, k)
+            packed = packed if scoring is None else scoring.pack(packed, prompt_logits, k)
+            launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring)
             self.clock.lap("sample")
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
@@ -382,7 +340,7 @@ class Engine:
         self.clock.lap("bookkeeping")
         return launched
 
-    def _penalties(self, rows: list[_Sequence], params: list[SamplingParams]):
+    def _penalties(self, rows: list[Sequence], params: list[SamplingParams]):
         """The step's `PenaltyBatch` (None when no row sets a penalty), admitting rows that have no slot yet."""
         for seq, p in zip(rows, params):
             if p.penalized:
@@ -395,6 +353,8 @@ class Engine:
         step = self._in_flight.pop(0)
         got = step.ids.tolist()  # the step's one wait for the device
         self.host_waits += 1
+        if step.prompt_rows is not None:
+            step.prompt_rows.read(got[len(step.rows):], step.logprobs)
         self.clock.lap("wait")
         outputs = []
         for seq, row in zip(step.rows, got):
@@ -405,16 +365,20 @@ class Engine:
                     token = row if step.logprobs is None else int(row[0])
                     wanted = seq.params.logprobs
                     lp = () if wanted is None else (read_logprobs(row, step.logprobs, wanted),)
-                    outputs.append(self._fail(seq) if token == FAILED else self._advance(seq, token, lp))
+                    out = self._fail(seq) if token == FAILED else self._advance(seq, token, lp)
+                    scored = seq.prompt_scores.take() if seq.prompt_scores is not None else None
+                    outputs.append(out if scored is None else replace(out, prompt_logprobs=scored))
         for request_id in step.free_after:
             self._release(request_id)  # or later still, if a newer step in flight holds it too
         self.clock.lap("outputs")
         return outputs
 
-    def _forward(self, decoding: list[_Sequence], admitted: list[tuple[_Sequence, int]]) -> Tensor:
-        """Reserve the step's slots, update the persistent batch and launch the forward -> logits [B, vocab].
-        Decode rows take one token each (their last sampled id, already on the device); admitted ones their
-        next uncached tokens (all, or a chunk) from the host. A chunk's row leaves the batch next step."""
+    def _forward(self, decoding: list[Sequence], admitted: list[tuple[Sequence, int]],
+                 scoring: PromptRows | None = None) -> Tensor:
+        """Reserve the step's slots, update the persistent batch and launch the forward -> logits [B, vocab],
+        then the prompt rows' [rows, vocab] if `scoring`. Decode rows take one token each (their last sampled id,
+        already on the device); admitted ones their next uncached tokens (all, or a chunk) from the host. A chunk's
+        row leaves the batch next step."""
         plan = [(s.request_id, 1) for s in decoding] + [(s.request_id, n) for s, n in admitted]
         reserved = self.cache.append_slots(plan)
         self.state.decode([grown for _, grown in reserved[: len(decoding)]])
@@ -429,16 +393,17 @@ class Engine:
         self.state.add(rows)
         tokens, batch = self.state.paged_batch(len(decoding), prefill, self.cache.places_by_position)
         self.clock.lap("inputs")
+        last = batch.last_token_indices
         return self.model.forward_paged(tokens, batch.positions, batch, self.cache,
-                                        logits_indices=batch.last_token_indices)
+                                        logits_indices=last if scoring is None else scoring.logits_indices(last))
 
-    def _fail(self, seq: _Sequence) -> StepOutput:
+    def _fail(self, seq: Sequence) -> StepOutput:
         """Finish one sequence whose logits were not finite; the rest of its batch carries on."""
         self._finish(seq)
         return StepOutput(seq.request_id, [], seq.detok.text[seq.released:], True, "error", seq.queued_s or 0.0,
                           seq.preemptions, error="the model's logits for this sequence are not finite (NaN or inf)")
 
-    def _advance(self, seq: _Sequence, token: int, logprobs: tuple[TokenLogprobs, ...] = ()) -> StepOutput:
+    def _advance(self, seq: Sequence, token: int, logprobs: tuple[TokenLogprobs, ...] = ()) -> StepOutput:
         seq.output_ids.append(token)
         p = seq.params
         reason = None
@@ -472,6 +437,7 @@ class Engine:
         prompt_ids = {s.request_id: list(s.prompt_ids) for s in self.waiting}
         collected: dict[str, list[int]] = {rid: [] for rid in ids}
         logprobs: dict[str, list[TokenLogprobs]] = {rid: [] for rid in ids}
+        prompt_logprobs: dict[str, tuple[TokenLogprobs, ...] | None] = {rid: None for rid in ids}
         texts: dict[str, str] = {rid: "" for rid in ids}
         reasons: dict[str, str] = {}
         errors: dict[str, str | None] = {}
@@ -479,9 +445,11 @@ class Engine:
             for out in self.step():
                 collected[out.request_id].extend(out.token_ids)
                 logprobs[out.request_id].extend(out.logprobs)
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 texts[out.request_id] += out.text_delta
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason or "stop"
                     errors[out.request_id] = out.error
         return [GenerationResult(rid, prompt_ids.get(rid, []), collected[rid], texts[rid], reasons[rid],
-                                 errors.get(rid), tuple(logprobs[rid])) for rid in ids]
+                                 errors.get(rid), tuple(logprobs[rid]), prompt_logprobs[rid]) for rid in ids]

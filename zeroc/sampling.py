@@ -58,6 +58,9 @@ class SamplingParams:
     ignore_eos: bool = False
     # None: no log-probabilities; n >= 0: each generated token's, and the n most likely tokens' at its position
     logprobs: int | None = None
+    # None: none; n >= 0: each prompt token's log-probability given the tokens before it (from the second token
+    # on), and the n most likely tokens' at its position (zeroc/prompt_logprobs.py)
+    prompt_logprobs: int | None = None
     # zeroc/penalties.py: OpenAI's frequency and presence penalties (0: none), the repetition penalty (1: none)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -85,8 +88,10 @@ class SamplingParams:
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} "
                              "are allowed")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
         for name in ("frequency_penalty", "presence_penalty"):
             if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:  # NaN fails too
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)!r}")

@@ -124,6 +124,8 @@ def _structured(rng: random.Random, seed: str) -> tuple[str, bytes]:
             s.frequency_penalty, s.presence_penalty = rng.choice(_FLOATS), rng.choice([0.0, 0.5, -2.0])
             s.repetition_penalty = rng.choice(_FLOATS)
             s.logit_bias.update({rng.choice(_INTS): rng.choice(_FLOATS) for _ in range(rng.choice([0, 1, 3]))})
+        if rng.random() < 0.15:  # prompt log-probabilities: the prompt computed whole on the decode service
+            s.prompt_logprobs = rng.choice([0, 2, 20, 21, 2 ** 32 - 1])
         req = pb.GenerateRequest(request_id=rng.choice(_STRINGS), model=rng.choice(["", "x" * 300, "tiny"]),
                                  sampling=s)
         if rng.random() < 0.5:

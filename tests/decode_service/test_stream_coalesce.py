@@ -46,3 +46,14 @@ def test_joined_steps_keep_each_tokens_logprobs_in_order():
                                                                                logprobs=(lp[2],)))
     out, _ = _coalesce(q, StepOutput("r", [1], "a", False, logprobs=(lp[0],)))
     assert out.token_ids == [1, 2, 3] and out.logprobs == tuple(lp)
+
+
+def test_joined_steps_keep_the_prompts_logprobs_of_the_first_token():
+    from zeroc.sampling import TokenLogprobs
+
+    prompt = (TokenLogprobs(-3.0), TokenLogprobs(-0.25))
+    q = _queue(StepOutput("r", [2], "b", False), StepOutput("r", [3], "c", True, "stop"))
+    out, _ = _coalesce(q, StepOutput("r", [1], "a", False, prompt_logprobs=prompt))
+    assert out.token_ids == [1, 2, 3] and out.prompt_logprobs == prompt
+    out, _ = _coalesce(_queue(StepOutput("r", [3], "c", True, "stop")), StepOutput("r", [2], "b", False))
+    assert out.prompt_logprobs is None

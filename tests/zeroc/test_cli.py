@@ -7,7 +7,8 @@ import json
 import pytest
 
 from cli_runs import zeroc
-from zeroc.config import BUNDLED_HELDOUT
+from zeroc.config import BUNDLED_HELDOUT, BUNDLED_MODEL
+from zeroc.tokenizer import Tokenizer
 
 
 def test_eval_ppl_json_both_modes_agree():
@@ -33,13 +34,15 @@ def test_generate_json_is_deterministic_when_greedy():
 
 def test_generate_takes_logprobs_and_penalties():
     r = zeroc("generate", "--json", "--max-tokens", "8", "--logprobs", "2", "--repetition-penalty", "1.3",
-              "--frequency-penalty", "0.5", "The built-in function")
+              "--frequency-penalty", "0.5", "--prompt-logprobs", "1", "The built-in function")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     plain = json.loads(zeroc("generate", "--json", "--max-tokens", "8", "The built-in function").stdout)
     assert len(out["logprobs"]) == len(out["token_ids"]) and out["token_ids"] != plain["token_ids"]
     assert all(len(lp["top"]) == 2 and lp["logprob"] <= lp["top"][0][1] + 1e-6 for lp in out["logprobs"])
-    assert "logprobs" not in plain
+    assert "logprobs" not in plain and "prompt_logprobs" not in plain
+    prompt = Tokenizer.from_dir(BUNDLED_MODEL).encode("The built-in function")
+    assert len(out["prompt_logprobs"]) == len(prompt) - 1 and all(len(lp["top"]) == 1 for lp in out["prompt_logprobs"])
 
 
 def test_bench_forward_reports_positive_rates():

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
+
 from zeroc.client import Client
 
 from cli_runs import zeroc
@@ -23,6 +25,12 @@ def test_generate_against_a_target_matches_local_generation(services):
     a, b = json.loads(remote.stdout), json.loads(local.stdout)
     assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
     assert a["usage"]["prompt_tokens"] > 0 and a["usage"]["kv_bytes_received"] > 0
+    args = ("--json", "--max-tokens", "2", "--prompt-logprobs", "2", "The built-in function")
+    remote, local = zeroc("generate", "--target", services.decode, *args), zeroc("generate", *args)
+    a, b = json.loads(remote.stdout), json.loads(local.stdout)
+    assert len(a["prompt_logprobs"]) == a["usage"]["prompt_tokens"] - 1 and a["usage"]["kv_bytes_received"] == 0
+    want = [lp["logprob"] for lp in b["prompt_logprobs"]]
+    assert [lp["logprob"] for lp in a["prompt_logprobs"]] == pytest.approx(want, abs=1e-4)
 
 
 def test_user_errors_are_one_line_and_exit_2():

@@ -9,7 +9,7 @@ import threading
 import grpc
 import pytest
 
-from zeroc.client import AsyncClient, Chunk, Client, ClientError, Result, RetryPolicy
+from zeroc.client import AsyncClient, Chunk, Client, ClientError, Result, RetryPolicy, collect
 from zeroc.stack import ServiceProcess
 
 
@@ -75,6 +75,46 @@ def test_logprobs_over_grpc_are_hugging_faces_on_both_paths(services, hf_model_o
         assert [[t for t, _ in lp.top] for lp in whole.logprobs] == want.topk(2).indices.tolist()
 
 
+def test_prompt_logprobs_over_grpc_are_hugging_faces_and_reuse_no_cached_prefix(services, hf_model_of):
+    """Prompt log-probabilities reach the client before the first token, on the disaggregated and colocated paths,
+    equal to transformers' log-softmax; such a request computes its whole prompt on the decode service, even when
+    the prefix cache and the prefill service hold it."""
+    import torch
+
+    from zeroc.config import BUNDLED_MODEL
+
+    text = "def read_file(path):\n    with open(path) as f:"
+    for path in (services.decode, services.colocated):
+        with Client(path) as c:
+            prompt = c.tokenize(text)
+            c.generate(text, max_tokens=1)  # its blocks are in the prefix cache now
+            items = list(c.stream(text, max_tokens=3, ignore_eos=True, prompt_logprobs=2))
+            whole = collect(items)
+            plain = c.generate(text, max_tokens=3, ignore_eos=True)
+        firsts = [i for i in items if isinstance(i, Chunk) and i.prompt_token_ids]
+        assert firsts and items.index(firsts[-1]) < min(i for i, x in enumerate(items) if getattr(x, "token_ids", 0))
+        assert whole.prompt_token_ids == prompt and len(whole.prompt_logprobs) == len(prompt) - 1
+        assert whole.token_ids == plain.token_ids and plain.prompt_logprobs is None
+        assert (whole.usage.cached_prefix_tokens, whole.usage.kv_bytes_received) == (0, 0)
+        with torch.no_grad():
+            logp = hf_model_of(BUNDLED_MODEL)(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+        chosen = torch.tensor([lp.logprob for lp in whole.prompt_logprobs])
+        torch.testing.assert_close(chosen, logp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0], atol=1e-3, rtol=0)
+        assert [[t for t, _ in lp.top] for lp in whole.prompt_logprobs] == logp.topk(2).indices.tolist()
+
+
+def test_a_long_prompts_entries_are_split_over_messages(monkeypatch):
+    from decode_service import server
+    from zeroc.sampling import TokenLogprobs
+
+    monkeypatch.setattr(server, "PROMPT_SLICE", 4)
+    entries = [TokenLogprobs(-float(i), ((i, -float(i)),)) for i in range(1, 10)]
+    deltas = list(server.prompt_deltas(list(range(10)), entries))
+    assert [list(d.prompt_token_ids) for d in deltas] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [len(d.prompt_logprobs) for d in deltas] == [3, 4, 2]
+    assert [lp.logprob for d in deltas for lp in d.prompt_logprobs] == [-float(i) for i in range(1, 10)]
+
+
 def test_errors_carry_the_status_and_bad_input_is_not_retried(services):
     with Client(services.decode) as c:
         with pytest.raises(ClientError) as err:
@@ -84,6 +124,9 @@ def test_errors_carry_the_status_and_bad_input_is_not_retried(services):
         with pytest.raises(ClientError) as err:
             c.generate("x", logprobs=21)
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in err.value.details
+        with pytest.raises(ClientError) as err:
+            c.generate("x", prompt_logprobs=21)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "prompt_logprobs" in err.value.details
         with pytest.raises(ClientError) as err:
             c.generate("x", repetition_penalty=-1.0)
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "repetition_penalty" in err.value.details

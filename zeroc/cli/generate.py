@@ -15,11 +15,20 @@ def _sampling(args: argparse.Namespace) -> dict:
     """The sampling options both ways take under the same names (`SamplingParams`, `Client.stream`)."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
             "stop": tuple(args.stop or ()), "logprobs": args.logprobs, "frequency_penalty": args.frequency_penalty,
-            "presence_penalty": args.presence_penalty, "repetition_penalty": args.repetition_penalty}
+            "presence_penalty": args.presence_penalty, "repetition_penalty": args.repetition_penalty,
+            "prompt_logprobs": args.prompt_logprobs}
 
 
 def _logprobs_json(logprobs) -> list[dict]:
     return [{"logprob": lp.logprob, "top": [list(t) for t in lp.top]} for lp in logprobs]
+
+
+def _extra(args: argparse.Namespace, logprobs: list, prompt_logprobs: list) -> dict:
+    """The --json output's log-probabilities, where asked for."""
+    out = {"logprobs": _logprobs_json(logprobs)} if args.logprobs is not None else {}
+    if args.prompt_logprobs is not None:
+        out["prompt_logprobs"] = _logprobs_json(prompt_logprobs)
+    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -34,6 +43,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request_id = engine.add_request(args.prompt, params)
     tokens: list[int] = []
     logprobs: list = []
+    prompt_logprobs: list = []
     text, reason = "", None
     if not args.json:
         print(args.prompt, end="", flush=True)
@@ -41,14 +51,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for out in engine.step():
             tokens += out.token_ids
             logprobs += out.logprobs
+            prompt_logprobs += out.prompt_logprobs or []
             text += out.text_delta
             reason = out.finish_reason if out.finished else reason
             if not args.json:
                 print(out.text_delta, end="", flush=True)
     if args.json:
-        extra = {"logprobs": _logprobs_json(logprobs)} if args.logprobs is not None else {}
         print(json.dumps({"request_id": request_id, "text": text, "token_ids": tokens, "finish_reason": reason,
-                          **extra}))
+                          **_extra(args, logprobs, prompt_logprobs)}))
     else:
         print(f"\n[finish_reason={reason}, {len(tokens)} tokens]")
     return 0
@@ -73,8 +83,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
     chunks, result = [c for c in out if isinstance(c, Chunk)], out[-1]
     tokens = [t for c in chunks for t in c.token_ids]
     if args.json:
-        extra = ({"logprobs": _logprobs_json([lp for c in chunks for lp in c.logprobs])}
-                 if args.logprobs is not None else {})
+        extra = _extra(args, [lp for c in chunks for lp in c.logprobs],
+                       [lp for c in chunks for lp in c.prompt_logprobs])
         print(json.dumps({"request_id": result.request_id, "text": "".join(c.text for c in chunks),
                           "token_ids": tokens, "finish_reason": result.finish_reason,
                           "usage": vars(result.usage), **extra}))
@@ -97,6 +107,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--logprobs", type=int, default=None,
                    help="with --json: each token's log-probability and those of the N most likely tokens (0-20)")
+    p.add_argument("--prompt-logprobs", type=int, default=None,
+                   help="with --json: each prompt token's log-probability from the second on, and those of the N "
+                        "most likely tokens (0-20)")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="in (0, 10]; 1: none")

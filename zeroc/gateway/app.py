@@ -27,6 +27,7 @@ from zeroc.client import Chunk, ClientError, Result
 from zeroc.gateway.chat import ChatTemplate
 from zeroc.gateway.choices import all_or_none, choice_calls, merged_events, open_all, total_usage
 from zeroc.gateway.errors import APIError, check_finish, from_grpc
+from zeroc.gateway.echo import Echo
 from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.replicas import Replicas
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
@@ -112,14 +113,18 @@ class Gateway:
 
     async def completions(self, request: Request) -> Response:
         req = await self._body(request, CompletionRequest)
-        prompt = req.single_prompt()
+        prompt, only = req.single_prompt(), req.prompt_only()
         if isinstance(prompt, list) and len(prompt) >= self.card.max_context:
             raise APIError(400, f"prompt: {len(prompt)} tokens; the model's context is {self.card.max_context}",
                            param="prompt", code="context_length_exceeded")
         sampling = self._sampling(req, COMPLETION_DEFAULT_MAX_TOKENS)
+        echo = None
+        if req.echo:  # zeroc/gateway/echo.py
+            echo = Echo(prompt if isinstance(prompt, str) else self.card.tokenizer.decode(prompt), only)
+            sampling.update(prompt_logprobs=sampling["logprobs"], max_tokens=1 if only else sampling["max_tokens"])
         reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.card.name, False, req.return_token_ids, int(time.time()),
                       self._logprobs(sampling, chat=False))
-        return await self._answer(request, req, reply, prompt, sampling)
+        return await self._answer(request, req, reply, prompt, sampling, echo)
 
     async def chat(self, request: Request) -> Response:
         req = await self._body(request, ChatRequest)
@@ -141,7 +146,8 @@ class Gateway:
     def _logprobs(self, sampling: dict, chat: bool) -> LogprobFormat | None:
         return None if sampling["logprobs"] is None else LogprobFormat(self.card.tokenizer, chat)
 
-    async def _answer(self, request: Request, req, reply: Reply, prompt, sampling: dict) -> Response:
+    async def _answer(self, request: Request, req, reply: Reply, prompt, sampling: dict,
+                      echo: Echo | None = None) -> Response:
         """One decode call per choice (`n`, zeroc/gateway/choices.py); one choice streams without merging."""
         calls = choice_calls(sampling, req.n or 1, reply.id)
         try:
@@ -150,8 +156,11 @@ class Gateway:
                     request, all_or_none([self.replicas.generate(prompt, **c) for c in calls]))
                 for r in results:
                     check_finish(r.finish_reason)
+                results = results if echo is None else [echo.result(r) for r in results]
                 return JSONResponse(reply.whole(results, total_usage(results)))
             opened = await until_disconnected(request, open_all(self.replicas, prompt, calls))
+            if echo is not None:
+                opened = await until_disconnected(request, echo.wrap_all(opened))
         except ClientError as exc:
             raise from_grpc(exc.code, exc.details) from None
         except ClientGone:
@@ -189,7 +198,7 @@ async def _events(reply: Reply, first: Chunk | Result, stream: AsyncIterator[Chu
     try:
         item = first
         while isinstance(item, Chunk):
-            yield head + tokens.token(item.text, item.token_ids, item.logprobs)
+            yield head + tokens.item(item)
             head = b""
             item = await stream.__anext__()
         check_finish(item.finish_reason)

@@ -90,7 +90,7 @@ async def merged_events(reply: Reply, opened: list[Opened], include_usage: bool)
         while any(r is None for r in results):
             i, item = await queue.get()
             if isinstance(item, Chunk):
-                yield heads[i] + tokens[i].token(item.text, item.token_ids, item.logprobs)
+                yield heads[i] + tokens[i].item(item)
             elif isinstance(item, Result):
                 check_finish(item.finish_reason)
                 results[i] = item

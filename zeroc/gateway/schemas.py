@@ -87,6 +87,7 @@ class _Sampling(_Body):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, le=_U32)  # 0 with echo: the prompt alone (zeroc/gateway/echo.py)
     max_completion_tokens: int | None = Field(None, ge=1, le=_U32)
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -95,6 +96,14 @@ class CompletionRequest(_Sampling):
     def logprobs_wanted(self) -> int | None:
         """Alternatives per token the decode service sends (None: no log-probabilities)."""
         return self.logprobs
+
+    def prompt_only(self) -> bool:
+        """Whether the answer is the prompt alone (`echo` with `max_tokens: 0`). Raises APIError for a 0 without
+        echo."""
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens: 0 asks for no tokens, which only makes sense with echo",
+                           param="max_tokens")
+        return self.max_tokens == 0 and not self.max_completion_tokens
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt (text or token ids); a batch of more than one is refused."""
@@ -112,7 +121,7 @@ class CompletionRequest(_Sampling):
 
     def unsupported(self) -> list[tuple[str, object]]:
         out = super().unsupported()
-        out += [(k, v) for k, v in (("echo", self.echo), ("suffix", self.suffix)) if v]
+        out += [("suffix", self.suffix)] if self.suffix else []
         return out
 
 

@@ -17,11 +17,12 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
 
-from zeroc.client import Result, TokenLogprob, Usage
+from zeroc.client import Chunk, Result, TokenLogprob, Usage
 from zeroc.gateway.logprobs import LogprobFormat
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
+Prompt = tuple[list[int], list[TokenLogprob]]  # an echoed prompt: its ids, and one entry per id from the second
 # What json.dumps (ensure_ascii, as in `sse`) makes of a str, quotes included; the C implementation.
 _encode_str = json.encoder.encode_basestring_ascii
 _TEXT_MARK = "\x00zeroc-text\x00"  # stand-ins, cut out of one encoded token event
@@ -51,14 +52,15 @@ class Reply:
     logprobs: LogprobFormat | None = None  # set when the request asked for log-probabilities
 
     def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool,
-                logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
+                logprobs: list[TokenLogprob] | None = None, index: int = 0, prompt: Prompt | None = None) -> dict:
         if not self.chat:
             body = {"text": text}
         elif stream:
             body = {"delta": {"content": text} if text or finish is None else {}}
         else:
             body = {"message": {"role": "assistant", "content": text}}
-        rendered = self.logprobs.render(ids, logprobs, index) if self.logprobs is not None and logprobs else None
+        rendered = (self.logprobs.render(ids, logprobs or [], index, prompt)
+                    if self.logprobs is not None and (logprobs or prompt) else None)
         out = {"index": index, **body, "logprobs": rendered, "finish_reason": finish}
         if self.token_ids:
             out["token_ids"] = ids
@@ -68,9 +70,9 @@ class Reply:
         return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
 
     def chunk(self, text: str, ids: list[int], finish: str | None = None,
-              logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict:
+              logprobs: list[TokenLogprob] | None = None, index: int = 0, prompt: Prompt | None = None) -> dict:
         return {"id": self.id, "object": self._object(True), "created": self.created, "model": self.model,
-                "choices": [self._choice(text, ids, finish, True, logprobs, index)]}
+                "choices": [self._choice(text, ids, finish, True, logprobs, index, prompt)]}
 
     def role_chunk(self, index: int = 0) -> dict:
         body = self.chunk("", [], index=index)
@@ -84,7 +86,7 @@ class Reply:
     def whole(self, results: list[Result], usage: Usage) -> dict:
         """The answer of a request with one choice per result (`n`)."""
         return {"id": self.id, "object": self._object(False), "created": self.created, "model": self.model,
-                "choices": [self._choice(r.text, r.token_ids, r.finish_reason, False, r.logprobs, i)
+                "choices": [self._choice(r.text, r.token_ids, r.finish_reason, False, r.logprobs, i, _prompt(r))
                             for i, r in enumerate(results)],
                 "usage": usage_dict(usage)}
 
@@ -102,13 +104,23 @@ class TokenEvents:
         self._ids: tuple[bytes, bytes] | None = _cut(tail, b"%d" % _IDS_MARK) if reply.token_ids else None
         self._tail = tail
 
-    def token(self, text: str, ids: list[int], logprobs: list[TokenLogprob] | None = None) -> bytes:
+    def item(self, chunk: Chunk) -> bytes:
+        """A stream chunk's event (with the prompt's entries where it echoes the prompt)."""
+        return self.token(chunk.text, chunk.token_ids, chunk.logprobs, _prompt(chunk))
+
+    def token(self, text: str, ids: list[int], logprobs: list[TokenLogprob] | None = None,
+              prompt: Prompt | None = None) -> bytes:
         if self._reply.logprobs is not None:
-            return sse(self._reply.chunk(text, ids, logprobs=logprobs, index=self._index))
+            return sse(self._reply.chunk(text, ids, logprobs=logprobs, index=self._index, prompt=prompt))
         if self._ids is None:
             return b"".join((self._head, _encode_str(text).encode(), self._tail))
         mid, end = self._ids
         return b"".join((self._head, _encode_str(text).encode(), mid, ",".join(map(str, ids)).encode(), end))
+
+
+def _prompt(item: Chunk | Result) -> Prompt | None:
+    """An echoed prompt's ids and entries, where the item carries them."""
+    return (item.prompt_token_ids, item.prompt_logprobs or []) if item.prompt_token_ids else None
 
 
 def _cut(data: bytes, mark: bytes) -> tuple[bytes, bytes]:

@@ -109,6 +109,47 @@ def test_completion_logprobs_through_the_sdk_equal_the_grpc_ones(api, sdk):
     assert plain.choices[0].logprobs is None
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(api, sdk):
+    """lm-evaluation-harness's loglikelihood request: token ids, `echo`, `logprobs: 1`, greedy, one token (or none:
+    `max_tokens: 0`). The prompt's tokens lead the legacy logprobs object, the first with null entries, the rest
+    with the decode service's prompt log-probabilities (the gRPC SDK's, checked against transformers in
+    test_client.py); plain and streamed alike."""
+    ids = sdk.tokenize("import os\nimport sys\n")
+    want = sdk.generate(ids, max_tokens=1, prompt_logprobs=1)
+    tok = AutoTokenizer.from_pretrained(str(BUNDLED_MODEL))
+    texts = [tok.decode([t]) for t in ids]
+    for max_tokens in (1, 0):
+        got = api.completions.create(model="zeroc-tiny", prompt=ids, max_tokens=max_tokens, temperature=0,
+                                     logprobs=1, echo=True)
+        choice, lp = got.choices[0], got.choices[0].logprobs
+        assert lp.tokens[: len(ids)] == texts and len(lp.tokens) == len(ids) + max_tokens
+        assert choice.text == tok.decode(ids, skip_special_tokens=True) + (tok.decode(want.token_ids) * max_tokens)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1: len(ids)] == pytest.approx([x.logprob for x in want.prompt_logprobs], abs=1e-4)
+        assert all(len(top) in (1, 2) for top in lp.top_logprobs[1:])  # the best, and the token where it is not
+        assert got.usage.completion_tokens == max_tokens and got.usage.prompt_tokens == len(ids)
+    assert choice.finish_reason == "length"
+    chunks = list(api.completions.create(model="zeroc-tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=1,
+                                         echo=True, stream=True))
+    assert chunks[0].choices[0].text == choice.text and chunks[0].choices[0].logprobs.tokens == texts
+    whole = api.completions.create(model="zeroc-tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=1, echo=True)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == \
+        whole.choices[0].logprobs.tokens
+
+
+def test_echo_without_logprobs_and_its_errors(api):
+    got = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=4, temperature=0, echo=True, n=2)
+    plain = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert [c.text for c in got.choices] == [PROMPT + plain.choices[0].text] * 2
+    chunks = list(api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                         stream=True))
+    assert chunks[0].choices[0].text == PROMPT and "".join(c.choices[0].text for c in chunks) == got.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=0)
+    assert err.value.body["param"] == "max_tokens"
+
+
 def test_chat_logprobs_and_top_logprobs_through_the_sdk(api, sdk):
     """`logprobs: true, top_logprobs: n` on /v1/chat/completions: each token's text, bytes and log-probability,
     and its n best alternatives, plain and streamed; the bytes of the tokens make up the reply's UTF-8."""
