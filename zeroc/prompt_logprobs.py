@@ -6,7 +6,8 @@ a prompt of P tokens gets P - 1 entries, for tokens 2..P (the first has no conte
 logits only each sequence's last row; a step whose admitted chunks ask for prompt log-probabilities projects their
 other rows too (`PromptRows.logits_indices`), scores them beside the sampled ids, and the rows ride to the host in
 the step's one copy (`PromptRows.pack`), so the engine's one device->host copy per step holds. The extra logits are
-[rows, vocab]: at most `max_num_batched_tokens` rows a step, which is what bounds their memory.
+[rows, vocab] in the model's dtype, at most `max_num_batched_tokens` rows a step; their log-softmax runs SCORE_ROWS
+rows at a time, so its fp32 temporaries stay [SCORE_ROWS, vocab] however long the chunk.
 
 A position is scored once: a request preempted after its first token recomputes its prompt without scoring it
 again (`PromptLogprobs.scheduled`). Its KV must be computed here, not read from a prefix cache or a prefill
@@ -23,6 +24,8 @@ from torch import Tensor
 
 from zeroc.device import host_to_device
 from zeroc.sampling import TokenLogprobs, read_logprobs, with_logprobs
+
+SCORE_ROWS = 256  # prompt rows scored at a time: [256, vocab] fp32 temporaries, 128 MB at Llama-3's 128k tokens
 
 
 @dataclass
@@ -85,7 +88,9 @@ class PromptRows:
         """The step's one tensor for the host: sampled [B, 2 + 2k] (`with_logprobs`) and the prompt rows' logits
         [rows, vocab] -> [B + rows, 2 + 2k]."""
         targets = host_to_device(list(self.targets), torch.long, logits.device)
-        return torch.cat([sampled, with_logprobs(logits, targets, k)])
+        parts = [with_logprobs(logits[at: at + SCORE_ROWS], targets[at: at + SCORE_ROWS], k)
+                 for at in range(0, len(self.targets), SCORE_ROWS)]
+        return torch.cat([sampled, *parts])
 
     def read(self, rows: list[list[float]], k: int) -> None:
         """Hand the host rows of the prompt rows (`pack`'s last ones) to their requests."""

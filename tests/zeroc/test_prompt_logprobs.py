@@ -96,3 +96,14 @@ def test_rows_are_planned_for_unscored_positions_only():
     rest = PromptRows.plan([(a, 3, 2)], decode_rows=0)  # the last chunk: position 4 has no prompt token after it
     assert rest.indices == (0,) and rest.targets == (14,)
     assert PromptRows.plan([(a, 0, 5)], decode_rows=0) is None  # recomputed after preemption: scored already
+
+
+def test_rows_scored_a_slice_at_a_time_are_the_rows_scored_at_once(random_gqa, monkeypatch):
+    import zeroc.prompt_logprobs as prompt_logprobs
+
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    whole = Engine(random_gqa, CacheConfig(16, 64)).generate(PROMPTS, params)
+    monkeypatch.setattr(prompt_logprobs, "SCORE_ROWS", 3)
+    sliced = Engine(random_gqa, CacheConfig(16, 64)).generate(PROMPTS, params)
+    assert [r.prompt_logprobs for r in sliced] == [r.prompt_logprobs for r in whole]
+    assert all(len(r.prompt_logprobs) > 3 for r in sliced)

@@ -27,7 +27,7 @@ from zeroc.client import Chunk, ClientError, Result
 from zeroc.gateway.chat import ChatTemplate
 from zeroc.gateway.choices import all_or_none, choice_calls, merged_events, open_all, total_usage
 from zeroc.gateway.errors import APIError, check_finish, from_grpc
-from zeroc.gateway.echo import Echo
+from zeroc.gateway.echo import Echo, wrap_all
 from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.replicas import Replicas
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
@@ -113,18 +113,19 @@ class Gateway:
 
     async def completions(self, request: Request) -> Response:
         req = await self._body(request, CompletionRequest)
-        prompt, only = req.single_prompt(), req.prompt_only()
-        if isinstance(prompt, list) and len(prompt) >= self.card.max_context:
-            raise APIError(400, f"prompt: {len(prompt)} tokens; the model's context is {self.card.max_context}",
-                           param="prompt", code="context_length_exceeded")
+        prompts, only = req.prompts(), req.prompt_only()
+        for prompt in prompts:
+            if isinstance(prompt, list) and len(prompt) >= self.card.max_context:
+                raise APIError(400, f"prompt: {len(prompt)} tokens; the model's context is {self.card.max_context}",
+                               param="prompt", code="context_length_exceeded")
         sampling = self._sampling(req, COMPLETION_DEFAULT_MAX_TOKENS)
-        echo = None
+        echoes = None
         if req.echo:  # zeroc/gateway/echo.py
-            echo = Echo(prompt if isinstance(prompt, str) else self.card.tokenizer.decode(prompt), only)
+            echoes = [Echo(p if isinstance(p, str) else self.card.tokenizer.decode(p), only) for p in prompts]
             sampling.update(prompt_logprobs=sampling["logprobs"], max_tokens=1 if only else sampling["max_tokens"])
         reply = Reply(f"cmpl-{uuid.uuid4().hex}", self.card.name, False, req.return_token_ids, int(time.time()),
                       self._logprobs(sampling, chat=False))
-        return await self._answer(request, req, reply, prompt, sampling, echo)
+        return await self._answer(request, req, reply, prompts, sampling, echoes)
 
     async def chat(self, request: Request) -> Response:
         req = await self._body(request, ChatRequest)
@@ -141,26 +142,29 @@ class Gateway:
         sampling = self._sampling(req, room)
         reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", self.card.name, True, req.return_token_ids, int(time.time()),
                       self._logprobs(sampling, chat=True))
-        return await self._answer(request, req, reply, ids, sampling)
+        return await self._answer(request, req, reply, [ids], sampling)
 
     def _logprobs(self, sampling: dict, chat: bool) -> LogprobFormat | None:
         return None if sampling["logprobs"] is None else LogprobFormat(self.card.tokenizer, chat)
 
-    async def _answer(self, request: Request, req, reply: Reply, prompt, sampling: dict,
-                      echo: Echo | None = None) -> Response:
-        """One decode call per choice (`n`, zeroc/gateway/choices.py); one choice streams without merging."""
-        calls = choice_calls(sampling, req.n or 1, reply.id)
+    async def _answer(self, request: Request, req, reply: Reply, prompts: list, sampling: dict,
+                      echoes: list[Echo] | None = None) -> Response:
+        """One decode call per choice (each prompt's `n`, zeroc/gateway/choices.py); one choice streams without
+        merging. `echoes`: one per prompt, where completions echo them."""
+        n = req.n or 1
+        calls = choice_calls(sampling, prompts, n, reply.id)
+        echoes = None if echoes is None else [echoes[k // n] for k in range(len(calls))]  # one per choice
         try:
             if not req.stream:
                 results = await until_disconnected(
-                    request, all_or_none([self.replicas.generate(prompt, **c) for c in calls]))
+                    request, all_or_none([self.replicas.generate(prompt, **kw) for prompt, kw in calls]))
                 for r in results:
                     check_finish(r.finish_reason)
-                results = results if echo is None else [echo.result(r) for r in results]
-                return JSONResponse(reply.whole(results, total_usage(results)))
-            opened = await until_disconnected(request, open_all(self.replicas, prompt, calls))
-            if echo is not None:
-                opened = await until_disconnected(request, echo.wrap_all(opened))
+                results = results if echoes is None else [e.result(r) for e, r in zip(echoes, results)]
+                return JSONResponse(reply.whole(results, total_usage(results, n)))
+            opened = await until_disconnected(request, open_all(self.replicas, calls))
+            if echoes is not None:
+                opened = await until_disconnected(request, wrap_all(echoes, opened))
         except ClientError as exc:
             raise from_grpc(exc.code, exc.details) from None
         except ClientGone:
@@ -168,7 +172,7 @@ class Gateway:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if len(opened) > 1:
-            return EventStream(merged_events(reply, opened, include_usage), headers=headers,
+            return EventStream(merged_events(reply, opened, include_usage, n), headers=headers,
                                close=lambda: _close_all(opened))
         first, stream = opened[0]
         return EventStream(_events(reply, first, stream, include_usage), headers=headers, close=stream.aclose)

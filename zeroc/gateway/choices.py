@@ -1,7 +1,9 @@
-"""Several choices of one request (`n` > 1): one decode call each, run together, answered as one.
+"""Several choices of one request (`n` > 1, or a completions batch of prompts): one decode call each, run together,
+answered as one.
 
-Choice i samples with the request's seed + i (mod 2^64) when it has one, so the choices differ and the
-request is reproducible; without a seed each call draws from its service's shared generator. The calls
+Choice p * n + i is prompt p's i-th (OpenAI's order for a batch). It samples with the request's seed + i (mod 2^64)
+when it has one, so a prompt's choices differ and the request is reproducible; without a seed each call draws
+from its service's shared generator. The calls
 start together, so they do not share the prompt's prefill (each prefills it; the prefix store serves
 later requests). A call that fails before its first token fails the request, and the others are cancelled
 (their KV freed). Streamed, each choice's events carry its `index` and interleave as tokens arrive; one
@@ -22,15 +24,17 @@ from zeroc.gateway.sse import DONE, Reply, TokenEvents, sse
 
 log = logging.getLogger(__name__)
 Opened = tuple[Chunk | Result, AsyncIterator[Chunk | Result]]
+Call = tuple[object, dict]  # a choice's prompt and keyword arguments for `Replicas.open`/`generate`
 
 
-def choice_calls(sampling: dict, n: int, request_id: str) -> list[dict]:
-    """Each choice's keyword arguments for `Replicas.open`/`generate`: its own seed and request id."""
-    if n == 1:
-        return [dict(sampling, request_id=request_id)]
+def choice_calls(sampling: dict, prompts: list, n: int, request_id: str) -> list[Call]:
+    """Each choice's prompt and keyword arguments: its own seed and request id."""
+    if len(prompts) == 1 and n == 1:
+        return [(prompts[0], dict(sampling, request_id=request_id))]
     seed = sampling["seed"]
-    return [dict(sampling, request_id=f"{request_id}-{i}", seed=None if seed is None else (seed + i) % 2**64)
-            for i in range(n)]
+    return [(prompt, dict(sampling, request_id=f"{request_id}-{p * n + i}",
+                          seed=None if seed is None else (seed + i) % 2**64))
+            for p, prompt in enumerate(prompts) for i in range(n)]
 
 
 async def all_or_none(calls: list[Awaitable]) -> list:
@@ -44,9 +48,9 @@ async def all_or_none(calls: list[Awaitable]) -> list:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def open_all(replicas: Replicas, prompt, calls: list[dict]) -> list[Opened]:
+async def open_all(replicas: Replicas, calls: list[Call]) -> list[Opened]:
     """Open every choice's stream; if one cannot be opened, close the ones that were and raise its error."""
-    tasks = [asyncio.ensure_future(replicas.open(prompt, **c)) for c in calls]
+    tasks = [asyncio.ensure_future(replicas.open(prompt, **kw)) for prompt, kw in calls]
     try:
         return await asyncio.gather(*tasks)
     except BaseException:
@@ -59,10 +63,13 @@ async def open_all(replicas: Replicas, prompt, calls: list[dict]) -> list[Opened
         raise
 
 
-def total_usage(results: list[Result]) -> Usage:
-    """The prompt counted once (and its cached tokens, the first choice's), every choice's tokens."""
-    first = results[0].usage
-    return dataclasses.replace(first, completion_tokens=sum(r.usage.completion_tokens for r in results))
+def total_usage(results: list[Result], n: int = 1) -> Usage:
+    """Each prompt counted once (and its cached tokens: its first choice's), every choice's tokens; `results` in
+    choice order, n a prompt."""
+    firsts = [r.usage for r in results[::n]]
+    return dataclasses.replace(firsts[0], prompt_tokens=sum(u.prompt_tokens for u in firsts),
+                               cached_prefix_tokens=sum(u.cached_prefix_tokens for u in firsts),
+                               completion_tokens=sum(r.usage.completion_tokens for r in results))
 
 
 async def _pump(index: int, first: Chunk | Result, stream: AsyncIterator, queue: asyncio.Queue) -> None:
@@ -78,8 +85,8 @@ async def _pump(index: int, first: Chunk | Result, stream: AsyncIterator, queue:
         await queue.put((index, exc))
 
 
-async def merged_events(reply: Reply, opened: list[Opened], include_usage: bool) -> AsyncIterator[bytes]:
-    """`n` choices' events as they come, each with its index; the usage of all of them at the end."""
+async def merged_events(reply: Reply, opened: list[Opened], include_usage: bool, n: int = 1) -> AsyncIterator[bytes]:
+    """The choices' events as they come, each with its index; the usage of all of them at the end (n a prompt)."""
     queue: asyncio.Queue = asyncio.Queue()
     pumps = [asyncio.ensure_future(_pump(i, first, stream, queue)) for i, (first, stream) in enumerate(opened)]
     tokens = [TokenEvents(reply, i) for i in range(len(opened))]
@@ -99,7 +106,7 @@ async def merged_events(reply: Reply, opened: list[Opened], include_usage: bool)
                 raise item
             heads[i] = b""
         if include_usage:
-            tail = sse(reply.usage_chunk(total_usage(results)))
+            tail = sse(reply.usage_chunk(total_usage(results, n)))
     except ClientError as exc:
         tail = sse(from_grpc(exc.code, exc.details).body())
     except APIError as exc:

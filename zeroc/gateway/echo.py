@@ -55,17 +55,19 @@ class Echo:
         finally:
             await stream.aclose()
 
-    async def wrap_all(self, opened: list[tuple[Chunk | Result, AsyncIterator[Chunk | Result]]]
-                       ) -> list[tuple[Chunk, AsyncIterator[Chunk | Result]]]:
-        """`wrap` each choice's stream; if one fails, every stream is closed and its error raised."""
-        out = []
-        try:
-            for first, stream in opened:
-                out.append(await self.wrap(first, stream))
-        except BaseException:
-            for _, stream in opened[len(out):]:
-                await stream.aclose()
-            for _, rest in out:
-                await rest.aclose()
-            raise
-        return out
+
+async def wrap_all(echoes: list[Echo], opened: list[tuple[Chunk | Result, AsyncIterator[Chunk | Result]]]
+                   ) -> list[tuple[Chunk, AsyncIterator[Chunk | Result]]]:
+    """`Echo.wrap` each choice's stream with its prompt's echo; if one fails, every stream is closed and its error
+    raised."""
+    out = []
+    try:
+        for echo, (first, stream) in zip(echoes, opened):
+            out.append(await echo.wrap(first, stream))
+    except BaseException:
+        for _, stream in opened[len(out):]:
+            await stream.aclose()
+        for _, rest in out:
+            await rest.aclose()
+        raise
+    return out

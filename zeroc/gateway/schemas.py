@@ -19,6 +19,7 @@ from zeroc.config.limits import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_R
 
 _U32 = 2**32 - 1
 MAX_CHOICES = 16  # `n`: each choice is a decode call of its own
+MAX_BATCH_CHOICES = 64  # completions: prompts x n, the decode calls one request may hold open at once
 
 
 class _Body(BaseModel):
@@ -105,19 +106,20 @@ class CompletionRequest(_Sampling):
                            param="max_tokens")
         return self.max_tokens == 0 and not self.max_completion_tokens
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt (text or token ids); a batch of more than one is refused."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts (each text or token ids): one, or a batch (a list of strings or of token-id lists) of at most
+        MAX_BATCH_CHOICES / n."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, f"prompt: batches of {len(p)} prompts are not supported; send one per request",
-                               param="prompt")
-            p = p[0]
-        if isinstance(p, list) and (not p or any(not 0 <= t <= _U32 for t in p)):
-            raise APIError(400, "prompt: token ids must be a non-empty list of integers >= 0", param="prompt")
-        if isinstance(p, str) and not p:
-            raise APIError(400, "prompt: the prompt is empty", param="prompt")
-        return p
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        if len(batch) * (self.n or 1) > MAX_BATCH_CHOICES:
+            raise APIError(400, f"prompt: {len(batch)} prompts x n={self.n or 1} choices is over the limit of "
+                                f"{MAX_BATCH_CHOICES} completions a request", param="prompt")
+        for one in batch:
+            if isinstance(one, list) and (not one or any(not isinstance(t, int) or not 0 <= t <= _U32 for t in one)):
+                raise APIError(400, "prompt: token ids must be a non-empty list of integers >= 0", param="prompt")
+            if isinstance(one, str) and not one:
+                raise APIError(400, "prompt: the prompt is empty", param="prompt")
+        return batch
 
     def unsupported(self) -> list[tuple[str, object]]:
         out = super().unsupported()

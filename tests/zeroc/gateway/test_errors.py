@@ -41,7 +41,8 @@ def assert_error(status: int, body, want_status: int, *words: str, code: str | N
     ({"prompt": "x", "logit_bias": {"5": 250}}, 400, ["logit_bias", "100"], "logit_bias"),
     ({"prompt": "x", "logit_bias": {"999999": 1}}, 400, ["logit_bias", "outside"], None),  # the decode service's
     ({"prompt": "x", "tools": [{"type": "function"}]}, 400, ["tools", "not supported"], "tools"),
-    ({"prompt": ["a", "b"]}, 400, ["batches of 2"], "prompt"),
+    ({"prompt": ["a"] * 5, "n": 13}, 400, ["5 prompts", "64"], "prompt"),
+    ({"prompt": [[1, 2], []]}, 400, ["token ids"], "prompt"),
     ({"prompt": [1, 99999]}, 400, ["outside"], None),  # from the decode service: INVALID_ARGUMENT
     ({"prompt": "", "max_tokens": 1}, 400, ["empty"], "prompt"),
     ({"prompt": "x", "stop": [""]}, 400, ["stop"], "stop"),

@@ -138,6 +138,30 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(api, sdk):
         whole.choices[0].logprobs.tokens
 
 
+def test_a_batch_of_prompts_answers_each_prompts_choices_in_order(api, sdk):
+    """A completions batch (OpenAI's list of prompts, as lm-evaluation-harness sends with batch_size > 1): choice
+    p * n + i is prompt p's i-th, each what the gRPC SDK generates for that prompt; the usage counts each prompt
+    once; streamed chunks name their choice; with echo and logprobs each choice leads with its own prompt."""
+    prompts = [PROMPT, "import os\n", "A list comprehension"]
+    want = [sdk.generate(p, max_tokens=5, temperature=0.0) for p in prompts]
+    got = api.completions.create(model="zeroc-tiny", prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in got.choices] == list(range(6))
+    assert [c.text for c in got.choices] == [w.text for w in want for _ in range(2)]
+    assert got.usage.prompt_tokens == sum(w.usage.prompt_tokens for w in want)
+    assert got.usage.completion_tokens == 2 * sum(len(w.token_ids) for w in want)
+    chunks = list(api.completions.create(model="zeroc-tiny", prompt=prompts, max_tokens=5, temperature=0,
+                                         stream=True))
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)]
+    assert texts == [w.text for w in want]
+    ids = [sdk.tokenize(p) for p in prompts]
+    scored = api.completions.create(model="zeroc-tiny", prompt=ids, max_tokens=0, temperature=0, logprobs=1,
+                                    echo=True)
+    for choice, p in zip(scored.choices, ids):
+        assert len(choice.logprobs.tokens) == len(p) and choice.logprobs.token_logprobs[0] is None
+        want_lp = sdk.generate(p, max_tokens=1, prompt_logprobs=0).prompt_logprobs
+        assert choice.logprobs.token_logprobs[1:] == pytest.approx([x.logprob for x in want_lp], abs=1e-4)
+
+
 def test_echo_without_logprobs_and_its_errors(api):
     got = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=4, temperature=0, echo=True, n=2)
     plain = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=4, temperature=0)
