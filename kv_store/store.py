@@ -117,6 +117,10 @@ class KvStore:
         self._connected_once = False
         self._state_lock = threading.Lock()
         self._ops: queue.Queue = queue.Queue(maxsize=256)
+        # Blocks offered and not yet stored by the writer: a lookup waits for these (briefly, cfg.settle_ms) rather
+        # than compute them again; `_stored` wakes it.
+        self._storing: set[str] = set()
+        self._stored = threading.Condition()
         self._reconcile_queued = threading.Event()
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer", daemon=True)
@@ -134,7 +138,7 @@ class KvStore:
         """The longest prefix of full blocks of `token_ids` in `tenant`'s cache held locally or by a live peer."""
         ids = self.block_ids(token_ids, tenant)
         self.counters.add(lookups=1)
-        local = self.pool.held_prefix(ids)
+        local = self._settled_prefix(ids)
         holdings = [[]] * local  # only blocks past the local prefix are looked up
         if local < len(ids) and self.state == "ok" and self.fetcher is not None:
             try:
@@ -160,6 +164,17 @@ class KvStore:
             prev = pick.holder
         n = len(sources)
         return PrefixPlan(ids[:n], sources, checksums, self.pool.block_size)
+
+    def _settled_prefix(self, ids: list[str]) -> int:
+        """How many leading blocks of `ids` are held here, once those of them being stored (offered moments ago: a
+        request's other choices follow its first with the same prompt) have landed, waiting at most settle_ms."""
+        def settled() -> bool:
+            n = self.pool.held_prefix(ids)
+            return n == len(ids) or ids[n] not in self._storing
+
+        with self._stored:
+            self._stored.wait_for(settled, timeout=self.cfg.settle_ms / 1000)
+        return self.pool.held_prefix(ids)
 
     def load(self, plan: PrefixPlan, cache: PagedKVCache, slots: Tensor) -> LoadResult:
         """Put the plan's blocks into a request's reserved slots (slots: [>= plan.tokens], from position 0).
@@ -226,7 +241,11 @@ class KvStore:
                 self._queue(("touch", ids))
             return
         k, v = cache.read_blocks([block_table[i] for i in new])  # per layer: [len(new), block_size, kv_heads, dim]
-        self._queue(("put", [ids[i] for i in new], k, v))
+        put = [ids[i] for i in new]
+        with self._stored:
+            self._storing.update(put)
+        if not self._queue(("put", put, k, v)):
+            self._landed(put)
 
     # -- peers ---------------------------------------------------------------------------------------
     def served(self, ids: list[str]) -> None:
@@ -258,11 +277,19 @@ class KvStore:
             log.warning("kv store index unavailable; serving without cross-service prefix reuse until it is back",
                         extra={"index": self.index_name, "error": str(exc)})
 
-    def _queue(self, op: tuple) -> None:
+    def _queue(self, op: tuple) -> bool:
         try:
             self._ops.put_nowait(op)
+            return True
         except queue.Full:  # the writer is behind (a slow index): drop the op, reuse is an optimisation
             log.debug("kv store writer behind; dropped an op", extra={"op": op[0]})
+            return False
+
+    def _landed(self, ids: list[str]) -> None:
+        """These offered blocks are stored (or will not be): lookups waiting on them go on."""
+        with self._stored:
+            self._storing.difference_update(ids)
+            self._stored.notify_all()
 
     def _queue_reconcile(self) -> None:
         if not self._reconcile_queued.is_set():
@@ -274,7 +301,10 @@ class KvStore:
         while (op := self._ops.get()) is not _STOP:
             try:
                 if op[0] == "put":
-                    self._put(*op[1:])
+                    try:
+                        self._put(*op[1:])
+                    finally:
+                        self._landed(op[1])
                 elif op[0] == "reconcile":
                     self._reconcile()
                 elif self.state == "ok" and op[0] == "touch":
@@ -306,6 +336,7 @@ class KvStore:
             crc = pool.insert(b, kb, vb, block_mac(self.mac_key, b, kb, vb))
             entries.append(BlockEntry(b, pool.tier, pool.block_bytes, crc))
         pool.touch_chain(ids)
+        self._landed(ids)  # held here now: local lookups need not wait for the index
         if self.state == "ok":
             self.index.put(self.holder, entries)
 

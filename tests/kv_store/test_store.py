@@ -169,3 +169,30 @@ def test_a_holder_that_lost_its_lease_reregisters_and_republishes(embedded_redis
         assert [h[0].holder for h in store.index.lookup(store.block_ids(prompt))] == [store.holder] * 3
     finally:
         store.close()
+
+
+def test_a_lookup_waits_for_its_blocks_while_the_writer_stores_them(embedded_redis):
+    """A request's other choices look its prompt up moments after it was offered: the lookup waits (at most
+    settle_ms) for the blocks still queued for the writer, here behind a touch that a slow index holds for 0.5 s,
+    instead of computing them again; a prompt no one offered does not wait."""
+    class SlowIndex(RedisBlockIndex):
+        def touch(self, holder, ids):
+            time.sleep(0.5)
+            super().touch(holder, ids)
+
+    index = SlowIndex(embedded_redis.url, namespace=f"s{uuid.uuid4().hex[:8]}", timeout_s=2.0)
+    store = KvStore(BlockPool(SHAPES, BS, 16, torch.float32), index, "h:1", "seed", KvStoreConfig(settle_ms=5000),
+                    retry_s=0.1, fetcher=None)
+    try:
+        wait_until(lambda: store.state == "ok")
+        prompt = list(range(2000, 2014))  # 3 full blocks
+        src, table = filled_cache(len(prompt))
+        store.served(["00"])  # the writer is busy for 0.5 s
+        store.offer(prompt, src, table)
+        assert store.pool.held_prefix(store.block_ids(prompt)) == 0  # queued behind the touch
+        start = time.monotonic()
+        assert store.plan(prompt).tokens == 12 and time.monotonic() - start < 4
+        start = time.monotonic()
+        assert store.plan(list(range(3000, 3014))).tokens == 0 and time.monotonic() - start < 0.3
+    finally:
+        store.close()

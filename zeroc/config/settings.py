@@ -190,10 +190,14 @@ class KvStoreConfig:
     # (blocks x block bytes) RESOURCE_EXHAUSTED.
     max_fetch_blocks: int = 4096
     max_fetch_mb: int = 1024
+    # How long a lookup may wait for blocks this holder is still storing, when it finds fewer than it asks for and
+    # its writer is busy: a request that follows another with the same prompt (a request's `n` choices) then reads
+    # them instead of computing the prompt again. 0: never waits.
+    settle_ms: float = 50.0
 
     def __post_init__(self) -> None:
-        if self.capacity_mb < 0 or self.lease_s <= 0 or self.fetch_timeout_s <= 0:
-            raise ValueError("store capacity_mb must be >= 0, lease_s and fetch_timeout_s positive")
+        if self.capacity_mb < 0 or self.lease_s <= 0 or self.fetch_timeout_s <= 0 or not self.settle_ms >= 0:
+            raise ValueError("store capacity_mb and settle_ms must be >= 0, lease_s and fetch_timeout_s positive")
         if self.max_fetch_blocks < 1 or self.max_fetch_mb < 1:
             raise ValueError("store max_fetch_blocks and max_fetch_mb must be positive")
         if not self.namespace or any(c in self.namespace for c in "{}: "):

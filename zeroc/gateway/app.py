@@ -29,7 +29,7 @@ from zeroc.gateway.choices import all_or_none, choice_calls, merged_events, open
 from zeroc.gateway.errors import APIError, check_finish, from_grpc
 from zeroc.gateway.echo import Echo, wrap_all
 from zeroc.gateway.logprobs import LogprobFormat
-from zeroc.gateway.replicas import Replicas
+from zeroc.gateway.replicas import Replicas, finish
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
 from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
 from zeroc.metrics import ServiceMetrics
@@ -154,17 +154,20 @@ class Gateway:
         n = req.n or 1
         calls = choice_calls(sampling, prompts, n, reply.id)
         echoes = None if echoes is None else [echoes[k // n] for k in range(len(calls))]  # one per choice
+        # a prompt's choices share its KV through the KV store, unless they score it (prompt_logprobs: computed whole)
+        share = sampling.get("prompt_logprobs") is None
         try:
-            if not req.stream:
-                results = await until_disconnected(
-                    request, all_or_none([self.replicas.generate(prompt, **kw) for prompt, kw in calls]))
-                for r in results:
-                    check_finish(r.finish_reason)
-                results = results if echoes is None else [e.result(r) for e, r in zip(echoes, results)]
-                return JSONResponse(reply.whole(results, total_usage(results, n)))
-            opened = await until_disconnected(request, open_all(self.replicas, calls))
+            opened = await until_disconnected(request, open_all(self.replicas, calls, n, share))
             if echoes is not None:
                 opened = await until_disconnected(request, wrap_all(echoes, opened))
+            if not req.stream:
+                try:
+                    results = await until_disconnected(request, all_or_none([finish(f, s) for f, s in opened]))
+                finally:
+                    await _close_all(opened)  # those whose task was cancelled before it ran
+                for r in results:
+                    check_finish(r.finish_reason)
+                return JSONResponse(reply.whole(results, total_usage(results, n)))
         except ClientError as exc:
             raise from_grpc(exc.code, exc.details) from None
         except ClientGone:

@@ -1,13 +1,14 @@
-"""Several choices of one request (`n` > 1, or a completions batch of prompts): one decode call each, run together,
-answered as one.
+"""Several choices of one request (`n` > 1, or a completions batch of prompts): one decode call each, answered as
+one.
 
 Choice p * n + i is prompt p's i-th (OpenAI's order for a batch). It samples with the request's seed + i (mod 2^64)
 when it has one, so a prompt's choices differ and the request is reproducible; without a seed each call draws
-from its service's shared generator. The calls
-start together, so they do not share the prompt's prefill (each prefills it; the prefix store serves
-later requests). A call that fails before its first token fails the request, and the others are cancelled
-(their KV freed). Streamed, each choice's events carry its `index` and interleave as tokens arrive; one
-failing after tokens flowed ends the stream with an error event, as a single choice's would.
+from its service's shared generator. A prompt's first choice starts first and its others once it has its first
+token, so they read the prompt's full blocks from the KV store rather than compute them again (`open_all`; not
+for prompt log-probabilities, which need the prompt computed). A call that fails before its first token fails the
+request, and the others are cancelled (their KV freed). Streamed, each choice's events carry its `index` and
+interleave as tokens arrive; one failing after tokens flowed ends the stream with an error event, as a single
+choice's would.
 """
 
 from __future__ import annotations
@@ -48,9 +49,35 @@ async def all_or_none(calls: list[Awaitable]) -> list:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def open_all(replicas: Replicas, calls: list[Call]) -> list[Opened]:
-    """Open every choice's stream; if one cannot be opened, close the ones that were and raise its error."""
-    tasks = [asyncio.ensure_future(replicas.open(prompt, **kw)) for prompt, kw in calls]
+async def open_all(replicas: Replicas, calls: list[Call], n: int = 1, share: bool = True) -> list[Opened]:
+    """Open every choice's stream (calls in choice order, n a prompt). With `share`, a prompt's first choice opens
+    first and its other choices once it has its first item: by then its decode service has published the prompt's
+    full blocks to the KV store, where the others read them instead of computing the prompt again (vLLM's parallel
+    sampling shares the prompt's blocks likewise). If one cannot be opened, close the ones that were and raise its
+    error."""
+    groups = [calls[at: at + n] for at in range(0, len(calls), n)] if share and n > 1 else [[c] for c in calls]
+    return [o for group in await _every([_open_group(replicas, g) for g in groups]) for o in group]
+
+
+async def _open_group(replicas: Replicas, group: list[Call]) -> list[Opened]:
+    """One prompt's choices: the first, then the others together."""
+    (prompt, kw), others = group[0], group[1:]
+    lead = await replicas.open(prompt, **kw)
+    try:
+        return [lead, *(o for one in await _every([_open_one(replicas, c) for c in others]) for o in one)]
+    except BaseException:
+        await lead[1].aclose()
+        raise
+
+
+async def _open_one(replicas: Replicas, call: Call) -> list[Opened]:
+    return [await replicas.open(call[0], **call[1])]
+
+
+async def _every(openers: list[Awaitable[list[Opened]]]) -> list[list[Opened]]:
+    """Await openers together; if one fails (or this is cancelled), cancel the rest, close every stream they
+    opened and raise."""
+    tasks = [asyncio.ensure_future(c) for c in openers]
     try:
         return await asyncio.gather(*tasks)
     except BaseException:
@@ -59,7 +86,8 @@ async def open_all(replicas: Replicas, calls: list[Call]) -> list[Opened]:
         await asyncio.gather(*tasks, return_exceptions=True)
         for t in tasks:
             if t.done() and not t.cancelled() and t.exception() is None:
-                await t.result()[1].aclose()
+                for _, stream in t.result():
+                    await stream.aclose()
         raise
 
 

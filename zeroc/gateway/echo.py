@@ -22,17 +22,10 @@ class Echo:
     text: str
     only: bool = False
 
-    def result(self, r: Result) -> Result:
-        """A whole choice with the prompt before it (and without its generated token where `only`)."""
-        if not self.only:
-            return dataclasses.replace(r, text=self.text + r.text)
-        return dataclasses.replace(r, text=self.text, token_ids=[], logprobs=[], finish_reason="length",
-                                   usage=dataclasses.replace(r.usage, completion_tokens=0))
-
     async def wrap(self, first: Chunk | Result, stream: AsyncIterator[Chunk | Result]
                    ) -> tuple[Chunk, AsyncIterator[Chunk | Result]]:
         """A choice's opened stream as (its first item, the rest): the prompt's chunk first, holding the prompt's
-        text and, once they have all come, its tokens' entries."""
+        text and, once they have all come, its tokens' entries; where `only`, no generated token follows."""
         ids, entries, item = [], [], first
         try:
             while isinstance(item, Chunk) and item.prompt_token_ids:
@@ -51,7 +44,9 @@ class Echo:
                 if not self.only:
                     yield item
                 item = await stream.__anext__()
-            yield self.result(item) if self.only else item
+            # the prompt alone: the token generated to score it is not the client's
+            yield dataclasses.replace(item, finish_reason="length", usage=dataclasses.replace(
+                item.usage, completion_tokens=0)) if self.only else item
         finally:
             await stream.aclose()
 

@@ -20,6 +20,17 @@ from zeroc.client import AsyncClient, Chunk, ClientError, Result, RetryPolicy, c
 from zeroc.metrics import ServiceMetrics, TokenClock, gauge
 
 
+async def finish(first: Chunk | Result, stream: AsyncIterator[Chunk | Result]) -> Result:
+    """The whole completion of an opened stream (`Replicas.open`), which is closed however this ends."""
+    items = [first]
+    try:
+        async for item in stream:
+            items.append(item)
+    finally:
+        await stream.aclose()
+    return collect(items)
+
+
 class Replicas:
     def __init__(self, targets: list[str], timeout_s: float | None, retry: RetryPolicy = RetryPolicy(),
                  metrics: ServiceMetrics | None = None):
@@ -87,14 +98,7 @@ class Replicas:
 
     async def generate(self, prompt: str | list[int], **kwargs) -> Result:
         """The whole completion from one replica."""
-        first, stream = await self.open(prompt, **kwargs)
-        items = [first]
-        try:
-            async for item in stream:
-                items.append(item)
-        finally:
-            await stream.aclose()
-        return collect(items)
+        return await finish(*await self.open(prompt, **kwargs))
 
     async def health(self, timeout_s: float = 2.0) -> dict[str, bool]:
         """target -> whether it answers GetModelInfo now."""
