@@ -8,8 +8,8 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
   output names the lines each one came from);
 - seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
 - extras: requests asking for log-probabilities (greedy and seeded; prompt ones too) or penalties (repetition,
-  frequency, bias), beside one asking for neither, get, with decode steps in CUDA graphs and running ahead, the tokens and
-  log-probabilities (within 1e-3) of the eager step-by-step engine, still with one sync per decode step;
+  frequency, bias), beside one asking for neither, get, with decode steps in CUDA graphs and running ahead, the
+  tokens and log-probabilities (within 1e-3) of the eager step-by-step engine, still with one sync per decode step;
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
   those they get alone;
 - async: running ahead (scheduler.async_scheduling) with graphs streams the tokens, texts and finish reasons

@@ -168,12 +168,14 @@ class KvStore:
     def _settled_prefix(self, ids: list[str]) -> int:
         """How many leading blocks of `ids` are held here, once those of them being stored (offered moments ago: a
         request's other choices follow its first with the same prompt) have landed, waiting at most settle_ms."""
-        def settled() -> bool:
-            n = self.pool.held_prefix(ids)
-            return n == len(ids) or ids[n] not in self._storing
+        def pending(n: int) -> bool:  # the first block not held is one the writer is storing
+            return n < len(ids) and ids[n] in self._storing
 
-        with self._stored:
-            self._stored.wait_for(settled, timeout=self.cfg.settle_ms / 1000)
+        n = self.pool.held_prefix(ids)
+        if not pending(n):  # the usual case: a set lookup, no lock
+            return n
+        with self._stored:  # woken by `_landed`
+            self._stored.wait_for(lambda: not pending(self.pool.held_prefix(ids)), timeout=self.cfg.settle_ms / 1000)
         return self.pool.held_prefix(ids)
 
     def load(self, plan: PrefixPlan, cache: PagedKVCache, slots: Tensor) -> LoadResult:

@@ -53,13 +53,14 @@ class PromptLogprobs:
         return tuple(self.got)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PromptRows:
     """The prompt rows of one step: rows of its token layout projected to logits after the sampled ones."""
 
     owners: tuple[tuple[PromptLogprobs, int], ...]  # (whose, how many rows), in row order
     indices: tuple[int, ...]  # rows of the step's tokens [N]
     targets: tuple[int, ...]  # the prompt token each row scores
+    _on_device: Tensor | None = None  # [2, rows] indices and targets, one copy (`logits_indices` makes it)
 
     @classmethod
     def plan(cls, chunks: list[tuple[PromptLogprobs | None, int, int]], decode_rows: int) -> PromptRows | None:
@@ -82,12 +83,13 @@ class PromptRows:
 
     def logits_indices(self, last: Tensor) -> Tensor:
         """last [B]: the sampled rows' indices -> [B + rows]: theirs, then the prompt rows'."""
-        return torch.cat([last, host_to_device(list(self.indices), torch.long, last.device)])
+        self._on_device = host_to_device([self.indices, self.targets], torch.long, last.device)  # with `pack`'s
+        return torch.cat([last, self._on_device[0]])
 
     def pack(self, sampled: Tensor, logits: Tensor, k: int) -> Tensor:
         """The step's one tensor for the host: sampled [B, 2 + 2k] (`with_logprobs`) and the prompt rows' logits
-        [rows, vocab] -> [B + rows, 2 + 2k]."""
-        targets = host_to_device(list(self.targets), torch.long, logits.device)
+        [rows, vocab] -> [B + rows, 2 + 2k]. After `logits_indices`, which copied the targets too."""
+        targets = self._on_device[1]
         parts = [with_logprobs(logits[at: at + SCORE_ROWS], targets[at: at + SCORE_ROWS], k)
                  for at in range(0, len(self.targets), SCORE_ROWS)]
         return torch.cat([sampled, *parts])

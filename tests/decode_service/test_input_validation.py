@@ -112,7 +112,8 @@ def _structured(rng: random.Random, seed: str) -> tuple[str, bytes]:
     """A request of a random method with fields drawn from edge values (valid ones keep the work small)."""
     kind = rng.choice([GENERATE, GENERATE, PREFILL, FETCH, TOKENIZE, MODEL_INFO])
     if kind == GENERATE:
-        s = pb.SamplingParams(max_tokens=rng.choice([0, 1, 2, 2 ** 32 - 1]) if rng.random() < 0.3 else rng.choice([1, 2]),
+        limit = rng.choice([0, 1, 2, 2 ** 32 - 1]) if rng.random() < 0.3 else rng.choice([1, 2])
+        s = pb.SamplingParams(max_tokens=limit,
                               temperature=rng.choice(_FLOATS), top_k=rng.choice(_INTS), top_p=rng.choice(_FLOATS),
                               stop=[rng.choice(_STRINGS) for _ in range(rng.choice([0, 1, 2, 20]))],
                               stop_token_ids=[rng.choice(_INTS) for _ in range(rng.choice([0, 1, 3]))],

@@ -115,7 +115,7 @@ class CompletionRequest(_Sampling):
             raise APIError(400, f"prompt: {len(batch)} prompts x n={self.n or 1} choices is over the limit of "
                                 f"{MAX_BATCH_CHOICES} completions a request", param="prompt")
         for one in batch:
-            if isinstance(one, list) and (not one or any(not isinstance(t, int) or not 0 <= t <= _U32 for t in one)):
+            if isinstance(one, list) and (not one or any(not 0 <= t <= _U32 for t in one)):
                 raise APIError(400, "prompt: token ids must be a non-empty list of integers >= 0", param="prompt")
             if isinstance(one, str) and not one:
                 raise APIError(400, "prompt: the prompt is empty", param="prompt")
