@@ -3,8 +3,8 @@
 A request that sets a penalty or a logit bias (`SamplingParams.penalized`) holds a slot in `PenaltyState`
 from its first step to its end: [V] rows on the device of its generated tokens' counts, of the tokens it has
 seen (prompt or output) and of its logit bias. The engine records each step's sampled ids into the slots on the
-device, so a step's penalties see the token of the step before it even while that step's ids are still on their way to the host
-(running ahead); nothing is rebuilt from the host's token lists but at admission (a preempted sequence's
+device, so a step's penalties see the token of the step before it even while that step's ids are still on their
+way to the host (running ahead); nothing is rebuilt from the host's token lists but at admission (a preempted sequence's
 outputs, once). They are applied as vLLM applies them, in this order, to a copy of the logits (the raw ones
 stay for log-probabilities):
 - logit bias (OpenAI's `logit_bias`): a fixed amount added to the logits of the tokens it names, kept in the
