@@ -92,6 +92,26 @@ def vllm_env(kv_gib: int, threads: int) -> dict[str, str]:
             "VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_TARGET_DEVICE": "cpu"}
 
 
+def side_by_side_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a one-run comparison with vLLM on this CPU (prompt_scoring.py, structured_output.py)."""
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-gib", type=int, default=1)
+    ap.add_argument("--vllm-venv", default="/work/vllm-venv")
+    ap.add_argument("--torch-wheel", default="/opt/wheels/torch-2.13.0+cpu-cp311-*.whl")
+    ap.add_argument("--out", default=None)
+
+
+def run_vllm(py: Path, script: str, argv: list[str], kv_gib: int, threads: int) -> dict:
+    """Run a vLLM script (python -c) in the vLLM venv and return the JSON it prints after "RESULT "; exits with its
+    stderr's tail when it prints none."""
+    done = subprocess.run([str(py), "-c", script, *argv], capture_output=True, text=True,
+                          env=vllm_env(kv_gib, threads))
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"vLLM failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of a process and all its descendants."""
     total, todo = 0, [pid]

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_vllm import ensure_vllm, greedy_prompts, vllm_env  # noqa: E402
+from peer_vllm import ensure_vllm, greedy_prompts, run_vllm, side_by_side_args  # noqa: E402
 
 from zeroc.config import BUNDLED_MODEL  # noqa: E402
 
@@ -90,20 +89,13 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--words", type=int, default=192, help="held-out words per prompt")
     ap.add_argument("--top", type=int, default=1, help="alternatives per position (lm-eval asks for 1)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--kv-gib", type=int, default=1)
-    ap.add_argument("--vllm-venv", default="/work/vllm-venv")
-    ap.add_argument("--torch-wheel", default="/opt/wheels/torch-2.13.0+cpu-cp311-*.whl")
-    ap.add_argument("--out", default=None)
+    side_by_side_args(ap)
     args = ap.parse_args()
     py = ensure_vllm(Path(args.vllm_venv), args.torch_wheel)
     prompts = greedy_prompts(args.prompts, args.words)
-    done = subprocess.run([str(py), "-c", VLLM_SCORING, str(BUNDLED_MODEL), json.dumps(prompts), str(args.top)],
-                          capture_output=True, text=True, env=vllm_env(args.kv_gib, args.threads))
-    line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not line:
-        raise SystemExit(f"vLLM failed:\n{done.stderr[-3000:]}")
-    row = compare(prompts, zeroc_scoring(prompts, args.top, args.threads, args.kv_gib), json.loads(line[-1][7:]))
+    theirs = run_vllm(py, VLLM_SCORING, [str(BUNDLED_MODEL), json.dumps(prompts), str(args.top)], args.kv_gib,
+                      args.threads)
+    row = compare(prompts, zeroc_scoring(prompts, args.top, args.threads, args.kv_gib), theirs)
     row["settings"] = vars(args)
     print(json.dumps(row, indent=1))
     if args.out:

@@ -33,7 +33,7 @@ from zeroc.loader import load_model
 from zeroc.metrics import (MetricsServer, ServiceMetrics, TokenClock, cache_source, counter, load_families,
                            serve_metrics, store_families)
 from zeroc.rpc import MAX_MODEL_CHARS, REPLICA_HEADER, CallCounter, ServiceHost, add_servicer, check_id, quote
-from zeroc.sampling import SamplingParams
+from zeroc.sampling import Guide, SamplingParams
 from zeroc.tls import is_service_call
 from zeroc.transport.landing import kv_fingerprint, receive_into
 from zeroc.transport.decode_side import make_kv_transport
@@ -77,7 +77,19 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         logprobs=s.logprobs if s.HasField("logprobs") else None, frequency_penalty=s.frequency_penalty,
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or 1.0,
-        logit_bias=dict(s.logit_bias))
+        logit_bias=dict(s.logit_bias), guide=guide_from_proto(s.guide) if s.HasField("guide") else None)
+
+
+def guide_from_proto(g: pb.Guide) -> Guide:
+    """Raises ValueError for a guide with no kind or a json_object that is false."""
+    kind = g.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not g.json_object):
+        raise ValueError("guide: set one kind (json_object true, json_schema, regex, choice or grammar)")
+    if kind == "json_object":
+        return Guide("json")
+    if kind == "choice":
+        return Guide("choice", choices=tuple(g.choice.choices))
+    return Guide(kind, getattr(g, kind))
 
 
 def logprobs_to_proto(logprobs) -> list[pb.TokenLogprobs]:

@@ -186,10 +186,12 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
                   ignore_eos: bool = False, request_id: str = "", model: str = "",
                   logprobs: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                   repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-                  prompt_logprobs: int | None = None) -> pb.GenerateRequest:
+                  prompt_logprobs: int | None = None, guide: dict | None = None) -> pb.GenerateRequest:
     """`logprobs`: None for none; n to get each token's log-probability and the n most likely tokens' (0-20).
     `prompt_logprobs`: the same for each prompt token from the second on (the request reuses no cached prefix).
-    The penalties: protos/zeroc/v1/generation.proto's SamplingParams."""
+    `guide`: structured output, one of {"json_object": True}, {"json_schema": schema (a dict or JSON text)},
+    {"regex": pattern}, {"choice": [strings]}, {"grammar": GBNF text}. The penalties and the guide:
+    protos/zeroc/v1/generation.proto's SamplingParams."""
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  stop=list(stop), ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
                                  presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
@@ -200,12 +202,29 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
         sampling.logprobs = logprobs
     if prompt_logprobs is not None:
         sampling.prompt_logprobs = prompt_logprobs
+    if guide is not None:
+        sampling.guide.CopyFrom(guide_to_proto(guide))
     req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:
         req.prompt_token_ids.extend(prompt)
     return req
+
+
+GUIDE_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+def guide_to_proto(guide: dict) -> pb.Guide:
+    """A guide dict (`build_request`'s) as its message. Raises ValueError unless it holds one known kind."""
+    if not isinstance(guide, dict) or len(guide) != 1 or next(iter(guide)) not in GUIDE_KINDS:
+        raise ValueError(f"guide: one of {', '.join(GUIDE_KINDS)} as its only key, got {guide!r:.200}")
+    (kind, value), = guide.items()
+    if kind == "choice":
+        return pb.Guide(choice=pb.Guide.Choices(choices=list(value)))
+    if kind == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    return pb.Guide(**{kind: value})
 
 
 def _convert(msg: pb.GenerateResponse) -> Chunk | Result:

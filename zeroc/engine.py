@@ -45,6 +45,7 @@ from zeroc.sampling import (FAILED, SamplingBatch, SamplingParams, TokenLogprobs
                             sample_batch, with_logprobs)
 from zeroc.sequence import GenerationResult, Sequence, StepOutput
 from zeroc.step_clock import NullClock
+from zeroc.structured import GuideCompiler
 from zeroc.tokenizer import IncrementalDetokenizer
 
 
@@ -62,6 +63,7 @@ class _Launched:
     logprobs: int | None = None  # k of those rows; None: plain ids
     prompt_rows: PromptRows | None = None  # rows of `ids` after the sampled ones: prompt log-probabilities
     free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
+    guided: bool = False  # a sampled row is guided: the next step's mask needs its token (zeroc/structured.py)
 
     def holds(self, request_id: str) -> bool:
         return any(s.request_id == request_id for s in self.rows)
@@ -109,6 +111,7 @@ class Engine:
         self._shared_gen = torch.Generator(device=device)
         self._shared_gen.seed()
         self.penalties = PenaltyState(self.model_config.vocab_size, device)  # slots of penalized requests
+        self.guides = GuideCompiler(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
         # The cpu backend's kernel module also samples (kernels/csrc/sampling.cpp, the same ids as the torch path
         # for the same draws); the torch and triton backends keep the torch sampler, which is what a GPU runs.
         backend = self.model.backend
@@ -141,9 +144,13 @@ class Engine:
         return ids
 
     def check_sampling(self, params: SamplingParams) -> None:
-        """Raise ZeroCError for parameters this model cannot take: logit_bias ids past its vocabulary."""
+        """Raise ZeroCError for parameters this model cannot take: logit_bias ids past its vocabulary; GuideError (a
+        ValueError) for a guide that does not compile against its vocabulary (compiled once: later uses hit the
+        compiler's cache)."""
         if any(t >= self.model_config.vocab_size for t, _ in params.logit_bias):
             raise ZeroCError(f"logit_bias has token ids outside [0, {self.model_config.vocab_size})")
+        if params.guide is not None:
+            self.guides.compile(params.guide)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cached_tokens: int = 0) -> str:
@@ -166,7 +173,8 @@ class Engine:
         scores = None if params.prompt_logprobs is None else PromptLogprobs(params.prompt_logprobs, ids)
         self.waiting.append(Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
                                      make_generator(params, self.device), in_cache=cached_tokens, stop_ids=stop_ids,
-                                     hold=max((len(s) - 1 for s in params.stop), default=0), prompt_scores=scores))
+                                     hold=max((len(s) - 1 for s in params.stop), default=0), prompt_scores=scores,
+                                     matcher=None if params.guide is None else self.guides.matcher(params.guide)))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -285,6 +293,8 @@ class Engine:
         reached the host: this one, or with async scheduling the one before it."""
         outputs: list[StepOutput] = []
         self.clock.start()
+        while self._in_flight and self._in_flight[-1].guided:  # a guided row's next mask needs its token first
+            outputs += self._collect()
         launched = self._launch(outputs)
         if launched is not None:
             self._in_flight.append(launched)
@@ -318,6 +328,8 @@ class Engine:
             sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device)
             penalties = self._penalties(rows, params)
             scores = logits if penalties is None else self.penalties.apply(logits, penalties)  # [B, vocab]
+            matchers = [s.matcher if id(s) in samples else None for s in rows]
+            scores = self.guides.mask(scores, matchers)  # structured output: -inf where a guide forbids
             sampled = sample_batch(scores, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
             if penalties is not None:
                 self.penalties.record(penalties, sampled)  # the next step's penalties see this token
@@ -326,7 +338,8 @@ class Engine:
                     default=None)
             packed = sampled if k is None else with_logprobs(logits, sampled, k)
             packed = packed if scoring is None else scoring.pack(packed, prompt_logits, k)
-            launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring)
+            launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring,
+                                 guided=any(m is not None for m in matchers))
             self.clock.lap("sample")
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
@@ -397,18 +410,22 @@ class Engine:
         return self.model.forward_paged(tokens, batch.positions, batch, self.cache,
                                         logits_indices=last if scoring is None else scoring.logits_indices(last))
 
-    def _fail(self, seq: Sequence) -> StepOutput:
-        """Finish one sequence whose logits were not finite; the rest of its batch carries on."""
+    def _fail(self, seq: Sequence, why: str = "the model's logits for this sequence are not finite (NaN or inf)"
+              ) -> StepOutput:
+        """Finish one sequence that cannot go on; the rest of its batch carries on."""
         self._finish(seq)
         return StepOutput(seq.request_id, [], seq.detok.text[seq.released:], True, "error", seq.queued_s or 0.0,
-                          seq.preemptions, error="the model's logits for this sequence are not finite (NaN or inf)")
+                          seq.preemptions, error=why)
 
     def _advance(self, seq: Sequence, token: int, logprobs: tuple[TokenLogprobs, ...] = ()) -> StepOutput:
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            return self._fail(seq, f"token {token} breaks the request's guide")  # its mask allowed no token
         seq.output_ids.append(token)
         p = seq.params
-        reason = None
+        # a guide whose text is complete ends it, the stop token it ended on included (even with ignore_eos)
+        reason = "stop" if seq.matcher is not None and seq.matcher.is_terminated() else None
         searched = len(seq.detok.text)  # text that earlier tokens searched for stop strings: none ends in it
-        if token in seq.stop_ids:
+        if token in seq.stop_ids or reason:
             reason = "stop"  # the stop token itself adds no text
         else:
             seq.detok.add([token])

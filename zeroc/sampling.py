@@ -26,8 +26,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from zeroc.config.limits import (MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY,
-                                 MAX_REPETITION_PENALTY)
+from zeroc.config.limits import (MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES, MAX_LOGIT_BIAS,
+                                 MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY)
 from zeroc.device import host_to_device
 
 FAILED = -1  # the id `sample_batch` gives a row whose logits are not finite
@@ -41,6 +41,41 @@ MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+
+
+GUIDE_KINDS = ("json", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class Guide:
+    """Structured output: what a request's generated text must match (zeroc/structured.py masks every token that
+    would break it). `json`: any JSON object (OpenAI's `json_object`); `json_schema`: `spec` is a JSON Schema as
+    JSON text; `regex`: `spec` is a regular expression the whole text matches; `choice`: the text is one of
+    `choices`; `grammar`: `spec` is an EBNF grammar (GBNF, as llama.cpp and xgrammar write it) whose `root` rule
+    the text matches. Whether a schema, regex or grammar compiles is checked against the model's vocabulary
+    (`Engine.check_sampling`)."""
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDE_KINDS:
+            raise ValueError(f"guide: kind must be one of {', '.join(GUIDE_KINDS)}, got {self.kind!r}")
+        if len(self.spec) > MAX_GUIDE_CHARS:
+            raise ValueError(f"guide: a {self.kind} guide has at most {MAX_GUIDE_CHARS} characters, got "
+                             f"{len(self.spec)}")
+        if (self.kind in ("json_schema", "regex", "grammar")) != bool(self.spec):
+            raise ValueError(f"guide: a {self.kind} guide " + ("needs its text" if not self.spec else "takes none"))
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if (self.kind == "choice") != bool(self.choices):
+            raise ValueError("guide: a choice guide needs at least one choice" if self.kind == "choice"
+                             else f"guide: a {self.kind} guide takes no choices")
+        if len(self.choices) > MAX_GUIDE_CHOICES:
+            raise ValueError(f"guide: at most {MAX_GUIDE_CHOICES} choices, got {len(self.choices)}")
+        if any(not isinstance(c, str) or not c or len(c) > MAX_GUIDE_CHOICE_CHARS for c in self.choices):
+            raise ValueError(f"guide: choices must be non-empty strings of at most {MAX_GUIDE_CHOICE_CHARS} "
+                             "characters")
 
 
 @dataclass(frozen=True)
@@ -67,6 +102,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # (token id, added to its logit) pairs, OpenAI's logit_bias (a {token id: bias} dict is taken too)
     logit_bias: tuple[tuple[int, float], ...] = ()
+    guide: Guide | None = None  # structured output: the text must match it
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -62,6 +63,7 @@ class Sequence:
     pending: int = 0  # launched steps sampling a token for this sequence whose ids are not on the host yet
     finished: bool = False  # finished or aborted: a step still in flight may hold a row for it
     prompt_scores: PromptLogprobs | None = None  # when params.prompt_logprobs asks
+    matcher: Any = None  # when params.guide is set: its xgrammar matcher, at the text so far (zeroc/structured.py)
 
     @property
     def all_ids(self) -> list[int]:

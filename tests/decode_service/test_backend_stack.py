@@ -4,9 +4,12 @@ epilogue kernel or PyTorch wrote it, so the prefill service ships all of it. Dis
 colocated service's greedy tokens and ships exactly the expected KV bytes: uncompressed, ZeroC fold + rotate
 (uniform layers: the fused epilogue), per-KV-head ranks, and a token tier. The disaggregated decode service
 runs ahead (async scheduling, as on a GPU), the colocated one step by step. The flex backend (FlexAttention for
-paged attention) gives the triton backend's tokens through the same processes."""
+paged attention) gives the triton backend's tokens through the same processes. A guided request (structured
+output) gives the same tokens both ways too."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
@@ -17,6 +20,7 @@ from zeroc.loader import load_model
 TRITON = {"ZEROC_ATTENTION_BACKEND": "triton", "TRITON_INTERPRET": "1"}
 PROMPTS = ["The built-in function", "import os\nprint(os.getcwd())  # the current directory, then a list"]
 NEW = 4
+GUIDE = {"regex": r"[a-z]{2,5}@[a-z]{2,5}\.com"}  # structured output's mask, on the triton backend's logits
 MODELS = ["uncompressed", "fold+rotate", "per-head", "tier"]
 
 
@@ -46,6 +50,9 @@ def _assert_serves(address: str, backend: str, want: dict, cfg) -> None:
             got = client.generate(prompt, max_tokens=NEW, ignore_eos=True)
             assert got.token_ids == want[prompt].token_ids
             assert got.usage.kv_bytes_received == _expected_bytes(cfg, got.usage.prompt_tokens)
+        if "guided" in want:
+            guided = client.generate(PROMPTS[0], max_tokens=20, guide=GUIDE)
+            assert guided.token_ids == want["guided"].token_ids and guided.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -57,6 +64,8 @@ def test_triton_backend_disaggregated_equals_colocated_and_ships_every_layer(req
         with Client(address) as client:
             assert client.model_info().attention_backend == "triton"
             want = {p: client.generate(p, max_tokens=NEW, ignore_eos=True) for p in PROMPTS}
+            want["guided"] = client.generate(PROMPTS[0], max_tokens=20, guide=GUIDE)
+            assert re.fullmatch(GUIDE["regex"], want["guided"].text)
     for address in disaggregated(model_dir, decode_env={"ZEROC_SCHEDULER_ASYNC_SCHEDULING": "1"}, env=TRITON):
         _assert_serves(address, "triton", want, cfg)
 

@@ -45,6 +45,19 @@ def test_generate_takes_logprobs_and_penalties():
     assert len(out["prompt_logprobs"]) == len(prompt) - 1 and all(len(lp["top"]) == 1 for lp in out["prompt_logprobs"])
 
 
+def test_generate_takes_a_guide_from_the_command_line_or_a_file(tmp_path):
+    schema = {"type": "object", "required": ["n"], "additionalProperties": False,
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    for args, holds in [(["--choice", "yes", "--choice", "no"], lambda t: t in ("yes", "no")),
+                        (["--json-schema", f"@{tmp_path / 'schema.json'}"], lambda t: 0 <= json.loads(t)["n"] <= 9),
+                        (["--grammar", 'root ::= "x" [0-9]'], lambda t: len(t) == 2 and t[0] == "x")]:
+        r = zeroc("generate", "--json", "--max-tokens", "16", *args, "The answer is")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["finish_reason"] == "stop" and holds(out["text"]), (args, out)
+
+
 def test_bench_forward_reports_positive_rates():
     r = zeroc("bench", "forward", "--json", "--prefill", "64", "--decode-batch", "2")
     assert r.returncode == 0, r.stderr
@@ -62,6 +75,7 @@ def test_bench_forward_reports_positive_rates():
     (["generate", ""], "prompt is empty"),
     (["eval", "ppl", "--ctx", "1"], "ctx must be >= 2"),
     (["generate", "--dtype", "float8", "hi"], "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
+    (["generate", "--regex", "a(b", "hi"], "guide: the regex does not compile: Regex parsing error at position 4"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message):
     r = zeroc(*args)

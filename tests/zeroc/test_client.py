@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 
@@ -209,3 +210,16 @@ def test_only_calls_no_replica_ran_are_retried(code, started, replica, retried):
         with pytest.raises(ClientError) as err:
             _retry_delay(_Failed(code), started, delays, _Deadline(10.0), replica)
         assert err.value.code == code and err.value.replica == replica
+
+
+def test_build_request_carries_a_guide_and_refuses_a_malformed_one():
+    from zeroc.client import build_request
+
+    req = build_request("Hi", guide={"json_schema": {"type": "object"}})
+    assert json.loads(req.sampling.guide.json_schema) == {"type": "object"}
+    assert list(build_request("Hi", guide={"choice": ("a", "b")}).sampling.guide.choice.choices) == ["a", "b"]
+    assert build_request("Hi", guide={"json_object": True}).sampling.guide.WhichOneof("kind") == "json_object"
+    assert not build_request("Hi").sampling.HasField("guide")
+    for bad in ({}, {"regex": "a", "grammar": "b"}, {"xml": "a"}, ["regex"]):
+        with pytest.raises(ValueError, match="guide: one of"):
+            build_request("Hi", guide=bad)

@@ -11,8 +11,32 @@ from zeroc.cli import common
 from zeroc.config import ZeroCError
 
 
+def _guide(args: argparse.Namespace) -> dict | None:
+    """The structured-output option given, as the SDK's guide dict (zeroc.client.build_request); "@PATH" reads a
+    schema or grammar from a file."""
+    for kind in ("json_schema", "regex", "grammar"):
+        text = getattr(args, kind)
+        if text is not None:
+            return {kind: Path(text[1:]).read_text() if text.startswith("@") and kind != "regex" else text}
+    if args.choice:
+        return {"choice": args.choice}
+    return {"json_object": True} if args.json_object else None
+
+
+def _local_guide(guide: dict | None):
+    """The SDK's guide dict as the engine's `Guide`."""
+    from zeroc.sampling import Guide
+
+    if guide is None:
+        return None
+    (kind, value), = guide.items()
+    return Guide("json") if kind == "json_object" else Guide("choice", choices=tuple(value)) \
+        if kind == "choice" else Guide(kind, value)
+
+
 def _sampling(args: argparse.Namespace) -> dict:
-    """The sampling options both ways take under the same names (`SamplingParams`, `Client.stream`)."""
+    """The sampling options both ways take under the same names (`SamplingParams`, `Client.stream`), but the guide
+    (each way's own type)."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
             "stop": tuple(args.stop or ()), "logprobs": args.logprobs, "frequency_penalty": args.frequency_penalty,
             "presence_penalty": args.presence_penalty, "repetition_penalty": args.repetition_penalty,
@@ -37,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from zeroc.engine import Engine
     from zeroc.sampling import SamplingParams
 
-    params = SamplingParams(max_new_tokens=args.max_tokens, **_sampling(args))
+    params = SamplingParams(max_new_tokens=args.max_tokens, guide=_local_guide(_guide(args)), **_sampling(args))
     loaded, cfg = common.load(args, common.cache_settings(args))
     engine = Engine(loaded, cfg.cache, cfg.scheduler, release_weights=True)  # as a service does
     request_id = engine.add_request(args.prompt, params)
@@ -74,7 +98,8 @@ def _generate_remote(args: argparse.Namespace) -> int:
         with Client(args.target, timeout=args.timeout, token=token, ca=ca) as client:
             if not args.json:
                 print(args.prompt, end="", flush=True)
-            for item in client.stream(args.prompt, max_tokens=args.max_tokens, **_sampling(args)):
+            for item in client.stream(args.prompt, max_tokens=args.max_tokens, guide=_guide(args),
+                                      **_sampling(args)):
                 out.append(item)
                 if isinstance(item, Chunk) and not args.json:
                     print(item.text, end="", flush=True)
@@ -113,6 +138,13 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="in (0, 10]; 1: none")
+    guide = p.add_mutually_exclusive_group()  # structured output (zeroc/structured.py)
+    guide.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    guide.add_argument("--json-schema", default=None, help="the output is an instance of this JSON Schema (@FILE: "
+                                                           "read it from FILE)")
+    guide.add_argument("--regex", default=None, help="the output matches this regular expression")
+    guide.add_argument("--choice", action="append", help="the output is one of these strings (repeatable)")
+    guide.add_argument("--grammar", default=None, help="the output matches this GBNF grammar's root (@FILE)")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
     common.kv_policy_args(p)
     p.add_argument("--target", default=None, help="HOST:PORT of a decode service (default: run locally)")

@@ -109,7 +109,7 @@ class Gateway:
                 "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "model": self.card.name,
                 "logprobs": req.logprobs_wanted(), "frequency_penalty": req.frequency_penalty or 0.0,
                 "presence_penalty": req.presence_penalty or 0.0, "repetition_penalty": req.repetition_penalty or 1.0,
-                "logit_bias": req.bias()}
+                "logit_bias": req.bias(), "guide": req.guide()}
 
     async def completions(self, request: Request) -> Response:
         req = await self._body(request, CompletionRequest)

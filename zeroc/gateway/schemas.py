@@ -2,9 +2,10 @@
 
 Unknown fields are ignored (as OpenAI's own SDKs add new ones over time); known fields the decode
 services cannot honour are accepted only at their neutral values, anything else is a 400 naming
-the field. `top_k`, `repetition_penalty`, `ignore_eos` and `return_token_ids` are extensions, as in
-vLLM. Log-probabilities (`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS alternatives,
-as vLLM's default allows (OpenAI's own completions stop at 5).
+the field. `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids` and `structured_outputs` are
+extensions, as in vLLM; `response_format` and `structured_outputs` become the request's guide (structured
+output, zeroc/structured.py). Log-probabilities (`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS
+alternatives, as vLLM's default allows (OpenAI's own completions stop at 5).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeroc.gateway.errors import APIError, quote
-from zeroc.config.limits import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY
+from zeroc.config.limits import (MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES, MAX_LOGIT_BIAS,
+                                 MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY)
 
 _U32 = 2**32 - 1
 MAX_CHOICES = 16  # `n`: each choice is a decode call of its own
@@ -29,6 +31,63 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+_GuideText = Field(None, min_length=1, max_length=MAX_GUIDE_CHARS)
+
+
+class JsonSchemaFormat(_Body):
+    name: str = Field(..., max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool = Field(True, alias="schema")  # JSON Schema's `true`: any JSON value
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: free text, any JSON object, or a JSON Schema's instance."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def guide(self) -> dict | None:
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise APIError(400, "response_format.json_schema: required with type json_schema",
+                               param="response_format.json_schema")
+            return {"json_schema": _schema_text(self.json_schema.schema_, "response_format.json_schema.schema")}
+        return {"json_object": True} if self.type == "json_object" else None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's structured_outputs extension: exactly one of its fields."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = _GuideText
+    choice: list[str] | None = Field(None, min_length=1, max_length=MAX_GUIDE_CHOICES)
+    grammar: str | None = _GuideText
+    json_object: bool | None = None
+
+    def guide(self) -> dict | None:
+        given = {k: v for k, v in (("json_schema", self.json_), ("regex", self.regex), ("choice", self.choice),
+                                   ("grammar", self.grammar), ("json_object", self.json_object or None))
+                 if v is not None}
+        if len(given) != 1:
+            raise APIError(400, "structured_outputs: set exactly one of json, regex, choice, grammar, json_object",
+                           param="structured_outputs")
+        if "json_schema" in given:
+            given["json_schema"] = _schema_text(given["json_schema"], "structured_outputs.json")
+        if any(not c or len(c) > MAX_GUIDE_CHOICE_CHARS for c in given.get("choice", ())):
+            raise APIError(400, f"structured_outputs.choice: choices must be non-empty and at most "
+                                f"{MAX_GUIDE_CHOICE_CHARS} characters", param="structured_outputs.choice")
+        return given
+
+
+def _schema_text(schema: dict | str | bool, param: str) -> str:
+    """A JSON Schema as the JSON text the services take, at most MAX_GUIDE_CHARS. Raises APIError."""
+    text = schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False)
+    if len(text) > MAX_GUIDE_CHARS:
+        raise APIError(400, f"{param}: at most {MAX_GUIDE_CHARS} characters of JSON, got {len(text)}", param=param)
+    return text
 
 
 class _Sampling(_Body):
@@ -50,11 +109,21 @@ class _Sampling(_Body):
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)
-    # Known fields the services cannot honour: only their neutral values pass (see `unsupported`).
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extension
+    # Known fields the services cannot honour: only their neutral values pass (see `unsupported`).
     best_of: int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+
+    def guide(self) -> dict | None:
+        """The structured-output guide the SDK sends (zeroc.client.build_request's `guide`), from response_format
+        or structured_outputs; None for free text. Raises APIError when both ask for one."""
+        one = self.response_format.guide() if self.response_format else None
+        other = self.structured_outputs.guide() if self.structured_outputs else None
+        if one and other:
+            raise APIError(400, "structured_outputs: set it or response_format, not both", param="structured_outputs")
+        return one or other
 
     def bias(self) -> dict[int, float]:
         """logit_bias with its keys (token ids as JSON strings, OpenAI's shape) read as ints. Raises APIError."""
@@ -81,8 +150,6 @@ class _Sampling(_Body):
         out = [("tools", self.tools)] if self.tools else []
         if self.best_of not in (None, 1):
             out.append(("best_of", self.best_of))
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            out.append(("response_format", self.response_format.get("type")))
         return out
 
 

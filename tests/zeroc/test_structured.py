@@ -1,0 +1,161 @@
+"""Structured output (zeroc/structured.py): every kind of guide holds for greedy and sampled requests on every
+attention backend, beside free requests whose tokens it does not change, through running ahead and preemption;
+bad guides are clear ValueErrors; the mask is its one-token-at-a-time reference."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
+from zeroc.engine import Engine
+from zeroc.loader import load_model
+from zeroc.sampling import Guide, SamplingParams
+from zeroc.structured import GuideCompiler, GuideError, apply_bitmask, apply_bitmask_ref
+from zeroc.tokenizer import Tokenizer
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets"],
+          "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                         "pets": {"type": "array", "maxItems": 2, "items": {"enum": ["cat", "dog"]}}}}
+EMAIL = r"[a-z]{2,6}@[a-z]{2,6}\.(com|org)"
+CHOICES = ("red", "green", "blue", "a \"quoted\" colour")
+GRAMMAR = 'root ::= "(" num ("," num)? ("," num)? ")"\nnum ::= [1-9] [0-9]?'
+
+
+def _instance(text: str) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+CHECKS = {  # kind -> (guide, whether a text matches it: the oracle is not the library that built the mask)
+    "json_schema": (Guide("json_schema", json.dumps(SCHEMA)), _instance),
+    "regex": (Guide("regex", EMAIL), lambda t: re.fullmatch(EMAIL, t) is not None),
+    "choice": (Guide("choice", choices=CHOICES), lambda t: t in CHOICES),
+    "grammar": (Guide("grammar", GRAMMAR),
+                lambda t: re.fullmatch(r"\([1-9][0-9]?(,[1-9][0-9]?){0,2}\)", t) is not None),
+}
+PROMPTS = ["The data is", "Return a value:", "import os\n"]
+FREE = SamplingParams(max_new_tokens=10, temperature=0.9, seed=3)
+
+
+def _guided(temperature: float, **kw) -> list[SamplingParams]:
+    return [SamplingParams(max_new_tokens=40, temperature=temperature, seed=11 + i, guide=guide, **kw)
+            for i, (guide, _) in enumerate(CHECKS.values())]
+
+
+def _assert_held(results) -> None:
+    for (kind, (_, holds)), r in zip(CHECKS.items(), results):
+        assert r.finish_reason == "stop" and holds(r.text), (kind, r.finish_reason, r.text)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_every_guide_holds_greedy_and_sampled_beside_a_free_request(backend):
+    engine = Engine(load_model(BUNDLED_MODEL, attention_backend=backend), CacheConfig(16, 256))
+    params = _guided(0.0) + _guided(0.9) + [FREE]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    got = engine.generate(prompts, params)
+    _assert_held(got[: len(CHECKS)])
+    _assert_held(got[len(CHECKS): 2 * len(CHECKS)])
+    # a guided neighbour changes nothing for a free request (nor for a seeded one: its draws are its own)
+    assert got[-1].token_ids == engine.generate([prompts[-1]], FREE)[0].token_ids
+    free = engine.generate(prompts[: len(CHECKS)], [SamplingParams(max_new_tokens=40)] * len(CHECKS))
+    assert not any(holds(r.text) for (_, holds), r in zip(CHECKS.values(), free))  # the guides did the work
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_a_json_object_guide_gives_json_objects(bundled):
+    engine = Engine(bundled, CacheConfig(16, 256))
+    got = engine.generate(PROMPTS, SamplingParams(max_new_tokens=96, guide=Guide("json")))
+    assert all(r.text.startswith("{") for r in got)
+    done = [r for r in got if r.finish_reason == "stop"]
+    assert done and all(isinstance(json.loads(r.text), dict) for r in done)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_guides_hold_under_preemption_and_running_ahead(bundled, ahead):
+    """A cache too small for every request preempts and recomputes; the guided tokens are those of a roomy cache,
+    whether or not steps run ahead (a guided row's next mask waits for its token)."""
+    params = _guided(0.9) * 2
+    prompts = ([p * 10 for p in PROMPTS] * 3)[: len(params)]
+    tight = Engine(bundled, CacheConfig(16, 8), SchedulerConfig(async_scheduling=ahead))
+    got = tight.generate(prompts, params)
+    assert tight.num_preemptions > 0
+    roomy = Engine(bundled, CacheConfig(16, 256)).generate(prompts, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in roomy]
+    _assert_held(got[: len(CHECKS)])
+
+
+def test_a_complete_guide_ends_the_request_even_with_ignore_eos_and_logprobs_stay_the_models(bundled):
+    engine = Engine(bundled, CacheConfig(16, 256))
+    guided = SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=1, guide=Guide("choice", choices=CHOICES))
+    got, free = engine.generate([PROMPTS[0]] * 2, [guided, SamplingParams(max_new_tokens=1)])
+    assert got.finish_reason == "stop" and got.text in CHOICES
+    # the first position's alternatives are the model's own: its free choice leads them, whatever the guide took
+    assert got.logprobs[0].top[0][0] == free.token_ids[0] != got.token_ids[0]
+    assert got.logprobs[0].logprob < got.logprobs[0].top[0][1]
+
+
+def test_bad_guides_are_value_errors_that_say_what_is_wrong(bundled):
+    for kw, words in [(dict(kind="xml"), "kind"), (dict(kind="regex"), "needs its text"),
+                      (dict(kind="json", spec="{}"), "takes none"), (dict(kind="choice"), "at least one"),
+                      (dict(kind="choice", choices=("a", "")), "non-empty"),
+                      (dict(kind="choice", choices=tuple(map(str, range(300)))), "at most 256"),
+                      (dict(kind="regex", spec="a" * 70000), "at most 65536")]:
+        with pytest.raises(ValueError, match=words):
+            Guide(**kw)
+    engine = Engine(bundled, CacheConfig(16, 64))
+    for guide, words in [(Guide("json_schema", '{"type": "objec"}'), "objec"),
+                         (Guide("json_schema", "not json"), "JSON"),
+                         (Guide("regex", "a(b"), "parenthesis"),
+                         (Guide("grammar", "root ::= x"), '"x" is not defined')]:
+        with pytest.raises(GuideError, match=words) as err:
+            engine.add_request("Hi", SamplingParams(guide=guide))
+        assert "does not compile" in str(err.value) and ".cc:" not in str(err.value)  # no C++ log prefix
+    assert not engine.has_unfinished()
+    assert engine.generate(["Hi"], SamplingParams(max_new_tokens=8, guide=CHECKS["regex"][0]))[0].finish_reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mask_is_its_reference(dtype):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 100, generator=gen).to(dtype)  # a vocabulary that is no multiple of 32
+    words = torch.randint(-2**31, 2**31 - 1, (3, 4), generator=gen, dtype=torch.int64).to(torch.int32)
+    packed = torch.cat([words, torch.tensor([[4], [0], [2]], dtype=torch.int32)], dim=1)
+    got = apply_bitmask(scores, packed)
+    assert torch.equal(got, apply_bitmask_ref(scores, packed))
+    assert torch.equal(got[[1, 3]], scores[[1, 3]])  # unguided rows untouched
+    assert torch.isfinite(got).all()  # never -inf: the samplers read that as a broken row
+
+
+def _metaspace() -> Tokenizer:
+    """A SentencePiece-style BPE with a bare Metaspace decoder (a word's leading space is part of its token)."""
+    hf = HFTokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    hf.train_from_iterator(["the quick brown fox jumps over the lazy dog", "hello world"] * 20,
+                           trainers.BpeTrainer(vocab_size=100, special_tokens=["<unk>"], show_progress=False))
+    return Tokenizer(hf)
+
+
+@pytest.mark.parametrize("family", ["byte-level", "metaspace"])
+def test_a_guide_reads_the_vocabulary_as_the_tokens_spell_text(family):
+    """The tokens of a text, as the tokenizer splits it, keep a guide of that text matching, and end it; a text the
+    tokens do not spell does not. (A SentencePiece token spells its word's leading space, as vLLM's guides read it.)"""
+    tok = Tokenizer.from_dir(BUNDLED_MODEL) if family == "byte-level" else _metaspace()
+    text = "the quick brown fox"
+    ids = tok.encode(text, add_special_tokens=False)
+    spelled = " " + text if family == "metaspace" else text
+    guides = GuideCompiler(tok, tok.vocab_size)
+    matcher = guides.matcher(Guide("choice", choices=(spelled, "other")))
+    assert all(matcher.accept_token(t) for t in ids) and matcher.is_completed()
+    wrong = guides.matcher(Guide("choice", choices=(text.upper(),)))
+    assert not all(wrong.accept_token(t) for t in ids)

@@ -1,0 +1,135 @@
+"""Structured output: each guided request's next-token mask, built on the host and applied on the device.
+
+A `Guide` (zeroc.sampling) compiles, against the model's vocabulary, to a grammar (xgrammar, the library vLLM and
+SGLang use); each guided request holds a matcher of it, which says after every token which tokens may come next,
+as a bitmask of 32 tokens an int32. A step fills the guided rows' bitmasks on the host, sends them to the device in
+one copy (with the rows they belong to), and sets every token a row's bitmask excludes to the lowest finite score
+before sampling (not -inf, which the samplers read as a broken row), whose weight exp(lowest - max) is 0: greedy and
+random rows alike can only pick tokens that keep the text matching (the log-probabilities a request
+asks for stay the model's, as vLLM's do). Once its token is on the host, each matcher takes it; a matcher that has
+reached its end (the grammar is complete and the model chose to stop) finishes the request.
+
+The mask is plain torch ops, so the same code runs on the CPU (the tests) and the GPU. A guided request's next mask
+needs its last token, so an engine does not launch a step past one still in flight (zeroc/engine.py `step`).
+
+JSON guides are compiled without free whitespace (vLLM's `disable_any_whitespace`, whose compact separators they
+take too): a model that may put any whitespace anywhere can fill its whole budget with newlines, as small models do.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from zeroc.sampling import Guide
+from zeroc.tokenizer import Tokenizer
+
+_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+
+
+class GuideError(ValueError):
+    """A guide that does not compile: a schema, regex or grammar that is invalid or that xgrammar cannot take."""
+
+
+class GuideCompiler:
+    """Compiles guides for one tokenizer and model vocabulary; compiled grammars are cached (by xgrammar) so a
+    request's guide compiles once, when it is checked, and its matcher is made from the cache when it is added.
+    xgrammar is imported on the first guide: a service that is never asked for one never loads it."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: tuple[int, ...] = ()):
+        self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, stop_ids
+        self._compiler: Any = None
+        self._building = threading.Lock()  # a service's handler threads check guides at once
+
+    def _xgr(self) -> Any:
+        import xgrammar
+
+        with self._building:
+            if self._compiler is None:
+                self._compiler = self._build(xgrammar)
+        return xgrammar
+
+    def _build(self, xgrammar: Any) -> Any:
+        """The grammar compiler of this vocabulary."""
+        backend = self.tokenizer.backend
+        vocab = backend.get_vocab(with_added_tokens=True)
+        pieces = [""] * (max(vocab.values()) + 1)
+        for piece, token_id in vocab.items():
+            pieces[token_id] = piece
+        # how the pieces spell bytes (byte-level BPE, SentencePiece byte fallback, raw), read from tokenizer.json as
+        # xgrammar's own TokenizerInfo.from_huggingface reads it (which needs a transformers tokenizer object)
+        spec = backend.to_str()
+        meta = xgrammar.TokenizerInfo._detect_metadata_from_hf(spec)
+        space = (json.loads(spec).get("decoder") or {}).get("replacement")
+        if meta["vocab_type"] == xgrammar.VocabType.RAW and space:  # a bare Metaspace decoder: "▁" spells a space
+            pieces = [p.replace(space, " ") for p in pieces]
+        info = xgrammar.TokenizerInfo(pieces[: self.vocab_size], vocab_type=meta["vocab_type"],
+                                      vocab_size=self.vocab_size, stop_token_ids=list(self.stop_ids) or None,
+                                      add_prefix_space=meta["add_prefix_space"])
+        return xgrammar.GrammarCompiler(info, max_threads=2)
+
+    def compile(self, guide: Guide) -> Any:
+        """The guide's compiled grammar. Raises GuideError with what is wrong in it."""
+        xgr = self._xgr()
+        c = self._compiler
+        try:
+            if guide.kind in ("json", "json_schema"):
+                schema = guide.spec if guide.kind == "json_schema" else '{"type": "object"}'
+                return c.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
+            if guide.kind == "regex":
+                return c.compile_regex(guide.spec)
+            if guide.kind == "choice":  # each choice a GBNF string literal: JSON's escapes are GBNF's
+                return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in guide.choices))
+            return c.compile_grammar(guide.spec)
+        except (RuntimeError, ValueError, xgr.InvalidJSONError) as exc:
+            first = _LOG_PREFIX.sub("", str(exc).strip()).splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GuideError(f"guide: the {guide.kind.replace('_', ' ')} does not compile: {first[:300]}") from None
+
+    def matcher(self, guide: Guide) -> Any:
+        """A fresh matcher of the guide (at the start of the text)."""
+        return self._xgr().GrammarMatcher(self.compile(guide))
+
+    def mask(self, scores: Tensor, matchers: list[Any]) -> Tensor:
+        """`scores` [B, vocab] with every token a row's matcher (None: an unguided row) excludes set to the lowest
+        finite score; `scores` itself when no row is guided."""
+        guided = [(row, m) for row, m in enumerate(matchers) if m is not None]
+        if not guided:
+            return scores
+        words = -(-self.vocab_size // 32)
+        # [R, words + 1] int32: each guided row's bitmask, then its row index, so one copy carries both
+        host = torch.empty((len(guided), words + 1), dtype=torch.int32, pin_memory=scores.is_cuda)
+        for i, (row, m) in enumerate(guided):
+            m.fill_next_token_bitmask(host[i: i + 1, :words], 0)
+            host[i, words] = row
+        return apply_bitmask(scores, host.to(scores.device, non_blocking=True))
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_bitmask(scores: Tensor, packed: Tensor) -> Tensor:
+    """scores [B, vocab]; packed [R, words + 1] int32 on scores' device: R rows' bitmasks (bit j of word w allows
+    token 32 w + j) and in the last column the row of `scores` each belongs to. -> scores with the tokens those
+    rows' bitmasks exclude at the dtype's lowest finite value (a new tensor; `scores` may be the model's logits,
+    which log-probabilities read)."""
+    rows, words = packed[:, -1].long(), packed[:, :-1]  # [R], [R, words]
+    bits = (words.unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1  # [R, words, 32]
+    allowed = bits.flatten(1)[:, : scores.shape[1]].bool()  # [R, vocab]
+    masked = scores.index_select(0, rows).masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return scores.index_copy(0, rows, masked)
+
+
+def apply_bitmask_ref(scores: Tensor, packed: Tensor) -> Tensor:
+    """apply_bitmask, one token at a time: the test's oracle."""
+    out = scores.clone()
+    for r in range(packed.shape[0]):
+        row = int(packed[r, -1])
+        for t in range(scores.shape[1]):
+            if not (int(packed[r, t // 32]) >> (t % 32)) & 1:
+                out[row, t] = torch.finfo(scores.dtype).min
+    return out
