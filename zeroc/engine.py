@@ -329,7 +329,7 @@ class Engine:
             penalties = self._penalties(rows, params)
             scores = logits if penalties is None else self.penalties.apply(logits, penalties)  # [B, vocab]
             matchers = [s.matcher if id(s) in samples else None for s in rows]
-            scores = self.guides.mask(scores, matchers)  # structured output: -inf where a guide forbids
+            scores = self.guides.mask(scores, matchers)  # structured output: what a guide forbids, out of reach
             sampled = sample_batch(scores, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
             if penalties is not None:
                 self.penalties.record(penalties, sampled)  # the next step's penalties see this token

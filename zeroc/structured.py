@@ -30,6 +30,8 @@ from zeroc.sampling import Guide
 from zeroc.tokenizer import Tokenizer
 
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+# Compiled grammars kept (least recently used go first): clients choose the schemas, so the cache must be bounded.
+CACHE_BYTES = 256 << 20
 
 
 class GuideError(ValueError):
@@ -71,7 +73,7 @@ class GuideCompiler:
         info = xgrammar.TokenizerInfo(pieces[: self.vocab_size], vocab_type=meta["vocab_type"],
                                       vocab_size=self.vocab_size, stop_token_ids=list(self.stop_ids) or None,
                                       add_prefix_space=meta["add_prefix_space"])
-        return xgrammar.GrammarCompiler(info, max_threads=2)
+        return xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_BYTES)
 
     def compile(self, guide: Guide) -> Any:
         """The guide's compiled grammar. Raises GuideError with what is wrong in it."""
@@ -109,16 +111,14 @@ class GuideCompiler:
         return apply_bitmask(scores, host.to(scores.device, non_blocking=True))
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
 def apply_bitmask(scores: Tensor, packed: Tensor) -> Tensor:
     """scores [B, vocab]; packed [R, words + 1] int32 on scores' device: R rows' bitmasks (bit j of word w allows
     token 32 w + j) and in the last column the row of `scores` each belongs to. -> scores with the tokens those
     rows' bitmasks exclude at the dtype's lowest finite value (a new tensor; `scores` may be the model's logits,
     which log-probabilities read)."""
     rows, words = packed[:, -1].long(), packed[:, :-1]  # [R], [R, words]
-    bits = (words.unsqueeze(-1) >> _SHIFTS.to(words.device)) & 1  # [R, words, 32]
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)  # made there: a pageable copy would sync
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # [R, words, 32]
     allowed = bits.flatten(1)[:, : scores.shape[1]].bool()  # [R, vocab]
     masked = scores.index_select(0, rows).masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return scores.index_copy(0, rows, masked)

@@ -46,11 +46,13 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.special_tokens = special_tokens
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`. A template that fails on them is the request's fault: a 400."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+               ) -> str:
+        """The prompt text for `messages` (and `tools`, OpenAI's shape, for templates that describe them). A template
+        that fails on them is the request's fault: a 400."""
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        tools=None, documents=None, **self.special_tokens)
+                                        tools=tools or None, documents=None, **self.special_tokens)
         except Exception as exc:  # raise_exception, sandbox SecurityError, type errors on odd content
             raise APIError(400, f"messages: the chat template cannot render them ({str(exc)[:120]})",
                            param="messages") from None

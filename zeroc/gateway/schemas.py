@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeroc.gateway.errors import APIError, quote
+from zeroc.gateway.tools import tool_guide
 from zeroc.config.limits import (MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES, MAX_LOGIT_BIAS,
                                  MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY)
 
@@ -114,7 +115,6 @@ class _Sampling(_Body):
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension
     # Known fields the services cannot honour: only their neutral values pass (see `unsupported`).
     best_of: int | None = None
-    tools: list[Any] | None = None
 
     def guide(self) -> dict | None:
         """The structured-output guide the SDK sends (zeroc.client.build_request's `guide`), from response_format
@@ -147,7 +147,7 @@ class _Sampling(_Body):
 
     def unsupported(self) -> list[tuple[str, object]]:
         """(field, value) of every set field the services cannot honour."""
-        out = [("tools", self.tools)] if self.tools else []
+        out = []
         if self.best_of not in (None, 1):
             out.append(("best_of", self.best_of))
         return out
@@ -160,6 +160,7 @@ class CompletionRequest(_Sampling):
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
+    tools: list[Any] | None = None  # chat's (zeroc/gateway/tools.py); not the legacy endpoint's
 
     def logprobs_wanted(self) -> int | None:
         """Alternatives per token the decode service sends (None: no log-probabilities)."""
@@ -191,6 +192,7 @@ class CompletionRequest(_Sampling):
     def unsupported(self) -> list[tuple[str, object]]:
         out = super().unsupported()
         out += [("suffix", self.suffix)] if self.suffix else []
+        out += [("tools", self.tools)] if self.tools else []
         return out
 
 
@@ -199,13 +201,37 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+class FunctionDef(_Body):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None  # a JSON Schema; none: any object
+    strict: bool | None = None
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Body):
+    name: str = Field(..., max_length=64)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)  # an assistant's earlier calls
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool's answer: to which call
 
-    def as_template_input(self, index: int) -> dict[str, str]:
-        """{"role", "content"[, "name"]} with text parts joined, as templates for text models expect."""
+    def as_template_input(self, index: int) -> dict[str, Any]:
+        """{"role", "content"[, "name", "tool_calls", "tool_call_id"]} with text parts joined, as templates for text
+        models expect."""
         content = self.content
         if isinstance(content, list):
             kinds = {p.type for p in content} - {"text"}
@@ -214,8 +240,9 @@ class Message(_Body):
                                     f"{quote(sorted(kinds))}", param=f"messages.{index}.content")
             content = "\n".join(p.text or "" for p in content)
         out = {"role": self.role, "content": content or ""}
-        if self.name:
-            out["name"] = self.name
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         return out
 
 
@@ -225,6 +252,20 @@ class ChatRequest(_Sampling):
     add_generation_prompt: bool = True  # vLLM's extension: False continues the last message instead
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def tool_call(self) -> tuple[dict | None, str | None]:
+        """(the guide a forced tool call puts on the output, the function it names); (None, None) for free text.
+        Raises APIError (zeroc/gateway/tools.py)."""
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        guide, name = tool_guide(tools, choice, self.parallel_tool_calls)
+        if guide is not None and self.guide() is not None:
+            raise APIError(400, "tool_choice: a forced tool call guides the output; response_format or "
+                                "structured_outputs cannot too", param="tool_choice")
+        return guide, name
 
     def logprobs_wanted(self) -> int | None:
         """Alternatives per token the decode service sends (None: no log-probabilities). Raises APIError."""

@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from zeroc.client import Chunk, Result, TokenLogprob, Usage
 from zeroc.gateway.logprobs import LogprobFormat
+from zeroc.gateway.tools import ToolCalls
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
@@ -50,11 +51,15 @@ class Reply:
     token_ids: bool  # the return_token_ids extension
     created: int
     logprobs: LogprobFormat | None = None  # set when the request asked for log-probabilities
+    tools: ToolCalls | None = None  # set when a chat's tool_choice forces a call: its choices are calls
 
     def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool,
                 logprobs: list[TokenLogprob] | None = None, index: int = 0, prompt: Prompt | None = None) -> dict:
         if not self.chat:
             body = {"text": text}
+        elif self.tools is not None:
+            shaped, finish = (self.tools.delta if stream else self.tools.message)(text, finish, index)
+            body = {"delta" if stream else "message": shaped}
         elif stream:
             body = {"delta": {"content": text} if text or finish is None else {}}
         else:
@@ -76,7 +81,9 @@ class Reply:
 
     def role_chunk(self, index: int = 0) -> dict:
         body = self.chunk("", [], index=index)
-        body["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        head = self.tools.head(index) if self.tools is not None else None
+        body["choices"][0]["delta"] = ({"role": "assistant", "content": ""} if head is None else
+                                       {"role": "assistant", "content": None, "tool_calls": head})
         return body
 
     def usage_chunk(self, usage: Usage) -> dict:
@@ -93,11 +100,13 @@ class Reply:
 
 class TokenEvents:
     """The bytes of `sse(reply.chunk(text, ids, index=index))` for a token event of choice `index`, built from
-    pieces encoded once (a request with log-probabilities encodes each event whole: its tokens' objects differ
-    in more than text)."""
+    pieces encoded once (a request with log-probabilities, or whose choices are tool calls, encodes each event
+    whole: its tokens' objects differ in more than text)."""
 
     def __init__(self, reply: Reply, index: int = 0):
         self._reply, self._index = reply, index
+        if reply.logprobs is not None or reply.tools is not None:
+            return  # each event encoded whole (`token`)
         whole = sse(reply.chunk(_TEXT_MARK, [_IDS_MARK], index=index))
         head, tail = _cut(whole, _encode_str(_TEXT_MARK).encode())
         self._head = head
@@ -110,8 +119,10 @@ class TokenEvents:
 
     def token(self, text: str, ids: list[int], logprobs: list[TokenLogprob] | None = None,
               prompt: Prompt | None = None) -> bytes:
-        if self._reply.logprobs is not None:
-            return sse(self._reply.chunk(text, ids, logprobs=logprobs, index=self._index, prompt=prompt))
+        if self._reply.logprobs is not None or self._reply.tools is not None:
+            body = self._reply.chunk(text, ids, logprobs=logprobs, index=self._index, prompt=prompt)
+            quiet = self._reply.logprobs is None and not body["choices"][0]["delta"]  # "required" before the end
+            return b"" if quiet else sse(body)
         if self._ids is None:
             return b"".join((self._head, _encode_str(text).encode(), self._tail))
         mid, end = self._ids

@@ -1,0 +1,111 @@
+"""Function calling through the gateway with the official `openai` client (zeroc/gateway/tools.py): a named
+tool_choice and "required" give calls whose arguments are instances of the tools' schemas (checked with
+`jsonschema`), plain and streamed alike; "auto" and malformed choices are 400s that say what works."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}}}
+TIME = {"type": "object", "additionalProperties": False, "required": ["zone"],
+        "properties": {"zone": {"type": "string", "maxLength": 8}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def api(gateway):
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+def _ask(api, stream: bool = False, **kw):
+    return api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, tools=TOOLS, max_tokens=80,
+                                       temperature=0, stream=stream, **kw)
+
+
+def _streamed(chunks) -> tuple[list[dict], str | None]:
+    """The calls a stream's deltas add up to (the openai client's own accumulation rules), and its finish reason."""
+    calls: dict[int, dict] = {}
+    finish = None
+    for c in chunks:
+        for choice in c.choices:
+            finish = choice.finish_reason or finish
+            for d in choice.delta.tool_calls or []:
+                call = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+                call["id"] = d.id or call["id"]
+                call["name"] = (d.function.name if d.function and d.function.name else call["name"])
+                call["arguments"] += (d.function.arguments or "") if d.function else ""
+    return [calls[i] for i in sorted(calls)], finish
+
+
+def _calls(message) -> list[dict]:
+    return [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
+
+
+def test_a_named_tool_choice_is_a_call_of_that_function_plain_and_streamed(api):
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    got = _ask(api, tool_choice=choice)
+    message = got.choices[0].message
+    assert message.content is None and got.choices[0].finish_reason == "stop"
+    [call] = _calls(message)
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER)
+    calls, finish = _streamed(_ask(api, stream=True, tool_choice=choice))
+    assert [(c["name"], c["arguments"]) for c in calls] == [(call["name"], call["arguments"])] and finish == "stop"
+
+
+def test_required_gives_calls_of_the_tools_plain_and_streamed(api):
+    got = _ask(api, tool_choice="required", parallel_tool_calls=False)
+    assert got.choices[0].finish_reason == "tool_calls" and got.choices[0].message.content is None
+    [call] = _calls(got.choices[0].message)
+    jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+    streamed, finish = _streamed(_ask(api, stream=True, tool_choice="required", parallel_tool_calls=False))
+    assert [(c["name"], c["arguments"]) for c in streamed] == [(call["name"], call["arguments"])]
+    assert finish == "tool_calls"
+
+
+def test_parallel_calls_cut_short_come_back_as_text(api):
+    """The bundled model goes on adding calls to the array; cut by max_tokens, the answer is its text."""
+    got = _ask(api, tool_choice="required")
+    choice = got.choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert choice.message.content.startswith('[{"name":"get_')
+    chunks = list(_ask(api, stream=True, tool_choice="required"))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert not _streamed(chunks)[0]
+
+
+def test_a_conversation_with_earlier_calls_and_their_answers_is_taken(api):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+    messages = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}]
+    got = api.chat.completions.create(model="zeroc-tiny", messages=messages, tools=TOOLS, tool_choice="none",
+                                      max_tokens=4, temperature=0)
+    assert got.choices[0].message.tool_calls is None and got.choices[0].message.content
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({}, '"auto" (the default with tools) needs a parser'),
+    ({"tool_choice": "auto"}, 'use "required" or name a function'),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "no tool is named 'nope'"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot too"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "names must be unique"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"},
+     "tools.0.function.name"),
+    ({"tools": None, "tool_choice": "required"}, "only allowed when tools are given")])
+def test_tool_choices_the_server_cannot_honour_are_400s(api, kw, words):
+    kw = {"tools": TOOLS, **kw}
+    with pytest.raises(openai.BadRequestError) as err:
+        api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=4,
+                                    **{k: v for k, v in kw.items() if v is not None})
+    assert words in err.value.message
