@@ -7,8 +7,9 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
 - syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them, and the
   output names the lines each one came from);
 - seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
-- extras: requests asking for log-probabilities (greedy and seeded; prompt ones too) or penalties (repetition,
-  frequency, bias), beside one asking for neither, get, with decode steps in CUDA graphs and running ahead, the
+- extras: requests asking for log-probabilities (greedy and seeded; prompt ones too), penalties (repetition,
+  frequency, bias) or structured output (a regex guide: its mask's one copy to the device), beside one asking for
+  neither, get, with decode steps in CUDA graphs and running ahead, the
   tokens and log-probabilities (within 1e-3) of the eager step-by-step engine, still with one sync per decode step;
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
   those they get alone;
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import re
 import sys
 
 import torch
@@ -44,9 +46,10 @@ from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
 from zeroc.decode_runner import DecodeRunner
 from zeroc.engine import Engine
 from zeroc.loader import load_model
-from zeroc.sampling import SamplingParams
+from zeroc.sampling import Guide, SamplingParams
 from zeroc_kernels.attention import TorchBackend, select_backend
 
+EMAIL = r"[a-z]{2,6}@[a-z]{2,6}\.com"  # the extras check's guide
 PROMPTS = ["The built-in function", "import os\n", "A list comprehension is", "Exceptions are raised",
            "def f(x):\n    return x", "print(", "class A:", "for i in range(10):"]
 
@@ -113,16 +116,18 @@ def check_extras(loaded) -> tuple[bool, str]:
               SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, ignore_eos=True, logprobs=0),
               SamplingParams(max_new_tokens=8, ignore_eos=True),
               SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5,
-                             logit_bias=((5, 2.0), (9, -100.0)))]
-    eager = _engine(loaded, True).generate(PROMPTS[:4], params)
-    graphed = _engine(loaded, False, pad_on_cpu=True, ahead=True).generate(PROMPTS[:4], params)
+                             logit_bias=((5, 2.0), (9, -100.0))),
+              SamplingParams(max_new_tokens=24, temperature=0.9, seed=4, guide=Guide("regex", EMAIL))]
+    eager = _engine(loaded, True).generate(PROMPTS[:5], params)
+    graphed = _engine(loaded, False, pad_on_cpu=True, ahead=True).generate(PROMPTS[:5], params)
     same_tokens = [r.token_ids for r in eager] == [r.token_ids for r in graphed]
     worst = max(abs(a.logprob - b.logprob) for x, y in zip(eager, graphed)
                 for a, b in zip(x.logprobs + (x.prompt_logprobs or ()), y.logprobs + (y.prompt_logprobs or ())))
-    shapes = ([len(r.logprobs) for r in graphed] == [8, 8, 0, 0] and len(graphed[0].logprobs[0].top) == 5
-              and len(graphed[0].prompt_logprobs) == len(graphed[0].prompt_token_ids) - 1)
+    shapes = ([len(r.logprobs) for r in graphed] == [8, 8, 0, 0, 0] and len(graphed[0].logprobs[0].top) == 5
+              and len(graphed[0].prompt_logprobs) == len(graphed[0].prompt_token_ids) - 1
+              and re.fullmatch(EMAIL, graphed[4].text) is not None)
     engine = _engine(loaded, False)
-    for p, sp in zip(PROMPTS[:2], (params[0], params[3])):
+    for p, sp in zip(PROMPTS[:3], (params[0], params[3], params[4])):
         engine.add_request(p, sp)
     for _ in range(3):
         engine.step()

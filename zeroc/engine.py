@@ -110,6 +110,7 @@ class Engine:
         # Unseeded random requests draw their noise from this one generator, in one draw per step.
         self._shared_gen = torch.Generator(device=device)
         self._shared_gen.seed()
+        self._sampling: SamplingBatch | None = None  # the last step's parameters on the device
         self.penalties = PenaltyState(self.model_config.vocab_size, device)  # slots of penalized requests
         self.guides = GuideCompiler(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
         # The cpu backend's kernel module also samples (kernels/csrc/sampling.cpp, the same ids as the torch path
@@ -325,7 +326,8 @@ class Engine:
             # built while the forward runs (its copies queue behind it); a chunk's row draws nothing
             params = [s.params if id(s) in samples else _CHUNK for s in rows]
             gens = [s.generator if p is not _CHUNK else None for s, p in zip(rows, params)]
-            sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device)
+            sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device, self._sampling)
+            self._sampling = sampling  # the next step's, where its rows sample alike (no copy then)
             penalties = self._penalties(rows, params)
             scores = logits if penalties is None else self.penalties.apply(logits, penalties)  # [B, vocab]
             matchers = [s.matcher if id(s) in samples else None for s in rows]

@@ -55,6 +55,7 @@ class PenaltyState:
         self.slot: dict[str, int] = {}  # request id -> its slot
         self._free: list[int] = []
         self._scratch = torch.zeros(3, 0, vocab, device=device)  # [3, B, V] the step's buffers, grown as needed
+        self._last: tuple[tuple, PenaltyBatch] | None = None  # the last step's batch and what it was built from
 
     def _grow(self) -> None:
         old = self.counts.shape[0]
@@ -97,19 +98,20 @@ class PenaltyState:
             return None
         slots = [self.slot[rid] if p.penalized else 0 for rid, p, _ in rows]
         counted = [i for i, (_, p, samples) in enumerate(rows) if p.penalized and samples]
-
-        def column(values: list[float], neutral: float) -> Tensor | None:
-            if all(v == neutral for v in values):
-                return None
-            return host_to_device(values, torch.float32, self.device).unsqueeze(1)
-
-        return PenaltyBatch(host_to_device(slots, torch.long, self.device),
-                            column([-p.frequency_penalty for _, p, _ in rows], 0.0),
-                            column([-p.presence_penalty for _, p, _ in rows], 0.0),
-                            column([p.repetition_penalty for _, p, _ in rows], 1.0),
-                            any(p.logit_bias for _, p, _ in rows),
-                            host_to_device(counted, torch.long, self.device),
-                            host_to_device([slots[i] for i in counted], torch.long, self.device))
+        values = [[-p.frequency_penalty for _, p, _ in rows], [-p.presence_penalty for _, p, _ in rows],
+                  [p.repetition_penalty for _, p, _ in rows]]
+        key = (slots, counted, values, any(p.logit_bias for _, p, _ in rows))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]  # decode steps of an unchanged batch: its tensors serve again, nothing is copied
+        # the ids in one copy, the parameters in another: [B + 2R] int64, [3, B] float32
+        ids = host_to_device(slots + counted + [slots[i] for i in counted], torch.long, self.device)
+        floats = host_to_device(values, torch.float32, self.device).unsqueeze(2)  # [3, B, 1]
+        used = [any(v != neutral for v in col) for col, neutral in zip(values, (0.0, 0.0, 1.0))]
+        b, r = len(rows), len(counted)
+        batch = PenaltyBatch(ids[:b], *(floats[i] if used[i] else None for i in range(3)), key[3],
+                             ids[b: b + r], ids[b + r:])
+        self._last = (key, batch)
+        return batch
 
     def apply(self, logits: Tensor, b: PenaltyBatch) -> Tensor:
         """The penalized logits [B, V] float32 of logits [B, V], in a buffer the next call reuses."""

@@ -20,7 +20,7 @@ a GPU runs; the torch and triton backends keep it on the CPU too, so the service
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -188,6 +188,7 @@ class SamplingBatch:
     # every random row has one; else the whole vocabulary (top-p alone needs the full order).
     ranked: int
     k_and_p: bool = False  # a random row cuts by both: top-p then shares out its top-k set's mass
+    key: tuple = ()  # each row's (temperature, top_k, top_p): what the tensors above were built from
 
     @property
     def cuts(self) -> bool:
@@ -195,20 +196,25 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None], vocab: int,
-              device: torch.device) -> "SamplingBatch":
+              device: torch.device, last: SamplingBatch | None = None) -> "SamplingBatch":
+        """The step's batch. `last`: the step before's; where its rows sampled with the same parameters (decode
+        steps of an unchanged batch), its device tensors serve again and nothing is copied to the device. Else the
+        four go in one copy."""
+        key = tuple((p.temperature, p.top_k, p.top_p) for p in params)
+        if last is not None and last.key == key:
+            return replace(last, generators=tuple(generators))
         random_rows = tuple(i for i, p in enumerate(params) if not p.greedy)
         if not random_rows:
-            return cls(None, None, None, None, tuple(generators), (), 0)
+            return cls(None, None, None, None, tuple(generators), (), 0, key=key)
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         cuts = any(top_k[i] < vocab or params[i].top_p < 1.0 for i in random_rows)
         ranked = max(top_k[i] for i in random_rows) if cuts else 0
         k_and_p = any(top_k[i] < vocab and params[i].top_p < 1.0 for i in random_rows)
-        return cls(
-            temperature=host_to_device([p.temperature or 1.0 for p in params], torch.float32, device),
-            top_k=host_to_device(top_k, torch.long, device),
-            top_p=host_to_device([p.top_p for p in params], torch.float32, device),
-            greedy=host_to_device([p.greedy for p in params], torch.bool, device),
-            generators=tuple(generators), random_rows=random_rows, ranked=ranked, k_and_p=k_and_p)
+        # [4, B] float32 (top_k exact below 2^24, past any vocabulary)
+        rows = host_to_device([[p.temperature or 1.0 for p in params], top_k, [p.top_p for p in params],
+                               [float(p.greedy) for p in params]], torch.float32, device)
+        return cls(temperature=rows[0], top_k=rows[1].long(), top_p=rows[2], greedy=rows[3].bool(),
+                   generators=tuple(generators), random_rows=random_rows, ranked=ranked, k_and_p=k_and_p, key=key)
 
 
 # On the CPU, where reading a tensor on the host stalls nothing, a top-p row's nucleus is looked for among its

@@ -366,3 +366,31 @@ def test_logprobs_are_hugging_faces_log_softmax_and_change_no_token(random_gqa_d
             torch.testing.assert_close(torch.tensor([v for _, v in lp.top]), best.values, atol=2e-4, rtol=0)
         if sp.greedy:  # the greedy token is the best one
             assert all(lp.top[0][0] == t and lp.top[0][1] == lp.logprob for lp, t in zip(lps, tokens))
+
+
+def test_decode_steps_of_an_unchanged_batch_copy_no_sampling_or_penalty_parameters(bundled, monkeypatch):
+    """The sampled and penalized rows' parameters go to the device when the batch changes, in one copy for sampling
+    and two for penalties, and serve again while it does not: steady decode steps copy none (issue 16's host
+    time). The tokens are those of a batch built afresh every step."""
+    import zeroc.penalties
+    import zeroc.sampling
+
+    params = [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True),
+              SamplingParams(max_new_tokens=12, temperature=1.1, top_k=20, repetition_penalty=1.2, seed=2,
+                             ignore_eos=True),
+              SamplingParams(max_new_tokens=6, ignore_eos=True, frequency_penalty=0.5)]
+    want = [r.token_ids for r in Engine(bundled, CacheConfig(16, 64)).generate(PROMPTS[:3], params)]
+    copies = []
+    for module in (zeroc.sampling, zeroc.penalties):
+        real = module.host_to_device
+        monkeypatch.setattr(module, "host_to_device",
+                            lambda values, dtype, device, real=real, name=module.__name__: (
+                                copies.append((engine.host_waits, name)), real(values, dtype, device))[1])
+    engine = Engine(bundled, CacheConfig(16, 64))
+    got = engine.generate(PROMPTS[:3], params)
+    assert [r.token_ids for r in got] == want
+    # the prompts' step (which admits the penalized requests: their token counts go over too) and the first step
+    # after the third request left (6 tokens): one sampling copy each; none in the 10 other steps
+    assert engine.host_waits == 12 and {step for step, _ in copies} == {0, 6}
+    assert [name for _, name in copies].count("zeroc.sampling") == 2
+    assert [name for step, name in copies if step == 6] == ["zeroc.sampling"] + ["zeroc.penalties"] * 2
