@@ -113,17 +113,28 @@ class _Sampling(_Body):
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension
+    guided_json: dict[str, Any] | str | None = None  # ... and its older spellings of it (before vLLM 0.11)
+    guided_regex: str | None = _GuideText
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=MAX_GUIDE_CHOICES)
+    guided_grammar: str | None = _GuideText
     # Known fields the services cannot honour: only their neutral values pass (see `unsupported`).
     best_of: int | None = None
 
     def guide(self) -> dict | None:
-        """The structured-output guide the SDK sends (zeroc.client.build_request's `guide`), from response_format
-        or structured_outputs; None for free text. Raises APIError when both ask for one."""
-        one = self.response_format.guide() if self.response_format else None
-        other = self.structured_outputs.guide() if self.structured_outputs else None
-        if one and other:
-            raise APIError(400, "structured_outputs: set it or response_format, not both", param="structured_outputs")
-        return one or other
+        """The structured-output guide the SDK sends (zeroc.client.build_request's `guide`), from response_format,
+        structured_outputs or the guided_* fields; None for free text. Raises APIError when more than one asks."""
+        older = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")}
+        older = {k: v for k, v in older.items() if v is not None}
+        if len(older) > 1:
+            raise APIError(400, "guided_*: set one of guided_json, guided_regex, guided_choice, guided_grammar",
+                           param="guided_" + sorted(older)[-1])
+        given = [g for g in (self.response_format and self.response_format.guide(),
+                             self.structured_outputs and self.structured_outputs.guide(),
+                             older and StructuredOutputs.model_validate(older).guide()) if g]
+        if len(given) > 1:
+            raise APIError(400, "structured_outputs: set one of response_format, structured_outputs and the "
+                                "guided_* fields, not both", param="structured_outputs")
+        return given[0] if given else None
 
     def bias(self) -> dict[int, float]:
         """logit_bias with its keys (token ids as JSON strings, OpenAI's shape) read as ints. Raises APIError."""

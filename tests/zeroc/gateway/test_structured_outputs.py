@@ -44,6 +44,9 @@ def test_completions_json_object_and_structured_outputs(api):
     got = api.completions.create(model="zeroc-tiny", prompt="Mail:", max_tokens=30,
                                  extra_body={"structured_outputs": {"regex": r"[a-z]{3}@[a-z]{3}\.com"}})
     assert re.fullmatch(r"[a-z]{3}@[a-z]{3}\.com", got.choices[0].text)
+    got = api.completions.create(model="zeroc-tiny", prompt="Pick:", max_tokens=10,  # vLLM's older spelling
+                                 extra_body={"guided_choice": ["up", "down"]})
+    assert got.choices[0].text in ("up", "down")
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -53,7 +56,9 @@ def test_completions_json_object_and_structured_outputs(api):
      "does not compile"),
     ({"structured_outputs": {"regex": "a(b"}}, "regex does not compile"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
-    ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "not both")])
+    ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "not both"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_*: set one of"),
+    ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "not both")])
 def test_bad_structured_outputs_are_400s_naming_the_field(api, extra, words):
     with pytest.raises(openai.BadRequestError) as err:
         api.completions.create(model="zeroc-tiny", prompt="Hi", max_tokens=4, extra_body=extra)
