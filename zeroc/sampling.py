@@ -19,6 +19,7 @@ a GPU runs; the torch and triton backends keep it on the CPU too, so the service
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from types import ModuleType
@@ -26,8 +27,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from zeroc.config.limits import (MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES, MAX_LOGIT_BIAS,
-                                 MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY)
+from zeroc.config.limits import (MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES, MAX_GUIDE_DEPTH,
+                                 MAX_GUIDE_PROPERTIES, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY,
+                                 MAX_REPETITION_PENALTY)
 from zeroc.device import host_to_device
 
 FAILED = -1  # the id `sample_batch` gives a row whose logits are not finite
@@ -76,6 +78,32 @@ class Guide:
         if any(not isinstance(c, str) or not c or len(c) > MAX_GUIDE_CHOICE_CHARS for c in self.choices):
             raise ValueError(f"guide: choices must be non-empty strings of at most {MAX_GUIDE_CHOICE_CHARS} "
                              "characters")
+        if self.kind == "json_schema":
+            _check_schema_shape(self.spec)
+
+
+def _check_schema_shape(text: str) -> None:
+    """Refuse a schema too deep or too wide to compile in bounded time (zeroc.config.limits). Text that is no JSON
+    passes: the compiler says what is wrong with it."""
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"guide: the JSON schema nests deeper than {MAX_GUIDE_DEPTH} levels") from None
+    except ValueError:
+        return
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_GUIDE_DEPTH:
+            raise ValueError(f"guide: the JSON schema nests deeper than {MAX_GUIDE_DEPTH} levels")
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict) and len(props) > MAX_GUIDE_PROPERTIES:
+                raise ValueError(f"guide: an object schema lists {len(props)} properties; at most "
+                                 f"{MAX_GUIDE_PROPERTIES} are allowed")
+            stack += [(v, depth + 1) for v in node.values() if isinstance(v, (dict, list))]
+        else:
+            stack += [(v, depth + 1) for v in node if isinstance(v, (dict, list))]
 
 
 @dataclass(frozen=True)

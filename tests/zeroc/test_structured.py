@@ -110,7 +110,12 @@ def test_bad_guides_are_value_errors_that_say_what_is_wrong(bundled):
                       (dict(kind="json", spec="{}"), "takes none"), (dict(kind="choice"), "at least one"),
                       (dict(kind="choice", choices=("a", "")), "non-empty"),
                       (dict(kind="choice", choices=tuple(map(str, range(300)))), "at most 256"),
-                      (dict(kind="regex", spec="a" * 70000), "at most 65536")]:
+                      (dict(kind="regex", spec="a" * 70000), "at most 65536"),
+                      (dict(kind="json_schema", spec='{"type":"array","items":' * 65 + "{}" + "}" * 65),
+                       "deeper than 64"),
+                      (dict(kind="json_schema", spec='[' * 30000 + ']' * 30000), "deeper than 64"),
+                      (dict(kind="json_schema", spec=json.dumps({"properties": {f"p{i}": {} for i in range(257)}})),
+                       "257 properties")]:
         with pytest.raises(ValueError, match=words):
             Guide(**kw)
     engine = Engine(bundled, CacheConfig(16, 64))
