@@ -48,28 +48,30 @@ PROMPTS = ["The data is", "Return a value:", "import os\n"]
 FREE = SamplingParams(max_new_tokens=10, temperature=0.9, seed=3)
 
 
-def _guided(temperature: float, **kw) -> list[SamplingParams]:
-    return [SamplingParams(max_new_tokens=40, temperature=temperature, seed=11 + i, guide=guide, **kw)
-            for i, (guide, _) in enumerate(CHECKS.values())]
+def _guided(temperature: float, kinds=tuple(CHECKS)) -> list[SamplingParams]:
+    return [SamplingParams(max_new_tokens=40, temperature=temperature, seed=11 + i, guide=CHECKS[kind][0])
+            for i, kind in enumerate(kinds)]
 
 
-def _assert_held(results) -> None:
-    for (kind, (_, holds)), r in zip(CHECKS.items(), results):
-        assert r.finish_reason == "stop" and holds(r.text), (kind, r.finish_reason, r.text)
+def _assert_held(results, kinds=tuple(CHECKS)) -> None:
+    for kind, r in zip(kinds, results, strict=True):
+        assert r.finish_reason == "stop" and CHECKS[kind][1](r.text), (kind, r.finish_reason, r.text)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 def test_every_guide_holds_greedy_and_sampled_beside_a_free_request(backend):
     engine = Engine(load_model(BUNDLED_MODEL, attention_backend=backend), CacheConfig(16, 256))
-    params = _guided(0.0) + _guided(0.9) + [FREE]
+    # the triton backend runs in Triton's interpreter: the guides whose texts are short, greedy and sampled
+    kinds = ("regex", "choice", "grammar") if backend == "triton" else tuple(CHECKS)
+    params = _guided(0.0, kinds) + _guided(0.9, kinds) + [FREE]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
     got = engine.generate(prompts, params)
-    _assert_held(got[: len(CHECKS)])
-    _assert_held(got[len(CHECKS): 2 * len(CHECKS)])
+    _assert_held(got[: len(kinds)], kinds)
+    _assert_held(got[len(kinds): 2 * len(kinds)], kinds)
     # a guided neighbour changes nothing for a free request (nor for a seeded one: its draws are its own)
     assert got[-1].token_ids == engine.generate([prompts[-1]], FREE)[0].token_ids
-    free = engine.generate(prompts[: len(CHECKS)], [SamplingParams(max_new_tokens=40)] * len(CHECKS))
-    assert not any(holds(r.text) for (_, holds), r in zip(CHECKS.values(), free))  # the guides did the work
+    free = engine.generate(prompts[: len(kinds)], [SamplingParams(max_new_tokens=12)] * len(kinds))
+    assert not any(CHECKS[k][1](r.text) for k, r in zip(kinds, free))  # the guides did the work
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
