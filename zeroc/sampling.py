@@ -102,7 +102,7 @@ def _check_schema_shape(text: str) -> None:
                 raise ValueError(f"guide: an object schema lists {len(props)} properties; at most "
                                  f"{MAX_GUIDE_PROPERTIES} are allowed")
             stack += [(v, depth + 1) for v in node.values() if isinstance(v, (dict, list))]
-        else:
+        elif isinstance(node, list):  # the document itself may be a scalar (`true`: any value)
             stack += [(v, depth + 1) for v in node if isinstance(v, (dict, list))]
 
 

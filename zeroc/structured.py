@@ -85,8 +85,9 @@ class GuideCompiler:
                 return c.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
             if guide.kind == "regex":
                 return c.compile_regex(guide.spec)
-            if guide.kind == "choice":  # each choice a GBNF string literal: JSON's escapes are GBNF's
-                return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in guide.choices))
+            if guide.kind == "choice":  # each a GBNF string literal: JSON's escapes are GBNF's (not \u surrogates)
+                literals = (json.dumps(s, ensure_ascii=False) for s in guide.choices)
+                return c.compile_grammar("root ::= " + " | ".join(literals))
             return c.compile_grammar(guide.spec)
         except (RuntimeError, ValueError, xgr.InvalidJSONError) as exc:
             first = _LOG_PREFIX.sub("", str(exc).strip()).splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -128,6 +128,11 @@ def test_bad_guides_are_value_errors_that_say_what_is_wrong(bundled):
         with pytest.raises(GuideError, match=words) as err:
             engine.add_request("Hi", SamplingParams(guide=guide))
         assert "does not compile" in str(err.value) and ".cc:" not in str(err.value)  # no C++ log prefix
+    for scalar in ("true", "false", "5", '"x"', "null"):  # JSON, but no object: compiled or refused, never a crash
+        try:
+            engine.check_sampling(SamplingParams(guide=Guide("json_schema", scalar)))
+        except GuideError as exc:
+            assert "does not compile" in str(exc)
     assert not engine.has_unfinished()
     assert engine.generate(["Hi"], SamplingParams(max_new_tokens=8, guide=CHECKS["regex"][0]))[0].finish_reason
 
@@ -166,3 +171,12 @@ def test_a_guide_reads_the_vocabulary_as_the_tokens_spell_text(family):
     assert all(matcher.accept_token(t) for t in ids) and matcher.is_completed()
     wrong = guides.matcher(Guide("choice", choices=(text.upper(),)))
     assert not all(wrong.accept_token(t) for t in ids)
+
+
+@pytest.mark.parametrize("text", ["smile \U0001F600", "tab\there", "nul\x00x", 'quote"back\\', "caf\u00e9 \u2615"])
+def test_a_choice_of_any_characters_is_the_text_its_tokens_spell(bundled, text):
+    """Choices become grammar literals: quotes, backslashes, control and non-BMP characters (which JSON would escape
+    as surrogate pairs) included."""
+    ids = bundled.tokenizer.encode(text, add_special_tokens=False)
+    matcher = GuideCompiler(bundled.tokenizer, bundled.config.vocab_size).matcher(Guide("choice", choices=(text,)))
+    assert all(matcher.accept_token(t) for t in ids) and matcher.is_completed()

@@ -3,8 +3,8 @@
 Unknown fields are ignored (as OpenAI's own SDKs add new ones over time); known fields the decode
 services cannot honour are accepted only at their neutral values, anything else is a 400 naming
 the field. `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids` and `structured_outputs` are
-extensions, as in vLLM; `response_format` and `structured_outputs` become the request's guide (structured
-output, zeroc/structured.py). Log-probabilities (`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS
+extensions, as in vLLM; `response_format`, `structured_outputs` (or vLLM's older `guided_*`) and chat's
+forced tool calls become the request's guide (structured output, zeroc/structured.py). Log-probabilities (`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS
 alternatives, as vLLM's default allows (OpenAI's own completions stop at 5).
 """
 
