@@ -64,9 +64,9 @@ class Guide:
     def __post_init__(self) -> None:
         if self.kind not in GUIDE_KINDS:
             raise ValueError(f"guide: kind must be one of {', '.join(GUIDE_KINDS)}, got {self.kind!r}")
-        if len(self.spec) > MAX_GUIDE_CHARS:
-            raise ValueError(f"guide: a {self.kind} guide has at most {MAX_GUIDE_CHARS} characters, got "
-                             f"{len(self.spec)}")
+        size = len(self.spec) + sum(len(c) for c in self.choices if isinstance(c, str))  # compile time grows with it
+        if size > MAX_GUIDE_CHARS:
+            raise ValueError(f"guide: a {self.kind} guide has at most {MAX_GUIDE_CHARS} characters, got {size}")
         if (self.kind in ("json_schema", "regex", "grammar")) != bool(self.spec):
             raise ValueError(f"guide: a {self.kind} guide " + ("needs its text" if not self.spec else "takes none"))
         object.__setattr__(self, "choices", tuple(self.choices))

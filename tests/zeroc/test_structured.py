@@ -113,6 +113,7 @@ def test_bad_guides_are_value_errors_that_say_what_is_wrong(bundled):
                       (dict(kind="choice", choices=("a", "")), "non-empty"),
                       (dict(kind="choice", choices=tuple(map(str, range(300)))), "at most 256"),
                       (dict(kind="regex", spec="a" * 70000), "at most 65536"),
+                      (dict(kind="choice", choices=("a" * 1000,) * 66), "at most 65536 characters, got 66000"),
                       (dict(kind="json_schema", spec='{"type":"array","items":' * 65 + "{}" + "}" * 65),
                        "deeper than 64"),
                       (dict(kind="json_schema", spec='[' * 30000 + ']' * 30000), "deeper than 64"),
