@@ -76,6 +76,7 @@ def test_bench_forward_reports_positive_rates():
     (["eval", "ppl", "--ctx", "1"], "ctx must be >= 2"),
     (["generate", "--dtype", "float8", "hi"], "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
     (["generate", "--regex", "a(b", "hi"], "guide: the regex does not compile: Regex parsing error at position 4"),
+    (["generate", "--json-schema", "@/nonexistent/schema.json", "hi"], "/nonexistent/schema.json: file not found"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message):
     r = zeroc(*args)

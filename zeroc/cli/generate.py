@@ -16,8 +16,13 @@ def _guide(args: argparse.Namespace) -> dict | None:
     schema or grammar from a file."""
     for kind in ("json_schema", "regex", "grammar"):
         text = getattr(args, kind)
+        if text is not None and text.startswith("@") and kind != "regex":
+            path = Path(text[1:])
+            if not path.is_file():
+                raise ZeroCError(f"{path}: file not found")
+            return {kind: path.read_text()}
         if text is not None:
-            return {kind: Path(text[1:]).read_text() if text.startswith("@") and kind != "regex" else text}
+            return {kind: text}
     if args.choice:
         return {"choice": args.choice}
     return {"json_object": True} if args.json_object else None
@@ -30,8 +35,9 @@ def _local_guide(guide: dict | None):
     if guide is None:
         return None
     (kind, value), = guide.items()
-    return Guide("json") if kind == "json_object" else Guide("choice", choices=tuple(value)) \
-        if kind == "choice" else Guide(kind, value)
+    if kind == "json_object":
+        return Guide("json")
+    return Guide("choice", choices=tuple(value)) if kind == "choice" else Guide(kind, value)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
