@@ -46,6 +46,7 @@ class GuideCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: tuple[int, ...] = ()):
         self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, stop_ids
         self._compiler: Any = None
+        self._filler: Any = None  # xgrammar's BatchGrammarMatcher: fills a step's bitmasks on several threads
         self._building = threading.Lock()  # a service's handler threads check guides at once
 
     def _xgr(self) -> Any:
@@ -54,6 +55,8 @@ class GuideCompiler:
         with self._building:
             if self._compiler is None:
                 self._compiler = self._build(xgrammar)
+                # as many threads as the engine's ops use: on a GPU the fill overlaps the forward it follows
+                self._filler = xgrammar.BatchGrammarMatcher(max_threads=max(1, torch.get_num_threads()))
         return xgrammar
 
     def _build(self, xgrammar: Any) -> Any:
@@ -103,21 +106,21 @@ class GuideCompiler:
         guided = [(row, m) for row, m in enumerate(matchers) if m is not None]
         if not guided:
             return scores
-        words = -(-self.vocab_size // 32)
-        # [R, words + 1] int32: each guided row's bitmask, then its row index, so one copy carries both
-        host = torch.empty((len(guided), words + 1), dtype=torch.int32, pin_memory=scores.is_cuda)
-        for i, (row, m) in enumerate(guided):
-            m.fill_next_token_bitmask(host[i: i + 1, :words], 0)
-            host[i, words] = row
-        return apply_bitmask(scores, host.to(scores.device, non_blocking=True))
+        r, words = len(guided), -(-self.vocab_size // 32)
+        # [R * words + R] int32: the guided rows' bitmasks, then their row indices, so one copy carries both
+        host = torch.empty(r * words + r, dtype=torch.int32, pin_memory=scores.is_cuda)
+        self._filler.batch_fill_next_token_bitmask([m for _, m in guided], host[: r * words].view(r, words))
+        host[r * words:] = torch.tensor([row for row, _ in guided], dtype=torch.int32)
+        return apply_bitmask(scores, host.to(scores.device, non_blocking=True), r)
 
 
-def apply_bitmask(scores: Tensor, packed: Tensor) -> Tensor:
-    """scores [B, vocab]; packed [R, words + 1] int32 on scores' device: R rows' bitmasks (bit j of word w allows
-    token 32 w + j) and in the last column the row of `scores` each belongs to. -> scores with the tokens those
-    rows' bitmasks exclude at the dtype's lowest finite value (a new tensor; `scores` may be the model's logits,
-    which log-probabilities read)."""
-    rows, words = packed[:, -1].long(), packed[:, :-1]  # [R], [R, words]
+def apply_bitmask(scores: Tensor, packed: Tensor, r: int) -> Tensor:
+    """scores [B, vocab]; packed [r * words + r] int32 on scores' device: r rows' bitmasks (bit j of word w allows
+    token 32 w + j), then the row of `scores` each belongs to. -> scores with the tokens those rows' bitmasks
+    exclude at the dtype's lowest finite value (a new tensor; `scores` may be the model's logits, which
+    log-probabilities read)."""
+    n = packed.shape[0] - r
+    rows, words = packed[n:].long(), packed[:n].view(r, n // r)  # [r], [r, words]
     shifts = torch.arange(32, dtype=torch.int32, device=words.device)  # made there: a pageable copy would sync
     bits = (words.unsqueeze(-1) >> shifts) & 1  # [R, words, 32]
     allowed = bits.flatten(1)[:, : scores.shape[1]].bool()  # [R, vocab]
@@ -125,12 +128,13 @@ def apply_bitmask(scores: Tensor, packed: Tensor) -> Tensor:
     return scores.index_copy(0, rows, masked)
 
 
-def apply_bitmask_ref(scores: Tensor, packed: Tensor) -> Tensor:
+def apply_bitmask_ref(scores: Tensor, packed: Tensor, r: int) -> Tensor:
     """apply_bitmask, one token at a time: the test's oracle."""
     out = scores.clone()
-    for r in range(packed.shape[0]):
-        row = int(packed[r, -1])
+    words = (packed.shape[0] - r) // r
+    for i in range(r):
+        row = int(packed[r * words + i])
         for t in range(scores.shape[1]):
-            if not (int(packed[r, t // 32]) >> (t % 32)) & 1:
+            if not (int(packed[i * words + t // 32]) >> (t % 32)) & 1:
                 out[row, t] = torch.finfo(scores.dtype).min
     return out

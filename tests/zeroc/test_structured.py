@@ -143,9 +143,9 @@ def test_the_mask_is_its_reference(dtype):
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(5, 100, generator=gen).to(dtype)  # a vocabulary that is no multiple of 32
     words = torch.randint(-2**31, 2**31 - 1, (3, 4), generator=gen, dtype=torch.int64).to(torch.int32)
-    packed = torch.cat([words, torch.tensor([[4], [0], [2]], dtype=torch.int32)], dim=1)
-    got = apply_bitmask(scores, packed)
-    assert torch.equal(got, apply_bitmask_ref(scores, packed))
+    packed = torch.cat([words.flatten(), torch.tensor([4, 0, 2], dtype=torch.int32)])
+    got = apply_bitmask(scores, packed, 3)
+    assert torch.equal(got, apply_bitmask_ref(scores, packed, 3))
     assert torch.equal(got[[1, 3]], scores[[1, 3]])  # unguided rows untouched
     assert torch.isfinite(got).all()  # never -inf: the samplers read that as a broken row
 
