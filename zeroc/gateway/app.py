@@ -32,7 +32,6 @@ from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.replicas import Replicas, finish
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
 from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
-from zeroc.gateway.tools import ToolCalls
 from zeroc.metrics import ServiceMetrics
 from zeroc.tokenizer import Tokenizer
 
@@ -50,6 +49,7 @@ class ModelCard:
     max_context: int
     tokenizer: Tokenizer
     template: ChatTemplate | None
+    tool_parser: str = ""  # its tool-call syntax, for tool_choice "auto" (zeroc/gateway/tool_parsers.py); "": none
 
 
 async def until_disconnected(request: Request, awaitable):
@@ -134,7 +134,8 @@ class Gateway:
             raise APIError(400, f"the model {self.card.name!r} has no chat template; use /v1/completions",
                            param="messages")
         messages = [m.as_template_input(i) for i, m in enumerate(req.messages)]
-        guide, function = req.tool_call()  # zeroc/gateway/tools.py
+        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        guide, calls = req.tool_calls(reply_id, self.card.tool_parser)  # zeroc/gateway/tools.py
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         text = self.card.template.render(messages, req.add_generation_prompt, tools)
         ids = self.card.tokenizer.encode(text, add_special_tokens=False)
@@ -143,11 +144,10 @@ class Gateway:
             raise APIError(400, f"messages: {len(ids)} prompt tokens; the model's context is "
                                 f"{self.card.max_context}", param="messages", code="context_length_exceeded")
         sampling = self._sampling(req, room)
-        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if guide is not None:
             sampling["guide"] = guide
         reply = Reply(reply_id, self.card.name, True, req.return_token_ids, int(time.time()),
-                      self._logprobs(sampling, chat=True), ToolCalls(reply_id, function) if guide else None)
+                      self._logprobs(sampling, chat=True), calls)
         return await self._answer(request, req, reply, [ids], sampling)
 
     def _logprobs(self, sampling: dict, chat: bool) -> LogprobFormat | None:

@@ -21,6 +21,7 @@ from zeroc.config import BUNDLED_MODEL, ConfigError, ZeroCConfig, ZeroCError
 
 log = logging.getLogger(__name__)
 LOOPS = ("auto", "asyncio", "uvloop")
+TOOL_PARSERS = ("hermes", "llama3_json")  # zeroc/gateway/tool_parsers.py's PARSERS (not imported: this stays light)
 HTTP_IMPLEMENTATIONS = ("auto", "h11", "httptools")
 
 
@@ -40,6 +41,8 @@ class GatewaySettings:
     # gateway's CPU per streamed token, see docs/benchmarks.md), else asyncio and h11.
     loop: str = "auto"
     http: str = "auto"
+    # the served model's tool-call syntax (zeroc/gateway/tool_parsers.py), for tool_choice "auto"; "": none
+    tool_call_parser: str = ""
 
     def __post_init__(self) -> None:
         if not self.targets or any(":" not in t for t in self.targets):
@@ -52,6 +55,9 @@ class GatewaySettings:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
         if self.http not in HTTP_IMPLEMENTATIONS:
             raise ValueError(f"http must be one of {', '.join(HTTP_IMPLEMENTATIONS)}, got {self.http!r}")
+        if self.tool_call_parser and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got "
+                             f"{self.tool_call_parser!r}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "GatewaySettings":
@@ -91,18 +97,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                              "uvloop when installed)")
     p.add_argument("--http", choices=HTTP_IMPLEMENTATIONS, default=None,
                    help="HTTP/1.1 implementation (env ZEROC_GATEWAY_HTTP; default auto: httptools when installed)")
+    p.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
+                   help="the model's tool-call syntax, which tool_choice \"auto\" needs (env "
+                        "ZEROC_GATEWAY_TOOL_CALL_PARSER; default: none, and \"auto\" is refused)")
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings.from_env(targets=tuple(args.target) if args.target else None, host=args.host,
                                     port=args.port, model_dir=args.model, timeout_s=args.timeout_s,
                                     max_body_mb=args.max_body_mb, grace_s=args.grace_s, loop=args.loop,
-                                    http=args.http)
+                                    http=args.http, tool_call_parser=args.tool_call_parser)
 
 
-def model_card(model_dir: str | Path):
+def model_card(model_dir: str | Path, tool_parser: str = ""):
     """What the gateway knows of the model: its name (the directory's, as the decode services name
-    it), context length, tokenizer and chat template. Raises ConfigError."""
+    it), context length, tokenizer, chat template and tool-call syntax. Raises ConfigError."""
     from zeroc.gateway.app import ModelCard
     from zeroc.gateway.chat import load_chat_template
     from zeroc.tokenizer import Tokenizer
@@ -113,7 +122,7 @@ def model_card(model_dir: str | Path):
         ctx = int(json.loads(cfg_path.read_text())["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{cfg_path}: cannot read max_position_embeddings ({exc})") from None
-    return ModelCard(path.resolve().name, ctx, Tokenizer.from_dir(path), load_chat_template(path))
+    return ModelCard(path.resolve().name, ctx, Tokenizer.from_dir(path), load_chat_template(path), tool_parser)
 
 
 def server_stack(settings: GatewaySettings) -> tuple[str, str]:
@@ -142,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port = ZeroCConfig.from_env(metrics={"port": getattr(args, "metrics_port", None)}).metrics.port
     except ValueError as exc:
         raise ZeroCError(str(exc)) from None
-    card = model_card(settings.model_dir)
+    card = model_card(settings.model_dir, settings.tool_call_parser)
     loop, http = server_stack(settings)
     import uvicorn
 

@@ -4,8 +4,9 @@ Unknown fields are ignored (as OpenAI's own SDKs add new ones over time); known 
 services cannot honour are accepted only at their neutral values, anything else is a 400 naming
 the field. `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids` and `structured_outputs` are
 extensions, as in vLLM; `response_format`, `structured_outputs` (or vLLM's older `guided_*`) and chat's
-forced tool calls become the request's guide (structured output, zeroc/structured.py). Log-probabilities (`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS
-alternatives, as vLLM's default allows (OpenAI's own completions stop at 5).
+forced tool calls become the request's guide (structured output, zeroc/structured.py). Log-probabilities
+(`logprobs`, and chat's `top_logprobs`) go up to MAX_LOGPROBS alternatives, as vLLM's default allows (OpenAI's
+own completions stop at 5).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeroc.gateway.errors import APIError, quote
-from zeroc.gateway.tools import tool_guide
+from zeroc.gateway.tools import ToolCalls, plan_tool_calls
 from zeroc.config.limits import (MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES, MAX_LOGIT_BIAS,
                                  MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY)
 
@@ -267,16 +268,16 @@ class ChatRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
-    def tool_call(self) -> tuple[dict | None, str | None]:
-        """(the guide a forced tool call puts on the output, the function it names); (None, None) for free text.
-        Raises APIError (zeroc/gateway/tools.py)."""
+    def tool_calls(self, reply_id: str, parser: str = "") -> tuple[dict | None, ToolCalls | None]:
+        """(the guide a forced tool call puts on the output, what to make of the choices' texts); (None, None) for
+        free text. `parser`: the gateway's --tool-call-parser. Raises APIError (zeroc/gateway/tools.py)."""
         tools = [t.model_dump(exclude_none=True) for t in self.tools or []]
         choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
-        guide, name = tool_guide(tools, choice, self.parallel_tool_calls)
+        guide, calls = plan_tool_calls(reply_id, tools, choice, self.parallel_tool_calls, parser)
         if guide is not None and self.guide() is not None:
             raise APIError(400, "tool_choice: a forced tool call guides the output; response_format or "
                                 "structured_outputs cannot too", param="tool_choice")
-        return guide, name
+        return guide, calls
 
     def logprobs_wanted(self) -> int | None:
         """Alternatives per token the decode service sends (None: no log-probabilities). Raises APIError."""

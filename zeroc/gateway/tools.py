@@ -1,9 +1,12 @@
-"""Function calling on /v1/chat/completions, by structured output: a named `tool_choice`, or "required".
+"""Function calling on /v1/chat/completions: a named `tool_choice` or "required" by structured output; "auto" by
+the model's own syntax.
 
-Without a parser for the model's own tool-call syntax there is no telling, in free text, whether the model called a
-tool, so "auto" (the default when `tools` are given) is refused with a 400 that says what works, as vLLM refuses it
-unless started with a tool-call parser. What works needs no parser, as in vLLM: the output is guided
-(zeroc/structured.py) so that it *is* the call.
+- "auto" (the default when `tools` are given): the model writes free text and calls a tool, or not, in the syntax
+  its chat template taught it; the gateway reads the calls out of the text with the parser it was started with
+  (`--tool-call-parser`, zeroc/gateway/tool_parsers.py), as vLLM does. Without one, there is no telling a call from
+  text, so "auto" is refused with a 400 that says what works, as vLLM refuses it. Streamed, the text before the
+  calls streams as content and the calls come whole in the last chunk.
+What follows needs no parser, as in vLLM: the output is guided (zeroc/structured.py) so that it *is* the call.
 - A named function (`{"type": "function", "function": {"name": ...}}`): the output is an instance of that
   function's `parameters` schema, returned as the `arguments` of one tool call (`finish_reason` as generated:
   "stop", OpenAI's for a forced call).
@@ -24,18 +27,21 @@ import json
 from dataclasses import dataclass, field
 
 from zeroc.gateway.errors import APIError
+from zeroc.gateway.tool_parsers import PARSERS, Parser
 
 FREE = "none"
 
 
 @dataclass
 class ToolCalls:
-    """What a request's tool choice makes of its choices' texts: `name` for a named function, None for
-    "required"."""
+    """What a request's tool choice makes of its choices' texts: `name` for a named function, `parser` for "auto",
+    neither for "required"."""
 
     reply_id: str
     name: str | None
-    _texts: dict[int, str] = field(default_factory=dict)  # "required", streamed: each choice's text so far
+    parser: Parser | None = None
+    _texts: dict[int, str] = field(default_factory=dict)  # streamed, but a named call: each choice's text so far
+    _sent: dict[int, int] = field(default_factory=dict)  # "auto", streamed: characters of it sent as content
 
     @property
     def named(self) -> bool:
@@ -45,23 +51,29 @@ class ToolCalls:
         digest = hashlib.sha256(f"{self.reply_id}/{index}/{k}".encode()).hexdigest()[:24]
         return {"id": f"call_{digest}", "type": "function", "function": {"name": name, "arguments": arguments}}
 
-    def _calls(self, text: str, index: int) -> list[dict] | None:
-        """The tool calls a whole text makes, None where it is not a complete answer (cut short)."""
+    def _calls(self, text: str, index: int) -> tuple[str | None, list[dict]] | None:
+        """(the content beside them, the tool calls) a whole text makes; None where it makes none (no call in an
+        "auto" answer, or an array cut short)."""
         if self.named:
-            return [self._call(index, 0, self.name, text)]
+            return None, [self._call(index, 0, self.name, text)]
+        if self.parser is not None:
+            parsed = self.parser.parse(text)
+            if parsed is None:
+                return None
+            return parsed[0] or None, [self._call(index, k, n, a) for k, (n, a) in enumerate(parsed[1])]
         try:
             items = json.loads(text)
         except ValueError:
             return None
-        return [self._call(index, k, it["name"], json.dumps(it["parameters"], ensure_ascii=False))
-                for k, it in enumerate(items)]
+        return None, [self._call(index, k, it["name"], json.dumps(it["parameters"], ensure_ascii=False))
+                      for k, it in enumerate(items)]
 
     def message(self, text: str, finish: str | None, index: int) -> tuple[dict, str | None]:
         """A whole choice's message and finish reason."""
-        calls = self._calls(text, index)
-        if calls is None:
+        got = self._calls(text, index)
+        if got is None:
             return {"role": "assistant", "content": text}, finish
-        return ({"role": "assistant", "content": None, "tool_calls": calls},
+        return ({"role": "assistant", "content": got[0], "tool_calls": got[1]},
                 finish if self.named or finish != "stop" else "tool_calls")
 
     def head(self, index: int) -> list[dict] | None:
@@ -72,24 +84,30 @@ class ToolCalls:
         return [{"index": 0, **call}]
 
     def delta(self, text: str, finish: str | None, index: int) -> tuple[dict, str | None]:
-        """A streamed choice's delta and finish reason: a named call's arguments as they come; "required"'s
-        calls once its text is whole (nothing before)."""
+        """A streamed choice's delta and finish reason: a named call's arguments as they come; "auto"'s content as
+        far as it is surely content; the calls once the text is whole."""
         if self.named:
             return ({"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}), finish
-        self._texts[index] = self._texts.get(index, "") + text
+        whole, sent = self._texts.get(index, "") + text, self._sent.get(index, 0)
+        self._texts[index] = whole
         if finish is None:
-            return {}, None
-        whole = self._texts.pop(index)
-        calls = self._calls(whole, index)
-        if calls is None:
-            return ({"content": whole} if whole else {}), finish
-        return ({"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]},
+            safe = self.parser.split(whole)[0] if self.parser is not None else 0
+            self._sent[index] = max(sent, safe)
+            return ({"content": whole[sent:safe]} if safe > sent else {}), None
+        del self._texts[index]
+        self._sent.pop(index, None)
+        got = self._calls(whole, index)
+        if got is None:
+            return ({"content": whole[sent:]} if len(whole) > sent else {}), finish
+        return ({"tool_calls": [{"index": k, **c} for k, c in enumerate(got[1])]},
                 "tool_calls" if finish == "stop" else finish)
 
 
-def tool_guide(tools: list[dict], choice: str | dict | None, parallel: bool) -> tuple[dict | None, str | None]:
-    """(the guide the SDK sends, the named function) of a request's tools and tool_choice; (None, None) where the
-    output stays free text. Raises APIError (400) for a choice the server cannot honour or that names no tool."""
+def plan_tool_calls(reply_id: str, tools: list[dict], choice: str | dict | None, parallel: bool,
+                    parser: str = "") -> tuple[dict | None, ToolCalls | None]:
+    """(the guide the SDK sends, what to make of the choices' texts) for a request's tools and tool_choice, with
+    the gateway's `--tool-call-parser` (""; none); (None, None) where the output is free text. Raises APIError (400)
+    for a choice the server cannot honour or that names no tool."""
     if not tools:
         if choice not in (None, FREE):
             raise APIError(400, "tool_choice: only allowed when tools are given", param="tool_choice")
@@ -100,17 +118,19 @@ def tool_guide(tools: list[dict], choice: str | dict | None, parallel: bool) -> 
     if choice == FREE:
         return None, None
     if choice in (None, "auto"):
-        raise APIError(400, 'tool_choice: "auto" (the default with tools) needs a parser of this model\'s tool-call '
-                            'syntax, which this server does not have; use "required" or name a function',
-                       param="tool_choice")
+        if not parser:
+            raise APIError(400, 'tool_choice: "auto" (the default with tools) needs a parser of this model\'s '
+                                'tool-call syntax (the gateway\'s --tool-call-parser), which this server was not '
+                                'given; use "required" or name a function', param="tool_choice")
+        return None, ToolCalls(reply_id, None, PARSERS[parser])
     if isinstance(choice, dict):
         name = choice["function"]["name"]
         if name not in by_name:
             raise APIError(400, f"tool_choice: no tool is named {name[:64]!r}", param="tool_choice")
-        return {"json_schema": json.dumps(by_name[name])}, name
+        return {"json_schema": json.dumps(by_name[name])}, ToolCalls(reply_id, name)
     one_of = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                "properties": {"name": {"const": name}, "parameters": params}} for name, params in by_name.items()]
     array = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
     if not parallel:
         array["maxItems"] = 1
-    return {"json_schema": json.dumps(array)}, None
+    return {"json_schema": json.dumps(array)}, ToolCalls(reply_id, None)

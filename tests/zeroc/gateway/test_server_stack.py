@@ -1,5 +1,5 @@
 """The gateway's event loop and HTTP implementation: flags or ZEROC_GATEWAY_LOOP / _HTTP, checked names,
-"auto" resolved to what is installed."""
+"auto" resolved to what is installed; the tool-call parser, checked too."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import importlib.util
 
 import pytest
 
-from zeroc.gateway.command import GatewaySettings, server_stack
+from zeroc.gateway.command import TOOL_PARSERS, GatewaySettings, server_stack
+from zeroc.gateway.tool_parsers import PARSERS
 
 
 def test_loop_and_http_come_from_the_environment_and_are_checked():
@@ -23,3 +24,11 @@ def test_auto_takes_the_fast_implementations_when_installed():
     want = ("uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
             "httptools" if importlib.util.find_spec("httptools") else "h11")
     assert server_stack(GatewaySettings()) == want
+
+
+def test_the_tool_call_parser_is_one_the_gateway_has():
+    assert GatewaySettings.from_env({"ZEROC_GATEWAY_TOOL_CALL_PARSER": "hermes"}).tool_call_parser == "hermes"
+    assert GatewaySettings().tool_call_parser == ""
+    with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json"):
+        GatewaySettings(tool_call_parser="xml")
+    assert set(TOOL_PARSERS) == set(PARSERS)  # the flag's choices, kept without importing the parsers

@@ -10,6 +10,8 @@ import jsonschema
 import openai
 import pytest
 
+from gateway_support import start_gateway
+
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}}}
 TIME = {"type": "object", "additionalProperties": False, "required": ["zone"],
@@ -25,6 +27,17 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 def api(gateway):
     with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def hermes_api(services):
+    """A gateway that reads Hermes-style calls (`--tool-call-parser hermes`) for tool_choice "auto"."""
+    gw = start_gateway(services.decode, args=("--tool-call-parser", "hermes"))
+    try:
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            yield client
+    finally:
+        gw.process.stop()
 
 
 def _ask(api, stream: bool = False, **kw):
@@ -109,3 +122,28 @@ def test_tool_choices_the_server_cannot_honour_are_400s(api, kw, words):
         api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=4,
                                     **{k: v for k, v in kw.items() if v is not None})
     assert words in err.value.message
+
+
+# What a model trained on Hermes-style calls writes when it calls a tool; the bundled model is steered into it.
+HERMES = (r'Checking\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "[a-z]{2,8}", "unit": "C"\}\}'
+          r'</tool_call>')
+
+
+def test_auto_reads_the_models_own_tool_call_syntax_plain_and_streamed(hermes_api):
+    steer = {"structured_outputs": {"regex": HERMES}}
+    got = hermes_api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, tools=TOOLS, max_tokens=120,
+                                             temperature=0, extra_body=steer)  # tool_choice: "auto", the default
+    message = got.choices[0].message
+    assert got.choices[0].finish_reason == "tool_calls" and message.content == "Checking."
+    [call] = _calls(message)
+    assert call["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER)
+    chunks = list(hermes_api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, tools=TOOLS,
+                                                     max_tokens=120, temperature=0, extra_body=steer, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Checking."
+    calls, finish = _streamed(chunks)
+    assert [(c["name"], c["arguments"]) for c in calls] == [(call["name"], call["arguments"])]
+    assert finish == "tool_calls"
+    free = hermes_api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, tools=TOOLS, max_tokens=8,
+                                              temperature=0)  # no call in the text: plain content
+    assert free.choices[0].message.tool_calls is None and free.choices[0].message.content

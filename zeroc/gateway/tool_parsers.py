@@ -1,0 +1,88 @@
+"""Parsers of a model's own tool-call syntax, for `tool_choice: "auto"` (zeroc/gateway/tools.py).
+
+With "auto" the model writes free text and decides itself whether to call a tool, in the syntax its chat template
+taught it; the gateway (`--tool-call-parser`, as vLLM's flag of the same name) reads the calls out of the text. One
+class per syntax, in PARSERS:
+- `hermes` (Hermes 2/3, Qwen 2.5/3 and others): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks,
+  after any text, which becomes the message's content.
+- `llama3_json` (Llama 3.1-3.3's JSON tool calling): the whole answer is `{"name": ..., "parameters": {...}}`, or
+  several separated by ";", optionally after `<|python_tag|>`.
+A text whose calls do not parse is plain content: a model may mention the syntax without calling anything.
+
+Streamed, `split` says how much of the text so far is surely content (sent at once) and where calls begin (held
+from there, parsed once the text is whole).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+Call = tuple[str, str]  # (function name, arguments as JSON text)
+
+
+def _call(obj: object, arguments_key: str) -> Call | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(arguments_key, obj.get("arguments", {}))
+    return obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
+def _held(text: str, marker: str) -> int:
+    """How many characters at the end of `text` could begin `marker` (to hold back while streaming)."""
+    return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)
+
+
+@dataclass(frozen=True)
+class Hermes:
+    start: str = "<tool_call>"
+    end: str = "</tool_call>"
+
+    def parse(self, text: str) -> tuple[str, list[Call]] | None:
+        """(the content before the calls, the calls); None where the text holds no call that parses."""
+        at = text.find(self.start)
+        if at < 0:
+            return None
+        blocks = re.findall(re.escape(self.start) + r"(.*?)(?:" + re.escape(self.end) + r"|$)", text[at:], re.S)
+        try:
+            calls = [_call(json.loads(b), "arguments") for b in blocks]
+        except ValueError:
+            return None
+        return (text[:at].rstrip(), calls) if calls and None not in calls else None
+
+    def split(self, text: str) -> tuple[int, bool]:
+        """(characters of `text` that are surely content, whether calls begin after them). Trailing whitespace is
+        held too: before a call it is not content."""
+        at = text.find(self.start)
+        if at >= 0:
+            return len(text[:at].rstrip()), True
+        return len(text[: len(text) - _held(text, self.start)].rstrip()), False
+
+
+@dataclass(frozen=True)
+class Llama3Json:
+    tag: str = "<|python_tag|>"
+
+    def parse(self, text: str) -> tuple[str, list[Call]] | None:
+        body = text.strip()
+        body = body[len(self.tag):].strip() if body.startswith(self.tag) else body
+        calls, at, decoder = [], 0, json.JSONDecoder()
+        try:
+            while at < len(body):  # objects separated by ";" (which a JSON string may hold too: decoded, not split)
+                obj, at = decoder.raw_decode(body, at)
+                calls.append(_call(obj, "parameters"))
+                at = len(body) - len(body[at:].lstrip().removeprefix(";").lstrip())
+        except ValueError:
+            return None
+        return ("", calls) if calls and None not in calls else None
+
+    def split(self, text: str) -> tuple[int, bool]:
+        head = text.lstrip()
+        if not head or (self.tag.startswith(head) and head != self.tag):
+            return 0, False  # undecided: whitespace, or the start of the tag
+        return (0, True) if head.startswith(("{", self.tag)) else (len(text), False)
+
+
+Parser = Hermes | Llama3Json
+PARSERS: dict[str, Parser] = {"hermes": Hermes(), "llama3_json": Llama3Json()}
