@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 from gateway_support import start_gateway
@@ -13,3 +14,10 @@ def gateway(services):
     gw = start_gateway(services.decode, services.colocated)
     yield gw
     gw.process.stop()
+
+
+@pytest.fixture(scope="module")
+def api(gateway):
+    """The official `openai` client on the session's gateway."""
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+        yield client

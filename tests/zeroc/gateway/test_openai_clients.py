@@ -23,12 +23,6 @@ MESSAGES = [{"role": "system", "content": "You answer in Python."},
 
 
 @pytest.fixture(scope="module")
-def api(gateway):
-    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def sdk(services):
     with Client(services.decode, timeout=120) as client:
         yield client

@@ -17,12 +17,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", 
 FORMAT = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA, "strict": True}}
 
 
-@pytest.fixture(scope="module")
-def api(gateway):
-    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        yield client
-
-
 def test_chat_response_format_json_schema_plain_and_streamed(api):
     messages = [{"role": "user", "content": "Plan a trip."}]
     got = api.chat.completions.create(model="zeroc-tiny", messages=messages, max_tokens=60, response_format=FORMAT,

@@ -24,12 +24,6 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def api(gateway):
-    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def hermes_api(services):
     """A gateway that reads Hermes-style calls (`--tool-call-parser hermes`) for tool_choice "auto"."""
     gw = start_gateway(services.decode, args=("--tool-call-parser", "hermes"))
