@@ -92,13 +92,24 @@ def vllm_env(kv_gib: int, threads: int) -> dict[str, str]:
             "VLLM_CPU_OMP_THREADS_BIND": "auto", "VLLM_TARGET_DEVICE": "cpu"}
 
 
-def side_by_side_args(ap: argparse.ArgumentParser) -> None:
+def side_by_side_args(ap: argparse.ArgumentParser, words: int) -> None:
     """The options of a one-run comparison with vLLM on this CPU (prompt_scoring.py, structured_output.py)."""
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--words", type=int, default=words, help="held-out words per prompt")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-gib", type=int, default=1)
     ap.add_argument("--vllm-venv", default="/work/vllm-venv")
     ap.add_argument("--torch-wheel", default="/opt/wheels/torch-2.13.0+cpu-cp311-*.whl")
     ap.add_argument("--out", default=None)
+
+
+def report(row: dict, args: argparse.Namespace) -> int:
+    """Print a comparison's row with its settings, and write it to --out if given."""
+    row["settings"] = vars(args)
+    print(json.dumps(row, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+    return 0
 
 
 def run_vllm(py: Path, script: str, argv: list[str], kv_gib: int, threads: int) -> dict:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_vllm import ensure_vllm, greedy_prompts, run_vllm, side_by_side_args  # noqa: E402
+from peer_vllm import ensure_vllm, greedy_prompts, report, run_vllm, side_by_side_args  # noqa: E402
 
 from zeroc.config import BUNDLED_MODEL  # noqa: E402
 
@@ -105,22 +105,16 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--words", type=int, default=48, help="held-out words per prompt")
     ap.add_argument("--new", type=int, default=64, help="tokens to generate at most")
     ap.add_argument("--repeats", type=int, default=3, help="each phase's best of this many runs, both sides")
-    side_by_side_args(ap)
+    side_by_side_args(ap, words=48)
     args = ap.parse_args()
     py = ensure_vllm(Path(args.vllm_venv), args.torch_wheel)
     prompts = greedy_prompts(args.prompts, args.words)
     theirs = run_vllm(py, VLLM_GUIDED, [str(BUNDLED_MODEL), json.dumps(prompts), str(args.new), json.dumps(SCHEMA),
                                         str(args.repeats)], args.kv_gib, args.threads)
     row = compare(zeroc_guided(prompts, args.new, args.threads, args.kv_gib, args.repeats), theirs)
-    row["settings"] = vars(args)
-    print(json.dumps(row, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
-    return 0
+    return report(row, args)
 
 
 if __name__ == "__main__":
