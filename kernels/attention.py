@@ -10,7 +10,9 @@ never by looking at a tensor's device or an argument's type on the hot path. Cal
   compressed segment of a prompt's chunk (dense rows, causal or not, with LSEs: torch's flash kernel);
 - `zeroc.model`'s layers: `rms_norm` and `silu_mul`, which the triton backend runs as one kernel each
   (kernels/layer_ops.py): at decode batch sizes a layer's eager norms and gate are some twenty tiny kernels;
-  and `linear`, every GEMM of the model (`zeroc.layers.Linear`), which the cpu backend runs through oneDNN.
+  and `linear`, every GEMM of the model (`zeroc.layers.Linear`), which the cpu backend runs through oneDNN;
+- the engine's sampling (zeroc/structured.py): `apply_token_bitmask`, structured output's mask
+  (kernels/token_bitmask.py; one Triton kernel on triton, one C++ call on cpu).
 
 Backends:
 - `TorchBackend` ("torch"): the PyTorch references, on any device. Writes happen in PyTorch before
@@ -60,6 +62,7 @@ from zeroc_kernels.ragged_cpu import (load_ragged_kernel, ragged_decode_partials
 from zeroc_kernels.qkv_epilogue import (apply_rope_ref, qkv_epilogue_ref, qkv_rotate_epilogue_ref, rope_ref,
                                         tier_qkv_ref)
 from zeroc_kernels.sdpa import dense_lse_ref, sdpa_fresh_prefill, sdpa_lse
+from zeroc_kernels.token_bitmask import apply_token_bitmask_ref
 
 if TYPE_CHECKING:  # the module imports triton, which processes on the torch backend never load
     from zeroc_kernels.tier_decode import TierSlots
@@ -230,6 +233,11 @@ class AttentionBackend(abc.ABC):
         nothing. A pack it fills must be what its `linear` runs on: a served model then drops the plain weight
         (`WeightPack.release`), and `linear` gets an empty placeholder in its place."""
 
+    def apply_token_bitmask(self, scores: Tensor, packed: Tensor, r: int) -> None:
+        """scores [B, V], in place: the tokens r guided rows' bitmasks exclude to the lowest finite score; packed
+        [r * words + r] int32 on scores' device: the bitmasks, then each one's row (kernels/token_bitmask.py)."""
+        apply_token_bitmask_ref(scores, packed, r)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -296,6 +304,9 @@ class CpuBackend(TorchBackend):
 
     def add_rms_norm(self, x, residual, weight, eps):
         return cpu_add_rms_norm(self.kernel, x, residual, weight, eps)
+
+    def apply_token_bitmask(self, scores, packed, r):
+        self.kernel.apply_token_bitmask(scores, packed, r)  # csrc/sampling.cpp: 19-29x the reference (kernels/README)
 
     def apply_rope(self, x, cos, sin):
         return cpu_apply_rope(self.kernel, x, cos, sin)
@@ -413,6 +424,11 @@ class TritonBackend(AttentionBackend):
         from zeroc_kernels.layer_ops import silu_mul
 
         return silu_mul_ref(gate, up) if _needs_grad(gate, up) else silu_mul(gate, up)
+
+    def apply_token_bitmask(self, scores, packed, r):
+        from zeroc_kernels.token_bitmask import apply_token_bitmask
+
+        apply_token_bitmask(scores, packed, r)
 
 
 class FlexBackend(TritonBackend):

@@ -112,10 +112,11 @@ class Engine:
         self._shared_gen.seed()
         self._sampling: SamplingBatch | None = None  # the last step's parameters on the device
         self.penalties = PenaltyState(self.model_config.vocab_size, device)  # slots of penalized requests
-        self.guides = GuideCompiler(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
+        backend = self.model.backend
+        self.guides = GuideCompiler(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids,
+                                    apply=backend.apply_token_bitmask)
         # The cpu backend's kernel module also samples (kernels/csrc/sampling.cpp, the same ids as the torch path
         # for the same draws); the torch and triton backends keep the torch sampler, which is what a GPU runs.
-        backend = self.model.backend
         self.native_sampler = backend.kernel if isinstance(backend, CpuBackend) else None
         # Called once a sequence's prompt KV is in the cache, before its first token is sampled:
         # (request_id, prompt token ids, block table). The KV store keeps the prompt's full blocks.
@@ -330,14 +331,15 @@ class Engine:
             self._sampling = sampling  # the next step's, where its rows sample alike (no copy then)
             penalties = self._penalties(rows, params)
             scores = logits if penalties is None else self.penalties.apply(logits, penalties)  # [B, vocab]
+            k = max([p.logprobs for p in params if p.logprobs is not None] + ([scoring.k] if scoring else []),
+                    default=None)
             matchers = [s.matcher if id(s) in samples else None for s in rows]
-            scores = self.guides.mask(scores, matchers)  # structured output: what a guide forbids, out of reach
+            # structured output: what a guide forbids, out of reach; in place unless log-probabilities read logits
+            scores = self.guides.mask(scores, matchers, copy=scores is logits and k is not None)
             sampled = sample_batch(scores, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
             if penalties is not None:
                 self.penalties.record(penalties, sampled)  # the next step's penalties see this token
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
-            k = max([p.logprobs for p in params if p.logprobs is not None] + ([scoring.k] if scoring else []),
-                    default=None)
             packed = sampled if k is None else with_logprobs(logits, sampled, k)
             packed = packed if scoring is None else scoring.pack(packed, prompt_logits, k)
             launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring,

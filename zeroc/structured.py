@@ -9,8 +9,10 @@ random rows alike can only pick tokens that keep the text matching (the log-prob
 asks for stay the model's, as vLLM's do). Once its token is on the host, each matcher takes it; a matcher that has
 reached its end (the grammar is complete and the model chose to stop) finishes the request.
 
-The mask is plain torch ops, so the same code runs on the CPU (the tests) and the GPU. A guided request's next mask
-needs its last token, so an engine does not launch a step past one still in flight (zeroc/engine.py `step`).
+The mask is applied by the model's attention backend (kernels/token_bitmask.py: torch ops, one Triton kernel, or
+one C++ call on the cpu backend), in place on the scores when nothing reads them after sampling. A guided
+request's next mask needs its last token, so an engine does not launch a step past one still in flight
+(zeroc/engine.py `step`).
 
 JSON guides are compiled without free whitespace (vLLM's `disable_any_whitespace`, whose compact separators they
 take too): a model that may put any whitespace anywhere can fill its whole budget with newlines, as small models do.
@@ -21,13 +23,16 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from zeroc.sampling import Guide
 from zeroc.tokenizer import Tokenizer
+from zeroc_kernels.token_bitmask import apply_token_bitmask_ref
+
+ApplyBitmask = Callable[[Tensor, Tensor, int], None]
 
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
 # Compiled grammars kept (least recently used go first): clients choose the schemas, so the cache must be bounded.
@@ -43,8 +48,11 @@ class GuideCompiler:
     request's guide compiles once, when it is checked, and its matcher is made from the cache when it is added.
     xgrammar is imported on the first guide: a service that is never asked for one never loads it."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: tuple[int, ...] = ()):
-        self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, stop_ids
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: tuple[int, ...] = (),
+                 apply: ApplyBitmask = apply_token_bitmask_ref):
+        """`apply`: how a step's mask is applied, (scores [B, V] in place, packed bitmasks and rows, r) -> None; the
+        engine passes its model's backend's (kernels/token_bitmask.py)."""
+        self.tokenizer, self.vocab_size, self.stop_ids, self.apply = tokenizer, vocab_size, stop_ids, apply
         self._compiler: Any = None
         self._filler: Any = None  # xgrammar's BatchGrammarMatcher: fills a step's bitmasks on several threads
         self._building = threading.Lock()  # a service's handler threads check guides at once
@@ -100,9 +108,10 @@ class GuideCompiler:
         """A fresh matcher of the guide (at the start of the text)."""
         return self._xgr().GrammarMatcher(self.compile(guide))
 
-    def mask(self, scores: Tensor, matchers: list[Any]) -> Tensor:
+    def mask(self, scores: Tensor, matchers: list[Any], copy: bool = True) -> Tensor:
         """`scores` [B, vocab] with every token a row's matcher (None: an unguided row) excludes set to the lowest
-        finite score; `scores` itself when no row is guided."""
+        finite score, by `apply` (an attention backend's `apply_token_bitmask`): in a copy, or in place where `copy`
+        is False (the caller reads these scores no more). `scores` itself when no row is guided."""
         guided = [(row, m) for row, m in enumerate(matchers) if m is not None]
         if not guided:
             return scores
@@ -111,31 +120,6 @@ class GuideCompiler:
         host = torch.empty(r * words + r, dtype=torch.int32, pin_memory=scores.is_cuda)
         self._filler.batch_fill_next_token_bitmask([m for _, m in guided], host[: r * words].view(r, words))
         host[r * words:] = torch.tensor([row for row, _ in guided], dtype=torch.int32)
-        return apply_bitmask(scores, host.to(scores.device, non_blocking=True), r)
-
-
-def apply_bitmask(scores: Tensor, packed: Tensor, r: int) -> Tensor:
-    """scores [B, vocab]; packed [r * words + r] int32 on scores' device: r rows' bitmasks (bit j of word w allows
-    token 32 w + j), then the row of `scores` each belongs to. -> scores with the tokens those rows' bitmasks
-    exclude at the dtype's lowest finite value (a new tensor; `scores` may be the model's logits, which
-    log-probabilities read)."""
-    n = packed.shape[0] - r
-    rows, words = packed[n:].long(), packed[:n].view(r, n // r)  # [r], [r, words]
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)  # made there: a pageable copy would sync
-    keep = ((words.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, : scores.shape[1]].to(scores.dtype)  # [r, vocab] 1/0
-    # score * 1 + 0 where allowed, score * 0 + lowest where not: arithmetic, which the CPU runs 1.5x faster than
-    # masked_fill or where (a non-finite score turns its row NaN, and the row fails, as a broken one should)
-    masked = scores.index_select(0, rows).mul_(keep).add_(keep.sub_(1).mul_(-torch.finfo(scores.dtype).min))
-    return scores.index_copy(0, rows, masked)
-
-
-def apply_bitmask_ref(scores: Tensor, packed: Tensor, r: int) -> Tensor:
-    """apply_bitmask, one token at a time: the test's oracle."""
-    out = scores.clone()
-    words = (packed.shape[0] - r) // r
-    for i in range(r):
-        row = int(packed[r * words + i])
-        for t in range(scores.shape[1]):
-            if not (int(packed[i * words + t // 32]) >> (t % 32)) & 1:
-                out[row, t] = torch.finfo(scores.dtype).min
-    return out
+        scores = scores.clone() if copy else scores
+        self.apply(scores, host.to(scores.device, non_blocking=True), r)
+        return scores

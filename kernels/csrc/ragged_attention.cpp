@@ -540,6 +540,7 @@ torch::Tensor tier_decode(torch::Tensor q, torch::Tensor pool, int64_t k_dim, to
 torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> temperature,
                           std::optional<torch::Tensor> top_k, std::optional<torch::Tensor> top_p,
                           std::optional<torch::Tensor> greedy, std::optional<torch::Tensor> u);
+void apply_token_bitmask(torch::Tensor scores, torch::Tensor packed, int64_t r);
 
 // layer_ops.cpp, built into the same module
 std::optional<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
@@ -555,6 +556,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("logits"), pybind11::arg("temperature") = pybind11::none(),
         pybind11::arg("top_k") = pybind11::none(), pybind11::arg("top_p") = pybind11::none(),
         pybind11::arg("greedy") = pybind11::none(), pybind11::arg("u") = pybind11::none());
+  m.def("apply_token_bitmask", &apply_token_bitmask,
+        "structured output's mask, in place: excluded tokens to the lowest finite score (kernels/token_bitmask.py)");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (kernels/layer_ops.py rms_norm_ref)");
   m.def("add_rms_norm", &add_rms_norm, "a residual add and the RMSNorm of its sum (add_rms_norm_ref)");
   m.def("apply_rope", &apply_rope, "rotate-half RoPE from cos/sin tables (kernels/qkv_epilogue.py apply_rope_ref)");

@@ -277,3 +277,50 @@ torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> tem
     run(x.data_ptr<at::BFloat16>());
   return ids;
 }
+
+// Structured output's mask (kernels/token_bitmask.py, whose apply_token_bitmask_ref this matches bit for bit):
+// scores [B, V] fp32, bf16 or fp16, unit stride along V, changed in place; packed [r * words + r] int32: r bitmasks
+// (bit j of word w allows token 32 w + j), then the row of scores each belongs to. Every excluded token gets the
+// dtype's lowest finite value. A word of all ones (32 allowed tokens) is skipped: a row costs a pass over its words
+// and a write per excluded token, where the torch reference makes some eight passes over a [r, V] tensor.
+void apply_token_bitmask(torch::Tensor scores, torch::Tensor packed, int64_t r) {
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.stride(1) == 1 && scores.device().is_cpu(),
+                    "scores must be [B, V] on the CPU, contiguous along V");
+  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.is_contiguous() && packed.scalar_type() == at::kInt &&
+                        packed.device().is_cpu(), "packed must be a contiguous int32 vector on the CPU");
+  const int64_t n = packed.size(0) - r, vocab = scores.size(1), batch = scores.size(0);
+  TORCH_CHECK_VALUE(r >= 1 && n >= 0 && n % r == 0, "token bitmask: ", packed.size(0),
+                    " int32s do not hold ", r, " rows' bitmasks and indices");
+  const int64_t words = n / r;
+  TORCH_CHECK_VALUE(words * 32 >= vocab, "token bitmask: ", words, " words a row cannot cover ", vocab, " tokens");
+  const int32_t* bits = packed.data_ptr<int32_t>();
+  for (int64_t i = 0; i < r; ++i)
+    TORCH_CHECK_VALUE(bits[n + i] >= 0 && bits[n + i] < batch, "token bitmask: row ", bits[n + i], " not in [0, ",
+                      batch, ")");
+  const int workers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), r)));
+  auto run = [&](auto* base) {
+    using T = std::remove_pointer_t<decltype(base)>;
+    const T lowest = std::numeric_limits<T>::lowest();
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(workers)  // as sample_rows: a plain region of torch's thread count
+    for (int64_t i = next++; i < r; i = next++) {
+      T* x = base + bits[n + i] * scores.stride(0);
+      const int32_t* row = bits + i * words;
+      for (int64_t w = 0; w * 32 < vocab; ++w) {
+        const uint32_t word = static_cast<uint32_t>(row[w]);
+        if (word == 0xFFFFFFFFu) continue;
+        const int64_t end = std::min<int64_t>(32, vocab - w * 32);
+        for (int64_t j = 0; j < end; ++j)
+          if (!((word >> j) & 1u)) x[w * 32 + j] = lowest;
+      }
+    }
+  };
+  if (scores.scalar_type() == at::kFloat)
+    run(scores.data_ptr<float>());
+  else if (scores.scalar_type() == at::kBFloat16)
+    run(scores.data_ptr<at::BFloat16>());
+  else if (scores.scalar_type() == at::kHalf)
+    run(scores.data_ptr<at::Half>());
+  else
+    TORCH_CHECK_VALUE(false, "scores must be float32, bfloat16 or float16");
+}

@@ -91,11 +91,12 @@ def test_the_token_tier_and_rope_kernels_compile_for_sm90():
 
 
 def test_the_other_kernels_compile_for_sm90_and_read_rows_in_tiles():
-    """Both QKV epilogues, the split-K merge and the int8 pools' quantise and dequantise. The fold epilogue and the
-    int8 kernels read each row 2 bytes at a time while they ran one program per row (and head); in tiles of rows
-    they read 16 bytes at a time."""
+    """Both QKV epilogues, the split-K merge, the int8 pools' quantise and dequantise, and the token mask. The fold
+    epilogue and the int8 kernels read each row 2 bytes at a time while they ran one program per row (and head); in
+    tiles of rows they read 16 bytes at a time."""
     rows = {row["kernel"]: row for row in _compile_rows("others")}
-    assert rows.keys() == {"qkv_epilogue", "qkv_rotate_epilogue", "merge", "quantize", "dequantize"}
+    assert rows.keys() == {"qkv_epilogue", "qkv_rotate_epilogue", "merge", "quantize", "dequantize", "token_bitmask"}
+    assert rows["token_bitmask"].get("stack", 0) == 0, rows["token_bitmask"]
     for name in ("qkv_epilogue", "quantize", "dequantize"):
         assert rows[name]["b16_loads"] == 0 and rows[name]["v4_loads"] > 0, rows[name]
     assert rows["qkv_rotate_epilogue"]["tensor_core"] > 0

@@ -20,11 +20,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zeroc_kernels import kv_quant, layer_ops, paged_decode, paged_prefill, qkv_epilogue, tier_decode
+from zeroc_kernels import kv_quant, layer_ops, paged_decode, paged_prefill, qkv_epilogue, tier_decode, token_bitmask
 from zeroc_kernels.tuning import config_id
 
 TARGET = GPUTarget("cuda", 90, 32)
-FLOATS = ("qk_scale", "scale", "eps")
+FLOATS = ("qk_scale", "scale", "eps", "lowest")
 NOT_ALIGNED = FLOATS + ("split_len", "q_bucket", "len_bucket", "grid_bucket", "key_start")
 
 
@@ -131,7 +131,8 @@ def _tier(llama: dict) -> None:
 
 def _others(llama: dict) -> None:
     """The kernels not above, at Llama-3-8B widths: both QKV epilogues (fold rank 64; rotate to rank 64), the
-    split-K merge, and the int8 pools' quantise and dequantise (scales head-major)."""
+    split-K merge, the int8 pools' quantise and dequantise (scales head-major), and structured output's token mask
+    (bf16 scores of a 128,256-token vocabulary)."""
     one = triton.Config({}, num_warps=4, num_stages=1)
     bf16 = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "kpool_ptr", "vpool_ptr", "qout_ptr", "qb_ptr",
                                        "kb_ptr", "x_ptr", "out_ptr")}
@@ -152,6 +153,8 @@ def _others(llama: dict) -> None:
         ("dequantize", kv_quant._dequantize_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "slots_ptr": "*i64",
                                                      "out_ptr": "*bf16"},
          dict(D=128, D_PAD=128, H=8, BS=16, BLOCK_R=kv_quant.BLOCK_ROWS), ("stride_sh", "n")),
+        ("token_bitmask", token_bitmask._token_bitmask_kernel, {"scores_ptr": "*bf16", "packed_ptr": "*i32"},
+         dict(BLOCK_V=token_bitmask.BLOCK_V), ("vocab", "words", "r")),
     )
     for name, fn, ptrs, constants, unaligned in cases:
         row = compile_config(fn, ptrs, constants, one, unaligned=unaligned)

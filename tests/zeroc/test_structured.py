@@ -1,6 +1,6 @@
 """Structured output (zeroc/structured.py): every kind of guide holds for greedy and sampled requests on every
 attention backend, beside free requests whose tokens it does not change, through running ahead and preemption;
-bad guides are clear ValueErrors; the mask is its one-token-at-a-time reference."""
+bad guides are clear ValueErrors; the mask keeps what the matcher allows."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
 from zeroc.engine import Engine
 from zeroc.loader import load_model
 from zeroc.sampling import Guide, SamplingParams
-from zeroc.structured import GuideCompiler, GuideError, apply_bitmask, apply_bitmask_ref
+from zeroc.structured import GuideCompiler, GuideError
 from zeroc.tokenizer import Tokenizer
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "pets"],
@@ -138,16 +138,24 @@ def test_bad_guides_are_value_errors_that_say_what_is_wrong(bundled):
     assert engine.generate(["Hi"], SamplingParams(max_new_tokens=8, guide=CHECKS["regex"][0]))[0].finish_reason
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_mask_is_its_reference(dtype):
-    gen = torch.Generator().manual_seed(0)
-    scores = torch.randn(5, 100, generator=gen).to(dtype)  # a vocabulary that is no multiple of 32
-    words = torch.randint(-2**31, 2**31 - 1, (3, 4), generator=gen, dtype=torch.int64).to(torch.int32)
-    packed = torch.cat([words.flatten(), torch.tensor([4, 0, 2], dtype=torch.int32)])
-    got = apply_bitmask(scores, packed, 3)
-    assert torch.equal(got, apply_bitmask_ref(scores, packed, 3))
-    assert torch.equal(got[[1, 3]], scores[[1, 3]])  # unguided rows untouched
-    assert torch.isfinite(got).all()  # never -inf: the samplers read that as a broken row
+def test_the_mask_is_the_matchers_and_copies_unless_told_not_to(bundled):
+    """A guided row keeps exactly the tokens its matcher allows (the kernels themselves: tests/kernels/
+    test_token_bitmask.py); the scores are copied, or masked in place where the engine reads them no more."""
+    guides = GuideCompiler(bundled.tokenizer, bundled.config.vocab_size)
+    matcher = guides.matcher(Guide("choice", choices=("yes", "no")))
+    scores = torch.randn(3, bundled.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    before = scores.clone()
+    got = guides.mask(scores, [None, matcher, None])
+    assert got is not scores and torch.equal(scores, before)
+    assert torch.equal(got[[0, 2]], scores[[0, 2]])
+    allowed = (got[1] > torch.finfo(got.dtype).min).nonzero().flatten().tolist()
+    assert allowed and all(bundled.tokenizer.decode([t]) and ("yes".startswith(bundled.tokenizer.decode([t]))
+                                                              or "no".startswith(bundled.tokenizer.decode([t])))
+                           for t in allowed)
+    assert torch.equal(got[1, allowed], scores[1, allowed])
+    same = guides.mask(scores, [None, matcher, None], copy=False)
+    assert same is scores and torch.equal(same, got)
+    assert guides.mask(before, [None, None, None], copy=False) is before  # nothing guided: nothing done
 
 
 def _metaspace() -> Tokenizer:
