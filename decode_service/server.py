@@ -86,10 +86,10 @@ def guide_from_proto(g: pb.Guide) -> Guide:
     if kind is None or (kind == "json_object" and not g.json_object):
         raise ValueError("guide: set one kind (json_object true, json_schema, regex, choice or grammar)")
     if kind == "json_object":
-        return Guide("json")
+        return Guide("json", after=g.after)
     if kind == "choice":
-        return Guide("choice", choices=tuple(g.choice.choices))
-    return Guide(kind, getattr(g, kind))
+        return Guide("choice", choices=tuple(g.choice.choices), after=g.after)
+    return Guide(kind, getattr(g, kind), after=g.after)
 
 
 def logprobs_to_proto(logprobs) -> list[pb.TokenLogprobs]:

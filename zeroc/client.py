@@ -190,7 +190,8 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
     """`logprobs`: None for none; n to get each token's log-probability and the n most likely tokens' (0-20).
     `prompt_logprobs`: the same for each prompt token from the second on (the request reuses no cached prefix).
     `guide`: structured output, one of {"json_object": True}, {"json_schema": schema (a dict or JSON text)},
-    {"regex": pattern}, {"choice": [strings]}, {"grammar": GBNF text}. The penalties and the guide:
+    {"regex": pattern}, {"choice": [strings]}, {"grammar": GBNF text}, optionally with "after": one token's text
+    after which it applies (a reasoning model's "</think>"). The penalties and the guide:
     protos/zeroc/v1/generation.proto's SamplingParams."""
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  stop=list(stop), ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
@@ -216,15 +217,18 @@ GUIDE_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
 
 
 def guide_to_proto(guide: dict) -> pb.Guide:
-    """A guide dict (`build_request`'s) as its message. Raises ValueError unless it holds one known kind."""
-    if not isinstance(guide, dict) or len(guide) != 1 or next(iter(guide)) not in GUIDE_KINDS:
-        raise ValueError(f"guide: one of {', '.join(GUIDE_KINDS)} as its only key, got {guide!r:.200}")
-    (kind, value), = guide.items()
+    """A guide dict (`build_request`'s) as its message. Raises ValueError unless it holds one known kind (and at
+    most an "after" string beside it)."""
+    kinds = [k for k in guide if k != "after"] if isinstance(guide, dict) else []
+    if len(kinds) != 1 or kinds[0] not in GUIDE_KINDS or not isinstance(guide.get("after", ""), str):
+        raise ValueError(f"guide: one of {', '.join(GUIDE_KINDS)} as its only key (and an \"after\" string), got "
+                         f"{guide!r:.200}")
+    kind, value, after = kinds[0], guide[kinds[0]], guide.get("after", "")
     if kind == "choice":
-        return pb.Guide(choice=pb.Guide.Choices(choices=list(value)))
+        return pb.Guide(choice=pb.Guide.Choices(choices=list(value)), after=after)
     if kind == "json_schema" and not isinstance(value, str):
         value = json.dumps(value)
-    return pb.Guide(**{kind: value})
+    return pb.Guide(**{kind: value}, after=after)
 
 
 def _convert(msg: pb.GenerateResponse) -> Chunk | Result:

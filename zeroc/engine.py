@@ -63,7 +63,8 @@ class _Launched:
     logprobs: int | None = None  # k of those rows; None: plain ids
     prompt_rows: PromptRows | None = None  # rows of `ids` after the sampled ones: prompt log-probabilities
     free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
-    guided: bool = False  # a sampled row is guided: the next step's mask needs its token (zeroc/structured.py)
+    # a sampled row is guided: the next step's mask (or whether it has one yet) needs its token (zeroc/structured.py)
+    guided: bool = False
 
     def holds(self, request_id: str) -> bool:
         return any(s.request_id == request_id for s in self.rows)
@@ -153,6 +154,7 @@ class Engine:
             raise ZeroCError(f"logit_bias has token ids outside [0, {self.model_config.vocab_size})")
         if params.guide is not None:
             self.guides.compile(params.guide)
+            self.guides.after_token(params.guide)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cached_tokens: int = 0) -> str:
@@ -173,10 +175,12 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
                                                                 else self.model_config.eos_token_ids)
         scores = None if params.prompt_logprobs is None else PromptLogprobs(params.prompt_logprobs, ids)
+        guide = params.guide
         self.waiting.append(Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
                                      make_generator(params, self.device), in_cache=cached_tokens, stop_ids=stop_ids,
                                      hold=max((len(s) - 1 for s in params.stop), default=0), prompt_scores=scores,
-                                     matcher=None if params.guide is None else self.guides.matcher(params.guide)))
+                                     matcher=None if guide is None else self.guides.matcher(guide),
+                                     guide_after=None if guide is None else self.guides.after_token(guide)))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -333,7 +337,8 @@ class Engine:
             scores = logits if penalties is None else self.penalties.apply(logits, penalties)  # [B, vocab]
             k = max([p.logprobs for p in params if p.logprobs is not None] + ([scoring.k] if scoring else []),
                     default=None)
-            matchers = [s.matcher if id(s) in samples else None for s in rows]
+            guided = [s.matcher is not None and id(s) in samples for s in rows]  # waiting for `after` or not
+            matchers = [s.matcher if g and s.guide_after is None else None for s, g in zip(rows, guided)]
             # structured output: what a guide forbids, out of reach; in place unless log-probabilities read logits
             scores = self.guides.mask(scores, matchers, copy=scores is logits and k is not None)
             sampled = sample_batch(scores, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
@@ -342,8 +347,7 @@ class Engine:
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
             packed = sampled if k is None else with_logprobs(logits, sampled, k)
             packed = packed if scoring is None else scoring.pack(packed, prompt_logits, k)
-            launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring,
-                                 guided=any(m is not None for m in matchers))
+            launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring, guided=any(guided))
             self.clock.lap("sample")
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
@@ -422,12 +426,15 @@ class Engine:
                           seq.preemptions, error=why)
 
     def _advance(self, seq: Sequence, token: int, logprobs: tuple[TokenLogprobs, ...] = ()) -> StepOutput:
-        if seq.matcher is not None and not seq.matcher.accept_token(token):
+        guiding = seq.matcher is not None and seq.guide_after is None
+        if guiding and not seq.matcher.accept_token(token):
             return self._fail(seq, f"token {token} breaks the request's guide")  # its mask allowed no token
+        if seq.matcher is not None and token == seq.guide_after:
+            seq.guide_after = None  # the guide applies from the next token on
         seq.output_ids.append(token)
         p = seq.params
         # a guide whose text is complete ends it, the stop token it ended on included (even with ignore_eos)
-        reason = "stop" if seq.matcher is not None and seq.matcher.is_terminated() else None
+        reason = "stop" if guiding and seq.matcher.is_terminated() else None
         searched = len(seq.detok.text)  # text that earlier tokens searched for stop strings: none ends in it
         if token in seq.stop_ids or reason:
             reason = "stop"  # the stop token itself adds no text

@@ -27,9 +27,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from zeroc.config.limits import (MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES, MAX_GUIDE_DEPTH,
-                                 MAX_GUIDE_PROPERTIES, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS, MAX_PENALTY,
-                                 MAX_REPETITION_PENALTY)
+from zeroc.config.limits import (MAX_GUIDE_AFTER_CHARS, MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES,
+                                 MAX_GUIDE_DEPTH, MAX_GUIDE_PROPERTIES, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS,
+                                 MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY)
 from zeroc.device import host_to_device
 
 FAILED = -1  # the id `sample_batch` gives a row whose logits are not finite
@@ -55,15 +55,20 @@ class Guide:
     JSON text; `regex`: `spec` is a regular expression the whole text matches; `choice`: the text is one of
     `choices`; `grammar`: `spec` is an EBNF grammar (GBNF, as llama.cpp and xgrammar write it) whose `root` rule
     the text matches. Whether a schema, regex or grammar compiles is checked against the model's vocabulary
-    (`Engine.check_sampling`)."""
+    (`Engine.check_sampling`). `after`: the text of one token of the vocabulary after which the guide starts
+    (a reasoning model's end of thinking, "</think>"): the text up to that token is free, the text after it
+    matches; "" (the default): the whole text matches."""
 
     kind: str
     spec: str = ""
     choices: tuple[str, ...] = ()
+    after: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in GUIDE_KINDS:
             raise ValueError(f"guide: kind must be one of {', '.join(GUIDE_KINDS)}, got {self.kind!r}")
+        if not isinstance(self.after, str) or len(self.after) > MAX_GUIDE_AFTER_CHARS:
+            raise ValueError(f"guide: after is one token's text, at most {MAX_GUIDE_AFTER_CHARS} characters")
         size = len(self.spec) + sum(len(c) for c in self.choices if isinstance(c, str))  # compile time grows with it
         if size > MAX_GUIDE_CHARS:
             raise ValueError(f"guide: a {self.kind} guide has at most {MAX_GUIDE_CHARS} characters, got {size}")

@@ -64,6 +64,7 @@ class Sequence:
     finished: bool = False  # finished or aborted: a step still in flight may hold a row for it
     prompt_scores: PromptLogprobs | None = None  # when params.prompt_logprobs asks
     matcher: Any = None  # when params.guide is set: its xgrammar matcher, at the text so far (zeroc/structured.py)
+    guide_after: int | None = None  # the token the guide waits for (its `after`); None once it applies
 
     @property
     def all_ids(self) -> list[int]:

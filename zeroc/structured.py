@@ -108,6 +108,17 @@ class GuideCompiler:
         """A fresh matcher of the guide (at the start of the text)."""
         return self._xgr().GrammarMatcher(self.compile(guide))
 
+    def after_token(self, guide: Guide) -> int | None:
+        """The token the guide starts after (`Guide.after`), or None where it applies from the first token. Raises
+        GuideError unless `after` is exactly one token of the vocabulary (an added token such as "</think>")."""
+        if not guide.after:
+            return None
+        ids = self.tokenizer.encode(guide.after, add_special_tokens=False)
+        if len(ids) != 1 or not 0 <= ids[0] < self.vocab_size:
+            raise GuideError(f"guide: after {guide.after[:64]!r} is {len(ids)} tokens of this model's vocabulary; "
+                             "it must be one")
+        return ids[0]
+
     def mask(self, scores: Tensor, matchers: list[Any], copy: bool = True) -> Tensor:
         """`scores` [B, vocab] with every token a row's matcher (None: an unguided row) excludes set to the lowest
         finite score, by `apply` (an attention backend's `apply_token_bitmask`): in a copy, or in place where `copy`

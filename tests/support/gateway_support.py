@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from zeroc.client import Client
 from zeroc.stack import ServiceProcess, wait_http
@@ -46,6 +48,19 @@ def start_gateway(*targets: str, args: tuple[str, ...] = ()) -> Gateway:
         proc.stop()
         raise
     return Gateway(proc.address, list(targets), proc)
+
+
+@contextlib.contextmanager
+def openai_on_gateway(target: str, *args: str) -> Iterator:
+    """The official `openai` client on a gateway of its own in front of `target`, started with `args` (a parser)."""
+    import openai
+
+    gw = start_gateway(target, args=args)
+    try:
+        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            yield client
+    finally:
+        gw.process.stop()
 
 
 def wait_idle(targets: list[str], timeout_s: float) -> float:

@@ -220,6 +220,9 @@ def test_build_request_carries_a_guide_and_refuses_a_malformed_one():
     assert list(build_request("Hi", guide={"choice": ("a", "b")}).sampling.guide.choice.choices) == ["a", "b"]
     assert build_request("Hi", guide={"json_object": True}).sampling.guide.WhichOneof("kind") == "json_object"
     assert not build_request("Hi").sampling.HasField("guide")
-    for bad in ({}, {"regex": "a", "grammar": "b"}, {"xml": "a"}, ["regex"]):
+    after = build_request("Hi", guide={"regex": "a", "after": "</think>"}).sampling.guide
+    assert (after.regex, after.after) == ("a", "</think>")
+    for bad in ({}, {"regex": "a", "grammar": "b"}, {"xml": "a"}, ["regex"], {"after": "x"},
+                {"regex": "a", "after": 3}):
         with pytest.raises(ValueError, match="guide: one of"):
             build_request("Hi", guide=bad)

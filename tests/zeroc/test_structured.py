@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from token_markers import one_token_text
 from zeroc.config import BUNDLED_MODEL, CacheConfig, SchedulerConfig
 from zeroc.engine import Engine
 from zeroc.loader import load_model
@@ -105,6 +106,29 @@ def test_a_complete_guide_ends_the_request_even_with_ignore_eos_and_logprobs_sta
     # the first position's alternatives are the model's own: its free choice leads them, whatever the guide took
     assert got.logprobs[0].top[0][0] == free.token_ids[0] != got.token_ids[0]
     assert got.logprobs[0].logprob < got.logprobs[0].top[0][1]
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_guide_after_a_token_leaves_the_text_up_to_it_free(bundled, ahead):
+    """A reasoning model thinks freely, then answers to the guide: `Guide.after` names the token that ends the
+    free part. The text up to it is the unguided text's, token for token; what follows matches the guide."""
+    engine = Engine(bundled, CacheConfig(16, 256), SchedulerConfig(async_scheduling=ahead))
+    free = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=24))[0].token_ids
+    marker, text = one_token_text(bundled.tokenizer, free)
+    at = free.index(marker)
+    guided = SamplingParams(max_new_tokens=at + 41, guide=Guide("regex", EMAIL, after=text))
+    got, alone = engine.generate([PROMPTS[0], PROMPTS[1]], [guided, SamplingParams(max_new_tokens=8)])
+    assert got.token_ids[: at + 1] == free[: at + 1]
+    rest = bundled.tokenizer.decode(got.token_ids[at + 1:])
+    assert got.finish_reason == "stop" and re.fullmatch(EMAIL, rest), (got.text, rest)
+    assert alone.token_ids == engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=8))[0].token_ids
+    short = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=at, guide=Guide("regex", EMAIL, after=text)))
+    assert short[0].token_ids == free[:at] and short[0].finish_reason == "length"  # cut before it: never applied
+    with pytest.raises(GuideError, match="must be one"):
+        engine.add_request("Hi", SamplingParams(guide=Guide("regex", EMAIL, after="not one token at all")))
+    with pytest.raises(ValueError, match="at most 64"):
+        Guide("regex", EMAIL, after="x" * 65)
+    assert not engine.has_unfinished() and engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
 def test_bad_guides_are_value_errors_that_say_what_is_wrong(bundled):

@@ -14,6 +14,14 @@ from zeroc.config import ZeroCError
 def _guide(args: argparse.Namespace) -> dict | None:
     """The structured-output option given, as the SDK's guide dict (zeroc.client.build_request); "@PATH" reads a
     schema or grammar from a file."""
+    guide = _guide_kind(args)
+    if args.guide_after and guide is None:
+        raise ZeroCError("--guide-after: give a guide too (--json-object, --json-schema, --regex, --choice, "
+                         "--grammar)")
+    return guide if not args.guide_after else {**guide, "after": args.guide_after}
+
+
+def _guide_kind(args: argparse.Namespace) -> dict | None:
     for kind in ("json_schema", "regex", "grammar"):
         text = getattr(args, kind)
         if text is not None and text.startswith("@") and kind != "regex":
@@ -34,10 +42,11 @@ def _local_guide(guide: dict | None):
 
     if guide is None:
         return None
-    (kind, value), = guide.items()
+    after = guide.get("after", "")
+    (kind, value), = ((k, v) for k, v in guide.items() if k != "after")
     if kind == "json_object":
-        return Guide("json")
-    return Guide("choice", choices=tuple(value)) if kind == "choice" else Guide(kind, value)
+        return Guide("json", after=after)
+    return Guide("choice", choices=tuple(value), after=after) if kind == "choice" else Guide(kind, value, after=after)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -151,6 +160,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     guide.add_argument("--regex", default=None, help="the output matches this regular expression")
     guide.add_argument("--choice", action="append", help="the output is one of these strings (repeatable)")
     guide.add_argument("--grammar", default=None, help="the output matches this GBNF grammar's root (@FILE)")
+    p.add_argument("--guide-after", default="", metavar="TOKEN", help="the guide applies after this token (one of "
+                                                                      "the vocabulary: a reasoning model's </think>)")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size (env ZEROC_CACHE_BLOCK_SIZE)")
     common.kv_policy_args(p)
     p.add_argument("--target", default=None, help="HOST:PORT of a decode service (default: run locally)")

@@ -9,6 +9,7 @@ MAX_LOGIT_BIAS_TOKENS = 300
 MAX_GUIDE_CHARS = 65536  # a structured-output guide's JSON schema, regex, grammar or choices (zeroc.sampling.Guide)
 MAX_GUIDE_CHOICES = 256  # a choice guide's strings, each at most MAX_GUIDE_CHOICE_CHARS
 MAX_GUIDE_CHOICE_CHARS = 1024
+MAX_GUIDE_AFTER_CHARS = 64  # a guide's `after` marker: one token's text
 # A JSON Schema guide's shape: xgrammar's compile time grows about with the cube of both (measured on this CPU: 500
 # nested levels took 7 s and 1,000 took 50; an object of 1,000 properties 1.6 s and 2,000 15 s), and clients
 # choose the schemas. Real schemas stay far below.

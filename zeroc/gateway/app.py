@@ -29,6 +29,7 @@ from zeroc.gateway.choices import all_or_none, choice_calls, merged_events, open
 from zeroc.gateway.errors import APIError, check_finish, from_grpc
 from zeroc.gateway.echo import Echo, wrap_all
 from zeroc.gateway.logprobs import LogprobFormat
+from zeroc.gateway.reasoning import REASONING_PARSERS, Reasoning
 from zeroc.gateway.replicas import Replicas, finish
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
 from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
@@ -50,6 +51,7 @@ class ModelCard:
     tokenizer: Tokenizer
     template: ChatTemplate | None
     tool_parser: str = ""  # its tool-call syntax, for tool_choice "auto" (zeroc/gateway/tool_parsers.py); "": none
+    reasoning_parser: str = ""  # its thinking syntax (zeroc/gateway/reasoning.py); "": none
 
 
 async def until_disconnected(request: Request, awaitable):
@@ -137,7 +139,7 @@ class Gateway:
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         guide, calls = req.tool_calls(reply_id, self.card.tool_parser)  # zeroc/gateway/tools.py
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-        text = self.card.template.render(messages, req.add_generation_prompt, tools)
+        text = self.card.template.render(messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
         ids = self.card.tokenizer.encode(text, add_special_tokens=False)
         room = self.card.max_context - len(ids)
         if room < 1 or not ids:
@@ -146,8 +148,14 @@ class Gateway:
         sampling = self._sampling(req, room)
         if guide is not None:
             sampling["guide"] = guide
+        reasoning = None
+        if self.card.reasoning_parser:  # zeroc/gateway/reasoning.py
+            syntax = REASONING_PARSERS[self.card.reasoning_parser]
+            reasoning = Reasoning(syntax, syntax.open_after(text))
+            if reasoning.open and sampling["guide"] is not None:  # think freely, then answer to the guide
+                sampling["guide"] = {**sampling["guide"], "after": syntax.end}
         reply = Reply(reply_id, self.card.name, True, req.return_token_ids, int(time.time()),
-                      self._logprobs(sampling, chat=True), calls)
+                      self._logprobs(sampling, chat=True), calls, reasoning)
         return await self._answer(request, req, reply, [ids], sampling)
 
     def _logprobs(self, sampling: dict, chat: bool) -> LogprobFormat | None:

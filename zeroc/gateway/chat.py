@@ -46,13 +46,19 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.special_tokens = special_tokens
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
-               ) -> str:
-        """The prompt text for `messages` (and `tools`, OpenAI's shape, for templates that describe them). A template
-        that fails on them is the request's fault: a 400."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               extra: dict | None = None) -> str:
+        """The prompt text for `messages` (and `tools`, OpenAI's shape, for templates that describe them). `extra`:
+        the request's `chat_template_kwargs`, more variables for the template (Qwen3's `enable_thinking`), which may
+        not replace the ones above. A template that fails on them is the request's fault: a 400."""
+        given = dict(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
+                     documents=None, **self.special_tokens)
+        clash = sorted(set(extra or ()) & set(given))
+        if clash:
+            raise APIError(400, f"chat_template_kwargs: {clash[0][:64]!r} is set by the server",
+                           param="chat_template_kwargs")
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        tools=tools or None, documents=None, **self.special_tokens)
+            return self.template.render(**(extra or {}), **given)
         except Exception as exc:  # raise_exception, sandbox SecurityError, type errors on odd content
             raise APIError(400, f"messages: the chat template cannot render them ({str(exc)[:120]})",
                            param="messages") from None

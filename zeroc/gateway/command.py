@@ -22,6 +22,7 @@ from zeroc.config import BUNDLED_MODEL, ConfigError, ZeroCConfig, ZeroCError
 log = logging.getLogger(__name__)
 LOOPS = ("auto", "asyncio", "uvloop")
 TOOL_PARSERS = ("hermes", "llama3_json")  # zeroc/gateway/tool_parsers.py's PARSERS (not imported: this stays light)
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # zeroc/gateway/reasoning.py's, likewise
 HTTP_IMPLEMENTATIONS = ("auto", "h11", "httptools")
 
 
@@ -43,6 +44,8 @@ class GatewaySettings:
     http: str = "auto"
     # the served model's tool-call syntax (zeroc/gateway/tool_parsers.py), for tool_choice "auto"; "": none
     tool_call_parser: str = ""
+    # the served model's thinking syntax (zeroc/gateway/reasoning.py): its <think> block as reasoning_content
+    reasoning_parser: str = ""
 
     def __post_init__(self) -> None:
         if not self.targets or any(":" not in t for t in self.targets):
@@ -58,6 +61,9 @@ class GatewaySettings:
         if self.tool_call_parser and self.tool_call_parser not in TOOL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got "
                              f"{self.tool_call_parser!r}")
+        if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got "
+                             f"{self.reasoning_parser!r}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "GatewaySettings":
@@ -100,18 +106,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
                    help="the model's tool-call syntax, which tool_choice \"auto\" needs (env "
                         "ZEROC_GATEWAY_TOOL_CALL_PARSER; default: none, and \"auto\" is refused)")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="the model's thinking syntax: its <think> block is returned as reasoning_content, apart "
+                        "from the content (env ZEROC_GATEWAY_REASONING_PARSER; default: none)")
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
     return GatewaySettings.from_env(targets=tuple(args.target) if args.target else None, host=args.host,
                                     port=args.port, model_dir=args.model, timeout_s=args.timeout_s,
                                     max_body_mb=args.max_body_mb, grace_s=args.grace_s, loop=args.loop,
-                                    http=args.http, tool_call_parser=args.tool_call_parser)
+                                    http=args.http, tool_call_parser=args.tool_call_parser,
+                                    reasoning_parser=args.reasoning_parser)
 
 
-def model_card(model_dir: str | Path, tool_parser: str = ""):
+def model_card(model_dir: str | Path, tool_parser: str = "", reasoning_parser: str = ""):
     """What the gateway knows of the model: its name (the directory's, as the decode services name
-    it), context length, tokenizer, chat template and tool-call syntax. Raises ConfigError."""
+    it), context length, tokenizer, chat template, tool-call and thinking syntax. Raises ConfigError."""
     from zeroc.gateway.app import ModelCard
     from zeroc.gateway.chat import load_chat_template
     from zeroc.tokenizer import Tokenizer
@@ -122,7 +132,8 @@ def model_card(model_dir: str | Path, tool_parser: str = ""):
         ctx = int(json.loads(cfg_path.read_text())["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{cfg_path}: cannot read max_position_embeddings ({exc})") from None
-    return ModelCard(path.resolve().name, ctx, Tokenizer.from_dir(path), load_chat_template(path), tool_parser)
+    return ModelCard(path.resolve().name, ctx, Tokenizer.from_dir(path), load_chat_template(path), tool_parser,
+                     reasoning_parser)
 
 
 def server_stack(settings: GatewaySettings) -> tuple[str, str]:
@@ -151,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port = ZeroCConfig.from_env(metrics={"port": getattr(args, "metrics_port", None)}).metrics.port
     except ValueError as exc:
         raise ZeroCError(str(exc)) from None
-    card = model_card(settings.model_dir, settings.tool_call_parser)
+    card = model_card(settings.model_dir, settings.tool_call_parser, settings.reasoning_parser)
     loop, http = server_stack(settings)
     import uvicorn
 

@@ -267,6 +267,7 @@ class ChatRequest(_Sampling):
     tools: list[ToolDef] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=64)  # more variables for the template
 
     def tool_calls(self, reply_id: str, parser: str = "") -> tuple[dict | None, ToolCalls | None]:
         """(the guide a forced tool call puts on the output, what to make of the choices' texts); (None, None) for

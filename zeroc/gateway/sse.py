@@ -2,7 +2,8 @@
 
 A stream's token events differ only in their text (and token ids), so `TokenEvents` encodes the rest
 of the event once per stream, from the same `Reply.chunk` the other events come from, and a token
-costs one string escape and one join. `EventStream` writes each event with one ASGI send, without
+costs one string escape and one join (unless its event holds more than its text: log-probabilities, tool calls,
+reasoning). `EventStream` writes each event with one ASGI send, without
 Starlette's StreamingResponse (an anyio task group, per-chunk type checks); it stops, closing its
 source (which cancels the gRPC call), as soon as the client disconnects, even while no token is due.
 """
@@ -19,6 +20,7 @@ from starlette.responses import Response
 
 from zeroc.client import Chunk, Result, TokenLogprob, Usage
 from zeroc.gateway.logprobs import LogprobFormat
+from zeroc.gateway.reasoning import Reasoning
 from zeroc.gateway.tools import ToolCalls
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,14 @@ class Reply:
     created: int
     logprobs: LogprobFormat | None = None  # set when the request asked for log-probabilities
     tools: ToolCalls | None = None  # set when a chat's tool_choice forces a call: its choices are calls
+    reasoning: Reasoning | None = None  # set when the gateway has a reasoning parser: thinking apart from content
 
     def _choice(self, text: str, ids: list[int], finish: str | None, stream: bool,
                 logprobs: list[TokenLogprob] | None = None, index: int = 0, prompt: Prompt | None = None) -> dict:
         if not self.chat:
             body = {"text": text}
-        elif self.tools is not None:
-            shaped, finish = (self.tools.delta if stream else self.tools.message)(text, finish, index)
+        elif self.tools is not None or self.reasoning is not None:
+            shaped, finish = self._message(text, finish, stream, index)
             body = {"delta" if stream else "message": shaped}
         elif stream:
             body = {"delta": {"content": text} if text or finish is None else {}}
@@ -70,6 +73,23 @@ class Reply:
         if self.token_ids:
             out["token_ids"] = ids
         return out
+
+    def _message(self, text: str, finish: str | None, stream: bool, index: int) -> tuple[dict, str | None]:
+        """A chat choice's message (or delta) and finish reason where the text is more than content: the thinking
+        apart (zeroc/gateway/reasoning.py), then the content's tool calls (zeroc/gateway/tools.py)."""
+        thought = None
+        if self.reasoning is not None:
+            thought, text = (self.reasoning.delta(index, text, finish is not None) if stream
+                             else self.reasoning.whole(text))
+        if self.tools is not None:
+            shaped, finish = (self.tools.delta if stream else self.tools.message)(text, finish, index)
+        elif stream:
+            shaped = {"content": text} if text else {}
+        else:
+            shaped = {"role": "assistant", "content": text or (None if thought is not None else "")}
+        if thought or (thought is not None and not stream):
+            shaped = {**shaped, "reasoning_content": thought, "reasoning": thought}  # DeepSeek's name, vLLM's
+        return shaped, finish
 
     def _object(self, stream: bool) -> str:
         return ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
@@ -105,7 +125,7 @@ class TokenEvents:
 
     def __init__(self, reply: Reply, index: int = 0):
         self._reply, self._index = reply, index
-        if reply.logprobs is not None or reply.tools is not None:
+        if reply.logprobs is not None or reply.tools is not None or reply.reasoning is not None:
             return  # each event encoded whole (`token`)
         whole = sse(reply.chunk(_TEXT_MARK, [_IDS_MARK], index=index))
         head, tail = _cut(whole, _encode_str(_TEXT_MARK).encode())
@@ -119,9 +139,10 @@ class TokenEvents:
 
     def token(self, text: str, ids: list[int], logprobs: list[TokenLogprob] | None = None,
               prompt: Prompt | None = None) -> bytes:
-        if self._reply.logprobs is not None or self._reply.tools is not None:
+        if self._reply.logprobs is not None or self._reply.tools is not None or self._reply.reasoning is not None:
             body = self._reply.chunk(text, ids, logprobs=logprobs, index=self._index, prompt=prompt)
-            quiet = self._reply.logprobs is None and not body["choices"][0]["delta"]  # "required" before the end
+            # nothing to send yet ("required" before the end, text held while it may begin a marker)
+            quiet = self._reply.logprobs is None and not body["choices"][0]["delta"]
             return b"" if quiet else sse(body)
         if self._ids is None:
             return b"".join((self._head, _encode_str(text).encode(), self._tail))

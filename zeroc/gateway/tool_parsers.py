@@ -29,7 +29,7 @@ def _call(obj: object, arguments_key: str) -> Call | None:
     return obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
-def _held(text: str, marker: str) -> int:
+def marker_prefix(text: str, marker: str) -> int:
     """How many characters at the end of `text` could begin `marker` (to hold back while streaming)."""
     return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if marker.startswith(text[-n:])), 0)
 
@@ -57,7 +57,7 @@ class Hermes:
         at = text.find(self.start)
         if at >= 0:
             return len(text[:at].rstrip()), True
-        return len(text[: len(text) - _held(text, self.start)].rstrip()), False
+        return len(text[: len(text) - marker_prefix(text, self.start)].rstrip()), False
 
 
 @dataclass(frozen=True)

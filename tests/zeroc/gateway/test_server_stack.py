@@ -32,3 +32,14 @@ def test_the_tool_call_parser_is_one_the_gateway_has():
     with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json"):
         GatewaySettings(tool_call_parser="xml")
     assert set(TOOL_PARSERS) == set(PARSERS)  # the flag's choices, kept without importing the parsers
+
+
+def test_the_reasoning_parser_is_one_the_gateway_has():
+    from zeroc.gateway.command import REASONING_PARSERS as NAMES
+    from zeroc.gateway.reasoning import REASONING_PARSERS
+
+    env = {"ZEROC_GATEWAY_REASONING_PARSER": "deepseek_r1"}
+    assert GatewaySettings.from_env(env).reasoning_parser == "deepseek_r1" and not GatewaySettings().reasoning_parser
+    with pytest.raises(ValueError, match="reasoning_parser must be one of deepseek_r1, qwen3"):
+        GatewaySettings(reasoning_parser="o1")
+    assert set(NAMES) == set(REASONING_PARSERS)

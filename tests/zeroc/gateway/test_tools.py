@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from gateway_support import start_gateway
+from gateway_support import openai_on_gateway
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}}}
@@ -26,12 +26,8 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 @pytest.fixture(scope="module")
 def hermes_api(services):
     """A gateway that reads Hermes-style calls (`--tool-call-parser hermes`) for tool_choice "auto"."""
-    gw = start_gateway(services.decode, args=("--tool-call-parser", "hermes"))
-    try:
-        with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
-            yield client
-    finally:
-        gw.process.stop()
+    with openai_on_gateway(services.decode, "--tool-call-parser", "hermes") as client:
+        yield client
 
 
 def _ask(api, stream: bool = False, **kw):
