@@ -77,7 +77,8 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         logprobs=s.logprobs if s.HasField("logprobs") else None, frequency_penalty=s.frequency_penalty,
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or 1.0,
-        logit_bias=dict(s.logit_bias), guide=guide_from_proto(s.guide) if s.HasField("guide") else None)
+        logit_bias=dict(s.logit_bias), guide=guide_from_proto(s.guide) if s.HasField("guide") else None,
+        skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True)
 
 
 def guide_from_proto(g: pb.Guide) -> Guide:

@@ -176,7 +176,8 @@ class Engine:
                                                                 else self.model_config.eos_token_ids)
         scores = None if params.prompt_logprobs is None else PromptLogprobs(params.prompt_logprobs, ids)
         guide = params.guide
-        self.waiting.append(Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer),
+        detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        self.waiting.append(Sequence(request_id, ids, params, detok,
                                      make_generator(params, self.device), in_cache=cached_tokens, stop_ids=stop_ids,
                                      hold=max((len(s) - 1 for s in params.stop), default=0), prompt_scores=scores,
                                      matcher=None if guide is None else self.guides.matcher(guide),

@@ -136,6 +136,7 @@ class SamplingParams:
     # (token id, added to its logit) pairs, OpenAI's logit_bias (a {token id: bias} dict is taken too)
     logit_bias: tuple[tuple[int, float], ...] = ()
     guide: Guide | None = None  # structured output: the text must match it
+    skip_special_tokens: bool = True  # leave special tokens' text out of the output text (False: keep markers)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

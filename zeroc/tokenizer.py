@@ -102,8 +102,8 @@ class IncrementalDetokenizer:
     previous delta as left context, for tokenizers that decode a token differently at the start of a text
     (SentencePiece's leading space). While the text ends in a partial character it waits for the rest."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0  # where the window starts
@@ -112,8 +112,9 @@ class IncrementalDetokenizer:
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the new text they complete (may be empty while a char is partial)."""
         self.ids.extend(token_ids)
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
-        now = self.tokenizer.decode(self.ids[self._prefix:])
+        window, seen = self.ids[self._prefix:], self._read - self._prefix
+        before = self.tokenizer.decode(window[:seen], self.skip) if seen > 0 else ""
+        now = self.tokenizer.decode(window, self.skip)
         if len(now) <= len(before) or now.endswith("\ufffd"):
             return ""
         delta = now[len(before):]

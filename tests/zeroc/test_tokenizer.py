@@ -97,3 +97,13 @@ def test_token_bytes_make_up_the_text_where_tokens_split_a_character():
     backend.decoder = decoders.ByteFallback()
     fallback = Tokenizer(backend)
     assert fallback.token_text(0) == "\ufffd" and fallback.token_bytes(0) == b"\xe6" and fallback.token_bytes(1) == b"a"
+
+
+def test_special_tokens_text_is_streamed_only_when_kept(bundled_tok):
+    """`skip_special_tokens` False streams a special token's text (a marker a client parses) as the whole decode
+    with it kept; the default leaves it out."""
+    ids = bundled_tok.encode("Call the tool", add_special_tokens=False)
+    ids = ids[:2] + [1] + ids[2:]  # 1: </s>, a special token
+    kept, skipped = IncrementalDetokenizer(bundled_tok, skip_special_tokens=False), IncrementalDetokenizer(bundled_tok)
+    assert "".join(kept.add([i]) for i in ids) == bundled_tok.decode(ids, skip_special_tokens=False)
+    assert "</s>" in kept.text and "".join(skipped.add([i]) for i in ids) == bundled_tok.decode(ids) == "Call the tool"

@@ -112,7 +112,7 @@ class Gateway:
                 "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "model": self.card.name,
                 "logprobs": req.logprobs_wanted(), "frequency_penalty": req.frequency_penalty or 0.0,
                 "presence_penalty": req.presence_penalty or 0.0, "repetition_penalty": req.repetition_penalty or 1.0,
-                "logit_bias": req.bias(), "guide": req.guide()}
+                "logit_bias": req.bias(), "guide": req.guide(), "skip_special_tokens": req.skip_special_tokens}
 
     async def completions(self, request: Request) -> Response:
         req = await self._body(request, CompletionRequest)
@@ -148,6 +148,8 @@ class Gateway:
         sampling = self._sampling(req, room)
         if guide is not None:
             sampling["guide"] = guide
+        if calls is not None and calls.parser is not None and calls.parser.keeps_special_tokens:
+            sampling["skip_special_tokens"] = False  # its markers are special tokens (Mistral's), as vLLM does
         reasoning = None
         if self.card.reasoning_parser:  # zeroc/gateway/reasoning.py
             syntax = REASONING_PARSERS[self.card.reasoning_parser]

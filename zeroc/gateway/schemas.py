@@ -107,6 +107,7 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=512)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # vLLM's extension: False keeps special tokens' text
     return_token_ids: bool = False
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)

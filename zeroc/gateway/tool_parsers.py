@@ -7,6 +7,10 @@ class per syntax, in PARSERS:
   after any text, which becomes the message's content.
 - `llama3_json` (Llama 3.1-3.3's JSON tool calling): the whole answer is `{"name": ..., "parameters": {...}}`, or
   several separated by ";", optionally after `<|python_tag|>`.
+- `mistral` (Mistral's instruct models): `[TOOL_CALLS]` after any content, then a JSON array of `{"name", "arguments"}`
+  (tokenizers before v11) or `name{...}` per `[TOOL_CALLS]` (v11 on; `name[ARGS]{...}` in v13). Those markers are
+  special tokens, which the decode service leaves out of the text unless asked: the gateway asks (the request's
+  `skip_special_tokens` false), as vLLM does.
 A text whose calls do not parse is plain content: a model may mention the syntax without calling anything.
 
 Streamed, `split` says how much of the text so far is surely content (sent at once) and where calls begin (held
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 Call = tuple[str, str]  # (function name, arguments as JSON text)
 
@@ -35,7 +40,23 @@ def marker_prefix(text: str, marker: str) -> int:
 
 
 @dataclass(frozen=True)
-class Hermes:
+class _Marked:
+    """A syntax whose calls follow a marker, after any content."""
+
+    start: str
+    keeps_special_tokens: ClassVar[bool] = False  # its markers are special tokens, which the text must keep
+
+    def split(self, text: str) -> tuple[int, bool]:
+        """(characters of `text` that are surely content, whether calls begin after them). Trailing whitespace is
+        held too: before a call it is not content."""
+        at = text.find(self.start)
+        if at >= 0:
+            return len(text[:at].rstrip()), True
+        return len(text[: len(text) - marker_prefix(text, self.start)].rstrip()), False
+
+
+@dataclass(frozen=True)
+class Hermes(_Marked):
     start: str = "<tool_call>"
     end: str = "</tool_call>"
 
@@ -51,18 +72,45 @@ class Hermes:
             return None
         return (text[:at].rstrip(), calls) if calls and None not in calls else None
 
-    def split(self, text: str) -> tuple[int, bool]:
-        """(characters of `text` that are surely content, whether calls begin after them). Trailing whitespace is
-        held too: before a call it is not content."""
+
+# from v11: name{...}; v13: name[ARGS]{...}
+_NAMED = re.compile(r"([A-Za-z0-9_.:-]{1,256})\s*(?:\[ARGS\])?\s*(\{.*\})", re.S)
+
+
+@dataclass(frozen=True)
+class Mistral(_Marked):
+    """`[TOOL_CALLS]`, then a JSON array of {"name", "arguments"} (tokenizers before v11: Mistral-7B-Instruct-v0.3),
+    or from v11 on `name{arguments}` after each `[TOOL_CALLS]` (`name[ARGS]{arguments}` in v13)."""
+
+    start: str = "[TOOL_CALLS]"
+    keeps_special_tokens: ClassVar[bool] = True
+
+    def parse(self, text: str) -> tuple[str, list[Call]] | None:
         at = text.find(self.start)
-        if at >= 0:
-            return len(text[:at].rstrip()), True
-        return len(text[: len(text) - marker_prefix(text, self.start)].rstrip()), False
+        if at < 0:
+            return None
+        try:
+            calls = [c for piece in text[at:].split(self.start) if piece.strip() for c in self._calls(piece.strip())]
+        except ValueError:
+            return None
+        return (text[:at].rstrip(), calls) if calls and None not in calls else None
+
+    @staticmethod
+    def _calls(piece: str) -> list[Call | None]:
+        """One marker's calls. Raises ValueError where they do not parse."""
+        if piece.startswith("["):
+            items = json.loads(piece)
+            return [_call(obj, "arguments") for obj in items] if isinstance(items, list) else [None]
+        named = _NAMED.fullmatch(piece)
+        if named is None:
+            raise ValueError(f"not a call: {piece[:40]!r}")
+        return [_call({"name": named[1], "arguments": json.loads(named[2])}, "arguments")]
 
 
 @dataclass(frozen=True)
 class Llama3Json:
     tag: str = "<|python_tag|>"
+    keeps_special_tokens: ClassVar[bool] = False  # the tag is special, dropped from the text: read without it
 
     def parse(self, text: str) -> tuple[str, list[Call]] | None:
         body = text.strip()
@@ -84,5 +132,5 @@ class Llama3Json:
         return (0, True) if head.startswith(("{", self.tag)) else (len(text), False)
 
 
-Parser = Hermes | Llama3Json
-PARSERS: dict[str, Parser] = {"hermes": Hermes(), "llama3_json": Llama3Json()}
+Parser = Hermes | Llama3Json | Mistral
+PARSERS: dict[str, Parser] = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral()}

@@ -239,6 +239,18 @@ def test_penalties_and_logit_bias_reach_the_decode_services(api, sdk):
     assert got.choices[0].text == sdk.generate(PROMPT, max_tokens=16, temperature=0.0, logit_bias={banned: -100}).text
 
 
+def test_special_tokens_text_is_kept_only_when_asked(api, sdk):
+    """vLLM's `skip_special_tokens`: the EOS token, forced by logit bias past ignore_eos, adds its text only with
+    false, through the gateway as through the SDK."""
+    kw = dict(max_tokens=3, temperature=0, logit_bias={"1": 100})  # 1: the bundled model's </s>
+    plain = api.completions.create(model="zeroc-tiny", prompt=PROMPT, extra_body={"ignore_eos": True}, **kw)
+    kept = api.completions.create(model="zeroc-tiny", prompt=PROMPT, **kw,
+                                  extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert plain.choices[0].text == "" and kept.choices[0].text == "</s>" * 3
+    assert sdk.generate(PROMPT, max_tokens=3, ignore_eos=True, logit_bias={1: 100},
+                        skip_special_tokens=False).text == "</s>" * 3
+
+
 def test_cached_prefix_tokens_are_reported(api):
     prompt = " ".join(f"word{i}" for i in range(120))  # several KV blocks
     cached = [api.completions.create(model="zeroc-tiny", prompt=prompt, max_tokens=1, temperature=0)

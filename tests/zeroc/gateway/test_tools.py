@@ -137,3 +137,21 @@ def test_auto_reads_the_models_own_tool_call_syntax_plain_and_streamed(hermes_ap
     free = hermes_api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, tools=TOOLS, max_tokens=8,
                                               temperature=0)  # no call in the text: plain content
     assert free.choices[0].message.tool_calls is None and free.choices[0].message.content
+
+
+def test_mistral_calls_are_read_with_the_special_tokens_kept(services):
+    """`--tool-call-parser mistral`: its markers are special tokens in Mistral's vocabularies, so the gateway asks the
+    decode service to keep special tokens' text for "auto" (the bundled model's forced </s> shows it), and reads
+    the v11 `[TOOL_CALLS]name{...}` form (spelled in plain text here, steered by a regex guide)."""
+    steer = {"structured_outputs": {"regex": r'Checking\.\[TOOL_CALLS\]get_weather\{"city": "Paris", "unit": "C"\}'}}
+    with openai_on_gateway(services.decode, "--tool-call-parser", "mistral") as api:
+        got = _ask(api, extra_body=steer)
+        [call] = _calls(got.choices[0].message)
+        assert (call["name"], json.loads(call["arguments"])) == ("get_weather", {"city": "Paris", "unit": "C"})
+        assert got.choices[0].message.content == "Checking." and got.choices[0].finish_reason == "tool_calls"
+        forced = api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, tools=TOOLS, max_tokens=2,
+                                             temperature=0, logit_bias={"1": 100}, extra_body={"ignore_eos": True})
+        assert forced.choices[0].message.content == "</s></s>"  # kept: a marker could be one
+        plain = api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=2, temperature=0,
+                                            logit_bias={"1": 100}, extra_body={"ignore_eos": True})
+        assert plain.choices[0].message.content == ""  # no tools: the default, as in vLLM
