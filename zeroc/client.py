@@ -182,7 +182,8 @@ class RetryPolicy:
 
 
 def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
+                  top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None,
+                  stop: list[str] | tuple[str, ...] = (), stop_token_ids: list[int] | tuple[int, ...] = (),
                   ignore_eos: bool = False, request_id: str = "", model: str = "",
                   logprobs: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                   repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
@@ -196,7 +197,8 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
     (markers such as Mistral's [TOOL_CALLS]). The penalties, the guide and the rest:
     protos/zeroc/v1/generation.proto's SamplingParams."""
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 stop=list(stop), ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
+                                 min_p=min_p, stop=list(stop), stop_token_ids=list(stop_token_ids),
+                                 ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
                                  presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
                                  logit_bias=logit_bias or {})
     if seed is not None:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from zeroc.config.limits import (MAX_GUIDE_AFTER_CHARS, MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES,
                                  MAX_GUIDE_DEPTH, MAX_GUIDE_PROPERTIES, MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_TOKENS,
-                                 MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY)
+                                 MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_STOP_TOKEN_IDS)
 from zeroc.device import host_to_device
 
 FAILED = -1  # the id `sample_batch` gives a row whose logits are not finite
@@ -42,7 +42,6 @@ MAX_TEMPERATURE = 100.0
 # Bounded work per request: each stop string is searched in the text after every token.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-MAX_STOP_TOKEN_IDS = 256
 
 
 GUIDE_KINDS = ("json", "json_schema", "regex", "choice", "grammar")
@@ -120,6 +119,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1.0: no nucleus cut
+    min_p: float = 0.0  # keep tokens at least this times the most likely one's probability; 0.0: no cut
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings; the text returned ends before the first match
@@ -149,6 +149,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not 0.0 <= self.min_p <= 1.0:  # NaN fails too
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not 0 <= self.seed < 2 ** 64:
             raise ValueError(f"seed must be in [0, 2^64), got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -222,7 +224,10 @@ class SamplingBatch:
     # every random row has one; else the whole vocabulary (top-p alone needs the full order).
     ranked: int
     k_and_p: bool = False  # a random row cuts by both: top-p then shares out its top-k set's mass
-    key: tuple = ()  # each row's (temperature, top_k, top_p): what the tensors above were built from
+    key: tuple = ()  # each row's (temperature, top_k, top_p, min_p): what the tensors above were built from
+    # [B] float32 in [0, 1], or None where no random row has one: a row keeps the tokens whose probability is at
+    # least min_p times its most likely token's (vLLM's min_p), before its top-k and top-p
+    min_p: Tensor | None = None
 
     @property
     def cuts(self) -> bool:
@@ -234,7 +239,7 @@ class SamplingBatch:
         """The step's batch. `last`: the step before's; where its rows sampled with the same parameters (decode
         steps of an unchanged batch), its device tensors serve again and nothing is copied to the device. Else the
         four go in one copy."""
-        key = tuple((p.temperature, p.top_k, p.top_p) for p in params)
+        key = tuple((p.temperature, p.top_k, p.top_p, p.min_p) for p in params)
         if last is not None and last.key == key:
             return replace(last, generators=tuple(generators))
         random_rows = tuple(i for i, p in enumerate(params) if not p.greedy)
@@ -244,11 +249,14 @@ class SamplingBatch:
         cuts = any(top_k[i] < vocab or params[i].top_p < 1.0 for i in random_rows)
         ranked = max(top_k[i] for i in random_rows) if cuts else 0
         k_and_p = any(top_k[i] < vocab and params[i].top_p < 1.0 for i in random_rows)
-        # [4, B] float32 (top_k exact below 2^24, past any vocabulary)
+        min_p = any(params[i].min_p > 0.0 for i in random_rows)
+        # [4 or 5, B] float32 (top_k exact below 2^24, past any vocabulary)
         rows = host_to_device([[p.temperature or 1.0 for p in params], top_k, [p.top_p for p in params],
-                               [float(p.greedy) for p in params]], torch.float32, device)
+                               [float(p.greedy) for p in params]] + ([[p.min_p for p in params]] if min_p else []),
+                              torch.float32, device)
         return cls(temperature=rows[0], top_k=rows[1].long(), top_p=rows[2], greedy=rows[3].bool(),
-                   generators=tuple(generators), random_rows=random_rows, ranked=ranked, k_and_p=k_and_p, key=key)
+                   generators=tuple(generators), random_rows=random_rows, ranked=ranked, k_and_p=k_and_p, key=key,
+                   min_p=rows[4] if min_p else None)
 
 
 # On the CPU, where reading a tensor on the host stalls nothing, a top-p row's nucleus is looked for among its
@@ -339,6 +347,8 @@ def sample_batch(logits: Tensor, batch: SamplingBatch, shared: torch.Generator |
         # [0, 1] at any temperature (1 for the top token; a row that is not finite is already bad) that need no
         # normalizing: the cuts compare masses within a row, and the inverse CDF scales u by the row's total
         weights = x.sub_(top.unsqueeze(1)).div_(batch.temperature.unsqueeze(1)).exp_()  # [B, V]
+        if batch.min_p is not None:  # a weight is its token's probability over the top one's: min_p's cut as is
+            weights.masked_fill_(weights < batch.min_p.unsqueeze(1), 0.0)
         if batch.cuts:
             _cut_support(weights, batch)
         sampled = _inverse_cdf(weights, _uniforms(logits.shape[0], batch, logits.device, shared))
@@ -379,4 +389,4 @@ def _sample_native(native: ModuleType, logits: Tensor, batch: SamplingBatch, sha
     if not batch.random_rows:  # an all-greedy batch carries no parameter tensors, and draws nothing
         return native.sample_rows(logits)
     u = _uniforms(logits.shape[0], batch, logits.device, shared)
-    return native.sample_rows(logits, batch.temperature, batch.top_k, batch.top_p, batch.greedy, u)
+    return native.sample_rows(logits, batch.temperature, batch.top_k, batch.top_p, batch.greedy, u, batch.min_p)

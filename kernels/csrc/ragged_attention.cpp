@@ -539,7 +539,8 @@ torch::Tensor tier_decode(torch::Tensor q, torch::Tensor pool, int64_t k_dim, to
 // sampling.cpp, built into the same module
 torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> temperature,
                           std::optional<torch::Tensor> top_k, std::optional<torch::Tensor> top_p,
-                          std::optional<torch::Tensor> greedy, std::optional<torch::Tensor> u);
+                          std::optional<torch::Tensor> greedy, std::optional<torch::Tensor> u,
+                          std::optional<torch::Tensor> min_p);
 void apply_token_bitmask(torch::Tensor scores, torch::Tensor packed, int64_t r);
 
 // layer_ops.cpp, built into the same module
@@ -552,10 +553,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ragged_paged_attention", &ragged_paged_attention, "ragged causal GQA attention over a paged KV cache");
   m.def("ragged_decode_partials", &ragged_decode_partials, "one query per sequence over keys from key_start, with LSE");
   m.def("tier_decode", &tier_decode, "a token tier's full-rank decode segment, merged with the compressed partials");
-  m.def("sample_rows", &sample_rows, "one token per row of logits: greedy, temperature, top-k, top-p (zeroc.sampling)",
+  m.def("sample_rows", &sample_rows, "one token per row of logits: greedy, temperature, min-p, top-k, top-p",
         pybind11::arg("logits"), pybind11::arg("temperature") = pybind11::none(),
         pybind11::arg("top_k") = pybind11::none(), pybind11::arg("top_p") = pybind11::none(),
-        pybind11::arg("greedy") = pybind11::none(), pybind11::arg("u") = pybind11::none());
+        pybind11::arg("greedy") = pybind11::none(), pybind11::arg("u") = pybind11::none(),
+        pybind11::arg("min_p") = pybind11::none());
   m.def("apply_token_bitmask", &apply_token_bitmask,
         "structured output's mask, in place: excluded tokens to the lowest finite score (kernels/token_bitmask.py)");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row (kernels/layer_ops.py rms_norm_ref)");

@@ -43,7 +43,8 @@ struct Row {
   int64_t top_k;      // in [1, V]; V: no cut
   float top_p;        // in (0, 1]; 1: no cut
   bool greedy;
-  float u;  // U[0, 1), the row's draw
+  float u;      // U[0, 1), the row's draw
+  float min_p;  // in [0, 1]; 0: no cut. Weights are probabilities over the top one's: it cuts them as they are
 };
 
 inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
@@ -212,7 +213,8 @@ int64_t sample_row(const T* x, int64_t vocab, const Row& row, Scratch& s) {
   if (!scan_max(x, vocab, w, &top, &best)) return kFailed;
   if (row.greedy) return best;
   weights_of(x, vocab, top, row.temperature, w);
-  float cut = row.top_k < vocab ? kth_largest(w, vocab, row.top_k, s.select) : 0.f;
+  // min_p and top-k both keep the weights at or above a threshold: the larger one; top-p shares out their mass
+  float cut = std::max(row.top_k < vocab ? kth_largest(w, vocab, row.top_k, s.select) : 0.f, row.min_p);
   if (row.top_p < 1.f) cut = std::max(cut, nucleus(w, vocab, cut, row.top_p, s.select));
   return inverse_cdf(w, vocab, cut, row.u, s.kept);
 }
@@ -221,10 +223,12 @@ int64_t sample_row(const T* x, int64_t vocab, const Row& row, Scratch& s) {
 
 // logits [B, V] fp32 or bf16; temperature, top_p, u [B] fp32; top_k [B] int64; greedy [B] bool -> ids [B] int64,
 // -1 (zeroc.sampling.FAILED) where a row's logits are not finite. An all-greedy batch passes None for the five
-// parameters. Rows are independent: a row's id depends on its own logits, parameters and u only.
+// parameters. min_p [B] fp32, optional (None: no row cuts by it). Rows are independent: a row's id depends on its
+// own logits, parameters and u only.
 torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> temperature,
                           std::optional<torch::Tensor> top_k, std::optional<torch::Tensor> top_p,
-                          std::optional<torch::Tensor> greedy, std::optional<torch::Tensor> u) {
+                          std::optional<torch::Tensor> greedy, std::optional<torch::Tensor> u,
+                          std::optional<torch::Tensor> min_p) {
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) > 0, "logits must be [B, V] with V > 0");
   TORCH_CHECK_VALUE(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16,
                     "logits must be float32 or bfloat16");
@@ -233,10 +237,11 @@ torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> tem
   TORCH_CHECK_VALUE(all_greedy == !top_k.has_value() && all_greedy == !top_p.has_value() &&
                         all_greedy == !greedy.has_value() && all_greedy == !u.has_value(),
                     "pass every parameter, or none for an all-greedy batch");
-  std::vector<float> temp_v, tp_v, u_v;
+  std::vector<float> temp_v, tp_v, u_v, mp_v(rows, 0.f);
   std::vector<int64_t> tk_v;
   std::vector<uint8_t> gr_v;
   if (all_greedy) {
+    TORCH_CHECK_VALUE(!min_p.has_value(), "pass every parameter, or none for an all-greedy batch");
     temp_v.assign(rows, 1.f), tp_v.assign(rows, 1.f), u_v.assign(rows, 0.f), tk_v.assign(rows, vocab);
     gr_v.assign(rows, 1);
   } else {
@@ -249,11 +254,16 @@ torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> tem
     };
     values(*temperature, at::kFloat, temp_v), values(*top_p, at::kFloat, tp_v), values(*u, at::kFloat, u_v);
     values(*top_k, at::kLong, tk_v), values(*greedy, at::kByte, gr_v);
+    if (min_p.has_value()) {
+      TORCH_CHECK_VALUE(min_p->dim() == 1 && min_p->size(0) == rows, "every parameter must hold one value per row");
+      values(*min_p, at::kFloat, mp_v);
+    }
   }
   for (int64_t r = 0; r < rows; ++r)
     TORCH_CHECK_VALUE(gr_v[r] || (temp_v[r] > 0.f && tk_v[r] >= 1 && tk_v[r] <= vocab && tp_v[r] > 0.f &&
-                                  tp_v[r] <= 1.f),
-                      "row ", r, ": a random row needs temperature > 0, top_k in [1, V] and top_p in (0, 1]");
+                                  tp_v[r] <= 1.f && mp_v[r] >= 0.f && mp_v[r] <= 1.f),
+                      "row ", r, ": a random row needs temperature > 0, top_k in [1, V], top_p in (0, 1] and min_p "
+                      "in [0, 1]");
   auto x = logits.contiguous();
   auto ids = torch::empty({rows}, torch::dtype(at::kLong));
   int64_t* out = ids.data_ptr<int64_t>();
@@ -268,7 +278,8 @@ torch::Tensor sample_rows(torch::Tensor logits, std::optional<torch::Tensor> tem
       Scratch s;
       s.w.resize(std::max(vocab, kChunk));
       for (int64_t r = next++; r < rows; r = next++)
-        out[r] = sample_row(base + r * vocab, vocab, Row{temp_v[r], tk_v[r], tp_v[r], gr_v[r] != 0, u_v[r]}, s);
+        out[r] = sample_row(base + r * vocab, vocab,
+                            Row{temp_v[r], tk_v[r], tp_v[r], gr_v[r] != 0, u_v[r], mp_v[r]}, s);
     }
   };
   if (x.scalar_type() == at::kFloat)

@@ -24,6 +24,8 @@ def torch_ids(logits: torch.Tensor, batch: SamplingBatch, u: torch.Tensor) -> to
     top, ids = x.max(dim=-1)
     bad = ~(torch.isfinite(top) & torch.isfinite(x.amin(dim=-1)))
     weights = x.sub_(top.unsqueeze(1)).div_(batch.temperature.unsqueeze(1)).exp_()
+    if batch.min_p is not None:
+        weights.masked_fill_(weights < batch.min_p.unsqueeze(1), 0.0)
     if batch.cuts:
         _cut_support(weights, batch)
     ids = torch.where(batch.greedy, ids, _inverse_cdf(weights, u))
@@ -33,7 +35,7 @@ def torch_ids(logits: torch.Tensor, batch: SamplingBatch, u: torch.Tensor) -> to
 def kernel_ids(kernel, logits: torch.Tensor, batch: SamplingBatch, u: torch.Tensor) -> torch.Tensor:
     if not batch.random_rows:  # an all-greedy batch carries no parameter tensors
         return kernel.sample_rows(logits)
-    return kernel.sample_rows(logits, batch.temperature, batch.top_k, batch.top_p, batch.greedy, u)
+    return kernel.sample_rows(logits, batch.temperature, batch.top_k, batch.top_p, batch.greedy, u, batch.min_p)
 
 
 def sweep(kernel, logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,14 +50,17 @@ def sweep(kernel, logits: torch.Tensor, params: list[SamplingParams]) -> tuple[t
 
 
 # One batch, every kind of row: greedy; temperature alone; top-k by the heap (k <= 128) and by the radix select
-# (k > 128), 1 and V - 1 included; top-p tight and wide; both cuts.
+# (k > 128), 1 and V - 1 included; top-p tight and wide; both cuts; min-p alone and with each of them.
 PARAMS = [SamplingParams(), SamplingParams(temperature=0.5), SamplingParams(temperature=1.7),
           SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.8, top_k=50),
           SamplingParams(temperature=1.0, top_k=128), SamplingParams(temperature=1.0, top_k=129),
           SamplingParams(temperature=1.2, top_k=1000), SamplingParams(temperature=1.0, top_k=2999),
           SamplingParams(temperature=0.8, top_p=0.1), SamplingParams(temperature=0.8, top_p=0.9),
           SamplingParams(temperature=1.0, top_p=0.99), SamplingParams(temperature=0.8, top_k=50, top_p=0.9),
-          SamplingParams(temperature=1.0, top_k=700, top_p=0.95)]
+          SamplingParams(temperature=1.0, top_k=700, top_p=0.95), SamplingParams(temperature=1.0, min_p=0.05),
+          SamplingParams(temperature=1.5, min_p=0.3), SamplingParams(temperature=1.0, min_p=0.1, top_k=40),
+          SamplingParams(temperature=1.0, min_p=0.02, top_k=500, top_p=0.9), SamplingParams(temperature=0.9, min_p=0.2,
+                                                                                         top_p=0.5)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -72,10 +77,11 @@ def test_ties_at_the_cut_stay_as_the_torch_path_keeps_them(kernel):
     """Integer logits tie everywhere: a top-k set keeps every token tied with its k-th, a nucleus every token tied
     with its last, for the heap, the radix select and the nucleus alike."""
     vocab = 2000
-    logits = torch.randint(-6, 7, (8, vocab), generator=torch.Generator().manual_seed(2)).float()
+    logits = torch.randint(-6, 7, (10, vocab), generator=torch.Generator().manual_seed(2)).float()
     params = [SamplingParams(temperature=1.0, top_k=k) for k in (1, 7, 128, 129, 500)] + \
              [SamplingParams(temperature=0.7, top_p=p) for p in (0.05, 0.5)] + \
-             [SamplingParams(temperature=0.7, top_k=300, top_p=0.5)]
+             [SamplingParams(temperature=0.7, top_k=300, top_p=0.5), SamplingParams(temperature=1.0, min_p=0.3),
+              SamplingParams(temperature=1.0, min_p=0.05, top_k=1000)]
     got, want = sweep(kernel, logits, params)
     assert torch.equal(got, want)
     top = logits[1].topk(7).values[-1]  # row 1 keeps its 7 largest and every tie with the 7th
@@ -135,6 +141,10 @@ def test_sample_batch_with_the_kernel_draws_as_the_torch_path_does(kernel):
     (lambda a: {**a, "temperature": torch.zeros(2)}, "temperature"),
     (lambda a: {**a, "top_p": torch.full((2,), 1.5)}, "top_p"),
     (lambda a: {**a, "u": None}, "every parameter, or none"),
+    (lambda a: {**a, "min_p": torch.full((2,), 1.5)}, "min_p"),
+    (lambda a: {**a, "min_p": torch.full((2,), float("nan"))}, "min_p"),
+    (lambda a: {**a, "min_p": torch.zeros(3)}, "one value per row"),
+    (lambda a: {"logits": a["logits"], "min_p": torch.zeros(2)}, "every parameter, or none"),
 ])
 def test_bad_arguments_raise_value_error(kernel, change, message):
     args = dict(logits=torch.randn(2, 10), temperature=torch.ones(2), top_k=torch.full((2,), 10),

@@ -78,6 +78,7 @@ def test_bench_forward_reports_positive_rates():
     (["generate", "--regex", "a(b", "hi"], "guide: the regex does not compile: Regex parsing error at position 4"),
     (["generate", "--json-schema", "@/nonexistent/schema.json", "hi"], "/nonexistent/schema.json: file not found"),
     (["generate", "--guide-after", "</think>", "hi"], "--guide-after: give a guide too"),
+    (["generate", "--temperature", "1", "--min-p", "1.5", "hi"], "min_p must be in [0, 1]"),
     (["generate", "--regex", "a", "--guide-after", "no such token", "hi"], "tokens of this model's vocabulary"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_traceback(args, message):

@@ -35,6 +35,9 @@ def sample(request):
     ({"temperature": float("nan")}, "temperature"),
     ({"temperature": 100.5}, "temperature"),
     ({"top_p": float("nan")}, "top_p"),
+    ({"min_p": -0.1}, "min_p"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"min_p": float("nan")}, "min_p"),
     ({"seed": 2 ** 64}, "seed"),
     ({"stop": ("a",) * 17}, "stop"),
     ({"stop": ("a" * 257,)}, "stop"),
@@ -58,8 +61,12 @@ def test_invalid_parameters_raise_value_error(kwargs, message):
 
 
 def reference_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution one row samples from, computed on its own: logits [V] -> probs [V]."""
+    """The distribution one row samples from, computed on its own: logits [V] -> probs [V]. vLLM's order: min-p
+    first (on the probabilities at the row's temperature), then top-k, then top-p over what is left."""
     scores = logits.double() / p.temperature
+    if p.min_p > 0.0:
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     if p.top_k and p.top_k < scores.numel():
         kth = torch.topk(scores, p.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -192,9 +199,10 @@ def test_inverse_cdf_picks_by_cumulative_weight_and_never_a_token_without_weight
     assert pick([1.0, 1.0]) == [3, 5]  # u = 1 exactly: still the last token with weight
 
 
-# Mixed rows in one batch: plain temperature, top-k, top-p, both, and a greedy row.
+# Mixed rows in one batch: plain temperature, top-k, top-p, both, min-p alone and with both, and a greedy row.
 MIXED = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
          SamplingParams(temperature=1.3, top_p=0.6), SamplingParams(temperature=1.0, top_k=5, top_p=0.8),
+         SamplingParams(temperature=1.0, min_p=0.2), SamplingParams(temperature=1.5, min_p=0.2, top_k=3, top_p=0.9),
          SamplingParams()]
 
 

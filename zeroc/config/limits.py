@@ -6,6 +6,7 @@ MAX_PENALTY = 2.0  # |frequency_penalty| and |presence_penalty|, OpenAI's range
 MAX_REPETITION_PENALTY = 10.0
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for each entry of logit_bias
 MAX_LOGIT_BIAS_TOKENS = 300
+MAX_STOP_TOKEN_IDS = 256
 MAX_GUIDE_CHARS = 65536  # a structured-output guide's JSON schema, regex, grammar or choices (zeroc.sampling.Guide)
 MAX_GUIDE_CHOICES = 256  # a choice guide's strings, each at most MAX_GUIDE_CHOICE_CHARS
 MAX_GUIDE_CHOICE_CHARS = 1024

@@ -106,10 +106,11 @@ class Gateway:
             log.debug("request user", extra={"user": req.user[:64]})
         return {"max_tokens": req.max_completion_tokens or req.max_tokens or default_max,
                 "temperature": req.temperature if req.temperature is not None else 1.0,
-                "top_p": req.top_p if req.top_p is not None else 1.0,
+                "top_p": req.top_p if req.top_p is not None else 1.0, "min_p": req.min_p or 0.0,
                 "top_k": max(0, req.top_k or 0),
                 "seed": None if req.seed is None else req.seed % 2**64,
-                "stop": req.stop_list(), "ignore_eos": req.ignore_eos, "model": self.card.name,
+                "stop": req.stop_list(), "stop_token_ids": req.stop_token_ids or [], "ignore_eos": req.ignore_eos,
+                "model": self.card.name,
                 "logprobs": req.logprobs_wanted(), "frequency_penalty": req.frequency_penalty or 0.0,
                 "presence_penalty": req.presence_penalty or 0.0, "repetition_penalty": req.repetition_penalty or 1.0,
                 "logit_bias": req.bias(), "guide": req.guide(), "skip_special_tokens": req.skip_special_tokens}

@@ -12,14 +12,14 @@ own completions stop at 5).
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeroc.gateway.errors import APIError, quote
 from zeroc.gateway.tools import ToolCalls, plan_tool_calls
 from zeroc.config.limits import (MAX_GUIDE_CHARS, MAX_GUIDE_CHOICE_CHARS, MAX_GUIDE_CHOICES, MAX_LOGIT_BIAS,
-                                 MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY)
+                                 MAX_LOGPROBS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_STOP_TOKEN_IDS)
 
 _U32 = 2**32 - 1
 MAX_CHOICES = 16  # `n`: each choice is a decode call of its own
@@ -99,6 +99,7 @@ class _Sampling(_Body):
     max_tokens: int | None = Field(None, ge=1, le=_U32)
     temperature: float | None = Field(None, ge=0.0, le=100.0)  # OpenAI documents [0, 2]; the service takes 100
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's extension
     top_k: int | None = Field(None, ge=-1, le=_U32)  # -1 (vLLM's spelling) or 0: no cut
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
@@ -107,6 +108,7 @@ class _Sampling(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=512)
     ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=_U32)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True  # vLLM's extension: False keeps special tokens' text
     return_token_ids: bool = False
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)

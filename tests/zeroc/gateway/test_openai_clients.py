@@ -239,6 +239,23 @@ def test_penalties_and_logit_bias_reach_the_decode_services(api, sdk):
     assert got.choices[0].text == sdk.generate(PROMPT, max_tokens=16, temperature=0.0, logit_bias={banned: -100}).text
 
 
+def test_min_p_and_stop_token_ids_reach_the_decode_services(api, sdk):
+    """vLLM's min_p and stop_token_ids: a seeded min-p request gives the SDK's tokens (tests/zeroc/test_sampling.py
+    checks the distribution), a stop token id ends the text before it."""
+    kw = dict(max_tokens=24, temperature=1.5, seed=5)
+    want = sdk.generate(PROMPT, min_p=0.3, **kw)
+    got = api.completions.create(model="zeroc-tiny", prompt=PROMPT, extra_body={"min_p": 0.3}, **kw)
+    assert got.choices[0].text == want.text != sdk.generate(PROMPT, **kw).text
+    plain = sdk.generate(PROMPT, max_tokens=16, temperature=0.0)
+    stop = plain.token_ids[3]
+    cut = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=16, temperature=0,
+                                 extra_body={"stop_token_ids": [stop], "return_token_ids": True})
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].model_extra["token_ids"] == plain.token_ids[: plain.token_ids.index(stop) + 1]
+    with pytest.raises(openai.BadRequestError):
+        api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=2, extra_body={"min_p": 1.5})
+
+
 def test_special_tokens_text_is_kept_only_when_asked(api, sdk):
     """vLLM's `skip_special_tokens`: the EOS token, forced by logit bias past ignore_eos, adds its text only with
     false, through the gateway as through the SDK."""
