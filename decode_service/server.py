@@ -73,7 +73,8 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_new_tokens=s.max_tokens or SamplingParams.max_new_tokens, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p or 1.0, min_p=s.min_p, seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
+        stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, min_tokens=s.min_tokens,
+        include_stop_str_in_output=s.include_stop_str_in_output,
         logprobs=s.logprobs if s.HasField("logprobs") else None, frequency_penalty=s.frequency_penalty,
         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         presence_penalty=s.presence_penalty, repetition_penalty=s.repetition_penalty or 1.0,

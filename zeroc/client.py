@@ -188,7 +188,8 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
                   logprobs: int | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                   repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
                   prompt_logprobs: int | None = None, guide: dict | None = None,
-                  skip_special_tokens: bool = True) -> pb.GenerateRequest:
+                  skip_special_tokens: bool = True, min_tokens: int = 0,
+                  include_stop_str_in_output: bool = False) -> pb.GenerateRequest:
     """`logprobs`: None for none; n to get each token's log-probability and the n most likely tokens' (0-20).
     `prompt_logprobs`: the same for each prompt token from the second on (the request reuses no cached prefix).
     `guide`: structured output, one of {"json_object": True}, {"json_schema": schema (a dict or JSON text)},
@@ -198,7 +199,9 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
     protos/zeroc/v1/generation.proto's SamplingParams."""
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, stop=list(stop), stop_token_ids=list(stop_token_ids),
-                                 ignore_eos=ignore_eos, frequency_penalty=frequency_penalty,
+                                 ignore_eos=ignore_eos, min_tokens=min_tokens,
+                                 include_stop_str_in_output=include_stop_str_in_output,
+                                 frequency_penalty=frequency_penalty,
                                  presence_penalty=presence_penalty, repetition_penalty=repetition_penalty,
                                  logit_bias=logit_bias or {})
     if seed is not None:

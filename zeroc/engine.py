@@ -39,7 +39,7 @@ from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import layer_shapes
 from zeroc.loader import LoadedModel
 from zeroc.model import compile_feed_forward
-from zeroc.penalties import PenaltyState
+from zeroc.penalties import PenaltyBatch, PenaltyState, ban_tokens
 from zeroc.prompt_logprobs import PromptLogprobs, PromptRows
 from zeroc.sampling import (FAILED, SamplingBatch, SamplingParams, TokenLogprobs, make_generator, read_logprobs,
                             sample_batch, with_logprobs)
@@ -335,13 +335,10 @@ class Engine:
             sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device, self._sampling)
             self._sampling = sampling  # the next step's, where its rows sample alike (no copy then)
             penalties = self._penalties(rows, params)
-            scores = logits if penalties is None else self.penalties.apply(logits, penalties)  # [B, vocab]
             k = max([p.logprobs for p in params if p.logprobs is not None] + ([scoring.k] if scoring else []),
                     default=None)
             guided = [s.matcher is not None and id(s) in samples for s in rows]  # waiting for `after` or not
-            matchers = [s.matcher if g and s.guide_after is None else None for s, g in zip(rows, guided)]
-            # structured output: what a guide forbids, out of reach; in place unless log-probabilities read logits
-            scores = self.guides.mask(scores, matchers, copy=scores is logits and k is not None)
+            scores = self._scores(logits, rows, samples, penalties, guided, keep_logits=k is not None)
             sampled = sample_batch(scores, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
             if penalties is not None:
                 self.penalties.record(penalties, sampled)  # the next step's penalties see this token
@@ -419,6 +416,20 @@ class Engine:
         return self.model.forward_paged(tokens, batch.positions, batch, self.cache,
                                         logits_indices=last if scoring is None else scoring.logits_indices(last))
 
+    def _scores(self, logits: Tensor, rows: list[Sequence], samples: set[int], penalties: PenaltyBatch | None,
+                guided: list[bool], keep_logits: bool) -> Tensor:
+        """What a step samples from: logits [B, vocab] after the penalties, the stop tokens of rows short of their
+        min_tokens out of reach, then each guide's mask. The logits themselves change only where nothing reads them
+        after sampling (`keep_logits` False: no log-probabilities asked)."""
+        scores = logits if penalties is None else self.penalties.apply(logits, penalties)  # [B, vocab]
+        own = scores is not logits or not keep_logits  # may change in place
+        short = [(i, s.stop_ids) for i, s in enumerate(rows)
+                 if id(s) in samples and s.stop_ids and len(s.output_ids) + s.pending < s.params.min_tokens]
+        if short:
+            scores, own = ban_tokens(scores if own else scores.clone(), short), True
+        matchers = [s.matcher if g and s.guide_after is None else None for s, g in zip(rows, guided)]
+        return self.guides.mask(scores, matchers, copy=not own)  # structured output: what a guide forbids
+
     def _fail(self, seq: Sequence, why: str = "the model's logits for this sequence are not finite (NaN or inf)"
               ) -> StepOutput:
         """Finish one sequence that cannot go on; the rest of its batch carries on."""
@@ -442,10 +453,13 @@ class Engine:
         else:
             seq.detok.add([token])
         text = seq.detok.text
-        if p.stop:  # searched from where a match could still begin: text earlier tokens searched holds none
-            hits = [i for i in (text.find(s, max(0, searched - len(s) + 1)) for s in p.stop) if i != -1]
+        # searched from where a match could still begin (text earlier tokens searched holds none); not before
+        # min_tokens, as vLLM
+        if p.stop and len(seq.output_ids) >= p.min_tokens:
+            hits = [(i, i + len(s)) for s in p.stop if (i := text.find(s, max(0, searched - len(s) + 1))) != -1]
             if hits:
-                text, reason = text[: min(hits)], "stop"
+                start, end = min(hits)
+                text, reason = text[: end if p.include_stop_str_in_output else start], "stop"
         if reason is None and (len(seq.output_ids) >= p.max_new_tokens
                                or seq.num_tokens >= self.model_config.max_position_embeddings):
             reason = "length"

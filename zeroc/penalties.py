@@ -13,17 +13,31 @@ stay for log-probabilities):
   its logit divided by r where positive, multiplied by r where not;
 - frequency f and presence p (OpenAI's, in [-2, 2]; 0 is none): a token's logit loses f times its count in
   the output, and p once it occurs there at all.
+`ban_tokens` puts a request's stop tokens out of reach until it has its `min_tokens` (vLLM's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import Tensor
 
 from zeroc.device import host_to_device
 from zeroc.sampling import SamplingParams
+
+
+def ban_tokens(scores: Tensor, bans: list[tuple[int, Iterable[int]]]) -> Tensor:
+    """scores [B, V], changed in place and returned: each (row, token ids) to the dtype's lowest finite score, whose
+    weight is 0 (not -inf, which the samplers read as a broken row). Ids past V are none of the model's: skipped.
+    One small host-to-device copy, no sync."""
+    vocab = scores.shape[1]
+    pairs = [(row, t) for row, ids in bans for t in ids if 0 <= t < vocab]
+    if pairs:
+        at = host_to_device([[row for row, _ in pairs], [t for _, t in pairs]], torch.int64, scores.device)  # [2, n]
+        scores[at[0], at[1]] = torch.finfo(scores.dtype).min
+    return scores
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings; the text returned ends before the first match
     ignore_eos: bool = False
+    min_tokens: int = 0  # tokens generated before a stop token or string may end the text (vLLM's)
+    include_stop_str_in_output: bool = False  # the text returned ends after the first stop string, not before
     # None: no log-probabilities; n >= 0: each generated token's, and the n most likely tokens' at its position
     logprobs: int | None = None
     # None: none; n >= 0: each prompt token's log-probability given the tokens before it (from the second token
@@ -153,6 +155,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and not 0 <= self.seed < 2 ** 64:
             raise ValueError(f"seed must be in [0, 2^64), got {self.seed!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_new_tokens], got {self.min_tokens!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
         if any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):

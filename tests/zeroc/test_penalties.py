@@ -24,11 +24,15 @@ def model(request):
     return load_model(BUNDLED_MODEL, attention_backend=request.param)
 
 
-def _alone(model, params, prompt=PROMPT, **sched):
+def _result(model, params, prompt=PROMPT, **sched):
     engine = Engine(model, CacheConfig(16, 256), SchedulerConfig(**sched))
     out = engine.generate([prompt], params)[0]
     assert not engine.penalties.slot, "a finished request kept its slot"
-    return out.token_ids
+    return out
+
+
+def _alone(model, params, prompt=PROMPT, **sched):
+    return _result(model, params, prompt, **sched).token_ids
 
 
 def test_repetition_penalty_is_hugging_faces(model, hf_model_of):
@@ -104,3 +108,34 @@ def test_every_step_with_penalties_reads_the_host_once(model):
             engine.step()
         reads.append(n[0])
     assert set(reads) == {1} and not engine.penalties.slot
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_min_tokens_keeps_the_stop_tokens_out_of_reach_until_then(model, ahead):
+    """vLLM's min_tokens: EOS, pushed to the top by logit bias, ends the text at the first step it may, not
+    before, whether or not steps run ahead (their tokens count while still in flight); the stop token ids too."""
+    eos = model.config.eos_token_ids[0]
+    forced = SamplingParams(max_new_tokens=12, logit_bias={eos: 100.0}, min_tokens=5)
+    out = _result(model, forced, async_scheduling=ahead)
+    assert out.finish_reason == "stop" and len(out.token_ids) == 6 and out.token_ids[-1] == eos
+    assert eos not in out.token_ids[:5]
+    free = _alone(model, SamplingParams(max_new_tokens=8), async_scheduling=ahead)
+    stop_id = free[1]  # the second greedy token, as a stop token id: honoured from the fourth token on
+    out = _result(model, SamplingParams(max_new_tokens=8, stop_token_ids=(stop_id,), min_tokens=3),
+                 async_scheduling=ahead)
+    assert stop_id not in out.token_ids[:3] and out.token_ids[:1] == free[:1]
+    assert out.finish_reason == "length" or out.token_ids[-1] == stop_id
+
+
+def test_stop_strings_wait_for_min_tokens_and_may_stay_in_the_text(model):
+    free = _result(model, SamplingParams(max_new_tokens=16))
+    stop = free.text[:3]  # found in the first tokens' text
+    cut = _result(model, SamplingParams(max_new_tokens=16, stop=(stop,)))
+    assert cut.finish_reason == "stop" and cut.text == ""
+    kept = _result(model, SamplingParams(max_new_tokens=16, stop=(stop,), include_stop_str_in_output=True))
+    assert kept.finish_reason == "stop" and kept.text == stop
+    late = _result(model, SamplingParams(max_new_tokens=16, stop=(stop,), min_tokens=4))
+    assert late.token_ids[:4] == free.token_ids[:4]  # the early match ended nothing
+    assert late.finish_reason == "length" or stop in free.text[3:] + late.text
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_new_tokens=4, min_tokens=5)

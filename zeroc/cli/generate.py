@@ -53,7 +53,7 @@ def _sampling(args: argparse.Namespace) -> dict:
     """The sampling options both ways take under the same names (`SamplingParams`, `Client.stream`), but the guide
     (each way's own type)."""
     return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-            "seed": args.seed,
+            "seed": args.seed, "min_tokens": args.min_tokens,
             "stop": tuple(args.stop or ()), "logprobs": args.logprobs, "frequency_penalty": args.frequency_penalty,
             "presence_penalty": args.presence_penalty, "repetition_penalty": args.repetition_penalty,
             "prompt_logprobs": args.prompt_logprobs}
@@ -144,6 +144,7 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-tokens", type=int, default=0, help="tokens before a stop token or string may end it")
     p.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this times the most likely one's "
                                                             "probability, in [0, 1]; 0: no cut")
     p.add_argument("--seed", type=int, default=None)

@@ -110,6 +110,8 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Field(ge=0, le=_U32)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True  # vLLM's extension: False keeps special tokens' text
+    min_tokens: int | None = Field(None, ge=0, le=_U32)  # vLLM's extensions
+    include_stop_str_in_output: bool = False
     return_token_ids: bool = False
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
@@ -121,8 +123,15 @@ class _Sampling(_Body):
     guided_regex: str | None = _GuideText
     guided_choice: list[str] | None = Field(None, min_length=1, max_length=MAX_GUIDE_CHOICES)
     guided_grammar: str | None = _GuideText
-    # Known fields the services cannot honour: only their neutral values pass (see `unsupported`).
+    # Known fields the services cannot honour: only their neutral values pass (see `unsupported`), so a client that
+    # relies on one hears so instead of getting an answer made without it.
     best_of: int | None = None
+    use_beam_search: bool = False  # vLLM's extensions, from here on
+    bad_words: list[Any] | None = None
+    allowed_token_ids: list[Any] | None = None
+    truncate_prompt_tokens: int | None = None
+    spaces_between_special_tokens: bool = True
+    logits_processors: list[Any] | None = None
 
     def guide(self) -> dict | None:
         """The structured-output guide the SDK sends (zeroc.client.build_request's `guide`), from response_format,
@@ -162,10 +171,11 @@ class _Sampling(_Body):
 
     def unsupported(self) -> list[tuple[str, object]]:
         """(field, value) of every set field the services cannot honour."""
-        out = []
-        if self.best_of not in (None, 1):
-            out.append(("best_of", self.best_of))
-        return out
+        out = [("best_of", self.best_of)] if self.best_of not in (None, 1) else []
+        neutral = {"use_beam_search": False, "bad_words": None, "allowed_token_ids": None,
+                   "truncate_prompt_tokens": None, "spaces_between_special_tokens": True, "logits_processors": None}
+        return out + [(name, getattr(self, name)) for name, value in neutral.items()
+                      if getattr(self, name) not in (value, [])]
 
 
 class CompletionRequest(_Sampling):

@@ -46,6 +46,13 @@ def assert_error(status: int, body, want_status: int, *words: str, code: str | N
     ({"prompt": [1, 99999]}, 400, ["outside"], None),  # from the decode service: INVALID_ARGUMENT
     ({"prompt": "", "max_tokens": 1}, 400, ["empty"], "prompt"),
     ({"prompt": "x", "stop": [""]}, 400, ["stop"], "stop"),
+    ({"prompt": "x", "min_p": 2}, 400, ["min_p"], "min_p"),
+    ({"prompt": "x", "stop_token_ids": [-1]}, 400, ["stop_token_ids"], "stop_token_ids.0"),
+    ({"prompt": "x", "use_beam_search": True}, 400, ["use_beam_search", "not supported"], "use_beam_search"),
+    ({"prompt": "x", "bad_words": ["no"]}, 400, ["bad_words", "not supported"], "bad_words"),
+    ({"prompt": "x", "allowed_token_ids": [5]}, 400, ["allowed_token_ids", "not supported"], "allowed_token_ids"),
+    ({"prompt": "x", "truncate_prompt_tokens": 8}, 400, ["truncate_prompt_tokens", "not supported"],
+     "truncate_prompt_tokens"),
 ])
 def test_invalid_completion_bodies_are_400(gateway, body, status, words, param):
     got_status, got = gateway.post("/v1/completions", body)
@@ -119,7 +126,8 @@ def _mutations(rng: random.Random):
     fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
               "top_k", "seed", "stop", "n", "stream", "stream_options", "user", "logprobs", "echo", "best_of",
               "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos",
-              "response_format", "tools", "unknown_field", "top_logprobs"]
+              "response_format", "tools", "unknown_field", "top_logprobs", "min_p", "min_tokens", "stop_token_ids",
+              "skip_special_tokens", "include_stop_str_in_output", "chat_template_kwargs", "use_beam_search"]
     while True:
         # Two length fields, so one corrupted byte cannot leave a valid chat without a limit.
         base = rng.choice([{"prompt": "hi", "max_tokens": 2, "max_completion_tokens": 2},

@@ -239,9 +239,10 @@ def test_penalties_and_logit_bias_reach_the_decode_services(api, sdk):
     assert got.choices[0].text == sdk.generate(PROMPT, max_tokens=16, temperature=0.0, logit_bias={banned: -100}).text
 
 
-def test_min_p_and_stop_token_ids_reach_the_decode_services(api, sdk):
-    """vLLM's min_p and stop_token_ids: a seeded min-p request gives the SDK's tokens (tests/zeroc/test_sampling.py
-    checks the distribution), a stop token id ends the text before it."""
+def test_min_p_stop_token_ids_and_min_tokens_reach_the_decode_services(api, sdk):
+    """vLLM's min_p, stop_token_ids, min_tokens and include_stop_str_in_output: a seeded min-p request gives the
+    SDK's tokens (tests/zeroc/test_sampling.py checks the distribution), a stop token id ends the text before it,
+    EOS waits for min_tokens, a stop string stays in the text when asked."""
     kw = dict(max_tokens=24, temperature=1.5, seed=5)
     want = sdk.generate(PROMPT, min_p=0.3, **kw)
     got = api.completions.create(model="zeroc-tiny", prompt=PROMPT, extra_body={"min_p": 0.3}, **kw)
@@ -252,8 +253,16 @@ def test_min_p_and_stop_token_ids_reach_the_decode_services(api, sdk):
                                  extra_body={"stop_token_ids": [stop], "return_token_ids": True})
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].model_extra["token_ids"] == plain.token_ids[: plain.token_ids.index(stop) + 1]
-    with pytest.raises(openai.BadRequestError):
-        api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=2, extra_body={"min_p": 1.5})
+    forced = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=8, temperature=0,
+                                    logit_bias={"1": 100}, extra_body={"min_tokens": 3})  # 1: </s>, at the top
+    assert forced.choices[0].finish_reason == "stop" and forced.usage.completion_tokens == 4
+    stop = plain.text[2:5]
+    kept = api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
+                                  extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == plain.text[: plain.text.index(stop) + len(stop)]
+    for bad in ({"min_p": 1.5}, {"min_tokens": 3}):  # min_tokens past max_tokens
+        with pytest.raises(openai.BadRequestError):
+            api.completions.create(model="zeroc-tiny", prompt=PROMPT, max_tokens=2, extra_body=bad)
 
 
 def test_special_tokens_text_is_kept_only_when_asked(api, sdk):
