@@ -22,7 +22,7 @@ from zeroc.config import BUNDLED_MODEL, ConfigError, ZeroCConfig, ZeroCError
 log = logging.getLogger(__name__)
 LOOPS = ("auto", "asyncio", "uvloop")
 # zeroc/gateway/tool_parsers.py's PARSERS (not imported: this stays light)
-TOOL_PARSERS = ("hermes", "llama3_json", "mistral")
+TOOL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # zeroc/gateway/reasoning.py's, likewise
 HTTP_IMPLEMENTATIONS = ("auto", "h11", "httptools")
 

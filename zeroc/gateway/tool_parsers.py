@@ -11,6 +11,7 @@ class per syntax, in PARSERS:
   (tokenizers before v11) or `name{...}` per `[TOOL_CALLS]` (v11 on; `name[ARGS]{...}` in v13). Those markers are
   special tokens, which the decode service leaves out of the text unless asked: the gateway asks (the request's
   `skip_special_tokens` false), as vLLM does.
+- `pythonic` (Llama 3.2, Llama 4): the whole answer is a Python list of calls, `[get_weather(city="Paris")]`.
 A text whose calls do not parse is plain content: a model may mention the syntax without calling anything.
 
 Streamed, `split` says how much of the text so far is surely content (sent at once) and where calls begin (held
@@ -19,6 +20,7 @@ from there, parsed once the text is whole).
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass
@@ -132,5 +134,43 @@ class Llama3Json:
         return (0, True) if head.startswith(("{", self.tag)) else (len(text), False)
 
 
-Parser = Hermes | Llama3Json | Mistral
-PARSERS: dict[str, Parser] = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral()}
+@dataclass(frozen=True)
+class Pythonic:
+    """A Python list of calls with keyword arguments, `[get_weather(city="Paris"), now()]` (Llama 3.2 and 4), the
+    whole answer. Read with `ast.parse` (nothing is evaluated): each argument must be a literal (strings, numbers,
+    booleans, None, lists, dicts), which becomes JSON."""
+
+    keeps_special_tokens: ClassVar[bool] = False  # Llama 4's <|python_start|> is special, dropped: read without it
+
+    def parse(self, text: str) -> tuple[str, list[Call]] | None:
+        body = text.strip()
+        if not (body.startswith("[") and body.endswith("]")):
+            return None
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return None
+            calls = [self._call(node) for node in tree.elts]
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+            return None
+        return ("", calls) if None not in calls else None
+
+    @staticmethod
+    def _call(node: ast.expr) -> Call | None:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            return None
+        if any(k.arg is None for k in node.keywords):  # **kwargs
+            return None
+        args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        return node.func.id, json.dumps(args, ensure_ascii=False)  # TypeError: a literal JSON cannot hold (a set)
+
+    def split(self, text: str) -> tuple[int, bool]:
+        head = text.lstrip()
+        if not head:
+            return 0, False  # undecided
+        return (0, True) if head.startswith("[") else (len(text), False)
+
+
+Parser = Hermes | Llama3Json | Mistral | Pythonic
+PARSERS: dict[str, Parser] = {"hermes": Hermes(), "llama3_json": Llama3Json(), "mistral": Mistral(),
+                              "pythonic": Pythonic()}

@@ -29,7 +29,7 @@ def test_auto_takes_the_fast_implementations_when_installed():
 def test_the_tool_call_parser_is_one_the_gateway_has():
     assert GatewaySettings.from_env({"ZEROC_GATEWAY_TOOL_CALL_PARSER": "hermes"}).tool_call_parser == "hermes"
     assert GatewaySettings().tool_call_parser == ""
-    with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json, mistral"):
+    with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json, mistral, pythonic"):
         GatewaySettings(tool_call_parser="xml")
     assert set(TOOL_PARSERS) == set(PARSERS)  # the flag's choices, kept without importing the parsers
 

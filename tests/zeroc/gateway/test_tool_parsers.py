@@ -42,6 +42,20 @@ TEXTS = {  # parser -> [(text, (content, [(name, arguments)]) or None for plain 
         ("It is [TOOL_CALLS] not json", None),
         ("No call [TOOL here.", None),
     ],
+    "pythonic": [
+        ('[get_weather(city="Paris; France", unit="C"), now()]',
+         ("", [("get_weather", '{"city": "Paris; France", "unit": "C"}'), ("now", "{}")])),
+        (' [search(query="a, b]", limit=3, exact=True, tags=["x", None], where={"lat": 1.5})]',
+         ("", [("search", '{"query": "a, b]", "limit": 3, "exact": true, "tags": ["x", null], '
+                          '"where": {"lat": 1.5}}')])),
+        ("[1, 2, 3]", None),  # a list, but of no calls
+        ('[os.system("rm -rf /")]', None),  # not a plain name: never a call, never evaluated
+        ("[f(x)]", None),  # a positional argument
+        ("[f(x=open('/etc/passwd'))]", None),  # an argument that is no literal
+        ("[f(x={1, 2})]", None),  # a literal JSON cannot hold
+        ("Sure: [f(x=1)]", None),  # not the whole answer
+        ("[" * 5000 + "]" * 5000, None),  # nested past the parser's limit
+    ],
 }
 CASES = [(name, text, want) for name, texts in TEXTS.items() for text, want in texts]
 

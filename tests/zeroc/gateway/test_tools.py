@@ -155,3 +155,17 @@ def test_mistral_calls_are_read_with_the_special_tokens_kept(services):
         plain = api.chat.completions.create(model="zeroc-tiny", messages=MESSAGES, max_tokens=2, temperature=0,
                                             logit_bias={"1": 100}, extra_body={"ignore_eos": True})
         assert plain.choices[0].message.content == ""  # no tools: the default, as in vLLM
+
+
+def test_pythonic_calls_are_read_from_a_python_list_plain_and_streamed(services):
+    """`--tool-call-parser pythonic` (Llama 3.2 and 4): the answer `[get_weather(city="Paris", unit="C")]`, steered
+    by a regex guide, is one call, whole and streamed."""
+    steer = {"structured_outputs": {"regex": r'\[get_weather\(city="Paris", unit="C"\)\]'}}
+    with openai_on_gateway(services.decode, "--tool-call-parser", "pythonic") as api:
+        got = _ask(api, extra_body=steer).choices[0]
+        [call] = _calls(got.message)
+        assert (call["name"], json.loads(call["arguments"])) == ("get_weather", {"city": "Paris", "unit": "C"})
+        assert got.message.content is None and got.finish_reason == "tool_calls"
+        calls, finish = _streamed(_ask(api, stream=True, extra_body=steer))
+        assert [(c["name"], c["arguments"]) for c in calls] == [(call["name"], call["arguments"])]
+        assert finish == "tool_calls"
