@@ -51,6 +51,11 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The vocabulary's own spelling of each id ("Ġthe", "▁the", "<0xE6>"), as transformers'
+        convert_ids_to_tokens gives it; "" for an id it does not know."""
+        return [self.backend.id_to_token(t) or "" for t in ids]
+
     def token_text(self, token_id: int) -> str:
         """One token's text as it would print on its own (U+FFFD where it holds part of a character)."""
         return self.backend.decode([token_id], skip_special_tokens=False)

@@ -31,7 +31,7 @@ from zeroc.gateway.echo import Echo, wrap_all
 from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.reasoning import REASONING_PARSERS, Reasoning
 from zeroc.gateway.replicas import Replicas, finish
-from zeroc.gateway.schemas import ChatRequest, CompletionRequest, parse_body
+from zeroc.gateway.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
 from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
 from zeroc.metrics import ServiceMetrics
 from zeroc.tokenizer import Tokenizer
@@ -198,6 +198,34 @@ class Gateway:
         first, stream = opened[0]
         return EventStream(_events(reply, first, stream, include_usage), headers=headers, close=stream.aclose)
 
+    async def tokenize(self, request: Request) -> JSONResponse:
+        """vLLM's /tokenize: what the model reads of a prompt, or of a chat through its template."""
+        req = await self._body(request, TokenizeRequest)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        text, special = req.prompt, req.add_special_tokens is not False
+        if req.messages is not None:
+            if self.card.template is None:
+                raise APIError(400, f"the model {self.card.name!r} has no chat template", param="messages")
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+            text = self.card.template.render([m.as_template_input(i) for i, m in enumerate(req.messages)],
+                                             req.add_generation_prompt, tools, req.chat_template_kwargs)
+            special = bool(req.add_special_tokens)
+        tok = self.card.tokenizer
+        ids = await asyncio.to_thread(tok.encode, text, special)  # up to the body's size: off the event loop
+        return JSONResponse({"count": len(ids), "max_model_len": self.card.max_context, "tokens": ids,
+                             "token_strs": tok.pieces(ids) if req.return_token_strs else None})
+
+    async def detokenize(self, request: Request) -> JSONResponse:
+        """vLLM's /detokenize: the text of token ids (special tokens' too); 400 for an id past the vocabulary."""
+        req = await self._body(request, DetokenizeRequest)
+        vocab = self.card.tokenizer.vocab_size
+        bad = next((t for t in req.tokens if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        text = await asyncio.to_thread(self.card.tokenizer.decode, req.tokens, False)
+        return JSONResponse({"prompt": text})
+
     async def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.card.name, "object": "model", "created": self.started,
                                             "owned_by": "zeroc", "max_model_len": self.card.max_context}]}
@@ -278,6 +306,8 @@ def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max
     app.add_api_route("/v1/completions", gw.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", gw.chat, methods=["POST"])
     app.add_api_route("/v1/models", gw.models, methods=["GET"])
+    app.add_api_route("/tokenize", gw.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", gw.detokenize, methods=["POST"])
     app.add_api_route("/health", gw.health, methods=["GET"])
     app.state.gateway = gw
     return app

@@ -302,7 +302,33 @@ class ChatRequest(_Sampling):
         return self.top_logprobs or 0
 
 
-def parse_body(raw: bytes, model: type[_Sampling]) -> _Sampling:
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt's token ids, or a chat's through the model's template (exactly one of the two)."""
+
+    model: str | None = Field(None, max_length=512)
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1, max_length=4096)
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template's own)
+    add_generation_prompt: bool = True
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=64)
+    return_token_strs: bool = False
+
+    def unsupported(self) -> list[tuple[str, object]]:
+        return []
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's /detokenize: token ids' text."""
+
+    model: str | None = Field(None, max_length=512)
+    tokens: list[Annotated[int, Field(ge=0, le=_U32)]] = Field(..., max_length=1 << 20)
+
+    def unsupported(self) -> list[tuple[str, object]]:
+        return []
+
+
+def parse_body(raw: bytes, model: type[_Body]) -> _Body:
     """Parse and check a request body. Raises APIError (400) naming the field at fault."""
     try:
         data = json.loads(raw)
