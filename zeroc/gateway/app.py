@@ -296,10 +296,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max_body_bytes: int,
-               metrics: ServiceMetrics | None = None) -> FastAPI:
-    """The app; `metrics`: where its series go (the caller serves them, see zeroc.metrics)."""
+               metrics: ServiceMetrics | None = None, routing: str = "round_robin") -> FastAPI:
+    """The app; `metrics`: where its series go (the caller serves them, see zeroc.metrics); `routing`: how a call
+    picks its decode service (zeroc/gateway/replicas.py)."""
     metrics = metrics or ServiceMetrics()
-    gw = Gateway(card, lambda: Replicas(targets, timeout_s, metrics=metrics), max_body_bytes)
+    gw = Gateway(card, lambda: Replicas(targets, timeout_s, metrics=metrics, routing=routing), max_body_bytes)
     app = FastAPI(title="ZeroC gateway", description="OpenAI-compatible API over the ZeroC decode services",
                   lifespan=gw.lifespan)
     install_error_handlers(app)

@@ -24,6 +24,7 @@ LOOPS = ("auto", "asyncio", "uvloop")
 # zeroc/gateway/tool_parsers.py's PARSERS (not imported: this stays light)
 TOOL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # zeroc/gateway/reasoning.py's, likewise
+ROUTINGS = ("round_robin", "prefix")  # zeroc/gateway/replicas.py's, likewise
 HTTP_IMPLEMENTATIONS = ("auto", "h11", "httptools")
 
 
@@ -32,7 +33,9 @@ class GatewaySettings:
     """Every field has a ``ZEROC_GATEWAY_<FIELD>`` environment equivalent (targets comma-separated);
     the model directory is ``ZEROC_MODEL_DIR``, as for the services."""
 
-    targets: tuple[str, ...] = ("127.0.0.1:50051",)  # decode services, taken round-robin
+    targets: tuple[str, ...] = ("127.0.0.1:50051",)  # decode services
+    # how a call picks its decode service: in turn, or by its prompt's prefix (zeroc/gateway/replicas.py)
+    routing: str = "round_robin"
     host: str = "127.0.0.1"
     port: int = 8000  # 0 picks a free port (printed)
     model_dir: str = str(BUNDLED_MODEL)
@@ -62,6 +65,8 @@ class GatewaySettings:
         if self.tool_call_parser and self.tool_call_parser not in TOOL_PARSERS:
             raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got "
                              f"{self.tool_call_parser!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if self.reasoning_parser and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got "
                              f"{self.reasoning_parser!r}")
@@ -107,6 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
                    help="the model's tool-call syntax, which tool_choice \"auto\" needs (env "
                         "ZEROC_GATEWAY_TOOL_CALL_PARSER; default: none, and \"auto\" is refused)")
+    p.add_argument("--routing", choices=ROUTINGS, default=None,
+                   help="how a call picks its decode service: round_robin, or prefix (requests sharing a prompt "
+                        "prefix go to the replica holding its KV; env ZEROC_GATEWAY_ROUTING; default round_robin)")
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="the model's thinking syntax: its <think> block is returned as reasoning_content, apart "
                         "from the content (env ZEROC_GATEWAY_REASONING_PARSER; default: none)")
@@ -117,7 +125,7 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
                                     port=args.port, model_dir=args.model, timeout_s=args.timeout_s,
                                     max_body_mb=args.max_body_mb, grace_s=args.grace_s, loop=args.loop,
                                     http=args.http, tool_call_parser=args.tool_call_parser,
-                                    reasoning_parser=args.reasoning_parser)
+                                    reasoning_parser=args.reasoning_parser, routing=args.routing)
 
 
 def model_card(model_dir: str | Path, tool_parser: str = "", reasoning_parser: str = ""):
@@ -184,12 +192,13 @@ def run(args: argparse.Namespace) -> int:
     metrics = ServiceMetrics()
     metrics_server = serve_metrics(metrics, settings.host, metrics_port)
     app = create_app(card, list(settings.targets), settings.timeout_s, int(settings.max_body_mb * (1 << 20)),
-                     metrics)
+                     metrics, settings.routing)
     config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.grace_s), timeout_keep_alive=30)
     print(f"gateway listening on {host}:{port}", flush=True)
     log.info("serving", extra={"service": "gateway", "address": f"{host}:{port}", "model": card.name,
-                               "targets": list(settings.targets), "chat_template": card.template is not None,
+                               "targets": list(settings.targets), "routing": settings.routing,
+                               "chat_template": card.template is not None,
                                "loop": loop, "http": http})
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -1,15 +1,22 @@
-"""The decode services behind the gateway: one SDK client each, taken round-robin.
+"""The decode services behind the gateway: one SDK client each, taken round-robin or by prompt prefix.
 
+`routing` picks each call's order of replicas:
+- "round_robin": the next one in turn;
+- "prefix": the prompt's first PREFIX_TOKENS token ids (or PREFIX_CHARS characters of a text prompt) rank the
+  replicas by rendezvous hashing, so requests that share a prefix (a system prompt, few-shot examples) go to the
+  replica that already holds its KV blocks rather than fetch them from a peer or compute them again (SGLang's
+  router and Dynamo's route on the same idea); a replica more than `slack` calls busier than the least busy one
+  is passed over, so a hot prefix cannot pile a whole load on one replica. Adding or removing a replica moves
+  only the prefixes that hash to it.
 A replica that answers UNAVAILABLE before its first token (down, loading, draining) is skipped for
-the next one; once every replica has refused, the gateway backs off (the SDK's `RetryPolicy`) and
-goes round again. Tokens are never retried once they flowed: the caller already has them. This is
-the seam where a balancer that knows replica load (or gRPC's own round_robin policy over one
-resolved name) can replace the plain rotation.
+the next one in the order; once every replica has refused, the gateway backs off (the SDK's `RetryPolicy`) and
+goes round again. Tokens are never retried once they flowed: the caller already has them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import time
 from typing import AsyncIterator
@@ -18,6 +25,24 @@ import grpc
 
 from zeroc.client import AsyncClient, Chunk, ClientError, Result, RetryPolicy, collect
 from zeroc.metrics import ServiceMetrics, TokenClock, gauge
+
+ROUTINGS = ("round_robin", "prefix")
+PREFIX_TOKENS = 256  # sixteen 16-token KV blocks: a system prompt's worth
+PREFIX_CHARS = 1024  # about as many tokens of a text prompt (the gateway sends completions' text as it came)
+
+
+def prefix_key(prompt: str | list[int]) -> bytes:
+    """What a prompt's route depends on: its first PREFIX_TOKENS ids, or PREFIX_CHARS characters."""
+    if isinstance(prompt, str):
+        return b"s" + prompt[:PREFIX_CHARS].encode("utf-8", "surrogatepass")
+    return b"t" + b",".join(b"%d" % t for t in prompt[:PREFIX_TOKENS])
+
+
+def rendezvous(key: bytes, targets: list[str]) -> list[int]:
+    """Indices of `targets` in the key's order (highest random weight first): each target's rank for a key depends
+    on the two alone, so a target added or removed moves only the keys that rank it first."""
+    score = [hashlib.blake2b(key, key=t.encode()[:64], digest_size=8).digest() for t in targets]
+    return sorted(range(len(targets)), key=lambda i: score[i], reverse=True)
 
 
 async def finish(first: Chunk | Result, stream: AsyncIterator[Chunk | Result]) -> Result:
@@ -33,9 +58,13 @@ async def finish(first: Chunk | Result, stream: AsyncIterator[Chunk | Result]) -
 
 class Replicas:
     def __init__(self, targets: list[str], timeout_s: float | None, retry: RetryPolicy = RetryPolicy(),
-                 metrics: ServiceMetrics | None = None):
+                 metrics: ServiceMetrics | None = None, routing: str = "round_robin", slack: int = 4):
         if not targets:
             raise ValueError("targets: at least one decode service address is needed")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        self.routing, self.slack = routing, slack
+        self.busy = [0] * len(targets)  # each replica's open calls
         # Each client tries once: failing over to another replica beats retrying the one that refused.
         self.clients = [AsyncClient(t, timeout=timeout_s, retry=RetryPolicy(attempts=1)) for t in targets]
         self.retry = retry
@@ -78,23 +107,42 @@ class Replicas:
             self.open_calls -= 1
             await rest.aclose()
 
+    def order(self, prompt: str | list[int]) -> list[int]:
+        """The replicas to try for `prompt`, first choice first (`routing`)."""
+        n = len(self.clients)
+        if self.routing == "round_robin":
+            first = next(self._turn)
+            return [(first + i) % n for i in range(n)]
+        ranked = rendezvous(prefix_key(prompt), [c.target for c in self.clients])
+        least = min(self.busy)
+        return sorted(ranked, key=lambda i: self.busy[i] > least + self.slack)  # stable: the busy ones last
+
     async def _open(self, prompt: str | list[int], **kwargs) -> tuple[Chunk | Result, AsyncIterator[Chunk | Result]]:
         delays = self.retry.delays()
-        refused = 0
         while True:
-            stream = self.clients[next(self._turn)].stream(prompt, **kwargs)
-            try:
-                return await stream.__anext__(), stream
-            except ClientError as exc:
-                await stream.aclose()
-                if exc.code != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                refused += 1
-                if refused % len(self.clients) == 0:
-                    delay = next(delays, None)
-                    if delay is None:
+            for i in self.order(prompt):
+                self.busy[i] += 1
+                stream = self._counted(i, self.clients[i].stream(prompt, **kwargs))
+                try:
+                    return await stream.__anext__(), stream
+                except ClientError as exc:
+                    await stream.aclose()
+                    if exc.code != grpc.StatusCode.UNAVAILABLE:
                         raise
-                    await asyncio.sleep(delay)
+                    refused = exc
+            delay = next(delays, None)  # every replica refused
+            if delay is None:
+                raise refused
+            await asyncio.sleep(delay)
+
+    async def _counted(self, i: int, stream: AsyncIterator[Chunk | Result]) -> AsyncIterator[Chunk | Result]:
+        """`stream`, counted among replica i's busy calls until it is closed."""
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            self.busy[i] -= 1
+            await stream.aclose()
 
     async def generate(self, prompt: str | list[int], **kwargs) -> Result:
         """The whole completion from one replica."""
