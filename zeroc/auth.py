@@ -57,8 +57,13 @@ class TokenAuth:
         header = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
         if header is None or not isinstance(header, str) or not header.startswith("Bearer "):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "send 'authorization: Bearer TOKEN' metadata")
-        token = header[len("Bearer "):].strip()
-        tenant = self._tenants.get(_digest(token)) if len(token) <= MAX_TOKEN_CHARS else None
+        tenant = self.tenant_of(header[len("Bearer "):].strip())
         if tenant is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
         return tenant
+
+    def tenant_of(self, token: str) -> str | None:
+        """A token's tenant: the default one when tokens are not required, None for a token not in the file."""
+        if self._tenants is None:
+            return self.default_tenant
+        return self._tenants.get(_digest(token)) if 0 < len(token) <= MAX_TOKEN_CHARS else None

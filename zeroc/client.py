@@ -284,13 +284,15 @@ class Client:
         self._channel = open_channel(self.target, ca=ca, options=balancing_options(target))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
-    def stream(self, prompt: str | list[int], **kwargs) -> Iterator[Chunk | Result]:
-        """Yield `Chunk`s as tokens arrive, then one `Result`. kwargs: see `build_request`."""
+    def stream(self, prompt: str | list[int], token: str | None = None, **kwargs) -> Iterator[Chunk | Result]:
+        """Yield `Chunk`s as tokens arrive, then one `Result`. `token`: this call's bearer token in place of the
+        client's ("": none; a gateway forwards each of its callers' own). kwargs: see `build_request`."""
         request = build_request(prompt, **kwargs)
         delays, deadline = self.retry.delays(), _Deadline(self.timeout)
+        metadata = self._metadata if token is None else _metadata(token)
         while True:
             started = False
-            call = self._stub.Generate(request, timeout=deadline.check(), metadata=self._metadata)
+            call = self._stub.Generate(request, timeout=deadline.check(), metadata=metadata)
             try:
                 for msg in call:
                     started = True
@@ -344,12 +346,14 @@ class AsyncClient:
                          if ca else grpc.aio.insecure_channel(self.target, options=options))
         self._stub = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
-    async def stream(self, prompt: str | list[int], **kwargs) -> AsyncIterator[Chunk | Result]:
+    async def stream(self, prompt: str | list[int], token: str | None = None, **kwargs
+                     ) -> AsyncIterator[Chunk | Result]:
         """As `Client.stream`; cancelling the task that iterates cancels the call."""
         request = build_request(prompt, **kwargs)
         delays, deadline = self.retry.delays(), _Deadline(self.timeout)
+        metadata = self._metadata if token is None else _metadata(token)
         while True:
-            call = self._stub.Generate(request, timeout=deadline.check(), metadata=self._metadata)
+            call = self._stub.Generate(request, timeout=deadline.check(), metadata=metadata)
             started = False
             try:
                 while (msg := await call.read()) is not grpc.aio.EOF:

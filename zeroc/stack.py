@@ -14,11 +14,13 @@ import re
 import secrets
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -115,14 +117,20 @@ class ServiceProcess:
         return self.proc.returncode
 
 
-def wait_http(address: str, timeout_s: float) -> None:
-    """Block until an HTTP server at `address` answers GET /v1/models with 200; TimeoutError after `timeout_s`."""
+def wait_http(address: str, timeout_s: float, ca: str | None = None) -> None:
+    """Block until the gateway at `address` answers GET /v1/models (200, or 401 where it wants a token): over HTTPS
+    verified by the CA file `ca` where given. TimeoutError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
+    context = ssl.create_default_context(cafile=ca) if ca else None
     while True:
         try:
-            with urllib.request.urlopen(f"http://{address}/v1/models", timeout=2.0) as reply:
+            url = f"{'https' if ca else 'http'}://{address}/v1/models"
+            with urllib.request.urlopen(url, timeout=2.0, context=context) as reply:
                 if reply.status == 200:
                     return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 401:
+                return
         except OSError:
             pass  # not listening yet (URLError is an OSError)
         if time.monotonic() > deadline:
@@ -168,7 +176,7 @@ class Stack:
                 targets = [a for d in decodes for a in ("--target", d.address)]
                 gateway = ServiceProcess("gateway", [*self.gateway_args, *targets], self.env)
                 self.services.append(gateway)
-                wait_http(gateway.address, 60.0)
+                wait_http(gateway.address, 60.0, self.env.get("ZEROC_SECURITY_TLS_CA"))
         except BaseException:
             self.close()
             raise
@@ -189,8 +197,9 @@ class Stack:
 
     @property
     def gateway(self) -> str | None:
-        """The gateway's base URL, e.g. http://127.0.0.1:8000 (None without one)."""
-        return next((f"http://{s.address}" for s in self.services if s.kind == "gateway"), None)
+        """The gateway's base URL, e.g. http://127.0.0.1:8000 (https with TLS; None without one)."""
+        scheme = "https" if self.env.get("ZEROC_SECURITY_TLS_CERT") else "http"
+        return next((f"{scheme}://{s.address}" for s in self.services if s.kind == "gateway"), None)
 
     def wait(self, max_restarts: int = 5) -> int:
         """Supervise the services until SIGINT/SIGTERM (then 0): a child that dies is restarted on its

@@ -29,7 +29,9 @@ def cmd_stack_up(args: argparse.Namespace) -> int:
         if stack.gateway:
             from zeroc.gateway.command import curl_line
 
-            print(f"gateway:         {stack.gateway} (OpenAI API)\ntry: {curl_line(stack.gateway, args.prompt, args.model)}")
+            ca = stack.pki.ca if stack.pki is not None else None
+            print(f"gateway:         {stack.gateway} (OpenAI API)\n"
+                  f"try: {curl_line(stack.gateway, args.prompt, args.model, ca)}")
         print(f"ready; try: zeroc generate --target {stack.decode[0]} \"{args.prompt}\"", flush=True)
         return stack.wait()
 

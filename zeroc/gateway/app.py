@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from zeroc.auth import TokenAuth
 from zeroc.client import Chunk, ClientError, Result
 from zeroc.gateway.chat import ChatTemplate
 from zeroc.gateway.choices import all_or_none, choice_calls, merged_events, open_all, total_usage
@@ -37,7 +38,18 @@ from zeroc.metrics import ServiceMetrics
 from zeroc.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context limit
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class ServiceLink:
+    """How the gateway reaches its decode services and whom it serves: `ca` (PEM) verifies the services' TLS
+    (None: plaintext), `token` is the gateway's own bearer token for its health checks ("" none), `auth` the
+    deployment's tokens, checked at the edge (None: every caller is let through; the services still check)."""
+
+    ca: bytes | None = None
+    token: str = ""
+    auth: TokenAuth | None = None  # OpenAI's default for /v1/completions; chat runs to the context limit
 
 
 class ClientGone(Exception):
@@ -70,8 +82,9 @@ async def until_disconnected(request: Request, awaitable):
 
 
 class Gateway:
-    def __init__(self, card: ModelCard, replicas_factory, max_body_bytes: int):
-        self.card, self.max_body = card, max_body_bytes
+    def __init__(self, card: ModelCard, replicas_factory, max_body_bytes: int, auth: TokenAuth | None = None):
+        """`auth`: the deployment's bearer tokens (zeroc/auth.py); with them every call but /health needs one."""
+        self.card, self.max_body, self.auth = card, max_body_bytes, auth
         self._factory = replicas_factory  # builds the Replicas inside the server's event loop
         self.replicas: Replicas | None = None
         self.started = int(time.time())
@@ -84,7 +97,19 @@ class Gateway:
         finally:
             await self.replicas.close()
 
+    def _caller(self, request: Request) -> str:
+        """The caller's bearer token ("" for none), which its decode calls carry: the decode services map it to the
+        caller's tenant, whose prefix cache is its own (docs/security.md). With the deployment's token file, 401
+        here unless the file knows it."""
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if self.auth is not None and self.auth.required and self.auth.tenant_of(token) is None:
+            raise APIError(401, "send 'Authorization: Bearer KEY' with a key this server knows",
+                           "authentication_error", code="invalid_api_key")
+        return token
+
     async def _body(self, request: Request, model):
+        self._caller(request)  # before the body is read
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
             raise APIError(413, f"the body has {declared} bytes; the limit is {self.max_body}",
@@ -124,6 +149,7 @@ class Gateway:
                 raise APIError(400, f"prompt: {len(prompt)} tokens; the model's context is {self.card.max_context}",
                                param="prompt", code="context_length_exceeded")
         sampling = self._sampling(req, COMPLETION_DEFAULT_MAX_TOKENS)
+        sampling["token"] = self._caller(request)
         echoes = None
         if req.echo:  # zeroc/gateway/echo.py
             echoes = [Echo(p if isinstance(p, str) else self.card.tokenizer.decode(p), only) for p in prompts]
@@ -148,6 +174,7 @@ class Gateway:
             raise APIError(400, f"messages: {len(ids)} prompt tokens; the model's context is "
                                 f"{self.card.max_context}", param="messages", code="context_length_exceeded")
         sampling = self._sampling(req, room)
+        sampling["token"] = self._caller(request)
         if guide is not None:
             sampling["guide"] = guide
         if calls is not None and calls.parser is not None and calls.parser.keeps_special_tokens:
@@ -226,7 +253,8 @@ class Gateway:
         text = await asyncio.to_thread(self.card.tokenizer.decode, req.tokens, False)
         return JSONResponse({"prompt": text})
 
-    async def models(self) -> dict:
+    async def models(self, request: Request) -> dict:
+        self._caller(request)
         return {"object": "list", "data": [{"id": self.card.name, "object": "model", "created": self.started,
                                             "owned_by": "zeroc", "max_model_len": self.card.max_context}]}
 
@@ -296,11 +324,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max_body_bytes: int,
-               metrics: ServiceMetrics | None = None, routing: str = "round_robin") -> FastAPI:
+               metrics: ServiceMetrics | None = None, routing: str = "round_robin", link: ServiceLink = ServiceLink()
+               ) -> FastAPI:
     """The app; `metrics`: where its series go (the caller serves them, see zeroc.metrics); `routing`: how a call
-    picks its decode service (zeroc/gateway/replicas.py)."""
+    picks its decode service (zeroc/gateway/replicas.py); `link`: how it reaches them and whom it lets in."""
     metrics = metrics or ServiceMetrics()
-    gw = Gateway(card, lambda: Replicas(targets, timeout_s, metrics=metrics, routing=routing), max_body_bytes)
+    gw = Gateway(card, lambda: Replicas(targets, timeout_s, metrics=metrics, routing=routing, ca=link.ca,
+                                        token=link.token), max_body_bytes, link.auth)
     app = FastAPI(title="ZeroC gateway", description="OpenAI-compatible API over the ZeroC decode services",
                   lifespan=gw.lifespan)
     install_error_handlers(app)

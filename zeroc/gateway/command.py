@@ -50,6 +50,9 @@ class GatewaySettings:
     tool_call_parser: str = ""
     # the served model's thinking syntax (zeroc/gateway/reasoning.py): its <think> block as reasoning_content
     reasoning_parser: str = ""
+    # the gateway's own bearer token, for its health checks where the services require one (never a caller's: each
+    # call carries its caller's token, docs/security.md)
+    token: str = ""
 
     def __post_init__(self) -> None:
         if not self.targets or any(":" not in t for t in self.targets):
@@ -158,19 +161,40 @@ def server_stack(settings: GatewaySettings) -> tuple[str, str]:
     return chosen[0], chosen[1]
 
 
-def curl_line(base_url: str, prompt: str, model_dir: str | None = None) -> str:
-    """A streaming completion request to try, as a shell command."""
+def curl_line(base_url: str, prompt: str, model_dir: str | None = None, ca: str | Path | None = None) -> str:
+    """A streaming completion request to try, as a shell command (`ca`: the CA file an HTTPS gateway needs)."""
     model = Path(model_dir or BUNDLED_MODEL).resolve().name
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 32, "stream": True})
-    return (f"curl -N {base_url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+    cacert = f"--cacert {shlex.quote(str(ca))} " if ca else ""
+    return (f"curl -N {cacert}{base_url}/v1/completions -H 'Content-Type: application/json' -d {shlex.quote(body)}")
+
+
+def service_link(security, token: str):
+    """(how the gateway reaches its decode services and whom it serves, uvicorn's TLS options) from the
+    deployment's security settings (zeroc.config.SecurityConfig, the services' own): their CA to verify them, their
+    token file to check callers at the edge, and HTTPS with the deployment's certificate where it has one.
+    Raises ConfigError for a file it cannot read."""
+    from zeroc.auth import TokenAuth
+    from zeroc.gateway.app import ServiceLink
+
+    try:
+        ca = Path(security.tls_ca).read_bytes() if security.tls_ca else None
+    except OSError as exc:
+        raise ConfigError(f"{security.tls_ca}: cannot read the CA ({exc.strerror})") from None
+    auth = TokenAuth.from_file(security.tokens_file, security.default_tenant) if security.tokens_file else None
+    tls = {"ssl_certfile": security.tls_cert, "ssl_keyfile": security.tls_key} \
+        if security.tls_cert and security.tls_key else {}
+    return ServiceLink(ca, token, auth), tls
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
-        metrics_port = ZeroCConfig.from_env(metrics={"port": getattr(args, "metrics_port", None)}).metrics.port
+        cfg = ZeroCConfig.from_env(metrics={"port": getattr(args, "metrics_port", None)})
     except ValueError as exc:
         raise ZeroCError(str(exc)) from None
+    metrics_port = cfg.metrics.port
+    link, tls = service_link(cfg.security, settings.token)
     card = model_card(settings.model_dir, settings.tool_call_parser, settings.reasoning_parser)
     loop, http = server_stack(settings)
     import uvicorn
@@ -192,13 +216,14 @@ def run(args: argparse.Namespace) -> int:
     metrics = ServiceMetrics()
     metrics_server = serve_metrics(metrics, settings.host, metrics_port)
     app = create_app(card, list(settings.targets), settings.timeout_s, int(settings.max_body_mb * (1 << 20)),
-                     metrics, settings.routing)
+                     metrics, settings.routing, link)
     config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=int(settings.grace_s), timeout_keep_alive=30)
+                            timeout_graceful_shutdown=int(settings.grace_s), timeout_keep_alive=30, **tls)
     print(f"gateway listening on {host}:{port}", flush=True)
     log.info("serving", extra={"service": "gateway", "address": f"{host}:{port}", "model": card.name,
                                "targets": list(settings.targets), "routing": settings.routing,
-                               "chat_template": card.template is not None,
+                               "chat_template": card.template is not None, "https": bool(tls),
+                               "tokens_required": link.auth is not None,
                                "loop": loop, "http": http})
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -58,7 +58,10 @@ async def finish(first: Chunk | Result, stream: AsyncIterator[Chunk | Result]) -
 
 class Replicas:
     def __init__(self, targets: list[str], timeout_s: float | None, retry: RetryPolicy = RetryPolicy(),
-                 metrics: ServiceMetrics | None = None, routing: str = "round_robin", slack: int = 4):
+                 metrics: ServiceMetrics | None = None, routing: str = "round_robin", slack: int = 4,
+                 ca: bytes | None = None, token: str = ""):
+        """`ca`: PEM of the CA that signed the services' certificates (None: plaintext); `token`: the bearer token
+        of the gateway's own calls (health), not of the calls it makes for its callers (each passes its own)."""
         if not targets:
             raise ValueError("targets: at least one decode service address is needed")
         if routing not in ROUTINGS:
@@ -66,7 +69,8 @@ class Replicas:
         self.routing, self.slack = routing, slack
         self.busy = [0] * len(targets)  # each replica's open calls
         # Each client tries once: failing over to another replica beats retrying the one that refused.
-        self.clients = [AsyncClient(t, timeout=timeout_s, retry=RetryPolicy(attempts=1)) for t in targets]
+        self.clients = [AsyncClient(t, timeout=timeout_s, retry=RetryPolicy(attempts=1), token=token or None, ca=ca)
+                        for t in targets]
         self.retry = retry
         self._turn = itertools.cycle(range(len(self.clients)))
         self.metrics = metrics or ServiceMetrics()

@@ -43,3 +43,11 @@ def test_the_reasoning_parser_is_one_the_gateway_has():
     with pytest.raises(ValueError, match="reasoning_parser must be one of deepseek_r1, qwen3"):
         GatewaySettings(reasoning_parser="o1")
     assert set(NAMES) == set(REASONING_PARSERS)
+
+
+def test_the_curl_line_of_an_https_gateway_names_the_ca():
+    from zeroc.gateway.command import curl_line
+
+    line = curl_line("https://127.0.0.1:8443", "Hi", None, "/tmp/pki dir/ca.pem")
+    assert line.startswith("curl -N --cacert '/tmp/pki dir/ca.pem' https://127.0.0.1:8443/v1/completions")
+    assert "--cacert" not in curl_line("http://127.0.0.1:8000", "Hi")
