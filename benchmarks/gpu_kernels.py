@@ -23,7 +23,7 @@ Sections (each guarded: one failing still reports the rest; a global time guard 
    greedy, temperature, top-k, top-p, both, and top-p over flat logits), replayed from a CUDA graph, beside the
    greedy case: top-p alone ranks the whole vocabulary on a device (a full sort), measured nowhere before; and
    greedy with 5 log-probabilities a row (`with_logprobs`) and with the three penalties (zeroc/penalties.py:
-   apply, sample, count);
+   apply, sample, count), and every row guided by a token bitmask (the Triton kernel, and the torch ops);
 8. FlexAttention (torch's, compiled) over the same pages beside the paged kernels: decode uncompressed, at
    rank 64 and at per-head ranks, and a prompt after a cached prefix (kernels/flex_paged.py, the `flex` backend);
 9. decode experiments (not goal rows): int8 with token-major scales; int8 and bf16 with P @ V as (V^T P^T)^T;
@@ -260,6 +260,7 @@ def _sampling_extras(b: int, vocab: int, dtype: torch.dtype, device: torch.devic
 
     from zeroc.penalties import PenaltyState
     from zeroc.sampling import SamplingBatch, SamplingParams, sample_batch, with_logprobs
+    from zeroc_kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
 
     logits = make_logits(b, vocab, 4.0, dtype).to(device)
     greedy = SamplingBatch.build([SamplingParams()] * b, [None] * b, vocab, device)
@@ -276,8 +277,20 @@ def _sampling_extras(b: int, vocab: int, dtype: torch.dtype, device: torch.devic
         state.record(penalties, ids)
         return ids
 
+    # every row guided (structured output): its bitmask applied in place on a copy, by the kernel and by torch ops
+    words = torch.randint(-2**31, 2**31 - 1, (b, -(-vocab // 32)), generator=gen, dtype=torch.int64)
+    packed = torch.cat([words.flatten(), torch.arange(b)]).to(torch.int32).to(device)
+    masked = {name: (lambda apply=apply: sample_batch(_masked(logits, packed, b, apply), greedy))
+              for name, apply in (("kernel", apply_token_bitmask), ("torch ops", apply_token_bitmask_ref))}
     return {"greedy + 5 logprobs": lambda: with_logprobs(logits, sample_batch(logits, greedy), 5),
-            "greedy + penalties": penalized}
+            "greedy + penalties": penalized, "greedy, guided (kernel)": masked["kernel"],
+            "greedy, guided (torch ops)": masked["torch ops"]}
+
+
+def _masked(logits, packed, r: int, apply):
+    scores = logits.clone()
+    apply(scores, packed, r)
+    return scores
 
 
 def decode_per_head(run: Run) -> None:

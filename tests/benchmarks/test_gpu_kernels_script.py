@@ -41,8 +41,9 @@ def test_quick_run_reports_small_errors_and_every_timing(tmp_path):
     assert "per-head" in flex[2]["method"]
     assert all(row["vs_kernel"] > 0 and row["plan_ms"] > 0 and row["max_err_vs_kernel"] < 1e-4 for row in flex)
     sampled = [row for row in rows if row["section"] == "sampling"]
-    assert [row["method"] for row in sampled][:2] == ["greedy", "temperature 0.8"] and len(sampled) == 8
-    assert [row["method"] for row in sampled][6:] == ["greedy + 5 logprobs", "greedy + penalties"]
+    assert [row["method"] for row in sampled][:2] == ["greedy", "temperature 0.8"] and len(sampled) == 10
+    assert [row["method"] for row in sampled][6:] == ["greedy + 5 logprobs", "greedy + penalties",
+                                                      "greedy, guided (kernel)", "greedy, guided (torch ops)"]
     assert sampled[0]["ratio"] == 1.0 and all(row["ratio"] > 0 for row in sampled)
     tier = [row for row in rows if row["section"] == "tier decode"]
     assert [row["method"] for row in tier] == ["kernel", "PyTorch ops (reference)"] and tier[0]["ratio"] > 0
