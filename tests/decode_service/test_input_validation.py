@@ -136,7 +136,8 @@ def _structured(rng: random.Random, seed: str) -> tuple[str, bytes]:
         return kind, req.SerializeToString()
     if kind == PREFILL:
         req = prefill_pb2.PrefillRequest(
-            request_id=rng.choice(_STRINGS), token_ids=[rng.choice(_INTS[:8]) for _ in range(rng.choice([0, 1, 4, 33]))],
+            request_id=rng.choice(_STRINGS),
+            token_ids=[rng.choice(_INTS[:8]) for _ in range(rng.choice([0, 1, 4, 33]))],
             model_fingerprint=rng.choice(["", "x" * 300]), max_chunk_bytes=rng.choice(_INTS),
             cached_prefix_tokens=rng.choice(_INTS), transport=rng.choice([0, 1, 2, 3, 4, 99, 2 ** 31 - 1]),
             link_id=rng.choice(_STRINGS))
