@@ -184,9 +184,6 @@ def test_termination_grace_covers_prestop_and_drain(renders, monkeypatch, varian
     docs = renders[variant]
     for name in (PREFILL, DECODE, GATEWAY):
         deployment = km.find(docs, "Deployment", name)
-        if deployment is None:
-            assert name == GATEWAY and "tls" in variant  # components/tls removes the gateway
-            continue
         c = km.container(docs, name)
         env = km.pod_env(docs, c)
         drain = (GatewaySettings.from_env(env).grace_s if name == GATEWAY
@@ -214,6 +211,31 @@ def test_gateway_agrees_with_its_settings(renders):
         svc, svc_port = km.service_port(docs, host, int(port))
         assert [d["metadata"]["name"] for d in km.selected(docs, svc)] == [DECODE]
         assert svc_port["targetPort"] == "grpc"
+
+
+@pytest.mark.parametrize("variant", TLS_VARIANTS)
+def test_the_tls_gateway_serves_https_reaches_the_services_over_tls_and_checks_keys(renders, variant):
+    """components/tls: the gateway's settings point at the mounted kubernetes.io/tls files and token file, its own
+    key comes from the tokens Secret, and its probes speak HTTPS (/health, and /ping for liveness)."""
+    from zeroc.config import ZeroCConfig
+    from zeroc.gateway.command import GatewaySettings
+
+    docs = renders[variant]
+    c = km.container(docs, GATEWAY)
+    env = km.pod_env(docs, c)
+    security = ZeroCConfig.from_env(env).security
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert (security.tls_ca, security.tls_cert, security.tls_key) == (
+        f"{mounts['tls']}/ca.crt", f"{mounts['tls']}/tls.crt", f"{mounts['tls']}/tls.key")
+    assert security.tokens_file == f"{mounts['tokens']}/tokens"
+    token = next(e for e in c["env"] if e["name"] == "ZEROC_GATEWAY_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert token == {"name": "zeroc-tokens", "key": "gateway-token"} and GatewaySettings.from_env(env).token
+    volumes = {v["name"]: v["secret"]["secretName"] for v in km.find(docs, "Deployment", GATEWAY)["spec"]["template"]
+               ["spec"]["volumes"]}
+    assert volumes == {"tls": "zeroc-tls", "tokens": "zeroc-tokens"}
+    probes = {kind: c[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe")}
+    assert probes["readinessProbe"]["path"] == "/health" and probes["livenessProbe"]["path"] == "/ping"
+    assert all(p["scheme"] == "HTTPS" and p["port"] == "http" for p in probes.values())
 
 
 @pytest.mark.parametrize("variant", list(km.VARIANTS))

@@ -102,12 +102,12 @@ def config_env_names() -> set[str]:
 
 
 def gateway_env_names() -> set[str]:
-    """The gateway's own settings, and the metrics section of `ZeroCConfig`, which it reads too."""
+    """The gateway's own settings, and the metrics and security sections of `ZeroCConfig`, which it reads too."""
     from zeroc.gateway.command import GatewaySettings
 
     own = {"ZEROC_MODEL_DIR" if f.name == "model_dir" else f"ZEROC_GATEWAY_{f.name.upper()}"
            for f in dataclasses.fields(GatewaySettings)}
-    return own | {name for name in config_env_names() if name.startswith("ZEROC_METRICS_")}
+    return own | {name for name in config_env_names() if name.startswith(("ZEROC_METRICS_", "ZEROC_SECURITY_"))}
 
 
 def probe_sleep_s(c: dict) -> float:

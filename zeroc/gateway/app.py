@@ -258,6 +258,10 @@ class Gateway:
         return {"object": "list", "data": [{"id": self.card.name, "object": "model", "created": self.started,
                                             "owned_by": "zeroc", "max_model_len": self.card.max_context}]}
 
+    async def ping(self) -> Response:
+        """Liveness: 200 while the process serves, whatever the decode services do, and without a key."""
+        return Response(status_code=200)
+
     async def health(self) -> Response:
         states = await self.replicas.health()
         ok = any(states.values())
@@ -340,5 +344,6 @@ def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max
     app.add_api_route("/tokenize", gw.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", gw.detokenize, methods=["POST"])
     app.add_api_route("/health", gw.health, methods=["GET"])
+    app.add_api_route("/ping", gw.ping, methods=["GET"])
     app.state.gateway = gw
     return app

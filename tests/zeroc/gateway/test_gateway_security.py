@@ -59,6 +59,8 @@ def test_a_call_without_a_known_key_is_401_and_health_needs_none(secured):
         assert status == 401 and body["error"]["type"] == "authentication_error", path  # no Authorization
     status, health = _http(secured.gateway + "/health", context)  # the gateway's own key asks the decode service
     assert status == 200 and all(health["replicas"].values())
+    with urllib.request.urlopen(secured.gateway + "/ping", timeout=30, context=context) as reply:  # liveness
+        assert reply.status == 200
     assert _http(secured.gateway + "/v1/models", context, key="bob-key")[0] == 200
 
 
