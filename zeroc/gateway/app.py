@@ -38,7 +38,7 @@ from zeroc.metrics import ServiceMetrics
 from zeroc.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-COMPLETION_DEFAULT_MAX_TOKENS = 16
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context limit
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class ServiceLink:
 
     ca: bytes | None = None
     token: str = ""
-    auth: TokenAuth | None = None  # OpenAI's default for /v1/completions; chat runs to the context limit
+    auth: TokenAuth | None = None
 
 
 class ClientGone(Exception):
