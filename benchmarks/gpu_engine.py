@@ -7,8 +7,9 @@ On the bundled model (float32) it checks, and prints pass/fail for each:
 - syncs: a decode step makes exactly one device sync (torch.cuda.set_sync_debug_mode counts them, and the
   output names the lines each one came from);
 - seeded: a seeded sampled request gives the same tokens alone and among requests of other parameters;
-- extras: requests asking for log-probabilities (greedy and seeded; prompt ones too), penalties (repetition,
-  frequency, bias) or structured output (a regex guide: its mask's one copy to the device), beside one asking for
+- extras: requests asking for log-probabilities (greedy and seeded with min_p and min_tokens; prompt ones too),
+  penalties (repetition, frequency, bias) or structured output (a regex guide: its mask's one copy to the device,
+  the Triton kernel applying it), beside one asking for
   neither, get, with decode steps in CUDA graphs and running ahead, the
   tokens and log-probabilities (within 1e-3) of the eager step-by-step engine, still with one sync per decode step;
 - isolation: a sequence whose KV is poisoned with NaN finishes with "error" alone; the others' tokens are
@@ -113,7 +114,8 @@ def check_seeded(loaded) -> tuple[bool, str]:
 
 def check_extras(loaded) -> tuple[bool, str]:
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=5, prompt_logprobs=3),
-              SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, ignore_eos=True, logprobs=0),
+              # min_p's cut, and EOS out of reach by min_tokens (zeroc.penalties.ban_tokens) until the last token
+              SamplingParams(max_new_tokens=8, temperature=0.9, seed=3, logprobs=0, min_p=0.05, min_tokens=8),
               SamplingParams(max_new_tokens=8, ignore_eos=True),
               SamplingParams(max_new_tokens=8, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.5,
                              logit_bias=((5, 2.0), (9, -100.0))),
