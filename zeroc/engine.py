@@ -25,7 +25,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -146,15 +146,13 @@ class Engine:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the limit is {limit - 1}")
         return ids
 
-    def check_sampling(self, params: SamplingParams) -> None:
+    def check_sampling(self, params: SamplingParams) -> tuple[Any, int | None]:
         """Raise ZeroCError for parameters this model cannot take: logit_bias ids past its vocabulary; GuideError (a
         ValueError) for a guide that does not compile against its vocabulary (compiled once: later uses hit the
-        compiler's cache)."""
+        compiler's cache). -> the guide's (matcher, token it starts after), (None, None) without one."""
         if any(t >= self.model_config.vocab_size for t, _ in params.logit_bias):
             raise ZeroCError(f"logit_bias has token ids outside [0, {self.model_config.vocab_size})")
-        if params.guide is not None:
-            self.guides.compile(params.guide)
-            self.guides.after_token(params.guide)
+        return (None, None) if params.guide is None else self.guides.start(params.guide)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, cached_tokens: int = 0) -> str:
@@ -162,7 +160,7 @@ class Engine:
         in the cache under `request_id` (slots taken with `reserve` and filled by a KV transfer)."""
         params = params or SamplingParams()
         ids = self.prepare_prompt(prompt)
-        self.check_sampling(params)
+        matcher, guide_after = self.check_sampling(params)
         request_id = request_id or f"req-{next(self._ids)}"
         if any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)):
             raise ZeroCError(f"request id {request_id!r} is already in use")
@@ -175,13 +173,11 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos
                                                                 else self.model_config.eos_token_ids)
         scores = None if params.prompt_logprobs is None else PromptLogprobs(params.prompt_logprobs, ids)
-        guide = params.guide
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         self.waiting.append(Sequence(request_id, ids, params, detok,
                                      make_generator(params, self.device), in_cache=cached_tokens, stop_ids=stop_ids,
                                      hold=max((len(s) - 1 for s in params.stop), default=0), prompt_scores=scores,
-                                     matcher=None if guide is None else self.guides.matcher(guide),
-                                     guide_after=None if guide is None else self.guides.after_token(guide)))
+                                     matcher=matcher, guide_after=guide_after))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:

@@ -45,7 +45,8 @@ class GuideError(ValueError):
 
 class GuideCompiler:
     """Compiles guides for one tokenizer and model vocabulary; compiled grammars are cached (by xgrammar) so a
-    request's guide compiles once, when it is checked, and its matcher is made from the cache when it is added.
+    request's guide compiles once, when a service checks it, and `Engine.add_request` takes its matcher from the cache
+    (`start`: one lookup).
     xgrammar is imported on the first guide: a service that is never asked for one never loads it."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: tuple[int, ...] = (),
@@ -104,9 +105,11 @@ class GuideCompiler:
             first = _LOG_PREFIX.sub("", str(exc).strip()).splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GuideError(f"guide: the {guide.kind.replace('_', ' ')} does not compile: {first[:300]}") from None
 
-    def matcher(self, guide: Guide) -> Any:
-        """A fresh matcher of the guide (at the start of the text)."""
-        return self._xgr().GrammarMatcher(self.compile(guide))
+    def start(self, guide: Guide) -> tuple[Any, int | None]:
+        """(a fresh matcher of the guide, the token it starts after or None): what a request needs, with the guide
+        compiled once. Raises GuideError, as `compile` and `after_token`."""
+        after = self.after_token(guide)
+        return self._xgr().GrammarMatcher(self.compile(guide)), after
 
     def after_token(self, guide: Guide) -> int | None:
         """The token the guide starts after (`Guide.after`), or None where it applies from the first token. Raises

@@ -166,7 +166,7 @@ def test_the_mask_is_the_matchers_and_copies_unless_told_not_to(bundled):
     """A guided row keeps exactly the tokens its matcher allows (the kernels themselves: tests/kernels/
     test_token_bitmask.py); the scores are copied, or masked in place where the engine reads them no more."""
     guides = GuideCompiler(bundled.tokenizer, bundled.config.vocab_size)
-    matcher = guides.matcher(Guide("choice", choices=("yes", "no")))
+    matcher = guides.start(Guide("choice", choices=("yes", "no")))[0]
     scores = torch.randn(3, bundled.config.vocab_size, generator=torch.Generator().manual_seed(0))
     before = scores.clone()
     got = guides.mask(scores, [None, matcher, None])
@@ -200,9 +200,9 @@ def test_a_guide_reads_the_vocabulary_as_the_tokens_spell_text(family):
     ids = tok.encode(text, add_special_tokens=False)
     spelled = " " + text if family == "metaspace" else text
     guides = GuideCompiler(tok, tok.vocab_size)
-    matcher = guides.matcher(Guide("choice", choices=(spelled, "other")))
+    matcher = guides.start(Guide("choice", choices=(spelled, "other")))[0]
     assert all(matcher.accept_token(t) for t in ids) and matcher.is_completed()
-    wrong = guides.matcher(Guide("choice", choices=(text.upper(),)))
+    wrong = guides.start(Guide("choice", choices=(text.upper(),)))[0]
     assert not all(wrong.accept_token(t) for t in ids)
 
 
@@ -211,5 +211,5 @@ def test_a_choice_of_any_characters_is_the_text_its_tokens_spell(bundled, text):
     """Choices become grammar literals: quotes, backslashes, control and non-BMP characters (which JSON would escape
     as surrogate pairs) included."""
     ids = bundled.tokenizer.encode(text, add_special_tokens=False)
-    matcher = GuideCompiler(bundled.tokenizer, bundled.config.vocab_size).matcher(Guide("choice", choices=(text,)))
+    matcher = GuideCompiler(bundled.tokenizer, bundled.config.vocab_size).start(Guide("choice", choices=(text,)))[0]
     assert all(matcher.accept_token(t) for t in ids) and matcher.is_completed()

@@ -109,7 +109,8 @@ class Gateway:
         return token
 
     async def _body(self, request: Request, model):
-        self._caller(request)  # before the body is read
+        """(the parsed body, the caller's token): the token checked before the body is read."""
+        token = self._caller(request)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
             raise APIError(413, f"the body has {declared} bytes; the limit is {self.max_body}",
@@ -123,7 +124,7 @@ class Gateway:
         if req.model and req.model != self.card.name:
             raise APIError(404, f"the model {req.model[:64]!r} does not exist; this server serves "
                                 f"{self.card.name!r}", "not_found_error", "model", "model_not_found")
-        return req
+        return req, token
 
     def _sampling(self, req, default_max: int) -> dict:
         if req.user:
@@ -142,14 +143,13 @@ class Gateway:
                 "min_tokens": req.min_tokens or 0, "include_stop_str_in_output": req.include_stop_str_in_output}
 
     async def completions(self, request: Request) -> Response:
-        req = await self._body(request, CompletionRequest)
+        req, token = await self._body(request, CompletionRequest)
         prompts, only = req.prompts(), req.prompt_only()
         for prompt in prompts:
             if isinstance(prompt, list) and len(prompt) >= self.card.max_context:
                 raise APIError(400, f"prompt: {len(prompt)} tokens; the model's context is {self.card.max_context}",
                                param="prompt", code="context_length_exceeded")
-        sampling = self._sampling(req, COMPLETION_DEFAULT_MAX_TOKENS)
-        sampling["token"] = self._caller(request)
+        sampling = {**self._sampling(req, COMPLETION_DEFAULT_MAX_TOKENS), "token": token}
         echoes = None
         if req.echo:  # zeroc/gateway/echo.py
             echoes = [Echo(p if isinstance(p, str) else self.card.tokenizer.decode(p), only) for p in prompts]
@@ -159,7 +159,7 @@ class Gateway:
         return await self._answer(request, req, reply, prompts, sampling, echoes)
 
     async def chat(self, request: Request) -> Response:
-        req = await self._body(request, ChatRequest)
+        req, token = await self._body(request, ChatRequest)
         if self.card.template is None:
             raise APIError(400, f"the model {self.card.name!r} has no chat template; use /v1/completions",
                            param="messages")
@@ -173,8 +173,7 @@ class Gateway:
         if room < 1 or not ids:
             raise APIError(400, f"messages: {len(ids)} prompt tokens; the model's context is "
                                 f"{self.card.max_context}", param="messages", code="context_length_exceeded")
-        sampling = self._sampling(req, room)
-        sampling["token"] = self._caller(request)
+        sampling = {**self._sampling(req, room), "token": token}
         if guide is not None:
             sampling["guide"] = guide
         if calls is not None and calls.parser is not None and calls.parser.keeps_special_tokens:
@@ -227,7 +226,7 @@ class Gateway:
 
     async def tokenize(self, request: Request) -> JSONResponse:
         """vLLM's /tokenize: what the model reads of a prompt, or of a chat through its template."""
-        req = await self._body(request, TokenizeRequest)
+        req, _ = await self._body(request, TokenizeRequest)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
         text, special = req.prompt, req.add_special_tokens is not False
@@ -245,7 +244,7 @@ class Gateway:
 
     async def detokenize(self, request: Request) -> JSONResponse:
         """vLLM's /detokenize: the text of token ids (special tokens' too); 400 for an id past the vocabulary."""
-        req = await self._body(request, DetokenizeRequest)
+        req, _ = await self._body(request, DetokenizeRequest)
         vocab = self.card.tokenizer.vocab_size
         bad = next((t for t in req.tokens if t >= vocab), None)
         if bad is not None:

@@ -86,13 +86,13 @@ class Replicas:
         arrived = time.monotonic()
         self.open_calls += 1
         try:
-            first, rest = await self._open(prompt, **kwargs)
+            replica, first, rest = await self._open(prompt, **kwargs)
         except BaseException:
             self.open_calls -= 1
             raise
         clock = TokenClock(self.metrics, arrived)
         self._record(first, clock, arrived)
-        return first, self._observe(rest, clock, arrived)
+        return first, self._observe(rest, clock, arrived, replica)
 
     def _record(self, item: Chunk | Result, clock: TokenClock, arrived: float) -> Chunk | Result:
         if isinstance(item, Chunk):
@@ -102,13 +102,15 @@ class Replicas:
             self.metrics.finished(item.finish_reason, time.monotonic() - arrived)
         return item
 
-    async def _observe(self, rest: AsyncIterator[Chunk | Result], clock: TokenClock, arrived: float
+    async def _observe(self, rest: AsyncIterator[Chunk | Result], clock: TokenClock, arrived: float, replica: int
                        ) -> AsyncIterator[Chunk | Result]:
+        """The rest of a stream of `replica`, recorded, counted among its busy calls until it is closed."""
         try:
             async for item in rest:
                 yield self._record(item, clock, arrived)
         finally:
             self.open_calls -= 1
+            self.busy[replica] -= 1
             await rest.aclose()
 
     def order(self, prompt: str | list[int]) -> list[int]:
@@ -121,32 +123,27 @@ class Replicas:
         least = min(self.busy)
         return sorted(ranked, key=lambda i: self.busy[i] > least + self.slack)  # stable: the busy ones last
 
-    async def _open(self, prompt: str | list[int], **kwargs) -> tuple[Chunk | Result, AsyncIterator[Chunk | Result]]:
+    async def _open(self, prompt: str | list[int], **kwargs
+                    ) -> tuple[int, Chunk | Result, AsyncIterator[Chunk | Result]]:
+        """(the replica that took the call, its first item, the rest); the replica's busy count holds the call from
+        here until `_observe` closes it."""
         delays = self.retry.delays()
         while True:
             for i in self.order(prompt):
+                stream = self.clients[i].stream(prompt, **kwargs)
                 self.busy[i] += 1
-                stream = self._counted(i, self.clients[i].stream(prompt, **kwargs))
                 try:
-                    return await stream.__anext__(), stream
-                except ClientError as exc:
+                    return i, await stream.__anext__(), stream
+                except BaseException as exc:
+                    self.busy[i] -= 1
                     await stream.aclose()
-                    if exc.code != grpc.StatusCode.UNAVAILABLE:
+                    if not isinstance(exc, ClientError) or exc.code != grpc.StatusCode.UNAVAILABLE:
                         raise
                     refused = exc
             delay = next(delays, None)  # every replica refused
             if delay is None:
                 raise refused
             await asyncio.sleep(delay)
-
-    async def _counted(self, i: int, stream: AsyncIterator[Chunk | Result]) -> AsyncIterator[Chunk | Result]:
-        """`stream`, counted among replica i's busy calls until it is closed."""
-        try:
-            async for item in stream:
-                yield item
-        finally:
-            self.busy[i] -= 1
-            await stream.aclose()
 
     async def generate(self, prompt: str | list[int], **kwargs) -> Result:
         """The whole completion from one replica."""

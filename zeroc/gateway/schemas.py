@@ -30,6 +30,10 @@ class _Body(BaseModel):
     # NaN / Infinity are valid Python JSON but no valid sampling parameter.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
+    def unsupported(self) -> list[tuple[str, object]]:
+        """(field, value) of every set field the services cannot honour (`parse_body` refuses them)."""
+        return []
+
 
 class StreamOptions(_Body):
     include_usage: bool = False
@@ -314,18 +318,12 @@ class TokenizeRequest(_Body):
     chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=64)
     return_token_strs: bool = False
 
-    def unsupported(self) -> list[tuple[str, object]]:
-        return []
-
 
 class DetokenizeRequest(_Body):
     """vLLM's /detokenize: token ids' text."""
 
     model: str | None = Field(None, max_length=512)
     tokens: list[Annotated[int, Field(ge=0, le=_U32)]] = Field(..., max_length=1 << 20)
-
-    def unsupported(self) -> list[tuple[str, object]]:
-        return []
 
 
 def parse_body(raw: bytes, model: type[_Body]) -> _Body:
