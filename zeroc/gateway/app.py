@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI's completions, chat completions, models and a health check.
+"""The FastAPI application: OpenAI's completions, chat completions, responses, models and a health check.
 
 Every error leaves as OpenAI's {"error": {message, type, param, code}} with a matching status (the
 gRPC map is in errors.py); anything unexpected is a JSON 500 whose details go to the log only. A
@@ -32,6 +32,8 @@ from zeroc.gateway.echo import Echo, wrap_all
 from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.reasoning import REASONING_PARSERS, Reasoning
 from zeroc.gateway.replicas import Replicas, finish
+from zeroc.gateway.response_events import response_events
+from zeroc.gateway.responses import ResponseShape, ResponsesRequest, chat_request
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
 from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
 from zeroc.metrics import ServiceMetrics
@@ -160,11 +162,23 @@ class Gateway:
 
     async def chat(self, request: Request) -> Response:
         req, token = await self._body(request, ChatRequest)
+        reply, ids, sampling = self._chat_call(req, token, f"chatcmpl-{uuid.uuid4().hex}")
+        return await self._answer(request, req, reply, [ids], sampling)
+
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API: the chat request it means, answered as a Response (zeroc/gateway/responses.py)."""
+        req, token = await self._body(request, ResponsesRequest)
+        shape = ResponseShape(req, self.card.name, int(time.time()))
+        chat = chat_request(req)
+        reply, ids, sampling = self._chat_call(chat, token, shape.id)
+        return await self._answer(request, chat, reply, [ids], sampling, shape=shape)
+
+    def _chat_call(self, req: ChatRequest, token: str, reply_id: str) -> tuple[Reply, list[int], dict]:
+        """(how the answer is shaped, the prompt's ids, the decode call's arguments) of a chat request."""
         if self.card.template is None:
             raise APIError(400, f"the model {self.card.name!r} has no chat template; use /v1/completions",
                            param="messages")
         messages = [m.as_template_input(i) for i, m in enumerate(req.messages)]
-        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         guide, calls = req.tool_calls(reply_id, self.card.tool_parser)  # zeroc/gateway/tools.py
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         text = self.card.template.render(messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
@@ -186,15 +200,16 @@ class Gateway:
                 sampling["guide"] = {**sampling["guide"], "after": syntax.end}
         reply = Reply(reply_id, self.card.name, True, req.return_token_ids, int(time.time()),
                       self._logprobs(sampling, chat=True), calls, reasoning)
-        return await self._answer(request, req, reply, [ids], sampling)
+        return reply, ids, sampling
 
     def _logprobs(self, sampling: dict, chat: bool) -> LogprobFormat | None:
         return None if sampling["logprobs"] is None else LogprobFormat(self.card.tokenizer, chat)
 
     async def _answer(self, request: Request, req, reply: Reply, prompts: list, sampling: dict,
-                      echoes: list[Echo] | None = None) -> Response:
+                      echoes: list[Echo] | None = None, shape: ResponseShape | None = None) -> Response:
         """One decode call per choice (each prompt's `n`, zeroc/gateway/choices.py); one choice streams without
-        merging. `echoes`: one per prompt, where completions echo them."""
+        merging. `echoes`: one per prompt, where completions echo them; `shape`: the Response a chat answer becomes
+        (one choice)."""
         n = req.n or 1
         calls = choice_calls(sampling, prompts, n, reply.id)
         echoes = None if echoes is None else [echoes[k // n] for k in range(len(calls))]  # one per choice
@@ -211,7 +226,9 @@ class Gateway:
                     await _close_all(opened)  # those whose task was cancelled before it ran
                 for r in results:
                     check_finish(r.finish_reason)
-                return JSONResponse(reply.whole(results, total_usage(results, n)))
+                usage = total_usage(results, n)
+                whole = reply.whole(results, usage)
+                return JSONResponse(whole if shape is None else shape.whole(whole, usage))
         except ClientError as exc:
             raise from_grpc(exc.code, exc.details) from None
         except ClientGone:
@@ -222,7 +239,9 @@ class Gateway:
             return EventStream(merged_events(reply, opened, include_usage, n), headers=headers,
                                close=lambda: _close_all(opened))
         first, stream = opened[0]
-        return EventStream(_events(reply, first, stream, include_usage), headers=headers, close=stream.aclose)
+        events = (_events(reply, first, stream, include_usage) if shape is None else
+                  response_events(reply, shape, first, stream))
+        return EventStream(events, headers=headers, close=stream.aclose)
 
     async def tokenize(self, request: Request) -> JSONResponse:
         """vLLM's /tokenize: what the model reads of a prompt, or of a chat through its template."""
@@ -339,6 +358,7 @@ def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max
     install_error_handlers(app)
     app.add_api_route("/v1/completions", gw.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", gw.chat, methods=["POST"])
+    app.add_api_route("/v1/responses", gw.responses, methods=["POST"])
     app.add_api_route("/v1/models", gw.models, methods=["GET"])
     app.add_api_route("/tokenize", gw.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", gw.detokenize, methods=["POST"])

@@ -127,13 +127,17 @@ def _mutations(rng: random.Random):
               "top_k", "seed", "stop", "n", "stream", "stream_options", "user", "logprobs", "echo", "best_of",
               "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos",
               "response_format", "tools", "unknown_field", "top_logprobs", "min_p", "min_tokens", "stop_token_ids",
-              "skip_special_tokens", "include_stop_str_in_output", "chat_template_kwargs", "use_beam_search"]
+              "skip_special_tokens", "include_stop_str_in_output", "chat_template_kwargs", "use_beam_search",
+              "input", "instructions", "text", "include", "metadata", "tool_choice", "truncation", "background",
+              "previous_response_id"]
     while True:
         # Two length fields, so one corrupted byte cannot leave a valid chat without a limit.
         base = rng.choice([{"prompt": "hi", "max_tokens": 2, "max_completion_tokens": 2},
                            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
-                            "max_completion_tokens": 2}])
-        path = "/v1/completions" if "prompt" in base else "/v1/chat/completions"
+                            "max_completion_tokens": 2},
+                           {"input": [{"role": "user", "content": "hi"}], "max_output_tokens": 2}])
+        path = ("/v1/completions" if "prompt" in base else "/v1/chat/completions" if "messages" in base else
+                "/v1/responses")
         body = dict(base)
         for _ in range(rng.randint(1, 3)):
             key = rng.choice(fields)
@@ -142,7 +146,12 @@ def _mutations(rng: random.Random):
             else:
                 body[key] = rng.choice(weird)
         body.setdefault("max_tokens", 2)  # without one a valid chat runs to the end of the context
+        if path == "/v1/responses" and not isinstance(body.get("max_output_tokens"), int):
+            body["max_output_tokens"] = 2
         raw = json.dumps(body).encode()
+        if body.get("max_output_tokens") == 2:  # its one length field twice (JSON keeps the last), as chat has two
+            raw = raw[:-1] + b', "max_output_tokens": 2}'
+
         kind = rng.random()
         if kind < 0.15:
             raw = raw[:rng.randint(0, len(raw))]

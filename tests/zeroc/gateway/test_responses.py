@@ -1,0 +1,268 @@
+"""OpenAI's Responses API (`/v1/responses`, zeroc/gateway/responses.py) through the official `openai` client: the
+oracle is /v1/chat/completions on the same gateway for the chat request a Response means (text, log-probabilities,
+function calls, thinking), and the client's own stream accumulator (`responses.stream`) for the events' order;
+requests the server cannot honour are 400s naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+import grpc
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+from gateway_support import openai_on_gateway
+from zeroc.client import Chunk, ClientError, Result, Usage
+from zeroc.gateway.errors import APIError
+from zeroc.gateway.reasoning import REASONING_PARSERS, Reasoning
+from zeroc.gateway.response_events import response_events
+from zeroc.gateway.responses import ResponseShape, ResponsesRequest, chat_request
+from zeroc.gateway.sse import Reply
+from zeroc.gateway.tool_parsers import PARSERS
+from zeroc.gateway.tools import ToolCalls
+
+INSTRUCTIONS = "You answer in Python."
+QUESTION = "How do I read a file?"
+MESSAGES = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": QUESTION}]
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["C", "F"]}}}
+TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": WEATHER}
+
+
+class Answer(BaseModel):
+    ok: bool
+    word: Literal["yes", "no"]
+
+
+def _chat(api, messages=MESSAGES, **kw):
+    return api.chat.completions.create(model="zeroc-tiny", messages=messages, temperature=0, **kw)
+
+
+def _events(stream) -> list:
+    events = list(stream)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    return events
+
+
+def test_a_response_is_the_chat_answer_of_its_instructions_and_input_whole_and_streamed(api):
+    want = _chat(api, max_tokens=10)
+    got = api.responses.create(model="zeroc-tiny", instructions=INSTRUCTIONS, input=QUESTION, max_output_tokens=10,
+                               temperature=0, store=True, metadata={"k": "v"})
+    assert got.object == "response" and got.id.startswith("resp_") and got.model == "zeroc-tiny"
+    assert got.output_text == want.choices[0].message.content and [o.type for o in got.output] == ["message"]
+    assert got.status == "incomplete" and got.incomplete_details.reason == "max_output_tokens"
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (want.usage.prompt_tokens, 10)
+    assert got.usage.total_tokens == want.usage.prompt_tokens + 10 and got.store is False
+    assert got.metadata == {"k": "v"} and got.instructions == INSTRUCTIONS and got.max_output_tokens == 10
+
+    events = _events(api.responses.create(model="zeroc-tiny", instructions=INSTRUCTIONS, input=QUESTION,
+                                          max_output_tokens=10, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:5] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added", "response.output_text.delta"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == got.output_text == events[-4].text == events[-1].response.output_text
+    assert len({e.item_id for e in events if hasattr(e, "item_id")}) == 1
+    assert events[-1].response.usage.output_tokens == 10 and events[0].response.status == "in_progress"
+
+
+def test_input_items_are_the_conversation_and_the_client_helper_accumulates_the_stream(api):
+    items = [{"role": "developer", "content": [{"type": "input_text", "text": INSTRUCTIONS}]},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "How do I"},
+                                                              {"type": "input_text", "text": "read a file?"}]}]
+    want = _chat(api, [{"role": "developer", "content": INSTRUCTIONS},
+                       {"role": "user", "content": "How do I\nread a file?"}], max_tokens=6)
+    with api.responses.stream(model="zeroc-tiny", input=items, max_output_tokens=6, temperature=0,
+                              text={"format": {"type": "text"}}) as stream:
+        events = _events(stream)
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == want.choices[0].message.content == events[-1].response.output_text
+    assert events[-1].type == "response.incomplete"  # cut by max_output_tokens: OpenAI's last event then
+
+
+def test_a_schema_format_is_parsed_by_the_client_whole_and_streamed(api):
+    got = api.responses.parse(model="zeroc-tiny", input="Is it ok?", text_format=Answer, max_output_tokens=40,
+                              temperature=0)
+    assert got.status == "completed" and isinstance(got.output_parsed, Answer)
+    with api.responses.stream(model="zeroc-tiny", input="Is it ok?", text_format=Answer, max_output_tokens=40,
+                              temperature=0) as stream:
+        final = stream.get_final_response()
+    assert final.output_parsed == got.output_parsed and final.output_text == got.output_text
+    assert final.id != got.id and final.status == "completed"
+    plain = api.responses.create(model="zeroc-tiny", input="Is it ok?", max_output_tokens=40, temperature=0,
+                                 text={"format": {"type": "json_object"}})
+    assert plain.output_text.startswith("{")  # guided; the bundled model's object may run past the limit
+
+
+def test_a_named_tool_choice_is_a_function_call_item_whole_and_streamed(api):
+    choice = {"type": "function", "name": "get_weather"}
+    got = api.responses.create(model="zeroc-tiny", input="Weather in Paris?", tools=[TOOL], tool_choice=choice,
+                               max_output_tokens=80, temperature=0)
+    [call] = got.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    assert call.status == "completed" and got.status == "completed" and got.output_text == ""
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    assert got.tools[0].name == "get_weather" and got.tool_choice.name == "get_weather"
+    with api.responses.stream(model="zeroc-tiny", input="Weather in Paris?", tools=[TOOL], tool_choice=choice,
+                              max_output_tokens=80, temperature=0) as stream:
+        events = _events(stream)
+        final = stream.get_final_response()
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert deltas == call.arguments == done[0].arguments == final.output[0].arguments
+    assert final.output[0].name == "get_weather" and final.output[0].id == events[2].item.id
+
+
+def test_function_call_items_and_their_outputs_are_the_chat_conversation(api):
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'}
+    items = [{"role": "user", "content": "Weather in Paris?"}, call,
+             {"type": "function_call_output", "call_id": "call_1", "output": "18 C and sunny"},
+             {"type": "reasoning", "id": "rs_1", "summary": []}]
+    want = _chat(api, [{"role": "user", "content": "Weather in Paris?"},
+                       {"role": "assistant", "content": "", "tool_calls": [
+                           {"id": "call_1", "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+                       {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}],
+                 max_tokens=6, tools=[{"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}],
+                 tool_choice="none")
+    got = api.responses.create(model="zeroc-tiny", input=items, tools=[TOOL], tool_choice="none",
+                               max_output_tokens=6, temperature=0)
+    assert got.output_text == want.choices[0].message.content
+    assert got.usage.input_tokens == want.usage.prompt_tokens
+
+
+def test_log_probabilities_are_chats_whole_and_streamed(api):
+    want = _chat(api, max_tokens=6, logprobs=True, top_logprobs=2).choices[0].logprobs.content
+    got = api.responses.create(model="zeroc-tiny", instructions=INSTRUCTIONS, input=QUESTION, max_output_tokens=6,
+                               temperature=0, top_logprobs=2, include=["message.output_text.logprobs"])
+    entries = got.output[0].content[0].logprobs
+    assert [(e.token, e.bytes) for e in entries] == [(w.token, w.bytes) for w in want]
+    assert [e.logprob for e in entries] == pytest.approx([w.logprob for w in want], abs=1e-4)
+    assert all([t.token for t in e.top_logprobs] == [t.token for t in w.top_logprobs] for e, w in zip(entries, want))
+    events = _events(api.responses.create(model="zeroc-tiny", instructions=INSTRUCTIONS, input=QUESTION,
+                                          max_output_tokens=6, temperature=0, top_logprobs=2, stream=True))
+    streamed = [e for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    assert [e.token for e in streamed] == [w.token for w in want]
+    plain = api.responses.create(model="zeroc-tiny", input=QUESTION, max_output_tokens=2, temperature=0)
+    assert plain.output[0].content[0].logprobs == []
+
+
+def test_thinking_is_a_reasoning_item_whole_and_streamed(services, api):
+    plain = api.responses.create(model="zeroc-tiny", input="What is a list?", max_output_tokens=12, temperature=0)
+    with openai_on_gateway(services.decode, "--reasoning-parser", "deepseek_r1") as thinking:
+        got = thinking.responses.create(model="zeroc-tiny", input="What is a list?", max_output_tokens=12,
+                                        temperature=0)
+        events = _events(thinking.responses.create(model="zeroc-tiny", input="What is a list?",
+                                                   max_output_tokens=12, temperature=0, stream=True))
+    [item] = got.output  # the bundled model never closes the block: all of it is thinking
+    assert item.type == "reasoning" and item.content[0].text == plain.output_text and got.output_text == ""
+    streamed = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert streamed == plain.output_text and events[-1].response.output[0].content[0].text == streamed
+    assert not any(e.type == "response.output_text.delta" for e in events)
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
+     "input.0.content"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input.0.type"),
+    ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input.0.type"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input.0.role"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input.0.arguments"),
+    ({"input": []}, "input"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"tools": [TOOL], "tool_choice": {"type": "web_search"}}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tools": [TOOL]}, "tool_choice"),  # "auto" needs a --tool-call-parser
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"background": True}, "background"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, None),
+])
+def test_requests_the_server_cannot_honour_are_400s_and_it_keeps_serving(api, kw, param):
+    body = {"model": "zeroc-tiny", "input": QUESTION, "max_output_tokens": 4, **kw}
+    with pytest.raises(openai.BadRequestError) as err:
+        api.responses.create(**body)
+    assert param is None or err.value.body["param"] == param
+    assert api.responses.create(model="zeroc-tiny", input="still", max_output_tokens=2).usage.output_tokens == 2
+
+
+def test_the_chat_request_a_response_means():
+    req = ResponsesRequest.model_validate({
+        "instructions": "Be brief.", "max_output_tokens": 9, "temperature": 0.5, "parallel_tool_calls": False,
+        "input": [{"role": "assistant", "content": [{"type": "output_text", "text": "Hi."}]},
+                  {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+                  {"type": "function_call", "call_id": "b", "name": "g", "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "a", "output": [{"type": "input_text", "text": "1"}]}],
+        "tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "g", "strict": True}],
+        "tool_choice": "required", "text": {"format": {"type": "json_object"}}})
+    chat = chat_request(req)
+    assert [m.role for m in chat.messages] == ["system", "assistant", "tool"]
+    assert chat.messages[1].content == "Hi." and [c["id"] for c in chat.messages[1].tool_calls] == ["a", "b"]
+    assert chat.messages[2].tool_call_id == "a" and chat.messages[2].content == "1"
+    assert chat.max_completion_tokens == 9 and chat.temperature == 0.5 and chat.parallel_tool_calls is False
+    assert [t.function.name for t in chat.tools] == ["f", "g"] and chat.tools[1].function.strict is True
+    assert chat.tool_choice == "required" and chat.response_format.type == "json_object"
+    with pytest.raises(APIError, match="only function tools"):
+        chat_request(ResponsesRequest.model_validate({"input": "x", "tools": [{"type": "file_search"}]}))
+
+
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}</tool_call>'
+
+
+def _usage() -> Usage:
+    return Usage(prompt_tokens=5, completion_tokens=4, ttft_ms=1.0, cached_prefix_tokens=0, kv_bytes_received=0)
+
+
+async def _canned(pieces: list[str], error: ClientError | None = None):
+    for piece in pieces[1:]:
+        yield Chunk([1], piece)
+    if error is not None:
+        raise error
+    yield Result("r", "stop", _usage())
+
+
+def _run(reply: Reply, shape: ResponseShape, pieces: list[str], error: ClientError | None = None) -> list[dict]:
+    async def go() -> bytes:
+        return b"".join([e async for e in response_events(reply, shape, Chunk([1], pieces[0]),
+                                                          _canned(pieces, error))])
+    raw = asyncio.run(go()).decode()
+    events = [json.loads(block.split("\ndata: ", 1)[1]) for block in raw.split("\n\n") if block]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert all(block.startswith(f"event: {e['type']}\n") for block, e in zip(raw.split("\n\n"), events))
+    return events
+
+
+def test_thinking_then_text_then_a_call_are_three_items_in_order_each_closed_before_the_next():
+    reply = Reply("resp_1", "m", True, False, 0, tools=ToolCalls("resp_1", None, PARSERS["hermes"]),
+                  reasoning=Reasoning(REASONING_PARSERS["deepseek_r1"], True))
+    shape = ResponseShape(ResponsesRequest.model_validate({"input": "x"}), "m", 0)
+    text = f"Let me see.</think>\n\nChecking.\n{CALL}"
+    events = _run(reply, shape, [text[i: i + 7] for i in range(0, len(text), 7)])
+    added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert added == [d["type"] for d in done] == ["reasoning", "message", "function_call"]
+    assert done[0]["content"][0]["text"] == "Let me see." and done[1]["content"][0]["text"] == "Checking."
+    assert json.loads(done[2]["arguments"]) == {"city": "Paris", "unit": "C"} and done[2]["name"] == "get_weather"
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"] == done
+
+
+def test_a_call_failing_mid_stream_ends_with_response_failed_and_its_items_incomplete():
+    reply = Reply("resp_2", "m", True, False, 0)
+    shape = ResponseShape(ResponsesRequest.model_validate({"input": "x"}), "m", 0)
+    events = _run(reply, shape, ["Hello", " there"], ClientError(grpc.StatusCode.UNAVAILABLE, "the service went"))
+    last = events[-1]
+    assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
+    assert last["response"]["error"]["code"] == "server_error" and "UNAVAILABLE" in last["response"]["error"]["message"]
+    [item] = last["response"]["output"]
+    assert item["status"] == "incomplete" and item["content"][0]["text"] == "Hello there"
+    assert [e["type"] for e in events[-4:-1]] == ["response.output_text.done", "response.content_part.done",
+                                                  "response.output_item.done"]
