@@ -55,6 +55,7 @@ class Ticket:
     queued: bool = True  # holds a queue place (until its first token or its end)
     reserve_wait_s: float = 0.0  # time spent in `reserve` waiting for cache space
     released: bool = False  # `release` was called: a submit still in the inbox adds nothing
+    priority: int = 0  # lower runs first under the "priority" scheduling policy, here and in the engine
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class EngineLoop:
         self._count_lock = threading.Lock()  # guards `_queued` and tickets' `queued` flags; never held long
         self._step_lock = threading.Lock()  # held by the loop thread while it drains and steps; see `paused`
         self._tickets: dict[str, Ticket] = {}  # loop thread only
-        self._reservations: list[_Reservation] = []  # loop thread only, FIFO
+        self._reservations: list[_Reservation] = []  # loop thread only, by priority, then FIFO
         self._queued = 0
         self._stopping = False
         self._cache_stats = (engine.cache.num_blocks, engine.cache.num_free_blocks, 0)  # published by the loop
@@ -96,7 +97,8 @@ class EngineLoop:
         self._thread.start()
 
     # -- called by request handler threads -----------------------------------------------------
-    def admit(self) -> Ticket:
+    def admit(self, priority: int = 0) -> Ticket:
+        """A queue place for a new request (`priority`: checked by the caller, Engine.check_priority)."""
         with self._count_lock:
             if self._stopping:
                 raise ShuttingDownError("the service is shutting down")
@@ -104,13 +106,13 @@ class EngineLoop:
                 raise QueueFullError(f"{self._queued} requests are already queued (limit {self.max_queue}); "
                                      "retry later or use another replica")
             self._queued += 1
-            return Ticket(key=uuid.uuid4().hex)
+            return Ticket(key=uuid.uuid4().hex, priority=priority)
 
     def reserve(self, ticket: Ticket, num_tokens: int, is_active: Callable[[], bool]) -> torch.Tensor:
         """Wait until the cache can hold `num_tokens` prompt tokens, then take their slots: [num_tokens]."""
         self._check_open()
         done: Future = Future()
-        self._inbox.put(lambda: self._reservations.append(
+        self._inbox.put(lambda: self._queue_reservation(
             _Reservation(ticket, num_tokens, is_active, time.monotonic(), done)))
         return done.result()
 
@@ -193,7 +195,7 @@ class EngineLoop:
             self.engine.abort(ticket.key)
             return
         try:
-            self.engine.add_request(ids, params, ticket.key, cached_tokens=cached_tokens)
+            self.engine.add_request(ids, params, ticket.key, cached_tokens=cached_tokens, priority=ticket.priority)
         except Exception as exc:  # a request the engine refuses fails alone
             self.engine.abort(ticket.key)
             self._unqueue(ticket)
@@ -206,7 +208,7 @@ class EngineLoop:
         self._tickets.pop(ticket.key, None)
 
     def _drain(self) -> None:
-        """Run every command sent so far, then grant the reservations that fit now (in arrival order)."""
+        """Run every command sent so far, then grant the reservations that fit now (in their order)."""
         while True:
             try:
                 command = self._inbox.get_nowait()
@@ -214,6 +216,12 @@ class EngineLoop:
                 break
             command()
         self._grant_reservations()
+
+    def _queue_reservation(self, r: _Reservation) -> None:
+        """Queue `r` behind every reservation of its priority or a lower value (all are 0 under fcfs: FIFO)."""
+        at = next((i for i, q in enumerate(self._reservations) if q.ticket.priority > r.ticket.priority),
+                  len(self._reservations))
+        self._reservations.insert(at, r)
 
     def _grant_reservations(self) -> None:
         cache = self.engine.cache
@@ -226,7 +234,7 @@ class EngineLoop:
             # Leave a block of growth per running sequence so receiving KV does not force preemption.
             need = cache.blocks_needed(r.ticket.key, r.num_tokens + 1)
             if cache.num_free_blocks - len(self.engine.running) < need:
-                return  # FIFO: later reservations wait behind this one
+                return  # in order: later reservations wait behind this one
             self._reservations.pop(0)
             r.ticket.reserve_wait_s = time.monotonic() - r.started
             try:

@@ -66,6 +66,7 @@ class GenerateInput:
     prompt_ids: list[int]
     params: SamplingParams
     tenant: str = ""  # whose prefix cache the request reads and fills
+    priority: int = 0  # GenerateRequest.priority, checked against the scheduling policy
 
 
 def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
@@ -156,12 +157,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             params = sampling_from_proto(request.sampling)
             state.engine.check_sampling(params)
+            state.engine.check_priority(request.priority)
             ids = state.engine.prepare_prompt(request.prompt or list(request.prompt_token_ids))
         except PromptTooLongError as exc:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
         except ValueError as exc:  # ZeroCError is a ValueError: empty prompt, bad ids, bad sampling
             context.abort(_INVALID, str(exc))
-        return GenerateInput(request.request_id or f"gen-{time.time_ns():x}", ids, params, self.auth.tenant(context))
+        return GenerateInput(request.request_id or f"gen-{time.time_ns():x}", ids, params, self.auth.tenant(context),
+                             request.priority)
 
     def Generate(self, request, context):
         arrived = time.monotonic()
@@ -174,7 +177,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))  # accepted: this replica runs it
         req = self._parse(request, state, context)
         try:
-            ticket = state.loop.admit()
+            ticket = state.loop.admit(req.priority)
         except QueueFullError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ShuttingDownError as exc:
@@ -244,7 +247,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         timeout = min(self.transfer_timeout_s, remaining) if remaining is not None else self.transfer_timeout_s
         receiver, land = receive_into(state.engine.cache, ticket.key, slots[reused:], start=reused)
         kv_bytes = self.transport.fetch(ticket.key, ids[:-1], receiver, timeout, context.is_active,
-                                        cached_prefix_tokens=reused, tenant=req.tenant)
+                                        cached_prefix_tokens=reused, tenant=req.tenant, priority=req.priority)
         state.loop.run_locked(land)  # a KV policy encodes the full-precision KV into its own blocks
         return kv_bytes, reused
 

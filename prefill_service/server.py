@@ -95,7 +95,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             context.abort(exc.code, str(exc))
         # Internal ids are unique so a caller reusing its request id cannot collide in the cache.
         return PrefillJob(f"{request.request_id or 'prefill'}#{uuid.uuid4().hex[:8]}", ids, max(1024, chunk),
-                          request.cached_prefix_tokens, sink=sink, tenant=request.tenant, mac_key=key)
+                          request.cached_prefix_tokens, sink=sink, tenant=request.tenant, mac_key=key,
+                          priority=request.priority)
 
     def Prefill(self, request, context):
         arrived = time.monotonic()

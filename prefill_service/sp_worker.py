@@ -16,7 +16,6 @@ import argparse
 import datetime
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from prefill_service.worker import DONE, PrefillJob, ship_layer
+from prefill_service.worker import DONE, JobQueue, PrefillJob, ship_layer
 from zeroc.config import ThreadsConfig
 from zeroc.cpu_threads import enter_engine_thread
 from zeroc.kv_transfer import KvTransferError
@@ -101,7 +100,7 @@ class SpPrefillWorker:
                        for r in range(1, world)]
         dist.init_process_group("gloo", init_method=init, rank=0, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        self._pending: queue.Queue[PrefillJob | None] = queue.Queue()
+        self._pending = JobQueue()  # by priority, then arrival
         self._thread = threading.Thread(target=self._run, name="sp-prefill", daemon=True)
         self._thread.start()
         log.info("sequence-parallel prefill ready", extra={"ranks": world})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -41,6 +43,35 @@ class PrefillJob:
     sink: KvSink | None = None  # out-of-band transport (zeroc/transport/); None: in-band chunks
     tenant: str = ""  # whose prefix cache the prompt's blocks belong to ("": the default tenant)
     mac_key: bytes | None = None  # the request's key for in-band chunk MACs (zeroc.stream_mac); None: no MACs
+    priority: int = 0  # PrefillRequest.priority: lower is taken first
+    order: int = -1  # its place in arrival order, given by the JobQueue it first joins
+
+
+class JobQueue:
+    """Prompts waiting for the worker, taken by priority (lower first), then in arrival order; a job put back
+    keeps its place. `put(None)` queues a stop marker, taken after every job (`get` returns None)."""
+
+    def __init__(self):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._arrivals = itertools.count()
+
+    def put(self, job: PrefillJob | None) -> None:
+        if job is None:
+            self._queue.put((math.inf, next(self._arrivals), None))
+            return
+        if job.order < 0:
+            job.order = next(self._arrivals)
+        self._queue.put((job.priority, job.order, job))
+
+    def get(self, block: bool = True) -> PrefillJob | None:
+        """The next job (None: the stop marker); raises queue.Empty when not `block`ing and none waits."""
+        return self._queue.get(block)[2]
+
+    def get_nowait(self) -> PrefillJob | None:
+        return self.get(False)
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
 
 
 def ship_layer(job: PrefillJob, layer: int, k: Tensor, v: Tensor, first_token: int, tier: bool = False) -> None:
@@ -86,7 +117,7 @@ class PrefillWorker:
         self.max_tokens = self.cache.token_capacity(cfg.max_position_embeddings) - 1
         # A token tier (zeroc/policies/tier.py): the model writes [compressed | tier] rows; both are shipped.
         self.tier = self.cache.policy if isinstance(self.cache.policy, TokenTier) else None
-        self._pending: queue.Queue[PrefillJob | None] = queue.Queue()
+        self._pending = JobQueue()
         self._thread = threading.Thread(target=self._run, name="prefill-worker", daemon=True)
         self._thread.start()
 
@@ -118,7 +149,7 @@ class PrefillWorker:
                 self._pending.put(None)  # keep the stop marker for the next round
                 break
             if tokens + len(job.token_ids) > min(self.sched.max_num_batched_tokens, self.max_tokens):
-                self._pending.put(job)  # order among later jobs does not matter for correctness
+                self._pending.put(job)  # back in its place, for the next batch
                 break
             batch.append(job)
             tokens += len(job.token_ids)

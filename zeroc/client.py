@@ -189,13 +189,14 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
                   repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
                   prompt_logprobs: int | None = None, guide: dict | None = None,
                   skip_special_tokens: bool = True, min_tokens: int = 0,
-                  include_stop_str_in_output: bool = False) -> pb.GenerateRequest:
+                  include_stop_str_in_output: bool = False, priority: int = 0) -> pb.GenerateRequest:
     """`logprobs`: None for none; n to get each token's log-probability and the n most likely tokens' (0-20).
     `prompt_logprobs`: the same for each prompt token from the second on (the request reuses no cached prefix).
     `guide`: structured output, one of {"json_object": True}, {"json_schema": schema (a dict or JSON text)},
     {"regex": pattern}, {"choice": [strings]}, {"grammar": GBNF text}, optionally with "after": one token's text
     after which it applies (a reasoning model's "</think>"). `skip_special_tokens` False keeps special tokens' text
-    (markers such as Mistral's [TOOL_CALLS]). The penalties, the guide and the rest:
+    (markers such as Mistral's [TOOL_CALLS]). `priority`: lower runs first, on a decode service started with
+    `--scheduling-policy priority` (GenerateRequest.priority). The penalties, the guide and the rest:
     protos/zeroc/v1/generation.proto's SamplingParams."""
     sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                  min_p=min_p, stop=list(stop), stop_token_ids=list(stop_token_ids),
@@ -214,7 +215,7 @@ def build_request(prompt: str | list[int], *, max_tokens: int = 64, temperature:
         sampling.guide.CopyFrom(guide_to_proto(guide))
     if not skip_special_tokens:
         sampling.skip_special_tokens = False
-    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling)
+    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, priority=priority)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:

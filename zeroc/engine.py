@@ -154,12 +154,20 @@ class Engine:
             raise ZeroCError(f"logit_bias has token ids outside [0, {self.model_config.vocab_size})")
         return (None, None) if params.guide is None else self.guides.start(params.guide)
 
+    def check_priority(self, priority: int) -> None:
+        """Raise ZeroCError for a priority this engine's scheduling policy cannot honour (any but 0 under fcfs)."""
+        if priority and self.sched.policy != "priority":
+            raise ZeroCError(f"priority {priority}: this server schedules in arrival order (scheduling policy "
+                             f"{self.sched.policy!r}); priorities need --scheduling-policy priority")
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, cached_tokens: int = 0) -> str:
+                    request_id: str | None = None, cached_tokens: int = 0, priority: int = 0) -> str:
         """Queue a prompt. `cached_tokens` > 0: the KV of that many leading prompt tokens is already
-        in the cache under `request_id` (slots taken with `reserve` and filled by a KV transfer)."""
+        in the cache under `request_id` (slots taken with `reserve` and filled by a KV transfer). `priority`: lower
+        runs first, under the "priority" scheduling policy (SchedulerConfig.policy)."""
         params = params or SamplingParams()
         ids = self.prepare_prompt(prompt)
+        self.check_priority(priority)
         matcher, guide_after = self.check_sampling(params)
         request_id = request_id or f"req-{next(self._ids)}"
         if any(s.request_id == request_id for s in itertools.chain(self.waiting, self.running)):
@@ -177,7 +185,7 @@ class Engine:
         self.waiting.append(Sequence(request_id, ids, params, detok,
                                      make_generator(params, self.device), in_cache=cached_tokens, stop_ids=stop_ids,
                                      hold=max((len(s) - 1 for s in params.stop), default=0), prompt_scores=scores,
-                                     matcher=matcher, guide_after=guide_after))
+                                     matcher=matcher, guide_after=guide_after, priority=priority))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -232,10 +240,10 @@ class Engine:
 
     # -- scheduling -----------------------------------------------------------------------------
     def _reserve_decode(self, outputs: list[StepOutput]) -> tuple[list[Sequence], list[Sequence], int]:
-        """Make room for one more token per decode row, preempting the newest if needed (after reading the
-        step in flight, whose results may free blocks and which must not hold a victim's row): -> (the decode
-        rows, the running sequences that take none, the blocks the rows take). Appends to `outputs` what it
-        reads and ends.
+        """Make room for one more token per decode row, preempting if needed the running sequence of the highest
+        priority value, the newest among equals (after reading the step in flight, whose results may free blocks
+        and which must not hold a victim's row): -> (the decode rows, the running sequences that take none, the
+        blocks the rows take). Appends to `outputs` what it reads and ends.
 
         A sequence that alone fills the whole cache cannot grow: it finishes with "length".
         """
@@ -247,7 +255,7 @@ class Engine:
             if self._in_flight:
                 outputs += self._collect()
                 continue
-            victim = self.running.pop()
+            victim = self.running.pop(max(range(len(self.running)), key=lambda i: (self.running[i].priority, i)))
             self.cache.free(victim.request_id)
             if not self.running:
                 victim.finished = True
@@ -261,17 +269,17 @@ class Engine:
         return [], [], 0
 
     def _admit(self, decoding: list[Sequence], need: int, budget: int) -> list[tuple[Sequence, int]]:
-        """Admit waiting sequences FCFS while their whole context fits the cache, each with the tokens it
-        computes this step. A prompt longer than what is left of the token budget computes a chunk of it
-        (chunked prefill) and stays first in line, holding its blocks, until its last chunk; only then does
-        it sample and run. With no budget left at all (the running decodes take it all), the first sequence
-        still computes a block's worth of tokens: prompts make progress while a step's cost, and so the
+        """Admit waiting sequences by priority (all 0 under fcfs), then as queued, while their whole context fits
+        the cache, each with the tokens it computes this step. A prompt longer than the token budget left computes
+        a chunk of it (chunked prefill) and stays first in line, holding its blocks, until its last chunk; only
+        then does it sample and run. With no budget left at all (the running decodes take it all), the first
+        sequence still computes a block's worth of tokens: prompts make progress while a step's cost, and so the
         running sequences' time per output token, stays bounded by the budget plus one block."""
         admitted: list[tuple[Sequence, int]] = []
         free = self.cache.num_free_blocks - need  # what the decode rows leave
         # Sequences that already hold blocks (a received or reused prefix, an unfinished chunked prompt) go
         # first: one queued behind a sequence waiting for exactly those blocks would wait forever.
-        order = sorted(self.waiting, key=lambda s: s.in_cache == 0)
+        order = sorted(self.waiting, key=lambda s: (s.in_cache == 0, s.priority))
         for seq in order:
             if len(decoding) + len(admitted) >= self.sched.max_num_seqs:
                 break

@@ -399,9 +399,11 @@ class KvTransport(abc.ABC):
 
     @abc.abstractmethod
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "",
+              priority: int = 0) -> int:
         """Fill `receiver` with the KV of `token_ids[cached_prefix_tokens:]` (the prefix's KV is in place
-        already, from the KV store); returns payload bytes received.
+        already, from the KV store), `tenant`'s prompt, of scheduling `priority` (the prefill service's queue order,
+        lower first); returns payload bytes received.
 
         Raises KvTransferError; gives up early (CANCELLED) once `is_active()` turns false."""
 
@@ -429,10 +431,12 @@ class GrpcKvTransport(KvTransport):
             response_deserializer=parse_prefill_response, _registered_method=True)
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "",
+              priority: int = 0) -> int:
         request = prefill_pb2.PrefillRequest(request_id=request_id, token_ids=token_ids,
                                              model_fingerprint=self.fingerprint, max_chunk_bytes=self.chunk_bytes,
-                                             cached_prefix_tokens=cached_prefix_tokens, tenant=tenant)
+                                             cached_prefix_tokens=cached_prefix_tokens, tenant=tenant,
+                                             priority=priority)
         deadline = time.monotonic() + timeout_s
         key = request_key(self.mac_key, request_id, token_ids, cached_prefix_tokens) if self.mac_key else None
         call = self._prefill(self._extend(request), timeout=timeout_s, wait_for_ready=False)

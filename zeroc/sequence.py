@@ -65,6 +65,7 @@ class Sequence:
     prompt_scores: PromptLogprobs | None = None  # when params.prompt_logprobs asks
     matcher: Any = None  # when params.guide is set: its xgrammar matcher, at the text so far (zeroc/structured.py)
     guide_after: int | None = None  # the token the guide waits for (its `after`); None once it applies
+    priority: int = 0  # lower runs first under the "priority" scheduling policy
 
     @property
     def all_ids(self) -> list[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from decode_service.loop import EngineLoop
-from zeroc.config import CacheConfig
+from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.engine import Engine, StepOutput
 from zeroc.sampling import SamplingParams
 
@@ -107,4 +107,31 @@ def test_requests_sent_during_a_step_join_the_next_one(bundled):
         assert seen[1] == 3  # step 0 took the first request; the next one took all three at once
     finally:
         engine.gate.set()
+        loop.stop()
+
+
+def test_reservations_waiting_for_cache_space_are_granted_by_priority(bundled):
+    """Each reservation needs 5 of the 8 blocks, so one at a time is granted: by priority, then arrival."""
+    engine = Engine(bundled, CacheConfig(block_size=16, num_blocks=8), SchedulerConfig(policy="priority"))
+    loop = EngineLoop(engine, max_queue=8)
+    granted: list[int] = []
+    try:
+        holder = loop.admit()
+        loop.reserve(holder, 64, lambda: True)
+        tickets = {}
+        for priority in (2, 0, 1, 0):  # arrival order
+            ticket = tickets[len(tickets)] = loop.admit(priority)
+            in_thread(lambda t=ticket: (loop.reserve(t, 64, lambda: True), granted.append(t)))
+            while len(loop._reservations) < len(tickets):  # queued before the next arrives
+                threading.Event().wait(0.01)
+        loop.unreserve(holder)
+        for n in range(1, 5):  # each granted one gives its blocks back for the next
+            for _ in range(1000):
+                if len(granted) >= n:
+                    break
+                threading.Event().wait(0.01)
+            loop.unreserve(granted[n - 1])
+        assert [t.priority for t in granted] == [0, 0, 1, 2]
+        assert granted[:2] == [tickets[1], tickets[3]]  # equal priorities in arrival order
+    finally:
         loop.stop()

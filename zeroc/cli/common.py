@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from zeroc.config import ATTENTION_BACKENDS, ZeroCConfig
+from zeroc.config import ATTENTION_BACKENDS, SCHEDULING_POLICIES, ZeroCConfig
 from zeroc.policies import NONE, POLICY_NAMES, REGISTRY, make_policy
 
 
@@ -84,6 +84,7 @@ def service_config(args: argparse.Namespace) -> ZeroCConfig:
                 "max_message_mb": args.max_message_mb},
         transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
                   "kv_transport": args.kv_transport, "prefill_fallback": getattr(args, "prefill_fallback", None)},
+        scheduler={"policy": args.scheduling_policy},
         redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
         parallel={"sp_ranks": getattr(args, "sp", None)},
         security={"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
@@ -96,6 +97,9 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="address to listen on (env ZEROC_SERVER_HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (env ZEROC_SERVER_PORT; 0 picks a free one)")
     p.add_argument("--max-queue", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None,
+                   help="fcfs (arrival order) or priority (each request's priority, lower first; the running request "
+                        "of the highest value is the one preempted) (env ZEROC_SCHEDULER_POLICY; default fcfs)")
     p.add_argument("--grace-s", type=float, default=None, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--max-message-mb", type=int, default=None, help="largest gRPC message, in MiB")
     p.add_argument("--block-size", type=int, default=None, help="KV cache block size")

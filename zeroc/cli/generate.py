@@ -80,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_tokens, guide=_local_guide(_guide(args)), **_sampling(args))
     loaded, cfg = common.load(args, common.cache_settings(args))
     engine = Engine(loaded, cfg.cache, cfg.scheduler, release_weights=True)  # as a service does
-    request_id = engine.add_request(args.prompt, params)
+    request_id = engine.add_request(args.prompt, params, priority=args.priority)
     tokens: list[int] = []
     logprobs: list = []
     prompt_logprobs: list = []
@@ -115,7 +115,7 @@ def _generate_remote(args: argparse.Namespace) -> int:
             if not args.json:
                 print(args.prompt, end="", flush=True)
             for item in client.stream(args.prompt, max_tokens=args.max_tokens, guide=_guide(args),
-                                      **_sampling(args)):
+                                      priority=args.priority, **_sampling(args)):
                 out.append(item)
                 if isinstance(item, Chunk) and not args.json:
                     print(item.text, end="", flush=True)
@@ -145,6 +145,8 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-tokens", type=int, default=0, help="tokens before a stop token or string may end it")
+    p.add_argument("--priority", type=int, default=0,
+                   help="scheduling priority, lower first (a decode service with --scheduling-policy priority)")
     p.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this times the most likely one's "
                                                             "probability, in [0, 1]; 0: no cut")
     p.add_argument("--seed", type=int, default=None)

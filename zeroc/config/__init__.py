@@ -11,12 +11,12 @@ from zeroc.config.errors import ConfigError, ZeroCError
 from zeroc.config.model import (ATTENTION_BACKENDS, BUNDLED_CALIB, BUNDLED_HELDOUT, BUNDLED_MODEL, REPO_ROOT,
                                 AttentionCompression, LayerCompression, ModelConfig, RopeConfig, check_tier,
                                 dtype_name, ranks_per_head, requested_dtype)
-from zeroc.config.settings import (CacheConfig, KvStoreConfig, MetricsConfig, ParallelConfig, RedisConfig,
-                                   SchedulerConfig, SecurityConfig, ServerConfig, ThreadsConfig, TransferConfig,
-                                   ZeroCConfig)
+from zeroc.config.settings import (SCHEDULING_POLICIES, CacheConfig, KvStoreConfig, MetricsConfig, ParallelConfig,
+                                   RedisConfig, SchedulerConfig, SecurityConfig, ServerConfig, ThreadsConfig,
+                                   TransferConfig, ZeroCConfig)
 
 __all__ = ["ATTENTION_BACKENDS", "BUNDLED_CALIB", "BUNDLED_HELDOUT", "BUNDLED_MODEL", "REPO_ROOT",
-           "AttentionCompression", "CacheConfig", "ConfigError", "KvStoreConfig", "LayerCompression", "MetricsConfig",
-           "ModelConfig", "ParallelConfig", "RedisConfig", "RopeConfig", "SchedulerConfig", "SecurityConfig",
-           "ServerConfig", "ThreadsConfig", "TransferConfig", "ZeroCConfig", "ZeroCError", "check_tier", "dtype_name",
-           "ranks_per_head", "requested_dtype"]
+           "AttentionCompression", "CacheConfig", "ConfigError", "KvStoreConfig", "LayerCompression",
+           "MetricsConfig", "ModelConfig", "ParallelConfig", "RedisConfig", "RopeConfig", "SCHEDULING_POLICIES",
+           "SchedulerConfig", "SecurityConfig", "ServerConfig", "ThreadsConfig", "TransferConfig", "ZeroCConfig",
+           "ZeroCError", "check_tier", "dtype_name", "ranks_per_head", "requested_dtype"]

@@ -15,6 +15,7 @@ from zeroc.config.model import ATTENTION_BACKENDS, BUNDLED_MODEL, requested_dtyp
 # (96 KiB a block). A model whose blocks take fewer bytes (a ZeroC model's low-rank K/V, a KV policy's stored
 # form) gets more blocks, and so more tokens, from the same budget.
 DEFAULT_CACHE_BYTES = 96 << 20
+SCHEDULING_POLICIES = ("fcfs", "priority")  # SchedulerConfig.policy
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,16 @@ class SchedulerConfig:
     # the CPU, where ops run synchronously, it changes nothing but costs a discarded row for each sequence that
     # ends on a stop token. None (ZEROC_SCHEDULER_ASYNC_SCHEDULING=auto): on where the model runs on CUDA.
     async_scheduling: bool | None = None
+    # Which waiting request runs first (vLLM's --scheduling-policy): "fcfs", in arrival order; or "priority", by
+    # each request's `priority` (lower first, then arrival), where the request preempted when the cache is full is
+    # the running one of the highest value (the newest among equals). Under "fcfs" a non-zero priority is refused.
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduler.policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ class Gateway:
                 "logprobs": req.logprobs_wanted(), "frequency_penalty": req.frequency_penalty or 0.0,
                 "presence_penalty": req.presence_penalty or 0.0, "repetition_penalty": req.repetition_penalty or 1.0,
                 "logit_bias": req.bias(), "guide": req.guide(), "skip_special_tokens": req.skip_special_tokens,
-                "min_tokens": req.min_tokens or 0, "include_stop_str_in_output": req.include_stop_str_in_output}
+                "min_tokens": req.min_tokens or 0, "include_stop_str_in_output": req.include_stop_str_in_output,
+                "priority": req.priority}
 
     async def completions(self, request: Request) -> Response:
         req, token = await self._body(request, CompletionRequest)

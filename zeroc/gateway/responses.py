@@ -61,6 +61,7 @@ class ResponsesRequest(_Body):
     text: TextConfig | None = None
     reasoning: dict[str, Any] | None = None  # effort and summary: accepted, not acted on (docs/gateway.md)
     stream: bool = False
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's extension, as on chat
     store: bool = True  # answered false: nothing is kept
     metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = Field(None, max_length=512)
@@ -87,7 +88,8 @@ def chat_request(req: ResponsesRequest) -> ChatRequest:
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + _messages(req.input)
     body: dict[str, Any] = {"messages": messages, "max_completion_tokens": req.max_output_tokens,
                             "temperature": req.temperature, "top_p": req.top_p, "stream": req.stream,
-                            "parallel_tool_calls": req.parallel_tool_calls, "user": req.user}
+                            "parallel_tool_calls": req.parallel_tool_calls, "user": req.user,
+                            "priority": req.priority}
     if req.logprobs():
         body.update(logprobs=True, top_logprobs=req.top_logprobs or 0)
     if req.tools:

@@ -117,6 +117,7 @@ class _Sampling(_Body):
     min_tokens: int | None = Field(None, ge=0, le=_U32)  # vLLM's extensions
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's extension: lower runs first (a priority-policy server)
     presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)

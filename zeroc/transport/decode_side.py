@@ -108,7 +108,8 @@ class NcclKvTransport(GrpcKvTransport):
         self._busy = threading.Lock()
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "",
+              priority: int = 0) -> int:
         deadline = time.monotonic() + timeout_s
         if not self._busy.acquire(timeout=timeout_s):
             raise KvTransferError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -119,7 +120,7 @@ class NcclKvTransport(GrpcKvTransport):
                 self._link = self.open_link(deadline)
             try:
                 return super().fetch(request_id, token_ids, receiver, _remaining(deadline), is_active,
-                                     cached_prefix_tokens, tenant)
+                                     cached_prefix_tokens, tenant, priority)
             except KvTransferError as exc:
                 if exc.code not in _REFUSED_BEFORE_SENDING:
                     self._drop_link()
@@ -303,12 +304,13 @@ class NegotiatingKvTransport(KvTransport):
         return self._grpc
 
     def fetch(self, request_id: str, token_ids: list[int], receiver: KvReceiver, timeout_s: float,
-              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "") -> int:
+              is_active: Callable[[], bool], cached_prefix_tokens: int = 0, tenant: str = "",
+              priority: int = 0) -> int:
         deadline = time.monotonic() + timeout_s
         kind, transport = self.negotiate(timeout_s)
         try:
             return transport.fetch(request_id, token_ids, receiver, _remaining(deadline), is_active,
-                                   cached_prefix_tokens, tenant)
+                                   cached_prefix_tokens, tenant, priority)
         except KvTransferError as exc:
             if exc.code == grpc.StatusCode.UNAVAILABLE:  # the peer may be back elsewhere: negotiate again
                 self._forget()
@@ -318,7 +320,7 @@ class NegotiatingKvTransport(KvTransport):
             log.warning("kv transport falls back to grpc", extra={"peer": self.target, "error": str(exc)})
             self._forget(fallback=True)
         return self._grpc.fetch(request_id, token_ids, receiver, _remaining(deadline), is_active,
-                                cached_prefix_tokens, tenant)
+                                cached_prefix_tokens, tenant, priority)
 
     def _forget(self, fallback: bool = False) -> None:
         with self._lock:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19zeroc/v1/generation.proto\x12\x08zeroc.v1\"\xe4\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12;\n\nlogit_bias\x18\r \x03(\x0b\x32\'.zeroc.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x12\x1e\n\x05guide\x18\x0f \x01(\x0b\x32\x0f.zeroc.v1.Guide\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12\x12\n\nmin_tokens\x18\x12 \x01(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\xb7\x01\n\x05Guide\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.zeroc.v1.Guide.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\r\n\x05\x61\x66ter\x18\x06 \x01(\t\x1a\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\tB\x06\n\x04kind\"\x8a\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.zeroc.v1.SamplingParams\"\xa4\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.zeroc.v1.TokenLogprobs\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x30\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x17.zeroc.v1.TokenLogprobs\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xaa\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x04 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\x05 \x01(\x04\x12\x10\n\x08queue_ms\x18\x06 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x07 \x01(\r\"_\n\x0eGenerateResult\x12-\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x16.zeroc.v1.FinishReason\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.zeroc.v1.Usage\"\x82\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.zeroc.v1.TokenDeltaH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.zeroc.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\x86\x03\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04mode\x18\x07 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x15\n\rkv_block_size\x18\n \x01(\r\x12\x18\n\x10requests_running\x18\x0b \x01(\r\x12\x17\n\x0frequests_queued\x18\x0c \x01(\r\x12\'\n\x08kv_store\x18\r \x01(\x0b\x32\x15.zeroc.v1.KvStoreInfo\x12\x19\n\x11\x61ttention_backend\x18\x0e \x01(\t\x12\x19\n\x11kv_token_capacity\x18\x0f \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x10 \x01(\x04\"\xe0\x01\n\x0bKvStoreInfo\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x13\n\x0b\x62locks_held\x18\x04 \x01(\r\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x05 \x01(\r\x12\x0f\n\x07lookups\x18\x06 \x01(\x04\x12\x12\n\nhit_tokens\x18\x07 \x01(\x04\x12\x13\n\x0bpeer_blocks\x18\x08 \x01(\x04\x12\x14\n\x0cindex_errors\x18\t \x01(\x04\x12\x12\n\nreconnects\x18\n \x01(\x04\x12\x11\n\tevictions\x18\x0b \x01(\x04\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xea\x01\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.zeroc.v1.GenerateRequest\x1a\x1a.zeroc.v1.GenerateResponse0\x01\x12M\n\x0cGetModelInfo\x12\x1d.zeroc.v1.GetModelInfoRequest\x1a\x1e.zeroc.v1.GetModelInfoResponse\x12\x41\n\x08Tokenize\x12\x19.zeroc.v1.TokenizeRequest\x1a\x1a.zeroc.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19zeroc/v1/generation.proto\x12\x08zeroc.v1\"\xe4\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12;\n\nlogit_bias\x18\r \x03(\x0b\x32\'.zeroc.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\x02\x88\x01\x01\x12\x1e\n\x05guide\x18\x0f \x01(\x0b\x32\x0f.zeroc.v1.Guide\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12\x12\n\nmin_tokens\x18\x12 \x01(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x13 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\xb7\x01\n\x05Guide\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x17.zeroc.v1.Guide.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x12\r\n\x05\x61\x66ter\x18\x06 \x01(\t\x1a\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\tB\x06\n\x04kind\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.zeroc.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\"\xa4\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08logprobs\x18\x03 \x03(\x0b\x32\x17.zeroc.v1.TokenLogprobs\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x30\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x17.zeroc.v1.TokenLogprobs\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"\xaa\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0f\n\x07ttft_ms\x18\x03 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x04 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\x05 \x01(\x04\x12\x10\n\x08queue_ms\x18\x06 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x07 \x01(\r\"_\n\x0eGenerateResult\x12-\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x16.zeroc.v1.FinishReason\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.zeroc.v1.Usage\"\x82\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x14.zeroc.v1.TokenDeltaH\x00\x12*\n\x06result\x18\x03 \x01(\x0b\x32\x18.zeroc.v1.GenerateResultH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\x86\x03\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04mode\x18\x07 \x01(\t\x12\x17\n\x0fkv_blocks_total\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\t \x01(\r\x12\x15\n\rkv_block_size\x18\n \x01(\r\x12\x18\n\x10requests_running\x18\x0b \x01(\r\x12\x17\n\x0frequests_queued\x18\x0c \x01(\r\x12\'\n\x08kv_store\x18\r \x01(\x0b\x32\x15.zeroc.v1.KvStoreInfo\x12\x19\n\x11\x61ttention_backend\x18\x0e \x01(\t\x12\x19\n\x11kv_token_capacity\x18\x0f \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x10 \x01(\x04\"\xe0\x01\n\x0bKvStoreInfo\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x13\n\x0b\x62locks_held\x18\x04 \x01(\r\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x05 \x01(\r\x12\x0f\n\x07lookups\x18\x06 \x01(\x04\x12\x12\n\nhit_tokens\x18\x07 \x01(\x04\x12\x13\n\x0bpeer_blocks\x18\x08 \x01(\x04\x12\x14\n\x0cindex_errors\x18\t \x01(\x04\x12\x12\n\nreconnects\x18\n \x01(\x04\x12\x11\n\tevictions\x18\x0b \x01(\x04\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xea\x01\n\x11GenerationService\x12\x43\n\x08Generate\x12\x19.zeroc.v1.GenerateRequest\x1a\x1a.zeroc.v1.GenerateResponse0\x01\x12M\n\x0cGetModelInfo\x12\x1d.zeroc.v1.GetModelInfoRequest\x1a\x1e.zeroc.v1.GetModelInfoResponse\x12\x41\n\x08Tokenize\x12\x19.zeroc.v1.TokenizeRequest\x1a\x1a.zeroc.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2373
-  _globals['_FINISHREASON']._serialized_end=2493
+  _globals['_FINISHREASON']._serialized_start=2391
+  _globals['_FINISHREASON']._serialized_end=2511
   _globals['_SAMPLINGPARAMS']._serialized_start=40
   _globals['_SAMPLINGPARAMS']._serialized_end=652
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=538
@@ -44,27 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GUIDE_CHOICES']._serialized_start=804
   _globals['_GUIDE_CHOICES']._serialized_end=830
   _globals['_GENERATEREQUEST']._serialized_start=841
-  _globals['_GENERATEREQUEST']._serialized_end=979
-  _globals['_TOKENDELTA']._serialized_start=982
-  _globals['_TOKENDELTA']._serialized_end=1146
-  _globals['_TOKENLOGPROBS']._serialized_start=1148
-  _globals['_TOKENLOGPROBS']._serialized_end=1225
-  _globals['_USAGE']._serialized_start=1228
-  _globals['_USAGE']._serialized_end=1398
-  _globals['_GENERATERESULT']._serialized_start=1400
-  _globals['_GENERATERESULT']._serialized_end=1495
-  _globals['_GENERATERESPONSE']._serialized_start=1498
-  _globals['_GENERATERESPONSE']._serialized_end=1628
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1630
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1651
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1654
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2044
-  _globals['_KVSTOREINFO']._serialized_start=2047
-  _globals['_KVSTOREINFO']._serialized_end=2271
-  _globals['_TOKENIZEREQUEST']._serialized_start=2273
-  _globals['_TOKENIZEREQUEST']._serialized_end=2332
-  _globals['_TOKENIZERESPONSE']._serialized_start=2334
-  _globals['_TOKENIZERESPONSE']._serialized_end=2371
-  _globals['_GENERATIONSERVICE']._serialized_start=2496
-  _globals['_GENERATIONSERVICE']._serialized_end=2730
+  _globals['_GENERATEREQUEST']._serialized_end=997
+  _globals['_TOKENDELTA']._serialized_start=1000
+  _globals['_TOKENDELTA']._serialized_end=1164
+  _globals['_TOKENLOGPROBS']._serialized_start=1166
+  _globals['_TOKENLOGPROBS']._serialized_end=1243
+  _globals['_USAGE']._serialized_start=1246
+  _globals['_USAGE']._serialized_end=1416
+  _globals['_GENERATERESULT']._serialized_start=1418
+  _globals['_GENERATERESULT']._serialized_end=1513
+  _globals['_GENERATERESPONSE']._serialized_start=1516
+  _globals['_GENERATERESPONSE']._serialized_end=1646
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1648
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1669
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1672
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2062
+  _globals['_KVSTOREINFO']._serialized_start=2065
+  _globals['_KVSTOREINFO']._serialized_end=2289
+  _globals['_TOKENIZEREQUEST']._serialized_start=2291
+  _globals['_TOKENIZEREQUEST']._serialized_end=2350
+  _globals['_TOKENIZERESPONSE']._serialized_start=2352
+  _globals['_TOKENIZERESPONSE']._serialized_end=2389
+  _globals['_GENERATIONSERVICE']._serialized_start=2514
+  _globals['_GENERATIONSERVICE']._serialized_end=2748
 # @@protoc_insertion_point(module_scope)

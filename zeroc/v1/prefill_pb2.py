@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16zeroc/v1/prefill.proto\x12\x08zeroc.v1\"\xd8\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x05 \x01(\r\x12,\n\ttransport\x18\x06 \x01(\x0e\x32\x19.zeroc.v1.KvTransportKind\x12\x0f\n\x07link_id\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\"\x9a\x01\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06tensor\x18\x02 \x01(\x0e\x32\x12.zeroc.v1.KvTensor\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x07 \x01(\x07\x12\x0b\n\x03mac\x18\x08 \x01(\x0c\"J\n\x0ePrefillSummary\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\"\x97\x01\n\x0fPrefillResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.zeroc.v1.KvChunkH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.zeroc.v1.PrefillSummaryH\x00\x12*\n\x06remote\x18\x03 \x01(\x0b\x32\x18.zeroc.v1.KvRemoteTensorH\x00\x42\x07\n\x05\x65vent\"\x98\x01\n\x0cKvCapability\x12\x0c\n\x04\x63uda\x18\x01 \x01(\x08\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x14\n\x0cnccl_version\x18\x04 \x01(\t\x12-\n\ntransports\x18\x05 \x03(\x0e\x32\x19.zeroc.v1.KvTransportKind\x12\x0f\n\x07why_not\x18\x06 \x01(\t\"D\n\x16GetKvCapabilityRequest\x12*\n\ncapability\x18\x01 \x01(\x0b\x32\x16.zeroc.v1.KvCapability\"E\n\x17GetKvCapabilityResponse\x12*\n\ncapability\x18\x01 \x01(\x0b\x32\x16.zeroc.v1.KvCapability\"k\n\x11OpenKvLinkRequest\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x16\n\x0enccl_unique_id\x18\x02 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\"P\n\x12OpenKvLinkResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.zeroc.v1.KvLinkState\x12\x14\n\x0cnccl_version\x18\x02 \x01(\t\"\xf3\x01\n\rCudaIpcHandle\x12\x16\n\x0estorage_handle\x18\x01 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\x12\x15\n\rtensor_offset\x18\x08 \x01(\x04\x12\x0e\n\x06stride\x18\t \x03(\x04\"\xb9\x01\n\x0eKvRemoteTensor\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06tensor\x18\x02 \x01(\x0e\x32\x12.zeroc.v1.KvTensor\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\x12$\n\x03ipc\x18\x07 \x01(\x0b\x32\x17.zeroc.v1.CudaIpcHandle\x12\x0b\n\x03mac\x18\x08 \x01(\x0c*\x7f\n\x08KvTensor\x12\x19\n\x15KV_TENSOR_UNSPECIFIED\x10\x00\x12\x11\n\rKV_TENSOR_KEY\x10\x01\x12\x13\n\x0fKV_TENSOR_VALUE\x10\x02\x12\x16\n\x12KV_TENSOR_TIER_KEY\x10\x03\x12\x18\n\x14KV_TENSOR_TIER_VALUE\x10\x04*\x8c\x01\n\x0fKvTransportKind\x12!\n\x1dKV_TRANSPORT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16KV_TRANSPORT_KIND_GRPC\x10\x01\x12\x1a\n\x16KV_TRANSPORT_KIND_NCCL\x10\x02\x12\x1e\n\x1aKV_TRANSPORT_KIND_CUDA_IPC\x10\x03*a\n\x0bKvLinkState\x12\x1d\n\x19KV_LINK_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16KV_LINK_STATE_ACCEPTED\x10\x01\x12\x17\n\x13KV_LINK_STATE_READY\x10\x02\x32\xf5\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x18.zeroc.v1.PrefillRequest\x1a\x19.zeroc.v1.PrefillResponse0\x01\x12V\n\x0fGetKvCapability\x12 .zeroc.v1.GetKvCapabilityRequest\x1a!.zeroc.v1.GetKvCapabilityResponse\x12I\n\nOpenKvLink\x12\x1b.zeroc.v1.OpenKvLinkRequest\x1a\x1c.zeroc.v1.OpenKvLinkResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16zeroc/v1/prefill.proto\x12\x08zeroc.v1\"\xea\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x05 \x01(\r\x12,\n\ttransport\x18\x06 \x01(\x0e\x32\x19.zeroc.v1.KvTransportKind\x12\x0f\n\x07link_id\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\"\x9a\x01\n\x07KvChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06tensor\x18\x02 \x01(\x0e\x32\x12.zeroc.v1.KvTensor\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x07 \x01(\x07\x12\x0b\n\x03mac\x18\x08 \x01(\x0c\"J\n\x0ePrefillSummary\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x04\"\x97\x01\n\x0fPrefillResponse\x12\"\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.zeroc.v1.KvChunkH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.zeroc.v1.PrefillSummaryH\x00\x12*\n\x06remote\x18\x03 \x01(\x0b\x32\x18.zeroc.v1.KvRemoteTensorH\x00\x42\x07\n\x05\x65vent\"\x98\x01\n\x0cKvCapability\x12\x0c\n\x04\x63uda\x18\x01 \x01(\x08\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x0f\n\x07host_id\x18\x03 \x01(\t\x12\x14\n\x0cnccl_version\x18\x04 \x01(\t\x12-\n\ntransports\x18\x05 \x03(\x0e\x32\x19.zeroc.v1.KvTransportKind\x12\x0f\n\x07why_not\x18\x06 \x01(\t\"D\n\x16GetKvCapabilityRequest\x12*\n\ncapability\x18\x01 \x01(\x0b\x32\x16.zeroc.v1.KvCapability\"E\n\x17GetKvCapabilityResponse\x12*\n\ncapability\x18\x01 \x01(\x0b\x32\x16.zeroc.v1.KvCapability\"k\n\x11OpenKvLinkRequest\x12\x0f\n\x07link_id\x18\x01 \x01(\t\x12\x16\n\x0enccl_unique_id\x18\x02 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\"P\n\x12OpenKvLinkResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.zeroc.v1.KvLinkState\x12\x14\n\x0cnccl_version\x18\x02 \x01(\t\"\xf3\x01\n\rCudaIpcHandle\x12\x16\n\x0estorage_handle\x18\x01 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x02 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\x12\x15\n\rtensor_offset\x18\x08 \x01(\x04\x12\x0e\n\x06stride\x18\t \x03(\x04\"\xb9\x01\n\x0eKvRemoteTensor\x12\r\n\x05layer\x18\x01 \x01(\r\x12\"\n\x06tensor\x18\x02 \x01(\x0e\x32\x12.zeroc.v1.KvTensor\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0e\n\x06nbytes\x18\x06 \x01(\x04\x12$\n\x03ipc\x18\x07 \x01(\x0b\x32\x17.zeroc.v1.CudaIpcHandle\x12\x0b\n\x03mac\x18\x08 \x01(\x0c*\x7f\n\x08KvTensor\x12\x19\n\x15KV_TENSOR_UNSPECIFIED\x10\x00\x12\x11\n\rKV_TENSOR_KEY\x10\x01\x12\x13\n\x0fKV_TENSOR_VALUE\x10\x02\x12\x16\n\x12KV_TENSOR_TIER_KEY\x10\x03\x12\x18\n\x14KV_TENSOR_TIER_VALUE\x10\x04*\x8c\x01\n\x0fKvTransportKind\x12!\n\x1dKV_TRANSPORT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16KV_TRANSPORT_KIND_GRPC\x10\x01\x12\x1a\n\x16KV_TRANSPORT_KIND_NCCL\x10\x02\x12\x1e\n\x1aKV_TRANSPORT_KIND_CUDA_IPC\x10\x03*a\n\x0bKvLinkState\x12\x1d\n\x19KV_LINK_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16KV_LINK_STATE_ACCEPTED\x10\x01\x12\x17\n\x13KV_LINK_STATE_READY\x10\x02\x32\xf5\x01\n\x0ePrefillService\x12@\n\x07Prefill\x12\x18.zeroc.v1.PrefillRequest\x1a\x19.zeroc.v1.PrefillResponse0\x01\x12V\n\x0fGetKvCapability\x12 .zeroc.v1.GetKvCapabilityRequest\x1a!.zeroc.v1.GetKvCapabilityResponse\x12I\n\nOpenKvLink\x12\x1b.zeroc.v1.OpenKvLinkRequest\x1a\x1c.zeroc.v1.OpenKvLinkResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zeroc.v1.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVTENSOR']._serialized_start=1563
-  _globals['_KVTENSOR']._serialized_end=1690
-  _globals['_KVTRANSPORTKIND']._serialized_start=1693
-  _globals['_KVTRANSPORTKIND']._serialized_end=1833
-  _globals['_KVLINKSTATE']._serialized_start=1835
-  _globals['_KVLINKSTATE']._serialized_end=1932
+  _globals['_KVTENSOR']._serialized_start=1581
+  _globals['_KVTENSOR']._serialized_end=1708
+  _globals['_KVTRANSPORTKIND']._serialized_start=1711
+  _globals['_KVTRANSPORTKIND']._serialized_end=1851
+  _globals['_KVLINKSTATE']._serialized_start=1853
+  _globals['_KVLINKSTATE']._serialized_end=1950
   _globals['_PREFILLREQUEST']._serialized_start=37
-  _globals['_PREFILLREQUEST']._serialized_end=253
-  _globals['_KVCHUNK']._serialized_start=256
-  _globals['_KVCHUNK']._serialized_end=410
-  _globals['_PREFILLSUMMARY']._serialized_start=412
-  _globals['_PREFILLSUMMARY']._serialized_end=486
-  _globals['_PREFILLRESPONSE']._serialized_start=489
-  _globals['_PREFILLRESPONSE']._serialized_end=640
-  _globals['_KVCAPABILITY']._serialized_start=643
-  _globals['_KVCAPABILITY']._serialized_end=795
-  _globals['_GETKVCAPABILITYREQUEST']._serialized_start=797
-  _globals['_GETKVCAPABILITYREQUEST']._serialized_end=865
-  _globals['_GETKVCAPABILITYRESPONSE']._serialized_start=867
-  _globals['_GETKVCAPABILITYRESPONSE']._serialized_end=936
-  _globals['_OPENKVLINKREQUEST']._serialized_start=938
-  _globals['_OPENKVLINKREQUEST']._serialized_end=1045
-  _globals['_OPENKVLINKRESPONSE']._serialized_start=1047
-  _globals['_OPENKVLINKRESPONSE']._serialized_end=1127
-  _globals['_CUDAIPCHANDLE']._serialized_start=1130
-  _globals['_CUDAIPCHANDLE']._serialized_end=1373
-  _globals['_KVREMOTETENSOR']._serialized_start=1376
-  _globals['_KVREMOTETENSOR']._serialized_end=1561
-  _globals['_PREFILLSERVICE']._serialized_start=1935
-  _globals['_PREFILLSERVICE']._serialized_end=2180
+  _globals['_PREFILLREQUEST']._serialized_end=271
+  _globals['_KVCHUNK']._serialized_start=274
+  _globals['_KVCHUNK']._serialized_end=428
+  _globals['_PREFILLSUMMARY']._serialized_start=430
+  _globals['_PREFILLSUMMARY']._serialized_end=504
+  _globals['_PREFILLRESPONSE']._serialized_start=507
+  _globals['_PREFILLRESPONSE']._serialized_end=658
+  _globals['_KVCAPABILITY']._serialized_start=661
+  _globals['_KVCAPABILITY']._serialized_end=813
+  _globals['_GETKVCAPABILITYREQUEST']._serialized_start=815
+  _globals['_GETKVCAPABILITYREQUEST']._serialized_end=883
+  _globals['_GETKVCAPABILITYRESPONSE']._serialized_start=885
+  _globals['_GETKVCAPABILITYRESPONSE']._serialized_end=954
+  _globals['_OPENKVLINKREQUEST']._serialized_start=956
+  _globals['_OPENKVLINKREQUEST']._serialized_end=1063
+  _globals['_OPENKVLINKRESPONSE']._serialized_start=1065
+  _globals['_OPENKVLINKRESPONSE']._serialized_end=1145
+  _globals['_CUDAIPCHANDLE']._serialized_start=1148
+  _globals['_CUDAIPCHANDLE']._serialized_end=1391
+  _globals['_KVREMOTETENSOR']._serialized_start=1394
+  _globals['_KVREMOTETENSOR']._serialized_end=1579
+  _globals['_PREFILLSERVICE']._serialized_start=1953
+  _globals['_PREFILLSERVICE']._serialized_end=2198
 # @@protoc_insertion_point(module_scope)

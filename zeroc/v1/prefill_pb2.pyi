@@ -41,7 +41,7 @@ KV_LINK_STATE_ACCEPTED: KvLinkState
 KV_LINK_STATE_READY: KvLinkState
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "model_fingerprint", "max_chunk_bytes", "cached_prefix_tokens", "transport", "link_id", "tenant")
+    __slots__ = ("request_id", "token_ids", "model_fingerprint", "max_chunk_bytes", "cached_prefix_tokens", "transport", "link_id", "tenant", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class PrefillRequest(_message.Message):
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     LINK_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     model_fingerprint: str
@@ -58,7 +59,8 @@ class PrefillRequest(_message.Message):
     transport: KvTransportKind
     link_id: str
     tenant: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., cached_prefix_tokens: _Optional[int] = ..., transport: _Optional[_Union[KvTransportKind, str]] = ..., link_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., model_fingerprint: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., cached_prefix_tokens: _Optional[int] = ..., transport: _Optional[_Union[KvTransportKind, str]] = ..., link_id: _Optional[str] = ..., tenant: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("layer", "tensor", "first_token", "shape", "dtype", "data", "crc32c", "mac")
