@@ -182,7 +182,8 @@ class Gateway:
         messages = [m.as_template_input(i) for i, m in enumerate(req.messages)]
         guide, calls = req.tool_calls(reply_id, self.card.tool_parser)  # zeroc/gateway/tools.py
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-        text = self.card.template.render(messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
+        text = self.card.template.render(messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
+                                         req.continue_final_message)
         ids = self.card.tokenizer.encode(text, add_special_tokens=False)
         room = self.card.max_context - len(ids)
         if room < 1 or not ids:
@@ -255,7 +256,8 @@ class Gateway:
                 raise APIError(400, f"the model {self.card.name!r} has no chat template", param="messages")
             tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
             text = self.card.template.render([m.as_template_input(i) for i, m in enumerate(req.messages)],
-                                             req.add_generation_prompt, tools, req.chat_template_kwargs)
+                                             req.add_generation_prompt, tools, req.chat_template_kwargs,
+                                             req.continue_final_message)
             special = bool(req.add_special_tokens)
         tok = self.card.tokenizer
         ids = await asyncio.to_thread(tok.encode, text, special)  # up to the body's size: off the event loop

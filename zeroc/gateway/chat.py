@@ -21,6 +21,7 @@ from zeroc.config import ConfigError
 from zeroc.gateway.errors import APIError
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # marks where the last message's text ends (Hugging Face's tag)
 
 
 def _raise(message: str) -> None:
@@ -47,10 +48,18 @@ class ChatTemplate:
         self.special_tokens = special_tokens
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
-               extra: dict | None = None) -> str:
+               extra: dict | None = None, continue_final: bool = False) -> str:
         """The prompt text for `messages` (and `tools`, OpenAI's shape, for templates that describe them). `extra`:
         the request's `chat_template_kwargs`, more variables for the template (Qwen3's `enable_thinking`), which may
-        not replace the ones above. A template that fails on them is the request's fault: a 400."""
+        not replace the ones above. `continue_final`: the text ends inside the last message, which the model goes
+        on writing (vLLM's `continue_final_message`, as Hugging Face cuts it: after the message's own text). A
+        template that fails on them is the request's fault: a 400."""
+        if continue_final:
+            if add_generation_prompt:
+                raise APIError(400, "continue_final_message: set add_generation_prompt to false with it (the model "
+                                    "continues the last message instead of starting a new one)",
+                               param="continue_final_message")
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _CONTINUE_TAG}]
         given = dict(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
                      documents=None, **self.special_tokens)
         clash = sorted(set(extra or ()) & set(given))
@@ -58,10 +67,21 @@ class ChatTemplate:
             raise APIError(400, f"chat_template_kwargs: {clash[0][:64]!r} is set by the server",
                            param="chat_template_kwargs")
         try:
-            return self.template.render(**(extra or {}), **given)
+            text = self.template.render(**(extra or {}), **given)
         except Exception as exc:  # raise_exception, sandbox SecurityError, type errors on odd content
             raise APIError(400, f"messages: the chat template cannot render them ({str(exc)[:120]})",
                            param="messages") from None
+        return _cut_at_tag(text) if continue_final else text
+
+
+def _cut_at_tag(text: str) -> str:
+    """The rendered text up to where the last message's own text ended (marked by _CONTINUE_TAG), less the spacing
+    a template trimmed off that message."""
+    at = text.rfind(_CONTINUE_TAG.strip())
+    if at < 0:
+        raise APIError(400, "continue_final_message: the chat template does not render the last message's text "
+                            "whole, so there is nothing to continue", param="continue_final_message")
+    return text[:at] if text[at: at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
 
 
 def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:

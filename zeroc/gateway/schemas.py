@@ -279,7 +279,8 @@ class Message(_Body):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(..., min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=_U32)
-    add_generation_prompt: bool = True  # vLLM's extension: False continues the last message instead
+    add_generation_prompt: bool = True  # vLLM's extensions: False renders no assistant header after the messages;
+    continue_final_message: bool = False  # and this, with it False, leaves the last message open for the model
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[ToolDef] | None = Field(None, max_length=128)
@@ -315,6 +316,7 @@ class TokenizeRequest(_Body):
     messages: list[Message] | None = Field(None, min_length=1, max_length=4096)
     add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template's own)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     tools: list[ToolDef] | None = Field(None, max_length=128)
     chat_template_kwargs: dict[str, Any] | None = Field(None, max_length=64)
     return_token_strs: bool = False

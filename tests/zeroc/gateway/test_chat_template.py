@@ -39,6 +39,33 @@ def test_the_bundled_template_renders_as_transformers_does(messages, add_generat
         assert "{{ 7*7 }}" in want  # user text is data, never evaluated as a template
 
 
+@pytest.mark.parametrize("source", [None, STRICT, "{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}"])
+def test_continuing_the_last_message_cuts_the_text_where_transformers_does(tmp_path, source):
+    """The bundled template (which ends a message with blank lines), one that quotes it (tojson) and one that
+    trims it: the text ends where the last message's own text does."""
+    from transformers import AutoTokenizer
+
+    shutil.copy(BUNDLED_MODEL / "tokenizer.json", tmp_path)
+    cfg = json.loads((BUNDLED_MODEL / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = source or cfg["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    chat = CHATS[1][:3] + [{"role": "assistant", "content": "A tuple is "}]
+    want = AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    got = load_chat_template(tmp_path).render(chat, add_generation_prompt=False, continue_final=True)
+    assert got == want and got.rstrip().endswith(("A tuple is", '"A tuple is'))
+    with pytest.raises(APIError, match="add_generation_prompt to false"):
+        load_chat_template(tmp_path).render(chat, continue_final=True)
+
+
+def test_a_template_that_drops_the_last_message_has_nothing_to_continue(tmp_path):
+    shutil.copy(BUNDLED_MODEL / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    with pytest.raises(APIError) as err:
+        load_chat_template(tmp_path).render(CHATS[1], add_generation_prompt=False, continue_final=True)
+    assert err.value.status == 400 and err.value.param == "continue_final_message"
+
+
 def test_named_templates_loop_controls_and_raise_exception(tmp_path):
     from transformers import AutoTokenizer
 

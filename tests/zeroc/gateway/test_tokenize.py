@@ -28,6 +28,23 @@ def test_a_prompts_and_a_chats_ids_are_what_the_decode_service_counts(gateway, a
     assert status == 200 and text == {"prompt": PROMPT}
 
 
+def test_a_chat_can_continue_its_last_message_as_the_same_prompt_would(gateway, api):
+    from transformers import AutoTokenizer
+
+    chat = CHAT + [{"role": "assistant", "content": "A list is"}]
+    want = AutoTokenizer.from_pretrained(str(BUNDLED_MODEL)).apply_chat_template(
+        chat, add_generation_prompt=False, continue_final_message=True, tokenize=True, return_dict=True)["input_ids"]
+    body = {"messages": chat, "add_generation_prompt": False, "continue_final_message": True}
+    status, got = gateway.post("/tokenize", body)
+    assert status == 200 and got["tokens"] == want
+    answer = api.chat.completions.create(model="zeroc-tiny", messages=chat, max_tokens=6, temperature=0,
+                                         extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    same = api.completions.create(model="zeroc-tiny", prompt=want, max_tokens=6, temperature=0)
+    assert answer.choices[0].message.content == same.choices[0].text and answer.usage.prompt_tokens == len(want)
+    status, err = gateway.post("/v1/chat/completions", {"messages": chat, "continue_final_message": True})
+    assert status == 400 and err["error"]["param"] == "continue_final_message"
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/tokenize", {}, "prompt"),
     ("/tokenize", {"prompt": "a", "messages": CHAT}, "prompt"),
