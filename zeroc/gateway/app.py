@@ -16,9 +16,9 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -27,13 +27,14 @@ from zeroc.auth import TokenAuth
 from zeroc.client import Chunk, ClientError, Result
 from zeroc.gateway.chat import ChatTemplate
 from zeroc.gateway.choices import all_or_none, choice_calls, merged_events, open_all, total_usage
-from zeroc.gateway.errors import APIError, check_finish, from_grpc
+from zeroc.gateway.errors import APIError, check_finish, from_grpc, quote
 from zeroc.gateway.echo import Echo, wrap_all
 from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.reasoning import REASONING_PARSERS, Reasoning
 from zeroc.gateway.replicas import Replicas, finish
 from zeroc.gateway.response_events import response_events
-from zeroc.gateway.responses import ResponseShape, ResponsesRequest, chat_request
+from zeroc.gateway.response_store import ResponseStore, Stored, owner_of
+from zeroc.gateway.responses import ResponseShape, ResponsesRequest, chat_request, input_items, listed_items
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
 from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
 from zeroc.metrics import ServiceMetrics
@@ -84,9 +85,12 @@ async def until_disconnected(request: Request, awaitable):
 
 
 class Gateway:
-    def __init__(self, card: ModelCard, replicas_factory, max_body_bytes: int, auth: TokenAuth | None = None):
-        """`auth`: the deployment's bearer tokens (zeroc/auth.py); with them every call but /health needs one."""
-        self.card, self.max_body, self.auth = card, max_body_bytes, auth
+    def __init__(self, card: ModelCard, replicas_factory, max_body_bytes: int, auth: TokenAuth | None = None,
+                 store: ResponseStore | None = None):
+        """`auth`: the deployment's bearer tokens (zeroc/auth.py); with them every call but /health needs one.
+        `store`: where finished Responses are kept (None: nowhere; `store` and `previous_response_id` are then
+        answered as the Responses API's docstring says)."""
+        self.card, self.max_body, self.auth, self.store = card, max_body_bytes, auth, store
         self._factory = replicas_factory  # builds the Replicas inside the server's event loop
         self.replicas: Replicas | None = None
         self.started = int(time.time())
@@ -169,10 +173,49 @@ class Gateway:
     async def responses(self, request: Request) -> Response:
         """OpenAI's Responses API: the chat request it means, answered as a Response (zeroc/gateway/responses.py)."""
         req, token = await self._body(request, ResponsesRequest)
-        shape = ResponseShape(req, self.card.name, int(time.time()))
-        chat = chat_request(req)
+        owner = owner_of(token)
+        history = self._history(req.previous_response_id, owner) + input_items(req.input)
+        keep = (lambda r: self.store.put(owner, r, history)) if req.store and self.store is not None else None
+        shape = ResponseShape(req, self.card.name, int(time.time()), keep)
+        chat = chat_request(req, history)
         reply, ids, sampling = self._chat_call(chat, token, shape.id)
         return await self._answer(request, chat, reply, [ids], sampling, shape=shape)
+
+    def _history(self, previous: str | None, owner: str) -> list[dict]:
+        """The conversation a response continues: the earlier one's items and output. Raises APIError."""
+        if previous is None:
+            return []
+        if self.store is None:
+            raise APIError(400, "previous_response_id: this gateway keeps no responses (--responses-store-mb 0)",
+                           param="previous_response_id")
+        prior = self._stored(owner, previous, "previous_response_id")
+        return prior.history + prior.response["output"]
+
+    def _stored(self, owner: str, response_id: str, param: str | None = None) -> Stored:
+        got = None if self.store is None else self.store.get(owner, response_id)
+        if got is None:
+            raise APIError(404, f"no response {quote(response_id, 64)} is kept for this key (this gateway keeps "
+                                "them in memory, the least recently used dropped first)", "not_found_error", param)
+        return got
+
+    async def get_response(self, request: Request, response_id: str) -> JSONResponse:
+        return JSONResponse(self._stored(owner_of(self._caller(request)), response_id).response)
+
+    async def delete_response(self, request: Request, response_id: str) -> JSONResponse:
+        owner = owner_of(self._caller(request))
+        self._stored(owner, response_id)
+        self.store.delete(owner, response_id)
+        return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+    async def input_items(self, request: Request, response_id: str, order: Literal["asc", "desc"] = "desc",
+                          limit: int = Query(20, ge=1, le=100), after: str | None = None) -> JSONResponse:
+        """The items that led to a kept response (its conversation's), a page of them, as OpenAI lists them."""
+        items = listed_items(self._stored(owner_of(self._caller(request)), response_id).history, response_id)
+        items = items[::-1] if order == "desc" else items
+        start = next((i + 1 for i, it in enumerate(items) if it["id"] == after), 0) if after else 0
+        page = items[start: start + limit]
+        return JSONResponse({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)})
 
     def _chat_call(self, req: ChatRequest, token: str, reply_id: str) -> tuple[Reply, list[int], dict]:
         """(how the answer is shaped, the prompt's ids, the decode call's arguments) of a chat request."""
@@ -349,19 +392,24 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(card: ModelCard, targets: list[str], timeout_s: float | None, max_body_bytes: int,
-               metrics: ServiceMetrics | None = None, routing: str = "round_robin", link: ServiceLink = ServiceLink()
-               ) -> FastAPI:
+               metrics: ServiceMetrics | None = None, routing: str = "round_robin", link: ServiceLink = ServiceLink(),
+               store_bytes: int = 64 << 20) -> FastAPI:
     """The app; `metrics`: where its series go (the caller serves them, see zeroc.metrics); `routing`: how a call
-    picks its decode service (zeroc/gateway/replicas.py); `link`: how it reaches them and whom it lets in."""
+    picks its decode service (zeroc/gateway/replicas.py); `link`: how it reaches them and whom it lets in;
+    `store_bytes`: the memory kept Responses may take (0: none are kept)."""
     metrics = metrics or ServiceMetrics()
     gw = Gateway(card, lambda: Replicas(targets, timeout_s, metrics=metrics, routing=routing, ca=link.ca,
-                                        token=link.token), max_body_bytes, link.auth)
+                                        token=link.token), max_body_bytes, link.auth,
+                 ResponseStore(store_bytes) if store_bytes > 0 else None)
     app = FastAPI(title="ZeroC gateway", description="OpenAI-compatible API over the ZeroC decode services",
                   lifespan=gw.lifespan)
     install_error_handlers(app)
     app.add_api_route("/v1/completions", gw.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", gw.chat, methods=["POST"])
     app.add_api_route("/v1/responses", gw.responses, methods=["POST"])
+    app.add_api_route("/v1/responses/{response_id}", gw.get_response, methods=["GET"])
+    app.add_api_route("/v1/responses/{response_id}", gw.delete_response, methods=["DELETE"])
+    app.add_api_route("/v1/responses/{response_id}/input_items", gw.input_items, methods=["GET"])
     app.add_api_route("/v1/models", gw.models, methods=["GET"])
     app.add_api_route("/tokenize", gw.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", gw.detokenize, methods=["POST"])

@@ -53,14 +53,16 @@ class GatewaySettings:
     # the gateway's own bearer token, for its health checks where the services require one (never a caller's: each
     # call carries its caller's token, docs/security.md)
     token: str = ""
+    # memory for finished Responses kept for previous_response_id (zeroc/gateway/response_store.py); 0: none kept
+    responses_store_mb: float = 64.0
 
     def __post_init__(self) -> None:
         if not self.targets or any(":" not in t for t in self.targets):
             raise ValueError(f"targets must be HOST:PORT addresses, got {list(self.targets)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if not self.timeout_s > 0 or not self.max_body_mb > 0 or self.grace_s < 0:
-            raise ValueError("timeout_s and max_body_mb must be > 0 and grace_s >= 0")
+        if not self.timeout_s > 0 or not self.max_body_mb > 0 or self.grace_s < 0 or self.responses_store_mb < 0:
+            raise ValueError("timeout_s and max_body_mb must be > 0, grace_s and responses_store_mb >= 0")
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, got {self.loop!r}")
         if self.http not in HTTP_IMPLEMENTATIONS:
@@ -121,6 +123,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="the model's thinking syntax: its <think> block is returned as reasoning_content, apart "
                         "from the content (env ZEROC_GATEWAY_REASONING_PARSER; default: none)")
+    p.add_argument("--responses-store-mb", type=float, default=None,
+                   help="memory for finished Responses kept for previous_response_id and /v1/responses/{id} "
+                        "(env ZEROC_GATEWAY_RESPONSES_STORE_MB; default 64; 0 keeps none)")
 
 
 def settings_from(args: argparse.Namespace) -> GatewaySettings:
@@ -128,7 +133,8 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
                                     port=args.port, model_dir=args.model, timeout_s=args.timeout_s,
                                     max_body_mb=args.max_body_mb, grace_s=args.grace_s, loop=args.loop,
                                     http=args.http, tool_call_parser=args.tool_call_parser,
-                                    reasoning_parser=args.reasoning_parser, routing=args.routing)
+                                    reasoning_parser=args.reasoning_parser, routing=args.routing,
+                                    responses_store_mb=args.responses_store_mb)
 
 
 def model_card(model_dir: str | Path, tool_parser: str = "", reasoning_parser: str = ""):
@@ -216,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = ServiceMetrics()
     metrics_server = serve_metrics(metrics, settings.host, metrics_port)
     app = create_app(card, list(settings.targets), settings.timeout_s, int(settings.max_body_mb * (1 << 20)),
-                     metrics, settings.routing, link)
+                     metrics, settings.routing, link, int(settings.responses_store_mb * (1 << 20)))
     config = uvicorn.Config(app, loop=loop, http=http, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=int(settings.grace_s), timeout_keep_alive=30, **tls)
     print(f"gateway listening on {host}:{port}", flush=True)

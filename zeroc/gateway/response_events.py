@@ -59,7 +59,7 @@ class ResponseEvents:
         out = b"" if self.output else self._text_delta("message", "", [])  # an empty answer is an empty message
         out += self._close(status)
         kind = "response.completed" if status == "completed" else "response.incomplete"
-        return out + self._emit(kind, response=self.shape.response(status, self.output, usage))
+        return out + self._emit(kind, response=self.shape.finished(self.shape.response(status, self.output, usage)))
 
     def fail(self, error: APIError) -> bytes:
         out = self._close("incomplete")

@@ -8,10 +8,11 @@ answer is shaped back: `ResponseShape.whole` for a whole answer, `ResponseEvents
 chat delta into the Responses events (`response.created` ... `response.output_text.delta` ...
 `response.completed`, each with its `sequence_number`).
 
-The server keeps no responses: `store` is accepted and answered `false`, and what needs a stored response or
-conversation (`previous_response_id`, `conversation`, `item_reference` inputs, `background`) is a 400, as in vLLM
-without its store. Only function tools exist here (hosted tools are a 400) and only text (images and files are a
-400).
+With `store` (the default) a finished response is kept in the gateway's memory (zeroc/gateway/response_store.py),
+where `previous_response_id` continues its conversation (its history and output, then the new input; not its
+instructions, as OpenAI's) and `/v1/responses/{id}` reads or deletes it. Conversation objects (`conversation`),
+`item_reference` inputs and `background` are a 400. Only function tools exist here (hosted tools are a 400) and
+only text (images and files are a 400).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import Field, ValidationError
 
@@ -30,7 +31,7 @@ from zeroc.config.limits import MAX_LOGPROBS
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _TEXT_PARTS = {"input_text", "output_text", "text"}
-_STORED = "this server keeps no responses (store is not supported)"
+_REFERENCES = "items are not kept apart from their responses; continue with previous_response_id"
 
 
 class TextFormat(_Body):
@@ -62,18 +63,17 @@ class ResponsesRequest(_Body):
     reasoning: dict[str, Any] | None = None  # effort and summary: accepted, not acted on (docs/gateway.md)
     stream: bool = False
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's extension, as on chat
-    store: bool = True  # answered false: nothing is kept
+    store: bool = True  # kept for previous_response_id, where the gateway keeps responses
     metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = Field(None, max_length=512)
     truncation: Literal["disabled", "auto"] | None = None
-    previous_response_id: str | None = None
+    previous_response_id: str | None = Field(None, max_length=128)
     conversation: str | dict[str, Any] | None = None
     background: bool | None = None
     prompt: dict[str, Any] | None = None
 
     def unsupported(self) -> list[tuple[str, object]]:
-        out = [(name, getattr(self, name)) for name in ("previous_response_id", "conversation", "prompt")
-               if getattr(self, name) is not None]
+        out = [(name, getattr(self, name)) for name in ("conversation", "prompt") if getattr(self, name) is not None]
         out += [("background", True)] if self.background else []
         return out + ([("truncation", "auto")] if self.truncation == "auto" else [])
 
@@ -81,11 +81,32 @@ class ResponsesRequest(_Body):
         return LOGPROBS_INCLUDE in (self.include or ()) or bool(self.top_logprobs)
 
 
-def chat_request(req: ResponsesRequest) -> ChatRequest:
-    """The chat request a Responses request means. Raises APIError (400) naming the Responses field at fault."""
-    if req.previous_response_id is not None or req.conversation is not None:
-        raise APIError(400, f"previous_response_id: {_STORED}", param="previous_response_id")
-    messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + _messages(req.input)
+def input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`input` as a list of items (a string is one user message), message contents as lists of parts."""
+    if isinstance(given, str):
+        given = [{"role": "user", "content": given}]
+    out = []
+    for item in given:
+        if item.get("type", "message") == "message" and isinstance(item.get("content"), str):
+            kind = "output_text" if item.get("role") == "assistant" else "input_text"
+            item = {**item, "type": "message", "content": [{"type": kind, "text": item["content"]}]}
+        out.append(item)
+    return out
+
+
+def listed_items(items: list[dict[str, Any]], response_id: str) -> list[dict[str, Any]]:
+    """Items as `/v1/responses/{id}/input_items` lists them: each with an id (its own, else one made from the
+    response's id and its place)."""
+    prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+    return [item if isinstance(item.get("id"), str) else
+            {"id": _item_id(prefix.get(item.get("type", "message"), "item"), f"{response_id}/input", i), **item}
+            for i, item in enumerate(items)]
+
+
+def chat_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> ChatRequest:
+    """The chat request a Responses request means, `items` its conversation (earlier turns' items, then its
+    `input`'s). Raises APIError (400) naming the Responses field at fault."""
+    messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + _messages(items)
     body: dict[str, Any] = {"messages": messages, "max_completion_tokens": req.max_output_tokens,
                             "temperature": req.temperature, "top_p": req.top_p, "stream": req.stream,
                             "parallel_tool_calls": req.parallel_tool_calls, "user": req.user,
@@ -108,12 +129,10 @@ def chat_request(req: ResponsesRequest) -> ChatRequest:
         raise validation_error(exc) from None
 
 
-def _messages(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages from `input`: a function call joins the assistant message before it (as chat templates
+def _messages(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages from input items: a function call joins the assistant message before it (as chat templates
     expect one assistant turn holding its calls); reasoning items are left out, as templates leave out past
     thinking."""
-    if isinstance(given, str):
-        return [{"role": "user", "content": given}]
     out: list[dict[str, Any]] = []
     for i, item in enumerate(given):
         kind = item.get("type", "message")
@@ -133,8 +152,8 @@ def _messages(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"role": "tool", "tool_call_id": _string(item, "call_id", i),
                         "content": _text(item.get("output"), f"input.{i}.output")})
         elif kind != "reasoning":
-            why = _STORED if kind == "item_reference" else "only message, function_call, function_call_output and " \
-                                                           "reasoning items are supported"
+            why = _REFERENCES if kind == "item_reference" else "only message, function_call, function_call_output " \
+                                                               "and reasoning items are supported"
             raise APIError(400, f"input[{i}].type: {why}, got {quote(kind)}", param=f"input.{i}.type")
     if not out:
         raise APIError(400, "input: no message to answer", param="input")
@@ -193,9 +212,11 @@ def _item_id(prefix: str, response_id: str, index: int) -> str:
 
 
 class ResponseShape:
-    """One request's Response objects: its settings echoed, its output from a chat answer."""
+    """One request's Response objects: its settings echoed, its output from a chat answer; `keep` is handed each
+    finished one (completed or cut short) where the response is stored."""
 
-    def __init__(self, req: ResponsesRequest, model: str, created: int):
+    def __init__(self, req: ResponsesRequest, model: str, created: int, keep: Callable[[dict], Any] | None = None):
+        self.keep = keep
         self.id, self.created = f"resp_{uuid.uuid4().hex}", created
         tools = req.tools or []
         fmt = req.text.format if req.text is not None and req.text.format is not None else TextFormat(type="text")
@@ -206,8 +227,8 @@ class ResponseShape:
             "tools": tools, "tool_choice": req.tool_choice or ("auto" if tools else "none"),
             "parallel_tool_calls": req.parallel_tool_calls, "metadata": req.metadata or {},
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)}, "truncation": "disabled",
-            "store": False, "background": False, "reasoning": req.reasoning, "user": req.user,
-            "previous_response_id": None}
+            "store": keep is not None, "background": False, "reasoning": req.reasoning, "user": req.user,
+            "previous_response_id": req.previous_response_id}
         self.logprobs = req.logprobs()
 
     def response(self, status: str, output: list[dict], usage: Usage | None = None,
@@ -233,7 +254,12 @@ class ResponseShape:
         for c in calls:
             output.append(self.call_item(len(output), c["id"], c["function"]["name"], c["function"]["arguments"],
                                          "completed"))
-        return self.response(status, output, usage)
+        return self.finished(self.response(status, output, usage))
+
+    def finished(self, response: dict) -> dict:
+        if self.keep is not None:
+            self.keep(response)
+        return response
 
     def reasoning_item(self, index: int, text: str, status: str) -> dict:
         """Output item `index`: the model's thinking (its reasoning parser's), whole, in `content`."""

@@ -1,7 +1,8 @@
 """OpenAI's Responses API (`/v1/responses`, zeroc/gateway/responses.py) through the official `openai` client: the
 oracle is /v1/chat/completions on the same gateway for the chat request a Response means (text, log-probabilities,
-function calls, thinking), and the client's own stream accumulator (`responses.stream`) for the events' order;
-requests the server cannot honour are 400s naming the field."""
+function calls, thinking, a conversation continued by previous_response_id), and the client's own stream
+accumulator (`responses.stream`) for the events' order; kept responses are read, listed and deleted by the key that
+made them only; requests the server cannot honour are 400s naming the field."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from zeroc.client import Chunk, ClientError, Result, Usage
 from zeroc.gateway.errors import APIError
 from zeroc.gateway.reasoning import REASONING_PARSERS, Reasoning
 from zeroc.gateway.response_events import response_events
-from zeroc.gateway.responses import ResponseShape, ResponsesRequest, chat_request
+from zeroc.gateway.response_store import ResponseStore
+from zeroc.gateway.responses import ResponseShape, ResponsesRequest, chat_request, input_items
 from zeroc.gateway.sse import Reply
 from zeroc.gateway.tool_parsers import PARSERS
 from zeroc.gateway.tools import ToolCalls
@@ -56,7 +58,7 @@ def test_a_response_is_the_chat_answer_of_its_instructions_and_input_whole_and_s
     assert got.output_text == want.choices[0].message.content and [o.type for o in got.output] == ["message"]
     assert got.status == "incomplete" and got.incomplete_details.reason == "max_output_tokens"
     assert (got.usage.input_tokens, got.usage.output_tokens) == (want.usage.prompt_tokens, 10)
-    assert got.usage.total_tokens == want.usage.prompt_tokens + 10 and got.store is False
+    assert got.usage.total_tokens == want.usage.prompt_tokens + 10 and got.store is True
     assert got.metadata == {"k": "v"} and got.instructions == INSTRUCTIONS and got.max_output_tokens == 10
 
     events = _events(api.responses.create(model="zeroc-tiny", instructions=INSTRUCTIONS, input=QUESTION,
@@ -179,7 +181,6 @@ def test_thinking_is_a_reasoning_item_whole_and_streamed(services, api):
     ({"tools": [TOOL], "tool_choice": {"type": "web_search"}}, "tool_choice"),
     ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ({"tools": [TOOL]}, "tool_choice"),  # "auto" needs a --tool-call-parser
-    ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"background": True}, "background"),
     ({"truncation": "auto"}, "truncation"),
     ({"top_logprobs": 21}, "top_logprobs"),
@@ -202,7 +203,7 @@ def test_the_chat_request_a_response_means():
                   {"type": "function_call_output", "call_id": "a", "output": [{"type": "input_text", "text": "1"}]}],
         "tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "g", "strict": True}],
         "tool_choice": "required", "text": {"format": {"type": "json_object"}}})
-    chat = chat_request(req)
+    chat = chat_request(req, input_items(req.input))
     assert [m.role for m in chat.messages] == ["system", "assistant", "tool"]
     assert chat.messages[1].content == "Hi." and [c["id"] for c in chat.messages[1].tool_calls] == ["a", "b"]
     assert chat.messages[2].tool_call_id == "a" and chat.messages[2].content == "1"
@@ -210,7 +211,8 @@ def test_the_chat_request_a_response_means():
     assert [t.function.name for t in chat.tools] == ["f", "g"] and chat.tools[1].function.strict is True
     assert chat.tool_choice == "required" and chat.response_format.type == "json_object"
     with pytest.raises(APIError, match="only function tools"):
-        chat_request(ResponsesRequest.model_validate({"input": "x", "tools": [{"type": "file_search"}]}))
+        chat_request(ResponsesRequest.model_validate({"tools": [{"type": "file_search"}], "input": "x"}),
+                     input_items("x"))
 
 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}</tool_call>'
@@ -266,3 +268,75 @@ def test_a_call_failing_mid_stream_ends_with_response_failed_and_its_items_incom
     assert item["status"] == "incomplete" and item["content"][0]["text"] == "Hello there"
     assert [e["type"] for e in events[-4:-1]] == ["response.output_text.done", "response.content_part.done",
                                                   "response.output_item.done"]
+
+
+def test_previous_response_id_continues_the_conversation_plain_and_with_a_call(api, gateway):
+    first = api.responses.create(model="zeroc-tiny", instructions=INSTRUCTIONS, input=QUESTION, max_output_tokens=6,
+                                 temperature=0)
+    second = api.responses.create(model="zeroc-tiny", previous_response_id=first.id, input="And a tuple?",
+                                  max_output_tokens=6, temperature=0, stream=True)
+    final = [e for e in second][-1].response  # streamed: kept too
+    want = _chat(api, [{"role": "user", "content": QUESTION},  # the instructions are not carried over (OpenAI's)
+                       {"role": "assistant", "content": first.output_text},
+                       {"role": "user", "content": "And a tuple?"}], max_tokens=6)
+    assert final.output_text == want.choices[0].message.content and final.previous_response_id == first.id
+    assert final.usage.input_tokens == want.usage.prompt_tokens
+    third = api.responses.create(model="zeroc-tiny", previous_response_id=final.id, input="Thanks.",
+                                 max_output_tokens=2, temperature=0)
+    items = api.responses.input_items.list(third.id, order="asc")
+    assert [getattr(i, "role", i.type) for i in items.data] == ["user", "assistant", "user", "assistant", "user"]
+    assert items.data[3].content[0].text == final.output_text and len({i.id for i in items.data}) == 5
+    page = api.responses.input_items.list(third.id, limit=2)  # newest first, in pages
+    assert [i.id for i in page.data] == [i.id for i in items.data[::-1][:2]] and page.has_more
+
+    call = api.responses.create(model="zeroc-tiny", input="Weather in Paris?", tools=[TOOL], max_output_tokens=80,
+                                tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+    answered = api.responses.create(model="zeroc-tiny", previous_response_id=call.id, tools=[TOOL], tool_choice="none",
+                                    input=[{"type": "function_call_output", "call_id": call.output[0].call_id,
+                                            "output": "18 C"}], max_output_tokens=4, temperature=0)
+    chat_tool = [{"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}]
+    want = _chat(api, [{"role": "user", "content": "Weather in Paris?"},
+                       {"role": "assistant", "content": "", "tool_calls": [
+                           {"id": call.output[0].call_id, "type": "function",
+                            "function": {"name": "get_weather", "arguments": call.output[0].arguments}}]},
+                       {"role": "tool", "tool_call_id": call.output[0].call_id, "content": "18 C"}],
+                 max_tokens=4, tools=chat_tool, tool_choice="none")
+    assert answered.output_text == want.choices[0].message.content
+
+
+def test_kept_responses_are_read_and_deleted_by_their_key_only(api, gateway):
+    got = api.responses.create(model="zeroc-tiny", input=QUESTION, max_output_tokens=3, temperature=0)
+    assert api.responses.retrieve(got.id).output_text == got.output_text
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="someone-else", max_retries=0) as other:
+        with pytest.raises(openai.NotFoundError):
+            other.responses.retrieve(got.id)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.create(model="zeroc-tiny", previous_response_id=got.id, input="x", max_output_tokens=1)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.delete(got.id)
+    api.responses.delete(got.id)
+    with pytest.raises(openai.NotFoundError):
+        api.responses.retrieve(got.id)
+    unkept = api.responses.create(model="zeroc-tiny", input=QUESTION, max_output_tokens=1, store=False)
+    assert unkept.store is False
+    with pytest.raises(openai.NotFoundError):
+        api.responses.retrieve(unkept.id)
+
+
+def test_a_gateway_that_keeps_nothing_says_so(services):
+    with openai_on_gateway(services.colocated, "--responses-store-mb", "0") as api:
+        got = api.responses.create(model="zeroc-tiny", input=QUESTION, max_output_tokens=1)
+        assert got.store is False
+        with pytest.raises(openai.BadRequestError, match="keeps no responses"):
+            api.responses.create(model="zeroc-tiny", previous_response_id=got.id, input="x", max_output_tokens=1)
+
+
+def test_the_store_drops_the_least_recently_used_and_files_by_owner():
+    store = ResponseStore(capacity_bytes=600)
+    resp = [{"id": f"resp_{i}", "output": [{"text": "x" * 100}]} for i in range(4)]
+    assert store.put("a", resp[0], []) and store.put("a", resp[1], []) and store.put("b", resp[2], [])
+    assert store.get("b", "resp_0") is None and store.get("a", "resp_0").response == resp[0]  # a's, and now fresh
+    store.put("a", resp[3], [{"role": "user", "content": "y" * 120}])
+    assert store.get("a", "resp_1") is None and store.get("a", "resp_0") is not None  # the least recently used went
+    assert store.used <= 600 and not store.put("a", {"id": "big", "output": "z" * 700}, [])
+    assert store.delete("a", "resp_0") and not store.delete("a", "resp_0")
