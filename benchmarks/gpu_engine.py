@@ -243,9 +243,28 @@ def check_flex(loaded) -> tuple[bool, str]:
     return _graphed_against(flex, reference)
 
 
+def check_speculative(loaded) -> tuple[bool, str]:
+    """Speculating greedy rows (zeroc/speculative.py) beside graphed and sampled ones, running ahead between them:
+    the eager engine's tokens, in fewer steps."""
+    prompts = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n", *PROMPTS[:3]]
+    params = [SamplingParams(max_new_tokens=40, ignore_eos=True)] * 3 + [SamplingParams(max_new_tokens=40,
+                                                                                       temperature=0.9, seed=2)]
+    eager = _engine(loaded, True).generate(prompts, params)
+    engine = Engine(loaded, CacheConfig(16, 256), SchedulerConfig(max_num_seqs=8, async_scheduling=True,
+                                                                  speculative_tokens=4))
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outs, steps = {rid: [] for rid in ids}, 0  # steps: those giving the repeating prompt's request tokens
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] += o.token_ids
+            steps += o.request_id == ids[0] and bool(o.token_ids)
+    same = [outs[rid] for rid in ids] == [r.token_ids for r in eager]
+    return same and steps < 40, f"tokens {'equal' if same else 'DIFFER'}, the repeating prompt's 40 in {steps} steps"
+
+
 # flex last: its compiles (seconds each) are what a time box should cut first
 CHECKS = {"graphs": check_graphs, "syncs": check_syncs, "seeded": check_seeded, "extras": check_extras,
-          "isolation": check_isolation,
+          "isolation": check_isolation, "speculative": check_speculative,
           "async": check_async, "backends": check_backends, "tier": check_tier, "int8": check_int8,
           "flex": check_flex}
 

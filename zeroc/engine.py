@@ -15,7 +15,8 @@ token is discarded; one that step n-1 finishes by length is known in advance and
 a sequence that leaves while a step holding its row is in flight are freed once that step has run, so
 a later step (or a KV transfer on another stream) never reuses them under it. Where the scheduler needs
 the previous step's results (the cache cannot take one more token per running sequence, so someone may
-be preempted), it waits for them first: that step runs as in the synchronous mode.
+be preempted), it waits for them first: that step runs as in the synchronous mode. So does a step holding a guided
+or speculating row (zeroc/speculative.py), whose next input the host must know.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import Tensor
 from zeroc_kernels.attention import CpuBackend
 from zeroc.config import CacheConfig, SchedulerConfig, ZeroCError
 from zeroc.decode_runner import DecodeRunner, graphs_supported
-from zeroc.device import DeviceToHost
+from zeroc.device import DeviceToHost, host_to_device
 from zeroc.caches import paged_cache
 from zeroc.input_batch import InputBatch
 from zeroc.kv_cache import layer_shapes
@@ -43,7 +44,8 @@ from zeroc.penalties import PenaltyBatch, PenaltyState, ban_tokens
 from zeroc.prompt_logprobs import PromptLogprobs, PromptRows
 from zeroc.sampling import (FAILED, SamplingBatch, SamplingParams, TokenLogprobs, make_generator, read_logprobs,
                             sample_batch, with_logprobs)
-from zeroc.sequence import GenerationResult, Sequence, StepOutput
+from zeroc.sequence import GenerationResult, Results, Sequence, StepOutput
+from zeroc.speculative import NgramProposer, accept, eligible
 from zeroc.step_clock import NullClock
 from zeroc.structured import GuideCompiler
 from zeroc.tokenizer import IncrementalDetokenizer
@@ -63,8 +65,14 @@ class _Launched:
     logprobs: int | None = None  # k of those rows; None: plain ids
     prompt_rows: PromptRows | None = None  # rows of `ids` after the sampled ones: prompt log-probabilities
     free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
-    # a sampled row is guided: the next step's mask (or whether it has one yet) needs its token (zeroc/structured.py)
-    guided: bool = False
+    # speculating rows' drafts (by id() of the row) and greedy's token after the last one and each draft token but
+    # the last, [sum of the drafts' lengths] on their way to the host (zeroc/speculative.py); None with drafts: they
+    # follow the sampled ids in `ids` (a step with no log-probabilities or prompt rows: one copy)
+    drafts: dict[int, list[int]] = field(default_factory=dict)
+    targets: DeviceToHost | None = None
+    # the next step waits for this one's ids: a guided row's mask (or whether it has one yet, zeroc/structured.py),
+    # a speculating row's draft and input need them
+    synced: bool = False
 
     def holds(self, request_id: str) -> bool:
         return any(s.request_id == request_id for s in self.rows)
@@ -119,6 +127,9 @@ class Engine:
         # The cpu backend's kernel module also samples (kernels/csrc/sampling.cpp, the same ids as the torch path
         # for the same draws); the torch and triton backends keep the torch sampler, which is what a GPU runs.
         self.native_sampler = backend.kernel if isinstance(backend, CpuBackend) else None
+        # Speculative decoding (zeroc/speculative.py), where the cache can take back a draft's rows (plain pools).
+        self.speculator = NgramProposer(self.sched.speculative_tokens if self.cache.policy is None else 0,
+                                        self.sched.speculative_ngram_min, self.sched.speculative_ngram_max)
         # Called once a sequence's prompt KV is in the cache, before its first token is sampled:
         # (request_id, prompt token ids, block table). The KV store keeps the prompt's full blocks.
         self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
@@ -185,7 +196,8 @@ class Engine:
         self.waiting.append(Sequence(request_id, ids, params, detok,
                                      make_generator(params, self.device), in_cache=cached_tokens, stop_ids=stop_ids,
                                      hold=max((len(s) - 1 for s in params.stop), default=0), prompt_scores=scores,
-                                     matcher=matcher, guide_after=guide_after, priority=priority))
+                                     matcher=matcher, guide_after=guide_after, priority=priority,
+                                     speculative=self.speculator.k > 0 and eligible(params)))
         return request_id
 
     def reserve(self, request_id: str, num_tokens: int) -> torch.Tensor:
@@ -304,7 +316,7 @@ class Engine:
         reached the host: this one, or with async scheduling the one before it."""
         outputs: list[StepOutput] = []
         self.clock.start()
-        while self._in_flight and self._in_flight[-1].guided:  # a guided row's next mask needs its token first
+        while self._in_flight and self._in_flight[-1].synced:  # guided, speculating rows: their next steps need it
             outputs += self._collect()
         launched = self._launch(outputs)
         if launched is not None:
@@ -319,19 +331,24 @@ class Engine:
         """Schedule the next step and launch its forward and sampling (appending to `outputs` what scheduling
         itself finishes); None when there is nothing to run."""
         decoding, finishing, need = self._reserve_decode(outputs)
-        admitted = self._admit(decoding, need, self.sched.max_num_batched_tokens - len(decoding))
-        self.state.keep([s.request_id for s in decoding])  # rows of sequences that left go
-        self.last_step_tokens = len(decoding) + sum(n for _, n in admitted)
+        decoding, drafted, need = self.speculator.plan(decoding, need, self.cache,  # speculating rows apart
+                                                       self.model_config.max_position_embeddings)
+        spec, spec_tokens = [s for s, _ in drafted], sum(1 + len(d) for _, d in drafted)
+        admitted = self._admit(decoding + spec, need, self.sched.max_num_batched_tokens - len(decoding) - spec_tokens)
+        self.state.keep([s.request_id for s in decoding])  # rows of sequences that left (or speculate) go
+        self.last_step_tokens = len(decoding) + spec_tokens + sum(n for _, n in admitted)
         self.clock.lap("schedule")
-        if not decoding and not admitted:
+        if not decoding and not drafted and not admitted:
             return None
         done = [seq for seq, n in admitted if seq.in_cache + n == seq.num_tokens]  # prompts computed in full
-        rows = decoding + [seq for seq, _ in admitted]
-        samples = {id(s) for s in decoding + done}  # rows whose token counts
-        scoring = PromptRows.plan([(s.prompt_scores, s.in_cache, n) for s, n in admitted], len(decoding))
+        rows = decoding + spec + [seq for seq, _ in admitted]
+        samples = {id(s) for s in decoding + spec + done}  # rows whose token counts
+        scoring = PromptRows.plan([(s.prompt_scores, s.in_cache, n) for s, n in admitted], len(decoding) + spec_tokens)
         with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
-            logits = self._forward(decoding, admitted, scoring)  # [B (+ prompt rows), vocab]; launched, runs on
-            logits, prompt_logits = logits[: len(rows)], logits[len(rows):]
+            logits = self._forward(decoding, admitted, scoring, drafted)  # [B (+ prompt rows, draft rows), vocab]
+            extra, logits = logits[len(rows):], logits[: len(rows)]
+            scored = len(scoring.indices) if scoring is not None else 0
+            prompt_logits, draft_logits = extra[:scored], extra[scored:]  # greedy's picks after each draft token
             self.clock.lap("forward")
             # built while the forward runs (its copies queue behind it); a chunk's row draws nothing
             params = [s.params if id(s) in samples else _CHUNK for s in rows]
@@ -349,14 +366,20 @@ class Engine:
             self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
             packed = sampled if k is None else with_logprobs(logits, sampled, k)
             packed = packed if scoring is None else scoring.pack(packed, prompt_logits, k)
-            launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring, guided=any(guided))
+            checks = draft_logits.argmax(-1) if drafted else None  # [sum of the drafts' lengths]
+            if checks is not None and k is None and scoring is None:  # one copy to the host: the ids, then these
+                packed, checks = torch.cat([packed, checks]), None
+            targets = DeviceToHost(checks) if checks is not None else None
+            synced = any(guided) or any(s.speculative for s in rows if id(s) in samples)
+            launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring, drafts={id(s): d for s, d in drafted},
+                                 targets=targets, synced=synced)
             self.clock.lap("sample")
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
             seq.in_cache += n
-        for seq in decoding + done:
+        for seq in decoding + spec + done:
             seq.pending += 1
-        self.running = decoding + done + finishing  # finishing ones leave when their last id is read
+        self.running = decoding + spec + done + finishing  # finishing ones leave when their last id is read
         if self.on_prompt_computed is not None:
             for seq in done:  # before their blocks can be freed
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
@@ -380,12 +403,22 @@ class Engine:
             step.prompt_rows.read(got[len(step.rows):], step.logprobs)
         self.clock.lap("wait")
         outputs = []
+        if step.drafts and step.targets is None:  # the drafts' checks came after the sampled ids
+            targets, got = got[len(step.rows):], got[: len(step.rows)]
+        else:
+            targets = step.targets.tolist() if step.targets is not None else []
+        at = 0
         for seq, row in zip(step.rows, got):
             if id(seq) in step.samples:
                 seq.pending -= 1
+                draft = step.drafts.get(id(seq))
+                checked, at = targets[at: at + len(draft or ())], at + len(draft or ())
                 if not seq.finished:
-                    seq.in_cache = seq.num_tokens
                     token = row if step.logprobs is None else int(row[0])
+                    if draft is not None and token != FAILED:
+                        outputs.append(self._accept(seq, draft, checked + [token]))
+                        continue
+                    seq.in_cache = seq.num_tokens
                     wanted = seq.params.logprobs
                     lp = () if wanted is None else (read_logprobs(row, step.logprobs, wanted),)
                     out = self._fail(seq) if token == FAILED else self._advance(seq, token, lp)
@@ -397,28 +430,37 @@ class Engine:
         return outputs
 
     def _forward(self, decoding: list[Sequence], admitted: list[tuple[Sequence, int]],
-                 scoring: PromptRows | None = None) -> Tensor:
-        """Reserve the step's slots, update the persistent batch and launch the forward -> logits [B, vocab],
-        then the prompt rows' [rows, vocab] if `scoring`. Decode rows take one token each (their last sampled id,
-        already on the device); admitted ones their next uncached tokens (all, or a chunk) from the host. A chunk's
-        row leaves the batch next step."""
-        plan = [(s.request_id, 1) for s in decoding] + [(s.request_id, n) for s, n in admitted]
-        reserved = self.cache.append_slots(plan)
+                 scoring: PromptRows | None = None, drafted: list[tuple[Sequence, list[int]]] = ()) -> Tensor:
+        """Reserve the step's slots, update the persistent batch and launch the forward -> logits [B, vocab], then
+        the prompt rows' [rows, vocab] if `scoring`, then the drafts' [sum of their lengths, vocab]. Decode rows take
+        one token each (their last sampled id, already on the device); speculating rows their last token and draft,
+        admitted ones their next uncached tokens (all, or a chunk), from the host. Those rows leave the batch next
+        step, but for prompts computed in full."""
+        plan = [(s.request_id, 1) for s in decoding] + [(s.request_id, 1 + len(d)) for s, d in drafted]
+        reserved = self.cache.append_slots(plan + [(s.request_id, n) for s, n in admitted])
         self.state.decode([grown for _, grown in reserved[: len(decoding)]])
-        if not admitted and self.cache.places_by_position:
+        if not admitted and not drafted and self.cache.places_by_position:
             self.clock.lap("inputs")  # the decode runner's copies into its graph's buffers count as its forward
             return self.decode_runner.run(len(decoding))
+        host = [(s, [s.all_ids[-1], *d]) for s, d in drafted]
+        host += [(s, s.all_ids[start: start + n]) for (s, n), (start, _) in zip(admitted, reserved[len(plan):])]
         prefill, rows = [], []
-        for (seq, n), (start, _) in zip(admitted, reserved[len(decoding):]):
-            rid, end = seq.request_id, start + n
-            prefill.append((seq.all_ids[start:end], list(range(start, end)), self.cache.slots(rid, start, end)))
+        for (seq, toks), (start, _) in zip(host, reserved[len(decoding):]):
+            rid, end = seq.request_id, start + len(toks)
+            prefill.append((toks, list(range(start, end)), self.cache.slots(rid, start, end)))
             rows.append((rid, self.cache.block_table(rid), end))
         self.state.add(rows)
         tokens, batch = self.state.paged_batch(len(decoding), prefill, self.cache.places_by_position)
         self.clock.lap("inputs")
         last = batch.last_token_indices
-        return self.model.forward_paged(tokens, batch.positions, batch, self.cache,
-                                        logits_indices=last if scoring is None else scoring.logits_indices(last))
+        indices = last if scoring is None else scoring.logits_indices(last)
+        if drafted:  # each draft token's logits: greedy's pick after it, to check the next draft token against
+            at, rows_of = len(decoding), []
+            for _, d in drafted:
+                rows_of += range(at, at + len(d))
+                at += 1 + len(d)
+            indices = torch.cat([indices, host_to_device(rows_of, torch.long, self.device)])
+        return self.model.forward_paged(tokens, batch.positions, batch, self.cache, logits_indices=indices)
 
     def _scores(self, logits: Tensor, rows: list[Sequence], samples: set[int], penalties: PenaltyBatch | None,
                 guided: list[bool], keep_logits: bool) -> Tensor:
@@ -434,6 +476,20 @@ class Engine:
         matchers = [s.matcher if g and s.guide_after is None else None for s, g in zip(rows, guided)]
         return self.guides.mask(scores, matchers, copy=not own)  # structured output: what a guide forbids
 
+    def _accept(self, seq: Sequence, draft: list[int], targets: list[int]) -> StepOutput:
+        """A speculating row's tokens: greedy's own as far as its draft held, and the next (zeroc/speculative.py);
+        its cache keeps the rows of the tokens computed that stay (its last token and the draft tokens kept)."""
+        tokens = accept(draft, targets)
+        seq.in_cache = seq.num_tokens + len(tokens) - 1
+        self.cache.truncate(seq.request_id, seq.in_cache)
+        outs = []
+        for token in tokens:
+            outs.append(self._advance(seq, token))
+            if outs[-1].finished:
+                break
+        return replace(outs[-1], token_ids=[t for o in outs for t in o.token_ids],
+                       text_delta="".join(o.text_delta for o in outs))
+
     def _fail(self, seq: Sequence, why: str = "the model's logits for this sequence are not finite (NaN or inf)"
               ) -> StepOutput:
         """Finish one sequence that cannot go on; the rest of its batch carries on."""
@@ -442,38 +498,11 @@ class Engine:
                           seq.preemptions, error=why)
 
     def _advance(self, seq: Sequence, token: int, logprobs: tuple[TokenLogprobs, ...] = ()) -> StepOutput:
-        guiding = seq.matcher is not None and seq.guide_after is None
-        if guiding and not seq.matcher.accept_token(token):
-            return self._fail(seq, f"token {token} breaks the request's guide")  # its mask allowed no token
-        if seq.matcher is not None and token == seq.guide_after:
-            seq.guide_after = None  # the guide applies from the next token on
-        seq.output_ids.append(token)
-        p = seq.params
-        # a guide whose text is complete ends it, the stop token it ended on included (even with ignore_eos)
-        reason = "stop" if guiding and seq.matcher.is_terminated() else None
-        searched = len(seq.detok.text)  # text that earlier tokens searched for stop strings: none ends in it
-        if token in seq.stop_ids or reason:
-            reason = "stop"  # the stop token itself adds no text
-        else:
-            seq.detok.add([token])
-        text = seq.detok.text
-        # searched from where a match could still begin (text earlier tokens searched holds none); not before
-        # min_tokens, as vLLM
-        if p.stop and len(seq.output_ids) >= p.min_tokens:
-            hits = [(i, i + len(s)) for s in p.stop if (i := text.find(s, max(0, searched - len(s) + 1))) != -1]
-            if hits:
-                start, end = min(hits)
-                text, reason = text[: end if p.include_stop_str_in_output else start], "stop"
-        if reason is None and (len(seq.output_ids) >= p.max_new_tokens
-                               or seq.num_tokens >= self.model_config.max_position_embeddings):
-            reason = "length"
-        # Hold back text that might be the start of a stop string until it is decided.
-        end = max(seq.released, len(text) - (0 if reason else seq.hold))
-        delta, seq.released = text[seq.released:end], end
-        if reason:
+        """Take a sampled token (Sequence.advance: guide, stop checks, text); a finished sequence leaves."""
+        out = seq.advance(token, self.model_config.max_position_embeddings, logprobs)
+        if out.finished:
             self._finish(seq)
-        return StepOutput(seq.request_id, [token], delta, reason is not None, reason, seq.queued_s or 0.0,
-                          seq.preemptions, logprobs=logprobs)
+        return out
 
     # -- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -481,22 +510,8 @@ class Engine:
         """Run prompts to completion together (continuous batching); results in prompt order."""
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
-        prompt_ids = {s.request_id: list(s.prompt_ids) for s in self.waiting}
-        collected: dict[str, list[int]] = {rid: [] for rid in ids}
-        logprobs: dict[str, list[TokenLogprobs]] = {rid: [] for rid in ids}
-        prompt_logprobs: dict[str, tuple[TokenLogprobs, ...] | None] = {rid: None for rid in ids}
-        texts: dict[str, str] = {rid: "" for rid in ids}
-        reasons: dict[str, str] = {}
-        errors: dict[str, str | None] = {}
+        results = Results({s.request_id: list(s.prompt_ids) for s in self.waiting})
         while self.has_unfinished():
             for out in self.step():
-                collected[out.request_id].extend(out.token_ids)
-                logprobs[out.request_id].extend(out.logprobs)
-                if out.prompt_logprobs is not None:
-                    prompt_logprobs[out.request_id] = out.prompt_logprobs
-                texts[out.request_id] += out.text_delta
-                if out.finished:
-                    reasons[out.request_id] = out.finish_reason or "stop"
-                    errors[out.request_id] = out.error
-        return [GenerationResult(rid, prompt_ids.get(rid, []), collected[rid], texts[rid], reasons[rid],
-                                 errors.get(rid), tuple(logprobs[rid]), prompt_logprobs[rid]) for rid in ids]
+                results.add(out)
+        return results.ordered(ids)

@@ -319,6 +319,21 @@ class PagedKVCache:
             query_lens=tuple(n for _, n in steps),
         )
 
+    def truncate(self, seq_id: str, length: int) -> None:
+        """Forget `seq_id`'s slots from `length` on (what was written there, a draft's rows the model did not keep,
+        is overwritten later), freeing the blocks left empty. Plain pools only: a policy's stored form (quantized
+        groups, a token tier) cannot take rows back."""
+        if self.policy is not None:
+            raise ValueError(f"a cache storing KV as {self.policy.label} cannot take back rows")
+        if not 0 <= length <= self._lens.get(seq_id, 0):
+            raise ValueError(f"{seq_id!r}: cannot cut {self._lens.get(seq_id, 0)} slots to {length}")
+        table = self._tables[seq_id]
+        dropped = table[-(-length // self.block_size):]
+        del table[len(table) - len(dropped):]
+        self._lens[seq_id] = length
+        if dropped:
+            self.allocator.free(dropped)
+
     def free(self, seq_id: str) -> None:
         """Release every block of `seq_id` (finished, cancelled or preempted). Idempotent."""
         blocks = self._tables.pop(seq_id, None)

@@ -15,10 +15,11 @@ def test_cpu_run_passes_every_check():
     r = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:10]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
+    assert [line.split()[:2] for line in lines[:11]] == [["graphs", "pass"], ["syncs", "pass"], ["seeded", "pass"],
                                                           ["extras", "pass"], ["isolation", "pass"],
-                                                          ["async", "pass"], ["backends", "pass"], ["tier", "pass"],
-                                                          ["int8", "pass"], ["flex", "pass"]]
+                                                          ["speculative", "pass"], ["async", "pass"],
+                                                          ["backends", "pass"], ["tier", "pass"], ["int8", "pass"],
+                                                          ["flex", "pass"]]
 
 
 def test_checks_runs_the_named_checks_only():

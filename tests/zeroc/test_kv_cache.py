@@ -49,6 +49,21 @@ def test_schedule_is_all_or_nothing_and_free_returns_every_block():
     assert cache.num_free_blocks == 3 and cache.live_sequences == 0
 
 
+def test_truncate_takes_back_slots_and_frees_the_blocks_left_empty():
+    cache = _cache(blocks=4)
+    cache.schedule([("a", 5)])
+    kept = cache.block_table("a")[:1]
+    cache.append_slots([("a", 6)])  # 11 slots: 3 blocks
+    cache.truncate("a", 4)  # a draft the model did not keep
+    assert cache.seq_len("a") == 4 and cache.block_table("a") == kept and cache.num_free_blocks == 3
+    assert cache.append_slots([("a", 1)])[0][0] == 4  # the next token goes where the draft's first was
+    cache.truncate("a", 5)
+    with pytest.raises(ValueError, match="cannot cut"):
+        cache.truncate("a", 6)
+    cache.free("a")
+    assert cache.num_free_blocks == 4
+
+
 def test_write_puts_each_token_in_its_slot_per_layer():
     cache = _cache()
     batch = cache.schedule([("a", 5)])

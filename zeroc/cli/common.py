@@ -84,7 +84,7 @@ def service_config(args: argparse.Namespace) -> ZeroCConfig:
                 "max_message_mb": args.max_message_mb},
         transfer={"prefill_target": "" if getattr(args, "colocated", False) else prefill,
                   "kv_transport": args.kv_transport, "prefill_fallback": getattr(args, "prefill_fallback", None)},
-        scheduler={"policy": args.scheduling_policy},
+        scheduler={"policy": args.scheduling_policy, "speculative_tokens": args.speculative_tokens},
         redis={"url": args.redis_url}, store={"capacity_mb": args.kv_store_mb},
         parallel={"sp_ranks": getattr(args, "sp", None)},
         security={"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
@@ -97,6 +97,9 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=None, help="address to listen on (env ZEROC_SERVER_HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (env ZEROC_SERVER_PORT; 0 picks a free one)")
     p.add_argument("--max-queue", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--speculative-tokens", type=int, default=None, metavar="K",
+                   help="speculative decoding by n-gram lookup: check up to K drafted tokens a step for greedy "
+                        "requests (env ZEROC_SCHEDULER_SPECULATIVE_TOKENS; default 0: off)")
     p.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default=None,
                    help="fcfs (arrival order) or priority (each request's priority, lower first; the running request "
                         "of the highest value is the one preempted) (env ZEROC_SCHEDULER_POLICY; default fcfs)")

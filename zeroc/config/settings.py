@@ -75,10 +75,17 @@ class SchedulerConfig:
     # each request's `priority` (lower first, then arrival), where the request preempted when the cache is full is
     # the running one of the highest value (the newest among equals). Under "fcfs" a non-zero priority is refused.
     policy: str = "fcfs"
+    # Speculative decoding by n-gram lookup (zeroc/speculative.py, vLLM's "ngram"): each step of an eligible request
+    # checks up to this many drafted tokens, found where its last ngram_max..ngram_min tokens occurred before. 0: off.
+    speculative_tokens: int = 0
+    speculative_ngram_min: int = 2
+    speculative_ngram_max: int = 4
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.speculative_tokens < 0 or not 1 <= self.speculative_ngram_min <= self.speculative_ngram_max:
+            raise ValueError("speculative_tokens must be >= 0 and 1 <= speculative_ngram_min <= speculative_ngram_max")
         if self.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduler.policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
 

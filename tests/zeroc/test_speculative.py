@@ -1,0 +1,104 @@
+"""Speculative decoding by n-gram lookup (zeroc/speculative.py): drafts are what followed the latest earlier
+occurrence of the text's longest matching suffix (against a plain search as the oracle); an engine that speculates
+gives exactly plain greedy decoding's tokens (the oracle: the same engine without speculation), on every attention
+backend, beside sampled and penalized requests that do not speculate, through stop strings, preemption, running
+ahead and ZeroC-compressed models, in fewer steps where the text repeats, leaving every block free."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from zeroc.config import CacheConfig, SchedulerConfig
+from zeroc.engine import Engine
+from zeroc.loader import load_model
+from zeroc.sampling import SamplingParams
+from zeroc.speculative import NgramProposer, accept, eligible
+
+REPEATING = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n", "for i in range(3):\n    print(i)\nfor i in"]
+OTHERS = ["The built-in function", "import os\n"]
+
+
+def _naive(ids: list[int], k: int, n_min: int, n_max: int) -> list[int]:
+    for n in range(min(n_max, len(ids) - 1), n_min - 1, -1):
+        suffix = ids[-n:]
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start: start + n] == suffix:
+                return ids[start + n: start + n + k]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 2, 255, 256, 65535, 65536, 2**24 + 1]), max_size=40),
+       st.integers(0, 6), st.integers(1, 3), st.integers(0, 3))
+def test_a_draft_is_what_followed_the_latest_occurrence_of_the_longest_suffix(ids, k, n_min, extra):
+    """Ids whose bytes repeat across token boundaries (256, 65536, ...) must never match out of alignment."""
+    proposer = NgramProposer(k, n_min, n_min + extra)
+    assert proposer.propose(ids, limit=k) == (_naive(ids, k, n_min, n_min + extra) if k else [])
+
+
+def test_accept_keeps_greedys_tokens_to_the_first_miss_and_one_more():
+    assert accept([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]  # all held: the bonus token too
+    assert accept([5, 6, 7], [5, 9, 7, 8]) == [5, 9]
+    assert accept([5, 6], [4, 6, 1]) == [4] and accept([], [3]) == [3]
+    assert eligible(SamplingParams()) and not eligible(SamplingParams(temperature=0.5))
+    assert not eligible(SamplingParams(logprobs=1)) and not eligible(SamplingParams(repetition_penalty=1.1))
+    assert not eligible(SamplingParams(min_tokens=2))
+    with pytest.raises(ValueError):
+        NgramProposer(4, 3, 2)
+
+
+def _run(model, k: int, prompts, params, **sched) -> tuple[list, list[int], Engine]:
+    """(each request's tokens, text and finish reason; the steps each produced tokens in; the engine)."""
+    engine = Engine(model, CacheConfig(**sched.pop("cache", {"block_size": 16, "num_blocks": 256})),
+                    SchedulerConfig(speculative_tokens=k, **sched))
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outs = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    results = [([t for o in outs[i] for t in o.token_ids], "".join(o.text_delta for o in outs[i]),
+                outs[i][-1].finish_reason) for i in ids]
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    return results, [sum(1 for o in outs[i] if o.token_ids) for i in ids], engine
+
+
+MIXED = [SamplingParams(max_new_tokens=40, ignore_eos=True), SamplingParams(max_new_tokens=30, ignore_eos=True,
+                                                                             stop=("\n\n",)),
+         SamplingParams(max_new_tokens=24, temperature=0.8, seed=5, logprobs=2), SamplingParams(max_new_tokens=24,
+                                                                                 repetition_penalty=1.3)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_speculation_gives_plain_greedys_tokens_in_fewer_steps(random_gqa_dir, bundled, backend):
+    model = load_model(random_gqa_dir, attention_backend=backend)
+    prompts = REPEATING + OTHERS
+    plain, plain_steps, _ = _run(model, 0, prompts, MIXED)
+    spec, spec_steps, engine = _run(model, 4, prompts, MIXED)
+    assert spec == plain
+    assert [engine.speculator.k > 0 and eligible(p) for p in MIXED] == [True, True, False, False]
+    repeat = [SamplingParams(max_new_tokens=48, ignore_eos=True)] * 2  # the bundled model repeats code
+    plain, plain_steps, _ = _run(bundled, 0, REPEATING, repeat)
+    spec, spec_steps, _ = _run(bundled, 4, REPEATING, repeat)
+    assert spec == plain and plain_steps == [48, 48] and spec_steps[0] < 30, spec_steps  # it loops: drafts hold
+
+
+def test_speculation_through_preemption_and_running_ahead(bundled):
+    prompts = [p * 3 for p in REPEATING + OTHERS]
+    params = [SamplingParams(max_new_tokens=40, ignore_eos=True)] * 4
+    plain, _, _ = _run(bundled, 0, prompts, params)
+    small, _, engine = _run(bundled, 6, prompts, params, cache={"block_size": 16, "num_blocks": 14})
+    assert small == plain and engine.num_preemptions > 0
+    ahead, _, _ = _run(bundled, 3, prompts, params, async_scheduling=True)
+    assert ahead == plain
+
+
+def test_compressed_models_speculate_and_policies_that_cannot_take_rows_back_do_not(zeroc_modes_dir, bundled):
+    model = load_model(zeroc_modes_dir)
+    params = [SamplingParams(max_new_tokens=32, ignore_eos=True)] * 2
+    plain, plain_steps, _ = _run(model, 0, REPEATING, params)
+    spec, spec_steps, _ = _run(model, 4, REPEATING, params)
+    assert spec == plain and sum(spec_steps) < sum(plain_steps)
+    kivi = Engine(bundled, CacheConfig(block_size=32, num_blocks=64, kv_policy="kivi-4"),
+                  SchedulerConfig(speculative_tokens=4))
+    assert kivi.speculator.k == 0

@@ -1,0 +1,95 @@
+"""Speculative decoding by n-gram lookup (vLLM's "ngram" method, prompt lookup decoding): no draft model.
+
+A request's next tokens are guessed from its own text: where its last n tokens (n from `ngram_max` down to
+`ngram_min`) occurred before, the k tokens that followed that occurrence are the draft. The engine runs the last
+token and the draft through the model in one step, as a short chunk of the sequence, and keeps the longest prefix
+of the draft that greedy decoding would have produced, plus the model's own next token after it: 1 to k + 1 tokens
+a step, always the tokens plain greedy decoding makes (`accept`). Where text repeats (code being edited, a
+document being quoted or summarised, structured records) most drafts hold; where it does not, a step costs a few
+more rows than a decode row.
+
+Which requests speculate (`eligible`): greedy ones whose logits nothing else changes or reads (no penalties, logit
+bias, guide, log-probabilities or min_tokens), on caches whose slots a later step may overwrite (plain pools: a
+KV policy's stored form and a token tier cannot take back a draft's rows).
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from zeroc.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from zeroc.sequence import Sequence
+
+
+def eligible(p: SamplingParams) -> bool:
+    """Whether a request's tokens are those greedy decoding of the bare logits makes (so a draft can be checked
+    against them alone)."""
+    return (p.greedy and not p.penalized and p.guide is None and p.logprobs is None and p.prompt_logprobs is None
+            and p.min_tokens == 0)
+
+
+@dataclass(frozen=True)
+class NgramProposer:
+    """Drafts of at most `k` tokens from the sequence's own earlier text (k = 0: no speculation)."""
+
+    k: int
+    ngram_min: int = 2
+    ngram_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"speculation needs k >= 0 and 1 <= ngram_min <= ngram_max, got k={self.k}, "
+                             f"ngram {self.ngram_min}..{self.ngram_max}")
+
+    def propose(self, ids: list[int], limit: int) -> list[int]:
+        """The draft after `ids` (at most min(k, limit) tokens): what followed the latest earlier occurrence of
+        its longest matching suffix; [] where none occurs."""
+        limit = min(self.k, limit)
+        if limit <= 0 or len(ids) <= self.ngram_min:
+            return []
+        data = array("I", ids).tobytes()  # 4 bytes a token: bytes.rfind searches in C
+        for n in range(min(self.ngram_max, len(ids) - 1), self.ngram_min - 1, -1):
+            pattern, end = data[-4 * n:], len(data) - 4  # an occurrence ending before the last token
+            while (at := data.rfind(pattern, 0, end)) >= 0:
+                if at % 4 == 0:
+                    start = at // 4 + n
+                    return ids[start: start + limit]
+                end = at + len(pattern) - 1  # a match across token boundaries: look further back
+        return []
+
+
+    def plan(self, decoding: list[Sequence], need: int, cache, max_positions: int
+             ) -> tuple[list[Sequence], list[tuple[Sequence, list[int]]], int]:
+        """Take the speculating sequences out of a step's decode rows, each with a draft where `cache` (a
+        PagedKVCache, after the decode rows' `need` blocks) has room for it: -> (the other decode rows, (sequence,
+        draft) pairs, the blocks all of them take). A speculating sequence's last token is on the host (its step
+        before was waited for); one with a token in flight still decodes as a plain row."""
+        if not self.k:
+            return decoding, [], need
+        rows, drafted = [], []
+        for seq in decoding:
+            if not seq.speculative or seq.pending:
+                rows.append(seq)
+                continue
+            left = min(seq.params.max_new_tokens - len(seq.output_ids), max_positions - seq.num_tokens) - 1
+            draft = self.propose(seq.all_ids, left)
+            more = cache.blocks_needed(seq.request_id, 1 + len(draft)) - cache.blocks_needed(seq.request_id, 1)
+            if more > cache.num_free_blocks - need:
+                draft, more = [], 0
+            drafted.append((seq, draft))
+            need += more
+        return rows, drafted, need
+
+
+def accept(draft: list[int], targets: list[int]) -> list[int]:
+    """The tokens a verified draft gives: targets[i] is greedy's token after the last one and draft[:i]
+    (len(draft) + 1 of them). Greedy's tokens up to and including the first that differs from the draft's, or all
+    of them where the whole draft holds."""
+    for i, (d, t) in enumerate(zip(draft, targets)):
+        if d != t:
+            return targets[: i + 1]
+    return targets[: len(draft) + 1]
