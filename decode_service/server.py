@@ -355,13 +355,22 @@ def store_info(store: KvStore | None, internal: bool) -> pb.KvStoreInfo:
                           evictions=s.evictions)
 
 
+def spec_families(engine: Engine) -> list:
+    """Speculative decoding's counters (zeroc/speculative.py), vLLM's names but for the prefix."""
+    s = engine.spec_stats
+    return [counter("zeroc:spec_decode_num_drafts", "Steps of a speculating request that checked a draft.", s.drafts),
+            counter("zeroc:spec_decode_num_draft_tokens", "Draft tokens checked.", s.draft_tokens),
+            counter("zeroc:spec_decode_num_accepted_tokens", "Draft tokens kept (each a token a step gained).",
+                    s.accepted_tokens)]
+
+
 def watch_decode(metrics: ServiceMetrics, engine: Engine, loop: EngineLoop, store: KvStore | None,
                  cfg: ZeroCConfig) -> None:
     """The series a decode service reads at scrape time: load, cache, preemptions, KV store."""
     metrics.watch(lambda: load_families(*loop.load()))
     metrics.watch(cache_source(engine.cache, kv_footprint(engine.cache, engine.model_config, cfg.cache)))
     metrics.watch(lambda: [counter("zeroc:num_preemptions", "Sequences preempted (their blocks freed, recomputed "
-                                   "later) for cache space.", engine.num_preemptions)])
+                                   "later) for cache space.", engine.num_preemptions), *spec_families(engine)])
     metrics.watch(lambda: store_families(store_snapshot(store)))
 
 

@@ -45,7 +45,7 @@ from zeroc.prompt_logprobs import PromptLogprobs, PromptRows
 from zeroc.sampling import (FAILED, SamplingBatch, SamplingParams, TokenLogprobs, make_generator, read_logprobs,
                             sample_batch, with_logprobs)
 from zeroc.sequence import GenerationResult, Results, Sequence, StepOutput
-from zeroc.speculative import NgramProposer, accept, eligible
+from zeroc.speculative import NgramProposer, SpecStats, accept, eligible
 from zeroc.step_clock import NullClock
 from zeroc.structured import GuideCompiler
 from zeroc.tokenizer import IncrementalDetokenizer
@@ -130,6 +130,7 @@ class Engine:
         # Speculative decoding (zeroc/speculative.py), where the cache can take back a draft's rows (plain pools).
         self.speculator = NgramProposer(self.sched.speculative_tokens if self.cache.policy is None else 0,
                                         self.sched.speculative_ngram_min, self.sched.speculative_ngram_max)
+        self.spec_stats = SpecStats()  # for the service's metrics (counters only this thread writes)
         # Called once a sequence's prompt KV is in the cache, before its first token is sampled:
         # (request_id, prompt token ids, block table). The KV store keeps the prompt's full blocks.
         self.on_prompt_computed: Callable[[str, list[int], list[int]], None] | None = None
@@ -480,6 +481,7 @@ class Engine:
         """A speculating row's tokens: greedy's own as far as its draft held, and the next (zeroc/speculative.py);
         its cache keeps the rows of the tokens computed that stay (its last token and the draft tokens kept)."""
         tokens = accept(draft, targets)
+        self.spec_stats.record(draft, tokens)
         seq.in_cache = seq.num_tokens + len(tokens) - 1
         self.cache.truncate(seq.request_id, seq.in_cache)
         outs = []

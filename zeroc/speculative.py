@@ -85,6 +85,23 @@ class NgramProposer:
         return rows, drafted, need
 
 
+@dataclass
+class SpecStats:
+    """What speculation did since start, for the service's metrics (vLLM's spec_decode counters): steps with a
+    draft, draft tokens checked, draft tokens kept. The mean tokens a drafting step gives: 1 + accepted / drafts."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    def record(self, draft: list[int], kept: list[int]) -> None:
+        """A step's `draft` and the tokens `accept` kept of it and after it."""
+        if draft:
+            self.drafts += 1
+            self.draft_tokens += len(draft)
+            self.accepted_tokens += len(kept) - 1
+
+
 def accept(draft: list[int], targets: list[int]) -> list[int]:
     """The tokens a verified draft gives: targets[i] is greedy's token after the last one and draft[:i]
     (len(draft) + 1 of them). Greedy's tokens up to and including the first that differs from the draft's, or all

@@ -79,8 +79,10 @@ def test_speculation_gives_plain_greedys_tokens_in_fewer_steps(random_gqa_dir, b
     assert [engine.speculator.k > 0 and eligible(p) for p in MIXED] == [True, True, False, False]
     repeat = [SamplingParams(max_new_tokens=48, ignore_eos=True)] * 2  # the bundled model repeats code
     plain, plain_steps, _ = _run(bundled, 0, REPEATING, repeat)
-    spec, spec_steps, _ = _run(bundled, 4, REPEATING, repeat)
+    spec, spec_steps, engine = _run(bundled, 4, REPEATING, repeat)
     assert spec == plain and plain_steps == [48, 48] and spec_steps[0] < 30, spec_steps  # it loops: drafts hold
+    stats = engine.spec_stats  # each step gave a token beside the draft tokens kept
+    assert stats.accepted_tokens == 2 * 48 - sum(spec_steps) and stats.accepted_tokens <= stats.draft_tokens
 
 
 def test_speculation_through_preemption_and_running_ahead(bundled):
