@@ -371,7 +371,7 @@ class Engine:
             if checks is not None and k is None and scoring is None:  # one copy to the host: the ids, then these
                 packed, checks = torch.cat([packed, checks]), None
             targets = DeviceToHost(checks) if checks is not None else None
-            synced = any(guided) or any(s.speculative for s in rows if id(s) in samples)
+            synced = any(guided) or (self.speculator.k > 0 and any(s.speculative for s in rows if id(s) in samples))
             launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring, drafts={id(s): d for s, d in drafted},
                                  targets=targets, synced=synced)
             self.clock.lap("sample")
@@ -412,8 +412,9 @@ class Engine:
         for seq, row in zip(step.rows, got):
             if id(seq) in step.samples:
                 seq.pending -= 1
-                draft = step.drafts.get(id(seq))
-                checked, at = targets[at: at + len(draft or ())], at + len(draft or ())
+                draft = step.drafts.get(id(seq)) if step.drafts else None
+                if draft is not None:  # greedy's picks after its last token and each draft token but the last
+                    checked, at = targets[at: at + len(draft)], at + len(draft)
                 if not seq.finished:
                     token = row if step.logprobs is None else int(row[0])
                     if draft is not None and token != FAILED:
@@ -443,7 +444,7 @@ class Engine:
         if not admitted and not drafted and self.cache.places_by_position:
             self.clock.lap("inputs")  # the decode runner's copies into its graph's buffers count as its forward
             return self.decode_runner.run(len(decoding))
-        host = [(s, [s.all_ids[-1], *d]) for s, d in drafted]
+        host = [(s, [(s.output_ids or s.prompt_ids)[-1], *d]) for s, d in drafted]  # its last token, then the draft
         host += [(s, s.all_ids[start: start + n]) for (s, n), (start, _) in zip(admitted, reserved[len(plan):])]
         prefill, rows = [], []
         for (seq, toks), (start, _) in zip(host, reserved[len(decoding):]):

@@ -327,9 +327,9 @@ class PagedKVCache:
             raise ValueError(f"a cache storing KV as {self.policy.label} cannot take back rows")
         if not 0 <= length <= self._lens.get(seq_id, 0):
             raise ValueError(f"{seq_id!r}: cannot cut {self._lens.get(seq_id, 0)} slots to {length}")
-        table = self._tables[seq_id]
-        dropped = table[-(-length // self.block_size):]
-        del table[len(table) - len(dropped):]
+        table, keep = self._tables[seq_id], -(-length // self.block_size)
+        dropped = table[keep:]
+        del table[keep:]
         self._lens[seq_id] = length
         if dropped:
             self.allocator.free(dropped)
