@@ -34,7 +34,8 @@ from zeroc.gateway.reasoning import REASONING_PARSERS, Reasoning
 from zeroc.gateway.replicas import Replicas, finish
 from zeroc.gateway.response_events import response_events
 from zeroc.gateway.response_store import ResponseStore, Stored, owner_of
-from zeroc.gateway.responses import ResponseShape, ResponsesRequest, chat_request, input_items, listed_items
+from zeroc.gateway.responses import (ResponseShape, ResponsesRequest, as_responses_error, chat_request, input_items,
+                                    listed_items, unique_ids)
 from zeroc.gateway.schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse_body
 from zeroc.gateway.sse import DONE, EventStream, Reply, TokenEvents, sse, wait_disconnect
 from zeroc.metrics import ServiceMetrics
@@ -174,12 +175,23 @@ class Gateway:
         """OpenAI's Responses API: the chat request it means, answered as a Response (zeroc/gateway/responses.py)."""
         req, token = await self._body(request, ResponsesRequest)
         owner = owner_of(token)
-        history = self._history(req.previous_response_id, owner) + input_items(req.input)
-        keep = (lambda r: self.store.put(owner, r, history)) if req.store and self.store is not None else None
-        shape = ResponseShape(req, self.card.name, int(time.time()), keep)
-        chat = chat_request(req, history)
-        reply, ids, sampling = self._chat_call(chat, token, shape.id)
+        history = unique_ids(self._history(req.previous_response_id, owner) + input_items(req.input))
+        keep = (lambda r: self._keep(owner, r, history)) if req.store and self.store is not None else None
+        shape = ResponseShape(req, self.card.name, int(time.time()), keep, self._count_tokens)
+        try:
+            chat = chat_request(req, history)
+            reply, ids, sampling = self._chat_call(chat, token, shape.id)
+        except APIError as exc:
+            raise as_responses_error(exc) from None
         return await self._answer(request, chat, reply, [ids], sampling, shape=shape)
+
+    def _keep(self, owner: str, response: dict, history: list[dict]) -> None:
+        if not self.store.put(owner, response, history):
+            log.warning("response %s not kept: larger than the whole store (--responses-store-mb)", response["id"],
+                        extra={"request_id": response["id"]})
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.card.tokenizer.encode(text, False))
 
     def _history(self, previous: str | None, owner: str) -> list[dict]:
         """The conversation a response continues: the earlier one's items and output. Raises APIError."""

@@ -31,6 +31,9 @@ class ResponseEvents:
         self.output: list[dict] = []
         self._text: int | None = None  # the open reasoning or message item's output index
         self._calls: dict[int, int] = {}  # a chat tool call's index -> its item's output index
+        # log-probabilities of tokens whose text a parser held back (it may begin a tool call or end thinking): they
+        # go with the answer's text once it comes out, and are dropped if the tokens were a call's or thinking
+        self._held: list[dict] = []
 
     def _emit(self, kind: str, **fields) -> bytes:
         data = event(kind, self.sequence, **fields)
@@ -45,7 +48,8 @@ class ResponseEvents:
     def delta(self, delta: dict, entries: list[dict]) -> bytes:
         """The events of one chat delta ({"reasoning_content", "content", "tool_calls"}, any of them) and the
         log-probabilities of its tokens (chat's `logprobs.content` entries)."""
-        out = b""
+        out, entries = b"", self._held + entries
+        self._held = entries if not any(delta.get(k) for k in ("reasoning_content", "content", "tool_calls")) else []
         if delta.get("reasoning_content"):
             out += self._text_delta("reasoning", delta["reasoning_content"], [])
         if delta.get("content"):
@@ -138,19 +142,22 @@ async def response_events(reply: Reply, shape: ResponseShape, first: Chunk | Res
     parsers); an error after the first event ends it with `response.failed`."""
     events = ResponseEvents(shape)
     head = events.start()
-    if reply.tools is not None:
-        head += events.delta({"tool_calls": reply.tools.head(0) or []}, [])  # a named call's id and name
-    try:
+    named = (reply.tools.head(0) or []) if reply.tools is not None else []  # a named call's id and name, opened
+    try:                                                                     # after any thinking
         item = first
         while isinstance(item, Chunk):
             choice = reply.chunk(item.text, item.token_ids, logprobs=item.logprobs)["choices"][0]
-            data = head + events.delta(choice["delta"], (choice["logprobs"] or {}).get("content") or [])
+            delta = choice["delta"]
+            if named and (delta.get("content") or delta.get("tool_calls")):  # the answer begins
+                head, named = head + events.delta({"tool_calls": named}, []), []
+            data = head + events.delta(delta, (choice["logprobs"] or {}).get("content") or [])
             head = b""
             if data:
                 yield data
             item = await stream.__anext__()
         check_finish(item.finish_reason)
         last = reply.chunk("", [], item.finish_reason)["choices"][0]  # what the parsers held back
+        head += events.delta({"tool_calls": named}, []) if named else b""
         tail = head + events.delta(last["delta"], []) + events.finish(last["finish_reason"], item.usage)
     except ClientError as exc:
         tail = head + events.fail(from_grpc(exc.code, exc.details))

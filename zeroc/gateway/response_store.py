@@ -1,6 +1,7 @@
 """Responses kept for `previous_response_id` and `/v1/responses/{id}` (zeroc/gateway/responses.py).
 
-In the gateway process's memory, at most `capacity_bytes` of JSON, the least recently used dropped first, as vLLM's
+In the gateway process's memory, at most `capacity_bytes` of JSON held as bytes (so what is counted is what is
+held, not a fraction of the dicts it would parse into), the least recently used dropped first, as vLLM's
 in-memory store: several gateway replicas do not share it, so a conversation continued by id needs the replica
 that answered it (sticky routing), and a restart forgets every response. Each response is visible only to the key
 that made it: entries are filed under a hash of the caller's bearer token ("" without one, where every caller is
@@ -30,30 +31,32 @@ class ResponseStore:
     def __init__(self, capacity_bytes: int):
         self.capacity = capacity_bytes
         self.used = 0
-        self._entries: OrderedDict[tuple[str, str], tuple[Stored, int]] = OrderedDict()  # oldest use first
+        self._entries: OrderedDict[tuple[str, str], bytes] = OrderedDict()  # oldest use first
 
     def put(self, owner: str, response: dict, history: list[dict]) -> bool:
         """Keep a response; False (nothing kept) where it alone is over the capacity."""
-        size = len(json.dumps(response, separators=(",", ":"))) + len(json.dumps(history, separators=(",", ":")))
-        if size > self.capacity:
+        blob = json.dumps({"response": response, "history": history}, separators=(",", ":")).encode()
+        if len(blob) > self.capacity:
             return False
         self.delete(owner, response["id"])
-        self._entries[(owner, response["id"])] = (Stored(response, history), size)
-        self.used += size
+        self._entries[(owner, response["id"])] = blob
+        self.used += len(blob)
         while self.used > self.capacity:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.used -= dropped
+            _, dropped = self._entries.popitem(last=False)
+            self.used -= len(dropped)
         return True
 
     def get(self, owner: str, response_id: str) -> Stored | None:
-        entry = self._entries.get((owner, response_id))
-        if entry is None:
+        """The kept response, parsed afresh (a caller may change it freely); None where none is kept."""
+        blob = self._entries.get((owner, response_id))
+        if blob is None:
             return None
         self._entries.move_to_end((owner, response_id))
-        return entry[0]
+        entry = json.loads(blob)
+        return Stored(entry["response"], entry["history"])
 
     def delete(self, owner: str, response_id: str) -> bool:
-        entry = self._entries.pop((owner, response_id), None)
-        if entry is not None:
-            self.used -= entry[1]
-        return entry is not None
+        blob = self._entries.pop((owner, response_id), None)
+        if blob is not None:
+            self.used -= len(blob)
+        return blob is not None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from typing import Any, Callable, Literal
 
@@ -87,11 +88,27 @@ def input_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         given = [{"role": "user", "content": given}]
     out = []
     for item in given:
-        if item.get("type", "message") == "message" and isinstance(item.get("content"), str):
-            kind = "output_text" if item.get("role") == "assistant" else "input_text"
-            item = {**item, "type": "message", "content": [{"type": kind, "text": item["content"]}]}
+        if item.get("type", "message") == "message":
+            item = {**item, "type": "message"}  # listed with its type, as OpenAI lists items
+            if isinstance(item.get("content"), str):
+                kind = "output_text" if item.get("role") == "assistant" else "input_text"
+                item["content"] = [{"type": kind, "text": item["content"]}]
         out.append(item)
     return out
+
+
+def unique_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`items` (a conversation) where no two share an id; a 400 otherwise, as OpenAI's (an input that repeats a
+    continued response's output would show the model that turn twice, and page `input_items` in circles)."""
+    seen: set[str] = set()
+    for item in items:
+        item_id = item.get("id")
+        if isinstance(item_id, str):
+            if item_id in seen:
+                raise APIError(400, f"input: the conversation holds two items with the id {quote(item_id, 64)}",
+                               param="input")
+            seen.add(item_id)
+    return items
 
 
 def listed_items(items: list[dict[str, Any]], response_id: str) -> list[dict[str, Any]]:
@@ -127,6 +144,23 @@ def chat_request(req: ResponsesRequest, items: list[dict[str, Any]]) -> ChatRequ
         return ChatRequest.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+_CHAT_FIELDS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+def as_responses_error(exc: APIError) -> APIError:
+    """A 4xx of the chat path (its validation, template, guides) naming the Responses field at fault: chat's
+    `messages.*` is the `input` (whose items do not map one to one: function calls join a message),
+    `tools.N.function.name` is `tools.N.name`."""
+    old = exc.param
+    if not old or exc.status >= 500:
+        return exc
+    head, _, rest = old.partition(".")
+    new = "input" if head == "messages" else (_CHAT_FIELDS.get(head, head) + (f".{rest}" if rest else ""))
+    new = re.sub(r"^tools\.(\d+)\.function\.", r"tools.\1.", new)
+    message = new + exc.message[len(old):] if exc.message.startswith(old) else exc.message
+    return APIError(exc.status, message, exc.type, new, exc.code)
 
 
 def _messages(given: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -200,9 +234,12 @@ def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
-def usage_of(u: Usage) -> dict:
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_prefix_tokens},
-            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+def usage_of(u: Usage, reasoning_tokens: int) -> dict:
+    """Responses' usage: the prompt tokens computed here are those written to the cache (the KV store keeps their
+    full blocks for later prompts)."""
+    details = {"cached_tokens": u.cached_prefix_tokens, "cache_write_tokens": u.prompt_tokens - u.cached_prefix_tokens}
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": details, "output_tokens": u.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, u.completion_tokens)},
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
@@ -213,10 +250,12 @@ def _item_id(prefix: str, response_id: str, index: int) -> str:
 
 class ResponseShape:
     """One request's Response objects: its settings echoed, its output from a chat answer; `keep` is handed each
-    finished one (completed or cut short) where the response is stored."""
+    finished one (completed or cut short) where the response is stored. `count_tokens`: a text's tokens, for the
+    usage's reasoning tokens (its reasoning items' text, tokenized again)."""
 
-    def __init__(self, req: ResponsesRequest, model: str, created: int, keep: Callable[[dict], Any] | None = None):
-        self.keep = keep
+    def __init__(self, req: ResponsesRequest, model: str, created: int, keep: Callable[[dict], Any] | None = None,
+                 count_tokens: Callable[[str], int] = lambda text: 0):
+        self.keep, self.count_tokens = keep, count_tokens
         self.id, self.created = f"resp_{uuid.uuid4().hex}", created
         tools = req.tools or []
         fmt = req.text.format if req.text is not None and req.text.format is not None else TextFormat(type="text")
@@ -234,10 +273,12 @@ class ResponseShape:
     def response(self, status: str, output: list[dict], usage: Usage | None = None,
                  error: APIError | None = None) -> dict:
         incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        reasoning = sum(self.count_tokens(item["content"][0]["text"]) for item in output
+                        if item["type"] == "reasoning") if usage is not None else 0
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
                 "error": None if error is None else {"code": _error_code(error), "message": error.message},
                 "incomplete_details": incomplete, "output": output,
-                "usage": None if usage is None else usage_of(usage), **self.settings}
+                "usage": None if usage is None else usage_of(usage, reasoning), **self.settings}
 
     def whole(self, completion: dict, usage: Usage) -> dict:
         """The Response of a whole chat completion (one choice)."""
@@ -253,7 +294,7 @@ class ResponseShape:
             output.append(self.message_item(len(output), message.get("content") or "", status, entries))
         for c in calls:
             output.append(self.call_item(len(output), c["id"], c["function"]["name"], c["function"]["arguments"],
-                                         "completed"))
+                                         status))  # cut by max_output_tokens: its arguments may be too
         return self.finished(self.response(status, output, usage))
 
     def finished(self, response: dict) -> dict:

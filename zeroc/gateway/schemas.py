@@ -329,10 +329,16 @@ class DetokenizeRequest(_Body):
     tokens: list[Annotated[int, Field(ge=0, le=_U32)]] = Field(..., max_length=1 << 20)
 
 
+def _no_constant(name: str):
+    """NaN, Infinity and -Infinity: Python's json reads them, but they are not JSON, and free-form fields (a tool's
+    parameters, `reasoning`) that carry them would break every answer that echoes them."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_body(raw: bytes, model: type[_Body]) -> _Body:
     """Parse and check a request body. Raises APIError (400) naming the field at fault."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise APIError(400, f"the body is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(data, dict):

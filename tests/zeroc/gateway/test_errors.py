@@ -26,6 +26,7 @@ def assert_error(status: int, body, want_status: int, *words: str, code: str | N
 @pytest.mark.parametrize("body, status, words, param", [
     ("{", 400, ["not valid JSON"], None),
     ("[1, 2]", 400, ["JSON object"], None),
+    ('{"prompt": "x", "temperature": NaN}', 400, ["NaN is not a JSON value"], None),
     ({"model": "zeroc-tiny"}, 400, ["prompt", "required"], "prompt"),
     ({"prompt": "x", "n": 17}, 400, ["n", "16"], "n"),
     ({"prompt": "x", "n": 0}, 400, ["n"], "n"),
@@ -75,6 +76,9 @@ def test_error_statuses(gateway):
     assert_error(status, body, 400, "OUT_OF_RANGE", code="context_length_exceeded")
     status, body = gateway.post("/v1/completions", b'{"prompt": "' + b"a" * (9 << 20) + b'"}')
     assert_error(status, body, 413, code="request_too_large")
+    # free-form fields echoed in answers: Infinity would break the answer's JSON after the model ran
+    status, body = gateway.post("/v1/responses", b'{"input": "hi", "reasoning": {"effort": -Infinity}}')
+    assert_error(status, body, 400, "-Infinity is not a JSON value")
     status, body = gateway.post("/v1/nowhere", {})
     assert_error(status, body, 404)
     # User input is quoted as a short prefix at most.

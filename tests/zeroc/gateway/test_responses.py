@@ -14,18 +14,23 @@ import grpc
 import jsonschema
 import openai
 import pytest
-from pydantic import BaseModel
+from openai.types.responses import ResponseStreamEvent
+from pydantic import BaseModel, TypeAdapter
 
 from gateway_support import openai_on_gateway
-from zeroc.client import Chunk, ClientError, Result, Usage
+from zeroc.client import Chunk, ClientError, Result, TokenLogprob, Usage
+from zeroc.config import BUNDLED_MODEL
 from zeroc.gateway.errors import APIError
+from zeroc.gateway.logprobs import LogprobFormat
 from zeroc.gateway.reasoning import REASONING_PARSERS, Reasoning
 from zeroc.gateway.response_events import response_events
 from zeroc.gateway.response_store import ResponseStore
-from zeroc.gateway.responses import ResponseShape, ResponsesRequest, chat_request, input_items
+from zeroc.gateway.responses import (ResponseShape, ResponsesRequest, as_responses_error, chat_request, input_items,
+                                    unique_ids)
 from zeroc.gateway.sse import Reply
 from zeroc.gateway.tool_parsers import PARSERS
 from zeroc.gateway.tools import ToolCalls
+from zeroc.tokenizer import Tokenizer
 
 INSTRUCTIONS = "You answer in Python."
 QUESTION = "How do I read a file?"
@@ -213,8 +218,23 @@ def test_the_chat_request_a_response_means():
     with pytest.raises(APIError, match="only function tools"):
         chat_request(ResponsesRequest.model_validate({"tools": [{"type": "file_search"}], "input": "x"}),
                      input_items("x"))
+    bad = ResponsesRequest.model_validate({"tools": [{"type": "function", "name": "no spaces"}], "input": "x"})
+    with pytest.raises(APIError) as chat_error:
+        chat_request(bad, input_items("x"))
+    named = as_responses_error(chat_error.value)  # chat's field, named as the Responses request's
+    assert chat_error.value.param == "tools.0.function.name" and named.param == "tools.0.name"
+    assert named.message.startswith("tools.0.name: ") and named.status == 400
+    late = as_responses_error(APIError(400, "messages.2.tool_call_id: no such call", param="messages.2.tool_call_id"))
+    assert late.param == "input" and late.message == "input: no such call"
+    assert as_responses_error(APIError(400, "x", param="max_completion_tokens")).param == "max_output_tokens"
+    with pytest.raises(APIError, match="two items with the id"):
+        unique_ids(input_items([{"type": "message", "id": "m1", "role": "user", "content": "a"},
+                                {"type": "message", "id": "m1", "role": "user", "content": "b"}]))
+    listed = input_items([{"role": "user", "content": [{"type": "input_text", "text": "a"}]}])
+    assert listed[0]["type"] == "message"  # listed as OpenAI lists items, whatever the client left out
 
 
+_EVENT = TypeAdapter(ResponseStreamEvent)
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}</tool_call>'
 
 
@@ -222,20 +242,27 @@ def _usage() -> Usage:
     return Usage(prompt_tokens=5, completion_tokens=4, ttft_ms=1.0, cached_prefix_tokens=0, kv_bytes_received=0)
 
 
+def _chunk(i: int, piece: str) -> Chunk:
+    return Chunk([10 + i], piece, [TokenLogprob(-0.5 - i, [])])  # a token a piece, each with its log-probability
+
+
 async def _canned(pieces: list[str], error: ClientError | None = None):
-    for piece in pieces[1:]:
-        yield Chunk([1], piece)
+    for i, piece in enumerate(pieces[1:], 1):
+        yield _chunk(i, piece)
     if error is not None:
         raise error
     yield Result("r", "stop", _usage())
 
 
 def _run(reply: Reply, shape: ResponseShape, pieces: list[str], error: ClientError | None = None) -> list[dict]:
+    """The events of a canned stream, each valid as the `openai` package's event types read them."""
     async def go() -> bytes:
-        return b"".join([e async for e in response_events(reply, shape, Chunk([1], pieces[0]),
+        return b"".join([e async for e in response_events(reply, shape, _chunk(0, pieces[0]),
                                                           _canned(pieces, error))])
     raw = asyncio.run(go()).decode()
     events = [json.loads(block.split("\ndata: ", 1)[1]) for block in raw.split("\n\n") if block]
+    for e in events:
+        _EVENT.validate_python(e)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert all(block.startswith(f"event: {e['type']}\n") for block, e in zip(raw.split("\n\n"), events))
     return events
@@ -255,6 +282,37 @@ def test_thinking_then_text_then_a_call_are_three_items_in_order_each_closed_bef
     kinds = [e["type"] for e in events]
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
     assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"] == done
+
+
+def test_held_back_text_keeps_its_log_probabilities_and_thinking_counts_as_reasoning_tokens():
+    """The auto tool parser holds " <" back (it may begin a call); its token's log-probability comes out with it."""
+    tok = Tokenizer.from_dir(BUNDLED_MODEL)
+    reply = Reply("resp_3", "m", True, False, 0, logprobs=LogprobFormat(tok, chat=True),
+                  tools=ToolCalls("resp_3", None, PARSERS["hermes"]),
+                  reasoning=Reasoning(REASONING_PARSERS["deepseek_r1"], True))
+    shape = ResponseShape(ResponsesRequest.model_validate({"input": "x", "top_logprobs": 1}), "m", 0,
+                          count_tokens=lambda text: len(text.split()))
+    events = _run(reply, shape, ["One two", " three</think>", "Hi", " <", "b>", "!"])
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    assert done["text"] == "Hi <b>!" and [lp["logprob"] for lp in done["logprobs"]] == [-2.5, -3.5, -4.5, -5.5]
+    deltas = [lp["logprob"] for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
+    assert deltas == [-2.5, -3.5, -4.5, -5.5]
+    usage = events[-1]["response"]["usage"]
+    assert usage["output_tokens_details"]["reasoning_tokens"] == 3  # "One two three", as count_tokens counts
+    assert usage["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 5}
+
+
+def test_a_named_call_opens_after_the_thinking_that_leads_to_it():
+    reply = Reply("resp_4", "m", True, False, 0, tools=ToolCalls("resp_4", "get_weather"),
+                  reasoning=Reasoning(REASONING_PARSERS["deepseek_r1"], True))
+    shape = ResponseShape(ResponsesRequest.model_validate({"input": "x"}), "m", 0)
+    events = _run(reply, shape, ["Hmm, ", "Paris.</think>", '{"city":', ' "Paris"}'])
+    added = [(e["output_index"], e["item"]["type"]) for e in events if e["type"] == "response.output_item.added"]
+    assert added == [(0, "reasoning"), (1, "function_call")]
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.output_item.done") < kinds.index("response.function_call_arguments.delta")
+    [call] = [e["item"] for e in events if e["type"] == "response.output_item.done" and e["output_index"] == 1]
+    assert json.loads(call["arguments"]) == {"city": "Paris"} and call["name"] == "get_weather"
 
 
 def test_a_call_failing_mid_stream_ends_with_response_failed_and_its_items_incomplete():
@@ -339,4 +397,6 @@ def test_the_store_drops_the_least_recently_used_and_files_by_owner():
     store.put("a", resp[3], [{"role": "user", "content": "y" * 120}])
     assert store.get("a", "resp_1") is None and store.get("a", "resp_0") is not None  # the least recently used went
     assert store.used <= 600 and not store.put("a", {"id": "big", "output": "z" * 700}, [])
+    store.get("a", "resp_0").response["output"].clear()  # a reader's copy: the kept one stays as it was
+    assert store.get("a", "resp_0").response == resp[0]
     assert store.delete("a", "resp_0") and not store.delete("a", "resp_0")
