@@ -244,8 +244,8 @@ def check_flex(loaded) -> tuple[bool, str]:
 
 
 def check_speculative(loaded) -> tuple[bool, str]:
-    """Speculating greedy rows (zeroc/speculative.py) beside graphed and sampled ones, running ahead between them:
-    the eager engine's tokens, in fewer steps."""
+    """Speculating greedy rows and a seeded sampled one (zeroc/speculative.py) beside graphed ones, running ahead
+    between them: the eager engine's tokens, in fewer steps."""
     prompts = ["def add(a, b):\n    return a + b\n\ndef add(a, b):\n", *PROMPTS[:3]]
     params = [SamplingParams(max_new_tokens=40, ignore_eos=True)] * 3 + [SamplingParams(max_new_tokens=40,
                                                                                        temperature=0.9, seed=2)]

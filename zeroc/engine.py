@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -44,8 +43,9 @@ from zeroc.penalties import PenaltyBatch, PenaltyState, ban_tokens
 from zeroc.prompt_logprobs import PromptLogprobs, PromptRows
 from zeroc.sampling import (FAILED, SamplingBatch, SamplingParams, TokenLogprobs, make_generator, read_logprobs,
                             sample_batch, with_logprobs)
-from zeroc.sequence import GenerationResult, Results, Sequence, StepOutput
-from zeroc.speculative import NgramProposer, SpecStats, accept, eligible
+from zeroc.scheduling import admit, holders, preemption_victim
+from zeroc.sequence import GenerationResult, LaunchedStep, Results, Sequence, StepOutput
+from zeroc.speculative import NgramProposer, SpecStats, accept, draft_sampling, eligible, marks, rewind
 from zeroc.step_clock import NullClock
 from zeroc.structured import GuideCompiler
 from zeroc.tokenizer import IncrementalDetokenizer
@@ -53,29 +53,6 @@ from zeroc.tokenizer import IncrementalDetokenizer
 
 class PromptTooLongError(ZeroCError):
     """The prompt does not fit the model's context or the whole KV cache."""
-
-
-@dataclass
-class _Launched:
-    """A step on the device: its rows, which of them sample a token that counts, and the sampled ids."""
-
-    rows: list[Sequence]
-    samples: set[int]  # id() of the rows whose token counts (a chunk of a prompt samples nothing)
-    ids: DeviceToHost  # [B] the sampled ids on their way to the host, or [B, 2 + 2k] rows of `with_logprobs`
-    logprobs: int | None = None  # k of those rows; None: plain ids
-    prompt_rows: PromptRows | None = None  # rows of `ids` after the sampled ones: prompt log-probabilities
-    free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
-    # speculating rows' drafts (by id() of the row) and greedy's token after the last one and each draft token but
-    # the last, [sum of the drafts' lengths] on their way to the host (zeroc/speculative.py); None with drafts: they
-    # follow the sampled ids in `ids` (a step with no log-probabilities or prompt rows: one copy)
-    drafts: dict[int, list[int]] = field(default_factory=dict)
-    targets: DeviceToHost | None = None
-    # the next step waits for this one's ids: a guided row's mask (or whether it has one yet, zeroc/structured.py),
-    # a speculating row's draft and input need them
-    synced: bool = False
-
-    def holds(self, request_id: str) -> bool:
-        return any(s.request_id == request_id for s in self.rows)
 
 
 def runs_ahead(sched: SchedulerConfig, device: torch.device) -> bool:
@@ -115,11 +92,12 @@ class Engine:
         self.num_preemptions = 0  # since start, for the service's metrics (a counter only this thread writes)
         self.device = device
         self.host_waits = 0  # waits for a step's sampled ids, since start: one per step (benchmarks count them)
-        self._in_flight: list[_Launched] = []  # launched steps whose ids the host has not read, oldest first
+        self._in_flight: list[LaunchedStep] = []  # launched steps whose ids the host has not read, oldest first
         # Unseeded random requests draw their noise from this one generator, in one draw per step.
         self._shared_gen = torch.Generator(device=device)
         self._shared_gen.seed()
         self._sampling: SamplingBatch | None = None  # the last step's parameters on the device
+        self._draft_sampling: SamplingBatch | None = None  # the last step's draft rows' (zeroc/speculative.py)
         self.penalties = PenaltyState(self.model_config.vocab_size, device)  # slots of penalized requests
         backend = self.model.backend
         self.guides = GuideCompiler(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids,
@@ -253,8 +231,8 @@ class Engine:
 
     # -- scheduling -----------------------------------------------------------------------------
     def _reserve_decode(self, outputs: list[StepOutput]) -> tuple[list[Sequence], list[Sequence], int]:
-        """Make room for one more token per decode row, preempting if needed the running sequence of the highest
-        priority value, the newest among equals (after reading the step in flight, whose results may free blocks
+        """Make room for one more token per decode row, preempting if needed (scheduling.preemption_victim) a running
+        sequence or a waiting one that holds blocks (after reading the step in flight, whose results may free blocks
         and which must not hold a victim's row): -> (the decode rows, the running sequences that take none, the
         blocks the rows take). Appends to `outputs` what it reads and ends.
 
@@ -268,48 +246,38 @@ class Engine:
             if self._in_flight:
                 outputs += self._collect()
                 continue
-            victim = self.running.pop(max(range(len(self.running)), key=lambda i: (self.running[i].priority, i)))
-            self.cache.free(victim.request_id)
-            if not self.running:
+            waiting = holders(self.waiting)
+            victim = preemption_victim(self.running + waiting)
+            if any(victim is s for s in waiting):
+                self._preempt(victim)  # it keeps its place in the queue
+                continue
+            self.running.remove(victim)
+            if not self.running and (len(self.cache.block_table(victim.request_id))
+                                     + self.cache.blocks_needed(victim.request_id, 1) > self.cache.num_blocks):
+                self.cache.free(victim.request_id)
                 victim.finished = True
                 outputs.append(StepOutput(victim.request_id, [], victim.detok.text[victim.released:], True,
                                           "length", victim.queued_s or 0.0, victim.preemptions))
                 break
-            victim.in_cache = 0
-            victim.preemptions += 1
-            self.num_preemptions += 1
+            self._preempt(victim)
             self.waiting.appendleft(victim)
         return [], [], 0
 
-    def _admit(self, decoding: list[Sequence], need: int, budget: int) -> list[tuple[Sequence, int]]:
-        """Admit waiting sequences by priority (all 0 under fcfs), then as queued, while their whole context fits
-        the cache, each with the tokens it computes this step. A prompt longer than the token budget left computes
-        a chunk of it (chunked prefill) and stays first in line, holding its blocks, until its last chunk; only
-        then does it sample and run. With no budget left at all (the running decodes take it all), the first
-        sequence still computes a block's worth of tokens: prompts make progress while a step's cost, and so the
-        running sequences' time per output token, stays bounded by the budget plus one block."""
-        admitted: list[tuple[Sequence, int]] = []
-        free = self.cache.num_free_blocks - need  # what the decode rows leave
-        # Sequences that already hold blocks (a received or reused prefix, an unfinished chunked prompt) go
-        # first: one queued behind a sequence waiting for exactly those blocks would wait forever.
-        order = sorted(self.waiting, key=lambda s: (s.in_cache == 0, s.priority))
-        for seq in order:
-            if len(decoding) + len(admitted) >= self.sched.max_num_seqs:
-                break
-            n = seq.num_tokens - seq.in_cache  # tokens to compute; a received prefix is in_cache
-            blocks = self.cache.blocks_needed(seq.request_id, n)
-            take = min(n, self.cache.block_size) if budget <= 0 and not admitted else min(n, budget)
-            if blocks > free or take <= 0:
-                break
-            if seq.queued_s is None:
-                seq.queued_s = time.monotonic() - seq.added_at
-            admitted.append((seq, take))
-            if take < n:  # a chunk: it keeps its place in line
-                break
-            self.waiting.remove(seq)
-            free -= blocks
-            budget -= n
-        return admitted
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a sequence's blocks: it computes its context again when admitted."""
+        self.cache.free(seq.request_id)
+        seq.in_cache = 0
+        seq.preemptions += 1
+        self.num_preemptions += 1
+
+    def _unstall(self) -> bool:
+        """With nothing running or in flight, waiting sequences that hold blocks may each wait for blocks another
+        holds: free the blocks of the one that gives way (it is computed again). Whether one did."""
+        waiting = holders(self.waiting)
+        if self.running or self._in_flight or not waiting:
+            return False
+        self._preempt(preemption_victim(waiting))
+        return True
 
     def step(self) -> list[StepOutput]:
         """Launch one forward for every scheduled sequence, sampling one token for each that has computed its
@@ -328,14 +296,19 @@ class Engine:
             outputs += self._collect()
         return outputs
 
-    def _launch(self, outputs: list[StepOutput]) -> _Launched | None:
+    def _launch(self, outputs: list[StepOutput]) -> LaunchedStep | None:
         """Schedule the next step and launch its forward and sampling (appending to `outputs` what scheduling
         itself finishes); None when there is nothing to run."""
         decoding, finishing, need = self._reserve_decode(outputs)
         decoding, drafted, need = self.speculator.plan(decoding, need, self.cache,  # speculating rows apart
-                                                       self.model_config.max_position_embeddings)
+                                                       self.model_config.max_position_embeddings,
+                                                       self.sched.max_num_batched_tokens - len(decoding))
         spec, spec_tokens = [s for s, _ in drafted], sum(1 + len(d) for _, d in drafted)
-        admitted = self._admit(decoding + spec, need, self.sched.max_num_batched_tokens - len(decoding) - spec_tokens)
+        budget = self.sched.max_num_batched_tokens - len(decoding) - spec_tokens
+        admitted = admit(self.waiting, len(decoding) + len(spec), self.cache, self.cache.num_free_blocks - need,
+                         budget, self.sched.max_num_seqs)
+        if not decoding and not drafted and not admitted and self._unstall():
+            admitted = admit(self.waiting, 0, self.cache, self.cache.num_free_blocks, budget, self.sched.max_num_seqs)
         self.state.keep([s.request_id for s in decoding])  # rows of sequences that left (or speculate) go
         self.last_step_tokens = len(decoding) + spec_tokens + sum(n for _, n in admitted)
         self.clock.lap("schedule")
@@ -347,33 +320,8 @@ class Engine:
         scoring = PromptRows.plan([(s.prompt_scores, s.in_cache, n) for s, n in admitted], len(decoding) + spec_tokens)
         with torch.inference_mode(), (self.device_timer() if self.device_timer else contextlib.nullcontext()):
             logits = self._forward(decoding, admitted, scoring, drafted)  # [B (+ prompt rows, draft rows), vocab]
-            extra, logits = logits[len(rows):], logits[: len(rows)]
-            scored = len(scoring.indices) if scoring is not None else 0
-            prompt_logits, draft_logits = extra[:scored], extra[scored:]  # greedy's picks after each draft token
             self.clock.lap("forward")
-            # built while the forward runs (its copies queue behind it); a chunk's row draws nothing
-            params = [s.params if id(s) in samples else _CHUNK for s in rows]
-            gens = [s.generator if p is not _CHUNK else None for s, p in zip(rows, params)]
-            sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device, self._sampling)
-            self._sampling = sampling  # the next step's, where its rows sample alike (no copy then)
-            penalties = self._penalties(rows, params)
-            k = max([p.logprobs for p in params if p.logprobs is not None] + ([scoring.k] if scoring else []),
-                    default=None)
-            guided = [s.matcher is not None and id(s) in samples for s in rows]  # waiting for `after` or not
-            scores = self._scores(logits, rows, samples, penalties, guided, keep_logits=k is not None)
-            sampled = sample_batch(scores, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
-            if penalties is not None:
-                self.penalties.record(penalties, sampled)  # the next step's penalties see this token
-            self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
-            packed = sampled if k is None else with_logprobs(logits, sampled, k)
-            packed = packed if scoring is None else scoring.pack(packed, prompt_logits, k)
-            checks = draft_logits.argmax(-1) if drafted else None  # [sum of the drafts' lengths]
-            if checks is not None and k is None and scoring is None:  # one copy to the host: the ids, then these
-                packed, checks = torch.cat([packed, checks]), None
-            targets = DeviceToHost(checks) if checks is not None else None
-            synced = any(guided) or (self.speculator.k > 0 and any(s.speculative for s in rows if id(s) in samples))
-            launched = _Launched(rows, samples, DeviceToHost(packed), k, scoring, drafts={id(s): d for s, d in drafted},
-                                 targets=targets, synced=synced)
+            launched = self._sample(logits, rows, samples, scoring, drafted)
             self.clock.lap("sample")
         # While the device works: host bookkeeping that needs no sampled id.
         for seq, n in admitted:
@@ -386,6 +334,43 @@ class Engine:
                 self.on_prompt_computed(seq.request_id, seq.prompt_ids, self.cache.block_table(seq.request_id))
         self.clock.lap("bookkeeping")
         return launched
+
+    def _sample(self, logits: Tensor, rows: list[Sequence], samples: set[int], scoring: PromptRows | None,
+                drafted: list[tuple[Sequence, list[int]]]) -> LaunchedStep:
+        """Sample the step's tokens on the device and start their one copy to the host: logits [B (+ prompt rows,
+        draft rows), vocab] from `_forward`. Built while the forward runs (its copies queue behind it); a chunk's
+        row draws nothing."""
+        extra, logits = logits[len(rows):], logits[: len(rows)]
+        scored = len(scoring.indices) if scoring is not None else 0
+        prompt_logits, draft_logits = extra[:scored], extra[scored:]  # the prompt rows', then each draft token's
+        params = [s.params if id(s) in samples else _CHUNK for s in rows]
+        gens = [s.generator if p is not _CHUNK else None for s, p in zip(rows, params)]
+        sampling = SamplingBatch.build(params, gens, self.model_config.vocab_size, self.device, self._sampling)
+        self._sampling = sampling  # the next step's, where its rows sample alike (no copy then)
+        penalties = self._penalties(rows, params)
+        k = max([p.logprobs for p in params if p.logprobs is not None] + ([scoring.k] if scoring else []),
+                default=None)
+        guided = [s.matcher is not None and id(s) in samples for s in rows]  # waiting for `after` or not
+        scores = self._scores(logits, rows, samples, penalties, guided, keep_logits=k is not None)
+        drawn = marks(drafted)  # before this step draws: a seeded row gives back what its dropped tokens drew
+        checks = None  # [sum of the drafts' lengths], drawn first: a draft's rows come before its row's last token
+        if drafted:
+            self._draft_sampling = draft_sampling(drafted, self.model_config.vocab_size, self.device,
+                                                  self._draft_sampling)
+            checks = sample_batch(draft_logits, self._draft_sampling, self._shared_gen, self.native_sampler)
+        sampled = sample_batch(scores, sampling, self._shared_gen, self.native_sampler)  # [B] on the device
+        if penalties is not None:
+            self.penalties.record(penalties, sampled)  # the next step's penalties see this token
+        self.state.set_tokens(sampled)  # the decode rows' next inputs, without the host
+        packed = sampled if k is None else with_logprobs(logits, sampled, k)
+        packed = packed if scoring is None else scoring.pack(packed, prompt_logits, k)
+        if checks is not None and k is not None:
+            checks = with_logprobs(draft_logits, checks, k)  # [sum of the drafts' lengths, 2 + 2k]
+        if checks is not None and scoring is None:  # one copy to the host: the sampled rows, then these
+            packed, checks = torch.cat([packed, checks]), None
+        synced = any(guided) or (self.speculator.k > 0 and any(s.speculative for s in rows if id(s) in samples))
+        return LaunchedStep(rows, samples, DeviceToHost(packed), k, scoring, drafts={id(s): d for s, d in drafted},
+                         targets=DeviceToHost(checks) if checks is not None else None, synced=synced, marks=drawn)
 
     def _penalties(self, rows: list[Sequence], params: list[SamplingParams]):
         """The step's `PenaltyBatch` (None when no row sets a penalty), admitting rows that have no slot yet."""
@@ -413,12 +398,13 @@ class Engine:
             if id(seq) in step.samples:
                 seq.pending -= 1
                 draft = step.drafts.get(id(seq)) if step.drafts else None
-                if draft is not None:  # greedy's picks after its last token and each draft token but the last
+                if draft is not None:  # the samples after its last token and each draft token but the last
                     checked, at = targets[at: at + len(draft)], at + len(draft)
                 if not seq.finished:
                     token = row if step.logprobs is None else int(row[0])
                     if draft is not None and token != FAILED:
-                        outputs.append(self._accept(seq, draft, checked + [token]))
+                        outputs.append(self._accept(seq, draft, checked + [row], step.logprobs,
+                                                    step.marks.get(id(seq))))
                         continue
                     seq.in_cache = seq.num_tokens
                     wanted = seq.params.logprobs
@@ -456,7 +442,7 @@ class Engine:
         self.clock.lap("inputs")
         last = batch.last_token_indices
         indices = last if scoring is None else scoring.logits_indices(last)
-        if drafted:  # each draft token's logits: greedy's pick after it, to check the next draft token against
+        if drafted:  # each draft token's logits: the sample after it checks the next draft token
             at, rows_of = len(decoding), []
             for _, d in drafted:
                 rows_of += range(at, at + len(d))
@@ -478,20 +464,27 @@ class Engine:
         matchers = [s.matcher if g and s.guide_after is None else None for s, g in zip(rows, guided)]
         return self.guides.mask(scores, matchers, copy=not own)  # structured output: what a guide forbids
 
-    def _accept(self, seq: Sequence, draft: list[int], targets: list[int]) -> StepOutput:
-        """A speculating row's tokens: greedy's own as far as its draft held, and the next (zeroc/speculative.py);
-        its cache keeps the rows of the tokens computed that stay (its last token and the draft tokens kept)."""
-        tokens = accept(draft, targets)
+    def _accept(self, seq: Sequence, draft: list[int], rows: list, k: int | None, mark: Tensor | None) -> StepOutput:
+        """A speculating row's tokens: its samples as far as its draft held, and the next (zeroc/speculative.py).
+        rows[i]: the sample at the position after its last token and draft[:i], an id or (`k` not None) a row of
+        `with_logprobs`. Its cache keeps the rows of the tokens computed that stay (its last token and the draft
+        tokens kept), its generator (`mark`: where seeded) the draws of the tokens kept."""
+        tokens = accept(draft, rows if k is None else [int(r[0]) for r in rows])
+        if FAILED in tokens:  # a draft row's logits were not finite
+            return self._fail(seq)
+        if mark is not None and len(tokens) <= len(draft):
+            rewind(seq.generator, mark, len(tokens))
         self.spec_stats.record(draft, tokens)
         seq.in_cache = seq.num_tokens + len(tokens) - 1
         self.cache.truncate(seq.request_id, seq.in_cache)
-        outs = []
-        for token in tokens:
-            outs.append(self._advance(seq, token))
+        outs, wanted = [], seq.params.logprobs
+        for token, row in zip(tokens, rows):
+            outs.append(self._advance(seq, token, () if wanted is None else (read_logprobs(row, k, wanted),)))
             if outs[-1].finished:
                 break
         return replace(outs[-1], token_ids=[t for o in outs for t in o.token_ids],
-                       text_delta="".join(o.text_delta for o in outs))
+                       text_delta="".join(o.text_delta for o in outs),
+                       logprobs=tuple(lp for o in outs for lp in o.logprobs))
 
     def _fail(self, seq: Sequence, why: str = "the model's logits for this sequence are not finite (NaN or inf)"
               ) -> StepOutput:

@@ -1,5 +1,5 @@
-"""What a request is inside the engine (`Sequence`) and what the engine hands back for it (`StepOutput` each step,
-`GenerationResult` from `Engine.generate`)."""
+"""What a request is inside the engine (`Sequence`), what the engine hands back for it (`StepOutput` each step,
+`GenerationResult` from `Engine.generate`), and a step it launched whose ids it has yet to read (`LaunchedStep`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from zeroc.prompt_logprobs import PromptLogprobs
+from zeroc.device import DeviceToHost
+from zeroc.prompt_logprobs import PromptLogprobs, PromptRows
 from zeroc.sampling import SamplingParams, TokenLogprobs
 from zeroc.tokenizer import IncrementalDetokenizer
 
@@ -137,3 +139,27 @@ class Sequence:
         delta, self.released = text[self.released:end], end
         return StepOutput(self.request_id, [token], delta, reason is not None, reason, self.queued_s or 0.0,
                           self.preemptions, logprobs=logprobs)
+
+
+@dataclass
+class LaunchedStep:
+    """A step on the device: its rows, which of them sample a token that counts, and the sampled ids."""
+
+    rows: list[Sequence]
+    samples: set[int]  # id() of the rows whose token counts (a chunk of a prompt samples nothing)
+    ids: DeviceToHost  # [B] the sampled ids on their way to the host, or [B, 2 + 2k] rows of `with_logprobs`
+    logprobs: int | None = None  # k of those rows; None: plain ids
+    prompt_rows: PromptRows | None = None  # rows of `ids` after the sampled ones: prompt log-probabilities
+    free_after: list[str] = field(default_factory=list)  # request ids whose blocks go once this step has run
+    # speculating rows' drafts (by id() of the row) and the token sampled after the last one and each draft token
+    # but the last, [sum of the drafts' lengths] (rows of `with_logprobs` where `logprobs`) on their way to the host
+    # (zeroc/speculative.py); None with drafts: they follow the sampled rows in `ids` (no prompt rows: one copy)
+    drafts: dict[int, list[int]] = field(default_factory=dict)
+    targets: DeviceToHost | None = None
+    marks: dict[int, Tensor] = field(default_factory=dict)  # seeded drafting rows' generators before the step
+    # the next step waits for this one's ids: a guided row's mask (or whether it has one yet, zeroc/structured.py),
+    # a speculating row's draft and input need them
+    synced: bool = False
+
+    def holds(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in self.rows)

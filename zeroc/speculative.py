@@ -2,15 +2,25 @@
 
 A request's next tokens are guessed from its own text: where its last n tokens (n from `ngram_max` down to
 `ngram_min`) occurred before, the k tokens that followed that occurrence are the draft. The engine runs the last
-token and the draft through the model in one step, as a short chunk of the sequence, and keeps the longest prefix
-of the draft that greedy decoding would have produced, plus the model's own next token after it: 1 to k + 1 tokens
-a step, always the tokens plain greedy decoding makes (`accept`). Where text repeats (code being edited, a
-document being quoted or summarised, structured records) most drafts hold; where it does not, a step costs a few
-more rows than a decode row.
+token and the draft through the model in one step, as a short chunk of the sequence, samples the token after each
+as the request samples, and keeps the draft as far as those samples agree with it, plus the sample after the last
+token kept: 1 to k + 1 tokens a step (`accept`); a greedy request's are exactly plain greedy decoding's. Where text
+repeats (code being edited, a document being quoted or summarised, structured records) most drafts hold; where it
+does not, a step costs a few more rows than a decode row.
 
-Which requests speculate (`eligible`): greedy ones whose logits nothing else changes or reads (no penalties, logit
-bias, guide, log-probabilities or min_tokens), on caches whose slots a later step may overwrite (plain pools: a
-KV policy's stored form and a token tier cannot take back a draft's rows).
+Sampled requests speculate too. Each draft token's row samples as the request does (temperature, top-k, top-p,
+min_p), and the draft is kept while those samples equal it. That is rejection sampling for a draft that is one
+token for sure (q = one-hot(d)): a draft token d is kept with probability p(d) = min(1, p(d) / q(d)), and the sample
+that differs from it is p's, given that it is not d, which is the residual (p - q)+ renormalized. So the tokens
+follow the model's distribution exactly. A seeded request draws one number per token as it would without
+speculating, and gives back the draws of the draft tokens it does not keep (`rewind`). Its tokens are those it
+samples without speculation, in any batch.
+
+Log-probabilities come from each kept token's own row (the draft rows' logits, then the row after the whole draft).
+
+Which requests speculate (`eligible`): those whose logits nothing else changes (no penalties, logit bias, guide or
+min_tokens) and that do not score their prompt (prompt log-probabilities), on caches whose slots a later step may
+overwrite (plain pools: a KV policy's stored form and a token tier cannot take back a draft's rows).
 """
 
 from __future__ import annotations
@@ -19,17 +29,19 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from zeroc.sampling import SamplingParams
+import torch
+from torch import Tensor
+
+from zeroc.sampling import SamplingBatch, SamplingParams
 
 if TYPE_CHECKING:
     from zeroc.sequence import Sequence
 
 
 def eligible(p: SamplingParams) -> bool:
-    """Whether a request's tokens are those greedy decoding of the bare logits makes (so a draft can be checked
-    against them alone)."""
-    return (p.greedy and not p.penalized and p.guide is None and p.logprobs is None and p.prompt_logprobs is None
-            and p.min_tokens == 0)
+    """Whether a request's tokens come from its bare logits and its sampling parameters alone (so a draft can be
+    checked against samples of the draft rows' logits), and its prompt is not scored."""
+    return not p.penalized and p.guide is None and p.prompt_logprobs is None and p.min_tokens == 0
 
 
 @dataclass(frozen=True)
@@ -62,12 +74,13 @@ class NgramProposer:
         return []
 
 
-    def plan(self, decoding: list[Sequence], need: int, cache, max_positions: int
+    def plan(self, decoding: list[Sequence], need: int, cache, max_positions: int, budget: int
              ) -> tuple[list[Sequence], list[tuple[Sequence, list[int]]], int]:
         """Take the speculating sequences out of a step's decode rows, each with a draft where `cache` (a
-        PagedKVCache, after the decode rows' `need` blocks) has room for it: -> (the other decode rows, (sequence,
-        draft) pairs, the blocks all of them take). A speculating sequence's last token is on the host (its step
-        before was waited for); one with a token in flight still decodes as a plain row."""
+        PagedKVCache, after the decode rows' `need` blocks) has room for it and the step's token `budget` (what is
+        left of max_num_batched_tokens after one token a decode row) for its tokens: -> (the other decode rows,
+        (sequence, draft) pairs, the blocks all of them take). A speculating sequence's last token is on the host
+        (its step before was waited for); one with a token in flight still decodes as a plain row."""
         if not self.k:
             return decoding, [], need
         rows, drafted = [], []
@@ -75,13 +88,14 @@ class NgramProposer:
             if not seq.speculative or seq.pending:
                 rows.append(seq)
                 continue
-            left = min(seq.params.max_new_tokens - len(seq.output_ids), max_positions - seq.num_tokens) - 1
+            left = min(seq.params.max_new_tokens - len(seq.output_ids), max_positions - seq.num_tokens, budget + 1) - 1
             draft = self.propose(seq.all_ids, left)
             more = cache.blocks_needed(seq.request_id, 1 + len(draft)) - cache.blocks_needed(seq.request_id, 1)
             if more > cache.num_free_blocks - need:
                 draft, more = [], 0
             drafted.append((seq, draft))
             need += more
+            budget -= len(draft)
         return rows, drafted, need
 
 
@@ -102,10 +116,33 @@ class SpecStats:
             self.accepted_tokens += len(kept) - 1
 
 
+def draft_sampling(drafted: list[tuple[Sequence, list[int]]], vocab: int, device: torch.device,
+                   last: SamplingBatch | None) -> SamplingBatch:
+    """How a step's draft rows [sum of the drafts' lengths] sample: each as its request does, a seeded one from its
+    own generator in the order of its tokens. The rows are the positions after a request's last token and after
+    each draft token but the last; its row in the step's main batch, after the whole draft, draws after them.
+    `last`: the step before's, reused where the rows sample alike."""
+    params = [seq.params for seq, draft in drafted for _ in draft]
+    return SamplingBatch.build(params, [seq.generator for seq, draft in drafted for _ in draft], vocab, device, last)
+
+
+def marks(drafted: list[tuple[Sequence, list[int]]]) -> dict[int, Tensor]:
+    """Each seeded request's generator state before a step's draws (by id() of its sequence), where it drafts."""
+    return {id(seq): seq.generator.get_state() for seq, draft in drafted if draft and seq.generator is not None}
+
+
+def rewind(generator: torch.Generator, mark: Tensor, used: int) -> None:
+    """Set a seeded request's generator to where `used` draws from `mark` leave it: one draw for each token it kept,
+    each as a decode step's (zeroc/sampling.py `_uniforms`), as if it had drawn for no draft token it dropped."""
+    generator.set_state(mark)
+    for _ in range(used):
+        torch.empty(1, device=generator.device).uniform_(generator=generator)
+
+
 def accept(draft: list[int], targets: list[int]) -> list[int]:
-    """The tokens a verified draft gives: targets[i] is greedy's token after the last one and draft[:i]
-    (len(draft) + 1 of them). Greedy's tokens up to and including the first that differs from the draft's, or all
-    of them where the whole draft holds."""
+    """The tokens a verified draft gives: targets[i] is the token sampled (greedy's: the top one) after the last
+    one and draft[:i] (len(draft) + 1 of them). Those up to and including the first that differs from the draft's,
+    or all of them where the whole draft holds."""
     for i, (d, t) in enumerate(zip(draft, targets)):
         if d != t:
             return targets[: i + 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import zeroc.engine
 from decode_service.loop import EngineLoop
 from zeroc.config import CacheConfig, SchedulerConfig
 from zeroc.engine import Engine, StepOutput
@@ -81,7 +82,7 @@ def test_admit_submit_release_and_stats_return_while_a_step_runs(bundled):
         loop.stop()
 
 
-def test_requests_sent_during_a_step_join_the_next_one(bundled):
+def test_requests_sent_during_a_step_join_the_next_one(bundled, monkeypatch):
     engine = GatedEngine(bundled, CacheConfig())
     loop = EngineLoop(engine, max_queue=8)
     try:
@@ -93,13 +94,13 @@ def test_requests_sent_during_a_step_join_the_next_one(bundled):
         for i, ticket in enumerate(others):
             loop.submit(ticket, [9 + i, 10, 11], PARAMS, 0)
         seen: list[int] = []
-        original = engine._admit
+        original = zeroc.engine.admit
 
         def record(*args):  # what the next step takes from the queue
             admitted = original(*args)
             seen.append(len(admitted))
             return admitted
-        engine._admit = record
+        monkeypatch.setattr(zeroc.engine, "admit", record)
         engine.hold.clear()
         engine.gate.set()
         for ticket in [first, *others]:

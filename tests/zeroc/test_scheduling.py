@@ -1,7 +1,8 @@
-"""Priority scheduling (SchedulerConfig.policy "priority", vLLM's): waiting requests run by priority, lower first,
-then in arrival order; under memory pressure the running request of the highest value is preempted, where fcfs
-preempts the newest; fcfs refuses any priority but 0. Each order is checked against the other policy's, so a
-scheduler that ignored priorities would fail."""
+"""The engine's scheduling (zeroc/scheduling.py) under both policies. Priority (SchedulerConfig.policy "priority",
+vLLM's): waiting requests run by priority, lower first, then in arrival order; under memory pressure the request of
+the highest value is preempted, where fcfs preempts the newest; fcfs refuses any priority but 0. Each order is
+checked against the other policy's, so a scheduler that ignored priorities would fail. Waiting sequences that hold
+blocks never leave the engine stuck, and never cut a running request short."""
 
 from __future__ import annotations
 
@@ -60,4 +61,49 @@ def test_the_preempted_request_is_the_one_of_the_highest_value_else_the_newest(r
             last[out.request_id] = out
     assert [last[rid].preemptions > 0 for rid in ids] == [i == victim for i in range(2)]
     assert all(tokens[rid] == alone for rid in ids)
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def _drain(engine: Engine, limit: int = 400) -> dict[str, list]:
+    """Step until done (at most `limit` steps): each request's outputs."""
+    outs: dict[str, list] = {}
+    for _ in range(limit):
+        if not engine.has_unfinished():
+            return outs
+        for out in engine.step():
+            outs.setdefault(out.request_id, []).append(out)
+    raise AssertionError(f"still unfinished after {limit} steps: {[s.request_id for s in engine.waiting]} waiting")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_waiting_sequences_that_hold_blocks_and_wait_for_each_other_move_on(bundled, policy):
+    """Two received prefixes of 4 blocks each, both prompts needing 8 of the 10: the later one gives its blocks
+    back (it is computed again, to the tokens it gets alone) and the first goes on."""
+    prompt = bundled.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 40)[:128]
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    alone = Engine(bundled, CacheConfig(block_size=16, num_blocks=10)).generate([prompt], params)[0].token_ids
+    engine = Engine(bundled, CacheConfig(block_size=16, num_blocks=10), SchedulerConfig(policy=policy))
+    for rid in ("first", "second"):
+        engine.reserve(rid, 64)  # as a KV transfer would fill them
+        engine.add_request(prompt, params, request_id=rid, cached_tokens=64)
+    outs = _drain(engine)
+    assert [o.finish_reason for o in outs["first"]][-1] == "length" and engine.num_preemptions == 1
+    assert [t for o in outs["second"] for t in o.token_ids] == alone and outs["second"][-1].preemptions == 1
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_a_running_request_is_not_cut_short_for_a_partly_computed_prompt(bundled, policy):
+    """A prompt computed in chunks holds blocks while the decodes take the rest: it gives way (it arrived later),
+    so the running request grows until it alone fills the cache (160 tokens), and only then ends with "length"."""
+    text = bundled.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 40)
+    engine = Engine(bundled, CacheConfig(block_size=16, num_blocks=10),
+                    SchedulerConfig(max_num_batched_tokens=32, policy=policy))
+    first = engine.add_request(text[:61], SamplingParams(max_new_tokens=200, ignore_eos=True))
+    early = [o for _ in range(3) for o in engine.step()]
+    later = engine.add_request(text[:96], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    outs = _drain(engine)
+    produced = sum(len(o.token_ids) for o in early + outs[first])
+    assert outs[first][-1].finish_reason == "length" and 61 + produced >= 160, produced
+    assert sum(len(o.token_ids) for o in outs[later]) == 5 and engine.num_preemptions >= 1
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
