@@ -231,9 +231,10 @@ class EngineLoop:
                 self._reservations.pop(0)
                 r.done.set_exception(CancelledError("cancelled while waiting for KV cache space"))
                 continue
-            # Leave a block of growth per running sequence so receiving KV does not force preemption.
+            # Leave a block of growth per running sequence so receiving KV does not force preemption, and what the
+            # waiting sequences that hold blocks still need (else two received prefixes could each wait for the other).
             need = cache.blocks_needed(r.ticket.key, r.num_tokens + 1)
-            if cache.num_free_blocks - len(self.engine.running) < need:
+            if cache.num_free_blocks - len(self.engine.running) - self.engine.blocks_owed() < need:
                 return  # in order: later reservations wait behind this one
             self._reservations.pop(0)
             r.ticket.reserve_wait_s = time.monotonic() - r.started

@@ -198,6 +198,11 @@ class Engine:
                     return True
         return False
 
+    def blocks_owed(self) -> int:
+        """The blocks the waiting sequences that hold some still need for their whole context: what taking blocks
+        for new work (a KV transfer's reservation) must leave free, or one of them gives way (`_unstall`)."""
+        return sum(self.cache.blocks_needed(s.request_id, s.num_tokens - s.in_cache) for s in holders(self.waiting))
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._in_flight)
 

@@ -136,3 +136,38 @@ def test_reservations_waiting_for_cache_space_are_granted_by_priority(bundled):
         assert granted[:2] == [tickets[1], tickets[3]]  # equal priorities in arrival order
     finally:
         loop.stop()
+
+
+def test_a_reservation_leaves_the_blocks_a_waiting_received_prefix_still_needs(bundled):
+    """One sequence slot: a long request runs while a received prefix (4 blocks, 4 more to come) waits for the
+    slot. A second transfer's 7 blocks would fit the free ones, but not beside what the waiting prefix still needs:
+    it is granted only once that prefix has run (before the fix it took them at once, and one of the two waiting
+    prefixes had to give its blocks back and be computed again)."""
+    engine = Engine(bundled, CacheConfig(block_size=16, num_blocks=16), SchedulerConfig(max_num_seqs=1))
+    loop = EngineLoop(engine, max_queue=8)
+    prompt = bundled.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 40)
+    try:
+        long = loop.admit()
+        loop.submit(long, prompt[:20], SamplingParams(max_new_tokens=60, ignore_eos=True), 0)
+        waiting = loop.admit()
+        loop.reserve(waiting, 64, lambda: True)  # as a KV transfer fills them
+        loop.submit(waiting, prompt[:128], PARAMS, 64)
+        second = loop.admit()
+        _, granted = in_thread(lambda: loop.reserve(second, 96, lambda: True))
+        while not (loop._reservations or granted):  # the request reached the loop
+            threading.Event().wait(0.01)
+        seen = 0
+        while seen < 10:  # ten more steps of the long request: it still runs, so the prefix still waits
+            out = long.out.get(timeout=120)
+            seen += len(out.token_ids)
+        assert not granted and not out.finished
+        drain(long)
+        drain(waiting)
+        for _ in range(1000):
+            if granted:
+                break
+            threading.Event().wait(0.01)
+        assert granted and engine.num_preemptions == 0
+        loop.unreserve(second)
+    finally:
+        loop.stop()

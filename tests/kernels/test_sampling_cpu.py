@@ -109,14 +109,22 @@ def test_a_row_with_a_non_finite_logit_fails_alone(kernel, value):
     assert (got[:, [1, 2]] == FAILED).all() and (got[:, [0, 3]] >= 0).all()
 
 
-def test_a_rows_id_does_not_depend_on_its_batch(kernel):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rows_id_does_not_depend_on_its_batch(kernel, threads):
+    """With two threads the batch's rows are shared out in a team, and a lone row runs on the calling thread."""
     logits = torch.randn(len(PARAMS), 3000, generator=torch.Generator().manual_seed(7)) * 2
     batch = SamplingBatch.build(PARAMS, [None] * len(PARAMS), 3000, CPU)
     u = torch.rand(len(PARAMS), generator=torch.Generator().manual_seed(8))
-    together = kernel_ids(kernel, logits, batch, u)
-    for row, p in enumerate(PARAMS):
-        alone = SamplingBatch.build([p], [None], 3000, CPU)
-        assert kernel_ids(kernel, logits[row: row + 1], alone, u[row: row + 1]).item() == together[row]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = kernel_ids(kernel, logits, batch, u)
+        for row, p in enumerate(PARAMS):
+            alone = SamplingBatch.build([p], [None], 3000, CPU)
+            assert kernel_ids(kernel, logits[row: row + 1], alone, u[row: row + 1]).item() == together[row]
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(together, torch_ids(logits, batch, u))
 
 
 def test_sample_batch_with_the_kernel_draws_as_the_torch_path_does(kernel):
