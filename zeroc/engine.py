@@ -3,8 +3,9 @@
 Each `step()` runs one forward over a ragged batch: one new token for every running
 sequence plus the whole prompt of every sequence admitted this step. Sequences join when
 their blocks fit and leave (freeing their blocks) the step they finish or are aborted.
-When the cache runs out during decode, the newest sequence is preempted: its blocks are
-freed and it is recomputed later from its prompt plus the tokens it already produced.
+When the cache runs out during decode, the sequence that arrived last (of the highest priority value under the
+priority policy; zeroc/scheduling.py) is preempted: its blocks are freed and it is recomputed later from its prompt
+plus the tokens it already produced.
 
 With `scheduler.async_scheduling` (by default on CUDA: `runs_ahead`) a step is launched before the previous
 step's sampled ids reach the host: `step()` schedules and launches step n (its decode rows read their input
