@@ -55,6 +55,7 @@ class Ticket:
     queued: bool = True  # holds a queue place (until its first token or its end)
     reserve_wait_s: float = 0.0  # time spent in `reserve` waiting for cache space
     released: bool = False  # `release` was called: a submit still in the inbox adds nothing
+    filling: bool = False  # its handler writes into its reserved slots (`EngineLoop.filling`)
     priority: int = 0  # lower runs first under the "priority" scheduling policy, here and in the engine
 
 
@@ -110,11 +111,26 @@ class EngineLoop:
 
     def reserve(self, ticket: Ticket, num_tokens: int, is_active: Callable[[], bool]) -> torch.Tensor:
         """Wait until the cache can hold `num_tokens` prompt tokens, then take their slots: [num_tokens]."""
-        self._check_open()
         done: Future = Future()
-        self._inbox.put(lambda: self._queue_reservation(
+        self._send(lambda: self._queue_reservation(
             _Reservation(ticket, num_tokens, is_active, time.monotonic(), done)))
         return done.result()
+
+    @contextlib.contextmanager
+    def filling(self, ticket: Ticket) -> Iterator[None]:
+        """Held by a handler while it writes into the ticket's reserved slots (a KV transfer, the KV store's
+        prefix): a `release` meanwhile (the caller went away, on gRPC's callback thread) frees the slots only once
+        this ends, so no other request is handed blocks that are still being written."""
+        with self._count_lock:
+            ticket.filling = True
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                ticket.filling = False
+                forget = ticket.released
+            if forget:
+                self._inbox.put(lambda: self._forget(ticket))
 
     def unreserve(self, ticket: Ticket) -> None:
         """Give back the slots `reserve` took (the request itself stays admitted)."""
@@ -123,7 +139,6 @@ class EngineLoop:
     def run_locked(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the loop thread between engine steps (e.g. encoding received KV into the cache);
         returns once it ran, raising what it raised."""
-        self._check_open()
         done: Future = Future()
 
         def command() -> None:
@@ -131,19 +146,22 @@ class EngineLoop:
                 done.set_result(fn())
             except Exception as exc:  # handed to the caller, whose request it concerns
                 done.set_exception(exc)
-        self._inbox.put(command)
+        self._send(command)
         done.result()
 
     def submit(self, ticket: Ticket, ids: list[int], params: SamplingParams, cached_tokens: int) -> None:
         """Hand a request to the engine; returns at once (the loop adds it before its next step)."""
-        self._check_open()
-        self._inbox.put(lambda: self._add(ticket, ids, params, cached_tokens))
+        self._send(lambda: self._add(ticket, ids, params, cached_tokens))
 
     def release(self, ticket: Ticket) -> None:
-        """Forget a request in any state; its blocks are freed before the next step. Idempotent."""
-        ticket.released = True
+        """Forget a request in any state; its blocks are freed before the next step (or, while its handler is
+        `filling` them, once it stops). Idempotent."""
+        with self._count_lock:
+            ticket.released = True
+            deferred = ticket.filling
         self._unqueue(ticket)
-        self._inbox.put(lambda: self._forget(ticket))
+        if not deferred:
+            self._inbox.put(lambda: self._forget(ticket))
 
     def stats(self) -> LoopStats:
         total, free, running = self._cache_stats
@@ -179,9 +197,13 @@ class EngineLoop:
             ticket.out.put(StepOutput(ticket.key, [], "", True, "abort"))
         self._tickets.clear()
 
-    def _check_open(self) -> None:
-        if self._stopping:
-            raise ShuttingDownError("the service is shutting down")
+    def _send(self, command: Callable[[], None]) -> None:
+        """Queue a command whose caller waits for it, or raise ShuttingDownError: checked and queued under the
+        lock `stop` sets its flag under, so every command either reaches stop's last drain or is refused."""
+        with self._count_lock:
+            if self._stopping:
+                raise ShuttingDownError("the service is shutting down")
+            self._inbox.put(command)
 
     def _unqueue(self, ticket: Ticket) -> None:
         with self._count_lock:
@@ -224,13 +246,14 @@ class EngineLoop:
         self._reservations.insert(at, r)
 
     def _grant_reservations(self) -> None:
+        """Answer every reservation whose caller left (wherever it waits in line), then grant those that fit now,
+        in order. None is granted once the loop is stopping (`stop` refuses them)."""
+        for r in [r for r in self._reservations if not r.is_active()]:
+            self._reservations.remove(r)
+            r.done.set_exception(CancelledError("cancelled while waiting for KV cache space"))
         cache = self.engine.cache
-        while self._reservations:
+        while self._reservations and not self._stopping:
             r = self._reservations[0]
-            if not r.is_active():
-                self._reservations.pop(0)
-                r.done.set_exception(CancelledError("cancelled while waiting for KV cache space"))
-                continue
             # Leave a block of growth per running sequence so receiving KV does not force preemption, and what the
             # waiting sequences that hold blocks still need (else two received prefixes could each wait for the other).
             need = cache.blocks_needed(r.ticket.key, r.num_tokens + 1)

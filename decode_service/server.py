@@ -183,9 +183,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except ShuttingDownError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         self.tenants[ticket.key] = req.tenant
-        # Runs however the call ends (finished, cancelled, deadline, disconnect): blocks free at once.
-        context.add_callback(lambda: (state.loop.release(ticket), self.tenants.pop(ticket.key, None)))
-        kv_bytes, reused = self._start(req, ticket, state, context)
+        # Runs however the call ends (finished, cancelled, deadline, disconnect): blocks free at once, or once the
+        # handler stops writing into them (EngineLoop.filling).
+        def gone() -> None:
+            state.loop.release(ticket)
+            self.tenants.pop(ticket.key, None)
+        if not context.add_callback(gone):  # the call ended already: gRPC will not call it
+            gone()
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before its request started")
+        with state.loop.filling(ticket):
+            kv_bytes, reused = self._start(req, ticket, state, context)
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         if kv_bytes:
             self.metrics.kv_bytes(self.transport.kind or "grpc", "received", kv_bytes)

@@ -136,7 +136,11 @@ class PrefillWorker:
         self._thread.join(timeout=30)
 
     def _take_batch(self) -> list[PrefillJob] | None:
+        """The next batch, in queue order, up to the sequence and token limits; jobs whose callers left are
+        dropped as they come out (they take no place in a batch). None: stop."""
         first = self._pending.get()
+        while first is not None and first.cancelled.is_set():
+            first = self._pending.get()
         if first is None:
             return None
         batch, tokens = [first], len(first.token_ids)
@@ -148,19 +152,19 @@ class PrefillWorker:
             if job is None:
                 self._pending.put(None)  # keep the stop marker for the next round
                 break
+            if job.cancelled.is_set():
+                continue
             if tokens + len(job.token_ids) > min(self.sched.max_num_batched_tokens, self.max_tokens):
                 self._pending.put(job)  # back in its place, for the next batch
                 break
             batch.append(job)
             tokens += len(job.token_ids)
-        return [j for j in batch if not j.cancelled.is_set()]
+        return batch
 
     def _run(self) -> None:
         if self.threads is not None:
             enter_engine_thread(self.threads)
         while (batch := self._take_batch()) is not None:
-            if not batch:
-                continue
             try:
                 self._forward(batch)
                 for job in batch:

@@ -171,3 +171,57 @@ def test_a_reservation_leaves_the_blocks_a_waiting_received_prefix_still_needs(b
         loop.unreserve(second)
     finally:
         loop.stop()
+
+
+def _granted_within(got: list, seconds: float) -> bool:
+    for _ in range(int(seconds / 0.01)):
+        if got:
+            return True
+        threading.Event().wait(0.01)
+    return bool(got)
+
+
+def test_slots_being_filled_are_freed_only_once_their_handler_stops_writing(bundled):
+    """The caller goes away (gRPC's callback releases its ticket) while its handler still writes KV into its slots:
+    another request must not be handed those blocks until the handler is done."""
+    engine = Engine(bundled, CacheConfig(block_size=16, num_blocks=8))
+    loop = EngineLoop(engine, max_queue=8)
+    try:
+        first, second = loop.admit(), loop.admit()
+        with loop.filling(first):
+            mine = loop.reserve(first, 120, lambda: True)  # all 8 blocks
+            loop.release(first)  # the callback, from another thread
+            _, got = in_thread(lambda: loop.reserve(second, 120, lambda: True))
+            assert not _granted_within(got, 0.5)  # the loop polls reservations every 0.1 s
+        assert _granted_within(got, 30) and set((got[0] // 16).tolist()) == set((mine // 16).tolist())  # now free
+        loop.unreserve(second)
+    finally:
+        loop.stop()
+
+
+def test_a_caller_that_leaves_a_reservation_behind_another_is_answered_at_once(bundled):
+    engine = Engine(bundled, CacheConfig(block_size=16, num_blocks=8))
+    loop = EngineLoop(engine, max_queue=8)
+    errors: list[Exception] = []
+    left = threading.Event()
+    try:
+        holder, head, behind = loop.admit(), loop.admit(), loop.admit()
+        loop.reserve(holder, 64, lambda: True)
+        in_thread(lambda: loop.reserve(head, 64, lambda: True))  # waits: 5 of the 3 free blocks
+        while not loop._reservations:
+            threading.Event().wait(0.01)
+
+        def leave() -> None:
+            try:
+                loop.reserve(behind, 16, lambda: not left.is_set())
+            except Exception as exc:  # noqa: BLE001 (what the caller was answered)
+                errors.append(exc)
+        in_thread(leave)
+        while len(loop._reservations) < 2:
+            threading.Event().wait(0.01)
+        left.set()
+        assert _granted_within(errors, 10) and type(errors[0]).__name__ == "CancelledError"
+        assert len(loop._reservations) == 1  # the head still waits for its blocks
+        loop.unreserve(holder)
+    finally:
+        loop.stop()

@@ -1,5 +1,5 @@
 """The prefill worker's queue (prefill_service/worker.py, JobQueue): prompts by priority, then arrival; a job put
-back keeps its place; the stop marker comes after every job."""
+back keeps its place; the stop marker comes after every job; cancelled jobs take no place in a batch."""
 
 from __future__ import annotations
 
@@ -25,3 +25,19 @@ def test_jobs_come_by_priority_then_arrival_and_a_job_put_back_keeps_its_place()
     assert order == ["j3", "j1", "j4", "j0", "j2"] and q.get() is None
     with pytest.raises(queue.Empty):
         q.get_nowait()
+
+
+def test_jobs_whose_callers_left_take_no_place_in_a_batch(bundled):
+    from prefill_service.worker import PrefillWorker
+    from zeroc.config import CacheConfig, SchedulerConfig
+
+    worker = PrefillWorker(bundled, CacheConfig(block_size=16, num_blocks=64), SchedulerConfig(max_num_seqs=2))
+    worker.stop()  # its thread gone: batches are taken here
+    jobs = [PrefillJob(f"j{i}", [1, 2, 3], 1024) for i in range(5)]
+    for i in (0, 2, 3):
+        jobs[i].cancelled.set()
+    for job in jobs:
+        worker._pending.put(job)
+    worker._pending.put(None)
+    assert [j.request_id for j in worker._take_batch()] == ["j1", "j4"]  # two places, both for live jobs
+    assert worker._take_batch() is None
