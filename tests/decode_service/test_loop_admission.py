@@ -41,6 +41,15 @@ def drain(ticket, timeout: float = 120.0) -> list[int]:
             return tokens
 
 
+def _granted_within(got: list, seconds: float, n: int = 1) -> bool:
+    """Whether `got` holds `n` items within `seconds` (another thread appends them)."""
+    for _ in range(int(seconds / 0.01)):
+        if len(got) >= n:
+            return True
+        threading.Event().wait(0.01)
+    return len(got) >= n
+
+
 def in_thread(fn) -> tuple[threading.Thread, list]:
     got: list = []
     t = threading.Thread(target=lambda: got.append(fn()), daemon=True)
@@ -127,10 +136,7 @@ def test_reservations_waiting_for_cache_space_are_granted_by_priority(bundled):
                 threading.Event().wait(0.01)
         loop.unreserve(holder)
         for n in range(1, 5):  # each granted one gives its blocks back for the next
-            for _ in range(1000):
-                if len(granted) >= n:
-                    break
-                threading.Event().wait(0.01)
+            assert _granted_within(granted, 10, n)
             loop.unreserve(granted[n - 1])
         assert [t.priority for t in granted] == [0, 0, 1, 2]
         assert granted[:2] == [tickets[1], tickets[3]]  # equal priorities in arrival order
@@ -163,22 +169,10 @@ def test_a_reservation_leaves_the_blocks_a_waiting_received_prefix_still_needs(b
         assert not granted and not out.finished
         drain(long)
         drain(waiting)
-        for _ in range(1000):
-            if granted:
-                break
-            threading.Event().wait(0.01)
-        assert granted and engine.num_preemptions == 0
+        assert _granted_within(granted, 10) and engine.num_preemptions == 0
         loop.unreserve(second)
     finally:
         loop.stop()
-
-
-def _granted_within(got: list, seconds: float) -> bool:
-    for _ in range(int(seconds / 0.01)):
-        if got:
-            return True
-        threading.Event().wait(0.01)
-    return bool(got)
 
 
 def test_slots_being_filled_are_freed_only_once_their_handler_stops_writing(bundled):
@@ -207,7 +201,7 @@ def test_a_caller_that_leaves_a_reservation_behind_another_is_answered_at_once(b
     try:
         holder, head, behind = loop.admit(), loop.admit(), loop.admit()
         loop.reserve(holder, 64, lambda: True)
-        in_thread(lambda: loop.reserve(head, 64, lambda: True))  # waits: 5 of the 3 free blocks
+        _, head_got = in_thread(lambda: loop.reserve(head, 64, lambda: True))  # waits: 5 of the 3 free blocks
         while not loop._reservations:
             threading.Event().wait(0.01)
 
@@ -221,7 +215,9 @@ def test_a_caller_that_leaves_a_reservation_behind_another_is_answered_at_once(b
             threading.Event().wait(0.01)
         left.set()
         assert _granted_within(errors, 10) and type(errors[0]).__name__ == "CancelledError"
-        assert len(loop._reservations) == 1  # the head still waits for its blocks
+        assert len(loop._reservations) == 1 and not head_got  # the head still waits for its blocks
         loop.unreserve(holder)
+        assert _granted_within(head_got, 10)  # and gets them once they are free
+        loop.unreserve(head)
     finally:
         loop.stop()

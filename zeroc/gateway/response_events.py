@@ -142,8 +142,9 @@ async def response_events(reply: Reply, shape: ResponseShape, first: Chunk | Res
     parsers); an error after the first event ends it with `response.failed`."""
     events = ResponseEvents(shape)
     head = events.start()
-    named = (reply.tools.head(0) or []) if reply.tools is not None else []  # a named call's id and name, opened
-    try:                                                                     # after any thinking
+    # a named call's id and name: its item opens once the answer begins, after any thinking
+    named = (reply.tools.head(0) or []) if reply.tools is not None else []
+    try:
         item = first
         while isinstance(item, Chunk):
             choice = reply.chunk(item.text, item.token_ids, logprobs=item.logprobs)["choices"][0]
